@@ -1,0 +1,279 @@
+//! Configuration in layers: built-in defaults (`config/default.toml`), an optional file,
+//! then `CALLNOTIFY__SECTION__KEY` environment variables. Unknown keys are an error.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::decode::CdrFormat;
+
+/// The defaults, documented key by key.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Prefix of environment overrides; `__` separates the path.
+const ENV_PREFIX: &str = "CALLNOTIFY__";
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub store: StoreSettings,
+    pub smtp: SmtpSettings,
+    pub engine: EngineSettings,
+    pub metrics: MetricsSettings,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap servers; empty starts the embedded mock cluster.
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<TopicSettings>,
+    /// Undecodable CDRs and permanently failed mails.
+    pub dead_letter_topic: String,
+    /// Partitions per topic of the embedded mock cluster.
+    pub embedded_partitions: i32,
+    /// librdkafka properties, passed unchanged.
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSettings {
+    pub name: String,
+    /// How this topic's messages are decoded.
+    pub format: CdrFormat,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+    /// Entries of the subscription cache (positive and negative).
+    pub cache_capacity: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSettings {
+    /// Empty: write .eml files to `outbox_dir`.
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub username: String,
+    pub password: Secret,
+    pub pool_size: u32,
+    /// The no-reply sender (R-M1), `Name <addr>` or `addr`.
+    pub from: String,
+    pub outbox_dir: PathBuf,
+    /// Global mails per second.
+    pub rate_per_second: u32,
+    /// Flood control per recipient address.
+    pub per_recipient_per_minute: u32,
+    pub timeout_secs: u64,
+    pub retry_first_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// CDRs with mails in flight before the consumer pauses.
+    pub max_in_flight: usize,
+    /// Time allowed to finish in-flight mails at shutdown.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+}
+
+/// A string that never appears in logs or `Debug` output.
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Syntax { path: PathBuf, source: toml::de::Error },
+    #[error("environment variable {name}: {reason}")]
+    Env { name: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given (tests).
+    pub fn load_from(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = DEFAULT_TOML.parse().expect("built-in defaults are valid TOML");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let layer: toml::Table =
+                text.parse().map_err(|source| ConfigError::Syntax { path: path.into(), source })?;
+            merge(&mut table, layer);
+        }
+        for (name, value) in env {
+            if let Some(path) = name.strip_prefix(ENV_PREFIX) {
+                apply_env(&mut table, &name, path, &value)?;
+            }
+        }
+        let settings: Settings = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.kafka.topics.is_empty() {
+            return invalid("kafka.topics: at least one topic is needed");
+        }
+        if self.smtp.rate_per_second == 0 || self.smtp.per_recipient_per_minute == 0 {
+            return invalid("smtp.rate_per_second and smtp.per_recipient_per_minute must be at least 1");
+        }
+        if self.smtp.pool_size == 0 || self.engine.max_in_flight == 0 {
+            return invalid("smtp.pool_size and engine.max_in_flight must be at least 1");
+        }
+        if self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+            return invalid("smtp.from must be an address, optionally with a name: `Name <no-reply@example.jp>`");
+        }
+        Ok(())
+    }
+}
+
+/// Deep-merges `layer` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+/// Sets `SECTION__KEY` (lower-cased) from an environment variable. The value is read as
+/// TOML when it parses (numbers, booleans, arrays), else as a plain string.
+fn apply_env(table: &mut toml::Table, name: &str, path: &str, value: &str) -> Result<(), ConfigError> {
+    let err = |reason: &str| ConfigError::Env { name: name.to_owned(), reason: reason.to_owned() };
+    let mut parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+    if parts.len() < 2 || parts.iter().any(String::is_empty) {
+        return Err(err("expected CALLNOTIFY__SECTION__KEY"));
+    }
+    let is_property = parts.len() == 3 && parts[0] == "kafka" && parts[1] == "properties";
+    if is_property {
+        parts[2] = parts[2].replace('_', ".");
+    }
+    // Where the default is a string (or a librdkafka property), the value is taken as
+    // typed, so a password of digits stays a string; elsewhere it is read as TOML.
+    let (last, sections) = parts.split_last().expect("at least two parts");
+    let parent = sections.iter().try_fold(&*table, |t, s| t.get(s)?.as_table());
+    let default_is_string = parent.and_then(|t| t.get(last)).is_some_and(toml::Value::is_str);
+    let parsed = if is_property || default_is_string {
+        toml::Value::String(value.to_owned())
+    } else {
+        format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_owned()))
+    };
+    let mut cursor = table;
+    for section in sections {
+        let entry = cursor.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cursor = entry.as_table_mut().ok_or_else(|| err(&format!("{section} is not a section")))?;
+    }
+    cursor.insert(last.clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_and_describe_an_embedded_setup() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.kafka.brokers, "");
+        assert_eq!(s.kafka.topics[0].name, "cdr");
+        assert_eq!(s.kafka.topics[0].format, CdrFormat::Canonical);
+        assert_eq!(s.smtp.host, "");
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[smtp]\nhost = \"mx.file\"\nport = 2525\n[kafka.properties]\n\"fetch.wait.max.ms\" = \"50\"\n").unwrap();
+        let s = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("CALLNOTIFY__SMTP__HOST", "mx.env"),
+                ("CALLNOTIFY__KAFKA__TOPICS", r#"[{name="a", format="asterisk"}]"#),
+                ("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.smtp.host, "mx.env");
+        assert_eq!(s.smtp.port, 2525);
+        assert_eq!(s.kafka.topics[0].format, CdrFormat::Asterisk);
+        assert_eq!(s.kafka.properties["fetch.wait.max.ms"], "50");
+        assert_eq!(s.kafka.properties["session.timeout.ms"], "6000");
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error_not_ignored() {
+        let e = Settings::load_from(None, env(&[("CALLNOTIFY__SMTP__HOTS", "x")])).unwrap_err();
+        assert!(e.to_string().contains("hots"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[kafak]\nbrokers = \"x\"\n").unwrap();
+        assert!(Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string().contains("kafak"));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let s = Settings::load_from(None, env(&[("CALLNOTIFY__SMTP__PASSWORD", "12345678")])).unwrap();
+        assert!(!format!("{s:?}").contains("12345678"));
+        assert_eq!(s.smtp.password.expose(), "12345678");
+    }
+}

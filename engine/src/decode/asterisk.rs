@@ -1,0 +1,246 @@
+//! Asterisk CDRs, as the CDR-to-Kafka modules (cdr_kafka and the like) emit them: the
+//! classic CDR columns as one flat JSON object.
+//!
+//! ```json
+//! {"uniqueid":"1795482000.42","linkedid":"1795482000.42","src":"09011112222",
+//!  "dst":"0312345678","clid":"\"Taro\" <09011112222>","start":"2026-11-24 10:00:00",
+//!  "answer":"","end":"2026-11-24 10:00:31","duration":31,"billsec":0,
+//!  "disposition":"NO ANSWER"}
+//! ```
+//!
+//! Asterisk CDRs carry no presentation flag, so a withheld caller is recognised only by
+//! the empty or `anonymous` number the exchange puts in its place.
+
+use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
+use serde::Deserialize;
+
+use super::{
+    called_number_in, parse_object, rfc3339, unix_time, CallEvent, Caller, DecodeError, Outcome,
+    Scalar,
+};
+use crate::phone::PhoneNumber;
+
+/// The columns this decoder reads; the others (`duration`, `billsec`, `lastapp`, …) are
+/// skipped whatever their type.
+#[derive(Deserialize, Default)]
+#[serde(default, bound(deserialize = "'de: 'a"))]
+struct Cdr<'a> {
+    uniqueid: Scalar<'a>,
+    linkedid: Scalar<'a>,
+    src: Scalar<'a>,
+    clid: Scalar<'a>,
+    dst: Scalar<'a>,
+    start: Scalar<'a>,
+    answer: Scalar<'a>,
+    end: Scalar<'a>,
+    disposition: Scalar<'a>,
+}
+
+/// `disposition` values, as Asterisk spells them (compared ignoring case). CONGESTION is
+/// the network refusing the call, which the subscriber sees as a failed call.
+const DISPOSITIONS: &[(&str, Outcome)] = &[
+    ("ANSWERED", Outcome::Answered),
+    ("NO ANSWER", Outcome::NoAnswer),
+    ("BUSY", Outcome::Busy),
+    ("FAILED", Outcome::Failed),
+    ("CONGESTION", Outcome::Failed),
+];
+
+/// The exchange's clock: Asterisk writes CDR times in its local time without an
+/// offset, and the exchanges this service reads are in Japan.
+const EXCHANGE_OFFSET_SECS: i32 = 9 * 3600;
+
+pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
+    let cdr: Cdr<'_> = parse_object("asterisk", payload)?;
+
+    let call_id = call_id(cdr.uniqueid, cdr.linkedid)?;
+    let dst = cdr.dst.required("dst")?;
+    let called = called_number_in("dst", dst)?;
+    let caller = match cdr.src.text("src")? {
+        Some(src) => caller(src),
+        None => cdr
+            .clid
+            .text("clid")?
+            .map_or(Caller::Unavailable, |clid| caller(clid_number(clid))),
+    };
+    let started_at = time(&cdr.start, "start")?.ok_or(DecodeError::Missing { field: "start" })?;
+    let answered_at = time(&cdr.answer, "answer")?;
+    let ended_at = time(&cdr.end, "end")?.ok_or(DecodeError::Missing { field: "end" })?;
+    let disposition = cdr.disposition.required("disposition")?;
+
+    Ok(CallEvent {
+        call_id,
+        called,
+        caller,
+        started_at,
+        answered_at,
+        ended_at,
+        outcome: outcome(disposition)?,
+    })
+}
+
+/// `uniqueid` names the call (its first channel); `linkedid` stands in for modules that
+/// leave `uniqueid` out or empty.
+fn call_id<'a>(
+    uniqueid: Scalar<'a>,
+    linkedid: Scalar<'a>,
+) -> Result<std::borrow::Cow<'a, str>, DecodeError> {
+    let uniqueid_present = !matches!(uniqueid, Scalar::Absent);
+    for (field, value) in [("uniqueid", uniqueid), ("linkedid", linkedid)] {
+        if let Some(id) = value.into_text(field)? {
+            if !id.trim().is_empty() {
+                return Ok(id);
+            }
+        }
+    }
+    Err(if uniqueid_present {
+        DecodeError::invalid("uniqueid", "empty")
+    } else {
+        DecodeError::Missing { field: "uniqueid" }
+    })
+}
+
+fn outcome(disposition: &str) -> Result<Outcome, DecodeError> {
+    DISPOSITIONS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(disposition.trim()))
+        .map(|&(_, outcome)| outcome)
+        .ok_or_else(|| DecodeError::invalid("disposition", format!("unknown {disposition:?}")))
+}
+
+/// An empty or `anonymous` number is what Asterisk records for a withheld caller (R-N7);
+/// anything else that is not a number (`unknown`, `Restricted`…) is shown as 表示圏外.
+fn caller(number: &str) -> Caller {
+    let number = number.trim();
+    if number.is_empty() || number.eq_ignore_ascii_case("anonymous") {
+        return Caller::Withheld;
+    }
+    PhoneNumber::from_caller(number).map_or(Caller::Unavailable, Caller::Number)
+}
+
+/// The number part of a caller id such as `"Taro" <09011112222>`; a clid without angle
+/// brackets is taken as the number itself.
+fn clid_number(clid: &str) -> &str {
+    match (clid.rfind('<'), clid.rfind('>')) {
+        (Some(open), Some(close)) if open < close => &clid[open + 1..close],
+        _ => clid,
+    }
+}
+
+/// A CDR time: `YYYY-MM-DD HH:MM:SS[.ffffff]` in the exchange's local time, RFC 3339, or
+/// Unix seconds as a number. Empty, `0` and the zero dates some modules write for
+/// "never" (an unanswered call's `answer`) are `None`.
+fn time(value: &Scalar<'_>, field: &'static str) -> Result<Option<DateTime<Utc>>, DecodeError> {
+    if let Scalar::Int(secs) = value {
+        if *secs == 0 {
+            return Ok(None);
+        }
+        return value
+            .epoch_seconds(field)?
+            .map(|s| unix_time(field, s))
+            .transpose();
+    }
+    let raw = match value.text(field)? {
+        Some(raw) => raw.trim(),
+        None => return Ok(None),
+    };
+    if raw.is_empty() || raw.starts_with("0000-00-00") {
+        return Ok(None);
+    }
+    let local = NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S%.f"));
+    match local {
+        Ok(local) => {
+            let offset = FixedOffset::east_opt(EXCHANGE_OFFSET_SECS).expect("valid offset");
+            let utc = local
+                .and_local_timezone(offset)
+                .single()
+                .map(|t| t.with_timezone(&Utc));
+            utc.map(Some)
+                .ok_or_else(|| DecodeError::invalid(field, format!("{raw:?} is out of range")))
+        }
+        Err(_) => rfc3339(field, raw).map(Some),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn r_n4_disposition_table() {
+        let cases = [
+            ("ANSWERED", Outcome::Answered),
+            ("NO ANSWER", Outcome::NoAnswer),
+            ("BUSY", Outcome::Busy),
+            ("FAILED", Outcome::Failed),
+            ("CONGESTION", Outcome::Failed),
+            ("no answer", Outcome::NoAnswer),
+        ];
+        for (disposition, want) in cases {
+            assert_eq!(outcome(disposition), Ok(want), "{disposition}");
+        }
+        assert!(matches!(
+            outcome("NOANSWER"),
+            Err(DecodeError::Invalid {
+                field: "disposition",
+                ..
+            })
+        ));
+        assert!(outcome("").is_err());
+    }
+
+    #[test]
+    fn r_n7_empty_or_anonymous_src_is_withheld() {
+        let n = |s| Caller::Number(PhoneNumber::parse(s).unwrap());
+        assert_eq!(caller(""), Caller::Withheld);
+        assert_eq!(caller("Anonymous"), Caller::Withheld);
+        assert_eq!(caller("unknown"), Caller::Unavailable);
+        assert_eq!(caller("+819011112222"), n("09011112222"));
+        assert_eq!(
+            caller(clid_number("\"Taro\" <09011112222>")),
+            n("09011112222")
+        );
+        assert_eq!(
+            caller(clid_number("\"Anonymous\" <anonymous>")),
+            Caller::Withheld
+        );
+    }
+
+    #[test]
+    fn times_are_exchange_local_rfc3339_or_unix_seconds() {
+        let want = DateTime::parse_from_rfc3339("2026-11-24T01:00:00Z").unwrap();
+        let ok = |v: Scalar<'static>| time(&v, "start").unwrap().unwrap();
+        assert_eq!(ok(Scalar::Str("2026-11-24 10:00:00".into())), want);
+        assert_eq!(ok(Scalar::Str("2026-11-24T10:00:00".into())), want);
+        assert_eq!(ok(Scalar::Str("2026-11-24T10:00:00+09:00".into())), want);
+        assert_eq!(ok(Scalar::Int(want.timestamp())), want);
+        let frac = ok(Scalar::Str("2026-11-24 10:00:00.250000".into()));
+        assert_eq!(frac.timestamp_subsec_millis(), 250);
+        for none in ["", "0000-00-00 00:00:00"] {
+            assert_eq!(time(&Scalar::Str(none.into()), "answer"), Ok(None));
+        }
+        assert_eq!(time(&Scalar::Absent, "answer"), Ok(None));
+        assert!(time(&Scalar::Str("24/11/2026".into()), "start").is_err());
+    }
+
+    #[test]
+    fn call_id_falls_back_to_linkedid() {
+        let s = |v: &'static str| Scalar::Str(v.into());
+        assert_eq!(call_id(s("1.1"), s("1.0")).unwrap(), "1.1");
+        assert_eq!(call_id(Scalar::Absent, s("1.0")).unwrap(), "1.0");
+        assert_eq!(call_id(s(""), s("1.0")).unwrap(), "1.0");
+        assert_eq!(
+            call_id(Scalar::Absent, Scalar::Absent),
+            Err(DecodeError::Missing { field: "uniqueid" })
+        );
+        assert!(matches!(
+            call_id(s(" "), Scalar::Absent),
+            Err(DecodeError::Invalid {
+                field: "uniqueid",
+                ..
+            })
+        ));
+        assert!(call_id(Scalar::Int(1), Scalar::Absent).is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! FreeSWITCH `mod_json_cdr` documents.
+//!
+//! A document is large (hundreds of channel variables, the SDP, the dialplan trace); the
+//! few fields a notification needs are in `variables`, with the caller profile under
+//! `callflow` as a fallback for the numbers. `callflow` is an array in current
+//! FreeSWITCH and an object in old releases; both are read. Everything else is skipped
+//! without being buffered.
+//!
+//! `mod_json_cdr` URL-encodes variable values by default (`encode-values`), so a `+81`
+//! caller arrives as `%2B81…`; the number fields are percent-decoded before use.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::{
+    called_number_in, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar,
+};
+use crate::phone::PhoneNumber;
+
+#[derive(Deserialize, Default)]
+#[serde(default, bound(deserialize = "'de: 'a"))]
+struct Cdr<'a> {
+    variables: Option<Variables<'a>>,
+    callflow: Option<Callflow<'a>>,
+}
+
+/// The channel variables this decoder reads.
+#[derive(Deserialize, Default)]
+#[serde(default, bound(deserialize = "'de: 'a"))]
+struct Variables<'a> {
+    uuid: Scalar<'a>,
+    caller_id_number: Scalar<'a>,
+    sip_from_user: Scalar<'a>,
+    destination_number: Scalar<'a>,
+    start_epoch: Scalar<'a>,
+    answer_epoch: Scalar<'a>,
+    end_epoch: Scalar<'a>,
+    hangup_cause: Scalar<'a>,
+    privacy_hide_number: Scalar<'a>,
+    privacy: Scalar<'a>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default, bound(deserialize = "'de: 'a"))]
+struct Flow<'a> {
+    caller_profile: Option<Profile<'a>>,
+}
+
+/// `callflow[0].caller_profile`, the fallback for the numbers and the uuid.
+#[derive(Deserialize, Default)]
+#[serde(default, bound(deserialize = "'de: 'a"))]
+struct Profile<'a> {
+    uuid: Scalar<'a>,
+    caller_id_number: Scalar<'a>,
+    destination_number: Scalar<'a>,
+}
+
+/// Causes of an unanswered call that say more than "it failed" (compared ignoring case).
+/// NORMAL_CLEARING on an unanswered call is the caller hanging up or the ring timer
+/// ending it normally, so it counts as not answered; any other cause is `Failed`.
+const HANGUP_CAUSES: &[(&str, Outcome)] = &[
+    ("USER_BUSY", Outcome::Busy),
+    ("CALL_REJECTED", Outcome::Rejected),
+    ("ORIGINATOR_CANCEL", Outcome::Cancelled),
+    ("NO_ANSWER", Outcome::NoAnswer),
+    ("NO_USER_RESPONSE", Outcome::NoAnswer),
+    ("ALLOTTED_TIMEOUT", Outcome::NoAnswer),
+    ("NORMAL_CLEARING", Outcome::NoAnswer),
+];
+
+/// Values of `privacy_hide_number` / `privacy` that hide the number: FreeSWITCH's
+/// `switch_true` spellings, plus `privacy`'s `full`/`number` and SIP `Privacy: id`.
+const HIDE_VALUES: &[&str] = &[
+    "true", "yes", "on", "1", "t", "enabled", "full", "number", "id",
+];
+
+pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
+    let cdr: Cdr<'_> = parse_object("freeswitch", payload)?;
+    let vars = cdr
+        .variables
+        .ok_or(DecodeError::Missing { field: "variables" })?;
+    let profile = cdr.callflow.and_then(|c| c.0).unwrap_or_default();
+
+    let call_id = first(vars.uuid, profile.uuid)
+        .into_text("uuid")?
+        .ok_or(DecodeError::Missing { field: "uuid" })?;
+    if call_id.trim().is_empty() {
+        return Err(DecodeError::invalid("uuid", "empty"));
+    }
+    let destination = first(vars.destination_number, profile.destination_number);
+    let destination = destination.required("destination_number")?;
+    let called = called_number_in("destination_number", &unescape(destination))?;
+
+    let hidden = hides(&vars.privacy_hide_number, "privacy_hide_number")?
+        || hides(&vars.privacy, "privacy")?;
+    let number = first(
+        first(vars.caller_id_number, profile.caller_id_number),
+        vars.sip_from_user,
+    );
+    let caller = caller(
+        hidden,
+        number.text("caller_id_number")?.map(unescape).as_deref(),
+    );
+
+    let epoch = |value: &Scalar<'_>, field| match value.epoch_seconds(field)? {
+        Some(secs) if secs > 0 => unix_time(field, secs).map(Some),
+        _ => Ok(None),
+    };
+    let started_at = epoch(&vars.start_epoch, "start_epoch")?.ok_or(DecodeError::Missing {
+        field: "start_epoch",
+    })?;
+    let answered_at = epoch(&vars.answer_epoch, "answer_epoch")?;
+    let ended_at =
+        epoch(&vars.end_epoch, "end_epoch")?.ok_or(DecodeError::Missing { field: "end_epoch" })?;
+    let outcome = match answered_at {
+        Some(_) => Outcome::Answered,
+        None => missed_outcome(vars.hangup_cause.text("hangup_cause")?),
+    };
+
+    Ok(CallEvent {
+        call_id,
+        called,
+        caller,
+        started_at,
+        answered_at,
+        ended_at,
+        outcome,
+    })
+}
+
+/// The first value that is present (a present but empty string counts: it means the
+/// exchange had no number, which must not be replaced by a fallback's).
+fn first<'a>(preferred: Scalar<'a>, fallback: Scalar<'a>) -> Scalar<'a> {
+    match preferred {
+        Scalar::Absent => fallback,
+        value => value,
+    }
+}
+
+/// How an unanswered call ended; no cause at all is `Failed`, as is any cause not listed.
+fn missed_outcome(cause: Option<&str>) -> Outcome {
+    let cause = cause.unwrap_or_default().trim();
+    HANGUP_CAUSES
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(cause))
+        .map_or(Outcome::Failed, |&(_, outcome)| outcome)
+}
+
+/// Whether a privacy variable asks to hide the number.
+fn hides(value: &Scalar<'_>, field: &'static str) -> Result<bool, DecodeError> {
+    Ok(match value {
+        Scalar::Bool(b) => *b,
+        Scalar::Int(n) => *n != 0,
+        _ => value
+            .text(field)?
+            .is_some_and(|v| HIDE_VALUES.iter().any(|h| h.eq_ignore_ascii_case(v.trim()))),
+    })
+}
+
+/// The caller as the subscriber sees it (R-N7): a privacy flag hides the number even
+/// when FreeSWITCH recorded it (carriers send the real number with `Privacy: id`); an
+/// empty or `anonymous` number is withheld; no number at all, or one that is not a
+/// number, is 表示圏外.
+fn caller(hidden: bool, number: Option<&str>) -> Caller {
+    let Some(number) = number.map(str::trim) else {
+        return if hidden {
+            Caller::Withheld
+        } else {
+            Caller::Unavailable
+        };
+    };
+    if hidden || number.is_empty() || number.eq_ignore_ascii_case("anonymous") {
+        return Caller::Withheld;
+    }
+    PhoneNumber::from_caller(number).map_or(Caller::Unavailable, Caller::Number)
+}
+
+/// Undoes `mod_json_cdr`'s URL encoding (`%XX` only; `+` is a literal plus there).
+/// Borrows when there is nothing to decode, which is the usual case for numbers.
+fn unescape(raw: &str) -> Cow<'_, str> {
+    if !raw.contains('%') {
+        return Cow::Borrowed(raw);
+    }
+    let (bytes, mut out, mut i) = (raw.as_bytes(), Vec::with_capacity(raw.len()), 0);
+    while i < bytes.len() {
+        let escaped = match bytes[i..] {
+            [b'%', hi, lo, ..] => hex(hi).zip(hex(lo)),
+            _ => None,
+        };
+        let (byte, width) = escaped.map_or((bytes[i], 1), |(hi, lo)| (hi << 4 | lo, 3));
+        out.push(byte);
+        i += width;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn hex(digit: u8) -> Option<u8> {
+    (digit as char).to_digit(16).map(|d| d as u8)
+}
+
+/// `callflow`: an array of flows (newest first) or, in old releases, one flow object.
+/// Only the first flow's caller profile is kept; anything else is skipped.
+struct Callflow<'a>(Option<Profile<'a>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Callflow<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(CallflowVisitor)
+    }
+}
+
+struct CallflowVisitor;
+
+impl<'de> Visitor<'de> for CallflowVisitor {
+    type Value = Callflow<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a callflow array or object")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let head: Option<Callflow<'de>> = seq.next_element()?;
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(head.unwrap_or(Callflow(None)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let flow = Flow::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        Ok(Callflow(flow.caller_profile))
+    }
+    // A callflow that is not a flow is no use as a fallback, but no reason to drop the CDR.
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Callflow(None))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Callflow(None))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Callflow(None))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Callflow(None))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Callflow(None))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Callflow(None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn r_n4_hangup_cause_table_for_unanswered_calls() {
+        let cases = [
+            ("USER_BUSY", Outcome::Busy),
+            ("CALL_REJECTED", Outcome::Rejected),
+            ("ORIGINATOR_CANCEL", Outcome::Cancelled),
+            ("NO_ANSWER", Outcome::NoAnswer),
+            ("NO_USER_RESPONSE", Outcome::NoAnswer),
+            ("ALLOTTED_TIMEOUT", Outcome::NoAnswer),
+            ("NORMAL_CLEARING", Outcome::NoAnswer),
+            ("normal_clearing", Outcome::NoAnswer),
+            ("UNALLOCATED_NUMBER", Outcome::Failed),
+            ("RECOVERY_ON_TIMER_EXPIRE", Outcome::Failed),
+        ];
+        for (cause, want) in cases {
+            assert_eq!(missed_outcome(Some(cause)), want, "{cause}");
+        }
+        assert_eq!(missed_outcome(None), Outcome::Failed);
+    }
+
+    #[test]
+    fn r_n7_privacy_and_anonymous_callers_are_withheld() {
+        let n = Caller::Number(PhoneNumber::parse("09011112222").unwrap());
+        assert_eq!(caller(false, Some("09011112222")), n);
+        assert_eq!(caller(true, Some("09011112222")), Caller::Withheld);
+        assert_eq!(caller(false, Some("")), Caller::Withheld);
+        assert_eq!(caller(false, Some("Anonymous")), Caller::Withheld);
+        assert_eq!(caller(false, Some("unknown")), Caller::Unavailable);
+        assert_eq!(caller(false, None), Caller::Unavailable);
+        assert_eq!(caller(true, None), Caller::Withheld);
+        let s = |v: &'static str| Scalar::Str(v.into());
+        for yes in ["true", "YES", "number", "full", "id", "1"] {
+            assert!(hides(&s(yes), "privacy").unwrap(), "{yes}");
+        }
+        for no in ["false", "no", "none", "name", ""] {
+            assert!(!hides(&s(no), "privacy").unwrap(), "{no}");
+        }
+        assert!(hides(&Scalar::Bool(true), "privacy").unwrap());
+        assert!(!hides(&Scalar::Absent, "privacy").unwrap());
+    }
+
+    #[test]
+    fn url_encoded_values_are_decoded() {
+        assert!(matches!(
+            unescape("0312345678"),
+            Cow::Borrowed("0312345678")
+        ));
+        assert_eq!(unescape("%2B819011112222"), "+819011112222");
+        assert_eq!(unescape("%2b81%20"), "+81 ");
+        assert_eq!(unescape("100%"), "100%");
+        assert_eq!(unescape("%zz%4%+1"), "%zz%4%+1");
+        assert_eq!(unescape("%E3%81%82"), "あ");
+    }
+
+    #[test]
+    fn callflow_may_be_an_array_an_object_or_junk() {
+        let number = |json: &str| {
+            let cdr: Cdr<'_> = serde_json::from_str(json).unwrap();
+            let profile = cdr.callflow.and_then(|c| c.0).unwrap_or_default();
+            let number = profile
+                .destination_number
+                .text("destination_number")
+                .unwrap();
+            number.map(str::to_owned)
+        };
+        let flow = r#"{"dialplan":"XML","caller_profile":{"destination_number":"0312345678"}}"#;
+        assert_eq!(
+            number(&format!(r#"{{"callflow":[{flow},{{}}]}}"#)).as_deref(),
+            Some("0312345678")
+        );
+        assert_eq!(
+            number(&format!(r#"{{"callflow":{flow}}}"#)).as_deref(),
+            Some("0312345678")
+        );
+        for junk in ["[]", "null", r#""x""#, "1", "[1]"] {
+            assert_eq!(number(&format!(r#"{{"callflow":{junk}}}"#)), None, "{junk}");
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Decode stage: the bytes of one Kafka message → one [`CallEvent`].
+//!
+//! Exchanges write CDRs in their own formats; each topic names its format
+//! ([`CdrFormat`]) and everything after this stage sees only `CallEvent`. Decoding
+//! borrows from the message where it can, so a CDR that matches no subscriber costs no
+//! allocation.
+
+mod asterisk;
+mod canonical;
+mod freeswitch;
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Utc};
+
+use crate::phone::PhoneNumber;
+
+/// The CDR formats a topic can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CdrFormat {
+    /// callnotify's own JSON, one call per message (README, "CDR formats").
+    Canonical,
+    /// The JSON that Asterisk CDR-to-Kafka modules emit.
+    Asterisk,
+    /// FreeSWITCH `mod_json_cdr` documents.
+    Freeswitch,
+}
+
+impl CdrFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Canonical => "canonical",
+            Self::Asterisk => "asterisk",
+            Self::Freeswitch => "freeswitch",
+        }
+    }
+}
+
+/// One finished call, as every later stage sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallEvent<'a> {
+    /// The exchange's id for the call; with `called` it identifies the notification, so a
+    /// replayed CDR is recognised (dedup) and yields the same Message-ID.
+    pub call_id: Cow<'a, str>,
+    /// 着信番号: the subscriber's number that was called.
+    pub called: PhoneNumber,
+    /// 発信者: who called, or why the number is not shown.
+    pub caller: Caller,
+    /// When the call started ringing.
+    pub started_at: DateTime<Utc>,
+    /// When the call was answered; `None` for a missed call.
+    pub answered_at: Option<DateTime<Utc>>,
+    /// When the call ended; the start of the end-to-end latency measurement.
+    pub ended_at: DateTime<Utc>,
+    /// How the call ended.
+    pub outcome: Outcome,
+}
+
+impl CallEvent<'_> {
+    /// 応答できなかった着信: everything but an answered call (R-N4).
+    pub fn is_missed(&self) -> bool {
+        self.outcome != Outcome::Answered
+    }
+
+    /// Copies borrowed parts so the event can outlive the Kafka message.
+    pub fn into_owned(self) -> CallEvent<'static> {
+        CallEvent {
+            call_id: Cow::Owned(self.call_id.into_owned()),
+            ..self
+        }
+    }
+}
+
+/// 発信者番号 (caller id) as the subscriber will see it (R-N7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The caller's number, in R-L2 form.
+    Number(PhoneNumber),
+    /// 非通知: the caller withheld the number.
+    Withheld,
+    /// 表示圏外: the network could not deliver the number.
+    Unavailable,
+    /// 公衆電話: a payphone.
+    Payphone,
+}
+
+/// How a call ended. Everything but `Answered` is a missed call (R-N4): the caller hung
+/// up while it rang, the call was forwarded, and the like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Answered,
+    NoAnswer,
+    Busy,
+    Forwarded,
+    Cancelled,
+    Rejected,
+    Failed,
+}
+
+/// Why a message is not a CDR; the reason goes to the dead-letter topic and, as its
+/// [`DecodeError::reason`], into the `callnotify_cdrs_rejected_total` metric.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not valid JSON for the {format} format: {detail}")]
+    Syntax { format: &'static str, detail: String },
+    #[error("field {field} is missing")]
+    Missing { field: &'static str },
+    #[error("field {field} is invalid: {detail}")]
+    Invalid { field: &'static str, detail: String },
+}
+
+impl DecodeError {
+    /// A short, fixed label for metrics (low cardinality).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Syntax { .. } => "syntax",
+            Self::Missing { .. } => "missing_field",
+            Self::Invalid { .. } => "invalid_field",
+        }
+    }
+
+    fn invalid(field: &'static str, detail: impl std::fmt::Display) -> Self {
+        Self::Invalid {
+            field,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// Decodes one message of the given format.
+pub fn decode(format: CdrFormat, payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
+    match format {
+        CdrFormat::Canonical => canonical::decode(payload),
+        CdrFormat::Asterisk => asterisk::decode(payload),
+        CdrFormat::Freeswitch => freeswitch::decode(payload),
+    }
+}
+
+/// Parses the called number, which must be a subscriber's national number (R-L2); a
+/// `+81` form from the exchange is normalised first.
+fn called_number(raw: &str) -> Result<PhoneNumber, DecodeError> {
+    let normal = PhoneNumber::from_caller(raw)
+        .ok_or_else(|| DecodeError::invalid("called", format!("{raw:?} is not a phone number")))?;
+    PhoneNumber::parse(normal.as_str()).map_err(|e| DecodeError::invalid("called", e))
+}
+
+// ---- Helpers shared by the three decoders ----------------------------------------------
+
+/// Parses `payload` as one JSON object into a decoder's private struct.
+///
+/// The first byte is checked because serde's derived structs also accept a JSON array
+/// (fields by position), and a CDR that is an array is garbage, not a call. Shape errors
+/// that serde reports (a nested object that is a string, a duplicate key) count as
+/// syntax: the message is not a document of this format at all.
+fn parse_object<'a, T: serde::Deserialize<'a>>(
+    format: &'static str,
+    payload: &'a [u8],
+) -> Result<T, DecodeError> {
+    let syntax = |detail: String| DecodeError::Syntax { format, detail };
+    match payload.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => serde_json::from_slice(payload).map_err(|e| syntax(e.to_string())),
+        Some(_) => Err(syntax("expected a JSON object".to_owned())),
+        None => Err(syntax("empty message".to_owned())),
+    }
+}
+
+/// A JSON value where a decoder expects a string (or a number written either way).
+///
+/// Decoders read every field they use as `Scalar` rather than as a typed value, so a
+/// field of the wrong type becomes a [`DecodeError::Invalid`] naming the field instead of
+/// an opaque serde error, and strings borrow from the message when they have no escape.
+/// JSON `null` and an absent field are the same (`Absent`, the `Default`). Decoder
+/// structs say `#[serde(default, bound(deserialize = "'de: 'a"))]` so that every field
+/// may be absent and borrows from the message.
+#[derive(Debug, Default, Clone, PartialEq)]
+enum Scalar<'a> {
+    #[default]
+    Absent,
+    Str(Cow<'a, str>),
+    Int(i64),
+    /// Any other number (fractional, or beyond `i64`).
+    Float(f64),
+    Bool(bool),
+    /// An object or an array, skipped without buffering.
+    Nested,
+}
+
+impl<'a> Scalar<'a> {
+    /// The string, with `None` for absent/null and `Invalid` for any other type.
+    fn text(&self, field: &'static str) -> Result<Option<&str>, DecodeError> {
+        match self {
+            Self::Absent => Ok(None),
+            Self::Str(s) => Ok(Some(s)),
+            other => Err(other.wrong_type(field, "a string")),
+        }
+    }
+
+    /// A required string: absent or null is `Missing`.
+    fn required(&self, field: &'static str) -> Result<&str, DecodeError> {
+        self.text(field)?.ok_or(DecodeError::Missing { field })
+    }
+
+    /// Like [`Scalar::text`] but keeps the borrow, for values that end up in the event.
+    fn into_text(self, field: &'static str) -> Result<Option<Cow<'a, str>>, DecodeError> {
+        match self {
+            Self::Absent => Ok(None),
+            Self::Str(s) => Ok(Some(s)),
+            other => Err(other.wrong_type(field, "a string")),
+        }
+    }
+
+    /// Whole seconds since the Unix epoch, written as a number or a digit string (both
+    /// occur in the wild); `None` for absent/null/empty.
+    fn epoch_seconds(&self, field: &'static str) -> Result<Option<i64>, DecodeError> {
+        let secs = match self {
+            Self::Absent => return Ok(None),
+            Self::Int(n) => *n,
+            Self::Str(s) if s.trim().is_empty() => return Ok(None),
+            Self::Str(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| DecodeError::invalid(field, format!("{s:?} is not whole seconds")))?,
+            other => return Err(other.wrong_type(field, "whole seconds")),
+        };
+        if secs < 0 {
+            return Err(DecodeError::invalid(
+                field,
+                format!("{secs} is before 1970"),
+            ));
+        }
+        Ok(Some(secs))
+    }
+
+    fn wrong_type(&self, field: &'static str, expected: &str) -> DecodeError {
+        let found = match self {
+            Self::Absent => "null",
+            Self::Str(_) => "a string",
+            Self::Int(_) | Self::Float(_) => "a number",
+            Self::Bool(_) => "a boolean",
+            Self::Nested => "an object or array",
+        };
+        DecodeError::invalid(field, format!("expected {expected}, found {found}"))
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Scalar<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarVisitor)
+    }
+}
+
+struct ScalarVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
+    type Value = Scalar<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Scalar::Str(Cow::Owned(v)))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Scalar::Int(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(i64::try_from(v).map_or(Scalar::Float(v as f64), Scalar::Int))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Scalar::Float(v))
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Scalar::Bool(v))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Absent)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(Scalar::Absent)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Scalar::Nested)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(Scalar::Nested)
+    }
+}
+
+/// Parses an RFC 3339 timestamp; the offset is required, because a time without one is
+/// ambiguous and the mail shows Japan time (R-M2).
+fn rfc3339(field: &'static str, raw: &str) -> Result<DateTime<Utc>, DecodeError> {
+    DateTime::parse_from_rfc3339(raw.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| DecodeError::invalid(field, format!("{raw:?} is not an RFC 3339 time: {e}")))
+}
+
+/// Converts whole seconds since the Unix epoch.
+fn unix_time(field: &'static str, secs: i64) -> Result<DateTime<Utc>, DecodeError> {
+    DateTime::from_timestamp(secs, 0)
+        .ok_or_else(|| DecodeError::invalid(field, format!("{secs} is out of range")))
+}
+
+/// Reports a called-number error under the format's own field name, so the dead-letter
+/// message points at the field the exchange must fix.
+fn called_number_in(field: &'static str, raw: &str) -> Result<PhoneNumber, DecodeError> {
+    called_number(raw).map_err(|e| match e {
+        DecodeError::Invalid { detail, .. } => DecodeError::Invalid { field, detail },
+        other => other,
+    })
+}

@@ -1,0 +1,204 @@
+//! Deliver stage: rendered mails to the mail server (or the outbox directory), under a
+//! global rate limit and per-recipient flood control, with temporary failures retried
+//! and permanent ones recorded in the dead-letter topic (R-M4).
+//!
+//! A mail held back by a limit waits; it is never dropped (`callnotify_mails_delayed_total`).
+//! The dedup record of sent mails is written by the source thread when the job reports
+//! back, so this stage never does blocking store I/O on an async worker.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::PoolConfig;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+
+use crate::config::{SmtpSettings, TlsMode};
+use crate::phone::PhoneNumber;
+use crate::render::Mail;
+use crate::source::DeadLetters;
+use crate::telemetry::Metrics;
+
+/// Where mails go.
+#[derive(Clone)]
+enum Transport {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    /// `smtp.host` empty: one `.eml` file per mail, named after its Message-ID.
+    Outbox(PathBuf),
+}
+
+/// How a failed attempt is handled.
+#[derive(Debug)]
+enum Attempt {
+    /// 4xx, a dropped connection, a timeout: try again later.
+    Temporary(String),
+    /// 5xx or a mail the server can never take: record and give up.
+    Permanent(String),
+}
+
+/// The call a mail is about, for the dead-letter record and the latency metric.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub call_id: String,
+    pub called: PhoneNumber,
+    /// The call's end: where the end-to-end latency measurement starts.
+    pub ended_at: DateTime<Utc>,
+}
+
+/// The final fate of one mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Accepted by the mail server (or written to the outbox).
+    Sent,
+    /// Refused for good; a dead-letter record was written.
+    Failed,
+}
+
+/// Sends mails; cheap to clone, shared by every delivery task.
+#[derive(Clone)]
+pub struct Deliverer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    transport: Transport,
+    global: DefaultDirectRateLimiter,
+    per_recipient: DefaultKeyedRateLimiter<String>,
+    first_delay: Duration,
+    max_delay: Duration,
+    metrics: Metrics,
+    dead_letters: DeadLetters,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("smtp.host {host:?} cannot be used: {source}")]
+    Relay { host: String, source: lettre::transport::smtp::Error },
+    #[error("cannot create the outbox directory {path}: {source}")]
+    Outbox { path: PathBuf, source: std::io::Error },
+}
+
+impl Deliverer {
+    pub fn new(settings: &SmtpSettings, metrics: Metrics, dead_letters: DeadLetters) -> Result<Self, DeliverError> {
+        let transport = if settings.host.is_empty() {
+            std::fs::create_dir_all(&settings.outbox_dir)
+                .map_err(|source| DeliverError::Outbox { path: settings.outbox_dir.clone(), source })?;
+            Transport::Outbox(settings.outbox_dir.clone())
+        } else {
+            Transport::Smtp(smtp_transport(settings)?)
+        };
+        let per_second = NonZeroU32::new(settings.rate_per_second).expect("config checks rate_per_second >= 1");
+        let per_minute = NonZeroU32::new(settings.per_recipient_per_minute).expect("config checks >= 1");
+        let inner = Inner {
+            transport,
+            global: RateLimiter::direct(Quota::per_second(per_second)),
+            per_recipient: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            first_delay: Duration::from_millis(settings.retry_first_delay_ms.max(1)),
+            max_delay: Duration::from_millis(settings.retry_max_delay_ms.max(settings.retry_first_delay_ms).max(1)),
+            metrics,
+            dead_letters,
+        };
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
+    /// Sends one mail, retrying temporary failures until it is accepted or refused for
+    /// good.
+    pub async fn deliver(&self, mail: &Mail, origin: &Origin) -> Fate {
+        let inner = &*self.inner;
+        let recipient = mail.recipient.as_str();
+        if inner.per_recipient.check_key(&recipient.to_owned()).is_err() {
+            inner.metrics.delayed_by_flood();
+            inner.per_recipient.until_key_ready(&recipient.to_owned()).await;
+        }
+        let mut delay = inner.first_delay;
+        let mut attempts = 0u32;
+        loop {
+            if inner.global.check().is_err() {
+                inner.metrics.delayed_by_rate();
+                inner.global.until_ready().await;
+            }
+            attempts += 1;
+            match self.attempt(mail).await {
+                Ok(()) => {
+                    let latency = (Utc::now() - origin.ended_at).to_std().unwrap_or_default();
+                    inner.metrics.sent(latency);
+                    return Fate::Sent;
+                }
+                Err(Attempt::Permanent(reply)) => {
+                    tracing::warn!(message_id = %mail.message_id, %reply, attempts, "mail refused for good");
+                    inner.metrics.failed("permanent");
+                    inner.dead_letters.mail_failed(mail, origin, &reply, attempts).await;
+                    return Fate::Failed;
+                }
+                Err(Attempt::Temporary(reply)) => {
+                    tracing::info!(message_id = %mail.message_id, %reply, attempts, retry_in = ?delay, "mail delayed, will retry");
+                    inner.metrics.retried();
+                    tokio::time::sleep(jitter(delay)).await;
+                    delay = (delay * 2).min(inner.max_delay);
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, mail: &Mail) -> Result<(), Attempt> {
+        match &self.inner.transport {
+            Transport::Smtp(smtp) => smtp.send_raw(&mail.envelope, &mail.bytes).await.map(drop).map_err(classify),
+            Transport::Outbox(dir) => write_eml(dir, mail).await.map_err(|e| Attempt::Temporary(e.to_string())),
+        }
+    }
+}
+
+fn smtp_transport(s: &SmtpSettings) -> Result<AsyncSmtpTransport<Tokio1Executor>, DeliverError> {
+    let relay_error = |source| DeliverError::Relay { host: s.host.clone(), source };
+    let builder = match s.tls {
+        TlsMode::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host),
+        TlsMode::Starttls => {
+            let params = TlsParameters::new(s.host.clone()).map_err(relay_error)?;
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host).tls(Tls::Required(params))
+        }
+        TlsMode::Tls => {
+            let params = TlsParameters::new(s.host.clone()).map_err(relay_error)?;
+            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host).tls(Tls::Wrapper(params))
+        }
+    };
+    let mut builder = builder
+        .port(s.port)
+        .timeout(Some(Duration::from_secs(s.timeout_secs)))
+        .pool_config(PoolConfig::new().max_size(s.pool_size));
+    if !s.username.is_empty() {
+        builder = builder.credentials(Credentials::new(s.username.clone(), s.password.expose().to_owned()));
+    }
+    Ok(builder.build())
+}
+
+/// Sorts a lettre error into retry or give up. Client-side errors about the message
+/// itself can never succeed; everything about the connection may.
+fn classify(e: lettre::transport::smtp::Error) -> Attempt {
+    let reply = e.to_string();
+    if e.is_permanent() || e.is_client() {
+        Attempt::Permanent(reply)
+    } else {
+        Attempt::Temporary(reply)
+    }
+}
+
+/// Writes the mail atomically (temp file, then rename), so a reader of the outbox never
+/// sees half a mail and a replay overwrites the same file.
+async fn write_eml(dir: &std::path::Path, mail: &Mail) -> std::io::Result<()> {
+    let name: String = mail.message_id.trim_matches(['<', '>']).chars().take_while(|c| *c != '@').collect();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    tokio::fs::write(&tmp, &mail.bytes).await?;
+    tokio::fs::rename(&tmp, dir.join(format!("{name}.eml"))).await
+}
+
+/// Up to ±20 % random spread, so retries of many mails do not arrive together.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let factor = 0.8 + f64::from(nanos % 1000) / 2500.0;
+    d.mul_f64(factor)
+}

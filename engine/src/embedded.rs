@@ -1,0 +1,61 @@
+//! The embedded Kafka: librdkafka's in-process mock cluster, which speaks the real Kafka
+//! protocol. Used when `kafka.brokers` is empty (the demo, a first try) and by tests.
+//!
+//! The mock cluster is not `Send`, so it lives on a thread of its own until dropped.
+
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use rdkafka::error::KafkaError;
+use rdkafka::mocking::MockCluster;
+
+pub struct EmbeddedKafka {
+    bootstrap: String,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EmbeddedKafka {
+    /// Starts a one-broker cluster with `topics`, each of `partitions` partitions.
+    pub fn start(topics: &[&str], partitions: i32) -> Result<Self, KafkaError> {
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("kafka-mock".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(1) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                for topic in &topics {
+                    if let Err(e) = cluster.create_topic(topic, partitions, 1) {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                }
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                // Until the owner drops us (or goes away).
+                let _ = stop_rx.recv();
+            })
+            .expect("spawning the mock cluster thread");
+        let bootstrap = ready_rx.recv().expect("mock cluster thread reports")?;
+        Ok(Self { bootstrap, stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+}
+
+impl Drop for EmbeddedKafka {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The callnotify engine: 着信お知らせメール (incoming-call notification mail).
+//!
+//! A telephone exchange writes one CDR per finished call to Kafka. The engine reads
+//! them, finds the called number's subscription, applies the subscriber's rules and
+//! sends a Japanese notification mail over SMTP to each checked destination. The rules
+//! are those of `shared/spec/SERVICE.md`; rule ids (R-xx) are cited where they apply.
+//!
+//! A CDR passes the stages in this order, each taking the previous one's value:
+//!
+//! ```text
+//! source ─bytes→ decode ─CallEvent→ resolve ─Subscription→ filter ─Notify→ render ─Mail→ deliver
+//! ```
+//!
+//! # Layout
+//!
+//! - [`source`]: Kafka consumer on its own thread; in-order offset tracking, dead letters.
+//! - [`decode`]: message bytes → [`decode::CallEvent`], one module per CDR format.
+//! - [`resolve`]: called number → [`resolve::Subscription`], a moka cache over the store.
+//! - [`filter`]: the subscriber's send conditions (R-N1, R-N4..R-N7), a pure function.
+//! - [`render`]: the notification mail (R-M1, R-M2) with a replay-stable Message-ID.
+//! - [`deliver`]: SMTP (or an outbox directory), rate limits, dedup of sent mails.
+//! - [`store`]: sled trees for lines, numbers and their settings, and sent records.
+//! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
+//! - [`phone`], [`address`]: the parsed domain values every stage passes around.
+//! - [`embedded`]: librdkafka's mock cluster, when no brokers are configured.
+//! - [`demo`]: the `callnotify demo` command.
+//! - [`config`]: layered TOML + environment configuration.
+//! - [`telemetry`]: metric names and the Prometheus endpoint.
+//! - [`startup`]: wires the stages into a running [`startup::Application`].
+//! - [`sink`]: a small real SMTP server for tests, the demo and load tests.
+
+pub mod address;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod deliver;
+pub mod embedded;
+pub mod filter;
+pub mod phone;
+pub mod provision;
+pub mod render;
+pub mod resolve;
+pub mod sink;
+pub mod source;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,196 @@
+//! Provisioning: lines, numbers and (optionally) settings from JSON Lines (R-L1, R-L3).
+//!
+//! One line of input describes one whole line (回線):
+//!
+//! ```json
+//! {"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"],
+//!   "settings":{"enabled":true,"destinations":[{"address":"a@example.jp","send":true}]}}]}
+//! ```
+//!
+//! Import is an idempotent upsert. A bad input line is reported with its line number
+//! and reason and is not applied; every other line is.
+
+use std::collections::HashSet;
+use std::io::BufRead;
+
+use crate::phone::PhoneNumber;
+use crate::store::{AuthUnit, CallSettings, LineRecord, Services, Store, StoreError};
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineInput {
+    /// 契約番号; must be one of `numbers`.
+    contract: PhoneNumber,
+    #[serde(default)]
+    unit: Option<AuthUnit>,
+    numbers: Vec<NumberInput>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NumberInput {
+    number: PhoneNumber,
+    #[serde(default)]
+    services: Vec<Service>,
+    /// Absent: the number keeps the settings it has (a subscriber's own saves survive
+    /// a re-import).
+    #[serde(default)]
+    settings: Option<CallSettings>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Service {
+    Call,
+    Fax,
+}
+
+/// The outcome of one import.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ImportReport {
+    /// Input lines applied.
+    pub lines: usize,
+    /// Phone numbers in the applied lines.
+    pub numbers: usize,
+    /// (1-based input line number, reason) of each line not applied.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// Why an import stopped early: only reading the input or writing the store can.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read the input at line {line}: {source}")]
+    Read { line: usize, source: std::io::Error },
+    #[error("store failed at input line {line}: {source}")]
+    Store { line: usize, source: StoreError },
+}
+
+/// Imports every line of `input` into `store`.
+pub fn import(store: &Store, input: impl BufRead) -> Result<ImportReport, ImportError> {
+    let mut report = ImportReport::default();
+    for (index, text) in input.lines().enumerate() {
+        let line = index + 1;
+        let text = text.map_err(|source| ImportError::Read { line, source })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        match parse_line(&text) {
+            Ok((record, numbers)) => match store.upsert_line(&record, &numbers) {
+                Ok(()) => {
+                    report.lines += 1;
+                    report.numbers += numbers.len();
+                }
+                Err(StoreError::Invalid(reason)) => report.rejected.push((line, reason)),
+                Err(source) => return Err(ImportError::Store { line, source }),
+            },
+            Err(reason) => report.rejected.push((line, reason)),
+        }
+    }
+    Ok(report)
+}
+
+type Numbers = Vec<(PhoneNumber, Services, Option<CallSettings>)>;
+
+fn parse_line(text: &str) -> Result<(LineRecord, Numbers), String> {
+    let input: LineInput = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if input.numbers.is_empty() {
+        return Err("a line needs at least one number".into());
+    }
+    let mut seen = HashSet::new();
+    let mut numbers = Vec::with_capacity(input.numbers.len());
+    for n in input.numbers {
+        if !seen.insert(n.number) {
+            return Err(format!("number {} is listed twice", n.number));
+        }
+        if let Some(settings) = &n.settings {
+            settings.validate().map_err(|e| format!("number {}: {e}", n.number))?;
+        }
+        let services = Services { call: n.services.contains(&Service::Call), fax: n.services.contains(&Service::Fax) };
+        numbers.push((n.number, services, n.settings.map(|s| CallSettings { version: 0, ..s })));
+    }
+    if !seen.contains(&input.contract) {
+        return Err(format!("contract number {} must be one of the line's numbers", input.contract));
+    }
+    let record = LineRecord { contract: input.contract, numbers: numbers.iter().map(|n| n.0).collect(), unit: input.unit };
+    Ok((record, numbers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"],"settings":{"enabled":true,"destinations":[{"address":"a@example.jp","send":true}],"designated_only":false,"missed_only":true,"designated":[{"number":"09011112222","designate":true}]}},{"number":"0312345679","services":["call","fax"]}]}"#;
+
+    fn n(s: &str) -> PhoneNumber {
+        PhoneNumber::parse(s).unwrap()
+    }
+
+    #[test]
+    fn r_l3_the_documented_example_imports() {
+        let store = Store::temporary().unwrap();
+        let report = import(&store, EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(report, ImportReport { lines: 1, numbers: 2, rejected: vec![] });
+        let first = store.number(&n("0312345678")).unwrap().unwrap();
+        assert!(first.call.enabled && first.call.missed_only);
+        let second = store.number(&n("0312345679")).unwrap().unwrap();
+        assert_eq!(second.services, Services { call: true, fax: true });
+        assert_eq!(second.contract, n("0312345678"));
+        assert_eq!(store.line(&n("0312345678")).unwrap().unwrap().numbers.len(), 2);
+    }
+
+    #[test]
+    fn bad_lines_are_reported_with_their_number_and_the_rest_applied() {
+        let store = Store::temporary().unwrap();
+        let input = [
+            EXAMPLE,
+            "",
+            r#"{"contract":"03-1234-0000","numbers":[{"number":"0312340000"}]}"#,
+            r#"{"contract":"0312340001","numbers":[{"number":"0312340002"}]}"#,
+            r#"{"contract":"0312340003","numbers":[{"number":"0312340003","settings":{"destinations":[{"address":"bad@","send":true}]}}]}"#,
+            "not json",
+            r#"{"contract":"0312340004","numbers":[{"number":"0312340004","services":["call"]}]}"#,
+        ]
+        .join("\n");
+        let report = import(&store, input.as_bytes()).unwrap();
+        assert_eq!(report.lines, 2);
+        let lines: Vec<usize> = report.rejected.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, vec![3, 4, 5, 6]);
+        assert!(report.rejected[0].1.contains("digits"), "{:?}", report.rejected[0]);
+        assert!(report.rejected[1].1.contains("contract number"), "{:?}", report.rejected[1]);
+        assert!(report.rejected[2].1.contains("bad@"), "{:?}", report.rejected[2]);
+        assert!(store.number(&n("0312340000")).unwrap().is_none(), "a rejected line is not applied");
+        assert!(store.number(&n("0312340004")).unwrap().is_some());
+    }
+
+    #[test]
+    fn r_n2_r_n5_limits_are_enforced_on_import() {
+        let store = Store::temporary().unwrap();
+        let dests: Vec<String> = (0..6).map(|i| format!(r#"{{"address":"a{i}@example.jp","send":true}}"#)).collect();
+        let line = format!(
+            r#"{{"contract":"0312345678","numbers":[{{"number":"0312345678","settings":{{"destinations":[{}]}}}}]}}"#,
+            dests.join(",")
+        );
+        let report = import(&store, line.as_bytes()).unwrap();
+        assert!(report.rejected[0].1.contains("at most 5"), "{:?}", report.rejected);
+    }
+
+    #[test]
+    fn importing_twice_gives_the_same_state() {
+        let store = Store::temporary().unwrap();
+        import(&store, EXAMPLE.as_bytes()).unwrap();
+        let once = store.number(&n("0312345678")).unwrap();
+        import(&store, EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(store.number(&n("0312345678")).unwrap(), once);
+    }
+
+    #[test]
+    fn a_reimported_line_drops_numbers_it_no_longer_lists() {
+        let store = Store::temporary().unwrap();
+        import(&store, EXAMPLE.as_bytes()).unwrap();
+        let smaller = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"]}]}"#;
+        import(&store, smaller.as_bytes()).unwrap();
+        assert!(store.number(&n("0312345679")).unwrap().is_none());
+        let kept = store.number(&n("0312345678")).unwrap().unwrap();
+        assert!(kept.call.enabled, "settings absent from the import are kept");
+    }
+}

@@ -1,0 +1,158 @@
+//! Resolve stage: called number → its [`Subscription`], from a moka cache over the store.
+//!
+//! Almost every CDR is for a number without the service, so the cache keeps negative
+//! answers too. The store tells the resolver of every write, which drops the entry at
+//! once; a load racing with a write is not cached (see [`Resolver::resolve`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use moka::sync::Cache;
+
+use crate::address::DestinationAddress;
+use crate::phone::PhoneNumber;
+use crate::store::{NumberRecord, Store, StoreError};
+
+/// A number's call-notification settings, compiled for the filter: only checked
+/// destinations and designated numbers are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub number: PhoneNumber,
+    /// 開始 (R-N1).
+    pub enabled: bool,
+    /// Destinations whose 送信 check is on (R-N2).
+    pub recipients: Vec<DestinationAddress>,
+    /// 指定した電話番号からの着信のみ (R-N4).
+    pub designated_only: bool,
+    /// 応答できなかった着信のみ (R-N4).
+    pub missed_only: bool,
+    /// Designated numbers whose 指定 check is on (R-N5).
+    pub designated: Vec<PhoneNumber>,
+}
+
+impl Subscription {
+    /// The subscription of a stored number; `None` unless call notification is
+    /// contracted on it.
+    pub fn from_record(record: &NumberRecord) -> Option<Self> {
+        if !record.services.call {
+            return None;
+        }
+        let call = &record.call;
+        Some(Self {
+            number: record.number,
+            enabled: call.enabled,
+            recipients: call.destinations.iter().filter(|d| d.send).map(|d| d.address.clone()).collect(),
+            designated_only: call.designated_only,
+            missed_only: call.missed_only,
+            designated: call.designated.iter().filter(|d| d.designate).map(|d| d.number).collect(),
+        })
+    }
+}
+
+/// What the cache holds for a number: its subscription, or `None` for "no service".
+type Entry = Option<Arc<Subscription>>;
+
+/// Finds subscriptions; cheap to clone, one cache shared by all clones.
+#[derive(Clone)]
+pub struct Resolver {
+    store: Store,
+    cache: Cache<PhoneNumber, Entry>,
+    /// Bumped by every invalidation; a load that saw it change does not cache.
+    generation: Arc<AtomicU64>,
+}
+
+impl Resolver {
+    /// A resolver over `store` caching at most `capacity` numbers.
+    pub fn new(store: Store, capacity: u64) -> Self {
+        let cache: Cache<PhoneNumber, Entry> = Cache::new(capacity);
+        let generation = Arc::new(AtomicU64::new(0));
+        {
+            let cache = cache.clone();
+            let generation = generation.clone();
+            store.on_number_change(move |number| {
+                generation.fetch_add(1, Ordering::AcqRel);
+                cache.invalidate(number);
+            });
+        }
+        Self { store, cache, generation }
+    }
+
+    /// The subscription of `called`, or `None` if it has no call notification.
+    ///
+    /// A miss reads sled, which may touch the disk: call this from the source thread or
+    /// a blocking task, never on an async worker.
+    pub fn resolve(&self, called: &PhoneNumber) -> Result<Entry, StoreError> {
+        if let Some(hit) = self.cache.get(called) {
+            return Ok(hit);
+        }
+        let before = self.generation.load(Ordering::Acquire);
+        let loaded = self.store.number(called)?.and_then(|r| Subscription::from_record(&r)).map(Arc::new);
+        if self.generation.load(Ordering::Acquire) == before {
+            self.cache.insert(*called, loaded.clone());
+        }
+        Ok(loaded)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CallSettings, Destination, LineRecord, Services};
+
+    fn number(s: &str) -> PhoneNumber {
+        PhoneNumber::parse(s).unwrap()
+    }
+
+    fn provision(store: &Store, n: &str, settings: CallSettings) {
+        let line = LineRecord { contract: number(n), numbers: vec![number(n)], unit: None };
+        let services = Services { call: true, fax: false };
+        store.upsert_line(&line, &[(number(n), services, Some(settings))]).unwrap();
+    }
+
+    #[test]
+    fn a_saved_setting_governs_the_very_next_lookup() {
+        let store = Store::temporary().unwrap();
+        let resolver = Resolver::new(store.clone(), 100);
+        let n = number("0312345678");
+        assert_eq!(resolver.resolve(&n).unwrap(), None, "unknown number has no service");
+
+        provision(&store, "0312345678", CallSettings { enabled: true, ..Default::default() });
+        let sub = resolver.resolve(&n).unwrap().expect("provisioned");
+        assert!(sub.enabled);
+
+        let dest = Destination { address: DestinationAddress::parse("a@example.jp").unwrap(), send: true };
+        let settings = CallSettings { enabled: false, destinations: vec![dest], ..Default::default() };
+        store.save_call_settings(&n, sub_version(&store, &n), settings).unwrap();
+        let sub = resolver.resolve(&n).unwrap().expect("still provisioned");
+        assert!(!sub.enabled, "R-N1: stop takes effect at once");
+        assert_eq!(sub.recipients.len(), 1);
+    }
+
+    fn sub_version(store: &Store, n: &PhoneNumber) -> u64 {
+        store.number(n).unwrap().unwrap().call.version
+    }
+
+    #[test]
+    fn only_checked_destinations_and_designated_numbers_are_kept() {
+        let store = Store::temporary().unwrap();
+        let resolver = Resolver::new(store.clone(), 100);
+        let dest = |a: &str, send| Destination { address: DestinationAddress::parse(a).unwrap(), send };
+        let settings = CallSettings {
+            enabled: true,
+            destinations: vec![dest("on@example.jp", true), dest("off@example.jp", false)],
+            designated: vec![
+                crate::store::Designated { number: number("09011112222"), designate: true },
+                crate::store::Designated { number: number("09033334444"), designate: false },
+            ],
+            ..Default::default()
+        };
+        provision(&store, "0312345678", settings);
+        let sub = resolver.resolve(&number("0312345678")).unwrap().unwrap();
+        assert_eq!(sub.recipients, vec![DestinationAddress::parse("on@example.jp").unwrap()]);
+        assert_eq!(sub.designated, vec![number("09011112222")]);
+    }
+}

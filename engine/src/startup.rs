@@ -1,0 +1,164 @@
+//! Wiring: settings → a running engine. `Application::build` opens the store, starts
+//! the embedded Kafka if no brokers are configured, the metrics endpoint and the
+//! consumer thread; `run_until_stopped` waits for a stop signal and drains.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::producer::FutureProducer;
+
+use crate::config::Settings;
+use crate::deliver::Deliverer;
+use crate::embedded::EmbeddedKafka;
+use crate::render::Renderer;
+use crate::resolve::Resolver;
+use crate::source::{self, DeadLetters, SourceError, SourceOptions, Stages};
+use crate::store::Store;
+use crate::telemetry::{self, Metrics};
+
+/// A running engine.
+pub struct Application {
+    store: Store,
+    resolver: Resolver,
+    metrics: Metrics,
+    metrics_addr: SocketAddr,
+    bootstrap: String,
+    stop: Arc<AtomicBool>,
+    source: std::thread::JoinHandle<Result<(), SourceError>>,
+    metrics_stop: tokio::sync::oneshot::Sender<()>,
+    metrics_task: tokio::task::JoinHandle<()>,
+    /// Kept alive while the engine runs, when it was started for us.
+    _embedded: Option<EmbeddedKafka>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let path = settings.store.path.clone();
+        let store = tokio::task::spawn_blocking(move || Store::open(&path))
+            .await?
+            .with_context(|| format!("opening the store at {}", settings.store.path.display()))?;
+        let resolver = Resolver::new(store.clone(), settings.store.cache_capacity);
+        let metrics = Metrics::new();
+
+        let kafka = &settings.kafka;
+        let embedded = if kafka.brokers.is_empty() {
+            let mut topics: Vec<&str> = kafka.topics.iter().map(|t| t.name.as_str()).collect();
+            topics.push(&kafka.dead_letter_topic);
+            let cluster = EmbeddedKafka::start(&topics, kafka.embedded_partitions)
+                .context("starting the embedded Kafka mock cluster")?;
+            tracing::info!(bootstrap = cluster.bootstrap_servers(), "embedded Kafka mock cluster started (kafka.brokers is empty)");
+            Some(cluster)
+        } else {
+            None
+        };
+        let bootstrap = embedded.as_ref().map_or(kafka.brokers.clone(), |c| c.bootstrap_servers().to_owned());
+
+        let mut producer_config = rdkafka::ClientConfig::new();
+        producer_config.set("bootstrap.servers", &bootstrap).set("enable.idempotence", "true");
+        for (k, v) in &kafka.properties {
+            producer_config.set(k, v);
+        }
+        let producer: FutureProducer = producer_config.create().context("creating the dead-letter producer")?;
+        let dead_letters = DeadLetters::new(producer, &kafka.dead_letter_topic, metrics.clone());
+
+        let from = settings.smtp.from.parse().context("smtp.from")?;
+        let renderer = Renderer::new(from);
+        let deliverer = Deliverer::new(&settings.smtp, metrics.clone(), dead_letters.clone())?;
+        if settings.smtp.host.is_empty() {
+            tracing::info!(outbox = %settings.smtp.outbox_dir.display(), "no smtp.host: mails are written as .eml files");
+        }
+
+        let (metrics_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (metrics_addr, metrics_task) = telemetry::serve(settings.metrics.listen, metrics.clone(), async {
+            let _ = stopped.await;
+        })
+        .await
+        .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+        tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "metrics endpoint listening");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let stages = Stages {
+            resolver: resolver.clone(),
+            renderer,
+            deliverer,
+            dead_letters,
+            metrics: metrics.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let options = SourceOptions {
+            brokers: &bootstrap,
+            group_id: &kafka.group_id,
+            topics: kafka.topics.iter().map(|t| (t.name.clone(), t.format)).collect(),
+            properties: &kafka.properties,
+            max_in_flight: settings.engine.max_in_flight,
+            grace: Duration::from_secs(settings.engine.shutdown_grace_secs),
+        };
+        let source = source::spawn(options, stages, stop.clone()).context("starting the Kafka consumer")?;
+        tracing::info!(group = %kafka.group_id, topics = ?kafka.topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "consuming CDRs");
+
+        Ok(Self {
+            store,
+            resolver,
+            metrics,
+            metrics_addr,
+            bootstrap,
+            stop,
+            source,
+            metrics_stop,
+            metrics_task,
+            _embedded: embedded,
+        })
+    }
+
+    /// The subscription store (provisioning, the settings site).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn resolver(&self) -> &Resolver {
+        &self.resolver
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The Kafka bootstrap servers in use (the embedded cluster's, if started).
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Runs until `shutdown` completes (or the consumer fails), then stops consuming,
+    /// finishes in-flight mails within the grace period, commits and returns.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self { stop, source, metrics_stop, metrics_task, _embedded, .. } = self;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let result = source.join().unwrap_or_else(|_| Err(SourceError::Store(crate::store::StoreError::Invalid("consumer thread panicked".into()))));
+            let _ = done_tx.send(result);
+        });
+        tokio::pin!(done_rx);
+        let result = tokio::select! {
+            () = shutdown => {
+                tracing::info!("stopping: finishing in-flight mails");
+                stop.store(true, Ordering::Release);
+                (&mut done_rx).await
+            }
+            r = &mut done_rx => r,
+        };
+        let _ = metrics_stop.send(());
+        let _ = metrics_task.await;
+        drop(_embedded);
+        result.context("consumer thread vanished")?.context("consumer stopped")?;
+        Ok(())
+    }
+}

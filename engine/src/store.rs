@@ -1,0 +1,338 @@
+//! The subscription store: lines, numbers and their call-notification settings, and the
+//! record of mails already sent, in sled.
+//!
+//! Trees:
+//! - `lines`: contract number → [`LineRecord`] (R-L1).
+//! - `numbers`: phone number → [`NumberRecord`], the settings of R-N1..R-N5.
+//! - `sent`: `called \0 call_id \0 recipient` → unix seconds; a replayed CDR finds its
+//!   mails here and sends nothing again.
+//!
+//! Every write of a number's record tells the registered listeners (the resolve stage's
+//! cache) at once, so the very next CDR sees the new settings.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::address::DestinationAddress;
+use crate::phone::PhoneNumber;
+
+/// 送信先 limit (R-N2).
+pub const MAX_DESTINATIONS: usize = 5;
+/// お知らせ対象電話番号 limit (R-N5).
+pub const MAX_DESIGNATED: usize = 30;
+
+/// 認証単位 (authentication unit) of a line (R-A1..R-A3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthUnit {
+    Line,
+    Number,
+    AdminUser,
+}
+
+/// 回線 (line): a contract number and its additional numbers (R-L1).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LineRecord {
+    /// 契約番号: the number the contract and, for unit `line`, the login are under.
+    pub contract: PhoneNumber,
+    /// Every number of the line, the contract number included.
+    pub numbers: Vec<PhoneNumber>,
+    /// How subscribers of this line log in; `None` until set by phone (R-I7).
+    #[serde(default)]
+    pub unit: Option<AuthUnit>,
+}
+
+/// Which notification services a number has contracted (R-C1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Services {
+    /// 着信お知らせメール.
+    pub call: bool,
+    /// FAXお知らせメール.
+    pub fax: bool,
+}
+
+/// One phone number and its call-notification settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NumberRecord {
+    pub number: PhoneNumber,
+    /// The line's contract number, to find the line from a number.
+    pub contract: PhoneNumber,
+    pub services: Services,
+    pub call: CallSettings,
+}
+
+/// 着信お知らせメール settings of one number (R-N1..R-N5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallSettings {
+    /// 開始 (true) / 停止 (false), R-N1. Off until the subscriber starts the service.
+    #[serde(default)]
+    pub enabled: bool,
+    /// 送信先メールアドレス, at most [`MAX_DESTINATIONS`] (R-N2).
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    /// 指定した電話番号からの着信のみ (R-N4).
+    #[serde(default)]
+    pub designated_only: bool,
+    /// 応答できなかった着信のみ (R-N4).
+    #[serde(default)]
+    pub missed_only: bool,
+    /// お知らせ対象電話番号, at most [`MAX_DESIGNATED`] (R-N5).
+    #[serde(default)]
+    pub designated: Vec<Designated>,
+    /// Bumped by every save, so a save from a stale form can be refused (R-S9).
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// 送信先: an address and its 送信 check (R-N2).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    pub address: DestinationAddress,
+    /// Only checked addresses receive notifications.
+    pub send: bool,
+}
+
+/// お知らせ対象電話番号: a number and its 指定 check (R-N5).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Designated {
+    pub number: PhoneNumber,
+    /// Only checked entries count.
+    pub designate: bool,
+}
+
+impl CallSettings {
+    /// Checks the limits of R-N2 and R-N5.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.destinations.len() > MAX_DESTINATIONS {
+            return Err(StoreError::Invalid(format!(
+                "at most {MAX_DESTINATIONS} destination addresses, {} given",
+                self.destinations.len()
+            )));
+        }
+        if self.designated.len() > MAX_DESIGNATED {
+            return Err(StoreError::Invalid(format!(
+                "at most {MAX_DESIGNATED} designated numbers, {} given",
+                self.designated.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store record is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the settings were changed by another save (version {current}); reload and try again")]
+    StaleVersion { current: u64 },
+    #[error("no such number: {0}")]
+    UnknownNumber(PhoneNumber),
+}
+
+type Listener = Arc<dyn Fn(&PhoneNumber) + Send + Sync>;
+
+/// Handle to the store; cheap to clone, shared by every stage and the admin site.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    lines: sled::Tree,
+    numbers: sled::Tree,
+    sent: sled::Tree,
+    /// Told of every number whose record changed, right after the write.
+    listeners: Arc<RwLock<Vec<Listener>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::from_db(sled::open(path)?)
+    }
+
+    /// A store that lives in memory and vanishes when dropped (tests, benches).
+    pub fn temporary() -> Result<Self, StoreError> {
+        Self::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            lines: db.open_tree("lines")?,
+            numbers: db.open_tree("numbers")?,
+            sent: db.open_tree("sent")?,
+            db,
+            listeners: Arc::default(),
+        })
+    }
+
+    /// Registers `f` to be called with every number whose record changes.
+    pub fn on_number_change(&self, f: impl Fn(&PhoneNumber) + Send + Sync + 'static) {
+        self.listeners.write().expect("listener lock").push(Arc::new(f));
+    }
+
+    fn changed(&self, numbers: &[PhoneNumber]) {
+        let listeners = self.listeners.read().expect("listener lock").clone();
+        for n in numbers {
+            listeners.iter().for_each(|f| f(n));
+        }
+    }
+
+    pub fn number(&self, number: &PhoneNumber) -> Result<Option<NumberRecord>, StoreError> {
+        self.numbers
+            .get(number.as_str())?
+            .map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from))
+            .transpose()
+    }
+
+    pub fn line(&self, contract: &PhoneNumber) -> Result<Option<LineRecord>, StoreError> {
+        self.lines
+            .get(contract.as_str())?
+            .map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from))
+            .transpose()
+    }
+
+    /// How many numbers are provisioned.
+    pub fn number_count(&self) -> usize {
+        self.numbers.len()
+    }
+
+    /// Writes a line and its numbers as one transaction (provisioning, R-L3).
+    ///
+    /// The line replaces what was stored for its contract: numbers no longer listed are
+    /// removed, numbers moved from another line leave it. A number keeps its settings
+    /// unless `settings` has an entry for it.
+    pub fn upsert_line(&self, line: &LineRecord, numbers: &[(PhoneNumber, Services, Option<CallSettings>)]) -> Result<(), StoreError> {
+        let result = (&self.lines, &self.numbers).transaction(|(lines, nums)| {
+            let mut touched: Vec<PhoneNumber> = Vec::new();
+            let abort = |e: StoreError| ConflictableTransactionError::Abort(e);
+            let old_line: Option<LineRecord> = match lines.get(line.contract.as_str())? {
+                Some(raw) => Some(serde_json::from_slice(&raw).map_err(|e| abort(e.into()))?),
+                None => None,
+            };
+            if let Some(old) = &old_line {
+                for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
+                    nums.remove(gone.as_str())?;
+                    touched.push(*gone);
+                }
+            }
+            let mut stored = line.clone();
+            if stored.unit.is_none() {
+                stored.unit = old_line.and_then(|l| l.unit);
+            }
+            for (number, services, settings) in numbers {
+                let old: Option<NumberRecord> = match nums.get(number.as_str())? {
+                    Some(raw) => Some(serde_json::from_slice(&raw).map_err(|e| abort(e.into()))?),
+                    None => None,
+                };
+                if let Some(other) = old.as_ref().map(|o| o.contract).filter(|c| *c != line.contract) {
+                    // The number moves between lines: the old line must not list it.
+                    if let Some(raw) = lines.get(other.as_str())? {
+                        let mut other_line: LineRecord = serde_json::from_slice(&raw).map_err(|e| abort(e.into()))?;
+                        other_line.numbers.retain(|n| n != number);
+                        let raw = serde_json::to_vec(&other_line).map_err(|e| abort(e.into()))?;
+                        lines.insert(other.as_str(), raw)?;
+                    }
+                }
+                let old_call = old.as_ref().map(|o| &o.call);
+                let call = match (settings, old_call) {
+                    (None, Some(old)) => old.clone(),
+                    (None, None) => CallSettings::default(),
+                    (Some(new), None) => new.clone(),
+                    // Re-importing the same settings is a no-op; different ones are a
+                    // save like any other and bump the version (R-S9).
+                    (Some(new), Some(old)) => {
+                        let same = CallSettings { version: old.version, ..new.clone() };
+                        if same == *old {
+                            same
+                        } else {
+                            CallSettings { version: old.version + 1, ..new.clone() }
+                        }
+                    }
+                };
+                let record = NumberRecord { number: *number, contract: line.contract, services: *services, call };
+                if old.as_ref() != Some(&record) {
+                    let raw = serde_json::to_vec(&record).map_err(|e| abort(e.into()))?;
+                    nums.insert(number.as_str(), raw)?;
+                    touched.push(*number);
+                }
+            }
+            let raw = serde_json::to_vec(&stored).map_err(|e| abort(e.into()))?;
+            lines.insert(line.contract.as_str(), raw)?;
+            Ok(touched)
+        });
+        match result {
+            Ok(touched) => {
+                self.changed(&touched);
+                Ok(())
+            }
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Saves a number's settings if they were edited from version `expected` (R-S9);
+    /// returns the new version.
+    pub fn save_call_settings(&self, number: &PhoneNumber, expected: u64, settings: CallSettings) -> Result<u64, StoreError> {
+        settings.validate()?;
+        loop {
+            let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
+            let mut record: NumberRecord = serde_json::from_slice(&raw)?;
+            if record.call.version != expected {
+                return Err(StoreError::StaleVersion { current: record.call.version });
+            }
+            record.call = CallSettings { version: expected + 1, ..settings.clone() };
+            let new = serde_json::to_vec(&record)?;
+            if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
+                self.changed(&[*number]);
+                return Ok(expected + 1);
+            }
+        }
+    }
+
+    /// Whether the mail for (`called`, `call_id`, `recipient`) was already accepted.
+    pub fn was_sent(&self, key: &SentKey) -> Result<bool, StoreError> {
+        Ok(self.sent.contains_key(&key.0)?)
+    }
+
+    /// Records that the mail for `key` was accepted at `unix_secs`.
+    pub fn mark_sent(&self, key: &SentKey, unix_secs: u64) -> Result<(), StoreError> {
+        self.sent.insert(&key.0, &unix_secs.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable, from a thread that may block.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Makes every write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// Key of one sent mail: called number, call id and recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SentKey(Vec<u8>);
+
+impl SentKey {
+    pub fn new(called: &PhoneNumber, call_id: &str, recipient: &str) -> Self {
+        let mut key = Vec::with_capacity(called.as_str().len() + call_id.len() + recipient.len() + 2);
+        key.extend_from_slice(called.as_str().as_bytes());
+        key.push(0);
+        key.extend_from_slice(call_id.as_bytes());
+        key.push(0);
+        key.extend_from_slice(recipient.as_bytes());
+        Self(key)
+    }
+}

@@ -1,0 +1,215 @@
+//! Metrics: one place that names every metric, and the Prometheus endpoint.
+//!
+//! Each engine owns its recorder (not the process-global one), so several engines in one
+//! test process never mix their numbers. Handles are registered once at start-up; the
+//! hot path only bumps atomics. Names follow `callnotify_<noun>_<unit>_total` with
+//! low-cardinality labels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+use crate::filter::Skip;
+
+pub const CDRS_CONSUMED: &str = "callnotify_cdrs_consumed_total";
+pub const CDRS_DECODED: &str = "callnotify_cdrs_decoded_total";
+pub const CDRS_REJECTED: &str = "callnotify_cdrs_rejected_total";
+pub const CDRS_FILTERED: &str = "callnotify_cdrs_filtered_total";
+pub const CDRS_NOTIFIED: &str = "callnotify_cdrs_notified_total";
+pub const MAILS_SENT: &str = "callnotify_mails_sent_total";
+pub const MAILS_FAILED: &str = "callnotify_mails_failed_total";
+pub const MAILS_DELAYED: &str = "callnotify_mails_delayed_total";
+pub const MAILS_RETRIED: &str = "callnotify_mails_retried_total";
+pub const MAILS_DUPLICATE: &str = "callnotify_mails_duplicate_total";
+pub const DEAD_LETTERS: &str = "callnotify_dead_letters_total";
+pub const LATENCY: &str = "callnotify_notification_latency_seconds";
+pub const IN_FLIGHT: &str = "callnotify_cdrs_in_flight";
+pub const CONSUMER_LAG: &str = "callnotify_consumer_lag_messages";
+
+/// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
+pub const REJECT_REASONS: [&str; 3] = ["syntax", "missing_field", "invalid_field"];
+/// Reasons a mail fails for good.
+pub const FAIL_REASONS: [&str; 2] = ["permanent", "render"];
+
+/// Every metric handle of one engine; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    recorder: PrometheusRecorder,
+    consumed: Counter,
+    decoded: Counter,
+    rejected: [Counter; REJECT_REASONS.len()],
+    filtered: [Counter; Skip::ALL.len()],
+    notified: Counter,
+    sent: Counter,
+    failed: [Counter; FAIL_REASONS.len()],
+    delayed_rate: Counter,
+    delayed_flood: Counter,
+    retried: Counter,
+    duplicate: Counter,
+    dead_letters_cdr: Counter,
+    dead_letters_mail: Counter,
+    latency: Histogram,
+    in_flight: Gauge,
+}
+
+const METADATA: Metadata<'static> = Metadata::new("callnotify", Level::INFO, None);
+
+fn counter(r: &PrometheusRecorder, name: &'static str, label: Option<(&'static str, &'static str)>) -> Counter {
+    let key = match label {
+        Some((k, v)) => Key::from_parts(name, vec![Label::new(k, v)]),
+        None => Key::from_static_name(name),
+    };
+    r.register_counter(&key, &METADATA)
+}
+
+impl Metrics {
+    /// A fresh recorder with every metric registered and described.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(LATENCY.into()),
+                &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0],
+            )
+            .expect("buckets are not empty")
+            .build_recorder();
+        let r = &recorder;
+        let describe = |name: &'static str, unit: Option<Unit>, text: &'static str| {
+            r.describe_counter(name.into(), unit, SharedString::const_str(text));
+        };
+        describe(CDRS_CONSUMED, Some(Unit::Count), "CDR messages read from Kafka");
+        describe(CDRS_DECODED, Some(Unit::Count), "CDRs decoded into a call");
+        describe(CDRS_REJECTED, Some(Unit::Count), "CDRs that did not decode, by reason (sent to the dead-letter topic)");
+        describe(CDRS_FILTERED, Some(Unit::Count), "Calls that send no mail, by reason");
+        describe(CDRS_NOTIFIED, Some(Unit::Count), "Calls that caused at least one mail");
+        describe(MAILS_SENT, Some(Unit::Count), "Mails accepted by the mail server (or written to the outbox)");
+        describe(MAILS_FAILED, Some(Unit::Count), "Mails that failed for good, by reason (sent to the dead-letter topic)");
+        describe(MAILS_DELAYED, Some(Unit::Count), "Mails held back by rate limits, by limit (global rate or per-recipient flood)");
+        describe(MAILS_RETRIED, Some(Unit::Count), "Send attempts retried after a temporary failure");
+        describe(MAILS_DUPLICATE, Some(Unit::Count), "Mails not sent again because a replayed CDR had already sent them");
+        describe(DEAD_LETTERS, Some(Unit::Count), "Records written to the dead-letter topic, by kind");
+        r.describe_histogram(LATENCY.into(), Some(Unit::Seconds), "From the call's end to the mail server's acceptance".into());
+        r.describe_gauge(IN_FLIGHT.into(), Some(Unit::Count), "CDRs whose mails are being sent".into());
+        r.describe_gauge(CONSUMER_LAG.into(), Some(Unit::Count), "Messages behind the partition's end, by topic and partition".into());
+
+        let inner = Inner {
+            consumed: counter(r, CDRS_CONSUMED, None),
+            decoded: counter(r, CDRS_DECODED, None),
+            rejected: REJECT_REASONS.map(|reason| counter(r, CDRS_REJECTED, Some(("reason", reason)))),
+            filtered: Skip::ALL.map(|skip| counter(r, CDRS_FILTERED, Some(("reason", skip.as_str())))),
+            notified: counter(r, CDRS_NOTIFIED, None),
+            sent: counter(r, MAILS_SENT, None),
+            failed: FAIL_REASONS.map(|reason| counter(r, MAILS_FAILED, Some(("reason", reason)))),
+            delayed_rate: counter(r, MAILS_DELAYED, Some(("limit", "rate"))),
+            delayed_flood: counter(r, MAILS_DELAYED, Some(("limit", "flood"))),
+            retried: counter(r, MAILS_RETRIED, None),
+            duplicate: counter(r, MAILS_DUPLICATE, None),
+            dead_letters_cdr: counter(r, DEAD_LETTERS, Some(("kind", "cdr"))),
+            dead_letters_mail: counter(r, DEAD_LETTERS, Some(("kind", "mail"))),
+            latency: r.register_histogram(&Key::from_static_name(LATENCY), &METADATA),
+            in_flight: r.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
+            recorder,
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.handle().render()
+    }
+
+    pub fn handle(&self) -> PrometheusHandle {
+        self.inner.recorder.handle()
+    }
+
+    pub fn consumed(&self) {
+        self.inner.consumed.increment(1);
+    }
+    pub fn decoded(&self) {
+        self.inner.decoded.increment(1);
+    }
+    pub fn rejected(&self, reason: &str) {
+        let i = REJECT_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+        self.inner.rejected[i].increment(1);
+    }
+    pub fn filtered(&self, skip: Skip) {
+        let i = Skip::ALL.iter().position(|s| *s == skip).expect("every Skip is in ALL");
+        self.inner.filtered[i].increment(1);
+    }
+    pub fn notified(&self) {
+        self.inner.notified.increment(1);
+    }
+    pub fn sent(&self, latency: Duration) {
+        self.inner.sent.increment(1);
+        self.inner.latency.record(latency.as_secs_f64());
+    }
+    pub fn failed(&self, reason: &'static str) {
+        let i = FAIL_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+        self.inner.failed[i].increment(1);
+    }
+    pub fn delayed_by_rate(&self) {
+        self.inner.delayed_rate.increment(1);
+    }
+    pub fn delayed_by_flood(&self) {
+        self.inner.delayed_flood.increment(1);
+    }
+    pub fn retried(&self) {
+        self.inner.retried.increment(1);
+    }
+    pub fn duplicate(&self) {
+        self.inner.duplicate.increment(1);
+    }
+    pub fn dead_letter(&self, mail: bool) {
+        if mail { &self.inner.dead_letters_mail } else { &self.inner.dead_letters_cdr }.increment(1);
+    }
+    pub fn in_flight(&self, n: usize) {
+        self.inner.in_flight.set(n as f64);
+    }
+    /// From librdkafka's statistics, every few seconds per partition.
+    pub fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
+        let key = Key::from_parts(
+            CONSUMER_LAG,
+            vec![Label::new("topic", topic.to_owned()), Label::new("partition", partition.to_string())],
+        );
+        self.inner.recorder.register_gauge(&key, &METADATA).set(lag as f64);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics` (Prometheus text) and `/healthz` on `listen` until `shutdown`.
+/// Returns the bound address (useful with port 0).
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Metrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok((addr, task))
+}
