@@ -93,12 +93,7 @@ fn provision_import(settings: &Settings, file: &std::path::Path) -> anyhow::Resu
     for (line, reason) in &report.rejected {
         eprintln!("{}:{line}: rejected: {reason}", file.display());
     }
-    println!(
-        "imported {} lines ({} numbers); rejected {} lines",
-        report.lines,
-        report.numbers,
-        report.rejected.len()
-    );
+    println!("imported {} lines ({} numbers); rejected {} lines", report.lines, report.numbers, report.rejected.len());
     Ok(if report.rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

@@ -136,10 +136,14 @@ impl Settings {
     }
 
     /// As [`Settings::load`], with the environment given (tests).
-    pub fn load_from(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let mut table: toml::Table = DEFAULT_TOML.parse().expect("built-in defaults are valid TOML");
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
             let layer: toml::Table =
                 text.parse().map_err(|source| ConfigError::Syntax { path: path.into(), source })?;
             merge(&mut table, layer);
@@ -242,7 +246,11 @@ mod tests {
     fn file_then_environment_override_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "[smtp]\nhost = \"mx.file\"\nport = 2525\n[kafka.properties]\n\"fetch.wait.max.ms\" = \"50\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "[smtp]\nhost = \"mx.file\"\nport = 2525\n[kafka.properties]\n\"fetch.wait.max.ms\" = \"50\"\n",
+        )
+        .unwrap();
         let s = Settings::load_from(
             Some(&file),
             env(&[

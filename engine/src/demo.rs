@@ -36,7 +36,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
     let app = Application::build(settings).await?;
 
     let store = app.store().clone();
-    let report = tokio::task::spawn_blocking(move || crate::provision::import(&store, SAMPLE_LINE.as_bytes())).await??;
+    let report =
+        tokio::task::spawn_blocking(move || crate::provision::import(&store, SAMPLE_LINE.as_bytes())).await??;
     anyhow::ensure!(report.rejected.is_empty(), "sample line rejected: {:?}", report.rejected);
     println!("provisioned 0312345678: missed calls only, to taro@example.jp (old-address@example.jp unchecked)");
 

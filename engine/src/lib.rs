@@ -32,8 +32,8 @@
 pub mod address;
 pub mod config;
 pub mod decode;
-pub mod demo;
 pub mod deliver;
+pub mod demo;
 pub mod embedded;
 pub mod filter;
 pub mod phone;

@@ -51,10 +51,7 @@ impl PhoneNumber {
             return Err(PhoneNumberError::NoLeadingZero(input.to_owned()));
         }
         if !(10..=11).contains(&bytes.len()) {
-            return Err(PhoneNumberError::Length {
-                len: bytes.len(),
-                input: input.to_owned(),
-            });
+            return Err(PhoneNumberError::Length { len: bytes.len(), input: input.to_owned() });
         }
         Ok(Self::from_digits(bytes))
     }
@@ -82,9 +79,7 @@ impl PhoneNumber {
         let international = if plus {
             Some(digits)
         } else {
-            digits
-                .strip_prefix(b"00".as_slice())
-                .filter(|rest| rest.first().is_some_and(|&d| d != b'0'))
+            digits.strip_prefix(b"00".as_slice()).filter(|rest| rest.first().is_some_and(|&d| d != b'0'))
         };
         // Room for "010" in front of every digit `buf` can hold.
         let mut out = [0u8; MAX_DIGITS + 7];
@@ -116,10 +111,7 @@ impl PhoneNumber {
     fn from_digits(bytes: &[u8]) -> Self {
         let mut digits = [0u8; MAX_DIGITS];
         digits[..bytes.len()].copy_from_slice(bytes);
-        Self {
-            len: bytes.len() as u8,
-            digits,
-        }
+        Self { len: bytes.len() as u8, digits }
     }
 
     /// The number as its digit string, e.g. `"0312345678"`.

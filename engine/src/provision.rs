@@ -111,7 +111,8 @@ fn parse_line(text: &str) -> Result<(LineRecord, Numbers), String> {
     if !seen.contains(&input.contract) {
         return Err(format!("contract number {} must be one of the line's numbers", input.contract));
     }
-    let record = LineRecord { contract: input.contract, numbers: numbers.iter().map(|n| n.0).collect(), unit: input.unit };
+    let record =
+        LineRecord { contract: input.contract, numbers: numbers.iter().map(|n| n.0).collect(), unit: input.unit };
     Ok((record, numbers))
 }
 

@@ -76,7 +76,12 @@ impl Renderer {
             time = format_jst(call.started_at),
             answer = if call.is_missed() { "応答できませんでした" } else { "応答しました" },
         );
-        self.build(recipient, subject, body, message_id(&call.called.to_string(), &call.call_id, recipient, &self.domain))
+        self.build(
+            recipient,
+            subject,
+            body,
+            message_id(&call.called.to_string(), &call.call_id, recipient, &self.domain),
+        )
     }
 
     /// The 送信テスト mail (R-N2): lets a subscriber check an address before saving it.
@@ -91,7 +96,13 @@ impl Renderer {
         self.build(recipient, subject, body, message_id(number, nonce, recipient, &self.domain))
     }
 
-    fn build(&self, recipient: &DestinationAddress, subject: String, body: String, message_id: String) -> Result<Mail, RenderError> {
+    fn build(
+        &self,
+        recipient: &DestinationAddress,
+        subject: String,
+        body: String,
+        message_id: String,
+    ) -> Result<Mail, RenderError> {
         let to = recipient_address(recipient);
         let message = Message::builder()
             .from(self.from.clone())

@@ -102,11 +102,7 @@ pub struct SmtpSink {
 impl SmtpSink {
     /// Binds 127.0.0.1:port (0 = any free port) and serves until dropped or shut down.
     pub async fn start(port: u16) -> io::Result<SmtpSink> {
-        Self::start_with(SinkOptions {
-            port,
-            keep_mails: true,
-        })
-        .await
+        Self::start_with(SinkOptions { port, keep_mails: true }).await
     }
 
     pub async fn start_with(opts: SinkOptions) -> io::Result<SmtpSink> {
@@ -122,12 +118,7 @@ impl SmtpSink {
         });
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, Arc::clone(&shared), stop_rx));
-        Ok(SmtpSink {
-            addr,
-            shared,
-            stop,
-            task,
-        })
+        Ok(SmtpSink { addr, shared, stop, task })
     }
 
     pub fn port(&self) -> u16 {
@@ -255,12 +246,7 @@ async fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                     // mail whose client got no final reply (delivery tests rely on that).
                     wr.write_all(b"250 2.0.0 accepted\r\n").await?;
                     let received_at = SystemTime::now();
-                    shared.record(ReceivedMail {
-                        mail_from,
-                        rcpt_to,
-                        data,
-                        received_at,
-                    });
+                    shared.record(ReceivedMail { mail_from, rcpt_to, data, received_at });
                     continue;
                 }
             }
@@ -425,10 +411,7 @@ mod tests {
 
         /// Sends `line` and asserts that the reply starts with `code`.
         async fn ok(&mut self, line: &str, code: &str) -> String {
-            self.1
-                .write_all(format!("{line}\r\n").as_bytes())
-                .await
-                .unwrap();
+            self.1.write_all(format!("{line}\r\n").as_bytes()).await.unwrap();
             let reply = self.reply().await;
             assert!(reply.starts_with(code), "{line:.40} -> {reply}");
             reply
@@ -451,19 +434,11 @@ mod tests {
         let mut c = Client::connect(&sink).await;
         let ehlo = c.ok("EHLO client.test", "250-callnotify-sink").await;
         assert!(ehlo.contains("250-SIZE ") && ehlo.contains("8BITMIME"));
-        c.ok(
-            "MAIL FROM:<a@x.test> SIZE=100 BODY=8BITMIME SMTPUTF8",
-            "250",
-        )
-        .await;
+        c.ok("MAIL FROM:<a@x.test> SIZE=100 BODY=8BITMIME SMTPUTF8", "250").await;
         c.ok("RCPT TO:<b@x.test>", "250").await;
         c.ok("rcpt to: <c@x.test>", "250").await;
         c.ok("DATA", "354").await;
-        c.ok(
-            "Subject: one\r\n\r\n..leading dot\r\n..\r\n\r\nend\r\n.",
-            "250",
-        )
-        .await;
+        c.ok("Subject: one\r\n\r\n..leading dot\r\n..\r\n\r\nend\r\n.", "250").await;
         c.ok("RSET", "250").await;
         assert!(c.mail("", &["d@x.test"], "second").await.starts_with("250"));
         c.ok("QUIT", "221").await;
@@ -472,14 +447,8 @@ mod tests {
         assert_eq!(mails.len(), 2);
         assert_eq!(mails[0].mail_from, "a@x.test");
         assert_eq!(mails[0].rcpt_to, ["b@x.test", "c@x.test"]);
-        assert_eq!(
-            mails[0].data,
-            b"Subject: one\r\n\r\n.leading dot\r\n.\r\n\r\nend"
-        );
-        assert_eq!(
-            (&*mails[1].mail_from, &*mails[1].data),
-            ("", &b"second"[..])
-        );
+        assert_eq!(mails[0].data, b"Subject: one\r\n\r\n.leading dot\r\n.\r\n\r\nend");
+        assert_eq!((&*mails[1].mail_from, &*mails[1].data), ("", &b"second"[..]));
     }
 
     #[tokio::test]
@@ -513,15 +482,9 @@ mod tests {
         let mut c = Client::connect(&sink).await;
         c.ok("EHLO client.test", "250").await;
         sink.fail_next(SmtpStage::DataEnd, 451, 1);
-        assert!(c
-            .mail("a@x.test", &["b@x.test"], "one")
-            .await
-            .starts_with("451"));
+        assert!(c.mail("a@x.test", &["b@x.test"], "one").await.starts_with("451"));
         assert_eq!(sink.count(), 0);
-        assert!(c
-            .mail("a@x.test", &["b@x.test"], "one")
-            .await
-            .starts_with("250"));
+        assert!(c.mail("a@x.test", &["b@x.test"], "one").await.starts_with("250"));
 
         sink.fail_next(SmtpStage::RcptTo, 550, 1);
         sink.fail_next(SmtpStage::MailFrom, 421, 2);
@@ -543,18 +506,12 @@ mod tests {
 
     #[tokio::test]
     async fn subscribe_without_keeping_and_shutdown() {
-        let opts = SinkOptions {
-            port: 0,
-            keep_mails: false,
-        };
+        let opts = SinkOptions { port: 0, keep_mails: false };
         let sink = SmtpSink::start_with(opts).await.unwrap();
         let mut events = sink.subscribe();
         let mut c = Client::connect(&sink).await;
         c.ok("EHLO client.test", "250").await;
-        assert!(c
-            .mail("a@x.test", &["b@x.test"], "hi")
-            .await
-            .starts_with("250"));
+        assert!(c.mail("a@x.test", &["b@x.test"], "hi").await.starts_with("250"));
         assert_eq!(events.recv().await.unwrap().data, b"hi");
         assert!(sink.wait_for(1, T).await.is_empty());
         assert_eq!(sink.count(), 1);
@@ -563,11 +520,7 @@ mod tests {
         let addr = sink.addr();
         sink.shutdown().await;
         let mut buf = [0u8; 16];
-        assert_eq!(
-            c.0.read(&mut buf).await.unwrap_or(0),
-            0,
-            "connection closed"
-        );
+        assert_eq!(c.0.read(&mut buf).await.unwrap_or(0), 0, "connection closed");
         assert!(TcpStream::connect(addr).await.is_err());
     }
 
@@ -590,10 +543,7 @@ mod tests {
                 .body(format!(".dot {i}\r\n本文"))
                 .unwrap()
         };
-        transport(PoolConfig::new().max_size(1))
-            .send(mail(0))
-            .await
-            .unwrap();
+        transport(PoolConfig::new().max_size(1)).send(mail(0)).await.unwrap();
 
         let pooled = transport(PoolConfig::new().max_size(4));
         let mut tasks = JoinSet::new();
@@ -609,9 +559,7 @@ mod tests {
         rcpts.sort();
         rcpts.dedup();
         assert_eq!(rcpts.len(), 21);
-        let parsed = mail_parser::MessageParser::default()
-            .parse(&mails[0].data)
-            .unwrap();
+        let parsed = mail_parser::MessageParser::default().parse(&mails[0].data).unwrap();
         assert_eq!(parsed.subject(), Some("着信 0"));
         assert!(parsed.body_text(0).unwrap().starts_with(".dot 0"));
     }

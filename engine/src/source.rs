@@ -121,11 +121,8 @@ impl ClientContext for SourceContext {
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let revoked: HashSet<(usize, i32)> = tpl
-                .elements()
-                .iter()
-                .filter_map(|e| Some((self.topic_index(e.topic())?, e.partition())))
-                .collect();
+            let revoked: HashSet<(usize, i32)> =
+                tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
             if let Err(e) = self.settle(consumer, Some(&revoked), Instant::now() + self.grace) {
                 tracing::error!(error = %e, "store failed while finishing revoked partitions");
@@ -218,7 +215,15 @@ impl DeadLetters {
     }
 
     /// Records a CDR that did not decode, with its raw bytes (base64) and the reason.
-    pub async fn cdr_rejected(&self, source: &str, partition: i32, offset: i64, format: CdrFormat, error: &str, raw: &[u8]) {
+    pub async fn cdr_rejected(
+        &self,
+        source: &str,
+        partition: i32,
+        offset: i64,
+        format: CdrFormat,
+        error: &str,
+        raw: &[u8],
+    ) {
         let record = serde_json::json!({
             "kind": "cdr",
             "topic": source,
@@ -282,6 +287,17 @@ pub struct Stages {
     pub runtime: tokio::runtime::Handle,
 }
 
+/// Told to delivery tasks when shutdown's grace period is over: they stop at once and
+/// report nothing, so their CDRs are read again on the next start.
+#[derive(Clone)]
+struct Cancel(tokio::sync::watch::Receiver<bool>);
+
+impl Cancel {
+    async fn cancelled(mut self) {
+        let _ = self.0.wait_for(|c| *c).await;
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("kafka: {0}")]
@@ -334,24 +350,34 @@ pub fn spawn(
     let grace = options.grace;
     let thread = std::thread::Builder::new()
         .name("cdr-source".into())
-        .spawn(move || run(consumer, stages, tx, stop, max_in_flight, grace))
+        .spawn(move || {
+            // Delivery parts (lettre's pool) spawn tasks, even when dropped at the end
+            // of `run`, so the whole thread runs inside the runtime's context.
+            let runtime = stages.runtime.clone();
+            let _entered = runtime.enter();
+            let result = run(consumer, &stages, tx, stop, max_in_flight, grace);
+            drop(stages);
+            result
+        })
         .expect("spawning the consumer thread");
     Ok(thread)
 }
 
 fn run(
     consumer: BaseConsumer<SourceContext>,
-    stages: Stages,
+    stages: &Stages,
     tx: Sender<Completion>,
     stop: Arc<AtomicBool>,
     max_in_flight: usize,
     grace: Duration,
 ) -> Result<(), SourceError> {
     let ctx = consumer.context();
+    let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+    let cancel = Cancel(cancel_rx);
     let mut paused = false;
     while !stop.load(Ordering::Acquire) {
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => handle(&consumer, &stages, &tx, &message)?,
+            Some(Ok(message)) => handle(&consumer, stages, &tx, &cancel, &message)?,
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
         }
@@ -369,10 +395,18 @@ fn run(
         }
     }
     let finished = ctx.settle(&consumer, None, Instant::now() + grace)?;
+    ctx.drain(&consumer)?;
     if !finished {
         let left = ctx.tracker.lock().expect("tracker lock").in_flight;
         tracing::warn!(in_flight = left, "shutdown grace period over; those CDRs will be read again on restart");
     }
+    // What is still in flight is abandoned: its offsets stay uncommitted, and closing
+    // the consumer below must not wait for it again.
+    let _ = cancel_tx.send(true);
+    let mut tracker = ctx.tracker.lock().expect("tracker lock");
+    tracker.partitions.clear();
+    tracker.in_flight = 0;
+    drop(tracker);
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit had nothing to do or failed");
     }
@@ -386,6 +420,7 @@ fn handle(
     consumer: &BaseConsumer<SourceContext>,
     stages: &Stages,
     tx: &Sender<Completion>,
+    cancel: &Cancel,
     message: &rdkafka::message::BorrowedMessage<'_>,
 ) -> Result<(), SourceError> {
     let ctx = consumer.context();
@@ -405,9 +440,14 @@ fn handle(
             ctx.tracker.lock().expect("tracker lock").started(tp, offset);
             let (dead_letters, tx) = (stages.dead_letters.clone(), tx.clone());
             let (source, raw, error) = (message.topic().to_owned(), payload.to_vec(), e.to_string());
+            let cancelled = cancel.clone().cancelled();
             stages.runtime.spawn(async move {
-                dead_letters.cdr_rejected(&source, partition, offset, format, &error, &raw).await;
-                let _ = tx.send(Completion { topic, partition, offset, mails: Vec::new() });
+                tokio::select! {
+                    () = dead_letters.cdr_rejected(&source, partition, offset, format, &error, &raw) => {
+                        let _ = tx.send(Completion { topic, partition, offset, mails: Vec::new() });
+                    }
+                    () = cancelled => {}
+                }
             });
             return Ok(());
         }
@@ -455,15 +495,24 @@ fn handle(
     tracker.started(tp, offset);
     stages.metrics.in_flight(tracker.in_flight);
     drop(tracker);
-    let origin = crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
-    let (deliverer, tx) = (stages.deliverer.clone(), tx.clone());
+    let origin =
+        crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
+    let (deliverer, tx, cancelled) = (stages.deliverer.clone(), tx.clone(), cancel.clone().cancelled());
     stages.runtime.spawn(async move {
-        let mut done = Vec::with_capacity(mails.len());
-        for (key, mail) in mails {
-            let fate = deliverer.deliver(&mail, &origin).await;
-            done.push((key, fate));
+        let deliver_all = async {
+            let mut done = Vec::with_capacity(mails.len());
+            for (key, mail) in mails {
+                let fate = deliverer.deliver(&mail, &origin).await;
+                done.push((key, fate));
+            }
+            done
+        };
+        tokio::select! {
+            done = deliver_all => {
+                let _ = tx.send(Completion { topic, partition, offset, mails: done });
+            }
+            () = cancelled => {}
         }
-        let _ = tx.send(Completion { topic, partition, offset, mails: done });
     });
     Ok(())
 }

@@ -50,7 +50,10 @@ impl Application {
             topics.push(&kafka.dead_letter_topic);
             let cluster = EmbeddedKafka::start(&topics, kafka.embedded_partitions)
                 .context("starting the embedded Kafka mock cluster")?;
-            tracing::info!(bootstrap = cluster.bootstrap_servers(), "embedded Kafka mock cluster started (kafka.brokers is empty)");
+            tracing::info!(
+                bootstrap = cluster.bootstrap_servers(),
+                "embedded Kafka mock cluster started (kafka.brokers is empty)"
+            );
             Some(cluster)
         } else {
             None
@@ -143,7 +146,9 @@ impl Application {
         let Self { stop, source, metrics_stop, metrics_task, _embedded, .. } = self;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let result = source.join().unwrap_or_else(|_| Err(SourceError::Store(crate::store::StoreError::Invalid("consumer thread panicked".into()))));
+            let result = source.join().unwrap_or_else(|_| {
+                Err(SourceError::Store(crate::store::StoreError::Invalid("consumer thread panicked".into())))
+            });
             let _ = done_tx.send(result);
         });
         tokio::pin!(done_rx);

@@ -186,17 +186,11 @@ impl Store {
     }
 
     pub fn number(&self, number: &PhoneNumber) -> Result<Option<NumberRecord>, StoreError> {
-        self.numbers
-            .get(number.as_str())?
-            .map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from))
-            .transpose()
+        self.numbers.get(number.as_str())?.map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from)).transpose()
     }
 
     pub fn line(&self, contract: &PhoneNumber) -> Result<Option<LineRecord>, StoreError> {
-        self.lines
-            .get(contract.as_str())?
-            .map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from))
-            .transpose()
+        self.lines.get(contract.as_str())?.map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from)).transpose()
     }
 
     /// How many numbers are provisioned.
@@ -209,7 +203,11 @@ impl Store {
     /// The line replaces what was stored for its contract: numbers no longer listed are
     /// removed, numbers moved from another line leave it. A number keeps its settings
     /// unless `settings` has an entry for it.
-    pub fn upsert_line(&self, line: &LineRecord, numbers: &[(PhoneNumber, Services, Option<CallSettings>)]) -> Result<(), StoreError> {
+    pub fn upsert_line(
+        &self,
+        line: &LineRecord,
+        numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
+    ) -> Result<(), StoreError> {
         let result = (&self.lines, &self.numbers).transaction(|(lines, nums)| {
             let mut touched: Vec<PhoneNumber> = Vec::new();
             let abort = |e: StoreError| ConflictableTransactionError::Abort(e);
@@ -280,7 +278,12 @@ impl Store {
 
     /// Saves a number's settings if they were edited from version `expected` (R-S9);
     /// returns the new version.
-    pub fn save_call_settings(&self, number: &PhoneNumber, expected: u64, settings: CallSettings) -> Result<u64, StoreError> {
+    pub fn save_call_settings(
+        &self,
+        number: &PhoneNumber,
+        expected: u64,
+        settings: CallSettings,
+    ) -> Result<u64, StoreError> {
         settings.validate()?;
         loop {
             let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;

@@ -85,18 +85,42 @@ impl Metrics {
         };
         describe(CDRS_CONSUMED, Some(Unit::Count), "CDR messages read from Kafka");
         describe(CDRS_DECODED, Some(Unit::Count), "CDRs decoded into a call");
-        describe(CDRS_REJECTED, Some(Unit::Count), "CDRs that did not decode, by reason (sent to the dead-letter topic)");
+        describe(
+            CDRS_REJECTED,
+            Some(Unit::Count),
+            "CDRs that did not decode, by reason (sent to the dead-letter topic)",
+        );
         describe(CDRS_FILTERED, Some(Unit::Count), "Calls that send no mail, by reason");
         describe(CDRS_NOTIFIED, Some(Unit::Count), "Calls that caused at least one mail");
         describe(MAILS_SENT, Some(Unit::Count), "Mails accepted by the mail server (or written to the outbox)");
-        describe(MAILS_FAILED, Some(Unit::Count), "Mails that failed for good, by reason (sent to the dead-letter topic)");
-        describe(MAILS_DELAYED, Some(Unit::Count), "Mails held back by rate limits, by limit (global rate or per-recipient flood)");
+        describe(
+            MAILS_FAILED,
+            Some(Unit::Count),
+            "Mails that failed for good, by reason (sent to the dead-letter topic)",
+        );
+        describe(
+            MAILS_DELAYED,
+            Some(Unit::Count),
+            "Mails held back by rate limits, by limit (global rate or per-recipient flood)",
+        );
         describe(MAILS_RETRIED, Some(Unit::Count), "Send attempts retried after a temporary failure");
-        describe(MAILS_DUPLICATE, Some(Unit::Count), "Mails not sent again because a replayed CDR had already sent them");
+        describe(
+            MAILS_DUPLICATE,
+            Some(Unit::Count),
+            "Mails not sent again because a replayed CDR had already sent them",
+        );
         describe(DEAD_LETTERS, Some(Unit::Count), "Records written to the dead-letter topic, by kind");
-        r.describe_histogram(LATENCY.into(), Some(Unit::Seconds), "From the call's end to the mail server's acceptance".into());
+        r.describe_histogram(
+            LATENCY.into(),
+            Some(Unit::Seconds),
+            "From the call's end to the mail server's acceptance".into(),
+        );
         r.describe_gauge(IN_FLIGHT.into(), Some(Unit::Count), "CDRs whose mails are being sent".into());
-        r.describe_gauge(CONSUMER_LAG.into(), Some(Unit::Count), "Messages behind the partition's end, by topic and partition".into());
+        r.describe_gauge(
+            CONSUMER_LAG.into(),
+            Some(Unit::Count),
+            "Messages behind the partition's end, by topic and partition".into(),
+        );
 
         let inner = Inner {
             consumed: counter(r, CDRS_CONSUMED, None),

@@ -18,11 +18,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::Value;
 
-const FORMATS: [CdrFormat; 3] = [
-    CdrFormat::Canonical,
-    CdrFormat::Asterisk,
-    CdrFormat::Freeswitch,
-];
+const FORMATS: [CdrFormat; 3] = [CdrFormat::Canonical, CdrFormat::Asterisk, CdrFormat::Freeswitch];
 
 /// One good fixture and the event it must decode to. Times are UTC on 2026-11-24.
 struct Case {
@@ -87,9 +83,7 @@ fn at(time: &str) -> DateTime<Utc> {
 }
 
 fn dir(format: CdrFormat) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/cdr")
-        .join(format.as_str())
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cdr").join(format.as_str())
 }
 
 /// The `.json` file names in `dir`, sorted.
@@ -128,11 +122,7 @@ fn check(case: &Case) -> CallEvent<'static> {
 
 /// Checks every case whose file name matches, and that there is at least one.
 fn check_matching(pattern: impl Fn(&str) -> bool) -> Vec<CallEvent<'static>> {
-    let events: Vec<_> = cases()
-        .iter()
-        .filter(|c| pattern(c.file))
-        .map(check)
-        .collect();
+    let events: Vec<_> = cases().iter().filter(|c| pattern(c.file)).map(check).collect();
     assert!(!events.is_empty(), "no fixture matched");
     events
 }
@@ -142,17 +132,9 @@ fn every_good_fixture_decodes_to_its_expected_event() {
     let cases = cases();
     for format in FORMATS {
         let on_disk: BTreeSet<String> = json_files(&dir(format)).into_iter().collect();
-        let expected: BTreeSet<String> = cases
-            .iter()
-            .filter(|c| c.format == format)
-            .map(|c| c.file.to_owned())
-            .collect();
-        assert_eq!(
-            on_disk,
-            expected,
-            "{}: fixtures without a case, or cases without a fixture",
-            format.as_str()
-        );
+        let expected: BTreeSet<String> =
+            cases.iter().filter(|c| c.format == format).map(|c| c.file.to_owned()).collect();
+        assert_eq!(on_disk, expected, "{}: fixtures without a case, or cases without a fixture", format.as_str());
     }
     cases.iter().for_each(|case| drop(check(case)));
 }
@@ -160,26 +142,15 @@ fn every_good_fixture_decodes_to_its_expected_event() {
 #[test]
 fn r_n4_answered_calls_are_not_missed() {
     for event in check_matching(|f| f == "answered.json") {
-        assert!(
-            !event.is_missed() && event.answered_at.is_some(),
-            "{event:?}"
-        );
+        assert!(!event.is_missed() && event.answered_at.is_some(), "{event:?}");
     }
 }
 
 #[test]
 fn r_n4_unanswered_busy_and_cancelled_calls_are_missed() {
-    let missed = [
-        "no_answer.json",
-        "busy.json",
-        "cancelled.json",
-        "congestion_linkedid_only.json",
-    ];
+    let missed = ["no_answer.json", "busy.json", "cancelled.json", "congestion_linkedid_only.json"];
     for event in check_matching(|f| missed.contains(&f)) {
-        assert!(
-            event.is_missed() && event.answered_at.is_none(),
-            "{event:?}"
-        );
+        assert!(event.is_missed() && event.answered_at.is_none(), "{event:?}");
     }
 }
 
@@ -194,21 +165,13 @@ fn r_n7_withheld_caller_decodes_as_withheld() {
 
 #[test]
 fn r_n7_unavailable_and_payphone_callers_are_shown_as_such() {
-    check_matching(|f| {
-        [
-            "unavailable.json",
-            "payphone.json",
-            "allowed_without_number.json",
-        ]
-        .contains(&f)
-    });
+    check_matching(|f| ["unavailable.json", "payphone.json", "allowed_without_number.json"].contains(&f));
 }
 
 #[test]
 fn r_l2_plus81_and_formatted_numbers_are_normalised() {
-    for event in check_matching(|f| {
-        f.starts_with("plus81") || f.starts_with("international") || f == "clid_only.json"
-    }) {
+    for event in check_matching(|f| f.starts_with("plus81") || f.starts_with("international") || f == "clid_only.json")
+    {
         assert!(matches!(event.caller, Caller::Number(n) if n.as_str().starts_with('0')));
         assert!(PhoneNumber::parse(event.called.as_str()).is_ok());
     }
@@ -224,12 +187,7 @@ fn bad_fixtures_fail_with_the_reason_in_their_name() {
             let (reason, rest) = stem.split_once('-').expect("<reason>-<field or note>.json");
             reasons.insert(reason.to_owned());
             let err = decode(format, &read(&bad.join(&file))).expect_err(&file);
-            assert_eq!(
-                err.reason(),
-                reason,
-                "{}/bad/{file}: {err}",
-                format.as_str()
-            );
+            assert_eq!(err.reason(), reason, "{}/bad/{file}: {err}", format.as_str());
             let field = rest.split("--").next().unwrap();
             match &err {
                 DecodeError::Missing { field: got } | DecodeError::Invalid { field: got, .. } => {
@@ -248,12 +206,7 @@ fn seeds() -> &'static [Vec<u8>] {
     static SEEDS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
     SEEDS.get_or_init(|| {
         let dirs = FORMATS.iter().flat_map(|&f| [dir(f), dir(f).join("bad")]);
-        dirs.flat_map(|d| {
-            json_files(&d)
-                .into_iter()
-                .map(move |name| read(&d.join(name)))
-        })
-        .collect()
+        dirs.flat_map(|d| json_files(&d).into_iter().map(move |name| read(&d.join(name)))).collect()
     })
 }
 
@@ -262,10 +215,7 @@ fn decode_anything(bytes: &[u8]) {
     for format in FORMATS {
         match decode(format, bytes) {
             Ok(event) => {
-                assert!(
-                    PhoneNumber::parse(event.called.as_str()).is_ok(),
-                    "{event:?}"
-                );
+                assert!(PhoneNumber::parse(event.called.as_str()).is_ok(), "{event:?}");
                 assert!(!event.call_id.trim().is_empty(), "{event:?}");
             }
             Err(e) => assert!(["syntax", "missing_field", "invalid_field"].contains(&e.reason())),
@@ -281,10 +231,7 @@ fn member_pointers(value: &Value, at: String, out: &mut Vec<String>) {
             out.push(here.clone());
             member_pointers(v, here, out);
         }),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .for_each(|(i, v)| member_pointers(v, format!("{at}/{i}"), out)),
+        Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| member_pointers(v, format!("{at}/{i}"), out)),
         _ => {}
     }
 }

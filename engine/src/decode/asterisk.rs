@@ -14,10 +14,7 @@
 use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
 use serde::Deserialize;
 
-use super::{
-    called_number_in, parse_object, rfc3339, unix_time, CallEvent, Caller, DecodeError, Outcome,
-    Scalar,
-};
+use super::{called_number_in, parse_object, rfc3339, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar};
 use crate::phone::PhoneNumber;
 
 /// The columns this decoder reads; the others (`duration`, `billsec`, `lastapp`, …) are
@@ -58,33 +55,19 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let called = called_number_in("dst", dst)?;
     let caller = match cdr.src.text("src")? {
         Some(src) => caller(src),
-        None => cdr
-            .clid
-            .text("clid")?
-            .map_or(Caller::Unavailable, |clid| caller(clid_number(clid))),
+        None => cdr.clid.text("clid")?.map_or(Caller::Unavailable, |clid| caller(clid_number(clid))),
     };
     let started_at = time(&cdr.start, "start")?.ok_or(DecodeError::Missing { field: "start" })?;
     let answered_at = time(&cdr.answer, "answer")?;
     let ended_at = time(&cdr.end, "end")?.ok_or(DecodeError::Missing { field: "end" })?;
     let disposition = cdr.disposition.required("disposition")?;
 
-    Ok(CallEvent {
-        call_id,
-        called,
-        caller,
-        started_at,
-        answered_at,
-        ended_at,
-        outcome: outcome(disposition)?,
-    })
+    Ok(CallEvent { call_id, called, caller, started_at, answered_at, ended_at, outcome: outcome(disposition)? })
 }
 
 /// `uniqueid` names the call (its first channel); `linkedid` stands in for modules that
 /// leave `uniqueid` out or empty.
-fn call_id<'a>(
-    uniqueid: Scalar<'a>,
-    linkedid: Scalar<'a>,
-) -> Result<std::borrow::Cow<'a, str>, DecodeError> {
+fn call_id<'a>(uniqueid: Scalar<'a>, linkedid: Scalar<'a>) -> Result<std::borrow::Cow<'a, str>, DecodeError> {
     let uniqueid_present = !matches!(uniqueid, Scalar::Absent);
     for (field, value) in [("uniqueid", uniqueid), ("linkedid", linkedid)] {
         if let Some(id) = value.into_text(field)? {
@@ -135,10 +118,7 @@ fn time(value: &Scalar<'_>, field: &'static str) -> Result<Option<DateTime<Utc>>
         if *secs == 0 {
             return Ok(None);
         }
-        return value
-            .epoch_seconds(field)?
-            .map(|s| unix_time(field, s))
-            .transpose();
+        return value.epoch_seconds(field)?.map(|s| unix_time(field, s)).transpose();
     }
     let raw = match value.text(field)? {
         Some(raw) => raw.trim(),
@@ -152,12 +132,8 @@ fn time(value: &Scalar<'_>, field: &'static str) -> Result<Option<DateTime<Utc>>
     match local {
         Ok(local) => {
             let offset = FixedOffset::east_opt(EXCHANGE_OFFSET_SECS).expect("valid offset");
-            let utc = local
-                .and_local_timezone(offset)
-                .single()
-                .map(|t| t.with_timezone(&Utc));
-            utc.map(Some)
-                .ok_or_else(|| DecodeError::invalid(field, format!("{raw:?} is out of range")))
+            let utc = local.and_local_timezone(offset).single().map(|t| t.with_timezone(&Utc));
+            utc.map(Some).ok_or_else(|| DecodeError::invalid(field, format!("{raw:?} is out of range")))
         }
         Err(_) => rfc3339(field, raw).map(Some),
     }
@@ -180,13 +156,7 @@ mod tests {
         for (disposition, want) in cases {
             assert_eq!(outcome(disposition), Ok(want), "{disposition}");
         }
-        assert!(matches!(
-            outcome("NOANSWER"),
-            Err(DecodeError::Invalid {
-                field: "disposition",
-                ..
-            })
-        ));
+        assert!(matches!(outcome("NOANSWER"), Err(DecodeError::Invalid { field: "disposition", .. })));
         assert!(outcome("").is_err());
     }
 
@@ -197,14 +167,8 @@ mod tests {
         assert_eq!(caller("Anonymous"), Caller::Withheld);
         assert_eq!(caller("unknown"), Caller::Unavailable);
         assert_eq!(caller("+819011112222"), n("09011112222"));
-        assert_eq!(
-            caller(clid_number("\"Taro\" <09011112222>")),
-            n("09011112222")
-        );
-        assert_eq!(
-            caller(clid_number("\"Anonymous\" <anonymous>")),
-            Caller::Withheld
-        );
+        assert_eq!(caller(clid_number("\"Taro\" <09011112222>")), n("09011112222"));
+        assert_eq!(caller(clid_number("\"Anonymous\" <anonymous>")), Caller::Withheld);
     }
 
     #[test]
@@ -230,17 +194,8 @@ mod tests {
         assert_eq!(call_id(s("1.1"), s("1.0")).unwrap(), "1.1");
         assert_eq!(call_id(Scalar::Absent, s("1.0")).unwrap(), "1.0");
         assert_eq!(call_id(s(""), s("1.0")).unwrap(), "1.0");
-        assert_eq!(
-            call_id(Scalar::Absent, Scalar::Absent),
-            Err(DecodeError::Missing { field: "uniqueid" })
-        );
-        assert!(matches!(
-            call_id(s(" "), Scalar::Absent),
-            Err(DecodeError::Invalid {
-                field: "uniqueid",
-                ..
-            })
-        ));
+        assert_eq!(call_id(Scalar::Absent, Scalar::Absent), Err(DecodeError::Missing { field: "uniqueid" }));
+        assert!(matches!(call_id(s(" "), Scalar::Absent), Err(DecodeError::Invalid { field: "uniqueid", .. })));
         assert!(call_id(Scalar::Int(1), Scalar::Absent).is_err());
     }
 }

@@ -12,9 +12,7 @@
 
 use serde::Deserialize;
 
-use super::{
-    called_number, parse_object, rfc3339, CallEvent, Caller, DecodeError, Outcome, Scalar,
-};
+use super::{called_number, parse_object, rfc3339, CallEvent, Caller, DecodeError, Outcome, Scalar};
 use crate::phone::PhoneNumber;
 
 /// The fields this decoder reads, each as a [`Scalar`] so type errors name the field.
@@ -62,19 +60,12 @@ enum Presentation {
 pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let doc: Doc<'_> = parse_object("canonical", payload)?;
 
-    let call_id = doc
-        .call_id
-        .into_text("call_id")?
-        .ok_or(DecodeError::Missing { field: "call_id" })?;
+    let call_id = doc.call_id.into_text("call_id")?.ok_or(DecodeError::Missing { field: "call_id" })?;
     if call_id.trim().is_empty() {
         return Err(DecodeError::invalid("call_id", "empty"));
     }
     let called = called_number(doc.called.required("called")?)?;
-    let presentation = lookup(
-        PRESENTATIONS,
-        "presentation",
-        doc.presentation.required("presentation")?,
-    )?;
+    let presentation = lookup(PRESENTATIONS, "presentation", doc.presentation.required("presentation")?)?;
     let caller = caller(presentation, doc.caller.text("caller")?);
     let started_at = rfc3339("started_at", doc.started_at.required("started_at")?)?;
     let answered_at = match doc.answered_at.text("answered_at")? {
@@ -84,27 +75,15 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let ended_at = rfc3339("ended_at", doc.ended_at.required("ended_at")?)?;
     let outcome = lookup(OUTCOMES, "outcome", doc.outcome.required("outcome")?)?;
 
-    Ok(CallEvent {
-        call_id,
-        called,
-        caller,
-        started_at,
-        answered_at,
-        ended_at,
-        outcome,
-    })
+    Ok(CallEvent { call_id, called, caller, started_at, answered_at, ended_at, outcome })
 }
 
 /// Looks `raw` up in a mapping table; the values are exact (this is our own format).
 fn lookup<T: Copy>(table: &[(&str, T)], field: &'static str, raw: &str) -> Result<T, DecodeError> {
-    table
-        .iter()
-        .find(|(name, _)| *name == raw)
-        .map(|&(_, value)| value)
-        .ok_or_else(|| {
-            let names: Vec<&str> = table.iter().map(|(name, _)| *name).collect();
-            DecodeError::invalid(field, format!("{raw:?} is not one of {}", names.join(", ")))
-        })
+    table.iter().find(|(name, _)| *name == raw).map(|&(_, value)| value).ok_or_else(|| {
+        let names: Vec<&str> = table.iter().map(|(name, _)| *name).collect();
+        DecodeError::invalid(field, format!("{raw:?} is not one of {}", names.join(", ")))
+    })
 }
 
 /// Maps presentation and number to what the subscriber sees (R-N7). The presentation
@@ -116,9 +95,7 @@ fn caller(presentation: Presentation, number: Option<&str>) -> Caller {
         Presentation::Withheld => Caller::Withheld,
         Presentation::Unavailable => Caller::Unavailable,
         Presentation::Payphone => Caller::Payphone,
-        Presentation::Allowed => number
-            .and_then(PhoneNumber::from_caller)
-            .map_or(Caller::Unavailable, Caller::Number),
+        Presentation::Allowed => number.and_then(PhoneNumber::from_caller).map_or(Caller::Unavailable, Caller::Number),
     }
 }
 
@@ -150,11 +127,7 @@ mod tests {
         ];
         for (presentation, caller, want) in cases {
             let json = doc(presentation, caller, "no_answer");
-            assert_eq!(
-                decode(json.as_bytes()).unwrap().caller,
-                want,
-                "{presentation} {caller}"
-            );
+            assert_eq!(decode(json.as_bytes()).unwrap().caller, want, "{presentation} {caller}");
         }
         let err = decode(doc("restricted", "null", "no_answer").as_bytes()).unwrap_err();
         assert_eq!(err.reason(), "invalid_field");
@@ -166,22 +139,10 @@ mod tests {
             let json = doc("allowed", "null", name);
             assert_eq!(decode(json.as_bytes()).unwrap().outcome, want);
             // Same spelling as the `Outcome` serde derive, so config and CDRs agree.
-            assert_eq!(
-                serde_json::from_str::<Outcome>(&format!("{name:?}")).unwrap(),
-                want
-            );
+            assert_eq!(serde_json::from_str::<Outcome>(&format!("{name:?}")).unwrap(), want);
         }
         let err = decode(doc("allowed", "null", "NO_ANSWER").as_bytes()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                DecodeError::Invalid {
-                    field: "outcome",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        assert!(matches!(err, DecodeError::Invalid { field: "outcome", .. }), "{err:?}");
     }
 
     #[test]
@@ -195,59 +156,21 @@ mod tests {
     fn missing_null_and_mistyped_fields_name_the_field() {
         let json = doc("allowed", "null", "busy");
         let without = json.replace(r#""presentation":"allowed","#, "");
-        assert_eq!(
-            decode(without.as_bytes()),
-            Err(DecodeError::Missing {
-                field: "presentation"
-            })
-        );
+        assert_eq!(decode(without.as_bytes()), Err(DecodeError::Missing { field: "presentation" }));
         let null_id = json.replace(r#""c-1""#, "null");
-        assert_eq!(
-            decode(null_id.as_bytes()),
-            Err(DecodeError::Missing { field: "call_id" })
-        );
+        assert_eq!(decode(null_id.as_bytes()), Err(DecodeError::Missing { field: "call_id" }));
         let empty_id = json.replace(r#""c-1""#, r#""  ""#);
-        assert!(matches!(
-            decode(empty_id.as_bytes()),
-            Err(DecodeError::Invalid {
-                field: "call_id",
-                ..
-            })
-        ));
+        assert!(matches!(decode(empty_id.as_bytes()), Err(DecodeError::Invalid { field: "call_id", .. })));
         let numeric = json.replace(r#""0312345678""#, "312345678");
-        assert!(matches!(
-            decode(numeric.as_bytes()),
-            Err(DecodeError::Invalid {
-                field: "called",
-                ..
-            })
-        ));
+        assert!(matches!(decode(numeric.as_bytes()), Err(DecodeError::Invalid { field: "called", .. })));
         let no_offset = json.replace("10:00:00+09:00", "10:00:00");
-        assert!(matches!(
-            decode(no_offset.as_bytes()),
-            Err(DecodeError::Invalid {
-                field: "started_at",
-                ..
-            })
-        ));
+        assert!(matches!(decode(no_offset.as_bytes()), Err(DecodeError::Invalid { field: "started_at", .. })));
     }
 
     #[test]
     fn non_objects_are_syntax_errors() {
-        for bad in [
-            "",
-            "  ",
-            "[]",
-            r#"["c-1"]"#,
-            "null",
-            "{",
-            r#"{"call_id":"c-1"} x"#,
-        ] {
-            assert_eq!(
-                decode(bad.as_bytes()).unwrap_err().reason(),
-                "syntax",
-                "{bad:?}"
-            );
+        for bad in ["", "  ", "[]", r#"["c-1"]"#, "null", "{", r#"{"call_id":"c-1"} x"#] {
+            assert_eq!(decode(bad.as_bytes()).unwrap_err().reason(), "syntax", "{bad:?}");
         }
     }
 }

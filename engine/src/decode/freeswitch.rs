@@ -15,9 +15,7 @@ use std::fmt;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{
-    called_number_in, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar,
-};
+use super::{called_number_in, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar};
 use crate::phone::PhoneNumber;
 
 #[derive(Deserialize, Default)]
@@ -73,20 +71,14 @@ const HANGUP_CAUSES: &[(&str, Outcome)] = &[
 
 /// Values of `privacy_hide_number` / `privacy` that hide the number: FreeSWITCH's
 /// `switch_true` spellings, plus `privacy`'s `full`/`number` and SIP `Privacy: id`.
-const HIDE_VALUES: &[&str] = &[
-    "true", "yes", "on", "1", "t", "enabled", "full", "number", "id",
-];
+const HIDE_VALUES: &[&str] = &["true", "yes", "on", "1", "t", "enabled", "full", "number", "id"];
 
 pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let cdr: Cdr<'_> = parse_object("freeswitch", payload)?;
-    let vars = cdr
-        .variables
-        .ok_or(DecodeError::Missing { field: "variables" })?;
+    let vars = cdr.variables.ok_or(DecodeError::Missing { field: "variables" })?;
     let profile = cdr.callflow.and_then(|c| c.0).unwrap_or_default();
 
-    let call_id = first(vars.uuid, profile.uuid)
-        .into_text("uuid")?
-        .ok_or(DecodeError::Missing { field: "uuid" })?;
+    let call_id = first(vars.uuid, profile.uuid).into_text("uuid")?.ok_or(DecodeError::Missing { field: "uuid" })?;
     if call_id.trim().is_empty() {
         return Err(DecodeError::invalid("uuid", "empty"));
     }
@@ -94,41 +86,23 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let destination = destination.required("destination_number")?;
     let called = called_number_in("destination_number", &unescape(destination))?;
 
-    let hidden = hides(&vars.privacy_hide_number, "privacy_hide_number")?
-        || hides(&vars.privacy, "privacy")?;
-    let number = first(
-        first(vars.caller_id_number, profile.caller_id_number),
-        vars.sip_from_user,
-    );
-    let caller = caller(
-        hidden,
-        number.text("caller_id_number")?.map(unescape).as_deref(),
-    );
+    let hidden = hides(&vars.privacy_hide_number, "privacy_hide_number")? || hides(&vars.privacy, "privacy")?;
+    let number = first(first(vars.caller_id_number, profile.caller_id_number), vars.sip_from_user);
+    let caller = caller(hidden, number.text("caller_id_number")?.map(unescape).as_deref());
 
     let epoch = |value: &Scalar<'_>, field| match value.epoch_seconds(field)? {
         Some(secs) if secs > 0 => unix_time(field, secs).map(Some),
         _ => Ok(None),
     };
-    let started_at = epoch(&vars.start_epoch, "start_epoch")?.ok_or(DecodeError::Missing {
-        field: "start_epoch",
-    })?;
+    let started_at = epoch(&vars.start_epoch, "start_epoch")?.ok_or(DecodeError::Missing { field: "start_epoch" })?;
     let answered_at = epoch(&vars.answer_epoch, "answer_epoch")?;
-    let ended_at =
-        epoch(&vars.end_epoch, "end_epoch")?.ok_or(DecodeError::Missing { field: "end_epoch" })?;
+    let ended_at = epoch(&vars.end_epoch, "end_epoch")?.ok_or(DecodeError::Missing { field: "end_epoch" })?;
     let outcome = match answered_at {
         Some(_) => Outcome::Answered,
         None => missed_outcome(vars.hangup_cause.text("hangup_cause")?),
     };
 
-    Ok(CallEvent {
-        call_id,
-        called,
-        caller,
-        started_at,
-        answered_at,
-        ended_at,
-        outcome,
-    })
+    Ok(CallEvent { call_id, called, caller, started_at, answered_at, ended_at, outcome })
 }
 
 /// The first value that is present (a present but empty string counts: it means the
@@ -154,9 +128,7 @@ fn hides(value: &Scalar<'_>, field: &'static str) -> Result<bool, DecodeError> {
     Ok(match value {
         Scalar::Bool(b) => *b,
         Scalar::Int(n) => *n != 0,
-        _ => value
-            .text(field)?
-            .is_some_and(|v| HIDE_VALUES.iter().any(|h| h.eq_ignore_ascii_case(v.trim()))),
+        _ => value.text(field)?.is_some_and(|v| HIDE_VALUES.iter().any(|h| h.eq_ignore_ascii_case(v.trim()))),
     })
 }
 
@@ -166,11 +138,7 @@ fn hides(value: &Scalar<'_>, field: &'static str) -> Result<bool, DecodeError> {
 /// number, is 表示圏外.
 fn caller(hidden: bool, number: Option<&str>) -> Caller {
     let Some(number) = number.map(str::trim) else {
-        return if hidden {
-            Caller::Withheld
-        } else {
-            Caller::Unavailable
-        };
+        return if hidden { Caller::Withheld } else { Caller::Unavailable };
     };
     if hidden || number.is_empty() || number.eq_ignore_ascii_case("anonymous") {
         return Caller::Withheld;
@@ -296,10 +264,7 @@ mod tests {
 
     #[test]
     fn url_encoded_values_are_decoded() {
-        assert!(matches!(
-            unescape("0312345678"),
-            Cow::Borrowed("0312345678")
-        ));
+        assert!(matches!(unescape("0312345678"), Cow::Borrowed("0312345678")));
         assert_eq!(unescape("%2B819011112222"), "+819011112222");
         assert_eq!(unescape("%2b81%20"), "+81 ");
         assert_eq!(unescape("100%"), "100%");
@@ -312,21 +277,12 @@ mod tests {
         let number = |json: &str| {
             let cdr: Cdr<'_> = serde_json::from_str(json).unwrap();
             let profile = cdr.callflow.and_then(|c| c.0).unwrap_or_default();
-            let number = profile
-                .destination_number
-                .text("destination_number")
-                .unwrap();
+            let number = profile.destination_number.text("destination_number").unwrap();
             number.map(str::to_owned)
         };
         let flow = r#"{"dialplan":"XML","caller_profile":{"destination_number":"0312345678"}}"#;
-        assert_eq!(
-            number(&format!(r#"{{"callflow":[{flow},{{}}]}}"#)).as_deref(),
-            Some("0312345678")
-        );
-        assert_eq!(
-            number(&format!(r#"{{"callflow":{flow}}}"#)).as_deref(),
-            Some("0312345678")
-        );
+        assert_eq!(number(&format!(r#"{{"callflow":[{flow},{{}}]}}"#)).as_deref(), Some("0312345678"));
+        assert_eq!(number(&format!(r#"{{"callflow":{flow}}}"#)).as_deref(), Some("0312345678"));
         for junk in ["[]", "null", r#""x""#, "1", "[1]"] {
             assert_eq!(number(&format!(r#"{{"callflow":{junk}}}"#)), None, "{junk}");
         }

@@ -65,10 +65,7 @@ impl CallEvent<'_> {
 
     /// Copies borrowed parts so the event can outlive the Kafka message.
     pub fn into_owned(self) -> CallEvent<'static> {
-        CallEvent {
-            call_id: Cow::Owned(self.call_id.into_owned()),
-            ..self
-        }
+        CallEvent { call_id: Cow::Owned(self.call_id.into_owned()), ..self }
     }
 }
 
@@ -122,10 +119,7 @@ impl DecodeError {
     }
 
     fn invalid(field: &'static str, detail: impl std::fmt::Display) -> Self {
-        Self::Invalid {
-            field,
-            detail: detail.to_string(),
-        }
+        Self::Invalid { field, detail: detail.to_string() }
     }
 }
 
@@ -154,10 +148,7 @@ fn called_number(raw: &str) -> Result<PhoneNumber, DecodeError> {
 /// (fields by position), and a CDR that is an array is garbage, not a call. Shape errors
 /// that serde reports (a nested object that is a string, a duplicate key) count as
 /// syntax: the message is not a document of this format at all.
-fn parse_object<'a, T: serde::Deserialize<'a>>(
-    format: &'static str,
-    payload: &'a [u8],
-) -> Result<T, DecodeError> {
+fn parse_object<'a, T: serde::Deserialize<'a>>(format: &'static str, payload: &'a [u8]) -> Result<T, DecodeError> {
     let syntax = |detail: String| DecodeError::Syntax { format, detail };
     match payload.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => serde_json::from_slice(payload).map_err(|e| syntax(e.to_string())),
@@ -218,17 +209,13 @@ impl<'a> Scalar<'a> {
             Self::Absent => return Ok(None),
             Self::Int(n) => *n,
             Self::Str(s) if s.trim().is_empty() => return Ok(None),
-            Self::Str(s) => s
-                .trim()
-                .parse()
-                .map_err(|_| DecodeError::invalid(field, format!("{s:?} is not whole seconds")))?,
+            Self::Str(s) => {
+                s.trim().parse().map_err(|_| DecodeError::invalid(field, format!("{s:?} is not whole seconds")))?
+            }
             other => return Err(other.wrong_type(field, "whole seconds")),
         };
         if secs < 0 {
-            return Err(DecodeError::invalid(
-                field,
-                format!("{secs} is before 1970"),
-            ));
+            return Err(DecodeError::invalid(field, format!("{secs} is before 1970")));
         }
         Ok(Some(secs))
     }
@@ -291,10 +278,7 @@ impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
         Ok(Scalar::Nested)
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map
-            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-            .is_some()
-        {}
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
         Ok(Scalar::Nested)
     }
 }
@@ -309,8 +293,7 @@ fn rfc3339(field: &'static str, raw: &str) -> Result<DateTime<Utc>, DecodeError>
 
 /// Converts whole seconds since the Unix epoch.
 fn unix_time(field: &'static str, secs: i64) -> Result<DateTime<Utc>, DecodeError> {
-    DateTime::from_timestamp(secs, 0)
-        .ok_or_else(|| DecodeError::invalid(field, format!("{secs} is out of range")))
+    DateTime::from_timestamp(secs, 0).ok_or_else(|| DecodeError::invalid(field, format!("{secs} is out of range")))
 }
 
 /// Reports a called-number error under the format's own field name, so the dead-letter

@@ -1,0 +1,123 @@
+//! Delivery guarantees on the whole path: replays send nothing twice, poison CDRs and
+//! refused mails are dead-lettered (R-M4) without blocking the partition, temporary
+//! SMTP failures are retried.
+
+use engine::sink::SmtpStage;
+
+use crate::helpers::*;
+
+const CALLED: &str = "0312345678";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_cdr_sends_nothing_again() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[
+        plain_subscriber(CALLED, "taro@example.jp"),
+        plain_subscriber("0698765432", "control@example.jp"),
+    ]);
+
+    let call = cdr("replayed", CALLED, Some("09011112222"), "allowed", "no_answer");
+    h.produce(TOPIC, &[call.clone()]).await;
+    h.mails(1).await;
+    h.produce(TOPIC, &[call, cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
+    let mails = h.mails(2).await;
+    assert_eq!(mails.len(), 2);
+    assert_eq!(mails[1].rcpt_to, ["control@example.jp"], "the replay sent nothing");
+    assert_eq!(engine.metric("callnotify_mails_duplicate_total"), 1.0);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_cdrs_go_to_the_dead_letter_topic_and_the_partition_moves_on() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+
+    h.produce(
+        TOPIC,
+        &[
+            "{not json".to_owned(),
+            cdr("bad-called", "03-1234", Some("09011112222"), "allowed", "no_answer"),
+            cdr("good", CALLED, Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    let mails = h.mails(1).await;
+    assert!(parse(&mails[0]).body.contains("09011112222"));
+
+    let mut records = h.dead_letters(2);
+    assert_eq!(records.len(), 2, "{records:#?}");
+    // Written concurrently: order them by the offset they record.
+    records.sort_by_key(|r| r["offset"].as_i64());
+    assert_eq!(records[0]["kind"], "cdr");
+    assert_eq!(records[0]["topic"], TOPIC);
+    assert_eq!(records[0]["offset"], 0);
+    assert_eq!(records[0]["raw_base64"], "e25vdCBqc29u", "the raw bytes are kept");
+    assert!(records[0]["reason"].as_str().unwrap().contains("JSON"), "{}", records[0]);
+    assert!(records[1]["reason"].as_str().unwrap().contains("called"), "{}", records[1]);
+    assert_eq!(engine.metric(r#"callnotify_cdrs_rejected_total{reason="syntax"}"#), 1.0);
+    assert_eq!(engine.metric(r#"callnotify_cdrs_rejected_total{reason="invalid_field"}"#), 1.0);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_mail_refused_for_good_is_dead_lettered_and_counted() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[
+        plain_subscriber(CALLED, "nobody@example.jp"),
+        plain_subscriber("0698765432", "control@example.jp"),
+    ]);
+
+    h.sink.fail_next(SmtpStage::RcptTo, 550, 1);
+    h.produce(TOPIC, &[cdr("refused", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    let records = h.dead_letters(1);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r["kind"], "mail");
+    assert_eq!(r["call_id"], "refused");
+    assert_eq!(r["called"], CALLED);
+    assert_eq!(r["recipient"], "nobody@example.jp");
+    assert_eq!(r["attempts"], 1, "a 5xx is never retried");
+    assert!(r["smtp_reply"].as_str().unwrap().contains("550"), "{r}");
+
+    // The partition moves on, and the refused mail is not tried again.
+    h.produce(TOPIC, &[cdr("after", "0698765432", Some("09011112222"), "allowed", "no_answer")]).await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails.len(), 1);
+    assert_eq!(mails[0].rcpt_to, ["control@example.jp"]);
+    assert_eq!(engine.metric(r#"callnotify_mails_failed_total{reason="permanent"}"#), 1.0);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_temporary_smtp_failures_are_retried_until_delivered() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+
+    h.sink.fail_next(SmtpStage::DataEnd, 451, 3);
+    h.produce(TOPIC, &[cdr("retried", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails.len(), 1);
+    assert_eq!(engine.metric("callnotify_mails_retried_total"), 3.0);
+    assert_eq!(engine.metric("callnotify_mails_sent_total"), 1.0);
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_flooded_recipients_are_delayed_not_dropped() {
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "60")]).await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+
+    // 60 per minute is one per second after a burst of 60: the 61st and 62nd wait.
+    let cdrs: Vec<String> =
+        (0..62).map(|i| cdr(&format!("flood-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    h.produce(TOPIC, &cdrs).await;
+    let mails = h.mails(62).await;
+    assert_eq!(mails.len(), 62);
+    assert!(engine.metric(r#"callnotify_mails_delayed_total{limit="flood"}"#) >= 2.0);
+    engine.stop().await;
+}

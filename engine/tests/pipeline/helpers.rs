@@ -1,0 +1,253 @@
+//! Test harness: a running engine on its own mock Kafka cluster, SMTP sink and store.
+
+use std::time::Duration;
+
+use engine::config::Settings;
+use engine::embedded::EmbeddedKafka;
+use engine::sink::{ReceivedMail, SmtpSink};
+use engine::startup::Application;
+use engine::store::Store;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::Message;
+
+pub const TOPIC: &str = "cdr";
+pub const ASTERISK_TOPIC: &str = "cdr-asterisk";
+pub const FREESWITCH_TOPIC: &str = "cdr-freeswitch";
+pub const DEAD_LETTER_TOPIC: &str = "cdr-dead-letter";
+pub const FROM: &str = "no-reply@notify.example.jp";
+
+/// Long enough for a consumer group to form on a loaded machine; tests finish as soon
+/// as the awaited mails arrive.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// One test's world: Kafka, a mail server and a store directory.
+pub struct Harness {
+    pub kafka: EmbeddedKafka,
+    pub sink: SmtpSink,
+    pub dir: tempfile::TempDir,
+    producer: FutureProducer,
+}
+
+impl Harness {
+    pub async fn new(partitions: i32) -> Self {
+        // Logs show with `--nocapture` (RUST_LOG=debug for more).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
+        let topics = [TOPIC, ASTERISK_TOPIC, FREESWITCH_TOPIC, DEAD_LETTER_TOPIC];
+        let kafka = EmbeddedKafka::start(&topics, partitions).expect("mock cluster");
+        let sink = SmtpSink::start(0).await.expect("smtp sink");
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .create()
+            .expect("producer");
+        Self { kafka, sink, dir: tempfile::tempdir().expect("tempdir"), producer }
+    }
+
+    /// Settings of an engine in group `group`, with `extra` environment overrides.
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let mut env: Vec<(String, String)> = [
+            ("CALLNOTIFY__KAFKA__BROKERS", self.kafka.bootstrap_servers().to_owned()),
+            ("CALLNOTIFY__KAFKA__GROUP_ID", "test".to_owned()),
+            (
+                "CALLNOTIFY__KAFKA__TOPICS",
+                format!(
+                    r#"[{{name="{TOPIC}",format="canonical"}},{{name="{ASTERISK_TOPIC}",format="asterisk"}},{{name="{FREESWITCH_TOPIC}",format="freeswitch"}}]"#
+                ),
+            ),
+            ("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", DEAD_LETTER_TOPIC.to_owned()),
+            ("CALLNOTIFY__KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "20".to_owned()),
+            ("CALLNOTIFY__STORE__PATH", self.dir.path().join("store").display().to_string()),
+            ("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()),
+            ("CALLNOTIFY__SMTP__PORT", self.sink.port().to_string()),
+            ("CALLNOTIFY__SMTP__FROM", format!("着信お知らせメール <{FROM}>")),
+            ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "20".to_owned()),
+            ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "200".to_owned()),
+            ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "20".to_owned()),
+            ("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Settings::load_from(None, env).expect("test settings")
+    }
+
+    pub async fn engine(&self) -> TestEngine {
+        self.engine_with(&[]).await
+    }
+
+    pub async fn engine_with(&self, extra: &[(&str, &str)]) -> TestEngine {
+        TestEngine::start(self.settings(extra)).await
+    }
+
+    /// Produces `payloads` to `topic`, keyed by their index, in order.
+    pub async fn produce(&self, topic: &str, payloads: &[String]) {
+        for (i, payload) in payloads.iter().enumerate() {
+            let key = i.to_string();
+            self.producer
+                .send(FutureRecord::to(topic).key(&key).payload(payload), Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .expect("produce");
+        }
+    }
+
+    /// Waits for exactly `n` mails in all (panics with what arrived if fewer do).
+    pub async fn mails(&self, n: usize) -> Vec<ReceivedMail> {
+        let mails = self.sink.wait_for(n, WAIT).await;
+        assert!(mails.len() >= n, "expected {n} mails, got {}: {:#?}", mails.len(), summary(&mails));
+        mails
+    }
+
+    /// Reads every record of the dead-letter topic so far, waiting for at least `n`.
+    pub fn dead_letters(&self, n: usize) -> Vec<serde_json::Value> {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.kafka.bootstrap_servers())
+            .set("group.id", "dead-letter-reader")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[DEAD_LETTER_TOPIC]).expect("subscribe");
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut records = Vec::new();
+        while records.len() < n && std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                records.push(serde_json::from_slice(m.payload().unwrap_or_default()).expect("dead letter is JSON"));
+            }
+        }
+        records
+    }
+}
+
+/// A running engine; `stop` drains it like SIGTERM does.
+pub struct TestEngine {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub store: Store,
+    metrics: engine::telemetry::Metrics,
+}
+
+impl TestEngine {
+    pub async fn start(settings: Settings) -> Self {
+        let app = Application::build(settings).await.expect("engine starts");
+        let store = app.store().clone();
+        let metrics = app.metrics().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+        Self { stop, task, store, metrics }
+    }
+
+    /// Provisions JSON Lines, as `callnotify provision import` does.
+    pub fn provision(&self, lines: &[String]) {
+        let report = engine::provision::import(&self.store, lines.join("\n").as_bytes()).expect("import");
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    }
+
+    /// The value of one metric series, e.g. `callnotify_cdrs_filtered_total{reason="stopped"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+    }
+
+    pub async fn stop(self) {
+        drop(self.store);
+        let _ = self.stop.send(());
+        self.task.await.expect("engine task").expect("engine stops cleanly");
+    }
+}
+
+/// A subscriber's provisioning line (R-N1..R-N5 settings).
+pub struct Subscriber<'a> {
+    pub number: &'a str,
+    pub enabled: bool,
+    pub destinations: &'a [(&'a str, bool)],
+    pub designated_only: bool,
+    pub missed_only: bool,
+    pub designated: &'a [(&'a str, bool)],
+}
+
+impl Subscriber<'_> {
+    pub fn line(&self) -> String {
+        let destinations: Vec<_> =
+            self.destinations.iter().map(|(a, send)| serde_json::json!({"address": a, "send": send})).collect();
+        let designated: Vec<_> =
+            self.designated.iter().map(|(n, on)| serde_json::json!({"number": n, "designate": on})).collect();
+        serde_json::json!({
+            "contract": self.number,
+            "numbers": [{
+                "number": self.number,
+                "services": ["call"],
+                "settings": {
+                    "enabled": self.enabled,
+                    "destinations": destinations,
+                    "designated_only": self.designated_only,
+                    "missed_only": self.missed_only,
+                    "designated": designated,
+                }
+            }]
+        })
+        .to_string()
+    }
+}
+
+/// A subscriber with every call notified to `address`.
+pub fn plain_subscriber(number: &str, address: &str) -> String {
+    Subscriber {
+        number,
+        enabled: true,
+        destinations: &[(address, true)],
+        designated_only: false,
+        missed_only: false,
+        designated: &[],
+    }
+    .line()
+}
+
+/// A canonical CDR of a call on 2026-11-24 10:00:00 JST lasting 31 s.
+pub fn cdr(call_id: &str, called: &str, caller: Option<&str>, presentation: &str, outcome: &str) -> String {
+    serde_json::json!({
+        "call_id": call_id,
+        "called": called,
+        "caller": caller,
+        "presentation": presentation,
+        "started_at": "2026-11-24T10:00:00+09:00",
+        "answered_at": (outcome == "answered").then_some("2026-11-24T10:00:05+09:00"),
+        "ended_at": "2026-11-24T10:00:31+09:00",
+        "outcome": outcome,
+    })
+    .to_string()
+}
+
+/// A decoded received mail, for assertions.
+pub struct Parsed {
+    pub from: String,
+    pub subject: String,
+    pub body: String,
+    pub message_id: String,
+    pub auto_submitted: Option<String>,
+    pub raw: String,
+}
+
+pub fn parse(mail: &ReceivedMail) -> Parsed {
+    let m = mail_parser::MessageParser::default().parse(&mail.data).expect("a MIME message");
+    Parsed {
+        from: m.from().and_then(|f| f.first()).and_then(|a| a.address()).unwrap_or_default().to_owned(),
+        subject: m.subject().unwrap_or_default().to_owned(),
+        body: m.body_text(0).map(|b| b.into_owned()).unwrap_or_default(),
+        message_id: m.message_id().unwrap_or_default().to_owned(),
+        auto_submitted: m.header_raw("Auto-Submitted").map(|v| v.trim().to_owned()),
+        raw: String::from_utf8_lossy(&mail.data).into_owned(),
+    }
+}
+
+/// (recipient, subject) of each mail, for failure messages.
+pub fn summary(mails: &[ReceivedMail]) -> Vec<(Vec<String>, String)> {
+    mails.iter().map(|m| (m.rcpt_to.clone(), parse(m).subject)).collect()
+}

@@ -1,0 +1,8 @@
+//! The whole path: Kafka (librdkafka's mock cluster) → engine → a real SMTP server.
+//! One test binary; `helpers` gives each test its own cluster, sink and store.
+
+mod delivery;
+mod formats;
+mod helpers;
+mod restart;
+mod rules;
