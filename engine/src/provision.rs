@@ -92,7 +92,14 @@ pub fn import(store: &Store, input: impl BufRead) -> Result<ImportReport, Import
 type Numbers = Vec<(PhoneNumber, Services, Option<CallSettings>)>;
 
 fn parse_line(text: &str) -> Result<(LineRecord, Numbers), String> {
-    let input: LineInput = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let input: LineInput = serde_json::from_str(text).map_err(|e| {
+        // serde's "at line 1 column N" would read as the file's line 1.
+        let message = e.to_string();
+        match message.rsplit_once(" at line ") {
+            Some((reason, _)) => format!("{reason} (column {})", e.column()),
+            None => message,
+        }
+    })?;
     if input.numbers.is_empty() {
         return Err("a line needs at least one number".into());
     }

@@ -193,6 +193,16 @@ impl Store {
         self.lines.get(contract.as_str())?.map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from)).transpose()
     }
 
+    /// Every number's record, in number order (exports, audits, tests).
+    pub fn numbers(&self) -> impl Iterator<Item = Result<NumberRecord, StoreError>> + '_ {
+        self.numbers.iter().map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+    }
+
+    /// Every line's record, in contract-number order.
+    pub fn lines(&self) -> impl Iterator<Item = Result<LineRecord, StoreError>> + '_ {
+        self.lines.iter().map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+    }
+
     /// How many numbers are provisioned.
     pub fn number_count(&self) -> usize {
         self.numbers.len()

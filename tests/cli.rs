@@ -1,0 +1,119 @@
+//! The `callnotify` command as an operator runs it: provisioning (R-L3), serve's clean
+//! shutdown, and the demo a newcomer starts with.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engine::store::{LineRecord, NumberRecord, Store};
+
+fn callnotify(store: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_callnotify"));
+    cmd.env("CALLNOTIFY__STORE__PATH", store).env("RUST_LOG", "warn");
+    cmd
+}
+
+/// A line per contract: the contract number and one additional number, every third
+/// with call-notification settings.
+fn line(i: usize) -> String {
+    let contract = format!("03{:08}", i * 2);
+    let additional = format!("03{:08}", i * 2 + 1);
+    let settings = if i % 3 == 0 {
+        format!(
+            r#","settings":{{"enabled":true,"destinations":[{{"address":"u{i}@example.jp","send":true}}],"missed_only":true,"designated":[{{"number":"090{:08}","designate":true}}]}}"#,
+            i
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{{"contract":"{contract}","numbers":[{{"number":"{contract}","services":["call"]{settings}}},{{"number":"{additional}","services":["call","fax"]}}]}}"#
+    )
+}
+
+fn snapshot(path: &Path) -> (Vec<LineRecord>, Vec<NumberRecord>) {
+    let store = Store::open(path).expect("store opens after import");
+    let lines = store.lines().collect::<Result<Vec<_>, _>>().unwrap();
+    let numbers = store.numbers().collect::<Result<Vec<_>, _>>().unwrap();
+    (lines, numbers)
+}
+
+#[test]
+fn r_l3_provision_import_of_100k_numbers_is_idempotent_and_reports_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let file = dir.path().join("lines.jsonl");
+    let mut input: Vec<String> = (0..50_000).map(line).collect();
+    input.insert(9, r#"{"contract":"0312","numbers":[{"number":"0312"}]}"#.into());
+    input.insert(39_999, r#"{"contract":"0600000000","numbers":[{"number":"0600000000","settings":{"destinations":[{"address":"no-at-sign","send":true}]}}]}"#.into());
+    std::fs::write(&file, input.join("\n")).unwrap();
+
+    let mut states = Vec::new();
+    for run in 0..2 {
+        let out = callnotify(&store).args(["provision", "import"]).arg(&file).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "rejected lines make the exit code non-zero (run {run}): {stderr}");
+        assert!(stdout.contains("imported 50000 lines (100000 numbers); rejected 2 lines"), "{stdout}");
+        assert!(stderr.contains("lines.jsonl:10: rejected:") && stderr.contains("10 or 11 digits"), "{stderr}");
+        assert!(stderr.contains("lines.jsonl:40000: rejected:") && stderr.contains("no-at-sign"), "{stderr}");
+        states.push(snapshot(&store));
+    }
+    let (lines, numbers) = &states[0];
+    assert_eq!(lines.len(), 50_000);
+    assert_eq!(numbers.len(), 100_000);
+    assert_eq!(numbers.iter().filter(|n| n.call.enabled).count(), 16_667);
+    assert_eq!(states[0], states[1], "importing the same file twice gives the same state");
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = callnotify(&dir.path().join("store"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    // Serving once the consumer is up.
+    assert!(lines.by_ref().map_while(Result::ok).any(|l| l.contains("consuming CDRs")), "serve starts");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit 0 after draining: {rest:#?}");
+    assert!(rest.iter().any(|l| l.contains("offsets committed")), "{rest:#?}");
+}
+
+#[test]
+fn demo_writes_real_mails_on_embedded_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = callnotify(&dir.path().join("store"))
+        .arg("demo")
+        .current_dir(dir.path())
+        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let outbox = dir.path().join("outbox");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mails = loop {
+        let mails: Vec<_> = std::fs::read_dir(&outbox)
+            .map(|d| d.filter_map(Result::ok).filter(|e| e.path().extension().is_some_and(|x| x == "eml")).collect())
+            .unwrap_or_default();
+        if mails.len() >= 2 || Instant::now() > deadline {
+            break mails;
+        }
+        // Another process writes the files: there is no event to wait on.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(mails.len(), 2, "the two missed calls of the demo are notified");
+    let texts: Vec<String> = mails.iter().map(|m| std::fs::read_to_string(m.path()).unwrap()).collect();
+    assert!(texts.iter().all(|t| t.contains("To: taro@example.jp") && t.contains("Auto-Submitted: auto-generated")));
+}
