@@ -19,9 +19,9 @@ use lettre::transport::smtp::PoolConfig;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use crate::config::{SmtpSettings, TlsMode};
+use crate::dead_letter::DeadLetters;
 use crate::phone::PhoneNumber;
 use crate::render::Mail;
-use crate::source::DeadLetters;
 use crate::telemetry::Metrics;
 
 /// Where mails go.

@@ -13,12 +13,14 @@
 //!
 //! # Layout
 //!
-//! - [`source`]: Kafka consumer on its own thread; in-order offset tracking, dead letters.
+//! - [`source`]: Kafka consumer on its own thread; in-order offset tracking.
 //! - [`decode`]: message bytes → [`decode::CallEvent`], one module per CDR format.
 //! - [`resolve`]: called number → [`resolve::Subscription`], a moka cache over the store.
 //! - [`filter`]: the subscriber's send conditions (R-N1, R-N4..R-N7), a pure function.
+//! - [`pipeline`]: decode → resolve → filter for one CDR, shared by source and benches.
 //! - [`render`]: the notification mail (R-M1, R-M2) with a replay-stable Message-ID.
-//! - [`deliver`]: SMTP (or an outbox directory), rate limits, dedup of sent mails.
+//! - [`deliver`]: SMTP (or an outbox directory), rate limits, retries.
+//! - [`dead_letter`]: records of undecodable CDRs and refused mails (R-M4).
 //! - [`store`]: sled trees for lines, numbers and their settings, and sent records.
 //! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.
@@ -31,12 +33,14 @@
 
 pub mod address;
 pub mod config;
+pub mod dead_letter;
 pub mod decode;
 pub mod deliver;
 pub mod demo;
 pub mod embedded;
 pub mod filter;
 pub mod phone;
+pub mod pipeline;
 pub mod provision;
 pub mod render;
 pub mod resolve;

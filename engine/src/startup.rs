@@ -12,11 +12,12 @@ use anyhow::Context as _;
 use rdkafka::producer::FutureProducer;
 
 use crate::config::Settings;
+use crate::dead_letter::DeadLetters;
 use crate::deliver::Deliverer;
 use crate::embedded::EmbeddedKafka;
 use crate::render::Renderer;
 use crate::resolve::Resolver;
-use crate::source::{self, DeadLetters, SourceError, SourceOptions, Stages};
+use crate::source::{self, SourceError, SourceOptions, Stages};
 use crate::store::Store;
 use crate::telemetry::{self, Metrics};
 

@@ -1,0 +1,88 @@
+//! Dead letters: undecodable CDRs and mails refused for good, as JSON records on the
+//! dead-letter topic (R-M4: failures are recorded and visible to operators).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::decode::CdrFormat;
+use crate::deliver::Origin;
+use crate::render::Mail;
+use crate::telemetry::Metrics;
+
+/// Writes dead-letter records: undecodable CDRs and mails refused for good. Each is
+/// retried until the broker takes it, since the CDR's offset waits for it.
+#[derive(Clone)]
+pub struct DeadLetters {
+    producer: FutureProducer,
+    topic: Arc<str>,
+    metrics: Metrics,
+}
+
+impl DeadLetters {
+    pub fn new(producer: FutureProducer, topic: &str, metrics: Metrics) -> Self {
+        Self { producer, topic: topic.into(), metrics }
+    }
+
+    /// Records a CDR that did not decode, with its raw bytes (base64) and the reason.
+    pub async fn cdr_rejected(
+        &self,
+        source: &str,
+        partition: i32,
+        offset: i64,
+        format: CdrFormat,
+        error: &str,
+        raw: &[u8],
+    ) {
+        let record = serde_json::json!({
+            "kind": "cdr",
+            "topic": source,
+            "partition": partition,
+            "offset": offset,
+            "format": format.as_str(),
+            "reason": error,
+            "raw_base64": base64::engine::general_purpose::STANDARD.encode(raw),
+            "at": chrono::Utc::now().to_rfc3339(),
+        });
+        self.publish(&format!("{source}/{partition}/{offset}"), record, false).await;
+    }
+
+    /// Records a mail the server refused for good (R-M4).
+    pub async fn mail_failed(&self, mail: &Mail, origin: &Origin, reply: &str, attempts: u32) {
+        let record = serde_json::json!({
+            "kind": "mail",
+            "call_id": origin.call_id,
+            "called": origin.called.as_str(),
+            "recipient": mail.recipient.as_str(),
+            "message_id": mail.message_id,
+            "smtp_reply": reply,
+            "attempts": attempts,
+            "at": chrono::Utc::now().to_rfc3339(),
+        });
+        self.publish(&origin.call_id, record, true).await;
+    }
+
+    async fn publish(&self, key: &str, record: serde_json::Value, mail: bool) {
+        let payload = record.to_string();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let sent = self
+                .producer
+                .send(FutureRecord::to(&self.topic).key(key).payload(&payload), Duration::from_secs(10))
+                .await;
+            match sent {
+                Ok(_) => {
+                    self.metrics.dead_letter(mail);
+                    return;
+                }
+                Err((e, _)) => {
+                    tracing::error!(topic = %self.topic, error = %e, retry_in = ?delay, "dead-letter record not written yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+}

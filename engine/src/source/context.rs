@@ -1,0 +1,120 @@
+//! The consumer's context: librdkafka calls it on the consumer thread for statistics
+//! (the lag metric) and rebalances (finish in-flight work, then commit, before a
+//! partition is given up).
+
+use std::collections::HashSet;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, Statistics};
+
+use super::offsets::{Completion, Tracker};
+use crate::decode::CdrFormat;
+use crate::store::{Store, StoreError};
+use crate::telemetry::Metrics;
+
+/// The consumer's context: statistics → lag metric; revocation → finish, then commit.
+pub struct SourceContext {
+    pub(super) metrics: Metrics,
+    pub(super) topics: Vec<(String, CdrFormat)>,
+    pub(super) store: Store,
+    pub(super) grace: Duration,
+    pub(super) tracker: Mutex<Tracker>,
+    pub(super) completions: Mutex<Receiver<Completion>>,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, stats: Statistics) {
+        for (name, topic) in &stats.topics {
+            for (id, p) in &topic.partitions {
+                if *id >= 0 && p.consumer_lag >= 0 {
+                    self.metrics.consumer_lag(name, *id, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: HashSet<(usize, i32)> =
+                tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
+            tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
+            if let Err(e) = self.settle(consumer, Some(&revoked), Instant::now() + self.grace) {
+                tracing::error!(error = %e, "store failed while finishing revoked partitions");
+            }
+            let mut tracker = self.tracker.lock().expect("tracker lock");
+            revoked.iter().for_each(|tp| tracker.forget(tp));
+            drop(tracker);
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "commit before giving up partitions: nothing to commit or failed");
+            }
+        }
+    }
+}
+
+impl SourceContext {
+    pub(super) fn topic_index(&self, name: &str) -> Option<usize> {
+        self.topics.iter().position(|(t, _)| t == name)
+    }
+
+    pub(super) fn store_offset(&self, consumer: &BaseConsumer<Self>, tp: (usize, i32), offset: i64) {
+        // librdkafka commits offset + 1: the next message to read.
+        if let Err(e) = consumer.store_offset(&self.topics[tp.0].0, tp.1, offset) {
+            tracing::debug!(error = %e, partition = tp.1, offset, "offset not stored (partition no longer ours)");
+        }
+    }
+
+    /// Records a finished CDR's mails and moves its partition's offset if it may.
+    fn apply(&self, consumer: &BaseConsumer<Self>, c: Completion) -> Result<(), StoreError> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut tracker = self.tracker.lock().expect("tracker lock");
+        for (key, _fate) in &c.mails {
+            // A mail refused for good is recorded too: it is never retried (R-M4).
+            self.store.mark_sent(key, now)?;
+            tracker.keys.remove(key);
+        }
+        let safe = tracker.completed((c.topic, c.partition), c.offset);
+        self.metrics.in_flight(tracker.in_flight);
+        drop(tracker);
+        if let Some(offset) = safe {
+            self.store_offset(consumer, (c.topic, c.partition), offset);
+        }
+        Ok(())
+    }
+
+    /// Applies completions until the given partitions (all if `None`) have nothing in
+    /// flight or `deadline` passes. Returns whether everything finished.
+    pub(super) fn settle(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        only: Option<&HashSet<(usize, i32)>>,
+        deadline: Instant,
+    ) -> Result<bool, StoreError> {
+        let completions = self.completions.lock().expect("completions lock");
+        while self.tracker.lock().expect("tracker lock").busy(only) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match completions.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(c) => self.apply(consumer, c)?,
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => return Ok(false),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Applies every completion already reported, without waiting.
+    pub(super) fn drain(&self, consumer: &BaseConsumer<Self>) -> Result<(), StoreError> {
+        loop {
+            let next = self.completions.lock().expect("completions lock").try_recv();
+            match next {
+                Ok(c) => self.apply(consumer, c)?,
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
