@@ -30,7 +30,7 @@ fn number(i: usize) -> String {
 }
 
 fn subscribed(i: usize) -> bool {
-    i % 20 == 0
+    i.is_multiple_of(20)
 }
 
 fn provisioned_store() -> (Store, usize) {
