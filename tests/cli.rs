@@ -18,7 +18,7 @@ fn callnotify(store: &Path) -> Command {
 fn line(i: usize) -> String {
     let contract = format!("03{:08}", i * 2);
     let additional = format!("03{:08}", i * 2 + 1);
-    let settings = if i % 3 == 0 {
+    let settings = if i.is_multiple_of(3) {
         format!(
             r#","settings":{{"enabled":true,"destinations":[{{"address":"u{i}@example.jp","send":true}}],"missed_only":true,"designated":[{{"number":"090{:08}","designate":true}}]}}"#,
             i
