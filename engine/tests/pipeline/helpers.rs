@@ -127,6 +127,8 @@ pub struct TestEngine {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub store: Store,
+    /// Where `/metrics` is served.
+    pub metrics_addr: std::net::SocketAddr,
     metrics: engine::telemetry::Metrics,
 }
 
@@ -135,11 +137,12 @@ impl TestEngine {
         let app = Application::build(settings).await.expect("engine starts");
         let store = app.store().clone();
         let metrics = app.metrics().clone();
+        let metrics_addr = app.metrics_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
         }));
-        Self { stop, task, store, metrics }
+        Self { stop, task, store, metrics_addr, metrics }
     }
 
     /// Provisions JSON Lines, as `callnotify provision import` does.

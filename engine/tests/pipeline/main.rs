@@ -4,5 +4,6 @@
 mod delivery;
 mod formats;
 mod helpers;
+mod metrics;
 mod restart;
 mod rules;
