@@ -18,7 +18,7 @@ async fn a_replayed_cdr_sends_nothing_again() {
     ]);
 
     let call = cdr("replayed", CALLED, Some("09011112222"), "allowed", "no_answer");
-    h.produce(TOPIC, &[call.clone()]).await;
+    h.produce(TOPIC, std::slice::from_ref(&call)).await;
     h.mails(1).await;
     h.produce(TOPIC, &[call, cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
     let mails = h.mails(2).await;
