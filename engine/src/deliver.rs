@@ -103,7 +103,9 @@ impl Deliverer {
             metrics,
             dead_letters,
         };
-        Ok(Self { inner: Arc::new(inner) })
+        let inner = Arc::new(inner);
+        tokio::spawn(forget_idle_recipients(Arc::downgrade(&inner)));
+        Ok(Self { inner })
     }
 
     /// Sends one mail, retrying temporary failures until it is accepted or refused for
@@ -150,6 +152,20 @@ impl Deliverer {
             Transport::Smtp(smtp) => smtp.send_raw(&mail.envelope, &mail.bytes).await.map(drop).map_err(classify),
             Transport::Outbox(dir) => write_eml(dir, mail).await.map_err(|e| Attempt::Temporary(e.to_string())),
         }
+    }
+}
+
+/// Flood-control state is kept per recipient; addresses whose limit has fully
+/// recovered are dropped every minute so the map does not grow with every address
+/// ever seen. Ends when the deliverer is gone.
+async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        inner.per_recipient.retain_recent();
+        inner.per_recipient.shrink_to_fit();
     }
 }
 

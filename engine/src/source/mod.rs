@@ -142,13 +142,14 @@ fn run(
         }
         ctx.drain(&consumer)?;
         // Backpressure: a slow mail server pauses fetching instead of piling up work;
-        // polling goes on so the group membership stays alive.
+        // polling goes on so the group membership stays alive. Fetching resumes at half
+        // the limit, since every resume costs a re-fetch.
         let in_flight = ctx.tracker.lock().expect("tracker lock").in_flight;
         if !paused && in_flight >= max_in_flight {
             consumer.pause(&consumer.assignment()?)?;
             paused = true;
             tracing::info!(in_flight, "consumer paused until mails drain");
-        } else if paused && in_flight < max_in_flight - max_in_flight / 10 {
+        } else if paused && in_flight <= max_in_flight / 2 {
             consumer.resume(&consumer.assignment()?)?;
             paused = false;
         }

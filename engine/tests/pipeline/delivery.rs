@@ -101,9 +101,9 @@ async fn r_m4_temporary_smtp_failures_are_retried_until_delivered() {
     h.produce(TOPIC, &[cdr("retried", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
     let mails = h.mails(1).await;
     assert_eq!(mails.len(), 1);
-    assert_eq!(engine.metric("callnotify_mails_retried_total"), 3.0);
-    assert_eq!(engine.metric("callnotify_mails_sent_total"), 1.0);
-    engine.stop().await;
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_retried_total"), 3.0);
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,9 @@ impl Harness {
             ),
             ("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", DEAD_LETTER_TOPIC.to_owned()),
             ("CALLNOTIFY__KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "20".to_owned()),
+            // The mock cluster waits out a departed member's session before rebalancing.
+            ("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000".to_owned()),
+            ("CALLNOTIFY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS", "500".to_owned()),
             ("CALLNOTIFY__STORE__PATH", self.dir.path().join("store").display().to_string()),
             ("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()),
             ("CALLNOTIFY__SMTP__PORT", self.sink.port().to_string()),
@@ -153,17 +156,36 @@ impl TestEngine {
 
     /// The value of one metric series, e.g. `callnotify_cdrs_filtered_total{reason="stopped"}`.
     pub fn metric(&self, series: &str) -> f64 {
-        let text = self.metrics.render();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+        metric(&self.metrics, series)
     }
 
-    pub async fn stop(self) {
+    /// Stops the engine (draining, as on SIGTERM) and returns its final metrics: what
+    /// happens after a mail's 250 reply (counting it sent) is done by then.
+    pub async fn stop(self) -> Stopped {
         drop(self.store);
         let _ = self.stop.send(());
         self.task.await.expect("engine task").expect("engine stops cleanly");
+        Stopped { metrics: self.metrics }
     }
+}
+
+/// A stopped engine's metrics.
+pub struct Stopped {
+    metrics: engine::telemetry::Metrics,
+}
+
+impl Stopped {
+    pub fn metric(&self, series: &str) -> f64 {
+        metric(&self.metrics, series)
+    }
+}
+
+fn metric(metrics: &engine::telemetry::Metrics, series: &str) -> f64 {
+    metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
 }
 
 /// A subscriber's provisioning line (R-N1..R-N5 settings).
