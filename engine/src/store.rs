@@ -310,6 +310,25 @@ impl Store {
         }
     }
 
+    /// Sets the authentication unit of a line (R-I7: chosen by phone).
+    pub fn set_line_unit(&self, contract: &PhoneNumber, unit: AuthUnit) -> Result<(), StoreError> {
+        loop {
+            let raw = self.lines.get(contract.as_str())?.ok_or(StoreError::UnknownNumber(*contract))?;
+            let mut line: LineRecord = serde_json::from_slice(&raw)?;
+            line.unit = Some(unit);
+            let new = serde_json::to_vec(&line)?;
+            if self.lines.compare_and_swap(contract.as_str(), Some(raw), Some(new))?.is_ok() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// A tree of the same database for another part of the product (the settings
+    /// site's credentials and sessions), so one store holds all state.
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// Whether the mail for (`called`, `call_id`, `recipient`) was already accepted.
     pub fn was_sent(&self, key: &SentKey) -> Result<bool, StoreError> {
         Ok(self.sent.contains_key(&key.0)?)
