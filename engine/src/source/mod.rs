@@ -98,6 +98,9 @@ pub fn spawn(
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // A notification is worth little late: do not let an idle fetch sit for
+        // librdkafka's default 500 ms (kafka.properties may override).
+        .set("fetch.wait.max.ms", "20")
         .set("statistics.interval.ms", "5000");
     for (k, v) in options.properties {
         config.set(k, v);

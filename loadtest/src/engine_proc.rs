@@ -1,0 +1,175 @@
+//! The engine under test, as a separate `callnotify` process: seeded through
+//! `callnotify provision import`, then `callnotify serve`, watched through its
+//! `/metrics` endpoint and `/proc` (RSS, CPU).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// How the engine is configured for a run (environment overrides of its defaults).
+pub struct EngineConfig {
+    pub binary: PathBuf,
+    pub workdir: PathBuf,
+    pub brokers: String,
+    pub topic: String,
+    pub format: &'static str,
+    pub group: String,
+    pub smtp: SocketAddr,
+    pub metrics: SocketAddr,
+    pub cache_capacity: u64,
+    pub pool_size: u32,
+    pub from_domain: String,
+}
+
+impl EngineConfig {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        let topics = format!(r#"[{{name="{}",format="{}"}}]"#, self.topic, self.format);
+        cmd.current_dir(&self.workdir)
+            .env("CALLNOTIFY__KAFKA__BROKERS", &self.brokers)
+            .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
+            .env("CALLNOTIFY__KAFKA__TOPICS", topics)
+            .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", format!("{}-dead-letter", self.topic))
+            .env("CALLNOTIFY__STORE__PATH", self.workdir.join("store"))
+            .env("CALLNOTIFY__STORE__CACHE_CAPACITY", self.cache_capacity.to_string())
+            .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
+            .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
+            .env("CALLNOTIFY__SMTP__POOL_SIZE", self.pool_size.to_string())
+            .env("CALLNOTIFY__SMTP__FROM", format!("no-reply@{}", self.from_domain))
+            // The load tester measures the engine, not the mail limits a carrier sets.
+            .env("CALLNOTIFY__SMTP__RATE_PER_SECOND", "1000000")
+            .env("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "1000000")
+            .env("CALLNOTIFY__METRICS__LISTEN", self.metrics.to_string())
+            .env("RUST_LOG", "warn");
+        cmd
+    }
+
+    /// Seeds the store through the operator's import path.
+    pub fn provision(&self, jsonl: &Path) -> anyhow::Result<String> {
+        let out =
+            self.command().args(["provision", "import"]).arg(jsonl).output().context("running provision import")?;
+        if !out.status.success() {
+            bail!("provision import failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Starts `callnotify serve`; its log goes to `engine.log` in the work directory.
+    pub fn serve(&self) -> anyhow::Result<EngineProcess> {
+        let log = std::fs::File::create(self.workdir.join("engine.log"))?;
+        let child = self.command().arg("serve").stdout(Stdio::null()).stderr(log).spawn().context("starting serve")?;
+        Ok(EngineProcess { child, metrics: self.metrics, clock_ticks: 100.0 })
+    }
+}
+
+pub struct EngineProcess {
+    child: Child,
+    metrics: SocketAddr,
+    /// Kernel clock ticks per second (USER_HZ), 100 on Linux.
+    clock_ticks: f64,
+}
+
+/// One reading of the engine process.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    pub rss_bytes: u64,
+    /// User + system CPU time so far.
+    pub cpu_seconds: f64,
+}
+
+impl EngineProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// RSS and CPU time from `/proc/PID`.
+    pub fn usage(&self) -> Usage {
+        let pid = self.pid();
+        let rss_bytes = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .map_or(0, |kb: u64| kb * 1024);
+        let cpu_seconds = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // Fields after the parenthesised command: utime and stime are 14th and 15th.
+                let rest = s.rsplit_once(')')?.1;
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / self.clock_ticks)
+            })
+            .unwrap_or(0.0);
+        Usage { rss_bytes, cpu_seconds }
+    }
+
+    /// The engine's metrics, as name → value for unlabelled series.
+    pub async fn metrics(&self) -> anyhow::Result<Metrics> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n").await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        Ok(Metrics(text))
+    }
+
+    /// Waits until `/metrics` answers.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the engine exited during start-up ({status}); see engine.log");
+            }
+            if self.metrics().await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the engine did not start within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then wait for the drain and exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the engine exited with {status}; see engine.log");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        // On an early return the engine must not outlive the load test.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A scrape of the engine's `/metrics`.
+pub struct Metrics(String);
+
+impl Metrics {
+    /// The value of one series (`name` or `name{labels}`), 0 if absent.
+    pub fn get(&self, series: &str) -> f64 {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// A free loopback port for the engine's metrics endpoint.
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}

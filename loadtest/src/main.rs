@@ -1,0 +1,189 @@
+//! `callnotify-loadtest`: seeds subscribers, produces CDRs to Kafka, receives the mails
+//! in its own SMTP sink, and reports throughput, latency, losses and duplicates.
+//!
+//! All traffic stays on this machine: brokers and mail servers must be loopback
+//! addresses, and every run stops by itself.
+
+mod engine_proc;
+mod ingest;
+mod population;
+mod report;
+mod run;
+mod traffic;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use engine::decode::CdrFormat;
+
+#[derive(Parser)]
+#[command(name = "callnotify-loadtest", version, about = "Load tests for callnotify (loopback only)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Produce CDRs at a rate (or flat out) for a duration or a count, and measure
+    /// end-to-end latency, losses and duplicates.
+    Run(run::RunArgs),
+    /// Kafka ingest: the engine against a bare librdkafka consumer reading the same
+    /// topic from the same broker, side by side.
+    Ingest(ingest::IngestArgs),
+}
+
+/// What every mode shares: the engine, the population, Kafka and the report folder.
+#[derive(Args, Clone)]
+pub struct Common {
+    /// The `callnotify` binary (default: beside this one).
+    #[arg(long)]
+    engine: Option<PathBuf>,
+    /// Provisioned numbers.
+    #[arg(long, default_value_t = 1_000_000)]
+    numbers: u64,
+    /// Share of numbers with call notification (0..1).
+    #[arg(long, default_value_t = 0.05)]
+    subscribed: f64,
+    /// CDR format produced (and configured on the engine's topic).
+    #[arg(long, value_enum, default_value_t = Format::Canonical)]
+    format: Format,
+    /// Kafka bootstrap servers (loopback only); empty starts an in-process mock cluster.
+    #[arg(long, default_value = "")]
+    brokers: String,
+    /// Partitions of the load topic (mock cluster).
+    #[arg(long, default_value_t = 3)]
+    partitions: i32,
+    /// The engine's subscription cache capacity.
+    #[arg(long, default_value_t = 200_000)]
+    cache_capacity: u64,
+    /// SMTP connections the engine keeps.
+    #[arg(long, default_value_t = 16)]
+    pool_size: u32,
+    /// Where the report (JSON, Markdown, SVG) is written.
+    #[arg(long, default_value = "loadtest-report")]
+    out: PathBuf,
+    /// Work directory for the engine's store and log (default: a fresh temporary one).
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Canonical,
+    Asterisk,
+    Freeswitch,
+}
+
+impl From<Format> for CdrFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Canonical => CdrFormat::Canonical,
+            Format::Asterisk => CdrFormat::Asterisk,
+            Format::Freeswitch => CdrFormat::Freeswitch,
+        }
+    }
+}
+
+impl Common {
+    fn engine_binary(&self) -> anyhow::Result<PathBuf> {
+        let path = match &self.engine {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?.with_file_name("callnotify"),
+        };
+        if !path.exists() {
+            bail!("engine binary {} not found: build it (`cargo build --release`) or pass --engine", path.display());
+        }
+        Ok(path)
+    }
+
+    /// Refuses any broker that is not on this machine.
+    fn check_loopback(&self) -> anyhow::Result<()> {
+        for broker in self.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+            let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h).trim_matches(['[', ']']);
+            let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                bail!("broker {broker} is not a loopback address: load tests only send traffic to this machine");
+            }
+        }
+        Ok(())
+    }
+
+    fn workdir(&self) -> anyhow::Result<PathBuf> {
+        let dir = match &self.workdir {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir().join(format!("callnotify-loadtest-{}", std::process::id())),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+/// `10s`, `2m`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "s"), |i| s.split_at(i));
+    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 10s, 2m or 1h"))?;
+    let scale = match unit {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(format!("unknown unit in {s:?}: use s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Ingest(args) => ingest::ingest(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn brokers_off_this_machine_are_refused() {
+        let common = |brokers: &str| Common {
+            engine: None,
+            numbers: 1,
+            subscribed: 0.0,
+            format: Format::Canonical,
+            brokers: brokers.into(),
+            partitions: 1,
+            cache_capacity: 1,
+            pool_size: 1,
+            out: "x".into(),
+            workdir: None,
+        };
+        assert!(common("127.0.0.1:9092,localhost:9093,[::1]:9094").check_loopback().is_ok());
+        assert!(common("10.0.0.5:9092").check_loopback().is_err());
+        assert!(common("kafka.example.com:9092").check_loopback().is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! The end-of-run report: JSON for machines, Markdown for people, and an SVG plot of
+//! latency and throughput over time.
+
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    pub command: String,
+    pub machine: Machine,
+    pub format: String,
+    pub numbers: u64,
+    pub subscribed_share: f64,
+    pub mix: crate::traffic::Mix,
+    /// Target CDR/s; `None` means flat out.
+    pub offered_rate: Option<f64>,
+    pub duration_s: f64,
+    pub cdrs_produced: u64,
+    pub produced_per_s: f64,
+    pub cdrs_consumed: u64,
+    /// CDRs the engine consumed per second, first to last.
+    pub consumed_per_s: f64,
+    pub mails_expected: u64,
+    pub mails_received: u64,
+    pub mails_per_s: f64,
+    pub latency_ms: Percentiles,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub unexpected: u64,
+    /// Mails the sink saw but the collector could not follow (broadcast lag); not losses.
+    pub unobserved: u64,
+    pub engine_max_rss_mb: f64,
+    pub engine_cpu_percent: f64,
+    pub seed: String,
+    pub timeline: Vec<Second>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_gib: f64,
+}
+
+impl Machine {
+    pub fn this() -> Self {
+        let memory_kb: f64 = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0);
+        Self {
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib: (memory_kb / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p99_9: f64,
+    pub max: f64,
+    pub count: u64,
+}
+
+impl Percentiles {
+    /// From a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        let ms = |v: u64| v as f64 / 1000.0;
+        Self {
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p99_9: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            count: h.len(),
+        }
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, serde::Serialize)]
+pub struct Second {
+    pub t: u64,
+    pub produced: u64,
+    pub consumed: u64,
+    pub mails: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub rss_mb: f64,
+}
+
+impl Report {
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        self.plot(&dir.join("latency.svg"))?;
+        Ok(())
+    }
+
+    pub fn markdown(&self) -> String {
+        let offered = self.offered_rate.map_or("flat out".to_owned(), |r| format!("{r:.0} CDR/s"));
+        let l = &self.latency_ms;
+        format!(
+            "# callnotify load test\n\n\
+             `{cmd}`\n\n\
+             Machine: {cores} cores, {mem} GiB. Format: {format}. Population: {numbers} numbers, {sub:.1} % subscribed.\n\
+             Calls: {missed:.0} % missed, {withheld:.0} % withheld, {designated:.0} % from a designated number.\n\n\
+             | measure | value |\n|---|---|\n\
+             | offered | {offered} |\n\
+             | duration | {dur:.1} s |\n\
+             | CDRs produced | {produced} ({pps:.0} CDR/s) |\n\
+             | CDRs consumed by the engine | {consumed} ({cps:.0} CDR/s) |\n\
+             | mails expected / received | {exp} / {rec} ({mps:.0} mails/s) |\n\
+             | latency p50 / p90 / p99 / p99.9 / max | {p50:.1} / {p90:.1} / {p99:.1} / {p999:.1} / {max:.1} ms |\n\
+             | lost / duplicates / unexpected | {lost} / {dup} / {unexp} |\n\
+             | engine max RSS | {rss:.0} MB |\n\
+             | engine CPU | {cpu:.0} % of one core |\n\n\
+             ![latency over time](latency.svg)\n",
+            cmd = self.command,
+            cores = self.machine.cores,
+            mem = self.machine.memory_gib,
+            format = self.format,
+            numbers = self.numbers,
+            sub = self.subscribed_share * 100.0,
+            missed = self.mix.missed * 100.0,
+            withheld = self.mix.withheld * 100.0,
+            designated = self.mix.designated * 100.0,
+            dur = self.duration_s,
+            produced = self.cdrs_produced,
+            pps = self.produced_per_s,
+            consumed = self.cdrs_consumed,
+            cps = self.consumed_per_s,
+            exp = self.mails_expected,
+            rec = self.mails_received,
+            mps = self.mails_per_s,
+            p50 = l.p50,
+            p90 = l.p90,
+            p99 = l.p99,
+            p999 = l.p99_9,
+            max = l.max,
+            lost = self.lost,
+            dup = self.duplicates,
+            unexp = self.unexpected,
+            rss = self.engine_max_rss_mb,
+            cpu = self.engine_cpu_percent,
+        )
+    }
+
+    fn plot(&self, path: &Path) -> anyhow::Result<()> {
+        let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let seconds = self.timeline.len().max(1) as u64;
+        let top = self.timeline.iter().map(|s| s.p99_ms).fold(1.0, f64::max) * 1.1;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("end-to-end latency (CDR produced → mail received)", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0..seconds, 0.0..top)?;
+        chart.configure_mesh().x_desc("seconds into the run").y_desc("ms").draw()?;
+        for (name, color, pick) in [("p50", BLUE, 0usize), ("p99", RED, 1)] {
+            let points = self
+                .timeline
+                .iter()
+                .filter(|s| s.mails > 0)
+                .map(|s| (s.t, if pick == 0 { s.p50_ms } else { s.p99_ms }));
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        root.present()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,362 @@
+//! `run`: the engine under a stream of CDRs, measured end to end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::Args;
+use engine::decode::CdrFormat;
+use engine::embedded::EmbeddedKafka;
+use engine::sink::{SinkOptions, SmtpSink};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+use crate::engine_proc::{free_port, EngineConfig, EngineProcess};
+use crate::population::Population;
+use crate::report::{Machine, Percentiles, Report, Second};
+use crate::traffic::{mail_message_id, Generator, Mix};
+use crate::{parse_duration, Common};
+
+const TOPIC: &str = "cdr-load";
+const DOMAIN: &str = "loadtest.example.jp";
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Target CDR/s; 0 = flat out.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// How long to produce (10s, 2m…).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Stop after this many CDRs instead (whichever comes first).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Share of missed calls.
+    #[arg(long, default_value_t = 0.6)]
+    missed: f64,
+    /// Share of withheld callers.
+    #[arg(long, default_value_t = 0.1)]
+    withheld: f64,
+    /// Share of calls from a designated number of the called subscriber.
+    #[arg(long, default_value_t = 0.2)]
+    designated: f64,
+    /// Zipf exponent of called-number popularity.
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    /// After producing, how long to wait for the last mails.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    drain: Duration,
+    /// No progress bar (for logs and CI).
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Mails still expected: Message-ID key → produce time (µs since the epoch).
+type Expected = Arc<Mutex<HashMap<u128, u64>>>;
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+}
+
+/// What the mail collector found.
+#[derive(Default)]
+struct Collected {
+    received: u64,
+    duplicates: u64,
+    unexpected: u64,
+    unobserved: u64,
+    seen: HashSet<u128>,
+    latency: Option<Histogram<u64>>,
+    per_second: Vec<Histogram<u64>>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let common = &args.common;
+    common.check_loopback()?;
+    let binary = common.engine_binary()?;
+    let workdir = common.workdir()?;
+    let format: CdrFormat = common.format.into();
+    let population = Population { numbers: common.numbers, subscribed: common.subscribed };
+    let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated };
+
+    // Kafka: the given brokers, or a mock cluster in this process.
+    let embedded = if common.brokers.is_empty() {
+        Some(EmbeddedKafka::start(&[TOPIC, &format!("{TOPIC}-dead-letter")], common.partitions)?)
+    } else {
+        None
+    };
+    let brokers = embedded.as_ref().map_or(common.brokers.clone(), |k| k.bootstrap_servers().to_owned());
+
+    let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
+    let run_id = format!("{}", micros(SystemTime::now()));
+    let config = EngineConfig {
+        binary,
+        workdir: workdir.clone(),
+        brokers: brokers.clone(),
+        topic: TOPIC.into(),
+        format: format.as_str(),
+        group: format!("loadtest-{run_id}"),
+        smtp: sink.addr(),
+        metrics: free_port()?,
+        cache_capacity: common.cache_capacity,
+        pool_size: common.pool_size,
+        from_domain: DOMAIN.into(),
+    };
+
+    let seed_file = workdir.join("population.jsonl");
+    let started = Instant::now();
+    population.write_jsonl(std::fs::File::create(&seed_file)?)?;
+    let seeded = config.provision(&seed_file)?;
+    let seed = format!("{seeded} in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("seeded: {seed}");
+
+    let mut engine = config.serve()?;
+    engine.wait_ready(Duration::from_secs(60)).await?;
+
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .context("creating the producer")?;
+    warm_up(&producer, &engine, Generator::new(population, args.zipf, format, mix, "warmup", DOMAIN)).await?;
+
+    let expected: Expected = Arc::default();
+    let collected = Arc::new(Mutex::new(Collected { latency: Some(histogram()), ..Default::default() }));
+    let t0 = Instant::now();
+    let collector = tokio::spawn(collect(sink.subscribe(), expected.clone(), collected.clone(), t0));
+
+    let produced = Arc::new(AtomicU64::new(0));
+    let expected_total = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let producer_thread = {
+        let generator = Generator::new(population, args.zipf, format, mix, &run_id, DOMAIN);
+        let (expected, produced, expected_total, done) =
+            (expected.clone(), produced.clone(), expected_total.clone(), done.clone());
+        let (rate, duration, count) = (args.rate, args.duration, args.count.unwrap_or(u64::MAX));
+        std::thread::spawn(move || {
+            produce(producer, generator, rate, duration, count, &expected, &produced, &expected_total);
+            done.store(true, Ordering::Release);
+        })
+    };
+
+    let progress = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
+    let mut timeline = Vec::new();
+    let mut peak_rss = 0u64;
+    let cpu_start = engine.usage().cpu_seconds;
+    let (mut first_consumed, mut last_consumed, mut consumed) = (None, None, 0u64);
+    let mut drain_deadline = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let usage = engine.usage();
+        peak_rss = peak_rss.max(usage.rss_bytes);
+        let now_consumed =
+            engine.metrics().await.map(|m| m.get("callnotify_cdrs_consumed_total") as u64).unwrap_or(consumed);
+        // The warm-up CDR is not part of the run.
+        let run_consumed = now_consumed.saturating_sub(1);
+        if run_consumed > consumed {
+            first_consumed.get_or_insert(t0.elapsed());
+            last_consumed = Some(t0.elapsed());
+        }
+        consumed = run_consumed;
+        let (mails, second) = {
+            let c = collected.lock().expect("collector lock");
+            let second = timeline.len();
+            let (p50, p99) = c.per_second.get(second).map_or((0.0, 0.0), |h| {
+                (h.value_at_quantile(0.5) as f64 / 1000.0, h.value_at_quantile(0.99) as f64 / 1000.0)
+            });
+            (c.received, (p50, p99))
+        };
+        let sent = produced.load(Ordering::Acquire);
+        timeline.push(Second {
+            t: timeline.len() as u64,
+            produced: sent,
+            consumed,
+            mails,
+            p50_ms: second.0,
+            p99_ms: second.1,
+            rss_mb: usage.rss_bytes as f64 / 1e6,
+        });
+        let waiting = expected.lock().expect("expected lock").len();
+        progress.set_message(format!(
+            "produced {sent}, consumed {consumed}, mails {mails} (waiting for {waiting}), engine RSS {:.0} MB",
+            usage.rss_bytes as f64 / 1e6
+        ));
+        progress.tick();
+        if done.load(Ordering::Acquire) {
+            let deadline = *drain_deadline.get_or_insert(Instant::now() + args.drain);
+            let finished = consumed >= sent && waiting == 0;
+            if finished || Instant::now() > deadline {
+                break;
+            }
+        }
+    }
+    progress.finish_and_clear();
+    producer_thread.join().expect("producer thread");
+    let cpu = engine.usage().cpu_seconds - cpu_start;
+    let elapsed = t0.elapsed().as_secs_f64();
+    tokio::task::spawn_blocking(move || engine.stop()).await??;
+    sink.shutdown().await;
+    // The sink's end closes the mail stream; the collector has seen everything by then.
+    let _ = tokio::time::timeout(Duration::from_secs(5), collector).await;
+
+    let c = collected.lock().expect("collector lock");
+    let latency = c.latency.as_ref().expect("histogram");
+    let sent = produced.load(Ordering::Acquire);
+    let still_expected = expected.lock().expect("expected lock").len() as u64;
+    let consume_span = match (first_consumed, last_consumed) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64() + 1.0,
+        _ => elapsed,
+    };
+    let produce_span = timeline.iter().position(|s| s.produced == sent).map_or(elapsed, |i| i as f64 + 1.0);
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: Machine::this(),
+        format: format.as_str().into(),
+        numbers: population.numbers,
+        subscribed_share: population.subscribed,
+        mix,
+        offered_rate: (args.rate > 0.0).then_some(args.rate),
+        duration_s: elapsed,
+        cdrs_produced: sent,
+        produced_per_s: sent as f64 / produce_span,
+        cdrs_consumed: consumed,
+        consumed_per_s: consumed as f64 / consume_span,
+        mails_expected: expected_total.load(Ordering::Acquire),
+        mails_received: c.received,
+        mails_per_s: c.received as f64 / consume_span,
+        latency_ms: Percentiles::of(latency),
+        lost: still_expected.saturating_sub(c.unobserved),
+        duplicates: c.duplicates,
+        unexpected: c.unexpected,
+        unobserved: c.unobserved,
+        engine_max_rss_mb: peak_rss as f64 / 1e6,
+        engine_cpu_percent: cpu / elapsed * 100.0,
+        seed,
+        timeline,
+    };
+    report.write(&common.out)?;
+    println!("{}", report.markdown());
+    println!("report: {}/report.{{json,md}}, plot: {}/latency.svg", common.out.display(), common.out.display());
+    drop(embedded);
+    if report.lost > 0 || report.duplicates > 0 {
+        anyhow::bail!("{} mails lost and {} duplicated", report.lost, report.duplicates);
+    }
+    Ok(())
+}
+
+/// One CDR through the engine before the clock starts, so the consumer group has
+/// formed and the first measured CDRs do not carry the join delay.
+async fn warm_up(producer: &BaseProducer, engine: &EngineProcess, mut generator: Generator) -> anyhow::Result<()> {
+    // A number nobody provisioned: consumed, and no mail.
+    let cdr = generator.call_to(generator.population().numbers, chrono::Utc::now());
+    producer.send(BaseRecord::to(TOPIC).key(&cdr.key).payload(&cdr.payload)).map_err(|(e, _)| e)?;
+    producer.flush(Duration::from_secs(10))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.metrics().await?.get("callnotify_cdrs_consumed_total") < 1.0 {
+        anyhow::ensure!(Instant::now() < deadline, "the engine consumed nothing within 60 s; see engine.log");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The producer thread: paced to `rate` (0 = flat out), until `duration` or `count`.
+#[allow(clippy::too_many_arguments)]
+fn produce(
+    producer: BaseProducer,
+    mut generator: Generator,
+    rate: f64,
+    duration: Duration,
+    count: u64,
+    expected: &Expected,
+    produced: &AtomicU64,
+    expected_total: &AtomicU64,
+) {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < count && start.elapsed() < duration {
+        if rate > 0.0 {
+            let due = Duration::from_secs_f64(n as f64 / rate);
+            if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+        let now = SystemTime::now();
+        let cdr = generator.next(now.into());
+        if !cdr.expected.is_empty() {
+            let mut map = expected.lock().expect("expected lock");
+            for id in &cdr.expected {
+                map.insert(*id, micros(now));
+            }
+            expected_total.fetch_add(cdr.expected.len() as u64, Ordering::AcqRel);
+        }
+        let mut record = BaseRecord::to(TOPIC).key(&cdr.key).payload(&cdr.payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    // Queue full: let librdkafka deliver, then try again.
+                    producer.poll(Duration::from_millis(5));
+                    record = back;
+                }
+            }
+        }
+        n += 1;
+        produced.store(n, Ordering::Release);
+        if n.is_multiple_of(1024) {
+            producer.poll(Duration::ZERO);
+        }
+    }
+    let _ = producer.flush(Duration::from_secs(60));
+}
+
+/// Matches each received mail to its CDR by Message-ID and records the latency.
+async fn collect(
+    mut mails: tokio::sync::broadcast::Receiver<engine::sink::ReceivedMail>,
+    expected: Expected,
+    collected: Arc<Mutex<Collected>>,
+    t0: Instant,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let mail = match mails.recv().await {
+            Ok(mail) => mail,
+            Err(RecvError::Lagged(n)) => {
+                collected.lock().expect("collector lock").unobserved += n;
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let received = micros(mail.received_at);
+        let key = mail_message_id(&mail.data);
+        let produced_at = key.and_then(|k| expected.lock().expect("expected lock").remove(&k));
+        let mut c = collected.lock().expect("collector lock");
+        c.received += 1;
+        match (key, produced_at) {
+            (Some(k), Some(at)) => {
+                let latency = received.saturating_sub(at).max(1);
+                c.seen.insert(k);
+                c.latency.as_mut().expect("histogram").saturating_record(latency);
+                let second = t0.elapsed().as_secs() as usize;
+                while c.per_second.len() <= second {
+                    c.per_second.push(histogram());
+                }
+                c.per_second[second].saturating_record(latency);
+            }
+            (Some(k), None) if c.seen.contains(&k) => c.duplicates += 1,
+            _ => c.unexpected += 1,
+        }
+    }
+}
