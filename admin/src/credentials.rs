@@ -1,0 +1,314 @@
+//! 認証情報 (credentials): the password state of each login number, in the sled tree
+//! [`TREE`] of the engine's store (one store holds all state).
+//!
+//! A login number has at most one credential: a 仮パスワード (temporary password, set by
+//! phone, R-I7) or a パスワード (password, set on the site). The rules:
+//!
+//! - a temporary password is valid for [`TEMPORARY_VALIDITY`] after it was set (R-I8,
+//!   R-S2) and invalidated by [`TEMPORARY_MAX_FAILURES`] consecutive wrong entries (R-S2);
+//! - a password is invalidated by [`PASSWORD_MAX_FAILURES`] consecutive wrong entries
+//!   (R-S3) and expires [`PASSWORD_LIFETIME`] after it was set (R-S6): it still logs in,
+//!   but the subscriber must change it first (R-S4), as after a temporary password.
+//!
+//! An invalidated or expired temporary password is only replaced by a new temporary
+//! password set by phone ([`Credentials::set_temporary`]).
+//!
+//! Passwords are stored as argon2id PHC strings with OWASP's parameters. Hashing is
+//! deliberately slow, so the functions here block: async code calls the `*_async`
+//! wrappers, which run them on tokio's blocking pool. No function logs a password.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use chrono::{DateTime, Duration, Utc};
+use engine::phone::PhoneNumber;
+use engine::store::{Store, StoreError};
+
+/// Name of the sled tree: login number → JSON [`CredentialRecord`].
+pub const TREE: &str = "credentials";
+/// A temporary password is valid for 24 hours from being set (R-I8, R-S2).
+pub const TEMPORARY_VALIDITY: Duration = Duration::hours(24);
+/// Consecutive wrong entries that invalidate a temporary password (R-S2).
+pub const TEMPORARY_MAX_FAILURES: u32 = 3;
+/// Consecutive wrong entries that invalidate a password (R-S3).
+pub const PASSWORD_MAX_FAILURES: u32 = 10;
+/// A password must be changed this long after it was set (R-S6).
+pub const PASSWORD_LIFETIME: Duration = Duration::days(60);
+
+/// argon2id memory cost in KiB: OWASP's minimum, 19 MiB.
+pub const ARGON2_M_COST_KIB: u32 = 19_456;
+/// argon2id iterations: OWASP's minimum for 19 MiB.
+pub const ARGON2_T_COST: u32 = 2;
+/// argon2id lanes: one, so a login occupies one blocking thread.
+pub const ARGON2_P_COST: u32 = 1;
+
+/// Which kind of secret a credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// 仮パスワード: 8 digits set by phone; must be changed at first login (R-S4).
+    Temporary,
+    /// パスワード: chosen by the subscriber on the site (R-S5).
+    Password,
+}
+
+impl CredentialKind {
+    fn max_failures(self) -> u32 {
+        match self {
+            Self::Temporary => TEMPORARY_MAX_FAILURES,
+            Self::Password => PASSWORD_MAX_FAILURES,
+        }
+    }
+}
+
+/// The stored state of one login number's credential.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CredentialRecord {
+    /// argon2id PHC string (algorithm, parameters, salt, hash); never the password.
+    pub hash: String,
+    pub kind: CredentialKind,
+    /// When it was set: the start of the 24 h (R-I8) and 60-day (R-S6) periods.
+    pub set_at: DateTime<Utc>,
+    /// Consecutive wrong entries since it was set or last entered right (R-S2, R-S3).
+    pub failures: u32,
+    /// Set by the last allowed wrong entry; only a new temporary password clears it.
+    pub invalidated: bool,
+}
+
+impl fmt::Debug for CredentialRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A hash in a log is an offline guessing target; leave it out.
+        f.debug_struct("CredentialRecord")
+            .field("hash", &"<argon2id>")
+            .field("kind", &self.kind)
+            .field("set_at", &self.set_at)
+            .field("failures", &self.failures)
+            .field("invalidated", &self.invalidated)
+            .finish()
+    }
+}
+
+/// A successful login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginOk {
+    pub kind: CredentialKind,
+    /// The subscriber must change the password before anything else (R-S4): after a
+    /// temporary password, or a password older than [`PASSWORD_LIFETIME`] (R-S6).
+    pub must_change: bool,
+}
+
+/// Why a login failed. Callers answer every variant the same way, so a stranger learns
+/// nothing about a number; the distinction is for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LoginFailure {
+    #[error("no credential is set for this number")]
+    Unknown,
+    #[error("wrong password")]
+    Wrong,
+    #[error("the credential was invalidated by consecutive wrong passwords")]
+    Locked,
+    #[error("the temporary password is older than 24 hours")]
+    Expired,
+}
+
+/// The answer to a login attempt: the outer `Result` of [`Credentials::verify`] is
+/// reserved for the system failing, this one for the subscriber's password.
+pub type Verdict = Result<LoginOk, LoginFailure>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("credential store I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("cannot open the credential store: {0}")]
+    Store(#[from] StoreError),
+    #[error("credential record of {number} is corrupt: {source}")]
+    Corrupt { number: PhoneNumber, source: serde_json::Error },
+    #[error("password hashing failed: {0}")]
+    Hash(argon2::password_hash::Error),
+    #[error("password hashing task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Handle to the credential tree; cheap to clone.
+#[derive(Clone)]
+pub struct Credentials {
+    tree: sled::Tree,
+}
+
+impl Credentials {
+    /// Opens the [`TREE`] of `store`.
+    pub fn open(store: &Store) -> Result<Self, CredentialError> {
+        Ok(Self { tree: store.open_tree(TREE)? })
+    }
+
+    /// The stored state of `number`'s credential (support tools, tests).
+    pub fn record(&self, number: &PhoneNumber) -> Result<Option<CredentialRecord>, CredentialError> {
+        self.tree.get(number.as_str())?.map(|raw| decode(number, &raw)).transpose()
+    }
+
+    /// Stores a temporary password for `number`, replacing any earlier credential state,
+    /// invalidated or not (R-I7). Blocks for one argon2 hash.
+    pub fn set_temporary(
+        &self,
+        number: &PhoneNumber,
+        password: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), CredentialError> {
+        self.set(number, CredentialKind::Temporary, password, now)
+    }
+
+    /// Stores a password chosen on the site for `number` (R-S4, R-O1), resetting the
+    /// failure count and the 60-day period. The caller checks R-S5 first. Blocks for one
+    /// argon2 hash.
+    pub fn set_password(
+        &self,
+        number: &PhoneNumber,
+        password: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), CredentialError> {
+        self.set(number, CredentialKind::Password, password, now)
+    }
+
+    fn set(
+        &self,
+        number: &PhoneNumber,
+        kind: CredentialKind,
+        password: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), CredentialError> {
+        let record =
+            CredentialRecord { hash: hash_password(password)?, kind, set_at: now, failures: 0, invalidated: false };
+        let raw = serde_json::to_vec(&record).map_err(|source| CredentialError::Corrupt { number: *number, source })?;
+        self.tree.insert(number.as_str(), raw)?;
+        tracing::info!(%number, ?kind, "credential set");
+        Ok(())
+    }
+
+    /// Checks `password` for `number` at time `now` and records the attempt (R-S2, R-S3,
+    /// R-S6, R-I8). Blocks for one argon2 verification, also when the number has no
+    /// usable credential, so the time taken does not tell which failure it was.
+    pub fn verify(&self, number: &PhoneNumber, password: &str, now: DateTime<Utc>) -> Result<Verdict, CredentialError> {
+        // The argon2 answer and the hash it was computed against, so that a retry after a
+        // concurrent attempt changed the record does not hash again.
+        let mut checked: Option<(String, bool)> = None;
+        loop {
+            let Some(raw) = self.tree.get(number.as_str())? else {
+                return refuse(password, LoginFailure::Unknown);
+            };
+            let mut record = decode(number, &raw)?;
+            if record.invalidated {
+                return refuse(password, LoginFailure::Locked);
+            }
+            if record.kind == CredentialKind::Temporary && now >= record.set_at + TEMPORARY_VALIDITY {
+                return refuse(password, LoginFailure::Expired);
+            }
+            let matches = match &checked {
+                Some((hash, matches)) if *hash == record.hash => *matches,
+                _ => {
+                    let matches = password_matches(&record.hash, password)?;
+                    checked = Some((record.hash.clone(), matches));
+                    matches
+                }
+            };
+            let verdict = if matches {
+                let must_change = record.kind == CredentialKind::Temporary || now >= record.set_at + PASSWORD_LIFETIME;
+                if record.failures == 0 {
+                    return Ok(Ok(LoginOk { kind: record.kind, must_change }));
+                }
+                record.failures = 0;
+                Ok(LoginOk { kind: record.kind, must_change })
+            } else {
+                record.failures += 1;
+                record.invalidated = record.failures >= record.kind.max_failures();
+                Err(LoginFailure::Wrong)
+            };
+            let new =
+                serde_json::to_vec(&record).map_err(|source| CredentialError::Corrupt { number: *number, source })?;
+            // Compare-and-swap, so concurrent wrong attempts each count (R-S2, R-S3).
+            if self.tree.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
+                if record.invalidated {
+                    tracing::warn!(%number, kind = ?record.kind, failures = record.failures,
+                        "credential invalidated by consecutive wrong passwords");
+                }
+                return Ok(verdict);
+            }
+        }
+    }
+
+    /// [`Credentials::verify`] on tokio's blocking pool.
+    pub async fn verify_async(
+        &self,
+        number: PhoneNumber,
+        password: String,
+        now: DateTime<Utc>,
+    ) -> Result<Verdict, CredentialError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.verify(&number, &password, now)).await?
+    }
+
+    /// [`Credentials::set_temporary`] on tokio's blocking pool.
+    pub async fn set_temporary_async(
+        &self,
+        number: PhoneNumber,
+        password: String,
+        now: DateTime<Utc>,
+    ) -> Result<(), CredentialError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.set_temporary(&number, &password, now)).await?
+    }
+
+    /// [`Credentials::set_password`] on tokio's blocking pool.
+    pub async fn set_password_async(
+        &self,
+        number: PhoneNumber,
+        password: String,
+        now: DateTime<Utc>,
+    ) -> Result<(), CredentialError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.set_password(&number, &password, now)).await?
+    }
+}
+
+fn decode(number: &PhoneNumber, raw: &[u8]) -> Result<CredentialRecord, CredentialError> {
+    serde_json::from_slice(raw).map_err(|source| CredentialError::Corrupt { number: *number, source })
+}
+
+fn hasher() -> Argon2<'static> {
+    let params = Params::new(ARGON2_M_COST_KIB, ARGON2_T_COST, ARGON2_P_COST, None).expect("valid argon2 parameters");
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+fn hash_password(password: &str) -> Result<String, CredentialError> {
+    let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(CredentialError::Hash)?;
+    Ok(hasher().hash_password(password.as_bytes(), &salt).map_err(CredentialError::Hash)?.to_string())
+}
+
+/// Whether `password` matches the PHC string `phc`, with the parameters stored in it.
+fn password_matches(phc: &str, password: &str) -> Result<bool, CredentialError> {
+    let parsed = PasswordHash::new(phc).map_err(CredentialError::Hash)?;
+    match hasher().verify_password(password.as_bytes(), &parsed) {
+        Ok(()) => Ok(true),
+        Err(argon2::password_hash::Error::Password) => Ok(false),
+        Err(e) => Err(CredentialError::Hash(e)),
+    }
+}
+
+/// Fails the attempt after one verification against a throwaway hash, so a refusal
+/// takes as long as a wrong password.
+fn refuse(password: &str, failure: LoginFailure) -> Result<Verdict, CredentialError> {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    let dummy = match DUMMY.get() {
+        Some(hash) => hash,
+        None => {
+            let hash = hash_password(&format!("{:032x}", rand::random::<u128>()))?;
+            DUMMY.get_or_init(|| hash)
+        }
+    };
+    password_matches(dummy, password)?;
+    Ok(Err(failure))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+use super::*;
+
+fn n(s: &str) -> PhoneNumber {
+    PhoneNumber::parse(s).unwrap()
+}
+
+fn t0() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_764_000_000, 0).unwrap()
+}
+
+fn credentials() -> Credentials {
+    Credentials::open(&Store::temporary().unwrap()).unwrap()
+}
+
+const NUMBER: &str = "0312345678";
+const TEMPORARY: &str = "12345678";
+const PASSWORD: &str = "abc12345";
+
+fn login(c: &Credentials, password: &str, at: DateTime<Utc>) -> Verdict {
+    c.verify(&n(NUMBER), password, at).unwrap()
+}
+
+#[test]
+fn r_i8_r_s2_a_temporary_password_is_valid_for_24_hours() {
+    let c = credentials();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    let just_before = t0() + TEMPORARY_VALIDITY - Duration::seconds(1);
+    assert_eq!(login(&c, TEMPORARY, just_before), Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
+    assert_eq!(login(&c, TEMPORARY, t0() + TEMPORARY_VALIDITY), Err(LoginFailure::Expired));
+}
+
+#[test]
+fn r_s4_a_temporary_password_must_be_changed_at_once() {
+    let c = credentials();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    assert!(login(&c, TEMPORARY, t0()).unwrap().must_change);
+}
+
+#[test]
+fn r_s2_three_consecutive_wrong_entries_invalidate_a_temporary_password() {
+    let c = credentials();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(login(&c, "87654321", t0()), Err(LoginFailure::Wrong));
+    }
+    assert_eq!(login(&c, TEMPORARY, t0()), Err(LoginFailure::Locked), "the right password no longer works");
+    assert!(c.record(&n(NUMBER)).unwrap().unwrap().invalidated);
+}
+
+#[test]
+fn r_s2_a_right_entry_resets_the_count_of_consecutive_wrong_ones() {
+    let c = credentials();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    for _ in 0..2 {
+        assert_eq!(login(&c, "87654321", t0()), Err(LoginFailure::Wrong));
+    }
+    assert!(login(&c, TEMPORARY, t0()).is_ok());
+    assert_eq!(c.record(&n(NUMBER)).unwrap().unwrap().failures, 0);
+    for _ in 0..2 {
+        assert_eq!(login(&c, "87654321", t0()), Err(LoginFailure::Wrong));
+    }
+    assert!(login(&c, TEMPORARY, t0()).is_ok(), "2 + 2 wrong entries are not 3 consecutive ones");
+}
+
+#[test]
+fn r_s2_concurrent_wrong_entries_each_count() {
+    let c = credentials();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || c.verify(&n(NUMBER), "87654321", t0()).unwrap())
+        })
+        .collect();
+    for thread in threads {
+        assert_eq!(thread.join().unwrap(), Err(LoginFailure::Wrong));
+    }
+    assert_eq!(login(&c, TEMPORARY, t0()), Err(LoginFailure::Locked));
+}
+
+#[test]
+fn r_s3_ten_consecutive_wrong_entries_invalidate_a_password() {
+    let c = credentials();
+    c.set_password(&n(NUMBER), PASSWORD, t0()).unwrap();
+    for _ in 0..9 {
+        assert_eq!(login(&c, "wrong123", t0()), Err(LoginFailure::Wrong));
+    }
+    assert_eq!(login(&c, PASSWORD, t0()), Ok(LoginOk { kind: CredentialKind::Password, must_change: false }));
+    for _ in 0..10 {
+        assert_eq!(login(&c, "wrong123", t0()), Err(LoginFailure::Wrong));
+    }
+    assert_eq!(login(&c, PASSWORD, t0()), Err(LoginFailure::Locked));
+}
+
+#[test]
+fn r_s6_a_password_expires_60_days_after_it_was_set_but_still_logs_in_to_be_changed() {
+    let c = credentials();
+    c.set_password(&n(NUMBER), PASSWORD, t0()).unwrap();
+    let just_before = t0() + PASSWORD_LIFETIME - Duration::seconds(1);
+    assert_eq!(login(&c, PASSWORD, just_before), Ok(LoginOk { kind: CredentialKind::Password, must_change: false }));
+    let expired = t0() + PASSWORD_LIFETIME;
+    assert_eq!(login(&c, PASSWORD, expired), Ok(LoginOk { kind: CredentialKind::Password, must_change: true }));
+    assert_eq!(login(&c, "wrong123", expired), Err(LoginFailure::Wrong), "an expired password is still checked");
+    // A new password starts a new period.
+    c.set_password(&n(NUMBER), "new12345", expired).unwrap();
+    assert_eq!(login(&c, "new12345", expired), Ok(LoginOk { kind: CredentialKind::Password, must_change: false }));
+}
+
+#[test]
+fn r_i7_a_temporary_password_replaces_any_earlier_state() {
+    let c = credentials();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    for _ in 0..3 {
+        login(&c, "87654321", t0()).unwrap_err();
+    }
+    let later = t0() + Duration::days(3);
+    c.set_temporary(&n(NUMBER), "11112222", later).unwrap();
+    assert_eq!(login(&c, "11112222", later), Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
+    assert_eq!(login(&c, TEMPORARY, later), Err(LoginFailure::Wrong), "the old one is gone");
+}
+
+#[test]
+fn a_number_without_credential_is_unknown() {
+    let c = credentials();
+    assert_eq!(login(&c, PASSWORD, t0()), Err(LoginFailure::Unknown));
+}
+
+#[test]
+fn the_stored_hash_is_argon2id_with_owasp_parameters_and_no_password() {
+    let c = credentials();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    let record = c.record(&n(NUMBER)).unwrap().unwrap();
+    let parsed = PasswordHash::new(&record.hash).unwrap();
+    assert_eq!(parsed.algorithm.as_str(), "argon2id");
+    let params = Params::try_from(&parsed).unwrap();
+    assert!(params.m_cost() >= 19_456, "m = {} KiB", params.m_cost());
+    assert!(params.t_cost() >= 2, "t = {}", params.t_cost());
+    assert_eq!(params.p_cost(), 1);
+    let raw = c.tree.get(NUMBER).unwrap().unwrap();
+    assert!(!String::from_utf8_lossy(&raw).contains(TEMPORARY));
+    assert!(!format!("{record:?}").contains(&record.hash), "Debug leaves the hash out");
+}
+
+#[tokio::test]
+async fn the_async_wrappers_run_the_same_rules() {
+    let c = credentials();
+    c.set_password_async(n(NUMBER), PASSWORD.into(), t0()).await.unwrap();
+    let ok = c.verify_async(n(NUMBER), PASSWORD.into(), t0()).await.unwrap();
+    assert_eq!(ok, Ok(LoginOk { kind: CredentialKind::Password, must_change: false }));
+    c.set_temporary_async(n(NUMBER), TEMPORARY.into(), t0()).await.unwrap();
+    let ok = c.verify_async(n(NUMBER), TEMPORARY.into(), t0()).await.unwrap();
+    assert_eq!(ok, Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
+}

@@ -1,0 +1,205 @@
+//! JSON over HTTP for an IVR platform (Asterisk, FreeSWITCH): the platform answers the
+//! phone, plays the prompts this API names and posts the keys the caller pressed.
+//!
+//! ```text
+//! POST /ivr/calls              {"caller":"0312345678"}
+//!   200 {"call_id":"…","prompt":"SELECT_UNIT","text":"…","awaiting":"SELECT_UNIT","ends":false}
+//!   403 {"error":"refused","message":"…"}          caller not on a provisioned line (R-I1)
+//! POST /ivr/calls/{id}/digits  {"digits":"1"}
+//!   200 {"call_id":"…","prompt":"ENTER_PASSWORD","text":"0312345678番の…","awaiting":"ENTER_PASSWORD","ends":false}
+//!   404 {"error":"unknown_call","message":"…"}     ended, idle too long, or never started
+//! ```
+//!
+//! `prompt` and `text` are `null` when the call ends without a word (R-I6); the platform
+//! hangs up whenever `ends` is true. `awaiting` names the entry the next digits answer.
+//! Calls live in memory; a call without a request for [`IDLE_TIMEOUT`] is forgotten
+//! (the platform has hung up), so a restart only drops calls in progress.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use chrono::{DateTime, Duration, Utc};
+use dashmap::DashMap;
+
+use super::call::{Call, IvrError, Step};
+use super::prompt::PromptId;
+use super::Ivr;
+
+/// How long a call may go without a request before it is forgotten.
+pub const IDLE_TIMEOUT: Duration = Duration::minutes(5);
+
+/// The router's state: the IVR handles and the calls in progress.
+#[derive(Clone)]
+pub struct ApiState {
+    ivr: Ivr,
+    /// Calls in progress by call id.
+    calls: Arc<DashMap<String, Arc<LiveCall>>>,
+    idle_timeout: Duration,
+}
+
+struct LiveCall {
+    /// Locked on a blocking thread for each entry: the last one hashes the password.
+    call: Mutex<Call>,
+    /// Unix milliseconds of the last request, to forget abandoned calls.
+    last_seen_ms: AtomicI64,
+}
+
+impl LiveCall {
+    fn idle(&self, now: DateTime<Utc>) -> Duration {
+        Duration::milliseconds(now.timestamp_millis() - self.last_seen_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl ApiState {
+    pub fn new(ivr: Ivr) -> Self {
+        Self { ivr, calls: Arc::default(), idle_timeout: IDLE_TIMEOUT }
+    }
+
+    /// Replaces [`IDLE_TIMEOUT`].
+    pub fn with_idle_timeout(mut self, idle_timeout: Duration) -> Self {
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// Calls in progress (metrics, tests).
+    pub fn live_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Forgets every call idle for longer than the timeout.
+    fn sweep(&self, now: DateTime<Utc>) {
+        self.calls.retain(|_, live| live.idle(now) < self.idle_timeout);
+    }
+}
+
+/// The IVR API's routes, ready to be merged into the admin app or served alone.
+pub fn router(state: ApiState) -> Router {
+    Router::new().route("/ivr/calls", post(start_call)).route("/ivr/calls/{id}/digits", post(digits)).with_state(state)
+}
+
+#[derive(serde::Deserialize)]
+struct StartRequest {
+    /// Caller ID as the platform has it.
+    caller: String,
+}
+
+#[derive(serde::Deserialize)]
+struct DigitsRequest {
+    /// The keys of one entry, e.g. `"1"`, `"0312345678#"`, `"12345678"`.
+    digits: String,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct StepResponse {
+    call_id: String,
+    prompt: Option<PromptId>,
+    text: Option<String>,
+    awaiting: Option<PromptId>,
+    ends: bool,
+}
+
+impl StepResponse {
+    fn new(call_id: String, step: Step) -> Self {
+        let (prompt, text) = step.prompt.map(|p| (p.id, p.text)).unzip();
+        Self { call_id, prompt, text, awaiting: step.awaiting, ends: step.ends }
+    }
+}
+
+async fn start_call(
+    State(state): State<ApiState>,
+    body: Result<Json<StartRequest>, JsonRejection>,
+) -> Result<Json<StepResponse>, ApiError> {
+    let Json(request) = body?;
+    let now = state.ivr.clock.now();
+    state.sweep(now);
+    // Two small sled reads; not worth a blocking thread.
+    let (call, step) = Call::start(&state.ivr, &request.caller)?;
+    let call_id = format!("{:032x}", rand::random::<u128>());
+    let live = LiveCall { call: Mutex::new(call), last_seen_ms: AtomicI64::new(now.timestamp_millis()) };
+    state.calls.insert(call_id.clone(), Arc::new(live));
+    Ok(Json(StepResponse::new(call_id, step)))
+}
+
+async fn digits(
+    State(state): State<ApiState>,
+    Path(call_id): Path<String>,
+    body: Result<Json<DigitsRequest>, JsonRejection>,
+) -> Result<Json<StepResponse>, ApiError> {
+    let Json(request) = body?;
+    let now = state.ivr.clock.now();
+    // Cloned out so no map guard is held across the await below.
+    let live = state.calls.get(&call_id).map(|entry| Arc::clone(entry.value())).ok_or(ApiError::UnknownCall)?;
+    if live.idle(now) >= state.idle_timeout {
+        state.calls.remove(&call_id);
+        return Err(ApiError::UnknownCall);
+    }
+    live.last_seen_ms.store(now.timestamp_millis(), Ordering::Relaxed);
+    // The entry that completes the call hashes the password (argon2): off the workers.
+    let step = tokio::task::spawn_blocking(move || match live.call.lock() {
+        Ok(mut call) => call.input(&request.digits).map_err(ApiError::from),
+        Err(_) => Err(ApiError::Internal("a previous entry of this call panicked".into())),
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    if step.ends {
+        state.calls.remove(&call_id);
+    }
+    Ok(Json(StepResponse::new(call_id, step)))
+}
+
+/// Why a request failed; answered as `{"error": code, "message": …}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Refused(IvrError),
+    #[error("no such call: it ended, was idle too long, or never started; start a new call")]
+    UnknownCall,
+    #[error("{message}")]
+    BadRequest { status: StatusCode, message: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<IvrError> for ApiError {
+    fn from(e: IvrError) -> Self {
+        match e {
+            e if e.is_refusal() => Self::Refused(e),
+            IvrError::Ended => Self::UnknownCall,
+            e => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        Self::BadRequest { status: rejection.status(), message: rejection.body_text() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            Self::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
+            Self::UnknownCall => (StatusCode::NOT_FOUND, "unknown_call"),
+            Self::BadRequest { status, .. } => (*status, "bad_request"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        let message = match &self {
+            Self::Internal(reason) => {
+                tracing::error!(%reason, "IVR API request failed");
+                "internal error; the call can be retried".to_owned()
+            }
+            other => other.to_string(),
+        };
+        (status, Json(serde_json::json!({ "error": code, "message": message }))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests;

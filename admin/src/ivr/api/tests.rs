@@ -1,0 +1,131 @@
+use axum::body::Body;
+use axum::http::Request;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use super::*;
+use crate::clock::Clock;
+use crate::credentials::CredentialKind;
+use crate::testing::{fixture, n, Fixture, CONTRACT};
+
+fn app(f: &Fixture) -> (ApiState, Router) {
+    let state = ApiState::new(f.ivr.clone());
+    (state.clone(), router(state))
+}
+
+async fn post(app: &Router, uri: &str, body: &str) -> (StatusCode, Value) {
+    let request = Request::post(uri).header("content-type", "application/json").body(Body::from(body.to_owned()));
+    let response = app.clone().oneshot(request.unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}: {bytes:?}")))
+}
+
+async fn start(app: &Router, caller: &str) -> (StatusCode, Value) {
+    post(app, "/ivr/calls", &json!({ "caller": caller }).to_string()).await
+}
+
+async fn key(app: &Router, call_id: &str, digits: &str) -> (StatusCode, Value) {
+    post(app, &format!("/ivr/calls/{call_id}/digits"), &json!({ "digits": digits }).to_string()).await
+}
+
+#[tokio::test]
+async fn r_i1_to_r_i7_a_whole_call_over_http() {
+    let f = fixture();
+    let (state, app) = app(&f);
+    let (status, body) = start(&app, CONTRACT).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (&body["prompt"], &body["awaiting"], &body["ends"]),
+        (&json!("SELECT_UNIT"), &json!("SELECT_UNIT"), &json!(false))
+    );
+    assert!(body["text"].as_str().unwrap().starts_with("仮パスワード設定をする単位を選択します。"));
+    let call_id = body["call_id"].as_str().unwrap().to_owned();
+    assert_eq!(call_id.len(), 32);
+    assert_eq!(state.live_calls(), 1);
+
+    let (_, body) = key(&app, &call_id, "1").await;
+    assert_eq!(body["prompt"], "ENTER_PASSWORD");
+    assert_eq!(body["text"], "0312345678番の仮パスワードの設定を行います。設定したい仮パスワードを入力してください。");
+    let (_, body) = key(&app, &call_id, "12345678").await;
+    assert_eq!(body["prompt"], "CONFIRM");
+    let (status, body) = key(&app, &call_id, "12345678").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["prompt"], "DONE");
+    assert_eq!(body["ends"], true);
+    assert_eq!(body["awaiting"], Value::Null);
+
+    let ok = f.credentials.verify(&n(CONTRACT), "12345678", f.clock.now()).unwrap().unwrap();
+    assert_eq!(ok.kind, CredentialKind::Temporary);
+    assert_eq!(state.live_calls(), 0, "an ended call is forgotten");
+    let (status, body) = key(&app, &call_id, "1").await;
+    assert_eq!((status, &body["error"]), (StatusCode::NOT_FOUND, &json!("unknown_call")));
+}
+
+#[tokio::test]
+async fn r_i1_a_caller_not_on_a_line_gets_a_json_403() {
+    let f = fixture();
+    let (state, app) = app(&f);
+    for caller in ["0399999999", "anonymous"] {
+        let (status, body) = start(&app, caller).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{caller}");
+        assert_eq!(body["error"], "refused");
+        assert!(body["message"].as_str().unwrap().contains("R-I1"), "{body}");
+    }
+    assert_eq!(state.live_calls(), 0);
+}
+
+#[tokio::test]
+async fn r_i6_the_third_invalid_entry_ends_the_call_with_no_prompt() {
+    let f = fixture();
+    let (state, app) = app(&f);
+    let (_, body) = start(&app, CONTRACT).await;
+    let call_id = body["call_id"].as_str().unwrap();
+    for _ in 0..2 {
+        let (_, body) = key(&app, call_id, "9").await;
+        assert_eq!((&body["prompt"], &body["awaiting"]), (&json!("INVALID"), &json!("SELECT_UNIT")));
+    }
+    let (status, body) = key(&app, call_id, "9").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({ "call_id": call_id, "prompt": null, "text": null, "awaiting": null, "ends": true }));
+    assert_eq!(state.live_calls(), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_call_id_is_a_json_404() {
+    let f = fixture();
+    let (_, app) = app(&f);
+    let (status, body) = key(&app, "0123456789abcdef0123456789abcdef", "1").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "unknown_call");
+}
+
+#[tokio::test]
+async fn an_idle_call_is_forgotten() {
+    let f = fixture();
+    let (state, app) = app(&f);
+    let (_, body) = start(&app, CONTRACT).await;
+    let idle = body["call_id"].as_str().unwrap().to_owned();
+    f.clock.advance(IDLE_TIMEOUT - Duration::seconds(1));
+    assert_eq!(key(&app, &idle, "1").await.0, StatusCode::OK, "a request keeps the call alive");
+    f.clock.advance(IDLE_TIMEOUT);
+    assert_eq!(key(&app, &idle, "12345678").await.0, StatusCode::NOT_FOUND);
+
+    let (_, body) = start(&app, CONTRACT).await;
+    assert_ne!(body["call_id"].as_str().unwrap(), idle, "call ids are random");
+    f.clock.advance(IDLE_TIMEOUT);
+    start(&app, CONTRACT).await;
+    assert_eq!(state.live_calls(), 1, "a new call sweeps abandoned ones");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_json_errors() {
+    let f = fixture();
+    let (_, app) = app(&f);
+    let (status, body) = post(&app, "/ivr/calls", "{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "bad_request");
+    let (status, body) = post(&app, "/ivr/calls", r#"{"number":"0312345678"}"#).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"], "bad_request");
+}

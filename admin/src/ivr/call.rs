@@ -1,0 +1,238 @@
+//! One phone call to the temporary-password line: a synchronous state machine fed the
+//! digits the caller keys at each step (R-I1..R-I7).
+//!
+//! ```text
+//! SELECT_UNIT ─1───────────────────────────────▶ ENTER_PASSWORD(contract)      R-I2
+//!             ─2, or 3 from the contract number ─▶ ENTER_NUMBER ─number#─▶ ENTER_PASSWORD(number)   R-I3, R-I4
+//!             ─3 from an additional number ────▶ ENTER_PASSWORD(caller)        R-I4
+//! ENTER_PASSWORD ─8 digits─▶ CONFIRM ─the same 8 digits─▶ DONE (stored, unit set; call ends)   R-I5, R-I7
+//! ```
+//!
+//! An invalid entry plays INVALID and waits for the entry of the same step again
+//! ([`Step::awaiting`]), except a confirmation that does not match the first entry: as
+//! either entry may be the mistyped one, password entry starts over at ENTER_PASSWORD.
+//! Invalid entries are counted per call, across steps ("three invalid entries at any
+//! step", R-I6); the third ends the call at once, with no prompt, because INVALID's
+//! 「もう一度押してください」 would invite keys that are no longer listened to.
+//!
+//! Keys are taken as sent: only ENTER_NUMBER takes (and needs) a closing `#`; anywhere
+//! else a `#` makes the entry invalid. ENTER_NUMBER accepts a number of the caller's
+//! line with call notification (着信お知らせメール) contracted; a fax-only number is
+//! invalid there.
+
+use std::fmt;
+
+use engine::phone::PhoneNumber;
+use engine::store::{AuthUnit, StoreError};
+
+use super::prompt::{Prompt, PromptId};
+use super::Ivr;
+use crate::credentials::CredentialError;
+
+/// Invalid entries that end a call (R-I6).
+pub const MAX_INVALID_ENTRIES: u32 = 3;
+
+/// What the line does after an entry (or at the start of a call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// What to play now; `None` when the call ends without a word (R-I6).
+    pub prompt: Option<Prompt>,
+    /// The step the next digits answer; `None` once the call ends.
+    pub awaiting: Option<PromptId>,
+    /// Hang up after playing `prompt`.
+    pub ends: bool,
+}
+
+impl Step {
+    fn ask(prompt: Prompt) -> Self {
+        let awaiting = Some(prompt.id);
+        Self { prompt: Some(prompt), awaiting, ends: false }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IvrError {
+    #[error("the caller withheld their number or sent none; only lines' own numbers are served (R-I1)")]
+    NoCallerId,
+    #[error("caller {0} is not a number of a provisioned line (R-I1)")]
+    NotProvisioned(PhoneNumber),
+    #[error("the call has ended; dial again")]
+    Ended,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+}
+
+impl IvrError {
+    /// Whether the call was refused under R-I1, as opposed to the system failing.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::NoCallerId | Self::NotProvisioned(_))
+    }
+}
+
+/// 仮パスワード as keyed: exactly 8 digits (R-I5). Its `Debug` never shows them.
+#[derive(Clone, PartialEq, Eq)]
+struct TemporaryPassword(String);
+
+impl TemporaryPassword {
+    fn parse(keys: &str) -> Option<Self> {
+        (keys.len() == 8 && keys.bytes().all(|b| b.is_ascii_digit())).then(|| Self(keys.to_owned()))
+    }
+}
+
+impl fmt::Debug for TemporaryPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TemporaryPassword(********)")
+    }
+}
+
+#[derive(Debug, Clone)]
+enum State {
+    SelectUnit,
+    EnterNumber { unit: AuthUnit },
+    EnterPassword { unit: AuthUnit, target: PhoneNumber },
+    Confirm { unit: AuthUnit, target: PhoneNumber, first: TemporaryPassword },
+    Ended,
+}
+
+impl State {
+    /// The prompt that asks for this state's entry.
+    fn prompt(&self) -> Option<Prompt> {
+        match self {
+            Self::SelectUnit => Some(Prompt::new(PromptId::SelectUnit)),
+            Self::EnterNumber { .. } => Some(Prompt::new(PromptId::EnterNumber)),
+            Self::EnterPassword { target, .. } => Some(Prompt::for_number(PromptId::EnterPassword, target)),
+            Self::Confirm { .. } => Some(Prompt::new(PromptId::Confirm)),
+            Self::Ended => None,
+        }
+    }
+}
+
+/// What an entry leads to.
+enum Transition {
+    To(State),
+    /// INVALID; `restart` replaces the state (a confirmation mismatch), else it stays.
+    Invalid {
+        restart: Option<State>,
+    },
+    Done {
+        unit: AuthUnit,
+        target: PhoneNumber,
+        password: TemporaryPassword,
+    },
+}
+
+/// A call in progress. Owns a clone of the [`Ivr`] handles, so it can be parked in a
+/// map between requests.
+#[derive(Debug)]
+pub struct Call {
+    ivr: Ivr,
+    /// 発信者番号: a number of the line (R-I1).
+    caller: PhoneNumber,
+    /// The caller's line's 契約番号: the line whose unit is set (R-I7).
+    contract: PhoneNumber,
+    state: State,
+    /// Invalid entries so far, over all steps (R-I6).
+    invalid_entries: u32,
+}
+
+impl Call {
+    /// Answers a call from `caller` (the caller ID as the platform sends it; `+81…` and
+    /// hyphens are normalised) with SELECT_UNIT, or refuses it when the number is not
+    /// one of a provisioned line's (R-I1).
+    pub fn start(ivr: &Ivr, caller: &str) -> Result<(Self, Step), IvrError> {
+        let caller = PhoneNumber::from_caller(caller).ok_or(IvrError::NoCallerId)?;
+        let record = ivr.store.number(&caller)?.ok_or(IvrError::NotProvisioned(caller))?;
+        let line = ivr.store.line(&record.contract)?;
+        if !line.is_some_and(|line| line.numbers.contains(&caller)) {
+            return Err(IvrError::NotProvisioned(caller));
+        }
+        let call =
+            Self { ivr: ivr.clone(), caller, contract: record.contract, state: State::SelectUnit, invalid_entries: 0 };
+        tracing::info!(%caller, contract = %call.contract, "temporary-password call answered");
+        Ok((call, Step::ask(Prompt::new(PromptId::SelectUnit))))
+    }
+
+    /// The caller's number.
+    pub fn caller(&self) -> PhoneNumber {
+        self.caller
+    }
+
+    /// Feeds the keys of one entry: `"1"` at SELECT_UNIT, `"0312345679#"` at
+    /// ENTER_NUMBER (the `#` is required), 8 digits at ENTER_PASSWORD and CONFIRM.
+    /// On an error the call stays where it was, so the same entry can be retried.
+    pub fn input(&mut self, keys: &str) -> Result<Step, IvrError> {
+        let transition = match &self.state {
+            State::Ended => return Err(IvrError::Ended),
+            State::SelectUnit => match keys {
+                "1" => Transition::To(State::EnterPassword { unit: AuthUnit::Line, target: self.contract }),
+                "2" => Transition::To(State::EnterNumber { unit: AuthUnit::Number }),
+                "3" if self.caller == self.contract => Transition::To(State::EnterNumber { unit: AuthUnit::AdminUser }),
+                "3" => Transition::To(State::EnterPassword { unit: AuthUnit::AdminUser, target: self.caller }),
+                _ => Transition::Invalid { restart: None },
+            },
+            State::EnterNumber { unit } => match self.keyed_number(keys)? {
+                Some(target) => Transition::To(State::EnterPassword { unit: *unit, target }),
+                None => Transition::Invalid { restart: None },
+            },
+            State::EnterPassword { unit, target } => match TemporaryPassword::parse(keys) {
+                Some(first) => Transition::To(State::Confirm { unit: *unit, target: *target, first }),
+                None => Transition::Invalid { restart: None },
+            },
+            State::Confirm { unit, target, first } => match TemporaryPassword::parse(keys) {
+                Some(second) if second == *first => Transition::Done { unit: *unit, target: *target, password: second },
+                Some(_) => Transition::Invalid { restart: Some(State::EnterPassword { unit: *unit, target: *target }) },
+                None => Transition::Invalid { restart: None },
+            },
+        };
+        match transition {
+            Transition::To(state) => {
+                let step = Step::ask(state.prompt().expect("a state that asks"));
+                self.state = state;
+                Ok(step)
+            }
+            Transition::Invalid { restart } => Ok(self.invalid(restart)),
+            Transition::Done { unit, target, password } => {
+                self.complete(unit, target, &password)?;
+                self.state = State::Ended;
+                Ok(Step { prompt: Some(Prompt::for_number(PromptId::Done, &target)), awaiting: None, ends: true })
+            }
+        }
+    }
+
+    /// The number keyed at ENTER_NUMBER, if it ends with `#` and is a number of the
+    /// caller's line with call notification contracted (R-I3).
+    fn keyed_number(&self, keys: &str) -> Result<Option<PhoneNumber>, IvrError> {
+        let Some(number) = keys.strip_suffix('#').and_then(|digits| PhoneNumber::parse(digits).ok()) else {
+            return Ok(None);
+        };
+        let record = self.ivr.store.number(&number)?;
+        Ok(record.filter(|r| r.contract == self.contract && r.services.call).map(|r| r.number))
+    }
+
+    fn invalid(&mut self, restart: Option<State>) -> Step {
+        self.invalid_entries += 1;
+        if self.invalid_entries >= MAX_INVALID_ENTRIES {
+            let caller = self.caller;
+            tracing::info!(%caller, "temporary-password call ended: {MAX_INVALID_ENTRIES} invalid entries (R-I6)");
+            self.state = State::Ended;
+            return Step { prompt: None, awaiting: None, ends: true };
+        }
+        if let Some(state) = restart {
+            self.state = state;
+        }
+        let awaiting = self.state.prompt().map(|p| p.id);
+        Step { prompt: Some(Prompt::new(PromptId::Invalid)), awaiting, ends: false }
+    }
+
+    /// DONE: the temporary password replaces the target's credential state and the
+    /// line takes the chosen unit (R-I7); its 24 hours start now (R-I8).
+    fn complete(&self, unit: AuthUnit, target: PhoneNumber, password: &TemporaryPassword) -> Result<(), IvrError> {
+        let now = self.ivr.clock.now();
+        self.ivr.credentials.set_temporary(&target, &password.0, now)?;
+        self.ivr.store.set_line_unit(&self.contract, unit)?;
+        tracing::info!(caller = %self.caller, %target, ?unit, "temporary password set by phone");
+        Ok(())
+    }
+}
