@@ -31,6 +31,14 @@ enum Command {
     /// Try it out: serve on embedded defaults, provision a sample subscriber, produce
     /// sample CDRs and show where the mails are. Runs until Ctrl-C.
     Demo,
+    /// Play the temporary-password phone line (IVR) in this terminal, as a call from
+    /// `--caller`: prompts are printed, keys are typed one entry per line. Run it while
+    /// `serve` is stopped (it opens the store).
+    Ivr {
+        /// The calling number (caller ID), e.g. 0312345678.
+        #[arg(long)]
+        caller: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -62,10 +70,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Serve => {
-            runtime()?.block_on(async {
-                let app = Application::build(settings).await?;
-                app.run_until_stopped(shutdown_signal()).await
-            })?;
+            runtime()?.block_on(serve(settings))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ivr { caller } => {
+            let store = open_store(&settings)?;
+            let credentials = admin::credentials::Credentials::open(&store)?;
+            let ivr = admin::ivr::Ivr::new(store, credentials, admin::clock::SystemClock::shared());
+            admin::ivr::terminal::run(&ivr, &caller, std::io::stdin().lock(), std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
@@ -76,13 +88,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn provision_import(settings: &Settings, file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let store = engine::store::Store::open(&settings.store.path).with_context(|| {
+/// The engine with the admin server beside it, both stopped by one signal.
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let app = Application::build(settings.clone()).await?;
+    let clock = admin::clock::SystemClock::shared();
+    let (addr, admin) =
+        admin::server::serve(settings.admin.listen, app.store().clone(), clock, until_stopped()).await?;
+    tracing::info!(url = %format!("http://{addr}/ivr/calls"), "IVR API listening");
+    app.run_until_stopped(until_stopped()).await?;
+    admin.await?;
+    Ok(())
+}
+
+/// The store, for commands that run while `serve` does not (sled allows one process).
+fn open_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
+    engine::store::Store::open(&settings.store.path).with_context(|| {
         format!(
             "opening the store at {} (is `callnotify serve` running on it? stop it first)",
             settings.store.path.display()
         )
-    })?;
+    })
+}
+
+fn provision_import(settings: &Settings, file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let store = open_store(settings)?;
     let report = if file.as_os_str() == "-" {
         engine::provision::import(&store, std::io::stdin().lock())?
     } else {

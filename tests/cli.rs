@@ -1,6 +1,7 @@
 //! The `callnotify` command as an operator runs it: provisioning (R-L3), serve's clean
 //! shutdown, and the demo a newcomer starts with.
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,26 +68,74 @@ fn r_l3_provision_import_of_100k_numbers_is_idempotent_and_reports_bad_lines() {
 }
 
 #[test]
-fn serve_stops_cleanly_on_sigterm() {
+fn serve_answers_the_ivr_platform_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = callnotify(&dir.path().join("store"))
         .arg("serve")
         .current_dir(dir.path())
         .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+        .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    // Serving once the consumer is up.
-    assert!(lines.by_ref().map_while(Result::ok).any(|l| l.contains("consuming CDRs")), "serve starts");
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.split_once("url=http://").filter(|_| l.contains("IVR API listening")).map(|(_, u)| u.to_owned())
+        })
+        .expect("serve starts the IVR API");
+    let addr = url.trim().trim_end_matches("/ivr/calls");
+
+    // R-I1 over the real socket: a caller that is not on a provisioned line is refused.
+    let body = r#"{"caller":"0399999999"}"#;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST /ivr/calls HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
+    assert!(response.contains(r#""error":"refused""#), "{response}");
+
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit 0 after draining: {rest:#?}");
     assert!(rest.iter().any(|l| l.contains("offsets committed")), "{rest:#?}");
+}
+
+#[test]
+fn r_i2_r_i7_the_terminal_ivr_sets_a_temporary_password_for_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let file = dir.path().join("line.jsonl");
+    std::fs::write(&file, line(0)).unwrap();
+    assert!(callnotify(&store).args(["provision", "import"]).arg(&file).status().unwrap().success());
+
+    let mut child = callnotify(&store)
+        .args(["ivr", "--caller", "0300000000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"1\n12345678\n12345678\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("[DONE] 0300000000番の仮パスワードの設定が完了しました。"), "{text}");
+
+    let store = Store::open(&store).unwrap();
+    let line = store.line(&engine::phone::PhoneNumber::parse("0300000000").unwrap()).unwrap().unwrap();
+    assert_eq!(line.unit, Some(engine::store::AuthUnit::Line), "R-I7: the line takes the chosen unit");
 }
 
 #[test]

@@ -16,10 +16,12 @@
 //! - [`ivr`]: the phone line: the call state machine ([`ivr::call`]), its verbatim
 //!   prompts ([`ivr::prompt`]), the HTTP API for an IVR platform ([`ivr::api`]) and a
 //!   terminal player for operators ([`ivr::terminal`]).
+//! - [`server`]: the HTTP server `callnotify serve` runs beside the engine.
 
 pub mod clock;
 pub mod credentials;
 pub mod ivr;
+pub mod server;
 
 #[cfg(test)]
 mod testing;

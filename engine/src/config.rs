@@ -22,6 +22,7 @@ pub struct Settings {
     pub smtp: SmtpSettings,
     pub engine: EngineSettings,
     pub metrics: MetricsSettings,
+    pub admin: AdminSettings,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -97,6 +98,14 @@ pub struct EngineSettings {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// The IVR platform's API (and the settings site, when it comes). The API trusts the
+    /// caller ID it is sent, so only the IVR platform may reach it.
     pub listen: SocketAddr,
 }
 
