@@ -71,8 +71,6 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     producer.flush(Duration::from_secs(120))?;
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
-    let seed_file = workdir.join("population.jsonl");
-    population.write_jsonl(std::fs::File::create(&seed_file)?)?;
     let mut config = EngineConfig {
         binary,
         workdir: workdir.clone(),
@@ -86,7 +84,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         pool_size: common.pool_size,
         from_domain: "ingest.example.jp".into(),
     };
-    eprintln!("seeding: {}", config.provision(&seed_file)?);
+    eprintln!("seeded: {}", config.seed(&population)?);
 
     let mut rounds = Vec::new();
     for round in 0..args.rounds {

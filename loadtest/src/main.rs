@@ -94,7 +94,10 @@ impl Common {
             None => std::env::current_exe()?.with_file_name("callnotify"),
         };
         if !path.exists() {
-            bail!("engine binary {} not found: build it (`cargo build --release`) or pass --engine", path.display());
+            bail!(
+                "engine binary {} not found: build it (`cargo build --release --workspace`) or pass --engine",
+                path.display()
+            );
         }
         Ok(path)
     }

@@ -16,6 +16,8 @@ pub struct Report {
     pub mix: crate::traffic::Mix,
     /// Target CDR/s; `None` means flat out.
     pub offered_rate: Option<f64>,
+    /// Flat out: the most CDRs the producer ran ahead of the engine.
+    pub max_lead: u64,
     pub duration_s: f64,
     pub cdrs_produced: u64,
     pub produced_per_s: f64,
@@ -27,6 +29,8 @@ pub struct Report {
     pub mails_per_s: f64,
     pub latency_ms: Percentiles,
     pub lost: u64,
+    /// CDRs produced but not consumed when the run ended (the engine fell behind).
+    pub backlog: u64,
     pub duplicates: u64,
     pub unexpected: u64,
     /// Mails the sink saw but the collector could not follow (broadcast lag); not losses.
@@ -103,7 +107,10 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
-        let offered = self.offered_rate.map_or("flat out".to_owned(), |r| format!("{r:.0} CDR/s"));
+        let offered =
+            self.offered_rate.map_or(format!("flat out (at most {} CDRs ahead of the engine)", self.max_lead), |r| {
+                format!("{r:.0} CDR/s")
+            });
         let l = &self.latency_ms;
         format!(
             "# callnotify load test\n\n\
@@ -118,6 +125,7 @@ impl Report {
              | mails expected / received | {exp} / {rec} ({mps:.0} mails/s) |\n\
              | latency p50 / p90 / p99 / p99.9 / max | {p50:.1} / {p90:.1} / {p99:.1} / {p999:.1} / {max:.1} ms |\n\
              | lost / duplicates / unexpected | {lost} / {dup} / {unexp} |\n\
+             | backlog at the end | {backlog} CDRs |\n\
              | engine max RSS | {rss:.0} MB |\n\
              | engine CPU | {cpu:.0} % of one core |\n\n\
              ![latency over time](latency.svg)\n",
@@ -146,6 +154,7 @@ impl Report {
             lost = self.lost,
             dup = self.duplicates,
             unexp = self.unexpected,
+            backlog = self.backlog,
             rss = self.engine_max_rss_mb,
             cpu = self.engine_cpu_percent,
         )

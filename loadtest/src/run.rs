@@ -51,6 +51,9 @@ pub struct RunArgs {
     /// After producing, how long to wait for the last mails.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     drain: Duration,
+    /// Flat out: how far the producer may run ahead of the engine's consumption.
+    #[arg(long, default_value_t = 300_000)]
+    max_lead: u64,
     /// No progress bar (for logs and CI).
     #[arg(long)]
     quiet: bool,
@@ -112,11 +115,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         from_domain: DOMAIN.into(),
     };
 
-    let seed_file = workdir.join("population.jsonl");
-    let started = Instant::now();
-    population.write_jsonl(std::fs::File::create(&seed_file)?)?;
-    let seeded = config.provision(&seed_file)?;
-    let seed = format!("{seeded} in {:.1} s", started.elapsed().as_secs_f64());
+    let seed = config.seed(&population)?;
     eprintln!("seeded: {seed}");
 
     let mut engine = config.serve()?;
@@ -136,15 +135,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let collector = tokio::spawn(collect(sink.subscribe(), expected.clone(), collected.clone(), t0));
 
     let produced = Arc::new(AtomicU64::new(0));
+    let consumed_now = Arc::new(AtomicU64::new(0));
     let expected_total = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let producer_thread = {
         let generator = Generator::new(population, args.zipf, format, mix, &run_id, DOMAIN);
-        let (expected, produced, expected_total, done) =
-            (expected.clone(), produced.clone(), expected_total.clone(), done.clone());
-        let (rate, duration, count) = (args.rate, args.duration, args.count.unwrap_or(u64::MAX));
+        let pacing = Pacing {
+            rate: args.rate,
+            duration: args.duration,
+            count: args.count.unwrap_or(u64::MAX),
+            max_lead: args.max_lead,
+            consumed: consumed_now.clone(),
+            produced: produced.clone(),
+            expected: expected.clone(),
+            expected_total: expected_total.clone(),
+        };
+        let done = done.clone();
         std::thread::spawn(move || {
-            produce(producer, generator, rate, duration, count, &expected, &produced, &expected_total);
+            produce(producer, generator, pacing);
             done.store(true, Ordering::Release);
         })
     };
@@ -171,6 +179,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             last_consumed = Some(t0.elapsed());
         }
         consumed = run_consumed;
+        consumed_now.store(consumed, Ordering::Release);
         let (mails, second) = {
             let c = collected.lock().expect("collector lock");
             let second = timeline.len();
@@ -229,6 +238,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         subscribed_share: population.subscribed,
         mix,
         offered_rate: (args.rate > 0.0).then_some(args.rate),
+        max_lead: args.max_lead,
         duration_s: elapsed,
         cdrs_produced: sent,
         produced_per_s: sent as f64 / produce_span,
@@ -238,7 +248,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         mails_received: c.received,
         mails_per_s: c.received as f64 / consume_span,
         latency_ms: Percentiles::of(latency),
-        lost: still_expected.saturating_sub(c.unobserved),
+        // Mails of CDRs the engine never got to are a backlog, not a loss.
+        lost: if consumed >= sent { still_expected.saturating_sub(c.unobserved) } else { 0 },
+        backlog: sent.saturating_sub(consumed),
         duplicates: c.duplicates,
         unexpected: c.unexpected,
         unobserved: c.unobserved,
@@ -253,6 +265,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     drop(embedded);
     if report.lost > 0 || report.duplicates > 0 {
         anyhow::bail!("{} mails lost and {} duplicated", report.lost, report.duplicates);
+    }
+    if report.backlog > 0 {
+        anyhow::bail!("the engine had not consumed {} CDRs when the drain time ran out", report.backlog);
     }
     Ok(())
 }
@@ -272,35 +287,43 @@ async fn warm_up(producer: &BaseProducer, engine: &EngineProcess, mut generator:
     Ok(())
 }
 
-/// The producer thread: paced to `rate` (0 = flat out), until `duration` or `count`.
-#[allow(clippy::too_many_arguments)]
-fn produce(
-    producer: BaseProducer,
-    mut generator: Generator,
+/// How the producer thread paces itself and what it reports.
+struct Pacing {
+    /// CDR/s; 0 = flat out.
     rate: f64,
     duration: Duration,
     count: u64,
-    expected: &Expected,
-    produced: &AtomicU64,
-    expected_total: &AtomicU64,
-) {
+    /// Flat out still stays at most this many CDRs ahead of what the engine consumed:
+    /// past that, more load only measures the broker's memory, not the engine.
+    max_lead: u64,
+    consumed: Arc<AtomicU64>,
+    produced: Arc<AtomicU64>,
+    expected: Expected,
+    expected_total: Arc<AtomicU64>,
+}
+
+/// The producer thread: paced to the rate (or flat out), until the duration or count.
+fn produce(producer: BaseProducer, mut generator: Generator, pacing: Pacing) {
     let start = Instant::now();
     let mut n = 0u64;
-    while n < count && start.elapsed() < duration {
-        if rate > 0.0 {
-            let due = Duration::from_secs_f64(n as f64 / rate);
+    while n < pacing.count && start.elapsed() < pacing.duration {
+        if pacing.rate > 0.0 {
+            let due = Duration::from_secs_f64(n as f64 / pacing.rate);
             if let Some(ahead) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(ahead);
             }
+        } else if n.saturating_sub(pacing.consumed.load(Ordering::Acquire)) >= pacing.max_lead {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
         }
         let now = SystemTime::now();
         let cdr = generator.next(now.into());
         if !cdr.expected.is_empty() {
-            let mut map = expected.lock().expect("expected lock");
+            let mut map = pacing.expected.lock().expect("expected lock");
             for id in &cdr.expected {
                 map.insert(*id, micros(now));
             }
-            expected_total.fetch_add(cdr.expected.len() as u64, Ordering::AcqRel);
+            pacing.expected_total.fetch_add(cdr.expected.len() as u64, Ordering::AcqRel);
         }
         let mut record = BaseRecord::to(TOPIC).key(&cdr.key).payload(&cdr.payload);
         loop {
@@ -314,7 +337,7 @@ fn produce(
             }
         }
         n += 1;
-        produced.store(n, Ordering::Release);
+        pacing.produced.store(n, Ordering::Release);
         if n.is_multiple_of(1024) {
             producer.poll(Duration::ZERO);
         }

@@ -13,21 +13,19 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
-use crate::config::{SmtpSettings, TlsMode};
+use self::smtp::{SendError, SmtpPool};
+use crate::config::SmtpSettings;
 use crate::dead_letter::DeadLetters;
 use crate::phone::PhoneNumber;
 use crate::render::Mail;
 use crate::telemetry::Metrics;
 
+mod smtp;
+
 /// Where mails go.
-#[derive(Clone)]
 enum Transport {
-    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Smtp(SmtpPool),
     /// `smtp.host` empty: one `.eml` file per mail, named after its Message-ID.
     Outbox(PathBuf),
 }
@@ -77,8 +75,6 @@ struct Inner {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
-    #[error("smtp.host {host:?} cannot be used: {source}")]
-    Relay { host: String, source: lettre::transport::smtp::Error },
     #[error("cannot create the outbox directory {path}: {source}")]
     Outbox { path: PathBuf, source: std::io::Error },
 }
@@ -90,7 +86,7 @@ impl Deliverer {
                 .map_err(|source| DeliverError::Outbox { path: settings.outbox_dir.clone(), source })?;
             Transport::Outbox(settings.outbox_dir.clone())
         } else {
-            Transport::Smtp(smtp_transport(settings)?)
+            Transport::Smtp(SmtpPool::new(settings))
         };
         let per_second = NonZeroU32::new(settings.rate_per_second).expect("config checks rate_per_second >= 1");
         let per_minute = NonZeroU32::new(settings.per_recipient_per_minute).expect("config checks >= 1");
@@ -149,7 +145,7 @@ impl Deliverer {
 
     async fn attempt(&self, mail: &Mail) -> Result<(), Attempt> {
         match &self.inner.transport {
-            Transport::Smtp(smtp) => smtp.send_raw(&mail.envelope, &mail.bytes).await.map(drop).map_err(classify),
+            Transport::Smtp(smtp) => smtp.send(&mail.envelope, &mail.bytes).await.map_err(classify),
             Transport::Outbox(dir) => write_eml(dir, mail).await.map_err(|e| Attempt::Temporary(e.to_string())),
         }
     }
@@ -169,37 +165,13 @@ async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
     }
 }
 
-fn smtp_transport(s: &SmtpSettings) -> Result<AsyncSmtpTransport<Tokio1Executor>, DeliverError> {
-    let relay_error = |source| DeliverError::Relay { host: s.host.clone(), source };
-    let builder = match s.tls {
-        TlsMode::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host),
-        TlsMode::Starttls => {
-            let params = TlsParameters::new(s.host.clone()).map_err(relay_error)?;
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host).tls(Tls::Required(params))
-        }
-        TlsMode::Tls => {
-            let params = TlsParameters::new(s.host.clone()).map_err(relay_error)?;
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&s.host).tls(Tls::Wrapper(params))
-        }
-    };
-    let mut builder = builder
-        .port(s.port)
-        .timeout(Some(Duration::from_secs(s.timeout_secs)))
-        .pool_config(PoolConfig::new().max_size(s.pool_size));
-    if !s.username.is_empty() {
-        builder = builder.credentials(Credentials::new(s.username.clone(), s.password.expose().to_owned()));
-    }
-    Ok(builder.build())
-}
-
-/// Sorts a lettre error into retry or give up. Client-side errors about the message
-/// itself can never succeed; everything about the connection may.
-fn classify(e: lettre::transport::smtp::Error) -> Attempt {
-    let reply = e.to_string();
-    if e.is_permanent() || e.is_client() {
-        Attempt::Permanent(reply)
-    } else {
-        Attempt::Temporary(reply)
+/// Sorts a failure into retry or give up: a 5xx, or a message the client can never
+/// send, is permanent; everything about the connection may pass. A timeout after DATA
+/// is retried although the mail may have arrived: a possible duplicate beats a loss.
+fn classify(e: SendError) -> Attempt {
+    match e {
+        SendError::Smtp(e) if e.is_permanent() || e.is_client() => Attempt::Permanent(e.to_string()),
+        other => Attempt::Temporary(other.to_string()),
     }
 }
 
