@@ -45,7 +45,7 @@ impl EngineConfig {
             .env("CALLNOTIFY__SMTP__RATE_PER_SECOND", "1000000")
             .env("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "1000000")
             .env("CALLNOTIFY__METRICS__LISTEN", self.metrics.to_string())
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", std::env::var("CALLNOTIFY_ENGINE_LOG").unwrap_or_else(|_| "warn".into()));
         cmd
     }
 
@@ -125,14 +125,13 @@ impl EngineProcess {
         Usage { rss_bytes, cpu_seconds }
     }
 
-    /// The engine's metrics, as name → value for unlabelled series.
+    /// The engine's metrics.
     pub async fn metrics(&self) -> anyhow::Result<Metrics> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n").await?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await?;
-        Ok(Metrics(text))
+        scrape(self.metrics).await
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
     }
 
     /// Waits until `/metrics` answers.
@@ -185,6 +184,16 @@ impl Metrics {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0.0)
     }
+}
+
+/// One scrape of an engine's `/metrics`.
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n").await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(Metrics(text))
 }
 
 /// A free loopback port for the engine's metrics endpoint.

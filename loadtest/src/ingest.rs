@@ -9,7 +9,7 @@ use engine::decode::CdrFormat;
 use engine::embedded::EmbeddedKafka;
 use engine::sink::{SinkOptions, SmtpSink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::engine_proc::{free_port, EngineConfig};
 use crate::population::Population;
@@ -53,11 +53,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let brokers = embedded.as_ref().map_or(common.brokers.clone(), |k| k.bootstrap_servers().to_owned());
 
     eprintln!("producing {} CDRs", args.count);
-    let producer: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
+    let (producer, acks) = crate::producer::create(&brokers)?;
     let mix = Mix { missed: 0.6, withheld: 0.1, designated: 0.2 };
     let mut generator = Generator::new(population, 1.0, format, mix, "ingest", "ingest.example.jp");
     for _ in 0..args.count {
@@ -69,6 +65,13 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         }
     }
     producer.flush(Duration::from_secs(120))?;
+    let delivered = acks.delivered.load(std::sync::atomic::Ordering::Acquire);
+    anyhow::ensure!(
+        delivered == args.count,
+        "the broker took {delivered} of {} CDRs (last error: {:?})",
+        args.count,
+        acks.last_error.lock().expect("error lock")
+    );
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
     let mut config = EngineConfig {

@@ -7,6 +7,7 @@
 mod engine_proc;
 mod ingest;
 mod population;
+mod producer;
 mod report;
 mod run;
 mod traffic;

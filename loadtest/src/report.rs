@@ -19,7 +19,11 @@ pub struct Report {
     /// Flat out: the most CDRs the producer ran ahead of the engine.
     pub max_lead: u64,
     pub duration_s: f64,
+    /// CDRs the broker acknowledged.
     pub cdrs_produced: u64,
+    /// CDRs the broker refused or that timed out (not counted as produced).
+    pub produce_failed: u64,
+    pub produce_error: Option<String>,
     pub produced_per_s: f64,
     pub cdrs_consumed: u64,
     /// CDRs the engine consumed per second, first to last.
@@ -120,7 +124,7 @@ impl Report {
              | measure | value |\n|---|---|\n\
              | offered | {offered} |\n\
              | duration | {dur:.1} s |\n\
-             | CDRs produced | {produced} ({pps:.0} CDR/s) |\n\
+             | CDRs produced (acknowledged by the broker) | {produced} ({pps:.0} CDR/s); {failed} failed |\n\
              | CDRs consumed by the engine | {consumed} ({cps:.0} CDR/s) |\n\
              | mails expected / received | {exp} / {rec} ({mps:.0} mails/s) |\n\
              | latency p50 / p90 / p99 / p99.9 / max | {p50:.1} / {p90:.1} / {p99:.1} / {p999:.1} / {max:.1} ms |\n\
@@ -140,6 +144,7 @@ impl Report {
             designated = self.mix.designated * 100.0,
             dur = self.duration_s,
             produced = self.cdrs_produced,
+            failed = self.produce_failed,
             pps = self.produced_per_s,
             consumed = self.cdrs_consumed,
             cps = self.consumed_per_s,

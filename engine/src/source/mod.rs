@@ -153,8 +153,11 @@ fn run(
             paused = true;
             tracing::info!(in_flight, "consumer paused until mails drain");
         } else if paused && in_flight <= max_in_flight / 2 {
+            // librdkafka drops what it had fetched ahead at the pause and fetches again
+            // from the first message not yet handed to us.
             consumer.resume(&consumer.assignment()?)?;
             paused = false;
+            tracing::info!(in_flight, "consumer resumed");
         }
     }
     let finished = ctx.settle(&consumer, None, Instant::now() + grace)?;
