@@ -76,12 +76,15 @@ fn stage_benches(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("resolve");
     group.throughput(Throughput::Elements(1));
-    let resolver = Resolver::new(store.clone(), 100_000);
+    let resolver = Resolver::new(store.clone(), 100_000).unwrap();
     resolver.resolve(&hot).unwrap();
     group.bench_function("cache_hit", |b| b.iter(|| resolver.resolve(black_box(&hot)).unwrap()));
-    // A one-entry cache: every other lookup reads sled.
-    let cold = Resolver::new(store.clone(), 1);
-    let numbers: Vec<PhoneNumber> = (0..count).step_by(7).map(|i| PhoneNumber::parse(&number(i)).unwrap()).collect();
+    let unsubscribed = PhoneNumber::parse(&number(1)).unwrap();
+    group.bench_function("not_subscribed", |b| b.iter(|| resolver.resolve(black_box(&unsubscribed)).unwrap()));
+    // A one-entry cache: every lookup of a subscribed number reads sled.
+    let cold = Resolver::new(store.clone(), 1).unwrap();
+    let numbers: Vec<PhoneNumber> =
+        (0..count).step_by(20 * 7).map(|i| PhoneNumber::parse(&number(i)).unwrap()).collect();
     let mut i = 0;
     group.bench_function("cache_miss_sled", |b| {
         b.iter(|| {

@@ -54,6 +54,8 @@ pub struct StoreSettings {
     pub path: PathBuf,
     /// Entries of the subscription cache (positive and negative).
     pub cache_capacity: u64,
+    /// MiB of sled's own page cache.
+    pub sled_cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

@@ -1,12 +1,15 @@
 //! Resolve stage: called number → its [`Subscription`], from a moka cache over the store.
 //!
-//! Almost every CDR is for a number without the service, so the cache keeps negative
-//! answers too. The store tells the resolver of every write, which drops the entry at
+//! Almost every CDR is for a number without the service. Those are answered from an
+//! in-memory set of the numbers that have it, built from the store at start, without
+//! touching the cache or sled; the cache then holds subscriptions only. The store tells
+//! the resolver of every write, which updates the set and drops the cached entry at
 //! once; a load racing with a write is not cached (see [`Resolver::resolve`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use dashmap::DashSet;
 use moka::sync::Cache;
 
 use crate::address::DestinationAddress;
@@ -49,32 +52,47 @@ impl Subscription {
     }
 }
 
-/// What the cache holds for a number: its subscription, or `None` for "no service".
+/// What resolving a number gives: its subscription, or `None` for "no service".
 type Entry = Option<Arc<Subscription>>;
 
 /// Finds subscriptions; cheap to clone, one cache shared by all clones.
 #[derive(Clone)]
 pub struct Resolver {
     store: Store,
-    cache: Cache<PhoneNumber, Entry>,
+    cache: Cache<PhoneNumber, Arc<Subscription>>,
+    /// Every number with call notification contracted (着信お知らせメール契約番号).
+    subscribed: Arc<DashSet<PhoneNumber>>,
     /// Bumped by every invalidation; a load that saw it change does not cache.
     generation: Arc<AtomicU64>,
 }
 
 impl Resolver {
-    /// A resolver over `store` caching at most `capacity` numbers.
-    pub fn new(store: Store, capacity: u64) -> Self {
-        let cache: Cache<PhoneNumber, Entry> = Cache::new(capacity);
+    /// A resolver over `store` caching at most `capacity` subscriptions. Reads every
+    /// number once to know which have the service: call it where blocking is fine.
+    pub fn new(store: Store, capacity: u64) -> Result<Self, StoreError> {
+        let cache: Cache<PhoneNumber, Arc<Subscription>> = Cache::new(capacity);
+        let subscribed = Arc::new(DashSet::new());
         let generation = Arc::new(AtomicU64::new(0));
         {
-            let cache = cache.clone();
-            let generation = generation.clone();
-            store.on_number_change(move |number| {
+            let (cache, subscribed, generation) = (cache.clone(), subscribed.clone(), generation.clone());
+            store.on_number_change(move |number, record| {
                 generation.fetch_add(1, Ordering::AcqRel);
+                if record.is_some_and(|r| r.services.call) {
+                    subscribed.insert(*number);
+                } else {
+                    subscribed.remove(number);
+                }
                 cache.invalidate(number);
             });
         }
-        Self { store, cache, generation }
+        // After registering, so a write during the scan is not missed.
+        for record in store.numbers() {
+            let record = record?;
+            if record.services.call {
+                subscribed.insert(record.number);
+            }
+        }
+        Ok(Self { store, cache, subscribed, generation })
     }
 
     /// The subscription of `called`, or `None` if it has no call notification.
@@ -82,15 +100,25 @@ impl Resolver {
     /// A miss reads sled, which may touch the disk: call this from the source thread or
     /// a blocking task, never on an async worker.
     pub fn resolve(&self, called: &PhoneNumber) -> Result<Entry, StoreError> {
+        if !self.subscribed.contains(called) {
+            return Ok(None);
+        }
         if let Some(hit) = self.cache.get(called) {
-            return Ok(hit);
+            return Ok(Some(hit));
         }
         let before = self.generation.load(Ordering::Acquire);
         let loaded = self.store.number(called)?.and_then(|r| Subscription::from_record(&r)).map(Arc::new);
-        if self.generation.load(Ordering::Acquire) == before {
-            self.cache.insert(*called, loaded.clone());
+        if let Some(sub) = &loaded {
+            if self.generation.load(Ordering::Acquire) == before {
+                self.cache.insert(*called, sub.clone());
+            }
         }
         Ok(loaded)
+    }
+
+    /// How many numbers have call notification contracted.
+    pub fn subscribed_numbers(&self) -> usize {
+        self.subscribed.len()
     }
 
     pub fn store(&self) -> &Store {
@@ -116,7 +144,7 @@ mod tests {
     #[test]
     fn a_saved_setting_governs_the_very_next_lookup() {
         let store = Store::temporary().unwrap();
-        let resolver = Resolver::new(store.clone(), 100);
+        let resolver = Resolver::new(store.clone(), 100).unwrap();
         let n = number("0312345678");
         assert_eq!(resolver.resolve(&n).unwrap(), None, "unknown number has no service");
 
@@ -132,6 +160,27 @@ mod tests {
         assert_eq!(sub.recipients.len(), 1);
     }
 
+    #[test]
+    fn contracting_or_ending_the_service_applies_at_once_and_survives_a_restart() {
+        let store = Store::temporary().unwrap();
+        let resolver = Resolver::new(store.clone(), 100).unwrap();
+        let n = number("0312345678");
+        provision(&store, "0312345678", CallSettings { enabled: true, ..Default::default() });
+        assert!(resolver.resolve(&n).unwrap().is_some());
+        assert_eq!(resolver.subscribed_numbers(), 1);
+
+        // The operator ends call notification (fax only now): no subscription any more.
+        let line = LineRecord { contract: n, numbers: vec![n], unit: None };
+        store.upsert_line(&line, &[(n, Services { call: false, fax: true }, None)]).unwrap();
+        assert_eq!(resolver.resolve(&n).unwrap(), None);
+
+        // A resolver built later (a restart) indexes what the store holds.
+        provision(&store, "0312345678", CallSettings { enabled: true, ..Default::default() });
+        let restarted = Resolver::new(store.clone(), 100).unwrap();
+        assert!(restarted.resolve(&n).unwrap().is_some());
+        assert!(resolver.resolve(&n).unwrap().is_some(), "and the running one saw it too");
+    }
+
     fn sub_version(store: &Store, n: &PhoneNumber) -> u64 {
         store.number(n).unwrap().unwrap().call.version
     }
@@ -139,7 +188,7 @@ mod tests {
     #[test]
     fn only_checked_destinations_and_designated_numbers_are_kept() {
         let store = Store::temporary().unwrap();
-        let resolver = Resolver::new(store.clone(), 100);
+        let resolver = Resolver::new(store.clone(), 100).unwrap();
         let dest = |a: &str, send| Destination { address: DestinationAddress::parse(a).unwrap(), send };
         let settings = CallSettings {
             enabled: true,

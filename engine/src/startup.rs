@@ -38,11 +38,22 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let path = settings.store.path.clone();
-        let store = tokio::task::spawn_blocking(move || Store::open(&path))
-            .await?
-            .with_context(|| format!("opening the store at {}", settings.store.path.display()))?;
-        let resolver = Resolver::new(store.clone(), settings.store.cache_capacity);
+        let (path, cache) = (settings.store.path.clone(), settings.store.sled_cache_mb << 20);
+        let capacity = settings.store.cache_capacity;
+        let (store, resolver) = tokio::task::spawn_blocking(move || {
+            let store = Store::open_with_cache(&path, cache)?;
+            let started = std::time::Instant::now();
+            let resolver = Resolver::new(store.clone(), capacity)?;
+            tracing::info!(
+                numbers = store.number_count(),
+                subscribed = resolver.subscribed_numbers(),
+                took = ?started.elapsed(),
+                "subscriptions indexed"
+            );
+            Ok::<_, crate::store::StoreError>((store, resolver))
+        })
+        .await?
+        .with_context(|| format!("opening the store at {}", settings.store.path.display()))?;
         let metrics = Metrics::new();
 
         let kafka = &settings.kafka;

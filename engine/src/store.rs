@@ -139,7 +139,8 @@ pub enum StoreError {
     UnknownNumber(PhoneNumber),
 }
 
-type Listener = Arc<dyn Fn(&PhoneNumber) + Send + Sync>;
+/// Told of a number's new record (`None`: the number was removed).
+type Listener = Arc<dyn Fn(&PhoneNumber, Option<&NumberRecord>) + Send + Sync>;
 
 /// Handle to the store; cheap to clone, shared by every stage and the admin site.
 #[derive(Clone)]
@@ -153,9 +154,15 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path` with sled's page cache at 64 MiB.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::from_db(sled::open(path)?)
+        Self::open_with_cache(path, 64 << 20)
+    }
+
+    /// Opens (or creates) the store at `path`; sled keeps at most `cache_bytes` of pages
+    /// in memory (its own default, 1 GiB, would dwarf the rest of the engine).
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::from_db(sled::Config::new().path(path).cache_capacity(cache_bytes).open()?)
     }
 
     /// A store that lives in memory and vanishes when dropped (tests, benches).
@@ -173,15 +180,16 @@ impl Store {
         })
     }
 
-    /// Registers `f` to be called with every number whose record changes.
-    pub fn on_number_change(&self, f: impl Fn(&PhoneNumber) + Send + Sync + 'static) {
+    /// Registers `f` to be called with every number whose record changes and its new
+    /// record, right after the write.
+    pub fn on_number_change(&self, f: impl Fn(&PhoneNumber, Option<&NumberRecord>) + Send + Sync + 'static) {
         self.listeners.write().expect("listener lock").push(Arc::new(f));
     }
 
-    fn changed(&self, numbers: &[PhoneNumber]) {
+    fn changed(&self, records: &[(PhoneNumber, Option<NumberRecord>)]) {
         let listeners = self.listeners.read().expect("listener lock").clone();
-        for n in numbers {
-            listeners.iter().for_each(|f| f(n));
+        for (number, record) in records {
+            listeners.iter().for_each(|f| f(number, record.as_ref()));
         }
     }
 
@@ -219,7 +227,7 @@ impl Store {
         numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
     ) -> Result<(), StoreError> {
         let result = (&self.lines, &self.numbers).transaction(|(lines, nums)| {
-            let mut touched: Vec<PhoneNumber> = Vec::new();
+            let mut touched: Vec<(PhoneNumber, Option<NumberRecord>)> = Vec::new();
             let abort = |e: StoreError| ConflictableTransactionError::Abort(e);
             let old_line: Option<LineRecord> = match lines.get(line.contract.as_str())? {
                 Some(raw) => Some(serde_json::from_slice(&raw).map_err(|e| abort(e.into()))?),
@@ -228,7 +236,7 @@ impl Store {
             if let Some(old) = &old_line {
                 for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
                     nums.remove(gone.as_str())?;
-                    touched.push(*gone);
+                    touched.push((*gone, None));
                 }
             }
             let mut stored = line.clone();
@@ -269,7 +277,7 @@ impl Store {
                 if old.as_ref() != Some(&record) {
                     let raw = serde_json::to_vec(&record).map_err(|e| abort(e.into()))?;
                     nums.insert(number.as_str(), raw)?;
-                    touched.push(*number);
+                    touched.push((*number, Some(record)));
                 }
             }
             let raw = serde_json::to_vec(&stored).map_err(|e| abort(e.into()))?;
@@ -304,7 +312,7 @@ impl Store {
             record.call = CallSettings { version: expected + 1, ..settings.clone() };
             let new = serde_json::to_vec(&record)?;
             if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
-                self.changed(&[*number]);
+                self.changed(&[(*number, Some(record))]);
                 return Ok(expected + 1);
             }
         }

@@ -149,7 +149,7 @@ mod tests {
         let store = engine::store::Store::temporary().unwrap();
         let report = engine::provision::import(&store, jsonl.as_slice()).unwrap();
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);
-        let resolver = engine::resolve::Resolver::new(store, 10);
+        let resolver = engine::resolve::Resolver::new(store, 10).unwrap();
         let mut subscribed = 0;
         for i in 0..population.numbers {
             let number = PhoneNumber::parse(&population.number(i)).unwrap();
