@@ -17,6 +17,10 @@ use engine::render::Renderer;
 use engine::resolve::Resolver;
 use engine::store::Store;
 
+/// The allocator the `callnotify` binary runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const BATCH: usize = 1024;
 
 fn fixture(format: &str) -> Vec<u8> {

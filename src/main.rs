@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand};
 use engine::config::Settings;
 use engine::startup::Application;
 
+/// mimalloc returns freed memory to the system far better than glibc's per-thread
+/// arenas under this mix of threads (librdkafka, tokio, the consumer thread): measured
+/// in BENCHMARKS.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "callnotify", version, about = "着信お知らせメール: incoming-call notification mail")]
 struct Cli {
