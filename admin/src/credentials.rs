@@ -244,8 +244,7 @@ impl Credentials {
         password: String,
         now: DateTime<Utc>,
     ) -> Result<Verdict, CredentialError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.verify(&number, &password, now)).await?
+        self.blocking(move |c| c.verify(&number, &password, now)).await
     }
 
     /// [`Credentials::set_temporary`] on tokio's blocking pool.
@@ -255,8 +254,7 @@ impl Credentials {
         password: String,
         now: DateTime<Utc>,
     ) -> Result<(), CredentialError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.set_temporary(&number, &password, now)).await?
+        self.blocking(move |c| c.set_temporary(&number, &password, now)).await
     }
 
     /// [`Credentials::set_password`] on tokio's blocking pool.
@@ -266,8 +264,16 @@ impl Credentials {
         password: String,
         now: DateTime<Utc>,
     ) -> Result<(), CredentialError> {
+        self.blocking(move |c| c.set_password(&number, &password, now)).await
+    }
+
+    /// Runs `f` (argon2 hashing, sled I/O) off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Self) -> Result<T, CredentialError> + Send + 'static,
+    ) -> Result<T, CredentialError> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.set_password(&number, &password, now)).await?
+        tokio::task::spawn_blocking(move || f(&this)).await?
     }
 }
 

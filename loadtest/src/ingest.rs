@@ -5,17 +5,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use engine::decode::CdrFormat;
-use engine::embedded::EmbeddedKafka;
 use engine::sink::{SinkOptions, SmtpSink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::engine_proc::{free_port, EngineConfig};
-use crate::population::Population;
 use crate::report::Machine;
 use crate::traffic::{Generator, Mix};
-use crate::Common;
+use crate::{Common, Setup};
 
 const TOPIC: &str = "cdr-ingest";
 
@@ -40,17 +37,7 @@ struct Round {
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    common.check_loopback()?;
-    let binary = common.engine_binary()?;
-    let workdir = common.workdir()?;
-    let format: CdrFormat = common.format.into();
-    let population = Population { numbers: common.numbers, subscribed: common.subscribed };
-    let embedded = if common.brokers.is_empty() {
-        Some(EmbeddedKafka::start(&[TOPIC, &format!("{TOPIC}-dead-letter")], common.partitions)?)
-    } else {
-        None
-    };
-    let brokers = embedded.as_ref().map_or(common.brokers.clone(), |k| k.bootstrap_servers().to_owned());
+    let Setup { binary, workdir, format, population, brokers, embedded } = common.prepare(TOPIC)?;
 
     eprintln!("producing {} CDRs", args.count);
     let (producer, acks) = crate::producer::create(&brokers)?;

@@ -18,6 +18,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use engine::decode::CdrFormat;
+use engine::embedded::EmbeddedKafka;
+
+use crate::population::Population;
 
 #[derive(Parser)]
 #[command(name = "callnotify-loadtest", version, about = "Load tests for callnotify (loopback only)")]
@@ -115,6 +118,26 @@ impl Common {
         Ok(())
     }
 
+    /// What every mode starts with: checked arguments, the engine binary, a work
+    /// directory, and Kafka (the given brokers, or a mock cluster in this process with
+    /// `topic` and its dead-letter topic).
+    fn prepare(&self, topic: &str) -> anyhow::Result<Setup> {
+        self.check_loopback()?;
+        let embedded = if self.brokers.is_empty() {
+            Some(EmbeddedKafka::start(&[topic, &format!("{topic}-dead-letter")], self.partitions)?)
+        } else {
+            None
+        };
+        Ok(Setup {
+            binary: self.engine_binary()?,
+            workdir: self.workdir()?,
+            format: self.format.into(),
+            population: Population { numbers: self.numbers, subscribed: self.subscribed },
+            brokers: embedded.as_ref().map_or(self.brokers.clone(), |k| k.bootstrap_servers().to_owned()),
+            embedded,
+        })
+    }
+
     fn workdir(&self) -> anyhow::Result<PathBuf> {
         let dir = match &self.workdir {
             Some(d) => d.clone(),
@@ -123,6 +146,17 @@ impl Common {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(dir)
     }
+}
+
+/// The prepared ground of a run.
+pub struct Setup {
+    pub binary: PathBuf,
+    pub workdir: PathBuf,
+    pub format: CdrFormat,
+    pub population: Population,
+    pub brokers: String,
+    /// Kept alive for the run when started here.
+    pub embedded: Option<EmbeddedKafka>,
 }
 
 /// `10s`, `2m`, `1h` or plain seconds.

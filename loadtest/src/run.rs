@@ -7,8 +7,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Args;
-use engine::decode::CdrFormat;
-use engine::embedded::EmbeddedKafka;
 use engine::sink::{SinkOptions, SmtpSink};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,10 +15,9 @@ use rdkafka::producer::{BaseRecord, Producer};
 use crate::producer::CountingProducer;
 
 use crate::engine_proc::{free_port, EngineConfig, EngineProcess};
-use crate::population::Population;
 use crate::report::{Machine, Percentiles, Report, Second};
 use crate::traffic::{mail_message_id, Generator, Mix};
-use crate::{parse_duration, Common};
+use crate::{parse_duration, Common, Setup};
 
 const TOPIC: &str = "cdr-load";
 const DOMAIN: &str = "loadtest.example.jp";
@@ -88,20 +85,8 @@ fn histogram() -> Histogram<u64> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    common.check_loopback()?;
-    let binary = common.engine_binary()?;
-    let workdir = common.workdir()?;
-    let format: CdrFormat = common.format.into();
-    let population = Population { numbers: common.numbers, subscribed: common.subscribed };
+    let Setup { binary, workdir, format, population, brokers, embedded } = common.prepare(TOPIC)?;
     let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated };
-
-    // Kafka: the given brokers, or a mock cluster in this process.
-    let embedded = if common.brokers.is_empty() {
-        Some(EmbeddedKafka::start(&[TOPIC, &format!("{TOPIC}-dead-letter")], common.partitions)?)
-    } else {
-        None
-    };
-    let brokers = embedded.as_ref().map_or(common.brokers.clone(), |k| k.bootstrap_servers().to_owned());
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
     let run_id = format!("{}", micros(SystemTime::now()));
