@@ -108,10 +108,10 @@ impl Deliverer {
     /// good.
     pub async fn deliver(&self, mail: &Mail, origin: &Origin) -> Fate {
         let inner = &*self.inner;
-        let recipient = mail.recipient.as_str();
-        if inner.per_recipient.check_key(&recipient.to_owned()).is_err() {
+        let recipient = mail.recipient.as_str().to_owned();
+        if inner.per_recipient.check_key(&recipient).is_err() {
             inner.metrics.delayed_by_flood();
-            inner.per_recipient.until_key_ready(&recipient.to_owned()).await;
+            inner.per_recipient.until_key_ready(&recipient).await;
         }
         let mut delay = inner.first_delay;
         let mut attempts = 0u32;

@@ -15,7 +15,8 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_as_prometheus_text_and_count_the_path() {
     let h = Harness::new(1).await;
-    let engine = h.engine().await;
+    // librdkafka reports lag with its statistics; every 100 ms here instead of 5 s.
+    let engine = h.engine_with(&[("CALLNOTIFY__KAFKA__PROPERTIES__STATISTICS_INTERVAL_MS", "100")]).await;
     engine.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
     h.produce(
         TOPIC,
@@ -44,6 +45,17 @@ async fn metrics_are_served_as_prometheus_text_and_count_the_path() {
         assert!(response.lines().any(|l| l == line || l.starts_with(line)), "missing {line:?} in\n{response}");
     }
     assert!(get(engine.metrics_addr, "/healthz").await.ends_with("ok\n"));
+
+    // Consumer lag per partition, from librdkafka's statistics: everything was read.
+    let lag = r#"callnotify_consumer_lag_messages{topic="cdr",partition="0"} 0"#;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut last = String::new();
+    while !last.lines().any(|l| l == lag) && std::time::Instant::now() < deadline {
+        // librdkafka's statistics timer is its own: there is no clock to move.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        last = get(engine.metrics_addr, "/metrics").await;
+    }
+    assert!(last.lines().any(|l| l == lag), "no lag gauge at 0 in\n{last}");
     // Counted once the server's 250 is read, which may trail the sink's own count.
     let stopped = engine.stop().await;
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0);
