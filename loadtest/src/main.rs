@@ -10,6 +10,7 @@ mod population;
 mod producer;
 mod report;
 mod run;
+mod smtp;
 mod traffic;
 
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ enum Command {
     /// Kafka ingest: the engine against a bare librdkafka consumer reading the same
     /// topic from the same broker, side by side.
     Ingest(ingest::IngestArgs),
+    /// SMTP delivery: the engine against postfix's `smtp-source`, both sending to one
+    /// postfix `smtp-sink`, side by side.
+    Smtp(smtp::SmtpArgs),
 }
 
 /// What every mode shares: the engine, the population, Kafka and the report folder.
@@ -122,9 +126,16 @@ impl Common {
     /// directory, and Kafka (the given brokers, or a mock cluster in this process with
     /// `topic` and its dead-letter topic).
     fn prepare(&self, topic: &str) -> anyhow::Result<Setup> {
+        self.prepare_topics(&[topic])
+    }
+
+    /// As [`Common::prepare`], with several topics (each with its dead-letter topic).
+    fn prepare_topics(&self, topics: &[&str]) -> anyhow::Result<Setup> {
         self.check_loopback()?;
         let embedded = if self.brokers.is_empty() {
-            Some(EmbeddedKafka::start(&[topic, &format!("{topic}-dead-letter")], self.partitions)?)
+            let dead: Vec<String> = topics.iter().map(|t| format!("{t}-dead-letter")).collect();
+            let all: Vec<&str> = topics.iter().copied().chain(dead.iter().map(String::as_str)).collect();
+            Some(EmbeddedKafka::start(&all, self.partitions)?)
         } else {
             None
         };
@@ -183,6 +194,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Ingest(args) => ingest::ingest(args).await,
+            Command::Smtp(args) => smtp::smtp(args).await,
         }
     });
     match result {

@@ -1,0 +1,230 @@
+//! `smtp`: how fast the engine delivers mails, against postfix's `smtp-source` sending
+//! the same number of mails of the same size over as many sessions, both to one postfix
+//! `smtp-sink` on loopback, side by side in each round.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use rdkafka::producer::{BaseRecord, Producer};
+
+use crate::engine_proc::{free_port, EngineConfig};
+use crate::population::Population;
+use crate::report::Machine;
+use crate::traffic::{Generator, Mix};
+use crate::{Common, Setup};
+
+#[derive(Args)]
+pub struct SmtpArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Mails each side sends per round.
+    #[arg(long, default_value_t = 20_000)]
+    mails: u64,
+    /// SMTP sessions: smtp-source's `-s` and the engine's pool size.
+    #[arg(long, default_value_t = 16)]
+    sessions: u32,
+    /// Rounds; the report quotes the median ratio.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Directory holding postfix's smtp-sink and smtp-source.
+    #[arg(long, default_value = "/usr/sbin")]
+    postfix_bin: std::path::PathBuf,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Round {
+    smtp_source_per_s: f64,
+    engine_per_s: f64,
+    ratio: f64,
+}
+
+/// postfix's smtp-sink, stopped when dropped.
+struct Sink(Child);
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
+    let common = &args.common;
+    let topics: Vec<String> = (0..args.rounds).map(|r| format!("cdr-smtp-{r}")).collect();
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let Setup { binary, workdir, format, population, brokers, embedded } = common.prepare_topics(&names)?;
+    // Everyone subscribed and every call missed: almost every CDR makes a mail.
+    let population = Population { subscribed: 1.0, ..population };
+    let sink_bin = args.postfix_bin.join("smtp-sink");
+    let source_bin = args.postfix_bin.join("smtp-source");
+    if !sink_bin.exists() || !source_bin.exists() {
+        bail!(
+            "postfix's smtp-sink/smtp-source not found in {} (Debian: apt-get install postfix)",
+            args.postfix_bin.display()
+        );
+    }
+    let sink_addr = free_port()?;
+    let mut sink = Command::new(&sink_bin);
+    if running_as_root() {
+        // smtp-sink refuses to run as root without a user to switch to.
+        sink.args(["-u", "nobody"]);
+    }
+    let _sink = Sink(
+        sink.args([&sink_addr.to_string(), "1024"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting smtp-sink")?,
+    );
+    wait_listening(sink_addr).await?;
+
+    let mut config = EngineConfig {
+        binary,
+        workdir,
+        brokers: brokers.clone(),
+        topic: String::new(),
+        format: format.as_str(),
+        group: String::new(),
+        smtp: sink_addr,
+        metrics: free_port()?,
+        cache_capacity: common.cache_capacity,
+        pool_size: args.sessions,
+        from_domain: "smtp.example.jp".into(),
+    };
+    eprintln!("seeded: {}", config.seed(&population)?);
+
+    let mut rounds = Vec::new();
+    for (round, topic) in topics.iter().enumerate() {
+        let expected = fill(&brokers, topic, population, format, round, args.mails)?;
+        let started = Instant::now();
+        let status = Command::new(&source_bin)
+            // -d: keep each session open for its next message, as the engine's pool does.
+            .args(["-d", "-s", &args.sessions.to_string(), "-m", &args.mails.to_string(), "-l", "1000"])
+            .args(["-f", "no-reply@smtp.example.jp", "-t", "u@load.example.jp", &sink_addr.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .context("running smtp-source")?;
+        anyhow::ensure!(status.success(), "smtp-source failed: {status}");
+        let source_rate = args.mails as f64 / started.elapsed().as_secs_f64();
+
+        config.topic = topic.clone();
+        config.group = format!("smtp-{round}-{}", std::process::id());
+        config.metrics = free_port()?;
+        let engine_rate = engine_delivery(&config, expected).await?;
+        let r = Round { smtp_source_per_s: source_rate, engine_per_s: engine_rate, ratio: engine_rate / source_rate };
+        eprintln!(
+            "round {}: smtp-source {:.0} mails/s, engine {:.0} mails/s, ratio {:.2}",
+            round + 1,
+            source_rate,
+            engine_rate,
+            r.ratio
+        );
+        rounds.push(r);
+    }
+    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.ratio).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ratios.len() / 2];
+    let machine = Machine::this();
+    let markdown = format!(
+        "# SMTP delivery: engine vs postfix smtp-source\n\n`{}`\n\n\
+         Machine: {} cores, {} GiB. {} mails per side per round over {} sessions, to one postfix smtp-sink.\n\n\
+         | round | smtp-source mails/s | engine mails/s | ratio |\n|---|---|---|---|\n{}\n\
+         Median ratio: **{median:.2}**\n",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        machine.cores,
+        machine.memory_gib,
+        args.mails,
+        args.sessions,
+        rounds
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!(
+                "| {} | {:.0} | {:.0} | {:.2} |",
+                i + 1,
+                r.smtp_source_per_s,
+                r.engine_per_s,
+                r.ratio
+            ))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    std::fs::create_dir_all(&common.out)?;
+    std::fs::write(common.out.join("smtp.md"), &markdown)?;
+    let json = serde_json::json!({"machine": machine, "mails": args.mails, "sessions": args.sessions, "rounds": rounds, "median_ratio": median});
+    std::fs::write(common.out.join("smtp.json"), serde_json::to_string_pretty(&json)?)?;
+    println!("{markdown}");
+    drop(embedded);
+    Ok(())
+}
+
+/// Fills `topic` with CDRs until they make at least `mails` mails; returns how many.
+fn fill(
+    brokers: &str,
+    topic: &str,
+    population: Population,
+    format: engine::decode::CdrFormat,
+    round: usize,
+    mails: u64,
+) -> anyhow::Result<u64> {
+    let (producer, acks) = crate::producer::create(brokers)?;
+    let mix = Mix { missed: 1.0, withheld: 0.0, designated: 0.0 };
+    let mut generator =
+        Generator::new(population, 1.0, format, mix, &format!("smtp{round}-{}", std::process::id()), "smtp.example.jp");
+    let (mut expected, mut sent) = (0u64, 0u64);
+    while expected < mails {
+        let cdr = generator.next(chrono::Utc::now());
+        expected += cdr.expected.len() as u64;
+        let mut record = BaseRecord::to(topic).key(&cdr.key).payload(&cdr.payload);
+        while let Err((_, back)) = producer.send(record) {
+            producer.poll(Duration::from_millis(5));
+            record = back;
+        }
+        sent += 1;
+    }
+    producer.flush(Duration::from_secs(60))?;
+    let delivered = acks.delivered.load(std::sync::atomic::Ordering::Acquire);
+    anyhow::ensure!(delivered == sent, "the broker took {delivered} of {sent} CDRs");
+    Ok(expected)
+}
+
+/// Runs the engine on the filled topic; mails/s from its first accepted mail to the last
+/// (its `/metrics`, polled every 20 ms).
+async fn engine_delivery(config: &EngineConfig, mails: u64) -> anyhow::Result<f64> {
+    let mut engine = config.serve()?;
+    engine.wait_ready(Duration::from_secs(60)).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut first = None;
+    loop {
+        let sent = engine.metrics().await?.get("callnotify_mails_sent_total") as u64;
+        if sent > 0 {
+            first.get_or_insert_with(Instant::now);
+        }
+        if sent >= mails {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the engine sent only {sent} of {mails} mails");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let span = first.map_or(1.0, |f| f.elapsed().as_secs_f64());
+    tokio::task::spawn_blocking(move || engine.stop()).await??;
+    Ok(mails as f64 / span)
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().next() == Some("0")))
+        .unwrap_or(false)
+}
+
+async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "smtp-sink did not listen on {addr}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
