@@ -83,20 +83,37 @@ impl SmtpPool {
     pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<(), SendError> {
         let _permit = self.permits.acquire().await.expect("the pool's semaphore is never closed");
         let reused = self.take_idle();
+        let fresh = reused.is_none();
         let mut conn = match reused {
             Some(conn) => conn,
             None => self.connect().await?,
         };
-        match tokio::time::timeout(self.timeout, conn.send(envelope, message)).await {
-            Ok(Ok(_)) => {
-                self.idle.lock().expect("idle lock").push((conn, Instant::now()));
-                Ok(())
+        let result = match self.transact(&mut conn, envelope, message).await {
+            // A pooled connection the server closed meanwhile fails without a reply: try
+            // once more at once on a new connection rather than after a retry delay.
+            Err(SendError::Smtp(e)) if !fresh && !(e.is_permanent() || e.is_transient()) => {
+                conn = self.connect().await?;
+                self.transact(&mut conn, envelope, message).await
             }
+            other => other,
+        };
+        if result.is_ok() {
+            self.idle.lock().expect("idle lock").push((conn, Instant::now()));
+        }
+        result
+    }
+
+    /// One mail transaction; a connection that failed is closed (and then dropped).
+    async fn transact(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> Result<(), SendError> {
+        match tokio::time::timeout(self.timeout, conn.send(envelope, message)).await {
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
-                if e.is_permanent() || e.is_transient() {
-                    // The server answered: the connection is fine, the transaction is not.
-                    conn.abort().await;
-                }
+                conn.abort().await;
                 Err(SendError::Smtp(e))
             }
             Err(_) => Err(SendError::Timeout),
@@ -185,5 +202,38 @@ impl tokio::io::AsyncWrite for ImplicitTls {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+    use crate::sink::SmtpSink;
+
+    fn pool_for(port: u16) -> SmtpPool {
+        let env = [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", port.to_string())];
+        let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
+        SmtpPool::new(&settings.smtp)
+    }
+
+    fn envelope() -> Envelope {
+        Envelope::new(Some("no-reply@example.jp".parse().unwrap()), vec!["taro@example.jp".parse().unwrap()]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_one_the_server_dropped_is_replaced_at_once() {
+        let sink = SmtpSink::start(0).await.unwrap();
+        let port = sink.port();
+        let pool = pool_for(port);
+        pool.send(&envelope(), b"Subject: 1\r\n\r\none").await.unwrap();
+        pool.send(&envelope(), b"Subject: 2\r\n\r\ntwo").await.unwrap();
+        assert_eq!(pool.idle.lock().unwrap().len(), 1, "one connection served both mails");
+
+        // The server goes away and comes back: the pooled connection is dead.
+        sink.shutdown().await;
+        let sink = SmtpSink::start(port).await.unwrap();
+        pool.send(&envelope(), b"Subject: 3\r\n\r\nthree").await.expect("sent on a new connection, no retry needed");
+        assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
     }
 }
