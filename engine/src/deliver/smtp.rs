@@ -91,7 +91,7 @@ impl SmtpPool {
         let result = match self.transact(&mut conn, envelope, message).await {
             // A pooled connection the server closed meanwhile fails without a reply: try
             // once more at once on a new connection rather than after a retry delay.
-            Err(SendError::Smtp(e)) if !fresh && !(e.is_permanent() || e.is_transient()) => {
+            Err(SendError::Smtp(e)) if !fresh && without_reply(&e) => {
                 conn = self.connect().await?;
                 self.transact(&mut conn, envelope, message).await
             }
@@ -159,6 +159,11 @@ impl SmtpPool {
         };
         tokio::time::timeout(self.timeout, handshake).await.map_err(|_| SendError::Timeout)?.map_err(SendError::Smtp)
     }
+}
+
+/// Whether a send failed without any reply from the server (a dropped connection).
+fn without_reply(e: &lettre::transport::smtp::Error) -> bool {
+    !e.is_permanent() && !e.is_transient()
 }
 
 /// Implicit TLS (`smtp.tls = "tls"`) on our own socket, in the shape lettre accepts.
