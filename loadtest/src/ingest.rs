@@ -9,8 +9,8 @@ use engine::sink::{SinkOptions, SmtpSink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer};
 
+use crate::compare::{self, Comparison, Round};
 use crate::engine_proc::{free_port, EngineConfig};
-use crate::report::Machine;
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
 
@@ -26,13 +26,6 @@ pub struct IngestArgs {
     /// Rounds of (bare consumer, engine); the report quotes the median ratio.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-}
-
-#[derive(Debug, serde::Serialize)]
-struct Round {
-    bare_per_s: f64,
-    engine_per_s: f64,
-    ratio: f64,
 }
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
@@ -81,45 +74,25 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         let bare = bare_consumer(&brokers, &format!("bare-{round}-{}", std::process::id()), args.count)?;
         config.group = format!("engine-{round}-{}", std::process::id());
         config.metrics = free_port()?;
-        let engine_rate = engine_consumer(&config, args.count).await?;
-        let r = Round { bare_per_s: bare, engine_per_s: engine_rate, ratio: engine_rate / bare };
-        eprintln!(
-            "round {}: bare {:.0} CDR/s, engine {:.0} CDR/s, ratio {:.2}",
-            round + 1,
-            r.bare_per_s,
-            r.engine_per_s,
-            r.ratio
-        );
+        let engine_rate = compare::engine_rate(&config, "callnotify_cdrs_consumed_total", args.count).await?;
+        let r = Round::new(bare, engine_rate);
+        eprintln!("round {}: bare {bare:.0} CDR/s, engine {engine_rate:.0} CDR/s, ratio {:.2}", round + 1, r.ratio);
         rounds.push(r);
     }
-    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.ratio).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
-    let machine = Machine::this();
-    let markdown = format!(
-        "# Kafka ingest: engine vs bare librdkafka consumer\n\n`{}`\n\n\
-         Machine: {} cores, {} GiB. {} CDRs ({}), {} partitions, {} numbers provisioned.\n\n\
-         | round | bare consumer CDR/s | engine CDR/s | ratio |\n|---|---|---|---|\n{}\n\
-         Median ratio: **{median:.2}**\n",
-        std::env::args().collect::<Vec<_>>().join(" "),
-        machine.cores,
-        machine.memory_gib,
-        args.count,
-        format.as_str(),
-        common.partitions,
-        common.numbers,
-        rounds
-            .iter()
-            .enumerate()
-            .map(|(i, r)| format!("| {} | {:.0} | {:.0} | {:.2} |", i + 1, r.bare_per_s, r.engine_per_s, r.ratio))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    );
-    std::fs::create_dir_all(&common.out)?;
-    std::fs::write(common.out.join("ingest.md"), &markdown)?;
-    let json = serde_json::json!({"machine": machine, "count": args.count, "rounds": rounds, "median_ratio": median});
-    std::fs::write(common.out.join("ingest.json"), serde_json::to_string_pretty(&json)?)?;
-    println!("{markdown}");
+    let comparison = Comparison {
+        name: "ingest",
+        title: "Kafka ingest: engine vs bare librdkafka consumer",
+        setup: format!(
+            "{} CDRs ({}), {} partitions, {} numbers provisioned.",
+            args.count,
+            format.as_str(),
+            common.partitions,
+            common.numbers
+        ),
+        baseline: "bare consumer",
+        unit: "CDR/s",
+    };
+    println!("{}", compare::write(&common.out, &comparison, &rounds)?);
     sink.shutdown().await;
     drop(embedded);
     Ok(())
@@ -145,28 +118,5 @@ fn bare_consumer(brokers: &str, group: &str, count: u64) -> anyhow::Result<f64> 
         }
     }
     let span = first.map_or(1.0, |f| f.elapsed().as_secs_f64());
-    Ok(count as f64 / span)
-}
-
-/// Runs the engine on a fresh group until it has consumed `count`; CDR/s from its first
-/// consumed CDR to the last (metrics polled every 20 ms).
-async fn engine_consumer(config: &EngineConfig, count: u64) -> anyhow::Result<f64> {
-    let mut engine = config.serve()?;
-    engine.wait_ready(Duration::from_secs(60)).await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut first = None;
-    loop {
-        let consumed = engine.metrics().await?.get("callnotify_cdrs_consumed_total") as u64;
-        if consumed > 0 {
-            first.get_or_insert_with(Instant::now);
-        }
-        if consumed >= count {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the engine consumed only {consumed} of {count}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let span = first.map_or(1.0, |f| f.elapsed().as_secs_f64());
-    engine.stop()?;
     Ok(count as f64 / span)
 }

@@ -4,6 +4,7 @@
 //! All traffic stays on this machine: brokers and mail servers must be loopback
 //! addresses, and every run stops by itself.
 
+mod compare;
 mod engine_proc;
 mod ingest;
 mod population;

@@ -10,9 +10,9 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use rdkafka::producer::{BaseRecord, Producer};
 
+use crate::compare::{self, Comparison, Round};
 use crate::engine_proc::{free_port, EngineConfig};
 use crate::population::Population;
-use crate::report::Machine;
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
 
@@ -32,13 +32,6 @@ pub struct SmtpArgs {
     /// Directory holding postfix's smtp-sink and smtp-source.
     #[arg(long, default_value = "/usr/sbin")]
     postfix_bin: std::path::PathBuf,
-}
-
-#[derive(Debug, serde::Serialize)]
-struct Round {
-    smtp_source_per_s: f64,
-    engine_per_s: f64,
-    ratio: f64,
 }
 
 /// postfix's smtp-sink, stopped when dropped.
@@ -113,49 +106,26 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
         config.topic = topic.clone();
         config.group = format!("smtp-{round}-{}", std::process::id());
         config.metrics = free_port()?;
-        let engine_rate = engine_delivery(&config, expected).await?;
-        let r = Round { smtp_source_per_s: source_rate, engine_per_s: engine_rate, ratio: engine_rate / source_rate };
+        let engine_rate = compare::engine_rate(&config, "callnotify_mails_sent_total", expected).await?;
+        let r = Round::new(source_rate, engine_rate);
         eprintln!(
-            "round {}: smtp-source {:.0} mails/s, engine {:.0} mails/s, ratio {:.2}",
+            "round {}: smtp-source {source_rate:.0} mails/s, engine {engine_rate:.0} mails/s, ratio {:.2}",
             round + 1,
-            source_rate,
-            engine_rate,
             r.ratio
         );
         rounds.push(r);
     }
-    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.ratio).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
-    let machine = Machine::this();
-    let markdown = format!(
-        "# SMTP delivery: engine vs postfix smtp-source\n\n`{}`\n\n\
-         Machine: {} cores, {} GiB. {} mails per side per round over {} sessions, to one postfix smtp-sink.\n\n\
-         | round | smtp-source mails/s | engine mails/s | ratio |\n|---|---|---|---|\n{}\n\
-         Median ratio: **{median:.2}**\n",
-        std::env::args().collect::<Vec<_>>().join(" "),
-        machine.cores,
-        machine.memory_gib,
-        args.mails,
-        args.sessions,
-        rounds
-            .iter()
-            .enumerate()
-            .map(|(i, r)| format!(
-                "| {} | {:.0} | {:.0} | {:.2} |",
-                i + 1,
-                r.smtp_source_per_s,
-                r.engine_per_s,
-                r.ratio
-            ))
-            .collect::<Vec<_>>()
-            .join("\n"),
-    );
-    std::fs::create_dir_all(&common.out)?;
-    std::fs::write(common.out.join("smtp.md"), &markdown)?;
-    let json = serde_json::json!({"machine": machine, "mails": args.mails, "sessions": args.sessions, "rounds": rounds, "median_ratio": median});
-    std::fs::write(common.out.join("smtp.json"), serde_json::to_string_pretty(&json)?)?;
-    println!("{markdown}");
+    let comparison = Comparison {
+        name: "smtp",
+        title: "SMTP delivery: engine vs postfix smtp-source",
+        setup: format!(
+            "{} mails per side per round over {} sessions, to one postfix smtp-sink.",
+            args.mails, args.sessions
+        ),
+        baseline: "smtp-source",
+        unit: "mails/s",
+    };
+    println!("{}", compare::write(&common.out, &comparison, &rounds)?);
     drop(embedded);
     Ok(())
 }
@@ -188,29 +158,6 @@ fn fill(
     let delivered = acks.delivered.load(std::sync::atomic::Ordering::Acquire);
     anyhow::ensure!(delivered == sent, "the broker took {delivered} of {sent} CDRs");
     Ok(expected)
-}
-
-/// Runs the engine on the filled topic; mails/s from its first accepted mail to the last
-/// (its `/metrics`, polled every 20 ms).
-async fn engine_delivery(config: &EngineConfig, mails: u64) -> anyhow::Result<f64> {
-    let mut engine = config.serve()?;
-    engine.wait_ready(Duration::from_secs(60)).await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let mut first = None;
-    loop {
-        let sent = engine.metrics().await?.get("callnotify_mails_sent_total") as u64;
-        if sent > 0 {
-            first.get_or_insert_with(Instant::now);
-        }
-        if sent >= mails {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "the engine sent only {sent} of {mails} mails");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let span = first.map_or(1.0, |f| f.elapsed().as_secs_f64());
-    tokio::task::spawn_blocking(move || engine.stop()).await??;
-    Ok(mails as f64 / span)
 }
 
 fn running_as_root() -> bool {
