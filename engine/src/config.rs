@@ -56,6 +56,8 @@ pub struct StoreSettings {
     pub cache_capacity: u64,
     /// MiB of sled's own page cache.
     pub sled_cache_mb: u64,
+    /// Days a sent-mail record is kept: replays within it send nothing again.
+    pub sent_retention_days: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

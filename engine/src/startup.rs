@@ -21,6 +21,22 @@ use crate::source::{self, SourceError, SourceOptions, Stages};
 use crate::store::Store;
 use crate::telemetry::{self, Metrics};
 
+/// Every hour, forgets sent-mail records older than the retention window, on a
+/// blocking thread (the prune scans the tree).
+async fn prune_sent_records(store: Store, retention_days: u64) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let store = store.clone();
+        let cutoff = (chrono::Utc::now().timestamp().max(0) as u64).saturating_sub(retention_days * 86_400);
+        match tokio::task::spawn_blocking(move || store.prune_sent(cutoff)).await {
+            Ok(Ok(pruned)) => tracing::info!(pruned, retention_days, "old sent-mail records pruned"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning sent-mail records failed; will try again"),
+            Err(e) => tracing::warn!(error = %e, "pruning sent-mail records panicked"),
+        }
+    }
+}
+
 /// A running engine.
 pub struct Application {
     store: Store,
@@ -32,6 +48,8 @@ pub struct Application {
     source: std::thread::JoinHandle<Result<(), SourceError>>,
     metrics_stop: tokio::sync::oneshot::Sender<()>,
     metrics_task: tokio::task::JoinHandle<()>,
+    /// Prunes old sent-mail records; stopped with the engine, as it holds the store.
+    pruner: tokio::task::JoinHandle<()>,
     /// Kept alive while the engine runs, when it was started for us.
     _embedded: Option<EmbeddedKafka>,
 }
@@ -95,6 +113,8 @@ impl Application {
         .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
         tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "metrics endpoint listening");
 
+        let pruner = tokio::spawn(prune_sent_records(store.clone(), settings.store.sent_retention_days));
+
         let stop = Arc::new(AtomicBool::new(false));
         let stages = Stages {
             resolver: resolver.clone(),
@@ -125,6 +145,7 @@ impl Application {
             source,
             metrics_stop,
             metrics_task,
+            pruner,
             _embedded: embedded,
         })
     }
@@ -155,7 +176,7 @@ impl Application {
     /// Runs until `shutdown` completes (or the consumer fails), then stops consuming,
     /// finishes in-flight mails within the grace period, commits and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { stop, source, metrics_stop, metrics_task, _embedded, .. } = self;
+        let Self { stop, source, metrics_stop, metrics_task, pruner, _embedded, .. } = self;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let result = source.join().unwrap_or_else(|_| {
@@ -174,6 +195,8 @@ impl Application {
         };
         let _ = metrics_stop.send(());
         let _ = metrics_task.await;
+        pruner.abort();
+        let _ = pruner.await;
         drop(_embedded);
         result.context("consumer thread vanished")?.context("consumer stopped")?;
         Ok(())

@@ -348,6 +348,24 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets sent-mail records older than `cutoff_unix_secs`; returns how many. A CDR
+    /// replayed after that sends its mails again, so the window must outlast any replay
+    /// an operator may do. Scans the whole tree: run it on a thread that may block.
+    pub fn prune_sent(&self, cutoff_unix_secs: u64) -> Result<usize, StoreError> {
+        let mut pruned = 0;
+        for entry in self.sent.iter() {
+            let (key, value) = entry?;
+            let at = value.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if at < cutoff_unix_secs {
+                // Only if unchanged: a concurrent new record for the key stays.
+                if self.sent.compare_and_swap(&key, Some(value), None::<&[u8]>)?.is_ok() {
+                    pruned += 1;
+                }
+            }
+        }
+        Ok(pruned)
+    }
+
     /// Makes every write so far durable, from a thread that may block.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
@@ -358,6 +376,25 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sent_records_older_than_the_window_are_pruned_and_newer_ones_kept() {
+        let store = Store::temporary().unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let old = SentKey::new(&called, "c-old", "a@example.jp");
+        let new = SentKey::new(&called, "c-new", "a@example.jp");
+        store.mark_sent(&old, 1_000).unwrap();
+        store.mark_sent(&new, 9_000).unwrap();
+
+        assert_eq!(store.prune_sent(5_000).unwrap(), 1);
+        assert!(!store.was_sent(&old).unwrap(), "past the window: a replay would send again");
+        assert!(store.was_sent(&new).unwrap(), "inside the window: a replay sends nothing");
     }
 }
 
