@@ -51,7 +51,13 @@ enum Command {
 enum Provision {
     /// Load lines from JSON Lines (one line per 回線); `-` reads standard input.
     /// Bad lines are reported with their line number and not applied; the rest are.
-    Import { file: PathBuf },
+    Import {
+        file: PathBuf,
+        /// Send the lines to a running engine's operator endpoint (its metrics.listen,
+        /// e.g. http://127.0.0.1:9187) instead of opening the store, which `serve` holds.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,7 +96,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(engine::demo::run(settings, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Provision { action: Provision::Import { file } } => provision_import(&settings, &file),
+        Command::Provision { action: Provision::Import { file, url } } => {
+            provision_import(&settings, &file, url.as_deref())
+        }
     }
 }
 
@@ -127,20 +135,39 @@ fn open_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
     })
 }
 
-fn provision_import(settings: &Settings, file: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let store = open_store(settings)?;
-    let report = if file.as_os_str() == "-" {
-        engine::provision::import(&store, std::io::stdin().lock())?
-    } else {
-        let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-        engine::provision::import(&store, std::io::BufReader::new(input))?
+fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&str>) -> anyhow::Result<ExitCode> {
+    let read = || -> anyhow::Result<Vec<u8>> {
+        if file.as_os_str() == "-" {
+            let mut input = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
+            Ok(input)
+        } else {
+            std::fs::read(file).with_context(|| format!("reading {}", file.display()))
+        }
     };
-    store.flush_blocking()?;
-    for (line, reason) in &report.rejected {
+    let (lines, numbers, rejected) = match url {
+        Some(url) => {
+            let r = engine::ops::post_provision(url, &read()?)?;
+            (r.lines, r.numbers, r.rejected.into_iter().map(|r| (r.line, r.reason)).collect::<Vec<_>>())
+        }
+        None => {
+            let store = open_store(settings)?;
+            // Streamed: an import of millions of lines never sits in memory whole.
+            let report = if file.as_os_str() == "-" {
+                engine::provision::import(&store, std::io::stdin().lock())?
+            } else {
+                let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+                engine::provision::import(&store, std::io::BufReader::new(input))?
+            };
+            store.flush_blocking()?;
+            (report.lines, report.numbers, report.rejected)
+        }
+    };
+    for (line, reason) in &rejected {
         eprintln!("{}:{line}: rejected: {reason}", file.display());
     }
-    println!("imported {} lines ({} numbers); rejected {} lines", report.lines, report.numbers, report.rejected.len());
-    Ok(if report.rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!("imported {lines} lines ({numbers} numbers); rejected {} lines", rejected.len());
+    Ok(if rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

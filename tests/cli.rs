@@ -68,7 +68,7 @@ fn r_l3_provision_import_of_100k_numbers_is_idempotent_and_reports_bad_lines() {
 }
 
 #[test]
-fn serve_answers_the_ivr_platform_and_stops_cleanly_on_sigterm() {
+fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = callnotify(&dir.path().join("store"))
         .arg("serve")
@@ -82,17 +82,50 @@ fn serve_answers_the_ivr_platform_and_stops_cleanly_on_sigterm() {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let url = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| {
-            l.split_once("url=http://").filter(|_| l.contains("IVR API listening")).map(|(_, u)| u.to_owned())
-        })
-        .expect("serve starts the IVR API");
-    let addr = url.trim().trim_end_matches("/ivr/calls");
+    // The startup log names both endpoints (ports were 0).
+    let (mut metrics, mut ivr) = (None, None);
+    for l in lines.by_ref().map_while(Result::ok) {
+        let url = l.split_once("url=http://").map(|(_, u)| u.trim().to_owned());
+        if l.contains("metrics endpoint listening") {
+            metrics = url;
+        } else if l.contains("IVR API listening") {
+            ivr = url;
+            break;
+        }
+    }
+    let metrics = metrics.expect("serve logs its metrics endpoint");
+    let metrics = metrics.trim_end_matches("/metrics");
+    let ivr = ivr.expect("serve starts the IVR API");
+    let ivr = ivr.trim_end_matches("/ivr/calls");
 
-    // R-I1 over the real socket: a caller that is not on a provisioned line is refused.
-    let body = r#"{"caller":"0399999999"}"#;
+    // R-I1 over the real socket: a caller that is not on a provisioned line is refused…
+    assert!(post_ivr_call(ivr, "0399999999").starts_with("HTTP/1.1 403"));
+
+    // …until the operator provisions the line into the running engine (R-L3).
+    let file = dir.path().join("line.jsonl");
+    std::fs::write(&file, line(0)).unwrap();
+    let out = callnotify(&dir.path().join("unused"))
+        .args(["provision", "import"])
+        .arg(&file)
+        .args(["--url", &format!("http://{metrics}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 1 lines (2 numbers); rejected 0 lines"));
+    let response = post_ivr_call(ivr, "0300000000");
+    assert!(response.starts_with("HTTP/1.1 200") && response.contains(r#""prompt":"SELECT_UNIT""#), "{response}");
+
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit 0 after draining: {rest:#?}");
+    assert!(rest.iter().any(|l| l.contains("offsets committed")), "{rest:#?}");
+}
+
+/// Starts an IVR call from `caller`; the raw HTTP response.
+fn post_ivr_call(addr: &str, caller: &str) -> String {
+    let body = format!(r#"{{"caller":"{caller}"}}"#);
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     write!(
         stream,
@@ -102,15 +135,7 @@ fn serve_answers_the_ivr_platform_and_stops_cleanly_on_sigterm() {
     .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 403"), "{response}");
-    assert!(response.contains(r#""error":"refused""#), "{response}");
-
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let exit = child.wait().unwrap();
-    assert!(exit.success(), "exit 0 after draining: {rest:#?}");
-    assert!(rest.iter().any(|l| l.contains("offsets committed")), "{rest:#?}");
+    response
 }
 
 #[test]

@@ -27,7 +27,8 @@
 //! - [`embedded`]: librdkafka's mock cluster, when no brokers are configured.
 //! - [`demo`]: the `callnotify demo` command.
 //! - [`config`]: layered TOML + environment configuration.
-//! - [`telemetry`]: metric names and the Prometheus endpoint.
+//! - [`telemetry`]: metric names and handles.
+//! - [`ops`]: the operator's endpoint: `/metrics`, `/healthz`, `POST /provision`.
 //! - [`startup`]: wires the stages into a running [`startup::Application`].
 //! - [`sink`]: a small real SMTP server for tests, the demo and load tests.
 
@@ -39,6 +40,7 @@ pub mod deliver;
 pub mod demo;
 pub mod embedded;
 pub mod filter;
+pub mod ops;
 pub mod phone;
 pub mod pipeline;
 pub mod provision;

@@ -15,11 +15,12 @@ use crate::config::Settings;
 use crate::dead_letter::DeadLetters;
 use crate::deliver::Deliverer;
 use crate::embedded::EmbeddedKafka;
+use crate::ops;
 use crate::render::Renderer;
 use crate::resolve::Resolver;
 use crate::source::{self, SourceError, SourceOptions, Stages};
 use crate::store::Store;
-use crate::telemetry::{self, Metrics};
+use crate::telemetry::Metrics;
 
 /// Every hour, forgets sent-mail records older than the retention window, on a
 /// blocking thread (the prune scans the tree).
@@ -106,7 +107,7 @@ impl Application {
         }
 
         let (metrics_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (metrics_addr, metrics_task) = telemetry::serve(settings.metrics.listen, metrics.clone(), async {
+        let (metrics_addr, metrics_task) = ops::serve(settings.metrics.listen, metrics.clone(), store.clone(), async {
             let _ = stopped.await;
         })
         .await

@@ -1,11 +1,10 @@
-//! Metrics: one place that names every metric, and the Prometheus endpoint.
+//! Metrics: one place that names every metric (served by [`crate::ops`]).
 //!
 //! Each engine owns its recorder (not the process-global one), so several engines in one
 //! test process never mix their numbers. Handles are registered once at start-up; the
 //! hot path only bumps atomics. Names follow `callnotify_<noun>_<unit>_total` with
 //! low-cardinality labels.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,31 +208,4 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Serves `/metrics` (Prometheus text) and `/healthz` on `listen` until `shutdown`.
-/// Returns the bound address (useful with port 0).
-pub async fn serve(
-    listen: SocketAddr,
-    metrics: Metrics,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics.render()) }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }));
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok((addr, task))
 }

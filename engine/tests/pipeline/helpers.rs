@@ -159,6 +159,16 @@ impl TestEngine {
         metric(&self.metrics, series)
     }
 
+    /// Waits until a metric series reaches `value`: the engine's own account of having
+    /// handled a CDR, for steps that must come after it.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.metric(series) < value {
+            assert!(tokio::time::Instant::now() < deadline, "{series} never reached {value}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Stops the engine (draining, as on SIGTERM) and returns its final metrics: what
     /// happens after a mail's 250 reply (counting it sent) is done by then.
     pub async fn stop(self) -> Stopped {

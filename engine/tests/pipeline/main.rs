@@ -5,5 +5,6 @@ mod delivery;
 mod formats;
 mod helpers;
 mod metrics;
+mod provision;
 mod restart;
 mod rules;
