@@ -113,8 +113,8 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("cdr-source".into())
         .spawn(move || {
-            // Delivery parts (lettre's pool) spawn tasks, even when dropped at the end
-            // of `run`, so the whole thread runs inside the runtime's context.
+            // The stages hold runtime-bound parts (timers, task handles); this thread
+            // runs inside the runtime's context so using and dropping them here works.
             let runtime = stages.runtime.clone();
             let _entered = runtime.enter();
             let result = run(consumer, &stages, tx, stop, max_in_flight, grace);
