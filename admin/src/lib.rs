@@ -16,12 +16,15 @@
 //! - [`ivr`]: the phone line: the call state machine ([`ivr::call`]), its verbatim
 //!   prompts ([`ivr::prompt`]), the HTTP API for an IVR platform ([`ivr::api`]) and a
 //!   terminal player for operators ([`ivr::terminal`]).
+//! - [`site`]: the settings site's login, forced password change and logout, with
+//!   server-side sessions (R-S1..R-S7).
 //! - [`server`]: the HTTP server `callnotify serve` runs beside the engine.
 
 pub mod clock;
 pub mod credentials;
 pub mod ivr;
 pub mod server;
+pub mod site;
 
 #[cfg(test)]
 mod testing;

@@ -1,5 +1,5 @@
 //! The admin HTTP server that `callnotify serve` runs beside the engine, on the
-//! engine's store: today the IVR platform's API.
+//! engine's store: the IVR platform's API and the settings site.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,6 +10,7 @@ use crate::clock::SharedClock;
 use crate::credentials::{CredentialError, Credentials};
 use crate::ivr::api::{router, ApiState};
 use crate::ivr::Ivr;
+use crate::site::{self, SiteState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -28,7 +29,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServerError> {
     let credentials = Credentials::open(&store)?;
-    let app = router(ApiState::new(Ivr::new(store, credentials, clock)));
+    let site = site::router(SiteState::new(store.clone(), credentials.clone(), clock.clone()));
+    let app = router(ApiState::new(Ivr::new(store, credentials, clock))).merge(site);
     let bind = |source| ServerError::Bind { addr: listen, source };
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
     let addr = listener.local_addr().map_err(bind)?;

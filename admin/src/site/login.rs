@@ -1,0 +1,158 @@
+//! `GET/POST /login` and `POST /logout` (R-S1..R-S3, R-S7).
+//!
+//! Every failed login (no credential, wrong password, invalidated, expired temporary
+//! password, malformed number) gets the same status and the same page, so the site
+//! does not tell a stranger which numbers have a credential or which are locked; the
+//! reason goes to the log only.
+
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, State};
+use axum::http::HeaderMap;
+use axum::response::{Html, IntoResponse, Response};
+use engine::phone::PhoneNumber;
+
+use super::session::{idle_timeout_for, Session};
+use super::{cookie, csrf, html, redirect, require_session, with_cookies, Gate, SiteError, SiteState};
+use crate::credentials::{LoginFailure, LoginOk};
+
+/// The one answer to every failed login.
+pub const FAILURE_MESSAGE: &str = "電話番号またはパスワードが正しくありません。";
+
+/// The login form's fields. All default to empty, so a missing CSRF field is refused as
+/// a CSRF failure (403) rather than as a malformed form.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct LoginForm {
+    /// 電話番号: half-width digits, no hyphen (R-S1).
+    number: String,
+    password: String,
+    csrf: String,
+}
+
+/// The log line of one login attempt: the number and the outcome, never the password.
+struct LoginAttempt<'a> {
+    number: &'a str,
+    outcome: Result<LoginOk, Refusal>,
+}
+
+/// Why a login was refused, as logged.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Credential(LoginFailure),
+    /// Not a phone number (R-L2): no credential was consulted.
+    Malformed,
+}
+
+impl LoginAttempt<'_> {
+    fn emit(&self) {
+        match self.outcome {
+            Ok(ok) => tracing::info!(number = self.number, outcome = "ok", kind = ?ok.kind,
+                must_change = ok.must_change, "site login"),
+            Err(Refusal::Credential(failure)) => {
+                tracing::info!(number = self.number, outcome = ?failure, "site login refused")
+            }
+            // The input is not a number; log its length only, it may be a mistyped password.
+            Err(Refusal::Malformed) => {
+                tracing::info!(number_len = self.number.len(), outcome = "malformed", "site login refused")
+            }
+        }
+    }
+}
+
+/// The login page, with a pre-session CSRF token: the browser's, if it already has a
+/// well-formed one (so several open tabs keep working, R-S9), or a new one.
+pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Response {
+    let name = state.csrf_cookie();
+    match cookie(&headers, &name).filter(|token| csrf::well_formed(token)) {
+        Some(token) => Html(login_page(token, None)).into_response(),
+        None => {
+            let token = csrf::new_token();
+            let set = state.set_cookie(&name, Some(&token));
+            with_cookies(Html(login_page(&token, None)).into_response(), [set])
+        }
+    }
+}
+
+pub async fn submit(
+    State(state): State<SiteState>,
+    headers: HeaderMap,
+    form: Result<Form<LoginForm>, FormRejection>,
+) -> Result<Response, SiteError> {
+    let Form(form) = form?;
+    let csrf_cookie = state.csrf_cookie();
+    let token = cookie(&headers, &csrf_cookie);
+    if !csrf::matches(token, &form.csrf) {
+        tracing::info!("site login refused: CSRF token missing or wrong");
+        return Err(SiteError::Csrf);
+    }
+    let now = state.clock.now();
+    let verdict = match PhoneNumber::parse(&form.number) {
+        Ok(number) => {
+            let verdict = state.credentials.verify_async(number, form.password, now).await?;
+            verdict.map(|ok| (number, ok)).map_err(Refusal::Credential)
+        }
+        Err(_) => Err(Refusal::Malformed),
+    };
+    LoginAttempt { number: &form.number, outcome: verdict.map(|(_, ok)| ok) }.emit();
+    let (number, ok) = match verdict {
+        Ok(found) => found,
+        // The token matched the cookie, so it is ours and safe to render again.
+        Err(_) => return Ok(Html(login_page(&form.csrf, Some(FAILURE_MESSAGE))).into_response()),
+    };
+
+    // A browser logging in again leaves its old session behind, server-side too.
+    if let Some(old) = cookie(&headers, &state.session_cookie()) {
+        state.sessions.remove(old);
+    }
+    state.sessions.sweep(now);
+    let idle_timeout = idle_timeout_for(&state.store, &number)?;
+    let id = state.sessions.create(Session::new(number, ok.kind, ok.must_change, idle_timeout, now));
+    let next = if ok.must_change { "/password" } else { "/" };
+    let cookies = [state.set_cookie(&state.session_cookie(), Some(&id)), state.set_cookie(&csrf_cookie, None)];
+    Ok(with_cookies(redirect(next), cookies))
+}
+
+/// The logout form's one field.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct LogoutForm {
+    csrf: String,
+}
+
+/// Ends the session server-side at once (R-S7) and drops the cookie.
+pub async fn logout(
+    State(state): State<SiteState>,
+    headers: HeaderMap,
+    form: Result<Form<LogoutForm>, FormRejection>,
+) -> Result<Response, SiteError> {
+    let Form(form) = form?;
+    let authed = match require_session(&state, &headers, Gate::Any) {
+        Ok(authed) => authed,
+        Err(denied) => return Ok(denied.into_response()),
+    };
+    if !csrf::matches(Some(&authed.session.csrf), &form.csrf) {
+        return Err(SiteError::Csrf);
+    }
+    state.sessions.remove(&authed.id);
+    tracing::info!(number = %authed.session.number, "site logout");
+    Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
+}
+
+fn login_page(csrf: &str, error: Option<&str>) -> String {
+    let errors = html::errors(&error.map(str::to_owned).into_iter().collect::<Vec<_>>());
+    let body = format!(
+        "{errors}<form method=\"post\" action=\"/login\">\n{csrf}\
+         <p><label for=\"number\">電話番号</label><br>\n\
+         <input id=\"number\" name=\"number\" type=\"text\" inputmode=\"numeric\" autocomplete=\"username\" \
+         pattern=\"0[0-9]{{9,10}}\" maxlength=\"11\" required><br>\n\
+         <small>市外局番から、半角数字でハイフンなしで入力してください。</small></p>\n\
+         <p><label for=\"password\">パスワード</label><br>\n\
+         <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" \
+         maxlength=\"12\" required></p>\n\
+         <p><button type=\"submit\">ログイン</button></p>\n</form>\n\
+         <p>パスワードをお忘れの場合や、ロックされた場合は、ご契約の回線から仮パスワード設定ダイヤル\
+         （06-6480-6430）に電話して仮パスワードを設定してください。</p>\n",
+        csrf = html::csrf_field(csrf),
+    );
+    html::page("ログイン", &body)
+}

@@ -1,0 +1,244 @@
+//! 設定サイト (the subscriber settings site), server-rendered HTML that works without
+//! JavaScript. This part: login, the forced password change and logout (SERVICE.md §4,
+//! R-S1..R-S7); the settings pages come later and sit behind [`require_session`].
+//!
+//! Every response carries strict security headers ([`security_headers`]); every form
+//! carries a CSRF token ([`csrf`]); no GET changes state.
+//!
+//! # Layout
+//!
+//! - [`html`]: escaping and the page frame.
+//! - [`csrf`]: tokens and their comparison.
+//! - [`session`]: server-side sessions and their timeouts (R-S7).
+//! - [`login`]: `GET/POST /login`, `POST /logout` (R-S1..R-S3).
+//! - [`password`]: the R-S5 policy and `GET/POST /password` (R-S4).
+//! - [`menu`]: `GET /`, the menu after login.
+
+pub mod csrf;
+pub mod html;
+pub mod login;
+pub mod menu;
+pub mod password;
+pub mod session;
+
+use std::fmt;
+
+use axum::extract::rejection::FormRejection;
+use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use engine::store::{Store, StoreError};
+
+use crate::clock::SharedClock;
+use crate::credentials::{CredentialError, Credentials};
+use session::{Session, Sessions};
+
+/// What the site's handlers share; cheap to clone.
+#[derive(Clone)]
+pub struct SiteState {
+    /// Lines and numbers: the unit that sets a session's idle timeout (R-S7).
+    pub(crate) store: Store,
+    /// Login and password change (R-S2..R-S6).
+    pub(crate) credentials: Credentials,
+    /// Sessions' timeouts and the credentials' 24 h / 60-day rules.
+    pub(crate) clock: SharedClock,
+    /// Who is logged in, server-side; the browser holds only the id.
+    pub(crate) sessions: Sessions,
+    /// Whether the site is reached over TLS only (R-S8): then cookies get `Secure` and
+    /// the `__Host-` prefix, which browsers refuse to set over plain HTTP.
+    pub(crate) secure: bool,
+}
+
+impl SiteState {
+    pub fn new(store: Store, credentials: Credentials, clock: SharedClock) -> Self {
+        Self { store, credentials, clock, sessions: Sessions::default(), secure: false }
+    }
+
+    /// Marks the site as served over TLS (directly or behind a terminating proxy).
+    pub fn with_secure(mut self, secure: bool) -> Self {
+        self.secure = secure;
+        self
+    }
+
+    /// The live sessions (metrics, tests).
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    fn cookie_name(&self, base: &str) -> String {
+        if self.secure {
+            format!("__Host-{base}")
+        } else {
+            base.to_owned()
+        }
+    }
+
+    /// The session cookie's name.
+    pub fn session_cookie(&self) -> String {
+        self.cookie_name(SESSION_COOKIE)
+    }
+
+    /// The pre-session CSRF cookie's name (login form).
+    pub fn csrf_cookie(&self) -> String {
+        self.cookie_name(CSRF_COOKIE)
+    }
+
+    /// A `Set-Cookie` value for `name=value`; `None` deletes the cookie.
+    fn set_cookie(&self, name: &str, value: Option<&str>) -> HeaderValue {
+        let secure = if self.secure { "; Secure" } else { "" };
+        let value = match value {
+            Some(value) => format!("{name}={value}; HttpOnly; SameSite=Strict; Path=/{secure}"),
+            None => format!("{name}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}"),
+        };
+        HeaderValue::from_str(&value).expect("cookie names and tokens are ASCII")
+    }
+}
+
+impl fmt::Debug for SiteState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiteState").field("sessions", &self.sessions.len()).field("secure", &self.secure).finish()
+    }
+}
+
+/// Base name of the session cookie.
+pub const SESSION_COOKIE: &str = "callnotify_session";
+/// Base name of the pre-session CSRF cookie.
+pub const CSRF_COOKIE: &str = "callnotify_csrf";
+
+/// The site's routes, ready to be merged into the admin app or served alone.
+pub fn router(state: SiteState) -> Router {
+    Router::new()
+        .route("/", get(menu::show))
+        .route("/login", get(login::show).post(login::submit))
+        .route("/logout", post(login::logout))
+        .route("/password", get(password::show).post(password::submit))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+/// Headers on every site response: no framing, no foreign scripts or plugins, no
+/// referrer leaking the site's paths, and no caching of pages that show a subscriber's
+/// settings on a shared computer.
+pub async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
+    );
+    headers.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
+    headers.insert(HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The value of cookie `name` in the request, if any.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find_map(|(key, value)| (key == name).then_some(value))
+}
+
+/// `303 See Other` to `location`: after a POST, the browser GETs the next page, so a
+/// reload does not resubmit the form.
+pub fn redirect(location: &'static str) -> Response {
+    (StatusCode::SEE_OTHER, [(LOCATION, HeaderValue::from_static(location))]).into_response()
+}
+
+/// A logged-in request: the session id and a snapshot of the session.
+#[derive(Debug, Clone)]
+pub struct Authed {
+    pub id: String,
+    pub session: Session,
+}
+
+/// Which pages stay reachable while the password must be changed (R-S4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Any page but the password change and logout.
+    PasswordChanged,
+    /// The password change and logout themselves.
+    Any,
+}
+
+/// Why a request has no usable session, and where the browser goes instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No session, or it ended: to the login page.
+    Login,
+    /// The password must be changed first (R-S4).
+    ChangePassword,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Login => redirect("/login"),
+            Self::ChangePassword => redirect("/password"),
+        }
+    }
+}
+
+/// The request's live session, its idle timeout restarted; or why there is none.
+pub fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate) -> Result<Authed, Denied> {
+    let id = cookie(headers, &state.session_cookie()).ok_or(Denied::Login)?;
+    let session = state.sessions.touch(id, state.clock.now()).ok_or(Denied::Login)?;
+    if session.must_change && gate == Gate::PasswordChanged {
+        return Err(Denied::ChangePassword);
+    }
+    Ok(Authed { id: id.to_owned(), session })
+}
+
+/// Why a site request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("CSRF token missing or wrong")]
+    Csrf,
+    #[error("malformed form: {0}")]
+    Form(#[from] FormRejection),
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl IntoResponse for SiteError {
+    fn into_response(self) -> Response {
+        let (status, title, message) = match &self {
+            Self::Csrf => (
+                StatusCode::FORBIDDEN,
+                "エラー",
+                "不正なリクエストです。ページを開き直してから、もう一度操作してください。",
+            ),
+            Self::Form(_) => {
+                (StatusCode::BAD_REQUEST, "エラー", "入力内容を読み取れませんでした。もう一度操作してください。")
+            }
+            Self::Credentials(_) | Self::Store(_) => {
+                tracing::error!(error = %self, "site request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "システムエラー",
+                    "システムエラーが発生しました。しばらくしてから、もう一度お試しください。",
+                )
+            }
+        };
+        let body = format!("<p>{}</p>\n<p><a href=\"/\">トップへ戻る</a></p>\n", html::escape(message));
+        (status, Html(html::page(title, &body))).into_response()
+    }
+}
+
+/// Appends `Set-Cookie` headers to `response`.
+fn with_cookies(mut response: Response, cookies: impl IntoIterator<Item = HeaderValue>) -> Response {
+    for cookie in cookies {
+        response.headers_mut().append(SET_COOKIE, cookie);
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+//! パスワード変更: `GET/POST /password`. Forced after a login with a temporary password
+//! or a password older than 60 days (R-S4); the new password follows [`check_policy`]
+//! (R-S5).
+
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, State};
+use axum::http::HeaderMap;
+use axum::response::{Html, IntoResponse, Response};
+
+use super::session::Session;
+use super::{csrf, html, redirect, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
+use crate::credentials::{CredentialKind, LoginFailure};
+
+/// Shortest new password (R-S5).
+pub const MIN_LEN: usize = 8;
+/// Longest new password (R-S5).
+pub const MAX_LEN: usize = 12;
+
+/// Why a new password is refused; the messages are shown on the page as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyViolation {
+    #[error("新しいパスワードは半角英数字（0-9、A-Z、a-z）で入力してください。")]
+    Charset,
+    #[error("新しいパスワードは8文字以上12文字以内で入力してください。")]
+    Length,
+    #[error("新しいパスワードには英字を1文字以上含めてください。")]
+    DigitsOnly,
+    #[error("新しいパスワードには現在のパスワードと異なるものを入力してください。")]
+    SameAsCurrent,
+}
+
+/// R-S5: 8 to 12 half-width alphanumerics `[0-9A-Za-z]`, not digits only, not the
+/// current password. Pure, so the rule is tested by a table.
+pub fn check_policy(current: &str, new: &str) -> Result<(), PolicyViolation> {
+    if !new.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(PolicyViolation::Charset);
+    }
+    // ASCII from here on, so bytes are characters.
+    if !(MIN_LEN..=MAX_LEN).contains(&new.len()) {
+        return Err(PolicyViolation::Length);
+    }
+    if new.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(PolicyViolation::DigitsOnly);
+    }
+    if new == current {
+        return Err(PolicyViolation::SameAsCurrent);
+    }
+    Ok(())
+}
+
+const MISMATCH: &str = "新しいパスワードと確認用のパスワードが一致しません。";
+const WRONG_CURRENT: &str = "現在のパスワードが正しくありません。";
+
+/// The password form's fields; all default to empty so a missing CSRF field is a 403.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct PasswordForm {
+    /// 現在のパスワード: the temporary one, the expired one, or the current one (R-S4).
+    current: String,
+    /// 新しいパスワード.
+    new: String,
+    /// 新しいパスワード（確認）.
+    confirm: String,
+    csrf: String,
+}
+
+pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Response {
+    match require_session(&state, &headers, Gate::Any) {
+        Ok(authed) => Html(password_page(&authed.session, &[])).into_response(),
+        Err(denied) => denied.into_response(),
+    }
+}
+
+pub async fn submit(
+    State(state): State<SiteState>,
+    headers: HeaderMap,
+    form: Result<Form<PasswordForm>, FormRejection>,
+) -> Result<Response, SiteError> {
+    let Form(form) = form?;
+    let Authed { id, session } = match require_session(&state, &headers, Gate::Any) {
+        Ok(authed) => authed,
+        Err(denied) => return Ok(denied.into_response()),
+    };
+    if !csrf::matches(Some(&session.csrf), &form.csrf) {
+        return Err(SiteError::Csrf);
+    }
+    // Cheap checks first: a typo in the new password should not cost an attempt at the
+    // current one (R-S2, R-S3 count consecutive wrong entries).
+    let mut errors = Vec::new();
+    if let Err(violation) = check_policy(&form.current, &form.new) {
+        errors.push(violation.to_string());
+    }
+    if form.new != form.confirm {
+        errors.push(MISMATCH.to_owned());
+    }
+    if !errors.is_empty() {
+        return Ok(Html(password_page(&session, &errors)).into_response());
+    }
+
+    let now = state.clock.now();
+    match state.credentials.verify_async(session.number, form.current, now).await? {
+        Ok(_) => {}
+        Err(LoginFailure::Wrong) => {
+            tracing::info!(number = %session.number, "site password change: wrong current password");
+            return Ok(Html(password_page(&session, &[WRONG_CURRENT.to_owned()])).into_response());
+        }
+        // The credential died under the session (locked by the wrong entries above, or
+        // the temporary password's 24 hours ran out): a new one must be set by phone.
+        Err(failure) => {
+            tracing::info!(number = %session.number, outcome = ?failure, "site password change: credential unusable");
+            state.sessions.remove(&id);
+            return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
+        }
+    }
+    state.credentials.set_password_async(session.number, form.new, now).await?;
+    tracing::info!(number = %session.number, "site password changed");
+
+    // A new session id for the new credential, and no other browser stays logged in with
+    // the old password.
+    state.sessions.remove(&id);
+    let renewed = Session { kind: CredentialKind::Password, must_change: false, csrf: csrf::new_token(), ..session };
+    let number = renewed.number;
+    let new_id = state.sessions.create(renewed);
+    state.sessions.remove_number(&number, &new_id);
+    Ok(with_cookies(redirect("/"), [state.set_cookie(&state.session_cookie(), Some(&new_id))]))
+}
+
+fn password_page(session: &Session, errors: &[String]) -> String {
+    let notice = if session.must_change {
+        "<p>仮パスワード、または設定から60日を過ぎたパスワードでログインしました。\
+         ご利用の前に、新しいパスワードを設定してください。</p>\n"
+    } else {
+        ""
+    };
+    let body = format!(
+        "{notice}{errors}<form method=\"post\" action=\"/password\">\n{csrf}\
+         <p><label for=\"current\">現在のパスワード</label><br>\n\
+         <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
+         maxlength=\"12\" required></p>\n\
+         <p><label for=\"new\">新しいパスワード</label><br>\n\
+         <input id=\"new\" name=\"new\" type=\"password\" autocomplete=\"new-password\" \
+         pattern=\"[0-9A-Za-z]{{8,12}}\" minlength=\"8\" maxlength=\"12\" required><br>\n\
+         <small>半角英数字8〜12文字。数字だけのもの、現在のパスワードと同じものは使えません。</small></p>\n\
+         <p><label for=\"confirm\">新しいパスワード（確認）</label><br>\n\
+         <input id=\"confirm\" name=\"confirm\" type=\"password\" autocomplete=\"new-password\" \
+         maxlength=\"12\" required></p>\n\
+         <p><button type=\"submit\">変更する</button></p>\n</form>\n{logout}",
+        errors = html::errors(errors),
+        csrf = html::csrf_field(&session.csrf),
+        logout = super::menu::logout_form(&session.csrf),
+    );
+    html::page("パスワード変更", &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn r_s5_password_policy_table() {
+        use PolicyViolation::*;
+        let current = "12345678";
+        let cases: &[(&str, Result<(), PolicyViolation>)] = &[
+            ("abcd1234", Ok(())),
+            ("abcdefgh", Ok(())),
+            ("ABCDEFGH", Ok(())),
+            ("a1234567", Ok(())),
+            ("Abc123456789", Ok(())),
+            ("abc1234", Err(Length)),
+            ("abc1234567890", Err(Length)),
+            ("", Err(Length)),
+            ("87654321", Err(DigitsOnly)),
+            ("123456789012", Err(DigitsOnly)),
+            ("abc_1234", Err(Charset)),
+            ("abcd 1234", Err(Charset)),
+            ("ａｂｃｄ1234", Err(Charset)),
+            ("パスワード1234", Err(Charset)),
+            ("abcd-123", Err(Charset)),
+        ];
+        for (new, expected) in cases {
+            assert_eq!(check_policy(current, new), *expected, "{new:?}");
+        }
+        assert_eq!(check_policy("abcd1234", "abcd1234"), Err(SameAsCurrent));
+        assert_eq!(check_policy("abcd1234", "ABCD1234"), Ok(()), "case matters");
+    }
+}

@@ -1,0 +1,337 @@
+//! The site over HTTP with `oneshot`, a provisioned store and a manual clock.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use chrono::Duration;
+use engine::store::AuthUnit;
+use tower::ServiceExt;
+
+use super::*;
+use crate::testing::{fixture, n, t0, Fixture, ADDITIONAL, CONTRACT, FAX_ONLY, OTHER_LINE};
+
+const PASSWORD: &str = "abcd1234";
+const TEMPORARY: &str = "12345678";
+
+struct App {
+    f: Fixture,
+    state: SiteState,
+    router: Router,
+}
+
+fn app() -> App {
+    let f = fixture();
+    let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone());
+    App { router: router(state.clone()), state, f }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn location(&self) -> Option<&str> {
+        self.headers.get(LOCATION).map(|v| v.to_str().unwrap())
+    }
+
+    /// The whole `Set-Cookie` line for cookie `name`.
+    fn set_cookie(&self, name: &str) -> Option<String> {
+        let prefix = format!("{name}=");
+        self.headers.get_all(SET_COOKIE).iter().map(|v| v.to_str().unwrap().to_owned()).find(|v| v.starts_with(&prefix))
+    }
+
+    /// The value `Set-Cookie` gives cookie `name`.
+    fn cookie_value(&self, name: &str) -> Option<String> {
+        let line = self.set_cookie(name)?;
+        Some(line[name.len() + 1..].split(';').next().unwrap().to_owned())
+    }
+
+    /// The hidden CSRF field of the page's (first) form.
+    fn csrf(&self) -> String {
+        let start = self.body.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
+        self.body[start..start + 32].to_owned()
+    }
+}
+
+async fn send(app: &App, request: Request<Body>) -> Reply {
+    let response = app.router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+    Reply { status, headers, body: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+async fn get(app: &App, uri: &str, cookies: &str) -> Reply {
+    send(app, Request::get(uri).header("cookie", cookies).body(Body::empty()).unwrap()).await
+}
+
+async fn post(app: &App, uri: &str, cookies: &str, form: &str) -> Reply {
+    let request = Request::post(uri)
+        .header("cookie", cookies)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(form.to_owned()));
+    send(app, request.unwrap()).await
+}
+
+/// The login form's CSRF token, as cookie and field.
+async fn login_token(app: &App) -> String {
+    let page = get(app, "/login", "").await;
+    let token = page.cookie_value(CSRF_COOKIE).expect("a pre-session CSRF cookie");
+    assert_eq!(page.csrf(), token);
+    token
+}
+
+async fn login_with(app: &App, token: &str, extra_cookies: &str, number: &str, password: &str) -> Reply {
+    let cookies = format!("{CSRF_COOKIE}={token}{extra_cookies}");
+    post(app, "/login", &cookies, &format!("number={number}&password={password}&csrf={token}")).await
+}
+
+async fn login(app: &App, number: &str, password: &str) -> Reply {
+    let token = login_token(app).await;
+    login_with(app, &token, "", number, password).await
+}
+
+/// Logs in and returns the `Cookie` header of the new session.
+async fn logged_in(app: &App, number: &str, password: &str) -> String {
+    let reply = login(app, number, password).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
+    format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap())
+}
+
+#[tokio::test]
+async fn r_s1_login_sets_an_httponly_strict_session_cookie_with_a_new_id() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let token = login_token(&app).await;
+
+    let reply = login_with(&app, &token, "", CONTRACT, PASSWORD).await;
+    assert_eq!((reply.status, reply.location()), (StatusCode::SEE_OTHER, Some("/")));
+    let line = reply.set_cookie(SESSION_COOKIE).unwrap();
+    assert!(line.contains("; HttpOnly") && line.contains("; SameSite=Strict") && line.contains("; Path=/"), "{line}");
+    assert!(!line.contains("Secure"), "no TLS yet: {line}");
+    let first = reply.cookie_value(SESSION_COOKIE).unwrap();
+    assert_ne!(first, token, "the session id is not the pre-login token");
+    assert!(reply.set_cookie(CSRF_COOKIE).unwrap().contains("Max-Age=0"), "the pre-session token is dropped");
+    let menu = get(&app, "/", &format!("{SESSION_COOKIE}={first}")).await;
+    assert_eq!(menu.status, StatusCode::OK);
+    assert!(menu.body.contains("メニュー") && menu.body.contains("ログアウト"));
+    assert!(menu.body.contains("<meta name=\"viewport\" content=\"width=device-width\">"));
+
+    // Logging in again from a browser holding a session: a new id, the old one ends.
+    let again = login_with(&app, &token, &format!("; {SESSION_COOKIE}={first}"), CONTRACT, PASSWORD).await;
+    let second = again.cookie_value(SESSION_COOKIE).unwrap();
+    assert_ne!(first, second);
+    assert_eq!(get(&app, "/", &format!("{SESSION_COOKIE}={first}")).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &format!("{SESSION_COOKIE}={second}")).await.status, StatusCode::OK);
+    assert_eq!(app.state.sessions().len(), 1);
+}
+
+#[tokio::test]
+async fn r_s1_every_login_failure_gets_the_same_status_and_body() {
+    let app = app();
+    let c = &app.f.credentials;
+    // Wrong password: CONTRACT has a password. Unknown: OTHER_LINE has no credential.
+    c.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    // Locked: three wrong temporary passwords (R-S2).
+    c.set_temporary_async(n(ADDITIONAL), TEMPORARY.into(), t0()).await.unwrap();
+    for _ in 0..3 {
+        c.verify_async(n(ADDITIONAL), "00000000".into(), t0()).await.unwrap().unwrap_err();
+    }
+    // Expired: a temporary password set 25 hours ago (R-I8).
+    c.set_temporary_async(n(FAX_ONLY), TEMPORARY.into(), t0() - Duration::hours(25)).await.unwrap();
+
+    let token = login_token(&app).await;
+    let attempts = [
+        (OTHER_LINE, TEMPORARY),
+        (CONTRACT, "wrong123"),
+        (ADDITIONAL, TEMPORARY),
+        (FAX_ONLY, TEMPORARY),
+        ("03-1234-5678", PASSWORD),
+    ];
+    let mut replies = Vec::new();
+    for (number, password) in attempts {
+        let reply = login_with(&app, &token, "", number, password).await;
+        assert!(reply.set_cookie(SESSION_COOKIE).is_none(), "{number}");
+        replies.push((number, reply.status, reply.body));
+    }
+    let (_, status, body) = &replies[0];
+    assert_eq!(*status, StatusCode::OK);
+    assert!(body.contains(login::FAILURE_MESSAGE));
+    for (number, other_status, other_body) in &replies[1..] {
+        assert_eq!((other_status, other_body), (status, body), "{number}");
+    }
+    assert!(app.state.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn r_s2_three_wrong_temporary_passwords_then_the_right_one_fails() {
+    let app = app();
+    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), t0()).await.unwrap();
+    for _ in 0..3 {
+        let reply = login(&app, CONTRACT, "87654321").await;
+        assert!(reply.body.contains(login::FAILURE_MESSAGE));
+    }
+    let reply = login(&app, CONTRACT, TEMPORARY).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.contains(login::FAILURE_MESSAGE));
+    assert!(reply.set_cookie(SESSION_COOKIE).is_none());
+}
+
+#[tokio::test]
+async fn r_s4_a_temporary_password_login_must_change_the_password_first() {
+    let app = app();
+    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), t0()).await.unwrap();
+    let reply = login(&app, CONTRACT, TEMPORARY).await;
+    assert_eq!(reply.location(), Some("/password"));
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/password"));
+
+    let page = get(&app, "/password", &cookies).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("現在のパスワード") && page.body.contains("新しいパスワード（確認）"));
+    let csrf = page.csrf();
+    // R-S5 refusals are shown on the page and change nothing.
+    let form = |new: &str, confirm: &str| format!("current={TEMPORARY}&new={new}&confirm={confirm}&csrf={csrf}");
+    let refused = post(&app, "/password", &cookies, &form("87654321", "87654321")).await;
+    assert_eq!(refused.status, StatusCode::OK);
+    assert!(refused.body.contains("英字を1文字以上"), "{}", refused.body);
+    let refused = post(&app, "/password", &cookies, &form(PASSWORD, "abcd12345")).await;
+    assert!(refused.body.contains("一致しません"), "{}", refused.body);
+    let wrong_current = format!("current=00000000&new={PASSWORD}&confirm={PASSWORD}&csrf={csrf}");
+    let refused = post(&app, "/password", &cookies, &wrong_current).await;
+    assert!(refused.body.contains("現在のパスワードが正しくありません"), "{}", refused.body);
+
+    let changed = post(&app, "/password", &cookies, &form(PASSWORD, PASSWORD)).await;
+    assert_eq!(changed.location(), Some("/"));
+    let renewed = format!("{SESSION_COOKIE}={}", changed.cookie_value(SESSION_COOKIE).unwrap());
+    assert_ne!(renewed, cookies, "a new session id after the change");
+    assert_eq!(get(&app, "/", &renewed).await.status, StatusCode::OK);
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    let reply = login(&app, CONTRACT, PASSWORD).await;
+    assert_eq!(reply.location(), Some("/"), "the new password logs in without a forced change");
+}
+
+#[tokio::test]
+async fn r_s4_a_password_older_than_60_days_must_be_changed_first() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0() - Duration::days(61)).await.unwrap();
+    let reply = login(&app, CONTRACT, PASSWORD).await;
+    assert_eq!(reply.location(), Some("/password"));
+}
+
+/// Logs in under `unit` and checks the session survives `idle - 1s` twice but not `idle`.
+async fn assert_idle_timeout(unit: AuthUnit, number: &str, idle: Duration) {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), unit).unwrap();
+    app.f.credentials.set_password_async(n(number), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, number, PASSWORD).await;
+    for _ in 0..2 {
+        app.f.clock.advance(idle - Duration::seconds(1));
+        assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK, "{unit:?}");
+    }
+    app.f.clock.advance(idle);
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"), "{unit:?}");
+    assert!(app.state.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn r_s7_idle_timeout_is_10_minutes_for_the_line_unit() {
+    assert_idle_timeout(AuthUnit::Line, CONTRACT, Duration::minutes(10)).await;
+    assert_idle_timeout(AuthUnit::AdminUser, CONTRACT, Duration::minutes(10)).await;
+}
+
+#[tokio::test]
+async fn r_s7_idle_timeout_is_30_minutes_for_the_number_unit() {
+    assert_idle_timeout(AuthUnit::Number, ADDITIONAL, Duration::minutes(30)).await;
+    assert_idle_timeout(AuthUnit::AdminUser, ADDITIONAL, Duration::minutes(30)).await;
+}
+
+#[tokio::test]
+async fn r_s7_logout_ends_the_session_server_side() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let csrf = get(&app, "/", &cookies).await.csrf();
+
+    let refused = post(&app, "/logout", &cookies, "").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(app.state.sessions().len(), 1, "no logout without the token");
+
+    let reply = post(&app, "/logout", &cookies, &format!("csrf={csrf}")).await;
+    assert_eq!(reply.location(), Some("/login"));
+    assert!(reply.set_cookie(SESSION_COOKIE).unwrap().contains("Max-Age=0"));
+    assert!(app.state.sessions().is_empty());
+    // The browser might keep the cookie; the server no longer knows it.
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/password", &cookies).await.location(), Some("/login"));
+}
+
+#[tokio::test]
+async fn csrf_missing_or_wrong_is_403_on_post_login_and_post_password() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let token = login_token(&app).await;
+    let credentials = format!("number={CONTRACT}&password={PASSWORD}");
+    let attempts = [
+        (format!("{CSRF_COOKIE}={token}"), credentials.clone()),
+        (format!("{CSRF_COOKIE}={token}"), format!("{credentials}&csrf={}", csrf::new_token())),
+        (String::new(), format!("{credentials}&csrf={token}")),
+        (format!("{CSRF_COOKIE}="), format!("{credentials}&csrf=")),
+    ];
+    for (cookies, form) in attempts {
+        let reply = post(&app, "/login", &cookies, &form).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{cookies} {form}");
+        assert!(reply.body.contains("不正なリクエストです。"));
+        assert!(reply.set_cookie(SESSION_COOKIE).is_none());
+    }
+    assert!(app.state.sessions().is_empty());
+
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let change = format!("current={PASSWORD}&new=efgh5678&confirm=efgh5678");
+    for form in [change.clone(), format!("{change}&csrf={token}")] {
+        let reply = post(&app, "/password", &cookies, &form).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{form}");
+    }
+    assert_eq!(login(&app, CONTRACT, PASSWORD).await.location(), Some("/"), "the password is unchanged");
+}
+
+#[tokio::test]
+async fn security_headers_are_on_every_site_response() {
+    let app = app();
+    let replies = [
+        get(&app, "/login", "").await,
+        get(&app, "/", "").await,
+        post(&app, "/login", "", "").await,
+        get(&app, "/logout", "").await,
+    ];
+    for reply in replies {
+        let h = &reply.headers;
+        assert_eq!(
+            h["content-security-policy"],
+            "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+            "{}",
+            reply.status
+        );
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        assert_eq!(h["cache-control"], "no-store");
+    }
+}
+
+#[tokio::test]
+async fn r_s8_secure_sites_use_host_prefixed_secure_cookies() {
+    let f = fixture();
+    f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone()).with_secure(true);
+    let app = App { router: router(state.clone()), state, f };
+    let page = get(&app, "/login", "").await;
+    let name = format!("__Host-{CSRF_COOKIE}");
+    let token = page.cookie_value(&name).unwrap();
+    assert!(page.set_cookie(&name).unwrap().contains("; Secure"));
+    let form = format!("number={CONTRACT}&password={PASSWORD}&csrf={token}");
+    let reply = post(&app, "/login", &format!("{name}={token}"), &form).await;
+    let session = reply.set_cookie(&format!("__Host-{SESSION_COOKIE}")).unwrap();
+    assert!(session.contains("; Secure") && session.contains("; HttpOnly"), "{session}");
+}
