@@ -117,11 +117,18 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let app = Application::build(settings.clone()).await?;
     let clock = admin::clock::SystemClock::shared();
-    let (addr, admin) =
-        admin::server::serve(settings.admin.listen, app.store().clone(), clock, until_stopped()).await?;
-    tracing::info!(url = %format!("http://{addr}/ivr/calls"), "IVR API listening");
+    let servers = admin::server::serve(
+        settings.admin.listen,
+        settings.admin.ivr_listen,
+        app.store().clone(),
+        clock,
+        &until_stopped,
+    )
+    .await?;
+    tracing::info!(url = %format!("http://{}/login", servers.site), "settings site listening");
+    tracing::info!(url = %format!("http://{}/ivr/calls", servers.ivr), "IVR API listening");
     app.run_until_stopped(until_stopped()).await?;
-    admin.await?;
+    servers.wait().await;
     Ok(())
 }
 

@@ -75,6 +75,7 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
         .current_dir(dir.path())
         .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
         .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -83,11 +84,13 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
     let stderr = child.stderr.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     // The startup log names both endpoints (ports were 0).
-    let (mut metrics, mut ivr) = (None, None);
+    let (mut metrics, mut site, mut ivr) = (None, None, None);
     for l in lines.by_ref().map_while(Result::ok) {
         let url = l.split_once("url=http://").map(|(_, u)| u.trim().to_owned());
         if l.contains("metrics endpoint listening") {
             metrics = url;
+        } else if l.contains("settings site listening") {
+            site = url;
         } else if l.contains("IVR API listening") {
             ivr = url;
             break;
@@ -97,6 +100,12 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
     let metrics = metrics.trim_end_matches("/metrics");
     let ivr = ivr.expect("serve starts the IVR API");
     let ivr = ivr.trim_end_matches("/ivr/calls");
+    let site = site.expect("serve starts the settings site");
+    let site = site.trim_end_matches("/login");
+
+    // The site answers subscribers; the IVR API, which trusts caller IDs, is not there.
+    assert!(http(site, "GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").starts_with("HTTP/1.1 200"));
+    assert!(!post_ivr_call(site, "0300000000").starts_with("HTTP/1.1 200"), "no IVR API on the site's address");
 
     // R-I1 over the real socket: a caller that is not on a provisioned line is refused…
     assert!(post_ivr_call(ivr, "0399999999").starts_with("HTTP/1.1 403"));
@@ -126,13 +135,19 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
 /// Starts an IVR call from `caller`; the raw HTTP response.
 fn post_ivr_call(addr: &str, caller: &str) -> String {
     let body = format!(r#"{{"caller":"{caller}"}}"#);
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "POST /ivr/calls HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+    http(
+        addr,
+        &format!(
+            "POST /ivr/calls HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
     )
-    .unwrap();
+}
+
+/// Sends a raw HTTP request; the raw response.
+fn http(addr: &str, request: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     response

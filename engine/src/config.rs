@@ -108,9 +108,11 @@ pub struct MetricsSettings {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSettings {
-    /// The IVR platform's API (and the settings site, when it comes). The API trusts the
-    /// caller ID it is sent, so only the IVR platform may reach it.
+    /// The subscriber settings site.
     pub listen: SocketAddr,
+    /// The IVR platform's API. It trusts the caller ID it is sent, so only the IVR
+    /// platform may reach it: never the address subscribers reach.
+    pub ivr_listen: SocketAddr,
 }
 
 /// A string that never appears in logs or `Debug` output.

@@ -46,6 +46,7 @@ impl EngineConfig {
             .env("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "1000000")
             .env("CALLNOTIFY__METRICS__LISTEN", self.metrics.to_string())
             .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", std::env::var("CALLNOTIFY_ENGINE_LOG").unwrap_or_else(|_| "warn".into()));
         cmd
     }
