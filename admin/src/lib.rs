@@ -17,7 +17,8 @@
 //!   prompts ([`ivr::prompt`]), the HTTP API for an IVR platform ([`ivr::api`]) and a
 //!   terminal player for operators ([`ivr::terminal`]).
 //! - [`site`]: the settings site's login, forced password change and logout, with
-//!   server-side sessions (R-S1..R-S7).
+//!   server-side sessions (R-S1..R-S7), and the 着信お知らせメール settings pages
+//!   (R-C1, R-C2, R-N1..R-N5).
 //! - [`server`]: the HTTP server `callnotify serve` runs beside the engine.
 
 pub mod clock;

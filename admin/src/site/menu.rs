@@ -1,23 +1,34 @@
-//! `GET /`: the menu after login. The settings pages (R-C1, R-C2, §6) will add their
-//! links here; today it offers the password change and logout.
+//! `GET /`: the menu after login. サービス選択 (R-C1): 着信お知らせメール leads to the
+//! settings page of the only number, or to 電話番号選択 when the login covers several
+//! (R-C2); FAXお知らせメール is not available on this site yet. Then the password
+//! change and logout.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 
-use super::{html, require_session, Gate, SiteState};
+use super::numbers::{call_numbers, call_settings_path};
+use super::{html, require_session, Gate, SiteError, SiteState};
 
-pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Response {
+pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<Response, SiteError> {
     let authed = match require_session(&state, &headers, Gate::PasswordChanged) {
         Ok(authed) => authed,
-        Err(denied) => return denied.into_response(),
+        Err(denied) => return Ok(denied.into_response()),
+    };
+    let numbers = call_numbers(&state.store, &authed.session.number)?;
+    let call = match numbers.as_slice() {
+        [] => "着信お知らせメール（ご契約の電話番号がありません）".to_owned(),
+        [only] => format!("<a href=\"{}\">着信お知らせメール</a>", html::escape(&call_settings_path(only))),
+        _ => "<a href=\"/numbers\">着信お知らせメール</a>（電話番号選択）".to_owned(),
     };
     let body = format!(
-        "<p>ログイン中の電話番号: {number}</p>\n<ul>\n<li><a href=\"/password\">パスワード変更</a></li>\n</ul>\n{logout}",
+        "<p>ログイン中の電話番号: {number}</p>\n<h2>サービス選択</h2>\n<ul>\n<li>{call}</li>\n\
+         <li>FAXお知らせメール（準備中です。このサイトではまだ設定できません）</li>\n</ul>\n\
+         <ul>\n<li><a href=\"/password\">パスワード変更</a></li>\n</ul>\n{logout}",
         number = html::escape(authed.session.number.as_str()),
         logout = logout_form(&authed.session.csrf),
     );
-    Html(html::page("メニュー", &body)).into_response()
+    Ok(Html(html::page("メニュー", &body)).into_response())
 }
 
 /// The ログアウト button: a form, because logout changes state and so must be a POST

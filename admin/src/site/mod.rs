@@ -1,6 +1,7 @@
 //! 設定サイト (the subscriber settings site), server-rendered HTML that works without
-//! JavaScript. This part: login, the forced password change and logout (SERVICE.md §4,
-//! R-S1..R-S7); the settings pages come later and sit behind [`require_session`].
+//! JavaScript: login, the forced password change and logout (SERVICE.md §4,
+//! R-S1..R-S7), and behind [`require_session`] the choice of service and number (§5) and
+//! the 着信お知らせメール settings (§6).
 //!
 //! Every response carries strict security headers ([`security_headers`]); every form
 //! carries a CSRF token ([`csrf`]); no GET changes state.
@@ -12,14 +13,20 @@
 //! - [`session`]: server-side sessions and their timeouts (R-S7).
 //! - [`login`]: `GET/POST /login`, `POST /logout` (R-S1..R-S3).
 //! - [`password`]: the R-S5 policy and `GET/POST /password` (R-S4).
-//! - [`menu`]: `GET /`, the menu after login.
+//! - [`menu`]: `GET /`, the menu after login: サービス選択 (R-C1).
+//! - [`numbers`]: which numbers a session may configure, `GET /numbers` (R-C2).
+//! - [`settings`]: `GET/POST /numbers/{number}/call`, the settings of R-N1..R-N5.
+//! - [`settings_form`]: that page's form: parsing per row and HTML.
 
 pub mod csrf;
 pub mod html;
 pub mod login;
 pub mod menu;
+pub mod numbers;
 pub mod password;
 pub mod session;
+pub mod settings;
+pub mod settings_form;
 
 use std::fmt;
 
@@ -114,6 +121,8 @@ pub fn router(state: SiteState) -> Router {
         .route("/login", get(login::show).post(login::submit))
         .route("/logout", post(login::logout))
         .route("/password", get(password::show).post(password::submit))
+        .route("/numbers", get(numbers::show))
+        .route("/numbers/{number}/call", get(settings::show).post(settings::submit))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }
@@ -205,6 +214,8 @@ pub enum SiteError {
     Credentials(#[from] CredentialError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 impl IntoResponse for SiteError {
@@ -218,7 +229,7 @@ impl IntoResponse for SiteError {
             Self::Form(_) => {
                 (StatusCode::BAD_REQUEST, "エラー", "入力内容を読み取れませんでした。もう一度操作してください。")
             }
-            Self::Credentials(_) | Self::Store(_) => {
+            Self::Credentials(_) | Self::Store(_) | Self::Join(_) => {
                 tracing::error!(error = %self, "site request failed");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -240,5 +251,7 @@ fn with_cookies(mut response: Response, cookies: impl IntoIterator<Item = Header
     response
 }
 
+#[cfg(test)]
+mod settings_tests;
 #[cfg(test)]
 mod tests;

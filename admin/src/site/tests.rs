@@ -10,29 +10,29 @@ use tower::ServiceExt;
 use super::*;
 use crate::testing::{fixture, n, t0, Fixture, ADDITIONAL, CONTRACT, FAX_ONLY, OTHER_LINE};
 
-const PASSWORD: &str = "abcd1234";
-const TEMPORARY: &str = "12345678";
+pub(super) const PASSWORD: &str = "abcd1234";
+pub(super) const TEMPORARY: &str = "12345678";
 
-struct App {
-    f: Fixture,
-    state: SiteState,
+pub(super) struct App {
+    pub(super) f: Fixture,
+    pub(super) state: SiteState,
     router: Router,
 }
 
-fn app() -> App {
+pub(super) fn app() -> App {
     let f = fixture();
     let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone());
     App { router: router(state.clone()), state, f }
 }
 
-struct Reply {
-    status: StatusCode,
+pub(super) struct Reply {
+    pub(super) status: StatusCode,
     headers: HeaderMap,
-    body: String,
+    pub(super) body: String,
 }
 
 impl Reply {
-    fn location(&self) -> Option<&str> {
+    pub(super) fn location(&self) -> Option<&str> {
         self.headers.get(LOCATION).map(|v| v.to_str().unwrap())
     }
 
@@ -43,13 +43,13 @@ impl Reply {
     }
 
     /// The value `Set-Cookie` gives cookie `name`.
-    fn cookie_value(&self, name: &str) -> Option<String> {
+    pub(super) fn cookie_value(&self, name: &str) -> Option<String> {
         let line = self.set_cookie(name)?;
         Some(line[name.len() + 1..].split(';').next().unwrap().to_owned())
     }
 
     /// The hidden CSRF field of the page's (first) form.
-    fn csrf(&self) -> String {
+    pub(super) fn csrf(&self) -> String {
         let start = self.body.find("name=\"csrf\" value=\"").expect("a csrf field") + 19;
         self.body[start..start + 32].to_owned()
     }
@@ -63,11 +63,11 @@ async fn send(app: &App, request: Request<Body>) -> Reply {
     Reply { status, headers, body: String::from_utf8(bytes.to_vec()).unwrap() }
 }
 
-async fn get(app: &App, uri: &str, cookies: &str) -> Reply {
+pub(super) async fn get(app: &App, uri: &str, cookies: &str) -> Reply {
     send(app, Request::get(uri).header("cookie", cookies).body(Body::empty()).unwrap()).await
 }
 
-async fn post(app: &App, uri: &str, cookies: &str, form: &str) -> Reply {
+pub(super) async fn post(app: &App, uri: &str, cookies: &str, form: &str) -> Reply {
     let request = Request::post(uri)
         .header("cookie", cookies)
         .header("content-type", "application/x-www-form-urlencoded")
@@ -88,7 +88,7 @@ async fn login_with(app: &App, token: &str, extra_cookies: &str, number: &str, p
     post(app, "/login", &cookies, &format!("number={number}&password={password}&csrf={token}")).await
 }
 
-async fn login(app: &App, number: &str, password: &str) -> Reply {
+pub(super) async fn login(app: &App, number: &str, password: &str) -> Reply {
     let token = login_token(app).await;
     login_with(app, &token, "", number, password).await
 }

@@ -1,0 +1,160 @@
+//! 着信お知らせメール設定: `GET/POST /numbers/{number}/call`, one page per number with
+//! the four sections of R-N1..R-N5 in one form ([`super::settings_form`]).
+//!
+//! A save carries the version the form was rendered from and the store refuses it if
+//! the settings changed since (R-S9), so a second browser window never silently
+//! overwrites the first. Changing the destination addresses needs the current password:
+//! whoever finds a logged-in browser must not be able to divert the notifications.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, Path, RawQuery, State};
+use axum::http::header::LOCATION;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use engine::phone::PhoneNumber;
+use engine::store::{CallSettings, StoreError};
+
+use super::numbers::{allowed_number, call_settings_path, not_found};
+use super::session::Session;
+use super::settings_form::{render, Entered, RowErrors};
+use super::{csrf, html, redirect, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
+use crate::credentials::LoginFailure;
+
+const SAVED: &str = "設定しました。";
+const FIX_ROWS: &str = "入力内容に誤りがあります。各欄のメッセージを確認してください。設定は保存されていません。";
+const NEED_PASSWORD: &str =
+    "送信先メールアドレスを変更するには、現在のパスワードを入力してください。設定は保存されていません。";
+const WRONG_PASSWORD: &str = "現在のパスワードが正しくありません。設定は保存されていません。";
+const STALE: &str = "この設定は、別の画面で変更されています。ここで入力した内容は保存されていません。\
+                     ページを開き直して、最新の設定を確認してから、もう一度設定してください。";
+
+/// The stored settings of `number`, or `None` if it vanished (re-provisioned).
+fn stored(state: &SiteState, number: &PhoneNumber) -> Result<Option<CallSettings>, StoreError> {
+    Ok(state.store.number(number)?.map(|record| record.call))
+}
+
+fn settings_page(
+    number: &PhoneNumber,
+    session: &Session,
+    notice: &str,
+    entered: &Entered,
+    errors: &[String],
+) -> String {
+    settings_page_rows(number, session, notice, entered, errors, &RowErrors::default())
+}
+
+fn settings_page_rows(
+    number: &PhoneNumber,
+    session: &Session,
+    notice: &str,
+    entered: &Entered,
+    errors: &[String],
+    rows: &RowErrors,
+) -> String {
+    let notice =
+        if notice.is_empty() { String::new() } else { format!("<p role=\"status\">{}</p>\n", html::escape(notice)) };
+    let body = format!(
+        "<p>電話番号: {number}</p>\n{notice}{errors}{form}<p><a href=\"/\">メニューへ戻る</a></p>\n{logout}",
+        number = html::escape(number.as_str()),
+        errors = html::errors(errors),
+        form = render(&call_settings_path(number), &session.csrf, entered, rows),
+        logout = super::menu::logout_form(&session.csrf),
+    );
+    html::page("着信お知らせメール設定", &body)
+}
+
+pub async fn show(
+    State(state): State<SiteState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, SiteError> {
+    let authed = match require_session(&state, &headers, Gate::PasswordChanged) {
+        Ok(authed) => authed,
+        Err(denied) => return Ok(denied.into_response()),
+    };
+    let Some(number) = allowed_number(&state.store, &authed.session.number, &raw)? else { return Ok(not_found()) };
+    let Some(settings) = stored(&state, &number)? else { return Ok(not_found()) };
+    let notice = if query.as_deref() == Some("saved=1") { SAVED } else { "" };
+    let page = settings_page(&number, &authed.session, notice, &Entered::from_settings(&settings), &[]);
+    Ok(Html(page).into_response())
+}
+
+pub async fn submit(
+    State(state): State<SiteState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Result<Response, SiteError> {
+    let Form(fields) = form?;
+    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged) {
+        Ok(authed) => authed,
+        Err(denied) => return Ok(denied.into_response()),
+    };
+    if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
+        return Err(SiteError::Csrf);
+    }
+    let Some(number) = allowed_number(&state.store, &session.number, &raw)? else { return Ok(not_found()) };
+    let Some(current) = stored(&state, &number)? else { return Ok(not_found()) };
+
+    let entered = Entered::from_fields(&fields);
+    let Some(version) = entered.version else { return Ok(stale(&number, &session, &entered)) };
+    let settings = match entered.parse() {
+        Ok(settings) => settings,
+        Err(rows) => {
+            let page = settings_page_rows(&number, &session, "", &entered, &[FIX_ROWS.to_owned()], &rows);
+            return Ok(Html(page).into_response());
+        }
+    };
+
+    if settings.destinations != current.destinations {
+        let password = fields.get("current").cloned().unwrap_or_default();
+        if password.is_empty() {
+            return Ok(
+                Html(settings_page(&number, &session, "", &entered, &[NEED_PASSWORD.to_owned()])).into_response()
+            );
+        }
+        // A wrong entry here counts towards the credential's lock like one at login
+        // (R-S3), so this field cannot be used to guess the password without limit.
+        match state.credentials.verify_async(session.number, password, state.clock.now()).await? {
+            Ok(_) => {}
+            Err(LoginFailure::Wrong) => {
+                tracing::info!(login = %session.number, %number, "call settings: wrong current password");
+                let page = settings_page(&number, &session, "", &entered, &[WRONG_PASSWORD.to_owned()]);
+                return Ok(Html(page).into_response());
+            }
+            // The credential died under the session (locked by wrong entries): a new one
+            // must be set by phone, so the session ends as after a failed login.
+            Err(failure) => {
+                tracing::info!(login = %session.number, outcome = ?failure, "call settings: credential unusable");
+                state.sessions.remove(&id);
+                return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
+            }
+        }
+    }
+
+    let store = state.store.clone();
+    match tokio::task::spawn_blocking(move || store.save_call_settings(&number, version, settings)).await? {
+        Ok(saved) => {
+            tracing::info!(login = %session.number, %number, version = saved, "call settings saved");
+            let location = format!("{}?saved=1", call_settings_path(&number));
+            let location = HeaderValue::from_str(&location).expect("a path of digits is a valid header");
+            Ok((StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response())
+        }
+        Err(StoreError::StaleVersion { current }) => {
+            tracing::info!(login = %session.number, %number, version, current, "call settings: stale form refused");
+            Ok(stale(&number, &session, &entered))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// `409 Conflict`: the form was rendered from settings that changed since (R-S9). The
+/// entered values are shown again but not saved; the version field stays the old one, so
+/// resubmitting this page is refused too and the subscriber must reload.
+fn stale(number: &PhoneNumber, session: &Session, entered: &Entered) -> Response {
+    let page = settings_page(number, session, "", entered, &[STALE.to_owned()]);
+    (StatusCode::CONFLICT, Html(page)).into_response()
+}

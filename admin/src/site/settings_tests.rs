@@ -1,0 +1,254 @@
+//! The 着信お知らせメール pages over HTTP (R-C1, R-C2, R-N1..R-N5, R-S9), with the
+//! helpers of [`super::tests`].
+
+use axum::http::StatusCode;
+use engine::store::{AuthUnit, CallSettings};
+
+use super::tests::{app, get, login, post, App, Reply, PASSWORD, TEMPORARY};
+use super::SESSION_COOKIE;
+use crate::testing::{n, t0, ADDITIONAL, CONTRACT, FAX_ONLY, OTHER_LINE};
+
+/// Sets the line's unit, logs `number` in with a temporary password, does the forced
+/// change to [`PASSWORD`] and returns the `Cookie` header of the renewed session.
+async fn ready(app: &App, unit: AuthUnit, number: &str) -> String {
+    app.f.store.set_line_unit(&n(CONTRACT), unit).unwrap();
+    app.f.credentials.set_temporary_async(n(number), TEMPORARY.into(), t0()).await.unwrap();
+    let reply = login(app, number, TEMPORARY).await;
+    assert_eq!(reply.location(), Some("/password"));
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    let csrf = get(app, "/password", &cookies).await.csrf();
+    let form = format!("current={TEMPORARY}&new={PASSWORD}&confirm={PASSWORD}&csrf={csrf}");
+    let changed = post(app, "/password", &cookies, &form).await;
+    assert_eq!(changed.location(), Some("/"));
+    format!("{SESSION_COOKIE}={}", changed.cookie_value(SESSION_COOKIE).unwrap())
+}
+
+fn path(number: &str) -> String {
+    format!("/numbers/{number}/call")
+}
+
+fn stored(app: &App, number: &str) -> CallSettings {
+    app.f.store.number(&n(number)).unwrap().unwrap().call
+}
+
+/// The hidden version field of a settings page.
+fn version(page: &Reply) -> String {
+    let start = page.body.find("name=\"version\" value=\"").expect("a version field") + 22;
+    page.body[start..].split('"').next().unwrap().to_owned()
+}
+
+/// The settings page of `number` and a form body with its csrf and version plus `extra`.
+async fn form(app: &App, cookies: &str, number: &str, extra: &str) -> String {
+    let page = get(app, &path(number), cookies).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    format!("csrf={}&version={}&{extra}", page.csrf(), version(&page))
+}
+
+async fn save(app: &App, cookies: &str, number: &str, extra: &str) -> Reply {
+    let body = form(app, cookies, number, extra).await;
+    post(app, &path(number), cookies, &body).await
+}
+
+#[tokio::test]
+async fn r_c2_the_menu_offers_the_number_choice_only_when_several_numbers() {
+    let cases = [
+        (AuthUnit::Line, CONTRACT, vec![CONTRACT, ADDITIONAL]),
+        (AuthUnit::Number, ADDITIONAL, vec![ADDITIONAL]),
+        (AuthUnit::AdminUser, CONTRACT, vec![CONTRACT, ADDITIONAL]),
+        (AuthUnit::AdminUser, ADDITIONAL, vec![ADDITIONAL]),
+    ];
+    for (unit, login_number, expected) in cases {
+        let app = app();
+        let cookies = ready(&app, unit, login_number).await;
+        let menu = get(&app, "/", &cookies).await;
+        assert!(menu.body.contains("サービス選択") && menu.body.contains("FAXお知らせメール（準備中"));
+        let choice = get(&app, "/numbers", &cookies).await;
+        for number in [CONTRACT, ADDITIONAL, FAX_ONLY, OTHER_LINE] {
+            let visible = expected.contains(&number);
+            assert_eq!(choice.body.contains(&path(number)), visible, "{unit:?} {login_number} {number}");
+            let status = get(&app, &path(number), &cookies).await.status;
+            let want = if visible { StatusCode::OK } else { StatusCode::NOT_FOUND };
+            assert_eq!(status, want, "{unit:?} {login_number} {number}");
+        }
+        if expected.len() > 1 {
+            assert!(menu.body.contains("href=\"/numbers\"") && menu.body.contains("電話番号選択"), "{unit:?}");
+        } else {
+            assert!(menu.body.contains(&path(login_number)) && !menu.body.contains("電話番号選択"), "{unit:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn r_s4_the_settings_pages_wait_for_the_forced_password_change() {
+    let app = app();
+    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), t0()).await.unwrap();
+    let reply = login(&app, CONTRACT, TEMPORARY).await;
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    assert_eq!(get(&app, &path(CONTRACT), &cookies).await.location(), Some("/password"));
+    assert_eq!(get(&app, "/numbers", &cookies).await.location(), Some("/password"));
+    assert_eq!(get(&app, &path(CONTRACT), "").await.location(), Some("/login"));
+}
+
+#[tokio::test]
+async fn r_n1_start_and_stop_are_saved_and_shown() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let saved = save(&app, &cookies, CONTRACT, "enabled=on").await;
+    assert_eq!(saved.location(), Some("/numbers/0312345678/call?saved=1"));
+    assert!(stored(&app, CONTRACT).enabled);
+    let page = get(&app, saved.location().unwrap(), &cookies).await;
+    assert!(page.body.contains("設定しました。"));
+    assert!(page.body.contains("name=\"enabled\" value=\"on\" checked"), "{}", page.body);
+
+    save(&app, &cookies, CONTRACT, "enabled=off").await;
+    assert!(!stored(&app, CONTRACT).enabled);
+    let page = get(&app, &path(CONTRACT), &cookies).await;
+    assert!(page.body.contains("name=\"enabled\" value=\"off\" checked"));
+}
+
+#[tokio::test]
+async fn r_n2_five_rows_only_checked_ones_send_and_no_sixth_row() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let page = get(&app, &path(CONTRACT), &cookies).await;
+    assert!(page.body.contains("name=\"dest_4\"") && !page.body.contains("name=\"dest_5\""));
+    let rows = "dest_0=a0@example.jp&send_0=on&dest_1=a1@example.jp&dest_2=a2@example.jp&send_2=on\
+                &dest_3=a3@example.jp&dest_4=a4@example.jp&send_4=on&dest_5=a5@example.jp&send_5=on";
+    let saved = save(&app, &cookies, CONTRACT, &format!("{rows}&current={PASSWORD}")).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let destinations = stored(&app, CONTRACT).destinations;
+    let got: Vec<(&str, bool)> = destinations.iter().map(|d| (d.address.as_str(), d.send)).collect();
+    assert_eq!(
+        got,
+        [
+            ("a0@example.jp", true),
+            ("a1@example.jp", false),
+            ("a2@example.jp", true),
+            ("a3@example.jp", false),
+            ("a4@example.jp", true)
+        ]
+    );
+    // Blank rows are skipped, not stored.
+    let saved = save(&app, &cookies, CONTRACT, &format!("dest_3=b@example.jp&send_3=on&current={PASSWORD}")).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert_eq!(stored(&app, CONTRACT).destinations.len(), 1);
+}
+
+#[tokio::test]
+async fn r_n3_a_bad_address_is_shown_next_to_its_row_and_nothing_is_saved() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let extra = format!("enabled=on&dest_0=ok@example.jp&dest_1=bad@@example.jp&current={PASSWORD}");
+    let reply = save(&app, &cookies, CONTRACT, &extra).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.contains("「@」を1つだけ"), "{}", reply.body);
+    assert!(reply.body.contains("value=\"bad@@example.jp\""), "the entered value is kept");
+    assert!(!reply.body.contains(PASSWORD), "the password is not echoed");
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+}
+
+#[tokio::test]
+async fn r_n4_the_two_send_conditions_are_saved() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    save(&app, &cookies, CONTRACT, "designated_only=on").await;
+    let s = stored(&app, CONTRACT);
+    assert!(s.designated_only && !s.missed_only);
+    save(&app, &cookies, CONTRACT, "missed_only=on").await;
+    let s = stored(&app, CONTRACT);
+    assert!(!s.designated_only && s.missed_only);
+    save(&app, &cookies, CONTRACT, "designated_only=on&missed_only=on").await;
+    let s = stored(&app, CONTRACT);
+    assert!(s.designated_only && s.missed_only);
+}
+
+#[tokio::test]
+async fn r_n5_thirty_rows_unchecked_ones_kept_but_not_designated() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let rows: Vec<String> = (0..30)
+        .map(|i| {
+            let check = if i % 2 == 0 { format!("&designate_{i}=on") } else { String::new() };
+            format!("designated_{i}=090000000{i:02}{check}")
+        })
+        .collect();
+    let saved = save(&app, &cookies, CONTRACT, &format!("{}&designated_30=09000000030", rows.join("&"))).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let designated = stored(&app, CONTRACT).designated;
+    assert_eq!(designated.len(), 30);
+    for (i, entry) in designated.iter().enumerate() {
+        assert_eq!(entry.number, n(&format!("090000000{i:02}")));
+        assert_eq!(entry.designate, i % 2 == 0, "{i}");
+    }
+    let bad = save(&app, &cookies, CONTRACT, "designated_0=03-1234-5678").await;
+    assert!(bad.body.contains("ハイフンなし"), "{}", bad.body);
+    assert_eq!(stored(&app, CONTRACT).designated.len(), 30, "nothing saved");
+}
+
+#[tokio::test]
+async fn r_s9_a_save_from_a_stale_form_is_refused_with_409() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let first = form(&app, &cookies, CONTRACT, "enabled=on&missed_only=on").await;
+    let second = form(&app, &cookies, CONTRACT, "enabled=off&designated_only=on").await;
+    assert_eq!(post(&app, &path(CONTRACT), &cookies, &first).await.status, StatusCode::SEE_OTHER);
+    let refused = post(&app, &path(CONTRACT), &cookies, &second).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT);
+    assert!(refused.body.contains("別の画面で変更されています"), "{}", refused.body);
+    let s = stored(&app, CONTRACT);
+    assert!(s.enabled && s.missed_only && !s.designated_only, "the first save survives: {s:?}");
+    assert_eq!(s.version, 1);
+}
+
+#[tokio::test]
+async fn another_subscribers_number_is_not_found_and_never_changed() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Line, CONTRACT).await;
+    let body = form(&app, &cookies, CONTRACT, "enabled=on").await;
+    for number in [OTHER_LINE, FAX_ONLY, "0311112222", "abc"] {
+        let page = get(&app, &path(number), &cookies).await;
+        assert_eq!(page.status, StatusCode::NOT_FOUND, "{number}");
+        let reply = post(&app, &path(number), &cookies, &body).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{number}");
+    }
+    assert_eq!(stored(&app, OTHER_LINE), CallSettings::default());
+    assert_eq!(stored(&app, FAX_ONLY), CallSettings::default());
+}
+
+#[tokio::test]
+async fn destination_changes_need_the_current_password() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let rows = "dest_0=a@example.jp&send_0=on";
+    let missing = save(&app, &cookies, CONTRACT, rows).await;
+    assert!(missing.body.contains("現在のパスワードを入力してください"), "{}", missing.body);
+    let wrong = save(&app, &cookies, CONTRACT, &format!("{rows}&current=wrong123")).await;
+    assert!(wrong.body.contains("現在のパスワードが正しくありません"), "{}", wrong.body);
+    let failures = || app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures;
+    assert_eq!(failures(), 1, "a wrong entry counts towards the lock (R-S3)");
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+
+    let saved = save(&app, &cookies, CONTRACT, &format!("{rows}&current={PASSWORD}")).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert_eq!(failures(), 0);
+    // Unchanged destinations need no password; other sections save freely.
+    let again = save(&app, &cookies, CONTRACT, &format!("{rows}&enabled=on")).await;
+    assert_eq!(again.status, StatusCode::SEE_OTHER, "{}", again.body);
+    let s = stored(&app, CONTRACT);
+    assert!(s.enabled && s.destinations.len() == 1 && s.destinations[0].send);
+    // Turning a 送信 check off is a destination change too.
+    let unchecked = save(&app, &cookies, CONTRACT, "dest_0=a@example.jp&enabled=on").await;
+    assert!(unchecked.body.contains("現在のパスワードを入力してください"));
+    assert!(stored(&app, CONTRACT).destinations[0].send);
+}
+
+#[tokio::test]
+async fn csrf_missing_or_wrong_is_403_on_the_settings_form() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    for body in ["version=0&enabled=on".to_owned(), format!("version=0&enabled=on&csrf={}", super::csrf::new_token())] {
+        let reply = post(&app, &path(CONTRACT), &cookies, &body).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{body}");
+    }
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+}
