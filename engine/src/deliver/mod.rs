@@ -75,19 +75,15 @@ struct Inner {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
+    #[error("smtp.from {0:?} is not an address (`Name <no-reply@example.jp>`)")]
+    From(String),
     #[error("cannot create the outbox directory {path}: {source}")]
     Outbox { path: PathBuf, source: std::io::Error },
 }
 
 impl Deliverer {
     pub fn new(settings: &SmtpSettings, metrics: Metrics, dead_letters: DeadLetters) -> Result<Self, DeliverError> {
-        let transport = if settings.host.is_empty() {
-            std::fs::create_dir_all(&settings.outbox_dir)
-                .map_err(|source| DeliverError::Outbox { path: settings.outbox_dir.clone(), source })?;
-            Transport::Outbox(settings.outbox_dir.clone())
-        } else {
-            Transport::Smtp(SmtpPool::new(settings))
-        };
+        let transport = Transport::new(settings)?;
         let per_second = NonZeroU32::new(settings.rate_per_second).expect("config checks rate_per_second >= 1");
         let per_minute = NonZeroU32::new(settings.per_recipient_per_minute).expect("config checks >= 1");
         let inner = Inner {
@@ -144,10 +140,50 @@ impl Deliverer {
     }
 
     async fn attempt(&self, mail: &Mail) -> Result<(), Attempt> {
-        match &self.inner.transport {
+        self.inner.transport.send(mail).await
+    }
+}
+
+impl Transport {
+    fn new(settings: &SmtpSettings) -> Result<Self, DeliverError> {
+        if settings.host.is_empty() {
+            std::fs::create_dir_all(&settings.outbox_dir)
+                .map_err(|source| DeliverError::Outbox { path: settings.outbox_dir.clone(), source })?;
+            Ok(Transport::Outbox(settings.outbox_dir.clone()))
+        } else {
+            Ok(Transport::Smtp(SmtpPool::new(settings)))
+        }
+    }
+
+    async fn send(&self, mail: &Mail) -> Result<(), Attempt> {
+        match self {
             Transport::Smtp(smtp) => smtp.send(&mail.envelope, &mail.bytes).await.map_err(classify),
             Transport::Outbox(dir) => write_eml(dir, mail).await.map_err(|e| Attempt::Temporary(e.to_string())),
         }
+    }
+}
+
+/// The 送信テスト button's sender (R-N2): one attempt, at once, to an address as the
+/// subscriber typed it, so the answer can be shown on the page. Its own connections:
+/// a test mail never waits behind notification traffic, and needs no Kafka.
+pub struct TestMailer {
+    transport: Transport,
+    renderer: crate::render::Renderer,
+}
+
+impl TestMailer {
+    pub fn new(settings: &SmtpSettings) -> Result<Self, DeliverError> {
+        let from = settings.from.parse().map_err(|_| DeliverError::From(settings.from.clone()))?;
+        Ok(Self { transport: Transport::new(settings)?, renderer: crate::render::Renderer::new(from) })
+    }
+
+    /// Sends the test mail of `number` to `address`; `Err` carries the server's answer.
+    pub async fn send(&self, number: &PhoneNumber, address: &crate::address::DestinationAddress) -> Result<(), String> {
+        let nonce = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
+        let mail = self.renderer.render_test(number.as_str(), address, &nonce).map_err(|e| e.to_string())?;
+        self.transport.send(&mail).await.map_err(|failed| match failed {
+            Attempt::Temporary(reply) | Attempt::Permanent(reply) => reply,
+        })
     }
 }
 
@@ -189,4 +225,34 @@ fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
     let factor = 0.8 + f64::from(nanos % 1000) / 2500.0;
     d.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::DestinationAddress;
+    use crate::config::Settings;
+    use crate::sink::{SmtpSink, SmtpStage};
+
+    #[tokio::test]
+    async fn r_n2_the_send_test_mail_reaches_the_address_as_typed_or_says_why_not() {
+        let sink = SmtpSink::start(0).await.unwrap();
+        let env =
+            [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", sink.port().to_string())];
+        let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
+        let mailer = TestMailer::new(&settings.smtp).unwrap();
+        let number = PhoneNumber::parse("0312345678").unwrap();
+        let to = DestinationAddress::parse("taro@example.jp").unwrap();
+
+        mailer.send(&number, &to).await.expect("accepted");
+        let mails = sink.wait_for(1, std::time::Duration::from_secs(10)).await;
+        assert_eq!(mails[0].rcpt_to, ["taro@example.jp"]);
+        let parsed = mail_parser::MessageParser::default().parse(&mails[0].data).unwrap();
+        assert_eq!(parsed.subject(), Some("【着信お知らせ】送信テスト"));
+        assert!(parsed.body_text(0).unwrap().contains("0312345678"));
+
+        sink.fail_next(SmtpStage::RcptTo, 550, 1);
+        let refused = mailer.send(&number, &to).await.unwrap_err();
+        assert!(refused.contains("550"), "the subscriber sees the server's answer: {refused}");
+    }
 }
