@@ -117,11 +117,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let app = Application::build(settings.clone()).await?;
     let clock = admin::clock::SystemClock::shared();
+    let test_mailer = engine::deliver::TestMailer::new(&settings.smtp)?;
     let servers = admin::server::serve(
         settings.admin.listen,
         settings.admin.ivr_listen,
         app.store().clone(),
         clock,
+        Some(std::sync::Arc::new(test_mailer)),
         &until_stopped,
     )
     .await?;

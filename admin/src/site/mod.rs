@@ -15,7 +15,8 @@
 //! - [`password`]: the R-S5 policy and `GET/POST /password` (R-S4).
 //! - [`menu`]: `GET /`, the menu after login: サービス選択 (R-C1).
 //! - [`numbers`]: which numbers a session may configure, `GET /numbers` (R-C2).
-//! - [`settings`]: `GET/POST /numbers/{number}/call`, the settings of R-N1..R-N5.
+//! - [`settings`]: `GET/POST /numbers/{number}/call`, the settings of R-N1..R-N5, and
+//!   `POST /numbers/{number}/call/test/{row}`, R-N2's 送信テスト.
 //! - [`settings_form`]: that page's form: parsing per row and HTML.
 
 pub mod csrf;
@@ -29,6 +30,7 @@ pub mod settings;
 pub mod settings_form;
 
 use std::fmt;
+use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
@@ -36,6 +38,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use engine::deliver::TestMailer;
 use engine::store::{Store, StoreError};
 
 use crate::clock::SharedClock;
@@ -56,11 +59,20 @@ pub struct SiteState {
     /// Whether the site is reached over TLS only (R-S8): then cookies get `Secure` and
     /// the `__Host-` prefix, which browsers refuse to set over plain HTTP.
     pub(crate) secure: bool,
+    /// Sends the 送信テスト mail of R-N2; `None`: the button answers that test mails
+    /// are not available.
+    pub(crate) test_mailer: Option<Arc<TestMailer>>,
 }
 
 impl SiteState {
     pub fn new(store: Store, credentials: Credentials, clock: SharedClock) -> Self {
-        Self { store, credentials, clock, sessions: Sessions::default(), secure: false }
+        Self { store, credentials, clock, sessions: Sessions::default(), secure: false, test_mailer: None }
+    }
+
+    /// Lets the 送信テスト button of R-N2 send test mails with `mailer`.
+    pub fn with_test_mailer(mut self, mailer: Option<Arc<TestMailer>>) -> Self {
+        self.test_mailer = mailer;
+        self
     }
 
     /// Marks the site as served over TLS (directly or behind a terminating proxy).
@@ -105,7 +117,11 @@ impl SiteState {
 
 impl fmt::Debug for SiteState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SiteState").field("sessions", &self.sessions.len()).field("secure", &self.secure).finish()
+        f.debug_struct("SiteState")
+            .field("sessions", &self.sessions.len())
+            .field("secure", &self.secure)
+            .field("test_mailer", &self.test_mailer.is_some())
+            .finish()
     }
 }
 
@@ -123,6 +139,7 @@ pub fn router(state: SiteState) -> Router {
         .route("/password", get(password::show).post(password::submit))
         .route("/numbers", get(numbers::show))
         .route("/numbers/{number}/call", get(settings::show).post(settings::submit))
+        .route("/numbers/{number}/call/test/{row}", post(settings::test_mail))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }

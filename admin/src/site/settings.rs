@@ -5,6 +5,10 @@
 //! the settings changed since (R-S9), so a second browser window never silently
 //! overwrites the first. Changing the destination addresses needs the current password:
 //! whoever finds a logged-in browser must not be able to divert the notifications.
+//!
+//! Each destination row's 送信テスト button (R-N2) posts the whole form to
+//! `POST /numbers/{number}/call/test/{row}` ([`test_mail`]): a test mail goes to the
+//! address as typed in that row, and the form comes back as typed, nothing saved.
 
 use std::collections::HashMap;
 
@@ -13,12 +17,13 @@ use axum::extract::{Form, Path, RawQuery, State};
 use axum::http::header::LOCATION;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
+use engine::address::DestinationAddress;
 use engine::phone::PhoneNumber;
-use engine::store::{CallSettings, StoreError};
+use engine::store::{CallSettings, StoreError, MAX_DESTINATIONS};
 
 use super::numbers::{allowed_number, call_settings_path, not_found};
 use super::session::Session;
-use super::settings_form::{render, Entered, RowErrors};
+use super::settings_form::{address_message, render, Entered, RowErrors};
 use super::{csrf, html, redirect, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
 use crate::credentials::LoginFailure;
 
@@ -27,6 +32,9 @@ const FIX_ROWS: &str = "入力内容に誤りがあります。各欄のメッ�
 const NEED_PASSWORD: &str =
     "送信先メールアドレスを変更するには、現在のパスワードを入力してください。設定は保存されていません。";
 const WRONG_PASSWORD: &str = "現在のパスワードが正しくありません。設定は保存されていません。";
+const TEST_UNAVAILABLE: &str = "現在、テストメールの送信はご利用いただけません。";
+const TEST_FIX_ROW: &str =
+    "入力内容に誤りがあります。欄のメッセージを確認してください。テストメールは送信されていません。";
 const STALE: &str = "この設定は、別の画面で変更されています。ここで入力した内容は保存されていません。\
                      ページを開き直して、最新の設定を確認してから、もう一度設定してください。";
 
@@ -157,4 +165,74 @@ pub async fn submit(
 fn stale(number: &PhoneNumber, session: &Session, entered: &Entered) -> Response {
     let page = settings_page(number, session, "", entered, &[STALE.to_owned()]);
     (StatusCode::CONFLICT, Html(page)).into_response()
+}
+
+fn test_sent(address: &DestinationAddress) -> String {
+    format!(
+        "{} にテストメールを送信しました。届いたことを確認してから「送信」にチェックを入れて設定してください。",
+        address.as_str()
+    )
+}
+
+fn test_failed(address: &DestinationAddress, reason: &str) -> String {
+    format!("{} にテストメールを送信できませんでした: {reason}", address.as_str())
+}
+
+fn test_empty(row: usize) -> String {
+    format!("送信先{}にメールアドレスを入力してから、「送信テスト」を押してください。", row + 1)
+}
+
+/// `POST /numbers/{number}/call/test/{row}`: 送信テスト (R-N2). Sends a test mail to the
+/// address typed in destination row `row` (checked by R-N3), before it is saved, and
+/// shows the form again exactly as typed with the outcome. Nothing is saved, so no
+/// password is asked: the mail goes only to the address typed, never diverts anything.
+pub async fn test_mail(
+    State(state): State<SiteState>,
+    headers: HeaderMap,
+    Path((raw, row)): Path<(String, String)>,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Result<Response, SiteError> {
+    let Form(fields) = form?;
+    let Authed { session, .. } = match require_session(&state, &headers, Gate::PasswordChanged) {
+        Ok(authed) => authed,
+        Err(denied) => return Ok(denied.into_response()),
+    };
+    if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
+        return Err(SiteError::Csrf);
+    }
+    let Some(number) = allowed_number(&state.store, &session.number, &raw)? else { return Ok(not_found()) };
+    if stored(&state, &number)?.is_none() {
+        return Ok(not_found());
+    }
+    let Some(row) = row.parse::<usize>().ok().filter(|row| *row < MAX_DESTINATIONS) else { return Ok(not_found()) };
+
+    let entered = Entered::from_fields(&fields);
+    let page = |notice: &str, errors: &[String], rows: &RowErrors| {
+        Html(settings_page_rows(&number, &session, notice, &entered, errors, rows)).into_response()
+    };
+    let Some(mailer) = state.test_mailer.as_deref() else {
+        return Ok(page("", &[TEST_UNAVAILABLE.to_owned()], &RowErrors::default()));
+    };
+    let text = &entered.destinations[row].text;
+    if text.is_empty() {
+        return Ok(page("", &[test_empty(row)], &RowErrors::default()));
+    }
+    let address = match DestinationAddress::parse(text) {
+        Ok(address) => address,
+        Err(error) => {
+            let mut rows = RowErrors::default();
+            rows.destinations.insert(row, address_message(&error));
+            return Ok(page("", &[TEST_FIX_ROW.to_owned()], &rows));
+        }
+    };
+    match mailer.send(&number, &address).await {
+        Ok(()) => {
+            tracing::info!(login = %session.number, %number, row, "call settings: test mail sent");
+            Ok(page(&test_sent(&address), &[], &RowErrors::default()))
+        }
+        Err(reason) => {
+            tracing::info!(login = %session.number, %number, row, %reason, "call settings: test mail refused");
+            Ok(page("", &[test_failed(&address, &reason)], &RowErrors::default()))
+        }
+    }
 }

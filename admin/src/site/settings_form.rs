@@ -167,9 +167,20 @@ fn row_error(message: Option<&String>) -> String {
     message.map(|m| format!(" <strong class=\"error\" role=\"alert\">{}</strong>", html::escape(m))).unwrap_or_default()
 }
 
-/// The form's HTML: four sections, one 設定 button.
+/// The path a destination row's 送信テスト button posts the form to (R-N2).
+pub fn test_mail_path(action: &str, row: usize) -> String {
+    format!("{action}/test/{row}")
+}
+
+/// The form's HTML: four sections, one 設定 button, and a 送信テスト button per
+/// destination row that posts the same form to [`test_mail_path`] (`formaction` works
+/// without JavaScript).
+///
+/// A hidden copy of the 設定 button comes first: pressing Enter in a field activates the
+/// form's first submit button, which must save, not send a test mail.
 pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors) -> String {
     let mut out = format!("<form method=\"post\" action=\"{}\">\n{}", html::escape(action), html::csrf_field(csrf));
+    out += "<button type=\"submit\" hidden tabindex=\"-1\" aria-hidden=\"true\">設定</button>\n";
     let version = entered.version.map(|v| v.to_string()).unwrap_or_default();
     out += &format!("<input type=\"hidden\" name=\"version\" value=\"{}\">\n", html::escape(&version));
 
@@ -182,16 +193,19 @@ pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors) -
     );
 
     out += "<fieldset>\n<legend>送信先メールアドレス設定</legend>\n\
-            <p><small>最大5件。「送信」にチェックしたアドレスにのみお知らせします。</small></p>\n";
+            <p><small>最大5件。「送信」にチェックしたアドレスにのみお知らせします。\
+            「送信テスト」で、入力したアドレスにテストメールを送信できます（設定は保存されません）。</small></p>\n";
     for (i, row) in entered.destinations.iter().enumerate() {
         out += &format!(
             "<p><label for=\"dest_{i}\">送信先{n}</label>\n\
              <input id=\"dest_{i}\" name=\"dest_{i}\" type=\"text\" inputmode=\"email\" \
              autocomplete=\"email\" value=\"{text}\" maxlength=\"256\">\n\
-             <label><input type=\"checkbox\" name=\"send_{i}\" value=\"on\"{checked}> 送信</label>{error}</p>\n",
+             <label><input type=\"checkbox\" name=\"send_{i}\" value=\"on\"{checked}> 送信</label>\n\
+             <button type=\"submit\" formaction=\"{test}\">送信テスト</button>{error}</p>\n",
             n = i + 1,
             text = html::escape(&row.text),
             checked = check_attr(row.checked),
+            test = html::escape(&test_mail_path(action, i)),
             error = row_error(errors.destinations.get(&i)),
         );
     }

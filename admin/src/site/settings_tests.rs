@@ -1,10 +1,16 @@
 //! The 着信お知らせメール pages over HTTP (R-C1, R-C2, R-N1..R-N5, R-S9), with the
 //! helpers of [`super::tests`].
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::http::StatusCode;
+use engine::config::Settings;
+use engine::deliver::TestMailer;
+use engine::sink::{SmtpSink, SmtpStage};
 use engine::store::{AuthUnit, CallSettings};
 
-use super::tests::{app, get, login, post, App, Reply, PASSWORD, TEMPORARY};
+use super::tests::{app, app_with_test_mailer, get, login, post, App, Reply, PASSWORD, TEMPORARY};
 use super::SESSION_COOKIE;
 use crate::testing::{n, t0, ADDITIONAL, CONTRACT, FAX_ONLY, OTHER_LINE};
 
@@ -250,5 +256,128 @@ async fn csrf_missing_or_wrong_is_403_on_the_settings_form() {
         let reply = post(&app, &path(CONTRACT), &cookies, &body).await;
         assert_eq!(reply.status, StatusCode::FORBIDDEN, "{body}");
     }
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+}
+
+/// An app whose 送信テスト button mails a real in-process SMTP server, the server, and
+/// the `Cookie` header of a logged-in session on [`CONTRACT`].
+async fn mail_app() -> (App, SmtpSink, String) {
+    let sink = SmtpSink::start(0).await.unwrap();
+    let env = [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", sink.port().to_string())];
+    let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
+    let mailer = TestMailer::new(&settings.smtp).unwrap();
+    let app = app_with_test_mailer(Some(Arc::new(mailer)));
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    (app, sink, cookies)
+}
+
+fn test_path(number: &str, row: usize) -> String {
+    format!("{}/test/{row}", path(number))
+}
+
+/// Presses row `row`'s 送信テスト on a fresh settings page with `extra` typed in.
+async fn send_test(app: &App, cookies: &str, row: usize, extra: &str) -> Reply {
+    let body = form(app, cookies, CONTRACT, extra).await;
+    post(app, &test_path(CONTRACT, row), cookies, &body).await
+}
+
+#[tokio::test]
+async fn r_n2_send_test_mails_the_address_as_typed_and_saves_nothing() {
+    let (app, sink, cookies) = mail_app().await;
+    let saved = save(&app, &cookies, CONTRACT, &format!("dest_0=old@example.jp&send_0=on&current={PASSWORD}")).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let before = stored(&app, CONTRACT);
+
+    let page = get(&app, &path(CONTRACT), &cookies).await;
+    for row in 0..5 {
+        let button = format!("<button type=\"submit\" formaction=\"{}\">送信テスト</button>", test_path(CONTRACT, row));
+        assert!(page.body.contains(&button), "row {row}: {}", page.body);
+    }
+    let first_button = page.body.find("<button").unwrap();
+    assert!(page.body[first_button..].starts_with("<button type=\"submit\" hidden"), "Enter saves, not tests");
+
+    let typed = "enabled=on&dest_0=changed@example.jp&send_0=on&dest_1=%20new@example.jp%20&missed_only=on";
+    let reply = send_test(&app, &cookies, 1, typed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(
+        reply.body.contains(
+            "new@example.jp にテストメールを送信しました。届いたことを確認してから「送信」にチェックを入れて設定してください。"
+        ),
+        "{}",
+        reply.body
+    );
+    let mails = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(mails[0].rcpt_to, ["new@example.jp"], "the typed address of that row only");
+    let parsed = mail_parser::MessageParser::default().parse(&mails[0].data).unwrap();
+    assert_eq!(parsed.subject(), Some("【着信お知らせ】送信テスト"));
+
+    // The form comes back as typed, from the same version, and nothing is saved.
+    assert!(reply.body.contains("value=\"changed@example.jp\"") && reply.body.contains("value=\"new@example.jp\""));
+    assert!(reply.body.contains("name=\"enabled\" value=\"on\" checked"));
+    assert!(reply.body.contains("name=\"missed_only\" value=\"on\" checked"));
+    assert_eq!(version(&reply), before.version.to_string());
+    assert_eq!(stored(&app, CONTRACT), before);
+    assert_eq!(sink.count(), 1);
+}
+
+#[tokio::test]
+async fn r_n2_send_test_refuses_an_invalid_or_empty_address_and_sends_nothing() {
+    let (app, sink, cookies) = mail_app().await;
+    let reply = send_test(&app, &cookies, 2, "dest_0=ok@example.jp&dest_2=bad@@example.jp").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(reply.body.contains("「@」を1つだけ"), "R-N3's row error: {}", reply.body);
+    assert!(reply.body.contains("value=\"bad@@example.jp\""), "the entered value is kept");
+    assert!(!reply.body.contains("テストメールを送信しました"));
+
+    let empty = send_test(&app, &cookies, 3, "dest_0=ok@example.jp").await;
+    assert!(empty.body.contains("送信先4にメールアドレスを入力してから"), "{}", empty.body);
+
+    let beyond = send_test(&app, &cookies, 5, "dest_5=ok@example.jp").await;
+    assert_eq!(beyond.status, StatusCode::NOT_FOUND, "no sixth row");
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(sink.count(), 0);
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+}
+
+#[tokio::test]
+async fn r_n2_send_test_shows_why_the_mail_server_refused() {
+    let (app, sink, cookies) = mail_app().await;
+    sink.fail_next(SmtpStage::RcptTo, 550, 1);
+    let reply = send_test(&app, &cookies, 0, "dest_0=nobody@example.jp").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(reply.body.contains("nobody@example.jp にテストメールを送信できませんでした: "), "{}", reply.body);
+    let reason = reply.body.split("送信できませんでした: ").nth(1).unwrap();
+    assert!(reason.contains("550"), "the server's answer is shown: {}", reply.body);
+    assert_eq!(sink.count(), 0);
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+}
+
+#[tokio::test]
+async fn r_n2_send_test_checks_csrf_session_and_number_like_the_save() {
+    let (app, sink, cookies) = mail_app().await;
+    let row = "version=0&dest_0=a@example.jp";
+    for body in [row.to_owned(), format!("{row}&csrf={}", super::csrf::new_token())] {
+        let reply = post(&app, &test_path(CONTRACT, 0), &cookies, &body).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{body}");
+    }
+    let body = form(&app, &cookies, CONTRACT, "dest_0=a@example.jp").await;
+    for number in [OTHER_LINE, FAX_ONLY, "0311112222", "abc"] {
+        let reply = post(&app, &test_path(number, 0), &cookies, &body).await;
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{number}");
+    }
+    assert_eq!(post(&app, &test_path(CONTRACT, 0), "", &body).await.location(), Some("/login"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(sink.count(), 0);
+}
+
+#[tokio::test]
+async fn r_n2_send_test_without_a_mailer_says_test_mails_are_unavailable() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let reply = send_test(&app, &cookies, 0, "dest_0=a@example.jp").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(reply.body.contains("テストメールの送信はご利用いただけません"), "{}", reply.body);
+    assert!(reply.body.contains("value=\"a@example.jp\""));
     assert_eq!(stored(&app, CONTRACT), CallSettings::default());
 }

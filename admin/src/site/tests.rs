@@ -20,8 +20,13 @@ pub(super) struct App {
 }
 
 pub(super) fn app() -> App {
+    app_with_test_mailer(None)
+}
+
+/// [`app`] whose 送信テスト button sends with `mailer` (R-N2).
+pub(super) fn app_with_test_mailer(mailer: Option<Arc<TestMailer>>) -> App {
     let f = fixture();
-    let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone());
+    let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone()).with_test_mailer(mailer);
     App { router: router(state.clone()), state, f }
 }
 

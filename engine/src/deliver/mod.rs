@@ -169,16 +169,31 @@ impl Transport {
 pub struct TestMailer {
     transport: Transport,
     renderer: crate::render::Renderer,
+    /// A logged-in browser could otherwise send mail to any address without end.
+    per_number: DefaultKeyedRateLimiter<PhoneNumber>,
 }
+
+/// Test mails one number may send per minute.
+pub const TEST_MAILS_PER_MINUTE: u32 = 5;
 
 impl TestMailer {
     pub fn new(settings: &SmtpSettings) -> Result<Self, DeliverError> {
         let from = settings.from.parse().map_err(|_| DeliverError::From(settings.from.clone()))?;
-        Ok(Self { transport: Transport::new(settings)?, renderer: crate::render::Renderer::new(from) })
+        let quota = Quota::per_minute(NonZeroU32::new(TEST_MAILS_PER_MINUTE).expect("non-zero"));
+        Ok(Self {
+            transport: Transport::new(settings)?,
+            renderer: crate::render::Renderer::new(from),
+            per_number: RateLimiter::keyed(quota),
+        })
     }
 
     /// Sends the test mail of `number` to `address`; `Err` carries the server's answer.
     pub async fn send(&self, number: &PhoneNumber, address: &crate::address::DestinationAddress) -> Result<(), String> {
+        if self.per_number.check_key(number).is_err() {
+            return Err(format!(
+                "送信テストは1分間に{TEST_MAILS_PER_MINUTE}回までです。しばらくしてからもう一度お試しください。"
+            ));
+        }
         let nonce = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
         let mail = self.renderer.render_test(number.as_str(), address, &nonce).map_err(|e| e.to_string())?;
         self.transport.send(&mail).await.map_err(|failed| match failed {
@@ -254,5 +269,23 @@ mod tests {
         sink.fail_next(SmtpStage::RcptTo, 550, 1);
         let refused = mailer.send(&number, &to).await.unwrap_err();
         assert!(refused.contains("550"), "the subscriber sees the server's answer: {refused}");
+    }
+
+    #[tokio::test]
+    async fn send_tests_are_limited_per_number_so_the_button_cannot_spam() {
+        let sink = SmtpSink::start(0).await.unwrap();
+        let env =
+            [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", sink.port().to_string())];
+        let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
+        let mailer = TestMailer::new(&settings.smtp).unwrap();
+        let (a, b) = (PhoneNumber::parse("0312345678").unwrap(), PhoneNumber::parse("0312345679").unwrap());
+        let to = DestinationAddress::parse("taro@example.jp").unwrap();
+        for _ in 0..TEST_MAILS_PER_MINUTE {
+            mailer.send(&a, &to).await.unwrap();
+        }
+        let refused = mailer.send(&a, &to).await.unwrap_err();
+        assert!(refused.contains("1分間"), "{refused}");
+        mailer.send(&b, &to).await.expect("another number has its own allowance");
+        assert_eq!(sink.count(), TEST_MAILS_PER_MINUTE as usize + 1);
     }
 }
