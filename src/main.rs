@@ -124,6 +124,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         app.store().clone(),
         clock,
         Some(std::sync::Arc::new(test_mailer)),
+        settings.admin.password_policy,
         &until_stopped,
     )
     .await?;

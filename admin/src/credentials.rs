@@ -186,6 +186,17 @@ impl Credentials {
         Ok(())
     }
 
+    /// Deletes `number`'s credential, whatever its state; returns whether there was one.
+    /// Afterwards the number logs in only after a new temporary password is set by phone
+    /// (R-O3, and the additional numbers after R-O2).
+    pub fn remove(&self, number: &PhoneNumber) -> Result<bool, CredentialError> {
+        let removed = self.tree.remove(number.as_str())?.is_some();
+        if removed {
+            tracing::info!(%number, "credential removed");
+        }
+        Ok(removed)
+    }
+
     /// Checks `password` for `number` at time `now` and records the attempt (R-S2, R-S3,
     /// R-S6, R-I8). Blocks for one argon2 verification, also when the number has no
     /// usable credential, so the time taken does not tell which failure it was.

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use engine::config::PasswordPolicy;
 use engine::deliver::TestMailer;
 use engine::store::Store;
 
@@ -44,19 +45,23 @@ impl Servers {
 /// Binds the site on `site_listen` and the IVR API on `ivr_listen` and serves both
 /// until `shutdown()` completes (called once per server). `test_mailer` sends the
 /// site's 送信テスト mails (R-N2); without one the site says they are not available.
+/// `password_policy` is the site's rule for new passwords (`admin.password_policy`).
 pub async fn serve<F>(
     site_listen: SocketAddr,
     ivr_listen: SocketAddr,
     store: Store,
     clock: SharedClock,
     test_mailer: Option<Arc<TestMailer>>,
+    password_policy: PasswordPolicy,
     shutdown: impl Fn() -> F,
 ) -> Result<Servers, ServerError>
 where
     F: Future<Output = ()> + Send + 'static,
 {
     let credentials = Credentials::open(&store)?;
-    let site_state = SiteState::new(store.clone(), credentials.clone(), clock.clone()).with_test_mailer(test_mailer);
+    let site_state = SiteState::new(store.clone(), credentials.clone(), clock.clone())
+        .with_test_mailer(test_mailer)
+        .with_password_policy(password_policy);
     let site_app = site::router(site_state);
     let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)));
     let (site, site_task) = start("admin.listen", site_listen, site_app, shutdown()).await?;

@@ -113,6 +113,22 @@ pub struct AdminSettings {
     /// The IVR platform's API. It trusts the caller ID it is sent, so only the IVR
     /// platform may reach it: never the address subscribers reach.
     pub ivr_listen: SocketAddr,
+    /// Which rule a new password on the settings site follows.
+    #[serde(default)]
+    pub password_policy: PasswordPolicy,
+}
+
+/// The rule for new passwords on the settings site.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PasswordPolicy {
+    /// SERVICE.md R-S5 and R-S6 as written: 8 to 12 half-width alphanumerics, not digits
+    /// only, not the current password; a password expires 60 days after it was set.
+    #[default]
+    Seed,
+    /// OWASP ASVS 5.0: 8 to 64 characters of any kind (spaces and non-ASCII included), no
+    /// composition rule, not the current password; no forced periodic change.
+    Asvs,
 }
 
 /// A string that never appears in logs or `Debug` output.
@@ -291,6 +307,14 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[kafak]\nbrokers = \"x\"\n").unwrap();
         assert!(Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string().contains("kafak"));
+    }
+
+    #[test]
+    fn the_password_policy_is_seed_unless_asvs_is_chosen() {
+        assert_eq!(Settings::load_from(None, env(&[])).unwrap().admin.password_policy, PasswordPolicy::Seed);
+        let asvs = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PASSWORD_POLICY", "asvs")])).unwrap();
+        assert_eq!(asvs.admin.password_policy, PasswordPolicy::Asvs);
+        assert!(Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PASSWORD_POLICY", "strong")])).is_err());
     }
 
     #[test]

@@ -151,3 +151,18 @@ async fn the_async_wrappers_run_the_same_rules() {
     let ok = c.verify_async(n(NUMBER), TEMPORARY.into(), t0()).await.unwrap();
     assert_eq!(ok, Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
 }
+
+#[test]
+fn r_o3_remove_deletes_the_credential_so_the_number_no_longer_logs_in() {
+    let c = credentials();
+    c.set_password(&n(NUMBER), PASSWORD, t0()).unwrap();
+    c.set_temporary(&n("0312345679"), TEMPORARY, t0()).unwrap();
+    assert!(c.remove(&n(NUMBER)).unwrap());
+    assert_eq!(c.record(&n(NUMBER)).unwrap(), None);
+    assert_eq!(login(&c, PASSWORD, t0()), Err(LoginFailure::Unknown));
+    assert!(!c.remove(&n(NUMBER)).unwrap(), "nothing left to remove");
+    assert!(c.record(&n("0312345679")).unwrap().is_some(), "other numbers keep theirs");
+    // A new temporary password by phone makes it usable again (R-I7).
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    assert!(login(&c, TEMPORARY, t0()).is_ok());
+}

@@ -6,7 +6,7 @@
 //! reason goes to the log only.
 
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, State};
+use axum::extract::{Form, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
@@ -61,14 +61,15 @@ impl LoginAttempt<'_> {
 
 /// The login page, with a pre-session CSRF token: the browser's, if it already has a
 /// well-formed one (so several open tabs keep working, R-S9), or a new one.
-pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Response {
+pub async fn show(State(state): State<SiteState>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
+    let notice = super::unit::login_notice(query.as_deref());
     let name = state.csrf_cookie();
     match cookie(&headers, &name).filter(|token| csrf::well_formed(token)) {
-        Some(token) => Html(login_page(token, None)).into_response(),
+        Some(token) => Html(login_page(&state, token, notice, None)).into_response(),
         None => {
             let token = csrf::new_token();
             let set = state.set_cookie(&name, Some(&token));
-            with_cookies(Html(login_page(&token, None)).into_response(), [set])
+            with_cookies(Html(login_page(&state, &token, notice, None)).into_response(), [set])
         }
     }
 }
@@ -97,7 +98,7 @@ pub async fn submit(
     let (number, ok) = match verdict {
         Ok(found) => found,
         // The token matched the cookie, so it is ours and safe to render again.
-        Err(_) => return Ok(Html(login_page(&form.csrf, Some(FAILURE_MESSAGE))).into_response()),
+        Err(_) => return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response()),
     };
 
     // A browser logging in again leaves its old session behind, server-side too.
@@ -106,8 +107,9 @@ pub async fn submit(
     }
     state.sessions.sweep(now);
     let idle_timeout = idle_timeout_for(&state.store, &number)?;
-    let id = state.sessions.create(Session::new(number, ok.kind, ok.must_change, idle_timeout, now));
-    let next = if ok.must_change { "/password" } else { "/" };
+    let must_change = state.must_change(ok);
+    let id = state.sessions.create(Session::new(number, ok.kind, must_change, idle_timeout, now));
+    let next = if must_change { "/password" } else { "/" };
     let cookies = [state.set_cookie(&state.session_cookie(), Some(&id)), state.set_cookie(&csrf_cookie, None)];
     Ok(with_cookies(redirect(next), cookies))
 }
@@ -138,21 +140,23 @@ pub async fn logout(
     Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
-fn login_page(csrf: &str, error: Option<&str>) -> String {
+fn login_page(state: &SiteState, csrf: &str, notice: Option<&str>, error: Option<&str>) -> String {
     let errors = html::errors(&error.map(str::to_owned).into_iter().collect::<Vec<_>>());
+    let notice = notice.map_or(String::new(), |notice| format!("<p role=\"status\">{}</p>\n", html::escape(notice)));
     let body = format!(
-        "{errors}<form method=\"post\" action=\"/login\">\n{csrf}\
+        "{notice}{errors}<form method=\"post\" action=\"/login\">\n{csrf}\
          <p><label for=\"number\">電話番号</label><br>\n\
          <input id=\"number\" name=\"number\" type=\"text\" inputmode=\"numeric\" autocomplete=\"username\" \
          pattern=\"0[0-9]{{9,10}}\" maxlength=\"11\" required><br>\n\
          <small>市外局番から、半角数字でハイフンなしで入力してください。</small></p>\n\
          <p><label for=\"password\">パスワード</label><br>\n\
          <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" \
-         maxlength=\"12\" required></p>\n\
+         maxlength=\"{max}\" required></p>\n\
          <p><button type=\"submit\">ログイン</button></p>\n</form>\n\
          <p>パスワードをお忘れの場合や、ロックされた場合は、ご契約の回線から仮パスワード設定ダイヤル\
          （06-6480-6430）に電話して仮パスワードを設定してください。</p>\n",
         csrf = html::csrf_field(csrf),
+        max = super::password::max_len(state.password_policy),
     );
     html::page("ログイン", &body)
 }

@@ -1,7 +1,7 @@
 //! `GET /`: the menu after login. サービス選択 (R-C1): 着信お知らせメール leads to the
 //! settings page of the only number, or to 電話番号選択 when the login covers several
 //! (R-C2); FAXお知らせメール is not available on this site yet. Then the password
-//! change and logout.
+//! change, 認証単位変更 (R-O2, R-O3; for the contract number only) and logout.
 
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -21,10 +21,15 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         [only] => format!("<a href=\"{}\">着信お知らせメール</a>", html::escape(&call_settings_path(only))),
         _ => "<a href=\"/numbers\">着信お知らせメール</a>（電話番号選択）".to_owned(),
     };
+    let unit = if super::unit::contract_line(&state.store, &authed.session.number)?.is_some() {
+        "<li><a href=\"/unit\">認証単位変更</a></li>\n"
+    } else {
+        ""
+    };
     let body = format!(
         "<p>ログイン中の電話番号: {number}</p>\n<h2>サービス選択</h2>\n<ul>\n<li>{call}</li>\n\
          <li>FAXお知らせメール（準備中です。このサイトではまだ設定できません）</li>\n</ul>\n\
-         <ul>\n<li><a href=\"/password\">パスワード変更</a></li>\n</ul>\n{logout}",
+         <ul>\n<li><a href=\"/password\">パスワード変更</a></li>\n{unit}</ul>\n{logout}",
         number = html::escape(authed.session.number.as_str()),
         logout = logout_form(&authed.session.csrf),
     );

@@ -18,6 +18,7 @@
 //! - [`settings`]: `GET/POST /numbers/{number}/call`, the settings of R-N1..R-N5, and
 //!   `POST /numbers/{number}/call/test/{row}`, R-N2's 送信テスト.
 //! - [`settings_form`]: that page's form: parsing per row and HTML.
+//! - [`unit`]: `GET/POST /unit`, 認証単位変更 (R-O2, R-O3), for the contract number.
 
 pub mod csrf;
 pub mod html;
@@ -28,6 +29,7 @@ pub mod password;
 pub mod session;
 pub mod settings;
 pub mod settings_form;
+pub mod unit;
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,11 +40,12 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use engine::config::PasswordPolicy;
 use engine::deliver::TestMailer;
 use engine::store::{Store, StoreError};
 
 use crate::clock::SharedClock;
-use crate::credentials::{CredentialError, Credentials};
+use crate::credentials::{CredentialError, CredentialKind, Credentials, LoginOk};
 use session::{Session, Sessions};
 
 /// What the site's handlers share; cheap to clone.
@@ -62,17 +65,43 @@ pub struct SiteState {
     /// Sends the 送信テスト mail of R-N2; `None`: the button answers that test mails
     /// are not available.
     pub(crate) test_mailer: Option<Arc<TestMailer>>,
+    /// The rule for new passwords, and whether a password expires (R-S5, R-S6, or ASVS).
+    pub(crate) password_policy: PasswordPolicy,
 }
 
 impl SiteState {
     pub fn new(store: Store, credentials: Credentials, clock: SharedClock) -> Self {
-        Self { store, credentials, clock, sessions: Sessions::default(), secure: false, test_mailer: None }
+        Self {
+            store,
+            credentials,
+            clock,
+            sessions: Sessions::default(),
+            secure: false,
+            test_mailer: None,
+            password_policy: PasswordPolicy::default(),
+        }
     }
 
     /// Lets the 送信テスト button of R-N2 send test mails with `mailer`.
     pub fn with_test_mailer(mut self, mailer: Option<Arc<TestMailer>>) -> Self {
         self.test_mailer = mailer;
         self
+    }
+
+    /// Sets the rule for new passwords (`admin.password_policy`). With
+    /// [`PasswordPolicy::Asvs`] a password older than 60 days no longer forces a change
+    /// (R-S6 is the seed's rule); a temporary password still does (R-S4).
+    pub fn with_password_policy(mut self, policy: PasswordPolicy) -> Self {
+        self.password_policy = policy;
+        self
+    }
+
+    /// Whether a login `ok` must change the password before anything else (R-S4).
+    pub(crate) fn must_change(&self, ok: LoginOk) -> bool {
+        match (self.password_policy, ok.kind) {
+            (PasswordPolicy::Asvs, CredentialKind::Password) => false,
+            _ => ok.must_change,
+        }
     }
 
     /// Marks the site as served over TLS (directly or behind a terminating proxy).
@@ -121,6 +150,7 @@ impl fmt::Debug for SiteState {
             .field("sessions", &self.sessions.len())
             .field("secure", &self.secure)
             .field("test_mailer", &self.test_mailer.is_some())
+            .field("password_policy", &self.password_policy)
             .finish()
     }
 }
@@ -137,6 +167,7 @@ pub fn router(state: SiteState) -> Router {
         .route("/login", get(login::show).post(login::submit))
         .route("/logout", post(login::logout))
         .route("/password", get(password::show).post(password::submit))
+        .route("/unit", get(unit::show).post(unit::submit))
         .route("/numbers", get(numbers::show))
         .route("/numbers/{number}/call", get(settings::show).post(settings::submit))
         .route("/numbers/{number}/call/test/{row}", post(settings::test_mail))
@@ -272,3 +303,5 @@ fn with_cookies(mut response: Response, cookies: impl IntoIterator<Item = Header
 mod settings_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod unit_tests;

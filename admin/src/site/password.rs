@@ -1,11 +1,12 @@
 //! パスワード変更: `GET/POST /password`. Forced after a login with a temporary password
 //! or a password older than 60 days (R-S4); the new password follows [`check_policy`]
-//! (R-S5).
+//! (R-S5), or with `admin.password_policy = "asvs"` [`check_asvs`] (OWASP ASVS 5.0).
 
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
+use engine::config::PasswordPolicy;
 
 use super::session::Session;
 use super::{csrf, html, redirect, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
@@ -15,6 +16,9 @@ use crate::credentials::{CredentialKind, LoginFailure};
 pub const MIN_LEN: usize = 8;
 /// Longest new password (R-S5).
 pub const MAX_LEN: usize = 12;
+/// Longest new password under the ASVS policy (ASVS 5.0 asks that at least 64 be
+/// allowed).
+pub const ASVS_MAX_LEN: usize = 64;
 
 /// Why a new password is refused; the messages are shown on the page as they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +31,8 @@ pub enum PolicyViolation {
     DigitsOnly,
     #[error("新しいパスワードには現在のパスワードと異なるものを入力してください。")]
     SameAsCurrent,
+    #[error("新しいパスワードは8文字以上64文字以内で入力してください。")]
+    AsvsLength,
 }
 
 /// R-S5: 8 to 12 half-width alphanumerics `[0-9A-Za-z]`, not digits only, not the
@@ -48,6 +54,34 @@ pub fn check_policy(current: &str, new: &str) -> Result<(), PolicyViolation> {
     Ok(())
 }
 
+/// OWASP ASVS 5.0: 8 to 64 characters (Unicode scalar values) of any kind, spaces and
+/// non-ASCII included, no composition rule, not the current password.
+pub fn check_asvs(current: &str, new: &str) -> Result<(), PolicyViolation> {
+    if !(MIN_LEN..=ASVS_MAX_LEN).contains(&new.chars().count()) {
+        return Err(PolicyViolation::AsvsLength);
+    }
+    if new == current {
+        return Err(PolicyViolation::SameAsCurrent);
+    }
+    Ok(())
+}
+
+/// The rule of `policy` for a new password.
+pub fn check(policy: PasswordPolicy, current: &str, new: &str) -> Result<(), PolicyViolation> {
+    match policy {
+        PasswordPolicy::Seed => check_policy(current, new),
+        PasswordPolicy::Asvs => check_asvs(current, new),
+    }
+}
+
+/// The longest password `policy` allows: the `maxlength` of the site's password fields.
+pub fn max_len(policy: PasswordPolicy) -> usize {
+    match policy {
+        PasswordPolicy::Seed => MAX_LEN,
+        PasswordPolicy::Asvs => ASVS_MAX_LEN,
+    }
+}
+
 const MISMATCH: &str = "新しいパスワードと確認用のパスワードが一致しません。";
 const WRONG_CURRENT: &str = "現在のパスワードが正しくありません。";
 
@@ -66,7 +100,7 @@ pub struct PasswordForm {
 
 pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Response {
     match require_session(&state, &headers, Gate::Any) {
-        Ok(authed) => Html(password_page(&authed.session, &[])).into_response(),
+        Ok(authed) => Html(password_page(&authed.session, state.password_policy, &[])).into_response(),
         Err(denied) => denied.into_response(),
     }
 }
@@ -87,14 +121,14 @@ pub async fn submit(
     // Cheap checks first: a typo in the new password should not cost an attempt at the
     // current one (R-S2, R-S3 count consecutive wrong entries).
     let mut errors = Vec::new();
-    if let Err(violation) = check_policy(&form.current, &form.new) {
+    if let Err(violation) = check(state.password_policy, &form.current, &form.new) {
         errors.push(violation.to_string());
     }
     if form.new != form.confirm {
         errors.push(MISMATCH.to_owned());
     }
     if !errors.is_empty() {
-        return Ok(Html(password_page(&session, &errors)).into_response());
+        return Ok(Html(password_page(&session, state.password_policy, &errors)).into_response());
     }
 
     let now = state.clock.now();
@@ -102,7 +136,8 @@ pub async fn submit(
         Ok(_) => {}
         Err(LoginFailure::Wrong) => {
             tracing::info!(number = %session.number, "site password change: wrong current password");
-            return Ok(Html(password_page(&session, &[WRONG_CURRENT.to_owned()])).into_response());
+            let errors = [WRONG_CURRENT.to_owned()];
+            return Ok(Html(password_page(&session, state.password_policy, &errors)).into_response());
         }
         // The credential died under the session (locked by the wrong entries above, or
         // the temporary password's 24 hours ran out): a new one must be set by phone.
@@ -125,7 +160,19 @@ pub async fn submit(
     Ok(with_cookies(redirect("/"), [state.set_cookie(&state.session_cookie(), Some(&new_id))]))
 }
 
-fn password_page(session: &Session, errors: &[String]) -> String {
+fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -> String {
+    let max = max_len(policy);
+    let (rule, hint) = match policy {
+        PasswordPolicy::Seed => (
+            format!("pattern=\"[0-9A-Za-z]{{8,12}}\" minlength=\"{MIN_LEN}\" maxlength=\"{max}\""),
+            "半角英数字8〜12文字。数字だけのもの、現在のパスワードと同じものは使えません。",
+        ),
+        PasswordPolicy::Asvs => (
+            format!("minlength=\"{MIN_LEN}\" maxlength=\"{max}\""),
+            "8〜64文字。空白や全角文字も使えます。長い文（パスフレーズ）がおすすめです。\
+             現在のパスワードと同じものは使えません。",
+        ),
+    };
     let notice = if session.must_change {
         "<p>仮パスワード、または設定から60日を過ぎたパスワードでログインしました。\
          ご利用の前に、新しいパスワードを設定してください。</p>\n"
@@ -136,14 +183,14 @@ fn password_page(session: &Session, errors: &[String]) -> String {
         "{notice}{errors}<form method=\"post\" action=\"/password\">\n{csrf}\
          <p><label for=\"current\">現在のパスワード</label><br>\n\
          <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
-         maxlength=\"12\" required></p>\n\
+         maxlength=\"{max}\" required></p>\n\
          <p><label for=\"new\">新しいパスワード</label><br>\n\
          <input id=\"new\" name=\"new\" type=\"password\" autocomplete=\"new-password\" \
-         pattern=\"[0-9A-Za-z]{{8,12}}\" minlength=\"8\" maxlength=\"12\" required><br>\n\
-         <small>半角英数字8〜12文字。数字だけのもの、現在のパスワードと同じものは使えません。</small></p>\n\
+         {rule} required><br>\n\
+         <small>{hint}</small></p>\n\
          <p><label for=\"confirm\">新しいパスワード（確認）</label><br>\n\
          <input id=\"confirm\" name=\"confirm\" type=\"password\" autocomplete=\"new-password\" \
-         maxlength=\"12\" required></p>\n\
+         maxlength=\"{max}\" required></p>\n\
          <p><button type=\"submit\">変更する</button></p>\n</form>\n{logout}",
         errors = html::errors(errors),
         csrf = html::csrf_field(&session.csrf),
@@ -182,5 +229,40 @@ mod tests {
         }
         assert_eq!(check_policy("abcd1234", "abcd1234"), Err(SameAsCurrent));
         assert_eq!(check_policy("abcd1234", "ABCD1234"), Ok(()), "case matters");
+        assert_eq!(check(PasswordPolicy::Seed, current, "abcd 1234"), Err(Charset), "seed is R-S5");
+    }
+
+    #[test]
+    fn asvs_password_policy_table() {
+        use PolicyViolation::*;
+        let current = "12345678";
+        let long_ascii = "a".repeat(64);
+        let too_long = "a".repeat(65);
+        let long_kana = "あ".repeat(64);
+        let cases: &[(&str, Result<(), PolicyViolation>)] = &[
+            ("abcd1234", Ok(())),
+            ("87654321", Ok(())),
+            ("abcdefgh", Ok(())),
+            ("correct horse battery staple", Ok(())),
+            ("abcd 1234", Ok(())),
+            ("abc_1234!", Ok(())),
+            ("ａｂｃｄ1234", Ok(())),
+            ("パスワード1234", Ok(())),
+            ("ぱすわーどです", Err(AsvsLength)),
+            ("ぱすわーどですよ", Ok(())),
+            ("        ", Ok(())),
+            (&long_ascii, Ok(())),
+            (&long_kana, Ok(())),
+            (&too_long, Err(AsvsLength)),
+            ("abc1234", Err(AsvsLength)),
+            ("", Err(AsvsLength)),
+        ];
+        for (new, expected) in cases {
+            assert_eq!(check_asvs(current, new), *expected, "{new:?}");
+            assert_eq!(check(PasswordPolicy::Asvs, current, new), *expected, "{new:?}");
+        }
+        assert_eq!(check_asvs(current, current), Err(SameAsCurrent));
+        assert_eq!(check_asvs("pass phrase", "pass phrase"), Err(SameAsCurrent));
+        assert_eq!(check_asvs("pass phrase", "Pass phrase"), Ok(()), "case matters");
     }
 }

@@ -23,6 +23,13 @@ pub(super) fn app() -> App {
     app_with_test_mailer(None)
 }
 
+/// [`app`] with `admin.password_policy = policy`.
+pub(super) fn app_with_policy(policy: engine::config::PasswordPolicy) -> App {
+    let f = fixture();
+    let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone()).with_password_policy(policy);
+    App { router: router(state.clone()), state, f }
+}
+
 /// [`app`] whose 送信テスト button sends with `mailer` (R-N2).
 pub(super) fn app_with_test_mailer(mailer: Option<Arc<TestMailer>>) -> App {
     let f = fixture();
@@ -99,7 +106,7 @@ pub(super) async fn login(app: &App, number: &str, password: &str) -> Reply {
 }
 
 /// Logs in and returns the `Cookie` header of the new session.
-async fn logged_in(app: &App, number: &str, password: &str) -> String {
+pub(super) async fn logged_in(app: &App, number: &str, password: &str) -> String {
     let reply = login(app, number, password).await;
     assert_eq!(reply.status, StatusCode::SEE_OTHER, "{}", reply.body);
     format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap())
@@ -339,4 +346,54 @@ async fn r_s8_secure_sites_use_host_prefixed_secure_cookies() {
     let reply = post(&app, "/login", &format!("{name}={token}"), &form).await;
     let session = reply.set_cookie(&format!("__Host-{SESSION_COOKIE}")).unwrap();
     assert!(session.contains("; Secure") && session.contains("; HttpOnly"), "{session}");
+}
+
+/// A passphrase of 40 characters with spaces (ASVS policy).
+const PASSPHRASE: &str = "the quick brown fox jumps over lazy dogs";
+
+#[tokio::test]
+async fn asvs_policy_a_password_older_than_60_days_does_not_force_a_change() {
+    use engine::config::PasswordPolicy;
+    let app = app_with_policy(PasswordPolicy::Asvs);
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0() - Duration::days(61)).await.unwrap();
+    let reply = login(&app, CONTRACT, PASSWORD).await;
+    assert_eq!(reply.location(), Some("/"), "no forced expiry under ASVS");
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK);
+
+    // A temporary password still forces the change (R-S4).
+    app.f.credentials.set_temporary_async(n(ADDITIONAL), TEMPORARY.into(), t0()).await.unwrap();
+    assert_eq!(login(&app, ADDITIONAL, TEMPORARY).await.location(), Some("/password"));
+}
+
+#[tokio::test]
+async fn asvs_policy_accepts_a_40_character_passphrase_with_spaces() {
+    use engine::config::PasswordPolicy;
+    assert_eq!(PASSPHRASE.chars().count(), 40);
+    let encoded = PASSPHRASE.replace(' ', "+");
+
+    // The seed policy (R-S5) refuses it.
+    let seed = app();
+    seed.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&seed, CONTRACT, PASSWORD).await;
+    let csrf = get(&seed, "/password", &cookies).await.csrf();
+    let form = format!("current={PASSWORD}&new={encoded}&confirm={encoded}&csrf={csrf}");
+    let refused = post(&seed, "/password", &cookies, &form).await;
+    assert_eq!(refused.status, StatusCode::OK);
+    assert!(refused.body.contains("半角英数字"), "{}", refused.body);
+
+    let app = app_with_policy(PasswordPolicy::Asvs);
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let page = get(&app, "/password", &cookies).await;
+    assert!(page.body.contains("maxlength=\"64\"") && !page.body.contains("pattern="), "{}", page.body);
+    let csrf = page.csrf();
+    let form = format!("current={PASSWORD}&new={encoded}&confirm={encoded}&csrf={csrf}");
+    let changed = post(&app, "/password", &cookies, &form).await;
+    assert_eq!(changed.location(), Some("/"), "{}", changed.body);
+    let login_page = get(&app, "/login", "").await;
+    assert!(login_page.body.contains("maxlength=\"64\""), "the login form takes the passphrase");
+    assert_eq!(login(&app, CONTRACT, &encoded).await.location(), Some("/"));
+    let record = app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap();
+    assert_eq!(record.kind, crate::credentials::CredentialKind::Password);
 }
