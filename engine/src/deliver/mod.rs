@@ -243,19 +243,22 @@ fn jitter(d: Duration) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::address::DestinationAddress;
     use crate::config::Settings;
     use crate::sink::{SmtpSink, SmtpStage};
 
+    /// The default SMTP settings, pointed at a test sink on `port`.
+    pub(crate) fn smtp_to(port: u16) -> SmtpSettings {
+        let env = [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", port.to_string())];
+        Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap().smtp
+    }
+
     #[tokio::test]
     async fn r_n2_the_send_test_mail_reaches_the_address_as_typed_or_says_why_not() {
         let sink = SmtpSink::start(0).await.unwrap();
-        let env =
-            [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", sink.port().to_string())];
-        let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
-        let mailer = TestMailer::new(&settings.smtp).unwrap();
+        let mailer = TestMailer::new(&smtp_to(sink.port())).unwrap();
         let number = PhoneNumber::parse("0312345678").unwrap();
         let to = DestinationAddress::parse("taro@example.jp").unwrap();
 
@@ -274,10 +277,7 @@ mod tests {
     #[tokio::test]
     async fn send_tests_are_limited_per_number_so_the_button_cannot_spam() {
         let sink = SmtpSink::start(0).await.unwrap();
-        let env =
-            [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", sink.port().to_string())];
-        let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
-        let mailer = TestMailer::new(&settings.smtp).unwrap();
+        let mailer = TestMailer::new(&smtp_to(sink.port())).unwrap();
         let (a, b) = (PhoneNumber::parse("0312345678").unwrap(), PhoneNumber::parse("0312345679").unwrap());
         let to = DestinationAddress::parse("taro@example.jp").unwrap();
         for _ in 0..TEST_MAILS_PER_MINUTE {

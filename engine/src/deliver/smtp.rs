@@ -213,13 +213,10 @@ impl tokio::io::AsyncWrite for ImplicitTls {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Settings;
     use crate::sink::SmtpSink;
 
     fn pool_for(port: u16) -> SmtpPool {
-        let env = [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", port.to_string())];
-        let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
-        SmtpPool::new(&settings.smtp)
+        SmtpPool::new(&crate::deliver::tests::smtp_to(port))
     }
 
     fn envelope() -> Envelope {

@@ -208,7 +208,13 @@ pub struct Subscriber<'a> {
     pub designated: &'a [(&'a str, bool)],
 }
 
-impl Subscriber<'_> {
+impl<'a> Subscriber<'a> {
+    /// Started, every call to `destinations`, no send conditions: tests change the
+    /// fields their rule is about.
+    pub fn new(number: &'a str, destinations: &'a [(&'a str, bool)]) -> Self {
+        Self { number, enabled: true, destinations, designated_only: false, missed_only: false, designated: &[] }
+    }
+
     pub fn line(&self) -> String {
         let destinations: Vec<_> =
             self.destinations.iter().map(|(a, send)| serde_json::json!({"address": a, "send": send})).collect();
@@ -234,15 +240,7 @@ impl Subscriber<'_> {
 
 /// A subscriber with every call notified to `address`.
 pub fn plain_subscriber(number: &str, address: &str) -> String {
-    Subscriber {
-        number,
-        enabled: true,
-        destinations: &[(address, true)],
-        designated_only: false,
-        missed_only: false,
-        designated: &[],
-    }
-    .line()
+    Subscriber::new(number, &[(address, true)]).line()
 }
 
 /// A canonical CDR of a call on 2026-11-24 10:00:00 JST lasting 31 s.

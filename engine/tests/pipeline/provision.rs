@@ -15,14 +15,7 @@ async fn r_l3_lines_provisioned_over_http_govern_the_next_cdr() {
     let h = Harness::new(1).await;
     let engine = h.engine().await;
     let url = format!("http://{}", engine.metrics_addr);
-    let mut subscriber = Subscriber {
-        number: "0312345678",
-        enabled: false,
-        destinations: &[("taro@example.jp", true)],
-        designated_only: false,
-        missed_only: false,
-        designated: &[],
-    };
+    let mut subscriber = Subscriber { enabled: false, ..Subscriber::new("0312345678", &[("taro@example.jp", true)]) };
 
     let report =
         post(url.clone(), format!("{}\n{}", subscriber.line(), r#"{"contract":"03-1234","numbers":[]}"#)).await;

@@ -18,14 +18,7 @@ fn recipients(mails: &[engine::sink::ReceivedMail]) -> Vec<String> {
 async fn r_n1_a_stopped_service_sends_nothing_and_a_start_applies_to_the_next_call() {
     let h = Harness::new(1).await;
     let engine = h.engine().await;
-    let stopped = Subscriber {
-        number: CALLED,
-        enabled: false,
-        destinations: &[("taro@example.jp", true)],
-        designated_only: false,
-        missed_only: false,
-        designated: &[],
-    };
+    let stopped = Subscriber { enabled: false, ..Subscriber::new(CALLED, &[("taro@example.jp", true)]) };
     engine.provision(&[stopped.line(), plain_subscriber(CONTROL, CONTROL_TO)]);
 
     h.produce(
@@ -55,20 +48,14 @@ async fn r_n1_a_stopped_service_sends_nothing_and_a_start_applies_to_the_next_ca
 async fn r_n2_only_checked_destinations_receive_the_mail() {
     let h = Harness::new(1).await;
     let engine = h.engine().await;
-    let sub = Subscriber {
-        number: CALLED,
-        enabled: true,
-        destinations: &[
-            ("a@example.jp", true),
-            ("b@example.jp", false),
-            ("c@example.jp", true),
-            ("d@example.jp", false),
-            ("e.e@mobile.example.ne.jp", true),
-        ],
-        designated_only: false,
-        missed_only: false,
-        designated: &[],
-    };
+    let destinations = [
+        ("a@example.jp", true),
+        ("b@example.jp", false),
+        ("c@example.jp", true),
+        ("d@example.jp", false),
+        ("e.e@mobile.example.ne.jp", true),
+    ];
+    let sub = Subscriber::new(CALLED, &destinations);
     engine.provision(&[sub.line(), plain_subscriber(CONTROL, CONTROL_TO)]);
 
     h.produce(
@@ -105,13 +92,12 @@ async fn r_n4_send_conditions_in_all_four_combinations() {
     let lines: Vec<String> = combos
         .iter()
         .map(|(number, address, designated_only, missed_only)| {
+            let to = [(*address, true)];
             Subscriber {
-                number,
-                enabled: true,
-                destinations: &[(address, true)],
                 designated_only: *designated_only,
                 missed_only: *missed_only,
                 designated: &designated,
+                ..Subscriber::new(number, &to)
             }
             .line()
         })
@@ -166,12 +152,9 @@ async fn r_n5_unchecked_designated_entries_are_ignored() {
     let h = Harness::new(1).await;
     let engine = h.engine().await;
     let sub = Subscriber {
-        number: CALLED,
-        enabled: true,
-        destinations: &[("taro@example.jp", true)],
         designated_only: true,
-        missed_only: false,
         designated: &[("09011112222", true), ("09033334444", false)],
+        ..Subscriber::new(CALLED, &[("taro@example.jp", true)])
     };
     engine.provision(&[sub.line()]);
 
@@ -195,12 +178,9 @@ async fn r_n6_withheld_callers_are_not_notified_when_designated_only() {
     let h = Harness::new(1).await;
     let engine = h.engine().await;
     let sub = Subscriber {
-        number: CALLED,
-        enabled: true,
-        destinations: &[("taro@example.jp", true)],
         designated_only: true,
-        missed_only: false,
         designated: &[("09011112222", true)],
+        ..Subscriber::new(CALLED, &[("taro@example.jp", true)])
     };
     engine.provision(&[sub.line()]);
 
