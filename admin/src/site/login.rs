@@ -106,7 +106,7 @@ pub async fn submit(
         state.sessions.remove(old);
     }
     state.sessions.sweep(now);
-    let idle_timeout = idle_timeout_for(&state.store, &number)?;
+    let idle_timeout = state.read(move |store| idle_timeout_for(store, &number)).await?;
     let must_change = state.must_change(ok);
     let id = state.sessions.create(Session::new(number, ok.kind, must_change, idle_timeout, now));
     let next = if must_change { "/password" } else { "/" };

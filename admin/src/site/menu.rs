@@ -15,17 +15,16 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
-    let numbers = call_numbers(&state.store, &authed.session.number)?;
+    let login = authed.session.number;
+    let (numbers, contract) = state
+        .read(move |store| Ok((call_numbers(store, &login)?, super::unit::contract_line(store, &login)?.is_some())))
+        .await?;
     let call = match numbers.as_slice() {
         [] => "着信お知らせメール（ご契約の電話番号がありません）".to_owned(),
         [only] => format!("<a href=\"{}\">着信お知らせメール</a>", html::escape(&call_settings_path(only))),
         _ => "<a href=\"/numbers\">着信お知らせメール</a>（電話番号選択）".to_owned(),
     };
-    let unit = if super::unit::contract_line(&state.store, &authed.session.number)?.is_some() {
-        "<li><a href=\"/unit\">認証単位変更</a></li>\n"
-    } else {
-        ""
-    };
+    let unit = if contract { "<li><a href=\"/unit\">認証単位変更</a></li>\n" } else { "" };
     let body = format!(
         "<p>ログイン中の電話番号: {number}</p>\n<h2>サービス選択</h2>\n<ul>\n<li>{call}</li>\n\
          <li>FAXお知らせメール（準備中です。このサイトではまだ設定できません）</li>\n</ul>\n\

@@ -70,6 +70,16 @@ pub struct SiteState {
 }
 
 impl SiteState {
+    /// Runs `read` against the store on a blocking thread: sled may have to fetch pages
+    /// from disk, and the site's handlers run on the async workers.
+    pub(crate) async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, SiteError> {
+        let store = self.store.clone();
+        Ok(tokio::task::spawn_blocking(move || read(&store)).await??)
+    }
+
     pub fn new(store: Store, credentials: Credentials, clock: SharedClock) -> Self {
         Self {
             store,

@@ -62,7 +62,8 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
-    let numbers = call_numbers(&state.store, &authed.session.number)?;
+    let login = authed.session.number;
+    let numbers = state.read(move |store| call_numbers(store, &login)).await?;
     let body = if numbers.is_empty() {
         "<p>着信お知らせメールをご契約の電話番号がありません。</p>\n".to_owned()
     } else {

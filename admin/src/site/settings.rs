@@ -38,9 +38,19 @@ const TEST_FIX_ROW: &str =
 const STALE: &str = "この設定は、別の画面で変更されています。ここで入力した内容は保存されていません。\
                      ページを開き直して、最新の設定を確認してから、もう一度設定してください。";
 
-/// The stored settings of `number`, or `None` if it vanished (re-provisioned).
-fn stored(state: &SiteState, number: &PhoneNumber) -> Result<Option<CallSettings>, StoreError> {
-    Ok(state.store.number(number)?.map(|record| record.call))
+/// The number a URL names, if `login` may see it, with its stored settings; `None` for
+/// anything else (another subscriber's number, a number re-provisioned away).
+async fn settings_of(
+    state: &SiteState,
+    login: PhoneNumber,
+    raw: String,
+) -> Result<Option<(PhoneNumber, CallSettings)>, SiteError> {
+    state
+        .read(move |store| {
+            let Some(number) = allowed_number(store, &login, &raw)? else { return Ok(None) };
+            Ok(store.number(&number)?.map(|record| (number, record.call)))
+        })
+        .await
 }
 
 fn settings_page(
@@ -83,8 +93,9 @@ pub async fn show(
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
-    let Some(number) = allowed_number(&state.store, &authed.session.number, &raw)? else { return Ok(not_found()) };
-    let Some(settings) = stored(&state, &number)? else { return Ok(not_found()) };
+    let Some((number, settings)) = settings_of(&state, authed.session.number, raw).await? else {
+        return Ok(not_found());
+    };
     let notice = if query.as_deref() == Some("saved=1") { SAVED } else { "" };
     let page = settings_page(&number, &authed.session, notice, &Entered::from_settings(&settings), &[]);
     Ok(Html(page).into_response())
@@ -104,8 +115,7 @@ pub async fn submit(
     if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
         return Err(SiteError::Csrf);
     }
-    let Some(number) = allowed_number(&state.store, &session.number, &raw)? else { return Ok(not_found()) };
-    let Some(current) = stored(&state, &number)? else { return Ok(not_found()) };
+    let Some((number, current)) = settings_of(&state, session.number, raw).await? else { return Ok(not_found()) };
 
     let entered = Entered::from_fields(&fields);
     let Some(version) = entered.version else { return Ok(stale(&number, &session, &entered)) };
@@ -200,10 +210,7 @@ pub async fn test_mail(
     if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
         return Err(SiteError::Csrf);
     }
-    let Some(number) = allowed_number(&state.store, &session.number, &raw)? else { return Ok(not_found()) };
-    if stored(&state, &number)?.is_none() {
-        return Ok(not_found());
-    }
+    let Some((number, _)) = settings_of(&state, session.number, raw).await? else { return Ok(not_found()) };
     let Some(row) = row.parse::<usize>().ok().filter(|row| *row < MAX_DESTINATIONS) else { return Ok(not_found()) };
 
     let entered = Entered::from_fields(&fields);

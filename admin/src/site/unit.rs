@@ -94,8 +94,8 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
-    let Some(line) = contract_line(&state.store, &authed.session.number)? else { return Ok(not_found()) };
-    page(&state, &authed.session, &line, &[])
+    let Some((line, numbers)) = load(&state, authed.session.number).await? else { return Ok(not_found()) };
+    page(&state, &authed.session, &line, &numbers, &[])
 }
 
 pub async fn submit(
@@ -112,11 +112,11 @@ pub async fn submit(
     if !csrf::matches(Some(&session.csrf), field("csrf")) {
         return Err(SiteError::Csrf);
     }
-    let Some(line) = contract_line(&state.store, &session.number)? else { return Ok(not_found()) };
+    let Some((line, numbers)) = load(&state, session.number).await? else { return Ok(not_found()) };
     // A form made for another unit (changed meanwhile in another window, R-S9) changes
     // nothing.
     if field("from") != unit_name(line.unit) {
-        return page(&state, &session, &line, &[STALE.to_owned()]);
+        return page(&state, &session, &line, &numbers, &[STALE.to_owned()]);
     }
     let now = state.clock.now();
     match line.unit {
@@ -124,29 +124,28 @@ pub async fn submit(
             // R-O3: the line's password, which is the contract number's.
             let password = field("password");
             if password.is_empty() {
-                return page(&state, &session, &line, &[EMPTY.to_owned()]);
+                return page(&state, &session, &line, &numbers, &[EMPTY.to_owned()]);
             }
             match state.credentials.verify_async(line.contract, password.to_owned(), now).await? {
                 Ok(_) => {}
                 Err(LoginFailure::Wrong) => {
                     tracing::info!(number = %line.contract, "site unit change to number: wrong password");
-                    return page(&state, &session, &line, &[WRONG.to_owned()]);
+                    return page(&state, &session, &line, &numbers, &[WRONG.to_owned()]);
                 }
                 Err(failure) => return Ok(credential_gone(&state, &id, &line.contract, failure)),
             }
-            change(&state, &line, AuthUnit::Number)?;
+            change(&state, &line, AuthUnit::Number).await?;
             Ok(ended(&state, &line, DONE_NUMBER))
         }
         Some(AuthUnit::Number) => {
             // R-O2: every number's password, all right, or nothing changes.
-            let numbers = numbers_to_confirm(&state.store, &line)?;
             let missing: Vec<String> = numbers
                 .iter()
                 .filter(|number| field(&field_name(number)).is_empty())
                 .map(|number| format!("{}番の{EMPTY}", number.as_str()))
                 .collect();
             if !missing.is_empty() {
-                return page(&state, &session, &line, &missing);
+                return page(&state, &session, &line, &numbers, &missing);
             }
             let mut errors = Vec::new();
             let mut contract_gone = None;
@@ -168,25 +167,41 @@ pub async fn submit(
             }
             if !errors.is_empty() {
                 tracing::info!(line = %line.contract, failed = errors.len(), "site unit change to line refused");
-                return page(&state, &session, &line, &errors);
+                return page(&state, &session, &line, &numbers, &errors);
             }
-            change(&state, &line, AuthUnit::Line)?;
+            change(&state, &line, AuthUnit::Line).await?;
             Ok(ended(&state, &line, DONE_LINE))
         }
-        Some(AuthUnit::AdminUser) | None => page(&state, &session, &line, &[]),
+        Some(AuthUnit::AdminUser) | None => page(&state, &session, &line, &numbers, &[]),
     }
 }
 
 /// Sets `line`'s unit to `unit` and removes the credentials of its additional numbers:
 /// after R-O3 each needs a new temporary password by phone; after R-O2 the contract
 /// number's password is the only one the line logs in with.
-fn change(state: &SiteState, line: &LineRecord, unit: AuthUnit) -> Result<(), SiteError> {
-    state.store.set_line_unit(&line.contract, unit)?;
-    for number in line.numbers.iter().filter(|number| **number != line.contract) {
-        state.credentials.remove(number)?;
-    }
-    tracing::info!(line = %line.contract, ?unit, "site unit changed");
-    Ok(())
+async fn change(state: &SiteState, line: &LineRecord, unit: AuthUnit) -> Result<(), SiteError> {
+    let (store, credentials, line) = (state.store.clone(), state.credentials.clone(), line.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), SiteError> {
+        store.set_line_unit(&line.contract, unit)?;
+        for number in line.numbers.iter().filter(|number| **number != line.contract) {
+            credentials.remove(number)?;
+        }
+        tracing::info!(line = %line.contract, ?unit, "site unit changed");
+        Ok(())
+    })
+    .await?
+}
+
+/// The line of `login` if it is the contract number (else `None`: no /unit), and the
+/// numbers whose passwords R-O2 asks for; read off the async workers.
+async fn load(state: &SiteState, login: PhoneNumber) -> Result<Option<(LineRecord, Vec<PhoneNumber>)>, SiteError> {
+    state
+        .read(move |store| {
+            let Some(line) = contract_line(store, &login)? else { return Ok(None) };
+            let numbers = numbers_to_confirm(store, &line)?;
+            Ok(Some((line, numbers)))
+        })
+        .await
 }
 
 /// Ends every session of `line`'s numbers and sends the browser to `location`.
@@ -207,7 +222,13 @@ fn credential_gone(state: &SiteState, id: &str, contract: &PhoneNumber, failure:
 }
 
 /// The page for `line`'s current unit, with `errors` above the form.
-fn page(state: &SiteState, session: &Session, line: &LineRecord, errors: &[String]) -> Result<Response, SiteError> {
+fn page(
+    state: &SiteState,
+    session: &Session,
+    line: &LineRecord,
+    numbers: &[PhoneNumber],
+    errors: &[String],
+) -> Result<Response, SiteError> {
     let contract = html::escape(line.contract.as_str());
     let from = html::csrf_field(&session.csrf)
         + &format!("<input type=\"hidden\" name=\"from\" value=\"{}\">\n", unit_name(line.unit));
@@ -237,7 +258,7 @@ fn page(state: &SiteState, session: &Session, line: &LineRecord, errors: &[Strin
             )
         }
         Some(AuthUnit::Number) => {
-            let fields: String = numbers_to_confirm(&state.store, line)?
+            let fields: String = numbers
                 .iter()
                 .map(|number| {
                     let name = html::escape(&field_name(number));
