@@ -119,16 +119,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let clock = admin::clock::SystemClock::shared();
     let test_mailer = engine::deliver::TestMailer::new(&settings.smtp)?;
     let servers = admin::server::serve(
-        settings.admin.listen,
-        settings.admin.ivr_listen,
+        &settings.admin,
         app.store().clone(),
         clock,
         Some(std::sync::Arc::new(test_mailer)),
-        settings.admin.password_policy,
         &until_stopped,
     )
     .await?;
-    tracing::info!(url = %format!("http://{}/login", servers.site), "settings site listening");
+    tracing::info!(url = %format!("{}/login", servers.site_url), "settings site listening");
     tracing::info!(url = %format!("http://{}/ivr/calls", servers.ivr), "IVR API listening");
     app.run_until_stopped(until_stopped()).await?;
     servers.wait().await;

@@ -19,13 +19,15 @@
 //! - [`site`]: the settings site's login, forced password change and logout, with
 //!   server-side sessions (R-S1..R-S7), and the 着信お知らせメール settings pages
 //!   (R-C1, R-C2, R-N1..R-N5).
-//! - [`server`]: the HTTP server `callnotify serve` runs beside the engine.
+//! - [`server`]: the HTTP servers `callnotify serve` runs beside the engine.
+//! - [`tls`]: HTTPS for the site when it is not behind a TLS-terminating proxy (R-S8).
 
 pub mod clock;
 pub mod credentials;
 pub mod ivr;
 pub mod server;
 pub mod site;
+pub mod tls;
 
 #[cfg(test)]
 mod testing;

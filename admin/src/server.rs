@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use engine::config::PasswordPolicy;
+use engine::config::AdminSettings;
 use engine::deliver::TestMailer;
 use engine::store::Store;
 
@@ -17,6 +17,7 @@ use crate::credentials::{CredentialError, Credentials};
 use crate::ivr::api::{router, ApiState};
 use crate::ivr::Ivr;
 use crate::site::{self, SiteState};
+use crate::tls::{self, TlsError, TlsListener};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -24,12 +25,17 @@ pub enum ServerError {
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Credentials(#[from] CredentialError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// The running servers: where each listens, and their tasks.
 pub struct Servers {
     pub site: SocketAddr,
     pub ivr: SocketAddr,
+    /// The site's address as subscribers' browsers open it: `https://` when it serves
+    /// TLS itself.
+    pub site_url: String,
     tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
@@ -42,46 +48,70 @@ impl Servers {
     }
 }
 
-/// Binds the site on `site_listen` and the IVR API on `ivr_listen` and serves both
-/// until `shutdown()` completes (called once per server). `test_mailer` sends the
-/// site's 送信テスト mails (R-N2); without one the site says they are not available.
-/// `password_policy` is the site's rule for new passwords (`admin.password_policy`).
+/// Binds the site on `admin.listen` (over TLS with `admin.tls_cert` and
+/// `admin.tls_key`) and the IVR API on `admin.ivr_listen`, and serves both until
+/// `shutdown()` completes (called once per server). `test_mailer` sends the site's
+/// 送信テスト mails (R-N2); without one the site says they are not available.
 pub async fn serve<F>(
-    site_listen: SocketAddr,
-    ivr_listen: SocketAddr,
+    admin: &AdminSettings,
     store: Store,
     clock: SharedClock,
     test_mailer: Option<Arc<TestMailer>>,
-    password_policy: PasswordPolicy,
     shutdown: impl Fn() -> F,
 ) -> Result<Servers, ServerError>
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let tls_config = match (&admin.tls_cert, &admin.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key).await?),
+        _ => None,
+    };
     let credentials = Credentials::open(&store)?;
     let site_state = SiteState::new(store.clone(), credentials.clone(), clock.clone())
         .with_test_mailer(test_mailer)
-        .with_password_policy(password_policy);
+        .with_password_policy(admin.password_policy)
+        .with_secure(admin.secure());
     let site_app = site::router(site_state);
     let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)));
-    let (site, site_task) = start("admin.listen", site_listen, site_app, shutdown()).await?;
-    let (ivr, ivr_task) = start("admin.ivr_listen", ivr_listen, ivr_app, shutdown()).await?;
-    Ok(Servers { site, ivr, tasks: [site_task, ivr_task] })
+
+    let (site_listener, site) = bind("admin.listen", admin.listen).await?;
+    let (site_url, site_task) = match tls_config {
+        Some(config) => {
+            let listener = TlsListener::new(site_listener, config).map_err(|source| ServerError::Bind {
+                key: "admin.listen",
+                addr: admin.listen,
+                source,
+            })?;
+            (format!("https://{site}"), spawn("admin.listen", listener, site_app, shutdown()))
+        }
+        None => (format!("http://{site}"), spawn("admin.listen", site_listener, site_app, shutdown())),
+    };
+    let (ivr_listener, ivr) = bind("admin.ivr_listen", admin.ivr_listen).await?;
+    let ivr_task = spawn("admin.ivr_listen", ivr_listener, ivr_app, shutdown());
+    Ok(Servers { site, ivr, site_url, tasks: [site_task, ivr_task] })
 }
 
-async fn start(
+/// A listener on `addr`, and the address it got (port 0 picks a free one).
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
+    let error = |source| ServerError::Bind { key, addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(error)?;
+    let local = listener.local_addr().map_err(error)?;
+    Ok((listener, local))
+}
+
+fn spawn<L>(
     key: &'static str,
-    listen: SocketAddr,
+    listener: L,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServerError> {
-    let bind = |source| ServerError::Bind { key, addr: listen, source };
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
-    let addr = listener.local_addr().map_err(bind)?;
-    let task = tokio::spawn(async move {
+) -> tokio::task::JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %e, server = key, "admin server stopped");
         }
-    });
-    Ok((addr, task))
+    })
 }

@@ -116,6 +116,23 @@ pub struct AdminSettings {
     /// Which rule a new password on the settings site follows.
     #[serde(default)]
     pub password_policy: PasswordPolicy,
+    /// PEM certificate chain and private key: with both, the site serves HTTPS itself
+    /// (R-S8), with `Secure` `__Host-` cookies and HSTS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// The site is reached only through a TLS-terminating proxy (the other way to meet
+    /// R-S8): it speaks plain HTTP to the proxy but sets `Secure` cookies and HSTS.
+    #[serde(default)]
+    pub behind_tls_proxy: bool,
+}
+
+impl AdminSettings {
+    /// Whether browsers reach the site over TLS, directly or through a proxy.
+    pub fn secure(&self) -> bool {
+        self.tls_cert.is_some() || self.behind_tls_proxy
+    }
 }
 
 /// The rule for new passwords on the settings site.
@@ -201,6 +218,9 @@ impl Settings {
         }
         if self.smtp.pool_size == 0 || self.engine.max_in_flight == 0 {
             return invalid("smtp.pool_size and engine.max_in_flight must be at least 1");
+        }
+        if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
+            return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
         }
         if self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             return invalid("smtp.from must be an address, optionally with a name: `Name <no-reply@example.jp>`");
@@ -315,6 +335,21 @@ mod tests {
         let asvs = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PASSWORD_POLICY", "asvs")])).unwrap();
         assert_eq!(asvs.admin.password_policy, PasswordPolicy::Asvs);
         assert!(Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PASSWORD_POLICY", "strong")])).is_err());
+    }
+
+    #[test]
+    fn r_s8_the_site_is_secure_with_a_certificate_or_behind_a_tls_proxy() {
+        assert!(!Settings::load_from(None, env(&[])).unwrap().admin.secure());
+        let direct = Settings::load_from(
+            None,
+            env(&[("CALLNOTIFY__ADMIN__TLS_CERT", "/etc/c.pem"), ("CALLNOTIFY__ADMIN__TLS_KEY", "/etc/k.pem")]),
+        )
+        .unwrap();
+        assert!(direct.admin.secure());
+        let proxied = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY", "true")])).unwrap();
+        assert!(proxied.admin.secure());
+        let half = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__TLS_CERT", "/etc/c.pem")])).unwrap_err();
+        assert!(half.to_string().contains("admin.tls_key"), "{half}");
     }
 
     #[test]

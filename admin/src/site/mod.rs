@@ -35,7 +35,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
-use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
+use axum::http::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE, STRICT_TRANSPORT_SECURITY,
+};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -172,7 +174,7 @@ pub const CSRF_COOKIE: &str = "callnotify_csrf";
 
 /// The site's routes, ready to be merged into the admin app or served alone.
 pub fn router(state: SiteState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/", get(menu::show))
         .route("/login", get(login::show).post(login::submit))
         .route("/logout", post(login::logout))
@@ -180,9 +182,17 @@ pub fn router(state: SiteState) -> Router {
         .route("/unit", get(unit::show).post(unit::submit))
         .route("/numbers", get(numbers::show))
         .route("/numbers/{number}/call", get(settings::show).post(settings::submit))
-        .route("/numbers/{number}/call/test/{row}", post(settings::test_mail))
-        .layer(axum::middleware::map_response(security_headers))
-        .with_state(state)
+        .route("/numbers/{number}/call/test/{row}", post(settings::test_mail));
+    let routes =
+        if state.secure { routes.layer(axum::middleware::map_response(strict_transport_security)) } else { routes };
+    routes.layer(axum::middleware::map_response(security_headers)).with_state(state)
+}
+
+/// HSTS on a site reached over TLS (R-S8): for a year, browsers that have seen the site
+/// go to it over HTTPS only, even when a subscriber types or follows an `http://` link.
+pub async fn strict_transport_security(mut response: Response) -> Response {
+    response.headers_mut().insert(STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=31536000"));
+    response
 }
 
 /// Headers on every site response: no framing, no foreign scripts or plugins, no
