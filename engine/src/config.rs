@@ -88,6 +88,9 @@ pub struct SmtpSettings {
     pub timeout_secs: u64,
     pub retry_first_delay_ms: u64,
     pub retry_max_delay_ms: u64,
+    /// A mail still failing temporarily this long after its first attempt is given up
+    /// and dead-lettered.
+    pub retry_give_up_secs: u64,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -218,6 +221,10 @@ impl Settings {
         }
         if self.smtp.pool_size == 0 || self.engine.max_in_flight == 0 {
             return invalid("smtp.pool_size and engine.max_in_flight must be at least 1");
+        }
+        if self.smtp.retry_give_up_secs >= self.store.sent_retention_days * 86_400 {
+            // A queued mail's sent record must outlive it, or a replay could queue it again.
+            return invalid("smtp.retry_give_up_secs must be shorter than store.sent_retention_days");
         }
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");

@@ -38,6 +38,15 @@ pub enum SmtpStage {
     DataEnd,
 }
 
+/// What the sink does instead of answering the end of DATA ([`SmtpSink::after_data`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataFault {
+    /// Never answers; the client times out not knowing whether the mail arrived.
+    Hang,
+    /// Closes the connection without an answer.
+    Drop,
+}
+
 /// Options for [`SmtpSink::start_with`].
 #[derive(Debug, Clone, Copy)]
 pub struct SinkOptions {
@@ -56,6 +65,10 @@ struct Shared {
     accepted: Notify,
     /// Per stage: (reply code, how many more times).
     faults: Mutex<[Option<(u16, usize)>; 3]>,
+    /// RCPT TO addresses answered with a code until cleared.
+    refused: Mutex<std::collections::HashMap<String, u16>>,
+    /// The next `usize` ends of DATA get this instead of an answer; the mail is not kept.
+    after_data: Mutex<Option<(DataFault, usize)>>,
     events: broadcast::Sender<ReceivedMail>,
 }
 
@@ -75,6 +88,17 @@ impl Shared {
             *slot = None;
         }
         Some(format!("{code} scripted failure ({stage:?})"))
+    }
+
+    fn take_data_fault(&self) -> Option<DataFault> {
+        let mut slot = lock(&self.after_data);
+        let (fault, left) = slot.as_mut()?;
+        let fault = *fault;
+        *left -= 1;
+        if *left == 0 {
+            *slot = None;
+        }
+        Some(fault)
     }
 
     fn record(&self, mail: ReceivedMail) {
@@ -114,6 +138,8 @@ impl SmtpSink {
             count: AtomicUsize::new(0),
             accepted: Notify::new(),
             faults: Mutex::new([None; 3]),
+            refused: Mutex::default(),
+            after_data: Mutex::default(),
             events: broadcast::channel(4096).0,
         });
         let (stop, stop_rx) = oneshot::channel();
@@ -161,6 +187,22 @@ impl SmtpSink {
     /// the stage, `times == 0` clears it.
     pub fn fail_next(&self, stage: SmtpStage, code: u16, times: usize) {
         lock(&self.shared.faults)[stage as usize] = (times > 0).then_some((code, times));
+    }
+
+    /// The next `times` ends of DATA are not answered: the connection hangs or is
+    /// dropped, and the mail is not kept. `times == 0` clears it.
+    pub fn after_data(&self, fault: DataFault, times: usize) {
+        *lock(&self.shared.after_data) = (times > 0).then_some((fault, times));
+    }
+
+    /// Scripted replies for one address: every RCPT TO `address` answers `code` (a 4xx
+    /// or 5xx) until called again with `None`. Other recipients are not affected.
+    pub fn refuse_recipient(&self, address: &str, code: Option<u16>) {
+        let mut refused = lock(&self.shared.refused);
+        match code {
+            Some(code) => refused.insert(address.to_owned(), code),
+            None => refused.remove(address),
+        };
     }
 
     /// Per-mail notifications without cloning the whole list; slow receivers see `Lagged`.
@@ -239,6 +281,15 @@ async fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                     return Ok(());
                 };
                 let (mail_from, rcpt_to) = s.tx.take().unwrap_or_default();
+                match shared.take_data_fault() {
+                    Some(DataFault::Drop) => return Ok(()),
+                    // Until the client gives up and closes the connection.
+                    Some(DataFault::Hang) => {
+                        while rd.read_u8().await.is_ok() {}
+                        return Ok(());
+                    }
+                    None => {}
+                }
                 if let Some(r) = shared.take_fault(SmtpStage::DataEnd) {
                     r
                 } else {
@@ -286,10 +337,13 @@ fn command(shared: &Shared, s: &mut Session, line: &str) -> Next {
         ("RCPT" | "DATA", None) => "503 5.5.1 need MAIL first".into(),
         ("RCPT", Some((_, rcpts))) => match parse_path(arg, "TO:") {
             None | Some("") => "501 5.5.4 syntax: RCPT TO:<address>".into(),
-            Some(to) => shared.take_fault(SmtpStage::RcptTo).unwrap_or_else(|| {
-                rcpts.push(to.to_string());
-                "250 2.1.5 ok".into()
-            }),
+            Some(to) => match lock(&shared.refused).get(to) {
+                Some(code) => format!("{code} scripted refusal of {to}"),
+                None => shared.take_fault(SmtpStage::RcptTo).unwrap_or_else(|| {
+                    rcpts.push(to.to_string());
+                    "250 2.1.5 ok".into()
+                }),
+            },
         },
         ("DATA", Some((_, rcpts))) if rcpts.is_empty() => "554 5.5.1 no valid recipients".into(),
         ("DATA", Some(_)) => return Next::Data,

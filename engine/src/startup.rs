@@ -51,6 +51,8 @@ pub struct Application {
     metrics_task: tokio::task::JoinHandle<()>,
     /// Prunes old sent-mail records; stopped with the engine, as it holds the store.
     pruner: tokio::task::JoinHandle<()>,
+    retries_stop: tokio::sync::oneshot::Sender<()>,
+    retries: tokio::task::JoinHandle<()>,
     /// Kept alive while the engine runs, when it was started for us.
     _embedded: Option<EmbeddedKafka>,
 }
@@ -101,7 +103,14 @@ impl Application {
 
         let from = settings.smtp.from.parse().context("smtp.from")?;
         let renderer = Renderer::new(from);
-        let deliverer = Deliverer::new(&settings.smtp, metrics.clone(), dead_letters.clone())?;
+        let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
+        let (retries_stop, retries_stopped) = tokio::sync::oneshot::channel::<()>();
+        let retries = tokio::spawn(deliverer.clone().run_retries(async {
+            let _ = retries_stopped.await;
+        }));
+        if deliverer.queued() > 0 {
+            tracing::info!(mails = deliverer.queued(), "mails waiting in the retry queue from before");
+        }
         if settings.smtp.host.is_empty() {
             tracing::info!(outbox = %settings.smtp.outbox_dir.display(), "no smtp.host: mails are written as .eml files");
         }
@@ -147,6 +156,8 @@ impl Application {
             metrics_stop,
             metrics_task,
             pruner,
+            retries_stop,
+            retries,
             _embedded: embedded,
         })
     }
@@ -177,7 +188,7 @@ impl Application {
     /// Runs until `shutdown` completes (or the consumer fails), then stops consuming,
     /// finishes in-flight mails within the grace period, commits and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { stop, source, metrics_stop, metrics_task, pruner, _embedded, .. } = self;
+        let Self { stop, source, metrics_stop, metrics_task, pruner, retries_stop, retries, _embedded, .. } = self;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let result = source.join().unwrap_or_else(|_| {
@@ -194,6 +205,9 @@ impl Application {
             }
             r = &mut done_rx => r,
         };
+        // Queued mails stay in the store for the next start; attempts under way finish.
+        let _ = retries_stop.send(());
+        let _ = retries.await;
         let _ = metrics_stop.send(());
         let _ = metrics_task.await;
         pruner.abort();

@@ -337,6 +337,12 @@ impl Store {
         Ok(self.db.open_tree(name)?)
     }
 
+    /// The sent-mail records, for the retry queue: queuing a mail and recording it as
+    /// handled are one transaction.
+    pub(crate) fn sent_tree(&self) -> &sled::Tree {
+        &self.sent
+    }
+
     /// Whether the mail for (`called`, `call_id`, `recipient`) was already accepted.
     pub fn was_sent(&self, key: &SentKey) -> Result<bool, StoreError> {
         Ok(self.sent.contains_key(&key.0)?)
@@ -411,5 +417,9 @@ impl SentKey {
         key.push(0);
         key.extend_from_slice(recipient.as_bytes());
         Self(key)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }

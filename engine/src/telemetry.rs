@@ -27,11 +27,13 @@ pub const DEAD_LETTERS: &str = "callnotify_dead_letters_total";
 pub const LATENCY: &str = "callnotify_notification_latency_seconds";
 pub const IN_FLIGHT: &str = "callnotify_cdrs_in_flight";
 pub const CONSUMER_LAG: &str = "callnotify_consumer_lag_messages";
+pub const RETRY_QUEUE: &str = "callnotify_retry_queue_mails";
 
 /// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
 pub const REJECT_REASONS: [&str; 3] = ["syntax", "missing_field", "invalid_field"];
 /// Reasons a mail fails for good.
-pub const FAIL_REASONS: [&str; 2] = ["permanent", "render"];
+/// `expired`: still failing temporarily at `smtp.retry_give_up_secs`.
+pub const FAIL_REASONS: [&str; 3] = ["permanent", "render", "expired"];
 
 /// Every metric handle of one engine; cheap to clone.
 #[derive(Clone)]
@@ -56,6 +58,7 @@ struct Inner {
     dead_letters_mail: Counter,
     latency: Histogram,
     in_flight: Gauge,
+    retry_queue: Gauge,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("callnotify", Level::INFO, None);
@@ -116,6 +119,11 @@ impl Metrics {
         );
         r.describe_gauge(IN_FLIGHT.into(), Some(Unit::Count), "CDRs whose mails are being sent".into());
         r.describe_gauge(
+            RETRY_QUEUE.into(),
+            Some(Unit::Count),
+            "Mails in the durable retry queue, waiting for their next attempt".into(),
+        );
+        r.describe_gauge(
             CONSUMER_LAG.into(),
             Some(Unit::Count),
             "Messages behind the partition's end, by topic and partition".into(),
@@ -137,6 +145,7 @@ impl Metrics {
             dead_letters_mail: counter(r, DEAD_LETTERS, Some(("kind", "mail"))),
             latency: r.register_histogram(&Key::from_static_name(LATENCY), &METADATA),
             in_flight: r.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
+            retry_queue: r.register_gauge(&Key::from_static_name(RETRY_QUEUE), &METADATA),
             recorder,
         };
         Self { inner: Arc::new(inner) }
@@ -193,6 +202,9 @@ impl Metrics {
     }
     pub fn in_flight(&self, n: usize) {
         self.inner.in_flight.set(n as f64);
+    }
+    pub fn retry_queue(&self, n: usize) {
+        self.inner.retry_queue.set(n as f64);
     }
     /// From librdkafka's statistics, every few seconds per partition.
     pub fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {

@@ -1,10 +1,14 @@
 //! Deliver stage: rendered mails to the mail server (or the outbox directory), under a
 //! global rate limit and per-recipient flood control, with temporary failures retried
-//! and permanent ones recorded in the dead-letter topic (R-M4).
+//! from a durable queue and permanent ones recorded in the dead-letter topic (R-M4).
 //!
 //! A mail held back by a limit waits; it is never dropped (`callnotify_mails_delayed_total`).
-//! The dedup record of sent mails is written by the source thread when the job reports
-//! back, so this stage never does blocking store I/O on an async worker.
+//! A mail whose first attempt fails temporarily goes into the [`queue::RetryQueue`] in
+//! sled, is flushed, and only then reported as [`Fate::Queued`], so its CDR's offset
+//! can move on; [`Deliverer::run_retries`] tries it again with exponential backoff and
+//! jitter until it is accepted, refused for good, or older than `smtp.retry_give_up_secs`.
+//! Store I/O runs on blocking threads, never on an async worker. The dedup record of a
+//! first attempt's mail is written by the source thread when the job reports back.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -14,13 +18,16 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use self::queue::{Entry, Queued, RetryQueue, Slot};
 use self::smtp::{SendError, SmtpPool};
 use crate::config::SmtpSettings;
 use crate::dead_letter::DeadLetters;
 use crate::phone::PhoneNumber;
 use crate::render::Mail;
+use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
+pub mod queue;
 mod smtp;
 
 /// Where mails go.
@@ -55,6 +62,8 @@ pub enum Fate {
     Sent,
     /// Refused for good; a dead-letter record was written.
     Failed,
+    /// Failed for now; durably in the retry queue, which owns it from here.
+    Queued,
 }
 
 /// Sends mails; cheap to clone, shared by every delivery task.
@@ -69,8 +78,15 @@ struct Inner {
     per_recipient: DefaultKeyedRateLimiter<String>,
     first_delay: Duration,
     max_delay: Duration,
+    give_up: Duration,
+    /// Retries sent at once.
+    concurrency: usize,
     metrics: Metrics,
     dead_letters: DeadLetters,
+    store: Store,
+    queue: RetryQueue,
+    /// Woken when a mail is queued, so the retry loop sees an earlier due time.
+    queued: tokio::sync::Notify,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,29 +95,43 @@ pub enum DeliverError {
     From(String),
     #[error("cannot create the outbox directory {path}: {source}")]
     Outbox { path: PathBuf, source: std::io::Error },
+    #[error("opening the retry queue: {0}")]
+    Queue(#[from] StoreError),
 }
 
 impl Deliverer {
-    pub fn new(settings: &SmtpSettings, metrics: Metrics, dead_letters: DeadLetters) -> Result<Self, DeliverError> {
+    pub fn new(
+        settings: &SmtpSettings,
+        store: &Store,
+        metrics: Metrics,
+        dead_letters: DeadLetters,
+    ) -> Result<Self, DeliverError> {
         let transport = Transport::new(settings)?;
         let per_second = NonZeroU32::new(settings.rate_per_second).expect("config checks rate_per_second >= 1");
         let per_minute = NonZeroU32::new(settings.per_recipient_per_minute).expect("config checks >= 1");
+        let queue = RetryQueue::open(store)?;
+        metrics.retry_queue(queue.len());
         let inner = Inner {
             transport,
             global: RateLimiter::direct(Quota::per_second(per_second)),
             per_recipient: RateLimiter::keyed(Quota::per_minute(per_minute)),
             first_delay: Duration::from_millis(settings.retry_first_delay_ms.max(1)),
             max_delay: Duration::from_millis(settings.retry_max_delay_ms.max(settings.retry_first_delay_ms).max(1)),
+            give_up: Duration::from_secs(settings.retry_give_up_secs),
+            concurrency: settings.pool_size.max(1) as usize,
             metrics,
             dead_letters,
+            store: store.clone(),
+            queue,
+            queued: tokio::sync::Notify::new(),
         };
         let inner = Arc::new(inner);
         tokio::spawn(forget_idle_recipients(Arc::downgrade(&inner)));
         Ok(Self { inner })
     }
 
-    /// Sends one mail, retrying temporary failures until it is accepted or refused for
-    /// good.
+    /// Makes one attempt at `mail`: sent, refused for good (dead-lettered), or, on a
+    /// temporary failure, durably queued for [`Deliverer::run_retries`].
     pub async fn deliver(&self, mail: &Mail, origin: &Origin) -> Fate {
         let inner = &*self.inner;
         let recipient = mail.recipient.as_str().to_owned();
@@ -109,38 +139,184 @@ impl Deliverer {
             inner.metrics.delayed_by_flood();
             inner.per_recipient.until_key_ready(&recipient).await;
         }
-        let mut delay = inner.first_delay;
-        let mut attempts = 0u32;
-        loop {
-            if inner.global.check().is_err() {
-                inner.metrics.delayed_by_rate();
-                inner.global.until_ready().await;
+        match self.attempt(mail).await {
+            Ok(()) => {
+                inner.metrics.sent(latency(origin));
+                Fate::Sent
             }
-            attempts += 1;
-            match self.attempt(mail).await {
-                Ok(()) => {
-                    let latency = (Utc::now() - origin.ended_at).to_std().unwrap_or_default();
-                    inner.metrics.sent(latency);
-                    return Fate::Sent;
+            Err(Attempt::Permanent(reply)) => {
+                self.give_up(mail, origin, &reply, 1, "permanent").await;
+                Fate::Failed
+            }
+            Err(Attempt::Temporary(reply)) => {
+                let entry = Queued::new(mail, origin, &reply, Utc::now());
+                let due = jitter(inner.first_delay);
+                tracing::info!(message_id = %mail.message_id, %reply, retry_in = ?due, "mail delayed, queued for retry");
+                self.enqueue(entry, due).await;
+                Fate::Queued
+            }
+        }
+    }
+
+    /// Puts `entry` in the retry queue, due in `after`, and flushes the store. Until the
+    /// store takes it the CDR's offset waits, so a store failure is retried, not lost.
+    async fn enqueue(&self, entry: Queued, after: Duration) {
+        let inner = &*self.inner;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (queue, entry_) = (inner.queue.clone(), entry.clone());
+            let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
+            let now_secs = Utc::now().timestamp().max(0) as u64;
+            let pushed = blocking(move || queue.push(&entry_, due_ms, now_secs)).await;
+            let flushed = match pushed {
+                Ok(_) => inner.store.flush().await,
+                Err(e) => Err(e),
+            };
+            match flushed {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::error!(message_id = %entry.message_id, error = %e, retry_in = ?backoff, "retry queue write failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
-                Err(Attempt::Permanent(reply)) => {
-                    tracing::warn!(message_id = %mail.message_id, %reply, attempts, "mail refused for good");
-                    inner.metrics.failed("permanent");
-                    inner.dead_letters.mail_failed(mail, origin, &reply, attempts).await;
-                    return Fate::Failed;
+            }
+        }
+        inner.metrics.retried();
+        inner.metrics.retry_queue(inner.queue.len());
+        inner.queued.notify_one();
+    }
+
+    /// Sends the retry queue's mails as they fall due, up to `smtp.pool_size` at once,
+    /// until `shutdown` completes; then waits for the attempts under way. Entries left
+    /// are sent after the next start.
+    pub async fn run_retries(self, shutdown: impl std::future::Future<Output = ()>) {
+        let inner = &*self.inner;
+        let mut trying: std::collections::HashSet<Slot> = Default::default();
+        let mut tasks: tokio::task::JoinSet<Slot> = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let room = inner.concurrency.saturating_sub(tasks.len());
+            if room > 0 {
+                let (queue, skip) = (inner.queue.clone(), trying.clone());
+                let now = Utc::now().timestamp_millis();
+                match blocking(move || queue.due(now, &skip, room)).await {
+                    Ok(due) => {
+                        for (slot, entry) in due {
+                            trying.insert(slot.clone());
+                            let this = self.clone();
+                            tasks.spawn(async move {
+                                this.retry(&slot, entry).await;
+                                slot
+                            });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reading the retry queue failed"),
                 }
-                Err(Attempt::Temporary(reply)) => {
-                    tracing::info!(message_id = %mail.message_id, %reply, attempts, retry_in = ?delay, "mail delayed, will retry");
-                    inner.metrics.retried();
-                    tokio::time::sleep(jitter(delay)).await;
-                    delay = (delay * 2).min(inner.max_delay);
+            }
+            let queue = inner.queue.clone();
+            let next_due = blocking(move || queue.next_due_ms()).await.ok().flatten();
+            // An entry due already is being tried or waits for a free slot: either way
+            // a finishing attempt wakes the loop.
+            let wait = match next_due.map(|due| due - Utc::now().timestamp_millis()) {
+                Some(ms) if ms > 0 => Duration::from_millis(ms as u64).min(RETRY_POLL),
+                _ => RETRY_POLL,
+            };
+            tokio::select! {
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Ok(slot) = done {
+                        trying.remove(&slot);
+                    }
+                }
+                () = inner.queued.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = &mut shutdown => break,
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// One more attempt at a queued mail; then it is removed (sent, or dead-lettered)
+    /// or moved to its next due time.
+    async fn retry(&self, slot: &Slot, entry: Entry) {
+        let inner = &*self.inner;
+        let mut entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(error = %e, "unreadable retry queue entry removed");
+                inner.metrics.failed("render");
+                self.unqueue(slot).await;
+                return;
+            }
+        };
+        let (mail, origin) = match entry.to_mail() {
+            Ok(parts) => parts,
+            Err(e) => {
+                tracing::error!(message_id = %entry.message_id, error = %e, "retry queue entry cannot be sent; removed");
+                inner.metrics.failed("render");
+                self.unqueue(slot).await;
+                return;
+            }
+        };
+        entry.attempts += 1;
+        match self.attempt(&mail).await {
+            Ok(()) => {
+                inner.metrics.sent(latency(&origin));
+                self.unqueue(slot).await;
+            }
+            Err(Attempt::Permanent(reply)) => {
+                self.give_up(&mail, &origin, &reply, entry.attempts, "permanent").await;
+                self.unqueue(slot).await;
+            }
+            Err(Attempt::Temporary(reply)) => {
+                let age = Utc::now().timestamp_millis() - entry.first_failed_ms;
+                if age >= inner.give_up.as_millis() as i64 {
+                    let reply = format!("gave up after {} attempts over {} s: {reply}", entry.attempts, age / 1000);
+                    self.give_up(&mail, &origin, &reply, entry.attempts, "expired").await;
+                    self.unqueue(slot).await;
+                    return;
+                }
+                let delay = backoff(inner.first_delay, inner.max_delay, entry.attempts);
+                tracing::info!(message_id = %mail.message_id, %reply, attempts = entry.attempts, retry_in = ?delay, "mail delayed again");
+                inner.metrics.retried();
+                entry.last_reply = reply;
+                let due_ms = Utc::now().timestamp_millis() + jitter(delay).as_millis() as i64;
+                let (queue, slot) = (inner.queue.clone(), slot.clone());
+                if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, due_ms)).await {
+                    // The entry stays where it was and is tried again at once.
+                    tracing::error!(error = %e, "retry queue reschedule failed");
                 }
             }
         }
     }
 
+    /// Records `mail` as failed for good: dead-letter record, metric, log.
+    async fn give_up(&self, mail: &Mail, origin: &Origin, reply: &str, attempts: u32, reason: &'static str) {
+        tracing::warn!(message_id = %mail.message_id, %reply, attempts, reason, "mail failed for good");
+        self.inner.metrics.failed(reason);
+        self.inner.dead_letters.mail_failed(mail, origin, reply, attempts).await;
+    }
+
+    async fn unqueue(&self, slot: &Slot) {
+        let (queue, slot) = (self.inner.queue.clone(), slot.clone());
+        if let Err(e) = blocking(move || queue.remove(&slot)).await {
+            tracing::error!(error = %e, "retry queue entry not removed; it may be sent again");
+        }
+        self.inner.metrics.retry_queue(self.inner.queue.len());
+    }
+
+    /// Mails waiting in the retry queue.
+    pub fn queued(&self) -> usize {
+        self.inner.queue.len()
+    }
+
+    /// One send under the global rate limit.
     async fn attempt(&self, mail: &Mail) -> Result<(), Attempt> {
-        self.inner.transport.send(mail).await
+        let inner = &*self.inner;
+        if inner.global.check().is_err() {
+            inner.metrics.delayed_by_rate();
+            inner.global.until_ready().await;
+        }
+        inner.transport.send(mail).await
     }
 }
 
@@ -233,6 +409,26 @@ async fn write_eml(dir: &std::path::Path, mail: &Mail) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     tokio::fs::write(&tmp, &mail.bytes).await?;
     tokio::fs::rename(&tmp, dir.join(format!("{name}.eml"))).await
+}
+
+/// Longest the retry loop sleeps without looking at the queue again.
+const RETRY_POLL: Duration = Duration::from_secs(1);
+
+/// From the call's end to now.
+fn latency(origin: &Origin) -> Duration {
+    (Utc::now() - origin.ended_at).to_std().unwrap_or_default()
+}
+
+/// The wait before attempt `attempts + 1`: `first`, doubling per attempt, at most `max`.
+fn backoff(first: Duration, max: Duration, attempts: u32) -> Duration {
+    first.saturating_mul(1u32.checked_shl(attempts.saturating_sub(1)).unwrap_or(u32::MAX)).min(max)
+}
+
+/// Runs store I/O on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(StoreError::Invalid(format!("store task: {e}"))))
 }
 
 /// Up to ±20 % random spread, so retries of many mails do not arrive together.

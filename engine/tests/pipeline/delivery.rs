@@ -1,8 +1,9 @@
 //! Delivery guarantees on the whole path: replays send nothing twice, poison CDRs and
 //! refused mails are dead-lettered (R-M4) without blocking the partition, temporary
-//! SMTP failures are retried.
+//! SMTP failures are retried from the durable queue, and given up after
+//! `smtp.retry_give_up_secs`.
 
-use engine::sink::SmtpStage;
+use engine::sink::{DataFault, SmtpStage};
 
 use crate::helpers::*;
 
@@ -120,4 +121,117 @@ async fn r_m3_flooded_recipients_are_delayed_not_dropped() {
     assert_eq!(mails.len(), 62);
     assert!(engine.metric(r#"callnotify_mails_delayed_total{limit="flood"}"#) >= 2.0);
     engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_deferred_mail_waits_in_the_durable_queue_while_its_partition_moves_on_and_survives_a_restart() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[plain_subscriber(CALLED, "slow@example.jp"), plain_subscriber("0698765432", "fast@example.jp")]);
+
+    h.sink.refuse_recipient("slow@example.jp", Some(451));
+    h.produce(
+        TOPIC,
+        &[
+            cdr("deferred", CALLED, Some("09011112222"), "allowed", "no_answer"),
+            cdr("behind-it", "0698765432", Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["fast@example.jp"], "the CDR behind the deferred one was not held up");
+    engine.wait_metric("callnotify_retry_queue_mails", 1.0).await;
+    let stopped = engine.stop().await;
+    assert!(stopped.metric("callnotify_mails_retried_total") >= 1.0);
+
+    // The mail server recovers while no engine runs; the next one, on the same store
+    // and group, sends the queued mail and reads neither CDR again.
+    h.sink.refuse_recipient("slow@example.jp", None);
+    let engine = h.engine().await;
+    h.produce(TOPIC, &[cdr("after-restart", "0698765432", Some("09011112222"), "allowed", "no_answer")]).await;
+    let mails = h.mails(3).await;
+    let stopped = engine.stop().await;
+    let mut ids: Vec<String> = mails.iter().map(|m| parse(m).message_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((mails.len(), ids.len()), (3, 3), "each mail once: {:#?}", summary(&mails));
+    assert!(mails.iter().any(|m| m.rcpt_to == ["slow@example.jp"]));
+    assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), 1.0, "offsets were committed past the queued mail");
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_mail_still_deferred_at_the_give_up_age_is_dead_lettered() {
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__SMTP__RETRY_GIVE_UP_SECS", "1")]).await;
+    engine.provision(&[plain_subscriber(CALLED, "slow@example.jp")]);
+
+    h.sink.refuse_recipient("slow@example.jp", Some(452));
+    h.produce(TOPIC, &[cdr("expired", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    let records = h.dead_letters(1);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!((r["kind"].as_str(), r["call_id"].as_str()), (Some("mail"), Some("expired")));
+    assert_eq!(r["recipient"], "slow@example.jp");
+    assert!(r["attempts"].as_u64().unwrap() >= 2, "{r}");
+    let reply = r["smtp_reply"].as_str().unwrap();
+    assert!(reply.contains("gave up") && reply.contains("452"), "{reply}");
+
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric(r#"callnotify_mails_failed_total{reason="expired"}"#), 1.0);
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0, "never retried again");
+    assert_eq!(h.sink.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_4xx_replies_are_retried_until_delivered_and_5xx_replies_dead_lettered_at_once() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+
+    let deferrals = [(SmtpStage::MailFrom, 421), (SmtpStage::RcptTo, 451), (SmtpStage::DataEnd, 452)];
+    for (i, (stage, code)) in deferrals.into_iter().enumerate() {
+        h.sink.fail_next(stage, code, 2);
+        h.produce(TOPIC, &[cdr(&format!("deferred-{code}"), CALLED, Some("09011112222"), "allowed", "no_answer")])
+            .await;
+        h.mails(i + 1).await;
+    }
+    for (i, (stage, code)) in [(SmtpStage::RcptTo, 550), (SmtpStage::DataEnd, 554)].into_iter().enumerate() {
+        h.sink.fail_next(stage, code, 1);
+        h.produce(TOPIC, &[cdr(&format!("refused-{code}"), CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+        engine.wait_metric(r#"callnotify_mails_failed_total{reason="permanent"}"#, i as f64 + 1.0).await;
+    }
+    let mut records = h.dead_letters(2);
+    records.sort_by_key(|r| r["call_id"].as_str().map(str::to_owned));
+    assert_eq!(records.len(), 2);
+    for (r, code) in records.iter().zip(["550", "554"]) {
+        assert_eq!(r["call_id"], format!("refused-{code}"));
+        assert_eq!(r["attempts"], 1, "a 5xx is never retried: {r}");
+        assert!(r["smtp_reply"].as_str().unwrap().contains(code), "{r}");
+    }
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_retried_total"), 6.0, "two deferrals of each 4xx mail");
+    assert_eq!(h.sink.count(), 3);
+}
+
+/// A timeout after DATA is ambiguous: the server may have taken the mail. It is retried,
+/// so the subscriber may get it twice (README, delivery guarantees) but never not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_or_a_dropped_connection_after_data_is_retried() {
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__SMTP__TIMEOUT_SECS", "1")]).await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+
+    h.sink.after_data(DataFault::Hang, 1);
+    h.produce(TOPIC, &[cdr("hung", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    h.mails(1).await;
+    h.sink.after_data(DataFault::Drop, 1);
+    h.produce(TOPIC, &[cdr("dropped", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    let mails = h.mails(2).await;
+    let stopped = engine.stop().await;
+    assert_eq!(mails.len(), 2);
+    // The hang went through the retry queue; a dropped pooled connection is resent at
+    // once on a new one.
+    assert!(stopped.metric("callnotify_mails_retried_total") >= 1.0);
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 2.0);
 }

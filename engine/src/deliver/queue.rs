@@ -1,0 +1,243 @@
+//! The durable retry queue: mails whose first attempt failed temporarily (SMTP 4xx, a
+//! dropped connection, a timeout), in the store's `retry` tree, ordered by when they are
+//! due. Putting a mail here also writes its sent-mail record in the same transaction,
+//! so a replayed CDR does not queue it twice; once the transaction is flushed the CDR's
+//! offset may move on, and a slow or dead mail server never holds up a partition.
+//!
+//! Key: the due time (milliseconds since the epoch, big-endian, so the tree is in due
+//! order) followed by the mail's sent-mail key. Value: [`Queued`] as JSON.
+//!
+//! Every method does blocking sled I/O: call them from a blocking thread.
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::address::DestinationAddress;
+use crate::deliver::Origin;
+use crate::phone::PhoneNumber;
+use crate::render::Mail;
+use crate::store::{SentKey, Store, StoreError};
+
+/// One queued mail: everything needed to send it again and to write its dead-letter
+/// record, without the CDR.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Queued {
+    pub call_id: String,
+    pub called: String,
+    /// The call's end, milliseconds since the epoch (for the latency metric).
+    pub ended_at_ms: i64,
+    pub message_id: String,
+    pub envelope_from: Option<String>,
+    pub recipient: String,
+    /// The whole message as on the wire, base64.
+    pub mail_base64: String,
+    /// Attempts so far, the first included.
+    pub attempts: u32,
+    /// When the first attempt failed, milliseconds since the epoch: the give-up age
+    /// counts from here.
+    pub first_failed_ms: i64,
+    /// The mail server's last answer, for the dead-letter record.
+    pub last_reply: String,
+}
+
+impl Queued {
+    pub fn new(mail: &Mail, origin: &Origin, reply: &str, failed_at: DateTime<Utc>) -> Self {
+        Self {
+            call_id: origin.call_id.clone(),
+            called: origin.called.as_str().to_owned(),
+            ended_at_ms: origin.ended_at.timestamp_millis(),
+            message_id: mail.message_id.clone(),
+            envelope_from: mail.envelope.from().map(ToString::to_string),
+            recipient: mail.recipient.as_str().to_owned(),
+            mail_base64: base64::engine::general_purpose::STANDARD.encode(&mail.bytes),
+            attempts: 1,
+            first_failed_ms: failed_at.timestamp_millis(),
+            last_reply: reply.to_owned(),
+        }
+    }
+
+    /// The mail and its call again; `Err` if the stored entry no longer makes sense.
+    pub fn to_mail(&self) -> Result<(Mail, Origin), String> {
+        let recipient = DestinationAddress::parse(&self.recipient).map_err(|e| e.to_string())?;
+        let from = self.envelope_from.as_deref().map(str::parse).transpose().map_err(|e| format!("{e}"))?;
+        let to = self.recipient.parse().map_err(|e| format!("{e}"))?;
+        let envelope = lettre::address::Envelope::new(from, vec![to]).map_err(|e| e.to_string())?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.mail_base64).map_err(|e| e.to_string())?;
+        let called = PhoneNumber::parse(&self.called).map_err(|e| e.to_string())?;
+        let ended_at = DateTime::from_timestamp_millis(self.ended_at_ms).unwrap_or_default();
+        let mail = Mail { message_id: self.message_id.clone(), recipient, envelope, bytes };
+        Ok((mail, Origin { call_id: self.call_id.clone(), called, ended_at }))
+    }
+
+    /// The mail's sent-mail key.
+    pub fn sent_key(&self) -> Result<SentKey, String> {
+        let called = PhoneNumber::parse(&self.called).map_err(|e| e.to_string())?;
+        Ok(SentKey::new(&called, &self.call_id, &self.recipient))
+    }
+}
+
+/// An entry read back: parsed, or why it could not be.
+pub type Entry = Result<Queued, String>;
+
+/// Position of an entry in the queue: its tree key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Slot(Vec<u8>);
+
+impl Slot {
+    fn new(due_ms: i64, key: &SentKey) -> Self {
+        let mut slot = Vec::with_capacity(8 + key.as_bytes().len());
+        slot.extend_from_slice(&(due_ms.max(0) as u64).to_be_bytes());
+        slot.extend_from_slice(key.as_bytes());
+        Self(slot)
+    }
+
+    /// When the entry is due, milliseconds since the epoch.
+    pub fn due_ms(&self) -> i64 {
+        self.0.get(..8).and_then(|b| b.try_into().ok()).map_or(0, |b| u64::from_be_bytes(b) as i64)
+    }
+}
+
+/// The retry queue of one store; cheap to clone.
+#[derive(Clone)]
+pub struct RetryQueue {
+    retry: sled::Tree,
+    sent: sled::Tree,
+}
+
+impl RetryQueue {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self { retry: store.open_tree("retry")?, sent: store.sent_tree().clone() })
+    }
+
+    /// Queues `entry`, due at `due_ms`, and records its mail as handled (`now_secs`)
+    /// so a replay of its CDR sends nothing: one transaction. Not yet flushed.
+    pub fn push(&self, entry: &Queued, due_ms: i64, now_secs: u64) -> Result<Slot, StoreError> {
+        let key = entry.sent_key().map_err(StoreError::Invalid)?;
+        let slot = Slot::new(due_ms, &key);
+        let value = serde_json::to_vec(entry).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        (&self.retry, &self.sent)
+            .transaction(|(retry, sent)| {
+                retry.insert(slot.0.as_slice(), value.as_slice())?;
+                sent.insert(key.as_bytes(), &now_secs.to_be_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::from(e),
+            })?;
+        Ok(slot)
+    }
+
+    /// Up to `limit` entries due at `now_ms`, earliest first, leaving out `skip` (those
+    /// being tried right now). An entry that does not parse is returned as `Err` with
+    /// its slot, so the caller can record and remove it.
+    pub fn due(
+        &self,
+        now_ms: i64,
+        skip: &std::collections::HashSet<Slot>,
+        limit: usize,
+    ) -> Result<Vec<(Slot, Entry)>, StoreError> {
+        let end = ((now_ms.max(0) as u64) + 1).to_be_bytes();
+        let mut due = Vec::new();
+        for item in self.retry.range(..end.as_slice()) {
+            if due.len() == limit {
+                break;
+            }
+            let (key, value) = item?;
+            let slot = Slot(key.to_vec());
+            if skip.contains(&slot) {
+                continue;
+            }
+            due.push((slot, serde_json::from_slice(&value).map_err(|e| e.to_string())));
+        }
+        Ok(due)
+    }
+
+    /// When the earliest entry is due, if there is one.
+    pub fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self.retry.first()?.map(|(key, _)| Slot(key.to_vec()).due_ms()))
+    }
+
+    /// Moves `slot`'s entry to `due_ms` with its new state; atomic, so after a crash the
+    /// entry is at one place or the other, never lost.
+    pub fn reschedule(&self, slot: &Slot, entry: &Queued, due_ms: i64) -> Result<Slot, StoreError> {
+        let key = entry.sent_key().map_err(StoreError::Invalid)?;
+        let next = Slot::new(due_ms, &key);
+        let value = serde_json::to_vec(entry).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let mut batch = sled::Batch::default();
+        batch.remove(slot.0.as_slice());
+        batch.insert(next.0.as_slice(), value);
+        self.retry.apply_batch(batch)?;
+        Ok(next)
+    }
+
+    /// Takes `slot`'s entry out: sent, or given up and dead-lettered.
+    pub fn remove(&self, slot: &Slot) -> Result<(), StoreError> {
+        self.retry.remove(slot.0.as_slice())?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.retry.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.retry.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::render::Renderer;
+
+    fn queued(call_id: &str, recipient: &str) -> (Queued, Mail) {
+        let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let mail = renderer.render_test(called.as_str(), &DestinationAddress::parse(recipient).unwrap(), "n").unwrap();
+        let origin =
+            Origin { call_id: call_id.into(), called, ended_at: DateTime::from_timestamp(1_764_000_000, 0).unwrap() };
+        (Queued::new(&mail, &origin, "451 4.3.0 try later", DateTime::from_timestamp(1_764_000_001, 0).unwrap()), mail)
+    }
+
+    #[test]
+    fn a_queued_mail_is_recorded_as_handled_and_comes_back_due_in_order() {
+        let store = Store::temporary().unwrap();
+        let queue = RetryQueue::open(&store).unwrap();
+        let (late, _) = queued("c-late", "a@example.jp");
+        let (early, mail) = queued("c-early", "b@example.jp");
+        queue.push(&late, 2_000, 1).unwrap();
+        queue.push(&early, 1_000, 1).unwrap();
+
+        assert!(store.was_sent(&early.sent_key().unwrap()).unwrap(), "a replay must not queue it again");
+        assert_eq!(queue.next_due_ms().unwrap(), Some(1_000));
+        assert!(queue.due(999, &Default::default(), 10).unwrap().is_empty());
+        let due = queue.due(2_000, &Default::default(), 10).unwrap();
+        let entries: Vec<Queued> = due.into_iter().map(|(_, e)| e.unwrap()).collect();
+        assert_eq!(entries, [early.clone(), late]);
+
+        let (again, origin) = entries[0].to_mail().unwrap();
+        assert_eq!((again.bytes, again.envelope, again.message_id), (mail.bytes, mail.envelope, mail.message_id));
+        assert_eq!(origin.call_id, "c-early");
+    }
+
+    #[test]
+    fn rescheduling_moves_the_entry_and_removing_empties_the_queue() {
+        let store = Store::temporary().unwrap();
+        let queue = RetryQueue::open(&store).unwrap();
+        let (mut entry, _) = queued("c", "a@example.jp");
+        let slot = queue.push(&entry, 1_000, 1).unwrap();
+        entry.attempts = 2;
+        let later = queue.reschedule(&slot, &entry, 5_000).unwrap();
+
+        assert_eq!(queue.len(), 1);
+        assert!(queue.due(4_999, &Default::default(), 10).unwrap().is_empty());
+        let skip = [later.clone()].into_iter().collect();
+        assert!(queue.due(5_000, &skip, 10).unwrap().is_empty(), "an entry being tried is left out");
+        assert_eq!(queue.due(5_000, &Default::default(), 10).unwrap()[0].1.as_ref().unwrap().attempts, 2);
+        queue.remove(&later).unwrap();
+        assert!(queue.is_empty());
+    }
+}
