@@ -49,8 +49,8 @@ impl ConsumerContext for SourceContext {
             let mut tracker = self.tracker.lock().expect("tracker lock");
             revoked.iter().for_each(|tp| tracker.forget(tp));
             drop(tracker);
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(error = %e, "commit before giving up partitions: nothing to commit or failed");
+            if let Err(e) = self.commit(consumer, CommitMode::Sync) {
+                tracing::error!(error = %e, "store flush failed; offsets of revoked partitions not committed");
             }
         }
     }
@@ -66,6 +66,16 @@ impl SourceContext {
         if let Err(e) = consumer.store_offset(&self.topics[tp.0].0, tp.1, offset) {
             tracing::debug!(error = %e, partition = tp.1, offset, "offset not stored (partition no longer ours)");
         }
+    }
+
+    /// Flushes the store, then commits the stored offsets: what a committed offset
+    /// covers is on disk first. "Nothing to commit" is not an error.
+    pub(super) fn commit(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) -> Result<(), StoreError> {
+        self.store.flush_blocking()?;
+        if let Err(e) = consumer.commit_consumer_state(mode) {
+            tracing::debug!(error = %e, "commit: nothing to commit, or failed (retried at the next one)");
+        }
+        Ok(())
     }
 
     /// Records a finished CDR's mails and moves its partition's offset if it may.

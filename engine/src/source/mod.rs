@@ -6,11 +6,13 @@
 //! they run here and not on an async worker. Mails go to delivery tasks on the tokio
 //! runtime; each reports back a [`Completion`].
 //!
-//! Offsets follow the rust-rdkafka at-least-once recipe: auto commit on,
-//! `enable.auto.offset.store=false`, and an offset is stored only when its CDR and every
-//! earlier CDR of the partition are finished (mails accepted or refused for good,
-//! dead letters written). On revocation and on shutdown the thread waits, up to the
-//! grace period, for in-flight work, then commits.
+//! Offsets follow the rust-rdkafka at-least-once recipe, `enable.auto.offset.store=false`:
+//! an offset is stored only when its CDR and every earlier CDR of the partition are
+//! finished (mails accepted, refused for good, or durably queued for retry; dead letters
+//! written). The thread commits stored offsets itself every [`COMMIT_INTERVAL`], right
+//! after flushing the store, so a committed offset never runs ahead of the sent-mail
+//! records on disk, whatever kills the process. On revocation and on shutdown the
+//! thread waits, up to the grace period, for in-flight work, then flushes and commits.
 
 mod context;
 mod offsets;
@@ -65,6 +67,9 @@ pub enum SourceError {
     Store(#[from] StoreError),
 }
 
+/// How often stored offsets are committed, each time after a store flush.
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Consumer settings that make the offset bookkeeping above correct.
 pub struct SourceOptions<'a> {
     pub brokers: &'a str,
@@ -95,7 +100,7 @@ pub fn spawn(
     config
         .set("bootstrap.servers", options.brokers)
         .set("group.id", options.group_id)
-        .set("enable.auto.commit", "true")
+        .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         // A notification is worth little late: do not let an idle fetch sit for
@@ -137,7 +142,12 @@ fn run(
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
     let cancel = Cancel(cancel_rx);
     let mut paused = false;
+    let mut last_commit = Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if last_commit.elapsed() >= COMMIT_INTERVAL {
+            ctx.commit(&consumer, CommitMode::Async)?;
+            last_commit = Instant::now();
+        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(message)) => handle(&consumer, stages, &tx, &cancel, &message)?,
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
@@ -173,10 +183,7 @@ fn run(
     tracker.partitions.clear();
     tracker.in_flight = 0;
     drop(tracker);
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::debug!(error = %e, "final commit had nothing to do or failed");
-    }
-    ctx.store.flush_blocking()?;
+    ctx.commit(&consumer, CommitMode::Sync)?;
     tracing::info!("consumer stopped; offsets committed");
     Ok(())
 }
