@@ -11,6 +11,7 @@
 //! cache) at once, so the very next CDR sees the new settings.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -151,6 +152,51 @@ pub struct Store {
     sent: sled::Tree,
     /// Told of every number whose record changed, right after the write.
     listeners: Arc<RwLock<Vec<Listener>>>,
+    /// Group commit for [`Store::flush`].
+    flusher: Arc<Flusher>,
+}
+
+/// One thread that flushes the store for every async caller, so a thousand mails
+/// finishing together cost one flush, not a thousand. (sled's own `flush_async` runs
+/// each call on sled's small I/O thread pool, where enough concurrent calls occupy every
+/// thread waiting for a write that needs a thread of that same pool: a deadlock.)
+struct Flusher {
+    /// Each request carries a handle to the database, so the thread holds none between
+    /// requests and a dropped store closes. The thread ends with the last sender.
+    requests: std::sync::mpsc::Sender<sled::Db>,
+    /// Flushes asked for so far; the thread publishes in `flushed` the highest request
+    /// its last completed flush covered.
+    requested: std::sync::atomic::AtomicU64,
+    flushed: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Flusher {
+    fn start() -> Arc<Self> {
+        let (requests, incoming) = std::sync::mpsc::channel::<sled::Db>();
+        let (done, flushed) = tokio::sync::watch::channel(0u64);
+        let flusher = Arc::new(Self { requests, requested: std::sync::atomic::AtomicU64::new(0), flushed });
+        let requested = Arc::downgrade(&flusher);
+        std::thread::Builder::new()
+            .name("store-flusher".into())
+            .spawn(move || {
+                while let Ok(db) = incoming.recv() {
+                    while incoming.try_recv().is_ok() {}
+                    // Every request counted by now had its write done before it was
+                    // counted, so the flush that starts next covers it.
+                    let Some(covered) = requested.upgrade().map(|f| f.requested.load(Ordering::SeqCst)) else {
+                        return;
+                    };
+                    while let Err(e) = db.flush() {
+                        tracing::error!(error = %e, "store flush failed; retrying");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    drop(db);
+                    done.send_replace(covered);
+                }
+            })
+            .expect("spawning the store flusher");
+        flusher
+    }
 }
 
 impl Store {
@@ -177,6 +223,7 @@ impl Store {
             sent: db.open_tree("sent")?,
             db,
             listeners: Arc::default(),
+            flusher: Flusher::start(),
         })
     }
 
@@ -378,9 +425,15 @@ impl Store {
         Ok(())
     }
 
-    /// Makes every write so far durable.
+    /// Makes every write so far durable; concurrent callers share one flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let flusher = &*self.flusher;
+        let mut flushed = flusher.flushed.clone();
+        let ticket = flusher.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let sent = flusher.requests.send(self.db.clone());
+        if sent.is_err() || flushed.wait_for(|covered| *covered >= ticket).await.is_err() {
+            return Err(StoreError::Invalid("the store flusher thread has stopped".into()));
+        }
         Ok(())
     }
 }
@@ -388,6 +441,35 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Many mails finishing at once each flush their sent record: sled's own
+    /// `flush_async` deadlocked under this (its I/O pool filled with waiting flushes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hundreds_of_concurrent_flushes_all_complete_and_persist_their_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let key = SentKey::new(&called, &format!("c-{i}"), "a@example.jp");
+                    store.mark_sent(&key, 1).unwrap();
+                    store.flush().await.unwrap();
+                })
+            })
+            .collect();
+        let all = async {
+            for task in tasks {
+                task.await.unwrap();
+            }
+        };
+        // A guard against a hang, not a speed target.
+        tokio::time::timeout(std::time::Duration::from_secs(60), all).await.expect("every flush completes");
+        drop(store);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert!((0..300).all(|i| reopened.was_sent(&SentKey::new(&called, &format!("c-{i}"), "a@example.jp")).unwrap()));
+    }
 
     #[test]
     fn sent_records_older_than_the_window_are_pruned_and_newer_ones_kept() {

@@ -7,8 +7,9 @@
 //! sled, is flushed, and only then reported as [`Fate::Queued`], so its CDR's offset
 //! can move on; [`Deliverer::run_retries`] tries it again with exponential backoff and
 //! jitter until it is accepted, refused for good, or older than `smtp.retry_give_up_secs`.
-//! Store I/O runs on blocking threads, never on an async worker. The dedup record of a
-//! first attempt's mail is written by the source thread when the job reports back.
+//! Every mail's sent record (the dedup key) is written and flushed right after the
+//! server's answer, before its CDR counts as done. Store I/O runs on blocking threads,
+//! never on an async worker.
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ use crate::config::SmtpSettings;
 use crate::dead_letter::DeadLetters;
 use crate::phone::PhoneNumber;
 use crate::render::Mail;
-use crate::store::{Store, StoreError};
+use crate::store::{SentKey, Store, StoreError};
 use crate::telemetry::Metrics;
 
 pub mod queue;
@@ -131,8 +132,19 @@ impl Deliverer {
     }
 
     /// Makes one attempt at `mail`: sent, refused for good (dead-lettered), or, on a
-    /// temporary failure, durably queued for [`Deliverer::run_retries`].
-    pub async fn deliver(&self, mail: &Mail, origin: &Origin) -> Fate {
+    /// temporary failure, durably queued for [`Deliverer::run_retries`]. Either way the
+    /// mail's sent record `key` is on disk when this returns, so a CDR read again after
+    /// a crash does not send it twice.
+    pub async fn deliver(&self, key: &SentKey, mail: &Mail, origin: &Origin) -> Fate {
+        let fate = self.attempt_first(mail, origin).await;
+        if fate != Fate::Queued {
+            // Queuing wrote and flushed the record already.
+            self.record(key).await;
+        }
+        fate
+    }
+
+    async fn attempt_first(&self, mail: &Mail, origin: &Origin) -> Fate {
         let inner = &*self.inner;
         let recipient = mail.recipient.as_str().to_owned();
         if inner.per_recipient.check_key(&recipient).is_err() {
@@ -154,6 +166,31 @@ impl Deliverer {
                 tracing::info!(message_id = %mail.message_id, %reply, retry_in = ?due, "mail delayed, queued for retry");
                 self.enqueue(entry, due).await;
                 Fate::Queued
+            }
+        }
+    }
+
+    /// Writes `key`'s sent record and flushes it: the sooner it is on disk after the
+    /// server's answer, the smaller the window in which a crash makes a duplicate.
+    /// Flushes of concurrent mails are committed together by sled. Until the store takes
+    /// the record the CDR's offset waits, so a store failure is retried, not ignored.
+    async fn record(&self, key: &SentKey) {
+        let store = &self.inner.store;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let (writer, key_) = (store.clone(), key.clone());
+            let now_secs = Utc::now().timestamp().max(0) as u64;
+            let written = match blocking(move || writer.mark_sent(&key_, now_secs)).await {
+                Ok(()) => store.flush().await,
+                Err(e) => Err(e),
+            };
+            match written {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "sent record not written");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
             }
         }
     }
@@ -262,6 +299,10 @@ impl Deliverer {
             Ok(()) => {
                 inner.metrics.sent(latency(&origin));
                 self.unqueue(slot).await;
+                // Out of the queue on disk at once: else a crash would send it again.
+                if let Err(e) = inner.store.flush().await {
+                    tracing::error!(error = %e, "store flush after a retried mail failed");
+                }
             }
             Err(Attempt::Permanent(reply)) => {
                 self.give_up(&mail, &origin, &reply, entry.attempts, "permanent").await;

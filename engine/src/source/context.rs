@@ -78,13 +78,11 @@ impl SourceContext {
         Ok(())
     }
 
-    /// Records a finished CDR's mails and moves its partition's offset if it may.
+    /// Takes a finished CDR's mails off the in-flight list (the delivery task wrote
+    /// their sent records) and moves its partition's offset if it may.
     fn apply(&self, consumer: &BaseConsumer<Self>, c: Completion) -> Result<(), StoreError> {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
         let mut tracker = self.tracker.lock().expect("tracker lock");
         for (key, _fate) in &c.mails {
-            // A mail refused for good is recorded too: it is never retried (R-M4).
-            self.store.mark_sent(key, now)?;
             tracker.keys.remove(key);
         }
         let safe = tracker.completed((c.topic, c.partition), c.offset);

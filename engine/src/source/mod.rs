@@ -272,7 +272,7 @@ fn handle(
         let deliver_all = async {
             let mut done = Vec::with_capacity(mails.len());
             for (key, mail) in mails {
-                let fate = deliverer.deliver(&mail, &origin).await;
+                let fate = deliverer.deliver(&key, &mail, &origin).await;
                 done.push((key, fate));
             }
             done

@@ -11,7 +11,7 @@ pub struct Completion {
     pub topic: usize,
     pub partition: i32,
     pub offset: i64,
-    /// Each mail's dedup key and how it ended; recorded before the offset moves.
+    /// Each mail's dedup key (its sent record is on disk already) and how it ended.
     pub mails: Vec<(SentKey, Fate)>,
 }
 
