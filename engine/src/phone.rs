@@ -32,6 +32,8 @@ pub enum PhoneNumberError {
     NotDigits(String),
     #[error("phone number must start with 0 (national form, e.g. 0312345678): {0:?}")]
     NoLeadingZero(String),
+    #[error("phone number must not start with 00, the international prefix (national form, e.g. 0312345678): {0:?}")]
+    InternationalPrefix(String),
     #[error("phone number must have 10 or 11 digits, {len} given: {input:?}")]
     Length { len: usize, input: String },
 }
@@ -49,6 +51,9 @@ impl PhoneNumber {
         }
         if bytes[0] != b'0' {
             return Err(PhoneNumberError::NoLeadingZero(input.to_owned()));
+        }
+        if bytes.get(1) == Some(&b'0') {
+            return Err(PhoneNumberError::InternationalPrefix(input.to_owned()));
         }
         if !(10..=11).contains(&bytes.len()) {
             return Err(PhoneNumberError::Length { len: bytes.len(), input: input.to_owned() });
@@ -101,9 +106,12 @@ impl PhoneNumber {
             None => digits,
         };
         // Short numbers (110, 0120…) and national numbers start with 0 or 1; fewer than
-        // three digits is noise, not a number.
+        // three digits is noise, not a number. `00` left over is an international prefix
+        // with nothing plausible after it (`000…`, `+81 00…`), not a national number.
         match normal.len() {
-            3..=MAX_DIGITS if normal[0] == b'0' || normal[0] == b'1' => Some(Self::from_digits(normal)),
+            3..=MAX_DIGITS if (normal[0] == b'0' || normal[0] == b'1') && !normal.starts_with(b"00") => {
+                Some(Self::from_digits(normal))
+            }
             _ => None,
         }
     }
@@ -169,6 +177,8 @@ mod tests {
         assert!(matches!(PhoneNumber::parse("031234567"), Err(PhoneNumberError::Length { len: 9, .. })));
         assert!(matches!(PhoneNumber::parse("090123456789"), Err(PhoneNumberError::Length { .. })));
         assert!(matches!(PhoneNumber::parse("3312345678"), Err(PhoneNumberError::NoLeadingZero(_))));
+        // 00 is Japan's international prefix: no national number starts with it.
+        assert!(matches!(PhoneNumber::parse("0012345678"), Err(PhoneNumberError::InternationalPrefix(_))));
         assert!(matches!(PhoneNumber::parse("０３１２３４５６７８"), Err(PhoneNumberError::NotDigits(_))));
         assert_eq!(PhoneNumber::parse(""), Err(PhoneNumberError::Empty));
     }
@@ -185,6 +195,10 @@ mod tests {
         assert_eq!(n("anonymous"), None);
         assert_eq!(n(""), None);
         assert_eq!(n("12"), None);
+        // Found by fuzzing: these once gave numbers that normalised differently again.
+        assert_eq!(n("+81 00-1234-5678"), None);
+        assert_eq!(n("0001234567"), None);
+        assert_eq!(n("0012345678").as_deref(), Some("01012345678"), "a call abroad (00 + country 1)");
         assert_eq!(n("1234567890123456789012345"), None);
     }
 

@@ -150,6 +150,9 @@ pub fn number_message(error: &PhoneNumberError) -> String {
         PhoneNumberError::Empty => "電話番号を入力してください。",
         PhoneNumberError::NotDigits(_) => "電話番号は半角数字のみ（ハイフンなし）で入力してください。",
         PhoneNumberError::NoLeadingZero(_) => "電話番号は0から始まる番号を入力してください。",
+        PhoneNumberError::InternationalPrefix(_) => {
+            "電話番号は市外局番から入力してください（00から始まる番号は使えません）。"
+        }
         PhoneNumberError::Length { .. } => "電話番号は10桁または11桁で入力してください。",
     }
     .to_owned()
@@ -178,7 +181,7 @@ pub fn test_mail_path(action: &str, row: usize) -> String {
 ///
 /// A hidden copy of the 設定 button comes first: pressing Enter in a field activates the
 /// form's first submit button, which must save, not send a test mail.
-pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors) -> String {
+pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, password_max: usize) -> String {
     let mut out = format!("<form method=\"post\" action=\"{}\">\n{}", html::escape(action), html::csrf_field(csrf));
     out += "<button type=\"submit\" hidden tabindex=\"-1\" aria-hidden=\"true\">設定</button>\n";
     let version = entered.version.map(|v| v.to_string()).unwrap_or_default();
@@ -209,10 +212,12 @@ pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors) -
             error = row_error(errors.destinations.get(&i)),
         );
     }
-    out += "<p><label for=\"current\">現在のパスワード</label><br>\n\
-            <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
-            maxlength=\"12\"><br>\n\
-            <small>送信先メールアドレスを変更するときだけ入力してください。</small></p>\n</fieldset>\n";
+    out += &format!(
+        "<p><label for=\"current\">現在のパスワード</label><br>\n\
+         <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
+         maxlength=\"{password_max}\"><br>\n\
+         <small>送信先メールアドレスを変更するときだけ入力してください。</small></p>\n</fieldset>\n"
+    );
 
     out += &format!(
         "<fieldset>\n<legend>メール送信条件設定</legend>\n\
