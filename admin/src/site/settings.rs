@@ -22,6 +22,7 @@ use engine::phone::PhoneNumber;
 use engine::store::{CallSettings, StoreError, MAX_DESTINATIONS};
 
 use super::numbers::{allowed_number, call_settings_path, not_found};
+use super::password::max_len;
 use super::session::Session;
 use super::settings_form::{address_message, render, Entered, RowErrors};
 use super::{csrf, html, redirect, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
@@ -53,32 +54,36 @@ async fn settings_of(
         .await
 }
 
-fn settings_page(
-    number: &PhoneNumber,
-    session: &Session,
-    notice: &str,
-    entered: &Entered,
-    errors: &[String],
-) -> String {
-    settings_page_rows(number, session, notice, entered, errors, &RowErrors::default())
+/// What every rendering of the settings page needs besides the form's values.
+struct View<'a> {
+    number: &'a PhoneNumber,
+    session: &'a Session,
+    /// The longest password the policy allows, for the 現在のパスワード field.
+    password_max: usize,
 }
 
-fn settings_page_rows(
-    number: &PhoneNumber,
-    session: &Session,
-    notice: &str,
-    entered: &Entered,
-    errors: &[String],
-    rows: &RowErrors,
-) -> String {
+impl<'a> View<'a> {
+    fn new(state: &SiteState, number: &'a PhoneNumber, session: &'a Session) -> Self {
+        Self { number, session, password_max: max_len(state.password_policy) }
+    }
+}
+
+fn settings_page(view: &View<'_>, notice: &str, entered: &Entered, errors: &[String]) -> String {
+    settings_page_rows(view, notice, entered, errors, &RowErrors::default())
+}
+
+fn settings_page_rows(view: &View<'_>, notice: &str, entered: &Entered, errors: &[String], rows: &RowErrors) -> String {
     let notice =
         if notice.is_empty() { String::new() } else { format!("<p role=\"status\">{}</p>\n", html::escape(notice)) };
+    let path = call_settings_path(view.number);
     let body = format!(
-        "<p>電話番号: {number}</p>\n{notice}{errors}{form}<p><a href=\"/\">メニューへ戻る</a></p>\n{logout}",
-        number = html::escape(number.as_str()),
+        "<p>電話番号: {number}</p>\n{notice}{errors}{form}<p><a href=\"{path}\">保存されている設定を開く</a></p>\n\
+         <p><a href=\"/\">メニューへ戻る</a></p>\n{logout}",
+        number = html::escape(view.number.as_str()),
         errors = html::errors(errors),
-        form = render(&call_settings_path(number), &session.csrf, entered, rows),
-        logout = super::menu::logout_form(&session.csrf),
+        form = render(&path, &view.session.csrf, entered, rows, view.password_max),
+        path = html::escape(&path),
+        logout = super::menu::logout_form(&view.session.csrf),
     );
     html::page("着信お知らせメール設定", &body)
 }
@@ -97,7 +102,8 @@ pub async fn show(
         return Ok(not_found());
     };
     let notice = if query.as_deref() == Some("saved=1") { SAVED } else { "" };
-    let page = settings_page(&number, &authed.session, notice, &Entered::from_settings(&settings), &[]);
+    let view = View::new(&state, &number, &authed.session);
+    let page = settings_page(&view, notice, &Entered::from_settings(&settings), &[]);
     Ok(Html(page).into_response())
 }
 
@@ -118,11 +124,12 @@ pub async fn submit(
     let Some((number, current)) = settings_of(&state, session.number, raw).await? else { return Ok(not_found()) };
 
     let entered = Entered::from_fields(&fields);
-    let Some(version) = entered.version else { return Ok(stale(&number, &session, &entered)) };
+    let view = View::new(&state, &number, &session);
+    let Some(version) = entered.version else { return Ok(stale(&view, &entered)) };
     let settings = match entered.parse() {
         Ok(settings) => settings,
         Err(rows) => {
-            let page = settings_page_rows(&number, &session, "", &entered, &[FIX_ROWS.to_owned()], &rows);
+            let page = settings_page_rows(&view, "", &entered, &[FIX_ROWS.to_owned()], &rows);
             return Ok(Html(page).into_response());
         }
     };
@@ -130,9 +137,7 @@ pub async fn submit(
     if settings.destinations != current.destinations {
         let password = fields.get("current").cloned().unwrap_or_default();
         if password.is_empty() {
-            return Ok(
-                Html(settings_page(&number, &session, "", &entered, &[NEED_PASSWORD.to_owned()])).into_response()
-            );
+            return Ok(Html(settings_page(&view, "", &entered, &[NEED_PASSWORD.to_owned()])).into_response());
         }
         // A wrong entry here counts towards the credential's lock like one at login
         // (R-S3), so this field cannot be used to guess the password without limit.
@@ -140,7 +145,7 @@ pub async fn submit(
             Ok(_) => {}
             Err(LoginFailure::Wrong) => {
                 tracing::info!(login = %session.number, %number, "call settings: wrong current password");
-                let page = settings_page(&number, &session, "", &entered, &[WRONG_PASSWORD.to_owned()]);
+                let page = settings_page(&view, "", &entered, &[WRONG_PASSWORD.to_owned()]);
                 return Ok(Html(page).into_response());
             }
             // The credential died under the session (locked by wrong entries): a new one
@@ -163,7 +168,7 @@ pub async fn submit(
         }
         Err(StoreError::StaleVersion { current }) => {
             tracing::info!(login = %session.number, %number, version, current, "call settings: stale form refused");
-            Ok(stale(&number, &session, &entered))
+            Ok(stale(&view, &entered))
         }
         Err(error) => Err(error.into()),
     }
@@ -172,8 +177,8 @@ pub async fn submit(
 /// `409 Conflict`: the form was rendered from settings that changed since (R-S9). The
 /// entered values are shown again but not saved; the version field stays the old one, so
 /// resubmitting this page is refused too and the subscriber must reload.
-fn stale(number: &PhoneNumber, session: &Session, entered: &Entered) -> Response {
-    let page = settings_page(number, session, "", entered, &[STALE.to_owned()]);
+fn stale(view: &View<'_>, entered: &Entered) -> Response {
+    let page = settings_page(view, "", entered, &[STALE.to_owned()]);
     (StatusCode::CONFLICT, Html(page)).into_response()
 }
 
@@ -214,8 +219,9 @@ pub async fn test_mail(
     let Some(row) = row.parse::<usize>().ok().filter(|row| *row < MAX_DESTINATIONS) else { return Ok(not_found()) };
 
     let entered = Entered::from_fields(&fields);
+    let view = View::new(&state, &number, &session);
     let page = |notice: &str, errors: &[String], rows: &RowErrors| {
-        Html(settings_page_rows(&number, &session, notice, &entered, errors, rows)).into_response()
+        Html(settings_page_rows(&view, notice, &entered, errors, rows)).into_response()
     };
     let Some(mailer) = state.test_mailer.as_deref() else {
         return Ok(page("", &[TEST_UNAVAILABLE.to_owned()], &RowErrors::default()));

@@ -10,7 +10,7 @@ use engine::deliver::TestMailer;
 use engine::sink::{SmtpSink, SmtpStage};
 use engine::store::{AuthUnit, CallSettings};
 
-use super::tests::{app, app_with_test_mailer, get, login, post, App, Reply, PASSWORD, TEMPORARY};
+use super::tests::{app, app_with_policy, app_with_test_mailer, get, login, post, App, Reply, PASSWORD, TEMPORARY};
 use super::SESSION_COOKIE;
 use crate::testing::{n, t0, ADDITIONAL, CONTRACT, FAX_ONLY, OTHER_LINE};
 
@@ -380,4 +380,17 @@ async fn r_n2_send_test_without_a_mailer_says_test_mails_are_unavailable() {
     assert!(reply.body.contains("テストメールの送信はご利用いただけません"), "{}", reply.body);
     assert!(reply.body.contains("value=\"a@example.jp\""));
     assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+}
+
+/// Found in the browser test: the field was capped at 12 characters, so under ASVS a
+/// longer password could never be entered and every try counted towards R-S3's lock.
+#[tokio::test]
+async fn the_current_password_field_takes_the_longest_password_the_policy_allows() {
+    for (policy, max) in [(engine::config::PasswordPolicy::Seed, 12), (engine::config::PasswordPolicy::Asvs, 64)] {
+        let app = app_with_policy(policy);
+        let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+        let page = get(&app, &path(CONTRACT), &cookies).await;
+        let field = page.body.split("name=\"current\"").nth(1).expect("a current-password field");
+        assert!(field.contains(&format!("maxlength=\"{max}\"")), "{policy:?}: {field:.120}");
+    }
 }
