@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# What a fresh Debian machine needs to build and test callnotify; installs only what is
+# missing, so running it again changes nothing. Needs root (apt-get).
+set -euo pipefail
+
+need=()
+
+# librdkafka (bundled by rdkafka-sys) builds with the C toolchain, make, perl and zlib.
+build_tools=0
+for tool in cc make perl pkg-config; do command -v "$tool" >/dev/null || build_tools=1; done
+if ! { [ -e /usr/include/zlib.h ] || [ -e /usr/include/x86_64-linux-gnu/zlib.h ]; }; then build_tools=1; fi
+if [ "$build_tools" = 1 ]; then need+=(build-essential perl pkg-config zlib1g-dev); fi
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+# tests/browser.rs: headless Chromium through chromedriver, and a Japanese font so its
+# screenshots show the site's text rather than empty boxes.
+for package in chromium chromium-driver fonts-ipafont-gothic; do
+  installed "$package" || need+=("$package")
+done
+
+# The load tester's `smtp` comparison uses postfix's smtp-sink and smtp-source; the mail
+# service itself is never run.
+postfix=0
+installed postfix || { postfix=1; need+=(postfix); }
+
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "setup: installing ${need[*]}"
+apt-get update -qq
+if [ "$postfix" = 1 ]; then
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  # Keep the package's scripts from starting (or failing to start) the mail daemon.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+fi
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

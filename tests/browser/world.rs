@@ -1,0 +1,228 @@
+//! The system under test, in-process: a mock Kafka cluster, the engine, an SMTP sink,
+//! the settings site and the IVR platform's API, each on a random loopback port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::config::Settings;
+use engine::embedded::EmbeddedKafka;
+use engine::sink::{ReceivedMail, SmtpSink};
+use engine::startup::Application;
+use engine::telemetry::Metrics;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::WAIT;
+
+pub const TOPIC: &str = "cdr";
+const DEAD_LETTER_TOPIC: &str = "cdr-dead-letter";
+const FROM: &str = "no-reply@notify.example.jp";
+
+/// 契約番号 of the test line: the login number under the `line` unit (R-A1).
+pub const CONTRACT: &str = "0312345678";
+/// 追加番号 of the test line, also with call notification: the number configured.
+pub const ADDITIONAL: &str = "0312345679";
+
+/// One line with two call-notification numbers, so a `line` login covers both and
+/// 電話番号選択 appears (R-C2); no settings yet, as after a new contract.
+const LINE: &str = concat!(
+    r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"]},"#,
+    r#"{"number":"0312345679","services":["call"]}]}"#,
+);
+
+/// A running world; dropping it stops everything (the engine without draining).
+pub struct World {
+    pub sink: SmtpSink,
+    /// `http://127.0.0.1:PORT`, the settings site.
+    pub site: String,
+    /// The IVR platform's API.
+    ivr: SocketAddr,
+    metrics: Metrics,
+    producer: FutureProducer,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    engine: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _kafka: EmbeddedKafka,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+            .with_test_writer()
+            .try_init();
+        let kafka = EmbeddedKafka::start(&[TOPIC, DEAD_LETTER_TOPIC], 1).expect("mock cluster");
+        let sink = SmtpSink::start(0).await.expect("smtp sink");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = settings(&kafka, &sink, &dir);
+        let test_mailer = engine::deliver::TestMailer::new(&settings.smtp).expect("test mailer");
+
+        let app = Application::build(settings).await.expect("engine starts");
+        let store = app.store().clone();
+        let metrics = app.metrics().clone();
+        let report = engine::provision::import(&store, LINE.as_bytes()).expect("import");
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let engine = tokio::spawn(app.run_until_stopped(async {
+            let _ = stopped.await;
+        }));
+
+        let credentials = admin::credentials::Credentials::open(&store).expect("credentials");
+        let clock = admin::clock::SystemClock::shared();
+        let ivr = admin::ivr::Ivr::new(store.clone(), credentials.clone(), clock.clone());
+        let ivr = serve(admin::ivr::api::router(admin::ivr::api::ApiState::new(ivr))).await;
+        let site = admin::site::SiteState::new(store, credentials, clock).with_test_mailer(Some(Arc::new(test_mailer)));
+        let site = serve(admin::site::router(site)).await;
+
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .create()
+            .expect("producer");
+        Self {
+            sink,
+            site: format!("http://{site}"),
+            ivr,
+            metrics,
+            producer,
+            stop: Some(stop),
+            engine,
+            _kafka: kafka,
+            _dir: dir,
+        }
+    }
+
+    /// The site's URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.site)
+    }
+
+    /// Calls the IVR from `caller` and keys each entry of `keys` in turn, as a
+    /// subscriber does on the phone (R-I1..R-I7); returns the last prompt's id.
+    pub async fn phone_ivr(&self, caller: &str, keys: &[&str]) -> String {
+        let mut step = post_json(self.ivr, "/ivr/calls", &serde_json::json!({ "caller": caller })).await;
+        let call_id = step["call_id"].as_str().expect("a call id").to_owned();
+        for digits in keys {
+            assert_eq!(step["ends"], false, "the call ended early: {step}");
+            let path = format!("/ivr/calls/{call_id}/digits");
+            step = post_json(self.ivr, &path, &serde_json::json!({ "digits": digits })).await;
+        }
+        assert_eq!(step["ends"], true, "the call is still waiting: {step}");
+        step["prompt"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Produces one CDR to the engine's topic; one partition keeps CDRs in order.
+    pub async fn produce(&self, cdr: &str) {
+        self.producer
+            .send(FutureRecord::to(TOPIC).key("browser").payload(cdr), Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+
+    /// Waits for at least `n` mails in all.
+    pub async fn mails(&self, n: usize) -> Vec<ReceivedMail> {
+        let mails = self.sink.wait_for(n, WAIT).await;
+        let to: Vec<_> = mails.iter().map(|m| &m.rcpt_to).collect();
+        assert!(mails.len() >= n, "expected {n} mails, got {}: {to:?}", mails.len());
+        mails
+    }
+
+    /// Waits until a metric series (e.g. `callnotify_cdrs_filtered_total{reason="answered"}`)
+    /// reaches `value`: the engine's account of having handled a CDR that sends nothing.
+    pub async fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let current = self
+                .metrics
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+                .map_or(0.0, |v| v.trim().parse().expect("metric value"));
+            if current >= value {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{series} stayed at {current}, never reached {value}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the engine as SIGTERM does.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.engine).await.expect("engine task").expect("engine stops cleanly");
+    }
+}
+
+/// The engine's settings, as `Harness::settings` of the pipeline tests builds them:
+/// `CALLNOTIFY__*` overrides over the built-in defaults.
+fn settings(kafka: &EmbeddedKafka, sink: &SmtpSink, dir: &tempfile::TempDir) -> Settings {
+    let env = [
+        ("CALLNOTIFY__KAFKA__BROKERS", kafka.bootstrap_servers().to_owned()),
+        ("CALLNOTIFY__KAFKA__GROUP_ID", "browser".to_owned()),
+        ("CALLNOTIFY__KAFKA__TOPICS", format!(r#"[{{name="{TOPIC}",format="canonical"}}]"#)),
+        ("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", DEAD_LETTER_TOPIC.to_owned()),
+        ("CALLNOTIFY__KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "20".to_owned()),
+        ("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000".to_owned()),
+        ("CALLNOTIFY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS", "500".to_owned()),
+        ("CALLNOTIFY__STORE__PATH", dir.path().join("store").display().to_string()),
+        ("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()),
+        ("CALLNOTIFY__SMTP__PORT", sink.port().to_string()),
+        ("CALLNOTIFY__SMTP__FROM", format!("着信お知らせメール <{FROM}>")),
+        ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "20".to_owned()),
+        ("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0".to_owned()),
+    ];
+    Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).expect("test settings")
+}
+
+/// Serves `router` on a random loopback port for the rest of the test.
+async fn serve(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    addr
+}
+
+/// `POST path` with a JSON body over plain HTTP/1.1, as an IVR platform does; the
+/// answer must be 200 with a JSON body.
+async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let body = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, body) = http(addr, &request).await;
+    assert_eq!(status, 200, "POST {path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("POST {path}: not JSON ({e}): {body}"))
+}
+
+/// Sends one raw HTTP/1.1 request with `Connection: close`; returns the status and body.
+pub async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read response");
+    let response = String::from_utf8(response).expect("UTF-8 response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    (status, body.to_owned())
+}
+
+/// A canonical CDR (README "CDR formats") of a call to `called` from `caller`
+/// (presentation allowed) on 2026-11-24 10:00:00 JST; `outcome` as in the format.
+pub fn cdr(call_id: &str, called: &str, caller: &str, outcome: &str) -> String {
+    serde_json::json!({
+        "call_id": call_id,
+        "called": called,
+        "caller": caller,
+        "presentation": "allowed",
+        "started_at": "2026-11-24T10:00:00+09:00",
+        "answered_at": (outcome == "answered").then_some("2026-11-24T10:00:05+09:00"),
+        "ended_at": "2026-11-24T10:00:31+09:00",
+        "outcome": outcome,
+    })
+    .to_string()
+}
