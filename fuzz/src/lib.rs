@@ -1,0 +1,60 @@
+//! Checks shared by the fuzz targets in `fuzz_targets/`.
+//!
+//! # Layout
+//! - [`decode_and_check`]: one CDR through `engine::decode::decode`, then the invariants
+//!   every decoder promises on its result (used by the three `decode_*` targets).
+//! - [`is_caller_form`]: what `PhoneNumber::from_caller` may return.
+
+use engine::decode::{decode, Caller, CdrFormat, Outcome};
+use engine::phone::PhoneNumber;
+
+/// Decodes `data` as `format` and panics if the result breaks what the decode stage
+/// promises to later stages. Only properties the code guarantees are checked: the
+/// decoders do not, for instance, require `ended_at` to follow `started_at`.
+pub fn decode_and_check(format: CdrFormat, data: &[u8]) {
+    let result = decode(format, data);
+    // The decoders are pure: the same bytes always give the same answer.
+    assert_eq!(result, decode(format, data), "decode is not deterministic");
+
+    let event = match result {
+        Ok(event) => event,
+        Err(err) => {
+            // The reason feeds a metric label, the message the dead-letter topic.
+            assert!(["syntax", "missing_field", "invalid_field"].contains(&err.reason()));
+            assert!(!err.to_string().is_empty());
+            return;
+        }
+    };
+
+    // 着信番号: resolve looks the called number up as a subscriber's R-L2 number.
+    assert_eq!(
+        PhoneNumber::parse(event.called.as_str()),
+        Ok(event.called),
+        "called number {:?} is not in R-L2 form",
+        event.called
+    );
+    // The call id keys dedup and the Message-ID; every decoder refuses a blank one.
+    assert!(!event.call_id.trim().is_empty(), "blank call id {:?}", event.call_id);
+    // A shown caller number went through `PhoneNumber::from_caller`.
+    if let Caller::Number(n) = event.caller {
+        assert!(is_caller_form(n.as_str()), "caller number {n:?} is not a normalised number");
+    }
+    // R-N4: missed means anything but answered.
+    assert_eq!(event.is_missed(), event.outcome != Outcome::Answered);
+    // FreeSWITCH has no disposition field: the outcome is derived from answer_epoch.
+    if format == CdrFormat::Freeswitch {
+        assert_eq!(event.answered_at.is_some(), event.outcome == Outcome::Answered, "{event:?}");
+    }
+    // Events that outlive the Kafka message are copies of the borrowed ones.
+    let text = format!("{event:?}");
+    assert_eq!(event.clone().into_owned(), event, "into_owned changed {text}");
+}
+
+/// A number as `PhoneNumber::from_caller` normalises it: 3..=18 half-width digits starting
+/// with 0 (national, or 010 + a number abroad, never 00) or 1 (short numbers such as 110).
+pub fn is_caller_form(s: &str) -> bool {
+    (3..=18).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && matches!(s.as_bytes()[0], b'0' | b'1')
+        && !s.starts_with("00")
+}
