@@ -14,10 +14,7 @@ fuzz_target!(|data: &[u8]| {
 /// R-L2, restated here rather than borrowed from the engine: half-width digits only,
 /// starting with 0 but not 00 (Japan's international prefix), 10 or 11 of them.
 fn is_r_l2(s: &str) -> bool {
-    (10..=11).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_digit())
-        && s.starts_with('0')
-        && !s.starts_with("00")
+    (10..=11).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) && s.starts_with('0') && !s.starts_with("00")
 }
 
 fn check_parse(input: &str) {

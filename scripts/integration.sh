@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The integration suite (tests/integration.rs) against real separate processes: installs
+# what is missing (tansu from crates.io, cached in ~/.cargo/bin; postfix's smtp-sink via
+# scripts/setup.sh), starts a tansu broker on a free loopback port, runs the suite, and
+# stops the broker on every exit path. Extra arguments go to the test binary, e.g.
+#   bash scripts/integration.sh kill_soak --nocapture
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+bash scripts/setup.sh
+if ! command -v tansu >/dev/null; then
+  echo "integration: installing tansu (once; later runs reuse ~/.cargo/bin/tansu)"
+  cargo install tansu --locked --features dynostore --quiet
+fi
+
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+log=$(mktemp "${TMPDIR:-/tmp}/tansu.XXXXXX.log")
+tansu broker --storage-engine memory://tansu/ \
+  --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" >"$log" 2>&1 &
+broker=$!
+trap 'kill "$broker" 2>/dev/null || true; wait "$broker" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  kill -0 "$broker" 2>/dev/null || { cat "$log"; echo "integration: tansu did not start" >&2; exit 1; }
+  sleep 0.1
+done
+echo "integration: tansu on 127.0.0.1:$port (log $log)"
+
+export CALLNOTIFY_IT_BROKERS="127.0.0.1:$port"
+cargo test --test integration -- --ignored --test-threads 2 "$@"

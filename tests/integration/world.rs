@@ -1,0 +1,452 @@
+//! The integration suite's world: real separate processes. A tansu broker (started by
+//! `scripts/integration.sh`, address in `CALLNOTIFY_IT_BROKERS`), postfix's `smtp-sink`
+//! writing each mail to its own file, and engines as `callnotify serve` child processes
+//! that a test can SIGKILL.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engine::address::DestinationAddress;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// The sender's domain: it ends every Message-ID.
+pub const FROM_DOMAIN: &str = "it.example.jp";
+/// Waits on conditions that a healthy run meets in seconds.
+pub const WAIT: Duration = Duration::from_secs(240);
+
+/// The tansu broker the script started.
+pub fn brokers() -> String {
+    std::env::var("CALLNOTIFY_IT_BROKERS")
+        .expect("CALLNOTIFY_IT_BROKERS is not set: run the suite with `bash scripts/integration.sh`")
+}
+
+/// Creates `topics` (name, partitions); tansu does not create topics on first use.
+pub async fn create_topics(topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
+    for result in admin.create_topics(&new, &AdminOptions::new()).await.expect("create topics") {
+        if let Err((name, e)) = result {
+            assert_eq!(e, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "creating {name}");
+        }
+    }
+}
+
+/// A producer that keys each CDR by its called number, as an exchange would.
+pub struct Cdrs {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+}
+
+impl Cdrs {
+    pub fn new(topic: &str) -> Self {
+        let producer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+        Self { producer, topic: topic.to_owned() }
+    }
+
+    pub fn send(&self, key: &str, payload: &str) {
+        let mut record = BaseRecord::to(&self.topic).key(key).payload(payload);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((e, back)) => {
+                    assert!(
+                        matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                        "produce: {e}"
+                    );
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Waits until the broker has every message sent so far.
+    pub fn flush(&self) {
+        self.producer.flush(Duration::from_secs(60)).expect("the broker takes every CDR");
+    }
+}
+
+/// Every record of `topic` so far, as JSON.
+pub fn read_all(topic: &str, at_least: usize) -> Vec<serde_json::Value> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{topic}-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = Instant::now() + WAIT;
+    let mut records = Vec::new();
+    while records.len() < at_least && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            records.push(serde_json::from_slice(m.payload().unwrap_or_default()).expect("a JSON record"));
+        }
+    }
+    records
+}
+
+/// Moves consumer group `group` back to the start of every partition of `topic`, as an
+/// operator replaying a topic would (no engine of the group may be running).
+pub fn reset_group(group: &str, topic: &str, partitions: i32) {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, Offset::Offset(0)).expect("offset");
+    }
+    consumer.commit(&list, CommitMode::Sync).expect("commit offset 0");
+}
+
+/// postfix's `smtp-sink`, dumping each mail to its own file; stopped when dropped.
+pub struct PostfixSink {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl PostfixSink {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // smtp-sink runs as `nobody` when started by root and must write there.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let mut sink = Self { child: None, addr: free_port(), dir };
+        sink.resume();
+        sink
+    }
+
+    /// Stops it: connections are refused until [`PostfixSink::resume`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same address.
+    pub fn resume(&mut self) {
+        let binary = std::env::var("CALLNOTIFY_IT_SMTP_SINK").unwrap_or_else(|_| "/usr/sbin/smtp-sink".into());
+        let template = format!("{}/%Y%m%d%H/%M.", self.dir.path().display());
+        let mut command = Command::new(&binary);
+        if nix_is_root() {
+            command.args(["-u", "nobody"]);
+        }
+        let child = command
+            .args(["-d", &template])
+            .arg(self.addr.to_string())
+            .arg("256")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary} (Debian package postfix; scripts/setup.sh): {e}"));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            assert!(Instant::now() < deadline, "smtp-sink did not start listening on {}", self.addr);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// How many times each Message-ID arrived.
+    pub fn message_ids(&self) -> HashMap<String, usize> {
+        let mut ids = HashMap::new();
+        for file in files(self.dir.path()) {
+            let Ok(text) = std::fs::read_to_string(&file) else { continue };
+            if let Some(id) = text.lines().find_map(|l| {
+                l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("message-id")).map(|(_, v)| v.trim())
+            }) {
+                *ids.entry(id.to_owned()).or_default() += 1;
+            }
+        }
+        ids
+    }
+
+    /// Waits until every id in `expected` has arrived (or [`WAIT`] passes); returns
+    /// the counts.
+    pub fn wait_for(&self, expected: &[String]) -> HashMap<String, usize> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ids = self.message_ids();
+            if expected.iter().all(|id| ids.contains_key(id)) || Instant::now() > deadline {
+                return ids;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for PostfixSink {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().next() == Some("0")))
+        .unwrap_or(false)
+}
+
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// How an engine process is configured; each engine has its own store directory.
+#[derive(Clone)]
+pub struct EngineSpec {
+    pub topic: String,
+    pub group: String,
+    pub smtp: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl EngineSpec {
+    fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_callnotify"));
+        command
+            .env("CALLNOTIFY__KAFKA__BROKERS", brokers())
+            .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
+            .env("CALLNOTIFY__KAFKA__TOPICS", format!(r#"[{{name="{}",format="canonical"}}]"#, self.topic))
+            .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic(&self.topic))
+            .env("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000")
+            .env("CALLNOTIFY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS", "500")
+            // The rebalance timeout: how long the coordinator waits for every member to
+            // rejoin, a killed one too. The engine polls every 100 ms, so 10 s is ample.
+            .env("CALLNOTIFY__KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", "10000")
+            .env("CALLNOTIFY__STORE__PATH", self.dir.join("store"))
+            .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
+            .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
+            .env("CALLNOTIFY__SMTP__FROM", format!("no-reply@{FROM_DOMAIN}"))
+            .env("CALLNOTIFY__SMTP__TIMEOUT_SECS", "5")
+            .env("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "200")
+            .env("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "2000")
+            .env("CALLNOTIFY__SMTP__RATE_PER_SECOND", "100000")
+            .env("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "100000")
+            .env("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "10")
+            .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info,librdkafka=warn");
+        command
+    }
+
+    /// `callnotify provision import` of JSON Lines, before any engine runs on the store.
+    pub fn provision(&self, lines: &[String]) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let file = self.dir.join("lines.jsonl");
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let out = self.command().args(["provision", "import"]).arg(&file).output().expect("provision import");
+        assert!(out.status.success(), "provision import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts `callnotify serve`; its log is appended to `engine.log` in its directory.
+    pub fn start(&self) -> EngineProcess {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("engine.log")).unwrap();
+        let metrics = free_port();
+        let child = self
+            .command()
+            .env("CALLNOTIFY__METRICS__LISTEN", metrics.to_string())
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting callnotify serve");
+        EngineProcess { child, metrics }
+    }
+}
+
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}-dead-letter")
+}
+
+/// A running `callnotify serve`; SIGKILLed when dropped.
+pub struct EngineProcess {
+    child: Child,
+    metrics: SocketAddr,
+}
+
+impl EngineProcess {
+    /// SIGKILL: no draining, no commit, no flush.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit; returns whether it exited 0.
+    pub fn terminate(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+        self.child.wait().expect("wait").success()
+    }
+
+    /// One series of `/metrics` (0 until the endpoint answers).
+    pub fn metric(&self, series: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(self.metrics) else { return 0.0 };
+        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+    }
+
+    /// Waits until `series` reaches `value`.
+    pub fn wait_metric(&self, series: &str, value: f64) {
+        let deadline = Instant::now() + WAIT;
+        while self.metric(series) < value {
+            assert!(Instant::now() < deadline, "{series} never reached {value} (now {})", self.metric(series));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A subscriber and the rule it set (R-N4, R-N5).
+#[derive(Debug, Clone, Copy)]
+pub enum Rule {
+    /// Every call.
+    All,
+    /// 応答できなかった着信のみ.
+    MissedOnly,
+    /// 指定した電話番号からの着信のみ, with [`DESIGNATED`] designated.
+    DesignatedOnly,
+}
+
+/// The designated caller of [`Rule::DesignatedOnly`] subscribers.
+pub const DESIGNATED: &str = "09000000001";
+
+pub struct Subscriber {
+    pub number: String,
+    pub rule: Rule,
+}
+
+impl Subscriber {
+    pub fn address(&self) -> String {
+        format!("n{}@it.example.jp", self.number)
+    }
+
+    /// Its provisioning line: started, one checked destination and one unchecked.
+    pub fn line(&self) -> String {
+        let (designated_only, missed_only) = match self.rule {
+            Rule::All => (false, false),
+            Rule::MissedOnly => (false, true),
+            Rule::DesignatedOnly => (true, false),
+        };
+        serde_json::json!({
+            "contract": self.number,
+            "numbers": [{
+                "number": self.number,
+                "services": ["call"],
+                "settings": {
+                    "enabled": true,
+                    "destinations": [
+                        {"address": self.address(), "send": true},
+                        {"address": format!("unchecked{}@it.example.jp", self.number), "send": false},
+                    ],
+                    "designated_only": designated_only,
+                    "missed_only": missed_only,
+                    "designated": [{"number": DESIGNATED, "designate": true}],
+                },
+            }],
+        })
+        .to_string()
+    }
+
+    /// Whether a call from `caller` (None: withheld) that was or was not answered is
+    /// notified, by R-N4..R-N6.
+    pub fn notifies(&self, caller: Option<&str>, answered: bool) -> bool {
+        match self.rule {
+            Rule::All => true,
+            Rule::MissedOnly => !answered,
+            Rule::DesignatedOnly => caller == Some(DESIGNATED),
+        }
+    }
+
+    /// The Message-ID of this subscriber's mail for `call_id`.
+    pub fn message_id(&self, call_id: &str) -> String {
+        let to = DestinationAddress::parse(&self.address()).unwrap();
+        engine::render::message_id(&self.number, call_id, &to, FROM_DOMAIN)
+    }
+}
+
+/// A canonical CDR.
+pub fn cdr(call_id: &str, called: &str, caller: Option<&str>, answered: bool) -> String {
+    serde_json::json!({
+        "call_id": call_id,
+        "called": called,
+        "caller": caller,
+        "presentation": if caller.is_some() { "allowed" } else { "withheld" },
+        "started_at": "2026-11-24T10:00:00+09:00",
+        "answered_at": if answered { Some("2026-11-24T10:00:05+09:00") } else { None },
+        "ended_at": "2026-11-24T10:00:31+09:00",
+        "outcome": if answered { "answered" } else { "no_answer" },
+    })
+    .to_string()
+}
+
+/// xorshift64, seeded per test and printed, so a failing run can be repeated with
+/// `CALLNOTIFY_IT_SEED`.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn from_env(name: &str) -> Self {
+        let seed = std::env::var("CALLNOTIFY_IT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        });
+        println!("{name}: CALLNOTIFY_IT_SEED={seed}");
+        Self(seed)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Checks arrivals against expectations: every expected Message-ID exactly once and
+/// nothing else. Returns (lost, duplicated, unexpected) for the message.
+pub fn tally(expected: &[String], arrived: &HashMap<String, usize>) -> (usize, usize, usize) {
+    let lost = expected.iter().filter(|id| !arrived.contains_key(*id)).count();
+    let duplicated = arrived.values().filter(|&&n| n > 1).map(|n| n - 1).sum();
+    let wanted: std::collections::HashSet<&String> = expected.iter().collect();
+    let unexpected = arrived.keys().filter(|id| !wanted.contains(id)).count();
+    (lost, duplicated, unexpected)
+}
