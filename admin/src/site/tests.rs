@@ -261,7 +261,7 @@ async fn r_s7_idle_timeout_is_30_minutes_for_the_number_unit() {
 }
 
 #[tokio::test]
-async fn r_s7_logout_ends_the_session_server_side() {
+async fn r_o4_r_s7_logout_ends_the_session_server_side() {
     let app = app();
     app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
     let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
@@ -396,4 +396,34 @@ async fn asvs_policy_accepts_a_40_character_passphrase_with_spaces() {
     assert_eq!(login(&app, CONTRACT, &encoded).await.location(), Some("/"));
     let record = app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap();
     assert_eq!(record.kind, crate::credentials::CredentialKind::Password);
+}
+
+#[tokio::test]
+async fn r_o1_a_password_change_needs_the_current_password_and_the_new_one_twice() {
+    const NEW: &str = "wxyz9876";
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let change = |current: &str, new: &str, confirm: &str| {
+        let (app, cookies) = (&app, cookies.clone());
+        let form = format!("current={current}&new={new}&confirm={confirm}");
+        async move {
+            let csrf = get(app, "/password", &cookies).await.csrf();
+            post(app, "/password", &cookies, &format!("{form}&csrf={csrf}")).await
+        }
+    };
+
+    let wrong_current = change("abcd9999", NEW, NEW).await;
+    assert_eq!(wrong_current.location(), None, "not changed without the current password");
+    let mismatch = change(PASSWORD, NEW, "wxyz9875").await;
+    assert_eq!(mismatch.location(), None, "not changed unless typed twice the same");
+    assert_eq!(login(&app, CONTRACT, PASSWORD).await.location(), Some("/"), "the old password still works");
+
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let csrf = get(&app, "/password", &cookies).await.csrf();
+    let changed =
+        post(&app, "/password", &cookies, &format!("current={PASSWORD}&new={NEW}&confirm={NEW}&csrf={csrf}")).await;
+    assert_eq!(changed.location(), Some("/"));
+    assert_ne!(login(&app, CONTRACT, PASSWORD).await.location(), Some("/"), "the old password is gone");
+    assert_eq!(login(&app, CONTRACT, NEW).await.location(), Some("/"));
 }
