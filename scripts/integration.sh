@@ -28,4 +28,4 @@ done
 echo "integration: tansu on 127.0.0.1:$port (log $log)"
 
 export CALLNOTIFY_IT_BROKERS="127.0.0.1:$port"
-cargo test --test integration -- --ignored --test-threads 2 "$@"
+cargo test --test integration -- --ignored --test-threads 1 "$@"

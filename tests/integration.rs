@@ -82,6 +82,9 @@ fn wait_committed(spec: &EngineSpec, partitions: i32, total: usize) {
     }
 }
 
+/// The engines' `session.timeout.ms` (6 s) and a margin.
+const SESSION_EXPIRY: Duration = Duration::from_millis(7_000);
+
 /// Must-show 1 and 2: 20 000 CDRs (about 10 % notify) produced while the engine is
 /// SIGKILLed and restarted 20 times at random moments: every expected mail arrives at
 /// smtp-sink exactly once. Then the group is reset to offset 0 and everything is
@@ -129,8 +132,12 @@ fn kill_soak_every_expected_mail_exactly_once_through_20_sigkills_then_a_replay_
     });
     let mut engine = spec.start();
     for _ in 0..KILLS {
-        std::thread::sleep(Duration::from_millis(2_000 + rng.below(6_000)));
+        std::thread::sleep(Duration::from_millis(1_000 + rng.below(5_000)));
         engine.kill();
+        // Restarted as a supervisor would, after the killed member's session (6 s) has
+        // expired: tansu 0.6.0 can leave a rebalance unfinished for good when a new
+        // member joins while a dead one is still in the group (README, the suite).
+        std::thread::sleep(SESSION_EXPIRY);
         engine = spec.start();
     }
     producer.join().unwrap();
