@@ -172,55 +172,44 @@ impl Deliverer {
 
     /// Writes `key`'s sent record and flushes it: the sooner it is on disk after the
     /// server's answer, the smaller the window in which a crash makes a duplicate.
-    /// Flushes of concurrent mails are committed together by sled. Until the store takes
-    /// the record the CDR's offset waits, so a store failure is retried, not ignored.
     async fn record(&self, key: &SentKey) {
-        let store = &self.inner.store;
+        let (store, key) = (self.inner.store.clone(), key.clone());
+        self.store_durably("sent record", move || store.mark_sent(&key, Utc::now().timestamp().max(0) as u64)).await;
+    }
+
+    /// Puts `entry` in the retry queue, due in `after`, with its sent record, durably.
+    async fn enqueue(&self, entry: Queued, after: Duration) {
+        let inner = &*self.inner;
+        let queue = inner.queue.clone();
+        self.store_durably("retry queue entry", move || {
+            let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
+            queue.push(&entry, due_ms, Utc::now().timestamp().max(0) as u64).map(drop)
+        })
+        .await;
+        inner.metrics.retried();
+        inner.metrics.retry_queue(inner.queue.len());
+        inner.queued.notify_one();
+    }
+
+    /// Runs `write` on a blocking thread, then flushes the store (flushes of mails that
+    /// finish together are one, see [`Store::flush`]). Until both succeed the CDR's
+    /// offset waits, so a failing store is retried with backoff, never skipped.
+    async fn store_durably(&self, what: &str, write: impl Fn() -> Result<(), StoreError> + Clone + Send + 'static) {
         let mut backoff = Duration::from_millis(100);
         loop {
-            let (writer, key_) = (store.clone(), key.clone());
-            let now_secs = Utc::now().timestamp().max(0) as u64;
-            let written = match blocking(move || writer.mark_sent(&key_, now_secs)).await {
-                Ok(()) => store.flush().await,
+            let written = match blocking(write.clone()).await {
+                Ok(()) => self.inner.store.flush().await,
                 Err(e) => Err(e),
             };
             match written {
                 Ok(()) => return,
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?backoff, "sent record not written");
+                    tracing::error!(error = %e, retry_in = ?backoff, "{what} not stored yet");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
-    }
-
-    /// Puts `entry` in the retry queue, due in `after`, and flushes the store. Until the
-    /// store takes it the CDR's offset waits, so a store failure is retried, not lost.
-    async fn enqueue(&self, entry: Queued, after: Duration) {
-        let inner = &*self.inner;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let (queue, entry_) = (inner.queue.clone(), entry.clone());
-            let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
-            let now_secs = Utc::now().timestamp().max(0) as u64;
-            let pushed = blocking(move || queue.push(&entry_, due_ms, now_secs)).await;
-            let flushed = match pushed {
-                Ok(_) => inner.store.flush().await,
-                Err(e) => Err(e),
-            };
-            match flushed {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::error!(message_id = %entry.message_id, error = %e, retry_in = ?backoff, "retry queue write failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
-        inner.metrics.retried();
-        inner.metrics.retry_queue(inner.queue.len());
-        inner.queued.notify_one();
     }
 
     /// Sends the retry queue's mails as they fall due, up to `smtp.pool_size` at once,
