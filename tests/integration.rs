@@ -23,6 +23,27 @@ fn subscribers(prefix: &str, count: usize) -> Vec<Subscriber> {
     (0..count).map(|i| Subscriber { number: format!("{prefix}{i:07}"), rule: rules[i % 3] }).collect()
 }
 
+/// `count` subscribers numbered from `prefix`, every call notified.
+fn every_call_subscribers(prefix: &str, count: usize) -> Vec<Subscriber> {
+    (0..count).map(|i| Subscriber { number: format!("{prefix}{i:07}"), rule: Rule::All }).collect()
+}
+
+/// Produces `payloads` (key, CDR) to `topic` on a thread of its own, 40 every 200 ms
+/// (about 200 a second), so faults can happen while CDRs keep coming.
+fn produce_paced(topic: &str, payloads: Vec<(String, String)>) -> std::thread::JoinHandle<()> {
+    let topic = topic.to_owned();
+    std::thread::spawn(move || {
+        let cdrs = Cdrs::new(&topic);
+        for batch in payloads.chunks(40) {
+            for (key, payload) in batch {
+                cdrs.send(key, payload);
+            }
+            cdrs.flush();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+}
+
 /// A test's directory of stores and engine logs; removed afterwards unless
 /// `CALLNOTIFY_IT_KEEP` is set.
 struct Workdir {
@@ -119,17 +140,7 @@ fn kill_soak_every_expected_mail_exactly_once_through_20_sigkills_then_a_replay_
     println!("kill soak: {CDRS} CDRs, {} mails expected", expected.len());
 
     // About 200 CDRs a second, for as long as the kills go on.
-    let topic = spec.topic.clone();
-    let producer = std::thread::spawn(move || {
-        let cdrs = Cdrs::new(&topic);
-        for batch in payloads.chunks(40) {
-            for (key, payload) in batch {
-                cdrs.send(key, payload);
-            }
-            cdrs.flush();
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    });
+    let producer = produce_paced(&spec.topic, payloads);
     let mut engine = spec.start();
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(1_000 + rng.below(5_000)));
@@ -169,7 +180,7 @@ fn smtp_outage_mails_wait_in_the_queue_while_partitions_move_then_all_arrive_onc
     const PARTITIONS: i32 = 2;
     let outage =
         Duration::from_secs(std::env::var("CALLNOTIFY_IT_OUTAGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60));
-    let subs: Vec<Subscriber> = (0..50).map(|i| Subscriber { number: format!("032{i:07}"), rule: Rule::All }).collect();
+    let subs = every_call_subscribers("032", 50);
     let (mut sink, spec, _dir) = setup("outage", PARTITIONS, &subs);
     let cdrs = Cdrs::new(&spec.topic);
     let mut expected = Vec::new();
@@ -207,8 +218,7 @@ fn smtp_outage_mails_wait_in_the_queue_while_partitions_move_then_all_arrive_onc
 #[ignore = "integration: bash scripts/integration.sh"]
 fn poison_messages_go_to_the_dead_letter_topic_and_every_good_cdr_is_notified() {
     const BAD: usize = 1_000;
-    let subs: Vec<Subscriber> =
-        (0..100).map(|i| Subscriber { number: format!("033{i:07}"), rule: Rule::All }).collect();
+    let subs = every_call_subscribers("033", 100);
     let (sink, spec, _dir) = setup("poison", 2, &subs);
     let cdrs = Cdrs::new(&spec.topic);
     let poisons = ["{not json", "", "\u{0}\u{1}binary", r#"{"call_id":"x"}"#, r#"{"call_id":"y","called":"03-1234"}"#];
@@ -246,8 +256,7 @@ fn poison_messages_go_to_the_dead_letter_topic_and_every_good_cdr_is_notified() 
 #[ignore = "integration: bash scripts/integration.sh"]
 fn two_engines_in_one_group_one_killed_the_other_takes_over_and_nothing_is_lost() {
     const PARTITIONS: i32 = 4;
-    let subs: Vec<Subscriber> =
-        (0..200).map(|i| Subscriber { number: format!("034{i:07}"), rule: Rule::All }).collect();
+    let subs = every_call_subscribers("034", 200);
     let (sink, first, dir) = setup("takeover", PARTITIONS, &subs);
     let second = EngineSpec { dir: dir.path.join("b"), ..first.clone() };
     second.provision(&subs.iter().map(Subscriber::line).collect::<Vec<_>>());
@@ -262,17 +271,7 @@ fn two_engines_in_one_group_one_killed_the_other_takes_over_and_nothing_is_lost(
         expected.push(s.message_id(&call_id));
         payloads.push((s.number.clone(), cdr(&call_id, &s.number, Some("09011112222"), false)));
     }
-    let topic = first.topic.clone();
-    let producer = std::thread::spawn(move || {
-        let cdrs = Cdrs::new(&topic);
-        for batch in payloads.chunks(40) {
-            for (key, payload) in batch {
-                cdrs.send(key, payload);
-            }
-            cdrs.flush();
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    });
+    let producer = produce_paced(&first.topic, payloads);
     // Both engines have partitions and are sending.
     a.wait_metric("callnotify_mails_sent_total", 1.0);
     b.wait_metric("callnotify_mails_sent_total", 1.0);
