@@ -105,9 +105,15 @@ impl Application {
         let renderer = Renderer::new(from);
         let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
         let (retries_stop, retries_stopped) = tokio::sync::oneshot::channel::<()>();
-        let retries = tokio::spawn(deliverer.clone().run_retries(async {
-            let _ = retries_stopped.await;
-        }));
+        // Like first attempts (see `source`), retries under way get three quarters of
+        // the grace period at shutdown.
+        let finish = Duration::from_secs(settings.engine.shutdown_grace_secs) * 3 / 4;
+        let retries = tokio::spawn(deliverer.clone().run_retries(
+            async {
+                let _ = retries_stopped.await;
+            },
+            finish,
+        ));
         if deliverer.queued() > 0 {
             tracing::info!(mails = deliverer.queued(), "mails waiting in the retry queue from before");
         }
@@ -197,16 +203,21 @@ impl Application {
             let _ = done_tx.send(result);
         });
         tokio::pin!(done_rx);
-        let result = tokio::select! {
+        let finished = tokio::select! {
             () = shutdown => {
                 tracing::info!("stopping: finishing in-flight mails");
                 stop.store(true, Ordering::Release);
-                (&mut done_rx).await
+                None
             }
-            r = &mut done_rx => r,
+            r = &mut done_rx => Some(r),
         };
-        // Queued mails stay in the store for the next start; attempts under way finish.
+        // Queued mails stay in the store for the next start, also the ones queued
+        // during the stop; attempts under way may finish.
         let _ = retries_stop.send(());
+        let result = match finished {
+            Some(r) => r,
+            None => done_rx.await,
+        };
         let _ = retries.await;
         let _ = metrics_stop.send(());
         let _ = metrics_task.await;

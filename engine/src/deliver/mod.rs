@@ -11,6 +11,7 @@
 //! server's answer, before its CDR counts as done. Store I/O runs on blocking threads,
 //! never on an async worker.
 
+use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -135,39 +136,53 @@ impl Deliverer {
     /// temporary failure, durably queued for [`Deliverer::run_retries`]. Either way the
     /// mail's sent record `key` is on disk when this returns, so a CDR read again after
     /// a crash does not send it twice.
-    pub async fn deliver(&self, key: &SentKey, mail: &Mail, origin: &Origin) -> Fate {
-        let fate = self.attempt_first(mail, origin).await;
-        if fate != Fate::Queued {
-            // Queuing wrote and flushed the record already.
-            self.record(key).await;
+    ///
+    /// If `stop` completes before the server has answered (shutdown's grace period is
+    /// over), the attempt is dropped and the mail queued, due at once: it is sent after
+    /// the next start. Dropped after DATA it may have arrived already, the same
+    /// ambiguity as a timeout (README, delivery guarantees).
+    pub async fn deliver(&self, key: &SentKey, mail: &Mail, origin: &Origin, stop: impl Future<Output = ()>) -> Fate {
+        let inner = &*self.inner;
+        let answer = tokio::select! {
+            biased;
+            () = stop => None,
+            answer = self.attempt_first(mail) => Some(answer),
+        };
+        match answer {
+            Some(Ok(())) => {
+                inner.metrics.sent(latency(origin));
+                self.record(key).await;
+                Fate::Sent
+            }
+            Some(Err(Attempt::Permanent(reply))) => {
+                self.give_up(mail, origin, &reply, 1, "permanent").await;
+                self.record(key).await;
+                Fate::Failed
+            }
+            Some(Err(Attempt::Temporary(reply))) => {
+                let due = jitter(inner.first_delay);
+                tracing::info!(message_id = %mail.message_id, %reply, retry_in = ?due, "mail delayed, queued for retry");
+                self.enqueue(Queued::new(mail, origin, &reply, Utc::now()), due).await;
+                Fate::Queued
+            }
+            None => {
+                tracing::info!(message_id = %mail.message_id, "shutting down; mail queued to be sent after the restart");
+                let reply = "not sent yet when the engine shut down";
+                self.enqueue(Queued::new(mail, origin, reply, Utc::now()), Duration::ZERO).await;
+                Fate::Queued
+            }
         }
-        fate
     }
 
-    async fn attempt_first(&self, mail: &Mail, origin: &Origin) -> Fate {
+    /// Waits out the per-recipient flood limit, then makes the first attempt.
+    async fn attempt_first(&self, mail: &Mail) -> Result<(), Attempt> {
         let inner = &*self.inner;
         let recipient = mail.recipient.as_str().to_owned();
         if inner.per_recipient.check_key(&recipient).is_err() {
             inner.metrics.delayed_by_flood();
             inner.per_recipient.until_key_ready(&recipient).await;
         }
-        match self.attempt(mail).await {
-            Ok(()) => {
-                inner.metrics.sent(latency(origin));
-                Fate::Sent
-            }
-            Err(Attempt::Permanent(reply)) => {
-                self.give_up(mail, origin, &reply, 1, "permanent").await;
-                Fate::Failed
-            }
-            Err(Attempt::Temporary(reply)) => {
-                let entry = Queued::new(mail, origin, &reply, Utc::now());
-                let due = jitter(inner.first_delay);
-                tracing::info!(message_id = %mail.message_id, %reply, retry_in = ?due, "mail delayed, queued for retry");
-                self.enqueue(entry, due).await;
-                Fate::Queued
-            }
-        }
+        self.attempt(mail).await
     }
 
     /// Writes `key`'s sent record and flushes it: the sooner it is on disk after the
@@ -213,9 +228,9 @@ impl Deliverer {
     }
 
     /// Sends the retry queue's mails as they fall due, up to `smtp.pool_size` at once,
-    /// until `shutdown` completes; then waits for the attempts under way. Entries left
-    /// are sent after the next start.
-    pub async fn run_retries(self, shutdown: impl std::future::Future<Output = ()>) {
+    /// until `shutdown` completes; then waits up to `finish` for the attempts under
+    /// way and drops those still waiting. Entries left are sent after the next start.
+    pub async fn run_retries(self, shutdown: impl Future<Output = ()>, finish: Duration) {
         let inner = &*self.inner;
         let mut trying: std::collections::HashSet<Slot> = Default::default();
         let mut tasks: tokio::task::JoinSet<Slot> = tokio::task::JoinSet::new();
@@ -258,7 +273,12 @@ impl Deliverer {
                 () = &mut shutdown => break,
             }
         }
-        while tasks.join_next().await.is_some() {}
+        let under_way = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(finish, under_way).await.is_err() {
+            // An attempt dropped before the answer leaves its entry in the queue.
+            tracing::info!(attempts = tasks.len(), "shutdown: retries still under way are left in the queue");
+            tasks.shutdown().await;
+        }
     }
 
     /// One more attempt at a queued mail; then it is removed (sent, or dead-lettered)

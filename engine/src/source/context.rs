@@ -1,6 +1,6 @@
 //! The consumer's context: librdkafka calls it on the consumer thread for statistics
-//! (the lag metric) and rebalances (finish in-flight work, then commit, before a
-//! partition is given up).
+//! (the lag metric) and rebalances (finish or queue in-flight work, then commit, before
+//! a partition is given up).
 
 use std::collections::HashSet;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -15,7 +15,7 @@ use crate::decode::CdrFormat;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
-/// The consumer's context: statistics → lag metric; revocation → finish, then commit.
+/// The consumer's context: statistics → lag metric; revocation → finish or queue, then commit.
 pub struct SourceContext {
     pub(super) metrics: Metrics,
     pub(super) topics: Vec<(String, CdrFormat)>,
@@ -23,6 +23,8 @@ pub struct SourceContext {
     pub(super) grace: Duration,
     pub(super) tracker: Mutex<Tracker>,
     pub(super) completions: Mutex<Receiver<Completion>>,
+    /// Tells delivery tasks to queue what they have not sent yet.
+    pub(super) stopping: tokio::sync::watch::Sender<super::Stopping>,
 }
 
 impl ClientContext for SourceContext {
@@ -43,7 +45,7 @@ impl ConsumerContext for SourceContext {
             let revoked: HashSet<(usize, i32)> =
                 tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
-            if let Err(e) = self.settle(consumer, Some(&revoked), Instant::now() + self.grace) {
+            if let Err(e) = self.finish_or_queue(consumer, Some(&revoked), self.grace) {
                 tracing::error!(error = %e, "store failed while finishing revoked partitions");
             }
             let mut tracker = self.tracker.lock().expect("tracker lock");
@@ -113,6 +115,33 @@ impl SourceContext {
             }
         }
         Ok(true)
+    }
+
+    /// Waits three quarters of `grace` for the mails in flight on the given partitions
+    /// (all if `None`) to be sent, then has the ones not answered yet queued and waits
+    /// the rest of it for that. Returns whether everything finished.
+    pub(super) fn finish_or_queue(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        only: Option<&HashSet<(usize, i32)>>,
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        let deadline = Instant::now() + grace;
+        if self.settle(consumer, only, deadline - grace / 4)? {
+            return Ok(true);
+        }
+        let left = self.tracker.lock().expect("tracker lock").in_flight;
+        tracing::warn!(in_flight = left, "mails not sent in time are queued");
+        self.stopping.send_modify(|s| match only {
+            None => s.all = true,
+            Some(tps) => s.partitions.extend(tps),
+        });
+        let finished = self.settle(consumer, only, deadline);
+        if only.is_some() {
+            // The partitions may come back; their next CDRs are sent as usual.
+            self.stopping.send_modify(|s| s.partitions.clear());
+        }
+        finished
     }
 
     /// Applies every completion already reported, without waiting.

@@ -12,7 +12,9 @@
 //! written). The thread commits stored offsets itself every [`COMMIT_INTERVAL`], right
 //! after flushing the store, so a committed offset never runs ahead of the sent-mail
 //! records on disk, whatever kills the process. On revocation and on shutdown the
-//! thread waits, up to the grace period, for in-flight work, then flushes and commits.
+//! thread waits three quarters of the grace period for the mails in flight to be sent,
+//! has the ones still waiting queued (sent from the queue later, by whoever holds it),
+//! then flushes and commits.
 
 mod context;
 mod offsets;
@@ -48,15 +50,27 @@ pub struct Stages {
     pub runtime: tokio::runtime::Handle,
 }
 
-/// Told to delivery tasks when shutdown's grace period is over: they stop at once and
-/// report nothing, so their CDRs are read again on the next start.
+/// Told to the delivery tasks of a partition when their time for sending is over (at
+/// shutdown, or when the partition is revoked): mails not answered yet are queued
+/// instead. A dead-letter write still under way is dropped and its CDR read again.
 #[derive(Clone)]
-struct Cancel(tokio::sync::watch::Receiver<bool>);
+struct Cancel {
+    stopping: tokio::sync::watch::Receiver<Stopping>,
+    tp: (usize, i32),
+}
 
 impl Cancel {
     async fn cancelled(mut self) {
-        let _ = self.0.wait_for(|c| *c).await;
+        let tp = self.tp;
+        let _ = self.stopping.wait_for(|s| s.all || s.partitions.contains(&tp)).await;
     }
+}
+
+/// Whose delivery tasks are to stop sending: every partition's, or some.
+#[derive(Debug, Default)]
+pub(super) struct Stopping {
+    all: bool,
+    partitions: std::collections::HashSet<(usize, i32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +109,7 @@ pub fn spawn(
         grace: options.grace,
         tracker: Mutex::default(),
         completions: Mutex::new(rx),
+        stopping: tokio::sync::watch::Sender::default(),
     };
     let mut config = rdkafka::ClientConfig::new();
     config
@@ -139,8 +154,7 @@ fn run(
     grace: Duration,
 ) -> Result<(), SourceError> {
     let ctx = consumer.context();
-    let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
-    let cancel = Cancel(cancel_rx);
+    let stopping = ctx.stopping.subscribe();
     let mut paused = false;
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Acquire) {
@@ -149,7 +163,7 @@ fn run(
             last_commit = Instant::now();
         }
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => handle(&consumer, stages, &tx, &cancel, &message)?,
+            Some(Ok(message)) => handle(&consumer, stages, &tx, &stopping, &message)?,
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
         }
@@ -170,15 +184,13 @@ fn run(
             tracing::info!(in_flight, "consumer resumed");
         }
     }
-    let finished = ctx.settle(&consumer, None, Instant::now() + grace)?;
-    ctx.drain(&consumer)?;
-    if !finished {
+    if !ctx.finish_or_queue(&consumer, None, grace)? {
         let left = ctx.tracker.lock().expect("tracker lock").in_flight;
         tracing::warn!(in_flight = left, "shutdown grace period over; those CDRs will be read again on restart");
     }
-    // What is still in flight is abandoned: its offsets stay uncommitted, and closing
-    // the consumer below must not wait for it again.
-    let _ = cancel_tx.send(true);
+    ctx.drain(&consumer)?;
+    // What is still in flight now is abandoned: its offsets stay uncommitted, and
+    // closing the consumer below must not wait for it again.
     let mut tracker = ctx.tracker.lock().expect("tracker lock");
     tracker.partitions.clear();
     tracker.in_flight = 0;
@@ -193,7 +205,7 @@ fn handle(
     consumer: &BaseConsumer<SourceContext>,
     stages: &Stages,
     tx: &Sender<Completion>,
-    cancel: &Cancel,
+    stopping: &tokio::sync::watch::Receiver<Stopping>,
     message: &rdkafka::message::BorrowedMessage<'_>,
 ) -> Result<(), SourceError> {
     let ctx = consumer.context();
@@ -203,6 +215,7 @@ fn handle(
     };
     let (partition, offset) = (message.partition(), message.offset());
     let tp = (topic, partition);
+    let cancel = Cancel { stopping: stopping.clone(), tp };
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
     let (call, subscription) = match classify(format, payload, &stages.resolver)? {
@@ -222,7 +235,7 @@ fn handle(
             ctx.tracker.lock().expect("tracker lock").started(tp, offset);
             let (dead_letters, tx) = (stages.dead_letters.clone(), tx.clone());
             let (source, raw, error) = (message.topic().to_owned(), payload.to_vec(), e.to_string());
-            let cancelled = cancel.clone().cancelled();
+            let cancelled = cancel.cancelled();
             stages.runtime.spawn(async move {
                 tokio::select! {
                     () = dead_letters.cdr_rejected(&source, partition, offset, format, &error, &raw) => {
@@ -267,22 +280,14 @@ fn handle(
     drop(tracker);
     let origin =
         crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
-    let (deliverer, tx, cancelled) = (stages.deliverer.clone(), tx.clone(), cancel.clone().cancelled());
+    let (deliverer, tx) = (stages.deliverer.clone(), tx.clone());
     stages.runtime.spawn(async move {
-        let deliver_all = async {
-            let mut done = Vec::with_capacity(mails.len());
-            for (key, mail) in mails {
-                let fate = deliverer.deliver(&key, &mail, &origin).await;
-                done.push((key, fate));
-            }
-            done
-        };
-        tokio::select! {
-            done = deliver_all => {
-                let _ = tx.send(Completion { topic, partition, offset, mails: done });
-            }
-            () = cancelled => {}
+        let mut done = Vec::with_capacity(mails.len());
+        for (key, mail) in mails {
+            let fate = deliverer.deliver(&key, &mail, &origin, cancel.clone().cancelled()).await;
+            done.push((key, fate));
         }
+        let _ = tx.send(Completion { topic, partition, offset, mails: done });
     });
     Ok(())
 }

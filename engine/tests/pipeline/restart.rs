@@ -43,3 +43,47 @@ async fn a_restart_mid_stream_notifies_every_cdr_exactly_once() {
     assert!(by_id.values().all(|&n| n == 1), "none twice: {by_id:?}");
     assert_eq!(all.len(), CALLS + 1, "nothing else arrived");
 }
+
+/// Graceful shutdown (README, delivery guarantees): mails still waiting when the grace
+/// period runs short are durably queued and their CDRs committed, so the next start
+/// sends them from the queue, each once, without reading a CDR again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mails_not_sent_within_the_shutdown_grace_are_queued_and_sent_after_the_restart() {
+    const WAITING: usize = 10;
+    let h = Harness::new(1).await;
+    // One mail a second: most of them are still waiting for the rate limit at the stop.
+    let slow = [("CALLNOTIFY__SMTP__RATE_PER_SECOND", "1"), ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2")];
+    let first = h.engine_with(&slow).await;
+    let numbers: Vec<String> = (0..WAITING).map(|i| format!("03200000{i:02}")).collect();
+    first.provision(&numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect::<Vec<_>>());
+    let cdrs: Vec<String> = (0..WAITING)
+        .map(|i| cdr(&format!("grace-{i}"), &numbers[i], Some("09011112222"), "allowed", "no_answer"))
+        .collect();
+    h.produce(TOPIC, &cdrs).await;
+    first.wait_metric("callnotify_cdrs_notified_total", WAITING as f64).await;
+    let stopped = first.stop().await;
+    let (sent, queued) =
+        (stopped.metric("callnotify_mails_sent_total"), stopped.metric("callnotify_retry_queue_mails"));
+    assert!(queued >= 1.0, "the stop came while mails were waiting (sent {sent})");
+    assert_eq!(sent + queued, WAITING as f64, "every mail was sent or queued");
+
+    let second = h.engine().await;
+    h.mails(WAITING).await;
+    second.provision(&[plain_subscriber("0698765432", "control@example.jp")]);
+    h.produce(TOPIC, &[cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
+    let all = h.mails(WAITING + 1).await;
+    let stopped = second.stop().await;
+
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for mail in &all {
+        *by_id.entry(parse(mail).message_id).or_default() += 1;
+    }
+    assert_eq!(by_id.len(), WAITING + 1, "every CDR notified: {by_id:?}");
+    assert!(by_id.values().all(|&n| n == 1), "none twice: {by_id:?}");
+    assert_eq!(
+        stopped.metric("callnotify_cdrs_consumed_total"),
+        1.0,
+        "the first engine committed every CDR it had read; only the control CDR is new"
+    );
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
+}
