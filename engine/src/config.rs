@@ -36,6 +36,10 @@ pub struct KafkaSettings {
     pub dead_letter_topic: String,
     /// Partitions per topic of the embedded mock cluster.
     pub embedded_partitions: i32,
+    /// After a revocation that gives back exactly the partitions revoked, leave the
+    /// group and join again with a new member id (at most once a minute). A
+    /// workaround for brokers that keep an old assignment (tansu 0.6.0); off by default.
+    pub rejoin_if_assignment_unchanged: bool,
     /// librdkafka properties, passed unchanged.
     pub properties: BTreeMap<String, String>,
 }

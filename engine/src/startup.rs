@@ -147,6 +147,7 @@ impl Application {
             properties: &kafka.properties,
             max_in_flight: settings.engine.max_in_flight,
             grace: Duration::from_secs(settings.engine.shutdown_grace_secs),
+            rejoin_if_assignment_unchanged: kafka.rejoin_if_assignment_unchanged,
         };
         let source = source::spawn(options, stages, stop.clone()).context("starting the Kafka consumer")?;
         tracing::info!(group = %kafka.group_id, topics = ?kafka.topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "consuming CDRs");

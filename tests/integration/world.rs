@@ -244,6 +244,9 @@ impl EngineSpec {
             // The rebalance timeout: how long the coordinator waits for every member to
             // rejoin, a killed one too. The engine polls every 100 ms, so 10 s is ample.
             .env("CALLNOTIFY__KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", "10000")
+            // tansu 0.6.0 keeps a survivor's old partitions when another member dies
+            // (README, integration suite): the engine notices and joins again.
+            .env("CALLNOTIFY__KAFKA__REJOIN_IF_ASSIGNMENT_UNCHANGED", "true")
             .env("CALLNOTIFY__STORE__PATH", self.dir.join("store"))
             .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
             .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
@@ -271,11 +274,17 @@ impl EngineSpec {
 
     /// Starts `callnotify serve`; its log is appended to `engine.log` in its directory.
     pub fn start(&self) -> EngineProcess {
+        self.start_with(&[])
+    }
+
+    /// Starts `callnotify serve` with `env` overriding the spec's settings.
+    pub fn start_with(&self, env: &[(&str, &str)]) -> EngineProcess {
         std::fs::create_dir_all(&self.dir).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("engine.log")).unwrap();
         let metrics = free_port();
         let child = self
             .command()
+            .envs(env.iter().copied())
             .env("CALLNOTIFY__METRICS__LISTEN", metrics.to_string())
             .arg("serve")
             .stdout(Stdio::null())

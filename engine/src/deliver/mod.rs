@@ -166,7 +166,7 @@ impl Deliverer {
                 Fate::Queued
             }
             None => {
-                tracing::info!(message_id = %mail.message_id, "shutting down; mail queued to be sent after the restart");
+                tracing::info!(message_id = %mail.message_id, "time for sending is over (shutdown or revocation); mail queued");
                 let reply = "not sent yet when the engine shut down";
                 self.enqueue(Queued::new(mail, origin, reply, Utc::now()), Duration::ZERO).await;
                 Fate::Queued
