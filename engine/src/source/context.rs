@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, Statistics};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::offsets::{Completion, Tracker};
 use crate::decode::CdrFormat;
@@ -58,9 +58,7 @@ impl ConsumerContext for SourceContext {
             let revoked: HashSet<(usize, i32)> =
                 tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
-            if let Err(e) = self.finish_or_queue(consumer, Some(&revoked), self.grace) {
-                tracing::error!(error = %e, "store failed while finishing revoked partitions");
-            }
+            self.finish_or_queue(Some(&revoked), self.grace);
             let mut tracker = self.tracker.lock().expect("tracker lock");
             revoked.iter().for_each(|tp| tracker.forget(tp));
             drop(tracker);
@@ -76,16 +74,28 @@ impl SourceContext {
         self.topics.iter().position(|(t, _)| t == name)
     }
 
-    pub(super) fn store_offset(&self, consumer: &BaseConsumer<Self>, tp: (usize, i32), offset: i64) {
-        // librdkafka commits offset + 1: the next message to read.
-        if let Err(e) = consumer.store_offset(&self.topics[tp.0].0, tp.1, offset) {
-            tracing::debug!(error = %e, partition = tp.1, offset, "offset not stored (partition no longer ours)");
+    /// Hands librdkafka the offsets found safe since the last time, in one call.
+    fn store_offsets(&self, consumer: &BaseConsumer<Self>) {
+        let safe = self.tracker.lock().expect("tracker lock").take_to_store();
+        if safe.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::with_capacity(safe.len());
+        for ((topic, partition), offset) in safe {
+            // librdkafka commits what it is given: the next message to read.
+            if let Err(e) = list.add_partition_offset(&self.topics[topic].0, partition, Offset::Offset(offset + 1)) {
+                tracing::error!(error = %e, partition, offset, "offset out of range");
+            }
+        }
+        if let Err(e) = consumer.store_offsets(&list) {
+            tracing::debug!(error = %e, "offsets not stored (partitions no longer ours)");
         }
     }
 
-    /// Flushes the store, then commits the stored offsets: what a committed offset
-    /// covers is on disk first. "Nothing to commit" is not an error.
+    /// Stores the safe offsets and flushes the store, then commits: what a committed
+    /// offset covers is on disk first. "Nothing to commit" is not an error.
     pub(super) fn commit(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) -> Result<(), StoreError> {
+        self.store_offsets(consumer);
         self.store.flush_blocking()?;
         if let Err(e) = consumer.commit_consumer_state(mode) {
             tracing::debug!(error = %e, "commit: nothing to commit, or failed (retried at the next one)");
@@ -95,53 +105,38 @@ impl SourceContext {
 
     /// Takes a finished CDR's mails off the in-flight list (the delivery task wrote
     /// their sent records) and moves its partition's offset if it may.
-    fn apply(&self, consumer: &BaseConsumer<Self>, c: Completion) -> Result<(), StoreError> {
+    fn apply(&self, c: Completion) {
         let mut tracker = self.tracker.lock().expect("tracker lock");
         for (key, _fate) in &c.mails {
             tracker.keys.remove(key);
         }
-        let safe = tracker.completed((c.topic, c.partition), c.offset);
+        tracker.completed((c.topic, c.partition), c.offset);
         self.metrics.in_flight(tracker.in_flight);
-        drop(tracker);
-        if let Some(offset) = safe {
-            self.store_offset(consumer, (c.topic, c.partition), offset);
-        }
-        Ok(())
     }
 
     /// Applies completions until the given partitions (all if `None`) have nothing in
     /// flight or `deadline` passes. Returns whether everything finished.
-    pub(super) fn settle(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        only: Option<&HashSet<(usize, i32)>>,
-        deadline: Instant,
-    ) -> Result<bool, StoreError> {
+    pub(super) fn settle(&self, only: Option<&HashSet<(usize, i32)>>, deadline: Instant) -> bool {
         let completions = self.completions.lock().expect("completions lock");
         while self.tracker.lock().expect("tracker lock").busy(only) {
             let left = deadline.saturating_duration_since(Instant::now());
             match completions.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(c) => self.apply(consumer, c)?,
-                Err(RecvTimeoutError::Timeout) if left.is_zero() => return Ok(false),
+                Ok(c) => self.apply(c),
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => return false,
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Ok(false),
+                Err(RecvTimeoutError::Disconnected) => return false,
             }
         }
-        Ok(true)
+        true
     }
 
     /// Waits three quarters of `grace` for the mails in flight on the given partitions
     /// (all if `None`) to be sent, then has the ones not answered yet queued and waits
     /// the rest of it for that. Returns whether everything finished.
-    pub(super) fn finish_or_queue(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        only: Option<&HashSet<(usize, i32)>>,
-        grace: Duration,
-    ) -> Result<bool, StoreError> {
+    pub(super) fn finish_or_queue(&self, only: Option<&HashSet<(usize, i32)>>, grace: Duration) -> bool {
         let deadline = Instant::now() + grace;
-        if self.settle(consumer, only, deadline - grace / 4)? {
-            return Ok(true);
+        if self.settle(only, deadline - grace / 4) {
+            return true;
         }
         let left = self.tracker.lock().expect("tracker lock").in_flight;
         tracing::warn!(in_flight = left, "mails not sent in time are queued");
@@ -149,7 +144,7 @@ impl SourceContext {
             None => s.all = true,
             Some(tps) => s.partitions.extend(tps),
         });
-        let finished = self.settle(consumer, only, deadline);
+        let finished = self.settle(only, deadline);
         if only.is_some() {
             // The partitions may come back; their next CDRs are sent as usual.
             self.stopping.send_modify(|s| s.partitions.clear());
@@ -158,12 +153,12 @@ impl SourceContext {
     }
 
     /// Applies every completion already reported, without waiting.
-    pub(super) fn drain(&self, consumer: &BaseConsumer<Self>) -> Result<(), StoreError> {
+    pub(super) fn drain(&self) {
         loop {
             let next = self.completions.lock().expect("completions lock").try_recv();
             match next {
-                Ok(c) => self.apply(consumer, c)?,
-                Err(_) => return Ok(()),
+                Ok(c) => self.apply(c),
+                Err(_) => return,
             }
         }
     }

@@ -173,7 +173,7 @@ fn run(
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
         }
-        ctx.drain(&consumer)?;
+        ctx.drain();
         // Backpressure: a slow mail server pauses fetching instead of piling up work;
         // polling goes on so the group membership stays alive. Fetching resumes at half
         // the limit, since every resume costs a re-fetch.
@@ -190,11 +190,11 @@ fn run(
             tracing::info!(in_flight, "consumer resumed");
         }
     }
-    if !ctx.finish_or_queue(&consumer, None, grace)? {
+    if !ctx.finish_or_queue(None, grace) {
         let left = ctx.tracker.lock().expect("tracker lock").in_flight;
         tracing::warn!(in_flight = left, "shutdown grace period over; those CDRs will be read again on restart");
     }
-    ctx.drain(&consumer)?;
+    ctx.drain();
     // What is still in flight now is abandoned: its offsets stay uncommitted, and
     // closing the consumer below must not wait for it again.
     let mut tracker = ctx.tracker.lock().expect("tracker lock");
@@ -229,10 +229,7 @@ fn handle(
         Verdict::Filtered(skip) => {
             stages.metrics.decoded();
             stages.metrics.filtered(skip);
-            let safe = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
-            if let Some(offset) = safe {
-                ctx.store_offset(consumer, tp, offset);
-            }
+            ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
             return Ok(());
         }
         Verdict::Rejected(e) => {
@@ -275,10 +272,7 @@ fn handle(
         }
     }
     if mails.is_empty() {
-        if let Some(offset) = tracker.finished(tp, offset) {
-            drop(tracker);
-            ctx.store_offset(consumer, tp, offset);
-        }
+        tracker.finished(tp, offset);
         return Ok(());
     }
     tracker.started(tp, offset);

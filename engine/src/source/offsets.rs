@@ -24,6 +24,9 @@ pub(super) struct Tracker {
     pub(super) in_flight: usize,
     /// Dedup keys of mails being sent, so a CDR repeated back-to-back is not sent twice.
     pub(super) keys: HashSet<SentKey>,
+    /// Per partition, the highest offset found safe and not yet handed to librdkafka.
+    /// They are stored together before each commit: one call instead of one per CDR.
+    to_store: HashMap<(usize, i32), i64>,
 }
 
 impl Tracker {
@@ -34,7 +37,7 @@ impl Tracker {
                 q.push_back((offset, true));
                 None
             }
-            _ => Some(offset),
+            _ => self.safe(tp, Some(offset)),
         }
     }
 
@@ -56,7 +59,20 @@ impl Tracker {
             safe = Some(o);
             q.pop_front();
         }
-        safe
+        self.safe(tp, safe)
+    }
+
+    fn safe(&mut self, tp: (usize, i32), offset: Option<i64>) -> Option<i64> {
+        if let Some(offset) = offset {
+            let stored = self.to_store.entry(tp).or_insert(offset);
+            *stored = (*stored).max(offset);
+        }
+        offset
+    }
+
+    /// The offsets found safe since the last call, to store.
+    pub(super) fn take_to_store(&mut self) -> HashMap<(usize, i32), i64> {
+        std::mem::take(&mut self.to_store)
     }
 
     pub(super) fn busy(&self, only: Option<&HashSet<(usize, i32)>>) -> bool {
@@ -87,6 +103,8 @@ mod tests {
         assert_eq!(t.in_flight, 0);
         assert_eq!(t.completed(tp, 1), None, "a stale completion changes nothing");
         assert_eq!(t.finished(tp, 4), Some(4));
+        assert_eq!(t.take_to_store(), [(tp, 4)].into(), "only the highest safe offset is stored");
+        assert!(t.take_to_store().is_empty());
     }
 
     #[test]
