@@ -11,7 +11,6 @@
 //! cache) at once, so the very next CDR sees the new settings.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -156,46 +155,59 @@ pub struct Store {
     flusher: Arc<Flusher>,
 }
 
-/// One thread that flushes the store for every async caller, so a thousand mails
-/// finishing together cost one flush, not a thousand. (sled's own `flush_async` runs
-/// each call on sled's small I/O thread pool, where enough concurrent calls occupy every
-/// thread waiting for a write that needs a thread of that same pool: a deadlock.)
+/// One thread that writes sent records and flushes the store for every async caller,
+/// so a thousand mails finishing together cost one flush, not a thousand, and no thread
+/// hop of their own. (sled's own `flush_async` runs each call on sled's small I/O thread
+/// pool, where enough concurrent calls occupy every thread waiting for a write that
+/// needs a thread of that same pool: a deadlock.)
 struct Flusher {
     /// Each request carries a handle to the database, so the thread holds none between
     /// requests and a dropped store closes. The thread ends with the last sender.
-    requests: std::sync::mpsc::Sender<sled::Db>,
-    /// Flushes asked for so far; the thread publishes in `flushed` the highest request
-    /// its last completed flush covered.
-    requested: std::sync::atomic::AtomicU64,
-    flushed: tokio::sync::watch::Receiver<u64>,
+    requests: std::sync::mpsc::Sender<FlushRequest>,
+}
+
+struct FlushRequest {
+    db: sled::Db,
+    /// A sent record to write before the flush: (tree, key, unix seconds).
+    write: Option<(sled::Tree, SentKey, u64)>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
 impl Flusher {
     fn start() -> Arc<Self> {
-        let (requests, incoming) = std::sync::mpsc::channel::<sled::Db>();
-        let (done, flushed) = tokio::sync::watch::channel(0u64);
-        let flusher = Arc::new(Self { requests, requested: std::sync::atomic::AtomicU64::new(0), flushed });
-        let requested = Arc::downgrade(&flusher);
+        let (requests, incoming) = std::sync::mpsc::channel::<FlushRequest>();
         std::thread::Builder::new()
             .name("store-flusher".into())
             .spawn(move || {
-                while let Ok(db) = incoming.recv() {
-                    while incoming.try_recv().is_ok() {}
-                    // Every request counted by now had its write done before it was
-                    // counted, so the flush that starts next covers it.
-                    let Some(covered) = requested.upgrade().map(|f| f.requested.load(Ordering::SeqCst)) else {
-                        return;
-                    };
+                let mut batch = Vec::new();
+                while let Ok(first) = incoming.recv() {
+                    batch.push(first);
+                    batch.extend(incoming.try_iter());
+                    // Writes first, then one flush that covers them and every write
+                    // the callers did before asking.
+                    let mut written: Vec<(FlushRequest, Result<(), StoreError>)> = batch
+                        .drain(..)
+                        .map(|r| {
+                            let result = match &r.write {
+                                Some((tree, key, at)) => tree.insert(&key.0, &at.to_be_bytes()).map(drop),
+                                None => Ok(()),
+                            };
+                            (r, result.map_err(StoreError::from))
+                        })
+                        .collect();
+                    let db = written[0].0.db.clone();
                     while let Err(e) = db.flush() {
                         tracing::error!(error = %e, "store flush failed; retrying");
                         std::thread::sleep(std::time::Duration::from_millis(100));
                     }
                     drop(db);
-                    done.send_replace(covered);
+                    for (request, result) in written.drain(..) {
+                        let _ = request.done.send(result);
+                    }
                 }
             })
             .expect("spawning the store flusher");
-        flusher
+        Arc::new(Self { requests })
     }
 }
 
@@ -427,14 +439,22 @@ impl Store {
 
     /// Makes every write so far durable; concurrent callers share one flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let flusher = &*self.flusher;
-        let mut flushed = flusher.flushed.clone();
-        let ticket = flusher.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let sent = flusher.requests.send(self.db.clone());
-        if sent.is_err() || flushed.wait_for(|covered| *covered >= ticket).await.is_err() {
+        self.group_commit(None).await
+    }
+
+    /// Writes `key`'s sent record and makes it durable, on the store's flusher thread:
+    /// the records of mails finishing together share one flush.
+    pub async fn record_sent(&self, key: &SentKey, unix_secs: u64) -> Result<(), StoreError> {
+        self.group_commit(Some((self.sent.clone(), key.clone(), unix_secs))).await
+    }
+
+    async fn group_commit(&self, write: Option<(sled::Tree, SentKey, u64)>) -> Result<(), StoreError> {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let request = FlushRequest { db: self.db.clone(), write, done };
+        if self.flusher.requests.send(request).is_err() {
             return Err(StoreError::Invalid("the store flusher thread has stopped".into()));
         }
-        Ok(())
+        finished.await.unwrap_or_else(|_| Err(StoreError::Invalid("the store flusher thread has stopped".into())))
     }
 }
 

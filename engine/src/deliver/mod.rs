@@ -8,8 +8,9 @@
 //! can move on; [`Deliverer::run_retries`] tries it again with exponential backoff and
 //! jitter until it is accepted, refused for good, or older than `smtp.retry_give_up_secs`.
 //! Every mail's sent record (the dedup key) is written and flushed right after the
-//! server's answer, before its CDR counts as done. Store I/O runs on blocking threads,
-//! never on an async worker.
+//! server's answer, before its CDR counts as done: by the store's flusher thread, where
+//! the records of mails finishing together share one flush. Other store I/O runs on
+//! blocking threads, never on an async worker.
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -188,17 +189,23 @@ impl Deliverer {
     /// Writes `key`'s sent record and flushes it: the sooner it is on disk after the
     /// server's answer, the smaller the window in which a crash makes a duplicate.
     async fn record(&self, key: &SentKey) {
-        let (store, key) = (self.inner.store.clone(), key.clone());
-        self.store_durably("sent record", move || store.mark_sent(&key, Utc::now().timestamp().max(0) as u64)).await;
+        let store = &self.inner.store;
+        self.until_stored("sent record", || store.record_sent(key, Utc::now().timestamp().max(0) as u64)).await;
     }
 
     /// Puts `entry` in the retry queue, due in `after`, with its sent record, durably.
     async fn enqueue(&self, entry: Queued, after: Duration) {
         let inner = &*self.inner;
-        let queue = inner.queue.clone();
-        self.store_durably("retry queue entry", move || {
-            let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
-            queue.push(&entry, due_ms, Utc::now().timestamp().max(0) as u64).map(drop)
+        self.until_stored("retry queue entry", || {
+            let (queue, entry) = (inner.queue.clone(), entry.clone());
+            async move {
+                blocking(move || {
+                    let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
+                    queue.push(&entry, due_ms, Utc::now().timestamp().max(0) as u64).map(drop)
+                })
+                .await?;
+                inner.store.flush().await
+            }
         })
         .await;
         inner.metrics.retried();
@@ -206,24 +213,17 @@ impl Deliverer {
         inner.queued.notify_one();
     }
 
-    /// Runs `write` on a blocking thread, then flushes the store (flushes of mails that
-    /// finish together are one, see [`Store::flush`]). Until both succeed the CDR's
+    /// Runs `write` (which ends with a flush) until it succeeds. Until then the CDR's
     /// offset waits, so a failing store is retried with backoff, never skipped.
-    async fn store_durably(&self, what: &str, write: impl Fn() -> Result<(), StoreError> + Clone + Send + 'static) {
+    async fn until_stored<F>(&self, what: &str, write: impl Fn() -> F)
+    where
+        F: Future<Output = Result<(), StoreError>>,
+    {
         let mut backoff = Duration::from_millis(100);
-        loop {
-            let written = match blocking(write.clone()).await {
-                Ok(()) => self.inner.store.flush().await,
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?backoff, "{what} not stored yet");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
+        while let Err(e) = write().await {
+            tracing::error!(error = %e, retry_in = ?backoff, "{what} not stored yet");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 
