@@ -62,6 +62,9 @@ pub struct StoreSettings {
     pub sled_cache_mb: u64,
     /// Days a sent-mail record is kept: replays within it send nothing again.
     pub sent_retention_days: u64,
+    /// Under load, sent records are flushed together at most this often (ms): a crash
+    /// can resend the mails of at most this long; see README, flush policy.
+    pub group_commit_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

@@ -61,8 +61,10 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let (path, cache) = (settings.store.path.clone(), settings.store.sled_cache_mb << 20);
         let capacity = settings.store.cache_capacity;
+        let group_commit = Duration::from_millis(settings.store.group_commit_ms);
         let (store, resolver) = tokio::task::spawn_blocking(move || {
             let store = Store::open_with_cache(&path, cache)?;
+            store.set_group_commit(group_commit);
             let started = std::time::Instant::now();
             let resolver = Resolver::new(store.clone(), capacity)?;
             tracing::info!(

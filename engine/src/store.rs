@@ -164,7 +164,13 @@ struct Flusher {
     /// Each request carries a handle to the database, so the thread holds none between
     /// requests and a dropped store closes. The thread ends with the last sender.
     requests: std::sync::mpsc::Sender<FlushRequest>,
+    /// The shortest time between the starts of two flushes, in ms
+    /// (`store.group_commit_ms`).
+    every_ms: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// `store.group_commit_ms` unless set.
+const DEFAULT_GROUP_COMMIT_MS: u64 = 20;
 
 struct FlushRequest {
     db: sled::Db,
@@ -176,11 +182,21 @@ struct FlushRequest {
 impl Flusher {
     fn start() -> Arc<Self> {
         let (requests, incoming) = std::sync::mpsc::channel::<FlushRequest>();
+        let every_ms = Arc::new(std::sync::atomic::AtomicU64::new(DEFAULT_GROUP_COMMIT_MS));
+        let every = every_ms.clone();
         std::thread::Builder::new()
             .name("store-flusher".into())
             .spawn(move || {
                 let mut batch = Vec::new();
+                let mut last_flush: Option<std::time::Instant> = None;
                 while let Ok(first) = incoming.recv() {
+                    // Under load, requests gather until `every` after the last flush
+                    // began: fewer, larger flushes. An idle store flushes at once.
+                    let gap = std::time::Duration::from_millis(every.load(std::sync::atomic::Ordering::Relaxed));
+                    if let Some(last) = last_flush {
+                        std::thread::sleep(gap.saturating_sub(last.elapsed()));
+                    }
+                    last_flush = Some(std::time::Instant::now());
                     batch.push(first);
                     batch.extend(incoming.try_iter());
                     // Writes first, then one flush that covers them and every write
@@ -207,7 +223,7 @@ impl Flusher {
                 }
             })
             .expect("spawning the store flusher");
-        Arc::new(Self { requests })
+        Arc::new(Self { requests, every_ms })
     }
 }
 
@@ -435,6 +451,11 @@ impl Store {
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Sets the shortest time between two group flushes (`store.group_commit_ms`).
+    pub fn set_group_commit(&self, every: std::time::Duration) {
+        self.flusher.every_ms.store(every.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Makes every write so far durable; concurrent callers share one flush.
