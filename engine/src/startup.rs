@@ -22,19 +22,39 @@ use crate::source::{self, SourceError, SourceOptions, Stages};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
-/// Every hour, forgets sent-mail records older than the retention window, on a
-/// blocking thread (the prune scans the tree).
+/// Every hour, forgets sent-mail records older than the retention window. The sweep
+/// goes through the tree a slice at a time on a blocking thread, with a pause after
+/// each, so even millions of records never take more than a sliver of a core.
 async fn prune_sent_records(store: Store, retention_days: u64) {
+    const SLICE: usize = 1_000;
+    const PAUSE: Duration = Duration::from_millis(20);
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
         every.tick().await;
-        let store = store.clone();
         let cutoff = (chrono::Utc::now().timestamp().max(0) as u64).saturating_sub(retention_days * 86_400);
-        match tokio::task::spawn_blocking(move || store.prune_sent(cutoff)).await {
-            Ok(Ok(pruned)) => tracing::info!(pruned, retention_days, "old sent-mail records pruned"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "pruning sent-mail records failed; will try again"),
-            Err(e) => tracing::warn!(error = %e, "pruning sent-mail records panicked"),
+        let (mut pruned, mut after) = (0, None);
+        loop {
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.prune_sent(cutoff, after.as_deref(), SLICE)).await {
+                Ok(Ok((n, next))) => {
+                    pruned += n;
+                    match next {
+                        Some(key) => after = Some(key),
+                        None => break,
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "pruning sent-mail records failed; will try again");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning sent-mail records panicked");
+                    break;
+                }
+            }
+            tokio::time::sleep(PAUSE).await;
         }
+        tracing::info!(pruned, retention_days, "old sent-mail records pruned");
     }
 }
 

@@ -429,12 +429,21 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets sent-mail records older than `cutoff_unix_secs`; returns how many. A CDR
-    /// replayed after that sends its mails again, so the window must outlast any replay
-    /// an operator may do. Scans the whole tree: run it on a thread that may block.
-    pub fn prune_sent(&self, cutoff_unix_secs: u64) -> Result<usize, StoreError> {
-        let mut pruned = 0;
-        for entry in self.sent.iter() {
+    /// Forgets sent-mail records older than `cutoff_unix_secs`, looking at up to `limit`
+    /// records after `after` (from the start if `None`). Returns how many it removed
+    /// and where to go on (`None`: the end was reached). A CDR replayed after that
+    /// sends its mail again (the retention window is the dedup guarantee). Done in
+    /// slices, so a store of millions of records is never scanned in one go.
+    pub fn prune_sent(
+        &self,
+        cutoff_unix_secs: u64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.to_vec()));
+        let (mut pruned, mut seen, mut last) = (0, 0, None);
+        for entry in self.sent.range::<Vec<u8>, _>((from, Bound::Unbounded)).take(limit) {
             let (key, value) = entry?;
             let at = value.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
             if at < cutoff_unix_secs {
@@ -443,8 +452,12 @@ impl Store {
                     pruned += 1;
                 }
             }
+            seen += 1;
+            last = Some(key.to_vec());
         }
-        Ok(pruned)
+        // A full slice may have more after it; a short one reached the end.
+        let next = if seen == limit { last } else { None };
+        Ok((pruned, next))
     }
 
     /// Makes every write so far durable, from a thread that may block.
@@ -521,9 +534,32 @@ mod tests {
         store.mark_sent(&old, 1_000).unwrap();
         store.mark_sent(&new, 9_000).unwrap();
 
-        assert_eq!(store.prune_sent(5_000).unwrap(), 1);
+        assert_eq!(store.prune_sent(5_000, None, 100).unwrap(), (1, None));
         assert!(!store.was_sent(&old).unwrap(), "past the window: a replay would send again");
         assert!(store.was_sent(&new).unwrap(), "inside the window: a replay sends nothing");
+    }
+
+    #[test]
+    fn pruning_in_slices_goes_through_every_record_once() {
+        let store = Store::temporary().unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        for i in 0..25 {
+            store
+                .mark_sent(&SentKey::new(&called, &format!("c-{i:02}"), "a@example.jp"), 1_000 + i % 2 * 8_000)
+                .unwrap();
+        }
+        let (mut pruned, mut slices, mut after) = (0, 0, None);
+        loop {
+            let (n, next) = store.prune_sent(5_000, after.as_deref(), 10).unwrap();
+            pruned += n;
+            slices += 1;
+            match next {
+                Some(key) => after = Some(key),
+                None => break,
+            }
+        }
+        assert_eq!((pruned, slices), (13, 3), "the 13 old records of 25, ten at a time");
+        assert_eq!(store.sent_tree().len(), 12);
     }
 }
 
