@@ -4,8 +4,13 @@
 //! Trees:
 //! - `lines`: contract number → [`LineRecord`] (R-L1).
 //! - `numbers`: phone number → [`NumberRecord`], the settings of R-N1..R-N5.
-//! - `sent`: `called \0 call_id \0 recipient` → unix seconds; a replayed CDR finds its
-//!   mails here and sends nothing again.
+//! - `sent_by_call_end`: call end (unix seconds, big-endian) `called \0 call_id \0
+//!   recipient` → unix seconds written; a replayed CDR finds its mails here and sends
+//!   nothing again. Keys in call-time order keep the lookups and inserts of live
+//!   traffic on the few most recent pages however large the tree grows, and make
+//!   pruning a range delete from the front.
+//! - `sent`: the same without the call end, as written before; still consulted until
+//!   the pruner has emptied it.
 //!
 //! Every write of a number's record tells the registered listeners (the resolve stage's
 //! cache) at once, so the very next CDR sees the new settings.
@@ -149,6 +154,8 @@ pub struct Store {
     lines: sled::Tree,
     numbers: sled::Tree,
     sent: sled::Tree,
+    /// Sent records of the earlier key layout, while any remain (see the module docs).
+    legacy_sent: Option<(sled::Tree, Arc<std::sync::atomic::AtomicBool>)>,
     /// Told of every number whose record changed, right after the write.
     listeners: Arc<RwLock<Vec<Listener>>>,
     /// Group commit for [`Store::flush`].
@@ -248,7 +255,8 @@ impl Store {
         Ok(Self {
             lines: db.open_tree("lines")?,
             numbers: db.open_tree("numbers")?,
-            sent: db.open_tree("sent")?,
+            sent: db.open_tree("sent_by_call_end")?,
+            legacy_sent: legacy_sent(&db)?,
             db,
             listeners: Arc::default(),
             flusher: Flusher::start(),
@@ -420,7 +428,15 @@ impl Store {
 
     /// Whether the mail for (`called`, `call_id`, `recipient`) was already accepted.
     pub fn was_sent(&self, key: &SentKey) -> Result<bool, StoreError> {
-        Ok(self.sent.contains_key(&key.0)?)
+        if self.sent.contains_key(&key.0)? {
+            return Ok(true);
+        }
+        match &self.legacy_sent {
+            Some((tree, live)) if live.load(std::sync::atomic::Ordering::Relaxed) => {
+                Ok(tree.contains_key(key.legacy())?)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Records that the mail for `key` was accepted at `unix_secs`.
@@ -429,35 +445,48 @@ impl Store {
         Ok(())
     }
 
-    /// Forgets sent-mail records older than `cutoff_unix_secs`, looking at up to `limit`
-    /// records after `after` (from the start if `None`). Returns how many it removed
-    /// and where to go on (`None`: the end was reached). A CDR replayed after that
-    /// sends its mail again (the retention window is the dedup guarantee). Done in
-    /// slices, so a store of millions of records is never scanned in one go.
-    pub fn prune_sent(
+    /// Forgets up to `limit` sent-mail records of calls that ended before
+    /// `cutoff_unix_secs`; returns how many, and whether there may be more. A CDR
+    /// replayed after that sends its mail again (the retention window is the dedup
+    /// guarantee). The records are in call-time order, so this reads nothing else.
+    pub fn prune_sent(&self, cutoff_unix_secs: u64, limit: usize) -> Result<(usize, bool), StoreError> {
+        let mut pruned = 0;
+        for entry in self.sent.range(..cutoff_unix_secs.to_be_bytes()).keys().take(limit) {
+            self.sent.remove(entry?)?;
+            pruned += 1;
+        }
+        Ok((pruned, pruned == limit))
+    }
+
+    /// Like [`Store::prune_sent`] for the records of the earlier key layout, which has
+    /// no time order: looks at up to `limit` records after `after` and removes those
+    /// written before the cutoff; returns how many and where to go on (`None`: the end).
+    /// Once the tree is empty it is no longer consulted.
+    pub fn prune_legacy_sent(
         &self,
         cutoff_unix_secs: u64,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<(usize, Option<Vec<u8>>), StoreError> {
         use std::ops::Bound;
+        let Some((tree, live)) = &self.legacy_sent else { return Ok((0, None)) };
         let from = after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.to_vec()));
         let (mut pruned, mut seen, mut last) = (0, 0, None);
-        for entry in self.sent.range::<Vec<u8>, _>((from, Bound::Unbounded)).take(limit) {
+        for entry in tree.range::<Vec<u8>, _>((from, Bound::Unbounded)).take(limit) {
             let (key, value) = entry?;
             let at = value.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
             if at < cutoff_unix_secs {
-                // Only if unchanged: a concurrent new record for the key stays.
-                if self.sent.compare_and_swap(&key, Some(value), None::<&[u8]>)?.is_ok() {
-                    pruned += 1;
-                }
+                tree.remove(&key)?;
+                pruned += 1;
             }
             seen += 1;
             last = Some(key.to_vec());
         }
+        if tree.is_empty() {
+            live.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         // A full slice may have more after it; a short one reached the end.
-        let next = if seen == limit { last } else { None };
-        Ok((pruned, next))
+        Ok((pruned, if seen == limit { last } else { None }))
     }
 
     /// Makes every write so far durable, from a thread that may block.
@@ -507,7 +536,7 @@ mod tests {
             .map(|i| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let key = SentKey::new(&called, &format!("c-{i}"), "a@example.jp");
+                    let key = SentKey::new(1_764_000_000, &called, &format!("c-{i}"), "a@example.jp");
                     store.mark_sent(&key, 1).unwrap();
                     store.flush().await.unwrap();
                 })
@@ -522,60 +551,91 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(60), all).await.expect("every flush completes");
         drop(store);
         let reopened = Store::open(dir.path()).unwrap();
-        assert!((0..300).all(|i| reopened.was_sent(&SentKey::new(&called, &format!("c-{i}"), "a@example.jp")).unwrap()));
+        assert!((0..300).all(|i| reopened
+            .was_sent(&SentKey::new(1_764_000_000, &called, &format!("c-{i}"), "a@example.jp"))
+            .unwrap()));
     }
 
     #[test]
-    fn sent_records_older_than_the_window_are_pruned_and_newer_ones_kept() {
+    fn sent_records_of_calls_older_than_the_window_are_pruned_and_newer_ones_kept() {
         let store = Store::temporary().unwrap();
         let called = PhoneNumber::parse("0312345678").unwrap();
-        let old = SentKey::new(&called, "c-old", "a@example.jp");
-        let new = SentKey::new(&called, "c-new", "a@example.jp");
-        store.mark_sent(&old, 1_000).unwrap();
-        store.mark_sent(&new, 9_000).unwrap();
+        let old: Vec<SentKey> =
+            (0..25).map(|i| SentKey::new(1_000 + i, &called, "c-old", &format!("{i}@example.jp"))).collect();
+        let new = SentKey::new(9_000, &called, "c-new", "a@example.jp");
+        old.iter().chain([&new]).for_each(|k| store.mark_sent(k, 9_999).unwrap());
 
-        assert_eq!(store.prune_sent(5_000, None, 100).unwrap(), (1, None));
-        assert!(!store.was_sent(&old).unwrap(), "past the window: a replay would send again");
+        assert_eq!(store.prune_sent(5_000, 10).unwrap(), (10, true), "a full slice: there may be more");
+        assert_eq!(store.prune_sent(5_000, 10).unwrap(), (10, true));
+        assert_eq!(store.prune_sent(5_000, 10).unwrap(), (5, false), "the rest, then the end");
+        assert!(old.iter().all(|k| !store.was_sent(k).unwrap()), "past the window: a replay would send again");
         assert!(store.was_sent(&new).unwrap(), "inside the window: a replay sends nothing");
     }
 
     #[test]
-    fn pruning_in_slices_goes_through_every_record_once() {
-        let store = Store::temporary().unwrap();
+    fn records_of_the_earlier_key_layout_still_count_until_pruned_then_the_tree_goes() {
+        let dir = tempfile::tempdir().unwrap();
         let called = PhoneNumber::parse("0312345678").unwrap();
-        for i in 0..25 {
-            store
-                .mark_sent(&SentKey::new(&called, &format!("c-{i:02}"), "a@example.jp"), 1_000 + i % 2 * 8_000)
-                .unwrap();
+        // The same mails as keyed now, by a replay of their CDRs.
+        let key = |call_id: &str| SentKey::new(1_764_000_000, &called, call_id, "a@example.jp");
+        let (old, recent) = (key("c-1"), key("c-2"));
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let legacy = db.open_tree("sent").unwrap();
+            legacy.insert(old.legacy(), &1_000u64.to_be_bytes()).unwrap();
+            legacy.insert(recent.legacy(), &9_000u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
         }
-        let (mut pruned, mut slices, mut after) = (0, 0, None);
-        loop {
-            let (n, next) = store.prune_sent(5_000, after.as_deref(), 10).unwrap();
-            pruned += n;
-            slices += 1;
-            match next {
-                Some(key) => after = Some(key),
-                None => break,
-            }
-        }
-        assert_eq!((pruned, slices), (13, 3), "the 13 old records of 25, ten at a time");
-        assert_eq!(store.sent_tree().len(), 12);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.was_sent(&old).unwrap() && store.was_sent(&recent).unwrap(), "an upgrade forgets nothing");
+
+        assert_eq!(store.prune_legacy_sent(5_000, None, 100).unwrap(), (1, None));
+        assert!(!store.was_sent(&old).unwrap());
+        assert!(store.was_sent(&recent).unwrap());
+        assert_eq!(store.prune_legacy_sent(10_000, None, 100).unwrap(), (1, None));
+        drop(store);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert!(reopened.legacy_sent.is_none(), "an emptied legacy tree is dropped");
+        assert!(!reopened.db.tree_names().iter().any(|n| n.as_ref() == b"sent"));
     }
 }
 
-/// Key of one sent mail: called number, call id and recipient.
+/// The tree of the earlier sent-record layout, if it still holds records; an empty one
+/// is dropped.
+fn legacy_sent(db: &sled::Db) -> Result<Option<(sled::Tree, Arc<std::sync::atomic::AtomicBool>)>, StoreError> {
+    if !db.tree_names().iter().any(|name| name.as_ref() == b"sent") {
+        return Ok(None);
+    }
+    let tree = db.open_tree("sent")?;
+    if tree.is_empty() {
+        drop(tree);
+        db.drop_tree("sent")?;
+        return Ok(None);
+    }
+    Ok(Some((tree, Arc::new(std::sync::atomic::AtomicBool::new(true)))))
+}
+
+/// Key of one sent mail: when the call ended, called number, call id and recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SentKey(Vec<u8>);
 
 impl SentKey {
-    pub fn new(called: &PhoneNumber, call_id: &str, recipient: &str) -> Self {
-        let mut key = Vec::with_capacity(called.as_str().len() + call_id.len() + recipient.len() + 2);
+    /// `ended_at`: the call's end in unix seconds, from its CDR (so a replay of the CDR
+    /// makes the same key).
+    pub fn new(ended_at: i64, called: &PhoneNumber, call_id: &str, recipient: &str) -> Self {
+        let mut key = Vec::with_capacity(8 + called.as_str().len() + call_id.len() + recipient.len() + 2);
+        key.extend_from_slice(&(ended_at.max(0) as u64).to_be_bytes());
         key.extend_from_slice(called.as_str().as_bytes());
         key.push(0);
         key.extend_from_slice(call_id.as_bytes());
         key.push(0);
         key.extend_from_slice(recipient.as_bytes());
         Self(key)
+    }
+
+    /// The key in the earlier layout, without the call end.
+    fn legacy(&self) -> &[u8] {
+        &self.0[8..]
     }
 
     pub fn as_bytes(&self) -> &[u8] {

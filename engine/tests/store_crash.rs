@@ -37,7 +37,8 @@ impl Ack {
 }
 
 fn key(call_id: &str) -> SentKey {
-    SentKey::new(&PhoneNumber::parse(CALLED).unwrap(), call_id, "taro@example.jp")
+    // Queued entries below are for calls that ended at the epoch.
+    SentKey::new(0, &PhoneNumber::parse(CALLED).unwrap(), call_id, "taro@example.jp")
 }
 
 /// xorshift64: where in its run each child is killed; the seed is printed so a failing

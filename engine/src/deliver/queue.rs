@@ -74,7 +74,7 @@ impl Queued {
     /// The mail's sent-mail key.
     pub fn sent_key(&self) -> Result<SentKey, String> {
         let called = PhoneNumber::parse(&self.called).map_err(|e| e.to_string())?;
-        Ok(SentKey::new(&called, &self.call_id, &self.recipient))
+        Ok(SentKey::new(self.ended_at_ms.div_euclid(1000), &called, &self.call_id, &self.recipient))
     }
 }
 

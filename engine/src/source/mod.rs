@@ -255,7 +255,7 @@ fn handle(
     let mut tracker = ctx.tracker.lock().expect("tracker lock");
     let mut mails = Vec::with_capacity(subscription.recipients.len());
     for recipient in &subscription.recipients {
-        let key = SentKey::new(&call.called, &call.call_id, recipient.as_str());
+        let key = SentKey::new(call.ended_at.timestamp(), &call.called, &call.call_id, recipient.as_str());
         if tracker.keys.contains(&key) || ctx.store.was_sent(&key)? {
             stages.metrics.duplicate();
             continue;
