@@ -138,9 +138,9 @@ impl Deliverer {
     /// mail's sent record `key` is on disk when this returns, so a CDR read again after
     /// a crash does not send it twice.
     ///
-    /// If `stop` completes before the server has answered (shutdown's grace period is
-    /// over), the attempt is dropped and the mail queued, due at once: it is sent after
-    /// the next start. Dropped after DATA it may have arrived already, the same
+    /// If `stop` completes before the server has answered (the time for sending at
+    /// shutdown or at a revocation is over), the attempt is dropped and the mail queued,
+    /// due at once: the retry queue sends it, after the next start if shutting down. Dropped after DATA it may have arrived already, the same
     /// ambiguity as a timeout (README, delivery guarantees).
     pub async fn deliver(&self, key: &SentKey, mail: &Mail, origin: &Origin, stop: impl Future<Output = ()>) -> Fate {
         let inner = &*self.inner;
@@ -168,7 +168,7 @@ impl Deliverer {
             }
             None => {
                 tracing::info!(message_id = %mail.message_id, "time for sending is over (shutdown or revocation); mail queued");
-                let reply = "not sent yet when the engine shut down";
+                let reply = "not sent yet when the engine stopped sending (shutdown or revocation)";
                 self.enqueue(Queued::new(mail, origin, reply, Utc::now()), Duration::ZERO).await;
                 Fate::Queued
             }
