@@ -62,8 +62,8 @@ pub struct StoreSettings {
     pub sled_cache_mb: u64,
     /// Days a sent-mail record is kept: replays within it send nothing again.
     pub sent_retention_days: u64,
-    /// Under load, sent records are flushed together at most this often (ms): a crash
-    /// can resend the mails of at most this long; see README, flush policy.
+    /// Above 0, sent records are flushed together at most this often under load (ms):
+    /// a crash can then resend the mails of that long; see README, flush policy.
     pub group_commit_ms: u64,
 }
 

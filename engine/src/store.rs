@@ -177,7 +177,7 @@ struct Flusher {
 }
 
 /// `store.group_commit_ms` unless set.
-const DEFAULT_GROUP_COMMIT_MS: u64 = 20;
+const DEFAULT_GROUP_COMMIT_MS: u64 = 0;
 
 struct FlushRequest {
     db: sled::Db,
@@ -200,7 +200,7 @@ impl Flusher {
                     // Under load, requests gather until `every` after the last flush
                     // began: fewer, larger flushes. An idle store flushes at once.
                     let gap = std::time::Duration::from_millis(every.load(std::sync::atomic::Ordering::Relaxed));
-                    if let Some(last) = last_flush {
+                    if let Some(last) = last_flush.filter(|_| !gap.is_zero()) {
                         std::thread::sleep(gap.saturating_sub(last.elapsed()));
                     }
                     last_flush = Some(std::time::Instant::now());
