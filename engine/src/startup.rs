@@ -139,9 +139,8 @@ impl Application {
         let renderer = Renderer::new(from);
         let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
         let (retries_stop, retries_stopped) = tokio::sync::oneshot::channel::<()>();
-        // Like first attempts (see `source`), retries under way get three quarters of
-        // the grace period at shutdown.
-        let finish = Duration::from_secs(settings.engine.shutdown_grace_secs) * 3 / 4;
+        // Retries under way at shutdown get the same time as first attempts.
+        let finish = source::sending_time(Duration::from_secs(settings.engine.shutdown_grace_secs));
         let retries = tokio::spawn(deliverer.clone().run_retries(
             async {
                 let _ = retries_stopped.await;

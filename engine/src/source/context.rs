@@ -130,12 +130,13 @@ impl SourceContext {
         true
     }
 
-    /// Waits three quarters of `grace` for the mails in flight on the given partitions
-    /// (all if `None`) to be sent, then has the ones not answered yet queued and waits
-    /// the rest of it for that. Returns whether everything finished.
+    /// Waits [`super::sending_time`] of `grace` for the mails in flight on the given
+    /// partitions (all if `None`) to be sent, then has the ones not answered yet queued
+    /// and waits the rest of it for that. Returns whether everything finished.
     pub(super) fn finish_or_queue(&self, only: Option<&HashSet<(usize, i32)>>, grace: Duration) -> bool {
-        let deadline = Instant::now() + grace;
-        if self.settle(only, deadline - grace / 4) {
+        let start = Instant::now();
+        let deadline = start + grace;
+        if self.settle(only, start + super::sending_time(grace)) {
             return true;
         }
         let left = self.tracker.lock().expect("tracker lock").in_flight;

@@ -81,6 +81,12 @@ pub enum SourceError {
     Store(#[from] StoreError),
 }
 
+/// Of a grace period (at shutdown, or for a revoked partition), the time mails in
+/// flight get to be sent; the rest is for queuing those left and committing.
+pub fn sending_time(grace: Duration) -> Duration {
+    grace * 3 / 4
+}
+
 /// How often stored offsets are committed, each time after a store flush.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -221,7 +227,6 @@ fn handle(
     };
     let (partition, offset) = (message.partition(), message.offset());
     let tp = (topic, partition);
-    let cancel = Cancel { stopping: stopping.clone(), tp };
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
     let (call, subscription) = match classify(format, payload, &stages.resolver)? {
@@ -238,7 +243,7 @@ fn handle(
             ctx.tracker.lock().expect("tracker lock").started(tp, offset);
             let (dead_letters, tx) = (stages.dead_letters.clone(), tx.clone());
             let (source, raw, error) = (message.topic().to_owned(), payload.to_vec(), e.to_string());
-            let cancelled = cancel.cancelled();
+            let cancelled = Cancel { stopping: stopping.clone(), tp }.cancelled();
             stages.runtime.spawn(async move {
                 tokio::select! {
                     () = dead_letters.cdr_rejected(&source, partition, offset, format, &error, &raw) => {
@@ -280,7 +285,7 @@ fn handle(
     drop(tracker);
     let origin =
         crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
-    let (deliverer, tx) = (stages.deliverer.clone(), tx.clone());
+    let (deliverer, tx, cancel) = (stages.deliverer.clone(), tx.clone(), Cancel { stopping: stopping.clone(), tp });
     stages.runtime.spawn(async move {
         let mut done = Vec::with_capacity(mails.len());
         for (key, mail) in mails {
