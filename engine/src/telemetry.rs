@@ -105,7 +105,11 @@ impl Metrics {
             Some(Unit::Count),
             "Mails held back by rate limits, by limit (global rate or per-recipient flood)",
         );
-        describe(MAILS_RETRIED, Some(Unit::Count), "Send attempts retried after a temporary failure");
+        describe(
+            MAILS_RETRIED,
+            Some(Unit::Count),
+            "Mails put (back) into the retry queue: temporary failures, or unsent at shutdown or revocation",
+        );
         describe(
             MAILS_DUPLICATE,
             Some(Unit::Count),
