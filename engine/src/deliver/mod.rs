@@ -21,6 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use self::client::ClientError;
 use self::queue::{Entry, Queued, RetryQueue, Slot};
 use self::smtp::{SendError, SmtpPool};
 use crate::config::SmtpSettings;
@@ -30,6 +31,7 @@ use crate::render::Mail;
 use crate::store::{SentKey, Store, StoreError};
 use crate::telemetry::Metrics;
 
+mod client;
 pub mod queue;
 mod smtp;
 
@@ -446,9 +448,10 @@ async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
 /// send, is permanent; everything about the connection may pass. A timeout after DATA
 /// is retried although the mail may have arrived: a possible duplicate beats a loss.
 fn classify(e: SendError) -> Attempt {
-    match e {
-        SendError::Smtp(e) if e.is_permanent() || e.is_client() => Attempt::Permanent(e.to_string()),
-        other => Attempt::Temporary(other.to_string()),
+    match &e {
+        SendError::Client(ClientError::Refused(ref reply)) if reply.code >= 500 => Attempt::Permanent(e.to_string()),
+        SendError::Client(ClientError::Unsendable(_)) => Attempt::Permanent(e.to_string()),
+        _ => Attempt::Temporary(e.to_string()),
     }
 }
 
