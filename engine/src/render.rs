@@ -1,7 +1,7 @@
 //! Render stage: the notification mail for one call and one recipient (R-M1, R-M2).
 //!
-//! The mail is Japanese plain text in UTF-8; lettre encodes the subject (RFC 2047) and
-//! the body (base64 where needed). The Message-ID depends only on the call id, the
+//! The mail is Japanese plain text in UTF-8, written by hand: the subject in RFC 2047
+//! encoded words, the body in base64. The Message-ID depends only on the call id, the
 //! called number and the recipient, so a replayed CDR renders the very same mail and a
 //! receiver (or the load tester) can recognise a duplicate.
 

@@ -436,3 +436,182 @@ fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
 fn closed(answered: bool) -> impl Fn(std::io::Error) -> ClientError {
     move |source| ClientError::Closed { source, answered }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+
+    const USER: &str = "callnotify";
+    const PASSWORD: &str = "s3cret";
+
+    /// A scripted one-connection SMTP server. It advertises `extensions` (`NO-EHLO`: it
+    /// refuses EHLO), checks AUTH against [`USER`]/[`PASSWORD`], and returns every line it
+    /// read, the message as one entry, still dot-stuffed. Without PIPELINING advertised
+    /// it refuses a command that arrives before the previous one was answered, as postfix
+    /// does; with `hold`, it answers MAIL and RCPT only once DATA has arrived.
+    async fn server(extensions: &'static [&'static str], hold: bool) -> (u16, JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let serve = async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (rd, mut wr) = socket.into_split();
+            let mut rd = BufReader::new(rd);
+            let pipelining = extensions.contains(&"PIPELINING");
+            let (mut seen, mut held, mut login) = (Vec::new(), String::new(), None);
+            wr.write_all(b"220 scripted ESMTP\r\n").await.unwrap();
+            loop {
+                let mut line = String::new();
+                if rd.read_line(&mut line).await.unwrap() == 0 {
+                    return seen;
+                }
+                let line = line.trim_end().to_owned();
+                seen.push(line.clone());
+                let verb = line.split(' ').next().unwrap().to_ascii_uppercase();
+                let reply = if !pipelining && !rd.buffer().is_empty() {
+                    "554 5.5.0 improper command pipelining".to_owned()
+                } else if let Some(step) = login.take() {
+                    match (line == BASE64.encode([USER, PASSWORD][step]), step) {
+                        (false, _) => "535 5.7.8 bad credentials",
+                        (true, 0) => {
+                            login = Some(1);
+                            "334 UGFzc3dvcmQ6"
+                        }
+                        (true, _) => "235 2.7.0 ok",
+                    }
+                    .to_owned()
+                } else {
+                    match verb.as_str() {
+                        "EHLO" if extensions.contains(&"NO-EHLO") => "500 5.5.1 what?".to_owned(),
+                        "EHLO" => {
+                            extensions.iter().fold("250-scripted".to_owned(), |r, e| r + "\r\n250-" + e)
+                                + "\r\n250 SIZE 1000000"
+                        }
+                        "AUTH" if line == format!("AUTH PLAIN {}", BASE64.encode(format!("\0{USER}\0{PASSWORD}"))) => {
+                            "235 2.7.0 ok".to_owned()
+                        }
+                        "AUTH" if line == "AUTH LOGIN" => {
+                            login = Some(0);
+                            "334 VXNlcm5hbWU6".to_owned()
+                        }
+                        "AUTH" => "535 5.7.8 bad credentials".to_owned(),
+                        "MAIL" | "RCPT" if hold => {
+                            held.push_str("250 ok\r\n");
+                            continue;
+                        }
+                        "DATA" => {
+                            wr.write_all(format!("{held}354 go ahead\r\n").as_bytes()).await.unwrap();
+                            let mut message = String::new();
+                            while !message.ends_with("\r\n.\r\n") {
+                                assert!(rd.read_line(&mut message).await.unwrap() > 0, "the message ended early");
+                            }
+                            seen.push(message);
+                            "250 2.0.0 queued".to_owned()
+                        }
+                        _ => "250 ok".to_owned(),
+                    }
+                };
+                wr.write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();
+            }
+        };
+        (port, tokio::spawn(serve))
+    }
+
+    fn envelope() -> Envelope {
+        Envelope::new(Some("no-reply@example.jp".parse().unwrap()), vec!["taro@example.jp".parse().unwrap()]).unwrap()
+    }
+
+    /// Opens a session and sends `message`, within 10 s: a client waiting for a reply
+    /// the server holds back would hang. Then returns what the server read.
+    async fn send(
+        (port, server): (u16, JoinHandle<Vec<String>>),
+        credentials: Option<(&str, &str)>,
+        message: &[u8],
+    ) -> Result<Vec<String>, ClientError> {
+        let sending = async {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let mut conn = Connection::open(tcp, &Session { tls: None, hello: "client.test", credentials }).await?;
+            conn.send(&envelope(), message).await
+        };
+        tokio::time::timeout(Duration::from_secs(10), sending).await.expect("the client hung")?;
+        Ok(server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_offered_mail_rcpt_and_data_go_out_without_waiting_for_replies() {
+        // The server answers nothing before DATA: a client waiting for each reply would hang.
+        let seen = send(server(&["PIPELINING"], true).await, None, b"Subject: hi\r\n\r\nbody\r\n").await.unwrap();
+        assert_eq!(&seen[1..4], ["MAIL FROM:<no-reply@example.jp>", "RCPT TO:<taro@example.jp>", "DATA"]);
+        assert_eq!(seen[4], "Subject: hi\r\n\r\nbody\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn without_pipelining_each_command_waits_for_its_reply() {
+        let seen =
+            send(server(&[], false).await, None, b"Subject: hi\r\n\r\nbody\r\n").await.expect("no command refused");
+        assert_eq!(&seen[1..4], ["MAIL FROM:<no-reply@example.jp>", "RCPT TO:<taro@example.jp>", "DATA"]);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_ehlo_is_greeted_with_helo() {
+        let seen = send(server(&["NO-EHLO"], false).await, None, b"Subject: hi\r\n\r\nbody").await.unwrap();
+        assert_eq!(&seen[..2], ["EHLO client.test", "HELO client.test"]);
+        assert_eq!(seen[5], "Subject: hi\r\n\r\nbody\r\n.\r\n", "the last line is ended before the dot");
+    }
+
+    #[tokio::test]
+    async fn logs_in_with_auth_plain_or_auth_login_whichever_is_offered() {
+        let credentials = Some((USER, PASSWORD));
+        let seen = send(server(&["PIPELINING", "AUTH LOGIN PLAIN"], false).await, credentials, b"x\r\n").await.unwrap();
+        assert!(seen[1].starts_with("AUTH PLAIN "), "{seen:?}");
+        let seen = send(server(&["AUTH=LOGIN"], false).await, credentials, b"x\r\n").await.unwrap();
+        assert_eq!(seen[1], "AUTH LOGIN");
+    }
+
+    #[tokio::test]
+    async fn a_refused_login_is_a_session_refusal_not_a_refused_mail() {
+        for offered in ["AUTH PLAIN", "AUTH LOGIN"] {
+            let extensions: &'static [&'static str] =
+                if offered == "AUTH PLAIN" { &["AUTH PLAIN"] } else { &["AUTH LOGIN"] };
+            let refused = send(server(extensions, false).await, Some((USER, "wrong")), b"x\r\n").await.unwrap_err();
+            assert!(matches!(&refused, ClientError::Session(Reply { code: 535, .. })), "{offered}: {refused}");
+            assert!(!refused.to_string().contains("wrong"), "the password is never in an error: {refused}");
+        }
+        let none = send(server(&[], false).await, Some((USER, PASSWORD)), b"x\r\n").await.unwrap_err();
+        assert!(none.to_string().contains("neither AUTH PLAIN nor AUTH LOGIN"), "{none}");
+    }
+
+    #[tokio::test]
+    async fn starttls_is_required_when_configured() {
+        let (port, _server) = server(&["PIPELINING"], false).await;
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let roots = tokio_rustls::rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let config = Arc::new(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        let target = TlsTarget { config: &config, name: ServerName::try_from("mx.example.jp").unwrap() };
+        let session = Session { tls: Some((TlsStart::Starttls, target)), hello: "client.test", credentials: None };
+        let refused = Connection::open(tcp, &session).await.err().expect("no plaintext fallback");
+        assert!(refused.to_string().contains("does not offer STARTTLS"), "{refused}");
+    }
+
+    #[test]
+    fn lines_starting_with_a_dot_are_doubled_so_the_message_cannot_end_early() {
+        let mut out = Vec::new();
+        dot_stuff(b".first\r\nmid\r\n.\r\n..two\r\nlast", &mut out);
+        assert_eq!(out, b"..first\r\nmid\r\n..\r\n...two\r\nlast\r\n.\r\n");
+    }
+
+    #[test]
+    fn replies_are_read_by_rfc_5321_s_grammar() {
+        assert_eq!(parse_line(b"250-PIPELINING"), Some((250, true, &b"PIPELINING"[..])));
+        assert_eq!(parse_line(b"550 5.1.1 unknown"), Some((550, false, &b"5.1.1 unknown"[..])));
+        assert_eq!(parse_line(b"354"), Some((354, false, &b""[..])));
+        for bad in [&b"hello"[..], b"25", b"2500 x", b"650 x", b"25a x"] {
+            assert_eq!(parse_line(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}

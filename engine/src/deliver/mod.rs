@@ -523,6 +523,18 @@ pub(crate) mod tests {
         assert!(refused.contains("550"), "the subscriber sees the server's answer: {refused}");
     }
 
+    #[test]
+    fn r_m4_a_refused_mail_is_given_up_but_a_refused_login_waits_in_the_queue() {
+        use self::client::Reply;
+        let reply = |code| Reply { code, text: "5.7.8 no".into() };
+        let refused = |e| classify(SendError::Client(e));
+        assert!(matches!(refused(ClientError::Refused(reply(550))), Attempt::Permanent(_)));
+        assert!(matches!(refused(ClientError::Refused(reply(451))), Attempt::Temporary(_)));
+        // Wrong credentials or a server refusing sessions are the operator's to fix: no
+        // mail is given up for them.
+        assert!(matches!(refused(ClientError::Session(reply(535))), Attempt::Temporary(_)));
+    }
+
     #[tokio::test]
     async fn send_tests_are_limited_per_number_so_the_button_cannot_spam() {
         let sink = SmtpSink::start(0).await.unwrap();
