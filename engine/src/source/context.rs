@@ -153,6 +153,16 @@ impl SourceContext {
         finished
     }
 
+    /// Waits up to `timeout` for a completion, then applies it and every other one
+    /// already reported.
+    pub(super) fn await_completion(&self, timeout: Duration) {
+        let next = self.completions.lock().expect("completions lock").recv_timeout(timeout);
+        if let Ok(c) = next {
+            self.apply(c);
+            self.drain();
+        }
+    }
+
     /// Applies every completion already reported, without waiting.
     pub(super) fn drain(&self) {
         loop {

@@ -87,6 +87,10 @@ pub fn sending_time(grace: Duration) -> Duration {
     grace * 3 / 4
 }
 
+/// How long the consumer waits, at `engine.max_in_flight`, for a mail to finish before
+/// it pauses its partitions.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
 /// How often stored offsets are committed, each time after a store flush.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -165,6 +169,7 @@ fn run(
     let ctx = consumer.context();
     let stopping = ctx.stopping.subscribe();
     let mut paused = false;
+    let mut full_since: Option<Instant> = None;
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if last_commit.elapsed() >= COMMIT_INTERVAL {
@@ -174,27 +179,36 @@ fn run(
         if let Some(rejoin) = &ctx.rejoin {
             rejoin.step(&consumer)?;
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        // Backpressure: with `max_in_flight` CDRs waiting on mails, the next CDR waits
+        // for one of them to finish. Not polling meanwhile keeps what librdkafka fetched
+        // ahead. A mail server that finishes nothing for PAUSE_AFTER gets the partitions
+        // paused instead, and polling goes on so the consumer serves rebalances and stays
+        // in the group. Fetching resumes at half the limit: librdkafka drops what it had
+        // fetched ahead at the pause, and a resume takes it a few hundred ms to fetch again.
+        let in_flight = ctx.tracker.lock().expect("tracker lock").in_flight;
+        if in_flight < max_in_flight {
+            full_since = None;
+        } else if !paused {
+            let since = *full_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < PAUSE_AFTER {
+                ctx.await_completion(Duration::from_millis(10));
+                continue;
+            }
+            consumer.pause(&consumer.assignment()?)?;
+            paused = true;
+            tracing::info!(in_flight, "consumer paused until mails drain");
+        }
+        if paused && in_flight <= max_in_flight / 2 {
+            consumer.resume(&consumer.assignment()?)?;
+            paused = false;
+            tracing::info!(in_flight, "consumer resumed");
+        }
+        match consumer.poll(Duration::from_millis(if paused { 10 } else { 100 })) {
             Some(Ok(message)) => handle(&consumer, stages, &tx, &stopping, &message)?,
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
         }
         ctx.drain();
-        // Backpressure: a slow mail server pauses fetching instead of piling up work;
-        // polling goes on so the group membership stays alive. Fetching resumes at half
-        // the limit, since every resume costs a re-fetch.
-        let in_flight = ctx.tracker.lock().expect("tracker lock").in_flight;
-        if !paused && in_flight >= max_in_flight {
-            consumer.pause(&consumer.assignment()?)?;
-            paused = true;
-            tracing::info!(in_flight, "consumer paused until mails drain");
-        } else if paused && in_flight <= max_in_flight / 2 {
-            // librdkafka drops what it had fetched ahead at the pause and fetches again
-            // from the first message not yet handed to us.
-            consumer.resume(&consumer.assignment()?)?;
-            paused = false;
-            tracing::info!(in_flight, "consumer resumed");
-        }
     }
     if !ctx.finish_or_queue(None, grace) {
         let left = ctx.tracker.lock().expect("tracker lock").in_flight;

@@ -235,3 +235,39 @@ async fn a_timeout_or_a_dropped_connection_after_data_is_retried() {
     assert!(stopped.metric("callnotify_mails_retried_total") >= 1.0);
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 2.0);
 }
+
+/// Backpressure: with `engine.max_in_flight` CDRs waiting on a mail server that does not
+/// answer, the engine reads no further CDR (first by not polling, after a second by
+/// pausing its partitions) and holds them all. Once the mails time out into the retry
+/// queue, it reads on, and every mail arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_server_that_stops_answering_holds_the_engine_at_max_in_flight_and_nothing_is_lost() {
+    const CALLS: usize = 12;
+    let h = Harness::new(1).await;
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "4"),
+            ("CALLNOTIFY__SMTP__TIMEOUT_SECS", "4"),
+            ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "100"),
+        ])
+        .await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+    h.sink.after_data(DataFault::Hang, 4);
+    let cdrs: Vec<String> =
+        (0..CALLS).map(|i| cdr(&format!("held-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    h.produce(TOPIC, &cdrs).await;
+
+    engine.wait_metric("callnotify_cdrs_in_flight", 4.0).await;
+    // Past the wait before pausing (1 s), still within the mail server's 4 s timeout.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    assert_eq!(engine.metric("callnotify_cdrs_consumed_total"), 4.0, "nothing read beyond the limit");
+    assert_eq!(engine.metric("callnotify_cdrs_in_flight"), 4.0);
+
+    let mails = h.mails(CALLS).await;
+    let stopped = engine.stop().await;
+    let mut ids: Vec<String> = mails.iter().map(|m| parse(m).message_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), CALLS, "every mail once");
+    assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), CALLS as f64, "each CDR read once");
+}
