@@ -257,12 +257,19 @@ enum Next {
     Quit,
 }
 
+/// Serves one connection. Replies are buffered while pipelined commands are still
+/// waiting to be read, and written together once there are none (RFC 2920, as postfix
+/// does): a reply of its own per command would, with Nagle's algorithm, wait for the
+/// client's delayed ACK.
 async fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    let (rd, mut wr) = stream.into_split();
+    stream.set_nodelay(true)?;
+    let (rd, wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
+    let mut wr = tokio::io::BufWriter::new(wr);
     let mut line = Vec::new();
     let mut s = Session::default();
     wr.write_all(b"220 callnotify-sink ESMTP\r\n").await?;
+    wr.flush().await?;
     loop {
         let next = match read_line(&mut rd, &mut line, MAX_COMMAND_LINE).await? {
             Line::Eof => return Ok(()),
@@ -274,9 +281,13 @@ async fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         };
         let reply = match next {
             Next::Reply(r) => r,
-            Next::Quit => return wr.write_all(b"221 2.0.0 bye\r\n").await,
+            Next::Quit => {
+                wr.write_all(b"221 2.0.0 bye\r\n").await?;
+                return wr.flush().await;
+            }
             Next::Data => {
                 wr.write_all(b"354 end data with <CRLF>.<CRLF>\r\n").await?;
+                wr.flush().await?;
                 let Some(data) = read_data(&mut rd, &mut line).await? else {
                     return Ok(());
                 };
@@ -296,13 +307,18 @@ async fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                     // Recorded only after the 250 is written, so the count never includes a
                     // mail whose client got no final reply (delivery tests rely on that).
                     wr.write_all(b"250 2.0.0 accepted\r\n").await?;
+                    wr.flush().await?;
                     let received_at = SystemTime::now();
                     shared.record(ReceivedMail { mail_from, rcpt_to, data, received_at });
                     continue;
                 }
             }
         };
-        wr.write_all(format!("{reply}\r\n").as_bytes()).await?;
+        wr.write_all(reply.as_bytes()).await?;
+        wr.write_all(b"\r\n").await?;
+        if rd.buffer().is_empty() {
+            wr.flush().await?;
+        }
     }
 }
 
