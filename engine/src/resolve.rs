@@ -68,7 +68,8 @@ pub struct Resolver {
 
 impl Resolver {
     /// A resolver over `store` caching at most `capacity` subscriptions. Reads every
-    /// number once to know which have the service: call it where blocking is fine.
+    /// number once to know which have the service, and caches the first `capacity`
+    /// subscriptions: call it where blocking is fine.
     pub fn new(store: Store, capacity: u64) -> Result<Self, StoreError> {
         let cache: Cache<PhoneNumber, Arc<Subscription>> = Cache::new(capacity);
         let subscribed = Arc::new(DashSet::new());
@@ -85,11 +86,18 @@ impl Resolver {
                 cache.invalidate(number);
             });
         }
-        // After registering, so a write during the scan is not missed.
+        // After registering, so a write during the scan is not missed. The cache is
+        // filled on the way, up to its capacity, so the first calls after a start do not
+        // each read sled; a write during the scan stops that (its record may be stale).
+        let scan_start = generation.load(Ordering::Acquire);
+        let mut warm = 0;
         for record in store.numbers() {
             let record = record?;
-            if record.services.call {
-                subscribed.insert(record.number);
+            let Some(subscription) = Subscription::from_record(&record) else { continue };
+            subscribed.insert(record.number);
+            if warm < capacity && generation.load(Ordering::Acquire) == scan_start {
+                cache.insert(record.number, Arc::new(subscription));
+                warm += 1;
             }
         }
         Ok(Self { store, cache, subscribed, generation })
@@ -119,6 +127,12 @@ impl Resolver {
     /// How many numbers have call notification contracted.
     pub fn subscribed_numbers(&self) -> usize {
         self.subscribed.len()
+    }
+
+    /// How many subscriptions the cache holds.
+    pub fn cached_subscriptions(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
     }
 
     pub fn store(&self) -> &Store {
@@ -179,6 +193,24 @@ mod tests {
         let restarted = Resolver::new(store.clone(), 100).unwrap();
         assert!(restarted.resolve(&n).unwrap().is_some());
         assert!(resolver.resolve(&n).unwrap().is_some(), "and the running one saw it too");
+    }
+
+    #[test]
+    fn a_started_resolver_has_the_subscriptions_cached_up_to_its_capacity_and_saves_still_apply() {
+        let store = Store::temporary().unwrap();
+        for n in ["0312345601", "0312345602", "0312345603"] {
+            provision(&store, n, CallSettings { enabled: true, ..Default::default() });
+        }
+        let resolver = Resolver::new(store.clone(), 2).unwrap();
+        assert_eq!(resolver.cached_subscriptions(), 2, "filled at start, never past the capacity");
+        assert_eq!(Resolver::new(store.clone(), 100).unwrap().cached_subscriptions(), 3);
+
+        // R-N1: stopping takes effect at once, cached at start or not.
+        for n in ["0312345601", "0312345602", "0312345603"].map(number) {
+            let settings = CallSettings { enabled: false, ..Default::default() };
+            store.save_call_settings(&n, sub_version(&store, &n), settings).unwrap();
+            assert!(!resolver.resolve(&n).unwrap().expect("provisioned").enabled);
+        }
     }
 
     fn sub_version(store: &Store, n: &PhoneNumber) -> u64 {

@@ -102,6 +102,7 @@ impl Application {
             tracing::info!(
                 numbers = store.number_count(),
                 subscribed = resolver.subscribed_numbers(),
+                cached = resolver.cached_subscriptions(),
                 took = ?started.elapsed(),
                 "subscriptions indexed"
             );
