@@ -441,9 +441,10 @@ fn closed(answered: bool) -> impl Fn(std::io::Error) -> ClientError {
 mod tests {
     use std::time::Duration;
 
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
     use tokio::net::TcpListener;
     use tokio::task::JoinHandle;
+    use tokio_rustls::TlsAcceptor;
 
     use super::*;
 
@@ -456,70 +457,161 @@ mod tests {
     /// it refuses a command that arrives before the previous one was answered, as postfix
     /// does; with `hold`, it answers MAIL and RCPT only once DATA has arrived.
     async fn server(extensions: &'static [&'static str], hold: bool) -> (u16, JoinHandle<Vec<String>>) {
+        server_with(extensions, hold, None).await
+    }
+
+    /// [`server`], doing TLS from the start (`Implicit`) or after STARTTLS (which it then
+    /// advertises) with `acceptor`.
+    async fn server_with(
+        extensions: &'static [&'static str],
+        hold: bool,
+        tls: Option<(TlsStart, TlsAcceptor)>,
+    ) -> (u16, JoinHandle<Vec<String>>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let serve = async move {
             let (socket, _) = listener.accept().await.unwrap();
-            let (rd, mut wr) = socket.into_split();
-            let mut rd = BufReader::new(rd);
-            let pipelining = extensions.contains(&"PIPELINING");
-            let (mut seen, mut held, mut login) = (Vec::new(), String::new(), None);
-            wr.write_all(b"220 scripted ESMTP\r\n").await.unwrap();
-            loop {
-                let mut line = String::new();
-                if rd.read_line(&mut line).await.unwrap() == 0 {
-                    return seen;
+            let mut seen = Vec::new();
+            match tls {
+                None => {
+                    session(&mut BufReader::new(socket), extensions, hold, false, &mut seen).await;
                 }
-                let line = line.trim_end().to_owned();
-                seen.push(line.clone());
-                let verb = line.split(' ').next().unwrap().to_ascii_uppercase();
-                let reply = if !pipelining && !rd.buffer().is_empty() {
-                    "554 5.5.0 improper command pipelining".to_owned()
-                } else if let Some(step) = login.take() {
-                    match (line == BASE64.encode([USER, PASSWORD][step]), step) {
-                        (false, _) => "535 5.7.8 bad credentials",
-                        (true, 0) => {
-                            login = Some(1);
-                            "334 UGFzc3dvcmQ6"
-                        }
-                        (true, _) => "235 2.7.0 ok",
+                Some((TlsStart::Implicit, acceptor)) => {
+                    let Ok(tls) = acceptor.accept(socket).await else { return seen };
+                    session(&mut BufReader::new(tls), extensions, hold, false, &mut seen).await;
+                }
+                Some((TlsStart::Starttls, acceptor)) => {
+                    let mut plain = BufReader::new(socket);
+                    if session(&mut plain, extensions, hold, true, &mut seen).await {
+                        let Ok(tls) = acceptor.accept(plain.into_inner()).await else { return seen };
+                        seen.push("(TLS)".into());
+                        session(&mut BufReader::new(tls), extensions, hold, false, &mut seen).await;
                     }
-                    .to_owned()
-                } else {
-                    match verb.as_str() {
-                        "EHLO" if extensions.contains(&"NO-EHLO") => "500 5.5.1 what?".to_owned(),
-                        "EHLO" => {
-                            extensions.iter().fold("250-scripted".to_owned(), |r, e| r + "\r\n250-" + e)
-                                + "\r\n250 SIZE 1000000"
-                        }
-                        "AUTH" if line == format!("AUTH PLAIN {}", BASE64.encode(format!("\0{USER}\0{PASSWORD}"))) => {
-                            "235 2.7.0 ok".to_owned()
-                        }
-                        "AUTH" if line == "AUTH LOGIN" => {
-                            login = Some(0);
-                            "334 VXNlcm5hbWU6".to_owned()
-                        }
-                        "AUTH" => "535 5.7.8 bad credentials".to_owned(),
-                        "MAIL" | "RCPT" if hold => {
-                            held.push_str("250 ok\r\n");
-                            continue;
-                        }
-                        "DATA" => {
-                            wr.write_all(format!("{held}354 go ahead\r\n").as_bytes()).await.unwrap();
-                            let mut message = String::new();
-                            while !message.ends_with("\r\n.\r\n") {
-                                assert!(rd.read_line(&mut message).await.unwrap() > 0, "the message ended early");
-                            }
-                            seen.push(message);
-                            "250 2.0.0 queued".to_owned()
-                        }
-                        _ => "250 ok".to_owned(),
-                    }
-                };
-                wr.write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();
+                }
             }
+            seen
         };
         (port, tokio::spawn(serve))
+    }
+
+    /// Serves commands until the client leaves, or asks for STARTTLS (when `starttls`
+    /// is offered; then returns true). The greeting is sent unless this is the session
+    /// after a STARTTLS.
+    async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+        rd: &mut BufReader<S>,
+        extensions: &'static [&'static str],
+        hold: bool,
+        starttls: bool,
+        seen: &mut Vec<String>,
+    ) -> bool {
+        let pipelining = extensions.contains(&"PIPELINING");
+        let (mut held, mut login) = (String::new(), None);
+        if seen.is_empty() {
+            rd.get_mut().write_all(b"220 scripted ESMTP\r\n").await.unwrap();
+            rd.get_mut().flush().await.unwrap();
+        }
+        loop {
+            let mut line = String::new();
+            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return false;
+            }
+            let line = line.trim_end().to_owned();
+            seen.push(line.clone());
+            let verb = line.split(' ').next().unwrap().to_ascii_uppercase();
+            let reply = if !pipelining && !rd.buffer().is_empty() {
+                "554 5.5.0 improper command pipelining".to_owned()
+            } else if let Some(step) = login.take() {
+                match (line == BASE64.encode([USER, PASSWORD][step]), step) {
+                    (false, _) => "535 5.7.8 bad credentials",
+                    (true, 0) => {
+                        login = Some(1);
+                        "334 UGFzc3dvcmQ6"
+                    }
+                    (true, _) => "235 2.7.0 ok",
+                }
+                .to_owned()
+            } else {
+                match verb.as_str() {
+                    "EHLO" if extensions.contains(&"NO-EHLO") => "500 5.5.1 what?".to_owned(),
+                    "EHLO" => {
+                        let offered = extensions.iter().fold("250-scripted".to_owned(), |r, e| r + "\r\n250-" + e);
+                        offered + if starttls { "\r\n250-STARTTLS" } else { "" } + "\r\n250 SIZE 1000000"
+                    }
+                    "STARTTLS" if starttls => {
+                        rd.get_mut().write_all(b"220 2.0.0 go ahead\r\n").await.unwrap();
+                        rd.get_mut().flush().await.unwrap();
+                        return true;
+                    }
+                    "AUTH" if line == format!("AUTH PLAIN {}", BASE64.encode(format!("\0{USER}\0{PASSWORD}"))) => {
+                        "235 2.7.0 ok".to_owned()
+                    }
+                    "AUTH" if line == "AUTH LOGIN" => {
+                        login = Some(0);
+                        "334 VXNlcm5hbWU6".to_owned()
+                    }
+                    "AUTH" => "535 5.7.8 bad credentials".to_owned(),
+                    "MAIL" | "RCPT" if hold => {
+                        held.push_str("250 ok\r\n");
+                        continue;
+                    }
+                    "DATA" => {
+                        rd.get_mut().write_all(format!("{held}354 go ahead\r\n").as_bytes()).await.unwrap();
+                        rd.get_mut().flush().await.unwrap();
+                        let mut message = String::new();
+                        while !message.ends_with("\r\n.\r\n") {
+                            assert!(rd.read_line(&mut message).await.unwrap() > 0, "the message ended early");
+                        }
+                        seen.push(message);
+                        "250 2.0.0 queued".to_owned()
+                    }
+                    _ => "250 ok".to_owned(),
+                }
+            };
+            rd.get_mut().write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();
+            rd.get_mut().flush().await.unwrap();
+        }
+    }
+
+    /// A test CA and a certificate it issued for `mx.example.jp`: a client trusting the
+    /// CA, and a server presenting the certificate.
+    fn certificates() -> (Arc<ClientConfig>, TlsAcceptor) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["mx.example.jp".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let client = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        let key = tokio_rustls::rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let server = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.der().clone()], key.into())
+            .unwrap();
+        (Arc::new(client), TlsAcceptor::from(Arc::new(server)))
+    }
+
+    /// Opens a TLS session as `name` (`start` as the server does it) and sends a mail.
+    async fn send_over_tls(
+        start: TlsStart,
+        name: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> (Result<(), ClientError>, Vec<String>) {
+        let (config, acceptor) = certificates();
+        let (port, server) = server_with(&["PIPELINING", "AUTH PLAIN"], false, Some((start, acceptor))).await;
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let target = TlsTarget { config: &config, name: ServerName::try_from(name.to_owned()).unwrap() };
+        let session = Session { tls: Some((start, target)), hello: "client.test", credentials };
+        let sent = async {
+            let mut conn = Connection::open(tcp, &session).await?;
+            conn.send(&envelope(), b"Subject: hi\r\n\r\nover TLS\r\n").await
+        };
+        let sent = tokio::time::timeout(Duration::from_secs(10), sent).await.expect("the client hung");
+        (sent, server.await.unwrap())
     }
 
     fn envelope() -> Envelope {
@@ -596,6 +688,35 @@ mod tests {
         let session = Session { tls: Some((TlsStart::Starttls, target)), hello: "client.test", credentials: None };
         let refused = Connection::open(tcp, &session).await.err().expect("no plaintext fallback");
         assert!(refused.to_string().contains("does not offer STARTTLS"), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn starttls_upgrades_the_session_before_ehlo_auth_and_the_mail() {
+        let (sent, seen) = send_over_tls(TlsStart::Starttls, "mx.example.jp", Some((USER, PASSWORD))).await;
+        sent.expect("sent over TLS");
+        let tls = seen.iter().position(|l| l == "(TLS)").expect("the handshake happened");
+        assert_eq!(&seen[..tls], ["EHLO client.test", "STARTTLS"], "nothing but EHLO in plaintext");
+        assert_eq!(seen[tls + 1], "EHLO client.test", "greeted again over TLS");
+        assert!(seen[tls + 2].starts_with("AUTH PLAIN "), "credentials only over TLS: {seen:?}");
+        assert_eq!(seen.last().unwrap(), "Subject: hi\r\n\r\nover TLS\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_sends_the_mail_over_tls_from_the_start() {
+        let (sent, seen) = send_over_tls(TlsStart::Implicit, "mx.example.jp", None).await;
+        sent.expect("sent over TLS");
+        assert_eq!(seen[0], "EHLO client.test");
+        assert_eq!(seen.last().unwrap(), "Subject: hi\r\n\r\nover TLS\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_another_name_is_refused_before_anything_is_sent() {
+        for start in [TlsStart::Starttls, TlsStart::Implicit] {
+            let (sent, seen) = send_over_tls(start, "other.example.jp", Some((USER, PASSWORD))).await;
+            let refused = sent.expect_err("the name does not match");
+            assert!(matches!(refused, ClientError::Tls(_)), "{start:?}: {refused}");
+            assert!(!seen.iter().any(|l| l.starts_with("AUTH") || l.starts_with("MAIL")), "{start:?}: {seen:?}");
+        }
     }
 
     #[test]
