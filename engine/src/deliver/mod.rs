@@ -449,7 +449,7 @@ async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
 /// is retried although the mail may have arrived: a possible duplicate beats a loss.
 fn classify(e: SendError) -> Attempt {
     match &e {
-        SendError::Client(ClientError::Refused(ref reply)) if reply.code >= 500 => Attempt::Permanent(e.to_string()),
+        SendError::Client(ClientError::Refused(reply)) if reply.code >= 500 => Attempt::Permanent(e.to_string()),
         SendError::Client(ClientError::Unsendable(_)) => Attempt::Permanent(e.to_string()),
         _ => Attempt::Temporary(e.to_string()),
     }
