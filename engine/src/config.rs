@@ -82,6 +82,10 @@ pub struct SmtpSettings {
     pub host: String,
     pub port: u16,
     pub tls: TlsMode,
+    /// PEM file of the CA certificates that sign the mail server's certificate, in place
+    /// of the public roots (a relay with a private CA).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     pub username: String,
     pub password: Secret,
     pub pool_size: u32,
@@ -233,6 +237,11 @@ impl Settings {
             // A queued mail's sent record must outlive it, or a replay could queue it again.
             return invalid("smtp.retry_give_up_secs must be shorter than store.sent_retention_days");
         }
+        if self.smtp.tls_ca_file.is_some() && self.smtp.tls == TlsMode::None {
+            return invalid(
+                "smtp.tls_ca_file is set but smtp.tls is \"none\": set smtp.tls to \"starttls\" or \"tls\"",
+            );
+        }
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
         }
@@ -349,6 +358,17 @@ mod tests {
         let asvs = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PASSWORD_POLICY", "asvs")])).unwrap();
         assert_eq!(asvs.admin.password_policy, PasswordPolicy::Asvs);
         assert!(Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PASSWORD_POLICY", "strong")])).is_err());
+    }
+
+    #[test]
+    fn a_tls_ca_file_without_tls_is_refused_with_the_fix() {
+        let env = [("CALLNOTIFY__SMTP__TLS_CA_FILE", "/etc/callnotify/mail-ca.pem")];
+        let err = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v.to_owned()))).unwrap_err();
+        assert!(err.to_string().contains("smtp.tls_ca_file"), "{err}");
+        let env =
+            [("CALLNOTIFY__SMTP__TLS_CA_FILE", "/etc/callnotify/mail-ca.pem"), ("CALLNOTIFY__SMTP__TLS", "starttls")];
+        let s = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v.to_owned()))).unwrap();
+        assert_eq!(s.smtp.tls_ca_file.as_deref(), Some(Path::new("/etc/callnotify/mail-ca.pem")));
     }
 
     #[test]

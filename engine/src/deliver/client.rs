@@ -438,7 +438,7 @@ fn closed(answered: bool) -> impl Fn(std::io::Error) -> ClientError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
@@ -462,7 +462,7 @@ mod tests {
 
     /// [`server`], doing TLS from the start (`Implicit`) or after STARTTLS (which it then
     /// advertises) with `acceptor`.
-    async fn server_with(
+    pub(crate) async fn server_with(
         extensions: &'static [&'static str],
         hold: bool,
         tls: Option<(TlsStart, TlsAcceptor)>,
@@ -572,15 +572,15 @@ mod tests {
         }
     }
 
-    /// A test CA and a certificate it issued for `mx.example.jp`: a client trusting the
-    /// CA, and a server presenting the certificate.
-    fn certificates() -> (Arc<ClientConfig>, TlsAcceptor) {
+    /// A test CA and a certificate it issued for `mx.example.jp` and `localhost`: a client
+    /// trusting the CA, a server presenting the certificate, and the CA in PEM.
+    pub(crate) fn certificates() -> (Arc<ClientConfig>, TlsAcceptor, String) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca = ca.self_signed(&ca_key).unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["mx.example.jp".to_owned()])
+        let leaf = rcgen::CertificateParams::new(vec!["mx.example.jp".to_owned(), "localhost".to_owned()])
             .unwrap()
             .signed_by(&key, &ca, &ca_key)
             .unwrap();
@@ -592,7 +592,10 @@ mod tests {
             .with_no_client_auth()
             .with_single_cert(vec![leaf.der().clone()], key.into())
             .unwrap();
-        (Arc::new(client), TlsAcceptor::from(Arc::new(server)))
+        let lines: Vec<String> =
+            BASE64.encode(ca.der()).as_bytes().chunks(64).map(|l| String::from_utf8_lossy(l).into_owned()).collect();
+        let pem = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"));
+        (Arc::new(client), TlsAcceptor::from(Arc::new(server)), pem)
     }
 
     /// Opens a TLS session as `name` (`start` as the server does it) and sends a mail.
@@ -601,7 +604,7 @@ mod tests {
         name: &str,
         credentials: Option<(&str, &str)>,
     ) -> (Result<(), ClientError>, Vec<String>) {
-        let (config, acceptor) = certificates();
+        let (config, acceptor, _) = certificates();
         let (port, server) = server_with(&["PIPELINING", "AUTH PLAIN"], false, Some((start, acceptor))).await;
         let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let target = TlsTarget { config: &config, name: ServerName::try_from(name.to_owned()).unwrap() };

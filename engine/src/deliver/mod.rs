@@ -100,6 +100,8 @@ pub enum DeliverError {
     From(String),
     #[error("cannot create the outbox directory {path}: {source}")]
     Outbox { path: PathBuf, source: std::io::Error },
+    #[error("smtp.tls_ca_file {path}: {reason}")]
+    TlsCa { path: PathBuf, reason: String },
     #[error("opening the retry queue: {0}")]
     Queue(#[from] StoreError),
 }
@@ -379,7 +381,7 @@ impl Transport {
                 .map_err(|source| DeliverError::Outbox { path: settings.outbox_dir.clone(), source })?;
             Ok(Transport::Outbox(settings.outbox_dir.clone()))
         } else {
-            Ok(Transport::Smtp(SmtpPool::new(settings)))
+            Ok(Transport::Smtp(SmtpPool::new(settings)?))
         }
     }
 

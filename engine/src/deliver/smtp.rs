@@ -2,16 +2,19 @@
 //! with `TCP_NODELAY` set: a mail's commands and its message each go out in one write,
 //! and nothing waits for the server's delayed ACK.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::extension::ClientId;
 use tokio::sync::Semaphore;
-use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::rustls::ClientConfig;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use super::client::{ClientError, Connection, Session, TlsStart, TlsTarget};
+use super::DeliverError;
 use crate::config::{SmtpSettings, TlsMode};
 
 /// An idle connection older than this is closed rather than reused: servers drop idle
@@ -54,17 +57,24 @@ pub struct SmtpPool {
 }
 
 impl SmtpPool {
-    pub fn new(s: &SmtpSettings) -> Self {
+    /// Fails only on an unreadable `smtp.tls_ca_file`.
+    pub fn new(s: &SmtpSettings) -> Result<Self, DeliverError> {
         let start = match s.tls {
             TlsMode::None => None,
             TlsMode::Starttls => Some(TlsStart::Starttls),
             TlsMode::Tls => Some(TlsStart::Implicit),
         };
-        let tls = start.map(|start| {
-            let roots = tokio_rustls::rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            (start, Arc::new(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()))
-        });
-        Self {
+        let tls = match start {
+            Some(start) => {
+                let roots = match &s.tls_ca_file {
+                    Some(path) => private_roots(path)?,
+                    None => RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
+                };
+                Some((start, Arc::new(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())))
+            }
+            None => None,
+        };
+        Ok(Self {
             host: s.host.clone(),
             port: s.port,
             tls,
@@ -73,7 +83,7 @@ impl SmtpPool {
             hello: ClientId::default().to_string(),
             permits: Semaphore::new(s.pool_size as usize),
             idle: Mutex::new(Vec::new()),
-        }
+        })
     }
 
     /// Sends one message on a pooled connection. A connection that failed is dropped,
@@ -138,13 +148,27 @@ impl SmtpPool {
     }
 }
 
+/// The CA certificates in the PEM file at `path` (read once, at start).
+fn private_roots(path: &Path) -> Result<RootCertStore, DeliverError> {
+    let failed = |reason: String| DeliverError::TlsCa { path: path.to_owned(), reason };
+    let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(cert.map_err(|e| failed(e.to_string()))?).map_err(|e| failed(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(failed("no CERTIFICATE block in the file".into()));
+    }
+    Ok(roots)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sink::SmtpSink;
 
     fn pool_for(port: u16) -> SmtpPool {
-        SmtpPool::new(&crate::deliver::tests::smtp_to(port))
+        SmtpPool::new(&crate::deliver::tests::smtp_to(port)).unwrap()
     }
 
     fn envelope() -> Envelope {
@@ -165,5 +189,45 @@ mod tests {
         let sink = SmtpSink::start(port).await.unwrap();
         pool.send(&envelope(), b"Subject: 3\r\n\r\nthree").await.expect("sent on a new connection, no retry needed");
         assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_relay_with_a_private_ca_is_trusted_through_smtp_tls_ca_file() {
+        use crate::deliver::client::tests::{certificates, server_with};
+        let (_, acceptor, ca) = certificates();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("mail-ca.pem");
+        std::fs::write(&ca_file, ca).unwrap();
+        let (port, server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor))).await;
+        let mut settings = crate::deliver::tests::smtp_to(port);
+        (settings.host, settings.tls, settings.tls_ca_file) = ("localhost".into(), TlsMode::Starttls, Some(ca_file));
+
+        let pool = SmtpPool::new(&settings).unwrap();
+        pool.send(&envelope(), b"Subject: 1\r\n\r\nprivate CA").await.expect("sent over TLS");
+        drop(pool);
+        let seen = server.await.unwrap();
+        assert!(seen.contains(&"(TLS)".to_owned()) && seen.last().unwrap().contains("private CA"), "{seen:?}");
+
+        // Without the file the public roots do not know the relay's CA.
+        settings.tls_ca_file = None;
+        let (_, acceptor, _) = certificates();
+        let (port, _server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor))).await;
+        settings.port = port;
+        let refused = SmtpPool::new(&settings).unwrap().send(&envelope(), b"x").await.unwrap_err();
+        assert!(refused.to_string().contains("TLS"), "{refused}");
+    }
+
+    #[test]
+    fn an_unusable_tls_ca_file_stops_the_start_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        let mut settings = crate::deliver::tests::smtp_to(25);
+        settings.tls = TlsMode::Starttls;
+        for path in [not_pem, dir.path().join("missing.pem")] {
+            settings.tls_ca_file = Some(path.clone());
+            let Err(e) = SmtpPool::new(&settings) else { panic!("{} accepted", path.display()) };
+            assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
+        }
     }
 }
