@@ -181,7 +181,7 @@ impl Connection {
         let mut conn =
             Self { stream, input: Vec::with_capacity(1024), parsed: 0, output: Vec::new(), ext: Extensions::default() };
         let greeting = conn.reply(false).await?;
-        if greeting.code != 220 {
+        if greeting.code / 100 != 2 {
             return Err(ClientError::Session(greeting));
         }
         conn.hello(session.hello).await?;
@@ -249,7 +249,7 @@ impl Connection {
         self.flush().await.map_err(closed(false))?;
         self.ext = Extensions::default();
         let ehlo = self.reply(true).await?;
-        if ehlo.code == 250 {
+        if ehlo.code / 100 == 2 {
             return Ok(());
         }
         // A server without ESMTP: plain HELO, no extensions.
@@ -305,23 +305,25 @@ impl Connection {
         result
     }
 
-    /// Reads a reply of a mail transaction; anything but `code` is a refusal.
+    /// Reads a reply of a mail transaction; a reply of another class than `code` (its
+    /// first digit, as RFC 5321 has clients judge replies: 251 is a 250) is a refusal.
     async fn expect(&mut self, code: u16, answered: bool) -> Result<(), ClientError> {
         let reply = self.reply(false).await.map_err(|e| match e {
             ClientError::Closed { source, .. } => ClientError::Closed { source, answered },
             other => other,
         })?;
-        if reply.code == code {
+        if reply.code / 100 == code / 100 {
             Ok(())
         } else {
             Err(ClientError::Refused(reply))
         }
     }
 
-    /// Reads a reply of the session set-up; anything but `code` is a session refusal.
+    /// Reads a reply of the session set-up; one of another class than `code` is a
+    /// session refusal.
     async fn expect_session(&mut self, code: u16) -> Result<(), ClientError> {
         let reply = self.reply(false).await?;
-        if reply.code == code {
+        if reply.code / 100 == code / 100 {
             Ok(())
         } else {
             Err(ClientError::Session(reply))
@@ -453,7 +455,8 @@ pub(crate) mod tests {
 
     /// A scripted one-connection SMTP server. It advertises `extensions` (`NO-EHLO`: it
     /// refuses EHLO), checks AUTH against [`USER`]/[`PASSWORD`], and returns every line it
-    /// read, the message as one entry, still dot-stuffed. Without PIPELINING advertised
+    /// read, the message as one entry, still dot-stuffed. It accepts a recipient with 251
+    /// (will forward), a success other than 250. Without PIPELINING advertised
     /// it refuses a command that arrives before the previous one was answered, as postfix
     /// does; with `hold`, it answers MAIL and RCPT only once DATA has arrived.
     async fn server(extensions: &'static [&'static str], hold: bool) -> (u16, JoinHandle<Vec<String>>) {
@@ -554,6 +557,7 @@ pub(crate) mod tests {
                         held.push_str("250 ok\r\n");
                         continue;
                     }
+                    "RCPT" => "251 2.1.5 not local; will forward".to_owned(),
                     "DATA" => {
                         rd.get_mut().write_all(format!("{held}354 go ahead\r\n").as_bytes()).await.unwrap();
                         rd.get_mut().flush().await.unwrap();
