@@ -1,5 +1,6 @@
 //! R-S8: with `admin.tls_cert` and `admin.tls_key` the settings site speaks HTTPS itself,
-//! checked with a real TLS client that trusts the test CA in `fixtures/tls`.
+//! checked with a real TLS client that trusts the test CA in the workspace's
+//! `tests/fixtures/tls`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
 
 fn fixture(name: &str) -> String {
-    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "tests", "fixtures", "tls", name].iter().collect();
+    let path: PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "tests", "fixtures", "tls", name].iter().collect();
     path.to_str().unwrap().to_owned()
 }
 

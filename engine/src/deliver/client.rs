@@ -576,30 +576,20 @@ pub(crate) mod tests {
         }
     }
 
-    /// A test CA and a certificate it issued for `mx.example.jp` and `localhost`: a client
-    /// trusting the CA, a server presenting the certificate, and the CA in PEM.
-    pub(crate) fn certificates() -> (Arc<ClientConfig>, TlsAcceptor, String) {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["mx.example.jp".to_owned(), "localhost".to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-        roots.add(ca.der().clone()).unwrap();
-        let client = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-        let key = tokio_rustls::rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
-        let server = tokio_rustls::rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![leaf.der().clone()], key.into())
-            .unwrap();
-        let lines: Vec<String> =
-            BASE64.encode(ca.der()).as_bytes().chunks(64).map(|l| String::from_utf8_lossy(l).into_owned()).collect();
-        let pem = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", lines.join("\n"));
-        (Arc::new(client), TlsAcceptor::from(Arc::new(server)), pem)
+    /// A file of the workspace's test TLS material (`tests/fixtures/tls`): a test CA
+    /// (`ca.crt`) and a certificate it issued for `localhost` (`site.crt`, `site.key`).
+    pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
+        [env!("CARGO_MANIFEST_DIR"), "..", "tests", "fixtures", "tls", name].iter().collect()
+    }
+
+    /// A server presenting the test certificate for `localhost`.
+    pub(crate) fn acceptor() -> TlsAcceptor {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = vec![CertificateDer::from_pem_file(fixture("site.crt")).unwrap()];
+        let key = PrivateKeyDer::from_pem_file(fixture("site.key")).unwrap();
+        let server = tokio_rustls::rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key);
+        TlsAcceptor::from(Arc::new(server.unwrap()))
     }
 
     /// Opens a TLS session as `name` (`start` as the server does it) and sends a mail.
@@ -608,8 +598,9 @@ pub(crate) mod tests {
         name: &str,
         credentials: Option<(&str, &str)>,
     ) -> (Result<(), ClientError>, Vec<String>) {
-        let (config, acceptor, _) = certificates();
-        let (port, server) = server_with(&["PIPELINING", "AUTH PLAIN"], false, Some((start, acceptor))).await;
+        let roots = super::super::smtp::private_roots(&fixture("ca.crt")).unwrap();
+        let config = Arc::new(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth());
+        let (port, server) = server_with(&["PIPELINING", "AUTH PLAIN"], false, Some((start, acceptor()))).await;
         let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let target = TlsTarget { config: &config, name: ServerName::try_from(name.to_owned()).unwrap() };
         let session = Session { tls: Some((start, target)), hello: "client.test", credentials };
@@ -699,7 +690,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn starttls_upgrades_the_session_before_ehlo_auth_and_the_mail() {
-        let (sent, seen) = send_over_tls(TlsStart::Starttls, "mx.example.jp", Some((USER, PASSWORD))).await;
+        let (sent, seen) = send_over_tls(TlsStart::Starttls, "localhost", Some((USER, PASSWORD))).await;
         sent.expect("sent over TLS");
         let tls = seen.iter().position(|l| l == "(TLS)").expect("the handshake happened");
         assert_eq!(&seen[..tls], ["EHLO client.test", "STARTTLS"], "nothing but EHLO in plaintext");
@@ -710,7 +701,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn implicit_tls_sends_the_mail_over_tls_from_the_start() {
-        let (sent, seen) = send_over_tls(TlsStart::Implicit, "mx.example.jp", None).await;
+        let (sent, seen) = send_over_tls(TlsStart::Implicit, "localhost", None).await;
         sent.expect("sent over TLS");
         assert_eq!(seen[0], "EHLO client.test");
         assert_eq!(seen.last().unwrap(), "Subject: hi\r\n\r\nover TLS\r\n.\r\n");

@@ -149,7 +149,7 @@ impl SmtpPool {
 }
 
 /// The CA certificates in the PEM file at `path` (read once, at start).
-fn private_roots(path: &Path) -> Result<RootCertStore, DeliverError> {
+pub(super) fn private_roots(path: &Path) -> Result<RootCertStore, DeliverError> {
     let failed = |reason: String| DeliverError::TlsCa { path: path.to_owned(), reason };
     let pem = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
     let mut roots = RootCertStore::empty();
@@ -193,12 +193,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_relay_with_a_private_ca_is_trusted_through_smtp_tls_ca_file() {
-        use crate::deliver::client::tests::{certificates, server_with};
-        let (_, acceptor, ca) = certificates();
-        let dir = tempfile::tempdir().unwrap();
-        let ca_file = dir.path().join("mail-ca.pem");
-        std::fs::write(&ca_file, ca).unwrap();
-        let (port, server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor))).await;
+        use crate::deliver::client::tests::{acceptor, fixture, server_with};
+        let ca_file = fixture("ca.crt");
+        let (port, server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor()))).await;
         let mut settings = crate::deliver::tests::smtp_to(port);
         (settings.host, settings.tls, settings.tls_ca_file) = ("localhost".into(), TlsMode::Starttls, Some(ca_file));
 
@@ -210,8 +207,7 @@ mod tests {
 
         // Without the file the public roots do not know the relay's CA.
         settings.tls_ca_file = None;
-        let (_, acceptor, _) = certificates();
-        let (port, _server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor))).await;
+        let (port, _server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor()))).await;
         settings.port = port;
         let refused = SmtpPool::new(&settings).unwrap().send(&envelope(), b"x").await.unwrap_err();
         assert!(refused.to_string().contains("TLS"), "{refused}");
