@@ -30,14 +30,11 @@ pub(super) struct Tracker {
 }
 
 impl Tracker {
-    /// A CDR finished without async work; returns the offset to store, if it may be.
-    pub(super) fn finished(&mut self, tp: (usize, i32), offset: i64) -> Option<i64> {
+    /// A CDR finished without async work.
+    pub(super) fn finished(&mut self, tp: (usize, i32), offset: i64) {
         match self.partitions.get_mut(&tp) {
-            Some(q) if !q.is_empty() => {
-                q.push_back((offset, true));
-                None
-            }
-            _ => self.safe(tp, Some(offset)),
+            Some(q) if !q.is_empty() => q.push_back((offset, true)),
+            _ => self.safe(tp, offset),
         }
     }
 
@@ -46,10 +43,10 @@ impl Tracker {
         self.in_flight += 1;
     }
 
-    /// Marks `offset` finished; returns the highest offset now safe to store.
-    pub(super) fn completed(&mut self, tp: (usize, i32), offset: i64) -> Option<i64> {
-        let q = self.partitions.get_mut(&tp)?;
-        let i = q.binary_search_by_key(&offset, |(o, _)| *o).ok()?;
+    /// Marks `offset` finished; the offsets before it that are all finished become safe.
+    pub(super) fn completed(&mut self, tp: (usize, i32), offset: i64) {
+        let Some(q) = self.partitions.get_mut(&tp) else { return };
+        let Ok(i) = q.binary_search_by_key(&offset, |(o, _)| *o) else { return };
         if !q[i].1 {
             q[i].1 = true;
             self.in_flight -= 1;
@@ -59,15 +56,15 @@ impl Tracker {
             safe = Some(o);
             q.pop_front();
         }
-        self.safe(tp, safe)
+        if let Some(offset) = safe {
+            self.safe(tp, offset);
+        }
     }
 
-    fn safe(&mut self, tp: (usize, i32), offset: Option<i64>) -> Option<i64> {
-        if let Some(offset) = offset {
-            let stored = self.to_store.entry(tp).or_insert(offset);
-            *stored = (*stored).max(offset);
-        }
-        offset
+    /// Notes `offset` as safe to store for `tp`.
+    fn safe(&mut self, tp: (usize, i32), offset: i64) {
+        let stored = self.to_store.entry(tp).or_insert(offset);
+        *stored = (*stored).max(offset);
     }
 
     /// The offsets found safe since the last call, to store.
@@ -94,16 +91,23 @@ mod tests {
     fn offsets_advance_only_past_finished_work_in_order() {
         let mut t = Tracker::default();
         let tp = (0, 0);
-        assert_eq!(t.finished(tp, 0), Some(0), "nothing in flight: store at once");
+        let safe = |t: &mut Tracker| t.take_to_store().get(&tp).copied();
+        t.finished(tp, 0);
+        assert_eq!(safe(&mut t), Some(0), "nothing in flight: store at once");
         t.started(tp, 1);
         t.started(tp, 2);
-        assert_eq!(t.finished(tp, 3), None, "must wait for 1 and 2");
-        assert_eq!(t.completed(tp, 2), None, "1 is still in flight");
-        assert_eq!(t.completed(tp, 1), Some(3), "1, 2 and 3 are now all finished");
+        t.finished(tp, 3);
+        assert_eq!(safe(&mut t), None, "must wait for 1 and 2");
+        t.completed(tp, 2);
+        assert_eq!(safe(&mut t), None, "1 is still in flight");
+        t.completed(tp, 1);
+        assert_eq!(safe(&mut t), Some(3), "1, 2 and 3 are now all finished");
         assert_eq!(t.in_flight, 0);
-        assert_eq!(t.completed(tp, 1), None, "a stale completion changes nothing");
-        assert_eq!(t.finished(tp, 4), Some(4));
-        assert_eq!(t.take_to_store(), [(tp, 4)].into(), "only the highest safe offset is stored");
+        t.completed(tp, 1);
+        assert_eq!(safe(&mut t), None, "a stale completion changes nothing");
+        t.finished(tp, 4);
+        t.finished(tp, 5);
+        assert_eq!(t.take_to_store(), [(tp, 5)].into(), "only the highest safe offset is stored");
         assert!(t.take_to_store().is_empty());
     }
 
@@ -116,6 +120,7 @@ mod tests {
         assert_eq!(t.in_flight, 1);
         assert!(t.busy(None));
         assert!(!t.busy(Some(&[(0, 1)].into_iter().collect())));
-        assert_eq!(t.completed((0, 1), 10), None, "completion of a revoked partition is ignored");
+        t.completed((0, 1), 10);
+        assert!(t.take_to_store().is_empty(), "completion of a revoked partition is ignored");
     }
 }
