@@ -144,8 +144,9 @@ impl Deliverer {
     ///
     /// If `stop` completes before the server has answered (the time for sending at
     /// shutdown or at a revocation is over), the attempt is dropped and the mail queued,
-    /// due at once: the retry queue sends it, after the next start if shutting down. Dropped after DATA it may have arrived already, the same
-    /// ambiguity as a timeout (README, delivery guarantees).
+    /// due at once: the retry queue sends it, after the next start if shutting down.
+    /// Dropped after DATA it may have arrived already, the same ambiguity as a timeout
+    /// (README, delivery guarantees).
     pub async fn deliver(&self, key: &SentKey, mail: &Mail, origin: &Origin, stop: impl Future<Output = ()>) -> Fate {
         let inner = &*self.inner;
         let answer = tokio::select! {
@@ -446,9 +447,10 @@ async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// Sorts a failure into retry or give up: a 5xx, or a message the client can never
-/// send, is permanent; everything about the connection may pass. A timeout after DATA
-/// is retried although the mail may have arrived: a possible duplicate beats a loss.
+/// Sorts a failure into retry or give up: a 5xx to the mail's own commands, or a mail
+/// the server can never take, is permanent; everything about the connection or the
+/// session (greeting, EHLO, STARTTLS, AUTH) may pass. A timeout after DATA is retried
+/// although the mail may have arrived: a possible duplicate beats a loss.
 fn classify(e: SendError) -> Attempt {
     match &e {
         SendError::Client(ClientError::Refused(reply)) if reply.code >= 500 => Attempt::Permanent(e.to_string()),
