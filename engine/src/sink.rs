@@ -521,6 +521,25 @@ mod tests {
         assert_eq!((&*mails[1].mail_from, &*mails[1].data), ("", &b"second"[..]));
     }
 
+    /// RFC 2920: the replies to a pipelined group go out together once the group is
+    /// read, not one write each (with Nagle's algorithm each would then wait for the
+    /// client's delayed ACK, about 40 ms a mail).
+    #[tokio::test]
+    async fn the_replies_to_a_pipelined_group_come_in_one_write() {
+        let sink = SmtpSink::start(0).await.unwrap();
+        let mut c = Client::connect(&sink).await;
+        c.ok("EHLO client.test", "250-callnotify-sink").await;
+        c.1.write_all(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n").await.unwrap();
+        let mut first_read = vec![0; 1024];
+        let n = c.0.get_mut().read(&mut first_read).await.unwrap();
+        let replies = String::from_utf8_lossy(&first_read[..n]).into_owned();
+        assert!(
+            replies.starts_with("250 2.1.0") && replies.ends_with("354 end data with <CRLF>.<CRLF>\r\n"),
+            "{replies:?}"
+        );
+        assert_eq!(replies.lines().count(), 3, "{replies:?}");
+    }
+
     #[tokio::test]
     async fn errors_and_bad_sequences() {
         let sink = SmtpSink::start(0).await.unwrap();
