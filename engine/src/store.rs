@@ -24,6 +24,9 @@ use sled::Transactional;
 use crate::address::DestinationAddress;
 use crate::phone::PhoneNumber;
 
+mod journal;
+use journal::{Commit, Journal};
+
 /// 送信先 limit (R-N2).
 pub const MAX_DESTINATIONS: usize = 5;
 /// お知らせ対象電話番号 limit (R-N5).
@@ -134,6 +137,8 @@ impl CallSettings {
 pub enum StoreError {
     #[error("store I/O failed: {0}")]
     Sled(#[from] sled::Error),
+    #[error("the sent journal {path} cannot be used: {source}")]
+    Journal { path: std::path::PathBuf, source: std::io::Error },
     #[error("store record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
     #[error("{0}")]
@@ -160,11 +165,13 @@ pub struct Store {
     listeners: Arc<RwLock<Vec<Listener>>>,
     /// Group commit for [`Store::flush`].
     flusher: Arc<Flusher>,
+    /// Where sent records are made durable between flushes; none for a temporary store.
+    journal: Option<Arc<Journal>>,
 }
 
-/// One thread that writes sent records and flushes the store for every async caller,
-/// so a thousand mails finishing together cost one flush, not a thousand, and no thread
-/// hop of their own. (sled's own `flush_async` runs each call on sled's small I/O thread
+/// One thread that writes sent records and makes them durable for every async caller,
+/// so a thousand mails finishing together cost one append to the sent journal (or one
+/// flush), not a thousand, and no thread hop of their own. (sled's own `flush_async` runs each call on sled's small I/O thread
 /// pool, where enough concurrent calls occupy every thread waiting for a write that
 /// needs a thread of that same pool: a deadlock.)
 struct Flusher {
@@ -181,6 +188,7 @@ const DEFAULT_GROUP_COMMIT_MS: u64 = 0;
 
 struct FlushRequest {
     db: sled::Db,
+    journal: Option<Arc<Journal>>,
     /// A sent record to write before the flush: (tree, key, unix seconds).
     write: Option<(sled::Tree, SentKey, u64)>,
     done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
@@ -194,7 +202,7 @@ impl Flusher {
         std::thread::Builder::new()
             .name("store-flusher".into())
             .spawn(move || {
-                let (mut batch, mut answers) = (Vec::new(), Vec::new());
+                let (mut batch, mut answers, mut records) = (Vec::new(), Vec::new(), Vec::new());
                 let mut last_flush: Option<std::time::Instant> = None;
                 while let Ok(first) = incoming.recv() {
                     // Under load, requests gather until `every` after the last flush
@@ -210,19 +218,39 @@ impl Flusher {
                     // the callers did before asking. Every handle on the database is
                     // dropped before anyone is answered, so a caller may close and
                     // reopen the store at once.
-                    let mut db = None;
-                    for FlushRequest { db: handle, write, done } in batch.drain(..) {
+                    // A batch of sent records only is appended to the journal; a
+                    // plain flush request (retry queue entries) flushes the database.
+                    let (mut db, mut journal, mut flush_db) = (None, None, false);
+                    records.clear();
+                    for FlushRequest { db: handle, journal: log, write, done } in batch.drain(..) {
                         let written = match write {
-                            Some((tree, key, at)) => tree.insert(&key.0, &at.to_be_bytes()).map(drop),
-                            None => Ok(()),
+                            Some((tree, key, at)) => {
+                                let inserted = tree.insert(&key.0, &at.to_be_bytes()).map(drop);
+                                journal::encode(&mut records, &key.0, at);
+                                inserted
+                            }
+                            None => {
+                                flush_db = true;
+                                Ok(())
+                            }
                         };
                         db.get_or_insert(handle);
+                        journal = journal.or(log);
                         answers.push((done, written.map_err(StoreError::from)));
                     }
                     if let Some(db) = db {
-                        while let Err(e) = db.flush() {
-                            tracing::error!(error = %e, "store flush failed; retrying");
-                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        let appended = match &journal {
+                            Some(journal) if !flush_db => matches!(journal.commit(&records), Commit::Appended),
+                            _ => false,
+                        };
+                        if !appended {
+                            while let Err(e) = db.flush() {
+                                tracing::error!(error = %e, "store flush failed; retrying");
+                                std::thread::sleep(std::time::Duration::from_millis(100));
+                            }
+                            if let Some(journal) = &journal {
+                                journal.emptied();
+                            }
                         }
                     }
                     for (done, result) in answers.drain(..) {
@@ -244,23 +272,27 @@ impl Store {
     /// Opens (or creates) the store at `path`; sled keeps at most `cache_bytes` of pages
     /// in memory (its own default, 1 GiB, would dwarf the rest of the engine).
     pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        Self::from_db(sled::Config::new().path(path).cache_capacity(cache_bytes).open()?)
+        Self::from_db(sled::Config::new().path(path).cache_capacity(cache_bytes).open()?, Some(path))
     }
 
     /// A store that lives in memory and vanishes when dropped (tests, benches).
     pub fn temporary() -> Result<Self, StoreError> {
-        Self::from_db(sled::Config::new().temporary(true).open()?)
+        Self::from_db(sled::Config::new().temporary(true).open()?, None)
     }
 
-    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
+    /// `dir`: the store's directory, for the sent journal (`None`: a temporary store).
+    fn from_db(db: sled::Db, dir: Option<&Path>) -> Result<Self, StoreError> {
+        let sent = db.open_tree("sent_by_call_end")?;
+        let journal = dir.map(|dir| Journal::open(dir, &db, &sent)).transpose()?.map(Arc::new);
         Ok(Self {
             lines: db.open_tree("lines")?,
             numbers: db.open_tree("numbers")?,
-            sent: db.open_tree("sent_by_call_end")?,
+            sent,
             legacy_sent: legacy_sent(&db)?,
             db,
             listeners: Arc::default(),
             flusher: Flusher::start(),
+            journal,
         })
     }
 
@@ -516,7 +548,7 @@ impl Store {
 
     async fn group_commit(&self, write: Option<(sled::Tree, SentKey, u64)>) -> Result<(), StoreError> {
         let (done, finished) = tokio::sync::oneshot::channel();
-        let request = FlushRequest { db: self.db.clone(), write, done };
+        let request = FlushRequest { db: self.db.clone(), journal: self.journal.clone(), write, done };
         if self.flusher.requests.send(request).is_err() {
             return Err(StoreError::Invalid("the store flusher thread has stopped".into()));
         }
@@ -575,6 +607,39 @@ mod tests {
         assert!((0..300).all(|i| reopened
             .was_sent(&SentKey::new(1_764_000_000, &called, &format!("c-{i}"), "a@example.jp"))
             .unwrap()));
+    }
+
+    /// The journal holds sent records only until a flush of the database covers them:
+    /// its file stays under the checkpoint size however many mails are sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_sent_journal_stays_bounded_and_every_record_outlives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let key = |i: usize| SentKey::new(1_764_000_000, &called, &format!("c-{i}"), &format!("{:0>60}@example.jp", i));
+        let journal = dir.path().join("sent.journal");
+        let (mut largest, mut emptied) = (0, 0);
+        // About 100 bytes a record: 3 MiB of records in all.
+        for chunk in 0..30 {
+            let batch: Vec<_> = (chunk * 1_000..(chunk + 1) * 1_000)
+                .map(|i| {
+                    let (store, key) = (store.clone(), key(i));
+                    tokio::spawn(async move { store.record_sent(&key, 1).await.unwrap() })
+                })
+                .collect();
+            for task in batch {
+                task.await.unwrap();
+            }
+            let len = std::fs::metadata(&journal).unwrap().len();
+            emptied += usize::from(len < largest);
+            largest = largest.max(len);
+        }
+        assert!(largest <= journal::CHECKPOINT_BYTES, "journal grew to {largest} bytes");
+        assert!(emptied >= 2, "the journal starts again after each checkpoint ({emptied} times)");
+        drop(store);
+        let reopened = open_again(dir.path());
+        assert!((0..30_000).all(|i| reopened.was_sent(&key(i)).unwrap()));
+        assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0, "replayed at open, then emptied");
     }
 
     #[test]
