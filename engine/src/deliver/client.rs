@@ -1,8 +1,10 @@
 //! One SMTP client connection (RFC 5321), pipelining where the server offers it
 //! (RFC 2920): MAIL, RCPT and DATA go out in one write and the message with its closing
 //! `.` in another, so a mail costs two round trips instead of four and two writes
-//! instead of five. Speaks EHLO (HELO if refused), STARTTLS, implicit TLS, AUTH PLAIN and
-//! LOGIN, SMTPUTF8 and 8BITMIME, and dot-stuffs the message.
+//! instead of five; the pool sends the next mail's envelope with the message
+//! ([`Connection::push_envelope`]), one write and one round trip. Speaks EHLO (HELO if
+//! refused), STARTTLS, implicit TLS, AUTH PLAIN and LOGIN, SMTPUTF8 and 8BITMIME, and
+//! dot-stuffs the message.
 //!
 //! A connection that failed in any way is dropped by its owner, never reused: after an
 //! error nothing here tries to bring the session back in step with the server.
@@ -197,40 +199,16 @@ impl Connection {
 
     /// Sends one mail. On `Ok` the server has accepted it (250 after the message).
     pub async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<(), ClientError> {
-        let from = envelope.from().map_or("", |a| a.as_ref());
-        let to = envelope.to();
-        let utf8 = !from.is_ascii() || to.iter().any(|a| !AsRef::<str>::as_ref(a).is_ascii());
-        if utf8 && !self.ext.smtputf8 {
-            return Err(ClientError::Unsendable(
-                "the mail server does not accept non-ASCII addresses (no SMTPUTF8)".into(),
-            ));
-        }
         self.output.clear();
-        self.output.extend_from_slice(b"MAIL FROM:<");
-        self.output.extend_from_slice(from.as_bytes());
-        self.output.push(b'>');
-        if self.ext.eight_bit_mime && !message.is_ascii() {
-            self.output.extend_from_slice(b" BODY=8BITMIME");
-        }
-        if utf8 {
-            self.output.extend_from_slice(b" SMTPUTF8");
-        }
-        self.output.extend_from_slice(b"\r\n");
         if self.ext.pipelining {
-            for rcpt in to {
-                push_command(&mut self.output, b"RCPT TO:<", rcpt.as_ref(), b">");
-            }
-            self.output.extend_from_slice(b"DATA\r\n");
-            self.flush().await.map_err(closed(false))?;
-            self.expect(250, false).await?;
-            for _ in to {
-                self.expect(250, true).await?;
-            }
-            self.expect(354, true).await?;
+            self.push_envelope(envelope, !message.is_ascii())?;
+            self.flush_envelope().await?;
+            self.envelope_replies(envelope).await?;
         } else {
+            self.push_mail_from(envelope, !message.is_ascii())?;
             self.flush().await.map_err(closed(false))?;
             self.expect(250, false).await?;
-            for rcpt in to {
+            for rcpt in envelope.to() {
                 push_command(&mut self.output, b"RCPT TO:<", rcpt.as_ref(), b">");
                 self.flush().await.map_err(closed(true))?;
                 self.expect(250, true).await?;
@@ -239,9 +217,79 @@ impl Connection {
             self.flush().await.map_err(closed(true))?;
             self.expect(354, true).await?;
         }
+        self.push_message(message);
+        self.flush_output().await?;
+        self.message_reply().await
+    }
+
+    /// Whether the server offers PIPELINING: then the envelope of another mail may
+    /// follow a message in the same write ([`Connection::push_envelope`]).
+    pub fn pipelining(&self) -> bool {
+        self.ext.pipelining
+    }
+
+    /// Appends MAIL, RCPT and DATA for `envelope` to what is written next (PIPELINING
+    /// only). RFC 2920 (3.1) lets a message be the first of a group of commands, so the
+    /// next mail's envelope may go out with the previous mail's message.
+    pub fn push_envelope(&mut self, envelope: &Envelope, eight_bit: bool) -> Result<(), ClientError> {
+        debug_assert!(self.ext.pipelining);
+        self.push_mail_from(envelope, eight_bit)?;
+        for rcpt in envelope.to() {
+            push_command(&mut self.output, b"RCPT TO:<", rcpt.as_ref(), b">");
+        }
+        self.output.extend_from_slice(b"DATA\r\n");
+        Ok(())
+    }
+
+    /// Reads the replies to a pipelined envelope, up to the 354 that asks for the message.
+    pub async fn envelope_replies(&mut self, envelope: &Envelope) -> Result<(), ClientError> {
+        self.expect(250, false).await?;
+        for _ in envelope.to() {
+            self.expect(250, true).await?;
+        }
+        self.expect(354, true).await
+    }
+
+    /// Appends `message`, dot-stuffed and with its closing `.`, to what is written next.
+    pub fn push_message(&mut self, message: &[u8]) {
         dot_stuff(message, &mut self.output);
-        self.flush().await.map_err(closed(true))?;
+    }
+
+    /// Writes a pushed envelope that follows no message.
+    pub async fn flush_envelope(&mut self) -> Result<(), ClientError> {
+        self.flush().await.map_err(closed(false))
+    }
+
+    /// Writes what was pushed, after the server's 354.
+    pub async fn flush_output(&mut self) -> Result<(), ClientError> {
+        self.flush().await.map_err(closed(true))
+    }
+
+    /// Reads the server's answer to a message: `Ok` once it has accepted the mail.
+    pub async fn message_reply(&mut self) -> Result<(), ClientError> {
         self.expect(250, true).await
+    }
+
+    /// Appends MAIL FROM, refusing what the server could not take.
+    fn push_mail_from(&mut self, envelope: &Envelope, eight_bit: bool) -> Result<(), ClientError> {
+        let from = envelope.from().map_or("", |a| a.as_ref());
+        let utf8 = !from.is_ascii() || envelope.to().iter().any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        if utf8 && !self.ext.smtputf8 {
+            return Err(ClientError::Unsendable(
+                "the mail server does not accept non-ASCII addresses (no SMTPUTF8)".into(),
+            ));
+        }
+        self.output.extend_from_slice(b"MAIL FROM:<");
+        self.output.extend_from_slice(from.as_bytes());
+        self.output.push(b'>');
+        if self.ext.eight_bit_mime && eight_bit {
+            self.output.extend_from_slice(b" BODY=8BITMIME");
+        }
+        if utf8 {
+            self.output.extend_from_slice(b" SMTPUTF8");
+        }
+        self.output.extend_from_slice(b"\r\n");
+        Ok(())
     }
 
     async fn hello(&mut self, name: &str) -> Result<(), ClientError> {
@@ -455,8 +503,10 @@ pub(crate) mod tests {
 
     /// A scripted one-connection SMTP server. It advertises `extensions` (`NO-EHLO`: it
     /// refuses EHLO), checks AUTH against [`USER`]/[`PASSWORD`], and returns every line it
-    /// read, the message as one entry, still dot-stuffed. It accepts a recipient with 251
-    /// (will forward), a success other than 250. Without PIPELINING advertised
+    /// read, the message as one entry, still dot-stuffed, followed by `(more in the same
+    /// write)` when the client's next commands came with it. It accepts a recipient with
+    /// 251 (will forward), a success other than 250, but refuses `refused@…`, and a
+    /// message containing `REJECT ME`. Without PIPELINING advertised
     /// it refuses a command that arrives before the previous one was answered, as postfix
     /// does; with `hold`, it answers MAIL and RCPT only once DATA has arrived.
     async fn server(extensions: &'static [&'static str], hold: bool) -> (u16, JoinHandle<Vec<String>>) {
@@ -473,28 +523,57 @@ pub(crate) mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let serve = async move {
-            let (socket, _) = listener.accept().await.unwrap();
             let mut seen = Vec::new();
-            match tls {
-                None => {
-                    session(&mut BufReader::new(socket), extensions, hold, false, &mut seen).await;
-                }
-                Some((TlsStart::Implicit, acceptor)) => {
-                    let Ok(tls) = acceptor.accept(socket).await else { return seen };
-                    session(&mut BufReader::new(tls), extensions, hold, false, &mut seen).await;
-                }
-                Some((TlsStart::Starttls, acceptor)) => {
-                    let mut plain = BufReader::new(socket);
-                    if session(&mut plain, extensions, hold, true, &mut seen).await {
-                        let Ok(tls) = acceptor.accept(plain.into_inner()).await else { return seen };
-                        seen.push("(TLS)".into());
-                        session(&mut BufReader::new(tls), extensions, hold, false, &mut seen).await;
-                    }
-                }
+            serve_one(&listener, extensions, hold, tls, &mut seen).await;
+            seen
+        };
+        (port, tokio::spawn(serve))
+    }
+
+    /// [`server`] for `connections` connections, one after the other, without TLS; what
+    /// each read is returned one after the other.
+    pub(crate) async fn server_for(
+        extensions: &'static [&'static str],
+        connections: usize,
+    ) -> (u16, JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let serve = async move {
+            let mut seen = Vec::new();
+            for _ in 0..connections {
+                seen.push("(connection)".to_owned());
+                serve_one(&listener, extensions, false, None, &mut seen).await;
             }
             seen
         };
         (port, tokio::spawn(serve))
+    }
+
+    async fn serve_one(
+        listener: &TcpListener,
+        extensions: &'static [&'static str],
+        hold: bool,
+        tls: Option<(TlsStart, TlsAcceptor)>,
+        seen: &mut Vec<String>,
+    ) {
+        let (socket, _) = listener.accept().await.unwrap();
+        match tls {
+            None => {
+                session(&mut BufReader::new(socket), extensions, hold, false, seen).await;
+            }
+            Some((TlsStart::Implicit, acceptor)) => {
+                let Ok(tls) = acceptor.accept(socket).await else { return };
+                session(&mut BufReader::new(tls), extensions, hold, false, seen).await;
+            }
+            Some((TlsStart::Starttls, acceptor)) => {
+                let mut plain = BufReader::new(socket);
+                if session(&mut plain, extensions, hold, true, seen).await {
+                    let Ok(tls) = acceptor.accept(plain.into_inner()).await else { return };
+                    seen.push("(TLS)".into());
+                    session(&mut BufReader::new(tls), extensions, hold, false, seen).await;
+                }
+            }
+        }
     }
 
     /// Serves commands until the client leaves, or asks for STARTTLS (when `starttls`
@@ -508,8 +587,8 @@ pub(crate) mod tests {
         seen: &mut Vec<String>,
     ) -> bool {
         let pipelining = extensions.contains(&"PIPELINING");
-        let (mut held, mut login) = (String::new(), None);
-        if seen.is_empty() {
+        let (mut held, mut login, mut recipients) = (String::new(), None, 0);
+        if seen.last().is_none_or(|l| l != "(TLS)") {
             rd.get_mut().write_all(b"220 scripted ESMTP\r\n").await.unwrap();
             rd.get_mut().flush().await.unwrap();
         }
@@ -557,16 +636,32 @@ pub(crate) mod tests {
                         held.push_str("250 ok\r\n");
                         continue;
                     }
-                    "RCPT" => "251 2.1.5 not local; will forward".to_owned(),
+                    "MAIL" => {
+                        recipients = 0;
+                        "250 ok".to_owned()
+                    }
+                    "RCPT" if line.contains("<refused@") => "550 5.1.1 no such user".to_owned(),
+                    "RCPT" => {
+                        recipients += 1;
+                        "251 2.1.5 not local; will forward".to_owned()
+                    }
+                    "DATA" if recipients == 0 && !hold => "554 5.5.1 no valid recipients".to_owned(),
                     "DATA" => {
                         rd.get_mut().write_all(format!("{held}354 go ahead\r\n").as_bytes()).await.unwrap();
                         rd.get_mut().flush().await.unwrap();
                         let mut message = String::new();
                         while !message.ends_with("\r\n.\r\n") {
-                            assert!(rd.read_line(&mut message).await.unwrap() > 0, "the message ended early");
+                            if rd.read_line(&mut message).await.unwrap_or(0) == 0 {
+                                // The client left after the 354 (it had stopped waiting).
+                                return false;
+                            }
                         }
+                        let refused = message.contains("REJECT ME");
                         seen.push(message);
-                        "250 2.0.0 queued".to_owned()
+                        if !rd.buffer().is_empty() {
+                            seen.push("(more in the same write)".into());
+                        }
+                        if refused { "554 5.7.1 rejected" } else { "250 2.0.0 queued" }.to_owned()
                     }
                     _ => "250 ok".to_owned(),
                 }

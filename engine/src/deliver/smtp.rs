@@ -1,14 +1,20 @@
 //! A pool of SMTP connections ([`Connection`], pipelining where the server offers it),
-//! with `TCP_NODELAY` set: a mail's commands and its message each go out in one write,
-//! and nothing waits for the server's delayed ACK.
+//! with `TCP_NODELAY` set, so nothing waits for the server's delayed ACK.
+//!
+//! Mails beyond `smtp.pool_size` wait in line. When a connection's mail has its message
+//! sent, the envelope of the first mail waiting goes out in the same write (RFC 2920,
+//! 3.1), and that mail is handed the connection with its envelope accepted: under load a
+//! mail costs one write and one round trip. Without PIPELINING a waiting mail is simply
+//! handed the connection.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::extension::ClientId;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
@@ -50,12 +56,102 @@ pub struct SmtpPool {
     timeout: Duration,
     /// The name given in EHLO: this host's name, or its address literal.
     hello: String,
-    /// At most `smtp.pool_size` connections in use at once.
-    permits: Semaphore,
-    /// Idle connections and when they were last used; never locked across an await.
-    idle: Mutex<Vec<(Connection, Instant)>>,
+    /// Connections in use (at most `smtp.pool_size`), idle ones, and the mails waiting
+    /// for one; never locked across an await.
+    slots: Arc<Mutex<Slots>>,
 }
 
+struct Slots {
+    /// Connections that may still be put to use: `smtp.pool_size` minus those in use.
+    free: usize,
+    /// Idle connections and when they were last used.
+    idle: Vec<(Connection, Instant)>,
+    /// Mails waiting for a connection, first come first served.
+    waiting: VecDeque<Waiter>,
+}
+
+/// A mail waiting for a connection. Whoever finishes with one next may send this
+/// mail's envelope behind its own message and hand the connection over with the
+/// envelope accepted: a mail then costs one write and one round trip.
+struct Waiter {
+    envelope: Envelope,
+    eight_bit: bool,
+    handoff: oneshot::Sender<Handoff>,
+}
+
+/// One connection of the pool's `smtp.pool_size` in use, and the connection itself once
+/// open. Dropped, it closes that connection (in an unknown state after an error or a
+/// cancelled send) and lets the next waiting mail open another; only
+/// [`Lease::give_back`] keeps the connection.
+struct Lease {
+    slots: Arc<Mutex<Slots>>,
+    conn: Option<Connection>,
+    /// Whether dropping it releases its slot (not once given back or handed on).
+    armed: bool,
+}
+
+/// What a waiting mail is handed.
+struct Handoff {
+    lease: Lease,
+    state: Handed,
+}
+
+enum Handed {
+    /// A connection to open (or an idle one, in the lease).
+    Connection,
+    /// The mail's envelope went out on the lease's connection and was accepted: the
+    /// message is next.
+    Accepted,
+    /// The mail's envelope went out and the server refused it.
+    Refused(ClientError),
+}
+
+impl Lease {
+    /// Returns a connection in step with the server to the pool, or to the next mail
+    /// (nothing if the slot was handed on already).
+    fn give_back(mut self) {
+        if std::mem::replace(&mut self.armed, false) {
+            release(&self.slots, self.conn.take());
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn = None;
+        if self.armed {
+            release(&self.slots, None);
+        }
+    }
+}
+
+/// Hands a slot (with `conn`, if given) to the first mail still waiting, or puts it back.
+fn release(slots: &Arc<Mutex<Slots>>, mut conn: Option<Connection>) {
+    loop {
+        let waiter = {
+            let mut slots = slots.lock().expect("slots lock");
+            match slots.waiting.pop_front() {
+                Some(waiter) => waiter,
+                None => {
+                    slots.free += 1;
+                    if let Some(conn) = conn {
+                        slots.idle.push((conn, Instant::now()));
+                    }
+                    return;
+                }
+            }
+        };
+        let lease = Lease { slots: slots.clone(), conn: conn.take(), armed: true };
+        match waiter.handoff.send(Handoff { lease, state: Handed::Connection }) {
+            Ok(()) => return,
+            // That mail is no longer waiting: the next one gets the slot.
+            Err(Handoff { mut lease, .. }) => {
+                lease.armed = false;
+                conn = lease.conn.take();
+            }
+        }
+    }
+}
 impl SmtpPool {
     /// Fails only on an unreadable `smtp.tls_ca_file`.
     pub fn new(s: &SmtpSettings) -> Result<Self, DeliverError> {
@@ -74,6 +170,7 @@ impl SmtpPool {
             }
             None => None,
         };
+        let slots = Slots { free: s.pool_size as usize, idle: Vec::new(), waiting: VecDeque::new() };
         Ok(Self {
             host: s.host.clone(),
             port: s.port,
@@ -81,47 +178,138 @@ impl SmtpPool {
             credentials: (!s.username.is_empty()).then(|| (s.username.clone(), s.password.expose().to_owned())),
             timeout: Duration::from_secs(s.timeout_secs.max(1)),
             hello: ClientId::default().to_string(),
-            permits: Semaphore::new(s.pool_size as usize),
-            idle: Mutex::new(Vec::new()),
+            slots: Arc::new(Mutex::new(slots)),
         })
     }
 
     /// Sends one message on a pooled connection. A connection that failed is dropped,
     /// not returned to the pool.
     pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<(), SendError> {
-        let _permit = self.permits.acquire().await.expect("the pool's semaphore is never closed");
-        let reused = self.take_idle();
-        let fresh = reused.is_none();
-        let mut conn = match reused {
-            Some(conn) => conn,
-            None => self.connect().await?,
+        let (mut lease, accepted) = loop {
+            let Handoff { lease, state } = match self.acquire(envelope, message) {
+                Ok(handoff) => handoff,
+                Err(handed) => match handed.await {
+                    Ok(handoff) => handoff,
+                    // Whoever sent this mail's envelope ahead failed or was cancelled
+                    // before the server accepted it: nothing went out; queue again.
+                    Err(_) => continue,
+                },
+            };
+            match state {
+                Handed::Connection => break (lease, false),
+                Handed::Accepted => break (lease, true),
+                Handed::Refused(e) => return Err(SendError::Client(e)),
+            }
         };
-        let result = match self.transact(&mut conn, envelope, message).await {
+        let fresh = lease.conn.is_none();
+        if fresh {
+            lease.conn = Some(self.connect().await?);
+        }
+        let result = match self.transact(&mut lease, envelope, message, accepted).await {
             // A pooled connection the server closed meanwhile fails before any reply: try
             // once more at once on a new connection rather than after a retry delay.
-            Err(SendError::Client(ClientError::Closed { answered: false, .. })) if !fresh => {
-                conn = self.connect().await?;
-                self.transact(&mut conn, envelope, message).await
+            Err(SendError::Client(ClientError::Closed { answered: false, .. })) if !fresh && !accepted => {
+                lease.conn = Some(self.connect().await?);
+                self.transact(&mut lease, envelope, message, false).await
             }
             other => other,
         };
         if result.is_ok() {
-            self.idle.lock().expect("idle lock").push((conn, Instant::now()));
+            lease.give_back();
         }
         result
     }
 
-    async fn transact(&self, conn: &mut Connection, envelope: &Envelope, message: &[u8]) -> Result<(), SendError> {
-        match tokio::time::timeout(self.timeout, conn.send(envelope, message)).await {
+    /// A connection for this mail at once (idle, or one to open), or a place in the
+    /// queue of mails waiting for one.
+    fn acquire(&self, envelope: &Envelope, message: &[u8]) -> Result<Handoff, oneshot::Receiver<Handoff>> {
+        let mut slots = self.slots.lock().expect("slots lock");
+        if slots.free == 0 {
+            let (handoff, handed) = oneshot::channel();
+            let waiter = Waiter { envelope: envelope.clone(), eight_bit: !message.is_ascii(), handoff };
+            slots.waiting.push_back(waiter);
+            return Err(handed);
+        }
+        slots.free -= 1;
+        slots.idle.retain(|(_, used)| used.elapsed() < MAX_IDLE);
+        let conn = slots.idle.pop().map(|(conn, _)| conn);
+        Ok(Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: Handed::Connection })
+    }
+
+    /// Sends the mail on the lease's connection (its envelope already accepted if
+    /// `accepted`). The envelope of the first mail waiting goes out with the message,
+    /// and that mail is handed the connection once the server has answered both.
+    async fn transact(
+        &self,
+        lease: &mut Lease,
+        envelope: &Envelope,
+        message: &[u8],
+        accepted: bool,
+    ) -> Result<(), SendError> {
+        let conn = lease.conn.as_mut().expect("a leased connection is open");
+        if !accepted && !conn.pipelining() {
+            return self.within(conn.send(envelope, message)).await;
+        }
+        if !accepted {
+            conn.push_envelope(envelope, !message.is_ascii()).map_err(SendError::Client)?;
+            self.within(conn.flush_envelope()).await?;
+            self.within(conn.envelope_replies(envelope)).await?;
+        }
+        conn.push_message(message);
+        let next = self.next_waiter(conn);
+        self.within(conn.flush_output()).await?;
+        self.within(conn.message_reply()).await?;
+        if let Some(next) = next {
+            // This mail is sent; the connection goes to the next one, whatever its
+            // envelope's fate.
+            let handed = match self.within(conn.envelope_replies(&next.envelope)).await {
+                Ok(()) => Handed::Accepted,
+                Err(SendError::Client(refused @ ClientError::Refused(_))) => Handed::Refused(refused),
+                // Nothing of that mail was accepted: it queues again (its sender is
+                // dropped here) and this connection, out of step, is closed.
+                Err(_) => {
+                    lease.conn = None;
+                    return Ok(());
+                }
+            };
+            // After a refusal the connection is closed; the slot goes with the handoff
+            // either way (and on to the next mail should that one have stopped waiting).
+            let conn = if matches!(handed, Handed::Accepted) { lease.conn.take() } else { None };
+            lease.conn = None;
+            lease.armed = false;
+            let handoff = Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: handed };
+            let _ = next.handoff.send(handoff);
+        }
+        Ok(())
+    }
+
+    /// The first mail still waiting, its envelope pushed behind the message being sent;
+    /// none without PIPELINING or if its addresses cannot go to this server.
+    fn next_waiter(&self, conn: &mut Connection) -> Option<Waiter> {
+        if !conn.pipelining() {
+            return None;
+        }
+        let mut slots = self.slots.lock().expect("slots lock");
+        while let Some(waiter) = slots.waiting.pop_front() {
+            if waiter.handoff.is_closed() {
+                continue;
+            }
+            if conn.push_envelope(&waiter.envelope, waiter.eight_bit).is_ok() {
+                return Some(waiter);
+            }
+            // It will find out itself, on the connection it is handed next.
+            slots.waiting.push_front(waiter);
+            return None;
+        }
+        None
+    }
+
+    /// Bounds `step` by `smtp.timeout_secs`.
+    async fn within(&self, step: impl std::future::Future<Output = Result<(), ClientError>>) -> Result<(), SendError> {
+        match tokio::time::timeout(self.timeout, step).await {
             Ok(result) => result.map_err(SendError::Client),
             Err(_) => Err(SendError::Timeout),
         }
-    }
-
-    fn take_idle(&self) -> Option<Connection> {
-        let mut idle = self.idle.lock().expect("idle lock");
-        idle.retain(|(_, used)| used.elapsed() < MAX_IDLE);
-        idle.pop().map(|(conn, _)| conn)
     }
 
     async fn connect(&self) -> Result<Connection, SendError> {
@@ -182,13 +370,106 @@ mod tests {
         let pool = pool_for(port);
         pool.send(&envelope(), b"Subject: 1\r\n\r\none").await.unwrap();
         pool.send(&envelope(), b"Subject: 2\r\n\r\ntwo").await.unwrap();
-        assert_eq!(pool.idle.lock().unwrap().len(), 1, "one connection served both mails");
+        assert_eq!(pool.slots.lock().unwrap().idle.len(), 1, "one connection served both mails");
 
         // The server goes away and comes back: the pooled connection is dead.
         sink.shutdown().await;
         let sink = SmtpSink::start(port).await.unwrap();
         pool.send(&envelope(), b"Subject: 3\r\n\r\nthree").await.expect("sent on a new connection, no retry needed");
         assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    }
+
+    fn one_connection(port: u16) -> SmtpPool {
+        let mut settings = crate::deliver::tests::smtp_to(port);
+        settings.pool_size = 1;
+        SmtpPool::new(&settings).unwrap()
+    }
+
+    fn to(address: &str) -> Envelope {
+        Envelope::new(Some("no-reply@example.jp".parse().unwrap()), vec![address.parse().unwrap()]).unwrap()
+    }
+
+    /// Sends `mails` (recipient, message) at once; every result, in order.
+    async fn send_all(pool: &SmtpPool, mails: &[(&str, &str)]) -> Vec<Result<(), SendError>> {
+        let sends = mails.iter().map(|(rcpt, message)| async { pool.send(&to(rcpt), message.as_bytes()).await });
+        let all = futures_join_all(sends);
+        tokio::time::timeout(Duration::from_secs(10), all).await.expect("the pool hung")
+    }
+
+    /// Runs futures concurrently on this task, polled in order (the first is first to ask
+    /// for a connection), and returns their outputs in order.
+    async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+        let mut set: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+        let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            for (slot, result) in set.iter_mut().zip(out.iter_mut()) {
+                if let Some(f) = slot {
+                    if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
+                        (*result, *slot) = (Some(v), None);
+                    }
+                }
+            }
+            if set.iter().all(Option::is_none) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        out.into_iter().map(|r| r.expect("every future finished")).collect()
+    }
+
+    /// With PIPELINING, a mail waiting for the connection has its envelope sent behind
+    /// the message before it: one write and one round trip a mail, not two.
+    #[tokio::test]
+    async fn a_waiting_mail_s_envelope_goes_out_with_the_message_before_it() {
+        use crate::deliver::client::tests::server_for;
+        let (port, server) = server_for(&["PIPELINING"], 1).await;
+        let pool = one_connection(port);
+        let mails = [
+            ("a@example.jp", "Subject: 1\r\n\none"),
+            ("b@example.jp", "Subject: 2\r\n\ntwo"),
+            ("c@example.jp", "Subject: 3\r\n\nthree"),
+        ];
+        let results = send_all(&pool, &mails).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        drop(pool);
+        let seen = server.await.unwrap();
+        let after = |message: &str| &seen[seen.iter().position(|l| l.contains(message)).unwrap() + 1..];
+        assert_eq!(after("one")[..2], ["(more in the same write)", "MAIL FROM:<no-reply@example.jp>"], "{seen:?}");
+        assert_eq!(after("one")[2], "RCPT TO:<b@example.jp>");
+        assert_eq!(
+            after("two")[..3],
+            ["(more in the same write)", "MAIL FROM:<no-reply@example.jp>", "RCPT TO:<c@example.jp>"]
+        );
+        assert!(after("three").is_empty(), "nothing was waiting behind the last: {seen:?}");
+    }
+
+    /// A mail whose envelope went out behind another's message fails or succeeds on its
+    /// own: a refused recipient fails only its mail, a refused message only its own, and
+    /// the mails after them are sent (on a new connection: the failed one is closed).
+    #[tokio::test]
+    async fn mails_sent_behind_one_another_are_answered_each_on_its_own() {
+        use crate::deliver::client::tests::server_for;
+        let (port, server) = server_for(&["PIPELINING"], 3).await;
+        let pool = one_connection(port);
+        let mails = [
+            ("a@example.jp", "Subject: 1\r\n\none"),
+            ("refused@example.jp", "Subject: 2\r\n\ntwo"),
+            ("c@example.jp", "Subject: 3\r\n\nREJECT ME"),
+            ("d@example.jp", "Subject: 4\r\n\nfour"),
+        ];
+        let results = send_all(&pool, &mails).await;
+        let refused = |r: &Result<(), SendError>, code| matches!(r, Err(SendError::Client(ClientError::Refused(reply))) if reply.code == code);
+        assert!(results[0].is_ok(), "{results:?}");
+        assert!(refused(&results[1], 550), "{results:?}");
+        assert!(refused(&results[2], 554), "{results:?}");
+        assert!(results[3].is_ok(), "{results:?}");
+        drop(pool);
+        let seen = server.await.unwrap();
+        let messages: Vec<_> = seen.iter().filter(|l| l.starts_with("Subject")).collect();
+        assert_eq!(messages.len(), 3, "the refused recipient's message was never sent: {seen:?}");
+        assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 3, "{seen:?}");
     }
 
     #[tokio::test]
