@@ -10,13 +10,15 @@
 //! carries the presentation (非通知 / 表示圏外 / 公衆電話) explicitly. Unknown fields are
 //! ignored so exchanges may add their own.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
-use super::{called_number, parse_object, rfc3339, CallEvent, Caller, DecodeError, Outcome, Scalar};
+use super::{called_number, flat_object, parse_object, rfc3339, CallEvent, Caller, DecodeError, Outcome, Scalar};
 use crate::phone::PhoneNumber;
 
 /// The fields this decoder reads, each as a [`Scalar`] so type errors name the field.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug, PartialEq)]
 #[serde(default, bound(deserialize = "'de: 'a"))]
 struct Doc<'a> {
     call_id: Scalar<'a>,
@@ -57,8 +59,39 @@ enum Presentation {
     Payphone,
 }
 
+/// The document as exchanges write it ([`flat_object`]); `None` for serde to parse.
+fn flat_doc(payload: &[u8]) -> Option<Doc<'_>> {
+    let mut doc = Doc::default();
+    let mut seen = 0u8;
+    let flat = flat_object(payload, |key, value| {
+        let (bit, slot) = match key {
+            "call_id" => (0, &mut doc.call_id),
+            "called" => (1, &mut doc.called),
+            "caller" => (2, &mut doc.caller),
+            "presentation" => (3, &mut doc.presentation),
+            "started_at" => (4, &mut doc.started_at),
+            "answered_at" => (5, &mut doc.answered_at),
+            "ended_at" => (6, &mut doc.ended_at),
+            "outcome" => (7, &mut doc.outcome),
+            // Ignored, as serde does.
+            _ => return true,
+        };
+        // A field given twice: serde's error says so.
+        if seen & 1 << bit != 0 {
+            return false;
+        }
+        seen |= 1 << bit;
+        *slot = value.map_or(Scalar::Absent, |v| Scalar::Str(Cow::Borrowed(v)));
+        true
+    });
+    flat.then_some(doc)
+}
+
 pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
-    let doc: Doc<'_> = parse_object("canonical", payload)?;
+    let doc = match flat_doc(payload) {
+        Some(doc) => doc,
+        None => parse_object("canonical", payload)?,
+    };
 
     let call_id = doc.call_id.into_text("call_id")?.ok_or(DecodeError::Missing { field: "call_id" })?;
     if call_id.trim().is_empty() {
@@ -101,9 +134,60 @@ fn caller(presentation: Presentation, number: Option<&str>) -> Caller {
 
 #[cfg(test)]
 mod tests {
-    use std::borrow::Cow;
+    use proptest::prelude::*;
 
     use super::*;
+
+    /// A JSON value for the documents below: plain strings and null (which the fast
+    /// path reads), and what it leaves to serde.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => "[a-zA-Z0-9 :+.-]{0,12}".prop_map(|s| format!("{s:?}")),
+            2 => Just("null".to_owned()),
+            1 => Just("42".to_owned()),
+            1 => Just(r#""a\"b""#.to_owned()),
+            1 => Just(r#""東京""#.to_owned()),
+            1 => Just("{}".to_owned()),
+            1 => Just(r#""2026-11-24T10:00:31+09:00""#.to_owned()),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            8 => prop::sample::select(vec![
+                "call_id", "called", "caller", "presentation", "started_at", "answered_at", "ended_at", "outcome",
+            ])
+            .prop_map(str::to_owned),
+            1 => "[a-z_]{1,8}",
+            1 => Just(r"call\u005fid".to_owned()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Whatever the fast path reads, serde reads the same; what it declines, serde
+        /// parses or refuses with its own words.
+        #[test]
+        fn the_fast_path_reads_exactly_what_serde_reads(
+            fields in prop::collection::vec((key(), value()), 0..10),
+            space in prop::sample::select(vec!["", " ", "\n\t", "\r\n "]),
+            tail in prop::sample::select(vec!["", " ", "\n", "x", ",", "}"]),
+        ) {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("{space}\"{k}\"{space}:{space}{v}{space}")).collect();
+            let json = format!("{space}{{{}}}{tail}", body.join(","));
+            if let Some(fast) = flat_doc(json.as_bytes()) {
+                prop_assert_eq!(Some(fast), parse_object::<Doc<'_>>("canonical", json.as_bytes()).ok(), "{}", json);
+            }
+        }
+    }
+
+    #[test]
+    fn a_cdr_as_exchanges_write_it_takes_the_fast_path() {
+        let json = doc("allowed", r#""09011112222""#, "no_answer");
+        let fast = flat_doc(json.as_bytes()).expect("plain strings and null only");
+        assert_eq!(Some(fast), parse_object::<Doc<'_>>("canonical", json.as_bytes()).ok());
+    }
 
     fn doc(presentation: &str, caller: &str, outcome: &str) -> String {
         format!(
