@@ -152,6 +152,7 @@ fn release(slots: &Arc<Mutex<Slots>>, mut conn: Option<Connection>) {
         }
     }
 }
+
 impl SmtpPool {
     /// Fails only on an unreadable `smtp.tls_ca_file`.
     pub fn new(s: &SmtpSettings) -> Result<Self, DeliverError> {
@@ -389,34 +390,10 @@ mod tests {
         Envelope::new(Some("no-reply@example.jp".parse().unwrap()), vec![address.parse().unwrap()]).unwrap()
     }
 
-    /// Sends `mails` (recipient, message) at once; every result, in order.
-    async fn send_all(pool: &SmtpPool, mails: &[(&str, &str)]) -> Vec<Result<(), SendError>> {
-        let sends = mails.iter().map(|(rcpt, message)| async { pool.send(&to(rcpt), message.as_bytes()).await });
-        let all = futures_join_all(sends);
-        tokio::time::timeout(Duration::from_secs(10), all).await.expect("the pool hung")
-    }
-
-    /// Runs futures concurrently on this task, polled in order (the first is first to ask
-    /// for a connection), and returns their outputs in order.
-    async fn futures_join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-        let mut set: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
-        let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-        std::future::poll_fn(|cx| {
-            for (slot, result) in set.iter_mut().zip(out.iter_mut()) {
-                if let Some(f) = slot {
-                    if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
-                        (*result, *slot) = (Some(v), None);
-                    }
-                }
-            }
-            if set.iter().all(Option::is_none) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await;
-        out.into_iter().map(|r| r.expect("every future finished")).collect()
+    /// Runs `sends` together on this task (the first to ask gets the connection); a
+    /// pool that hangs fails the test.
+    async fn together<T>(sends: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), sends).await.expect("the pool hung")
     }
 
     /// With PIPELINING, a mail waiting for the connection has its envelope sent behind
@@ -426,13 +403,16 @@ mod tests {
         use crate::deliver::client::tests::server_for;
         let (port, server) = server_for(&["PIPELINING"], 1).await;
         let pool = one_connection(port);
-        let mails = [
-            ("a@example.jp", "Subject: 1\r\n\none"),
-            ("b@example.jp", "Subject: 2\r\n\ntwo"),
-            ("c@example.jp", "Subject: 3\r\n\nthree"),
-        ];
-        let results = send_all(&pool, &mails).await;
-        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        let (a, b, c) = (to("a@example.jp"), to("b@example.jp"), to("c@example.jp"));
+        let sent = together(async {
+            tokio::join!(
+                pool.send(&a, b"Subject: 1\r\n\none"),
+                pool.send(&b, b"Subject: 2\r\n\ntwo"),
+                pool.send(&c, b"Subject: 3\r\n\nthree"),
+            )
+        })
+        .await;
+        assert!(sent.0.is_ok() && sent.1.is_ok() && sent.2.is_ok(), "{sent:?}");
         drop(pool);
         let seen = server.await.unwrap();
         let after = |message: &str| &seen[seen.iter().position(|l| l.contains(message)).unwrap() + 1..];
@@ -453,18 +433,22 @@ mod tests {
         use crate::deliver::client::tests::server_for;
         let (port, server) = server_for(&["PIPELINING"], 3).await;
         let pool = one_connection(port);
-        let mails = [
-            ("a@example.jp", "Subject: 1\r\n\none"),
-            ("refused@example.jp", "Subject: 2\r\n\ntwo"),
-            ("c@example.jp", "Subject: 3\r\n\nREJECT ME"),
-            ("d@example.jp", "Subject: 4\r\n\nfour"),
-        ];
-        let results = send_all(&pool, &mails).await;
+        let (a, b) = (to("a@example.jp"), to("refused@example.jp"));
+        let (c, d) = (to("c@example.jp"), to("d@example.jp"));
+        let results = together(async {
+            tokio::join!(
+                pool.send(&a, b"Subject: 1\r\n\none"),
+                pool.send(&b, b"Subject: 2\r\n\ntwo"),
+                pool.send(&c, b"Subject: 3\r\n\nREJECT ME"),
+                pool.send(&d, b"Subject: 4\r\n\nfour"),
+            )
+        })
+        .await;
         let refused = |r: &Result<(), SendError>, code| matches!(r, Err(SendError::Client(ClientError::Refused(reply))) if reply.code == code);
-        assert!(results[0].is_ok(), "{results:?}");
-        assert!(refused(&results[1], 550), "{results:?}");
-        assert!(refused(&results[2], 554), "{results:?}");
-        assert!(results[3].is_ok(), "{results:?}");
+        assert!(results.0.is_ok(), "{results:?}");
+        assert!(refused(&results.1, 550), "{results:?}");
+        assert!(refused(&results.2, 554), "{results:?}");
+        assert!(results.3.is_ok(), "{results:?}");
         drop(pool);
         let seen = server.await.unwrap();
         let messages: Vec<_> = seen.iter().filter(|l| l.starts_with("Subject")).collect();
