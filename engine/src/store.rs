@@ -171,9 +171,9 @@ pub struct Store {
 
 /// One thread that writes sent records and makes them durable for every async caller,
 /// so a thousand mails finishing together cost one append to the sent journal (or one
-/// flush), not a thousand, and no thread hop of their own. (sled's own `flush_async` runs each call on sled's small I/O thread
-/// pool, where enough concurrent calls occupy every thread waiting for a write that
-/// needs a thread of that same pool: a deadlock.)
+/// flush), not a thousand, and no thread hop of their own. (sled's own `flush_async`
+/// runs each call on sled's small I/O thread pool, where enough concurrent calls occupy
+/// every thread waiting for a write that needs a thread of that same pool: a deadlock.)
 struct Flusher {
     /// Each request carries a handle to the database, so the thread holds none between
     /// requests and a dropped store closes. The thread ends with the last sender.
