@@ -20,8 +20,9 @@ const TOPIC: &str = "cdr-ingest";
 pub struct IngestArgs {
     #[command(flatten)]
     common: Common,
-    /// CDRs in the topic.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// CDRs in the topic. The mock cluster keeps at most 5 MB or 100 000 messages a
+    /// partition: raise `--partitions` with it.
+    #[arg(long, default_value_t = 100_000)]
     count: u64,
     /// Rounds of (bare consumer, engine); the report quotes the median ratio.
     #[arg(long, default_value_t = 3)]
@@ -52,6 +53,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         args.count,
         acks.last_error.lock().expect("error lock")
     );
+    crate::producer::ensure_retained(&brokers, TOPIC, args.count)?;
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
     let mut config = EngineConfig {

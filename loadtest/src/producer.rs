@@ -5,6 +5,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
 
@@ -49,4 +52,66 @@ pub fn create(brokers: &str) -> anyhow::Result<(CountingProducer, Arc<Acks>)> {
         .set("queue.buffering.max.messages", "1000000")
         .create_with_context(context)?;
     Ok((producer, acks))
+}
+
+/// Messages of `topic` the broker still holds, over all its partitions. librdkafka's
+/// mock cluster keeps at most 5 MB or 100 000 messages a partition and deletes older
+/// ones, so a topic filled in advance may hold fewer than were produced.
+pub fn retained(brokers: &str, topic: &str) -> anyhow::Result<i64> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut held = 0;
+    for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (low, high) = consumer.fetch_watermarks(topic, partition.id(), timeout)?;
+        held += high - low;
+    }
+    Ok(held)
+}
+
+/// Fails with what to change when the broker holds fewer than `produced` messages of
+/// `topic`: a comparison would wait for messages that are gone.
+pub fn ensure_retained(brokers: &str, topic: &str, produced: u64) -> anyhow::Result<()> {
+    let held = retained(brokers, topic)?;
+    anyhow::ensure!(
+        held >= produced as i64,
+        "the broker holds only {held} of the {produced} CDRs produced: librdkafka's mock cluster keeps at most \
+         5 MB or 100 000 messages a partition and drops older ones. Use a lower --count or more --partitions \
+         (BENCHMARKS.md uses --count 100000 --partitions 12)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::producer::{BaseRecord, Producer};
+
+    use super::*;
+
+    /// A topic filled beyond the mock cluster's retention is refused with what to do,
+    /// not waited on; one within it passes.
+    #[test]
+    fn a_topic_filled_beyond_the_mock_cluster_s_retention_is_refused_with_what_to_do() {
+        let kafka = engine::embedded::EmbeddedKafka::start(&["fill"], 1).unwrap();
+        let (producer, acks) = create(kafka.bootstrap_servers()).unwrap();
+        let payload = [b'x'; 100];
+        let fill = |count: u64| {
+            for _ in 0..count {
+                let mut record = BaseRecord::<(), _>::to("fill").payload(&payload[..]);
+                while let Err((_, back)) = producer.send(record) {
+                    producer.poll(Duration::from_millis(5));
+                    record = back;
+                }
+            }
+            producer.flush(Duration::from_secs(60)).unwrap();
+        };
+        // About 2.5 MB with the record overhead.
+        fill(20_000);
+        ensure_retained(kafka.bootstrap_servers(), "fill", 20_000).expect("within retention");
+        // 40 000 more: past 5 MB in the one partition.
+        fill(40_000);
+        assert_eq!(acks.delivered.load(Ordering::Acquire), 60_000, "the broker acknowledged every message");
+        let refused = ensure_retained(kafka.bootstrap_servers(), "fill", 60_000).unwrap_err().to_string();
+        assert!(refused.contains("--partitions") && refused.contains("of the 60000 CDRs"), "{refused}");
+    }
 }
