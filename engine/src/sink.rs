@@ -1,8 +1,9 @@
 //! A small SMTP server (RFC 5321 subset) that receives the mails the engine sends.
 //!
 //! It speaks real SMTP over TCP, PIPELINING included, so that the production delivery
-//! path (the engine's pooled client) is exercised unchanged by the integration tests, the `demo` command and the
-//! load tester. Faults can be scripted per stage to test retry and bounce handling.
+//! path (the engine's pooled client) is exercised unchanged by the integration tests,
+//! the `demo` command and the load tester. Faults can be scripted per stage to test
+//! retry and bounce handling.
 
 use std::io;
 use std::net::SocketAddr;

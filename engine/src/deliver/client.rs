@@ -197,15 +197,16 @@ impl Connection {
         Ok(conn)
     }
 
-    /// Sends one mail. On `Ok` the server has accepted it (250 after the message).
-    pub async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<(), ClientError> {
+    /// Sends MAIL, RCPT and DATA for `envelope` (in one write where the server offers
+    /// PIPELINING) and reads the replies up to the 354 that asks for the message.
+    pub async fn envelope(&mut self, envelope: &Envelope, eight_bit: bool) -> Result<(), ClientError> {
         self.output.clear();
         if self.ext.pipelining {
-            self.push_envelope(envelope, !message.is_ascii())?;
-            self.flush_envelope().await?;
-            self.envelope_replies(envelope).await?;
+            self.push_envelope(envelope, eight_bit)?;
+            self.flush().await.map_err(closed(false))?;
+            self.envelope_replies(envelope).await
         } else {
-            self.push_mail_from(envelope, !message.is_ascii())?;
+            self.push_mail_from(envelope, eight_bit)?;
             self.flush().await.map_err(closed(false))?;
             self.expect(250, false).await?;
             for rcpt in envelope.to() {
@@ -215,11 +216,8 @@ impl Connection {
             }
             self.output.extend_from_slice(b"DATA\r\n");
             self.flush().await.map_err(closed(true))?;
-            self.expect(354, true).await?;
+            self.expect(354, true).await
         }
-        self.push_message(message);
-        self.flush_output().await?;
-        self.message_reply().await
     }
 
     /// Whether the server offers PIPELINING: then the envelope of another mail may
@@ -253,11 +251,6 @@ impl Connection {
     /// Appends `message`, dot-stuffed and with its closing `.`, to what is written next.
     pub fn push_message(&mut self, message: &[u8]) {
         dot_stuff(message, &mut self.output);
-    }
-
-    /// Writes a pushed envelope that follows no message.
-    pub async fn flush_envelope(&mut self) -> Result<(), ClientError> {
-        self.flush().await.map_err(closed(false))
     }
 
     /// Writes what was pushed, after the server's 354.
@@ -701,7 +694,7 @@ pub(crate) mod tests {
         let session = Session { tls: Some((start, target)), hello: "client.test", credentials };
         let sent = async {
             let mut conn = Connection::open(tcp, &session).await?;
-            conn.send(&envelope(), b"Subject: hi\r\n\r\nover TLS\r\n").await
+            send_one(&mut conn, &envelope(), b"Subject: hi\r\n\r\nover TLS\r\n").await
         };
         let sent = tokio::time::timeout(Duration::from_secs(10), sent).await.expect("the client hung");
         (sent, server.await.unwrap())
@@ -709,6 +702,14 @@ pub(crate) mod tests {
 
     fn envelope() -> Envelope {
         Envelope::new(Some("no-reply@example.jp".parse().unwrap()), vec!["taro@example.jp".parse().unwrap()]).unwrap()
+    }
+
+    /// One mail, the way the pool sends it when nothing waits behind it.
+    async fn send_one(conn: &mut Connection, envelope: &Envelope, message: &[u8]) -> Result<(), ClientError> {
+        conn.envelope(envelope, !message.is_ascii()).await?;
+        conn.push_message(message);
+        conn.flush_output().await?;
+        conn.message_reply().await
     }
 
     /// Opens a session and sends `message`, within 10 s: a client waiting for a reply
@@ -721,7 +722,7 @@ pub(crate) mod tests {
         let sending = async {
             let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
             let mut conn = Connection::open(tcp, &Session { tls: None, hello: "client.test", credentials }).await?;
-            conn.send(&envelope(), message).await
+            send_one(&mut conn, &envelope(), message).await
         };
         tokio::time::timeout(Duration::from_secs(10), sending).await.expect("the client hung")?;
         Ok(server.await.unwrap())

@@ -248,13 +248,8 @@ impl SmtpPool {
         accepted: bool,
     ) -> Result<(), SendError> {
         let conn = lease.conn.as_mut().expect("a leased connection is open");
-        if !accepted && !conn.pipelining() {
-            return self.within(conn.send(envelope, message)).await;
-        }
         if !accepted {
-            conn.push_envelope(envelope, !message.is_ascii()).map_err(SendError::Client)?;
-            self.within(conn.flush_envelope()).await?;
-            self.within(conn.envelope_replies(envelope)).await?;
+            self.within(conn.envelope(envelope, !message.is_ascii())).await?;
         }
         conn.push_message(message);
         let next = self.next_waiter(conn);
