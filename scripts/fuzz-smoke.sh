@@ -22,10 +22,7 @@ fuzz_dir=$root/fuzz
 seconds=${FUZZ_SECONDS:-20}
 export RUSTC_BOOTSTRAP=1
 
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "fuzz: installing cargo-fuzz"
-    cargo install cargo-fuzz --locked --quiet
-fi
+bash "$root/scripts/cargo-tools.sh"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/fuzz-smoke.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The integration suite (tests/integration.rs) against real separate processes: installs
-# what is missing (tansu from crates.io, cached in ~/.cargo/bin; postfix's smtp-sink via
+# what is missing (tansu from crates.io via scripts/cargo-tools.sh; postfix's smtp-sink via
 # scripts/setup.sh), starts a tansu broker on a free loopback port, runs the suite, and
 # stops the broker on every exit path. Extra arguments go to the test binary, e.g.
 #   bash scripts/integration.sh kill_soak --nocapture
@@ -9,10 +9,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 bash scripts/setup.sh
-if ! command -v tansu >/dev/null; then
-  echo "integration: installing tansu (once; later runs reuse ~/.cargo/bin/tansu)"
-  cargo install tansu --locked --features dynostore --quiet
-fi
+bash scripts/cargo-tools.sh
 
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp "${TMPDIR:-/tmp}/tansu.XXXXXX.log")

@@ -39,3 +39,4 @@ if [ "$postfix" = 1 ]; then
   fi
 fi
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+apt-get clean   # the downloaded packages: disk the builds need
