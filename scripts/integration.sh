@@ -26,3 +26,7 @@ echo "integration: tansu on 127.0.0.1:$port (log $log)"
 
 export CALLNOTIFY_IT_BROKERS="127.0.0.1:$port"
 cargo test --test integration -- --ignored --test-threads 1 "$@"
+# The load tester's tests that need a broker creating topics on request.
+if [ $# -eq 0 ]; then
+  cargo test -p callnotify-loadtest -- --ignored
+fi

@@ -1,13 +1,34 @@
 //! The embedded Kafka: librdkafka's in-process mock cluster, which speaks the real Kafka
 //! protocol. Used when `kafka.brokers` is empty (the demo, a first try) and by tests.
+//! Also [`ensure_topics`], for the test and load-test brokers that do not create topics
+//! on first use (tansu; a Kafka with `auto.create.topics.enable=false`).
 //!
 //! The mock cluster is not `Send`, so it lives on a thread of its own until dropped.
 
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Creates those of `topics` (name, partitions) that `brokers` does not have yet, each
+/// with one replica. A topic that exists is left as it is.
+pub async fn ensure_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new: Vec<NewTopic<'_>> =
+        topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
+    for result in admin.create_topics(&new, &AdminOptions::new()).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(KafkaError::AdminOpCreation(format!("creating topic {name}: {code}"))),
+        }
+    }
+    Ok(())
+}
 
 pub struct EmbeddedKafka {
     bootstrap: String,

@@ -7,14 +7,11 @@ use anyhow::Context as _;
 use clap::Args;
 use engine::sink::{SinkOptions, SmtpSink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::compare::{self, Comparison, Round};
 use crate::engine_proc::{free_port, EngineConfig};
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
-
-const TOPIC: &str = "cdr-ingest";
 
 #[derive(Args)]
 pub struct IngestArgs {
@@ -31,36 +28,29 @@ pub struct IngestArgs {
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    let Setup { binary, workdir, format, population, brokers, embedded } = common.prepare(TOPIC)?;
+    // A topic per round, each with CDRs of its own: a round's engine sends the mails its
+    // CDRs call for, where it would find them all sent already on a topic read before.
+    let stems: Vec<String> = (0..args.rounds).map(|r| format!("cdr-ingest-{r}")).collect();
+    let stems: Vec<&str> = stems.iter().map(String::as_str).collect();
+    let Setup { binary, workdir, format, population, brokers, topics, embedded } = common.prepare(&stems).await?;
 
-    eprintln!("producing {} CDRs", args.count);
-    let (producer, acks) = crate::producer::create(&brokers)?;
-    let mix = Mix { missed: 0.6, withheld: 0.1, designated: 0.2 };
-    let mut generator = Generator::new(population, 1.0, format, mix, "ingest", "ingest.example.jp");
-    for _ in 0..args.count {
-        let cdr = generator.next(chrono::Utc::now());
-        let mut record = BaseRecord::to(TOPIC).key(&cdr.key).payload(&cdr.payload);
-        while let Err((_, back)) = producer.send(record) {
-            producer.poll(Duration::from_millis(5));
-            record = back;
+    eprintln!("producing {} CDRs into each of {} topics", args.count, topics.len());
+    for (round, topic) in topics.iter().enumerate() {
+        let run_id = format!("ingest{round}-{}", std::process::id());
+        let mix = Mix { missed: 0.6, withheld: 0.1, designated: 0.2 };
+        let mut generator = Generator::new(population, 1.0, format, mix, &run_id, "ingest.example.jp");
+        crate::producer::fill(&brokers, topic, (0..args.count).map(|_| generator.next(chrono::Utc::now())))?;
+        if embedded.is_some() {
+            crate::producer::ensure_retained(&brokers, topic, args.count)?;
         }
     }
-    producer.flush(Duration::from_secs(120))?;
-    let delivered = acks.delivered.load(std::sync::atomic::Ordering::Acquire);
-    anyhow::ensure!(
-        delivered == args.count,
-        "the broker took {delivered} of {} CDRs (last error: {:?})",
-        args.count,
-        acks.last_error.lock().expect("error lock")
-    );
-    crate::producer::ensure_retained(&brokers, TOPIC, args.count)?;
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
     let mut config = EngineConfig {
         binary,
         workdir: workdir.clone(),
         brokers: brokers.clone(),
-        topic: TOPIC.into(),
+        topic: String::new(),
         format: format.as_str(),
         group: String::new(),
         smtp: sink.addr(),
@@ -72,8 +62,9 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     eprintln!("seeded: {}", config.seed(&population)?);
 
     let mut rounds = Vec::new();
-    for round in 0..args.rounds {
-        let bare = bare_consumer(&brokers, &format!("bare-{round}-{}", std::process::id()), args.count)?;
+    for (round, topic) in topics.iter().enumerate() {
+        let bare = bare_consumer(&brokers, topic, &format!("bare-{round}-{}", std::process::id()), args.count)?;
+        config.topic = topic.clone();
         config.group = format!("engine-{round}-{}", std::process::id());
         config.metrics = free_port()?;
         let engine_rate = compare::engine_rate(&config, "callnotify_cdrs_consumed_total", args.count).await?;
@@ -100,15 +91,18 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `count` messages with a plain consumer; CDR/s from the first to the last.
-fn bare_consumer(brokers: &str, group: &str, count: u64) -> anyhow::Result<f64> {
+/// Reads `count` messages of `topic` with a plain consumer; CDR/s from the first to the
+/// last.
+fn bare_consumer(brokers: &str, topic: &str, group: &str, count: u64) -> anyhow::Result<f64> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // The engine's own fetch setting (engine/src/source): the same reads of the broker.
+        .set("fetch.wait.max.ms", "20")
         .create()?;
-    consumer.subscribe(&[TOPIC])?;
+    consumer.subscribe(&[topic])?;
     let (mut n, mut first) = (0u64, None);
     let deadline = Instant::now() + Duration::from_secs(600);
     while n < count {

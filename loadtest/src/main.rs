@@ -59,10 +59,11 @@ pub struct Common {
     /// CDR format produced (and configured on the engine's topic).
     #[arg(long, value_enum, default_value_t = Format::Canonical)]
     format: Format,
-    /// Kafka bootstrap servers (loopback only); empty starts an in-process mock cluster.
+    /// Kafka bootstrap servers (loopback only), where the run creates topics of its own;
+    /// empty starts an in-process mock cluster.
     #[arg(long, default_value = "")]
     brokers: String,
-    /// Partitions of the load topic (mock cluster).
+    /// Partitions of each load topic (on `--brokers`, of the topics this run creates).
     #[arg(long, default_value_t = 3)]
     partitions: i32,
     /// The engine's subscription cache capacity.
@@ -124,21 +125,31 @@ impl Common {
     }
 
     /// What every mode starts with: checked arguments, the engine binary, a work
-    /// directory, and Kafka (the given brokers, or a mock cluster in this process with
-    /// `topic` and its dead-letter topic).
-    fn prepare(&self, topic: &str) -> anyhow::Result<Setup> {
-        self.prepare_topics(&[topic])
-    }
-
-    /// As [`Common::prepare`], with several topics (each with its dead-letter topic).
-    fn prepare_topics(&self, topics: &[&str]) -> anyhow::Result<Setup> {
+    /// directory, and Kafka with `topics`, each with its dead-letter topic. Kafka is a mock
+    /// cluster in this process, or the given brokers, where the topics get names of this
+    /// run's own (`STEM-PID`) and are created: a broker outlives a run, and a topic read
+    /// from its start must hold only this run's CDRs.
+    async fn prepare(&self, topics: &[&str]) -> anyhow::Result<Setup> {
         self.check_loopback()?;
-        let embedded = if self.brokers.is_empty() {
-            let dead: Vec<String> = topics.iter().map(|t| format!("{t}-dead-letter")).collect();
-            let all: Vec<&str> = topics.iter().copied().chain(dead.iter().map(String::as_str)).collect();
-            Some(EmbeddedKafka::start(&all, self.partitions)?)
-        } else {
+        let external = !self.brokers.is_empty();
+        let topics: Vec<String> = topics
+            .iter()
+            .map(|t| if external { format!("{t}-{}", std::process::id()) } else { (*t).to_owned() })
+            .collect();
+        let dead: Vec<String> = topics.iter().map(|t| format!("{t}-dead-letter")).collect();
+        let embedded = if external {
+            let all: Vec<(&str, i32)> = topics
+                .iter()
+                .map(|t| (t.as_str(), self.partitions))
+                .chain(dead.iter().map(|t| (t.as_str(), 1)))
+                .collect();
+            engine::embedded::ensure_topics(&self.brokers, &all)
+                .await
+                .with_context(|| format!("creating the topics on {}", self.brokers))?;
             None
+        } else {
+            let all: Vec<&str> = topics.iter().chain(&dead).map(String::as_str).collect();
+            Some(EmbeddedKafka::start(&all, self.partitions)?)
         };
         Ok(Setup {
             binary: self.engine_binary()?,
@@ -146,6 +157,7 @@ impl Common {
             format: self.format.into(),
             population: Population { numbers: self.numbers, subscribed: self.subscribed },
             brokers: embedded.as_ref().map_or(self.brokers.clone(), |k| k.bootstrap_servers().to_owned()),
+            topics,
             embedded,
         })
     }
@@ -167,6 +179,8 @@ pub struct Setup {
     pub format: CdrFormat,
     pub population: Population,
     pub brokers: String,
+    /// The topics asked for, by the names they have on the broker.
+    pub topics: Vec<String>,
     /// Kept alive for the run when started here.
     pub embedded: Option<EmbeddedKafka>,
 }
@@ -209,6 +223,8 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::consumer::Consumer as _;
+
     use super::*;
 
     #[test]
@@ -219,9 +235,8 @@ mod tests {
         assert!(parse_duration("5d").is_err());
     }
 
-    #[test]
-    fn brokers_off_this_machine_are_refused() {
-        let common = |brokers: &str| Common {
+    fn common(brokers: &str) -> Common {
+        Common {
             engine: None,
             numbers: 1,
             subscribed: 0.0,
@@ -232,9 +247,48 @@ mod tests {
             pool_size: 1,
             out: "x".into(),
             workdir: None,
-        };
+        }
+    }
+
+    #[test]
+    fn brokers_off_this_machine_are_refused() {
         assert!(common("127.0.0.1:9092,localhost:9093,[::1]:9094").check_loopback().is_ok());
         assert!(common("10.0.0.5:9092").check_loopback().is_err());
         assert!(common("kafka.example.com:9092").check_loopback().is_err());
+    }
+
+    /// On brokers of the user's, a run reads topics of its own, created with the asked
+    /// partitions (tansu creates none on first use), never a topic an earlier run left
+    /// CDRs in. The mock cluster cannot create topics on request: this runs against the
+    /// integration suite's tansu.
+    #[tokio::test]
+    #[ignore = "needs a broker that creates topics on request: run by scripts/integration.sh"]
+    async fn a_run_on_given_brokers_creates_topics_of_its_own_there() {
+        let brokers = std::env::var("CALLNOTIFY_IT_BROKERS").expect("CALLNOTIFY_IT_BROKERS (scripts/integration.sh)");
+        let workdir = std::env::temp_dir().join(format!("loadtest-prepare-{}", std::process::id()));
+        let common = Common {
+            engine: Some(std::env::current_exe().unwrap()),
+            partitions: 7,
+            workdir: Some(workdir.clone()),
+            ..common(&brokers)
+        };
+        let setup = common.prepare(&["cdr-a", "cdr-b"]).await.unwrap();
+        let pid = std::process::id();
+        assert_eq!(setup.topics, [format!("cdr-a-{pid}"), format!("cdr-b-{pid}")]);
+        assert!(setup.embedded.is_none());
+
+        let partitions = |topic: &str| {
+            let consumer: rdkafka::consumer::BaseConsumer =
+                rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+            metadata.topics()[0].partitions().len()
+        };
+        assert_eq!(partitions(&setup.topics[1]), 7);
+        assert_eq!(partitions(&format!("{}-dead-letter", setup.topics[1])), 1);
+
+        // A topic that exists is left as it is.
+        engine::embedded::ensure_topics(&brokers, &[(&setup.topics[0], 3)]).await.unwrap();
+        assert_eq!(partitions(&setup.topics[0]), 7);
+        std::fs::remove_dir_all(workdir).unwrap();
     }
 }

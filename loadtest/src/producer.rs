@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, DeliveryResult, ProducerContext};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
+
+use crate::traffic::Cdr;
 
 /// Delivery reports, as counters.
 #[derive(Default)]
@@ -52,6 +54,30 @@ pub fn create(brokers: &str) -> anyhow::Result<(CountingProducer, Arc<Acks>)> {
         .set("queue.buffering.max.messages", "1000000")
         .create_with_context(context)?;
     Ok((producer, acks))
+}
+
+/// Produces `cdrs` to `topic` and waits until the broker has acknowledged every one;
+/// returns how many there were. For a topic filled before it is read.
+pub fn fill(brokers: &str, topic: &str, cdrs: impl Iterator<Item = Cdr>) -> anyhow::Result<u64> {
+    let (producer, acks) = create(brokers)?;
+    let mut sent = 0u64;
+    for cdr in cdrs {
+        let mut record = BaseRecord::to(topic).key(&cdr.key).payload(&cdr.payload);
+        while let Err((_, back)) = producer.send(record) {
+            // Queue full: let librdkafka deliver, then try again.
+            producer.poll(Duration::from_millis(5));
+            record = back;
+        }
+        sent += 1;
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let delivered = acks.delivered.load(Ordering::Acquire);
+    anyhow::ensure!(
+        delivered == sent,
+        "the broker took {delivered} of {sent} CDRs for {topic} (last error: {:?})",
+        acks.last_error.lock().expect("error lock")
+    );
+    Ok(sent)
 }
 
 /// Messages of `topic` the broker still holds, over all its partitions. librdkafka's

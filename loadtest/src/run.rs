@@ -85,7 +85,8 @@ fn histogram() -> Histogram<u64> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    let Setup { binary, workdir, format, population, brokers, embedded } = common.prepare(TOPIC)?;
+    let Setup { binary, workdir, format, population, brokers, topics, embedded } = common.prepare(&[TOPIC]).await?;
+    let topic = &topics[0];
     let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated };
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
@@ -94,7 +95,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         binary,
         workdir: workdir.clone(),
         brokers: brokers.clone(),
-        topic: TOPIC.into(),
+        topic: topic.clone(),
         format: format.as_str(),
         group: format!("loadtest-{run_id}"),
         smtp: sink.addr(),
@@ -111,7 +112,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     engine.wait_ready(Duration::from_secs(60)).await?;
 
     let (producer, acks) = crate::producer::create(&brokers).context("creating the producer")?;
-    warm_up(&producer, &engine, Generator::new(population, args.zipf, format, mix, "warmup", DOMAIN)).await?;
+    warm_up(&producer, topic, &engine, Generator::new(population, args.zipf, format, mix, "warmup", DOMAIN)).await?;
     // The warm-up CDR is acknowledged and consumed, but not part of the run.
     let warmup_acks = acks.delivered.load(Ordering::Acquire);
 
@@ -129,6 +130,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let producer_thread = {
         let generator = Generator::new(population, args.zipf, format, mix, &run_id, DOMAIN);
         let pacing = Pacing {
+            topic: topic.clone(),
             rate: args.rate,
             duration: args.duration,
             count: args.count.unwrap_or(u64::MAX),
@@ -279,10 +281,15 @@ async fn follow_consumption(metrics: std::net::SocketAddr, consumed: Arc<AtomicU
 
 /// One CDR through the engine before the clock starts, so the consumer group has
 /// formed and the first measured CDRs do not carry the join delay.
-async fn warm_up(producer: &CountingProducer, engine: &EngineProcess, mut generator: Generator) -> anyhow::Result<()> {
+async fn warm_up(
+    producer: &CountingProducer,
+    topic: &str,
+    engine: &EngineProcess,
+    mut generator: Generator,
+) -> anyhow::Result<()> {
     // A number nobody provisioned: consumed, and no mail.
     let cdr = generator.call_to(generator.population().numbers, chrono::Utc::now());
-    producer.send(BaseRecord::to(TOPIC).key(&cdr.key).payload(&cdr.payload)).map_err(|(e, _)| e)?;
+    producer.send(BaseRecord::to(topic).key(&cdr.key).payload(&cdr.payload)).map_err(|(e, _)| e)?;
     producer.flush(Duration::from_secs(10))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while engine.metrics().await?.get("callnotify_cdrs_consumed_total") < 1.0 {
@@ -294,6 +301,7 @@ async fn warm_up(producer: &CountingProducer, engine: &EngineProcess, mut genera
 
 /// How the producer thread paces itself and what it reports.
 struct Pacing {
+    topic: String,
     /// CDR/s; 0 = flat out.
     rate: f64,
     duration: Duration,
@@ -330,7 +338,7 @@ fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing)
             }
             pacing.expected_total.fetch_add(cdr.expected.len() as u64, Ordering::AcqRel);
         }
-        let mut record = BaseRecord::to(TOPIC).key(&cdr.key).payload(&cdr.payload);
+        let mut record = BaseRecord::to(&pacing.topic).key(&cdr.key).payload(&cdr.payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,

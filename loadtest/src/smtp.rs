@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
-use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::compare::{self, Comparison, Round};
 use crate::engine_proc::{free_port, EngineConfig};
@@ -46,9 +45,9 @@ impl Drop for Sink {
 
 pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    let topics: Vec<String> = (0..args.rounds).map(|r| format!("cdr-smtp-{r}")).collect();
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let Setup { binary, workdir, format, population, brokers, embedded } = common.prepare_topics(&names)?;
+    let stems: Vec<String> = (0..args.rounds).map(|r| format!("cdr-smtp-{r}")).collect();
+    let stems: Vec<&str> = stems.iter().map(String::as_str).collect();
+    let Setup { binary, workdir, format, population, brokers, topics, embedded } = common.prepare(&stems).await?;
     // Everyone subscribed and every call missed: almost every CDR makes a mail.
     let population = Population { subscribed: 1.0, ..population };
     let sink_bin = args.postfix_bin.join("smtp-sink");
@@ -139,24 +138,18 @@ fn fill(
     round: usize,
     mails: u64,
 ) -> anyhow::Result<u64> {
-    let (producer, acks) = crate::producer::create(brokers)?;
     let mix = Mix { missed: 1.0, withheld: 0.0, designated: 0.0 };
     let mut generator =
         Generator::new(population, 1.0, format, mix, &format!("smtp{round}-{}", std::process::id()), "smtp.example.jp");
-    let (mut expected, mut sent) = (0u64, 0u64);
-    while expected < mails {
-        let cdr = generator.next(chrono::Utc::now());
-        expected += cdr.expected.len() as u64;
-        let mut record = BaseRecord::to(topic).key(&cdr.key).payload(&cdr.payload);
-        while let Err((_, back)) = producer.send(record) {
-            producer.poll(Duration::from_millis(5));
-            record = back;
-        }
-        sent += 1;
-    }
-    producer.flush(Duration::from_secs(60))?;
-    let delivered = acks.delivered.load(std::sync::atomic::Ordering::Acquire);
-    anyhow::ensure!(delivered == sent, "the broker took {delivered} of {sent} CDRs");
+    let mut expected = 0u64;
+    let cdrs = std::iter::from_fn(|| {
+        (expected < mails).then(|| {
+            let cdr = generator.next(chrono::Utc::now());
+            expected += cdr.expected.len() as u64;
+            cdr
+        })
+    });
+    crate::producer::fill(brokers, topic, cdrs)?;
     Ok(expected)
 }
 

@@ -10,8 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use engine::address::DestinationAddress;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -29,15 +27,7 @@ pub fn brokers() -> String {
 
 /// Creates `topics` (name, partitions); tansu does not create topics on first use.
 pub async fn create_topics(topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
-    let new: Vec<NewTopic<'_>> =
-        topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
-    for result in admin.create_topics(&new, &AdminOptions::new()).await.expect("create topics") {
-        if let Err((name, e)) = result {
-            assert_eq!(e, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "creating {name}");
-        }
-    }
+    engine::embedded::ensure_topics(&brokers(), topics).await.expect("creating the topics");
 }
 
 /// A producer that keys each CDR by its called number, as an exchange would.
