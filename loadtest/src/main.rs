@@ -131,6 +131,7 @@ impl Common {
     /// from its start must hold only this run's CDRs.
     async fn prepare(&self, topics: &[&str]) -> anyhow::Result<Setup> {
         self.check_loopback()?;
+        let (binary, workdir) = (self.engine_binary()?, self.workdir()?);
         let external = !self.brokers.is_empty();
         let topics: Vec<String> = topics
             .iter()
@@ -152,8 +153,8 @@ impl Common {
             Some(EmbeddedKafka::start(&all, self.partitions)?)
         };
         Ok(Setup {
-            binary: self.engine_binary()?,
-            workdir: self.workdir()?,
+            binary,
+            workdir,
             format: self.format.into(),
             population: Population { numbers: self.numbers, subscribed: self.subscribed },
             brokers: embedded.as_ref().map_or(self.brokers.clone(), |k| k.bootstrap_servers().to_owned()),
