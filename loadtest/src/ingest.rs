@@ -35,11 +35,17 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let Setup { binary, workdir, format, population, brokers, topics, embedded } = common.prepare(&stems).await?;
 
     eprintln!("producing {} CDRs into each of {} topics", args.count, topics.len());
+    // Mails the engine has to send in each round (the bare consumer sends none).
+    let mut mails = Vec::with_capacity(topics.len());
     for (round, topic) in topics.iter().enumerate() {
         let run_id = format!("ingest{round}-{}", std::process::id());
         let mix = Mix { missed: 0.6, withheld: 0.1, designated: 0.2 };
         let mut generator = Generator::new(population, 1.0, format, mix, &run_id, "ingest.example.jp");
-        crate::producer::fill(&brokers, topic, (0..args.count).map(|_| generator.next(chrono::Utc::now())))?;
+        let mut expected = 0;
+        let cdrs =
+            (0..args.count).map(|_| generator.next(chrono::Utc::now())).inspect(|c| expected += c.expected.len());
+        crate::producer::fill(&brokers, topic, cdrs)?;
+        mails.push(expected);
         if embedded.is_some() {
             crate::producer::ensure_retained(&brokers, topic, args.count)?;
         }
@@ -76,11 +82,13 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         name: "ingest",
         title: "Kafka ingest: engine vs bare librdkafka consumer",
         setup: format!(
-            "{} CDRs ({}), {} partitions, {} numbers provisioned.",
+            "{} CDRs ({}) per round, {} partitions, {} numbers provisioned; the engine sends the \
+             mails they cause within the round ({} mails per round).",
             args.count,
             format.as_str(),
             common.partitions,
-            common.numbers
+            common.numbers,
+            mails.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
         ),
         baseline: "bare consumer",
         unit: "CDR/s",
