@@ -11,7 +11,7 @@ mod freeswitch;
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 
 use crate::phone::PhoneNumber;
 
@@ -356,9 +356,9 @@ fn rfc3339(field: &'static str, raw: &str) -> Result<DateTime<Utc>, DecodeError>
         .map_err(|e| DecodeError::invalid(field, format!("{raw:?} is not an RFC 3339 time: {e}")))
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction]` with `Z` or `±HH:MM`, from 1970 on, the form
-/// exchanges write, read without chrono's general parser (a sixth of its time); `None`
-/// for anything else, which chrono then parses or refuses.
+/// `YYYY-MM-DDTHH:MM:SS[.fraction]` with `Z` or `±HH:MM`, the form exchanges write,
+/// read without chrono's general parser (a sixth of its time); `None` for anything
+/// else, which chrono then parses or refuses. The calendar is chrono's.
 fn plain_rfc3339(raw: &[u8]) -> Option<DateTime<Utc>> {
     let digits = |from: usize, len: usize| -> Option<u32> {
         let part = raw.get(from..from + len)?;
@@ -396,23 +396,9 @@ fn plain_rfc3339(raw: &[u8]) -> Option<DateTime<Utc>> {
         }
         _ => return None,
     };
-    if year < 1970 || !(1..=12).contains(&month) || hour > 23 || minute > 59 || second > 59 {
-        return None;
-    }
-    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
-    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if day == 0 || day > month_days[month as usize - 1] {
-        return None;
-    }
-    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
-    let (y, m) = (i64::from(if month <= 2 { year - 1 } else { year }), i64::from(month));
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let day_of_year = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    let local = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
-    DateTime::from_timestamp(local - offset, nanos)
+    // A second of 60 (a leap second) is left to chrono's parser.
+    let local = NaiveDate::from_ymd_opt(year as i32, month, day)?.and_hms_nano_opt(hour, minute, second, nanos)?;
+    local.and_utc().checked_sub_signed(TimeDelta::seconds(offset))
 }
 
 /// Converts whole seconds since the Unix epoch.
