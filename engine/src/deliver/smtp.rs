@@ -270,8 +270,7 @@ impl SmtpPool {
             };
             // After a refusal the connection is closed; the slot goes with the handoff
             // either way (and on to the next mail should that one have stopped waiting).
-            let conn = if matches!(handed, Handed::Accepted) { lease.conn.take() } else { None };
-            lease.conn = None;
+            let conn = lease.conn.take().filter(|_| matches!(handed, Handed::Accepted));
             lease.armed = false;
             let handoff = Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: handed };
             let _ = next.handoff.send(handoff);
