@@ -104,10 +104,15 @@ pub struct SmtpSettings {
     pub retry_give_up_secs: u64,
 }
 
+/// The most consumer threads `engine.consumers` may ask for.
+pub const MAX_CONSUMERS: usize = 64;
+
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSettings {
-    /// CDRs with mails in flight before the consumer pauses.
+    /// Consumer threads, each a member of the consumer group (1..=[`MAX_CONSUMERS`]).
+    pub consumers: usize,
+    /// CDRs with mails in flight, over all consumer threads, before they pause.
     pub max_in_flight: usize,
     /// Time allowed to finish in-flight mails at shutdown.
     pub shutdown_grace_secs: u64,
@@ -232,6 +237,12 @@ impl Settings {
         }
         if self.smtp.pool_size == 0 || self.engine.max_in_flight == 0 {
             return invalid("smtp.pool_size and engine.max_in_flight must be at least 1");
+        }
+        if !(1..=MAX_CONSUMERS).contains(&self.engine.consumers) {
+            return Err(ConfigError::Invalid(format!(
+                "engine.consumers must be between 1 and {MAX_CONSUMERS} (one per core given to the engine; \
+                 threads beyond the topics' partitions get none)"
+            )));
         }
         if self.smtp.retry_give_up_secs >= self.store.sent_retention_days * 86_400 {
             // A queued mail's sent record must outlive it, or a replay could queue it again.
@@ -384,6 +395,17 @@ mod tests {
         assert!(proxied.admin.secure());
         let half = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__TLS_CERT", "/etc/c.pem")])).unwrap_err();
         assert!(half.to_string().contains("admin.tls_key"), "{half}");
+    }
+
+    #[test]
+    fn engine_consumers_outside_its_range_is_refused_with_the_range() {
+        assert_eq!(Settings::load_from(None, env(&[])).unwrap().engine.consumers, 1);
+        for n in ["0", "65"] {
+            let err = Settings::load_from(None, env(&[("CALLNOTIFY__ENGINE__CONSUMERS", n)])).unwrap_err();
+            assert!(err.to_string().contains("engine.consumers must be between 1 and 64"), "{n}: {err}");
+        }
+        let two = Settings::load_from(None, env(&[("CALLNOTIFY__ENGINE__CONSUMERS", "2")])).unwrap();
+        assert_eq!(two.engine.consumers, 2);
     }
 
     #[test]

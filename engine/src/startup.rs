@@ -18,7 +18,7 @@ use crate::embedded::EmbeddedKafka;
 use crate::ops;
 use crate::render::Renderer;
 use crate::resolve::Resolver;
-use crate::source::{self, SourceError, SourceOptions, Stages};
+use crate::source::{self, Source, SourceOptions, Stages};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -78,7 +78,7 @@ pub struct Application {
     metrics_addr: SocketAddr,
     bootstrap: String,
     stop: Arc<AtomicBool>,
-    source: std::thread::JoinHandle<Result<(), SourceError>>,
+    source: Source,
     metrics_stop: tokio::sync::oneshot::Sender<()>,
     metrics_task: tokio::task::JoinHandle<()>,
     /// Prunes old sent-mail records; stopped with the engine, as it holds the store.
@@ -179,12 +179,13 @@ impl Application {
             group_id: &kafka.group_id,
             topics: kafka.topics.iter().map(|t| (t.name.clone(), t.format)).collect(),
             properties: &kafka.properties,
+            consumers: settings.engine.consumers,
             max_in_flight: settings.engine.max_in_flight,
             grace: Duration::from_secs(settings.engine.shutdown_grace_secs),
             rejoin_if_assignment_unchanged: kafka.rejoin_if_assignment_unchanged,
         };
         let source = source::spawn(options, stages, stop.clone()).context("starting the Kafka consumer")?;
-        tracing::info!(group = %kafka.group_id, topics = ?kafka.topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "consuming CDRs");
+        tracing::info!(group = %kafka.group_id, consumers = settings.engine.consumers, topics = ?kafka.topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "consuming CDRs");
 
         Ok(Self {
             store,
@@ -232,10 +233,7 @@ impl Application {
         let Self { stop, source, metrics_stop, metrics_task, pruner, retries_stop, retries, _embedded, .. } = self;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let result = source.join().unwrap_or_else(|_| {
-                Err(SourceError::Store(crate::store::StoreError::Invalid("consumer thread panicked".into())))
-            });
-            let _ = done_tx.send(result);
+            let _ = done_tx.send(source.join());
         });
         tokio::pin!(done_rx);
         let finished = tokio::select! {
@@ -259,7 +257,7 @@ impl Application {
         pruner.abort();
         let _ = pruner.await;
         drop(_embedded);
-        result.context("consumer thread vanished")?.context("consumer stopped")?;
+        result.context("consumer threads vanished")?.context("consumer stopped")?;
         Ok(())
     }
 }

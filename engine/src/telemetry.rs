@@ -27,6 +27,7 @@ pub const DEAD_LETTERS: &str = "callnotify_dead_letters_total";
 pub const LATENCY: &str = "callnotify_notification_latency_seconds";
 pub const IN_FLIGHT: &str = "callnotify_cdrs_in_flight";
 pub const CONSUMER_LAG: &str = "callnotify_consumer_lag_messages";
+pub const CONSUMER_PARTITIONS: &str = "callnotify_consumer_partitions";
 pub const RETRY_QUEUE: &str = "callnotify_retry_queue_mails";
 
 /// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
@@ -132,6 +133,11 @@ impl Metrics {
             Some(Unit::Count),
             "Messages behind the partition's end, by topic and partition".into(),
         );
+        r.describe_gauge(
+            CONSUMER_PARTITIONS.into(),
+            Some(Unit::Count),
+            "Partitions assigned to each consumer thread (engine.consumers)".into(),
+        );
 
         let inner = Inner {
             consumed: counter(r, CDRS_CONSUMED, None),
@@ -217,6 +223,11 @@ impl Metrics {
             vec![Label::new("topic", topic.to_owned()), Label::new("partition", partition.to_string())],
         );
         self.inner.recorder.register_gauge(&key, &METADATA).set(lag as f64);
+    }
+    /// After each rebalance, the partitions consumer thread `consumer` now holds.
+    pub fn consumer_partitions(&self, consumer: usize, partitions: usize) {
+        let key = Key::from_parts(CONSUMER_PARTITIONS, vec![Label::new("consumer", consumer.to_string())]);
+        self.inner.recorder.register_gauge(&key, &METADATA).set(partitions as f64);
     }
 }
 

@@ -23,6 +23,7 @@ pub struct EngineConfig {
     pub metrics: SocketAddr,
     pub cache_capacity: u64,
     pub pool_size: u32,
+    pub consumers: usize,
     pub from_domain: String,
 }
 
@@ -40,6 +41,7 @@ impl EngineConfig {
             .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
             .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
             .env("CALLNOTIFY__SMTP__POOL_SIZE", self.pool_size.to_string())
+            .env("CALLNOTIFY__ENGINE__CONSUMERS", self.consumers.to_string())
             .env("CALLNOTIFY__SMTP__FROM", format!("no-reply@{}", self.from_domain))
             // The load tester measures the engine, not the mail limits a carrier sets.
             .env("CALLNOTIFY__SMTP__RATE_PER_SECOND", "1000000")

@@ -63,6 +63,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         metrics: free_port()?,
         cache_capacity: common.cache_capacity,
         pool_size: common.pool_size,
+        consumers: common.consumers,
         from_domain: "ingest.example.jp".into(),
     };
     eprintln!("seeded: {}", config.seed(&population)?);

@@ -72,6 +72,9 @@ pub struct Common {
     /// SMTP connections the engine keeps.
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
+    /// The engine's consumer threads (`engine.consumers`).
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
     /// Where the report (JSON, Markdown, SVG) is written.
     #[arg(long, default_value = "loadtest-report")]
     out: PathBuf,
@@ -246,6 +249,7 @@ mod tests {
             partitions: 1,
             cache_capacity: 1,
             pool_size: 1,
+            consumers: 1,
             out: "x".into(),
             workdir: None,
         }

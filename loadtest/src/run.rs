@@ -102,6 +102,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: free_port()?,
         cache_capacity: common.cache_capacity,
         pool_size: common.pool_size,
+        consumers: common.consumers,
         from_domain: DOMAIN.into(),
     };
 

@@ -84,6 +84,7 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
         metrics: free_port()?,
         cache_capacity: common.cache_capacity,
         pool_size: args.sessions,
+        consumers: common.consumers,
         from_domain: "smtp.example.jp".into(),
     };
     eprintln!("seeded: {}", config.seed(&population)?);

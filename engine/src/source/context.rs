@@ -4,24 +4,29 @@
 
 use std::collections::HashSet;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dashmap::DashSet;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::offsets::{Completion, Tracker};
 use crate::decode::CdrFormat;
-use crate::store::{Store, StoreError};
+use crate::store::{SentKey, Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// The consumer's context: statistics → lag metric; revocation → finish or queue, then commit.
 pub struct SourceContext {
+    /// Which of the engine's consumer threads this is (0-based), for metrics.
+    pub(super) thread: usize,
     pub(super) metrics: Metrics,
     pub(super) topics: Vec<(String, CdrFormat)>,
     pub(super) store: Store,
     pub(super) grace: Duration,
     pub(super) tracker: Mutex<Tracker>,
+    /// Dedup keys of the mails being sent by any of the engine's consumer threads.
+    pub(super) keys: Arc<DashSet<SentKey>>,
     pub(super) completions: Mutex<Receiver<Completion>>,
     /// Tells delivery tasks to queue what they have not sent yet.
     pub(super) stopping: tokio::sync::watch::Sender<super::Stopping>,
@@ -67,6 +72,12 @@ impl ConsumerContext for SourceContext {
             }
         }
     }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+        if let Ok(assignment) = consumer.assignment() {
+            self.metrics.consumer_partitions(self.thread, assignment.count());
+        }
+    }
 }
 
 impl SourceContext {
@@ -106,12 +117,12 @@ impl SourceContext {
     /// Takes a finished CDR's mails off the in-flight list (the delivery task wrote
     /// their sent records) and moves its partition's offset if it may.
     fn apply(&self, c: Completion) {
-        let mut tracker = self.tracker.lock().expect("tracker lock");
         for (key, _fate) in &c.mails {
-            tracker.keys.remove(key);
+            self.keys.remove(key);
         }
+        let mut tracker = self.tracker.lock().expect("tracker lock");
         tracker.completed((c.topic, c.partition), c.offset);
-        self.metrics.in_flight(tracker.in_flight);
+        self.metrics.in_flight(tracker.in_flight_total());
     }
 
     /// Applies completions until the given partitions (all if `None`) have nothing in

@@ -1,10 +1,15 @@
-//! Source stage: the Kafka consumer, on a thread of its own, and the bookkeeping that
-//! makes delivery at-least-once.
+//! Source stage: the Kafka consumers, each on a thread of its own, and the bookkeeping
+//! that makes delivery at-least-once.
 //!
-//! The consumer thread polls a [`BaseConsumer`] and runs decode → resolve → filter →
+//! A consumer thread polls a [`BaseConsumer`] and runs decode → resolve → filter →
 //! render itself: these are CPU work plus, on a cache miss, a sled read, which is why
 //! they run here and not on an async worker. Mails go to delivery tasks on the tokio
-//! runtime; each reports back a [`Completion`].
+//! runtime; each reports back a [`Completion`] to the thread that read its CDR.
+//!
+//! `engine.consumers` threads run, each a member of the consumer group, so the group
+//! gives each partitions of its own; everything below is per thread, except the count
+//! of CDRs in flight (`engine.max_in_flight` bounds the engine) and the set of mails
+//! being sent (a CDR read by two threads is sent once).
 //!
 //! Offsets follow the rust-rdkafka at-least-once recipe, `enable.auto.offset.store=false`:
 //! an offset is stored only when its CDR and every earlier CDR of the partition are
@@ -19,16 +24,17 @@
 mod context;
 mod offsets;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dashmap::DashSet;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 
 pub use self::context::SourceContext;
-use self::offsets::Completion;
+use self::offsets::{Completion, Tracker};
 use crate::dead_letter::DeadLetters;
 use crate::decode::CdrFormat;
 use crate::deliver::Deliverer;
@@ -79,6 +85,8 @@ pub enum SourceError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("subscription store: {0}")]
     Store(#[from] StoreError),
+    #[error("a consumer thread panicked")]
+    Panicked,
 }
 
 /// Of a grace period (at shutdown, or for a revoked partition), the time mails in
@@ -94,36 +102,104 @@ const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// How often stored offsets are committed, each time after a store flush.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Consumer settings that make the offset bookkeeping above correct.
+/// What the consumers are to read, and how.
 pub struct SourceOptions<'a> {
     pub brokers: &'a str,
     pub group_id: &'a str,
     pub topics: Vec<(String, CdrFormat)>,
     pub properties: &'a std::collections::BTreeMap<String, String>,
+    /// Consumer threads (`engine.consumers`), at least 1.
+    pub consumers: usize,
+    /// CDRs in flight over all consumer threads before they stop reading.
     pub max_in_flight: usize,
     pub grace: Duration,
     /// See `kafka.rejoin_if_assignment_unchanged`.
     pub rejoin_if_assignment_unchanged: bool,
 }
 
-/// Starts the consumer thread; it runs until `stop` is set, then finishes in-flight
-/// work (up to the grace period), commits and returns.
-pub fn spawn(
-    options: SourceOptions<'_>,
-    stages: Stages,
-    stop: Arc<AtomicBool>,
-) -> Result<std::thread::JoinHandle<Result<(), SourceError>>, SourceError> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let context = SourceContext {
-        metrics: stages.metrics.clone(),
-        topics: options.topics.clone(),
-        store: stages.resolver.store().clone(),
-        grace: options.grace,
-        tracker: Mutex::default(),
-        completions: Mutex::new(rx),
-        stopping: tokio::sync::watch::Sender::default(),
-        rejoin: options.rejoin_if_assignment_unchanged.then(Rejoin::default),
-    };
+/// The consumer threads of one engine, members of one consumer group: the group
+/// shares the partitions out among them.
+pub struct Source {
+    threads: Vec<std::thread::JoinHandle<Result<(), SourceError>>>,
+}
+
+impl Source {
+    /// Waits for every consumer thread to return; the first error, if any. A thread that
+    /// returns, however, sets `stop` for the others first.
+    pub fn join(self) -> Result<(), SourceError> {
+        let mut result = Ok(());
+        for thread in self.threads {
+            let r = thread.join().unwrap_or(Err(SourceError::Panicked));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+/// Sets `stop` when dropped: a consumer thread that returns or panics stops the others,
+/// so the engine stops rather than go on with part of its partitions unserved.
+struct StopOthers(Arc<AtomicBool>);
+
+impl Drop for StopOthers {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Starts `options.consumers` consumer threads; they run until `stop` is set, then finish
+/// in-flight work (up to the grace period), commit and return.
+pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) -> Result<Source, SourceError> {
+    // What the threads share: which mails are being sent (so a CDR read twice is sent
+    // once, whichever threads read it) and how many CDRs are in flight in all.
+    let keys = Arc::new(DashSet::new());
+    let total = Arc::new(AtomicUsize::new(0));
+    // Every consumer is created before any thread starts: one that cannot be leaves no
+    // thread running.
+    let mut consumers = Vec::with_capacity(options.consumers);
+    for thread in 0..options.consumers {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let context = SourceContext {
+            thread,
+            metrics: stages.metrics.clone(),
+            topics: options.topics.clone(),
+            store: stages.resolver.store().clone(),
+            grace: options.grace,
+            tracker: Mutex::new(Tracker::new(total.clone())),
+            keys: keys.clone(),
+            completions: Mutex::new(rx),
+            stopping: tokio::sync::watch::Sender::default(),
+            rejoin: options.rejoin_if_assignment_unchanged.then(Rejoin::default),
+        };
+        consumers.push((consumer(&options, context)?, tx));
+    }
+    let (max_in_flight, grace) = (options.max_in_flight, options.grace);
+    let mut threads = Vec::with_capacity(consumers.len());
+    for (n, (consumer, tx)) in consumers.into_iter().enumerate() {
+        let (stages, stop) = (stages.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("cdr-source-{n}"))
+            .spawn(move || {
+                let stop_others = StopOthers(stop.clone());
+                // The stages hold runtime-bound parts (timers, task handles); this thread
+                // runs inside the runtime's context so using and dropping them here works.
+                let runtime = stages.runtime.clone();
+                let _entered = runtime.enter();
+                let result = run(consumer, &stages, tx, stop, max_in_flight, grace);
+                drop(stages);
+                drop(stop_others);
+                result
+            })
+            .expect("spawning a consumer thread");
+        threads.push(thread);
+    }
+    Ok(Source { threads })
+}
+
+/// A consumer subscribed to the topics, with settings that make the offset bookkeeping
+/// above correct.
+fn consumer(options: &SourceOptions<'_>, context: SourceContext) -> Result<BaseConsumer<SourceContext>, SourceError> {
     let mut config = rdkafka::ClientConfig::new();
     config
         .set("bootstrap.servers", options.brokers)
@@ -141,21 +217,7 @@ pub fn spawn(
     let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
     let names: Vec<&str> = options.topics.iter().map(|(t, _)| t.as_str()).collect();
     consumer.subscribe(&names)?;
-    let max_in_flight = options.max_in_flight;
-    let grace = options.grace;
-    let thread = std::thread::Builder::new()
-        .name("cdr-source".into())
-        .spawn(move || {
-            // The stages hold runtime-bound parts (timers, task handles); this thread
-            // runs inside the runtime's context so using and dropping them here works.
-            let runtime = stages.runtime.clone();
-            let _entered = runtime.enter();
-            let result = run(consumer, &stages, tx, stop, max_in_flight, grace);
-            drop(stages);
-            result
-        })
-        .expect("spawning the consumer thread");
-    Ok(thread)
+    Ok(consumer)
 }
 
 fn run(
@@ -185,7 +247,7 @@ fn run(
         // paused instead, and polling goes on so the consumer serves rebalances and stays
         // in the group. Fetching resumes at half the limit: librdkafka drops what it had
         // fetched ahead at the pause, and a resume takes it a few hundred ms to fetch again.
-        let in_flight = ctx.tracker.lock().expect("tracker lock").in_flight;
+        let in_flight = ctx.tracker.lock().expect("tracker lock").in_flight_total();
         if in_flight < max_in_flight {
             full_since = None;
         } else if !paused {
@@ -217,10 +279,7 @@ fn run(
     ctx.drain();
     // What is still in flight now is abandoned: its offsets stay uncommitted, and
     // closing the consumer below must not wait for it again.
-    let mut tracker = ctx.tracker.lock().expect("tracker lock");
-    tracker.partitions.clear();
-    tracker.in_flight = 0;
-    drop(tracker);
+    ctx.tracker.lock().expect("tracker lock").abandon();
     ctx.commit(&consumer, CommitMode::Sync)?;
     tracing::info!("consumer stopped; offsets committed");
     Ok(())
@@ -271,31 +330,41 @@ fn handle(
     };
     stages.metrics.decoded();
     stages.metrics.notified();
-    let mut tracker = ctx.tracker.lock().expect("tracker lock");
     let mut mails = Vec::with_capacity(subscription.recipients.len());
     for recipient in &subscription.recipients {
         let key = SentKey::new(call.ended_at.timestamp(), &call.called, &call.call_id, recipient.as_str());
-        if tracker.keys.contains(&key) || ctx.store.was_sent(&key)? {
+        // Claimed before the store is asked: a consumer thread that reads the same CDR
+        // meanwhile finds the claim; one that reads it later finds the sent record,
+        // which is written before the claim is let go.
+        if !ctx.keys.insert(key.clone()) {
             stages.metrics.duplicate();
             continue;
         }
-        match stages.renderer.render(&call, recipient) {
-            Ok(mail) => {
-                tracker.keys.insert(key.clone());
-                mails.push((key, mail));
+        match ctx.store.was_sent(&key) {
+            Ok(false) => {}
+            sent => {
+                ctx.keys.remove(&key);
+                sent?;
+                stages.metrics.duplicate();
+                continue;
             }
+        }
+        match stages.renderer.render(&call, recipient) {
+            Ok(mail) => mails.push((key, mail)),
             Err(e) => {
+                ctx.keys.remove(&key);
                 stages.metrics.failed("render");
                 tracing::error!(call_id = %call.call_id, %recipient, error = %e, "mail could not be rendered");
             }
         }
     }
+    let mut tracker = ctx.tracker.lock().expect("tracker lock");
     if mails.is_empty() {
         tracker.finished(tp, offset);
         return Ok(());
     }
     tracker.started(tp, offset);
-    stages.metrics.in_flight(tracker.in_flight);
+    stages.metrics.in_flight(tracker.in_flight_total());
     drop(tracker);
     let origin =
         crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };

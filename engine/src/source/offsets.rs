@@ -2,6 +2,8 @@
 //! order they were read. An offset is safe once it and every earlier one are finished.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::deliver::Fate;
 use crate::store::SentKey;
@@ -22,14 +24,34 @@ pub(super) struct Tracker {
     pub(super) partitions: HashMap<(usize, i32), VecDeque<(i64, bool)>>,
     /// Entries not yet finished, over all partitions.
     pub(super) in_flight: usize,
-    /// Dedup keys of mails being sent, so a CDR repeated back-to-back is not sent twice.
-    pub(super) keys: HashSet<SentKey>,
+    /// The same over every consumer thread of the engine, which share it.
+    total: Arc<AtomicUsize>,
     /// Per partition, the highest offset found safe and not yet handed to librdkafka.
     /// They are stored together before each commit: one call instead of one per CDR.
     to_store: HashMap<(usize, i32), i64>,
 }
 
 impl Tracker {
+    /// A tracker whose in-flight entries also count in `total`.
+    pub(super) fn new(total: Arc<AtomicUsize>) -> Self {
+        Self { total, ..Self::default() }
+    }
+
+    /// CDRs in flight on every consumer thread sharing this one's total.
+    pub(super) fn in_flight_total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    fn add(&mut self, n: usize) {
+        self.in_flight += n;
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&mut self, n: usize) {
+        self.in_flight -= n;
+        self.total.fetch_sub(n, Ordering::Relaxed);
+    }
+
     /// A CDR finished without async work.
     pub(super) fn finished(&mut self, tp: (usize, i32), offset: i64) {
         match self.partitions.get_mut(&tp) {
@@ -40,21 +62,21 @@ impl Tracker {
 
     pub(super) fn started(&mut self, tp: (usize, i32), offset: i64) {
         self.partitions.entry(tp).or_default().push_back((offset, false));
-        self.in_flight += 1;
+        self.add(1);
     }
 
     /// Marks `offset` finished; the offsets before it that are all finished become safe.
     pub(super) fn completed(&mut self, tp: (usize, i32), offset: i64) {
         let Some(q) = self.partitions.get_mut(&tp) else { return };
         let Ok(i) = q.binary_search_by_key(&offset, |(o, _)| *o) else { return };
-        if !q[i].1 {
-            q[i].1 = true;
-            self.in_flight -= 1;
-        }
+        let newly = !std::mem::replace(&mut q[i].1, true);
         let mut safe = None;
         while let Some(&(o, true)) = q.front() {
             safe = Some(o);
             q.pop_front();
+        }
+        if newly {
+            self.sub(1);
         }
         if let Some(offset) = safe {
             self.safe(tp, offset);
@@ -78,8 +100,16 @@ impl Tracker {
 
     pub(super) fn forget(&mut self, tp: &(usize, i32)) {
         if let Some(q) = self.partitions.remove(tp) {
-            self.in_flight -= q.iter().filter(|(_, done)| !done).count();
+            self.sub(q.iter().filter(|(_, done)| !done).count());
         }
+    }
+
+    /// Gives up every partition's work in flight (at shutdown, after the grace period):
+    /// its offsets are never stored.
+    pub(super) fn abandon(&mut self) {
+        self.partitions.clear();
+        let left = self.in_flight;
+        self.sub(left);
     }
 }
 
@@ -122,5 +152,22 @@ mod tests {
         assert!(!t.busy(Some(&[(0, 1)].into_iter().collect())));
         t.completed((0, 1), 10);
         assert!(t.take_to_store().is_empty(), "completion of a revoked partition is ignored");
+    }
+
+    /// `engine.max_in_flight` bounds the engine, not each consumer thread.
+    #[test]
+    fn consumer_threads_count_their_work_in_flight_together() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let (mut a, mut b) = (Tracker::new(total.clone()), Tracker::new(total));
+        a.started((0, 0), 1);
+        a.started((0, 0), 2);
+        b.started((0, 1), 7);
+        assert_eq!((a.in_flight, b.in_flight, a.in_flight_total()), (2, 1, 3));
+        a.completed((0, 0), 1);
+        b.forget(&(0, 1));
+        assert_eq!(b.in_flight_total(), 1, "a's CDR 2 is still in flight");
+        a.abandon();
+        assert_eq!((a.in_flight, b.in_flight_total()), (0, 0));
+        assert!(!a.busy(None));
     }
 }

@@ -9,10 +9,25 @@ const CALLS: usize = 90;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_stream_notifies_every_cdr_exactly_once() {
+    restart_mid_stream("1").await;
+}
+
+/// The same with `engine.consumers = 2`: both threads give their partitions up at the
+/// stop, and the next engine's threads take them over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_stream_with_two_consumer_threads_notifies_every_cdr_exactly_once() {
+    restart_mid_stream("2").await;
+}
+
+async fn restart_mid_stream(consumers: &str) {
     let h = Harness::new(3).await;
     // A slow mail rate and few CDRs in flight: the first engine is stopped with most
     // CDRs not yet read and some mails on their way.
-    let slow = [("CALLNOTIFY__SMTP__RATE_PER_SECOND", "30"), ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "4")];
+    let slow = [
+        ("CALLNOTIFY__SMTP__RATE_PER_SECOND", "30"),
+        ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "4"),
+        ("CALLNOTIFY__ENGINE__CONSUMERS", consumers),
+    ];
     let first = h.engine_with(&slow).await;
     let numbers: Vec<String> = (0..10).map(|i| format!("03100000{i:02}")).collect();
     let lines: Vec<String> = numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect();
@@ -27,7 +42,7 @@ async fn a_restart_mid_stream_notifies_every_cdr_exactly_once() {
     let after_first = h.sink.count();
     assert!(after_first < CALLS, "the first engine was stopped mid-stream ({after_first} of {CALLS} sent)");
 
-    let second = h.engine().await;
+    let second = h.engine_with(&[("CALLNOTIFY__ENGINE__CONSUMERS", consumers)]).await;
     let mails = h.mails(CALLS).await;
     // Anything sent twice would have arrived by the time a control call is through.
     second.provision(&[plain_subscriber("0698765432", "control@example.jp")]);

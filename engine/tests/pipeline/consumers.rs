@@ -1,0 +1,47 @@
+//! `engine.consumers`: several consumer threads in one engine, members of one consumer
+//! group, share the partitions and still send each mail once.
+
+use std::collections::HashMap;
+
+use crate::helpers::*;
+
+const CALLS: usize = 40;
+
+/// Each CDR is produced twice, the copy under another key (so, mostly, into another
+/// partition, read by the other thread): one mail per call all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
+    let h = Harness::new(4).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__ENGINE__CONSUMERS", "2")]).await;
+    let numbers: Vec<String> = (0..10).map(|i| format!("03300000{i:02}")).collect();
+    let lines: Vec<String> = numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect();
+    engine.provision(&lines);
+
+    let cdrs: Vec<String> = (0..CALLS)
+        .map(|i| cdr(&format!("lanes-{i}"), &numbers[i % numbers.len()], Some("09011112222"), "allowed", "no_answer"))
+        .collect();
+    h.produce(TOPIC, &cdrs).await;
+    let copies: Vec<String> = cdrs.iter().rev().cloned().collect();
+    h.produce(TOPIC, &copies).await;
+    h.mails(CALLS).await;
+    engine.wait_metric("callnotify_mails_duplicate_total", CALLS as f64).await;
+    let held: Vec<f64> =
+        (0..2).map(|n| engine.metric(&format!("callnotify_consumer_partitions{{consumer=\"{n}\"}}"))).collect();
+    // The harness's three CDR topics, of 4 partitions each.
+    assert_eq!(held, [6.0, 6.0], "the group shares the 12 partitions out between the two threads");
+
+    // Anything sent twice would have arrived by the time a control call is through.
+    engine.provision(&[plain_subscriber("0698765432", "control@example.jp")]);
+    h.produce(TOPIC, &[cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
+    let all = h.mails(CALLS + 1).await;
+    let stopped = engine.stop().await;
+
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for mail in &all {
+        *by_id.entry(parse(mail).message_id).or_default() += 1;
+    }
+    assert_eq!(by_id.len(), CALLS + 1, "every call notified");
+    assert!(by_id.values().all(|&n| n == 1), "none twice: {by_id:?}");
+    assert_eq!(stopped.metric("callnotify_mails_duplicate_total"), CALLS as f64, "every copy found already sent");
+    assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), (2 * CALLS + 1) as f64);
+}
