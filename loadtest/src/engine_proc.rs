@@ -80,9 +80,10 @@ impl EngineConfig {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
-    /// Starts `callnotify serve`; its log goes to `engine.log` in the work directory.
+    /// Starts `callnotify serve`; its log is appended to `engine.log` in the work
+    /// directory (a run of several rounds keeps every round's).
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
-        let log = std::fs::File::create(self.workdir.join("engine.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.workdir.join("engine.log"))?;
         let child = self.command().arg("serve").stdout(Stdio::null()).stderr(log).spawn().context("starting serve")?;
         Ok(EngineProcess { child, metrics: self.metrics, clock_ticks: 100.0 })
     }

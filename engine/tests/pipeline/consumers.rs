@@ -1,8 +1,6 @@
 //! `engine.consumers`: several consumer threads in one engine, members of one consumer
 //! group, share the partitions and still send each mail once.
 
-use std::collections::HashMap;
-
 use crate::helpers::*;
 
 const CALLS: usize = 40;
@@ -30,18 +28,9 @@ async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     // The harness's three CDR topics, of 4 partitions each.
     assert_eq!(held, [6.0, 6.0], "the group shares the 12 partitions out between the two threads");
 
-    // Anything sent twice would have arrived by the time a control call is through.
-    engine.provision(&[plain_subscriber("0698765432", "control@example.jp")]);
-    h.produce(TOPIC, &[cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
-    let all = h.mails(CALLS + 1).await;
+    let all = h.mails_after_control_call(&engine, CALLS + 1).await;
     let stopped = engine.stop().await;
-
-    let mut by_id: HashMap<String, usize> = HashMap::new();
-    for mail in &all {
-        *by_id.entry(parse(mail).message_id).or_default() += 1;
-    }
-    assert_eq!(by_id.len(), CALLS + 1, "every call notified");
-    assert!(by_id.values().all(|&n| n == 1), "none twice: {by_id:?}");
+    assert_each_call_once(&all, CALLS + 1);
     assert_eq!(stopped.metric("callnotify_mails_duplicate_total"), CALLS as f64, "every copy found already sent");
     assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), (2 * CALLS + 1) as f64);
 }

@@ -105,6 +105,15 @@ impl Harness {
         mails
     }
 
+    /// Provisions a control number through `engine`, calls it and waits for `n` mails in
+    /// all, the control's among them: a mail sent twice before it would have arrived by
+    /// then.
+    pub async fn mails_after_control_call(&self, engine: &TestEngine, n: usize) -> Vec<ReceivedMail> {
+        engine.provision(&[plain_subscriber("0698765432", "control@example.jp")]);
+        self.produce(TOPIC, &[cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
+        self.mails(n).await
+    }
+
     /// Reads every record of the dead-letter topic so far, waiting for at least `n`.
     pub fn dead_letters(&self, n: usize) -> Vec<serde_json::Value> {
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -283,4 +292,14 @@ pub fn parse(mail: &ReceivedMail) -> Parsed {
 /// (recipient, subject) of each mail, for failure messages.
 pub fn summary(mails: &[ReceivedMail]) -> Vec<(Vec<String>, String)> {
     mails.iter().map(|m| (m.rcpt_to.clone(), parse(m).subject)).collect()
+}
+
+/// Asserts that `mails` notify `calls` calls, each once.
+pub fn assert_each_call_once(mails: &[ReceivedMail], calls: usize) {
+    let mut by_id: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for mail in mails {
+        *by_id.entry(parse(mail).message_id).or_default() += 1;
+    }
+    assert_eq!(by_id.len(), calls, "every call notified: {by_id:?}");
+    assert!(by_id.values().all(|&n| n == 1), "none twice: {by_id:?}");
 }

@@ -1,8 +1,6 @@
 //! Stopping the engine mid-stream and starting it again with the same group and store:
 //! every CDR is notified exactly once.
 
-use std::collections::HashMap;
-
 use crate::helpers::*;
 
 const CALLS: usize = 90;
@@ -43,20 +41,10 @@ async fn restart_mid_stream(consumers: &str) {
     assert!(after_first < CALLS, "the first engine was stopped mid-stream ({after_first} of {CALLS} sent)");
 
     let second = h.engine_with(&[("CALLNOTIFY__ENGINE__CONSUMERS", consumers)]).await;
-    let mails = h.mails(CALLS).await;
-    // Anything sent twice would have arrived by the time a control call is through.
-    second.provision(&[plain_subscriber("0698765432", "control@example.jp")]);
-    h.produce(TOPIC, &[cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
-    let all = h.mails(CALLS + 1).await;
+    h.mails(CALLS).await;
+    let all = h.mails_after_control_call(&second, CALLS + 1).await;
     second.stop().await;
-
-    let mut by_id: HashMap<String, usize> = HashMap::new();
-    for mail in &mails {
-        *by_id.entry(parse(mail).message_id).or_default() += 1;
-    }
-    assert_eq!(by_id.len(), CALLS, "every CDR notified");
-    assert!(by_id.values().all(|&n| n == 1), "none twice: {by_id:?}");
-    assert_eq!(all.len(), CALLS + 1, "nothing else arrived");
+    assert_each_call_once(&all, CALLS + 1);
 }
 
 /// Graceful shutdown (README, delivery guarantees): mails still waiting when the grace
@@ -84,17 +72,9 @@ async fn mails_not_sent_within_the_shutdown_grace_are_queued_and_sent_after_the_
 
     let second = h.engine().await;
     h.mails(WAITING).await;
-    second.provision(&[plain_subscriber("0698765432", "control@example.jp")]);
-    h.produce(TOPIC, &[cdr("control", "0698765432", None, "withheld", "no_answer")]).await;
-    let all = h.mails(WAITING + 1).await;
+    let all = h.mails_after_control_call(&second, WAITING + 1).await;
     let stopped = second.stop().await;
-
-    let mut by_id: HashMap<String, usize> = HashMap::new();
-    for mail in &all {
-        *by_id.entry(parse(mail).message_id).or_default() += 1;
-    }
-    assert_eq!(by_id.len(), WAITING + 1, "every CDR notified: {by_id:?}");
-    assert!(by_id.values().all(|&n| n == 1), "none twice: {by_id:?}");
+    assert_each_call_once(&all, WAITING + 1);
     assert_eq!(
         stopped.metric("callnotify_cdrs_consumed_total"),
         1.0,
