@@ -124,8 +124,8 @@ pub struct Source {
 }
 
 impl Source {
-    /// Waits for every consumer thread to return; the first error, if any. A thread that
-    /// returns, however, sets `stop` for the others first.
+    /// Waits for every consumer thread to return; the first error, if any. Each thread
+    /// sets `stop` as it returns, so one that fails stops the others.
     pub fn join(self) -> Result<(), SourceError> {
         let mut result = Ok(());
         for thread in self.threads {
