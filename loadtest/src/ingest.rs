@@ -1,6 +1,9 @@
 //! `ingest`: how fast the engine reads a topic, against a bare librdkafka consumer
-//! reading the same topic from the same broker, measured side by side in one run.
+//! reading the same topic from the same broker, measured side by side in one run. With
+//! `--consumers N` the engine runs N consumer threads and the baseline N bare consumers
+//! in one group.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -70,7 +73,8 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 
     let mut rounds = Vec::new();
     for (round, topic) in topics.iter().enumerate() {
-        let bare = bare_consumer(&brokers, topic, &format!("bare-{round}-{}", std::process::id()), args.count)?;
+        let group = format!("bare-{round}-{}", std::process::id());
+        let bare = bare_consumers(&brokers, topic, &group, args.count, common.consumers)?;
         config.topic = topic.clone();
         config.group = format!("engine-{round}-{}", std::process::id());
         config.metrics = free_port()?;
@@ -84,12 +88,14 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         title: "Kafka ingest: engine vs bare librdkafka consumer",
         setup: format!(
             "{} CDRs ({}) per round, {} partitions, {} numbers provisioned; the engine sends the \
-             mails they cause within the round ({} mails per round).",
+             mails they cause within the round ({} mails per round). The engine runs {} consumer \
+             thread(s); the baseline as many bare consumers in one group, a thread each.",
             args.count,
             format.as_str(),
             common.partitions,
             common.numbers,
-            mails.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+            mails.iter().map(usize::to_string).collect::<Vec<_>>().join(", "),
+            common.consumers,
         ),
         baseline: "bare consumer",
         unit: "CDR/s",
@@ -100,28 +106,62 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reads `count` messages of `topic` with a plain consumer; CDR/s from the first to the
-/// last.
-fn bare_consumer(brokers: &str, topic: &str, group: &str, count: u64) -> anyhow::Result<f64> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        // The engine's own fetch setting (engine/src/source): the same reads of the broker.
-        .set("fetch.wait.max.ms", "20")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let (mut n, mut first) = (0u64, None);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while n < count {
-        anyhow::ensure!(Instant::now() < deadline, "bare consumer read only {n} of {count}");
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            m.context("bare consumer")?;
-            first.get_or_insert_with(Instant::now);
-            n += 1;
-        }
+/// Reads `count` messages of `topic` with `consumers` plain consumers in one group, a
+/// thread each, as the engine's consumer threads are; CDR/s from the first message to
+/// the last.
+fn bare_consumers(brokers: &str, topic: &str, group: &str, count: u64, consumers: usize) -> anyhow::Result<f64> {
+    let mut members = Vec::with_capacity(consumers);
+    for _ in 0..consumers {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            // The engine's own fetch setting (engine/src/source): the same reads of the broker.
+            .set("fetch.wait.max.ms", "20")
+            .create()?;
+        consumer.subscribe(&[topic])?;
+        members.push(consumer);
     }
-    let span = first.map_or(1.0, |f| f.elapsed().as_secs_f64());
+    // Read by all members together. Each adds its messages in batches: one shared
+    // counter written per message would cost the members more than their polling.
+    let read = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let spans = std::thread::scope(|scope| {
+        let threads: Vec<_> = members
+            .iter()
+            .map(|consumer| {
+                let read = &read;
+                scope.spawn(move || -> anyhow::Result<Option<(Instant, Instant)>> {
+                    let (mut span, mut unsaid) = (None::<(Instant, Instant)>, 0);
+                    while read.load(Ordering::Relaxed) < count {
+                        anyhow::ensure!(
+                            Instant::now() < deadline,
+                            "bare consumers read only {} of {count}",
+                            read.load(Ordering::Relaxed)
+                        );
+                        let polled = consumer.poll(Duration::from_millis(10));
+                        let idle = polled.is_none();
+                        if let Some(m) = polled {
+                            m.context("bare consumer")?;
+                            let now = Instant::now();
+                            span.get_or_insert((now, now)).1 = now;
+                            unsaid += 1;
+                        }
+                        // The last messages are told when the topic runs dry.
+                        if unsaid == 64 || (idle && unsaid > 0) {
+                            read.fetch_add(unsaid, Ordering::Relaxed);
+                            unsaid = 0;
+                        }
+                    }
+                    Ok(span)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("bare consumer thread")).collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let first = spans.iter().flatten().map(|s| s.0).min();
+    let last = spans.iter().flatten().map(|s| s.1).max();
+    let span = first.zip(last).map_or(1.0, |(f, l)| (l - f).as_secs_f64());
     Ok(count as f64 / span)
 }

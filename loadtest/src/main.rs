@@ -72,7 +72,8 @@ pub struct Common {
     /// SMTP connections the engine keeps.
     #[arg(long, default_value_t = 16)]
     pool_size: u32,
-    /// The engine's consumer threads (`engine.consumers`).
+    /// The engine's consumer threads (`engine.consumers`); `ingest` reads with as many
+    /// bare consumers.
     #[arg(long, default_value_t = 1)]
     consumers: usize,
     /// Where the report (JSON, Markdown, SVG) is written.
