@@ -11,13 +11,7 @@ const CALLS: usize = 40;
 async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     let h = Harness::new(4).await;
     let engine = h.engine_with(&[("CALLNOTIFY__ENGINE__CONSUMERS", "2")]).await;
-    let numbers: Vec<String> = (0..10).map(|i| format!("03300000{i:02}")).collect();
-    let lines: Vec<String> = numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect();
-    engine.provision(&lines);
-
-    let cdrs: Vec<String> = (0..CALLS)
-        .map(|i| cdr(&format!("lanes-{i}"), &numbers[i % numbers.len()], Some("09011112222"), "allowed", "no_answer"))
-        .collect();
+    let cdrs = missed_calls_to_ten(&engine, "03300000", "lanes", CALLS);
     h.produce(TOPIC, &cdrs).await;
     let copies: Vec<String> = cdrs.iter().rev().cloned().collect();
     h.produce(TOPIC, &copies).await;

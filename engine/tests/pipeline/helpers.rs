@@ -294,6 +294,17 @@ pub fn summary(mails: &[ReceivedMail]) -> Vec<(Vec<String>, String)> {
     mails.iter().map(|m| (m.rcpt_to.clone(), parse(m).subject)).collect()
 }
 
+/// Provisions ten plain subscribers, `{prefix}00` to `{prefix}09`, each mailed at
+/// `NUMBER@example.jp`, and returns `calls` CDRs of missed calls to them in turn, with
+/// call ids `{id}-0`, `{id}-1`…
+pub fn missed_calls_to_ten(engine: &TestEngine, prefix: &str, id: &str, calls: usize) -> Vec<String> {
+    let numbers: Vec<String> = (0..10).map(|i| format!("{prefix}{i:02}")).collect();
+    engine.provision(&numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect::<Vec<_>>());
+    (0..calls)
+        .map(|i| cdr(&format!("{id}-{i}"), &numbers[i % numbers.len()], Some("09011112222"), "allowed", "no_answer"))
+        .collect()
+}
+
 /// Asserts that `mails` notify `calls` calls, each once.
 pub fn assert_each_call_once(mails: &[ReceivedMail], calls: usize) {
     let mut by_id: std::collections::HashMap<String, usize> = std::collections::HashMap::new();

@@ -27,13 +27,7 @@ async fn restart_mid_stream(consumers: &str) {
         ("CALLNOTIFY__ENGINE__CONSUMERS", consumers),
     ];
     let first = h.engine_with(&slow).await;
-    let numbers: Vec<String> = (0..10).map(|i| format!("03100000{i:02}")).collect();
-    let lines: Vec<String> = numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect();
-    first.provision(&lines);
-
-    let cdrs: Vec<String> = (0..CALLS)
-        .map(|i| cdr(&format!("restart-{i}"), &numbers[i % numbers.len()], Some("09011112222"), "allowed", "no_answer"))
-        .collect();
+    let cdrs = missed_calls_to_ten(&first, "03100000", "restart", CALLS);
     h.produce(TOPIC, &cdrs).await;
     h.mails(CALLS / 4).await;
     first.stop().await;
