@@ -12,7 +12,7 @@ use engine::sink::{SinkOptions, SmtpSink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::compare::{self, Comparison, Round};
-use crate::engine_proc::{free_port, EngineConfig};
+use crate::engine_proc::free_port;
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
 
@@ -35,7 +35,9 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     // CDRs call for, where it would find them all sent already on a topic read before.
     let stems: Vec<String> = (0..args.rounds).map(|r| format!("cdr-ingest-{r}")).collect();
     let stems: Vec<&str> = stems.iter().map(String::as_str).collect();
-    let Setup { binary, workdir, format, population, brokers, topics, embedded } = common.prepare(&stems).await?;
+    let setup = common.prepare(&stems).await?;
+    let Setup { format, population, .. } = setup;
+    let (brokers, topics) = (&setup.brokers, &setup.topics);
 
     eprintln!("producing {} CDRs into each of {} topics", args.count, topics.len());
     // Mails the engine has to send in each round (the bare consumer sends none).
@@ -47,34 +49,21 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         let mut expected = 0;
         let cdrs =
             (0..args.count).map(|_| generator.next(chrono::Utc::now())).inspect(|c| expected += c.expected.len());
-        crate::producer::fill(&brokers, topic, cdrs)?;
+        crate::producer::fill(brokers, topic, cdrs)?;
         mails.push(expected);
-        if embedded.is_some() {
-            crate::producer::ensure_retained(&brokers, topic, args.count)?;
+        if setup.embedded.is_some() {
+            crate::producer::ensure_retained(brokers, topic, args.count)?;
         }
     }
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
-    let mut config = EngineConfig {
-        binary,
-        workdir: workdir.clone(),
-        brokers: brokers.clone(),
-        topic: String::new(),
-        format: format.as_str(),
-        group: String::new(),
-        smtp: sink.addr(),
-        metrics: free_port()?,
-        cache_capacity: common.cache_capacity,
-        pool_size: common.pool_size,
-        consumers: common.consumers,
-        from_domain: "ingest.example.jp".into(),
-    };
+    let mut config = common.engine_config(&setup, sink.addr(), "ingest.example.jp")?;
     eprintln!("seeded: {}", config.seed(&population)?);
 
     let mut rounds = Vec::new();
     for (round, topic) in topics.iter().enumerate() {
         let group = format!("bare-{round}-{}", std::process::id());
-        let bare = bare_consumers(&brokers, topic, &group, args.count, common.consumers)?;
+        let bare = bare_consumers(brokers, topic, &group, args.count, common.consumers)?;
         config.topic = topic.clone();
         config.group = format!("engine-{round}-{}", std::process::id());
         config.metrics = free_port()?;
@@ -102,7 +91,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     };
     println!("{}", compare::write(&common.out, &comparison, &rounds)?);
     sink.shutdown().await;
-    drop(embedded);
+    drop(setup);
     Ok(())
 }
 

@@ -14,6 +14,7 @@ mod run;
 mod smtp;
 mod traffic;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use engine::decode::CdrFormat;
 use engine::embedded::EmbeddedKafka;
 
+use crate::engine_proc::{free_port, EngineConfig};
 use crate::population::Population;
 
 #[derive(Parser)]
@@ -164,6 +166,25 @@ impl Common {
             brokers: embedded.as_ref().map_or(self.brokers.clone(), |k| k.bootstrap_servers().to_owned()),
             topics,
             embedded,
+        })
+    }
+
+    /// The engine's settings for a run prepared as `setup`, sending to `smtp` as
+    /// `no-reply@FROM_DOMAIN`; each mode sets the topic and group it reads.
+    fn engine_config(&self, setup: &Setup, smtp: SocketAddr, from_domain: &str) -> anyhow::Result<EngineConfig> {
+        Ok(EngineConfig {
+            binary: setup.binary.clone(),
+            workdir: setup.workdir.clone(),
+            brokers: setup.brokers.clone(),
+            topic: String::new(),
+            format: setup.format.as_str(),
+            group: String::new(),
+            smtp,
+            metrics: free_port()?,
+            cache_capacity: self.cache_capacity,
+            pool_size: self.pool_size,
+            consumers: self.consumers,
+            from_domain: from_domain.to_owned(),
         })
     }
 

@@ -14,7 +14,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 
 use crate::producer::CountingProducer;
 
-use crate::engine_proc::{free_port, EngineConfig, EngineProcess};
+use crate::engine_proc::{EngineConfig, EngineProcess};
 use crate::report::{Machine, Percentiles, Report, Second};
 use crate::traffic::{mail_message_id, Generator, Mix};
 use crate::{parse_duration, Common, Setup};
@@ -85,26 +85,17 @@ fn histogram() -> Histogram<u64> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    let Setup { binary, workdir, format, population, brokers, topics, embedded } = common.prepare(&[TOPIC]).await?;
-    let topic = &topics[0];
-    let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated };
-
+    let setup = common.prepare(&[TOPIC]).await?;
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
     let run_id = format!("{}", micros(SystemTime::now()));
     let config = EngineConfig {
-        binary,
-        workdir: workdir.clone(),
-        brokers: brokers.clone(),
-        topic: topic.clone(),
-        format: format.as_str(),
+        topic: setup.topics[0].clone(),
         group: format!("loadtest-{run_id}"),
-        smtp: sink.addr(),
-        metrics: free_port()?,
-        cache_capacity: common.cache_capacity,
-        pool_size: common.pool_size,
-        consumers: common.consumers,
-        from_domain: DOMAIN.into(),
+        ..common.engine_config(&setup, sink.addr(), DOMAIN)?
     };
+    let Setup { format, population, brokers, topics, embedded, .. } = setup;
+    let topic = &topics[0];
+    let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated };
 
     let seed = config.seed(&population)?;
     eprintln!("seeded: {seed}");

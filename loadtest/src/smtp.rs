@@ -47,9 +47,9 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     let common = &args.common;
     let stems: Vec<String> = (0..args.rounds).map(|r| format!("cdr-smtp-{r}")).collect();
     let stems: Vec<&str> = stems.iter().map(String::as_str).collect();
-    let Setup { binary, workdir, format, population, brokers, topics, embedded } = common.prepare(&stems).await?;
+    let setup = common.prepare(&stems).await?;
     // Everyone subscribed and every call missed: almost every CDR makes a mail.
-    let population = Population { subscribed: 1.0, ..population };
+    let population = Population { subscribed: 1.0, ..setup.population };
     let sink_bin = args.postfix_bin.join("smtp-sink");
     let source_bin = args.postfix_bin.join("smtp-source");
     if !sink_bin.exists() || !source_bin.exists() {
@@ -73,20 +73,9 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     );
     wait_listening(sink_addr).await?;
 
-    let mut config = EngineConfig {
-        binary,
-        workdir,
-        brokers: brokers.clone(),
-        topic: String::new(),
-        format: format.as_str(),
-        group: String::new(),
-        smtp: sink_addr,
-        metrics: free_port()?,
-        cache_capacity: common.cache_capacity,
-        pool_size: args.sessions,
-        consumers: common.consumers,
-        from_domain: "smtp.example.jp".into(),
-    };
+    let mut config =
+        EngineConfig { pool_size: args.sessions, ..common.engine_config(&setup, sink_addr, "smtp.example.jp")? };
+    let Setup { format, brokers, topics, embedded, .. } = setup;
     eprintln!("seeded: {}", config.seed(&population)?);
 
     let mut rounds = Vec::new();
