@@ -49,7 +49,7 @@ fn produce_paced(topic: &str, payloads: Vec<(String, String)>) -> std::thread::J
 /// `CALLNOTIFY_IT_KEEP` is set.
 struct Workdir {
     path: std::path::PathBuf,
-    _temp: Option<tempfile::TempDir>,
+    temp: Option<tempfile::TempDir>,
 }
 
 impl Workdir {
@@ -58,9 +58,25 @@ impl Workdir {
         if std::env::var_os("CALLNOTIFY_IT_KEEP").is_some() {
             let path = temp.keep();
             println!("{name}: stores and engine logs kept in {}", path.display());
-            Self { path, _temp: None }
+            Self { path, temp: None }
         } else {
-            Self { path: temp.path().to_owned(), _temp: Some(temp) }
+            Self { path: temp.path().to_owned(), temp: Some(temp) }
+        }
+    }
+}
+
+/// A failed test keeps its stores and engine logs, and shows the end of each log: CI
+/// keeps only what a run prints.
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        let Some(temp) = self.temp.take().filter(|_| std::thread::panicking()) else { return };
+        let path = temp.keep();
+        println!("stores and engine logs of the failed test kept in {}", path.display());
+        for engine in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            let log = std::fs::read_to_string(engine.path().join("engine.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            println!("--- {} (last {} lines)", engine.path().join("engine.log").display(), tail.len());
+            tail.iter().rev().for_each(|line| println!("{line}"));
         }
     }
 }
