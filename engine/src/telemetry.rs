@@ -216,6 +216,11 @@ impl Metrics {
     pub fn retry_queue(&self, n: usize) {
         self.inner.retry_queue.set(n as f64);
     }
+    /// Counts entries in or out as they happen, so concurrent sends cannot leave a
+    /// stale length behind (as setting the length read after each change could).
+    pub fn retry_queue_changed(&self, by: i8) {
+        self.inner.retry_queue.increment(f64::from(by));
+    }
     /// From librdkafka's statistics, every few seconds per partition.
     pub fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
         let key = Key::from_parts(

@@ -15,6 +15,7 @@
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -201,20 +202,24 @@ impl Deliverer {
     /// Puts `entry` in the retry queue, due in `after`, with its sent record, durably.
     async fn enqueue(&self, entry: Queued, after: Duration) {
         let inner = &*self.inner;
+        // Fixed before the first try: a write tried again (its flush failed) replaces
+        // the entry in the same slot instead of queueing the mail twice.
+        let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
+        let new = AtomicBool::new(false);
         self.until_stored("retry queue entry", || {
-            let (queue, entry) = (inner.queue.clone(), entry.clone());
+            let (queue, entry, new) = (inner.queue.clone(), entry.clone(), &new);
             async move {
-                blocking(move || {
-                    let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
-                    queue.push(&entry, due_ms, Utc::now().timestamp().max(0) as u64).map(drop)
-                })
-                .await?;
+                let (_, added) =
+                    blocking(move || queue.push(&entry, due_ms, Utc::now().timestamp().max(0) as u64)).await?;
+                new.fetch_or(added, Ordering::Relaxed);
                 inner.store.flush().await
             }
         })
         .await;
         inner.metrics.retried();
-        inner.metrics.retry_queue(inner.queue.len());
+        if new.into_inner() {
+            inner.metrics.retry_queue_changed(1);
+        }
         inner.queued.notify_one();
     }
 
@@ -353,10 +358,11 @@ impl Deliverer {
 
     async fn unqueue(&self, slot: &Slot) {
         let (queue, slot) = (self.inner.queue.clone(), slot.clone());
-        if let Err(e) = blocking(move || queue.remove(&slot)).await {
-            tracing::error!(error = %e, "retry queue entry not removed; it may be sent again");
+        match blocking(move || queue.remove(&slot)).await {
+            Ok(true) => self.inner.metrics.retry_queue_changed(-1),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "retry queue entry not removed; it may be sent again"),
         }
-        self.inner.metrics.retry_queue(self.inner.queue.len());
     }
 
     /// Mails waiting in the retry queue.

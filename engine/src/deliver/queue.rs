@@ -112,22 +112,24 @@ impl RetryQueue {
     }
 
     /// Queues `entry`, due at `due_ms`, and records its mail as handled (`now_secs`)
-    /// so a replay of its CDR sends nothing: one transaction. Not yet flushed.
-    pub fn push(&self, entry: &Queued, due_ms: i64, now_secs: u64) -> Result<Slot, StoreError> {
+    /// so a replay of its CDR sends nothing: one transaction. Not yet flushed. Also
+    /// says whether the entry is new: pushing the same entry at the same `due_ms`
+    /// again (a retried write) overwrites it.
+    pub fn push(&self, entry: &Queued, due_ms: i64, now_secs: u64) -> Result<(Slot, bool), StoreError> {
         let key = entry.sent_key().map_err(StoreError::Invalid)?;
         let slot = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        (&self.retry, &self.sent)
+        let new = (&self.retry, &self.sent)
             .transaction(|(retry, sent)| {
-                retry.insert(slot.0.as_slice(), value.as_slice())?;
+                let before = retry.insert(slot.0.as_slice(), value.as_slice())?;
                 sent.insert(key.as_bytes(), &now_secs.to_be_bytes())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
+                Ok::<_, ConflictableTransactionError<StoreError>>(before.is_none())
             })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => StoreError::from(e),
             })?;
-        Ok(slot)
+        Ok((slot, new))
     }
 
     /// Up to `limit` entries due at `now_ms`, earliest first, leaving out `skip` (those
@@ -173,10 +175,10 @@ impl RetryQueue {
         Ok(next)
     }
 
-    /// Takes `slot`'s entry out: sent, or given up and dead-lettered.
-    pub fn remove(&self, slot: &Slot) -> Result<(), StoreError> {
-        self.retry.remove(slot.0.as_slice())?;
-        Ok(())
+    /// Takes `slot`'s entry out: sent, or given up and dead-lettered. Says whether
+    /// it was there.
+    pub fn remove(&self, slot: &Slot) -> Result<bool, StoreError> {
+        Ok(self.retry.remove(slot.0.as_slice())?.is_some())
     }
 
     pub fn len(&self) -> usize {
@@ -228,7 +230,9 @@ mod tests {
         let store = Store::temporary().unwrap();
         let queue = RetryQueue::open(&store).unwrap();
         let (mut entry, _) = queued("c", "a@example.jp");
-        let slot = queue.push(&entry, 1_000, 1).unwrap();
+        let (slot, new) = queue.push(&entry, 1_000, 1).unwrap();
+        assert!(new);
+        assert_eq!(queue.push(&entry, 1_000, 1).unwrap(), (slot.clone(), false), "a retried write is one entry");
         entry.attempts = 2;
         let later = queue.reschedule(&slot, &entry, 5_000).unwrap();
 
@@ -237,7 +241,8 @@ mod tests {
         let skip = [later.clone()].into_iter().collect();
         assert!(queue.due(5_000, &skip, 10).unwrap().is_empty(), "an entry being tried is left out");
         assert_eq!(queue.due(5_000, &Default::default(), 10).unwrap()[0].1.as_ref().unwrap().attempts, 2);
-        queue.remove(&later).unwrap();
+        assert!(queue.remove(&later).unwrap());
         assert!(queue.is_empty());
+        assert!(!queue.remove(&later).unwrap(), "removing it twice counts once");
     }
 }
