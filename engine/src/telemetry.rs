@@ -28,6 +28,7 @@ pub const LATENCY: &str = "callnotify_notification_latency_seconds";
 pub const IN_FLIGHT: &str = "callnotify_cdrs_in_flight";
 pub const CONSUMER_LAG: &str = "callnotify_consumer_lag_messages";
 pub const CONSUMER_PARTITIONS: &str = "callnotify_consumer_partitions";
+pub const CONSUMER_PAUSED: &str = "callnotify_consumer_paused";
 pub const RETRY_QUEUE: &str = "callnotify_retry_queue_mails";
 
 /// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
@@ -138,6 +139,11 @@ impl Metrics {
             Some(Unit::Count),
             "Partitions assigned to each consumer thread (engine.consumers)".into(),
         );
+        r.describe_gauge(
+            CONSUMER_PAUSED.into(),
+            None,
+            "1 while a consumer thread has paused its partitions for mails to drain (backpressure)".into(),
+        );
 
         let inner = Inner {
             consumed: counter(r, CDRS_CONSUMED, None),
@@ -233,6 +239,12 @@ impl Metrics {
     pub fn consumer_partitions(&self, consumer: usize, partitions: usize) {
         let key = Key::from_parts(CONSUMER_PARTITIONS, vec![Label::new("consumer", consumer.to_string())]);
         self.inner.recorder.register_gauge(&key, &METADATA).set(partitions as f64);
+    }
+    /// Backpressure: `consumer` paused its partitions (engine.max_in_flight reached and
+    /// nothing finishing), or resumed them.
+    pub fn consumer_paused(&self, consumer: usize, paused: bool) {
+        let key = Key::from_parts(CONSUMER_PAUSED, vec![Label::new("consumer", consumer.to_string())]);
+        self.inner.recorder.register_gauge(&key, &METADATA).set(if paused { 1.0 } else { 0.0 });
     }
 }
 

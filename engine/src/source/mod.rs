@@ -258,11 +258,13 @@ fn run(
             }
             consumer.pause(&consumer.assignment()?)?;
             paused = true;
+            ctx.metrics.consumer_paused(ctx.thread, true);
             tracing::info!(in_flight, "consumer paused until mails drain");
         }
         if paused && in_flight <= max_in_flight / 2 {
             consumer.resume(&consumer.assignment()?)?;
             paused = false;
+            ctx.metrics.consumer_paused(ctx.thread, false);
             tracing::info!(in_flight, "consumer resumed");
         }
         match consumer.poll(Duration::from_millis(if paused { 10 } else { 100 })) {

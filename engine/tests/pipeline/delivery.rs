@@ -243,6 +243,7 @@ async fn a_timeout_or_a_dropped_connection_after_data_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mail_server_that_stops_answering_holds_the_engine_at_max_in_flight_and_nothing_is_lost() {
     const CALLS: usize = 12;
+    const PAUSED: &str = "callnotify_consumer_paused{consumer=\"0\"}";
     let h = Harness::new(1).await;
     let engine = h
         .engine_with(&[
@@ -257,14 +258,14 @@ async fn a_mail_server_that_stops_answering_holds_the_engine_at_max_in_flight_an
         (0..CALLS).map(|i| cdr(&format!("held-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
     h.produce(TOPIC, &cdrs).await;
 
-    engine.wait_metric("callnotify_cdrs_in_flight", 4.0).await;
-    // Past the wait before pausing (1 s), still within the mail server's 4 s timeout.
-    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    // The pause comes a second after the limit, within the mail server's 4 s timeout.
+    engine.wait_metric(PAUSED, 1.0).await;
     assert_eq!(engine.metric("callnotify_cdrs_consumed_total"), 4.0, "nothing read beyond the limit");
     assert_eq!(engine.metric("callnotify_cdrs_in_flight"), 4.0);
 
     let mails = h.mails(CALLS).await;
     let stopped = engine.stop().await;
+    assert_eq!(stopped.metric(PAUSED), 0.0, "resumed once the mails timed out into the queue");
     let mut ids: Vec<String> = mails.iter().map(|m| parse(m).message_id).collect();
     ids.sort();
     ids.dedup();
