@@ -5,11 +5,12 @@
 //! hot path only bumps atomics. Names follow `callnotify_<noun>_<unit>_total` with
 //! low-cardinality labels.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
 use crate::filter::Skip;
 
@@ -60,6 +61,10 @@ struct Inner {
     dead_letters_mail: Counter,
     latency: Histogram,
     in_flight: Gauge,
+    /// What `in_flight` shows, read when the metrics are rendered: the consumer threads
+    /// change it from several threads at once, so a value set after each change could
+    /// be overtaken by an older one.
+    in_flight_count: OnceLock<Arc<AtomicUsize>>,
     retry_queue: Gauge,
 }
 
@@ -161,6 +166,7 @@ impl Metrics {
             dead_letters_mail: counter(r, DEAD_LETTERS, Some(("kind", "mail"))),
             latency: r.register_histogram(&Key::from_static_name(LATENCY), &METADATA),
             in_flight: r.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
+            in_flight_count: OnceLock::new(),
             retry_queue: r.register_gauge(&Key::from_static_name(RETRY_QUEUE), &METADATA),
             recorder,
         };
@@ -169,11 +175,10 @@ impl Metrics {
 
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.handle().render()
-    }
-
-    pub fn handle(&self) -> PrometheusHandle {
-        self.inner.recorder.handle()
+        if let Some(count) = self.inner.in_flight_count.get() {
+            self.inner.in_flight.set(count.load(Ordering::Relaxed) as f64);
+        }
+        self.inner.recorder.handle().render()
     }
 
     pub fn consumed(&self) {
@@ -216,8 +221,10 @@ impl Metrics {
     pub fn dead_letter(&self, mail: bool) {
         if mail { &self.inner.dead_letters_mail } else { &self.inner.dead_letters_cdr }.increment(1);
     }
-    pub fn in_flight(&self, n: usize) {
-        self.inner.in_flight.set(n as f64);
+    /// `callnotify_cdrs_in_flight` shows `count` from now on (the consumer threads'
+    /// shared total; set once per engine).
+    pub fn count_in_flight(&self, count: Arc<AtomicUsize>) {
+        let _ = self.inner.in_flight_count.set(count);
     }
     pub fn retry_queue(&self, n: usize) {
         self.inner.retry_queue.set(n as f64);

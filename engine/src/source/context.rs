@@ -120,9 +120,7 @@ impl SourceContext {
         for (key, _fate) in &c.mails {
             self.keys.remove(key);
         }
-        let mut tracker = self.tracker.lock().expect("tracker lock");
-        tracker.completed((c.topic, c.partition), c.offset);
-        self.metrics.in_flight(tracker.in_flight_total());
+        self.tracker.lock().expect("tracker lock").completed((c.topic, c.partition), c.offset);
     }
 
     /// Applies completions until the given partitions (all if `None`) have nothing in

@@ -155,6 +155,7 @@ pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) 
     // once, whichever threads read it) and how many CDRs are in flight in all.
     let keys = Arc::new(DashSet::new());
     let total = Arc::new(AtomicUsize::new(0));
+    stages.metrics.count_in_flight(total.clone());
     // Every consumer is created before any thread starts: one that cannot be leaves no
     // thread running.
     let mut consumers = Vec::with_capacity(options.consumers);
@@ -366,7 +367,6 @@ fn handle(
         return Ok(());
     }
     tracker.started(tp, offset);
-    stages.metrics.in_flight(tracker.in_flight_total());
     drop(tracker);
     let origin =
         crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };

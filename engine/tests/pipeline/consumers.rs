@@ -27,4 +27,5 @@ async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     assert_each_call_once(&all, CALLS + 1);
     assert_eq!(stopped.metric("callnotify_mails_duplicate_total"), CALLS as f64, "every copy found already sent");
     assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), (2 * CALLS + 1) as f64);
+    assert_eq!(stopped.metric("callnotify_cdrs_in_flight"), 0.0, "both threads' CDRs finished");
 }
