@@ -242,33 +242,47 @@ async fn a_timeout_or_a_dropped_connection_after_data_is_retried() {
 /// queue, it reads on, and every mail arrives once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mail_server_that_stops_answering_holds_the_engine_at_max_in_flight_and_nothing_is_lost() {
+    held_at_max_in_flight(1).await;
+}
+
+/// The same with two consumer threads over four partitions: the limit counts both
+/// threads' CDRs, so both pause, however the CDRs fall between them. Each thread may
+/// read one CDR past the limit as the other reaches it (README, `engine.max_in_flight`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumer_threads_are_held_together_at_max_in_flight() {
+    held_at_max_in_flight(2).await;
+}
+
+async fn held_at_max_in_flight(consumers: usize) {
     const CALLS: usize = 12;
-    const PAUSED: &str = "callnotify_consumer_paused{consumer=\"0\"}";
-    let h = Harness::new(1).await;
+    const LIMIT: usize = 4;
+    let h = Harness::new(if consumers == 1 { 1 } else { 4 }).await;
     let engine = h
         .engine_with(&[
-            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "4"),
+            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", &LIMIT.to_string()),
+            ("CALLNOTIFY__ENGINE__CONSUMERS", &consumers.to_string()),
             ("CALLNOTIFY__SMTP__TIMEOUT_SECS", "4"),
             ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "100"),
         ])
         .await;
-    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
-    h.sink.after_data(DataFault::Hang, 4);
-    let cdrs: Vec<String> =
-        (0..CALLS).map(|i| cdr(&format!("held-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    h.sink.after_data(DataFault::Hang, LIMIT);
+    let cdrs = missed_calls_to_ten(&engine, "03400000", "held", CALLS);
     h.produce(TOPIC, &cdrs).await;
 
     // The pause comes a second after the limit, within the mail server's 4 s timeout.
-    engine.wait_metric(PAUSED, 1.0).await;
-    assert_eq!(engine.metric("callnotify_cdrs_consumed_total"), 4.0, "nothing read beyond the limit");
-    assert_eq!(engine.metric("callnotify_cdrs_in_flight"), 4.0);
+    let paused = |n: usize| format!("callnotify_consumer_paused{{consumer=\"{n}\"}}");
+    for n in 0..consumers {
+        engine.wait_metric(&paused(n), 1.0).await;
+    }
+    let read = engine.metric("callnotify_cdrs_consumed_total") as usize;
+    assert!((LIMIT..LIMIT + consumers).contains(&read), "{read} CDRs read: nothing beyond the limit");
+    assert_eq!(engine.metric("callnotify_cdrs_in_flight"), LIMIT as f64);
 
     let mails = h.mails(CALLS).await;
     let stopped = engine.stop().await;
-    assert_eq!(stopped.metric(PAUSED), 0.0, "resumed once the mails timed out into the queue");
-    let mut ids: Vec<String> = mails.iter().map(|m| parse(m).message_id).collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), CALLS, "every mail once");
+    for n in 0..consumers {
+        assert_eq!(stopped.metric(&paused(n)), 0.0, "resumed once the mails timed out into the queue");
+    }
+    assert_each_call_once(&mails, CALLS);
     assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), CALLS as f64, "each CDR read once");
 }
