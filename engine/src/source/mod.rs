@@ -148,6 +148,21 @@ impl Drop for StopOthers {
     }
 }
 
+/// Runs `body` on consumer thread `n`; when it returns or panics, `stop` is set.
+fn start_thread(
+    n: usize,
+    stop: Arc<AtomicBool>,
+    body: impl FnOnce() -> Result<(), SourceError> + Send + 'static,
+) -> std::thread::JoinHandle<Result<(), SourceError>> {
+    std::thread::Builder::new()
+        .name(format!("cdr-source-{n}"))
+        .spawn(move || {
+            let _stop_others = StopOthers(stop);
+            body()
+        })
+        .expect("spawning a consumer thread")
+}
+
 /// Starts `options.consumers` consumer threads; they run until `stop` is set, then finish
 /// in-flight work (up to the grace period), commit and return.
 pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) -> Result<Source, SourceError> {
@@ -178,22 +193,16 @@ pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) 
     let (max_in_flight, grace) = (options.max_in_flight, options.grace);
     let mut threads = Vec::with_capacity(consumers.len());
     for (n, (consumer, tx)) in consumers.into_iter().enumerate() {
-        let (stages, stop) = (stages.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("cdr-source-{n}"))
-            .spawn(move || {
-                let stop_others = StopOthers(stop.clone());
-                // The stages hold runtime-bound parts (timers, task handles); this thread
-                // runs inside the runtime's context so using and dropping them here works.
-                let runtime = stages.runtime.clone();
-                let _entered = runtime.enter();
-                let result = run(consumer, &stages, tx, stop, max_in_flight, grace);
-                drop(stages);
-                drop(stop_others);
-                result
-            })
-            .expect("spawning a consumer thread");
-        threads.push(thread);
+        let (stages, stop_reading) = (stages.clone(), stop.clone());
+        threads.push(start_thread(n, stop.clone(), move || {
+            // The stages hold runtime-bound parts (timers, task handles); this thread
+            // runs inside the runtime's context so using and dropping them here works.
+            let runtime = stages.runtime.clone();
+            let _entered = runtime.enter();
+            let result = run(consumer, &stages, tx, stop_reading, max_in_flight, grace);
+            drop(stages);
+            result
+        }));
     }
     Ok(Source { threads })
 }
@@ -416,5 +425,46 @@ impl Rejoin {
             *state = (Some(Instant::now()), true);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread that runs until told to stop, or gives up after a while.
+    fn serving(stop: &Arc<AtomicBool>) -> impl FnOnce() -> Result<(), SourceError> + Send + 'static {
+        let stop = stop.clone();
+        move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !stop.load(Ordering::Acquire) {
+                if Instant::now() > deadline {
+                    return Err(StoreError::Invalid("never told to stop".into()).into());
+                }
+                std::thread::park_timeout(Duration::from_millis(10));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_consumer_thread_that_fails_stops_the_others_and_the_engine_gets_its_error() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = vec![
+            start_thread(0, stop.clone(), serving(&stop)),
+            start_thread(1, stop.clone(), || Err(StoreError::Invalid("disk gone".into()).into())),
+        ];
+        let error = Source { threads }.join().expect_err("a thread failed");
+        assert_eq!(error.to_string(), "subscription store: disk gone");
+    }
+
+    #[test]
+    fn a_consumer_thread_that_panics_stops_the_others_too() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = vec![
+            start_thread(0, stop.clone(), serving(&stop)),
+            start_thread(1, stop.clone(), || panic!("a bug in a consumer thread")),
+        ];
+        assert!(matches!(Source { threads }.join(), Err(SourceError::Panicked)));
     }
 }
