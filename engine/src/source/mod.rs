@@ -241,6 +241,7 @@ fn run(
     let ctx = consumer.context();
     let stopping = ctx.stopping.subscribe();
     let mut paused = false;
+    ctx.metrics.consumer_paused(ctx.thread, paused);
     let mut full_since: Option<Instant> = None;
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Acquire) {

@@ -265,12 +265,13 @@ async fn held_at_max_in_flight(consumers: usize) {
             ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "100"),
         ])
         .await;
+    let paused = |n: usize| format!("callnotify_consumer_paused{{consumer=\"{n}\"}}");
+    assert!((0..consumers).all(|n| engine.shows(&paused(n))), "shown from the start, before any pause");
     h.sink.after_data(DataFault::Hang, LIMIT);
     let cdrs = missed_calls_to_ten(&engine, "03400000", "held", CALLS);
     h.produce(TOPIC, &cdrs).await;
 
     // The pause comes a second after the limit, within the mail server's 4 s timeout.
-    let paused = |n: usize| format!("callnotify_consumer_paused{{consumer=\"{n}\"}}");
     for n in 0..consumers {
         engine.wait_metric(&paused(n), 1.0).await;
     }

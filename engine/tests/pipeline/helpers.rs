@@ -168,6 +168,11 @@ impl TestEngine {
         metric(&self.metrics, series)
     }
 
+    /// Whether the metrics show `series` at all (`metric` reads a missing one as 0).
+    pub fn shows(&self, series: &str) -> bool {
+        self.metrics.render().lines().any(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')))
+    }
+
     /// Waits until a metric series reaches `value`: the engine's own account of having
     /// handled a CDR, for steps that must come after it.
     pub async fn wait_metric(&self, series: &str, value: f64) {
