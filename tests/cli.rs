@@ -181,11 +181,12 @@ fn r_i2_r_i7_the_terminal_ivr_sets_a_temporary_password_for_the_line() {
 #[test]
 fn demo_writes_real_mails_on_embedded_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = callnotify(&dir.path().join("store"))
+    let child = callnotify(&dir.path().join("store"))
         .arg("demo")
         .current_dir(dir.path())
         .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let outbox = dir.path().join("outbox");
@@ -201,7 +202,11 @@ fn demo_writes_real_mails_on_embedded_defaults() {
         std::thread::sleep(Duration::from_millis(100));
     };
     Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(child.wait().unwrap().success());
+    let exit = child.wait_with_output().unwrap();
+    assert!(exit.status.success());
+    let log = String::from_utf8_lossy(&exit.stderr);
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "a newcomer's demo logs no errors, not even at Ctrl-C: {errors:#?}");
     assert_eq!(mails.len(), 2, "the two missed calls of the demo are notified");
     let texts: Vec<String> = mails.iter().map(|m| std::fs::read_to_string(m.path()).unwrap()).collect();
     assert!(texts.iter().all(|t| t.contains("To: taro@example.jp") && t.contains("Auto-Submitted: auto-generated")));

@@ -73,6 +73,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         ),
         None => println!("mails go to the configured SMTP server"),
     }
+    // Gone before the engine, which takes the embedded cluster down with it: a client
+    // left would log that its broker is down.
+    drop(producer);
     println!("metrics: http://{}/metrics — press Ctrl-C to stop", app.metrics_addr());
     app.run_until_stopped(shutdown).await
 }
