@@ -266,7 +266,9 @@ async fn held_at_max_in_flight(consumers: usize) {
         ])
         .await;
     let paused = |n: usize| format!("callnotify_consumer_paused{{consumer=\"{n}\"}}");
-    assert!((0..consumers).all(|n| engine.shows(&paused(n))), "shown from the start, before any pause");
+    for n in 0..consumers {
+        engine.wait_shown(&paused(n)).await; // as 0, before any CDR is produced
+    }
     h.sink.after_data(DataFault::Hang, LIMIT);
     let cdrs = missed_calls_to_ten(&engine, "03400000", "held", CALLS);
     h.produce(TOPIC, &cdrs).await;

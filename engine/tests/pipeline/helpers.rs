@@ -168,9 +168,15 @@ impl TestEngine {
         metric(&self.metrics, series)
     }
 
-    /// Whether the metrics show `series` at all (`metric` reads a missing one as 0).
-    pub fn shows(&self, series: &str) -> bool {
-        self.metrics.render().lines().any(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')))
+    /// Waits until the metrics show `series` at all (`metric` reads a missing one as 0).
+    pub async fn wait_shown(&self, series: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let shown =
+            || self.metrics.render().lines().any(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')));
+        while !shown() {
+            assert!(tokio::time::Instant::now() < deadline, "{series} never shown");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits until a metric series reaches `value`: the engine's own account of having
