@@ -30,6 +30,7 @@ pub const IN_FLIGHT: &str = "callnotify_cdrs_in_flight";
 pub const CONSUMER_LAG: &str = "callnotify_consumer_lag_messages";
 pub const CONSUMER_PARTITIONS: &str = "callnotify_consumer_partitions";
 pub const CONSUMER_PAUSED: &str = "callnotify_consumer_paused";
+pub const OFFSETS_SKIPPED: &str = "callnotify_offsets_skipped_total";
 pub const RETRY_QUEUE: &str = "callnotify_retry_queue_mails";
 
 /// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
@@ -60,6 +61,7 @@ struct Inner {
     dead_letters_cdr: Counter,
     dead_letters_mail: Counter,
     latency: Histogram,
+    offsets_skipped: Counter,
     in_flight: Gauge,
     /// What `in_flight` shows, read when the metrics are rendered: the consumer threads
     /// change it from several threads at once, so a value set after each change could
@@ -101,6 +103,11 @@ impl Metrics {
         );
         describe(CDRS_FILTERED, Some(Unit::Count), "Calls that send no mail, by reason");
         describe(CDRS_NOTIFIED, Some(Unit::Count), "Calls that caused at least one mail");
+        describe(
+            OFFSETS_SKIPPED,
+            Some(Unit::Count),
+            "Offsets the broker passed over between CDRs read from one partition (transaction markers, compaction, or lost CDRs)",
+        );
         describe(MAILS_SENT, Some(Unit::Count), "Mails accepted by the mail server (or written to the outbox)");
         describe(
             MAILS_FAILED,
@@ -165,6 +172,7 @@ impl Metrics {
             dead_letters_cdr: counter(r, DEAD_LETTERS, Some(("kind", "cdr"))),
             dead_letters_mail: counter(r, DEAD_LETTERS, Some(("kind", "mail"))),
             latency: r.register_histogram(&Key::from_static_name(LATENCY), &METADATA),
+            offsets_skipped: counter(r, OFFSETS_SKIPPED, None),
             in_flight: r.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
             in_flight_count: OnceLock::new(),
             retry_queue: r.register_gauge(&Key::from_static_name(RETRY_QUEUE), &METADATA),
@@ -246,6 +254,10 @@ impl Metrics {
     pub fn consumer_partitions(&self, consumer: usize, partitions: usize) {
         let key = Key::from_parts(CONSUMER_PARTITIONS, vec![Label::new("consumer", consumer.to_string())]);
         self.inner.recorder.register_gauge(&key, &METADATA).set(partitions as f64);
+    }
+    /// Offsets a broker passed over between two CDRs read from one partition.
+    pub fn offsets_skipped(&self, n: u64) {
+        self.inner.offsets_skipped.increment(n);
     }
     /// Backpressure: `consumer` paused its partitions (engine.max_in_flight reached and
     /// nothing finishing), or resumed them.

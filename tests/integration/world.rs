@@ -41,13 +41,22 @@ pub struct Cdrs {
 
 impl Cdrs {
     pub fn new(topic: &str) -> Self {
-        let producer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("linger.ms", "5")
-            .set("batch.num.messages", "1")
-            .create()
-            .expect("producer");
-        Self { producer, topic: topic.to_owned() }
+        Self::with(topic, &[("linger.ms", "5"), ("batch.num.messages", "1")])
+    }
+
+    /// Batching as an exchange's producer would: what is sent before a flush goes out
+    /// as one batch.
+    pub fn batched(topic: &str) -> Self {
+        Self::with(topic, &[("linger.ms", "200")])
+    }
+
+    fn with(topic: &str, settings: &[(&str, &str)]) -> Self {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set("bootstrap.servers", brokers());
+        for (key, value) in settings {
+            config.set(*key, *value);
+        }
+        Self { producer: config.create().expect("producer"), topic: topic.to_owned() }
     }
 
     pub fn send(&self, key: &str, payload: &str) {
@@ -117,6 +126,12 @@ pub fn offsets_from(topic: &str, start: i64, count: usize) -> Vec<i64> {
 /// Moves consumer group `group` back to the start of every partition of `topic`, as an
 /// operator replaying a topic would (no engine of the group may be running).
 pub fn reset_group(group: &str, topic: &str, partitions: i32) {
+    commit_group_at(group, topic, partitions, 0);
+}
+
+/// Commits `offset` in every partition of `topic` for consumer group `group` (no engine
+/// of the group may be running).
+pub fn commit_group_at(group: &str, topic: &str, partitions: i32, offset: i64) {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("group.id", group)
@@ -125,9 +140,9 @@ pub fn reset_group(group: &str, topic: &str, partitions: i32) {
         .expect("consumer");
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
-        list.add_partition_offset(topic, p, Offset::Offset(0)).expect("offset");
+        list.add_partition_offset(topic, p, Offset::Offset(offset)).expect("offset");
     }
-    consumer.commit(&list, CommitMode::Sync).expect("commit offset 0");
+    consumer.commit(&list, CommitMode::Sync).expect("commit the offset");
 }
 
 /// postfix's `smtp-sink`, dumping each mail to its own file; stopped when dropped.

@@ -11,10 +11,13 @@ use dashmap::DashSet;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
-use super::offsets::{Completion, Tracker};
+use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
 use crate::store::{SentKey, Store, StoreError};
 use crate::telemetry::Metrics;
+
+/// How long an assignment waits for the group's committed offsets (see `note_starts`).
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The consumer's context: statistics → lag metric; revocation → finish or queue, then commit.
 pub struct SourceContext {
@@ -73,9 +76,12 @@ impl ConsumerContext for SourceContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Ok(assignment) = consumer.assignment() {
             self.metrics.consumer_partitions(self.thread, assignment.count());
+        }
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.note_starts(consumer, tpl);
         }
     }
 }
@@ -83,6 +89,43 @@ impl ConsumerContext for SourceContext {
 impl SourceContext {
     pub(super) fn topic_index(&self, name: &str) -> Option<usize> {
         self.topics.iter().position(|(t, _)| t == name)
+    }
+
+    /// Where reading the newly assigned partitions goes on: their committed offsets, so
+    /// a broker that resumes past one is caught at the first CDR it hands out. One
+    /// request to the group coordinator per assignment; without an answer (or a
+    /// committed offset) a partition is checked from its first CDR on.
+    fn note_starts(&self, consumer: &BaseConsumer<Self>, assigned: &TopicPartitionList) {
+        if assigned.count() == 0 {
+            return;
+        }
+        let committed = match consumer.committed_offsets(assigned.clone(), COMMITTED_TIMEOUT) {
+            Ok(committed) => committed,
+            Err(e) => {
+                tracing::debug!(error = %e, "committed offsets not fetched; skipped CDRs are caught from the first one read");
+                return;
+            }
+        };
+        let mut tracker = self.tracker.lock().expect("tracker lock");
+        for e in committed.elements() {
+            if let (Some(topic), Offset::Offset(offset)) = (self.topic_index(e.topic()), e.offset()) {
+                tracker.starts_at((topic, e.partition()), offset);
+            }
+        }
+    }
+
+    /// Counts and logs offsets the broker passed over before the CDR just read.
+    pub(super) fn note_skipped(&self, (topic, partition): (usize, i32), skipped: Option<Skipped>) {
+        if let Some(Skipped { from, to }) = skipped {
+            self.metrics.offsets_skipped((to - from) as u64);
+            tracing::warn!(
+                topic = %self.topics[topic].0,
+                partition,
+                from,
+                to,
+                "offsets passed over: whatever was there was never read (CDRs lost, skipped by the broker or deleted by retention first, unless they were transaction markers or compacted away)"
+            );
+        }
     }
 
     /// Hands librdkafka the offsets found safe since the last time, in one call.

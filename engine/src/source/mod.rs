@@ -320,13 +320,15 @@ fn handle(
         Verdict::Filtered(skip) => {
             stages.metrics.decoded();
             stages.metrics.filtered(skip);
-            ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
+            let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
+            ctx.note_skipped(tp, skipped);
             return Ok(());
         }
         Verdict::Rejected(e) => {
             stages.metrics.rejected(e.reason());
             tracing::warn!(topic = message.topic(), partition, offset, error = %e, "CDR rejected; sent to dead letters");
-            ctx.tracker.lock().expect("tracker lock").started(tp, offset);
+            let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
+            ctx.note_skipped(tp, skipped);
             let (dead_letters, tx) = (stages.dead_letters.clone(), tx.clone());
             let (source, raw, error) = (message.topic().to_owned(), payload.to_vec(), e.to_string());
             let cancelled = Cancel { stopping: stopping.clone(), tp }.cancelled();
@@ -371,13 +373,13 @@ fn handle(
             }
         }
     }
-    let mut tracker = ctx.tracker.lock().expect("tracker lock");
     if mails.is_empty() {
-        tracker.finished(tp, offset);
+        let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
+        ctx.note_skipped(tp, skipped);
         return Ok(());
     }
-    tracker.started(tp, offset);
-    drop(tracker);
+    let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
+    ctx.note_skipped(tp, skipped);
     let origin =
         crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
     let (deliverer, tx, cancel) = (stages.deliverer.clone(), tx.clone(), Cancel { stopping: stopping.clone(), tp });

@@ -17,11 +17,41 @@ pub struct Completion {
     pub mails: Vec<(SentKey, Fate)>,
 }
 
+/// Offsets the broker passed over in a partition: `from..to` were never read. Kafka
+/// leaves such gaps for transaction markers and compacted records; on a plain CDR topic
+/// they are lost CDRs: deleted by retention before they were read (the consumer then
+/// starts at the oldest one left), or skipped by the broker (tansu 0.6.0 does, after a
+/// resume inside a batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Skipped {
+    pub(super) from: i64,
+    pub(super) to: i64,
+}
+
+/// One partition's CDRs with work in flight and where reading should go on.
+#[derive(Default)]
+pub(super) struct Partition {
+    /// (offset, finished) in ascending offset order.
+    queue: VecDeque<(i64, bool)>,
+    /// The offset expected next: the committed one at assignment, then the last read + 1.
+    next: Option<i64>,
+}
+
+impl Partition {
+    /// Notes `offset` as read; the offsets skipped to reach it, if any. A lower offset
+    /// than expected (read again after an offset reset) skips nothing.
+    fn read(&mut self, offset: i64) -> Option<Skipped> {
+        let skipped = self.next.filter(|&next| offset > next).map(|from| Skipped { from, to: offset });
+        self.next = Some(offset + 1);
+        skipped
+    }
+}
+
 /// Offsets with work in flight, per partition, in consumption order.
 #[derive(Default)]
 pub(super) struct Tracker {
-    /// (topic index, partition) → (offset, finished) in ascending offset order.
-    pub(super) partitions: HashMap<(usize, i32), VecDeque<(i64, bool)>>,
+    /// (topic index, partition) → its CDRs in flight and next offset.
+    partitions: HashMap<(usize, i32), Partition>,
     /// Entries not yet finished, over all partitions.
     pub(super) in_flight: usize,
     /// The same over every consumer thread of the engine, which share it.
@@ -52,22 +82,37 @@ impl Tracker {
         self.total.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// A CDR finished without async work.
-    pub(super) fn finished(&mut self, tp: (usize, i32), offset: i64) {
-        match self.partitions.get_mut(&tp) {
-            Some(q) if !q.is_empty() => q.push_back((offset, true)),
-            _ => self.safe(tp, offset),
-        }
+    /// Reading `tp` goes on at `offset` (its committed offset, at assignment).
+    pub(super) fn starts_at(&mut self, tp: (usize, i32), offset: i64) {
+        self.partitions.entry(tp).or_default().next = Some(offset);
     }
 
-    pub(super) fn started(&mut self, tp: (usize, i32), offset: i64) {
-        self.partitions.entry(tp).or_default().push_back((offset, false));
+    /// A CDR read and finished without async work; the offsets skipped before it.
+    #[must_use]
+    pub(super) fn finished(&mut self, tp: (usize, i32), offset: i64) -> Option<Skipped> {
+        let p = self.partitions.entry(tp).or_default();
+        let skipped = p.read(offset);
+        if p.queue.is_empty() {
+            self.safe(tp, offset);
+        } else {
+            p.queue.push_back((offset, true));
+        }
+        skipped
+    }
+
+    /// A CDR read whose work goes on; the offsets skipped before it.
+    #[must_use]
+    pub(super) fn started(&mut self, tp: (usize, i32), offset: i64) -> Option<Skipped> {
+        let p = self.partitions.entry(tp).or_default();
+        let skipped = p.read(offset);
+        p.queue.push_back((offset, false));
         self.add(1);
+        skipped
     }
 
     /// Marks `offset` finished; the offsets before it that are all finished become safe.
     pub(super) fn completed(&mut self, tp: (usize, i32), offset: i64) {
-        let Some(q) = self.partitions.get_mut(&tp) else { return };
+        let Some(Partition { queue: q, .. }) = self.partitions.get_mut(&tp) else { return };
         let Ok(i) = q.binary_search_by_key(&offset, |(o, _)| *o) else { return };
         let newly = !std::mem::replace(&mut q[i].1, true);
         let mut safe = None;
@@ -95,12 +140,12 @@ impl Tracker {
     }
 
     pub(super) fn busy(&self, only: Option<&HashSet<(usize, i32)>>) -> bool {
-        self.partitions.iter().any(|(tp, q)| !q.is_empty() && only.is_none_or(|s| s.contains(tp)))
+        self.partitions.iter().any(|(tp, p)| !p.queue.is_empty() && only.is_none_or(|s| s.contains(tp)))
     }
 
     pub(super) fn forget(&mut self, tp: &(usize, i32)) {
-        if let Some(q) = self.partitions.remove(tp) {
-            self.sub(q.iter().filter(|(_, done)| !done).count());
+        if let Some(p) = self.partitions.remove(tp) {
+            self.sub(p.queue.iter().filter(|(_, done)| !done).count());
         }
     }
 
@@ -122,11 +167,11 @@ mod tests {
         let mut t = Tracker::default();
         let tp = (0, 0);
         let safe = |t: &mut Tracker| t.take_to_store().get(&tp).copied();
-        t.finished(tp, 0);
+        assert_eq!(t.finished(tp, 0), None);
         assert_eq!(safe(&mut t), Some(0), "nothing in flight: store at once");
-        t.started(tp, 1);
-        t.started(tp, 2);
-        t.finished(tp, 3);
+        assert_eq!(t.started(tp, 1), None);
+        assert_eq!(t.started(tp, 2), None);
+        assert_eq!(t.finished(tp, 3), None, "offsets read in order skip nothing");
         assert_eq!(safe(&mut t), None, "must wait for 1 and 2");
         t.completed(tp, 2);
         assert_eq!(safe(&mut t), None, "1 is still in flight");
@@ -135,8 +180,7 @@ mod tests {
         assert_eq!(t.in_flight, 0);
         t.completed(tp, 1);
         assert_eq!(safe(&mut t), None, "a stale completion changes nothing");
-        t.finished(tp, 4);
-        t.finished(tp, 5);
+        let _ = (t.finished(tp, 4), t.finished(tp, 5));
         assert_eq!(t.take_to_store(), [(tp, 5)].into(), "only the highest safe offset is stored");
         assert!(t.take_to_store().is_empty());
     }
@@ -144,8 +188,7 @@ mod tests {
     #[test]
     fn forgetting_a_revoked_partition_drops_its_in_flight_count() {
         let mut t = Tracker::default();
-        t.started((0, 1), 10);
-        t.started((0, 2), 10);
+        let _ = (t.started((0, 1), 10), t.started((0, 2), 10));
         t.forget(&(0, 1));
         assert_eq!(t.in_flight, 1);
         assert!(t.busy(None));
@@ -159,9 +202,7 @@ mod tests {
     fn consumer_threads_count_their_work_in_flight_together() {
         let total = Arc::new(AtomicUsize::new(0));
         let (mut a, mut b) = (Tracker::new(total.clone()), Tracker::new(total));
-        a.started((0, 0), 1);
-        a.started((0, 0), 2);
-        b.started((0, 1), 7);
+        let _ = (a.started((0, 0), 1), a.started((0, 0), 2), b.started((0, 1), 7));
         assert_eq!((a.in_flight, b.in_flight, a.in_flight_total()), (2, 1, 3));
         a.completed((0, 0), 1);
         b.forget(&(0, 1));
@@ -169,5 +210,22 @@ mod tests {
         a.abandon();
         assert_eq!((a.in_flight, b.in_flight_total()), (0, 0));
         assert!(!a.busy(None));
+    }
+
+    /// `callnotify_offsets_skipped_total`: a broker that hands out CDRs past where reading
+    /// should go on (tansu after a resume inside a batch) is caught at the first one.
+    #[test]
+    fn offsets_the_broker_passed_over_are_reported_and_a_reread_is_not() {
+        let mut t = Tracker::default();
+        let tp = (0, 3);
+        t.starts_at(tp, 5);
+        assert_eq!(t.finished(tp, 10), Some(Skipped { from: 5, to: 10 }), "resumed past the committed offset");
+        assert_eq!(t.started(tp, 11), None);
+        assert_eq!(t.finished(tp, 14), Some(Skipped { from: 12, to: 14 }), "a gap between two CDRs");
+        assert_eq!(t.finished(tp, 2), None, "read again after an offset reset");
+        assert_eq!(t.finished(tp, 3), None);
+        t.forget(&tp);
+        assert_eq!(t.finished(tp, 40), None, "assigned again without a known start: checked from its first CDR");
+        assert_eq!(t.finished(tp, 42), Some(Skipped { from: 41, to: 42 }));
     }
 }
