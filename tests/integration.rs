@@ -9,7 +9,7 @@
 #[path = "integration/world.rs"]
 mod world;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use world::*;
@@ -120,16 +120,53 @@ fn wait_committed(spec: &EngineSpec, partitions: i32, total: usize) {
     }
 }
 
+/// How long after a mail's acceptance a SIGKILL can still find its sent record off disk:
+/// an append and `fdatasync` (under a millisecond alone), with room for a loaded machine;
+/// far below the second between commits, which a record never written would show.
+const UNRECORDED: Duration = Duration::from_millis(250);
+
+/// The mails that arrived twice (never more) and when each first arrived.
+fn sent_twice(arrivals: &std::collections::HashMap<String, Vec<SystemTime>>) -> Vec<(&String, SystemTime)> {
+    let more: Vec<_> = arrivals.iter().filter(|(_, at)| at.len() > 2).collect();
+    assert!(more.is_empty(), "mails sent three times or more: {more:?}");
+    arrivals.iter().filter(|(_, at)| at.len() == 2).map(|(id, at)| (id, at[0])).collect()
+}
+
+/// How long before the first kill at or after `first` it was, if one came within
+/// [`UNRECORDED`] (the sink's file times and the test's clock are the same clock; a
+/// file is written out a little after the acceptance it records).
+fn before_a_kill(first: SystemTime, kills: &[SystemTime]) -> Option<Duration> {
+    let slack = Duration::from_millis(20);
+    kills
+        .iter()
+        .filter_map(|kill| (*kill + slack).duration_since(first).ok())
+        .map(|d| d.saturating_sub(slack))
+        .filter(|d| *d <= UNRECORDED)
+        .min()
+}
+
+/// The kill soak's judge of a mail sent twice; runs with `cargo test` (no broker needed).
+#[test]
+fn a_mail_sent_twice_is_put_down_to_a_kill_only_one_that_came_just_after_it_arrived() {
+    let first = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+    let ms = Duration::from_millis;
+    assert_eq!(before_a_kill(first, &[first - ms(900), first + ms(40), first + ms(120)]), Some(ms(40)));
+    assert_eq!(before_a_kill(first, &[first - ms(5)]), Some(ms(0)), "its file written just after the kill");
+    assert_eq!(before_a_kill(first, &[first - ms(300), first + ms(600)]), None, "a record that never reached disk");
+}
+
 /// The engines' `session.timeout.ms` (6 s) and a margin.
 const SESSION_EXPIRY: Duration = Duration::from_millis(7_000);
 
 /// Must-show 1 and 2: 20 000 CDRs (about 10 % notify) produced while the engine is
 /// SIGKILLed and restarted 20 times at random moments: every expected mail arrives at
-/// smtp-sink exactly once. Then the group is reset to offset 0 and everything is
-/// consumed again: no new mail.
+/// smtp-sink, and only once, but for what the delivery guarantees (README, case 1) let
+/// a SIGKILL cause: a mail accepted just before it, whose sent record had not reached
+/// disk, arrives twice. Each mail that arrives twice is checked against the kill times.
+/// Then the group is reset to offset 0 and everything is consumed again: no new mail.
 #[test]
 #[ignore = "integration: bash scripts/integration.sh"]
-fn kill_soak_every_expected_mail_exactly_once_through_20_sigkills_then_a_replay_sends_nothing() {
+fn kill_soak_every_expected_mail_arrives_through_20_sigkills_twice_only_at_a_kill_then_a_replay_sends_nothing() {
     const CDRS: usize = 20_000;
     const KILLS: usize = 20;
     const PARTITIONS: i32 = 4;
@@ -159,8 +196,10 @@ fn kill_soak_every_expected_mail_exactly_once_through_20_sigkills_then_a_replay_
     // About 200 CDRs a second, for as long as the kills go on.
     let producer = produce_paced(&spec.topic, payloads);
     let mut engine = spec.start();
+    let mut kills = Vec::with_capacity(KILLS);
     for _ in 0..KILLS {
         std::thread::sleep(Duration::from_millis(1_000 + rng.below(5_000)));
+        kills.push(SystemTime::now());
         engine.kill();
         // Restarted as a supervisor would, after the killed member's session (6 s) has
         // expired: tansu 0.6.0 can leave a rebalance unfinished for good when a new
@@ -173,7 +212,21 @@ fn kill_soak_every_expected_mail_exactly_once_through_20_sigkills_then_a_replay_
     let arrived = sink.wait_for(&expected);
     let (lost, duplicated, unexpected) = tally(&expected, &arrived);
     println!("kill soak: {} arrived; lost {lost}, duplicated {duplicated}, unexpected {unexpected}", arrived.len());
-    assert_eq!((lost, duplicated, unexpected), (0, 0, 0), "every expected mail exactly once, nothing else");
+    assert_eq!((lost, unexpected), (0, 0), "every expected mail arrived, nothing else");
+    // Delivery guarantees, case 1: a mail the server accepted just before a SIGKILL,
+    // whose sent record had not reached disk, is sent again. Any other mail arrives once.
+    let arrivals = sink.arrivals();
+    let twice = sent_twice(&arrivals);
+    for (id, first) in &twice {
+        match before_a_kill(*first, &kills) {
+            Some(gap) => println!("kill soak: {id} sent twice; a SIGKILL came {gap:?} after it first arrived"),
+            None => {
+                println!("kill soak: {id} sent twice, with no SIGKILL within {UNRECORDED:?} after it first arrived")
+            }
+        }
+    }
+    let unexplained: Vec<_> = twice.iter().filter(|(_, first)| before_a_kill(*first, &kills).is_none()).collect();
+    assert!(unexplained.is_empty(), "mails sent twice with no SIGKILL just after their first arrival: {unexplained:?}");
 
     // Replay: everything committed, the engine stopped, the group back at offset 0.
     wait_committed(&spec, PARTITIONS, CDRS);
@@ -185,7 +238,9 @@ fn kill_soak_every_expected_mail_exactly_once_through_20_sigkills_then_a_replay_
     assert_eq!(engine.metric("callnotify_mails_duplicate_total"), expected.len() as f64, "each mail found as sent");
     assert_eq!(engine.metric("callnotify_mails_sent_total"), 0.0);
     assert!(engine.terminate());
-    assert_eq!(tally(&expected, &sink.message_ids()), (0, 0, 0), "the replay sent nothing");
+    let counts: std::collections::HashMap<String, usize> =
+        arrivals.into_iter().map(|(id, at)| (id, at.len())).collect();
+    assert_eq!(sink.message_ids(), counts, "the replay sent nothing");
 }
 
 /// Must-show 3: smtp-sink is stopped for 60 s mid-stream: the partition keeps moving

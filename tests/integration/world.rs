@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use engine::address::DestinationAddress;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -196,15 +196,22 @@ impl PostfixSink {
 
     /// How many times each Message-ID arrived.
     pub fn message_ids(&self) -> HashMap<String, usize> {
-        let mut ids = HashMap::new();
+        self.arrivals().into_iter().map(|(id, at)| (id, at.len())).collect()
+    }
+
+    /// When each Message-ID arrived (the times smtp-sink wrote it out), earliest first.
+    pub fn arrivals(&self) -> HashMap<String, Vec<SystemTime>> {
+        let mut ids: HashMap<String, Vec<SystemTime>> = HashMap::new();
         for file in files(self.dir.path()) {
             let Ok(text) = std::fs::read_to_string(&file) else { continue };
+            let Ok(written) = std::fs::metadata(&file).and_then(|m| m.modified()) else { continue };
             if let Some(id) = text.lines().find_map(|l| {
                 l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("message-id")).map(|(_, v)| v.trim())
             }) {
-                *ids.entry(id.to_owned()).or_default() += 1;
+                ids.entry(id.to_owned()).or_default().push(written);
             }
         }
+        ids.values_mut().for_each(|at| at.sort());
         ids
     }
 
