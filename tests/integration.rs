@@ -132,9 +132,10 @@ fn sent_twice(arrivals: &std::collections::HashMap<String, Vec<SystemTime>>) -> 
     arrivals.iter().filter(|(_, at)| at.len() == 2).map(|(id, at)| (id, at[0])).collect()
 }
 
-/// How long before the first kill at or after `first` it was, if one came within
-/// [`UNRECORDED`] (the sink's file times and the test's clock are the same clock; a
-/// file is written out a little after the acceptance it records).
+/// The time from `first` (a mail's first arrival) to the next SIGKILL, if one came
+/// within [`UNRECORDED`]. The sink's file times and the test's clock are one clock, but
+/// a file is written out a little after the acceptance it records: a kill up to 20 ms
+/// before the file counts as right after it.
 fn before_a_kill(first: SystemTime, kills: &[SystemTime]) -> Option<Duration> {
     let slack = Duration::from_millis(20);
     kills
