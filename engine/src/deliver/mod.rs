@@ -15,7 +15,6 @@
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -202,38 +201,39 @@ impl Deliverer {
     /// Puts `entry` in the retry queue, due in `after`, with its sent record, durably.
     async fn enqueue(&self, entry: Queued, after: Duration) {
         let inner = &*self.inner;
-        // Fixed before the first try: a write tried again (its flush failed) replaces
-        // the entry in the same slot instead of queueing the mail twice.
         let due_ms = Utc::now().timestamp_millis() + after.as_millis() as i64;
-        let new = AtomicBool::new(false);
-        self.until_stored("retry queue entry", || {
-            let (queue, entry, new) = (inner.queue.clone(), entry.clone(), &new);
-            async move {
-                let (_, added) =
-                    blocking(move || queue.push(&entry, due_ms, Utc::now().timestamp().max(0) as u64)).await?;
-                new.fetch_or(added, Ordering::Relaxed);
-                inner.store.flush().await
-            }
-        })
-        .await;
+        // Written once, then flushed until that succeeds: a failed flush never queues
+        // the mail a second time.
+        let (_, added) = self
+            .until_stored("retry queue entry", || {
+                let (queue, entry) = (inner.queue.clone(), entry.clone());
+                blocking(move || queue.push(&entry, due_ms, Utc::now().timestamp().max(0) as u64))
+            })
+            .await;
+        self.until_stored("retry queue entry", || inner.store.flush()).await;
         inner.metrics.retried();
-        if new.into_inner() {
+        if added {
             inner.metrics.retry_queue_changed(1);
         }
         inner.queued.notify_one();
     }
 
-    /// Runs `write` (which ends with a flush) until it succeeds. Until then the CDR's
-    /// offset waits, so a failing store is retried with backoff, never skipped.
-    async fn until_stored<F>(&self, what: &str, write: impl Fn() -> F)
+    /// Runs `write` until it succeeds. Until then the CDR's offset waits, so a failing
+    /// store is retried with backoff, never skipped.
+    async fn until_stored<T, F>(&self, what: &str, write: impl Fn() -> F) -> T
     where
-        F: Future<Output = Result<(), StoreError>>,
+        F: Future<Output = Result<T, StoreError>>,
     {
         let mut backoff = Duration::from_millis(100);
-        while let Err(e) = write().await {
-            tracing::error!(error = %e, retry_in = ?backoff, "{what} not stored yet");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+        loop {
+            match write().await {
+                Ok(done) => return done,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "{what} not stored yet");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
         }
     }
 
