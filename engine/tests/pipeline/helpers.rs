@@ -170,21 +170,19 @@ impl TestEngine {
 
     /// Waits until the metrics show `series` at all (`metric` reads a missing one as 0).
     pub async fn wait_shown(&self, series: &str) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let shown =
-            || self.metrics.render().lines().any(|l| l.strip_prefix(series).is_some_and(|v| v.starts_with(' ')));
-        while !shown() {
-            assert!(tokio::time::Instant::now() < deadline, "{series} never shown");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        self.wait_until(series, "shown", |v| v.is_some()).await;
     }
 
     /// Waits until a metric series reaches `value`: the engine's own account of having
     /// handled a CDR, for steps that must come after it.
     pub async fn wait_metric(&self, series: &str, value: f64) {
+        self.wait_until(series, &format!("at {value}"), |v| v.unwrap_or(0.0) >= value).await;
+    }
+
+    async fn wait_until(&self, series: &str, what: &str, done: impl Fn(Option<f64>) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while self.metric(series) < value {
-            assert!(tokio::time::Instant::now() < deadline, "{series} never reached {value}");
+        while !done(series_value(&self.metrics, series)) {
+            assert!(tokio::time::Instant::now() < deadline, "{series} never {what}");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
@@ -211,11 +209,16 @@ impl Stopped {
 }
 
 fn metric(metrics: &engine::telemetry::Metrics, series: &str) -> f64 {
+    series_value(metrics, series).unwrap_or(0.0)
+}
+
+/// The value of `series`, if the metrics show it.
+fn series_value(metrics: &engine::telemetry::Metrics, series: &str) -> Option<f64> {
     metrics
         .render()
         .lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().expect("metric value"))
+        .map(|v| v.trim().parse().expect("metric value"))
 }
 
 /// A subscriber's provisioning line (R-N1..R-N5 settings).
