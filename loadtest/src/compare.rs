@@ -4,26 +4,71 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::cpu::{Busy, CpuSampler};
 use crate::engine_proc::EngineConfig;
 use crate::report::Machine;
 
-/// One round: the baseline's rate and the engine's, measured one after the other.
+/// One side of a round: its rate, when it ran (first item to last), and the CPU of the
+/// measured process where it is a process of its own (the engine).
+#[derive(Debug, Clone, Copy)]
+pub struct Side {
+    pub per_s: f64,
+    pub from: Instant,
+    pub to: Instant,
+    pub own_cores: Option<f64>,
+}
+
+/// One round: the baseline's rate and the engine's, measured one after the other, and
+/// how busy the machine was during each.
 #[derive(Debug, serde::Serialize)]
 pub struct Round {
     pub baseline_per_s: f64,
     pub engine_per_s: f64,
     pub ratio: f64,
+    pub baseline_busy: Option<Busy>,
+    pub engine_busy: Option<Busy>,
+    /// Cores the engine's process used while it was measured.
+    pub engine_cores: Option<f64>,
 }
 
 impl Round {
-    pub fn new(baseline_per_s: f64, engine_per_s: f64) -> Self {
-        Self { baseline_per_s, engine_per_s, ratio: engine_per_s / baseline_per_s }
+    pub async fn measured(cpu: &CpuSampler, baseline: Side, engine: Side) -> Self {
+        Self {
+            baseline_per_s: baseline.per_s,
+            engine_per_s: engine.per_s,
+            ratio: engine.per_s / baseline.per_s,
+            baseline_busy: cpu.busy(baseline.from, baseline.to).await,
+            engine_busy: cpu.busy(engine.from, engine.to).await,
+            engine_cores: engine.own_cores,
+        }
+    }
+
+    /// The round's line on stderr while a run goes on.
+    pub fn say(&self, number: usize, baseline: &str, unit: &str) {
+        let [baseline_cores, engine_cores] = self.cores();
+        eprintln!(
+            "round {number}: {baseline} {:.0} {unit}, engine {:.0} {unit}, ratio {:.2}; cores busy during \
+             {baseline} {baseline_cores}, during engine {engine_cores}",
+            self.baseline_per_s, self.engine_per_s, self.ratio,
+        );
+    }
+
+    /// Cores busy during each side: the machine, then the engine's and the load tester's
+    /// processes.
+    fn cores(&self) -> [String; 2] {
+        let busy = |b: Option<Busy>, engine: Option<f64>| {
+            b.map_or("–".into(), |b| match engine {
+                Some(e) => format!("{:.2} ({e:.2} engine, {:.2} load tester)", b.machine, b.load_tester),
+                None => format!("{:.2} ({:.2} load tester)", b.machine, b.load_tester),
+            })
+        };
+        [busy(self.baseline_busy, None), busy(self.engine_busy, self.engine_cores)]
     }
 }
 
 /// Starts the engine and measures how fast its counter `metric` reaches `count`: per
 /// second, from its first increment to the last (the counter polled every 20 ms).
-pub async fn engine_rate(config: &EngineConfig, metric: &str, count: u64) -> anyhow::Result<f64> {
+pub async fn engine_rate(config: &EngineConfig, metric: &str, count: u64) -> anyhow::Result<Side> {
     let mut engine = config.serve()?;
     engine.wait_ready(Duration::from_secs(60)).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -31,7 +76,7 @@ pub async fn engine_rate(config: &EngineConfig, metric: &str, count: u64) -> any
     loop {
         let n = engine.metrics().await?.get(metric) as u64;
         if n > 0 {
-            first.get_or_insert_with(Instant::now);
+            first.get_or_insert_with(|| (Instant::now(), engine.usage().cpu_seconds));
         }
         if n >= count {
             break;
@@ -39,9 +84,12 @@ pub async fn engine_rate(config: &EngineConfig, metric: &str, count: u64) -> any
         anyhow::ensure!(Instant::now() < deadline, "the engine's {metric} reached only {n} of {count}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let span = first.map_or(1.0, |f| f.elapsed().as_secs_f64());
+    let (to, cpu_seconds) = (Instant::now(), engine.usage().cpu_seconds);
+    let (from, cpu_from) = first.unwrap_or((to, cpu_seconds));
+    let span = (to - from).as_secs_f64();
     tokio::task::spawn_blocking(move || engine.stop()).await??;
-    Ok(count as f64 / span)
+    let span = if span > 0.0 { span } else { 1.0 };
+    Ok(Side { per_s: count as f64 / span, from, to, own_cores: Some((cpu_seconds - cpu_from) / span) })
 }
 
 /// What a comparison report says about itself.
@@ -64,12 +112,25 @@ pub fn write(out: &Path, c: &Comparison<'_>, rounds: &[Round]) -> anyhow::Result
     let rows: Vec<String> = rounds
         .iter()
         .enumerate()
-        .map(|(i, r)| format!("| {} | {:.0} | {:.0} | {:.2} |", i + 1, r.baseline_per_s, r.engine_per_s, r.ratio))
+        .map(|(i, r)| {
+            let [baseline, engine] = r.cores();
+            format!(
+                "| {} | {:.0} | {:.0} | {:.2} | {baseline} | {engine} |",
+                i + 1,
+                r.baseline_per_s,
+                r.engine_per_s,
+                r.ratio
+            )
+        })
         .collect();
     let markdown = format!(
         "# {title}\n\n`{command}`\n\nMachine: {cores} cores, {mem} GiB. {setup}\n\n\
-         | round | {baseline} {unit} | engine {unit} | ratio |\n|---|---|---|---|\n{rows}\n\n\
-         Median ratio: **{median:.2}**\n",
+         | round | {baseline} {unit} | engine {unit} | ratio | cores busy during {baseline} | cores busy during engine |\n\
+         |---|---|---|---|---|---|\n{rows}\n\n\
+         Median ratio: **{median:.2}**\n\n\
+         Cores busy: the whole machine's on average over each side's span (of {cores}), and in \
+         brackets the processes' own; the rest is the broker (when it runs apart), the mail \
+         server and the kernel.\n",
         title = c.title,
         command = std::env::args().collect::<Vec<_>>().join(" "),
         cores = machine.cores,

@@ -85,15 +85,13 @@ impl EngineConfig {
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.workdir.join("engine.log"))?;
         let child = self.command().arg("serve").stdout(Stdio::null()).stderr(log).spawn().context("starting serve")?;
-        Ok(EngineProcess { child, metrics: self.metrics, clock_ticks: 100.0 })
+        Ok(EngineProcess { child, metrics: self.metrics })
     }
 }
 
 pub struct EngineProcess {
     child: Child,
     metrics: SocketAddr,
-    /// Kernel clock ticks per second (USER_HZ), 100 on Linux.
-    clock_ticks: f64,
 }
 
 /// One reading of the engine process.
@@ -120,13 +118,8 @@ impl EngineProcess {
             .map_or(0, |kb: u64| kb * 1024);
         let cpu_seconds = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
-            .and_then(|s| {
-                // Fields after the parenthesised command: utime and stime are 14th and 15th.
-                let rest = s.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / self.clock_ticks)
-            })
-            .unwrap_or(0.0);
+            .and_then(|s| crate::cpu::process_ticks(&s))
+            .map_or(0.0, |ticks| ticks as f64 / crate::cpu::TICKS_PER_S);
         Usage { rss_bytes, cpu_seconds }
     }
 

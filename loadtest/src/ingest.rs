@@ -11,7 +11,8 @@ use clap::Args;
 use engine::sink::{SinkOptions, SmtpSink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::compare::{self, Comparison, Round};
+use crate::compare::{self, Comparison, Round, Side};
+use crate::cpu::CpuSampler;
 use crate::engine_proc::free_port;
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
@@ -60,6 +61,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let mut config = common.engine_config(&setup, sink.addr(), "ingest.example.jp")?;
     eprintln!("seeded: {}", config.seed(&population)?);
 
+    let cpu = CpuSampler::start();
     let mut rounds = Vec::new();
     for (round, topic) in topics.iter().enumerate() {
         let group = format!("bare-{round}-{}", std::process::id());
@@ -67,9 +69,9 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         config.topic = topic.clone();
         config.group = format!("engine-{round}-{}", std::process::id());
         config.metrics = free_port()?;
-        let engine_rate = compare::engine_rate(&config, "callnotify_cdrs_consumed_total", args.count).await?;
-        let r = Round::new(bare, engine_rate);
-        eprintln!("round {}: bare {bare:.0} CDR/s, engine {engine_rate:.0} CDR/s, ratio {:.2}", round + 1, r.ratio);
+        let engine = compare::engine_rate(&config, "callnotify_cdrs_consumed_total", args.count).await?;
+        let r = Round::measured(&cpu, bare, engine).await;
+        r.say(round + 1, "bare consumer", "CDR/s");
         rounds.push(r);
     }
     let comparison = Comparison {
@@ -98,17 +100,20 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 /// Reads `count` messages of `topic` with `consumers` plain consumers in one group, a
 /// thread each, as the engine's consumer threads are; CDR/s from the first message to
 /// the last.
-fn bare_consumers(brokers: &str, topic: &str, group: &str, count: u64, consumers: usize) -> anyhow::Result<f64> {
+fn bare_consumers(brokers: &str, topic: &str, group: &str, count: u64, consumers: usize) -> anyhow::Result<Side> {
     let mut members = Vec::with_capacity(consumers);
     for _ in 0..consumers {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        let mut config = rdkafka::ClientConfig::new();
+        config
             .set("bootstrap.servers", brokers)
             .set("group.id", group)
             .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            // The engine's own fetch setting (engine/src/source): the same reads of the broker.
-            .set("fetch.wait.max.ms", "20")
-            .create()?;
+            .set("enable.auto.commit", "false");
+        // The engine's own fetch settings: the same reads of the broker.
+        for (key, value) in engine::source::FETCH_SETTINGS {
+            config.set(key, value);
+        }
+        let consumer: BaseConsumer = config.create()?;
         consumer.subscribe(&[topic])?;
         members.push(consumer);
     }
@@ -149,8 +154,9 @@ fn bare_consumers(brokers: &str, topic: &str, group: &str, count: u64, consumers
             .collect();
         threads.into_iter().map(|t| t.join().expect("bare consumer thread")).collect::<anyhow::Result<Vec<_>>>()
     })?;
-    let first = spans.iter().flatten().map(|s| s.0).min();
-    let last = spans.iter().flatten().map(|s| s.1).max();
-    let span = first.zip(last).map_or(1.0, |(f, l)| (l - f).as_secs_f64());
-    Ok(count as f64 / span)
+    let now = Instant::now();
+    let from = spans.iter().flatten().map(|s| s.0).min().unwrap_or(now);
+    let to = spans.iter().flatten().map(|s| s.1).max().unwrap_or(now);
+    let span = (to - from).as_secs_f64();
+    Ok(Side { per_s: count as f64 / if span > 0.0 { span } else { 1.0 }, from, to, own_cores: None })
 }

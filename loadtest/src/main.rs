@@ -5,6 +5,7 @@
 //! addresses, and every run stops by itself.
 
 mod compare;
+mod cpu;
 mod engine_proc;
 mod ingest;
 mod population;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Args;
 
-use crate::compare::{self, Comparison, Round};
+use crate::compare::{self, Comparison, Round, Side};
+use crate::cpu::CpuSampler;
 use crate::engine_proc::{free_port, EngineConfig};
 use crate::population::Population;
 use crate::traffic::{Generator, Mix};
@@ -78,6 +79,7 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     let Setup { format, brokers, topics, embedded, .. } = setup;
     eprintln!("seeded: {}", config.seed(&population)?);
 
+    let cpu = CpuSampler::start();
     let mut rounds = Vec::new();
     for (round, topic) in topics.iter().enumerate() {
         let expected = fill(&brokers, topic, population, format, round, args.mails)?;
@@ -90,18 +92,19 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
             .status()
             .context("running smtp-source")?;
         anyhow::ensure!(status.success(), "smtp-source failed: {status}");
-        let source_rate = args.mails as f64 / started.elapsed().as_secs_f64();
+        let source = Side {
+            per_s: args.mails as f64 / started.elapsed().as_secs_f64(),
+            from: started,
+            to: Instant::now(),
+            own_cores: None,
+        };
 
         config.topic = topic.clone();
         config.group = format!("smtp-{round}-{}", std::process::id());
         config.metrics = free_port()?;
-        let engine_rate = compare::engine_rate(&config, "callnotify_mails_sent_total", expected).await?;
-        let r = Round::new(source_rate, engine_rate);
-        eprintln!(
-            "round {}: smtp-source {source_rate:.0} mails/s, engine {engine_rate:.0} mails/s, ratio {:.2}",
-            round + 1,
-            r.ratio
-        );
+        let engine = compare::engine_rate(&config, "callnotify_mails_sent_total", expected).await?;
+        let r = Round::measured(&cpu, source, engine).await;
+        r.say(round + 1, "smtp-source", "mails/s");
         rounds.push(r);
     }
     let comparison = Comparison {

@@ -207,6 +207,19 @@ pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) 
     Ok(Source { threads })
 }
 
+/// How the consumers fetch, unless `kafka.properties` says otherwise (the load tester's
+/// bare consumer fetches the same way).
+pub const FETCH_SETTINGS: [(&str, &str); 2] = [
+    // A notification is worth little late: do not let an idle fetch sit for librdkafka's
+    // default 500 ms.
+    ("fetch.wait.max.ms", "20"),
+    // Once the CDRs fetched ahead pass librdkafka's queue thresholds, it waits this long
+    // before fetching a partition again. With its default of 1 s, an engine catching up
+    // on a backlog emptied its queue and then read nothing for most of a second, each
+    // time (BENCHMARKS.md, ingest).
+    ("fetch.queue.backoff.ms", "100"),
+];
+
 /// A consumer subscribed to the topics, with settings that make the offset bookkeeping
 /// above correct.
 fn consumer(options: &SourceOptions<'_>, context: SourceContext) -> Result<BaseConsumer<SourceContext>, SourceError> {
@@ -217,10 +230,10 @@ fn consumer(options: &SourceOptions<'_>, context: SourceContext) -> Result<BaseC
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // A notification is worth little late: do not let an idle fetch sit for
-        // librdkafka's default 500 ms (kafka.properties may override).
-        .set("fetch.wait.max.ms", "20")
         .set("statistics.interval.ms", "5000");
+    for (k, v) in FETCH_SETTINGS {
+        config.set(k, v);
+    }
     for (k, v) in options.properties {
         config.set(k, v);
     }
