@@ -102,8 +102,8 @@ pub fn ensure_retained(brokers: &str, topic: &str, produced: u64) -> anyhow::Res
     anyhow::ensure!(
         held >= produced as i64,
         "the broker holds only {held} of the {produced} CDRs produced: librdkafka's mock cluster keeps at most \
-         5 MB or 100 000 messages a partition and drops older ones. Use a lower --count or more --partitions \
-         (BENCHMARKS.md uses --count 100000 --partitions 12)"
+         5 MB or 100 000 messages a partition and drops older ones. Produce fewer (--count, or --mails in \
+         smtp) or use more --partitions (BENCHMARKS.md: ingest --count 100000 --partitions 12)"
     );
     Ok(())
 }

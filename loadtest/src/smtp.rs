@@ -82,7 +82,10 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     let cpu = CpuSampler::start();
     let mut rounds = Vec::new();
     for (round, topic) in topics.iter().enumerate() {
-        let expected = fill(&brokers, topic, population, format, round, args.mails)?;
+        let (produced, expected) = fill(&brokers, topic, population, format, round, args.mails)?;
+        if embedded.is_some() {
+            crate::producer::ensure_retained(&brokers, topic, produced)?;
+        }
         let started = Instant::now();
         let status = Command::new(&source_bin)
             // -d: keep each session open for its next message, as the engine's pool does.
@@ -122,7 +125,8 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fills `topic` with CDRs until they make at least `mails` mails; returns how many.
+/// Fills `topic` with CDRs until they make at least `mails` mails; returns how many CDRs
+/// the broker took and how many mails they make.
 fn fill(
     brokers: &str,
     topic: &str,
@@ -130,7 +134,7 @@ fn fill(
     format: engine::decode::CdrFormat,
     round: usize,
     mails: u64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let mix = Mix { missed: 1.0, withheld: 0.0, designated: 0.0 };
     let mut generator =
         Generator::new(population, 1.0, format, mix, &format!("smtp{round}-{}", std::process::id()), "smtp.example.jp");
@@ -142,8 +146,8 @@ fn fill(
             cdr
         })
     });
-    crate::producer::fill(brokers, topic, cdrs)?;
-    Ok(expected)
+    let produced = crate::producer::fill(brokers, topic, cdrs)?;
+    Ok((produced, expected))
 }
 
 fn running_as_root() -> bool {
