@@ -6,8 +6,11 @@
 //! refused), STARTTLS, implicit TLS, AUTH PLAIN and LOGIN, SMTPUTF8 and 8BITMIME, and
 //! dot-stuffs the message.
 //!
-//! A connection that failed in any way is dropped by its owner, never reused: after an
-//! error nothing here tries to bring the session back in step with the server.
+//! A refusal leaves the connection in step with the server: every reply of the
+//! transaction has been read, and the next transaction starts with RSET (in the same
+//! write as its envelope where the server pipelines), so the connection is reused. A
+//! connection that failed in any other way is dropped by its owner: after such an error
+//! nothing here tries to bring the session back in step.
 
 use std::sync::Arc;
 
@@ -40,7 +43,8 @@ impl std::fmt::Display for Reply {
 /// Why a transaction or the session set-up failed.
 #[derive(Debug)]
 pub enum ClientError {
-    /// The server refused a command of a mail transaction.
+    /// The server refused a command of a mail transaction; the connection stays in step
+    /// and may carry the next mail.
     Refused(Reply),
     /// The server refused the session: greeting, EHLO, STARTTLS or AUTH. Not the mail's
     /// fault, so never a reason to give the mail up.
@@ -171,6 +175,9 @@ pub struct Connection {
     /// The commands or message being written; kept from mail to mail.
     output: Vec<u8>,
     ext: Extensions,
+    /// A transaction was refused part-way: the next one starts with RSET, in case the
+    /// server still holds its MAIL.
+    reset: bool,
 }
 
 impl Connection {
@@ -180,8 +187,14 @@ impl Connection {
             Some((TlsStart::Implicit, target)) => target.wrap(tcp).await?,
             _ => Stream::Plain(tcp),
         };
-        let mut conn =
-            Self { stream, input: Vec::with_capacity(1024), parsed: 0, output: Vec::new(), ext: Extensions::default() };
+        let mut conn = Self {
+            stream,
+            input: Vec::with_capacity(1024),
+            parsed: 0,
+            output: Vec::new(),
+            ext: Extensions::default(),
+            reset: false,
+        };
         let greeting = conn.reply(false).await?;
         if greeting.code / 100 != 2 {
             return Err(ClientError::Session(greeting));
@@ -204,20 +217,29 @@ impl Connection {
         if self.ext.pipelining {
             self.push_envelope(envelope, eight_bit)?;
             self.flush().await.map_err(closed(false))?;
-            self.envelope_replies(envelope).await
-        } else {
-            self.push_mail_from(envelope, eight_bit)?;
-            self.flush().await.map_err(closed(false))?;
-            self.expect(250, false).await?;
-            for rcpt in envelope.to() {
-                push_command(&mut self.output, b"RCPT TO:<", rcpt.as_ref(), b">");
-                self.flush().await.map_err(closed(true))?;
-                self.expect(250, true).await?;
-            }
-            self.output.extend_from_slice(b"DATA\r\n");
-            self.flush().await.map_err(closed(true))?;
-            self.expect(354, true).await
+            return self.envelope_replies(envelope).await;
         }
+        let utf8 = self.sendable(envelope)?;
+        if std::mem::take(&mut self.reset) {
+            self.output.extend_from_slice(b"RSET\r\n");
+            self.flush().await.map_err(closed(false))?;
+            self.expect_reset().await?;
+        }
+        // Refused part-way, the server may still hold this transaction's MAIL.
+        self.reset = true;
+        self.push_mail_from(envelope, eight_bit, utf8);
+        self.flush().await.map_err(closed(false))?;
+        self.expect(250, false).await?;
+        for rcpt in envelope.to() {
+            push_command(&mut self.output, b"RCPT TO:<", rcpt.as_ref(), b">");
+            self.flush().await.map_err(closed(true))?;
+            self.expect(250, true).await?;
+        }
+        self.output.extend_from_slice(b"DATA\r\n");
+        self.flush().await.map_err(closed(true))?;
+        self.expect(354, true).await?;
+        self.reset = false;
+        Ok(())
     }
 
     /// Whether the server offers PIPELINING: then the envelope of another mail may
@@ -228,10 +250,15 @@ impl Connection {
 
     /// Appends MAIL, RCPT and DATA for `envelope` to what is written next (PIPELINING
     /// only). RFC 2920 (3.1) lets a message be the first of a group of commands, so the
-    /// next mail's envelope may go out with the previous mail's message.
+    /// next mail's envelope may go out with the previous mail's message. After a refused
+    /// transaction, RSET goes first.
     pub fn push_envelope(&mut self, envelope: &Envelope, eight_bit: bool) -> Result<(), ClientError> {
         debug_assert!(self.ext.pipelining);
-        self.push_mail_from(envelope, eight_bit)?;
+        let utf8 = self.sendable(envelope)?;
+        if self.reset {
+            self.output.extend_from_slice(b"RSET\r\n");
+        }
+        self.push_mail_from(envelope, eight_bit, utf8);
         for rcpt in envelope.to() {
             push_command(&mut self.output, b"RCPT TO:<", rcpt.as_ref(), b">");
         }
@@ -240,12 +267,45 @@ impl Connection {
     }
 
     /// Reads the replies to a pipelined envelope, up to the 354 that asks for the message.
+    /// A refusal is returned once every reply of the envelope has been read, so the
+    /// connection stays in step; a server that refused part of it and still asks for
+    /// the message is out of step, and that is an error of its own.
     pub async fn envelope_replies(&mut self, envelope: &Envelope) -> Result<(), ClientError> {
-        self.expect(250, false).await?;
-        for _ in envelope.to() {
-            self.expect(250, true).await?;
+        if std::mem::take(&mut self.reset) {
+            self.expect_reset().await?;
         }
-        self.expect(354, true).await
+        // MAIL, then each RCPT.
+        let mut refused = None;
+        for answered in std::iter::once(false).chain(envelope.to().iter().map(|_| true)) {
+            match self.expect(250, answered).await {
+                Ok(()) => {}
+                // The server closes the connection after 421: no more replies come.
+                Err(ClientError::Refused(reply)) if reply.code == 421 => return Err(ClientError::Refused(reply)),
+                Err(ClientError::Refused(reply)) => refused = refused.or(Some(reply)),
+                Err(e) => return Err(e),
+            }
+        }
+        match (self.expect(354, true).await, refused) {
+            (Ok(()), None) => Ok(()),
+            (Ok(()), Some(reply)) => Err(ClientError::Protocol(format!(
+                "the mail server asked for the message after refusing its envelope ({reply})"
+            ))),
+            (Err(ClientError::Refused(data)), refused) => {
+                self.reset = true;
+                Err(ClientError::Refused(refused.unwrap_or(data)))
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Reads the reply to RSET.
+    async fn expect_reset(&mut self) -> Result<(), ClientError> {
+        match self.expect(250, false).await {
+            Err(ClientError::Refused(reply)) => {
+                Err(ClientError::Protocol(format!("the mail server refused RSET after a refusal: {reply}")))
+            }
+            other => other,
+        }
     }
 
     /// Appends `message`, dot-stuffed and with its closing `.`, to what is written next.
@@ -263,8 +323,8 @@ impl Connection {
         self.expect(250, true).await
     }
 
-    /// Appends MAIL FROM, refusing what the server could not take.
-    fn push_mail_from(&mut self, envelope: &Envelope, eight_bit: bool) -> Result<(), ClientError> {
+    /// Whether `envelope`'s addresses need SMTPUTF8; an error if the server lacks it.
+    fn sendable(&self, envelope: &Envelope) -> Result<bool, ClientError> {
         let from = envelope.from().map_or("", |a| a.as_ref());
         let utf8 = !from.is_ascii() || envelope.to().iter().any(|a| !AsRef::<str>::as_ref(a).is_ascii());
         if utf8 && !self.ext.smtputf8 {
@@ -272,6 +332,12 @@ impl Connection {
                 "the mail server does not accept non-ASCII addresses (no SMTPUTF8)".into(),
             ));
         }
+        Ok(utf8)
+    }
+
+    /// Appends MAIL FROM (`utf8` from [`Connection::sendable`]).
+    fn push_mail_from(&mut self, envelope: &Envelope, eight_bit: bool, utf8: bool) {
+        let from = envelope.from().map_or("", |a| a.as_ref());
         self.output.extend_from_slice(b"MAIL FROM:<");
         self.output.extend_from_slice(from.as_bytes());
         self.output.push(b'>');
@@ -282,7 +348,6 @@ impl Connection {
             self.output.extend_from_slice(b" SMTPUTF8");
         }
         self.output.extend_from_slice(b"\r\n");
-        Ok(())
     }
 
     async fn hello(&mut self, name: &str) -> Result<(), ClientError> {
@@ -499,7 +564,7 @@ pub(crate) mod tests {
     /// read, the message as one entry, still dot-stuffed, followed by `(more in the same
     /// write)` when the client's next commands came with it. It accepts a recipient with
     /// 251 (will forward), a success other than 250, but refuses `refused@…`, and a
-    /// message containing `REJECT ME`. Without PIPELINING advertised
+    /// message containing `REJECT ME`; for `closing@…` it answers 421 and hangs up. Without PIPELINING advertised
     /// it refuses a command that arrives before the previous one was answered, as postfix
     /// does; with `hold`, it answers MAIL and RCPT only once DATA has arrived.
     async fn server(extensions: &'static [&'static str], hold: bool) -> (u16, JoinHandle<Vec<String>>) {
@@ -634,6 +699,11 @@ pub(crate) mod tests {
                         "250 ok".to_owned()
                     }
                     "RCPT" if line.contains("<refused@") => "550 5.1.1 no such user".to_owned(),
+                    "RCPT" if line.contains("<closing@") => {
+                        rd.get_mut().write_all(b"421 4.3.2 shutting down\r\n").await.unwrap();
+                        rd.get_mut().flush().await.unwrap();
+                        return false;
+                    }
                     "RCPT" => {
                         recipients += 1;
                         "251 2.1.5 not local; will forward".to_owned()

@@ -102,7 +102,8 @@ enum Handed {
     /// The mail's envelope went out on the lease's connection and was accepted: the
     /// message is next.
     Accepted,
-    /// The mail's envelope went out and the server refused it.
+    /// The mail's envelope went out and the server refused it; the connection, still in
+    /// step, is in the lease for the next mail.
     Refused(ClientError),
 }
 
@@ -153,6 +154,16 @@ fn release(slots: &Arc<Mutex<Slots>>, mut conn: Option<Connection>) {
     }
 }
 
+/// Whether a connection may carry the next mail after this outcome: its mail accepted, or
+/// refused with every reply read, unless with 421, after which the server closes it.
+fn in_step(outcome: &Result<(), SendError>) -> bool {
+    match outcome {
+        Ok(()) => true,
+        Err(SendError::Client(ClientError::Refused(reply))) => reply.code != 421,
+        Err(_) => false,
+    }
+}
+
 impl SmtpPool {
     /// Fails only on an unreadable `smtp.tls_ca_file`.
     pub fn new(s: &SmtpSettings) -> Result<Self, DeliverError> {
@@ -199,7 +210,13 @@ impl SmtpPool {
             match state {
                 Handed::Connection => break (lease, false),
                 Handed::Accepted => break (lease, true),
-                Handed::Refused(e) => return Err(SendError::Client(e)),
+                Handed::Refused(e) => {
+                    let refused = Err(SendError::Client(e));
+                    if in_step(&refused) {
+                        lease.give_back();
+                    }
+                    return refused;
+                }
             }
         };
         let fresh = lease.conn.is_none();
@@ -215,7 +232,7 @@ impl SmtpPool {
             }
             other => other,
         };
-        if result.is_ok() {
+        if in_step(&result) {
             lease.give_back();
         }
         result
@@ -254,9 +271,14 @@ impl SmtpPool {
         conn.push_message(message);
         let next = self.next_waiter(conn);
         self.within(conn.flush_output()).await?;
-        self.within(conn.message_reply()).await?;
+        let sent = self.within(conn.message_reply()).await;
+        // A refused message ends its transaction in step with the server: the next
+        // mail's envelope is answered all the same.
+        if matches!(sent, Err(ref e) if !matches!(e, SendError::Client(ClientError::Refused(_)))) {
+            return sent;
+        }
         if let Some(next) = next {
-            // This mail is sent; the connection goes to the next one, whatever its
+            // This mail is answered; the connection goes to the next one, whatever its
             // envelope's fate.
             let handed = match self.within(conn.envelope_replies(&next.envelope)).await {
                 Ok(()) => Handed::Accepted,
@@ -265,17 +287,17 @@ impl SmtpPool {
                 // dropped here) and this connection, out of step, is closed.
                 Err(_) => {
                     lease.conn = None;
-                    return Ok(());
+                    return sent;
                 }
             };
-            // After a refusal the connection is closed; the slot goes with the handoff
-            // either way (and on to the next mail should that one have stopped waiting).
-            let conn = lease.conn.take().filter(|_| matches!(handed, Handed::Accepted));
+            // The slot and the connection go with the handoff (and on to the next mail
+            // should that one have stopped waiting).
+            let conn = lease.conn.take();
             lease.armed = false;
             let handoff = Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: handed };
             let _ = next.handoff.send(handoff);
         }
-        Ok(())
+        sent
     }
 
     /// The first mail still waiting, its envelope pushed behind the message being sent;
@@ -421,11 +443,11 @@ mod tests {
 
     /// A mail whose envelope went out behind another's message fails or succeeds on its
     /// own: a refused recipient fails only its mail, a refused message only its own, and
-    /// the mails after them are sent (on a new connection: the failed one is closed).
+    /// the mails after them are sent on the same connection.
     #[tokio::test]
     async fn mails_sent_behind_one_another_are_answered_each_on_its_own() {
         use crate::deliver::client::tests::server_for;
-        let (port, server) = server_for(&["PIPELINING"], 3).await;
+        let (port, server) = server_for(&["PIPELINING"], 1).await;
         let pool = one_connection(port);
         let (a, b) = (to("a@example.jp"), to("refused@example.jp"));
         let (c, d) = (to("c@example.jp"), to("d@example.jp"));
@@ -447,7 +469,59 @@ mod tests {
         let seen = server.await.unwrap();
         let messages: Vec<_> = seen.iter().filter(|l| l.starts_with("Subject")).collect();
         assert_eq!(messages.len(), 3, "the refused recipient's message was never sent: {seen:?}");
-        assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 3, "{seen:?}");
+        assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 1, "{seen:?}");
+        // The refused envelope's MAIL was accepted: RSET clears it before the next one.
+        let rset = seen.iter().position(|l| l == "RSET").expect("an RSET after the refused recipient");
+        assert_eq!(seen[rset - 2..rset], ["RCPT TO:<refused@example.jp>", "DATA"], "{seen:?}");
+        assert_eq!(seen[rset + 2], "RCPT TO:<c@example.jp>", "{seen:?}");
+        assert_eq!(seen.iter().filter(|l| *l == "RSET").count(), 1, "none after a refused message: {seen:?}");
+    }
+
+    /// With or without PIPELINING, a refusal leaves the connection in step with the
+    /// server: the next mail goes out on it, after an RSET where the refused transaction
+    /// may still hold its MAIL, and is sent.
+    #[tokio::test]
+    async fn after_a_refusal_the_next_mail_goes_out_on_the_same_connection() {
+        use crate::deliver::client::tests::server_for;
+        let no_extensions: &'static [&'static str] = &[];
+        for extensions in [&["PIPELINING"][..], no_extensions] {
+            let (port, server) = server_for(extensions, 1).await;
+            let pool = one_connection(port);
+            let refused = |r: Result<(), SendError>| match r {
+                Err(SendError::Client(ClientError::Refused(reply))) => reply.code,
+                other => panic!("not refused: {other:?}"),
+            };
+            let first = together(pool.send(&to("refused@example.jp"), b"Subject: 1\r\n\r\none")).await;
+            assert_eq!(refused(first), 550);
+            let second = together(pool.send(&to("c@example.jp"), b"Subject: 2\r\n\r\nREJECT ME")).await;
+            assert_eq!(refused(second), 554);
+            together(pool.send(&to("d@example.jp"), b"Subject: 3\r\n\r\nthree"))
+                .await
+                .expect("sent after two refusals");
+            drop(pool);
+            let seen = server.await.unwrap();
+            assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 1, "{extensions:?}: {seen:?}");
+            let rset = seen.iter().position(|l| l == "RSET").expect("an RSET after the refused recipient");
+            assert_eq!(seen[rset + 2], "RCPT TO:<c@example.jp>", "{extensions:?}: {seen:?}");
+            assert_eq!(seen.iter().filter(|l| *l == "RSET").count(), 1, "{extensions:?}: {seen:?}");
+            assert!(seen.last().unwrap().contains("three"), "{extensions:?}: {seen:?}");
+        }
+    }
+
+    /// A 421 (the server closing the connection) is reported as the server's refusal, not
+    /// as a dropped connection, and the next mail goes out on a new connection.
+    #[tokio::test]
+    async fn after_a_421_the_next_mail_goes_out_on_a_new_connection() {
+        use crate::deliver::client::tests::server_for;
+        let (port, server) = server_for(&["PIPELINING"], 2).await;
+        let pool = one_connection(port);
+        let closing = together(pool.send(&to("closing@example.jp"), b"Subject: 1\r\n\r\none")).await;
+        assert!(matches!(closing, Err(SendError::Client(ClientError::Refused(ref r))) if r.code == 421), "{closing:?}");
+        together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo")).await.expect("sent on a new connection");
+        drop(pool);
+        let seen = server.await.unwrap();
+        assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 2, "{seen:?}");
+        assert!(!seen.contains(&"RSET".to_owned()), "{seen:?}");
     }
 
     #[tokio::test]
