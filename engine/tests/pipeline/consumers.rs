@@ -11,6 +11,8 @@ const CALLS: usize = 40;
 async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     let h = Harness::new(4).await;
     let engine = h.engine_with(&[("CALLNOTIFY__ENGINE__CONSUMERS", "2")]).await;
+    // The harness's three CDR topics, of 4 partitions each.
+    engine.wait_partitions_shared(2, 12).await;
     let cdrs = missed_calls_to_ten(&engine, "03300000", "lanes", CALLS);
     h.produce(TOPIC, &cdrs).await;
     let copies: Vec<String> = cdrs.iter().rev().cloned().collect();
@@ -19,13 +21,19 @@ async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     engine.wait_metric("callnotify_mails_duplicate_total", CALLS as f64).await;
     let held: Vec<f64> =
         (0..2).map(|n| engine.metric(&format!("callnotify_consumer_partitions{{consumer=\"{n}\"}}"))).collect();
-    // The harness's three CDR topics, of 4 partitions each.
     assert_eq!(held, [6.0, 6.0], "the group shares the 12 partitions out between the two threads");
 
     let all = h.mails_after_control_call(&engine, CALLS + 1).await;
     let stopped = engine.stop().await;
     assert_each_call_once(&all, CALLS + 1);
-    assert_eq!(stopped.metric("callnotify_mails_duplicate_total"), CALLS as f64, "every copy found already sent");
-    assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), (2 * CALLS + 1) as f64);
+    // Every CDR read but the one that sent its call's mail was found already sent: the
+    // copies, and any CDR a rebalance had read again (delivery is at least once).
+    let consumed = stopped.metric("callnotify_cdrs_consumed_total");
+    assert!(consumed >= (2 * CALLS + 1) as f64, "{consumed} CDRs read");
+    assert_eq!(
+        stopped.metric("callnotify_mails_duplicate_total"),
+        consumed - (CALLS + 1) as f64,
+        "every copy found already sent"
+    );
     assert_eq!(stopped.metric("callnotify_cdrs_in_flight"), 0.0, "both threads' CDRs finished");
 }

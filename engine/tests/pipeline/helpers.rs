@@ -179,6 +179,24 @@ impl TestEngine {
         self.wait_until(series, &format!("at {value}"), |v| v.unwrap_or(0.0) >= value).await;
     }
 
+    /// Waits until the group has shared `partitions` out among the engine's `consumers`
+    /// threads, each holding some: CDRs produced after this are read by the threads that
+    /// keep them, not again by another after a join's rebalance (on a loaded machine a
+    /// thread can join the group late).
+    pub async fn wait_partitions_shared(&self, consumers: usize, partitions: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let held: Vec<f64> = (0..consumers)
+                .map(|n| metric(&self.metrics, &format!("callnotify_consumer_partitions{{consumer=\"{n}\"}}")))
+                .collect();
+            if held.iter().all(|&h| h > 0.0) && held.iter().sum::<f64>() == partitions as f64 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "partitions never shared out: {held:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     async fn wait_until(&self, series: &str, what: &str, done: impl Fn(Option<f64>) -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
         while !done(series_value(&self.metrics, series)) {
