@@ -18,6 +18,14 @@ pub struct Side {
     pub own_cores: Option<f64>,
 }
 
+impl Side {
+    /// `count` items from `from` to `to`.
+    pub fn over(count: u64, from: Instant, to: Instant, own_cores: Option<f64>) -> Self {
+        let span = (to - from).as_secs_f64();
+        Self { per_s: count as f64 / if span > 0.0 { span } else { 1.0 }, from, to, own_cores }
+    }
+}
+
 /// One round: the baseline's rate and the engine's, measured one after the other, and
 /// how busy the machine was during each.
 #[derive(Debug, serde::Serialize)]
@@ -86,10 +94,9 @@ pub async fn engine_rate(config: &EngineConfig, metric: &str, count: u64) -> any
     }
     let (to, cpu_seconds) = (Instant::now(), engine.usage().cpu_seconds);
     let (from, cpu_from) = first.unwrap_or((to, cpu_seconds));
-    let span = (to - from).as_secs_f64();
     tokio::task::spawn_blocking(move || engine.stop()).await??;
-    let span = if span > 0.0 { span } else { 1.0 };
-    Ok(Side { per_s: count as f64 / span, from, to, own_cores: Some((cpu_seconds - cpu_from) / span) })
+    let cores = (cpu_seconds - cpu_from) / (to - from).as_secs_f64();
+    Ok(Side::over(count, from, to, cores.is_finite().then_some(cores)))
 }
 
 /// What a comparison report says about itself.

@@ -157,6 +157,5 @@ fn bare_consumers(brokers: &str, topic: &str, group: &str, count: u64, consumers
     let now = Instant::now();
     let from = spans.iter().flatten().map(|s| s.0).min().unwrap_or(now);
     let to = spans.iter().flatten().map(|s| s.1).max().unwrap_or(now);
-    let span = (to - from).as_secs_f64();
-    Ok(Side { per_s: count as f64 / if span > 0.0 { span } else { 1.0 }, from, to, own_cores: None })
+    Ok(Side::over(count, from, to, None))
 }

@@ -95,12 +95,7 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
             .status()
             .context("running smtp-source")?;
         anyhow::ensure!(status.success(), "smtp-source failed: {status}");
-        let source = Side {
-            per_s: args.mails as f64 / started.elapsed().as_secs_f64(),
-            from: started,
-            to: Instant::now(),
-            own_cores: None,
-        };
+        let source = Side::over(args.mails, started, Instant::now(), None);
 
         config.topic = topic.clone();
         config.group = format!("smtp-{round}-{}", std::process::id());
