@@ -108,14 +108,20 @@ pub fn process_ticks(stat: &str) -> Option<u64> {
     Some(fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?)
 }
 
-/// Cores busy from the last sample at or before `from` to the first at or after `to`.
+/// The kernel counts CPU time in 10 ms ticks, each to one thread and one core: over a
+/// shorter window than this the figures say little (a process could show more than the
+/// whole machine).
+const SHORTEST: Duration = Duration::from_millis(200);
+
+/// Cores busy from the last sample at or before `from` to the first at or after `to`;
+/// `None` for a window shorter than [`SHORTEST`].
 fn busy_over(samples: &[Sample], from: Instant, to: Instant) -> Option<Busy> {
     let start = samples.iter().rev().find(|s| s.at <= from)?;
     let end = samples.iter().find(|s| s.at >= to)?;
-    let seconds = (end.at - start.at).as_secs_f64();
-    if seconds <= 0.0 {
+    if end.at - start.at < SHORTEST {
         return None;
     }
+    let seconds = (end.at - start.at).as_secs_f64();
     let cores = |ticks: u64| ticks as f64 / TICKS_PER_S / seconds;
     Some(Busy {
         machine: cores(end.machine_ticks - start.machine_ticks),
@@ -154,5 +160,11 @@ mod tests {
         assert!((busy.load_tester - 1.0).abs() < 1e-9, "{busy:?}");
         // Not yet sampled after the span's end.
         assert_eq!(busy_over(&samples, at(100), at(1600)), None);
+        // Samples 10 ms apart: a 30 ms span says nothing, a 300 ms one does.
+        let close: Vec<Sample> =
+            (0..=40).map(|i| Sample { at: at(i * 10), machine_ticks: i * 2, own_ticks: i }).collect();
+        assert_eq!(busy_over(&close, at(15), at(45)), None);
+        let busy = busy_over(&close, at(15), at(315)).unwrap();
+        assert!((busy.machine - 2.0).abs() < 1e-9, "{busy:?}");
     }
 }
