@@ -282,7 +282,9 @@ impl Connection {
                 // The server closes the connection after 421: no more replies come.
                 Err(ClientError::Refused(reply)) if reply.code == 421 => return Err(ClientError::Refused(reply)),
                 Err(ClientError::Refused(reply)) => refused = refused.or(Some(reply)),
-                Err(e) => return Err(e),
+                // A refusal stays the mail's answer should the connection fail after it
+                // (the pool finds the connection dead at its next use).
+                Err(e) => return Err(refused.map_or(e, ClientError::Refused)),
             }
         }
         match (self.expect(354, true).await, refused) {
@@ -294,7 +296,8 @@ impl Connection {
                 self.reset = true;
                 Err(ClientError::Refused(refused.unwrap_or(data)))
             }
-            (Err(e), _) => Err(e),
+            (Err(_), Some(reply)) => Err(ClientError::Refused(reply)),
+            (Err(e), None) => Err(e),
         }
     }
 
@@ -564,7 +567,8 @@ pub(crate) mod tests {
     /// read, the message as one entry, still dot-stuffed, followed by `(more in the same
     /// write)` when the client's next commands came with it. It accepts a recipient with
     /// 251 (will forward), a success other than 250, but refuses `refused@…`, and a
-    /// message containing `REJECT ME`; for `closing@…` it answers 421 and hangs up. Without PIPELINING advertised
+    /// message containing `REJECT ME`; for `closing@…` it answers 421 and hangs up, for
+    /// `refused-then-gone@…` 550 and hangs up. Without PIPELINING advertised
     /// it refuses a command that arrives before the previous one was answered, as postfix
     /// does; with `hold`, it answers MAIL and RCPT only once DATA has arrived.
     async fn server(extensions: &'static [&'static str], hold: bool) -> (u16, JoinHandle<Vec<String>>) {
@@ -699,6 +703,11 @@ pub(crate) mod tests {
                         "250 ok".to_owned()
                     }
                     "RCPT" if line.contains("<refused@") => "550 5.1.1 no such user".to_owned(),
+                    "RCPT" if line.contains("<refused-then-gone@") => {
+                        rd.get_mut().write_all(b"550 5.1.1 no such user\r\n").await.unwrap();
+                        rd.get_mut().flush().await.unwrap();
+                        return false;
+                    }
                     "RCPT" if line.contains("<closing@") => {
                         rd.get_mut().write_all(b"421 4.3.2 shutting down\r\n").await.unwrap();
                         rd.get_mut().flush().await.unwrap();

@@ -508,20 +508,26 @@ mod tests {
         }
     }
 
-    /// A 421 (the server closing the connection) is reported as the server's refusal, not
-    /// as a dropped connection, and the next mail goes out on a new connection.
+    /// A server that hangs up after refusing (421, closing; or 550, then gone) has the
+    /// mail refused with its reply, not failed as a dropped connection (R-M4: a 5xx is
+    /// given up, not retried), and the next mail goes out on a new connection.
     #[tokio::test]
-    async fn after_a_421_the_next_mail_goes_out_on_a_new_connection() {
+    async fn a_refusal_the_server_hangs_up_after_is_the_mail_s_answer_and_the_next_mail_reconnects() {
         use crate::deliver::client::tests::server_for;
-        let (port, server) = server_for(&["PIPELINING"], 2).await;
-        let pool = one_connection(port);
-        let closing = together(pool.send(&to("closing@example.jp"), b"Subject: 1\r\n\r\none")).await;
-        assert!(matches!(closing, Err(SendError::Client(ClientError::Refused(ref r))) if r.code == 421), "{closing:?}");
-        together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo")).await.expect("sent on a new connection");
-        drop(pool);
-        let seen = server.await.unwrap();
-        assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 2, "{seen:?}");
-        assert!(!seen.contains(&"RSET".to_owned()), "{seen:?}");
+        for (address, code) in [("closing@example.jp", 421), ("refused-then-gone@example.jp", 550)] {
+            let (port, server) = server_for(&["PIPELINING"], 2).await;
+            let pool = one_connection(port);
+            let refused = together(pool.send(&to(address), b"Subject: 1\r\n\r\none")).await;
+            assert!(
+                matches!(refused, Err(SendError::Client(ClientError::Refused(ref r))) if r.code == code),
+                "{address}: {refused:?}"
+            );
+            together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo")).await.expect("sent on a new connection");
+            drop(pool);
+            let seen = server.await.unwrap();
+            assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 2, "{address}: {seen:?}");
+            assert!(seen.last().unwrap().contains("two"), "{address}: {seen:?}");
+        }
     }
 
     #[tokio::test]
