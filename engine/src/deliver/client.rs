@@ -178,6 +178,9 @@ pub struct Connection {
     /// A transaction was refused part-way: the next one starts with RSET, in case the
     /// server still holds its MAIL.
     reset: bool,
+    /// The connection failed, or is out of step, or the server said it closes it (421):
+    /// no mail may follow on it.
+    broken: bool,
 }
 
 impl Connection {
@@ -194,6 +197,7 @@ impl Connection {
             output: Vec::new(),
             ext: Extensions::default(),
             reset: false,
+            broken: false,
         };
         let greeting = conn.reply(false).await?;
         if greeting.code / 100 != 2 {
@@ -242,6 +246,12 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether another mail may go out on this connection: nothing failed on it, it is in
+    /// step with the server, and the server has not said it closes it.
+    pub fn usable(&self) -> bool {
+        !self.broken
+    }
+
     /// Whether the server offers PIPELINING: then the envelope of another mail may
     /// follow a message in the same write ([`Connection::push_envelope`]).
     pub fn pipelining(&self) -> bool {
@@ -283,15 +293,18 @@ impl Connection {
                 Err(ClientError::Refused(reply)) if reply.code == 421 => return Err(ClientError::Refused(reply)),
                 Err(ClientError::Refused(reply)) => refused = refused.or(Some(reply)),
                 // A refusal stays the mail's answer should the connection fail after it
-                // (the pool finds the connection dead at its next use).
+                // (the connection is then no longer usable).
                 Err(e) => return Err(refused.map_or(e, ClientError::Refused)),
             }
         }
         match (self.expect(354, true).await, refused) {
             (Ok(()), None) => Ok(()),
-            (Ok(()), Some(reply)) => Err(ClientError::Protocol(format!(
-                "the mail server asked for the message after refusing its envelope ({reply})"
-            ))),
+            (Ok(()), Some(reply)) => {
+                self.broken = true;
+                Err(ClientError::Protocol(format!(
+                    "the mail server asked for the message after refusing its envelope ({reply})"
+                )))
+            }
             (Err(ClientError::Refused(data)), refused) => {
                 self.reset = true;
                 Err(ClientError::Refused(refused.unwrap_or(data)))
@@ -305,6 +318,7 @@ impl Connection {
     async fn expect_reset(&mut self) -> Result<(), ClientError> {
         match self.expect(250, false).await {
             Err(ClientError::Refused(reply)) => {
+                self.broken = true;
                 Err(ClientError::Protocol(format!("the mail server refused RSET after a refusal: {reply}")))
             }
             other => other,
@@ -411,6 +425,7 @@ impl Connection {
     async fn flush(&mut self) -> std::io::Result<()> {
         let result = self.stream.write_all(&self.output).await;
         self.output.clear();
+        self.broken |= result.is_err();
         result
     }
 
@@ -441,6 +456,13 @@ impl Connection {
 
     /// Reads one reply, all its lines. `ehlo`: each line after the first is an extension.
     async fn reply(&mut self, ehlo: bool) -> Result<Reply, ClientError> {
+        let reply = self.read_reply(ehlo).await;
+        // Unreadable, or 421: the server is gone or going.
+        self.broken |= reply.as_ref().map_or(true, |r| r.code == 421);
+        reply
+    }
+
+    async fn read_reply(&mut self, ehlo: bool) -> Result<Reply, ClientError> {
         let mut code = None;
         let mut text = String::new();
         loop {

@@ -102,17 +102,17 @@ enum Handed {
     /// The mail's envelope went out on the lease's connection and was accepted: the
     /// message is next.
     Accepted,
-    /// The mail's envelope went out and the server refused it; the connection, still in
-    /// step, is in the lease for the next mail.
+    /// The mail's envelope went out and the server refused it; the connection, if still
+    /// usable, is in the lease for the next mail.
     Refused(ClientError),
 }
 
 impl Lease {
-    /// Returns a connection in step with the server to the pool, or to the next mail
-    /// (nothing if the slot was handed on already).
+    /// Returns the slot, with the connection if it is still usable, to the pool or to
+    /// the next mail (nothing if the slot was handed on already).
     fn give_back(mut self) {
         if std::mem::replace(&mut self.armed, false) {
-            release(&self.slots, self.conn.take());
+            release(&self.slots, self.conn.take().filter(Connection::usable));
         }
     }
 }
@@ -154,14 +154,11 @@ fn release(slots: &Arc<Mutex<Slots>>, mut conn: Option<Connection>) {
     }
 }
 
-/// Whether a connection may carry the next mail after this outcome: its mail accepted, or
-/// refused with every reply read, unless with 421, after which the server closes it.
+/// Whether the transaction ended in step with the server: its mail accepted or refused.
+/// Any other failure leaves the connection to be closed; after these, the connection
+/// itself says whether it is still usable ([`Connection::usable`]).
 fn in_step(outcome: &Result<(), SendError>) -> bool {
-    match outcome {
-        Ok(()) => true,
-        Err(SendError::Client(ClientError::Refused(reply))) => reply.code != 421,
-        Err(_) => false,
-    }
+    matches!(outcome, Ok(()) | Err(SendError::Client(ClientError::Refused(_))))
 }
 
 impl SmtpPool {
@@ -292,7 +289,7 @@ impl SmtpPool {
             };
             // The slot and the connection go with the handoff (and on to the next mail
             // should that one have stopped waiting).
-            let conn = lease.conn.take();
+            let conn = lease.conn.take().filter(Connection::usable);
             lease.armed = false;
             let handoff = Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: handed };
             let _ = next.handoff.send(handoff);
@@ -522,6 +519,7 @@ mod tests {
                 matches!(refused, Err(SendError::Client(ClientError::Refused(ref r))) if r.code == code),
                 "{address}: {refused:?}"
             );
+            assert!(pool.slots.lock().unwrap().idle.is_empty(), "{address}: the closed connection is not pooled");
             together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo")).await.expect("sent on a new connection");
             drop(pool);
             let seen = server.await.unwrap();
