@@ -170,13 +170,13 @@ impl TestEngine {
 
     /// Waits until the metrics show `series` at all (`metric` reads a missing one as 0).
     pub async fn wait_shown(&self, series: &str) {
-        self.wait_until(series, "shown", |v| v.is_some()).await;
+        self.wait_until(|| format!("{series} never shown"), || series_value(&self.metrics, series).is_some()).await;
     }
 
     /// Waits until a metric series reaches `value`: the engine's own account of having
     /// handled a CDR, for steps that must come after it.
     pub async fn wait_metric(&self, series: &str, value: f64) {
-        self.wait_until(series, &format!("at {value}"), |v| v.unwrap_or(0.0) >= value).await;
+        self.wait_until(|| format!("{series} never reached {value}"), || self.metric(series) >= value).await;
     }
 
     /// Waits until the group has shared `partitions` out among the engine's `consumers`
@@ -184,23 +184,23 @@ impl TestEngine {
     /// keep them, not again by another after a join's rebalance (on a loaded machine a
     /// thread can join the group late).
     pub async fn wait_partitions_shared(&self, consumers: usize, partitions: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let held: Vec<f64> = (0..consumers)
-                .map(|n| metric(&self.metrics, &format!("callnotify_consumer_partitions{{consumer=\"{n}\"}}")))
-                .collect();
-            if held.iter().all(|&h| h > 0.0) && held.iter().sum::<f64>() == partitions as f64 {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "partitions never shared out: {held:?}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let held = || -> Vec<f64> {
+            (0..consumers)
+                .map(|n| self.metric(&format!("callnotify_consumer_partitions{{consumer=\"{n}\"}}")))
+                .collect()
+        };
+        let shared = || {
+            let held = held();
+            held.iter().all(|&h| h > 0.0) && held.iter().sum::<f64>() == partitions as f64
+        };
+        self.wait_until(|| format!("partitions never shared out: {:?}", held()), shared).await;
     }
 
-    async fn wait_until(&self, series: &str, what: &str, done: impl Fn(Option<f64>) -> bool) {
+    /// Polls until `done` holds; after [`WAIT`], fails saying `what`.
+    async fn wait_until(&self, what: impl Fn() -> String, done: impl Fn() -> bool) {
         let deadline = tokio::time::Instant::now() + WAIT;
-        while !done(series_value(&self.metrics, series)) {
-            assert!(tokio::time::Instant::now() < deadline, "{series} never {what}");
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{}", what());
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
