@@ -152,6 +152,11 @@ pub struct PostfixSink {
     dir: tempfile::TempDir,
 }
 
+/// How many times each Message-ID of `arrivals` ([`PostfixSink::arrivals`]) arrived.
+pub fn counts(arrivals: &HashMap<String, Vec<SystemTime>>) -> HashMap<String, usize> {
+    arrivals.iter().map(|(id, at)| (id.clone(), at.len())).collect()
+}
+
 impl PostfixSink {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -196,7 +201,7 @@ impl PostfixSink {
 
     /// How many times each Message-ID arrived.
     pub fn message_ids(&self) -> HashMap<String, usize> {
-        self.arrivals().into_iter().map(|(id, at)| (id, at.len())).collect()
+        counts(&self.arrivals())
     }
 
     /// When each Message-ID arrived (the times smtp-sink wrote it out), earliest first.
