@@ -1,9 +1,10 @@
 //! The `callnotify` command as an operator runs it: provisioning (R-L3), serve's clean
 //! shutdown, and the demo a newcomer starts with.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use engine::store::{LineRecord, NumberRecord, Store};
@@ -12,6 +13,80 @@ fn callnotify(store: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_callnotify"));
     cmd.env("CALLNOTIFY__STORE__PATH", store).env("RUST_LOG", "warn");
     cmd
+}
+
+/// How long a stopped `serve` or `demo` may take to exit: past the engine's own deadline
+/// (`engine.shutdown_grace_secs` 30 s, plus 15 s).
+const EXIT_LIMIT: Duration = Duration::from_secs(90);
+
+/// A long-running `callnotify` whose log is read as it comes: a full stderr pipe would
+/// stall it. Killed when dropped, so a failed test leaves no engine behind.
+struct Running {
+    child: Child,
+    log: mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(cmd: &mut Command) -> Self {
+        let mut child = cmd.env("NO_COLOR", "1").stderr(Stdio::piped()).spawn().unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, log }
+    }
+
+    /// Log lines until one `until` accepts (which is returned last).
+    fn read_log_until(&self, until: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match self.log.recv_timeout(EXIT_LIMIT) {
+                Ok(line) => {
+                    let done = until(&line);
+                    lines.push(line);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(e) => panic!("waiting for a log line: {e:?}; the log so far:\n{}", lines.join("\n")),
+            }
+        }
+    }
+
+    /// Sends `signal`, then reads the rest of the log and waits for the exit. Still
+    /// running after [`EXIT_LIMIT`], it is killed and the test fails with its log, instead
+    /// of hanging.
+    fn stop(&mut self, signal: &str) -> (ExitStatus, Vec<String>) {
+        let sent = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(sent.success(), "kill -{signal}");
+        let deadline = Instant::now() + EXIT_LIMIT;
+        let mut rest = Vec::new();
+        loop {
+            match self.log.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => rest.push(line),
+                Err(RecvTimeoutError::Disconnected) => return (self.child.wait().unwrap(), rest),
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "still running {EXIT_LIMIT:?} after SIG{signal}, killed; the rest of its log:\n{}",
+                        rest.join("\n")
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A line per contract: the contract number and one additional number, every third
@@ -70,22 +145,18 @@ fn r_l3_provision_import_of_100k_numbers_is_idempotent_and_reports_bad_lines() {
 #[test]
 fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = callnotify(&dir.path().join("store"))
-        .arg("serve")
-        .current_dir(dir.path())
-        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-        .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut serve = Running::start(
+        callnotify(&dir.path().join("store"))
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info"),
+    );
     // The startup log names both endpoints (ports were 0).
     let (mut metrics, mut site, mut ivr) = (None, None, None);
-    for l in lines.by_ref().map_while(Result::ok) {
+    for l in serve.read_log_until(|l| l.contains("IVR API listening")) {
         let url = l.split_once("url=http://").map(|(_, u)| u.trim().to_owned());
         if l.contains("metrics endpoint listening") {
             metrics = url;
@@ -93,7 +164,6 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
             site = url;
         } else if l.contains("IVR API listening") {
             ivr = url;
-            break;
         }
     }
     let metrics = metrics.expect("serve logs its metrics endpoint");
@@ -124,10 +194,7 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
     let response = post_ivr_call(ivr, "0300000000");
     assert!(response.starts_with("HTTP/1.1 200") && response.contains(r#""prompt":"SELECT_UNIT""#), "{response}");
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    let exit = child.wait().unwrap();
+    let (exit, rest) = serve.stop("TERM");
     assert!(exit.success(), "exit 0 after draining: {rest:#?}");
     assert!(rest.iter().any(|l| l.contains("offsets committed")), "{rest:#?}");
 }
@@ -181,14 +248,15 @@ fn r_i2_r_i7_the_terminal_ivr_sets_a_temporary_password_for_the_line() {
 #[test]
 fn demo_writes_real_mails_on_embedded_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let child = callnotify(&dir.path().join("store"))
-        .arg("demo")
-        .current_dir(dir.path())
-        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut demo = Running::start(
+        callnotify(&dir.path().join("store"))
+            .arg("demo")
+            .current_dir(dir.path())
+            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+            // How far it got, should it fail.
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null()),
+    );
     let outbox = dir.path().join("outbox");
     let deadline = Instant::now() + Duration::from_secs(120);
     let mails = loop {
@@ -201,13 +269,11 @@ fn demo_writes_real_mails_on_embedded_defaults() {
         // Another process writes the files: there is no event to wait on.
         std::thread::sleep(Duration::from_millis(100));
     };
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let exit = child.wait_with_output().unwrap();
-    assert!(exit.status.success());
-    let log = String::from_utf8_lossy(&exit.stderr);
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    let (exit, log) = demo.stop("INT");
+    assert!(exit.success(), "{exit}: {log:#?}");
+    let errors: Vec<&String> = log.iter().filter(|l| l.contains("ERROR")).collect();
     assert!(errors.is_empty(), "a newcomer's demo logs no errors, not even at Ctrl-C: {errors:#?}");
-    assert_eq!(mails.len(), 2, "the two missed calls of the demo are notified");
+    assert_eq!(mails.len(), 2, "the two missed calls of the demo are notified: {log:#?}");
     let texts: Vec<String> = mails.iter().map(|m| std::fs::read_to_string(m.path()).unwrap()).collect();
     assert!(texts.iter().all(|t| t.contains("To: taro@example.jp") && t.contains("Auto-Submitted: auto-generated")));
 }

@@ -33,8 +33,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         .name
         .clone();
     let outbox = settings.smtp.host.is_empty().then(|| settings.smtp.outbox_dir.clone());
-    let app = Application::build(settings).await?;
+    // Polled from the start, so a Ctrl-C while the demo sets up stops it too.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let app = tokio::select! {
+        app = Application::build(settings) => app?,
+        () = &mut shutdown => return Ok(()),
+    };
+    tokio::select! {
+        set_up = provision_and_call(&app, &topic) => set_up?,
+        () = &mut shutdown => return app.run_until_stopped(std::future::ready(())).await,
+    }
+    match &outbox {
+        Some(dir) => println!(
+            "mails are written to {}/ as .eml files (open one with any mail program)",
+            std::fs::canonicalize(dir).unwrap_or(dir.clone()).display()
+        ),
+        None => println!("mails go to the configured SMTP server"),
+    }
+    println!("metrics: http://{}/metrics — press Ctrl-C to stop", app.metrics_addr());
+    app.run_until_stopped(shutdown).await
+}
 
+/// The sample line into the store, then the sample calls into `topic`.
+async fn provision_and_call(app: &Application, topic: &str) -> anyhow::Result<()> {
     let store = app.store().clone();
     let report =
         tokio::task::spawn_blocking(move || crate::provision::import(&store, SAMPLE_LINE.as_bytes())).await??;
@@ -43,6 +64,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
 
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", app.bootstrap_servers())
+        // A CDR the cluster does not take is an error within seconds, not librdkafka's 5 minutes.
+        .set("message.timeout.ms", "10000")
         .create()
         .context("creating the demo producer")?;
     let run_id = chrono::Utc::now().timestamp_millis();
@@ -60,22 +83,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         })
         .to_string();
         producer
-            .send(FutureRecord::to(&topic).key(*called).payload(&cdr), Duration::from_secs(10))
+            .send(FutureRecord::to(topic).key(*called).payload(&cdr), Duration::from_secs(10))
             .await
             .map_err(|(e, _)| e)
             .context("producing a sample CDR")?;
         println!("produced CDR {}: {caller:?} → {called} ({outcome}) — expect {expect}", i + 1);
     }
-    match &outbox {
-        Some(dir) => println!(
-            "mails are written to {}/ as .eml files (open one with any mail program)",
-            std::fs::canonicalize(dir).unwrap_or(dir.clone()).display()
-        ),
-        None => println!("mails go to the configured SMTP server"),
-    }
-    // Gone before the engine, which takes the embedded cluster down with it: a client
-    // left would log that its broker is down.
-    drop(producer);
-    println!("metrics: http://{}/metrics — press Ctrl-C to stop", app.metrics_addr());
-    app.run_until_stopped(shutdown).await
+    // The producer is dropped here, before the engine, which takes the embedded cluster
+    // down with it: a client left would log that its broker is down.
+    Ok(())
 }

@@ -70,6 +70,22 @@ async fn sweep<S: Send + 'static>(
     }
 }
 
+/// How long a stop may take beyond `engine.shutdown_grace_secs` before the engine stops
+/// waiting for what has not ended.
+const STOP_MARGIN: Duration = Duration::from_secs(15);
+
+/// `what`'s output, or past `deadline` an error naming `part` of the engine that had not
+/// ended.
+async fn ended_by<T>(deadline: tokio::time::Instant, part: &str, what: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout_at(deadline, what).await.map_err(|_| {
+        anyhow::anyhow!(
+            "the stop took longer than engine.shutdown_grace_secs + {} s: {part} had not ended, and the engine exits without \
+             waiting for it (CDRs after the last committed offsets are read again at the next start)",
+            STOP_MARGIN.as_secs()
+        )
+    })
+}
+
 /// A running engine.
 pub struct Application {
     store: Store,
@@ -87,6 +103,8 @@ pub struct Application {
     retries: tokio::task::JoinHandle<()>,
     /// Kept alive while the engine runs, when it was started for us.
     _embedded: Option<EmbeddedKafka>,
+    /// `engine.shutdown_grace_secs`.
+    grace: Duration,
 }
 
 impl Application {
@@ -94,6 +112,7 @@ impl Application {
         let (path, cache) = (settings.store.path.clone(), settings.store.sled_cache_mb << 20);
         let capacity = settings.store.cache_capacity;
         let group_commit = Duration::from_millis(settings.store.group_commit_ms);
+        let grace = Duration::from_secs(settings.engine.shutdown_grace_secs);
         let (store, resolver) = tokio::task::spawn_blocking(move || {
             let store = Store::open_with_cache(&path, cache)?;
             store.set_group_commit(group_commit);
@@ -141,7 +160,7 @@ impl Application {
         let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
         let (retries_stop, retries_stopped) = tokio::sync::oneshot::channel::<()>();
         // Retries under way at shutdown get the same time as first attempts.
-        let finish = source::sending_time(Duration::from_secs(settings.engine.shutdown_grace_secs));
+        let finish = source::sending_time(grace);
         let retries = tokio::spawn(deliverer.clone().run_retries(
             async {
                 let _ = retries_stopped.await;
@@ -181,7 +200,7 @@ impl Application {
             properties: &kafka.properties,
             consumers: settings.engine.consumers,
             max_in_flight: settings.engine.max_in_flight,
-            grace: Duration::from_secs(settings.engine.shutdown_grace_secs),
+            grace,
             rejoin_if_assignment_unchanged: kafka.rejoin_if_assignment_unchanged,
         };
         let source = source::spawn(options, stages, stop.clone()).context("starting the Kafka consumer")?;
@@ -201,6 +220,7 @@ impl Application {
             retries_stop,
             retries,
             _embedded: embedded,
+            grace,
         })
     }
 
@@ -230,7 +250,18 @@ impl Application {
     /// Runs until `shutdown` completes (or the consumer fails), then stops consuming,
     /// finishes in-flight mails within the grace period, commits and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self { stop, source, metrics_stop, metrics_task, pruner, retries_stop, retries, _embedded, .. } = self;
+        let Self {
+            stop,
+            source,
+            metrics_stop,
+            metrics_task,
+            pruner,
+            retries_stop,
+            retries,
+            _embedded: embedded,
+            grace,
+            ..
+        } = self;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
             let _ = done_tx.send(source.join());
@@ -244,20 +275,47 @@ impl Application {
             }
             r = &mut done_rx => Some(r),
         };
+        // A stop always ends: what has not ended by the deadline (a librdkafka close that
+        // never returns, say) is left behind with an error, and the process can exit.
+        let deadline = tokio::time::Instant::now() + grace + STOP_MARGIN;
         // Queued mails stay in the store for the next start, also the ones queued
         // during the stop; attempts under way may finish.
         let _ = retries_stop.send(());
         let result = match finished {
             Some(r) => r,
-            None => done_rx.await,
+            None => ended_by(deadline, "the consumer threads", done_rx).await?,
         };
-        let _ = retries.await;
+        let _ = ended_by(deadline, "the retry queue", retries).await?;
         let _ = metrics_stop.send(());
-        let _ = metrics_task.await;
+        let _ = ended_by(deadline, "the metrics endpoint", metrics_task).await?;
         pruner.abort();
         let _ = pruner.await;
-        drop(_embedded);
+        if let Some(cluster) = embedded {
+            // Its drop joins the mock cluster's thread: off the runtime.
+            let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                drop(cluster);
+                let _ = gone_tx.send(());
+            });
+            let _ = ended_by(deadline, "the embedded Kafka cluster", gone_rx).await?;
+        }
         result.context("consumer threads vanished")?.context("consumer stopped")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stop_past_its_deadline_names_what_had_not_ended_instead_of_waiting_for_it() {
+        let now = tokio::time::Instant::now();
+        let err = ended_by(now, "the consumer threads", std::future::pending::<()>()).await.unwrap_err().to_string();
+        assert!(err.contains("the consumer threads had not ended"), "{err}");
+        assert!(err.contains("read again at the next start"), "{err}");
+
+        let ended = ended_by(now + Duration::from_secs(3600), "the retry queue", std::future::ready(7)).await;
+        assert_eq!(ended.unwrap(), 7, "what ends in time is waited for");
     }
 }
