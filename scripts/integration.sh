@@ -25,8 +25,9 @@ done
 echo "integration: tansu on 127.0.0.1:$port (log $log)"
 
 export CALLNOTIFY_IT_BROKERS="127.0.0.1:$port"
-cargo test --test integration -- --ignored --test-threads 1 "$@"
+# Under the watchdog: a hung test is killed with its stacks printed (scripts/watchdog.sh).
+bash scripts/watchdog.sh cargo test --test integration -- --ignored --test-threads 1 "$@"
 # The load tester's tests that need a broker creating topics on request.
 if [ $# -eq 0 ]; then
-  cargo test -p callnotify-loadtest -- --ignored
+  bash scripts/watchdog.sh cargo test -p callnotify-loadtest -- --ignored
 fi

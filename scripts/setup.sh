@@ -19,6 +19,10 @@ for package in chromium chromium-driver fonts-ipafont-gothic; do
   installed "$package" || need+=("$package")
 done
 
+# A test process that hangs has its threads' stacks printed before it is killed
+# (scripts/watchdog.sh, tests/cli.rs).
+installed gdb || need+=(gdb)
+
 # The load tester's `smtp` comparison uses postfix's smtp-sink and smtp-source; the mail
 # service itself is never run.
 postfix=0

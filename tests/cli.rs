@@ -71,14 +71,23 @@ impl Running {
                 Ok(line) => rest.push(line),
                 Err(RecvTimeoutError::Disconnected) => return (self.child.wait().unwrap(), rest),
                 Err(RecvTimeoutError::Timeout) => {
+                    let stacks = stacks(self.child.id());
                     let _ = self.child.kill();
                     panic!(
-                        "still running {EXIT_LIMIT:?} after SIG{signal}, killed; the rest of its log:\n{}",
+                        "still running {EXIT_LIMIT:?} after SIG{signal}, killed; the rest of its log:\n{}\n{stacks}",
                         rest.join("\n")
                     )
                 }
             }
         }
+    }
+}
+
+/// Where each thread of process `pid` is, from gdb (scripts/setup.sh installs it).
+fn stacks(pid: u32) -> String {
+    match Command::new("gdb").args(["-batch", "-p", &pid.to_string(), "-ex", "thread apply all bt"]).output() {
+        Ok(out) => format!("its threads:\n{}", String::from_utf8_lossy(&out.stdout)),
+        Err(e) => format!("(no stacks: gdb: {e})"),
     }
 }
 
