@@ -26,6 +26,8 @@ echo "integration: tansu on 127.0.0.1:$port (log $log)"
 
 export CALLNOTIFY_IT_BROKERS="127.0.0.1:$port"
 # Under the watchdog: a hung test is killed with its stacks printed (scripts/watchdog.sh).
+# The suite runs its tests one at a time, about 5 minutes in all here: 40 minutes each.
+export WATCHDOG_SECS=${WATCHDOG_SECS:-2400}
 bash scripts/watchdog.sh cargo test --test integration -- --ignored --test-threads 1 "$@"
 # The load tester's tests that need a broker creating topics on request.
 if [ $# -eq 0 ]; then
