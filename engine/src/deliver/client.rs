@@ -873,6 +873,26 @@ pub(crate) mod tests {
         assert!(none.to_string().contains("neither AUTH PLAIN nor AUTH LOGIN"), "{none}");
     }
 
+    /// Pipelined, a refused recipient the server hangs up after leaves the next
+    /// recipient's reply unread: the refusal is still the envelope's answer (R-M4: a 5xx
+    /// is given up, not retried as a dropped connection), and the connection is not used
+    /// again.
+    #[tokio::test]
+    async fn a_refusal_stays_the_answer_when_the_server_hangs_up_before_the_next_recipient_s_reply() {
+        let (port, server) = server(&["PIPELINING"], false).await;
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut conn =
+            Connection::open(tcp, &Session { tls: None, hello: "client.test", credentials: None }).await.unwrap();
+        let to = ["refused-then-gone@example.jp", "taro@example.jp"].map(|a| a.parse().unwrap()).to_vec();
+        let two = Envelope::new(Some("no-reply@example.jp".parse().unwrap()), to).unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(10), send_one(&mut conn, &two, b"x\r\n")).await;
+        let refused = sent.expect("the client hung").unwrap_err();
+        assert!(matches!(&refused, ClientError::Refused(Reply { code: 550, .. })), "{refused}");
+        assert!(!conn.usable(), "the server is gone");
+        let seen = server.await.unwrap();
+        assert_eq!(seen.last().map(String::as_str), Some("RCPT TO:<refused-then-gone@example.jp>"), "{seen:?}");
+    }
+
     #[tokio::test]
     async fn starttls_is_required_when_configured() {
         let (port, _server) = server(&["PIPELINING"], false).await;
