@@ -41,7 +41,8 @@ impl Running {
         Self { child, log }
     }
 
-    /// Log lines until one `until` accepts (which is returned last).
+    /// Log lines until one `until` accepts (which is returned last); fails if no line
+    /// comes for [`EXIT_LIMIT`].
     fn read_log_until(&self, until: impl Fn(&str) -> bool) -> Vec<String> {
         let mut lines = Vec::new();
         loop {
