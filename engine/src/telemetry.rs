@@ -32,6 +32,7 @@ pub const CONSUMER_PARTITIONS: &str = "callnotify_consumer_partitions";
 pub const CONSUMER_PAUSED: &str = "callnotify_consumer_paused";
 pub const OFFSETS_SKIPPED: &str = "callnotify_offsets_skipped_total";
 pub const RETRY_QUEUE: &str = "callnotify_retry_queue_mails";
+pub const SMTP_CONNECTIONS: &str = "callnotify_smtp_connections_opened_total";
 
 /// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
 pub const REJECT_REASONS: [&str; 3] = ["syntax", "missing_field", "invalid_field"];
@@ -62,6 +63,7 @@ struct Inner {
     dead_letters_mail: Counter,
     latency: Histogram,
     offsets_skipped: Counter,
+    smtp_connections: Counter,
     in_flight: Gauge,
     /// What `in_flight` shows, read when the metrics are rendered: the consumer threads
     /// change it from several threads at once, so a value set after each change could
@@ -130,6 +132,11 @@ impl Metrics {
             "Mails not sent again because a replayed CDR had already sent them",
         );
         describe(DEAD_LETTERS, Some(Unit::Count), "Records written to the dead-letter topic, by kind");
+        describe(
+            SMTP_CONNECTIONS,
+            Some(Unit::Count),
+            "SMTP sessions opened to the mail server (connected, greeted, TLS and AUTH done)",
+        );
         r.describe_histogram(
             LATENCY.into(),
             Some(Unit::Seconds),
@@ -173,12 +180,22 @@ impl Metrics {
             dead_letters_mail: counter(r, DEAD_LETTERS, Some(("kind", "mail"))),
             latency: r.register_histogram(&Key::from_static_name(LATENCY), &METADATA),
             offsets_skipped: counter(r, OFFSETS_SKIPPED, None),
+            smtp_connections: counter(r, SMTP_CONNECTIONS, None),
             in_flight: r.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
             in_flight_count: OnceLock::new(),
             retry_queue: r.register_gauge(&Key::from_static_name(RETRY_QUEUE), &METADATA),
             recorder,
         };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// The value of one series as [`Metrics::render`] shows it, e.g.
+    /// `callnotify_cdrs_filtered_total{reason="stopped"}`; `None` if it is not shown.
+    pub fn value(&self, series: &str) -> Option<f64> {
+        self.render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Prometheus text exposition of every metric.
@@ -258,6 +275,9 @@ impl Metrics {
     /// Offsets a broker passed over between two CDRs read from one partition.
     pub fn offsets_skipped(&self, n: u64) {
         self.inner.offsets_skipped.increment(n);
+    }
+    pub fn smtp_connection_opened(&self) {
+        self.inner.smtp_connections.increment(1);
     }
     /// Backpressure: `consumer` paused its partitions (engine.max_in_flight reached and
     /// nothing finishing), or resumed them.

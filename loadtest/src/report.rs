@@ -41,6 +41,9 @@ pub struct Report {
     pub unobserved: u64,
     pub engine_max_rss_mb: f64,
     pub engine_cpu_percent: f64,
+    /// SMTP sessions the engine opened: about `smtp.pool_size` when its connections are
+    /// reused; more when the server closes them.
+    pub smtp_sessions: u64,
     pub seed: String,
     pub timeline: Vec<Second>,
 }
@@ -131,7 +134,8 @@ impl Report {
              | lost / duplicates / unexpected | {lost} / {dup} / {unexp} |\n\
              | backlog at the end | {backlog} CDRs |\n\
              | engine max RSS | {rss:.0} MB |\n\
-             | engine CPU | {cpu:.0} % of one core |\n\n\
+             | engine CPU | {cpu:.0} % of one core |\n\
+             | SMTP sessions the engine opened | {sessions} |\n\n\
              ![latency over time](latency.svg)\n",
             cmd = self.command,
             cores = self.machine.cores,
@@ -162,6 +166,7 @@ impl Report {
             backlog = self.backlog,
             rss = self.engine_max_rss_mb,
             cpu = self.engine_cpu_percent,
+            sessions = self.smtp_sessions,
         )
     }
 

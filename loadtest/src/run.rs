@@ -142,7 +142,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let progress = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
     let mut timeline = Vec::new();
-    let mut peak_rss = 0u64;
+    let (mut peak_rss, mut smtp_sessions) = (0u64, 0u64);
     let cpu_start = engine.usage().cpu_seconds;
     let (mut first_consumed, mut last_consumed, mut consumed) = (None, None, 0u64);
     let mut drain_deadline = None;
@@ -152,8 +152,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tick.tick().await;
         let usage = engine.usage();
         peak_rss = peak_rss.max(usage.rss_bytes);
-        let now_consumed =
-            engine.metrics().await.map(|m| m.get("callnotify_cdrs_consumed_total") as u64).unwrap_or(consumed);
+        let scraped = engine.metrics().await;
+        let now_consumed = scraped.as_ref().map(|m| m.get("callnotify_cdrs_consumed_total") as u64).unwrap_or(consumed);
+        if let Ok(m) = &scraped {
+            smtp_sessions = m.get("callnotify_smtp_connections_opened_total") as u64;
+        }
         // The warm-up CDR is not part of the run.
         let run_consumed = now_consumed.saturating_sub(1);
         if run_consumed > consumed {
@@ -244,6 +247,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         unobserved: c.unobserved,
         engine_max_rss_mb: peak_rss as f64 / 1e6,
         engine_cpu_percent: cpu / elapsed * 100.0,
+        smtp_sessions,
         seed,
         timeline,
     };

@@ -113,7 +113,7 @@ impl Deliverer {
         metrics: Metrics,
         dead_letters: DeadLetters,
     ) -> Result<Self, DeliverError> {
-        let transport = Transport::new(settings)?;
+        let transport = Transport::new(settings, Some(metrics.clone()))?;
         let per_second = NonZeroU32::new(settings.rate_per_second).expect("config checks rate_per_second >= 1");
         let per_minute = NonZeroU32::new(settings.per_recipient_per_minute).expect("config checks >= 1");
         let queue = RetryQueue::open(store)?;
@@ -382,13 +382,13 @@ impl Deliverer {
 }
 
 impl Transport {
-    fn new(settings: &SmtpSettings) -> Result<Self, DeliverError> {
+    fn new(settings: &SmtpSettings, metrics: Option<Metrics>) -> Result<Self, DeliverError> {
         if settings.host.is_empty() {
             std::fs::create_dir_all(&settings.outbox_dir)
                 .map_err(|source| DeliverError::Outbox { path: settings.outbox_dir.clone(), source })?;
             Ok(Transport::Outbox(settings.outbox_dir.clone()))
         } else {
-            Ok(Transport::Smtp(SmtpPool::new(settings)?))
+            Ok(Transport::Smtp(SmtpPool::new(settings, metrics)?))
         }
     }
 
@@ -418,7 +418,7 @@ impl TestMailer {
         let from = settings.from.parse().map_err(|_| DeliverError::From(settings.from.clone()))?;
         let quota = Quota::per_minute(NonZeroU32::new(TEST_MAILS_PER_MINUTE).expect("non-zero"));
         Ok(Self {
-            transport: Transport::new(settings)?,
+            transport: Transport::new(settings, None)?,
             renderer: crate::render::Renderer::new(from),
             per_number: RateLimiter::keyed(quota),
         })

@@ -22,6 +22,7 @@ use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use super::client::{ClientError, Connection, Session, TlsStart, TlsTarget};
 use super::DeliverError;
 use crate::config::{SmtpSettings, TlsMode};
+use crate::telemetry::Metrics;
 
 /// An idle connection older than this is closed rather than reused: servers drop idle
 /// clients after a while, and a failed first command would cost a retry.
@@ -59,6 +60,8 @@ pub struct SmtpPool {
     /// Connections in use (at most `smtp.pool_size`), idle ones, and the mails waiting
     /// for one; never locked across an await.
     slots: Arc<Mutex<Slots>>,
+    /// Counts the sessions opened (the engine's pool; not the send-test button's).
+    metrics: Option<Metrics>,
 }
 
 struct Slots {
@@ -163,7 +166,7 @@ fn in_step(outcome: &Result<(), SendError>) -> bool {
 
 impl SmtpPool {
     /// Fails only on an unreadable `smtp.tls_ca_file`.
-    pub fn new(s: &SmtpSettings) -> Result<Self, DeliverError> {
+    pub fn new(s: &SmtpSettings, metrics: Option<Metrics>) -> Result<Self, DeliverError> {
         let start = match s.tls {
             TlsMode::None => None,
             TlsMode::Starttls => Some(TlsStart::Starttls),
@@ -188,6 +191,7 @@ impl SmtpPool {
             timeout: Duration::from_secs(s.timeout_secs.max(1)),
             hello: ClientId::default().to_string(),
             slots: Arc::new(Mutex::new(slots)),
+            metrics,
         })
     }
 
@@ -343,10 +347,14 @@ impl SmtpPool {
         };
         let credentials = self.credentials.as_ref().map(|(user, password)| (user.as_str(), password.as_str()));
         let session = Session { tls, hello: &self.hello, credentials };
-        tokio::time::timeout(self.timeout, Connection::open(tcp, &session))
+        let conn = tokio::time::timeout(self.timeout, Connection::open(tcp, &session))
             .await
             .map_err(|_| SendError::Timeout)?
-            .map_err(SendError::Client)
+            .map_err(SendError::Client)?;
+        if let Some(metrics) = &self.metrics {
+            metrics.smtp_connection_opened();
+        }
+        Ok(conn)
     }
 }
 
@@ -370,7 +378,7 @@ mod tests {
     use crate::sink::SmtpSink;
 
     fn pool_for(port: u16) -> SmtpPool {
-        SmtpPool::new(&crate::deliver::tests::smtp_to(port)).unwrap()
+        SmtpPool::new(&crate::deliver::tests::smtp_to(port), None).unwrap()
     }
 
     fn envelope() -> Envelope {
@@ -393,10 +401,15 @@ mod tests {
         assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
     }
 
-    fn one_connection(port: u16) -> SmtpPool {
+    /// A pool of one connection, counting the sessions it opens in `metrics`.
+    fn one_connection(port: u16, metrics: &Metrics) -> SmtpPool {
         let mut settings = crate::deliver::tests::smtp_to(port);
         settings.pool_size = 1;
-        SmtpPool::new(&settings).unwrap()
+        SmtpPool::new(&settings, Some(metrics.clone())).unwrap()
+    }
+
+    fn opened(metrics: &Metrics) -> f64 {
+        metrics.value(crate::telemetry::SMTP_CONNECTIONS).expect("shown from the start")
     }
 
     fn to(address: &str) -> Envelope {
@@ -415,7 +428,8 @@ mod tests {
     async fn a_waiting_mail_s_envelope_goes_out_with_the_message_before_it() {
         use crate::deliver::client::tests::server_for;
         let (port, server) = server_for(&["PIPELINING"], 1).await;
-        let pool = one_connection(port);
+        let metrics = Metrics::new();
+        let pool = one_connection(port, &metrics);
         let (a, b, c) = (to("a@example.jp"), to("b@example.jp"), to("c@example.jp"));
         let sent = together(async {
             tokio::join!(
@@ -426,6 +440,7 @@ mod tests {
         })
         .await;
         assert!(sent.0.is_ok() && sent.1.is_ok() && sent.2.is_ok(), "{sent:?}");
+        assert_eq!(opened(&metrics), 1.0, "one session for the three mails");
         drop(pool);
         let seen = server.await.unwrap();
         let after = |message: &str| &seen[seen.iter().position(|l| l.contains(message)).unwrap() + 1..];
@@ -445,7 +460,8 @@ mod tests {
     async fn mails_sent_behind_one_another_are_answered_each_on_its_own() {
         use crate::deliver::client::tests::server_for;
         let (port, server) = server_for(&["PIPELINING"], 1).await;
-        let pool = one_connection(port);
+        let metrics = Metrics::new();
+        let pool = one_connection(port, &metrics);
         let (a, b) = (to("a@example.jp"), to("refused@example.jp"));
         let (c, d) = (to("c@example.jp"), to("d@example.jp"));
         let results = together(async {
@@ -462,6 +478,7 @@ mod tests {
         assert!(refused(&results.1, 550), "{results:?}");
         assert!(refused(&results.2, 554), "{results:?}");
         assert!(results.3.is_ok(), "{results:?}");
+        assert_eq!(opened(&metrics), 1.0, "refusals do not cost a new session");
         drop(pool);
         let seen = server.await.unwrap();
         let messages: Vec<_> = seen.iter().filter(|l| l.starts_with("Subject")).collect();
@@ -483,7 +500,8 @@ mod tests {
         let no_extensions: &'static [&'static str] = &[];
         for extensions in [&["PIPELINING"][..], no_extensions] {
             let (port, server) = server_for(extensions, 1).await;
-            let pool = one_connection(port);
+            let metrics = Metrics::new();
+            let pool = one_connection(port, &metrics);
             let refused = |r: Result<(), SendError>| match r {
                 Err(SendError::Client(ClientError::Refused(reply))) => reply.code,
                 other => panic!("not refused: {other:?}"),
@@ -495,6 +513,7 @@ mod tests {
             together(pool.send(&to("d@example.jp"), b"Subject: 3\r\n\r\nthree"))
                 .await
                 .expect("sent after two refusals");
+            assert_eq!(opened(&metrics), 1.0, "{extensions:?}: refusals do not cost a new session");
             drop(pool);
             let seen = server.await.unwrap();
             assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 1, "{extensions:?}: {seen:?}");
@@ -513,7 +532,8 @@ mod tests {
         use crate::deliver::client::tests::server_for;
         for (address, code) in [("closing@example.jp", 421), ("refused-then-gone@example.jp", 550)] {
             let (port, server) = server_for(&["PIPELINING"], 2).await;
-            let pool = one_connection(port);
+            let metrics = Metrics::new();
+            let pool = one_connection(port, &metrics);
             let refused = together(pool.send(&to(address), b"Subject: 1\r\n\r\none")).await;
             assert!(
                 matches!(refused, Err(SendError::Client(ClientError::Refused(ref r))) if r.code == code),
@@ -521,6 +541,7 @@ mod tests {
             );
             assert!(pool.slots.lock().unwrap().idle.is_empty(), "{address}: the closed connection is not pooled");
             together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo")).await.expect("sent on a new connection");
+            assert_eq!(opened(&metrics), 2.0, "{address}");
             drop(pool);
             let seen = server.await.unwrap();
             assert_eq!(seen.iter().filter(|l| *l == "(connection)").count(), 2, "{address}: {seen:?}");
@@ -536,7 +557,7 @@ mod tests {
         let mut settings = crate::deliver::tests::smtp_to(port);
         (settings.host, settings.tls, settings.tls_ca_file) = ("localhost".into(), TlsMode::Starttls, Some(ca_file));
 
-        let pool = SmtpPool::new(&settings).unwrap();
+        let pool = SmtpPool::new(&settings, None).unwrap();
         pool.send(&envelope(), b"Subject: 1\r\n\r\nprivate CA").await.expect("sent over TLS");
         drop(pool);
         let seen = server.await.unwrap();
@@ -546,7 +567,7 @@ mod tests {
         settings.tls_ca_file = None;
         let (port, _server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor()))).await;
         settings.port = port;
-        let refused = SmtpPool::new(&settings).unwrap().send(&envelope(), b"x").await.unwrap_err();
+        let refused = SmtpPool::new(&settings, None).unwrap().send(&envelope(), b"x").await.unwrap_err();
         assert!(refused.to_string().contains("TLS"), "{refused}");
     }
 
@@ -559,7 +580,7 @@ mod tests {
         settings.tls = TlsMode::Starttls;
         for path in [not_pem, dir.path().join("missing.pem")] {
             settings.tls_ca_file = Some(path.clone());
-            let Err(e) = SmtpPool::new(&settings) else { panic!("{} accepted", path.display()) };
+            let Err(e) = SmtpPool::new(&settings, None) else { panic!("{} accepted", path.display()) };
             assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
         }
     }

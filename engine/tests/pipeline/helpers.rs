@@ -170,7 +170,7 @@ impl TestEngine {
 
     /// Waits until the metrics show `series` at all (`metric` reads a missing one as 0).
     pub async fn wait_shown(&self, series: &str) {
-        self.wait_until(|| format!("{series} never shown"), || series_value(&self.metrics, series).is_some()).await;
+        self.wait_until(|| format!("{series} never shown"), || self.metrics.value(series).is_some()).await;
     }
 
     /// Waits until a metric series reaches `value`: the engine's own account of having
@@ -227,16 +227,7 @@ impl Stopped {
 }
 
 fn metric(metrics: &engine::telemetry::Metrics, series: &str) -> f64 {
-    series_value(metrics, series).unwrap_or(0.0)
-}
-
-/// The value of `series`, if the metrics show it.
-fn series_value(metrics: &engine::telemetry::Metrics, series: &str) -> Option<f64> {
-    metrics
-        .render()
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .map(|v| v.trim().parse().expect("metric value"))
+    metrics.value(series).unwrap_or(0.0)
 }
 
 /// A subscriber's provisioning line (R-N1..R-N5 settings).

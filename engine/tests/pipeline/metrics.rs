@@ -60,4 +60,5 @@ async fn metrics_are_served_as_prometheus_text_and_count_the_path() {
     let stopped = engine.stop().await;
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0);
     assert_eq!(stopped.metric("callnotify_notification_latency_seconds_count"), 1.0);
+    assert_eq!(stopped.metric("callnotify_smtp_connections_opened_total"), 1.0, "one session for the one mail");
 }
