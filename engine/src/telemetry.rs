@@ -40,6 +40,12 @@ pub const REJECT_REASONS: [&str; 3] = ["syntax", "missing_field", "invalid_field
 /// `expired`: still failing temporarily at `smtp.retry_give_up_secs`.
 pub const FAIL_REASONS: [&str; 3] = ["permanent", "render", "expired"];
 
+/// The value of one series in Prometheus text (what `/metrics` serves), e.g.
+/// `callnotify_cdrs_filtered_total{reason="stopped"}`; `None` if it is not there.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// Every metric handle of one engine; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -189,13 +195,9 @@ impl Metrics {
         Self { inner: Arc::new(inner) }
     }
 
-    /// The value of one series as [`Metrics::render`] shows it, e.g.
-    /// `callnotify_cdrs_filtered_total{reason="stopped"}`; `None` if it is not shown.
+    /// The value of one series as [`Metrics::render`] shows it (see [`series_value`]).
     pub fn value(&self, series: &str) -> Option<f64> {
-        self.render()
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
+        series_value(&self.render(), series)
     }
 
     /// Prometheus text exposition of every metric.

@@ -176,11 +176,7 @@ pub struct Metrics(String);
 impl Metrics {
     /// The value of one series (`name` or `name{labels}`), 0 if absent.
     pub fn get(&self, series: &str) -> f64 {
-        self.0
-            .lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
+        engine::telemetry::series_value(&self.0, series).unwrap_or(0.0)
     }
 }
 

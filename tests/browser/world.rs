@@ -133,12 +133,7 @@ impl World {
     pub async fn wait_metric(&self, series: &str, value: f64) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let current = self
-                .metrics
-                .render()
-                .lines()
-                .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-                .map_or(0.0, |v| v.trim().parse().expect("metric value"));
+            let current = self.metrics.value(series).unwrap_or(0.0);
             if current >= value {
                 return;
             }

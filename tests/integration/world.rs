@@ -368,7 +368,7 @@ impl EngineProcess {
         let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n");
         let mut text = String::new();
         let _ = stream.read_to_string(&mut text);
-        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
+        engine::telemetry::series_value(&text, series).unwrap_or(0.0)
     }
 
     /// Waits until `series` reaches `value`.
