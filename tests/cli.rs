@@ -255,18 +255,32 @@ fn r_i2_r_i7_the_terminal_ivr_sets_a_temporary_password_for_the_line() {
     assert_eq!(line.unit, Some(engine::store::AuthUnit::Line), "R-I7: the line takes the chosen unit");
 }
 
+/// `callnotify demo` in `dir` on embedded defaults, logging at info (how far it got,
+/// should a test fail).
+fn start_demo(dir: &Path) -> Running {
+    Running::start(
+        callnotify(&dir.join("store"))
+            .arg("demo")
+            .current_dir(dir)
+            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null()),
+    )
+}
+
+/// Presses Ctrl-C: the demo exits 0 without logging an error; the rest of its log.
+fn ctrl_c(demo: &mut Running) -> Vec<String> {
+    let (exit, log) = demo.stop("INT");
+    assert!(exit.success(), "{exit}: {log:#?}");
+    let errors: Vec<&String> = log.iter().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "a newcomer's demo logs no errors, not even at Ctrl-C: {errors:#?}");
+    log
+}
+
 #[test]
 fn demo_writes_real_mails_on_embedded_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Running::start(
-        callnotify(&dir.path().join("store"))
-            .arg("demo")
-            .current_dir(dir.path())
-            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-            // How far it got, should it fail.
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null()),
-    );
+    let mut demo = start_demo(dir.path());
     let outbox = dir.path().join("outbox");
     let deadline = Instant::now() + Duration::from_secs(120);
     let mails = loop {
@@ -279,10 +293,7 @@ fn demo_writes_real_mails_on_embedded_defaults() {
         // Another process writes the files: there is no event to wait on.
         std::thread::sleep(Duration::from_millis(100));
     };
-    let (exit, log) = demo.stop("INT");
-    assert!(exit.success(), "{exit}: {log:#?}");
-    let errors: Vec<&String> = log.iter().filter(|l| l.contains("ERROR")).collect();
-    assert!(errors.is_empty(), "a newcomer's demo logs no errors, not even at Ctrl-C: {errors:#?}");
+    let log = ctrl_c(&mut demo);
     assert_eq!(mails.len(), 2, "the two missed calls of the demo are notified: {log:#?}");
     let texts: Vec<String> = mails.iter().map(|m| std::fs::read_to_string(m.path()).unwrap()).collect();
     assert!(texts.iter().all(|t| t.contains("To: taro@example.jp") && t.contains("Auto-Submitted: auto-generated")));
@@ -294,19 +305,9 @@ fn demo_writes_real_mails_on_embedded_defaults() {
 #[test]
 fn demo_stops_cleanly_on_ctrl_c_while_it_is_still_setting_up() {
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Running::start(
-        callnotify(&dir.path().join("store"))
-            .arg("demo")
-            .current_dir(dir.path())
-            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null()),
-    );
-    let started = demo.read_log_until(|l| l.contains("embedded Kafka mock cluster started"));
-    let (exit, log) = demo.stop("INT");
-    assert!(exit.success(), "{exit}: {started:#?} {log:#?}");
-    let errors: Vec<&String> = log.iter().filter(|l| l.contains("ERROR")).collect();
-    assert!(errors.is_empty(), "{errors:#?}");
+    let mut demo = start_demo(dir.path());
+    demo.read_log_until(|l| l.contains("embedded Kafka mock cluster started"));
+    let log = ctrl_c(&mut demo);
     let mails = std::fs::read_dir(dir.path().join("outbox")).map_or(0, |d| d.count());
     assert_eq!(mails, 0, "stopped before any sample call was made: {log:#?}");
 }
