@@ -250,19 +250,8 @@ impl Application {
     /// Runs until `shutdown` completes (or the consumer fails), then stops consuming,
     /// finishes in-flight mails within the grace period, commits and returns.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Self {
-            stop,
-            source,
-            metrics_stop,
-            metrics_task,
-            pruner,
-            retries_stop,
-            retries,
-            _embedded: embedded,
-            grace,
-            ..
-        } = self;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let source = self.source;
         std::thread::spawn(move || {
             let _ = done_tx.send(source.join());
         });
@@ -270,27 +259,27 @@ impl Application {
         let finished = tokio::select! {
             () = shutdown => {
                 tracing::info!("stopping: finishing in-flight mails");
-                stop.store(true, Ordering::Release);
+                self.stop.store(true, Ordering::Release);
                 None
             }
             r = &mut done_rx => Some(r),
         };
         // A stop always ends: what has not ended by the deadline (a librdkafka close that
         // never returns, say) is left behind with an error, and the process can exit.
-        let deadline = tokio::time::Instant::now() + grace + STOP_MARGIN;
+        let deadline = tokio::time::Instant::now() + self.grace + STOP_MARGIN;
         // Queued mails stay in the store for the next start, also the ones queued
         // during the stop; attempts under way may finish.
-        let _ = retries_stop.send(());
+        let _ = self.retries_stop.send(());
         let result = match finished {
             Some(r) => r,
             None => ended_by(deadline, "the consumer threads", done_rx).await?,
         };
-        let _ = ended_by(deadline, "the retry queue", retries).await?;
-        let _ = metrics_stop.send(());
-        let _ = ended_by(deadline, "the metrics endpoint", metrics_task).await?;
-        pruner.abort();
-        let _ = pruner.await;
-        if let Some(cluster) = embedded {
+        let _ = ended_by(deadline, "the retry queue", self.retries).await?;
+        let _ = self.metrics_stop.send(());
+        let _ = ended_by(deadline, "the metrics endpoint", self.metrics_task).await?;
+        self.pruner.abort();
+        let _ = self.pruner.await;
+        if let Some(cluster) = self._embedded {
             // Its drop joins the mock cluster's thread: off the runtime.
             let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
             std::thread::spawn(move || {
