@@ -25,7 +25,8 @@ pub struct Settings {
     pub admin: AdminSettings,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+/// `Debug` masks the values of secret librdkafka properties ([`is_secret_property`]).
+#[derive(Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     /// Bootstrap servers; empty starts the embedded mock cluster.
@@ -42,6 +43,32 @@ pub struct KafkaSettings {
     pub rejoin_if_assignment_unchanged: bool,
     /// librdkafka properties, passed unchanged.
     pub properties: BTreeMap<String, String>,
+}
+
+/// Whether librdkafka property `key` holds a secret (`sasl.password`,
+/// `sasl.jaas.config`, `ssl.key.password`, `ssl.key.pem`, ...), masked wherever settings
+/// are shown.
+pub fn is_secret_property(key: &str) -> bool {
+    ["password", "secret", "jaas", "key.pem", "oauthbearer.config"].iter().any(|word| key.contains(word))
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_property(k) { "***" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("embedded_partitions", &self.embedded_partitions)
+            .field("rejoin_if_assignment_unchanged", &self.rejoin_if_assignment_unchanged)
+            .field("properties", &properties)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -410,8 +437,22 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug_output() {
-        let s = Settings::load_from(None, env(&[("CALLNOTIFY__SMTP__PASSWORD", "12345678")])).unwrap();
-        assert!(!format!("{s:?}").contains("12345678"));
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("CALLNOTIFY__SMTP__PASSWORD", "12345678"),
+                ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "kafka-secret-1"),
+                ("CALLNOTIFY__KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "kafka-secret-2"),
+                ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_USERNAME", "engine"),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        for secret in ["12345678", "kafka-secret-1", "kafka-secret-2"] {
+            assert!(!shown.contains(secret), "{secret} shown: {shown}");
+        }
+        assert!(shown.contains("\"engine\""), "other properties are shown: {shown}");
         assert_eq!(s.smtp.password.expose(), "12345678");
+        assert_eq!(s.kafka.properties["sasl.password"], "kafka-secret-1");
     }
 }

@@ -13,7 +13,10 @@ use crate::render::Mail;
 use crate::telemetry::Metrics;
 
 /// Writes dead-letter records: undecodable CDRs and mails refused for good. Each is
-/// retried until the broker takes it, since the CDR's offset waits for it.
+/// retried until the broker takes it, since the CDR's offset waits for it. A write the
+/// broker has not confirmed within the producer's `message.timeout.ms` (5 s unless
+/// `kafka.properties` says otherwise) is logged at ERROR with the topic, counted in
+/// `callnotify_dead_letter_write_errors_total`, and tried again.
 #[derive(Clone)]
 pub struct DeadLetters {
     producer: FutureProducer,
@@ -78,7 +81,8 @@ impl DeadLetters {
                     return;
                 }
                 Err((e, _)) => {
-                    tracing::error!(topic = %self.topic, error = %e, retry_in = ?delay, "dead-letter record not written yet");
+                    self.metrics.dead_letter_write_failed(mail);
+                    tracing::error!(topic = %self.topic, error = %e, retry_in = ?delay, "dead-letter record not written yet; its CDR stays uncommitted until it is");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }

@@ -1,7 +1,7 @@
 //! The embedded Kafka: librdkafka's in-process mock cluster, which speaks the real Kafka
 //! protocol. Used when `kafka.brokers` is empty (the demo, a first try) and by tests.
-//! Also [`ensure_topics`], for the test and load-test brokers that do not create topics
-//! on first use (tansu; a Kafka with `auto.create.topics.enable=false`).
+//! Also [`ensure_topics`], for the test and load-test brokers: the engine checks at
+//! start that its topics exist and never creates them.
 //!
 //! The mock cluster is not `Send`, so it lives on a thread of its own until dropped.
 
@@ -15,12 +15,13 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::types::RDKafkaErrorCode;
 
 /// Creates those of `topics` (name, partitions) that `brokers` does not have yet, each
-/// with one replica. A topic that exists is left as it is.
+/// with the cluster's default replication (`default.replication.factor`). A topic that
+/// exists is left as it is.
 pub async fn ensure_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     let new: Vec<NewTopic<'_>> =
-        topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1))).collect();
+        topics.iter().map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(-1))).collect();
     for result in admin.create_topics(&new, &AdminOptions::new()).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

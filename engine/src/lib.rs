@@ -25,6 +25,7 @@
 //! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.
 //! - [`embedded`]: librdkafka's mock cluster, when no brokers are configured.
+//! - [`cluster`]: client settings for the Kafka cluster and the start-up check of its topics.
 //! - [`demo`]: the `callnotify demo` command.
 //! - [`config`]: layered TOML + environment configuration.
 //! - [`telemetry`]: metric names and handles.
@@ -33,6 +34,7 @@
 //! - [`sink`]: a small real SMTP server for tests, the demo and load tests.
 
 pub mod address;
+pub mod cluster;
 pub mod config;
 pub mod dead_letter;
 pub mod decode;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rdkafka::producer::FutureProducer;
 
+use crate::cluster;
 use crate::config::Settings;
 use crate::dead_letter::DeadLetters;
 use crate::deliver::Deliverer;
@@ -69,6 +70,9 @@ async fn sweep<S: Send + 'static>(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// librdkafka's `message.timeout.ms` for dead-letter writes (see `DeadLetters`).
+const DEAD_LETTER_TIMEOUT_MS: &str = "5000";
 
 /// How long a stop may take beyond `engine.shutdown_grace_secs` before the engine stops
 /// waiting for what has not ended.
@@ -135,24 +139,42 @@ impl Application {
         let embedded = if kafka.brokers.is_empty() {
             let mut topics: Vec<&str> = kafka.topics.iter().map(|t| t.name.as_str()).collect();
             topics.push(&kafka.dead_letter_topic);
-            let cluster = EmbeddedKafka::start(&topics, kafka.embedded_partitions)
+            let mock = EmbeddedKafka::start(&topics, kafka.embedded_partitions)
                 .context("starting the embedded Kafka mock cluster")?;
-            tracing::info!(
-                bootstrap = cluster.bootstrap_servers(),
-                "embedded Kafka mock cluster started (kafka.brokers is empty)"
-            );
-            Some(cluster)
+            tracing::info!(bootstrap = mock.bootstrap_servers(), "embedded Kafka mock cluster started (kafka.brokers is empty)");
+            Some(mock)
         } else {
             None
         };
         let bootstrap = embedded.as_ref().map_or(kafka.brokers.clone(), |c| c.bootstrap_servers().to_owned());
 
-        let mut producer_config = rdkafka::ClientConfig::new();
-        producer_config.set("bootstrap.servers", &bootstrap).set("enable.idempotence", "true");
-        for (k, v) in &kafka.properties {
-            producer_config.set(k, v);
-        }
-        let producer: FutureProducer = producer_config.create().context("creating the dead-letter producer")?;
+        // The cluster answers and has every topic, before anything is consumed.
+        let mut wanted: Vec<(String, &'static str)> = kafka.topics.iter().map(|t| (t.name.clone(), "kafka.topics")).collect();
+        wanted.push((kafka.dead_letter_topic.clone(), "kafka.dead_letter_topic"));
+        let checked = cluster::client_config(&bootstrap, &[], &kafka.properties);
+        let topics = wanted.len();
+        tokio::task::spawn_blocking(move || {
+            let wanted: Vec<(&str, &str)> = wanted.iter().map(|(t, k)| (t.as_str(), *k)).collect();
+            cluster::check_topics(&checked, &wanted)
+        })
+        .await??;
+        tracing::info!(topics, "the Kafka cluster answers and has every topic");
+
+        // A dead-letter write the broker has not confirmed within a few seconds is
+        // logged, counted and tried again (`DeadLetters`), instead of librdkafka waiting
+        // its default 5 minutes in silence; `kafka.properties` may say otherwise.
+        let producer: FutureProducer = cluster::client_config(
+            &bootstrap,
+            &[
+                ("enable.idempotence", "true"),
+                ("message.timeout.ms", DEAD_LETTER_TIMEOUT_MS),
+                // The engine never creates topics: a missing one is an error to see.
+                ("allow.auto.create.topics", "false"),
+            ],
+            &kafka.properties,
+        )
+        .create()
+        .context("creating the dead-letter producer")?;
         let dead_letters = DeadLetters::new(producer, &kafka.dead_letter_topic, metrics.clone());
 
         let from = settings.smtp.from.parse().context("smtp.from")?;

@@ -25,6 +25,7 @@ pub const MAILS_DELAYED: &str = "callnotify_mails_delayed_total";
 pub const MAILS_RETRIED: &str = "callnotify_mails_retried_total";
 pub const MAILS_DUPLICATE: &str = "callnotify_mails_duplicate_total";
 pub const DEAD_LETTERS: &str = "callnotify_dead_letters_total";
+pub const DEAD_LETTER_WRITE_ERRORS: &str = "callnotify_dead_letter_write_errors_total";
 pub const LATENCY: &str = "callnotify_notification_latency_seconds";
 pub const IN_FLIGHT: &str = "callnotify_cdrs_in_flight";
 pub const CONSUMER_LAG: &str = "callnotify_consumer_lag_messages";
@@ -67,6 +68,8 @@ struct Inner {
     duplicate: Counter,
     dead_letters_cdr: Counter,
     dead_letters_mail: Counter,
+    dead_letter_errors_cdr: Counter,
+    dead_letter_errors_mail: Counter,
     latency: Histogram,
     offsets_skipped: Counter,
     smtp_connections: Counter,
@@ -139,6 +142,11 @@ impl Metrics {
         );
         describe(DEAD_LETTERS, Some(Unit::Count), "Records written to the dead-letter topic, by kind");
         describe(
+            DEAD_LETTER_WRITE_ERRORS,
+            Some(Unit::Count),
+            "Dead-letter writes the broker did not confirm in time, by kind (each is tried again; its CDR waits)",
+        );
+        describe(
             SMTP_CONNECTIONS,
             Some(Unit::Count),
             "SMTP sessions opened to the mail server (connected, greeted, TLS and AUTH done)",
@@ -184,6 +192,8 @@ impl Metrics {
             duplicate: counter(r, MAILS_DUPLICATE, None),
             dead_letters_cdr: counter(r, DEAD_LETTERS, Some(("kind", "cdr"))),
             dead_letters_mail: counter(r, DEAD_LETTERS, Some(("kind", "mail"))),
+            dead_letter_errors_cdr: counter(r, DEAD_LETTER_WRITE_ERRORS, Some(("kind", "cdr"))),
+            dead_letter_errors_mail: counter(r, DEAD_LETTER_WRITE_ERRORS, Some(("kind", "mail"))),
             latency: r.register_histogram(&Key::from_static_name(LATENCY), &METADATA),
             offsets_skipped: counter(r, OFFSETS_SKIPPED, None),
             smtp_connections: counter(r, SMTP_CONNECTIONS, None),
@@ -247,6 +257,9 @@ impl Metrics {
     }
     pub fn dead_letter(&self, mail: bool) {
         if mail { &self.inner.dead_letters_mail } else { &self.inner.dead_letters_cdr }.increment(1);
+    }
+    pub fn dead_letter_write_failed(&self, mail: bool) {
+        if mail { &self.inner.dead_letter_errors_mail } else { &self.inner.dead_letter_errors_cdr }.increment(1);
     }
     /// `callnotify_cdrs_in_flight` shows `count` from now on (the consumer threads'
     /// shared total; set once per engine).

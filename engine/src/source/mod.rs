@@ -223,20 +223,15 @@ pub const FETCH_SETTINGS: [(&str, &str); 2] = [
 /// A consumer subscribed to the topics, with settings that make the offset bookkeeping
 /// above correct.
 fn consumer(options: &SourceOptions<'_>, context: SourceContext) -> Result<BaseConsumer<SourceContext>, SourceError> {
-    let mut config = rdkafka::ClientConfig::new();
-    config
-        .set("bootstrap.servers", options.brokers)
-        .set("group.id", options.group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000");
-    for (k, v) in FETCH_SETTINGS {
-        config.set(k, v);
-    }
-    for (k, v) in options.properties {
-        config.set(k, v);
-    }
+    let defaults = [
+        ("group.id", options.group_id),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("statistics.interval.ms", "5000"),
+    ];
+    let defaults: Vec<(&str, &str)> = defaults.into_iter().chain(FETCH_SETTINGS).collect();
+    let config = crate::cluster::client_config(options.brokers, &defaults, options.properties);
     let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
     let names: Vec<&str> = options.topics.iter().map(|(t, _)| t.as_str()).collect();
     consumer.subscribe(&names)?;

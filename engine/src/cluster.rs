@@ -1,0 +1,149 @@
+//! The Kafka cluster as the engine meets it: one client configuration for every client
+//! it makes (the consumers, the dead-letter producer, the start-up check), and the check
+//! that the cluster answers and holds every topic the engine reads or writes before it
+//! consumes anything.
+//!
+//! Why check: a CDR topic that does not exist is read as an empty one, and a missing
+//! dead-letter topic holds its CDR's partition up for good. Both used to go unnoticed.
+//! The check never creates a topic, also on a broker with
+//! `auto.create.topics.enable=true`: its metadata requests ask for no creation, so a
+//! missing topic is an error there too and the operator creates it, with the partitions
+//! and replication they chose.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext};
+
+/// How long the check waits for the cluster's first answer: a broker that does not
+/// answer by then (down, wrong address, wrong credentials, a certificate it refuses)
+/// is an error at start, not a consumer that waits for ever.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+/// A client configuration for `brokers`: the client's `defaults`, then the operator's
+/// `kafka.properties` (security settings among them) over them.
+pub fn client_config(brokers: &str, defaults: &[(&str, &str)], properties: &BTreeMap<String, String>) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in defaults.iter().copied() {
+        config.set(key, value);
+    }
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    config
+}
+
+/// What the start-up check found wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("the Kafka cluster at {brokers} did not answer within {} s: {cause}", ANSWER_WITHIN.as_secs())]
+    Unreachable { brokers: String, cause: String },
+    #[error(
+        "topic {topic:?} ({key}) does not exist on the Kafka cluster: create it first (the engine never creates topics)"
+    )]
+    MissingTopic { topic: String, key: String },
+    #[error("topic {topic:?} ({key}) cannot be used: {code}")]
+    TopicError { topic: String, key: String, code: RDKafkaErrorCode },
+    #[error("creating a Kafka client: {0}")]
+    Client(#[from] KafkaError),
+}
+
+/// Keeps what librdkafka says went wrong while the check waits: authentication and TLS
+/// failures reach a client only as log lines and error events, never as the answer to
+/// the request that timed out.
+#[derive(Default)]
+struct Witness {
+    failures: Mutex<Vec<String>>,
+}
+
+impl Witness {
+    fn note(&self, failure: String) {
+        let mut failures = self.failures.lock().expect("witness lock");
+        if !failures.contains(&failure) && failures.len() < 4 {
+            failures.push(failure);
+        }
+    }
+}
+
+impl ClientContext for Witness {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use RDKafkaLogLevel::{Alert, Critical, Emerg, Error, Warning};
+        if matches!(level, Emerg | Alert | Critical | Error | Warning) {
+            self.note(log_message.to_owned());
+        }
+        tracing::debug!(target: "librdkafka", fac, "{log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.note(format!("{error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for Witness {}
+
+/// Asks the cluster for each of `topics` (name, the config key that names it) and fails
+/// on the first one it does not have, naming the topic and the key. Blocking: call it
+/// off the async runtime.
+pub fn check_topics(config: &ClientConfig, topics: &[(&str, &str)]) -> Result<(), ClusterError> {
+    let mut config = config.clone();
+    // Asking must never create: a consumer's default, made sure of.
+    config.set("allow.auto.create.topics", "false");
+    let client: BaseConsumer<Witness> = config.create_with_context(Witness::default())?;
+    let brokers = config.get("bootstrap.servers").unwrap_or_default().to_owned();
+    let unreachable = |client: &BaseConsumer<Witness>, e: KafkaError| {
+        // Error events wait in the client's queue until it is polled.
+        let _ = client.poll(Duration::ZERO);
+        let failures = client.context().failures.lock().expect("witness lock").join("; ");
+        let cause = if failures.is_empty() { e.to_string() } else { failures };
+        ClusterError::Unreachable { brokers: brokers.clone(), cause }
+    };
+    for (topic, key) in topics {
+        let metadata = client.fetch_metadata(Some(topic), ANSWER_WITHIN).map_err(|e| unreachable(&client, e))?;
+        let found = metadata.topics().iter().find(|t| t.name() == *topic);
+        let error = found.map_or(Some(RDKafkaErrorCode::UnknownTopicOrPartition), |t| t.error().map(Into::into));
+        match error {
+            None => {}
+            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                return Err(ClusterError::MissingTopic { topic: topic.to_string(), key: key.to_string() })
+            }
+            Some(code) => return Err(ClusterError::TopicError { topic: topic.to_string(), key: key.to_string(), code }),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedKafka;
+
+    #[test]
+    fn a_missing_topic_is_named_with_its_config_key_and_present_ones_pass() {
+        let cluster = EmbeddedKafka::start(&["cdr", "cdr-dead-letter"], 1).expect("mock cluster");
+        let config = client_config(cluster.bootstrap_servers(), &[], &BTreeMap::new());
+        check_topics(&config, &[("cdr", "kafka.topics"), ("cdr-dead-letter", "kafka.dead_letter_topic")])
+            .expect("both exist");
+        let err = check_topics(&config, &[("cdr", "kafka.topics"), ("dl-typo", "kafka.dead_letter_topic")])
+            .expect_err("dl-typo is missing");
+        let text = err.to_string();
+        assert!(text.contains("\"dl-typo\"") && text.contains("kafka.dead_letter_topic"), "{text}");
+    }
+
+    #[test]
+    fn a_cluster_that_does_not_answer_is_an_error_within_the_wait_not_a_hang() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // Nothing listens there once the listener is dropped.
+        let config = client_config(&closed.to_string(), &[], &BTreeMap::new());
+        let started = std::time::Instant::now();
+        let err = check_topics(&config, &[("cdr", "kafka.topics")]).expect_err("no cluster there");
+        assert!(matches!(err, ClusterError::Unreachable { .. }), "{err}");
+        assert!(err.to_string().contains(&closed.to_string()), "names the brokers: {err}");
+        assert!(started.elapsed() < ANSWER_WITHIN + Duration::from_secs(5), "gave up after the wait");
+    }
+}
