@@ -5,10 +5,15 @@
 //! - `lines`: contract number → [`LineRecord`] (R-L1).
 //! - `numbers`: phone number → [`NumberRecord`], the settings of R-N1..R-N5.
 //! - `sent_by_call_end`: call end (unix seconds, big-endian) `called \0 call_id \0
-//!   recipient` → unix seconds written; a replayed CDR finds its mails here and sends
-//!   nothing again. Keys in call-time order keep the lookups and inserts of live
-//!   traffic on the few most recent pages however large the tree grows, and make
-//!   pruning a range delete from the front.
+//!   recipient` → unix seconds when the mail was handled (accepted, queued or refused);
+//!   a replayed CDR finds its mails here and sends nothing again. Keys in call-time
+//!   order keep the lookups and inserts of live traffic on the few most recent pages
+//!   however large the tree grows.
+//! - `sent_by_handled`: unix seconds handled (big-endian) followed by the record's key →
+//!   nothing: the same records in the order they were handled, which the pruner walks
+//!   from the front. A record lives `store.sent_retention_days` from when its mail was
+//!   handled, whatever the call's time: a backlog of old calls read today is remembered
+//!   as long as today's calls.
 //! - `sent`: the same without the call end, as written before; still consulted until
 //!   the pruner has emptied it.
 //!
@@ -149,6 +154,59 @@ pub enum StoreError {
     UnknownNumber(PhoneNumber),
 }
 
+/// The sent records' trees (see the module docs), always written together.
+#[derive(Clone)]
+pub(crate) struct SentTrees {
+    /// Record key → unix seconds handled.
+    pub(crate) by_key: sled::Tree,
+    /// Unix seconds handled, then the record key → nothing.
+    pub(crate) by_handled: sled::Tree,
+}
+
+impl SentTrees {
+    fn open(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self { by_key: db.open_tree("sent_by_call_end")?, by_handled: db.open_tree("sent_by_handled")? })
+    }
+
+    /// Records `key` as handled at `at` (unix seconds).
+    pub(crate) fn insert(&self, key: &[u8], at: u64) -> sled::Result<()> {
+        self.by_key.insert(key, &at.to_be_bytes())?;
+        self.by_handled.insert(handled_key(at, key), &[])?;
+        Ok(())
+    }
+
+    /// Gives every record of `by_key` its place in `by_handled`, once: stores written
+    /// before the second tree existed have none, and would never be pruned. A marker
+    /// says it is done; a crash before it only means doing it again.
+    fn index_once(&self, db: &sled::Db) -> Result<(), StoreError> {
+        const DONE: &[u8] = b"sent_by_handled indexed";
+        if db.contains_key(DONE)? {
+            return Ok(());
+        }
+        let mut count = 0usize;
+        for entry in self.by_key.iter() {
+            let (key, value) = entry?;
+            let at = value.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            self.by_handled.insert(handled_key(at, &key), &[])?;
+            count += 1;
+        }
+        db.flush()?;
+        db.insert(DONE, &[])?;
+        if count > 0 {
+            tracing::info!(records = count, "sent records indexed by the time they were handled");
+        }
+        Ok(())
+    }
+}
+
+/// A `sent_by_handled` key: `at` (big-endian), then the record's key.
+pub(crate) fn handled_key(at: u64, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&at.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
 /// Told of a number's new record (`None`: the number was removed).
 type Listener = Arc<dyn Fn(&PhoneNumber, Option<&NumberRecord>) + Send + Sync>;
 
@@ -158,7 +216,7 @@ pub struct Store {
     db: sled::Db,
     lines: sled::Tree,
     numbers: sled::Tree,
-    sent: sled::Tree,
+    sent: SentTrees,
     /// Sent records of the earlier key layout, while any remain (see the module docs).
     legacy_sent: Option<(sled::Tree, Arc<std::sync::atomic::AtomicBool>)>,
     /// Told of every number whose record changed, right after the write.
@@ -189,8 +247,8 @@ const DEFAULT_GROUP_COMMIT_MS: u64 = 0;
 struct FlushRequest {
     db: sled::Db,
     journal: Option<Arc<Journal>>,
-    /// A sent record to write before the flush: (tree, key, unix seconds).
-    write: Option<(sled::Tree, SentKey, u64)>,
+    /// A sent record to write before the flush: (trees, key, unix seconds).
+    write: Option<(SentTrees, SentKey, u64)>,
     done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -224,8 +282,8 @@ impl Flusher {
                     records.clear();
                     for FlushRequest { db: handle, journal: log, write, done } in batch.drain(..) {
                         let written = match write {
-                            Some((tree, key, at)) => {
-                                let inserted = tree.insert(&key.0, &at.to_be_bytes()).map(drop);
+                            Some((trees, key, at)) => {
+                                let inserted = trees.insert(&key.0, at);
                                 journal::encode(&mut records, &key.0, at);
                                 inserted
                             }
@@ -282,8 +340,9 @@ impl Store {
 
     /// `dir`: the store's directory, for the sent journal (`None`: a temporary store).
     fn from_db(db: sled::Db, dir: Option<&Path>) -> Result<Self, StoreError> {
-        let sent = db.open_tree("sent_by_call_end")?;
+        let sent = SentTrees::open(&db)?;
         let journal = dir.map(|dir| Journal::open(dir, &db, &sent)).transpose()?.map(Arc::new);
+        sent.index_once(&db)?;
         Ok(Self {
             lines: db.open_tree("lines")?,
             numbers: db.open_tree("numbers")?,
@@ -455,13 +514,13 @@ impl Store {
 
     /// The sent-mail records, for the retry queue: queuing a mail and recording it as
     /// handled are one transaction.
-    pub(crate) fn sent_tree(&self) -> &sled::Tree {
+    pub(crate) fn sent_trees(&self) -> &SentTrees {
         &self.sent
     }
 
     /// Whether the mail for (`called`, `call_id`, `recipient`) was already accepted.
     pub fn was_sent(&self, key: &SentKey) -> Result<bool, StoreError> {
-        if self.sent.contains_key(&key.0)? {
+        if self.sent.by_key.contains_key(&key.0)? {
             return Ok(true);
         }
         match &self.legacy_sent {
@@ -476,21 +535,32 @@ impl Store {
     /// engine uses [`Store::record_sent`]; tests set up records with this).
     #[cfg(test)]
     pub(crate) fn mark_sent(&self, key: &SentKey, unix_secs: u64) -> Result<(), StoreError> {
-        self.sent.insert(&key.0, &unix_secs.to_be_bytes())?;
+        self.sent.insert(&key.0, unix_secs)?;
         Ok(())
     }
 
-    /// Forgets up to `limit` sent-mail records of calls that ended before
-    /// `cutoff_unix_secs`; returns how many, and whether there may be more. A CDR
-    /// replayed after that sends its mail again (the retention window is the dedup
-    /// guarantee). The records are in call-time order, so this reads nothing else.
+    /// Forgets up to `limit` sent-mail records whose mails were handled before
+    /// `cutoff_unix_secs`, whenever their calls were; returns how many, and whether
+    /// there may be more. A CDR replayed after that sends its mail again (the
+    /// retention window is the dedup guarantee). The records are walked in the order
+    /// they were handled, so this reads nothing else. A record handled again since (a
+    /// mail queued, then accepted) keeps its later time and stays.
     pub fn prune_sent(&self, cutoff_unix_secs: u64, limit: usize) -> Result<(usize, bool), StoreError> {
-        let mut pruned = 0;
-        for entry in self.sent.range(..cutoff_unix_secs.to_be_bytes()).keys().take(limit) {
-            self.sent.remove(entry?)?;
-            pruned += 1;
+        let (mut seen, mut pruned) = (0, 0);
+        for entry in self.sent.by_handled.range(..cutoff_unix_secs.to_be_bytes()).keys().take(limit) {
+            let entry = entry?;
+            seen += 1;
+            let key = &entry[8..];
+            if let Some(latest) = self.sent.by_key.get(key)? {
+                let at = latest.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+                // Unless it was handled again meanwhile.
+                let swapped = at < cutoff_unix_secs
+                    && self.sent.by_key.compare_and_swap(key, Some(latest), None::<&[u8]>)?.is_ok();
+                pruned += usize::from(swapped);
+            }
+            self.sent.by_handled.remove(&entry)?;
         }
-        Ok((pruned, pruned == limit))
+        Ok((pruned, seen == limit))
     }
 
     /// Like [`Store::prune_sent`] for the records of the earlier key layout, which has
@@ -546,7 +616,7 @@ impl Store {
         self.group_commit(Some((self.sent.clone(), key.clone(), unix_secs))).await
     }
 
-    async fn group_commit(&self, write: Option<(sled::Tree, SentKey, u64)>) -> Result<(), StoreError> {
+    async fn group_commit(&self, write: Option<(SentTrees, SentKey, u64)>) -> Result<(), StoreError> {
         let (done, finished) = tokio::sync::oneshot::channel();
         let request = FlushRequest { db: self.db.clone(), journal: self.journal.clone(), write, done };
         if self.flusher.requests.send(request).is_err() {
@@ -643,19 +713,73 @@ mod tests {
     }
 
     #[test]
-    fn sent_records_of_calls_older_than_the_window_are_pruned_and_newer_ones_kept() {
+    fn sent_records_handled_before_the_window_are_pruned_and_newer_ones_kept() {
         let store = Store::temporary().unwrap();
         let called = PhoneNumber::parse("0312345678").unwrap();
         let old: Vec<SentKey> =
             (0..25).map(|i| SentKey::new(1_000 + i, &called, "c-old", &format!("{i}@example.jp"))).collect();
         let new = SentKey::new(9_000, &called, "c-new", "a@example.jp");
-        old.iter().chain([&new]).for_each(|k| store.mark_sent(k, 9_999).unwrap());
+        old.iter().for_each(|k| store.mark_sent(k, 2_000).unwrap());
+        store.mark_sent(&new, 9_999).unwrap();
 
         assert_eq!(store.prune_sent(5_000, 10).unwrap(), (10, true), "a full slice: there may be more");
         assert_eq!(store.prune_sent(5_000, 10).unwrap(), (10, true));
         assert_eq!(store.prune_sent(5_000, 10).unwrap(), (5, false), "the rest, then the end");
         assert!(old.iter().all(|k| !store.was_sent(k).unwrap()), "past the window: a replay would send again");
         assert!(store.was_sent(&new).unwrap(), "inside the window: a replay sends nothing");
+    }
+
+    /// The dedup window counts from when the mail was handled, not from the call: a
+    /// backlog of calls older than the retention, notified today, is remembered for the
+    /// whole window (a prune at the next start used to forget it, and a replay sent
+    /// every mail again).
+    #[test]
+    fn a_call_older_than_the_window_handled_now_is_remembered_for_the_whole_window() {
+        let store = Store::temporary().unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let (call_ended, handled, retention) = (1_000, 1_000_000, 7 * 86_400);
+        let late = SentKey::new(call_ended, &called, "c-late", "a@example.jp");
+        store.mark_sent(&late, handled).unwrap();
+
+        // The pruner's cutoff at time `now`, as startup's hourly prune computes it.
+        let cutoff = |now: u64| now - retention;
+        // Its call ended long before any of these cutoffs: that no longer counts.
+        assert_eq!(store.prune_sent(cutoff(handled + retention - 1), 100).unwrap(), (0, false));
+        assert!(store.was_sent(&late).unwrap(), "inside the window from its handling: a replay sends nothing");
+        assert_eq!(store.prune_sent(cutoff(handled + retention + 1), 100).unwrap(), (1, false));
+        assert!(!store.was_sent(&late).unwrap());
+    }
+
+    /// A mail queued (recorded then) and accepted later keeps the later time.
+    #[test]
+    fn a_record_handled_again_keeps_its_latest_time() {
+        let store = Store::temporary().unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let key = SentKey::new(1_000, &called, "c-1", "a@example.jp");
+        store.mark_sent(&key, 2_000).unwrap();
+        store.mark_sent(&key, 8_000).unwrap();
+        assert_eq!(store.prune_sent(5_000, 100).unwrap(), (0, false), "only the older entry was due");
+        assert!(store.was_sent(&key).unwrap());
+        assert_eq!(store.prune_sent(9_000, 100).unwrap(), (1, false));
+        assert!(!store.was_sent(&key).unwrap());
+    }
+
+    /// A store written before `sent_by_handled` existed gets its records indexed at
+    /// open, so they are pruned by the time they were handled too.
+    #[test]
+    fn records_of_a_store_without_the_handled_index_are_indexed_at_open_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let key = SentKey::new(1_000, &called, "c-1", "a@example.jp");
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("sent_by_call_end").unwrap().insert(key.as_bytes(), &2_000u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let store = open_again(dir.path());
+        assert!(store.was_sent(&key).unwrap());
+        assert_eq!(store.prune_sent(5_000, 100).unwrap(), (1, false));
+        assert!(!store.was_sent(&key).unwrap());
     }
 
     #[test]

@@ -103,12 +103,12 @@ impl Slot {
 #[derive(Clone)]
 pub struct RetryQueue {
     retry: sled::Tree,
-    sent: sled::Tree,
+    sent: crate::store::SentTrees,
 }
 
 impl RetryQueue {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
-        Ok(Self { retry: store.open_tree("retry")?, sent: store.sent_tree().clone() })
+        Ok(Self { retry: store.open_tree("retry")?, sent: store.sent_trees().clone() })
     }
 
     /// Queues `entry`, due at `due_ms`, and records its mail as handled (`now_secs`)
@@ -119,10 +119,12 @@ impl RetryQueue {
         let key = entry.sent_key().map_err(StoreError::Invalid)?;
         let slot = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let new = (&self.retry, &self.sent)
-            .transaction(|(retry, sent)| {
+        let handled = crate::store::handled_key(now_secs, key.as_bytes());
+        let new = (&self.retry, &self.sent.by_key, &self.sent.by_handled)
+            .transaction(|(retry, sent, by_handled)| {
                 let before = retry.insert(slot.0.as_slice(), value.as_slice())?;
                 sent.insert(key.as_bytes(), &now_secs.to_be_bytes())?;
+                by_handled.insert(handled.as_slice(), &[])?;
                 Ok::<_, ConflictableTransactionError<StoreError>>(before.is_none())
             })
             .map_err(|e| match e {

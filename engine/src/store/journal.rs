@@ -49,7 +49,7 @@ pub(super) enum Commit {
 impl Journal {
     /// Opens the journal in `dir`, puts every whole record it holds into `sent`, flushes
     /// the database and empties the journal.
-    pub(super) fn open(dir: &Path, db: &sled::Db, sent: &sled::Tree) -> Result<Self, super::StoreError> {
+    pub(super) fn open(dir: &Path, db: &sled::Db, sent: &super::SentTrees) -> Result<Self, super::StoreError> {
         let path = dir.join(FILE_NAME);
         let io = |e: std::io::Error| super::StoreError::Journal { path: path.clone(), source: e };
         let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(&path).map_err(io)?;
@@ -58,7 +58,7 @@ impl Journal {
         let mut records = replay(&bytes);
         let mut count = 0usize;
         for (key, at) in records.by_ref() {
-            sent.insert(key, &at.to_be_bytes())?;
+            sent.insert(key, at)?;
             count += 1;
         }
         if !bytes.is_empty() {
