@@ -5,13 +5,22 @@ set -euo pipefail
 
 need=()
 
-# librdkafka (bundled by rdkafka-sys) builds with the C toolchain, make, perl and zlib.
+# librdkafka (bundled by rdkafka-sys) builds with the C toolchain, make, perl and zlib,
+# and links OpenSSL for TLS and SASL (SCRAM) to secured Kafka clusters.
 build_tools=0
 for tool in cc make perl pkg-config; do command -v "$tool" >/dev/null || build_tools=1; done
 if ! { [ -e /usr/include/zlib.h ] || [ -e /usr/include/x86_64-linux-gnu/zlib.h ]; }; then build_tools=1; fi
 if [ "$build_tools" = 1 ]; then need+=(build-essential perl pkg-config zlib1g-dev); fi
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+installed libssl-dev || need+=(libssl-dev)
+# The integration suite's SASL_SSL test makes its own CA with the openssl command.
+command -v openssl >/dev/null || need+=(openssl)
+# Apache Kafka for the integration suite (scripts/kafka.sh): a Java 17 runtime, and
+# Maven to fetch the broker from Maven Central.
+command -v java >/dev/null || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need+=(maven)
 
 # tests/browser.rs: headless Chromium through chromedriver, and a Japanese font so its
 # screenshots show the site's text rather than empty boxes.

@@ -112,7 +112,9 @@ pub fn check_topics(config: &ClientConfig, topics: &[(&str, &str)]) -> Result<()
             Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
                 return Err(ClusterError::MissingTopic { topic: topic.to_string(), key: key.to_string() })
             }
-            Some(code) => return Err(ClusterError::TopicError { topic: topic.to_string(), key: key.to_string(), code }),
+            Some(code) => {
+                return Err(ClusterError::TopicError { topic: topic.to_string(), key: key.to_string(), code })
+            }
         }
     }
     Ok(())

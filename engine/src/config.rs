@@ -37,10 +37,6 @@ pub struct KafkaSettings {
     pub dead_letter_topic: String,
     /// Partitions per topic of the embedded mock cluster.
     pub embedded_partitions: i32,
-    /// After a revocation that gives back exactly the partitions revoked, leave the
-    /// group and join again with a new member id (at most once a minute). A
-    /// workaround for brokers that keep an old assignment (tansu 0.6.0); off by default.
-    pub rejoin_if_assignment_unchanged: bool,
     /// librdkafka properties, passed unchanged.
     pub properties: BTreeMap<String, String>,
 }
@@ -65,7 +61,6 @@ impl fmt::Debug for KafkaSettings {
             .field("topics", &self.topics)
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("embedded_partitions", &self.embedded_partitions)
-            .field("rejoin_if_assignment_unchanged", &self.rejoin_if_assignment_unchanged)
             .field("properties", &properties)
             .finish()
     }

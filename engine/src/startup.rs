@@ -141,7 +141,10 @@ impl Application {
             topics.push(&kafka.dead_letter_topic);
             let mock = EmbeddedKafka::start(&topics, kafka.embedded_partitions)
                 .context("starting the embedded Kafka mock cluster")?;
-            tracing::info!(bootstrap = mock.bootstrap_servers(), "embedded Kafka mock cluster started (kafka.brokers is empty)");
+            tracing::info!(
+                bootstrap = mock.bootstrap_servers(),
+                "embedded Kafka mock cluster started (kafka.brokers is empty)"
+            );
             Some(mock)
         } else {
             None
@@ -149,7 +152,8 @@ impl Application {
         let bootstrap = embedded.as_ref().map_or(kafka.brokers.clone(), |c| c.bootstrap_servers().to_owned());
 
         // The cluster answers and has every topic, before anything is consumed.
-        let mut wanted: Vec<(String, &'static str)> = kafka.topics.iter().map(|t| (t.name.clone(), "kafka.topics")).collect();
+        let mut wanted: Vec<(String, &'static str)> =
+            kafka.topics.iter().map(|t| (t.name.clone(), "kafka.topics")).collect();
         wanted.push((kafka.dead_letter_topic.clone(), "kafka.dead_letter_topic"));
         let checked = cluster::client_config(&bootstrap, &[], &kafka.properties);
         let topics = wanted.len();
@@ -223,7 +227,6 @@ impl Application {
             consumers: settings.engine.consumers,
             max_in_flight: settings.engine.max_in_flight,
             grace,
-            rejoin_if_assignment_unchanged: kafka.rejoin_if_assignment_unchanged,
         };
         let source = source::spawn(options, stages, stop.clone()).context("starting the Kafka consumer")?;
         tracing::info!(group = %kafka.group_id, consumers = settings.engine.consumers, topics = ?kafka.topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "consuming CDRs");

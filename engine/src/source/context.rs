@@ -33,8 +33,6 @@ pub struct SourceContext {
     pub(super) completions: Mutex<Receiver<Completion>>,
     /// Tells delivery tasks to queue what they have not sent yet.
     pub(super) stopping: tokio::sync::watch::Sender<super::Stopping>,
-    /// `kafka.rejoin_if_assignment_unchanged`, when set.
-    pub(super) rejoin: Option<super::Rejoin>,
 }
 
 impl ClientContext for SourceContext {
@@ -51,17 +49,6 @@ impl ClientContext for SourceContext {
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Some(rejoin) = &self.rejoin {
-            let partitions = partitions(rebalance);
-            let mut revoked = rejoin.revoked.lock().expect("rejoin lock");
-            match rebalance {
-                Rebalance::Revoke(_) => *revoked = partitions,
-                Rebalance::Assign(_) if !partitions.is_empty() && partitions == *revoked => {
-                    rejoin.wanted.store(true, std::sync::atomic::Ordering::Release);
-                }
-                _ => revoked.clear(),
-            }
-        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: HashSet<(usize, i32)> =
                 tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
@@ -225,12 +212,4 @@ impl SourceContext {
             }
         }
     }
-}
-
-/// The partitions a rebalance assigns or revokes, sorted.
-fn partitions(rebalance: &Rebalance<'_>) -> Vec<(String, i32)> {
-    let (Rebalance::Assign(tpl) | Rebalance::Revoke(tpl)) = rebalance else { return Vec::new() };
-    let mut all: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
-    all.sort_unstable();
-    all
 }

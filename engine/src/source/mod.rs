@@ -113,8 +113,6 @@ pub struct SourceOptions<'a> {
     /// CDRs in flight over all consumer threads before they stop reading.
     pub max_in_flight: usize,
     pub grace: Duration,
-    /// See `kafka.rejoin_if_assignment_unchanged`.
-    pub rejoin_if_assignment_unchanged: bool,
 }
 
 /// The consumer threads of one engine, members of one consumer group: the group
@@ -186,7 +184,6 @@ pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) 
             keys: keys.clone(),
             completions: Mutex::new(rx),
             stopping: tokio::sync::watch::Sender::default(),
-            rejoin: options.rejoin_if_assignment_unchanged.then(Rejoin::default),
         };
         consumers.push((consumer(&options, context)?, tx));
     }
@@ -256,9 +253,6 @@ fn run(
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             ctx.commit(&consumer, CommitMode::Async)?;
             last_commit = Instant::now();
-        }
-        if let Some(rejoin) = &ctx.rejoin {
-            rejoin.step(&consumer)?;
         }
         // Backpressure: with `max_in_flight` CDRs waiting on mails, the next CDR waits
         // for one of them to finish. Not polling meanwhile keeps what librdkafka fetched
@@ -400,43 +394,6 @@ fn handle(
         let _ = tx.send(Completion { topic, partition, offset, mails: done });
     });
     Ok(())
-}
-
-/// `kafka.rejoin_if_assignment_unchanged`: noticed by the rebalance callback, carried out
-/// by the consumer thread (leaving inside the callback is not allowed).
-#[derive(Debug, Default)]
-pub(super) struct Rejoin {
-    /// The partitions of the last revocation, to compare the next assignment with.
-    pub(super) revoked: Mutex<Vec<(String, i32)>>,
-    /// Set when an assignment equalled the revocation before it.
-    pub(super) wanted: AtomicBool,
-    /// When the group was last left, and whether it is still to be joined again.
-    state: Mutex<(Option<Instant>, bool)>,
-}
-
-/// A group is left this often at most for a rejoin.
-const REJOIN_EVERY: Duration = Duration::from_secs(60);
-
-impl Rejoin {
-    /// Leaves the group when wanted (and not left in the last minute); subscribes again a
-    /// second later, once the revocation the leave causes has been handled.
-    fn step(&self, consumer: &BaseConsumer<SourceContext>) -> Result<(), SourceError> {
-        let mut state = self.state.lock().expect("rejoin lock");
-        let (left_at, to_join) = &mut *state;
-        if *to_join && left_at.is_some_and(|at| at.elapsed() >= Duration::from_secs(1)) {
-            let names: Vec<&str> = consumer.context().topics.iter().map(|(t, _)| t.as_str()).collect();
-            consumer.subscribe(&names)?;
-            *to_join = false;
-            tracing::info!("joined the consumer group again as a new member");
-        } else if self.wanted.swap(false, Ordering::AcqRel) && left_at.is_none_or(|at| at.elapsed() >= REJOIN_EVERY) {
-            tracing::warn!(
-                "the broker gave back exactly the partitions it had revoked; leaving the group to join again"
-            );
-            consumer.unsubscribe();
-            *state = (Some(Instant::now()), true);
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
