@@ -5,7 +5,7 @@
 # free loopback ports, runs the suite, and stops Kafka on every exit path. Tests that
 # need a cluster of three nodes, or a SASL_SSL listener, start their own with the same
 # script. Extra arguments go to the test binary, e.g.
-#   bash scripts/integration.sh kill_soak --nocapture
+#   bash scripts/integration.sh kill_soak
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -22,7 +22,8 @@ export CALLNOTIFY_IT_BROKERS=$(cat "$dir/bootstrap")
 # Under the watchdog: a hung test is killed with its stacks printed (scripts/watchdog.sh).
 # The suite runs its tests one at a time: 40 minutes each at most.
 export WATCHDOG_SECS=${WATCHDOG_SECS:-2400}
-bash scripts/watchdog.sh cargo test --test integration -- --ignored --test-threads 1 "$@"
+# --nocapture: what the tests measure (takeover times, duplicates, pauses) shows in the log.
+bash scripts/watchdog.sh cargo test --test integration -- --ignored --test-threads 1 --nocapture "$@"
 # The load tester's tests that need a real broker (the topics of a run on --brokers).
 if [ $# -eq 0 ]; then
   bash scripts/watchdog.sh cargo test -p callnotify-loadtest -- --ignored

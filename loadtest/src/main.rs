@@ -286,9 +286,9 @@ mod tests {
     }
 
     /// On brokers of the user's, a run reads topics of its own, created with the asked
-    /// partitions (tansu creates none on first use), never a topic an earlier run left
-    /// CDRs in. The mock cluster cannot create topics on request: this runs against the
-    /// integration suite's tansu.
+    /// partitions (the engine creates none and checks them at start), never a topic an
+    /// earlier run left CDRs in. The mock cluster cannot create topics on request: this
+    /// runs against the integration suite's Apache Kafka.
     #[tokio::test]
     #[ignore = "needs a broker that creates topics on request: run by scripts/integration.sh"]
     async fn a_run_on_given_brokers_creates_topics_of_its_own_there() {

@@ -1,7 +1,9 @@
-//! The integration suite's world: real separate processes. A tansu broker (started by
-//! `scripts/integration.sh`, address in `CALLNOTIFY_IT_BROKERS`), postfix's `smtp-sink`
-//! writing each mail to its own file, and engines as `callnotify serve` child processes
-//! that a test can SIGKILL.
+//! The integration suite's world: real separate processes. Apache Kafka in KRaft mode
+//! (`scripts/kafka.sh`): the suite's one-node cluster, started by
+//! `scripts/integration.sh` (address in `CALLNOTIFY_IT_BROKERS`), or a cluster a test
+//! starts for itself ([`KafkaCluster`]: three nodes, or one with a SASL_SSL listener);
+//! postfix's `smtp-sink` writing each mail to its own file; and engines as
+//! `callnotify serve` child processes that a test can SIGKILL.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,40 +21,132 @@ pub const FROM_DOMAIN: &str = "it.example.jp";
 /// Waits on conditions that a healthy run meets in seconds.
 pub const WAIT: Duration = Duration::from_secs(240);
 
-/// The tansu broker the script started.
+/// The suite's Kafka, which the script started.
 pub fn brokers() -> String {
     std::env::var("CALLNOTIFY_IT_BROKERS")
         .expect("CALLNOTIFY_IT_BROKERS is not set: run the suite with `bash scripts/integration.sh`")
 }
 
-/// Creates `topics` (name, partitions); tansu does not create topics on first use.
-pub async fn create_topics(topics: &[(&str, i32)]) {
-    engine::embedded::ensure_topics(&brokers(), topics).await.expect("creating the topics");
+/// Creates `topics` (name, partitions) on `brokers`, with the cluster's default
+/// replication: the engine never creates topics, it checks them at start.
+pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    engine::embedded::ensure_topics(brokers, topics).await.expect("creating the topics");
 }
 
-/// A producer that keys each CDR by its called number, as an exchange would, one
-/// record per batch: tansu 0.6.0 answers a fetch that starts inside a batch with the
-/// batches after it, skipping the rest of that one, so a consumer resuming from a
-/// committed offset inside a batch would never see those CDRs (README, the suite).
+/// Deletes `topic` from `brokers` and waits until the cluster no longer has it.
+pub async fn delete_topic(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    // Asking after a topic must not create it again on a broker that creates on request.
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .expect("admin client");
+    for result in admin.delete_topics(&[topic], &AdminOptions::new()).await.expect("delete topics") {
+        result.unwrap_or_else(|(name, code)| panic!("deleting {name}: {code}"));
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metadata = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        if metadata.topics().iter().all(|t| t.name() != topic || t.error().is_some()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{topic} still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Kafka cluster a test starts for itself with `scripts/kafka.sh` (three nodes, or
+/// one with a SASL_SSL listener); stopped when dropped.
+pub struct KafkaCluster {
+    dir: tempfile::TempDir,
+    /// The PLAINTEXT listeners, comma-separated.
+    pub bootstrap: String,
+}
+
+impl KafkaCluster {
+    /// `nodes` combined broker+controller nodes; `args` go to `kafka.sh start`.
+    pub fn start(nodes: u8, args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("it-kafka-").tempdir().expect("tempdir");
+        let out = kafka_sh(&["start", "--nodes", &nodes.to_string()], dir.path(), args);
+        assert!(
+            out.status.success(),
+            "kafka.sh start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bootstrap = std::fs::read_to_string(dir.path().join("bootstrap")).expect("kafka.sh wrote DIR/bootstrap");
+        Self { bootstrap: bootstrap.trim().to_owned(), dir }
+    }
+
+    /// A file `kafka.sh` wrote into the cluster's directory (e.g. `bootstrap-sasl-ssl`).
+    pub fn file(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e}")).trim().to_owned()
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill_node(&self, id: i32) {
+        let out = kafka_sh(&["kill-node"], self.dir.path(), &[&id.to_string()]);
+        assert!(out.status.success(), "kafka.sh kill-node {id}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts node `id` again on its storage, and waits until it serves.
+    pub fn start_node(&self, id: i32) {
+        let out = kafka_sh(&["start-node"], self.dir.path(), &[&id.to_string()]);
+        assert!(out.status.success(), "kafka.sh start-node {id}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The node leading `partition` of `topic`.
+    pub fn leader(&self, topic: &str, partition: i32) -> i32 {
+        let client: BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().expect("client");
+        let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let topic = metadata.topics().iter().find(|t| t.name() == topic).expect("the topic");
+        topic.partitions().iter().find(|p| p.id() == partition).expect("the partition").leader()
+    }
+}
+
+impl Drop for KafkaCluster {
+    fn drop(&mut self) {
+        let _ = kafka_sh(&["stop"], self.dir.path(), &[]);
+    }
+}
+
+/// `scripts/kafka.sh SUBCOMMAND --dir DIR ARGS`.
+fn kafka_sh(subcommand: &[&str], dir: &Path, args: &[&str]) -> std::process::Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh");
+    Command::new("bash")
+        .arg(script)
+        .args(subcommand)
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running scripts/kafka.sh")
+}
+
+/// A producer that keys each CDR by its called number, as an exchange would, with
+/// `acks=all` and idempotence: a leader that dies mid-stream loses and reorders nothing.
 pub struct Cdrs {
     producer: ThreadedProducer<DefaultProducerContext>,
     topic: String,
 }
 
 impl Cdrs {
-    pub fn new(topic: &str) -> Self {
-        Self::with(topic, &[("linger.ms", "5"), ("batch.num.messages", "1")])
+    pub fn new(brokers: &str, topic: &str) -> Self {
+        Self::with(brokers, topic, &[("linger.ms", "5")])
     }
 
     /// Batching as an exchange's producer would: what is sent before a flush goes out
     /// as one batch.
-    pub fn batched(topic: &str) -> Self {
-        Self::with(topic, &[("linger.ms", "200")])
+    pub fn batched(brokers: &str, topic: &str) -> Self {
+        Self::with(brokers, topic, &[("linger.ms", "200")])
     }
 
-    fn with(topic: &str, settings: &[(&str, &str)]) -> Self {
+    fn with(brokers: &str, topic: &str, settings: &[(&str, &str)]) -> Self {
         let mut config = rdkafka::ClientConfig::new();
-        config.set("bootstrap.servers", brokers());
+        config.set("bootstrap.servers", brokers).set("acks", "all").set("enable.idempotence", "true");
         for (key, value) in settings {
             config.set(*key, *value);
         }
@@ -82,10 +176,16 @@ impl Cdrs {
     }
 }
 
-/// Every record of `topic` so far, as JSON.
-pub fn read_all(topic: &str, at_least: usize) -> Vec<serde_json::Value> {
+/// Every record of `topic` so far, as JSON, once there are `at_least`.
+pub fn read_all(brokers: &str, topic: &str, at_least: usize) -> Vec<serde_json::Value> {
+    read_until(brokers, topic, |records| records.len() >= at_least)
+}
+
+/// The records of `topic` from its start, as JSON, read until `enough` says so (or
+/// [`WAIT`] passes).
+pub fn read_until(brokers: &str, topic: &str, enough: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}-reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
@@ -94,7 +194,7 @@ pub fn read_all(topic: &str, at_least: usize) -> Vec<serde_json::Value> {
     consumer.subscribe(&[topic]).expect("subscribe");
     let deadline = Instant::now() + WAIT;
     let mut records = Vec::new();
-    while records.len() < at_least && Instant::now() < deadline {
+    while !enough(&records) && Instant::now() < deadline {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
             records.push(serde_json::from_slice(m.payload().unwrap_or_default()).expect("a JSON record"));
         }
@@ -102,38 +202,17 @@ pub fn read_all(topic: &str, at_least: usize) -> Vec<serde_json::Value> {
     records
 }
 
-/// The offsets of `topic`'s partition 0 from `start` on, read by a consumer assigned
-/// there (no group), until `count` arrived or the wait ran out.
-pub fn offsets_from(topic: &str, start: i64, count: usize) -> Vec<i64> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", format!("{topic}-from-{start}"))
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    list.add_partition_offset(topic, 0, Offset::Offset(start)).expect("offset");
-    consumer.assign(&list).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut offsets = Vec::new();
-    while offsets.len() < count && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            offsets.push(m.offset());
-        }
-    }
-    offsets
-}
-
 /// Moves consumer group `group` back to the start of every partition of `topic`, as an
 /// operator replaying a topic would (no engine of the group may be running).
-pub fn reset_group(group: &str, topic: &str, partitions: i32) {
-    commit_group_at(group, topic, partitions, 0);
+pub fn reset_group(brokers: &str, group: &str, topic: &str, partitions: i32) {
+    commit_group_at(brokers, group, topic, partitions, 0);
 }
 
 /// Commits `offset` in every partition of `topic` for consumer group `group` (no engine
 /// of the group may be running).
-pub fn commit_group_at(group: &str, topic: &str, partitions: i32, offset: i64) {
+pub fn commit_group_at(brokers: &str, group: &str, topic: &str, partitions: i32, offset: i64) {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
@@ -264,11 +343,27 @@ pub fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
+/// The consumer group protocol the engines speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupProtocol {
+    /// Join/sync rounds led by a member; the session timeout is the client's.
+    Classic,
+    /// KIP-848: the broker assigns, incrementally; the session timeout is the broker's
+    /// (`group.consumer.session.timeout.ms`, set by `scripts/kafka.sh`).
+    Consumer,
+}
+
+/// The session timeout of both protocols in the suite: the engines' `session.timeout.ms`
+/// (classic) and the brokers' `group.consumer.session.timeout.ms` (scripts/kafka.sh).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// How an engine process is configured; each engine has its own store directory.
 #[derive(Clone)]
 pub struct EngineSpec {
+    pub brokers: String,
     pub topic: String,
     pub group: String,
+    pub protocol: GroupProtocol,
     pub smtp: SocketAddr,
     pub dir: PathBuf,
 }
@@ -277,18 +372,20 @@ impl EngineSpec {
     fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_callnotify"));
         command
-            .env("CALLNOTIFY__KAFKA__BROKERS", brokers())
+            .env("CALLNOTIFY__KAFKA__BROKERS", &self.brokers)
             .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
             .env("CALLNOTIFY__KAFKA__TOPICS", format!(r#"[{{name="{}",format="canonical"}}]"#, self.topic))
             .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic(&self.topic))
-            .env("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000")
-            .env("CALLNOTIFY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS", "500")
-            // The rebalance timeout: how long the coordinator waits for every member to
-            // rejoin, a killed one too. The engine polls every 100 ms, so 10 s is ample.
-            .env("CALLNOTIFY__KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", "10000")
-            // tansu 0.6.0 keeps a survivor's old partitions when another member dies
-            // (README, integration suite): the engine notices and joins again.
-            .env("CALLNOTIFY__KAFKA__REJOIN_IF_ASSIGNMENT_UNCHANGED", "true")
+            // The rebalance timeout (classic): how long the coordinator waits for every
+            // member to rejoin. The engine polls every 100 ms, so 10 s is ample.
+            .env("CALLNOTIFY__KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", "10000");
+        match self.protocol {
+            GroupProtocol::Classic => command
+                .env("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", SESSION_TIMEOUT.as_millis().to_string())
+                .env("CALLNOTIFY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS", "500"),
+            GroupProtocol::Consumer => command.env("CALLNOTIFY__KAFKA__PROPERTIES__GROUP_PROTOCOL", "consumer"),
+        };
+        command
             .env("CALLNOTIFY__STORE__PATH", self.dir.join("store"))
             .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
             .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
@@ -312,6 +409,11 @@ impl EngineSpec {
         std::fs::write(&file, lines.join("\n")).unwrap();
         let out = self.command().args(["provision", "import"]).arg(&file).output().expect("provision import");
         assert!(out.status.success(), "provision import: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// What its engines have logged so far (`engine.log` in its directory).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default()
     }
 
     /// Starts `callnotify serve`; its log is appended to `engine.log` in its directory.
@@ -359,6 +461,21 @@ impl EngineProcess {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
         self.child.wait().expect("wait").success()
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; its status, or `None` if
+    /// it still runs (it is SIGKILLed when dropped).
+    pub fn wait_exit(mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// One series of `/metrics` (0 until the endpoint answers).

@@ -20,8 +20,8 @@ pub struct Completion {
 /// Offsets the broker passed over in a partition: `from..to` were never read. Kafka
 /// leaves such gaps for transaction markers and compacted records; on a plain CDR topic
 /// they are lost CDRs: deleted by retention before they were read (the consumer then
-/// starts at the oldest one left), or skipped by the broker (tansu 0.6.0 does, after a
-/// resume inside a batch).
+/// starts at the oldest one left), or skipped by a broker (tansu 0.6.0, which the
+/// integration suite once ran on, did after a resume inside a batch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Skipped {
     pub(super) from: i64,
@@ -213,7 +213,7 @@ mod tests {
     }
 
     /// `callnotify_offsets_skipped_total`: a broker that hands out CDRs past where reading
-    /// should go on (tansu after a resume inside a batch) is caught at the first one.
+    /// should go on (as tansu did after a resume inside a batch) is caught at the first one.
     #[test]
     fn offsets_the_broker_passed_over_are_reported_and_a_reread_is_not() {
         let mut t = Tracker::default();
