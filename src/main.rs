@@ -45,6 +45,19 @@ enum Command {
         #[arg(long)]
         caller: String,
     },
+    /// The configuration: check it and show what is in effect.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Loads the defaults, `--config` and the environment as `serve` would, checks every
+    /// setting and prints the effective configuration with secrets masked; exits 1 with
+    /// the first problem otherwise.
+    Check,
 }
 
 #[derive(Subcommand)]
@@ -79,25 +92,34 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    for (name, meant) in engine::config::unread_env_vars(std::env::vars()) {
+        tracing::warn!(variable = %name, "an environment variable that looks like a setting is not read: call it {meant}");
+    }
+    let file = cli.config.as_deref();
     match cli.command {
         Command::Serve => {
-            runtime()?.block_on(serve(settings))?;
+            runtime()?.block_on(serve(Settings::load(file)?))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ivr { caller } => {
-            let store = open_store(&settings)?;
+            let store = open_store(&Settings::load(file)?)?;
             let credentials = admin::credentials::Credentials::open(&store)?;
             let ivr = admin::ivr::Ivr::new(store, credentials, admin::clock::SystemClock::shared());
             admin::ivr::terminal::run(&ivr, &caller, std::io::stdin().lock(), std::io::stdout())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
-            runtime()?.block_on(engine::demo::run(settings, shutdown_signal()))?;
+            runtime()?.block_on(engine::demo::run(Settings::load(file)?, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Provision { action: Provision::Import { file, url } } => {
-            provision_import(&settings, &file, url.as_deref())
+        Command::Provision { action: Provision::Import { file: input, url } } => {
+            provision_import(&Settings::load(file)?, &input, url.as_deref())
+        }
+        Command::Config { action: ConfigAction::Check } => {
+            let (_, effective) = Settings::effective(file, std::env::vars())?;
+            print!("{effective}");
+            eprintln!("configuration OK");
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

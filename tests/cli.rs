@@ -311,3 +311,33 @@ fn demo_stops_cleanly_on_ctrl_c_while_it_is_still_setting_up() {
     let mails = std::fs::read_dir(dir.path().join("outbox")).map_or(0, |d| d.count());
     assert_eq!(mails, 0, "stopped before any sample call was made: {log:#?}");
 }
+
+/// `config check`: the effective configuration, secrets masked, exit 0; a setting out of
+/// range exits 1 naming the key and its range; a variable in the wrong form is warned
+/// about with the name it should have.
+#[test]
+fn config_check_prints_the_effective_configuration_masked_or_names_the_bad_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = callnotify(&dir.path().join("store"))
+        .args(["config", "check"])
+        .env("CALLNOTIFY__SMTP__HOST", "mx.example.jp")
+        .env("CALLNOTIFY__SMTP__PASSWORD", "pw-in-env-1")
+        .env("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "pw-in-env-2")
+        .env("callnotify__smtp__port", "2525")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("host = \"mx.example.jp\"") && stdout.contains("port = 25\n"), "{stdout}");
+    assert!(!stdout.contains("pw-in-env") && !stderr.contains("pw-in-env"), "{stdout}{stderr}");
+    assert!(stderr.contains("callnotify__smtp__port") && stderr.contains("CALLNOTIFY__SMTP__PORT"), "{stderr}");
+
+    let out = callnotify(&dir.path().join("store"))
+        .args(["config", "check"])
+        .env("CALLNOTIFY__SMTP__TIMEOUT_SECS", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("smtp.timeout_secs must be between 1 and 3600 s (it is 0)"), "{stderr}");
+}

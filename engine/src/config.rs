@@ -229,6 +229,15 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        Ok(Self::effective(file, env)?.0)
+    }
+
+    /// The settings and the effective configuration they came from, as TOML with every
+    /// secret masked (`callnotify config check`).
+    pub fn effective(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Self, String), ConfigError> {
         let mut table: toml::Table = DEFAULT_TOML.parse().expect("built-in defaults are valid TOML");
         if let Some(path) = file {
             let text =
@@ -242,11 +251,13 @@ impl Settings {
                 apply_env(&mut table, &name, path, &value)?;
             }
         }
-        let settings: Settings = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        // The error names the key: `smtp.port: invalid type: string "abc", expected u16`.
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid(format!("{key}: {}", e.into_inner().message()))
+        })?;
         settings.check()?;
-        Ok(settings)
+        Ok((settings, masked(table)))
     }
 
     fn check(&self) -> Result<(), ConfigError> {
@@ -254,17 +265,31 @@ impl Settings {
         if self.kafka.topics.is_empty() {
             return invalid("kafka.topics: at least one topic is needed");
         }
-        if self.smtp.rate_per_second == 0 || self.smtp.per_recipient_per_minute == 0 {
-            return invalid("smtp.rate_per_second and smtp.per_recipient_per_minute must be at least 1");
-        }
-        if self.smtp.pool_size == 0 || self.engine.max_in_flight == 0 {
-            return invalid("smtp.pool_size and engine.max_in_flight must be at least 1");
-        }
         if !(1..=MAX_CONSUMERS).contains(&self.engine.consumers) {
             return Err(ConfigError::Invalid(format!(
                 "engine.consumers must be between 1 and {MAX_CONSUMERS} (one per core given to the engine; \
                  threads beyond the topics' partitions get none)"
             )));
+        }
+        for (key, value, range, unit) in self.ranges() {
+            if !range.contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} must be between {} and {} {unit} (it is {value})",
+                    range.start(),
+                    range.end()
+                )));
+            }
+        }
+        if self.smtp.retry_max_delay_ms < self.smtp.retry_first_delay_ms {
+            return invalid("smtp.retry_max_delay_ms must be at least smtp.retry_first_delay_ms (the backoff starts at the first and doubles up to the max)");
+        }
+        let names =
+            [("kafka.group_id", &self.kafka.group_id), ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic)];
+        for (key, value) in names.into_iter().chain(self.kafka.topics.iter().map(|t| ("kafka.topics: a name", &t.name)))
+        {
+            if value.trim().is_empty() {
+                return Err(ConfigError::Invalid(format!("{key} must not be empty")));
+            }
         }
         if self.smtp.retry_give_up_secs >= self.store.sent_retention_days * 86_400 {
             // A queued mail's sent record must outlive it, or a replay could queue it again.
@@ -283,6 +308,64 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+impl Settings {
+    /// Every numeric setting with the values it may take and their unit.
+    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 15] {
+        let (k, st, sm, e) = (&self.kafka, &self.store, &self.smtp, &self.engine);
+        [
+            ("kafka.embedded_partitions", k.embedded_partitions.max(0) as u64, 1..=1_000, "partitions"),
+            ("store.cache_capacity", st.cache_capacity, 0..=100_000_000, "entries"),
+            ("store.sled_cache_mb", st.sled_cache_mb, 1..=65_536, "MiB"),
+            ("store.sent_retention_days", st.sent_retention_days, 1..=3_650, "days"),
+            ("store.group_commit_ms", st.group_commit_ms, 0..=1_000, "ms"),
+            ("smtp.port", u64::from(sm.port), 1..=65_535, ""),
+            ("smtp.pool_size", u64::from(sm.pool_size), 1..=1_000, "connections"),
+            ("smtp.rate_per_second", u64::from(sm.rate_per_second), 1..=10_000_000, "mails a second"),
+            ("smtp.per_recipient_per_minute", u64::from(sm.per_recipient_per_minute), 1..=10_000_000, "mails a minute"),
+            ("smtp.timeout_secs", sm.timeout_secs, 1..=3_600, "s"),
+            ("smtp.retry_first_delay_ms", sm.retry_first_delay_ms, 10..=3_600_000, "ms"),
+            ("smtp.retry_max_delay_ms", sm.retry_max_delay_ms, 10..=86_400_000, "ms"),
+            ("smtp.retry_give_up_secs", sm.retry_give_up_secs, 1..=315_360_000, "s"),
+            ("engine.max_in_flight", e.max_in_flight as u64, 1..=10_000_000, "CDRs"),
+            ("engine.shutdown_grace_secs", e.shutdown_grace_secs, 1..=3_600, "s"),
+        ]
+    }
+}
+
+/// Environment variables that look like settings of ours but are not read: the wrong
+/// case or a single underscore after the prefix (`callnotify__smtp__host`,
+/// `CALLNOTIFY_SMTP__HOST`). Each comes with what it should be called.
+pub fn unread_env_vars(env: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    env.into_iter()
+        .filter_map(|(name, _)| {
+            let upper = name.to_ascii_uppercase();
+            let looks_ours = upper.starts_with("CALLNOTIFY") && name.contains("__") && !name.starts_with(ENV_PREFIX);
+            looks_ours.then(|| {
+                let path = upper.trim_start_matches("CALLNOTIFY").trim_start_matches('_');
+                let meant = format!("{ENV_PREFIX}{path}");
+                (name, meant)
+            })
+        })
+        .collect()
+}
+
+/// `table` as TOML with every secret value masked: `smtp.password` and the secret
+/// librdkafka properties ([`is_secret_property`]).
+fn masked(mut table: toml::Table) -> String {
+    let mask = |v: &mut toml::Value| {
+        if v.as_str().is_some_and(|s| !s.is_empty()) {
+            *v = toml::Value::String("***".into());
+        }
+    };
+    if let Some(password) = table.get_mut("smtp").and_then(|t| t.get_mut("password")) {
+        mask(password);
+    }
+    if let Some(toml::Value::Table(properties)) = table.get_mut("kafka").and_then(|t| t.get_mut("properties")) {
+        properties.iter_mut().filter(|(k, _)| is_secret_property(k)).for_each(|(_, v)| mask(v));
+    }
+    toml::to_string_pretty(&table).expect("a TOML table prints")
 }
 
 /// Deep-merges `layer` into `base`: tables merge key by key, anything else replaces.
@@ -428,6 +511,68 @@ mod tests {
         }
         let two = Settings::load_from(None, env(&[("CALLNOTIFY__ENGINE__CONSUMERS", "2")])).unwrap();
         assert_eq!(two.engine.consumers, 2);
+    }
+
+    /// Settings that were accepted and then misbehaved (a busy retry loop, a panic, a
+    /// silent no-op) are refused, each naming its key and range.
+    #[test]
+    fn settings_out_of_range_are_refused_naming_the_key_and_its_range() {
+        for (name, value, expected) in [
+            (
+                "CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS",
+                "0",
+                "smtp.retry_first_delay_ms must be between 10 and 3600000 ms",
+            ),
+            ("CALLNOTIFY__STORE__SLED_CACHE_MB", "0", "store.sled_cache_mb must be between 1 and 65536 MiB"),
+            ("CALLNOTIFY__SMTP__TIMEOUT_SECS", "0", "smtp.timeout_secs must be between 1 and 3600 s"),
+            ("CALLNOTIFY__KAFKA__EMBEDDED_PARTITIONS", "0", "kafka.embedded_partitions must be between 1 and 1000"),
+            (
+                "CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS",
+                "500",
+                "smtp.retry_max_delay_ms must be at least smtp.retry_first_delay_ms",
+            ),
+            ("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", "", "kafka.dead_letter_topic must not be empty"),
+            ("CALLNOTIFY__KAFKA__GROUP_ID", "", "kafka.group_id must not be empty"),
+            ("CALLNOTIFY__SMTP__PORT", "abc", "smtp.port: invalid type: string \"abc\", expected u16"),
+            ("CALLNOTIFY__METRICS__LISTEN", "nowhere", "metrics.listen: invalid socket address syntax"),
+        ] {
+            let err = Settings::load_from(None, env(&[(name, value)])).expect_err(name).to_string();
+            assert!(err.contains(expected), "{name}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn environment_variables_in_the_wrong_form_are_named_with_the_right_one() {
+        let unread = unread_env_vars(env(&[
+            ("callnotify__smtp__host", "mx"),
+            ("CALLNOTIFY_SMTP__HOST", "mx"),
+            ("CALLNOTIFY__SMTP__HOST", "mx"),
+            ("CALLNOTIFY_IT_BROKERS", "127.0.0.1:9092"),
+            ("PATH", "/bin"),
+        ]));
+        assert_eq!(
+            unread,
+            [
+                ("callnotify__smtp__host".to_owned(), "CALLNOTIFY__SMTP__HOST".to_owned()),
+                ("CALLNOTIFY_SMTP__HOST".to_owned(), "CALLNOTIFY__SMTP__HOST".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_effective_configuration_shows_overrides_and_masks_every_secret() {
+        let (_, text) = Settings::effective(
+            None,
+            env(&[
+                ("CALLNOTIFY__SMTP__HOST", "mx.example.jp"),
+                ("CALLNOTIFY__SMTP__PASSWORD", "smtp-secret"),
+                ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "kafka-secret"),
+            ]),
+        )
+        .unwrap();
+        assert!(text.contains("host = \"mx.example.jp\""), "{text}");
+        assert!(!text.contains("smtp-secret") && !text.contains("kafka-secret"), "{text}");
+        assert!(text.contains("\"sasl.password\" = \"***\""), "{text}");
     }
 
     #[test]
