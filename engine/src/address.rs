@@ -22,19 +22,36 @@ pub enum AddressError {
     DomainChar(char),
     #[error("the part after @ must not end with a dot")]
     DomainEndsWithDot,
+    #[error("the address may be at most {MAX_LEN} characters long (RFC 5321); it has {0}")]
+    TooLong(usize),
+    #[error("the part before @ may be at most {MAX_LOCAL_LEN} characters long (RFC 5321); it has {0}")]
+    LocalTooLong(usize),
 }
+
+/// The longest address a mail server takes in `RCPT TO` (RFC 5321 §4.5.3.1.3: a path of
+/// 256 octets, angle brackets included).
+pub const MAX_LEN: usize = 254;
+/// The longest local part (RFC 5321 §4.5.3.1.1).
+pub const MAX_LOCAL_LEN: usize = 64;
 
 impl DestinationAddress {
     /// Parses an address by R-N3: exactly one `@`, neither first nor last; local part of
     /// `0-9 A-Z a-z _ . - ! $ % ' * + / ? ^ #`; domain of `0-9 A-Z a-z - .`, not ending
-    /// with `.`.
+    /// with `.`; and no longer than RFC 5321 lets a mail server take it: 254
+    /// characters in all, 64 before the `@`.
     pub fn parse(input: &str) -> Result<Self, AddressError> {
         if input.matches('@').count() != 1 {
             return Err(AddressError::AtCount);
         }
+        if input.len() > MAX_LEN {
+            return Err(AddressError::TooLong(input.chars().count()));
+        }
         let (local, domain) = input.split_once('@').expect("one @ is present");
         if local.is_empty() || domain.is_empty() {
             return Err(AddressError::AtAtEdge);
+        }
+        if local.len() > MAX_LOCAL_LEN {
+            return Err(AddressError::LocalTooLong(local.chars().count()));
         }
         if let Some(c) = local.chars().find(|&c| !is_local_char(c)) {
             return Err(AddressError::LocalChar(c));
@@ -91,6 +108,23 @@ mod tests {
         for ok in ["a@example.jp", "a.b_c-d!$%'*+/?^#@mail-1.example.jp", "0@0"] {
             assert!(DestinationAddress::parse(ok).is_ok(), "{ok}");
         }
+    }
+
+    /// A 10 MB address used to be stored, and every CDR for its number sent a 10 MB
+    /// `RCPT TO`: addresses are now as long as RFC 5321 allows, no longer.
+    #[test]
+    fn r_n3_addresses_longer_than_rfc_5321_allows_are_refused() {
+        let domain = format!("{}.jp", "d".repeat(MAX_LEN - 64 - 1 - 3));
+        let longest = format!("{}@{domain}", "l".repeat(64));
+        assert_eq!(longest.len(), MAX_LEN);
+        assert!(DestinationAddress::parse(&longest).is_ok());
+        assert_eq!(DestinationAddress::parse(&format!("{longest}x")), Err(AddressError::TooLong(255)));
+        let three_hundred = format!("a@{}.jp", "x".repeat(295));
+        assert_eq!(DestinationAddress::parse(&three_hundred), Err(AddressError::TooLong(300)));
+        assert_eq!(
+            DestinationAddress::parse(&format!("{}@example.jp", "l".repeat(65))),
+            Err(AddressError::LocalTooLong(65))
+        );
     }
 
     #[test]

@@ -65,16 +65,41 @@ pub enum ImportError {
     Store { line: usize, source: StoreError },
 }
 
-/// Imports every line of `input` into `store`.
-pub fn import(store: &Store, input: impl BufRead) -> Result<ImportReport, ImportError> {
+/// The UTF-8 byte order mark some editors put at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Imports every line of `input` into `store`. A line that is not UTF-8 (or starts with
+/// a byte order mark) is rejected alone, like any other bad line.
+pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, ImportError> {
     let mut report = ImportReport::default();
-    for (index, text) in input.lines().enumerate() {
-        let line = index + 1;
-        let text = text.map_err(|source| ImportError::Read { line, source })?;
+    let mut bytes = Vec::new();
+    for line in 1.. {
+        bytes.clear();
+        if input.read_until(b'\n', &mut bytes).map_err(|source| ImportError::Read { line, source })? == 0 {
+            break;
+        }
+        let raw = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = match std::str::from_utf8(raw) {
+            _ if raw.starts_with(BOM) => {
+                report.rejected.push((
+                    line,
+                    "starts with a UTF-8 byte order mark (BOM): save the file as UTF-8 without a BOM".into(),
+                ));
+                continue;
+            }
+            Ok(text) => text,
+            Err(e) => {
+                report
+                    .rejected
+                    .push((line, format!("not valid UTF-8 (from byte {} of the line on)", e.valid_up_to() + 1)));
+                continue;
+            }
+        };
         if text.trim().is_empty() {
             continue;
         }
-        match parse_line(&text) {
+        match parse_line(text) {
             Ok((record, numbers)) => match store.upsert_line(&record, &numbers) {
                 Ok(()) => {
                     report.lines += 1;
@@ -168,6 +193,29 @@ mod tests {
         assert!(report.rejected[2].1.contains("bad@"), "{:?}", report.rejected[2]);
         assert!(store.number(&n("0312340000")).unwrap().is_none(), "a rejected line is not applied");
         assert!(store.number(&n("0312340004")).unwrap().is_some());
+    }
+
+    /// A line of invalid UTF-8 and a byte order mark used to stop the whole import (the
+    /// CLI exited with no report; HTTP answered 500): now each is one rejected line,
+    /// named as what it is, and the lines after it apply.
+    #[test]
+    fn r_l3_a_line_of_invalid_utf8_and_a_bom_are_rejected_alone_and_the_rest_applied() {
+        let store = Store::temporary().unwrap();
+        let line = |number: &str| format!(r#"{{"contract":"{number}","numbers":[{{"number":"{number}"}}]}}"#);
+        let mut input = b"\xEF\xBB\xBF".to_vec();
+        input.extend_from_slice(line("0312340010").as_bytes());
+        input.extend_from_slice(b"\r\n");
+        input.extend_from_slice(line("0312340011").as_bytes());
+        input.extend_from_slice(b"\n{\"contract\":\"\xff\xfe\"}\n");
+        input.extend_from_slice(line("0312340012").as_bytes());
+        let report = import(&store, input.as_slice()).unwrap();
+        assert_eq!(report.lines, 2, "{report:?}");
+        let lines: Vec<usize> = report.rejected.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, vec![1, 3]);
+        assert!(report.rejected[0].1.contains("byte order mark (BOM)"), "{:?}", report.rejected[0]);
+        assert!(report.rejected[1].1.contains("not valid UTF-8 (from byte 14"), "{:?}", report.rejected[1]);
+        assert!(store.number(&n("0312340011")).unwrap().is_some(), "a CRLF line applies");
+        assert!(store.number(&n("0312340012")).unwrap().is_some(), "the line after the bad one applies");
     }
 
     #[test]

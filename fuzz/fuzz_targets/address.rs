@@ -27,9 +27,13 @@ fuzz_target!(|data: &[u8]| {
 /// R-N3, byte by byte: exactly one `@`, neither first nor last; left of it
 /// `0-9 A-Z a-z _ . - ! $ % ' * + / ? ^ #`; right of it `0-9 A-Z a-z - .`, not ending
 /// with `.`. Every allowed character is ASCII, so any other byte (including the bytes of
-/// a multi-byte character) fails the check.
+/// a multi-byte character) fails the check. And RFC 5321's lengths: at most 254 bytes
+/// in all, 64 left of the `@`.
 fn r_n3(s: &str) -> bool {
     let b = s.as_bytes();
+    if b.len() > 254 || b.iter().position(|&c| c == b'@').is_some_and(|at| at > 64) {
+        return false;
+    }
     let ats: Vec<usize> = (0..b.len()).filter(|&i| b[i] == b'@').collect();
     let [at] = ats[..] else { return false };
     if at == 0 || at == b.len() - 1 {

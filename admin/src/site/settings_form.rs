@@ -141,6 +141,12 @@ pub fn address_message(error: &AddressError) -> String {
             format!("「@」より後ろに使えない文字「{c}」があります。使える文字は半角英数字と - . です。")
         }
         AddressError::DomainEndsWithDot => "メールアドレスの最後を「.」にすることはできません。".to_owned(),
+        AddressError::TooLong(n) => {
+            format!("メールアドレスは{}文字以内で入力してください（{n}文字あります）。", engine::address::MAX_LEN)
+        }
+        AddressError::LocalTooLong(n) => {
+            format!("「@」より前は{}文字以内で入力してください（{n}文字あります）。", engine::address::MAX_LOCAL_LEN)
+        }
     }
 }
 

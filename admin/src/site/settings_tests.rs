@@ -157,6 +157,20 @@ async fn r_n3_a_bad_address_is_shown_next_to_its_row_and_nothing_is_saved() {
     assert_eq!(stored(&app, CONTRACT), CallSettings::default());
 }
 
+/// The page's `maxlength` was the only limit: the server stored an address of a
+/// million characters. It refuses what RFC 5321 would, whatever the form sent.
+#[tokio::test]
+async fn r_n3_an_address_longer_than_254_characters_is_refused_by_the_server() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let long = format!("a@{}.jp", "x".repeat(295));
+    let extra = format!("enabled=on&dest_0={long}&send_0=on&current={PASSWORD}");
+    let reply = save(&app, &cookies, CONTRACT, &extra).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.contains("254文字以内"), "{}", reply.body);
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default(), "nothing saved");
+}
+
 #[tokio::test]
 async fn r_n4_the_two_send_conditions_are_saved() {
     let app = app();
