@@ -121,7 +121,7 @@ impl Deliverer {
         let inner = Inner {
             transport,
             global: RateLimiter::direct(Quota::per_second(per_second)),
-            per_recipient: RateLimiter::keyed(Quota::per_minute(per_minute)),
+            per_recipient: RateLimiter::keyed(flood_quota(per_minute)),
             first_delay: Duration::from_millis(settings.retry_first_delay_ms.max(1)),
             max_delay: Duration::from_millis(settings.retry_max_delay_ms.max(settings.retry_first_delay_ms).max(1)),
             give_up: Duration::from_secs(settings.retry_give_up_secs),
@@ -313,6 +313,19 @@ impl Deliverer {
                 return;
             }
         };
+        // Flood control holds for retries too: a recipient over its limit has the mail
+        // put back until the limit allows it, without an attempt and without holding
+        // one of the retry slots meanwhile.
+        if let Err(not_until) = inner.per_recipient.check_key(&mail.recipient.as_str().to_owned()) {
+            inner.metrics.delayed_by_flood();
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            let due_ms = Utc::now().timestamp_millis() + wait.as_millis() as i64;
+            let (queue, slot) = (inner.queue.clone(), slot.clone());
+            if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, due_ms)).await {
+                tracing::error!(error = %e, "retry queue reschedule failed");
+            }
+            return;
+        }
         entry.attempts += 1;
         match self.attempt(&mail).await {
             Ok(()) => {
@@ -442,6 +455,19 @@ impl TestMailer {
 /// Flood-control state is kept per recipient; addresses whose limit has fully
 /// recovered are dropped every minute so the map does not grow with every address
 /// ever seen. Ends when the deliverer is gone.
+/// `smtp.per_recipient_per_minute` as a limit that holds in every minute, not only on
+/// average: half of it (rounded down, at least one) may go at once, the rest is spread
+/// over the minute. In any 60 s a recipient gets at most the burst and what refills in
+/// 60 s, which is the limit. (A quota of N a minute with a burst of N lets 2N through
+/// the first minute.)
+fn flood_quota(per_minute: NonZeroU32) -> Quota {
+    let burst = (per_minute.get() / 2).max(1);
+    let refill = (per_minute.get() - burst).max(1);
+    Quota::with_period(Duration::from_secs(60) / refill)
+        .expect("a positive period")
+        .allow_burst(NonZeroU32::new(burst).expect("at least 1"))
+}
+
 async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
     let mut every = tokio::time::interval(Duration::from_secs(60));
     every.tick().await;
@@ -512,6 +538,30 @@ pub(crate) mod tests {
     pub(crate) fn smtp_to(port: u16) -> SmtpSettings {
         let env = [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", port.to_string())];
         Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap().smtp
+    }
+
+    /// R-M3's flood control on a clock the test moves: a recipient sent to as often as
+    /// the limiter allows, every 100 ms for five minutes, never gets more than
+    /// `per_recipient_per_minute` mails in any 60 s (the plain quota let twice that
+    /// through the first minute), and still gets the limit's worth per minute on the whole.
+    #[test]
+    fn r_m3_the_flood_limit_holds_in_every_minute_not_only_on_average() {
+        use governor::clock::FakeRelativeClock;
+        for limit in [1u32, 2, 5, 30, 60] {
+            let clock = FakeRelativeClock::default();
+            let limiter = RateLimiter::direct_with_clock(flood_quota(NonZeroU32::new(limit).unwrap()), clock.clone());
+            let mut sent: Vec<u64> = Vec::new();
+            for tick in 0..3_000u64 {
+                if limiter.check().is_ok() {
+                    sent.push(tick * 100);
+                }
+                clock.advance(Duration::from_millis(100));
+            }
+            let most = sent.iter().map(|&from| sent.iter().filter(|&&t| t >= from && t < from + 60_000).count()).max();
+            assert!(most.unwrap() <= limit as usize, "limit {limit}: {most:?} in one minute");
+            let per_minute = sent.len() as f64 / 5.0;
+            assert!(per_minute >= f64::from(limit) / 2.0, "limit {limit}: {per_minute} a minute on the whole");
+        }
     }
 
     #[tokio::test]

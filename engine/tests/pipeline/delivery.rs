@@ -113,14 +113,40 @@ async fn r_m3_flooded_recipients_are_delayed_not_dropped() {
     let engine = h.engine_with(&[("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "60")]).await;
     engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
 
-    // 60 per minute is one per second after a burst of 60: the 61st and 62nd wait.
+    // 60 a minute is a burst of 30, then one every 2 s: the 31st to 34th wait.
     let cdrs: Vec<String> =
-        (0..62).map(|i| cdr(&format!("flood-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+        (0..34).map(|i| cdr(&format!("flood-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
     h.produce(TOPIC, &cdrs).await;
-    let mails = h.mails(62).await;
-    assert_eq!(mails.len(), 62);
-    assert!(engine.metric(r#"callnotify_mails_delayed_total{limit="flood"}"#) >= 2.0);
+    let mails = h.mails(34).await;
+    assert_eq!(mails.len(), 34);
+    assert!(engine.metric(r#"callnotify_mails_delayed_total{limit="flood"}"#) >= 4.0);
     engine.stop().await;
+}
+
+/// Flood control used to apply to first attempts only: mails deferred by a 451 came
+/// back from the retry queue all at once (57 to one address within 6 s after an
+/// outage). A retried mail over its recipient's limit goes back into the queue until
+/// the limit allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_retried_mails_keep_to_the_flood_limit() {
+    let h = Harness::new(1).await;
+    // 4 a minute: a burst of 2, then one every 30 s.
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "4"),
+            ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2"),
+        ])
+        .await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+    h.sink.fail_next(SmtpStage::DataEnd, 451, 2);
+    let cdrs: Vec<String> =
+        (0..2).map(|i| cdr(&format!("deferred-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    h.produce(TOPIC, &cdrs).await;
+    // Both first attempts took the burst and were deferred; their retries are over it.
+    engine.wait_metric(r#"callnotify_mails_delayed_total{limit="flood"}"#, 1.0).await;
+    let stopped = engine.stop().await;
+    assert_eq!(h.sink.count(), 0, "no retried mail went past the limit");
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 2.0, "both wait in the queue");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
