@@ -34,6 +34,7 @@ pub const CONSUMER_PAUSED: &str = "callnotify_consumer_paused";
 pub const OFFSETS_SKIPPED: &str = "callnotify_offsets_skipped_total";
 pub const RETRY_QUEUE: &str = "callnotify_retry_queue_mails";
 pub const SMTP_CONNECTIONS: &str = "callnotify_smtp_connections_opened_total";
+pub const SMTP_CIRCUIT_OPEN: &str = "callnotify_smtp_circuit_open";
 
 /// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
 pub const REJECT_REASONS: [&str; 3] = ["syntax", "missing_field", "invalid_field"];
@@ -79,6 +80,7 @@ struct Inner {
     /// be overtaken by an older one.
     in_flight_count: OnceLock<Arc<AtomicUsize>>,
     retry_queue: Gauge,
+    smtp_circuit_open: Gauge,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("callnotify", Level::INFO, None);
@@ -163,6 +165,12 @@ impl Metrics {
             "Mails in the durable retry queue, waiting for their next attempt".into(),
         );
         r.describe_gauge(
+            SMTP_CIRCUIT_OPEN.into(),
+            None,
+            "1 while the mail server is not answering and new mails go straight to the retry queue (circuit breaker)"
+                .into(),
+        );
+        r.describe_gauge(
             CONSUMER_LAG.into(),
             Some(Unit::Count),
             "Messages behind the partition's end, by topic and partition".into(),
@@ -200,6 +208,7 @@ impl Metrics {
             in_flight: r.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
             in_flight_count: OnceLock::new(),
             retry_queue: r.register_gauge(&Key::from_static_name(RETRY_QUEUE), &METADATA),
+            smtp_circuit_open: r.register_gauge(&Key::from_static_name(SMTP_CIRCUIT_OPEN), &METADATA),
             recorder,
         };
         Self { inner: Arc::new(inner) }
@@ -290,6 +299,10 @@ impl Metrics {
     /// Offsets a broker passed over between two CDRs read from one partition.
     pub fn offsets_skipped(&self, n: u64) {
         self.inner.offsets_skipped.increment(n);
+    }
+    /// The mail server's circuit breaker opened (the server is not answering) or closed.
+    pub fn smtp_circuit_open(&self, open: bool) {
+        self.inner.smtp_circuit_open.set(if open { 1.0 } else { 0.0 });
     }
     pub fn smtp_connection_opened(&self) {
         self.inner.smtp_connections.increment(1);

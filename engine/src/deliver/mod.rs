@@ -21,6 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
+use self::breaker::{Admit, Breaker};
 use self::client::ClientError;
 use self::queue::{Entry, Queued, RetryQueue, Slot};
 use self::smtp::{SendError, SmtpPool};
@@ -31,6 +32,7 @@ use crate::render::Mail;
 use crate::store::{SentKey, Store, StoreError};
 use crate::telemetry::Metrics;
 
+mod breaker;
 mod client;
 pub mod queue;
 mod smtp;
@@ -47,6 +49,10 @@ enum Transport {
 enum Attempt {
     /// 4xx, a dropped connection, a timeout: try again later.
     Temporary(String),
+    /// No answer at all: a timeout, no connection, the connection dropped. Temporary,
+    /// and counted by the circuit breaker ([`Deliverer::attempt`] turns it into
+    /// `Temporary` once counted).
+    Unanswered(String),
     /// 5xx or a mail the server can never take: record and give up.
     Permanent(String),
 }
@@ -92,6 +98,8 @@ struct Inner {
     queue: RetryQueue,
     /// Woken when a mail is queued, so the retry loop sees an earlier due time.
     queued: tokio::sync::Notify,
+    /// Keeps a mail server that does not answer from holding the pipeline.
+    breaker: Breaker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +122,7 @@ impl Deliverer {
         dead_letters: DeadLetters,
     ) -> Result<Self, DeliverError> {
         let transport = Transport::new(settings, Some(metrics.clone()))?;
+        let metrics_for_breaker = metrics.clone();
         let per_second = NonZeroU32::new(settings.rate_per_second).expect("config checks rate_per_second >= 1");
         let per_minute = NonZeroU32::new(settings.per_recipient_per_minute).expect("config checks >= 1");
         let queue = RetryQueue::open(store)?;
@@ -131,6 +140,8 @@ impl Deliverer {
             store: store.clone(),
             queue,
             queued: tokio::sync::Notify::new(),
+            // One probe per `smtp.timeout_secs` while the server does not answer.
+            breaker: Breaker::new(Duration::from_secs(settings.timeout_secs), metrics_for_breaker),
         };
         let inner = Arc::new(inner);
         tokio::spawn(forget_idle_recipients(Arc::downgrade(&inner)));
@@ -147,11 +158,24 @@ impl Deliverer {
     /// due at once: the retry queue sends it, after the next start if shutting down.
     /// Dropped after DATA it may have arrived already, the same ambiguity as a timeout
     /// (README, delivery guarantees).
+    ///
+    /// While the mail server is not answering (the circuit breaker is open) the mail is
+    /// queued without an attempt, and an attempt waiting on the server when the breaker
+    /// opens is given up and queued: its CDR is done at once, so a hung server holds
+    /// neither the CDRs behind it nor more than a few mails.
     pub async fn deliver(&self, key: &SentKey, mail: &Mail, origin: &Origin, stop: impl Future<Output = ()>) -> Fate {
         let inner = &*self.inner;
+        if let Admit::Wait(until_ms) = inner.breaker.admit(Utc::now().timestamp_millis()) {
+            let reply = "not tried: the mail server is not answering (circuit breaker open)";
+            self.enqueue(Queued::new(mail, origin, reply, Utc::now()), until(until_ms)).await;
+            return Fate::Queued;
+        }
         let answer = tokio::select! {
             biased;
             () = stop => None,
+            () = inner.breaker.opens() => {
+                Some(Err(Attempt::Temporary("given up while the mail server was not answering (circuit breaker open)".into())))
+            }
             answer = self.attempt_first(mail) => Some(answer),
         };
         match answer {
@@ -165,7 +189,7 @@ impl Deliverer {
                 self.record(key).await;
                 Fate::Failed
             }
-            Some(Err(Attempt::Temporary(reply))) => {
+            Some(Err(Attempt::Temporary(reply) | Attempt::Unanswered(reply))) => {
                 let due = jitter(inner.first_delay);
                 tracing::info!(message_id = %mail.message_id, %reply, retry_in = ?due, "mail delayed, queued for retry");
                 self.enqueue(Queued::new(mail, origin, &reply, Utc::now()), due).await;
@@ -313,6 +337,14 @@ impl Deliverer {
                 return;
             }
         };
+        // While the server is not answering, only the breaker's probe tries.
+        if let Admit::Wait(until_ms) = inner.breaker.admit(Utc::now().timestamp_millis()) {
+            let (queue, slot) = (inner.queue.clone(), slot.clone());
+            if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, until_ms)).await {
+                tracing::error!(error = %e, "retry queue reschedule failed");
+            }
+            return;
+        }
         // Flood control holds for retries too: a recipient over its limit has the mail
         // put back until the limit allows it, without an attempt and without holding
         // one of the retry slots meanwhile.
@@ -340,7 +372,7 @@ impl Deliverer {
                 self.give_up(&mail, &origin, &reply, entry.attempts, "permanent").await;
                 self.unqueue(slot).await;
             }
-            Err(Attempt::Temporary(reply)) => {
+            Err(Attempt::Temporary(reply) | Attempt::Unanswered(reply)) => {
                 let age = Utc::now().timestamp_millis() - entry.first_failed_ms;
                 if age >= inner.give_up.as_millis() as i64 {
                     let reply = format!("gave up after {} attempts over {} s: {reply}", entry.attempts, age / 1000);
@@ -383,14 +415,20 @@ impl Deliverer {
         self.inner.queue.len()
     }
 
-    /// One send under the global rate limit.
+    /// One send under the global rate limit; its outcome tells the circuit breaker
+    /// whether the server answers.
     async fn attempt(&self, mail: &Mail) -> Result<(), Attempt> {
         let inner = &*self.inner;
         if inner.global.check().is_err() {
             inner.metrics.delayed_by_rate();
             inner.global.until_ready().await;
         }
-        inner.transport.send(mail).await
+        let result = inner.transport.send(mail).await;
+        match &result {
+            Err(Attempt::Unanswered(_)) => inner.breaker.failed(Utc::now().timestamp_millis()),
+            Ok(()) | Err(Attempt::Permanent(_) | Attempt::Temporary(_)) => inner.breaker.answered(),
+        }
+        result
     }
 }
 
@@ -447,7 +485,7 @@ impl TestMailer {
         let nonce = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
         let mail = self.renderer.render_test(number.as_str(), address, &nonce).map_err(|e| e.to_string())?;
         self.transport.send(&mail).await.map_err(|failed| match failed {
-            Attempt::Temporary(reply) | Attempt::Permanent(reply) => reply,
+            Attempt::Temporary(reply) | Attempt::Unanswered(reply) | Attempt::Permanent(reply) => reply,
         })
     }
 }
@@ -487,8 +525,16 @@ fn classify(e: SendError) -> Attempt {
     match &e {
         SendError::Client(ClientError::Refused(reply)) if reply.code >= 500 => Attempt::Permanent(e.to_string()),
         SendError::Client(ClientError::Unsendable(_)) => Attempt::Permanent(e.to_string()),
+        SendError::Timeout | SendError::Connect(_) | SendError::Client(ClientError::Closed { .. }) => {
+            Attempt::Unanswered(e.to_string())
+        }
         _ => Attempt::Temporary(e.to_string()),
     }
+}
+
+/// From now until `until_ms` (unix ms), or nothing if that has passed.
+fn until(until_ms: i64) -> Duration {
+    Duration::from_millis((until_ms - Utc::now().timestamp_millis()).max(0) as u64)
 }
 
 /// Writes the mail atomically (temp file, then rename), so a reader of the outbox never

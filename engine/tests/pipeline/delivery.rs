@@ -316,3 +316,54 @@ async fn held_at_max_in_flight(consumers: usize) {
     assert_each_call_once(&mails, CALLS);
     assert_eq!(stopped.metric("callnotify_cdrs_consumed_total"), CALLS as f64, "each CDR read once");
 }
+
+/// A mail server that accepts connections and never answers used to hold everything:
+/// each mail waited out `smtp.timeout_secs` before reaching the retry queue, the CDRs
+/// behind them piled up to `engine.max_in_flight`, the consumer paused, and CDRs that
+/// need no mail waited too. Now a few unanswered attempts open the circuit breaker:
+/// later mails go straight to the queue, every CDR is read without each mail trying
+/// the server, and once a real server listens there every mail arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_mail_server_that_never_answers_holds_neither_cdrs_nor_more_than_a_few_mails() {
+    const MAILS: usize = 30;
+    const OTHERS: usize = 270;
+    let h = Harness::new(1).await;
+    // The hung server: takes every connection and says nothing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    let hung = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__SMTP__PORT", &port.to_string()),
+            ("CALLNOTIFY__SMTP__TIMEOUT_SECS", "2"),
+            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "5"),
+        ])
+        .await;
+    let mut cdrs = missed_calls_to_ten(&engine, "03500000", "hung", MAILS);
+    cdrs.extend((0..OTHERS).map(|i| cdr(&format!("nobody-{i}"), "0699990000", None, "withheld", "no_answer")));
+    h.produce(TOPIC, &cdrs).await;
+
+    engine.wait_metric("callnotify_cdrs_consumed_total", (MAILS + OTHERS) as f64).await;
+    engine.wait_metric("callnotify_retry_queue_mails", MAILS as f64).await;
+    let tried = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(engine.metric("callnotify_smtp_circuit_open"), 1.0);
+    assert!(tried <= 8, "{tried} connections to the hung server: the mails after the first went to the queue");
+
+    // A real server on the same port: the breaker's next probe gets an answer.
+    hung.abort();
+    let _ = hung.await;
+    let sink = engine::sink::SmtpSink::start(port).await.expect("a sink on the hung server's port");
+    let mails = sink.wait_for(MAILS, WAIT).await;
+    let stopped = engine.stop().await;
+    assert_each_call_once(&mails, MAILS);
+    assert_eq!(stopped.metric("callnotify_smtp_circuit_open"), 0.0, "closed once the server answered");
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
+}
