@@ -175,10 +175,16 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
             std::fs::read(file).with_context(|| format!("reading {}", file.display()))
         }
     };
-    let (lines, numbers, rejected) = match url {
+    let (report, cut_short) = match url {
         Some(url) => {
-            let r = engine::ops::post_provision(url, &read()?)?;
-            (r.lines, r.numbers, r.rejected.into_iter().map(|r| (r.line, r.reason)).collect::<Vec<_>>())
+            let r = engine::ops::post_provision(url, &read()?, settings.metrics.provision_token.expose())?;
+            let report = engine::provision::ImportReport {
+                lines: r.lines,
+                numbers: r.numbers,
+                rejected: r.rejected.into_iter().map(|r| (r.line, r.reason)).collect(),
+                rejected_not_listed: r.rejected_not_listed,
+            };
+            (report, r.error)
         }
         None => {
             let store = open_store(settings)?;
@@ -190,14 +196,21 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
                 engine::provision::import(&store, std::io::BufReader::new(input))?
             };
             store.flush_blocking()?;
-            (report.lines, report.numbers, report.rejected)
+            (report, None)
         }
     };
-    for (line, reason) in &rejected {
+    for (line, reason) in &report.rejected {
         eprintln!("{}:{line}: rejected: {reason}", file.display());
     }
-    println!("imported {lines} lines ({numbers} numbers); rejected {} lines", rejected.len());
-    Ok(if rejected.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    if report.rejected_not_listed > 0 {
+        eprintln!("{}: {} more lines rejected (not listed)", file.display(), report.rejected_not_listed);
+    }
+    if let Some(error) = &cut_short {
+        eprintln!("error: {error}");
+    }
+    let rejected = report.rejected.len() + report.rejected_not_listed;
+    println!("imported {} lines ({} numbers); rejected {rejected} lines", report.lines, report.numbers);
+    Ok(if rejected == 0 && cut_short.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -341,3 +341,61 @@ fn config_check_prints_the_effective_configuration_masked_or_names_the_bad_setti
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("smtp.timeout_secs must be between 1 and 3600 s (it is 0)"), "{stderr}");
 }
+
+/// Peak resident memory of process `pid` so far (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("VmHWM");
+    kb.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() * 1024
+}
+
+/// `POST /provision` used to hold the whole upload in memory (a 1 GB upload took the
+/// process to 3.2 GB). Now it is imported as it arrives: 100 MiB past the 1 GiB limit,
+/// the lines before the limit are applied, the answer is a 413 that says so, and the
+/// engine's peak memory grew by a few MiB, not by the upload.
+#[test]
+fn r_l3_an_upload_past_the_provisioning_limit_is_a_413_and_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Running::start(
+        callnotify(&dir.path().join("store"))
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info"),
+    );
+    let metrics = serve
+        .read_log_until(|l| l.contains("IVR API listening"))
+        .iter()
+        .find_map(|l| l.split_once("metrics endpoint listening url=http://").map(|(_, u)| u.trim().to_owned()))
+        .expect("serve logs its metrics endpoint");
+    let metrics = metrics.trim_end_matches("/metrics").to_owned();
+    let before = peak_rss(serve.child.id());
+
+    let size = engine::ops::MAX_UPLOAD + (100 << 20);
+    let mut stream = std::net::TcpStream::connect(&metrics).unwrap();
+    write!(
+        stream,
+        "POST /provision HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nContent-Length: {size}\r\n\
+         Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let first = format!("{}\n", line(0));
+    stream.write_all(first.as_bytes()).unwrap();
+    // Then blank lines of 1 KiB, a MiB at a time.
+    let blank: Vec<u8> = (0..1024).flat_map(|_| std::iter::repeat_n(b' ', 1023).chain([b'\n'])).collect();
+    let mut sent = first.len();
+    while sent < size {
+        let n = blank.len().min(size - sent);
+        stream.write_all(&blank[..n]).unwrap();
+        sent += n;
+    }
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let after = peak_rss(serve.child.id());
+    println!("peak RSS before the upload {} MiB, after {} MiB", before >> 20, after >> 20);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("larger than 1024 MiB") && answer.contains(r#""lines":1"#), "{answer}");
+    assert!(after - before < 64 << 20, "the upload was not held: {} MiB more", (after - before) >> 20);
+}

@@ -144,6 +144,10 @@ pub struct EngineSettings {
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
     pub listen: SocketAddr,
+    /// When set, `POST /provision` wants it as a bearer token (`provision import --url`
+    /// sends it).
+    #[serde(default)]
+    pub provision_token: Secret,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -359,8 +363,10 @@ fn masked(mut table: toml::Table) -> String {
             *v = toml::Value::String("***".into());
         }
     };
-    if let Some(password) = table.get_mut("smtp").and_then(|t| t.get_mut("password")) {
-        mask(password);
+    for (section, key) in [("smtp", "password"), ("metrics", "provision_token")] {
+        if let Some(secret) = table.get_mut(section).and_then(|t| t.get_mut(key)) {
+            mask(secret);
+        }
     }
     if let Some(toml::Value::Table(properties)) = table.get_mut("kafka").and_then(|t| t.get_mut("properties")) {
         properties.iter_mut().filter(|(k, _)| is_secret_property(k)).for_each(|(_, v)| mask(v));

@@ -5,24 +5,33 @@
 
 use std::net::SocketAddr;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
+use crate::config::Secret;
 use crate::provision::{import, ImportReport};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
-/// Largest provisioning upload: a few million lines of JSON.
-const MAX_UPLOAD: usize = 1 << 30;
+/// Largest provisioning upload: a few million lines of JSON. The upload is imported as
+/// it arrives, never held whole: memory stays at a few chunks and one line whatever
+/// the size; past this many bytes the rest is refused (413).
+pub const MAX_UPLOAD: usize = 1 << 30;
+
+/// Chunks of an upload on their way to the import: what memory an upload takes.
+const CHUNKS_IN_FLIGHT: usize = 4;
 
 #[derive(Clone)]
 struct Ops {
     metrics: Metrics,
     store: Store,
+    /// `metrics.provision_token`: when set, `POST /provision` wants it as a bearer token.
+    token: Secret,
+    max_upload: usize,
 }
 
 /// What `POST /provision` answers, and what the CLI prints from it.
@@ -30,8 +39,15 @@ struct Ops {
 pub struct ProvisionResponse {
     pub lines: usize,
     pub numbers: usize,
-    /// `{line, reason}` of every input line not applied.
+    /// `{line, reason}` of the input lines not applied (the first
+    /// [`crate::provision::MAX_LISTED`]).
     pub rejected: Vec<Rejected>,
+    /// Lines rejected beyond those listed.
+    #[serde(default)]
+    pub rejected_not_listed: usize,
+    /// Why the upload was cut short (413), if it was: the lines before the cut applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -43,22 +59,24 @@ pub struct Rejected {
 impl From<ImportReport> for ProvisionResponse {
     fn from(r: ImportReport) -> Self {
         let rejected = r.rejected.into_iter().map(|(line, reason)| Rejected { line, reason }).collect();
-        Self { lines: r.lines, numbers: r.numbers, rejected }
+        Self { lines: r.lines, numbers: r.numbers, rejected, rejected_not_listed: r.rejected_not_listed, error: None }
     }
 }
 
 /// Serves until `shutdown`; returns the bound address (useful with port 0).
 pub async fn serve(
-    listen: SocketAddr,
+    settings: &crate::config::MetricsSettings,
     metrics: Metrics,
     store: Store,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let ops = Ops { metrics, store, token: settings.provision_token.clone(), max_upload: MAX_UPLOAD };
+    let listen = settings.listen;
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/provision", post(provision).layer(DefaultBodyLimit::max(MAX_UPLOAD)))
-        .with_state(Ops { metrics, store });
+        .route("/provision", post(provision))
+        .with_state(ops);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -74,14 +92,72 @@ async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
 }
 
 /// JSON Lines in, the import report out: 200 if every line was applied, 422 if some
-/// were rejected (the others are applied), 500 if the store failed.
-async fn provision(State(ops): State<Ops>, body: Bytes) -> impl IntoResponse {
+/// were rejected (the others are applied), 413 past [`MAX_UPLOAD`] bytes (the lines
+/// before applied), 500 if the store failed. Only for the operator's tools: a browser's
+/// request (one with `Origin` or `Sec-Fetch-Site`), or a body that is not JSON Lines, is
+/// refused before anything is read, so no web page open on the operator's machine can
+/// change subscribers' data; with `metrics.provision_token` set, the token is needed.
+async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Response {
+    if let Err((status, why)) = ops.admit(&headers) {
+        return (status, Json(serde_json::json!({"error": why}))).into_response();
+    }
+    let (sender, incoming) = tokio::sync::mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
+    // Dropped when the upload ends or passes the limit: the import ends with what it has.
+    let mut chunks = Some(sender);
     let store = ops.store.clone();
-    match tokio::task::spawn_blocking(move || import(&store, body.as_ref())).await {
+    let importing = tokio::task::spawn_blocking(move || {
+        import(&store, std::io::BufReader::new(ChunkReader { incoming, chunk: Bytes::new() }))
+    });
+    let (mut received, mut cut) = (0usize, None);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                cut = Some((StatusCode::BAD_REQUEST, format!("the upload broke off after {received} bytes: {e}")));
+                break;
+            }
+        };
+        received += chunk.len();
+        if cut.is_some() {
+            // Past the limit the rest is read and dropped, so the client gets its 413
+            // instead of a reset; up to four times the limit, then the connection ends.
+            if received > ops.max_upload.saturating_mul(5) {
+                break;
+            }
+            continue;
+        }
+        if received > ops.max_upload {
+            cut = Some((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the upload is larger than {} MiB: the lines before that were applied (the last one may be \
+                     cut short and rejected); send the rest as a file of its own",
+                    ops.max_upload >> 20
+                ),
+            ));
+            chunks = None;
+            continue;
+        }
+        let Some(sender) = &chunks else { break };
+        if sender.send(chunk).await.is_err() {
+            break; // the import ended early: the store failed
+        }
+    }
+    drop(chunks);
+    match importing.await {
         Ok(Ok(report)) => {
-            let response = ProvisionResponse::from(report);
+            let mut response = ProvisionResponse::from(report);
+            let status = match cut {
+                Some((status, why)) => {
+                    tracing::warn!(received, lines = response.lines, "provisioning upload cut short: {why}");
+                    response.error = Some(why);
+                    status
+                }
+                None if response.rejected.is_empty() => StatusCode::OK,
+                None => StatusCode::UNPROCESSABLE_ENTITY,
+            };
             tracing::info!(lines = response.lines, rejected = response.rejected.len(), "provisioned over HTTP");
-            let status = if response.rejected.is_empty() { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY };
             (status, Json(serde_json::to_value(response).expect("report serialises"))).into_response()
         }
         Ok(Err(e)) => {
@@ -91,6 +167,68 @@ async fn provision(State(ops): State<Ops>, body: Bytes) -> impl IntoResponse {
         Err(e) => {
             (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"error": e.to_string()}))).into_response()
         }
+    }
+}
+
+impl Ops {
+    /// Refuses a request that is not from the operator's tools (see [`provision`]).
+    fn admit(&self, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+        let refuse = |status: StatusCode, why: &'static str| Err((status, why));
+        if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "a browser may not provision: use `callnotify provision import --url`",
+            );
+        }
+        let token = self.token.expose();
+        if !token.is_empty() {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let matches = given.is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes()));
+            if !matches {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "metrics.provision_token is set: send it as `Authorization: Bearer …`",
+                );
+            }
+        }
+        let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if !["application/x-ndjson", "application/jsonl", "application/json"].contains(&media.as_str()) {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send JSON Lines as Content-Type: application/x-ndjson (or application/json)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken does not tell
+/// how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The upload's chunks as a blocking reader, for the import on its blocking thread.
+struct ChunkReader {
+    incoming: tokio::sync::mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.incoming.blocking_recv() {
+                Some(chunk) => self.chunk = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len());
+        out[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
     }
 }
 
@@ -105,8 +243,9 @@ pub enum ClientError {
     Answer { status: u16, body: String },
 }
 
-/// Sends JSON Lines to a running engine's `POST /provision` (blocking; for the CLI).
-pub fn post_provision(url: &str, jsonl: &[u8]) -> Result<ProvisionResponse, ClientError> {
+/// Sends JSON Lines to a running engine's `POST /provision` (blocking; for the CLI), with
+/// `token` (`metrics.provision_token`) as a bearer token if it is not empty.
+pub fn post_provision(url: &str, jsonl: &[u8], token: &str) -> Result<ProvisionResponse, ClientError> {
     use std::io::{Read, Write};
     let authority = url
         .strip_prefix("http://")
@@ -115,10 +254,11 @@ pub fn post_provision(url: &str, jsonl: &[u8]) -> Result<ProvisionResponse, Clie
         .ok_or_else(|| ClientError::Url(url.to_owned()))?;
     let io = |source| ClientError::Io { url: url.to_owned(), source };
     let mut stream = std::net::TcpStream::connect(authority).map_err(io)?;
+    let authorization = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
     write!(
         stream,
         "POST /provision HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/x-ndjson\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+         {authorization}Content-Length: {}\r\nConnection: close\r\n\r\n",
         jsonl.len()
     )
     .map_err(io)?;
@@ -128,7 +268,9 @@ pub fn post_provision(url: &str, jsonl: &[u8]) -> Result<ProvisionResponse, Clie
     let status: u16 = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     match status {
-        200 | 422 => serde_json::from_str(body).map_err(|_| ClientError::Answer { status, body: body.to_owned() }),
+        200 | 413 | 422 => {
+            serde_json::from_str(body).map_err(|_| ClientError::Answer { status, body: body.to_owned() })
+        }
         _ => Err(ClientError::Answer { status, body: body.to_owned() }),
     }
 }

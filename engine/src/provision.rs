@@ -52,8 +52,53 @@ pub struct ImportReport {
     pub lines: usize,
     /// Phone numbers in the applied lines.
     pub numbers: usize,
-    /// (1-based input line number, reason) of each line not applied.
+    /// (1-based input line number, reason) of each line not applied, the first
+    /// [`MAX_LISTED`] of them.
     pub rejected: Vec<(usize, String)>,
+    /// Lines rejected beyond those listed.
+    pub rejected_not_listed: usize,
+}
+
+/// Rejected lines listed with their reason; more are only counted, so a huge file of
+/// bad lines cannot fill memory with reasons.
+pub const MAX_LISTED: usize = 10_000;
+
+/// The longest input line read: a line (回線) with every number and setting takes a few
+/// KiB. A longer one is rejected without being held in memory.
+pub const MAX_LINE: usize = 1 << 20;
+
+impl ImportReport {
+    fn reject(&mut self, line: usize, reason: String) {
+        if self.rejected.len() < MAX_LISTED {
+            self.rejected.push((line, reason));
+        } else {
+            self.rejected_not_listed += 1;
+        }
+    }
+}
+
+/// Reads one line (up to `\n`) into `out`, keeping at most `max` bytes of it; returns
+/// whether there was a line, and whether it was longer than `max`.
+fn read_line(input: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> std::io::Result<Option<bool>> {
+    let (mut any, mut too_long) = (false, false);
+    loop {
+        let available = input.fill_buf()?;
+        if available.is_empty() {
+            return Ok(any.then_some(too_long));
+        }
+        any = true;
+        let (taken, end) = match memchr::memchr(b'\n', available) {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        let room = max.saturating_sub(out.len());
+        out.extend_from_slice(&available[..taken.min(room)]);
+        too_long |= taken > room;
+        input.consume(taken);
+        if end {
+            return Ok(Some(too_long));
+        }
+    }
 }
 
 /// Why an import stopped early: only reading the input or writing the store can.
@@ -75,24 +120,26 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
     let mut bytes = Vec::new();
     for line in 1.. {
         bytes.clear();
-        if input.read_until(b'\n', &mut bytes).map_err(|source| ImportError::Read { line, source })? == 0 {
-            break;
+        let read =
+            read_line(&mut input, &mut bytes, MAX_LINE + 2).map_err(|source| ImportError::Read { line, source })?;
+        let Some(too_long) = read else { break };
+        if too_long {
+            report.reject(line, format!("longer than {} KiB: not a line of this format", MAX_LINE >> 10));
+            continue;
         }
         let raw = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let text = match std::str::from_utf8(raw) {
             _ if raw.starts_with(BOM) => {
-                report.rejected.push((
+                report.reject(
                     line,
                     "starts with a UTF-8 byte order mark (BOM): save the file as UTF-8 without a BOM".into(),
-                ));
+                );
                 continue;
             }
             Ok(text) => text,
             Err(e) => {
-                report
-                    .rejected
-                    .push((line, format!("not valid UTF-8 (from byte {} of the line on)", e.valid_up_to() + 1)));
+                report.reject(line, format!("not valid UTF-8 (from byte {} of the line on)", e.valid_up_to() + 1));
                 continue;
             }
         };
@@ -105,10 +152,10 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
                     report.lines += 1;
                     report.numbers += numbers.len();
                 }
-                Err(StoreError::Invalid(reason)) => report.rejected.push((line, reason)),
+                Err(StoreError::Invalid(reason)) => report.reject(line, reason),
                 Err(source) => return Err(ImportError::Store { line, source }),
             },
-            Err(reason) => report.rejected.push((line, reason)),
+            Err(reason) => report.reject(line, reason),
         }
     }
     Ok(report)
@@ -162,7 +209,7 @@ mod tests {
     fn r_l3_the_documented_example_imports() {
         let store = Store::temporary().unwrap();
         let report = import(&store, EXAMPLE.as_bytes()).unwrap();
-        assert_eq!(report, ImportReport { lines: 1, numbers: 2, rejected: vec![] });
+        assert_eq!(report, ImportReport { lines: 1, numbers: 2, ..Default::default() });
         let first = store.number(&n("0312345678")).unwrap().unwrap();
         assert!(first.call.enabled && first.call.missed_only);
         let second = store.number(&n("0312345679")).unwrap().unwrap();

@@ -201,7 +201,7 @@ impl Application {
         }
 
         let (metrics_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (metrics_addr, metrics_task) = ops::serve(settings.metrics.listen, metrics.clone(), store.clone(), async {
+        let (metrics_addr, metrics_task) = ops::serve(&settings.metrics, metrics.clone(), store.clone(), async {
             let _ = stopped.await;
         })
         .await

@@ -4,7 +4,7 @@
 use crate::helpers::*;
 
 async fn post(url: String, jsonl: String) -> engine::ops::ProvisionResponse {
-    tokio::task::spawn_blocking(move || engine::ops::post_provision(&url, jsonl.as_bytes()))
+    tokio::task::spawn_blocking(move || engine::ops::post_provision(&url, jsonl.as_bytes(), ""))
         .await
         .unwrap()
         .expect("the endpoint answers")
@@ -36,4 +36,48 @@ async fn r_l3_lines_provisioned_over_http_govern_the_next_cdr() {
     let stopped = engine.stop().await;
     assert_eq!(stopped.metric(r#"callnotify_cdrs_filtered_total{reason="stopped"}"#), 1.0, "p-1 was filtered");
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0, "only p-2 was notified");
+}
+
+/// One raw request to `addr`; the status code and body of the answer.
+async fn raw_post(addr: std::net::SocketAddr, headers: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /provision HTTP/1.1\r\nHost: x\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, answer.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_owned()))
+}
+
+/// Any web page open on the operator's machine could post to the operator endpoint
+/// (a form, or `text/plain` without a preflight) and rewrite subscribers' addresses.
+/// A browser's request (it sends `Origin` or `Sec-Fetch-Site`) and a body that is not
+/// JSON Lines are refused before anything is read; with `metrics.provision_token` set,
+/// the token is needed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_provisioning_refuses_cross_site_requests_other_bodies_and_a_missing_token() {
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__METRICS__PROVISION_TOKEN", "op-token-1")]).await;
+    let line = Subscriber::new("0312345678", &[("attacker@evil.example", true)]).line();
+    let ndjson = "Content-Type: application/x-ndjson\r\nAuthorization: Bearer op-token-1\r\n";
+    for (headers, status) in [
+        ("Content-Type: text/plain\r\nAuthorization: Bearer op-token-1\r\nOrigin: http://evil.example\r\n", 403),
+        (&format!("{ndjson}Sec-Fetch-Site: cross-site\r\n"), 403),
+        ("Content-Type: application/x-www-form-urlencoded\r\nAuthorization: Bearer op-token-1\r\n", 415),
+        ("Content-Type: application/x-ndjson\r\n", 401),
+        ("Content-Type: application/x-ndjson\r\nAuthorization: Bearer op-token-2\r\n", 401),
+    ] {
+        let (got, body) = raw_post(engine.metrics_addr, headers, &line).await;
+        assert_eq!(got, status, "{headers:?}: {body}");
+    }
+    assert!(engine.store.number(&"0312345678".parse().unwrap()).unwrap().is_none(), "nothing was applied");
+
+    let (got, body) = raw_post(engine.metrics_addr, ndjson, &line).await;
+    assert_eq!(got, 200, "{body}");
+    assert!(engine.store.number(&"0312345678".parse().unwrap()).unwrap().is_some());
+    engine.stop().await;
 }
