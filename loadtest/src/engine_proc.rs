@@ -28,14 +28,12 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
+    /// The settings every command shares: the store, the mail server and the limits.
+    /// The Kafka settings are `serve`'s alone: a mode seeds the store before it has
+    /// chosen the topic and group it reads (and the engine refuses empty ones).
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
-        let topics = format!(r#"[{{name="{}",format="{}"}}]"#, self.topic, self.format);
         cmd.current_dir(&self.workdir)
-            .env("CALLNOTIFY__KAFKA__BROKERS", &self.brokers)
-            .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
-            .env("CALLNOTIFY__KAFKA__TOPICS", topics)
-            .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", format!("{}-dead-letter", self.topic))
             .env("CALLNOTIFY__STORE__PATH", self.workdir.join("store"))
             .env("CALLNOTIFY__STORE__CACHE_CAPACITY", self.cache_capacity.to_string())
             .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
@@ -84,7 +82,18 @@ impl EngineConfig {
     /// directory (a run of several rounds keeps every round's).
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.workdir.join("engine.log"))?;
-        let child = self.command().arg("serve").stdout(Stdio::null()).stderr(log).spawn().context("starting serve")?;
+        let topics = format!(r#"[{{name="{}",format="{}"}}]"#, self.topic, self.format);
+        let child = self
+            .command()
+            .env("CALLNOTIFY__KAFKA__BROKERS", &self.brokers)
+            .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
+            .env("CALLNOTIFY__KAFKA__TOPICS", topics)
+            .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", format!("{}-dead-letter", self.topic))
+            .arg("serve")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting serve")?;
         Ok(EngineProcess { child, metrics: self.metrics })
     }
 }

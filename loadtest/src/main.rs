@@ -285,6 +285,26 @@ mod tests {
         assert!(common("kafka.example.com:9092").check_loopback().is_err());
     }
 
+    /// Every mode seeds the store before it picks the topic and group a round reads:
+    /// the seeding must not hand the engine those (still empty) Kafka settings, which
+    /// it refuses (`ingest` and `smtp` failed so, with "kafka.group_id must not be
+    /// empty"). Runs the workspace's `callnotify`, which `cargo test --workspace` builds.
+    #[tokio::test]
+    async fn the_store_is_seeded_before_a_round_has_chosen_its_topic_and_group() {
+        let binary = std::env::current_exe().unwrap().parent().unwrap().with_file_name("callnotify");
+        assert!(binary.exists(), "{} not built: run `cargo test --workspace`", binary.display());
+        let workdir = std::env::temp_dir().join(format!("loadtest-seed-{}", std::process::id()));
+        std::fs::create_dir_all(&workdir).unwrap();
+        let common = Common { engine: Some(binary), workdir: Some(workdir.clone()), ..common("") };
+        let setup = common.prepare(&[]).await.unwrap();
+        let config = common.engine_config(&setup, "127.0.0.1:25".parse().unwrap(), "seed.example.jp").unwrap();
+        assert!(config.group.is_empty() && config.topic.is_empty());
+        let population = Population { numbers: 50, subscribed: 0.5 };
+        let said = config.seed(&population).unwrap();
+        assert!(said.contains("imported"), "{said}");
+        std::fs::remove_dir_all(workdir).unwrap();
+    }
+
     /// On brokers of the user's, a run reads topics of its own, created with the asked
     /// partitions (the engine creates none and checks them at start), never a topic an
     /// earlier run left CDRs in. The mock cluster cannot create topics on request: this
