@@ -399,3 +399,35 @@ fn r_l3_an_upload_past_the_provisioning_limit_is_a_413_and_memory_stays_bounded(
     assert!(answer.contains("larger than 1024 MiB") && answer.contains(r#""lines":1"#), "{answer}");
     assert!(after - before < 64 << 20, "the upload was not held: {} MiB more", (after - before) >> 20);
 }
+
+/// A second `serve` on a store in use got sled's raw lock error, and OS errors were
+/// printed twice (the error's text and its cause's). Now it names what to look for,
+/// and each cause shows once.
+#[test]
+fn a_second_serve_on_the_same_store_says_which_process_to_stop_and_errors_print_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let first = Running::start(
+        callnotify(&store)
+            .arg("serve")
+            .current_dir(dir.path())
+            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info"),
+    );
+    first.read_log_until(|l| l.contains("IVR API listening"));
+    let second = callnotify(&store)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+        .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(error.contains("is another `callnotify serve`"), "{error}");
+    assert_eq!(error.matches("could not acquire lock").count(), 1, "{error}");
+}

@@ -132,7 +132,13 @@ impl Application {
             Ok::<_, crate::store::StoreError>((store, resolver))
         })
         .await?
-        .with_context(|| format!("opening the store at {}", settings.store.path.display()))?;
+        .with_context(|| {
+            format!(
+                "opening the store at {} (one process at a time: is another `callnotify serve`, or a \
+                 `provision import` without --url, using it?)",
+                settings.store.path.display()
+            )
+        })?;
         let metrics = Metrics::new();
 
         let kafka = &settings.kafka;
