@@ -12,7 +12,7 @@ use engine::address::DestinationAddress;
 use engine::decode::{decode, CdrFormat};
 use engine::filter::decide;
 use engine::phone::PhoneNumber;
-use engine::pipeline::{classify, Verdict};
+use engine::pipeline::{classify, Now, Verdict};
 use engine::render::Renderer;
 use engine::resolve::Resolver;
 use engine::store::Store;
@@ -116,19 +116,21 @@ fn stage_benches(c: &mut Criterion) {
         (0..count).filter(|i| !subscribed(*i)).take(BATCH).map(|i| canonical_cdr(i, &number(i))).collect();
     let matching: Vec<Vec<u8>> =
         (0..count).filter(|i| subscribed(*i)).take(BATCH).map(|i| canonical_cdr(i, &number(i))).collect();
+    // The clock a minute after the CDRs' calls ended, with the default maximum age.
+    let at = Now { now: call.ended_at + chrono::TimeDelta::minutes(1), max_age: chrono::TimeDelta::hours(24) };
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function("non_matching", |b| {
         b.iter(|| {
             for p in &non_matching {
-                assert!(matches!(classify(CdrFormat::Canonical, p, &resolver).unwrap(), Verdict::Filtered(_)));
+                assert!(matches!(classify(CdrFormat::Canonical, p, &resolver, at).unwrap(), Verdict::Filtered(_)));
             }
         })
     });
     group.bench_function("matching_with_render", |b| {
         b.iter(|| {
             for p in &matching {
-                let Verdict::Notify { call, subscription } = classify(CdrFormat::Canonical, p, &resolver).unwrap()
+                let Verdict::Notify { call, subscription } = classify(CdrFormat::Canonical, p, &resolver, at).unwrap()
                 else {
                     panic!("subscribed number not notified")
                 };

@@ -106,6 +106,7 @@ fn setup_on(
         protocol: GroupProtocol::Classic,
         smtp: sink.addr,
         dir: dir.path.join("a"),
+        store: None,
     };
     spec.provision(&subscribers.iter().map(Subscriber::line).collect::<Vec<_>>());
     (sink, spec, dir)
@@ -347,6 +348,119 @@ fn poison_messages_go_to_the_dead_letter_topic_and_every_good_cdr_is_notified() 
     }
     assert_eq!(engine.metric("callnotify_dead_letters_total{kind=\"cdr\"}"), BAD as f64);
     assert!(engine.terminate());
+}
+
+/// A full disk (README, delivery guarantees): the store's file system, a 64 MiB tmpfs,
+/// is filled by another writer while CDRs keep coming. The engine stops reading with
+/// less than `store.min_free_mb` free, says why on `/healthz` (503) and in
+/// `callnotify_store_disk_low`, keeps its endpoints up, and once the space is freed reads
+/// on by itself: every mail arrives once. It used to write on into the full disk and
+/// exit 1 (`No space left on device`), the operator endpoint with it.
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn a_full_disk_pauses_reading_shows_why_and_every_mail_arrives_once_when_space_is_freed() {
+    let subs = every_call_subscribers("036", 50);
+    let (sink, spec, dir) = setup("disk", 2, &[]);
+    let disk = SmallDisk::mount(&dir.path.join("small"), 64);
+    let spec = EngineSpec { store: Some(disk.path.join("store")), ..spec };
+    spec.provision(&subs.iter().map(Subscriber::line).collect::<Vec<_>>());
+    let engine = spec.start_with(&[("CALLNOTIFY__STORE__MIN_FREE_MB", "16")]);
+    let cdrs = Cdrs::new(&spec.brokers, &spec.topic);
+    let send = |from: usize, count: usize| -> Vec<String> {
+        (from..from + count)
+            .map(|i| {
+                let s = &subs[i % subs.len()];
+                let call_id = format!("disk-{i}");
+                cdrs.send(&s.number, &cdr(&call_id, &s.number, Some("09012345678"), false));
+                s.message_id(&call_id)
+            })
+            .collect()
+    };
+
+    let before = send(0, 200);
+    cdrs.flush();
+    assert_eq!(tally(&before, &sink.wait_for(&before)), (0, 0, 0));
+    assert_eq!(engine.health(), (200, "ok\n".to_owned()));
+
+    let filler = disk.fill_leaving(8 << 20);
+    engine.wait_metric("callnotify_store_disk_low", 1.0);
+    let (status, why) = engine.health();
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("below store.min_free_mb (16 MiB)"), "{why}");
+    // The consumer thread pauses at its next turn (the flag is looked at every second).
+    engine.wait_metric("callnotify_consumer_paused{consumer=\"0\"}", 1.0);
+    let consumed = engine.metric("callnotify_cdrs_consumed_total");
+
+    // Traffic goes on into the full disk: none of it is read meanwhile.
+    let during = send(200, 300);
+    cdrs.flush();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(engine.metric("callnotify_cdrs_consumed_total"), consumed, "no CDR read on a low disk");
+    let arrived = sink.message_ids();
+    assert!(during.iter().all(|id| !arrived.contains_key(id)), "no mail of a CDR sent on a low disk");
+
+    std::fs::remove_file(filler).unwrap();
+    engine.wait_metric_until("callnotify_store_disk_low", "fell to 0", |v| v == 0.0);
+    let all: Vec<String> = before.into_iter().chain(during).collect();
+    assert_eq!(tally(&all, &sink.wait_for(&all)), (0, 0, 0));
+    assert_eq!(engine.health(), (200, "ok\n".to_owned()));
+    println!("full disk: paused at {consumed} CDRs, 300 sent meanwhile; all 500 mails once after the space was freed");
+    assert!(engine.terminate());
+    assert!(!spec.log().contains("No space left"), "the store never met the full disk");
+    // The consumer properties the suite sets are not handed to the dead-letter producer.
+    assert!(!spec.log().contains("CONFWARN"), "{}", spec.log());
+}
+
+/// A full disk during `provision import`: sled writes in the background, so the failure
+/// shows at a later line than the first one lost (a probe saw line 1495 named when
+/// 1494 was not stored either). The import flushes every 1 000 lines and its error
+/// names the first line not known to be on disk; given room again, the store opens and
+/// has every line before it, and importing the file again completes.
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn an_import_into_a_full_disk_names_the_lines_on_disk_and_they_are() {
+    let dir = Workdir::new("import-full");
+    let disk = SmallDisk::mount(&dir.path.join("small"), 24);
+    let store = disk.path.join("store");
+    let subs = every_call_subscribers("037", 100_000);
+    let file = dir.path.join("lines.jsonl");
+    std::fs::write(&file, subs.iter().map(Subscriber::line).collect::<Vec<_>>().join("\n")).unwrap();
+    let import = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_callnotify"))
+            .env("CALLNOTIFY__STORE__PATH", &store)
+            .args(["provision", "import"])
+            .arg(&file)
+            .output()
+            .expect("provision import")
+    };
+
+    let out = import();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the import cannot fit in 24 MiB: {stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let from: usize = stderr
+        .split("the lines before line ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("the error names the lines on disk: {stderr}"));
+    assert!(from > 1_000, "some checkpoints passed: {stderr}");
+
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=512m"])
+        .arg(&disk.path)
+        .status()
+        .expect("remount");
+    assert!(status.success());
+    {
+        let opened = engine::store::Store::open(&store).expect("the store opens after the full disk");
+        for s in &subs[..from - 1] {
+            let number = engine::phone::PhoneNumber::parse(&s.number).unwrap();
+            assert!(opened.number(&number).unwrap().is_some(), "line of {} said stored, and is not", s.number);
+        }
+    }
+    let again = import();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    println!("import into a full disk: failed naming line {from} as the first not known stored; all before it were");
 }
 
 /// Two engines in one group speaking `protocol`, one SIGKILLed mid-stream: the other

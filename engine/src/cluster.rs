@@ -39,6 +39,47 @@ pub fn client_config(brokers: &str, defaults: &[(&str, &str)], properties: &BTre
     config
 }
 
+/// librdkafka properties only a consumer reads (librdkafka's CONFIGURATION.md, "C").
+/// `kafka.properties` serves both clients; a producer given these logs a CONFWARN for
+/// each at every start, noise that hides the warnings that matter.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "group.protocol",
+    "group.protocol.type",
+    "group.remote.assignor",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "auto.offset.reset",
+];
+
+/// `properties` without the consumer-only ones: what a producer is given.
+pub fn producer_properties(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    properties
+        .iter()
+        .filter(|(k, _)| !CONSUMER_ONLY.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// What the start-up check found wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -124,6 +165,26 @@ pub fn check_topics(config: &ClientConfig, topics: &[(&str, &str)]) -> Result<()
 mod tests {
     use super::*;
     use crate::embedded::EmbeddedKafka;
+
+    /// The operator's `kafka.properties` serve the consumers and the dead-letter
+    /// producer: the producer gets the ones it reads (security among them) and no
+    /// consumer-only ones, for which it logged a CONFWARN each at every start.
+    #[test]
+    fn the_producer_is_not_given_consumer_properties() {
+        let properties: BTreeMap<String, String> = [
+            ("session.timeout.ms", "6000"),
+            ("heartbeat.interval.ms", "500"),
+            ("max.poll.interval.ms", "10000"),
+            ("fetch.wait.max.ms", "20"),
+            ("security.protocol", "plaintext"),
+            ("client.id", "callnotify-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let given = producer_properties(&properties);
+        assert_eq!(given.keys().map(String::as_str).collect::<Vec<_>>(), ["client.id", "security.protocol"]);
+    }
 
     #[test]
     fn a_missing_topic_is_named_with_its_config_key_and_present_ones_pass() {

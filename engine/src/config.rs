@@ -87,6 +87,9 @@ pub struct StoreSettings {
     /// Above 0, sent records are flushed together at most this often under load (ms):
     /// a crash can then resend the mails of that long; see README, flush policy.
     pub group_commit_ms: u64,
+    /// Below this much free space (MiB) on the store's file system no CDR is read, so the
+    /// mails on their way have room for their records ([`crate::disk`]); 0: no check.
+    pub min_free_mb: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -138,6 +141,10 @@ pub struct EngineSettings {
     pub max_in_flight: usize,
     /// Time allowed to finish in-flight mails at shutdown.
     pub shutdown_grace_secs: u64,
+    /// A call that ended longer ago than this when its CDR is read is not notified
+    /// (`filtered{reason="stale"}`): a mail about a day-old call helps nobody, and the
+    /// dedup window must reach past the oldest call notified (see [`Settings::validate`]).
+    pub max_call_age_hours: u64,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -295,9 +302,21 @@ impl Settings {
                 return Err(ConfigError::Invalid(format!("{key} must not be empty")));
             }
         }
-        if self.smtp.retry_give_up_secs >= self.store.sent_retention_days * 86_400 {
-            // A queued mail's sent record must outlive it, or a replay could queue it again.
-            return invalid("smtp.retry_give_up_secs must be shorter than store.sent_retention_days");
+        let (max_age, give_up) = (self.engine.max_call_age_hours * 3_600, self.smtp.retry_give_up_secs);
+        let (slack, retention) =
+            (crate::decode::FUTURE_SLACK.num_seconds() as u64, self.store.sent_retention_days * 86_400);
+        if max_age + slack + give_up >= retention {
+            // A sent record must outlive every reading of its CDR that could still
+            // notify: a call is notified up to max_call_age after its end, which may be
+            // dated up to a day after the record was made; a queued mail is retried up
+            // to give_up. Read after its record is pruned, the call is stale and sends
+            // nothing, so a CDR read twice sends once.
+            return Err(ConfigError::Invalid(format!(
+                "store.sent_retention_days ({retention} s) must be longer than engine.max_call_age_hours \
+                 ({max_age} s) plus a day (how far ahead of this clock a call may be dated) plus \
+                 smtp.retry_give_up_secs ({give_up} s): a CDR read again after its sent record is pruned \
+                 would send its mail again"
+            )));
         }
         if self.smtp.tls_ca_file.is_some() && self.smtp.tls == TlsMode::None {
             return invalid(
@@ -316,7 +335,7 @@ impl Settings {
 
 impl Settings {
     /// Every numeric setting with the values it may take and their unit.
-    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 15] {
+    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 17] {
         let (k, st, sm, e) = (&self.kafka, &self.store, &self.smtp, &self.engine);
         [
             ("kafka.embedded_partitions", k.embedded_partitions.max(0) as u64, 1..=1_000, "partitions"),
@@ -324,6 +343,7 @@ impl Settings {
             ("store.sled_cache_mb", st.sled_cache_mb, 1..=65_536, "MiB"),
             ("store.sent_retention_days", st.sent_retention_days, 1..=3_650, "days"),
             ("store.group_commit_ms", st.group_commit_ms, 0..=1_000, "ms"),
+            ("store.min_free_mb", st.min_free_mb, 0..=1_048_576, "MiB"),
             ("smtp.port", u64::from(sm.port), 1..=65_535, ""),
             ("smtp.pool_size", u64::from(sm.pool_size), 1..=1_000, "connections"),
             ("smtp.rate_per_second", u64::from(sm.rate_per_second), 1..=10_000_000, "mails a second"),
@@ -334,6 +354,7 @@ impl Settings {
             ("smtp.retry_give_up_secs", sm.retry_give_up_secs, 1..=315_360_000, "s"),
             ("engine.max_in_flight", e.max_in_flight as u64, 1..=10_000_000, "CDRs"),
             ("engine.shutdown_grace_secs", e.shutdown_grace_secs, 1..=3_600, "s"),
+            ("engine.max_call_age_hours", e.max_call_age_hours, 1..=87_600, "hours"),
         ]
     }
 }
@@ -539,6 +560,17 @@ mod tests {
             ),
             ("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", "", "kafka.dead_letter_topic must not be empty"),
             ("CALLNOTIFY__KAFKA__GROUP_ID", "", "kafka.group_id must not be empty"),
+            (
+                "CALLNOTIFY__ENGINE__MAX_CALL_AGE_HOURS",
+                "0",
+                "engine.max_call_age_hours must be between 1 and 87600 hours",
+            ),
+            (
+                "CALLNOTIFY__ENGINE__MAX_CALL_AGE_HOURS",
+                "121",
+                "store.sent_retention_days (604800 s) must be longer than engine.max_call_age_hours (435600 s) \
+                 plus a day (how far ahead of this clock a call may be dated) plus smtp.retry_give_up_secs (86400 s)",
+            ),
             ("CALLNOTIFY__SMTP__PORT", "abc", "smtp.port: invalid type: string \"abc\", expected u16"),
             ("CALLNOTIFY__METRICS__LISTEN", "nowhere", "metrics.listen: invalid socket address syntax"),
         ] {

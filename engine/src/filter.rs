@@ -19,11 +19,20 @@ pub enum Skip {
     Withheld,
     /// 指定した電話番号からの着信のみ is on and the caller is not designated (R-N4, R-N5).
     NotDesignated,
+    /// The call ended longer than `engine.max_call_age_hours` before its CDR was read.
+    Stale,
 }
 
 impl Skip {
-    pub const ALL: [Skip; 6] =
-        [Skip::NotSubscribed, Skip::Stopped, Skip::NoDestination, Skip::Answered, Skip::Withheld, Skip::NotDesignated];
+    pub const ALL: [Skip; 7] = [
+        Skip::NotSubscribed,
+        Skip::Stopped,
+        Skip::NoDestination,
+        Skip::Answered,
+        Skip::Withheld,
+        Skip::NotDesignated,
+        Skip::Stale,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -33,6 +42,7 @@ impl Skip {
             Skip::Answered => "answered",
             Skip::Withheld => "withheld",
             Skip::NotDesignated => "not_designated",
+            Skip::Stale => "stale",
         }
     }
 }

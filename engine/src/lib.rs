@@ -22,6 +22,7 @@
 //! - [`deliver`]: SMTP (or an outbox directory), rate limits, retries.
 //! - [`dead_letter`]: records of undecodable CDRs and refused mails (R-M4).
 //! - [`store`]: sled trees for lines, numbers and their settings, and sent records.
+//! - [`disk`]: free space on the store's file system; consumers pause when it is low.
 //! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.
 //! - [`embedded`]: librdkafka's mock cluster, when no brokers are configured.
@@ -40,6 +41,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod deliver;
 pub mod demo;
+pub mod disk;
 pub mod embedded;
 pub mod filter;
 pub mod ops;

@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use crate::config::Secret;
+use crate::disk::DiskWatch;
 use crate::provision::{import, ImportReport};
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -29,6 +30,8 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 struct Ops {
     metrics: Metrics,
     store: Store,
+    /// Whether CDRs are being read, for `/healthz`.
+    disk: DiskWatch,
     /// `metrics.provision_token`: when set, `POST /provision` wants it as a bearer token.
     token: Secret,
     max_upload: usize,
@@ -68,13 +71,14 @@ pub async fn serve(
     settings: &crate::config::MetricsSettings,
     metrics: Metrics,
     store: Store,
+    disk: DiskWatch,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let ops = Ops { metrics, store, token: settings.provision_token.clone(), max_upload: MAX_UPLOAD };
+    let ops = Ops { metrics, store, disk, token: settings.provision_token.clone(), max_upload: MAX_UPLOAD };
     let listen = settings.listen;
     let app = Router::new()
         .route("/metrics", get(metrics_text))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health))
         .route("/provision", post(provision))
         .with_state(ops);
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -85,6 +89,15 @@ pub async fn serve(
         }
     });
     Ok((addr, task))
+}
+
+/// `ok`, or what keeps the engine from reading CDRs, with 503. The process is alive
+/// either way: the site, the IVR and this endpoint keep serving.
+async fn health(State(ops): State<Ops>) -> Response {
+    match ops.disk.reason() {
+        None => "ok\n".into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("paused: {why}\n")).into_response(),
+    }
 }
 
 async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {

@@ -106,9 +106,20 @@ fn read_line(input: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> std::io
 pub enum ImportError {
     #[error("cannot read the input at line {line}: {source}")]
     Read { line: usize, source: std::io::Error },
-    #[error("store failed at input line {line}: {source}")]
-    Store { line: usize, source: StoreError },
+    #[error(
+        "store failed at input line {line}: {source}; the lines before line {from} are on disk, those from it on \
+         may not be: import the file again once the cause is fixed (lines already stored apply unchanged)"
+    )]
+    Store {
+        line: usize,
+        /// The first line not known to be on disk: everything before it was flushed.
+        from: usize,
+        source: StoreError,
+    },
 }
+
+/// Lines between two flushes of an import: a failure names the lines known stored.
+const CHECKPOINT_LINES: usize = 1_000;
 
 /// The UTF-8 byte order mark some editors put at the start of a file.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -118,11 +129,17 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, ImportError> {
     let mut report = ImportReport::default();
     let mut bytes = Vec::new();
+    // sled writes in the background: a full disk shows at a later write than the one
+    // it lost. So the import flushes every CHECKPOINT_LINES lines, and an error names
+    // the first line after the last flush that succeeded.
+    let (mut durable_before, mut since_flush) = (1, 0);
+    let mut last = 0;
     for line in 1.. {
         bytes.clear();
         let read =
             read_line(&mut input, &mut bytes, MAX_LINE + 2).map_err(|source| ImportError::Read { line, source })?;
         let Some(too_long) = read else { break };
+        last = line;
         if too_long {
             report.reject(line, format!("longer than {} KiB: not a line of this format", MAX_LINE >> 10));
             continue;
@@ -151,13 +168,19 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
                 Ok(()) => {
                     report.lines += 1;
                     report.numbers += numbers.len();
+                    since_flush += 1;
                 }
                 Err(StoreError::Invalid(reason)) => report.reject(line, reason),
-                Err(source) => return Err(ImportError::Store { line, source }),
+                Err(source) => return Err(ImportError::Store { line, from: durable_before, source }),
             },
             Err(reason) => report.reject(line, reason),
         }
+        if since_flush >= CHECKPOINT_LINES {
+            store.flush_blocking().map_err(|source| ImportError::Store { line, from: durable_before, source })?;
+            (durable_before, since_flush) = (line + 1, 0);
+        }
     }
+    store.flush_blocking().map_err(|source| ImportError::Store { line: last, from: durable_before, source })?;
     Ok(report)
 }
 

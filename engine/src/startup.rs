@@ -15,6 +15,7 @@ use crate::cluster;
 use crate::config::Settings;
 use crate::dead_letter::DeadLetters;
 use crate::deliver::Deliverer;
+use crate::disk::DiskWatch;
 use crate::embedded::EmbeddedKafka;
 use crate::ops;
 use crate::render::Renderer;
@@ -103,6 +104,8 @@ pub struct Application {
     metrics_task: tokio::task::JoinHandle<()>,
     /// Prunes old sent-mail records; stopped with the engine, as it holds the store.
     pruner: tokio::task::JoinHandle<()>,
+    /// Looks at the store's free space every second; stopped with the engine.
+    disk_watch: tokio::task::JoinHandle<()>,
     retries_stop: tokio::sync::oneshot::Sender<()>,
     retries: tokio::task::JoinHandle<()>,
     /// Kept alive while the engine runs, when it was started for us.
@@ -140,6 +143,11 @@ impl Application {
             )
         })?;
         let metrics = Metrics::new();
+        let disk = DiskWatch::new(&settings.store.path, settings.store.min_free_mb, metrics.clone());
+        disk.check();
+        if let Some(why) = disk.reason() {
+            tracing::warn!(reason = %why, "starting with the store's disk low: no CDR is read until there is room");
+        }
 
         let kafka = &settings.kafka;
         let embedded = if kafka.brokers.is_empty() {
@@ -181,7 +189,7 @@ impl Application {
                 // The engine never creates topics: a missing one is an error to see.
                 ("allow.auto.create.topics", "false"),
             ],
-            &kafka.properties,
+            &cluster::producer_properties(&kafka.properties),
         )
         .create()
         .context("creating the dead-letter producer")?;
@@ -207,14 +215,16 @@ impl Application {
         }
 
         let (metrics_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (metrics_addr, metrics_task) = ops::serve(&settings.metrics, metrics.clone(), store.clone(), async {
-            let _ = stopped.await;
-        })
-        .await
-        .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+        let (metrics_addr, metrics_task) =
+            ops::serve(&settings.metrics, metrics.clone(), store.clone(), disk.clone(), async {
+                let _ = stopped.await;
+            })
+            .await
+            .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
         tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "metrics endpoint listening");
 
         let pruner = tokio::spawn(prune_sent_records(store.clone(), settings.store.sent_retention_days));
+        let disk_watch = tokio::spawn(disk.clone().run());
 
         let stop = Arc::new(AtomicBool::new(false));
         let stages = Stages {
@@ -224,6 +234,8 @@ impl Application {
             dead_letters,
             metrics: metrics.clone(),
             runtime: tokio::runtime::Handle::current(),
+            max_call_age: chrono::TimeDelta::hours(settings.engine.max_call_age_hours as i64),
+            disk,
         };
         let options = SourceOptions {
             brokers: &bootstrap,
@@ -248,6 +260,7 @@ impl Application {
             metrics_stop,
             metrics_task,
             pruner,
+            disk_watch,
             retries_stop,
             retries,
             _embedded: embedded,
@@ -310,6 +323,8 @@ impl Application {
         let _ = ended_by(deadline, "the metrics endpoint", self.metrics_task).await?;
         self.pruner.abort();
         let _ = self.pruner.await;
+        self.disk_watch.abort();
+        let _ = self.disk_watch.await;
         if let Some(cluster) = self._embedded {
             // Its drop joins the mock cluster's thread: off the runtime.
             let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();

@@ -563,6 +563,21 @@ impl Store {
         Ok((pruned, seen == limit))
     }
 
+    /// The recipient of every mail handled at or after `since` (unix seconds), once per
+    /// mail: what flood control counted lately, for a restarted engine to go on from.
+    pub fn recipients_handled_since(&self, since: u64) -> Result<Vec<String>, StoreError> {
+        let mut recipients = Vec::new();
+        for entry in self.sent.by_handled.range(since.to_be_bytes()..).keys() {
+            let entry = entry?;
+            // handled (8) | call end (8) | called \0 call id \0 recipient
+            let Some(record) = entry.get(16..) else { continue };
+            if let Some(at) = memchr::memrchr(0, record) {
+                recipients.push(String::from_utf8_lossy(&record[at + 1..]).into_owned());
+            }
+        }
+        Ok(recipients)
+    }
+
     /// Like [`Store::prune_sent`] for the records of the earlier key layout, which has
     /// no time order: looks at up to `limit` records after `after` and removes those
     /// written before the cutoff; returns how many and where to go on (`None`: the end).

@@ -35,9 +35,11 @@ pub const OFFSETS_SKIPPED: &str = "callnotify_offsets_skipped_total";
 pub const RETRY_QUEUE: &str = "callnotify_retry_queue_mails";
 pub const SMTP_CONNECTIONS: &str = "callnotify_smtp_connections_opened_total";
 pub const SMTP_CIRCUIT_OPEN: &str = "callnotify_smtp_circuit_open";
+pub const STORE_FREE: &str = "callnotify_store_free_bytes";
+pub const STORE_DISK_LOW: &str = "callnotify_store_disk_low";
 
 /// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
-pub const REJECT_REASONS: [&str; 3] = ["syntax", "missing_field", "invalid_field"];
+pub const REJECT_REASONS: [&str; 4] = ["syntax", "missing_field", "invalid_field", "implausible_time"];
 /// Reasons a mail fails for good.
 /// `expired`: still failing temporarily at `smtp.retry_give_up_secs`.
 pub const FAIL_REASONS: [&str; 3] = ["permanent", "render", "expired"];
@@ -81,6 +83,8 @@ struct Inner {
     in_flight_count: OnceLock<Arc<AtomicUsize>>,
     retry_queue: Gauge,
     smtp_circuit_open: Gauge,
+    store_free: Gauge,
+    store_disk_low: Gauge,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("callnotify", Level::INFO, None);
@@ -180,6 +184,12 @@ impl Metrics {
             Some(Unit::Count),
             "Partitions assigned to each consumer thread (engine.consumers)".into(),
         );
+        r.describe_gauge(STORE_FREE.into(), Some(Unit::Bytes), "Bytes free on the store's file system".into());
+        r.describe_gauge(
+            STORE_DISK_LOW.into(),
+            None,
+            "1 while the store's file system has less than store.min_free_mb free and no CDR is read".into(),
+        );
         r.describe_gauge(
             CONSUMER_PAUSED.into(),
             None,
@@ -209,6 +219,8 @@ impl Metrics {
             in_flight_count: OnceLock::new(),
             retry_queue: r.register_gauge(&Key::from_static_name(RETRY_QUEUE), &METADATA),
             smtp_circuit_open: r.register_gauge(&Key::from_static_name(SMTP_CIRCUIT_OPEN), &METADATA),
+            store_free: r.register_gauge(&Key::from_static_name(STORE_FREE), &METADATA),
+            store_disk_low: r.register_gauge(&Key::from_static_name(STORE_DISK_LOW), &METADATA),
             recorder,
         };
         Self { inner: Arc::new(inner) }
@@ -301,6 +313,12 @@ impl Metrics {
         self.inner.offsets_skipped.increment(n);
     }
     /// The mail server's circuit breaker opened (the server is not answering) or closed.
+    pub fn store_free_bytes(&self, free: u64) {
+        self.inner.store_free.set(free as f64);
+    }
+    pub fn store_disk_low(&self, low: bool) {
+        self.inner.store_disk_low.set(if low { 1.0 } else { 0.0 });
+    }
     pub fn smtp_circuit_open(&self, open: bool) {
         self.inner.smtp_circuit_open.set(if open { 1.0 } else { 0.0 });
     }

@@ -190,7 +190,9 @@ fn bad_fixtures_fail_with_the_reason_in_their_name() {
             assert_eq!(err.reason(), reason, "{}/bad/{file}: {err}", format.as_str());
             let field = rest.split("--").next().unwrap();
             match &err {
-                DecodeError::Missing { field: got } | DecodeError::Invalid { field: got, .. } => {
+                DecodeError::Missing { field: got }
+                | DecodeError::Invalid { field: got, .. }
+                | DecodeError::Implausible { field: got, .. } => {
                     assert_eq!(*got, field, "{}/bad/{file}: {err}", format.as_str())
                 }
                 DecodeError::Syntax { format: got, .. } => assert_eq!(*got, format.as_str()),

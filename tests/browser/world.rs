@@ -206,17 +206,30 @@ pub async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// When this test process's calls started: ten minutes before it began, in whole
+/// seconds, the same for every CDR (a CDR built twice is the same CDR, as the engine's
+/// dedup needs). Recent, because the engine notifies calls up to
+/// `engine.max_call_age_hours` old.
+fn call_start() -> chrono::DateTime<chrono::FixedOffset> {
+    static START: std::sync::LazyLock<chrono::DateTime<chrono::FixedOffset>> = std::sync::LazyLock::new(|| {
+        let then = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() - 600, 0).expect("a time");
+        then.with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).expect("JST"))
+    });
+    *START
+}
+
 /// A canonical CDR (README "CDR formats") of a call to `called` from `caller`
-/// (presentation allowed) on 2026-11-24 10:00:00 JST; `outcome` as in the format.
+/// (presentation allowed) at [`call_start`]; `outcome` as in the format.
 pub fn cdr(call_id: &str, called: &str, caller: &str, outcome: &str) -> String {
+    let at = |secs| (call_start() + chrono::TimeDelta::seconds(secs)).to_rfc3339();
     serde_json::json!({
         "call_id": call_id,
         "called": called,
         "caller": caller,
         "presentation": "allowed",
-        "started_at": "2026-11-24T10:00:00+09:00",
-        "answered_at": (outcome == "answered").then_some("2026-11-24T10:00:05+09:00"),
-        "ended_at": "2026-11-24T10:00:31+09:00",
+        "started_at": at(0),
+        "answered_at": (outcome == "answered").then(|| at(5)),
+        "ended_at": at(31),
         "outcome": outcome,
     })
     .to_string()

@@ -332,6 +332,53 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A file system of a few MiB the test makes (a tmpfs, which needs root: CI runs as
+/// root), unmounted when dropped.
+pub struct SmallDisk {
+    pub path: PathBuf,
+}
+
+impl SmallDisk {
+    pub fn mount(path: &Path, mib: u64) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("running mount");
+        assert!(status.success(), "mounting a {mib} MiB tmpfs on {} (needs root)", path.display());
+        Self { path: path.to_owned() }
+    }
+
+    /// Bytes free for files.
+    pub fn free(&self) -> u64 {
+        let out = Command::new("df").args(["--output=avail", "-B1"]).arg(&self.path).output().expect("df");
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).expect("df's figure")
+    }
+
+    /// Writes a file that leaves about `leave` bytes free; returns its path.
+    pub fn fill_leaving(&self, leave: u64) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5a_u8; 1 << 20];
+        let mut left = self.free().saturating_sub(leave);
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            file.write_all(&chunk[..n]).unwrap();
+            left -= n as u64;
+        }
+        file.sync_all().unwrap();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -365,7 +412,10 @@ pub struct EngineSpec {
     pub group: String,
     pub protocol: GroupProtocol,
     pub smtp: SocketAddr,
+    /// Its engine log, and its store unless `store` says otherwise.
     pub dir: PathBuf,
+    /// Where the store lives when not in `dir` (a file system of the test's own).
+    pub store: Option<PathBuf>,
 }
 
 impl EngineSpec {
@@ -386,7 +436,7 @@ impl EngineSpec {
             GroupProtocol::Consumer => command.env("CALLNOTIFY__KAFKA__PROPERTIES__GROUP_PROTOCOL", "consumer"),
         };
         command
-            .env("CALLNOTIFY__STORE__PATH", self.dir.join("store"))
+            .env("CALLNOTIFY__STORE__PATH", self.store.clone().unwrap_or_else(|| self.dir.join("store")))
             .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
             .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
             .env("CALLNOTIFY__SMTP__FROM", format!("no-reply@{FROM_DOMAIN}"))
@@ -480,19 +530,38 @@ impl EngineProcess {
 
     /// One series of `/metrics` (0 until the endpoint answers).
     pub fn metric(&self, series: &str) -> f64 {
-        use std::io::{Read, Write};
-        let Ok(mut stream) = std::net::TcpStream::connect(self.metrics) else { return 0.0 };
-        let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n");
-        let mut text = String::new();
-        let _ = stream.read_to_string(&mut text);
+        let text = self.get("/metrics").map(|(_, body)| body).unwrap_or_default();
         engine::telemetry::series_value(&text, series).unwrap_or(0.0)
+    }
+
+    /// `/healthz`: its status and body.
+    pub fn health(&self) -> (u16, String) {
+        self.get("/healthz").expect("the operator endpoint answers")
+    }
+
+    /// A GET of the operator endpoint: status and body, `None` if it does not answer.
+    fn get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics).ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
     }
 
     /// Waits until `series` reaches `value`.
     pub fn wait_metric(&self, series: &str, value: f64) {
+        self.wait_metric_until(series, &format!("reached {value}"), |v| v >= value);
+    }
+
+    /// Waits until `series` satisfies `wanted` (described as `what`).
+    pub fn wait_metric_until(&self, series: &str, what: &str, wanted: impl Fn(f64) -> bool) {
         let deadline = Instant::now() + WAIT;
-        while self.metric(series) < value {
-            assert!(Instant::now() < deadline, "{series} never reached {value} (now {})", self.metric(series));
+        while !wanted(self.metric(series)) {
+            assert!(Instant::now() < deadline, "{series} never {what} (now {})", self.metric(series));
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -573,16 +642,29 @@ impl Subscriber {
     }
 }
 
+/// When this test process's calls started: ten minutes before it began, in whole
+/// seconds, the same for every CDR (a CDR built twice is the same CDR, as the engine's
+/// dedup needs). Recent, because the engine notifies calls up to
+/// `engine.max_call_age_hours` old.
+fn call_start() -> chrono::DateTime<chrono::FixedOffset> {
+    static START: std::sync::LazyLock<chrono::DateTime<chrono::FixedOffset>> = std::sync::LazyLock::new(|| {
+        let then = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() - 600, 0).expect("a time");
+        then.with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).expect("JST"))
+    });
+    *START
+}
+
 /// A canonical CDR.
 pub fn cdr(call_id: &str, called: &str, caller: Option<&str>, answered: bool) -> String {
+    let at = |secs| (call_start() + chrono::TimeDelta::seconds(secs)).to_rfc3339();
     serde_json::json!({
         "call_id": call_id,
         "called": called,
         "caller": caller,
         "presentation": if caller.is_some() { "allowed" } else { "withheld" },
-        "started_at": "2026-11-24T10:00:00+09:00",
-        "answered_at": if answered { Some("2026-11-24T10:00:05+09:00") } else { None },
-        "ended_at": "2026-11-24T10:00:31+09:00",
+        "started_at": at(0),
+        "answered_at": answered.then(|| at(5)),
+        "ended_at": at(31),
         "outcome": if answered { "answered" } else { "no_answer" },
     })
     .to_string()

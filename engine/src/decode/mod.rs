@@ -106,6 +106,9 @@ pub enum DecodeError {
     Missing { field: &'static str },
     #[error("field {field} is invalid: {detail}")]
     Invalid { field: &'static str, detail: String },
+    /// Times no call can have: an exchange's clock unset (1900, 1970) or far ahead.
+    #[error("field {field} is not a time a call can have: {time} is {why}")]
+    Implausible { field: &'static str, time: DateTime<Utc>, why: &'static str },
 }
 
 impl DecodeError {
@@ -115,6 +118,7 @@ impl DecodeError {
             Self::Syntax { .. } => "syntax",
             Self::Missing { .. } => "missing_field",
             Self::Invalid { .. } => "invalid_field",
+            Self::Implausible { .. } => "implausible_time",
         }
     }
 
@@ -130,6 +134,33 @@ pub fn decode(format: CdrFormat, payload: &[u8]) -> Result<CallEvent<'_>, Decode
         CdrFormat::Asterisk => asterisk::decode(payload),
         CdrFormat::Freeswitch => freeswitch::decode(payload),
     }
+}
+
+/// The earliest time a call may have: before it, the exchange's clock was unset (CDRs
+/// dated 1900 or 1970 are what such clocks write).
+pub const EARLIEST_CALL: DateTime<Utc> = DateTime::from_timestamp(946_684_800, 0).expect("2000-01-01T00:00:00Z");
+/// How far ahead of the engine's clock a call may end: clocks drift and exchanges
+/// misconfigure their zone by hours, never by more than a day.
+pub const FUTURE_SLACK: TimeDelta = TimeDelta::days(1);
+
+/// Whether `call`'s times are ones a call can have, told at `now`: none before
+/// [`EARLIEST_CALL`] or after `now` + [`FUTURE_SLACK`], and it ends after it starts.
+pub fn check_times(call: &CallEvent<'_>, now: DateTime<Utc>) -> Result<(), DecodeError> {
+    let times =
+        [("started_at", Some(call.started_at)), ("answered_at", call.answered_at), ("ended_at", Some(call.ended_at))];
+    for (field, time) in times {
+        let Some(time) = time else { continue };
+        if time < EARLIEST_CALL {
+            return Err(DecodeError::Implausible { field, time, why: "before 2000" });
+        }
+        if time > now + FUTURE_SLACK {
+            return Err(DecodeError::Implausible { field, time, why: "more than a day ahead of the engine's clock" });
+        }
+    }
+    if call.ended_at < call.started_at {
+        return Err(DecodeError::Implausible { field: "ended_at", time: call.ended_at, why: "before started_at" });
+    }
+    Ok(())
 }
 
 /// Parses the called number, which must be a subscriber's national number (R-L2); a
@@ -423,6 +454,42 @@ mod tests {
 
     fn chrono_rfc3339(raw: &str) -> Option<DateTime<Utc>> {
         DateTime::parse_from_rfc3339(raw).ok().map(|t| t.with_timezone(&Utc))
+    }
+
+    fn call_ending(start: &str, end: &str) -> CallEvent<'static> {
+        CallEvent {
+            call_id: Cow::Borrowed("c-1"),
+            called: PhoneNumber::parse("0312345678").unwrap(),
+            caller: Caller::Withheld,
+            started_at: start.parse().unwrap(),
+            answered_at: None,
+            ended_at: end.parse().unwrap(),
+            outcome: Outcome::NoAnswer,
+        }
+    }
+
+    /// Times an unset or broken exchange clock writes are not calls: dated 1900 or 1970,
+    /// far ahead of the engine's clock, or ending before they start. They go to the
+    /// dead letters with the field named, instead of being mailed.
+    #[test]
+    fn call_times_outside_the_plausible_window_are_refused_naming_the_field() {
+        let now: DateTime<Utc> = "2026-12-03T08:00:00Z".parse().unwrap();
+        assert_eq!(check_times(&call_ending("2026-12-03T07:59:00Z", "2026-12-03T07:59:31Z"), now), Ok(()));
+        // A clock an hour (or a time zone) ahead is still a call.
+        assert_eq!(check_times(&call_ending("2026-12-03T16:59:00Z", "2026-12-03T17:00:00Z"), now), Ok(()));
+        for (start, end, field, why) in [
+            ("1900-01-01T00:00:00Z", "1900-01-01T00:00:31Z", "started_at", "before 2000"),
+            ("1970-01-01T00:00:00Z", "2026-12-03T07:59:31Z", "started_at", "before 2000"),
+            ("2026-12-03T07:59:00Z", "9999-12-31T23:59:59Z", "ended_at", "more than a day ahead of the engine's clock"),
+            ("2026-12-03T07:59:00Z", "2026-12-03T07:58:00Z", "ended_at", "before started_at"),
+        ] {
+            let err = check_times(&call_ending(start, end), now).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::Implausible { field: f, why: w, .. } if f == field && w == why),
+                "{err}"
+            );
+            assert_eq!(err.reason(), "implausible_time");
+        }
     }
 
     proptest! {

@@ -143,6 +143,17 @@ impl Deliverer {
             // One probe per `smtp.timeout_secs` while the server does not answer.
             breaker: Breaker::new(Duration::from_secs(settings.timeout_secs), metrics_for_breaker),
         };
+        // Flood control goes on across a restart: each mail handled in the last minute
+        // takes its cell again, so a restart never grants a recipient a fresh burst.
+        // (Taken all at once now, they hold back at least as much as when they went.)
+        let since = (Utc::now().timestamp() - 60).max(0) as u64;
+        let recent = store.recipients_handled_since(since)?;
+        for recipient in &recent {
+            let _ = inner.per_recipient.check_key(recipient);
+        }
+        if !recent.is_empty() {
+            tracing::info!(mails = recent.len(), "flood control goes on from the mails of the last minute");
+        }
         let inner = Arc::new(inner);
         tokio::spawn(forget_idle_recipients(Arc::downgrade(&inner)));
         Ok(Self { inner })

@@ -38,7 +38,7 @@ use self::offsets::{Completion, Tracker};
 use crate::dead_letter::DeadLetters;
 use crate::decode::CdrFormat;
 use crate::deliver::Deliverer;
-use crate::pipeline::{classify, Verdict};
+use crate::pipeline::{classify, Now, Verdict};
 use crate::render::Renderer;
 use crate::resolve::Resolver;
 use crate::store::{SentKey, StoreError};
@@ -54,6 +54,10 @@ pub struct Stages {
     pub metrics: Metrics,
     /// Where delivery tasks run.
     pub runtime: tokio::runtime::Handle,
+    /// `engine.max_call_age_hours`: older calls are stale.
+    pub max_call_age: chrono::TimeDelta,
+    /// While the store's disk is low, the consumers stay paused.
+    pub disk: crate::disk::DiskWatch,
 }
 
 /// Told to the delivery tasks of a partition when their time for sending is over (at
@@ -260,21 +264,30 @@ fn run(
         // paused instead, and polling goes on so the consumer serves rebalances and stays
         // in the group. Fetching resumes at half the limit: librdkafka drops what it had
         // fetched ahead at the pause, and a resume takes it a few hundred ms to fetch again.
+        // A low disk pauses them too, for as long as it lasts (crate::disk): the room
+        // left is for the records of the mails already on their way.
         let in_flight = ctx.tracker.lock().expect("tracker lock").in_flight_total();
+        let disk_low = stages.disk.is_low();
         if in_flight < max_in_flight {
             full_since = None;
-        } else if !paused {
+        } else if !paused && !disk_low {
             let since = *full_since.get_or_insert_with(Instant::now);
             if since.elapsed() < PAUSE_AFTER {
                 ctx.await_completion(Duration::from_millis(10));
                 continue;
             }
+        }
+        if !paused && (disk_low || in_flight >= max_in_flight) {
             consumer.pause(&consumer.assignment()?)?;
             paused = true;
             ctx.metrics.consumer_paused(ctx.thread, true);
-            tracing::info!(in_flight, "consumer paused until mails drain");
+            if disk_low {
+                tracing::warn!(in_flight, "consumer paused: the store's disk is low");
+            } else {
+                tracing::info!(in_flight, "consumer paused until mails drain");
+            }
         }
-        if paused && in_flight <= max_in_flight / 2 {
+        if paused && !disk_low && in_flight <= max_in_flight / 2 {
             consumer.resume(&consumer.assignment()?)?;
             paused = false;
             ctx.metrics.consumer_paused(ctx.thread, false);
@@ -317,7 +330,8 @@ fn handle(
     let tp = (topic, partition);
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
-    let (call, subscription) = match classify(format, payload, &stages.resolver)? {
+    let now = Now { now: chrono::Utc::now(), max_age: stages.max_call_age };
+    let (call, subscription) = match classify(format, payload, &stages.resolver, now)? {
         Verdict::Notify { call, subscription } => (call, subscription),
         Verdict::Filtered(skip) => {
             stages.metrics.decoded();

@@ -149,6 +149,31 @@ async fn r_m3_retried_mails_keep_to_the_flood_limit() {
     assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 2.0, "both wait in the queue");
 }
 
+/// R-M3 across a restart: the limiter lives in memory, but the mails of the last minute
+/// are in the store, and the next engine counts them. A recipient that had its burst
+/// just before a restart does not get a fresh one after it (it used to: a restart or a
+/// redeploy doubled what one address could get in a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_a_restart_does_not_grant_a_recipient_a_fresh_flood_allowance() {
+    let h = Harness::new(1).await;
+    // 4 a minute: a burst of 2, then one every 30 s.
+    let limited =
+        [("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "4"), ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2")];
+    let first = h.engine_with(&limited).await;
+    first.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+    let call = |i: usize| cdr(&format!("flood-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer");
+    h.produce(TOPIC, &[call(0), call(1)]).await;
+    h.mails(2).await;
+    first.stop().await;
+
+    let second = h.engine_with(&limited).await;
+    h.produce(TOPIC, &[call(2)]).await;
+    second.wait_metric(r#"callnotify_mails_delayed_total{limit="flood"}"#, 1.0).await;
+    let stopped = second.stop().await;
+    assert_eq!(h.sink.count(), 2, "the third mail waits for the limit, restart or not");
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 1.0, "it waits in the queue, not lost");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_m4_a_deferred_mail_waits_in_the_durable_queue_while_its_partition_moves_on_and_survives_a_restart() {
     let h = Harness::new(1).await;

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Datelike, FixedOffset, TimeDelta, Utc};
+
 use engine::config::Settings;
 use engine::embedded::EmbeddedKafka;
 use engine::sink::{ReceivedMail, SmtpSink};
@@ -275,19 +277,52 @@ pub fn plain_subscriber(number: &str, address: &str) -> String {
     Subscriber::new(number, &[(address, true)]).line()
 }
 
-/// A canonical CDR of a call on 2026-11-24 10:00:00 JST lasting 31 s.
+/// When this test process's calls started: ten minutes before it began, in whole
+/// seconds, the same for every CDR (a CDR built twice is the same CDR, as the engine's
+/// dedup needs). Recent, because the engine notifies calls up to
+/// `engine.max_call_age_hours` old.
+pub fn call_start() -> DateTime<FixedOffset> {
+    static START: std::sync::LazyLock<DateTime<FixedOffset>> = std::sync::LazyLock::new(|| {
+        let now = DateTime::from_timestamp(Utc::now().timestamp() - 600, 0).expect("a time");
+        now.with_timezone(&FixedOffset::east_opt(9 * 3600).expect("JST"))
+    });
+    *START
+}
+
+/// A canonical CDR of a call at [`call_start`] lasting 31 s, answered after 5 s or not.
 pub fn cdr(call_id: &str, called: &str, caller: Option<&str>, presentation: &str, outcome: &str) -> String {
+    cdr_at(call_start(), call_id, called, caller, presentation, outcome)
+}
+
+/// [`cdr`] of a call that started at `start`.
+pub fn cdr_at(
+    start: DateTime<FixedOffset>,
+    call_id: &str,
+    called: &str,
+    caller: Option<&str>,
+    presentation: &str,
+    outcome: &str,
+) -> String {
+    let at = |secs| (start + TimeDelta::seconds(secs)).to_rfc3339();
     serde_json::json!({
         "call_id": call_id,
         "called": called,
         "caller": caller,
         "presentation": presentation,
-        "started_at": "2026-11-24T10:00:00+09:00",
-        "answered_at": (outcome == "answered").then_some("2026-11-24T10:00:05+09:00"),
-        "ended_at": "2026-11-24T10:00:31+09:00",
+        "started_at": at(0),
+        "answered_at": (outcome == "answered").then(|| at(5)),
+        "ended_at": at(31),
         "outcome": outcome,
     })
     .to_string()
+}
+
+/// The mail's 着信日時 line for a call that started at `t` (R-M2): the date, the
+/// weekday and the time in Japan, as a subscriber reads them.
+pub fn jst_line(t: DateTime<FixedOffset>) -> String {
+    let local = t.with_timezone(&FixedOffset::east_opt(9 * 3600).expect("JST"));
+    let weekday = ["月", "火", "水", "木", "金", "土", "日"][local.weekday().num_days_from_monday() as usize];
+    format!("着信日時：{}({weekday}) {}（日本時間）", local.format("%Y年%m月%d日"), local.format("%H:%M:%S"))
 }
 
 /// A decoded received mail, for assertions.

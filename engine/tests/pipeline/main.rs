@@ -1,6 +1,7 @@
 //! The whole path: Kafka (librdkafka's mock cluster) → engine → a real SMTP server.
 //! One test binary; `helpers` gives each test its own cluster, sink and store.
 
+mod age;
 mod consumers;
 mod delivery;
 mod formats;
