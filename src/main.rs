@@ -180,18 +180,15 @@ fn open_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
 }
 
 fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&str>) -> anyhow::Result<ExitCode> {
-    let read = || -> anyhow::Result<Vec<u8>> {
-        if file.as_os_str() == "-" {
-            let mut input = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
-            Ok(input)
-        } else {
-            std::fs::read(file).with_context(|| format!("reading {}", file.display()))
-        }
-    };
     let (report, cut_short) = match url {
         Some(url) => {
-            let r = engine::ops::post_provision(url, &read()?, settings.metrics.provision_token.expose())?;
+            let token = settings.metrics.provision_token.expose();
+            let r = if file.as_os_str() == "-" {
+                engine::ops::post_provision(url, std::io::stdin().lock(), token)?
+            } else {
+                let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+                engine::ops::post_provision(url, input, token)?
+            };
             let report = engine::provision::ImportReport {
                 lines: r.lines,
                 numbers: r.numbers,

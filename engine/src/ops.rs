@@ -254,11 +254,15 @@ pub enum ClientError {
     Io { url: String, source: std::io::Error },
     #[error("the engine answered {status}: {body}")]
     Answer { status: u16, body: String },
+    #[error("reading the lines to send: {0}")]
+    Input(std::io::Error),
 }
 
 /// Sends JSON Lines to a running engine's `POST /provision` (blocking; for the CLI), with
-/// `token` (`metrics.provision_token`) as a bearer token if it is not empty.
-pub fn post_provision(url: &str, jsonl: &[u8], token: &str) -> Result<ProvisionResponse, ClientError> {
+/// `token` (`metrics.provision_token`) as a bearer token if it is not empty. The lines
+/// go as they are read, in chunks (chunked transfer coding), so a file of any size
+/// takes a 64 KiB buffer here, as it takes bounded memory in the engine.
+pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> Result<ProvisionResponse, ClientError> {
     use std::io::{Read, Write};
     let authority = url
         .strip_prefix("http://")
@@ -271,11 +275,22 @@ pub fn post_provision(url: &str, jsonl: &[u8], token: &str) -> Result<ProvisionR
     write!(
         stream,
         "POST /provision HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/x-ndjson\r\n\
-         {authorization}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        jsonl.len()
+         {authorization}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )
     .map_err(io)?;
-    stream.write_all(jsonl).map_err(io)?;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match jsonl.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ClientError::Input(e)),
+        };
+        write!(stream, "{n:x}\r\n").map_err(io)?;
+        stream.write_all(&chunk[..n]).map_err(io)?;
+        stream.write_all(b"\r\n").map_err(io)?;
+    }
+    stream.write_all(b"0\r\n\r\n").map_err(io)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(io)?;
     let status: u16 = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
