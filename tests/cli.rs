@@ -431,3 +431,88 @@ fn a_second_serve_on_the_same_store_says_which_process_to_stop_and_errors_print_
     assert!(error.contains("is another `callnotify serve`"), "{error}");
     assert_eq!(error.matches("could not acquire lock").count(), 1, "{error}");
 }
+
+/// Listener limits (README, the settings site): thousands of connections that say
+/// nothing or stop halfway through their headers, from two addresses, against `serve`
+/// under a file-descriptor limit of 1 024 (as a service unit may set it). The site still
+/// answers a login page to a third address within a second, and the operator endpoint
+/// its metrics. Without limits every connection was accepted and kept: at the limit the
+/// process could accept nothing more, and the site, the IVR API and `/healthz` stopped
+/// answering with no log line.
+#[test]
+fn thousands_of_idle_and_half_sent_connections_leave_the_site_answering_a_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", "ulimit -n 1024 && exec \"$0\" serve", env!("CARGO_BIN_EXE_callnotify")])
+        .current_dir(dir.path())
+        .env("CALLNOTIFY__STORE__PATH", dir.path().join("store"))
+        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
+        .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
+        .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info");
+    let mut serve = Running::start(&mut cmd);
+    let (mut metrics, mut site) = (None, None);
+    for l in serve.read_log_until(|l| l.contains("IVR API listening")) {
+        let url = l.split_once("url=http://").map(|(_, u)| u.trim().to_owned());
+        if l.contains("metrics endpoint listening") {
+            metrics = url.map(|u| u.trim_end_matches("/metrics").to_owned());
+        } else if l.contains("settings site listening") {
+            site = url.map(|u| u.trim_end_matches("/login").to_owned());
+        }
+    }
+    let site: std::net::SocketAddr = site.expect("the site's address").parse().unwrap();
+    let metrics = metrics.expect("the operator endpoint's address");
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let connect = |from: &str| {
+        let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().ok()?;
+            socket.bind(from).ok()?;
+            tokio::time::timeout(Duration::from_secs(2), socket.connect(site)).await.ok()?.ok()
+        }
+    };
+    let (held, login) = runtime.block_on(async {
+        let mut held = Vec::new();
+        // At most 20 s of connecting: a server that accepts nothing more makes each
+        // connect wait out its 2 s.
+        let opening = Instant::now() + Duration::from_secs(20);
+        for _ in 0..1_500 {
+            if Instant::now() > opening {
+                break;
+            }
+            held.extend(connect("127.0.0.1").await);
+        }
+        for _ in 0..1_500 {
+            if Instant::now() > opening {
+                break;
+            }
+            if let Some(mut half) = connect("127.0.0.3").await {
+                use tokio::io::AsyncWriteExt as _;
+                let _ = half.write_all(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Len").await;
+                held.push(half);
+            }
+        }
+
+        let started = Instant::now();
+        let answer = async {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut stream = connect("127.0.0.2").await?;
+            stream.write_all(b"GET /login HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+            let mut page = String::new();
+            stream.read_to_string(&mut page).await.ok()?;
+            Some(page)
+        };
+        let page = tokio::time::timeout(Duration::from_secs(10), answer).await.ok().flatten();
+        (held, page.map(|p| (p, started.elapsed())))
+    });
+    let (page, took) = login.expect("the site answered the login page");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    println!("login page answered in {took:?} beside {} open slow connections", held.len());
+    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    let text = http(&metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(text.starts_with("HTTP/1.1 200"), "the operator endpoint answers too");
+    drop(held);
+    let (exit, rest) = serve.stop("TERM");
+    assert!(exit.success(), "{rest:#?}");
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::Router;
 use engine::config::AdminSettings;
 use engine::deliver::TestMailer;
+use engine::http::Guarded;
 use engine::store::Store;
 
 use crate::clock::SharedClock;
@@ -75,6 +76,7 @@ where
     let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)));
 
     let (site_listener, site) = bind("admin.listen", admin.listen).await?;
+    let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen");
     let (site_url, site_task) = match tls_config {
         Some(config) => {
             let listener = TlsListener::new(site_listener, config).map_err(|source| ServerError::Bind {
@@ -87,6 +89,7 @@ where
         None => (format!("http://{site}"), spawn("admin.listen", site_listener, site_app, shutdown())),
     };
     let (ivr_listener, ivr) = bind("admin.ivr_listen", admin.ivr_listen).await?;
+    let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen");
     let ivr_task = spawn("admin.ivr_listen", ivr_listener, ivr_app, shutdown());
     Ok(Servers { site, ivr, site_url, tasks: [site_task, ivr_task] })
 }

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::Listener as _;
+use engine::http::{Guarded, GuardedIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -67,15 +69,19 @@ pub async fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>,
     Ok(Arc::new(config))
 }
 
-/// A TCP listener that yields TLS streams, for `axum::serve`.
+/// A TCP connection within the listener's limits ([`engine::http`]).
+type Connection = GuardedIo<TcpStream>;
+
+/// A TCP listener that yields TLS streams, for `axum::serve`. The limits apply from the
+/// TCP connection on, so a flood of handshakes is held to them too.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<Connection>, SocketAddr)>,
     local: SocketAddr,
     acceptor: JoinHandle<()>,
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> io::Result<Self> {
+    pub fn new(listener: Guarded<TcpListener>, config: Arc<ServerConfig>) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (ready_tx, ready) = mpsc::channel(READY_BACKLOG);
         let acceptor = tokio::spawn(accept_loop(listener, TlsAcceptor::from(config), ready_tx));
@@ -90,7 +96,7 @@ impl Drop for TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<Connection>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -107,21 +113,13 @@ impl axum::serve::Listener for TlsListener {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    mut listener: Guarded<TcpListener>,
     acceptor: TlsAcceptor,
-    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Sender<(TlsStream<Connection>, SocketAddr)>,
 ) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(connection) => connection,
-            Err(e) => {
-                // Out of file descriptors and the like: give the server a moment
-                // rather than spinning (what axum does for plain TCP too).
-                tracing::warn!(error = %e, "settings site: accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        // Errors (out of file descriptors and the like) are waited out inside.
+        let (tcp, peer) = listener.accept().await;
         let acceptor = acceptor.clone();
         let ready = ready.clone();
         tokio::spawn(async move {

@@ -178,12 +178,30 @@ pub struct AdminSettings {
     /// R-S8): it speaks plain HTTP to the proxy but sets `Secure` cookies and HSTS.
     #[serde(default)]
     pub behind_tls_proxy: bool,
+    /// Connections each listener (site, IVR API) holds open at once.
+    pub max_connections: usize,
+    /// Of those, from one IP address: one client cannot take them all.
+    pub max_connections_per_client: usize,
+    /// A connection silent both ways this long is closed (half-sent requests).
+    pub idle_timeout_secs: u64,
+    /// A connection is closed this long after it opened (clients that trickle).
+    pub connection_lifetime_secs: u64,
 }
 
 impl AdminSettings {
     /// Whether browsers reach the site over TLS, directly or through a proxy.
     pub fn secure(&self) -> bool {
         self.tls_cert.is_some() || self.behind_tls_proxy
+    }
+
+    /// What each of the site's and the IVR API's listeners allows.
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits {
+            max_connections: self.max_connections,
+            per_client: self.max_connections_per_client,
+            idle: std::time::Duration::from_secs(self.idle_timeout_secs),
+            lifetime: Some(std::time::Duration::from_secs(self.connection_lifetime_secs)),
+        }
     }
 }
 
@@ -335,8 +353,8 @@ impl Settings {
 
 impl Settings {
     /// Every numeric setting with the values it may take and their unit.
-    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 17] {
-        let (k, st, sm, e) = (&self.kafka, &self.store, &self.smtp, &self.engine);
+    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 21] {
+        let (k, st, sm, e, a) = (&self.kafka, &self.store, &self.smtp, &self.engine, &self.admin);
         [
             ("kafka.embedded_partitions", k.embedded_partitions.max(0) as u64, 1..=1_000, "partitions"),
             ("store.cache_capacity", st.cache_capacity, 0..=100_000_000, "entries"),
@@ -355,6 +373,10 @@ impl Settings {
             ("engine.max_in_flight", e.max_in_flight as u64, 1..=10_000_000, "CDRs"),
             ("engine.shutdown_grace_secs", e.shutdown_grace_secs, 1..=3_600, "s"),
             ("engine.max_call_age_hours", e.max_call_age_hours, 1..=87_600, "hours"),
+            ("admin.max_connections", a.max_connections as u64, 1..=1_000_000, "connections"),
+            ("admin.max_connections_per_client", a.max_connections_per_client as u64, 1..=1_000_000, "connections"),
+            ("admin.idle_timeout_secs", a.idle_timeout_secs, 1..=3_600, "s"),
+            ("admin.connection_lifetime_secs", a.connection_lifetime_secs, 1..=86_400, "s"),
         ]
     }
 }

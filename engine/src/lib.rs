@@ -30,6 +30,7 @@
 //! - [`demo`]: the `callnotify demo` command.
 //! - [`config`]: layered TOML + environment configuration.
 //! - [`telemetry`]: metric names and handles.
+//! - [`http`]: connection limits and timeouts every HTTP listener keeps.
 //! - [`ops`]: the operator's endpoint: `/metrics`, `/healthz`, `POST /provision`.
 //! - [`startup`]: wires the stages into a running [`startup::Application`].
 //! - [`sink`]: a small real SMTP server for tests, the demo and load tests.
@@ -44,6 +45,7 @@ pub mod demo;
 pub mod disk;
 pub mod embedded;
 pub mod filter;
+pub mod http;
 pub mod ops;
 pub mod phone;
 pub mod pipeline;

@@ -84,6 +84,7 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
+        let listener = crate::http::Guarded::new(listener, crate::http::Limits::OPERATOR, "metrics.listen");
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %e, "operator endpoint stopped");
         }

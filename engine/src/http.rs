@@ -1,0 +1,291 @@
+//! Limits every HTTP listener of the process keeps (the settings site, the IVR API and
+//! the operator endpoint), so that clients which connect and then send slowly or
+//! nothing cannot use up the file descriptors the mail pipeline shares with them.
+//!
+//! [`Guarded`] wraps an `axum::serve::Listener`: past `max_connections` open ones, or
+//! `per_client` from one IP address, a new connection is closed at once. Each accepted
+//! connection is a [`GuardedIo`], closed after `idle` without a byte either way (a
+//! half-sent request, an idle keep-alive) and, where `lifetime` is set, after that long
+//! whatever it does (a client trickling a byte now and then).
+
+use std::future::Future as _;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// What a listener allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; past it new ones are closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address: one client cannot take them all.
+    pub per_client: usize,
+    /// A connection with no byte read or written for this long is closed.
+    pub idle: Duration,
+    /// A connection is closed this long after it opened, if set.
+    pub lifetime: Option<Duration>,
+}
+
+impl Limits {
+    /// The operator endpoint: scrapes and the operator's tools, from a few addresses;
+    /// a provisioning upload may take long, as long as bytes flow.
+    pub const OPERATOR: Limits =
+        Limits { max_connections: 256, per_client: 64, idle: Duration::from_secs(60), lifetime: None };
+}
+
+/// Open connections, in all and per client address.
+#[derive(Default)]
+struct Open {
+    all: AtomicUsize,
+    by_client: DashMap<IpAddr, usize>,
+}
+
+/// A listener that keeps to [`Limits`].
+pub struct Guarded<L> {
+    inner: L,
+    limits: Limits,
+    open: Arc<Open>,
+    /// For log lines: `admin.listen`, `metrics.listen`, ...
+    name: &'static str,
+}
+
+impl<L> Guarded<L> {
+    pub fn new(inner: L, limits: Limits, name: &'static str) -> Self {
+        Self { inner, limits, open: Arc::default(), name }
+    }
+
+    /// A slot for a connection from `client`, if the limits allow one.
+    fn admit(&self, client: IpAddr) -> Option<Slot> {
+        let open = &self.open;
+        if open.all.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
+            open.all.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(listener = self.name, %client, max = self.limits.max_connections, "connection refused: the listener is full");
+            return None;
+        }
+        let mut count = open.by_client.entry(client).or_insert(0);
+        if *count >= self.limits.per_client {
+            drop(count);
+            open.all.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(listener = self.name, %client, "connection refused: too many from this client");
+            return None;
+        }
+        *count += 1;
+        Some(Slot { open: open.clone(), client })
+    }
+}
+
+impl<L> axum::serve::Listener for Guarded<L>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: Unpin,
+{
+    type Io = GuardedIo<L::Io>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (io, peer) = self.inner.accept().await;
+            if let Some(slot) = self.admit(peer.ip()) {
+                return (GuardedIo::new(io, slot, self.limits), peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection's place in the counts, given back when it closes.
+struct Slot {
+    open: Arc<Open>,
+    client: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.all.fetch_sub(1, Ordering::AcqRel);
+        self.open.by_client.remove_if_mut(&self.client, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
+    }
+}
+
+/// A connection that ends when idle too long or past its lifetime.
+pub struct GuardedIo<T> {
+    inner: T,
+    idle_for: Duration,
+    idle: Pin<Box<Sleep>>,
+    lifetime: Option<Pin<Box<Sleep>>>,
+    _slot: Slot,
+}
+
+impl<T> GuardedIo<T> {
+    fn new(inner: T, slot: Slot, limits: Limits) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            idle_for: limits.idle,
+            idle: Box::pin(tokio::time::sleep_until(now + limits.idle)),
+            lifetime: limits.lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
+            _slot: slot,
+        }
+    }
+
+    /// Whether the connection is to end now (registering for the wake-up otherwise).
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self.lifetime.as_mut().is_some_and(|l| l.as_mut().poll(cx).is_ready()) {
+            return Some(io::Error::new(io::ErrorKind::TimedOut, "connection open past its lifetime"));
+        }
+        if self.idle.as_mut().poll(cx).is_ready() {
+            return Some(io::Error::new(io::ErrorKind::TimedOut, "connection idle too long"));
+        }
+        None
+    }
+
+    fn progressed(&mut self) {
+        let next = Instant::now() + self.idle_for;
+        self.idle.as_mut().reset(next);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut me.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    me.progressed();
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => me.expired(cx).map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let me = self.get_mut();
+        match Pin::new(&mut me.inner).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    me.progressed();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => me.expired(cx).map_or(Poll::Pending, |e| Poll::Ready(Err(e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn guarded(limits: Limits) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let server = tokio::spawn(async move {
+            axum::serve(Guarded::new(listener, limits, "test"), app).await.unwrap();
+        });
+        (addr, server)
+    }
+
+    async fn get(addr: SocketAddr, from: &str) -> io::Result<String> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{from}:0").parse().unwrap())?;
+        let mut stream = socket.connect(addr).await?;
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    /// A client holding its share of connections is refused more, and another client
+    /// is still served; a connection that says nothing is closed when idle too long.
+    #[tokio::test]
+    async fn one_client_cannot_take_every_connection_and_idle_ones_are_closed() {
+        let limits = Limits { max_connections: 100, per_client: 5, idle: Duration::from_millis(300), lifetime: None };
+        let (addr, _server) = guarded(limits).await;
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // The sixth from 127.0.0.1 is closed without an answer.
+        let refused = get(addr, "127.0.0.1").await.unwrap_or_default();
+        assert!(refused.is_empty(), "{refused}");
+        assert!(get(addr, "127.0.0.2").await.unwrap().ends_with("ok"), "another client is served");
+
+        // The held ones said nothing: closed after the idle time (read returns 0).
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(5), held[0].read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+        drop(held);
+        // Their slots are given back.
+        let served = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(a) = get(addr, "127.0.0.1").await {
+                    if a.ends_with("ok") {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(served.is_ok(), "127.0.0.1 is served again once its connections closed");
+    }
+
+    /// A client that trickles a byte before each idle timeout is still closed at the
+    /// connection's lifetime.
+    #[tokio::test]
+    async fn a_trickling_client_is_closed_at_the_lifetime() {
+        let limits = Limits {
+            max_connections: 10,
+            per_client: 10,
+            idle: Duration::from_millis(400),
+            lifetime: Some(Duration::from_millis(1_000)),
+        };
+        let (addr, _server) = guarded(limits).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // 40 bytes, one every 150 ms (6 s in all), each well within the idle time.
+        let mut closed_after = None;
+        for (sent, byte) in b"GET / HTTP/1.1\r\nHost: trickle\r\n".iter().cycle().take(40).enumerate() {
+            let mut buf = [0u8; 1];
+            let gone = stream.write_all(&[*byte]).await.is_err()
+                || matches!(
+                    tokio::time::timeout(Duration::from_millis(150), stream.read(&mut buf)).await,
+                    Ok(Ok(0) | Err(_))
+                );
+            if gone {
+                closed_after = Some(sent);
+                break;
+            }
+        }
+        let sent = closed_after.expect("the connection was closed while the client trickled");
+        assert!(sent < 20, "closed at the 1 s lifetime, after {sent} bytes");
+    }
+}
