@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use engine::config::Settings;
+use engine::phone::PhoneNumber;
 use engine::startup::Application;
 
 /// mimalloc returns freed memory to the system far better than glibc's per-thread
@@ -194,6 +195,14 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
                 numbers: r.numbers,
                 rejected: r.rejected.into_iter().map(|r| (r.line, r.reason)).collect(),
                 rejected_not_listed: r.rejected_not_listed,
+                moved: r
+                    .moved
+                    .into_iter()
+                    .filter_map(|m| {
+                        let (number, from) = (PhoneNumber::parse(&m.number).ok()?, PhoneNumber::parse(&m.from).ok()?);
+                        Some((m.line, number, from))
+                    })
+                    .collect(),
             };
             (report, r.error)
         }
@@ -212,6 +221,12 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
     };
     for (line, reason) in &report.rejected {
         eprintln!("{}:{line}: rejected: {reason}", file.display());
+    }
+    for (line, number, from) in &report.moved {
+        eprintln!(
+            "{}:{line}: {number} moved from the line of {from}: its password and settings there were dropped",
+            file.display()
+        );
     }
     if report.rejected_not_listed > 0 {
         eprintln!("{}: {} more lines rejected (not listed)", file.display(), report.rejected_not_listed);

@@ -27,7 +27,7 @@ use engine::phone::PhoneNumber;
 use engine::store::{Store, StoreError};
 
 /// Name of the sled tree: login number → JSON [`CredentialRecord`].
-pub const TREE: &str = "credentials";
+pub const TREE: &str = engine::store::CREDENTIALS_TREE;
 /// A temporary password is valid for 24 hours from being set (R-I8, R-S2).
 pub const TEMPORARY_VALIDITY: Duration = Duration::hours(24);
 /// Consecutive wrong entries that invalidate a temporary password (R-S2).
@@ -75,6 +75,19 @@ pub struct CredentialRecord {
     pub failures: u32,
     /// Set by the last allowed wrong entry; only a new temporary password clears it.
     pub invalidated: bool,
+}
+
+impl CredentialRecord {
+    /// Tells this credential from any other the number had or will have: every set
+    /// hashes with a fresh salt. A site session keeps the stamp it logged in with and
+    /// ends when the number's credential no longer has it (a new temporary password by
+    /// phone, a unit change, the number removed or moved to another line).
+    pub fn stamp(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.hash.hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 impl fmt::Debug for CredentialRecord {
@@ -146,6 +159,12 @@ impl Credentials {
     /// The stored state of `number`'s credential (support tools, tests).
     pub fn record(&self, number: &PhoneNumber) -> Result<Option<CredentialRecord>, CredentialError> {
         self.tree.get(number.as_str())?.map(|raw| decode(number, &raw)).transpose()
+    }
+
+    /// The [`CredentialRecord::stamp`] of `number`'s credential while it can be used
+    /// (`None`: none, or invalidated by wrong entries).
+    pub fn stamp(&self, number: &PhoneNumber) -> Result<Option<u64>, CredentialError> {
+        Ok(self.record(number)?.filter(|r| !r.invalidated).map(|r| r.stamp()))
     }
 
     /// Stores a temporary password for `number`, replacing any earlier credential state,

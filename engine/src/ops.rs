@@ -48,6 +48,10 @@ pub struct ProvisionResponse {
     /// Lines rejected beyond those listed.
     #[serde(default)]
     pub rejected_not_listed: usize,
+    /// Numbers that moved from another line (R-M3: they lost the old subscriber's
+    /// password and settings).
+    #[serde(default)]
+    pub moved: Vec<Moved>,
     /// Why the upload was cut short (413), if it was: the lines before the cut applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -59,10 +63,30 @@ pub struct Rejected {
     pub reason: String,
 }
 
+/// A number provisioned onto a line from another line.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Moved {
+    /// The input line that moved it.
+    pub line: usize,
+    pub number: String,
+    /// The contract number of the line it was on.
+    pub from: String,
+}
+
 impl From<ImportReport> for ProvisionResponse {
     fn from(r: ImportReport) -> Self {
         let rejected = r.rejected.into_iter().map(|(line, reason)| Rejected { line, reason }).collect();
-        Self { lines: r.lines, numbers: r.numbers, rejected, rejected_not_listed: r.rejected_not_listed, error: None }
+        let moved = r
+            .moved
+            .into_iter()
+            .map(|(line, number, from)| Moved {
+                line,
+                number: number.as_str().to_owned(),
+                from: from.as_str().to_owned(),
+            })
+            .collect();
+        let rejected_not_listed = r.rejected_not_listed;
+        Self { lines: r.lines, numbers: r.numbers, rejected, rejected_not_listed, moved, error: None }
     }
 }
 

@@ -57,6 +57,10 @@ pub struct ImportReport {
     pub rejected: Vec<(usize, String)>,
     /// Lines rejected beyond those listed.
     pub rejected_not_listed: usize,
+    /// (input line, number, contract of the line it was on) of each number that moved
+    /// from another line, the first [`MAX_LISTED`]: it lost its old subscriber's password
+    /// (and so their sessions) and settings (R-M3).
+    pub moved: Vec<(usize, PhoneNumber, PhoneNumber)>,
 }
 
 /// Rejected lines listed with their reason; more are only counted, so a huge file of
@@ -165,7 +169,9 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
         }
         match parse_line(text) {
             Ok((record, numbers)) => match store.upsert_line(&record, &numbers) {
-                Ok(()) => {
+                Ok(upserted) => {
+                    let room = MAX_LISTED.saturating_sub(report.moved.len());
+                    report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
                     report.lines += 1;
                     report.numbers += numbers.len();
                     since_flush += 1;

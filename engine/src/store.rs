@@ -207,6 +207,20 @@ pub(crate) fn handled_key(at: u64, key: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The tree of the settings site's credentials, keyed by login number.
+pub const CREDENTIALS_TREE: &str = "credentials";
+
+/// What an upsert of a line changed beyond the line itself.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Upserted {
+    /// Numbers that were on another line (number, that line's contract): they arrive
+    /// without their credential and with only the settings the import gave them, so
+    /// nothing of the previous subscriber reaches the new one (R-M3).
+    pub moved: Vec<(PhoneNumber, PhoneNumber)>,
+    /// Numbers no longer listed: removed, credential and settings with them.
+    pub removed: Vec<PhoneNumber>,
+}
+
 /// Told of a number's new record (`None`: the number was removed).
 type Listener = Arc<dyn Fn(&PhoneNumber, Option<&NumberRecord>) + Send + Sync>;
 
@@ -216,6 +230,9 @@ pub struct Store {
     db: sled::Db,
     lines: sled::Tree,
     numbers: sled::Tree,
+    /// The settings site's credentials by login number (the admin crate reads and writes
+    /// them): a number that leaves its line loses its credential in the same write.
+    credentials: sled::Tree,
     sent: SentTrees,
     /// Sent records of the earlier key layout, while any remain (see the module docs).
     legacy_sent: Option<(sled::Tree, Arc<std::sync::atomic::AtomicBool>)>,
@@ -346,6 +363,7 @@ impl Store {
         Ok(Self {
             lines: db.open_tree("lines")?,
             numbers: db.open_tree("numbers")?,
+            credentials: db.open_tree(CREDENTIALS_TREE)?,
             sent,
             legacy_sent: legacy_sent(&db)?,
             db,
@@ -400,9 +418,10 @@ impl Store {
         &self,
         line: &LineRecord,
         numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
-    ) -> Result<(), StoreError> {
-        let result = (&self.lines, &self.numbers).transaction(|(lines, nums)| {
+    ) -> Result<Upserted, StoreError> {
+        let result = (&self.lines, &self.numbers, &self.credentials).transaction(|(lines, nums, credentials)| {
             let mut touched: Vec<(PhoneNumber, Option<NumberRecord>)> = Vec::new();
+            let mut upserted = Upserted::default();
             let abort = |e: StoreError| ConflictableTransactionError::Abort(e);
             let old_line: Option<LineRecord> = match lines.get(line.contract.as_str())? {
                 Some(raw) => Some(serde_json::from_slice(&raw).map_err(|e| abort(e.into()))?),
@@ -410,8 +429,12 @@ impl Store {
             };
             if let Some(old) = &old_line {
                 for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
+                    // A number that leaves the line takes nothing with it: not its
+                    // settings, not the password its old subscriber set (R-M3).
                     nums.remove(gone.as_str())?;
+                    credentials.remove(gone.as_str())?;
                     touched.push((*gone, None));
+                    upserted.removed.push(*gone);
                 }
             }
             let mut stored = line.clone();
@@ -419,18 +442,28 @@ impl Store {
                 stored.unit = old_line.and_then(|l| l.unit);
             }
             for (number, services, settings) in numbers {
-                let old: Option<NumberRecord> = match nums.get(number.as_str())? {
+                let mut old: Option<NumberRecord> = match nums.get(number.as_str())? {
                     Some(raw) => Some(serde_json::from_slice(&raw).map_err(|e| abort(e.into()))?),
-                    None => None,
+                    // A number new to the store has no credential: one left from before
+                    // it was removed (by an older version) belongs to someone else.
+                    None => {
+                        credentials.remove(number.as_str())?;
+                        None
+                    }
                 };
                 if let Some(other) = old.as_ref().map(|o| o.contract).filter(|c| *c != line.contract) {
-                    // The number moves between lines: the old line must not list it.
+                    // The number moves between lines: the old line must not list it, and
+                    // the new subscriber gets neither the old one's settings (their
+                    // addresses would get the new one's calls) nor their password.
                     if let Some(raw) = lines.get(other.as_str())? {
                         let mut other_line: LineRecord = serde_json::from_slice(&raw).map_err(|e| abort(e.into()))?;
                         other_line.numbers.retain(|n| n != number);
                         let raw = serde_json::to_vec(&other_line).map_err(|e| abort(e.into()))?;
                         lines.insert(other.as_str(), raw)?;
                     }
+                    credentials.remove(number.as_str())?;
+                    upserted.moved.push((*number, other));
+                    old = None;
                 }
                 let old_call = old.as_ref().map(|o| &o.call);
                 let call = match (settings, old_call) {
@@ -457,12 +490,12 @@ impl Store {
             }
             let raw = serde_json::to_vec(&stored).map_err(|e| abort(e.into()))?;
             lines.insert(line.contract.as_str(), raw)?;
-            Ok(touched)
+            Ok((touched, upserted))
         });
         match result {
-            Ok(touched) => {
+            Ok((touched, upserted)) => {
                 self.changed(&touched);
-                Ok(())
+                Ok(upserted)
             }
             Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),

@@ -165,6 +165,12 @@ impl Call {
     pub fn input(&mut self, keys: &str) -> Result<Step, IvrError> {
         let transition = match &self.state {
             State::Ended => return Err(IvrError::Ended),
+            // On an admin_user line a user (any number but the contract's) sets only their
+            // own password: keying 1 or 2 would set the administrator's and take the whole
+            // line (R-A3).
+            State::SelectUnit if matches!(keys, "1" | "2") && self.user_on_admin_line()? => {
+                Transition::Invalid { restart: None }
+            }
             State::SelectUnit => match keys {
                 "1" => Transition::To(State::EnterPassword { unit: AuthUnit::Line, target: self.contract }),
                 "2" => Transition::To(State::EnterNumber { unit: AuthUnit::Number }),
@@ -201,6 +207,12 @@ impl Call {
         }
     }
 
+    /// Whether the caller is a user (not the administrator) of an admin_user line.
+    fn user_on_admin_line(&self) -> Result<bool, IvrError> {
+        let unit = self.ivr.store.line(&self.contract)?.and_then(|line| line.unit);
+        Ok(unit == Some(AuthUnit::AdminUser) && self.caller != self.contract)
+    }
+
     /// The number keyed at ENTER_NUMBER, if it ends with `#` and is a number of the
     /// caller's line with call notification contracted (R-I3).
     fn keyed_number(&self, keys: &str) -> Result<Option<PhoneNumber>, IvrError> {
@@ -217,7 +229,7 @@ impl Call {
             let caller = self.caller;
             tracing::info!(%caller, "temporary-password call ended: {MAX_INVALID_ENTRIES} invalid entries (R-I6)");
             self.state = State::Ended;
-            return Step { prompt: None, awaiting: None, ends: true };
+            return Step { prompt: Some(Prompt::new(PromptId::Ended)), awaiting: None, ends: true };
         }
         if let Some(state) = restart {
             self.state = state;
@@ -227,11 +239,25 @@ impl Call {
     }
 
     /// DONE: the temporary password replaces the target's credential state and the
-    /// line takes the chosen unit (R-I7); its 24 hours start now (R-I8).
+    /// line takes the chosen unit (R-I7); its 24 hours start now (R-I8). A change of
+    /// unit removes the credentials the new unit does not use, as the site's change does
+    /// (R-O2, R-O3): to `line`, every number's but the contract's; to `number`, every
+    /// additional number's but the target's. Their sessions end with them.
     fn complete(&self, unit: AuthUnit, target: PhoneNumber, password: &TemporaryPassword) -> Result<(), IvrError> {
         let now = self.ivr.clock.now();
+        let line = self.ivr.store.line(&self.contract)?;
         self.ivr.credentials.set_temporary(&target, &password.0, now)?;
         self.ivr.store.set_line_unit(&self.contract, unit)?;
+        if let Some(line) = line.filter(|line| line.unit != Some(unit)) {
+            let keep = |number: &PhoneNumber| match unit {
+                AuthUnit::Line => *number == line.contract,
+                AuthUnit::Number => *number == line.contract || *number == target,
+                AuthUnit::AdminUser => true,
+            };
+            for number in line.numbers.iter().filter(|n| !keep(n)) {
+                self.ivr.credentials.remove(number)?;
+            }
+        }
         tracing::info!(caller = %self.caller, %target, ?unit, "temporary password set by phone");
         Ok(())
     }

@@ -21,6 +21,10 @@ pub enum PromptId {
     Invalid,
     /// 設定完了; the call ends (R-I7).
     Done,
+    /// The third invalid entry: the call ends and the subscriber is asked to dial again
+    /// (R-I6). Not among the seed's prompts, which end the call in silence; a platform
+    /// needs something to say before it hangs up.
+    Ended,
 }
 
 impl PromptId {
@@ -33,6 +37,7 @@ impl PromptId {
             Self::Confirm => "CONFIRM",
             Self::Invalid => "INVALID",
             Self::Done => "DONE",
+            Self::Ended => "ENDED",
         }
     }
 
@@ -45,6 +50,7 @@ impl PromptId {
             Self::Confirm => "確認のためにもう一度仮パスワードを入力してください。",
             Self::Invalid => "入力された番号が正しくありません。もう一度押してください。",
             Self::Done => "{n}番の仮パスワードの設定が完了しました。ご利用ありがとうございました。",
+            Self::Ended => "入力された番号が正しくありません。お手数ですが、もう一度おかけ直しください。",
         }
     }
 }

@@ -13,7 +13,7 @@
 use std::io::{self, BufRead, Write};
 
 use super::call::{Call, IvrError, Step};
-use super::Ivr;
+use super::{Ivr, PromptId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TerminalError {
@@ -51,10 +51,12 @@ fn show(output: &mut impl Write, step: &Step) -> io::Result<()> {
         Some(prompt) => writeln!(output, "[{}] {}", prompt.id, prompt.text)?,
         None => writeln!(output, "(no prompt)")?,
     }
-    match (step.ends, &step.prompt) {
+    match (step.ends, step.prompt.as_ref().map(|p| p.id)) {
         (false, _) => Ok(()),
-        (true, Some(_)) => writeln!(output, "(call ended)"),
-        (true, None) => writeln!(output, "(call ended after three invalid entries; the subscriber must dial again)"),
+        (true, Some(PromptId::Ended)) => {
+            writeln!(output, "(call ended after three invalid entries; the subscriber must dial again)")
+        }
+        (true, _) => writeln!(output, "(call ended)"),
     }
 }
 
@@ -97,7 +99,10 @@ CONFIRM> [DONE] 0312345679番の仮パスワードの設定が完了しました
             "{out}"
         );
         assert!(
-            out.ends_with("(no prompt)\n(call ended after three invalid entries; the subscriber must dial again)\n"),
+            out.ends_with(
+                "[ENDED] 入力された番号が正しくありません。お手数ですが、もう一度おかけ直しください。\n\
+                 (call ended after three invalid entries; the subscriber must dial again)\n"
+            ),
             "{out}"
         );
     }

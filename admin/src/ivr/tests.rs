@@ -171,13 +171,14 @@ fn r_i5_a_confirmation_that_differs_starts_password_entry_over() {
 }
 
 #[test]
-fn r_i6_three_invalid_entries_at_one_step_end_the_call_without_a_prompt() {
+fn r_i6_three_invalid_entries_at_one_step_end_the_call_saying_to_dial_again() {
     let f = fixture();
     let mut call = start(&f, CONTRACT);
     assert_invalid(&call.input("9").unwrap(), PromptId::SelectUnit);
     assert_invalid(&call.input("9").unwrap(), PromptId::SelectUnit);
     let step = call.input("9").unwrap();
-    assert_eq!(step, Step { prompt: None, awaiting: None, ends: true });
+    assert_eq!(step, Step { prompt: Some(Prompt::new(PromptId::Ended)), awaiting: None, ends: true });
+    assert_eq!(text(&step), "入力された番号が正しくありません。お手数ですが、もう一度おかけ直しください。");
     assert!(matches!(call.input("1"), Err(IvrError::Ended)), "the subscriber must dial again");
 }
 
@@ -190,7 +191,7 @@ fn r_i6_invalid_entries_count_across_steps() {
     assert_invalid(&call.input(OTHER_LINE).unwrap(), PromptId::EnterNumber);
     call.input("0312345679#").unwrap();
     let step = call.input("123").unwrap();
-    assert!(step.ends && step.prompt.is_none(), "{step:?}");
+    assert!(step.ends && step.prompt.as_ref().is_some_and(|p| p.id == PromptId::Ended), "{step:?}");
     assert_eq!(f.credentials.record(&n(ADDITIONAL)).unwrap(), None);
     assert_eq!(f.store.line(&n(CONTRACT)).unwrap().unwrap().unit, None, "no unit set");
 }

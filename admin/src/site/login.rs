@@ -108,7 +108,12 @@ pub async fn submit(
     state.sessions.sweep(now);
     let idle_timeout = state.read(move |store| idle_timeout_for(store, &number)).await?;
     let must_change = state.must_change(ok);
-    let id = state.sessions.create(Session::new(number, ok.kind, must_change, idle_timeout, now));
+    let credentials = state.credentials.clone();
+    let Some(stamp) = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await?? else {
+        // Replaced or removed between the check and now: as if the login had failed.
+        return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
+    };
+    let id = state.sessions.create(Session::new(number, ok.kind, must_change, idle_timeout, now, stamp));
     let next = if must_change { "/password" } else { "/" };
     let cookies = [state.set_cookie(&state.session_cookie(), Some(&id)), state.set_cookie(&csrf_cookie, None)];
     Ok(with_cookies(redirect(next), cookies))

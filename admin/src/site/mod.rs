@@ -265,6 +265,15 @@ impl IntoResponse for Denied {
 pub fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate) -> Result<Authed, Denied> {
     let id = cookie(headers, &state.session_cookie()).ok_or(Denied::Login)?;
     let session = state.sessions.touch(id, state.clock.now()).ok_or(Denied::Login)?;
+    // The credential it logged in with must still be the number's: a new temporary
+    // password by phone, a unit change or the number leaving its line ends the session.
+    // (One sled read, from its cache.)
+    let current = state.credentials.stamp(&session.number).unwrap_or(None);
+    if current != Some(session.credential) {
+        tracing::info!(number = %session.number, "site session ended: its credential was replaced or removed");
+        state.sessions.remove(id);
+        return Err(Denied::Login);
+    }
     if session.must_change && gate == Gate::PasswordChanged {
         return Err(Denied::ChangePassword);
     }
@@ -278,6 +287,8 @@ pub enum SiteError {
     Csrf,
     #[error("malformed form: {0}")]
     Form(#[from] FormRejection),
+    #[error("a form value the site does not offer: {0}")]
+    BadForm(String),
     #[error(transparent)]
     Credentials(#[from] CredentialError),
     #[error(transparent)]
@@ -294,7 +305,7 @@ impl IntoResponse for SiteError {
                 "エラー",
                 "不正なリクエストです。ページを開き直してから、もう一度操作してください。",
             ),
-            Self::Form(_) => {
+            Self::Form(_) | Self::BadForm(_) => {
                 (StatusCode::BAD_REQUEST, "エラー", "入力内容を読み取れませんでした。もう一度操作してください。")
             }
             Self::Credentials(_) | Self::Store(_) | Self::Join(_) => {

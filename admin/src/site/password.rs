@@ -153,7 +153,14 @@ pub async fn submit(
     // A new session id for the new credential, and no other browser stays logged in with
     // the old password.
     state.sessions.remove(&id);
-    let renewed = Session { kind: CredentialKind::Password, must_change: false, csrf: csrf::new_token(), ..session };
+    let credentials = state.credentials.clone();
+    let number = session.number;
+    let Some(credential) = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await?? else {
+        state.sessions.remove(&id);
+        return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
+    };
+    let renewed =
+        Session { kind: CredentialKind::Password, must_change: false, csrf: csrf::new_token(), credential, ..session };
     let number = renewed.number;
     let new_id = state.sessions.create(renewed);
     state.sessions.remove_number(&number, &new_id);

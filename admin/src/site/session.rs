@@ -44,6 +44,9 @@ pub struct Session {
     pub idle_timeout: Duration,
     /// The token every form of this session carries (CSRF).
     pub csrf: String,
+    /// The login credential's [`crate::credentials::CredentialRecord::stamp`]: the
+    /// session lasts only as long as that credential does.
+    pub credential: u64,
 }
 
 impl Session {
@@ -54,8 +57,10 @@ impl Session {
         must_change: bool,
         idle_timeout: Duration,
         now: DateTime<Utc>,
+        credential: u64,
     ) -> Self {
-        Self { number, kind, must_change, created_at: now, last_seen: now, idle_timeout, csrf: csrf::new_token() }
+        let csrf = csrf::new_token();
+        Self { number, kind, must_change, created_at: now, last_seen: now, idle_timeout, csrf, credential }
     }
 
     fn expired(&self, now: DateTime<Utc>) -> bool {
@@ -157,7 +162,7 @@ mod tests {
     #[test]
     fn sessions_expire_when_idle_and_after_the_absolute_timeout() {
         let sessions = Sessions::default();
-        let session = Session::new(n(CONTRACT), CredentialKind::Password, false, IDLE_TIMEOUT_NUMBER, t0());
+        let session = Session::new(n(CONTRACT), CredentialKind::Password, false, IDLE_TIMEOUT_NUMBER, t0(), 7);
         let id = sessions.create(session);
         let mut now = t0();
         // Active every 29 minutes: alive until the absolute timeout.

@@ -18,6 +18,7 @@ use axum::http::header::LOCATION;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use engine::address::DestinationAddress;
+use engine::deliver::{TestMailError, TEST_MAILS_PER_MINUTE};
 use engine::phone::PhoneNumber;
 use engine::store::{CallSettings, StoreError, MAX_DESTINATIONS};
 
@@ -122,6 +123,10 @@ pub async fn submit(
         return Err(SiteError::Csrf);
     }
     let Some((number, current)) = settings_of(&state, session.number, raw).await? else { return Ok(not_found()) };
+    if let Err(why) = Entered::check_choices(&fields) {
+        tracing::info!(%number, %why, "settings form refused: a value the form does not offer");
+        return Err(SiteError::BadForm(why));
+    }
 
     let entered = Entered::from_fields(&fields);
     let view = View::new(&state, &number, &session);
@@ -189,8 +194,24 @@ fn test_sent(address: &DestinationAddress) -> String {
     )
 }
 
-fn test_failed(address: &DestinationAddress, reason: &str) -> String {
-    format!("{} にテストメールを送信できませんでした: {reason}", address.as_str())
+/// Why the test mail did not go, in the subscriber's words; the server's own reply is
+/// kept beside it for whoever the subscriber asks for help.
+fn test_failed(address: &DestinationAddress, error: &TestMailError) -> String {
+    let address = address.as_str();
+    match error {
+        TestMailError::TooMany => format!(
+            "送信テストは1回線につき1分間に{TEST_MAILS_PER_MINUTE}回までです。しばらくしてからもう一度お試しください。"
+        ),
+        TestMailError::Refused(reply) => format!(
+            "{address} あてのテストメールは、メールサーバーに受け取りを拒否されました。メールアドレスに誤りがないかご確認ください。（サーバーの応答: {reply}）"
+        ),
+        TestMailError::NotNow(reply) => format!(
+            "{address} あてのテストメールを、いま送信できませんでした。しばらくしてからもう一度お試しください。（サーバーの応答: {reply}）"
+        ),
+        TestMailError::Render(_) => {
+            format!("{address} あてのテストメールを作成できませんでした。しばらくしてからもう一度お試しください。")
+        }
+    }
 }
 
 fn test_empty(row: usize) -> String {
@@ -238,14 +259,15 @@ pub async fn test_mail(
             return Ok(page("", &[TEST_FIX_ROW.to_owned()], &rows));
         }
     };
-    match mailer.send(&number, &address).await {
+    let line = state.read(move |store| Ok(store.number(&number)?.map_or(number, |record| record.contract))).await?;
+    match mailer.send(&line, &number, &address).await {
         Ok(()) => {
             tracing::info!(login = %session.number, %number, row, "call settings: test mail sent");
             Ok(page(&test_sent(&address), &[], &RowErrors::default()))
         }
-        Err(reason) => {
-            tracing::info!(login = %session.number, %number, row, %reason, "call settings: test mail refused");
-            Ok(page("", &[test_failed(&address, &reason)], &RowErrors::default()))
+        Err(error) => {
+            tracing::info!(login = %session.number, %number, row, %error, "call settings: test mail refused");
+            Ok(page("", &[test_failed(&address, &error)], &RowErrors::default()))
         }
     }
 }

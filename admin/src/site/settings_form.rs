@@ -94,12 +94,33 @@ impl Entered {
         }
     }
 
+    /// Whether every choice has a value the form offers: 開始/停止 is `on` or `off`, a
+    /// check is `on` or absent. A browser sends nothing else; anything else is refused
+    /// rather than read as 停止 (`enabled=maybe` was saved as 停止).
+    pub fn check_choices(fields: &HashMap<String, String>) -> Result<(), String> {
+        for (name, value) in fields {
+            let allowed: &[&str] = match name.as_str() {
+                "enabled" => &["on", "off"],
+                "designated_only" | "missed_only" => &["on"],
+                _ if name.starts_with("send_") || name.starts_with("designate_") => &["on"],
+                _ => continue,
+            };
+            if !allowed.contains(&value.as_str()) {
+                return Err(format!("{name}={value:?}: not a value this form offers ({})", allowed.join(", ")));
+            }
+        }
+        Ok(())
+    }
+
     /// The settings entered, version left at 0 (the store sets it); or the rows' errors.
     pub fn parse(&self) -> Result<CallSettings, RowErrors> {
         let mut errors = RowErrors::default();
         let mut destinations = Vec::new();
         for (i, row) in self.destinations.iter().enumerate().filter(|(_, row)| !row.text.is_empty()) {
             match DestinationAddress::parse(&row.text) {
+                Ok(address) if destinations.iter().any(|d: &Destination| d.address == address) => {
+                    errors.destinations.insert(i, "同じメールアドレスがすでに入力されています。".to_owned());
+                }
                 Ok(address) => destinations.push(Destination { address, send: row.checked }),
                 Err(error) => {
                     errors.destinations.insert(i, address_message(&error));
@@ -109,6 +130,9 @@ impl Entered {
         let mut designated = Vec::new();
         for (i, row) in self.designated.iter().enumerate().filter(|(_, row)| !row.text.is_empty()) {
             match PhoneNumber::parse(&row.text) {
+                Ok(number) if designated.iter().any(|d: &Designated| d.number == number) => {
+                    errors.designated.insert(i, "同じ電話番号がすでに入力されています。".to_owned());
+                }
                 Ok(number) => designated.push(Designated { number, designate: row.checked }),
                 Err(error) => {
                     errors.designated.insert(i, number_message(&error));

@@ -116,6 +116,37 @@ async fn r_n1_start_and_stop_are_saved_and_shown() {
     assert!(page.body.contains("name=\"enabled\" value=\"off\" checked"));
 }
 
+/// R-N1: 開始/停止 and the checks take only the values the form offers: `enabled=maybe`
+/// was saved as 停止; now such a form is refused whole and nothing changes.
+#[tokio::test]
+async fn r_n1_a_value_the_form_does_not_offer_is_refused_not_saved_as_stopped() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    save(&app, &cookies, CONTRACT, "enabled=on").await;
+    for extra in ["enabled=maybe", "enabled=on&missed_only=yes", "enabled=on&send_0=1&dest_0=a@example.jp"] {
+        let refused = save(&app, &cookies, CONTRACT, extra).await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{extra}");
+        assert!(refused.body.contains("入力内容を読み取れませんでした"), "{extra}: {}", refused.body);
+    }
+    let kept = stored(&app, CONTRACT);
+    assert!(kept.enabled && !kept.missed_only && kept.destinations.is_empty(), "{kept:?}");
+}
+
+/// R-N5 (and R-N2): a designated number, or an address, entered twice is refused beside
+/// the second row; it used to be saved twice.
+#[tokio::test]
+async fn r_n5_r_n2_a_number_or_address_entered_twice_is_refused_beside_the_repeat() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let twice = save(&app, &cookies, CONTRACT, "designated_0=09011112222&designated_3=09011112222").await;
+    assert_eq!(twice.status, StatusCode::OK, "shown again with the error");
+    assert!(twice.body.contains("同じ電話番号がすでに入力されています。"), "{}", twice.body);
+    let twice = save(&app, &cookies, CONTRACT, "dest_0=a@example.jp&dest_1=a@example.jp").await;
+    assert!(twice.body.contains("同じメールアドレスがすでに入力されています。"), "{}", twice.body);
+    let kept = stored(&app, CONTRACT);
+    assert!(kept.designated.is_empty() && kept.destinations.is_empty(), "nothing saved: {kept:?}");
+}
+
 #[tokio::test]
 async fn r_n2_five_rows_only_checked_ones_send_and_no_sixth_row() {
     let app = app();
@@ -358,15 +389,25 @@ async fn r_n2_send_test_refuses_an_invalid_or_empty_address_and_sends_nothing() 
     assert_eq!(stored(&app, CONTRACT), CallSettings::default());
 }
 
+/// R-N2: a refused test mail is explained in Japanese (it showed the server's raw
+/// English reply alone), with the reply kept beside it for a support call; a server that
+/// cannot take it now says to try later.
 #[tokio::test]
 async fn r_n2_send_test_shows_why_the_mail_server_refused() {
     let (app, sink, cookies) = mail_app().await;
     sink.fail_next(SmtpStage::RcptTo, 550, 1);
     let reply = send_test(&app, &cookies, 0, "dest_0=nobody@example.jp").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    assert!(reply.body.contains("nobody@example.jp にテストメールを送信できませんでした: "), "{}", reply.body);
-    let reason = reply.body.split("送信できませんでした: ").nth(1).unwrap();
+    assert!(reply.body.contains("nobody@example.jp あてのテストメールは、メールサーバーに受け取りを拒否されました。メールアドレスに誤りがないかご確認ください。"), "{}", reply.body);
+    let reason = reply.body.split("サーバーの応答: ").nth(1).unwrap();
     assert!(reason.contains("550"), "the server's answer is shown: {}", reply.body);
+    sink.fail_next(SmtpStage::RcptTo, 451, 1);
+    let later = send_test(&app, &cookies, 0, "dest_0=nobody@example.jp").await;
+    assert!(
+        later.body.contains("いま送信できませんでした。しばらくしてからもう一度お試しください。"),
+        "{}",
+        later.body
+    );
     assert_eq!(sink.count(), 0);
     assert_eq!(stored(&app, CONTRACT), CallSettings::default());
 }

@@ -427,3 +427,107 @@ async fn r_o1_a_password_change_needs_the_current_password_and_the_new_one_twice
     assert_ne!(login(&app, CONTRACT, PASSWORD).await.location(), Some("/"), "the old password is gone");
     assert_eq!(login(&app, CONTRACT, NEW).await.location(), Some("/"));
 }
+
+/// Keys `entries` on the temporary-password line as `caller`; the last step.
+fn phone(app: &App, caller: &str, entries: &[&str]) -> crate::ivr::Step {
+    let (mut call, mut step) = crate::ivr::Call::start(&app.f.ivr, caller).unwrap();
+    for keys in entries {
+        step = call.input(keys).unwrap();
+    }
+    step
+}
+
+/// R-I7, R-S7: a new temporary password set by phone replaces the number's credential,
+/// and the browsers logged in with the old one are logged out (they stayed in, up to
+/// 12 hours: a subscriber resetting a password someone else knew did not lock them out).
+#[tokio::test]
+async fn r_i7_a_temporary_password_by_phone_ends_the_sessions_of_the_old_credential() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK);
+
+    let done = phone(&app, CONTRACT, &["1", TEMPORARY, TEMPORARY]);
+    assert!(done.ends);
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert!(app.state.sessions().is_empty());
+}
+
+/// R-I7 with R-O2: on a number-unit line an additional number keys 1 (line unit); the
+/// contract number gets the temporary password, and the additional number's own
+/// password, which now would list every number of the line, no longer logs in, nor does
+/// its open session go on.
+#[tokio::test]
+async fn r_i7_r_o2_a_change_to_line_unit_by_phone_ends_the_other_numbers_passwords() {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    app.f.credentials.set_password_async(n(ADDITIONAL), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, ADDITIONAL, PASSWORD).await;
+
+    phone(&app, ADDITIONAL, &["1", TEMPORARY, TEMPORARY]);
+    assert_eq!(app.f.store.line(&n(CONTRACT)).unwrap().unwrap().unit, Some(AuthUnit::Line));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(login(&app, ADDITIONAL, PASSWORD).await.status, StatusCode::OK, "the login page again: refused");
+    assert!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().is_none());
+    // The line logs in with the contract number's temporary password (R-A1).
+    assert_eq!(login(&app, CONTRACT, TEMPORARY).await.location(), Some("/password"));
+}
+
+/// R-A3: on an admin_user line a user (an additional number) may set only their own
+/// password by phone. Keying 1 or 2 set the administrator's credential and gave the user
+/// every number of the line; now it is an invalid entry and nothing changes.
+#[tokio::test]
+async fn r_a3_a_user_cannot_take_the_administrators_credential_by_phone() {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::AdminUser).unwrap();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    for key in ["1", "2"] {
+        let step = phone(&app, ADDITIONAL, &[key]);
+        assert_eq!(step.prompt.map(|p| p.id), Some(crate::ivr::PromptId::Invalid), "{key}");
+    }
+    assert_eq!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().kind, CredentialKind::Password);
+    assert_eq!(app.f.store.line(&n(CONTRACT)).unwrap().unwrap().unit, Some(AuthUnit::AdminUser));
+    // The user's own password still comes by keying 3.
+    assert!(phone(&app, ADDITIONAL, &["3", TEMPORARY, TEMPORARY]).ends);
+    assert_eq!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().unwrap().kind, CredentialKind::Temporary);
+}
+
+/// R-M3, R-L3: a number the operator moves to another contract (listed there directly,
+/// or removed from its line and provisioned again later) arrives with nothing of its
+/// previous subscriber: the old password neither logs in nor keeps a session, and the
+/// old destinations are gone, so the new subscriber's calls never reach the old
+/// subscriber's addresses. The import reports the move.
+#[tokio::test]
+async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_destination() {
+    let import = |app: &App, jsonl: &str| engine::provision::import(&app.f.store, jsonl.as_bytes()).unwrap();
+    let old_owner = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"]},{"number":"0312345679","services":["call"],"settings":{"enabled":true,"destinations":[{"address":"old-owner@example.jp","send":true}]}}]}"#;
+    let moved_line = r#"{"contract":"0398765432","numbers":[{"number":"0398765432","services":["call"]},{"number":"0312345679","services":["call"]}]}"#;
+    let without = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"]}]}"#;
+
+    // Listed under the other contract directly.
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    import(&app, old_owner);
+    app.f.credentials.set_password_async(n(ADDITIONAL), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, ADDITIONAL, PASSWORD).await;
+    let report = import(&app, moved_line);
+    assert_eq!(report.moved, [(1, n(ADDITIONAL), n(CONTRACT))]);
+    let record = app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap();
+    assert_eq!(record.contract, n(OTHER_LINE));
+    assert!(record.call.destinations.is_empty() && !record.call.enabled, "{:?}", record.call);
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(login(&app, ADDITIONAL, PASSWORD).await.status, StatusCode::OK, "refused");
+
+    // Removed from its line, provisioned to another later.
+    let app = self::app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    import(&app, old_owner);
+    app.f.credentials.set_password_async(n(ADDITIONAL), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, ADDITIONAL, PASSWORD).await;
+    import(&app, without);
+    assert!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().is_none());
+    import(&app, moved_line);
+    assert_eq!(login(&app, ADDITIONAL, PASSWORD).await.status, StatusCode::OK, "refused");
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert!(app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap().call.destinations.is_empty());
+}

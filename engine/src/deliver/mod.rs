@@ -468,12 +468,28 @@ impl Transport {
 pub struct TestMailer {
     transport: Transport,
     renderer: crate::render::Renderer,
-    /// A logged-in browser could otherwise send mail to any address without end.
-    per_number: DefaultKeyedRateLimiter<PhoneNumber>,
+    /// A logged-in browser could otherwise send mail to any address without end: keyed
+    /// by line, since a line credential reaches every number of it.
+    per_line: DefaultKeyedRateLimiter<PhoneNumber>,
 }
 
-/// Test mails one number may send per minute.
+/// Test mails one line (all its numbers together) may send per minute.
 pub const TEST_MAILS_PER_MINUTE: u32 = 5;
+
+/// Why a test mail was not sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TestMailError {
+    #[error("the line sent {TEST_MAILS_PER_MINUTE} test mails this minute")]
+    TooMany,
+    /// The mail server refused the mail for good (5xx): its reply.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The mail server could not take it now (4xx, no answer, no connection).
+    #[error("not now: {0}")]
+    NotNow(String),
+    #[error("the test mail could not be made: {0}")]
+    Render(String),
+}
 
 impl TestMailer {
     pub fn new(settings: &SmtpSettings) -> Result<Self, DeliverError> {
@@ -482,21 +498,29 @@ impl TestMailer {
         Ok(Self {
             transport: Transport::new(settings, None)?,
             renderer: crate::render::Renderer::new(from),
-            per_number: RateLimiter::keyed(quota),
+            per_line: RateLimiter::keyed(quota),
         })
     }
 
-    /// Sends the test mail of `number` to `address`; `Err` carries the server's answer.
-    pub async fn send(&self, number: &PhoneNumber, address: &crate::address::DestinationAddress) -> Result<(), String> {
-        if self.per_number.check_key(number).is_err() {
-            return Err(format!(
-                "送信テストは1分間に{TEST_MAILS_PER_MINUTE}回までです。しばらくしてからもう一度お試しください。"
-            ));
+    /// Sends the test mail of `number`, on the line of contract number `line`, to
+    /// `address`.
+    pub async fn send(
+        &self,
+        line: &PhoneNumber,
+        number: &PhoneNumber,
+        address: &crate::address::DestinationAddress,
+    ) -> Result<(), TestMailError> {
+        if self.per_line.check_key(line).is_err() {
+            return Err(TestMailError::TooMany);
         }
         let nonce = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
-        let mail = self.renderer.render_test(number.as_str(), address, &nonce).map_err(|e| e.to_string())?;
+        let mail = self
+            .renderer
+            .render_test(number.as_str(), address, &nonce)
+            .map_err(|e| TestMailError::Render(e.to_string()))?;
         self.transport.send(&mail).await.map_err(|failed| match failed {
-            Attempt::Temporary(reply) | Attempt::Unanswered(reply) | Attempt::Permanent(reply) => reply,
+            Attempt::Permanent(reply) => TestMailError::Refused(reply),
+            Attempt::Temporary(reply) | Attempt::Unanswered(reply) => TestMailError::NotNow(reply),
         })
     }
 }
@@ -628,7 +652,7 @@ pub(crate) mod tests {
         let number = PhoneNumber::parse("0312345678").unwrap();
         let to = DestinationAddress::parse("taro@example.jp").unwrap();
 
-        mailer.send(&number, &to).await.expect("accepted");
+        mailer.send(&number, &number, &to).await.expect("accepted");
         let mails = sink.wait_for(1, std::time::Duration::from_secs(10)).await;
         assert_eq!(mails[0].rcpt_to, ["taro@example.jp"]);
         let parsed = mail_parser::MessageParser::default().parse(&mails[0].data).unwrap();
@@ -636,8 +660,8 @@ pub(crate) mod tests {
         assert!(parsed.body_text(0).unwrap().contains("0312345678"));
 
         sink.fail_next(SmtpStage::RcptTo, 550, 1);
-        let refused = mailer.send(&number, &to).await.unwrap_err();
-        assert!(refused.contains("550"), "the subscriber sees the server's answer: {refused}");
+        let refused = mailer.send(&number, &number, &to).await.unwrap_err();
+        assert!(matches!(&refused, TestMailError::Refused(reply) if reply.contains("550")), "{refused}");
     }
 
     #[test]
@@ -652,18 +676,24 @@ pub(crate) mod tests {
         assert!(matches!(refused(ClientError::Session(reply(535))), Attempt::Temporary(_)));
     }
 
+    /// R-N2's button cannot spam: 5 test mails a minute per line, whichever of its
+    /// numbers sends them (per number, a line of N numbers sent 5N); another line has
+    /// its own allowance.
     #[tokio::test]
-    async fn send_tests_are_limited_per_number_so_the_button_cannot_spam() {
+    async fn send_tests_are_limited_per_line_so_the_button_cannot_spam() {
         let sink = SmtpSink::start(0).await.unwrap();
         let mailer = TestMailer::new(&smtp_to(sink.port())).unwrap();
-        let (a, b) = (PhoneNumber::parse("0312345678").unwrap(), PhoneNumber::parse("0312345679").unwrap());
+        let number = |s| PhoneNumber::parse(s).unwrap();
+        let (line, other_line) = (number("0312345678"), number("0398765432"));
         let to = DestinationAddress::parse("taro@example.jp").unwrap();
-        for _ in 0..TEST_MAILS_PER_MINUTE {
-            mailer.send(&a, &to).await.unwrap();
+        let numbers = [number("0312345678"), number("0312345679"), number("0312345670")];
+        for i in 0..TEST_MAILS_PER_MINUTE as usize {
+            mailer.send(&line, &numbers[i % 3], &to).await.unwrap();
         }
-        let refused = mailer.send(&a, &to).await.unwrap_err();
-        assert!(refused.contains("1分間"), "{refused}");
-        mailer.send(&b, &to).await.expect("another number has its own allowance");
+        for n in &numbers {
+            assert_eq!(mailer.send(&line, n, &to).await.unwrap_err(), TestMailError::TooMany);
+        }
+        mailer.send(&other_line, &other_line, &to).await.expect("another line has its own allowance");
         assert_eq!(sink.count(), TEST_MAILS_PER_MINUTE as usize + 1);
     }
 }

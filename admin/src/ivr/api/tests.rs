@@ -76,7 +76,7 @@ async fn r_i1_a_caller_not_on_a_line_gets_a_json_403() {
 }
 
 #[tokio::test]
-async fn r_i6_the_third_invalid_entry_ends_the_call_with_no_prompt() {
+async fn r_i6_the_third_invalid_entry_ends_the_call_with_words_to_say() {
     let f = fixture();
     let (state, app) = app(&f);
     let (_, body) = start(&app, CONTRACT).await;
@@ -87,7 +87,8 @@ async fn r_i6_the_third_invalid_entry_ends_the_call_with_no_prompt() {
     }
     let (status, body) = key(&app, call_id, "9").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, json!({ "call_id": call_id, "prompt": null, "text": null, "awaiting": null, "ends": true }));
+    let text = "入力された番号が正しくありません。お手数ですが、もう一度おかけ直しください。";
+    assert_eq!(body, json!({ "call_id": call_id, "prompt": "ENDED", "text": text, "awaiting": null, "ends": true }));
     assert_eq!(state.live_calls(), 0);
 }
 
