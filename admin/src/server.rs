@@ -71,7 +71,8 @@ where
     let site_state = SiteState::new(store.clone(), credentials.clone(), clock.clone())
         .with_test_mailer(test_mailer)
         .with_password_policy(admin.password_policy)
-        .with_secure(admin.secure());
+        .with_secure(admin.secure())
+        .with_proxy(admin.behind_tls_proxy);
     let site_app = site::router(site_state);
     let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)));
 
@@ -94,6 +95,23 @@ where
     Ok(Servers { site, ivr, site_url, tasks: [site_task, ivr_task] })
 }
 
+/// The address a connection came from, handed to the handlers as
+/// `ConnectInfo<Peer>` (axum gives `SocketAddr` only for a bare `TcpListener`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+macro_rules! peer_of {
+    ($listener:ty) => {
+        impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, $listener>> for Peer {
+            fn connect_info(stream: axum::serve::IncomingStream<'_, $listener>) -> Self {
+                Peer(*stream.remote_addr())
+            }
+        }
+    };
+}
+peer_of!(Guarded<tokio::net::TcpListener>);
+peer_of!(TlsListener);
+
 /// A listener on `addr`, and the address it got (port 0 picks a free one).
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
     let error = |source| ServerError::Bind { key, addr, source };
@@ -109,10 +127,12 @@ fn spawn<L>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()>
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    Peer: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
     tokio::spawn(async move {
+        // The peer's address reaches the handlers: the login throttle counts by it.
+        let app = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %e, server = key, "admin server stopped");
         }

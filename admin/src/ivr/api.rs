@@ -46,6 +46,8 @@ pub struct ApiState {
 struct LiveCall {
     /// Locked on a blocking thread for each entry: the last one hashes the password.
     call: Mutex<Call>,
+    /// Who called, readable without waiting for the lock ([`MAX_CALLS_PER_CALLER`]).
+    caller: engine::phone::PhoneNumber,
     /// Unix milliseconds of the last request, to forget abandoned calls.
     last_seen_ms: AtomicI64,
 }
@@ -120,8 +122,14 @@ async fn start_call(
     state.sweep(now);
     // Two small sled reads; not worth a blocking thread.
     let (call, step) = Call::start(&state.ivr, &request.caller)?;
+    let caller = call.caller();
+    let open = state.calls.iter().filter(|live| live.caller == caller).count();
+    if open >= MAX_CALLS_PER_CALLER {
+        tracing::info!(%caller, open, "temporary-password call refused: too many open from this number");
+        return Err(ApiError::Busy);
+    }
     let call_id = format!("{:032x}", rand::random::<u128>());
-    let live = LiveCall { call: Mutex::new(call), last_seen_ms: AtomicI64::new(now.timestamp_millis()) };
+    let live = LiveCall { call: Mutex::new(call), caller, last_seen_ms: AtomicI64::new(now.timestamp_millis()) };
     state.calls.insert(call_id.clone(), Arc::new(live));
     Ok(Json(StepResponse::new(call_id, step)))
 }
@@ -164,7 +172,13 @@ pub enum ApiError {
     BadRequest { status: StatusCode, message: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{MAX_CALLS_PER_CALLER} calls from this number are already open: end one first")]
+    Busy,
 }
+
+/// Calls one number may have open at once: a phone has one line, and a few cover a
+/// platform retrying; without a cap, requests from one caller id could fill the map.
+pub const MAX_CALLS_PER_CALLER: usize = 3;
 
 impl From<IvrError> for ApiError {
     fn from(e: IvrError) -> Self {
@@ -186,6 +200,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = match &self {
             Self::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
+            Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
             Self::UnknownCall => (StatusCode::NOT_FOUND, "unknown_call"),
             Self::BadRequest { status, .. } => (*status, "bad_request"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -7,7 +7,7 @@
 
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
 
@@ -17,6 +17,9 @@ use crate::credentials::{LoginFailure, LoginOk};
 
 /// The one answer to every failed login.
 pub const FAILURE_MESSAGE: &str = "電話番号またはパスワードが正しくありません。";
+/// Past the login throttle ([`super::throttle`]).
+pub const THROTTLED_MESSAGE: &str =
+    "ログインの失敗が続いたため、しばらくログインできません。15分ほどたってからもう一度お試しください。";
 
 /// The login form's fields. All default to empty, so a missing CSRF field is refused as
 /// a CSRF failure (403) rather than as a malformed form.
@@ -76,6 +79,7 @@ pub async fn show(State(state): State<SiteState>, RawQuery(query): RawQuery, hea
 
 pub async fn submit(
     State(state): State<SiteState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::server::Peer>>>,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, SiteError> {
@@ -87,6 +91,12 @@ pub async fn submit(
         return Err(SiteError::Csrf);
     }
     let now = state.clock.now();
+    let client = state.client(peer.map(|p| (p.0).0 .0), &headers);
+    if client.is_some_and(|client| !state.throttle.allows(client, now)) {
+        tracing::info!(client = ?client, "site login not checked: too many wrong logins from this address");
+        let page = login_page(&state, &form.csrf, None, Some(THROTTLED_MESSAGE));
+        return Ok((StatusCode::TOO_MANY_REQUESTS, Html(page)).into_response());
+    }
     let verdict = match PhoneNumber::parse(&form.number) {
         Ok(number) => {
             let verdict = state.credentials.verify_async(number, form.password, now).await?;
@@ -98,7 +108,12 @@ pub async fn submit(
     let (number, ok) = match verdict {
         Ok(found) => found,
         // The token matched the cookie, so it is ours and safe to render again.
-        Err(_) => return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response()),
+        Err(_) => {
+            if let Some(client) = client {
+                state.throttle.failed(client, now);
+            }
+            return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
+        }
     };
 
     // A browser logging in again leaves its old session behind, server-side too.

@@ -29,6 +29,7 @@ pub mod password;
 pub mod session;
 pub mod settings;
 pub mod settings_form;
+pub mod throttle;
 pub mod unit;
 
 use std::fmt;
@@ -69,6 +70,11 @@ pub struct SiteState {
     pub(crate) test_mailer: Option<Arc<TestMailer>>,
     /// The rule for new passwords, and whether a password expires (R-S5, R-S6, or ASVS).
     pub(crate) password_policy: PasswordPolicy,
+    /// Wrong logins per client address ([`throttle`]).
+    pub(crate) throttle: Arc<throttle::Throttle>,
+    /// Behind a TLS-terminating proxy the client's address is the last one the proxy
+    /// added to `X-Forwarded-For`, not the connection's.
+    pub(crate) behind_proxy: bool,
 }
 
 impl SiteState {
@@ -91,7 +97,26 @@ impl SiteState {
             secure: false,
             test_mailer: None,
             password_policy: PasswordPolicy::default(),
+            throttle: Arc::default(),
+            behind_proxy: false,
         }
+    }
+
+    /// Takes the client's address from the proxy's `X-Forwarded-For` (set with
+    /// `admin.behind_tls_proxy`), for the login throttle.
+    pub fn with_proxy(mut self, behind_proxy: bool) -> Self {
+        self.behind_proxy = behind_proxy;
+        self
+    }
+
+    /// The client's address: the connection's, or behind the proxy the last address
+    /// it added to `X-Forwarded-For` (anything before it the client could have written).
+    pub(crate) fn client(&self, peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> Option<std::net::IpAddr> {
+        if self.behind_proxy {
+            let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back()?;
+            return forwarded.rsplit(',').next()?.trim().parse().ok();
+        }
+        peer.map(|p| p.ip())
     }
 
     /// Lets the 送信テスト button of R-N2 send test mails with `mailer`.

@@ -531,3 +531,38 @@ async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_de
     assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
     assert!(app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap().call.destinations.is_empty());
 }
+
+/// A login form sent from `client` (the connection's address, as `serve` hands it on).
+async fn login_from(app: &App, client: &str, number: &str, password: &str) -> Reply {
+    let token = login_token(app).await;
+    let peer = crate::server::Peer(format!("{client}:40000").parse().unwrap());
+    let request = Request::post("/login")
+        .header("cookie", format!("{CSRF_COOKIE}={token}"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .extension(axum::extract::ConnectInfo(peer))
+        .body(Body::from(format!("number={number}&password={password}&csrf={token}")))
+        .unwrap();
+    send(app, request).await
+}
+
+/// The login throttle (README; the trade-off against R-S3 in `site::throttle`): past 5
+/// wrong logins in 15 minutes an address is answered 429 without its attempts being
+/// checked, so they neither guess nor count towards R-S3 (nothing slowed a client down:
+/// anyone could invalidate a password with 10 quick guesses); another address still
+/// logs in, and after the window the first may try again.
+#[tokio::test]
+async fn r_s3_wrong_logins_from_one_address_are_slowed_and_not_counted_against_the_number() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    for _ in 0..throttle::MAX_FAILURES {
+        assert_eq!(login_from(&app, "192.0.2.1", CONTRACT, "wrong1234").await.status, StatusCode::OK);
+    }
+    let slowed = login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await;
+    assert_eq!(slowed.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(slowed.body.contains(login::THROTTLED_MESSAGE), "{}", slowed.body);
+    assert_eq!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures, throttle::MAX_FAILURES);
+
+    assert_eq!(login_from(&app, "192.0.2.2", CONTRACT, PASSWORD).await.location(), Some("/"), "another address");
+    app.f.clock.advance(throttle::WINDOW);
+    assert_eq!(login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await.location(), Some("/"), "after the window");
+}

@@ -6,7 +6,7 @@ use tower::ServiceExt;
 use super::*;
 use crate::clock::Clock;
 use crate::credentials::CredentialKind;
-use crate::testing::{fixture, n, Fixture, CONTRACT};
+use crate::testing::{fixture, n, Fixture, ADDITIONAL, CONTRACT};
 
 fn app(f: &Fixture) -> (ApiState, Router) {
     let state = ApiState::new(f.ivr.clone());
@@ -129,4 +129,27 @@ async fn malformed_requests_get_json_errors() {
     let (status, body) = post(&app, "/ivr/calls", r#"{"number":"0312345678"}"#).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"], "bad_request");
+}
+
+/// One number has at most MAX_CALLS_PER_CALLER calls open at once: more are refused with
+/// 429 (there was no cap: requests with one caller id could fill the call map); once one
+/// ends, a new one starts; another number is not affected.
+#[tokio::test]
+async fn a_number_has_at_most_three_calls_open_at_once() {
+    let f = fixture();
+    let (state, app) = app(&f);
+    let mut ids = Vec::new();
+    for _ in 0..super::MAX_CALLS_PER_CALLER {
+        let (status, body) = start(&app, CONTRACT).await;
+        assert_eq!(status, StatusCode::OK);
+        ids.push(body["call_id"].as_str().unwrap().to_owned());
+    }
+    let (status, body) = start(&app, CONTRACT).await;
+    assert_eq!((status, &body["error"]), (StatusCode::TOO_MANY_REQUESTS, &json!("busy")));
+    assert_eq!(start(&app, ADDITIONAL).await.0, StatusCode::OK, "another number of the line");
+    for _ in 0..3 {
+        key(&app, &ids[0], "9").await;
+    }
+    assert_eq!(start(&app, CONTRACT).await.0, StatusCode::OK, "one ended: room for a new one");
+    assert_eq!(state.live_calls(), 4);
 }
