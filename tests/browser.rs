@@ -108,7 +108,7 @@ async fn log_in_and_change_password(browser: &mut Browser, world: &World) {
 async fn choose_number(browser: &mut Browser) {
     browser.click_link("着信お知らせメール").await;
     browser.expect_page("電話番号選択").await;
-    let list = browser.text("ul").await;
+    let list = browser.text("table").await;
     assert!(list.contains(CONTRACT) && list.contains(ADDITIONAL), "{list}");
     browser.shot("numbers").await;
 

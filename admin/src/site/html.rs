@@ -24,11 +24,16 @@ pub fn escape(text: &str) -> String {
 pub fn page(title: &str, body: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"ja\">\n<head>\n<meta charset=\"utf-8\">\n\
-         <meta name=\"viewport\" content=\"width=device-width\">\n<title>{title} | 着信お知らせメール</title>\n\
-         </head>\n<body>\n<h1>{title}</h1>\n{body}</body>\n</html>\n",
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <title>{title} | 着信お知らせメール</title>\n<link rel=\"stylesheet\" href=\"/style.css\">\n\
+         </head>\n<body>\n<header class=\"site\"><p><a href=\"/\">着信お知らせメール 設定サイト</a></p></header>\n\
+         <main>\n<h1>{title}</h1>\n{body}</main>\n</body>\n</html>\n",
         title = escape(title),
     )
 }
+
+/// The site's stylesheet (`/style.css`).
+pub const STYLE: &str = include_str!("style.css");
 
 /// A list of error messages shown above a form, or nothing.
 pub fn errors(messages: &[String]) -> String {

@@ -112,7 +112,8 @@ pub async fn submit(
             if let Some(client) = client {
                 state.throttle.failed(client, now);
             }
-            return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
+            let page = login_page_with(&state, &form.csrf, None, Some(FAILURE_MESSAGE), &form.number);
+            return Ok(Html(page).into_response());
         }
     };
 
@@ -161,14 +162,22 @@ pub async fn logout(
 }
 
 fn login_page(state: &SiteState, csrf: &str, notice: Option<&str>, error: Option<&str>) -> String {
+    login_page_with(state, csrf, notice, error, "")
+}
+
+/// [`login_page`] with the number field filled in (a failed login keeps what was typed).
+fn login_page_with(state: &SiteState, csrf: &str, notice: Option<&str>, error: Option<&str>, number: &str) -> String {
     let errors = html::errors(&error.map(str::to_owned).into_iter().collect::<Vec<_>>());
-    let notice = notice.map_or(String::new(), |notice| format!("<p role=\"status\">{}</p>\n", html::escape(notice)));
+    let notice = notice
+        .map_or(String::new(), |notice| format!("<p class=\"notice\" role=\"status\">{}</p>\n", html::escape(notice)));
     let body = format!(
-        "{notice}{errors}<form method=\"post\" action=\"/login\">\n{csrf}\
+        "{notice}{errors}<p class=\"hint\">はじめてご利用の方は、ご契約の回線の電話から仮パスワード設定ダイヤル\
+         （06-6480-6430）に電話して、仮パスワードを設定してからログインしてください。</p>\n\
+         <form method=\"post\" action=\"/login\">\n{csrf}\
          <p><label for=\"number\">電話番号</label><br>\n\
          <input id=\"number\" name=\"number\" type=\"text\" inputmode=\"numeric\" autocomplete=\"username\" \
-         pattern=\"0[0-9]{{9,10}}\" maxlength=\"11\" required><br>\n\
-         <small>市外局番から、半角数字でハイフンなしで入力してください。</small></p>\n\
+         pattern=\"0[0-9]{{9,10}}\" maxlength=\"11\" required value=\"{number}\" aria-describedby=\"number-help\"><br>\n\
+         <small id=\"number-help\">市外局番から、半角数字でハイフンなしで入力してください。</small></p>\n\
          <p><label for=\"password\">パスワード</label><br>\n\
          <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" \
          maxlength=\"{max}\" required></p>\n\
@@ -177,6 +186,8 @@ fn login_page(state: &SiteState, csrf: &str, notice: Option<&str>, error: Option
          （06-6480-6430）に電話して仮パスワードを設定してください。</p>\n",
         csrf = html::csrf_field(csrf),
         max = super::password::max_len(state.password_policy),
+        // Kept as typed, but never more of it than a mistyped number could be.
+        number = html::escape(&number.chars().take(20).collect::<String>()),
     );
     html::page("ログイン", &body)
 }

@@ -3,21 +3,29 @@
 //! (R-C2); FAXお知らせメール is not available on this site yet. Then the password
 //! change, 認証単位変更 (R-O2, R-O3; for the contract number only) and logout.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 
 use super::numbers::{call_numbers, call_settings_path};
 use super::{html, require_session, Gate, SiteError, SiteState};
 
-pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<Response, SiteError> {
+pub async fn show(
+    State(state): State<SiteState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, SiteError> {
     let authed = match require_session(&state, &headers, Gate::PasswordChanged) {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
     let login = authed.session.number;
-    let (numbers, contract) = state
-        .read(move |store| Ok((call_numbers(store, &login)?, super::unit::contract_line(store, &login)?.is_some())))
+    let (numbers, contract, table) = state
+        .read(move |store| {
+            let numbers = call_numbers(store, &login)?;
+            let table = super::numbers::state_table(store, &numbers)?;
+            Ok((numbers, super::unit::contract_line(store, &login)?.is_some(), table))
+        })
         .await?;
     let call = match numbers.as_slice() {
         [] => "着信お知らせメール（ご契約の電話番号がありません）".to_owned(),
@@ -25,12 +33,18 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         _ => "<a href=\"/numbers\">着信お知らせメール</a>（電話番号選択）".to_owned(),
     };
     let unit = if contract { "<li><a href=\"/unit\">認証単位変更</a></li>\n" } else { "" };
+    // After a redirect that did something (Post/Redirect/Get), what it did.
+    let notice = match query.as_deref() {
+        Some("notice=password") => "<p class=\"notice\" role=\"status\">パスワードを変更しました。</p>\n",
+        _ => "",
+    };
     let body = format!(
-        "<p>ログイン中の電話番号: {number}</p>\n<h2>サービス選択</h2>\n<ul>\n<li>{call}</li>\n\
-         <li>FAXお知らせメール（準備中です。このサイトではまだ設定できません）</li>\n</ul>\n\
-         <ul>\n<li><a href=\"/password\">パスワード変更</a></li>\n{unit}</ul>\n{logout}",
+        "{notice}<p>ログイン中の電話番号: {number}</p>\n<h2>サービス選択</h2>\n<ul>\n<li>{call}</li>\n\
+         <li>FAXお知らせメール（準備中です。このサイトではまだ設定できません）</li>\n</ul>\n{table}\
+         <h2>その他の設定</h2>\n<ul>\n<li><a href=\"/password\">パスワード変更</a></li>\n{unit}</ul>\n{logout}",
         number = html::escape(authed.session.number.as_str()),
         logout = logout_form(&authed.session.csrf),
+        table = if numbers.is_empty() { String::new() } else { table },
     );
     Ok(Html(html::page("メニュー", &body)).into_response())
 }

@@ -37,7 +37,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
 use axum::http::header::{
-    CACHE_CONTROL, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE, STRICT_TRANSPORT_SECURITY,
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, STRICT_TRANSPORT_SECURITY,
 };
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -207,10 +207,39 @@ pub fn router(state: SiteState) -> Router {
         .route("/unit", get(unit::show).post(unit::submit))
         .route("/numbers", get(numbers::show))
         .route("/numbers/{number}/call", get(settings::show).post(settings::submit))
-        .route("/numbers/{number}/call/test/{row}", post(settings::test_mail));
+        .route("/numbers/{number}/call/test/{row}", post(settings::test_mail))
+        .route("/style.css", get(stylesheet))
+        .fallback(page_not_found)
+        .method_not_allowed_fallback(method_not_allowed);
     let routes =
         if state.secure { routes.layer(axum::middleware::map_response(strict_transport_security)) } else { routes };
     routes.layer(axum::middleware::map_response(security_headers)).with_state(state)
+}
+
+async fn stylesheet() -> Response {
+    ([(CONTENT_TYPE, "text/css; charset=utf-8")], html::STYLE).into_response()
+}
+
+/// A page of the site's own, in Japanese, where the browser would show its English one.
+fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
+    let body = format!("<p>{}</p>\n<p><a href=\"/\">メニューへ戻る</a></p>\n", html::escape(message));
+    (status, Html(html::page(title, &body))).into_response()
+}
+
+async fn page_not_found() -> Response {
+    error_page(
+        StatusCode::NOT_FOUND,
+        "ページが見つかりません",
+        "お探しのページは見つかりませんでした。アドレスをご確認ください。",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    error_page(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "この操作はできません",
+        "このページでは、その操作はできません。メニューから操作し直してください。",
+    )
 }
 
 /// HSTS on a site reached over TLS (R-S8): for a year, browsers that have seen the site
@@ -271,8 +300,11 @@ pub enum Gate {
 /// Why a request has no usable session, and where the browser goes instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Denied {
-    /// No session, or it ended: to the login page.
+    /// No session: to the login page.
     Login,
+    /// The browser's session ended (idle, or its credential replaced): to the login
+    /// page, which says so.
+    Ended,
     /// The password must be changed first (R-S4).
     ChangePassword,
 }
@@ -281,6 +313,7 @@ impl IntoResponse for Denied {
     fn into_response(self) -> Response {
         match self {
             Self::Login => redirect("/login"),
+            Self::Ended => redirect("/login?notice=ended"),
             Self::ChangePassword => redirect("/password"),
         }
     }
@@ -289,7 +322,7 @@ impl IntoResponse for Denied {
 /// The request's live session, its idle timeout restarted; or why there is none.
 pub fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate) -> Result<Authed, Denied> {
     let id = cookie(headers, &state.session_cookie()).ok_or(Denied::Login)?;
-    let session = state.sessions.touch(id, state.clock.now()).ok_or(Denied::Login)?;
+    let session = state.sessions.touch(id, state.clock.now()).ok_or(Denied::Ended)?;
     // The credential it logged in with must still be the number's: a new temporary
     // password by phone, a unit change or the number leaving its line ends the session.
     // (One sled read, from its cache.)
@@ -297,7 +330,7 @@ pub fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate) -> Re
     if current != Some(session.credential) {
         tracing::info!(number = %session.number, "site session ended: its credential was replaced or removed");
         state.sessions.remove(id);
-        return Err(Denied::Login);
+        return Err(Denied::Ended);
     }
     if session.must_change && gate == Gate::PasswordChanged {
         return Err(Denied::ChangePassword);

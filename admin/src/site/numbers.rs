@@ -52,6 +52,41 @@ pub fn not_found() -> Response {
 }
 
 /// The settings page's path for `number`.
+/// Each of `numbers` with its settings at a glance: 開始/停止, the destinations whose
+/// 送信 is checked, and the send conditions (R-N1, R-N2, R-N4), each number a link to
+/// its settings page.
+pub fn state_table(store: &Store, numbers: &[PhoneNumber]) -> Result<String, StoreError> {
+    let mut rows = String::new();
+    for number in numbers {
+        let Some(record) = store.number(number)? else { continue };
+        let call = &record.call;
+        let state = if call.enabled {
+            "<span class=\"state-on\">開始</span>"
+        } else {
+            "<span class=\"state-off\">停止</span>"
+        };
+        let sending: Vec<String> =
+            call.destinations.iter().filter(|d| d.send).map(|d| html::escape(d.address.as_str())).collect();
+        let sending = if sending.is_empty() { "なし".to_owned() } else { sending.join("<br>") };
+        let conditions = match (call.missed_only, call.designated_only) {
+            (false, false) => "すべての着信",
+            (true, false) => "応答できなかった着信のみ",
+            (false, true) => "指定した電話番号からの着信のみ",
+            (true, true) => "指定した電話番号からの、応答できなかった着信のみ",
+        };
+        rows.push_str(&format!(
+            "<tr><th scope=\"row\"><a href=\"{path}\">{number}</a></th><td>{state}</td><td>{sending}</td><td>{conditions}</td></tr>\n",
+            path = html::escape(&call_settings_path(number)),
+            number = html::escape(number.as_str()),
+        ));
+    }
+    Ok(format!(
+        "<table>\n<caption>着信お知らせメールの設定</caption>\n<thead><tr><th scope=\"col\">電話番号</th>\
+         <th scope=\"col\">状態</th><th scope=\"col\">送信先</th><th scope=\"col\">お知らせする着信</th></tr></thead>\n\
+         <tbody>\n{rows}</tbody>\n</table>\n"
+    ))
+}
+
 pub fn call_settings_path(number: &PhoneNumber) -> String {
     format!("/numbers/{}/call", number.as_str())
 }
@@ -63,21 +98,17 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         Err(denied) => return Ok(denied.into_response()),
     };
     let login = authed.session.number;
-    let numbers = state.read(move |store| call_numbers(store, &login)).await?;
+    let (numbers, table) = state
+        .read(move |store| {
+            let numbers = call_numbers(store, &login)?;
+            let table = state_table(store, &numbers)?;
+            Ok((numbers, table))
+        })
+        .await?;
     let body = if numbers.is_empty() {
         "<p>着信お知らせメールをご契約の電話番号がありません。</p>\n".to_owned()
     } else {
-        let items: String = numbers
-            .iter()
-            .map(|number| {
-                format!(
-                    "<li><a href=\"{path}\">{number}</a></li>\n",
-                    path = html::escape(&call_settings_path(number)),
-                    number = html::escape(number.as_str()),
-                )
-            })
-            .collect();
-        format!("<p>設定する電話番号を選んでください。</p>\n<ul>\n{items}</ul>\n")
+        format!("<p>設定する電話番号を選んでください。</p>\n{table}")
     };
     let body = format!("{body}<p><a href=\"/\">メニューへ戻る</a></p>\n");
     Ok(Html(html::page("電話番号選択", &body)).into_response())

@@ -164,7 +164,7 @@ pub async fn submit(
     let number = renewed.number;
     let new_id = state.sessions.create(renewed);
     state.sessions.remove_number(&number, &new_id);
-    Ok(with_cookies(redirect("/"), [state.set_cookie(&state.session_cookie(), Some(&new_id))]))
+    Ok(with_cookies(redirect("/?notice=password"), [state.set_cookie(&state.session_cookie(), Some(&new_id))]))
 }
 
 fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -> String {

@@ -25,7 +25,7 @@ async fn ready(app: &App, unit: AuthUnit, number: &str) -> String {
     let csrf = get(app, "/password", &cookies).await.csrf();
     let form = format!("current={TEMPORARY}&new={PASSWORD}&confirm={PASSWORD}&csrf={csrf}");
     let changed = post(app, "/password", &cookies, &form).await;
-    assert_eq!(changed.location(), Some("/"));
+    assert_eq!(changed.location(), Some("/?notice=password"));
     format!("{SESSION_COOKIE}={}", changed.cookie_value(SESSION_COOKIE).unwrap())
 }
 
@@ -451,5 +451,28 @@ async fn the_current_password_field_takes_the_longest_password_the_policy_allows
         let page = get(&app, &path(CONTRACT), &cookies).await;
         let field = page.body.split("name=\"current\"").nth(1).expect("a current-password field");
         assert!(field.contains(&format!("maxlength=\"{max}\"")), "{policy:?}: {field:.120}");
+    }
+}
+
+/// The menu and 電話番号選択 show each number's settings at a glance (R-N1, R-N2, R-N4):
+/// 開始/停止, the addresses whose 送信 is checked, and which calls are notified.
+#[tokio::test]
+async fn the_menu_shows_each_numbers_state_destinations_and_conditions() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Line, CONTRACT).await;
+    let rows =
+        format!("enabled=on&dest_0=taro@example.jp&send_0=on&dest_1=off@example.jp&missed_only=on&current={PASSWORD}");
+    assert_eq!(save(&app, &cookies, CONTRACT, &rows).await.status, StatusCode::SEE_OTHER);
+    for page in ["/", "/numbers"] {
+        let body = get(&app, page, &cookies).await.body;
+        let row = |number: &str| {
+            body.split(&format!(">{number}</a></th>")).nth(1).unwrap().split("</tr>").next().unwrap().to_owned()
+        };
+        let contract = row(CONTRACT);
+        assert!(contract.contains("開始") && contract.contains("taro@example.jp"), "{page}: {contract}");
+        assert!(!contract.contains("off@example.jp"), "an unchecked address does not send: {contract}");
+        assert!(contract.contains("応答できなかった着信のみ"), "{page}: {contract}");
+        let additional = row(ADDITIONAL);
+        assert!(additional.contains("停止") && additional.contains("なし"), "{page}: {additional}");
     }
 }

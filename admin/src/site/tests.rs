@@ -129,13 +129,13 @@ async fn r_s1_login_sets_an_httponly_strict_session_cookie_with_a_new_id() {
     let menu = get(&app, "/", &format!("{SESSION_COOKIE}={first}")).await;
     assert_eq!(menu.status, StatusCode::OK);
     assert!(menu.body.contains("メニュー") && menu.body.contains("ログアウト"));
-    assert!(menu.body.contains("<meta name=\"viewport\" content=\"width=device-width\">"));
+    assert!(menu.body.contains("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"));
 
     // Logging in again from a browser holding a session: a new id, the old one ends.
     let again = login_with(&app, &token, &format!("; {SESSION_COOKIE}={first}"), CONTRACT, PASSWORD).await;
     let second = again.cookie_value(SESSION_COOKIE).unwrap();
     assert_ne!(first, second);
-    assert_eq!(get(&app, "/", &format!("{SESSION_COOKIE}={first}")).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &format!("{SESSION_COOKIE}={first}")).await.location(), Some("/login?notice=ended"));
     assert_eq!(get(&app, "/", &format!("{SESSION_COOKIE}={second}")).await.status, StatusCode::OK);
     assert_eq!(app.state.sessions().len(), 1);
 }
@@ -166,7 +166,11 @@ async fn r_s1_every_login_failure_gets_the_same_status_and_body() {
     for (number, password) in attempts {
         let reply = login_with(&app, &token, "", number, password).await;
         assert!(reply.set_cookie(SESSION_COOKIE).is_none(), "{number}");
-        replies.push((number, reply.status, reply.body));
+        // The page keeps the number as typed, whatever the failure; apart from it, the
+        // same bytes.
+        let typed = format!("value=\"{}\"", html::escape(number));
+        assert!(reply.body.contains(&typed), "{number}: the number is kept");
+        replies.push((number, reply.status, reply.body.replace(&typed, "value=\"\"")));
     }
     let (_, status, body) = &replies[0];
     assert_eq!(*status, StatusCode::OK);
@@ -216,11 +220,11 @@ async fn r_s4_a_temporary_password_login_must_change_the_password_first() {
     assert!(refused.body.contains("現在のパスワードが正しくありません"), "{}", refused.body);
 
     let changed = post(&app, "/password", &cookies, &form(PASSWORD, PASSWORD)).await;
-    assert_eq!(changed.location(), Some("/"));
+    assert_eq!(changed.location(), Some("/?notice=password"));
     let renewed = format!("{SESSION_COOKIE}={}", changed.cookie_value(SESSION_COOKIE).unwrap());
     assert_ne!(renewed, cookies, "a new session id after the change");
     assert_eq!(get(&app, "/", &renewed).await.status, StatusCode::OK);
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
     let reply = login(&app, CONTRACT, PASSWORD).await;
     assert_eq!(reply.location(), Some("/"), "the new password logs in without a forced change");
 }
@@ -244,7 +248,7 @@ async fn assert_idle_timeout(unit: AuthUnit, number: &str, idle: Duration) {
         assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK, "{unit:?}");
     }
     app.f.clock.advance(idle);
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"), "{unit:?}");
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"), "{unit:?}");
     assert!(app.state.sessions().is_empty());
 }
 
@@ -276,8 +280,8 @@ async fn r_o4_r_s7_logout_ends_the_session_server_side() {
     assert!(reply.set_cookie(SESSION_COOKIE).unwrap().contains("Max-Age=0"));
     assert!(app.state.sessions().is_empty());
     // The browser might keep the cookie; the server no longer knows it.
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
-    assert_eq!(get(&app, "/password", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+    assert_eq!(get(&app, "/password", &cookies).await.location(), Some("/login?notice=ended"));
 }
 
 #[tokio::test]
@@ -390,7 +394,7 @@ async fn asvs_policy_accepts_a_40_character_passphrase_with_spaces() {
     let csrf = page.csrf();
     let form = format!("current={PASSWORD}&new={encoded}&confirm={encoded}&csrf={csrf}");
     let changed = post(&app, "/password", &cookies, &form).await;
-    assert_eq!(changed.location(), Some("/"), "{}", changed.body);
+    assert_eq!(changed.location(), Some("/?notice=password"), "{}", changed.body);
     let login_page = get(&app, "/login", "").await;
     assert!(login_page.body.contains("maxlength=\"64\""), "the login form takes the passphrase");
     assert_eq!(login(&app, CONTRACT, &encoded).await.location(), Some("/"));
@@ -423,9 +427,16 @@ async fn r_o1_a_password_change_needs_the_current_password_and_the_new_one_twice
     let csrf = get(&app, "/password", &cookies).await.csrf();
     let changed =
         post(&app, "/password", &cookies, &format!("current={PASSWORD}&new={NEW}&confirm={NEW}&csrf={csrf}")).await;
-    assert_eq!(changed.location(), Some("/"));
+    assert_eq!(changed.location(), Some("/?notice=password"));
+    let confirmed = get(&app, "/?notice=password", &changed_cookies(&changed)).await;
+    assert!(confirmed.body.contains("パスワードを変更しました。"), "a confirmation: {}", confirmed.body);
     assert_ne!(login(&app, CONTRACT, PASSWORD).await.location(), Some("/"), "the old password is gone");
     assert_eq!(login(&app, CONTRACT, NEW).await.location(), Some("/"));
+}
+
+/// The `Cookie` header of the session a reply set.
+fn changed_cookies(reply: &Reply) -> String {
+    format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap())
 }
 
 /// Keys `entries` on the temporary-password line as `caller`; the last step.
@@ -449,7 +460,7 @@ async fn r_i7_a_temporary_password_by_phone_ends_the_sessions_of_the_old_credent
 
     let done = phone(&app, CONTRACT, &["1", TEMPORARY, TEMPORARY]);
     assert!(done.ends);
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
     assert!(app.state.sessions().is_empty());
 }
 
@@ -466,7 +477,7 @@ async fn r_i7_r_o2_a_change_to_line_unit_by_phone_ends_the_other_numbers_passwor
 
     phone(&app, ADDITIONAL, &["1", TEMPORARY, TEMPORARY]);
     assert_eq!(app.f.store.line(&n(CONTRACT)).unwrap().unwrap().unit, Some(AuthUnit::Line));
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
     assert_eq!(login(&app, ADDITIONAL, PASSWORD).await.status, StatusCode::OK, "the login page again: refused");
     assert!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().is_none());
     // The line logs in with the contract number's temporary password (R-A1).
@@ -515,7 +526,7 @@ async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_de
     let record = app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap();
     assert_eq!(record.contract, n(OTHER_LINE));
     assert!(record.call.destinations.is_empty() && !record.call.enabled, "{:?}", record.call);
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
     assert_eq!(login(&app, ADDITIONAL, PASSWORD).await.status, StatusCode::OK, "refused");
 
     // Removed from its line, provisioned to another later.
@@ -528,7 +539,7 @@ async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_de
     assert!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().is_none());
     import(&app, moved_line);
     assert_eq!(login(&app, ADDITIONAL, PASSWORD).await.status, StatusCode::OK, "refused");
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
     assert!(app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap().call.destinations.is_empty());
 }
 
@@ -565,4 +576,39 @@ async fn r_s3_wrong_logins_from_one_address_are_slowed_and_not_counted_against_t
     assert_eq!(login_from(&app, "192.0.2.2", CONTRACT, PASSWORD).await.location(), Some("/"), "another address");
     app.f.clock.advance(throttle::WINDOW);
     assert_eq!(login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await.location(), Some("/"), "after the window");
+}
+
+/// Every page carries the site's header and its stylesheet (served by the site itself,
+/// so the strict CSP holds); unknown pages and methods answer in Japanese instead of an
+/// empty body the browser shows as its own English error; a session that ended sends
+/// the browser to a login page that says why, and a failed login keeps the number.
+#[tokio::test]
+async fn pages_are_styled_errors_are_japanese_and_an_ended_session_says_so() {
+    let app = app();
+    let login_page = get(&app, "/login", "").await;
+    assert!(login_page.body.contains("<link rel=\"stylesheet\" href=\"/style.css\">"), "{}", login_page.body);
+    assert!(login_page.body.contains("着信お知らせメール 設定サイト"));
+    assert!(login_page.body.contains("はじめてご利用の方は"), "the first-time hint");
+    let css = get(&app, "/style.css", "").await;
+    assert_eq!(css.status, StatusCode::OK);
+    assert_eq!(css.headers.get("content-type").unwrap(), "text/css; charset=utf-8");
+    assert!(css.body.contains("header.site"));
+
+    let missing = get(&app, "/no-such-page", "").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(missing.body.contains("ページが見つかりません"), "{}", missing.body);
+    let wrong = post(&app, "/style.css", "", "").await;
+    assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(wrong.body.contains("この操作はできません"), "{}", wrong.body);
+
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    app.f.clock.advance(Duration::hours(1));
+    let ended = get(&app, "/", &cookies).await;
+    assert_eq!(ended.location(), Some("/login?notice=ended"));
+    let page = get(&app, "/login?notice=ended", "").await;
+    assert!(page.body.contains("一定時間操作がなかったか"), "{}", page.body);
+
+    let failed = login(&app, CONTRACT, "wrong1234").await;
+    assert!(failed.body.contains(&format!("value=\"{CONTRACT}\"")), "the number is kept: {}", failed.body);
 }

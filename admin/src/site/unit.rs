@@ -49,6 +49,10 @@ pub fn login_notice(query: Option<&str>) -> Option<&'static str> {
         "notice=unit_line" => Some(
             "認証単位を回線単位に変更しました。契約番号と、そのパスワード（回線のパスワード）でログインしてください。",
         ),
+        "notice=ended" => Some(
+            "一定時間操作がなかったか、パスワードが変更されたため、ログアウトしました。もう一度ログインしてください。\
+             （入力中の内容は保存されていません。）",
+        ),
         _ => None,
     }
 }

@@ -67,7 +67,7 @@ async fn r_o3_line_to_number_keeps_the_contract_credential_and_removes_the_other
     assert_eq!(record(&app, ADDITIONAL), None, "a new temporary password by phone is needed");
     assert_eq!(record(&app, FAX_ONLY), None);
     assert!(app.state.sessions().is_empty(), "the session ended");
-    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
 
     let notice = get(&app, DONE_NUMBER, "").await;
     assert!(notice.body.contains("電話番号単位に変更しました"), "{}", notice.body);
@@ -94,7 +94,7 @@ async fn r_o2_number_to_line_needs_every_password_and_then_the_contract_one_is_t
     assert_eq!(record(&app, ADDITIONAL), None);
     assert_eq!(record(&app, FAX_ONLY), None);
     assert!(app.state.sessions().is_empty(), "every session of the line ended");
-    assert_eq!(get(&app, "/", &other).await.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &other).await.location(), Some("/login?notice=ended"));
 
     let notice = get(&app, DONE_LINE, "").await;
     assert!(notice.body.contains("回線単位に変更しました"), "{}", notice.body);
