@@ -28,6 +28,9 @@ for package in chromium chromium-driver fonts-ipafont-gothic; do
   installed "$package" || need+=("$package")
 done
 
+# tests/browser.rs also runs axe-core (npm, pinned in tests/browser/axe) in every page.
+command -v npm >/dev/null || need+=(nodejs npm)
+
 # A test process that hangs has its threads' stacks printed before it is killed
 # (scripts/watchdog.sh, tests/cli.rs).
 installed gdb || need+=(gdb)
@@ -37,7 +40,15 @@ installed gdb || need+=(gdb)
 postfix=0
 installed postfix || { postfix=1; need+=(postfix); }
 
+# The accessibility checker, from npm's registry at the version the lock file pins.
+axe() {
+  local dir
+  dir="$(dirname "$0")/../tests/browser/axe"
+  [ -e "$dir/node_modules/axe-core/axe.min.js" ] || npm ci --prefix "$dir" --no-audit --no-fund --silent
+}
+
 if [ ${#need[@]} -eq 0 ]; then
+  axe
   exit 0
 fi
 echo "setup: installing ${need[*]}"
@@ -53,3 +64,4 @@ if [ "$postfix" = 1 ]; then
 fi
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 apt-get clean   # the downloaded packages: disk the builds need
+axe

@@ -168,10 +168,28 @@ impl Browser {
 
     /// Saves a screenshot of the viewport as `NN-<name>.png`.
     pub async fn shot(&mut self, name: &str) {
+        self.assert_accessible(name).await;
         self.taken += 1;
         let png = self.client.screenshot().await.expect("screenshot");
         let path = self.shots.join(format!("{:02}-{name}.png", self.taken));
         std::fs::write(&path, png).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+
+    /// Runs axe-core (installed by scripts/setup.sh) in the page shown and fails on any
+    /// violation of serious or critical impact: labels, contrast, names, structure.
+    pub async fn assert_accessible(&self, page: &str) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/axe/node_modules/axe-core/axe.min.js");
+        let axe = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}; install it with `bash scripts/setup.sh`", path.display()));
+        let script = format!(
+            "{axe}\nconst done = arguments[arguments.length - 1];\n\
+             axe.run(document, {{ resultTypes: ['violations'] }}).then(r => done(r.violations\n\
+               .filter(v => v.impact === 'serious' || v.impact === 'critical')\n\
+               .map(v => v.impact + ' ' + v.id + ': ' + v.help + ' at ' + v.nodes.map(n => n.target.join(' ')).join(', '))));"
+        );
+        let found = self.client.execute_async(&script, Vec::new()).await.expect("axe runs in the page");
+        let found: Vec<String> = serde_json::from_value(found).expect("a list of violations");
+        assert!(found.is_empty(), "{page}: accessibility violations (axe-core):\n{}", found.join("\n"));
     }
 
     /// The path of the page shown.

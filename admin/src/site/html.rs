@@ -41,7 +41,8 @@ pub fn errors(messages: &[String]) -> String {
         return String::new();
     }
     let items: String = messages.iter().map(|m| format!("<li>{}</li>\n", escape(m))).collect();
-    format!("<ul class=\"errors\" role=\"alert\">\n{items}</ul>\n")
+    // The alert role on a wrapper: on the list itself it would take the items out of it.
+    format!("<div role=\"alert\"><ul class=\"errors\">\n{items}</ul></div>\n")
 }
 
 /// The hidden field every form carries (double-submit before login, per session after).
