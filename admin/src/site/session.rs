@@ -47,6 +47,9 @@ pub struct Session {
     /// The login credential's [`crate::credentials::CredentialRecord::stamp`]: the
     /// session lasts only as long as that credential does.
     pub credential: u64,
+    /// A page rendered by a POST for the GET it redirects to (Post/Redirect/Get):
+    /// (path, HTML), shown once, so a reload repeats nothing.
+    pub flash: Option<(String, String)>,
 }
 
 impl Session {
@@ -60,7 +63,7 @@ impl Session {
         credential: u64,
     ) -> Self {
         let csrf = csrf::new_token();
-        Self { number, kind, must_change, created_at: now, last_seen: now, idle_timeout, csrf, credential }
+        Self { number, kind, must_change, created_at: now, last_seen: now, idle_timeout, csrf, credential, flash: None }
     }
 
     fn expired(&self, now: DateTime<Utc>) -> bool {
@@ -109,6 +112,22 @@ impl Sessions {
         }
         entry.last_seen = now;
         Some(entry.clone())
+    }
+
+    /// Keeps `html` for session `id`'s next GET of `path` ([`Session::flash`]).
+    pub fn set_flash(&self, id: &str, path: String, html: String) {
+        if let Some(mut session) = self.map.get_mut(id) {
+            session.flash = Some((path, html));
+        }
+    }
+
+    /// The page kept for session `id`'s GET of `path`, once.
+    pub fn take_flash(&self, id: &str, path: &str) -> Option<String> {
+        let mut session = self.map.get_mut(id)?;
+        match session.flash.take() {
+            Some((kept, html)) if kept == path => Some(html),
+            _ => None,
+        }
     }
 
     /// Ends session `id` (logout, or a fresh login from the same browser).

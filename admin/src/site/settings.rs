@@ -102,6 +102,11 @@ pub async fn show(
     let Some((number, settings)) = settings_of(&state, authed.session.number, raw).await? else {
         return Ok(not_found());
     };
+    if query.as_deref() == Some(TESTED) {
+        if let Some(page) = state.sessions.take_flash(&authed.id, &call_settings_path(&number)) {
+            return Ok(Html(page).into_response());
+        }
+    }
     let notice = if query.as_deref() == Some("saved=1") { SAVED } else { "" };
     let view = View::new(&state, &number, &authed.session);
     let page = settings_page(&view, notice, &Entered::from_settings(&settings), &[]);
@@ -167,9 +172,7 @@ pub async fn submit(
     match tokio::task::spawn_blocking(move || store.save_call_settings(&number, version, settings)).await? {
         Ok(saved) => {
             tracing::info!(login = %session.number, %number, version = saved, "call settings saved");
-            let location = format!("{}?saved=1", call_settings_path(&number));
-            let location = HeaderValue::from_str(&location).expect("a path of digits is a valid header");
-            Ok((StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response())
+            Ok(redirect_to(&format!("{}?saved=1", call_settings_path(&number))))
         }
         Err(StoreError::StaleVersion { current }) => {
             tracing::info!(login = %session.number, %number, version, current, "call settings: stale form refused");
@@ -229,7 +232,7 @@ pub async fn test_mail(
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Result<Response, SiteError> {
     let Form(fields) = form?;
-    let Authed { session, .. } = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged) {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
@@ -240,34 +243,58 @@ pub async fn test_mail(
     let Some(row) = row.parse::<usize>().ok().filter(|row| *row < MAX_DESTINATIONS) else { return Ok(not_found()) };
 
     let entered = Entered::from_fields(&fields);
+    let (notice, errors, rows) = test_outcome(&state, &session, number, row, &entered).await?;
+    // Post/Redirect/Get: the page with the outcome is shown by the GET the browser is
+    // sent to, once; a reload shows the saved settings and sends no second mail.
     let view = View::new(&state, &number, &session);
-    let page = |notice: &str, errors: &[String], rows: &RowErrors| {
-        Html(settings_page_rows(&view, notice, &entered, errors, rows)).into_response()
-    };
+    let page = settings_page_rows(&view, &notice, &entered, &errors, &rows);
+    let path = call_settings_path(&number);
+    state.sessions.set_flash(&id, path.clone(), page);
+    Ok(redirect_to(&format!("{path}?{TESTED}")))
+}
+
+/// `303 See Other` to a path of this number's.
+fn redirect_to(location: &str) -> Response {
+    let location = HeaderValue::from_str(location).expect("a path of digits is a valid header");
+    (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
+}
+
+/// The query of the GET after a 送信テスト.
+const TESTED: &str = "tested=1";
+
+/// Sends the test mail of destination row `row` as typed in `entered`; what the page
+/// then says: a notice, errors above the form, and an error beside the row.
+async fn test_outcome(
+    state: &SiteState,
+    session: &Session,
+    number: PhoneNumber,
+    row: usize,
+    entered: &Entered,
+) -> Result<(String, Vec<String>, RowErrors), SiteError> {
     let Some(mailer) = state.test_mailer.as_deref() else {
-        return Ok(page("", &[TEST_UNAVAILABLE.to_owned()], &RowErrors::default()));
+        return Ok((String::new(), vec![TEST_UNAVAILABLE.to_owned()], RowErrors::default()));
     };
     let text = &entered.destinations[row].text;
     if text.is_empty() {
-        return Ok(page("", &[test_empty(row)], &RowErrors::default()));
+        return Ok((String::new(), vec![test_empty(row)], RowErrors::default()));
     }
     let address = match DestinationAddress::parse(text) {
         Ok(address) => address,
         Err(error) => {
             let mut rows = RowErrors::default();
             rows.destinations.insert(row, address_message(&error));
-            return Ok(page("", &[TEST_FIX_ROW.to_owned()], &rows));
+            return Ok((String::new(), vec![TEST_FIX_ROW.to_owned()], rows));
         }
     };
     let line = state.read(move |store| Ok(store.number(&number)?.map_or(number, |record| record.contract))).await?;
-    match mailer.send(&line, &number, &address).await {
+    Ok(match mailer.send(&line, &number, &address).await {
         Ok(()) => {
             tracing::info!(login = %session.number, %number, row, "call settings: test mail sent");
-            Ok(page(&test_sent(&address), &[], &RowErrors::default()))
+            (test_sent(&address), Vec::new(), RowErrors::default())
         }
         Err(error) => {
             tracing::info!(login = %session.number, %number, row, %error, "call settings: test mail refused");
-            Ok(page("", &[test_failed(&address, &error)], &RowErrors::default()))
+            (String::new(), vec![test_failed(&address, &error)], RowErrors::default())
         }
-    }
+    })
 }

@@ -325,9 +325,30 @@ fn test_path(number: &str, row: usize) -> String {
 }
 
 /// Presses row `row`'s 送信テスト on a fresh settings page with `extra` typed in.
+/// Presses 送信テスト of `row` and follows the redirect (Post/Redirect/Get): the page
+/// the browser then shows.
 async fn send_test(app: &App, cookies: &str, row: usize, extra: &str) -> Reply {
     let body = form(app, cookies, CONTRACT, extra).await;
-    post(app, &test_path(CONTRACT, row), cookies, &body).await
+    let posted = post(app, &test_path(CONTRACT, row), cookies, &body).await;
+    assert_eq!(posted.status, StatusCode::SEE_OTHER, "{}", posted.body);
+    let location = format!("{}?tested=1", path(CONTRACT));
+    assert_eq!(posted.location(), Some(location.as_str()));
+    get(app, &location, cookies).await
+}
+
+/// R-N2 with Post/Redirect/Get: after 送信テスト the address bar holds a GET, so a
+/// reload shows the saved settings and sends no second mail (it used to hold the POST,
+/// and a reload sent another test mail).
+#[tokio::test]
+async fn r_n2_reloading_after_a_send_test_sends_nothing_more() {
+    let (app, sink, cookies) = mail_app().await;
+    let reply = send_test(&app, &cookies, 0, "dest_0=once@example.jp").await;
+    assert!(reply.body.contains("once@example.jp にテストメールを送信しました。"), "{}", reply.body);
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    let reloaded = get(&app, &format!("{}?tested=1", path(CONTRACT)), &cookies).await;
+    assert_eq!(reloaded.status, StatusCode::OK);
+    assert!(!reloaded.body.contains("テストメールを送信しました"), "the outcome is shown once");
+    assert_eq!(sink.count(), 1, "no second mail");
 }
 
 #[tokio::test]
@@ -381,7 +402,8 @@ async fn r_n2_send_test_refuses_an_invalid_or_empty_address_and_sends_nothing() 
     let empty = send_test(&app, &cookies, 3, "dest_0=ok@example.jp").await;
     assert!(empty.body.contains("送信先4にメールアドレスを入力してから"), "{}", empty.body);
 
-    let beyond = send_test(&app, &cookies, 5, "dest_5=ok@example.jp").await;
+    let body = form(&app, &cookies, CONTRACT, "dest_5=ok@example.jp").await;
+    let beyond = post(&app, &test_path(CONTRACT, 5), &cookies, &body).await;
     assert_eq!(beyond.status, StatusCode::NOT_FOUND, "no sixth row");
 
     tokio::time::sleep(Duration::from_millis(100)).await;
