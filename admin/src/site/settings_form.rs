@@ -12,6 +12,9 @@ use engine::store::{CallSettings, Designated, Destination, MAX_DESIGNATED, MAX_D
 
 use super::html;
 
+/// Empty お知らせ対象電話番号 rows shown after the last one in use.
+pub const EMPTY_DESIGNATED_ROWS: usize = 3;
+
 /// One row as entered: the text and its check (送信 or 指定).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Row {
@@ -260,8 +263,12 @@ pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, p
     );
 
     out += "<fieldset>\n<legend>お知らせ対象電話番号設定</legend>\n\
-            <p><small>最大30件。半角数字（ハイフンなし）。「指定」にチェックした番号のみ対象になります。</small></p>\n";
-    for (i, row) in entered.designated.iter().enumerate() {
+            <p><small>最大30件。半角数字（ハイフンなし）。「指定」にチェックした番号のみ対象になります。\
+            入力欄は、設定すると空欄が追加されます。</small></p>\n";
+    // The rows in use, in their places, and a few empty ones to add to (not all 30).
+    let in_use = entered.designated.iter().rposition(|row| !row.text.is_empty()).map_or(0, |last| last + 1);
+    let shown = (in_use + EMPTY_DESIGNATED_ROWS).min(entered.designated.len());
+    for (i, row) in entered.designated.iter().enumerate().take(shown) {
         out += &format!(
             "<p><label for=\"designated_{i}\">{n}</label>\n\
              <input id=\"designated_{i}\" name=\"designated_{i}\" type=\"text\" inputmode=\"numeric\" \

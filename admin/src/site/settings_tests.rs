@@ -498,3 +498,22 @@ async fn the_menu_shows_each_numbers_state_destinations_and_conditions() {
         assert!(additional.contains("停止") && additional.contains("なし"), "{page}: {additional}");
     }
 }
+
+/// R-N5's thirty rows are not all shown: the rows in use and three empty ones to add
+/// to; saving adds more empty ones, up to thirty (every page showed all thirty).
+#[tokio::test]
+async fn r_n5_the_page_shows_the_designated_rows_in_use_and_three_empty_ones() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let rows = |body: &str| (0..30).filter(|i| body.contains(&format!("name=\"designated_{i}\""))).count();
+    assert_eq!(rows(&get(&app, &path(CONTRACT), &cookies).await.body), 3);
+    let saved =
+        save(&app, &cookies, CONTRACT, "designated_0=09011112222&designated_1=09033334444&designate_1=on").await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let page = get(&app, &path(CONTRACT), &cookies).await.body;
+    assert_eq!(rows(&page), 5);
+    assert!(page.contains("value=\"09033334444\""));
+    let all: String = (0..30).map(|i| format!("&designated_{i}=0901111{i:04}")).collect();
+    save(&app, &cookies, CONTRACT, &all[1..]).await;
+    assert_eq!(rows(&get(&app, &path(CONTRACT), &cookies).await.body), 30, "never more than thirty");
+}

@@ -20,12 +20,11 @@
 
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
 use engine::store::{AuthUnit, LineRecord, Store, StoreError};
 
-use super::numbers::not_found;
 use super::session::Session;
 use super::{csrf, html, redirect, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
 use crate::credentials::LoginFailure;
@@ -98,8 +97,16 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
-    let Some((line, numbers)) = load(&state, authed.session.number).await? else { return Ok(not_found()) };
+    let Some((line, numbers)) = load(&state, authed.session.number).await? else { return Ok(contract_only()) };
     page(&state, &authed.session, &line, &numbers, &[])
+}
+
+/// /unit for a login that is not the line's contract number (a number credential, an
+/// admin_user user): what it is for and who can do it, not "not found".
+fn contract_only() -> Response {
+    let body = "<p>認証単位の変更は、回線の契約番号でログインしたときにできます。\
+                この電話番号のログインでは変更できません。</p>\n<p><a href=\"/\">メニューへ戻る</a></p>\n";
+    (StatusCode::FORBIDDEN, Html(html::page("認証単位変更", body))).into_response()
 }
 
 pub async fn submit(
@@ -116,7 +123,7 @@ pub async fn submit(
     if !csrf::matches(Some(&session.csrf), field("csrf")) {
         return Err(SiteError::Csrf);
     }
-    let Some((line, numbers)) = load(&state, session.number).await? else { return Ok(not_found()) };
+    let Some((line, numbers)) = load(&state, session.number).await? else { return Ok(contract_only()) };
     // A form made for another unit (changed meanwhile in another window, R-S9) changes
     // nothing.
     if field("from") != unit_name(line.unit) {

@@ -150,10 +150,13 @@ async fn r_o2_r_o3_a_login_other_than_the_contract_number_cannot_reach_unit() {
     let cookies = logged_in(&app, ADDITIONAL, OTHER_PASSWORD).await;
     let menu = get(&app, "/", &cookies).await;
     assert!(!menu.body.contains("/unit"), "{}", menu.body);
-    assert_eq!(get(&app, "/unit", &cookies).await.status, StatusCode::NOT_FOUND);
+    // What the page is for and who can use it (it answered "not found" for a number).
+    let page = get(&app, "/unit", &cookies).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert!(page.body.contains("認証単位の変更は、回線の契約番号でログインしたときにできます。"), "{}", page.body);
     let csrf = menu.csrf();
     let form = format!("csrf={csrf}&from=number&pw_{CONTRACT}={PASSWORD}&pw_{ADDITIONAL}={OTHER_PASSWORD}");
-    assert_eq!(post(&app, "/unit", &cookies, &form).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(post(&app, "/unit", &cookies, &form).await.status, StatusCode::FORBIDDEN);
     assert_eq!(unit(&app), Some(AuthUnit::Number));
     // Without a session, to the login page.
     assert_eq!(get(&app, "/unit", "").await.location(), Some("/login"));
