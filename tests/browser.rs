@@ -247,12 +247,12 @@ async fn calls_are_notified_to_the_checked_address_only(world: &mut World) {
     assert!(body.contains("応答できませんでした"), "{body}");
 }
 
-fn subject(mail: &engine::sink::ReceivedMail) -> String {
+fn subject(mail: &testkit::smtp::ReceivedMail) -> String {
     let parsed = mail_parser::MessageParser::default().parse(&mail.data).expect("a MIME message");
     parsed.subject().unwrap_or_default().to_owned()
 }
 
-fn body(mail: &engine::sink::ReceivedMail) -> String {
+fn body(mail: &testkit::smtp::ReceivedMail) -> String {
     let parsed = mail_parser::MessageParser::default().parse(&mail.data).expect("a MIME message");
     parsed.body_text(0).map(|b| b.into_owned()).unwrap_or_default()
 }

@@ -144,15 +144,10 @@ fn end_offsets(spec: &EngineSpec, partitions: i32) -> Vec<i64> {
 
 /// Waits until the group has committed the first `total` CDRs of the spec's topic.
 fn wait_committed(spec: &EngineSpec, partitions: i32, total: usize) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let done = committed(spec, partitions);
-        if done >= total as i64 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the group committed {done} of {total} CDRs");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let said = || format!("the group committed {} of {total} CDRs", committed(spec, partitions));
+    testkit::wait::blocking_until(WAIT, Duration::from_millis(500), said, || {
+        committed(spec, partitions) >= total as i64
+    });
 }
 
 /// How long after a mail's acceptance a SIGKILL can still find its sent record off disk:

@@ -17,7 +17,7 @@ use crate::clock::SharedClock;
 use crate::credentials::{CredentialError, Credentials};
 use crate::ivr::api::{router, ApiState};
 use crate::ivr::Ivr;
-use crate::site::{self, SiteState};
+use crate::site::{self, Peer, SiteState};
 use crate::tls::{self, TlsError, TlsListener};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,11 +94,6 @@ where
     let ivr_task = spawn("admin.ivr_listen", ivr_listener, ivr_app, shutdown());
     Ok(Servers { site, ivr, site_url, tasks: [site_task, ivr_task] })
 }
-
-/// The address a connection came from, handed to the handlers as
-/// `ConnectInfo<Peer>` (axum gives `SocketAddr` only for a bare `TcpListener`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub SocketAddr);
 
 macro_rules! peer_of {
     ($listener:ty) => {

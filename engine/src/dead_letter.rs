@@ -8,8 +8,7 @@ use base64::Engine as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::decode::CdrFormat;
-use crate::deliver::Origin;
-use crate::render::Mail;
+use crate::render::{Mail, Origin};
 use crate::telemetry::Metrics;
 
 /// Writes dead-letter records: undecodable CDRs and mails refused for good. Each is

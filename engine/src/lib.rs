@@ -33,7 +33,6 @@
 //! - [`http`]: connection limits and timeouts every HTTP listener keeps.
 //! - [`ops`]: the operator's endpoint: `/metrics`, `/healthz`, `POST /provision`.
 //! - [`startup`]: wires the stages into a running [`startup::Application`].
-//! - [`sink`]: a small real SMTP server for tests, the demo and load tests.
 
 pub mod address;
 pub mod cluster;
@@ -52,7 +51,6 @@ pub mod pipeline;
 pub mod provision;
 pub mod render;
 pub mod resolve;
-pub mod sink;
 pub mod source;
 pub mod startup;
 pub mod store;

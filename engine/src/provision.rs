@@ -176,7 +176,7 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
                     report.numbers += numbers.len();
                     since_flush += 1;
                 }
-                Err(StoreError::Invalid(reason)) => report.reject(line, reason),
+                Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
                 Err(source) => return Err(ImportError::Store { line, from: durable_before, source }),
             },
             Err(reason) => report.reject(line, reason),

@@ -15,6 +15,7 @@ use lettre::message::Mailbox;
 
 use crate::address::DestinationAddress;
 use crate::decode::{CallEvent, Caller};
+use crate::phone::PhoneNumber;
 
 /// A rendered mail, ready for the deliver stage.
 #[derive(Debug, Clone)]
@@ -25,6 +26,15 @@ pub struct Mail {
     pub envelope: Envelope,
     /// The whole message as sent on the wire (headers and body).
     pub bytes: Vec<u8>,
+}
+
+/// The call a mail is about, for the dead-letter record and the latency metric.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub call_id: String,
+    pub called: PhoneNumber,
+    /// The call's end: where the end-to-end latency measurement starts.
+    pub ended_at: DateTime<Utc>,
 }
 
 #[derive(Debug, thiserror::Error)]

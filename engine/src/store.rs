@@ -123,16 +123,18 @@ impl CallSettings {
     /// Checks the limits of R-N2 and R-N5.
     pub fn validate(&self) -> Result<(), StoreError> {
         if self.destinations.len() > MAX_DESTINATIONS {
-            return Err(StoreError::Invalid(format!(
-                "at most {MAX_DESTINATIONS} destination addresses, {} given",
-                self.destinations.len()
-            )));
+            return Err(StoreError::TooMany {
+                what: "destination addresses",
+                max: MAX_DESTINATIONS,
+                given: self.destinations.len(),
+            });
         }
         if self.designated.len() > MAX_DESIGNATED {
-            return Err(StoreError::Invalid(format!(
-                "at most {MAX_DESIGNATED} designated numbers, {} given",
-                self.designated.len()
-            )));
+            return Err(StoreError::TooMany {
+                what: "designated numbers",
+                max: MAX_DESIGNATED,
+                given: self.designated.len(),
+            });
         }
         Ok(())
     }
@@ -146,8 +148,16 @@ pub enum StoreError {
     Journal { path: std::path::PathBuf, source: std::io::Error },
     #[error("store record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
-    #[error("{0}")]
-    Invalid(String),
+    /// More destinations or designated numbers than R-N2 or R-N5 allow.
+    #[error("at most {max} {what}, {given} given")]
+    TooMany { what: &'static str, max: usize, given: usize },
+    #[error("the store flusher thread has stopped")]
+    FlusherStopped,
+    #[error("store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A queued mail whose called number no longer parses (a damaged entry).
+    #[error("queued mail for an invalid number: {0}")]
+    QueuedNumber(#[from] crate::phone::PhoneNumberError),
     #[error("the settings were changed by another save (version {current}); reload and try again")]
     StaleVersion { current: u64 },
     #[error("no such number: {0}")]
@@ -668,9 +678,9 @@ impl Store {
         let (done, finished) = tokio::sync::oneshot::channel();
         let request = FlushRequest { db: self.db.clone(), journal: self.journal.clone(), write, done };
         if self.flusher.requests.send(request).is_err() {
-            return Err(StoreError::Invalid("the store flusher thread has stopped".into()));
+            return Err(StoreError::FlusherStopped);
         }
-        finished.await.unwrap_or_else(|_| Err(StoreError::Invalid("the store flusher thread has stopped".into())))
+        finished.await.unwrap_or(Err(StoreError::FlusherStopped))
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
+use crate::decode::Rejection;
 use crate::filter::Skip;
 
 pub const CDRS_CONSUMED: &str = "callnotify_cdrs_consumed_total";
@@ -38,16 +39,36 @@ pub const SMTP_CIRCUIT_OPEN: &str = "callnotify_smtp_circuit_open";
 pub const STORE_FREE: &str = "callnotify_store_free_bytes";
 pub const STORE_DISK_LOW: &str = "callnotify_store_disk_low";
 
-/// Reasons a CDR is rejected by the decode stage (see `DecodeError::reason`).
-pub const REJECT_REASONS: [&str; 4] = ["syntax", "missing_field", "invalid_field", "implausible_time"];
-/// Reasons a mail fails for good.
-/// `expired`: still failing temporarily at `smtp.retry_give_up_secs`.
-pub const FAIL_REASONS: [&str; 3] = ["permanent", "render", "expired"];
-
 /// The value of one series in Prometheus text (what `/metrics` serves), e.g.
 /// `callnotify_cdrs_filtered_total{reason="stopped"}`; `None` if it is not there.
 pub fn series_value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Why a mail failed for good, as `callnotify_mails_failed_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The server refused it (5xx), or it can never be sent as it is.
+    Permanent,
+    /// It could not be rendered into a message.
+    Render,
+    /// Still failing temporarily at `smtp.retry_give_up_secs`.
+    Expired,
+    /// Its retry-queue entry could not be read back (a damaged or foreign entry).
+    Unreadable,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 4] = [Failure::Permanent, Failure::Render, Failure::Expired, Failure::Unreadable];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::Permanent => "permanent",
+            Failure::Render => "render",
+            Failure::Expired => "expired",
+            Failure::Unreadable => "unreadable",
+        }
+    }
 }
 
 /// Every metric handle of one engine; cheap to clone.
@@ -60,11 +81,11 @@ struct Inner {
     recorder: PrometheusRecorder,
     consumed: Counter,
     decoded: Counter,
-    rejected: [Counter; REJECT_REASONS.len()],
+    rejected: [Counter; Rejection::ALL.len()],
     filtered: [Counter; Skip::ALL.len()],
     notified: Counter,
     sent: Counter,
-    failed: [Counter; FAIL_REASONS.len()],
+    failed: [Counter; Failure::ALL.len()],
     delayed_rate: Counter,
     delayed_flood: Counter,
     retried: Counter,
@@ -199,11 +220,11 @@ impl Metrics {
         let inner = Inner {
             consumed: counter(r, CDRS_CONSUMED, None),
             decoded: counter(r, CDRS_DECODED, None),
-            rejected: REJECT_REASONS.map(|reason| counter(r, CDRS_REJECTED, Some(("reason", reason)))),
+            rejected: Rejection::ALL.map(|reason| counter(r, CDRS_REJECTED, Some(("reason", reason.as_str())))),
             filtered: Skip::ALL.map(|skip| counter(r, CDRS_FILTERED, Some(("reason", skip.as_str())))),
             notified: counter(r, CDRS_NOTIFIED, None),
             sent: counter(r, MAILS_SENT, None),
-            failed: FAIL_REASONS.map(|reason| counter(r, MAILS_FAILED, Some(("reason", reason)))),
+            failed: Failure::ALL.map(|reason| counter(r, MAILS_FAILED, Some(("reason", reason.as_str())))),
             delayed_rate: counter(r, MAILS_DELAYED, Some(("limit", "rate"))),
             delayed_flood: counter(r, MAILS_DELAYED, Some(("limit", "flood"))),
             retried: counter(r, MAILS_RETRIED, None),
@@ -245,8 +266,8 @@ impl Metrics {
     pub fn decoded(&self) {
         self.inner.decoded.increment(1);
     }
-    pub fn rejected(&self, reason: &str) {
-        let i = REJECT_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+    pub fn rejected(&self, reason: Rejection) {
+        let i = Rejection::ALL.iter().position(|r| *r == reason).expect("every Rejection is in ALL");
         self.inner.rejected[i].increment(1);
     }
     pub fn filtered(&self, skip: Skip) {
@@ -260,8 +281,8 @@ impl Metrics {
         self.inner.sent.increment(1);
         self.inner.latency.record(latency.as_secs_f64());
     }
-    pub fn failed(&self, reason: &'static str) {
-        let i = FAIL_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+    pub fn failed(&self, reason: Failure) {
+        let i = Failure::ALL.iter().position(|r| *r == reason).expect("every Failure is in ALL");
         self.inner.failed[i].increment(1);
     }
     pub fn delayed_by_rate(&self) {

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 use chrono::DateTime;
 use engine::address::DestinationAddress;
 use engine::deliver::queue::{Queued, RetryQueue};
-use engine::deliver::Origin;
 use engine::phone::PhoneNumber;
+use engine::render::Origin;
 use engine::render::Renderer;
 use engine::store::{SentKey, Store};
 

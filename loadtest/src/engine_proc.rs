@@ -36,8 +36,7 @@ impl EngineConfig {
         cmd.current_dir(&self.workdir)
             .env("CALLNOTIFY__STORE__PATH", self.workdir.join("store"))
             .env("CALLNOTIFY__STORE__CACHE_CAPACITY", self.cache_capacity.to_string())
-            .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
-            .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
+            .envs(testkit::smtp::engine_env(self.smtp))
             .env("CALLNOTIFY__SMTP__POOL_SIZE", self.pool_size.to_string())
             .env("CALLNOTIFY__ENGINE__CONSUMERS", self.consumers.to_string())
             .env("CALLNOTIFY__SMTP__FROM", format!("no-reply@{}", self.from_domain))
@@ -197,10 +196,4 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     Ok(Metrics(text))
-}
-
-/// A free loopback port for the engine's metrics endpoint.
-pub fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
 }

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use engine::sink::{SinkOptions, SmtpSink};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use testkit::smtp::{SinkOptions, SmtpSink};
 
 use crate::compare::{self, Comparison, Round, Side};
 use crate::cpu::CpuSampler;
-use crate::engine_proc::free_port;
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
+use testkit::free_port;
 
 #[derive(Args)]
 pub struct IngestArgs {

@@ -24,8 +24,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use engine::decode::CdrFormat;
 use engine::embedded::EmbeddedKafka;
 
-use crate::engine_proc::{free_port, EngineConfig};
+use crate::engine_proc::EngineConfig;
 use crate::population::Population;
+use testkit::free_port;
 
 #[derive(Parser)]
 #[command(name = "callnotify-loadtest", version, about = "Load tests for callnotify (loopback only)")]

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Args;
-use engine::sink::{SinkOptions, SmtpSink};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::producer::{BaseRecord, Producer};
+use testkit::smtp::{SinkOptions, SmtpSink};
 
 use crate::producer::CountingProducer;
 
@@ -356,7 +356,7 @@ fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing)
 
 /// Matches each received mail to its CDR by Message-ID and records the latency.
 async fn collect(
-    mut mails: tokio::sync::broadcast::Receiver<engine::sink::ReceivedMail>,
+    mut mails: tokio::sync::broadcast::Receiver<testkit::smtp::ReceivedMail>,
     expected: Expected,
     collected: Arc<Mutex<Collected>>,
     t0: Instant,

@@ -11,10 +11,11 @@ use clap::Args;
 
 use crate::compare::{self, Comparison, Round, Side};
 use crate::cpu::CpuSampler;
-use crate::engine_proc::{free_port, EngineConfig};
+use crate::engine_proc::EngineConfig;
 use crate::population::Population;
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
+use testkit::free_port;
 
 #[derive(Args)]
 pub struct SmtpArgs {

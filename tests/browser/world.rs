@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use engine::config::Settings;
 use engine::embedded::EmbeddedKafka;
-use engine::sink::{ReceivedMail, SmtpSink};
 use engine::startup::Application;
 use engine::telemetry::Metrics;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use testkit::smtp::{ReceivedMail, SmtpSink};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::WAIT;
@@ -131,15 +131,13 @@ impl World {
     /// Waits until a metric series (e.g. `callnotify_cdrs_filtered_total{reason="answered"}`)
     /// reaches `value`: the engine's account of having handled a CDR that sends nothing.
     pub async fn wait_metric(&self, series: &str, value: f64) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let current = self.metrics.value(series).unwrap_or(0.0);
-            if current >= value {
-                return;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{series} stayed at {current}, never reached {value}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let current = || self.metrics.value(series).unwrap_or(0.0);
+        testkit::wait::until(
+            WAIT,
+            || format!("{series} stayed at {}, never reached {value}", current()),
+            || current() >= value,
+        )
+        .await;
     }
 
     /// Stops the engine as SIGTERM does.
@@ -163,13 +161,12 @@ fn settings(kafka: &EmbeddedKafka, sink: &SmtpSink, dir: &tempfile::TempDir) -> 
         ("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000".to_owned()),
         ("CALLNOTIFY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS", "500".to_owned()),
         ("CALLNOTIFY__STORE__PATH", dir.path().join("store").display().to_string()),
-        ("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()),
-        ("CALLNOTIFY__SMTP__PORT", sink.port().to_string()),
         ("CALLNOTIFY__SMTP__FROM", format!("着信お知らせメール <{FROM}>")),
         ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "20".to_owned()),
         ("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0".to_owned()),
     ];
-    Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).expect("test settings")
+    let env = env.into_iter().chain(sink.engine_env()).map(|(k, v)| (k.to_owned(), v));
+    Settings::load_from(None, env).expect("test settings")
 }
 
 /// Serves `router` on a random loopback port for the rest of the test.
@@ -206,31 +203,8 @@ pub async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// When this test process's calls started: ten minutes before it began, in whole
-/// seconds, the same for every CDR (a CDR built twice is the same CDR, as the engine's
-/// dedup needs). Recent, because the engine notifies calls up to
-/// `engine.max_call_age_hours` old.
-fn call_start() -> chrono::DateTime<chrono::FixedOffset> {
-    static START: std::sync::LazyLock<chrono::DateTime<chrono::FixedOffset>> = std::sync::LazyLock::new(|| {
-        let then = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() - 600, 0).expect("a time");
-        then.with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).expect("JST"))
-    });
-    *START
-}
-
 /// A canonical CDR (README "CDR formats") of a call to `called` from `caller`
-/// (presentation allowed) at [`call_start`]; `outcome` as in the format.
+/// (presentation allowed) at [`testkit::cdr::call_start`]; `outcome` as in the format.
 pub fn cdr(call_id: &str, called: &str, caller: &str, outcome: &str) -> String {
-    let at = |secs| (call_start() + chrono::TimeDelta::seconds(secs)).to_rfc3339();
-    serde_json::json!({
-        "call_id": call_id,
-        "called": called,
-        "caller": caller,
-        "presentation": "allowed",
-        "started_at": at(0),
-        "answered_at": (outcome == "answered").then(|| at(5)),
-        "ended_at": at(31),
-        "outcome": outcome,
-    })
-    .to_string()
+    testkit::cdr::cdr(call_id, called, Some(caller), "allowed", outcome)
 }

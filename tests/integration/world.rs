@@ -271,11 +271,12 @@ impl PostfixSink {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {binary} (Debian package postfix; scripts/setup.sh): {e}"));
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(self.addr).is_err() {
-            assert!(Instant::now() < deadline, "smtp-sink did not start listening on {}", self.addr);
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        testkit::wait::blocking_until(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || format!("smtp-sink did not start listening on {}", self.addr),
+            || std::net::TcpStream::connect(self.addr).is_ok(),
+        );
     }
 
     /// How many times each Message-ID arrived.
@@ -387,7 +388,7 @@ fn nix_is_root() -> bool {
 }
 
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    testkit::free_port().expect("a free loopback port")
 }
 
 /// The consumer group protocol the engines speak.
@@ -437,8 +438,7 @@ impl EngineSpec {
         };
         command
             .env("CALLNOTIFY__STORE__PATH", self.store.clone().unwrap_or_else(|| self.dir.join("store")))
-            .env("CALLNOTIFY__SMTP__HOST", self.smtp.ip().to_string())
-            .env("CALLNOTIFY__SMTP__PORT", self.smtp.port().to_string())
+            .envs(testkit::smtp::engine_env(self.smtp))
             .env("CALLNOTIFY__SMTP__FROM", format!("no-reply@{FROM_DOMAIN}"))
             .env("CALLNOTIFY__SMTP__TIMEOUT_SECS", "5")
             .env("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "200")
@@ -559,11 +559,8 @@ impl EngineProcess {
 
     /// Waits until `series` satisfies `wanted` (described as `what`).
     pub fn wait_metric_until(&self, series: &str, what: &str, wanted: impl Fn(f64) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        while !wanted(self.metric(series)) {
-            assert!(Instant::now() < deadline, "{series} never {what} (now {})", self.metric(series));
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let said = || format!("{series} never {what} (now {})", self.metric(series));
+        testkit::wait::blocking_until(WAIT, Duration::from_millis(100), said, || wanted(self.metric(series)));
     }
 }
 
@@ -605,24 +602,14 @@ impl Subscriber {
             Rule::MissedOnly => (false, true),
             Rule::DesignatedOnly => (true, false),
         };
-        serde_json::json!({
-            "contract": self.number,
-            "numbers": [{
-                "number": self.number,
-                "services": ["call"],
-                "settings": {
-                    "enabled": true,
-                    "destinations": [
-                        {"address": self.address(), "send": true},
-                        {"address": format!("unchecked{}@it.example.jp", self.number), "send": false},
-                    ],
-                    "designated_only": designated_only,
-                    "missed_only": missed_only,
-                    "designated": [{"number": DESIGNATED, "designate": true}],
-                },
-            }],
-        })
-        .to_string()
+        let (checked, unchecked) = (self.address(), format!("unchecked{}@it.example.jp", self.number));
+        testkit::line::Subscriber {
+            designated_only,
+            missed_only,
+            designated: &[(DESIGNATED, true)],
+            ..testkit::line::Subscriber::new(&self.number, &[(&checked, true), (&unchecked, false)])
+        }
+        .line()
     }
 
     /// Whether a call from `caller` (None: withheld) that was or was not answered is
@@ -642,32 +629,10 @@ impl Subscriber {
     }
 }
 
-/// When this test process's calls started: ten minutes before it began, in whole
-/// seconds, the same for every CDR (a CDR built twice is the same CDR, as the engine's
-/// dedup needs). Recent, because the engine notifies calls up to
-/// `engine.max_call_age_hours` old.
-fn call_start() -> chrono::DateTime<chrono::FixedOffset> {
-    static START: std::sync::LazyLock<chrono::DateTime<chrono::FixedOffset>> = std::sync::LazyLock::new(|| {
-        let then = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() - 600, 0).expect("a time");
-        then.with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).expect("JST"))
-    });
-    *START
-}
-
 /// A canonical CDR.
 pub fn cdr(call_id: &str, called: &str, caller: Option<&str>, answered: bool) -> String {
-    let at = |secs| (call_start() + chrono::TimeDelta::seconds(secs)).to_rfc3339();
-    serde_json::json!({
-        "call_id": call_id,
-        "called": called,
-        "caller": caller,
-        "presentation": if caller.is_some() { "allowed" } else { "withheld" },
-        "started_at": at(0),
-        "answered_at": answered.then(|| at(5)),
-        "ended_at": at(31),
-        "outcome": if answered { "answered" } else { "no_answer" },
-    })
-    .to_string()
+    let presentation = if caller.is_some() { "allowed" } else { "withheld" };
+    testkit::cdr::cdr(call_id, called, caller, presentation, if answered { "answered" } else { "no_answer" })
 }
 
 /// xorshift64, seeded per test and printed, so a failing run can be repeated with

@@ -50,6 +50,15 @@ pub fn csrf_field(token: &str) -> String {
     format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">\n", escape(token))
 }
 
+/// The ログアウト button: a form, because logout changes state and so must be a POST
+/// with the session's CSRF token.
+pub fn logout_form(csrf: &str) -> String {
+    format!(
+        "<form method=\"post\" action=\"/logout\">\n{}<p><button type=\"submit\">ログアウト</button></p>\n</form>\n",
+        csrf_field(csrf)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

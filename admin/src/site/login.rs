@@ -79,7 +79,7 @@ pub async fn show(State(state): State<SiteState>, RawQuery(query): RawQuery, hea
 
 pub async fn submit(
     State(state): State<SiteState>,
-    peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::server::Peer>>>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<super::Peer>>>,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Result<Response, SiteError> {

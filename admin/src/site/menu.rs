@@ -43,17 +43,8 @@ pub async fn show(
          <li>FAXお知らせメール（準備中です。このサイトではまだ設定できません）</li>\n</ul>\n{table}\
          <h2>その他の設定</h2>\n<ul>\n<li><a href=\"/password\">パスワード変更</a></li>\n{unit}</ul>\n{logout}",
         number = html::escape(authed.session.number.as_str()),
-        logout = logout_form(&authed.session.csrf),
+        logout = html::logout_form(&authed.session.csrf),
         table = if numbers.is_empty() { String::new() } else { table },
     );
     Ok(Html(html::page("メニュー", &body)).into_response())
-}
-
-/// The ログアウト button: a form, because logout changes state and so must be a POST
-/// with the session's CSRF token.
-pub fn logout_form(csrf: &str) -> String {
-    format!(
-        "<form method=\"post\" action=\"/logout\">\n{}<p><button type=\"submit\">ログアウト</button></p>\n</form>\n",
-        html::csrf_field(csrf)
-    )
 }

@@ -51,6 +51,12 @@ use crate::clock::SharedClock;
 use crate::credentials::{CredentialError, CredentialKind, Credentials, LoginOk};
 use session::{Session, Sessions};
 
+/// The address a connection came from, handed to the handlers as
+/// `ConnectInfo<Peer>` by the server (axum gives `SocketAddr` only for a bare
+/// `TcpListener`).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// What the site's handlers share; cheap to clone.
 #[derive(Clone)]
 pub struct SiteState {

@@ -201,7 +201,7 @@ fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -
          <p><button type=\"submit\">変更する</button></p>\n</form>\n{logout}",
         errors = html::errors(errors),
         csrf = html::csrf_field(&session.csrf),
-        logout = super::menu::logout_form(&session.csrf),
+        logout = html::logout_form(&session.csrf),
     );
     html::page("パスワード変更", &body)
 }

@@ -84,7 +84,7 @@ fn settings_page_rows(view: &View<'_>, notice: &str, entered: &Entered, errors: 
         errors = html::errors(errors),
         form = render(&path, &view.session.csrf, entered, rows, view.password_max),
         path = html::escape(&path),
-        logout = super::menu::logout_form(&view.session.csrf),
+        logout = html::logout_form(&view.session.csrf),
     );
     html::page("着信お知らせメール設定", &body)
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use engine::config::Settings;
 use engine::deliver::TestMailer;
-use engine::sink::{SmtpSink, SmtpStage};
 use engine::store::{AuthUnit, CallSettings};
+use testkit::smtp::{SmtpSink, SmtpStage};
 
 use super::tests::{app, app_with_policy, app_with_test_mailer, get, login, post, App, Reply, PASSWORD, TEMPORARY};
 use super::SESSION_COOKIE;
@@ -312,7 +312,7 @@ async fn csrf_missing_or_wrong_is_403_on_the_settings_form() {
 /// the `Cookie` header of a logged-in session on [`CONTRACT`].
 async fn mail_app() -> (App, SmtpSink, String) {
     let sink = SmtpSink::start(0).await.unwrap();
-    let env = [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", sink.port().to_string())];
+    let env = sink.engine_env();
     let settings = Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap();
     let mailer = TestMailer::new(&settings.smtp).unwrap();
     let app = app_with_test_mailer(Some(Arc::new(mailer)));

@@ -214,7 +214,7 @@ mod tests {
             assert_eq!(decode(json.as_bytes()).unwrap().caller, want, "{presentation} {caller}");
         }
         let err = decode(doc("restricted", "null", "no_answer").as_bytes()).unwrap_err();
-        assert_eq!(err.reason(), "invalid_field");
+        assert_eq!(err.reason().as_str(), "invalid_field");
     }
 
     #[test]
@@ -254,7 +254,7 @@ mod tests {
     #[test]
     fn non_objects_are_syntax_errors() {
         for bad in ["", "  ", "[]", r#"["c-1"]"#, "null", "{", r#"{"call_id":"c-1"} x"#] {
-            assert_eq!(decode(bad.as_bytes()).unwrap_err().reason(), "syntax", "{bad:?}");
+            assert_eq!(decode(bad.as_bytes()).unwrap_err().reason().as_str(), "syntax", "{bad:?}");
         }
     }
 }

@@ -111,14 +111,37 @@ pub enum DecodeError {
     Implausible { field: &'static str, time: DateTime<Utc>, why: &'static str },
 }
 
-impl DecodeError {
-    /// A short, fixed label for metrics (low cardinality).
-    pub fn reason(&self) -> &'static str {
+/// Why a CDR was rejected, as `callnotify_cdrs_rejected_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Syntax,
+    MissingField,
+    InvalidField,
+    ImplausibleTime,
+}
+
+impl Rejection {
+    pub const ALL: [Rejection; 4] =
+        [Rejection::Syntax, Rejection::MissingField, Rejection::InvalidField, Rejection::ImplausibleTime];
+
+    pub fn as_str(self) -> &'static str {
         match self {
-            Self::Syntax { .. } => "syntax",
-            Self::Missing { .. } => "missing_field",
-            Self::Invalid { .. } => "invalid_field",
-            Self::Implausible { .. } => "implausible_time",
+            Rejection::Syntax => "syntax",
+            Rejection::MissingField => "missing_field",
+            Rejection::InvalidField => "invalid_field",
+            Rejection::ImplausibleTime => "implausible_time",
+        }
+    }
+}
+
+impl DecodeError {
+    /// Its metric label (low cardinality).
+    pub fn reason(&self) -> Rejection {
+        match self {
+            Self::Syntax { .. } => Rejection::Syntax,
+            Self::Missing { .. } => Rejection::MissingField,
+            Self::Invalid { .. } => Rejection::InvalidField,
+            Self::Implausible { .. } => Rejection::ImplausibleTime,
         }
     }
 
@@ -488,7 +511,7 @@ mod tests {
                 matches!(err, DecodeError::Implausible { field: f, why: w, .. } if f == field && w == why),
                 "{err}"
             );
-            assert_eq!(err.reason(), "implausible_time");
+            assert_eq!(err.reason(), Rejection::ImplausibleTime);
         }
     }
 

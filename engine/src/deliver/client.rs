@@ -75,6 +75,10 @@ impl std::fmt::Display for ClientError {
     }
 }
 
+/// Each variant's `Display` already includes what caused it, so there is no `source`
+/// for an error-chain printer to repeat.
+impl std::error::Error for ClientError {}
+
 /// What the server said it supports in its EHLO reply.
 #[derive(Debug, Default, Clone, Copy)]
 struct Extensions {

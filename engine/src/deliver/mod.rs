@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use self::breaker::{Admit, Breaker};
@@ -28,9 +28,9 @@ use self::smtp::{SendError, SmtpPool};
 use crate::config::SmtpSettings;
 use crate::dead_letter::DeadLetters;
 use crate::phone::PhoneNumber;
-use crate::render::Mail;
+use crate::render::{Mail, Origin};
 use crate::store::{SentKey, Store, StoreError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Failure, Metrics};
 
 mod breaker;
 mod client;
@@ -55,15 +55,6 @@ enum Attempt {
     Unanswered(String),
     /// 5xx or a mail the server can never take: record and give up.
     Permanent(String),
-}
-
-/// The call a mail is about, for the dead-letter record and the latency metric.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    pub call_id: String,
-    pub called: PhoneNumber,
-    /// The call's end: where the end-to-end latency measurement starts.
-    pub ended_at: DateTime<Utc>,
 }
 
 /// The final fate of one mail.
@@ -196,7 +187,7 @@ impl Deliverer {
                 Fate::Sent
             }
             Some(Err(Attempt::Permanent(reply))) => {
-                self.give_up(mail, origin, &reply, 1, "permanent").await;
+                self.give_up(mail, origin, &reply, 1, Failure::Permanent).await;
                 self.record(key).await;
                 Fate::Failed
             }
@@ -334,7 +325,7 @@ impl Deliverer {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::error!(error = %e, "unreadable retry queue entry removed");
-                inner.metrics.failed("render");
+                inner.metrics.failed(Failure::Unreadable);
                 self.unqueue(slot).await;
                 return;
             }
@@ -343,7 +334,7 @@ impl Deliverer {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::error!(message_id = %entry.message_id, error = %e, "retry queue entry cannot be sent; removed");
-                inner.metrics.failed("render");
+                inner.metrics.failed(Failure::Unreadable);
                 self.unqueue(slot).await;
                 return;
             }
@@ -380,14 +371,14 @@ impl Deliverer {
                 }
             }
             Err(Attempt::Permanent(reply)) => {
-                self.give_up(&mail, &origin, &reply, entry.attempts, "permanent").await;
+                self.give_up(&mail, &origin, &reply, entry.attempts, Failure::Permanent).await;
                 self.unqueue(slot).await;
             }
             Err(Attempt::Temporary(reply) | Attempt::Unanswered(reply)) => {
                 let age = Utc::now().timestamp_millis() - entry.first_failed_ms;
                 if age >= inner.give_up.as_millis() as i64 {
                     let reply = format!("gave up after {} attempts over {} s: {reply}", entry.attempts, age / 1000);
-                    self.give_up(&mail, &origin, &reply, entry.attempts, "expired").await;
+                    self.give_up(&mail, &origin, &reply, entry.attempts, Failure::Expired).await;
                     self.unqueue(slot).await;
                     return;
                 }
@@ -406,8 +397,8 @@ impl Deliverer {
     }
 
     /// Records `mail` as failed for good: dead-letter record, metric, log.
-    async fn give_up(&self, mail: &Mail, origin: &Origin, reply: &str, attempts: u32, reason: &'static str) {
-        tracing::warn!(message_id = %mail.message_id, %reply, attempts, reason, "mail failed for good");
+    async fn give_up(&self, mail: &Mail, origin: &Origin, reply: &str, attempts: u32, reason: Failure) {
+        tracing::warn!(message_id = %mail.message_id, %reply, attempts, reason = reason.as_str(), "mail failed for good");
         self.inner.metrics.failed(reason);
         self.inner.dead_letters.mail_failed(mail, origin, reply, attempts).await;
     }
@@ -598,7 +589,7 @@ fn backoff(first: Duration, max: Duration, attempts: u32) -> Duration {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(StoreError::Invalid(format!("store task: {e}"))))
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(StoreError::Task(e)))
 }
 
 /// Up to ±20 % random spread, so retries of many mails do not arrive together.
@@ -613,11 +604,11 @@ pub(crate) mod tests {
     use super::*;
     use crate::address::DestinationAddress;
     use crate::config::Settings;
-    use crate::sink::{SmtpSink, SmtpStage};
+    use testkit::smtp::{SmtpSink, SmtpStage};
 
     /// The default SMTP settings, pointed at a test sink on `port`.
     pub(crate) fn smtp_to(port: u16) -> SmtpSettings {
-        let env = [("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()), ("CALLNOTIFY__SMTP__PORT", port.to_string())];
+        let env = testkit::smtp::engine_env(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
         Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap().smtp
     }
 

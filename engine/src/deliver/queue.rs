@@ -15,9 +15,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::address::DestinationAddress;
-use crate::deliver::Origin;
-use crate::phone::PhoneNumber;
-use crate::render::Mail;
+use crate::phone::{PhoneNumber, PhoneNumberError};
+use crate::render::{Mail, Origin};
 use crate::store::{SentKey, Store, StoreError};
 
 /// One queued mail: everything needed to send it again and to write its dead-letter
@@ -59,27 +58,45 @@ impl Queued {
     }
 
     /// The mail and its call again; `Err` if the stored entry no longer makes sense.
-    pub fn to_mail(&self) -> Result<(Mail, Origin), String> {
-        let recipient = DestinationAddress::parse(&self.recipient).map_err(|e| e.to_string())?;
-        let from = self.envelope_from.as_deref().map(str::parse).transpose().map_err(|e| format!("{e}"))?;
-        let to = self.recipient.parse().map_err(|e| format!("{e}"))?;
-        let envelope = lettre::address::Envelope::new(from, vec![to]).map_err(|e| e.to_string())?;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.mail_base64).map_err(|e| e.to_string())?;
-        let called = PhoneNumber::parse(&self.called).map_err(|e| e.to_string())?;
+    pub fn to_mail(&self) -> Result<(Mail, Origin), EntryError> {
+        let recipient = DestinationAddress::parse(&self.recipient)?;
+        let from = self.envelope_from.as_deref().map(str::parse).transpose()?;
+        let to = self.recipient.parse()?;
+        let envelope = lettre::address::Envelope::new(from, vec![to])?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(&self.mail_base64)?;
+        let called = PhoneNumber::parse(&self.called)?;
         let ended_at = DateTime::from_timestamp_millis(self.ended_at_ms).unwrap_or_default();
         let mail = Mail { message_id: self.message_id.clone(), recipient, envelope, bytes };
         Ok((mail, Origin { call_id: self.call_id.clone(), called, ended_at }))
     }
 
     /// The mail's sent-mail key.
-    pub fn sent_key(&self) -> Result<SentKey, String> {
-        let called = PhoneNumber::parse(&self.called).map_err(|e| e.to_string())?;
+    pub fn sent_key(&self) -> Result<SentKey, PhoneNumberError> {
+        let called = PhoneNumber::parse(&self.called)?;
         Ok(SentKey::new(self.ended_at_ms.div_euclid(1000), &called, &self.call_id, &self.recipient))
     }
 }
 
 /// An entry read back: parsed, or why it could not be.
-pub type Entry = Result<Queued, String>;
+pub type Entry = Result<Queued, EntryError>;
+
+/// Why a queue entry cannot be read back or sent: it is damaged, or was written by a
+/// version that stored something else.
+#[derive(Debug, thiserror::Error)]
+pub enum EntryError {
+    #[error("not a retry queue entry: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("its recipient is not a destination address: {0}")]
+    Recipient(#[from] crate::address::AddressError),
+    #[error("its envelope address is invalid: {0}")]
+    Envelope(#[from] lettre::address::AddressError),
+    #[error("its envelope cannot be made: {0}")]
+    EnvelopeBuild(#[from] lettre::error::Error),
+    #[error("its message is not base64: {0}")]
+    Message(#[from] base64::DecodeError),
+    #[error("its called number is invalid: {0}")]
+    Called(#[from] PhoneNumberError),
+}
 
 /// Position of an entry in the queue: its tree key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -116,9 +133,9 @@ impl RetryQueue {
     /// says whether the entry is new: pushing the same entry at the same `due_ms`
     /// again (a retried write) overwrites it.
     pub fn push(&self, entry: &Queued, due_ms: i64, now_secs: u64) -> Result<(Slot, bool), StoreError> {
-        let key = entry.sent_key().map_err(StoreError::Invalid)?;
+        let key = entry.sent_key()?;
         let slot = Slot::new(due_ms, &key);
-        let value = serde_json::to_vec(entry).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let value = serde_json::to_vec(entry)?;
         let handled = crate::store::handled_key(now_secs, key.as_bytes());
         let new = (&self.retry, &self.sent.by_key, &self.sent.by_handled)
             .transaction(|(retry, sent, by_handled)| {
@@ -154,7 +171,7 @@ impl RetryQueue {
             if skip.contains(&slot) {
                 continue;
             }
-            due.push((slot, serde_json::from_slice(&value).map_err(|e| e.to_string())));
+            due.push((slot, serde_json::from_slice(&value).map_err(EntryError::from)));
         }
         Ok(due)
     }
@@ -167,9 +184,9 @@ impl RetryQueue {
     /// Moves `slot`'s entry to `due_ms` with its new state; atomic, so after a crash the
     /// entry is at one place or the other, never lost.
     pub fn reschedule(&self, slot: &Slot, entry: &Queued, due_ms: i64) -> Result<Slot, StoreError> {
-        let key = entry.sent_key().map_err(StoreError::Invalid)?;
+        let key = entry.sent_key()?;
         let next = Slot::new(due_ms, &key);
-        let value = serde_json::to_vec(entry).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let value = serde_json::to_vec(entry)?;
         let mut batch = sled::Batch::default();
         batch.remove(slot.0.as_slice());
         batch.insert(next.0.as_slice(), value);

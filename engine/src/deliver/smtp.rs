@@ -48,6 +48,10 @@ impl std::fmt::Display for SendError {
     }
 }
 
+/// `Display` already includes what caused it, so there is no `source` for an
+/// error-chain printer to repeat.
+impl std::error::Error for SendError {}
+
 pub struct SmtpPool {
     host: String,
     port: u16,
@@ -375,7 +379,7 @@ pub(super) fn private_roots(path: &Path) -> Result<RootCertStore, DeliverError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::SmtpSink;
+    use testkit::smtp::SmtpSink;
 
     fn pool_for(port: u16) -> SmtpPool {
         SmtpPool::new(&crate::deliver::tests::smtp_to(port), None).unwrap()

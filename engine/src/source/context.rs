@@ -147,7 +147,7 @@ impl SourceContext {
     /// Takes a finished CDR's mails off the in-flight list (the delivery task wrote
     /// their sent records) and moves its partition's offset if it may.
     fn apply(&self, c: Completion) {
-        for (key, _fate) in &c.mails {
+        for key in &c.mails {
             self.keys.remove(key);
         }
         self.tracker.lock().expect("tracker lock").completed((c.topic, c.partition), c.offset);

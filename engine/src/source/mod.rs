@@ -384,7 +384,7 @@ fn handle(
             Ok(mail) => mails.push((key, mail)),
             Err(e) => {
                 ctx.keys.remove(&key);
-                stages.metrics.failed("render");
+                stages.metrics.failed(crate::telemetry::Failure::Render);
                 tracing::error!(call_id = %call.call_id, %recipient, error = %e, "mail could not be rendered");
             }
         }
@@ -397,13 +397,13 @@ fn handle(
     let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
     ctx.note_skipped(tp, skipped);
     let origin =
-        crate::deliver::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
+        crate::render::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
     let (deliverer, tx, cancel) = (stages.deliverer.clone(), tx.clone(), Cancel { stopping: stopping.clone(), tp });
     stages.runtime.spawn(async move {
         let mut done = Vec::with_capacity(mails.len());
         for (key, mail) in mails {
-            let fate = deliverer.deliver(&key, &mail, &origin, cancel.clone().cancelled()).await;
-            done.push((key, fate));
+            deliverer.deliver(&key, &mail, &origin, cancel.clone().cancelled()).await;
+            done.push(key);
         }
         let _ = tx.send(Completion { topic, partition, offset, mails: done });
     });
@@ -421,7 +421,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(10);
             while !stop.load(Ordering::Acquire) {
                 if Instant::now() > deadline {
-                    return Err(StoreError::Invalid("never told to stop".into()).into());
+                    return Err(StoreError::FlusherStopped.into());
                 }
                 std::thread::park_timeout(Duration::from_millis(10));
             }
@@ -434,10 +434,10 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let threads = vec![
             start_thread(0, stop.clone(), serving(&stop)),
-            start_thread(1, stop.clone(), || Err(StoreError::Invalid("disk gone".into()).into())),
+            start_thread(1, stop.clone(), || Err(StoreError::FlusherStopped.into())),
         ];
         let error = Source { threads }.join().expect_err("a thread failed");
-        assert_eq!(error.to_string(), "subscription store: disk gone");
+        assert_eq!(error.to_string(), "subscription store: the store flusher thread has stopped");
     }
 
     #[test]

@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::deliver::Fate;
 use crate::store::SentKey;
 
 /// What a delivery task reports when a CDR's work is finished.
@@ -13,8 +12,9 @@ pub struct Completion {
     pub topic: usize,
     pub partition: i32,
     pub offset: i64,
-    /// Each mail's dedup key (its sent record is on disk already) and how it ended.
-    pub mails: Vec<(SentKey, Fate)>,
+    /// Each mail's dedup key, to take off the in-flight list: whatever its fate (sent,
+    /// queued for a retry, dead-lettered), its record is on disk already.
+    pub mails: Vec<SentKey>,
 }
 
 /// Offsets the broker passed over in a partition: `from..to` were never read. Kafka

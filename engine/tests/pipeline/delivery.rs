@@ -3,7 +3,7 @@
 //! SMTP failures are retried from the durable queue, and given up after
 //! `smtp.retry_give_up_secs`.
 
-use engine::sink::{DataFault, SmtpStage};
+use testkit::smtp::{DataFault, SmtpStage};
 
 use crate::helpers::*;
 
@@ -385,10 +385,32 @@ async fn r_m4_a_mail_server_that_never_answers_holds_neither_cdrs_nor_more_than_
     // A real server on the same port: the breaker's next probe gets an answer.
     hung.abort();
     let _ = hung.await;
-    let sink = engine::sink::SmtpSink::start(port).await.expect("a sink on the hung server's port");
+    let sink = testkit::smtp::SmtpSink::start(port).await.expect("a sink on the hung server's port");
     let mails = sink.wait_for(MAILS, WAIT).await;
     let stopped = engine.stop().await;
     assert_each_call_once(&mails, MAILS);
     assert_eq!(stopped.metric("callnotify_smtp_circuit_open"), 0.0, "closed once the server answered");
     assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
+}
+
+/// A retry-queue entry that cannot be read back (damaged, or written by another
+/// version) is removed and counted as `unreadable`: it was counted as a render failure,
+/// which sent an operator looking at the templates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_an_unreadable_retry_queue_entry_is_removed_and_counted_as_unreadable_not_render() {
+    let h = Harness::new(1).await;
+    let settings = h.settings(&[]);
+    {
+        let store = engine::store::Store::open(&settings.store.path).expect("store");
+        let retry = store.open_tree("retry").expect("the retry queue's tree");
+        let mut slot = 0u64.to_be_bytes().to_vec();
+        slot.extend_from_slice(b"damaged");
+        retry.insert(slot, b"{not an entry".as_slice()).expect("insert");
+        store.flush_blocking().expect("flush");
+    }
+    let engine = TestEngine::start(settings).await;
+    engine.wait_metric("callnotify_mails_failed_total{reason=\"unreadable\"}", 1.0).await;
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_failed_total{reason=\"render\"}"), 0.0);
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0, "the entry is gone");
 }

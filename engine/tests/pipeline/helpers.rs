@@ -2,16 +2,16 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, FixedOffset, TimeDelta, Utc};
+use chrono::{DateTime, Datelike, FixedOffset};
 
 use engine::config::Settings;
 use engine::embedded::EmbeddedKafka;
-use engine::sink::{ReceivedMail, SmtpSink};
 use engine::startup::Application;
 use engine::store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
+use testkit::smtp::{ReceivedMail, SmtpSink};
 
 pub const TOPIC: &str = "cdr";
 pub const ASTERISK_TOPIC: &str = "cdr-asterisk";
@@ -65,8 +65,6 @@ impl Harness {
             ("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000".to_owned()),
             ("CALLNOTIFY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS", "500".to_owned()),
             ("CALLNOTIFY__STORE__PATH", self.dir.path().join("store").display().to_string()),
-            ("CALLNOTIFY__SMTP__HOST", "127.0.0.1".to_owned()),
-            ("CALLNOTIFY__SMTP__PORT", self.sink.port().to_string()),
             ("CALLNOTIFY__SMTP__FROM", format!("着信お知らせメール <{FROM}>")),
             ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "20".to_owned()),
             ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "200".to_owned()),
@@ -74,6 +72,7 @@ impl Harness {
             ("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0".to_owned()),
         ]
         .into_iter()
+        .chain(self.sink.engine_env())
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -200,11 +199,7 @@ impl TestEngine {
 
     /// Polls until `done` holds; after [`WAIT`], fails saying `what`.
     async fn wait_until(&self, what: impl Fn() -> String, done: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while !done() {
-            assert!(tokio::time::Instant::now() < deadline, "{}", what());
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        testkit::wait::until(WAIT, what, done).await;
     }
 
     /// Stops the engine (draining, as on SIGTERM) and returns its final metrics: what
@@ -232,90 +227,14 @@ fn metric(metrics: &engine::telemetry::Metrics, series: &str) -> f64 {
     metrics.value(series).unwrap_or(0.0)
 }
 
-/// A subscriber's provisioning line (R-N1..R-N5 settings).
-pub struct Subscriber<'a> {
-    pub number: &'a str,
-    pub enabled: bool,
-    pub destinations: &'a [(&'a str, bool)],
-    pub designated_only: bool,
-    pub missed_only: bool,
-    pub designated: &'a [(&'a str, bool)],
-}
-
-impl<'a> Subscriber<'a> {
-    /// Started, every call to `destinations`, no send conditions: tests change the
-    /// fields their rule is about.
-    pub fn new(number: &'a str, destinations: &'a [(&'a str, bool)]) -> Self {
-        Self { number, enabled: true, destinations, designated_only: false, missed_only: false, designated: &[] }
-    }
-
-    pub fn line(&self) -> String {
-        let destinations: Vec<_> =
-            self.destinations.iter().map(|(a, send)| serde_json::json!({"address": a, "send": send})).collect();
-        let designated: Vec<_> =
-            self.designated.iter().map(|(n, on)| serde_json::json!({"number": n, "designate": on})).collect();
-        serde_json::json!({
-            "contract": self.number,
-            "numbers": [{
-                "number": self.number,
-                "services": ["call"],
-                "settings": {
-                    "enabled": self.enabled,
-                    "destinations": destinations,
-                    "designated_only": self.designated_only,
-                    "missed_only": self.missed_only,
-                    "designated": designated,
-                }
-            }]
-        })
-        .to_string()
-    }
-}
+pub use testkit::line::Subscriber;
 
 /// A subscriber with every call notified to `address`.
 pub fn plain_subscriber(number: &str, address: &str) -> String {
     Subscriber::new(number, &[(address, true)]).line()
 }
 
-/// When this test process's calls started: ten minutes before it began, in whole
-/// seconds, the same for every CDR (a CDR built twice is the same CDR, as the engine's
-/// dedup needs). Recent, because the engine notifies calls up to
-/// `engine.max_call_age_hours` old.
-pub fn call_start() -> DateTime<FixedOffset> {
-    static START: std::sync::LazyLock<DateTime<FixedOffset>> = std::sync::LazyLock::new(|| {
-        let now = DateTime::from_timestamp(Utc::now().timestamp() - 600, 0).expect("a time");
-        now.with_timezone(&FixedOffset::east_opt(9 * 3600).expect("JST"))
-    });
-    *START
-}
-
-/// A canonical CDR of a call at [`call_start`] lasting 31 s, answered after 5 s or not.
-pub fn cdr(call_id: &str, called: &str, caller: Option<&str>, presentation: &str, outcome: &str) -> String {
-    cdr_at(call_start(), call_id, called, caller, presentation, outcome)
-}
-
-/// [`cdr`] of a call that started at `start`.
-pub fn cdr_at(
-    start: DateTime<FixedOffset>,
-    call_id: &str,
-    called: &str,
-    caller: Option<&str>,
-    presentation: &str,
-    outcome: &str,
-) -> String {
-    let at = |secs| (start + TimeDelta::seconds(secs)).to_rfc3339();
-    serde_json::json!({
-        "call_id": call_id,
-        "called": called,
-        "caller": caller,
-        "presentation": presentation,
-        "started_at": at(0),
-        "answered_at": (outcome == "answered").then(|| at(5)),
-        "ended_at": at(31),
-        "outcome": outcome,
-    })
-    .to_string()
-}
+pub use testkit::cdr::{call_start, cdr, cdr_at};
 
 /// The mail's 着信日時 line for a call that started at `t` (R-M2): the date, the
 /// weekday and the time in Japan, as a subscriber reads them.

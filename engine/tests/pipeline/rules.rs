@@ -8,7 +8,7 @@ const CALLED: &str = "0312345678";
 const CONTROL: &str = "0698765432";
 const CONTROL_TO: &str = "control@example.jp";
 
-fn recipients(mails: &[engine::sink::ReceivedMail]) -> Vec<String> {
+fn recipients(mails: &[testkit::smtp::ReceivedMail]) -> Vec<String> {
     let mut r: Vec<String> = mails.iter().flat_map(|m| m.rcpt_to.clone()).collect();
     r.sort();
     r

@@ -1,8 +1,8 @@
 //! A small SMTP server (RFC 5321 subset) that receives the mails the engine sends.
 //!
 //! It speaks real SMTP over TCP, PIPELINING included, so that the production delivery
-//! path (the engine's pooled client) is exercised unchanged by the integration tests,
-//! the `demo` command and the load tester. Faults can be scripted per stage to test
+//! path (the engine's pooled client) is exercised unchanged by the tests and the load
+//! tester. Faults can be scripted per stage to test
 //! retry and bounce handling.
 
 use std::io;
@@ -20,6 +20,12 @@ use tokio::task::{JoinHandle, JoinSet};
 const MAX_COMMAND_LINE: usize = 1000;
 /// Advertised via SIZE; bounds the memory one message can take.
 const MAX_MESSAGE: usize = 50 * 1024 * 1024;
+
+/// The environment (README, configuration) that points an engine's mail client at a
+/// server on `addr`.
+pub fn engine_env(addr: SocketAddr) -> [(&'static str, String); 2] {
+    [("CALLNOTIFY__SMTP__HOST", addr.ip().to_string()), ("CALLNOTIFY__SMTP__PORT", addr.port().to_string())]
+}
 
 /// One mail accepted by the sink.
 #[derive(Debug, Clone)]
@@ -154,6 +160,11 @@ impl SmtpSink {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The environment that points an engine's mail client at this server.
+    pub fn engine_env(&self) -> [(&'static str, String); 2] {
+        engine_env(self.addr)
     }
 
     /// All mails accepted so far, in acceptance order (empty if `keep_mails` is off).

@@ -1,0 +1,20 @@
+//! What callnotify's tests and its load tester share, kept out of the product: the
+//! engine never depends on this crate (only its tests do).
+//!
+//! - [`smtp`]: a small SMTP server speaking real SMTP, which can refuse, stall or hang.
+//! - [`cdr`]: canonical CDRs of recent calls, as an exchange writes them.
+//! - [`line`]: a subscriber's provisioning line.
+//! - [`wait`]: polling with a deadline that says what never happened.
+//! - [`free_port`]: a loopback address nothing listens on.
+
+pub mod cdr;
+pub mod line;
+pub mod smtp;
+pub mod wait;
+
+use std::net::SocketAddr;
+
+/// A loopback address with a port the kernel just handed out and nothing holds now.
+pub fn free_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
