@@ -15,6 +15,20 @@ fn callnotify(store: &Path) -> Command {
     cmd
 }
 
+/// Every listener of `serve` on a port the kernel picks (the log names them).
+const FREE_LISTENERS: [(&str, &str); 3] = [
+    ("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0"),
+    ("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0"),
+    ("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0"),
+];
+
+/// `callnotify serve` in `dir`, on free ports, logging at info.
+fn serve_in(dir: &Path) -> Command {
+    let mut cmd = callnotify(&dir.join("store"));
+    cmd.arg("serve").current_dir(dir).envs(FREE_LISTENERS).env("RUST_LOG", "info");
+    cmd
+}
+
 /// How long a stopped `serve` or `demo` may take to exit: past the engine's own deadline
 /// (`engine.shutdown_grace_secs` 30 s, plus 15 s).
 const EXIT_LIMIT: Duration = Duration::from_secs(90);
@@ -155,15 +169,7 @@ fn r_l3_provision_import_of_100k_numbers_is_idempotent_and_reports_bad_lines() {
 #[test]
 fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut serve = Running::start(
-        callnotify(&dir.path().join("store"))
-            .arg("serve")
-            .current_dir(dir.path())
-            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-            .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
-            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info"),
-    );
+    let mut serve = Running::start(&mut serve_in(dir.path()));
     // The startup log names both endpoints (ports were 0).
     let (mut metrics, mut site, mut ivr) = (None, None, None);
     for l in serve.read_log_until(|l| l.contains("IVR API listening")) {
@@ -356,15 +362,7 @@ fn peak_rss(pid: u32) -> u64 {
 #[test]
 fn r_l3_an_upload_past_the_provisioning_limit_is_a_413_and_memory_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = Running::start(
-        callnotify(&dir.path().join("store"))
-            .arg("serve")
-            .current_dir(dir.path())
-            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-            .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
-            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info"),
-    );
+    let serve = Running::start(&mut serve_in(dir.path()));
     let metrics = serve
         .read_log_until(|l| l.contains("IVR API listening"))
         .iter()
@@ -406,25 +404,9 @@ fn r_l3_an_upload_past_the_provisioning_limit_is_a_413_and_memory_stays_bounded(
 #[test]
 fn a_second_serve_on_the_same_store_says_which_process_to_stop_and_errors_print_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let first = Running::start(
-        callnotify(&store)
-            .arg("serve")
-            .current_dir(dir.path())
-            .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-            .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
-            .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info"),
-    );
+    let first = Running::start(&mut serve_in(dir.path()));
     first.read_log_until(|l| l.contains("IVR API listening"));
-    let second = callnotify(&store)
-        .arg("serve")
-        .current_dir(dir.path())
-        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-        .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
-        .output()
-        .unwrap();
+    let second = serve_in(dir.path()).env("RUST_LOG", "warn").output().unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{stderr}");
     let error = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{stderr}"));
@@ -446,9 +428,7 @@ fn thousands_of_idle_and_half_sent_connections_leave_the_site_answering_a_login(
     cmd.args(["-c", "ulimit -n 1024 && exec \"$0\" serve", env!("CARGO_BIN_EXE_callnotify")])
         .current_dir(dir.path())
         .env("CALLNOTIFY__STORE__PATH", dir.path().join("store"))
-        .env("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0")
-        .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
-        .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+        .envs(FREE_LISTENERS)
         .env("RUST_LOG", "info");
     let mut serve = Running::start(&mut cmd);
     let (mut metrics, mut site) = (None, None);
