@@ -226,8 +226,8 @@ mod tests {
             enabled: true,
             destinations: vec![dest("on@example.jp", true), dest("off@example.jp", false)],
             designated: vec![
-                crate::store::Designated { number: number("09011112222"), designate: true },
-                crate::store::Designated { number: number("09033334444"), designate: false },
+                crate::store::Designated { number: number("09011112222"), designate: true, row: None },
+                crate::store::Designated { number: number("09033334444"), designate: false, row: None },
             ],
             ..Default::default()
         };

@@ -117,6 +117,10 @@ pub struct Designated {
     pub number: PhoneNumber,
     /// Only checked entries count.
     pub designate: bool,
+    /// The settings page's row (0-based) the subscriber entered it in, so it is shown
+    /// there again; `None` (provisioning, older records): the first free row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<u8>,
 }
 
 impl CallSettings {

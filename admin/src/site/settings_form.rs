@@ -54,6 +54,27 @@ impl RowErrors {
     }
 }
 
+/// The designated numbers in the rows they were entered in (R-N5's list keeps its
+/// order and its gaps); one without a row, or whose row is taken or out of range,
+/// goes to the first free row.
+fn placed_rows(designated: &[Designated]) -> Vec<Row> {
+    let mut rows = vec![Row::default(); MAX_DESIGNATED];
+    let row = |d: &Designated| Row { text: d.number.as_str().to_owned(), checked: d.designate };
+    let mut unplaced = Vec::new();
+    for d in designated.iter().take(MAX_DESIGNATED) {
+        match d.row.map(usize::from).filter(|&i| i < MAX_DESIGNATED && rows[i].text.is_empty()) {
+            Some(i) => rows[i] = row(d),
+            None => unplaced.push(d),
+        }
+    }
+    for d in unplaced {
+        if let Some(free) = rows.iter_mut().find(|r| r.text.is_empty()) {
+            *free = row(d);
+        }
+    }
+    rows
+}
+
 fn rows<T>(items: &[T], max: usize, row: impl Fn(&T) -> Row) -> Vec<Row> {
     let mut rows: Vec<Row> = items.iter().take(max).map(row).collect();
     rows.resize(max, Row::default());
@@ -71,10 +92,7 @@ impl Entered {
             }),
             designated_only: settings.designated_only,
             missed_only: settings.missed_only,
-            designated: rows(&settings.designated, MAX_DESIGNATED, |d| Row {
-                text: d.number.as_str().to_owned(),
-                checked: d.designate,
-            }),
+            designated: placed_rows(&settings.designated),
             version: Some(settings.version),
         }
     }
@@ -136,7 +154,7 @@ impl Entered {
                 Ok(number) if designated.iter().any(|d: &Designated| d.number == number) => {
                     errors.designated.insert(i, "同じ電話番号がすでに入力されています。".to_owned());
                 }
-                Ok(number) => designated.push(Designated { number, designate: row.checked }),
+                Ok(number) => designated.push(Designated { number, designate: row.checked, row: u8::try_from(i).ok() }),
                 Err(error) => {
                     errors.designated.insert(i, number_message(&error));
                 }

@@ -517,3 +517,27 @@ async fn r_n5_the_page_shows_the_designated_rows_in_use_and_three_empty_ones() {
     save(&app, &cookies, CONTRACT, &all[1..]).await;
     assert_eq!(rows(&get(&app, &path(CONTRACT), &cookies).await.body), 30, "never more than thirty");
 }
+
+/// R-N5: a designated number stays in the row it was entered in; the blank rows before
+/// it stay blank (saved rows used to move up to fill them).
+#[tokio::test]
+async fn r_n5_designated_numbers_keep_their_rows_across_blank_ones() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let saved =
+        save(&app, &cookies, CONTRACT, "designated_0=09011112222&designated_2=09033334444&designate_2=on").await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let page = get(&app, &path(CONTRACT), &cookies).await.body;
+    let value = |i: usize| {
+        let at = page.find(&format!("name=\"designated_{i}\"")).unwrap_or_else(|| panic!("row {i} shown:\n{page}"));
+        let tag = &page[page[..at].rfind('<').unwrap()..at + page[at..].find('>').unwrap()];
+        tag.split("value=\"").nth(1).map(|v| v.split('"').next().unwrap().to_owned()).unwrap_or_default()
+    };
+    assert_eq!(value(0), "09011112222");
+    assert_eq!(value(1), "", "the blank row stays blank");
+    assert_eq!(value(2), "09033334444");
+    assert!(
+        page.contains("name=\"designated_5\"") && !page.contains("name=\"designated_6\""),
+        "three empty rows after"
+    );
+}
