@@ -213,8 +213,18 @@ launch_node() {
       -Dkafka.console.level=ERROR -cp "$libs/*" kafka.Kafka "$node/server.properties" \
       </dev/null >>"$node/stdout" 2>&1
   ) &
-  echo $! >"$node/pid"
-  disown $! # no "Killed" job notice from bash when a start fails
+  local pid=$!
+  echo "$pid" >"$node/pid"
+  disown "$pid" # no "Killed" job notice from bash when a start fails
+  # Until the subshell has exec'd the JVM its command line is this script's, and
+  # node_pid (which looks for server.properties there) would take the node for gone:
+  # on a busy machine wait_serving then said "exited while starting" and the EXIT trap
+  # killed the JVM that had just started. Wait for the exec, or for the process to die.
+  for _ in $(seq 400); do
+    node_pid "$n" >/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.025
+  done
 }
 
 # Node N serves when this run of it logged "Kafka Server started" (KRaft logs it once the
