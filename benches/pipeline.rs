@@ -12,7 +12,7 @@ use engine::address::DestinationAddress;
 use engine::decode::{decode, CdrFormat};
 use engine::filter::decide;
 use engine::phone::PhoneNumber;
-use engine::pipeline::{classify, Now, Verdict};
+use engine::pipeline::{classify, Notify, Now, Verdict};
 use engine::render::Renderer;
 use engine::resolve::Resolver;
 use engine::store::Store;
@@ -130,7 +130,8 @@ fn stage_benches(c: &mut Criterion) {
     group.bench_function("matching_with_render", |b| {
         b.iter(|| {
             for p in &matching {
-                let Verdict::Notify { call, subscription } = classify(CdrFormat::Canonical, p, &resolver, at).unwrap()
+                let Verdict::Notify(Notify { call, subscription }) =
+                    classify(CdrFormat::Canonical, p, &resolver, at).unwrap()
                 else {
                     panic!("subscribed number not notified")
                 };

@@ -5,19 +5,22 @@
 //! sends a Japanese notification mail over SMTP to each checked destination. The rules
 //! are those of `shared/spec/SERVICE.md`; rule ids (R-xx) are cited where they apply.
 //!
-//! A CDR passes the stages in this order, each taking the previous one's value:
+//! A CDR passes the stages in this order, each taking the previous one's value; the
+//! consumer thread runs [`pipeline`], deliver runs on the tokio runtime:
 //!
 //! ```text
-//! source ─bytes→ decode ─CallEvent→ resolve ─Subscription→ filter ─Notify→ render ─Mail→ deliver
+//! source ─bytes→ ┌ pipeline ───────────────────────────────────────────────────────┐ ─Mails→ deliver
+//!                │ decode ─CallEvent→ resolve ─Subscription→ filter ─Notify→ render │
+//!                └──────────────────────────── dedup: Claims + sent records ────────┘
 //! ```
 //!
 //! # Layout
 //!
-//! - [`source`]: Kafka consumer on its own thread; in-order offset tracking.
+//! - [`source`]: Kafka consumer threads: offsets, backpressure, revocations, shutdown.
 //! - [`decode`]: message bytes → [`decode::CallEvent`], one module per CDR format.
 //! - [`resolve`]: called number → [`resolve::Subscription`], a moka cache over the store.
 //! - [`filter`]: the subscriber's send conditions (R-N1, R-N4..R-N7), a pure function.
-//! - [`pipeline`]: decode → resolve → filter for one CDR, shared by source and benches.
+//! - [`pipeline`]: one CDR through decode → resolve → filter → dedup → render: the mails to send.
 //! - [`render`]: the notification mail (R-M1, R-M2) with a replay-stable Message-ID.
 //! - [`deliver`]: SMTP (or an outbox directory), rate limits, retries.
 //! - [`dead_letter`]: records of undecodable CDRs and refused mails (R-M4).

@@ -18,6 +18,7 @@ use crate::deliver::Deliverer;
 use crate::disk::DiskWatch;
 use crate::embedded::EmbeddedKafka;
 use crate::ops;
+use crate::pipeline::{Claims, Pipeline};
 use crate::render::Renderer;
 use crate::resolve::Resolver;
 use crate::source::{self, Source, SourceOptions, Stages};
@@ -227,14 +228,19 @@ impl Application {
         let disk_watch = tokio::spawn(disk.clone().run());
 
         let stop = Arc::new(AtomicBool::new(false));
-        let stages = Stages {
+        let pipeline = Pipeline {
             resolver: resolver.clone(),
             renderer,
+            claims: Arc::new(Claims::new(store.clone())),
+            metrics: metrics.clone(),
+            max_call_age: chrono::TimeDelta::hours(settings.engine.max_call_age_hours as i64),
+        };
+        let stages = Stages {
+            pipeline,
             deliverer,
             dead_letters,
             metrics: metrics.clone(),
             runtime: tokio::runtime::Handle::current(),
-            max_call_age: chrono::TimeDelta::hours(settings.engine.max_call_age_hours as i64),
             disk,
         };
         let options = SourceOptions {

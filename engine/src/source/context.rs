@@ -7,13 +7,13 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dashmap::DashSet;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
-use crate::store::{SentKey, Store, StoreError};
+use crate::pipeline::Claims;
+use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// How long an assignment waits for the group's committed offsets (see `note_starts`).
@@ -28,8 +28,9 @@ pub struct SourceContext {
     pub(super) store: Store,
     pub(super) grace: Duration,
     pub(super) tracker: Mutex<Tracker>,
-    /// Dedup keys of the mails being sent by any of the engine's consumer threads.
-    pub(super) keys: Arc<DashSet<SentKey>>,
+    /// The pipeline's claims on mails being sent, released once a mail's sent record is
+    /// written.
+    pub(super) claims: Arc<Claims>,
     pub(super) completions: Mutex<Receiver<Completion>>,
     /// Tells delivery tasks to queue what they have not sent yet.
     pub(super) stopping: tokio::sync::watch::Sender<super::Stopping>,
@@ -148,7 +149,7 @@ impl SourceContext {
     /// their sent records) and moves its partition's offset if it may.
     fn apply(&self, c: Completion) {
         for key in &c.mails {
-            self.keys.remove(key);
+            self.claims.release(key);
         }
         self.tracker.lock().expect("tracker lock").completed((c.topic, c.partition), c.offset);
     }

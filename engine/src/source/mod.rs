@@ -29,7 +29,6 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dashmap::DashSet;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 
@@ -38,24 +37,20 @@ use self::offsets::{Completion, Tracker};
 use crate::dead_letter::DeadLetters;
 use crate::decode::CdrFormat;
 use crate::deliver::Deliverer;
-use crate::pipeline::{classify, Now, Verdict};
-use crate::render::Renderer;
-use crate::resolve::Resolver;
-use crate::store::{SentKey, StoreError};
+use crate::pipeline::{Mails, Outcome, Pipeline};
+use crate::store::StoreError;
 use crate::telemetry::Metrics;
 
 /// What the consumer thread hands work to.
 #[derive(Clone)]
 pub struct Stages {
-    pub resolver: Resolver,
-    pub renderer: Renderer,
+    /// Decode to render: what one CDR becomes.
+    pub pipeline: Pipeline,
     pub deliverer: Deliverer,
     pub dead_letters: DeadLetters,
     pub metrics: Metrics,
     /// Where delivery tasks run.
     pub runtime: tokio::runtime::Handle,
-    /// `engine.max_call_age_hours`: older calls are stale.
-    pub max_call_age: chrono::TimeDelta,
     /// While the store's disk is low, the consumers stay paused.
     pub disk: crate::disk::DiskWatch,
 }
@@ -168,9 +163,8 @@ fn start_thread(
 /// Starts `options.consumers` consumer threads; they run until `stop` is set, then finish
 /// in-flight work (up to the grace period), commit and return.
 pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) -> Result<Source, SourceError> {
-    // What the threads share: which mails are being sent (so a CDR read twice is sent
-    // once, whichever threads read it) and how many CDRs are in flight in all.
-    let keys = Arc::new(DashSet::new());
+    // What the threads share besides the pipeline's claims: how many CDRs are in
+    // flight in all.
     let total = Arc::new(AtomicUsize::new(0));
     stages.metrics.count_in_flight(total.clone());
     // Every consumer is created before any thread starts: one that cannot be leaves no
@@ -182,10 +176,10 @@ pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) 
             thread,
             metrics: stages.metrics.clone(),
             topics: options.topics.clone(),
-            store: stages.resolver.store().clone(),
+            store: stages.pipeline.resolver.store().clone(),
             grace: options.grace,
             tracker: Mutex::new(Tracker::new(total.clone())),
-            keys: keys.clone(),
+            claims: stages.pipeline.claims.clone(),
             completions: Mutex::new(rx),
             stopping: tokio::sync::watch::Sender::default(),
         };
@@ -313,7 +307,8 @@ fn run(
     Ok(())
 }
 
-/// One message through decode → resolve → filter → render, handing mails to a task.
+/// One message through the pipeline; its mails, if any, go to a delivery task, and its
+/// offset is tracked until that task reports back.
 fn handle(
     consumer: &BaseConsumer<SourceContext>,
     stages: &Stages,
@@ -330,18 +325,14 @@ fn handle(
     let tp = (topic, partition);
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
-    let now = Now { now: chrono::Utc::now(), max_age: stages.max_call_age };
-    let (call, subscription) = match classify(format, payload, &stages.resolver, now)? {
-        Verdict::Notify { call, subscription } => (call, subscription),
-        Verdict::Filtered(skip) => {
-            stages.metrics.decoded();
-            stages.metrics.filtered(skip);
+    let Mails { origin, mails } = match stages.pipeline.run(format, payload, chrono::Utc::now())? {
+        Outcome::Send(mails) => mails,
+        Outcome::Nothing => {
             let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
             ctx.note_skipped(tp, skipped);
             return Ok(());
         }
-        Verdict::Rejected(e) => {
-            stages.metrics.rejected(e.reason());
+        Outcome::Rejected(e) => {
             tracing::warn!(topic = message.topic(), partition, offset, error = %e, "CDR rejected; sent to dead letters");
             let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
             ctx.note_skipped(tp, skipped);
@@ -359,45 +350,8 @@ fn handle(
             return Ok(());
         }
     };
-    stages.metrics.decoded();
-    stages.metrics.notified();
-    let mut mails = Vec::with_capacity(subscription.recipients.len());
-    for recipient in &subscription.recipients {
-        let key = SentKey::new(call.ended_at.timestamp(), &call.called, &call.call_id, recipient.as_str());
-        // Claimed before the store is asked: a consumer thread that reads the same CDR
-        // meanwhile finds the claim; one that reads it later finds the sent record,
-        // which is written before the claim is let go.
-        if !ctx.keys.insert(key.clone()) {
-            stages.metrics.duplicate();
-            continue;
-        }
-        match ctx.store.was_sent(&key) {
-            Ok(false) => {}
-            sent => {
-                ctx.keys.remove(&key);
-                sent?;
-                stages.metrics.duplicate();
-                continue;
-            }
-        }
-        match stages.renderer.render(&call, recipient) {
-            Ok(mail) => mails.push((key, mail)),
-            Err(e) => {
-                ctx.keys.remove(&key);
-                stages.metrics.failed(crate::telemetry::Failure::Render);
-                tracing::error!(call_id = %call.call_id, %recipient, error = %e, "mail could not be rendered");
-            }
-        }
-    }
-    if mails.is_empty() {
-        let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
-        ctx.note_skipped(tp, skipped);
-        return Ok(());
-    }
     let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
     ctx.note_skipped(tp, skipped);
-    let origin =
-        crate::render::Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
     let (deliverer, tx, cancel) = (stages.deliverer.clone(), tx.clone(), Cancel { stopping: stopping.clone(), tp });
     stages.runtime.spawn(async move {
         let mut done = Vec::with_capacity(mails.len());
