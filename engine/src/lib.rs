@@ -11,7 +11,7 @@
 //! ```text
 //! source ─bytes→ ┌ pipeline ───────────────────────────────────────────────────────┐ ─Mails→ deliver
 //!                │ decode ─CallEvent→ resolve ─Subscription→ filter ─Notify→ render │
-//!                └──────────────────────────── dedup: Claims + sent records ────────┘
+//!                └──────────────────────────── dedup: store::sent ──────────────────┘
 //! ```
 //!
 //! # Layout
@@ -24,7 +24,9 @@
 //! - [`render`]: the notification mail (R-M1, R-M2) with a replay-stable Message-ID.
 //! - [`deliver`]: SMTP (or an outbox directory), rate limits, retries.
 //! - [`dead_letter`]: records of undecodable CDRs and refused mails (R-M4).
-//! - [`store`]: sled trees for lines, numbers and their settings, and sent records.
+//! - [`store`]: sled trees: lines, numbers and their settings ([`store::records`],
+//!   [`store::subscribers`]), and the sent records that make each mail go out once
+//!   ([`store::sent`]: key, claim, record, prune, journal).
 //! - [`disk`]: free space on the store's file system; consumers pause when it is low.
 //! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.

@@ -6,13 +6,12 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use dashmap::DashSet;
 
 use crate::decode::{check_times, decode, CallEvent, CdrFormat, DecodeError};
 use crate::filter::{decide, Skip};
 use crate::render::{Mail, Origin, Renderer};
 use crate::resolve::{Resolver, Subscription};
-use crate::store::{SentKey, Store, StoreError};
+use crate::store::{Claims, SentKey, StoreError};
 use crate::telemetry::{Failure, Metrics};
 
 /// What filter hands render: a call to notify and the subscription whose checked
@@ -89,41 +88,6 @@ pub enum Outcome {
     Send(Mails),
 }
 
-/// The dedup step's memory of mails being sent now, by sent-record key, shared by every
-/// consumer thread. With the store's sent records it makes a mail go out once, however
-/// often its CDR is read: a thread that reads the same CDR while the mail is on its way
-/// finds the claim; one that reads it later finds the sent record, which is written
-/// before the claim is released.
-pub struct Claims {
-    sending: DashSet<SentKey>,
-    store: Store,
-}
-
-impl Claims {
-    pub fn new(store: Store) -> Self {
-        Self { sending: DashSet::new(), store }
-    }
-
-    /// Claims `key`'s mail for sending: `false` if it is being sent or was sent.
-    pub fn claim(&self, key: &SentKey) -> Result<bool, StoreError> {
-        if !self.sending.insert(key.clone()) {
-            return Ok(false);
-        }
-        match self.store.was_sent(key) {
-            Ok(false) => Ok(true),
-            sent => {
-                self.sending.remove(key);
-                sent.map(|_| false)
-            }
-        }
-    }
-
-    /// Lets `key` go: its sent record is written, or its mail was given up.
-    pub fn release(&self, key: &SentKey) {
-        self.sending.remove(key);
-    }
-}
-
 /// The stages the consumer thread runs; cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
@@ -187,30 +151,5 @@ impl Pipeline {
         }
         let origin = Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
         Ok(Mails { origin, mails })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::phone::PhoneNumber;
-
-    /// R-M4's "once": a mail is claimed by one reader of its CDR at a time, may be
-    /// claimed again if it was let go without a sent record, and never once its record
-    /// is written.
-    #[tokio::test]
-    async fn a_mail_is_claimed_once_and_never_again_after_its_record_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("store")).unwrap();
-        let claims = Claims::new(store.clone());
-        let key = SentKey::new(1_764_000_000, &PhoneNumber::parse("0312345678").unwrap(), "c-1", "taro@example.jp");
-
-        assert!(claims.claim(&key).unwrap());
-        assert!(!claims.claim(&key).unwrap(), "a second reader while it is being sent");
-        claims.release(&key);
-        assert!(claims.claim(&key).unwrap(), "let go without a record: it may still be sent");
-        store.record_sent(&key, 1_764_000_100).await.unwrap();
-        claims.release(&key);
-        assert!(!claims.claim(&key).unwrap(), "its record is written: never again");
     }
 }

@@ -18,60 +18,13 @@ use crate::deliver::Deliverer;
 use crate::disk::DiskWatch;
 use crate::embedded::EmbeddedKafka;
 use crate::ops;
-use crate::pipeline::{Claims, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::render::Renderer;
 use crate::resolve::Resolver;
 use crate::source::{self, Source, SourceOptions, Stages};
+use crate::store::Claims;
 use crate::store::Store;
 use crate::telemetry::Metrics;
-
-/// Every hour, forgets sent-mail records older than the retention window, a slice at a
-/// time on a blocking thread with a pause after each, so even millions of records
-/// never take more than a sliver of a core.
-async fn prune_sent_records(store: Store, retention_days: u64) {
-    const SLICE: usize = 1_000;
-    let mut every = tokio::time::interval(Duration::from_secs(3600));
-    loop {
-        every.tick().await;
-        let cutoff = (chrono::Utc::now().timestamp().max(0) as u64).saturating_sub(retention_days * 86_400);
-        let current = sweep(&store, (), move |store, ()| {
-            store.prune_sent(cutoff, SLICE).map(|(n, more)| (n, more.then_some(())))
-        });
-        // Records of the earlier key layout, until there are none.
-        let legacy = sweep(&store, None, move |store, after: Option<Vec<u8>>| {
-            store.prune_legacy_sent(cutoff, after.as_deref(), SLICE).map(|(n, next)| (n, next.map(Some)))
-        });
-        match (current.await, legacy.await) {
-            (Ok(pruned), Ok(legacy)) => {
-                tracing::info!(pruned = pruned + legacy, retention_days, "old sent-mail records pruned")
-            }
-            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "pruning sent-mail records failed; will try again"),
-        }
-    }
-}
-
-/// Calls `slice` with `state` on a blocking thread until it returns no next state,
-/// pausing 20 ms between calls; returns how many records it removed in all.
-async fn sweep<S: Send + 'static>(
-    store: &Store,
-    mut state: S,
-    slice: impl Fn(&Store, S) -> Result<(usize, Option<S>), crate::store::StoreError> + Clone + Send + 'static,
-) -> Result<usize, String> {
-    let mut total = 0;
-    loop {
-        let (store, slice) = (store.clone(), slice.clone());
-        let (n, next) = tokio::task::spawn_blocking(move || slice(&store, state))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        total += n;
-        match next {
-            Some(next) => state = next,
-            None => return Ok(total),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// librdkafka's `message.timeout.ms` for dead-letter writes (see `DeadLetters`).
 const DEAD_LETTER_TIMEOUT_MS: &str = "5000";
@@ -224,7 +177,7 @@ impl Application {
             .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
         tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "metrics endpoint listening");
 
-        let pruner = tokio::spawn(prune_sent_records(store.clone(), settings.store.sent_retention_days));
+        let pruner = tokio::spawn(crate::store::sent::prune_hourly(store.clone(), settings.store.sent_retention_days));
         let disk_watch = tokio::spawn(disk.clone().run());
 
         let stop = Arc::new(AtomicBool::new(false));

@@ -136,7 +136,7 @@ impl RetryQueue {
         let key = entry.sent_key()?;
         let slot = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry)?;
-        let handled = crate::store::handled_key(now_secs, key.as_bytes());
+        let handled = crate::store::sent::handled_key(now_secs, key.as_bytes());
         let new = (&self.retry, &self.sent.by_key, &self.sent.by_handled)
             .transaction(|(retry, sent, by_handled)| {
                 let before = retry.insert(slot.0.as_slice(), value.as_slice())?;

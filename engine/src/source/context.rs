@@ -12,7 +12,7 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
-use crate::pipeline::Claims;
+use crate::store::Claims;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 

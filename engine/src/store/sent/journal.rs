@@ -19,12 +19,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Journal size at which the database is flushed and the journal emptied.
-pub(super) const CHECKPOINT_BYTES: u64 = 1 << 20;
+pub(in crate::store) const CHECKPOINT_BYTES: u64 = 1 << 20;
 
 /// The journal's file in the store's directory (sled leaves names it does not use alone).
 const FILE_NAME: &str = "sent.journal";
 
-pub(super) struct Journal {
+pub(in crate::store) struct Journal {
     path: PathBuf,
     state: Mutex<State>,
 }
@@ -39,7 +39,7 @@ struct State {
 }
 
 /// What a commit made durable, and how.
-pub(super) enum Commit {
+pub(in crate::store) enum Commit {
     /// Appended and synced; the database need not be flushed.
     Appended,
     /// Flush the database, then call [`Journal::emptied`].
@@ -49,7 +49,11 @@ pub(super) enum Commit {
 impl Journal {
     /// Opens the journal in `dir`, puts every whole record it holds into `sent`, flushes
     /// the database and empties the journal.
-    pub(super) fn open(dir: &Path, db: &sled::Db, sent: &super::SentTrees) -> Result<Self, super::StoreError> {
+    pub(in crate::store) fn open(
+        dir: &Path,
+        db: &sled::Db,
+        sent: &super::SentTrees,
+    ) -> Result<Self, super::StoreError> {
         let path = dir.join(FILE_NAME);
         let io = |e: std::io::Error| super::StoreError::Journal { path: path.clone(), source: e };
         let mut file = std::fs::OpenOptions::new().create(true).read(true).append(true).open(&path).map_err(io)?;
@@ -78,7 +82,7 @@ impl Journal {
     /// Appends `records` (encoded by [`encode`]) and syncs them, or says the database
     /// must be flushed instead: the journal is due for a checkpoint, or cannot be
     /// written.
-    pub(super) fn commit(&self, records: &[u8]) -> Commit {
+    pub(in crate::store) fn commit(&self, records: &[u8]) -> Commit {
         let mut state = self.state.lock().expect("journal lock");
         if state.torn || state.len + records.len() as u64 > CHECKPOINT_BYTES {
             return Commit::FlushDatabase;
@@ -98,7 +102,7 @@ impl Journal {
     }
 
     /// The database was flushed after every record appended so far: start again, empty.
-    pub(super) fn emptied(&self) {
+    pub(in crate::store) fn emptied(&self) {
         let mut state = self.state.lock().expect("journal lock");
         if state.len == 0 && !state.torn {
             return;
@@ -117,7 +121,7 @@ impl Journal {
 }
 
 /// Appends one record to `out`.
-pub(super) fn encode(out: &mut Vec<u8>, key: &[u8], at: u64) {
+pub(in crate::store) fn encode(out: &mut Vec<u8>, key: &[u8], at: u64) {
     let start = out.len();
     out.extend_from_slice(&(key.len() as u16).to_le_bytes());
     out.extend_from_slice(key);

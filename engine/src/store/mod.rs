@@ -1,0 +1,304 @@
+//! The subscription store: lines, numbers and their call-notification settings, and the
+//! record of mails already sent, in sled.
+//!
+//! - [`records`]: what is stored for a line and a number (R-L1, R-N1..R-N5).
+//! - [`subscribers`]: reading and writing lines, numbers and settings; listeners.
+//! - [`sent`]: the sent records that make each mail go out once (key, claim, record,
+//!   prune, journal).
+//! - here: opening the store, its errors, and the group commit that makes writes
+//!   durable.
+//!
+//! Trees:
+//! - `lines`: contract number → [`LineRecord`] (R-L1).
+//! - `numbers`: phone number → [`NumberRecord`], the settings of R-N1..R-N5.
+//! - `sent_by_call_end`: call end (unix seconds, big-endian) `called \0 call_id \0
+//!   recipient` → unix seconds when the mail was handled (accepted, queued or refused);
+//!   a replayed CDR finds its mails here and sends nothing again. Keys in call-time
+//!   order keep the lookups and inserts of live traffic on the few most recent pages
+//!   however large the tree grows.
+//! - `sent_by_handled`: unix seconds handled (big-endian) followed by the record's key →
+//!   nothing: the same records in the order they were handled, which the pruner walks
+//!   from the front. A record lives `store.sent_retention_days` from when its mail was
+//!   handled, whatever the call's time: a backlog of old calls read today is remembered
+//!   as long as today's calls.
+//! - `sent`: the same without the call end, as written before; still consulted until
+//!   the pruner has emptied it.
+//!
+//! Every write of a number's record tells the registered listeners (the resolve stage's
+//! cache) at once, so the very next CDR sees the new settings.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use crate::phone::PhoneNumber;
+
+pub mod records;
+pub mod sent;
+pub mod subscribers;
+
+pub use records::*;
+pub(crate) use sent::SentTrees;
+pub use sent::{Claims, SentKey};
+pub use subscribers::{Upserted, CREDENTIALS_TREE};
+
+use sent::journal::{self, Commit, Journal};
+use subscribers::Listener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("the sent journal {path} cannot be used: {source}")]
+    Journal { path: std::path::PathBuf, source: std::io::Error },
+    #[error("store record is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    /// More destinations or designated numbers than R-N2 or R-N5 allow.
+    #[error("at most {max} {what}, {given} given")]
+    TooMany { what: &'static str, max: usize, given: usize },
+    #[error("the store flusher thread has stopped")]
+    FlusherStopped,
+    #[error("store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A queued mail whose called number no longer parses (a damaged entry).
+    #[error("queued mail for an invalid number: {0}")]
+    QueuedNumber(#[from] crate::phone::PhoneNumberError),
+    #[error("the settings were changed by another save (version {current}); reload and try again")]
+    StaleVersion { current: u64 },
+    #[error("no such number: {0}")]
+    UnknownNumber(PhoneNumber),
+}
+
+/// Handle to the store; cheap to clone, shared by every stage and the admin site.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    lines: sled::Tree,
+    numbers: sled::Tree,
+    /// The settings site's credentials by login number (the admin crate reads and writes
+    /// them): a number that leaves its line loses its credential in the same write.
+    credentials: sled::Tree,
+    sent: SentTrees,
+    /// Sent records of the earlier key layout, while any remain (see the module docs).
+    legacy_sent: Option<(sled::Tree, Arc<std::sync::atomic::AtomicBool>)>,
+    /// Told of every number whose record changed, right after the write.
+    listeners: Arc<RwLock<Vec<Listener>>>,
+    /// Group commit for [`Store::flush`].
+    flusher: Arc<Flusher>,
+    /// Where sent records are made durable between flushes; none for a temporary store.
+    journal: Option<Arc<Journal>>,
+}
+
+/// One thread that writes sent records and makes them durable for every async caller,
+/// so a thousand mails finishing together cost one append to the sent journal (or one
+/// flush), not a thousand, and no thread hop of their own. (sled's own `flush_async`
+/// runs each call on sled's small I/O thread pool, where enough concurrent calls occupy
+/// every thread waiting for a write that needs a thread of that same pool: a deadlock.)
+struct Flusher {
+    /// Each request carries a handle to the database, so the thread holds none between
+    /// requests and a dropped store closes. The thread ends with the last sender.
+    requests: std::sync::mpsc::Sender<FlushRequest>,
+    /// The shortest time between the starts of two flushes, in ms
+    /// (`store.group_commit_ms`).
+    every_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// `store.group_commit_ms` unless set.
+const DEFAULT_GROUP_COMMIT_MS: u64 = 0;
+
+struct FlushRequest {
+    db: sled::Db,
+    journal: Option<Arc<Journal>>,
+    /// A sent record to write before the flush: (trees, key, unix seconds).
+    write: Option<(SentTrees, SentKey, u64)>,
+    done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+}
+
+impl Flusher {
+    fn start() -> Arc<Self> {
+        let (requests, incoming) = std::sync::mpsc::channel::<FlushRequest>();
+        let every_ms = Arc::new(std::sync::atomic::AtomicU64::new(DEFAULT_GROUP_COMMIT_MS));
+        let every = every_ms.clone();
+        std::thread::Builder::new()
+            .name("store-flusher".into())
+            .spawn(move || {
+                let (mut batch, mut answers, mut records) = (Vec::new(), Vec::new(), Vec::new());
+                let mut last_flush: Option<std::time::Instant> = None;
+                while let Ok(first) = incoming.recv() {
+                    // Under load, requests gather until `every` after the last flush
+                    // began: fewer, larger flushes. An idle store flushes at once.
+                    let gap = std::time::Duration::from_millis(every.load(std::sync::atomic::Ordering::Relaxed));
+                    if let Some(last) = last_flush.filter(|_| !gap.is_zero()) {
+                        std::thread::sleep(gap.saturating_sub(last.elapsed()));
+                    }
+                    last_flush = Some(std::time::Instant::now());
+                    batch.push(first);
+                    batch.extend(incoming.try_iter());
+                    // Writes first, then one flush that covers them and every write
+                    // the callers did before asking. Every handle on the database is
+                    // dropped before anyone is answered, so a caller may close and
+                    // reopen the store at once.
+                    // A batch of sent records only is appended to the journal; a
+                    // plain flush request (retry queue entries) flushes the database.
+                    let (mut db, mut journal, mut flush_db) = (None, None, false);
+                    records.clear();
+                    for FlushRequest { db: handle, journal: log, write, done } in batch.drain(..) {
+                        let written = match write {
+                            Some((trees, key, at)) => {
+                                let inserted = trees.insert(key.as_bytes(), at);
+                                journal::encode(&mut records, key.as_bytes(), at);
+                                inserted
+                            }
+                            None => {
+                                flush_db = true;
+                                Ok(())
+                            }
+                        };
+                        db.get_or_insert(handle);
+                        journal = journal.or(log);
+                        answers.push((done, written.map_err(StoreError::from)));
+                    }
+                    if let Some(db) = db {
+                        let appended = match &journal {
+                            Some(journal) if !flush_db => matches!(journal.commit(&records), Commit::Appended),
+                            _ => false,
+                        };
+                        if !appended {
+                            while let Err(e) = db.flush() {
+                                tracing::error!(error = %e, "store flush failed; retrying");
+                                std::thread::sleep(std::time::Duration::from_millis(100));
+                            }
+                            if let Some(journal) = &journal {
+                                journal.emptied();
+                            }
+                        }
+                    }
+                    for (done, result) in answers.drain(..) {
+                        let _ = done.send(result);
+                    }
+                }
+            })
+            .expect("spawning the store flusher");
+        Arc::new(Self { requests, every_ms })
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` with sled's page cache at 64 MiB.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, 64 << 20)
+    }
+
+    /// Opens (or creates) the store at `path`; sled keeps at most `cache_bytes` of pages
+    /// in memory (its own default, 1 GiB, would dwarf the rest of the engine).
+    pub fn open_with_cache(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Self::from_db(sled::Config::new().path(path).cache_capacity(cache_bytes).open()?, Some(path))
+    }
+
+    /// A store that lives in memory and vanishes when dropped (tests, benches).
+    pub fn temporary() -> Result<Self, StoreError> {
+        Self::from_db(sled::Config::new().temporary(true).open()?, None)
+    }
+
+    /// `dir`: the store's directory, for the sent journal (`None`: a temporary store).
+    fn from_db(db: sled::Db, dir: Option<&Path>) -> Result<Self, StoreError> {
+        let sent = SentTrees::open(&db)?;
+        let journal = dir.map(|dir| Journal::open(dir, &db, &sent)).transpose()?.map(Arc::new);
+        sent.index_once(&db)?;
+        Ok(Self {
+            lines: db.open_tree("lines")?,
+            numbers: db.open_tree("numbers")?,
+            credentials: db.open_tree(CREDENTIALS_TREE)?,
+            sent,
+            legacy_sent: sent::legacy_sent(&db)?,
+            db,
+            listeners: Arc::default(),
+            flusher: Flusher::start(),
+            journal,
+        })
+    }
+
+    /// A tree of the same database for another part of the product (the settings
+    /// site's credentials and sessions), so one store holds all state.
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Makes every write so far durable, from a thread that may block.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Sets the shortest time between two group flushes (`store.group_commit_ms`).
+    pub fn set_group_commit(&self, every: std::time::Duration) {
+        self.flusher.every_ms.store(every.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Makes every write so far durable; concurrent callers share one flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.group_commit(None).await
+    }
+
+    pub(super) async fn group_commit(&self, write: Option<(SentTrees, SentKey, u64)>) -> Result<(), StoreError> {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let request = FlushRequest { db: self.db.clone(), journal: self.journal.clone(), write, done };
+        if self.flusher.requests.send(request).is_err() {
+            return Err(StoreError::FlusherStopped);
+        }
+        finished.await.unwrap_or(Err(StoreError::FlusherStopped))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Opens a store whose previous handle was just dropped. sled's own background
+    /// flusher holds the file lock until its next tick, so a lock error is waited out.
+    pub(crate) fn open_again(path: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(path) {
+                Ok(store) => return store,
+                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("the store must open again: {e}"),
+            }
+        }
+    }
+
+    /// Many mails finishing at once each record and flush their sent record (and retry
+    /// queue entries ask for plain flushes): sled's own `flush_async` deadlocked under
+    /// this (its I/O pool filled with waiting flushes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hundreds_of_concurrent_flushes_all_complete_and_persist_their_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let key = SentKey::new(1_764_000_000, &called, &format!("c-{i}"), "a@example.jp");
+                    store.record_sent(&key, 1).await.unwrap();
+                    if i % 3 == 0 {
+                        store.flush().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let all = async {
+            for task in tasks {
+                task.await.unwrap();
+            }
+        };
+        // A guard against a hang, not a speed target.
+        tokio::time::timeout(std::time::Duration::from_secs(60), all).await.expect("every flush completes");
+        drop(store);
+        let reopened = open_again(dir.path());
+        assert!((0..300).all(|i| reopened
+            .was_sent(&SentKey::new(1_764_000_000, &called, &format!("c-{i}"), "a@example.jp"))
+            .unwrap()));
+    }
+}

@@ -1,0 +1,119 @@
+//! What the store holds for a line and a number: the records of R-L1 and the settings
+//! of R-N1..R-N5, and their limits.
+
+use crate::address::DestinationAddress;
+use crate::phone::PhoneNumber;
+
+use super::StoreError;
+
+/// 送信先 limit (R-N2).
+pub const MAX_DESTINATIONS: usize = 5;
+/// お知らせ対象電話番号 limit (R-N5).
+pub const MAX_DESIGNATED: usize = 30;
+
+/// 認証単位 (authentication unit) of a line (R-A1..R-A3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthUnit {
+    Line,
+    Number,
+    AdminUser,
+}
+
+/// 回線 (line): a contract number and its additional numbers (R-L1).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LineRecord {
+    /// 契約番号: the number the contract and, for unit `line`, the login are under.
+    pub contract: PhoneNumber,
+    /// Every number of the line, the contract number included.
+    pub numbers: Vec<PhoneNumber>,
+    /// How subscribers of this line log in; `None` until set by phone (R-I7).
+    #[serde(default)]
+    pub unit: Option<AuthUnit>,
+}
+
+/// Which notification services a number has contracted (R-C1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Services {
+    /// 着信お知らせメール.
+    pub call: bool,
+    /// FAXお知らせメール.
+    pub fax: bool,
+}
+
+/// One phone number and its call-notification settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NumberRecord {
+    pub number: PhoneNumber,
+    /// The line's contract number, to find the line from a number.
+    pub contract: PhoneNumber,
+    pub services: Services,
+    pub call: CallSettings,
+}
+
+/// 着信お知らせメール settings of one number (R-N1..R-N5).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallSettings {
+    /// 開始 (true) / 停止 (false), R-N1. Off until the subscriber starts the service.
+    #[serde(default)]
+    pub enabled: bool,
+    /// 送信先メールアドレス, at most [`MAX_DESTINATIONS`] (R-N2).
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    /// 指定した電話番号からの着信のみ (R-N4).
+    #[serde(default)]
+    pub designated_only: bool,
+    /// 応答できなかった着信のみ (R-N4).
+    #[serde(default)]
+    pub missed_only: bool,
+    /// お知らせ対象電話番号, at most [`MAX_DESIGNATED`] (R-N5).
+    #[serde(default)]
+    pub designated: Vec<Designated>,
+    /// Bumped by every save, so a save from a stale form can be refused (R-S9).
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// 送信先: an address and its 送信 check (R-N2).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Destination {
+    pub address: DestinationAddress,
+    /// Only checked addresses receive notifications.
+    pub send: bool,
+}
+
+/// お知らせ対象電話番号: a number and its 指定 check (R-N5).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Designated {
+    pub number: PhoneNumber,
+    /// Only checked entries count.
+    pub designate: bool,
+    /// The settings page's row (0-based) the subscriber entered it in, so it is shown
+    /// there again; `None` (provisioning, older records): the first free row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row: Option<u8>,
+}
+
+impl CallSettings {
+    /// Checks the limits of R-N2 and R-N5.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.destinations.len() > MAX_DESTINATIONS {
+            return Err(StoreError::TooMany {
+                what: "destination addresses",
+                max: MAX_DESTINATIONS,
+                given: self.destinations.len(),
+            });
+        }
+        if self.designated.len() > MAX_DESIGNATED {
+            return Err(StoreError::TooMany {
+                what: "designated numbers",
+                max: MAX_DESIGNATED,
+                given: self.designated.len(),
+            });
+        }
+        Ok(())
+    }
+}
