@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use engine::config::Settings;
 use engine::phone::PhoneNumber;
 use engine::startup::Application;
+use tokio_util::sync::CancellationToken;
 
 /// mimalloc returns freed memory to the system far better than glibc's per-thread
 /// arenas under this mix of threads (librdkafka, tokio, the consumer thread): measured
@@ -141,17 +142,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The engine with the admin server beside it, both stopped by one signal.
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
-    });
-    let until_stopped = move || {
-        let mut stopped = stopped.clone();
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
         async move {
-            let _ = stopped.wait_for(|s| *s).await;
+            shutdown_signal().await;
+            stop.cancel();
         }
-    };
+    });
     let app = Application::build(settings.clone()).await?;
     let clock = admin::clock::SystemClock::shared();
     let test_mailer = engine::deliver::TestMailer::new(&settings.smtp)?;
@@ -160,12 +158,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         app.store().clone(),
         clock,
         Some(std::sync::Arc::new(test_mailer)),
-        &until_stopped,
+        stop.clone(),
     )
     .await?;
     tracing::info!(url = %format!("{}/login", servers.site_url), "settings site listening");
     tracing::info!(url = %format!("http://{}/ivr/calls", servers.ivr), "IVR API listening");
-    app.run_until_stopped(until_stopped()).await?;
+    app.run_until_stopped(stop.cancelled()).await?;
     servers.wait().await;
     Ok(())
 }

@@ -3,7 +3,6 @@
 //! address of its own, since the API trusts the caller ID it is sent and must never be
 //! reachable where the site is.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,6 +11,8 @@ use engine::config::AdminSettings;
 use engine::deliver::TestMailer;
 use engine::http::Guarded;
 use engine::store::Store;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::clock::SharedClock;
 use crate::credentials::{CredentialError, Credentials};
@@ -37,32 +38,29 @@ pub struct Servers {
     /// The site's address as subscribers' browsers open it: `https://` when it serves
     /// TLS itself.
     pub site_url: String,
-    tasks: [tokio::task::JoinHandle<()>; 2],
+    tasks: TaskTracker,
 }
 
 impl Servers {
     /// Waits until both have shut down.
     pub async fn wait(self) {
-        for task in self.tasks {
-            let _ = task.await;
-        }
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
 /// Binds the site on `admin.listen` (over TLS with `admin.tls_cert` and
 /// `admin.tls_key`) and the IVR API on `admin.ivr_listen`, and serves both until
-/// `shutdown()` completes (called once per server). `test_mailer` sends the site's
+/// `shutdown` is cancelled. `test_mailer` sends the site's
 /// 送信テスト mails (R-N2); without one the site says they are not available.
-pub async fn serve<F>(
+pub async fn serve(
     admin: &AdminSettings,
     store: Store,
     clock: SharedClock,
     test_mailer: Option<Arc<TestMailer>>,
-    shutdown: impl Fn() -> F,
-) -> Result<Servers, ServerError>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
+    shutdown: CancellationToken,
+) -> Result<Servers, ServerError> {
+    let tasks = TaskTracker::new();
     let tls_config = match (&admin.tls_cert, &admin.tls_key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key).await?),
         _ => None,
@@ -78,21 +76,25 @@ where
 
     let (site_listener, site) = bind("admin.listen", admin.listen).await?;
     let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen");
-    let (site_url, site_task) = match tls_config {
+    let site_url = match tls_config {
         Some(config) => {
             let listener = TlsListener::new(site_listener, config).map_err(|source| ServerError::Bind {
                 key: "admin.listen",
                 addr: admin.listen,
                 source,
             })?;
-            (format!("https://{site}"), spawn("admin.listen", listener, site_app, shutdown()))
+            spawn(&tasks, "admin.listen", listener, site_app, shutdown.clone());
+            format!("https://{site}")
         }
-        None => (format!("http://{site}"), spawn("admin.listen", site_listener, site_app, shutdown())),
+        None => {
+            spawn(&tasks, "admin.listen", site_listener, site_app, shutdown.clone());
+            format!("http://{site}")
+        }
     };
     let (ivr_listener, ivr) = bind("admin.ivr_listen", admin.ivr_listen).await?;
     let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen");
-    let ivr_task = spawn("admin.ivr_listen", ivr_listener, ivr_app, shutdown());
-    Ok(Servers { site, ivr, site_url, tasks: [site_task, ivr_task] })
+    spawn(&tasks, "admin.ivr_listen", ivr_listener, ivr_app, shutdown);
+    Ok(Servers { site, ivr, site_url, tasks })
 }
 
 macro_rules! peer_of {
@@ -115,21 +117,17 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpLis
     Ok((listener, local))
 }
 
-fn spawn<L>(
-    key: &'static str,
-    listener: L,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> tokio::task::JoinHandle<()>
+/// Serves `app` on `listener`, on a task of `tasks`, until `shutdown` is cancelled.
+fn spawn<L>(tasks: &TaskTracker, key: &'static str, listener: L, app: Router, shutdown: CancellationToken)
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
     Peer: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         // The peer's address reaches the handlers: the login throttle counts by it.
         let app = app.into_make_service_with_connect_info::<Peer>();
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
             tracing::error!(error = %e, server = key, "admin server stopped");
         }
-    })
+    });
 }

@@ -9,7 +9,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::decode::CdrFormat;
 use crate::render::{Mail, Origin};
-use crate::telemetry::Metrics;
+use crate::telemetry::{ErrorEvent, Metrics};
 
 /// Writes dead-letter records: undecodable CDRs and mails refused for good. Each is
 /// retried until the broker takes it, since the CDR's offset waits for it. A write the
@@ -81,7 +81,14 @@ impl DeadLetters {
                 }
                 Err((e, _)) => {
                     self.metrics.dead_letter_write_failed(mail);
-                    tracing::error!(topic = %self.topic, error = %e, retry_in = ?delay, "dead-letter record not written yet; its CDR stays uncommitted until it is");
+                    crate::error_event!(
+                        self.metrics,
+                        ErrorEvent::DeadLetterWrite,
+                        topic = %self.topic,
+                        error = %e,
+                        retry_in = ?delay,
+                        "dead-letter record not written yet; its CDR stays uncommitted until it is"
+                    );
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }

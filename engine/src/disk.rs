@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::telemetry::Metrics;
+use crate::telemetry::{ErrorEvent, Metrics};
 
 /// How often the free space is looked at.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -75,7 +75,9 @@ impl DiskWatch {
         let was = inner.low.swap(low, Ordering::AcqRel);
         inner.metrics.store_disk_low(low);
         match (&reason, was) {
-            (Some(why), false) => tracing::error!(reason = %why, "consumers pause: the store's disk is low"),
+            (Some(why), false) => {
+                crate::error_event!(inner.metrics, ErrorEvent::DiskLow, reason = %why, "consumers pause: the store's disk is low")
+            }
             (None, true) => tracing::info!("the store's disk has room again: consumers read on"),
             _ => {}
         }
@@ -92,11 +94,14 @@ impl DiskWatch {
         self.inner.reason.lock().expect("reason lock").clone()
     }
 
-    /// Checks every [`CHECK_EVERY`], for as long as the task runs.
-    pub async fn run(self) {
+    /// Checks every [`CHECK_EVERY`] until `stop` is cancelled.
+    pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
         let mut every = tokio::time::interval(CHECK_EVERY);
         loop {
-            every.tick().await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
             let me = self.clone();
             // statvfs is a system call on a possibly slow file system.
             let _ = tokio::task::spawn_blocking(move || me.check()).await;

@@ -11,12 +11,14 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Secret;
 use crate::disk::DiskWatch;
 use crate::provision::{import, ImportReport};
 use crate::store::Store;
-use crate::telemetry::Metrics;
+use crate::telemetry::{ErrorEvent, Metrics};
 
 /// Largest provisioning upload: a few million lines of JSON. The upload is imported as
 /// it arrives, never held whole: memory stays at a few chunks and one line whatever
@@ -90,14 +92,17 @@ impl From<ImportReport> for ProvisionResponse {
     }
 }
 
-/// Serves until `shutdown`; returns the bound address (useful with port 0).
+/// Serves, on a task of `tasks`, until `shutdown` is cancelled; returns the bound address
+/// (useful with port 0).
 pub async fn serve(
     settings: &crate::config::MetricsSettings,
     metrics: Metrics,
     store: Store,
     disk: DiskWatch,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let errors = metrics.clone();
     let ops = Ops { metrics, store, disk, token: settings.provision_token.clone(), max_upload: MAX_UPLOAD };
     let listen = settings.listen;
     let app = Router::new()
@@ -107,13 +112,13 @@ pub async fn serve(
         .with_state(ops);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
+    tasks.spawn(async move {
         let listener = crate::http::Guarded::new(listener, crate::http::Limits::OPERATOR, "metrics.listen");
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            tracing::error!(error = %e, "operator endpoint stopped");
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+            crate::error_event!(errors, ErrorEvent::OperatorEndpoint, error = %e, "operator endpoint stopped");
         }
     });
-    Ok((addr, task))
+    Ok(addr)
 }
 
 /// `ok`, or what keeps the engine from reading CDRs, with 503. The process is alive
@@ -199,7 +204,7 @@ async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Re
             (status, Json(serde_json::to_value(response).expect("report serialises"))).into_response()
         }
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "provisioning over HTTP failed");
+            crate::error_event!(ops.metrics, ErrorEvent::Provision, error = %e, "provisioning over HTTP failed");
             (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"error": e.to_string()}))).into_response()
         }
         Err(e) => {

@@ -12,7 +12,7 @@ use crate::filter::{decide, Skip};
 use crate::render::{Mail, Origin, Renderer};
 use crate::resolve::{Resolver, Subscription};
 use crate::store::{Claims, SentKey, StoreError};
-use crate::telemetry::{Failure, Metrics};
+use crate::telemetry::{ErrorEvent, Failure, Metrics};
 
 /// What filter hands render: a call to notify and the subscription whose checked
 /// destinations get the mail.
@@ -145,7 +145,14 @@ impl Pipeline {
                 Err(e) => {
                     self.claims.release(&key);
                     self.metrics.failed(Failure::Render);
-                    tracing::error!(call_id = %call.call_id, %recipient, error = %e, "mail could not be rendered");
+                    crate::error_event!(
+                        self.metrics,
+                        ErrorEvent::Render,
+                        call_id = %call.call_id,
+                        %recipient,
+                        error = %e,
+                        "mail could not be rendered"
+                    );
                 }
             }
         }

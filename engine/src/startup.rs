@@ -1,15 +1,25 @@
 //! Wiring: settings → a running engine. `Application::build` opens the store, starts
 //! the embedded Kafka if no brokers are configured, the metrics endpoint and the
-//! consumer thread; `run_until_stopped` waits for a stop signal and drains.
+//! consumer threads; `run_until_stopped` waits for a stop signal and drains.
+//!
+//! One way to stop: a [`CancellationToken`] tree and a [`TaskTracker`] that every task
+//! is spawned on. `shutdown` is the root; `reading` (consumer threads, retry queue) is
+//! its child, cancelled first; below `shutdown` each consumer thread's delivery tasks
+//! hang, with a child token per partition that a revocation cancels
+//! (`source::context::Sending`). Once the consumers have drained, `shutdown` is
+//! cancelled and the tracker waited for, all within the grace period. Two helpers end
+//! with what they serve instead: the flood-control sweeper with its `Deliverer` (it
+//! holds a weak handle) and the site's TLS accept loop with its listener.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::producer::FutureProducer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cluster;
 use crate::config::Settings;
@@ -22,8 +32,7 @@ use crate::pipeline::Pipeline;
 use crate::render::Renderer;
 use crate::resolve::Resolver;
 use crate::source::{self, Source, SourceOptions, Stages};
-use crate::store::Claims;
-use crate::store::Store;
+use crate::store::{Claims, Store};
 use crate::telemetry::Metrics;
 
 /// librdkafka's `message.timeout.ms` for dead-letter writes (see `DeadLetters`).
@@ -52,16 +61,16 @@ pub struct Application {
     metrics: Metrics,
     metrics_addr: SocketAddr,
     bootstrap: String,
-    stop: Arc<AtomicBool>,
+    /// Cancelled when the engine is to stop reading CDRs: the consumer threads and the
+    /// retry queue stop. A child of `shutdown`; a consumer thread that fails cancels it.
+    reading: CancellationToken,
+    /// Cancelled once the consumers have drained: what serves while they do (the
+    /// metrics endpoint, the pruner of sent records, the disk watch) stops then, and
+    /// delivery tasks still sending queue their mails.
+    shutdown: CancellationToken,
+    /// Every task the engine spawns, delivery tasks included: a stop waits for them all.
+    tasks: TaskTracker,
     source: Source,
-    metrics_stop: tokio::sync::oneshot::Sender<()>,
-    metrics_task: tokio::task::JoinHandle<()>,
-    /// Prunes old sent-mail records; stopped with the engine, as it holds the store.
-    pruner: tokio::task::JoinHandle<()>,
-    /// Looks at the store's free space every second; stopped with the engine.
-    disk_watch: tokio::task::JoinHandle<()>,
-    retries_stop: tokio::sync::oneshot::Sender<()>,
-    retries: tokio::task::JoinHandle<()>,
     /// Kept alive while the engine runs, when it was started for us.
     _embedded: Option<EmbeddedKafka>,
     /// `engine.shutdown_grace_secs`.
@@ -97,6 +106,7 @@ impl Application {
             )
         })?;
         let metrics = Metrics::new();
+        store.report_errors_to(metrics.clone());
         let disk = DiskWatch::new(&settings.store.path, settings.store.min_free_mb, metrics.clone());
         disk.check();
         if let Some(why) = disk.reason() {
@@ -152,15 +162,12 @@ impl Application {
         let from = settings.smtp.from.parse().context("smtp.from")?;
         let renderer = Renderer::new(from);
         let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
-        let (retries_stop, retries_stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = CancellationToken::new();
+        let reading = shutdown.child_token();
+        let tasks = TaskTracker::new();
         // Retries under way at shutdown get the same time as first attempts.
         let finish = source::sending_time(grace);
-        let retries = tokio::spawn(deliverer.clone().run_retries(
-            async {
-                let _ = retries_stopped.await;
-            },
-            finish,
-        ));
+        tasks.spawn(deliverer.clone().run_retries(reading.clone().cancelled_owned(), finish));
         if deliverer.queued() > 0 {
             tracing::info!(mails = deliverer.queued(), "mails waiting in the retry queue from before");
         }
@@ -168,19 +175,19 @@ impl Application {
             tracing::info!(outbox = %settings.smtp.outbox_dir.display(), "no smtp.host: mails are written as .eml files");
         }
 
-        let (metrics_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (metrics_addr, metrics_task) =
-            ops::serve(&settings.metrics, metrics.clone(), store.clone(), disk.clone(), async {
-                let _ = stopped.await;
-            })
-            .await
-            .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+        let metrics_addr =
+            ops::serve(&settings.metrics, metrics.clone(), store.clone(), disk.clone(), &tasks, shutdown.clone())
+                .await
+                .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
         tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "metrics endpoint listening");
 
-        let pruner = tokio::spawn(crate::store::sent::prune_hourly(store.clone(), settings.store.sent_retention_days));
-        let disk_watch = tokio::spawn(disk.clone().run());
+        tasks.spawn(crate::store::sent::prune_hourly(
+            store.clone(),
+            settings.store.sent_retention_days,
+            shutdown.clone(),
+        ));
+        tasks.spawn(disk.clone().run(shutdown.clone()));
 
-        let stop = Arc::new(AtomicBool::new(false));
         let pipeline = Pipeline {
             resolver: resolver.clone(),
             renderer,
@@ -194,6 +201,7 @@ impl Application {
             dead_letters,
             metrics: metrics.clone(),
             runtime: tokio::runtime::Handle::current(),
+            tasks: tasks.clone(),
             disk,
         };
         let options = SourceOptions {
@@ -205,7 +213,8 @@ impl Application {
             max_in_flight: settings.engine.max_in_flight,
             grace,
         };
-        let source = source::spawn(options, stages, stop.clone()).context("starting the Kafka consumer")?;
+        let source =
+            source::spawn(options, stages, reading.clone(), &shutdown).context("starting the Kafka consumer")?;
         tracing::info!(group = %kafka.group_id, consumers = settings.engine.consumers, topics = ?kafka.topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "consuming CDRs");
 
         Ok(Self {
@@ -214,14 +223,10 @@ impl Application {
             metrics,
             metrics_addr,
             bootstrap,
-            stop,
+            reading,
+            shutdown,
+            tasks,
             source,
-            metrics_stop,
-            metrics_task,
-            pruner,
-            disk_watch,
-            retries_stop,
-            retries,
             _embedded: embedded,
             grace,
         })
@@ -262,28 +267,23 @@ impl Application {
         let finished = tokio::select! {
             () = shutdown => {
                 tracing::info!("stopping: finishing in-flight mails");
-                self.stop.store(true, Ordering::Release);
                 None
             }
             r = &mut done_rx => Some(r),
         };
+        // Consumers stop reading; queued mails stay in the store for the next start,
+        // also the ones queued during the stop; retries under way may finish.
+        self.reading.cancel();
         // A stop always ends: what has not ended by the deadline (a librdkafka close that
         // never returns, say) is left behind with an error, and the process can exit.
         let deadline = tokio::time::Instant::now() + self.grace + STOP_MARGIN;
-        // Queued mails stay in the store for the next start, also the ones queued
-        // during the stop; attempts under way may finish.
-        let _ = self.retries_stop.send(());
         let result = match finished {
             Some(r) => r,
             None => ended_by(deadline, "the consumer threads", done_rx).await?,
         };
-        let _ = ended_by(deadline, "the retry queue", self.retries).await?;
-        let _ = self.metrics_stop.send(());
-        let _ = ended_by(deadline, "the metrics endpoint", self.metrics_task).await?;
-        self.pruner.abort();
-        let _ = self.pruner.await;
-        self.disk_watch.abort();
-        let _ = self.disk_watch.await;
+        self.shutdown.cancel();
+        self.tasks.close();
+        ended_by(deadline, "the engine's tasks (retry queue, delivery, metrics endpoint)", self.tasks.wait()).await?;
         if let Some(cluster) = self._embedded {
             // Its drop joins the mock cluster's thread: off the runtime.
             let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();

@@ -38,6 +38,7 @@ pub const SMTP_CONNECTIONS: &str = "callnotify_smtp_connections_opened_total";
 pub const SMTP_CIRCUIT_OPEN: &str = "callnotify_smtp_circuit_open";
 pub const STORE_FREE: &str = "callnotify_store_free_bytes";
 pub const STORE_DISK_LOW: &str = "callnotify_store_disk_low";
+pub const ERRORS: &str = "callnotify_errors_total";
 
 /// The value of one series in Prometheus text (what `/metrics` serves), e.g.
 /// `callnotify_cdrs_filtered_total{reason="stopped"}`; `None` if it is not there.
@@ -67,6 +68,136 @@ impl Failure {
             Failure::Render => "render",
             Failure::Expired => "expired",
             Failure::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// An error an operator must see, as `callnotify_errors_total{stage, error}` labels it.
+/// Raised with [`error_event!`](crate::error_event), which logs it at ERROR and counts
+/// it in one step: no error is logged without being counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorEvent {
+    /// The store's file system has less room than `store.min_free_mb`.
+    DiskLow,
+    /// Before a revocation's commit, the store could not be flushed.
+    RevokeFlush,
+    /// A committed offset is out of the partition's range.
+    OffsetOutOfRange,
+    /// A mail could not be rendered from its call.
+    Render,
+    /// A mail's sent record or retry-queue entry is not stored yet (tried again).
+    DeliveryStore,
+    /// The retry queue could not be read.
+    RetryQueueRead,
+    /// A retry-queue entry could not be read back: removed.
+    RetryQueueUnreadable,
+    /// A retry-queue entry cannot be sent as it is: removed.
+    RetryQueueUnsendable,
+    /// A retry-queue entry could not be rescheduled.
+    RetryQueueReschedule,
+    /// After a retried mail, the store could not be flushed.
+    RetryQueueFlush,
+    /// A sent mail's retry-queue entry could not be removed: it may be sent again.
+    RetryQueueRemove,
+    /// A dead-letter record is not written yet (its CDR stays uncommitted).
+    DeadLetterWrite,
+    /// The sent journal could not be written or emptied: the store is flushed instead.
+    Journal,
+    /// The store could not be flushed (tried again).
+    StoreFlush,
+    /// The operator endpoint stopped serving.
+    OperatorEndpoint,
+    /// An import over `POST /provision` failed.
+    Provision,
+}
+
+impl ErrorEvent {
+    pub const ALL: [ErrorEvent; 16] = [
+        ErrorEvent::DiskLow,
+        ErrorEvent::RevokeFlush,
+        ErrorEvent::OffsetOutOfRange,
+        ErrorEvent::Render,
+        ErrorEvent::DeliveryStore,
+        ErrorEvent::RetryQueueRead,
+        ErrorEvent::RetryQueueUnreadable,
+        ErrorEvent::RetryQueueUnsendable,
+        ErrorEvent::RetryQueueReschedule,
+        ErrorEvent::RetryQueueFlush,
+        ErrorEvent::RetryQueueRemove,
+        ErrorEvent::DeadLetterWrite,
+        ErrorEvent::Journal,
+        ErrorEvent::StoreFlush,
+        ErrorEvent::OperatorEndpoint,
+        ErrorEvent::Provision,
+    ];
+
+    /// The `stage` label: the part of the engine it happened in.
+    pub fn stage(self) -> &'static str {
+        use ErrorEvent::*;
+        match self {
+            RevokeFlush | OffsetOutOfRange => "source",
+            Render => "pipeline",
+            DeliveryStore => "deliver",
+            RetryQueueRead | RetryQueueUnreadable | RetryQueueUnsendable | RetryQueueReschedule | RetryQueueFlush
+            | RetryQueueRemove => "retry_queue",
+            DeadLetterWrite => "dead_letters",
+            DiskLow | Journal | StoreFlush => "store",
+            OperatorEndpoint | Provision => "operator",
+        }
+    }
+
+    /// The `error` label.
+    pub fn as_str(self) -> &'static str {
+        use ErrorEvent::*;
+        match self {
+            DiskLow => "disk_low",
+            RevokeFlush => "revoke_flush",
+            OffsetOutOfRange => "offset_out_of_range",
+            Render => "render",
+            DeliveryStore => "store_write",
+            RetryQueueRead => "read",
+            RetryQueueUnreadable => "unreadable_entry",
+            RetryQueueUnsendable => "unsendable_entry",
+            RetryQueueReschedule => "reschedule",
+            RetryQueueFlush => "store_flush",
+            RetryQueueRemove => "remove",
+            DeadLetterWrite => "write",
+            Journal => "journal",
+            StoreFlush => "flush",
+            OperatorEndpoint => "listener",
+            Provision => "provision",
+        }
+    }
+}
+
+/// Logs an [`ErrorEvent`] at ERROR with its `stage` and `error` labels and the given
+/// fields and message (as `tracing::error!` takes them), and counts it in
+/// `callnotify_errors_total`: the one way the engine reports an error.
+///
+/// `$metrics` is a [`Metrics`], or anything with a `count_error(ErrorEvent)` method
+/// ([`ErrorCounter`] where the metrics come later than the part that reports).
+#[macro_export]
+macro_rules! error_event {
+    ($metrics:expr, $event:expr, $($rest:tt)+) => {{
+        let event: $crate::telemetry::ErrorEvent = $event;
+        $metrics.count_error(event);
+        ::tracing::error!(stage = event.stage(), error_kind = event.as_str(), $($rest)+);
+    }};
+}
+
+/// The metrics to count errors in, for a part built before them (the store): errors
+/// before [`ErrorCounter::set`] are logged only.
+#[derive(Clone, Default)]
+pub struct ErrorCounter(Arc<OnceLock<Metrics>>);
+
+impl ErrorCounter {
+    pub fn set(&self, metrics: Metrics) {
+        let _ = self.0.set(metrics);
+    }
+
+    pub fn count_error(&self, event: ErrorEvent) {
+        if let Some(metrics) = self.0.get() {
+            metrics.count_error(event);
         }
     }
 }
@@ -106,15 +237,13 @@ struct Inner {
     smtp_circuit_open: Gauge,
     store_free: Gauge,
     store_disk_low: Gauge,
+    errors: [Counter; ErrorEvent::ALL.len()],
 }
 
 const METADATA: Metadata<'static> = Metadata::new("callnotify", Level::INFO, None);
 
-fn counter(r: &PrometheusRecorder, name: &'static str, label: Option<(&'static str, &'static str)>) -> Counter {
-    let key = match label {
-        Some((k, v)) => Key::from_parts(name, vec![Label::new(k, v)]),
-        None => Key::from_static_name(name),
-    };
+fn counter(r: &PrometheusRecorder, name: &'static str, labels: &[(&'static str, &'static str)]) -> Counter {
+    let key = Key::from_parts(name, labels.iter().map(|(k, v)| Label::new(*k, *v)).collect::<Vec<_>>());
     r.register_counter(&key, &METADATA)
 }
 
@@ -168,6 +297,7 @@ impl Metrics {
             "Mails not sent again because a replayed CDR had already sent them",
         );
         describe(DEAD_LETTERS, Some(Unit::Count), "Records written to the dead-letter topic, by kind");
+        describe(ERRORS, Some(Unit::Count), "Errors logged at ERROR, by the stage they happened in and what failed");
         describe(
             DEAD_LETTER_WRITE_ERRORS,
             Some(Unit::Count),
@@ -218,30 +348,31 @@ impl Metrics {
         );
 
         let inner = Inner {
-            consumed: counter(r, CDRS_CONSUMED, None),
-            decoded: counter(r, CDRS_DECODED, None),
-            rejected: Rejection::ALL.map(|reason| counter(r, CDRS_REJECTED, Some(("reason", reason.as_str())))),
-            filtered: Skip::ALL.map(|skip| counter(r, CDRS_FILTERED, Some(("reason", skip.as_str())))),
-            notified: counter(r, CDRS_NOTIFIED, None),
-            sent: counter(r, MAILS_SENT, None),
-            failed: Failure::ALL.map(|reason| counter(r, MAILS_FAILED, Some(("reason", reason.as_str())))),
-            delayed_rate: counter(r, MAILS_DELAYED, Some(("limit", "rate"))),
-            delayed_flood: counter(r, MAILS_DELAYED, Some(("limit", "flood"))),
-            retried: counter(r, MAILS_RETRIED, None),
-            duplicate: counter(r, MAILS_DUPLICATE, None),
-            dead_letters_cdr: counter(r, DEAD_LETTERS, Some(("kind", "cdr"))),
-            dead_letters_mail: counter(r, DEAD_LETTERS, Some(("kind", "mail"))),
-            dead_letter_errors_cdr: counter(r, DEAD_LETTER_WRITE_ERRORS, Some(("kind", "cdr"))),
-            dead_letter_errors_mail: counter(r, DEAD_LETTER_WRITE_ERRORS, Some(("kind", "mail"))),
+            consumed: counter(r, CDRS_CONSUMED, &[]),
+            decoded: counter(r, CDRS_DECODED, &[]),
+            rejected: Rejection::ALL.map(|reason| counter(r, CDRS_REJECTED, &[("reason", reason.as_str())])),
+            filtered: Skip::ALL.map(|skip| counter(r, CDRS_FILTERED, &[("reason", skip.as_str())])),
+            notified: counter(r, CDRS_NOTIFIED, &[]),
+            sent: counter(r, MAILS_SENT, &[]),
+            failed: Failure::ALL.map(|reason| counter(r, MAILS_FAILED, &[("reason", reason.as_str())])),
+            delayed_rate: counter(r, MAILS_DELAYED, &[("limit", "rate")]),
+            delayed_flood: counter(r, MAILS_DELAYED, &[("limit", "flood")]),
+            retried: counter(r, MAILS_RETRIED, &[]),
+            duplicate: counter(r, MAILS_DUPLICATE, &[]),
+            dead_letters_cdr: counter(r, DEAD_LETTERS, &[("kind", "cdr")]),
+            dead_letters_mail: counter(r, DEAD_LETTERS, &[("kind", "mail")]),
+            dead_letter_errors_cdr: counter(r, DEAD_LETTER_WRITE_ERRORS, &[("kind", "cdr")]),
+            dead_letter_errors_mail: counter(r, DEAD_LETTER_WRITE_ERRORS, &[("kind", "mail")]),
             latency: r.register_histogram(&Key::from_static_name(LATENCY), &METADATA),
-            offsets_skipped: counter(r, OFFSETS_SKIPPED, None),
-            smtp_connections: counter(r, SMTP_CONNECTIONS, None),
+            offsets_skipped: counter(r, OFFSETS_SKIPPED, &[]),
+            smtp_connections: counter(r, SMTP_CONNECTIONS, &[]),
             in_flight: r.register_gauge(&Key::from_static_name(IN_FLIGHT), &METADATA),
             in_flight_count: OnceLock::new(),
             retry_queue: r.register_gauge(&Key::from_static_name(RETRY_QUEUE), &METADATA),
             smtp_circuit_open: r.register_gauge(&Key::from_static_name(SMTP_CIRCUIT_OPEN), &METADATA),
             store_free: r.register_gauge(&Key::from_static_name(STORE_FREE), &METADATA),
             store_disk_low: r.register_gauge(&Key::from_static_name(STORE_DISK_LOW), &METADATA),
+            errors: ErrorEvent::ALL.map(|e| counter(r, ERRORS, &[("stage", e.stage()), ("error", e.as_str())])),
             recorder,
         };
         Self { inner: Arc::new(inner) }
@@ -281,6 +412,12 @@ impl Metrics {
         self.inner.sent.increment(1);
         self.inner.latency.record(latency.as_secs_f64());
     }
+    /// Counts an error; [`error_event!`](crate::error_event) calls this and logs it.
+    pub fn count_error(&self, event: ErrorEvent) {
+        let i = ErrorEvent::ALL.iter().position(|e| *e == event).expect("every ErrorEvent is in ALL");
+        self.inner.errors[i].increment(1);
+    }
+
     pub fn failed(&self, reason: Failure) {
         let i = Failure::ALL.iter().position(|r| *r == reason).expect("every Failure is in ALL");
         self.inner.failed[i].increment(1);
@@ -357,5 +494,32 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every error has its own series from the start (an alert on it needs no first
+    /// occurrence), and raising it counts it there.
+    #[test]
+    fn every_error_event_has_its_own_series_at_zero_and_raising_one_counts_it() {
+        let metrics = Metrics::new();
+        let series = |e: ErrorEvent| format!("{ERRORS}{{stage=\"{}\",error=\"{}\"}}", e.stage(), e.as_str());
+        let names: std::collections::HashSet<String> = ErrorEvent::ALL.iter().map(|e| series(*e)).collect();
+        assert_eq!(names.len(), ErrorEvent::ALL.len(), "two events share a series");
+        assert!(ErrorEvent::ALL.iter().all(|e| metrics.value(&series(*e)) == Some(0.0)));
+
+        crate::error_event!(metrics, ErrorEvent::Journal, path = "/x", "sent journal not written");
+        assert_eq!(metrics.value(&series(ErrorEvent::Journal)), Some(1.0));
+        assert_eq!(metrics.value(&series(ErrorEvent::StoreFlush)), Some(0.0));
+
+        // The store reports before the metrics exist: logged only, then counted.
+        let counter = ErrorCounter::default();
+        crate::error_event!(counter, ErrorEvent::StoreFlush, "store flush failed");
+        counter.set(metrics.clone());
+        crate::error_event!(counter, ErrorEvent::StoreFlush, "store flush failed");
+        assert_eq!(metrics.value(&series(ErrorEvent::StoreFlush)), Some(1.0));
     }
 }

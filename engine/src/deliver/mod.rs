@@ -30,7 +30,7 @@ use crate::dead_letter::DeadLetters;
 use crate::phone::PhoneNumber;
 use crate::render::{Mail, Origin};
 use crate::store::{SentKey, Store, StoreError};
-use crate::telemetry::{Failure, Metrics};
+use crate::telemetry::{ErrorEvent, Failure, Metrics};
 
 mod breaker;
 mod client;
@@ -255,7 +255,13 @@ impl Deliverer {
             match write().await {
                 Ok(done) => return done,
                 Err(e) => {
-                    tracing::error!(error = %e, retry_in = ?backoff, "{what} not stored yet");
+                    crate::error_event!(
+                        self.inner.metrics,
+                        ErrorEvent::DeliveryStore,
+                        error = %e,
+                        retry_in = ?backoff,
+                        "{what} not stored yet"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -287,7 +293,9 @@ impl Deliverer {
                             });
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "reading the retry queue failed"),
+                    Err(e) => {
+                        crate::error_event!(inner.metrics, ErrorEvent::RetryQueueRead, error = %e, "reading the retry queue failed")
+                    }
                 }
             }
             let queue = inner.queue.clone();
@@ -324,7 +332,7 @@ impl Deliverer {
         let mut entry = match entry {
             Ok(entry) => entry,
             Err(e) => {
-                tracing::error!(error = %e, "unreadable retry queue entry removed");
+                crate::error_event!(inner.metrics, ErrorEvent::RetryQueueUnreadable, error = %e, "unreadable retry queue entry removed");
                 inner.metrics.failed(Failure::Unreadable);
                 self.unqueue(slot).await;
                 return;
@@ -333,7 +341,13 @@ impl Deliverer {
         let (mail, origin) = match entry.to_mail() {
             Ok(parts) => parts,
             Err(e) => {
-                tracing::error!(message_id = %entry.message_id, error = %e, "retry queue entry cannot be sent; removed");
+                crate::error_event!(
+                    inner.metrics,
+                    ErrorEvent::RetryQueueUnsendable,
+                    message_id = %entry.message_id,
+                    error = %e,
+                    "retry queue entry cannot be sent; removed"
+                );
                 inner.metrics.failed(Failure::Unreadable);
                 self.unqueue(slot).await;
                 return;
@@ -343,7 +357,7 @@ impl Deliverer {
         if let Admit::Wait(until_ms) = inner.breaker.admit(Utc::now().timestamp_millis()) {
             let (queue, slot) = (inner.queue.clone(), slot.clone());
             if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, until_ms)).await {
-                tracing::error!(error = %e, "retry queue reschedule failed");
+                crate::error_event!(inner.metrics, ErrorEvent::RetryQueueReschedule, error = %e, "retry queue reschedule failed");
             }
             return;
         }
@@ -356,7 +370,7 @@ impl Deliverer {
             let due_ms = Utc::now().timestamp_millis() + wait.as_millis() as i64;
             let (queue, slot) = (inner.queue.clone(), slot.clone());
             if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, due_ms)).await {
-                tracing::error!(error = %e, "retry queue reschedule failed");
+                crate::error_event!(inner.metrics, ErrorEvent::RetryQueueReschedule, error = %e, "retry queue reschedule failed");
             }
             return;
         }
@@ -367,7 +381,7 @@ impl Deliverer {
                 self.unqueue(slot).await;
                 // Out of the queue on disk at once: else a crash would send it again.
                 if let Err(e) = inner.store.flush().await {
-                    tracing::error!(error = %e, "store flush after a retried mail failed");
+                    crate::error_event!(inner.metrics, ErrorEvent::RetryQueueFlush, error = %e, "store flush after a retried mail failed");
                 }
             }
             Err(Attempt::Permanent(reply)) => {
@@ -390,7 +404,7 @@ impl Deliverer {
                 let (queue, slot) = (inner.queue.clone(), slot.clone());
                 if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, due_ms)).await {
                     // The entry stays where it was and is tried again at once.
-                    tracing::error!(error = %e, "retry queue reschedule failed");
+                    crate::error_event!(inner.metrics, ErrorEvent::RetryQueueReschedule, error = %e, "retry queue reschedule failed");
                 }
             }
         }
@@ -408,7 +422,12 @@ impl Deliverer {
         match blocking(move || queue.remove(&slot)).await {
             Ok(true) => self.inner.metrics.retry_queue_changed(-1),
             Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "retry queue entry not removed; it may be sent again"),
+            Err(e) => crate::error_event!(
+                self.inner.metrics,
+                ErrorEvent::RetryQueueRemove,
+                error = %e,
+                "retry queue entry not removed; it may be sent again"
+            ),
         }
     }
 

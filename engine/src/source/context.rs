@@ -2,19 +2,20 @@
 //! (the lag metric) and rebalances (finish or queue in-flight work, then commit, before
 //! a partition is given up).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 
 use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
 use crate::store::Claims;
 use crate::store::{Store, StoreError};
-use crate::telemetry::Metrics;
+use crate::telemetry::{ErrorEvent, Metrics};
 
 /// How long an assignment waits for the group's committed offsets (see `note_starts`).
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,8 +33,23 @@ pub struct SourceContext {
     /// written.
     pub(super) claims: Arc<Claims>,
     pub(super) completions: Mutex<Receiver<Completion>>,
-    /// Tells delivery tasks to queue what they have not sent yet.
-    pub(super) stopping: tokio::sync::watch::Sender<super::Stopping>,
+    /// The delivery tasks' time for sending: cancelled, they queue what they have not
+    /// sent yet.
+    pub(super) sending: Mutex<Sending>,
+}
+
+/// The token tree of the delivery tasks' time for sending: the thread's, ended when the
+/// engine stops, and a child per partition, ended when the partition is revoked.
+pub(super) struct Sending {
+    all: CancellationToken,
+    partitions: HashMap<(usize, i32), CancellationToken>,
+}
+
+impl Sending {
+    /// `all`: a child of the engine's shutdown token.
+    pub(super) fn new(all: CancellationToken) -> Self {
+        Self { all, partitions: HashMap::new() }
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -59,7 +75,12 @@ impl ConsumerContext for SourceContext {
             revoked.iter().for_each(|tp| tracker.forget(tp));
             drop(tracker);
             if let Err(e) = self.commit(consumer, CommitMode::Sync) {
-                tracing::error!(error = %e, "store flush failed; offsets of revoked partitions not committed");
+                crate::error_event!(
+                    self.metrics,
+                    ErrorEvent::RevokeFlush,
+                    error = %e,
+                    "store flush failed; offsets of revoked partitions not committed"
+                );
             }
         }
     }
@@ -126,7 +147,7 @@ impl SourceContext {
         for ((topic, partition), offset) in safe {
             // librdkafka commits what it is given: the next message to read.
             if let Err(e) = list.add_partition_offset(&self.topics[topic].0, partition, Offset::Offset(offset + 1)) {
-                tracing::error!(error = %e, partition, offset, "offset out of range");
+                crate::error_event!(self.metrics, ErrorEvent::OffsetOutOfRange, error = %e, partition, offset, "offset out of range");
             }
         }
         if let Err(e) = consumer.store_offsets(&list) {
@@ -181,16 +202,23 @@ impl SourceContext {
         }
         let left = self.tracker.lock().expect("tracker lock").in_flight;
         tracing::warn!(in_flight = left, "mails not sent in time are queued");
-        self.stopping.send_modify(|s| match only {
-            None => s.all = true,
-            Some(tps) => s.partitions.extend(tps),
-        });
-        let finished = self.settle(only, deadline);
-        if only.is_some() {
-            // The partitions may come back; their next CDRs are sent as usual.
-            self.stopping.send_modify(|s| s.partitions.clear());
+        {
+            let mut sending = self.sending.lock().expect("sending lock");
+            match only {
+                None => sending.all.cancel(),
+                // The partitions may come back: their next CDRs get a new token.
+                Some(tps) => tps.iter().filter_map(|tp| sending.partitions.remove(tp)).for_each(|t| t.cancel()),
+            }
         }
-        finished
+        self.settle(only, deadline)
+    }
+
+    /// The token whose cancellation ends the time for sending of partition `tp`'s
+    /// delivery tasks.
+    pub(super) fn sending(&self, tp: (usize, i32)) -> CancellationToken {
+        let mut sending = self.sending.lock().expect("sending lock");
+        let Sending { all, partitions } = &mut *sending;
+        partitions.entry(tp).or_insert_with(|| all.child_token()).clone()
     }
 
     /// Waits up to `timeout` for a completion, then applies it and every other one

@@ -24,14 +24,17 @@
 mod context;
 mod offsets;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use self::context::Sending;
 pub use self::context::SourceContext;
 use self::offsets::{Completion, Tracker};
 use crate::dead_letter::DeadLetters;
@@ -51,31 +54,10 @@ pub struct Stages {
     pub metrics: Metrics,
     /// Where delivery tasks run.
     pub runtime: tokio::runtime::Handle,
+    /// Every delivery task, for the engine to wait on at the end of a stop.
+    pub tasks: TaskTracker,
     /// While the store's disk is low, the consumers stay paused.
     pub disk: crate::disk::DiskWatch,
-}
-
-/// Told to the delivery tasks of a partition when their time for sending is over (at
-/// shutdown, or when the partition is revoked): mails not answered yet are queued
-/// instead. A dead-letter write still under way is dropped and its CDR read again.
-#[derive(Clone)]
-struct Cancel {
-    stopping: tokio::sync::watch::Receiver<Stopping>,
-    tp: (usize, i32),
-}
-
-impl Cancel {
-    async fn cancelled(mut self) {
-        let tp = self.tp;
-        let _ = self.stopping.wait_for(|s| s.all || s.partitions.contains(&tp)).await;
-    }
-}
-
-/// Whose delivery tasks are to stop sending: every partition's, or some.
-#[derive(Debug, Default)]
-pub(super) struct Stopping {
-    all: bool,
-    partitions: std::collections::HashSet<(usize, i32)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +104,7 @@ pub struct Source {
 
 impl Source {
     /// Waits for every consumer thread to return; the first error, if any. Each thread
-    /// sets `stop` as it returns, so one that fails stops the others.
+    /// cancels the reading token as it returns, so one that fails stops the others.
     pub fn join(self) -> Result<(), SourceError> {
         let mut result = Ok(());
         for thread in self.threads {
@@ -135,34 +117,32 @@ impl Source {
     }
 }
 
-/// Sets `stop` when dropped: a consumer thread that returns or panics stops the others,
-/// so the engine stops rather than go on with part of its partitions unserved.
-struct StopOthers(Arc<AtomicBool>);
-
-impl Drop for StopOthers {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-/// Runs `body` on consumer thread `n`; when it returns or panics, `stop` is set.
+/// Runs `body` on consumer thread `n`; when it returns or panics, `reading` is
+/// cancelled: the other threads stop too, so the engine stops rather than go on with
+/// part of its partitions unserved.
 fn start_thread(
     n: usize,
-    stop: Arc<AtomicBool>,
+    reading: CancellationToken,
     body: impl FnOnce() -> Result<(), SourceError> + Send + 'static,
 ) -> std::thread::JoinHandle<Result<(), SourceError>> {
     std::thread::Builder::new()
         .name(format!("cdr-source-{n}"))
         .spawn(move || {
-            let _stop_others = StopOthers(stop);
+            let _stop_others = reading.drop_guard();
             body()
         })
         .expect("spawning a consumer thread")
 }
 
-/// Starts `options.consumers` consumer threads; they run until `stop` is set, then finish
-/// in-flight work (up to the grace period), commit and return.
-pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) -> Result<Source, SourceError> {
+/// Starts `options.consumers` consumer threads; they run until `reading` is cancelled,
+/// then finish in-flight work (up to the grace period), commit and return. Their
+/// delivery tasks' time for sending hangs below `shutdown`.
+pub fn spawn(
+    options: SourceOptions<'_>,
+    stages: Stages,
+    reading: CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<Source, SourceError> {
     // What the threads share besides the pipeline's claims: how many CDRs are in
     // flight in all.
     let total = Arc::new(AtomicUsize::new(0));
@@ -181,15 +161,15 @@ pub fn spawn(options: SourceOptions<'_>, stages: Stages, stop: Arc<AtomicBool>) 
             tracker: Mutex::new(Tracker::new(total.clone())),
             claims: stages.pipeline.claims.clone(),
             completions: Mutex::new(rx),
-            stopping: tokio::sync::watch::Sender::default(),
+            sending: Mutex::new(Sending::new(shutdown.child_token())),
         };
         consumers.push((consumer(&options, context)?, tx));
     }
     let (max_in_flight, grace) = (options.max_in_flight, options.grace);
     let mut threads = Vec::with_capacity(consumers.len());
     for (n, (consumer, tx)) in consumers.into_iter().enumerate() {
-        let (stages, stop_reading) = (stages.clone(), stop.clone());
-        threads.push(start_thread(n, stop.clone(), move || {
+        let (stages, stop_reading) = (stages.clone(), reading.clone());
+        threads.push(start_thread(n, reading.clone(), move || {
             // The stages hold runtime-bound parts (timers, task handles); this thread
             // runs inside the runtime's context so using and dropping them here works.
             let runtime = stages.runtime.clone();
@@ -237,17 +217,16 @@ fn run(
     consumer: BaseConsumer<SourceContext>,
     stages: &Stages,
     tx: Sender<Completion>,
-    stop: Arc<AtomicBool>,
+    reading: CancellationToken,
     max_in_flight: usize,
     grace: Duration,
 ) -> Result<(), SourceError> {
     let ctx = consumer.context();
-    let stopping = ctx.stopping.subscribe();
     let mut paused = false;
     ctx.metrics.consumer_paused(ctx.thread, paused);
     let mut full_since: Option<Instant> = None;
     let mut last_commit = Instant::now();
-    while !stop.load(Ordering::Acquire) {
+    while !reading.is_cancelled() {
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             ctx.commit(&consumer, CommitMode::Async)?;
             last_commit = Instant::now();
@@ -288,7 +267,7 @@ fn run(
             tracing::info!(in_flight, "consumer resumed");
         }
         match consumer.poll(Duration::from_millis(if paused { 10 } else { 100 })) {
-            Some(Ok(message)) => handle(&consumer, stages, &tx, &stopping, &message)?,
+            Some(Ok(message)) => handle(&consumer, stages, &tx, &message)?,
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
         }
@@ -313,7 +292,6 @@ fn handle(
     consumer: &BaseConsumer<SourceContext>,
     stages: &Stages,
     tx: &Sender<Completion>,
-    stopping: &tokio::sync::watch::Receiver<Stopping>,
     message: &rdkafka::message::BorrowedMessage<'_>,
 ) -> Result<(), SourceError> {
     let ctx = consumer.context();
@@ -338,29 +316,35 @@ fn handle(
             ctx.note_skipped(tp, skipped);
             let (dead_letters, tx) = (stages.dead_letters.clone(), tx.clone());
             let (source, raw, error) = (message.topic().to_owned(), payload.to_vec(), e.to_string());
-            let cancelled = Cancel { stopping: stopping.clone(), tp }.cancelled();
-            stages.runtime.spawn(async move {
-                tokio::select! {
-                    () = dead_letters.cdr_rejected(&source, partition, offset, format, &error, &raw) => {
-                        let _ = tx.send(Completion { topic, partition, offset, mails: Vec::new() });
+            let sending = ctx.sending(tp);
+            stages.tasks.spawn_on(
+                async move {
+                    tokio::select! {
+                        () = dead_letters.cdr_rejected(&source, partition, offset, format, &error, &raw) => {
+                            let _ = tx.send(Completion { topic, partition, offset, mails: Vec::new() });
+                        }
+                        () = sending.cancelled() => {}
                     }
-                    () = cancelled => {}
-                }
-            });
+                },
+                &stages.runtime,
+            );
             return Ok(());
         }
     };
     let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
     ctx.note_skipped(tp, skipped);
-    let (deliverer, tx, cancel) = (stages.deliverer.clone(), tx.clone(), Cancel { stopping: stopping.clone(), tp });
-    stages.runtime.spawn(async move {
-        let mut done = Vec::with_capacity(mails.len());
-        for (key, mail) in mails {
-            deliverer.deliver(&key, &mail, &origin, cancel.clone().cancelled()).await;
-            done.push(key);
-        }
-        let _ = tx.send(Completion { topic, partition, offset, mails: done });
-    });
+    let (deliverer, tx, sending) = (stages.deliverer.clone(), tx.clone(), ctx.sending(tp));
+    stages.tasks.spawn_on(
+        async move {
+            let mut done = Vec::with_capacity(mails.len());
+            for (key, mail) in mails {
+                deliverer.deliver(&key, &mail, &origin, sending.cancelled()).await;
+                done.push(key);
+            }
+            let _ = tx.send(Completion { topic, partition, offset, mails: done });
+        },
+        &stages.runtime,
+    );
     Ok(())
 }
 
@@ -369,11 +353,11 @@ mod tests {
     use super::*;
 
     /// A thread that runs until told to stop, or gives up after a while.
-    fn serving(stop: &Arc<AtomicBool>) -> impl FnOnce() -> Result<(), SourceError> + Send + 'static {
-        let stop = stop.clone();
+    fn serving(reading: &CancellationToken) -> impl FnOnce() -> Result<(), SourceError> + Send + 'static {
+        let reading = reading.clone();
         move || {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !stop.load(Ordering::Acquire) {
+            while !reading.is_cancelled() {
                 if Instant::now() > deadline {
                     return Err(StoreError::FlusherStopped.into());
                 }
@@ -385,10 +369,10 @@ mod tests {
 
     #[test]
     fn a_consumer_thread_that_fails_stops_the_others_and_the_engine_gets_its_error() {
-        let stop = Arc::new(AtomicBool::new(false));
+        let reading = CancellationToken::new();
         let threads = vec![
-            start_thread(0, stop.clone(), serving(&stop)),
-            start_thread(1, stop.clone(), || Err(StoreError::FlusherStopped.into())),
+            start_thread(0, reading.clone(), serving(&reading)),
+            start_thread(1, reading.clone(), || Err(StoreError::FlusherStopped.into())),
         ];
         let error = Source { threads }.join().expect_err("a thread failed");
         assert_eq!(error.to_string(), "subscription store: the store flusher thread has stopped");
@@ -396,10 +380,10 @@ mod tests {
 
     #[test]
     fn a_consumer_thread_that_panics_stops_the_others_too() {
-        let stop = Arc::new(AtomicBool::new(false));
+        let reading = CancellationToken::new();
         let threads = vec![
-            start_thread(0, stop.clone(), serving(&stop)),
-            start_thread(1, stop.clone(), || panic!("a bug in a consumer thread")),
+            start_thread(0, reading.clone(), serving(&reading)),
+            start_thread(1, reading.clone(), || panic!("a bug in a consumer thread")),
         ];
         assert!(matches!(Source { threads }.join(), Err(SourceError::Panicked)));
     }

@@ -31,6 +31,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use crate::phone::PhoneNumber;
+use crate::telemetry::{ErrorCounter, ErrorEvent, Metrics};
 
 pub mod records;
 pub mod sent;
@@ -86,6 +87,9 @@ pub struct Store {
     flusher: Arc<Flusher>,
     /// Where sent records are made durable between flushes; none for a temporary store.
     journal: Option<Arc<Journal>>,
+    /// Where the flusher and the journal count their errors, once the engine's metrics
+    /// exist ([`Store::report_errors_to`]).
+    errors: ErrorCounter,
 }
 
 /// One thread that writes sent records and makes them durable for every async caller,
@@ -114,7 +118,7 @@ struct FlushRequest {
 }
 
 impl Flusher {
-    fn start() -> Arc<Self> {
+    fn start(errors: ErrorCounter) -> Arc<Self> {
         let (requests, incoming) = std::sync::mpsc::channel::<FlushRequest>();
         let every_ms = Arc::new(std::sync::atomic::AtomicU64::new(DEFAULT_GROUP_COMMIT_MS));
         let every = every_ms.clone();
@@ -164,7 +168,7 @@ impl Flusher {
                         };
                         if !appended {
                             while let Err(e) = db.flush() {
-                                tracing::error!(error = %e, "store flush failed; retrying");
+                                crate::error_event!(errors, ErrorEvent::StoreFlush, error = %e, "store flush failed; retrying");
                                 std::thread::sleep(std::time::Duration::from_millis(100));
                             }
                             if let Some(journal) = &journal {
@@ -202,7 +206,8 @@ impl Store {
     /// `dir`: the store's directory, for the sent journal (`None`: a temporary store).
     fn from_db(db: sled::Db, dir: Option<&Path>) -> Result<Self, StoreError> {
         let sent = SentTrees::open(&db)?;
-        let journal = dir.map(|dir| Journal::open(dir, &db, &sent)).transpose()?.map(Arc::new);
+        let errors = ErrorCounter::default();
+        let journal = dir.map(|dir| Journal::open(dir, &db, &sent, errors.clone())).transpose()?.map(Arc::new);
         sent.index_once(&db)?;
         Ok(Self {
             lines: db.open_tree("lines")?,
@@ -212,9 +217,16 @@ impl Store {
             legacy_sent: sent::legacy_sent(&db)?,
             db,
             listeners: Arc::default(),
-            flusher: Flusher::start(),
+            flusher: Flusher::start(errors.clone()),
             journal,
+            errors,
         })
+    }
+
+    /// Counts the store's errors (a failed flush, an unwritable journal) in `metrics`
+    /// from now on; before, they are logged only.
+    pub fn report_errors_to(&self, metrics: Metrics) {
+        self.errors.set(metrics);
     }
 
     /// A tree of the same database for another part of the product (the settings

@@ -413,4 +413,9 @@ async fn r_m4_an_unreadable_retry_queue_entry_is_removed_and_counted_as_unreadab
     let stopped = engine.stop().await;
     assert_eq!(stopped.metric("callnotify_mails_failed_total{reason=\"render\"}"), 0.0);
     assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0, "the entry is gone");
+    assert_eq!(
+        stopped.metric("callnotify_errors_total{stage=\"retry_queue\",error=\"unreadable_entry\"}"),
+        1.0,
+        "the ERROR it logs is counted with it"
+    );
 }

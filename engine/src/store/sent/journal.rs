@@ -18,6 +18,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::telemetry::{ErrorCounter, ErrorEvent};
+
 /// Journal size at which the database is flushed and the journal emptied.
 pub(in crate::store) const CHECKPOINT_BYTES: u64 = 1 << 20;
 
@@ -27,6 +29,7 @@ const FILE_NAME: &str = "sent.journal";
 pub(in crate::store) struct Journal {
     path: PathBuf,
     state: Mutex<State>,
+    errors: ErrorCounter,
 }
 
 struct State {
@@ -53,6 +56,7 @@ impl Journal {
         dir: &Path,
         db: &sled::Db,
         sent: &super::SentTrees,
+        errors: ErrorCounter,
     ) -> Result<Self, super::StoreError> {
         let path = dir.join(FILE_NAME);
         let io = |e: std::io::Error| super::StoreError::Journal { path: path.clone(), source: e };
@@ -76,7 +80,7 @@ impl Journal {
             file.set_len(0).map_err(io)?;
             file.sync_all().map_err(io)?;
         }
-        Ok(Self { path, state: Mutex::new(State { file, len: 0, torn: false }) })
+        Ok(Self { path, state: Mutex::new(State { file, len: 0, torn: false }), errors })
     }
 
     /// Appends `records` (encoded by [`encode`]) and syncs them, or says the database
@@ -94,7 +98,13 @@ impl Journal {
                 Commit::Appended
             }
             Err(e) => {
-                tracing::error!(error = %e, path = %self.path.display(), "sent journal not written; flushing the store instead");
+                crate::error_event!(
+                    self.errors,
+                    ErrorEvent::Journal,
+                    error = %e,
+                    path = %self.path.display(),
+                    "sent journal not written; flushing the store instead"
+                );
                 state.torn = true;
                 Commit::FlushDatabase
             }
@@ -113,7 +123,13 @@ impl Journal {
         match state.file.set_len(0) {
             Ok(()) => (state.len, state.torn) = (0, false),
             Err(e) => {
-                tracing::error!(error = %e, path = %self.path.display(), "sent journal not emptied; flushing the store instead");
+                crate::error_event!(
+                    self.errors,
+                    ErrorEvent::Journal,
+                    error = %e,
+                    path = %self.path.display(),
+                    "sent journal not emptied; flushing the store instead"
+                );
                 state.torn = true;
             }
         }

@@ -257,14 +257,17 @@ impl Store {
     }
 }
 
-/// Every hour, forgets sent-mail records older than the retention window, a slice at a
-/// time on a blocking thread with a pause after each, so even millions of records
-/// never take more than a sliver of a core.
-pub async fn prune_hourly(store: Store, retention_days: u64) {
+/// Every hour until `stop` is cancelled, forgets sent-mail records older than the
+/// retention window, a slice at a time on a blocking thread with a pause after each, so
+/// even millions of records never take more than a sliver of a core.
+pub async fn prune_hourly(store: Store, retention_days: u64, stop: tokio_util::sync::CancellationToken) {
     const SLICE: usize = 1_000;
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
-        every.tick().await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
         let cutoff = (chrono::Utc::now().timestamp().max(0) as u64).saturating_sub(retention_days * 86_400);
         let current = sweep(&store, (), move |store, ()| {
             store.prune_sent(cutoff, SLICE).map(|(n, more)| (n, more.then_some(())))
@@ -273,7 +276,11 @@ pub async fn prune_hourly(store: Store, retention_days: u64) {
         let legacy = sweep(&store, None, move |store, after: Option<Vec<u8>>| {
             store.prune_legacy_sent(cutoff, after.as_deref(), SLICE).map(|(n, next)| (n, next.map(Some)))
         });
-        match (current.await, legacy.await) {
+        let swept = tokio::select! {
+            () = stop.cancelled() => return,
+            swept = async { (current.await, legacy.await) } => swept,
+        };
+        match swept {
             (Ok(pruned), Ok(legacy)) => {
                 tracing::info!(pruned = pruned + legacy, retention_days, "old sent-mail records pruned")
             }
