@@ -98,14 +98,7 @@ impl Journal {
                 Commit::Appended
             }
             Err(e) => {
-                crate::error_event!(
-                    self.errors,
-                    ErrorEvent::Journal,
-                    error = %e,
-                    path = %self.path.display(),
-                    "sent journal not written; flushing the store instead"
-                );
-                state.torn = true;
+                self.unusable(&mut state, &e, "written");
                 Commit::FlushDatabase
             }
         }
@@ -122,17 +115,21 @@ impl Journal {
         // file is in append mode, so that append goes to the new end.
         match state.file.set_len(0) {
             Ok(()) => (state.len, state.torn) = (0, false),
-            Err(e) => {
-                crate::error_event!(
-                    self.errors,
-                    ErrorEvent::Journal,
-                    error = %e,
-                    path = %self.path.display(),
-                    "sent journal not emptied; flushing the store instead"
-                );
-                state.torn = true;
-            }
+            Err(e) => self.unusable(&mut state, &e, "emptied"),
         }
+    }
+
+    /// Reports that the journal could not be `what` (written, emptied) and marks it
+    /// unusable until the database has been flushed.
+    fn unusable(&self, state: &mut State, e: &std::io::Error, what: &str) {
+        crate::error_event!(
+            self.errors,
+            ErrorEvent::Journal,
+            error = %e,
+            path = %self.path.display(),
+            "sent journal not {what}; flushing the store instead"
+        );
+        state.torn = true;
     }
 }
 
