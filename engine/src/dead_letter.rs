@@ -8,8 +8,9 @@ use base64::Engine as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::decode::CdrFormat;
+use crate::error_event::ErrorEvent;
 use crate::render::{Mail, Origin};
-use crate::telemetry::{ErrorEvent, Metrics};
+use crate::telemetry::Metrics;
 
 /// Writes dead-letter records: undecodable CDRs and mails refused for good. Each is
 /// retried until the broker takes it, since the CDR's offset waits for it. A write the

@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::telemetry::{ErrorEvent, Metrics};
+use crate::error_event::ErrorEvent;
+use crate::telemetry::Metrics;
 
 /// How often the free space is looked at.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);

@@ -35,6 +35,7 @@
 //! - [`demo`]: the `callnotify demo` command.
 //! - [`config`]: layered TOML + environment configuration.
 //! - [`telemetry`]: metric names and handles.
+//! - [`error_event`]: every ERROR logged and counted in one step.
 //! - [`http`]: connection limits and timeouts every HTTP listener keeps.
 //! - [`ops`]: the operator's endpoint: `/metrics`, `/healthz`, `POST /provision`.
 //! - [`startup`]: wires the stages into a running [`startup::Application`].
@@ -48,6 +49,7 @@ pub mod deliver;
 pub mod demo;
 pub mod disk;
 pub mod embedded;
+pub mod error_event;
 pub mod filter;
 pub mod http;
 pub mod ops;

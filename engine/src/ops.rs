@@ -16,9 +16,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Secret;
 use crate::disk::DiskWatch;
+use crate::error_event::ErrorEvent;
 use crate::provision::{import, ImportReport};
 use crate::store::Store;
-use crate::telemetry::{ErrorEvent, Metrics};
+use crate::telemetry::Metrics;
 
 /// Largest provisioning upload: a few million lines of JSON. The upload is imported as
 /// it arrives, never held whole: memory stays at a few chunks and one line whatever

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use crate::decode::{check_times, decode, CallEvent, CdrFormat, DecodeError};
+use crate::error_event::ErrorEvent;
 use crate::filter::{decide, Skip};
 use crate::render::{Mail, Origin, Renderer};
 use crate::resolve::{Resolver, Subscription};
 use crate::store::{Claims, SentKey, StoreError};
-use crate::telemetry::{ErrorEvent, Failure, Metrics};
+use crate::telemetry::{Failure, Metrics};
 
 /// What filter hands render: a call to notify and the subscription whose checked
 /// destinations get the mail.

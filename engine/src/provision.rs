@@ -179,7 +179,7 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
                 Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
                 Err(source) => return Err(ImportError::Store { line, from: durable_before, source }),
             },
-            Err(reason) => report.reject(line, reason),
+            Err(reason) => report.reject(line, reason.to_string()),
         }
         if since_flush >= CHECKPOINT_LINES {
             store.flush_blocking().map_err(|source| ImportError::Store { line, from: durable_before, source })?;
@@ -192,32 +192,48 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
 
 type Numbers = Vec<(PhoneNumber, Services, Option<CallSettings>)>;
 
-fn parse_line(text: &str) -> Result<(LineRecord, Numbers), String> {
+/// Why one input line is not applied: its reason in the import report.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    /// Not a line record; the message names the column (serde's "at line 1 column N"
+    /// would read as the file's line 1).
+    #[error("{0}")]
+    Json(String),
+    #[error("a line needs at least one number")]
+    NoNumbers,
+    #[error("number {0} is listed twice")]
+    ListedTwice(PhoneNumber),
+    #[error("number {number}: {source}")]
+    Settings { number: PhoneNumber, source: StoreError },
+    #[error("contract number {0} must be one of the line's numbers")]
+    ContractNotListed(PhoneNumber),
+}
+
+fn parse_line(text: &str) -> Result<(LineRecord, Numbers), LineError> {
     let input: LineInput = serde_json::from_str(text).map_err(|e| {
-        // serde's "at line 1 column N" would read as the file's line 1.
         let message = e.to_string();
-        match message.rsplit_once(" at line ") {
+        LineError::Json(match message.rsplit_once(" at line ") {
             Some((reason, _)) => format!("{reason} (column {})", e.column()),
             None => message,
-        }
+        })
     })?;
     if input.numbers.is_empty() {
-        return Err("a line needs at least one number".into());
+        return Err(LineError::NoNumbers);
     }
     let mut seen = HashSet::new();
     let mut numbers = Vec::with_capacity(input.numbers.len());
     for n in input.numbers {
         if !seen.insert(n.number) {
-            return Err(format!("number {} is listed twice", n.number));
+            return Err(LineError::ListedTwice(n.number));
         }
         if let Some(settings) = &n.settings {
-            settings.validate().map_err(|e| format!("number {}: {e}", n.number))?;
+            settings.validate().map_err(|source| LineError::Settings { number: n.number, source })?;
         }
         let services = Services { call: n.services.contains(&Service::Call), fax: n.services.contains(&Service::Fax) };
         numbers.push((n.number, services, n.settings.map(|s| CallSettings { version: 0, ..s })));
     }
     if !seen.contains(&input.contract) {
-        return Err(format!("contract number {} must be one of the line's numbers", input.contract));
+        return Err(LineError::ContractNotListed(input.contract));
     }
     let record =
         LineRecord { contract: input.contract, numbers: numbers.iter().map(|n| n.0).collect(), unit: input.unit };

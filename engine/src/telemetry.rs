@@ -13,6 +13,7 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
 use crate::decode::Rejection;
+use crate::error_event::{CountErrors, ErrorEvent};
 use crate::filter::Skip;
 
 pub const CDRS_CONSUMED: &str = "callnotify_cdrs_consumed_total";
@@ -68,136 +69,6 @@ impl Failure {
             Failure::Render => "render",
             Failure::Expired => "expired",
             Failure::Unreadable => "unreadable",
-        }
-    }
-}
-
-/// An error an operator must see, as `callnotify_errors_total{stage, error}` labels it.
-/// Raised with [`error_event!`](crate::error_event), which logs it at ERROR and counts
-/// it in one step: no error is logged without being counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorEvent {
-    /// The store's file system has less room than `store.min_free_mb`.
-    DiskLow,
-    /// Before a revocation's commit, the store could not be flushed.
-    RevokeFlush,
-    /// A committed offset is out of the partition's range.
-    OffsetOutOfRange,
-    /// A mail could not be rendered from its call.
-    Render,
-    /// A mail's sent record or retry-queue entry is not stored yet (tried again).
-    DeliveryStore,
-    /// The retry queue could not be read.
-    RetryQueueRead,
-    /// A retry-queue entry could not be read back: removed.
-    RetryQueueUnreadable,
-    /// A retry-queue entry cannot be sent as it is: removed.
-    RetryQueueUnsendable,
-    /// A retry-queue entry could not be rescheduled.
-    RetryQueueReschedule,
-    /// After a retried mail, the store could not be flushed.
-    RetryQueueFlush,
-    /// A sent mail's retry-queue entry could not be removed: it may be sent again.
-    RetryQueueRemove,
-    /// A dead-letter record is not written yet (its CDR stays uncommitted).
-    DeadLetterWrite,
-    /// The sent journal could not be written or emptied: the store is flushed instead.
-    Journal,
-    /// The store could not be flushed (tried again).
-    StoreFlush,
-    /// The operator endpoint stopped serving.
-    OperatorEndpoint,
-    /// An import over `POST /provision` failed.
-    Provision,
-}
-
-impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 16] = [
-        ErrorEvent::DiskLow,
-        ErrorEvent::RevokeFlush,
-        ErrorEvent::OffsetOutOfRange,
-        ErrorEvent::Render,
-        ErrorEvent::DeliveryStore,
-        ErrorEvent::RetryQueueRead,
-        ErrorEvent::RetryQueueUnreadable,
-        ErrorEvent::RetryQueueUnsendable,
-        ErrorEvent::RetryQueueReschedule,
-        ErrorEvent::RetryQueueFlush,
-        ErrorEvent::RetryQueueRemove,
-        ErrorEvent::DeadLetterWrite,
-        ErrorEvent::Journal,
-        ErrorEvent::StoreFlush,
-        ErrorEvent::OperatorEndpoint,
-        ErrorEvent::Provision,
-    ];
-
-    /// The `stage` label: the part of the engine it happened in.
-    pub fn stage(self) -> &'static str {
-        use ErrorEvent::*;
-        match self {
-            RevokeFlush | OffsetOutOfRange => "source",
-            Render => "pipeline",
-            DeliveryStore => "deliver",
-            RetryQueueRead | RetryQueueUnreadable | RetryQueueUnsendable | RetryQueueReschedule | RetryQueueFlush
-            | RetryQueueRemove => "retry_queue",
-            DeadLetterWrite => "dead_letters",
-            DiskLow | Journal | StoreFlush => "store",
-            OperatorEndpoint | Provision => "operator",
-        }
-    }
-
-    /// The `error` label.
-    pub fn as_str(self) -> &'static str {
-        use ErrorEvent::*;
-        match self {
-            DiskLow => "disk_low",
-            RevokeFlush => "revoke_flush",
-            OffsetOutOfRange => "offset_out_of_range",
-            Render => "render",
-            DeliveryStore => "store_write",
-            RetryQueueRead => "read",
-            RetryQueueUnreadable => "unreadable_entry",
-            RetryQueueUnsendable => "unsendable_entry",
-            RetryQueueReschedule => "reschedule",
-            RetryQueueFlush => "store_flush",
-            RetryQueueRemove => "remove",
-            DeadLetterWrite => "write",
-            Journal => "journal",
-            StoreFlush => "flush",
-            OperatorEndpoint => "listener",
-            Provision => "provision",
-        }
-    }
-}
-
-/// Logs an [`ErrorEvent`] at ERROR with its `stage` and `error` labels and the given
-/// fields and message (as `tracing::error!` takes them), and counts it in
-/// `callnotify_errors_total`: the one way the engine reports an error.
-///
-/// `$metrics` is a [`Metrics`], or anything with a `count_error(ErrorEvent)` method
-/// ([`ErrorCounter`] where the metrics come later than the part that reports).
-#[macro_export]
-macro_rules! error_event {
-    ($metrics:expr, $event:expr, $($rest:tt)+) => {{
-        let event: $crate::telemetry::ErrorEvent = $event;
-        $metrics.count_error(event);
-        ::tracing::error!(stage = event.stage(), error_kind = event.as_str(), $($rest)+);
-    }};
-}
-
-/// The metrics to count errors in, for a part built before them (the store): errors
-/// before [`ErrorCounter::set`] are logged only.
-#[derive(Clone, Default)]
-pub struct ErrorCounter(Arc<OnceLock<Metrics>>);
-
-impl ErrorCounter {
-    pub fn set(&self, metrics: Metrics) {
-        let _ = self.0.set(metrics);
-    }
-
-    pub fn count_error(&self, event: ErrorEvent) {
-        if let Some(metrics) = self.0.get() {
-            metrics.count_error(event);
         }
     }
 }
@@ -412,12 +283,6 @@ impl Metrics {
         self.inner.sent.increment(1);
         self.inner.latency.record(latency.as_secs_f64());
     }
-    /// Counts an error; [`error_event!`](crate::error_event) calls this and logs it.
-    pub fn count_error(&self, event: ErrorEvent) {
-        let i = ErrorEvent::ALL.iter().position(|e| *e == event).expect("every ErrorEvent is in ALL");
-        self.inner.errors[i].increment(1);
-    }
-
     pub fn failed(&self, reason: Failure) {
         let i = Failure::ALL.iter().position(|r| *r == reason).expect("every Failure is in ALL");
         self.inner.failed[i].increment(1);
@@ -491,6 +356,13 @@ impl Metrics {
     }
 }
 
+impl CountErrors for Metrics {
+    fn count_error(&self, event: ErrorEvent) {
+        let i = ErrorEvent::ALL.iter().position(|e| *e == event).expect("every ErrorEvent is in ALL");
+        self.inner.errors[i].increment(1);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -516,7 +388,7 @@ mod tests {
         assert_eq!(metrics.value(&series(ErrorEvent::StoreFlush)), Some(0.0));
 
         // The store reports before the metrics exist: logged only, then counted.
-        let counter = ErrorCounter::default();
+        let counter = crate::error_event::ErrorCounter::default();
         crate::error_event!(counter, ErrorEvent::StoreFlush, "store flush failed");
         counter.set(metrics.clone());
         crate::error_event!(counter, ErrorEvent::StoreFlush, "store flush failed");

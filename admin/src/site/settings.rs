@@ -130,7 +130,7 @@ pub async fn submit(
     let Some((number, current)) = settings_of(&state, session.number, raw).await? else { return Ok(not_found()) };
     if let Err(why) = Entered::check_choices(&fields) {
         tracing::info!(%number, %why, "settings form refused: a value the form does not offer");
-        return Err(SiteError::BadForm(why));
+        return Err(SiteError::BadForm(why.to_string()));
     }
 
     let entered = Entered::from_fields(&fields);

@@ -22,6 +22,15 @@ pub struct Row {
     pub checked: bool,
 }
 
+/// A choice with a value the settings form does not offer (`enabled=maybe`).
+#[derive(Debug, thiserror::Error)]
+#[error("{name}={value:?}: not a value this form offers ({})", allowed.join(", "))]
+pub struct ChoiceError {
+    name: String,
+    value: String,
+    allowed: &'static [&'static str],
+}
+
 /// The form's values as entered (or as stored, for a fresh page), so a refused form is
 /// shown again with what the subscriber typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +127,7 @@ impl Entered {
     /// Whether every choice has a value the form offers: 開始/停止 is `on` or `off`, a
     /// check is `on` or absent. A browser sends nothing else; anything else is refused
     /// rather than read as 停止 (`enabled=maybe` was saved as 停止).
-    pub fn check_choices(fields: &HashMap<String, String>) -> Result<(), String> {
+    pub fn check_choices(fields: &HashMap<String, String>) -> Result<(), ChoiceError> {
         for (name, value) in fields {
             let allowed: &[&str] = match name.as_str() {
                 "enabled" => &["on", "off"],
@@ -127,7 +136,7 @@ impl Entered {
                 _ => continue,
             };
             if !allowed.contains(&value.as_str()) {
-                return Err(format!("{name}={value:?}: not a value this form offers ({})", allowed.join(", ")));
+                return Err(ChoiceError { name: name.clone(), value: value.clone(), allowed });
             }
         }
         Ok(())

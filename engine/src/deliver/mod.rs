@@ -27,10 +27,11 @@ use self::queue::{Entry, Queued, RetryQueue, Slot};
 use self::smtp::{SendError, SmtpPool};
 use crate::config::SmtpSettings;
 use crate::dead_letter::DeadLetters;
+use crate::error_event::ErrorEvent;
 use crate::phone::PhoneNumber;
 use crate::render::{Mail, Origin};
 use crate::store::{SentKey, Store, StoreError};
-use crate::telemetry::{ErrorEvent, Failure, Metrics};
+use crate::telemetry::{Failure, Metrics};
 
 mod breaker;
 mod client;

@@ -13,9 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
+use crate::error_event::ErrorEvent;
 use crate::store::Claims;
 use crate::store::{Store, StoreError};
-use crate::telemetry::{ErrorEvent, Metrics};
+use crate::telemetry::Metrics;
 
 /// How long an assignment waits for the group's committed offsets (see `note_starts`).
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);

@@ -30,8 +30,8 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
+use crate::error_event::{CountErrors, ErrorCounter, ErrorEvent};
 use crate::phone::PhoneNumber;
-use crate::telemetry::{ErrorCounter, ErrorEvent, Metrics};
 
 pub mod records;
 pub mod sent;
@@ -223,10 +223,10 @@ impl Store {
         })
     }
 
-    /// Counts the store's errors (a failed flush, an unwritable journal) in `metrics`
-    /// from now on; before, they are logged only.
-    pub fn report_errors_to(&self, metrics: Metrics) {
-        self.errors.set(metrics);
+    /// Counts the store's errors (a failed flush, an unwritable journal) in `counter`
+    /// (the engine's metrics) from now on; before, they are logged only.
+    pub fn report_errors_to(&self, counter: impl CountErrors + 'static) {
+        self.errors.set(counter);
     }
 
     /// A tree of the same database for another part of the product (the settings

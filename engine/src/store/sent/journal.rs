@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::telemetry::{ErrorCounter, ErrorEvent};
+use crate::error_event::{ErrorCounter, ErrorEvent};
 
 /// Journal size at which the database is flushed and the journal emptied.
 pub(in crate::store) const CHECKPOINT_BYTES: u64 = 1 << 20;

@@ -295,14 +295,11 @@ async fn sweep<S: Send + 'static>(
     store: &Store,
     mut state: S,
     slice: impl Fn(&Store, S) -> Result<(usize, Option<S>), StoreError> + Clone + Send + 'static,
-) -> Result<usize, String> {
+) -> Result<usize, StoreError> {
     let mut total = 0;
     loop {
         let (store, slice) = (store.clone(), slice.clone());
-        let (n, next) = tokio::task::spawn_blocking(move || slice(&store, state))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let (n, next) = tokio::task::spawn_blocking(move || slice(&store, state)).await??;
         total += n;
         match next {
             Some(next) => state = next,

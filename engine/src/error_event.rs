@@ -1,0 +1,144 @@
+//! Errors an operator must see: each is one [`ErrorEvent`], raised with
+//! [`error_event!`](macro@crate::error_event), which logs it at ERROR and counts it in
+//! `callnotify_errors_total{stage, error}` in one step (after Vector's internal events).
+//! A leaf module: every stage may raise errors, the store included, without depending on
+//! the metrics' labels of the others.
+
+use std::sync::{Arc, OnceLock};
+
+/// An error an operator must see, as `callnotify_errors_total{stage, error}` labels it.
+/// Raised with [`error_event!`](macro@crate::error_event), which logs it at ERROR and counts
+/// it in one step: no error is logged without being counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorEvent {
+    /// The store's file system has less room than `store.min_free_mb`.
+    DiskLow,
+    /// Before a revocation's commit, the store could not be flushed.
+    RevokeFlush,
+    /// A committed offset is out of the partition's range.
+    OffsetOutOfRange,
+    /// A mail could not be rendered from its call.
+    Render,
+    /// A mail's sent record or retry-queue entry is not stored yet (tried again).
+    DeliveryStore,
+    /// The retry queue could not be read.
+    RetryQueueRead,
+    /// A retry-queue entry could not be read back: removed.
+    RetryQueueUnreadable,
+    /// A retry-queue entry cannot be sent as it is: removed.
+    RetryQueueUnsendable,
+    /// A retry-queue entry could not be rescheduled.
+    RetryQueueReschedule,
+    /// After a retried mail, the store could not be flushed.
+    RetryQueueFlush,
+    /// A sent mail's retry-queue entry could not be removed: it may be sent again.
+    RetryQueueRemove,
+    /// A dead-letter record is not written yet (its CDR stays uncommitted).
+    DeadLetterWrite,
+    /// The sent journal could not be written or emptied: the store is flushed instead.
+    Journal,
+    /// The store could not be flushed (tried again).
+    StoreFlush,
+    /// The operator endpoint stopped serving.
+    OperatorEndpoint,
+    /// An import over `POST /provision` failed.
+    Provision,
+}
+
+impl ErrorEvent {
+    pub const ALL: [ErrorEvent; 16] = [
+        ErrorEvent::DiskLow,
+        ErrorEvent::RevokeFlush,
+        ErrorEvent::OffsetOutOfRange,
+        ErrorEvent::Render,
+        ErrorEvent::DeliveryStore,
+        ErrorEvent::RetryQueueRead,
+        ErrorEvent::RetryQueueUnreadable,
+        ErrorEvent::RetryQueueUnsendable,
+        ErrorEvent::RetryQueueReschedule,
+        ErrorEvent::RetryQueueFlush,
+        ErrorEvent::RetryQueueRemove,
+        ErrorEvent::DeadLetterWrite,
+        ErrorEvent::Journal,
+        ErrorEvent::StoreFlush,
+        ErrorEvent::OperatorEndpoint,
+        ErrorEvent::Provision,
+    ];
+
+    /// The `stage` label: the part of the engine it happened in.
+    pub fn stage(self) -> &'static str {
+        use ErrorEvent::*;
+        match self {
+            RevokeFlush | OffsetOutOfRange => "source",
+            Render => "pipeline",
+            DeliveryStore => "deliver",
+            RetryQueueRead | RetryQueueUnreadable | RetryQueueUnsendable | RetryQueueReschedule | RetryQueueFlush
+            | RetryQueueRemove => "retry_queue",
+            DeadLetterWrite => "dead_letters",
+            DiskLow | Journal | StoreFlush => "store",
+            OperatorEndpoint | Provision => "operator",
+        }
+    }
+
+    /// The `error` label.
+    pub fn as_str(self) -> &'static str {
+        use ErrorEvent::*;
+        match self {
+            DiskLow => "disk_low",
+            RevokeFlush => "revoke_flush",
+            OffsetOutOfRange => "offset_out_of_range",
+            Render => "render",
+            DeliveryStore => "store_write",
+            RetryQueueRead => "read",
+            RetryQueueUnreadable => "unreadable_entry",
+            RetryQueueUnsendable => "unsendable_entry",
+            RetryQueueReschedule => "reschedule",
+            RetryQueueFlush => "store_flush",
+            RetryQueueRemove => "remove",
+            DeadLetterWrite => "write",
+            Journal => "journal",
+            StoreFlush => "flush",
+            OperatorEndpoint => "listener",
+            Provision => "provision",
+        }
+    }
+}
+
+/// Logs an [`ErrorEvent`] at ERROR with its `stage` and `error` labels and the given
+/// fields and message (as `tracing::error!` takes them), and counts it in
+/// `callnotify_errors_total`: the one way the engine reports an error.
+///
+/// `$metrics` is anything that [`CountErrors`]: the engine's `Metrics`, or an
+/// [`ErrorCounter`] where the metrics come later than the part that reports.
+#[macro_export]
+macro_rules! error_event {
+    ($metrics:expr, $event:expr, $($rest:tt)+) => {{
+        let event: $crate::error_event::ErrorEvent = $event;
+        $crate::error_event::CountErrors::count_error(&$metrics, event);
+        ::tracing::error!(stage = event.stage(), error_kind = event.as_str(), $($rest)+);
+    }};
+}
+
+/// Where errors are counted: the engine's metrics implement it.
+pub trait CountErrors: Send + Sync {
+    fn count_error(&self, event: ErrorEvent);
+}
+
+/// The counter to count errors in, for a part built before it (the store): errors
+/// before [`ErrorCounter::set`] are logged only.
+#[derive(Clone, Default)]
+pub struct ErrorCounter(Arc<OnceLock<Arc<dyn CountErrors>>>);
+
+impl ErrorCounter {
+    pub fn set(&self, counter: impl CountErrors + 'static) {
+        let _ = self.0.set(Arc::new(counter));
+    }
+}
+
+impl CountErrors for ErrorCounter {
+    fn count_error(&self, event: ErrorEvent) {
+        if let Some(counter) = self.0.get() {
+            counter.count_error(event);
+        }
+    }
+}
