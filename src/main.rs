@@ -73,6 +73,19 @@ enum Provision {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Write every line to JSON Lines that `provision import` reads back to the same
+    /// store (settings, their versions and, unless left out, the site's credentials:
+    /// argon2id hashes, never passwords). Run it while `serve` is stopped.
+    Export {
+        /// Where to write; `-` (the default) is standard output. A file is written
+        /// whole or not at all.
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// Leave the credentials out: subscribers then set their passwords again by
+        /// phone (R-I7).
+        #[arg(long)]
+        without_credentials: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -130,6 +143,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Provision { action: Provision::Import { file: input, url } } => {
             provision_import(&Settings::load(file)?, &input, url.as_deref())
+        }
+        Command::Provision { action: Provision::Export { file: output, without_credentials } } => {
+            provision_export(&Settings::load(file)?, &output, !without_credentials)
         }
         Command::Config { action: ConfigAction::Check } => {
             let (_, effective) = Settings::effective(file, std::env::vars())?;
@@ -235,6 +251,36 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
     let rejected = report.rejected.len() + report.rejected_not_listed;
     println!("imported {} lines ({} numbers); rejected {rejected} lines", report.lines, report.numbers);
     Ok(if rejected == 0 && cut_short.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bool) -> anyhow::Result<ExitCode> {
+    let store = open_store(settings)?;
+    let report = if file.as_os_str() == "-" {
+        engine::provision::export(&store, credentials, std::io::BufWriter::new(std::io::stdout().lock()))?
+    } else {
+        // Beside the target, renamed over it once complete and synced: a failed export
+        // leaves no half file where a good one is expected.
+        let partial = file.with_extension("partial");
+        let written = std::fs::File::create(&partial)
+            .map_err(anyhow::Error::from)
+            .and_then(|out| {
+                let mut out = std::io::BufWriter::new(out);
+                let report = engine::provision::export(&store, credentials, &mut out)?;
+                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                Ok(report)
+            })
+            .and_then(|report| Ok(std::fs::rename(&partial, file).map(|()| report)?));
+        match written {
+            Ok(report) => report,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e.context(format!("exporting to {}", file.display())));
+            }
+        }
+    };
+    let what = if credentials { format!(", {} credentials", report.credentials) } else { String::new() };
+    eprintln!("exported {} lines ({} numbers{what}) to {}", report.lines, report.numbers, file.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

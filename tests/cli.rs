@@ -132,7 +132,11 @@ fn line(i: usize) -> String {
 }
 
 fn snapshot(path: &Path) -> (Vec<LineRecord>, Vec<NumberRecord>) {
-    let store = Store::open(path).expect("store opens after import");
+    contents(&Store::open(path).expect("store opens after import"))
+}
+
+/// Every line and number record of `store`, in key order.
+fn contents(store: &Store) -> (Vec<LineRecord>, Vec<NumberRecord>) {
     let lines = store.lines().collect::<Result<Vec<_>, _>>().unwrap();
     let numbers = store.numbers().collect::<Result<Vec<_>, _>>().unwrap();
     (lines, numbers)
@@ -259,6 +263,70 @@ fn r_i2_r_i7_the_terminal_ivr_sets_a_temporary_password_for_the_line() {
     let store = Store::open(&store).unwrap();
     let line = store.line(&engine::phone::PhoneNumber::parse("0300000000").unwrap()).unwrap().unwrap();
     assert_eq!(line.unit, Some(engine::store::AuthUnit::Line), "R-I7: the line takes the chosen unit");
+}
+
+/// R-L3, R-S3: `provision export` then `provision import` into an empty store carries
+/// every line, setting and credential over: a subscriber's password still logs in on the
+/// copy, and a failure count carries on where it was. Without credentials, nobody can
+/// log in until a temporary password is set by phone.
+#[test]
+fn r_l3_r_s3_an_export_imported_elsewhere_keeps_settings_and_passwords() {
+    use admin::credentials::{Credentials, LoginFailure, PASSWORD_MAX_FAILURES};
+    let dir = tempfile::tempdir().unwrap();
+    let (store, copy, bare) = (dir.path().join("store"), dir.path().join("copy"), dir.path().join("bare"));
+    let lines: String = (0..30).map(|i| line(i) + "\n").collect();
+    std::fs::write(dir.path().join("lines.jsonl"), &lines).unwrap();
+    assert!(callnotify(&store)
+        .args(["provision", "import", "lines.jsonl"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap()
+        .success());
+    let number = engine::phone::PhoneNumber::parse("0300000000").unwrap();
+    let other = engine::phone::PhoneNumber::parse("0300000002").unwrap();
+    let now = chrono::Utc::now();
+    {
+        let store = Store::open(&store).unwrap();
+        let credentials = Credentials::open(&store).unwrap();
+        credentials.set_password(&number, "kakunin-2026", now).unwrap();
+        credentials.set_password(&other, "betsu-no-2026", now).unwrap();
+        assert!(credentials.verify(&number, "wrong", now).unwrap().is_err());
+        store.flush_blocking().unwrap();
+    }
+
+    let out = callnotify(&store).args(["provision", "export", "all.jsonl"]).current_dir(dir.path()).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("exported 30 lines (60 numbers, 2 credentials) to all.jsonl"), "{said}");
+    let out = callnotify(&copy).args(["provision", "import", "all.jsonl"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = callnotify(&store)
+        .args(["provision", "export", "--without-credentials"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("argon2"));
+    std::fs::write(dir.path().join("bare.jsonl"), &out.stdout).unwrap();
+    assert!(callnotify(&bare)
+        .args(["provision", "import", "bare.jsonl"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap()
+        .success());
+
+    let (original, copy) = (Store::open(&store).unwrap(), Store::open(&copy).unwrap());
+    assert_eq!(contents(&copy), contents(&original));
+    let credentials = Credentials::open(&copy).unwrap();
+    assert_eq!(credentials.record(&number).unwrap().map(|r| r.failures), Some(1), "the failure count carries on");
+    assert!(credentials.verify(&other, "betsu-no-2026", now).unwrap().is_ok(), "the password logs in on the copy");
+    for _ in 0..PASSWORD_MAX_FAILURES - 1 {
+        let _ = credentials.verify(&number, "wrong", now).unwrap();
+    }
+    assert_eq!(credentials.verify(&number, "kakunin-2026", now).unwrap().err(), Some(LoginFailure::Locked));
+    let bare = Store::open(&bare).unwrap();
+    assert_eq!(contents(&bare), contents(&original));
+    let none = Credentials::open(&bare).unwrap();
+    assert_eq!(none.verify(&other, "betsu-no-2026", now).unwrap().err(), Some(LoginFailure::Unknown));
 }
 
 /// `callnotify demo` in `dir` on embedded defaults, logging at info (how far it got,

@@ -17,23 +17,19 @@
 //! deliberately slow, so the functions here block: async code calls the `*_async`
 //! wrappers, which run them on tokio's blocking pool. No function logs a password.
 
-use std::fmt;
 use std::sync::OnceLock;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use chrono::{DateTime, Duration, Utc};
 use engine::phone::PhoneNumber;
+pub use engine::store::{CredentialKind, CredentialRecord, PASSWORD_MAX_FAILURES, TEMPORARY_MAX_FAILURES};
 use engine::store::{Store, StoreError};
 
 /// Name of the sled tree: login number → JSON [`CredentialRecord`].
 pub const TREE: &str = engine::store::CREDENTIALS_TREE;
 /// A temporary password is valid for 24 hours from being set (R-I8, R-S2).
 pub const TEMPORARY_VALIDITY: Duration = Duration::hours(24);
-/// Consecutive wrong entries that invalidate a temporary password (R-S2).
-pub const TEMPORARY_MAX_FAILURES: u32 = 3;
-/// Consecutive wrong entries that invalidate a password (R-S3).
-pub const PASSWORD_MAX_FAILURES: u32 = 10;
 /// A password must be changed this long after it was set (R-S6).
 pub const PASSWORD_LIFETIME: Duration = Duration::days(60);
 
@@ -43,65 +39,6 @@ pub const ARGON2_M_COST_KIB: u32 = 19_456;
 pub const ARGON2_T_COST: u32 = 2;
 /// argon2id lanes: one, so a login occupies one blocking thread.
 pub const ARGON2_P_COST: u32 = 1;
-
-/// Which kind of secret a credential is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CredentialKind {
-    /// 仮パスワード: 8 digits set by phone; must be changed at first login (R-S4).
-    Temporary,
-    /// パスワード: chosen by the subscriber on the site (R-S5).
-    Password,
-}
-
-impl CredentialKind {
-    fn max_failures(self) -> u32 {
-        match self {
-            Self::Temporary => TEMPORARY_MAX_FAILURES,
-            Self::Password => PASSWORD_MAX_FAILURES,
-        }
-    }
-}
-
-/// The stored state of one login number's credential.
-#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CredentialRecord {
-    /// argon2id PHC string (algorithm, parameters, salt, hash); never the password.
-    pub hash: String,
-    pub kind: CredentialKind,
-    /// When it was set: the start of the 24 h (R-I8) and 60-day (R-S6) periods.
-    pub set_at: DateTime<Utc>,
-    /// Consecutive wrong entries since it was set or last entered right (R-S2, R-S3).
-    pub failures: u32,
-    /// Set by the last allowed wrong entry; only a new temporary password clears it.
-    pub invalidated: bool,
-}
-
-impl CredentialRecord {
-    /// Tells this credential from any other the number had or will have: every set
-    /// hashes with a fresh salt. A site session keeps the stamp it logged in with and
-    /// ends when the number's credential no longer has it (a new temporary password by
-    /// phone, a unit change, the number removed or moved to another line).
-    pub fn stamp(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.hash.hash(&mut hasher);
-        hasher.finish()
-    }
-}
-
-impl fmt::Debug for CredentialRecord {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // A hash in a log is an offline guessing target; leave it out.
-        f.debug_struct("CredentialRecord")
-            .field("hash", &"<argon2id>")
-            .field("kind", &self.kind)
-            .field("set_at", &self.set_at)
-            .field("failures", &self.failures)
-            .field("invalidated", &self.invalidated)
-            .finish()
-    }
-}
 
 /// A successful login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,24 +9,30 @@
 //!
 //! Import is an idempotent upsert. A bad input line is reported with its line number
 //! and reason and is not applied; every other line is.
+//!
+//! [`export`] writes the store in the same format, one line per 回線 in contract-number
+//! order, every number with its services, settings (with their version, R-S9) and,
+//! unless left out, the site's credential (argon2id hash, kind, when set, failures;
+//! never a password): importing it into an empty store gives the same store.
 
 use std::collections::HashSet;
 use std::io::BufRead;
 
 use crate::phone::PhoneNumber;
-use crate::store::{AuthUnit, CallSettings, LineRecord, Services, Store, StoreError};
+use crate::store::{AuthUnit, CallSettings, CredentialRecord, LineRecord, Services, Store, StoreError};
 
-#[derive(Debug, serde::Deserialize)]
+/// One line of the format, read by [`import`] and written by [`export`].
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct LineInput {
     /// 契約番号; must be one of `numbers`.
     contract: PhoneNumber,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     unit: Option<AuthUnit>,
     numbers: Vec<NumberInput>,
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 struct NumberInput {
     number: PhoneNumber,
@@ -34,11 +40,15 @@ struct NumberInput {
     services: Vec<Service>,
     /// Absent: the number keeps the settings it has (a subscriber's own saves survive
     /// a re-import).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     settings: Option<CallSettings>,
+    /// Absent: the number keeps the credential it has (none, if new or moved here).
+    /// Present: restored as given (an export's backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    credential: Option<CredentialRecord>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 enum Service {
     Call,
@@ -128,6 +138,57 @@ const CHECKPOINT_LINES: usize = 1_000;
 /// The UTF-8 byte order mark some editors put at the start of a file.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// What an export wrote.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExportReport {
+    pub lines: usize,
+    pub numbers: usize,
+    pub credentials: usize,
+}
+
+/// Why an export stopped: reading the store or writing the output.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("reading the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("line {contract} lists number {number}, which has no record: the store is damaged")]
+    Missing { contract: PhoneNumber, number: PhoneNumber },
+    #[error("writing the export: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+/// Writes every line of `store` to `out` in the import format, in contract-number
+/// order; with `credentials`, each number's site credential too (the argon2id hash and
+/// its counters, never a password). Importing the output into an empty store gives the
+/// same lines, numbers, settings and (if written) credentials.
+pub fn export(store: &Store, credentials: bool, mut out: impl std::io::Write) -> Result<ExportReport, ExportError> {
+    let mut report = ExportReport::default();
+    for line in store.lines() {
+        let line = line?;
+        let mut numbers = Vec::with_capacity(line.numbers.len());
+        for number in &line.numbers {
+            let record =
+                store.number(number)?.ok_or(ExportError::Missing { contract: line.contract, number: *number })?;
+            let services = [(record.services.call, Service::Call), (record.services.fax, Service::Fax)];
+            let credential = if credentials { store.credential(number)? } else { None };
+            report.credentials += usize::from(credential.is_some());
+            numbers.push(NumberInput {
+                number: *number,
+                services: services.into_iter().filter(|(on, _)| *on).map(|(_, s)| s).collect(),
+                settings: Some(record.call),
+                credential,
+            });
+        }
+        report.numbers += numbers.len();
+        let output = LineInput { contract: line.contract, unit: line.unit, numbers };
+        serde_json::to_writer(&mut out, &output).map_err(std::io::Error::from)?;
+        out.write_all(b"\n")?;
+        report.lines += 1;
+    }
+    out.flush()?;
+    Ok(report)
+}
+
 /// Imports every line of `input` into `store`. A line that is not UTF-8 (or starts with
 /// a byte order mark) is rejected alone, like any other bad line.
 pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, ImportError> {
@@ -168,8 +229,15 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
             continue;
         }
         match parse_line(text) {
-            Ok((record, numbers)) => match store.upsert_line(&record, &numbers) {
+            Ok((record, numbers, credentials)) => match store.upsert_line(&record, &numbers) {
                 Ok(upserted) => {
+                    for (number, credential) in &credentials {
+                        store.restore_credential(number, credential).map_err(|source| ImportError::Store {
+                            line,
+                            from: durable_before,
+                            source,
+                        })?;
+                    }
                     let room = MAX_LISTED.saturating_sub(report.moved.len());
                     report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
                     report.lines += 1;
@@ -207,9 +275,14 @@ pub enum LineError {
     Settings { number: PhoneNumber, source: StoreError },
     #[error("contract number {0} must be one of the line's numbers")]
     ContractNotListed(PhoneNumber),
+    #[error("number {0}: the credential's hash is not an argon2id PHC string")]
+    Credential(PhoneNumber),
 }
 
-fn parse_line(text: &str) -> Result<(LineRecord, Numbers), LineError> {
+/// A parsed line: the line, its numbers, and the credentials to restore.
+type Parsed = (LineRecord, Numbers, Vec<(PhoneNumber, CredentialRecord)>);
+
+fn parse_line(text: &str) -> Result<Parsed, LineError> {
     let input: LineInput = serde_json::from_str(text).map_err(|e| {
         let message = e.to_string();
         LineError::Json(match message.rsplit_once(" at line ") {
@@ -222,6 +295,7 @@ fn parse_line(text: &str) -> Result<(LineRecord, Numbers), LineError> {
     }
     let mut seen = HashSet::new();
     let mut numbers = Vec::with_capacity(input.numbers.len());
+    let mut credentials = Vec::new();
     for n in input.numbers {
         if !seen.insert(n.number) {
             return Err(LineError::ListedTwice(n.number));
@@ -229,15 +303,21 @@ fn parse_line(text: &str) -> Result<(LineRecord, Numbers), LineError> {
         if let Some(settings) = &n.settings {
             settings.validate().map_err(|source| LineError::Settings { number: n.number, source })?;
         }
+        if let Some(credential) = n.credential {
+            if !credential.hash.starts_with("$argon2id$") {
+                return Err(LineError::Credential(n.number));
+            }
+            credentials.push((n.number, credential));
+        }
         let services = Services { call: n.services.contains(&Service::Call), fax: n.services.contains(&Service::Fax) };
-        numbers.push((n.number, services, n.settings.map(|s| CallSettings { version: 0, ..s })));
+        numbers.push((n.number, services, n.settings));
     }
     if !seen.contains(&input.contract) {
         return Err(LineError::ContractNotListed(input.contract));
     }
     let record =
         LineRecord { contract: input.contract, numbers: numbers.iter().map(|n| n.0).collect(), unit: input.unit };
-    Ok((record, numbers))
+    Ok((record, numbers, credentials))
 }
 
 #[cfg(test)]
@@ -248,6 +328,85 @@ mod tests {
 
     fn n(s: &str) -> PhoneNumber {
         PhoneNumber::parse(s).unwrap()
+    }
+
+    /// A credential as the site stores it (the hash of "password1" is not needed: the
+    /// store keeps and restores it unread).
+    fn credential(failures: u32) -> CredentialRecord {
+        CredentialRecord {
+            hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into(),
+            kind: crate::store::CredentialKind::Password,
+            set_at: chrono::DateTime::from_timestamp(1_764_000_000, 0).unwrap(),
+            failures,
+            invalidated: false,
+        }
+    }
+
+    /// Everything a store holds of its subscribers, for comparing two stores.
+    fn contents(store: &Store) -> (Vec<LineRecord>, Vec<crate::store::NumberRecord>, Vec<Option<CredentialRecord>>) {
+        let lines: Vec<LineRecord> = store.lines().map(Result::unwrap).collect();
+        let numbers: Vec<_> = store.numbers().map(Result::unwrap).collect();
+        let credentials = numbers.iter().map(|r| store.credential(&r.number).unwrap()).collect();
+        (lines, numbers, credentials)
+    }
+
+    /// R-L3: an export is read back by import into the same store: lines and their units,
+    /// numbers and services, settings with their versions (R-S9), and credentials with
+    /// their failure counts (R-S3); exporting the copy gives the same bytes.
+    #[test]
+    fn r_l3_an_export_imported_into_an_empty_store_gives_the_same_store() {
+        let store = Store::temporary().unwrap();
+        let second = r#"{"contract":"0612345678","unit":"number","numbers":[{"number":"0612345678"},{"number":"0612345679","services":["fax"]}]}"#;
+        import(&store, format!("{EXAMPLE}\n{second}\n").as_bytes()).unwrap();
+        let saved = store.number(&n("0312345678")).unwrap().unwrap().call;
+        store
+            .save_call_settings(&n("0312345678"), saved.version, CallSettings { missed_only: false, ..saved })
+            .unwrap();
+        store.restore_credential(&n("0312345678"), &credential(0)).unwrap();
+        store.restore_credential(&n("0612345679"), &credential(2)).unwrap();
+
+        let mut exported = Vec::new();
+        let report = export(&store, true, &mut exported).unwrap();
+        assert_eq!(report, ExportReport { lines: 2, numbers: 4, credentials: 2 });
+        let copy = Store::temporary().unwrap();
+        let imported = import(&copy, exported.as_slice()).unwrap();
+        assert_eq!((imported.lines, imported.numbers, imported.rejected.len()), (2, 4, 0));
+        assert_eq!(contents(&copy), contents(&store));
+        assert_eq!(copy.number(&n("0312345678")).unwrap().unwrap().call.version, 1, "the version is kept");
+
+        let mut again = Vec::new();
+        export(&copy, true, &mut again).unwrap();
+        assert_eq!(String::from_utf8(again).unwrap(), String::from_utf8(exported.clone()).unwrap());
+        // Importing it into the store it came from changes nothing.
+        import(&store, exported.as_slice()).unwrap();
+        assert_eq!(contents(&store), contents(&copy));
+    }
+
+    #[test]
+    fn r_l3_an_export_without_credentials_holds_no_hash_and_restores_none() {
+        let store = Store::temporary().unwrap();
+        import(&store, EXAMPLE.as_bytes()).unwrap();
+        store.restore_credential(&n("0312345678"), &credential(0)).unwrap();
+        let mut exported = Vec::new();
+        assert_eq!(export(&store, false, &mut exported).unwrap().credentials, 0);
+        let text = String::from_utf8(exported).unwrap();
+        assert!(!text.contains("credential") && !text.contains("argon2"), "{text}");
+        let copy = Store::temporary().unwrap();
+        import(&copy, text.as_bytes()).unwrap();
+        assert_eq!(copy.credential(&n("0312345678")).unwrap(), None);
+        assert_eq!(copy.numbers().count(), 2);
+    }
+
+    #[test]
+    fn r_l3_a_credential_that_is_not_an_argon2id_hash_is_refused_with_its_line() {
+        let store = Store::temporary().unwrap();
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","credential":{"hash":"password1","kind":"password","set_at":"2026-12-01T00:00:00Z","failures":0,"invalidated":false}}]}"#;
+        let report = import(&store, format!("{EXAMPLE}\n{line}\n").as_bytes()).unwrap();
+        assert_eq!(
+            report.rejected,
+            vec![(2, "number 0312345678: the credential's hash is not an argon2id PHC string".into())]
+        );
+        assert_eq!(store.credential(&n("0312345678")).unwrap(), None);
     }
 
     #[test]

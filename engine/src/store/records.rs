@@ -1,5 +1,11 @@
-//! What the store holds for a line and a number: the records of R-L1 and the settings
-//! of R-N1..R-N5, and their limits.
+//! What the store holds for a line and a number: the records of R-L1, the settings of
+//! R-N1..R-N5, the site's credentials (R-S2, R-S3, R-S6), and their limits. The settings
+//! site (the admin crate) sets and checks credentials; the store keeps them, drops them
+//! with their number (R-M3), and provisioning exports and restores them.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
 
 use crate::address::DestinationAddress;
 use crate::phone::PhoneNumber;
@@ -115,5 +121,70 @@ impl CallSettings {
             });
         }
         Ok(())
+    }
+}
+
+/// Consecutive wrong entries that invalidate a temporary password (R-S2).
+pub const TEMPORARY_MAX_FAILURES: u32 = 3;
+/// Consecutive wrong entries that invalidate a password (R-S3).
+pub const PASSWORD_MAX_FAILURES: u32 = 10;
+
+/// Which kind of secret a credential is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// 仮パスワード: 8 digits set by phone; must be changed at first login (R-S4).
+    Temporary,
+    /// パスワード: chosen by the subscriber on the site (R-S5).
+    Password,
+}
+
+impl CredentialKind {
+    /// Consecutive wrong entries that invalidate it (R-S2, R-S3).
+    pub fn max_failures(self) -> u32 {
+        match self {
+            Self::Temporary => TEMPORARY_MAX_FAILURES,
+            Self::Password => PASSWORD_MAX_FAILURES,
+        }
+    }
+}
+
+/// The stored state of one login number's credential.
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CredentialRecord {
+    /// argon2id PHC string (algorithm, parameters, salt, hash); never the password.
+    pub hash: String,
+    pub kind: CredentialKind,
+    /// When it was set: the start of the 24 h (R-I8) and 60-day (R-S6) periods.
+    pub set_at: DateTime<Utc>,
+    /// Consecutive wrong entries since it was set or last entered right (R-S2, R-S3).
+    pub failures: u32,
+    /// Set by the last allowed wrong entry; only a new temporary password clears it.
+    pub invalidated: bool,
+}
+
+impl CredentialRecord {
+    /// Tells this credential from any other the number had or will have: every set
+    /// hashes with a fresh salt. A site session keeps the stamp it logged in with and
+    /// ends when the number's credential no longer has it (a new temporary password by
+    /// phone, a unit change, the number removed or moved to another line).
+    pub fn stamp(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.hash.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+impl fmt::Debug for CredentialRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A hash in a log is an offline guessing target; leave it out.
+        f.debug_struct("CredentialRecord")
+            .field("hash", &"<argon2id>")
+            .field("kind", &self.kind)
+            .field("set_at", &self.set_at)
+            .field("failures", &self.failures)
+            .field("invalidated", &self.invalidated)
+            .finish()
     }
 }

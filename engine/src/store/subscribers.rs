@@ -7,7 +7,7 @@ use std::sync::Arc;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::{AuthUnit, CallSettings, LineRecord, NumberRecord, Services, Store, StoreError};
+use super::{AuthUnit, CallSettings, CredentialRecord, LineRecord, NumberRecord, Services, Store, StoreError};
 use crate::phone::PhoneNumber;
 
 /// The tree of the settings site's credentials, keyed by login number.
@@ -57,6 +57,24 @@ impl Store {
     /// Every line's record, in contract-number order.
     pub fn lines(&self) -> impl Iterator<Item = Result<LineRecord, StoreError>> + '_ {
         self.lines.iter().map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+    }
+
+    /// The settings site's credential of login number `number`, if it has one.
+    pub fn credential(&self, number: &PhoneNumber) -> Result<Option<CredentialRecord>, StoreError> {
+        self.credentials
+            .get(number.as_str())?
+            .map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from))
+            .transpose()
+    }
+
+    /// Restores `number`'s credential as exported (provisioning): it replaces the one
+    /// the number has. Refused for a number not provisioned.
+    pub fn restore_credential(&self, number: &PhoneNumber, record: &CredentialRecord) -> Result<(), StoreError> {
+        if !self.numbers.contains_key(number.as_str())? {
+            return Err(StoreError::UnknownNumber(*number));
+        }
+        self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
+        Ok(())
     }
 
     /// How many numbers are provisioned.
