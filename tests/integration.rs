@@ -347,7 +347,8 @@ fn poison_messages_go_to_the_dead_letter_topic_and_every_good_cdr_is_notified() 
 
 /// A full disk (README, delivery guarantees): the store's file system, a 64 MiB tmpfs,
 /// is filled by another writer while CDRs keep coming. The engine stops reading with
-/// less than `store.min_free_mb` free, says why on `/healthz` (503) and in
+/// less than `store.min_free_mb` free, says why on `/readyz` (503; `/healthz`, the
+/// liveness probe, stays 200: a restart would not help) and in
 /// `callnotify_store_disk_low`, keeps its endpoints up, and once the space is freed reads
 /// on by itself: every mail arrives once. It used to write on into the full disk and
 /// exit 1 (`No space left on device`), the operator endpoint with it.
@@ -376,11 +377,14 @@ fn a_full_disk_pauses_reading_shows_why_and_every_mail_arrives_once_when_space_i
     cdrs.flush();
     assert_eq!(tally(&before, &sink.wait_for(&before)), (0, 0, 0));
     assert_eq!(engine.health(), (200, "ok\n".to_owned()));
+    assert_eq!(engine.readiness().0, 200);
 
     let filler = disk.fill_leaving(8 << 20);
     engine.wait_metric("callnotify_store_disk_low", 1.0);
-    let (status, why) = engine.health();
+    let (status, why) = engine.readiness();
     assert_eq!(status, 503, "{why}");
+    assert!(why.starts_with("not ready\nstore: reading paused: "), "{why}");
+    assert_eq!(engine.health(), (200, "ok\n".to_owned()), "alive all the same");
     assert!(why.contains("below store.min_free_mb (16 MiB)"), "{why}");
     // The consumer thread pauses at its next turn (the flag is looked at every second).
     engine.wait_metric("callnotify_consumer_paused{consumer=\"0\"}", 1.0);
@@ -398,7 +402,7 @@ fn a_full_disk_pauses_reading_shows_why_and_every_mail_arrives_once_when_space_i
     engine.wait_metric_until("callnotify_store_disk_low", "fell to 0", |v| v == 0.0);
     let all: Vec<String> = before.into_iter().chain(during).collect();
     assert_eq!(tally(&all, &sink.wait_for(&all)), (0, 0, 0));
-    assert_eq!(engine.health(), (200, "ok\n".to_owned()));
+    assert_eq!(engine.readiness().0, 200);
     println!("full disk: paused at {consumed} CDRs, 300 sent meanwhile; all 500 mails once after the space was freed");
     assert!(engine.terminate());
     assert!(!spec.log().contains("No space left"), "the store never met the full disk");

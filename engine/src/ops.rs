@@ -109,6 +109,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(health))
+        .route("/readyz", get(ready))
         .route("/provision", post(provision))
         .with_state(ops);
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -122,13 +123,43 @@ pub async fn serve(
     Ok(addr)
 }
 
-/// `ok`, or what keeps the engine from reading CDRs, with 503. The process is alive
-/// either way: the site, the IVR and this endpoint keep serving.
-async fn health(State(ops): State<Ops>) -> Response {
-    match ops.disk.reason() {
-        None => "ok\n".into_response(),
-        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("paused: {why}\n")).into_response(),
-    }
+/// `ok` while the process serves (a liveness probe): whatever keeps it from reading
+/// CDRs is for `/readyz`, and a restart would not mend it.
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+/// `ready` (200) or `not ready` (503), then one line per part with its state: the store
+/// (its disk has room, or why reading is paused), the consumers (partitions assigned)
+/// and the mail server (answering, or not and mails wait in the retry queue, which
+/// keeps the engine ready: nothing is lost).
+async fn ready(State(ops): State<Ops>) -> Response {
+    let mut ready = true;
+    let store = match ops.disk.reason() {
+        None => format!("ok, {} numbers", ops.store.number_count()),
+        Some(why) => {
+            ready = false;
+            format!("reading paused: {why}")
+        }
+    };
+    let consuming = match ops.metrics.partitions_assigned() {
+        0 => {
+            ready = false;
+            "no partition assigned (yet): joining the consumer group, or more consumers than partitions".to_owned()
+        }
+        n => format!("{n} partitions assigned"),
+    };
+    let mail = if ops.metrics.smtp_circuit_is_open() {
+        "not answering: mails wait in the retry queue and are sent when it answers"
+    } else {
+        "ok"
+    };
+    let body = format!(
+        "{}\nstore: {store}\nconsuming: {consuming}\nmail server: {mail}\n",
+        if ready { "ready" } else { "not ready" }
+    );
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, body).into_response()
 }
 
 async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
@@ -331,5 +362,53 @@ pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> 
             serde_json::from_str(body).map_err(|_| ClientError::Answer { status, body: body.to_owned() })
         }
         _ => Err(ClientError::Answer { status, body: body.to_owned() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn readiness(ops: &Ops) -> (StatusCode, String) {
+        let response = ready(State(ops.clone())).await;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// `/readyz` is 503 until the consumers hold partitions and while the store's disk
+    /// is low, each with its reason; a mail server that does not answer keeps it ready.
+    #[tokio::test]
+    async fn readiness_waits_for_partitions_and_room_on_disk_but_not_for_the_mail_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let roomy = DiskWatch::new(dir.path(), 1, metrics.clone());
+        roomy.check();
+        let ops = Ops {
+            metrics: metrics.clone(),
+            store: Store::temporary().unwrap(),
+            disk: roomy,
+            token: Secret::default(),
+            max_upload: MAX_UPLOAD,
+        };
+
+        let (status, body) = readiness(&ops).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.starts_with("not ready\n") && body.contains("consuming: no partition assigned"), "{body}");
+
+        metrics.consumer_partitions(0, 2);
+        metrics.consumer_partitions(1, 1);
+        metrics.smtp_circuit_open(true);
+        let (status, body) = readiness(&ops).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.contains("consuming: 3 partitions assigned\n"), "{body}");
+        assert!(body.contains("mail server: not answering: mails wait in the retry queue"), "{body}");
+
+        // More room asked for than any disk here has.
+        let full = DiskWatch::new(dir.path(), u64::MAX >> 21, metrics.clone());
+        full.check();
+        let (status, body) = readiness(&Ops { disk: full, ..ops.clone() }).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("store: reading paused: "), "{body}");
     }
 }

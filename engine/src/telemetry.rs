@@ -109,6 +109,10 @@ struct Inner {
     store_free: Gauge,
     store_disk_low: Gauge,
     errors: [Counter; ErrorEvent::ALL.len()],
+    /// Partitions per consumer thread, as last assigned: what `/readyz` sums.
+    assigned: std::sync::Mutex<Vec<usize>>,
+    /// What `smtp_circuit_open` shows, readable for `/readyz`.
+    circuit_open: std::sync::atomic::AtomicBool,
 }
 
 const METADATA: Metadata<'static> = Metadata::new("callnotify", Level::INFO, None);
@@ -244,6 +248,8 @@ impl Metrics {
             store_free: r.register_gauge(&Key::from_static_name(STORE_FREE), &METADATA),
             store_disk_low: r.register_gauge(&Key::from_static_name(STORE_DISK_LOW), &METADATA),
             errors: ErrorEvent::ALL.map(|e| counter(r, ERRORS, &[("stage", e.stage()), ("error", e.as_str())])),
+            assigned: Default::default(),
+            circuit_open: Default::default(),
             recorder,
         };
         Self { inner: Arc::new(inner) }
@@ -330,6 +336,21 @@ impl Metrics {
     pub fn consumer_partitions(&self, consumer: usize, partitions: usize) {
         let key = Key::from_parts(CONSUMER_PARTITIONS, vec![Label::new("consumer", consumer.to_string())]);
         self.inner.recorder.register_gauge(&key, &METADATA).set(partitions as f64);
+        let mut assigned = self.inner.assigned.lock().expect("assigned lock");
+        if assigned.len() <= consumer {
+            assigned.resize(consumer + 1, 0);
+        }
+        assigned[consumer] = partitions;
+    }
+
+    /// Partitions assigned to the consumer threads of this engine, in all (`/readyz`).
+    pub fn partitions_assigned(&self) -> usize {
+        self.inner.assigned.lock().expect("assigned lock").iter().sum()
+    }
+
+    /// Whether the mail server's circuit breaker is open (`/readyz`).
+    pub fn smtp_circuit_is_open(&self) -> bool {
+        self.inner.circuit_open.load(Ordering::Relaxed)
     }
     /// Offsets a broker passed over between two CDRs read from one partition.
     pub fn offsets_skipped(&self, n: u64) {
@@ -344,6 +365,7 @@ impl Metrics {
     }
     pub fn smtp_circuit_open(&self, open: bool) {
         self.inner.smtp_circuit_open.set(if open { 1.0 } else { 0.0 });
+        self.inner.circuit_open.store(open, Ordering::Relaxed);
     }
     pub fn smtp_connection_opened(&self) {
         self.inner.smtp_connections.increment(1);

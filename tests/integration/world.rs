@@ -539,6 +539,11 @@ impl EngineProcess {
         self.get("/healthz").expect("the operator endpoint answers")
     }
 
+    /// `/readyz`: its status and body.
+    pub fn readiness(&self) -> (u16, String) {
+        self.get("/readyz").expect("the operator endpoint answers")
+    }
+
     /// A GET of the operator endpoint: status and body, `None` if it does not answer.
     fn get(&self, path: &str) -> Option<(u16, String)> {
         use std::io::{Read, Write};

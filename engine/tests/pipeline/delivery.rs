@@ -380,6 +380,10 @@ async fn r_m4_a_mail_server_that_never_answers_holds_neither_cdrs_nor_more_than_
     engine.wait_metric("callnotify_retry_queue_mails", MAILS as f64).await;
     let tried = connections.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(engine.metric("callnotify_smtp_circuit_open"), 1.0);
+    // Nothing is lost while it lasts: the engine stays ready and says why mails wait.
+    let ready = engine.get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(ready.contains("mail server: not answering: mails wait in the retry queue"), "{ready}");
     assert!(tried <= 8, "{tried} connections to the hung server: the mails after the first went to the queue");
 
     // A real server on the same port: the breaker's next probe gets an answer.

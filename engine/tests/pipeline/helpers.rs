@@ -158,6 +158,17 @@ impl TestEngine {
         Self { stop, task, store, metrics_addr, metrics }
     }
 
+    /// A GET of the operator endpoint: the whole HTTP response.
+    pub async fn get(&self, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
     /// Provisions JSON Lines, as `callnotify provision import` does.
     pub fn provision(&self, lines: &[String]) {
         let report = engine::provision::import(&self.store, lines.join("\n").as_bytes()).expect("import");

@@ -1,16 +1,6 @@
 //! What an operator's Prometheus scrapes.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::helpers::*;
-
-async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_as_prometheus_text_and_count_the_path() {
@@ -30,7 +20,7 @@ async fn metrics_are_served_as_prometheus_text_and_count_the_path() {
     h.mails(1).await;
     h.dead_letters(1);
 
-    let response = get(engine.metrics_addr, "/metrics").await;
+    let response = engine.get("/metrics").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(response.contains("content-type: text/plain; version=0.0.4"), "{response}");
     for line in [
@@ -44,7 +34,13 @@ async fn metrics_are_served_as_prometheus_text_and_count_the_path() {
     ] {
         assert!(response.lines().any(|l| l == line || l.starts_with(line)), "missing {line:?} in\n{response}");
     }
-    assert!(get(engine.metrics_addr, "/healthz").await.ends_with("ok\n"));
+    assert!(engine.get("/healthz").await.ends_with("ok\n"));
+    let ready = engine.get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let assigned = engine.metric("callnotify_consumer_partitions{consumer=\"0\"}");
+    assert!(assigned > 0.0);
+    let parts = format!("ready\nstore: ok, 1 numbers\nconsuming: {assigned} partitions assigned\nmail server: ok\n");
+    assert!(ready.ends_with(&parts), "{ready}");
 
     // Consumer lag per partition, from librdkafka's statistics: everything was read.
     let lag = r#"callnotify_consumer_lag_messages{topic="cdr",partition="0"} 0"#;
@@ -53,7 +49,7 @@ async fn metrics_are_served_as_prometheus_text_and_count_the_path() {
     while !last.lines().any(|l| l == lag) && std::time::Instant::now() < deadline {
         // librdkafka's statistics timer is its own: there is no clock to move.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        last = get(engine.metrics_addr, "/metrics").await;
+        last = engine.get("/metrics").await;
     }
     assert!(last.lines().any(|l| l == lag), "no lag gauge at 0 in\n{last}");
     // Counted once the server's 250 is read, which may trail the sink's own count.
