@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use engine::config::Settings;
+use engine::config::{LogFormat, Settings};
 use engine::phone::PhoneNumber;
 use engine::startup::Application;
 use tokio_util::sync::CancellationToken;
@@ -89,14 +89,19 @@ enum Provision {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    // A configuration that does not load logs as text; the command then says why.
+    let format = Settings::load(cli.config.as_deref()).map(|s| s.log.format).unwrap_or_default();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -329,6 +329,26 @@ fn r_l3_r_s3_an_export_imported_elsewhere_keeps_settings_and_passwords() {
     assert_eq!(none.verify(&other, "betsu-no-2026", now).unwrap().err(), Some(LoginFailure::Unknown));
 }
 
+/// `log.format = "json"`: every line `serve` writes to standard error, up to its stop,
+/// is one JSON object a log shipper can read, with its level and message.
+#[test]
+fn with_log_format_json_every_log_line_is_a_json_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Running::start(serve_in(dir.path()).env("CALLNOTIFY__LOG__FORMAT", "json"));
+    let mut lines = serve.read_log_until(|l| l.contains("settings site listening"));
+    let (status, rest) = serve.stop("TERM");
+    assert!(status.success(), "{}", rest.join("\n"));
+    lines.extend(rest);
+    let events: Vec<serde_json::Value> =
+        lines.iter().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    assert!(events.iter().all(|e| e["level"].is_string() && e["timestamp"].is_string()), "{lines:?}");
+    let messages: Vec<&str> = events.iter().filter_map(|e| e["fields"]["message"].as_str()).collect();
+    assert!(
+        messages.contains(&"consuming CDRs") && messages.contains(&"consumer stopped; offsets committed"),
+        "{messages:?}"
+    );
+}
+
 /// `callnotify demo` in `dir` on embedded defaults, logging at info (how far it got,
 /// should a test fail).
 fn start_demo(dir: &Path) -> Running {

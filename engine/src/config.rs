@@ -23,6 +23,24 @@ pub struct Settings {
     pub engine: EngineSettings,
     pub metrics: MetricsSettings,
     pub admin: AdminSettings,
+    pub log: LogSettings,
+}
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log shippers.
+    Json,
 }
 
 /// `Debug` masks the values of secret librdkafka properties ([`is_secret_property`]).
