@@ -179,6 +179,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         app.store().clone(),
         clock,
         Some(std::sync::Arc::new(test_mailer)),
+        app.metrics().clone(),
         stop.clone(),
     )
     .await?;

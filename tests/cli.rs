@@ -214,6 +214,12 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
     let response = post_ivr_call(ivr, "0300000000");
     assert!(response.starts_with("HTTP/1.1 200") && response.contains(r#""prompt":"SELECT_UNIT""#), "{response}");
 
+    // The operator's one endpoint counts the site and the IVR beside the engine.
+    let scraped = http(metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let series = |s| engine::telemetry::series_value(&scraped, s);
+    assert_eq!(series(r#"callnotify_ivr_calls_total{outcome="refused"}"#), Some(1.0), "{scraped}");
+    assert_eq!(series(r#"callnotify_site_logins_total{result="ok"}"#), Some(0.0), "{scraped}");
+
     let (exit, rest) = serve.stop("TERM");
     assert!(exit.success(), "exit 0 after draining: {rest:#?}");
     assert!(rest.iter().any(|l| l.contains("offsets committed")), "{rest:#?}");

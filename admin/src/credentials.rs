@@ -25,6 +25,7 @@ use chrono::{DateTime, Duration, Utc};
 use engine::phone::PhoneNumber;
 pub use engine::store::{CredentialKind, CredentialRecord, PASSWORD_MAX_FAILURES, TEMPORARY_MAX_FAILURES};
 use engine::store::{Store, StoreError};
+use engine::telemetry::{Lockout, Metrics};
 
 /// Name of the sled tree: login number → JSON [`CredentialRecord`].
 pub const TREE: &str = engine::store::CREDENTIALS_TREE;
@@ -85,12 +86,20 @@ pub enum CredentialError {
 #[derive(Clone)]
 pub struct Credentials {
     tree: sled::Tree,
+    /// Where lockouts are counted (`callnotify_site_lockouts_total`).
+    metrics: Metrics,
 }
 
 impl Credentials {
-    /// Opens the [`TREE`] of `store`.
+    /// Opens the [`TREE`] of `store`; lockouts are counted in metrics of their own until
+    /// [`Credentials::counting_in`].
     pub fn open(store: &Store) -> Result<Self, CredentialError> {
-        Ok(Self { tree: store.open_tree(TREE)? })
+        Ok(Self { tree: store.open_tree(TREE)?, metrics: Metrics::new() })
+    }
+
+    /// Counts lockouts (R-S2, R-S3) in the engine's `metrics`.
+    pub fn counting_in(self, metrics: Metrics) -> Self {
+        Self { metrics, ..self }
     }
 
     /// The stored state of `number`'s credential (support tools, tests).
@@ -198,6 +207,10 @@ impl Credentials {
                 if record.invalidated {
                     tracing::warn!(%number, kind = ?record.kind, failures = record.failures,
                         "credential invalidated by consecutive wrong passwords");
+                    self.metrics.lockout(match record.kind {
+                        CredentialKind::Temporary => Lockout::TemporaryPassword,
+                        CredentialKind::Password => Lockout::Password,
+                    });
                 }
                 return Ok(verdict);
             }

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use axum::Router;
 use engine::config::AdminSettings;
 use engine::deliver::TestMailer;
+use engine::error_event::ErrorEvent;
 use engine::http::Guarded;
 use engine::store::Store;
+use engine::telemetry::Metrics;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,6 +60,7 @@ pub async fn serve(
     store: Store,
     clock: SharedClock,
     test_mailer: Option<Arc<TestMailer>>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<Servers, ServerError> {
     let tasks = TaskTracker::new();
@@ -65,14 +68,15 @@ pub async fn serve(
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key).await?),
         _ => None,
     };
-    let credentials = Credentials::open(&store)?;
+    let credentials = Credentials::open(&store)?.counting_in(metrics.clone());
     let site_state = SiteState::new(store.clone(), credentials.clone(), clock.clone())
         .with_test_mailer(test_mailer)
         .with_password_policy(admin.password_policy)
         .with_secure(admin.secure())
-        .with_proxy(admin.behind_tls_proxy);
+        .with_proxy(admin.behind_tls_proxy)
+        .with_metrics(metrics.clone());
     let site_app = site::router(site_state);
-    let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)));
+    let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)).with_metrics(metrics.clone()));
 
     let (site_listener, site) = bind("admin.listen", admin.listen).await?;
     let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen");
@@ -83,17 +87,17 @@ pub async fn serve(
                 addr: admin.listen,
                 source,
             })?;
-            spawn(&tasks, "admin.listen", listener, site_app, shutdown.clone());
+            spawn(&tasks, &metrics, "admin.listen", listener, site_app, shutdown.clone());
             format!("https://{site}")
         }
         None => {
-            spawn(&tasks, "admin.listen", site_listener, site_app, shutdown.clone());
+            spawn(&tasks, &metrics, "admin.listen", site_listener, site_app, shutdown.clone());
             format!("http://{site}")
         }
     };
     let (ivr_listener, ivr) = bind("admin.ivr_listen", admin.ivr_listen).await?;
     let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen");
-    spawn(&tasks, "admin.ivr_listen", ivr_listener, ivr_app, shutdown);
+    spawn(&tasks, &metrics, "admin.ivr_listen", ivr_listener, ivr_app, shutdown);
     Ok(Servers { site, ivr, site_url, tasks })
 }
 
@@ -118,16 +122,23 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpLis
 }
 
 /// Serves `app` on `listener`, on a task of `tasks`, until `shutdown` is cancelled.
-fn spawn<L>(tasks: &TaskTracker, key: &'static str, listener: L, app: Router, shutdown: CancellationToken)
-where
+fn spawn<L>(
+    tasks: &TaskTracker,
+    metrics: &Metrics,
+    key: &'static str,
+    listener: L,
+    app: Router,
+    shutdown: CancellationToken,
+) where
     L: axum::serve::Listener<Addr = SocketAddr>,
     Peer: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
+    let metrics = metrics.clone();
     tasks.spawn(async move {
         // The peer's address reaches the handlers: the login throttle counts by it.
         let app = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
-            tracing::error!(error = %e, server = key, "admin server stopped");
+            engine::error_event!(metrics, ErrorEvent::AdminListener, error = %e, server = key, "admin server stopped");
         }
     });
 }

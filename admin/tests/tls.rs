@@ -41,8 +41,15 @@ fn tls_settings() -> AdminSettings {
 }
 
 async fn start(admin: &AdminSettings) -> Result<Servers, ServerError> {
-    serve(admin, Store::temporary().unwrap(), SystemClock::shared(), None, tokio_util::sync::CancellationToken::new())
-        .await
+    serve(
+        admin,
+        Store::temporary().unwrap(),
+        SystemClock::shared(),
+        None,
+        engine::telemetry::Metrics::new(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
 }
 
 /// A TLS client that trusts only the test CA.

@@ -43,10 +43,16 @@ pub enum ErrorEvent {
     OperatorEndpoint,
     /// An import over `POST /provision` failed.
     Provision,
+    /// A request to the settings site failed (the store, a blocking task).
+    SiteRequest,
+    /// A request to the IVR API failed.
+    IvrRequest,
+    /// The settings site or the IVR API stopped serving.
+    AdminListener,
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 16] = [
+    pub const ALL: [ErrorEvent; 19] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -63,6 +69,9 @@ impl ErrorEvent {
         ErrorEvent::StoreFlush,
         ErrorEvent::OperatorEndpoint,
         ErrorEvent::Provision,
+        ErrorEvent::SiteRequest,
+        ErrorEvent::IvrRequest,
+        ErrorEvent::AdminListener,
     ];
 
     /// The `stage` label: the part of the engine it happened in.
@@ -77,6 +86,8 @@ impl ErrorEvent {
             DeadLetterWrite => "dead_letters",
             DiskLow | Journal | StoreFlush => "store",
             OperatorEndpoint | Provision => "operator",
+            SiteRequest | AdminListener => "site",
+            IvrRequest => "ivr",
         }
     }
 
@@ -100,6 +111,8 @@ impl ErrorEvent {
             StoreFlush => "flush",
             OperatorEndpoint => "listener",
             Provision => "provision",
+            SiteRequest | IvrRequest => "request",
+            AdminListener => "listener",
         }
     }
 }

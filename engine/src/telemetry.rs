@@ -40,6 +40,93 @@ pub const SMTP_CIRCUIT_OPEN: &str = "callnotify_smtp_circuit_open";
 pub const STORE_FREE: &str = "callnotify_store_free_bytes";
 pub const STORE_DISK_LOW: &str = "callnotify_store_disk_low";
 pub const ERRORS: &str = "callnotify_errors_total";
+pub const SITE_LOGINS: &str = "callnotify_site_logins_total";
+pub const SITE_LOCKOUTS: &str = "callnotify_site_lockouts_total";
+pub const SETTINGS_SAVED: &str = "callnotify_settings_saved_total";
+pub const TEST_MAILS: &str = "callnotify_test_mails_total";
+pub const IVR_CALLS: &str = "callnotify_ivr_calls_total";
+pub const TEMPORARY_PASSWORDS: &str = "callnotify_temporary_passwords_total";
+
+/// An enum of metric label values with `ALL` and `as_str`.
+macro_rules! labels {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $label:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+
+            fn index(self) -> usize {
+                Self::ALL.iter().position(|v| *v == self).expect("every value is in ALL")
+            }
+        }
+    };
+}
+
+labels! {
+    /// How a login on the settings site ended (`callnotify_site_logins_total{result}`).
+    Login {
+        Ok => "ok",
+        /// A wrong password (R-S2, R-S3 count it).
+        Wrong => "wrong",
+        /// No credential for the number.
+        Unknown => "unknown",
+        /// The credential is invalidated by wrong passwords.
+        Locked => "locked",
+        /// A temporary password past its 24 hours (R-I8).
+        Expired => "expired",
+        /// Not a phone number.
+        Malformed => "malformed",
+        /// Not checked: too many wrong logins from the client's address.
+        Throttled => "throttled",
+    }
+}
+
+labels! {
+    /// Which rule locked a credential (`callnotify_site_lockouts_total{rule}`).
+    Lockout {
+        /// R-S2: 3 wrong entries of a temporary password.
+        TemporaryPassword => "r_s2_temporary_password",
+        /// R-S3: 10 wrong entries of a password.
+        Password => "r_s3_password",
+    }
+}
+
+labels! {
+    /// What became of a 送信テスト (`callnotify_test_mails_total{result}`).
+    TestMail {
+        Sent => "sent",
+        /// The server refused it, or could not take it now.
+        Failed => "failed",
+        /// Past the per-line limit of test mails a minute.
+        Limited => "limited",
+    }
+}
+
+labels! {
+    /// How a call to the temporary-password line ended (`callnotify_ivr_calls_total{outcome}`).
+    IvrCall {
+        /// A temporary password was set (R-I7).
+        Done => "done",
+        /// Ended after too many invalid entries (R-I6).
+        InvalidEntries => "invalid_entries",
+        /// No caller ID, or not a number of a provisioned line (R-I1).
+        Refused => "refused",
+        /// Too many calls open from the caller.
+        Busy => "busy",
+        /// Hung up or idle past the timeout before the end.
+        Abandoned => "abandoned",
+    }
+}
 
 /// The value of one series in Prometheus text (what `/metrics` serves), e.g.
 /// `callnotify_cdrs_filtered_total{reason="stopped"}`; `None` if it is not there.
@@ -109,6 +196,12 @@ struct Inner {
     store_free: Gauge,
     store_disk_low: Gauge,
     errors: [Counter; ErrorEvent::ALL.len()],
+    logins: Vec<Counter>,
+    lockouts: Vec<Counter>,
+    test_mails: Vec<Counter>,
+    ivr_calls: Vec<Counter>,
+    settings_saved: Counter,
+    temporary_passwords: Counter,
     /// Partitions per consumer thread, as last assigned: what `/readyz` sums.
     assigned: std::sync::Mutex<Vec<usize>>,
     /// What `smtp_circuit_open` shows, readable for `/readyz`.
@@ -173,6 +266,16 @@ impl Metrics {
         );
         describe(DEAD_LETTERS, Some(Unit::Count), "Records written to the dead-letter topic, by kind");
         describe(ERRORS, Some(Unit::Count), "Errors logged at ERROR, by the stage they happened in and what failed");
+        describe(SITE_LOGINS, Some(Unit::Count), "Logins on the settings site, by result");
+        describe(
+            SITE_LOCKOUTS,
+            Some(Unit::Count),
+            "Credentials locked by consecutive wrong passwords, by rule (R-S2, R-S3)",
+        );
+        describe(SETTINGS_SAVED, Some(Unit::Count), "Call-notification settings saved on the site");
+        describe(TEST_MAILS, Some(Unit::Count), "Test mails (送信テスト) asked for on the site, by result");
+        describe(IVR_CALLS, Some(Unit::Count), "Calls to the temporary-password line, by how they ended");
+        describe(TEMPORARY_PASSWORDS, Some(Unit::Count), "Temporary passwords set by phone (R-I7)");
         describe(
             DEAD_LETTER_WRITE_ERRORS,
             Some(Unit::Count),
@@ -248,6 +351,12 @@ impl Metrics {
             store_free: r.register_gauge(&Key::from_static_name(STORE_FREE), &METADATA),
             store_disk_low: r.register_gauge(&Key::from_static_name(STORE_DISK_LOW), &METADATA),
             errors: ErrorEvent::ALL.map(|e| counter(r, ERRORS, &[("stage", e.stage()), ("error", e.as_str())])),
+            logins: Login::ALL.iter().map(|v| counter(r, SITE_LOGINS, &[("result", v.as_str())])).collect(),
+            lockouts: Lockout::ALL.iter().map(|v| counter(r, SITE_LOCKOUTS, &[("rule", v.as_str())])).collect(),
+            test_mails: TestMail::ALL.iter().map(|v| counter(r, TEST_MAILS, &[("result", v.as_str())])).collect(),
+            ivr_calls: IvrCall::ALL.iter().map(|v| counter(r, IVR_CALLS, &[("outcome", v.as_str())])).collect(),
+            settings_saved: counter(r, SETTINGS_SAVED, &[]),
+            temporary_passwords: counter(r, TEMPORARY_PASSWORDS, &[]),
             assigned: Default::default(),
             circuit_open: Default::default(),
             recorder,
@@ -341,6 +450,25 @@ impl Metrics {
             assigned.resize(consumer + 1, 0);
         }
         assigned[consumer] = partitions;
+    }
+
+    pub fn login(&self, result: Login) {
+        self.inner.logins[result.index()].increment(1);
+    }
+    pub fn lockout(&self, rule: Lockout) {
+        self.inner.lockouts[rule.index()].increment(1);
+    }
+    pub fn test_mail(&self, result: TestMail) {
+        self.inner.test_mails[result.index()].increment(1);
+    }
+    pub fn ivr_call(&self, outcome: IvrCall) {
+        self.inner.ivr_calls[outcome.index()].increment(1);
+    }
+    pub fn settings_saved(&self) {
+        self.inner.settings_saved.increment(1);
+    }
+    pub fn temporary_password_set(&self) {
+        self.inner.temporary_passwords.increment(1);
     }
 
     /// Partitions assigned to the consumer threads of this engine, in all (`/readyz`).

@@ -26,6 +26,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, Utc};
 use dashmap::DashMap;
+use engine::error_event::ErrorEvent;
+use engine::telemetry::{IvrCall, Metrics};
 
 use super::call::{Call, IvrError, Step};
 use super::prompt::PromptId;
@@ -41,6 +43,8 @@ pub struct ApiState {
     /// Calls in progress by call id.
     calls: Arc<DashMap<String, Arc<LiveCall>>>,
     idle_timeout: Duration,
+    /// Calls counted by outcome, temporary passwords set, failed requests.
+    metrics: Metrics,
 }
 
 struct LiveCall {
@@ -60,7 +64,13 @@ impl LiveCall {
 
 impl ApiState {
     pub fn new(ivr: Ivr) -> Self {
-        Self { ivr, calls: Arc::default(), idle_timeout: IDLE_TIMEOUT }
+        Self { ivr, calls: Arc::default(), idle_timeout: IDLE_TIMEOUT, metrics: Metrics::new() }
+    }
+
+    /// Counts calls and failed requests in the engine's `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Replaces [`IDLE_TIMEOUT`].
@@ -76,13 +86,36 @@ impl ApiState {
 
     /// Forgets every call idle for longer than the timeout.
     fn sweep(&self, now: DateTime<Utc>) {
-        self.calls.retain(|_, live| live.idle(now) < self.idle_timeout);
+        self.calls.retain(|_, live| {
+            let live = live.idle(now) < self.idle_timeout;
+            if !live {
+                self.metrics.ivr_call(IvrCall::Abandoned);
+            }
+            live
+        });
     }
 }
 
 /// The IVR API's routes, ready to be merged into the admin app or served alone.
 pub fn router(state: ApiState) -> Router {
-    Router::new().route("/ivr/calls", post(start_call)).route("/ivr/calls/{id}/digits", post(digits)).with_state(state)
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/ivr/calls", post(start_call))
+        .route("/ivr/calls/{id}/digits", post(digits))
+        .layer(axum::middleware::map_response_with_state(metrics, report_failure))
+        .with_state(state)
+}
+
+/// Why a request failed, put in its response by [`ApiError`] for [`report_failure`].
+#[derive(Clone)]
+struct Failed(String);
+
+/// Logs and counts a request that failed on our side, where its metrics are at hand.
+async fn report_failure(State(metrics): State<Metrics>, mut response: Response) -> Response {
+    if let Some(Failed(reason)) = response.extensions_mut().remove::<Failed>() {
+        engine::error_event!(metrics, ErrorEvent::IvrRequest, %reason, "IVR API request failed");
+    }
+    response
 }
 
 #[derive(serde::Deserialize)]
@@ -121,11 +154,16 @@ async fn start_call(
     let now = state.ivr.clock.now();
     state.sweep(now);
     // Two small sled reads; not worth a blocking thread.
-    let (call, step) = Call::start(&state.ivr, &request.caller)?;
+    let (call, step) = Call::start(&state.ivr, &request.caller).inspect_err(|e| {
+        if matches!(e, IvrError::NoCallerId | IvrError::NotProvisioned(_)) {
+            state.metrics.ivr_call(IvrCall::Refused);
+        }
+    })?;
     let caller = call.caller();
     let open = state.calls.iter().filter(|live| live.caller == caller).count();
     if open >= MAX_CALLS_PER_CALLER {
         tracing::info!(%caller, open, "temporary-password call refused: too many open from this number");
+        state.metrics.ivr_call(IvrCall::Busy);
         return Err(ApiError::Busy);
     }
     let call_id = format!("{:032x}", rand::random::<u128>());
@@ -144,7 +182,9 @@ async fn digits(
     // Cloned out so no map guard is held across the await below.
     let live = state.calls.get(&call_id).map(|entry| Arc::clone(entry.value())).ok_or(ApiError::UnknownCall)?;
     if live.idle(now) >= state.idle_timeout {
-        state.calls.remove(&call_id);
+        if state.calls.remove(&call_id).is_some() {
+            state.metrics.ivr_call(IvrCall::Abandoned);
+        }
         return Err(ApiError::UnknownCall);
     }
     live.last_seen_ms.store(now.timestamp_millis(), Ordering::Relaxed);
@@ -157,6 +197,12 @@ async fn digits(
     .map_err(|e| ApiError::Internal(e.to_string()))??;
     if step.ends {
         state.calls.remove(&call_id);
+        if step.prompt.as_ref().is_some_and(|p| p.id == PromptId::Done) {
+            state.metrics.ivr_call(IvrCall::Done);
+            state.metrics.temporary_password_set();
+        } else {
+            state.metrics.ivr_call(IvrCall::InvalidEntries);
+        }
     }
     Ok(Json(StepResponse::new(call_id, step)))
 }
@@ -206,13 +252,14 @@ impl IntoResponse for ApiError {
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         let message = match &self {
-            Self::Internal(reason) => {
-                tracing::error!(%reason, "IVR API request failed");
-                "internal error; the call can be retried".to_owned()
-            }
+            Self::Internal(_) => "internal error; the call can be retried".to_owned(),
             other => other.to_string(),
         };
-        (status, Json(serde_json::json!({ "error": code, "message": message }))).into_response()
+        let mut response = (status, Json(serde_json::json!({ "error": code, "message": message }))).into_response();
+        if let Self::Internal(reason) = self {
+            response.extensions_mut().insert(Failed(reason));
+        }
+        response
     }
 }
 

@@ -10,6 +10,7 @@ use axum::extract::{Form, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
+use engine::telemetry::{Login, Metrics};
 
 use super::session::{idle_timeout_for, Session};
 use super::{cookie, csrf, html, redirect, require_session, with_cookies, Gate, SiteError, SiteState};
@@ -47,7 +48,16 @@ enum Refusal {
 }
 
 impl LoginAttempt<'_> {
-    fn emit(&self) {
+    /// Logs the attempt and counts it in `callnotify_site_logins_total`.
+    fn emit(&self, metrics: &Metrics) {
+        metrics.login(match self.outcome {
+            Ok(_) => Login::Ok,
+            Err(Refusal::Credential(LoginFailure::Wrong)) => Login::Wrong,
+            Err(Refusal::Credential(LoginFailure::Unknown)) => Login::Unknown,
+            Err(Refusal::Credential(LoginFailure::Locked)) => Login::Locked,
+            Err(Refusal::Credential(LoginFailure::Expired)) => Login::Expired,
+            Err(Refusal::Malformed) => Login::Malformed,
+        });
         match self.outcome {
             Ok(ok) => tracing::info!(number = self.number, outcome = "ok", kind = ?ok.kind,
                 must_change = ok.must_change, "site login"),
@@ -94,6 +104,7 @@ pub async fn submit(
     let client = state.client(peer.map(|p| (p.0).0 .0), &headers);
     if client.is_some_and(|client| !state.throttle.allows(client, now)) {
         tracing::info!(client = ?client, "site login not checked: too many wrong logins from this address");
+        state.metrics.login(Login::Throttled);
         let page = login_page(&state, &form.csrf, None, Some(THROTTLED_MESSAGE));
         return Ok((StatusCode::TOO_MANY_REQUESTS, Html(page)).into_response());
     }
@@ -104,7 +115,7 @@ pub async fn submit(
         }
         Err(_) => Err(Refusal::Malformed),
     };
-    LoginAttempt { number: &form.number, outcome: verdict.map(|(_, ok)| ok) }.emit();
+    LoginAttempt { number: &form.number, outcome: verdict.map(|(_, ok)| ok) }.emit(&state.metrics);
     let (number, ok) = match verdict {
         Ok(found) => found,
         // The token matched the cookie, so it is ours and safe to render again.

@@ -36,6 +36,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
+use axum::extract::State;
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, STRICT_TRANSPORT_SECURITY,
 };
@@ -45,7 +46,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use engine::config::PasswordPolicy;
 use engine::deliver::TestMailer;
+use engine::error_event::ErrorEvent;
 use engine::store::{Store, StoreError};
+use engine::telemetry::Metrics;
 
 use crate::clock::SharedClock;
 use crate::credentials::{CredentialError, CredentialKind, Credentials, LoginOk};
@@ -81,6 +84,8 @@ pub struct SiteState {
     /// Behind a TLS-terminating proxy the client's address is the last one the proxy
     /// added to `X-Forwarded-For`, not the connection's.
     pub(crate) behind_proxy: bool,
+    /// Logins, saves and test mails counted, and failed requests with them.
+    pub(crate) metrics: Metrics,
 }
 
 impl SiteState {
@@ -105,7 +110,14 @@ impl SiteState {
             password_policy: PasswordPolicy::default(),
             throttle: Arc::default(),
             behind_proxy: false,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Counts logins, saves, test mails and failed requests in the engine's `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Takes the client's address from the proxy's `X-Forwarded-For` (set with
@@ -219,7 +231,23 @@ pub fn router(state: SiteState) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     let routes =
         if state.secure { routes.layer(axum::middleware::map_response(strict_transport_security)) } else { routes };
-    routes.layer(axum::middleware::map_response(security_headers)).with_state(state)
+    let metrics = state.metrics.clone();
+    routes
+        .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::map_response_with_state(metrics, report_failure))
+        .with_state(state)
+}
+
+/// Why a request failed, put in its response by [`SiteError`] for [`report_failure`].
+#[derive(Clone)]
+struct Failed(String);
+
+/// Logs and counts a request that failed on our side, where its metrics are at hand.
+async fn report_failure(State(metrics): State<Metrics>, mut response: Response) -> Response {
+    if let Some(Failed(error)) = response.extensions_mut().remove::<Failed>() {
+        engine::error_event!(metrics, ErrorEvent::SiteRequest, %error, "site request failed");
+    }
+    response
 }
 
 async fn stylesheet() -> Response {
@@ -363,6 +391,7 @@ pub enum SiteError {
 
 impl IntoResponse for SiteError {
     fn into_response(self) -> Response {
+        let mut failed = None;
         let (status, title, message) = match &self {
             Self::Csrf => (
                 StatusCode::FORBIDDEN,
@@ -373,7 +402,7 @@ impl IntoResponse for SiteError {
                 (StatusCode::BAD_REQUEST, "エラー", "入力内容を読み取れませんでした。もう一度操作してください。")
             }
             Self::Credentials(_) | Self::Store(_) | Self::Join(_) => {
-                tracing::error!(error = %self, "site request failed");
+                failed = Some(Failed(self.to_string()));
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "システムエラー",
@@ -382,7 +411,11 @@ impl IntoResponse for SiteError {
             }
         };
         let body = format!("<p>{}</p>\n<p><a href=\"/\">トップへ戻る</a></p>\n", html::escape(message));
-        (status, Html(html::page(title, &body))).into_response()
+        let mut response = (status, Html(html::page(title, &body))).into_response();
+        if let Some(failed) = failed {
+            response.extensions_mut().insert(failed);
+        }
+        response
     }
 }
 

@@ -21,6 +21,7 @@ use engine::address::DestinationAddress;
 use engine::deliver::{TestMailError, TEST_MAILS_PER_MINUTE};
 use engine::phone::PhoneNumber;
 use engine::store::{CallSettings, StoreError, MAX_DESTINATIONS};
+use engine::telemetry::TestMail;
 
 use super::numbers::{allowed_number, call_settings_path, not_found};
 use super::password::max_len;
@@ -172,6 +173,7 @@ pub async fn submit(
     match tokio::task::spawn_blocking(move || store.save_call_settings(&number, version, settings)).await? {
         Ok(saved) => {
             tracing::info!(login = %session.number, %number, version = saved, "call settings saved");
+            state.metrics.settings_saved();
             Ok(redirect_to(&format!("{}?saved=1", call_settings_path(&number))))
         }
         Err(StoreError::StaleVersion { current }) => {
@@ -290,10 +292,13 @@ async fn test_outcome(
     Ok(match mailer.send(&line, &number, &address).await {
         Ok(()) => {
             tracing::info!(login = %session.number, %number, row, "call settings: test mail sent");
+            state.metrics.test_mail(TestMail::Sent);
             (test_sent(&address), Vec::new(), RowErrors::default())
         }
         Err(error) => {
             tracing::info!(login = %session.number, %number, row, %error, "call settings: test mail refused");
+            let limited = matches!(error, TestMailError::TooMany);
+            state.metrics.test_mail(if limited { TestMail::Limited } else { TestMail::Failed });
             (String::new(), vec![test_failed(&address, &error)], RowErrors::default())
         }
     })

@@ -388,6 +388,8 @@ async fn r_n2_send_test_mails_the_address_as_typed_and_saves_nothing() {
     assert_eq!(version(&reply), before.version.to_string());
     assert_eq!(stored(&app, CONTRACT), before);
     assert_eq!(sink.count(), 1);
+    assert_eq!(app.metric(r#"callnotify_test_mails_total{result="sent"}"#), 1.0);
+    assert_eq!(app.metric("callnotify_settings_saved_total"), 1.0, "the save before; the test saved nothing");
 }
 
 #[tokio::test]
@@ -432,6 +434,8 @@ async fn r_n2_send_test_shows_why_the_mail_server_refused() {
     );
     assert_eq!(sink.count(), 0);
     assert_eq!(stored(&app, CONTRACT), CallSettings::default());
+    assert_eq!(app.metric(r#"callnotify_test_mails_total{result="failed"}"#), 2.0);
+    assert_eq!(app.metric(r#"callnotify_test_mails_total{result="sent"}"#), 0.0);
 }
 
 #[tokio::test]

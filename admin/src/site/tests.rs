@@ -26,15 +26,30 @@ pub(super) fn app() -> App {
 /// [`app`] with `admin.password_policy = policy`.
 pub(super) fn app_with_policy(policy: engine::config::PasswordPolicy) -> App {
     let f = fixture();
-    let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone()).with_password_policy(policy);
+    let state = site_state(&f).with_password_policy(policy);
     App { router: router(state.clone()), state, f }
 }
 
 /// [`app`] whose 送信テスト button sends with `mailer` (R-N2).
 pub(super) fn app_with_test_mailer(mailer: Option<Arc<TestMailer>>) -> App {
     let f = fixture();
-    let state = SiteState::new(f.store.clone(), f.credentials.clone(), f.clock.clone()).with_test_mailer(mailer);
+    let state = site_state(&f).with_test_mailer(mailer);
     App { router: router(state.clone()), state, f }
+}
+
+/// The site on the fixture's store, its credentials counting lockouts in the site's
+/// metrics as `serve` wires them.
+fn site_state(f: &Fixture) -> SiteState {
+    let metrics = Metrics::new();
+    let credentials = f.credentials.clone().counting_in(metrics.clone());
+    SiteState::new(f.store.clone(), credentials, f.clock.clone()).with_metrics(metrics)
+}
+
+impl App {
+    /// One series of the site's metrics, 0 if not shown.
+    pub(super) fn metric(&self, series: &str) -> f64 {
+        self.state.metrics.value(series).unwrap_or(0.0)
+    }
 }
 
 pub(super) struct Reply {
@@ -193,6 +208,14 @@ async fn r_s2_three_wrong_temporary_passwords_then_the_right_one_fails() {
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.body.contains(login::FAILURE_MESSAGE));
     assert!(reply.set_cookie(SESSION_COOKIE).is_none());
+
+    // What the operator's dashboard shows of it: three wrong, one lockout by R-S2, the
+    // right password then refused as locked.
+    assert_eq!(app.metric(r#"callnotify_site_logins_total{result="wrong"}"#), 3.0);
+    assert_eq!(app.metric(r#"callnotify_site_lockouts_total{rule="r_s2_temporary_password"}"#), 1.0);
+    assert_eq!(app.metric(r#"callnotify_site_lockouts_total{rule="r_s3_password"}"#), 0.0);
+    assert_eq!(app.metric(r#"callnotify_site_logins_total{result="locked"}"#), 1.0);
+    assert_eq!(app.metric(r#"callnotify_site_logins_total{result="ok"}"#), 0.0);
 }
 
 #[tokio::test]
@@ -611,4 +634,22 @@ async fn pages_are_styled_errors_are_japanese_and_an_ended_session_says_so() {
 
     let failed = login(&app, CONTRACT, "wrong1234").await;
     assert!(failed.body.contains(&format!("value=\"{CONTRACT}\"")), "the number is kept: {}", failed.body);
+}
+
+/// A request that fails on our side answers the subscriber a Japanese 500 page without
+/// the cause, and the operator gets the cause logged and counted as a site error.
+#[tokio::test]
+async fn a_request_failing_on_our_side_is_a_500_page_and_a_counted_error() {
+    let metrics = Metrics::new();
+    let response = SiteError::Store(StoreError::FlusherStopped).into_response();
+    let response = report_failure(State(metrics.clone()), response).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    assert!(body.contains("システムエラーが発生しました") && !body.contains("flusher"), "{body}");
+    assert_eq!(metrics.value(r#"callnotify_errors_total{stage="site",error="request"}"#), Some(1.0));
+
+    let refused = report_failure(State(metrics.clone()), SiteError::Csrf.into_response()).await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert_eq!(metrics.value(r#"callnotify_errors_total{stage="site",error="request"}"#), Some(1.0), "ours only");
 }

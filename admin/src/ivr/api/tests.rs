@@ -21,6 +21,11 @@ async fn post(app: &Router, uri: &str, body: &str) -> (StatusCode, Value) {
     (status, serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{e}: {bytes:?}")))
 }
 
+/// A call outcome as the operator's dashboard counts it.
+fn outcomes(state: &ApiState, outcome: &str) -> f64 {
+    state.metrics.value(&format!("callnotify_ivr_calls_total{{outcome=\"{outcome}\"}}")).unwrap_or(0.0)
+}
+
 async fn start(app: &Router, caller: &str) -> (StatusCode, Value) {
     post(app, "/ivr/calls", &json!({ "caller": caller }).to_string()).await
 }
@@ -58,6 +63,8 @@ async fn r_i1_to_r_i7_a_whole_call_over_http() {
     let ok = f.credentials.verify(&n(CONTRACT), "12345678", f.clock.now()).unwrap().unwrap();
     assert_eq!(ok.kind, CredentialKind::Temporary);
     assert_eq!(state.live_calls(), 0, "an ended call is forgotten");
+    assert_eq!(outcomes(&state, "done"), 1.0);
+    assert_eq!(state.metrics.value("callnotify_temporary_passwords_total"), Some(1.0));
     let (status, body) = key(&app, &call_id, "1").await;
     assert_eq!((status, &body["error"]), (StatusCode::NOT_FOUND, &json!("unknown_call")));
 }
@@ -73,6 +80,7 @@ async fn r_i1_a_caller_not_on_a_line_gets_a_json_403() {
         assert!(body["message"].as_str().unwrap().contains("R-I1"), "{body}");
     }
     assert_eq!(state.live_calls(), 0);
+    assert_eq!(outcomes(&state, "refused"), 2.0);
 }
 
 #[tokio::test]
@@ -90,6 +98,8 @@ async fn r_i6_the_third_invalid_entry_ends_the_call_with_words_to_say() {
     let text = "入力された番号が正しくありません。お手数ですが、もう一度おかけ直しください。";
     assert_eq!(body, json!({ "call_id": call_id, "prompt": "ENDED", "text": text, "awaiting": null, "ends": true }));
     assert_eq!(state.live_calls(), 0);
+    assert_eq!((outcomes(&state, "invalid_entries"), outcomes(&state, "done")), (1.0, 0.0));
+    assert_eq!(state.metrics.value("callnotify_temporary_passwords_total"), Some(0.0));
 }
 
 #[tokio::test]
@@ -117,6 +127,7 @@ async fn an_idle_call_is_forgotten() {
     f.clock.advance(IDLE_TIMEOUT);
     start(&app, CONTRACT).await;
     assert_eq!(state.live_calls(), 1, "a new call sweeps abandoned ones");
+    assert_eq!(outcomes(&state, "abandoned"), 2.0, "the one found idle and the one swept");
 }
 
 #[tokio::test]
@@ -152,4 +163,5 @@ async fn a_number_has_at_most_three_calls_open_at_once() {
     }
     assert_eq!(start(&app, CONTRACT).await.0, StatusCode::OK, "one ended: room for a new one");
     assert_eq!(state.live_calls(), 4);
+    assert_eq!(outcomes(&state, "busy"), 1.0);
 }
