@@ -40,6 +40,12 @@ installed gdb || need+=(gdb)
 postfix=0
 installed postfix || { postfix=1; need+=(postfix); }
 
+# deploy/'s checks (scripts/deploy-check.sh): promtool and a Prometheus run by the check
+# itself (the package's service is never started), and systemd-analyze.
+daemons=$postfix
+command -v promtool >/dev/null || { daemons=1; need+=(prometheus); }
+command -v systemd-analyze >/dev/null || need+=(systemd)
+
 # The accessibility checker, from npm's registry at the version the lock file pins.
 axe() {
   local dir
@@ -55,7 +61,9 @@ echo "setup: installing ${need[*]}"
 apt-get update -qq
 if [ "$postfix" = 1 ]; then
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  # Keep the package's scripts from starting (or failing to start) the mail daemon.
+fi
+if [ "$daemons" = 1 ]; then
+  # Keep the packages' scripts from starting (or failing to start) their daemons.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod +x /usr/sbin/policy-rc.d

@@ -86,6 +86,10 @@ pub struct Common {
     /// Work directory for the engine's store and log (default: a fresh temporary one).
     #[arg(long)]
     workdir: Option<PathBuf>,
+    /// Where the engine serves `/metrics` (loopback only; default: a free port), for a
+    /// Prometheus to scrape during the run.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -182,7 +186,11 @@ impl Common {
             format: setup.format.as_str(),
             group: String::new(),
             smtp,
-            metrics: free_port()?,
+            metrics: match self.metrics_listen {
+                Some(addr) if !addr.ip().is_loopback() => bail!("--metrics-listen {addr} is not a loopback address"),
+                Some(addr) => addr,
+                None => free_port()?,
+            },
             cache_capacity: self.cache_capacity,
             pool_size: self.pool_size,
             consumers: self.consumers,
