@@ -11,6 +11,9 @@
    engine serves. A metric name that does not exist fails the check.
 
     python3 scripts/prometheus-check.py --loadtest target/debug/callnotify-loadtest
+
+With `--plot FILE.svg` it also draws some of the dashboard's panels from what Prometheus
+recorded (the picture in docs/operating.md of what the dashboard shows).
 """
 import argparse
 import json
@@ -117,13 +120,64 @@ def query(prometheus, expr):
 
 def for_prometheus(expr):
     """A dashboard expression as Prometheus takes it: Grafana's variables filled in."""
-    return expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+    # Grafana's $__rate_interval is four scrape intervals at least; scrapes here are 1 s.
+    return expr.replace("$__rate_interval", "15s").replace("$instance", ".*")
+
+
+PLOTTED = [
+    "CDRs consumed and notified",
+    "Mails sent, failed, retried, delayed",
+    "Latency p50 / p99 (call end → mail accepted)",
+    "Consumers paused, CDRs in flight",
+]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
+
+
+def legend_of(template, labels):
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template)
+
+
+def plot(prometheus, dashboard, start, end, path):
+    """Small multiples of the PLOTTED panels over [start, end], as the dashboard draws them."""
+    panels = [p for p in dashboard["panels"] if p.get("title") in PLOTTED]
+    width, height, pad = 460, 200, 44
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * width}" height="{2 * height}" '
+           'font-family="sans-serif" font-size="11">', f'<rect width="100%" height="100%" fill="white"/>']
+    for n, panel in enumerate(panels):
+        ox, oy = (n % 2) * width, (n // 2) * height
+        lines = []
+        for target in panel["targets"]:
+            url = f"http://{prometheus}/api/v1/query_range?" + urllib.parse.urlencode(
+                {"query": for_prometheus(target["expr"]), "start": start, "end": end, "step": 1})
+            with urllib.request.urlopen(url, timeout=10) as response:
+                for series in json.load(response)["data"]["result"]:
+                    points = [(float(t), float(v)) for t, v in series["values"] if v not in ("NaN", "+Inf", "-Inf")]
+                    if points:
+                        lines.append((legend_of(target["legendFormat"], series["metric"]), points))
+        top = max([v for _, pts in lines for _, v in pts] + [1e-9]) * 1.1
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        x0, y0, w, h = ox + pad, oy + 24, width - pad - 12, height - 48
+        out.append(f'<text x="{ox + 8}" y="{oy + 16}" font-weight="bold">{panel["title"]}</text>')
+        out.append(f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#ccc"/>')
+        label = {"ops": "/s", "s": " s"}.get(unit, "")
+        out.append(f'<text x="{x0 - 4}" y="{y0 + 8}" text-anchor="end">{top:.3g}{label}</text>')
+        out.append(f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">0</text>')
+        out.append(f'<text x="{x0 + w}" y="{y0 + h + 12}" text-anchor="end">{end - start:.0f} s</text>')
+        for i, (name, points) in enumerate(lines[:5]):
+            xy = " ".join(f"{x0 + (t - start) / (end - start) * w:.1f},{y0 + h - v / top * h:.1f}" for t, v in points)
+            out.append(f'<polyline points="{xy}" fill="none" stroke="{COLOURS[i]}" stroke-width="1.5"/>')
+            out.append(f'<text x="{x0 + 6}" y="{y0 + 14 + i * 13}" fill="{COLOURS[i]}">{name}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+    print(f"prometheus-check: {len(panels)} panels drawn into {path}")
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--loadtest", required=True, help="the callnotify-loadtest binary")
     parser.add_argument("--seconds", type=int, default=20, help="traffic before the queries")
+    parser.add_argument("--plot", help="draw some panels from the recorded data into this SVG file")
     args = parser.parse_args()
 
     queries = dashboard_queries(json.load(open(DASHBOARD)))
@@ -164,6 +218,8 @@ def main():
         print(f"prometheus-check: Prometheus scrapes the engine at {engine}; {args.seconds} s of traffic")
         time.sleep(args.seconds)
 
+        if args.plot:
+            plot(prometheus, json.load(open(DASHBOARD)), time.time() - args.seconds, time.time(), args.plot)
         served = {s["metric"]["__name__"] for s in query(prometheus, '{job="callnotify"}')["data"]["result"]}
         problems = []
         for title, expr in queries:
