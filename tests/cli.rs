@@ -508,7 +508,7 @@ fn a_second_serve_on_the_same_store_says_which_process_to_stop_and_errors_print_
     assert_eq!(error.matches("could not acquire lock").count(), 1, "{error}");
 }
 
-/// Listener limits (README, the settings site): thousands of connections that say
+/// Listener limits (docs/site.md): thousands of connections that say
 /// nothing or stop halfway through their headers, from two addresses, against `serve`
 /// under a file-descriptor limit of 1 024 (as a service unit may set it). The site still
 /// answers a login page to a third address within a second, and the operator endpoint

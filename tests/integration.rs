@@ -188,7 +188,7 @@ fn a_mail_sent_twice_is_put_down_to_a_kill_only_one_that_came_just_after_it_arri
 
 /// 20 000 CDRs (about 10 % notify) produced while the engine is SIGKILLed and
 /// restarted at once, 20 times at random moments: every expected mail arrives at
-/// smtp-sink, and only once, but for what the delivery guarantees (README, case 1) let
+/// smtp-sink, and only once, but for what the delivery guarantees (docs/delivery.md, case 1) let
 /// a SIGKILL cause: a mail accepted just before it, whose sent record had not reached
 /// disk, arrives twice. Each mail that arrives twice is checked against the kill times.
 /// Then the group is reset to offset 0 and everything is consumed again: no new mail.
@@ -345,7 +345,7 @@ fn poison_messages_go_to_the_dead_letter_topic_and_every_good_cdr_is_notified() 
     assert!(engine.terminate());
 }
 
-/// A full disk (README, delivery guarantees): the store's file system, a 64 MiB tmpfs,
+/// A full disk (docs/delivery.md): the store's file system, a 64 MiB tmpfs,
 /// is filled by another writer while CDRs keep coming. The engine stops reading with
 /// less than `store.min_free_mb` free, says why on `/readyz` (503; `/healthz`, the
 /// liveness probe, stays 200: a restart would not help) and in
@@ -383,7 +383,7 @@ fn a_full_disk_pauses_reading_shows_why_and_every_mail_arrives_once_when_space_i
     engine.wait_metric("callnotify_store_disk_low", 1.0);
     let (status, why) = engine.readiness();
     assert_eq!(status, 503, "{why}");
-    assert!(why.starts_with("not ready\nstore: reading paused: "), "{why}");
+    assert!(why.starts_with("not ready\nstore: ") && why.contains("CDRs are not read until there is room"), "{why}");
     assert_eq!(engine.health(), (200, "ok\n".to_owned()), "alive all the same");
     assert!(why.contains("below store.min_free_mb (16 MiB)"), "{why}");
     // The consumer thread pauses at its next turn (the flag is looked at every second).
@@ -465,7 +465,7 @@ fn an_import_into_a_full_disk_names_the_lines_on_disk_and_they_are() {
 /// Two engines in one group speaking `protocol`, one SIGKILLed mid-stream: the other
 /// takes its partitions within the session timeout and a few seconds (printed), and
 /// nothing is lost. Each engine has its own store, so CDRs the killed one had sent but
-/// not committed are sent again by the other (README, delivery guarantees, case 5):
+/// not committed are sent again by the other (docs/delivery.md):
 /// never more than the CDRs past the group's committed offsets when it died.
 fn one_of_two_engines_killed(protocol: GroupProtocol, name: &str, prefix: &str) {
     const PARTITIONS: i32 = 4;

@@ -103,7 +103,7 @@ pub struct StoreSettings {
     /// Days a sent-mail record is kept: replays within it send nothing again.
     pub sent_retention_days: u64,
     /// Above 0, sent records are flushed together at most this often under load (ms):
-    /// a crash can then resend the mails of that long; see README, flush policy.
+    /// a crash can then resend the mails of that long; see docs/delivery.md.
     pub group_commit_ms: u64,
     /// Below this much free space (MiB) on the store's file system no CDR is read, so the
     /// mails on their way have room for their records ([`crate::disk`]); 0: no check.

@@ -139,7 +139,7 @@ async fn ready(State(ops): State<Ops>) -> Response {
         None => format!("ok, {} numbers", ops.store.number_count()),
         Some(why) => {
             ready = false;
-            format!("reading paused: {why}")
+            why.strip_prefix("store: ").unwrap_or(&why).to_owned()
         }
     };
     let consuming = match ops.metrics.partitions_assigned() {
@@ -409,6 +409,6 @@ mod tests {
         full.check();
         let (status, body) = readiness(&Ops { disk: full, ..ops.clone() }).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-        assert!(body.contains("store: reading paused: "), "{body}");
+        assert!(body.contains("\nstore: ") && body.contains("CDRs are not read until there is room"), "{body}");
     }
 }

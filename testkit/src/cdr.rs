@@ -1,4 +1,4 @@
-//! Canonical CDRs (README, "CDR formats") for tests.
+//! Canonical CDRs (docs/cdr-formats.md) for tests.
 
 use std::sync::LazyLock;
 

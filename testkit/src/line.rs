@@ -1,4 +1,4 @@
-//! Provisioning lines (README, "Running it for real": `provision import`) for tests.
+//! Provisioning lines (docs/provisioning.md: `provision import`) for tests.
 
 /// A subscriber's provisioning line (R-N1..R-N5 settings).
 pub struct Subscriber<'a> {

@@ -21,7 +21,7 @@ const MAX_COMMAND_LINE: usize = 1000;
 /// Advertised via SIZE; bounds the memory one message can take.
 const MAX_MESSAGE: usize = 50 * 1024 * 1024;
 
-/// The environment (README, configuration) that points an engine's mail client at a
+/// The environment (docs/configuration.md) that points an engine's mail client at a
 /// server on `addr`.
 pub fn engine_env(addr: SocketAddr) -> [(&'static str, String); 2] {
     [("CALLNOTIFY__SMTP__HOST", addr.ip().to_string()), ("CALLNOTIFY__SMTP__PORT", addr.port().to_string())]

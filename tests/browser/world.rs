@@ -203,7 +203,7 @@ pub async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// A canonical CDR (README "CDR formats") of a call to `called` from `caller`
+/// A canonical CDR (docs/cdr-formats.md) of a call to `called` from `caller`
 /// (presentation allowed) at [`testkit::cdr::call_start`]; `outcome` as in the format.
 pub fn cdr(call_id: &str, called: &str, caller: &str, outcome: &str) -> String {
     testkit::cdr::cdr(call_id, called, Some(caller), "allowed", outcome)

@@ -579,7 +579,7 @@ async fn login_from(app: &App, client: &str, number: &str, password: &str) -> Re
     send(app, request).await
 }
 
-/// The login throttle (README; the trade-off against R-S3 in `site::throttle`): past 5
+/// The login throttle (docs/site.md; the trade-off against R-S3 in `site::throttle`): past 5
 /// wrong logins in 15 minutes an address is answered 429 without its attempts being
 /// checked, so they neither guess nor count towards R-S3 (nothing slowed a client down:
 /// anyone could invalidate a password with 10 quick guesses); another address still

@@ -19,7 +19,7 @@ use crate::phone::PhoneNumber;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CdrFormat {
-    /// callnotify's own JSON, one call per message (README, "CDR formats").
+    /// callnotify's own JSON, one call per message (docs/cdr-formats.md).
     Canonical,
     /// The JSON that Asterisk CDR-to-Kafka modules emit.
     Asterisk,

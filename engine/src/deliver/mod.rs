@@ -160,7 +160,7 @@ impl Deliverer {
     /// shutdown or at a revocation is over), the attempt is dropped and the mail queued,
     /// due at once: the retry queue sends it, after the next start if shutting down.
     /// Dropped after DATA it may have arrived already, the same ambiguity as a timeout
-    /// (README, delivery guarantees).
+    /// (docs/delivery.md).
     ///
     /// While the mail server is not answering (the circuit breaker is open) the mail is
     /// queued without an attempt, and an attempt waiting on the server when the breaker

@@ -1,4 +1,4 @@
-//! How old a call may be (README, delivery guarantees: the dedup window and stale
+//! How old a call may be (docs/delivery.md: the dedup window and stale
 //! calls): a call that ended more than `engine.max_call_age_hours` before its CDR is
 //! read is counted and not notified, whenever and however often it is read; times no
 //! call can have go to the dead letters.

@@ -266,7 +266,7 @@ async fn smtp_4xx_replies_are_retried_until_delivered_and_5xx_replies_dead_lette
 }
 
 /// A timeout after DATA is ambiguous: the server may have taken the mail. It is retried,
-/// so the subscriber may get it twice (README, delivery guarantees) but never not at all.
+/// so the subscriber may get it twice (docs/delivery.md) but never not at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_or_a_dropped_connection_after_data_is_retried() {
     let h = Harness::new(1).await;
@@ -298,7 +298,7 @@ async fn a_mail_server_that_stops_answering_holds_the_engine_at_max_in_flight_an
 
 /// The same with two consumer threads over four partitions: the limit counts both
 /// threads' CDRs, so both pause, however the CDRs fall between them. Each thread may
-/// read one CDR past the limit as the other reaches it (README, `engine.max_in_flight`).
+/// read one CDR past the limit as the other reaches it (docs/architecture.md, `engine.max_in_flight`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_consumer_threads_are_held_together_at_max_in_flight() {
     held_at_max_in_flight(2).await;

@@ -44,7 +44,7 @@ async fn restart_mid_stream(consumers: &str) {
     assert_eq!(stopped.metric("callnotify_offsets_skipped_total"), 0.0, "no CDR passed over");
 }
 
-/// Graceful shutdown (README, delivery guarantees): mails still waiting when the grace
+/// Graceful shutdown (docs/delivery.md): mails still waiting when the grace
 /// period runs short are durably queued and their CDRs committed, so the next start
 /// sends them from the queue, each once, without reading a CDR again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
