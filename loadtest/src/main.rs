@@ -124,8 +124,11 @@ impl Common {
         Ok(path)
     }
 
-    /// Refuses any broker that is not on this machine.
+    /// Refuses any broker, or a metrics address, that is not on this machine.
     fn check_loopback(&self) -> anyhow::Result<()> {
+        if let Some(addr) = self.metrics_listen.filter(|a| !a.ip().is_loopback()) {
+            bail!("--metrics-listen {addr} is not a loopback address: load tests stay on this machine");
+        }
         for broker in self.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
             let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h).trim_matches(['[', ']']);
             let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
@@ -187,7 +190,6 @@ impl Common {
             group: String::new(),
             smtp,
             metrics: match self.metrics_listen {
-                Some(addr) if !addr.ip().is_loopback() => bail!("--metrics-listen {addr} is not a loopback address"),
                 Some(addr) => addr,
                 None => free_port()?,
             },
@@ -284,6 +286,7 @@ mod tests {
             consumers: 1,
             out: "x".into(),
             workdir: None,
+            metrics_listen: None,
         }
     }
 
@@ -292,6 +295,9 @@ mod tests {
         assert!(common("127.0.0.1:9092,localhost:9093,[::1]:9094").check_loopback().is_ok());
         assert!(common("10.0.0.5:9092").check_loopback().is_err());
         assert!(common("kafka.example.com:9092").check_loopback().is_err());
+        let metrics = |addr: &str| Common { metrics_listen: Some(addr.parse().unwrap()), ..common("") };
+        assert!(metrics("127.0.0.1:9187").check_loopback().is_ok());
+        assert!(metrics("0.0.0.0:9187").check_loopback().is_err());
     }
 
     /// Every mode seeds the store before it picks the topic and group a round reads:
