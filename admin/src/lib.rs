@@ -24,6 +24,7 @@
 
 pub mod clock;
 pub mod credentials;
+mod failure;
 pub mod ivr;
 pub mod server;
 pub mod site;

@@ -32,6 +32,7 @@ use engine::telemetry::{IvrCall, Metrics};
 use super::call::{Call, IvrError, Step};
 use super::prompt::PromptId;
 use super::Ivr;
+use crate::failure::{self, Failed, Reporter};
 
 /// How long a call may go without a request before it is forgotten.
 pub const IDLE_TIMEOUT: Duration = Duration::minutes(5);
@@ -98,24 +99,12 @@ impl ApiState {
 
 /// The IVR API's routes, ready to be merged into the admin app or served alone.
 pub fn router(state: ApiState) -> Router {
-    let metrics = state.metrics.clone();
+    let failures = Reporter { metrics: state.metrics.clone(), event: ErrorEvent::IvrRequest };
     Router::new()
         .route("/ivr/calls", post(start_call))
         .route("/ivr/calls/{id}/digits", post(digits))
-        .layer(axum::middleware::map_response_with_state(metrics, report_failure))
+        .layer(axum::middleware::map_response_with_state(failures, failure::report))
         .with_state(state)
-}
-
-/// Why a request failed, put in its response by [`ApiError`] for [`report_failure`].
-#[derive(Clone)]
-struct Failed(String);
-
-/// Logs and counts a request that failed on our side, where its metrics are at hand.
-async fn report_failure(State(metrics): State<Metrics>, mut response: Response) -> Response {
-    if let Some(Failed(reason)) = response.extensions_mut().remove::<Failed>() {
-        engine::error_event!(metrics, ErrorEvent::IvrRequest, %reason, "IVR API request failed");
-    }
-    response
 }
 
 #[derive(serde::Deserialize)]

@@ -36,7 +36,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
-use axum::extract::State;
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, STRICT_TRANSPORT_SECURITY,
 };
@@ -52,6 +51,7 @@ use engine::telemetry::Metrics;
 
 use crate::clock::SharedClock;
 use crate::credentials::{CredentialError, CredentialKind, Credentials, LoginOk};
+use crate::failure::{self, Failed, Reporter};
 use session::{Session, Sessions};
 
 /// The address a connection came from, handed to the handlers as
@@ -231,23 +231,11 @@ pub fn router(state: SiteState) -> Router {
         .method_not_allowed_fallback(method_not_allowed);
     let routes =
         if state.secure { routes.layer(axum::middleware::map_response(strict_transport_security)) } else { routes };
-    let metrics = state.metrics.clone();
+    let failures = Reporter { metrics: state.metrics.clone(), event: ErrorEvent::SiteRequest };
     routes
         .layer(axum::middleware::map_response(security_headers))
-        .layer(axum::middleware::map_response_with_state(metrics, report_failure))
+        .layer(axum::middleware::map_response_with_state(failures, failure::report))
         .with_state(state)
-}
-
-/// Why a request failed, put in its response by [`SiteError`] for [`report_failure`].
-#[derive(Clone)]
-struct Failed(String);
-
-/// Logs and counts a request that failed on our side, where its metrics are at hand.
-async fn report_failure(State(metrics): State<Metrics>, mut response: Response) -> Response {
-    if let Some(Failed(error)) = response.extensions_mut().remove::<Failed>() {
-        engine::error_event!(metrics, ErrorEvent::SiteRequest, %error, "site request failed");
-    }
-    response
 }
 
 async fn stylesheet() -> Response {

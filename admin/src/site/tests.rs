@@ -1,6 +1,7 @@
 //! The site over HTTP with `oneshot`, a provisioned store and a manual clock.
 
 use axum::body::Body;
+use axum::extract::State;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use chrono::Duration;
@@ -642,14 +643,15 @@ async fn pages_are_styled_errors_are_japanese_and_an_ended_session_says_so() {
 async fn a_request_failing_on_our_side_is_a_500_page_and_a_counted_error() {
     let metrics = Metrics::new();
     let response = SiteError::Store(StoreError::FlusherStopped).into_response();
-    let response = report_failure(State(metrics.clone()), response).await;
+    let reporter = Reporter { metrics: metrics.clone(), event: ErrorEvent::SiteRequest };
+    let response = failure::report(State(reporter.clone()), response).await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.unwrap();
     let body = String::from_utf8(body.to_vec()).unwrap();
     assert!(body.contains("システムエラーが発生しました") && !body.contains("flusher"), "{body}");
     assert_eq!(metrics.value(r#"callnotify_errors_total{stage="site",error="request"}"#), Some(1.0));
 
-    let refused = report_failure(State(metrics.clone()), SiteError::Csrf.into_response()).await;
+    let refused = failure::report(State(reporter), SiteError::Csrf.into_response()).await;
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     assert_eq!(metrics.value(r#"callnotify_errors_total{stage="site",error="request"}"#), Some(1.0), "ours only");
 }
