@@ -52,6 +52,57 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// The dead-letter topic (kafka.dead_letter_topic): list its records, replay CDRs.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetters,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// The records, oldest first per partition: a table, or JSON Lines with --json.
+    List {
+        #[command(flatten)]
+        filter: LetterFilter,
+        /// One JSON object per record (its partition, offset, whether it was replayed,
+        /// and the record as written).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Puts the CDRs of the records back into the topics and partitions they were read
+    /// from, once their cause is fixed; each record is replayed once, however often this
+    /// runs. Mail records are counted and left alone (they do not hold the message).
+    Replay {
+        #[command(flatten)]
+        filter: LetterFilter,
+        /// Only say what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct LetterFilter {
+    /// `cdr` or `mail`.
+    #[arg(long, value_parser = ["cdr", "mail"])]
+    kind: Option<String>,
+    /// Only records written at or after this time (RFC 3339, e.g. 2026-12-04T09:00:00+09:00).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only records whose reason (or mail server reply) contains this text.
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+impl From<LetterFilter> for engine::dead_letter::review::Filter {
+    fn from(f: LetterFilter) -> Self {
+        Self { kind: f.kind, since: f.since, reason: f.reason }
+    }
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.to_utc()).map_err(|e| format!("{e}: an RFC 3339 time is wanted"))
 }
 
 #[derive(Subcommand)]
@@ -152,6 +203,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Provision { action: Provision::Export { file: output, without_credentials } } => {
             provision_export(&Settings::load(file)?, &output, !without_credentials)
         }
+        Command::DeadLetters { action } => dead_letters(&Settings::load(file)?, action),
         Command::Config { action: ConfigAction::Check } => {
             let (_, effective) = Settings::effective(file, std::env::vars())?;
             print!("{effective}");
@@ -286,6 +338,43 @@ fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bo
     };
     let what = if credentials { format!(", {} credentials", report.credentials) } else { String::new() };
     eprintln!("exported {} lines ({} numbers{what}) to {}", report.lines, report.numbers, file.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<ExitCode> {
+    use engine::dead_letter::review;
+    let kafka = &settings.kafka;
+    let (brokers, properties, topic) = (&kafka.brokers, &kafka.properties, &kafka.dead_letter_topic);
+    match action {
+        DeadLetters::List { filter, json } => {
+            let letters = review::list(brokers, properties, topic, &filter.into())?;
+            for l in &letters {
+                if json {
+                    let line = serde_json::json!({"partition": l.partition, "offset": l.offset,
+                        "replayed": l.replayed, "record": l.record});
+                    println!("{line}");
+                } else {
+                    let at = l.record["at"].as_str().unwrap_or("");
+                    let mark = if l.replayed { "replayed" } else { "" };
+                    println!("{}/{}\t{at}\t{}\t{mark}\t{}", l.partition, l.offset, l.kind(), l.reason());
+                }
+            }
+            eprintln!("{} dead letters on {topic}", letters.len());
+        }
+        DeadLetters::Replay { filter, dry_run } => {
+            let done = review::replay(brokers, properties, topic, &filter.into(), dry_run)?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            for (partition, offset) in &done.replayed {
+                println!("{verb} {topic}/{partition}/{offset}");
+            }
+            eprintln!(
+                "{verb} {} CDRs; {} replayed before, left alone; {} mail records left alone (not replayable)",
+                done.replayed.len(),
+                done.already,
+                done.mails
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

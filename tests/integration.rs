@@ -342,6 +342,17 @@ fn poison_messages_go_to_the_dead_letter_topic_and_every_good_cdr_is_notified() 
         assert!(r["raw_base64"].is_string(), "{r}");
     }
     assert_eq!(engine.metric("callnotify_dead_letters_total{kind=\"cdr\"}"), BAD as f64);
+
+    // The operator's view of the same records (`callnotify dead-letters`), on Apache Kafka.
+    let out = spec.command().args(["dead-letters", "list", "--json", "--kind", "cdr"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(listed.len(), BAD);
+    assert!(listed.iter().all(|l| l["record"]["kind"] == "cdr" && l["replayed"] == false));
+    let out = spec.command().args(["dead-letters", "replay", "--dry-run"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains(&format!("would replay {BAD} CDRs; 0 replayed before")), "{said}");
     assert!(engine.terminate());
 }
 

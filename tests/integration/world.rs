@@ -420,7 +420,8 @@ pub struct EngineSpec {
 }
 
 impl EngineSpec {
-    fn command(&self) -> Command {
+    /// `callnotify` with this engine's settings (its cluster, topics, store, mail server).
+    pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_callnotify"));
         command
             .env("CALLNOTIFY__KAFKA__BROKERS", &self.brokers)

@@ -3,6 +3,7 @@
 
 mod age;
 mod consumers;
+mod dead_letters;
 mod delivery;
 mod formats;
 mod helpers;

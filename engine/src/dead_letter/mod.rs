@@ -12,6 +12,8 @@ use crate::error_event::ErrorEvent;
 use crate::render::{Mail, Origin};
 use crate::telemetry::Metrics;
 
+pub mod review;
+
 /// Writes dead-letter records: undecodable CDRs and mails refused for good. Each is
 /// retried until the broker takes it, since the CDR's offset waits for it. A write the
 /// broker has not confirmed within the producer's `message.timeout.ms` (5 s unless

@@ -1,0 +1,229 @@
+//! The operator's side of the dead-letter topic: [`list`] its records, and [`replay`] the
+//! CDRs among them into the topics they came from once their cause is fixed (a wrong
+//! `kafka.topics` format, a decoder fixed in a new version).
+//!
+//! A replay is idempotent: after each CDR is back in its topic, a marker record
+//! (`{"kind":"replayed","partition":…,"offset":…}`) goes to the dead-letter topic, and
+//! records with a marker are not replayed again. A crash between the two replays that
+//! CDR once more; its mails are sent once all the same (the sent records). A CDR that
+//! still does not decode is dead-lettered again, as a new record.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// The header a replayed CDR carries: the dead-letter record it came from.
+pub const REPLAYED_FROM: &str = "callnotify-replayed-from";
+
+/// How long reading the topic, or a replayed record's delivery, may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("the dead letters need a Kafka cluster (kafka.brokers): the embedded mock cluster lives inside `serve`")]
+    NoCluster,
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the dead-letter topic {topic} was not read to its end within {TIMEOUT:?}")]
+    Slow { topic: String },
+    #[error("dead letter {partition}/{offset}: {why}")]
+    Record { partition: i32, offset: i64, why: String },
+}
+
+/// Which records to look at.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    /// `cdr` or `mail`.
+    pub kind: Option<String>,
+    /// Written at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Part of the reason (a CDR's) or the mail server's reply (a mail's).
+    pub reason: Option<String>,
+}
+
+/// One record of the dead-letter topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Letter {
+    pub partition: i32,
+    pub offset: i64,
+    /// The record as written (see docs/delivery.md for its fields).
+    pub record: serde_json::Value,
+    /// Whether it was replayed already.
+    pub replayed: bool,
+}
+
+impl Letter {
+    pub fn kind(&self) -> &str {
+        self.record["kind"].as_str().unwrap_or("")
+    }
+
+    /// The CDR's reason, or the mail server's reply.
+    pub fn reason(&self) -> &str {
+        self.record["reason"].as_str().or(self.record["smtp_reply"].as_str()).unwrap_or("")
+    }
+
+    fn at(&self) -> Option<DateTime<Utc>> {
+        self.record["at"].as_str().and_then(|at| DateTime::parse_from_rfc3339(at).ok()).map(|at| at.to_utc())
+    }
+
+    fn matches(&self, filter: &Filter) -> bool {
+        filter.kind.as_deref().is_none_or(|kind| kind == self.kind())
+            && filter.since.is_none_or(|since| self.at().is_some_and(|at| at >= since))
+            && filter.reason.as_deref().is_none_or(|part| self.reason().contains(part))
+    }
+}
+
+/// Every record of `topic` that `filter` lets through, in partition and offset order
+/// (markers of replays are not listed; they mark the records they name).
+pub fn list(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    filter: &Filter,
+) -> Result<Vec<Letter>, ReviewError> {
+    let (letters, replayed) = read(brokers, properties, topic)?;
+    Ok(letters
+        .into_iter()
+        .map(|letter| Letter { replayed: replayed.contains(&(letter.partition, letter.offset)), ..letter })
+        .filter(|letter| letter.matches(filter))
+        .collect())
+}
+
+/// What a replay did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replay {
+    /// CDRs put back into their topics (with `dry_run`: that would be).
+    pub replayed: Vec<(i32, i64)>,
+    /// Records replayed before: left alone.
+    pub already: usize,
+    /// Mail records: not replayable (the record does not hold the message).
+    pub mails: usize,
+}
+
+/// Puts the CDRs of the records `filter` lets through back into the topics and
+/// partitions they were read from, each with a [`REPLAYED_FROM`] header, and marks each
+/// as replayed; with `dry_run`, only says which.
+pub fn replay(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    filter: &Filter,
+    dry_run: bool,
+) -> Result<Replay, ReviewError> {
+    let letters = list(brokers, properties, topic, filter)?;
+    let mut done = Replay::default();
+    let producer: BaseProducer = crate::cluster::client_config(
+        brokers,
+        &[("enable.idempotence", "true"), ("allow.auto.create.topics", "false")],
+        &crate::cluster::producer_properties(properties),
+    )
+    .create()?;
+    for letter in letters {
+        if letter.kind() == "mail" {
+            done.mails += 1;
+            continue;
+        }
+        if letter.replayed {
+            done.already += 1;
+            continue;
+        }
+        let bad =
+            |why: &str| ReviewError::Record { partition: letter.partition, offset: letter.offset, why: why.into() };
+        let source = letter.record["topic"].as_str().ok_or_else(|| bad("no source topic"))?;
+        let partition = letter.record["partition"].as_i64().ok_or_else(|| bad("no source partition"))? as i32;
+        let raw = letter.record["raw_base64"]
+            .as_str()
+            .and_then(|raw| base64::engine::general_purpose::STANDARD.decode(raw).ok())
+            .ok_or_else(|| bad("no raw CDR"))?;
+        if !dry_run {
+            let from = format!("{topic}/{}/{}", letter.partition, letter.offset);
+            let headers = OwnedHeaders::new().insert(Header { key: REPLAYED_FROM, value: Some(from.as_bytes()) });
+            send(&producer, BaseRecord::<(), [u8]>::to(source).partition(partition).payload(&raw).headers(headers))?;
+            let marker = serde_json::json!({
+                "kind": "replayed",
+                "partition": letter.partition,
+                "offset": letter.offset,
+                "at": Utc::now().to_rfc3339(),
+            })
+            .to_string();
+            send(&producer, BaseRecord::<str, str>::to(topic).key(&format!("replayed/{from}")).payload(&marker))?;
+        }
+        done.replayed.push((letter.partition, letter.offset));
+    }
+    Ok(done)
+}
+
+/// Sends one record and waits until the cluster has it.
+fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+    producer: &BaseProducer,
+    record: BaseRecord<'_, K, P>,
+) -> Result<(), ReviewError> {
+    producer.send(record).map_err(|(e, _)| e)?;
+    producer.flush(TIMEOUT)?;
+    Ok(())
+}
+
+/// The (partition, offset) of the records replayed, from their markers.
+type Replayed = HashSet<(i32, i64)>;
+
+/// Every record of `topic` from its start to its end now, and the records replayed.
+fn read(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+) -> Result<(Vec<Letter>, Replayed), ReviewError> {
+    if brokers.is_empty() {
+        return Err(ReviewError::NoCluster);
+    }
+    let group = format!("callnotify-dead-letters-{}", std::process::id());
+    let consumer: BaseConsumer = crate::cluster::client_config(
+        brokers,
+        &[("group.id", &group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")],
+        properties,
+    )
+    .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut ends = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, TIMEOUT)?;
+        if high > low {
+            ends.insert(partition, high);
+            assignment.add_partition_offset(topic, partition, Offset::Offset(low))?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let (mut letters, mut replayed) = (Vec::new(), HashSet::new());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut left: usize = ends.len();
+    let mut done = HashSet::new();
+    while left > 0 {
+        if std::time::Instant::now() > deadline {
+            return Err(ReviewError::Slow { topic: topic.to_owned() });
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let message = message?;
+        let (partition, offset) = (message.partition(), message.offset());
+        let record: serde_json::Value = serde_json::from_slice(message.payload().unwrap_or_default())
+            .map_err(|e| ReviewError::Record { partition, offset, why: format!("not JSON: {e}") })?;
+        if record["kind"] == "replayed" {
+            if let (Some(p), Some(o)) = (record["partition"].as_i64(), record["offset"].as_i64()) {
+                replayed.insert((p as i32, o));
+            }
+        } else {
+            letters.push(Letter { partition, offset, record, replayed: false });
+        }
+        if offset + 1 >= ends[&partition] && done.insert(partition) {
+            left -= 1;
+        }
+    }
+    letters.sort_by_key(|l| (l.partition, l.offset));
+    Ok((letters, replayed))
+}
