@@ -23,7 +23,8 @@
 //! - [`pipeline`]: one CDR through decode → resolve → filter → dedup → render: the mails to send.
 //! - [`render`]: the notification mail (R-M1, R-M2) with a replay-stable Message-ID.
 //! - [`deliver`]: SMTP (or an outbox directory), rate limits, retries.
-//! - [`dead_letter`]: records of undecodable CDRs and refused mails (R-M4).
+//! - [`dead_letter`]: records of undecodable CDRs and refused mails (R-M4); [`dead_letter::review`]
+//!   lists them and replays CDRs for the operator.
 //! - [`store`]: sled trees: lines, numbers and their settings ([`store::records`],
 //!   [`store::subscribers`]), and the sent records that make each mail go out once
 //!   ([`store::sent`]: key, claim, record, prune, journal).
