@@ -71,8 +71,9 @@ enum DeadLetters {
         json: bool,
     },
     /// Puts the CDRs of the records back into the topics and partitions they were read
-    /// from, once their cause is fixed; each record is replayed once, however often this
-    /// runs. Mail records are counted and left alone (they do not hold the message).
+    /// from, and the mails into the retry queue (with `serve` stopped: it opens the
+    /// store), once their cause is fixed; each record is replayed once, however often
+    /// this runs. A mail keeps its Message-ID.
     Replay {
         #[command(flatten)]
         filter: LetterFilter,
@@ -362,16 +363,20 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             eprintln!("{} dead letters on {topic}", letters.len());
         }
         DeadLetters::Replay { filter, dry_run } => {
-            let done = review::replay(brokers, properties, topic, &filter.into(), dry_run)?;
+            let done =
+                engine::replay::replay(brokers, properties, topic, &filter.into(), dry_run, || open_store(settings))?;
             let verb = if dry_run { "would replay" } else { "replayed" };
-            for (partition, offset) in &done.replayed {
-                println!("{verb} {topic}/{partition}/{offset}");
+            for (partition, offset) in &done.cdrs {
+                println!("{verb} {topic}/{partition}/{offset} (a CDR, into its topic)");
+            }
+            for (partition, offset) in &done.mails {
+                println!("{verb} {topic}/{partition}/{offset} (a mail, into the retry queue)");
             }
             eprintln!(
-                "{verb} {} CDRs; {} replayed before, left alone; {} mail records left alone (not replayable)",
-                done.replayed.len(),
-                done.already,
-                done.mails
+                "{verb} {} CDRs and {} mails; {} replayed before, left alone",
+                done.cdrs.len(),
+                done.mails.len(),
+                done.already
             );
         }
     }

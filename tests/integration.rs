@@ -352,7 +352,10 @@ fn poison_messages_go_to_the_dead_letter_topic_and_every_good_cdr_is_notified() 
     assert!(listed.iter().all(|l| l["record"]["kind"] == "cdr" && l["replayed"] == false));
     let out = spec.command().args(["dead-letters", "replay", "--dry-run"]).output().unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && said.contains(&format!("would replay {BAD} CDRs; 0 replayed before")), "{said}");
+    assert!(
+        out.status.success() && said.contains(&format!("would replay {BAD} CDRs and 0 mails; 0 replayed before")),
+        "{said}"
+    );
     assert!(engine.terminate());
 }
 

@@ -24,7 +24,7 @@
 //! - [`render`]: the notification mail (R-M1, R-M2) with a replay-stable Message-ID.
 //! - [`deliver`]: SMTP (or an outbox directory), rate limits, retries.
 //! - [`dead_letter`]: records of undecodable CDRs and refused mails (R-M4); [`dead_letter::review`]
-//!   lists them and replays CDRs for the operator.
+//!   lists them; [`replay`] puts CDRs back into their topics and mails into the retry queue.
 //! - [`store`]: sled trees: lines, numbers and their settings ([`store::records`],
 //!   [`store::subscribers`]), and the sent records that make each mail go out once
 //!   ([`store::sent`]: key, claim, record, prune, journal).
@@ -58,6 +58,7 @@ pub mod phone;
 pub mod pipeline;
 pub mod provision;
 pub mod render;
+pub mod replay;
 pub mod resolve;
 pub mod source;
 pub mod startup;

@@ -54,8 +54,16 @@ impl DeadLetters {
         self.publish(&format!("{source}/{partition}/{offset}"), record, false).await;
     }
 
-    /// Records a mail the server refused for good (R-M4).
-    pub async fn mail_failed(&self, mail: &Mail, origin: &Origin, reply: &str, attempts: u32) {
+    /// Records a mail the server refused for good (R-M4); `entry`: the mail as a
+    /// retry-queue entry, for a replay.
+    pub async fn mail_failed(
+        &self,
+        mail: &Mail,
+        origin: &Origin,
+        reply: &str,
+        attempts: u32,
+        entry: serde_json::Value,
+    ) {
         let record = serde_json::json!({
             "kind": "mail",
             "call_id": origin.call_id,
@@ -65,6 +73,7 @@ impl DeadLetters {
             "smtp_reply": reply,
             "attempts": attempts,
             "at": chrono::Utc::now().to_rfc3339(),
+            "entry": entry,
         });
         self.publish(&origin.call_id, record, true).await;
     }

@@ -1,12 +1,16 @@
 //! The operator's side of the dead-letter topic: [`list`] its records, and [`replay`] the
 //! CDRs among them into the topics they came from once their cause is fixed (a wrong
-//! `kafka.topics` format, a decoder fixed in a new version).
+//! `kafka.topics` format, a decoder fixed in a new version). Mail records are handed back
+//! to the caller, which queues each record's `entry` in the engine's retry queue (the
+//! store is the engine's: `callnotify dead-letters replay` does it with `serve` stopped)
+//! and then [`mark`]s it.
 //!
-//! A replay is idempotent: after each CDR is back in its topic, a marker record
+//! A replay is idempotent: after each record is replayed, a marker record
 //! (`{"kind":"replayed","partition":…,"offset":…}`) goes to the dead-letter topic, and
 //! records with a marker are not replayed again. A crash between the two replays that
-//! CDR once more; its mails are sent once all the same (the sent records). A CDR that
-//! still does not decode is dead-lettered again, as a new record.
+//! record once more; its mails are sent once all the same (the sent records, and a mail
+//! keeps its Message-ID). A CDR that still does not decode is dead-lettered again, as a
+//! new record.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -96,14 +100,14 @@ pub fn list(
 }
 
 /// What a replay did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Replay {
     /// CDRs put back into their topics (with `dry_run`: that would be).
     pub replayed: Vec<(i32, i64)>,
     /// Records replayed before: left alone.
     pub already: usize,
-    /// Mail records: not replayable (the record does not hold the message).
-    pub mails: usize,
+    /// Mail records not replayed yet, for the caller to queue and [`mark`].
+    pub mails: Vec<Letter>,
 }
 
 /// Puts the CDRs of the records `filter` lets through back into the topics and
@@ -125,12 +129,12 @@ pub fn replay(
     )
     .create()?;
     for letter in letters {
-        if letter.kind() == "mail" {
-            done.mails += 1;
-            continue;
-        }
         if letter.replayed {
             done.already += 1;
+            continue;
+        }
+        if letter.kind() == "mail" {
+            done.mails.push(letter);
             continue;
         }
         let bad =
@@ -145,18 +149,35 @@ pub fn replay(
             let from = format!("{topic}/{}/{}", letter.partition, letter.offset);
             let headers = OwnedHeaders::new().insert(Header { key: REPLAYED_FROM, value: Some(from.as_bytes()) });
             send(&producer, BaseRecord::<(), [u8]>::to(source).partition(partition).payload(&raw).headers(headers))?;
-            let marker = serde_json::json!({
-                "kind": "replayed",
-                "partition": letter.partition,
-                "offset": letter.offset,
-                "at": Utc::now().to_rfc3339(),
-            })
-            .to_string();
-            send(&producer, BaseRecord::<str, str>::to(topic).key(&format!("replayed/{from}")).payload(&marker))?;
+            write_marker(&producer, topic, &letter)?;
         }
         done.replayed.push((letter.partition, letter.offset));
     }
     Ok(done)
+}
+
+/// Marks `letter` (a mail record the caller has queued again) as replayed.
+pub fn mark(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    letter: &Letter,
+) -> Result<(), ReviewError> {
+    let producer: BaseProducer =
+        crate::cluster::client_config(brokers, &[], &crate::cluster::producer_properties(properties)).create()?;
+    write_marker(&producer, topic, letter)
+}
+
+fn write_marker(producer: &BaseProducer, topic: &str, letter: &Letter) -> Result<(), ReviewError> {
+    let marker = serde_json::json!({
+        "kind": "replayed",
+        "partition": letter.partition,
+        "offset": letter.offset,
+        "at": Utc::now().to_rfc3339(),
+    })
+    .to_string();
+    let key = format!("replayed/{topic}/{}/{}", letter.partition, letter.offset);
+    send(producer, BaseRecord::<str, str>::to(topic).key(&key).payload(&marker))
 }
 
 /// Sends one record and waits until the cluster has it.

@@ -415,7 +415,10 @@ impl Deliverer {
     async fn give_up(&self, mail: &Mail, origin: &Origin, reply: &str, attempts: u32, reason: Failure) {
         tracing::warn!(message_id = %mail.message_id, %reply, attempts, reason = reason.as_str(), "mail failed for good");
         self.inner.metrics.failed(reason);
-        self.inner.dead_letters.mail_failed(mail, origin, reply, attempts).await;
+        // The mail as a retry-queue entry: what `callnotify dead-letters replay` queues
+        // again, Message-ID and all.
+        let entry = serde_json::to_value(Queued::new(mail, origin, reply, Utc::now())).unwrap_or_default();
+        self.inner.dead_letters.mail_failed(mail, origin, reply, attempts, entry).await;
     }
 
     async fn unqueue(&self, slot: &Slot) {

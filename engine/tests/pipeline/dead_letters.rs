@@ -3,13 +3,38 @@
 
 use std::collections::BTreeMap;
 
-use engine::dead_letter::review::{self, Filter, Replay};
+use engine::dead_letter::review::{self, Filter};
+use engine::replay::Replayed;
+use engine::store::Store;
+use testkit::smtp::SmtpStage;
 
 use crate::helpers::*;
 
-/// `review::list` and `review::replay` on a blocking thread (they wait on Kafka).
+/// `review::list` and `replay::replay` on a blocking thread (they wait on Kafka).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// `callnotify dead-letters replay` as the CLI runs it; mails go into the store at
+/// `store` (whose engine was stopped: its lock may take a moment to be let go).
+async fn replay(brokers: &str, filter: Filter, dry_run: bool, store: Option<std::path::PathBuf>) -> Replayed {
+    let brokers = brokers.to_owned();
+    blocking(move || {
+        let open = || {
+            let path = store.expect("a store for the mails");
+            let deadline = std::time::Instant::now() + WAIT;
+            loop {
+                match Store::open(&path) {
+                    Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                        std::thread::sleep(std::time::Duration::from_millis(50))
+                    }
+                    opened => return opened,
+                }
+            }
+        };
+        engine::replay::replay(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &filter, dry_run, open).unwrap()
+    })
+    .await
 }
 
 /// R-M4: canonical CDRs written to a topic configured as asterisk are dead-lettered; the
@@ -31,11 +56,8 @@ async fn r_m4_cdrs_dead_lettered_by_a_wrong_topic_format_are_replayed_once_it_is
         let brokers = brokers.clone();
         blocking(move || review::list(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &filter).unwrap())
     };
-    let replay = |dry_run: bool| {
-        let brokers = brokers.clone();
-        let filter = Filter { kind: Some("cdr".into()), ..Filter::default() };
-        blocking(move || review::replay(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &filter, dry_run).unwrap())
-    };
+    let replay =
+        |dry_run: bool| replay(&brokers, Filter { kind: Some("cdr".into()), ..Filter::default() }, dry_run, None);
     let listed = list(Filter::default()).await;
     assert_eq!(listed.len(), 2, "{listed:?}");
     assert!(listed.iter().all(|l| l.kind() == "cdr" && l.record["topic"] == ASTERISK_TOPIC && !l.replayed));
@@ -45,20 +67,61 @@ async fn r_m4_cdrs_dead_lettered_by_a_wrong_topic_format_are_replayed_once_it_is
     assert!(list(Filter { since, ..Filter::default() }).await.is_empty(), "none written after now");
 
     let dry = replay(true).await;
-    assert_eq!((dry.replayed.len(), dry.already), (2, 0));
+    assert_eq!((dry.cdrs.len(), dry.already), (2, 0));
     assert!(list(Filter::default()).await.iter().all(|l| !l.replayed), "a dry run changes nothing");
 
     // The fix: the topic's format as the exchange writes it.
     let topics = format!(r#"[{{name="{TOPIC}",format="canonical"}},{{name="{ASTERISK_TOPIC}",format="canonical"}}]"#);
     let fixed = h.engine_with(&[("CALLNOTIFY__KAFKA__TOPICS", &topics)]).await;
     let done = replay(false).await;
-    assert_eq!(done.replayed, listed.iter().map(|l| (l.partition, l.offset)).collect::<Vec<_>>());
+    assert_eq!(done.cdrs, listed.iter().map(|l| (l.partition, l.offset)).collect::<Vec<_>>());
     let mails = h.mails(2).await;
     assert_each_call_once(&mails, 2);
 
-    assert_eq!(replay(false).await, Replay { replayed: Vec::new(), already: 2, mails: 0 }, "each record once");
+    assert_eq!(replay(false).await, Replayed { already: 2, ..Replayed::default() }, "each record once");
     assert!(list(Filter::default()).await.iter().all(|l| l.replayed));
     let stopped = fixed.stop().await;
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 2.0);
     assert_eq!(stopped.metric(r#"callnotify_dead_letters_total{kind="cdr"}"#), 0.0, "they decode now");
+}
+
+/// R-M4: a mail refused for good (550) is dead-lettered with the mail itself; once the
+/// cause is fixed the operator replays it, with the engine stopped, into the retry
+/// queue, and the next engine sends it: the same Message-ID, once, also when the replay
+/// runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_mail_refused_for_good_is_replayed_with_its_message_id_once_the_server_takes_it() {
+    let h = Harness::new(1).await;
+    let first = h.engine().await;
+    first.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    h.sink.fail_next(SmtpStage::RcptTo, 550, 1);
+    h.produce(TOPIC, &[cdr("refused-1", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
+    first.wait_metric(r#"callnotify_dead_letters_total{kind="mail"}"#, 1.0).await;
+    first.stop().await;
+
+    let brokers = h.kafka.bootstrap_servers().to_owned();
+    let path = h.settings(&[]).store.path;
+    let letters = blocking({
+        let brokers = brokers.clone();
+        move || review::list(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &Filter::default()).unwrap()
+    })
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!((letters[0].kind(), letters[0].reason().contains("550")), ("mail", true), "{:?}", letters[0]);
+    let message_id = letters[0].record["message_id"].as_str().unwrap().to_owned();
+    let mails = Filter { kind: Some("mail".into()), ..Filter::default() };
+
+    let dry = replay(&brokers, mails.clone(), true, None).await;
+    assert_eq!((dry.mails.len(), dry.cdrs.len()), (1, 0), "a dry run opens no store");
+    let done = replay(&brokers, mails.clone(), false, Some(path.clone())).await;
+    assert_eq!(done.mails, vec![(letters[0].partition, letters[0].offset)]);
+
+    let second = h.engine().await;
+    let sent = h.mails(1).await;
+    let parsed = parse(&sent[0]);
+    assert_eq!(parsed.message_id, message_id.trim_matches(['<', '>']), "the same mail");
+    let stopped = second.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0);
+    assert_eq!(replay(&brokers, mails, false, Some(path)).await, Replayed { already: 1, ..Replayed::default() });
+    assert_eq!(h.sink.count(), 1, "sent once");
 }
