@@ -34,6 +34,8 @@ pub enum ReviewError {
     NoCluster,
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("the dead-letter topic {topic} does not exist (kafka.dead_letter_topic)")]
+    NoTopic { topic: String },
     #[error("the dead-letter topic {topic} was not read to its end within {TIMEOUT:?}")]
     Slow { topic: String },
     #[error("dead letter {partition}/{offset}: {why}")]
@@ -211,6 +213,9 @@ fn read(
     .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if partitions.is_empty() {
+        return Err(ReviewError::NoTopic { topic: topic.to_owned() });
+    }
     let mut ends = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for partition in partitions {

@@ -60,6 +60,12 @@ async fn r_m4_cdrs_dead_lettered_by_a_wrong_topic_format_are_replayed_once_it_is
         |dry_run: bool| replay(&brokers, Filter { kind: Some("cdr".into()), ..Filter::default() }, dry_run, None);
     let listed = list(Filter::default()).await;
     assert_eq!(listed.len(), 2, "{listed:?}");
+    let missing = blocking({
+        let brokers = brokers.clone();
+        move || review::list(&brokers, &BTreeMap::new(), "no-such-topic", &Filter::default()).unwrap_err()
+    })
+    .await;
+    assert_eq!(missing.to_string(), "the dead-letter topic no-such-topic does not exist (kafka.dead_letter_topic)");
     assert!(listed.iter().all(|l| l.kind() == "cdr" && l.record["topic"] == ASTERISK_TOPIC && !l.replayed));
     assert!(list(Filter { kind: Some("mail".into()), ..Filter::default() }).await.is_empty());
     assert!(list(Filter { reason: Some("no such reason".into()), ..Filter::default() }).await.is_empty());
