@@ -77,7 +77,8 @@ impl Store {
         Ok(())
     }
 
-    /// How many numbers are provisioned.
+    /// How many numbers are provisioned: a walk of the whole tree (sled keeps no count),
+    /// so for start-up and tools, not a request path.
     pub fn number_count(&self) -> usize {
         self.numbers.len()
     }
