@@ -62,7 +62,7 @@ impl DiskWatch {
                 let low = free < inner.min_free;
                 let reason = low.then(|| {
                     format!(
-                        "store: {} MiB free on the file system of {}, below store.min_free_mb ({} MiB): CDRs are \
+                        "{} MiB free on the file system of {}, below store.min_free_mb ({} MiB): CDRs are \
                          not read until there is room",
                         free >> 20,
                         inner.path.display(),
@@ -71,7 +71,7 @@ impl DiskWatch {
                 });
                 (low, reason)
             }
-            Err(e) => (true, Some(format!("store: the free space of {} cannot be read: {e}", inner.path.display()))),
+            Err(e) => (true, Some(format!("the free space of {} cannot be read: {e}", inner.path.display()))),
         };
         let was = inner.low.swap(low, Ordering::AcqRel);
         inner.metrics.store_disk_low(low);
@@ -90,7 +90,7 @@ impl DiskWatch {
         self.inner.low.load(Ordering::Acquire)
     }
 
-    /// Why the consumers are paused, if they are.
+    /// Why the consumers are paused, if they are: what is wrong with the store's disk.
     pub fn reason(&self) -> Option<String> {
         self.inner.reason.lock().expect("reason lock").clone()
     }

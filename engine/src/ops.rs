@@ -141,7 +141,7 @@ async fn ready(State(ops): State<Ops>) -> Response {
         None => "ok".to_owned(),
         Some(why) => {
             ready = false;
-            why.strip_prefix("store: ").unwrap_or(&why).to_owned()
+            why
         }
     };
     let consuming = match ops.metrics.partitions_assigned() {
