@@ -282,12 +282,13 @@ fn r_l3_r_s3_an_export_imported_elsewhere_keeps_settings_and_passwords() {
     let (store, copy, bare) = (dir.path().join("store"), dir.path().join("copy"), dir.path().join("bare"));
     let lines: String = (0..30).map(|i| line(i) + "\n").collect();
     std::fs::write(dir.path().join("lines.jsonl"), &lines).unwrap();
-    assert!(callnotify(&store)
-        .args(["provision", "import", "lines.jsonl"])
-        .current_dir(dir.path())
-        .status()
-        .unwrap()
-        .success());
+    // `callnotify ARGS` on `store` in the test's directory; it must succeed.
+    let run = |store: &Path, args: &[&str]| {
+        let out = callnotify(store).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "callnotify {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    run(&store, &["provision", "import", "lines.jsonl"]);
     let number = engine::phone::PhoneNumber::parse("0300000000").unwrap();
     let other = engine::phone::PhoneNumber::parse("0300000002").unwrap();
     let now = chrono::Utc::now();
@@ -300,25 +301,14 @@ fn r_l3_r_s3_an_export_imported_elsewhere_keeps_settings_and_passwords() {
         store.flush_blocking().unwrap();
     }
 
-    let out = callnotify(&store).args(["provision", "export", "all.jsonl"]).current_dir(dir.path()).output().unwrap();
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{said}");
+    let said = run(&store, &["provision", "export", "all.jsonl"]).stderr;
+    let said = String::from_utf8_lossy(&said);
     assert!(said.contains("exported 30 lines (60 numbers, 2 credentials) to all.jsonl"), "{said}");
-    let out = callnotify(&copy).args(["provision", "import", "all.jsonl"]).current_dir(dir.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = callnotify(&store)
-        .args(["provision", "export", "--without-credentials"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("argon2"));
-    std::fs::write(dir.path().join("bare.jsonl"), &out.stdout).unwrap();
-    assert!(callnotify(&bare)
-        .args(["provision", "import", "bare.jsonl"])
-        .current_dir(dir.path())
-        .status()
-        .unwrap()
-        .success());
+    run(&copy, &["provision", "import", "all.jsonl"]);
+    let bare_lines = run(&store, &["provision", "export", "--without-credentials"]).stdout;
+    assert!(!String::from_utf8_lossy(&bare_lines).contains("argon2"));
+    std::fs::write(dir.path().join("bare.jsonl"), &bare_lines).unwrap();
+    run(&bare, &["provision", "import", "bare.jsonl"]);
 
     let (original, copy) = (Store::open(&store).unwrap(), Store::open(&copy).unwrap());
     assert_eq!(contents(&copy), contents(&original));
