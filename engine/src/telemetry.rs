@@ -134,29 +134,17 @@ pub fn series_value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// Why a mail failed for good, as `callnotify_mails_failed_total` labels it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// The server refused it (5xx), or it can never be sent as it is.
-    Permanent,
-    /// It could not be rendered into a message.
-    Render,
-    /// Still failing temporarily at `smtp.retry_give_up_secs`.
-    Expired,
-    /// Its retry-queue entry could not be read back (a damaged or foreign entry).
-    Unreadable,
-}
-
-impl Failure {
-    pub const ALL: [Failure; 4] = [Failure::Permanent, Failure::Render, Failure::Expired, Failure::Unreadable];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Failure::Permanent => "permanent",
-            Failure::Render => "render",
-            Failure::Expired => "expired",
-            Failure::Unreadable => "unreadable",
-        }
+labels! {
+    /// Why a mail failed for good, as `callnotify_mails_failed_total` labels it.
+    Failure {
+        /// The server refused it (5xx), or it can never be sent as it is.
+        Permanent => "permanent",
+        /// It could not be rendered into a message.
+        Render => "render",
+        /// Still failing temporarily at `smtp.retry_give_up_secs`.
+        Expired => "expired",
+        /// Its retry-queue entry could not be read back (a damaged or foreign entry).
+        Unreadable => "unreadable",
     }
 }
 
@@ -174,7 +162,7 @@ struct Inner {
     filtered: [Counter; Skip::ALL.len()],
     notified: Counter,
     sent: Counter,
-    failed: [Counter; Failure::ALL.len()],
+    failed: Vec<Counter>,
     delayed_rate: Counter,
     delayed_flood: Counter,
     retried: Counter,
@@ -332,7 +320,7 @@ impl Metrics {
             filtered: Skip::ALL.map(|skip| counter(r, CDRS_FILTERED, &[("reason", skip.as_str())])),
             notified: counter(r, CDRS_NOTIFIED, &[]),
             sent: counter(r, MAILS_SENT, &[]),
-            failed: Failure::ALL.map(|reason| counter(r, MAILS_FAILED, &[("reason", reason.as_str())])),
+            failed: Failure::ALL.iter().map(|v| counter(r, MAILS_FAILED, &[("reason", v.as_str())])).collect(),
             delayed_rate: counter(r, MAILS_DELAYED, &[("limit", "rate")]),
             delayed_flood: counter(r, MAILS_DELAYED, &[("limit", "flood")]),
             retried: counter(r, MAILS_RETRIED, &[]),
@@ -399,8 +387,7 @@ impl Metrics {
         self.inner.latency.record(latency.as_secs_f64());
     }
     pub fn failed(&self, reason: Failure) {
-        let i = Failure::ALL.iter().position(|r| *r == reason).expect("every Failure is in ALL");
-        self.inner.failed[i].increment(1);
+        self.inner.failed[reason.index()].increment(1);
     }
     pub fn delayed_by_rate(&self) {
         self.inner.delayed_rate.increment(1);
