@@ -319,7 +319,10 @@ fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bo
     } else {
         // Beside the target, renamed over it once complete and synced: a failed export
         // leaves no half file where a good one is expected.
-        let partial = file.with_extension("partial");
+        // FILE.partial, not a changed extension: `a.jsonl` and `a.txt` get different ones.
+        let mut partial = file.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = std::path::PathBuf::from(partial);
         let written = std::fs::File::create(&partial)
             .map_err(anyhow::Error::from)
             .and_then(|out| {
