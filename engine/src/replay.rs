@@ -23,7 +23,7 @@ pub enum ReplayError {
     #[error("queuing the mails: {0}")]
     Store(#[from] StoreError),
     #[error("opening the store for the mails: {0}")]
-    Open(String),
+    Open(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What a replay did (with `dry_run`: would do).
@@ -37,7 +37,7 @@ pub struct Replayed {
 
 /// Replays the records of `topic` that `filter` lets through; `open_store` is called
 /// only if there are mails to queue.
-pub fn replay<E: std::fmt::Display>(
+pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topic: &str,
@@ -65,7 +65,7 @@ pub fn replay<E: std::fmt::Display>(
         replayed.mails = entries.iter().map(|(l, _)| (l.partition, l.offset)).collect();
         return Ok(replayed);
     }
-    let store = open_store().map_err(|e| ReplayError::Open(e.to_string()))?;
+    let store = open_store().map_err(|e| ReplayError::Open(e.into()))?;
     let queue = RetryQueue::open(&store)?;
     let now = Utc::now();
     for (_, entry) in &entries {
