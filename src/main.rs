@@ -281,6 +281,16 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
         }
         None => {
             let store = open_store(settings)?;
+            if let Some(topic) = store.state_topic()? {
+                anyhow::bail!(
+                    "the store at {} is a node's view of state topic {topic:?}: a line imported here would reach no \
+                     other node and be overwritten. Import through a running node: provision import {} --url \
+                     http://NODE:{}",
+                    settings.store.path.display(),
+                    file.display(),
+                    settings.metrics.listen.port()
+                );
+            }
             // Streamed: an import of millions of lines never sits in memory whole.
             let report = if file.as_os_str() == "-" {
                 engine::provision::import(&store, std::io::stdin().lock())?

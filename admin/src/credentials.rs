@@ -21,18 +21,18 @@ use std::sync::OnceLock;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use engine::phone::PhoneNumber;
-pub use engine::store::{CredentialKind, CredentialRecord, PASSWORD_MAX_FAILURES, TEMPORARY_MAX_FAILURES};
+use engine::store::state::Attempt;
+pub use engine::store::{
+    CredentialKind, CredentialRecord, PASSWORD_LIFETIME, PASSWORD_MAX_FAILURES, TEMPORARY_MAX_FAILURES,
+    TEMPORARY_VALIDITY,
+};
 use engine::store::{Store, StoreError};
 use engine::telemetry::{Lockout, Metrics};
 
 /// Name of the sled tree: login number → JSON [`CredentialRecord`].
 pub const TREE: &str = engine::store::CREDENTIALS_TREE;
-/// A temporary password is valid for 24 hours from being set (R-I8, R-S2).
-pub const TEMPORARY_VALIDITY: Duration = Duration::hours(24);
-/// A password must be changed this long after it was set (R-S6).
-pub const PASSWORD_LIFETIME: Duration = Duration::days(60);
 
 /// argon2id memory cost in KiB: OWASP's minimum, 19 MiB.
 pub const ARGON2_M_COST_KIB: u32 = 19_456;
@@ -82,10 +82,12 @@ pub enum CredentialError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Handle to the credential tree; cheap to clone.
+/// Handle to the credentials of the store; cheap to clone. Reads are the node's view;
+/// every write (a set, a removal, a counted attempt) is an op of the store's state
+/// ([`engine::store::state`]), carried out where the counts are kept.
 #[derive(Clone)]
 pub struct Credentials {
-    tree: sled::Tree,
+    store: Store,
     /// Where lockouts are counted (`callnotify_site_lockouts_total`).
     metrics: Metrics,
 }
@@ -94,7 +96,7 @@ impl Credentials {
     /// Opens the [`TREE`] of `store`; lockouts are counted in metrics of their own until
     /// [`Credentials::counting_in`].
     pub fn open(store: &Store) -> Result<Self, CredentialError> {
-        Ok(Self { tree: store.open_tree(TREE)?, metrics: Metrics::new() })
+        Ok(Self { store: store.clone(), metrics: Metrics::new() })
     }
 
     /// Counts lockouts (R-S2, R-S3) in the engine's `metrics`.
@@ -104,7 +106,7 @@ impl Credentials {
 
     /// The stored state of `number`'s credential (support tools, tests).
     pub fn record(&self, number: &PhoneNumber) -> Result<Option<CredentialRecord>, CredentialError> {
-        self.tree.get(number.as_str())?.map(|raw| decode(number, &raw)).transpose()
+        Ok(self.store.credential(number)?)
     }
 
     /// The [`CredentialRecord::stamp`] of `number`'s credential while it can be used
@@ -145,8 +147,7 @@ impl Credentials {
     ) -> Result<(), CredentialError> {
         let record =
             CredentialRecord { hash: hash_password(password)?, kind, set_at: now, failures: 0, invalidated: false };
-        let raw = serde_json::to_vec(&record).map_err(|source| CredentialError::Corrupt { number: *number, source })?;
-        self.tree.insert(number.as_str(), raw)?;
+        self.store.set_credential(number, &record)?;
         tracing::info!(%number, ?kind, "credential set");
         Ok(())
     }
@@ -155,7 +156,7 @@ impl Credentials {
     /// Afterwards the number logs in only after a new temporary password is set by phone
     /// (R-O3, and the additional numbers after R-O2).
     pub fn remove(&self, number: &PhoneNumber) -> Result<bool, CredentialError> {
-        let removed = self.tree.remove(number.as_str())?.is_some();
+        let removed = self.store.remove_credential(number)?;
         if removed {
             tracing::info!(%number, "credential removed");
         }
@@ -166,14 +167,13 @@ impl Credentials {
     /// R-S6, R-I8). Blocks for one argon2 verification, also when the number has no
     /// usable credential, so the time taken does not tell which failure it was.
     pub fn verify(&self, number: &PhoneNumber, password: &str, now: DateTime<Utc>) -> Result<Verdict, CredentialError> {
-        // The argon2 answer and the hash it was computed against, so that a retry after a
-        // concurrent attempt changed the record does not hash again.
+        // The argon2 answer and the hash it was computed against, so that a retry after
+        // the credential was set again meanwhile hashes only against the new one.
         let mut checked: Option<(String, bool)> = None;
         loop {
-            let Some(raw) = self.tree.get(number.as_str())? else {
+            let Some(record) = self.record(number)? else {
                 return refuse(password, LoginFailure::Unknown);
             };
-            let mut record = decode(number, &raw)?;
             if record.invalidated {
                 return refuse(password, LoginFailure::Locked);
             }
@@ -188,32 +188,26 @@ impl Credentials {
                     matches
                 }
             };
-            let verdict = if matches {
-                let must_change = record.kind == CredentialKind::Temporary || now >= record.set_at + PASSWORD_LIFETIME;
-                if record.failures == 0 {
-                    return Ok(Ok(LoginOk { kind: record.kind, must_change }));
+            // The attempt counts where the counts are kept, against the credential it
+            // was checked with, one attempt after another (R-S2, R-S3): this node's
+            // view may lag another node's attempts, the count never does.
+            return Ok(match self.store.login_attempt(number, &record.hash, matches, now)? {
+                Attempt::Changed => continue,
+                Attempt::Unknown => Err(LoginFailure::Unknown),
+                Attempt::Locked => Err(LoginFailure::Locked),
+                Attempt::Expired => Err(LoginFailure::Expired),
+                Attempt::Accepted { kind, must_change } => Ok(LoginOk { kind, must_change }),
+                Attempt::Wrong { kind, locked } => {
+                    if locked {
+                        tracing::warn!(%number, ?kind, "credential invalidated by consecutive wrong passwords");
+                        self.metrics.lockout(match kind {
+                            CredentialKind::Temporary => Lockout::TemporaryPassword,
+                            CredentialKind::Password => Lockout::Password,
+                        });
+                    }
+                    Err(LoginFailure::Wrong)
                 }
-                record.failures = 0;
-                Ok(LoginOk { kind: record.kind, must_change })
-            } else {
-                record.failures += 1;
-                record.invalidated = record.failures >= record.kind.max_failures();
-                Err(LoginFailure::Wrong)
-            };
-            let new =
-                serde_json::to_vec(&record).map_err(|source| CredentialError::Corrupt { number: *number, source })?;
-            // Compare-and-swap, so concurrent wrong attempts each count (R-S2, R-S3).
-            if self.tree.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
-                if record.invalidated {
-                    tracing::warn!(%number, kind = ?record.kind, failures = record.failures,
-                        "credential invalidated by consecutive wrong passwords");
-                    self.metrics.lockout(match record.kind {
-                        CredentialKind::Temporary => Lockout::TemporaryPassword,
-                        CredentialKind::Password => Lockout::Password,
-                    });
-                }
-                return Ok(verdict);
-            }
+            });
         }
     }
 
@@ -255,10 +249,6 @@ impl Credentials {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this)).await?
     }
-}
-
-fn decode(number: &PhoneNumber, raw: &[u8]) -> Result<CredentialRecord, CredentialError> {
-    serde_json::from_slice(raw).map_err(|source| CredentialError::Corrupt { number: *number, source })
 }
 
 fn hasher() -> Argon2<'static> {

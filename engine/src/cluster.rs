@@ -91,6 +91,8 @@ pub enum ClusterError {
     MissingTopic { topic: String, key: String },
     #[error("topic {topic:?} ({key}) cannot be used: {code}")]
     TopicError { topic: String, key: String, code: RDKafkaErrorCode },
+    #[error("topic {topic:?} ({key}) has {found} partitions; it must have exactly one (docs/cluster.md)")]
+    NotOnePartition { topic: String, key: String, found: usize },
     #[error("creating a Kafka client: {0}")]
     Client(#[from] KafkaError),
 }
@@ -156,6 +158,20 @@ pub fn check_topics(config: &ClientConfig, topics: &[(&str, &str)]) -> Result<()
             Some(code) => {
                 return Err(ClusterError::TopicError { topic: topic.to_string(), key: key.to_string(), code })
             }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each of `topics` (name, config key) has exactly one partition: the state
+/// topics, whose single order of writes is what makes them correct.
+pub fn check_one_partition(config: &ClientConfig, topics: &[(&str, &str)]) -> Result<(), ClusterError> {
+    let client: BaseConsumer = config.create()?;
+    for (topic, key) in topics {
+        let metadata = client.fetch_metadata(Some(topic), ANSWER_WITHIN)?;
+        let found = metadata.topics().iter().find(|t| t.name() == *topic).map_or(0, |t| t.partitions().len());
+        if found != 1 {
+            return Err(ClusterError::NotOnePartition { topic: topic.to_string(), key: key.to_string(), found });
         }
     }
     Ok(())

@@ -53,6 +53,10 @@ pub struct KafkaSettings {
     pub topics: Vec<TopicSettings>,
     /// Undecodable CDRs and permanently failed mails.
     pub dead_letter_topic: String,
+    /// The compacted topic holding subscriber state, one partition ([`crate::state`]).
+    pub state_topic: String,
+    /// Writes of subscriber state on their way to the state owner, one partition.
+    pub state_requests_topic: String,
     /// Partitions per topic of the embedded mock cluster.
     pub embedded_partitions: i32,
     /// librdkafka properties, passed unchanged.
@@ -78,6 +82,8 @@ impl fmt::Debug for KafkaSettings {
             .field("group_id", &self.group_id)
             .field("topics", &self.topics)
             .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("state_topic", &self.state_topic)
+            .field("state_requests_topic", &self.state_requests_topic)
             .field("embedded_partitions", &self.embedded_partitions)
             .field("properties", &properties)
             .finish()
@@ -330,8 +336,12 @@ impl Settings {
         if self.smtp.retry_max_delay_ms < self.smtp.retry_first_delay_ms {
             return invalid("smtp.retry_max_delay_ms must be at least smtp.retry_first_delay_ms (the backoff starts at the first and doubles up to the max)");
         }
-        let names =
-            [("kafka.group_id", &self.kafka.group_id), ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic)];
+        let names = [
+            ("kafka.group_id", &self.kafka.group_id),
+            ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic),
+            ("kafka.state_topic", &self.kafka.state_topic),
+            ("kafka.state_requests_topic", &self.kafka.state_requests_topic),
+        ];
         for (key, value) in names.into_iter().chain(self.kafka.topics.iter().map(|t| ("kafka.topics: a name", &t.name)))
         {
             if value.trim().is_empty() {
@@ -497,6 +507,8 @@ mod tests {
         assert_eq!(s.kafka.topics[0].name, "cdr");
         assert_eq!(s.kafka.topics[0].format, CdrFormat::Canonical);
         assert_eq!(s.smtp.host, "");
+        // What an embedded cluster (and every test's) makes without being told.
+        assert_eq!([s.kafka.state_topic.as_str(), &s.kafka.state_requests_topic], crate::embedded::STATE_TOPICS);
     }
 
     #[test]

@@ -31,6 +31,28 @@ pub async fn ensure_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
     Ok(())
 }
 
+/// `kafka.state_topic` and `kafka.state_requests_topic` of the default configuration.
+pub const STATE_TOPICS: [&str; 2] = ["callnotify-state", "callnotify-state-requests"];
+
+/// Creates the state topics (`kafka.state_topic`, `kafka.state_requests_topic`) on
+/// `brokers` unless they exist, as docs/cluster.md tells an operator to: one partition
+/// each, the state compacted, the requests kept a day.
+pub async fn ensure_state_topics(brokers: &str, state: &str, requests: &str) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let new = [
+        NewTopic::new(state, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
+        NewTopic::new(requests, 1, TopicReplication::Fixed(-1)).set("retention.ms", "86400000"),
+    ];
+    for result in admin.create_topics(&new, &AdminOptions::new()).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(KafkaError::AdminOpCreation(format!("creating topic {name}: {code}"))),
+        }
+    }
+    Ok(())
+}
+
 pub struct EmbeddedKafka {
     bootstrap: String,
     stop: Option<mpsc::Sender<()>>,
@@ -38,9 +60,17 @@ pub struct EmbeddedKafka {
 }
 
 impl EmbeddedKafka {
-    /// Starts a one-broker cluster with `topics`, each of `partitions` partitions.
+    /// Starts a one-broker cluster with `topics`, each of `partitions` partitions, and
+    /// the state topics of the default configuration ([`STATE_TOPICS`]).
     pub fn start(topics: &[&str], partitions: i32) -> Result<Self, KafkaError> {
-        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let topics: Vec<(&str, i32)> =
+            topics.iter().map(|t| (*t, partitions)).chain(STATE_TOPICS.iter().map(|t| (*t, 1))).collect();
+        Self::start_with(&topics)
+    }
+
+    /// Starts a one-broker cluster with `topics` (name, partitions).
+    pub fn start_with(topics: &[(&str, i32)]) -> Result<Self, KafkaError> {
+        let topics: Vec<(String, i32)> = topics.iter().map(|(t, p)| (t.to_string(), *p)).collect();
         let (ready_tx, ready_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -53,8 +83,8 @@ impl EmbeddedKafka {
                         return;
                     }
                 };
-                for topic in &topics {
-                    if let Err(e) = cluster.create_topic(topic, partitions, 1) {
+                for (topic, partitions) in &topics {
+                    if let Err(e) = cluster.create_topic(topic, *partitions, 1) {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }

@@ -49,10 +49,15 @@ pub enum ErrorEvent {
     IvrRequest,
     /// The settings site or the IVR API stopped serving.
     AdminListener,
+    /// The state topic could not be read (tried again).
+    StateRead,
+    /// The state owner could not publish a write to the state topic: the node stops,
+    /// and rebuilds its store from the topic at its next start.
+    StatePublish,
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 19] = [
+    pub const ALL: [ErrorEvent; 21] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -72,6 +77,8 @@ impl ErrorEvent {
         ErrorEvent::SiteRequest,
         ErrorEvent::IvrRequest,
         ErrorEvent::AdminListener,
+        ErrorEvent::StateRead,
+        ErrorEvent::StatePublish,
     ];
 
     /// The `stage` label: the part of the engine it happened in.
@@ -88,6 +95,7 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
+            StateRead | StatePublish => "state",
         }
     }
 
@@ -113,6 +121,8 @@ impl ErrorEvent {
             Provision => "provision",
             SiteRequest | IvrRequest => "request",
             AdminListener => "listener",
+            StateRead => "read",
+            StatePublish => "publish",
         }
     }
 }

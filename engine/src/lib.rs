@@ -28,6 +28,8 @@
 //! - [`store`]: sled trees: lines, numbers and their settings ([`store::records`],
 //!   [`store::subscribers`]), and the sent records that make each mail go out once
 //!   ([`store::sent`]: key, claim, record, prune, journal).
+//! - [`state`]: subscriber state shared by every node through Kafka: the state topic, its
+//!   owner and each node's applier.
 //! - [`disk`]: free space on the store's file system; consumers pause when it is low.
 //! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.
@@ -62,5 +64,6 @@ pub mod replay;
 pub mod resolve;
 pub mod source;
 pub mod startup;
+pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -19,6 +19,7 @@ use std::collections::HashSet;
 use std::io::BufRead;
 
 use crate::phone::PhoneNumber;
+use crate::store::state::{Op, Reply};
 use crate::store::{AuthUnit, CallSettings, CredentialRecord, LineRecord, Services, Store, StoreError};
 
 /// One line of the format, read by [`import`] and written by [`export`].
@@ -199,6 +200,7 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
     // the first line after the last flush that succeeded.
     let (mut durable_before, mut since_flush) = (1, 0);
     let mut last = 0;
+    let mut pending = Vec::with_capacity(LINES_PER_WRITE);
     for line in 1.. {
         bytes.clear();
         let read =
@@ -229,33 +231,62 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
             continue;
         }
         match parse_line(text) {
-            Ok((record, numbers, credentials)) => match store.upsert_line(&record, &numbers) {
-                Ok(upserted) => {
-                    for (number, credential) in &credentials {
-                        store.restore_credential(number, credential).map_err(|source| ImportError::Store {
-                            line,
-                            from: durable_before,
-                            source,
-                        })?;
-                    }
-                    let room = MAX_LISTED.saturating_sub(report.moved.len());
-                    report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
-                    report.lines += 1;
-                    report.numbers += numbers.len();
-                    since_flush += 1;
-                }
-                Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
-                Err(source) => return Err(ImportError::Store { line, from: durable_before, source }),
-            },
+            Ok(parsed) => pending.push((line, parsed)),
             Err(reason) => report.reject(line, reason.to_string()),
+        }
+        if pending.len() >= LINES_PER_WRITE {
+            since_flush += pending.len();
+            apply(store, &mut pending, &mut report, durable_before)?;
         }
         if since_flush >= CHECKPOINT_LINES {
             store.flush_blocking().map_err(|source| ImportError::Store { line, from: durable_before, source })?;
             (durable_before, since_flush) = (line + 1, 0);
         }
     }
+    apply(store, &mut pending, &mut report, durable_before)?;
     store.flush_blocking().map_err(|source| ImportError::Store { line: last, from: durable_before, source })?;
     Ok(report)
+}
+
+/// Parsed lines written together: one exchange with the state owner for all of them.
+const LINES_PER_WRITE: usize = 100;
+
+/// Writes the `pending` lines (their line in the input, what it holds) in one exchange
+/// with the store's state, and empties it.
+fn apply(
+    store: &Store,
+    pending: &mut Vec<(usize, Parsed)>,
+    report: &mut ImportReport,
+    durable_before: usize,
+) -> Result<(), ImportError> {
+    let mut ops = Vec::new();
+    for (_, (record, numbers, credentials)) in pending.iter() {
+        ops.push(Op::UpsertLine { line: record.clone(), numbers: numbers.clone() });
+        ops.extend(
+            credentials
+                .iter()
+                .map(|(number, record)| Op::RestoreCredential { number: *number, record: record.clone() }),
+        );
+    }
+    let mut results = store.submit_all(ops).into_iter();
+    for (line, (_, numbers, credentials)) in pending.drain(..) {
+        let failed = |source| ImportError::Store { line, from: durable_before, source };
+        match results.next().expect("an answer per op") {
+            Ok(Reply::Upserted(upserted)) => {
+                let room = MAX_LISTED.saturating_sub(report.moved.len());
+                report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
+                report.lines += 1;
+                report.numbers += numbers.len();
+            }
+            Ok(other) => return Err(failed(StoreError::State(format!("an import was answered {other:?}")))),
+            Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
+            Err(source) => return Err(failed(source)),
+        }
+        for _ in &credentials {
+            results.next().expect("an answer per op").map_err(failed)?;
+        }
+    }
+    Ok(())
 }
 
 type Numbers = Vec<(PhoneNumber, Services, Option<CallSettings>)>;

@@ -32,6 +32,7 @@ use crate::pipeline::Pipeline;
 use crate::render::Renderer;
 use crate::resolve::Resolver;
 use crate::source::{self, Source, SourceOptions, Stages};
+use crate::state::{StateLog, StateOptions};
 use crate::store::{Claims, Store};
 use crate::telemetry::Metrics;
 
@@ -71,6 +72,8 @@ pub struct Application {
     /// Every task the engine spawns, delivery tasks included: a stop waits for them all.
     tasks: TaskTracker,
     source: Source,
+    /// This node's part of the shared subscriber state: stopped after the tasks.
+    state: Arc<StateLog>,
     /// Kept alive while the engine runs, when it was started for us.
     _embedded: Option<EmbeddedKafka>,
     /// `engine.shutdown_grace_secs`.
@@ -79,46 +82,15 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let (path, cache) = (settings.store.path.clone(), settings.store.sled_cache_mb << 20);
-        let capacity = settings.store.cache_capacity;
         let group_commit = Duration::from_millis(settings.store.group_commit_ms);
         let grace = Duration::from_secs(settings.engine.shutdown_grace_secs);
-        let (store, resolver) = tokio::task::spawn_blocking(move || {
-            let store = Store::open_with_cache(&path, cache)?;
-            store.set_group_commit(group_commit);
-            let started = std::time::Instant::now();
-            let resolver = Resolver::new(store.clone(), capacity)?;
-            tracing::info!(
-                numbers = store.number_count(),
-                subscribed = resolver.subscribed_numbers(),
-                cached = resolver.cached_subscriptions(),
-                took = ?started.elapsed(),
-                "subscriptions indexed"
-            );
-            Ok::<_, crate::store::StoreError>((store, resolver))
-        })
-        .await?
-        .with_context(|| {
-            format!(
-                "opening the store at {} (one process at a time: is another `callnotify serve`, or a \
-                 `provision import` without --url, using it?)",
-                settings.store.path.display()
-            )
-        })?;
-        let metrics = Metrics::new();
-        store.report_errors_to(metrics.clone());
-        let disk = DiskWatch::new(&settings.store.path, settings.store.min_free_mb, metrics.clone());
-        disk.check();
-        if let Some(why) = disk.reason() {
-            tracing::warn!(reason = %why, "starting with the store's disk low: no CDR is read until there is room");
-        }
-
         let kafka = &settings.kafka;
         let embedded = if kafka.brokers.is_empty() {
-            let mut topics: Vec<&str> = kafka.topics.iter().map(|t| t.name.as_str()).collect();
-            topics.push(&kafka.dead_letter_topic);
-            let mock = EmbeddedKafka::start(&topics, kafka.embedded_partitions)
-                .context("starting the embedded Kafka mock cluster")?;
+            let mut topics: Vec<(&str, i32)> =
+                kafka.topics.iter().map(|t| (t.name.as_str(), kafka.embedded_partitions)).collect();
+            topics.push((&kafka.dead_letter_topic, kafka.embedded_partitions));
+            topics.extend([(kafka.state_topic.as_str(), 1), (&kafka.state_requests_topic, 1)]);
+            let mock = EmbeddedKafka::start_with(&topics).context("starting the embedded Kafka mock cluster")?;
             tracing::info!(
                 bootstrap = mock.bootstrap_servers(),
                 "embedded Kafka mock cluster started (kafka.brokers is empty)"
@@ -133,14 +105,69 @@ impl Application {
         let mut wanted: Vec<(String, &'static str)> =
             kafka.topics.iter().map(|t| (t.name.clone(), "kafka.topics")).collect();
         wanted.push((kafka.dead_letter_topic.clone(), "kafka.dead_letter_topic"));
+        let single = [
+            (kafka.state_topic.clone(), "kafka.state_topic"),
+            (kafka.state_requests_topic.clone(), "kafka.state_requests_topic"),
+        ];
+        wanted.extend(single.iter().cloned());
         let checked = cluster::client_config(&bootstrap, &[], &kafka.properties);
         let topics = wanted.len();
         tokio::task::spawn_blocking(move || {
             let wanted: Vec<(&str, &str)> = wanted.iter().map(|(t, k)| (t.as_str(), *k)).collect();
-            cluster::check_topics(&checked, &wanted)
+            let single: Vec<(&str, &str)> = single.iter().map(|(t, k)| (t.as_str(), *k)).collect();
+            cluster::check_topics(&checked, &wanted)?;
+            cluster::check_one_partition(&checked, &single)
         })
         .await??;
         tracing::info!(topics, "the Kafka cluster answers and has every topic");
+
+        // The store, a view of the state topic once caught up with it; then the
+        // subscriptions the resolver indexes from it.
+        let (path, cache) = (settings.store.path.clone(), settings.store.sled_cache_mb << 20);
+        let capacity = settings.store.cache_capacity;
+        let metrics = Metrics::new();
+        let shutdown = CancellationToken::new();
+        let state_options = (
+            bootstrap.clone(),
+            kafka.properties.clone(),
+            kafka.state_topic.clone(),
+            kafka.state_requests_topic.clone(),
+            kafka.group_id.clone(),
+        );
+        let (errors, failed) = (metrics.clone(), shutdown.clone());
+        let (store, resolver, state) = tokio::task::spawn_blocking(move || {
+            let store = Store::open_with_cache(&path, cache).with_context(|| {
+                format!(
+                    "opening the store at {} (one process at a time: is another `callnotify serve`, or a \
+                     `provision import` without --url, using it?)",
+                    path.display()
+                )
+            })?;
+            store.set_group_commit(group_commit);
+            store.report_errors_to(errors.clone());
+            let (brokers, properties, topic, requests, group_id) = &state_options;
+            let options = StateOptions { brokers, properties, topic, requests, group_id };
+            let counter = crate::error_event::ErrorCounter::default();
+            counter.set(errors);
+            let state =
+                StateLog::start(&store, &options, counter, failed).context("joining the shared subscriber state")?;
+            let started = std::time::Instant::now();
+            let resolver = Resolver::new(store.clone(), capacity)?;
+            tracing::info!(
+                numbers = store.number_count(),
+                subscribed = resolver.subscribed_numbers(),
+                cached = resolver.cached_subscriptions(),
+                took = ?started.elapsed(),
+                "subscriptions indexed"
+            );
+            Ok::<_, anyhow::Error>((store, resolver, state))
+        })
+        .await??;
+        let disk = DiskWatch::new(&settings.store.path, settings.store.min_free_mb, metrics.clone());
+        disk.check();
+        if let Some(why) = disk.reason() {
+            tracing::warn!(reason = %why, "starting with the store's disk low: no CDR is read until there is room");
+        }
 
         // A dead-letter write the broker has not confirmed within a few seconds is
         // logged, counted and tried again (`DeadLetters`), instead of librdkafka waiting
@@ -162,7 +189,6 @@ impl Application {
         let from = settings.smtp.from.parse().context("smtp.from")?;
         let renderer = Renderer::new(from);
         let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
-        let shutdown = CancellationToken::new();
         let reading = shutdown.child_token();
         let tasks = TaskTracker::new();
         // Retries under way at shutdown get the same time as first attempts.
@@ -227,6 +253,7 @@ impl Application {
             shutdown,
             tasks,
             source,
+            state,
             _embedded: embedded,
             grace,
         })
@@ -284,6 +311,9 @@ impl Application {
         self.shutdown.cancel();
         self.tasks.close();
         ended_by(deadline, "the engine's tasks (retry queue, delivery, metrics endpoint)", self.tasks.wait()).await?;
+        let state = self.state.clone();
+        ended_by(deadline, "the subscriber state's threads", tokio::task::spawn_blocking(move || state.stop()))
+            .await??;
         if let Some(cluster) = self._embedded {
             // Its drop joins the mock cluster's thread: off the runtime.
             let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();

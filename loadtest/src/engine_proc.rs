@@ -58,6 +58,12 @@ impl EngineConfig {
         if std::fs::read_to_string(&marker).is_ok_and(|m| m == shape) {
             return Ok(format!("reused the store in {} ({})", self.workdir.display(), shape.trim()));
         }
+        // Another population: a store of its own (one that an engine served is a view of
+        // a state topic, which takes no import beside it).
+        match std::fs::remove_dir_all(self.workdir.join("store")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         let started = Instant::now();
         let jsonl = self.workdir.join("population.jsonl");
         population.write_jsonl(std::fs::File::create(&jsonl)?)?;
@@ -82,12 +88,15 @@ impl EngineConfig {
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.workdir.join("engine.log"))?;
         let topics = format!(r#"[{{name="{}",format="{}"}}]"#, self.topic, self.format);
+        let [state, requests] = state_topics(&self.topic);
         let child = self
             .command()
             .env("CALLNOTIFY__KAFKA__BROKERS", &self.brokers)
             .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
             .env("CALLNOTIFY__KAFKA__TOPICS", topics)
             .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", format!("{}-dead-letter", self.topic))
+            .env("CALLNOTIFY__KAFKA__STATE_TOPIC", &state)
+            .env("CALLNOTIFY__KAFKA__STATE_REQUESTS_TOPIC", &requests)
             .arg("serve")
             .stdout(Stdio::null())
             .stderr(log)
@@ -95,6 +104,12 @@ impl EngineConfig {
             .context("starting serve")?;
         Ok(EngineProcess { child, metrics: self.metrics })
     }
+}
+
+/// The state topics (`kafka.state_topic`, `kafka.state_requests_topic`) of the engine
+/// reading `topic`.
+pub fn state_topics(topic: &str) -> [String; 2] {
+    [format!("{topic}-state"), format!("{topic}-state-requests")]
 }
 
 pub struct EngineProcess {

@@ -162,10 +162,22 @@ impl Common {
             engine::embedded::ensure_topics(&self.brokers, &all)
                 .await
                 .with_context(|| format!("creating the topics on {}", self.brokers))?;
+            for topic in &topics {
+                let [state, requests] = engine_proc::state_topics(topic);
+                engine::embedded::ensure_state_topics(&self.brokers, &state, &requests)
+                    .await
+                    .with_context(|| format!("creating the state topics on {}", self.brokers))?;
+            }
             None
         } else {
-            let all: Vec<&str> = topics.iter().chain(&dead).map(String::as_str).collect();
-            Some(EmbeddedKafka::start(&all, self.partitions)?)
+            let state: Vec<String> = topics.iter().flat_map(|t| engine_proc::state_topics(t)).collect();
+            let all: Vec<(&str, i32)> = topics
+                .iter()
+                .chain(&dead)
+                .map(|t| (t.as_str(), self.partitions))
+                .chain(state.iter().map(|t| (t.as_str(), 1)))
+                .collect();
+            Some(EmbeddedKafka::start_with(&all)?)
         };
         Ok(Setup {
             binary,

@@ -33,6 +33,13 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     engine::embedded::ensure_topics(brokers, topics).await.expect("creating the topics");
 }
 
+/// Creates the state topics of the engines reading `topic`, the state topic compacted
+/// as docs/cluster.md tells an operator to.
+pub async fn create_state_topics(brokers: &str, topic: &str) {
+    let [(state, _), (requests, _)] = state_topics(topic);
+    engine::embedded::ensure_state_topics(brokers, &state, &requests).await.expect("creating the state topics");
+}
+
 /// Deletes `topic` from `brokers` and waits until the cluster no longer has it.
 pub async fn delete_topic(brokers: &str, topic: &str) {
     use rdkafka::admin::{AdminClient, AdminOptions};
@@ -428,6 +435,8 @@ impl EngineSpec {
             .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
             .env("CALLNOTIFY__KAFKA__TOPICS", format!(r#"[{{name="{}",format="canonical"}}]"#, self.topic))
             .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic(&self.topic))
+            .env("CALLNOTIFY__KAFKA__STATE_TOPIC", state_topics(&self.topic)[0].0.clone())
+            .env("CALLNOTIFY__KAFKA__STATE_REQUESTS_TOPIC", state_topics(&self.topic)[1].0.clone())
             // The rebalance timeout (classic): how long the coordinator waits for every
             // member to rejoin. The engine polls every 100 ms, so 10 s is ample.
             .env("CALLNOTIFY__KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", "10000");
@@ -451,6 +460,35 @@ impl EngineSpec {
             .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info,librdkafka=warn");
         command
+    }
+
+    /// The settings an in-process engine of this spec runs with: the environment
+    /// [`EngineSpec::command`] gives a process, and `extra`.
+    pub fn settings(&self, extra: &[(&str, &str)]) -> engine::config::Settings {
+        let command = self.command();
+        let mut env: Vec<(String, String)> = command
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_owned(), v?.to_str()?.to_owned())))
+            .filter(|(k, _)| k.starts_with("CALLNOTIFY__"))
+            .collect();
+        env.push(("CALLNOTIFY__METRICS__LISTEN".into(), "127.0.0.1:0".into()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        engine::config::Settings::load_from(None, env).expect("settings")
+    }
+
+    /// `callnotify provision import` of JSON Lines through a running engine's endpoint.
+    pub fn provision_through(&self, engine: &EngineProcess, lines: &[String]) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let file = self.dir.join("through.jsonl");
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let out = self
+            .command()
+            .args(["provision", "import"])
+            .arg(&file)
+            .args(["--url", &engine.url()])
+            .output()
+            .expect("provision import --url");
+        assert!(out.status.success(), "provision import --url: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// `callnotify provision import` of JSON Lines, before any engine runs on the store.
@@ -494,6 +532,11 @@ pub fn dead_letter_topic(topic: &str) -> String {
     format!("{topic}-dead-letter")
 }
 
+/// The state topics of the engines reading `topic`: each test's subscribers its own.
+pub fn state_topics(topic: &str) -> [(String, i32); 2] {
+    [(format!("{topic}-state"), 1), (format!("{topic}-state-requests"), 1)]
+}
+
 /// A running `callnotify serve`; SIGKILLed when dropped.
 pub struct EngineProcess {
     child: Child,
@@ -533,6 +576,22 @@ impl EngineProcess {
     pub fn metric(&self, series: &str) -> f64 {
         let text = self.get("/metrics").map(|(_, body)| body).unwrap_or_default();
         engine::telemetry::series_value(&text, series).unwrap_or(0.0)
+    }
+
+    /// Waits until the operator endpoint answers: the engine has caught up with the
+    /// shared subscriber state (a single-node store it started on is carried into the
+    /// state topic by then) and serves.
+    pub fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.get("/healthz").is_none() {
+            assert!(Instant::now() < deadline, "the engine never served its operator endpoint");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Its operator endpoint, for `provision import --url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.metrics)
     }
 
     /// `/healthz`: its status and body.

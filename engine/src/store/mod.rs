@@ -3,6 +3,8 @@
 //!
 //! - [`records`]: what is stored for a line and a number (R-L1, R-N1..R-N5).
 //! - [`subscribers`]: reading and writing lines, numbers and settings; listeners.
+//! - [`state`]: every write of lines, numbers, settings and credentials as an op, carried
+//!   out here or through the shared state log.
 //! - [`sent`]: the sent records that make each mail go out once (key, claim, record,
 //!   prune, journal).
 //! - here: opening the store, its errors, and the group commit that makes writes
@@ -35,6 +37,7 @@ use crate::phone::PhoneNumber;
 
 pub mod records;
 pub mod sent;
+pub mod state;
 pub mod subscribers;
 
 pub use records::*;
@@ -67,6 +70,9 @@ pub enum StoreError {
     StaleVersion { current: u64 },
     #[error("no such number: {0}")]
     UnknownNumber(PhoneNumber),
+    /// The shared state log could not carry out a write (see [`state`]).
+    #[error("subscriber state: {0}")]
+    State(String),
 }
 
 /// Handle to the store; cheap to clone, shared by every stage and the admin site.
@@ -90,6 +96,9 @@ pub struct Store {
     /// Where the flusher and the journal count their errors, once the engine's metrics
     /// exist ([`Store::report_errors_to`]).
     errors: ErrorCounter,
+    /// Where writes of subscriber state go when it is shared between nodes (`serve`);
+    /// unset, they are carried out here ([`state`]).
+    writer: Arc<std::sync::OnceLock<Arc<dyn state::StateWriter>>>,
 }
 
 /// One thread that writes sent records and makes them durable for every async caller,
@@ -220,6 +229,7 @@ impl Store {
             flusher: Flusher::start(errors.clone()),
             journal,
             errors,
+            writer: Arc::default(),
         })
     }
 

@@ -124,6 +124,11 @@ impl CallSettings {
     }
 }
 
+/// A temporary password is valid for 24 hours from being set (R-I8, R-S2).
+pub const TEMPORARY_VALIDITY: chrono::Duration = chrono::Duration::hours(24);
+/// A password must be changed this long after it was set (R-S6).
+pub const PASSWORD_LIFETIME: chrono::Duration = chrono::Duration::days(60);
+
 /// Consecutive wrong entries that invalidate a temporary password (R-S2).
 pub const TEMPORARY_MAX_FAILURES: u32 = 3;
 /// Consecutive wrong entries that invalidate a password (R-S3).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use super::state::{Attempt, Op, Reply};
 use super::{AuthUnit, CallSettings, CredentialRecord, LineRecord, NumberRecord, Services, Store, StoreError};
 use crate::phone::PhoneNumber;
 
@@ -14,7 +15,7 @@ use crate::phone::PhoneNumber;
 pub const CREDENTIALS_TREE: &str = "credentials";
 
 /// What an upsert of a line changed beyond the line itself.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Upserted {
     /// Numbers that were on another line (number, that line's contract): they arrive
     /// without their credential and with only the settings the import gave them, so
@@ -34,7 +35,7 @@ impl Store {
         self.listeners.write().expect("listener lock").push(Arc::new(f));
     }
 
-    fn changed(&self, records: &[(PhoneNumber, Option<NumberRecord>)]) {
+    pub(super) fn changed(&self, records: &[(PhoneNumber, Option<NumberRecord>)]) {
         let listeners = self.listeners.read().expect("listener lock").clone();
         for (number, record) in records {
             listeners.iter().for_each(|f| f(number, record.as_ref()));
@@ -70,11 +71,35 @@ impl Store {
     /// Restores `number`'s credential as exported (provisioning): it replaces the one
     /// the number has. Refused for a number not provisioned.
     pub fn restore_credential(&self, number: &PhoneNumber, record: &CredentialRecord) -> Result<(), StoreError> {
-        if !self.numbers.contains_key(number.as_str())? {
-            return Err(StoreError::UnknownNumber(*number));
+        expect_done(self.submit(Op::RestoreCredential { number: *number, record: record.clone() })?)
+    }
+
+    /// Sets `number`'s credential (a temporary password by phone, a password on the
+    /// site), replacing whatever it had.
+    pub fn set_credential(&self, number: &PhoneNumber, record: &CredentialRecord) -> Result<(), StoreError> {
+        expect_done(self.submit(Op::SetCredential { number: *number, record: record.clone() })?)
+    }
+
+    /// Deletes `number`'s credential; whether there was one.
+    pub fn remove_credential(&self, number: &PhoneNumber) -> Result<bool, StoreError> {
+        match self.submit(Op::RemoveCredential { number: *number })? {
+            Reply::Removed(removed) => Ok(removed),
+            other => Err(unexpected(other)),
         }
-        self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
-        Ok(())
+    }
+
+    /// Counts a login attempt whose password was checked against `hash` (R-S2, R-S3).
+    pub fn login_attempt(
+        &self,
+        number: &PhoneNumber,
+        hash: &str,
+        matched: bool,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Attempt, StoreError> {
+        match self.submit(Op::LoginAttempt { number: *number, hash: hash.to_owned(), matched, now })? {
+            Reply::Attempt(attempt) => Ok(attempt),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// How many numbers are provisioned: a walk of the whole tree (sled keeps no count),
@@ -89,6 +114,17 @@ impl Store {
     /// removed, numbers moved from another line leave it. A number keeps its settings
     /// unless `settings` has an entry for it.
     pub fn upsert_line(
+        &self,
+        line: &LineRecord,
+        numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
+    ) -> Result<Upserted, StoreError> {
+        match self.submit(Op::UpsertLine { line: line.clone(), numbers: numbers.to_vec() })? {
+            Reply::Upserted(upserted) => Ok(upserted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(super) fn upsert_line_here(
         &self,
         line: &LineRecord,
         numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
@@ -185,6 +221,19 @@ impl Store {
         settings: CallSettings,
     ) -> Result<u64, StoreError> {
         settings.validate()?;
+        match self.submit(Op::SaveCallSettings { number: *number, expected, settings })? {
+            Reply::Version(version) => Ok(version),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(super) fn save_call_settings_here(
+        &self,
+        number: &PhoneNumber,
+        expected: u64,
+        settings: CallSettings,
+    ) -> Result<u64, StoreError> {
+        settings.validate()?;
         loop {
             let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
             let mut record: NumberRecord = serde_json::from_slice(&raw)?;
@@ -202,6 +251,10 @@ impl Store {
 
     /// Sets the authentication unit of a line (R-I7: chosen by phone).
     pub fn set_line_unit(&self, contract: &PhoneNumber, unit: AuthUnit) -> Result<(), StoreError> {
+        expect_done(self.submit(Op::SetLineUnit { contract: *contract, unit })?)
+    }
+
+    pub(super) fn set_line_unit_here(&self, contract: &PhoneNumber, unit: AuthUnit) -> Result<(), StoreError> {
         loop {
             let raw = self.lines.get(contract.as_str())?.ok_or(StoreError::UnknownNumber(*contract))?;
             let mut line: LineRecord = serde_json::from_slice(&raw)?;
@@ -212,4 +265,16 @@ impl Store {
             }
         }
     }
+}
+
+fn expect_done(reply: Reply) -> Result<(), StoreError> {
+    match reply {
+        Reply::Done => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// An answer of another kind than the op asks for: an owner of another version.
+fn unexpected(reply: Reply) -> StoreError {
+    StoreError::State(format!("the state owner answered {reply:?}, not what the write asks for"))
 }

@@ -2,6 +2,7 @@
 //! One test binary; `helpers` gives each test its own cluster, sink and store.
 
 mod age;
+mod cluster;
 mod consumers;
 mod dead_letters;
 mod delivery;

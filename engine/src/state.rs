@@ -1,0 +1,646 @@
+//! Subscriber state shared by every engine node through Kafka: lines, numbers, settings
+//! and credentials (with the failure counts of R-S2/R-S3) have their truth in the
+//! compacted state topic; each node's sled trees are a view of it.
+//!
+//! ```text
+//!   any node's site, IVR, /provision          the state owner (one node)          every node
+//!   Op ──▶ state-requests topic ──────────▶ Store::execute, one op after   ──▶ state topic ──▶ Store::apply_state
+//!          (1 partition)                    another, on its own view           (compacted,    (the applier thread)
+//!                                           values of the touched keys,         1 partition)
+//!                                           then a reply record
+//! ```
+//!
+//! Why it is correct (docs/cluster.md says more):
+//!
+//! - **One writer.** The owner is the member of consumer group `<kafka.group_id>-state`
+//!   that holds the request topic's only partition. Ops run one after another on its
+//!   store, which has applied every earlier write (it catches up to the state topic's
+//!   end when it gets the partition, and waits for its own records to come back before
+//!   taking the next batch). So a failure count read, incremented and written cannot
+//!   interleave with another: failed logins spread over any number of nodes lock the
+//!   account after exactly the counts of R-S2 and R-S3.
+//! - **Exactly once per request.** Each request's records are followed by a reply record
+//!   naming the request (the sending node and its number, given in the order the node
+//!   sends); a store records the last answered number of each node with the values. An
+//!   owner that takes over skips the requests the topic already has replies for, so a
+//!   request whose records were written before its owner died is not counted twice.
+//! - **Read-your-writes.** A node answers its user when its own applier has applied the
+//!   reply: the records come before the reply in the one partition, so the node shows
+//!   the write. Other nodes apply it as soon as they read it.
+//! - **Compaction** keeps the last value of every key (a deleted key: its tombstone), so
+//!   an empty node reads each key once to catch up.
+//!
+//! Known limit: an owner that was thought dead but still runs (a long pause) can publish
+//! after its successor took over; Kafka transactions with a per-partition transactional
+//! id would fence it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::error_event::{ErrorCounter, ErrorEvent};
+use crate::store::state::{Op, OpError, Reply, StateKey, StateWriter};
+use crate::store::{Store, StoreError};
+
+/// How long a write waits for the owner's answer: longer than a takeover takes (the
+/// owner group's session timeout, 45 s by default, less when configured).
+const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+/// Ops per request record (an import's batch), so a record stays far below 1 MB.
+const OPS_PER_REQUEST: usize = 200;
+/// Requests the owner takes in one batch: carried out, published, then confirmed.
+const REQUESTS_PER_BATCH: usize = 500;
+/// Records the applier applies in one sled batch.
+const RECORDS_PER_APPLY: usize = 20_000;
+
+/// Where the state lives, from `kafka.*`.
+pub struct StateOptions<'a> {
+    pub brokers: &'a str,
+    pub properties: &'a std::collections::BTreeMap<String, String>,
+    /// The compacted state topic (`kafka.state_topic`).
+    pub topic: &'a str,
+    /// The owner's request topic (`kafka.state_requests_topic`).
+    pub requests: &'a str,
+    /// `kafka.group_id`: the owner group is `<group_id>-state`.
+    pub group_id: &'a str,
+}
+
+/// A request record: the ops of one caller, in order.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Request {
+    node: String,
+    id: u64,
+    ops: Vec<Op>,
+}
+
+/// The owner's answer to one request, published after the request's values.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Answer {
+    node: String,
+    id: u64,
+    results: Vec<Result<Reply, OpError>>,
+}
+
+/// How far this node's applier has read the state topic.
+#[derive(Default)]
+struct Progress {
+    /// Next offset to apply.
+    next: Mutex<i64>,
+    moved: Condvar,
+}
+
+impl Progress {
+    fn set(&self, next: i64) {
+        *self.next.lock().expect("progress lock") = next;
+        self.moved.notify_all();
+    }
+
+    fn get(&self) -> i64 {
+        *self.next.lock().expect("progress lock")
+    }
+
+    /// Waits until offsets below `offset` are applied; false after `within`.
+    fn wait_for(&self, offset: i64, within: Duration) -> bool {
+        let guard = self.next.lock().expect("progress lock");
+        let (next, _) = self.moved.wait_timeout_while(guard, within, |next| *next < offset).expect("progress lock");
+        *next >= offset
+    }
+}
+
+type Results = Vec<Result<Reply, OpError>>;
+
+/// The callers waiting for answers, by request id.
+#[derive(Default)]
+struct Waiters(Mutex<HashMap<u64, std::sync::mpsc::SyncSender<Results>>>);
+
+impl Waiters {
+    fn answer(&self, id: u64, results: Results) {
+        if let Some(waiter) = self.0.lock().expect("waiters lock").remove(&id) {
+            let _ = waiter.try_send(results);
+        }
+    }
+}
+
+/// Fails a request whose record the broker did not take.
+struct RequestDeliveries {
+    waiters: Arc<Waiters>,
+}
+
+impl ClientContext for RequestDeliveries {}
+
+impl ProducerContext for RequestDeliveries {
+    type DeliveryOpaque = Box<(u64, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        if let Err((e, _)) = result {
+            let (id, ops) = *opaque;
+            let failed = (0..ops).map(|_| Err(OpError::Failed(format!("the state request was not written: {e}"))));
+            self.waiters.answer(id, failed.collect());
+        }
+    }
+}
+
+/// The shared state of one node: its writer ([`StateWriter`]) and the threads that keep
+/// its store a view of the state topic and, while this node owns it, carry out writes.
+pub struct StateLog {
+    node: String,
+    next_id: Mutex<u64>,
+    requests: String,
+    /// Taken at [`StateLog::stop`]: its thread would otherwise outlive the cluster.
+    producer: Mutex<Option<ThreadedProducer<RequestDeliveries>>>,
+    waiters: Arc<Waiters>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl StateWriter for StateLog {
+    fn write(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>> {
+        let mut pending = Vec::new();
+        for chunk in ops.chunks(OPS_PER_REQUEST) {
+            pending.push((chunk.len(), self.send(chunk.to_vec())));
+        }
+        let mut results = Vec::with_capacity(ops.len());
+        for (count, request) in pending {
+            match request.and_then(|(id, answer)| self.wait(id, answer)) {
+                Ok(answers) => results.extend(answers.into_iter().map(|r| r.map_err(StoreError::from))),
+                Err(e) => results.extend((0..count).map(|_| Err(StoreError::State(e.clone())))),
+            }
+        }
+        results
+    }
+}
+
+impl StateLog {
+    /// Connects this node to the shared state: carries a single-node store over if the
+    /// topic is empty, catches up with the topic (logging how long that took), starts
+    /// the applier and the owner, and attaches itself to `store` as its writer. Blocks
+    /// until caught up. `failed` is cancelled if the node can no longer keep its view.
+    pub fn start(
+        store: &Store,
+        options: &StateOptions<'_>,
+        errors: ErrorCounter,
+        failed: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        let config =
+            |defaults: &[(&str, &str)]| crate::cluster::client_config(options.brokers, defaults, options.properties);
+        let producer_config = |defaults: &[(&str, &str)]| {
+            crate::cluster::client_config(
+                options.brokers,
+                defaults,
+                &crate::cluster::producer_properties(options.properties),
+            )
+        };
+        // Names this process's requests and replies; std's hasher keys are random.
+        let node = {
+            use std::hash::BuildHasher;
+            format!("{:016x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()))
+        };
+        let reader: BaseConsumer = config(&[
+            ("group.id", &format!("{}-state-view", options.group_id)),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+            ("fetch.wait.max.ms", "10"),
+        ])
+        .create()
+        .context("creating the state topic's reader")?;
+        let (_, end) = reader
+            .fetch_watermarks(options.topic, 0, crate::cluster::ANSWER_WITHIN)
+            .with_context(|| format!("reading the end of state topic {:?}", options.topic))?;
+
+        if store.diverged()? {
+            tracing::warn!("this store may hold writes the state topic lacks: rebuilding it from the topic");
+            store.forget_state()?;
+        }
+        let attached = store.state_topic()?.as_deref() == Some(options.topic);
+        if attached && store.state_position()? > end {
+            tracing::warn!(
+                topic = options.topic,
+                end,
+                position = store.state_position()?,
+                "the state topic is shorter than this store has read (recreated?): rebuilding the store from it"
+            );
+            store.forget_state()?;
+        }
+        if end == 0 && store.has_state()? {
+            // A single-node store's first start in cluster mode, or a state topic that
+            // was lost (the embedded cluster lives only as long as its process): the
+            // store's values become the topic's.
+            carry_over(store, options, producer_config(&[("enable.idempotence", "true"), ("acks", "all")]))?;
+            store.set_state_position(0)?;
+        } else if !attached && store.has_state()? {
+            anyhow::bail!(
+                "this store holds the subscribers of a single-node engine, and state topic {:?} already holds the \
+                 cluster's: move them with `callnotify provision export` here and `provision import --url` on a \
+                 running node, or start this node on an empty store (docs/cluster.md)",
+                options.topic
+            );
+        }
+        store.set_state_topic(options.topic)?;
+
+        let progress = Arc::new(Progress::default());
+        let waiters = Arc::new(Waiters::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let position = store.state_position()?;
+        progress.set(position);
+        let started = Instant::now();
+        let applier = Applier {
+            store: store.clone(),
+            node: node.clone(),
+            consumer: reader,
+            waiters: waiters.clone(),
+            progress: progress.clone(),
+            stop: stop.clone(),
+            errors: errors.clone(),
+        };
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(options.topic, 0, Offset::Offset(position))?;
+        applier.consumer.assign(&assignment).context("reading the state topic")?;
+        let mut threads =
+            vec![std::thread::Builder::new().name("state-applier".into()).spawn(move || applier.run())?];
+        let mut waited = Duration::ZERO;
+        while !progress.wait_for(end, Duration::from_secs(10)) {
+            waited += Duration::from_secs(10);
+            tracing::info!(applied = progress.get(), end, waited = ?waited, "catching up with the state topic");
+        }
+        tracing::info!(
+            records = end - position,
+            from = position,
+            took = ?started.elapsed(),
+            topic = options.topic,
+            "subscriber state caught up"
+        );
+
+        let owner = Owner {
+            store: store.clone(),
+            topic: options.topic.to_owned(),
+            consumer: config(&[
+                ("group.id", &format!("{}-state", options.group_id)),
+                ("enable.auto.commit", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+                ("fetch.wait.max.ms", "10"),
+            ])
+            .create_with_context(OwnerContext::default())
+            .context("creating the state owner's consumer")?,
+            producer: producer_config(&[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "1"),
+                ("message.timeout.ms", "10000"),
+            ])
+            .create_with_context(Published::default())
+            .context("creating the state owner's producer")?,
+            progress: progress.clone(),
+            stop: stop.clone(),
+            errors,
+            failed,
+        };
+        owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
+        threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
+
+        let producer: ThreadedProducer<RequestDeliveries> = producer_config(&[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "1"),
+            ("message.timeout.ms", "30000"),
+        ])
+        .create_with_context(RequestDeliveries { waiters: waiters.clone() })
+        .context("creating the state request producer")?;
+        let log = Arc::new(Self {
+            node,
+            next_id: Mutex::new(1),
+            requests: options.requests.to_owned(),
+            producer: Mutex::new(Some(producer)),
+            waiters,
+            progress,
+            stop,
+            threads: Mutex::new(threads),
+        });
+        store.attach_writer(log.clone());
+        Ok(log)
+    }
+
+    /// Next offset of the state topic this node has applied.
+    pub fn applied(&self) -> i64 {
+        self.progress.get()
+    }
+
+    /// Stops the applier, the owner and the request producer (at the engine's stop);
+    /// writes after it fail.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.producer.lock().expect("producer lock").take());
+        let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+
+    fn send(&self, ops: Vec<Op>) -> Result<(u64, std::sync::mpsc::Receiver<Results>), String> {
+        // Ids reach the topic in the order they are given (an owner taking over skips
+        // every id up to the last answered): one sender at a time.
+        let mut next_id = self.next_id.lock().expect("request id lock");
+        let id = *next_id;
+        *next_id += 1;
+        let count = ops.len();
+        let payload = serde_json::to_vec(&Request { node: self.node.clone(), id, ops })
+            .map_err(|e| format!("encoding a state request: {e}"))?;
+        let (answer_tx, answer) = std::sync::mpsc::sync_channel(1);
+        self.waiters.0.lock().expect("waiters lock").insert(id, answer_tx);
+        let mut record = BaseRecord::with_opaque_to(&self.requests, Box::new((id, count)))
+            .key(self.node.as_str())
+            .payload(payload.as_slice());
+        let deadline = Instant::now() + ANSWER_WITHIN;
+        let producer = self.producer.lock().expect("producer lock");
+        let Some(producer) = producer.as_ref() else {
+            self.waiters.0.lock().expect("waiters lock").remove(&id);
+            return Err("the engine is stopping: no more writes of subscriber state".into());
+        };
+        loop {
+            match producer.send(record) {
+                Ok(()) => return Ok((id, answer)),
+                Err((e, back)) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "state request queue full; waiting");
+                    std::thread::sleep(Duration::from_millis(5));
+                    record = back;
+                }
+                Err((e, _)) => {
+                    self.waiters.0.lock().expect("waiters lock").remove(&id);
+                    return Err(format!("the state request could not be sent: {e}"));
+                }
+            }
+        }
+    }
+
+    fn wait(&self, id: u64, answer: std::sync::mpsc::Receiver<Results>) -> Result<Results, String> {
+        answer.recv_timeout(ANSWER_WITHIN).map_err(|_| {
+            self.waiters.0.lock().expect("waiters lock").remove(&id);
+            format!(
+                "no state owner answered within {} s (is the Kafka cluster reachable, and topic {:?} readable?)",
+                ANSWER_WITHIN.as_secs(),
+                self.requests
+            )
+        })
+    }
+}
+
+impl Drop for StateLog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Publishes every value of `store` into the empty state topic: the one-time move of a
+/// single-node store into cluster mode.
+fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let producer: BaseProducer = config.create().context("creating the carry-over producer")?;
+    let mut count = 0u64;
+    for entry in store.state_entries() {
+        let (key, value) = entry?;
+        let key = key.encode();
+        let mut record = BaseRecord::<str, [u8]>::to(options.topic).key(key.as_str()).payload(value.as_ref());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    producer.poll(Duration::from_millis(10));
+                    record = back;
+                }
+            }
+        }
+        count += 1;
+    }
+    producer.flush(Duration::from_secs(60)).context("carrying the store over into the state topic")?;
+    tracing::info!(records = count, took = ?started.elapsed(), topic = options.topic,
+        "carried this store's subscribers into the empty state topic");
+    Ok(())
+}
+
+/// Keeps the store a view of the state topic, from its position on.
+struct Applier {
+    store: Store,
+    node: String,
+    consumer: BaseConsumer,
+    waiters: Arc<Waiters>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    errors: ErrorCounter,
+}
+
+impl Applier {
+    fn run(self) {
+        let mut values = Vec::new();
+        let mut answers = Vec::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut next = None;
+            let mut answered: Vec<(String, u64)> = Vec::new();
+            let mut wait = Duration::from_millis(100);
+            while values.len() < RECORDS_PER_APPLY {
+                match self.consumer.poll(wait) {
+                    None => break,
+                    Some(Err(e)) => {
+                        crate::error_event!(self.errors, ErrorEvent::StateRead, error = %e, "reading the state topic failed; trying again");
+                        break;
+                    }
+                    Some(Ok(message)) => {
+                        wait = Duration::ZERO;
+                        next = Some(message.offset() + 1);
+                        let key = message.key().unwrap_or_default();
+                        if let Some(key) = StateKey::decode(key) {
+                            values.push((key, message.payload().map(<[u8]>::to_vec)));
+                        } else if let Some(answer) =
+                            message.payload().and_then(|p| serde_json::from_slice::<Answer>(p).ok())
+                        {
+                            answered.push((answer.node.clone(), answer.id));
+                            if answer.node == self.node {
+                                answers.push(answer);
+                            }
+                        }
+                    }
+                }
+            }
+            let Some(next) = next else { continue };
+            while let Err(e) = self.store.apply_state(&values, next, &answered) {
+                crate::error_event!(self.errors, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            values.clear();
+            self.progress.set(next);
+            for answer in answers.drain(..) {
+                self.waiters.answer(answer.id, answer.results);
+            }
+        }
+    }
+}
+
+/// Notes each assignment of the request partition: the owner catches up first.
+#[derive(Default)]
+struct OwnerContext {
+    assigned: AtomicBool,
+}
+
+impl ClientContext for OwnerContext {}
+
+impl ConsumerContext for OwnerContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            if partitions.count() > 0 {
+                self.assigned.store(true, Ordering::Relaxed);
+                tracing::info!("this node now carries out writes of subscriber state (the state owner)");
+            }
+        }
+    }
+}
+
+/// What the owner's producer confirmed: the highest offset, and any failure.
+#[derive(Default)]
+struct Published {
+    last: Mutex<(Option<i64>, Option<String>)>,
+}
+
+impl ClientContext for Published {}
+
+impl ProducerContext for Published {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let mut last = self.last.lock().expect("published lock");
+        match result {
+            Ok(message) => last.0 = last.0.max(Some(message.offset())),
+            Err((e, _)) => last.1 = Some(e.to_string()),
+        }
+    }
+}
+
+/// Carries out the requests while this node holds the request partition.
+struct Owner {
+    store: Store,
+    topic: String,
+    consumer: BaseConsumer<OwnerContext>,
+    producer: BaseProducer<Published>,
+    progress: Arc<Progress>,
+    stop: Arc<AtomicBool>,
+    errors: ErrorCounter,
+    failed: CancellationToken,
+}
+
+impl Owner {
+    fn run(self) {
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut wait = Duration::from_millis(100);
+            while batch.len() < REQUESTS_PER_BATCH {
+                match self.consumer.poll(wait) {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "reading state requests failed; trying again");
+                        break;
+                    }
+                    Some(Ok(message)) => {
+                        wait = Duration::ZERO;
+                        batch.push(message.detach());
+                    }
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.carry_out(&batch) {
+                crate::error_event!(self.errors, ErrorEvent::StatePublish, error = %e,
+                    "publishing subscriber state failed: this node stops and rebuilds its store from the state topic at its next start");
+                let _ = self.store.mark_diverged();
+                self.failed.cancel();
+                return;
+            }
+            batch.clear();
+        }
+    }
+
+    fn carry_out(&self, batch: &[OwnedMessage]) -> anyhow::Result<()> {
+        if self.consumer.context().assigned.swap(false, Ordering::Relaxed) {
+            // The previous owner's writes first: every write below the topic's end.
+            let (_, end) = self.consumer.fetch_watermarks(&self.topic, 0, crate::cluster::ANSWER_WITHIN)?;
+            if !self.progress.wait_for(end, ANSWER_WITHIN) {
+                anyhow::bail!("the state topic was not read up to its end ({end}) within {ANSWER_WITHIN:?}");
+            }
+        }
+        for message in batch {
+            let Some(request) = message.payload().and_then(|p| serde_json::from_slice::<Request>(p).ok()) else {
+                tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
+                continue;
+            };
+            if self.store.answered(&request.node)?.is_some_and(|done| request.id <= done) {
+                continue; // Answered by an earlier owner that stopped before committing.
+            }
+            let mut results = Vec::with_capacity(request.ops.len());
+            for op in &request.ops {
+                match self.store.execute(op) {
+                    Ok((reply, touched)) => {
+                        for key in touched {
+                            let value = self.store.state_value(&key)?;
+                            self.publish(&key.encode(), value.as_deref())?;
+                        }
+                        results.push(Ok(reply));
+                    }
+                    Err(e) => {
+                        tracing::debug!(op = op.name(), error = %e, "a state write was refused");
+                        results.push(Err(OpError::from(&e)));
+                    }
+                }
+            }
+            let answer = Answer { node: request.node, id: request.id, results };
+            let key = format!("reply/{}", answer.node);
+            self.publish(&key, Some(&serde_json::to_vec(&answer)?))?;
+        }
+        self.producer.flush(Duration::from_secs(30)).context("the state topic did not confirm the writes")?;
+        let (last, failure) = std::mem::take(&mut *self.producer.context().last.lock().expect("published lock"));
+        if let Some(failure) = failure {
+            anyhow::bail!("a state record was not written: {failure}");
+        }
+        // The next batch reads what this one wrote: wait until it is applied here.
+        if last.is_some_and(|last| !self.progress.wait_for(last + 1, ANSWER_WITHIN)) {
+            anyhow::bail!("this node's applier did not read back the owner's writes within {ANSWER_WITHIN:?}");
+        }
+        let last_request = batch.last().expect("a batch").offset();
+        let mut commit = TopicPartitionList::new();
+        let first = &batch[0];
+        commit.add_partition_offset(first.topic(), first.partition(), Offset::Offset(last_request + 1))?;
+        if let Err(e) = self.consumer.commit(&commit, CommitMode::Sync) {
+            // The replies are written: a successor skips these requests anyway.
+            tracing::warn!(error = %e, "committing state requests failed");
+        }
+        Ok(())
+    }
+
+    fn publish(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<()> {
+        let mut record = BaseRecord::<str, [u8]>::to(&self.topic).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    back,
+                )) => {
+                    self.producer.poll(Duration::from_millis(10));
+                    record = back;
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+}

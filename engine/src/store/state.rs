@@ -1,0 +1,536 @@
+//! Subscriber state as writes that can travel: every change of a line, a number's
+//! settings or a credential is an [`Op`], and the store carries it out in one of two
+//! places.
+//!
+//! - With a [`StateWriter`] attached (every `serve`: [`crate::state`]), an op goes to
+//!   the state owner through Kafka; the owner carries it out on its own store, publishes
+//!   the new values of the keys it touched to the compacted state topic, and every node
+//!   applies them ([`Store::apply_state`]). The caller's answer comes back once its own
+//!   store shows the write (read-your-writes).
+//! - Without one (the owner itself, tools on a stopped store, unit tests), the op is
+//!   carried out here ([`Store::execute`]).
+//!
+//! The ops are the store's only writes of the state trees, so both are the same code.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{
+    AuthUnit, CallSettings, CredentialKind, CredentialRecord, LineRecord, Services, Store, StoreError, Upserted,
+    PASSWORD_LIFETIME, TEMPORARY_VALIDITY,
+};
+use crate::phone::PhoneNumber;
+
+/// One write of subscriber state. Carries no password: credentials travel as argon2id
+/// hashes, login attempts as the verdict of the hash check the requesting node made.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Provisioning (R-L3, R-M3): see [`Store::upsert_line`].
+    UpsertLine {
+        line: LineRecord,
+        numbers: Vec<(PhoneNumber, Services, Option<CallSettings>)>,
+    },
+    /// The site's save (R-S9): see [`Store::save_call_settings`].
+    SaveCallSettings {
+        number: PhoneNumber,
+        expected: u64,
+        settings: CallSettings,
+    },
+    /// R-I7: see [`Store::set_line_unit`].
+    SetLineUnit {
+        contract: PhoneNumber,
+        unit: AuthUnit,
+    },
+    /// A temporary password (R-I7) or a password (R-S4) replaces the number's credential.
+    SetCredential {
+        number: PhoneNumber,
+        record: CredentialRecord,
+    },
+    /// Provisioning restores an exported credential; refused for a number not provisioned.
+    RestoreCredential {
+        number: PhoneNumber,
+        record: CredentialRecord,
+    },
+    RemoveCredential {
+        number: PhoneNumber,
+    },
+    /// A login attempt whose password was checked against `hash` (R-S2, R-S3, R-S6, R-I8).
+    LoginAttempt {
+        number: PhoneNumber,
+        hash: String,
+        matched: bool,
+        now: DateTime<Utc>,
+    },
+}
+
+impl Op {
+    /// What the op is, for logs (never its values: hashes stay out of logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::UpsertLine { .. } => "upsert_line",
+            Op::SaveCallSettings { .. } => "save_call_settings",
+            Op::SetLineUnit { .. } => "set_line_unit",
+            Op::SetCredential { .. } => "set_credential",
+            Op::RestoreCredential { .. } => "restore_credential",
+            Op::RemoveCredential { .. } => "remove_credential",
+            Op::LoginAttempt { .. } => "login_attempt",
+        }
+    }
+}
+
+/// What an op answers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Upserted(Upserted),
+    /// The settings' new version.
+    Version(u64),
+    Done,
+    /// Whether there was something to remove.
+    Removed(bool),
+    Attempt(Attempt),
+}
+
+/// How a login attempt counted, decided where the count is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attempt {
+    /// The number has no credential.
+    Unknown,
+    /// Invalidated by consecutive wrong entries before this attempt.
+    Locked,
+    /// A temporary password older than 24 hours (R-I8).
+    Expired,
+    /// The credential is no longer the one the password was checked against (set again
+    /// meanwhile): check again.
+    Changed,
+    Accepted {
+        kind: CredentialKind,
+        /// After a temporary password, or a password older than 60 days (R-S4, R-S6).
+        must_change: bool,
+    },
+    /// Counted; `locked` when this entry invalidated the credential (R-S2, R-S3).
+    Wrong { kind: CredentialKind, locked: bool },
+}
+
+/// An op's error as it travels back from the owner: what a caller handles by kind
+/// stays a kind, the rest is its message.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpError {
+    StaleVersion { current: u64 },
+    UnknownNumber(PhoneNumber),
+    Failed(String),
+}
+
+impl From<&StoreError> for OpError {
+    fn from(e: &StoreError) -> Self {
+        match e {
+            StoreError::StaleVersion { current } => OpError::StaleVersion { current: *current },
+            StoreError::UnknownNumber(n) => OpError::UnknownNumber(*n),
+            other => OpError::Failed(other.to_string()),
+        }
+    }
+}
+
+impl From<OpError> for StoreError {
+    fn from(e: OpError) -> Self {
+        match e {
+            OpError::StaleVersion { current } => StoreError::StaleVersion { current },
+            OpError::UnknownNumber(n) => StoreError::UnknownNumber(n),
+            OpError::Failed(message) => StoreError::State(message),
+        }
+    }
+}
+
+/// Where ops go when the state is shared (the Kafka state log).
+pub trait StateWriter: Send + Sync {
+    /// Carries out `ops` in order; each answer arrives once this store shows the write.
+    /// Blocks: call it where blocking is allowed (tokio's blocking pool, a tool).
+    fn write(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>>;
+}
+
+/// The trees that hold subscriber state, as keys of the state topic name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateTree {
+    Lines,
+    Numbers,
+    Credentials,
+}
+
+impl StateTree {
+    pub const ALL: [StateTree; 3] = [StateTree::Lines, StateTree::Numbers, StateTree::Credentials];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StateTree::Lines => "lines",
+            StateTree::Numbers => "numbers",
+            StateTree::Credentials => super::CREDENTIALS_TREE,
+        }
+    }
+}
+
+/// One key of subscriber state: `tree/number` in the state topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StateKey {
+    pub tree: StateTree,
+    pub number: PhoneNumber,
+}
+
+impl StateKey {
+    pub fn encode(&self) -> String {
+        format!("{}/{}", self.tree.name(), self.number)
+    }
+
+    /// `None` for a key that names no state tree (the owner's reply records).
+    pub fn decode(raw: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(raw).ok()?;
+        let (tree, number) = text.split_once('/')?;
+        let tree = StateTree::ALL.into_iter().find(|t| t.name() == tree)?;
+        Some(Self { tree, number: PhoneNumber::parse(number).ok()? })
+    }
+}
+
+/// The tree of this node's bookkeeping of the state topic.
+const META_TREE: &str = "state_meta";
+/// Next offset of the state topic to apply (i64, big-endian).
+const POSITION: &[u8] = b"position";
+/// Followed by a node's id: the id of the last of its state requests whose answer this
+/// store applied (u64, big-endian).
+const ANSWERED: &str = "answered/";
+/// The state topic this store is a view of, once it has been attached to one.
+const TOPIC: &[u8] = b"topic";
+/// Set when this store may hold writes the state topic lacks (an owner's publish
+/// failed): the view is rebuilt from the topic at the next start.
+const DIVERGED: &[u8] = b"diverged";
+
+impl Store {
+    /// Sends every write of subscriber state to `writer` from now on.
+    pub fn attach_writer(&self, writer: Arc<dyn StateWriter>) {
+        let _ = self.writer.set(writer);
+    }
+
+    /// Whether this store's writes go to a shared state log.
+    pub fn is_shared(&self) -> bool {
+        self.writer.get().is_some()
+    }
+
+    /// Carries out `op` where the state is kept: through the attached writer, or here.
+    pub fn submit(&self, op: Op) -> Result<Reply, StoreError> {
+        self.submit_all(vec![op]).pop().expect("one answer per op")
+    }
+
+    /// [`Store::submit`] for many ops, in order, in one exchange with the owner.
+    pub fn submit_all(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>> {
+        match self.writer.get() {
+            Some(writer) => writer.write(ops),
+            None => ops.into_iter().map(|op| self.execute(&op).map(|(reply, _)| reply)).collect(),
+        }
+    }
+
+    /// Carries out `op` on this store (the owner's side); also returns every key whose
+    /// value it may have changed.
+    pub fn execute(&self, op: &Op) -> Result<(Reply, Vec<StateKey>), StoreError> {
+        let key = |tree, number: &PhoneNumber| StateKey { tree, number: *number };
+        match op {
+            Op::UpsertLine { line, numbers } => {
+                let before = self.line(&line.contract)?.map(|l| l.numbers).unwrap_or_default();
+                let upserted = self.upsert_line_here(line, numbers)?;
+                let mut touched = vec![key(StateTree::Lines, &line.contract)];
+                touched.extend(upserted.moved.iter().map(|(_, from)| key(StateTree::Lines, from)));
+                for number in numbers.iter().map(|(n, ..)| n).chain(before.iter()) {
+                    touched.push(key(StateTree::Numbers, number));
+                    touched.push(key(StateTree::Credentials, number));
+                }
+                touched.sort_by_key(StateKey::encode);
+                touched.dedup();
+                Ok((Reply::Upserted(upserted), touched))
+            }
+            Op::SaveCallSettings { number, expected, settings } => {
+                let version = self.save_call_settings_here(number, *expected, settings.clone())?;
+                Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
+            }
+            Op::SetLineUnit { contract, unit } => {
+                self.set_line_unit_here(contract, *unit)?;
+                Ok((Reply::Done, vec![key(StateTree::Lines, contract)]))
+            }
+            Op::SetCredential { number, record } => {
+                self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
+                Ok((Reply::Done, vec![key(StateTree::Credentials, number)]))
+            }
+            Op::RestoreCredential { number, record } => {
+                if !self.numbers.contains_key(number.as_str())? {
+                    return Err(StoreError::UnknownNumber(*number));
+                }
+                self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
+                Ok((Reply::Done, vec![key(StateTree::Credentials, number)]))
+            }
+            Op::RemoveCredential { number } => {
+                let removed = self.credentials.remove(number.as_str())?.is_some();
+                Ok((Reply::Removed(removed), vec![key(StateTree::Credentials, number)]))
+            }
+            Op::LoginAttempt { number, hash, matched, now } => {
+                let attempt = self.login_attempt_here(number, hash, *matched, *now)?;
+                Ok((Reply::Attempt(attempt), vec![key(StateTree::Credentials, number)]))
+            }
+        }
+    }
+
+    /// Counts one login attempt on `number`'s credential, if it is still the one with
+    /// `hash` (R-S2, R-S3): the only place a failure count changes.
+    fn login_attempt_here(
+        &self,
+        number: &PhoneNumber,
+        hash: &str,
+        matched: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Attempt, StoreError> {
+        let Some(mut record) = self.credential(number)? else { return Ok(Attempt::Unknown) };
+        if record.hash != hash {
+            return Ok(Attempt::Changed);
+        }
+        if record.invalidated {
+            return Ok(Attempt::Locked);
+        }
+        if record.kind == CredentialKind::Temporary && now >= record.set_at + TEMPORARY_VALIDITY {
+            return Ok(Attempt::Expired);
+        }
+        let attempt = if matched {
+            let must_change = record.kind == CredentialKind::Temporary || now >= record.set_at + PASSWORD_LIFETIME;
+            if record.failures == 0 {
+                return Ok(Attempt::Accepted { kind: record.kind, must_change });
+            }
+            record.failures = 0;
+            Attempt::Accepted { kind: record.kind, must_change }
+        } else {
+            record.failures += 1;
+            record.invalidated = record.failures >= record.kind.max_failures();
+            Attempt::Wrong { kind: record.kind, locked: record.invalidated }
+        };
+        self.credentials.insert(number.as_str(), serde_json::to_vec(&record)?)?;
+        Ok(attempt)
+    }
+
+    /// The stored value of `key` (what the owner publishes after an op).
+    pub fn state_value(&self, key: &StateKey) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.state_tree(key.tree).get(key.number.as_str())?)
+    }
+
+    fn state_tree(&self, tree: StateTree) -> &sled::Tree {
+        match tree {
+            StateTree::Lines => &self.lines,
+            StateTree::Numbers => &self.numbers,
+            StateTree::Credentials => &self.credentials,
+        }
+    }
+
+    /// Applies values read from the state topic (`None`: the key was deleted), then
+    /// records `position` as the next offset to read and the requests answered (node,
+    /// request id), and tells the listeners of every number whose record changed. A
+    /// value applied twice is the same value: a node that stops between the two steps
+    /// applies a few records again, harmlessly.
+    pub fn apply_state(
+        &self,
+        values: &[(StateKey, Option<Vec<u8>>)],
+        position: i64,
+        answered: &[(String, u64)],
+    ) -> Result<(), StoreError> {
+        let mut batches: [sled::Batch; 3] = Default::default();
+        let mut changed = Vec::new();
+        for (key, value) in values {
+            let index = StateTree::ALL.iter().position(|t| *t == key.tree).expect("a state tree");
+            match value {
+                Some(raw) => batches[index].insert(key.number.as_str(), raw.as_slice()),
+                None => batches[index].remove(key.number.as_str()),
+            }
+            if key.tree == StateTree::Numbers {
+                let record = value.as_deref().map(serde_json::from_slice).transpose()?;
+                changed.push((key.number, record));
+            }
+        }
+        for (tree, batch) in StateTree::ALL.into_iter().zip(batches) {
+            self.state_tree(tree).apply_batch(batch)?;
+        }
+        let mut meta = sled::Batch::default();
+        meta.insert(POSITION, &position.to_be_bytes());
+        for (node, id) in answered {
+            meta.insert(format!("{ANSWERED}{node}").as_bytes(), &id.to_be_bytes());
+        }
+        self.meta()?.apply_batch(meta)?;
+        self.changed(&changed);
+        Ok(())
+    }
+
+    /// The next offset of the state topic this store has not applied (0: none yet).
+    pub fn state_position(&self) -> Result<i64, StoreError> {
+        let raw = self.meta()?.get(POSITION)?;
+        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map_or(0, i64::from_be_bytes))
+    }
+
+    /// Sets the next offset of the state topic to apply (after publishing the store's
+    /// values into an empty topic: they are read back from its start).
+    pub fn set_state_position(&self, position: i64) -> Result<(), StoreError> {
+        self.meta()?.insert(POSITION, &position.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The id of the last of `node`'s state requests whose answer this store applied:
+    /// a node numbers its requests in the order it sends them, so any id up to it is
+    /// answered (an owner taking over skips them).
+    pub fn answered(&self, node: &str) -> Result<Option<u64>, StoreError> {
+        let raw = self.meta()?.get(format!("{ANSWERED}{node}"))?;
+        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map(u64::from_be_bytes))
+    }
+
+    /// The state topic this store is a view of, if it has been attached to one.
+    pub fn state_topic(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.meta()?.get(TOPIC)?.map(|raw| String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    /// Marks this store as the view of `topic`.
+    pub fn set_state_topic(&self, topic: &str) -> Result<(), StoreError> {
+        self.meta()?.insert(TOPIC, topic.as_bytes())?;
+        Ok(())
+    }
+
+    /// Marks this store as holding writes its state topic may lack.
+    pub fn mark_diverged(&self) -> Result<(), StoreError> {
+        self.meta()?.insert(DIVERGED, &[1])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether [`Store::mark_diverged`] was called since the view was last rebuilt.
+    pub fn diverged(&self) -> Result<bool, StoreError> {
+        Ok(self.meta()?.contains_key(DIVERGED)?)
+    }
+
+    /// Empties the state trees and the position, so the view is rebuilt from the topic.
+    pub fn forget_state(&self) -> Result<(), StoreError> {
+        for tree in StateTree::ALL {
+            self.state_tree(tree).clear()?;
+        }
+        let meta = self.meta()?;
+        meta.clear()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every key and value of the state trees (carrying a single-node store over).
+    pub fn state_entries(&self) -> impl Iterator<Item = Result<(StateKey, sled::IVec), StoreError>> + '_ {
+        StateTree::ALL.into_iter().flat_map(move |tree| {
+            self.state_tree(tree).iter().map(move |kv| {
+                let (key, value) = kv?;
+                let number = std::str::from_utf8(&key)
+                    .ok()
+                    .and_then(|k| PhoneNumber::parse(k).ok())
+                    .ok_or_else(|| StoreError::State(format!("{} holds a key that is no number", tree.name())))?;
+                Ok((StateKey { tree, number }, value))
+            })
+        })
+    }
+
+    /// Whether the state trees hold anything.
+    pub fn has_state(&self) -> Result<bool, StoreError> {
+        Ok(StateTree::ALL.iter().any(|t| !self.state_tree(*t).is_empty()))
+    }
+
+    fn meta(&self) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(META_TREE)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> PhoneNumber {
+        PhoneNumber::parse(s).unwrap()
+    }
+
+    #[test]
+    fn a_state_key_reads_back_and_reply_keys_are_no_state_keys() {
+        let key = StateKey { tree: StateTree::Credentials, number: n("0312345678") };
+        assert_eq!(StateKey::decode(key.encode().as_bytes()), Some(key));
+        assert_eq!(StateKey::decode(b"reply/9f2c"), None);
+        assert_eq!(StateKey::decode(b"numbers/not-a-number"), None);
+    }
+
+    /// The owner publishes what an op touched; another store applying those values has
+    /// the same line, numbers and credentials (R-L3, R-M3: a moved number included).
+    #[test]
+    fn r_m3_values_an_op_touched_applied_elsewhere_give_the_same_state() {
+        let (owner, view) = (Store::temporary().unwrap(), Store::temporary().unwrap());
+        let services = Services { call: true, fax: false };
+        let mut position = 0;
+        let mut apply = |op: Op| {
+            let (_, touched) = owner.execute(&op).unwrap();
+            let values: Vec<_> =
+                touched.iter().map(|k| (*k, owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect();
+            position += 1;
+            view.apply_state(&values, position, &[]).unwrap();
+        };
+        let first =
+            LineRecord { contract: n("0312345678"), numbers: vec![n("0312345678"), n("0312345679")], unit: None };
+        apply(Op::UpsertLine {
+            line: first.clone(),
+            numbers: first.numbers.iter().map(|x| (*x, services, None)).collect(),
+        });
+        let record = CredentialRecord {
+            hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+            kind: CredentialKind::Password,
+            set_at: Utc::now(),
+            failures: 0,
+            invalidated: false,
+        };
+        apply(Op::SetCredential { number: n("0312345679"), record: record.clone() });
+        // 0312345679 moves to another line: it leaves the first, without its credential.
+        let second =
+            LineRecord { contract: n("0612345678"), numbers: vec![n("0612345678"), n("0312345679")], unit: None };
+        apply(Op::UpsertLine {
+            line: second.clone(),
+            numbers: second.numbers.iter().map(|x| (*x, services, None)).collect(),
+        });
+        for store in [&owner, &view] {
+            assert_eq!(store.line(&n("0312345678")).unwrap().unwrap().numbers, vec![n("0312345678")]);
+            assert_eq!(store.number(&n("0312345679")).unwrap().unwrap().contract, n("0612345678"));
+            assert_eq!(store.credential(&n("0312345679")).unwrap(), None);
+        }
+        assert_eq!(view.state_position().unwrap(), 3);
+    }
+
+    /// R-S3: the count is kept where the op runs; a check made against a credential set
+    /// again meanwhile does not count and is asked again.
+    #[test]
+    fn r_s3_a_login_attempt_counts_once_and_only_against_the_credential_it_checked() {
+        let store = Store::temporary().unwrap();
+        let line = LineRecord { contract: n("0312345678"), numbers: vec![n("0312345678")], unit: None };
+        store.upsert_line(&line, &[(n("0312345678"), Services { call: true, fax: false }, None)]).unwrap();
+        let record = |hash: &str| CredentialRecord {
+            hash: hash.into(),
+            kind: CredentialKind::Password,
+            set_at: Utc::now(),
+            failures: 0,
+            invalidated: false,
+        };
+        store.submit(Op::SetCredential { number: n("0312345678"), record: record("h1") }).unwrap();
+        let attempt = |hash: &str, matched| {
+            store.submit(Op::LoginAttempt { number: n("0312345678"), hash: hash.into(), matched, now: Utc::now() })
+        };
+        for i in 1..crate::store::PASSWORD_MAX_FAILURES {
+            assert_eq!(
+                attempt("h1", false).unwrap(),
+                Reply::Attempt(Attempt::Wrong { kind: CredentialKind::Password, locked: false }),
+                "{i}"
+            );
+        }
+        assert_eq!(attempt("h0", false).unwrap(), Reply::Attempt(Attempt::Changed), "checked against another hash");
+        assert_eq!(
+            attempt("h1", false).unwrap(),
+            Reply::Attempt(Attempt::Wrong { kind: CredentialKind::Password, locked: true })
+        );
+        assert_eq!(attempt("h1", true).unwrap(), Reply::Attempt(Attempt::Locked));
+    }
+}

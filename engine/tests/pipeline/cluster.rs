@@ -1,0 +1,181 @@
+//! Several engine nodes as one service (docs/cluster.md): each with its own store, one
+//! consumer group, subscriber state shared through the state topic of the mock cluster.
+
+use chrono::Utc;
+use engine::phone::PhoneNumber;
+use engine::store::state::Attempt;
+use engine::store::{CallSettings, CredentialKind, CredentialRecord, Store, PASSWORD_MAX_FAILURES};
+
+use crate::helpers::*;
+
+fn n(s: &str) -> PhoneNumber {
+    PhoneNumber::parse(s).unwrap()
+}
+
+impl Harness {
+    /// A node of the cluster: its own store under `name`, the harness's group.
+    async fn node(&self, name: &str) -> TestEngine {
+        let path = self.dir.path().join(name).display().to_string();
+        self.engine_with(&[("CALLNOTIFY__STORE__PATH", &path)]).await
+    }
+}
+
+/// Waits until `store` shows `number` with settings for which `ok` holds: another
+/// node's write reaching this one.
+async fn shown(store: &Store, number: &str, ok: impl Fn(&CallSettings) -> bool) {
+    let number = n(number);
+    testkit::wait::until(
+        WAIT,
+        || format!("{number} never shown as expected"),
+        || store.number(&number).unwrap().is_some_and(|r| ok(&r.call)),
+    )
+    .await;
+}
+
+fn password(hash: &str) -> CredentialRecord {
+    CredentialRecord {
+        hash: hash.into(),
+        kind: CredentialKind::Password,
+        set_at: Utc::now(),
+        failures: 0,
+        invalidated: false,
+    }
+}
+
+/// The defect of issue 18: two nodes in one group, subscribers provisioned through
+/// node A, a missed call to each on every partition: node B's CDRs found no subscriber
+/// and 20 of 40 mails never went. Now every call is notified, once (R-L3, R-N1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_subscribers_provisioned_through_one_node_are_notified_by_every_node() {
+    let h = Harness::new(4).await;
+    let (a, b) = (h.node("a").await, h.node("b").await);
+    // Three CDR topics of four partitions: six each.
+    a.wait_partitions_shared(1, 6).await;
+    b.wait_partitions_shared(1, 6).await;
+    let numbers: Vec<String> = (0..20).map(|i| format!("03100000{i:02}")).collect();
+    let lines: Vec<String> =
+        numbers.iter().map(|number| plain_subscriber(number, &format!("{number}@example.jp"))).collect();
+    a.provision(&lines);
+    // Read-your-writes: the import returned, so node A shows every line.
+    assert!(numbers.iter().all(|x| a.store.number(&n(x)).unwrap().is_some()));
+    let cdrs: Vec<String> = numbers
+        .iter()
+        .flat_map(|x| (0..2).map(move |i| cdr(&format!("{x}-{i}"), x, Some("09011112222"), "allowed", "no_answer")))
+        .collect();
+    h.produce(TOPIC, &cdrs).await;
+    let mails = h.mails(40).await;
+    let (a, b) = (a.stop().await, b.stop().await);
+    let sent = |s: &Stopped| s.metric("callnotify_mails_sent_total");
+    assert_eq!(sent(&a) + sent(&b), 40.0, "every call notified once");
+    assert!(sent(&a) > 0.0 && sent(&b) > 0.0, "both nodes notified: {} and {}", sent(&a), sent(&b));
+    assert_eq!(mails.len(), 40);
+}
+
+/// Provisioned through node A, settings changed through node B (R-S9: B's save is
+/// checked against the version A wrote), and node C, started after both on an empty
+/// store, has caught up before it returns from start: its first CDR goes by the new
+/// settings (R-N2: the new destination).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_s9_a_setting_saved_on_one_node_governs_the_calls_another_node_reads() {
+    let h = Harness::new(1).await;
+    let (a, b) = (h.node("a").await, h.node("b").await);
+    a.provision(&[plain_subscriber("0312345678", "old@example.jp")]);
+    shown(&b.store, "0312345678", |c| c.destinations.len() == 1).await;
+    let mut settings = b.store.number(&n("0312345678")).unwrap().unwrap().call;
+    let version = settings.version;
+    settings.destinations[0].address = engine::address::DestinationAddress::parse("new@example.jp").unwrap();
+    assert_eq!(b.store.save_call_settings(&n("0312345678"), version, settings.clone()).unwrap(), version + 1);
+    // A save from the form node A showed before is stale everywhere (R-S9).
+    let stale = a.store.save_call_settings(&n("0312345678"), version, settings);
+    assert!(matches!(stale, Err(engine::store::StoreError::StaleVersion { current }) if current == version + 1));
+    a.stop().await;
+    b.stop().await;
+
+    let c = h.node("c").await;
+    let call = c.store.number(&n("0312345678")).unwrap().expect("caught up before serving").call;
+    assert_eq!(call.destinations[0].address.as_str(), "new@example.jp");
+    h.produce(TOPIC, &[cdr("s9-1", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, vec!["new@example.jp".to_owned()]);
+    c.stop().await;
+}
+
+/// R-S3: wrong passwords spread over three nodes, one after another and all at once,
+/// lock the password after exactly ten, never more: the count is kept by one writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_s3_wrong_passwords_over_three_nodes_lock_after_exactly_ten() {
+    let h = Harness::new(1).await;
+    let nodes = [h.node("a").await, h.node("b").await, h.node("c").await];
+    nodes[0].provision(&[
+        plain_subscriber("0312345678", "taro@example.jp"),
+        plain_subscriber("0612345678", "jiro@example.jp"),
+    ]);
+    let stores: Vec<Store> = nodes.iter().map(|e| e.store.clone()).collect();
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2g";
+
+    // Round robin, one after another: the tenth locks, whichever node it lands on.
+    let first = n("0312345678");
+    stores[1].set_credential(&first, &password(hash)).unwrap();
+    let outcomes = tokio::task::spawn_blocking({
+        let stores = stores.clone();
+        move || {
+            (0..12).map(|i| stores[i % 3].login_attempt(&first, hash, false, Utc::now()).unwrap()).collect::<Vec<_>>()
+        }
+    })
+    .await
+    .unwrap();
+    let wrong = |locked| Attempt::Wrong { kind: CredentialKind::Password, locked };
+    let mut expected = vec![wrong(false); PASSWORD_MAX_FAILURES as usize - 1];
+    expected.extend([wrong(true), Attempt::Locked, Attempt::Locked]);
+    assert_eq!(outcomes, expected);
+
+    // Thirty at once from three nodes: ten count, one of them locks, twenty find it locked.
+    let second = n("0612345678");
+    stores[2].set_credential(&second, &password(hash)).unwrap();
+    let racing: Vec<_> = (0..30)
+        .map(|i| {
+            let store = stores[i % 3].clone();
+            tokio::task::spawn_blocking(move || store.login_attempt(&second, hash, false, Utc::now()).unwrap())
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for attempt in racing {
+        outcomes.push(attempt.await.unwrap());
+    }
+    let count = |a: Attempt| outcomes.iter().filter(|o| **o == a).count();
+    assert_eq!((count(wrong(false)), count(wrong(true)), count(Attempt::Locked)), (9, 1, 20), "{outcomes:?}");
+    for store in &stores {
+        testkit::wait::until(
+            WAIT,
+            || "the lock reached every node".into(),
+            || store.credential(&second).unwrap().is_some_and(|c| c.invalidated && c.failures == PASSWORD_MAX_FAILURES),
+        )
+        .await;
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// A single-node store (provisioned with `provision import` before any `serve`) is
+/// carried into an empty state topic by its first start, and reaches a node started
+/// after it; a second single-node store is refused by the now non-empty topic, naming
+/// the way to move its subscribers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_single_node_store_is_carried_into_the_cluster_once() {
+    let h = Harness::new(1).await;
+    for (dir, number) in [("old", "0312345678"), ("other", "0612345678")] {
+        let store = Store::open(&h.dir.path().join(dir)).unwrap();
+        engine::provision::import(&store, plain_subscriber(number, "taro@example.jp").as_bytes()).unwrap();
+        store.flush_blocking().unwrap();
+    }
+    let old = h.node("old").await;
+    let fresh = h.node("fresh").await;
+    assert!(fresh.store.number(&n("0312345678")).unwrap().is_some(), "carried over, and caught up with");
+    let settings = h.settings(&[("CALLNOTIFY__STORE__PATH", &h.dir.path().join("other").display().to_string())]);
+    let refused = engine::startup::Application::build(settings).await.err().expect("refused");
+    let text = format!("{refused:#}");
+    assert!(text.contains("single-node engine") && text.contains("provision import --url"), "{text}");
+    old.stop().await;
+    fresh.stop().await;
+}
