@@ -147,10 +147,8 @@ impl Application {
             store.report_errors_to(errors.clone());
             let (brokers, properties, topic, requests, group_id) = &state_options;
             let options = StateOptions { brokers, properties, topic, requests, group_id };
-            let counter = crate::error_event::ErrorCounter::default();
-            counter.set(errors);
             let state =
-                StateLog::start(&store, &options, counter, failed).context("joining the shared subscriber state")?;
+                StateLog::start(&store, &options, errors, failed).context("joining the shared subscriber state")?;
             let started = std::time::Instant::now();
             let resolver = Resolver::new(store.clone(), capacity)?;
             tracing::info!(

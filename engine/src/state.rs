@@ -46,9 +46,10 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::error_event::{ErrorCounter, ErrorEvent};
+use crate::error_event::ErrorEvent;
 use crate::store::state::{Op, OpError, Reply, StateKey, StateWriter};
 use crate::store::{Store, StoreError};
+use crate::telemetry::Metrics;
 
 /// How long a write waits for the owner's answer: longer than a takeover takes (the
 /// owner group's session timeout, 45 s by default, less when configured).
@@ -186,7 +187,7 @@ impl StateLog {
     pub fn start(
         store: &Store,
         options: &StateOptions<'_>,
-        errors: ErrorCounter,
+        metrics: Metrics,
         failed: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         let config =
@@ -258,7 +259,7 @@ impl StateLog {
             waiters: waiters.clone(),
             progress: progress.clone(),
             stop: stop.clone(),
-            errors: errors.clone(),
+            metrics: metrics.clone(),
         };
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(options.topic, 0, Offset::Offset(position))?;
@@ -288,7 +289,7 @@ impl StateLog {
                 ("enable.partition.eof", "false"),
                 ("fetch.wait.max.ms", "10"),
             ])
-            .create_with_context(OwnerContext::default())
+            .create_with_context(OwnerContext { assigned: AtomicBool::new(false), metrics: metrics.clone() })
             .context("creating the state owner's consumer")?,
             producer: producer_config(&[
                 ("enable.idempotence", "true"),
@@ -300,7 +301,7 @@ impl StateLog {
             .context("creating the state owner's producer")?,
             progress: progress.clone(),
             stop: stop.clone(),
-            errors,
+            metrics: metrics.clone(),
             failed,
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
@@ -433,7 +434,7 @@ struct Applier {
     waiters: Arc<Waiters>,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
-    errors: ErrorCounter,
+    metrics: Metrics,
 }
 
 impl Applier {
@@ -448,7 +449,7 @@ impl Applier {
                 match self.consumer.poll(wait) {
                     None => break,
                     Some(Err(e)) => {
-                        crate::error_event!(self.errors, ErrorEvent::StateRead, error = %e, "reading the state topic failed; trying again");
+                        crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "reading the state topic failed; trying again");
                         break;
                     }
                     Some(Ok(message)) => {
@@ -470,7 +471,7 @@ impl Applier {
             }
             let Some(next) = next else { continue };
             while let Err(e) = self.store.apply_state(&values, next, &answered) {
-                crate::error_event!(self.errors, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
+                crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
                 if self.stop.load(Ordering::Relaxed) {
                     return;
                 }
@@ -478,6 +479,7 @@ impl Applier {
             }
             values.clear();
             self.progress.set(next);
+            self.metrics.state_applied(next);
             for answer in answers.drain(..) {
                 self.waiters.answer(answer.id, answer.results);
             }
@@ -485,21 +487,25 @@ impl Applier {
     }
 }
 
-/// Notes each assignment of the request partition: the owner catches up first.
-#[derive(Default)]
+/// Notes each assignment of the request partition (the owner catches up first) and
+/// shows in `callnotify_state_owner` whether this node is the owner.
 struct OwnerContext {
     assigned: AtomicBool,
+    metrics: Metrics,
 }
 
 impl ClientContext for OwnerContext {}
 
 impl ConsumerContext for OwnerContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(partitions) = rebalance {
-            if partitions.count() > 0 {
+        match rebalance {
+            Rebalance::Assign(partitions) if partitions.count() > 0 => {
                 self.assigned.store(true, Ordering::Relaxed);
+                self.metrics.state_owner(true);
                 tracing::info!("this node now carries out writes of subscriber state (the state owner)");
             }
+            Rebalance::Revoke(partitions) if partitions.count() > 0 => self.metrics.state_owner(false),
+            _ => {}
         }
     }
 }
@@ -532,7 +538,7 @@ struct Owner {
     producer: BaseProducer<Published>,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
-    errors: ErrorCounter,
+    metrics: Metrics,
     failed: CancellationToken,
 }
 
@@ -558,7 +564,7 @@ impl Owner {
                 continue;
             }
             if let Err(e) = self.carry_out(&batch) {
-                crate::error_event!(self.errors, ErrorEvent::StatePublish, error = %e,
+                crate::error_event!(self.metrics, ErrorEvent::StatePublish, error = %e,
                     "publishing subscriber state failed: this node stops and rebuilds its store from the state topic at its next start");
                 let _ = self.store.mark_diverged();
                 self.failed.cancel();
@@ -604,7 +610,14 @@ impl Owner {
             let key = format!("reply/{}", answer.node);
             self.publish(&key, Some(&serde_json::to_vec(&answer)?))?;
         }
-        self.producer.flush(Duration::from_secs(30)).context("the state topic did not confirm the writes")?;
+        // Until every record is confirmed (`flush` would sleep up to 100 ms per look).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.producer.in_flight_count() > 0 {
+            if Instant::now() > deadline {
+                anyhow::bail!("the state topic did not confirm the writes within 30 s");
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
         let (last, failure) = std::mem::take(&mut *self.producer.context().last.lock().expect("published lock"));
         if let Some(failure) = failure {
             anyhow::bail!("a state record was not written: {failure}");

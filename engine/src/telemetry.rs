@@ -39,6 +39,8 @@ pub const SMTP_CONNECTIONS: &str = "callnotify_smtp_connections_opened_total";
 pub const SMTP_CIRCUIT_OPEN: &str = "callnotify_smtp_circuit_open";
 pub const STORE_FREE: &str = "callnotify_store_free_bytes";
 pub const STORE_DISK_LOW: &str = "callnotify_store_disk_low";
+pub const STATE_OWNER: &str = "callnotify_state_owner";
+pub const STATE_APPLIED: &str = "callnotify_state_applied_offset";
 pub const ERRORS: &str = "callnotify_errors_total";
 pub const SITE_LOGINS: &str = "callnotify_site_logins_total";
 pub const SITE_LOCKOUTS: &str = "callnotify_site_lockouts_total";
@@ -183,6 +185,8 @@ struct Inner {
     smtp_circuit_open: Gauge,
     store_free: Gauge,
     store_disk_low: Gauge,
+    state_owner: Gauge,
+    state_applied: Gauge,
     errors: [Counter; ErrorEvent::ALL.len()],
     logins: Vec<Counter>,
     lockouts: Vec<Counter>,
@@ -308,6 +312,16 @@ impl Metrics {
             "1 while the store's file system has less than store.min_free_mb free and no CDR is read".into(),
         );
         r.describe_gauge(
+            STATE_OWNER.into(),
+            None,
+            "1 while this node carries out the writes of subscriber state (the state owner)".into(),
+        );
+        r.describe_gauge(
+            STATE_APPLIED.into(),
+            Some(Unit::Count),
+            "Next offset of the state topic this node's store has not applied".into(),
+        );
+        r.describe_gauge(
             CONSUMER_PAUSED.into(),
             None,
             "1 while a consumer thread has paused its partitions for mails to drain (backpressure)".into(),
@@ -338,6 +352,8 @@ impl Metrics {
             smtp_circuit_open: r.register_gauge(&Key::from_static_name(SMTP_CIRCUIT_OPEN), &METADATA),
             store_free: r.register_gauge(&Key::from_static_name(STORE_FREE), &METADATA),
             store_disk_low: r.register_gauge(&Key::from_static_name(STORE_DISK_LOW), &METADATA),
+            state_owner: r.register_gauge(&Key::from_static_name(STATE_OWNER), &METADATA),
+            state_applied: r.register_gauge(&Key::from_static_name(STATE_APPLIED), &METADATA),
             errors: ErrorEvent::ALL.map(|e| counter(r, ERRORS, &[("stage", e.stage()), ("error", e.as_str())])),
             logins: Login::ALL.iter().map(|v| counter(r, SITE_LOGINS, &[("result", v.as_str())])).collect(),
             lockouts: Lockout::ALL.iter().map(|v| counter(r, SITE_LOCKOUTS, &[("rule", v.as_str())])).collect(),
@@ -474,6 +490,14 @@ impl Metrics {
     /// The mail server's circuit breaker opened (the server is not answering) or closed.
     pub fn store_free_bytes(&self, free: u64) {
         self.inner.store_free.set(free as f64);
+    }
+    /// This node became the state owner (`true`) or stopped being it.
+    pub fn state_owner(&self, owner: bool) {
+        self.inner.state_owner.set(if owner { 1.0 } else { 0.0 });
+    }
+    /// The store has applied the state topic up to (not including) `next`.
+    pub fn state_applied(&self, next: i64) {
+        self.inner.state_applied.set(next as f64);
     }
     pub fn store_disk_low(&self, low: bool) {
         self.inner.store_disk_low.set(if low { 1.0 } else { 0.0 });
