@@ -97,7 +97,7 @@ fn setup_on(
 ) -> (PostfixSink, EngineSpec, Workdir) {
     let topic = format!("it-{name}");
     block_on(create_topics(brokers, &[(&topic, partitions), (&dead_letter_topic(&topic), 1)]));
-    block_on(create_state_topics(brokers, &topic));
+    block_on(create_shared_topics(brokers, &topic, partitions));
     let sink = PostfixSink::start();
     let dir = Workdir::new(name);
     let spec = EngineSpec {

@@ -93,6 +93,8 @@ pub enum ClusterError {
     TopicError { topic: String, key: String, code: RDKafkaErrorCode },
     #[error("topic {topic:?} ({key}) has {found} partitions; it must have exactly one (docs/cluster.md)")]
     NotOnePartition { topic: String, key: String, found: usize },
+    #[error("topic {topic:?} ({key}) has {found} partitions, fewer than CDR topic {cdr:?} ({wanted}): it needs at least as many (docs/cluster.md)")]
+    TooFewPartitions { topic: String, key: String, found: usize, cdr: String, wanted: usize },
     #[error("creating a Kafka client: {0}")]
     Client(#[from] KafkaError),
 }
@@ -172,6 +174,41 @@ pub fn check_one_partition(config: &ClientConfig, topics: &[(&str, &str)]) -> Re
         let found = metadata.topics().iter().find(|t| t.name() == *topic).map_or(0, |t| t.partitions().len());
         if found != 1 {
             return Err(ClusterError::NotOnePartition { topic: topic.to_string(), key: key.to_string(), found });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each changelog topic of `changelogs` (name, config key) has at least as
+/// many partitions as every topic of `cdrs`: a CDR partition's records go to the
+/// changelog partition of the same number.
+pub fn check_partitions_cover(
+    config: &ClientConfig,
+    changelogs: &[(&str, &str)],
+    cdrs: &[&str],
+) -> Result<(), ClusterError> {
+    let client: BaseConsumer = config.create()?;
+    let count = |topic: &str| -> Result<usize, ClusterError> {
+        let metadata = client.fetch_metadata(Some(topic), ANSWER_WITHIN)?;
+        Ok(metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len()))
+    };
+    let mut widest = ("", 0);
+    for cdr in cdrs {
+        let n = count(cdr)?;
+        if n > widest.1 {
+            widest = (cdr, n);
+        }
+    }
+    for (topic, key) in changelogs {
+        let found = count(topic)?;
+        if found < widest.1 {
+            return Err(ClusterError::TooFewPartitions {
+                topic: topic.to_string(),
+                key: key.to_string(),
+                found,
+                cdr: widest.0.to_owned(),
+                wanted: widest.1,
+            });
         }
     }
     Ok(())

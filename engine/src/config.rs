@@ -57,6 +57,10 @@ pub struct KafkaSettings {
     pub state_topic: String,
     /// Writes of subscriber state on their way to the state owner, one partition.
     pub state_requests_topic: String,
+    /// Sent records of each CDR partition ([`crate::partition_log`]).
+    pub sent_topic: String,
+    /// Retry-queue entries of each CDR partition, compacted.
+    pub retry_topic: String,
     /// Partitions per topic of the embedded mock cluster.
     pub embedded_partitions: i32,
     /// librdkafka properties, passed unchanged.
@@ -84,6 +88,8 @@ impl fmt::Debug for KafkaSettings {
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("state_topic", &self.state_topic)
             .field("state_requests_topic", &self.state_requests_topic)
+            .field("sent_topic", &self.sent_topic)
+            .field("retry_topic", &self.retry_topic)
             .field("embedded_partitions", &self.embedded_partitions)
             .field("properties", &properties)
             .finish()
@@ -341,6 +347,8 @@ impl Settings {
             ("kafka.dead_letter_topic", &self.kafka.dead_letter_topic),
             ("kafka.state_topic", &self.kafka.state_topic),
             ("kafka.state_requests_topic", &self.kafka.state_requests_topic),
+            ("kafka.sent_topic", &self.kafka.sent_topic),
+            ("kafka.retry_topic", &self.kafka.retry_topic),
         ];
         for (key, value) in names.into_iter().chain(self.kafka.topics.iter().map(|t| ("kafka.topics: a name", &t.name)))
         {
@@ -509,6 +517,7 @@ mod tests {
         assert_eq!(s.smtp.host, "");
         // What an embedded cluster (and every test's) makes without being told.
         assert_eq!([s.kafka.state_topic.as_str(), &s.kafka.state_requests_topic], crate::embedded::STATE_TOPICS);
+        assert_eq!([s.kafka.sent_topic.as_str(), &s.kafka.retry_topic], crate::embedded::CHANGELOG_TOPICS);
     }
 
     #[test]

@@ -33,11 +33,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         .name
         .clone();
     let outbox = settings.smtp.host.is_empty().then(|| settings.smtp.outbox_dir.clone());
-    // Polled from the start, so a Ctrl-C while the demo sets up stops it too.
+    // Polled first, before the build runs a step (registering the signal handler), so a
+    // Ctrl-C while the demo sets up stops it too.
     let mut shutdown = std::pin::pin!(shutdown);
     let app = tokio::select! {
-        app = Application::build(settings) => app?,
+        biased;
         () = &mut shutdown => return Ok(()),
+        app = Application::build(settings) => app?,
     };
     tokio::select! {
         set_up = provision_and_call(&app, &topic) => set_up?,

@@ -33,16 +33,30 @@ pub async fn ensure_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
 
 /// `kafka.state_topic` and `kafka.state_requests_topic` of the default configuration.
 pub const STATE_TOPICS: [&str; 2] = ["callnotify-state", "callnotify-state-requests"];
+/// `kafka.sent_topic` and `kafka.retry_topic` of the default configuration.
+pub const CHANGELOG_TOPICS: [&str; 2] = ["callnotify-sent", "callnotify-retry"];
 
-/// Creates the state topics (`kafka.state_topic`, `kafka.state_requests_topic`) on
-/// `brokers` unless they exist, as docs/cluster.md tells an operator to: one partition
-/// each, the state compacted, the requests kept a day.
-pub async fn ensure_state_topics(brokers: &str, state: &str, requests: &str) -> Result<(), KafkaError> {
+/// The names of the topics a cluster of nodes shares beside the CDR and dead-letter
+/// topics (`kafka.state_topic`, `state_requests_topic`, `sent_topic`, `retry_topic`).
+pub struct SharedTopics<'a> {
+    pub state: &'a str,
+    pub requests: &'a str,
+    pub sent: &'a str,
+    pub retry: &'a str,
+}
+
+/// Creates the shared topics on `brokers` unless they exist, as docs/cluster.md tells
+/// an operator to: the state topics one partition each, the state compacted, the
+/// requests kept a day; the changelogs `partitions` each, the sent records kept 8 days,
+/// the retry entries compacted.
+pub async fn ensure_shared_topics(brokers: &str, topics: &SharedTopics<'_>, partitions: i32) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     let new = [
-        NewTopic::new(state, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
-        NewTopic::new(requests, 1, TopicReplication::Fixed(-1)).set("retention.ms", "86400000"),
+        NewTopic::new(topics.state, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
+        NewTopic::new(topics.requests, 1, TopicReplication::Fixed(-1)).set("retention.ms", "86400000"),
+        NewTopic::new(topics.sent, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "691200000"),
+        NewTopic::new(topics.retry, partitions, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
     ];
     for result in admin.create_topics(&new, &AdminOptions::new()).await? {
         match result {
@@ -61,10 +75,15 @@ pub struct EmbeddedKafka {
 
 impl EmbeddedKafka {
     /// Starts a one-broker cluster with `topics`, each of `partitions` partitions, and
-    /// the state topics of the default configuration ([`STATE_TOPICS`]).
+    /// the state and changelog topics of the default configuration ([`STATE_TOPICS`],
+    /// [`CHANGELOG_TOPICS`]).
     pub fn start(topics: &[&str], partitions: i32) -> Result<Self, KafkaError> {
-        let topics: Vec<(&str, i32)> =
-            topics.iter().map(|t| (*t, partitions)).chain(STATE_TOPICS.iter().map(|t| (*t, 1))).collect();
+        let topics: Vec<(&str, i32)> = topics
+            .iter()
+            .chain(&CHANGELOG_TOPICS)
+            .map(|t| (*t, partitions))
+            .chain(STATE_TOPICS.iter().map(|t| (*t, 1)))
+            .collect();
         Self::start_with(&topics)
     }
 

@@ -54,10 +54,16 @@ pub enum ErrorEvent {
     /// The state owner could not publish a write to the state topic: the node stops,
     /// and rebuilds its store from the topic at its next start.
     StatePublish,
+    /// A sent record or retry-queue change was not written to its partition's
+    /// changelog: offsets are no longer committed.
+    ChangelogWrite,
+    /// A newly assigned partition's changelogs could not be restored: its CDRs are read
+    /// without them (mails a dead node had sent may be sent again).
+    ChangelogRestore,
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 21] = [
+    pub const ALL: [ErrorEvent; 23] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -79,6 +85,8 @@ impl ErrorEvent {
         ErrorEvent::AdminListener,
         ErrorEvent::StateRead,
         ErrorEvent::StatePublish,
+        ErrorEvent::ChangelogWrite,
+        ErrorEvent::ChangelogRestore,
     ];
 
     /// The `stage` label: the part of the engine it happened in.
@@ -95,7 +103,7 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
-            StateRead | StatePublish => "state",
+            StateRead | StatePublish | ChangelogWrite | ChangelogRestore => "state",
         }
     }
 
@@ -123,6 +131,8 @@ impl ErrorEvent {
             AdminListener => "listener",
             StateRead => "read",
             StatePublish => "publish",
+            ChangelogWrite => "changelog_write",
+            ChangelogRestore => "changelog_restore",
         }
     }
 }

@@ -30,6 +30,8 @@
 //!   ([`store::sent`]: key, claim, record, prune, journal).
 //! - [`state`]: subscriber state shared by every node through Kafka: the state topic, its
 //!   owner and each node's applier.
+//! - [`partition_log`]: each CDR partition's sent records and retry entries in Kafka,
+//!   restored by the partition's next reader.
 //! - [`disk`]: free space on the store's file system; consumers pause when it is low.
 //! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.
@@ -56,6 +58,7 @@ pub mod error_event;
 pub mod filter;
 pub mod http;
 pub mod ops;
+pub mod partition_log;
 pub mod phone;
 pub mod pipeline;
 pub mod provision;

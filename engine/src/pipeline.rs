@@ -157,7 +157,8 @@ impl Pipeline {
                 }
             }
         }
-        let origin = Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at };
+        let origin =
+            Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at, source: None };
         Ok(Mails { origin, mails })
     }
 }

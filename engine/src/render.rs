@@ -35,6 +35,8 @@ pub struct Origin {
     pub called: PhoneNumber,
     /// The call's end: where the end-to-end latency measurement starts.
     pub ended_at: DateTime<Utc>,
+    /// The CDR partition it was read from (`None`: not read from Kafka, e.g. a replay).
+    pub source: Option<crate::store::PartitionId>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -28,6 +28,7 @@ use crate::deliver::Deliverer;
 use crate::disk::DiskWatch;
 use crate::embedded::EmbeddedKafka;
 use crate::ops;
+use crate::partition_log::{PartitionLog, PartitionLogOptions};
 use crate::pipeline::Pipeline;
 use crate::render::Renderer;
 use crate::resolve::Resolver;
@@ -74,6 +75,8 @@ pub struct Application {
     source: Source,
     /// This node's part of the shared subscriber state: stopped after the tasks.
     state: Arc<StateLog>,
+    /// The partitions' changelogs: stopped after the tasks.
+    changelog: Arc<PartitionLog>,
     /// Kept alive while the engine runs, when it was started for us.
     _embedded: Option<EmbeddedKafka>,
     /// `engine.shutdown_grace_secs`.
@@ -90,6 +93,10 @@ impl Application {
                 kafka.topics.iter().map(|t| (t.name.as_str(), kafka.embedded_partitions)).collect();
             topics.push((&kafka.dead_letter_topic, kafka.embedded_partitions));
             topics.extend([(kafka.state_topic.as_str(), 1), (&kafka.state_requests_topic, 1)]);
+            topics.extend([
+                (kafka.sent_topic.as_str(), kafka.embedded_partitions),
+                (&kafka.retry_topic, kafka.embedded_partitions),
+            ]);
             let mock = EmbeddedKafka::start_with(&topics).context("starting the embedded Kafka mock cluster")?;
             tracing::info!(
                 bootstrap = mock.bootstrap_servers(),
@@ -109,14 +116,21 @@ impl Application {
             (kafka.state_topic.clone(), "kafka.state_topic"),
             (kafka.state_requests_topic.clone(), "kafka.state_requests_topic"),
         ];
+        let changelogs =
+            [(kafka.sent_topic.clone(), "kafka.sent_topic"), (kafka.retry_topic.clone(), "kafka.retry_topic")];
+        let cdr_topics: Vec<String> = kafka.topics.iter().map(|t| t.name.clone()).collect();
         wanted.extend(single.iter().cloned());
+        wanted.extend(changelogs.iter().cloned());
         let checked = cluster::client_config(&bootstrap, &[], &kafka.properties);
         let topics = wanted.len();
         tokio::task::spawn_blocking(move || {
             let wanted: Vec<(&str, &str)> = wanted.iter().map(|(t, k)| (t.as_str(), *k)).collect();
             let single: Vec<(&str, &str)> = single.iter().map(|(t, k)| (t.as_str(), *k)).collect();
             cluster::check_topics(&checked, &wanted)?;
-            cluster::check_one_partition(&checked, &single)
+            cluster::check_one_partition(&checked, &single)?;
+            let changelogs: Vec<(&str, &str)> = changelogs.iter().map(|(t, k)| (t.as_str(), *k)).collect();
+            let cdrs: Vec<&str> = cdr_topics.iter().map(String::as_str).collect();
+            cluster::check_partitions_cover(&checked, &changelogs, &cdrs)
         })
         .await??;
         tracing::info!(topics, "the Kafka cluster answers and has every topic");
@@ -134,8 +148,9 @@ impl Application {
             kafka.state_requests_topic.clone(),
             kafka.group_id.clone(),
         );
+        let changelog_topics = (kafka.sent_topic.clone(), kafka.retry_topic.clone());
         let (errors, failed) = (metrics.clone(), shutdown.clone());
-        let (store, resolver, state) = tokio::task::spawn_blocking(move || {
+        let (store, resolver, state, changelog) = tokio::task::spawn_blocking(move || {
             let store = Store::open_with_cache(&path, cache).with_context(|| {
                 format!(
                     "opening the store at {} (one process at a time: is another `callnotify serve`, or a \
@@ -147,8 +162,14 @@ impl Application {
             store.report_errors_to(errors.clone());
             let (brokers, properties, topic, requests, group_id) = &state_options;
             let options = StateOptions { brokers, properties, topic, requests, group_id };
-            let state =
-                StateLog::start(&store, &options, errors, failed).context("joining the shared subscriber state")?;
+            let state = StateLog::start(&store, &options, errors.clone(), failed)
+                .context("joining the shared subscriber state")?;
+            let (sent_topic, retry_topic) = &changelog_topics;
+            let changelog = Arc::new(PartitionLog::start(
+                &PartitionLogOptions { brokers, properties, sent_topic, retry_topic, group_id },
+                errors,
+            )?);
+            store.attach_partition_sink(changelog.clone());
             let started = std::time::Instant::now();
             let resolver = Resolver::new(store.clone(), capacity)?;
             tracing::info!(
@@ -158,7 +179,7 @@ impl Application {
                 took = ?started.elapsed(),
                 "subscriptions indexed"
             );
-            Ok::<_, anyhow::Error>((store, resolver, state))
+            Ok::<_, anyhow::Error>((store, resolver, state, changelog))
         })
         .await??;
         let disk = DiskWatch::new(&settings.store.path, settings.store.min_free_mb, metrics.clone());
@@ -227,6 +248,7 @@ impl Application {
             runtime: tokio::runtime::Handle::current(),
             tasks: tasks.clone(),
             disk,
+            changelog: changelog.clone(),
         };
         let options = SourceOptions {
             brokers: &bootstrap,
@@ -252,6 +274,7 @@ impl Application {
             tasks,
             source,
             state,
+            changelog,
             _embedded: embedded,
             grace,
         })
@@ -309,9 +332,12 @@ impl Application {
         self.shutdown.cancel();
         self.tasks.close();
         ended_by(deadline, "the engine's tasks (retry queue, delivery, metrics endpoint)", self.tasks.wait()).await?;
-        let state = self.state.clone();
-        ended_by(deadline, "the subscriber state's threads", tokio::task::spawn_blocking(move || state.stop()))
-            .await??;
+        let (state, changelog) = (self.state.clone(), self.changelog.clone());
+        let stop = move || {
+            changelog.stop();
+            state.stop();
+        };
+        ended_by(deadline, "the subscriber state's threads", tokio::task::spawn_blocking(stop)).await??;
         if let Some(cluster) = self._embedded {
             // Its drop joins the mock cluster's thread: off the runtime.
             let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();

@@ -120,12 +120,12 @@ fn store_writer_child() {
         let ack = Ack { round, i };
         if ack.queued() {
             let mail = renderer.render_test(CALLED, &to, &ack.call_id()).unwrap();
-            let origin = Origin { call_id: ack.call_id(), called, ended_at: DateTime::UNIX_EPOCH };
+            let origin = Origin { call_id: ack.call_id(), called, ended_at: DateTime::UNIX_EPOCH, source: None };
             let entry = Queued::new(&mail, &origin, "451 try later", DateTime::UNIX_EPOCH);
             queue.push(&entry, 1_000 + i as i64, 1).unwrap();
             runtime.block_on(store.flush()).unwrap();
         } else {
-            runtime.block_on(store.record_sent(&key(&ack.call_id()), 1)).unwrap();
+            runtime.block_on(store.record_sent(&key(&ack.call_id()), 1, None)).unwrap();
         }
         println!("ack {i}");
     }

@@ -88,7 +88,7 @@ impl EngineConfig {
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.workdir.join("engine.log"))?;
         let topics = format!(r#"[{{name="{}",format="{}"}}]"#, self.topic, self.format);
-        let [state, requests] = state_topics(&self.topic);
+        let [state, requests, sent, retry] = shared_topics(&self.topic);
         let child = self
             .command()
             .env("CALLNOTIFY__KAFKA__BROKERS", &self.brokers)
@@ -97,6 +97,8 @@ impl EngineConfig {
             .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", format!("{}-dead-letter", self.topic))
             .env("CALLNOTIFY__KAFKA__STATE_TOPIC", &state)
             .env("CALLNOTIFY__KAFKA__STATE_REQUESTS_TOPIC", &requests)
+            .env("CALLNOTIFY__KAFKA__SENT_TOPIC", &sent)
+            .env("CALLNOTIFY__KAFKA__RETRY_TOPIC", &retry)
             .arg("serve")
             .stdout(Stdio::null())
             .stderr(log)
@@ -106,10 +108,10 @@ impl EngineConfig {
     }
 }
 
-/// The state topics (`kafka.state_topic`, `kafka.state_requests_topic`) of the engine
-/// reading `topic`.
-pub fn state_topics(topic: &str) -> [String; 2] {
-    [format!("{topic}-state"), format!("{topic}-state-requests")]
+/// The shared topics (`kafka.state_topic`, `state_requests_topic`, `sent_topic`,
+/// `retry_topic`) of the engine reading `topic`.
+pub fn shared_topics(topic: &str) -> [String; 4] {
+    ["state", "state-requests", "sent", "retry"].map(|s| format!("{topic}-{s}"))
 }
 
 pub struct EngineProcess {

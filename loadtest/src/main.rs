@@ -163,19 +163,28 @@ impl Common {
                 .await
                 .with_context(|| format!("creating the topics on {}", self.brokers))?;
             for topic in &topics {
-                let [state, requests] = engine_proc::state_topics(topic);
-                engine::embedded::ensure_state_topics(&self.brokers, &state, &requests)
+                let [state, requests, sent, retry] = engine_proc::shared_topics(topic);
+                let shared =
+                    engine::embedded::SharedTopics { state: &state, requests: &requests, sent: &sent, retry: &retry };
+                engine::embedded::ensure_shared_topics(&self.brokers, &shared, self.partitions)
                     .await
-                    .with_context(|| format!("creating the state topics on {}", self.brokers))?;
+                    .with_context(|| format!("creating the shared topics on {}", self.brokers))?;
             }
             None
         } else {
-            let state: Vec<String> = topics.iter().flat_map(|t| engine_proc::state_topics(t)).collect();
+            let shared: Vec<[String; 4]> = topics.iter().map(|t| engine_proc::shared_topics(t)).collect();
             let all: Vec<(&str, i32)> = topics
                 .iter()
                 .chain(&dead)
                 .map(|t| (t.as_str(), self.partitions))
-                .chain(state.iter().map(|t| (t.as_str(), 1)))
+                .chain(shared.iter().flat_map(|[state, requests, sent, retry]| {
+                    [
+                        (state.as_str(), 1),
+                        (requests.as_str(), 1),
+                        (sent.as_str(), self.partitions),
+                        (retry.as_str(), self.partitions),
+                    ]
+                }))
                 .collect();
             Some(EmbeddedKafka::start_with(&all)?)
         };

@@ -33,11 +33,12 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     engine::embedded::ensure_topics(brokers, topics).await.expect("creating the topics");
 }
 
-/// Creates the state topics of the engines reading `topic`, the state topic compacted
-/// as docs/cluster.md tells an operator to.
-pub async fn create_state_topics(brokers: &str, topic: &str) {
-    let [(state, _), (requests, _)] = state_topics(topic);
-    engine::embedded::ensure_state_topics(brokers, &state, &requests).await.expect("creating the state topics");
+/// Creates the shared topics of the engines reading `topic` (of `partitions`), as
+/// docs/cluster.md tells an operator to.
+pub async fn create_shared_topics(brokers: &str, topic: &str, partitions: i32) {
+    let [state, requests, sent, retry] = shared_topics(topic);
+    let shared = engine::embedded::SharedTopics { state: &state, requests: &requests, sent: &sent, retry: &retry };
+    engine::embedded::ensure_shared_topics(brokers, &shared, partitions).await.expect("creating the shared topics");
 }
 
 /// Deletes `topic` from `brokers` and waits until the cluster no longer has it.
@@ -435,8 +436,10 @@ impl EngineSpec {
             .env("CALLNOTIFY__KAFKA__GROUP_ID", &self.group)
             .env("CALLNOTIFY__KAFKA__TOPICS", format!(r#"[{{name="{}",format="canonical"}}]"#, self.topic))
             .env("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", dead_letter_topic(&self.topic))
-            .env("CALLNOTIFY__KAFKA__STATE_TOPIC", state_topics(&self.topic)[0].0.clone())
-            .env("CALLNOTIFY__KAFKA__STATE_REQUESTS_TOPIC", state_topics(&self.topic)[1].0.clone())
+            .env("CALLNOTIFY__KAFKA__STATE_TOPIC", shared_topics(&self.topic)[0].clone())
+            .env("CALLNOTIFY__KAFKA__STATE_REQUESTS_TOPIC", shared_topics(&self.topic)[1].clone())
+            .env("CALLNOTIFY__KAFKA__SENT_TOPIC", shared_topics(&self.topic)[2].clone())
+            .env("CALLNOTIFY__KAFKA__RETRY_TOPIC", shared_topics(&self.topic)[3].clone())
             // The rebalance timeout (classic): how long the coordinator waits for every
             // member to rejoin. The engine polls every 100 ms, so 10 s is ample.
             .env("CALLNOTIFY__KAFKA__PROPERTIES__MAX_POLL_INTERVAL_MS", "10000");
@@ -532,9 +535,10 @@ pub fn dead_letter_topic(topic: &str) -> String {
     format!("{topic}-dead-letter")
 }
 
-/// The state topics of the engines reading `topic`: each test's subscribers its own.
-pub fn state_topics(topic: &str) -> [(String, i32); 2] {
-    [(format!("{topic}-state"), 1), (format!("{topic}-state-requests"), 1)]
+/// The shared topics (state, state requests, sent, retry) of the engines reading
+/// `topic`: each test's subscribers and changelogs its own.
+pub fn shared_topics(topic: &str) -> [String; 4] {
+    ["state", "state-requests", "sent", "retry"].map(|s| format!("{topic}-{s}"))
 }
 
 /// A running `callnotify serve`; SIGKILLed when dropped.

@@ -184,12 +184,12 @@ impl Deliverer {
         match answer {
             Some(Ok(())) => {
                 inner.metrics.sent(latency(origin));
-                self.record(key).await;
+                self.record(key, origin).await;
                 Fate::Sent
             }
             Some(Err(Attempt::Permanent(reply))) => {
                 self.give_up(mail, origin, &reply, 1, Failure::Permanent).await;
-                self.record(key).await;
+                self.record(key, origin).await;
                 Fate::Failed
             }
             Some(Err(Attempt::Temporary(reply) | Attempt::Unanswered(reply))) => {
@@ -220,9 +220,9 @@ impl Deliverer {
 
     /// Writes `key`'s sent record and flushes it: the sooner it is on disk after the
     /// server's answer, the smaller the window in which a crash makes a duplicate.
-    async fn record(&self, key: &SentKey) {
-        let store = &self.inner.store;
-        self.until_stored("sent record", || store.record_sent(key, Utc::now().timestamp().max(0) as u64)).await;
+    async fn record(&self, key: &SentKey, origin: &Origin) {
+        let (store, source) = (&self.inner.store, origin.source.as_ref());
+        self.until_stored("sent record", || store.record_sent(key, Utc::now().timestamp().max(0) as u64, source)).await;
     }
 
     /// Puts `entry` in the retry queue, due in `after`, with its sent record, durably.

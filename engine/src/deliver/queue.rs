@@ -17,7 +17,7 @@ use sled::Transactional;
 use crate::address::DestinationAddress;
 use crate::phone::{PhoneNumber, PhoneNumberError};
 use crate::render::{Mail, Origin};
-use crate::store::{SentKey, Store, StoreError};
+use crate::store::{PartitionId, PartitionSink, SentKey, Store, StoreError};
 
 /// One queued mail: everything needed to send it again and to write its dead-letter
 /// record, without the CDR.
@@ -39,6 +39,11 @@ pub struct Queued {
     pub first_failed_ms: i64,
     /// The mail server's last answer, for the dead-letter record.
     pub last_reply: String,
+    /// The CDR partition of its call: the entry is in that partition's changelog, and
+    /// only the node reading the partition sends it (`None`: any node holding it, as
+    /// entries queued before partitions were recorded, and replayed mails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<PartitionId>,
 }
 
 impl Queued {
@@ -54,6 +59,7 @@ impl Queued {
             attempts: 1,
             first_failed_ms: failed_at.timestamp_millis(),
             last_reply: reply.to_owned(),
+            source: origin.source.clone(),
         }
     }
 
@@ -67,7 +73,7 @@ impl Queued {
         let called = PhoneNumber::parse(&self.called)?;
         let ended_at = DateTime::from_timestamp_millis(self.ended_at_ms).unwrap_or_default();
         let mail = Mail { message_id: self.message_id.clone(), recipient, envelope, bytes };
-        Ok((mail, Origin { call_id: self.call_id.clone(), called, ended_at }))
+        Ok((mail, Origin { call_id: self.call_id.clone(), called, ended_at, source: self.source.clone() }))
     }
 
     /// The mail's sent-mail key.
@@ -116,16 +122,48 @@ impl Slot {
     }
 }
 
+/// The retry entries of one partition's changelog, by sent key: due time and JSON, or
+/// `None` for an entry taken out.
+pub type LoggedEntries = std::collections::HashMap<Vec<u8>, Option<(i64, Vec<u8>)>>;
+
+/// An entry of this store that its partition's changelog never confirmed.
+pub struct Unconfirmed {
+    pub key: Vec<u8>,
+    pub due_ms: i64,
+    pub entry: Vec<u8>,
+}
+
 /// The retry queue of one store; cheap to clone.
 #[derive(Clone)]
 pub struct RetryQueue {
     retry: sled::Tree,
     sent: crate::store::SentTrees,
+    /// Where changes go to their partition's changelog, once attached.
+    sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn PartitionSink>>>,
 }
+
+/// The name of the store's tree the queue lives in.
+pub const TREE: &str = "retry";
 
 impl RetryQueue {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
-        Ok(Self { retry: store.open_tree("retry")?, sent: store.sent_trees().clone() })
+        Ok(Self { retry: store.open_tree(TREE)?, sent: store.sent_trees().clone(), sink: store.partition_sink() })
+    }
+
+    /// Publishes `entry` (due at `due_ms`) to its partition's changelog.
+    fn publish(&self, entry: &Queued, key: &SentKey, due_ms: i64, value: &[u8]) {
+        if let (Some(sink), Some(source)) = (self.sink.get(), &entry.source) {
+            sink.retry_put(source, key.as_bytes(), due_ms, value);
+        }
+    }
+
+    /// Whether this node sends `entry` now: it reads the entry's partition, or the
+    /// entry has none.
+    fn eligible(&self, entry: &Entry) -> bool {
+        match (self.sink.get(), entry) {
+            (Some(sink), Ok(Queued { source: Some(source), .. })) => sink.owns(source),
+            _ => true,
+        }
     }
 
     /// Queues `entry`, due at `due_ms`, and records its mail as handled (`now_secs`)
@@ -148,6 +186,10 @@ impl RetryQueue {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => StoreError::from(e),
             })?;
+        if let (Some(sink), Some(source)) = (self.sink.get(), &entry.source) {
+            sink.sent(source, key.as_bytes(), now_secs);
+        }
+        self.publish(entry, &key, due_ms, &value);
         Ok((slot, new))
     }
 
@@ -171,14 +213,23 @@ impl RetryQueue {
             if skip.contains(&slot) {
                 continue;
             }
-            due.push((slot, serde_json::from_slice(&value).map_err(EntryError::from)));
+            let entry = serde_json::from_slice(&value).map_err(EntryError::from);
+            if self.eligible(&entry) {
+                due.push((slot, entry));
+            }
         }
         Ok(due)
     }
 
-    /// When the earliest entry is due, if there is one.
+    /// When the earliest entry this node sends is due, if there is one.
     pub fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
-        Ok(self.retry.first()?.map(|(key, _)| Slot(key.to_vec()).due_ms()))
+        for item in self.retry.iter() {
+            let (key, value) = item?;
+            if self.sink.get().is_none() || self.eligible(&serde_json::from_slice(&value).map_err(EntryError::from)) {
+                return Ok(Some(Slot(key.to_vec()).due_ms()));
+            }
+        }
+        Ok(None)
     }
 
     /// Moves `slot`'s entry to `due_ms` with its new state; atomic, so after a crash the
@@ -189,15 +240,53 @@ impl RetryQueue {
         let value = serde_json::to_vec(entry)?;
         let mut batch = sled::Batch::default();
         batch.remove(slot.0.as_slice());
-        batch.insert(next.0.as_slice(), value);
+        batch.insert(next.0.as_slice(), value.as_slice());
         self.retry.apply_batch(batch)?;
+        self.publish(entry, &key, due_ms, &value);
         Ok(next)
     }
 
     /// Takes `slot`'s entry out: sent, or given up and dead-lettered. Says whether
     /// it was there.
     pub fn remove(&self, slot: &Slot) -> Result<bool, StoreError> {
-        Ok(self.retry.remove(slot.0.as_slice())?.is_some())
+        let Some(old) = self.retry.remove(slot.0.as_slice())? else { return Ok(false) };
+        if let (Some(sink), Ok(Queued { source: Some(source), .. })) = (self.sink.get(), serde_json::from_slice(&old)) {
+            sink.retry_removed(&source, &slot.0[8..]);
+        }
+        Ok(true)
+    }
+
+    /// Makes this store's entries of `partition` the changelog's: `log` holds the live
+    /// entries there (key → due and JSON; `None`: removed). Entries of the partition
+    /// the changelog never had (written just before a crash, unconfirmed) are returned,
+    /// to be published again. Blocking; call it before the partition is read.
+    pub fn reconcile(&self, partition: &PartitionId, log: &LoggedEntries) -> Result<Vec<Unconfirmed>, StoreError> {
+        let mut unconfirmed = Vec::new();
+        let mut batch = sled::Batch::default();
+        for item in self.retry.iter() {
+            let (slot, value) = item?;
+            let key = &slot[8..];
+            match log.get(key) {
+                Some(_) => batch.remove(slot.as_ref()),
+                None => {
+                    if let Ok(Queued { source: Some(source), .. }) = serde_json::from_slice(&value) {
+                        if source == *partition {
+                            let due_ms = Slot(slot.to_vec()).due_ms();
+                            unconfirmed.push(Unconfirmed { key: key.to_vec(), due_ms, entry: value.to_vec() });
+                        }
+                    }
+                }
+            }
+        }
+        for (key, live) in log {
+            if let Some((due_ms, value)) = live {
+                let mut slot = (due_ms.max(&0).to_owned() as u64).to_be_bytes().to_vec();
+                slot.extend_from_slice(key);
+                batch.insert(slot, value.as_slice());
+            }
+        }
+        self.retry.apply_batch(batch)?;
+        Ok(unconfirmed)
     }
 
     pub fn len(&self) -> usize {
@@ -218,8 +307,12 @@ mod tests {
         let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
         let called = PhoneNumber::parse("0312345678").unwrap();
         let mail = renderer.render_test(called.as_str(), &DestinationAddress::parse(recipient).unwrap(), "n").unwrap();
-        let origin =
-            Origin { call_id: call_id.into(), called, ended_at: DateTime::from_timestamp(1_764_000_000, 0).unwrap() };
+        let origin = Origin {
+            call_id: call_id.into(),
+            called,
+            ended_at: DateTime::from_timestamp(1_764_000_000, 0).unwrap(),
+            source: None,
+        };
         (Queued::new(&mail, &origin, "451 4.3.0 try later", DateTime::from_timestamp(1_764_000_001, 0).unwrap()), mail)
     }
 

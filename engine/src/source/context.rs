@@ -37,6 +37,8 @@ pub struct SourceContext {
     /// The delivery tasks' time for sending: cancelled, they queue what they have not
     /// sent yet.
     pub(super) sending: Mutex<Sending>,
+    /// Sent records and retry entries of each partition, in Kafka.
+    pub(super) changelog: Arc<crate::partition_log::PartitionLog>,
 }
 
 /// The token tree of the delivery tasks' time for sending: the thread's, ended when the
@@ -83,6 +85,7 @@ impl ConsumerContext for SourceContext {
                     "store flush failed; offsets of revoked partitions not committed"
                 );
             }
+            self.changelog.disown(&partitions(tpl));
         }
     }
 
@@ -91,9 +94,22 @@ impl ConsumerContext for SourceContext {
             self.metrics.consumer_partitions(self.thread, assignment.count());
         }
         if let Rebalance::Assign(tpl) = rebalance {
+            // What the partitions' previous readers sent and queued, before any CDR.
+            if let Err(e) = self.changelog.restore(&self.store, &partitions(tpl)) {
+                crate::error_event!(self.metrics, ErrorEvent::ChangelogRestore, error = %e,
+                    "partition changelogs not restored: mails their previous reader sent may be sent again");
+            }
             self.note_starts(consumer, tpl);
         }
     }
+}
+
+/// The partitions of `tpl` as the changelogs name them.
+fn partitions(tpl: &TopicPartitionList) -> Vec<crate::store::PartitionId> {
+    tpl.elements()
+        .iter()
+        .map(|e| crate::store::PartitionId { topic: e.topic().to_owned(), partition: e.partition() })
+        .collect()
 }
 
 impl SourceContext {
@@ -161,6 +177,8 @@ impl SourceContext {
     pub(super) fn commit(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) -> Result<(), StoreError> {
         self.store_offsets(consumer);
         self.store.flush_blocking()?;
+        // And in the partitions' changelogs: their next reader relies on them.
+        self.changelog.confirm(Duration::from_secs(10)).map_err(StoreError::State)?;
         if let Err(e) = consumer.commit_consumer_state(mode) {
             tracing::debug!(error = %e, "commit: nothing to commit, or failed (retried at the next one)");
         }

@@ -58,6 +58,9 @@ pub struct Stages {
     pub tasks: TaskTracker,
     /// While the store's disk is low, the consumers stay paused.
     pub disk: crate::disk::DiskWatch,
+    /// Each partition's sent records and retry entries in Kafka: restored at
+    /// assignment, confirmed before each commit.
+    pub changelog: std::sync::Arc<crate::partition_log::PartitionLog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +165,7 @@ pub fn spawn(
             claims: stages.pipeline.claims.clone(),
             completions: Mutex::new(rx),
             sending: Mutex::new(Sending::new(shutdown.child_token())),
+            changelog: stages.changelog.clone(),
         };
         consumers.push((consumer(&options, context)?, tx));
     }
@@ -303,7 +307,7 @@ fn handle(
     let tp = (topic, partition);
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
-    let Mails { origin, mails } = match stages.pipeline.run(format, payload, chrono::Utc::now())? {
+    let Mails { mut origin, mails } = match stages.pipeline.run(format, payload, chrono::Utc::now())? {
         Outcome::Send(mails) => mails,
         Outcome::Nothing => {
             let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
@@ -333,6 +337,7 @@ fn handle(
     };
     let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
     ctx.note_skipped(tp, skipped);
+    origin.source = Some(crate::store::PartitionId { topic: message.topic().to_owned(), partition });
     let (deliverer, tx, sending) = (stages.deliverer.clone(), tx.clone(), ctx.sending(tp));
     stages.tasks.spawn_on(
         async move {

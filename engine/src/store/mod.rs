@@ -42,7 +42,7 @@ pub mod subscribers;
 
 pub use records::*;
 pub(crate) use sent::SentTrees;
-pub use sent::{Claims, SentKey};
+pub use sent::{Claims, PartitionId, PartitionSink, SentKey};
 pub use subscribers::{Upserted, CREDENTIALS_TREE};
 
 use sent::journal::{self, Commit, Journal};
@@ -99,6 +99,8 @@ pub struct Store {
     /// Where writes of subscriber state go when it is shared between nodes (`serve`);
     /// unset, they are carried out here ([`state`]).
     writer: Arc<std::sync::OnceLock<Arc<dyn state::StateWriter>>>,
+    /// Where sent records and retry-queue changes follow their CDR partition (`serve`).
+    partition_sink: Arc<std::sync::OnceLock<Arc<dyn sent::PartitionSink>>>,
 }
 
 /// One thread that writes sent records and makes them durable for every async caller,
@@ -230,6 +232,7 @@ impl Store {
             journal,
             errors,
             writer: Arc::default(),
+            partition_sink: Arc::default(),
         })
     }
 
@@ -303,7 +306,7 @@ pub(crate) mod tests {
                 let store = store.clone();
                 tokio::spawn(async move {
                     let key = SentKey::new(1_764_000_000, &called, &format!("c-{i}"), "a@example.jp");
-                    store.record_sent(&key, 1).await.unwrap();
+                    store.record_sent(&key, 1, None).await.unwrap();
                     if i % 3 == 0 {
                         store.flush().await.unwrap();
                     }

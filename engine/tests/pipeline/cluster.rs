@@ -179,3 +179,60 @@ async fn r_l3_a_single_node_store_is_carried_into_the_cluster_once() {
     old.stop().await;
     fresh.stop().await;
 }
+
+/// Sent records follow their partition: node A notifies 20 calls and leaves; node B,
+/// on an empty store and in a group of its own (as if an operator had rewound the
+/// group), reads every CDR again. It restored A's sent
+/// records from the partitions' changelog before reading, and sends nothing twice; a
+/// new call still goes out (R-M4: each mail once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_partition_s_next_reader_knows_the_mails_its_last_reader_sent() {
+    let h = Harness::new(2).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let cdrs: Vec<String> = (0..20)
+        .map(|i| cdr(&format!("moved-{i}"), "0312345678", Some("09011112222"), "allowed", "no_answer"))
+        .collect();
+    h.produce(TOPIC, &cdrs).await;
+    h.mails(20).await;
+    a.stop().await;
+
+    let path = h.dir.path().join("b").display().to_string();
+    let b = h.engine_with(&[("CALLNOTIFY__STORE__PATH", &path), ("CALLNOTIFY__KAFKA__GROUP_ID", "rewound")]).await;
+    let mails = h.mails_after_control_call(&b, 21).await;
+    let stopped = b.stop().await;
+    assert_eq!(mails.len(), 21, "the control call only: {}", mails.len());
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0, "node B sent the control mail and nothing again");
+}
+
+/// Retries survive the loss of a node: node A's mail server answers 451, so its ten
+/// mails wait in A's retry queue; A stops and never comes back. Node B, started on an
+/// empty store, restores the partitions' retry entries and sends every mail, once
+/// (R-M4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_mails_a_lost_node_had_queued_are_sent_by_the_next_reader_of_their_partitions() {
+    let h = Harness::new(2).await;
+    let slow = [
+        ("CALLNOTIFY__STORE__PATH", h.dir.path().join("a").display().to_string()),
+        ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "3000".to_owned()),
+        ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "3000".to_owned()),
+    ];
+    let a = h.engine_with(&slow.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
+    let numbers: Vec<String> = (0..10).map(|i| format!("03100000{i:02}")).collect();
+    a.provision(&numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect::<Vec<_>>());
+    h.sink.fail_next(testkit::smtp::SmtpStage::RcptTo, 451, 10);
+    let cdrs: Vec<String> =
+        numbers.iter().map(|n| cdr(&format!("queued-{n}"), n, Some("09011112222"), "allowed", "no_answer")).collect();
+    h.produce(TOPIC, &cdrs).await;
+    a.wait_metric("callnotify_retry_queue_mails", 10.0).await;
+    let stopped = a.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 0.0, "node A sent none of them");
+
+    let b = h.node("b").await;
+    let mails = h.mails(10).await;
+    let stopped = b.stop().await;
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    to.sort();
+    assert_eq!(to, numbers.iter().map(|n| format!("{n}@example.jp")).collect::<Vec<_>>(), "each once");
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 10.0);
+}

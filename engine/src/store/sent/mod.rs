@@ -19,6 +19,29 @@ use crate::phone::PhoneNumber;
 
 pub(super) mod journal;
 
+/// The CDR partition a mail's call was read from: its sent record and retry-queue entry
+/// belong to that partition's changelog (`crate::partition_log`), which the
+/// partition's next reader restores.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct PartitionId {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// Where sent records and retry-queue changes are published, per CDR partition, so
+/// they follow the partition to its next reader. Unset (tools, unit tests): they stay
+/// in this store only.
+pub trait PartitionSink: Send + Sync {
+    /// `key`'s mail was handled (sent, queued or refused) at `at` (unix seconds).
+    fn sent(&self, partition: &PartitionId, key: &[u8], at: u64);
+    /// A retry-queue entry (due at `due_ms`, as JSON) was put, or moved.
+    fn retry_put(&self, partition: &PartitionId, key: &[u8], due_ms: i64, entry: &[u8]);
+    /// A retry-queue entry was taken out (sent, or given up).
+    fn retry_removed(&self, partition: &PartitionId, key: &[u8]);
+    /// Whether this node reads `partition` now: only then does it send its retries.
+    fn owns(&self, partition: &PartitionId) -> bool;
+}
+
 /// Key of one sent mail: when the call ended, called number, call id and recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SentKey(Vec<u8>);
@@ -251,9 +274,35 @@ impl Store {
     }
 
     /// Writes `key`'s sent record and makes it durable, on the store's flusher thread:
-    /// the records of mails finishing together share one flush.
-    pub async fn record_sent(&self, key: &SentKey, unix_secs: u64) -> Result<(), StoreError> {
-        self.group_commit(Some((self.sent.clone(), key.clone(), unix_secs))).await
+    /// the records of mails finishing together share one flush. Then publishes it to
+    /// `partition`'s changelog, if there is one.
+    pub async fn record_sent(
+        &self,
+        key: &SentKey,
+        unix_secs: u64,
+        partition: Option<&PartitionId>,
+    ) -> Result<(), StoreError> {
+        self.group_commit(Some((self.sent.clone(), key.clone(), unix_secs))).await?;
+        if let (Some(sink), Some(partition)) = (self.partition_sink.get(), partition) {
+            sink.sent(partition, key.as_bytes(), unix_secs);
+        }
+        Ok(())
+    }
+
+    /// Publishes sent records and retry-queue changes to `sink` from now on.
+    pub fn attach_partition_sink(&self, sink: Arc<dyn PartitionSink>) {
+        let _ = self.partition_sink.set(sink);
+    }
+
+    /// Where sent records and retry-queue changes are published, once attached.
+    pub fn partition_sink(&self) -> Arc<std::sync::OnceLock<Arc<dyn PartitionSink>>> {
+        self.partition_sink.clone()
+    }
+
+    /// Records `key` as handled at `at` without publishing it: a record read from its
+    /// partition's changelog.
+    pub fn restore_sent(&self, key: &[u8], at: u64) -> Result<(), StoreError> {
+        Ok(self.sent.insert(key, at)?)
     }
 }
 
@@ -328,7 +377,7 @@ mod tests {
         assert!(!claims.claim(&key).unwrap(), "a second reader while it is being sent");
         claims.release(&key);
         assert!(claims.claim(&key).unwrap(), "let go without a record: it may still be sent");
-        store.record_sent(&key, 1_764_000_100).await.unwrap();
+        store.record_sent(&key, 1_764_000_100, None).await.unwrap();
         claims.release(&key);
         assert!(!claims.claim(&key).unwrap(), "its record is written: never again");
     }
@@ -348,7 +397,7 @@ mod tests {
             let batch: Vec<_> = (chunk * 1_000..(chunk + 1) * 1_000)
                 .map(|i| {
                     let (store, key) = (store.clone(), key(i));
-                    tokio::spawn(async move { store.record_sent(&key, 1).await.unwrap() })
+                    tokio::spawn(async move { store.record_sent(&key, 1, None).await.unwrap() })
                 })
                 .collect();
             for task in batch {

@@ -1,0 +1,314 @@
+//! What a CDR partition's reader knows of the mails it handled, kept with the
+//! partition in Kafka so that the partition's next reader knows it too (Kafka Streams'
+//! changelog of a partition's state store):
+//!
+//! - `kafka.sent_topic`: every sent record (a mail sent, queued or refused), in the
+//!   partition of the same number as its CDR's; kept as long as the records
+//!   (`store.sent_retention_days`);
+//! - `kafka.retry_topic` (compacted): the live retry-queue entries of each partition,
+//!   a tombstone once one is sent or given up.
+//!
+//! The node commits a CDR's offset only after the records published so far are
+//! confirmed by the cluster (`acks=all`), so a record a committed CDR relies on is in
+//! the changelog. When a partition is assigned, the node restores both changelogs'
+//! partition before it reads a CDR: the sent records from where its store stopped, the
+//! retry entries in full (the log's version wins; an entry the log never confirmed,
+//! from just before a crash, is published again). It sends the retries of the
+//! partitions it reads, and only those: a node that dies leaves its queued mails to
+//! whoever reads their partitions next.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::deliver::queue::{LoggedEntries, RetryQueue, Unconfirmed};
+use crate::error_event::ErrorEvent;
+use crate::store::{PartitionId, PartitionSink, Store};
+use crate::telemetry::Metrics;
+
+/// Where the changelogs are, from `kafka.*`.
+pub struct PartitionLogOptions<'a> {
+    pub brokers: &'a str,
+    pub properties: &'a std::collections::BTreeMap<String, String>,
+    /// `kafka.sent_topic`.
+    pub sent_topic: &'a str,
+    /// `kafka.retry_topic`.
+    pub retry_topic: &'a str,
+    /// `kafka.group_id`, for the restoring reader's (uncommitted) group.
+    pub group_id: &'a str,
+}
+
+/// Counts changelog writes the cluster refused (after librdkafka's own retries).
+struct Confirmations {
+    failed: std::sync::Arc<AtomicU64>,
+    metrics: Metrics,
+}
+
+impl ClientContext for Confirmations {}
+
+impl ProducerContext for Confirmations {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, message)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            crate::error_event!(self.metrics, ErrorEvent::ChangelogWrite, error = %e, topic = message.topic(),
+                partition = message.partition(), "a changelog record was not written: offsets are no longer committed");
+        }
+    }
+}
+
+/// One node's side of the partition changelogs.
+pub struct PartitionLog {
+    sent_topic: String,
+    retry_topic: String,
+    /// Taken at [`PartitionLog::stop`], with the reader: the store (which holds this)
+    /// outlives the engine, its Kafka clients must not outlive the cluster.
+    producer: RwLock<Option<ThreadedProducer<Confirmations>>>,
+    /// Restores run on the consumer threads' rebalance callbacks, one at a time.
+    reader: Mutex<Option<BaseConsumer>>,
+    failed: std::sync::Arc<AtomicU64>,
+    metrics: Metrics,
+    /// The CDR partitions this node reads: it sends their retries.
+    owned: RwLock<HashSet<PartitionId>>,
+}
+
+/// The store's tree of where each sent-topic partition was restored up to.
+const POSITIONS_TREE: &str = "sent_log_positions";
+
+impl PartitionLog {
+    /// Holds no handle on a store (a store holds it: [`Store::attach_partition_sink`]).
+    pub fn start(options: &PartitionLogOptions<'_>, metrics: Metrics) -> anyhow::Result<Self> {
+        let failed = std::sync::Arc::new(AtomicU64::new(0));
+        let producer = crate::cluster::client_config(
+            options.brokers,
+            &[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5")],
+            &crate::cluster::producer_properties(options.properties),
+        )
+        .create_with_context(Confirmations { failed: failed.clone(), metrics: metrics.clone() })
+        .context("creating the changelog producer")?;
+        let reader = crate::cluster::client_config(
+            options.brokers,
+            &[
+                ("group.id", &format!("{}-changelog-reader", options.group_id)),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "true"),
+                ("fetch.wait.max.ms", "10"),
+            ],
+            options.properties,
+        )
+        .create()
+        .context("creating the changelog reader")?;
+        Ok(Self {
+            sent_topic: options.sent_topic.to_owned(),
+            retry_topic: options.retry_topic.to_owned(),
+            producer: RwLock::new(Some(producer)),
+            reader: Mutex::new(Some(reader)),
+            failed,
+            metrics,
+            owned: RwLock::default(),
+        })
+    }
+
+    fn produce(&self, topic: &str, partition: i32, key: &[u8], value: Option<&[u8]>) {
+        let mut record = BaseRecord::<[u8], [u8]>::to(topic).partition(partition).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        let producer = self.producer.read().expect("producer lock");
+        let Some(producer) = producer.as_ref() else {
+            tracing::warn!(topic, partition, "a changelog record after the engine stopped: not written");
+            return;
+        };
+        loop {
+            match producer.send(record) {
+                Ok(()) => return,
+                // A full local queue empties within milliseconds (librdkafka's thread).
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    record = back;
+                }
+                Err((e, _)) => {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    crate::error_event!(self.metrics, ErrorEvent::ChangelogWrite, error = %e, topic,
+                        partition, "a changelog record was not written: offsets are no longer committed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until every record published so far is confirmed: before a commit, so a
+    /// committed CDR's records are in the changelog. Fails after `within`, and for good
+    /// once a record was refused (the CDRs after it are read again at the next start).
+    pub fn confirm(&self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        let in_flight = || self.producer.read().expect("producer lock").as_ref().map_or(0, |p| p.in_flight_count());
+        while in_flight() > 0 {
+            if Instant::now() > deadline {
+                return Err(format!("changelog records not confirmed within {within:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        match self.failed.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            n => Err(format!("{n} changelog records were refused by the cluster")),
+        }
+    }
+
+    /// Restores the changelogs of newly `assigned` partitions into `store`, then sends
+    /// their retries from here on. Blocking: the consumer thread's assignment.
+    pub fn restore(&self, store: &Store, assigned: &[PartitionId]) -> anyhow::Result<()> {
+        if assigned.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let guard = self.reader.lock().expect("changelog reader lock");
+        let Some(reader) = guard.as_ref() else { anyhow::bail!("the engine is stopping") };
+        let numbers: Vec<i32> = {
+            let mut n: Vec<i32> = assigned.iter().map(|p| p.partition).collect();
+            n.sort_unstable();
+            n.dedup();
+            n
+        };
+        let positions = store.open_tree(POSITIONS_TREE)?;
+        let queue = RetryQueue::open(store)?;
+        let position = |p: i32| -> anyhow::Result<i64> {
+            let raw = positions.get(p.to_be_bytes())?;
+            Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map_or(0, i64::from_be_bytes))
+        };
+        let mut retries: HashMap<i32, LoggedEntries> = HashMap::new();
+        let mut next_sent: HashMap<i32, i64> = HashMap::new();
+        let (mut sent, mut entries) = (0u64, 0u64);
+        let sent_from: Vec<(i32, Offset)> =
+            numbers.iter().map(|&p| Ok((p, Offset::Offset(position(p)?)))).collect::<anyhow::Result<_>>()?;
+        read_to_end(reader, &self.sent_topic, &sent_from, |message| {
+            let key = message.key().unwrap_or_default();
+            let at = message.payload().and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
+            store.restore_sent(key, at)?;
+            next_sent.insert(message.partition(), message.offset() + 1);
+            sent += 1;
+            Ok(())
+        })?;
+        let retry_from: Vec<(i32, Offset)> = numbers.iter().map(|&p| (p, Offset::Beginning)).collect();
+        read_to_end(reader, &self.retry_topic, &retry_from, |message| {
+            let live = message.payload().filter(|v| v.len() > 8).map(|v| {
+                let due = i64::from_be_bytes(v[..8].try_into().expect("eight bytes"));
+                (due, v[8..].to_vec())
+            });
+            retries.entry(message.partition()).or_default().insert(message.key().unwrap_or_default().to_vec(), live);
+            entries += 1;
+            Ok(())
+        })?;
+        drop(guard);
+        for (p, next) in next_sent {
+            positions.insert(p.to_be_bytes(), &next.to_be_bytes())?;
+        }
+        let empty = HashMap::new();
+        let mut republished = 0;
+        for partition in assigned {
+            let log = retries.get(&partition.partition).unwrap_or(&empty);
+            for Unconfirmed { key, due_ms, entry } in queue.reconcile(partition, log)? {
+                self.retry_put(partition, &key, due_ms, &entry);
+                republished += 1;
+            }
+        }
+        store.flush_blocking()?;
+        self.owned.write().expect("owned lock").extend(assigned.iter().cloned());
+        tracing::info!(partitions = assigned.len(), sent_records = sent, retry_records = entries, republished,
+            took = ?started.elapsed(), "partition changelogs restored");
+        Ok(())
+    }
+
+    /// Closes the Kafka clients (at the engine's stop, after its tasks): records after
+    /// it are not written, restores fail.
+    pub fn stop(&self) {
+        let producer = self.producer.write().expect("producer lock").take();
+        if let Some(producer) = &producer {
+            let _ = producer.flush(Duration::from_secs(5));
+        }
+        drop(producer);
+        drop(self.reader.lock().expect("changelog reader lock").take());
+    }
+
+    /// Stops sending the retries of `revoked` partitions (their next reader will).
+    pub fn disown(&self, revoked: &[PartitionId]) {
+        let mut owned = self.owned.write().expect("owned lock");
+        revoked.iter().for_each(|p| {
+            owned.remove(p);
+        });
+    }
+}
+
+impl PartitionSink for PartitionLog {
+    fn sent(&self, partition: &PartitionId, key: &[u8], at: u64) {
+        self.produce(&self.sent_topic, partition.partition, key, Some(&at.to_be_bytes()));
+    }
+
+    fn retry_put(&self, partition: &PartitionId, key: &[u8], due_ms: i64, entry: &[u8]) {
+        let mut value = Vec::with_capacity(8 + entry.len());
+        value.extend_from_slice(&due_ms.to_be_bytes());
+        value.extend_from_slice(entry);
+        self.produce(&self.retry_topic, partition.partition, key, Some(&value));
+    }
+
+    fn retry_removed(&self, partition: &PartitionId, key: &[u8]) {
+        self.produce(&self.retry_topic, partition.partition, key, None);
+    }
+
+    fn owns(&self, partition: &PartitionId) -> bool {
+        self.owned.read().expect("owned lock").contains(partition)
+    }
+}
+
+/// Reads `topic`'s partitions (number, where to start) to their ends, handing each
+/// record to `apply`.
+fn read_to_end(
+    reader: &BaseConsumer,
+    topic: &str,
+    from: &[(i32, Offset)],
+    mut apply: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut list = TopicPartitionList::new();
+    let mut open = HashSet::new();
+    for &(p, offset) in from {
+        let (low, high) = reader
+            .fetch_watermarks(topic, p, crate::cluster::ANSWER_WITHIN)
+            .with_context(|| format!("reading the end of changelog {topic:?} partition {p}"))?;
+        let start = match offset {
+            Offset::Offset(o) => o.max(low),
+            _ => low,
+        };
+        if start < high {
+            list.add_partition_offset(topic, p, Offset::Offset(start))?;
+            open.insert(p);
+        }
+    }
+    if open.is_empty() {
+        return Ok(());
+    }
+    reader.assign(&list).with_context(|| format!("reading changelog {topic:?}"))?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !open.is_empty() {
+        anyhow::ensure!(Instant::now() < deadline, "changelog {topic:?} was not read to its end within 5 minutes");
+        match reader.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, topic, "reading a changelog failed; trying again"),
+            Some(Ok(message)) => apply(&message)?,
+        }
+    }
+    reader.unassign()?;
+    Ok(())
+}
