@@ -67,6 +67,21 @@ impl ProducerContext for Confirmations {
     }
 }
 
+/// The restoring reader's context: it reads to each partition's end on purpose, so
+/// librdkafka's "reached end of partition" is no error to log.
+struct EndsExpected;
+
+impl ClientContext for EndsExpected {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_) => {}
+            other => tracing::warn!(error = %other, reason, "changelog reader"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for EndsExpected {}
+
 /// One node's side of the partition changelogs.
 pub struct PartitionLog {
     sent_topic: String,
@@ -75,7 +90,7 @@ pub struct PartitionLog {
     /// outlives the engine, its Kafka clients must not outlive the cluster.
     producer: RwLock<Option<ThreadedProducer<Confirmations>>>,
     /// Restores run on the consumer threads' rebalance callbacks, one at a time.
-    reader: Mutex<Option<BaseConsumer>>,
+    reader: Mutex<Option<BaseConsumer<EndsExpected>>>,
     failed: std::sync::Arc<AtomicU64>,
     metrics: Metrics,
     /// The CDR partitions this node reads: it sends their retries.
@@ -106,7 +121,7 @@ impl PartitionLog {
             ],
             options.properties,
         )
-        .create()
+        .create_with_context(EndsExpected)
         .context("creating the changelog reader")?;
         Ok(Self {
             sent_topic: options.sent_topic.to_owned(),
@@ -273,7 +288,7 @@ impl PartitionSink for PartitionLog {
 /// Reads `topic`'s partitions (number, where to start) to their ends, handing each
 /// record to `apply`.
 fn read_to_end(
-    reader: &BaseConsumer,
+    reader: &BaseConsumer<EndsExpected>,
     topic: &str,
     from: &[(i32, Offset)],
     mut apply: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,

@@ -12,7 +12,7 @@ use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
 use engine::telemetry::{Login, Metrics};
 
-use super::session::{idle_timeout_for, Session};
+use super::session::{idle_timeout_for, new_session};
 use super::{cookie, csrf, html, redirect, require_session, with_cookies, Gate, SiteError, SiteState};
 use crate::credentials::{LoginFailure, LoginOk};
 
@@ -130,9 +130,9 @@ pub async fn submit(
 
     // A browser logging in again leaves its old session behind, server-side too.
     if let Some(old) = cookie(&headers, &state.session_cookie()) {
-        state.sessions.remove(old);
+        state.sessions.remove(old).await?;
     }
-    state.sessions.sweep(now);
+    state.sessions.sweep(now).await?;
     let idle_timeout = state.read(move |store| idle_timeout_for(store, &number)).await?;
     let must_change = state.must_change(ok);
     let credentials = state.credentials.clone();
@@ -140,7 +140,7 @@ pub async fn submit(
         // Replaced or removed between the check and now: as if the login had failed.
         return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
     };
-    let id = state.sessions.create(Session::new(number, ok.kind, must_change, idle_timeout, now, stamp));
+    let id = state.sessions.create(new_session(number, ok.kind, must_change, idle_timeout, now, stamp)).await?;
     let next = if must_change { "/password" } else { "/" };
     let cookies = [state.set_cookie(&state.session_cookie(), Some(&id)), state.set_cookie(&csrf_cookie, None)];
     Ok(with_cookies(redirect(next), cookies))
@@ -160,14 +160,14 @@ pub async fn logout(
     form: Result<Form<LogoutForm>, FormRejection>,
 ) -> Result<Response, SiteError> {
     let Form(form) = form?;
-    let authed = match require_session(&state, &headers, Gate::Any) {
+    let authed = match require_session(&state, &headers, Gate::Any).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
     if !csrf::matches(Some(&authed.session.csrf), &form.csrf) {
         return Err(SiteError::Csrf);
     }
-    state.sessions.remove(&authed.id);
+    state.sessions.remove(&authed.id).await?;
     tracing::info!(number = %authed.session.number, "site logout");
     Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
 }

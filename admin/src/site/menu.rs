@@ -15,7 +15,7 @@ pub async fn show(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, SiteError> {
-    let authed = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };

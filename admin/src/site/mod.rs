@@ -101,10 +101,10 @@ impl SiteState {
 
     pub fn new(store: Store, credentials: Credentials, clock: SharedClock) -> Self {
         Self {
-            store,
+            store: store.clone(),
             credentials,
             clock,
-            sessions: Sessions::default(),
+            sessions: Sessions::new(store),
             secure: false,
             test_mailer: None,
             password_policy: PasswordPolicy::default(),
@@ -320,7 +320,7 @@ pub enum Gate {
 }
 
 /// Why a request has no usable session, and where the browser goes instead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Denied {
     /// No session: to the login page.
     Login,
@@ -329,6 +329,8 @@ pub enum Denied {
     Ended,
     /// The password must be changed first (R-S4).
     ChangePassword,
+    /// The sessions could not be read: the site's error page.
+    Failed(SiteError),
 }
 
 impl IntoResponse for Denied {
@@ -337,21 +339,23 @@ impl IntoResponse for Denied {
             Self::Login => redirect("/login"),
             Self::Ended => redirect("/login?notice=ended"),
             Self::ChangePassword => redirect("/password"),
+            Self::Failed(e) => e.into_response(),
         }
     }
 }
 
 /// The request's live session, its idle timeout restarted; or why there is none.
-pub fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate) -> Result<Authed, Denied> {
+pub async fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate) -> Result<Authed, Denied> {
     let id = cookie(headers, &state.session_cookie()).ok_or(Denied::Login)?;
-    let session = state.sessions.touch(id, state.clock.now()).ok_or(Denied::Ended)?;
+    let touched = state.sessions.touch(id, state.clock.now()).await;
+    let session = touched.map_err(|e| Denied::Failed(e.into()))?.ok_or(Denied::Ended)?;
     // The credential it logged in with must still be the number's: a new temporary
     // password by phone, a unit change or the number leaving its line ends the session.
     // (One sled read, from its cache.)
     let current = state.credentials.stamp(&session.number).unwrap_or(None);
     if current != Some(session.credential) {
         tracing::info!(number = %session.number, "site session ended: its credential was replaced or removed");
-        state.sessions.remove(id);
+        state.sessions.remove(id).await.map_err(|e| Denied::Failed(e.into()))?;
         return Err(Denied::Ended);
     }
     if session.must_change && gate == Gate::PasswordChanged {

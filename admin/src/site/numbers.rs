@@ -93,7 +93,7 @@ pub fn call_settings_path(number: &PhoneNumber) -> String {
 
 /// `GET /numbers`: 電話番号選択 for 着信お知らせメール.
 pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<Response, SiteError> {
-    let authed = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };

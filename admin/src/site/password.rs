@@ -99,7 +99,7 @@ pub struct PasswordForm {
 }
 
 pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Response {
-    match require_session(&state, &headers, Gate::Any) {
+    match require_session(&state, &headers, Gate::Any).await {
         Ok(authed) => Html(password_page(&authed.session, state.password_policy, &[])).into_response(),
         Err(denied) => denied.into_response(),
     }
@@ -111,7 +111,7 @@ pub async fn submit(
     form: Result<Form<PasswordForm>, FormRejection>,
 ) -> Result<Response, SiteError> {
     let Form(form) = form?;
-    let Authed { id, session } = match require_session(&state, &headers, Gate::Any) {
+    let Authed { id, session } = match require_session(&state, &headers, Gate::Any).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
@@ -143,7 +143,7 @@ pub async fn submit(
         // the temporary password's 24 hours ran out): a new one must be set by phone.
         Err(failure) => {
             tracing::info!(number = %session.number, outcome = ?failure, "site password change: credential unusable");
-            state.sessions.remove(&id);
+            state.sessions.remove(&id).await?;
             return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
         }
     }
@@ -152,18 +152,18 @@ pub async fn submit(
 
     // A new session id for the new credential, and no other browser stays logged in with
     // the old password.
-    state.sessions.remove(&id);
+    state.sessions.remove(&id).await?;
     let credentials = state.credentials.clone();
     let number = session.number;
     let Some(credential) = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await?? else {
-        state.sessions.remove(&id);
+        state.sessions.remove(&id).await?;
         return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
     };
     let renewed =
         Session { kind: CredentialKind::Password, must_change: false, csrf: csrf::new_token(), credential, ..session };
     let number = renewed.number;
-    let new_id = state.sessions.create(renewed);
-    state.sessions.remove_number(&number, &new_id);
+    let new_id = state.sessions.create(renewed).await?;
+    state.sessions.remove_number(&number, &new_id).await?;
     Ok(with_cookies(redirect("/?notice=password"), [state.set_cookie(&state.session_cookie(), Some(&new_id))]))
 }
 

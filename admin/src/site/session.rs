@@ -1,16 +1,19 @@
-//! Server-side sessions in memory. The browser holds only a random 128-bit id; what it
-//! stands for (who is logged in, whether they must change the password first) stays on
-//! the server, so logout and timeouts take effect at once (R-S7) and nothing in the
-//! cookie can be forged or replayed after the session ends.
+//! Server-side sessions. The browser holds only a random 128-bit id; what it stands for
+//! (who is logged in, whether they must change the password first) stays on the
+//! server, so logout and timeouts take effect at once (R-S7) and nothing in the cookie
+//! can be forged or replayed after the session ends.
 //!
-//! Memory only: a restart logs everyone out, which for a settings site is a fair price
-//! for not storing session secrets on disk.
+//! Shared by every engine node through the store's state (docs/cluster.md): a
+//! subscriber's requests may land on any node, and a logout or an idle timeout ends the
+//! session on all of them. What is shared is keyed by a hash of the id, so the id a
+//! browser presents is stored nowhere; every change of a session (a request's touch, a
+//! flash page, a logout) is carried out where the state is kept, one after another.
 
-use std::sync::Arc;
-
+use blake2::{Blake2s256, Digest};
 use chrono::{DateTime, Duration, Utc};
-use dashmap::DashMap;
 use engine::phone::PhoneNumber;
+use engine::store::state::{Op, Reply};
+pub use engine::store::SessionRecord as Session;
 use engine::store::{AuthUnit, Store, StoreError};
 
 use super::csrf;
@@ -24,50 +27,27 @@ pub const IDLE_TIMEOUT_LINE: Duration = Duration::minutes(10);
 pub const IDLE_TIMEOUT_NUMBER: Duration = Duration::minutes(30);
 /// However active, a session ends this long after login, so a stolen cookie that is
 /// kept busy does not live for ever.
-pub const ABSOLUTE_TIMEOUT: Duration = Duration::hours(12);
+pub const ABSOLUTE_TIMEOUT: Duration = engine::store::SESSION_ABSOLUTE_TIMEOUT;
 
-/// One logged-in browser.
-#[derive(Debug, Clone)]
-pub struct Session {
-    /// The login number: whose settings this session may read and change.
-    pub number: PhoneNumber,
-    /// What the subscriber logged in with (temporary password or password).
-    pub kind: CredentialKind,
-    /// Every page but the password change and logout redirects there until it is done
-    /// (R-S4).
-    pub must_change: bool,
-    /// Start of the [`ABSOLUTE_TIMEOUT`].
-    pub created_at: DateTime<Utc>,
-    /// Start of the idle timeout; moved by every request.
-    pub last_seen: DateTime<Utc>,
-    /// How long this session may be idle (R-S7), fixed at login from the line's unit.
-    pub idle_timeout: Duration,
-    /// The token every form of this session carries (CSRF).
-    pub csrf: String,
-    /// The login credential's [`crate::credentials::CredentialRecord::stamp`]: the
-    /// session lasts only as long as that credential does.
-    pub credential: u64,
-    /// A page rendered by a POST for the GET it redirects to (Post/Redirect/Get):
-    /// (path, HTML), shown once, so a reload repeats nothing.
-    pub flash: Option<(String, String)>,
-}
-
-impl Session {
-    /// A session for `number` logged in at `now`.
-    pub fn new(
-        number: PhoneNumber,
-        kind: CredentialKind,
-        must_change: bool,
-        idle_timeout: Duration,
-        now: DateTime<Utc>,
-        credential: u64,
-    ) -> Self {
-        let csrf = csrf::new_token();
-        Self { number, kind, must_change, created_at: now, last_seen: now, idle_timeout, csrf, credential, flash: None }
-    }
-
-    fn expired(&self, now: DateTime<Utc>) -> bool {
-        now - self.last_seen >= self.idle_timeout || now - self.created_at >= ABSOLUTE_TIMEOUT
+/// A session for `number` logged in at `now`, with a fresh CSRF token.
+pub fn new_session(
+    number: PhoneNumber,
+    kind: CredentialKind,
+    must_change: bool,
+    idle_timeout: Duration,
+    now: DateTime<Utc>,
+    credential: u64,
+) -> Session {
+    Session {
+        number,
+        kind,
+        must_change,
+        created_at: now,
+        last_seen: now,
+        idle_timeout_secs: idle_timeout.num_seconds(),
+        csrf: csrf::new_token(),
+        credential,
+        flash: None,
     }
 }
 
@@ -84,76 +64,84 @@ pub fn idle_timeout_for(store: &Store, number: &PhoneNumber) -> Result<Duration,
     })
 }
 
-/// The live sessions by id; cheap to clone. Every access is a short map operation, and
-/// no guard is ever held across an `.await`.
-#[derive(Clone, Default)]
+/// The live sessions by id; cheap to clone. Every call is one op of the store's state,
+/// run on tokio's blocking pool.
+#[derive(Clone)]
 pub struct Sessions {
-    map: Arc<DashMap<String, Session>>,
+    store: Store,
+}
+
+/// Where session `id` is kept: its hash, not the id itself.
+fn key(id: &str) -> String {
+    Blake2s256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Sessions {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    async fn submit(&self, op: Op) -> Result<Reply, StoreError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.submit(op)).await?
+    }
+
     /// Stores `session` under a new random id and returns the id. Ids are never reused,
     /// so a login always yields an id the browser has not seen before (session
     /// fixation).
-    pub fn create(&self, session: Session) -> String {
+    pub async fn create(&self, session: Session) -> Result<String, StoreError> {
         let id = format!("{:032x}", rand::random::<u128>());
-        self.map.insert(id.clone(), session);
-        id
+        self.submit(Op::PutSession { key: key(&id), session }).await?;
+        Ok(id)
     }
 
     /// The session `id` at `now`, its idle timeout restarted; `None` if there is none or
     /// it has expired (and then it is forgotten).
-    pub fn touch(&self, id: &str, now: DateTime<Utc>) -> Option<Session> {
-        let mut entry = self.map.get_mut(id)?;
-        if entry.expired(now) {
-            drop(entry);
-            self.map.remove(id);
-            return None;
+    pub async fn touch(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Session>, StoreError> {
+        match self.submit(Op::TouchSession { key: key(id), now }).await? {
+            Reply::Session(session) => Ok(session),
+            other => Err(StoreError::State(format!("a session touch was answered {other:?}"))),
         }
-        entry.last_seen = now;
-        Some(entry.clone())
     }
 
     /// Keeps `html` for session `id`'s next GET of `path` ([`Session::flash`]).
-    pub fn set_flash(&self, id: &str, path: String, html: String) {
-        if let Some(mut session) = self.map.get_mut(id) {
-            session.flash = Some((path, html));
-        }
+    pub async fn set_flash(&self, id: &str, path: String, html: String) -> Result<(), StoreError> {
+        self.submit(Op::SetFlash { key: key(id), path, html }).await.map(drop)
     }
 
     /// The page kept for session `id`'s GET of `path`, once.
-    pub fn take_flash(&self, id: &str, path: &str) -> Option<String> {
-        let mut session = self.map.get_mut(id)?;
-        match session.flash.take() {
-            Some((kept, html)) if kept == path => Some(html),
-            _ => None,
+    pub async fn take_flash(&self, id: &str, path: &str) -> Result<Option<String>, StoreError> {
+        match self.submit(Op::TakeFlash { key: key(id), path: path.to_owned() }).await? {
+            Reply::Flash(html) => Ok(html),
+            other => Err(StoreError::State(format!("a flash was answered {other:?}"))),
         }
     }
 
     /// Ends session `id` (logout, or a fresh login from the same browser).
-    pub fn remove(&self, id: &str) {
-        self.map.remove(id);
+    pub async fn remove(&self, id: &str) -> Result<(), StoreError> {
+        self.submit(Op::RemoveSession { key: key(id) }).await.map(drop)
     }
 
-    /// Ends every session of `number` except `keep`: after a password change, a browser
-    /// logged in with the old password must not stay in.
-    pub fn remove_number(&self, number: &PhoneNumber, keep: &str) {
-        self.map.retain(|id, session| session.number != *number || id == keep);
+    /// Ends every session of `number` except `keep` (empty: none kept): after a password
+    /// change, a browser logged in with the old password must not stay in.
+    pub async fn remove_number(&self, number: &PhoneNumber, keep: &str) -> Result<(), StoreError> {
+        let keep = (!keep.is_empty()).then(|| key(keep));
+        self.submit(Op::RemoveSessions { number: *number, keep }).await.map(drop)
     }
 
     /// Forgets expired sessions, so abandoned ones do not accumulate.
-    pub fn sweep(&self, now: DateTime<Utc>) {
-        self.map.retain(|_, session| !session.expired(now));
+    pub async fn sweep(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
+        self.submit(Op::SweepSessions { now }).await.map(drop)
     }
 
-    /// Live sessions (metrics, tests).
+    /// Live sessions as this node's store shows them (metrics, tests).
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.store.session_count()
     }
 
     /// Whether there are no live sessions.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 }
 
@@ -178,18 +166,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sessions_expire_when_idle_and_after_the_absolute_timeout() {
-        let sessions = Sessions::default();
-        let session = Session::new(n(CONTRACT), CredentialKind::Password, false, IDLE_TIMEOUT_NUMBER, t0(), 7);
-        let id = sessions.create(session);
+    #[tokio::test]
+    async fn sessions_expire_when_idle_and_after_the_absolute_timeout() {
+        let sessions = Sessions::new(Store::temporary().unwrap());
+        let session = new_session(n(CONTRACT), CredentialKind::Password, false, IDLE_TIMEOUT_NUMBER, t0(), 7);
+        let id = sessions.create(session).await.unwrap();
         let mut now = t0();
         // Active every 29 minutes: alive until the absolute timeout.
         while now + Duration::minutes(29) < t0() + ABSOLUTE_TIMEOUT {
             now += Duration::minutes(29);
-            assert!(sessions.touch(&id, now).is_some(), "{now}");
+            assert!(sessions.touch(&id, now).await.unwrap().is_some(), "{now}");
         }
-        assert!(sessions.touch(&id, t0() + ABSOLUTE_TIMEOUT).is_none());
+        assert!(sessions.touch(&id, t0() + ABSOLUTE_TIMEOUT).await.unwrap().is_none());
         assert!(sessions.is_empty(), "an expired session is forgotten");
+    }
+
+    /// What is kept is keyed by a hash: the id a browser holds is stored nowhere.
+    #[tokio::test]
+    async fn the_store_never_holds_a_session_id() {
+        let store = Store::temporary().unwrap();
+        let sessions = Sessions::new(store.clone());
+        let session = new_session(n(CONTRACT), CredentialKind::Password, false, IDLE_TIMEOUT_NUMBER, t0(), 7);
+        let id = sessions.create(session).await.unwrap();
+        let kept: Vec<String> = store.state_entries().map(|e| e.unwrap().0.id).collect();
+        assert!(kept.contains(&key(&id)) && !kept.contains(&id), "{kept:?}");
     }
 }

@@ -96,7 +96,7 @@ pub async fn show(
     Path(raw): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, SiteError> {
-    let authed = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
@@ -104,7 +104,7 @@ pub async fn show(
         return Ok(not_found());
     };
     if query.as_deref() == Some(TESTED) {
-        if let Some(page) = state.sessions.take_flash(&authed.id, &call_settings_path(&number)) {
+        if let Some(page) = state.sessions.take_flash(&authed.id, &call_settings_path(&number)).await? {
             return Ok(Html(page).into_response());
         }
     }
@@ -121,7 +121,7 @@ pub async fn submit(
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Result<Response, SiteError> {
     let Form(fields) = form?;
-    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
@@ -163,7 +163,7 @@ pub async fn submit(
             // must be set by phone, so the session ends as after a failed login.
             Err(failure) => {
                 tracing::info!(login = %session.number, outcome = ?failure, "call settings: credential unusable");
-                state.sessions.remove(&id);
+                state.sessions.remove(&id).await?;
                 return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
             }
         }
@@ -234,7 +234,7 @@ pub async fn test_mail(
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Result<Response, SiteError> {
     let Form(fields) = form?;
-    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
@@ -251,7 +251,7 @@ pub async fn test_mail(
     let view = View::new(&state, &number, &session);
     let page = settings_page_rows(&view, &notice, &entered, &errors, &rows);
     let path = call_settings_path(&number);
-    state.sessions.set_flash(&id, path.clone(), page);
+    state.sessions.set_flash(&id, path.clone(), page).await?;
     Ok(redirect_to(&format!("{path}?{TESTED}")))
 }
 

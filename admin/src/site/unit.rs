@@ -93,7 +93,7 @@ fn unit_name(unit: Option<AuthUnit>) -> &'static str {
 }
 
 pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<Response, SiteError> {
-    let authed = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
@@ -116,7 +116,7 @@ pub async fn submit(
 ) -> Result<Response, SiteError> {
     let Form(fields) = form?;
     let field = |name: &str| fields.iter().find(|(key, _)| key == name).map_or("", |(_, value)| value.as_str());
-    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged) {
+    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
@@ -143,10 +143,10 @@ pub async fn submit(
                     tracing::info!(number = %line.contract, "site unit change to number: wrong password");
                     return page(&state, &session, &line, &numbers, &[WRONG.to_owned()]);
                 }
-                Err(failure) => return Ok(credential_gone(&state, &id, &line.contract, failure)),
+                Err(failure) => return credential_gone(&state, &id, &line.contract, failure).await,
             }
             change(&state, &line, AuthUnit::Number).await?;
-            Ok(ended(&state, &line, DONE_NUMBER))
+            ended(&state, &line, DONE_NUMBER).await
         }
         Some(AuthUnit::Number) => {
             // R-O2: every number's password, all right, or nothing changes.
@@ -174,14 +174,14 @@ pub async fn submit(
                 }
             }
             if let Some(failure) = contract_gone {
-                return Ok(credential_gone(&state, &id, &line.contract, failure));
+                return credential_gone(&state, &id, &line.contract, failure).await;
             }
             if !errors.is_empty() {
                 tracing::info!(line = %line.contract, failed = errors.len(), "site unit change to line refused");
                 return page(&state, &session, &line, &numbers, &errors);
             }
             change(&state, &line, AuthUnit::Line).await?;
-            Ok(ended(&state, &line, DONE_LINE))
+            ended(&state, &line, DONE_LINE).await
         }
         Some(AuthUnit::AdminUser) | None => page(&state, &session, &line, &numbers, &[]),
     }
@@ -216,20 +216,25 @@ async fn load(state: &SiteState, login: PhoneNumber) -> Result<Option<(LineRecor
 }
 
 /// Ends every session of `line`'s numbers and sends the browser to `location`.
-fn ended(state: &SiteState, line: &LineRecord, location: &'static str) -> Response {
+async fn ended(state: &SiteState, line: &LineRecord, location: &'static str) -> Result<Response, SiteError> {
     for number in &line.numbers {
-        // Ids are 32 hex digits, so "" keeps none.
-        state.sessions.remove_number(number, "");
+        // "" keeps none.
+        state.sessions.remove_number(number, "").await?;
     }
-    with_cookies(redirect(location), [state.set_cookie(&state.session_cookie(), None)])
+    Ok(with_cookies(redirect(location), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
 /// The contract number's credential died under the session (locked by wrong entries,
 /// or removed): as on the password page, the session ends.
-fn credential_gone(state: &SiteState, id: &str, contract: &PhoneNumber, failure: LoginFailure) -> Response {
+async fn credential_gone(
+    state: &SiteState,
+    id: &str,
+    contract: &PhoneNumber,
+    failure: LoginFailure,
+) -> Result<Response, SiteError> {
     tracing::info!(number = %contract, outcome = ?failure, "site unit change: credential unusable");
-    state.sessions.remove(id);
-    with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)])
+    state.sessions.remove(id).await?;
+    Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
 /// The page for `line`'s current unit, with `errors` above the form.

@@ -354,6 +354,10 @@ impl Deliverer {
                 return;
             }
         };
+        // Its partition went to another reader since it was picked: that one sends it.
+        if !inner.queue.sends(&entry) {
+            return;
+        }
         // While the server is not answering, only the breaker's probe tries.
         if let Admit::Wait(until_ms) = inner.breaker.admit(Utc::now().timestamp_millis()) {
             let (queue, slot) = (inner.queue.clone(), slot.clone());

@@ -159,6 +159,14 @@ impl RetryQueue {
 
     /// Whether this node sends `entry` now: it reads the entry's partition, or the
     /// entry has none.
+    pub fn sends(&self, entry: &Queued) -> bool {
+        match (self.sink.get(), &entry.source) {
+            (Some(sink), Some(source)) => sink.owns(source),
+            _ => true,
+        }
+    }
+
+    /// [`RetryQueue::sends`] for an entry read back (an unreadable one is handled here).
     fn eligible(&self, entry: &Entry) -> bool {
         match (self.sink.get(), entry) {
             (Some(sink), Ok(Queued { source: Some(source), .. })) => sink.owns(source),

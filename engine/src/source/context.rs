@@ -73,6 +73,9 @@ impl ConsumerContext for SourceContext {
             let revoked: HashSet<(usize, i32)> =
                 tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
+            // Their retries are the next reader's from now on: mails queued below are
+            // not tried here again.
+            self.changelog.disown(&partitions(tpl));
             self.finish_or_queue(Some(&revoked), self.grace);
             let mut tracker = self.tracker.lock().expect("tracker lock");
             revoked.iter().for_each(|tp| tracker.forget(tp));
@@ -85,7 +88,6 @@ impl ConsumerContext for SourceContext {
                     "store flush failed; offsets of revoked partitions not committed"
                 );
             }
-            self.changelog.disown(&partitions(tpl));
         }
     }
 

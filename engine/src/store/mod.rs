@@ -84,6 +84,8 @@ pub struct Store {
     /// The settings site's credentials by login number (the admin crate reads and writes
     /// them): a number that leaves its line loses its credential in the same write.
     credentials: sled::Tree,
+    /// The settings site's sessions, by a hash of their id ([`state::SESSIONS_TREE`]).
+    sessions: sled::Tree,
     sent: SentTrees,
     /// Sent records of the earlier key layout, while any remain (see the module docs).
     legacy_sent: Option<(sled::Tree, Arc<std::sync::atomic::AtomicBool>)>,
@@ -224,6 +226,7 @@ impl Store {
             lines: db.open_tree("lines")?,
             numbers: db.open_tree("numbers")?,
             credentials: db.open_tree(CREDENTIALS_TREE)?,
+            sessions: db.open_tree(state::SESSIONS_TREE)?,
             sent,
             legacy_sent: sent::legacy_sent(&db)?,
             db,

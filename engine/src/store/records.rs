@@ -193,3 +193,47 @@ impl fmt::Debug for CredentialRecord {
             .finish()
     }
 }
+
+/// However active, a site session ends this long after login, so a stolen cookie that
+/// is kept busy does not live for ever.
+pub const SESSION_ABSOLUTE_TIMEOUT: chrono::Duration = chrono::Duration::hours(12);
+
+/// One logged-in browser of the settings site. Kept in the shared state (under a hash
+/// of its id, never the id the browser holds), so any node serves it and a logout or
+/// an idle timeout ends it on all of them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    /// The login number: whose settings this session may read and change.
+    pub number: PhoneNumber,
+    /// What the subscriber logged in with (temporary password or password).
+    pub kind: CredentialKind,
+    /// Every page but the password change and logout redirects there until it is done
+    /// (R-S4).
+    pub must_change: bool,
+    /// Start of the [`SESSION_ABSOLUTE_TIMEOUT`].
+    pub created_at: DateTime<Utc>,
+    /// Start of the idle timeout; moved by every request.
+    pub last_seen: DateTime<Utc>,
+    /// How long this session may be idle (R-S7), fixed at login from the line's unit.
+    pub idle_timeout_secs: i64,
+    /// The token every form of this session carries (CSRF).
+    pub csrf: String,
+    /// The login credential's [`CredentialRecord::stamp`]: the session lasts only as
+    /// long as that credential does.
+    pub credential: u64,
+    /// A page rendered by a POST for the GET it redirects to (Post/Redirect/Get):
+    /// (path, HTML), shown once, so a reload repeats nothing.
+    pub flash: Option<(String, String)>,
+}
+
+impl SessionRecord {
+    /// How long this session may be idle (R-S7).
+    pub fn idle_timeout(&self) -> chrono::Duration {
+        chrono::Duration::seconds(self.idle_timeout_secs)
+    }
+
+    /// Whether it has ended by `now`: idle too long, or past the absolute timeout.
+    pub fn expired(&self, now: DateTime<Utc>) -> bool {
+        now - self.last_seen >= self.idle_timeout() || now - self.created_at >= SESSION_ABSOLUTE_TIMEOUT
+    }
+}

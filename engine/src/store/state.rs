@@ -17,8 +17,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AuthUnit, CallSettings, CredentialKind, CredentialRecord, LineRecord, Services, Store, StoreError, Upserted,
-    PASSWORD_LIFETIME, TEMPORARY_VALIDITY,
+    AuthUnit, CallSettings, CredentialKind, CredentialRecord, LineRecord, Services, SessionRecord, Store, StoreError,
+    Upserted, PASSWORD_LIFETIME, TEMPORARY_VALIDITY,
 };
 use crate::phone::PhoneNumber;
 
@@ -63,6 +63,41 @@ pub enum Op {
         matched: bool,
         now: DateTime<Utc>,
     },
+    /// A site session starts, under `key` (a hash of the id its browser holds).
+    PutSession {
+        key: String,
+        session: SessionRecord,
+    },
+    /// A request of session `key` at `now`: its idle timeout restarts, unless it has
+    /// ended (then it is removed).
+    TouchSession {
+        key: String,
+        now: DateTime<Utc>,
+    },
+    /// Keeps `html` for the session's next GET of `path`.
+    SetFlash {
+        key: String,
+        path: String,
+        html: String,
+    },
+    /// The page kept for the session's GET of `path`, once.
+    TakeFlash {
+        key: String,
+        path: String,
+    },
+    /// Logout: the session ends everywhere.
+    RemoveSession {
+        key: String,
+    },
+    /// Every session of `number` ends but `keep` (a password changed).
+    RemoveSessions {
+        number: PhoneNumber,
+        keep: Option<String>,
+    },
+    /// Ended sessions are forgotten.
+    SweepSessions {
+        now: DateTime<Utc>,
+    },
 }
 
 impl Op {
@@ -76,6 +111,13 @@ impl Op {
             Op::RestoreCredential { .. } => "restore_credential",
             Op::RemoveCredential { .. } => "remove_credential",
             Op::LoginAttempt { .. } => "login_attempt",
+            Op::PutSession { .. } => "put_session",
+            Op::TouchSession { .. } => "touch_session",
+            Op::SetFlash { .. } => "set_flash",
+            Op::TakeFlash { .. } => "take_flash",
+            Op::RemoveSession { .. } => "remove_session",
+            Op::RemoveSessions { .. } => "remove_sessions",
+            Op::SweepSessions { .. } => "sweep_sessions",
         }
     }
 }
@@ -91,6 +133,9 @@ pub enum Reply {
     /// Whether there was something to remove.
     Removed(bool),
     Attempt(Attempt),
+    /// The session after a touch (`None`: there is none, or it has ended).
+    Session(Option<SessionRecord>),
+    Flash(Option<String>),
 }
 
 /// How a login attempt counted, decided where the count is kept.
@@ -158,38 +203,53 @@ pub enum StateTree {
     Lines,
     Numbers,
     Credentials,
+    /// Site sessions, by a hash of their id.
+    Sessions,
 }
 
 impl StateTree {
-    pub const ALL: [StateTree; 3] = [StateTree::Lines, StateTree::Numbers, StateTree::Credentials];
+    pub const ALL: [StateTree; 4] = [StateTree::Lines, StateTree::Numbers, StateTree::Credentials, StateTree::Sessions];
 
     pub fn name(self) -> &'static str {
         match self {
             StateTree::Lines => "lines",
             StateTree::Numbers => "numbers",
             StateTree::Credentials => super::CREDENTIALS_TREE,
+            StateTree::Sessions => SESSIONS_TREE,
         }
     }
 }
 
-/// One key of subscriber state: `tree/number` in the state topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The tree of site sessions.
+pub const SESSIONS_TREE: &str = "sessions";
+
+/// One key of subscriber state: `tree/id` in the state topic (the id a phone number,
+/// or a session's hash).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StateKey {
     pub tree: StateTree,
-    pub number: PhoneNumber,
+    pub id: String,
 }
 
 impl StateKey {
+    /// The key of `number` in `tree`.
+    pub fn number(tree: StateTree, number: &PhoneNumber) -> Self {
+        Self { tree, id: number.as_str().to_owned() }
+    }
+
     pub fn encode(&self) -> String {
-        format!("{}/{}", self.tree.name(), self.number)
+        format!("{}/{}", self.tree.name(), self.id)
     }
 
     /// `None` for a key that names no state tree (the owner's reply records).
     pub fn decode(raw: &[u8]) -> Option<Self> {
         let text = std::str::from_utf8(raw).ok()?;
-        let (tree, number) = text.split_once('/')?;
+        let (tree, id) = text.split_once('/')?;
         let tree = StateTree::ALL.into_iter().find(|t| t.name() == tree)?;
-        Some(Self { tree, number: PhoneNumber::parse(number).ok()? })
+        if tree != StateTree::Sessions {
+            PhoneNumber::parse(id).ok()?;
+        }
+        Some(Self { tree, id: id.to_owned() })
     }
 }
 
@@ -233,7 +293,8 @@ impl Store {
     /// Carries out `op` on this store (the owner's side); also returns every key whose
     /// value it may have changed.
     pub fn execute(&self, op: &Op) -> Result<(Reply, Vec<StateKey>), StoreError> {
-        let key = |tree, number: &PhoneNumber| StateKey { tree, number: *number };
+        let key = StateKey::number;
+        let session = |key: &str| StateKey { tree: StateTree::Sessions, id: key.to_owned() };
         match op {
             Op::UpsertLine { line, numbers } => {
                 let before = self.line(&line.contract)?.map(|l| l.numbers).unwrap_or_default();
@@ -275,7 +336,71 @@ impl Store {
                 let attempt = self.login_attempt_here(number, hash, *matched, *now)?;
                 Ok((Reply::Attempt(attempt), vec![key(StateTree::Credentials, number)]))
             }
+            Op::PutSession { key, session: record } => {
+                self.sessions.insert(key.as_bytes(), serde_json::to_vec(record)?)?;
+                Ok((Reply::Done, vec![session(key)]))
+            }
+            Op::TouchSession { key, now } => {
+                let Some(mut record) = self.session(key)? else { return Ok((Reply::Session(None), Vec::new())) };
+                if record.expired(*now) {
+                    self.sessions.remove(key.as_bytes())?;
+                    return Ok((Reply::Session(None), vec![session(key)]));
+                }
+                record.last_seen = *now;
+                self.sessions.insert(key.as_bytes(), serde_json::to_vec(&record)?)?;
+                Ok((Reply::Session(Some(record)), vec![session(key)]))
+            }
+            Op::SetFlash { key, path, html } => {
+                let Some(mut record) = self.session(key)? else { return Ok((Reply::Done, Vec::new())) };
+                record.flash = Some((path.clone(), html.clone()));
+                self.sessions.insert(key.as_bytes(), serde_json::to_vec(&record)?)?;
+                Ok((Reply::Done, vec![session(key)]))
+            }
+            Op::TakeFlash { key, path } => {
+                let Some(mut record) = self.session(key)? else { return Ok((Reply::Flash(None), Vec::new())) };
+                let Some((kept, html)) = record.flash.take() else { return Ok((Reply::Flash(None), Vec::new())) };
+                self.sessions.insert(key.as_bytes(), serde_json::to_vec(&record)?)?;
+                Ok((Reply::Flash((kept == *path).then_some(html)), vec![session(key)]))
+            }
+            Op::RemoveSession { key } => {
+                self.sessions.remove(key.as_bytes())?;
+                Ok((Reply::Done, vec![session(key)]))
+            }
+            Op::RemoveSessions { number, keep } => {
+                let ended =
+                    self.ended_sessions(|id, record| record.number == *number && keep.as_deref() != Some(id))?;
+                Ok((Reply::Done, ended.iter().map(|id| session(id)).collect()))
+            }
+            Op::SweepSessions { now } => {
+                let ended = self.ended_sessions(|_, record| record.expired(*now))?;
+                Ok((Reply::Done, ended.iter().map(|id| session(id)).collect()))
+            }
         }
+    }
+
+    /// The session stored under `key`, if any.
+    pub fn session(&self, key: &str) -> Result<Option<SessionRecord>, StoreError> {
+        self.sessions.get(key.as_bytes())?.map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from)).transpose()
+    }
+
+    /// How many sessions this store holds.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Removes the sessions for which `ends` holds; their keys.
+    fn ended_sessions(&self, ends: impl Fn(&str, &SessionRecord) -> bool) -> Result<Vec<String>, StoreError> {
+        let mut ended = Vec::new();
+        for item in self.sessions.iter() {
+            let (key, raw) = item?;
+            let id = String::from_utf8_lossy(&key).into_owned();
+            // A record that does not read back ends too.
+            if serde_json::from_slice(&raw).map_or(true, |record| ends(&id, &record)) {
+                self.sessions.remove(&key)?;
+                ended.push(id);
+            }
+        }
+        Ok(ended)
     }
 
     /// Counts one login attempt on `number`'s credential, if it is still the one with
@@ -315,7 +440,7 @@ impl Store {
 
     /// The stored value of `key` (what the owner publishes after an op).
     pub fn state_value(&self, key: &StateKey) -> Result<Option<sled::IVec>, StoreError> {
-        Ok(self.state_tree(key.tree).get(key.number.as_str())?)
+        Ok(self.state_tree(key.tree).get(key.id.as_bytes())?)
     }
 
     fn state_tree(&self, tree: StateTree) -> &sled::Tree {
@@ -323,6 +448,7 @@ impl Store {
             StateTree::Lines => &self.lines,
             StateTree::Numbers => &self.numbers,
             StateTree::Credentials => &self.credentials,
+            StateTree::Sessions => &self.sessions,
         }
     }
 
@@ -337,17 +463,19 @@ impl Store {
         position: i64,
         answered: &[(String, u64)],
     ) -> Result<(), StoreError> {
-        let mut batches: [sled::Batch; 3] = Default::default();
+        let mut batches: [sled::Batch; 4] = Default::default();
         let mut changed = Vec::new();
         for (key, value) in values {
             let index = StateTree::ALL.iter().position(|t| *t == key.tree).expect("a state tree");
             match value {
-                Some(raw) => batches[index].insert(key.number.as_str(), raw.as_slice()),
-                None => batches[index].remove(key.number.as_str()),
+                Some(raw) => batches[index].insert(key.id.as_bytes(), raw.as_slice()),
+                None => batches[index].remove(key.id.as_bytes()),
             }
             if key.tree == StateTree::Numbers {
                 let record = value.as_deref().map(serde_json::from_slice).transpose()?;
-                changed.push((key.number, record));
+                let number =
+                    PhoneNumber::parse(&key.id).map_err(|_| StoreError::State(format!("{} is no number", key.id)))?;
+                changed.push((number, record));
             }
         }
         for (tree, batch) in StateTree::ALL.into_iter().zip(batches) {
@@ -423,11 +551,9 @@ impl Store {
         StateTree::ALL.into_iter().flat_map(move |tree| {
             self.state_tree(tree).iter().map(move |kv| {
                 let (key, value) = kv?;
-                let number = std::str::from_utf8(&key)
-                    .ok()
-                    .and_then(|k| PhoneNumber::parse(k).ok())
-                    .ok_or_else(|| StoreError::State(format!("{} holds a key that is no number", tree.name())))?;
-                Ok((StateKey { tree, number }, value))
+                let id = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::State(format!("{} holds a key that is not text", tree.name())))?;
+                Ok((StateKey { tree, id }, value))
             })
         })
     }
@@ -452,8 +578,10 @@ mod tests {
 
     #[test]
     fn a_state_key_reads_back_and_reply_keys_are_no_state_keys() {
-        let key = StateKey { tree: StateTree::Credentials, number: n("0312345678") };
+        let key = StateKey::number(StateTree::Credentials, &n("0312345678"));
         assert_eq!(StateKey::decode(key.encode().as_bytes()), Some(key));
+        let session = StateKey { tree: StateTree::Sessions, id: "9f2c".into() };
+        assert_eq!(StateKey::decode(session.encode().as_bytes()), Some(session));
         assert_eq!(StateKey::decode(b"reply/9f2c"), None);
         assert_eq!(StateKey::decode(b"numbers/not-a-number"), None);
     }
@@ -468,7 +596,7 @@ mod tests {
         let mut apply = |op: Op| {
             let (_, touched) = owner.execute(&op).unwrap();
             let values: Vec<_> =
-                touched.iter().map(|k| (*k, owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect();
+                touched.iter().map(|k| (k.clone(), owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect();
             position += 1;
             view.apply_state(&values, position, &[]).unwrap();
         };
