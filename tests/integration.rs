@@ -1041,3 +1041,53 @@ fn state_propagation_from_one_node_to_another_is_measured() {
         }
     });
 }
+
+/// Three nodes, one group, the mail server deferring every mail (4xx): each node queues
+/// the mails of its partitions. Node A is SIGKILLed for good; the mail server takes
+/// mail again. Nodes B and C take A's partitions, restore their retry entries from the
+/// partitions' changelog and send A's mails: nothing lost, and (no mail was accepted
+/// before the kill, so none is in the window docs/delivery.md names) nothing twice.
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn a_node_killed_for_good_with_mails_in_its_retry_queue_leaves_them_to_the_others() {
+    const PARTITIONS: i32 = 6;
+    let subs = every_call_subscribers("0374", 60);
+    let (mut sink, first, dir) = setup("killed-queue", PARTITIONS, &subs);
+    sink.defer();
+    let specs: Vec<EngineSpec> = ["a", "b", "c"].iter().map(|n| EngineSpec { dir: dir.path.join(n), ..first.clone() }).collect();
+    let a = specs[0].start();
+    a.wait_serving();
+    let others: Vec<EngineProcess> = specs[1..].iter().map(EngineSpec::start).collect();
+    let all = || std::iter::once(&a).chain(others.iter());
+    let deadline = Instant::now() + WAIT;
+    while !all().all(|n| n.metric("callnotify_consumer_partitions{consumer=\"0\"}") > 0.0) {
+        assert!(Instant::now() < deadline, "the partitions were never shared by all three nodes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cdrs = Cdrs::new(&first.brokers, &first.topic);
+    let mut expected = Vec::new();
+    for (i, s) in subs.iter().enumerate() {
+        let call_id = format!("killed-queue-{i}");
+        expected.push(s.message_id(&call_id));
+        cdrs.send(&s.number, &cdr(&call_id, &s.number, Some("09011112222"), false));
+    }
+    cdrs.flush();
+    let queued = |n: &EngineProcess| n.metric("callnotify_retry_queue_mails");
+    while all().map(queued).sum::<f64>() < subs.len() as f64 {
+        assert!(Instant::now() < deadline, "not every mail was queued: {:?}", all().map(queued).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let in_a = queued(&a);
+    println!("killed with a queue: node A holds {in_a} of {} queued mails when SIGKILLed", subs.len());
+    assert!(in_a > 0.0, "node A had mails waiting");
+    a.kill();
+    sink.resume();
+    let arrived = sink.wait_for(&expected);
+    let (lost, duplicated, unexpected) = tally(&expected, &arrived);
+    let sent: Vec<f64> = others.iter().map(|n| n.metric("callnotify_mails_sent_total")).collect();
+    println!("killed with a queue: lost {lost}, sent twice {duplicated}, unexpected {unexpected}; sent by B and C {sent:?}");
+    assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
+    for node in others {
+        assert!(node.terminate());
+    }
+}

@@ -73,9 +73,8 @@ struct EndsExpected;
 
 impl ClientContext for EndsExpected {
     fn error(&self, error: KafkaError, reason: &str) {
-        match error {
-            KafkaError::PartitionEOF(_) => {}
-            other => tracing::warn!(error = %other, reason, "changelog reader"),
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(%error, reason, "changelog reader");
         }
     }
 }

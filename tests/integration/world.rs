@@ -262,8 +262,21 @@ impl PostfixSink {
         }
     }
 
-    /// Starts it again on the same address.
+    /// Starts it again on the same address, taking every mail (a deferring one is
+    /// stopped first).
     pub fn resume(&mut self) {
+        self.stop();
+        self.run(&[]);
+    }
+
+    /// Restarts it answering every RCPT TO with a temporary refusal (4xx): every mail is
+    /// deferred until [`PostfixSink::resume`].
+    pub fn defer(&mut self) {
+        self.stop();
+        self.run(&["-r", "RCPT"]);
+    }
+
+    fn run(&mut self, options: &[&str]) {
         let binary = std::env::var("CALLNOTIFY_IT_SMTP_SINK").unwrap_or_else(|_| "/usr/sbin/smtp-sink".into());
         let template = format!("{}/%Y%m%d%H/%M.", self.dir.path().display());
         let mut command = Command::new(&binary);
@@ -271,6 +284,7 @@ impl PostfixSink {
             command.args(["-u", "nobody"]);
         }
         let child = command
+            .args(options)
             .args(["-d", &template])
             .arg(self.addr.to_string())
             .arg("256")
