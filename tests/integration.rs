@@ -1054,7 +1054,8 @@ fn a_node_killed_for_good_with_mails_in_its_retry_queue_leaves_them_to_the_other
     let subs = every_call_subscribers("0374", 60);
     let (mut sink, first, dir) = setup("killed-queue", PARTITIONS, &subs);
     sink.defer();
-    let specs: Vec<EngineSpec> = ["a", "b", "c"].iter().map(|n| EngineSpec { dir: dir.path.join(n), ..first.clone() }).collect();
+    let specs: Vec<EngineSpec> =
+        ["a", "b", "c"].iter().map(|n| EngineSpec { dir: dir.path.join(n), ..first.clone() }).collect();
     let a = specs[0].start();
     a.wait_serving();
     let others: Vec<EngineProcess> = specs[1..].iter().map(EngineSpec::start).collect();
@@ -1085,7 +1086,9 @@ fn a_node_killed_for_good_with_mails_in_its_retry_queue_leaves_them_to_the_other
     let arrived = sink.wait_for(&expected);
     let (lost, duplicated, unexpected) = tally(&expected, &arrived);
     let sent: Vec<f64> = others.iter().map(|n| n.metric("callnotify_mails_sent_total")).collect();
-    println!("killed with a queue: lost {lost}, sent twice {duplicated}, unexpected {unexpected}; sent by B and C {sent:?}");
+    println!(
+        "killed with a queue: lost {lost}, sent twice {duplicated}, unexpected {unexpected}; sent by B and C {sent:?}"
+    );
     assert_eq!((lost, duplicated, unexpected), (0, 0, 0));
     for node in others {
         assert!(node.terminate());

@@ -347,6 +347,9 @@ impl Application {
             });
             let _ = ended_by(deadline, "the embedded Kafka cluster", gone_rx).await?;
         }
+        if let Some(failure) = self.state.failure() {
+            anyhow::bail!("{failure}");
+        }
         result.context("consumer threads vanished")?.context("consumer stopped")?;
         Ok(())
     }

@@ -160,6 +160,8 @@ pub struct StateLog {
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Set when the owner could not publish and stopped the engine.
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl StateWriter for StateLog {
@@ -209,6 +211,8 @@ impl StateLog {
             ("enable.auto.commit", "false"),
             ("enable.partition.eof", "false"),
             ("fetch.wait.max.ms", "10"),
+            // What it fetches ahead of applying (librdkafka's default is 64 MB).
+            ("queued.max.messages.kbytes", "16384"),
         ])
         .create()
         .context("creating the state topic's reader")?;
@@ -279,8 +283,10 @@ impl StateLog {
             "subscriber state caught up"
         );
 
+        let failure = Arc::new(Mutex::new(None));
         let owner = Owner {
             store: store.clone(),
+            node: node.clone(),
             topic: options.topic.to_owned(),
             consumer: config(&[
                 ("group.id", &format!("{}-state", options.group_id)),
@@ -303,6 +309,7 @@ impl StateLog {
             stop: stop.clone(),
             metrics: metrics.clone(),
             failed,
+            failure: failure.clone(),
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
@@ -324,9 +331,15 @@ impl StateLog {
             progress,
             stop,
             threads: Mutex::new(threads),
+            failure,
         });
         store.attach_writer(log.clone());
         Ok(log)
+    }
+
+    /// Why this node stopped the engine, if it did (the owner could not publish).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("failure lock").clone()
     }
 
     /// Next offset of the state topic this node has applied.
@@ -445,7 +458,7 @@ impl Applier {
             let mut next = None;
             let mut answered: Vec<(String, u64)> = Vec::new();
             let mut wait = Duration::from_millis(100);
-            while values.len() < RECORDS_PER_APPLY {
+            for _ in 0..RECORDS_PER_APPLY {
                 match self.consumer.poll(wait) {
                     None => break,
                     Some(Err(e)) => {
@@ -457,7 +470,10 @@ impl Applier {
                         next = Some(message.offset() + 1);
                         let key = message.key().unwrap_or_default();
                         if let Some(key) = StateKey::decode(key) {
-                            values.push((key, message.payload().map(<[u8]>::to_vec)));
+                            // What this node wrote as the owner, its store has already.
+                            if !written_by(&message, &self.node) {
+                                values.push((key, message.payload().map(<[u8]>::to_vec)));
+                            }
                         } else if let Some(answer) =
                             message.payload().and_then(|p| serde_json::from_slice::<Answer>(p).ok())
                         {
@@ -485,6 +501,17 @@ impl Applier {
             }
         }
     }
+}
+
+/// The header naming the node whose owner wrote a record.
+const OWNER_HEADER: &str = "owner";
+
+/// Whether `node` wrote `message` as the state owner.
+fn written_by(message: &rdkafka::message::BorrowedMessage<'_>, node: &str) -> bool {
+    use rdkafka::message::Headers as _;
+    message
+        .headers()
+        .is_some_and(|headers| headers.iter().any(|h| h.key == OWNER_HEADER && h.value == Some(node.as_bytes())))
 }
 
 /// Notes each assignment of the request partition (the owner catches up first) and
@@ -533,6 +560,8 @@ impl ProducerContext for Published {
 /// Carries out the requests while this node holds the request partition.
 struct Owner {
     store: Store,
+    /// This node's id: its applier skips the values it wrote as the owner.
+    node: String,
     topic: String,
     consumer: BaseConsumer<OwnerContext>,
     producer: BaseProducer<Published>,
@@ -540,6 +569,8 @@ struct Owner {
     stop: Arc<AtomicBool>,
     metrics: Metrics,
     failed: CancellationToken,
+    /// Why the node stopped, for the engine's exit.
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Owner {
@@ -567,6 +598,8 @@ impl Owner {
                 crate::error_event!(self.metrics, ErrorEvent::StatePublish, error = %e,
                     "publishing subscriber state failed: this node stops and rebuilds its store from the state topic at its next start");
                 let _ = self.store.mark_diverged();
+                *self.failure.lock().expect("failure lock") =
+                    Some(format!("publishing subscriber state failed: {e:#}"));
                 self.failed.cancel();
                 return;
             }
@@ -582,6 +615,7 @@ impl Owner {
                 anyhow::bail!("the state topic was not read up to its end ({end}) within {ANSWER_WITHIN:?}");
             }
         }
+        self.store.begin_owner_batch()?;
         for message in batch {
             let Some(request) = message.payload().and_then(|p| serde_json::from_slice::<Request>(p).ok()) else {
                 tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
@@ -592,10 +626,15 @@ impl Owner {
             }
             let mut results = Vec::with_capacity(request.ops.len());
             for op in &request.ops {
+                let before = self.store.values_before(op)?;
                 match self.store.execute(op) {
                     Ok((reply, touched)) => {
+                        // Only what changed: a login that counts nothing writes nothing.
                         for key in touched {
                             let value = self.store.state_value(&key)?;
+                            if before.iter().any(|(k, v)| *k == key && *v == value) {
+                                continue;
+                            }
                             self.publish(&key.encode(), value.as_deref())?;
                         }
                         results.push(Ok(reply));
@@ -626,6 +665,7 @@ impl Owner {
         if last.is_some_and(|last| !self.progress.wait_for(last + 1, ANSWER_WITHIN)) {
             anyhow::bail!("this node's applier did not read back the owner's writes within {ANSWER_WITHIN:?}");
         }
+        self.store.end_owner_batch()?;
         let last_request = batch.last().expect("a batch").offset();
         let mut commit = TopicPartitionList::new();
         let first = &batch[0];
@@ -638,7 +678,9 @@ impl Owner {
     }
 
     fn publish(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<()> {
-        let mut record = BaseRecord::<str, [u8]>::to(&self.topic).key(key);
+        let owner = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header { key: OWNER_HEADER, value: Some(self.node.as_bytes()) });
+        let mut record = BaseRecord::<str, [u8]>::to(&self.topic).key(key).headers(owner);
         if let Some(value) = value {
             record = record.payload(value);
         }

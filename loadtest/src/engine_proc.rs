@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use crate::population::Population;
 
 /// How the engine is configured for a run (environment overrides of its defaults).
+#[derive(Clone)]
 pub struct EngineConfig {
     pub binary: PathBuf,
     pub workdir: PathBuf,
@@ -25,6 +26,9 @@ pub struct EngineConfig {
     pub pool_size: u32,
     pub consumers: usize,
     pub from_domain: String,
+    /// A name of this node's own when several run side by side: its store is
+    /// `store-NODE` and its log `engine-NODE.log` (empty: `store`, `engine.log`).
+    pub node: String,
 }
 
 impl EngineConfig {
@@ -34,7 +38,7 @@ impl EngineConfig {
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.current_dir(&self.workdir)
-            .env("CALLNOTIFY__STORE__PATH", self.workdir.join("store"))
+            .env("CALLNOTIFY__STORE__PATH", self.store_dir())
             .env("CALLNOTIFY__STORE__CACHE_CAPACITY", self.cache_capacity.to_string())
             .envs(testkit::smtp::engine_env(self.smtp))
             .env("CALLNOTIFY__SMTP__POOL_SIZE", self.pool_size.to_string())
@@ -46,7 +50,11 @@ impl EngineConfig {
             .env("CALLNOTIFY__METRICS__LISTEN", self.metrics.to_string())
             .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
             .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", std::env::var("CALLNOTIFY_ENGINE_LOG").unwrap_or_else(|_| "warn".into()));
+            // Warnings, and the one line that says how long catching up with the shared state took.
+            .env(
+                "RUST_LOG",
+                std::env::var("CALLNOTIFY_ENGINE_LOG").unwrap_or_else(|_| "warn,engine::state=info".into()),
+            );
         cmd
     }
 
@@ -60,7 +68,7 @@ impl EngineConfig {
         }
         // Another population: a store of its own (one that an engine served is a view of
         // a state topic, which takes no import beside it).
-        match std::fs::remove_dir_all(self.workdir.join("store")) {
+        match std::fs::remove_dir_all(self.store_dir()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
@@ -71,6 +79,39 @@ impl EngineConfig {
         std::fs::remove_file(&jsonl)?;
         std::fs::write(&marker, shape)?;
         Ok(format!("{imported} in {:.1} s", started.elapsed().as_secs_f64()))
+    }
+
+    /// This node's store directory.
+    pub fn store_dir(&self) -> PathBuf {
+        match self.node.as_str() {
+            "" => self.workdir.join("store"),
+            node => self.workdir.join(format!("store-{node}")),
+        }
+    }
+
+    /// This node's log file.
+    pub fn log_file(&self) -> PathBuf {
+        match self.node.as_str() {
+            "" => self.workdir.join("engine.log"),
+            node => self.workdir.join(format!("engine-{node}.log")),
+        }
+    }
+
+    /// Runs `callnotify provision import FILE --url` through the running node whose
+    /// operator endpoint is `metrics`.
+    pub fn provision_through(&self, jsonl: &Path, metrics: SocketAddr) -> anyhow::Result<String> {
+        let url = format!("http://{metrics}");
+        let out = self
+            .command()
+            .args(["provision", "import"])
+            .arg(jsonl)
+            .args(["--url", &url])
+            .output()
+            .context("running provision import --url")?;
+        if !out.status.success() {
+            bail!("provision import --url failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// Runs `callnotify provision import` on a JSON Lines file.
@@ -86,7 +127,7 @@ impl EngineConfig {
     /// Starts `callnotify serve`; its log is appended to `engine.log` in the work
     /// directory (a run of several rounds keeps every round's).
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.workdir.join("engine.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file())?;
         let topics = format!(r#"[{{name="{}",format="{}"}}]"#, self.topic, self.format);
         let [state, requests, sent, retry] = shared_topics(&self.topic);
         let child = self
@@ -125,6 +166,8 @@ pub struct Usage {
     pub rss_bytes: u64,
     /// User + system CPU time so far.
     pub cpu_seconds: f64,
+    /// The most RSS the process has had (VmHWM).
+    pub peak_rss_bytes: u64,
 }
 
 impl EngineProcess {
@@ -135,17 +178,20 @@ impl EngineProcess {
     /// RSS and CPU time from `/proc/PID`.
     pub fn usage(&self) -> Usage {
         let pid = self.pid();
-        let rss_bytes = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .map_or(0, |kb: u64| kb * 1024);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = |field: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .map_or(0, |kb: u64| kb * 1024)
+        };
+        let (rss_bytes, peak_rss_bytes) = (kib("VmRSS:"), kib("VmHWM:"));
         let cpu_seconds = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .ok()
             .and_then(|s| crate::cpu::process_ticks(&s))
             .map_or(0.0, |ticks| ticks as f64 / crate::cpu::TICKS_PER_S);
-        Usage { rss_bytes, cpu_seconds }
+        Usage { rss_bytes, cpu_seconds, peak_rss_bytes }
     }
 
     /// The engine's metrics.

@@ -13,6 +13,7 @@ mod producer;
 mod report;
 mod run;
 mod smtp;
+mod state;
 mod traffic;
 
 use std::net::SocketAddr;
@@ -46,6 +47,9 @@ enum Command {
     /// SMTP delivery: the engine against postfix's `smtp-source`, both sending to one
     /// postfix `smtp-sink`, side by side.
     Smtp(smtp::SmtpArgs),
+    /// Shared subscriber state at carrier scale: the import rate through a node, then an
+    /// empty node's catch-up time and memory (needs `--brokers`: Apache Kafka).
+    State(state::StateArgs),
 }
 
 /// What every mode shares: the engine, the population, Kafka and the report folder.
@@ -218,6 +222,7 @@ impl Common {
             pool_size: self.pool_size,
             consumers: self.consumers,
             from_domain: from_domain.to_owned(),
+            node: String::new(),
         })
     }
 
@@ -269,6 +274,7 @@ fn main() -> std::process::ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Ingest(args) => ingest::ingest(args).await,
             Command::Smtp(args) => smtp::smtp(args).await,
+            Command::State(args) => state::state(args).await,
         }
     });
     match result {

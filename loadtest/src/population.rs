@@ -129,8 +129,13 @@ impl Population {
 
     /// Writes the whole population as JSON Lines.
     pub fn write_jsonl(&self, out: impl Write) -> std::io::Result<()> {
+        self.write_jsonl_range(out, 0..self.numbers)
+    }
+
+    /// Writes the lines of numbers `range` of the population as JSON Lines.
+    pub fn write_jsonl_range(&self, out: impl Write, range: std::ops::Range<u64>) -> std::io::Result<()> {
         let mut out = std::io::BufWriter::new(out);
-        for i in 0..self.numbers {
+        for i in range {
             writeln!(out, "{}", self.line(i))?;
         }
         out.flush()

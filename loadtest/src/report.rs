@@ -6,8 +6,21 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
+/// What one engine node of several did in a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeShare {
+    pub cdrs_consumed: u64,
+    pub mails_sent: u64,
+    pub cpu_seconds: f64,
+    /// CPU time per consumed CDR, microseconds.
+    pub cpu_us_per_cdr: f64,
+    pub max_rss_mb: f64,
+}
+
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
+    /// Each engine node's share, when several ran in one group (`--nodes`).
+    pub nodes: Vec<NodeShare>,
     pub command: String,
     pub machine: Machine,
     pub format: String,
@@ -113,6 +126,24 @@ impl Report {
         Ok(())
     }
 
+    /// The per-node table, when several nodes ran.
+    fn nodes_markdown(&self) -> String {
+        if self.nodes.len() < 2 {
+            return String::new();
+        }
+        let mut table = String::from(
+            "| node | CDRs consumed | mails sent | CPU s | CPU µs per CDR | max RSS MB |\n|---|---|---|---|---|---|\n",
+        );
+        for (i, n) in self.nodes.iter().enumerate() {
+            table.push_str(&format!(
+                "| {i} | {} | {} | {:.1} | {:.1} | {:.0} |\n",
+                n.cdrs_consumed, n.mails_sent, n.cpu_seconds, n.cpu_us_per_cdr, n.max_rss_mb
+            ));
+        }
+        table.push('\n');
+        table
+    }
+
     pub fn markdown(&self) -> String {
         let offered =
             self.offered_rate.map_or(format!("flat out (at most {} CDRs ahead of the engine)", self.max_lead), |r| {
@@ -136,7 +167,9 @@ impl Report {
              | engine max RSS | {rss:.0} MB |\n\
              | engine CPU | {cpu:.0} % of one core |\n\
              | SMTP sessions the engine opened | {sessions} |\n\n\
+             {nodes}\
              ![latency over time](latency.svg)\n",
+            nodes = self.nodes_markdown(),
             cmd = self.command,
             cores = self.machine.cores,
             mem = self.machine.memory_gib,

@@ -58,6 +58,10 @@ pub struct RunArgs {
     /// No progress bar (for logs and CI).
     #[arg(long)]
     quiet: bool,
+    /// Engine nodes in one consumer group, each with a store of its own: the first is
+    /// seeded, the others catch up from the shared state (docs/cluster.md).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 /// Mails still expected: Message-ID key → produce time (µs since the epoch).
@@ -102,9 +106,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut engine = config.serve()?;
     engine.wait_ready(Duration::from_secs(60)).await?;
+    let mut others = Vec::new();
+    for i in 1..args.nodes.max(1) {
+        let node = EngineConfig { node: format!("n{i}"), metrics: testkit::free_port()?, ..config.clone() };
+        let _ = std::fs::remove_dir_all(node.store_dir());
+        let mut process = node.serve()?;
+        process.wait_ready(Duration::from_secs(600)).await?;
+        others.push(process);
+    }
+    let engines: Vec<&EngineProcess> = std::iter::once(&engine).chain(others.iter()).collect();
 
     let (producer, acks) = crate::producer::create(&brokers).context("creating the producer")?;
-    warm_up(&producer, topic, &engine, Generator::new(population, args.zipf, format, mix, "warmup", DOMAIN)).await?;
+    warm_up(&producer, topic, &engines, Generator::new(population, args.zipf, format, mix, "warmup", DOMAIN)).await?;
     // The warm-up CDR is acknowledged and consumed, but not part of the run.
     let warmup_acks = acks.delivered.load(Ordering::Acquire);
 
@@ -116,7 +129,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let produced = Arc::new(AtomicU64::new(0));
     let consumed_now = Arc::new(AtomicU64::new(0));
     // Flat out needs the engine's progress more often than once a second.
-    let follower = tokio::spawn(follow_consumption(engine.metrics_addr(), consumed_now.clone()));
+    let addrs: Vec<std::net::SocketAddr> = engines.iter().map(|e| e.metrics_addr()).collect();
+    let follower = tokio::spawn(follow_consumption(addrs, consumed_now.clone()));
     let expected_total = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let producer_thread = {
@@ -143,19 +157,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("template"));
     let mut timeline = Vec::new();
     let (mut peak_rss, mut smtp_sessions) = (0u64, 0u64);
-    let cpu_start = engine.usage().cpu_seconds;
+    let cpu_starts: Vec<f64> = engines.iter().map(|e| e.usage().cpu_seconds).collect();
+    let mut node_rss = vec![0u64; engines.len()];
     let (mut first_consumed, mut last_consumed, mut consumed) = (None, None, 0u64);
     let mut drain_deadline = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     loop {
         tick.tick().await;
-        let usage = engine.usage();
+        let usages: Vec<_> = engines.iter().map(|e| e.usage()).collect();
+        let usage = usages.iter().max_by_key(|u| u.rss_bytes).copied().unwrap_or_default();
         peak_rss = peak_rss.max(usage.rss_bytes);
-        let scraped = engine.metrics().await;
-        let now_consumed = scraped.as_ref().map(|m| m.get("callnotify_cdrs_consumed_total") as u64).unwrap_or(consumed);
-        if let Ok(m) = &scraped {
-            smtp_sessions = m.get("callnotify_smtp_connections_opened_total") as u64;
+        node_rss.iter_mut().zip(&usages).for_each(|(peak, u)| *peak = (*peak).max(u.rss_bytes));
+        let (mut now_consumed, mut sessions, mut scraped_all) = (0u64, 0u64, true);
+        for e in &engines {
+            match e.metrics().await {
+                Ok(m) => {
+                    now_consumed += m.get("callnotify_cdrs_consumed_total") as u64;
+                    sessions += m.get("callnotify_smtp_connections_opened_total") as u64;
+                }
+                Err(_) => scraped_all = false,
+            }
+        }
+        if !scraped_all {
+            now_consumed = consumed + 1;
+        } else {
+            smtp_sessions = sessions;
         }
         // The warm-up CDR is not part of the run.
         let run_consumed = now_consumed.saturating_sub(1);
@@ -201,8 +228,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     progress.finish_and_clear();
     producer_thread.join().expect("producer thread");
-    let cpu = engine.usage().cpu_seconds - cpu_start;
+    let cpus: Vec<f64> = engines.iter().zip(&cpu_starts).map(|(e, start)| e.usage().cpu_seconds - start).collect();
+    let cpu: f64 = cpus.iter().sum();
     let elapsed = t0.elapsed().as_secs_f64();
+    let mut nodes = Vec::new();
+    for ((e, cpu), rss) in engines.iter().zip(&cpus).zip(&node_rss) {
+        let m = e.metrics().await?;
+        let consumed = m.get("callnotify_cdrs_consumed_total") as u64;
+        nodes.push(crate::report::NodeShare {
+            cdrs_consumed: consumed,
+            mails_sent: m.get("callnotify_mails_sent_total") as u64,
+            cpu_seconds: *cpu,
+            cpu_us_per_cdr: cpu * 1e6 / consumed.max(1) as f64,
+            max_rss_mb: *rss as f64 / 1e6,
+        });
+    }
+    drop(engines);
+    for other in others {
+        tokio::task::spawn_blocking(move || other.stop()).await??;
+    }
     tokio::task::spawn_blocking(move || engine.stop()).await??;
     sink.shutdown().await;
     // The sink's end closes the mail stream; the collector has seen everything by then.
@@ -220,6 +264,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let produce_span = timeline.iter().position(|s| s.produced == sent).map_or(elapsed, |i| i as f64 + 1.0);
     let report = Report {
+        nodes,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: Machine::this(),
         format: format.as_str().into(),
@@ -264,15 +309,27 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Keeps `consumed` at the engine's count of consumed CDRs (less the warm-up one).
-async fn follow_consumption(metrics: std::net::SocketAddr, consumed: Arc<AtomicU64>) {
+/// Keeps `consumed` at the engines' count of consumed CDRs (less the warm-up one).
+async fn follow_consumption(metrics: Vec<std::net::SocketAddr>, consumed: Arc<AtomicU64>) {
     loop {
-        if let Ok(m) = crate::engine_proc::scrape(metrics).await {
-            let n = m.get("callnotify_cdrs_consumed_total") as u64;
-            consumed.store(n.saturating_sub(1), Ordering::Release);
+        let mut n = 0;
+        for addr in &metrics {
+            if let Ok(m) = crate::engine_proc::scrape(*addr).await {
+                n += m.get("callnotify_cdrs_consumed_total") as u64;
+            }
         }
+        consumed.fetch_max(n.saturating_sub(1), Ordering::AcqRel);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The CDRs the engines have consumed, together.
+async fn consumed_by(engines: &[&EngineProcess]) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for e in engines {
+        total += e.metrics().await?.get("callnotify_cdrs_consumed_total");
+    }
+    Ok(total)
 }
 
 /// One CDR through the engine before the clock starts, so the consumer group has
@@ -280,7 +337,7 @@ async fn follow_consumption(metrics: std::net::SocketAddr, consumed: Arc<AtomicU
 async fn warm_up(
     producer: &CountingProducer,
     topic: &str,
-    engine: &EngineProcess,
+    engines: &[&EngineProcess],
     mut generator: Generator,
 ) -> anyhow::Result<()> {
     // A number nobody provisioned: consumed, and no mail.
@@ -288,7 +345,7 @@ async fn warm_up(
     producer.send(BaseRecord::to(topic).key(&cdr.key).payload(&cdr.payload)).map_err(|(e, _)| e)?;
     producer.flush(Duration::from_secs(10))?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while engine.metrics().await?.get("callnotify_cdrs_consumed_total") < 1.0 {
+    while consumed_by(engines).await? < 1.0 {
         anyhow::ensure!(Instant::now() < deadline, "the engine consumed nothing within 60 s; see engine.log");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -246,9 +246,6 @@ impl StateKey {
         let text = std::str::from_utf8(raw).ok()?;
         let (tree, id) = text.split_once('/')?;
         let tree = StateTree::ALL.into_iter().find(|t| t.name() == tree)?;
-        if tree != StateTree::Sessions {
-            PhoneNumber::parse(id).ok()?;
-        }
         Some(Self { tree, id: id.to_owned() })
     }
 }
@@ -403,6 +400,35 @@ impl Store {
         Ok(ended)
     }
 
+    /// The values before `op` of the keys it may change, known before it runs (a line
+    /// it moves a number away from is not among them: it always changes).
+    pub fn values_before(&self, op: &Op) -> Result<Vec<(StateKey, Option<sled::IVec>)>, StoreError> {
+        let mut keys = Vec::new();
+        match op {
+            Op::UpsertLine { line, numbers } => {
+                keys.push(StateKey::number(StateTree::Lines, &line.contract));
+                let before = self.line(&line.contract)?.map(|l| l.numbers).unwrap_or_default();
+                for number in numbers.iter().map(|(n, ..)| n).chain(before.iter()) {
+                    keys.push(StateKey::number(StateTree::Numbers, number));
+                    keys.push(StateKey::number(StateTree::Credentials, number));
+                }
+            }
+            Op::SaveCallSettings { number, .. } => keys.push(StateKey::number(StateTree::Numbers, number)),
+            Op::SetLineUnit { contract, .. } => keys.push(StateKey::number(StateTree::Lines, contract)),
+            Op::SetCredential { number, .. }
+            | Op::RestoreCredential { number, .. }
+            | Op::RemoveCredential { number }
+            | Op::LoginAttempt { number, .. } => keys.push(StateKey::number(StateTree::Credentials, number)),
+            Op::PutSession { key, .. }
+            | Op::TouchSession { key, .. }
+            | Op::SetFlash { key, .. }
+            | Op::TakeFlash { key, .. }
+            | Op::RemoveSession { key } => keys.push(StateKey { tree: StateTree::Sessions, id: key.clone() }),
+            Op::RemoveSessions { .. } | Op::SweepSessions { .. } => {}
+        }
+        keys.into_iter().map(|k| Ok((k.clone(), self.state_value(&k)?))).collect()
+    }
+
     /// Counts one login attempt on `number`'s credential, if it is still the one with
     /// `hash` (R-S2, R-S3): the only place a failure count changes.
     fn login_attempt_here(
@@ -464,6 +490,8 @@ impl Store {
         answered: &[(String, u64)],
     ) -> Result<(), StoreError> {
         let mut batches: [sled::Batch; 4] = Default::default();
+        // Nobody listens while a node catches up at start: no record to decode.
+        let listening = !self.listeners.read().expect("listener lock").is_empty();
         let mut changed = Vec::new();
         for (key, value) in values {
             let index = StateTree::ALL.iter().position(|t| *t == key.tree).expect("a state tree");
@@ -471,7 +499,7 @@ impl Store {
                 Some(raw) => batches[index].insert(key.id.as_bytes(), raw.as_slice()),
                 None => batches[index].remove(key.id.as_bytes()),
             }
-            if key.tree == StateTree::Numbers {
+            if key.tree == StateTree::Numbers && listening {
                 let record = value.as_deref().map(serde_json::from_slice).transpose()?;
                 let number =
                     PhoneNumber::parse(&key.id).map_err(|_| StoreError::State(format!("{} is no number", key.id)))?;
@@ -530,6 +558,21 @@ impl Store {
         Ok(())
     }
 
+    /// The owner is about to carry out writes that are not in the state topic yet: until
+    /// [`Store::end_owner_batch`], a crash leaves the store marked as diverged. No flush:
+    /// sled keeps writes in order, so any of the batch's writes that survives a crash
+    /// comes with this mark.
+    pub fn begin_owner_batch(&self) -> Result<(), StoreError> {
+        self.meta()?.insert(DIVERGED, &[1])?;
+        Ok(())
+    }
+
+    /// The owner's writes are confirmed in the state topic.
+    pub fn end_owner_batch(&self) -> Result<(), StoreError> {
+        self.meta()?.remove(DIVERGED)?;
+        Ok(())
+    }
+
     /// Whether [`Store::mark_diverged`] was called since the view was last rebuilt.
     pub fn diverged(&self) -> Result<bool, StoreError> {
         Ok(self.meta()?.contains_key(DIVERGED)?)
@@ -583,7 +626,6 @@ mod tests {
         let session = StateKey { tree: StateTree::Sessions, id: "9f2c".into() };
         assert_eq!(StateKey::decode(session.encode().as_bytes()), Some(session));
         assert_eq!(StateKey::decode(b"reply/9f2c"), None);
-        assert_eq!(StateKey::decode(b"numbers/not-a-number"), None);
     }
 
     /// The owner publishes what an op touched; another store applying those values has

@@ -1,0 +1,119 @@
+//! `state`: the shared subscriber state (docs/cluster.md) at carrier scale. Node A
+//! starts on an empty store; the population is imported through it
+//! (`provision import --url`): the import rate. Then node B starts on an empty store
+//! and catches up with the state topic before it serves: its catch-up time (from its
+//! own log line) and its peak RSS.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use testkit::free_port;
+
+use crate::Common;
+
+#[derive(Args)]
+pub struct StateArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+pub async fn state(args: StateArgs) -> anyhow::Result<()> {
+    let common = &args.common;
+    anyhow::ensure!(
+        setup_is_real(common),
+        "state needs --brokers (Apache Kafka): the mock cluster keeps 100 000 messages a partition"
+    );
+    let setup = common.prepare(&["cdr-state"]).await?;
+    let population = setup.population;
+    // In files of at most a million lines: one upload stays below `POST /provision`'s
+    // 1 GiB limit.
+    const LINES_PER_FILE: u64 = 1_000_000;
+    let started = Instant::now();
+    let mut files = Vec::new();
+    for (i, from) in (0..population.numbers).step_by(LINES_PER_FILE as usize).enumerate() {
+        let file = setup.workdir.join(format!("population-{i}.jsonl"));
+        let to = (from + LINES_PER_FILE).min(population.numbers);
+        population.write_jsonl_range(std::fs::File::create(&file)?, from..to)?;
+        files.push(file);
+    }
+    eprintln!("{} lines written in {:.1} s", population.numbers, started.elapsed().as_secs_f64());
+
+    let mut a = common.engine_config(&setup, free_port()?, "state.example.jp")?;
+    a.topic = setup.topics[0].clone();
+    a.group = format!("state-{}", std::process::id());
+    a.node = "a".into();
+    let mut b = common.engine_config(&setup, a.smtp, "state.example.jp")?;
+    (b.topic, b.group, b.node, b.metrics) = (a.topic.clone(), a.group.clone(), "b".into(), free_port()?);
+    for node in [&a, &b] {
+        let _ = std::fs::remove_dir_all(node.store_dir());
+        let _ = std::fs::remove_file(node.log_file());
+    }
+
+    let mut first = a.serve()?;
+    first.wait_ready(Duration::from_secs(120)).await?;
+    let started = Instant::now();
+    for file in &files {
+        let said = a.provision_through(file, first.metrics_addr())?;
+        eprintln!("{}: {said} ({:.1} s so far)", file.display(), started.elapsed().as_secs_f64());
+        std::fs::remove_file(file)?;
+    }
+    let import = started.elapsed();
+    let rate = population.numbers as f64 / import.as_secs_f64();
+    println!(
+        "import through node A: {} lines in {:.1} s = {rate:.0} lines/s",
+        population.numbers,
+        import.as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let mut second = b.serve()?;
+    second.wait_ready(Duration::from_secs(1800)).await?;
+    let serving = started.elapsed();
+    let usage = second.usage();
+    let log = std::fs::read_to_string(b.log_file()).context("node B's log")?;
+    let caught_up = log.lines().find(|l| l.contains("subscriber state caught up")).unwrap_or("(no catch-up line)");
+    println!(
+        "node B on an empty store: serving {:.1} s after its start, peak RSS {:.0} MB, RSS now {:.0} MB; {}",
+        serving.as_secs_f64(),
+        usage.peak_rss_bytes as f64 / 1e6,
+        usage.rss_bytes as f64 / 1e6,
+        strip_colours(caught_up)
+    );
+    let report = serde_json::json!({
+        "numbers": population.numbers,
+        "import_secs": import.as_secs_f64(),
+        "import_lines_per_sec": rate,
+        "catch_up_serving_secs": serving.as_secs_f64(),
+        "catch_up_log": strip_colours(caught_up),
+        "peak_rss_mb": usage.peak_rss_bytes as f64 / 1e6,
+    });
+    std::fs::create_dir_all(&common.out)?;
+    std::fs::write(common.out.join("state.json"), serde_json::to_string_pretty(&report)?)?;
+    second.stop()?;
+    first.stop()?;
+    drop(setup);
+    Ok(())
+}
+
+fn setup_is_real(common: &Common) -> bool {
+    !common.brokers.is_empty()
+}
+
+/// A log line without its terminal colours.
+fn strip_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
