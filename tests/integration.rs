@@ -902,17 +902,36 @@ fn three_nodes_share_subscribers_changed_through_any_node_and_a_fourth_catches_u
 }
 
 /// In-process engine nodes on the suite's Kafka (their stores under `dir`), for what is
-/// measured or counted through the store's own API.
-fn in_process_nodes(spec: &EngineSpec, dir: &std::path::Path, count: usize) -> Vec<engine::startup::Application> {
-    block_on(async {
-        let mut nodes = Vec::new();
-        for i in 0..count {
-            let store = dir.join(format!("node-{i}"));
-            let settings = spec.settings(&[("CALLNOTIFY__STORE__PATH", &store.display().to_string())]);
-            nodes.push(engine::startup::Application::build(settings).await.expect("node starts"));
-        }
-        nodes
-    })
+/// measured or counted through the store's own API, and the runtime they run on.
+struct InProcess {
+    runtime: tokio::runtime::Runtime,
+    nodes: Vec<engine::startup::Application>,
+}
+
+impl InProcess {
+    fn start(spec: &EngineSpec, dir: &std::path::Path, count: usize) -> Self {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let nodes = runtime.block_on(async {
+            let mut nodes = Vec::new();
+            for i in 0..count {
+                let store = dir.join(format!("node-{i}"));
+                let settings = spec.settings(&[("CALLNOTIFY__STORE__PATH", &store.display().to_string())]);
+                nodes.push(engine::startup::Application::build(settings).await.expect("node starts"));
+            }
+            nodes
+        });
+        Self { runtime, nodes }
+    }
+
+    /// Stops every node, as SIGTERM does.
+    fn stop(self) {
+        let Self { runtime, nodes } = self;
+        runtime.block_on(async {
+            for node in nodes {
+                node.run_until_stopped(std::future::ready(())).await.expect("node stops");
+            }
+        });
+    }
 }
 
 /// R-S2, R-S3 on Apache Kafka: wrong entries spread round robin over three nodes lock a
@@ -924,10 +943,8 @@ fn three_nodes_wrong_passwords_round_robin_and_at_once_lock_after_exactly_the_ru
     use engine::store::state::Attempt;
     use engine::store::{CredentialKind, CredentialRecord};
     let (_sink, spec, dir) = setup("lockout", 1, &[]);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let _entered = runtime.enter();
-    let nodes = in_process_nodes(&spec, &dir.path, 3);
-    let stores: Vec<engine::store::Store> = nodes.iter().map(|n| n.store().clone()).collect();
+    let cluster = InProcess::start(&spec, &dir.path, 3);
+    let stores: Vec<engine::store::Store> = cluster.nodes.iter().map(|n| n.store().clone()).collect();
     let numbers = ["0372000001", "0372000002", "0372000003"];
     let lines: Vec<String> =
         numbers.iter().map(|n| testkit::line::Subscriber::new(n, &[("x@it.example.jp", true)]).line()).collect();
@@ -968,11 +985,7 @@ fn three_nodes_wrong_passwords_round_robin_and_at_once_lock_after_exactly_the_ru
         started.elapsed()
     );
     assert_eq!((counted, locks), (10, 1), "{outcomes:?}");
-    runtime.block_on(async {
-        for node in nodes {
-            node.run_until_stopped(std::future::ready(())).await.expect("node stops");
-        }
-    });
+    cluster.stop();
 }
 
 /// Propagation of a write between nodes on Apache Kafka (BENCHMARKS.md): settings saved
@@ -985,9 +998,8 @@ fn three_nodes_wrong_passwords_round_robin_and_at_once_lock_after_exactly_the_ru
 fn state_propagation_from_one_node_to_another_is_measured() {
     use std::sync::{Arc, Mutex};
     let (_sink, spec, dir) = setup("propagation", 1, &[]);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let _entered = runtime.enter();
-    let nodes = in_process_nodes(&spec, &dir.path, 3);
+    let cluster = InProcess::start(&spec, &dir.path, 3);
+    let nodes = &cluster.nodes;
     let owner = |n: &engine::startup::Application| n.metrics().value("callnotify_state_owner") == Some(1.0);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !nodes.iter().any(owner) {
@@ -1035,11 +1047,7 @@ fn state_propagation_from_one_node_to_another_is_measured() {
         pct(&mut propagated, 0.5),
         pct(&mut propagated, 0.99)
     );
-    runtime.block_on(async {
-        for node in nodes {
-            node.run_until_stopped(std::future::ready(())).await.expect("node stops");
-        }
-    });
+    cluster.stop();
 }
 
 /// Three nodes, one group, the mail server deferring every mail (4xx): each node queues

@@ -39,6 +39,28 @@ pub fn client_config(brokers: &str, defaults: &[(&str, &str)], properties: &BTre
     config
 }
 
+/// How a part of the engine that makes its own Kafka clients reaches the cluster
+/// (`kafka.brokers`, `kafka.properties`, `kafka.group_id`).
+#[derive(Clone, Copy)]
+pub struct Reach<'a> {
+    pub brokers: &'a str,
+    pub properties: &'a BTreeMap<String, String>,
+    /// The engine's group; a part's own groups are named after it.
+    pub group_id: &'a str,
+}
+
+impl Reach<'_> {
+    /// A consumer's configuration: `defaults`, then `kafka.properties`.
+    pub fn consumer(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        client_config(self.brokers, defaults, self.properties)
+    }
+
+    /// A producer's configuration: `defaults`, then `kafka.properties` a producer reads.
+    pub fn producer(&self, defaults: &[(&str, &str)]) -> ClientConfig {
+        client_config(self.brokers, defaults, &producer_properties(self.properties))
+    }
+}
+
 /// librdkafka properties only a consumer reads (librdkafka's CONFIGURATION.md, "C").
 /// `kafka.properties` serves both clients; a producer given these logs a CONFWARN for
 /// each at every start, noise that hides the warnings that matter.

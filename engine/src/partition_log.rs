@@ -37,14 +37,12 @@ use crate::telemetry::Metrics;
 
 /// Where the changelogs are, from `kafka.*`.
 pub struct PartitionLogOptions<'a> {
-    pub brokers: &'a str,
-    pub properties: &'a std::collections::BTreeMap<String, String>,
+    /// The restoring reader's (uncommitted) group is `<group_id>-changelog-reader`.
+    pub reach: crate::cluster::Reach<'a>,
     /// `kafka.sent_topic`.
     pub sent_topic: &'a str,
     /// `kafka.retry_topic`.
     pub retry_topic: &'a str,
-    /// `kafka.group_id`, for the restoring reader's (uncommitted) group.
-    pub group_id: &'a str,
 }
 
 /// Counts changelog writes the cluster refused (after librdkafka's own retries).
@@ -103,25 +101,21 @@ impl PartitionLog {
     /// Holds no handle on a store (a store holds it: [`Store::attach_partition_sink`]).
     pub fn start(options: &PartitionLogOptions<'_>, metrics: Metrics) -> anyhow::Result<Self> {
         let failed = std::sync::Arc::new(AtomicU64::new(0));
-        let producer = crate::cluster::client_config(
-            options.brokers,
-            &[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5")],
-            &crate::cluster::producer_properties(options.properties),
-        )
-        .create_with_context(Confirmations { failed: failed.clone(), metrics: metrics.clone() })
-        .context("creating the changelog producer")?;
-        let reader = crate::cluster::client_config(
-            options.brokers,
-            &[
-                ("group.id", &format!("{}-changelog-reader", options.group_id)),
+        let producer = options
+            .reach
+            .producer(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5")])
+            .create_with_context(Confirmations { failed: failed.clone(), metrics: metrics.clone() })
+            .context("creating the changelog producer")?;
+        let reader = options
+            .reach
+            .consumer(&[
+                ("group.id", &format!("{}-changelog-reader", options.reach.group_id)),
                 ("enable.auto.commit", "false"),
                 ("enable.partition.eof", "true"),
                 ("fetch.wait.max.ms", "10"),
-            ],
-            options.properties,
-        )
-        .create_with_context(EndsExpected)
-        .context("creating the changelog reader")?;
+            ])
+            .create_with_context(EndsExpected)
+            .context("creating the changelog reader")?;
         Ok(Self {
             sent_topic: options.sent_topic.to_owned(),
             retry_topic: options.retry_topic.to_owned(),

@@ -161,14 +161,13 @@ impl Application {
             store.set_group_commit(group_commit);
             store.report_errors_to(errors.clone());
             let (brokers, properties, topic, requests, group_id) = &state_options;
-            let options = StateOptions { brokers, properties, topic, requests, group_id };
+            let reach = crate::cluster::Reach { brokers, properties, group_id };
+            let options = StateOptions { reach, topic, requests };
             let state = StateLog::start(&store, &options, errors.clone(), failed)
                 .context("joining the shared subscriber state")?;
             let (sent_topic, retry_topic) = &changelog_topics;
-            let changelog = Arc::new(PartitionLog::start(
-                &PartitionLogOptions { brokers, properties, sent_topic, retry_topic, group_id },
-                errors,
-            )?);
+            let changelog =
+                Arc::new(PartitionLog::start(&PartitionLogOptions { reach, sent_topic, retry_topic }, errors)?);
             store.attach_partition_sink(changelog.clone());
             let started = std::time::Instant::now();
             let resolver = Resolver::new(store.clone(), capacity)?;

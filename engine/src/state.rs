@@ -63,14 +63,12 @@ const RECORDS_PER_APPLY: usize = 20_000;
 
 /// Where the state lives, from `kafka.*`.
 pub struct StateOptions<'a> {
-    pub brokers: &'a str,
-    pub properties: &'a std::collections::BTreeMap<String, String>,
+    /// The owner group is `<group_id>-state`.
+    pub reach: crate::cluster::Reach<'a>,
     /// The compacted state topic (`kafka.state_topic`).
     pub topic: &'a str,
     /// The owner's request topic (`kafka.state_requests_topic`).
     pub requests: &'a str,
-    /// `kafka.group_id`: the owner group is `<group_id>-state`.
-    pub group_id: &'a str,
 }
 
 /// A request record: the ops of one caller, in order.
@@ -192,22 +190,15 @@ impl StateLog {
         metrics: Metrics,
         failed: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
-        let config =
-            |defaults: &[(&str, &str)]| crate::cluster::client_config(options.brokers, defaults, options.properties);
-        let producer_config = |defaults: &[(&str, &str)]| {
-            crate::cluster::client_config(
-                options.brokers,
-                defaults,
-                &crate::cluster::producer_properties(options.properties),
-            )
-        };
+        let config = |defaults: &[(&str, &str)]| options.reach.consumer(defaults);
+        let producer_config = |defaults: &[(&str, &str)]| options.reach.producer(defaults);
         // Names this process's requests and replies; std's hasher keys are random.
         let node = {
             use std::hash::BuildHasher;
             format!("{:016x}", std::collections::hash_map::RandomState::new().hash_one(std::process::id()))
         };
         let reader: BaseConsumer = config(&[
-            ("group.id", &format!("{}-state-view", options.group_id)),
+            ("group.id", &format!("{}-state-view", options.reach.group_id)),
             ("enable.auto.commit", "false"),
             ("enable.partition.eof", "false"),
             ("fetch.wait.max.ms", "10"),
@@ -289,7 +280,7 @@ impl StateLog {
             node: node.clone(),
             topic: options.topic.to_owned(),
             consumer: config(&[
-                ("group.id", &format!("{}-state", options.group_id)),
+                ("group.id", &format!("{}-state", options.reach.group_id)),
                 ("enable.auto.commit", "false"),
                 ("auto.offset.reset", "earliest"),
                 ("enable.partition.eof", "false"),
@@ -450,13 +441,30 @@ struct Applier {
     metrics: Metrics,
 }
 
+/// Records read from the state topic, for the applying thread.
+struct Batch {
+    values: Vec<(StateKey, Option<Vec<u8>>)>,
+    /// The offset after the last record read.
+    next: i64,
+    answered: Vec<(String, u64)>,
+    /// The answers to this node's own requests.
+    answers: Vec<Answer>,
+}
+
 impl Applier {
+    /// Reads on this thread and applies on another, one batch ahead: a node catching
+    /// up fetches and decodes the next records while the store writes the last ones.
     fn run(self) {
-        let mut values = Vec::new();
-        let mut answers = Vec::new();
+        let (batches, incoming) = std::sync::mpsc::sync_channel::<Batch>(1);
+        std::thread::scope(|scope| {
+            scope.spawn(|| self.apply_all(incoming));
+            self.read_all(batches);
+        });
+    }
+
+    fn read_all(&self, batches: std::sync::mpsc::SyncSender<Batch>) {
         while !self.stop.load(Ordering::Relaxed) {
-            let mut next = None;
-            let mut answered: Vec<(String, u64)> = Vec::new();
+            let mut batch = Batch { values: Vec::new(), next: -1, answered: Vec::new(), answers: Vec::new() };
             let mut wait = Duration::from_millis(100);
             for _ in 0..RECORDS_PER_APPLY {
                 match self.consumer.poll(wait) {
@@ -467,25 +475,32 @@ impl Applier {
                     }
                     Some(Ok(message)) => {
                         wait = Duration::ZERO;
-                        next = Some(message.offset() + 1);
+                        batch.next = message.offset() + 1;
                         let key = message.key().unwrap_or_default();
                         if let Some(key) = StateKey::decode(key) {
                             // What this node wrote as the owner, its store has already.
                             if !written_by(&message, &self.node) {
-                                values.push((key, message.payload().map(<[u8]>::to_vec)));
+                                batch.values.push((key, message.payload().map(<[u8]>::to_vec)));
                             }
                         } else if let Some(answer) =
                             message.payload().and_then(|p| serde_json::from_slice::<Answer>(p).ok())
                         {
-                            answered.push((answer.node.clone(), answer.id));
+                            batch.answered.push((answer.node.clone(), answer.id));
                             if answer.node == self.node {
-                                answers.push(answer);
+                                batch.answers.push(answer);
                             }
                         }
                     }
                 }
             }
-            let Some(next) = next else { continue };
+            if batch.next >= 0 && batches.send(batch).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn apply_all(&self, incoming: std::sync::mpsc::Receiver<Batch>) {
+        for Batch { values, next, answered, answers } in incoming {
             while let Err(e) = self.store.apply_state(&values, next, &answered) {
                 crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
                 if self.stop.load(Ordering::Relaxed) {
@@ -493,10 +508,9 @@ impl Applier {
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
-            values.clear();
             self.progress.set(next);
             self.metrics.state_applied(next);
-            for answer in answers.drain(..) {
+            for answer in answers {
                 self.waiters.answer(answer.id, answer.results);
             }
         }
