@@ -441,30 +441,13 @@ struct Applier {
     metrics: Metrics,
 }
 
-/// Records read from the state topic, for the applying thread.
-struct Batch {
-    values: Vec<(StateKey, Option<Vec<u8>>)>,
-    /// The offset after the last record read.
-    next: i64,
-    answered: Vec<(String, u64)>,
-    /// The answers to this node's own requests.
-    answers: Vec<Answer>,
-}
-
 impl Applier {
-    /// Reads on this thread and applies on another, one batch ahead: a node catching
-    /// up fetches and decodes the next records while the store writes the last ones.
     fn run(self) {
-        let (batches, incoming) = std::sync::mpsc::sync_channel::<Batch>(1);
-        std::thread::scope(|scope| {
-            scope.spawn(|| self.apply_all(incoming));
-            self.read_all(batches);
-        });
-    }
-
-    fn read_all(&self, batches: std::sync::mpsc::SyncSender<Batch>) {
+        let mut values = Vec::new();
+        let mut answers = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
-            let mut batch = Batch { values: Vec::new(), next: -1, answered: Vec::new(), answers: Vec::new() };
+            let mut next = None;
+            let mut answered: Vec<(String, u64)> = Vec::new();
             let mut wait = Duration::from_millis(100);
             for _ in 0..RECORDS_PER_APPLY {
                 match self.consumer.poll(wait) {
@@ -475,32 +458,25 @@ impl Applier {
                     }
                     Some(Ok(message)) => {
                         wait = Duration::ZERO;
-                        batch.next = message.offset() + 1;
+                        next = Some(message.offset() + 1);
                         let key = message.key().unwrap_or_default();
                         if let Some(key) = StateKey::decode(key) {
                             // What this node wrote as the owner, its store has already.
                             if !written_by(&message, &self.node) {
-                                batch.values.push((key, message.payload().map(<[u8]>::to_vec)));
+                                values.push((key, message.payload().map(<[u8]>::to_vec)));
                             }
                         } else if let Some(answer) =
                             message.payload().and_then(|p| serde_json::from_slice::<Answer>(p).ok())
                         {
-                            batch.answered.push((answer.node.clone(), answer.id));
+                            answered.push((answer.node.clone(), answer.id));
                             if answer.node == self.node {
-                                batch.answers.push(answer);
+                                answers.push(answer);
                             }
                         }
                     }
                 }
             }
-            if batch.next >= 0 && batches.send(batch).is_err() {
-                return;
-            }
-        }
-    }
-
-    fn apply_all(&self, incoming: std::sync::mpsc::Receiver<Batch>) {
-        for Batch { values, next, answered, answers } in incoming {
+            let Some(next) = next else { continue };
             while let Err(e) = self.store.apply_state(&values, next, &answered) {
                 crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
                 if self.stop.load(Ordering::Relaxed) {
@@ -508,9 +484,10 @@ impl Applier {
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
+            values.clear();
             self.progress.set(next);
             self.metrics.state_applied(next);
-            for answer in answers {
+            for answer in answers.drain(..) {
                 self.waiters.answer(answer.id, answer.results);
             }
         }
