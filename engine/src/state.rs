@@ -230,7 +230,12 @@ impl StateLog {
             // was lost (the embedded cluster lives only as long as its process): the
             // store's values become the topic's.
             carry_over(store, options, producer_config(&[("enable.idempotence", "true"), ("acks", "all")]))?;
-            store.set_state_position(0)?;
+            // The store holds what it just published: reading it back would write every
+            // value again.
+            let (_, published) = reader
+                .fetch_watermarks(options.topic, 0, crate::cluster::ANSWER_WITHIN)
+                .with_context(|| format!("reading the end of state topic {:?}", options.topic))?;
+            store.set_state_position(published)?;
         } else if !attached && store.has_state()? {
             anyhow::bail!(
                 "this store holds the subscribers of a single-node engine, and state topic {:?} already holds the \
@@ -245,6 +250,7 @@ impl StateLog {
         let waiters = Arc::new(Waiters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let position = store.state_position()?;
+        let end = end.max(position);
         progress.set(position);
         let started = Instant::now();
         let applier = Applier {

@@ -526,7 +526,7 @@ impl Store {
     }
 
     /// Sets the next offset of the state topic to apply (after publishing the store's
-    /// values into an empty topic: they are read back from its start).
+    /// values into an empty topic: past them).
     pub fn set_state_position(&self, position: i64) -> Result<(), StoreError> {
         self.meta()?.insert(POSITION, &position.to_be_bytes())?;
         Ok(())
