@@ -1,5 +1,5 @@
-//! 認証情報 (credentials): the password state of each login number, in the sled tree
-//! [`TREE`] of the engine's store (one store holds all state).
+//! 認証情報 (credentials): the password state of each login number, kept in the
+//! engine's store as shared subscriber state (docs/cluster.md).
 //!
 //! A login number has at most one credential: a 仮パスワード (temporary password, set by
 //! phone, R-I7) or a パスワード (password, set on the site). The rules:
@@ -30,9 +30,6 @@ pub use engine::store::{
 };
 use engine::store::{Store, StoreError};
 use engine::telemetry::{Lockout, Metrics};
-
-/// Name of the sled tree: login number → JSON [`CredentialRecord`].
-pub const TREE: &str = engine::store::CREDENTIALS_TREE;
 
 /// argon2id memory cost in KiB: OWASP's minimum, 19 MiB.
 pub const ARGON2_M_COST_KIB: u32 = 19_456;
@@ -70,12 +67,8 @@ pub type Verdict = Result<LoginOk, LoginFailure>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("credential store I/O failed: {0}")]
-    Sled(#[from] sled::Error),
-    #[error("cannot open the credential store: {0}")]
+    #[error("credential store: {0}")]
     Store(#[from] StoreError),
-    #[error("credential record of {number} is corrupt: {source}")]
-    Corrupt { number: PhoneNumber, source: serde_json::Error },
     #[error("password hashing failed: {0}")]
     Hash(argon2::password_hash::Error),
     #[error("password hashing task failed: {0}")]
@@ -93,7 +86,7 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Opens the [`TREE`] of `store`; lockouts are counted in metrics of their own until
+    /// The credentials of `store`; lockouts are counted in metrics of their own until
     /// [`Credentials::counting_in`].
     pub fn open(store: &Store) -> Result<Self, CredentialError> {
         Ok(Self { store: store.clone(), metrics: Metrics::new() })

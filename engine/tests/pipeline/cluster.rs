@@ -236,3 +236,40 @@ async fn r_m4_mails_a_lost_node_had_queued_are_sent_by_the_next_reader_of_their_
     assert_eq!(to, numbers.iter().map(|n| format!("{n}@example.jp")).collect::<Vec<_>>(), "each once");
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 10.0);
 }
+
+/// An owner that dies after carrying out a batch on its own store but before the state
+/// topic confirmed it leaves its store marked: at the next start that store is rebuilt
+/// from the topic, so a write the cluster never got does not linger on one node (R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_store_left_mid_batch_by_its_owner_is_rebuilt_from_the_state_topic() {
+    use engine::store::state::Op;
+    use engine::store::{LineRecord, Services};
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    a.stop().await;
+    {
+        // What the owner does before it publishes: the mark, then the batch's writes;
+        // then the process dies.
+        let path = h.dir.path().join("a");
+        let deadline = std::time::Instant::now() + WAIT;
+        let store = loop {
+            match Store::open(&path) {
+                Ok(store) => break store,
+                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the store opens again: {e}"),
+            }
+        };
+        store.begin_owner_batch().unwrap();
+        let line = LineRecord { contract: n("0612345678"), numbers: vec![n("0612345678")], unit: None };
+        let numbers = vec![(n("0612345678"), Services { call: true, fax: false }, None)];
+        store.execute(&Op::UpsertLine { line, numbers }).unwrap();
+        store.flush_blocking().unwrap();
+    }
+    let a = h.node("a").await;
+    assert!(a.store.number(&n("0612345678")).unwrap().is_none(), "the write the topic never got is gone");
+    assert!(a.store.number(&n("0312345678")).unwrap().is_some(), "the topic's state is back");
+    a.stop().await;
+}
