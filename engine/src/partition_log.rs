@@ -113,6 +113,9 @@ impl PartitionLog {
                 ("enable.auto.commit", "false"),
                 ("enable.partition.eof", "true"),
                 ("fetch.wait.max.ms", "10"),
+                // librdkafka waits 1 s before fetching again once its queue is full: a
+                // restore of millions of records would spend most of its time there.
+                ("fetch.queue.backoff.ms", "5"),
             ])
             .create_with_context(EndsExpected)
             .context("creating the changelog reader")?;

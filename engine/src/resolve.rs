@@ -67,8 +67,8 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver over `store` caching at most `capacity` subscriptions. Reads every
-    /// number once to know which have the service, and caches the first `capacity`
+    /// A resolver over `store` caching at most `capacity` subscriptions. Reads the index of
+    /// subscribed numbers once, and caches the first `capacity`
     /// subscriptions: call it where blocking is fine.
     pub fn new(store: Store, capacity: u64) -> Result<Self, StoreError> {
         let cache: Cache<PhoneNumber, Arc<Subscription>> = Cache::new(capacity);
@@ -91,12 +91,14 @@ impl Resolver {
         // each read sled; a write during the scan stops that (its record may be stale).
         let scan_start = generation.load(Ordering::Acquire);
         let mut warm = 0;
-        for record in store.numbers() {
-            let record = record?;
-            let Some(subscription) = Subscription::from_record(&record) else { continue };
-            subscribed.insert(record.number);
+        for number in store.subscribed_numbers() {
+            let number = number?;
+            subscribed.insert(number);
             if warm < capacity && generation.load(Ordering::Acquire) == scan_start {
-                cache.insert(record.number, Arc::new(subscription));
+                let Some(subscription) = store.number(&number)?.as_ref().and_then(Subscription::from_record) else {
+                    continue;
+                };
+                cache.insert(number, Arc::new(subscription));
                 warm += 1;
             }
         }
@@ -211,6 +213,40 @@ mod tests {
             store.save_call_settings(&n, sub_version(&store, &n), settings).unwrap();
             assert!(!resolver.resolve(&n).unwrap().expect("provisioned").enabled);
         }
+    }
+
+    /// A start reads the index of subscribed numbers, not every record: it must follow
+    /// every way a number gains or loses the service (R-C1), written here or applied
+    /// from the state topic by a node catching up.
+    #[test]
+    fn r_c1_a_start_knows_exactly_the_numbers_with_call_notification_however_they_got_there() {
+        let store = Store::temporary().unwrap();
+        let (a, b, c) = (number("0312345601"), number("0312345602"), number("0312345603"));
+        let call = Services { call: true, fax: false };
+        let line = LineRecord { contract: a, numbers: vec![a, b, c], unit: None };
+        store
+            .upsert_line(&line, &[(a, call, None), (b, call, None), (c, Services { call: false, fax: true }, None)])
+            .unwrap();
+        // b leaves the line; c gains the service; a moves to a line of its own.
+        let line = LineRecord { contract: a, numbers: vec![c], unit: None };
+        store.upsert_line(&line, &[(c, call, None)]).unwrap();
+        let own = LineRecord { contract: number("0312345699"), numbers: vec![a], unit: None };
+        store.upsert_line(&own, &[(a, call, None)]).unwrap();
+        let started = Resolver::new(store.clone(), 100).unwrap();
+        assert_eq!(started.subscribed_numbers(), 2);
+        assert!(started.resolve(&a).unwrap().is_some() && started.resolve(&c).unwrap().is_some());
+        assert_eq!(started.resolve(&b).unwrap(), None);
+
+        // A node catching up applies the same values with nobody listening yet.
+        let caught_up = Store::temporary().unwrap();
+        let values: Vec<_> =
+            store.state_entries().map(|kv| kv.map(|(k, v)| (k, Some(v.to_vec())))).collect::<Result<_, _>>().unwrap();
+        caught_up.apply_state(&values, values.len() as i64, &[]).unwrap();
+        let removed = [(crate::store::state::StateKey::number(crate::store::state::StateTree::Numbers, &c), None)];
+        caught_up.apply_state(&removed, values.len() as i64 + 1, &[]).unwrap();
+        let started = Resolver::new(caught_up, 100).unwrap();
+        assert_eq!(started.subscribed_numbers(), 1, "a and nothing else: c's record was deleted");
+        assert!(started.resolve(&a).unwrap().is_some());
     }
 
     fn sub_version(store: &Store, n: &PhoneNumber) -> u64 {

@@ -172,7 +172,6 @@ impl Application {
             let started = std::time::Instant::now();
             let resolver = Resolver::new(store.clone(), capacity)?;
             tracing::info!(
-                numbers = store.number_count(),
                 subscribed = resolver.subscribed_numbers(),
                 cached = resolver.cached_subscriptions(),
                 took = ?started.elapsed(),

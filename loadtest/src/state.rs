@@ -2,7 +2,9 @@
 //! starts on an empty store; the population is imported through it
 //! (`provision import --url`): the import rate. Then node B starts on an empty store
 //! and catches up with the state topic before it serves: its catch-up time (from its
-//! own log line) and its peak RSS.
+//! own log line) and its peak RSS. Last, the bulk path of a first load: the same files
+//! imported into a store of its own (`provision import` without `--url`), then node C
+//! started on it publishes it into an empty state topic: that import rate.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,7 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
         setup_is_real(common),
         "state needs --brokers (Apache Kafka): the mock cluster keeps 100 000 messages a partition"
     );
-    let setup = common.prepare(&["cdr-state"]).await?;
+    let setup = common.prepare(&["cdr-state", "cdr-bulk"]).await?;
     let population = setup.population;
     // In files of at most a million lines: one upload stays below `POST /provision`'s
     // 1 GiB limit.
@@ -45,7 +47,9 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
     a.node = "a".into();
     let mut b = common.engine_config(&setup, a.smtp, "state.example.jp")?;
     (b.topic, b.group, b.node, b.metrics) = (a.topic.clone(), a.group.clone(), "b".into(), free_port()?);
-    for node in [&a, &b] {
+    let mut c = common.engine_config(&setup, a.smtp, "state.example.jp")?;
+    (c.topic, c.group, c.node) = (setup.topics[1].clone(), format!("bulk-{}", std::process::id()), "c".into());
+    for node in [&a, &b, &c] {
         let _ = std::fs::remove_dir_all(node.store_dir());
         let _ = std::fs::remove_file(node.log_file());
     }
@@ -56,7 +60,6 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
     for file in &files {
         let said = a.provision_through(file, first.metrics_addr())?;
         eprintln!("{}: {said} ({:.1} s so far)", file.display(), started.elapsed().as_secs_f64());
-        std::fs::remove_file(file)?;
     }
     let import = started.elapsed();
     let rate = population.numbers as f64 / import.as_secs_f64();
@@ -80,6 +83,32 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
         usage.rss_bytes as f64 / 1e6,
         strip_colours(caught_up)
     );
+    second.stop()?;
+    first.stop()?;
+
+    let started = Instant::now();
+    for file in &files {
+        let said = c.provision(file)?;
+        eprintln!("{}: {said} ({:.1} s so far)", file.display(), started.elapsed().as_secs_f64());
+        std::fs::remove_file(file)?;
+    }
+    let offline = started.elapsed();
+    let mut third = c.serve()?;
+    third.wait_ready(Duration::from_secs(1800)).await?;
+    let bulk = started.elapsed();
+    let bulk_rate = population.numbers as f64 / bulk.as_secs_f64();
+    let log = std::fs::read_to_string(c.log_file()).context("node C's log")?;
+    let carried = log.lines().find(|l| l.contains("into the empty state topic")).unwrap_or("(no carry-over line)");
+    println!(
+        "bulk path: {} lines imported into node C's own store in {:.1} s, node C serving {:.1} s after that          ({bulk_rate:.0} lines/s in all, peak RSS {:.0} MB); {}",
+        population.numbers,
+        offline.as_secs_f64(),
+        (bulk - offline).as_secs_f64(),
+        third.usage().peak_rss_bytes as f64 / 1e6,
+        strip_colours(carried)
+    );
+    third.stop()?;
+
     let report = serde_json::json!({
         "numbers": population.numbers,
         "import_secs": import.as_secs_f64(),
@@ -87,11 +116,13 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
         "catch_up_serving_secs": serving.as_secs_f64(),
         "catch_up_log": strip_colours(caught_up),
         "peak_rss_mb": usage.peak_rss_bytes as f64 / 1e6,
+        "bulk_offline_import_secs": offline.as_secs_f64(),
+        "bulk_secs": bulk.as_secs_f64(),
+        "bulk_lines_per_sec": bulk_rate,
+        "bulk_log": strip_colours(carried),
     });
     std::fs::create_dir_all(&common.out)?;
     std::fs::write(common.out.join("state.json"), serde_json::to_string_pretty(&report)?)?;
-    second.stop()?;
-    first.stop()?;
     drop(setup);
     Ok(())
 }

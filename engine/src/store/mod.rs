@@ -81,6 +81,8 @@ pub struct Store {
     db: sled::Db,
     lines: sled::Tree,
     numbers: sled::Tree,
+    /// The index of numbers with call notification ([`subscribers::SUBSCRIBED_TREE`]).
+    subscribed: sled::Tree,
     /// The settings site's credentials by login number (the admin crate reads and writes
     /// them): a number that leaves its line loses its credential in the same write.
     credentials: sled::Tree,
@@ -222,9 +224,10 @@ impl Store {
         let errors = ErrorCounter::default();
         let journal = dir.map(|dir| Journal::open(dir, &db, &sent, errors.clone())).transpose()?.map(Arc::new);
         sent.index_once(&db)?;
-        Ok(Self {
+        let store = Self {
             lines: db.open_tree("lines")?,
             numbers: db.open_tree("numbers")?,
+            subscribed: db.open_tree(subscribers::SUBSCRIBED_TREE)?,
             credentials: db.open_tree(CREDENTIALS_TREE)?,
             sessions: db.open_tree(state::SESSIONS_TREE)?,
             sent,
@@ -236,7 +239,9 @@ impl Store {
             errors,
             writer: Arc::default(),
             partition_sink: Arc::default(),
-        })
+        };
+        store.index_subscribed_once()?;
+        Ok(store)
     }
 
     /// Counts the store's errors (a failed flush, an unwritable journal) in `counter`
@@ -294,6 +299,27 @@ pub(crate) mod tests {
                 Err(e) => panic!("the store must open again: {e}"),
             }
         }
+    }
+
+    /// A store written before the index of subscribed numbers existed gets it at its
+    /// first open: otherwise no number of it would be notified after the upgrade.
+    #[test]
+    fn a_store_from_before_the_index_of_subscribed_numbers_is_indexed_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (PhoneNumber::parse("0312345601").unwrap(), PhoneNumber::parse("0312345602").unwrap());
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let line = LineRecord { contract: a, numbers: vec![a, b], unit: None };
+            let call = Services { call: true, fax: false };
+            store.upsert_line(&line, &[(a, call, None), (b, Services { call: false, fax: true }, None)]).unwrap();
+            // As an older version left it: no index, no marker.
+            store.subscribed.clear().unwrap();
+            store.db.remove(b"subscribed indexed").unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = open_again(dir.path());
+        let indexed: Vec<_> = store.subscribed_numbers().collect::<Result<_, _>>().unwrap();
+        assert_eq!(indexed, [a]);
     }
 
     /// Many mails finishing at once each record and flush their sent record (and retry

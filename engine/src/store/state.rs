@@ -489,34 +489,42 @@ impl Store {
         position: i64,
         answered: &[(String, u64)],
     ) -> Result<(), StoreError> {
-        let mut batches: [sled::Batch; 4] = Default::default();
+        // Plain writes in order, not sled batches: at 10 000 000 numbers batches of
+        // 20 000 records applied half as fast and held their records twice in memory.
+        // The position is written after the values, and sled keeps writes in order, so
+        // a crash between loses no value the position claims.
         // Nobody listens while a node catches up at start: no record to decode.
         let listening = !self.listeners.read().expect("listener lock").is_empty();
         let mut changed = Vec::new();
         for (key, value) in values {
-            let index = StateTree::ALL.iter().position(|t| *t == key.tree).expect("a state tree");
+            let tree = self.state_tree(key.tree);
             match value {
-                Some(raw) => batches[index].insert(key.id.as_bytes(), raw.as_slice()),
-                None => batches[index].remove(key.id.as_bytes()),
-            }
-            if key.tree == StateTree::Numbers && listening {
-                let record = value.as_deref().map(serde_json::from_slice).transpose()?;
+                Some(raw) => tree.insert(key.id.as_bytes(), raw.as_slice())?,
+                None => tree.remove(key.id.as_bytes())?,
+            };
+            if key.tree == StateTree::Numbers {
                 let number =
                     PhoneNumber::parse(&key.id).map_err(|_| StoreError::State(format!("{} is no number", key.id)))?;
-                changed.push((number, record));
+                if listening {
+                    let record = value.as_deref().map(serde_json::from_slice).transpose()?;
+                    changed.push((number, record));
+                } else {
+                    // Only what the index of subscribed numbers needs.
+                    #[derive(serde::Deserialize)]
+                    struct Contracted {
+                        services: Services,
+                    }
+                    let contracted: Option<Contracted> = value.as_deref().map(serde_json::from_slice).transpose()?;
+                    self.index_subscribed(&number, contracted.is_some_and(|c| c.services.call))?;
+                }
             }
         }
-        for (tree, batch) in StateTree::ALL.into_iter().zip(batches) {
-            self.state_tree(tree).apply_batch(batch)?;
-        }
-        let mut meta = sled::Batch::default();
-        meta.insert(POSITION, &position.to_be_bytes());
+        let meta = self.meta()?;
         for (node, id) in answered {
-            meta.insert(format!("{ANSWERED}{node}").as_bytes(), &id.to_be_bytes());
+            meta.insert(format!("{ANSWERED}{node}").as_bytes(), &id.to_be_bytes())?;
         }
-        self.meta()?.apply_batch(meta)?;
-        self.changed(&changed);
-        Ok(())
+        meta.insert(POSITION, &position.to_be_bytes())?;
+        self.changed(&changed)
     }
 
     /// The next offset of the state topic this store has not applied (0: none yet).
@@ -583,6 +591,7 @@ impl Store {
         for tree in StateTree::ALL {
             self.state_tree(tree).clear()?;
         }
+        self.subscribed.clear()?;
         let meta = self.meta()?;
         meta.clear()?;
         self.db.flush()?;
