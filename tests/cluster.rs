@@ -8,6 +8,7 @@ use std::time::Duration;
 use engine::config::Settings;
 use engine::embedded::EmbeddedKafka;
 use engine::startup::Application;
+use testkit::http::request as http;
 
 const TOPIC: &str = "cdr";
 const DEAD_LETTER_TOPIC: &str = "cdr-dead-letter";
@@ -50,52 +51,6 @@ async fn node(kafka: &EmbeddedKafka, dir: &std::path::Path, name: &str) -> Node 
     Node { site: addr, store, stop, engine }
 }
 
-/// One HTTP/1.1 exchange: the status, the `Set-Cookie` name=value pairs, the
-/// `Location`, and the body.
-struct Answer {
-    status: u16,
-    cookies: Vec<(String, String)>,
-    location: Option<String>,
-    body: String,
-}
-
-async fn http(addr: SocketAddr, method: &str, path: &str, cookies: &str, form: Option<&str>) -> Answer {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let body = form.unwrap_or("");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nCookie: {cookies}\r\n");
-    if form.is_some() {
-        request.push_str(&format!(
-            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let header = |line: &str, name: &str| {
-        line.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_owned())
-    };
-    let cookies = head
-        .lines()
-        .filter_map(|l| header(l, "set-cookie"))
-        .filter_map(|c| c.split(';').next()?.split_once('=').map(|(n, v)| (n.to_owned(), v.to_owned())))
-        .collect();
-    let location = head.lines().find_map(|l| header(l, "location"));
-    Answer { status, cookies, location, body: body.to_owned() }
-}
-
-/// The hidden CSRF field's value in `page`.
-fn csrf(page: &str) -> String {
-    let at = page.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
-    page[at..].split('"').next().expect("its value").to_owned()
-}
-
 /// R-S1, R-S7: a subscriber logs in on node A; the session serves pages on node B and
 /// node C; the logout on node C ends it on node A too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,8 +72,8 @@ async fn r_s7_a_site_session_is_used_on_every_node_and_a_logout_on_one_ends_it_o
 
     let (a, b, c) = (nodes[0].site, nodes[1].site, nodes[2].site);
     let form = http(a, "GET", "/login", "", None).await;
-    let pre = form.cookies.iter().map(|(n, v)| format!("{n}={v}")).collect::<Vec<_>>().join("; ");
-    let login = format!("number={NUMBER}&password={PASSWORD}&csrf={}", csrf(&form.body));
+    let login = format!("number={NUMBER}&password={PASSWORD}&csrf={}", form.csrf());
+    let pre = form.cookie_header();
     let logged_in = http(a, "POST", "/login", &pre, Some(&login)).await;
     assert_eq!((logged_in.status, logged_in.location.as_deref()), (303, Some("/")), "{}", logged_in.body);
     let (name, id) = logged_in.cookies.iter().find(|(n, _)| n.contains("session")).expect("a session cookie").clone();
@@ -130,7 +85,7 @@ async fn r_s7_a_site_session_is_used_on_every_node_and_a_logout_on_one_ends_it_o
         assert!(menu.body.contains(NUMBER), "node {node} shows the subscriber's page");
     }
     let menu = http(c, "GET", "/", &session, None).await;
-    let out = http(c, "POST", "/logout", &session, Some(&format!("csrf={}", csrf(&menu.body)))).await;
+    let out = http(c, "POST", "/logout", &session, Some(&format!("csrf={}", menu.csrf()))).await;
     assert_eq!(out.status, 303, "logged out on node C: {}", out.body);
     for (node, site) in [("A", a), ("B", b)] {
         let after = http(site, "GET", "/", &session, None).await;

@@ -13,6 +13,7 @@ mod world;
 use std::time::{Duration, Instant, SystemTime};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use testkit::http::Answer;
 use world::*;
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -910,17 +911,38 @@ struct InProcess {
 
 impl InProcess {
     fn start(spec: &EngineSpec, dir: &std::path::Path, count: usize) -> Self {
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        let nodes = runtime.block_on(async {
-            let mut nodes = Vec::new();
-            for i in 0..count {
-                let store = dir.join(format!("node-{i}"));
-                let settings = spec.settings(&[("CALLNOTIFY__STORE__PATH", &store.display().to_string())]);
-                nodes.push(engine::startup::Application::build(settings).await.expect("node starts"));
-            }
-            nodes
-        });
-        Self { runtime, nodes }
+        let mut cluster = Self { runtime: tokio::runtime::Runtime::new().unwrap(), nodes: Vec::new() };
+        for _ in 0..count {
+            cluster.add(spec, dir);
+        }
+        cluster
+    }
+
+    /// Starts one more node, on an empty store of its own; it serves once caught up.
+    fn add(&mut self, spec: &EngineSpec, dir: &std::path::Path) -> &engine::startup::Application {
+        let store = dir.join(format!("node-{}", self.nodes.len()));
+        let settings = spec.settings(&[("CALLNOTIFY__STORE__PATH", &store.display().to_string())]);
+        let node = self.runtime.block_on(engine::startup::Application::build(settings)).expect("node starts");
+        self.nodes.push(node);
+        self.nodes.last().expect("just added")
+    }
+
+    /// Serves node `i`'s settings site on a loopback port, as `callnotify serve` does.
+    fn serve_site(&self, i: usize) -> std::net::SocketAddr {
+        let store = self.nodes[i].store().clone();
+        self.runtime.block_on(async move {
+            let credentials = admin::credentials::Credentials::open(&store).expect("credentials");
+            let site = admin::site::SiteState::new(store, credentials, admin::clock::SystemClock::shared());
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            tokio::spawn(async move { axum::serve(listener, admin::site::router(site)).await.expect("site") });
+            addr
+        })
+    }
+
+    /// One request to a site this runtime serves.
+    fn http(&self, site: std::net::SocketAddr, method: &str, path: &str, cookies: &str, form: Option<&str>) -> Answer {
+        self.runtime.block_on(testkit::http::request(site, method, path, cookies, form))
     }
 
     /// Stops every node, as SIGTERM does.
@@ -932,6 +954,102 @@ impl InProcess {
             }
         });
     }
+}
+
+/// docs/cluster.md on Apache Kafka, through the settings site: three in-process nodes,
+/// each with its own store and site, one group reading three partitions. A subscriber
+/// provisioned through node A changes their destination on node B's site (R-N2, R-S9:
+/// the form carries its version); calls read by every node go to the new address only.
+/// The session serves pages on nodes A and C, and a logout on C ends it on A and B
+/// (R-S7). A fourth node started on an empty store catches up, shows the new setting,
+/// takes the password (R-S1) and refuses a wrong one.
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn three_nodes_a_destination_changed_on_b_s_site_governs_every_node_and_a_session_works_on_all() {
+    const PARTITIONS: i32 = 3;
+    const NUMBER: &str = "0375000001";
+    const PASSWORD: &str = "kumo2026sora";
+    const NEW: &str = "hanako@it.example.jp";
+    let (sink, spec, dir) = setup("site-nodes", PARTITIONS, &[]);
+    let mut cluster = InProcess::start(&spec, &dir.path, 3);
+    let sites: Vec<std::net::SocketAddr> = (0..3).map(|i| cluster.serve_site(i)).collect();
+    let (a, b, c) = (sites[0], sites[1], sites[2]);
+    let store = cluster.nodes[0].store().clone();
+    let line = testkit::line::Subscriber::new(NUMBER, &[("taro@it.example.jp", true)]).line();
+    engine::provision::import(&store, line.as_bytes()).expect("import through node A");
+    let number = engine::phone::PhoneNumber::parse(NUMBER).unwrap();
+    let credentials = admin::credentials::Credentials::open(&store).expect("credentials");
+    credentials.set_password(&number, PASSWORD, chrono::Utc::now()).expect("password through node A");
+
+    let login = |cluster: &InProcess, site, password: &str| {
+        let form = cluster.http(site, "GET", "/login", "", None);
+        let body = format!("number={NUMBER}&password={password}&csrf={}", form.csrf());
+        cluster.http(site, "POST", "/login", &form.cookie_header(), Some(&body))
+    };
+    let logged_in = login(&cluster, b, PASSWORD);
+    assert_eq!((logged_in.status, logged_in.location.as_deref()), (303, Some("/")), "{}", logged_in.body);
+    let session = logged_in.cookie_header();
+    let path = format!("/numbers/{NUMBER}/call");
+    let page = cluster.http(b, "GET", &path, &session, None);
+    assert_eq!(page.status, 200, "{}", page.body);
+    let version = page.body.split("name=\"version\" value=\"").nth(1).and_then(|v| v.split('"').next()).unwrap();
+    let form = format!(
+        "csrf={}&version={version}&enabled=on&dest_0={}&send_0=on&current={PASSWORD}",
+        page.csrf(),
+        NEW.replace('@', "%40")
+    );
+    let saved = cluster.http(b, "POST", &path, &session, Some(&form));
+    assert_eq!((saved.status, saved.location), (303, Some(format!("{path}?saved=1"))), "{}", saved.body);
+
+    // Every node reads calls: the CDRs' keys spread them over the three partitions.
+    let deadline = Instant::now() + WAIT;
+    let reading = |n: &engine::startup::Application| {
+        n.metrics().value("callnotify_consumer_partitions{consumer=\"0\"}").unwrap_or(0.0) > 0.0
+    };
+    while !cluster.nodes.iter().all(reading) {
+        assert!(Instant::now() < deadline, "the partitions were never shared by all three nodes");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cdrs = Cdrs::new(&spec.brokers, &spec.topic);
+    let to = engine::address::DestinationAddress::parse(NEW).unwrap();
+    let mut expected = Vec::new();
+    for i in 0..30 {
+        let call_id = format!("site-nodes-{i}");
+        expected.push(engine::render::message_id(NUMBER, &call_id, &to, FROM_DOMAIN));
+        cdrs.send(&format!("key-{i}"), &cdr(&call_id, NUMBER, Some("09011112222"), false));
+    }
+    cdrs.flush();
+    let arrived = sink.wait_for(&expected);
+    let sent: Vec<f64> =
+        cluster.nodes.iter().map(|n| n.metrics().value("callnotify_mails_sent_total").unwrap_or(0.0)).collect();
+    println!("site on three nodes: mails sent by each {sent:?}");
+    assert_eq!(tally(&expected, &arrived), (0, 0, 0), "every call notified once, at the address saved on B");
+    assert!(sent.iter().all(|&n| n > 0.0), "every node read calls and notified: {sent:?}");
+
+    for (node, site) in [("A", a), ("C", c)] {
+        let menu = cluster.http(site, "GET", "/", &session, None);
+        assert_eq!(menu.status, 200, "node {node} serves the session: {:?} {}", menu.location, menu.body);
+        assert!(menu.body.contains(NUMBER), "node {node} shows the subscriber's page");
+    }
+    let menu = cluster.http(c, "GET", "/", &session, None);
+    let out = cluster.http(c, "POST", "/logout", &session, Some(&format!("csrf={}", menu.csrf())));
+    assert_eq!(out.status, 303, "logged out on node C: {}", out.body);
+    for (node, site) in [("A", a), ("B", b)] {
+        let after = cluster.http(site, "GET", "/", &session, None);
+        assert_eq!((after.status, after.location.as_deref()), (303, Some("/login?notice=ended")), "node {node}");
+    }
+
+    let started = Instant::now();
+    cluster.add(&spec, &dir.path);
+    println!("fourth node: serving {:?} after its start", started.elapsed());
+    let d = cluster.serve_site(3);
+    let wrong = login(&cluster, d, "wrong2026pass");
+    assert_eq!((wrong.status, wrong.location), (200, None), "a wrong password is refused on the fourth node");
+    let logged_in = login(&cluster, d, PASSWORD);
+    assert_eq!((logged_in.status, logged_in.location.as_deref()), (303, Some("/")), "{}", logged_in.body);
+    let page = cluster.http(d, "GET", &path, &logged_in.cookie_header(), None);
+    assert!(page.body.contains(NEW), "the fourth node shows the destination saved on B");
+    cluster.stop();
 }
 
 /// R-S2, R-S3 on Apache Kafka: wrong entries spread round robin over three nodes lock a

@@ -234,7 +234,17 @@ impl StateLog {
             // A single-node store's first start in cluster mode, or a state topic that
             // was lost (the embedded cluster lives only as long as its process): the
             // store's values become the topic's.
-            carry_over(store, options, producer_config(&[("enable.idempotence", "true"), ("acks", "all")]))?;
+            carry_over(
+                store,
+                options,
+                producer_config(&[
+                    ("enable.idempotence", "true"),
+                    ("acks", "all"),
+                    ("linger.ms", "20"),
+                    ("batch.size", "1000000"),
+                    ("compression.type", "lz4"),
+                ]),
+            )?;
             // The store holds what it just published: reading it back would write every
             // value again.
             let (_, published) = reader
