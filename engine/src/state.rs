@@ -47,7 +47,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::error_event::ErrorEvent;
-use crate::store::state::{Op, OpError, Reply, StateKey, StateWriter};
+use crate::store::state::{Changed, Op, OpError, Reply, StateKey, StateWriter};
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -641,13 +641,19 @@ impl Owner {
             for op in &request.ops {
                 let before = self.store.values_before(op)?;
                 match self.store.execute(op) {
-                    Ok((reply, touched)) => {
+                    Ok((reply, Changed::Keys(touched))) => {
                         // Only what changed: a login that counts nothing writes nothing.
                         for key in touched {
                             let value = self.store.state_value(&key)?;
                             if before.iter().any(|(k, v)| *k == key && *v == value) {
                                 continue;
                             }
+                            self.publish(&key.encode(), value.as_deref())?;
+                        }
+                        results.push(Ok(reply));
+                    }
+                    Ok((reply, Changed::Values(written))) => {
+                        for (key, value) in written.into_values() {
                             self.publish(&key.encode(), value.as_deref())?;
                         }
                         results.push(Ok(reply));

@@ -197,6 +197,44 @@ pub trait StateWriter: Send + Sync {
     fn write(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>>;
 }
 
+/// What an op changed, for the state owner to publish.
+#[derive(Debug)]
+pub enum Changed {
+    /// Keys the op may have changed: the owner publishes those whose value differs
+    /// from what [`Store::values_before`] read.
+    Keys(Vec<StateKey>),
+    /// The values the op wrote (`None`: removed), each key once: published as they are.
+    Values(Written),
+}
+
+/// The values a write made, in order, the last value of each key only.
+#[derive(Debug, Default)]
+pub struct Written(Vec<(StateKey, Option<sled::IVec>)>);
+
+impl Written {
+    pub(super) fn line(&mut self, contract: &PhoneNumber, value: sled::IVec) {
+        self.put(StateKey::number(StateTree::Lines, contract), Some(value));
+    }
+
+    pub(super) fn number(&mut self, number: &PhoneNumber, value: Option<sled::IVec>) {
+        self.put(StateKey::number(StateTree::Numbers, number), value);
+    }
+
+    pub(super) fn credential_removed(&mut self, number: &PhoneNumber) {
+        self.put(StateKey::number(StateTree::Credentials, number), None);
+    }
+
+    /// A key written again (an upsert that started over) keeps only its last value.
+    fn put(&mut self, key: StateKey, value: Option<sled::IVec>) {
+        self.0.retain(|(k, _)| *k != key);
+        self.0.push((key, value));
+    }
+
+    pub fn into_values(self) -> Vec<(StateKey, Option<sled::IVec>)> {
+        self.0
+    }
+}
+
 /// The trees that hold subscriber state, as keys of the state topic name them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StateTree {
@@ -287,25 +325,24 @@ impl Store {
         }
     }
 
-    /// Carries out `op` on this store (the owner's side); also returns every key whose
-    /// value it may have changed.
-    pub fn execute(&self, op: &Op) -> Result<(Reply, Vec<StateKey>), StoreError> {
+    /// Carries out `op` on this store (the owner's side); also returns what it changed.
+    pub fn execute(&self, op: &Op) -> Result<(Reply, Changed), StoreError> {
+        let keys = |keys: Vec<StateKey>| Changed::Keys(keys);
+        match op {
+            Op::UpsertLine { line, numbers } => {
+                let (upserted, written) = self.upsert_line_here(line, numbers)?;
+                Ok((Reply::Upserted(upserted), Changed::Values(written)))
+            }
+            other => self.execute_keyed(other).map(|(reply, touched)| (reply, keys(touched))),
+        }
+    }
+
+    /// [`Store::execute`] of an op that names the keys it may have changed.
+    fn execute_keyed(&self, op: &Op) -> Result<(Reply, Vec<StateKey>), StoreError> {
         let key = StateKey::number;
         let session = |key: &str| StateKey { tree: StateTree::Sessions, id: key.to_owned() };
         match op {
-            Op::UpsertLine { line, numbers } => {
-                let before = self.line(&line.contract)?.map(|l| l.numbers).unwrap_or_default();
-                let upserted = self.upsert_line_here(line, numbers)?;
-                let mut touched = vec![key(StateTree::Lines, &line.contract)];
-                touched.extend(upserted.moved.iter().map(|(_, from)| key(StateTree::Lines, from)));
-                for number in numbers.iter().map(|(n, ..)| n).chain(before.iter()) {
-                    touched.push(key(StateTree::Numbers, number));
-                    touched.push(key(StateTree::Credentials, number));
-                }
-                touched.sort_by_key(StateKey::encode);
-                touched.dedup();
-                Ok((Reply::Upserted(upserted), touched))
-            }
+            Op::UpsertLine { .. } => Err(StoreError::State("an upsert names what it wrote".into())),
             Op::SaveCallSettings { number, expected, settings } => {
                 let version = self.save_call_settings_here(number, *expected, settings.clone())?;
                 Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
@@ -400,19 +437,13 @@ impl Store {
         Ok(ended)
     }
 
-    /// The values before `op` of the keys it may change, known before it runs (a line
-    /// it moves a number away from is not among them: it always changes).
+    /// The values before `op` of the keys it may change, known before it runs, for an
+    /// op that answers [`Changed::Keys`].
     pub fn values_before(&self, op: &Op) -> Result<Vec<(StateKey, Option<sled::IVec>)>, StoreError> {
         let mut keys = Vec::new();
         match op {
-            Op::UpsertLine { line, numbers } => {
-                keys.push(StateKey::number(StateTree::Lines, &line.contract));
-                let before = self.line(&line.contract)?.map(|l| l.numbers).unwrap_or_default();
-                for number in numbers.iter().map(|(n, ..)| n).chain(before.iter()) {
-                    keys.push(StateKey::number(StateTree::Numbers, number));
-                    keys.push(StateKey::number(StateTree::Credentials, number));
-                }
-            }
+            // It names the values it wrote ([`Changed::Values`]).
+            Op::UpsertLine { .. } => {}
             Op::SaveCallSettings { number, .. } => keys.push(StateKey::number(StateTree::Numbers, number)),
             Op::SetLineUnit { contract, .. } => keys.push(StateKey::number(StateTree::Lines, contract)),
             Op::SetCredential { number, .. }
@@ -645,9 +676,14 @@ mod tests {
         let services = Services { call: true, fax: false };
         let mut position = 0;
         let mut apply = |op: Op| {
-            let (_, touched) = owner.execute(&op).unwrap();
-            let values: Vec<_> =
-                touched.iter().map(|k| (k.clone(), owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect();
+            let values: Vec<_> = match owner.execute(&op).unwrap().1 {
+                Changed::Keys(touched) => {
+                    touched.iter().map(|k| (k.clone(), owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect()
+                }
+                Changed::Values(written) => {
+                    written.into_values().into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))).collect()
+                }
+            };
             position += 1;
             view.apply_state(&values, position, &[]).unwrap();
         };

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::state::{Attempt, Op, Reply};
+use super::state::{Attempt, Op, Reply, Written};
 use super::{AuthUnit, CallSettings, CredentialRecord, LineRecord, NumberRecord, Services, Store, StoreError};
 use crate::phone::PhoneNumber;
 
@@ -179,10 +179,11 @@ impl Store {
         &self,
         line: &LineRecord,
         numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
-    ) -> Result<Upserted, StoreError> {
+    ) -> Result<(Upserted, Written), StoreError> {
         // Kept over a start-over: what an earlier attempt wrote stays written.
         let mut touched: Vec<(PhoneNumber, Option<NumberRecord>)> = Vec::new();
         let mut upserted = Upserted::default();
+        let mut written = Written::default();
         'again: loop {
             let old_raw = self.lines.get(line.contract.as_str())?;
             let old_line: Option<LineRecord> = old_raw.as_deref().map(serde_json::from_slice).transpose()?;
@@ -190,8 +191,12 @@ impl Store {
                 for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
                     // A number that leaves the line takes nothing with it: not its
                     // settings, not the password its old subscriber set (R-M3).
-                    self.numbers.remove(gone.as_str())?;
-                    self.credentials.remove(gone.as_str())?;
+                    if self.numbers.remove(gone.as_str())?.is_some() {
+                        written.number(gone, None);
+                    }
+                    if self.credentials.remove(gone.as_str())?.is_some() {
+                        written.credential_removed(gone);
+                    }
                     touched.push((*gone, None));
                     upserted.removed.push(*gone);
                 }
@@ -203,17 +208,23 @@ impl Store {
             for (number, services, settings) in numbers {
                 let raw = self.numbers.get(number.as_str())?;
                 let mut old: Option<NumberRecord> = raw.as_deref().map(serde_json::from_slice).transpose()?;
-                if old.is_none() {
-                    // A number new to the store has no credential: one left from before
-                    // it was removed (by an older version) belongs to someone else.
-                    self.credentials.remove(number.as_str())?;
+                // A number new to the store has no credential: one left from before it
+                // was removed (by an older version) belongs to someone else.
+                if old.is_none() && self.credentials.remove(number.as_str())?.is_some() {
+                    written.credential_removed(number);
                 }
                 if let Some(other) = old.as_ref().map(|o| o.contract).filter(|c| *c != line.contract) {
                     // The number moves between lines: the old line must not list it, and
                     // the new subscriber gets neither the old one's settings (their
                     // addresses would get the new one's calls) nor their password.
-                    self.update_line(&other, |other_line| other_line.numbers.retain(|n| n != number))?;
-                    self.credentials.remove(number.as_str())?;
+                    if let Some(raw) =
+                        self.update_line(&other, |other_line| other_line.numbers.retain(|n| n != number))?
+                    {
+                        written.line(&other, raw);
+                    }
+                    if self.credentials.remove(number.as_str())?.is_some() {
+                        written.credential_removed(number);
+                    }
                     upserted.moved.push((*number, other));
                     old = None;
                 }
@@ -235,34 +246,42 @@ impl Store {
                 };
                 let record = NumberRecord { number: *number, contract: line.contract, services: *services, call };
                 if old.as_ref() != Some(&record) {
-                    let new = serde_json::to_vec(&record)?;
-                    if self.numbers.compare_and_swap(number.as_str(), raw, Some(new))?.is_err() {
+                    let new = sled::IVec::from(serde_json::to_vec(&record)?);
+                    if self.numbers.compare_and_swap(number.as_str(), raw, Some(new.clone()))?.is_err() {
                         continue 'again;
                     }
+                    written.number(number, Some(new));
                     touched.push((*number, Some(record)));
                 }
             }
-            let new = serde_json::to_vec(&stored)?;
-            if self.lines.compare_and_swap(line.contract.as_str(), old_raw, Some(new))?.is_err() {
-                continue 'again;
+            let new = sled::IVec::from(serde_json::to_vec(&stored)?);
+            if old_raw.as_ref() != Some(&new) {
+                if self.lines.compare_and_swap(line.contract.as_str(), old_raw, Some(new.clone()))?.is_err() {
+                    continue 'again;
+                }
+                written.line(&line.contract, new);
             }
             break;
         }
         self.changed(&touched)?;
         upserted.moved.dedup();
         upserted.removed.dedup();
-        Ok(upserted)
+        Ok((upserted, written))
     }
 
-    /// Changes the record of line `contract`, if there is one, by `change`.
-    fn update_line(&self, contract: &PhoneNumber, change: impl Fn(&mut LineRecord)) -> Result<(), StoreError> {
+    /// Changes the record of line `contract`, if there is one, by `change`; its new value.
+    fn update_line(
+        &self,
+        contract: &PhoneNumber,
+        change: impl Fn(&mut LineRecord),
+    ) -> Result<Option<sled::IVec>, StoreError> {
         loop {
-            let Some(raw) = self.lines.get(contract.as_str())? else { return Ok(()) };
+            let Some(raw) = self.lines.get(contract.as_str())? else { return Ok(None) };
             let mut line: LineRecord = serde_json::from_slice(&raw)?;
             change(&mut line);
-            let new = serde_json::to_vec(&line)?;
-            if self.lines.compare_and_swap(contract.as_str(), Some(raw), Some(new))?.is_ok() {
-                return Ok(());
+            let new = sled::IVec::from(serde_json::to_vec(&line)?);
+            if self.lines.compare_and_swap(contract.as_str(), Some(raw), Some(new.clone()))?.is_ok() {
+                return Ok(Some(new));
             }
         }
     }
@@ -310,10 +329,10 @@ impl Store {
     }
 
     pub(super) fn set_line_unit_here(&self, contract: &PhoneNumber, unit: AuthUnit) -> Result<(), StoreError> {
-        if !self.lines.contains_key(contract.as_str())? {
-            return Err(StoreError::UnknownNumber(*contract));
+        match self.update_line(contract, |line| line.unit = Some(unit))? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::UnknownNumber(*contract)),
         }
-        self.update_line(contract, |line| line.unit = Some(unit))
     }
 }
 
