@@ -47,7 +47,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::error_event::ErrorEvent;
-use crate::store::state::{Changed, Op, OpError, Reply, StateKey, StateTree, StateWriter};
+use crate::store::state::{Changed, Op, OpError, Reply, StateKey, StateWriter};
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -431,40 +431,21 @@ fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -
     let started = Instant::now();
     let producer: BaseProducer<Published> =
         config.create_with_context(Published::default()).context("creating the carry-over producer")?;
-    // One thread per tree: walking a large store is what takes the time (10 000 000
-    // lines: 20 000 000 records), and lines and numbers are as large as each other.
-    let counts = std::thread::scope(|scope| {
-        let walks: Vec<_> = StateTree::ALL
-            .into_iter()
-            .map(|tree| {
-                let producer = &producer;
-                scope.spawn(move || -> anyhow::Result<u64> {
-                    let mut count = 0u64;
-                    for entry in store.state_entries_of(tree) {
-                        let (key, value) = entry?;
-                        let key = key.encode();
-                        let mut record =
-                            BaseRecord::<str, [u8]>::to(options.topic).key(key.as_str()).payload(value.as_ref());
-                        loop {
-                            match producer.send(record) {
-                                Ok(()) => break,
-                                Err((_, back)) => {
-                                    producer.poll(Duration::from_millis(10));
-                                    record = back;
-                                }
-                            }
-                        }
-                        count += 1;
-                    }
-                    Ok(count)
-                })
-            })
-            .collect();
-        walks.into_iter().map(|walk| walk.join().expect("a carry-over thread panicked")).collect::<Vec<_>>()
-    });
-    let mut count = 0;
-    for walked in counts {
-        count += walked?;
+    let mut count = 0u64;
+    for entry in store.state_entries() {
+        let (key, value) = entry?;
+        let key = key.encode();
+        let mut record = BaseRecord::<str, [u8]>::to(options.topic).key(key.as_str()).payload(value.as_ref());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    producer.poll(Duration::from_millis(10));
+                    record = back;
+                }
+            }
+        }
+        count += 1;
     }
     producer.flush(Duration::from_secs(60)).context("carrying the store over into the state topic")?;
     if let (_, Some(failure)) = &*producer.context().last.lock().expect("published lock") {

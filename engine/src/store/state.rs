@@ -631,19 +631,13 @@ impl Store {
 
     /// Every key and value of the state trees (carrying a single-node store over).
     pub fn state_entries(&self) -> impl Iterator<Item = Result<(StateKey, sled::IVec), StoreError>> + '_ {
-        StateTree::ALL.into_iter().flat_map(move |tree| self.state_entries_of(tree))
-    }
-
-    /// Every key and value of state tree `tree`.
-    pub fn state_entries_of(
-        &self,
-        tree: StateTree,
-    ) -> impl Iterator<Item = Result<(StateKey, sled::IVec), StoreError>> + '_ {
-        self.state_tree(tree).iter().map(move |kv| {
-            let (key, value) = kv?;
-            let id = String::from_utf8(key.to_vec())
-                .map_err(|_| StoreError::State(format!("{} holds a key that is not text", tree.name())))?;
-            Ok((StateKey { tree, id }, value))
+        StateTree::ALL.into_iter().flat_map(move |tree| {
+            self.state_tree(tree).iter().map(move |kv| {
+                let (key, value) = kv?;
+                let id = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::State(format!("{} holds a key that is not text", tree.name())))?;
+                Ok((StateKey { tree, id }, value))
+            })
         })
     }
 
