@@ -221,7 +221,9 @@ impl StateLog {
             store.forget_state()?;
         }
         let attached = store.state_topic()?.as_deref() == Some(options.topic);
-        if attached && store.state_position()? > end {
+        // An empty topic takes the store's values below, whatever the store had read:
+        // rebuilding from nothing would lose every subscriber.
+        if attached && end > 0 && store.state_position()? > end {
             tracing::warn!(
                 topic = options.topic,
                 end,
@@ -234,6 +236,14 @@ impl StateLog {
             // A single-node store's first start in cluster mode, or a state topic that
             // was lost (the embedded cluster lives only as long as its process): the
             // store's values become the topic's.
+            if attached && store.state_position()? > 0 {
+                tracing::warn!(
+                    topic = options.topic,
+                    position = store.state_position()?,
+                    "the state topic is empty but this store was a view of it (recreated, or an embedded cluster): \
+                     publishing this store's subscribers into it"
+                );
+            }
             carry_over(
                 store,
                 options,

@@ -180,6 +180,27 @@ async fn r_l3_a_single_node_store_is_carried_into_the_cluster_once() {
     fresh.stop().await;
 }
 
+/// A node's store started again on an empty state topic (a demo's embedded cluster
+/// lives only as long as its process; a lost topic) publishes its subscribers into it
+/// again. They were wiped instead: the store had read further than the new topic's end
+/// and was taken for a view to rebuild from it, so a second `demo` or a load test on a
+/// reused work directory notified nobody (R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_store_started_again_on_an_empty_state_topic_keeps_its_subscribers() {
+    let first = Harness::new(1).await;
+    let a = first.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    a.stop().await;
+    let second = Harness::new(1).await;
+    let path = first.dir.path().join("a").display().to_string();
+    let again = second.engine_with(&[("CALLNOTIFY__STORE__PATH", &path)]).await;
+    assert!(again.store.number(&n("0312345678")).unwrap().is_some(), "the store keeps its subscriber");
+    let fresh = second.node("fresh").await;
+    assert!(fresh.store.number(&n("0312345678")).unwrap().is_some(), "and published it into the new topic");
+    again.stop().await;
+    fresh.stop().await;
+}
+
 /// Sent records follow their partition: node A notifies 20 calls and leaves; node B,
 /// on an empty store and in a group of its own (as if an operator had rewound the
 /// group), reads every CDR again. It restored A's sent
