@@ -247,13 +247,7 @@ impl StateLog {
             carry_over(
                 store,
                 options,
-                producer_config(&[
-                    ("enable.idempotence", "true"),
-                    ("acks", "all"),
-                    ("linger.ms", "20"),
-                    ("batch.size", "1000000"),
-                    ("compression.type", "lz4"),
-                ]),
+                producer_config(&[("enable.idempotence", "true"), ("acks", "all")]),
             )?;
             // The store holds what it just published: reading it back would write every
             // value again.
