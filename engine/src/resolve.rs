@@ -67,9 +67,9 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// A resolver over `store` caching at most `capacity` subscriptions. Reads the index of
-    /// subscribed numbers once, and caches the first `capacity`
-    /// subscriptions: call it where blocking is fine.
+    /// A resolver over `store` caching at most `capacity` subscriptions. Reads the index
+    /// of subscribed numbers once, and caches the first `capacity` subscriptions: call
+    /// it where blocking is fine.
     pub fn new(store: Store, capacity: u64) -> Result<Self, StoreError> {
         let cache: Cache<PhoneNumber, Arc<Subscription>> = Cache::new(capacity);
         let subscribed = Arc::new(DashSet::new());

@@ -244,11 +244,7 @@ impl StateLog {
                      publishing this store's subscribers into it"
                 );
             }
-            carry_over(
-                store,
-                options,
-                producer_config(&[("enable.idempotence", "true"), ("acks", "all")]),
-            )?;
+            carry_over(store, options, producer_config(&[("enable.idempotence", "true"), ("acks", "all")]))?;
             // The store holds what it just published: reading it back would write every
             // value again.
             let (_, published) = reader

@@ -70,12 +70,18 @@ impl Store {
         if self.db.contains_key(DONE)? {
             return Ok(());
         }
+        let (mut numbers, mut subscribed) = (0usize, 0usize);
         for record in self.numbers() {
             let record = record?;
             self.index_subscribed(&record.number, record.services.call)?;
+            numbers += 1;
+            subscribed += usize::from(record.services.call);
         }
         self.db.flush()?;
         self.db.insert(DONE, &[])?;
+        if numbers > 0 {
+            tracing::info!(numbers, subscribed, "the numbers with call notification indexed, once");
+        }
         Ok(())
     }
 
