@@ -262,6 +262,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
+/// Ctrl-C or SIGTERM; the signal's name.
+async fn stop_signal() -> &'static str {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -270,11 +280,21 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => run::run(args).await,
-            Command::Ingest(args) => ingest::ingest(args).await,
-            Command::Smtp(args) => smtp::smtp(args).await,
-            Command::State(args) => state::state(args).await,
+        let work = async {
+            match cli.command {
+                Command::Run(args) => run::run(args).await,
+                Command::Ingest(args) => ingest::ingest(args).await,
+                Command::Smtp(args) => smtp::smtp(args).await,
+                Command::State(args) => state::state(args).await,
+            }
+        };
+        // Stopped from outside, the run is dropped where it is: every engine process it
+        // started is killed as its handle drops, instead of outliving the load tester.
+        tokio::select! {
+            result = work => result,
+            signal = stop_signal() => {
+                Err(anyhow::anyhow!("stopped by {signal}: the engines it started are stopped, no report is written"))
+            }
         }
     });
     match result {

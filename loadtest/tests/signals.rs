@@ -1,0 +1,74 @@
+//! A load test stopped from outside (Ctrl-C, SIGTERM from a script's timeout) stops the
+//! engine it started: the engine is its child, and an orphan would keep running, holding
+//! its store and ports, until someone finds it.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The pids of the running `callnotify serve` processes whose parent is `parent`.
+fn engines_of(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: the comm may hold spaces, so read after its ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let serve = cmdline.split(|b| *b == 0).any(|arg| arg == b"serve");
+        if ppid == Some(parent) && serve {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Whether `pid` still runs (a zombie has ended).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().chars().next() != Some('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_load_test_stopped_by_sigterm_stops_the_engine_it_started() {
+    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
+    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
+    assert!(engine.exists(), "{} is built by `cargo test --workspace` (or `cargo build`)", engine.display());
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Command::new(loadtest)
+        .args(["run", "--numbers", "2000", "--rate", "100", "--duration", "10m", "--quiet", "--workdir"])
+        .arg(dir.path().join("work"))
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .arg("--engine")
+        .arg(&engine)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let engines = loop {
+        let engines = engines_of(run.id());
+        if !engines.is_empty() {
+            break engines;
+        }
+        assert!(Instant::now() < deadline, "the load test never started its engine");
+        assert!(run.try_wait().unwrap().is_none(), "the load test ended before its engine started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap().success());
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a stopped run is no success: {stderr}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while engines.iter().any(|pid| running(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = engines.into_iter().filter(|pid| running(*pid)).collect();
+    for pid in &left {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    assert!(left.is_empty(), "engines left running after the load test stopped: {left:?}; {stderr}");
+    assert!(stderr.contains("stopped by SIGTERM"), "it says why it stopped: {stderr}");
+}
