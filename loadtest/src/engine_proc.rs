@@ -75,7 +75,7 @@ impl EngineConfig {
         let started = Instant::now();
         let jsonl = self.workdir.join("population.jsonl");
         population.write_jsonl(std::fs::File::create(&jsonl)?)?;
-        let imported = self.provision(&jsonl)?;
+        let imported = self.provision(&jsonl, None)?;
         std::fs::remove_file(&jsonl)?;
         std::fs::write(&marker, shape)?;
         Ok(format!("{imported} in {:.1} s", started.elapsed().as_secs_f64()))
@@ -97,27 +97,15 @@ impl EngineConfig {
         }
     }
 
-    /// Runs `callnotify provision import FILE --url` through the running node whose
-    /// operator endpoint is `metrics`.
-    pub fn provision_through(&self, jsonl: &Path, metrics: SocketAddr) -> anyhow::Result<String> {
-        let url = format!("http://{metrics}");
-        let out = self
-            .command()
-            .args(["provision", "import"])
-            .arg(jsonl)
-            .args(["--url", &url])
-            .output()
-            .context("running provision import --url")?;
-        if !out.status.success() {
-            bail!("provision import --url failed: {}", String::from_utf8_lossy(&out.stderr));
+    /// Runs `callnotify provision import` on a JSON Lines file: into this node's store,
+    /// or with `--url` through the running node whose operator endpoint is `through`.
+    pub fn provision(&self, jsonl: &Path, through: Option<SocketAddr>) -> anyhow::Result<String> {
+        let mut command = self.command();
+        command.args(["provision", "import"]).arg(jsonl);
+        if let Some(metrics) = through {
+            command.args(["--url", &format!("http://{metrics}")]);
         }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    }
-
-    /// Runs `callnotify provision import` on a JSON Lines file.
-    pub fn provision(&self, jsonl: &Path) -> anyhow::Result<String> {
-        let out =
-            self.command().args(["provision", "import"]).arg(jsonl).output().context("running provision import")?;
+        let out = command.output().context("running provision import")?;
         if !out.status.success() {
             bail!("provision import failed: {}", String::from_utf8_lossy(&out.stderr));
         }

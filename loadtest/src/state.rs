@@ -58,7 +58,7 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
     first.wait_ready(Duration::from_secs(120)).await?;
     let started = Instant::now();
     for file in &files {
-        let said = a.provision_through(file, first.metrics_addr())?;
+        let said = a.provision(file, Some(first.metrics_addr()))?;
         eprintln!("{}: {said} ({:.1} s so far)", file.display(), started.elapsed().as_secs_f64());
     }
     let import = started.elapsed();
@@ -88,7 +88,7 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     for file in &files {
-        let said = c.provision(file)?;
+        let said = c.provision(file, None)?;
         eprintln!("{}: {said} ({:.1} s so far)", file.display(), started.elapsed().as_secs_f64());
         std::fs::remove_file(file)?;
     }
