@@ -114,6 +114,8 @@ pub struct StoreSettings {
     pub sled_cache_mb: u64,
     /// Days a sent-mail record is kept: replays within it send nothing again.
     pub sent_retention_days: u64,
+    /// Days a received fax is kept for the site (R-F1), counted from its reception.
+    pub fax_retention_days: u64,
     /// Above 0, sent records are flushed together at most this often under load (ms):
     /// a crash can then resend the mails of that long; see docs/delivery.md.
     pub group_commit_ms: u64,
@@ -192,6 +194,9 @@ pub struct MetricsSettings {
 pub struct AdminSettings {
     /// The subscriber settings site.
     pub listen: SocketAddr,
+    /// The site's address as subscribers reach it (`https://…`, no trailing `/`): the
+    /// fax mail links to the fax there (R-F1).
+    pub public_url: String,
     /// The IVR platform's API. It trusts the caller ID it is sent, so only the IVR
     /// platform may reach it: never the address subscribers reach.
     pub ivr_listen: SocketAddr,
@@ -372,6 +377,13 @@ impl Settings {
                  would send its mail again"
             )));
         }
+        let url = self.admin.public_url.as_str();
+        if !(url.starts_with("https://") || url.starts_with("http://"))
+            || url.ends_with('/')
+            || url.contains(char::is_whitespace)
+        {
+            return invalid("admin.public_url must be the site's address as subscribers reach it, https://name[:port] without a trailing /");
+        }
         if self.smtp.tls_ca_file.is_some() && self.smtp.tls == TlsMode::None {
             return invalid(
                 "smtp.tls_ca_file is set but smtp.tls is \"none\": set smtp.tls to \"starttls\" or \"tls\"",
@@ -389,13 +401,14 @@ impl Settings {
 
 impl Settings {
     /// Every numeric setting with the values it may take and their unit.
-    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 21] {
+    fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 22] {
         let (k, st, sm, e, a) = (&self.kafka, &self.store, &self.smtp, &self.engine, &self.admin);
         [
             ("kafka.embedded_partitions", k.embedded_partitions.max(0) as u64, 1..=1_000, "partitions"),
             ("store.cache_capacity", st.cache_capacity, 0..=100_000_000, "entries"),
             ("store.sled_cache_mb", st.sled_cache_mb, 1..=65_536, "MiB"),
             ("store.sent_retention_days", st.sent_retention_days, 1..=3_650, "days"),
+            ("store.fax_retention_days", st.fax_retention_days, 1..=3_650, "days"),
             ("store.group_commit_ms", st.group_commit_ms, 0..=1_000, "ms"),
             ("store.min_free_mb", st.min_free_mb, 0..=1_048_576, "MiB"),
             ("smtp.port", u64::from(sm.port), 1..=65_535, ""),

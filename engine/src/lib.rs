@@ -17,7 +17,11 @@
 //! # Layout
 //!
 //! - [`source`]: Kafka consumer threads: offsets, backpressure, revocations, shutdown.
-//! - [`decode`]: message bytes → [`decode::CallEvent`], one module per CDR format.
+//! - [`decode`]: message bytes → [`decode::CallEvent`], one module per CDR format; fax
+//!   records → [`decode::FaxEvent`].
+//! - [`fax`]: FAXお知らせメール (R-F1): fax documents (TIFF Class F, PDF) as page images
+//!   and PDFs, and the expiry of kept faxes. A fax record takes the CDR's path through
+//!   [`pipeline`] and is kept in the shared state ([`store::faxes`]) before its mails go.
 //! - [`resolve`]: called number → [`resolve::Subscription`], a moka cache over the store.
 //! - [`filter`]: the subscriber's send conditions (R-N1, R-N4..R-N7), a pure function.
 //! - [`pipeline`]: one CDR through decode → resolve → filter → dedup → render: the mails to send.
@@ -55,6 +59,7 @@ pub mod demo;
 pub mod disk;
 pub mod embedded;
 pub mod error_event;
+pub mod fax;
 pub mod filter;
 pub mod http;
 pub mod ops;

@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::decode::{check_times, decode, CallEvent, CdrFormat, DecodeError};
+use crate::decode::{check_times, decode, decode_fax, CallEvent, CdrFormat, DecodeError, FaxEvent};
 use crate::error_event::ErrorEvent;
 use crate::filter::{decide, Skip};
 use crate::render::{Mail, Origin, Renderer};
 use crate::resolve::{Resolver, Subscription};
+use crate::store::faxes::FaxRecord;
 use crate::store::{Claims, SentKey, StoreError};
 use crate::telemetry::{Failure, Metrics};
 
@@ -76,6 +77,15 @@ pub fn classify<'a>(
 pub struct Mails {
     pub origin: Origin,
     pub mails: Vec<(SentKey, Mail)>,
+    /// A received fax to keep for the site before any of its mails goes out: they
+    /// link to it (R-F1).
+    pub keep: Option<Box<FaxToKeep>>,
+}
+
+/// A received fax on its way into the store ([`crate::store::Store::keep_fax`]).
+pub struct FaxToKeep {
+    pub record: FaxRecord,
+    pub document: Vec<u8>,
 }
 
 /// What becomes of one message, every stage done.
@@ -104,6 +114,9 @@ impl Pipeline {
     /// Runs one message through every stage at `now`, counting what becomes of it.
     /// Fails only if the store cannot be read: the CDR must then not be skipped.
     pub fn run(&self, format: CdrFormat, payload: &[u8], now: DateTime<Utc>) -> Result<Outcome, StoreError> {
+        if format == CdrFormat::Fax {
+            return self.run_fax(payload, now);
+        }
         let notify = match classify(format, payload, &self.resolver, Now { now, max_age: self.max_call_age })? {
             Verdict::Rejected(e) => {
                 self.metrics.rejected(e.reason());
@@ -159,6 +172,97 @@ impl Pipeline {
         }
         let origin =
             Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at, source: None };
-        Ok(Mails { origin, mails })
+        Ok(Mails { origin, mails, keep: None })
     }
+
+    /// A fax record (R-F1): decoded with its document checked, kept for the site if the
+    /// called number has fax notification contracted, and mailed to each checked
+    /// destination while the service is started. Counted as a CDR is.
+    fn run_fax(&self, payload: &[u8], now: DateTime<Utc>) -> Result<Outcome, StoreError> {
+        let fax = match decode_fax(payload).and_then(|fax| check_fax_time(fax, now)) {
+            Ok(fax) => fax,
+            Err(e) => {
+                self.metrics.rejected(e.reason());
+                return Ok(Outcome::Rejected(e));
+            }
+        };
+        self.metrics.decoded();
+        // A fax older than a call may be is stale as a call is: not mailed, not kept (it
+        // may have expired from the store already).
+        if now - fax.received_at > self.max_call_age {
+            self.metrics.filtered(Skip::Stale);
+            return Ok(Outcome::Nothing);
+        }
+        let number = self.resolver.store().number(&fax.called)?;
+        let Some(number) = number.filter(|n| n.services.fax) else {
+            self.metrics.filtered(Skip::NotSubscribed);
+            return Ok(Outcome::Nothing);
+        };
+        let FaxEvent { fax_id, called, caller, received_at, pages, kind, document } = fax;
+        let record = FaxRecord {
+            number: called,
+            fax_id: fax_id.into_owned(),
+            sender: crate::render::caller_text(&caller).into_owned(),
+            received_at,
+            pages,
+            kind,
+            size: document.len() as u64,
+            read: false,
+            deleted: false,
+        };
+        // The mails' dedup keys and Message-IDs never meet a call's with the same id.
+        let notification = format!("fax:{}", record.fax_id);
+        let mut mails = Vec::new();
+        if !number.fax.enabled {
+            self.metrics.filtered(Skip::Stopped);
+        } else if !number.fax.destinations.iter().any(|d| d.send) {
+            self.metrics.filtered(Skip::NoDestination);
+        } else {
+            self.metrics.notified();
+            let pdf = match number.fax.attach_pdf {
+                true => crate::fax::document::to_pdf(&document).ok(),
+                false => None,
+            };
+            for recipient in number.fax.destinations.iter().filter(|d| d.send).map(|d| &d.address) {
+                let key = SentKey::new(received_at.timestamp(), &called, &notification, recipient.as_str());
+                match self.claims.claim(&key) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.metrics.duplicate();
+                        continue;
+                    }
+                    Err(e) => {
+                        for (key, _) in &mails {
+                            self.claims.release(key);
+                        }
+                        return Err(e);
+                    }
+                }
+                match self.renderer.render_fax(&record, recipient, pdf.as_deref()) {
+                    Ok(mail) => mails.push((key, mail)),
+                    Err(e) => {
+                        self.claims.release(&key);
+                        self.metrics.failed(Failure::Render);
+                        crate::error_event!(self.metrics, ErrorEvent::Render, fax_id = %record.fax_id, %recipient,
+                            error = %e, "fax mail could not be rendered");
+                    }
+                }
+            }
+        }
+        let origin = Origin { call_id: notification, called, ended_at: received_at, source: None };
+        Ok(Outcome::Send(Mails { origin, mails, keep: Some(Box::new(FaxToKeep { record, document })) }))
+    }
+}
+
+/// A fax's reception time must be one a fax can have, as a call's times must
+/// ([`check_times`]).
+fn check_fax_time(fax: FaxEvent<'_>, now: DateTime<Utc>) -> Result<FaxEvent<'_>, DecodeError> {
+    let (field, time) = ("received_at", fax.received_at);
+    if time < crate::decode::EARLIEST_CALL {
+        return Err(DecodeError::Implausible { field, time, why: "before 2000" });
+    }
+    if time > now + crate::decode::FUTURE_SLACK {
+        return Err(DecodeError::Implausible { field, time, why: "more than a day ahead of the engine's clock" });
+    }
+    Ok(fax)
 }

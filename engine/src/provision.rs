@@ -20,7 +20,7 @@ use std::io::BufRead;
 
 use crate::phone::PhoneNumber;
 use crate::store::state::{Op, Reply};
-use crate::store::{AuthUnit, CallSettings, CredentialRecord, LineRecord, Services, Store, StoreError};
+use crate::store::{AuthUnit, CallSettings, CredentialRecord, FaxSettings, LineRecord, Services, Store, StoreError};
 
 /// One line of the format, read by [`import`] and written by [`export`].
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
@@ -43,6 +43,9 @@ struct NumberInput {
     /// a re-import).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     settings: Option<CallSettings>,
+    /// FAXお知らせメール settings (R-F1), in the same way: absent, the number keeps its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fax_settings: Option<FaxSettings>,
     /// Absent: the number keeps the credential it has (none, if new or moved here).
     /// Present: restored as given (an export's backup).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +180,7 @@ pub fn export(store: &Store, credentials: bool, mut out: impl std::io::Write) ->
                 number: *number,
                 services: services.into_iter().filter(|(on, _)| *on).map(|(_, s)| s).collect(),
                 settings: Some(record.call),
+                fax_settings: (!record.fax.is_default()).then_some(record.fax),
                 credential,
             });
         }
@@ -263,16 +267,15 @@ fn apply(
     durable_before: usize,
 ) -> Result<(), ImportError> {
     let mut ops = Vec::new();
-    for (_, (record, numbers, credentials)) in pending.iter() {
+    for (_, (record, numbers, extras)) in pending.iter() {
         ops.push(Op::UpsertLine { line: record.clone(), numbers: numbers.clone() });
-        ops.extend(
-            credentials
-                .iter()
-                .map(|(number, record)| Op::RestoreCredential { number: *number, record: record.clone() }),
-        );
+        ops.extend(extras.iter().map(|extra| match extra {
+            Extra::Credential(number, record) => Op::RestoreCredential { number: *number, record: record.clone() },
+            Extra::Fax(number, settings) => Op::ImportFaxSettings { number: *number, settings: settings.clone() },
+        }));
     }
     let mut results = store.submit_all(ops).into_iter();
-    for (line, (_, numbers, credentials)) in pending.drain(..) {
+    for (line, (_, numbers, extras)) in pending.drain(..) {
         let failed = |source| ImportError::Store { line, from: durable_before, source };
         match results.next().expect("an answer per op") {
             Ok(Reply::Upserted(upserted)) => {
@@ -285,7 +288,7 @@ fn apply(
             Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
             Err(source) => return Err(failed(source)),
         }
-        for _ in &credentials {
+        for _ in &extras {
             results.next().expect("an answer per op").map_err(failed)?;
         }
     }
@@ -313,8 +316,18 @@ pub enum LineError {
     Credential(PhoneNumber),
 }
 
-/// A parsed line: the line, its numbers, and the credentials to restore.
-type Parsed = (LineRecord, Numbers, Vec<(PhoneNumber, CredentialRecord)>);
+/// What a line sets besides the line and its numbers, each by an op of its own after
+/// the upsert.
+#[derive(Debug)]
+enum Extra {
+    /// A credential to restore.
+    Credential(PhoneNumber, CredentialRecord),
+    /// Fax settings to import.
+    Fax(PhoneNumber, FaxSettings),
+}
+
+/// A parsed line: the line, its numbers, and what else it sets.
+type Parsed = (LineRecord, Numbers, Vec<Extra>);
 
 fn parse_line(text: &str) -> Result<Parsed, LineError> {
     let input: LineInput = serde_json::from_str(text).map_err(|e| {
@@ -329,7 +342,7 @@ fn parse_line(text: &str) -> Result<Parsed, LineError> {
     }
     let mut seen = HashSet::new();
     let mut numbers = Vec::with_capacity(input.numbers.len());
-    let mut credentials = Vec::new();
+    let mut extras = Vec::new();
     for n in input.numbers {
         if !seen.insert(n.number) {
             return Err(LineError::ListedTwice(n.number));
@@ -341,7 +354,11 @@ fn parse_line(text: &str) -> Result<Parsed, LineError> {
             if !credential.hash.starts_with("$argon2id$") {
                 return Err(LineError::Credential(n.number));
             }
-            credentials.push((n.number, credential));
+            extras.push(Extra::Credential(n.number, credential));
+        }
+        if let Some(fax) = n.fax_settings {
+            fax.validate().map_err(|source| LineError::Settings { number: n.number, source })?;
+            extras.push(Extra::Fax(n.number, fax));
         }
         let services = Services { call: n.services.contains(&Service::Call), fax: n.services.contains(&Service::Fax) };
         numbers.push((n.number, services, n.settings));
@@ -351,7 +368,7 @@ fn parse_line(text: &str) -> Result<Parsed, LineError> {
     }
     let record =
         LineRecord { contract: input.contract, numbers: numbers.iter().map(|n| n.0).collect(), unit: input.unit };
-    Ok((record, numbers, credentials))
+    Ok((record, numbers, extras))
 }
 
 #[cfg(test)]
@@ -398,6 +415,18 @@ mod tests {
             .unwrap();
         store.restore_credential(&n("0312345678"), &credential(0)).unwrap();
         store.restore_credential(&n("0612345679"), &credential(2)).unwrap();
+        // R-F1: the fax number's settings, saved twice (version 2).
+        let fax = FaxSettings {
+            enabled: true,
+            destinations: vec![crate::store::Destination {
+                address: crate::address::DestinationAddress::parse("fax@example.jp").unwrap(),
+                send: true,
+            }],
+            attach_pdf: true,
+            version: 0,
+        };
+        store.save_fax_settings(&n("0612345679"), 0, fax.clone()).unwrap();
+        store.save_fax_settings(&n("0612345679"), 1, FaxSettings { attach_pdf: false, ..fax }).unwrap();
 
         let mut exported = Vec::new();
         let report = export(&store, true, &mut exported).unwrap();
@@ -407,6 +436,8 @@ mod tests {
         assert_eq!((imported.lines, imported.numbers, imported.rejected.len()), (2, 4, 0));
         assert_eq!(contents(&copy), contents(&store));
         assert_eq!(copy.number(&n("0312345678")).unwrap().unwrap().call.version, 1, "the version is kept");
+        let fax = copy.number(&n("0612345679")).unwrap().unwrap().fax;
+        assert_eq!((fax.enabled, fax.attach_pdf, fax.version, fax.destinations.len()), (true, false, 2, 1));
 
         let mut again = Vec::new();
         export(&copy, true, &mut again).unwrap();

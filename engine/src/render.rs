@@ -16,6 +16,7 @@ use lettre::message::Mailbox;
 use crate::address::DestinationAddress;
 use crate::decode::{CallEvent, Caller};
 use crate::phone::PhoneNumber;
+use crate::store::faxes::FaxRecord;
 
 /// A rendered mail, ready for the deliver stage.
 #[derive(Debug, Clone)]
@@ -53,6 +54,9 @@ pub struct Renderer {
     from_header: String,
     /// Right-hand side of every Message-ID: the sender's domain.
     domain: String,
+    /// The settings site as subscribers reach it (`admin.public_url`): fax mails link
+    /// there.
+    site: std::sync::Arc<str>,
 }
 
 /// 日本時間 (Japan Standard Time), in which every time in a mail is shown (R-M2).
@@ -63,7 +67,17 @@ pub fn jst() -> FixedOffset {
 impl Renderer {
     pub fn new(from: Mailbox) -> Self {
         let domain = from.email.domain().to_owned();
-        Self { from_header: from_header(&from), from, domain }
+        Self { from_header: from_header(&from), from, domain, site: "http://127.0.0.1:8080".into() }
+    }
+
+    /// Fax mails link to the fax on the site at `url` (`admin.public_url`).
+    pub fn with_site(self, url: &str) -> Self {
+        Self { site: url.trim_end_matches('/').into(), ..self }
+    }
+
+    /// The address of the fax under `key` on the site.
+    pub fn fax_link(&self, key: &str) -> String {
+        format!("{}/fax/{key}", self.site)
     }
 
     pub fn from(&self) -> &Mailbox {
@@ -109,6 +123,44 @@ impl Renderer {
         self.build(recipient, subject, body, message_id(number, nonce, recipient, &self.domain))
     }
 
+    /// The notification of a received fax for `recipient` (R-F1, R-M1): who sent it,
+    /// when, how many pages, and the link to it on the site; with `pdf`, the fax
+    /// attached as a PDF.
+    pub fn render_fax(
+        &self,
+        fax: &FaxRecord,
+        recipient: &DestinationAddress,
+        pdf: Option<&[u8]>,
+    ) -> Result<Mail, RenderError> {
+        let subject = format!("【FAXお知らせ】{}から{}へのFAX（{}枚）", fax.sender, fax.number, fax.pages);
+        let mut body = String::with_capacity(768);
+        let _ = write!(
+            body,
+            "FAXお知らせメールです。次のFAXを受信しました。\r\n\r\n\
+             受信番号：{number}\r\n\
+             送信元：{sender}\r\n\
+             受信日時：{time}（日本時間）\r\n\
+             枚数：{pages}枚\r\n\r\n\
+             FAXは設定サイトでご覧いただけます（ログインが必要です）。\r\n\
+             {link}\r\n\r\n",
+            number = fax.number,
+            sender = fax.sender,
+            time = format_jst(fax.received_at),
+            pages = fax.pages,
+            link = self.fax_link(&fax.key()),
+        );
+        if pdf.is_some() {
+            body.push_str("このメールにFAXをPDFで添付しています。\r\n");
+        }
+        body.push_str(
+            "このメールは送信専用のアドレスから送信しています。返信されてもお答えできません。\r\n\
+             送信先の変更は設定サイトで行えます。\r\n",
+        );
+        let id = message_id(fax.number.as_str(), &format!("fax:{}", fax.fax_id), recipient, &self.domain);
+        let name = format!("fax-{}-{}.pdf", fax.number, fax.received_at.with_timezone(&jst()).format("%Y%m%d-%H%M%S"));
+        self.build_with(recipient, subject, body, id, pdf.map(|bytes| (name.as_str(), bytes)))
+    }
+
     /// Writes the message by hand: lettre's builder costs several times the rest of the
     /// pipeline per mail, and these mails have one fixed shape. The result is plain
     /// RFC 5322 + MIME: every header 7-bit, the subject in RFC 2047 encoded words, the
@@ -120,6 +172,19 @@ impl Renderer {
         body: String,
         message_id: String,
     ) -> Result<Mail, RenderError> {
+        self.build_with(recipient, subject, body, message_id, None)
+    }
+
+    /// [`Renderer::build`], with a PDF `(file name, bytes)` attached when given: then
+    /// multipart/mixed, the text first.
+    fn build_with(
+        &self,
+        recipient: &DestinationAddress,
+        subject: String,
+        body: String,
+        message_id: String,
+        attachment: Option<(&str, &[u8])>,
+    ) -> Result<Mail, RenderError> {
         let to = recipient_address(recipient);
         let mut text = String::with_capacity(512 + body.len() * 4 / 3);
         text.push_str(&self.from_header);
@@ -129,12 +194,33 @@ impl Renderer {
         encoded_words(&subject, &mut text);
         let _ = write!(
             text,
-            "\r\nMessage-ID: {message_id}\r\nDate: {}\r\nAuto-Submitted: auto-generated\r\n\
-             MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
-             Content-Transfer-Encoding: base64\r\n\r\n",
+            "\r\nMessage-ID: {message_id}\r\nDate: {}\r\nAuto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\n",
             Utc::now().to_rfc2822()
         );
-        base64_lines(body.as_bytes(), &mut text);
+        let plain = "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n";
+        match attachment {
+            None => {
+                text.push_str(plain);
+                base64_lines(body.as_bytes(), &mut text);
+            }
+            Some((name, bytes)) => {
+                // No base64 line can contain it: `=` and `_` are not base64 characters.
+                let boundary = "=_callnotify_part_=";
+                let _ = write!(
+                    text,
+                    "Content-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n--{boundary}\r\n{plain}"
+                );
+                base64_lines(body.as_bytes(), &mut text);
+                let _ = write!(
+                    text,
+                    "--{boundary}\r\nContent-Type: application/pdf; name=\"{name}\"\r\n\
+                     Content-Disposition: attachment; filename=\"{name}\"\r\n\
+                     Content-Transfer-Encoding: base64\r\n\r\n"
+                );
+                base64_lines(bytes, &mut text);
+                let _ = write!(text, "--{boundary}--\r\n");
+            }
+        }
         let envelope = Envelope::new(Some(self.from.email.clone()), vec![to])?;
         Ok(Mail { message_id, recipient: recipient.clone(), envelope, bytes: text.into_bytes() })
     }

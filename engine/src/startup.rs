@@ -194,6 +194,8 @@ impl Application {
             &[
                 ("enable.idempotence", "true"),
                 ("message.timeout.ms", DEAD_LETTER_TIMEOUT_MS),
+                // A fax record refused, with its document.
+                ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
                 // The engine never creates topics: a missing one is an error to see.
                 ("allow.auto.create.topics", "false"),
             ],
@@ -204,7 +206,7 @@ impl Application {
         let dead_letters = DeadLetters::new(producer, &kafka.dead_letter_topic, metrics.clone());
 
         let from = settings.smtp.from.parse().context("smtp.from")?;
-        let renderer = Renderer::new(from);
+        let renderer = Renderer::new(from).with_site(&settings.admin.public_url);
         let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
         let reading = shutdown.child_token();
         let tasks = TaskTracker::new();
@@ -229,6 +231,7 @@ impl Application {
             settings.store.sent_retention_days,
             shutdown.clone(),
         ));
+        tasks.spawn(crate::fax::expire_hourly(store.clone(), settings.store.fax_retention_days, shutdown.clone()));
         tasks.spawn(disk.clone().run(shutdown.clone()));
 
         let pipeline = Pipeline {

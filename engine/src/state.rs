@@ -244,7 +244,15 @@ impl StateLog {
                      publishing this store's subscribers into it"
                 );
             }
-            carry_over(store, options, producer_config(&[("enable.idempotence", "true"), ("acks", "all")]))?;
+            carry_over(
+                store,
+                options,
+                producer_config(&[
+                    ("enable.idempotence", "true"),
+                    ("acks", "all"),
+                    ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
+                ]),
+            )?;
             // The store holds what it just published: reading it back would write every
             // value again.
             let (_, published) = reader
@@ -313,6 +321,7 @@ impl StateLog {
             producer: producer_config(&[
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
+                ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
                 ("linger.ms", "1"),
                 ("message.timeout.ms", "10000"),
             ])
@@ -330,6 +339,7 @@ impl StateLog {
         let producer: ThreadedProducer<RequestDeliveries> = producer_config(&[
             ("enable.idempotence", "true"),
             ("acks", "all"),
+            ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
             ("linger.ms", "1"),
             ("message.timeout.ms", "30000"),
         ])

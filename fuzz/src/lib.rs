@@ -4,6 +4,9 @@
 //! - [`decode_and_check`]: one CDR through `engine::decode::decode`, then the invariants
 //!   every decoder promises on its result (used by the three `decode_*` targets).
 //! - [`is_caller_form`]: what `PhoneNumber::from_caller` may return.
+//! - [`decode_fax_and_check`], [`check_document`]: a fax record (R-F1) and its document
+//!   through everything the engine and the site do with them (`decode_fax`,
+//!   `fax_document`).
 
 use engine::decode::{decode, Caller, CdrFormat, Outcome};
 use engine::phone::PhoneNumber;
@@ -57,4 +60,44 @@ pub fn is_caller_form(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_digit())
         && matches!(s.as_bytes()[0], b'0' | b'1')
         && !s.starts_with("00")
+}
+
+/// Decodes `data` as a fax record (R-F1) and panics if the result breaks what the decode
+/// stage promises: a fax it accepts has a called number in R-L2 form, a usable id, at
+/// least one page, and a document the site can show and turn into a PDF.
+pub fn decode_fax_and_check(data: &[u8]) {
+    let result = engine::decode::decode_fax(data);
+    assert_eq!(result, engine::decode::decode_fax(data), "decode_fax is not deterministic");
+    let fax = match result {
+        Ok(fax) => fax,
+        Err(err) => {
+            assert!(["syntax", "missing_field", "invalid_field"].contains(&err.reason().as_str()));
+            return;
+        }
+    };
+    assert_eq!(PhoneNumber::parse(fax.called.as_str()), Ok(fax.called));
+    assert!(!fax.fax_id.is_empty() && fax.fax_id.len() <= engine::decode::MAX_FAX_ID);
+    assert!(fax.pages >= 1);
+    check_document(&fax.document);
+}
+
+/// Runs a fax document through everything the site does with it: never a panic, and a
+/// document that inspects fine always yields a PDF.
+pub fn check_document(data: &[u8]) {
+    use engine::fax::document::{inspect, page_png, to_pdf};
+    let Ok(inspected) = inspect(data) else {
+        let _ = page_png(data, 0);
+        let _ = to_pdf(data);
+        return;
+    };
+    assert!(inspected.pages >= 1);
+    // The first and the last page: enough for the fuzzer, bounded for its speed.
+    for page in [0, inspected.pages - 1] {
+        if let Ok(png) = page_png(data, page) {
+            assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "page {page} is not a PNG");
+        }
+    }
+    assert!(page_png(data, inspected.pages).is_err(), "a page past the last one");
+    let pdf = to_pdf(data).expect("an inspected document makes a PDF");
+    assert!(pdf.starts_with(b"%PDF-"));
 }

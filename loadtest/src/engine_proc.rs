@@ -29,6 +29,8 @@ pub struct EngineConfig {
     /// A name of this node's own when several run side by side: its store is
     /// `store-NODE` and its log `engine-NODE.log` (empty: `store`, `engine.log`).
     pub node: String,
+    /// A topic of fax records the engine reads too (`run --fax`).
+    pub fax_topic: Option<String>,
 }
 
 impl EngineConfig {
@@ -62,7 +64,8 @@ impl EngineConfig {
     /// this work directory already holds exactly that population (a reused `--workdir`).
     pub fn seed(&self, population: &Population) -> anyhow::Result<String> {
         let marker = self.workdir.join("seeded");
-        let shape = format!("{} numbers, {} subscribed\n", population.numbers, population.subscribed);
+        let fax = if population.fax { ", with fax settings" } else { "" };
+        let shape = format!("{} numbers, {} subscribed{fax}\n", population.numbers, population.subscribed);
         if std::fs::read_to_string(&marker).is_ok_and(|m| m == shape) {
             return Ok(format!("reused the store in {} ({})", self.workdir.display(), shape.trim()));
         }
@@ -116,7 +119,8 @@ impl EngineConfig {
     /// directory (a run of several rounds keeps every round's).
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file())?;
-        let topics = format!(r#"[{{name="{}",format="{}"}}]"#, self.topic, self.format);
+        let fax = self.fax_topic.as_ref().map(|t| format!(r#",{{name="{t}",format="fax"}}"#)).unwrap_or_default();
+        let topics = format!(r#"[{{name="{}",format="{}"}}{fax}]"#, self.topic, self.format);
         let [state, requests, sent, retry] = shared_topics(&self.topic);
         let child = self
             .command()

@@ -45,7 +45,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let mut mails = Vec::with_capacity(topics.len());
     for (round, topic) in topics.iter().enumerate() {
         let run_id = format!("ingest{round}-{}", std::process::id());
-        let mix = Mix { missed: 0.6, withheld: 0.1, designated: 0.2 };
+        let mix = Mix { missed: 0.6, withheld: 0.1, designated: 0.2, fax: 0.0 };
         let mut generator = Generator::new(population, 1.0, format, mix, &run_id, "ingest.example.jp");
         let mut expected = 0;
         let cdrs =

@@ -196,7 +196,7 @@ impl Common {
             binary,
             workdir,
             format: self.format.into(),
-            population: Population { numbers: self.numbers, subscribed: self.subscribed },
+            population: Population { numbers: self.numbers, subscribed: self.subscribed, fax: false },
             brokers: embedded.as_ref().map_or(self.brokers.clone(), |k| k.bootstrap_servers().to_owned()),
             topics,
             embedded,
@@ -223,6 +223,7 @@ impl Common {
             consumers: self.consumers,
             from_domain: from_domain.to_owned(),
             node: String::new(),
+            fax_topic: None,
         })
     }
 
@@ -361,7 +362,7 @@ mod tests {
         let setup = common.prepare(&[]).await.unwrap();
         let config = common.engine_config(&setup, "127.0.0.1:25".parse().unwrap(), "seed.example.jp").unwrap();
         assert!(config.group.is_empty() && config.topic.is_empty());
-        let population = Population { numbers: 50, subscribed: 0.5 };
+        let population = Population { numbers: 50, subscribed: 0.5, fax: false };
         let said = config.seed(&population).unwrap();
         assert!(said.contains("imported"), "{said}");
         std::fs::remove_dir_all(workdir).unwrap();

@@ -41,6 +41,10 @@ pub struct Population {
     pub numbers: u64,
     /// Share of numbers with call notification, 0.0..=1.0.
     pub subscribed: f64,
+    /// Whether the subscribed numbers also have fax notification (R-F1), to the same
+    /// addresses and started or stopped alike (`run --fax`). The other numbers always
+    /// have the fax service without settings: their faxes are kept, not mailed.
+    pub fax: bool,
 }
 
 /// A stable 64-bit mix of the index (splitmix64), so choices look random but repeat.
@@ -101,10 +105,17 @@ impl Population {
         let missed_only = matches!(template, Template::MissedOnly | Template::DesignatedMissed);
         let designated: Vec<String> =
             (0..3).map(|k| format!(r#"{{"number":"{}","designate":{}}}"#, self.designated(i, k), k < 2)).collect();
+        let enabled = template != Template::Stopped;
+        let destinations = destinations.join(",");
+        let (services, fax) = match self.fax {
+            true => (
+                r#"["call","fax"]"#,
+                format!(r#","fax_settings":{{"enabled":{enabled},"destinations":[{destinations}]}}"#),
+            ),
+            false => (r#"["call"]"#, String::new()),
+        };
         format!(
-            r#"{{"contract":"{n}","numbers":[{{"number":"{n}","services":["call"],"settings":{{"enabled":{},"destinations":[{}],"designated_only":{designated_only},"missed_only":{missed_only},"designated":[{}]}}}}]}}"#,
-            template != Template::Stopped,
-            destinations.join(","),
+            r#"{{"contract":"{n}","numbers":[{{"number":"{n}","services":{services},"settings":{{"enabled":{enabled},"destinations":[{destinations}],"designated_only":{designated_only},"missed_only":{missed_only},"designated":[{}]}}{fax}}}]}}"#,
             designated.join(",")
         )
     }
@@ -125,6 +136,15 @@ impl Population {
             missed_only: matches!(template, Template::MissedOnly | Template::DesignatedMissed),
             designated: (0..2).map(|k| PhoneNumber::parse(&self.designated(i, k)).expect("valid")).collect(),
         })
+    }
+
+    /// The addresses a fax to number i is mailed to (`run --fax`): the checked ones of a
+    /// started subscriber when the population has fax settings.
+    pub fn fax_recipients(&self, i: u64) -> Vec<DestinationAddress> {
+        match self.subscription(i) {
+            Some(s) if self.fax && s.enabled => s.recipients,
+            _ => Vec::new(),
+        }
     }
 
     /// Writes the whole population as JSON Lines.
@@ -148,7 +168,7 @@ mod tests {
 
     #[test]
     fn every_generated_line_imports_and_resolves_as_predicted() {
-        let population = Population { numbers: 2_000, subscribed: 0.3 };
+        let population = Population { numbers: 2_000, subscribed: 0.3, fax: true };
         let mut jsonl = Vec::new();
         population.write_jsonl(&mut jsonl).unwrap();
         let store = engine::store::Store::temporary().unwrap();
@@ -160,6 +180,18 @@ mod tests {
             let number = PhoneNumber::parse(&population.number(i)).unwrap();
             let resolved = resolver.resolve(&number).unwrap().map(|s| (*s).clone());
             assert_eq!(resolved, population.subscription(i), "number {i}");
+            // R-F1: every number has the fax service; the subscribed ones mail faxes
+            // where their calls go, started or stopped alike.
+            let record = resolver.store().number(&number).unwrap().unwrap();
+            assert!(record.services.fax, "number {i}");
+            let fax_to: Vec<_> = record
+                .fax
+                .destinations
+                .iter()
+                .filter(|d| d.send && record.fax.enabled)
+                .map(|d| d.address.clone())
+                .collect();
+            assert_eq!(fax_to, population.fax_recipients(i), "number {i}");
             subscribed += usize::from(resolved.is_some());
         }
         assert!((500..700).contains(&subscribed), "about 30 % subscribed: {subscribed}");

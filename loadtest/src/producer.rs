@@ -119,8 +119,9 @@ mod tests {
     fn a_topic_filled_beyond_the_mock_cluster_s_retention_is_refused_with_what_to_do() {
         let kafka = engine::embedded::EmbeddedKafka::start(&["fill"], 1).unwrap();
         let brokers = kafka.bootstrap_servers();
-        let cdrs =
-            |count| (0..count).map(|_| Cdr { key: String::new(), payload: vec![b'x'; 100], expected: Vec::new() });
+        let cdrs = |count| {
+            (0..count).map(|_| Cdr { key: String::new(), payload: vec![b'x'; 100], expected: Vec::new(), fax: false })
+        };
         // About 2.5 MB with the record overhead.
         assert_eq!(fill(brokers, "fill", cdrs(20_000)).unwrap(), 20_000);
         ensure_retained(brokers, "fill", 20_000).expect("within retention");

@@ -57,6 +57,10 @@ pub struct Report {
     /// SMTP sessions the engine opened: about `smtp.pool_size` when its connections are
     /// reused; more when the server closes them.
     pub smtp_sessions: u64,
+    /// Fax records among the messages produced (`--fax`).
+    pub faxes_produced: u64,
+    /// What the run added to the largest node store (the faxes kept, with `--fax`).
+    pub store_growth_mb: f64,
     pub seed: String,
     pub timeline: Vec<Second>,
 }
@@ -166,10 +170,20 @@ impl Report {
              | backlog at the end | {backlog} CDRs |\n\
              | engine max RSS | {rss:.0} MB |\n\
              | engine CPU | {cpu:.0} % of one core |\n\
-             | SMTP sessions the engine opened | {sessions} |\n\n\
+             | SMTP sessions the engine opened | {sessions} |\n\
+             {faxes}\n\
              {nodes}\
              ![latency over time](latency.svg)\n",
             nodes = self.nodes_markdown(),
+            faxes = match self.faxes_produced {
+                0 => String::new(),
+                n => format!(
+                    "| fax records among them (R-F1) | {n} ({:.1} faxes/s); the store grew {:.1} MB ({:.1} KB a fax) |\n",
+                    n as f64 / self.duration_s.max(1e-9),
+                    self.store_growth_mb,
+                    self.store_growth_mb * 1e3 / n as f64,
+                ),
+            },
             cmd = self.command,
             cores = self.machine.cores,
             mem = self.machine.memory_gib,

@@ -20,6 +20,8 @@ use crate::traffic::{mail_message_id, Generator, Mix};
 use crate::{parse_duration, Common, Setup};
 
 const TOPIC: &str = "cdr-load";
+/// Received faxes, with `--fax`.
+const FAX_TOPIC: &str = "fax-load";
 const DOMAIN: &str = "loadtest.example.jp";
 
 #[derive(Args)]
@@ -44,6 +46,11 @@ pub struct RunArgs {
     /// Share of calls from a designated number of the called subscriber.
     #[arg(long, default_value_t = 0.2)]
     designated: f64,
+    /// Share of the messages that are received faxes (R-F1), on a fax topic of their
+    /// own: each a three-page G4 TIFF (10 KB), to a number drawn like a called number.
+    /// The subscribed numbers then have fax settings like their call settings.
+    #[arg(long, default_value_t = 0.0)]
+    fax: f64,
     /// Zipf exponent of called-number popularity.
     #[arg(long, default_value_t = 1.0)]
     zipf: f64,
@@ -89,17 +96,21 @@ fn histogram() -> Histogram<u64> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let common = &args.common;
-    let setup = common.prepare(&[TOPIC]).await?;
+    anyhow::ensure!((0.0..=1.0).contains(&args.fax), "--fax is a share, 0 to 1");
+    let topics: &[&str] = if args.fax > 0.0 { &[TOPIC, FAX_TOPIC] } else { &[TOPIC] };
+    let mut setup = common.prepare(topics).await?;
+    setup.population.fax = args.fax > 0.0;
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
     let run_id = format!("{}", micros(SystemTime::now()));
     let config = EngineConfig {
         topic: setup.topics[0].clone(),
         group: format!("loadtest-{run_id}"),
+        fax_topic: setup.topics.get(1).cloned(),
         ..common.engine_config(&setup, sink.addr(), DOMAIN)?
     };
     let Setup { format, population, brokers, topics, embedded, .. } = setup;
     let topic = &topics[0];
-    let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated };
+    let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated, fax: args.fax };
 
     let seed = config.seed(&population)?;
     eprintln!("seeded: {seed}");
@@ -115,6 +126,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         others.push(process);
     }
     let engines: Vec<&EngineProcess> = std::iter::once(&engine).chain(others.iter()).collect();
+    let stores: Vec<std::path::PathBuf> = (0..args.nodes.max(1))
+        .map(|i| {
+            if i == 0 {
+                config.store_dir()
+            } else {
+                EngineConfig { node: format!("n{i}"), ..config.clone() }.store_dir()
+            }
+        })
+        .collect();
+    let store_bytes_before = stores.iter().map(|d| dir_bytes(d)).max().unwrap_or(0);
 
     let (producer, acks) = crate::producer::create(&brokers).context("creating the producer")?;
     warm_up(&producer, topic, &engines, Generator::new(population, args.zipf, format, mix, "warmup", DOMAIN)).await?;
@@ -132,11 +153,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let addrs: Vec<std::net::SocketAddr> = engines.iter().map(|e| e.metrics_addr()).collect();
     let follower = tokio::spawn(follow_consumption(addrs, consumed_now.clone()));
     let expected_total = Arc::new(AtomicU64::new(0));
+    let faxes = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let producer_thread = {
         let generator = Generator::new(population, args.zipf, format, mix, &run_id, DOMAIN);
         let pacing = Pacing {
             topic: topic.clone(),
+            fax_topic: topics.get(1).cloned().unwrap_or_default(),
+            faxes: faxes.clone(),
             rate: args.rate,
             duration: args.duration,
             count: args.count.unwrap_or(u64::MAX),
@@ -229,6 +253,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     progress.finish_and_clear();
     producer_thread.join().expect("producer thread");
     let cpus: Vec<f64> = engines.iter().zip(&cpu_starts).map(|(e, start)| e.usage().cpu_seconds - start).collect();
+    // What the run added to a node's store (the fax documents, with --fax), before any
+    // engine stops and compacts.
+    let store_growth = stores.iter().map(|d| dir_bytes(d)).max().unwrap_or(0).saturating_sub(store_bytes_before);
     let cpu: f64 = cpus.iter().sum();
     let elapsed = t0.elapsed().as_secs_f64();
     let mut nodes = Vec::new();
@@ -293,6 +320,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         engine_max_rss_mb: peak_rss as f64 / 1e6,
         engine_cpu_percent: cpu / elapsed * 100.0,
         smtp_sessions,
+        faxes_produced: faxes.load(Ordering::Acquire),
+        store_growth_mb: store_growth as f64 / 1e6,
         seed,
         timeline,
     };
@@ -355,6 +384,10 @@ async fn warm_up(
 /// How the producer thread paces itself and what it reports.
 struct Pacing {
     topic: String,
+    /// Where fax records go (`--fax`).
+    fax_topic: String,
+    /// Fax records produced.
+    faxes: Arc<AtomicU64>,
     /// CDR/s; 0 = flat out.
     rate: f64,
     duration: Duration,
@@ -391,7 +424,11 @@ fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing)
             }
             pacing.expected_total.fetch_add(cdr.expected.len() as u64, Ordering::AcqRel);
         }
-        let mut record = BaseRecord::to(&pacing.topic).key(&cdr.key).payload(&cdr.payload);
+        if cdr.fax {
+            pacing.faxes.fetch_add(1, Ordering::AcqRel);
+        }
+        let topic = if cdr.fax { &pacing.fax_topic } else { &pacing.topic };
+        let mut record = BaseRecord::to(topic).key(&cdr.key).payload(&cdr.payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -448,4 +485,17 @@ async fn collect(
             _ => c.unexpected += 1,
         }
     }
+}
+
+/// Bytes of the files under `dir` (0 if it cannot be read).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }

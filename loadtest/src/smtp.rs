@@ -131,7 +131,7 @@ fn fill(
     round: usize,
     mails: u64,
 ) -> anyhow::Result<(u64, u64)> {
-    let mix = Mix { missed: 1.0, withheld: 0.0, designated: 0.0 };
+    let mix = Mix { missed: 1.0, withheld: 0.0, designated: 0.0, fax: 0.0 };
     let mut generator =
         Generator::new(population, 1.0, format, mix, &format!("smtp{round}-{}", std::process::id()), "smtp.example.jp");
     let mut expected = 0u64;

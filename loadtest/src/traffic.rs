@@ -3,6 +3,7 @@
 //! three CDR formats. For each CDR the generator also says which mails it must cause
 //! (their Message-IDs), by the engine's own decode and filter rules.
 
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use engine::decode::CdrFormat;
 use rand::rngs::SmallRng;
@@ -20,7 +21,14 @@ pub struct Mix {
     pub withheld: f64,
     /// Calls from one of the called number's designated numbers (R-N5).
     pub designated: f64,
+    /// Messages that are received faxes, not CDRs (R-F1; `run --fax`).
+    pub fax: f64,
 }
+
+/// The fax every fax record carries: three A4 pages, G4 (T.6), as `tiffcp -c g4`
+/// writes them (the engine's decoder fixture).
+const FAX_DOCUMENT: &[u8] = include_bytes!("../../engine/tests/fixtures/fax/fine-g4.tif");
+const FAX_PAGES: u32 = 3;
 
 /// One CDR ready to produce.
 pub struct Cdr {
@@ -29,6 +37,8 @@ pub struct Cdr {
     pub payload: Vec<u8>,
     /// Message-IDs (the hex part as a number) of the mails this CDR must cause.
     pub expected: Vec<u128>,
+    /// A fax record, for the fax topic.
+    pub fax: bool,
 }
 
 pub struct Generator {
@@ -42,6 +52,8 @@ pub struct Generator {
     seq: u64,
     /// Right-hand side of the engine's Message-IDs (its `smtp.from` domain).
     domain: String,
+    /// [`FAX_DOCUMENT`] in base64, encoded once.
+    fax_document: String,
 }
 
 impl Generator {
@@ -62,6 +74,7 @@ impl Generator {
             run_id: run_id.to_owned(),
             seq: 0,
             domain: domain.to_owned(),
+            fax_document: base64::engine::general_purpose::STANDARD.encode(FAX_DOCUMENT),
         }
     }
 
@@ -74,7 +87,35 @@ impl Generator {
         // Zipf ranks, spread over the population so the busiest numbers are not simply
         // the first ones (whose settings would then dominate).
         let rank = self.zipf.sample(&mut self.rng) as u64;
-        self.call_to(spread(rank) % self.population.numbers, now)
+        let index = spread(rank) % self.population.numbers;
+        if self.mix.fax > 0.0 && self.rng.random_bool(self.mix.fax) {
+            return self.fax_to(index, now);
+        }
+        self.call_to(index, now)
+    }
+
+    /// A fax record of a fax to the number with this index, received `now`.
+    fn fax_to(&mut self, index: u64, now: DateTime<Utc>) -> Cdr {
+        let called = self.population.number(index);
+        self.seq += 1;
+        let fax_id = format!("lt-{}-{}", self.run_id, self.seq);
+        let payload = format!(
+            r#"{{"fax_id":"{fax_id}","called":"{called}","caller":"0612345678","presentation":"allowed","received_at":"{}","pages":{FAX_PAGES},"document_base64":"{}"}}"#,
+            now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            self.fax_document,
+        )
+        .into_bytes();
+        let notification = format!("fax:{fax_id}");
+        let expected = self
+            .population
+            .fax_recipients(index)
+            .iter()
+            .map(|r| {
+                let id = engine::render::message_id(&called, &notification, r, &self.domain);
+                message_id_key(id.as_bytes()).expect("engine Message-IDs are hex")
+            })
+            .collect();
+        Cdr { key: called, payload, expected, fax: true }
     }
 
     /// A CDR of a call to the number with this index (one past the population is a
@@ -92,7 +133,7 @@ impl Generator {
         let call_id = format!("lt-{}-{}", self.run_id, self.seq);
         let payload = render(self.format, &call_id, &called, &caller, withheld, missed, now).into_bytes();
         let expected = self.expected(index, &payload);
-        Cdr { key: called, payload, expected }
+        Cdr { key: called, payload, expected, fax: false }
     }
 
     fn expected(&self, index: u64, payload: &[u8]) -> Vec<u128> {
@@ -177,6 +218,7 @@ fn render(
             now.timestamp(),
             if missed { "NO_ANSWER" } else { "NORMAL_CLEARING" },
         ),
+        CdrFormat::Fax => unreachable!("--format offers CDR formats only; faxes are Generator::fax_to's"),
     }
 }
 
@@ -186,8 +228,8 @@ mod tests {
 
     #[test]
     fn every_format_decodes_and_expectations_follow_the_rules() {
-        let population = Population { numbers: 1_000, subscribed: 1.0 };
-        let mix = Mix { missed: 0.5, withheld: 0.1, designated: 0.3 };
+        let population = Population { numbers: 1_000, subscribed: 1.0, fax: false };
+        let mix = Mix { missed: 0.5, withheld: 0.1, designated: 0.3, fax: 0.0 };
         for format in [CdrFormat::Canonical, CdrFormat::Asterisk, CdrFormat::Freeswitch] {
             let mut generator = Generator::new(population, 1.0, format, mix, "t", "example.jp");
             let cdrs: Vec<Cdr> = (0..2_000).map(|_| generator.next(Utc::now())).collect();
@@ -195,6 +237,23 @@ mod tests {
             // With everyone subscribed, some calls notify and the send conditions stop others.
             assert!(notified > 200 && notified < 1_900, "{format:?}: {notified} of 2000 notify");
         }
+    }
+
+    /// R-F1: with `--fax`, a share of the messages are fax records the engine accepts,
+    /// each expected to be mailed where the number's checked, started addresses are.
+    #[test]
+    fn r_f1_fax_records_decode_and_expect_the_mails_of_their_number() {
+        let population = Population { numbers: 1_000, subscribed: 1.0, fax: true };
+        let mix = Mix { missed: 0.5, withheld: 0.1, designated: 0.3, fax: 0.2 };
+        let mut generator = Generator::new(population, 1.0, CdrFormat::Canonical, mix, "t", "example.jp");
+        let faxes: Vec<Cdr> = (0..500).map(|_| generator.next(Utc::now())).filter(|c| c.fax).collect();
+        assert!((50..150).contains(&faxes.len()), "about a fifth are faxes: {}", faxes.len());
+        for fax in &faxes {
+            let event = engine::decode::decode_fax(&fax.payload).expect("a valid fax record");
+            let index: u64 = event.called.as_str()[2..].parse().unwrap();
+            assert_eq!(fax.expected.len(), population.fax_recipients(index).len(), "{}", event.called);
+        }
+        assert!(faxes.iter().any(|f| !f.expected.is_empty()), "some faxes are mailed");
     }
 
     #[test]

@@ -33,7 +33,7 @@ struct Doc<'a> {
 
 /// `presentation` values. Required: defaulting to `allowed` would show a number the
 /// caller withheld whenever an exchange forgot the field (R-N7).
-const PRESENTATIONS: &[(&str, Presentation)] = &[
+pub(super) const PRESENTATIONS: &[(&str, Presentation)] = &[
     ("allowed", Presentation::Allowed),
     ("withheld", Presentation::Withheld),
     ("unavailable", Presentation::Unavailable),
@@ -52,7 +52,7 @@ const OUTCOMES: &[(&str, Outcome)] = &[
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Presentation {
+pub(super) enum Presentation {
     Allowed,
     Withheld,
     Unavailable,
@@ -112,7 +112,7 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
 }
 
 /// Looks `raw` up in a mapping table; the values are exact (this is our own format).
-fn lookup<T: Copy>(table: &[(&str, T)], field: &'static str, raw: &str) -> Result<T, DecodeError> {
+pub(super) fn lookup<T: Copy>(table: &[(&str, T)], field: &'static str, raw: &str) -> Result<T, DecodeError> {
     table.iter().find(|(name, _)| *name == raw).map(|&(_, value)| value).ok_or_else(|| {
         let names: Vec<&str> = table.iter().map(|(name, _)| *name).collect();
         DecodeError::invalid(field, format!("{raw:?} is not one of {}", names.join(", ")))
@@ -123,7 +123,7 @@ fn lookup<T: Copy>(table: &[(&str, T)], field: &'static str, raw: &str) -> Resul
 /// wins over the number: a withheld number is never shown even when the exchange sent it.
 /// An allowed call without a usable number is shown as 表示圏外, the honest description
 /// of "the network did not give us one".
-fn caller(presentation: Presentation, number: Option<&str>) -> Caller {
+pub(super) fn caller(presentation: Presentation, number: Option<&str>) -> Caller {
     match presentation {
         Presentation::Withheld => Caller::Withheld,
         Presentation::Unavailable => Caller::Unavailable,

@@ -7,7 +7,10 @@
 
 mod asterisk;
 mod canonical;
+mod fax;
 mod freeswitch;
+
+pub use fax::{decode_fax, FaxEvent, MAX_FAX_ID};
 
 use std::borrow::Cow;
 
@@ -15,7 +18,7 @@ use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 
 use crate::phone::PhoneNumber;
 
-/// The CDR formats a topic can carry.
+/// The formats a topic can carry: the CDR formats, and fax records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CdrFormat {
@@ -25,6 +28,8 @@ pub enum CdrFormat {
     Asterisk,
     /// FreeSWITCH `mod_json_cdr` documents.
     Freeswitch,
+    /// Received faxes, not CDRs ([`decode_fax`], R-F1).
+    Fax,
 }
 
 impl CdrFormat {
@@ -33,6 +38,7 @@ impl CdrFormat {
             Self::Canonical => "canonical",
             Self::Asterisk => "asterisk",
             Self::Freeswitch => "freeswitch",
+            Self::Fax => "fax",
         }
     }
 }
@@ -156,6 +162,8 @@ pub fn decode(format: CdrFormat, payload: &[u8]) -> Result<CallEvent<'_>, Decode
         CdrFormat::Canonical => canonical::decode(payload),
         CdrFormat::Asterisk => asterisk::decode(payload),
         CdrFormat::Freeswitch => freeswitch::decode(payload),
+        // The pipeline hands fax records to decode_fax; this is for any other caller.
+        CdrFormat::Fax => Err(DecodeError::Syntax { format: "fax", detail: "a fax record is not a CDR".into() }),
     }
 }
 

@@ -307,7 +307,7 @@ fn handle(
     let tp = (topic, partition);
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
-    let Mails { mut origin, mails } = match stages.pipeline.run(format, payload, chrono::Utc::now())? {
+    let Mails { mut origin, mails, keep } = match stages.pipeline.run(format, payload, chrono::Utc::now())? {
         Outcome::Send(mails) => mails,
         Outcome::Nothing => {
             let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
@@ -339,8 +339,18 @@ fn handle(
     ctx.note_skipped(tp, skipped);
     origin.source = Some(crate::store::PartitionId { topic: message.topic().to_owned(), partition });
     let (deliverer, tx, sending) = (stages.deliverer.clone(), tx.clone(), ctx.sending(tp));
+    let (store, claims) = (stages.pipeline.resolver.store().clone(), stages.pipeline.claims.clone());
     stages.tasks.spawn_on(
         async move {
+            if let Some(fax) = keep {
+                // Kept before any mail links to it. Not kept (the engine stops, the
+                // partition goes): the record is read again, so its mails are not
+                // claimed here any longer.
+                if !keep_fax(&store, *fax, &sending).await {
+                    mails.iter().for_each(|(key, _)| claims.release(key));
+                    return;
+                }
+            }
             let mut done = Vec::with_capacity(mails.len());
             for (key, mail) in mails {
                 deliverer.deliver(&key, &mail, &origin, sending.cancelled()).await;
@@ -351,6 +361,30 @@ fn handle(
         &stages.runtime,
     );
     Ok(())
+}
+
+/// Has the state owner keep a received fax, trying again until it is kept or `sending`
+/// ends; whether it was kept. The store's error is logged each time: a fax whose mails
+/// wait on it is not silently dropped.
+async fn keep_fax(store: &crate::store::Store, fax: crate::pipeline::FaxToKeep, sending: &CancellationToken) -> bool {
+    let mut delay = Duration::from_millis(200);
+    let fax = Arc::new(fax);
+    loop {
+        let (store, attempt) = (store.clone(), fax.clone());
+        let kept =
+            tokio::task::spawn_blocking(move || store.keep_fax(attempt.record.clone(), attempt.document.clone()));
+        match kept.await.map_err(StoreError::from).and_then(|r| r) {
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::warn!(fax_id = %fax.record.fax_id, error = %e, retry_in = ?delay, "received fax not kept yet")
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = sending.cancelled() => return false,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 //!   from the front. A record lives `store.sent_retention_days` from when its mail was
 //!   handled, whatever the call's time: a backlog of old calls read today is remembered
 //!   as long as today's calls.
+//! - `faxes`, `fax_documents`: received faxes for the site ([`faxes`], R-F1).
 //! - `sent`: the same without the call end, as written before; still consulted until
 //!   the pruner has emptied it.
 //!
@@ -35,6 +36,7 @@ use std::sync::{Arc, RwLock};
 use crate::error_event::{CountErrors, ErrorCounter, ErrorEvent};
 use crate::phone::PhoneNumber;
 
+pub mod faxes;
 pub mod records;
 pub mod sent;
 pub mod state;
@@ -88,6 +90,9 @@ pub struct Store {
     credentials: sled::Tree,
     /// The settings site's sessions, by a hash of their id ([`state::SESSIONS_TREE`]).
     sessions: sled::Tree,
+    /// Received faxes and their documents ([`faxes`]).
+    faxes: sled::Tree,
+    fax_documents: sled::Tree,
     sent: SentTrees,
     /// Sent records of the earlier key layout, while any remain (see the module docs).
     legacy_sent: Option<(sled::Tree, Arc<std::sync::atomic::AtomicBool>)>,
@@ -230,6 +235,8 @@ impl Store {
             subscribed: db.open_tree(subscribers::SUBSCRIBED_TREE)?,
             credentials: db.open_tree(CREDENTIALS_TREE)?,
             sessions: db.open_tree(state::SESSIONS_TREE)?,
+            faxes: db.open_tree(faxes::FAXES_TREE)?,
+            fax_documents: db.open_tree(faxes::FAX_DOCUMENTS_TREE)?,
             sent,
             legacy_sent: sent::legacy_sent(&db)?,
             db,

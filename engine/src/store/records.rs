@@ -55,6 +55,48 @@ pub struct NumberRecord {
     pub contract: PhoneNumber,
     pub services: Services,
     pub call: CallSettings,
+    /// Left out of a record while it is the default: numbers without fax settings are
+    /// stored as before.
+    #[serde(default, skip_serializing_if = "FaxSettings::is_default")]
+    pub fax: FaxSettings,
+}
+
+/// FAXお知らせメール settings of one number (R-F1): start/stop and destinations as for
+/// calls (R-N1..R-N3); a fax has no caller conditions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaxSettings {
+    /// 開始 (true) / 停止 (false). Off until the subscriber starts it.
+    #[serde(default)]
+    pub enabled: bool,
+    /// 送信先メールアドレス, at most [`MAX_DESTINATIONS`] (R-N2).
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    /// Beyond the seed: each mail carries the fax as a PDF, for subscribers who read
+    /// mail where the site is out of reach.
+    #[serde(default)]
+    pub attach_pdf: bool,
+    /// Bumped by every save, so a save from a stale form can be refused (R-S9).
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl FaxSettings {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Checks the limit of R-N2.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.destinations.len() > MAX_DESTINATIONS {
+            return Err(StoreError::TooMany {
+                what: "destination addresses",
+                max: MAX_DESTINATIONS,
+                given: self.destinations.len(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// 着信お知らせメール settings of one number (R-N1..R-N5).

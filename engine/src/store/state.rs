@@ -16,9 +16,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use super::faxes::{DocumentBytes, FaxRecord, FAXES_TREE, FAX_DOCUMENTS_TREE};
 use super::{
-    AuthUnit, CallSettings, CredentialKind, CredentialRecord, LineRecord, Services, SessionRecord, Store, StoreError,
-    Upserted, PASSWORD_LIFETIME, TEMPORARY_VALIDITY,
+    AuthUnit, CallSettings, CredentialKind, CredentialRecord, FaxSettings, LineRecord, Services, SessionRecord, Store,
+    StoreError, Upserted, PASSWORD_LIFETIME, TEMPORARY_VALIDITY,
 };
 use crate::phone::PhoneNumber;
 
@@ -98,6 +99,34 @@ pub enum Op {
     SweepSessions {
         now: DateTime<Utc>,
     },
+    /// Provisioning's fax settings: see [`Store::import_fax_settings_here`].
+    ImportFaxSettings {
+        number: PhoneNumber,
+        settings: FaxSettings,
+    },
+    /// The site's save of a number's fax settings (R-F1, R-S9).
+    SaveFaxSettings {
+        number: PhoneNumber,
+        expected: u64,
+        settings: FaxSettings,
+    },
+    /// A received fax is kept, unless it is already (R-F1): see [`Store::keep_fax`].
+    KeepFax {
+        record: FaxRecord,
+        document: DocumentBytes,
+    },
+    /// The site showed the fax under `key`.
+    MarkFaxRead {
+        key: String,
+    },
+    /// The subscriber deleted the fax under `key`.
+    DeleteFax {
+        key: String,
+    },
+    /// Faxes received before `before` are forgotten (`store.fax_retention_days`).
+    ExpireFaxes {
+        before: DateTime<Utc>,
+    },
 }
 
 impl Op {
@@ -118,6 +147,12 @@ impl Op {
             Op::RemoveSession { .. } => "remove_session",
             Op::RemoveSessions { .. } => "remove_sessions",
             Op::SweepSessions { .. } => "sweep_sessions",
+            Op::SaveFaxSettings { .. } => "save_fax_settings",
+            Op::ImportFaxSettings { .. } => "import_fax_settings",
+            Op::KeepFax { .. } => "keep_fax",
+            Op::MarkFaxRead { .. } => "mark_fax_read",
+            Op::DeleteFax { .. } => "delete_fax",
+            Op::ExpireFaxes { .. } => "expire_faxes",
         }
     }
 }
@@ -225,7 +260,7 @@ impl Written {
     }
 
     /// A key written again (an upsert that started over) keeps only its last value.
-    fn put(&mut self, key: StateKey, value: Option<sled::IVec>) {
+    pub(super) fn put(&mut self, key: StateKey, value: Option<sled::IVec>) {
         self.0.retain(|(k, _)| *k != key);
         self.0.push((key, value));
     }
@@ -243,10 +278,20 @@ pub enum StateTree {
     Credentials,
     /// Site sessions, by a hash of their id.
     Sessions,
+    /// Received faxes ([`super::faxes`]).
+    Faxes,
+    FaxDocuments,
 }
 
 impl StateTree {
-    pub const ALL: [StateTree; 4] = [StateTree::Lines, StateTree::Numbers, StateTree::Credentials, StateTree::Sessions];
+    pub const ALL: [StateTree; 6] = [
+        StateTree::Lines,
+        StateTree::Numbers,
+        StateTree::Credentials,
+        StateTree::Sessions,
+        StateTree::Faxes,
+        StateTree::FaxDocuments,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -254,6 +299,8 @@ impl StateTree {
             StateTree::Numbers => "numbers",
             StateTree::Credentials => super::CREDENTIALS_TREE,
             StateTree::Sessions => SESSIONS_TREE,
+            StateTree::Faxes => FAXES_TREE,
+            StateTree::FaxDocuments => FAX_DOCUMENTS_TREE,
         }
     }
 }
@@ -333,6 +380,9 @@ impl Store {
                 let (upserted, written) = self.upsert_line_here(line, numbers)?;
                 Ok((Reply::Upserted(upserted), Changed::Values(written)))
             }
+            Op::KeepFax { .. } | Op::MarkFaxRead { .. } | Op::DeleteFax { .. } | Op::ExpireFaxes { .. } => {
+                self.execute_fax(op).map(|(reply, written)| (reply, Changed::Values(written)))
+            }
             other => self.execute_keyed(other).map(|(reply, touched)| (reply, keys(touched))),
         }
     }
@@ -342,7 +392,19 @@ impl Store {
         let key = StateKey::number;
         let session = |key: &str| StateKey { tree: StateTree::Sessions, id: key.to_owned() };
         match op {
-            Op::UpsertLine { .. } => Err(StoreError::State("an upsert names what it wrote".into())),
+            Op::UpsertLine { .. }
+            | Op::KeepFax { .. }
+            | Op::MarkFaxRead { .. }
+            | Op::DeleteFax { .. }
+            | Op::ExpireFaxes { .. } => Err(StoreError::State(format!("{} names what it wrote", op.name()))),
+            Op::SaveFaxSettings { number, expected, settings } => {
+                let version = self.save_fax_settings_here(number, *expected, settings.clone())?;
+                Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
+            }
+            Op::ImportFaxSettings { number, settings } => {
+                let version = self.import_fax_settings_here(number, settings)?;
+                Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
+            }
             Op::SaveCallSettings { number, expected, settings } => {
                 let version = self.save_call_settings_here(number, *expected, settings.clone())?;
                 Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
@@ -442,9 +504,15 @@ impl Store {
     pub fn values_before(&self, op: &Op) -> Result<Vec<(StateKey, Option<sled::IVec>)>, StoreError> {
         let mut keys = Vec::new();
         match op {
-            // It names the values it wrote ([`Changed::Values`]).
-            Op::UpsertLine { .. } => {}
-            Op::SaveCallSettings { number, .. } => keys.push(StateKey::number(StateTree::Numbers, number)),
+            // They name the values they wrote ([`Changed::Values`]).
+            Op::UpsertLine { .. }
+            | Op::KeepFax { .. }
+            | Op::MarkFaxRead { .. }
+            | Op::DeleteFax { .. }
+            | Op::ExpireFaxes { .. } => {}
+            Op::SaveCallSettings { number, .. }
+            | Op::SaveFaxSettings { number, .. }
+            | Op::ImportFaxSettings { number, .. } => keys.push(StateKey::number(StateTree::Numbers, number)),
             Op::SetLineUnit { contract, .. } => keys.push(StateKey::number(StateTree::Lines, contract)),
             Op::SetCredential { number, .. }
             | Op::RestoreCredential { number, .. }
@@ -506,6 +574,8 @@ impl Store {
             StateTree::Numbers => &self.numbers,
             StateTree::Credentials => &self.credentials,
             StateTree::Sessions => &self.sessions,
+            StateTree::Faxes => &self.faxes,
+            StateTree::FaxDocuments => &self.fax_documents,
         }
     }
 

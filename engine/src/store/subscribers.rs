@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use super::state::{Attempt, Op, Reply, Written};
-use super::{AuthUnit, CallSettings, CredentialRecord, LineRecord, NumberRecord, Services, Store, StoreError};
+use super::{
+    AuthUnit, CallSettings, CredentialRecord, FaxSettings, LineRecord, NumberRecord, Services, Store, StoreError,
+};
 use crate::phone::PhoneNumber;
 
 /// The tree of the settings site's credentials, keyed by login number.
@@ -250,7 +252,10 @@ impl Store {
                         }
                     }
                 };
-                let record = NumberRecord { number: *number, contract: line.contract, services: *services, call };
+                // Fax settings are the site's: an import keeps them (a moved number
+                // arrives without them, as without its call settings).
+                let fax = old.as_ref().map(|o| o.fax.clone()).unwrap_or_default();
+                let record = NumberRecord { number: *number, contract: line.contract, services: *services, call, fax };
                 if old.as_ref() != Some(&record) {
                     let new = sled::IVec::from(serde_json::to_vec(&record)?);
                     if self.numbers.compare_and_swap(number.as_str(), raw, Some(new.clone()))?.is_err() {
@@ -329,6 +334,74 @@ impl Store {
         }
     }
 
+    /// Saves a number's fax settings if they were edited from version `expected` (R-F1,
+    /// R-S9); returns the new version.
+    pub fn save_fax_settings(
+        &self,
+        number: &PhoneNumber,
+        expected: u64,
+        settings: FaxSettings,
+    ) -> Result<u64, StoreError> {
+        settings.validate()?;
+        match self.submit(Op::SaveFaxSettings { number: *number, expected, settings })? {
+            Reply::Version(version) => Ok(version),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub(super) fn save_fax_settings_here(
+        &self,
+        number: &PhoneNumber,
+        expected: u64,
+        settings: FaxSettings,
+    ) -> Result<u64, StoreError> {
+        settings.validate()?;
+        loop {
+            let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
+            let mut record: NumberRecord = serde_json::from_slice(&raw)?;
+            if record.fax.version != expected {
+                return Err(StoreError::StaleVersion { current: record.fax.version });
+            }
+            record.fax = FaxSettings { version: expected + 1, ..settings.clone() };
+            let new = serde_json::to_vec(&record)?;
+            if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
+                self.changed(&[(*number, Some(record))])?;
+                return Ok(expected + 1);
+            }
+        }
+    }
+
+    /// Provisioning's fax settings for `number`, as an import treats call settings: the
+    /// same settings again change nothing, different ones are a save and bump the version
+    /// (R-S9), and a number without any takes them as given (an export's version kept).
+    /// Returns the version now stored.
+    pub(super) fn import_fax_settings_here(
+        &self,
+        number: &PhoneNumber,
+        settings: &FaxSettings,
+    ) -> Result<u64, StoreError> {
+        settings.validate()?;
+        loop {
+            let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
+            let mut record: NumberRecord = serde_json::from_slice(&raw)?;
+            let old = &record.fax;
+            let fax = if old.is_default() {
+                settings.clone()
+            } else if (FaxSettings { version: old.version, ..settings.clone() }) == *old {
+                return Ok(old.version);
+            } else {
+                FaxSettings { version: old.version + 1, ..settings.clone() }
+            };
+            record.fax = fax;
+            let version = record.fax.version;
+            let new = serde_json::to_vec(&record)?;
+            if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
+                self.changed(&[(*number, Some(record))])?;
+                return Ok(version);
+            }
+        }
+    }
+
     /// Sets the authentication unit of a line (R-I7: chosen by phone).
     pub fn set_line_unit(&self, contract: &PhoneNumber, unit: AuthUnit) -> Result<(), StoreError> {
         expect_done(self.submit(Op::SetLineUnit { contract: *contract, unit })?)
@@ -350,6 +423,6 @@ fn expect_done(reply: Reply) -> Result<(), StoreError> {
 }
 
 /// An answer of another kind than the op asks for: an owner of another version.
-fn unexpected(reply: Reply) -> StoreError {
+pub(super) fn unexpected(reply: Reply) -> StoreError {
     StoreError::State(format!("the state owner answered {reply:?}, not what the write asks for"))
 }

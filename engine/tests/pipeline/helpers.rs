@@ -17,6 +17,8 @@ pub const TOPIC: &str = "cdr";
 pub const ASTERISK_TOPIC: &str = "cdr-asterisk";
 pub const FREESWITCH_TOPIC: &str = "cdr-freeswitch";
 pub const DEAD_LETTER_TOPIC: &str = "cdr-dead-letter";
+/// Received faxes (R-F1).
+pub const FAX_TOPIC: &str = "fax";
 pub const FROM: &str = "no-reply@notify.example.jp";
 
 /// Long enough for a consumer group to form on a loaded machine; tests finish as soon
@@ -38,7 +40,7 @@ impl Harness {
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
             .with_test_writer()
             .try_init();
-        let topics = [TOPIC, ASTERISK_TOPIC, FREESWITCH_TOPIC, DEAD_LETTER_TOPIC];
+        let topics = [TOPIC, ASTERISK_TOPIC, FREESWITCH_TOPIC, FAX_TOPIC, DEAD_LETTER_TOPIC];
         let kafka = EmbeddedKafka::start(&topics, partitions).expect("mock cluster");
         let sink = SmtpSink::start(0).await.expect("smtp sink");
         let producer = rdkafka::ClientConfig::new()
@@ -56,7 +58,7 @@ impl Harness {
             (
                 "CALLNOTIFY__KAFKA__TOPICS",
                 format!(
-                    r#"[{{name="{TOPIC}",format="canonical"}},{{name="{ASTERISK_TOPIC}",format="asterisk"}},{{name="{FREESWITCH_TOPIC}",format="freeswitch"}}]"#
+                    r#"[{{name="{TOPIC}",format="canonical"}},{{name="{ASTERISK_TOPIC}",format="asterisk"}},{{name="{FREESWITCH_TOPIC}",format="freeswitch"}},{{name="{FAX_TOPIC}",format="fax"}}]"#
                 ),
             ),
             ("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", DEAD_LETTER_TOPIC.to_owned()),

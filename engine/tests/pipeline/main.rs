@@ -6,6 +6,7 @@ mod cluster;
 mod consumers;
 mod dead_letters;
 mod delivery;
+mod fax;
 mod formats;
 mod helpers;
 mod metrics;

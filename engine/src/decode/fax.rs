@@ -1,0 +1,107 @@
+//! Fax records (R-F1): one received fax per message, callnotify's own JSON, in the style
+//! of the canonical CDR.
+//!
+//! ```json
+//! {"fax_id":"hylafax-000123","called":"0312345678","caller":"0612345678",
+//!  "presentation":"allowed","received_at":"2026-12-04T10:00:00+09:00","pages":2,
+//!  "content_type":"image/tiff","document_base64":"SUkqAAgAAAA…"}
+//! ```
+//!
+//! The document is TIFF Class F (T.4 or T.6, as fax servers and T.38 gateways write it)
+//! or PDF; `content_type` may be left out (the document's first bytes tell), and when
+//! given must agree with them. `pages` must match the document: a fax server that
+//! counted differently sent something else than it meant. The document is checked here,
+//! every page of a TIFF decoded, so a record the site could not show goes to the dead
+//! letters at once instead of to a subscriber. Unknown fields are ignored.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+
+use super::canonical::{caller, lookup, PRESENTATIONS};
+use super::{called_number, parse_object, rfc3339, Caller, DecodeError, Scalar};
+use crate::fax::document::{self, DocumentKind};
+use crate::phone::PhoneNumber;
+
+/// The longest `fax_id`: it is part of the site's address of the fax and of the mail's
+/// dedup key.
+pub const MAX_FAX_ID: usize = 64;
+
+/// One received fax, as every later stage sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaxEvent<'a> {
+    /// The fax server's id for the fax; with `called` it identifies the notification, so
+    /// a record read again is recognised (dedup) and the fax is kept once.
+    pub fax_id: Cow<'a, str>,
+    /// The subscriber's fax number that was called.
+    pub called: PhoneNumber,
+    /// Who sent it, or why the number is not shown (R-N7).
+    pub caller: Caller,
+    pub received_at: DateTime<Utc>,
+    pub pages: u32,
+    pub kind: DocumentKind,
+    /// The document as the fax server wrote it.
+    pub document: Vec<u8>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, bound(deserialize = "'de: 'a"))]
+struct Doc<'a> {
+    fax_id: Scalar<'a>,
+    called: Scalar<'a>,
+    caller: Scalar<'a>,
+    presentation: Scalar<'a>,
+    received_at: Scalar<'a>,
+    pages: Scalar<'a>,
+    content_type: Scalar<'a>,
+    document_base64: Scalar<'a>,
+}
+
+/// Decodes one fax record, its document checked ([`document::inspect`]).
+pub fn decode_fax(payload: &[u8]) -> Result<FaxEvent<'_>, DecodeError> {
+    let doc: Doc<'_> = parse_object("fax", payload)?;
+    let fax_id = doc.fax_id.into_text("fax_id")?.ok_or(DecodeError::Missing { field: "fax_id" })?;
+    check_fax_id(&fax_id)?;
+    let called = called_number(doc.called.required("called")?)?;
+    let presentation = lookup(PRESENTATIONS, "presentation", doc.presentation.required("presentation")?)?;
+    let caller = caller(presentation, doc.caller.text("caller")?);
+    let received_at = rfc3339("received_at", doc.received_at.required("received_at")?)?;
+    let pages = match doc.pages {
+        Scalar::Int(n) if n >= 1 => u32::try_from(n).map_err(|_| DecodeError::invalid("pages", "too many"))?,
+        Scalar::Int(n) => return Err(DecodeError::invalid("pages", format!("{n}: a fax has at least one page"))),
+        Scalar::Absent => return Err(DecodeError::Missing { field: "pages" }),
+        other => return Err(other.wrong_type("pages", "a whole number")),
+    };
+    let encoded = doc.document_base64.required("document_base64")?;
+    let document = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|e| DecodeError::invalid("document_base64", format!("not base64: {e}")))?;
+    let kind = DocumentKind::sniff(&document)
+        .ok_or_else(|| DecodeError::invalid("document_base64", "neither a TIFF nor a PDF document"))?;
+    if let Some(declared) = doc.content_type.text("content_type")? {
+        if !declared.trim().eq_ignore_ascii_case(kind.content_type()) {
+            return Err(DecodeError::invalid(
+                "content_type",
+                format!("{declared:?}, but the document is {}", kind.content_type()),
+            ));
+        }
+    }
+    let inspected = document::inspect(&document).map_err(|e| DecodeError::invalid("document_base64", e))?;
+    if inspected.pages != pages {
+        return Err(DecodeError::invalid(
+            "pages",
+            format!("{pages}, but the document has {} page(s)", inspected.pages),
+        ));
+    }
+    Ok(FaxEvent { fax_id, called, caller, received_at, pages, kind, document })
+}
+
+/// `fax_id`: 1 to [`MAX_FAX_ID`] of `A-Z a-z 0-9 . _ - : @`, as fax servers name jobs.
+fn check_fax_id(id: &str) -> Result<(), DecodeError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@');
+    if id.is_empty() || id.len() > MAX_FAX_ID || !id.chars().all(allowed) {
+        return Err(DecodeError::invalid("fax_id", format!("{id:?}: 1 to {MAX_FAX_ID} of A-Z a-z 0-9 . _ - : @")));
+    }
+    Ok(())
+}

@@ -1,0 +1,725 @@
+//! Fax documents (R-F1): TIFF Class F (T.4 / T.6) and PDF, as fax servers send them.
+//!
+//! A fax record carries its document, and the subscriber reads it on the settings site
+//! after login, a page at a time, or downloads it. So the engine checks a document
+//! before it keeps it ([`inspect`]: a record whose pages will not show is refused at
+//! once, when the fax server can still be told, not when the subscriber looks), and the
+//! site gets each page as a PNG ([`page_png`], what every browser shows) and the whole fax
+//! as a PDF ([`to_pdf`], what every computer opens; a TIFF is not).
+//!
+//! Documents come from outside, so every size is bounded ([`MAX_PAGES`], [`MAX_WIDTH`],
+//! [`MAX_HEIGHT`], [`MAX_DOCUMENT_PIXELS`], [`MAX_GRAY_PIXELS`]) and damaged or hostile
+//! bytes end in a [`DocumentError`], never in a panic or an endless loop.
+//!
+//! - `ccitt`: the T.4 / T.6 decoder (and the T.6 encoder of the PDFs we write).
+//! - `tiff_file`: the pages of a TIFF and their strips.
+//! - `pdf_file`: the pages of a PDF and the image on each.
+//! - `pdf_out`: the PDF made of a TIFF.
+//! - `raster`: decoded pages and their PNGs.
+
+mod ccitt;
+mod pdf_file;
+mod pdf_out;
+mod raster;
+mod tiff_file;
+
+use pdf_file::Pdf;
+use raster::Raster;
+
+/// The most pages a document may have: more than three times the T.6 pages the largest
+/// record docs/fax.md sets a fax topic up for (about 300), far more than any fax.
+pub const MAX_PAGES: u32 = 1000;
+
+/// The widest page, in pixels: a fax is at most 4864 (A3 at 400 dpi).
+pub const MAX_WIDTH: u32 = 10_000;
+
+/// The tallest page, in rows: an A4 page at 400 dpi is about 4700, a long "continuous"
+/// fax page a few times that.
+pub const MAX_HEIGHT: u32 = 30_000;
+
+/// The most pixels of all a TIFF's pages together: 1000 A4 pages at fine resolution.
+/// Pages may share their data, so a small file can declare many large pages; the PDF made
+/// of a TIFF re-encodes every pixel, and this keeps that to seconds.
+pub const MAX_DOCUMENT_PIXELS: u64 = 4_000_000_000;
+
+/// The most pixels of an 8-bit gray PDF page (one byte each), lower than the bilevel
+/// limit's 300 million (one bit each): about a 600 dpi A4 scan.
+pub const MAX_GRAY_PIXELS: u64 = 40_000_000;
+
+/// What kind of document a fax record carries, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocumentKind {
+    Tiff,
+    Pdf,
+}
+
+impl DocumentKind {
+    /// By the magic bytes alone, so a record's declared content type can be checked
+    /// against what it carries before anything is parsed.
+    pub fn sniff(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            [b'I', b'I', b'*', 0, ..] | [b'M', b'M', 0, b'*', ..] => Some(DocumentKind::Tiff),
+            [b'%', b'P', b'D', b'F', b'-', ..] => Some(DocumentKind::Pdf),
+            _ => None,
+        }
+    }
+
+    /// The media type the site serves the document (and a record declares it) as.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            DocumentKind::Tiff => "image/tiff",
+            DocumentKind::Pdf => "application/pdf",
+        }
+    }
+}
+
+/// What the engine checks of a document before it keeps it: the record's declared page
+/// count must agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    pub kind: DocumentKind,
+    pub pages: u32,
+}
+
+/// Why a document is refused or a page cannot be shown, worded for the dead-letter
+/// record an operator reads. Every `page` counts from 1, as a person reads the document.
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("the document is empty")]
+    Empty,
+    #[error("the document is neither a TIFF nor a PDF (by its first bytes)")]
+    NotAFaxDocument,
+    #[error("the TIFF file cannot be read: {0}")]
+    Tiff(String),
+    #[error("the PDF file cannot be read: {0}")]
+    Pdf(String),
+    #[error(
+        "page {page} is compressed with TIFF compression {found} ({}), not a fax coding \
+         (3: CCITT Group 3, 4: CCITT Group 4, or 1: none)",
+        compression_name(*.found)
+    )]
+    Compression { page: u32, found: u32 },
+    #[error("page {page} cannot be shown: {detail}")]
+    Unsupported { page: u32, detail: String },
+    #[error("page {page} is damaged: {detail}")]
+    Corrupt { page: u32, detail: String },
+    #[error("the document is too large to show: {detail}")]
+    TooLarge { detail: String },
+    #[error("there is no page {page}: the document has {pages}")]
+    PageOutOfRange { page: u32, pages: u32 },
+    #[error("page {page} has no fax image to show (no image, or only one of a kind not supported)")]
+    NotAnImagePage { page: u32 },
+    #[error("the page picture cannot be written: {0}")]
+    Encode(String),
+}
+
+/// The TIFF names of the compressions a misconfigured fax server might send.
+fn compression_name(compression: u32) -> &'static str {
+    match compression {
+        2 => "CCITT modified Huffman RLE",
+        5 => "LZW",
+        6 | 7 => "JPEG",
+        8 | 32946 => "Deflate",
+        32773 => "PackBits",
+        34712 => "JPEG 2000",
+        _ => "unknown",
+    }
+}
+
+fn kind(bytes: &[u8]) -> Result<DocumentKind, DocumentError> {
+    if bytes.is_empty() {
+        return Err(DocumentError::Empty);
+    }
+    DocumentKind::sniff(bytes).ok_or(DocumentError::NotAFaxDocument)
+}
+
+/// Parses the container and checks every page can be decoded, so a record that will not
+/// show on the site is refused at once. A TIFF's every page is decoded (its coding, its
+/// bilevel pixels, its bit order and polarity checked on the way). A PDF need only load
+/// and have pages: a page that is not a fax image still opens in a PDF reader, so the
+/// fax is kept and offered for download.
+pub fn inspect(bytes: &[u8]) -> Result<Inspected, DocumentError> {
+    match kind(bytes)? {
+        DocumentKind::Tiff => {
+            let pages = tiff_file::pages(bytes)?;
+            pages.iter().try_for_each(|page| tiff_file::check(bytes, page))?;
+            // At most MAX_PAGES.
+            let pages = u32::try_from(pages.len()).unwrap_or(MAX_PAGES);
+            Ok(Inspected { kind: DocumentKind::Tiff, pages })
+        }
+        DocumentKind::Pdf => Ok(Inspected { kind: DocumentKind::Pdf, pages: Pdf::load(bytes)?.page_count() }),
+    }
+}
+
+/// Page `page` (0-based) as a PNG, black on white, what the site shows. Fax pixels are not
+/// square at "normal" resolution (204x98 dpi): each row is written twice so the page does
+/// not look squashed; "fine" (204x196) rows are written once. A TIFF page's resolution is
+/// its XResolution/YResolution (fine if absent), a PDF page's follows from its size.
+pub fn page_png(bytes: &[u8], page: u32) -> Result<Vec<u8>, DocumentError> {
+    let (raster, repeat) = match kind(bytes)? {
+        DocumentKind::Tiff => {
+            let pages = tiff_file::pages(bytes)?;
+            let count = u32::try_from(pages.len()).unwrap_or(MAX_PAGES);
+            let tiff_page = pages
+                .get(page as usize)
+                .ok_or(DocumentError::PageOutOfRange { page: page.saturating_add(1), pages: count })?;
+            (Raster::Bilevel(tiff_file::bitmap(bytes, tiff_page)?), tiff_page.resolution.row_repeat())
+        }
+        DocumentKind::Pdf => Pdf::load(bytes)?.page(page)?,
+    };
+    raster::png(&raster, repeat)
+}
+
+/// The document as a PDF for download. A PDF is returned as it came (bytes unchanged:
+/// it is the fax server's, and [`inspect`] has loaded it). A TIFF becomes a PDF of its
+/// pages, each the size the fax's resolution gives it (an A4 fax about 595x842 pt),
+/// its picture re-encoded as T.6 whatever the TIFF's coding, bit order or polarity.
+pub fn to_pdf(bytes: &[u8]) -> Result<Vec<u8>, DocumentError> {
+    match kind(bytes)? {
+        DocumentKind::Pdf => Ok(bytes.to_vec()),
+        DocumentKind::Tiff => {
+            let mut pdf = pdf_out::PdfBuilder::new();
+            for page in tiff_file::pages(bytes)? {
+                pdf.page(&tiff_file::bitmap(bytes, &page)?, page.resolution);
+            }
+            Ok(pdf.finish())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    macro_rules! fixture {
+        ($name:literal) => {
+            include_bytes!(concat!("../../tests/fixtures/fax/", $name)).as_slice()
+        };
+    }
+
+    // Made by scripts/make-fax-fixtures.sh: three A4 pages drawn at fine resolution
+    // (1728 x 2287), page 1 again at normal resolution (1728 x 1144), in the codings a
+    // fax server stores; the PNGs are the drawn bitmaps themselves.
+    const PAGES: [&[u8]; 3] = [fixture!("page1.png"), fixture!("page2.png"), fixture!("page3.png")];
+    const NORMAL_PAGE: &[u8] = fixture!("normal.png");
+    const FINE_G4: &[u8] = fixture!("fine-g4.tif");
+    const FINE_G3: &[u8] = fixture!("fine-g3.tif");
+    const FINE_G3_2D: &[u8] = fixture!("fine-g3-2d.tif");
+    const FINE_G3_LSB: &[u8] = fixture!("fine-g3-lsb.tif");
+    const NORMAL_G3: &[u8] = fixture!("normal-g3.tif");
+    const BLACK_IS_ZERO_G4: &[u8] = fixture!("page2-blackiszero-g4.tif");
+    const BAND_UNCOMPRESSED: &[u8] = fixture!("page1-band-uncompressed.tif");
+    const SMALL_LZW: &[u8] = fixture!("small-lzw.tif");
+    const FINE_G4_PDF: &[u8] = fixture!("fine-g4.pdf");
+    const BLACK_IS_ZERO_PDF: &[u8] = fixture!("page2-blackiszero-g4.pdf");
+
+    /// A picture as a person sees it: which pixels are black.
+    #[derive(PartialEq, Eq)]
+    struct Picture {
+        width: u32,
+        height: u32,
+        black: Vec<bool>,
+    }
+
+    impl std::fmt::Debug for Picture {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let black = self.black.iter().filter(|&&b| b).count();
+            write!(f, "{} x {} picture, {black} black pixels", self.width, self.height)
+        }
+    }
+
+    impl Picture {
+        fn row(&self, y: u32) -> &[bool] {
+            let w = self.width as usize;
+            &self.black[y as usize * w..(y as usize + 1) * w]
+        }
+
+        /// Rows `from..to`.
+        fn band(&self, from: u32, to: u32) -> Picture {
+            let w = self.width as usize;
+            let black = self.black[from as usize * w..to as usize * w].to_vec();
+            Picture { width: self.width, height: to - from, black }
+        }
+
+        /// Every other row: a picture with each row written twice, as it was before.
+        fn halved(&self) -> Picture {
+            let black = (0..self.height / 2).flat_map(|y| self.row(2 * y).to_vec()).collect();
+            Picture { width: self.width, height: self.height / 2, black }
+        }
+    }
+
+    /// Reads any PNG (ours, or the truth ImageMagick wrote) as black and white.
+    fn picture(png: &[u8]) -> Picture {
+        let mut decoder = png::Decoder::new(std::io::Cursor::new(png));
+        decoder.set_transformations(png::Transformations::EXPAND);
+        let mut reader = decoder.read_info().expect("a PNG");
+        let mut buffer = vec![0; reader.output_buffer_size().expect("a size")];
+        let info = reader.next_frame(&mut buffer).expect("a frame");
+        assert_eq!(info.bit_depth, png::BitDepth::Eight, "gray expanded to 8 bits");
+        let channels = info.color_type.samples();
+        let black = buffer
+            .chunks(info.line_size)
+            .take(info.height as usize)
+            .flat_map(|line| line.chunks(channels).take(info.width as usize).map(|pixel| pixel[0] < 128))
+            .collect();
+        Picture { width: info.width, height: info.height, black }
+    }
+
+    fn shown(document: &[u8], page: u32) -> Picture {
+        picture(&page_png(document, page).unwrap_or_else(|e| panic!("page {}: {e}", page + 1)))
+    }
+
+    /// Asserts two pictures are the same, saying where they first differ if not.
+    fn assert_same(seen: &Picture, truth: &Picture, what: &str) {
+        assert_eq!((seen.width, seen.height), (truth.width, truth.height), "{what}: size");
+        if let Some(at) = seen.black.iter().zip(&truth.black).position(|(a, b)| a != b) {
+            let wrong = seen.black.iter().zip(&truth.black).filter(|(a, b)| a != b).count();
+            let (x, y) = (at % seen.width as usize, at / seen.width as usize);
+            panic!("{what}: {wrong} pixels differ from the original, the first at column {x}, row {y}");
+        }
+    }
+
+    /// Every page of a three-page fine fixture shows as drawn.
+    fn assert_shows_the_three_pages(document: &[u8], what: &str) {
+        let inspected = inspect(document).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(inspected.pages, 3, "{what}");
+        for (page, truth) in PAGES.iter().enumerate() {
+            assert_same(&shown(document, page as u32), &picture(truth), &format!("{what}, page {}", page + 1));
+        }
+    }
+
+    fn u32_at(tiff: &[u8], at: usize) -> usize {
+        u32::from_le_bytes(tiff[at..at + 4].try_into().unwrap()) as usize
+    }
+
+    fn u16_at(tiff: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes([tiff[at], tiff[at + 1]])
+    }
+
+    /// Where the `ifd`th IFD (counted from 0) of a little-endian TIFF starts.
+    fn ifd_offset(tiff: &[u8], ifd: usize) -> usize {
+        assert_eq!(&tiff[..2], b"II");
+        (0..ifd).fold(u32_at(tiff, 4), |offset, _| u32_at(tiff, offset + 2 + 12 * usize::from(u16_at(tiff, offset))))
+    }
+
+    /// Where the value of `tag` in the `ifd`th IFD sits (a value of one SHORT or LONG).
+    fn ifd_value_at(tiff: &[u8], ifd: usize, tag: u16) -> usize {
+        let offset = ifd_offset(tiff, ifd);
+        let entries = usize::from(u16_at(tiff, offset));
+        (0..entries).map(|i| offset + 2 + 12 * i).find(|&e| u16_at(tiff, e) == tag).expect("the tag") + 8
+    }
+
+    /// The TIFF with `tag` of the `ifd`th IFD set to `value`.
+    fn patch(tiff: &[u8], ifd: usize, tag: u16, value: u32) -> Vec<u8> {
+        let mut tiff = tiff.to_vec();
+        let at = ifd_value_at(&tiff, ifd, tag);
+        // The entry's type, 6 bytes before its value: 3 is SHORT, else LONG.
+        let bytes =
+            if tiff[at - 6] == 3 { (value as u16).to_le_bytes().to_vec() } else { value.to_le_bytes().to_vec() };
+        tiff[at..at + bytes.len()].copy_from_slice(&bytes);
+        tiff
+    }
+
+    /// A minimal little-endian TIFF of `pages` uncompressed white pages, all sharing one
+    /// strip (of at most 4 KB: larger pages are for limits checked before any decoding).
+    fn tiny_tiff(pages: u32, width: u32, height: u32) -> Vec<u8> {
+        let strip = width.div_ceil(8) * height;
+        let mut tiff = b"II*\0".to_vec();
+        tiff.extend(8u32.to_le_bytes());
+        let entries: [(u16, u32); 7] =
+            [(256, width), (257, height), (258, 1), (259, 1), (262, 0), (273, 0), (279, strip)];
+        let ifd_len = 2 + 12 * entries.len() as u32 + 4;
+        let data_at = 8 + ifd_len * pages;
+        for page in 0..pages {
+            tiff.extend((entries.len() as u16).to_le_bytes());
+            for (tag, value) in entries {
+                let value = if tag == 273 { data_at } else { value };
+                tiff.extend(tag.to_le_bytes());
+                tiff.extend(4u16.to_le_bytes());
+                tiff.extend(1u32.to_le_bytes());
+                tiff.extend(value.to_le_bytes());
+            }
+            let next = if page + 1 < pages { 8 + ifd_len * (page + 1) } else { 0 };
+            tiff.extend(next.to_le_bytes());
+        }
+        tiff.resize(tiff.len() + strip.min(4096) as usize, 0);
+        tiff
+    }
+
+    /// A one-page PDF whose page is `data` as a FlateDecode DeviceGray image.
+    fn flate_pdf(width: u32, height: u32, bits: i64, data: Vec<u8>) -> Vec<u8> {
+        use lopdf::{dictionary, Object, Stream};
+        let mut doc = lopdf::Document::with_version("1.5");
+        let pages = doc.new_object_id();
+        let mut image = Stream::new(
+            dictionary! {
+                "Type" => "XObject", "Subtype" => "Image", "ColorSpace" => "DeviceGray",
+                "Width" => i64::from(width), "Height" => i64::from(height), "BitsPerComponent" => bits,
+            },
+            data,
+        );
+        image.compress().expect("compressed");
+        assert_eq!(image.filters().expect("a filter"), [b"FlateDecode".as_slice()]);
+        let image = doc.add_object(image);
+        let (w, h) = (width as f32 * 0.3, height as f32 * 0.3);
+        let draw = format!("q {w} 0 0 {h} 0 0 cm /Im0 Do Q");
+        let content = doc.add_object(Stream::new(dictionary! {}, draw.into_bytes()));
+        let page = doc.add_object(dictionary! {
+            "Type" => "Page", "Parent" => pages, "Contents" => content,
+            "MediaBox" => vec![0.into(), 0.into(), w.into(), h.into()],
+            "Resources" => dictionary! { "XObject" => dictionary! { "Im0" => image } },
+        });
+        let tree = dictionary! { "Type" => "Pages", "Kids" => vec![page.into()], "Count" => 1 };
+        doc.objects.insert(pages, Object::Dictionary(tree));
+        let catalog = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages });
+        doc.trailer.set("Root", catalog);
+        let mut out = Vec::new();
+        doc.save_to(&mut out).expect("saved");
+        out
+    }
+
+    #[test]
+    fn r_f1_the_kind_of_a_document_is_known_by_its_first_bytes() {
+        assert_eq!(DocumentKind::sniff(FINE_G4), Some(DocumentKind::Tiff));
+        assert_eq!(DocumentKind::sniff(NORMAL_G3), Some(DocumentKind::Tiff), "big-endian, MM");
+        assert_eq!(&NORMAL_G3[..4], b"MM\0*");
+        assert_eq!(DocumentKind::sniff(FINE_G4_PDF), Some(DocumentKind::Pdf));
+        assert_eq!(DocumentKind::sniff(PAGES[0]), None, "a PNG");
+        assert_eq!(DocumentKind::sniff(b"II*"), None);
+        assert_eq!(DocumentKind::Tiff.content_type(), "image/tiff");
+        assert_eq!(DocumentKind::Pdf.content_type(), "application/pdf");
+        assert_eq!(serde_json::to_string(&DocumentKind::Pdf).unwrap(), "\"pdf\"");
+    }
+
+    #[test]
+    fn r_f1_a_g4_tiff_of_three_pages_shows_each_page_as_drawn() {
+        assert_eq!(inspect(FINE_G4).unwrap(), Inspected { kind: DocumentKind::Tiff, pages: 3 });
+        assert_shows_the_three_pages(FINE_G4, "G4 (T.6)");
+    }
+
+    #[test]
+    fn r_f1_a_one_dimensional_g3_tiff_shows_each_page_as_drawn() {
+        assert_shows_the_three_pages(FINE_G3, "G3 1-D (T.4 MH)");
+    }
+
+    #[test]
+    fn r_f1_a_two_dimensional_g3_tiff_shows_each_page_as_drawn() {
+        assert_shows_the_three_pages(FINE_G3_2D, "G3 2-D (T.4 MR)");
+    }
+
+    #[test]
+    fn r_f1_a_g3_tiff_with_reversed_bit_order_shows_each_page_as_drawn() {
+        assert_shows_the_three_pages(FINE_G3_LSB, "G3 1-D, FillOrder 2, byte-aligned EOLs");
+    }
+
+    #[test]
+    fn r_f1_a_normal_resolution_fax_shows_each_row_twice() {
+        assert_eq!(inspect(NORMAL_G3).unwrap(), Inspected { kind: DocumentKind::Tiff, pages: 1 });
+        let seen = shown(NORMAL_G3, 0);
+        let truth = picture(NORMAL_PAGE);
+        assert_eq!(seen.height, 2 * truth.height, "each row twice");
+        for y in 0..truth.height {
+            assert_eq!(seen.row(2 * y), seen.row(2 * y + 1), "row {y} is written twice");
+        }
+        assert_same(&seen.halved(), &truth, "normal resolution, G3 1-D, big-endian");
+    }
+
+    #[test]
+    fn r_f1_a_black_is_zero_g4_tiff_in_strips_shows_black_on_white() {
+        // PhotometricInterpretation 1 and 62 strips of 37 rows, each its own T.6 stream.
+        assert_eq!(inspect(BLACK_IS_ZERO_G4).unwrap().pages, 1);
+        assert_same(&shown(BLACK_IS_ZERO_G4, 0), &picture(PAGES[1]), "BlackIsZero G4");
+    }
+
+    #[test]
+    fn r_f1_an_uncompressed_tiff_shows_as_drawn() {
+        // Rows 80 to 127 of page 1, Compression 1, BlackIsZero.
+        assert_eq!(inspect(BAND_UNCOMPRESSED).unwrap().pages, 1);
+        assert_same(&shown(BAND_UNCOMPRESSED, 0), &picture(PAGES[0]).band(80, 128), "uncompressed");
+    }
+
+    #[test]
+    fn r_f1_a_fax_pdf_of_three_pages_shows_each_page_as_drawn() {
+        // tiff2pdf's PDF of the G4 TIFF: CCITTFaxDecode, K -1.
+        assert_eq!(inspect(FINE_G4_PDF).unwrap(), Inspected { kind: DocumentKind::Pdf, pages: 3 });
+        assert_shows_the_three_pages(FINE_G4_PDF, "PDF");
+    }
+
+    #[test]
+    fn r_f1_a_pdf_with_black_is_1_shows_black_on_white() {
+        // tiff2pdf of the BlackIsZero TIFF: /BlackIs1 true.
+        assert_eq!(inspect(BLACK_IS_ZERO_PDF).unwrap().pages, 1);
+        assert_same(&shown(BLACK_IS_ZERO_PDF, 0), &picture(PAGES[1]), "PDF, BlackIs1 true");
+    }
+
+    #[test]
+    fn r_f1_a_flate_compressed_pdf_page_shows_as_drawn() {
+        // 1 bit a pixel, 0 black, as DeviceGray has it.
+        let truth = picture(PAGES[2]);
+        let packed: Vec<u8> = truth
+            .black
+            .chunks(truth.width as usize)
+            .flat_map(|row| {
+                row.chunks(8)
+                    .map(|byte| {
+                        byte.iter().enumerate().fold(0xff, |b, (i, &black)| if black { b & !(0x80 >> i) } else { b })
+                    })
+                    .collect::<Vec<u8>>()
+            })
+            .collect();
+        let pdf = flate_pdf(truth.width, truth.height, 1, packed);
+        assert_eq!(inspect(&pdf).unwrap(), Inspected { kind: DocumentKind::Pdf, pages: 1 });
+        assert_same(&shown(&pdf, 0), &truth, "Flate, 1 bit");
+
+        // 8 bits a pixel: every gray comes out as it went in.
+        let (width, height) = (256u32, 40u32);
+        let gray: Vec<u8> =
+            (0..height).flat_map(|y| (0..width).map(move |x| (x as u8).wrapping_add(y as u8))).collect();
+        let png = page_png(&flate_pdf(width, height, 8, gray.clone()), 0).unwrap();
+        let mut decoder = png::Decoder::new(std::io::Cursor::new(png.as_slice())).read_info().unwrap();
+        let mut shown = vec![0; decoder.output_buffer_size().unwrap()];
+        let info = decoder.next_frame(&mut shown).unwrap();
+        assert_eq!((info.width, info.height, info.color_type), (width, height, png::ColorType::Grayscale));
+        assert_eq!(shown, gray);
+    }
+
+    #[test]
+    fn r_f1_a_pdf_page_without_a_fax_image_is_kept_but_not_shown() {
+        use pdf_writer::{Content, Filter, Finish, Name, Pdf, Rect, Ref};
+        let mut pdf = Pdf::new();
+        let [catalog, tree, drawn, drawing, photo, jpeg] = [1, 2, 3, 4, 5, 6].map(Ref::new);
+        pdf.catalog(catalog).pages(tree);
+        pdf.pages(tree).kids([drawn, photo]).count(2);
+        // Page 1: a vector drawing, no image.
+        pdf.page(drawn).parent(tree).media_box(Rect::new(0.0, 0.0, 595.0, 842.0)).contents(drawing);
+        let mut draw = Content::new();
+        draw.rect(100.0, 100.0, 200.0, 200.0).fill_nonzero();
+        pdf.stream(drawing, &draw.finish());
+        // Page 2: only a JPEG image, which a fax page is not.
+        let mut page = pdf.page(photo);
+        page.parent(tree).media_box(Rect::new(0.0, 0.0, 595.0, 842.0));
+        page.resources().x_objects().pair(Name(b"Im0"), jpeg);
+        page.finish();
+        let mut image = pdf.image_xobject(jpeg, b"\xff\xd8\xff\xd9");
+        image.width(8).height(8).bits_per_component(8);
+        image.color_space().device_gray();
+        image.filter(Filter::DctDecode);
+        image.finish();
+        let pdf = pdf.finish();
+
+        assert_eq!(inspect(&pdf).unwrap(), Inspected { kind: DocumentKind::Pdf, pages: 2 });
+        assert!(matches!(page_png(&pdf, 0), Err(DocumentError::NotAnImagePage { page: 1 })));
+        let error = page_png(&pdf, 1).unwrap_err();
+        assert!(matches!(error, DocumentError::NotAnImagePage { page: 2 }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "page 2 has no fax image to show (no image, or only one of a kind not supported)"
+        );
+        assert_eq!(to_pdf(&pdf).unwrap(), pdf, "still offered for download");
+    }
+
+    #[test]
+    fn r_f1_a_pdf_fax_downloads_unchanged() {
+        assert_eq!(to_pdf(FINE_G4_PDF).unwrap(), FINE_G4_PDF);
+        assert_eq!(to_pdf(BLACK_IS_ZERO_PDF).unwrap(), BLACK_IS_ZERO_PDF);
+    }
+
+    #[test]
+    fn r_f1_a_tiff_fax_downloads_as_an_a4_pdf_of_the_same_pages() {
+        for (tiff, what, a4) in [
+            (FINE_G4, "G4, fine", true),
+            (NORMAL_G3, "G3, normal", true),
+            (BLACK_IS_ZERO_G4, "G4 BlackIsZero in strips", true),
+            (BAND_UNCOMPRESSED, "uncompressed band", false),
+        ] {
+            let pdf = to_pdf(tiff).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let pages = inspect(tiff).unwrap().pages;
+            let read = lopdf::Document::load_mem(&pdf).unwrap_or_else(|e| panic!("{what}: lopdf: {e}"));
+            assert_eq!(read.get_pages().len(), pages as usize, "{what}: pages");
+            assert_eq!(inspect(&pdf).unwrap(), Inspected { kind: DocumentKind::Pdf, pages }, "{what}");
+            for (number, id) in read.get_pages() {
+                let media_box: Vec<f32> = read
+                    .get_dictionary(id)
+                    .and_then(|page| page.get(b"MediaBox"))
+                    .and_then(|b| b.as_array())
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_float().unwrap())
+                    .collect();
+                let (width, height) = (media_box[2] - media_box[0], media_box[3] - media_box[1]);
+                if a4 {
+                    // A4 is 595 x 842 pt; a fax page is 215 mm wide, an A4 page long.
+                    assert!(
+                        (590.0..620.0).contains(&width) && (830.0..850.0).contains(&height),
+                        "{what}: {width} x {height} pt"
+                    );
+                }
+                let page = number - 1;
+                assert_same(&shown(&pdf, page), &shown(tiff, page), &format!("{what}: page {number} of the PDF"));
+            }
+        }
+    }
+
+    #[test]
+    fn r_f1_what_is_not_a_fax_document_is_refused() {
+        assert!(matches!(inspect(b""), Err(DocumentError::Empty)));
+        for (bytes, what) in
+            [(b"hello, this is not a fax".as_slice(), "text"), (PAGES[0], "a PNG"), (&[0xff; 64][..], "garbage")]
+        {
+            let error = inspect(bytes).unwrap_err();
+            assert!(matches!(error, DocumentError::NotAFaxDocument), "{what}: {error:?}");
+            assert_eq!(error.to_string(), "the document is neither a TIFF nor a PDF (by its first bytes)");
+            assert!(matches!(page_png(bytes, 0), Err(DocumentError::NotAFaxDocument)), "{what}");
+            assert!(matches!(to_pdf(bytes), Err(DocumentError::NotAFaxDocument)), "{what}");
+        }
+        let error = inspect(b"%PDF-1.4\nnothing else").unwrap_err();
+        assert!(matches!(error, DocumentError::Pdf(_)), "{error:?}");
+        assert!(error.to_string().starts_with("the PDF file cannot be read: "), "{error}");
+    }
+
+    #[test]
+    fn r_f1_a_truncated_tiff_is_refused_naming_the_page() {
+        // libtiff writes each page's data, then its IFD: cut in the first IFD, in the second.
+        let error = inspect(&FINE_G4[..ifd_offset(FINE_G4, 0) + 20]).unwrap_err();
+        assert!(matches!(&error, DocumentError::Tiff(m) if m.starts_with("page 1: ")), "{error:?}");
+        let error = inspect(&FINE_G4[..ifd_offset(FINE_G4, 1) + 20]).unwrap_err();
+        assert!(matches!(&error, DocumentError::Tiff(m) if m.starts_with("page 2: ")), "{error:?}");
+        assert!(error.to_string().starts_with("the TIFF file cannot be read: page 2: "), "{error}");
+    }
+
+    #[test]
+    fn r_f1_a_tiff_whose_data_lies_past_its_end_is_refused() {
+        let moved = patch(FINE_G4, 1, 273, 1_000_000);
+        let error = inspect(&moved).unwrap_err();
+        assert!(matches!(error, DocumentError::Corrupt { page: 2, .. }), "{error:?}");
+        assert_eq!(error.to_string(), "page 2 is damaged: strip 1 of 1 lies past the end of the file");
+        assert!(matches!(page_png(&moved, 1), Err(DocumentError::Corrupt { page: 2, .. })));
+        assert!(page_png(&moved, 0).is_ok(), "page 1 is whole");
+    }
+
+    #[test]
+    fn r_f1_an_lzw_tiff_is_refused_naming_its_compression() {
+        let error = inspect(SMALL_LZW).unwrap_err();
+        assert!(matches!(error, DocumentError::Compression { page: 1, found: 5 }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            concat!(
+                "page 1 is compressed with TIFF compression 5 (LZW), not a fax coding ",
+                "(3: CCITT Group 3, 4: CCITT Group 4, or 1: none)"
+            )
+        );
+        assert!(matches!(page_png(SMALL_LZW, 0), Err(DocumentError::Compression { .. })));
+        assert!(matches!(to_pdf(SMALL_LZW), Err(DocumentError::Compression { .. })));
+    }
+
+    #[test]
+    fn r_f1_a_tiff_page_of_an_unknown_bit_order_or_colour_is_refused() {
+        let error = inspect(&patch(FINE_G4, 2, 266, 3)).unwrap_err();
+        assert_eq!(error.to_string(), "page 3 cannot be shown: its FillOrder is 3, not 1 or 2");
+        let error = inspect(&patch(FINE_G4, 0, 258, 8)).unwrap_err();
+        assert!(matches!(error, DocumentError::Unsupported { page: 1, .. }), "{error:?}");
+        assert!(error.to_string().contains("not black and white"), "{error}");
+    }
+
+    #[test]
+    fn r_f1_damaged_fax_data_is_refused_naming_the_page_and_row() {
+        // All ones are valid T.4 codes (white 7, black 2, ...), 400 bytes of them more than
+        // a row: put them in the middle of page 2's strip.
+        let strip = u32_at(FINE_G3, ifd_value_at(FINE_G3, 1, 273));
+        let middle = strip + u32_at(FINE_G3, ifd_value_at(FINE_G3, 1, 279)) / 2;
+        let mut damaged = FINE_G3.to_vec();
+        damaged[middle..middle + 400].fill(0xff);
+        let error = inspect(&damaged).unwrap_err();
+        let DocumentError::Corrupt { page: 2, detail } = &error else { panic!("{error:?}") };
+        assert!(
+            detail.starts_with("row ") && detail.ends_with("of 2287: the runs add up to more than the page width"),
+            "{detail}"
+        );
+        assert!(page_png(&damaged, 0).is_ok() && page_png(&damaged, 2).is_ok(), "the other pages show");
+        assert!(matches!(to_pdf(&damaged), Err(DocumentError::Corrupt { page: 2, .. })));
+    }
+
+    #[test]
+    fn r_f1_a_page_past_the_last_is_out_of_range() {
+        for document in [FINE_G4, FINE_G4_PDF] {
+            let error = page_png(document, 3).unwrap_err();
+            assert!(matches!(error, DocumentError::PageOutOfRange { page: 4, pages: 3 }), "{error:?}");
+            assert_eq!(error.to_string(), "there is no page 4: the document has 3");
+            assert!(matches!(page_png(document, u32::MAX), Err(DocumentError::PageOutOfRange { .. })));
+        }
+    }
+
+    #[test]
+    fn r_f1_documents_beyond_the_limits_are_refused() {
+        assert_eq!(inspect(&tiny_tiff(MAX_PAGES, 8, 1)).unwrap().pages, MAX_PAGES);
+        let error = inspect(&tiny_tiff(MAX_PAGES + 1, 8, 1)).unwrap_err();
+        assert_eq!(error.to_string(), "the document is too large to show: it has more than 1000 pages");
+        let error = inspect(&tiny_tiff(1, MAX_WIDTH + 1, 1)).unwrap_err();
+        assert!(matches!(error, DocumentError::TooLarge { .. }), "{error:?}");
+        let error = inspect(&tiny_tiff(1, 8, MAX_HEIGHT + 1)).unwrap_err();
+        assert!(matches!(error, DocumentError::TooLarge { .. }), "{error:?}");
+        // 14 of the largest pages, sharing their data, are more than 4 billion pixels.
+        let error = inspect(&tiny_tiff(14, MAX_WIDTH, MAX_HEIGHT)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the document is too large to show: its pages up to page 14 have more than 4000000000 pixels"
+        );
+        // A G4 page that claims fewer rows than its data holds shows those rows only.
+        let short = patch(FINE_G4, 0, 257, 100);
+        assert_same(&shown(&short, 0), &picture(PAGES[0]).band(0, 100), "the first 100 rows");
+    }
+
+    #[test]
+    fn r_f1_mutated_documents_never_panic() {
+        // Deterministic: a xorshift generator with a fixed seed.
+        let mut state = 0x9e37_79b9_u32;
+        let mut next = move |below: usize| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as usize % below.max(1)
+        };
+        let documents =
+            [FINE_G4, NORMAL_G3, BLACK_IS_ZERO_G4, BAND_UNCOMPRESSED, SMALL_LZW, FINE_G4_PDF, BLACK_IS_ZERO_PDF];
+        let mut variants = 0;
+        for document in documents {
+            // The first IFD (or the PDF's end, its cross-reference table): where a flip
+            // changes structure rather than pixels.
+            let structure = match &document[..2] {
+                b"II" => u32::from_le_bytes(document[4..8].try_into().unwrap()) as usize,
+                b"MM" => u32::from_be_bytes(document[4..8].try_into().unwrap()) as usize,
+                _ => document.len().saturating_sub(400),
+            };
+            for variant in 0..48 {
+                let mut bytes = document.to_vec();
+                let near_structure = (structure + next(400)).min(bytes.len() - 1);
+                match variant % 6 {
+                    0 => bytes.truncate(next(bytes.len())),
+                    1 => {
+                        let at = next(bytes.len());
+                        bytes[at] ^= 1 << next(8);
+                    }
+                    2 => bytes[near_structure] ^= 1 << next(8),
+                    3 => bytes[near_structure] = [0, 0xff, 1, 0x80][next(4)],
+                    4 => {
+                        let at = next(bytes.len());
+                        let end = (at + 1 + next(32)).min(bytes.len());
+                        let value = next(256) as u8;
+                        bytes[at..end].fill(value);
+                    }
+                    _ => (0..8).for_each(|_| {
+                        let at = next(bytes.len());
+                        bytes[at] = next(256) as u8;
+                    }),
+                }
+                let _ = inspect(&bytes);
+                let _ = page_png(&bytes, 0);
+                let _ = page_png(&bytes, next(4) as u32);
+                let _ = to_pdf(&bytes);
+                variants += 1;
+            }
+        }
+        assert_eq!(variants, 336);
+    }
+}

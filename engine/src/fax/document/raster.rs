@@ -1,0 +1,170 @@
+//! Decoded pages in memory, and the PNG the site shows of them.
+
+use super::{DocumentError, MAX_HEIGHT};
+
+/// A bilevel page, packed eight pixels a byte, most significant bit first, 1 for black
+/// (whatever the source's polarity was), each row padded to whole bytes.
+#[derive(Debug)]
+pub(super) struct Bitmap {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+impl Bitmap {
+    /// An all-white page. The caller has checked the size against the limits, which keep
+    /// it under 40 MB.
+    pub fn white(width: u32, height: u32) -> Self {
+        Bitmap { width, height, data: vec![0; stride(width).saturating_mul(height as usize)] }
+    }
+
+    fn stride(&self) -> usize {
+        stride(self.width)
+    }
+
+    pub fn rows(&self) -> impl Iterator<Item = &[u8]> {
+        self.data.chunks(self.stride().max(1))
+    }
+
+    /// Paints row `y` black where `changes` (colour changes, white to black first, as
+    /// the CCITT decoder gives them) say it is.
+    pub fn paint(&mut self, y: u32, changes: &[u32]) {
+        let stride = self.stride();
+        let Some(row) =
+            self.data.get_mut((y as usize).saturating_mul(stride)..).and_then(|rest| rest.get_mut(..stride))
+        else {
+            return;
+        };
+        for span in changes.chunks(2) {
+            let (start, end) = match *span {
+                [start, end] => (start, end),
+                [start] => (start, self.width),
+                _ => continue,
+            };
+            fill(row, start.min(self.width) as usize, end.min(self.width) as usize);
+        }
+    }
+
+    /// Swaps black and white, for sources whose 1 bits are white.
+    pub fn invert(&mut self) {
+        self.data.iter_mut().for_each(|b| *b = !*b);
+        self.clear_padding();
+    }
+
+    /// Zeroes the bits past the width at the end of each row, so equal pictures compare
+    /// equal and PNG padding stays clean.
+    pub fn clear_padding(&mut self) {
+        let used = self.width % 8;
+        if used == 0 {
+            return;
+        }
+        let mask = 0xffu8 << (8 - used);
+        let stride = self.stride();
+        for row in self.data.chunks_mut(stride.max(1)) {
+            if let Some(last) = row.last_mut() {
+                *last &= mask;
+            }
+        }
+    }
+}
+
+fn stride(width: u32) -> usize {
+    (width as usize).div_ceil(8)
+}
+
+/// Sets bits `start..end` of a packed row.
+fn fill(row: &mut [u8], start: usize, end: usize) {
+    let mut x = start;
+    while x < end {
+        let Some(byte) = row.get_mut(x / 8) else { return };
+        if x.is_multiple_of(8) && end - x >= 8 {
+            *byte = 0xff;
+            x += 8;
+        } else {
+            *byte |= 0x80 >> (x % 8);
+            x += 1;
+        }
+    }
+}
+
+/// An 8-bit grayscale page (0 black, 255 white), from PDFs whose page is a gray image.
+#[derive(Debug)]
+pub(super) struct Gray {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// A decoded page.
+#[derive(Debug)]
+pub(super) enum Raster {
+    Bilevel(Bitmap),
+    Gray(Gray),
+}
+
+/// The page as a PNG, each row written `repeat` times so the picture's pixels come out
+/// square (a "normal" fax row is twice as tall as it is wide).
+pub(super) fn png(raster: &Raster, repeat: u32) -> Result<Vec<u8>, DocumentError> {
+    let (width, height, depth) = match raster {
+        Raster::Bilevel(bitmap) => (bitmap.width, bitmap.height, png::BitDepth::One),
+        Raster::Gray(gray) => (gray.width, gray.height, png::BitDepth::Eight),
+    };
+    // Never taller than the tallest page we decode, whatever the resolution claims.
+    let repeat = repeat.clamp(1, (MAX_HEIGHT / height.max(1)).max(1));
+    let tall = height.checked_mul(repeat).ok_or_else(|| encode_error("the page is too tall"))?;
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width, tall);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(depth);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header().map_err(|e| encode_error(&e.to_string()))?;
+    let mut stream = writer.stream_writer().map_err(|e| encode_error(&e.to_string()))?;
+    let mut put = |row: &[u8]| {
+        (0..repeat)
+            .try_for_each(|_| std::io::Write::write_all(&mut stream, row))
+            .map_err(|e| encode_error(&e.to_string()))
+    };
+    match raster {
+        // PNG's 1-bit gray has 0 for black: the bitmap's bits, inverted.
+        Raster::Bilevel(bitmap) => {
+            bitmap.rows().try_for_each(|row| put(&row.iter().map(|b| !b).collect::<Vec<u8>>()))?
+        }
+        Raster::Gray(gray) => gray.data.chunks((gray.width as usize).max(1)).try_for_each(put)?,
+    }
+    stream.finish().map_err(|e| encode_error(&e.to_string()))?;
+    writer.finish().map_err(|e| encode_error(&e.to_string()))?;
+    Ok(out)
+}
+
+fn encode_error(detail: &str) -> DocumentError {
+    DocumentError::Encode(detail.to_owned())
+}
+
+/// A page's resolution in dots per inch, across and down.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Resolution {
+    pub x: f32,
+    pub y: f32,
+}
+
+impl Resolution {
+    /// Fax "fine": what a page that does not say is taken to be.
+    pub const FINE: Resolution = Resolution { x: 204.0, y: 196.0 };
+
+    /// How often each row is written so the pixels come out square: 2 for "normal"
+    /// (204x98), 1 for "fine" (204x196) and anything with rows no taller than wide.
+    pub fn row_repeat(self) -> u32 {
+        let ratio = self.x / self.y;
+        if ratio.is_finite() && ratio >= 1.5 {
+            // At most 4: no fax resolution is further from square.
+            ratio.round().min(4.0) as u32
+        } else {
+            1
+        }
+    }
+
+    /// The page's size in PDF points (1/72 inch) for an image of `width` x `height`.
+    pub fn points(self, width: u32, height: u32) -> (f32, f32) {
+        (width as f32 * 72.0 / self.x, height as f32 * 72.0 / self.y)
+    }
+}

@@ -1,0 +1,229 @@
+//! Received faxes kept for the settings site (R-F1): what was received, and the document
+//! itself, for `store.fax_retention_days`.
+//!
+//! Both are subscriber state ([`super::state`]): the node that reads a fax record has the
+//! state owner keep it, and every node applies it, so any node's site shows any fax. A
+//! fax the subscriber deletes keeps its record, marked deleted and without its document,
+//! until it expires: the same fax record read again (a replay, a partition's next reader)
+//! then finds it and does not bring the fax back.
+//!
+//! Trees, one key for both: `number/received (unix ms, 13 digits)/fax id`, so a number's
+//! faxes are one key range in time order.
+//! - `faxes`: key → [`FaxRecord`] (JSON).
+//! - `fax_documents`: key → the document as the fax server sent it.
+
+use chrono::{DateTime, Utc};
+
+use super::state::{Op, Reply, StateKey, StateTree, Written};
+use super::{Store, StoreError};
+use crate::fax::document::DocumentKind;
+use crate::phone::PhoneNumber;
+
+pub const FAXES_TREE: &str = "faxes";
+pub const FAX_DOCUMENTS_TREE: &str = "fax_documents";
+
+/// What the site lists of a received fax.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FaxRecord {
+    /// The fax number it was sent to.
+    pub number: PhoneNumber,
+    pub fax_id: String,
+    /// 送信元 as the subscriber sees it: the number, or 非通知 and the like (R-N7).
+    pub sender: String,
+    pub received_at: DateTime<Utc>,
+    pub pages: u32,
+    pub kind: DocumentKind,
+    /// The document's size in bytes.
+    pub size: u64,
+    /// Opened on the site (the list's unread mark).
+    #[serde(default)]
+    pub read: bool,
+    /// Deleted by the subscriber: listed nowhere, its document gone; the record stays
+    /// until it expires so the fax is not kept again.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl FaxRecord {
+    /// Its key in both trees, and its address on the site after `/fax/`.
+    pub fn key(&self) -> String {
+        fax_key(&self.number, self.received_at, &self.fax_id)
+    }
+}
+
+/// `number/received ms/fax id`: see the module docs.
+pub fn fax_key(number: &PhoneNumber, received_at: DateTime<Utc>, fax_id: &str) -> String {
+    format!("{number}/{:013}/{fax_id}", received_at.timestamp_millis().max(0))
+}
+
+/// A fax's document on its way to the state owner: base64 in the op's JSON.
+#[derive(Clone)]
+pub struct DocumentBytes(pub Vec<u8>);
+
+impl serde::Serialize for DocumentBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DocumentBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map(Self).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Store {
+    /// Keeps a received fax, unless it is kept (or was deleted) already: whether it is
+    /// new. Blocks on the state owner when the state is shared.
+    pub fn keep_fax(&self, record: FaxRecord, document: Vec<u8>) -> Result<bool, StoreError> {
+        match self.submit(Op::KeepFax { record, document: DocumentBytes(document) })? {
+            Reply::Removed(kept) => Ok(kept),
+            other => Err(super::subscribers::unexpected(other)),
+        }
+    }
+
+    /// `number`'s faxes not deleted, newest first.
+    pub fn faxes_of(&self, number: &PhoneNumber) -> Result<Vec<FaxRecord>, StoreError> {
+        let prefix = format!("{number}/");
+        let mut faxes = Vec::new();
+        for item in self.faxes.scan_prefix(prefix.as_bytes()).rev() {
+            let record: FaxRecord = serde_json::from_slice(&item?.1)?;
+            if !record.deleted {
+                faxes.push(record);
+            }
+        }
+        Ok(faxes)
+    }
+
+    /// The fax under `key` if it belongs to `number` and is not deleted.
+    pub fn fax(&self, number: &PhoneNumber, key: &str) -> Result<Option<FaxRecord>, StoreError> {
+        if !key.starts_with(&format!("{number}/")) {
+            return Ok(None);
+        }
+        let Some(raw) = self.faxes.get(key.as_bytes())? else { return Ok(None) };
+        let record: FaxRecord = serde_json::from_slice(&raw)?;
+        Ok((!record.deleted).then_some(record))
+    }
+
+    /// The document of the fax under `key`, if it is kept.
+    pub fn fax_document(&self, key: &str) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.fax_documents.get(key.as_bytes())?)
+    }
+
+    /// Marks the fax under `key` read (the site showed it).
+    pub fn mark_fax_read(&self, key: &str) -> Result<(), StoreError> {
+        self.submit(Op::MarkFaxRead { key: key.to_owned() }).map(drop)
+    }
+
+    /// Deletes the fax under `key`: whether there was one to delete.
+    pub fn delete_fax(&self, key: &str) -> Result<bool, StoreError> {
+        match self.submit(Op::DeleteFax { key: key.to_owned() })? {
+            Reply::Removed(removed) => Ok(removed),
+            other => Err(super::subscribers::unexpected(other)),
+        }
+    }
+
+    /// Forgets every fax received before `before`, record and document.
+    pub fn expire_faxes(&self, before: DateTime<Utc>) -> Result<(), StoreError> {
+        self.submit(Op::ExpireFaxes { before }).map(drop)
+    }
+
+    /// How many faxes (records, deleted ones included) and document bytes this store holds.
+    pub fn fax_usage(&self) -> Result<(usize, u64), StoreError> {
+        let mut bytes = 0u64;
+        for item in self.fax_documents.iter() {
+            bytes += item?.1.len() as u64;
+        }
+        Ok((self.faxes.len(), bytes))
+    }
+
+    pub(super) fn keep_fax_here(
+        &self,
+        record: &FaxRecord,
+        document: &DocumentBytes,
+        written: &mut Written,
+    ) -> Result<bool, StoreError> {
+        let key = record.key();
+        let value = sled::IVec::from(serde_json::to_vec(record)?);
+        // Whoever keeps it first keeps it; the record is written last, so a record means
+        // its document is there (or was deleted).
+        if self.faxes.contains_key(key.as_bytes())? {
+            return Ok(false);
+        }
+        let doc = sled::IVec::from(document.0.as_slice());
+        self.fax_documents.insert(key.as_bytes(), doc.clone())?;
+        written.put(StateKey { tree: StateTree::FaxDocuments, id: key.clone() }, Some(doc));
+        if self.faxes.compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(value.clone()))?.is_err() {
+            return Ok(false);
+        }
+        written.put(StateKey { tree: StateTree::Faxes, id: key }, Some(value));
+        Ok(true)
+    }
+
+    /// Changes the record under `key` by `change` (nothing if there is none, or it is
+    /// deleted); whether it changed.
+    fn update_fax(
+        &self,
+        key: &str,
+        written: &mut Written,
+        change: impl Fn(&mut FaxRecord),
+    ) -> Result<bool, StoreError> {
+        loop {
+            let Some(raw) = self.faxes.get(key.as_bytes())? else { return Ok(false) };
+            let mut record: FaxRecord = serde_json::from_slice(&raw)?;
+            if record.deleted {
+                return Ok(false);
+            }
+            let before = record.clone();
+            change(&mut record);
+            if record == before {
+                return Ok(false);
+            }
+            let value = sled::IVec::from(serde_json::to_vec(&record)?);
+            if self.faxes.compare_and_swap(key.as_bytes(), Some(raw), Some(value.clone()))?.is_ok() {
+                written.put(StateKey { tree: StateTree::Faxes, id: key.to_owned() }, Some(value));
+                return Ok(true);
+            }
+        }
+    }
+
+    pub(super) fn execute_fax(&self, op: &Op) -> Result<(Reply, Written), StoreError> {
+        let mut written = Written::default();
+        let reply = match op {
+            Op::KeepFax { record, document } => Reply::Removed(self.keep_fax_here(record, document, &mut written)?),
+            Op::MarkFaxRead { key } => {
+                self.update_fax(key, &mut written, |r| r.read = true)?;
+                Reply::Done
+            }
+            Op::DeleteFax { key } => {
+                let deleted = self.update_fax(key, &mut written, |r| r.deleted = true)?;
+                if self.fax_documents.remove(key.as_bytes())?.is_some() {
+                    written.put(StateKey { tree: StateTree::FaxDocuments, id: key.clone() }, None);
+                }
+                Reply::Removed(deleted)
+            }
+            Op::ExpireFaxes { before } => {
+                for item in self.faxes.iter() {
+                    let (key, raw) = item?;
+                    let record: Result<FaxRecord, _> = serde_json::from_slice(&raw);
+                    // A record that does not read back expires too.
+                    if record.is_ok_and(|r| r.received_at >= *before) {
+                        continue;
+                    }
+                    let id = String::from_utf8_lossy(&key).into_owned();
+                    self.faxes.remove(&key)?;
+                    written.put(StateKey { tree: StateTree::Faxes, id: id.clone() }, None);
+                    if self.fax_documents.remove(&key)?.is_some() {
+                        written.put(StateKey { tree: StateTree::FaxDocuments, id }, None);
+                    }
+                }
+                Reply::Done
+            }
+            _ => return Err(StoreError::State(format!("{} is not a fax op", op.name()))),
+        };
+        Ok((reply, written))
+    }
+}

@@ -1,0 +1,152 @@
+//! FAXお知らせメール (R-F1): fax records from Kafka are kept for the site and mailed to
+//! each checked destination with a link to the fax, by the same rules as calls.
+
+use base64::Engine as _;
+use engine::address::DestinationAddress;
+use engine::store::{Destination, FaxSettings};
+
+use crate::helpers::*;
+
+/// A three-page G4 TIFF Class F, as `tiffcp -c g4` writes it.
+const G4: &[u8] = include_bytes!("../fixtures/fax/fine-g4.tif");
+/// The same fax as a PDF, as ImageMagick writes it.
+const PDF: &[u8] = include_bytes!("../fixtures/fax/fine-g4.pdf");
+
+const FAX_NUMBER: &str = "0312345600";
+const OTHER_FAX_NUMBER: &str = "0312345601";
+
+/// A fax record (README, "Fax records").
+fn fax_record(fax_id: &str, called: &str, document: &[u8], pages: u32) -> String {
+    serde_json::json!({
+        "fax_id": fax_id,
+        "called": called,
+        "caller": "0612345678",
+        "presentation": "allowed",
+        "received_at": chrono::Utc::now().to_rfc3339(),
+        "pages": pages,
+        "document_base64": base64::engine::general_purpose::STANDARD.encode(document),
+    })
+    .to_string()
+}
+
+/// Provisions `number` with fax notification contracted, and its fax settings.
+fn fax_subscriber(engine: &TestEngine, number: &str, enabled: bool, destinations: &[(&str, bool)], attach_pdf: bool) {
+    let line = serde_json::json!({"contract": number, "numbers": [{"number": number, "services": ["fax"]}]});
+    engine.provision(&[line.to_string()]);
+    let settings = FaxSettings {
+        enabled,
+        destinations: destinations
+            .iter()
+            .map(|(a, send)| Destination { address: DestinationAddress::parse(a).unwrap(), send: *send })
+            .collect(),
+        attach_pdf,
+        version: 0,
+    };
+    let number = engine::phone::PhoneNumber::parse(number).unwrap();
+    engine.store.save_fax_settings(&number, 0, settings).expect("fax settings saved");
+}
+
+/// R-F1, R-N2, R-M1: a received fax is kept with its document, and its mail goes to the
+/// checked destination only, from the no-reply sender, with sender, pages and the link
+/// to the fax on the site. The same record read again sends and keeps nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_f1_r_n2_a_received_fax_is_kept_and_mailed_to_checked_destinations_with_its_link() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    fax_subscriber(&engine, FAX_NUMBER, true, &[("fax@example.jp", true), ("not-checked@example.jp", false)], false);
+    h.produce(FAX_TOPIC, &[fax_record("hylafax-1", FAX_NUMBER, G4, 3)]).await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["fax@example.jp"]);
+    let mail = parse(&mails[0]);
+    assert_eq!(mail.from, FROM);
+    assert_eq!(mail.subject, format!("【FAXお知らせ】0612345678から{FAX_NUMBER}へのFAX（3枚）"));
+    assert!(mail.body.contains("送信元：0612345678") && mail.body.contains("枚数：3枚"), "{}", mail.body);
+
+    let number = engine::phone::PhoneNumber::parse(FAX_NUMBER).unwrap();
+    let kept = engine.store.faxes_of(&number).unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let link = format!("http://127.0.0.1:8080/fax/{}", kept[0].key());
+    assert!(mail.body.contains(&link), "the link {link} in:\n{}", mail.body);
+    assert_eq!((kept[0].pages, kept[0].fax_id.as_str(), kept[0].read), (3, "hylafax-1", false));
+    assert_eq!(engine.store.fax_document(&kept[0].key()).unwrap().as_deref(), Some(G4), "the document as sent");
+
+    // Read again (a replay, a partition's next reader): nothing more.
+    let record = serde_json::json!({
+        "fax_id": "hylafax-1", "called": FAX_NUMBER, "caller": "0612345678", "presentation": "allowed",
+        "received_at": kept[0].received_at.to_rfc3339(), "pages": 3,
+        "document_base64": base64::engine::general_purpose::STANDARD.encode(G4),
+    });
+    h.produce(FAX_TOPIC, &[record.to_string()]).await;
+    let mails = h.mails_after_control_call(&engine, 2).await;
+    assert_eq!(mails.len(), 2, "{:?}", summary(&mails));
+    assert_eq!(engine.store.faxes_of(&number).unwrap().len(), 1);
+    engine.stop().await;
+}
+
+/// R-F1, R-N1: with the fax service stopped the fax is still kept for the site, and no
+/// mail goes out; a fax to a number without the fax service is not kept at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_f1_r_n1_a_stopped_fax_service_keeps_the_fax_and_mails_nobody() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    fax_subscriber(&engine, FAX_NUMBER, false, &[("fax@example.jp", true)], false);
+    engine.provision(&[plain_subscriber(OTHER_FAX_NUMBER, "call-only@example.jp")]);
+    h.produce(
+        FAX_TOPIC,
+        &[fax_record("stopped-1", FAX_NUMBER, G4, 3), fax_record("no-fax-service", OTHER_FAX_NUMBER, G4, 3)],
+    )
+    .await;
+    let mails = h.mails_after_control_call(&engine, 1).await;
+    assert_eq!(summary(&mails).len(), 1, "only the control call's mail: {:?}", summary(&mails));
+    let kept = |n: &str| engine.store.faxes_of(&engine::phone::PhoneNumber::parse(n).unwrap()).unwrap().len();
+    assert_eq!((kept(FAX_NUMBER), kept(OTHER_FAX_NUMBER)), (1, 0));
+    engine.stop().await;
+}
+
+/// R-F1 (beyond the seed): with 「PDFで添付」 each mail carries the fax as a PDF; a PDF
+/// record is accepted as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_f1_a_fax_can_come_attached_as_a_pdf() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    fax_subscriber(&engine, FAX_NUMBER, true, &[("fax@example.jp", true)], true);
+    h.produce(FAX_TOPIC, &[fax_record("tiff-1", FAX_NUMBER, G4, 3), fax_record("pdf-1", FAX_NUMBER, PDF, 3)]).await;
+    let mails = h.mails(2).await;
+    for mail in &mails {
+        let parsed = mail_parser::MessageParser::default().parse(&mail.data).unwrap();
+        let pdf = parsed.attachment(0).expect("a PDF attached");
+        assert!(mail_parser::MimeHeaders::is_content_type(pdf, "application", "pdf"));
+        assert!(pdf.contents().starts_with(b"%PDF-"), "a PDF");
+    }
+    engine.stop().await;
+}
+
+/// R-M4: a fax record that is not one (its page count wrong, its document no fax, a
+/// field missing) goes to the dead letters with the reason, and nothing is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_malformed_fax_records_go_to_the_dead_letters_with_their_reason() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    fax_subscriber(&engine, FAX_NUMBER, true, &[("fax@example.jp", true)], false);
+    let no_id = serde_json::json!({"called": FAX_NUMBER, "presentation": "withheld",
+        "received_at": chrono::Utc::now().to_rfc3339(), "pages": 1, "document_base64": ""});
+    h.produce(
+        FAX_TOPIC,
+        &[
+            fax_record("wrong-pages", FAX_NUMBER, G4, 2),
+            fax_record("png", FAX_NUMBER, b"\x89PNG\r\n\x1a\n", 1),
+            no_id.to_string(),
+        ],
+    )
+    .await;
+    let letters = h.dead_letters(3);
+    let reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap_or_default()).collect();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(reasons[0].contains("pages") && reasons[0].contains("3 page"), "{reasons:?}");
+    assert!(reasons[1].contains("document_base64"), "{reasons:?}");
+    assert!(reasons[2].contains("fax_id"), "{reasons:?}");
+    assert!(letters.iter().all(|l| l["format"] == "fax" && l["topic"] == FAX_TOPIC), "{letters:?}");
+    let number = engine::phone::PhoneNumber::parse(FAX_NUMBER).unwrap();
+    assert!(engine.store.faxes_of(&number).unwrap().is_empty());
+    engine.stop().await;
+}
