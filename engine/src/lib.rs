@@ -20,7 +20,7 @@
 //! - [`decode`]: message bytes → [`decode::CallEvent`], one module per CDR format; fax
 //!   records → [`decode::FaxEvent`].
 //! - [`fax`]: FAXお知らせメール (R-F1): fax documents (TIFF Class F, PDF) as page images
-//!   and PDFs, and the expiry of kept faxes. A fax record takes the CDR's path through
+//!   and PDFs. A fax record takes the CDR's path through
 //!   [`pipeline`] and is kept in the shared state ([`store::faxes`]) before its mails go.
 //! - [`resolve`]: called number → [`resolve::Subscription`], a moka cache over the store.
 //! - [`filter`]: the subscriber's send conditions (R-N1, R-N4..R-N7), a pure function.

@@ -12,8 +12,7 @@ use crate::error_event::ErrorEvent;
 use crate::filter::{decide, Skip};
 use crate::render::{Mail, Origin, Renderer};
 use crate::resolve::{Resolver, Subscription};
-use crate::store::faxes::FaxRecord;
-use crate::store::{Claims, SentKey, StoreError};
+use crate::store::{Claims, FaxRecord, SentKey, StoreError};
 use crate::telemetry::{Failure, Metrics};
 
 /// What filter hands render: a call to notify and the subscription whose checked

@@ -16,7 +16,7 @@ use lettre::message::Mailbox;
 use crate::address::DestinationAddress;
 use crate::decode::{CallEvent, Caller};
 use crate::phone::PhoneNumber;
-use crate::store::faxes::FaxRecord;
+use crate::store::FaxRecord;
 
 /// A rendered mail, ready for the deliver stage.
 #[derive(Debug, Clone)]

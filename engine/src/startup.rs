@@ -231,7 +231,11 @@ impl Application {
             settings.store.sent_retention_days,
             shutdown.clone(),
         ));
-        tasks.spawn(crate::fax::expire_hourly(store.clone(), settings.store.fax_retention_days, shutdown.clone()));
+        tasks.spawn(crate::store::faxes::expire_hourly(
+            store.clone(),
+            settings.store.fax_retention_days,
+            shutdown.clone(),
+        ));
         tasks.spawn(disk.clone().run(shutdown.clone()));
 
         let pipeline = Pipeline {

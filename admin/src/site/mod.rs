@@ -1,7 +1,8 @@
 //! 設定サイト (the subscriber settings site), server-rendered HTML that works without
 //! JavaScript: login, the forced password change and logout (SERVICE.md §4,
-//! R-S1..R-S7), and behind [`require_session`] the choice of service and number (§5) and
-//! the 着信お知らせメール settings (§6).
+//! R-S1..R-S7), and behind [`require_session`] the choice of service and number (§5),
+//! the 着信お知らせメール settings (§6), and the FAXお知らせメール settings and received
+//! faxes (§9, R-F1).
 //!
 //! Every response carries strict security headers ([`security_headers`]); every form
 //! carries a CSRF token ([`csrf`]); no GET changes state.
@@ -14,13 +15,25 @@
 //! - [`login`]: `GET/POST /login`, `POST /logout` (R-S1..R-S3).
 //! - [`password`]: the R-S5 policy and `GET/POST /password` (R-S4).
 //! - [`menu`]: `GET /`, the menu after login: サービス選択 (R-C1).
-//! - [`numbers`]: which numbers a session may configure, `GET /numbers` (R-C2).
+//! - [`numbers`]: which numbers a session may configure, `GET /numbers` and `GET /fax`
+//!   (R-C2).
 //! - [`settings`]: `GET/POST /numbers/{number}/call`, the settings of R-N1..R-N5, and
 //!   `POST /numbers/{number}/call/test/{row}`, R-N2's 送信テスト.
 //! - [`settings_form`]: that page's form: parsing per row and HTML.
+//! - [`form_parts`]: what the call and fax forms share: 開始/停止 and the 送信先 rows.
+//! - [`destinations`]: what both settings pages do with 送信先: the current password a
+//!   change needs, 送信テスト.
+//! - [`fax_settings`]: `GET/POST /numbers/{number}/fax` and
+//!   `POST /numbers/{number}/fax/test/{row}`, FAXお知らせメール設定 (R-F1).
+//! - [`fax`]: `GET /numbers/{number}/faxes` (受信FAX一覧) and `/fax/{number}/{ms}/{fax_id}`,
+//!   a received fax, its page pictures, its PDF and its deletion (R-F1).
 //! - [`unit`]: `GET/POST /unit`, 認証単位変更 (R-O2, R-O3), for the contract number.
 
 pub mod csrf;
+pub mod destinations;
+pub mod fax;
+pub mod fax_settings;
+pub mod form_parts;
 pub mod html;
 pub mod login;
 pub mod menu;
@@ -226,6 +239,14 @@ pub fn router(state: SiteState) -> Router {
         .route("/numbers", get(numbers::show))
         .route("/numbers/{number}/call", get(settings::show).post(settings::submit))
         .route("/numbers/{number}/call/test/{row}", post(settings::test_mail))
+        .route("/fax", get(numbers::show_fax))
+        .route("/numbers/{number}/fax", get(fax_settings::show).post(fax_settings::submit))
+        .route("/numbers/{number}/fax/test/{row}", post(fax_settings::test_mail))
+        .route("/numbers/{number}/faxes", get(fax::list))
+        .route("/fax/{number}/{ms}/{fax_id}", get(fax::show))
+        .route("/fax/{number}/{ms}/{fax_id}/pages/{page}", get(fax::page))
+        .route("/fax/{number}/{ms}/{fax_id}/pdf", get(fax::pdf))
+        .route("/fax/{number}/{ms}/{fax_id}/delete", post(fax::delete))
         .route("/style.css", get(stylesheet))
         .fallback(page_not_found)
         .method_not_allowed_fallback(method_not_allowed);
@@ -379,6 +400,9 @@ pub enum SiteError {
     Store(#[from] StoreError),
     #[error("blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// A fax document the engine kept that no longer shows (R-F1).
+    #[error("fax document: {0}")]
+    Document(#[from] engine::fax::document::DocumentError),
 }
 
 impl IntoResponse for SiteError {
@@ -393,7 +417,7 @@ impl IntoResponse for SiteError {
             Self::Form(_) | Self::BadForm(_) => {
                 (StatusCode::BAD_REQUEST, "エラー", "入力内容を読み取れませんでした。もう一度操作してください。")
             }
-            Self::Credentials(_) | Self::Store(_) | Self::Join(_) => {
+            Self::Credentials(_) | Self::Store(_) | Self::Join(_) | Self::Document(_) => {
                 failed = Some(Failed(self.to_string()));
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -419,6 +443,8 @@ fn with_cookies(mut response: Response, cookies: impl IntoIterator<Item = Header
     response
 }
 
+#[cfg(test)]
+mod fax_tests;
 #[cfg(test)]
 mod settings_tests;
 #[cfg(test)]

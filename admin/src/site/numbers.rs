@@ -1,11 +1,12 @@
-//! 電話番号選択 (R-C2): which numbers a session may configure, and `GET /numbers`, the
-//! choice among them when the login credential covers several.
+//! 電話番号選択 (R-C2): which numbers a session may configure, and the choice among them
+//! when the login credential covers several: `GET /numbers` for 着信お知らせメール,
+//! `GET /fax` for FAXお知らせメール (R-F1), each number with its settings at a glance.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
-use engine::store::{AuthUnit, Store, StoreError};
+use engine::store::{AuthUnit, Destination, Services, Store, StoreError};
 
 use super::{html, require_session, Gate, SiteError, SiteState};
 
@@ -17,6 +18,23 @@ use super::{html, require_session, Gate, SiteError, SiteState};
 /// - unit `number`, an `admin_user` user, or a line whose unit is not set yet: the login
 ///   number only, if it has `services.call`.
 pub fn call_numbers(store: &Store, login: &PhoneNumber) -> Result<Vec<PhoneNumber>, StoreError> {
+    reachable_numbers(store, login, |services| services.call)
+}
+
+/// The numbers with fax notification (FAXお知らせメール) contracted that a login with
+/// `login` may see and change, and whose received faxes it may read (R-F1: the same
+/// site and login): the rule of [`call_numbers`], for `services.fax`.
+pub fn fax_numbers(store: &Store, login: &PhoneNumber) -> Result<Vec<PhoneNumber>, StoreError> {
+    reachable_numbers(store, login, |services| services.fax)
+}
+
+/// The numbers `login` reaches by its unit (R-A1..R-A3) that have contracted the service
+/// `contracted` picks.
+fn reachable_numbers(
+    store: &Store,
+    login: &PhoneNumber,
+    contracted: impl Fn(&Services) -> bool,
+) -> Result<Vec<PhoneNumber>, StoreError> {
     let Some(record) = store.number(login)? else { return Ok(Vec::new()) };
     let line = store.line(&record.contract)?;
     let whole_line = match line.as_ref().and_then(|line| line.unit) {
@@ -30,7 +48,7 @@ pub fn call_numbers(store: &Store, login: &PhoneNumber) -> Result<Vec<PhoneNumbe
     };
     let mut numbers = Vec::with_capacity(candidates.len());
     for number in candidates {
-        if store.number(&number)?.is_some_and(|record| record.services.call) {
+        if store.number(&number)?.is_some_and(|record| contracted(&record.services)) {
             numbers.push(number);
         }
     }
@@ -44,6 +62,13 @@ pub fn allowed_number(store: &Store, login: &PhoneNumber, raw: &str) -> Result<O
     Ok(call_numbers(store, login)?.contains(&number).then_some(number))
 }
 
+/// `raw`, the number in a URL, if it is one of the session's fax numbers; `None` for
+/// anything else, so a guessed URL never shows another subscriber's settings or faxes.
+pub fn allowed_fax_number(store: &Store, login: &PhoneNumber, raw: &str) -> Result<Option<PhoneNumber>, StoreError> {
+    let Ok(number) = PhoneNumber::parse(raw) else { return Ok(None) };
+    Ok(fax_numbers(store, login)?.contains(&number).then_some(number))
+}
+
 /// The page for a number the session may not see: the same whether the number does not
 /// exist or belongs to someone else.
 pub fn not_found() -> Response {
@@ -51,7 +76,6 @@ pub fn not_found() -> Response {
     (StatusCode::NOT_FOUND, Html(html::page("ページが見つかりません", body))).into_response()
 }
 
-/// The settings page's path for `number`.
 /// Each of `numbers` with its settings at a glance: 開始/停止, the destinations whose
 /// 送信 is checked, and the send conditions (R-N1, R-N2, R-N4), each number a link to
 /// its settings page.
@@ -60,14 +84,8 @@ pub fn state_table(store: &Store, numbers: &[PhoneNumber]) -> Result<String, Sto
     for number in numbers {
         let Some(record) = store.number(number)? else { continue };
         let call = &record.call;
-        let state = if call.enabled {
-            "<span class=\"state-on\">開始</span>"
-        } else {
-            "<span class=\"state-off\">停止</span>"
-        };
-        let sending: Vec<String> =
-            call.destinations.iter().filter(|d| d.send).map(|d| html::escape(d.address.as_str())).collect();
-        let sending = if sending.is_empty() { "なし".to_owned() } else { sending.join("<br>") };
+        let state = state_cell(call.enabled);
+        let sending = sending_cell(&call.destinations);
         let conditions = match (call.missed_only, call.designated_only) {
             (false, false) => "すべての着信",
             (true, false) => "応答できなかった着信のみ",
@@ -87,8 +105,64 @@ pub fn state_table(store: &Store, numbers: &[PhoneNumber]) -> Result<String, Sto
     ))
 }
 
+/// The 着信お知らせメール settings page's path for `number`.
+/// 開始 or 停止 (R-N1), marked up for the settings tables.
+fn state_cell(enabled: bool) -> &'static str {
+    if enabled {
+        "<span class=\"state-on\">開始</span>"
+    } else {
+        "<span class=\"state-off\">停止</span>"
+    }
+}
+
+/// The addresses whose 送信 is checked (R-N2), or なし.
+fn sending_cell(destinations: &[Destination]) -> String {
+    let sending: Vec<String> =
+        destinations.iter().filter(|d| d.send).map(|d| html::escape(d.address.as_str())).collect();
+    if sending.is_empty() {
+        "なし".to_owned()
+    } else {
+        sending.join("<br>")
+    }
+}
+
+/// Each of the fax `numbers` with its FAXお知らせメール settings at a glance (開始/停止,
+/// the destinations whose 送信 is checked) and its received faxes, how many unread.
+pub fn fax_state_table(store: &Store, numbers: &[PhoneNumber]) -> Result<String, StoreError> {
+    let mut rows = String::new();
+    for number in numbers {
+        let Some(record) = store.number(number)? else { continue };
+        let unread = store.faxes_of(number)?.iter().filter(|fax| !fax.read).count();
+        let unread = if unread == 0 { String::new() } else { format!("（未読{unread}件）") };
+        rows.push_str(&format!(
+            "<tr><th scope=\"row\"><a href=\"{path}\">{number}</a></th><td>{state}</td><td>{sending}</td>\
+             <td><a href=\"{faxes}\">受信FAX一覧</a>{unread}</td></tr>\n",
+            path = html::escape(&fax_settings_path(number)),
+            number = html::escape(number.as_str()),
+            state = state_cell(record.fax.enabled),
+            sending = sending_cell(&record.fax.destinations),
+            faxes = html::escape(&faxes_path(number)),
+        ));
+    }
+    Ok(format!(
+        "<table>\n<caption>FAXお知らせメールの設定</caption>\n<thead><tr><th scope=\"col\">電話番号</th>\
+         <th scope=\"col\">状態</th><th scope=\"col\">送信先</th><th scope=\"col\">受信したFAX</th></tr></thead>\n\
+         <tbody>\n{rows}</tbody>\n</table>\n"
+    ))
+}
+
 pub fn call_settings_path(number: &PhoneNumber) -> String {
     format!("/numbers/{}/call", number.as_str())
+}
+
+/// The FAXお知らせメール settings page's path for `number`.
+pub fn fax_settings_path(number: &PhoneNumber) -> String {
+    format!("/numbers/{}/fax", number.as_str())
+}
+
+/// 受信FAX一覧's path for `number`.
+pub fn faxes_path(number: &PhoneNumber) -> String {
+    format!("/numbers/{}/faxes", number.as_str())
 }
 
 /// `GET /numbers`: 電話番号選択 for 着信お知らせメール.
@@ -112,6 +186,29 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
     };
     let body = format!("{body}<p><a href=\"/\">メニューへ戻る</a></p>\n");
     Ok(Html(html::page("電話番号選択", &body)).into_response())
+}
+
+/// `GET /fax`: 電話番号選択 for FAXお知らせメール.
+pub async fn show_fax(State(state): State<SiteState>, headers: HeaderMap) -> Result<Response, SiteError> {
+    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
+        Ok(authed) => authed,
+        Err(denied) => return Ok(denied.into_response()),
+    };
+    let login = authed.session.number;
+    let (numbers, table) = state
+        .read(move |store| {
+            let numbers = fax_numbers(store, &login)?;
+            let table = fax_state_table(store, &numbers)?;
+            Ok((numbers, table))
+        })
+        .await?;
+    let body = if numbers.is_empty() {
+        "<p>FAXお知らせメールをご契約の電話番号がありません。</p>\n".to_owned()
+    } else {
+        format!("<p>設定する電話番号、または受信したFAXを見る電話番号を選んでください。</p>\n{table}")
+    };
+    let body = format!("{body}<p><a href=\"/\">メニューへ戻る</a></p>\n");
+    Ok(Html(html::page("電話番号選択（FAXお知らせメール）", &body)).into_response())
 }
 
 #[cfg(test)]
@@ -141,6 +238,34 @@ mod tests {
             }
             assert_eq!(call_numbers(&f.store, &n(login)).unwrap(), expected, "{unit:?} {login}");
             assert!(!call_numbers(&f.store, &n(login)).unwrap().contains(&n(OTHER_LINE)));
+        }
+    }
+
+    /// R-F1: the same login reaches the fax numbers by the same rule (R-A1..R-A3).
+    #[test]
+    fn r_f1_fax_numbers_follow_the_unit_and_the_role_like_call_numbers() {
+        let f = fixture();
+        let cases: [(Option<AuthUnit>, &str, Vec<PhoneNumber>); 8] = [
+            (None, CONTRACT, vec![]),
+            (None, FAX_ONLY, vec![n(FAX_ONLY)]),
+            (Some(AuthUnit::Line), CONTRACT, vec![n(FAX_ONLY)]),
+            (Some(AuthUnit::Line), ADDITIONAL, vec![n(FAX_ONLY)]),
+            (Some(AuthUnit::Number), CONTRACT, vec![]),
+            (Some(AuthUnit::Number), FAX_ONLY, vec![n(FAX_ONLY)]),
+            (Some(AuthUnit::AdminUser), CONTRACT, vec![n(FAX_ONLY)]),
+            (Some(AuthUnit::AdminUser), ADDITIONAL, vec![]),
+        ];
+        for (unit, login, expected) in cases {
+            if let Some(unit) = unit {
+                f.store.set_line_unit(&n(CONTRACT), unit).unwrap();
+            }
+            assert_eq!(fax_numbers(&f.store, &n(login)).unwrap(), expected, "{unit:?} {login}");
+        }
+        f.store.set_line_unit(&n(CONTRACT), AuthUnit::Line).unwrap();
+        let login = n(CONTRACT);
+        assert_eq!(allowed_fax_number(&f.store, &login, FAX_ONLY).unwrap(), Some(n(FAX_ONLY)));
+        for raw in [CONTRACT, ADDITIONAL, OTHER_LINE, "03-1234-5670", ""] {
+            assert_eq!(allowed_fax_number(&f.store, &login, raw).unwrap(), None, "{raw}");
         }
     }
 

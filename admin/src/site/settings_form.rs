@@ -1,35 +1,24 @@
 //! The 着信お知らせメール settings form (R-N1..R-N5): its fields as entered, their
 //! parsing into [`CallSettings`] with messages per row, and its HTML.
 //!
-//! Rows are fixed: [`MAX_DESTINATIONS`] address rows and [`MAX_DESIGNATED`] number rows,
-//! read by index, so a sixth address cannot be submitted at all. Blank rows are ignored.
+//! Rows are fixed: [`engine::store::MAX_DESTINATIONS`] address rows and
+//! [`MAX_DESIGNATED`] number rows, read by index, so a sixth address cannot be submitted
+//! at all. Blank rows are ignored. 開始/停止 and the 送信先 rows are built from
+//! [`super::form_parts`], which the FAXお知らせメール form shares.
 
 use std::collections::HashMap;
 
-use engine::address::{AddressError, DestinationAddress};
 use engine::phone::{PhoneNumber, PhoneNumberError};
-use engine::store::{CallSettings, Designated, Destination, MAX_DESIGNATED, MAX_DESTINATIONS};
+use engine::store::{CallSettings, Designated, MAX_DESIGNATED};
 
+use super::form_parts::{
+    check_attr, check_form_choices, destination_rows, destination_rows_from_fields, destinations_fieldset,
+    enabled_fieldset, field_checked, field_text, form_start, parse_destinations, row_error, ChoiceError, Row,
+};
 use super::html;
 
 /// Empty お知らせ対象電話番号 rows shown after the last one in use.
 pub const EMPTY_DESIGNATED_ROWS: usize = 3;
-
-/// One row as entered: the text and its check (送信 or 指定).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Row {
-    pub text: String,
-    pub checked: bool,
-}
-
-/// A choice with a value the settings form does not offer (`enabled=maybe`).
-#[derive(Debug, thiserror::Error)]
-#[error("{name}={value:?}: not a value this form offers ({})", allowed.join(", "))]
-pub struct ChoiceError {
-    name: String,
-    value: String,
-    allowed: &'static [&'static str],
-}
 
 /// The form's values as entered (or as stored, for a fresh page), so a refused form is
 /// shown again with what the subscriber typed.
@@ -84,21 +73,12 @@ fn placed_rows(designated: &[Designated]) -> Vec<Row> {
     rows
 }
 
-fn rows<T>(items: &[T], max: usize, row: impl Fn(&T) -> Row) -> Vec<Row> {
-    let mut rows: Vec<Row> = items.iter().take(max).map(row).collect();
-    rows.resize(max, Row::default());
-    rows
-}
-
 impl Entered {
     /// The stored settings as a fresh form.
     pub fn from_settings(settings: &CallSettings) -> Self {
         Self {
             enabled: settings.enabled,
-            destinations: rows(&settings.destinations, MAX_DESTINATIONS, |d| Row {
-                text: d.address.as_str().to_owned(),
-                checked: d.send,
-            }),
+            destinations: destination_rows(&settings.destinations),
             designated_only: settings.designated_only,
             missed_only: settings.missed_only,
             designated: placed_rows(&settings.designated),
@@ -108,55 +88,34 @@ impl Entered {
 
     /// The submitted form's fields; anything else (a 6th row, unknown names) is ignored.
     pub fn from_fields(fields: &HashMap<String, String>) -> Self {
-        let text = |name: String| fields.get(&name).map(|v| v.trim().to_owned()).unwrap_or_default();
-        let checked = |name: &str| fields.get(name).is_some_and(|v| !v.is_empty());
         Self {
             enabled: fields.get("enabled").is_some_and(|v| v == "on"),
-            destinations: (0..MAX_DESTINATIONS)
-                .map(|i| Row { text: text(format!("dest_{i}")), checked: checked(&format!("send_{i}")) })
-                .collect(),
-            designated_only: checked("designated_only"),
-            missed_only: checked("missed_only"),
+            destinations: destination_rows_from_fields(fields),
+            designated_only: field_checked(fields, "designated_only"),
+            missed_only: field_checked(fields, "missed_only"),
             designated: (0..MAX_DESIGNATED)
-                .map(|i| Row { text: text(format!("designated_{i}")), checked: checked(&format!("designate_{i}")) })
+                .map(|i| Row {
+                    text: field_text(fields, &format!("designated_{i}")),
+                    checked: field_checked(fields, &format!("designate_{i}")),
+                })
                 .collect(),
             version: fields.get("version").and_then(|v| v.parse().ok()),
         }
     }
 
-    /// Whether every choice has a value the form offers: 開始/停止 is `on` or `off`, a
-    /// check is `on` or absent. A browser sends nothing else; anything else is refused
-    /// rather than read as 停止 (`enabled=maybe` was saved as 停止).
+    /// Whether every choice has a value the form offers ([`check_form_choices`]).
     pub fn check_choices(fields: &HashMap<String, String>) -> Result<(), ChoiceError> {
-        for (name, value) in fields {
-            let allowed: &[&str] = match name.as_str() {
-                "enabled" => &["on", "off"],
-                "designated_only" | "missed_only" => &["on"],
-                _ if name.starts_with("send_") || name.starts_with("designate_") => &["on"],
-                _ => continue,
-            };
-            if !allowed.contains(&value.as_str()) {
-                return Err(ChoiceError { name: name.clone(), value: value.clone(), allowed });
-            }
-        }
-        Ok(())
+        check_form_choices(fields, |name| {
+            matches!(name, "designated_only" | "missed_only")
+                || name.starts_with("send_")
+                || name.starts_with("designate_")
+        })
     }
 
     /// The settings entered, version left at 0 (the store sets it); or the rows' errors.
     pub fn parse(&self) -> Result<CallSettings, RowErrors> {
         let mut errors = RowErrors::default();
-        let mut destinations = Vec::new();
-        for (i, row) in self.destinations.iter().enumerate().filter(|(_, row)| !row.text.is_empty()) {
-            match DestinationAddress::parse(&row.text) {
-                Ok(address) if destinations.iter().any(|d: &Destination| d.address == address) => {
-                    errors.destinations.insert(i, "同じメールアドレスがすでに入力されています。".to_owned());
-                }
-                Ok(address) => destinations.push(Destination { address, send: row.checked }),
-                Err(error) => {
-                    errors.destinations.insert(i, address_message(&error));
-                }
-            }
-        }
+        let destinations = parse_destinations(&self.destinations, &mut errors.destinations);
         let mut designated = Vec::new();
         for (i, row) in self.designated.iter().enumerate().filter(|(_, row)| !row.text.is_empty()) {
             match PhoneNumber::parse(&row.text) {
@@ -183,27 +142,6 @@ impl Entered {
     }
 }
 
-/// R-N3's refusals, in the subscriber's words.
-pub fn address_message(error: &AddressError) -> String {
-    match error {
-        AddressError::AtCount => "メールアドレスには「@」を1つだけ入力してください。".to_owned(),
-        AddressError::AtAtEdge => "「@」の前と後ろの両方に文字を入力してください。".to_owned(),
-        AddressError::LocalChar(c) => format!(
-            "「@」より前に使えない文字「{c}」があります。使える文字は半角英数字と _ . - ! $ % ' * + / ? ^ # です。"
-        ),
-        AddressError::DomainChar(c) => {
-            format!("「@」より後ろに使えない文字「{c}」があります。使える文字は半角英数字と - . です。")
-        }
-        AddressError::DomainEndsWithDot => "メールアドレスの最後を「.」にすることはできません。".to_owned(),
-        AddressError::TooLong(n) => {
-            format!("メールアドレスは{}文字以内で入力してください（{n}文字あります）。", engine::address::MAX_LEN)
-        }
-        AddressError::LocalTooLong(n) => {
-            format!("「@」より前は{}文字以内で入力してください（{n}文字あります）。", engine::address::MAX_LOCAL_LEN)
-        }
-    }
-}
-
 /// R-L2's refusals, in the subscriber's words.
 pub fn number_message(error: &PhoneNumberError) -> String {
     match error {
@@ -218,66 +156,11 @@ pub fn number_message(error: &PhoneNumberError) -> String {
     .to_owned()
 }
 
-fn check_attr(checked: bool) -> &'static str {
-    if checked {
-        " checked"
-    } else {
-        ""
-    }
-}
-
-fn row_error(message: Option<&String>) -> String {
-    message.map(|m| format!(" <strong class=\"error\" role=\"alert\">{}</strong>", html::escape(m))).unwrap_or_default()
-}
-
-/// The path a destination row's 送信テスト button posts the form to (R-N2).
-pub fn test_mail_path(action: &str, row: usize) -> String {
-    format!("{action}/test/{row}")
-}
-
-/// The form's HTML: four sections, one 設定 button, and a 送信テスト button per
-/// destination row that posts the same form to [`test_mail_path`] (`formaction` works
-/// without JavaScript).
-///
-/// A hidden copy of the 設定 button comes first: pressing Enter in a field activates the
-/// form's first submit button, which must save, not send a test mail.
+/// The form's HTML: four sections and one 設定 button.
 pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, password_max: usize) -> String {
-    let mut out = format!("<form method=\"post\" action=\"{}\">\n{}", html::escape(action), html::csrf_field(csrf));
-    out += "<button type=\"submit\" hidden tabindex=\"-1\" aria-hidden=\"true\">設定</button>\n";
-    let version = entered.version.map(|v| v.to_string()).unwrap_or_default();
-    out += &format!("<input type=\"hidden\" name=\"version\" value=\"{}\">\n", html::escape(&version));
-
-    out += &format!(
-        "<fieldset>\n<legend>開始/停止</legend>\n\
-         <label><input type=\"radio\" name=\"enabled\" value=\"on\"{on}> 開始</label>\n\
-         <label><input type=\"radio\" name=\"enabled\" value=\"off\"{off}> 停止</label>\n</fieldset>\n",
-        on = check_attr(entered.enabled),
-        off = check_attr(!entered.enabled),
-    );
-
-    out += "<fieldset>\n<legend>送信先メールアドレス設定</legend>\n\
-            <p><small>最大5件。「送信」にチェックしたアドレスにのみお知らせします。\
-            「送信テスト」で、入力したアドレスにテストメールを送信できます（設定は保存されません）。</small></p>\n";
-    for (i, row) in entered.destinations.iter().enumerate() {
-        out += &format!(
-            "<p><label for=\"dest_{i}\">送信先{n}</label>\n\
-             <input id=\"dest_{i}\" name=\"dest_{i}\" type=\"text\" inputmode=\"email\" \
-             autocomplete=\"email\" value=\"{text}\" maxlength=\"256\">\n\
-             <label><input type=\"checkbox\" name=\"send_{i}\" value=\"on\"{checked}> 送信</label>\n\
-             <button type=\"submit\" formaction=\"{test}\">送信テスト</button>{error}</p>\n",
-            n = i + 1,
-            text = html::escape(&row.text),
-            checked = check_attr(row.checked),
-            test = html::escape(&test_mail_path(action, i)),
-            error = row_error(errors.destinations.get(&i)),
-        );
-    }
-    out += &format!(
-        "<p><label for=\"current\">現在のパスワード</label><br>\n\
-         <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
-         maxlength=\"{password_max}\"><br>\n\
-         <small>送信先メールアドレスを変更するときだけ入力してください。</small></p>\n</fieldset>\n"
-    );
+    let mut out = form_start(action, csrf, entered.version);
+    out += &enabled_fieldset(entered.enabled);
+    out += &destinations_fieldset(action, &entered.destinations, &errors.destinations, password_max);
 
     out += &format!(
         "<fieldset>\n<legend>メール送信条件設定</legend>\n\

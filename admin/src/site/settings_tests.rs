@@ -16,7 +16,7 @@ use crate::testing::{n, t0, ADDITIONAL, CONTRACT, FAX_ONLY, OTHER_LINE};
 
 /// Sets the line's unit, logs `number` in with a temporary password, does the forced
 /// change to [`PASSWORD`] and returns the `Cookie` header of the renewed session.
-async fn ready(app: &App, unit: AuthUnit, number: &str) -> String {
+pub(super) async fn ready(app: &App, unit: AuthUnit, number: &str) -> String {
     app.f.store.set_line_unit(&n(CONTRACT), unit).unwrap();
     app.f.credentials.set_temporary_async(n(number), TEMPORARY.into(), t0()).await.unwrap();
     let reply = login(app, number, TEMPORARY).await;
@@ -71,7 +71,10 @@ async fn r_a1_r_a2_r_a3_r_c1_r_c2_each_unit_reaches_exactly_its_numbers_from_the
         let cookies = ready(&app, unit, login_number).await;
         let menu = get(&app, "/", &cookies).await;
         assert!(menu.body.contains("サービス選択") && menu.body.contains("着信お知らせメール"));
-        assert!(menu.body.contains("FAXお知らせメール（準備中"), "fax is offered but said to be unavailable");
+        // R-F1: FAXお知らせメール leads to the line's fax number when the login reaches it.
+        let fax = visible_fax(unit, login_number);
+        assert_eq!(menu.body.contains(&format!("href=\"/numbers/{FAX_ONLY}/fax\"")), fax, "{unit:?} {login_number}");
+        assert_eq!(menu.body.contains("FAXお知らせメール（ご契約の電話番号がありません）"), !fax, "{unit:?}");
         let choice = get(&app, "/numbers", &cookies).await;
         for number in [CONTRACT, ADDITIONAL, FAX_ONLY, OTHER_LINE] {
             let visible = expected.contains(&number);
@@ -85,6 +88,15 @@ async fn r_a1_r_a2_r_a3_r_c1_r_c2_each_unit_reaches_exactly_its_numbers_from_the
         } else {
             assert!(menu.body.contains(&path(login_number)) && !menu.body.contains("電話番号選択"), "{unit:?}");
         }
+    }
+}
+
+/// Whether a login on `login` under `unit` reaches the fixture's fax number (R-A1..R-A3).
+fn visible_fax(unit: AuthUnit, login: &str) -> bool {
+    match unit {
+        AuthUnit::Line => true,
+        AuthUnit::AdminUser => login == CONTRACT,
+        AuthUnit::Number => login == FAX_ONLY,
     }
 }
 

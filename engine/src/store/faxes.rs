@@ -14,66 +14,13 @@
 
 use chrono::{DateTime, Utc};
 
+use std::time::Duration;
+
 use super::state::{Op, Reply, StateKey, StateTree, Written};
-use super::{Store, StoreError};
-use crate::fax::document::DocumentKind;
+use super::{DocumentBytes, FaxRecord, Store, StoreError};
 use crate::phone::PhoneNumber;
 
-pub const FAXES_TREE: &str = "faxes";
-pub const FAX_DOCUMENTS_TREE: &str = "fax_documents";
-
-/// What the site lists of a received fax.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct FaxRecord {
-    /// The fax number it was sent to.
-    pub number: PhoneNumber,
-    pub fax_id: String,
-    /// 送信元 as the subscriber sees it: the number, or 非通知 and the like (R-N7).
-    pub sender: String,
-    pub received_at: DateTime<Utc>,
-    pub pages: u32,
-    pub kind: DocumentKind,
-    /// The document's size in bytes.
-    pub size: u64,
-    /// Opened on the site (the list's unread mark).
-    #[serde(default)]
-    pub read: bool,
-    /// Deleted by the subscriber: listed nowhere, its document gone; the record stays
-    /// until it expires so the fax is not kept again.
-    #[serde(default)]
-    pub deleted: bool,
-}
-
-impl FaxRecord {
-    /// Its key in both trees, and its address on the site after `/fax/`.
-    pub fn key(&self) -> String {
-        fax_key(&self.number, self.received_at, &self.fax_id)
-    }
-}
-
-/// `number/received ms/fax id`: see the module docs.
-pub fn fax_key(number: &PhoneNumber, received_at: DateTime<Utc>, fax_id: &str) -> String {
-    format!("{number}/{:013}/{fax_id}", received_at.timestamp_millis().max(0))
-}
-
-/// A fax's document on its way to the state owner: base64 in the op's JSON.
-#[derive(Clone)]
-pub struct DocumentBytes(pub Vec<u8>);
-
-impl serde::Serialize for DocumentBytes {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use base64::Engine as _;
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for DocumentBytes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use base64::Engine as _;
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map(Self).map_err(serde::de::Error::custom)
-    }
-}
+pub use super::records::{fax_key, FAXES_TREE, FAX_DOCUMENTS_TREE};
 
 impl Store {
     /// Keeps a received fax, unless it is kept (or was deleted) already: whether it is
@@ -225,5 +172,29 @@ impl Store {
             _ => return Err(StoreError::State(format!("{} is not a fax op", op.name()))),
         };
         Ok((reply, written))
+    }
+}
+
+/// Every hour, has the faxes received more than `retention_days` ago forgotten
+/// (`store.fax_retention_days`): on every node, so the expiry does not wait for any one
+/// of them; the state owner carries out each request, and a second finds nothing left.
+pub async fn expire_hourly(store: Store, retention_days: u64, stop: tokio_util::sync::CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let before = chrono::Utc::now() - chrono::TimeDelta::days(retention_days as i64);
+        let store = store.clone();
+        let expired = tokio::select! {
+            () = stop.cancelled() => return,
+            expired = tokio::task::spawn_blocking(move || store.expire_faxes(before)) => expired,
+        };
+        match expired {
+            Ok(Ok(())) => tracing::debug!(retention_days, "faxes past their retention removed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "removing old faxes failed; will try again in an hour"),
+            Err(e) => tracing::warn!(error = %e, "removing old faxes failed; will try again in an hour"),
+        }
     }
 }

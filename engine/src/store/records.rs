@@ -1,13 +1,15 @@
 //! What the store holds for a line and a number: the records of R-L1, the settings of
 //! R-N1..R-N5, the site's credentials (R-S2, R-S3, R-S6), and their limits. The settings
 //! site (the admin crate) sets and checks credentials; the store keeps them, drops them
-//! with their number (R-M3), and provisioning exports and restores them.
+//! with their number (R-M3), and provisioning exports and restores them. A number's fax
+//! settings and the received faxes kept for the site (R-F1, [`super::faxes`]).
 
 use std::fmt;
 
 use chrono::{DateTime, Utc};
 
 use crate::address::DestinationAddress;
+use crate::fax::document::DocumentKind;
 use crate::phone::PhoneNumber;
 
 use super::StoreError;
@@ -277,5 +279,62 @@ impl SessionRecord {
     /// Whether it has ended by `now`: idle too long, or past the absolute timeout.
     pub fn expired(&self, now: DateTime<Utc>) -> bool {
         now - self.last_seen >= self.idle_timeout() || now - self.created_at >= SESSION_ABSOLUTE_TIMEOUT
+    }
+}
+
+/// The tree of received faxes ([`super::faxes`]), and of their documents.
+pub const FAXES_TREE: &str = "faxes";
+pub const FAX_DOCUMENTS_TREE: &str = "fax_documents";
+
+/// What the site lists of a received fax.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FaxRecord {
+    /// The fax number it was sent to.
+    pub number: PhoneNumber,
+    pub fax_id: String,
+    /// 送信元 as the subscriber sees it: the number, or 非通知 and the like (R-N7).
+    pub sender: String,
+    pub received_at: DateTime<Utc>,
+    pub pages: u32,
+    pub kind: DocumentKind,
+    /// The document's size in bytes.
+    pub size: u64,
+    /// Opened on the site (the list's unread mark).
+    #[serde(default)]
+    pub read: bool,
+    /// Deleted by the subscriber: listed nowhere, its document gone; the record stays
+    /// until it expires so the fax is not kept again.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl FaxRecord {
+    /// Its key in both trees, and its address on the site after `/fax/`.
+    pub fn key(&self) -> String {
+        fax_key(&self.number, self.received_at, &self.fax_id)
+    }
+}
+
+/// `number/received ms/fax id`: see the module docs.
+pub fn fax_key(number: &PhoneNumber, received_at: DateTime<Utc>, fax_id: &str) -> String {
+    format!("{number}/{:013}/{fax_id}", received_at.timestamp_millis().max(0))
+}
+
+/// A fax's document on its way to the state owner: base64 in the op's JSON.
+#[derive(Clone)]
+pub struct DocumentBytes(pub Vec<u8>);
+
+impl serde::Serialize for DocumentBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DocumentBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map(Self).map_err(serde::de::Error::custom)
     }
 }

@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::faxes::{DocumentBytes, FaxRecord, FAXES_TREE, FAX_DOCUMENTS_TREE};
 use super::{
-    AuthUnit, CallSettings, CredentialKind, CredentialRecord, FaxSettings, LineRecord, Services, SessionRecord, Store,
-    StoreError, Upserted, PASSWORD_LIFETIME, TEMPORARY_VALIDITY,
+    AuthUnit, CallSettings, CredentialKind, CredentialRecord, DocumentBytes, FaxRecord, FaxSettings, LineRecord,
+    Services, SessionRecord, Store, StoreError, Upserted, FAXES_TREE, FAX_DOCUMENTS_TREE, PASSWORD_LIFETIME,
+    TEMPORARY_VALIDITY,
 };
 use crate::phone::PhoneNumber;
 
