@@ -12,9 +12,12 @@
 //! never skips, without them. Screenshots of every page go to
 //! `$CARGO_TARGET_TMPDIR/browser-journey/`.
 
-// Helpers live beside this file in browser/ (a crate root's `mod` would look in tests/).
+// Helpers live beside this file in browser/ (a crate root's `mod` would look in tests/);
+// tests/browser_fax.rs shares them, and each journey uses part of them.
+#[allow(dead_code)]
 #[path = "browser/chrome.rs"]
 mod chrome;
+#[allow(dead_code)]
 #[path = "browser/world.rs"]
 mod world;
 

@@ -29,6 +29,15 @@ pub struct Mail {
     pub bytes: Vec<u8>,
 }
 
+/// Which service a mail belongs to (R-C1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MailService {
+    /// 着信お知らせメール.
+    Call,
+    /// FAXお知らせメール (R-F1).
+    Fax,
+}
+
 /// The call a mail is about, for the dead-letter record and the latency metric.
 #[derive(Debug, Clone)]
 pub struct Origin {
@@ -111,13 +120,24 @@ impl Renderer {
         )
     }
 
-    /// The 送信テスト mail (R-N2): lets a subscriber check an address before saving it.
-    pub fn render_test(&self, number: &str, recipient: &DestinationAddress, nonce: &str) -> Result<Mail, RenderError> {
-        let subject = "【着信お知らせ】送信テスト".to_owned();
+    /// The 送信テスト mail (R-N2) of `service`: lets a subscriber check an address
+    /// before saving it.
+    pub fn render_test(
+        &self,
+        number: &str,
+        recipient: &DestinationAddress,
+        nonce: &str,
+        service: MailService,
+    ) -> Result<Mail, RenderError> {
+        let (subject, name, what) = match service {
+            MailService::Call => ("【着信お知らせ】送信テスト", "着信お知らせメール", "着信"),
+            MailService::Fax => ("【FAXお知らせ】送信テスト", "FAXお知らせメール", "FAXの受信"),
+        };
+        let subject = subject.to_owned();
         let body = format!(
-            "着信お知らせメールの送信テストです。\r\n\r\n\
+            "{name}の送信テストです。\r\n\r\n\
              電話番号 {number} の送信先として、このアドレスにメールが届くことを確認できました。\r\n\
-             設定サイトで「送信」にチェックを入れて設定すると、着信のお知らせが届きます。\r\n\
+             設定サイトで「送信」にチェックを入れて設定すると、{what}のお知らせが届きます。\r\n\
              お心当たりのない場合は、このメールを破棄してください。\r\n"
         );
         self.build(recipient, subject, body, message_id(number, nonce, recipient, &self.domain))

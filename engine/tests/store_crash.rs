@@ -119,7 +119,7 @@ fn store_writer_child() {
     for i in 0.. {
         let ack = Ack { round, i };
         if ack.queued() {
-            let mail = renderer.render_test(CALLED, &to, &ack.call_id()).unwrap();
+            let mail = renderer.render_test(CALLED, &to, &ack.call_id(), engine::render::MailService::Call).unwrap();
             let origin = Origin { call_id: ack.call_id(), called, ended_at: DateTime::UNIX_EPOCH, source: None };
             let entry = Queued::new(&mail, &origin, "451 try later", DateTime::UNIX_EPOCH);
             queue.push(&entry, 1_000 + i as i64, 1).unwrap();

@@ -17,7 +17,7 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// Every page's `<title>` ends with this (admin/src/site/html.rs).
-const TITLE_SUFFIX: &str = " | 着信お知らせメール";
+const TITLE_SUFFIX: &str = " | ひかり電話設定サイト";
 
 /// chromedriver, running until dropped; owns Chromium's profile directory.
 pub struct Chromedriver {

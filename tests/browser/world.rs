@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::WAIT;
 
 pub const TOPIC: &str = "cdr";
+/// Received faxes (R-F1).
+pub const FAX_TOPIC: &str = "fax";
 const DEAD_LETTER_TOPIC: &str = "cdr-dead-letter";
 const FROM: &str = "no-reply@notify.example.jp";
 
@@ -47,21 +49,30 @@ pub struct World {
 }
 
 impl World {
+    /// The world of the call journey: [`LINE`] provisioned.
     pub async fn start() -> Self {
+        Self::start_with(&[LINE]).await
+    }
+
+    /// A world with `lines` provisioned (provisioning JSON Lines, docs/provisioning.md).
+    pub async fn start_with(lines: &[&str]) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
             .with_test_writer()
             .try_init();
-        let kafka = EmbeddedKafka::start(&[TOPIC, DEAD_LETTER_TOPIC], 1).expect("mock cluster");
+        let kafka = EmbeddedKafka::start(&[TOPIC, FAX_TOPIC, DEAD_LETTER_TOPIC], 1).expect("mock cluster");
         let sink = SmtpSink::start(0).await.expect("smtp sink");
         let dir = tempfile::tempdir().expect("tempdir");
-        let settings = settings(&kafka, &sink, &dir);
+        // Bound first: the fax mail links to the site (admin.public_url).
+        let site_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let site_url = format!("http://{}", site_listener.local_addr().expect("local addr"));
+        let settings = settings(&kafka, &sink, &dir, &site_url);
         let test_mailer = engine::deliver::TestMailer::new(&settings.smtp).expect("test mailer");
 
         let app = Application::build(settings).await.expect("engine starts");
         let store = app.store().clone();
         let metrics = app.metrics().clone();
-        let report = engine::provision::import(&store, LINE.as_bytes()).expect("import");
+        let report = engine::provision::import(&store, lines.join("\n").as_bytes()).expect("import");
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let engine = tokio::spawn(app.run_until_stopped(async {
@@ -73,23 +84,13 @@ impl World {
         let ivr = admin::ivr::Ivr::new(store.clone(), credentials.clone(), clock.clone());
         let ivr = serve(admin::ivr::api::router(admin::ivr::api::ApiState::new(ivr))).await;
         let site = admin::site::SiteState::new(store, credentials, clock).with_test_mailer(Some(Arc::new(test_mailer)));
-        let site = serve(admin::site::router(site)).await;
+        serve_on(site_listener, admin::site::router(site));
 
         let producer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", kafka.bootstrap_servers())
             .create()
             .expect("producer");
-        Self {
-            sink,
-            site: format!("http://{site}"),
-            ivr,
-            metrics,
-            producer,
-            stop: Some(stop),
-            engine,
-            _kafka: kafka,
-            _dir: dir,
-        }
+        Self { sink, site: site_url, ivr, metrics, producer, stop: Some(stop), engine, _kafka: kafka, _dir: dir }
     }
 
     /// The site's URL of `path`.
@@ -118,6 +119,20 @@ impl World {
             .await
             .map_err(|(e, _)| e)
             .expect("produce");
+    }
+
+    /// Produces one fax record (docs/fax.md) to the fax topic.
+    pub async fn produce_fax(&self, record: &str) {
+        self.producer
+            .send(FutureRecord::to(FAX_TOPIC).key("browser").payload(record), Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+
+    /// The site's address, for requests made beside the browser.
+    pub fn site_addr(&self) -> SocketAddr {
+        self.site.trim_start_matches("http://").parse().expect("the site's address")
     }
 
     /// Waits for at least `n` mails in all.
@@ -151,11 +166,15 @@ impl World {
 
 /// The engine's settings, as `Harness::settings` of the pipeline tests builds them:
 /// `CALLNOTIFY__*` overrides over the built-in defaults.
-fn settings(kafka: &EmbeddedKafka, sink: &SmtpSink, dir: &tempfile::TempDir) -> Settings {
+fn settings(kafka: &EmbeddedKafka, sink: &SmtpSink, dir: &tempfile::TempDir, site: &str) -> Settings {
     let env = [
         ("CALLNOTIFY__KAFKA__BROKERS", kafka.bootstrap_servers().to_owned()),
         ("CALLNOTIFY__KAFKA__GROUP_ID", "browser".to_owned()),
-        ("CALLNOTIFY__KAFKA__TOPICS", format!(r#"[{{name="{TOPIC}",format="canonical"}}]"#)),
+        (
+            "CALLNOTIFY__KAFKA__TOPICS",
+            format!(r#"[{{name="{TOPIC}",format="canonical"}},{{name="{FAX_TOPIC}",format="fax"}}]"#),
+        ),
+        ("CALLNOTIFY__ADMIN__PUBLIC_URL", site.to_owned()),
         ("CALLNOTIFY__KAFKA__DEAD_LETTER_TOPIC", DEAD_LETTER_TOPIC.to_owned()),
         ("CALLNOTIFY__KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "20".to_owned()),
         ("CALLNOTIFY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "6000".to_owned()),
@@ -173,8 +192,13 @@ fn settings(kafka: &EmbeddedKafka, sink: &SmtpSink, dir: &tempfile::TempDir) -> 
 async fn serve(router: axum::Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    serve_on(listener, router);
     addr
+}
+
+/// Serves `router` on `listener` for the rest of the test.
+fn serve_on(listener: tokio::net::TcpListener, router: axum::Router) {
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
 }
 
 /// `POST path` with a JSON body over plain HTTP/1.1, as an IVR platform does; the
@@ -193,14 +217,20 @@ async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> se
 
 /// Sends one raw HTTP/1.1 request with `Connection: close`; returns the status and body.
 pub async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let (status, _, body) = http_bytes(addr, request).await;
+    (status, String::from_utf8(body).expect("UTF-8 response"))
+}
+
+/// [`http`] for any body: the status, the header block and the body's bytes.
+pub async fn http_bytes(addr: SocketAddr, request: &str) -> (u16, String, Vec<u8>) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request.as_bytes()).await.expect("write request");
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.expect("read response");
-    let response = String::from_utf8(response).expect("UTF-8 response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a header block");
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
     let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
-    (status, body.to_owned())
+    (status, head, response[split + 4..].to_vec())
 }
 
 /// A canonical CDR (docs/cdr-formats.md) of a call to `called` from `caller`

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use engine::address::DestinationAddress;
 use engine::deliver::{TestMailError, TEST_MAILS_PER_MINUTE};
 use engine::phone::PhoneNumber;
+use engine::render::MailService;
 use engine::store::MAX_DESTINATIONS;
 use engine::telemetry::TestMail;
 
@@ -144,7 +145,8 @@ fn test_empty(row: usize) -> String {
 
 /// Sends the test mail of destination row `row` as typed in `rows` (checked by R-N3),
 /// before it is saved. Nothing is saved, so no password is asked: the mail goes only to
-/// the address typed, never diverts anything. `page` names the settings page in the log.
+/// the address typed, never diverts anything. `page` names the settings page in the log;
+/// `service` is whose test mail it is.
 pub(super) async fn send_test(
     state: &SiteState,
     session: &Session,
@@ -152,6 +154,7 @@ pub(super) async fn send_test(
     row: usize,
     rows: &[Row],
     page: &'static str,
+    service: MailService,
 ) -> Result<Tested, SiteError> {
     let Some(mailer) = state.test_mailer.as_deref() else {
         return Ok(Tested::error(TEST_UNAVAILABLE.to_owned()));
@@ -169,7 +172,7 @@ pub(super) async fn send_test(
         }
     };
     let line = state.read(move |store| Ok(store.number(&number)?.map_or(number, |record| record.contract))).await?;
-    Ok(match mailer.send(&line, &number, &address).await {
+    Ok(match mailer.send(&line, &number, &address, service).await {
         Ok(()) => {
             tracing::info!(login = %session.number, %number, row, "{page}: test mail sent");
             state.metrics.test_mail(TestMail::Sent);

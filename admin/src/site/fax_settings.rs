@@ -19,6 +19,7 @@ use axum::extract::{Form, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
+use engine::render::MailService;
 use engine::store::{FaxSettings, StoreError};
 
 use super::destinations::{
@@ -265,7 +266,7 @@ pub async fn test_mail(
     let Some(row) = test_row(&row) else { return Ok(not_found()) };
 
     let entered = FaxEntered::from_fields(&fields);
-    let tested = send_test(&state, &session, number, row, &entered.destinations, PAGE).await?;
+    let tested = send_test(&state, &session, number, row, &entered.destinations, PAGE, MailService::Fax).await?;
     let page = View::new(&state, &number, &session).page(&tested.notice, &entered, &tested.errors, &tested.rows);
     let path = fax_settings_path(&number);
     state.sessions.set_flash(&id, path.clone(), page).await?;

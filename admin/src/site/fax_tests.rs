@@ -447,6 +447,8 @@ async fn r_n2_fax_send_test_mails_the_typed_address_once_and_saves_nothing() {
     assert!(shown.body.contains("value=\"fax@example.jp\""), "the form as typed");
     let mails = sink.wait_for(1, StdDuration::from_secs(10)).await;
     assert_eq!(mails[0].rcpt_to, ["fax@example.jp"]);
+    let mail = mail_parser::MessageParser::default().parse(&mails[0].data).unwrap();
+    assert_eq!(mail.subject(), Some("【FAXお知らせ】送信テスト"), "the fax service's test mail");
     let again = get(&app, &location, &cookies).await;
     assert!(!again.body.contains("テストメールを送信しました"), "the outcome is shown once");
     assert_eq!(stored(&app), FaxSettings::default(), "nothing saved");

@@ -25,8 +25,8 @@ pub fn page(title: &str, body: &str) -> String {
     format!(
         "<!DOCTYPE html>\n<html lang=\"ja\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>{title} | 着信お知らせメール</title>\n<link rel=\"stylesheet\" href=\"/style.css\">\n\
-         </head>\n<body>\n<header class=\"site\"><p><a href=\"/\">着信お知らせメール 設定サイト</a></p></header>\n\
+         <title>{title} | ひかり電話設定サイト</title>\n<link rel=\"stylesheet\" href=\"/style.css\">\n\
+         </head>\n<body>\n<header class=\"site\"><p><a href=\"/\">ひかり電話設定サイト</a></p></header>\n\
          <main>\n<h1>{title}</h1>\n{body}</main>\n</body>\n</html>\n",
         title = escape(title),
     )

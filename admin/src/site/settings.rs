@@ -19,6 +19,7 @@ use axum::extract::{Form, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
+use engine::render::MailService;
 use engine::store::{CallSettings, StoreError};
 
 use super::destinations::{
@@ -192,7 +193,7 @@ pub async fn test_mail(
     let Some(row) = test_row(&row) else { return Ok(not_found()) };
 
     let entered = Entered::from_fields(&fields);
-    let tested = send_test(&state, &session, number, row, &entered.destinations, PAGE).await?;
+    let tested = send_test(&state, &session, number, row, &entered.destinations, PAGE, MailService::Call).await?;
     // Post/Redirect/Get: the page with the outcome is shown by the GET the browser is
     // sent to, once; a reload shows the saved settings and sends no second mail.
     let view = View::new(&state, &number, &session);

@@ -611,7 +611,7 @@ async fn pages_are_styled_errors_are_japanese_and_an_ended_session_says_so() {
     let app = app();
     let login_page = get(&app, "/login", "").await;
     assert!(login_page.body.contains("<link rel=\"stylesheet\" href=\"/style.css\">"), "{}", login_page.body);
-    assert!(login_page.body.contains("着信お知らせメール 設定サイト"));
+    assert!(login_page.body.contains("ひかり電話設定サイト"));
     assert!(login_page.body.contains("はじめてご利用の方は"), "the first-time hint");
     let css = get(&app, "/style.css", "").await;
     assert_eq!(css.status, StatusCode::OK);

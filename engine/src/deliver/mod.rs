@@ -520,13 +520,14 @@ impl TestMailer {
         })
     }
 
-    /// Sends the test mail of `number`, on the line of contract number `line`, to
-    /// `address`.
+    /// Sends the test mail of `service` for `number`, on the line of contract number
+    /// `line`, to `address`.
     pub async fn send(
         &self,
         line: &PhoneNumber,
         number: &PhoneNumber,
         address: &crate::address::DestinationAddress,
+        service: crate::render::MailService,
     ) -> Result<(), TestMailError> {
         if self.per_line.check_key(line).is_err() {
             return Err(TestMailError::TooMany);
@@ -534,7 +535,7 @@ impl TestMailer {
         let nonce = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
         let mail = self
             .renderer
-            .render_test(number.as_str(), address, &nonce)
+            .render_test(number.as_str(), address, &nonce, service)
             .map_err(|e| TestMailError::Render(e.to_string()))?;
         self.transport.send(&mail).await.map_err(|failed| match failed {
             Attempt::Permanent(reply) => TestMailError::Refused(reply),
@@ -670,7 +671,7 @@ pub(crate) mod tests {
         let number = PhoneNumber::parse("0312345678").unwrap();
         let to = DestinationAddress::parse("taro@example.jp").unwrap();
 
-        mailer.send(&number, &number, &to).await.expect("accepted");
+        mailer.send(&number, &number, &to, crate::render::MailService::Call).await.expect("accepted");
         let mails = sink.wait_for(1, std::time::Duration::from_secs(10)).await;
         assert_eq!(mails[0].rcpt_to, ["taro@example.jp"]);
         let parsed = mail_parser::MessageParser::default().parse(&mails[0].data).unwrap();
@@ -678,7 +679,7 @@ pub(crate) mod tests {
         assert!(parsed.body_text(0).unwrap().contains("0312345678"));
 
         sink.fail_next(SmtpStage::RcptTo, 550, 1);
-        let refused = mailer.send(&number, &number, &to).await.unwrap_err();
+        let refused = mailer.send(&number, &number, &to, crate::render::MailService::Call).await.unwrap_err();
         assert!(matches!(&refused, TestMailError::Refused(reply) if reply.contains("550")), "{refused}");
     }
 
@@ -706,12 +707,18 @@ pub(crate) mod tests {
         let to = DestinationAddress::parse("taro@example.jp").unwrap();
         let numbers = [number("0312345678"), number("0312345679"), number("0312345670")];
         for i in 0..TEST_MAILS_PER_MINUTE as usize {
-            mailer.send(&line, &numbers[i % 3], &to).await.unwrap();
+            mailer.send(&line, &numbers[i % 3], &to, crate::render::MailService::Call).await.unwrap();
         }
         for n in &numbers {
-            assert_eq!(mailer.send(&line, n, &to).await.unwrap_err(), TestMailError::TooMany);
+            assert_eq!(
+                mailer.send(&line, n, &to, crate::render::MailService::Fax).await.unwrap_err(),
+                TestMailError::TooMany
+            );
         }
-        mailer.send(&other_line, &other_line, &to).await.expect("another line has its own allowance");
+        mailer
+            .send(&other_line, &other_line, &to, crate::render::MailService::Call)
+            .await
+            .expect("another line has its own allowance");
         assert_eq!(sink.count(), TEST_MAILS_PER_MINUTE as usize + 1);
     }
 }

@@ -314,7 +314,14 @@ mod tests {
     fn queued(call_id: &str, recipient: &str) -> (Queued, Mail) {
         let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
         let called = PhoneNumber::parse("0312345678").unwrap();
-        let mail = renderer.render_test(called.as_str(), &DestinationAddress::parse(recipient).unwrap(), "n").unwrap();
+        let mail = renderer
+            .render_test(
+                called.as_str(),
+                &DestinationAddress::parse(recipient).unwrap(),
+                "n",
+                crate::render::MailService::Call,
+            )
+            .unwrap();
         let origin = Origin {
             call_id: call_id.into(),
             called,
