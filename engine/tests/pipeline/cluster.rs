@@ -14,7 +14,7 @@ fn n(s: &str) -> PhoneNumber {
 
 impl Harness {
     /// A node of the cluster: its own store under `name`, the harness's group.
-    async fn node(&self, name: &str) -> TestEngine {
+    pub async fn node(&self, name: &str) -> TestEngine {
         let path = self.dir.path().join(name).display().to_string();
         self.engine_with(&[("CALLNOTIFY__STORE__PATH", &path)]).await
     }

@@ -152,3 +152,46 @@ async fn r_m4_malformed_fax_records_go_to_the_dead_letters_with_their_reason() {
     assert!(engine.store.faxes_of(&number).unwrap().is_empty());
     engine.stop().await;
 }
+
+/// R-F1 with several nodes (docs/cluster.md): faxes read by either of two nodes are
+/// kept on both, document and all, so either node's site shows any of them; a delete on
+/// one reaches the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_f1_a_fax_read_by_one_node_is_kept_on_every_node_and_deleted_everywhere() {
+    let h = Harness::new(4).await;
+    let (a, b) = (h.node("a").await, h.node("b").await);
+    // Four CDR topics of four partitions: eight each.
+    a.wait_partitions_shared(1, 8).await;
+    b.wait_partitions_shared(1, 8).await;
+    let numbers: Vec<String> = (0..8).map(|i| format!("03200000{i:02}")).collect();
+    for number in &numbers {
+        fax_subscriber(&a, number, true, &[(&format!("{number}@example.jp"), true)], false);
+    }
+    let records: Vec<String> = numbers.iter().map(|x| fax_record(&format!("f-{x}"), x, G4, 3)).collect();
+    h.produce(FAX_TOPIC, &records).await;
+    h.mails(8).await;
+
+    let kept = |store: &engine::store::Store, number: &str| {
+        let number = engine::phone::PhoneNumber::parse(number).unwrap();
+        let faxes = store.faxes_of(&number).unwrap();
+        faxes.first().and_then(|f| store.fax_document(&f.key()).unwrap()).is_some_and(|d| d.as_ref() == G4)
+    };
+    for store in [&a.store, &b.store] {
+        testkit::wait::until(WAIT, || "a fax missing on a node".into(), || numbers.iter().all(|x| kept(store, x)))
+            .await;
+    }
+
+    let first = engine::phone::PhoneNumber::parse(&numbers[0]).unwrap();
+    let key = b.store.faxes_of(&first).unwrap()[0].key();
+    assert!(b.store.delete_fax(&key).unwrap());
+    testkit::wait::until(
+        WAIT,
+        || "the delete never reached node A".into(),
+        || a.store.faxes_of(&first).unwrap().is_empty() && a.store.fax_document(&key).unwrap().is_none(),
+    )
+    .await;
+    let (a, b) = (a.stop().await, b.stop().await);
+    let sent = |s: &Stopped| s.metric("callnotify_mails_sent_total");
+    assert_eq!(sent(&a) + sent(&b), 8.0, "each fax mailed once");
+    assert!(sent(&a) > 0.0 && sent(&b) > 0.0, "both nodes read faxes: {} and {}", sent(&a), sent(&b));
+}
