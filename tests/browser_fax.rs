@@ -4,6 +4,8 @@
 //! Headless Chromium through chromedriver, against the engine on a mock Kafka cluster
 //! and a real SMTP sink, all in this process (as `tests/browser.rs`).
 //!
+//! The owner comes back through the mail's link logged out: the login leads to the fax.
+//!
 //! Needs Debian's `chromium` and `chromium-driver` (`bash scripts/setup.sh`); fails, never
 //! skips, without them. Screenshots go to `$CARGO_TARGET_TMPDIR/browser-fax/`.
 
@@ -93,9 +95,13 @@ async fn r_f1_r_n1_r_n2_a_fax_is_mailed_with_its_link_read_downloaded_and_delete
     browser.open(&world.url("/"), "メニュー").await;
     log_out(&mut browser).await;
 
-    // The owner deletes it: gone from the list, its address 404.
-    log_in(&mut browser, &world, FAX_NUMBER, PASSWORD).await;
-    browser.open(&link, "受信FAX").await;
+    // The owner follows the mail's link logged out: the login leads to the fax. Deleted,
+    // it is gone from the list and its address answers 404.
+    browser.open(&link, "ログイン").await;
+    assert!(browser.body().await.contains("ログインすると、お知らせしたFAXを表示します。"));
+    browser.shot("login-for-the-fax").await;
+    log_in_here(&browser, FAX_NUMBER, PASSWORD).await;
+    browser.expect_page("受信FAX").await;
     browser.click("form[action$=\"/delete\"] button[type=\"submit\"]").await;
     browser.expect_page("受信FAX一覧").await;
     browser.wait_text("p[role=\"status\"]", "削除しました").await;
@@ -129,6 +135,11 @@ async fn first_login(browser: &mut Browser, world: &World, number: &str) {
 
 async fn log_in(browser: &mut Browser, world: &World, number: &str, password: &str) {
     browser.open(&world.url("/login"), "ログイン").await;
+    log_in_here(browser, number, password).await;
+}
+
+/// Fills in and sends the login page shown.
+async fn log_in_here(browser: &Browser, number: &str, password: &str) {
     browser.fill("number", number).await;
     browser.fill("password", password).await;
     browser.click("form[action=\"/login\"] button[type=\"submit\"]").await;

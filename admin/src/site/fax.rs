@@ -30,7 +30,7 @@ use engine::store::FaxRecord;
 
 use super::destinations::redirect_to;
 use super::numbers::{allowed_fax_number, fax_settings_path, faxes_path, not_found};
-use super::{csrf, html, require_session, Authed, Gate, SiteError, SiteState};
+use super::{csrf, html, require_session, Authed, Denied, Gate, SiteError, SiteState};
 
 /// The query of the list after a deletion.
 const DELETED_QUERY: &str = "deleted=1";
@@ -45,6 +45,16 @@ fn well_formed(ms: &str, fax_id: &str) -> bool {
         && ms.bytes().all(|b| b.is_ascii_digit())
         && (1..=64).contains(&fax_id.len())
         && fax_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+}
+
+/// `number/ms/fax_id` if it can be a fax's key: what a login page carries to show that
+/// fax once logged in (a subscriber following the fax mail's link). Only ever a path
+/// under `/fax/` of this site is made of it, so it redirects nowhere else.
+pub(super) fn fax_to_show(raw: &str) -> Option<&str> {
+    let mut parts = raw.split('/');
+    let (number, ms, fax_id) = (parts.next()?, parts.next()?, parts.next()?);
+    let number_ok = (10..=11).contains(&number.len()) && number.bytes().all(|b| b.is_ascii_digit());
+    (parts.next().is_none() && number_ok && well_formed(ms, fax_id)).then_some(raw)
 }
 
 /// The fax at `address` if the session of `login` may see it: its number is one of the
@@ -152,6 +162,15 @@ pub async fn show(
 ) -> Result<Response, SiteError> {
     let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
+        // Not logged in (the fax mail's link): the login page shows this fax after.
+        Err(denied @ (Denied::Login | Denied::Ended)) => {
+            let key = format!("{}/{}/{}", address.0, address.1, address.2);
+            let ended = if matches!(denied, Denied::Ended) { "notice=ended&" } else { "" };
+            return Ok(match fax_to_show(&key) {
+                Some(key) => redirect_to(&format!("/login?{ended}fax={key}")),
+                None => denied.into_response(),
+            });
+        }
         Err(denied) => return Ok(denied.into_response()),
     };
     let Some(record) = fax_of(&state, authed.session.number, address).await? else { return Ok(fax_not_found()) };

@@ -307,9 +307,12 @@ async fn r_a1_r_f1_a_line_login_reads_the_lines_faxes() {
 async fn r_f1_the_fax_pages_need_a_session_and_the_changed_password() {
     let app = app();
     let fax = keep(&app, FAX_ONLY, 5, "hylafax-000123", FINE_G4);
-    for url in [fax_url(&fax), format!("{}/pdf", fax_url(&fax)), faxes(FAX_ONLY), settings(FAX_ONLY), "/fax".into()] {
+    for url in [format!("{}/pdf", fax_url(&fax)), faxes(FAX_ONLY), settings(FAX_ONLY), "/fax".into()] {
         assert_eq!(get(&app, &url, "").await.location(), Some("/login"), "{url}");
     }
+    // The fax itself (the mail's link) logs in to it.
+    let login = format!("/login?fax={}", fax.key());
+    assert_eq!(get(&app, &fax_url(&fax), "").await.location(), Some(login.as_str()));
     app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
     app.f.credentials.set_temporary_async(n(FAX_ONLY), "12345678".into(), t0()).await.unwrap();
     let cookies = logged_in(&app, FAX_ONLY, "12345678").await;
@@ -493,4 +496,47 @@ async fn r_c1_r_f1_the_menu_links_the_fax_settings_or_says_there_are_none() {
     }
     assert_eq!(choice.body.matches("（未読1件）").count(), 1, "{}", choice.body);
     assert!(!choice.body.contains(FAX_ONLY), "another line's number");
+}
+
+/// R-F1, R-S1: the fax mail's link followed without a session leads to the login page,
+/// which shows that fax once logged in; only a fax address of this site is carried, so
+/// the login never redirects anywhere else, and a password that must be changed first
+/// still is (R-S4).
+#[tokio::test]
+async fn r_f1_r_s1_the_mail_s_link_logs_in_then_shows_the_fax() {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    app.f.credentials.set_password_async(n(FAX_ONLY), PASSWORD.into(), t0()).await.unwrap();
+    let fax = keep(&app, FAX_ONLY, 5, "hylafax-000123", FINE_G4);
+    let key = fax.key();
+
+    let followed = get(&app, &fax_url(&fax), "").await;
+    let login_path = format!("/login?fax={key}");
+    assert_eq!((followed.status, followed.location()), (StatusCode::SEE_OTHER, Some(login_path.as_str())));
+    let page = get(&app, &login_path, "").await;
+    let token = page.cookie_value(super::CSRF_COOKIE).expect("a pre-session CSRF cookie");
+    assert!(page.body.contains(&format!("<input type=\"hidden\" name=\"fax\" value=\"{key}\">")), "{}", page.body);
+
+    let log_in = |fax: String| {
+        let (app, token) = (&app, token.clone());
+        async move {
+            let cookies = format!("{}={token}", super::CSRF_COOKIE);
+            let form = format!("number={FAX_ONLY}&password={PASSWORD}&csrf={token}&fax={fax}");
+            post(app, "/login", &cookies, &form).await
+        }
+    };
+    let reply = log_in(key.clone()).await;
+    assert_eq!(reply.location(), Some(fax_url(&fax).as_str()), "straight to the fax");
+    for elsewhere in ["%2F%2Fevil.example%2Fx", "https%3A%2F%2Fevil.example", "..%2F..%2Fnumbers", "0312345670%2Fx%2Fy"]
+    {
+        assert_eq!(log_in(elsewhere.to_owned()).await.location(), Some("/"), "{elsewhere}");
+    }
+    let unknown = get(&app, "/login?fax=%2F%2Fevil.example", "").await;
+    assert!(!unknown.body.contains("name=\"fax\""), "not carried: {}", unknown.body);
+
+    // A temporary password: the password change comes first (R-S4).
+    app.f.credentials.set_temporary_async(n(FAX_ONLY), "20261204".into(), t0()).await.unwrap();
+    let cookies = format!("{}={token}", super::CSRF_COOKIE);
+    let form = format!("number={FAX_ONLY}&password=20261204&csrf={token}&fax={key}");
+    assert_eq!(post(&app, "/login", &cookies, &form).await.location(), Some("/password"));
 }

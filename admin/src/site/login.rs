@@ -31,6 +31,8 @@ pub struct LoginForm {
     number: String,
     password: String,
     csrf: String,
+    /// A fax to show once logged in (`number/ms/id`), carried from the fax mail's link.
+    fax: String,
 }
 
 /// The log line of one login attempt: the number and the outcome, never the password.
@@ -75,14 +77,19 @@ impl LoginAttempt<'_> {
 /// The login page, with a pre-session CSRF token: the browser's, if it already has a
 /// well-formed one (so several open tabs keep working, R-S9), or a new one.
 pub async fn show(State(state): State<SiteState>, RawQuery(query): RawQuery, headers: HeaderMap) -> Response {
-    let notice = super::unit::login_notice(query.as_deref());
+    // `notice=…` says why the browser is here; `fax=…` which fax it came for.
+    let query = query.unwrap_or_default();
+    let mut pairs = query.split('&');
+    let notice = pairs.clone().find_map(|pair| super::unit::login_notice(Some(pair)));
+    let fax = pairs.find_map(|pair| pair.strip_prefix("fax=")).and_then(super::fax::fax_to_show).unwrap_or("");
     let name = state.csrf_cookie();
+    let page = |token: &str| Html(login_page_with(&state, token, notice, None, "", fax)).into_response();
     match cookie(&headers, &name).filter(|token| csrf::well_formed(token)) {
-        Some(token) => Html(login_page(&state, token, notice, None)).into_response(),
+        Some(token) => page(token),
         None => {
             let token = csrf::new_token();
             let set = state.set_cookie(&name, Some(&token));
-            with_cookies(Html(login_page(&state, &token, notice, None)).into_response(), [set])
+            with_cookies(page(&token), [set])
         }
     }
 }
@@ -123,7 +130,8 @@ pub async fn submit(
             if let Some(client) = client {
                 state.throttle.failed(client, now);
             }
-            let page = login_page_with(&state, &form.csrf, None, Some(FAILURE_MESSAGE), &form.number);
+            let fax = super::fax::fax_to_show(&form.fax).unwrap_or("");
+            let page = login_page_with(&state, &form.csrf, None, Some(FAILURE_MESSAGE), &form.number, fax);
             return Ok(Html(page).into_response());
         }
     };
@@ -141,9 +149,14 @@ pub async fn submit(
         return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
     };
     let id = state.sessions.create(new_session(number, ok.kind, must_change, idle_timeout, now, stamp)).await?;
-    let next = if must_change { "/password" } else { "/" };
+    // The fax the browser came for, unless the password must be changed first (R-S4).
+    let next = match super::fax::fax_to_show(&form.fax) {
+        _ if must_change => "/password".to_owned(),
+        Some(fax) => format!("/fax/{fax}"),
+        None => "/".to_owned(),
+    };
     let cookies = [state.set_cookie(&state.session_cookie(), Some(&id)), state.set_cookie(&csrf_cookie, None)];
-    Ok(with_cookies(redirect(next), cookies))
+    Ok(with_cookies(super::destinations::redirect_to(&next), cookies))
 }
 
 /// The logout form's one field.
@@ -173,18 +186,34 @@ pub async fn logout(
 }
 
 fn login_page(state: &SiteState, csrf: &str, notice: Option<&str>, error: Option<&str>) -> String {
-    login_page_with(state, csrf, notice, error, "")
+    login_page_with(state, csrf, notice, error, "", "")
 }
 
-/// [`login_page`] with the number field filled in (a failed login keeps what was typed).
-fn login_page_with(state: &SiteState, csrf: &str, notice: Option<&str>, error: Option<&str>, number: &str) -> String {
+/// [`login_page`] with the number field filled in (a failed login keeps what was typed)
+/// and the fax to show after it, if any (checked by [`super::fax::fax_to_show`]).
+fn login_page_with(
+    state: &SiteState,
+    csrf: &str,
+    notice: Option<&str>,
+    error: Option<&str>,
+    number: &str,
+    fax: &str,
+) -> String {
     let errors = html::errors(&error.map(str::to_owned).into_iter().collect::<Vec<_>>());
     let notice = notice
         .map_or(String::new(), |notice| format!("<p class=\"notice\" role=\"status\">{}</p>\n", html::escape(notice)));
+    let fax = match fax {
+        "" => String::new(),
+        fax => format!(
+            "<p class=\"hint\">ログインすると、お知らせしたFAXを表示します。</p>\n\
+             <input type=\"hidden\" name=\"fax\" value=\"{}\">\n",
+            html::escape(fax)
+        ),
+    };
     let body = format!(
         "{notice}{errors}<p class=\"hint\">はじめてご利用の方は、ご契約の回線の電話から仮パスワード設定ダイヤル\
          （06-6480-6430）に電話して、仮パスワードを設定してからログインしてください。</p>\n\
-         <form method=\"post\" action=\"/login\">\n{csrf}\
+         <form method=\"post\" action=\"/login\">\n{csrf}{fax}\
          <p><label for=\"number\">電話番号</label><br>\n\
          <input id=\"number\" name=\"number\" type=\"text\" inputmode=\"numeric\" autocomplete=\"username\" \
          pattern=\"0[0-9]{{9,10}}\" maxlength=\"11\" required value=\"{number}\" aria-describedby=\"number-help\"><br>\n\
