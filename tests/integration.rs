@@ -1220,3 +1220,47 @@ fn a_node_killed_for_good_with_mails_in_its_retry_queue_leaves_them_to_the_other
         assert!(node.terminate());
     }
 }
+
+/// R-F1 on Apache Kafka: a fax record larger than Kafka's default 1 MB (a three-page
+/// uncompressed fax, 1.5 MB, 2 MB in its record) goes through topics set up as
+/// docs/fax.md says (`max.message.bytes` 32 MiB on the fax topic and, by
+/// `ensure_shared_topics`, the state topics): kept through the state owner, whose request
+/// and published record carry the document, and mailed once with its link.
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn r_f1_a_fax_above_kafka_s_one_megabyte_default_is_kept_and_mailed_through_topics_set_up_for_it() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    const NUMBER: &str = "0398765430";
+    const TO: &str = "big-fax@example.jp";
+    let (sink, spec, _dir) = setup("fax-large", 1, &[]);
+    let fax_topic = format!("{}-fax", spec.topic);
+    block_on(create_topic_with(&spec.brokers, &fax_topic, 1, &[("max.message.bytes", "33554432")]));
+    spec.provision(&[serde_json::json!({"contract": NUMBER, "numbers": [{"number": NUMBER, "services": ["fax"],
+        "fax_settings": {"enabled": true, "destinations": [{"address": TO, "send": true}]}}]})
+    .to_string()]);
+    let topics = format!(r#"[{{name="{}",format="canonical"}},{{name="{fax_topic}",format="fax"}}]"#, spec.topic);
+    let engine = spec.start_with(&[("CALLNOTIFY__KAFKA__TOPICS", &topics)]);
+
+    let document = uncompressed_fax(3);
+    use base64::Engine as _;
+    let record = serde_json::json!({"fax_id": "big-1", "called": NUMBER, "caller": "0612345678",
+        "presentation": "allowed", "received_at": chrono::Utc::now().to_rfc3339(), "pages": 3,
+        "document_base64": base64::engine::general_purpose::STANDARD.encode(&document)})
+    .to_string();
+    assert!(record.len() > 1_900_000, "{} bytes", record.len());
+    // The fax server's producer, allowed records that large.
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &spec.brokers)
+        .set("message.max.bytes", "33554432")
+        .create()
+        .unwrap();
+    producer.send(BaseRecord::to(&fax_topic).key(NUMBER).payload(&record)).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let to = engine::address::DestinationAddress::parse(TO).unwrap();
+    let expected = [engine::render::message_id(NUMBER, "fax:big-1", &to, FROM_DOMAIN)];
+    let arrived = sink.wait_for(&expected);
+    assert_eq!(tally(&expected, &arrived), (0, 0, 0), "mailed once");
+    assert_eq!(engine.metric("callnotify_dead_letters_total{kind=\"cdr\"}"), 0.0);
+    assert!(engine.terminate());
+}

@@ -47,14 +47,19 @@ pub struct SharedTopics<'a> {
 
 /// Creates the shared topics on `brokers` unless they exist, as docs/cluster.md tells
 /// an operator to: the state topics one partition each, the state compacted, the
-/// requests kept a day; the changelogs `partitions` each, the sent records kept 8 days,
-/// the retry entries compacted.
+/// requests kept a day, both taking records of faxes up to 16 MiB (docs/fax.md); the
+/// changelogs `partitions` each, the sent records kept 8 days, the retry entries
+/// compacted.
 pub async fn ensure_shared_topics(brokers: &str, topics: &SharedTopics<'_>, partitions: i32) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
     let new = [
-        NewTopic::new(topics.state, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
-        NewTopic::new(topics.requests, 1, TopicReplication::Fixed(-1)).set("retention.ms", "86400000"),
+        NewTopic::new(topics.state, 1, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact")
+            .set("max.message.bytes", crate::fax::MESSAGE_MAX_BYTES),
+        NewTopic::new(topics.requests, 1, TopicReplication::Fixed(-1))
+            .set("retention.ms", "86400000")
+            .set("max.message.bytes", crate::fax::MESSAGE_MAX_BYTES),
         NewTopic::new(topics.sent, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "691200000"),
         NewTopic::new(topics.retry, partitions, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
     ];

@@ -33,6 +33,72 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     engine::embedded::ensure_topics(brokers, topics).await.expect("creating the topics");
 }
 
+/// Creates `topic` with `partitions` and the topic settings `config` (e.g.
+/// `max.message.bytes`), unless it exists.
+pub async fn create_topic_with(brokers: &str, topic: &str, partitions: i32, config: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let new =
+        config.iter().fold(NewTopic::new(topic, partitions, TopicReplication::Fixed(-1)), |t, (k, v)| t.set(k, v));
+    for result in admin.create_topics(&[new], &AdminOptions::new()).await.expect("create topics") {
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => panic!("creating {name}: {code}"),
+        }
+    }
+}
+
+/// A TIFF of `pages` uncompressed bilevel A4 pages (1728 × 2287, fine), each with a
+/// black band at its top: a valid fax document of about 494 KB a page, for a record
+/// larger than Kafka's 1 MB default (compression 1 is what fax servers write for no
+/// compression; the engine decodes it like T.4 and T.6).
+pub fn uncompressed_fax(pages: u32) -> Vec<u8> {
+    const WIDTH: u32 = 1728;
+    const HEIGHT: u32 = 2287;
+    let row = (WIDTH / 8) as usize;
+    let strip: Vec<u8> =
+        (0..HEIGHT).flat_map(|y| std::iter::repeat_n(if y < 100 { 0xff } else { 0x00 }, row)).collect();
+    // Little-endian TIFF: header, then per page its strip and its IFD.
+    let mut out = b"II*\0\0\0\0\0".to_vec();
+    let mut link_at = 4usize;
+    for _ in 0..pages {
+        let strip_at = out.len() as u32;
+        out.extend_from_slice(&strip);
+        // Resolution values (204/1, 196/1) just before the IFD.
+        let resolution_at = out.len() as u32;
+        for value in [204u32, 1, 196, 1] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        let ifd_at = out.len() as u32;
+        out[link_at..link_at + 4].copy_from_slice(&ifd_at.to_le_bytes());
+        // (tag, type, value): type 3 = SHORT, 4 = LONG, 5 = RATIONAL (an offset).
+        let entries: [(u16, u16, u32); 11] = [
+            (256, 4, WIDTH),
+            (257, 4, HEIGHT),
+            (258, 3, 1),
+            (259, 3, 1),
+            (262, 3, 0),
+            (273, 4, strip_at),
+            (277, 3, 1),
+            (278, 4, HEIGHT),
+            (279, 4, strip.len() as u32),
+            (282, 5, resolution_at),
+            (283, 5, resolution_at + 8),
+        ];
+        out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        for (tag, kind, value) in entries {
+            out.extend_from_slice(&tag.to_le_bytes());
+            out.extend_from_slice(&kind.to_le_bytes());
+            out.extend_from_slice(&1u32.to_le_bytes());
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        link_at = out.len();
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    out
+}
+
 /// Creates the shared topics of the engines reading `topic` (of `partitions`), as
 /// docs/cluster.md tells an operator to.
 pub async fn create_shared_topics(brokers: &str, topic: &str, partitions: i32) {
