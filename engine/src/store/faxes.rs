@@ -198,3 +198,88 @@ pub async fn expire_hourly(store: Store, retention_days: u64, stop: tokio_util::
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeDelta;
+
+    use super::*;
+    use crate::fax::document::DocumentKind;
+    use crate::store::{LineRecord, Services};
+
+    fn n(s: &str) -> PhoneNumber {
+        PhoneNumber::parse(s).unwrap()
+    }
+
+    fn record(number: &str, fax_id: &str, received_at: DateTime<Utc>) -> FaxRecord {
+        FaxRecord {
+            number: n(number),
+            fax_id: fax_id.to_owned(),
+            sender: "非通知".to_owned(),
+            received_at,
+            pages: 1,
+            kind: DocumentKind::Tiff,
+            size: 4,
+            read: false,
+            deleted: false,
+        }
+    }
+
+    fn store() -> Store {
+        let store = Store::temporary().unwrap();
+        let line = LineRecord { contract: n("0312345678"), numbers: vec![n("0312345678")], unit: None };
+        store.upsert_line(&line, &[(n("0312345678"), Services { call: false, fax: true }, None)]).unwrap();
+        store
+    }
+
+    /// R-F1: a fax is kept once; deleted, it loses its document at once and is not kept
+    /// again when its record is read again (a replay, a partition's next reader).
+    #[test]
+    fn r_f1_a_deleted_fax_is_not_brought_back_by_its_record_read_again() {
+        let store = store();
+        let fax = record("0312345678", "f-1", Utc::now());
+        assert!(store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap());
+        assert!(!store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap(), "kept once");
+        assert!(store.delete_fax(&fax.key()).unwrap());
+        assert_eq!(store.fax_document(&fax.key()).unwrap(), None, "the document goes at once");
+        assert!(!store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap(), "not kept again");
+        assert!(store.faxes_of(&fax.number).unwrap().is_empty());
+        assert_eq!(store.fax(&fax.number, &fax.key()).unwrap(), None);
+        assert!(!store.delete_fax(&fax.key()).unwrap(), "nothing left to delete");
+    }
+
+    /// R-F1, `store.fax_retention_days`: faxes received before the cut are forgotten,
+    /// record and document (deleted ones too); later ones stay, newest first.
+    #[test]
+    fn r_f1_faxes_past_their_retention_are_removed_with_their_documents() {
+        let store = store();
+        let now = Utc::now();
+        let old = record("0312345678", "old", now - TimeDelta::days(31));
+        let deleted = record("0312345678", "deleted", now - TimeDelta::days(40));
+        let recent = record("0312345678", "recent", now - TimeDelta::days(2));
+        let newest = record("0312345678", "newest", now);
+        for fax in [&old, &deleted, &recent, &newest] {
+            assert!(store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap());
+        }
+        store.delete_fax(&deleted.key()).unwrap();
+        store.expire_faxes(now - TimeDelta::days(30)).unwrap();
+        let kept: Vec<String> = store.faxes_of(&n("0312345678")).unwrap().into_iter().map(|f| f.fax_id).collect();
+        assert_eq!(kept, ["newest", "recent"]);
+        assert_eq!(store.fax_document(&old.key()).unwrap(), None);
+        assert_eq!(store.fax_usage().unwrap(), (2, 8), "two records, two documents of 4 bytes");
+        // An expired fax's record read again is a new fax: but the pipeline does not keep
+        // faxes older than engine.max_call_age_hours, far inside the retention.
+    }
+
+    /// A fax's key names its number: another number's key finds nothing.
+    #[test]
+    fn r_f1_a_fax_is_found_only_under_its_own_number() {
+        let store = store();
+        let fax = record("0312345678", "f-1", Utc::now());
+        store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap();
+        assert!(store.fax(&n("0312345678"), &fax.key()).unwrap().is_some());
+        assert_eq!(store.fax(&n("0312345679"), &fax.key()).unwrap(), None);
+        let forged = fax.key().replacen("0312345678", "0312345679", 1);
+        assert_eq!(store.fax(&n("0312345679"), &forged).unwrap(), None);
+    }
+}
