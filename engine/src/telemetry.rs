@@ -21,6 +21,7 @@ pub const CDRS_DECODED: &str = "callnotify_cdrs_decoded_total";
 pub const CDRS_REJECTED: &str = "callnotify_cdrs_rejected_total";
 pub const CDRS_FILTERED: &str = "callnotify_cdrs_filtered_total";
 pub const CDRS_NOTIFIED: &str = "callnotify_cdrs_notified_total";
+pub const FAXES_KEPT: &str = "callnotify_faxes_kept_total";
 pub const MAILS_SENT: &str = "callnotify_mails_sent_total";
 pub const MAILS_FAILED: &str = "callnotify_mails_failed_total";
 pub const MAILS_DELAYED: &str = "callnotify_mails_delayed_total";
@@ -163,6 +164,7 @@ struct Inner {
     rejected: [Counter; Rejection::ALL.len()],
     filtered: [Counter; Skip::ALL.len()],
     notified: Counter,
+    faxes_kept: Counter,
     sent: Counter,
     failed: Vec<Counter>,
     delayed_rate: Counter,
@@ -230,6 +232,11 @@ impl Metrics {
         );
         describe(CDRS_FILTERED, Some(Unit::Count), "Calls that send no mail, by reason");
         describe(CDRS_NOTIFIED, Some(Unit::Count), "Calls that caused at least one mail");
+        describe(
+            FAXES_KEPT,
+            Some(Unit::Count),
+            "Received faxes kept for the site by this node (R-F1; a fax read again is not counted again)",
+        );
         describe(
             OFFSETS_SKIPPED,
             Some(Unit::Count),
@@ -333,6 +340,7 @@ impl Metrics {
             rejected: Rejection::ALL.map(|reason| counter(r, CDRS_REJECTED, &[("reason", reason.as_str())])),
             filtered: Skip::ALL.map(|skip| counter(r, CDRS_FILTERED, &[("reason", skip.as_str())])),
             notified: counter(r, CDRS_NOTIFIED, &[]),
+            faxes_kept: counter(r, FAXES_KEPT, &[]),
             sent: counter(r, MAILS_SENT, &[]),
             failed: Failure::ALL.iter().map(|v| counter(r, MAILS_FAILED, &[("reason", v.as_str())])).collect(),
             delayed_rate: counter(r, MAILS_DELAYED, &[("limit", "rate")]),
@@ -397,6 +405,9 @@ impl Metrics {
     }
     pub fn notified(&self) {
         self.inner.notified.increment(1);
+    }
+    pub fn fax_kept(&self) {
+        self.inner.faxes_kept.increment(1);
     }
     pub fn sent(&self, latency: Duration) {
         self.inner.sent.increment(1);

@@ -339,14 +339,15 @@ fn handle(
     ctx.note_skipped(tp, skipped);
     origin.source = Some(crate::store::PartitionId { topic: message.topic().to_owned(), partition });
     let (deliverer, tx, sending) = (stages.deliverer.clone(), tx.clone(), ctx.sending(tp));
-    let (store, claims) = (stages.pipeline.resolver.store().clone(), stages.pipeline.claims.clone());
+    let (store, claims, metrics) =
+        (stages.pipeline.resolver.store().clone(), stages.pipeline.claims.clone(), stages.metrics.clone());
     stages.tasks.spawn_on(
         async move {
             if let Some(fax) = keep {
                 // Kept before any mail links to it. Not kept (the engine stops, the
                 // partition goes): the record is read again, so its mails are not
                 // claimed here any longer.
-                if !keep_fax(&store, *fax, &sending).await {
+                if !keep_fax(&store, *fax, &sending, &metrics).await {
                     mails.iter().for_each(|(key, _)| claims.release(key));
                     return;
                 }
@@ -366,7 +367,12 @@ fn handle(
 /// Has the state owner keep a received fax, trying again until it is kept or `sending`
 /// ends; whether it was kept. The store's error is logged each time: a fax whose mails
 /// wait on it is not silently dropped.
-async fn keep_fax(store: &crate::store::Store, fax: crate::pipeline::FaxToKeep, sending: &CancellationToken) -> bool {
+async fn keep_fax(
+    store: &crate::store::Store,
+    fax: crate::pipeline::FaxToKeep,
+    sending: &CancellationToken,
+    metrics: &Metrics,
+) -> bool {
     let mut delay = Duration::from_millis(200);
     let fax = Arc::new(fax);
     loop {
@@ -374,7 +380,12 @@ async fn keep_fax(store: &crate::store::Store, fax: crate::pipeline::FaxToKeep, 
         let kept =
             tokio::task::spawn_blocking(move || store.keep_fax(attempt.record.clone(), attempt.document.clone()));
         match kept.await.map_err(StoreError::from).and_then(|r| r) {
-            Ok(_) => return true,
+            Ok(kept) => {
+                if kept {
+                    metrics.fax_kept();
+                }
+                return true;
+            }
             Err(e) => {
                 tracing::warn!(fax_id = %fax.record.fax_id, error = %e, retry_in = ?delay, "received fax not kept yet")
             }

@@ -80,6 +80,7 @@ async fn r_f1_r_n2_a_received_fax_is_kept_and_mailed_to_checked_destinations_wit
     let mails = h.mails_after_control_call(&engine, 2).await;
     assert_eq!(mails.len(), 2, "{:?}", summary(&mails));
     assert_eq!(engine.store.faxes_of(&number).unwrap().len(), 1);
+    assert_eq!(engine.metric("callnotify_faxes_kept_total"), 1.0, "kept once");
     engine.stop().await;
 }
 
