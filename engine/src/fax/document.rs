@@ -11,7 +11,16 @@
 //! [`MAX_HEIGHT`], [`MAX_DOCUMENT_PIXELS`], [`MAX_GRAY_PIXELS`]) and damaged or hostile
 //! bytes end in a [`DocumentError`], never in a panic or an endless loop.
 //!
-//! - `ccitt`: the T.4 / T.6 decoder (and the T.6 encoder of the PDFs we write).
+//! The fax codings are decoded by the `fax` crate, not by code of ours: TIFF Group 3
+//! one-dimensional (T.4 MH) and Group 4 (T.6) pages, PDF CCITTFaxDecode images of K 0
+//! (with EOLs) or K < 0. What it cannot decode is refused, saying what to change: a TIFF
+//! page in T.4 two-dimensional (MR) coding fails [`inspect`] (the record goes to the dead
+//! letters); a PDF page coded so (or T.4 without EOLs, or T.6 with byte-aligned rows) is
+//! kept, like any PDF page that is not a fax image, but [`page_png`] says why it does not
+//! show. Uncompressed TIFF pages and Flate or raw PDF images are read here.
+//!
+//! - `ccitt`: T.4 one-dimensional and T.6 decoding and the T.6 encoding of the PDFs we
+//!   write, all by the `fax` crate, and the checks of what its decoders give.
 //! - `tiff_file`: the pages of a TIFF and their strips.
 //! - `pdf_file`: the pages of a PDF and the image on each.
 //! - `pdf_out`: the PDF made of a TIFF.
@@ -349,18 +358,34 @@ mod tests {
 
     /// A one-page PDF whose page is `data` as a FlateDecode DeviceGray image.
     fn flate_pdf(width: u32, height: u32, bits: i64, data: Vec<u8>) -> Vec<u8> {
+        let mut image = gray_image(width, height, bits, data);
+        image.compress().expect("compressed");
+        assert_eq!(image.filters().expect("a filter"), [b"FlateDecode".as_slice()]);
+        image_pdf(width, height, image)
+    }
+
+    /// A one-page PDF whose page is `data` as a CCITTFaxDecode image with `parms`.
+    fn ccitt_pdf(width: u32, height: u32, parms: lopdf::Dictionary, data: Vec<u8>) -> Vec<u8> {
+        let mut image = gray_image(width, height, 1, data);
+        image.dict.set("Filter", "CCITTFaxDecode");
+        image.dict.set("DecodeParms", parms);
+        image_pdf(width, height, image)
+    }
+
+    fn gray_image(width: u32, height: u32, bits: i64, data: Vec<u8>) -> lopdf::Stream {
+        use lopdf::dictionary;
+        let dict = dictionary! {
+            "Type" => "XObject", "Subtype" => "Image", "ColorSpace" => "DeviceGray",
+            "Width" => i64::from(width), "Height" => i64::from(height), "BitsPerComponent" => bits,
+        };
+        lopdf::Stream::new(dict, data)
+    }
+
+    /// A one-page PDF whose page is `image`, drawn over the whole page.
+    fn image_pdf(width: u32, height: u32, image: lopdf::Stream) -> Vec<u8> {
         use lopdf::{dictionary, Object, Stream};
         let mut doc = lopdf::Document::with_version("1.5");
         let pages = doc.new_object_id();
-        let mut image = Stream::new(
-            dictionary! {
-                "Type" => "XObject", "Subtype" => "Image", "ColorSpace" => "DeviceGray",
-                "Width" => i64::from(width), "Height" => i64::from(height), "BitsPerComponent" => bits,
-            },
-            data,
-        );
-        image.compress().expect("compressed");
-        assert_eq!(image.filters().expect("a filter"), [b"FlateDecode".as_slice()]);
         let image = doc.add_object(image);
         let (w, h) = (width as f32 * 0.3, height as f32 * 0.3);
         let draw = format!("q {w} 0 0 {h} 0 0 cm /Im0 Do Q");
@@ -404,8 +429,20 @@ mod tests {
     }
 
     #[test]
-    fn r_f1_a_two_dimensional_g3_tiff_shows_each_page_as_drawn() {
-        assert_shows_the_three_pages(FINE_G3_2D, "G3 2-D (T.4 MR)");
+    fn r_f1_a_two_dimensional_g3_tiff_is_refused_saying_what_to_do() {
+        // The fax crate has no T.4 two-dimensional (MR) decoder: refused when checked, so
+        // the record goes to the dead letters with the reason.
+        let error = inspect(FINE_G3_2D).unwrap_err();
+        assert!(matches!(error, DocumentError::Unsupported { page: 1, .. }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            concat!(
+                "page 1 cannot be shown: T.4 two-dimensional (MR) coding is not supported: ",
+                "have the fax server store T.6 (G4) or T.4 one-dimensional"
+            )
+        );
+        assert!(matches!(page_png(FINE_G3_2D, 1), Err(DocumentError::Unsupported { page: 1, .. })));
+        assert!(matches!(to_pdf(FINE_G3_2D), Err(DocumentError::Unsupported { page: 1, .. })));
     }
 
     #[test]
@@ -638,6 +675,140 @@ mod tests {
         );
         assert!(page_png(&damaged, 0).is_ok() && page_png(&damaged, 2).is_ok(), "the other pages show");
         assert!(matches!(to_pdf(&damaged), Err(DocumentError::Corrupt { page: 2, .. })));
+
+        // T.6 codes that never finish a row (vertical -1 from the right edge, again and
+        // again): stopped long before the input is used up.
+        let error = inspect(&ccitt_tiff(4, 1, &bits(&"010".repeat(4000)))).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "page 1 is damaged: row 1 of 1: the row goes on for far more codes than its width allows"
+        );
+    }
+
+    /// Bits written as text ("0111 011"), packed most significant first, zero-padded.
+    fn bits(text: &str) -> Vec<u8> {
+        let bits: Vec<bool> = text.chars().filter(|c| !c.is_whitespace()).map(|c| c == '1').collect();
+        bits.chunks(8)
+            .map(|byte| byte.iter().enumerate().fold(0, |b, (i, &one)| b | (u8::from(one) << (7 - i))))
+            .collect()
+    }
+
+    /// A one-page TIFF of `strip` in `compression` (3: T.4, 4: T.6), 8 pixels wide.
+    fn ccitt_tiff(compression: u32, height: u32, strip: &[u8]) -> Vec<u8> {
+        let mut tiff = b"II*\0".to_vec();
+        tiff.extend(8u32.to_le_bytes());
+        let entries: [(u16, u32); 7] = [
+            (256, 8),
+            (257, height),
+            (258, 1),
+            (259, compression),
+            (262, 0),
+            (273, 8 + 2 + 7 * 12 + 4),
+            (279, strip.len() as u32),
+        ];
+        tiff.extend((entries.len() as u16).to_le_bytes());
+        for (tag, value) in entries {
+            tiff.extend(tag.to_le_bytes());
+            tiff.extend(4u16.to_le_bytes());
+            tiff.extend(1u32.to_le_bytes());
+            tiff.extend(value.to_le_bytes());
+        }
+        tiff.extend(0u32.to_le_bytes());
+        tiff.extend(strip);
+        tiff
+    }
+
+    #[test]
+    fn r_f1_a_g3_page_whose_data_ends_early_is_white_below_only_after_rtc() {
+        const EOL: &str = "000000000001 ";
+        // Row 1: white 2, black 4, white 2. Row 2: white 0, black 8.
+        let (row1, row2) = ("0111 011 0111 ", "00110101 000101 ");
+        let drawn = [false, false, true, true, true, true, false, false];
+        let two_rows = [EOL, row1, EOL, row2].concat();
+
+        // As a TIFF stores it: no RTC after the last row, which still shows.
+        let page = shown(&ccitt_tiff(3, 2, &bits(&two_rows)), 0);
+        assert_eq!((page.width, page.height), (8, 2));
+        assert_eq!((page.row(0), page.row(1)), (&drawn[..], &[true; 8][..]));
+
+        // Four rows declared, two coded, then the fax's RTC: the rest is white.
+        let with_rtc = ccitt_tiff(3, 4, &bits(&[two_rows.as_str(), &EOL.repeat(6)].concat()));
+        assert_eq!(inspect(&with_rtc).unwrap().pages, 1);
+        let page = shown(&with_rtc, 0);
+        assert_eq!((page.row(0), page.row(1)), (&drawn[..], &[true; 8][..]));
+        assert!(page.band(2, 4).black.iter().all(|&black| !black), "rows 3 and 4 white");
+
+        // Without the RTC the data was cut short.
+        let error = inspect(&ccitt_tiff(3, 4, &bits(&two_rows))).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "page 1 is damaged: row 3 of 4: the data ends before the page does, with no end-of-page mark"
+        );
+
+        // A row must fill the width exactly.
+        let error = inspect(&ccitt_tiff(3, 1, &bits(&[EOL, "0111 011"].concat()))).unwrap_err();
+        assert_eq!(error.to_string(), "page 1 is damaged: row 1 of 1: the runs add up to less than the page width");
+    }
+
+    #[test]
+    fn r_f1_a_tiff_page_whose_data_ends_early_is_refused_unless_it_marks_the_end() {
+        // Page 1 of the G4 TIFF declared 100 rows longer: its data ends with EOFB (libtiff
+        // writes one), so those rows are white.
+        let longer = patch(&patch(FINE_G4, 0, 257, 2387), 0, 278, 2387);
+        let seen = shown(&longer, 0);
+        assert_same(&seen.band(0, 2287), &picture(PAGES[0]), "the rows the data holds");
+        assert!(seen.band(2287, 2387).black.iter().all(|&black| !black), "the rest white");
+        // Zeroed bytes read as an end mark (the crate takes seven zero bits for one), but
+        // the data goes on after it.
+        let strip = u32_at(FINE_G4, ifd_value_at(FINE_G4, 1, 273));
+        let middle = strip + u32_at(FINE_G4, ifd_value_at(FINE_G4, 1, 279)) / 2;
+        let mut zeroed = FINE_G4.to_vec();
+        zeroed[middle..middle + 8].fill(0);
+        let error = inspect(&zeroed).unwrap_err();
+        let DocumentError::Corrupt { page: 2, detail } = &error else { panic!("{error:?}") };
+        assert!(detail.ends_with(" of 2287: an end-of-page mark comes in the middle of the data"), "{detail}");
+        // A G3 strip has no RTC after its rows (TIFF has none), so the page was cut short.
+        let error = inspect(&patch(&patch(FINE_G3, 0, 257, 2387), 0, 278, 2387)).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "page 1 is damaged: row 2288 of 2387: the data ends before the page does, with no end-of-page mark"
+        );
+    }
+
+    #[test]
+    fn r_f1_a_pdf_with_a_ccitt_coding_the_decoder_cannot_read_is_kept_but_not_shown() {
+        use lopdf::{dictionary, Dictionary};
+        // Page 1 of the G3 TIFF: T.4 one-dimensional, an EOL before each row.
+        let strip = u32_at(FINE_G3, ifd_value_at(FINE_G3, 0, 273));
+        let data = FINE_G3[strip..strip + u32_at(FINE_G3, ifd_value_at(FINE_G3, 0, 279))].to_vec();
+        let pdf = |parms: Dictionary| ccitt_pdf(1728, 2287, parms, data.clone());
+
+        let g3 = pdf(dictionary! { "K" => 0, "Columns" => 1728, "Rows" => 2287, "EndOfLine" => true });
+        assert_same(&shown(&g3, 0), &picture(PAGES[0]), "PDF, K 0 with EOLs");
+
+        for (parms, detail) in [
+            (
+                dictionary! { "K" => 1, "Columns" => 1728, "EndOfLine" => true },
+                "T.4 two-dimensional (MR) coding is not supported: have the fax server store T.6 (G4) or T.4 \
+                 one-dimensional",
+            ),
+            (
+                dictionary! { "K" => 0, "Columns" => 1728 },
+                "T.4 one-dimensional coding without an EOL before each row (EndOfLine false) is not supported: \
+                 have the fax server store T.6 (G4) or set EndOfLine",
+            ),
+            (
+                dictionary! { "K" => -1, "Columns" => 1728, "EncodedByteAlign" => true },
+                "T.6 with each row byte-aligned (EncodedByteAlign) is not supported: have the fax server write it \
+                 without",
+            ),
+        ] {
+            let pdf = pdf(parms);
+            assert_eq!(inspect(&pdf).unwrap(), Inspected { kind: DocumentKind::Pdf, pages: 1 }, "{detail}");
+            let error = page_png(&pdf, 0).unwrap_err();
+            assert!(matches!(&error, DocumentError::Unsupported { page: 1, detail: d } if d == detail), "{error:?}");
+            assert_eq!(to_pdf(&pdf).unwrap(), pdf, "still offered for download");
+        }
     }
 
     #[test]

@@ -1,26 +1,34 @@
-//! CCITT T.4 (Group 3, one- and two-dimensional) and T.6 (Group 4) decoding, and the
-//! Group 4 encoding of the PDFs we write.
+//! CCITT fax coding, by the `fax` crate: its decoders read T.4 one-dimensional (Group 3,
+//! Modified Huffman) and T.6 (Group 4) data, its encoder writes the T.6 of the PDFs we
+//! make. T.4 two-dimensional (Modified READ) data is refused before it gets here (the
+//! crate cannot decode it, [`TWO_DIMENSIONAL`]), and so is T.4 without an EOL before
+//! each row (the crate finds rows by their EOLs).
 //!
-//! The decoder is our own, built on the `fax` crate's code tables, because the crate's
-//! own decoders cannot take every fax a server stores: its Group 3 decoder knows no
-//! two-dimensional (MR) rows, drops a page's last row when no EOL follows it, and neither
-//! decoder can say which row is damaged. One decoder for all three codings also gives
-//! one set of bounds: every row must add up to exactly the page width, and never more
-//! than the declared rows are produced, so damaged or hostile data ends in an error, never
-//! in a panic, an endless loop or an unbounded allocation. Each step consumes at least
-//! one bit of input, so the work is bounded by the input's size and the declared rows.
+//! What is ours is the check of what the crate hands back, so damaged or hostile data
+//! ends in a [`Damage`] naming the row: every T.4 row must add up to exactly the page
+//! width and no row may change colour past it or backwards; never more than the declared
+//! rows are asked for; a page whose data stops early is only taken (the rest white, as
+//! encoders may leave trailing white rows out) when the crate finds its end mark (RTC in
+//! T.4, EOFB in T.6) where its data ends. The crate's decoders consume at least one bit
+//! of input a step or fail, so the work is bounded by the input's size and the declared
+//! rows; the input each row may read is bounded too ([`row_budget`]).
 
-use fax::maps::{black, mode, white, Mode};
-use fax::{BitReader, Color, VecWriter};
+use std::cell::Cell;
+use std::convert::Infallible;
 
-/// How the rows of a CCITT stream are coded.
+use fax::decoder::{DecodeError, DecodeStatus, Group3Decoder, Group4Decoder};
+use fax::{Color, VecWriter};
+
+/// Why the crate cannot take T.4 two-dimensional data, worded for the operator who reads
+/// the dead letter.
+pub(super) const TWO_DIMENSIONAL: &str =
+    "T.4 two-dimensional (MR) coding is not supported: have the fax server store T.6 (G4) or T.4 one-dimensional";
+
+/// How the rows of a CCITT stream are coded: the two the `fax` crate decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Coding {
-    /// T.4 one-dimensional (Modified Huffman): each row alone, usually after an EOL.
-    G3OneD,
-    /// T.4 two-dimensional (Modified READ): a tag bit before each row, after its EOL, says
-    /// whether it is coded alone or against the row above.
-    G3TwoD,
+    /// T.4 one-dimensional (Modified Huffman), an EOL before (or after) each row.
+    G3,
     /// T.6 (Modified Modified READ): every row against the row above, no EOLs.
     G4,
 }
@@ -31,8 +39,8 @@ pub(super) struct Params {
     pub coding: Coding,
     pub width: u32,
     pub rows: u32,
-    /// Each row starts on a byte boundary (PDF's EncodedByteAlign).
-    pub byte_align: bool,
+    /// TIFF FillOrder 2: the first bit of each byte is its least significant.
+    pub reversed: bool,
 }
 
 /// Where and how a CCITT stream is damaged.
@@ -51,240 +59,168 @@ impl Damage {
     }
 }
 
-/// Decodes `params.rows` rows of `data`, handing each to `on_row` as the columns at which
-/// the colour changes, the first change being from white to black. A page that ends early
-/// with its end mark (RTC in T.4, EOFB in T.6) gets white rows for the rest, as encoders
-/// may leave trailing white rows out.
-pub(super) fn decode(data: &[u8], params: Params, mut on_row: impl FnMut(&[u32])) -> Result<(), Damage> {
-    let mut bits = Bits { data, pos: 0 };
-    let mut reference = Vec::new();
-    let mut current = Vec::new();
-    for row in 0..params.rows {
-        match decode_row(&mut bits, params, &reference, &mut current) {
-            Ok(true) => {
-                on_row(&current);
-                std::mem::swap(&mut reference, &mut current);
-            }
-            Ok(false) => {
-                (row..params.rows).for_each(|_| on_row(&[]));
-                return Ok(());
-            }
-            Err(what) => return Err(Damage { row, what }),
-        }
-    }
-    Ok(())
-}
+/// A T.4 RTC (return to control): six EOLs, `000000000001` each.
+///
+/// A TIFF strip has none after its last row (TIFF marks no end of page), but the crate's
+/// Group 3 decoder only gives a row once the EOL after it has come, so without it the
+/// last row would be lost; the crate skips zero bits before an EOL as fill bits, so it
+/// also follows data that ends mid-byte. A strip that carries its own RTC ends there and
+/// this one is never read.
+const RTC: [u8; 9] = [0x00, 0x10, 0x01, 0x00, 0x10, 0x01, 0x00, 0x10, 0x01];
 
-/// Decodes one row into `out`; `Ok(false)` when the page's end mark comes instead.
-fn decode_row(bits: &mut Bits, params: Params, reference: &[u32], out: &mut Vec<u32>) -> Result<bool, &'static str> {
-    out.clear();
-    if params.coding == Coding::G4 {
-        if params.byte_align {
-            bits.align();
-        }
-        return row_2d(bits, params.width, reference, out);
-    }
-    let mut eols = 0u32;
-    let mut tag = None;
-    while bits.eol() {
-        eols = eols.saturating_add(1);
-        if params.coding == Coding::G3TwoD {
-            tag = bits.bit();
-        }
-    }
-    // RTC is six EOLs; fewer followed only by padding ends a page just as well.
-    if eols >= 6 || (eols > 0 && bits.rest_is_padding()) {
-        return Ok(false);
-    }
-    if eols == 0 && params.byte_align {
-        bits.align();
-    }
-    let one_d = match params.coding {
-        Coding::G3TwoD => tag.or_else(|| bits.bit()).ok_or("the data ends before the row")?,
-        _ => true,
-    };
-    if one_d {
-        row_1d(bits, params.width, out).map(|()| true)
-    } else {
-        row_2d(bits, params.width, reference, out)
-    }
-}
+/// A T.6 EOFB (end of facsimile block): two EOLs. The crate's code tables look a few bits
+/// past the code they read, so without something after it a last row whose code ends the
+/// data (an encoder that writes no EOFB) would not decode.
+const EOFB: [u8; 6] = [0x00, 0x10, 0x01, 0x00, 0x10, 0x01];
 
-/// A one-dimensional row: alternating white and black runs that fill the width exactly.
-fn row_1d(bits: &mut Bits, width: u32, out: &mut Vec<u32>) -> Result<(), &'static str> {
-    let mut a0 = 0u32;
-    let mut color = Color::White;
-    while a0 < width {
-        a0 = a0.checked_add(run(bits, color, width)?).ok_or(TOO_WIDE)?;
-        if a0 > width {
-            return Err(TOO_WIDE);
-        }
-        change(out, a0, width)?;
-        color = !color;
-    }
-    Ok(())
-}
-
-/// A two-dimensional row, coded against `reference` (the row above, white for the first).
-/// `Ok(false)` when it starts with the end mark (T.6's EOFB).
-fn row_2d(bits: &mut Bits, width: u32, reference: &[u32], out: &mut Vec<u32>) -> Result<bool, &'static str> {
-    // `None` is T.6's imaginary white pixel just left of the row.
-    let mut a0: Option<u32> = None;
-    let mut color = Color::White;
-    // The first change in `reference` right of a0: the search for b1 only moves right.
-    let mut lo = 0;
-    let at = |i: usize| reference.get(i).copied().unwrap_or(width);
-    loop {
-        let pos = a0.unwrap_or(0);
-        if a0.is_some() {
-            if pos >= width {
-                return Ok(true);
-            }
-            while lo < reference.len() && at(lo) <= pos {
-                lo += 1;
-            }
-        }
-        // b1 is a change to the colour opposite a0's: changes to black sit at even indices.
-        let b1_index = if (lo % 2 == 0) == (color == Color::White) { lo } else { lo + 1 };
-        let (b1, b2) = (at(b1_index), at(b1_index + 1));
-        match mode::decode(bits).ok_or("a code is not valid T.6")? {
-            Mode::Pass => a0 = Some(b2),
-            Mode::Horizontal => {
-                let a1 = pos.checked_add(run(bits, color, width)?).ok_or(TOO_WIDE)?;
-                let a2 = a1.checked_add(run(bits, !color, width)?).ok_or(TOO_WIDE)?;
-                if a2 > width {
-                    return Err(TOO_WIDE);
-                }
-                change(out, a1, width)?;
-                change(out, a2, width)?;
-                a0 = Some(a2);
-            }
-            Mode::Vertical(delta) => {
-                let a1 = i64::from(b1) + i64::from(delta);
-                let a1 = u32::try_from(a1).map_err(|_| "a change lies left of the row")?;
-                if a1 > width {
-                    return Err(TOO_WIDE);
-                }
-                if a0.is_some_and(|a0| a1 < a0) {
-                    return Err("a change lies left of the one before it");
-                }
-                change(out, a1, width)?;
-                a0 = Some(a1);
-                color = !color;
-            }
-            Mode::Extension => return Err("it switches to uncompressed mode, which is not supported"),
-            Mode::EOF if a0.is_none() => return Ok(false),
-            Mode::EOF => return Err("an EOL comes in the middle of the row"),
-        }
-    }
-}
+/// How many bytes of the data may follow the end mark the crate finds before the
+/// declared rows, for that to be the page's end: the rest of the mark (the crate reads
+/// only the first EOL of an EOFB) and an encoder's padding. Damage is not: the crate takes
+/// seven zero bits where a T.6 row should start for the mark (a whole EOL is twelve), so a
+/// few zeroed bytes in the middle would otherwise cut the page short unnoticed.
+const AFTER_END_MARK: usize = 64;
 
 const TOO_WIDE: &str = "the runs add up to more than the page width";
 
-/// Notes a change of colour at `at`, unless it is the row's right edge.
-fn change(out: &mut Vec<u32>, at: u32, width: u32) -> Result<(), &'static str> {
-    if at < width {
-        // A row has at most one change per column; more means the data runs in place.
-        if out.len() > width as usize {
-            return Err("the row changes colour more often than it has columns");
-        }
-        out.push(at);
-    }
-    Ok(())
+/// The most bytes the crate may read for one row of `width` pixels: 32 bits a column,
+/// more than twice what the costliest row needs (a one-pixel run in every column, at most
+/// 12 bits each), and room for an EOL and its fill. The crate collects a row's changes
+/// until the row is done, so data that never finishes a row (codes that move back and
+/// forth) would otherwise grow that list with the whole input.
+fn row_budget(width: u16) -> usize {
+    usize::from(width) * 4 + 64
 }
 
-/// One run length of `color`: make-up codes (multiples of 64) and a terminating code.
-fn run(bits: &mut Bits, color: Color, width: u32) -> Result<u32, &'static str> {
-    let mut total = 0u32;
-    loop {
-        let code = match color {
-            Color::White => white::decode(bits),
-            Color::Black => black::decode(bits),
-        }
-        .ok_or("a run-length code is not valid (or the data ends)")?;
-        total = total.checked_add(u32::from(code)).ok_or(TOO_WIDE)?;
-        if code < 64 {
-            return Ok(total);
-        }
-        if total > width {
-            return Err(TOO_WIDE);
-        }
-    }
-}
-
-/// The input, read a bit at a time, most significant bit first.
-struct Bits<'a> {
-    data: &'a [u8],
-    /// Bits consumed.
-    pos: usize,
-}
-
-impl Bits<'_> {
-    fn len(&self) -> usize {
-        self.data.len().saturating_mul(8)
-    }
-
-    fn bit(&mut self) -> Option<bool> {
-        let bit = self.peek(1)?;
-        self.consume(1).ok()?;
-        Some(bit == 1)
-    }
-
-    /// Skips to the next byte boundary.
-    fn align(&mut self) {
-        self.pos = self.pos.div_ceil(8).saturating_mul(8).min(self.len());
-    }
-
-    /// Consumes an EOL (eleven or more zeros, then a one: fill bits may lengthen the
-    /// zeros) if one comes next.
-    fn eol(&mut self) -> bool {
-        let start = self.pos;
-        while self.peek(1) == Some(0) {
-            self.pos += 1;
-        }
-        if self.pos - start >= 11 && self.peek(1) == Some(1) {
-            self.pos += 1;
-            return true;
-        }
-        self.pos = start;
-        false
-    }
-
-    /// Whether nothing but zero bits is left.
-    fn rest_is_padding(&self) -> bool {
-        let byte = self.pos / 8;
-        let partial = self.data.get(byte).map_or(0, |b| b & (0xff >> (self.pos % 8)));
-        partial == 0 && self.data.get(byte + 1..).is_none_or(|rest| rest.iter().all(|&b| b == 0))
+/// Decodes `params.rows` rows of `data`, handing each to `on_row` with its number
+/// (counted from 0) and the columns at which its colour changes, white first, in order
+/// and within the width (as `fax::decoder::pels` reads them). Rows after the page's end
+/// mark are white and not handed on.
+pub(super) fn decode(data: &[u8], params: Params, mut on_row: impl FnMut(u32, &[u16])) -> Result<(), Damage> {
+    let mark: &[u8] = match params.coding {
+        Coding::G3 => &RTC,
+        Coding::G4 => &EOFB,
+    };
+    match run(data, mark, params, &mut on_row)? {
+        Ended::AllRows => Ok(()),
+        // The end the crate found may be the mark added above, not the data's own: only
+        // when the data alone ends at the same row did the encoder end the page there.
+        Ended::Early { rows, .. } => match run(data, &[], params, &mut |_: u32, _: &[u16]| {}) {
+            Ok(Ended::Early { rows: alone, unread }) if alone == rows && unread <= AFTER_END_MARK => Ok(()),
+            Ok(Ended::Early { rows: alone, .. }) if alone == rows => {
+                Err(Damage { row: rows, what: "an end-of-page mark comes in the middle of the data" })
+            }
+            _ => Err(Damage { row: rows, what: "the data ends before the page does, with no end-of-page mark" }),
+        },
     }
 }
 
-impl BitReader for Bits<'_> {
-    type Error = ();
+/// How a run of the decoder over a page's rows ended.
+enum Ended {
+    AllRows,
+    /// At an end mark, after `rows` rows, `unread` bytes of the data not yet read.
+    Early {
+        rows: u32,
+        unread: usize,
+    },
+}
 
-    /// The next `bits` bits (at most 16), padded with zeros past the end of the data as
-    /// long as at least one bit is left: the code tables look ahead further than the
-    /// shortest codes, and a stream may end right after one.
-    fn peek(&self, bits: u8) -> Option<u16> {
-        if bits > 16 || self.pos >= self.len() {
-            return None;
+/// Decodes `data` followed by `mark`, row by row, until `params.rows` rows or the end.
+fn run(data: &[u8], mark: &[u8], params: Params, on_row: &mut dyn FnMut(u32, &[u16])) -> Result<Ended, Damage> {
+    let damage = |row, what| Damage { row, what };
+    let width = u16::try_from(params.width).map_err(|_| damage(0, TOO_WIDE))?;
+    let reversed = params.reversed;
+    // Bytes of `data` the crate has read; bytes it may still read for the current row,
+    // and whether it wanted more (then the input ends for it).
+    let read = Cell::new(0usize);
+    let (budget, over_budget) = (Cell::new(row_budget(width)), Cell::new(false));
+    let input = data
+        .iter()
+        .inspect(|_| read.set(read.get() + 1))
+        .map(move |&byte| if reversed { byte.reverse_bits() } else { byte })
+        .chain(mark.iter().copied())
+        .take_while(|_| {
+            let left = budget.get();
+            budget.set(left.saturating_sub(1));
+            over_budget.set(left == 0);
+            left > 0
+        })
+        .map(Ok::<u8, Infallible>);
+    let mut decoder = match params.coding {
+        Coding::G3 => {
+            Decoder::G3(Group3Decoder::new(input).map_err(|_| damage(0, "the data does not start with an EOL"))?)
         }
-        let byte = self.pos / 8;
-        let window = (0..3).fold(0u32, |w, i| w << 8 | u32::from(self.data.get(byte + i).copied().unwrap_or(0)));
-        let shift = 24 - (self.pos % 8) - usize::from(bits);
-        Some(((window >> shift) & ((1u32 << bits) - 1)) as u16)
-    }
-
-    fn consume(&mut self, bits: u8) -> Result<(), ()> {
-        let pos = self.pos.checked_add(usize::from(bits)).ok_or(())?;
-        if pos > self.len() {
-            return Err(());
+        Coding::G4 => Decoder::G4(Group4Decoder::new(input, width).unwrap_or_else(|never| match never {})),
+    };
+    let mut row = 0;
+    while row < params.rows {
+        let step = decoder.step(width);
+        if over_budget.get() {
+            return Err(damage(row, "the row goes on for far more codes than its width allows"));
         }
-        self.pos = pos;
-        Ok(())
+        budget.set(row_budget(width));
+        let step = step.map_err(|what| damage(row, what))?;
+        if let Some(changes) = step.row {
+            check(changes, width, params.coding).map_err(|what| damage(row, what))?;
+            on_row(row, changes);
+            row += 1;
+        }
+        if step.end && row < params.rows {
+            return Ok(Ended::Early { rows: row, unread: data.len().saturating_sub(read.get()) });
+        }
     }
+    Ok(Ended::AllRows)
+}
 
-    fn bits_to_byte_boundary(&self) -> u8 {
-        ((8 - self.pos % 8) % 8) as u8
+/// The crate's decoder of either coding.
+enum Decoder<R> {
+    G3(Group3Decoder<R>),
+    G4(Group4Decoder<R>),
+}
+
+/// What one step of a decoder gives: a row, the page's end, or both (in T.4 the RTC ends
+/// the step of the row before it).
+struct Step<'a> {
+    row: Option<&'a [u16]>,
+    end: bool,
+}
+
+impl<R: Iterator<Item = Result<u8, Infallible>>> Decoder<R> {
+    fn step(&mut self, width: u16) -> Result<Step<'_>, &'static str> {
+        match self {
+            Decoder::G3(decoder) => {
+                let status = match decoder.advance() {
+                    Ok(status) => status,
+                    // The crate fails a row whose runs overflow its counter, far past any width.
+                    Err(_) if decoder.transitions().iter().any(|&at| at > width) => return Err(TOO_WIDE),
+                    Err(_) => return Err("a code is not valid T.4, or no EOL follows the row"),
+                };
+                // No changes at all is an EOL with no row before it (two EOLs in a row), a
+                // T.4 row has at least the one at its right edge.
+                let row = Some(decoder.transitions()).filter(|changes| !changes.is_empty());
+                Ok(Step { row, end: status == DecodeStatus::End })
+            }
+            Decoder::G4(decoder) => match decoder.advance() {
+                Ok(DecodeStatus::Incomplete) => Ok(Step { row: Some(decoder.transition()), end: false }),
+                Ok(DecodeStatus::End) => Ok(Step { row: None, end: true }),
+                Err(DecodeError::Unsupported) => Err("it switches to uncompressed mode, which is not supported"),
+                Err(DecodeError::Invalid) => Err("a code is not valid T.6, or the data ends in the middle of the row"),
+                Err(DecodeError::Reader(never)) => match never {},
+            },
+        }
+    }
+}
+
+/// Checks a decoded row: its changes of colour go left to right and stay within the
+/// width; a T.4 row's last is its right edge (the crate counts every run, the last one
+/// included, where T.6 rows list only the changes inside the row).
+fn check(changes: &[u16], width: u16, coding: Coding) -> Result<(), &'static str> {
+    if changes.windows(2).any(|pair| pair[1] < pair[0]) {
+        return Err("a change lies left of the one before it");
+    }
+    match changes.last() {
+        Some(&last) if last > width => Err(TOO_WIDE),
+        Some(&last) if coding == Coding::G3 && last < width => Err("the runs add up to less than the page width"),
+        _ => Ok(()),
     }
 }
 

@@ -1,10 +1,13 @@
 //! PDFs as fax servers send them: each page one image, usually CCITT (as stored by the
 //! fax machine), sometimes Flate-compressed 1- or 8-bit gray. lopdf parses the file; the
-//! image is found in the page's resources and decoded here.
+//! image is found in the page's resources and decoded here, CCITT by the `fax` crate
+//! (through `ccitt`). A CCITT image the crate cannot decode (T.4 two-dimensional, T.4
+//! without EOLs, T.6 with byte-aligned rows) makes its page one the site cannot show,
+//! saying why; the PDF itself is still kept and offered for download.
 
 use lopdf::{Dictionary, Document, LoadOptions, Object, ObjectId, Stream};
 
-use super::ccitt::{self, Coding};
+use super::ccitt::{self, Coding, TWO_DIMENSIONAL};
 use super::raster::{Bitmap, Gray, Raster, Resolution};
 use super::{DocumentError, MAX_GRAY_PIXELS, MAX_HEIGHT, MAX_PAGES, MAX_WIDTH};
 
@@ -59,7 +62,7 @@ impl Pdf {
             }
         }
         let image = best.ok_or(DocumentError::NotAnImagePage { page: number })?;
-        let raster = image.decode().map_err(|detail| DocumentError::Corrupt { page: number, detail })?;
+        let raster = image.decode(number)?;
         Ok((raster, self.row_repeat(page, &image)))
     }
 
@@ -120,7 +123,9 @@ struct Image<'a> {
 
 enum Samples {
     /// CCITTFaxDecode.
-    Ccitt { coding: Coding, byte_align: bool, black_is_1: bool },
+    Ccitt { coding: Coding, black_is_1: bool },
+    /// CCITTFaxDecode in a form the `fax` crate cannot decode, and why.
+    CcittRefused(&'static str),
     /// 1-bit gray or a stencil mask, raw or FlateDecode: 0 is black.
     Bilevel { flate: bool },
     /// 8-bit gray, raw or FlateDecode.
@@ -162,12 +167,24 @@ impl<'a> Image<'a> {
                 if columns != i64::from(width) {
                     return Ok(None);
                 }
-                let coding = match parm(b"K").and_then(|k| k.as_i64().ok()).unwrap_or(0) {
-                    k if k < 0 => Coding::G4,
-                    0 => Coding::G3OneD,
-                    _ => Coding::G3TwoD,
-                };
-                Samples::Ccitt { coding, byte_align: flag(b"EncodedByteAlign"), black_is_1: flag(b"BlackIs1") }
+                let k = parm(b"K").and_then(|k| k.as_i64().ok()).unwrap_or(0);
+                let black_is_1 = flag(b"BlackIs1");
+                match k {
+                    // The crate's T.6 decoder reads rows back to back, never skipping to a byte.
+                    k if k < 0 && flag(b"EncodedByteAlign") => Samples::CcittRefused(
+                        "T.6 with each row byte-aligned (EncodedByteAlign) is not supported: \
+                         have the fax server write it without",
+                    ),
+                    k if k < 0 => Samples::Ccitt { coding: Coding::G4, black_is_1 },
+                    // Fill bits before an EOL are skipped, byte-aligned or not; without EOLs the
+                    // crate cannot tell where a row ends.
+                    0 if flag(b"EndOfLine") => Samples::Ccitt { coding: Coding::G3, black_is_1 },
+                    0 => Samples::CcittRefused(
+                        "T.4 one-dimensional coding without an EOL before each row (EndOfLine false) \
+                         is not supported: have the fax server store T.6 (G4) or set EndOfLine",
+                    ),
+                    _ => Samples::CcittRefused(TWO_DIMENSIONAL),
+                }
             }
             (None, 1) => Samples::Bilevel { flate: false },
             (Some(b"FlateDecode" | b"Fl"), 1) => Samples::Bilevel { flate: true },
@@ -185,18 +202,19 @@ impl<'a> Image<'a> {
         u64::from(self.width) * u64::from(self.height)
     }
 
-    fn decode(&self) -> Result<Raster, String> {
+    /// The image of page `page` (counted from 1, for errors).
+    fn decode(&self, page: u32) -> Result<Raster, DocumentError> {
         let (width, height) = (self.width, self.height);
+        let corrupt = |detail: String| DocumentError::Corrupt { page, detail };
         match self.samples {
-            Samples::Ccitt { coding, byte_align, black_is_1 } => {
+            Samples::CcittRefused(detail) => Err(DocumentError::Unsupported { page, detail: detail.into() }),
+            Samples::Ccitt { coding, black_is_1 } => {
                 let mut bitmap = Bitmap::white(width, height);
-                let mut y = 0u32;
-                let params = ccitt::Params { coding, width, rows: height, byte_align };
-                ccitt::decode(&self.stream.content, params, |changes| {
-                    bitmap.paint(y, changes);
-                    y = y.saturating_add(1);
+                let params = ccitt::Params { coding, width, rows: height, reversed: false };
+                ccitt::decode(&self.stream.content, params, |row, changes| {
+                    bitmap.paint(row, changes);
                 })
-                .map_err(|damage| damage.describe(0, height))?;
+                .map_err(|damage| corrupt(damage.describe(0, height)))?;
                 // The filter gives 0 for black unless BlackIs1; Decode [1 0] swaps again.
                 if black_is_1 != self.inverted {
                     bitmap.invert();
@@ -205,7 +223,7 @@ impl<'a> Image<'a> {
             }
             Samples::Bilevel { flate } => {
                 let size = (width as usize).div_ceil(8).saturating_mul(height as usize);
-                let mut bitmap = Bitmap { width, height, data: self.samples(flate, size)? };
+                let mut bitmap = Bitmap { width, height, data: self.samples(flate, size).map_err(corrupt)? };
                 // 0 is black, the bitmap's 1 is.
                 if !self.inverted {
                     bitmap.invert();
@@ -214,7 +232,8 @@ impl<'a> Image<'a> {
                 Ok(Raster::Bilevel(bitmap))
             }
             Samples::Gray { flate } => {
-                let mut data = self.samples(flate, (width as usize).saturating_mul(height as usize))?;
+                let mut data =
+                    self.samples(flate, (width as usize).saturating_mul(height as usize)).map_err(corrupt)?;
                 if self.inverted {
                     data.iter_mut().for_each(|v| *v = !*v);
                 }

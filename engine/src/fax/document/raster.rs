@@ -26,9 +26,11 @@ impl Bitmap {
         self.data.chunks(self.stride().max(1))
     }
 
-    /// Paints row `y` black where `changes` (colour changes, white to black first, as
-    /// the CCITT decoder gives them) say it is.
-    pub fn paint(&mut self, y: u32, changes: &[u32]) {
+    /// Paints row `y` black where `changes` say, the columns at which the colour changes
+    /// (white first) as the `fax` crate's decoders give them and `fax::decoder::pels`
+    /// reads them, in order (`ccitt` has checked): span by span rather than pixel by pixel,
+    /// which is several times faster.
+    pub fn paint(&mut self, y: u32, changes: &[u16]) {
         let stride = self.stride();
         let Some(row) =
             self.data.get_mut((y as usize).saturating_mul(stride)..).and_then(|rest| rest.get_mut(..stride))
@@ -37,8 +39,8 @@ impl Bitmap {
         };
         for span in changes.chunks(2) {
             let (start, end) = match *span {
-                [start, end] => (start, end),
-                [start] => (start, self.width),
+                [start, end] => (u32::from(start), u32::from(end)),
+                [start] => (u32::from(start), self.width),
                 _ => continue,
             };
             fill(row, start.min(self.width) as usize, end.min(self.width) as usize);
@@ -166,5 +168,25 @@ impl Resolution {
     /// The page's size in PDF points (1/72 inch) for an image of `width` x `height`.
     pub fn points(self, width: u32, height: u32) -> (f32, f32) {
         (width as f32 * 72.0 / self.x, height as f32 * 72.0 / self.y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_is_painted_as_the_fax_crate_reads_its_changes() {
+        let width = 20u16;
+        // T.6 rows list the changes inside the row; T.4 rows (the crate counts every run)
+        // end with the width; runs of 0 repeat a column; an odd count ends black.
+        for changes in [&[][..], &[0], &[5], &[3, 9], &[3, 9, 20], &[0, 0, 7, 7, 20], &[1, 8, 8, 16], &[19]] {
+            let mut bitmap = Bitmap::white(u32::from(width), 1);
+            bitmap.paint(0, changes);
+            let painted: Vec<bool> =
+                (0..usize::from(width)).map(|x| bitmap.data[x / 8] & (0x80 >> (x % 8)) != 0).collect();
+            let read: Vec<bool> = fax::decoder::pels(changes, width).map(|c| c == fax::Color::Black).collect();
+            assert_eq!(painted, read, "{changes:?}");
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! Fax TIFFs: TIFF Class F (RFC 2306) and what fax servers write in its spirit. The
 //! `tiff` crate reads the container (the chain of IFDs, one per page, and their tags);
-//! the strips are cut from the input and decoded here, since the crate cannot decode
-//! Group 3 or FillOrder 2 and cannot check a page without building its picture.
+//! the strips are cut from the input and handed to the `fax` crate's decoders (through
+//! `ccitt`), since the `tiff` crate cannot decode Group 3 or FillOrder 2 and cannot
+//! check a page without building its picture. Group 3 two-dimensional pages are refused
+//! when the page is read: no decoder we use takes them.
 
 use std::borrow::Cow;
 use std::io::Cursor;
@@ -10,7 +12,7 @@ use tiff::decoder::ifd::Value;
 use tiff::decoder::Decoder;
 use tiff::tags::Tag;
 
-use super::ccitt::{self, Coding};
+use super::ccitt::{self, Coding, TWO_DIMENSIONAL};
 use super::raster::{Bitmap, Resolution};
 use super::{DocumentError, MAX_DOCUMENT_PIXELS, MAX_HEIGHT, MAX_PAGES, MAX_WIDTH};
 
@@ -82,8 +84,8 @@ fn read_page(decoder: &mut Decoder<Cursor<&[u8]>>, number: u32) -> Result<Page, 
     let coding = match compression {
         1 => None,
         3 if t4_options & 2 != 0 => return Err(unsupported("its Group 3 data uses uncompressed mode".into())),
-        3 if t4_options & 1 != 0 => Some(Coding::G3TwoD),
-        3 => Some(Coding::G3OneD),
+        3 if t4_options & 1 != 0 => return Err(unsupported(TWO_DIMENSIONAL.into())),
+        3 => Some(Coding::G3),
         4 => Some(Coding::G4),
         found => return Err(DocumentError::Compression { page: number, found }),
     };
@@ -164,18 +166,18 @@ fn decode(bytes: &[u8], page: &Page, mut bitmap: Option<&mut Bitmap>) -> Result<
             .zip(usize::try_from(length).ok())
             .and_then(|(offset, length)| bytes.get(offset..offset.checked_add(length)?))
             .ok_or_else(|| corrupt(format!("strip {} of {strip_count} lies past the end of the file", index + 1)))?;
-        let data: Cow<'_, [u8]> =
-            if page.lsb_first { data.iter().map(|b| b.reverse_bits()).collect() } else { data.into() };
         match page.coding {
-            None => copy_rows(&data, page.width, first_row, rows, bitmap.as_deref_mut()).map_err(corrupt)?,
+            None => {
+                let data: Cow<'_, [u8]> =
+                    if page.lsb_first { data.iter().map(|b| b.reverse_bits()).collect() } else { data.into() };
+                copy_rows(&data, page.width, first_row, rows, bitmap.as_deref_mut()).map_err(corrupt)?
+            }
             Some(coding) => {
-                let params = ccitt::Params { coding, width: page.width, rows, byte_align: false };
-                let mut y = first_row;
-                ccitt::decode(&data, params, |changes| {
+                let params = ccitt::Params { coding, width: page.width, rows, reversed: page.lsb_first };
+                ccitt::decode(data, params, |row, changes| {
                     if let Some(bitmap) = bitmap.as_deref_mut() {
-                        bitmap.paint(y, changes);
+                        bitmap.paint(first_row + row, changes);
                     }
-                    y = y.saturating_add(1);
                 })
                 .map_err(|damage| corrupt(damage.describe(first_row, page.height)))?;
             }
