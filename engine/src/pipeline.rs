@@ -7,10 +7,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
+use crate::address::DestinationAddress;
 use crate::decode::{check_times, decode, decode_fax, CallEvent, CdrFormat, DecodeError, FaxEvent};
 use crate::error_event::ErrorEvent;
 use crate::filter::{decide, Skip};
-use crate::render::{Mail, Origin, Renderer};
+use crate::phone::PhoneNumber;
+use crate::render::{Mail, Origin, RenderError, Renderer};
 use crate::resolve::{Resolver, Subscription};
 use crate::store::{Claims, FaxRecord, SentKey, StoreError};
 use crate::telemetry::{Failure, Metrics};
@@ -136,9 +138,27 @@ impl Pipeline {
 
     /// Dedup and render: a mail per checked destination not sent or being sent already.
     fn render(&self, Notify { call, subscription }: Notify<'_>) -> Result<Mails, StoreError> {
-        let mut mails = Vec::with_capacity(subscription.recipients.len());
-        for recipient in &subscription.recipients {
-            let key = SentKey::new(call.ended_at.timestamp(), &call.called, &call.call_id, recipient.as_str());
+        let at = (call.ended_at.timestamp(), &call.called, call.call_id.as_ref());
+        let mails =
+            self.claim_and_render(at, &subscription.recipients, |recipient| self.renderer.render(&call, recipient))?;
+        let origin =
+            Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at, source: None };
+        Ok(Mails { origin, mails, keep: None })
+    }
+
+    /// For each of `recipients` whose mail about notification `(at, called, id)` is not
+    /// sent or being sent already: its sent record claimed, its mail rendered by `render`.
+    /// A mail that does not render is counted and logged, and its claim let go.
+    fn claim_and_render<'r>(
+        &self,
+        (at, called, id): (i64, &PhoneNumber, &str),
+        recipients: impl IntoIterator<Item = &'r DestinationAddress>,
+        render: impl Fn(&DestinationAddress) -> Result<Mail, RenderError>,
+    ) -> Result<Vec<(SentKey, Mail)>, StoreError> {
+        let recipients = recipients.into_iter();
+        let mut mails = Vec::with_capacity(recipients.size_hint().0);
+        for recipient in recipients {
+            let key = SentKey::new(at, called, id, recipient.as_str());
             match self.claims.claim(&key) {
                 Ok(true) => {}
                 Ok(false) => {
@@ -146,14 +166,14 @@ impl Pipeline {
                     continue;
                 }
                 Err(e) => {
-                    // The CDR will be read again: nothing of it stays claimed.
+                    // The message will be read again: nothing of it stays claimed.
                     for (key, _) in &mails {
                         self.claims.release(key);
                     }
                     return Err(e);
                 }
             }
-            match self.renderer.render(&call, recipient) {
+            match render(recipient) {
                 Ok(mail) => mails.push((key, mail)),
                 Err(e) => {
                     self.claims.release(&key);
@@ -161,7 +181,7 @@ impl Pipeline {
                     crate::error_event!(
                         self.metrics,
                         ErrorEvent::Render,
-                        call_id = %call.call_id,
+                        call_id = %id,
                         %recipient,
                         error = %e,
                         "mail could not be rendered"
@@ -169,9 +189,7 @@ impl Pipeline {
                 }
             }
         }
-        let origin =
-            Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at, source: None };
-        Ok(Mails { origin, mails, keep: None })
+        Ok(mails)
     }
 
     /// A fax record (R-F1): decoded with its document checked, kept for the site if the
@@ -218,35 +236,18 @@ impl Pipeline {
             self.metrics.filtered(Skip::NoDestination);
         } else {
             self.metrics.notified();
-            let pdf = match number.fax.attach_pdf {
-                true => crate::fax::document::to_pdf(&document).ok(),
-                false => None,
+            let pdf = match number.fax.attach_pdf.then(|| crate::fax::document::to_pdf(&document)) {
+                Some(Err(e)) => {
+                    // Checked by decode, so not expected; the link still leads to the fax.
+                    tracing::warn!(fax_id = %record.fax_id, error = %e, "no PDF of the fax: its mails go without it");
+                    None
+                }
+                made => made.and_then(Result::ok),
             };
-            for recipient in number.fax.destinations.iter().filter(|d| d.send).map(|d| &d.address) {
-                let key = SentKey::new(received_at.timestamp(), &called, &notification, recipient.as_str());
-                match self.claims.claim(&key) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        self.metrics.duplicate();
-                        continue;
-                    }
-                    Err(e) => {
-                        for (key, _) in &mails {
-                            self.claims.release(key);
-                        }
-                        return Err(e);
-                    }
-                }
-                match self.renderer.render_fax(&record, recipient, pdf.as_deref()) {
-                    Ok(mail) => mails.push((key, mail)),
-                    Err(e) => {
-                        self.claims.release(&key);
-                        self.metrics.failed(Failure::Render);
-                        crate::error_event!(self.metrics, ErrorEvent::Render, fax_id = %record.fax_id, %recipient,
-                            error = %e, "fax mail could not be rendered");
-                    }
-                }
-            }
+            let recipients = number.fax.destinations.iter().filter(|d| d.send).map(|d| &d.address);
+            mails = self.claim_and_render((received_at.timestamp(), &called, &notification), recipients, |to| {
+                self.renderer.render_fax(&record, to, pdf.as_deref())
+            })?;
         }
         let origin = Origin { call_id: notification, called, ended_at: received_at, source: None };
         Ok(Outcome::Send(Mails { origin, mails, keep: Some(Box::new(FaxToKeep { record, document })) }))

@@ -90,14 +90,7 @@ impl FaxSettings {
 
     /// Checks the limit of R-N2.
     pub fn validate(&self) -> Result<(), StoreError> {
-        if self.destinations.len() > MAX_DESTINATIONS {
-            return Err(StoreError::TooMany {
-                what: "destination addresses",
-                max: MAX_DESTINATIONS,
-                given: self.destinations.len(),
-            });
-        }
-        Ok(())
+        check_destinations(&self.destinations)
     }
 }
 
@@ -150,13 +143,7 @@ pub struct Designated {
 impl CallSettings {
     /// Checks the limits of R-N2 and R-N5.
     pub fn validate(&self) -> Result<(), StoreError> {
-        if self.destinations.len() > MAX_DESTINATIONS {
-            return Err(StoreError::TooMany {
-                what: "destination addresses",
-                max: MAX_DESTINATIONS,
-                given: self.destinations.len(),
-            });
-        }
+        check_destinations(&self.destinations)?;
         if self.designated.len() > MAX_DESIGNATED {
             return Err(StoreError::TooMany {
                 what: "designated numbers",
@@ -166,6 +153,18 @@ impl CallSettings {
         }
         Ok(())
     }
+}
+
+/// The limit of R-N2, for call and fax settings alike.
+fn check_destinations(destinations: &[Destination]) -> Result<(), StoreError> {
+    if destinations.len() > MAX_DESTINATIONS {
+        return Err(StoreError::TooMany {
+            what: "destination addresses",
+            max: MAX_DESTINATIONS,
+            given: destinations.len(),
+        });
+    }
+    Ok(())
 }
 
 /// A temporary password is valid for 24 hours from being set (R-I8, R-S2).

@@ -319,19 +319,13 @@ impl Store {
         settings: CallSettings,
     ) -> Result<u64, StoreError> {
         settings.validate()?;
-        loop {
-            let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
-            let mut record: NumberRecord = serde_json::from_slice(&raw)?;
+        self.update_number(number, |record| {
             if record.call.version != expected {
                 return Err(StoreError::StaleVersion { current: record.call.version });
             }
             record.call = CallSettings { version: expected + 1, ..settings.clone() };
-            let new = serde_json::to_vec(&record)?;
-            if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
-                self.changed(&[(*number, Some(record))])?;
-                return Ok(expected + 1);
-            }
-        }
+            Ok(expected + 1)
+        })
     }
 
     /// Saves a number's fax settings if they were edited from version `expected` (R-F1,
@@ -356,19 +350,13 @@ impl Store {
         settings: FaxSettings,
     ) -> Result<u64, StoreError> {
         settings.validate()?;
-        loop {
-            let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
-            let mut record: NumberRecord = serde_json::from_slice(&raw)?;
+        self.update_number(number, |record| {
             if record.fax.version != expected {
                 return Err(StoreError::StaleVersion { current: record.fax.version });
             }
             record.fax = FaxSettings { version: expected + 1, ..settings.clone() };
-            let new = serde_json::to_vec(&record)?;
-            if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
-                self.changed(&[(*number, Some(record))])?;
-                return Ok(expected + 1);
-            }
-        }
+            Ok(expected + 1)
+        })
     }
 
     /// Provisioning's fax settings for `number`, as an import treats call settings: the
@@ -381,23 +369,35 @@ impl Store {
         settings: &FaxSettings,
     ) -> Result<u64, StoreError> {
         settings.validate()?;
-        loop {
-            let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
-            let mut record: NumberRecord = serde_json::from_slice(&raw)?;
+        self.update_number(number, |record| {
             let old = &record.fax;
-            let fax = if old.is_default() {
+            record.fax = if old.is_default() {
                 settings.clone()
             } else if (FaxSettings { version: old.version, ..settings.clone() }) == *old {
-                return Ok(old.version);
+                old.clone()
             } else {
                 FaxSettings { version: old.version + 1, ..settings.clone() }
             };
-            record.fax = fax;
-            let version = record.fax.version;
+            Ok(record.fax.version)
+        })
+    }
+
+    /// Changes `number`'s record by `change` (which may refuse, or say what to answer),
+    /// tells the listeners, and answers what `change` said. A concurrent write of the
+    /// record makes it read and change it again.
+    fn update_number<T>(
+        &self,
+        number: &PhoneNumber,
+        change: impl Fn(&mut NumberRecord) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        loop {
+            let raw = self.numbers.get(number.as_str())?.ok_or(StoreError::UnknownNumber(*number))?;
+            let mut record: NumberRecord = serde_json::from_slice(&raw)?;
+            let answer = change(&mut record)?;
             let new = serde_json::to_vec(&record)?;
             if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
                 self.changed(&[(*number, Some(record))])?;
-                return Ok(version);
+                return Ok(answer);
             }
         }
     }

@@ -49,9 +49,9 @@ fn password(hash: &str) -> CredentialRecord {
 async fn r_l3_subscribers_provisioned_through_one_node_are_notified_by_every_node() {
     let h = Harness::new(4).await;
     let (a, b) = (h.node("a").await, h.node("b").await);
-    // Three CDR topics of four partitions: six each.
-    a.wait_partitions_shared(1, 6).await;
-    b.wait_partitions_shared(1, 6).await;
+    // Three CDR topics and the fax topic, of four partitions: eight each.
+    a.wait_partitions_shared(1, 8).await;
+    b.wait_partitions_shared(1, 8).await;
     let numbers: Vec<String> = (0..20).map(|i| format!("03100000{i:02}")).collect();
     let lines: Vec<String> =
         numbers.iter().map(|number| plain_subscriber(number, &format!("{number}@example.jp"))).collect();

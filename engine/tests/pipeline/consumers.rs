@@ -11,8 +11,8 @@ const CALLS: usize = 40;
 async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     let h = Harness::new(4).await;
     let engine = h.engine_with(&[("CALLNOTIFY__ENGINE__CONSUMERS", "2")]).await;
-    // The harness's three CDR topics, of 4 partitions each.
-    engine.wait_partitions_shared(2, 12).await;
+    // The harness's three CDR topics and its fax topic, of 4 partitions each.
+    engine.wait_partitions_shared(2, 16).await;
     let cdrs = missed_calls_to_ten(&engine, "03300000", "lanes", CALLS);
     h.produce(TOPIC, &cdrs).await;
     let copies: Vec<String> = cdrs.iter().rev().cloned().collect();
@@ -21,7 +21,7 @@ async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     engine.wait_metric("callnotify_mails_duplicate_total", CALLS as f64).await;
     let held: Vec<f64> =
         (0..2).map(|n| engine.metric(&format!("callnotify_consumer_partitions{{consumer=\"{n}\"}}"))).collect();
-    assert_eq!(held, [6.0, 6.0], "the group shares the 12 partitions out between the two threads");
+    assert_eq!(held, [8.0, 8.0], "the group shares the 16 partitions out between the two threads");
 
     let all = h.mails_after_control_call(&engine, CALLS + 1).await;
     let stopped = engine.stop().await;

@@ -161,7 +161,7 @@ async fn r_m4_malformed_fax_records_go_to_the_dead_letters_with_their_reason() {
 async fn r_f1_a_fax_read_by_one_node_is_kept_on_every_node_and_deleted_everywhere() {
     let h = Harness::new(4).await;
     let (a, b) = (h.node("a").await, h.node("b").await);
-    // Four CDR topics of four partitions: eight each.
+    // Three CDR topics and the fax topic, of four partitions: eight each.
     a.wait_partitions_shared(1, 8).await;
     b.wait_partitions_shared(1, 8).await;
     let numbers: Vec<String> = (0..8).map(|i| format!("03200000{i:02}")).collect();
