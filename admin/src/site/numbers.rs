@@ -165,50 +165,62 @@ pub fn faxes_path(number: &PhoneNumber) -> String {
     format!("/numbers/{}/faxes", number.as_str())
 }
 
+/// 電話番号選択 of one service: its numbers for a login, their table, and its words.
+struct Chooser {
+    numbers: fn(&Store, &PhoneNumber) -> Result<Vec<PhoneNumber>, StoreError>,
+    table: fn(&Store, &[PhoneNumber]) -> Result<String, StoreError>,
+    /// Shown when the login reaches none.
+    none: &'static str,
+    prompt: &'static str,
+    title: &'static str,
+}
+
+const CALL_CHOOSER: Chooser = Chooser {
+    numbers: call_numbers,
+    table: state_table,
+    none: "着信お知らせメールをご契約の電話番号がありません。",
+    prompt: "設定する電話番号を選んでください。",
+    title: "電話番号選択",
+};
+
+const FAX_CHOOSER: Chooser = Chooser {
+    numbers: fax_numbers,
+    table: fax_state_table,
+    none: "FAXお知らせメールをご契約の電話番号がありません。",
+    prompt: "設定する電話番号、または受信したFAXを見る電話番号を選んでください。",
+    title: "電話番号選択（FAXお知らせメール）",
+};
+
 /// `GET /numbers`: 電話番号選択 for 着信お知らせメール.
 pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<Response, SiteError> {
-    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
-        Ok(authed) => authed,
-        Err(denied) => return Ok(denied.into_response()),
-    };
-    let login = authed.session.number;
-    let (numbers, table) = state
-        .read(move |store| {
-            let numbers = call_numbers(store, &login)?;
-            let table = state_table(store, &numbers)?;
-            Ok((numbers, table))
-        })
-        .await?;
-    let body = if numbers.is_empty() {
-        "<p>着信お知らせメールをご契約の電話番号がありません。</p>\n".to_owned()
-    } else {
-        format!("<p>設定する電話番号を選んでください。</p>\n{table}")
-    };
-    let body = format!("{body}<p><a href=\"/\">メニューへ戻る</a></p>\n");
-    Ok(Html(html::page("電話番号選択", &body)).into_response())
+    choose(&state, &headers, &CALL_CHOOSER).await
 }
 
 /// `GET /fax`: 電話番号選択 for FAXお知らせメール.
 pub async fn show_fax(State(state): State<SiteState>, headers: HeaderMap) -> Result<Response, SiteError> {
-    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
+    choose(&state, &headers, &FAX_CHOOSER).await
+}
+
+async fn choose(state: &SiteState, headers: &HeaderMap, chooser: &'static Chooser) -> Result<Response, SiteError> {
+    let authed = match require_session(state, headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
     let login = authed.session.number;
     let (numbers, table) = state
         .read(move |store| {
-            let numbers = fax_numbers(store, &login)?;
-            let table = fax_state_table(store, &numbers)?;
+            let numbers = (chooser.numbers)(store, &login)?;
+            let table = (chooser.table)(store, &numbers)?;
             Ok((numbers, table))
         })
         .await?;
     let body = if numbers.is_empty() {
-        "<p>FAXお知らせメールをご契約の電話番号がありません。</p>\n".to_owned()
+        format!("<p>{}</p>\n", chooser.none)
     } else {
-        format!("<p>設定する電話番号、または受信したFAXを見る電話番号を選んでください。</p>\n{table}")
+        format!("<p>{}</p>\n{table}", chooser.prompt)
     };
     let body = format!("{body}<p><a href=\"/\">メニューへ戻る</a></p>\n");
-    Ok(Html(html::page("電話番号選択（FAXお知らせメール）", &body)).into_response())
+    Ok(Html(html::page(chooser.title, &body)).into_response())
 }
 
 #[cfg(test)]
