@@ -184,7 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let file = cli.config.as_deref();
     match cli.command {
         Command::Serve => {
-            runtime()?.block_on(serve(Settings::load(file)?))?;
+            run_to_end(serve(Settings::load(file)?))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ivr { caller } => {
@@ -195,7 +195,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
-            runtime()?.block_on(engine::demo::run(Settings::load(file)?, shutdown_signal()))?;
+            run_to_end(engine::demo::run(Settings::load(file)?, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Provision { action: Provision::Import { file: input, url } } => {
@@ -214,17 +214,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The engine with the admin server beside it, both stopped by one signal.
+/// The engine with the admin server beside it, both stopped by one signal. A signal
+/// while the engine starts (the cluster check, the catch-up with the state topic) stops
+/// it there: nothing has been read yet, so there is nothing to finish.
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let mut signal = Box::pin(shutdown_signal());
+    // Biased: the signal is polled first, which installs its handlers before the start
+    // logs that it has begun.
+    let app = tokio::select! {
+        biased;
+        () = &mut signal => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+        app = async {
+            tracing::info!("starting: checking the Kafka cluster, then catching up with the subscriber state");
+            Application::build(settings.clone()).await
+        } => app?,
+    };
     let stop = CancellationToken::new();
     tokio::spawn({
         let stop = stop.clone();
         async move {
-            shutdown_signal().await;
+            signal.await;
             stop.cancel();
         }
     });
-    let app = Application::build(settings.clone()).await?;
     let clock = admin::clock::SystemClock::shared();
     let test_mailer = engine::deliver::TestMailer::new(&settings.smtp)?;
     let servers = admin::server::serve(
@@ -394,6 +409,16 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `work` to its end on a new runtime. Blocking work it leaves behind, a start-up
+/// step still under way when a stop came (the cluster check, a catch-up with the state
+/// topic), is not waited for: whatever a stop must finish, `work` finished itself.
+fn run_to_end<T>(work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let runtime = runtime()?;
+    let result = runtime.block_on(work);
+    runtime.shutdown_background();
+    result
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -225,6 +225,25 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
     assert!(rest.iter().any(|l| l.contains("offsets committed")), "{rest:#?}");
 }
 
+/// A stop while `serve` is still starting stops it there, at once: here its cluster does
+/// not answer, which it would wait out for ten seconds (`cluster::ANSWER_WITHIN`) and
+/// then exit with an error; a catch-up with a large state topic is the same wait. It used
+/// to see the signal only once started.
+#[test]
+fn serve_stopped_while_it_starts_exits_at_once_and_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: the cluster check waits for an answer.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut serve = Running::start(serve_in(dir.path()).env("CALLNOTIFY__KAFKA__BROKERS", closed.to_string()));
+    serve.read_log_until(|l| l.contains("starting: checking the Kafka cluster"));
+    let started = Instant::now();
+    let (exit, rest) = serve.stop("TERM");
+    assert!(exit.success(), "exit 0, not the cluster's error: {rest:#?}");
+    assert!(rest.iter().any(|l| l.contains("stopped while starting")), "{rest:#?}");
+    // Far inside the cluster check's own wait: the stop did not wait for it.
+    assert!(started.elapsed() < engine::cluster::ANSWER_WITHIN, "took {:?}", started.elapsed());
+}
+
 /// Starts an IVR call from `caller`; the raw HTTP response.
 fn post_ivr_call(addr: &str, caller: &str) -> String {
     let body = format!(r#"{{"caller":"{caller}"}}"#);
