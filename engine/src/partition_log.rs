@@ -97,6 +97,20 @@ pub struct PartitionLog {
 /// The store's tree of where each sent-topic partition was restored up to.
 const POSITIONS_TREE: &str = "sent_log_positions";
 
+/// Waits a moment for librdkafka's thread to empty the producer's full local queue. A
+/// delivery task publishes its sent record from a tokio worker: there the wait is
+/// announced to the runtime (`block_in_place`), which moves the worker's other tasks to
+/// another thread meanwhile instead of leaving them stalled behind it.
+fn wait_for_room() {
+    let pause = || std::thread::sleep(Duration::from_millis(1));
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(pause)
+        }
+        _ => pause(),
+    }
+}
+
 impl PartitionLog {
     /// Holds no handle on a store (a store holds it: [`Store::attach_partition_sink`]).
     pub fn start(options: &PartitionLogOptions<'_>, metrics: Metrics) -> anyhow::Result<Self> {
@@ -145,7 +159,7 @@ impl PartitionLog {
                 Ok(()) => return,
                 // A full local queue empties within milliseconds (librdkafka's thread).
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    std::thread::sleep(Duration::from_millis(1));
+                    wait_for_room();
                     record = back;
                 }
                 Err((e, _)) => {
