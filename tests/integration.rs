@@ -945,12 +945,19 @@ impl InProcess {
         self.runtime.block_on(testkit::http::request(site, method, path, cookies, form))
     }
 
-    /// Stops every node, as SIGTERM does.
+    /// Stops every node, as SIGTERM does, all at once as an operator stops a cluster.
+    /// One after another, each node's leaving made the ones still running rebalance, and
+    /// a stop that came while its node rejoined waited for that: once, on the loaded CI
+    /// machine, past the stop's deadline.
     fn stop(self) {
         let Self { runtime, nodes } = self;
         runtime.block_on(async {
+            let mut stopping = tokio::task::JoinSet::new();
             for node in nodes {
-                node.run_until_stopped(std::future::ready(())).await.expect("node stops");
+                stopping.spawn(node.run_until_stopped(std::future::ready(())));
+            }
+            while let Some(stopped) = stopping.join_next().await {
+                stopped.expect("a node's stop").expect("node stops");
             }
         });
     }
