@@ -1230,15 +1230,20 @@ fn a_node_killed_for_good_with_mails_in_its_retry_queue_leaves_them_to_the_other
 
 /// R-F1 on Apache Kafka: a fax record larger than Kafka's default 1 MB (a three-page
 /// uncompressed fax, 1.5 MB, 2 MB in its record) goes through topics set up as
-/// docs/fax.md says (`max.message.bytes` 32 MiB on the fax topic and, by
+/// docs/fax.md says (`max.message.bytes` 32 MiB on the fax and dead-letter topics and, by
 /// `ensure_shared_topics`, the state topics): kept through the state owner, whose request
-/// and published record carry the document, and mailed once with its link.
+/// and published record carry the document, and mailed once with its link. One that
+/// does not check out (its page count wrong) is dead-lettered whole, and `dead-letters
+/// replay` puts it back into its topic (its producer refused records over 1 MB before).
 #[test]
 #[ignore = "integration: bash scripts/integration.sh"]
 fn r_f1_a_fax_above_kafka_s_one_megabyte_default_is_kept_and_mailed_through_topics_set_up_for_it() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     const NUMBER: &str = "0398765430";
     const TO: &str = "big-fax@example.jp";
+    // The dead-letter topic set up for faxes before setup makes one of its own.
+    let big = [("max.message.bytes", "33554432")];
+    block_on(create_topic_with(&brokers(), &dead_letter_topic("it-fax-large"), 1, &big));
     let (sink, spec, _dir) = setup("fax-large", 1, &[]);
     let fax_topic = format!("{}-fax", spec.topic);
     block_on(create_topic_with(&spec.brokers, &fax_topic, 1, &[("max.message.bytes", "33554432")]));
@@ -1250,24 +1255,40 @@ fn r_f1_a_fax_above_kafka_s_one_megabyte_default_is_kept_and_mailed_through_topi
 
     let document = uncompressed_fax(3);
     use base64::Engine as _;
-    let record = serde_json::json!({"fax_id": "big-1", "called": NUMBER, "caller": "0612345678",
-        "presentation": "allowed", "received_at": chrono::Utc::now().to_rfc3339(), "pages": 3,
-        "document_base64": base64::engine::general_purpose::STANDARD.encode(&document)})
-    .to_string();
-    assert!(record.len() > 1_900_000, "{} bytes", record.len());
+    let record = |fax_id: &str, pages: u32| {
+        serde_json::json!({"fax_id": fax_id, "called": NUMBER, "caller": "0612345678",
+            "presentation": "allowed", "received_at": chrono::Utc::now().to_rfc3339(), "pages": pages,
+            "document_base64": base64::engine::general_purpose::STANDARD.encode(&document)})
+        .to_string()
+    };
+    let (bad, good) = (record("big-0", 2), record("big-1", 3));
+    assert!(good.len() > 1_900_000, "{} bytes", good.len());
     // The fax server's producer, allowed records that large.
     let producer: BaseProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &spec.brokers)
         .set("message.max.bytes", "33554432")
         .create()
         .unwrap();
-    producer.send(BaseRecord::to(&fax_topic).key(NUMBER).payload(&record)).map_err(|(e, _)| e).unwrap();
+    for record in [&bad, &good] {
+        producer.send(BaseRecord::to(&fax_topic).key(NUMBER).payload(record)).map_err(|(e, _)| e).unwrap();
+    }
     producer.flush(Duration::from_secs(30)).unwrap();
 
     let to = engine::address::DestinationAddress::parse(TO).unwrap();
     let expected = [engine::render::message_id(NUMBER, "fax:big-1", &to, FROM_DOMAIN)];
     let arrived = sink.wait_for(&expected);
     assert_eq!(tally(&expected, &arrived), (0, 0, 0), "mailed once");
-    assert_eq!(engine.metric("callnotify_dead_letters_total{kind=\"cdr\"}"), 0.0);
+    let letters = read_all(&spec.brokers, &dead_letter_topic(&spec.topic), 1);
+    assert_eq!(letters.len(), 1, "the bad record dead-lettered");
+    assert!(letters[0]["reason"].as_str().unwrap_or_default().contains("pages"), "{}", letters[0]["reason"]);
+    let out = spec.command().args(["dead-letters", "replay"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("replayed 1 CDRs"), "{said}");
+    // Read again, refused again: a second dead letter, nothing mailed.
+    let deadline = Instant::now() + WAIT;
+    while engine.metric("callnotify_dead_letters_total{kind=\"cdr\"}") < 2.0 {
+        assert!(Instant::now() < deadline, "the replayed record was never read again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(engine.terminate());
 }

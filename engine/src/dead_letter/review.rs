@@ -126,7 +126,12 @@ pub fn replay(
     let mut done = Replay::default();
     let producer: BaseProducer = crate::cluster::client_config(
         brokers,
-        &[("enable.idempotence", "true"), ("allow.auto.create.topics", "false")],
+        &[
+            ("enable.idempotence", "true"),
+            ("allow.auto.create.topics", "false"),
+            // A fax record goes back as it came, up to the size docs/fax.md sets topics up for.
+            ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
+        ],
         &crate::cluster::producer_properties(properties),
     )
     .create()?;
