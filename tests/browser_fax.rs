@@ -20,7 +20,6 @@ mod world;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine as _;
 use chrome::{Browser, Chromedriver};
 use world::{http_bytes, World};
 
@@ -53,7 +52,7 @@ async fn r_f1_r_n1_r_n2_a_fax_is_mailed_with_its_link_read_downloaded_and_delete
     start_fax_mail(&mut browser).await;
 
     // R-F1: a fax arrives; its mail goes to the checked address with the link.
-    world.produce_fax(&fax_record("hylafax-000123", FAX_NUMBER)).await;
+    world.produce_fax(&testkit::fax::record("hylafax-000123", FAX_NUMBER, FAX, 3)).await;
     let mails = world.mails(1).await;
     assert_eq!(mails[0].rcpt_to, [DESTINATION]);
     let mail = mail_parser::MessageParser::default().parse(&mails[0].data).expect("a MIME message");
@@ -164,21 +163,6 @@ async fn start_fax_mail(browser: &mut Browser) {
     browser.click("form[action$=\"/fax\"] p > button:not([formaction])").await;
     browser.wait_text("p[role=\"status\"]", "設定しました。").await;
     browser.shot("fax-settings-saved").await;
-}
-
-/// A fax record (docs/fax.md) of [`FAX`] to `called`, received now.
-fn fax_record(fax_id: &str, called: &str) -> String {
-    serde_json::json!({
-        "fax_id": fax_id,
-        "called": called,
-        "caller": "0612345678",
-        "presentation": "allowed",
-        "received_at": chrono::Utc::now().to_rfc3339(),
-        "pages": 3,
-        "content_type": "image/tiff",
-        "document_base64": base64::engine::general_purpose::STANDARD.encode(FAX),
-    })
-    .to_string()
 }
 
 /// How many pictures the page shows, each loaded and decoded by the browser (0 if any

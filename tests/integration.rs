@@ -1254,13 +1254,7 @@ fn r_f1_a_fax_above_kafka_s_one_megabyte_default_is_kept_and_mailed_through_topi
     let engine = spec.start_with(&[("CALLNOTIFY__KAFKA__TOPICS", &topics)]);
 
     let document = uncompressed_fax(3);
-    use base64::Engine as _;
-    let record = |fax_id: &str, pages: u32| {
-        serde_json::json!({"fax_id": fax_id, "called": NUMBER, "caller": "0612345678",
-            "presentation": "allowed", "received_at": chrono::Utc::now().to_rfc3339(), "pages": pages,
-            "document_base64": base64::engine::general_purpose::STANDARD.encode(&document)})
-        .to_string()
-    };
+    let record = |fax_id: &str, pages: u32| testkit::fax::record(fax_id, NUMBER, &document, pages);
     let (bad, good) = (record("big-0", 2), record("big-1", 3));
     assert!(good.len() > 1_900_000, "{} bytes", good.len());
     // The fax server's producer, allowed records that large.

@@ -588,6 +588,18 @@ mod tests {
         assert_eq!(s.smtp.tls_ca_file.as_deref(), Some(Path::new("/etc/callnotify/mail-ca.pem")));
     }
 
+    /// R-F1: the fax mail links to the fax at `admin.public_url`: an address a mail
+    /// program can open, without a trailing `/` (the link adds `/fax/…`).
+    #[test]
+    fn r_f1_admin_public_url_must_be_an_http_address_without_a_trailing_slash() {
+        let url = |u: &str| Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PUBLIC_URL", u)]));
+        assert_eq!(url("https://notify.example.jp").unwrap().admin.public_url, "https://notify.example.jp");
+        for bad in ["https://notify.example.jp/", "notify.example.jp", "ftp://notify.example.jp", "https://a b"] {
+            let err = url(bad).expect_err(bad);
+            assert!(err.to_string().contains("admin.public_url"), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn r_s8_the_site_is_secure_with_a_certificate_or_behind_a_tls_proxy() {
         assert!(!Settings::load_from(None, env(&[])).unwrap().admin.secure());

@@ -4,11 +4,13 @@
 //! - [`smtp`]: a small SMTP server speaking real SMTP, which can refuse, stall or hang.
 //! - [`cdr`]: canonical CDRs of recent calls, as an exchange writes them.
 //! - [`line`]: a subscriber's provisioning line.
+//! - [`fax`]: fax records, as a fax server writes them.
 //! - [`http`]: one HTTP/1.1 exchange with a settings site, cookies and CSRF field.
 //! - [`wait`]: polling with a deadline that says what never happened.
 //! - [`free_port`]: a loopback address nothing listens on.
 
 pub mod cdr;
+pub mod fax;
 pub mod http;
 pub mod line;
 pub mod smtp;

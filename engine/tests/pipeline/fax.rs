@@ -1,9 +1,10 @@
 //! FAXお知らせメール (R-F1): fax records from Kafka are kept for the site and mailed to
 //! each checked destination with a link to the fax, by the same rules as calls.
 
-use base64::Engine as _;
 use engine::address::DestinationAddress;
 use engine::store::{Destination, FaxSettings};
+
+use testkit::fax::{record as fax_record, record_at};
 
 use crate::helpers::*;
 
@@ -14,20 +15,6 @@ const PDF: &[u8] = include_bytes!("../fixtures/fax/fine-g4.pdf");
 
 const FAX_NUMBER: &str = "0312345600";
 const OTHER_FAX_NUMBER: &str = "0312345601";
-
-/// A fax record (README, "Fax records").
-fn fax_record(fax_id: &str, called: &str, document: &[u8], pages: u32) -> String {
-    serde_json::json!({
-        "fax_id": fax_id,
-        "called": called,
-        "caller": "0612345678",
-        "presentation": "allowed",
-        "received_at": chrono::Utc::now().to_rfc3339(),
-        "pages": pages,
-        "document_base64": base64::engine::general_purpose::STANDARD.encode(document),
-    })
-    .to_string()
-}
 
 /// Provisions `number` with fax notification contracted, and its fax settings.
 fn fax_subscriber(engine: &TestEngine, number: &str, enabled: bool, destinations: &[(&str, bool)], attach_pdf: bool) {
@@ -71,12 +58,7 @@ async fn r_f1_r_n2_a_received_fax_is_kept_and_mailed_to_checked_destinations_wit
     assert_eq!(engine.store.fax_document(&kept[0].key()).unwrap().as_deref(), Some(G4), "the document as sent");
 
     // Read again (a replay, a partition's next reader): nothing more.
-    let record = serde_json::json!({
-        "fax_id": "hylafax-1", "called": FAX_NUMBER, "caller": "0612345678", "presentation": "allowed",
-        "received_at": kept[0].received_at.to_rfc3339(), "pages": 3,
-        "document_base64": base64::engine::general_purpose::STANDARD.encode(G4),
-    });
-    h.produce(FAX_TOPIC, &[record.to_string()]).await;
+    h.produce(FAX_TOPIC, &[record_at("hylafax-1", FAX_NUMBER, G4, 3, kept[0].received_at)]).await;
     let mails = h.mails_after_control_call(&engine, 2).await;
     assert_eq!(mails.len(), 2, "{:?}", summary(&mails));
     assert_eq!(engine.store.faxes_of(&number).unwrap().len(), 1);
@@ -85,22 +67,30 @@ async fn r_f1_r_n2_a_received_fax_is_kept_and_mailed_to_checked_destinations_wit
 }
 
 /// R-F1, R-N1: with the fax service stopped the fax is still kept for the site, and no
-/// mail goes out; a fax to a number without the fax service is not kept at all.
+/// mail goes out; a fax to a number without the fax service is not kept at all, nor is
+/// one older than `engine.max_call_age_hours` (stale, as a call would be).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_f1_r_n1_a_stopped_fax_service_keeps_the_fax_and_mails_nobody() {
     let h = Harness::new(1).await;
     let engine = h.engine().await;
     fax_subscriber(&engine, FAX_NUMBER, false, &[("fax@example.jp", true)], false);
     engine.provision(&[plain_subscriber(OTHER_FAX_NUMBER, "call-only@example.jp")]);
+    let two_days_ago = chrono::Utc::now() - chrono::TimeDelta::days(2);
     h.produce(
         FAX_TOPIC,
-        &[fax_record("stopped-1", FAX_NUMBER, G4, 3), fax_record("no-fax-service", OTHER_FAX_NUMBER, G4, 3)],
+        &[
+            fax_record("stopped-1", FAX_NUMBER, G4, 3),
+            fax_record("no-fax-service", OTHER_FAX_NUMBER, G4, 3),
+            // Older than engine.max_call_age_hours: stale, neither mailed nor kept.
+            record_at("stale-1", FAX_NUMBER, G4, 3, two_days_ago),
+        ],
     )
     .await;
     let mails = h.mails_after_control_call(&engine, 1).await;
     assert_eq!(summary(&mails).len(), 1, "only the control call's mail: {:?}", summary(&mails));
     let kept = |n: &str| engine.store.faxes_of(&engine::phone::PhoneNumber::parse(n).unwrap()).unwrap().len();
-    assert_eq!((kept(FAX_NUMBER), kept(OTHER_FAX_NUMBER)), (1, 0));
+    assert_eq!((kept(FAX_NUMBER), kept(OTHER_FAX_NUMBER)), (1, 0), "the stale fax is not kept");
+    assert_eq!(engine.metric(r#"callnotify_cdrs_filtered_total{reason="stale"}"#), 1.0);
     engine.stop().await;
 }
 
@@ -123,7 +113,7 @@ async fn r_f1_a_fax_can_come_attached_as_a_pdf() {
 }
 
 /// R-M4: a fax record that is not one (its page count wrong, its document no fax, a
-/// field missing) goes to the dead letters with the reason, and nothing is kept.
+/// time no fax can have, a field missing) goes to the dead letters with the reason, and nothing is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_m4_malformed_fax_records_go_to_the_dead_letters_with_their_reason() {
     let h = Harness::new(1).await;
@@ -136,18 +126,20 @@ async fn r_m4_malformed_fax_records_go_to_the_dead_letters_with_their_reason() {
         &[
             fax_record("wrong-pages", FAX_NUMBER, G4, 2),
             fax_record("png", FAX_NUMBER, b"\x89PNG\r\n\x1a\n", 1),
+            record_at("y2k", FAX_NUMBER, G4, 3, chrono::DateTime::from_timestamp(900_000_000, 0).unwrap()),
             no_id.to_string(),
         ],
     )
     .await;
-    let mut letters = h.dead_letters(3);
+    let mut letters = h.dead_letters(4);
     // Each is written by a task of its own: in the records' order only by their offsets.
     letters.sort_by_key(|l| l["offset"].as_i64());
     let reasons: Vec<&str> = letters.iter().map(|l| l["reason"].as_str().unwrap_or_default()).collect();
-    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert_eq!(letters.len(), 4, "{letters:?}");
     assert!(reasons[0].contains("pages") && reasons[0].contains("3 page"), "{reasons:?}");
     assert!(reasons[1].contains("document_base64"), "{reasons:?}");
-    assert!(reasons[2].contains("fax_id"), "{reasons:?}");
+    assert!(reasons[2].contains("received_at") && reasons[2].contains("before 2000"), "{reasons:?}");
+    assert!(reasons[3].contains("fax_id"), "{reasons:?}");
     assert!(letters.iter().all(|l| l["format"] == "fax" && l["topic"] == FAX_TOPIC), "{letters:?}");
     let number = engine::phone::PhoneNumber::parse(FAX_NUMBER).unwrap();
     assert!(engine.store.faxes_of(&number).unwrap().is_empty());
