@@ -775,6 +775,64 @@ fn three_nodes_the_cdr_and_dead_letter_leaders_killed_and_restarted_no_mail_or_d
     assert!(engine.terminate());
 }
 
+/// docs/cluster.md, a broker's loss under the state owner: on a cluster of three nodes,
+/// the broker holding the state topic's only replica is SIGKILLed, and a subscriber is
+/// provisioned through the engine while that broker stays down for 20 s: longer than the
+/// owner used to wait for a publish (10 s, after which it stopped its node). The import
+/// is confirmed once the broker is back, the engine keeps running, and the new
+/// subscriber's call is notified (R-N2).
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn a_state_write_while_the_state_topic_s_broker_is_down_waits_for_it_and_the_node_keeps_running() {
+    const OUTAGE: Duration = Duration::from_secs(20);
+    let cluster = KafkaCluster::start(3, &[]);
+    let topic = "it-offline";
+    let [state, requests, ..] = shared_topics(topic);
+    // The state topic on node 3 alone, the requests led by node 1: node 3's loss makes
+    // the state topic unwritable until it returns, and nothing else.
+    block_on(create_topic_on(
+        &cluster.bootstrap,
+        &state,
+        &[3],
+        &[("cleanup.policy", "compact"), ("min.insync.replicas", "1")],
+    ));
+    block_on(create_topic_on(&cluster.bootstrap, &requests, &[1, 2, 3], &[]));
+    let (sink, spec, _dir) = setup_on(&cluster.bootstrap, "offline", 2, &[]);
+    let engine = spec.start();
+    engine.wait_serving();
+    let [before, during] = <[Subscriber; 2]>::try_from(every_call_subscribers("0372", 2)).ok().unwrap();
+    // The owner has caught up and published before the loss.
+    spec.provision_through(&engine, &[before.line()]);
+
+    cluster.kill_node(3);
+    let down = Instant::now();
+    std::thread::scope(|scope| {
+        let import = scope.spawn(|| spec.provision_through(&engine, &[during.line()]));
+        std::thread::sleep(OUTAGE);
+        assert!(!import.is_finished(), "the import waits while the state topic cannot be written");
+        cluster.start_node(3);
+        import.join().expect("the import through the engine is confirmed once the broker is back");
+    });
+    println!("state topic's broker down for {OUTAGE:?}: the import was confirmed {:?} after the kill", down.elapsed());
+
+    let cdrs = Cdrs::new(&spec.brokers, &spec.topic);
+    let expected: Vec<String> = [&before, &during]
+        .iter()
+        .map(|s| {
+            let call_id = format!("offline-{}", s.number);
+            cdrs.send(&s.number, &cdr(&call_id, &s.number, None, false));
+            s.message_id(&call_id)
+        })
+        .collect();
+    cdrs.flush();
+    assert_eq!(
+        tally(&expected, &sink.wait_for(&expected)),
+        (0, 0, 0),
+        "both subscribers notified, the one imported during the outage too"
+    );
+    assert!(engine.terminate(), "the engine ran on and stops cleanly: {}", spec.log());
+}
+
 /// A test CA and a server certificate for 127.0.0.1, made with openssl, in a directory
 /// as `scripts/kafka.sh start --sasl-ssl DIR` wants it.
 fn test_certificates() -> tempfile::TempDir {

@@ -60,6 +60,16 @@ const OPS_PER_REQUEST: usize = 200;
 const REQUESTS_PER_BATCH: usize = 500;
 /// Records the applier reads before it applies them and records its position.
 const RECORDS_PER_APPLY: usize = 20_000;
+/// How long the owner waits for the state topic to confirm a batch's records before it
+/// gives up and stops its node. A broker's loss makes the topic unwritable for a while
+/// (a new leader is elected after the controller's broker session timeout, then the
+/// producer finds it): the owner waits that out.
+const PUBLISH_WITHIN: Duration = Duration::from_secs(120);
+/// The least `max.poll.interval.ms` of the owner's consumer: longer than any of its
+/// waits between two polls ([`PUBLISH_WITHIN`], then reading its writes back).
+const OWNER_POLL_INTERVAL: Duration = Duration::from_secs(300);
+/// How often a wait for the state topic is logged.
+const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
 
 /// Where the state lives, from `kafka.*`.
 pub struct StateOptions<'a> {
@@ -120,6 +130,12 @@ type Results = Vec<Result<Reply, OpError>>;
 struct Waiters(Mutex<HashMap<u64, std::sync::mpsc::SyncSender<Results>>>);
 
 impl Waiters {
+    /// Wakes every caller without an answer (their `wait` says why): the node stops
+    /// because its owner could not publish, and its requests may never be answered.
+    fn forget_all(&self) {
+        self.0.lock().expect("waiters lock").clear();
+    }
+
     fn answer(&self, id: u64, results: Results) {
         if let Some(waiter) = self.0.lock().expect("waiters lock").remove(&id) {
             let _ = waiter.try_send(results);
@@ -304,30 +320,39 @@ impl StateLog {
         );
 
         let failure = Arc::new(Mutex::new(None));
+        let mut owner_config = config(&[
+            ("group.id", &format!("{}-state", options.reach.group_id)),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+            ("fetch.wait.max.ms", "10"),
+            ("fetch.queue.backoff.ms", "5"),
+        ]);
+        // The owner does not poll while it waits for the state topic (up to
+        // PUBLISH_WITHIN): a shorter `max.poll.interval.ms` in `kafka.properties` would
+        // hand the partition to another node while this one still publishes. A dead
+        // owner is noticed by its session timeout all the same.
+        let poll_interval = owner_config.get("max.poll.interval.ms").and_then(|v| v.parse::<u128>().ok());
+        let least = OWNER_POLL_INTERVAL.as_millis();
+        owner_config.set("max.poll.interval.ms", poll_interval.unwrap_or(least).max(least).to_string());
         let owner = Owner {
             store: store.clone(),
             node: node.clone(),
             topic: options.topic.to_owned(),
-            consumer: config(&[
-                ("group.id", &format!("{}-state", options.reach.group_id)),
-                ("enable.auto.commit", "false"),
-                ("auto.offset.reset", "earliest"),
-                ("enable.partition.eof", "false"),
-                ("fetch.wait.max.ms", "10"),
-                ("fetch.queue.backoff.ms", "5"),
-            ])
-            .create_with_context(OwnerContext { assigned: AtomicBool::new(false), metrics: metrics.clone() })
-            .context("creating the state owner's consumer")?,
+            consumer: owner_config
+                .create_with_context(OwnerContext { assigned: AtomicBool::new(false), metrics: metrics.clone() })
+                .context("creating the state owner's consumer")?,
             producer: producer_config(&[
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
                 ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
                 ("linger.ms", "1"),
-                ("message.timeout.ms", "10000"),
+                ("message.timeout.ms", &PUBLISH_WITHIN.as_millis().to_string()),
             ])
             .create_with_context(Published::default())
             .context("creating the state owner's producer")?,
             progress: progress.clone(),
+            waiters: waiters.clone(),
             stop: stop.clone(),
             metrics: metrics.clone(),
             failed,
@@ -418,13 +443,18 @@ impl StateLog {
     }
 
     fn wait(&self, id: u64, answer: std::sync::mpsc::Receiver<Results>) -> Result<Results, String> {
-        answer.recv_timeout(ANSWER_WITHIN).map_err(|_| {
+        answer.recv_timeout(ANSWER_WITHIN).map_err(|e| {
             self.waiters.0.lock().expect("waiters lock").remove(&id);
-            format!(
-                "no state owner answered within {} s (is the Kafka cluster reachable, and topic {:?} readable?)",
-                ANSWER_WITHIN.as_secs(),
-                self.requests
-            )
+            match (e, self.failure()) {
+                (std::sync::mpsc::RecvTimeoutError::Disconnected, Some(failure)) => format!(
+                    "this node stops ({failure}): the write may or may not be carried out; look at it on another node"
+                ),
+                _ => format!(
+                    "no state owner answered within {} s (is the Kafka cluster reachable, and topic {:?} readable?)",
+                    ANSWER_WITHIN.as_secs(),
+                    self.requests
+                ),
+            }
         })
     }
 }
@@ -593,11 +623,24 @@ struct Owner {
     consumer: BaseConsumer<OwnerContext>,
     producer: BaseProducer<Published>,
     progress: Arc<Progress>,
+    /// Woken without answers when this owner stops its node.
+    waiters: Arc<Waiters>,
     stop: Arc<AtomicBool>,
     metrics: Metrics,
     failed: CancellationToken,
     /// Why the node stopped, for the engine's exit.
     failure: Arc<Mutex<Option<String>>>,
+}
+
+/// How the owner's turn at a batch of requests ended.
+enum Turn {
+    /// Carried out, published, confirmed and committed.
+    Done,
+    /// Not started: the previous owner's writes could not be read yet (the state topic
+    /// unreachable). Nothing was written: the same batch is taken again.
+    NotCaughtUp(anyhow::Error),
+    /// The engine stops while the state topic has not confirmed the batch.
+    Stopped,
 }
 
 impl Owner {
@@ -621,26 +664,59 @@ impl Owner {
             if batch.is_empty() {
                 continue;
             }
-            if let Err(e) = self.carry_out(&batch) {
-                crate::error_event!(self.metrics, ErrorEvent::StatePublish, error = %e,
-                    "publishing subscriber state failed: this node stops and rebuilds its store from the state topic at its next start");
-                let _ = self.store.mark_diverged();
-                *self.failure.lock().expect("failure lock") =
-                    Some(format!("publishing subscriber state failed: {e:#}"));
-                self.failed.cancel();
-                return;
+            match self.carry_out(&batch) {
+                Ok(Turn::Done) => batch.clear(),
+                Ok(Turn::NotCaughtUp(e)) => {
+                    tracing::warn!(error = %e, "the state owner could not read the previous owner's writes yet; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Ok(Turn::Stopped) => {
+                    // Its writes may or may not reach the topic: rebuilt at the next start.
+                    let _ = self.store.mark_diverged();
+                    return;
+                }
+                Err(_) if self.stop.load(Ordering::Relaxed) => {
+                    let _ = self.store.mark_diverged();
+                    return;
+                }
+                Err(e) => {
+                    crate::error_event!(self.metrics, ErrorEvent::StatePublish, error = %e,
+                        "publishing subscriber state failed: this node stops and rebuilds its store from the state topic at its next start");
+                    let _ = self.store.mark_diverged();
+                    *self.failure.lock().expect("failure lock") =
+                        Some(format!("publishing subscriber state failed: {e:#}"));
+                    self.waiters.forget_all();
+                    self.failed.cancel();
+                    return;
+                }
             }
-            batch.clear();
         }
     }
 
-    fn carry_out(&self, batch: &[OwnedMessage]) -> anyhow::Result<()> {
-        if self.consumer.context().assigned.swap(false, Ordering::Relaxed) {
-            // The previous owner's writes first: every write below the topic's end.
-            let (_, end) = self.consumer.fetch_watermarks(&self.topic, 0, crate::cluster::ANSWER_WITHIN)?;
-            if !self.progress.wait_for(end, ANSWER_WITHIN) {
-                anyhow::bail!("the state topic was not read up to its end ({end}) within {ANSWER_WITHIN:?}");
-            }
+    /// Waits until the previous owner's writes (every record below the state topic's
+    /// end) are applied here, once per assignment of the request partition.
+    fn catch_up(&self) -> anyhow::Result<()> {
+        if !self.consumer.context().assigned.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // This client reads the requests, not the state topic: it would ask the leader
+        // it last knew of (none, after a broker's loss) until its metadata grew old.
+        let metadata = self.consumer.fetch_metadata(Some(&self.topic), crate::cluster::ANSWER_WITHIN)?;
+        let leader = metadata.topics().first().and_then(|t| t.partitions().first()).map(|p| p.leader());
+        if leader.is_none_or(|leader| leader < 0) {
+            anyhow::bail!("the state topic {:?} has no leader", self.topic);
+        }
+        let (_, end) = self.consumer.fetch_watermarks(&self.topic, 0, crate::cluster::ANSWER_WITHIN)?;
+        if !self.progress.wait_for(end, ANSWER_WITHIN) {
+            anyhow::bail!("the state topic was not read up to its end ({end}) within {ANSWER_WITHIN:?}");
+        }
+        self.consumer.context().assigned.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn carry_out(&self, batch: &[OwnedMessage]) -> anyhow::Result<Turn> {
+        if let Err(e) = self.catch_up() {
+            return Ok(Turn::NotCaughtUp(e));
         }
         self.store.begin_owner_batch()?;
         for message in batch {
@@ -682,13 +758,8 @@ impl Owner {
             let key = format!("reply/{}", answer.node);
             self.publish(&key, Some(&serde_json::to_vec(&answer)?))?;
         }
-        // Until every record is confirmed (`flush` would sleep up to 100 ms per look).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.producer.in_flight_count() > 0 {
-            if Instant::now() > deadline {
-                anyhow::bail!("the state topic did not confirm the writes within 30 s");
-            }
-            self.producer.poll(Duration::from_millis(1));
+        if !self.confirmed()? {
+            return Ok(Turn::Stopped);
         }
         let (last, failure) = std::mem::take(&mut *self.producer.context().last.lock().expect("published lock"));
         if let Some(failure) = failure {
@@ -707,7 +778,30 @@ impl Owner {
             // The replies are written: a successor skips these requests anyway.
             tracing::warn!(error = %e, "committing state requests failed");
         }
-        Ok(())
+        Ok(Turn::Done)
+    }
+
+    /// Waits until the state topic has confirmed every record sent (`flush` would sleep
+    /// up to 100 ms per look): through a broker's loss, up to [`PUBLISH_WITHIN`], after
+    /// which the producer reports the records failed. False if the engine stops first.
+    fn confirmed(&self) -> anyhow::Result<bool> {
+        let started = Instant::now();
+        let mut noted = started;
+        while self.producer.in_flight_count() > 0 {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            if started.elapsed() > PUBLISH_WITHIN + Duration::from_secs(5) {
+                anyhow::bail!("the state topic did not confirm the writes within {PUBLISH_WITHIN:?}");
+            }
+            if noted.elapsed() >= WAITING_NOTE_EVERY {
+                noted = Instant::now();
+                tracing::warn!(waited = ?started.elapsed(), records = self.producer.in_flight_count(), within = ?PUBLISH_WITHIN,
+                    "the state topic has not confirmed the owner's writes yet (a broker lost?); waiting, writes of subscriber state wait too");
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
+        Ok(true)
     }
 
     fn publish(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<()> {
@@ -724,6 +818,9 @@ impl Owner {
                     rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
                     back,
                 )) => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        anyhow::bail!("the engine stops while the state topic takes no records");
+                    }
                     self.producer.poll(Duration::from_millis(10));
                     record = back;
                 }

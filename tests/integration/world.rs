@@ -49,6 +49,20 @@ pub async fn create_topic_with(brokers: &str, topic: &str, partitions: i32, conf
     }
 }
 
+/// Creates `topic` with one partition whose replicas are the nodes `replicas` (the
+/// first leads it) and the topic settings `config`, unless it exists.
+pub async fn create_topic_on(brokers: &str, topic: &str, replicas: &[i32], config: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let assignment = [replicas];
+    let new =
+        config.iter().fold(NewTopic::new(topic, 1, TopicReplication::Variable(&assignment)), |t, (k, v)| t.set(k, v));
+    for result in admin.create_topics(&[new], &AdminOptions::new()).await.expect("create topics") {
+        result.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
+    }
+}
+
 /// A TIFF of `pages` uncompressed bilevel A4 pages (1728 × 2287, fine), each with a
 /// black band at its top: a valid fax document of about 494 KB a page, for a record
 /// larger than Kafka's 1 MB default (compression 1 is what fax servers write for no
