@@ -36,9 +36,15 @@ pub struct Limits {
 
 impl Limits {
     /// The operator endpoint: scrapes and the operator's tools, from a few addresses;
-    /// a provisioning upload may take long, as long as bytes flow.
-    pub const OPERATOR: Limits =
-        Limits { max_connections: 256, per_client: 64, idle: Duration::from_secs(60), lifetime: None };
+    /// a provisioning upload may take long, as long as bytes flow. An upload's last
+    /// lines wait, silent, for the state owner's answer: its idle limit is longer than
+    /// that wait, so a late owner is answered as such, not with a closed connection.
+    pub const OPERATOR: Limits = Limits {
+        max_connections: 256,
+        per_client: 64,
+        idle: Duration::from_secs(crate::state::ANSWER_WITHIN.as_secs() + 30),
+        lifetime: None,
+    };
 }
 
 /// Open connections, in all and per client address.

@@ -318,6 +318,11 @@ pub enum ClientError {
     Io { url: String, source: std::io::Error },
     #[error("the engine answered {status}: {body}")]
     Answer { status: u16, body: String },
+    #[error(
+        "the engine at {url} closed the connection without an answer (it stopped, or it found no state owner \
+         for longer than its operator endpoint waits): some lines may be imported; importing the file again is safe"
+    )]
+    Unanswered { url: String },
     #[error("reading the lines to send: {0}")]
     Input(std::io::Error),
 }
@@ -357,6 +362,9 @@ pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> 
     stream.write_all(b"0\r\n\r\n").map_err(io)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(io)?;
+    if response.is_empty() {
+        return Err(ClientError::Unanswered { url: url.to_owned() });
+    }
     let status: u16 = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     match status {
@@ -370,6 +378,32 @@ pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An engine that closes the connection without answering (it stopped, or its idle
+    /// limit passed while the import waited for the state owner) is named as such, with
+    /// what to do: not "the engine answered 0".
+    #[test]
+    fn an_import_whose_connection_closes_unanswered_says_so_and_that_importing_again_is_safe() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let engine = std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"0\r\n\r\n") {
+                let n = stream.read(&mut buf).unwrap();
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+        });
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#;
+        let error = post_provision(&url, line.as_bytes(), "").expect_err("no answer");
+        engine.join().unwrap();
+        let said = error.to_string();
+        assert!(said.contains("closed the connection without an answer"), "{said}");
+        assert!(said.contains("importing the file again is safe"), "{said}");
+    }
 
     async fn readiness(ops: &Ops) -> (StatusCode, String) {
         let response = ready(State(ops.clone())).await;

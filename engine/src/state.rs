@@ -53,7 +53,7 @@ use crate::telemetry::Metrics;
 
 /// How long a write waits for the owner's answer: longer than a takeover takes (the
 /// owner group's session timeout, 45 s by default, less when configured).
-const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 /// Ops per request record (an import's batch), so a record stays far below 1 MB.
 const OPS_PER_REQUEST: usize = 200;
 /// Requests the owner takes in one batch: carried out, published, then confirmed.
