@@ -780,7 +780,9 @@ fn three_nodes_the_cdr_and_dead_letter_leaders_killed_and_restarted_no_mail_or_d
 /// provisioned through the engine while that broker stays down for 20 s: longer than the
 /// owner used to wait for a publish (10 s, after which it stopped its node). The import
 /// is confirmed once the broker is back, the engine keeps running, and the new
-/// subscriber's call is notified (R-N2).
+/// subscriber's call is notified (R-N2). Then the broker is lost again and the engine
+/// stopped while an import waits: it stops cleanly, the import is told, and the next
+/// start rebuilds the store from the topic.
 #[test]
 #[ignore = "integration: bash scripts/integration.sh"]
 fn a_state_write_while_the_state_topic_s_broker_is_down_waits_for_it_and_the_node_keeps_running() {
@@ -816,7 +818,7 @@ fn a_state_write_while_the_state_topic_s_broker_is_down_waits_for_it_and_the_nod
     println!("state topic's broker down for {OUTAGE:?}: the import was confirmed {:?} after the kill", down.elapsed());
 
     let cdrs = Cdrs::new(&spec.brokers, &spec.topic);
-    let expected: Vec<String> = [&before, &during]
+    let mut expected: Vec<String> = [&before, &during]
         .iter()
         .map(|s| {
             let call_id = format!("offline-{}", s.number);
@@ -830,6 +832,49 @@ fn a_state_write_while_the_state_topic_s_broker_is_down_waits_for_it_and_the_nod
         (0, 0, 0),
         "both subscribers notified, the one imported during the outage too"
     );
+
+    // The broker lost again, an import under way, and the engine stopped: the import is
+    // told its lines may not be written, the engine exits cleanly within its grace period,
+    // and its next start rebuilds the store from the state topic.
+    const PUBLISHING: &str = "has not confirmed the owner's writes yet";
+    const CATCHING_UP: &str = "could not read the previous owner's writes yet";
+    let logged_before = |text: &str| spec.log().matches(text).count();
+    let (publishing, catching_up) = (logged_before(PUBLISHING), logged_before(CATCHING_UP));
+    cluster.kill_node(3);
+    let file = spec.dir.join("stopped.jsonl");
+    std::fs::write(&file, every_call_subscribers("0373", 1)[0].line()).unwrap();
+    let import = spec
+        .command()
+        .args(["provision", "import"])
+        .arg(&file)
+        .args(["--url", &engine.url()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The owner waits for the topic to confirm its writes, or (when the broker's loss
+    // moved the owner's group coordinator, and the partition with it) to read the topic
+    // before it carries out anything.
+    spec.wait_logged("the owner waiting", || {
+        logged_before(PUBLISHING) > publishing || logged_before(CATCHING_UP) > catching_up
+    });
+    let wrote = logged_before(PUBLISHING) > publishing;
+    let stopping = Instant::now();
+    assert!(engine.terminate(), "the engine stops cleanly while the state topic cannot be written: {}", spec.log());
+    let stopped = stopping.elapsed();
+    let out = import.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    println!("stopped while the owner waited: exit 0 after {stopped:?}; the import said: {said}");
+    assert!(!out.status.success() && said.contains("may or may not be carried out"), "{said}");
+    cluster.start_node(3);
+    let engine = spec.start();
+    engine.wait_serving();
+    // Only an owner that had written its store rebuilds it.
+    assert_eq!(spec.log().contains("rebuilding it from the topic"), wrote, "the store rebuilt: {}", spec.log());
+    let call_id = format!("after-{}", before.number);
+    cdrs.send(&before.number, &cdr(&call_id, &before.number, None, false));
+    cdrs.flush();
+    expected.push(before.message_id(&call_id));
+    assert_eq!(tally(&expected, &sink.wait_for(&expected)), (0, 0, 0), "notified from the rebuilt store");
     assert!(engine.terminate(), "the engine ran on and stops cleanly: {}", spec.log());
 }
 

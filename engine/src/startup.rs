@@ -336,7 +336,18 @@ impl Application {
         };
         self.shutdown.cancel();
         self.tasks.close();
-        ended_by(deadline, "the engine's tasks (retry queue, delivery, metrics endpoint)", self.tasks.wait()).await?;
+        let tasks = self.tasks.wait();
+        tokio::pin!(tasks);
+        tokio::select! {
+            () = &mut tasks => {}
+            () = tokio::time::sleep_until(deadline - STOP_MARGIN) => {
+                // A request of the site, the IVR or /provision still waits for the state
+                // owner (the state topic unwritable): it is answered that the write may
+                // not be carried out, so its server can end.
+                self.state.abandon_writes();
+                ended_by(deadline, "the engine's tasks (retry queue, delivery, metrics endpoint)", tasks).await?;
+            }
+        }
         let (state, changelog) = (self.state.clone(), self.changelog.clone());
         let stop = move || {
             changelog.stop();

@@ -100,26 +100,35 @@ struct Answer {
 /// How far this node's applier has read the state topic.
 #[derive(Default)]
 struct Progress {
-    /// Next offset to apply.
-    next: Mutex<i64>,
+    /// Next offset to apply, and whether the applier stopped for good.
+    next: Mutex<(i64, bool)>,
     moved: Condvar,
 }
 
 impl Progress {
     fn set(&self, next: i64) {
-        *self.next.lock().expect("progress lock") = next;
+        self.next.lock().expect("progress lock").0 = next;
         self.moved.notify_all();
     }
 
     fn get(&self) -> i64 {
-        *self.next.lock().expect("progress lock")
+        self.next.lock().expect("progress lock").0
     }
 
-    /// Waits until offsets below `offset` are applied; false after `within`.
+    /// The engine stops: waits end at once (the applier stops reading).
+    fn halt(&self) {
+        self.next.lock().expect("progress lock").1 = true;
+        self.moved.notify_all();
+    }
+
+    /// Waits until offsets below `offset` are applied; false after `within` or once halted.
     fn wait_for(&self, offset: i64, within: Duration) -> bool {
         let guard = self.next.lock().expect("progress lock");
-        let (next, _) = self.moved.wait_timeout_while(guard, within, |next| *next < offset).expect("progress lock");
-        *next >= offset
+        let (next, _) = self
+            .moved
+            .wait_timeout_while(guard, within, |(next, halted)| *next < offset && !*halted)
+            .expect("progress lock");
+        next.0 >= offset
     }
 }
 
@@ -390,6 +399,15 @@ impl StateLog {
         self.failure.lock().expect("failure lock").clone()
     }
 
+    /// At the engine's stop, once its grace period has passed: writes still waiting for
+    /// an answer are told the engine stops, later ones are refused, and the owner stops
+    /// waiting for the state topic (its store is rebuilt at the next start).
+    pub fn abandon_writes(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.progress.halt();
+        self.waiters.forget_all();
+    }
+
     /// Next offset of the state topic this node has applied.
     pub fn applied(&self) -> i64 {
         self.progress.get()
@@ -399,6 +417,7 @@ impl StateLog {
     /// writes after it fail.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.progress.halt();
         drop(self.producer.lock().expect("producer lock").take());
         let threads = std::mem::take(&mut *self.threads.lock().expect("threads lock"));
         for thread in threads {
@@ -422,7 +441,7 @@ impl StateLog {
             .payload(payload.as_slice());
         let deadline = Instant::now() + ANSWER_WITHIN;
         let producer = self.producer.lock().expect("producer lock");
-        let Some(producer) = producer.as_ref() else {
+        let Some(producer) = producer.as_ref().filter(|_| !self.stop.load(Ordering::Relaxed)) else {
             self.waiters.0.lock().expect("waiters lock").remove(&id);
             return Err("the engine is stopping: no more writes of subscriber state".into());
         };
@@ -449,6 +468,9 @@ impl StateLog {
                 (std::sync::mpsc::RecvTimeoutError::Disconnected, Some(failure)) => format!(
                     "this node stops ({failure}): the write may or may not be carried out; look at it on another node"
                 ),
+                (std::sync::mpsc::RecvTimeoutError::Disconnected, None) => {
+                    "the engine stops before the state owner answered: the write may or may not be carried out".into()
+                }
                 _ => format!(
                     "no state owner answered within {} s (is the Kafka cluster reachable, and topic {:?} readable?)",
                     ANSWER_WITHIN.as_secs(),

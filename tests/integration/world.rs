@@ -602,6 +602,12 @@ impl EngineSpec {
         std::fs::read_to_string(self.dir.join("engine.log")).unwrap_or_default()
     }
 
+    /// Waits until `logged` says its engines' log shows `what`.
+    pub fn wait_logged(&self, what: &str, logged: impl Fn() -> bool) {
+        let said = || format!("the engine log never showed {what}: {}", self.log());
+        testkit::wait::blocking_until(WAIT, Duration::from_millis(100), said, logged);
+    }
+
     /// Starts `callnotify serve`; its log is appended to `engine.log` in its directory.
     pub fn start(&self) -> EngineProcess {
         self.start_with(&[])
