@@ -816,6 +816,9 @@ fn a_state_write_while_the_state_topic_s_broker_is_down_waits_for_it_and_the_nod
         import.join().expect("the import through the engine is confirmed once the broker is back");
     });
     println!("state topic's broker down for {OUTAGE:?}: the import was confirmed {:?} after the kill", down.elapsed());
+    // What the operator's CallnotifyErrors alert sees: the writes stalled.
+    let stalled = engine.metric("callnotify_errors_total{stage=\"state\",error=\"stalled\"}");
+    assert!(stalled >= 1.0, "the stall is counted: {stalled}");
 
     let cdrs = Cdrs::new(&spec.brokers, &spec.topic);
     let mut expected: Vec<String> = [&before, &during]

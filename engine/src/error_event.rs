@@ -54,6 +54,10 @@ pub enum ErrorEvent {
     /// The state owner could not publish a write to the state topic: the node stops,
     /// and rebuilds its store from the topic at its next start.
     StatePublish,
+    /// Writes of subscriber state wait: the state owner has had its records unconfirmed,
+    /// or could not read the state topic, for 10 s (a broker lost); raised every 10 s
+    /// while it lasts.
+    StateStalled,
     /// A sent record or retry-queue change was not written to its partition's
     /// changelog: offsets are no longer committed.
     ChangelogWrite,
@@ -63,7 +67,7 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 23] = [
+    pub const ALL: [ErrorEvent; 24] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -85,6 +89,7 @@ impl ErrorEvent {
         ErrorEvent::AdminListener,
         ErrorEvent::StateRead,
         ErrorEvent::StatePublish,
+        ErrorEvent::StateStalled,
         ErrorEvent::ChangelogWrite,
         ErrorEvent::ChangelogRestore,
     ];
@@ -103,7 +108,7 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
-            StateRead | StatePublish | ChangelogWrite | ChangelogRestore => "state",
+            StateRead | StatePublish | StateStalled | ChangelogWrite | ChangelogRestore => "state",
         }
     }
 
@@ -131,6 +136,7 @@ impl ErrorEvent {
             AdminListener => "listener",
             StateRead => "read",
             StatePublish => "publish",
+            StateStalled => "stalled",
             ChangelogWrite => "changelog_write",
             ChangelogRestore => "changelog_restore",
         }

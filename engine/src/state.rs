@@ -668,6 +668,8 @@ enum Turn {
 impl Owner {
     fn run(self) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
+        // Since when the previous owner's writes could not be read, and when that was last raised.
+        let mut not_caught_up: Option<(Instant, Instant)> = None;
         while !self.stop.load(Ordering::Relaxed) {
             let mut wait = Duration::from_millis(100);
             while batch.len() < REQUESTS_PER_BATCH {
@@ -687,9 +689,20 @@ impl Owner {
                 continue;
             }
             match self.carry_out(&batch) {
-                Ok(Turn::Done) => batch.clear(),
+                Ok(Turn::Done) => {
+                    batch.clear();
+                    not_caught_up = None;
+                }
                 Ok(Turn::NotCaughtUp(e)) => {
-                    tracing::warn!(error = %e, "the state owner could not read the previous owner's writes yet; trying again");
+                    let now = Instant::now();
+                    let (since, raised) = not_caught_up.get_or_insert((now, now));
+                    if now.duration_since(*raised) >= WAITING_NOTE_EVERY {
+                        *raised = now;
+                        crate::error_event!(self.metrics, ErrorEvent::StateStalled, error = %e, waited = ?now.duration_since(*since),
+                            "the state owner could not read the previous owner's writes yet; trying again, writes of subscriber state wait");
+                    } else {
+                        tracing::warn!(error = %e, "the state owner could not read the previous owner's writes yet; trying again");
+                    }
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Ok(Turn::Stopped) => {
@@ -818,7 +831,8 @@ impl Owner {
             }
             if noted.elapsed() >= WAITING_NOTE_EVERY {
                 noted = Instant::now();
-                tracing::warn!(waited = ?started.elapsed(), records = self.producer.in_flight_count(), within = ?PUBLISH_WITHIN,
+                crate::error_event!(self.metrics, ErrorEvent::StateStalled, waited = ?started.elapsed(),
+                    records = self.producer.in_flight_count(), within = ?PUBLISH_WITHIN,
                     "the state topic has not confirmed the owner's writes yet (a broker lost?); waiting, writes of subscriber state wait too");
             }
             self.producer.poll(Duration::from_millis(1));
