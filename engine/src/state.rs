@@ -68,7 +68,7 @@ const PUBLISH_WITHIN: Duration = Duration::from_secs(120);
 /// The least `max.poll.interval.ms` of the owner's consumer: longer than any of its
 /// waits between two polls ([`PUBLISH_WITHIN`], then reading its writes back).
 const OWNER_POLL_INTERVAL: Duration = Duration::from_secs(300);
-/// How often a wait for the state topic is logged.
+/// How often a wait for the state topic is raised ([`ErrorEvent::StateStalled`]).
 const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
 
 /// Where the state lives, from `kafka.*`.
@@ -139,8 +139,9 @@ type Results = Vec<Result<Reply, OpError>>;
 struct Waiters(Mutex<HashMap<u64, std::sync::mpsc::SyncSender<Results>>>);
 
 impl Waiters {
-    /// Wakes every caller without an answer (their `wait` says why): the node stops
-    /// because its owner could not publish, and its requests may never be answered.
+    /// Wakes every caller without an answer (their `wait` says why): the node stops,
+    /// because its owner could not publish or past its stop's grace period, and their
+    /// requests may never be answered here.
     fn forget_all(&self) {
         self.0.lock().expect("waiters lock").clear();
     }
@@ -688,7 +689,12 @@ impl Owner {
             if batch.is_empty() {
                 continue;
             }
-            match self.carry_out(&batch) {
+            // A failure while the engine stops is the stop's.
+            let turn = match self.carry_out(&batch) {
+                Err(_) if self.stop.load(Ordering::Relaxed) => Ok(Turn::Stopped),
+                turn => turn,
+            };
+            match turn {
                 Ok(Turn::Done) => {
                     batch.clear();
                     not_caught_up = None;
@@ -706,11 +712,8 @@ impl Owner {
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Ok(Turn::Stopped) => {
-                    // Its writes may or may not reach the topic: rebuilt at the next start.
-                    let _ = self.store.mark_diverged();
-                    return;
-                }
-                Err(_) if self.stop.load(Ordering::Relaxed) => {
+                    // The batch's writes may or may not reach the topic: the store is
+                    // rebuilt from it at the next start.
                     let _ = self.store.mark_diverged();
                     return;
                 }
