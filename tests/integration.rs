@@ -775,6 +775,34 @@ fn three_nodes_the_cdr_and_dead_letter_leaders_killed_and_restarted_no_mail_or_d
     assert!(engine.terminate());
 }
 
+/// docs/cluster.md, a write the state topic refuses for good (here every record is
+/// larger than the topic's `max.message.bytes`): the owner stops its node, and the import
+/// waiting for the write is told at once that this node stops and why, instead of
+/// waiting out its 60 s while the engine's stop waited for it past its deadline.
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn a_state_write_the_topic_refuses_stops_the_node_and_its_waiting_import_is_told_why_at_once() {
+    let topic = "it-refused";
+    let [state, ..] = shared_topics(topic);
+    block_on(create_topic_with(&brokers(), &state, 1, &[("max.message.bytes", "64")]));
+    let (_sink, spec, _dir) = setup("refused", 1, &[]);
+    let engine = spec.start();
+    engine.wait_serving();
+
+    let file = spec.dir.join("refused.jsonl");
+    std::fs::write(&file, every_call_subscribers("0374", 1)[0].line()).unwrap();
+    let out = spec.command().args(["provision", "import"]).arg(&file).args(["--url", &engine.url()]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    println!("state write refused: the import said: {said}");
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("this node stops (publishing subscriber state failed"), "{said}");
+    let status = engine.wait_exit(WAIT).expect("the node stops by itself");
+    assert!(!status.success(), "the node's exit says it failed");
+    let log = spec.log();
+    assert!(log.contains("publishing subscriber state failed"), "{log}");
+    assert!(!log.contains("the stop took longer than"), "the node stops within its deadline: {log}");
+}
+
 /// docs/cluster.md, a broker's loss under the state owner: on a cluster of three nodes,
 /// the broker holding the state topic's only replica is SIGKILLed, and a subscriber is
 /// provisioned through the engine while that broker stays down for 20 s: longer than the
