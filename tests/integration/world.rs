@@ -36,30 +36,32 @@ pub async fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
 /// Creates `topic` with `partitions` and the topic settings `config` (e.g.
 /// `max.message.bytes`), unless it exists.
 pub async fn create_topic_with(brokers: &str, topic: &str, partitions: i32, config: &[(&str, &str)]) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
-    let new =
-        config.iter().fold(NewTopic::new(topic, partitions, TopicReplication::Fixed(-1)), |t, (k, v)| t.set(k, v));
-    for result in admin.create_topics(&[new], &AdminOptions::new()).await.expect("create topics") {
-        match result {
-            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => panic!("creating {name}: {code}"),
-        }
-    }
+    create_topic(brokers, topic, partitions, rdkafka::admin::TopicReplication::Fixed(-1), config).await;
 }
 
 /// Creates `topic` with one partition whose replicas are the nodes `replicas` (the
 /// first leads it) and the topic settings `config`, unless it exists.
 pub async fn create_topic_on(brokers: &str, topic: &str, replicas: &[i32], config: &[(&str, &str)]) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let assignment = [replicas];
+    create_topic(brokers, topic, 1, rdkafka::admin::TopicReplication::Variable(&assignment), config).await;
+}
+
+async fn create_topic(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: rdkafka::admin::TopicReplication<'_>,
+    config: &[(&str, &str)],
+) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
-    let assignment = [replicas];
-    let new =
-        config.iter().fold(NewTopic::new(topic, 1, TopicReplication::Variable(&assignment)), |t, (k, v)| t.set(k, v));
+    let new = config.iter().fold(NewTopic::new(topic, partitions, replication), |t, (k, v)| t.set(k, v));
     for result in admin.create_topics(&[new], &AdminOptions::new()).await.expect("create topics") {
-        result.unwrap_or_else(|(name, code)| panic!("creating {name}: {code}"));
+        match result {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => panic!("creating {name}: {code}"),
+        }
     }
 }
 
