@@ -175,6 +175,20 @@ impl Store {
     }
 }
 
+impl Store {
+    /// One round of [`expire_hourly`]: [`Store::expire_faxes`], unless this store holds no
+    /// fax at all (every node applies every fax, so then no node has one): no request to
+    /// the state owner then, so a node without faxes writes no state of its own. Whether
+    /// it asked.
+    pub fn expire_faxes_if_any(&self, before: DateTime<Utc>) -> Result<bool, StoreError> {
+        if self.faxes.is_empty() {
+            return Ok(false);
+        }
+        self.expire_faxes(before)?;
+        Ok(true)
+    }
+}
+
 /// Every hour, has the faxes received more than `retention_days` ago forgotten
 /// (`store.fax_retention_days`): on every node, so the expiry does not wait for any one
 /// of them; the state owner carries out each request, and a second finds nothing left.
@@ -185,19 +199,15 @@ pub async fn expire_hourly(store: Store, retention_days: u64, stop: tokio_util::
             () = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        // No faxes here, none anywhere (every node applies every fax): no request, so a
-        // node without faxes writes no state of its own.
-        if store.faxes.is_empty() {
-            continue;
-        }
         let before = chrono::Utc::now() - chrono::TimeDelta::days(retention_days as i64);
         let store = store.clone();
         let expired = tokio::select! {
             () = stop.cancelled() => return,
-            expired = tokio::task::spawn_blocking(move || store.expire_faxes(before)) => expired,
+            expired = tokio::task::spawn_blocking(move || store.expire_faxes_if_any(before)) => expired,
         };
         match expired {
-            Ok(Ok(())) => tracing::debug!(retention_days, "faxes past their retention removed"),
+            Ok(Ok(false)) => {}
+            Ok(Ok(true)) => tracing::debug!(retention_days, "faxes past their retention removed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "removing old faxes failed; will try again in an hour"),
             Err(e) => tracing::warn!(error = %e, "removing old faxes failed; will try again in an hour"),
         }
@@ -251,6 +261,33 @@ mod tests {
         assert!(store.faxes_of(&fax.number).unwrap().is_empty());
         assert_eq!(store.fax(&fax.number, &fax.key()).unwrap(), None);
         assert!(!store.delete_fax(&fax.key()).unwrap(), "nothing left to delete");
+    }
+
+    /// What a node asks of the state owner, by op name.
+    struct Recording(std::sync::Mutex<Vec<&'static str>>);
+
+    impl crate::store::state::StateWriter for Recording {
+        fn write(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>> {
+            self.0.lock().unwrap().extend(ops.iter().map(Op::name));
+            ops.iter().map(|_| Ok(Reply::Done)).collect()
+        }
+    }
+
+    /// R-F1, `store.fax_retention_days`: the hourly expiry asks the state owner only on a
+    /// node that holds faxes; one without any sends nothing.
+    #[test]
+    fn r_f1_the_hourly_expiry_asks_the_state_owner_only_where_there_are_faxes() {
+        let asked = |store: Store| {
+            let writer = std::sync::Arc::new(Recording(Default::default()));
+            store.attach_writer(writer.clone());
+            let asked = store.expire_faxes_if_any(Utc::now()).unwrap();
+            let ops = writer.0.lock().unwrap().clone();
+            (asked, ops)
+        };
+        assert_eq!(asked(store()), (false, vec![]), "no faxes: no request");
+        let with_fax = store();
+        assert!(with_fax.keep_fax(record("0312345678", "f-1", Utc::now()), b"II*\0".to_vec()).unwrap());
+        assert_eq!(asked(with_fax), (true, vec!["expire_faxes"]));
     }
 
     /// R-F1, `store.fax_retention_days`: faxes received before the cut are forgotten,
