@@ -2,11 +2,13 @@
 //! partition in Kafka so that the partition's next reader knows it too (Kafka Streams'
 //! changelog of a partition's state store):
 //!
-//! - `kafka.sent_topic`: every sent record (a mail sent, queued or refused), in the
-//!   partition of the same number as its CDR's; kept as long as the records
-//!   (`store.sent_retention_days`);
+//! - `kafka.sent_topic`: the sent record of every mail sent or refused, and of every
+//!   queued mail once it leaves the queue, in the partition of the same number as its
+//!   CDR's; kept as long as the records (`store.sent_retention_days`);
 //! - `kafka.retry_topic` (compacted): the live retry-queue entries of each partition,
-//!   a tombstone once one is sent or given up.
+//!   a tombstone once one is sent or given up. An entry is also its mail's sent record
+//!   while it is queued: one record, so a node killed midway cannot leave a mail
+//!   recorded as handled without its entry.
 //!
 //! The node commits a CDR's offset only after the records published so far are
 //! confirmed by the cluster (`acks=all`), so a record a committed CDR relies on is in
@@ -226,11 +228,15 @@ impl PartitionLog {
         })?;
         let retry_from: Vec<(i32, Offset)> = numbers.iter().map(|&p| (p, Offset::Beginning)).collect();
         read_to_end(reader, &self.retry_topic, &retry_from, |message| {
+            let key = message.key().unwrap_or_default();
             let live = message.payload().filter(|v| v.len() > 8).map(|v| {
                 let due = i64::from_be_bytes(v[..8].try_into().expect("eight bytes"));
                 (due, v[8..].to_vec())
             });
-            retries.entry(message.partition()).or_default().insert(message.key().unwrap_or_default().to_vec(), live);
+            // An entry, queued or taken out, is its mail's sent record (`RetryQueue::push`).
+            let at = message.timestamp().to_millis().map_or(0, |ms| ms.div_euclid(1000).max(0) as u64);
+            store.restore_sent(key, at)?;
+            retries.entry(message.partition()).or_default().insert(key.to_vec(), live);
             entries += 1;
             Ok(())
         })?;
@@ -336,4 +342,109 @@ fn read_to_end(
     }
     reader.unassign()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use chrono::{DateTime, Utc};
+
+    use super::*;
+    use crate::deliver::queue::Queued;
+    use crate::embedded::EmbeddedKafka;
+    use crate::phone::PhoneNumber;
+    use crate::render::{Origin, Renderer};
+
+    const SENT: &str = "cdr-sent";
+    const RETRY: &str = "cdr-retry";
+
+    fn partition() -> PartitionId {
+        PartitionId { topic: "cdr".into(), partition: 1 }
+    }
+
+    fn log(kafka: &EmbeddedKafka, group_id: &str) -> Arc<PartitionLog> {
+        let properties = BTreeMap::new();
+        let reach = crate::cluster::Reach { brokers: kafka.bootstrap_servers(), properties: &properties, group_id };
+        let options = PartitionLogOptions { reach, sent_topic: SENT, retry_topic: RETRY };
+        Arc::new(PartitionLog::start(&options, Metrics::new()).expect("changelog clients"))
+    }
+
+    /// A mail whose first attempt was deferred, as the delivery stage queues it.
+    fn deferred(call_id: &str) -> Queued {
+        let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let to = crate::address::DestinationAddress::parse("taro@example.jp").unwrap();
+        let mail = renderer.render_test(called.as_str(), &to, "n", crate::render::MailService::Call).unwrap();
+        let ended_at = DateTime::from_timestamp(1_764_000_000, 0).unwrap();
+        let origin = Origin { call_id: call_id.into(), called, ended_at, source: Some(partition()) };
+        Queued::new(&mail, &origin, "450 4.3.0 try later", Utc::now())
+    }
+
+    /// A node killed before all it published was confirmed: Kafka confirms each
+    /// partition on its own, so the records of one changelog may be in the cluster and
+    /// those of the other lost. This sink passes one changelog's records and loses the
+    /// other's.
+    struct KilledMidway {
+        log: Arc<PartitionLog>,
+        kept: &'static str,
+    }
+
+    impl PartitionSink for KilledMidway {
+        fn sent(&self, partition: &PartitionId, key: &[u8], at: u64) {
+            if self.kept == SENT {
+                self.log.sent(partition, key, at);
+            }
+        }
+
+        fn retry_put(&self, partition: &PartitionId, key: &[u8], due_ms: i64, entry: &[u8]) {
+            if self.kept == RETRY {
+                self.log.retry_put(partition, key, due_ms, entry);
+            }
+        }
+
+        fn retry_removed(&self, partition: &PartitionId, key: &[u8]) {
+            if self.kept == RETRY {
+                self.log.retry_removed(partition, key);
+            }
+        }
+
+        fn owns(&self, _: &PartitionId) -> bool {
+            true
+        }
+    }
+
+    /// The partition's next reader after a node queued a mail and was killed with only
+    /// one of the changelogs' records confirmed. Its CDR was not committed (a commit
+    /// waits for every record), so the next reader reads it again: the mail is either
+    /// in that reader's queue, or not recorded as handled so that the CDR queues or
+    /// sends it again. Never recorded as handled without being queued: that loses it
+    /// (the CI run of cc2e605 lost two mails so).
+    #[test]
+    fn a_node_killed_after_queueing_a_mail_leaves_it_queued_or_unhandled_on_the_partition_s_next_reader() {
+        let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
+        for (i, kept) in [SENT, RETRY].into_iter().enumerate() {
+            let killed = Store::temporary().unwrap();
+            let written = log(&kafka, "killed");
+            killed.attach_partition_sink(Arc::new(KilledMidway { log: written.clone(), kept }));
+            let entry = deferred(&format!("call-{i}"));
+            RetryQueue::open(&killed).unwrap().push(&entry, Utc::now().timestamp_millis(), 1).unwrap();
+            written.confirm(Duration::from_secs(10)).expect("the kept records confirmed");
+
+            let next = Store::temporary().unwrap();
+            let reader = log(&kafka, "next");
+            next.attach_partition_sink(reader.clone());
+            reader.restore(&next, &[partition()]).expect("restore");
+            let queued = RetryQueue::open(&next).unwrap().len() == 1;
+            let handled = next.was_sent(&entry.sent_key().unwrap()).unwrap();
+            assert!(
+                queued || !handled,
+                "only the {kept} record confirmed: the mail is lost (queued {queued}, handled {handled})"
+            );
+            assert!(!queued || handled, "queued, but its CDR read again would queue it twice");
+            written.stop();
+            reader.stop();
+        }
+    }
 }

@@ -194,9 +194,9 @@ impl RetryQueue {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => StoreError::from(e),
             })?;
-        if let (Some(sink), Some(source)) = (self.sink.get(), &entry.source) {
-            sink.sent(source, key.as_bytes(), now_secs);
-        }
+        // In the changelog the entry is its mail's sent record too (the next reader
+        // restores both from it): one record, so a node killed midway cannot leave the
+        // mail recorded as handled there without its entry, which would lose it.
         self.publish(entry, &key, due_ms, &value);
         Ok((slot, new))
     }
@@ -258,8 +258,16 @@ impl RetryQueue {
     /// it was there.
     pub fn remove(&self, slot: &Slot) -> Result<bool, StoreError> {
         let Some(old) = self.retry.remove(slot.0.as_slice())? else { return Ok(false) };
-        if let (Some(sink), Ok(Queued { source: Some(source), .. })) = (self.sink.get(), serde_json::from_slice(&old)) {
-            sink.retry_removed(&source, &slot.0[8..]);
+        if let (Some(sink), Ok(entry)) = (self.sink.get(), serde_json::from_slice::<Queued>(&old)) {
+            if let Some(source) = &entry.source {
+                // The sent record outlives the entry's tombstone, which compaction drops
+                // after a day; it goes first, so a node killed between the two leaves
+                // the entry live (sent twice, the window docs/delivery.md names), never
+                // gone unrecorded.
+                let handled_secs = entry.first_failed_ms.div_euclid(1000).max(0) as u64;
+                sink.sent(source, &slot.0[8..], handled_secs);
+                sink.retry_removed(source, &slot.0[8..]);
+            }
         }
         Ok(true)
     }

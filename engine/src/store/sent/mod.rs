@@ -32,7 +32,8 @@ pub struct PartitionId {
 /// they follow the partition to its next reader. Unset (tools, unit tests): they stay
 /// in this store only.
 pub trait PartitionSink: Send + Sync {
-    /// `key`'s mail was handled (sent, queued or refused) at `at` (unix seconds).
+    /// `key`'s mail was handled (sent or refused; or queued, and it left the queue)
+    /// at `at` (unix seconds). A queued mail's record is its retry entry.
     fn sent(&self, partition: &PartitionId, key: &[u8], at: u64);
     /// A retry-queue entry (due at `due_ms`, as JSON) was put, or moved.
     fn retry_put(&self, partition: &PartitionId, key: &[u8], due_ms: i64, entry: &[u8]);
@@ -300,9 +301,14 @@ impl Store {
     }
 
     /// Records `key` as handled at `at` without publishing it: a record read from its
-    /// partition's changelog.
+    /// partition's changelog. A key this store has keeps its time: the retry entries
+    /// are read again at every assignment, and a second time would count the mail
+    /// twice for flood control ([`Store::recipients_handled_since`]).
     pub fn restore_sent(&self, key: &[u8], at: u64) -> Result<(), StoreError> {
-        Ok(self.sent.insert(key, at)?)
+        if self.sent.by_key.compare_and_swap(key, None::<&[u8]>, Some(&at.to_be_bytes()))?.is_ok() {
+            self.sent.by_handled.insert(handled_key(at, key), &[])?;
+        }
+        Ok(())
     }
 }
 
