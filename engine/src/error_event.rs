@@ -58,6 +58,10 @@ pub enum ErrorEvent {
     /// or could not read the state topic, for 10 s (a broker lost); raised every 10 s
     /// while it lasts.
     StateStalled,
+    /// A state record written by an owner that another had replaced (a pause longer
+    /// than its session) was ignored; the current owner writes the key again. When the
+    /// record is this node's own, the node stops and rebuilds its store.
+    StateFenced,
     /// A sent record or retry-queue change was not written to its partition's
     /// changelog: offsets are no longer committed.
     ChangelogWrite,
@@ -67,7 +71,7 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 24] = [
+    pub const ALL: [ErrorEvent; 25] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -90,6 +94,7 @@ impl ErrorEvent {
         ErrorEvent::StateRead,
         ErrorEvent::StatePublish,
         ErrorEvent::StateStalled,
+        ErrorEvent::StateFenced,
         ErrorEvent::ChangelogWrite,
         ErrorEvent::ChangelogRestore,
     ];
@@ -108,7 +113,7 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
-            StateRead | StatePublish | StateStalled | ChangelogWrite | ChangelogRestore => "state",
+            StateRead | StatePublish | StateStalled | StateFenced | ChangelogWrite | ChangelogRestore => "state",
         }
     }
 
@@ -137,6 +142,7 @@ impl ErrorEvent {
             StateRead => "read",
             StatePublish => "publish",
             StateStalled => "stalled",
+            StateFenced => "fenced",
             ChangelogWrite => "changelog_write",
             ChangelogRestore => "changelog_restore",
         }

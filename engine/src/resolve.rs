@@ -241,9 +241,9 @@ mod tests {
         let caught_up = Store::temporary().unwrap();
         let values: Vec<_> =
             store.state_entries().map(|kv| kv.map(|(k, v)| (k, Some(v.to_vec())))).collect::<Result<_, _>>().unwrap();
-        caught_up.apply_state(&values, values.len() as i64, &[]).unwrap();
+        caught_up.apply_state(&values, values.len() as i64, None, &[]).unwrap();
         let removed = [(crate::store::state::StateKey::number(crate::store::state::StateTree::Numbers, &c), None)];
-        caught_up.apply_state(&removed, values.len() as i64 + 1, &[]).unwrap();
+        caught_up.apply_state(&removed, values.len() as i64 + 1, None, &[]).unwrap();
         let started = Resolver::new(caught_up, 100).unwrap();
         assert_eq!(started.subscribed_numbers(), 1, "a and nothing else: c's record was deleted");
         assert!(started.resolve(&a).unwrap().is_some());

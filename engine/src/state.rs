@@ -30,11 +30,18 @@
 //! - **Compaction** keeps the last value of every key (a deleted key: its tombstone), so
 //!   an empty node reads each key once to catch up.
 //!
-//! Known limit: an owner that was thought dead but still runs (a long pause) can publish
-//! after its successor took over; Kafka transactions with a per-partition transactional
-//! id would fence it.
+//! - **Fencing.** An owner that was thought dead but still runs (a pause longer than
+//!   its session) could publish after its successor took over. Each owner announces
+//!   itself when it takes over (a record of its own key, `owner/…`, that compaction
+//!   keeps), and every record it writes carries its epoch: the offset of that
+//!   announcement. Every node applies a record only if its epoch is the last announced
+//!   one before it in the partition, so all nodes, and a node reading the topic from
+//!   its start later, ignore the same records. The current owner writes each ignored
+//!   key again (compaction would otherwise keep the ignored value and drop the last
+//!   good one), and a node that finds its own records ignored stops and rebuilds its
+//!   store from the topic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -70,6 +77,13 @@ const PUBLISH_WITHIN: Duration = Duration::from_secs(120);
 const OWNER_POLL_INTERVAL: Duration = Duration::from_secs(300);
 /// How often a wait for the state topic is raised ([`ErrorEvent::StateStalled`]).
 const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
+/// The header with the epoch of the owner that wrote a record (i64, big-endian): the
+/// offset of its announcement in the state topic.
+const EPOCH_HEADER: &str = "epoch";
+/// Key prefix of an owner's announcement, one per takeover: `owner/NODE/MILLISECONDS`.
+/// Each key is unique, so compaction keeps every announcement and a node reading the
+/// topic from its start fences exactly the records a node reading it live fenced.
+const ANNOUNCEMENT: &str = "owner/";
 
 /// Where the state lives, from `kafka.*`.
 pub struct StateOptions<'a> {
@@ -133,6 +147,25 @@ impl Progress {
 }
 
 type Results = Vec<Result<Reply, OpError>>;
+
+/// Keys whose last record a replaced owner wrote (ignored everywhere): the current
+/// owner writes them again from its store.
+#[derive(Default)]
+struct Fenced(Mutex<HashSet<String>>);
+
+impl Fenced {
+    fn add(&self, key: String) {
+        self.0.lock().expect("fenced lock").insert(key);
+    }
+
+    fn take(&self) -> Vec<String> {
+        self.0.lock().expect("fenced lock").drain().collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.lock().expect("fenced lock").is_empty()
+    }
+}
 
 /// The callers waiting for answers, by request id.
 #[derive(Default)]
@@ -298,6 +331,8 @@ impl StateLog {
         let progress = Arc::new(Progress::default());
         let waiters = Arc::new(Waiters::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
+        let fenced = Arc::new(Fenced::default());
         let position = store.state_position()?;
         let end = end.max(position);
         progress.set(position);
@@ -310,6 +345,10 @@ impl StateLog {
             progress: progress.clone(),
             stop: stop.clone(),
             metrics: metrics.clone(),
+            epoch: store.owner_epoch()?,
+            fenced: fenced.clone(),
+            failed: failed.clone(),
+            failure: failure.clone(),
         };
         let mut assignment = TopicPartitionList::new();
         assignment.add_partition_offset(options.topic, 0, Offset::Offset(position))?;
@@ -329,7 +368,6 @@ impl StateLog {
             "subscriber state caught up"
         );
 
-        let failure = Arc::new(Mutex::new(None));
         let mut owner_config = config(&[
             ("group.id", &format!("{}-state", options.reach.group_id)),
             ("enable.auto.commit", "false"),
@@ -350,7 +388,11 @@ impl StateLog {
             node: node.clone(),
             topic: options.topic.to_owned(),
             consumer: owner_config
-                .create_with_context(OwnerContext { assigned: AtomicBool::new(false), metrics: metrics.clone() })
+                .create_with_context(OwnerContext {
+                    assigned: AtomicBool::new(false),
+                    owning: AtomicBool::new(false),
+                    metrics: metrics.clone(),
+                })
                 .context("creating the state owner's consumer")?,
             producer: producer_config(&[
                 ("enable.idempotence", "true"),
@@ -367,6 +409,8 @@ impl StateLog {
             metrics: metrics.clone(),
             failed,
             failure: failure.clone(),
+            epoch: std::cell::Cell::new(None),
+            fenced,
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
@@ -528,10 +572,17 @@ struct Applier {
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
     metrics: Metrics,
+    /// The epoch in force where it reads: the offset of the last announcement read.
+    epoch: Option<i64>,
+    /// Where it leaves the keys a replaced owner wrote, for the owner.
+    fenced: Arc<Fenced>,
+    /// Cancelled, with `failure` set, when this node finds its own records fenced.
+    failed: CancellationToken,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Applier {
-    fn run(self) {
+    fn run(mut self) {
         let mut values = Vec::new();
         let mut answers = Vec::new();
         while !self.stop.load(Ordering::Relaxed) {
@@ -549,6 +600,18 @@ impl Applier {
                         wait = Duration::ZERO;
                         next = Some(message.offset() + 1);
                         let key = message.key().unwrap_or_default();
+                        if key.starts_with(ANNOUNCEMENT.as_bytes()) {
+                            self.epoch = Some(message.offset());
+                            continue;
+                        }
+                        let written_in = epoch_of(&message);
+                        // A store that applied the topic before owners had epochs
+                        // takes the first one it meets.
+                        self.epoch = self.epoch.or(written_in);
+                        if written_in.is_some() && written_in != self.epoch {
+                            self.fence(&message, key, written_in);
+                            continue;
+                        }
                         if let Some(key) = StateKey::decode(key) {
                             // What this node wrote as the owner, its store has already.
                             if !written_by(&message, &self.node) {
@@ -566,7 +629,7 @@ impl Applier {
                 }
             }
             let Some(next) = next else { continue };
-            while let Err(e) = self.store.apply_state(&values, next, &answered) {
+            while let Err(e) = self.store.apply_state(&values, next, self.epoch, &answered) {
                 crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
                 if self.stop.load(Ordering::Relaxed) {
                     return;
@@ -583,8 +646,55 @@ impl Applier {
     }
 }
 
+impl Applier {
+    /// A record written in `written_in`, an epoch an owner's announcement has ended:
+    /// ignored. Another node's key is left for the owner to write again; this node's
+    /// own record means it was that replaced owner, and its store holds writes nobody
+    /// else applied: it stops, and rebuilds its store at its next start.
+    fn fence(&self, message: &rdkafka::message::BorrowedMessage<'_>, key: &[u8], written_in: Option<i64>) {
+        let key = String::from_utf8_lossy(key).into_owned();
+        if !written_by(message, &self.node) {
+            crate::error_event!(self.metrics, ErrorEvent::StateFenced, key, offset = message.offset(), written_in,
+                epoch = self.epoch, "a state record of a replaced owner (paused past its session) was ignored; the owner writes the key again");
+            if StateKey::decode(key.as_bytes()).is_some() {
+                self.fenced.add(key);
+            }
+            return;
+        }
+        let mut failure = self.failure.lock().expect("failure lock");
+        if failure.is_some() {
+            return;
+        }
+        crate::error_event!(
+            self.metrics,
+            ErrorEvent::StateFenced,
+            key,
+            offset = message.offset(),
+            written_in,
+            epoch = self.epoch,
+            "this node's writes as the state owner are ignored: another node took over while it was paused; \
+            this node stops and rebuilds its store from the state topic at its next start"
+        );
+        let _ = self.store.mark_diverged();
+        *failure =
+            Some("another node became the state owner while this one was paused; its writes since are ignored".into());
+        drop(failure);
+        self.waiters.forget_all();
+        self.failed.cancel();
+    }
+}
+
 /// The header naming the node whose owner wrote a record.
 const OWNER_HEADER: &str = "owner";
+
+/// The epoch of the owner that wrote `message`; `None` for records written without
+/// one (carried over into an empty topic, or by an engine before epochs).
+fn epoch_of(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
+    use rdkafka::message::Headers as _;
+    let headers = message.headers()?;
+    let raw = headers.iter().find(|h| h.key == EPOCH_HEADER)?.value?;
+    <[u8; 8]>::try_from(raw).ok().map(i64::from_be_bytes)
+}
 
 /// Whether `node` wrote `message` as the state owner.
 fn written_by(message: &rdkafka::message::BorrowedMessage<'_>, node: &str) -> bool {
@@ -597,7 +707,10 @@ fn written_by(message: &rdkafka::message::BorrowedMessage<'_>, node: &str) -> bo
 /// Notes each assignment of the request partition (the owner catches up first) and
 /// shows in `callnotify_state_owner` whether this node is the owner.
 struct OwnerContext {
+    /// Set at an assignment, until the owner has caught up and announced itself.
     assigned: AtomicBool,
+    /// Whether this node holds the request partition now.
+    owning: AtomicBool,
     metrics: Metrics,
 }
 
@@ -608,10 +721,14 @@ impl ConsumerContext for OwnerContext {
         match rebalance {
             Rebalance::Assign(partitions) if partitions.count() > 0 => {
                 self.assigned.store(true, Ordering::Relaxed);
+                self.owning.store(true, Ordering::Relaxed);
                 self.metrics.state_owner(true);
                 tracing::info!("this node now carries out writes of subscriber state (the state owner)");
             }
-            Rebalance::Revoke(partitions) if partitions.count() > 0 => self.metrics.state_owner(false),
+            Rebalance::Revoke(partitions) if partitions.count() > 0 => {
+                self.owning.store(false, Ordering::Relaxed);
+                self.metrics.state_owner(false);
+            }
             _ => {}
         }
     }
@@ -653,6 +770,11 @@ struct Owner {
     failed: CancellationToken,
     /// Why the node stopped, for the engine's exit.
     failure: Arc<Mutex<Option<String>>>,
+    /// The offset of this owner's announcement, once made: every record it writes
+    /// carries it.
+    epoch: std::cell::Cell<Option<i64>>,
+    /// Keys a replaced owner wrote last, found by the applier: written again.
+    fenced: Arc<Fenced>,
 }
 
 /// How the owner's turn at a batch of requests ended.
@@ -662,7 +784,8 @@ enum Turn {
     /// Not started: the previous owner's writes could not be read yet (the state topic
     /// unreachable). Nothing was written: the same batch is taken again.
     NotCaughtUp(anyhow::Error),
-    /// The engine stops while the state topic has not confirmed the batch.
+    /// The engine stops while the state topic has not confirmed the batch, or because
+    /// its records were fenced (another owner took over).
     Stopped,
 }
 
@@ -686,7 +809,13 @@ impl Owner {
                     }
                 }
             }
-            if batch.is_empty() {
+            if !self.consumer.context().owning.load(Ordering::Relaxed) {
+                // Revoked while gathering: the partition's next owner carries them out.
+                batch.clear();
+                self.epoch.set(None);
+                continue;
+            }
+            if batch.is_empty() && self.fenced.is_empty() {
                 continue;
             }
             // A failure while the engine stops is the stop's.
@@ -748,15 +877,46 @@ impl Owner {
         if !self.progress.wait_for(end, ANSWER_WITHIN) {
             anyhow::bail!("the state topic was not read up to its end ({end}) within {ANSWER_WITHIN:?}");
         }
-        self.consumer.context().assigned.store(false, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Once caught up after an assignment: announces this owner, so that records of an
+    /// earlier one written after this point are ignored everywhere, and waits until
+    /// the applier has read the announcement. False if the engine stops first.
+    fn announce(&self) -> anyhow::Result<bool> {
+        let key = format!("{ANNOUNCEMENT}{}/{}", self.node, chrono::Utc::now().timestamp_millis());
+        self.send(&key, Some(br#"{"owner":true}"#), None)?;
+        if !self.confirmed()? {
+            return Ok(false);
+        }
+        let (last, failure) = std::mem::take(&mut *self.producer.context().last.lock().expect("published lock"));
+        if let Some(failure) = failure {
+            anyhow::bail!("the owner's announcement was not written: {failure}");
+        }
+        let epoch = last.context("the owner's announcement was confirmed without an offset")?;
+        if !self.progress.wait_for(epoch + 1, ANSWER_WITHIN) {
+            anyhow::bail!("this node's applier did not read the owner's announcement within {ANSWER_WITHIN:?}");
+        }
+        self.epoch.set(Some(epoch));
+        self.consumer.context().assigned.store(false, Ordering::Relaxed);
+        tracing::info!(epoch, "the state owner announced itself: records of earlier owners after this are ignored");
+        Ok(true)
     }
 
     fn carry_out(&self, batch: &[OwnedMessage]) -> anyhow::Result<Turn> {
         if let Err(e) = self.catch_up() {
             return Ok(Turn::NotCaughtUp(e));
         }
+        if self.consumer.context().assigned.load(Ordering::Relaxed) && !self.announce()? {
+            return Ok(Turn::Stopped);
+        }
         self.store.begin_owner_batch()?;
+        for key in self.fenced.take() {
+            if let Some(state_key) = StateKey::decode(key.as_bytes()) {
+                let value = self.store.state_value(&state_key)?;
+                self.publish(&key, value.as_deref())?;
+            }
+        }
         for message in batch {
             let Some(request) = message.payload().and_then(|p| serde_json::from_slice::<Request>(p).ok()) else {
                 tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
@@ -807,11 +967,17 @@ impl Owner {
         if last.is_some_and(|last| !self.progress.wait_for(last + 1, ANSWER_WITHIN)) {
             anyhow::bail!("this node's applier did not read back the owner's writes within {ANSWER_WITHIN:?}");
         }
+        if self.failure.lock().expect("failure lock").is_some() {
+            // The applier found these records fenced and stops the node: the store
+            // keeps its mark, to be rebuilt.
+            return Ok(Turn::Stopped);
+        }
         self.store.end_owner_batch()?;
-        let last_request = batch.last().expect("a batch").offset();
+        let (Some(first), Some(last_request)) = (batch.first(), batch.last()) else {
+            return Ok(Turn::Done); // Only keys written again.
+        };
         let mut commit = TopicPartitionList::new();
-        let first = &batch[0];
-        commit.add_partition_offset(first.topic(), first.partition(), Offset::Offset(last_request + 1))?;
+        commit.add_partition_offset(first.topic(), first.partition(), Offset::Offset(last_request.offset() + 1))?;
         if let Err(e) = self.consumer.commit(&commit, CommitMode::Sync) {
             // The replies are written: a successor skips these requests anyway.
             tracing::warn!(error = %e, "committing state requests failed");
@@ -843,10 +1009,20 @@ impl Owner {
         Ok(true)
     }
 
+    /// Publishes a record of this owner's epoch.
     fn publish(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<()> {
-        let owner = rdkafka::message::OwnedHeaders::new()
+        let epoch = self.epoch.get().context("the state owner writes before it announced itself")?;
+        self.send(key, value, Some(epoch))
+    }
+
+    fn send(&self, key: &str, value: Option<&[u8]>, epoch: Option<i64>) -> anyhow::Result<()> {
+        let mut headers = rdkafka::message::OwnedHeaders::new()
             .insert(rdkafka::message::Header { key: OWNER_HEADER, value: Some(self.node.as_bytes()) });
-        let mut record = BaseRecord::<str, [u8]>::to(&self.topic).key(key).headers(owner);
+        let epoch = epoch.map(i64::to_be_bytes);
+        if let Some(epoch) = &epoch {
+            headers = headers.insert(rdkafka::message::Header { key: EPOCH_HEADER, value: Some(epoch.as_slice()) });
+        }
+        let mut record = BaseRecord::<str, [u8]>::to(&self.topic).key(key).headers(headers);
         if let Some(value) = value {
             record = record.payload(value);
         }

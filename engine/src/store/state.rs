@@ -344,6 +344,9 @@ const POSITION: &[u8] = b"position";
 const ANSWERED: &str = "answered/";
 /// The state topic this store is a view of, once it has been attached to one.
 const TOPIC: &[u8] = b"topic";
+/// The owner epoch in force at [`POSITION`]: the offset of the last owner's
+/// announcement read (i64, big-endian; `crate::state` fences by it).
+const EPOCH: &[u8] = b"owner_epoch";
 /// Set when this store may hold writes the state topic lacks (an owner's publish
 /// failed): the view is rebuilt from the topic at the next start.
 const DIVERGED: &[u8] = b"diverged";
@@ -580,14 +583,16 @@ impl Store {
     }
 
     /// Applies values read from the state topic (`None`: the key was deleted), then
-    /// records `position` as the next offset to read and the requests answered (node,
-    /// request id), and tells the listeners of every number whose record changed. A
-    /// value applied twice is the same value: a node that stops between the two steps
-    /// applies a few records again, harmlessly.
+    /// records `position` as the next offset to read with the owner epoch in force
+    /// there (one batch: a restart reads on with the epoch of its position), and the
+    /// requests answered (node, request id), and tells the listeners of every number
+    /// whose record changed. A value applied twice is the same value: a node that
+    /// stops between the two steps applies a few records again, harmlessly.
     pub fn apply_state(
         &self,
         values: &[(StateKey, Option<Vec<u8>>)],
         position: i64,
+        epoch: Option<i64>,
         answered: &[(String, u64)],
     ) -> Result<(), StoreError> {
         // Plain writes in order, not sled batches: at 10 000 000 numbers batches of
@@ -624,8 +629,19 @@ impl Store {
         for (node, id) in answered {
             meta.insert(format!("{ANSWERED}{node}").as_bytes(), &id.to_be_bytes())?;
         }
-        meta.insert(POSITION, &position.to_be_bytes())?;
+        let mut at = sled::Batch::default();
+        if let Some(epoch) = epoch {
+            at.insert(EPOCH, &epoch.to_be_bytes());
+        }
+        at.insert(POSITION, &position.to_be_bytes());
+        meta.apply_batch(at)?;
         self.changed(&changed)
+    }
+
+    /// The owner epoch in force at [`Store::state_position`], once an owner announced.
+    pub fn owner_epoch(&self) -> Result<Option<i64>, StoreError> {
+        let raw = self.meta()?.get(EPOCH)?;
+        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map(i64::from_be_bytes))
     }
 
     /// The next offset of the state topic this store has not applied (0: none yet).
@@ -755,7 +771,7 @@ mod tests {
                 }
             };
             position += 1;
-            view.apply_state(&values, position, &[]).unwrap();
+            view.apply_state(&values, position, None, &[]).unwrap();
         };
         let first =
             LineRecord { contract: n("0312345678"), numbers: vec![n("0312345678"), n("0312345679")], unit: None };

@@ -294,3 +294,120 @@ async fn r_l3_a_store_left_mid_batch_by_its_owner_is_rebuilt_from_the_state_topi
     assert!(a.store.number(&n("0312345678")).unwrap().is_some(), "the topic's state is back");
     a.stop().await;
 }
+
+/// The state topic of the harness's nodes (`kafka.state_topic`'s default).
+const STATE_TOPIC: &str = engine::embedded::STATE_TOPICS[0];
+
+/// Writes one record into the state topic as an owner would: `epoch` is the offset of
+/// that owner's announcement (docs/cluster.md, "Why the counts are exact").
+async fn write_state(h: &Harness, node: &str, key: &str, payload: &[u8], epoch: Option<i64>) -> i64 {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
+    let epoch = epoch.map(i64::to_be_bytes);
+    let mut headers = OwnedHeaders::new().insert(Header { key: "owner", value: Some(node) });
+    if let Some(epoch) = &epoch {
+        headers = headers.insert(Header { key: "epoch", value: Some(epoch.as_slice()) });
+    }
+    let record = FutureRecord::to(STATE_TOPIC).key(key).payload(payload).headers(headers);
+    producer.send(record, std::time::Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap().offset
+}
+
+/// Every record of the state topic with `key`, in order: (payload, epoch header).
+fn state_records(h: &Harness, key: &str) -> Vec<(Vec<u8>, Option<i64>)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", h.kafka.bootstrap_servers())
+        .set("group.id", "state-records")
+        .create()
+        .unwrap();
+    let (_, end) = reader.fetch_watermarks(STATE_TOPIC, 0, std::time::Duration::from_secs(10)).unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(STATE_TOPIC, 0, rdkafka::Offset::Beginning).unwrap();
+    reader.assign(&list).unwrap();
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut next = 0;
+    while next < end && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(std::time::Duration::from_millis(100)) {
+            next = m.offset() + 1;
+            if m.key() == Some(key.as_bytes()) {
+                let epoch = m.headers().and_then(|hs| hs.iter().find(|h| h.key == "epoch").and_then(|h| h.value));
+                let epoch = epoch.and_then(|raw| <[u8; 8]>::try_from(raw).ok()).map(i64::from_be_bytes);
+                records.push((m.payload().unwrap_or_default().to_vec(), epoch));
+            }
+        }
+    }
+    records
+}
+
+/// A replaced owner's late write (an owner paused past its session, resumed after node
+/// A took over): node A and a node started later on an empty store both ignore it, and
+/// A writes the key again so that compaction, which keeps a key's last record, keeps a
+/// good one. Before: A applied it, and the subscriber's mails went to the address the
+/// replaced owner wrote (R-N2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n2_a_replaced_owner_s_late_write_is_applied_by_no_node_and_written_over() {
+    const NUMBER: &str = "0312345678";
+    let h = Harness::new(1).await;
+    // The replaced owner announced itself first (offset 0: its epoch).
+    let old_epoch = write_state(&h, "zombie", "owner/zombie/1", b"{}", None).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber(NUMBER, "taro@example.jp")]);
+    let key = format!("numbers/{NUMBER}");
+    let good = state_records(&h, &key).pop().expect("the number's record").0;
+    let late = String::from_utf8(good.clone()).unwrap().replace("taro@example.jp", "zombie@example.jp");
+    assert_ne!(late.as_bytes(), good.as_slice());
+    write_state(&h, "zombie", &key, late.as_bytes(), Some(old_epoch)).await;
+    // A write through A after it: A shows its own writes, so it has read the late one.
+    a.provision(&[plain_subscriber("0312345679", "jiro@example.jp")]);
+
+    let shows = |store: &Store| store.number(&n(NUMBER)).unwrap().unwrap().call.destinations[0].address.to_string();
+    assert_eq!(shows(&a.store), "taro@example.jp", "node A applied the replaced owner's write");
+    assert_eq!(a.metric("callnotify_errors_total{stage=\"state\",error=\"fenced\"}"), 1.0);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (last, epoch) = state_records(&h, &key).pop().unwrap();
+        if last == good && epoch.is_some_and(|e| e > old_epoch) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the owner never wrote the key again");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let b = h.node("b").await;
+    assert_eq!(shows(&b.store), "taro@example.jp", "a node reading the topic from its start ignores it too");
+    assert_eq!(b.metric("callnotify_errors_total{stage=\"state\",error=\"fenced\"}"), 1.0);
+    h.produce(TOPIC, &[cdr("after-late-write", NUMBER, Some("09011112222"), "allowed", "no_answer")]).await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["taro@example.jp"], "notified by the settings the owner wrote");
+    b.stop().await;
+    a.stop().await;
+}
+
+/// The other side: node A is the owner, then another owner announces itself (A was
+/// thought dead). A's next write carries A's ended epoch: A finds its own record
+/// ignored, tells the waiting import why, stops, and at its next start rebuilds its
+/// store from the topic, without the write nobody else applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_an_owner_that_finds_its_writes_fenced_stops_and_drops_them_at_its_next_start() {
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    write_state(&h, "successor", "owner/successor/1", b"{}", None).await;
+    let store = a.store.clone();
+    let line = plain_subscriber("0612345678", "hanako@example.jp");
+    let said = match tokio::task::spawn_blocking(move || engine::provision::import(&store, line.as_bytes())).await {
+        Ok(Ok(report)) => format!("{:?}", report.rejected),
+        Ok(Err(e)) => format!("{e:?}"),
+        Err(e) => panic!("the import panicked: {e}"),
+    };
+    assert!(said.contains("another node became the state owner"), "{said}");
+    let why = a.failed().await;
+    assert!(why.contains("another node became the state owner"), "{why}");
+    let a = h.node("a").await;
+    assert!(a.store.number(&n("0612345678")).unwrap().is_none(), "the fenced write is gone");
+    assert!(a.store.number(&n("0312345678")).unwrap().is_some(), "the topic's state is back");
+    a.stop().await;
+}

@@ -225,6 +225,17 @@ impl TestEngine {
     }
 }
 
+impl TestEngine {
+    /// Waits for the engine to stop by itself (not asked to) and returns why it did.
+    pub async fn failed(self) -> String {
+        let ended = tokio::time::timeout(WAIT, self.task).await.expect("the engine stops by itself");
+        match ended.expect("engine task") {
+            Ok(()) => panic!("the engine stopped without an error"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+}
+
 /// A stopped engine's metrics.
 pub struct Stopped {
     metrics: engine::telemetry::Metrics,
