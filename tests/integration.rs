@@ -1420,3 +1420,114 @@ fn r_f1_a_fax_above_kafka_s_one_megabyte_default_is_kept_and_mailed_through_topi
     }
     assert!(engine.terminate());
 }
+
+/// An owner paused past its session (SIGSTOP) while it carries out an import sent
+/// through the other node, and resumed (SIGCONT) once that node took over and finished
+/// the import: what the paused owner writes then carries its ended epoch, so every node
+/// ignores it (docs/cluster.md, "A paused owner is fenced"). It stops by itself (exit 1,
+/// saying why), and a node started afterwards on an empty store shows every line. A
+/// pause that lands between two of the owner's batches leaves it nothing to write: it
+/// only gives up the request partition. Then the roles swap and the new owner is paused
+/// during the next import (at most four tries).
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn a_state_owner_paused_past_its_session_is_fenced_when_it_resumes() {
+    const LINES: usize = 60_000;
+    const FENCED: &str = "callnotify_errors_total{stage=\"state\",error=\"fenced\"}";
+    let (_sink, first, dir) = setup("paused-owner", 1, &[]);
+    let specs: Vec<EngineSpec> =
+        ["a", "b", "c"].iter().map(|n| EngineSpec { dir: dir.path.join(n), ..first.clone() }).collect();
+    let mut nodes: Vec<Option<EngineProcess>> = specs[..2].iter().map(|s| Some(s.start())).collect();
+    nodes.iter().flatten().for_each(EngineProcess::wait_serving);
+    let owner_of = |nodes: &[Option<EngineProcess>]| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let owning: Vec<usize> = (0..2)
+                .filter(|&i| nodes[i].as_ref().is_some_and(|n| n.metric("callnotify_state_owner") == 1.0))
+                .collect();
+            if owning.len() == 1 {
+                return owning[0];
+            }
+            assert!(Instant::now() < deadline, "no single state owner: {owning:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut imported = 0;
+    let mut fenced = None;
+    for attempt in 0..4 {
+        let owner = owner_of(&nodes);
+        let (paused, through) = (nodes[owner].as_ref().unwrap(), nodes[1 - owner].as_ref().unwrap());
+        let lines: Vec<String> = (0..LINES)
+            .map(|i| testkit::line::Subscriber::new(&format!("03{attempt}{i:07}"), &[("x@it.example.jp", true)]).line())
+            .collect();
+        let file = dir.path.join(format!("import-{attempt}.jsonl"));
+        std::fs::write(&file, lines.join("\n")).unwrap();
+        let import = first
+            .command()
+            .args(["provision", "import"])
+            .arg(&file)
+            .args(["--url", &through.url()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("provision import --url");
+        // Paused while it carries out the import (it has applied its first records).
+        let from = paused.metric("callnotify_state_applied_offset");
+        paused.wait_metric_until("callnotify_state_applied_offset", "moved", |at| at >= from + 5_000.0);
+        paused.pause();
+        let paused_at = Instant::now();
+        through.wait_metric("callnotify_state_owner", 1.0);
+        let out = import.wait_with_output().unwrap();
+        assert!(out.status.success(), "the import through the other node: {}", String::from_utf8_lossy(&out.stderr));
+        imported += LINES;
+        println!(
+            "paused owner, try {attempt}: the other node took over and finished the import {:?} after the pause",
+            paused_at.elapsed()
+        );
+        paused.resume();
+        match nodes[owner].take().unwrap().wait_exit(Duration::from_secs(20)) {
+            Some(status) => {
+                assert_eq!(status.code(), Some(1), "the paused node's exit");
+                fenced = Some((owner, attempt));
+                break;
+            }
+            None => {
+                // SIGKILLed by `wait_exit`: started again for the next try.
+                println!("paused owner, try {attempt}: paused between batches, nothing to fence");
+                let node = specs[owner].start();
+                node.wait_serving();
+                nodes[owner] = Some(node);
+            }
+        }
+    }
+    let (owner, attempt) = fenced.expect("no pause landed while the owner carried out a batch in four tries");
+    let said = specs[owner].log();
+    assert!(said.contains("another node took over while it was paused"), "the paused node's log: {said}");
+    let other = nodes[1 - owner].as_ref().unwrap();
+    assert!(other.metric(FENCED) >= 1.0, "the other node ignored none of the paused owner's records");
+    println!("paused owner, try {attempt}: it exited 1; the other node ignored its records");
+
+    // A node that reads the whole topic later ignores the same records: every line.
+    let late = specs[2].start();
+    late.wait_serving();
+    assert!(late.metric(FENCED) >= 1.0, "it ignored the paused owner's records too");
+    let log = plain(&specs[2].log());
+    let subscribed =
+        log.lines().find_map(|l| l.split(" subscribed=").nth(1)?.split_whitespace().next()?.parse::<usize>().ok());
+    assert_eq!(subscribed, Some(imported), "{log}");
+    assert!(late.terminate());
+}
+
+/// `text` without its terminal colours (the engine's log has them).
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

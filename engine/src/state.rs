@@ -588,6 +588,7 @@ impl Applier {
         while !self.stop.load(Ordering::Relaxed) {
             let mut next = None;
             let mut answered: Vec<(String, u64)> = Vec::new();
+            let mut ignored = Ignored::default();
             let mut wait = Duration::from_millis(100);
             for _ in 0..RECORDS_PER_APPLY {
                 match self.consumer.poll(wait) {
@@ -609,7 +610,8 @@ impl Applier {
                         // takes the first one it meets.
                         self.epoch = self.epoch.or(written_in);
                         if written_in.is_some() && written_in != self.epoch {
-                            self.fence(&message, key, written_in);
+                            let own = written_by(&message, &self.node);
+                            ignored.note(key, message.offset(), written_in, own, &self.fenced);
                             continue;
                         }
                         if let Some(key) = StateKey::decode(key) {
@@ -629,6 +631,8 @@ impl Applier {
                 }
             }
             let Some(next) = next else { continue };
+            // Before the position moves: an owner waiting for its records sees the stop.
+            self.report(ignored);
             while let Err(e) = self.store.apply_state(&values, next, self.epoch, &answered) {
                 crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
                 if self.stop.load(Ordering::Relaxed) {
@@ -646,19 +650,40 @@ impl Applier {
     }
 }
 
-impl Applier {
-    /// A record written in `written_in`, an epoch an owner's announcement has ended:
-    /// ignored. Another node's key is left for the owner to write again; this node's
-    /// own record means it was that replaced owner, and its store holds writes nobody
-    /// else applied: it stops, and rebuilds its store at its next start.
-    fn fence(&self, message: &rdkafka::message::BorrowedMessage<'_>, key: &[u8], written_in: Option<i64>) {
+/// The records of replaced owners met in one read of the state topic: reported once,
+/// not one ERROR each (a paused owner's batch is thousands).
+#[derive(Default)]
+struct Ignored {
+    records: usize,
+    /// The first one: key, offset, and the epoch it was written in.
+    first: Option<(String, i64, Option<i64>)>,
+    /// Whether any was this node's own.
+    own: bool,
+}
+
+impl Ignored {
+    /// Another node's key goes to the owner, to be written again.
+    fn note(&mut self, key: &[u8], offset: i64, written_in: Option<i64>, own: bool, fenced: &Fenced) {
         let key = String::from_utf8_lossy(key).into_owned();
-        if !written_by(message, &self.node) {
-            crate::error_event!(self.metrics, ErrorEvent::StateFenced, key, offset = message.offset(), written_in,
-                epoch = self.epoch, "a state record of a replaced owner (paused past its session) was ignored; the owner writes the key again");
-            if StateKey::decode(key.as_bytes()).is_some() {
-                self.fenced.add(key);
-            }
+        self.records += 1;
+        self.own |= own;
+        if !own && StateKey::decode(key.as_bytes()).is_some() {
+            fenced.add(key.clone());
+        }
+        self.first.get_or_insert((key, offset, written_in));
+    }
+}
+
+impl Applier {
+    /// Records written in an epoch a later announcement ended were ignored. This
+    /// node's own among them means it was that replaced owner, and its store holds
+    /// writes nobody else applied: it stops, and rebuilds its store at its next start.
+    fn report(&self, ignored: Ignored) {
+        let Some((key, offset, written_in)) = ignored.first else { return };
+        let (records, epoch) = (ignored.records, self.epoch);
+        if !ignored.own {
+            crate::error_event!(self.metrics, ErrorEvent::StateFenced, records, key, offset, written_in, epoch,
+                "state records of a replaced owner (paused past its session) were ignored; the owner writes their keys again");
             return;
         }
         let mut failure = self.failure.lock().expect("failure lock");
@@ -668,10 +693,11 @@ impl Applier {
         crate::error_event!(
             self.metrics,
             ErrorEvent::StateFenced,
+            records,
             key,
-            offset = message.offset(),
+            offset,
             written_in,
-            epoch = self.epoch,
+            epoch,
             "this node's writes as the state owner are ignored: another node took over while it was paused; \
             this node stops and rebuilds its store from the state topic at its next start"
         );

@@ -656,6 +656,17 @@ impl EngineProcess {
         let _ = self.child.wait();
     }
 
+    /// SIGSTOP: the whole process pauses (a stalled VM, a frozen disk) until
+    /// [`EngineProcess::resume`].
+    pub fn pause(&self) {
+        Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().expect("kill -STOP");
+    }
+
+    /// SIGCONT: it goes on where it was paused.
+    pub fn resume(&self) {
+        Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().expect("kill -CONT");
+    }
+
     /// SIGTERM, then waits for the exit; returns whether it exited 0.
     pub fn terminate(mut self) -> bool {
         let pid = self.child.id().to_string();
