@@ -874,14 +874,7 @@ fn a_state_write_while_the_state_topic_s_broker_is_down_waits_for_it_and_the_nod
     cluster.kill_node(3);
     let file = spec.dir.join("stopped.jsonl");
     std::fs::write(&file, every_call_subscribers("0373", 1)[0].line()).unwrap();
-    let import = spec
-        .command()
-        .args(["provision", "import"])
-        .arg(&file)
-        .args(["--url", &engine.url()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let import = spec.start_import_through(&engine, &file);
     // The owner waits for the topic to confirm its writes, or (when the broker's loss
     // moved the owner's group coordinator, and the partition with it) to read the topic
     // before it carries out anything.
@@ -1462,15 +1455,7 @@ fn a_state_owner_paused_past_its_session_is_fenced_when_it_resumes() {
             .collect();
         let file = dir.path.join(format!("import-{attempt}.jsonl"));
         std::fs::write(&file, lines.join("\n")).unwrap();
-        let import = first
-            .command()
-            .args(["provision", "import"])
-            .arg(&file)
-            .args(["--url", &through.url()])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("provision import --url");
+        let import = first.start_import_through(through, &file);
         // Paused while it carries out the import (it has applied its first records).
         let from = paused.metric("callnotify_state_applied_offset");
         paused.wait_metric_until("callnotify_state_applied_offset", "moved", |at| at >= from + 5_000.0);

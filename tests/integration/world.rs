@@ -580,14 +580,21 @@ impl EngineSpec {
         std::fs::create_dir_all(&self.dir).unwrap();
         let file = self.dir.join("through.jsonl");
         std::fs::write(&file, lines.join("\n")).unwrap();
-        let out = self
-            .command()
-            .args(["provision", "import"])
-            .arg(&file)
-            .args(["--url", &engine.url()])
-            .output()
-            .expect("provision import --url");
+        let out = self.start_import_through(engine, &file).wait_with_output().expect("provision import --url");
         assert!(out.status.success(), "provision import --url: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts `callnotify provision import FILE --url` through a running engine and
+    /// leaves it running, its output piped.
+    pub fn start_import_through(&self, engine: &EngineProcess, file: &Path) -> Child {
+        self.command()
+            .args(["provision", "import"])
+            .arg(file)
+            .args(["--url", &engine.url()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("provision import --url")
     }
 
     /// `callnotify provision import` of JSON Lines, before any engine runs on the store.
