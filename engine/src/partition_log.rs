@@ -415,14 +415,15 @@ mod tests {
         }
     }
 
-    /// The partition's next reader after a node queued a mail and was killed with only
-    /// one of the changelogs' records confirmed. Its CDR was not committed (a commit
-    /// waits for every record), so the next reader reads it again: the mail is either
-    /// in that reader's queue, or not recorded as handled so that the CDR queues or
-    /// sends it again. Never recorded as handled without being queued: that loses it
-    /// (the CI run of cc2e605 lost two mails so).
+    /// R-M4 (a delayed mail is never silently dropped): the partition's next reader
+    /// after a node queued a mail and was killed with only one of the changelogs'
+    /// records confirmed. Its CDR was not committed (a commit waits for every record),
+    /// so the next reader reads it again: the mail is either in that reader's queue, or
+    /// not recorded as handled so that the CDR queues or sends it again. Never recorded
+    /// as handled without being queued: that loses it (the CI run of cc2e605 lost two
+    /// mails so).
     #[test]
-    fn a_node_killed_after_queueing_a_mail_leaves_it_queued_or_unhandled_on_the_partition_s_next_reader() {
+    fn r_m4_a_node_killed_after_queueing_a_mail_leaves_it_queued_or_unhandled_on_the_partition_s_next_reader() {
         let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
         for (i, kept) in [SENT, RETRY].into_iter().enumerate() {
             let killed = Store::temporary().unwrap();

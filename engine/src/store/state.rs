@@ -640,14 +640,18 @@ impl Store {
 
     /// The owner epoch in force at [`Store::state_position`], once an owner announced.
     pub fn owner_epoch(&self) -> Result<Option<i64>, StoreError> {
-        let raw = self.meta()?.get(EPOCH)?;
-        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map(i64::from_be_bytes))
+        self.meta_offset(EPOCH)
     }
 
     /// The next offset of the state topic this store has not applied (0: none yet).
     pub fn state_position(&self) -> Result<i64, StoreError> {
-        let raw = self.meta()?.get(POSITION)?;
-        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map_or(0, i64::from_be_bytes))
+        Ok(self.meta_offset(POSITION)?.unwrap_or(0))
+    }
+
+    /// An offset of the state topic kept under `key` (i64, big-endian).
+    fn meta_offset(&self, key: &[u8]) -> Result<Option<i64>, StoreError> {
+        let raw = self.meta()?.get(key)?;
+        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map(i64::from_be_bytes))
     }
 
     /// Sets the next offset of the state topic to apply (after publishing the store's
