@@ -196,7 +196,18 @@ pub fn export(store: &Store, credentials: bool, mut out: impl std::io::Write) ->
 
 /// Imports every line of `input` into `store`. A line that is not UTF-8 (or starts with
 /// a byte order mark) is rejected alone, like any other bad line.
-pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, ImportError> {
+pub fn import(store: &Store, input: impl BufRead) -> Result<ImportReport, ImportError> {
+    import_in_writes_of(store, input, LINES_PER_WRITE)
+}
+
+/// [`import`], writing `lines_per_write` parsed lines in one exchange with the store's
+/// state (at least one).
+pub fn import_in_writes_of(
+    store: &Store,
+    mut input: impl BufRead,
+    lines_per_write: usize,
+) -> Result<ImportReport, ImportError> {
+    let lines_per_write = lines_per_write.max(1);
     let mut report = ImportReport::default();
     let mut bytes = Vec::new();
     // sled writes in the background: a full disk shows at a later write than the one
@@ -204,7 +215,12 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
     // the first line after the last flush that succeeded.
     let (mut durable_before, mut since_flush) = (1, 0);
     let mut last = 0;
-    let mut pending = Vec::with_capacity(LINES_PER_WRITE);
+    let mut pending = Vec::with_capacity(lines_per_write);
+    // Shared state: the lines last sent are on their way while the next ones are read
+    // and sent, so the state owner always has the next lines when it is done with these
+    // (waiting for each answer before reading on left it idle half the time).
+    let shared = store.is_shared();
+    let mut in_flight: Option<Sent> = None;
     for line in 1.. {
         bytes.clear();
         let read =
@@ -238,19 +254,29 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
             Ok(parsed) => pending.push((line, parsed)),
             Err(reason) => report.reject(line, reason.to_string()),
         }
-        if pending.len() >= LINES_PER_WRITE {
+        if pending.len() >= lines_per_write {
             since_flush += pending.len();
-            apply(store, &mut pending, &mut report, durable_before)?;
+            let lines = std::mem::replace(&mut pending, Vec::with_capacity(lines_per_write));
+            let sent = Sent::send(store, lines, durable_before);
+            let answer_now = if shared { in_flight.replace(sent) } else { Some(sent) };
+            if let Some(sent) = answer_now {
+                sent.answered(&mut report)?;
+            }
         }
         // Shared state is durable once answered (the state topic has it, acks=all): the
         // checkpoints are for a store of its own.
-        if since_flush >= CHECKPOINT_LINES && !store.is_shared() {
+        if since_flush >= CHECKPOINT_LINES && !shared {
             store.flush_blocking().map_err(|source| ImportError::Store { line, from: durable_before, source })?;
             (durable_before, since_flush) = (line + 1, 0);
         }
     }
-    apply(store, &mut pending, &mut report, durable_before)?;
+    let rest = (!pending.is_empty()).then(|| Sent::send(store, pending, durable_before));
+    for sent in in_flight.into_iter().chain(rest) {
+        sent.answered(&mut report)?;
+    }
     store.flush_blocking().map_err(|source| ImportError::Store { line: last, from: durable_before, source })?;
+    // A line refused by the store is known after the parse errors of the lines read since.
+    report.rejected.sort_by_key(|(line, _)| *line);
     Ok(report)
 }
 
@@ -258,41 +284,56 @@ pub fn import(store: &Store, mut input: impl BufRead) -> Result<ImportReport, Im
 /// (requests of a few hundred ops each, all on their way before the first answer).
 const LINES_PER_WRITE: usize = 20_000;
 
-/// Writes the `pending` lines (their line in the input, what it holds) in one exchange
-/// with the store's state, and empties it.
-fn apply(
-    store: &Store,
-    pending: &mut Vec<(usize, Parsed)>,
-    report: &mut ImportReport,
-    durable_before: usize,
-) -> Result<(), ImportError> {
-    let mut ops = Vec::new();
-    for (_, (record, numbers, extras)) in pending.iter() {
-        ops.push(Op::UpsertLine { line: record.clone(), numbers: numbers.clone() });
-        ops.extend(extras.iter().map(|extra| match extra {
-            Extra::Credential(number, record) => Op::RestoreCredential { number: *number, record: record.clone() },
-            Extra::Fax(number, settings) => Op::ImportFaxSettings { number: *number, settings: settings.clone() },
-        }));
+/// Lines sent to the store (their line in the input, what it holds), with the answers
+/// to come.
+struct Sent {
+    lines: Vec<(usize, Parsed)>,
+    answers: crate::store::state::Answers,
+    /// The first line not known to be stored when these were sent: a failure names it.
+    /// Shared state is stored once answered, and every line before these was.
+    from: usize,
+}
+
+impl Sent {
+    fn send(store: &Store, lines: Vec<(usize, Parsed)>, durable_before: usize) -> Self {
+        let mut ops = Vec::new();
+        for (_, (record, numbers, extras)) in &lines {
+            ops.push(Op::UpsertLine { line: record.clone(), numbers: numbers.clone() });
+            ops.extend(extras.iter().map(|extra| match extra {
+                Extra::Credential(number, record) => Op::RestoreCredential { number: *number, record: record.clone() },
+                Extra::Fax(number, settings) => Op::ImportFaxSettings { number: *number, settings: settings.clone() },
+            }));
+        }
+        let from = match lines.first() {
+            Some((first, _)) if store.is_shared() => *first,
+            _ => durable_before,
+        };
+        Self { lines, answers: store.send_all(ops), from }
     }
-    let mut results = store.submit_all(ops).into_iter();
-    for (line, (_, numbers, extras)) in pending.drain(..) {
-        let failed = |source| ImportError::Store { line, from: durable_before, source };
-        match results.next().expect("an answer per op") {
-            Ok(Reply::Upserted(upserted)) => {
-                let room = MAX_LISTED.saturating_sub(report.moved.len());
-                report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
-                report.lines += 1;
-                report.numbers += numbers.len();
+
+    /// Waits for the answers and adds them to `report`.
+    fn answered(self, report: &mut ImportReport) -> Result<(), ImportError> {
+        let from = self.from;
+        let mut results = (self.answers)().into_iter();
+        for (line, (_, numbers, extras)) in self.lines {
+            let failed = |source| ImportError::Store { line, from, source };
+            match results.next().expect("an answer per op") {
+                Ok(Reply::Upserted(upserted)) => {
+                    let room = MAX_LISTED.saturating_sub(report.moved.len());
+                    report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
+                    report.lines += 1;
+                    report.numbers += numbers.len();
+                }
+                Ok(other) => return Err(failed(StoreError::State(format!("an import was answered {other:?}")))),
+                Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
+                Err(source) => return Err(failed(source)),
             }
-            Ok(other) => return Err(failed(StoreError::State(format!("an import was answered {other:?}")))),
-            Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
-            Err(source) => return Err(failed(source)),
+            for _ in &extras {
+                results.next().expect("an answer per op").map_err(failed)?;
+            }
         }
-        for _ in &extras {
-            results.next().expect("an answer per op").map_err(failed)?;
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 type Numbers = Vec<(PhoneNumber, Services, Option<CallSettings>)>;

@@ -14,11 +14,14 @@
 //!
 //! - **One writer.** The owner is the member of consumer group `<kafka.group_id>-state`
 //!   that holds the request topic's only partition. Ops run one after another on its
-//!   store, which has applied every earlier write (it catches up to the state topic's
-//!   end when it gets the partition, and waits for its own records to come back before
-//!   taking the next batch). So a failure count read, incremented and written cannot
-//!   interleave with another: failed logins spread over any number of nodes lock the
-//!   account after exactly the counts of R-S2 and R-S3.
+//!   store, which has every earlier write: it catches up to the state topic's end when
+//!   it gets the partition; after that its own writes are in its store as it makes them,
+//!   and its applier applies no other record of its epoch. So a failure count read,
+//!   incremented and written cannot interleave with another: failed logins spread over
+//!   any number of nodes lock the account after exactly the counts of R-S2 and R-S3.
+//!   The owner takes its next batch once the state topic has confirmed the last one,
+//!   without waiting to read it back; its store stays marked as ahead of the topic until
+//!   its applier has read the batch and found it not fenced.
 //! - **Exactly once per request.** Each request's records are followed by a reply record
 //!   naming the request (the sending node and its number, given in the order the node
 //!   sends); a store records the last answered number of each node with the values. An
@@ -75,6 +78,9 @@ const PUBLISH_WITHIN: Duration = Duration::from_secs(120);
 /// The least `max.poll.interval.ms` of the owner's consumer: longer than any of its
 /// waits between two polls ([`PUBLISH_WITHIN`], then reading its writes back).
 const OWNER_POLL_INTERVAL: Duration = Duration::from_secs(300);
+/// How long the owner's producer gathers records into one produce request while the
+/// owner still carries out a batch.
+const OWNER_LINGER: Duration = Duration::from_millis(20);
 /// How often a wait for the state topic is raised ([`ErrorEvent::StateStalled`]).
 const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
 /// Key prefix of an owner's announcement, one per takeover: `owner/NODE/MILLISECONDS`.
@@ -219,19 +225,20 @@ pub struct StateLog {
 }
 
 impl StateWriter for StateLog {
-    fn write(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>> {
-        let mut pending = Vec::new();
-        for chunk in ops.chunks(OPS_PER_REQUEST) {
-            pending.push((chunk.len(), self.send(chunk.to_vec())));
-        }
-        let mut results = Vec::with_capacity(ops.len());
-        for (count, request) in pending {
-            match request.and_then(|(id, answer)| self.wait(id, answer)) {
-                Ok(answers) => results.extend(answers.into_iter().map(|r| r.map_err(StoreError::from))),
-                Err(e) => results.extend((0..count).map(|_| Err(StoreError::State(e.clone())))),
+    fn send(self: Arc<Self>, ops: Vec<Op>) -> crate::store::state::Answers {
+        let pending: Vec<_> =
+            ops.chunks(OPS_PER_REQUEST).map(|chunk| (chunk.len(), self.request(chunk.to_vec()))).collect();
+        let count = ops.len();
+        Box::new(move || {
+            let mut results = Vec::with_capacity(count);
+            for (count, request) in pending {
+                match request.and_then(|(id, answer)| self.wait(id, answer)) {
+                    Ok(answers) => results.extend(answers.into_iter().map(|r| r.map_err(StoreError::from))),
+                    Err(e) => results.extend((0..count).map(|_| Err(StoreError::State(e.clone())))),
+                }
             }
-        }
-        results
+            results
+        })
     }
 }
 
@@ -395,7 +402,11 @@ impl StateLog {
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
                 ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
-                ("linger.ms", "1"),
+                // A batch of an import is 200 000 records: at 1 ms the producer's
+                // broker thread woke for a few records at a time and took a third of a
+                // core from the owner. A batch's last records do not wait for it:
+                // `confirmed` sends them at once.
+                ("linger.ms", &OWNER_LINGER.as_millis().to_string()),
                 ("message.timeout.ms", &PUBLISH_WITHIN.as_millis().to_string()),
             ])
             .create_with_context(Published::default())
@@ -408,6 +419,7 @@ impl StateLog {
             failure: failure.clone(),
             epoch: std::cell::Cell::new(None),
             fenced,
+            unsettled: std::cell::Cell::new(None),
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
@@ -467,7 +479,8 @@ impl StateLog {
         }
     }
 
-    fn send(&self, ops: Vec<Op>) -> Result<(u64, std::sync::mpsc::Receiver<Results>), String> {
+    /// Sends one request record.
+    fn request(&self, ops: Vec<Op>) -> Result<(u64, std::sync::mpsc::Receiver<Results>), String> {
         // Ids reach the topic in the order they are given (an owner taking over skips
         // every id up to the last answered): one sender at a time.
         let mut next_id = self.next_id.lock().expect("request id lock");
@@ -724,6 +737,20 @@ fn written_as<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<
     })
 }
 
+/// Has `producer` send what it holds at once, whatever its `linger.ms`, for up to
+/// `wait` or until every record is delivered. librdkafka's `rd_kafka_flush` does that
+/// for its duration; rdkafka's `flush` calls it without a wait and then polls, so the
+/// broker thread seldom woke while it held.
+fn send_now<C: ProducerContext>(producer: &BaseProducer<C>, wait: Duration) {
+    let wait = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the pointer is the live handle `producer` owns, for the whole call; librdkafka
+    // allows rd_kafka_flush from any thread. Its answer (timed out, or all delivered) is
+    // read by the caller from `in_flight_count`.
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), wait);
+    }
+}
+
 /// Notes each assignment of the request partition (the owner catches up first) and
 /// shows in `callnotify_state_owner` whether this node is the owner.
 struct OwnerContext {
@@ -795,6 +822,9 @@ struct Owner {
     epoch: std::cell::Cell<Option<i64>>,
     /// Keys a replaced owner wrote last, found by the applier: written again.
     fenced: Arc<Fenced>,
+    /// The offset of the last record this owner published, until its applier has read
+    /// it (the store keeps its batch mark until then).
+    unsettled: std::cell::Cell<Option<i64>>,
 }
 
 /// How the owner's turn at a batch of requests ended.
@@ -836,6 +866,12 @@ impl Owner {
                 continue;
             }
             if batch.is_empty() && self.fenced.is_empty() {
+                match self.settled() {
+                    Ok(false) => continue,
+                    // Its records fenced: the applier stops the node.
+                    Ok(true) => return,
+                    Err(e) => tracing::warn!(error = %e, "taking back the state owner's batch mark failed"),
+                }
                 continue;
             }
             // A failure while the engine stops is the stop's.
@@ -983,16 +1019,17 @@ impl Owner {
         if let Some(failure) = failure {
             anyhow::bail!("a state record was not written: {failure}");
         }
-        // The next batch reads what this one wrote: wait until it is applied here.
-        if last.is_some_and(|last| !self.progress.wait_for(last + 1, ANSWER_WITHIN)) {
-            anyhow::bail!("this node's applier did not read back the owner's writes within {ANSWER_WITHIN:?}");
+        // The next batch does not wait for this one to be read back here: the store
+        // has its own writes already, and the applier applies no other writer's value
+        // in this owner's epoch. The batch mark stays until the applier has read them.
+        if last.is_some() {
+            self.unsettled.set(last);
         }
-        if self.failure.lock().expect("failure lock").is_some() {
-            // The applier found these records fenced and stops the node: the store
-            // keeps its mark, to be rebuilt.
+        if self.settled()? {
+            // The applier found these records, or earlier ones, fenced and stops the
+            // node: the store keeps its mark, to be rebuilt.
             return Ok(Turn::Stopped);
         }
-        self.store.end_owner_batch()?;
         let (Some(first), Some(last_request)) = (batch.first(), batch.last()) else {
             return Ok(Turn::Done); // Only keys written again.
         };
@@ -1003,6 +1040,21 @@ impl Owner {
             tracing::warn!(error = %e, "committing state requests failed");
         }
         Ok(Turn::Done)
+    }
+
+    /// Takes the store's batch mark back once the applier has read every record this
+    /// owner published and found none fenced; whether it found some (the node stops).
+    fn settled(&self) -> anyhow::Result<bool> {
+        // In this order: the applier reports fenced records before it moves its position.
+        let applied = self.progress.get();
+        if self.failure.lock().expect("failure lock").is_some() {
+            return Ok(true);
+        }
+        if self.unsettled.get().is_some_and(|last| applied > last) {
+            self.store.end_owner_batch()?;
+            self.unsettled.set(None);
+        }
+        Ok(false)
     }
 
     /// Waits until the state topic has confirmed every record sent (`flush` would sleep
@@ -1024,7 +1076,8 @@ impl Owner {
                     records = self.producer.in_flight_count(), within = ?PUBLISH_WITHIN,
                     "the state topic has not confirmed the owner's writes yet (a broker lost?); waiting, writes of subscriber state wait too");
             }
-            self.producer.poll(Duration::from_millis(1));
+            send_now(&self.producer, Duration::from_millis(1));
+            self.producer.poll(Duration::ZERO);
         }
         Ok(true)
     }

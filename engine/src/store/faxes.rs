@@ -267,9 +267,10 @@ mod tests {
     struct Recording(std::sync::Mutex<Vec<&'static str>>);
 
     impl crate::store::state::StateWriter for Recording {
-        fn write(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>> {
+        fn send(self: std::sync::Arc<Self>, ops: Vec<Op>) -> crate::store::state::Answers {
             self.0.lock().unwrap().extend(ops.iter().map(Op::name));
-            ops.iter().map(|_| Ok(Reply::Done)).collect()
+            let answers = ops.iter().map(|_| Ok(Reply::Done)).collect();
+            Box::new(move || answers)
         }
     }
 

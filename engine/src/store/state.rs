@@ -225,11 +225,17 @@ impl From<OpError> for StoreError {
     }
 }
 
+/// The answers to ops on their way ([`Store::send_all`]), one per op in order: calling
+/// it waits for them. Blocks: call it where blocking is allowed (tokio's blocking pool,
+/// a tool).
+pub type Answers = Box<dyn FnOnce() -> Vec<Result<Reply, StoreError>> + Send>;
+
 /// Where ops go when the state is shared (the Kafka state log).
 pub trait StateWriter: Send + Sync {
-    /// Carries out `ops` in order; each answer arrives once this store shows the write.
-    /// Blocks: call it where blocking is allowed (tokio's blocking pool, a tool).
-    fn write(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>>;
+    /// Sends `ops` to be carried out in order, after every op this node sent before
+    /// them, and returns without waiting; each answer arrives once this store shows the
+    /// write.
+    fn send(self: Arc<Self>, ops: Vec<Op>) -> Answers;
 }
 
 /// What an op changed, for the state owner to publish.
@@ -350,6 +356,11 @@ const EPOCH: &[u8] = b"owner_epoch";
 /// Set when this store may hold writes the state topic lacks (an owner's publish
 /// failed): the view is rebuilt from the topic at the next start.
 const DIVERGED: &[u8] = b"diverged";
+/// Set while the state owner carries out writes the state topic has not confirmed: a
+/// crash before they are confirmed leaves the store to be rebuilt. A key of its own, so
+/// that the end of a batch never takes back [`DIVERGED`], which the applier may set
+/// meanwhile (it found this owner's records fenced).
+const OWNER_BATCH: &[u8] = b"owner_batch";
 
 impl Store {
     /// Sends every write of subscriber state to `writer` from now on.
@@ -369,9 +380,19 @@ impl Store {
 
     /// [`Store::submit`] for many ops, in order, in one exchange with the owner.
     pub fn submit_all(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>> {
+        self.send_all(ops)()
+    }
+
+    /// [`Store::submit_all`] without waiting for the answers: ops sent after these are
+    /// carried out after them, so a caller can send its next ops while the owner works
+    /// on these. Without a writer the ops are carried out here before it returns.
+    pub fn send_all(&self, ops: Vec<Op>) -> Answers {
         match self.writer.get() {
-            Some(writer) => writer.write(ops),
-            None => ops.into_iter().map(|op| self.execute(&op).map(|(reply, _)| reply)).collect(),
+            Some(writer) => writer.clone().send(ops),
+            None => {
+                let answers: Vec<_> = ops.into_iter().map(|op| self.execute(&op).map(|(reply, _)| reply)).collect();
+                Box::new(move || answers)
+            }
         }
     }
 
@@ -692,19 +713,21 @@ impl Store {
     /// sled keeps writes in order, so any of the batch's writes that survives a crash
     /// comes with this mark.
     pub fn begin_owner_batch(&self) -> Result<(), StoreError> {
-        self.meta()?.insert(DIVERGED, &[1])?;
+        self.meta()?.insert(OWNER_BATCH, &[1])?;
         Ok(())
     }
 
     /// The owner's writes are confirmed in the state topic.
     pub fn end_owner_batch(&self) -> Result<(), StoreError> {
-        self.meta()?.remove(DIVERGED)?;
+        self.meta()?.remove(OWNER_BATCH)?;
         Ok(())
     }
 
-    /// Whether [`Store::mark_diverged`] was called since the view was last rebuilt.
+    /// Whether [`Store::mark_diverged`] was called since the view was last rebuilt, or
+    /// an owner's batch was left unconfirmed.
     pub fn diverged(&self) -> Result<bool, StoreError> {
-        Ok(self.meta()?.contains_key(DIVERGED)?)
+        let meta = self.meta()?;
+        Ok(meta.contains_key(DIVERGED)? || meta.contains_key(OWNER_BATCH)?)
     }
 
     /// Empties the state trees and the position, so the view is rebuilt from the topic.
@@ -756,6 +779,23 @@ mod tests {
         let session = StateKey { tree: StateTree::Sessions, id: "9f2c".into() };
         assert_eq!(StateKey::decode(session.encode().as_bytes()), Some(session));
         assert_eq!(StateKey::decode(b"reply/9f2c"), None);
+    }
+
+    /// docs/cluster.md, "A paused owner is fenced": the applier may find this node's
+    /// records fenced while the owner carries out its next batch; the end of that batch
+    /// leaves the store to be rebuilt all the same.
+    #[test]
+    fn a_store_found_diverged_during_an_owner_batch_stays_diverged_after_it() {
+        let store = Store::temporary().unwrap();
+        store.begin_owner_batch().unwrap();
+        assert!(store.diverged().unwrap(), "a batch not yet confirmed");
+        store.mark_diverged().unwrap();
+        store.end_owner_batch().unwrap();
+        assert!(store.diverged().unwrap(), "found fenced meanwhile: rebuilt at the next start");
+        store.forget_state().unwrap();
+        store.begin_owner_batch().unwrap();
+        store.end_owner_batch().unwrap();
+        assert!(!store.diverged().unwrap(), "a batch confirmed and read back");
     }
 
     /// The owner publishes what an op touched; another store applying those values has

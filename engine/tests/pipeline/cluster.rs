@@ -71,6 +71,44 @@ async fn r_l3_subscribers_provisioned_through_one_node_are_notified_by_every_nod
     assert_eq!(mails.len(), 40);
 }
 
+/// R-L3, R-M3: an import through a node sends its next lines while the state owner
+/// still carries out the ones before; the file's order holds all the same. A number
+/// that a later line takes from an earlier one (both in flight at once) ends on the
+/// later line, on every node, and the report names that move and the bad line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_an_import_through_a_node_keeps_the_file_s_order_across_its_writes_in_flight() {
+    let h = Harness::new(1).await;
+    let (a, b) = (h.node("a").await, h.node("b").await);
+    // Four writes of 500 lines, each sent before the one before is answered.
+    const LINES: usize = 2_000;
+    let mut lines: Vec<String> = (0..LINES).map(|i| plain_subscriber(&format!("031{i:07}"), "x@example.jp")).collect();
+    lines[1_500] = r#"{"contract":"0320000000","numbers":[{"number":"0320000000"},{"number":"0310000001"}]}"#.into();
+    lines[1_899] = "not a line".into();
+    let store = b.store.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        engine::provision::import_in_writes_of(&store, lines.join("\n").as_bytes(), 500)
+    })
+    .await
+    .unwrap()
+    .expect("import");
+    assert_eq!((report.lines, report.numbers), (LINES - 1, LINES));
+    assert_eq!(report.moved, vec![(1_501, n("0310000001"), n("0310000001"))]);
+    assert_eq!(report.rejected.iter().map(|(line, _)| *line).collect::<Vec<_>>(), vec![1_900]);
+    let moved = n("0310000001");
+    testkit::wait::until(
+        WAIT,
+        || "node A never showed the last line of the import".into(),
+        || a.store.number(&n("0310001999")).unwrap().is_some(),
+    )
+    .await;
+    for node in [&a, &b] {
+        assert_eq!(node.store.number(&moved).unwrap().unwrap().contract, n("0320000000"), "the later line's");
+        assert!(!node.store.line(&moved).unwrap().unwrap().numbers.contains(&moved), "gone from line 2");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Provisioned through node A, settings changed through node B (R-S9: B's save is
 /// checked against the version A wrote), and node C, started after both on an empty
 /// store, has caught up before it returns from start: its first CDR goes by the new
