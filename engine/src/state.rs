@@ -76,7 +76,7 @@ const RECORDS_PER_APPLY: usize = 20_000;
 /// producer finds it): the owner waits that out.
 const PUBLISH_WITHIN: Duration = Duration::from_secs(120);
 /// The least `max.poll.interval.ms` of the owner's consumer: longer than any of its
-/// waits between two polls ([`PUBLISH_WITHIN`], then reading its writes back).
+/// waits between two polls ([`PUBLISH_WITHIN`], then reading its announcement back).
 const OWNER_POLL_INTERVAL: Duration = Duration::from_secs(300);
 /// How long the owner's producer gathers records into one produce request while the
 /// owner still carries out a batch.
@@ -867,9 +867,9 @@ impl Owner {
             }
             if batch.is_empty() && self.fenced.is_empty() {
                 match self.settled() {
-                    Ok(false) => continue,
                     // Its records fenced: the applier stops the node.
                     Ok(true) => return,
+                    Ok(false) => {}
                     Err(e) => tracing::warn!(error = %e, "taking back the state owner's batch mark failed"),
                 }
                 continue;
@@ -1057,8 +1057,8 @@ impl Owner {
         Ok(false)
     }
 
-    /// Waits until the state topic has confirmed every record sent (`flush` would sleep
-    /// up to 100 ms per look): through a broker's loss, up to [`PUBLISH_WITHIN`], after
+    /// Waits until the state topic has confirmed every record sent (rdkafka's `flush`
+    /// would sleep up to 100 ms per look): through a broker's loss, up to [`PUBLISH_WITHIN`], after
     /// which the producer reports the records failed. False if the engine stops first.
     fn confirmed(&self) -> anyhow::Result<bool> {
         let started = Instant::now();
