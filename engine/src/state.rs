@@ -78,6 +78,7 @@ const PUBLISH_WITHIN: Duration = Duration::from_secs(120);
 /// The least `max.poll.interval.ms` of the owner's consumer: longer than any of its
 /// waits between two polls ([`PUBLISH_WITHIN`], then reading its announcement back).
 const OWNER_POLL_INTERVAL: Duration = Duration::from_secs(300);
+const _: () = assert!(OWNER_POLL_INTERVAL.as_secs() > PUBLISH_WITHIN.as_secs() + ANSWER_WITHIN.as_secs());
 /// How long the owner's producer gathers records into one produce request while the
 /// owner still carries out a batch.
 const OWNER_LINGER: Duration = Duration::from_millis(20);
@@ -380,13 +381,8 @@ impl StateLog {
             ("fetch.wait.max.ms", "10"),
             ("fetch.queue.backoff.ms", "5"),
         ]);
-        // The owner does not poll while it waits for the state topic (up to
-        // PUBLISH_WITHIN): a shorter `max.poll.interval.ms` in `kafka.properties` would
-        // hand the partition to another node while this one still publishes. A dead
-        // owner is noticed by its session timeout all the same.
-        let poll_interval = owner_config.get("max.poll.interval.ms").and_then(|v| v.parse::<u128>().ok());
-        let least = OWNER_POLL_INTERVAL.as_millis();
-        owner_config.set("max.poll.interval.ms", poll_interval.unwrap_or(least).max(least).to_string());
+        let poll_interval = owner_poll_interval(owner_config.get("max.poll.interval.ms"));
+        owner_config.set("max.poll.interval.ms", poll_interval);
         let owner = Owner {
             store: store.clone(),
             node: node.clone(),
@@ -735,6 +731,16 @@ fn written_as<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<
         Some(at) => (&value[..at], std::str::from_utf8(&value[at + 1..]).ok().and_then(|e| e.parse().ok())),
         None => (value, None),
     })
+}
+
+/// The owner consumer's `max.poll.interval.ms`, given the one configured
+/// (`kafka.properties`): at least [`OWNER_POLL_INTERVAL`]. The owner does not poll while
+/// it waits for the state topic (up to [`PUBLISH_WITHIN`]): a shorter interval would
+/// hand the partition to another node while this one still publishes. A dead owner is
+/// noticed by its session timeout all the same.
+fn owner_poll_interval(configured: Option<&str>) -> String {
+    let least = OWNER_POLL_INTERVAL.as_millis();
+    configured.and_then(|v| v.trim().parse::<u128>().ok()).map_or(least, |v| v.max(least)).to_string()
 }
 
 /// Has `producer` send what it holds at once, whatever its `linger.ms`, for up to
@@ -1115,5 +1121,20 @@ impl Owner {
                 Err((e, _)) => return Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/cluster.md, a broker's loss: an operator's shorter `max.poll.interval.ms`
+    /// (for the CDR consumers) does not let the group take the request partition from
+    /// an owner that waits up to two minutes for the state topic; a longer one is kept.
+    #[test]
+    fn the_owner_polls_at_least_every_five_minutes_whatever_kafka_properties_say() {
+        assert_eq!(owner_poll_interval(None), "300000");
+        assert_eq!(owner_poll_interval(Some("10000")), "300000", "raised");
+        assert_eq!(owner_poll_interval(Some("900000")), "900000", "kept");
     }
 }
