@@ -991,6 +991,11 @@ fn three_nodes_share_subscribers_changed_through_any_node_and_a_fourth_catches_u
     let changed: Vec<String> =
         subs.iter().map(|s| testkit::line::Subscriber::new(&s.number, &[(&moved(s), true)]).line()).collect();
     specs[1].provision_through(&nodes[1], &changed);
+    // Every node reads calls: serving is not holding partitions yet (the provisioning
+    // above can be done before the group has shared them).
+    for node in &nodes {
+        node.wait_metric_until("callnotify_consumer_partitions{consumer=\"0\"}", "above 0", |v| v > 0.0);
+    }
 
     let cdrs = Cdrs::new(&a.brokers, &a.topic);
     let message_id = |s: &Subscriber, call_id: &str| {
