@@ -892,8 +892,12 @@ impl Owner {
                 }
                 Ok(Turn::NotCaughtUp(e)) => {
                     let now = Instant::now();
+                    // Raised at once, then every WAITING_NOTE_EVERY: an owner that took
+                    // over during a broker's loss (its group coordinator lost with it)
+                    // may spend less than that here, while writes waited far longer.
+                    let first = not_caught_up.is_none();
                     let (since, raised) = not_caught_up.get_or_insert((now, now));
-                    if now.duration_since(*raised) >= WAITING_NOTE_EVERY {
+                    if first || now.duration_since(*raised) >= WAITING_NOTE_EVERY {
                         *raised = now;
                         crate::error_event!(self.metrics, ErrorEvent::StateStalled, error = %e, waited = ?now.duration_since(*since),
                             "the state owner could not read the previous owner's writes yet; trying again, writes of subscriber state wait");
