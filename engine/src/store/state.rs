@@ -717,7 +717,8 @@ impl Store {
         Ok(())
     }
 
-    /// The owner's writes are confirmed in the state topic.
+    /// The owner's writes are confirmed in the state topic, and its applier has read them
+    /// back without finding them fenced.
     pub fn end_owner_batch(&self) -> Result<(), StoreError> {
         self.meta()?.remove(OWNER_BATCH)?;
         Ok(())
