@@ -416,6 +416,7 @@ impl StateLog {
             epoch: std::cell::Cell::new(None),
             fenced,
             unsettled: std::cell::Cell::new(None),
+            marked: std::cell::Cell::new(false),
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
@@ -831,6 +832,10 @@ struct Owner {
     /// The offset of the last record this owner published, until its applier has read
     /// it (the store keeps its batch mark until then).
     unsettled: std::cell::Cell<Option<i64>>,
+    /// Whether the store holds the batch mark this owner set (and has not taken back).
+    /// A batch may publish nothing (its requests answered by an earlier owner): its mark
+    /// is taken back with no record of its own to wait for.
+    marked: std::cell::Cell<bool>,
 }
 
 /// How the owner's turn at a batch of requests ended.
@@ -840,8 +845,9 @@ enum Turn {
     /// Not started: the previous owner's writes could not be read yet (the state topic
     /// unreachable). Nothing was written: the same batch is taken again.
     NotCaughtUp(anyhow::Error),
-    /// The engine stops while the state topic has not confirmed the batch, or because
-    /// its records were fenced (another owner took over).
+    /// The engine stops while the state topic has not confirmed the batch (or the
+    /// owner's announcement, before it wrote anything), or because its records were
+    /// fenced (another owner took over).
     Stopped,
 }
 
@@ -906,12 +912,11 @@ impl Owner {
                     }
                     std::thread::sleep(Duration::from_secs(1));
                 }
-                Ok(Turn::Stopped) => {
-                    // The batch's writes may or may not reach the topic: the store is
-                    // rebuilt from it at the next start.
-                    let _ = self.store.mark_diverged();
-                    return;
-                }
+                // The batch's writes, if it made any, may or may not reach the topic:
+                // its mark stays, and the store is rebuilt from the topic at the next
+                // start. An owner that stopped before it wrote (while it announced
+                // itself) leaves no mark: nothing to rebuild.
+                Ok(Turn::Stopped) => return,
                 Err(e) => {
                     crate::error_event!(self.metrics, ErrorEvent::StatePublish, error = %e,
                         "publishing subscriber state failed: this node stops and rebuilds its store from the state topic at its next start");
@@ -976,7 +981,10 @@ impl Owner {
         if self.consumer.context().assigned.load(Ordering::Relaxed) && !self.announce()? {
             return Ok(Turn::Stopped);
         }
-        self.store.begin_owner_batch()?;
+        if !self.marked.get() {
+            self.store.begin_owner_batch()?;
+            self.marked.set(true);
+        }
         for key in self.fenced.take() {
             if let Some(state_key) = StateKey::decode(key.as_bytes()) {
                 let value = self.store.state_value(&state_key)?;
@@ -1060,8 +1068,9 @@ impl Owner {
         if self.failure.lock().expect("failure lock").is_some() {
             return Ok(true);
         }
-        if self.unsettled.get().is_some_and(|last| applied > last) {
+        if self.marked.get() && self.unsettled.get().is_none_or(|last| applied > last) {
             self.store.end_owner_batch()?;
+            self.marked.set(false);
             self.unsettled.set(None);
         }
         Ok(false)

@@ -557,7 +557,8 @@ impl EngineSpec {
             .env("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "10")
             .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
             .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "info,librdkafka=warn");
+            // CALLNOTIFY_IT_LOG: more of the engine's log, e.g. `info,engine::state=debug`.
+            .env("RUST_LOG", std::env::var("CALLNOTIFY_IT_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()));
         command
     }
 

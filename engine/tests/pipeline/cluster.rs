@@ -488,3 +488,65 @@ async fn r_n2_a_node_restarted_on_its_store_ignores_a_late_write_written_while_i
     b.stop().await;
     a.stop().await;
 }
+
+/// An owner taking over reads again the requests its predecessor answered but had not
+/// committed, and skips them (docs/cluster.md, "Why the counts are exact"). Such a batch
+/// writes nothing, so it leaves the store unmarked: a clean stop after it is followed by
+/// no rebuild from the topic (minutes, at carrier scale). The defect, found by the
+/// integration suite: the mark stayed until a later batch wrote something, and a node
+/// stopped before that rebuilt its store at its next start (R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_batch_of_requests_answered_before_leaves_the_store_unmarked() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+    const REQUESTS: &str = engine::embedded::STATE_TOPICS[1];
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    testkit::wait::until(WAIT, || "the owner's write was never read back".into(), || !a.store.diverged().unwrap())
+        .await;
+
+    // The provisioning request again, as a new owner reads it after its predecessor
+    // answered it and stopped before committing.
+    let client = |group: &str| -> BaseConsumer {
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", h.kafka.bootstrap_servers())
+            .set("group.id", group)
+            .create()
+            .unwrap()
+    };
+    let reader = client("requests-reader");
+    let (_, end) = reader.fetch_watermarks(REQUESTS, 0, std::time::Duration::from_secs(10)).unwrap();
+    let mut from = TopicPartitionList::new();
+    from.add_partition_offset(REQUESTS, 0, Offset::Offset(end - 1)).unwrap();
+    reader.assign(&from).unwrap();
+    let request = (0..100)
+        .find_map(|_| reader.poll(std::time::Duration::from_millis(100)))
+        .expect("the request is read")
+        .unwrap()
+        .detach();
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
+    let record = FutureRecord::to(REQUESTS).key(request.key().unwrap()).payload(request.payload().unwrap());
+    let again = producer.send(record, std::time::Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap().offset;
+
+    // The owner (group `test-state`) commits a batch once carried out.
+    let owner_group = client("test-state");
+    let mut partition = TopicPartitionList::new();
+    partition.add_partition(REQUESTS, 0);
+    testkit::wait::until(
+        WAIT,
+        || "the owner never committed the request read again".into(),
+        || {
+            let committed =
+                owner_group.committed_offsets(partition.clone(), std::time::Duration::from_secs(5)).unwrap();
+            matches!(committed.find_partition(REQUESTS, 0).map(|p| p.offset()), Some(Offset::Offset(o)) if o > again)
+        },
+    )
+    .await;
+    assert!(!a.store.diverged().unwrap(), "a batch that wrote nothing leaves no mark: no rebuild at the next start");
+    assert!(a.store.number(&n("0312345678")).unwrap().is_some());
+    a.stop().await;
+}
