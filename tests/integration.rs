@@ -902,6 +902,56 @@ fn a_state_write_while_the_state_topic_s_broker_is_down_waits_for_it_and_the_nod
     assert!(engine.terminate(), "the engine ran on and stops cleanly: {}", spec.log());
 }
 
+/// docs/cluster.md, a broker's loss under the state owner: a new owner announces itself
+/// before it writes anything. With one of the state topic's two replicas lost (and
+/// `min.insync.replicas` 2), the topic is read but not written: the announcement waits.
+/// The engine stopped then has written nothing the topic lacks, so its next start keeps
+/// its store instead of rebuilding it (minutes at carrier scale). Before: the stop marked
+/// the store, and the next start rebuilt it.
+#[test]
+#[ignore = "integration: bash scripts/integration.sh"]
+fn a_node_stopped_while_a_new_owner_s_announcement_waits_keeps_its_store() {
+    let cluster = KafkaCluster::start(3, &[]);
+    let topic = "it-announcing";
+    let [state, ..] = shared_topics(topic);
+    block_on(create_topic_on(
+        &cluster.bootstrap,
+        &state,
+        &[2, 3],
+        &[("cleanup.policy", "compact"), ("min.insync.replicas", "2")],
+    ));
+    let (_sink, spec, _dir) = setup_on(&cluster.bootstrap, "announcing", 1, &[]);
+    // The node lost before the engine starts, and every leader (group coordinators too)
+    // moved off it: the engine's owner becomes one on a cluster that answers, and its
+    // only wait is the announcement's.
+    cluster.kill_node(3);
+    let topics = ["__consumer_offsets", &spec.topic, &dead_letter_topic(&spec.topic)];
+    let shared = shared_topics(&spec.topic);
+    testkit::wait::blocking_until(
+        WAIT,
+        Duration::from_millis(200),
+        || "leaders still on the lost node".into(),
+        || topics.iter().copied().chain(shared.iter().map(String::as_str)).all(|t| !cluster.leads(3, t)),
+    );
+    let engine = spec.start();
+    engine.wait_serving();
+
+    let file = spec.dir.join("announcing.jsonl");
+    std::fs::write(&file, every_call_subscribers("0375", 1)[0].line()).unwrap();
+    let import = spec.start_import_through(&engine, &file);
+    spec.wait_logged("the announcement waiting", || spec.log().contains("has not confirmed the owner's writes yet"));
+    assert!(!spec.log().contains("the state owner announced itself"), "{}", spec.log());
+    assert!(engine.terminate(), "the engine stops cleanly: {}", spec.log());
+    let out = import.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("may or may not be carried out"), "{said}");
+
+    let engine = spec.start();
+    engine.wait_serving();
+    assert!(!spec.log().contains("rebuilding it from the topic"), "the store kept: {}", spec.log());
+    assert!(engine.terminate(), "{}", spec.log());
+}
+
 /// A test CA and a server certificate for 127.0.0.1, made with openssl, in a directory
 /// as `scripts/kafka.sh start --sasl-ssl DIR` wants it.
 fn test_certificates() -> tempfile::TempDir {

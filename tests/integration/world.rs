@@ -194,6 +194,14 @@ impl KafkaCluster {
         let topic = metadata.topics().iter().find(|t| t.name() == topic).expect("the topic");
         topic.partitions().iter().find(|p| p.id() == partition).expect("the partition").leader()
     }
+
+    /// Whether node `id` leads a partition of `topic`, as the cluster's metadata says.
+    pub fn leads(&self, id: i32, topic: &str) -> bool {
+        let client: BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().expect("client");
+        let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        metadata.topics().iter().flat_map(|t| t.partitions()).any(|p| p.leader() == id)
+    }
 }
 
 impl Drop for KafkaCluster {
