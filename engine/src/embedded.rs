@@ -72,9 +72,16 @@ pub async fn ensure_shared_topics(brokers: &str, topics: &SharedTopics<'_>, part
     Ok(())
 }
 
+/// The mock cluster of an [`EmbeddedKafka`], as [`EmbeddedKafka::on_cluster`] hands it.
+pub type Mock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// Something to do on the mock cluster's thread.
+type OnCluster = Box<dyn FnOnce(&Mock) + Send>;
+
 pub struct EmbeddedKafka {
     bootstrap: String,
-    stop: Option<mpsc::Sender<()>>,
+    /// To the cluster's thread, which ends when this is dropped.
+    commands: Option<mpsc::Sender<OnCluster>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -96,7 +103,7 @@ impl EmbeddedKafka {
     pub fn start_with(topics: &[(&str, i32)]) -> Result<Self, KafkaError> {
         let topics: Vec<(String, i32)> = topics.iter().map(|(t, p)| (t.to_string(), *p)).collect();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (commands, commands_rx) = mpsc::channel::<OnCluster>();
         let thread = std::thread::Builder::new()
             .name("kafka-mock".into())
             .spawn(move || {
@@ -115,21 +122,38 @@ impl EmbeddedKafka {
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
                 // Until the owner drops us (or goes away).
-                let _ = stop_rx.recv();
+                while let Ok(command) = commands_rx.recv() {
+                    command(&cluster);
+                }
             })
             .expect("spawning the mock cluster thread");
         let bootstrap = ready_rx.recv().expect("mock cluster thread reports")?;
-        Ok(Self { bootstrap, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(Self { bootstrap, commands: Some(commands), thread: Some(thread) })
     }
 
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
     }
+
+    /// Runs `f` on the mock cluster (on its thread, since it is not `Send`) and returns
+    /// once it has run: to have the cluster fail requests, say, as a broker would.
+    pub fn on_cluster(&self, f: impl FnOnce(&Mock) + Send + 'static) {
+        let (done_tx, done) = mpsc::channel();
+        let command: OnCluster = Box::new(move |cluster| {
+            f(cluster);
+            let _ = done_tx.send(());
+        });
+        if let Some(commands) = &self.commands {
+            if commands.send(command).is_ok() {
+                let _ = done.recv();
+            }
+        }
+    }
 }
 
 impl Drop for EmbeddedKafka {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        drop(self.commands.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -17,6 +17,9 @@ pub enum ErrorEvent {
     RevokeFlush,
     /// A committed offset is out of the partition's range.
     OffsetOutOfRange,
+    /// A partition assigned to a CDR consumer or to the state owner was not read for
+    /// 15 s (its committed offset not fetched: librdkafka issue 5586): assigned again.
+    PartitionUnread,
     /// A mail could not be rendered from its call.
     Render,
     /// A mail's sent record or retry-queue entry is not stored yet (tried again).
@@ -71,10 +74,11 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 25] = [
+    pub const ALL: [ErrorEvent; 26] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
+        ErrorEvent::PartitionUnread,
         ErrorEvent::Render,
         ErrorEvent::DeliveryStore,
         ErrorEvent::RetryQueueRead,
@@ -103,7 +107,7 @@ impl ErrorEvent {
     pub fn stage(self) -> &'static str {
         use ErrorEvent::*;
         match self {
-            RevokeFlush | OffsetOutOfRange => "source",
+            RevokeFlush | OffsetOutOfRange | PartitionUnread => "source",
             Render => "pipeline",
             DeliveryStore => "deliver",
             RetryQueueRead | RetryQueueUnreadable | RetryQueueUnsendable | RetryQueueReschedule | RetryQueueFlush
@@ -124,6 +128,7 @@ impl ErrorEvent {
             DiskLow => "disk_low",
             RevokeFlush => "revoke_flush",
             OffsetOutOfRange => "offset_out_of_range",
+            PartitionUnread => "partition_unread",
             Render => "render",
             DeliveryStore => "store_write",
             RetryQueueRead => "read",

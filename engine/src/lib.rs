@@ -41,6 +41,7 @@
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.
 //! - [`embedded`]: librdkafka's mock cluster, when no brokers are configured.
 //! - [`cluster`]: client settings for the Kafka cluster and the start-up check of its topics.
+//! - [`unread`]: assigned partitions librdkafka never starts reading, assigned again.
 //! - [`demo`]: the `callnotify demo` command.
 //! - [`config`]: layered TOML + environment configuration.
 //! - [`telemetry`]: metric names and handles.
@@ -75,3 +76,4 @@ pub mod startup;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod unread;

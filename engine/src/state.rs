@@ -380,6 +380,7 @@ impl StateLog {
             ("enable.partition.eof", "false"),
             ("fetch.wait.max.ms", "10"),
             ("fetch.queue.backoff.ms", "5"),
+            ("statistics.interval.ms", crate::unread::STATISTICS_INTERVAL_MS),
         ]);
         let poll_interval = owner_poll_interval(owner_config.get("max.poll.interval.ms"));
         owner_config.set("max.poll.interval.ms", poll_interval);
@@ -392,6 +393,7 @@ impl StateLog {
                     assigned: AtomicBool::new(false),
                     owning: AtomicBool::new(false),
                     metrics: metrics.clone(),
+                    unread: crate::unread::Unread::default(),
                 })
                 .context("creating the state owner's consumer")?,
             producer: producer_config(&[
@@ -766,9 +768,15 @@ struct OwnerContext {
     /// Whether this node holds the request partition now.
     owning: AtomicBool,
     metrics: Metrics,
+    /// The request partition, if assigned and not read (see [`crate::unread`]).
+    unread: crate::unread::Unread,
 }
 
-impl ClientContext for OwnerContext {}
+impl ClientContext for OwnerContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        self.unread.note(&stats, Instant::now());
+    }
+}
 
 impl ConsumerContext for OwnerContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -857,6 +865,7 @@ impl Owner {
         // Since when the previous owner's writes could not be read, and when that was last raised.
         let mut not_caught_up: Option<(Instant, Instant)> = None;
         while !self.stop.load(Ordering::Relaxed) {
+            self.read_unread();
             let mut wait = Duration::from_millis(100);
             while batch.len() < REQUESTS_PER_BATCH {
                 match self.consumer.poll(wait) {
@@ -928,6 +937,21 @@ impl Owner {
                     return;
                 }
             }
+        }
+    }
+
+    /// Assigns the request partition again if librdkafka left it unread (see
+    /// [`crate::unread`]): every write of subscriber state in the cluster waits for it.
+    fn read_unread(&self) {
+        let unread = self.consumer.context().unread.take_due();
+        if unread.is_empty() {
+            return;
+        }
+        crate::error_event!(self.metrics, ErrorEvent::PartitionUnread, partitions = ?unread, after = ?crate::unread::UNREAD_AFTER,
+            "the state owner's request partition is assigned and not read (its committed offset was not fetched); \
+            assigning it again: writes of subscriber state wait until then");
+        if let Err(e) = crate::unread::assign_again(&self.consumer, &unread) {
+            tracing::warn!(error = %e, "assigning the request partition again failed; trying again later");
         }
     }
 

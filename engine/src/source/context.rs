@@ -39,6 +39,8 @@ pub struct SourceContext {
     pub(super) sending: Mutex<Sending>,
     /// Sent records and retry entries of each partition, in Kafka.
     pub(super) changelog: Arc<crate::partition_log::PartitionLog>,
+    /// Assigned partitions librdkafka has not started reading (see [`crate::unread`]).
+    pub(super) unread: crate::unread::Unread,
 }
 
 /// The token tree of the delivery tasks' time for sending: the thread's, ended when the
@@ -57,6 +59,7 @@ impl Sending {
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
+        self.unread.note(&stats, Instant::now());
         for (name, topic) in &stats.topics {
             for (id, p) in &topic.partitions {
                 if *id >= 0 && p.consumer_lag >= 0 {

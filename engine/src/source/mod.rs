@@ -40,6 +40,7 @@ use self::offsets::{Completion, Tracker};
 use crate::dead_letter::DeadLetters;
 use crate::decode::CdrFormat;
 use crate::deliver::Deliverer;
+use crate::error_event::ErrorEvent;
 use crate::pipeline::{Mails, Outcome, Pipeline};
 use crate::store::StoreError;
 use crate::telemetry::Metrics;
@@ -166,6 +167,7 @@ pub fn spawn(
             completions: Mutex::new(rx),
             sending: Mutex::new(Sending::new(shutdown.child_token())),
             changelog: stages.changelog.clone(),
+            unread: crate::unread::Unread::default(),
         };
         consumers.push((consumer(&options, context)?, tx));
     }
@@ -207,7 +209,7 @@ fn consumer(options: &SourceOptions<'_>, context: SourceContext) -> Result<BaseC
         ("enable.auto.commit", "false"),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
-        ("statistics.interval.ms", "5000"),
+        ("statistics.interval.ms", crate::unread::STATISTICS_INTERVAL_MS),
     ];
     let defaults: Vec<(&str, &str)> = defaults.into_iter().chain(FETCH_SETTINGS).collect();
     let config = crate::cluster::client_config(options.brokers, &defaults, options.properties);
@@ -276,6 +278,7 @@ fn run(
             None => {}
         }
         ctx.drain();
+        read_unread(&consumer, paused)?;
     }
     if !ctx.finish_or_queue(None, grace) {
         let left = ctx.tracker.lock().expect("tracker lock").in_flight;
@@ -287,6 +290,24 @@ fn run(
     ctx.tracker.lock().expect("tracker lock").abandon();
     ctx.commit(&consumer, CommitMode::Sync)?;
     tracing::info!("consumer stopped; offsets committed");
+    Ok(())
+}
+
+/// Assigns again the partitions librdkafka left unread (see [`crate::unread`]): their
+/// calls would otherwise never be notified. Paused ones are paused again.
+fn read_unread(consumer: &BaseConsumer<SourceContext>, paused: bool) -> Result<(), SourceError> {
+    let ctx = consumer.context();
+    let unread = ctx.unread.take_due();
+    if unread.is_empty() {
+        return Ok(());
+    }
+    crate::error_event!(ctx.metrics, ErrorEvent::PartitionUnread, partitions = ?unread, after = ?crate::unread::UNREAD_AFTER,
+        "CDR partitions are assigned and not read (their committed offsets were not fetched); assigning them again");
+    match crate::unread::assign_again(consumer, &unread) {
+        Ok(()) if paused => consumer.pause(&consumer.assignment()?)?,
+        Ok(()) => {}
+        Err(e) => tracing::warn!(error = %e, "assigning unread CDR partitions again failed; trying again later"),
+    }
     Ok(())
 }
 

@@ -37,3 +37,28 @@ async fn two_consumer_threads_share_the_partitions_and_send_each_mail_once() {
     );
     assert_eq!(stopped.metric("callnotify_cdrs_in_flight"), 0.0, "both threads' CDRs finished");
 }
+
+/// The errors counted when a partition was assigned and left unread.
+const UNREAD: &str = "callnotify_errors_total{stage=\"source\",error=\"partition_unread\"}";
+
+/// librdkafka issue 5586 (docs/cluster.md, "Partitions left unread"): when a consumer
+/// cannot look up an assigned partition's committed offset (a broker answers "not
+/// coordinator", as after a coordinator's loss), librdkafka keeps the partition and never
+/// reads it. Here the first lookups of the CDR consumer and of the state owner fail so.
+/// Both partitions are assigned again 15 to 20 s later: the owner carries out an import
+/// (R-L3), and the missed call is notified (R-N1). Before: the import waited 60 s for an
+/// owner that never read its request, and the call was never notified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_partitions_whose_committed_offsets_could_not_be_looked_up_are_assigned_again_and_read() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = Harness::new(1).await;
+    h.kafka.on_cluster(|cluster| {
+        cluster.request_errors(RDKafkaApiKey::OffsetFetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 3]);
+    });
+    let engine = h.engine().await;
+    let cdrs = missed_calls_to_ten(&engine, "03400000", "unread", 1);
+    h.produce(TOPIC, &cdrs).await;
+    h.mails(1).await;
+    assert!(engine.metric(UNREAD) >= 2.0, "raised for the operator, for each: {}", engine.metric(UNREAD));
+    engine.stop().await;
+}
