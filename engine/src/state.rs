@@ -223,6 +223,10 @@ pub struct StateLog {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Set when the owner could not publish and stopped the engine.
     failure: Arc<Mutex<Option<String>>>,
+    metrics: Metrics,
+    /// When a write waiting for its answer was last raised as a stall: once every
+    /// [`WAITING_NOTE_EVERY`] per node, however many writes wait.
+    waiting_raised: Mutex<Option<Instant>>,
 }
 
 impl StateWriter for StateLog {
@@ -442,6 +446,8 @@ impl StateLog {
             stop,
             threads: Mutex::new(threads),
             failure,
+            metrics: metrics.clone(),
+            waiting_raised: Mutex::new(None),
         });
         store.attach_writer(log.clone());
         Ok(log)
@@ -516,7 +522,14 @@ impl StateLog {
     }
 
     fn wait(&self, id: u64, answer: std::sync::mpsc::Receiver<Results>) -> Result<Results, String> {
-        answer.recv_timeout(ANSWER_WITHIN).map_err(|e| {
+        let result = match answer.recv_timeout(WAITING_NOTE_EVERY) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                self.raise_waiting();
+                answer.recv_timeout(ANSWER_WITHIN.saturating_sub(WAITING_NOTE_EVERY))
+            }
+            answered => answered,
+        };
+        result.map_err(|e| {
             self.waiters.0.lock().expect("waiters lock").remove(&id);
             match (e, self.failure()) {
                 (std::sync::mpsc::RecvTimeoutError::Disconnected, Some(failure)) => format!(
@@ -532,6 +545,20 @@ impl StateLog {
                 ),
             }
         })
+    }
+
+    /// A write has waited [`WAITING_NOTE_EVERY`] for its answer. Whatever the cause (no
+    /// node holds the request partition, an owner that cannot read it or waits for the
+    /// state topic), the node whose users wait raises it, at most once a period.
+    fn raise_waiting(&self) {
+        let mut raised = self.waiting_raised.lock().expect("waiting lock");
+        if raised.is_some_and(|at| at.elapsed() < WAITING_NOTE_EVERY) {
+            return;
+        }
+        *raised = Some(Instant::now());
+        crate::error_event!(self.metrics, ErrorEvent::StateStalled, waited = ?WAITING_NOTE_EVERY, requests = %self.requests,
+            "a write of subscriber state has waited for the state owner's answer (does a node hold the request \
+            partition and read it? is the state topic writable?); waiting on");
     }
 }
 

@@ -46,7 +46,7 @@ const UNREAD: &str = "callnotify_errors_total{stage=\"source\",error=\"partition
 /// coordinator", as after a coordinator's loss), librdkafka keeps the partition and never
 /// reads it. Here the first lookups of the CDR consumer and of the state owner fail so.
 /// Both partitions are assigned again 15 to 20 s later: the owner carries out an import
-/// (R-L3), and the missed call is notified (R-N1). Before: the import waited 60 s for an
+/// (R-L3), whose wait is counted as a stall, and the missed call is notified (R-N1). Before: the import waited 60 s for an
 /// owner that never read its request, and the call was never notified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_n1_partitions_whose_committed_offsets_could_not_be_looked_up_are_assigned_again_and_read() {
@@ -60,5 +60,8 @@ async fn r_n1_partitions_whose_committed_offsets_could_not_be_looked_up_are_assi
     h.produce(TOPIC, &cdrs).await;
     h.mails(1).await;
     assert!(engine.metric(UNREAD) >= 2.0, "raised for the operator, for each: {}", engine.metric(UNREAD));
+    // The import waited more than 10 s for its answer: raised by the node it waited on.
+    let stalled = engine.metric("callnotify_errors_total{stage=\"state\",error=\"stalled\"}");
+    assert!(stalled >= 1.0, "the writes' wait is counted: {stalled}");
     engine.stop().await;
 }
