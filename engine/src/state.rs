@@ -423,6 +423,7 @@ impl StateLog {
             fenced,
             unsettled: std::cell::Cell::new(None),
             marked: std::cell::Cell::new(false),
+            threads: crate::store::batch::threads(),
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
@@ -768,6 +769,31 @@ fn written_as<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<
 /// it waits for the state topic (up to [`PUBLISH_WITHIN`]): a shorter interval would
 /// hand the partition to another node while this one still publishes. A dead owner is
 /// noticed by its session timeout all the same.
+/// Carries out one op for the owner: its answer, and the records to publish (only what
+/// changed: a login that counts nothing writes nothing). Runs on the owner's threads
+/// ([`Store::execute_batch`]), where no other thread writes the keys it touches.
+#[allow(clippy::type_complexity)]
+fn carry_out_op(
+    store: &Store,
+    op: &Op,
+) -> Result<(Result<Reply, OpError>, Vec<(StateKey, Option<sled::IVec>)>), StoreError> {
+    let before = store.values_before(op)?;
+    match store.execute(op) {
+        Ok((reply, Changed::Keys(touched))) => {
+            let mut records = Vec::with_capacity(touched.len());
+            for key in touched {
+                let value = store.state_value(&key)?;
+                if !before.iter().any(|(k, v)| *k == key && *v == value) {
+                    records.push((key, value));
+                }
+            }
+            Ok((Ok(reply), records))
+        }
+        Ok((reply, Changed::Values(written))) => Ok((Ok(reply), written.into_values())),
+        Err(e) => Ok((Err(OpError::from(&e)), Vec::new())),
+    }
+}
+
 fn owner_poll_interval(configured: Option<&str>) -> String {
     let least = OWNER_POLL_INTERVAL.as_millis();
     configured.and_then(|v| v.trim().parse::<u128>().ok()).map_or(least, |v| v.max(least)).to_string()
@@ -871,6 +897,9 @@ struct Owner {
     /// A batch may publish nothing (its requests answered by an earlier owner): its mark
     /// is taken back with no record of its own to wait for.
     marked: std::cell::Cell<bool>,
+    /// The threads a batch's import ops are carried out on (`store::batch`): the
+    /// owner's sled work is what limits an import through a node.
+    threads: usize,
 }
 
 /// How the owner's turn at a batch of requests ended.
@@ -1042,41 +1071,45 @@ impl Owner {
                 self.publish(&key, value.as_deref())?;
             }
         }
+        let mut requests = Vec::with_capacity(batch.len());
         for message in batch {
             let Some(request) = message.payload().and_then(|p| serde_json::from_slice::<Request>(p).ok()) else {
                 tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
                 continue;
             };
+            // The store's answered ids change only when the applier reads replies back:
+            // not during this batch.
             if self.store.answered(&request.node)?.is_some_and(|done| request.id <= done) {
                 continue; // Answered by an earlier owner that stopped before committing.
             }
-            let mut results = Vec::with_capacity(request.ops.len());
-            for op in &request.ops {
-                let before = self.store.values_before(op)?;
-                match self.store.execute(op) {
-                    Ok((reply, Changed::Keys(touched))) => {
-                        // Only what changed: a login that counts nothing writes nothing.
-                        for key in touched {
-                            let value = self.store.state_value(&key)?;
-                            if before.iter().any(|(k, v)| *k == key && *v == value) {
-                                continue;
-                            }
-                            self.publish(&key.encode(), value.as_deref())?;
-                        }
-                        results.push(Ok(reply));
-                    }
-                    Ok((reply, Changed::Values(written))) => {
-                        for (key, value) in written.into_values() {
-                            self.publish(&key.encode(), value.as_deref())?;
-                        }
-                        results.push(Ok(reply));
-                    }
-                    Err(e) => {
-                        tracing::debug!(op = op.name(), error = %e, "a state write was refused");
-                        results.push(Err(OpError::from(&e)));
-                    }
+            requests.push(request);
+        }
+        // Every op of the batch, carried out as if one after another (an import's on
+        // several threads, `store::batch`); each with the records to publish.
+        let mut ops = Vec::new();
+        let counts: Vec<usize> = requests
+            .iter_mut()
+            .map(|request| {
+                ops.append(&mut request.ops);
+                ops.len()
+            })
+            .collect();
+        let store = &self.store;
+        let mut outcomes = store.execute_batch(&ops, self.threads, |op| carry_out_op(store, op)).into_iter();
+        let mut done = 0;
+        for (request, upto) in requests.into_iter().zip(counts) {
+            let mut results = Vec::with_capacity(upto - done);
+            for (op, outcome) in ops[done..upto].iter().zip(outcomes.by_ref()) {
+                let (result, records) = outcome?;
+                if let Err(e) = &result {
+                    tracing::debug!(op = op.name(), error = ?e, "a state write was refused");
                 }
+                for (key, value) in records {
+                    self.publish(&key.encode(), value.as_deref())?;
+                }
+                results.push(result);
             }
+            done = upto;
             let answer = Answer { node: request.node, id: request.id, results };
             let key = format!("reply/{}", answer.node);
             self.publish(&key, Some(&serde_json::to_vec(&answer)?))?;

@@ -3,6 +3,7 @@
 //!
 //! - [`records`]: what is stored for a line and a number (R-L1, R-N1..R-N5).
 //! - [`subscribers`]: reading and writing lines, numbers and settings; listeners.
+//! - [`batch`]: a batch of an import's ops on several threads, as on one.
 //! - [`state`]: every write of lines, numbers, settings and credentials as an op, carried
 //!   out here or through the shared state log.
 //! - [`sent`]: the sent records that make each mail go out once (key, claim, record,
@@ -36,6 +37,7 @@ use std::sync::{Arc, RwLock};
 use crate::error_event::{CountErrors, ErrorCounter, ErrorEvent};
 use crate::phone::PhoneNumber;
 
+pub mod batch;
 pub mod faxes;
 pub mod records;
 pub mod sent;

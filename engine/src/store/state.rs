@@ -157,6 +157,45 @@ impl Op {
     }
 }
 
+/// The ops of an import run beside each other in a batch ([`super::batch`]).
+impl super::batch::Reach for Op {
+    fn independent(&self) -> bool {
+        matches!(self, Op::UpsertLine { .. } | Op::RestoreCredential { .. } | Op::ImportFaxSettings { .. })
+    }
+
+    fn reach(&self, store: &Store) -> Result<Vec<PhoneNumber>, StoreError> {
+        /// What of a stored line says where an upsert of it reaches: the numbers it may remove.
+        #[derive(serde::Deserialize)]
+        struct Listed {
+            numbers: Vec<PhoneNumber>,
+        }
+        /// What of a stored number says where an upsert listing it reaches: the line it
+        /// may take the number from.
+        #[derive(serde::Deserialize)]
+        struct OfLine {
+            contract: PhoneNumber,
+        }
+        match self {
+            Op::UpsertLine { line, numbers } => {
+                let mut reach = vec![line.contract];
+                if let Some(raw) = store.lines.get(line.contract.as_str())? {
+                    reach.extend(serde_json::from_slice::<Listed>(&raw)?.numbers);
+                }
+                for (number, ..) in numbers {
+                    reach.push(*number);
+                    if let Some(raw) = store.numbers.get(number.as_str())? {
+                        reach.push(serde_json::from_slice::<OfLine>(&raw)?.contract);
+                    }
+                }
+                Ok(reach)
+            }
+            // The number's record and credential.
+            Op::RestoreCredential { number, .. } | Op::ImportFaxSettings { number, .. } => Ok(vec![*number]),
+            other => Err(StoreError::State(format!("{} runs alone, not beside others", other.name()))),
+        }
+    }
+}
+
 /// What an op answers.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -390,7 +429,8 @@ impl Store {
         match self.writer.get() {
             Some(writer) => writer.clone().send(ops),
             None => {
-                let answers: Vec<_> = ops.into_iter().map(|op| self.execute(&op).map(|(reply, _)| reply)).collect();
+                let answers =
+                    self.execute_batch(&ops, super::batch::threads(), |op| self.execute(op).map(|(reply, _)| reply));
                 Box::new(move || answers)
             }
         }
