@@ -68,6 +68,11 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 const OPS_PER_REQUEST: usize = 200;
 /// Requests the owner takes in one batch: carried out, published, then confirmed.
 const REQUESTS_PER_BATCH: usize = 500;
+/// The threads the owner carries out an import's lines on (`store::batch`). One: on two
+/// cores shared with a broker, the importer and the applier, two threads made an import
+/// through a node slower, not faster (BENCHMARKS.md, "Import through a node"); the
+/// second core is not free there, and grouping the lines reads the store once more.
+const OWNER_THREADS: usize = 1;
 /// Records the applier reads before it applies them and records its position.
 const RECORDS_PER_APPLY: usize = 20_000;
 /// How long the owner waits for the state topic to confirm a batch's records before it
@@ -423,7 +428,6 @@ impl StateLog {
             fenced,
             unsettled: std::cell::Cell::new(None),
             marked: std::cell::Cell::new(false),
-            threads: crate::store::batch::threads(),
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
@@ -764,19 +768,13 @@ fn written_as<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<
     })
 }
 
-/// The owner consumer's `max.poll.interval.ms`, given the one configured
-/// (`kafka.properties`): at least [`OWNER_POLL_INTERVAL`]. The owner does not poll while
-/// it waits for the state topic (up to [`PUBLISH_WITHIN`]): a shorter interval would
-/// hand the partition to another node while this one still publishes. A dead owner is
-/// noticed by its session timeout all the same.
-/// Carries out one op for the owner: its answer, and the records to publish (only what
-/// changed: a login that counts nothing writes nothing). Runs on the owner's threads
-/// ([`Store::execute_batch`]), where no other thread writes the keys it touches.
-#[allow(clippy::type_complexity)]
-fn carry_out_op(
-    store: &Store,
-    op: &Op,
-) -> Result<(Result<Reply, OpError>, Vec<(StateKey, Option<sled::IVec>)>), StoreError> {
+/// What the owner made of one op: its answer, and the records to publish.
+type Outcome = (Result<Reply, OpError>, Vec<(StateKey, Option<sled::IVec>)>);
+
+/// Carries out one op for the owner, publishing only what changed (a login that counts
+/// nothing writes nothing). Runs where [`Store::execute_batch`] puts it: no other thread
+/// writes the keys it touches meanwhile.
+fn carry_out_op(store: &Store, op: &Op) -> Result<Outcome, StoreError> {
     let before = store.values_before(op)?;
     match store.execute(op) {
         Ok((reply, Changed::Keys(touched))) => {
@@ -794,6 +792,11 @@ fn carry_out_op(
     }
 }
 
+/// The owner consumer's `max.poll.interval.ms`, given the one configured
+/// (`kafka.properties`): at least [`OWNER_POLL_INTERVAL`]. The owner does not poll while
+/// it waits for the state topic (up to [`PUBLISH_WITHIN`]): a shorter interval would
+/// hand the partition to another node while this one still publishes. A dead owner is
+/// noticed by its session timeout all the same.
 fn owner_poll_interval(configured: Option<&str>) -> String {
     let least = OWNER_POLL_INTERVAL.as_millis();
     configured.and_then(|v| v.trim().parse::<u128>().ok()).map_or(least, |v| v.max(least)).to_string()
@@ -897,9 +900,6 @@ struct Owner {
     /// A batch may publish nothing (its requests answered by an earlier owner): its mark
     /// is taken back with no record of its own to wait for.
     marked: std::cell::Cell<bool>,
-    /// The threads a batch's import ops are carried out on (`store::batch`): the
-    /// owner's sled work is what limits an import through a node.
-    threads: usize,
 }
 
 /// How the owner's turn at a batch of requests ended.
@@ -1084,8 +1084,8 @@ impl Owner {
             }
             requests.push(request);
         }
-        // Every op of the batch, carried out as if one after another (an import's on
-        // several threads, `store::batch`); each with the records to publish.
+        // Every op of the batch, carried out as one after another ([`OWNER_THREADS`]),
+        // each with the records to publish.
         let mut ops = Vec::new();
         let counts: Vec<usize> = requests
             .iter_mut()
@@ -1095,7 +1095,7 @@ impl Owner {
             })
             .collect();
         let store = &self.store;
-        let mut outcomes = store.execute_batch(&ops, self.threads, |op| carry_out_op(store, op)).into_iter();
+        let mut outcomes = store.execute_batch(&ops, OWNER_THREADS, |op| carry_out_op(store, op)).into_iter();
         let mut done = 0;
         for (request, upto) in requests.into_iter().zip(counts) {
             let mut results = Vec::with_capacity(upto - done);
