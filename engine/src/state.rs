@@ -70,7 +70,7 @@ const OPS_PER_REQUEST: usize = 200;
 const REQUESTS_PER_BATCH: usize = 500;
 /// The threads the owner carries out an import's lines on (`store::batch`). One: on two
 /// cores shared with a broker, the importer and the applier, two threads made an import
-/// through a node slower, not faster (BENCHMARKS.md, "Import through a node"); the
+/// through a node no faster (BENCHMARKS.md, "An import on several threads"); the
 /// second core is not free there, and grouping the lines reads the store once more.
 const OWNER_THREADS: usize = 1;
 /// Records the applier reads before it applies them and records its position.
@@ -1077,8 +1077,9 @@ impl Owner {
                 tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
                 continue;
             };
-            // The store's answered ids change only when the applier reads replies back:
-            // not during this batch.
+            // Checked for all before any is carried out: a request is read again only
+            // after the partition is assigned again, whose catch-up applied every reply
+            // written before.
             if self.store.answered(&request.node)?.is_some_and(|done| request.id <= done) {
                 continue; // Answered by an earlier owner that stopped before committing.
             }

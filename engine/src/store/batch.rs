@@ -36,8 +36,8 @@ pub trait Reach {
 /// their own would cost more than they save.
 const MIN_PER_THREAD: usize = 256;
 
-/// The threads a batch is carried out on: the machine's cores, at most four (sled's
-/// writes contend beyond that).
+/// The threads a batch is carried out on: the machine's cores (more only contend: three
+/// on two cores were slower than two), at most four (more are not measured).
 pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
 }
