@@ -68,11 +68,6 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 const OPS_PER_REQUEST: usize = 200;
 /// Requests the owner takes in one batch: carried out, published, then confirmed.
 const REQUESTS_PER_BATCH: usize = 500;
-/// The threads the owner carries out an import's lines on (`store::batch`). One: on two
-/// cores shared with a broker, the importer and the applier, two threads made an import
-/// through a node no faster (BENCHMARKS.md, "An import on several threads"); the
-/// second core is not free there, and grouping the lines reads the store once more.
-const OWNER_THREADS: usize = 1;
 /// Records the applier reads before it applies them and records its position.
 const RECORDS_PER_APPLY: usize = 20_000;
 /// How long the owner waits for the state topic to confirm a batch's records before it
@@ -768,30 +763,6 @@ fn written_as<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<
     })
 }
 
-/// What the owner made of one op: its answer, and the records to publish.
-type Outcome = (Result<Reply, OpError>, Vec<(StateKey, Option<sled::IVec>)>);
-
-/// Carries out one op for the owner, publishing only what changed (a login that counts
-/// nothing writes nothing). Runs where [`Store::execute_batch`] puts it: no other thread
-/// writes the keys it touches meanwhile.
-fn carry_out_op(store: &Store, op: &Op) -> Result<Outcome, StoreError> {
-    let before = store.values_before(op)?;
-    match store.execute(op) {
-        Ok((reply, Changed::Keys(touched))) => {
-            let mut records = Vec::with_capacity(touched.len());
-            for key in touched {
-                let value = store.state_value(&key)?;
-                if !before.iter().any(|(k, v)| *k == key && *v == value) {
-                    records.push((key, value));
-                }
-            }
-            Ok((Ok(reply), records))
-        }
-        Ok((reply, Changed::Values(written))) => Ok((Ok(reply), written.into_values())),
-        Err(e) => Ok((Err(OpError::from(&e)), Vec::new())),
-    }
-}
-
 /// The owner consumer's `max.poll.interval.ms`, given the one configured
 /// (`kafka.properties`): at least [`OWNER_POLL_INTERVAL`]. The owner does not poll while
 /// it waits for the state topic (up to [`PUBLISH_WITHIN`]): a shorter interval would
@@ -1071,46 +1042,45 @@ impl Owner {
                 self.publish(&key, value.as_deref())?;
             }
         }
-        let mut requests = Vec::with_capacity(batch.len());
         for message in batch {
             let Some(request) = message.payload().and_then(|p| serde_json::from_slice::<Request>(p).ok()) else {
                 tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
                 continue;
             };
-            // Checked for all before any is carried out: a request is read again only
-            // after the partition is assigned again, whose catch-up applied every reply
-            // written before.
             if self.store.answered(&request.node)?.is_some_and(|done| request.id <= done) {
                 continue; // Answered by an earlier owner that stopped before committing.
             }
-            requests.push(request);
-        }
-        // Every op of the batch, carried out as one after another ([`OWNER_THREADS`]),
-        // each with the records to publish.
-        let mut ops = Vec::new();
-        let counts: Vec<usize> = requests
-            .iter_mut()
-            .map(|request| {
-                ops.append(&mut request.ops);
-                ops.len()
-            })
-            .collect();
-        let store = &self.store;
-        let mut outcomes = store.execute_batch(&ops, OWNER_THREADS, |op| carry_out_op(store, op)).into_iter();
-        let mut done = 0;
-        for (request, upto) in requests.into_iter().zip(counts) {
-            let mut results = Vec::with_capacity(upto - done);
-            for (op, outcome) in ops[done..upto].iter().zip(outcomes.by_ref()) {
-                let (result, records) = outcome?;
-                if let Err(e) = &result {
-                    tracing::debug!(op = op.name(), error = ?e, "a state write was refused");
+            let mut results = Vec::with_capacity(request.ops.len());
+            // One after another: an import's lines on several threads (`store::batch`)
+            // made an import through a node no faster on two cores shared with the
+            // broker, the importer and the applier (BENCHMARKS.md, "An import on
+            // several threads").
+            for op in &request.ops {
+                let before = self.store.values_before(op)?;
+                match self.store.execute(op) {
+                    Ok((reply, Changed::Keys(touched))) => {
+                        // Only what changed: a login that counts nothing writes nothing.
+                        for key in touched {
+                            let value = self.store.state_value(&key)?;
+                            if before.iter().any(|(k, v)| *k == key && *v == value) {
+                                continue;
+                            }
+                            self.publish(&key.encode(), value.as_deref())?;
+                        }
+                        results.push(Ok(reply));
+                    }
+                    Ok((reply, Changed::Values(written))) => {
+                        for (key, value) in written.into_values() {
+                            self.publish(&key.encode(), value.as_deref())?;
+                        }
+                        results.push(Ok(reply));
+                    }
+                    Err(e) => {
+                        tracing::debug!(op = op.name(), error = %e, "a state write was refused");
+                        results.push(Err(OpError::from(&e)));
+                    }
                 }
-                for (key, value) in records {
-                    self.publish(&key.encode(), value.as_deref())?;
-                }
-                results.push(result);
             }
-            done = upto;
             let answer = Answer { node: request.node, id: request.id, results };
             let key = format!("reply/{}", answer.node);
             self.publish(&key, Some(&serde_json::to_vec(&answer)?))?;

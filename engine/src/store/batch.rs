@@ -12,9 +12,10 @@
 //! order. An op of a group reaches only the group's numbers when it runs, too: a line's
 //! numbers or a number's line changed since the batch began were changed by an earlier
 //! op of the same group (no other group writes those keys), which listed them, so
-//! they are the group's. Groups thus never meet, and each key sees its ops in order; the
-//! state owner publishes what each op wrote in the ops' order, so the last value of a
-//! key in the state topic is its value here.
+//! they are the group's. Groups thus never meet, each key sees its ops in order, and
+//! what each op wrote (its [`super::state::Changed`]) is what it wrote on one thread.
+//! Used by an import without a state owner (`provision import` without `--url`); the
+//! owner carries out ops one after another (`crate::state` says why).
 //! Any other op (a login, a session, a save) is carried out alone, after every op
 //! before it and before every op after it.
 
@@ -23,7 +24,7 @@ use std::collections::HashMap;
 use super::{PhoneNumber, Store, StoreError};
 
 /// An op a batch may carry out beside others: one whose reach is known before it runs.
-pub trait Reach {
+pub(super) trait Reach {
     /// Whether this op may run beside others (an import's); any other runs alone.
     fn independent(&self) -> bool;
 
@@ -38,7 +39,7 @@ const MIN_PER_THREAD: usize = 256;
 
 /// The threads a batch is carried out on: the machine's cores (more only contend: three
 /// on two cores were slower than two), at most four (more are not measured).
-pub fn threads() -> usize {
+pub(super) fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
 }
 
@@ -46,7 +47,7 @@ impl Store {
     /// Carries out `run` for every op of `ops` on up to `threads` threads, with the
     /// result of carrying them out in order (module docs); the results in `ops`'s order.
     /// `run` is where the op is carried out (and what the caller needs of it kept).
-    pub fn execute_batch<O: Reach + Sync, R: Send>(
+    pub(super) fn execute_batch<O: Reach + Sync, R: Send>(
         &self,
         ops: &[O],
         threads: usize,
@@ -208,8 +209,8 @@ mod tests {
 
     /// R-L3, R-M3: an import whose lines take numbers from each other, drop numbers
     /// another line takes, come twice, and restore credentials of numbers a later line
-    /// moves, with other writes between them, leaves the store as one thread leaves it
-    /// and answers the same.
+    /// moves, with other writes between them, leaves the store as one thread leaves it,
+    /// answers the same and says it wrote the same.
     #[test]
     fn r_l3_a_batch_on_several_threads_leaves_the_store_one_thread_leaves() {
         const LINES: usize = 1_200;
@@ -260,7 +261,8 @@ mod tests {
         }
         assert!(first.iter().enumerate().filter(|(i, f)| *i == **f).count() > 100, "many groups");
         let answers = |store: &Store, threads| -> Vec<String> {
-            let run = |op: &Op| format!("{:?}", store.execute(op).map(|(reply, _)| reply));
+            // The answer and what the op says it wrote.
+            let run = |op: &Op| format!("{:?}", store.execute(op));
             store.execute_batch(&ops, threads, run)
         };
         let on_one = answers(&one, 1);
@@ -270,8 +272,8 @@ mod tests {
     }
 
     /// An op reaches the lines its numbers are on now, though it names none of them:
-    /// two lines taking a number each from line 0 both change line 0's record, whose
-    /// values the owner publishes in the ops' order, so they are one group.
+    /// two lines taking a number each from line 0 both change line 0's record, and each
+    /// says what it wrote there, as on one thread only if they are one group.
     #[test]
     fn ops_taking_numbers_from_one_line_are_one_group() {
         let store = seeded(2);
