@@ -18,8 +18,12 @@
 //! owner carries out ops one after another (`crate::state` says why).
 //! Any other op (a login, a session, a save) is carried out alone, after every op
 //! before it and before every op after it.
+//!
+//! [`by_key`] is the same for writes of one key each, whose order matters only per key:
+//! a node applying the state topic's records (a catch-up).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use super::{PhoneNumber, Store, StoreError};
 
@@ -82,26 +86,7 @@ impl Store {
         // Groups by where their first op is: a sorted input keeps each thread on keys
         // of its own, where sled's pages see no contention.
         let thread_of = |i: usize| first_of_group[i] * threads / ops.len();
-        let mut results: Vec<Option<R>> = std::iter::repeat_with(|| None).take(ops.len()).collect();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (1..threads)
-                .map(|t| {
-                    scope.spawn(move || {
-                        (0..ops.len()).filter(|&i| thread_of(i) == t).map(|i| (i, run(&ops[i]))).collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            for i in (0..ops.len()).filter(|&i| thread_of(i) == 0) {
-                results[i] = Some(run(&ops[i]));
-            }
-            for handle in handles {
-                // A panic of `run` is the caller's, as on one thread.
-                for (i, result) in handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)) {
-                    results[i] = Some(result);
-                }
-            }
-        });
-        results.into_iter().map(|r| r.expect("every op ran on some thread")).collect()
+        on_threads(ops.len(), threads, thread_of, |i| run(&ops[i]))
     }
 
     /// For each op, the first op of its group (ops that reach a common number); `None`
@@ -132,6 +117,63 @@ impl Store {
         }
         Some((0..ops.len()).map(|i| first.first(i)).collect())
     }
+}
+
+/// Carries out `run` for every item of `items` on up to `threads` threads, every item of
+/// one key (`key_of`) on one thread in their order; the results in `items`'s order. For
+/// writes of one key each (a state topic's records), whose order matters per key only.
+pub(super) fn by_key<'a, T: Sync, K: Hash + Eq, R: Send>(
+    items: &'a [T],
+    threads: usize,
+    key_of: impl Fn(&'a T) -> K,
+    run: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.min(items.len() / MIN_PER_THREAD).max(1);
+    if threads == 1 {
+        return items.iter().map(run).collect();
+    }
+    // Keys numbered as they first come, and shared out in runs of that order: a sorted
+    // input keeps each thread on keys of its own.
+    let mut rank: HashMap<K, usize> = HashMap::with_capacity(items.len());
+    let ranks: Vec<usize> = items
+        .iter()
+        .map(|item| {
+            let next = rank.len();
+            *rank.entry(key_of(item)).or_insert(next)
+        })
+        .collect();
+    let keys = rank.len();
+    on_threads(items.len(), threads, |i| ranks[i] * threads / keys, |i| run(&items[i]))
+}
+
+/// Runs `run` for every index below `len`, index `i` on thread `thread_of(i)` (of
+/// `threads`; 0 is the calling one), each thread's indices in their order; the results
+/// in index order.
+fn on_threads<R: Send>(
+    len: usize,
+    threads: usize,
+    thread_of: impl Fn(usize) -> usize + Sync,
+    run: impl Fn(usize) -> R + Sync,
+) -> Vec<R> {
+    let (thread_of, run) = (&thread_of, &run);
+    let mut results: Vec<Option<R>> = std::iter::repeat_with(|| None).take(len).collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..threads)
+            .map(|t| {
+                scope.spawn(move || (0..len).filter(|&i| thread_of(i) == t).map(|i| (i, run(i))).collect::<Vec<_>>())
+            })
+            .collect();
+        for i in (0..len).filter(|&i| thread_of(i) == 0) {
+            results[i] = Some(run(i));
+        }
+        for handle in handles {
+            // A panic of `run` is the caller's, as on one thread.
+            for (i, result) in handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)) {
+                results[i] = Some(result);
+            }
+        }
+    });
+    results.into_iter().map(|r| r.expect("every index ran on some thread")).collect()
 }
 
 /// Union-find over op indices whose root is the group's first op.
@@ -269,6 +311,72 @@ mod tests {
         assert!(on_one.iter().any(|a| a.contains("moved: [(")), "some numbers move between lines");
         assert_eq!(answers(&several, 4), on_one);
         assert_eq!(contents(&several, LINES + 1), contents(&one, LINES + 1));
+    }
+
+    /// A state topic's records on several threads: every key's on one thread, in their
+    /// order, so its last value is the one left, as on one thread.
+    #[test]
+    fn by_key_runs_each_key_s_items_on_one_thread_in_their_order() {
+        let items: Vec<(usize, usize)> = (0..5_000).map(|i| ((i * 7_919) % 300, i)).collect();
+        let ran = std::sync::Mutex::new(Vec::new());
+        let results = by_key(
+            &items,
+            4,
+            |(key, _)| *key,
+            |&(key, i)| {
+                ran.lock().unwrap().push((key, i, std::thread::current().id()));
+                i * 2
+            },
+        );
+        assert_eq!(results, (0..5_000).map(|i| i * 2).collect::<Vec<_>>(), "the results in the items' order");
+        let ran = ran.into_inner().unwrap();
+        let threads: std::collections::HashSet<_> = ran.iter().map(|r| r.2).collect();
+        assert_eq!(threads.len(), 4);
+        for key in 0..300 {
+            let of_key: Vec<_> = ran.iter().filter(|r| r.0 == key).collect();
+            assert!(of_key.len() > 10);
+            for pair in of_key.windows(2) {
+                assert!(pair[0].1 < pair[1].1, "key {key}: item {} ran before item {}", pair[1].1, pair[0].1);
+                assert_eq!(pair[0].2, pair[1].2, "key {key}: items {} and {} on two threads", pair[0].1, pair[1].1);
+            }
+        }
+    }
+
+    /// R-L3 on a node catching up: the records an import published (lines taking numbers
+    /// from each other, dropping numbers, the same line twice), applied in one call on
+    /// several threads, leave the store that applying them one by one leaves: the
+    /// importing store's lines, numbers and index of subscribed numbers.
+    #[test]
+    fn r_l3_records_applied_at_once_leave_the_store_they_were_written_in() {
+        const LINES: usize = 600;
+        let source = Store::temporary().unwrap();
+        let mut records = Vec::new();
+        for i in 0..LINES {
+            let (c, other) = (4 * i, 4 * ((i * 7 + 3) % LINES));
+            let mut ops = vec![upsert(c, &[c, c + 1, c + 2])];
+            match i % 3 {
+                0 => ops.push(upsert(other, &[other, c + 1])), // takes c + 1 from line c
+                1 => ops.push(upsert(c, &[c])),                // drops two
+                _ => ops.push(upsert(c, &[c, c + 1, c + 2])),  // the same again
+            }
+            for op in ops {
+                let Ok((_, Changed::Values(written))) = source.execute(&op) else { panic!("an upsert writes values") };
+                records.extend(written.into_values().into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))));
+            }
+        }
+        let at_once = Store::temporary().unwrap();
+        at_once.apply_state(&records, records.len() as i64, None, &[]).unwrap();
+        let one_by_one = Store::temporary().unwrap();
+        for (i, record) in records.iter().enumerate() {
+            one_by_one.apply_state(std::slice::from_ref(record), i as i64 + 1, None, &[]).unwrap();
+        }
+        let subscribed = |store: &Store| store.subscribed_numbers().collect::<Result<Vec<_>, _>>().unwrap();
+        assert!(subscribed(&at_once).len() > LINES, "{}", subscribed(&at_once).len());
+        assert_eq!(subscribed(&at_once), subscribed(&one_by_one));
+        assert_eq!(subscribed(&at_once), subscribed(&source));
+        assert_eq!(contents(&at_once, LINES), contents(&one_by_one, LINES));
+        assert_eq!(contents(&at_once, LINES), contents(&source, LINES));
+        assert_eq!(at_once.state_position().unwrap(), records.len() as i64);
     }
 
     /// An op reaches the lines its numbers are on now, though it names none of them:
