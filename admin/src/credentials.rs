@@ -164,32 +164,38 @@ impl Credentials {
         // the credential was set again meanwhile hashes only against the new one.
         let mut checked: Option<(String, bool)> = None;
         loop {
-            let Some(record) = self.record(number)? else {
-                return refuse(password, LoginFailure::Unknown);
+            let record = self.record(number)?;
+            // A credential this view lacks, or shows locked or expired, may have been
+            // set a moment ago through another node (R-I7 by phone on one, the login on
+            // the next): the owner's store decides, and its `Changed` comes once this
+            // view shows the credential it has. Such an attempt never counts as wrong.
+            let expired = |record: &CredentialRecord| {
+                record.kind == CredentialKind::Temporary && now >= record.set_at + TEMPORARY_VALIDITY
             };
-            if record.invalidated {
-                return refuse(password, LoginFailure::Locked);
-            }
-            if record.kind == CredentialKind::Temporary && now >= record.set_at + TEMPORARY_VALIDITY {
-                return refuse(password, LoginFailure::Expired);
-            }
-            let matches = match &checked {
-                Some((hash, matches)) if *hash == record.hash => *matches,
-                _ => {
-                    let matches = password_matches(&record.hash, password)?;
-                    checked = Some((record.hash.clone(), matches));
-                    matches
-                }
+            let usable = record.as_ref().filter(|record| !record.invalidated && !expired(record));
+            let (hash, matches, hashed) = match usable {
+                None => (record.map(|record| record.hash).unwrap_or_default(), false, false),
+                Some(record) => match &checked {
+                    Some((hash, matches)) if *hash == record.hash => (record.hash.clone(), *matches, false),
+                    _ => {
+                        let matches = password_matches(&record.hash, password)?;
+                        checked = Some((record.hash.clone(), matches));
+                        (record.hash.clone(), matches, true)
+                    }
+                },
             };
+            // One argon2 verification whichever way it ends, so the time taken does not
+            // tell which failure it was.
+            let fail = |failure| if hashed { Ok(Err(failure)) } else { refuse(password, failure) };
             // The attempt counts where the counts are kept, against the credential it
             // was checked with, one attempt after another (R-S2, R-S3): this node's
             // view may lag another node's attempts, the count never does.
-            return Ok(match self.store.login_attempt(number, &record.hash, matches, now)? {
+            return match self.store.login_attempt(number, &hash, matches, now)? {
                 Attempt::Changed => continue,
-                Attempt::Unknown => Err(LoginFailure::Unknown),
-                Attempt::Locked => Err(LoginFailure::Locked),
-                Attempt::Expired => Err(LoginFailure::Expired),
-                Attempt::Accepted { kind, must_change } => Ok(LoginOk { kind, must_change }),
+                Attempt::Unknown => fail(LoginFailure::Unknown),
+                Attempt::Locked => fail(LoginFailure::Locked),
+                Attempt::Expired => fail(LoginFailure::Expired),
+                Attempt::Accepted { kind, must_change } => Ok(Ok(LoginOk { kind, must_change })),
                 Attempt::Wrong { kind, locked } => {
                     if locked {
                         tracing::warn!(%number, ?kind, "credential invalidated by consecutive wrong passwords");
@@ -198,9 +204,9 @@ impl Credentials {
                             CredentialKind::Password => Lockout::Password,
                         });
                     }
-                    Err(LoginFailure::Wrong)
+                    fail(LoginFailure::Wrong)
                 }
-            });
+            };
         }
     }
 

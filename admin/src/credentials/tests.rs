@@ -167,3 +167,73 @@ fn r_o3_remove_deletes_the_credential_so_the_number_no_longer_logs_in() {
     c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
     assert!(login(&c, TEMPORARY, t0()).is_ok());
 }
+
+/// This node's view of the shared state, behind an owner whose store already has a
+/// write made through another node a moment ago (docs/cluster.md, "A write"). Ops go to
+/// the owner; its answer arrives once this view shows the values the op wrote, as the
+/// reply record that follows them in the state topic does.
+struct Behind {
+    owner: Store,
+    view: Store,
+    position: std::sync::atomic::AtomicI64,
+}
+
+impl engine::store::state::StateWriter for Behind {
+    fn send(self: std::sync::Arc<Self>, ops: Vec<engine::store::state::Op>) -> engine::store::state::Answers {
+        let answers = ops
+            .into_iter()
+            .map(|op| {
+                let keys: Vec<_> = self.owner.values_before(&op)?.into_iter().map(|(key, _)| key).collect();
+                let reply = self.owner.submit(op)?;
+                let values = keys
+                    .into_iter()
+                    .map(|key| Ok((key.clone(), self.owner.state_value(&key)?.map(|v| v.to_vec()))))
+                    .collect::<Result<Vec<_>, engine::store::StoreError>>()?;
+                let position = self.position.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.view.apply_state(&values, position, None, &[])?;
+                Ok(reply)
+            })
+            .collect();
+        Box::new(move || answers)
+    }
+}
+
+/// Credentials on a node whose view lags the owner, and the owner's own credentials
+/// (another node's writes, not yet applied here).
+fn behind() -> (Credentials, Credentials) {
+    let owner = Store::temporary().unwrap();
+    let view = Store::temporary().unwrap();
+    let writer = Behind { owner: owner.clone(), view: view.clone(), position: 1.into() };
+    view.attach_writer(std::sync::Arc::new(writer));
+    (Credentials::open(&view).unwrap(), Credentials::open(&owner).unwrap())
+}
+
+/// R-I7, R-S1 across nodes: a temporary password set by phone through node A logs in on
+/// node B at once, before B has applied it. B refused it as an unknown number: once, in
+/// CI, a login on another node right after the password was set.
+#[test]
+fn r_i7_a_password_set_through_another_node_logs_in_before_this_node_applied_it() {
+    let (here, elsewhere) = behind();
+    elsewhere.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    assert!(here.record(&n(NUMBER)).unwrap().is_none(), "this node has not applied it yet");
+    assert_eq!(login(&here, TEMPORARY, t0()), Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
+}
+
+/// R-S2, R-I7 across nodes: a temporary password locked by three wrong entries is set
+/// again by phone through another node; the new one logs in at once here, where the
+/// view still shows the locked one. Still refused: a number nobody set a password for
+/// (and no attempt counted anywhere).
+#[test]
+fn r_s2_a_temporary_password_set_again_elsewhere_replaces_the_locked_one_this_node_shows() {
+    let (here, elsewhere) = behind();
+    here.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    for _ in 0..3 {
+        assert_eq!(login(&here, "87654321", t0()), Err(LoginFailure::Wrong));
+    }
+    elsewhere.set_temporary(&n(NUMBER), "24681357", t0()).unwrap();
+    assert!(here.record(&n(NUMBER)).unwrap().unwrap().invalidated, "this node still shows the locked one");
+    assert_eq!(login(&here, "24681357", t0()), Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
+
+    assert_eq!(here.verify(&n("0398765432"), TEMPORARY, t0()).unwrap(), Err(LoginFailure::Unknown));
+    assert!(elsewhere.record(&n("0398765432")).unwrap().is_none());
+}
