@@ -1041,6 +1041,14 @@ fn three_nodes_share_subscribers_changed_through_any_node_and_a_fourth_catches_u
     let changed: Vec<String> =
         subs.iter().map(|s| testkit::line::Subscriber::new(&s.number, &[(&moved(s), true)]).line()).collect();
     specs[1].provision_through(&nodes[1], &changed);
+    // The change is confirmed once B shows it; the others apply it within their
+    // propagation time (BENCHMARKS.md), and a call read before that goes by the old
+    // settings. This test is about where calls go after the change: every node first
+    // shows as much of the state topic as B does (the lag metric operators compare).
+    let written = nodes[1].metric("callnotify_state_applied_offset");
+    for node in &nodes {
+        node.wait_metric_until("callnotify_state_applied_offset", "reached the writer's", |v| v >= written);
+    }
     // Every node reads calls: serving is not holding partitions yet (the provisioning
     // above can be done before the group has shared them).
     for node in &nodes {
@@ -1189,6 +1197,18 @@ fn three_nodes_a_destination_changed_on_b_s_site_governs_every_node_and_a_sessio
     );
     let saved = cluster.http(b, "POST", &path, &session, Some(&form));
     assert_eq!((saved.status, saved.location), (303, Some(format!("{path}?saved=1"))), "{}", saved.body);
+    // Confirmed once B shows it; a call read by another node before that node applied
+    // it (its propagation time, BENCHMARKS.md) goes by the old settings: the calls come
+    // once every node shows the new destination.
+    for node in &cluster.nodes {
+        let shown = || {
+            node.store()
+                .number(&number)
+                .unwrap()
+                .is_some_and(|r| r.call.destinations.iter().any(|d| d.address.to_string() == NEW))
+        };
+        testkit::wait::blocking_until(WAIT, Duration::from_millis(10), || format!("{NEW} never shown"), shown);
+    }
 
     // Every node reads calls: the CDRs' keys spread them over the three partitions.
     let deadline = Instant::now() + WAIT;
