@@ -173,19 +173,20 @@ impl Credentials {
                 record.kind == CredentialKind::Temporary && now >= record.set_at + TEMPORARY_VALIDITY
             };
             let usable = record.as_ref().filter(|record| !record.invalidated && !expired(record));
-            let (hash, matches, hashed) = match usable {
-                None => (record.map(|record| record.hash).unwrap_or_default(), false, false),
+            let (hash, matches) = match usable {
+                None => (record.map(|record| record.hash).unwrap_or_default(), false),
                 Some(record) => match &checked {
-                    Some((hash, matches)) if *hash == record.hash => (record.hash.clone(), *matches, false),
+                    Some((hash, matches)) if *hash == record.hash => (record.hash.clone(), *matches),
                     _ => {
                         let matches = password_matches(&record.hash, password)?;
                         checked = Some((record.hash.clone(), matches));
-                        (record.hash.clone(), matches, true)
+                        (record.hash.clone(), matches)
                     }
                 },
             };
-            // One argon2 verification whichever way it ends, so the time taken does not
-            // tell which failure it was.
+            // At least one argon2 verification whichever way it ends, so the time taken
+            // does not tell which failure it was.
+            let hashed = checked.is_some();
             let fail = |failure| if hashed { Ok(Err(failure)) } else { refuse(password, failure) };
             // The attempt counts where the counts are kept, against the credential it
             // was checked with, one attempt after another (R-S2, R-S3): this node's
