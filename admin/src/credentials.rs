@@ -164,23 +164,20 @@ impl Credentials {
         // the credential was set again meanwhile hashes only against the new one.
         let mut checked: Option<(String, bool)> = None;
         loop {
-            let record = self.record(number)?;
-            // A credential this view lacks, or shows locked or expired, may have been
-            // set a moment ago through another node (R-I7 by phone on one, the login on
-            // the next): the owner's store decides, and its `Changed` comes once this
-            // view shows the credential it has. Such an attempt never counts as wrong.
-            let expired = |record: &CredentialRecord| {
-                record.kind == CredentialKind::Temporary && now >= record.set_at + TEMPORARY_VALIDITY
-            };
-            let usable = record.as_ref().filter(|record| !record.invalidated && !expired(record));
-            let (hash, matches) = match usable {
-                None => (record.map(|record| record.hash).unwrap_or_default(), false),
+            // The owner's store decides, whatever this view shows: a credential it
+            // lacks, or shows locked or expired, may have been set a moment ago through
+            // another node (R-I7 by phone on one, the login on the next), and the
+            // owner's `Changed` comes once this view shows the credential it has. The
+            // check is against the hash shown here; the owner counts it only if that is
+            // still the number's (a view without one sends none, which never counts).
+            let (hash, matches) = match self.record(number)? {
+                None => (String::new(), false),
                 Some(record) => match &checked {
-                    Some((hash, matches)) if *hash == record.hash => (record.hash.clone(), *matches),
+                    Some((hash, matches)) if *hash == record.hash => (record.hash, *matches),
                     _ => {
                         let matches = password_matches(&record.hash, password)?;
                         checked = Some((record.hash.clone(), matches));
-                        (record.hash.clone(), matches)
+                        (record.hash, matches)
                     }
                 },
             };

@@ -237,3 +237,24 @@ fn r_s2_a_temporary_password_set_again_elsewhere_replaces_the_locked_one_this_no
     assert_eq!(here.verify(&n("0398765432"), TEMPORARY, t0()).unwrap(), Err(LoginFailure::Unknown));
     assert!(elsewhere.record(&n("0398765432")).unwrap().is_none());
 }
+
+/// R-S2 across nodes, the other way: this node shows the temporary password locked,
+/// while the owner's store has it usable again with the same hash (an export taken
+/// before the lock, imported again: `provision import` restores credentials as they
+/// were). The right password logs in and counts nothing wrong; it was sent unchecked,
+/// as wrong, and counted against the restored credential.
+#[test]
+fn r_s2_a_credential_restored_elsewhere_is_checked_against_its_password_not_counted_wrong() {
+    let (here, elsewhere) = behind();
+    let line = format!(r#"{{"contract":"{NUMBER}","numbers":[{{"number":"{NUMBER}","services":["call"]}}]}}"#);
+    engine::provision::import(&here.store, line.as_bytes()).unwrap();
+    here.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    let before_the_lock = here.record(&n(NUMBER)).unwrap().unwrap();
+    for _ in 0..3 {
+        assert_eq!(login(&here, "87654321", t0()), Err(LoginFailure::Wrong));
+    }
+    elsewhere.store.restore_credential(&n(NUMBER), &before_the_lock).unwrap();
+    assert!(here.record(&n(NUMBER)).unwrap().unwrap().invalidated, "this node still shows it locked");
+    assert_eq!(login(&here, TEMPORARY, t0()), Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
+    assert_eq!(elsewhere.record(&n(NUMBER)).unwrap().unwrap().failures, 0);
+}
