@@ -158,7 +158,9 @@ impl Credentials {
 
     /// Checks `password` for `number` at time `now` and records the attempt (R-S2, R-S3,
     /// R-S6, R-I8). Blocks for one argon2 verification, also when the number has no
-    /// usable credential, so the time taken does not tell which failure it was.
+    /// usable credential, so the time taken does not tell which failure it was; for a
+    /// second one when the credential was set again during the check (the new hash is
+    /// checked too).
     pub fn verify(&self, number: &PhoneNumber, password: &str, now: DateTime<Utc>) -> Result<Verdict, CredentialError> {
         // The argon2 answer and the hash it was computed against, so that a retry after
         // the credential was set again meanwhile hashes only against the new one.

@@ -14,8 +14,8 @@
 //! confirmed by the cluster (`acks=all`), so a record a committed CDR relies on is in
 //! the changelog. When a partition is assigned, the node restores both changelogs'
 //! partition before it reads a CDR: the sent records from where its store stopped, the
-//! retry entries in full (the log's version wins; an entry the log never confirmed,
-//! from just before a crash, is published again). It sends the retries of the
+//! retry entries in full (the log's version wins; an entry the log lacks is published
+//! again, unless a sent record since says another node handled it). It sends the retries of the
 //! partitions it reads, and only those: a node that dies leaves its queued mails to
 //! whoever reads their partitions next.
 
@@ -216,12 +216,20 @@ impl PartitionLog {
         let mut retries: HashMap<i32, LoggedEntries> = HashMap::new();
         let mut next_sent: HashMap<i32, i64> = HashMap::new();
         let (mut sent, mut entries) = (0u64, 0u64);
+        // This store's own entries of these partitions, from when it read them last (or
+        // died reading them): a sent record of one published since says another node
+        // took it out of its queue, or sent its mail afresh, meanwhile.
+        let local = queue.keys_of(assigned)?;
+        let mut handled = HashSet::new();
         let sent_from: Vec<(i32, Offset)> =
             numbers.iter().map(|&p| Ok((p, Offset::Offset(position(p)?)))).collect::<anyhow::Result<_>>()?;
         read_to_end(reader, &self.sent_topic, &sent_from, |message| {
             let key = message.key().unwrap_or_default();
             let at = message.payload().and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
             store.restore_sent(key, at)?;
+            if local.contains(key) {
+                handled.insert(key.to_vec());
+            }
             next_sent.insert(message.partition(), message.offset() + 1);
             sent += 1;
             Ok(())
@@ -248,7 +256,7 @@ impl PartitionLog {
         let mut republished = 0;
         for partition in assigned {
             let log = retries.get(&partition.partition).unwrap_or(&empty);
-            for Unconfirmed { key, due_ms, entry } in queue.reconcile(partition, log)? {
+            for Unconfirmed { key, due_ms, entry } in queue.reconcile(partition, log, &handled)? {
                 self.retry_put(partition, &key, due_ms, &entry);
                 republished += 1;
             }
@@ -256,6 +264,7 @@ impl PartitionLog {
         store.flush_blocking()?;
         self.owned.write().expect("owned lock").extend(assigned.iter().cloned());
         tracing::info!(partitions = assigned.len(), sent_records = sent, retry_records = entries, republished,
+            handled_elsewhere = handled.len(),
             took = ?started.elapsed(), "partition changelogs restored");
         Ok(())
     }
@@ -356,6 +365,7 @@ mod tests {
     use crate::embedded::EmbeddedKafka;
     use crate::phone::PhoneNumber;
     use crate::render::{Origin, Renderer};
+    use crate::store::SentKey;
 
     const SENT: &str = "cdr-sent";
     const RETRY: &str = "cdr-retry";
@@ -447,5 +457,48 @@ mod tests {
             written.stop();
             reader.stop();
         }
+    }
+
+    /// R-M4, and no mail twice (docs/delivery.md): a node queued two mails and died
+    /// before the retry changelog had either. The partition's next reader read their
+    /// CDRs again and sent one of the mails this time (the other one it did not get to).
+    /// When the first node is back on its store and gets the partition again, its old
+    /// entry of the mail sent meanwhile is dropped, not published and sent again; the
+    /// other is published, so whoever reads the partition next sends it.
+    #[test]
+    fn r_m4_a_mail_sent_by_another_node_meanwhile_is_not_sent_again_from_the_queue_of_one_back_on_its_store() {
+        let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
+        let store = Store::temporary().unwrap();
+        let died = log(&kafka, "died");
+        store.attach_partition_sink(Arc::new(KilledMidway { log: died.clone(), kept: SENT }));
+        let (sent_meanwhile, still_due) = (deferred("call-1"), deferred("call-2"));
+        let queue = RetryQueue::open(&store).unwrap();
+        for entry in [&sent_meanwhile, &still_due] {
+            queue.push(entry, Utc::now().timestamp_millis(), 1).unwrap();
+        }
+        died.stop();
+
+        let next = log(&kafka, "next");
+        next.sent(&partition(), sent_meanwhile.sent_key().unwrap().as_bytes(), 2);
+        next.confirm(Duration::from_secs(10)).expect("the sent record confirmed");
+        next.stop();
+
+        let back = log(&kafka, "back");
+        back.restore(&store, &[partition()]).expect("restore");
+        back.confirm(Duration::from_secs(10)).expect("what the restore published confirmed");
+        let queued = |store: &Store| -> Vec<SentKey> {
+            let due = RetryQueue::open(store).unwrap().due(i64::MAX, &HashSet::new(), 10).unwrap();
+            due.into_iter().map(|(_, entry)| entry.expect("an entry").sent_key().unwrap()).collect()
+        };
+        let only_still_due = vec![still_due.sent_key().unwrap()];
+        assert_eq!(queued(&store), only_still_due, "back on its store: the mail sent meanwhile is queued again");
+        back.stop();
+
+        let later = Store::temporary().unwrap();
+        let reader = log(&kafka, "later");
+        later.attach_partition_sink(reader.clone());
+        reader.restore(&later, &[partition()]).expect("restore");
+        assert_eq!(queued(&later), only_still_due, "the partition's next reader");
+        reader.stop();
     }
 }

@@ -9,6 +9,8 @@
 //!
 //! Every method does blocking sled I/O: call them from a blocking thread.
 
+use std::collections::HashSet;
+
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -204,12 +206,7 @@ impl RetryQueue {
     /// Up to `limit` entries due at `now_ms`, earliest first, leaving out `skip` (those
     /// being tried right now). An entry that does not parse is returned as `Err` with
     /// its slot, so the caller can record and remove it.
-    pub fn due(
-        &self,
-        now_ms: i64,
-        skip: &std::collections::HashSet<Slot>,
-        limit: usize,
-    ) -> Result<Vec<(Slot, Entry)>, StoreError> {
+    pub fn due(&self, now_ms: i64, skip: &HashSet<Slot>, limit: usize) -> Result<Vec<(Slot, Entry)>, StoreError> {
         let end = ((now_ms.max(0) as u64) + 1).to_be_bytes();
         let mut due = Vec::new();
         for item in self.retry.range(..end.as_slice()) {
@@ -272,11 +269,36 @@ impl RetryQueue {
         Ok(true)
     }
 
+    /// The keys of this store's entries of `partitions`: what [`RetryQueue::reconcile`]
+    /// asks the sent changelog about.
+    pub fn keys_of(&self, partitions: &[PartitionId]) -> Result<HashSet<Vec<u8>>, StoreError> {
+        let mut keys = HashSet::new();
+        for item in self.retry.iter() {
+            let (slot, value) = item?;
+            if let Ok(Queued { source: Some(source), .. }) = serde_json::from_slice(&value) {
+                if partitions.contains(&source) {
+                    keys.insert(slot[8..].to_vec());
+                }
+            }
+        }
+        Ok(keys)
+    }
+
     /// Makes this store's entries of `partition` the changelog's: `log` holds the live
-    /// entries there (key → due and JSON; `None`: removed). Entries of the partition
-    /// the changelog never had (written just before a crash, unconfirmed) are returned,
-    /// to be published again. Blocking; call it before the partition is read.
-    pub fn reconcile(&self, partition: &PartitionId, log: &LoggedEntries) -> Result<Vec<Unconfirmed>, StoreError> {
+    /// entries there (key → due and JSON; `None`: removed), and `handled` the keys of
+    /// this store's entries that have a sent record in the sent changelog after where
+    /// this store last read it. An entry the changelog does not have was either never
+    /// confirmed there (written just before a crash) or taken out by another node, its
+    /// tombstone since compacted away; or its CDR, read again by another node, sent its
+    /// mail. A sent record tells the last two apart: their entries are dropped (sending
+    /// them would be sending twice), the others are returned, to be published again.
+    /// Blocking; call it before the partition is read.
+    pub fn reconcile(
+        &self,
+        partition: &PartitionId,
+        log: &LoggedEntries,
+        handled: &HashSet<Vec<u8>>,
+    ) -> Result<Vec<Unconfirmed>, StoreError> {
         let mut unconfirmed = Vec::new();
         let mut batch = sled::Batch::default();
         for item in self.retry.iter() {
@@ -284,14 +306,17 @@ impl RetryQueue {
             let key = &slot[8..];
             match log.get(key) {
                 Some(_) => batch.remove(slot.as_ref()),
-                None => {
-                    if let Ok(Queued { source: Some(source), .. }) = serde_json::from_slice(&value) {
-                        if source == *partition {
+                None => match serde_json::from_slice(&value) {
+                    Ok(Queued { source: Some(source), .. }) if source == *partition => {
+                        if handled.contains(key) {
+                            batch.remove(slot.as_ref());
+                        } else {
                             let due_ms = Slot(slot.to_vec()).due_ms();
                             unconfirmed.push(Unconfirmed { key: key.to_vec(), due_ms, entry: value.to_vec() });
                         }
                     }
-                }
+                    _ => {}
+                },
             }
         }
         for (key, live) in log {
