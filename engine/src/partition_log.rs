@@ -15,9 +15,9 @@
 //! the changelog. When a partition is assigned, the node restores both changelogs'
 //! partition before it reads a CDR: the sent records from where its store stopped, the
 //! retry entries in full (the log's version wins; an entry the log lacks is published
-//! again, unless a sent record since says another node handled it). It sends the retries of the
-//! partitions it reads, and only those: a node that dies leaves its queued mails to
-//! whoever reads their partitions next.
+//! again, unless a sent record since says another node handled it). It sends the
+//! retries of the partitions it reads, and only those: a node that dies leaves its
+//! queued mails to whoever reads their partitions next.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
