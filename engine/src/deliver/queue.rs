@@ -46,6 +46,13 @@ pub struct Queued {
     /// entries queued before partitions were recorded, and replayed mails).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PartitionId>,
+    /// Queued by a node that publishes its entries to their partition's changelog (set
+    /// by [`RetryQueue::push`]). Such an entry that the changelog lacks, its mail with a
+    /// sent record since, was handled by another node ([`RetryQueue::reconcile`]). A
+    /// dead letter replayed into a stopped node's store is queued without: its mail has
+    /// a sent record from before (its refusal), and it must be sent all the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub logged: bool,
 }
 
 impl Queued {
@@ -62,6 +69,7 @@ impl Queued {
             first_failed_ms: failed_at.timestamp_millis(),
             last_reply: reply.to_owned(),
             source: origin.source.clone(),
+            logged: false,
         }
     }
 
@@ -181,6 +189,8 @@ impl RetryQueue {
     /// says whether the entry is new: pushing the same entry at the same `due_ms`
     /// again (a retried write) overwrites it.
     pub fn push(&self, entry: &Queued, due_ms: i64, now_secs: u64) -> Result<(Slot, bool), StoreError> {
+        let logged = self.sink.get().is_some() && entry.source.is_some();
+        let entry = &Queued { logged, ..entry.clone() };
         let key = entry.sent_key()?;
         let slot = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry)?;
@@ -269,13 +279,13 @@ impl RetryQueue {
         Ok(true)
     }
 
-    /// The keys of this store's entries of `partitions`: what [`RetryQueue::reconcile`]
-    /// asks the sent changelog about.
-    pub fn keys_of(&self, partitions: &[PartitionId]) -> Result<HashSet<Vec<u8>>, StoreError> {
+    /// The keys of this store's entries of `partitions` queued as published
+    /// ([`Queued::logged`]): what [`RetryQueue::reconcile`] asks the sent changelog about.
+    pub fn logged_keys_of(&self, partitions: &[PartitionId]) -> Result<HashSet<Vec<u8>>, StoreError> {
         let mut keys = HashSet::new();
         for item in self.retry.iter() {
             let (slot, value) = item?;
-            if let Ok(Queued { source: Some(source), .. }) = serde_json::from_slice(&value) {
+            if let Ok(Queued { source: Some(source), logged: true, .. }) = serde_json::from_slice(&value) {
                 if partitions.contains(&source) {
                     keys.insert(slot[8..].to_vec());
                 }
@@ -286,12 +296,14 @@ impl RetryQueue {
 
     /// Makes this store's entries of `partition` the changelog's: `log` holds the live
     /// entries there (key → due and JSON; `None`: removed), and `handled` the keys of
-    /// this store's entries that have a sent record in the sent changelog after where
-    /// this store last read it. An entry the changelog does not have was either never
-    /// confirmed there (written just before a crash) or taken out by another node, its
-    /// tombstone since compacted away; or its CDR, read again by another node, sent its
-    /// mail. A sent record tells the last two apart: their entries are dropped (sending
-    /// them would be sending twice), the others are returned, to be published again.
+    /// this store's [`Queued::logged`] entries that have a sent record in the sent
+    /// changelog after where this store last read it. A logged entry the changelog does
+    /// not have was either never confirmed there (written just before a crash), or
+    /// handled by another node since: taken out of the queue there, its tombstone since
+    /// compacted away, or its CDR read again there and its mail sent. A sent record
+    /// tells the last two apart: their entries are dropped (sending them would be
+    /// sending twice). The others, and entries queued unlogged (a replayed dead letter,
+    /// whose sent record is its refusal's), are returned, to be published again.
     /// Blocking; call it before the partition is read.
     pub fn reconcile(
         &self,
@@ -307,8 +319,8 @@ impl RetryQueue {
             match log.get(key) {
                 Some(_) => batch.remove(slot.as_ref()),
                 None => match serde_json::from_slice(&value) {
-                    Ok(Queued { source: Some(source), .. }) if source == *partition => {
-                        if handled.contains(key) {
+                    Ok(Queued { source: Some(source), logged, .. }) if source == *partition => {
+                        if logged && handled.contains(key) {
                             batch.remove(slot.as_ref());
                         } else {
                             let due_ms = Slot(slot.to_vec()).due_ms();
