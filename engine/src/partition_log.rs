@@ -263,8 +263,11 @@ impl PartitionLog {
         }
         store.flush_blocking()?;
         self.owned.write().expect("owned lock").extend(assigned.iter().cloned());
+        // Dropped: those the retry changelog does not have (its version wins over the rest).
+        let handled_elsewhere =
+            handled.iter().filter(|key| !retries.values().any(|log| log.contains_key(*key))).count();
         tracing::info!(partitions = assigned.len(), sent_records = sent, retry_records = entries, republished,
-            handled_elsewhere = handled.len(),
+            handled_elsewhere,
             took = ?started.elapsed(), "partition changelogs restored");
         Ok(())
     }
