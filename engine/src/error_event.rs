@@ -57,10 +57,10 @@ pub enum ErrorEvent {
     /// The state owner could not publish a write to the state topic: the node stops,
     /// and rebuilds its store from the topic at its next start.
     StatePublish,
-    /// Writes of subscriber state wait: the state owner has had its records unconfirmed,
-    /// or could not read the state topic, for 10 s (a broker lost), or a node's write
-    /// has waited 10 s for the owner's answer (no owner reads the requests); raised every
-    /// 10 s while it lasts.
+    /// Writes of subscriber state wait: the state owner has had its records unconfirmed
+    /// for 10 s (a broker lost), or could not read the state topic (raised at once), or
+    /// a node's write has waited 10 s for the owner's answer (no owner reads the
+    /// requests); raised again every 10 s while it lasts.
     StateStalled,
     /// A state record written by an owner that another had replaced (a pause longer
     /// than its session) was ignored; the current owner writes the key again. When the

@@ -84,6 +84,34 @@ const _: () = assert!(OWNER_POLL_INTERVAL.as_secs() > PUBLISH_WITHIN.as_secs() +
 const OWNER_LINGER: Duration = Duration::from_millis(20);
 /// How often a wait for the state topic is raised ([`ErrorEvent::StateStalled`]).
 const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
+
+/// When a wait that lasts is raised: at its first sight, then at most once a period,
+/// so that a wait shorter than the period is counted too and a long one is not counted
+/// once per look.
+struct RaiseEvery {
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl RaiseEvery {
+    const fn new(period: Duration) -> Self {
+        Self { period, last: None }
+    }
+
+    /// Whether the wait seen at `now` is raised (and counts as raised from then on).
+    fn due(&mut self, now: Instant) -> bool {
+        if self.last.is_some_and(|at| now.saturating_duration_since(at) < self.period) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    /// The wait is over: the next one is raised at its first sight.
+    fn reset(&mut self) {
+        self.last = None;
+    }
+}
 /// Key prefix of an owner's announcement, one per takeover: `owner/NODE/MILLISECONDS`.
 /// Each key is unique, so compaction keeps every announcement and a node reading the
 /// topic from its start fences exactly the records a node reading it live fenced.
@@ -226,7 +254,7 @@ pub struct StateLog {
     metrics: Metrics,
     /// When a write waiting for its answer was last raised as a stall: once every
     /// [`WAITING_NOTE_EVERY`] per node, however many writes wait.
-    waiting_raised: Mutex<Option<Instant>>,
+    waiting_raised: Mutex<RaiseEvery>,
 }
 
 impl StateWriter for StateLog {
@@ -447,7 +475,7 @@ impl StateLog {
             threads: Mutex::new(threads),
             failure,
             metrics: metrics.clone(),
-            waiting_raised: Mutex::new(None),
+            waiting_raised: Mutex::new(RaiseEvery::new(WAITING_NOTE_EVERY)),
         });
         store.attach_writer(log.clone());
         Ok(log)
@@ -551,11 +579,9 @@ impl StateLog {
     /// node holds the request partition, an owner that cannot read it or waits for the
     /// state topic), the node whose users wait raises it, at most once a period.
     fn raise_waiting(&self) {
-        let mut raised = self.waiting_raised.lock().expect("waiting lock");
-        if raised.is_some_and(|at| at.elapsed() < WAITING_NOTE_EVERY) {
+        if !self.waiting_raised.lock().expect("waiting lock").due(Instant::now()) {
             return;
         }
-        *raised = Some(Instant::now());
         crate::error_event!(self.metrics, ErrorEvent::StateStalled, waited = ?WAITING_NOTE_EVERY, requests = %self.requests,
             "a write of subscriber state has waited for the state owner's answer (does a node hold the request \
             partition and read it? is the state topic writable?); waiting on");
@@ -889,8 +915,12 @@ enum Turn {
 impl Owner {
     fn run(self) {
         let mut batch: Vec<OwnedMessage> = Vec::new();
-        // Since when the previous owner's writes could not be read, and when that was last raised.
-        let mut not_caught_up: Option<(Instant, Instant)> = None;
+        // Since when the previous owner's writes could not be read. Raised at once,
+        // then every WAITING_NOTE_EVERY: an owner that took over during a broker's loss
+        // (its group coordinator lost with it) may spend less than that here, while
+        // writes waited far longer.
+        let mut not_caught_up: Option<Instant> = None;
+        let mut raise = RaiseEvery::new(WAITING_NOTE_EVERY);
         while !self.stop.load(Ordering::Relaxed) {
             self.read_unread();
             let mut wait = Duration::from_millis(100);
@@ -931,17 +961,13 @@ impl Owner {
                 Ok(Turn::Done) => {
                     batch.clear();
                     not_caught_up = None;
+                    raise.reset();
                 }
                 Ok(Turn::NotCaughtUp(e)) => {
                     let now = Instant::now();
-                    // Raised at once, then every WAITING_NOTE_EVERY: an owner that took
-                    // over during a broker's loss (its group coordinator lost with it)
-                    // may spend less than that here, while writes waited far longer.
-                    let first = not_caught_up.is_none();
-                    let (since, raised) = not_caught_up.get_or_insert((now, now));
-                    if first || now.duration_since(*raised) >= WAITING_NOTE_EVERY {
-                        *raised = now;
-                        crate::error_event!(self.metrics, ErrorEvent::StateStalled, error = %e, waited = ?now.duration_since(*since),
+                    let since = *not_caught_up.get_or_insert(now);
+                    if raise.due(now) {
+                        crate::error_event!(self.metrics, ErrorEvent::StateStalled, error = %e, waited = ?now.duration_since(since),
                             "the state owner could not read the previous owner's writes yet; trying again, writes of subscriber state wait");
                     } else {
                         tracing::warn!(error = %e, "the state owner could not read the previous owner's writes yet; trying again");
@@ -1195,6 +1221,23 @@ impl Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`ErrorEvent::StateStalled`] (`callnotify_errors_total{stage="state",
+    /// error="stalled"}`): a wait for the state topic shorter than the period counts once (an owner that took over
+    /// during a broker's loss spent 9.98 s unable to read it while an import waited
+    /// 24 s, and nothing was counted); a long one counts once a period, not once a look;
+    /// a wait after one that ended counts at once.
+    #[test]
+    fn a_stall_is_raised_at_first_sight_then_once_a_period() {
+        let start = Instant::now();
+        let at = |seconds: u64| start + Duration::from_secs(seconds);
+        let mut raise = RaiseEvery::new(Duration::from_secs(10));
+        let raised: Vec<u64> = (0..=25).filter(|&s| raise.due(at(s))).collect();
+        assert_eq!(raised, [0, 10, 20], "raised at these seconds of a 25 s wait looked at every second");
+        raise.reset();
+        assert!(raise.due(at(26)), "a new wait right after one ended is raised at once");
+        assert!(!raise.due(at(27)));
+    }
 
     /// docs/cluster.md, a broker's loss: an operator's shorter `max.poll.interval.ms`
     /// (for the CDR consumers) does not let the group take the request partition from

@@ -43,7 +43,8 @@ pub struct Queued {
     pub last_reply: String,
     /// The CDR partition of its call: the entry is in that partition's changelog, and
     /// only the node reading the partition sends it (`None`: any node holding it, as
-    /// entries queued before partitions were recorded, and replayed mails).
+    /// entries queued before partitions were recorded). A dead letter replayed into the
+    /// queue keeps its entry's partition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PartitionId>,
     /// Queued by a node that publishes its entries to their partition's changelog (set
