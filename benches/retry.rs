@@ -1,0 +1,83 @@
+//! The retry queue's reads during a mail server's outage after a rebalance: the node's
+//! queue holds, ahead of its own due mails, `CALLNOTIFY_BENCH_FOREIGN` due entries
+//! (default 10 000) of CDR partitions another node reads now. They stay in this store,
+//! unsent, until the partition comes back; every turn of the retry loop (one per
+//! finished attempt) reads past them in `due` and `next_due_ms`.
+//!
+//! `cargo bench --bench retry` measures; `-- --test` runs each once (CI smoke).
+
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use engine::address::DestinationAddress;
+use engine::deliver::queue::{Queued, RetryQueue};
+use engine::phone::PhoneNumber;
+use engine::render::{MailService, Origin, Renderer};
+use engine::store::{PartitionId, PartitionSink, Store};
+
+/// The allocator the `callnotify` binary runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The mails this node sends per turn (`smtp.pool_size`'s default).
+const OWN: usize = 16;
+
+/// A node that reads partition 0 only, and publishes nowhere.
+struct ReadsPartitionZero;
+
+impl PartitionSink for ReadsPartitionZero {
+    fn sent(&self, _: &PartitionId, _: &[u8], _: u64) {}
+    fn retry_put(&self, _: &PartitionId, _: &[u8], _: i64, _: &[u8]) {}
+    fn retry_removed(&self, _: &PartitionId, _: &[u8]) {}
+    fn owns(&self, partition: &PartitionId) -> bool {
+        partition.partition == 0
+    }
+}
+
+/// A mail to `u{i}@example.jp`, its call read from `partition`, its first attempt failed.
+fn queued(renderer: &Renderer, i: usize, partition: i32) -> Queued {
+    let called = PhoneNumber::parse(&format!("03{:08}", i)).unwrap();
+    let to = DestinationAddress::parse(&format!("u{i}@example.jp")).unwrap();
+    let mail = renderer.render_test(called.as_str(), &to, "n", MailService::Call).unwrap();
+    let ended_at = DateTime::from_timestamp(1_764_000_000, 0).unwrap();
+    let source = Some(PartitionId { topic: "cdr".into(), partition });
+    let origin = Origin { call_id: format!("call-{i}"), called, ended_at, source };
+    Queued::new(&mail, &origin, "451 4.3.0 try later", ended_at)
+}
+
+fn retry_benches(c: &mut Criterion) {
+    let foreign: usize = std::env::var("CALLNOTIFY_BENCH_FOREIGN").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let store = Store::temporary().unwrap();
+    store.attach_partition_sink(Arc::new(ReadsPartitionZero));
+    let queue = RetryQueue::open(&store).unwrap();
+    let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
+    let now_secs = Utc::now().timestamp() as u64;
+    // Another node's entries fell due first; this node's own after them.
+    for i in 0..foreign {
+        queue.push(&queued(&renderer, i, 1), 1_000 + i as i64, now_secs).unwrap();
+    }
+    for i in foreign..foreign + OWN {
+        queue.push(&queued(&renderer, i, 0), 1_000 + i as i64, now_secs).unwrap();
+    }
+    let now_ms = Utc::now().timestamp_millis();
+    let none = HashSet::new();
+
+    let mut group = c.benchmark_group("retry_queue");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("due_behind_foreign", |b| {
+        b.iter(|| {
+            let due = queue.due(black_box(now_ms), &none, OWN).unwrap();
+            assert_eq!(due.len(), OWN, "this node's own due mails");
+        })
+    });
+    group.bench_function("next_due_behind_foreign", |b| {
+        b.iter(|| assert_eq!(queue.next_due_ms().unwrap(), Some(1_000 + foreign as i64)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, retry_benches);
+criterion_main!(benches);
