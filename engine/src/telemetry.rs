@@ -271,7 +271,7 @@ impl Metrics {
             Some(Unit::Count),
             "Credentials locked by consecutive wrong passwords, by rule (R-S2, R-S3)",
         );
-        describe(SETTINGS_SAVED, Some(Unit::Count), "Call-notification settings saved on the site");
+        describe(SETTINGS_SAVED, Some(Unit::Count), "Settings saved on the site (the call and the fax pages)");
         describe(TEST_MAILS, Some(Unit::Count), "Test mails (送信テスト) asked for on the site, by result");
         describe(IVR_CALLS, Some(Unit::Count), "Calls to the temporary-password line, by how they ended");
         describe(TEMPORARY_PASSWORDS, Some(Unit::Count), "Temporary passwords set by phone (R-I7)");

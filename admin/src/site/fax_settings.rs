@@ -7,35 +7,25 @@
 //! 「FAXをPDFで添付する」 for subscribers who read their mail where the site is out of
 //! reach. A fax has no caller conditions, so there are no R-N4/R-N5 sections.
 //!
-//! The call page's rules hold here too: a save from a stale form is refused (R-S9), a
-//! change of the destinations needs the current password, every form carries the
-//! session's CSRF token, and a 送信テスト answers by Post/Redirect/Get. A number that is
-//! not one of the session's fax numbers is not found, whatever the reason.
+//! The call page's rules hold here too, by the same handlers ([`super::settings_page`]):
+//! a save from a stale form is refused (R-S9), a change of the destinations needs the
+//! current password, every form carries the session's CSRF token, and a 送信テスト answers
+//! by Post/Redirect/Get. A number that is not one of the session's fax numbers is not
+//! found, whatever the reason.
 
 use std::collections::HashMap;
 
-use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
 use engine::render::MailService;
-use engine::store::{FaxSettings, StoreError};
+use engine::store::{Destination, FaxSettings, Store, StoreError};
 
-use super::destinations::{
-    confirm_change, redirect_to, send_test, test_row, Confirmed, FIX_ROWS, SAVED, SAVED_QUERY, STALE, TESTED,
-};
 use super::form_parts::{
     check_attr, check_form_choices, destination_rows, destination_rows_from_fields, destinations_fieldset,
     enabled_fieldset, form_start, parse_destinations, ChoiceError, Row,
 };
-use super::numbers::{allowed_fax_number, fax_settings_path, faxes_path, not_found};
-use super::password::max_len;
-use super::session::Session;
-use super::{csrf, html, require_session, Authed, Gate, SiteError, SiteState};
-
-/// How this page names itself in the log.
-const PAGE: &str = "fax settings";
+use super::html;
+use super::numbers::{allowed_fax_number, fax_settings_path, faxes_path};
+use super::settings_page::{SettingsPage, View};
 
 /// The fax form's values as entered (or as stored, for a fresh page), so a refused form
 /// is shown again with what the subscriber typed.
@@ -111,164 +101,91 @@ fn render(
     out
 }
 
-/// The number a URL names, if `login` may see it, with its stored fax settings; `None`
-/// for anything else (another subscriber's number, a number without fax).
-async fn settings_of(
-    state: &SiteState,
-    login: PhoneNumber,
-    raw: String,
-) -> Result<Option<(PhoneNumber, FaxSettings)>, SiteError> {
-    state
-        .read(move |store| {
-            let Some(number) = allowed_fax_number(store, &login, &raw)? else { return Ok(None) };
-            Ok(store.number(&number)?.map(|record| (number, record.fax)))
-        })
-        .await
-}
+/// `GET/POST /numbers/{number}/fax`, `POST /numbers/{number}/fax/test/{row}`: the
+/// handlers of [`super::settings_page`] for this page.
+pub(super) struct FaxPage;
 
-/// What every rendering of the page needs besides the form's values.
-struct View<'a> {
-    number: &'a PhoneNumber,
-    session: &'a Session,
-    /// The longest password the policy allows, for the 現在のパスワード field.
-    password_max: usize,
-}
+impl SettingsPage for FaxPage {
+    type Settings = FaxSettings;
+    type Form = FaxEntered;
+    type Rows = HashMap<usize, String>;
+    const NAME: &'static str = "fax settings";
+    const SERVICE: MailService = MailService::Fax;
 
-impl<'a> View<'a> {
-    fn new(state: &SiteState, number: &'a PhoneNumber, session: &'a Session) -> Self {
-        Self { number, session, password_max: max_len(state.password_policy) }
+    fn path(number: &PhoneNumber) -> String {
+        fax_settings_path(number)
     }
 
-    fn page(&self, notice: &str, entered: &FaxEntered, errors: &[String], rows: &HashMap<usize, String>) -> String {
+    /// Another subscriber's number, or a number without fax, is `None`.
+    fn settings_of(
+        store: &Store,
+        login: &PhoneNumber,
+        raw: &str,
+    ) -> Result<Option<(PhoneNumber, FaxSettings)>, StoreError> {
+        let Some(number) = allowed_fax_number(store, login, raw)? else { return Ok(None) };
+        Ok(store.number(&number)?.map(|record| (number, record.fax)))
+    }
+
+    fn destinations(settings: &FaxSettings) -> &[Destination] {
+        &settings.destinations
+    }
+
+    fn form_of(settings: &FaxSettings) -> FaxEntered {
+        FaxEntered::from_settings(settings)
+    }
+
+    fn form_from(fields: &HashMap<String, String>) -> FaxEntered {
+        FaxEntered::from_fields(fields)
+    }
+
+    fn check_choices(fields: &HashMap<String, String>) -> Result<(), ChoiceError> {
+        FaxEntered::check_choices(fields)
+    }
+
+    fn version(form: &FaxEntered) -> Option<u64> {
+        form.version
+    }
+
+    fn destination_rows(form: &FaxEntered) -> &[Row] {
+        &form.destinations
+    }
+
+    fn parse(form: &FaxEntered) -> Result<FaxSettings, HashMap<usize, String>> {
+        form.parse()
+    }
+
+    fn destination_errors(rows: HashMap<usize, String>) -> HashMap<usize, String> {
+        rows
+    }
+
+    fn render(
+        view: &View<'_>,
+        notice: &str,
+        entered: &FaxEntered,
+        errors: &[String],
+        rows: &HashMap<usize, String>,
+    ) -> String {
         let notice = if notice.is_empty() {
             String::new()
         } else {
             format!("<p class=\"notice\" role=\"status\">{}</p>\n", html::escape(notice))
         };
-        let path = fax_settings_path(self.number);
+        let path = fax_settings_path(view.number);
         let body = format!(
             "<p>電話番号: {number}</p>\n{notice}<p><a href=\"{faxes}\">受信FAX一覧</a>（受信したFAXを見る）</p>\n\
              {errors}{form}<p><a href=\"{path}\">保存されている設定を開く</a></p>\n\
              <p><a href=\"/\">メニューへ戻る</a></p>\n{logout}",
-            number = html::escape(self.number.as_str()),
-            faxes = html::escape(&faxes_path(self.number)),
+            number = html::escape(view.number.as_str()),
+            faxes = html::escape(&faxes_path(view.number)),
             errors = html::errors(errors),
-            form = render(&path, &self.session.csrf, entered, rows, self.password_max),
+            form = render(&path, &view.session.csrf, entered, rows, view.password_max),
             path = html::escape(&path),
-            logout = html::logout_form(&self.session.csrf),
+            logout = html::logout_form(&view.session.csrf),
         );
         html::page("FAXお知らせメール設定", &body)
     }
 
-    fn refused(&self, entered: &FaxEntered, error: &str) -> String {
-        self.page("", entered, &[error.to_owned()], &HashMap::new())
+    fn save(store: &Store, number: &PhoneNumber, version: u64, settings: FaxSettings) -> Result<u64, StoreError> {
+        store.save_fax_settings(number, version, settings)
     }
-}
-
-/// `GET /numbers/{number}/fax`.
-pub async fn show(
-    State(state): State<SiteState>,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    RawQuery(query): RawQuery,
-) -> Result<Response, SiteError> {
-    let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
-        Ok(authed) => authed,
-        Err(denied) => return Ok(denied.into_response()),
-    };
-    let Some((number, settings)) = settings_of(&state, authed.session.number, raw).await? else {
-        return Ok(not_found());
-    };
-    if query.as_deref() == Some(TESTED) {
-        if let Some(page) = state.sessions.take_flash(&authed.id, &fax_settings_path(&number)).await? {
-            return Ok(Html(page).into_response());
-        }
-    }
-    let notice = if query.as_deref() == Some(SAVED_QUERY) { SAVED } else { "" };
-    let view = View::new(&state, &number, &authed.session);
-    Ok(Html(view.page(notice, &FaxEntered::from_settings(&settings), &[], &HashMap::new())).into_response())
-}
-
-/// `POST /numbers/{number}/fax`: saves the form, or shows it again with why not.
-pub async fn submit(
-    State(state): State<SiteState>,
-    headers: HeaderMap,
-    Path(raw): Path<String>,
-    form: Result<Form<HashMap<String, String>>, FormRejection>,
-) -> Result<Response, SiteError> {
-    let Form(fields) = form?;
-    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged).await {
-        Ok(authed) => authed,
-        Err(denied) => return Ok(denied.into_response()),
-    };
-    if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
-        return Err(SiteError::Csrf);
-    }
-    let Some((number, current)) = settings_of(&state, session.number, raw).await? else { return Ok(not_found()) };
-    if let Err(why) = FaxEntered::check_choices(&fields) {
-        tracing::info!(%number, %why, "fax settings form refused: a value the form does not offer");
-        return Err(SiteError::BadForm(why.to_string()));
-    }
-
-    let entered = FaxEntered::from_fields(&fields);
-    let view = View::new(&state, &number, &session);
-    let Some(version) = entered.version else { return Ok(stale(&view, &entered)) };
-    let settings = match entered.parse() {
-        Ok(settings) => settings,
-        Err(rows) => return Ok(Html(view.page("", &entered, &[FIX_ROWS.to_owned()], &rows)).into_response()),
-    };
-    if settings.destinations != current.destinations {
-        match confirm_change(&state, &id, &session, &fields, &number, PAGE).await? {
-            Confirmed::Yes => {}
-            Confirmed::Refused(why) => return Ok(Html(view.refused(&entered, why)).into_response()),
-            Confirmed::Ended(response) => return Ok(response),
-        }
-    }
-
-    let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.save_fax_settings(&number, version, settings)).await? {
-        Ok(saved) => {
-            tracing::info!(login = %session.number, %number, version = saved, "fax settings saved");
-            state.metrics.settings_saved();
-            Ok(redirect_to(&format!("{}?{SAVED_QUERY}", fax_settings_path(&number))))
-        }
-        Err(StoreError::StaleVersion { current }) => {
-            tracing::info!(login = %session.number, %number, version, current, "fax settings: stale form refused");
-            Ok(stale(&view, &entered))
-        }
-        Err(error) => Err(error.into()),
-    }
-}
-
-/// `409 Conflict`: the form was rendered from settings that changed since (R-S9); shown
-/// again as entered, with the old version, so resubmitting it is refused too.
-fn stale(view: &View<'_>, entered: &FaxEntered) -> Response {
-    (StatusCode::CONFLICT, Html(view.refused(entered, STALE))).into_response()
-}
-
-/// `POST /numbers/{number}/fax/test/{row}`: 送信テスト (R-N2) of a destination row as
-/// typed, nothing saved; the outcome is shown by the GET the browser is sent to, once.
-pub async fn test_mail(
-    State(state): State<SiteState>,
-    headers: HeaderMap,
-    Path((raw, row)): Path<(String, String)>,
-    form: Result<Form<HashMap<String, String>>, FormRejection>,
-) -> Result<Response, SiteError> {
-    let Form(fields) = form?;
-    let Authed { id, session } = match require_session(&state, &headers, Gate::PasswordChanged).await {
-        Ok(authed) => authed,
-        Err(denied) => return Ok(denied.into_response()),
-    };
-    if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
-        return Err(SiteError::Csrf);
-    }
-    let Some((number, _)) = settings_of(&state, session.number, raw).await? else { return Ok(not_found()) };
-    let Some(row) = test_row(&row) else { return Ok(not_found()) };
-
-    let entered = FaxEntered::from_fields(&fields);
-    let tested = send_test(&state, &session, number, row, &entered.destinations, PAGE, MailService::Fax).await?;
-    let page = View::new(&state, &number, &session).page(&tested.notice, &entered, &tested.errors, &tested.rows);
-    let path = fax_settings_path(&number);
-    state.sessions.set_flash(&id, path.clone(), page).await?;
-    Ok(redirect_to(&format!("{path}?{TESTED}")))
 }

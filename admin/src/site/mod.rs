@@ -42,6 +42,7 @@ pub mod password;
 pub mod session;
 pub mod settings;
 pub mod settings_form;
+pub mod settings_page;
 pub mod throttle;
 pub mod unit;
 
@@ -230,6 +231,8 @@ pub const CSRF_COOKIE: &str = "callnotify_csrf";
 
 /// The site's routes, ready to be merged into the admin app or served alone.
 pub fn router(state: SiteState) -> Router {
+    use fax_settings::FaxPage;
+    use settings::CallPage;
     let routes = Router::new()
         .route("/", get(menu::show))
         .route("/login", get(login::show).post(login::submit))
@@ -237,11 +240,11 @@ pub fn router(state: SiteState) -> Router {
         .route("/password", get(password::show).post(password::submit))
         .route("/unit", get(unit::show).post(unit::submit))
         .route("/numbers", get(numbers::show))
-        .route("/numbers/{number}/call", get(settings::show).post(settings::submit))
-        .route("/numbers/{number}/call/test/{row}", post(settings::test_mail))
+        .route("/numbers/{number}/call", get(settings_page::show::<CallPage>).post(settings_page::submit::<CallPage>))
+        .route("/numbers/{number}/call/test/{row}", post(settings_page::test_mail::<CallPage>))
         .route("/fax", get(numbers::show_fax))
-        .route("/numbers/{number}/fax", get(fax_settings::show).post(fax_settings::submit))
-        .route("/numbers/{number}/fax/test/{row}", post(fax_settings::test_mail))
+        .route("/numbers/{number}/fax", get(settings_page::show::<FaxPage>).post(settings_page::submit::<FaxPage>))
+        .route("/numbers/{number}/fax/test/{row}", post(settings_page::test_mail::<FaxPage>))
         .route("/numbers/{number}/faxes", get(fax::list))
         .route("/fax/{number}/{ms}/{fax_id}", get(fax::show))
         .route("/fax/{number}/{ms}/{fax_id}/pages/{page}", get(fax::page))
