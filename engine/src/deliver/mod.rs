@@ -280,27 +280,25 @@ impl Deliverer {
         tokio::pin!(shutdown);
         loop {
             let room = inner.concurrency.saturating_sub(tasks.len());
-            if room > 0 {
-                let (queue, skip) = (inner.queue.clone(), trying.clone());
-                let now = Utc::now().timestamp_millis();
-                match blocking(move || queue.due(now, &skip, room)).await {
-                    Ok(due) => {
-                        for (slot, entry) in due {
-                            trying.insert(slot.clone());
-                            let this = self.clone();
-                            tasks.spawn(async move {
-                                this.retry(&slot, entry).await;
-                                slot
-                            });
-                        }
+            let (queue, skip) = (inner.queue.clone(), trying.clone());
+            let now = Utc::now().timestamp_millis();
+            let next_due = match blocking(move || queue.turn(now, &skip, room)).await {
+                Ok(turn) => {
+                    for (slot, entry) in turn.due {
+                        trying.insert(slot.clone());
+                        let this = self.clone();
+                        tasks.spawn(async move {
+                            this.retry(&slot, entry).await;
+                            slot
+                        });
                     }
-                    Err(e) => {
-                        crate::error_event!(inner.metrics, ErrorEvent::RetryQueueRead, error = %e, "reading the retry queue failed")
-                    }
+                    turn.next_due_ms
                 }
-            }
-            let queue = inner.queue.clone();
-            let next_due = blocking(move || queue.next_due_ms()).await.ok().flatten();
+                Err(e) => {
+                    crate::error_event!(inner.metrics, ErrorEvent::RetryQueueRead, error = %e, "reading the retry queue failed");
+                    None
+                }
+            };
             // An entry due already is being tried or waits for a free slot: either way
             // a finishing attempt wakes the loop.
             let wait = match next_due.map(|due| due - Utc::now().timestamp_millis()) {

@@ -154,6 +154,15 @@ impl Slot {
 /// `None` for an entry taken out.
 pub type LoggedEntries = std::collections::HashMap<Vec<u8>, Option<(i64, Vec<u8>)>>;
 
+/// What [`RetryQueue::turn`] found.
+#[derive(Debug, Default)]
+pub struct Turn {
+    /// The entries to try now, with their slots.
+    pub due: Vec<(Slot, Entry)>,
+    /// When the earliest entry this node sends is due (one being tried included).
+    pub next_due_ms: Option<i64>,
+}
+
 /// An entry of this store that its partition's changelog never confirmed.
 pub struct Unconfirmed {
     pub key: Vec<u8>,
@@ -263,39 +272,40 @@ impl RetryQueue {
         Ok((slot, new))
     }
 
-    /// Up to `limit` entries due at `now_ms`, earliest first, leaving out `skip` (those
-    /// being tried right now). An entry that does not parse is returned as `Err` with
-    /// its slot, so the caller can record and remove it.
-    pub fn due(&self, now_ms: i64, skip: &HashSet<Slot>, limit: usize) -> Result<Vec<(Slot, Entry)>, StoreError> {
-        let end = ((now_ms.max(0) as u64) + 1).to_be_bytes();
-        let mut due = Vec::new();
+    /// One turn of the retry loop's reading, in one walk from the queue's start: up to
+    /// `limit` entries this node sends that are due at `now_ms`, earliest first, leaving
+    /// out `skip` (those being tried right now), and when the earliest entry it sends is
+    /// due. An entry that does not parse is returned as `Err` with its slot, so the
+    /// caller can record and remove it.
+    pub fn turn(&self, now_ms: i64, skip: &HashSet<Slot>, limit: usize) -> Result<Turn, StoreError> {
+        let mut turn = Turn::default();
         let mut sources = self.sources.lock().expect("sources lock");
-        for item in self.retry.range(..end.as_slice()) {
-            if due.len() == limit {
-                break;
-            }
+        for item in self.retry.iter() {
             let (key, value) = item?;
             if !self.eligible(&key, &value, &mut sources) {
                 continue;
             }
             let slot = Slot(key.to_vec());
+            let due_ms = slot.due_ms();
+            turn.next_due_ms.get_or_insert(due_ms);
+            if due_ms > now_ms || turn.due.len() == limit {
+                break;
+            }
             if !skip.contains(&slot) {
-                due.push((slot, serde_json::from_slice(&value).map_err(EntryError::from)));
+                turn.due.push((slot, serde_json::from_slice(&value).map_err(EntryError::from)));
             }
         }
-        Ok(due)
+        Ok(turn)
+    }
+
+    /// [`RetryQueue::turn`]'s entries alone.
+    pub fn due(&self, now_ms: i64, skip: &HashSet<Slot>, limit: usize) -> Result<Vec<(Slot, Entry)>, StoreError> {
+        Ok(self.turn(now_ms, skip, limit)?.due)
     }
 
     /// When the earliest entry this node sends is due, if there is one.
     pub fn next_due_ms(&self) -> Result<Option<i64>, StoreError> {
-        let mut sources = self.sources.lock().expect("sources lock");
-        for item in self.retry.iter() {
-            let (key, value) = item?;
-            if self.eligible(&key, &value, &mut sources) {
-                return Ok(Some(Slot(key.to_vec()).due_ms()));
-            }
-        }
-        Ok(None)
+        Ok(self.turn(i64::MIN, &HashSet::new(), 0)?.next_due_ms)
     }
 
     /// Moves `slot`'s entry to `due_ms` with its new state; atomic, so after a crash the
@@ -476,6 +486,31 @@ mod tests {
         assert!(queue.remove(&later).unwrap());
         assert!(queue.is_empty());
         assert!(!queue.remove(&later).unwrap(), "removing it twice counts once");
+    }
+
+    /// The retry loop's one read per turn: what to try now, and how long it may sleep
+    /// (an entry being tried or waiting for a free connection counts as due).
+    #[test]
+    fn a_turn_gives_the_due_mails_and_when_the_next_falls_due() {
+        let store = Store::temporary().unwrap();
+        let queue = RetryQueue::open(&store).unwrap();
+        let mut slots = Vec::new();
+        for (call_id, due_ms) in [("c-a", 1_000), ("c-b", 2_000), ("c-c", 3_000)] {
+            slots.push(queue.push(&queued(call_id, "a@example.jp").0, due_ms, 1).unwrap().0);
+        }
+        let turn = |skip: &[&Slot], limit| {
+            let skip = skip.iter().map(|s| (*s).clone()).collect();
+            let turn = queue.turn(2_500, &skip, limit).unwrap();
+            let due: Vec<String> = turn.due.into_iter().map(|(_, e)| e.unwrap().call_id).collect();
+            (due, turn.next_due_ms)
+        };
+        assert_eq!(turn(&[], 10), (vec!["c-a".to_owned(), "c-b".to_owned()], Some(1_000)));
+        assert_eq!(turn(&[], 1), (vec!["c-a".to_owned()], Some(1_000)), "as many as there are free connections");
+        assert_eq!(turn(&[], 0), (vec![], Some(1_000)), "no free connection: only when the next is due");
+        assert_eq!(turn(&[&slots[0], &slots[1]], 10), (vec![], Some(1_000)), "both being tried");
+        assert!(queue.remove(&slots[0]).unwrap() && queue.remove(&slots[1]).unwrap());
+        assert_eq!(turn(&[], 10), (vec![], Some(3_000)), "nothing due: sleep until the next");
+        assert_eq!(queue.next_due_ms().unwrap(), Some(3_000));
     }
 
     /// A node that reads the partitions in `owned` (changed by a rebalance).
