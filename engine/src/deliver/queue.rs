@@ -181,9 +181,9 @@ pub struct RetryQueue {
     /// entry's length. During a mail server's outage after a rebalance, most due
     /// entries may be other partitions' (kept here, unsent, until their partition comes
     /// back), and every turn of the retry loop passes them: parsing each again, its
-    /// message scanned, took a `due` 20 ms behind 10 000 of them (`benches/retry.rs`).
-    /// An entry's partition is its call's, so a slot's never changes; the length
-    /// catches an entry written again otherwise.
+    /// message scanned, made a turn four times as slow (BENCHMARKS.md, "The retry
+    /// queue behind other partitions' mails"). An entry's partition is its call's, so
+    /// a slot's never changes; the length catches an entry written again otherwise.
     sources: std::sync::Arc<std::sync::Mutex<Sources>>,
 }
 
