@@ -69,13 +69,17 @@ pub enum ErrorEvent {
     /// A sent record or retry-queue change was not written to its partition's
     /// changelog: offsets are no longer committed.
     ChangelogWrite,
+    /// The partition changelogs have not confirmed their records within 10 s at a
+    /// commit (a partition's leader lost): offsets are not committed this time (the CDRs
+    /// stay uncommitted, nothing is lost); tried again at the next commit.
+    ChangelogUnconfirmed,
     /// A newly assigned partition's changelogs could not be restored: its CDRs are read
     /// without them (mails a dead node had sent may be sent again).
     ChangelogRestore,
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 26] = [
+    pub const ALL: [ErrorEvent; 27] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -101,6 +105,7 @@ impl ErrorEvent {
         ErrorEvent::StateStalled,
         ErrorEvent::StateFenced,
         ErrorEvent::ChangelogWrite,
+        ErrorEvent::ChangelogUnconfirmed,
         ErrorEvent::ChangelogRestore,
     ];
 
@@ -118,7 +123,8 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
-            StateRead | StatePublish | StateStalled | StateFenced | ChangelogWrite | ChangelogRestore => "state",
+            StateRead | StatePublish | StateStalled | StateFenced | ChangelogWrite | ChangelogUnconfirmed
+            | ChangelogRestore => "state",
         }
     }
 
@@ -150,6 +156,7 @@ impl ErrorEvent {
             StateStalled => "stalled",
             StateFenced => "fenced",
             ChangelogWrite => "changelog_write",
+            ChangelogUnconfirmed => "changelog_unconfirmed",
             ChangelogRestore => "changelog_restore",
         }
     }

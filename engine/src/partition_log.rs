@@ -81,6 +81,17 @@ impl ClientContext for EndsExpected {
 
 impl rdkafka::consumer::ConsumerContext for EndsExpected {}
 
+/// Why [`PartitionLog::confirm`] did not confirm.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum NotConfirmed {
+    /// Records still wait for the cluster (a partition's leader lost): not yet.
+    #[error("changelog records not confirmed within {0:?}")]
+    Late(Duration),
+    /// Records the cluster refused for good.
+    #[error("{0} changelog records were refused by the cluster")]
+    Refused(u64),
+}
+
 /// One node's side of the partition changelogs.
 pub struct PartitionLog {
     sent_topic: String,
@@ -175,20 +186,21 @@ impl PartitionLog {
     }
 
     /// Waits until every record published so far is confirmed: before a commit, so a
-    /// committed CDR's records are in the changelog. Fails after `within`, and for good
-    /// once a record was refused (the CDRs after it are read again at the next start).
-    pub fn confirm(&self, within: Duration) -> Result<(), String> {
+    /// committed CDR's records are in the changelog. Fails after `within` (the records
+    /// still wait, and may yet be written), and for good once a record was refused (the
+    /// CDRs after it are read again at the next start).
+    pub fn confirm(&self, within: Duration) -> Result<(), NotConfirmed> {
         let deadline = Instant::now() + within;
         let in_flight = || self.producer.read().expect("producer lock").as_ref().map_or(0, |p| p.in_flight_count());
         while in_flight() > 0 {
             if Instant::now() > deadline {
-                return Err(format!("changelog records not confirmed within {within:?}"));
+                return Err(NotConfirmed::Late(within));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
         match self.failed.load(Ordering::Relaxed) {
             0 => Ok(()),
-            n => Err(format!("{n} changelog records were refused by the cluster")),
+            n => Err(NotConfirmed::Refused(n)),
         }
     }
 

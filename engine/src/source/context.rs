@@ -14,12 +14,15 @@ use tokio_util::sync::CancellationToken;
 use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
 use crate::error_event::ErrorEvent;
+use crate::partition_log::NotConfirmed;
 use crate::store::Claims;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// How long an assignment waits for the group's committed offsets (see `note_starts`).
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a commit waits for the partition changelogs to confirm their records.
+const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
 
 /// The consumer's context: statistics → lag metric; revocation → finish or queue, then commit.
 pub struct SourceContext {
@@ -178,16 +181,27 @@ impl SourceContext {
     }
 
     /// Stores the safe offsets and flushes the store, then commits: what a committed
-    /// offset covers is on disk first. "Nothing to commit" is not an error.
-    pub(super) fn commit(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) -> Result<(), StoreError> {
+    /// offset covers is on disk first, and in the partitions' changelogs (their next
+    /// reader relies on them). "Nothing to commit" is not an error. Says whether it
+    /// committed: not while the changelogs have records unconfirmed after
+    /// [`CONFIRM_WITHIN`] (a partition's leader lost), which is raised and tried again
+    /// at the next commit; the CDRs stay uncommitted meanwhile, and nothing is lost.
+    pub(super) fn commit(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) -> Result<bool, StoreError> {
         self.store_offsets(consumer);
         self.store.flush_blocking()?;
-        // And in the partitions' changelogs: their next reader relies on them.
-        self.changelog.confirm(Duration::from_secs(10)).map_err(StoreError::State)?;
+        match self.changelog.confirm(CONFIRM_WITHIN) {
+            Ok(()) => {}
+            Err(late @ NotConfirmed::Late(_)) => {
+                crate::error_event!(self.metrics, ErrorEvent::ChangelogUnconfirmed, error = %late,
+                    "offsets not committed: the partition changelogs have not confirmed their records (a broker lost?); trying again at the next commit");
+                return Ok(false);
+            }
+            Err(refused) => return Err(StoreError::State(refused.to_string())),
+        }
         if let Err(e) = consumer.commit_consumer_state(mode) {
             tracing::debug!(error = %e, "commit: nothing to commit, or failed (retried at the next one)");
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Takes a finished CDR's mails off the in-flight list (the delivery task wrote

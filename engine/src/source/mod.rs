@@ -288,8 +288,11 @@ fn run(
     // What is still in flight now is abandoned: its offsets stay uncommitted, and
     // closing the consumer below must not wait for it again.
     ctx.tracker.lock().expect("tracker lock").abandon();
-    ctx.commit(&consumer, CommitMode::Sync)?;
-    tracing::info!("consumer stopped; offsets committed");
+    if ctx.commit(&consumer, CommitMode::Sync)? {
+        tracing::info!("consumer stopped; offsets committed");
+    } else {
+        tracing::warn!("consumer stopped; offsets since the last commit not committed: those CDRs will be read again");
+    }
     Ok(())
 }
 
