@@ -488,10 +488,11 @@ mod tests {
         assert!(!queue.remove(&later).unwrap(), "removing it twice counts once");
     }
 
-    /// The retry loop's one read per turn: what to try now, and how long it may sleep
-    /// (an entry being tried or waiting for a free connection counts as due).
+    /// R-M4 (delivery can be delayed, never silently dropped): the retry
+    /// loop's one read per turn gives what to try now, and how long it may sleep (an
+    /// entry being tried or waiting for a free connection counts as due).
     #[test]
-    fn a_turn_gives_the_due_mails_and_when_the_next_falls_due() {
+    fn r_m4_a_turn_gives_the_due_mails_and_when_the_next_falls_due() {
         let store = Store::temporary().unwrap();
         let queue = RetryQueue::open(&store).unwrap();
         let mut slots = Vec::new();
