@@ -10,9 +10,9 @@
 //!   while it is queued: one record, so a node killed midway cannot leave a mail
 //!   recorded as handled without its entry.
 //!
-//! The node commits a CDR's offset only after the records published so far are
-//! confirmed by the cluster (`acks=all`), so a record a committed CDR relies on is in
-//! the changelog. When a partition is assigned, the node restores both changelogs'
+//! The node commits a CDR's offset only after the records published before the commit
+//! was taken are confirmed by the cluster (`acks=all`), so a record a committed CDR
+//! relies on is in the changelog. When a partition is assigned, the node restores both changelogs'
 //! partition before it reads a CDR: the sent records from where its store stopped, the
 //! retry entries in full (the log's version wins; an entry the log lacks is published
 //! again, unless a sent record since says another node handled it). It sends the
@@ -21,10 +21,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use dashmap::DashMap;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -47,9 +48,12 @@ pub struct PartitionLogOptions<'a> {
     pub retry_topic: &'a str,
 }
 
-/// Counts changelog writes the cluster refused (after librdkafka's own retries).
+/// Keeps the books of the changelog records: librdkafka calls it on its thread when the
+/// cluster has settled a record (written, or refused after librdkafka's own retries).
 struct Confirmations {
-    failed: std::sync::Arc<AtomicU64>,
+    ledger: Arc<Ledger>,
+    /// `kafka.sent_topic`, to tell the two changelogs' records apart.
+    sent_topic: String,
     metrics: Metrics,
 }
 
@@ -59,13 +63,54 @@ impl ProducerContext for Confirmations {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, message)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            crate::error_event!(self.metrics, ErrorEvent::ChangelogWrite, error = %e, topic = message.topic(),
-                partition = message.partition(), "a changelog record was not written: offsets are no longer committed");
+        let message = match result {
+            Ok(message) => message,
+            Err((e, message)) => {
+                self.ledger.refused.fetch_add(1, Ordering::Relaxed);
+                crate::error_event!(self.metrics, ErrorEvent::ChangelogWrite, error = %e, topic = message.topic(),
+                    partition = message.partition(), "a changelog record was not written: offsets are no longer committed");
+                message
+            }
+        };
+        let retry = message.topic() != self.sent_topic;
+        self.ledger.settled(retry, message.partition());
+    }
+}
+
+/// Per changelog partition, how many records were published and how many the cluster
+/// has settled. librdkafka settles a partition's records in the order they were
+/// published (the producer is idempotent), so "n settled" says the first n are: a
+/// commit waits for the records published before it, not for the ones after.
+#[derive(Default)]
+struct Ledger {
+    /// (retry changelog?, partition) → its counts.
+    partitions: DashMap<(bool, i32), Counts>,
+    /// Records the cluster refused for good.
+    refused: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counts {
+    published: AtomicU64,
+    settled: AtomicU64,
+}
+
+impl Ledger {
+    fn published(&self, retry: bool, partition: i32) {
+        self.partitions.entry((retry, partition)).or_default().published.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn settled(&self, retry: bool, partition: i32) {
+        if let Some(counts) = self.partitions.get(&(retry, partition)) {
+            counts.settled.fetch_add(1, Ordering::SeqCst);
         }
     }
 }
+
+/// The changelog records published up to a moment that the cluster had not settled
+/// then: what a commit taken at that moment waits for ([`PartitionLog::mark`]).
+#[derive(Debug, Default)]
+pub struct Mark(Vec<((bool, i32), u64)>);
 
 /// The restoring reader's context: it reads to each partition's end on purpose, so
 /// librdkafka's "reached end of partition" is no error to log.
@@ -101,7 +146,7 @@ pub struct PartitionLog {
     producer: RwLock<Option<ThreadedProducer<Confirmations>>>,
     /// Restores run on the consumer threads' rebalance callbacks, one at a time.
     reader: Mutex<Option<BaseConsumer<EndsExpected>>>,
-    failed: std::sync::Arc<AtomicU64>,
+    ledger: Arc<Ledger>,
     metrics: Metrics,
     /// The CDR partitions this node reads: it sends their retries.
     owned: RwLock<HashSet<PartitionId>>,
@@ -127,11 +172,15 @@ fn wait_for_room() {
 impl PartitionLog {
     /// Holds no handle on a store (a store holds it: [`Store::attach_partition_sink`]).
     pub fn start(options: &PartitionLogOptions<'_>, metrics: Metrics) -> anyhow::Result<Self> {
-        let failed = std::sync::Arc::new(AtomicU64::new(0));
+        let ledger = Arc::new(Ledger::default());
         let producer = options
             .reach
             .producer(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5")])
-            .create_with_context(Confirmations { failed: failed.clone(), metrics: metrics.clone() })
+            .create_with_context(Confirmations {
+                ledger: ledger.clone(),
+                sent_topic: options.sent_topic.to_owned(),
+                metrics: metrics.clone(),
+            })
             .context("creating the changelog producer")?;
         let reader = options
             .reach
@@ -151,7 +200,7 @@ impl PartitionLog {
             retry_topic: options.retry_topic.to_owned(),
             producer: RwLock::new(Some(producer)),
             reader: Mutex::new(Some(reader)),
-            failed,
+            ledger,
             metrics,
             owned: RwLock::default(),
         })
@@ -167,6 +216,8 @@ impl PartitionLog {
             tracing::warn!(topic, partition, "a changelog record after the engine stopped: not written");
             return;
         };
+        let retry = topic != self.sent_topic;
+        self.ledger.published(retry, partition);
         loop {
             match producer.send(record) {
                 Ok(()) => return,
@@ -176,7 +227,8 @@ impl PartitionLog {
                     record = back;
                 }
                 Err((e, _)) => {
-                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    self.ledger.refused.fetch_add(1, Ordering::Relaxed);
+                    self.ledger.settled(retry, partition);
                     crate::error_event!(self.metrics, ErrorEvent::ChangelogWrite, error = %e, topic,
                         partition, "a changelog record was not written: offsets are no longer committed");
                     return;
@@ -185,23 +237,42 @@ impl PartitionLog {
         }
     }
 
-    /// Waits until every record published so far is confirmed: before a commit, so a
-    /// committed CDR's records are in the changelog. Fails after `within` (the records
-    /// still wait, and may yet be written), and for good once a record was refused (the
-    /// CDRs after it are read again at the next start).
-    pub fn confirm(&self, within: Duration) -> Result<(), NotConfirmed> {
+    /// The records published so far that the cluster has not settled yet: a commit of
+    /// the offsets found safe until now waits for them ([`PartitionLog::confirmed`]).
+    pub fn mark(&self) -> Mark {
+        let waiting = self.ledger.partitions.iter().filter_map(|entry| {
+            let published = entry.published.load(Ordering::SeqCst);
+            (entry.settled.load(Ordering::SeqCst) < published).then_some((*entry.key(), published))
+        });
+        Mark(waiting.collect())
+    }
+
+    /// Whether every record up to `mark` is confirmed, without waiting: a commit's
+    /// offsets are committed only then, so a committed CDR's records are in the
+    /// changelog. Fails for good once a record was refused (the CDRs after it are read
+    /// again at the next start).
+    pub fn confirmed(&self, mark: &Mark) -> Result<bool, NotConfirmed> {
+        let settled = |(key, published): &((bool, i32), u64)| {
+            self.ledger.partitions.get(key).is_some_and(|c| c.settled.load(Ordering::SeqCst) >= *published)
+        };
+        match self.ledger.refused.load(Ordering::Relaxed) {
+            0 => Ok(mark.0.iter().all(settled)),
+            n => Err(NotConfirmed::Refused(n)),
+        }
+    }
+
+    /// Waits until every record up to `mark` is confirmed ([`PartitionLog::confirmed`]);
+    /// [`NotConfirmed::Late`] after `within` (the records still wait, and may yet be
+    /// written).
+    pub fn confirm(&self, mark: &Mark, within: Duration) -> Result<(), NotConfirmed> {
         let deadline = Instant::now() + within;
-        let in_flight = || self.producer.read().expect("producer lock").as_ref().map_or(0, |p| p.in_flight_count());
-        while in_flight() > 0 {
+        while !self.confirmed(mark)? {
             if Instant::now() > deadline {
                 return Err(NotConfirmed::Late(within));
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        match self.failed.load(Ordering::Relaxed) {
-            0 => Ok(()),
-            n => Err(NotConfirmed::Refused(n)),
-        }
+        Ok(())
     }
 
     /// Restores the changelogs of newly `assigned` partitions into `store`, then sends
@@ -440,6 +511,28 @@ mod tests {
         }
     }
 
+    /// docs/cluster.md: a commit waits for the records published before it was taken,
+    /// not for later ones: records waiting on a changelog partition without a leader
+    /// hold back the commits taken after them only. (Were a commit to wait for every
+    /// record in flight, a node reading on would hardly ever commit.)
+    #[test]
+    fn a_commit_waits_for_the_records_published_before_it_only() {
+        let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
+        let log = log(&kafka, "marks");
+        let (led, leaderless) = (PartitionId { topic: "cdr".into(), partition: 0 }, partition());
+        let number = leaderless.partition;
+        log.sent(&led, b"call-1", 1);
+        let before = log.mark();
+        kafka.on_cluster(move |cluster| cluster.partition_leader(SENT, number, None).expect("leaderless"));
+        log.sent(&leaderless, b"call-2", 2);
+        let after = log.mark();
+        log.confirm(&before, Duration::from_secs(10)).expect("the records before it are confirmed");
+        assert_eq!(log.confirmed(&after), Ok(false), "call-2's record waits for a leader");
+        kafka.on_cluster(move |cluster| cluster.partition_leader(SENT, number, Some(1)).expect("led again"));
+        log.confirm(&after, Duration::from_secs(10)).expect("confirmed once the partition is led again");
+        log.stop();
+    }
+
     /// R-M4 (a delayed mail is never silently dropped): the partition's next reader
     /// after a node queued a mail and was killed with only one of the changelogs'
     /// records confirmed. Its CDR was not committed (a commit waits for every record),
@@ -456,7 +549,7 @@ mod tests {
             killed.attach_partition_sink(Arc::new(KilledMidway { log: written.clone(), kept }));
             let entry = deferred(&format!("call-{i}"));
             RetryQueue::open(&killed).unwrap().push(&entry, Utc::now().timestamp_millis(), 1).unwrap();
-            written.confirm(Duration::from_secs(10)).expect("the kept records confirmed");
+            written.confirm(&written.mark(), Duration::from_secs(10)).expect("the kept records confirmed");
 
             let next = Store::temporary().unwrap();
             let reader = log(&kafka, "next");
@@ -501,13 +594,13 @@ mod tests {
         let next = log(&kafka, "next");
         next.sent(&partition(), sent_meanwhile.sent_key().unwrap().as_bytes(), 2);
         next.sent(&partition(), replayed.sent_key().unwrap().as_bytes(), 2);
-        next.confirm(Duration::from_secs(10)).expect("the sent records confirmed");
+        next.confirm(&next.mark(), Duration::from_secs(10)).expect("the sent records confirmed");
         next.stop();
 
         let back = log(&kafka, "back");
         back.restore(&store, &[partition()]).expect("restore");
         back.restore(&replayed_into, &[partition()]).expect("restore");
-        back.confirm(Duration::from_secs(10)).expect("what the restores published confirmed");
+        back.confirm(&back.mark(), Duration::from_secs(10)).expect("what the restores published confirmed");
         let queued = |store: &Store| -> Vec<SentKey> {
             let due = RetryQueue::open(store).unwrap().due(i64::MAX, &HashSet::new(), 10).unwrap();
             due.into_iter().map(|(_, entry)| entry.expect("an entry").sent_key().unwrap()).collect()

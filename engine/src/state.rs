@@ -88,18 +88,18 @@ const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
 /// When a wait that lasts is raised: at its first sight, then at most once a period,
 /// so that a wait shorter than the period is counted too and a long one is not counted
 /// once per look.
-struct RaiseEvery {
+pub(crate) struct RaiseEvery {
     period: Duration,
     last: Option<Instant>,
 }
 
 impl RaiseEvery {
-    const fn new(period: Duration) -> Self {
+    pub(crate) const fn new(period: Duration) -> Self {
         Self { period, last: None }
     }
 
     /// Whether the wait seen at `now` is raised (and counts as raised from then on).
-    fn due(&mut self, now: Instant) -> bool {
+    pub(crate) fn due(&mut self, now: Instant) -> bool {
         if self.last.is_some_and(|at| now.saturating_duration_since(at) < self.period) {
             return false;
         }
@@ -108,7 +108,7 @@ impl RaiseEvery {
     }
 
     /// The wait is over: the next one is raised at its first sight.
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.last = None;
     }
 }

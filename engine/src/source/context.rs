@@ -14,14 +14,16 @@ use tokio_util::sync::CancellationToken;
 use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
 use crate::error_event::ErrorEvent;
-use crate::partition_log::NotConfirmed;
+use crate::partition_log::{Mark, NotConfirmed};
+use crate::state::RaiseEvery;
 use crate::store::Claims;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
 /// How long an assignment waits for the group's committed offsets (see `note_starts`).
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a commit waits for the partition changelogs to confirm their records.
+/// How long a commit may wait for the partition changelogs to confirm its records
+/// before it is raised (and how long a revocation's or a stop's commit waits).
 const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
 
 /// The consumer's context: statistics → lag metric; revocation → finish or queue, then commit.
@@ -44,6 +46,30 @@ pub struct SourceContext {
     pub(super) changelog: Arc<crate::partition_log::PartitionLog>,
     /// Assigned partitions librdkafka has not started reading (see [`crate::unread`]).
     pub(super) unread: crate::unread::Unread,
+    /// The offsets taken for a commit, until the changelogs confirm their records.
+    pub(super) pending: Mutex<Pending>,
+}
+
+/// The thread's commit that waits for the partition changelogs, if any.
+pub(super) struct Pending {
+    held: Option<Held>,
+    /// A commit waiting past [`CONFIRM_WITHIN`] is raised every [`CONFIRM_WITHIN`].
+    raise: RaiseEvery,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self { held: None, raise: RaiseEvery::new(CONFIRM_WITHIN) }
+    }
+}
+
+/// Offsets taken for a commit, with the changelog records they rely on.
+struct Held {
+    /// Per partition, the highest offset found safe.
+    offsets: HashMap<(usize, i32), i64>,
+    records: Mark,
+    /// Since when they wait.
+    since: Instant,
 }
 
 /// The token tree of the delivery tasks' time for sending: the thread's, ended when the
@@ -86,7 +112,12 @@ impl ConsumerContext for SourceContext {
             let mut tracker = self.tracker.lock().expect("tracker lock");
             revoked.iter().for_each(|tp| tracker.forget(tp));
             drop(tracker);
-            if let Err(e) = self.commit(consumer, CommitMode::Sync) {
+            let committed = self.commit_now(consumer);
+            // Offsets of partitions no longer read are not this node's to commit.
+            if let Some(held) = &mut self.pending.lock().expect("pending commit lock").held {
+                held.offsets.retain(|tp, _| !revoked.contains(tp));
+            }
+            if let Err(e) = committed {
                 crate::error_event!(
                     self.metrics,
                     ErrorEvent::RevokeFlush,
@@ -162,46 +193,98 @@ impl SourceContext {
         }
     }
 
-    /// Hands librdkafka the offsets found safe since the last time, in one call.
-    fn store_offsets(&self, consumer: &BaseConsumer<Self>) {
-        let safe = self.tracker.lock().expect("tracker lock").take_to_store();
-        if safe.is_empty() {
-            return;
+    /// Every [`super::COMMIT_INTERVAL`] on the consumer thread: flushes the store and
+    /// takes the offsets found safe since the last time, to commit once the partition
+    /// changelogs have confirmed the records published until now
+    /// ([`SourceContext::commit_confirmed`]). While an earlier commit still waits for
+    /// its records, the offsets found meanwhile wait in the tracker.
+    pub(super) fn take_commit(&self) -> Result<(), StoreError> {
+        let mut pending = self.pending.lock().expect("pending commit lock");
+        if pending.held.is_some() {
+            return Ok(());
         }
-        let mut list = TopicPartitionList::with_capacity(safe.len());
-        for ((topic, partition), offset) in safe {
-            // librdkafka commits what it is given: the next message to read.
-            if let Err(e) = list.add_partition_offset(&self.topics[topic].0, partition, Offset::Offset(offset + 1)) {
-                crate::error_event!(self.metrics, ErrorEvent::OffsetOutOfRange, error = %e, partition, offset, "offset out of range");
+        let offsets = self.tracker.lock().expect("tracker lock").take_to_store();
+        // What a committed offset covers is on disk first.
+        self.store.flush_blocking()?;
+        pending.held = Some(Held { offsets, records: self.changelog.mark(), since: Instant::now() });
+        Ok(())
+    }
+
+    /// On every turn of the consumer thread, without waiting: commits the taken offsets
+    /// once the changelogs have confirmed the records they rely on (their next reader
+    /// relies on them). A commit not confirmed within [`CONFIRM_WITHIN`] (a partition's
+    /// leader lost) is raised, every [`CONFIRM_WITHIN`], and goes on waiting; the CDRs
+    /// stay uncommitted meanwhile, the node reads and sends on, and nothing is lost.
+    pub(super) fn commit_confirmed(&self, consumer: &BaseConsumer<Self>) -> Result<(), StoreError> {
+        let mut pending = self.pending.lock().expect("pending commit lock");
+        let Some(held) = &pending.held else { return Ok(()) };
+        if !self.changelog.confirmed(&held.records).map_err(|refused| StoreError::State(refused.to_string()))? {
+            let now = Instant::now();
+            if now.saturating_duration_since(held.since) >= CONFIRM_WITHIN && pending.raise.due(now) {
+                self.raise_unconfirmed(&NotConfirmed::Late(CONFIRM_WITHIN));
             }
+            return Ok(());
         }
-        if let Err(e) = consumer.store_offsets(&list) {
-            tracing::debug!(error = %e, "offsets not stored (partitions no longer ours)");
+        if let Some(held) = pending.held.take() {
+            self.commit_offsets(consumer, &held.offsets, CommitMode::Async);
+        }
+        pending.raise.reset();
+        Ok(())
+    }
+
+    /// Commits now what the thread has found safe, the taken offsets with it: at a
+    /// revocation and at a stop. Waits up to [`CONFIRM_WITHIN`] for the changelogs to
+    /// confirm the records published until now. Says whether it committed: not if they
+    /// were late, which is raised; the offsets then wait for the next commit.
+    pub(super) fn commit_now(&self, consumer: &BaseConsumer<Self>) -> Result<bool, StoreError> {
+        let mut pending = self.pending.lock().expect("pending commit lock");
+        let (mut offsets, since) =
+            pending.held.take().map_or_else(|| (HashMap::new(), Instant::now()), |h| (h.offsets, h.since));
+        for (tp, offset) in self.tracker.lock().expect("tracker lock").take_to_store() {
+            let stored = offsets.entry(tp).or_insert(offset);
+            *stored = (*stored).max(offset);
+        }
+        self.store.flush_blocking()?;
+        let records = self.changelog.mark();
+        match self.changelog.confirm(&records, CONFIRM_WITHIN) {
+            Ok(()) => {
+                self.commit_offsets(consumer, &offsets, CommitMode::Sync);
+                pending.raise.reset();
+                Ok(true)
+            }
+            Err(late @ NotConfirmed::Late(_)) => {
+                self.raise_unconfirmed(&late);
+                pending.raise.due(Instant::now());
+                pending.held = Some(Held { offsets, records, since });
+                Ok(false)
+            }
+            Err(refused) => Err(StoreError::State(refused.to_string())),
         }
     }
 
-    /// Stores the safe offsets and flushes the store, then commits: what a committed
-    /// offset covers is on disk first, and in the partitions' changelogs (their next
-    /// reader relies on them). "Nothing to commit" is not an error. Says whether it
-    /// committed: not while the changelogs have records unconfirmed after
-    /// [`CONFIRM_WITHIN`] (a partition's leader lost), which is raised and tried again
-    /// at the next commit; the CDRs stay uncommitted meanwhile, and nothing is lost.
-    pub(super) fn commit(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) -> Result<bool, StoreError> {
-        self.store_offsets(consumer);
-        self.store.flush_blocking()?;
-        match self.changelog.confirm(CONFIRM_WITHIN) {
-            Ok(()) => {}
-            Err(late @ NotConfirmed::Late(_)) => {
-                crate::error_event!(self.metrics, ErrorEvent::ChangelogUnconfirmed, error = %late,
-                    "offsets not committed: the partition changelogs have not confirmed their records (a broker lost?); trying again at the next commit");
-                return Ok(false);
+    fn raise_unconfirmed(&self, late: &NotConfirmed) {
+        crate::error_event!(self.metrics, ErrorEvent::ChangelogUnconfirmed, error = %late,
+            "offsets not committed: the partition changelogs have not confirmed their records (a broker lost?); they wait on");
+    }
+
+    /// Hands librdkafka `offsets` in one call, then commits.
+    fn commit_offsets(&self, consumer: &BaseConsumer<Self>, offsets: &HashMap<(usize, i32), i64>, mode: CommitMode) {
+        if !offsets.is_empty() {
+            let mut list = TopicPartitionList::with_capacity(offsets.len());
+            for (&(topic, partition), &offset) in offsets {
+                // librdkafka commits what it is given: the next message to read.
+                if let Err(e) = list.add_partition_offset(&self.topics[topic].0, partition, Offset::Offset(offset + 1))
+                {
+                    crate::error_event!(self.metrics, ErrorEvent::OffsetOutOfRange, error = %e, partition, offset, "offset out of range");
+                }
             }
-            Err(refused) => return Err(StoreError::State(refused.to_string())),
+            if let Err(e) = consumer.store_offsets(&list) {
+                tracing::debug!(error = %e, "offsets not stored (partitions no longer ours)");
+            }
         }
         if let Err(e) = consumer.commit_consumer_state(mode) {
             tracing::debug!(error = %e, "commit: nothing to commit, or failed (retried at the next one)");
         }
-        Ok(true)
     }
 
     /// Takes a finished CDR's mails off the in-flight list (the delivery task wrote

@@ -14,12 +14,13 @@
 //! Offsets follow the rust-rdkafka at-least-once recipe, `enable.auto.offset.store=false`:
 //! an offset is stored only when its CDR and every earlier CDR of the partition are
 //! finished (mails accepted, refused for good, or durably queued for retry; dead letters
-//! written). The thread commits stored offsets itself every [`COMMIT_INTERVAL`], right
-//! after flushing the store, so a committed offset never runs ahead of the sent-mail
-//! records on disk, whatever kills the process. On revocation and on shutdown the
-//! thread waits three quarters of the grace period for the mails in flight to be sent,
-//! has the ones still waiting queued (sent from the queue later, by whoever holds it),
-//! then flushes and commits.
+//! written). Every [`COMMIT_INTERVAL`] the thread flushes the store and takes the
+//! offsets found safe, and commits them itself once the partition changelogs have
+//! confirmed the records published until then (it reads on meanwhile), so a committed
+//! offset never runs ahead of the sent-mail records on disk or in Kafka, whatever kills
+//! the process. On revocation and on shutdown the thread waits three quarters of the
+//! grace period for the mails in flight to be sent, has the ones still waiting queued
+//! (sent from the queue later, by whoever holds it), then flushes and commits.
 
 mod context;
 mod offsets;
@@ -29,7 +30,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -168,6 +169,7 @@ pub fn spawn(
             sending: Mutex::new(Sending::new(shutdown.child_token())),
             changelog: stages.changelog.clone(),
             unread: crate::unread::Unread::default(),
+            pending: Mutex::default(),
         };
         consumers.push((consumer(&options, context)?, tx));
     }
@@ -234,9 +236,10 @@ fn run(
     let mut last_commit = Instant::now();
     while !reading.is_cancelled() {
         if last_commit.elapsed() >= COMMIT_INTERVAL {
-            ctx.commit(&consumer, CommitMode::Async)?;
+            ctx.take_commit()?;
             last_commit = Instant::now();
         }
+        ctx.commit_confirmed(&consumer)?;
         // Backpressure: with `max_in_flight` CDRs waiting on mails, the next CDR waits
         // for one of them to finish. Not polling meanwhile keeps what librdkafka fetched
         // ahead. A mail server that finishes nothing for PAUSE_AFTER gets the partitions
@@ -288,7 +291,7 @@ fn run(
     // What is still in flight now is abandoned: its offsets stay uncommitted, and
     // closing the consumer below must not wait for it again.
     ctx.tracker.lock().expect("tracker lock").abandon();
-    if ctx.commit(&consumer, CommitMode::Sync)? {
+    if ctx.commit_now(&consumer)? {
         tracing::info!("consumer stopped; offsets committed");
     } else {
         tracing::warn!("consumer stopped; offsets since the last commit not committed: those CDRs will be read again");

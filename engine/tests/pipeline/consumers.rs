@@ -94,3 +94,30 @@ async fn r_n1_a_changelog_without_a_leader_holds_back_commits_not_the_engine() {
     let stopped = engine.stop().await;
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 2.0);
 }
+
+/// docs/cluster.md ("A CDR partition's sent records and retries"): while a changelog
+/// partition has no leader, the node goes on reading between its commits: the calls of
+/// the first seconds (three commits' time, one call after the other) are all notified
+/// before the held-back commit is raised, 10 s after its records were published
+/// (R-N1). Before, each commit waited those 10 s on the consumer's thread, which read
+/// nothing meanwhile: a call made after the first commit began waited for the raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_a_changelog_without_a_leader_does_not_hold_up_the_reading() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    let cdrs = missed_calls_to_ten(&engine, "03600000", "reading", 1000);
+    let sent_topic = engine::embedded::CHANGELOG_TOPICS[0];
+    h.kafka.on_cluster(move |cluster| cluster.partition_leader(sent_topic, 0, None).expect("leaderless"));
+    let started = std::time::Instant::now();
+    let mut notified = 0;
+    while notified < cdrs.len() && (notified < 2 || started.elapsed() < 3 * engine::source::COMMIT_INTERVAL) {
+        h.produce(TOPIC, &cdrs[notified..=notified]).await;
+        notified += 1;
+        h.mails(notified).await;
+        assert_eq!(engine.metric(UNCONFIRMED), 0.0, "call {notified} was notified only after the raise");
+    }
+
+    h.kafka.on_cluster(move |cluster| cluster.partition_leader(sent_topic, 0, Some(1)).expect("led again"));
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), notified as f64);
+}
