@@ -50,12 +50,28 @@ const UNREAD: &str = "callnotify_errors_total{stage=\"source\",error=\"partition
 /// owner that never read its request, and the call was never notified.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_n1_partitions_whose_committed_offsets_could_not_be_looked_up_are_assigned_again_and_read() {
+    unread_partitions_are_assigned_again_and_read(&[]).await;
+}
+
+/// The same with a cooperative assignor (`partition.assignment.strategy`, as a carrier
+/// may set in `kafka.properties`): only the unread partitions are taken off and assigned
+/// again (`unread::assign_again`'s incremental branch), and they are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_with_a_cooperative_assignor_unread_partitions_are_assigned_again_and_read() {
+    unread_partitions_are_assigned_again_and_read(&[(
+        "CALLNOTIFY__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY",
+        "cooperative-sticky",
+    )])
+    .await;
+}
+
+async fn unread_partitions_are_assigned_again_and_read(env: &[(&str, &str)]) {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let h = Harness::new(1).await;
     h.kafka.on_cluster(|cluster| {
         cluster.request_errors(RDKafkaApiKey::OffsetFetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 3]);
     });
-    let engine = h.engine().await;
+    let engine = h.engine_with(env).await;
     let cdrs = missed_calls_to_ten(&engine, "03400000", "unread", 1);
     h.produce(TOPIC, &cdrs).await;
     h.mails(1).await;
