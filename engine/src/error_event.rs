@@ -5,6 +5,7 @@
 //! the metrics' labels of the others.
 
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 /// An error an operator must see, as `callnotify_errors_total{stage, error}` labels it.
 /// Raised with [`error_event!`](macro@crate::error_event), which logs it at ERROR and counts
@@ -198,5 +199,33 @@ impl CountErrors for ErrorCounter {
         if let Some(counter) = self.0.get() {
             counter.count_error(event);
         }
+    }
+}
+
+/// When a wait that lasts is raised: at its first sight, then at most once a period,
+/// so that a wait shorter than the period is counted too and a long one is not counted
+/// once per look.
+pub(crate) struct RaiseEvery {
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl RaiseEvery {
+    pub(crate) const fn new(period: Duration) -> Self {
+        Self { period, last: None }
+    }
+
+    /// Whether the wait seen at `now` is raised (and counts as raised from then on).
+    pub(crate) fn due(&mut self, now: Instant) -> bool {
+        if self.last.is_some_and(|at| now.saturating_duration_since(at) < self.period) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    /// The wait is over: the next one is raised at its first sight.
+    pub(crate) fn reset(&mut self) {
+        self.last = None;
     }
 }

@@ -56,7 +56,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use crate::error_event::ErrorEvent;
+use crate::error_event::{ErrorEvent, RaiseEvery};
 use crate::store::state::{Changed, Op, OpError, Reply, StateKey, StateWriter};
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
@@ -85,33 +85,6 @@ const OWNER_LINGER: Duration = Duration::from_millis(20);
 /// How often a wait for the state topic is raised ([`ErrorEvent::StateStalled`]).
 const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
 
-/// When a wait that lasts is raised: at its first sight, then at most once a period,
-/// so that a wait shorter than the period is counted too and a long one is not counted
-/// once per look.
-pub(crate) struct RaiseEvery {
-    period: Duration,
-    last: Option<Instant>,
-}
-
-impl RaiseEvery {
-    pub(crate) const fn new(period: Duration) -> Self {
-        Self { period, last: None }
-    }
-
-    /// Whether the wait seen at `now` is raised (and counts as raised from then on).
-    pub(crate) fn due(&mut self, now: Instant) -> bool {
-        if self.last.is_some_and(|at| now.saturating_duration_since(at) < self.period) {
-            return false;
-        }
-        self.last = Some(now);
-        true
-    }
-
-    /// The wait is over: the next one is raised at its first sight.
-    pub(crate) fn reset(&mut self) {
-        self.last = None;
-    }
-}
 /// Key prefix of an owner's announcement, one per takeover: `owner/NODE/MILLISECONDS`.
 /// Each key is unique, so compaction keeps every announcement and a node reading the
 /// topic from its start fences exactly the records a node reading it live fenced.

@@ -13,9 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
-use crate::error_event::ErrorEvent;
+use crate::error_event::{ErrorEvent, RaiseEvery};
 use crate::partition_log::{Mark, NotConfirmed};
-use crate::state::RaiseEvery;
 use crate::store::Claims;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
