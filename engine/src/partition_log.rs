@@ -12,11 +12,11 @@
 //!
 //! The node commits a CDR's offset only after the records published before the commit
 //! was taken are confirmed by the cluster (`acks=all`), so a record a committed CDR
-//! relies on is in the changelog. When a partition is assigned, the node restores both changelogs'
-//! partition before it reads a CDR: the sent records from where its store stopped, the
-//! retry entries in full (the log's version wins; an entry the log lacks is published
-//! again, unless a sent record since says another node handled it). It sends the
-//! retries of the partitions it reads, and only those: a node that dies leaves its
+//! relies on is in the changelog. When a partition is assigned, the node restores both
+//! changelogs' partition before it reads a CDR: the sent records from where its store
+//! stopped, the retry entries in full (the log's version wins; an entry the log lacks is
+//! published again, unless a sent record since says another node handled it). It sends
+//! the retries of the partitions it reads, and only those: a node that dies leaves its
 //! queued mails to whoever reads their partitions next.
 
 use std::collections::{HashMap, HashSet};
@@ -109,7 +109,7 @@ impl Ledger {
 
 /// The changelog records published up to a moment that the cluster had not settled
 /// then: what a commit taken at that moment waits for ([`PartitionLog::mark`]).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Mark(Vec<((bool, i32), u64)>);
 
 /// The restoring reader's context: it reads to each partition's end on purpose, so
