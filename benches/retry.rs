@@ -1,13 +1,15 @@
 //! The retry queue's reads during a mail server's outage after a rebalance: the node's
-//! queue holds, ahead of its own due mails, `CALLNOTIFY_BENCH_FOREIGN` due entries
-//! (default 10 000) of CDR partitions another node reads now. They stay in this store,
-//! unsent, until the partition comes back; every turn of the retry loop (one per
-//! finished attempt) reads past them.
+//! store holds, due ahead of its own mails, `CALLNOTIFY_BENCH_FOREIGN` entries (default
+//! 10 000) of a CDR partition it gave up, which another node reads now. They stay in
+//! this store, unsent, until the partition comes back, set aside at the revocation
+//! (`RetryQueue::park`); every turn of the retry loop (one per finished attempt) reads
+//! the queue.
 //!
 //! `cargo bench --bench retry` measures; `-- --test` runs each once (CI smoke).
 
 use std::collections::HashSet;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -25,15 +27,19 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// The mails this node sends per turn (`smtp.pool_size`'s default).
 const OWN: usize = 16;
 
-/// A node that reads partition 0 only, and publishes nowhere.
-struct ReadsPartitionZero;
+/// A node that reads partition 0, and partition 1 until it gives it up; it publishes
+/// nowhere.
+#[derive(Default)]
+struct Node {
+    gave_up_one: AtomicBool,
+}
 
-impl PartitionSink for ReadsPartitionZero {
+impl PartitionSink for Node {
     fn sent(&self, _: &PartitionId, _: &[u8], _: u64) {}
     fn retry_put(&self, _: &PartitionId, _: &[u8], _: i64, _: &[u8]) {}
     fn retry_removed(&self, _: &PartitionId, _: &[u8]) {}
     fn owns(&self, partition: &PartitionId) -> bool {
-        partition.partition == 0
+        partition.partition == 0 || (partition.partition == 1 && !self.gave_up_one.load(Ordering::SeqCst))
     }
 }
 
@@ -51,24 +57,28 @@ fn queued(renderer: &Renderer, i: usize, partition: i32) -> Queued {
 fn retry_benches(c: &mut Criterion) {
     let foreign: usize = std::env::var("CALLNOTIFY_BENCH_FOREIGN").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let store = Store::temporary().unwrap();
-    store.attach_partition_sink(Arc::new(ReadsPartitionZero));
+    let node = Arc::new(Node::default());
+    store.attach_partition_sink(node.clone());
     let queue = RetryQueue::open(&store).unwrap();
     let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
     let now_secs = Utc::now().timestamp() as u64;
-    // Another node's entries fell due first; this node's own after them.
+    // Partition 1's entries fall due first; partition 0's after them.
     for i in 0..foreign {
         queue.push(&queued(&renderer, i, 1), 1_000 + i as i64, now_secs).unwrap();
     }
     for i in foreign..foreign + OWN {
         queue.push(&queued(&renderer, i, 0), 1_000 + i as i64, now_secs).unwrap();
     }
+    // The revocation of partition 1 (`PartitionLog::disown`).
+    node.gave_up_one.store(true, Ordering::SeqCst);
+    assert_eq!(queue.park().unwrap(), foreign);
     let now_ms = Utc::now().timestamp_millis();
     let none = HashSet::new();
 
     let mut group = c.benchmark_group("retry_queue");
     group.throughput(Throughput::Elements(1));
     // One turn of the retry loop: the due mails it sends, and when the next is due.
-    group.bench_function("turn_behind_foreign", |b| {
+    group.bench_function("turn_after_a_rebalance", |b| {
         b.iter(|| {
             let turn = queue.turn(black_box(now_ms), &none, OWN).unwrap();
             assert_eq!((turn.due.len(), turn.next_due_ms), (OWN, Some(1_000 + foreign as i64)), "this node's own");

@@ -37,6 +37,8 @@ pub enum ErrorEvent {
     RetryQueueFlush,
     /// A sent mail's retry-queue entry could not be removed: it may be sent again.
     RetryQueueRemove,
+    /// The retry-queue entries of partitions given up could not be set aside.
+    RetryQueuePark,
     /// A dead-letter record is not written yet (its CDR stays uncommitted).
     DeadLetterWrite,
     /// The sent journal could not be written or emptied: the store is flushed instead.
@@ -80,7 +82,7 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 27] = [
+    pub const ALL: [ErrorEvent; 28] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -93,6 +95,7 @@ impl ErrorEvent {
         ErrorEvent::RetryQueueReschedule,
         ErrorEvent::RetryQueueFlush,
         ErrorEvent::RetryQueueRemove,
+        ErrorEvent::RetryQueuePark,
         ErrorEvent::DeadLetterWrite,
         ErrorEvent::Journal,
         ErrorEvent::StoreFlush,
@@ -118,7 +121,7 @@ impl ErrorEvent {
             Render => "pipeline",
             DeliveryStore => "deliver",
             RetryQueueRead | RetryQueueUnreadable | RetryQueueUnsendable | RetryQueueReschedule | RetryQueueFlush
-            | RetryQueueRemove => "retry_queue",
+            | RetryQueueRemove | RetryQueuePark => "retry_queue",
             DeadLetterWrite => "dead_letters",
             DiskLow | Journal | StoreFlush => "store",
             OperatorEndpoint | Provision => "operator",
@@ -145,6 +148,7 @@ impl ErrorEvent {
             RetryQueueReschedule => "reschedule",
             RetryQueueFlush => "store_flush",
             RetryQueueRemove => "remove",
+            RetryQueuePark => "park",
             DeadLetterWrite => "write",
             Journal => "journal",
             StoreFlush => "flush",

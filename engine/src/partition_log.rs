@@ -339,7 +339,9 @@ impl PartitionLog {
         let mut republished = 0;
         for partition in assigned {
             let log = retries.get(&partition.partition).unwrap_or(&empty);
-            for Unconfirmed { key, due_ms, entry } in queue.reconcile(partition, log, &handled)? {
+            let reconciled = queue.reconcile(partition, log, &handled)?;
+            self.metrics.retry_queue_changed(reconciled.queued_change);
+            for Unconfirmed { key, due_ms, entry } in reconciled.unconfirmed {
                 self.retry_put(partition, &key, due_ms, &entry);
                 republished += 1;
             }
@@ -372,6 +374,16 @@ impl PartitionLog {
         revoked.iter().for_each(|p| {
             owned.remove(p);
         });
+    }
+
+    /// Sets the retry entries of the partitions this node no longer reads aside, out of
+    /// its queue in `store` ([`RetryQueue::park`]). Blocking: a revocation's.
+    pub fn set_aside(&self, store: &Store) {
+        match RetryQueue::open(store).and_then(|queue| queue.park()) {
+            Ok(parked) => self.metrics.retry_queue_changed(-(parked as i64)),
+            Err(e) => crate::error_event!(self.metrics, ErrorEvent::RetryQueuePark, error = %e,
+                "retry entries of partitions given up not set aside: this node's queue passes them by at every turn"),
+        }
     }
 }
 

@@ -444,8 +444,8 @@ impl Metrics {
     }
     /// Counts entries in or out as they happen, so concurrent sends cannot leave a
     /// stale length behind (as setting the length read after each change could).
-    pub fn retry_queue_changed(&self, by: i8) {
-        self.inner.retry_queue.increment(f64::from(by));
+    pub fn retry_queue_changed(&self, by: i64) {
+        self.inner.retry_queue.increment(by as f64);
     }
     /// From librdkafka's statistics, every few seconds per partition.
     pub fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {

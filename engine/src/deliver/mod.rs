@@ -118,6 +118,9 @@ impl Deliverer {
         let per_second = NonZeroU32::new(settings.rate_per_second).expect("config checks rate_per_second >= 1");
         let per_minute = NonZeroU32::new(settings.per_recipient_per_minute).expect("config checks >= 1");
         let queue = RetryQueue::open(store)?;
+        // Entries of partitions not read yet wait aside for their reader: this node's
+        // queue once their partitions are assigned to it (`PartitionLog::restore`).
+        queue.park()?;
         metrics.retry_queue(queue.len());
         let inner = Inner {
             transport,
@@ -358,10 +361,7 @@ impl Deliverer {
         }
         // While the server is not answering, only the breaker's probe tries.
         if let Admit::Wait(until_ms) = inner.breaker.admit(Utc::now().timestamp_millis()) {
-            let (queue, slot) = (inner.queue.clone(), slot.clone());
-            if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, until_ms)).await {
-                crate::error_event!(inner.metrics, ErrorEvent::RetryQueueReschedule, error = %e, "retry queue reschedule failed");
-            }
+            self.reschedule(slot, entry, until_ms).await;
             return;
         }
         // Flood control holds for retries too: a recipient over its limit has the mail
@@ -371,10 +371,7 @@ impl Deliverer {
             inner.metrics.delayed_by_flood();
             let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
             let due_ms = Utc::now().timestamp_millis() + wait.as_millis() as i64;
-            let (queue, slot) = (inner.queue.clone(), slot.clone());
-            if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, due_ms)).await {
-                crate::error_event!(inner.metrics, ErrorEvent::RetryQueueReschedule, error = %e, "retry queue reschedule failed");
-            }
+            self.reschedule(slot, entry, due_ms).await;
             return;
         }
         entry.attempts += 1;
@@ -404,12 +401,17 @@ impl Deliverer {
                 inner.metrics.retried();
                 entry.last_reply = reply;
                 let due_ms = Utc::now().timestamp_millis() + jitter(delay).as_millis() as i64;
-                let (queue, slot) = (inner.queue.clone(), slot.clone());
-                if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, due_ms)).await {
-                    // The entry stays where it was and is tried again at once.
-                    crate::error_event!(inner.metrics, ErrorEvent::RetryQueueReschedule, error = %e, "retry queue reschedule failed");
-                }
+                self.reschedule(slot, entry, due_ms).await;
             }
+        }
+    }
+
+    /// Moves `slot`'s entry to `due_ms`. On failure the entry stays where it was and is
+    /// tried again at once.
+    async fn reschedule(&self, slot: &Slot, entry: Queued, due_ms: i64) {
+        let (queue, slot) = (self.inner.queue.clone(), slot.clone());
+        if let Err(e) = blocking(move || queue.reschedule(&slot, &entry, due_ms)).await {
+            crate::error_event!(self.inner.metrics, ErrorEvent::RetryQueueReschedule, error = %e, "retry queue reschedule failed");
         }
     }
 

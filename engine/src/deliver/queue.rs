@@ -7,6 +7,14 @@
 //! Key: the due time (milliseconds since the epoch, big-endian, so the tree is in due
 //! order) followed by the mail's sent-mail key. Value: [`Queued`] as JSON.
 //!
+//! Entries of CDR partitions this node does not read (given up in a rebalance, or not
+//! assigned since it started) are set aside in the `retry_parked` tree, same keys: their
+//! partition's reader sends them, from the partition's changelog. They are kept for the
+//! day the partition comes back ([`RetryQueue::reconcile`]: an entry the changelog never
+//! confirmed is published again then), but they are no longer this node's queue: not
+//! counted in it, not walked at every turn of the retry loop (`turn`), which passed
+//! them by the thousand during a mail server's outage after a rebalance.
+//!
 //! Every method does blocking sled I/O: call them from a blocking thread.
 
 use std::collections::HashSet;
@@ -163,6 +171,14 @@ pub struct Turn {
     pub next_due_ms: Option<i64>,
 }
 
+/// What [`RetryQueue::reconcile`] did.
+pub struct Reconciled {
+    /// The entries to publish again.
+    pub unconfirmed: Vec<Unconfirmed>,
+    /// By how much the queue's length changed.
+    pub queued_change: i64,
+}
+
 /// An entry of this store that its partition's changelog never confirmed.
 pub struct Unconfirmed {
     pub key: Vec<u8>,
@@ -173,17 +189,19 @@ pub struct Unconfirmed {
 /// The retry queue of one store; cheap to clone.
 #[derive(Clone)]
 pub struct RetryQueue {
+    /// The entries this node sends (the queue).
     retry: sled::Tree,
+    /// The entries of partitions it does not read now.
+    parked: sled::Tree,
     sent: crate::store::SentTrees,
     /// Where changes go to their partition's changelog, once attached.
     sink: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn PartitionSink>>>,
     /// The partition of each entry read since the queue was opened, by slot, with the
-    /// entry's length. During a mail server's outage after a rebalance, most due
-    /// entries may be other partitions' (kept here, unsent, until their partition comes
-    /// back), and every turn of the retry loop passes them: parsing each again, its
-    /// message scanned, made a turn four times as slow (BENCHMARKS.md, "The retry
-    /// queue behind other partitions' mails"). An entry's partition is its call's, so
-    /// a slot's never changes; the length catches an entry written again otherwise.
+    /// entry's length: every turn of the retry loop passes the entries being tried, and
+    /// those of a partition just given up until they are set aside; parsing each again
+    /// (its message scanned) made a turn four times as slow. An entry's partition is its
+    /// call's, so a slot's never changes; the length catches an entry written again
+    /// otherwise.
     sources: std::sync::Arc<std::sync::Mutex<Sources>>,
 }
 
@@ -192,11 +210,22 @@ type Sources = std::collections::HashMap<Vec<u8>, (usize, Option<PartitionId>)>;
 
 /// The name of the store's tree the queue lives in.
 pub const TREE: &str = "retry";
+/// The tree of entries set aside, of partitions another node reads.
+pub const PARKED_TREE: &str = "retry_parked";
+
+/// A transaction's error as the store's.
+fn store_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::from(e),
+    }
+}
 
 impl RetryQueue {
     pub fn open(store: &Store) -> Result<Self, StoreError> {
         Ok(Self {
             retry: store.open_tree(TREE)?,
+            parked: store.open_tree(PARKED_TREE)?,
             sent: store.sent_trees().clone(),
             sink: store.partition_sink(),
             sources: Default::default(),
@@ -245,8 +274,9 @@ impl RetryQueue {
 
     /// Queues `entry`, due at `due_ms`, and records its mail as handled (`now_secs`)
     /// so a replay of its CDR sends nothing: one transaction. Not yet flushed. Also
-    /// says whether the entry is new: pushing the same entry at the same `due_ms`
-    /// again (a retried write) overwrites it.
+    /// says whether the queue has one entry more: not when the same entry is pushed at
+    /// the same `due_ms` again (a retried write overwrites it), nor when its partition
+    /// was given up meanwhile (a revocation queues the mails it cut short: set aside).
     pub fn push(&self, entry: &Queued, due_ms: i64, now_secs: u64) -> Result<(Slot, bool), StoreError> {
         let logged = self.sink.get().is_some() && entry.source.is_some();
         let entry = &Queued { logged, ..entry.clone() };
@@ -254,22 +284,21 @@ impl RetryQueue {
         let slot = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry)?;
         let handled = crate::store::sent::handled_key(now_secs, key.as_bytes());
-        let new = (&self.retry, &self.sent.by_key, &self.sent.by_handled)
-            .transaction(|(retry, sent, by_handled)| {
-                let before = retry.insert(slot.0.as_slice(), value.as_slice())?;
+        let queued = self.sends(entry);
+        let tree = if queued { &self.retry } else { &self.parked };
+        let new = (tree, &self.sent.by_key, &self.sent.by_handled)
+            .transaction(|(tree, sent, by_handled)| {
+                let before = tree.insert(slot.0.as_slice(), value.as_slice())?;
                 sent.insert(key.as_bytes(), &now_secs.to_be_bytes())?;
                 by_handled.insert(handled.as_slice(), &[])?;
                 Ok::<_, ConflictableTransactionError<StoreError>>(before.is_none())
             })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::from(e),
-            })?;
+            .map_err(store_error)?;
         // In the changelog the entry is its mail's sent record too (the next reader
         // restores both from it): one record, so a node killed midway cannot leave the
         // mail recorded as handled there without its entry, which would lose it.
         self.publish(entry, &key, due_ms, &value);
-        Ok((slot, new))
+        Ok((slot, new && queued))
     }
 
     /// One turn of the retry loop's reading, in one walk from the queue's start: up to
@@ -308,25 +337,41 @@ impl RetryQueue {
         Ok(self.turn(i64::MIN, &HashSet::new(), 0)?.next_due_ms)
     }
 
-    /// Moves `slot`'s entry to `due_ms` with its new state; atomic, so after a crash the
-    /// entry is at one place or the other, never lost.
+    /// Moves `slot`'s entry to `due_ms` with its new state, in the queue or aside
+    /// (its partition given up while it was being tried) as it was; atomic, so after a
+    /// crash the entry is at one place or the other, never lost.
     pub fn reschedule(&self, slot: &Slot, entry: &Queued, due_ms: i64) -> Result<Slot, StoreError> {
         let key = entry.sent_key()?;
         let next = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry)?;
-        let mut batch = sled::Batch::default();
-        batch.remove(slot.0.as_slice());
-        batch.insert(next.0.as_slice(), value.as_slice());
-        self.retry.apply_batch(batch)?;
+        (&self.retry, &self.parked)
+            .transaction(|(retry, parked)| {
+                let tree = match parked.remove(slot.0.as_slice())? {
+                    Some(_) => parked,
+                    None => {
+                        retry.remove(slot.0.as_slice())?;
+                        retry
+                    }
+                };
+                tree.insert(next.0.as_slice(), value.as_slice())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(store_error)?;
         self.forget([slot.0.as_slice()]);
         self.publish(entry, &key, due_ms, &value);
         Ok(next)
     }
 
-    /// Takes `slot`'s entry out: sent, or given up and dead-lettered. Says whether
-    /// it was there.
+    /// Takes `slot`'s entry out: sent, or given up and dead-lettered (also one set aside
+    /// while it was being tried). Says whether it was in the queue.
     pub fn remove(&self, slot: &Slot) -> Result<bool, StoreError> {
-        let Some(old) = self.retry.remove(slot.0.as_slice())? else { return Ok(false) };
+        let (old, queued) = match self.retry.remove(slot.0.as_slice())? {
+            Some(old) => (old, true),
+            None => match self.parked.remove(slot.0.as_slice())? {
+                Some(old) => (old, false),
+                None => return Ok(false),
+            },
+        };
         self.forget([slot.0.as_slice()]);
         if let (Some(sink), Ok(entry)) = (self.sink.get(), serde_json::from_slice::<Queued>(&old)) {
             if let Some(source) = &entry.source {
@@ -339,14 +384,43 @@ impl RetryQueue {
                 sink.retry_removed(source, &slot.0[8..]);
             }
         }
-        Ok(true)
+        Ok(queued)
+    }
+
+    /// Sets aside the entries this node does not send now (their partitions given up,
+    /// or not assigned since it started): their partition's reader sends them. Each
+    /// moves in a transaction of its own, so after a crash it is at one place or the
+    /// other. Says how many.
+    pub fn park(&self) -> Result<usize, StoreError> {
+        let mut sources = self.sources.lock().expect("sources lock");
+        let mut foreign = Vec::new();
+        for item in self.retry.iter() {
+            let (slot, value) = item?;
+            if !self.eligible(&slot, &value, &mut sources) {
+                foreign.push(slot);
+            }
+        }
+        drop(sources);
+        let mut parked = 0;
+        for slot in &foreign {
+            let moved = (&self.retry, &self.parked)
+                .transaction(|(retry, aside)| {
+                    let Some(value) = retry.remove(slot)? else { return Ok(false) };
+                    aside.insert(slot, value)?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(true)
+                })
+                .map_err(store_error)?;
+            parked += usize::from(moved);
+        }
+        self.forget(foreign.iter().map(|slot| slot.as_ref()));
+        Ok(parked)
     }
 
     /// The keys of this store's entries of `partitions` queued as published
     /// ([`Queued::logged`]): what [`RetryQueue::reconcile`] asks the sent changelog about.
     pub fn logged_keys_of(&self, partitions: &[PartitionId]) -> Result<HashSet<Vec<u8>>, StoreError> {
         let mut keys = HashSet::new();
-        for item in self.retry.iter() {
+        for item in self.retry.iter().chain(self.parked.iter()) {
             let (slot, value) = item?;
             if let Some(Head { source: Some(source), logged: true }) = Head::of(&value) {
                 if partitions.contains(&source) {
@@ -357,59 +431,73 @@ impl RetryQueue {
         Ok(keys)
     }
 
-    /// Makes this store's entries of `partition` the changelog's: `log` holds the live
-    /// entries there (key → due and JSON; `None`: removed), and `handled` the keys of
-    /// this store's [`Queued::logged`] entries that have a sent record in the sent
-    /// changelog after where this store last read it. A logged entry the changelog does
-    /// not have was either never confirmed there (written just before a crash), or
-    /// handled by another node since: taken out of the queue there, its tombstone since
-    /// compacted away, or its CDR read again there and its mail sent. A sent record
-    /// tells the last two apart: their entries are dropped (sending them would be
-    /// sending twice). The others, and entries queued unlogged (a replayed dead letter,
-    /// whose sent record is its refusal's), are returned, to be published again.
-    /// Blocking; call it before the partition is read.
+    /// Makes this store's entries of `partition` the changelog's, in the queue (set
+    /// aside ones included): `log` holds the live entries there (key → due and JSON;
+    /// `None`: removed), and `handled` the keys of this store's [`Queued::logged`]
+    /// entries that have a sent record in the sent changelog after where this store last
+    /// read it. A logged entry the changelog does not have was either never confirmed
+    /// there (written just before a crash), or handled by another node since: taken out
+    /// of the queue there, its tombstone since compacted away, or its CDR read again
+    /// there and its mail sent. A sent record tells the last two apart: their entries
+    /// are dropped (sending them would be sending twice). The others, and entries queued
+    /// unlogged (a replayed dead letter, whose sent record is its refusal's), are
+    /// queued and returned, to be published again. One transaction. Blocking; call it
+    /// before the partition is read.
     pub fn reconcile(
         &self,
         partition: &PartitionId,
         log: &LoggedEntries,
         handled: &HashSet<Vec<u8>>,
-    ) -> Result<Vec<Unconfirmed>, StoreError> {
+    ) -> Result<Reconciled, StoreError> {
         let mut unconfirmed = Vec::new();
-        let mut batch = sled::Batch::default();
-        let mut changed = Vec::new();
-        for item in self.retry.iter() {
+        // Out of either tree; set-aside entries back into the queue; the log's in.
+        let mut dropped = Vec::new();
+        let mut back = Vec::new();
+        for (item, parked) in self.retry.iter().map(|i| (i, false)).chain(self.parked.iter().map(|i| (i, true))) {
             let (slot, value) = item?;
             let key = &slot[8..];
-            match log.get(key) {
-                Some(_) => {
-                    batch.remove(slot.as_ref());
-                    changed.push(slot.to_vec());
+            if log.contains_key(key) {
+                dropped.push(slot.to_vec());
+                continue;
+            }
+            let Some(Head { source: Some(source), logged }) = Head::of(&value) else { continue };
+            if source != *partition {
+                continue;
+            }
+            if logged && handled.contains(key) {
+                dropped.push(slot.to_vec());
+            } else {
+                let due_ms = Slot(slot.to_vec()).due_ms();
+                unconfirmed.push(Unconfirmed { key: key.to_vec(), due_ms, entry: value.to_vec() });
+                if parked {
+                    back.push((slot.to_vec(), value));
                 }
-                None => match Head::of(&value) {
-                    Some(Head { source: Some(source), logged }) if source == *partition => {
-                        if logged && handled.contains(key) {
-                            batch.remove(slot.as_ref());
-                            changed.push(slot.to_vec());
-                        } else {
-                            let due_ms = Slot(slot.to_vec()).due_ms();
-                            unconfirmed.push(Unconfirmed { key: key.to_vec(), due_ms, entry: value.to_vec() });
-                        }
-                    }
-                    _ => {}
-                },
             }
         }
+        let mut restored: Vec<(Vec<u8>, &[u8])> =
+            back.iter().map(|(slot, value)| (slot.clone(), value.as_ref())).collect();
         for (key, live) in log {
             if let Some((due_ms, value)) = live {
                 let mut slot = (due_ms.max(&0).to_owned() as u64).to_be_bytes().to_vec();
                 slot.extend_from_slice(key);
-                batch.insert(slot.as_slice(), value.as_slice());
-                changed.push(slot);
+                restored.push((slot, value.as_slice()));
             }
         }
-        self.retry.apply_batch(batch)?;
-        self.forget(changed.iter().map(Vec::as_slice));
-        Ok(unconfirmed)
+        let queued_change = (&self.retry, &self.parked)
+            .transaction(|(retry, parked)| {
+                let mut change = 0i64;
+                for slot in dropped.iter().chain(back.iter().map(|(slot, _)| slot)) {
+                    change -= i64::from(retry.remove(slot.as_slice())?.is_some());
+                    parked.remove(slot.as_slice())?;
+                }
+                for (slot, value) in &restored {
+                    change += i64::from(retry.insert(slot.as_slice(), *value)?.is_none());
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(change)
+            })
+            .map_err(store_error)?;
+        self.forget(dropped.iter().chain(restored.iter().map(|(slot, _)| slot)).map(Vec::as_slice));
+        Ok(Reconciled { unconfirmed, queued_change })
     }
 
     pub fn len(&self) -> usize {
@@ -541,6 +629,7 @@ mod tests {
             source: Some(PartitionId { topic: "cdr".into(), partition }),
             ..queued(call_id, "a@example.jp").0
         };
+        *node.owned.lock().unwrap() = vec![0, 1];
         queue.push(&of("c-0", 0), 1_000, 1).unwrap();
         queue.push(&of("c-1", 1), 2_000, 1).unwrap();
         let due = |queue: &RetryQueue| -> Vec<String> {
@@ -556,10 +645,63 @@ mod tests {
 
         // The entry at partition 0's slot taken out, and a mail of partition 1 queued at
         // the same due time and key (an entry written again otherwise).
+        *node.owned.lock().unwrap() = vec![0, 1];
         let (slot, _) = queue.push(&of("c-0", 0), 1_000, 1).unwrap();
         assert!(queue.remove(&slot).unwrap());
         queue.push(&of("c-0", 1), 1_000, 1).unwrap();
         *node.owned.lock().unwrap() = vec![1];
         assert_eq!(due(&queue), ["c-0", "c-1"]);
+    }
+
+    /// R-M4, docs/cluster.md: the queued mails of a partition given up are set aside, out
+    /// of the node's queue (its length, the retry loop's walk), and come back into it
+    /// with the partition: as its changelog has them, or as this store has them when the
+    /// changelog never confirmed them. One sent while aside does not come back.
+    #[test]
+    fn r_m4_the_mails_of_a_partition_given_up_are_set_aside_until_it_comes_back() {
+        let store = Store::temporary().unwrap();
+        let node = std::sync::Arc::new(Reads::default());
+        store.attach_partition_sink(node.clone());
+        let queue = RetryQueue::open(&store).unwrap();
+        let of = |call_id: &str, partition: i32| Queued {
+            source: Some(PartitionId { topic: "cdr".into(), partition }),
+            logged: true,
+            ..queued(call_id, "a@example.jp").0
+        };
+        let due = || -> Vec<String> {
+            queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect()
+        };
+        *node.owned.lock().unwrap() = vec![0, 1];
+        queue.push(&of("c-0", 0), 1_000, 1).unwrap();
+        let (tried, _) = queue.push(&of("c-1", 1), 2_000, 1).unwrap();
+        let (aside, _) = queue.push(&of("c-2", 1), 3_000, 1).unwrap();
+        assert_eq!(queue.len(), 3);
+
+        // Partition 1 given up while c-1 was being tried: its attempt ends after.
+        *node.owned.lock().unwrap() = vec![0];
+        assert_eq!(queue.park().unwrap(), 2);
+        assert_eq!((queue.len(), due()), (1, vec!["c-0".to_owned()]));
+        let tried = queue.reschedule(&tried, &of("c-1", 1), 2_500).unwrap();
+        assert_eq!(queue.len(), 1, "rescheduled aside");
+        let (_, added) = queue.push(&of("c-3", 1), 4_000, 1).unwrap();
+        assert!(!added, "a mail of partition 1 cut short by the revocation is queued aside");
+        assert_eq!(queue.len(), 1);
+        assert!(!queue.remove(&aside).unwrap(), "sent while aside: not in the queue");
+
+        // Partition 1 back: its changelog has c-1 (due later, as its last reader left
+        // it); c-3 never reached it.
+        let c1 = of("c-1", 1);
+        let log: LoggedEntries =
+            [(c1.sent_key().unwrap().as_bytes().to_vec(), Some((5_000, serde_json::to_vec(&c1).unwrap())))].into();
+        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
+        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
+        *node.owned.lock().unwrap() = vec![0, 1];
+        let unconfirmed: Vec<Vec<u8>> = reconciled.unconfirmed.into_iter().map(|u| u.key).collect();
+        assert_eq!(unconfirmed, [of("c-3", 1).sent_key().unwrap().as_bytes().to_vec()], "c-3 is published again");
+        assert!(!queue.remove(&tried).unwrap(), "the changelog's c-1 replaced this store's");
+        assert_eq!((reconciled.queued_change, queue.len()), (2, 3));
+        assert_eq!(due(), ["c-0", "c-3", "c-1"]);
+        assert_eq!(queue.next_due_ms().unwrap(), Some(1_000));
+        assert_eq!(queue.park().unwrap(), 0, "nothing of another partition left in the queue");
     }
 }

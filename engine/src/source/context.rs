@@ -47,6 +47,8 @@ pub struct SourceContext {
     pub(super) unread: crate::unread::Unread,
     /// The offsets taken for a commit, until the changelogs confirm their records.
     pub(super) pending: Mutex<Pending>,
+    /// Cancelled when the engine stops reading: a revocation after it is the stop's.
+    pub(super) reading: CancellationToken,
 }
 
 /// The thread's commit that waits for the partition changelogs, if any.
@@ -111,6 +113,11 @@ impl ConsumerContext for SourceContext {
             let mut tracker = self.tracker.lock().expect("tracker lock");
             revoked.iter().for_each(|tp| tracker.forget(tp));
             drop(tracker);
+            // Out of this node's queue. Not at a stop: its entries stay queued, and the
+            // next start sets aside those of the partitions it is not given.
+            if !self.reading.is_cancelled() {
+                self.changelog.set_aside(&self.store);
+            }
             let committed = self.commit_now(consumer);
             // Offsets of partitions no longer read are not this node's to commit.
             if let Some(held) = &mut self.pending.lock().expect("pending commit lock").held {

@@ -170,6 +170,7 @@ pub fn spawn(
             changelog: stages.changelog.clone(),
             unread: crate::unread::Unread::default(),
             pending: Mutex::default(),
+            reading: reading.clone(),
         };
         consumers.push((consumer(&options, context)?, tx));
     }

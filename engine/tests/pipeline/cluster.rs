@@ -296,6 +296,56 @@ async fn r_m4_mails_a_lost_node_had_queued_are_sent_by_the_next_reader_of_their_
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 10.0);
 }
 
+/// What an operator reads of the retry queue stays true when a partition moves: node A
+/// queues ten mails (its mail server answers 451), node B joins and takes one of the
+/// topic's two partitions with its queued mails, and once the server answers again
+/// every mail arrives once and neither node's `callnotify_retry_queue_mails` says a
+/// mail still waits. Before, node A kept counting (and walking at every turn of its
+/// retry loop) the mails it had given up with the partition, which B sent, and B's
+/// count went below zero as it sent mails it had restored (R-M4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_moved_partition_s_queued_mails_leave_the_queue_of_the_node_that_gave_it_up() {
+    let h = Harness::new(2).await;
+    let stores = ["a", "b"].map(|name| h.dir.path().join(name).display().to_string());
+    let env = |store: &str| {
+        [
+            ("CALLNOTIFY__STORE__PATH", store.to_owned()),
+            ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "500".to_owned()),
+            ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "500".to_owned()),
+        ]
+    };
+    let [env_a, env_b] = stores.map(|store| env(&store));
+    let a = h.engine_with(&env_a.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
+    let numbers: Vec<String> = (0..10).map(|i| format!("03100000{i:02}")).collect();
+    a.provision(&numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect::<Vec<_>>());
+    h.sink.fail_next(testkit::smtp::SmtpStage::RcptTo, 451, usize::MAX);
+    let cdrs: Vec<String> = numbers
+        .iter()
+        .map(|n| cdr(&format!("moved-queue-{n}"), n, Some("09011112222"), "allowed", "no_answer"))
+        .collect();
+    h.produce(TOPIC, &cdrs).await;
+    a.wait_metric("callnotify_retry_queue_mails", 10.0).await;
+
+    let b = h.engine_with(&env_b.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
+    // Three CDR topics and the fax topic, of two partitions: four each.
+    a.wait_partitions_shared(1, 4).await;
+    b.wait_partitions_shared(1, 4).await;
+    h.sink.fail_next(testkit::smtp::SmtpStage::RcptTo, 451, 0);
+    let mails = h.mails(10).await;
+    let queued = || [a.metric("callnotify_retry_queue_mails"), b.metric("callnotify_retry_queue_mails")];
+    testkit::wait::until(
+        WAIT,
+        || format!("still counted as queued on A and B: {:?}", queued()),
+        || queued() == [0.0; 2],
+    )
+    .await;
+    let (a, b) = (a.stop().await, b.stop().await);
+    let sent = |s: &Stopped| s.metric("callnotify_mails_sent_total");
+    assert!(sent(&b) > 0.0, "node B sent the mails of the partition it took: A {}, B {}", sent(&a), sent(&b));
+    assert_eq!(sent(&a) + sent(&b), 10.0, "each mail once");
+    assert_eq!(mails.len(), 10);
+}
+
 /// An owner that dies after carrying out a batch on its own store but before the state
 /// topic confirmed it leaves its store marked: at the next start that store is rebuilt
 /// from the topic, so a write the cluster never got does not linger on one node (R-L3).
