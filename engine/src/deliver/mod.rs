@@ -120,7 +120,13 @@ impl Deliverer {
         let queue = RetryQueue::open(store)?;
         // Entries of partitions not read yet wait aside for their reader: this node's
         // queue once their partitions are assigned to it (`PartitionLog::restore`).
-        queue.park()?;
+        let aside = queue.park()?;
+        if aside > 0 {
+            tracing::info!(
+                mails = aside,
+                "mails queued before the start set aside until their partitions are assigned here"
+            );
+        }
         metrics.retry_queue(queue.len());
         let inner = Inner {
             transport,

@@ -603,7 +603,6 @@ mod tests {
     }
 
     /// A node that reads the partitions in `owned` (changed by a rebalance).
-    #[derive(Default)]
     struct Reads {
         owned: std::sync::Mutex<Vec<i32>>,
     }
@@ -617,19 +616,26 @@ mod tests {
         }
     }
 
+    /// The queue in the store of a node that reads partitions 0 and 1 of topic `cdr`
+    /// for now.
+    fn queue_of_a_node() -> (Store, RetryQueue, std::sync::Arc<Reads>) {
+        let store = Store::temporary().unwrap();
+        let node = std::sync::Arc::new(Reads { owned: std::sync::Mutex::new(vec![0, 1]) });
+        store.attach_partition_sink(node.clone());
+        let queue = RetryQueue::open(&store).unwrap();
+        (store, queue, node)
+    }
+
+    /// A mail of a call read from `partition` of topic `cdr`.
+    fn of(call_id: &str, partition: i32) -> Queued {
+        Queued { source: Some(PartitionId { topic: "cdr".into(), partition }), ..queued(call_id, "a@example.jp").0 }
+    }
+
     /// R-M4, docs/cluster.md: a node sends the queued mails of the CDR partitions it
     /// reads now, however often it looked at the queue before a rebalance.
     #[test]
     fn r_m4_after_a_rebalance_the_queue_gives_the_mails_of_the_partitions_read_now() {
-        let store = Store::temporary().unwrap();
-        let node = std::sync::Arc::new(Reads::default());
-        store.attach_partition_sink(node.clone());
-        let queue = RetryQueue::open(&store).unwrap();
-        let of = |call_id: &str, partition: i32| Queued {
-            source: Some(PartitionId { topic: "cdr".into(), partition }),
-            ..queued(call_id, "a@example.jp").0
-        };
-        *node.owned.lock().unwrap() = vec![0, 1];
+        let (_store, queue, node) = queue_of_a_node();
         queue.push(&of("c-0", 0), 1_000, 1).unwrap();
         queue.push(&of("c-1", 1), 2_000, 1).unwrap();
         let due = |queue: &RetryQueue| -> Vec<String> {
@@ -659,19 +665,10 @@ mod tests {
     /// changelog never confirmed them. One sent while aside does not come back.
     #[test]
     fn r_m4_the_mails_of_a_partition_given_up_are_set_aside_until_it_comes_back() {
-        let store = Store::temporary().unwrap();
-        let node = std::sync::Arc::new(Reads::default());
-        store.attach_partition_sink(node.clone());
-        let queue = RetryQueue::open(&store).unwrap();
-        let of = |call_id: &str, partition: i32| Queued {
-            source: Some(PartitionId { topic: "cdr".into(), partition }),
-            logged: true,
-            ..queued(call_id, "a@example.jp").0
-        };
+        let (_store, queue, node) = queue_of_a_node();
         let due = || -> Vec<String> {
             queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect()
         };
-        *node.owned.lock().unwrap() = vec![0, 1];
         queue.push(&of("c-0", 0), 1_000, 1).unwrap();
         let (tried, _) = queue.push(&of("c-1", 1), 2_000, 1).unwrap();
         let (aside, _) = queue.push(&of("c-2", 1), 3_000, 1).unwrap();
@@ -690,7 +687,7 @@ mod tests {
 
         // Partition 1 back: its changelog has c-1 (due later, as its last reader left
         // it); c-3 never reached it.
-        let c1 = of("c-1", 1);
+        let c1 = Queued { logged: true, ..of("c-1", 1) };
         let log: LoggedEntries =
             [(c1.sent_key().unwrap().as_bytes().to_vec(), Some((5_000, serde_json::to_vec(&c1).unwrap())))].into();
         let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
