@@ -92,7 +92,9 @@ impl ClientContext for SourceContext {
         self.unread.note(&stats, Instant::now());
         for (name, topic) in &stats.topics {
             for (id, p) in &topic.partitions {
-                if *id >= 0 && p.consumer_lag >= 0 {
+                // The partitions assigned to this consumer only: librdkafka goes on
+                // reporting a lag for one it gave up, from where it stopped reading.
+                if *id >= 0 && p.desired && p.consumer_lag >= 0 {
                     self.metrics.consumer_lag(name, *id, p.consumer_lag);
                 }
             }
@@ -106,6 +108,10 @@ impl ConsumerContext for SourceContext {
             let revoked: HashSet<(usize, i32)> =
                 tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
+            // Their lag is their next reader's to report.
+            for e in tpl.elements() {
+                self.metrics.consumer_lag(e.topic(), e.partition(), 0);
+            }
             // Their retries are the next reader's from now on: mails queued below are
             // not tried here again.
             self.changelog.disown(&partitions(tpl));

@@ -346,6 +346,54 @@ async fn r_m4_a_moved_partition_s_queued_mails_leave_the_queue_of_the_node_that_
     assert_eq!(mails.len(), 10);
 }
 
+/// An operator's lag gauges follow the partitions: node A (one mail a second, two CDRs
+/// in flight) falls behind on both partitions of the topic; node B joins and takes one.
+/// Node A then reports no lag for the partition it gave up. Before, it kept reporting the
+/// lag it had at the revocation for as long as it ran: `CallnotifyConsumerLagGrowing`
+/// summed it, and a node left without partitions paged `CallnotifyNotConsuming` (lag,
+/// nothing read) with nothing wrong (R-N1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_a_node_reports_no_lag_for_a_partition_it_gave_up() {
+    let h = Harness::new(2).await;
+    let store = h.dir.path().join("a").display().to_string();
+    let a = h
+        .engine_with(&[
+            ("CALLNOTIFY__STORE__PATH", &store),
+            ("CALLNOTIFY__SMTP__RATE_PER_SECOND", "1"),
+            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "2"),
+            ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2"),
+        ])
+        .await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let cdrs: Vec<String> =
+        (0..40).map(|i| cdr(&format!("lag-{i}"), "0312345678", Some("09011112222"), "allowed", "no_answer")).collect();
+    h.produce(TOPIC, &cdrs).await;
+    let series =
+        |partition: i32| format!(r#"callnotify_consumer_lag_messages{{topic="{TOPIC}",partition="{partition}"}}"#);
+    let lag = |node: &TestEngine, partition: i32| node.metric(&series(partition));
+    testkit::wait::until(
+        WAIT,
+        || format!("node A never fell behind on both partitions: {} and {}", lag(&a, 0), lag(&a, 1)),
+        || lag(&a, 0) > 0.0 && lag(&a, 1) > 0.0,
+    )
+    .await;
+
+    let b = h.node("b").await;
+    a.wait_partitions_shared(1, 4).await;
+    b.wait_partitions_shared(1, 4).await;
+    let reads = |partition: i32| b.shows(&series(partition));
+    testkit::wait::until(WAIT, || "node B never reported its partition's lag".into(), || reads(0) || reads(1)).await;
+    let moved = if reads(0) { 0 } else { 1 };
+    testkit::wait::until(
+        WAIT,
+        || format!("node A still reports {} CDRs of lag on partition {moved}, which node B reads", lag(&a, moved)),
+        || lag(&a, moved) == 0.0,
+    )
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
 /// An owner that dies after carrying out a batch on its own store but before the state
 /// topic confirmed it leaves its store marked: at the next start that store is rebuilt
 /// from the topic, so a write the cluster never got does not linger on one node (R-L3).

@@ -182,9 +182,14 @@ impl TestEngine {
         metric(&self.metrics, series)
     }
 
-    /// Waits until the metrics show `series` at all (`metric` reads a missing one as 0).
+    /// Whether the metrics show `series` at all (`metric` reads a missing one as 0).
+    pub fn shows(&self, series: &str) -> bool {
+        self.metrics.value(series).is_some()
+    }
+
+    /// Waits until the metrics show `series` at all.
     pub async fn wait_shown(&self, series: &str) {
-        self.wait_until(|| format!("{series} never shown"), || self.metrics.value(series).is_some()).await;
+        self.wait_until(|| format!("{series} never shown"), || self.shows(series)).await;
     }
 
     /// Waits until a metric series reaches `value`: the engine's own account of having
