@@ -346,6 +346,8 @@ impl StateLog {
         let position = store.state_position()?;
         let end = end.max(position);
         progress.set(position);
+        // What the store has applied already: the operator compares it across nodes.
+        metrics.state_applied(position);
         let started = Instant::now();
         let applier = Applier {
             store: store.clone(),

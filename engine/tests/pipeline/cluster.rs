@@ -239,6 +239,24 @@ async fn r_l3_a_store_started_again_on_an_empty_state_topic_keeps_its_subscriber
     fresh.stop().await;
 }
 
+/// How far each node has applied the subscriber state (the dashboard's Cluster row, the
+/// alert on a node left behind): a node started again on its store reports the position
+/// it has from its start. It reported 0 until the next record reached it, so a node
+/// restarted in a quiet hour looked as if it had applied nothing (R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_node_started_again_reports_the_state_it_has_applied_from_its_start() {
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let applied = a.metric("callnotify_state_applied_offset");
+    assert!(applied > 0.0, "the provisioning's records applied");
+    a.stop().await;
+    let again = h.node("a").await;
+    let reported = again.metric("callnotify_state_applied_offset");
+    again.stop().await;
+    assert!(reported >= applied, "reported {reported} at its start, with {applied} applied before its stop");
+}
+
 /// Sent records follow their partition: node A notifies 20 calls and leaves; node B,
 /// on an empty store and in a group of its own (as if an operator had rewound the
 /// group), reads every CDR again. It restored A's sent
