@@ -14,7 +14,9 @@ bash scripts/setup.sh
 bash scripts/kafka.sh fetch
 
 dir=$(mktemp -d "${TMPDIR:-/tmp}/callnotify-kafka.XXXXXX")
-trap 'bash scripts/kafka.sh stop --dir "$dir" >/dev/null 2>&1 || true' EXIT
+# Its data and logs are removed after a passing run and kept after a failing one.
+trap 'rc=$?; bash scripts/kafka.sh stop --dir "$dir" >/dev/null 2>&1 || true
+  if [ "$rc" -eq 0 ]; then rm -rf "$dir"; else echo "integration: Kafka'"'"'s logs are kept in $dir"; fi' EXIT
 bash scripts/kafka.sh start --dir "$dir" --nodes 1
 echo "integration: Apache Kafka on $(cat "$dir/bootstrap") (logs in $dir)"
 

@@ -87,7 +87,8 @@ pub struct Common {
     /// Where the report (JSON, Markdown, SVG) is written.
     #[arg(long, default_value = "loadtest-report")]
     out: PathBuf,
-    /// Work directory for the engine's store and log (default: a fresh temporary one).
+    /// Work directory for the engine's store and log (default: a fresh temporary one,
+    /// removed after a run that succeeds).
     #[arg(long)]
     workdir: Option<PathBuf>,
     /// Where the engine serves `/metrics` (loopback only; default: a free port), for a
@@ -230,7 +231,7 @@ impl Common {
     fn workdir(&self) -> anyhow::Result<PathBuf> {
         let dir = match &self.workdir {
             Some(d) => d.clone(),
-            None => std::env::temp_dir().join(format!("callnotify-loadtest-{}", std::process::id())),
+            None => default_workdir(),
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(dir)
@@ -273,6 +274,12 @@ async fn stop_signal() -> &'static str {
     }
 }
 
+/// The work directory of a run not given `--workdir`: removed once the run succeeds,
+/// kept (and named) when it fails, for the engine's log.
+fn default_workdir() -> PathBuf {
+    std::env::temp_dir().join(format!("callnotify-loadtest-{}", std::process::id()))
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
@@ -298,10 +305,21 @@ fn main() -> std::process::ExitCode {
             }
         }
     });
+    let workdir = default_workdir();
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => {
+            if workdir.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&workdir) {
+                    eprintln!("the run's work directory {} is left: {e}", workdir.display());
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
+            if workdir.exists() {
+                eprintln!("the engine's log and store are kept in {}", workdir.display());
+            }
             std::process::ExitCode::FAILURE
         }
     }
