@@ -651,7 +651,9 @@ fn refused_at_start_for_a_missing_topic(spec: &EngineSpec, missing: &str, key: &
 #[test]
 #[ignore = "integration: bash scripts/integration.sh"]
 fn serve_with_a_missing_cdr_topic_exits_at_start_naming_the_topic_and_kafka_topics() {
-    let spec = EngineSpec { topic: "it-no-such-cdr-topic".into(), ..setup("missing-cdr", 1, &[]).1 };
+    // The work directory is kept to the end (the engine makes its store there), then removed.
+    let (_sink, spec, _dir) = setup("missing-cdr", 1, &[]);
+    let spec = EngineSpec { topic: "it-no-such-cdr-topic".into(), ..spec };
     block_on(create_topics(&spec.brokers, &[(&dead_letter_topic(&spec.topic), 1)]));
     refused_at_start_for_a_missing_topic(&spec, &spec.topic, "kafka.topics");
 }
@@ -659,7 +661,8 @@ fn serve_with_a_missing_cdr_topic_exits_at_start_naming_the_topic_and_kafka_topi
 #[test]
 #[ignore = "integration: bash scripts/integration.sh"]
 fn serve_with_a_missing_dead_letter_topic_exits_at_start_naming_the_topic_and_its_key() {
-    let spec = EngineSpec { topic: "it-no-dead-letters".into(), ..setup("missing-dl", 1, &[]).1 };
+    let (_sink, spec, _dir) = setup("missing-dl", 1, &[]);
+    let spec = EngineSpec { topic: "it-no-dead-letters".into(), ..spec };
     block_on(create_topics(&spec.brokers, &[(&spec.topic, 1)]));
     refused_at_start_for_a_missing_topic(&spec, &dead_letter_topic(&spec.topic), "kafka.dead_letter_topic");
 }
