@@ -207,7 +207,13 @@ impl Application {
 
         let from = settings.smtp.from.parse().context("smtp.from")?;
         let renderer = Renderer::new(from).with_site(&settings.admin.public_url);
-        let deliverer = Deliverer::new(&settings.smtp, &store, metrics.clone(), dead_letters.clone())?;
+        // Opening the retry queue walks it in the store (its count, the entries set
+        // aside, the last minute's recipients): store work, off the runtime's workers.
+        let deliverer = {
+            let (smtp, store, metrics, dead_letters) =
+                (settings.smtp.clone(), store.clone(), metrics.clone(), dead_letters.clone());
+            tokio::task::spawn_blocking(move || Deliverer::new(&smtp, &store, metrics, dead_letters)).await??
+        };
         let reading = shutdown.child_token();
         let tasks = TaskTracker::new();
         // Retries under way at shutdown get the same time as first attempts.

@@ -107,6 +107,9 @@ pub enum DeliverError {
 }
 
 impl Deliverer {
+    /// Opens the retry queue and takes up flood control from the store: walks of the
+    /// store, so call it where blocking is allowed (`spawn_blocking`), within a tokio
+    /// runtime (it spawns the task that forgets idle recipients).
     pub fn new(
         settings: &SmtpSettings,
         store: &Store,

@@ -15,8 +15,15 @@ fn n(s: &str) -> PhoneNumber {
 impl Harness {
     /// A node of the cluster: its own store under `name`, the harness's group.
     pub async fn node(&self, name: &str) -> TestEngine {
+        self.node_with(name, &[]).await
+    }
+
+    /// A node of the cluster with more settings (`CALLNOTIFY__…` variables).
+    pub async fn node_with(&self, name: &str, extra: &[(&str, &str)]) -> TestEngine {
         let path = self.dir.path().join(name).display().to_string();
-        self.engine_with(&[("CALLNOTIFY__STORE__PATH", &path)]).await
+        let mut env = vec![("CALLNOTIFY__STORE__PATH", path.as_str())];
+        env.extend_from_slice(extra);
+        self.engine_with(&env).await
     }
 }
 
@@ -274,8 +281,7 @@ async fn r_m4_a_partition_s_next_reader_knows_the_mails_its_last_reader_sent() {
     h.mails(20).await;
     a.stop().await;
 
-    let path = h.dir.path().join("b").display().to_string();
-    let b = h.engine_with(&[("CALLNOTIFY__STORE__PATH", &path), ("CALLNOTIFY__KAFKA__GROUP_ID", "rewound")]).await;
+    let b = h.node_with("b", &[("CALLNOTIFY__KAFKA__GROUP_ID", "rewound")]).await;
     let mails = h.mails_after_control_call(&b, 21).await;
     let stopped = b.stop().await;
     assert_eq!(mails.len(), 21, "the control call only: {}", mails.len());
@@ -289,12 +295,8 @@ async fn r_m4_a_partition_s_next_reader_knows_the_mails_its_last_reader_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_m4_mails_a_lost_node_had_queued_are_sent_by_the_next_reader_of_their_partitions() {
     let h = Harness::new(2).await;
-    let slow = [
-        ("CALLNOTIFY__STORE__PATH", h.dir.path().join("a").display().to_string()),
-        ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "3000".to_owned()),
-        ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "3000".to_owned()),
-    ];
-    let a = h.engine_with(&slow.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
+    let slow = [("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "3000"), ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "3000")];
+    let a = h.node_with("a", &slow).await;
     let numbers: Vec<String> = (0..10).map(|i| format!("03100000{i:02}")).collect();
     a.provision(&numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect::<Vec<_>>());
     h.sink.fail_next(testkit::smtp::SmtpStage::RcptTo, 451, 10);
@@ -324,16 +326,8 @@ async fn r_m4_mails_a_lost_node_had_queued_are_sent_by_the_next_reader_of_their_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_m4_a_moved_partition_s_queued_mails_leave_the_queue_of_the_node_that_gave_it_up() {
     let h = Harness::new(2).await;
-    let stores = ["a", "b"].map(|name| h.dir.path().join(name).display().to_string());
-    let env = |store: &str| {
-        [
-            ("CALLNOTIFY__STORE__PATH", store.to_owned()),
-            ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "500".to_owned()),
-            ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "500".to_owned()),
-        ]
-    };
-    let [env_a, env_b] = stores.map(|store| env(&store));
-    let a = h.engine_with(&env_a.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
+    let retries = [("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "500"), ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "500")];
+    let a = h.node_with("a", &retries).await;
     let numbers: Vec<String> = (0..10).map(|i| format!("03100000{i:02}")).collect();
     a.provision(&numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect::<Vec<_>>());
     h.sink.fail_next(testkit::smtp::SmtpStage::RcptTo, 451, usize::MAX);
@@ -344,7 +338,7 @@ async fn r_m4_a_moved_partition_s_queued_mails_leave_the_queue_of_the_node_that_
     h.produce(TOPIC, &cdrs).await;
     a.wait_metric("callnotify_retry_queue_mails", 10.0).await;
 
-    let b = h.engine_with(&env_b.iter().map(|(k, v)| (*k, v.as_str())).collect::<Vec<_>>()).await;
+    let b = h.node_with("b", &retries).await;
     // Three CDR topics and the fax topic, of two partitions: four each.
     a.wait_partitions_shared(1, 4).await;
     b.wait_partitions_shared(1, 4).await;
@@ -373,14 +367,15 @@ async fn r_m4_a_moved_partition_s_queued_mails_leave_the_queue_of_the_node_that_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_n1_a_node_reports_no_lag_for_a_partition_it_gave_up() {
     let h = Harness::new(2).await;
-    let store = h.dir.path().join("a").display().to_string();
     let a = h
-        .engine_with(&[
-            ("CALLNOTIFY__STORE__PATH", &store),
-            ("CALLNOTIFY__SMTP__RATE_PER_SECOND", "1"),
-            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "2"),
-            ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2"),
-        ])
+        .node_with(
+            "a",
+            &[
+                ("CALLNOTIFY__SMTP__RATE_PER_SECOND", "1"),
+                ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "2"),
+                ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2"),
+            ],
+        )
         .await;
     a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
     let cdrs: Vec<String> =
