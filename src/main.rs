@@ -41,7 +41,8 @@ enum Command {
     Demo,
     /// Play the temporary-password phone line (IVR) in this terminal, as a call from
     /// `--caller`: prompts are printed, keys are typed one entry per line. Run it while
-    /// `serve` is stopped (it opens the store).
+    /// `serve` is stopped (it opens the store), on a single-node store: a cluster's
+    /// calls go to a running node's IVR API.
     Ivr {
         /// The calling number (caller ID), e.g. 0312345678.
         #[arg(long)]
@@ -188,7 +189,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Ivr { caller } => {
-            let store = open_store(&Settings::load(file)?)?;
+            let settings = Settings::load(file)?;
+            let store = open_own_store(&settings, |topic| {
+                format!(
+                    "the store at {} is a node's view of state topic {topic:?}: a temporary password set here would \
+                     reach no other node and be overwritten. Call the IVR API of a running node: POST \
+                     http://NODE:{}/ivr/calls (docs/ivr.md)",
+                    settings.store.path.display(),
+                    settings.admin.ivr_listen.port()
+                )
+            })?;
             let credentials = admin::credentials::Credentials::open(&store)?;
             let ivr = admin::ivr::Ivr::new(store, credentials, admin::clock::SystemClock::shared());
             admin::ivr::terminal::run(&ivr, &caller, std::io::stdin().lock(), std::io::stdout())?;
@@ -268,6 +278,18 @@ fn open_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
     })
 }
 
+/// The store, for a command that writes to it while `serve` is stopped: refused, with
+/// `refusal(topic)`, if it is a node's view of a cluster's state topic. A store of its own
+/// or the embedded cluster's view is the truth between runs (the next `serve` publishes
+/// it into the embedded cluster again).
+fn open_own_store(settings: &Settings, refusal: impl FnOnce(&str) -> String) -> anyhow::Result<engine::store::Store> {
+    let store = open_store(settings)?;
+    match store.shared_view_of()? {
+        Some(topic) => Err(anyhow::anyhow!(refusal(&topic))),
+        None => Ok(store),
+    }
+}
+
 fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&str>) -> anyhow::Result<ExitCode> {
     let (report, cut_short) = match url {
         Some(url) => {
@@ -295,17 +317,16 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
             (report, r.error)
         }
         None => {
-            let store = open_store(settings)?;
-            if let Some(topic) = store.state_topic()? {
-                anyhow::bail!(
+            let store = open_own_store(settings, |topic| {
+                format!(
                     "the store at {} is a node's view of state topic {topic:?}: a line imported here would reach no \
                      other node and be overwritten. Import through a running node: provision import {} --url \
                      http://NODE:{}",
                     settings.store.path.display(),
                     file.display(),
                     settings.metrics.listen.port()
-                );
-            }
+                )
+            })?;
             // Streamed: an import of millions of lines never sits in memory whole.
             let report = if file.as_os_str() == "-" {
                 engine::provision::import(&store, std::io::stdin().lock())?

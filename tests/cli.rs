@@ -273,21 +273,89 @@ fn r_i2_r_i7_the_terminal_ivr_sets_a_temporary_password_for_the_line() {
     std::fs::write(&file, line(0)).unwrap();
     assert!(callnotify(&store).args(["provision", "import"]).arg(&file).status().unwrap().success());
 
-    let mut child = callnotify(&store)
-        .args(["ivr", "--caller", "0300000000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"1\n12345678\n12345678\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let (exit, text, errors) = terminal_ivr(&store, "0300000000");
+    assert!(exit.success(), "{text}{errors}");
     assert!(text.contains("[DONE] 0300000000番の仮パスワードの設定が完了しました。"), "{text}");
 
     let store = Store::open(&store).unwrap();
     let line = store.line(&engine::phone::PhoneNumber::parse("0300000000").unwrap()).unwrap().unwrap();
     assert_eq!(line.unit, Some(engine::store::AuthUnit::Line), "R-I7: the line takes the chosen unit");
+}
+
+/// The terminal IVR's call from `caller` keying a line-unit temporary password
+/// (R-I2): its exit and its prompts.
+fn terminal_ivr(store: &Path, caller: &str) -> (ExitStatus, String, String) {
+    let mut child = callnotify(store)
+        .args(["ivr", "--caller", caller])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"1\n12345678\n12345678\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// R-L3, R-I2: a single-node engine on the embedded cluster (the default) keeps its
+/// store as the truth between runs, so after a `serve` the bulk import and the terminal
+/// IVR, both run with `serve` stopped, still write it (the next `serve` publishes it into
+/// the embedded cluster again). Both were refused as if the store were a cluster node's
+/// view: "a line imported here would reach no other node".
+#[test]
+fn r_l3_r_i2_a_single_node_store_takes_the_offline_import_and_the_terminal_ivr_after_a_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Running::start(&mut serve_in(dir.path()));
+    serve.read_log_until(|l| l.contains("IVR API listening"));
+    let (exit, rest) = serve.stop("TERM");
+    assert!(exit.success(), "{rest:#?}");
+
+    let store = dir.path().join("store");
+    let file = dir.path().join("line.jsonl");
+    std::fs::write(&file, line(0)).unwrap();
+    let out = callnotify(&store).args(["provision", "import"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (exit, prompts, errors) = terminal_ivr(&store, "0300000000");
+    assert!(exit.success(), "{prompts}{errors}");
+    assert!(prompts.contains("[DONE] 0300000000番の仮パスワードの設定が完了しました。"), "{prompts}");
+
+    let store = Store::open(&store).unwrap();
+    let number = engine::phone::PhoneNumber::parse("0300000000").unwrap();
+    assert!(store.line(&number).unwrap().is_some(), "the line imported");
+    assert!(store.credential(&number).unwrap().is_some(), "the temporary password set");
+}
+
+/// R-L3, R-I2: a cluster node's store (a view of the state topic, with its node
+/// stopped) refuses the terminal IVR, as it refuses an import without `--url`: a
+/// temporary password set in it would reach no other node, and the view would differ
+/// from the topic. Each refusal names what to use instead. The terminal IVR set it.
+#[test]
+fn r_l3_r_i2_a_cluster_node_s_store_refuses_the_offline_import_and_the_terminal_ivr() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let file = dir.path().join("line.jsonl");
+    std::fs::write(&file, line(0)).unwrap();
+    assert!(callnotify(&store).args(["provision", "import"]).arg(&file).status().unwrap().success());
+    // What a node's start in a cluster leaves (docs/cluster.md, "A node's start").
+    Store::open(&store).unwrap().set_state_topic("callnotify-state", false).unwrap();
+
+    let (exit, prompts, errors) = terminal_ivr(&store, "0300000000");
+    assert!(!exit.success(), "{prompts}");
+    assert!(
+        errors.contains(r#"is a node's view of state topic "callnotify-state""#)
+            && errors.contains("POST http://NODE:8081/ivr/calls"),
+        "{errors}"
+    );
+    let again = dir.path().join("again.jsonl");
+    std::fs::write(&again, line(1)).unwrap();
+    let out = callnotify(&store).args(["provision", "import"]).arg(&again).output().unwrap();
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && errors.contains("--url http://NODE:9187"), "{errors}");
+
+    let store = Store::open(&store).unwrap();
+    let number = |n| engine::phone::PhoneNumber::parse(n).unwrap();
+    assert!(store.credential(&number("0300000000")).unwrap().is_none(), "no temporary password set");
+    assert!(store.line(&number("0300000002")).unwrap().is_none(), "no line imported");
 }
 
 /// R-L3, R-S3: `provision export` then `provision import` into an empty store carries

@@ -149,6 +149,7 @@ impl Application {
             kafka.group_id.clone(),
         );
         let changelog_topics = (kafka.sent_topic.clone(), kafka.retry_topic.clone());
+        let embedded_state = embedded.is_some();
         let (errors, failed) = (metrics.clone(), shutdown.clone());
         let (store, resolver, state, changelog) = tokio::task::spawn_blocking(move || {
             let store = Store::open_with_cache(&path, cache).with_context(|| {
@@ -162,7 +163,7 @@ impl Application {
             store.report_errors_to(errors.clone());
             let (brokers, properties, topic, requests, group_id) = &state_options;
             let reach = crate::cluster::Reach { brokers, properties, group_id };
-            let options = StateOptions { reach, topic, requests };
+            let options = StateOptions { reach, topic, requests, embedded: embedded_state };
             let state = StateLog::start(&store, &options, errors.clone(), failed)
                 .context("joining the shared subscriber state")?;
             let (sent_topic, retry_topic) = &changelog_topics;

@@ -98,6 +98,9 @@ pub struct StateOptions<'a> {
     pub topic: &'a str,
     /// The owner's request topic (`kafka.state_requests_topic`).
     pub requests: &'a str,
+    /// Whether the topics live in the embedded cluster (`kafka.brokers` empty), which
+    /// ends with this process: the store stays the truth between runs.
+    pub embedded: bool,
 }
 
 /// A request record: the ops of one caller, in order.
@@ -336,7 +339,7 @@ impl StateLog {
                 options.topic
             );
         }
-        store.set_state_topic(options.topic)?;
+        store.set_state_topic(options.topic, options.embedded)?;
 
         let progress = Arc::new(Progress::default());
         let waiters = Arc::new(Waiters::default());

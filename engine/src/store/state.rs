@@ -389,6 +389,9 @@ const POSITION: &[u8] = b"position";
 const ANSWERED: &str = "answered/";
 /// The state topic this store is a view of, once it has been attached to one.
 const TOPIC: &[u8] = b"topic";
+/// Set when [`TOPIC`] lives in the embedded cluster, which ends with its process: the
+/// store is then its own truth between runs (the next start publishes it again).
+const EMBEDDED: &[u8] = b"topic_embedded";
 /// The owner epoch in force at [`POSITION`]: the offset of the last owner's
 /// announcement read (i64, big-endian; `crate::state` fences by it).
 const EPOCH: &[u8] = b"owner_epoch";
@@ -745,9 +748,26 @@ impl Store {
         Ok(self.meta()?.get(TOPIC)?.map(|raw| String::from_utf8_lossy(&raw).into_owned()))
     }
 
-    /// Marks this store as the view of `topic`.
-    pub fn set_state_topic(&self, topic: &str) -> Result<(), StoreError> {
-        self.meta()?.insert(TOPIC, topic.as_bytes())?;
+    /// The state topic this store is a node's view of, on a cluster that outlives the
+    /// node: a write made to the store alone (with the node stopped) would reach no
+    /// other node and be overwritten. None for a store of its own, or the view of the
+    /// embedded cluster's topic, which the store's next start fills from it again.
+    pub fn shared_view_of(&self) -> Result<Option<String>, StoreError> {
+        if self.meta()?.contains_key(EMBEDDED)? {
+            return Ok(None);
+        }
+        self.state_topic()
+    }
+
+    /// Marks this store as the view of `topic`, in the embedded cluster or not.
+    pub fn set_state_topic(&self, topic: &str, embedded: bool) -> Result<(), StoreError> {
+        let meta = self.meta()?;
+        meta.insert(TOPIC, topic.as_bytes())?;
+        if embedded {
+            meta.insert(EMBEDDED, &[1])?;
+        } else {
+            meta.remove(EMBEDDED)?;
+        }
         Ok(())
     }
 
