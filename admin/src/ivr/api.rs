@@ -142,8 +142,13 @@ async fn start_call(
     let Json(request) = body?;
     let now = state.ivr.clock.now();
     state.sweep(now);
-    // Two small sled reads; not worth a blocking thread.
-    let (call, step) = Call::start(&state.ivr, &request.caller).inspect_err(|e| {
+    // Two small sled reads, and for a caller this node does not show, an exchange with
+    // the state owner before the refusal (`Call::start`): on a blocking thread.
+    let ivr = state.ivr.clone();
+    let started = tokio::task::spawn_blocking(move || Call::start(&ivr, &request.caller))
+        .await
+        .map_err(|e| IvrError::Store(e.into()))?;
+    let (call, step) = started.inspect_err(|e| {
         if matches!(e, IvrError::NoCallerId | IvrError::NotProvisioned(_)) {
             state.metrics.ivr_call(IvrCall::Refused);
         }

@@ -23,7 +23,7 @@
 use std::fmt;
 
 use engine::phone::PhoneNumber;
-use engine::store::{AuthUnit, StoreError};
+use engine::store::{AuthUnit, Store, StoreError};
 
 use super::prompt::{Prompt, PromptId};
 use super::Ivr;
@@ -137,19 +137,34 @@ pub struct Call {
     invalid_entries: u32,
 }
 
+/// The contract number of the provisioned line `caller` is a number of, as `store` shows
+/// it (R-I1).
+fn line_of(store: &Store, caller: &PhoneNumber) -> Result<Option<PhoneNumber>, IvrError> {
+    let Some(record) = store.number(caller)? else { return Ok(None) };
+    let line = store.line(&record.contract)?;
+    Ok(line.is_some_and(|line| line.numbers.contains(caller)).then_some(record.contract))
+}
+
 impl Call {
     /// Answers a call from `caller` (the caller ID as the platform sends it; `+81…` and
     /// hyphens are normalised) with SELECT_UNIT, or refuses it when the number is not
     /// one of a provisioned line's (R-I1).
+    ///
+    /// A caller this node's view does not show is looked up again once the view shows
+    /// every write made before the call, through any node ([`Store::sync_view`]): a line
+    /// provisioned through another node a moment ago is answered, not refused. So the
+    /// refusal may wait for one exchange with the state owner: call it where blocking is
+    /// allowed.
     pub fn start(ivr: &Ivr, caller: &str) -> Result<(Self, Step), IvrError> {
         let caller = PhoneNumber::from_caller(caller).ok_or(IvrError::NoCallerId)?;
-        let record = ivr.store.number(&caller)?.ok_or(IvrError::NotProvisioned(caller))?;
-        let line = ivr.store.line(&record.contract)?;
-        if !line.is_some_and(|line| line.numbers.contains(&caller)) {
-            return Err(IvrError::NotProvisioned(caller));
-        }
-        let call =
-            Self { ivr: ivr.clone(), caller, contract: record.contract, state: State::SelectUnit, invalid_entries: 0 };
+        let contract = match line_of(&ivr.store, &caller)? {
+            Some(contract) => contract,
+            None => {
+                ivr.store.sync_view()?;
+                line_of(&ivr.store, &caller)?.ok_or(IvrError::NotProvisioned(caller))?
+            }
+        };
+        let call = Self { ivr: ivr.clone(), caller, contract, state: State::SelectUnit, invalid_entries: 0 };
         tracing::info!(%caller, contract = %call.contract, "temporary-password call answered");
         Ok((call, Step::ask(Prompt::new(PromptId::SelectUnit))))
     }

@@ -1,7 +1,8 @@
 //! The IVR flow, rule by rule (R-I1..R-I8).
 
 use chrono::Duration;
-use engine::store::AuthUnit;
+use engine::store::state::Op;
+use engine::store::{AuthUnit, Store};
 
 use super::*;
 use crate::clock::Clock;
@@ -54,6 +55,52 @@ fn r_i1_other_callers_are_refused() {
         assert!(matches!(err, IvrError::NoCallerId), "{withheld:?}: {err:?}");
         assert!(err.is_refusal());
     }
+}
+
+/// A node's view of the shared state that has not yet applied a write another node
+/// made: it applies it before the answer to this node's next write, as the state
+/// topic's order has it (docs/cluster.md).
+struct Lagging {
+    view: Store,
+    elsewhere: std::sync::Mutex<Vec<Op>>,
+}
+
+impl engine::store::state::StateWriter for Lagging {
+    fn send(self: std::sync::Arc<Self>, ops: Vec<Op>) -> engine::store::state::Answers {
+        for op in self.elsewhere.lock().unwrap().drain(..) {
+            self.view.execute(&op).unwrap();
+        }
+        let answers: Vec<_> = ops.iter().map(|op| self.view.execute(op).map(|(reply, _)| reply)).collect();
+        Box::new(move || answers)
+    }
+}
+
+/// R-I1 on a cluster: a line provisioned through another node a moment ago, which this
+/// node's view does not show yet, is answered, not refused; a caller on no line is still
+/// refused once the view has caught up. Before, the first lookup in the view decided.
+#[test]
+fn r_i1_a_line_just_provisioned_through_another_node_is_answered() {
+    // The write as another node's owner carried it out.
+    let elsewhere = Store::temporary().unwrap();
+    let line = r#"{"contract":"0398765432","numbers":[{"number":"0398765432","services":["call"]}]}"#;
+    engine::provision::import(&elsewhere, line.as_bytes()).unwrap();
+    let record = elsewhere.number(&n("0398765432")).unwrap().unwrap();
+    let provisioned = Op::UpsertLine {
+        line: elsewhere.line(&record.contract).unwrap().unwrap(),
+        numbers: vec![(record.number, record.services, Some(record.call))],
+    };
+
+    let view = Store::temporary().unwrap();
+    let lagging =
+        std::sync::Arc::new(Lagging { view: view.clone(), elsewhere: std::sync::Mutex::new(vec![provisioned]) });
+    view.attach_writer(lagging.clone());
+    let ivr =
+        Ivr::new(view.clone(), Credentials::open(&view).unwrap(), crate::clock::ManualClock::new(chrono::Utc::now()));
+
+    let (call, step) = Call::start(&ivr, "0398765432").expect("answered");
+    assert_eq!((call.caller(), id(&step)), (n("0398765432"), Some(PromptId::SelectUnit)));
+    let err = Call::start(&ivr, "0399999999").unwrap_err();
+    assert!(matches!(err, IvrError::NotProvisioned(_)), "{err:?}");
 }
 
 #[test]

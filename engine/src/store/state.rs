@@ -99,6 +99,9 @@ pub enum Op {
     SweepSessions {
         now: DateTime<Utc>,
     },
+    /// Writes nothing: its answer comes once the asking node's view shows every write
+    /// carried out before it ([`Store::sync_view`]).
+    Sync,
     /// Provisioning's fax settings: see [`Store::import_fax_settings_here`].
     ImportFaxSettings {
         number: PhoneNumber,
@@ -153,6 +156,7 @@ impl Op {
             Op::MarkFaxRead { .. } => "mark_fax_read",
             Op::DeleteFax { .. } => "delete_fax",
             Op::ExpireFaxes { .. } => "expire_faxes",
+            Op::Sync => "sync",
         }
     }
 }
@@ -420,6 +424,14 @@ impl Store {
         self.submit_all(vec![op]).pop().expect("one answer per op")
     }
 
+    /// Waits until this node's view shows every write of subscriber state carried out
+    /// before the call, through any node: for a read whose miss a write on another node
+    /// a moment ago may explain (its records reach this node within a second). One
+    /// exchange with the state owner, which writes nothing for it.
+    pub fn sync_view(&self) -> Result<(), StoreError> {
+        self.submit(Op::Sync).map(drop)
+    }
+
     /// [`Store::submit`] for many ops, in order, in one exchange with the owner.
     pub fn submit_all(&self, ops: Vec<Op>) -> Vec<Result<Reply, StoreError>> {
         self.send_all(ops)()
@@ -538,6 +550,7 @@ impl Store {
                 let ended = self.ended_sessions(|_, record| record.expired(*now))?;
                 Ok((Reply::Done, ended.iter().map(|id| session(id)).collect()))
             }
+            Op::Sync => Ok((Reply::Done, Vec::new())),
         }
     }
 
@@ -590,7 +603,7 @@ impl Store {
             | Op::SetFlash { key, .. }
             | Op::TakeFlash { key, .. }
             | Op::RemoveSession { key } => keys.push(StateKey { tree: StateTree::Sessions, id: key.clone() }),
-            Op::RemoveSessions { .. } | Op::SweepSessions { .. } => {}
+            Op::RemoveSessions { .. } | Op::SweepSessions { .. } | Op::Sync => {}
         }
         keys.into_iter().map(|k| Ok((k.clone(), self.state_value(&k)?))).collect()
     }

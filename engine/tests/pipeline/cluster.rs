@@ -49,6 +49,21 @@ fn password(hash: &str) -> CredentialRecord {
     }
 }
 
+/// What a lookup that found nothing relies on before it refuses (the IVR's R-I1 check
+/// of a caller): once `sync_view` returns on node B, B shows the line provisioned
+/// through node A just before, whatever B had applied when it was called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_i1_a_node_s_view_once_synced_shows_a_line_provisioned_through_another_node() {
+    let h = Harness::new(1).await;
+    let (a, b) = (h.node("a").await, h.node("b").await);
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let store = b.store.clone();
+    tokio::task::spawn_blocking(move || store.sync_view()).await.unwrap().expect("synced");
+    assert!(b.store.number(&n("0312345678")).unwrap().is_some(), "node B shows the line");
+    a.stop().await;
+    b.stop().await;
+}
+
 /// The defect of issue 18: two nodes in one group, subscribers provisioned through
 /// node A, a missed call to each on every partition: node B's CDRs found no subscriber
 /// and 20 of 40 mails never went. Now every call is notified, once (R-L3, R-N1).
