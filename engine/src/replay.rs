@@ -3,8 +3,8 @@
 //!
 //! A mail record holds the mail as a retry-queue entry: it is queued again due now, as
 //! a fresh first attempt (its give-up age starts again), with its Message-ID, and sent
-//! by the next `serve` on this store. The store is the engine's, so mails are replayed
-//! with `serve` stopped; CDRs need only the cluster.
+//! by the next `serve` on this store, whichever CDR partitions it reads. The store is
+//! the engine's, so mails are replayed with `serve` stopped; CDRs need only the cluster.
 
 use std::collections::BTreeMap;
 
@@ -80,7 +80,11 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     Ok(replayed)
 }
 
-/// `entry` as a first attempt made `now`.
+/// `entry` as a first attempt made `now`, sent by the node it is replayed into: no
+/// longer its call's partition's. A node reads only some partitions, and the operator
+/// cannot choose which; kept, the mail waited (set aside) for its partition to be assigned
+/// to this node, for ever if it never was. So it is in this node's store only, like
+/// every mail of a single-node engine.
 fn fresh(entry: &Queued, now: DateTime<Utc>) -> Queued {
-    Queued { attempts: 1, first_failed_ms: now.timestamp_millis(), ..entry.clone() }
+    Queued { attempts: 1, first_failed_ms: now.timestamp_millis(), source: None, ..entry.clone() }
 }

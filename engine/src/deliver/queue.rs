@@ -51,15 +51,16 @@ pub struct Queued {
     pub last_reply: String,
     /// The CDR partition of its call: the entry is in that partition's changelog, and
     /// only the node reading the partition sends it (`None`: any node holding it, as
-    /// entries queued before partitions were recorded). A dead letter replayed into the
-    /// queue keeps its entry's partition.
+    /// entries queued before partitions were recorded, and a dead letter replayed into
+    /// a node's queue, which that node sends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<PartitionId>,
     /// Queued by a node that publishes its entries to their partition's changelog (set
     /// by [`RetryQueue::push`]). Such an entry that the changelog lacks, its mail with a
     /// sent record since, was handled by another node ([`RetryQueue::reconcile`]). A
-    /// dead letter replayed into a stopped node's store is queued without: its mail has
-    /// a sent record from before (its refusal), and it must be sent all the same.
+    /// dead letter replayed into a stopped node's store is queued without (and without a
+    /// partition): its mail has a sent record from before (its refusal), and it must be
+    /// sent all the same.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub logged: bool,
 }

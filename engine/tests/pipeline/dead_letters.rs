@@ -131,3 +131,30 @@ async fn r_m4_a_mail_refused_for_good_is_replayed_with_its_message_id_once_the_s
     assert_eq!(replay(&brokers, mails, false, Some(path)).await, Replayed { already: 1, ..Replayed::default() });
     assert_eq!(h.sink.count(), 1, "sent once");
 }
+
+/// In a cluster, the node a mail is replayed into sends it, whichever CDR partitions it
+/// reads: a node reads only some, and the operator cannot choose. Here that node starts
+/// again reading another topic only, so it certainly does not read the partition of the
+/// mail's call. Before, the replayed mail waited set aside for that partition for as
+/// long as the node did not read it: for ever on a node that never did (R-M4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_replayed_mail_is_sent_by_the_node_it_was_replayed_into_whatever_partitions_it_reads() {
+    let h = Harness::new(2).await;
+    let first = h.engine().await;
+    first.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    h.sink.fail_next(SmtpStage::RcptTo, 550, 1);
+    h.produce(TOPIC, &[cdr("refused-elsewhere", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
+    first.wait_metric(r#"callnotify_dead_letters_total{kind="mail"}"#, 1.0).await;
+    first.stop().await;
+
+    let brokers = h.kafka.bootstrap_servers().to_owned();
+    let mails = Filter { kind: Some("mail".into()), ..Filter::default() };
+    let done = replay(&brokers, mails, false, Some(h.settings(&[]).store.path)).await;
+    assert_eq!(done.mails.len(), 1);
+    let other_topic = format!(r#"[{{name="{ASTERISK_TOPIC}",format="asterisk"}}]"#);
+    let second = h.engine_with(&[("CALLNOTIFY__KAFKA__TOPICS", &other_topic)]).await;
+    let sent = h.mails(1).await;
+    assert_eq!(sent[0].rcpt_to, vec!["taro@example.jp".to_owned()]);
+    let stopped = second.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0, "sent once, by the node it was replayed into");
+}
