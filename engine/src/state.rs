@@ -292,7 +292,12 @@ impl StateLog {
             tracing::warn!("this store may hold writes the state topic lacks: rebuilding it from the topic");
             store.forget_state()?;
         }
-        let attached = store.state_topic()?.as_deref() == Some(options.topic);
+        let attached = store.viewing(options.topic, options.embedded)?;
+        if !attached {
+            // A single-node store, or one that served on the embedded cluster: where it
+            // stood in that cluster's topic means nothing in this one.
+            store.forget_state_position()?;
+        }
         // An empty topic takes the store's values below, whatever the store had read:
         // rebuilding from nothing would lose every subscriber.
         if attached && end > 0 && store.state_position()? > end {

@@ -761,6 +761,22 @@ impl Store {
         Ok(self.meta()?.get(TOPIC)?.map(|raw| String::from_utf8_lossy(&raw).into_owned()))
     }
 
+    /// Whether this store is the view of a state topic and of a cluster like this: on the
+    /// embedded cluster (`embedded`) or on a real one. A store that served on the
+    /// embedded cluster is a single-node store to a real cluster, whatever its topic's
+    /// name: that topic was another.
+    pub fn viewing(&self, topic: &str, embedded: bool) -> Result<bool, StoreError> {
+        Ok(self.state_topic()?.as_deref() == Some(topic) && self.meta()?.contains_key(EMBEDDED)? == embedded)
+    }
+
+    /// Forgets where this store stood in the state topic it was a view of (its position,
+    /// owner epoch, answered requests, marks), keeping its values: for a store that
+    /// is no view of the topic it now meets.
+    pub fn forget_state_position(&self) -> Result<(), StoreError> {
+        self.meta()?.clear()?;
+        Ok(())
+    }
+
     /// The state topic this store is a node's view of, on a cluster that outlives the
     /// node: a write made to the store alone (with the node stopped) would reach no
     /// other node and be overwritten. None for a store of its own, or the view of the

@@ -240,6 +240,36 @@ async fn r_l3_a_single_node_store_is_carried_into_the_cluster_once() {
     fresh.stop().await;
 }
 
+/// A store that served on the embedded cluster (`kafka.brokers = ""`, a single-node
+/// engine or a demo) is a single-node store to a real cluster: into a cluster whose state
+/// topic already holds subscribers the node refuses to start, naming the way to move
+/// them. It used to start as that topic's view, from the position it had reached on the
+/// embedded topic: skipping the cluster's first records (node A's subscriber, here) and
+/// keeping subscribers no other node has (R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_store_that_served_on_the_embedded_cluster_is_not_taken_for_a_cluster_s_view() {
+    let h = Harness::new(1).await;
+    let path = h.dir.path().join("single").display().to_string();
+    let single = h.engine_with(&[("CALLNOTIFY__KAFKA__BROKERS", ""), ("CALLNOTIFY__STORE__PATH", &path)]).await;
+    let subscribers: Vec<String> =
+        (0..5).map(|i| plain_subscriber(&format!("061234567{i}"), "hanako@example.jp")).collect();
+    single.provision(&subscribers);
+    single.stop().await;
+
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let settings = h.settings(&[("CALLNOTIFY__STORE__PATH", &path)]);
+    let refused = match engine::startup::Application::build(settings).await {
+        Ok(app) => {
+            let shown = app.store().number(&n("0312345678")).unwrap().is_some();
+            panic!("started as the cluster's view (node A's subscriber shown: {shown})")
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(refused.contains("single-node engine") && refused.contains("provision import --url"), "{refused}");
+    a.stop().await;
+}
+
 /// A node's store started again on an empty state topic (a demo's embedded cluster
 /// lives only as long as its process; a lost topic) publishes its subscribers into it
 /// again. They were wiped instead: the store had read further than the new topic's end
