@@ -111,6 +111,41 @@ struct Request {
     ops: Vec<Op>,
 }
 
+/// What of a request an owner can still read when its ops are not all ones it knows (a
+/// newer node's, during a rolling upgrade): enough to answer it.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    node: String,
+    id: u64,
+    ops: Vec<serde::de::IgnoredAny>,
+}
+
+/// A request record read by the owner.
+enum Read {
+    Request(Request),
+    /// Its ops do not all read (`why`): every one is answered with an error, nothing is
+    /// carried out, so its writer hears at once instead of waiting out its answer time.
+    Unknown {
+        envelope: Envelope,
+        why: String,
+    },
+    /// Not a request at all: no one to answer.
+    Junk,
+}
+
+impl Read {
+    fn of(payload: Option<&[u8]>) -> Self {
+        let Some(payload) = payload else { return Read::Junk };
+        match serde_json::from_slice::<Request>(payload) {
+            Ok(request) => Read::Request(request),
+            Err(e) => match serde_json::from_slice::<Envelope>(payload) {
+                Ok(envelope) => Read::Unknown { envelope, why: e.to_string() },
+                Err(_) => Read::Junk,
+            },
+        }
+    }
+}
+
 /// The owner's answer to one request, published after the request's values.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Answer {
@@ -1052,9 +1087,24 @@ impl Owner {
             }
         }
         for message in batch {
-            let Some(request) = message.payload().and_then(|p| serde_json::from_slice::<Request>(p).ok()) else {
-                tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
-                continue;
+            let request = match Read::of(message.payload()) {
+                Read::Request(request) => request,
+                Read::Unknown { envelope, why } => {
+                    if self.store.answered(&envelope.node)?.is_some_and(|done| envelope.id <= done) {
+                        continue;
+                    }
+                    tracing::warn!(offset = message.offset(), node = %envelope.node, error = %why,
+                        "a state request with ops this node does not know (a newer version's?): refused");
+                    let refusal = format!("an op this state owner does not know (an older version's?): {why}");
+                    let results = envelope.ops.iter().map(|_| Err(OpError::Failed(refusal.clone()))).collect();
+                    let answer = Answer { node: envelope.node, id: envelope.id, results };
+                    self.publish(&format!("reply/{}", answer.node), Some(&serde_json::to_vec(&answer)?))?;
+                    continue;
+                }
+                Read::Junk => {
+                    tracing::warn!(offset = message.offset(), "a state request that is not one: skipped");
+                    continue;
+                }
             };
             if self.store.answered(&request.node)?.is_some_and(|done| request.id <= done) {
                 continue; // Answered by an earlier owner that stopped before committing.

@@ -64,6 +64,56 @@ async fn r_i1_a_node_s_view_once_synced_shows_a_line_provisioned_through_another
     b.stop().await;
 }
 
+/// A rolling upgrade: a newer node's request holds an op this state owner does not know.
+/// The owner answers every op of it with an error at once (the newer node's user hears
+/// of it instead of waiting out the 60 s answer time) and carries out none of them: the
+/// line's unit, which the request's first op would set, stays unset. The request used to
+/// be skipped without an answer (R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_request_with_an_op_the_owner_does_not_know_is_answered_with_errors() {
+    use engine::store::state::Op;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let known =
+        serde_json::to_value(Op::SetLineUnit { contract: n("0312345678"), unit: engine::store::AuthUnit::Line })
+            .unwrap();
+    let request = serde_json::json!({"node": "newer", "id": 7, "ops": [known, {"op": "from_a_newer_version"}]});
+    let [state, requests] = engine::embedded::STATE_TOPICS;
+    h.produce(requests, &[request.to_string()]).await;
+
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", h.kafka.bootstrap_servers())
+        .set("group.id", "reply-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    reader.subscribe(&[state]).unwrap();
+    let reply = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline {
+            if let Some(Ok(m)) = reader.poll(std::time::Duration::from_millis(100)) {
+                if m.key() == Some(b"reply/newer".as_slice()) {
+                    return Some(serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).unwrap());
+                }
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("an answer to the newer node within the wait");
+    let results = reply["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{reply}");
+    for result in results {
+        assert!(result["Err"]["failed"].as_str().is_some_and(|e| e.contains("does not know")), "{reply}");
+    }
+    assert_eq!(a.store.line(&n("0312345678")).unwrap().unwrap().unit, None, "nothing of it carried out");
+    a.stop().await;
+}
+
 /// The defect of issue 18: two nodes in one group, subscribers provisioned through
 /// node A, a missed call to each on every partition: node B's CDRs found no subscriber
 /// and 20 of 40 mails never went. Now every call is notified, once (R-L3, R-N1).
