@@ -160,7 +160,11 @@ impl Call {
         let contract = match line_of(&ivr.store, &caller)? {
             Some(contract) => contract,
             None => {
-                ivr.store.sync_view()?;
+                // Without an answer (no state owner, or an older one during an upgrade)
+                // the view as it stands decides: most callers it lacks are on no line.
+                if let Err(e) = ivr.store.sync_view() {
+                    tracing::warn!(%caller, error = %e, "the state owner did not answer before a refusal; refusing by this node's view");
+                }
                 line_of(&ivr.store, &caller)?.ok_or(IvrError::NotProvisioned(caller))?
             }
         };

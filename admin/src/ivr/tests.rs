@@ -103,6 +103,29 @@ fn r_i1_a_line_just_provisioned_through_another_node_is_answered() {
     assert!(matches!(err, IvrError::NotProvisioned(_)), "{err:?}");
 }
 
+/// The shared state with no owner answering (the cluster unreachable, or an older
+/// owner during an upgrade): every write fails.
+struct NoOwner;
+
+impl engine::store::state::StateWriter for NoOwner {
+    fn send(self: std::sync::Arc<Self>, ops: Vec<Op>) -> engine::store::state::Answers {
+        let answers =
+            ops.iter().map(|_| Err(engine::store::StoreError::State("no state owner answered".into()))).collect();
+        Box::new(move || answers)
+    }
+}
+
+/// R-I1: when the state owner does not answer the lookup's sync, a caller this node's
+/// view lacks is refused as before (most are on no line), not answered with an error.
+#[test]
+fn r_i1_without_the_state_owner_s_answer_a_caller_the_view_lacks_is_refused() {
+    let f = fixture();
+    f.store.attach_writer(std::sync::Arc::new(NoOwner));
+    let err = Call::start(&f.ivr, "0399999999").unwrap_err();
+    assert!(matches!(err, IvrError::NotProvisioned(_)), "{err:?}");
+    assert!(Call::start(&f.ivr, CONTRACT).is_ok(), "a caller the view shows is answered");
+}
+
 #[test]
 fn r_i2_unit_1_targets_the_contract_number_even_from_an_additional_number() {
     let f = fixture();
