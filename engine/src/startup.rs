@@ -238,6 +238,11 @@ impl Application {
             settings.store.sent_retention_days,
             shutdown.clone(),
         ));
+        tasks.spawn(crate::deliver::forget_old_aside_hourly(
+            store.clone(),
+            Duration::from_secs(settings.smtp.retry_give_up_secs),
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::store::faxes::expire_hourly(
             store.clone(),
             settings.store.fax_retention_days,

@@ -106,6 +106,40 @@ pub enum DeliverError {
     Queue(#[from] StoreError),
 }
 
+/// How long after its give-up age a retry entry set aside for a partition another node
+/// reads is kept (`forget_old_aside_hourly`).
+const ASIDE_AFTER_GIVE_UP: Duration = Duration::from_secs(86_400);
+
+/// Every hour, from an hour after the start (by then this node's partitions are assigned
+/// and their entries back in its queue), forgets the retry entries set aside for
+/// partitions other nodes read whose mails first failed more than `give_up` and a day
+/// ago ([`RetryQueue::forget_parked_failed_before`]).
+pub async fn forget_old_aside_hourly(store: Store, give_up: Duration, stop: tokio_util::sync::CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(3600);
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + EVERY, EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let age = i64::try_from((give_up + ASIDE_AFTER_GIVE_UP).as_millis()).unwrap_or(i64::MAX);
+        let cutoff_ms = Utc::now().timestamp_millis().saturating_sub(age);
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || RetryQueue::open(&store)?.forget_parked_failed_before(cutoff_ms))
+            .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(forgotten)) => tracing::info!(
+                mails = forgotten,
+                "forgot retry entries set aside for partitions other nodes read, past their give-up age and a day \
+                 (those nodes have sent them or given them up)"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "forgetting old retry entries set aside failed; will try again"),
+            Err(e) => tracing::warn!(error = %e, "forgetting old retry entries set aside stopped; will try again"),
+        }
+    }
+}
+
 impl Deliverer {
     /// Opens the retry queue and takes up flood control from the store: walks of the
     /// store, so call it where blocking is allowed (`spawn_blocking`), within a tokio

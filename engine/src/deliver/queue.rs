@@ -417,6 +417,29 @@ impl RetryQueue {
         Ok(parked)
     }
 
+    /// Forgets the entries set aside whose mails first failed before `cutoff_ms`; how
+    /// many. An entry is set aside while another node reads its partition, and that node
+    /// has its mail (from the partition's changelog, or from its CDR read again if the
+    /// changelog never had it): past the give-up age it has sent the mail or given it up
+    /// (a dead letter). The copy here then only takes room for as long as the partition
+    /// does not come back to this node: for ever, if it never does. One taken back into
+    /// the queue meanwhile (its partition assigned here again) stays.
+    pub fn forget_parked_failed_before(&self, cutoff_ms: i64) -> Result<usize, StoreError> {
+        let mut old = Vec::new();
+        for item in self.parked.iter() {
+            let (slot, value) = item?;
+            if serde_json::from_slice::<Queued>(&value).is_ok_and(|entry| entry.first_failed_ms < cutoff_ms) {
+                old.push((slot, value));
+            }
+        }
+        let mut forgotten = 0;
+        for (slot, value) in &old {
+            forgotten += usize::from(self.parked.compare_and_swap(slot, Some(value), None::<&[u8]>)?.is_ok());
+        }
+        self.forget(old.iter().map(|(slot, _)| slot.as_ref()));
+        Ok(forgotten)
+    }
+
     /// The keys of this store's entries of `partitions` queued as published
     /// ([`Queued::logged`]): what [`RetryQueue::reconcile`] asks the sent changelog about.
     pub fn logged_keys_of(&self, partitions: &[PartitionId]) -> Result<HashSet<Vec<u8>>, StoreError> {
@@ -701,5 +724,31 @@ mod tests {
         assert_eq!(due(), ["c-0", "c-3", "c-1"]);
         assert_eq!(queue.next_due_ms().unwrap(), Some(1_000));
         assert_eq!(queue.park().unwrap(), 0, "nothing of another partition left in the queue");
+    }
+
+    /// R-M4, docs/cluster.md: entries set aside for a partition another node reads are
+    /// forgotten once their mails are past the give-up age (that node has sent them or
+    /// given them up), so a partition that never comes back does not leave them in the
+    /// store for ever. A newer entry set aside stays, and so does every queued one.
+    #[test]
+    fn r_m4_entries_set_aside_past_their_give_up_age_are_forgotten() {
+        let (_store, queue, node) = queue_of_a_node();
+        let failed_at = |call_id: &str, partition, ms| Queued { first_failed_ms: ms, ..of(call_id, partition) };
+        queue.push(&failed_at("old-aside", 1, 1_000), 5_000, 1).unwrap();
+        queue.push(&failed_at("new-aside", 1, 9_000), 6_000, 1).unwrap();
+        queue.push(&failed_at("old-queued", 0, 1_000), 4_000, 1).unwrap();
+        *node.owned.lock().unwrap() = vec![0];
+        assert_eq!(queue.park().unwrap(), 2);
+
+        assert_eq!(queue.forget_parked_failed_before(5_000).unwrap(), 1);
+        assert_eq!(queue.forget_parked_failed_before(5_000).unwrap(), 0, "forgotten once");
+        assert_eq!(queue.len(), 1, "the queue untouched");
+        // Partition 1 back, its changelog empty: what the store still has comes back.
+        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
+        queue.reconcile(&p1, &LoggedEntries::new(), &HashSet::new()).unwrap();
+        *node.owned.lock().unwrap() = vec![0, 1];
+        let due: Vec<String> =
+            queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect();
+        assert_eq!(due, ["old-queued", "new-aside"]);
     }
 }
