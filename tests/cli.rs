@@ -265,13 +265,19 @@ fn http(addr: &str, request: &str) -> String {
     response
 }
 
+/// A store of its own in `dir` holding `line(0)`, imported as an operator does.
+fn store_with_line_0(dir: &Path) -> std::path::PathBuf {
+    let store = dir.join("store");
+    let file = dir.join("line.jsonl");
+    std::fs::write(&file, line(0)).unwrap();
+    assert!(callnotify(&store).args(["provision", "import"]).arg(&file).status().unwrap().success());
+    store
+}
+
 #[test]
 fn r_i2_r_i7_the_terminal_ivr_sets_a_temporary_password_for_the_line() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let file = dir.path().join("line.jsonl");
-    std::fs::write(&file, line(0)).unwrap();
-    assert!(callnotify(&store).args(["provision", "import"]).arg(&file).status().unwrap().success());
+    let store = store_with_line_0(dir.path());
 
     let (exit, text, errors) = terminal_ivr(&store, "0300000000");
     assert!(exit.success(), "{text}{errors}");
@@ -328,14 +334,12 @@ fn r_l3_r_i2_a_single_node_store_takes_the_offline_import_and_the_terminal_ivr_a
 /// R-L3, R-I2: a cluster node's store (a view of the state topic, with its node
 /// stopped) refuses the terminal IVR, as it refuses an import without `--url`: a
 /// temporary password set in it would reach no other node, and the view would differ
-/// from the topic. Each refusal names what to use instead. The terminal IVR set it.
+/// from the topic. Each refusal names what to use instead. The terminal IVR used to set
+/// it.
 #[test]
 fn r_l3_r_i2_a_cluster_node_s_store_refuses_the_offline_import_and_the_terminal_ivr() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let file = dir.path().join("line.jsonl");
-    std::fs::write(&file, line(0)).unwrap();
-    assert!(callnotify(&store).args(["provision", "import"]).arg(&file).status().unwrap().success());
+    let store = store_with_line_0(dir.path());
     // What a node's start in a cluster leaves (docs/cluster.md, "A node's start").
     Store::open(&store).unwrap().set_state_topic("callnotify-state", false).unwrap();
 

@@ -37,6 +37,17 @@ async fn replay(brokers: &str, filter: Filter, dry_run: bool, store: Option<std:
     .await
 }
 
+/// An engine on the harness's store notifies call `call_id` to taro@example.jp, whose
+/// mail server refuses it for good (550): a dead letter. The engine is stopped after.
+async fn a_mail_refused_for_good(h: &Harness, call_id: &str) {
+    let first = h.engine().await;
+    first.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    h.sink.fail_next(SmtpStage::RcptTo, 550, 1);
+    h.produce(TOPIC, &[cdr(call_id, "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
+    first.wait_metric(r#"callnotify_dead_letters_total{kind="mail"}"#, 1.0).await;
+    first.stop().await;
+}
+
 /// R-M4: canonical CDRs written to a topic configured as asterisk are dead-lettered; the
 /// operator lists them, fixes the topic's format, replays them (a dry run first), and
 /// each call is notified once; a second replay sends nothing more.
@@ -98,12 +109,7 @@ async fn r_m4_cdrs_dead_lettered_by_a_wrong_topic_format_are_replayed_once_it_is
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_m4_a_mail_refused_for_good_is_replayed_with_its_message_id_once_the_server_takes_it() {
     let h = Harness::new(1).await;
-    let first = h.engine().await;
-    first.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
-    h.sink.fail_next(SmtpStage::RcptTo, 550, 1);
-    h.produce(TOPIC, &[cdr("refused-1", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
-    first.wait_metric(r#"callnotify_dead_letters_total{kind="mail"}"#, 1.0).await;
-    first.stop().await;
+    a_mail_refused_for_good(&h, "refused-1").await;
 
     let brokers = h.kafka.bootstrap_servers().to_owned();
     let path = h.settings(&[]).store.path;
@@ -140,12 +146,7 @@ async fn r_m4_a_mail_refused_for_good_is_replayed_with_its_message_id_once_the_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_m4_a_replayed_mail_is_sent_by_the_node_it_was_replayed_into_whatever_partitions_it_reads() {
     let h = Harness::new(2).await;
-    let first = h.engine().await;
-    first.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
-    h.sink.fail_next(SmtpStage::RcptTo, 550, 1);
-    h.produce(TOPIC, &[cdr("refused-elsewhere", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
-    first.wait_metric(r#"callnotify_dead_letters_total{kind="mail"}"#, 1.0).await;
-    first.stop().await;
+    a_mail_refused_for_good(&h, "refused-elsewhere").await;
 
     let brokers = h.kafka.bootstrap_servers().to_owned();
     let mails = Filter { kind: Some("mail".into()), ..Filter::default() };
