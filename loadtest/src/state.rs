@@ -46,7 +46,7 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
     a.group = format!("state-{}", std::process::id());
     a.node = "a".into();
     let mut b = common.engine_config(&setup, a.smtp, "state.example.jp")?;
-    (b.topic, b.group, b.node, b.metrics) = (a.topic.clone(), a.group.clone(), "b".into(), free_port()?);
+    (b.topic, b.group, b.node) = (a.topic.clone(), a.group.clone(), "b".into());
     let mut c = common.engine_config(&setup, a.smtp, "state.example.jp")?;
     (c.topic, c.group, c.node) = (setup.topics[1].clone(), format!("bulk-{}", std::process::id()), "c".into());
     for node in [&a, &b, &c] {
@@ -69,6 +69,9 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
         import.as_secs_f64()
     );
 
+    // A port picked while node A ran: picked before, its own listeners (on port 0)
+    // could take it, and node B's wait for its metrics was answered by node A.
+    b.metrics = free_port()?;
     let started = Instant::now();
     let mut second = b.serve()?;
     second.wait_ready(Duration::from_secs(1800)).await?;
@@ -93,6 +96,7 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
         std::fs::remove_file(file)?;
     }
     let offline = started.elapsed();
+    c.metrics = free_port()?;
     let mut third = c.serve()?;
     third.wait_ready(Duration::from_secs(1800)).await?;
     let bulk = started.elapsed();
