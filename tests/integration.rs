@@ -1342,10 +1342,13 @@ fn state_propagation_from_one_node_to_another_is_measured() {
     engine::provision::import(&a, line.as_bytes()).expect("import");
     let number = engine::phone::PhoneNumber::parse("0373000001").unwrap();
     let applied: Arc<Mutex<std::collections::HashMap<u64, Instant>>> = Arc::default();
-    let seen = applied.clone();
-    c.on_number_change(move |n, record| {
-        if let Some(record) = record.filter(|_| *n == number) {
-            seen.lock().unwrap().entry(record.call.version).or_insert_with(Instant::now);
+    let (seen, view) = (applied.clone(), c.clone());
+    // Told after the values are written: the record read here is the one just applied.
+    c.on_number_change(move |n, services| {
+        if services.is_some() && *n == number {
+            if let Some(record) = view.number(n).unwrap() {
+                seen.lock().unwrap().entry(record.call.version).or_insert_with(Instant::now);
+            }
         }
     });
     let (mut confirmed, mut propagated) = (Vec::new(), Vec::new());

@@ -39,6 +39,8 @@
 //! - [`disk`]: free space on the store's file system; consumers pause when it is low.
 //! - [`provision`]: bulk import of lines and numbers from JSON Lines (R-L3).
 //! - [`phone`], [`address`]: the parsed domain values every stage passes around.
+//! - [`strict_json`]: JSON an operator or another node sends, refused with a field this
+//!   version does not know (stored records are read leniently).
 //! - [`embedded`]: librdkafka's mock cluster, when no brokers are configured.
 //! - [`cluster`]: client settings for the Kafka cluster and the start-up check of its topics.
 //! - [`unread`]: assigned partitions librdkafka never starts reading, assigned again.
@@ -75,5 +77,6 @@ pub mod source;
 pub mod startup;
 pub mod state;
 pub mod store;
+pub mod strict_json;
 pub mod telemetry;
 pub mod unread;

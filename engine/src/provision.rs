@@ -21,6 +21,7 @@ use std::io::BufRead;
 use crate::phone::PhoneNumber;
 use crate::store::state::{Op, Reply};
 use crate::store::{AuthUnit, CallSettings, CredentialRecord, FaxSettings, LineRecord, Services, Store, StoreError};
+use crate::strict_json::StrictError;
 
 /// One line of the format, read by [`import`] and written by [`export`].
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
@@ -371,12 +372,15 @@ enum Extra {
 type Parsed = (LineRecord, Numbers, Vec<Extra>);
 
 fn parse_line(text: &str) -> Result<Parsed, LineError> {
-    let input: LineInput = serde_json::from_str(text).map_err(|e| {
-        let message = e.to_string();
-        LineError::Json(match message.rsplit_once(" at line ") {
-            Some((reason, _)) => format!("{reason} (column {})", e.column()),
-            None => message,
-        })
+    let input: LineInput = crate::strict_json::from_slice(text.as_bytes()).map_err(|e| match e {
+        StrictError::Json(e) => {
+            let message = e.to_string();
+            LineError::Json(match message.rsplit_once(" at line ") {
+                Some((reason, _)) => format!("{reason} (column {})", e.column()),
+                None => message,
+            })
+        }
+        unknown @ StrictError::UnknownField(_) => LineError::Json(unknown.to_string()),
     })?;
     if input.numbers.is_empty() {
         return Err(LineError::NoNumbers);
@@ -513,6 +517,28 @@ mod tests {
             vec![(2, "number 0312345678: the credential's hash is not an argon2id PHC string".into())]
         );
         assert_eq!(store.credential(&n("0312345678")).unwrap(), None);
+    }
+
+    /// Stored records are read leniently (a newer version's fields passed over); an
+    /// import line is not: a misspelt or unknown setting, at any depth, rejects its
+    /// line with the field's path instead of being dropped in silence (R-L3, R-N4).
+    #[test]
+    fn r_l3_a_field_the_format_does_not_have_rejects_its_line_naming_the_field() {
+        let store = Store::temporary().unwrap();
+        let lines = [
+            r#"{"contract":"0312340001","numbers":[{"number":"0312340001","settings":{"enabled":true,"missed_onyl":true}}]}"#,
+            r#"{"contract":"0312340002","numbers":[{"number":"0312340002","settings":{"destinations":[{"address":"a@example.jp","send":true,"label":"home"}]}}]}"#,
+            r#"{"contract":"0312340003","numbers":[{"number":"0312340003","services":["fax"],"fax_settings":{"enabled":true,"resolution":"fine"}}]}"#,
+            r#"{"contract":"0312340004","numbers":[{"number":"0312340004"}],"note":"x"}"#,
+        ];
+        let report = import(&store, lines.join("\n").as_bytes()).unwrap();
+        let reasons: Vec<&str> = report.rejected.iter().map(|(_, reason)| reason.as_str()).collect();
+        assert_eq!(report.rejected.iter().map(|(l, _)| *l).collect::<Vec<_>>(), vec![1, 2, 3, 4], "{reasons:?}");
+        assert!(reasons[0].contains("unknown field `numbers.0.settings.missed_onyl`"), "{reasons:?}");
+        assert!(reasons[1].contains("`numbers.0.settings.destinations.0.label`"), "{reasons:?}");
+        assert!(reasons[2].contains("`numbers.0.fax_settings.resolution`"), "{reasons:?}");
+        assert!(reasons[3].contains("unknown field `note`"), "{reasons:?}");
+        assert_eq!(store.numbers().count(), 0, "no rejected line is applied");
     }
 
     #[test]

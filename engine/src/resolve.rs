@@ -76,9 +76,9 @@ impl Resolver {
         let generation = Arc::new(AtomicU64::new(0));
         {
             let (cache, subscribed, generation) = (cache.clone(), subscribed.clone(), generation.clone());
-            store.on_number_change(move |number, record| {
+            store.on_number_change(move |number, services| {
                 generation.fetch_add(1, Ordering::AcqRel);
-                if record.is_some_and(|r| r.services.call) {
+                if services.is_some_and(|s| s.call) {
                     subscribed.insert(*number);
                 } else {
                     subscribed.remove(number);
@@ -247,6 +247,69 @@ mod tests {
         let started = Resolver::new(caught_up, 100).unwrap();
         assert_eq!(started.subscribed_numbers(), 1, "a and nothing else: c's record was deleted");
         assert!(started.resolve(&a).unwrap().is_some());
+    }
+
+    /// While a cluster is upgraded one node at a time, a node of this version applies
+    /// number records a newer one wrote, with fields this version does not know: it
+    /// passes over them and notifies by the settings it knows (R-N1, R-N2, R-N5), and
+    /// its view goes on applying what follows. Such a record stopped a serving node's
+    /// view: it was tried again every second, every later write unapplied.
+    #[test]
+    fn r_n1_a_record_a_newer_version_wrote_is_applied_and_notifies_by_the_settings_this_one_knows() {
+        let newer = Store::temporary().unwrap();
+        let dest = |a: &str, send| Destination { address: DestinationAddress::parse(a).unwrap(), send };
+        let settings = CallSettings {
+            enabled: true,
+            destinations: vec![dest("on@example.jp", true), dest("off@example.jp", false)],
+            designated_only: true,
+            designated: vec![crate::store::Designated { number: number("09011112222"), designate: true, row: None }],
+            ..Default::default()
+        };
+        let line = LineRecord { contract: number("0312345678"), numbers: vec![number("0312345678")], unit: None };
+        let both = Services { call: true, fax: true };
+        newer.upsert_line(&line, &[(number("0312345678"), both, Some(settings))]).unwrap();
+        let fax = crate::store::FaxSettings {
+            enabled: true,
+            destinations: vec![dest("fax@example.jp", true)],
+            ..Default::default()
+        };
+        newer.save_fax_settings(&number("0312345678"), 0, fax).unwrap();
+        let mut values: Vec<_> =
+            newer.state_entries().map(|kv| kv.map(|(k, v)| (k, Some(v.to_vec())))).collect::<Result<_, _>>().unwrap();
+        for (key, value) in &mut values {
+            if key.tree != crate::store::state::StateTree::Numbers {
+                continue;
+            }
+            let mut record: serde_json::Value = serde_json::from_slice(value.as_ref().unwrap()).unwrap();
+            record["nickname"] = "home".into();
+            record["call"]["quiet_hours"] = serde_json::json!({"from": "22:00", "to": "07:00"});
+            record["call"]["destinations"][0]["label"] = "mine".into();
+            record["call"]["designated"][0]["label"] = "mother".into();
+            record["fax"]["resolution"] = "fine".into();
+            record["fax"]["destinations"][0]["label"] = "office".into();
+            *value = Some(serde_json::to_vec(&record).unwrap());
+        }
+
+        let view = Store::temporary().unwrap();
+        let serving = Resolver::new(view.clone(), 100).unwrap();
+        view.apply_state(&values, values.len() as i64, None, &[]).expect("a newer version's record applies");
+        let sub = serving.resolve(&number("0312345678")).unwrap().expect("subscribed");
+        assert!(sub.enabled && sub.designated_only);
+        assert_eq!(sub.recipients, vec![DestinationAddress::parse("on@example.jp").unwrap()]);
+        assert_eq!(sub.designated, vec![number("09011112222")]);
+        let record = view.number(&number("0312345678")).unwrap().unwrap();
+        assert!(record.fax.enabled && record.fax.destinations.len() == 1, "{:?}", record.fax);
+
+        // The view goes on: a line written after it is applied too.
+        provision(&newer, "0312345679", CallSettings { enabled: true, ..Default::default() });
+        let next: Vec<_> = newer
+            .state_entries()
+            .map(|kv| kv.map(|(k, v)| (k, Some(v.to_vec()))))
+            .filter(|kv| kv.as_ref().map_or(true, |(k, _)| k.id.ends_with("79")))
+            .collect::<Result<_, _>>()
+            .unwrap();
+        view.apply_state(&next, values.len() as i64 + next.len() as i64, None, &[]).unwrap();
+        assert!(serving.resolve(&number("0312345679")).unwrap().is_some());
     }
 
     fn sub_version(store: &Store, n: &PhoneNumber) -> u64 {

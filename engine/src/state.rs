@@ -1094,8 +1094,9 @@ impl Owner {
                         continue;
                     }
                     tracing::warn!(offset = message.offset(), node = %envelope.node, error = %why,
-                        "a state request with ops this node does not know (a newer version's?): refused");
-                    let refusal = format!("an op this state owner does not know (an older version's?): {why}");
+                        "a state request with ops (or fields of them) this node does not know (a newer version's?): refused");
+                    let refusal =
+                        format!("an op or a field this state owner does not know (an older version's?): {why}");
                     let results = envelope.ops.iter().map(|_| Err(OpError::Failed(refusal.clone()))).collect();
                     let answer = Answer { node: envelope.node, id: envelope.id, results };
                     self.publish(&format!("reply/{}", answer.node), Some(&serde_json::to_vec(&answer)?))?;

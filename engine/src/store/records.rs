@@ -3,6 +3,10 @@
 //! site (the admin crate) sets and checks credentials; the store keeps them, drops them
 //! with their number (R-M3), and provisioning exports and restores them. A number's fax
 //! settings and the received faxes kept for the site (R-F1, [`super::faxes`]).
+//!
+//! Records are read leniently: a field this version does not know (a newer version's,
+//! in a cluster being upgraded one node at a time) is passed over. What an operator or
+//! another node sends is read strictly instead ([`crate::strict_json`]).
 
 use std::fmt;
 
@@ -66,7 +70,6 @@ pub struct NumberRecord {
 /// FAXお知らせメール settings of one number (R-F1): start/stop and destinations as for
 /// calls (R-N1..R-N3); a fax has no caller conditions.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FaxSettings {
     /// 開始 (true) / 停止 (false). Off until the subscriber starts it.
     #[serde(default)]
@@ -96,7 +99,6 @@ impl FaxSettings {
 
 /// 着信お知らせメール settings of one number (R-N1..R-N5).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CallSettings {
     /// 開始 (true) / 停止 (false), R-N1. Off until the subscriber starts the service.
     #[serde(default)]
@@ -120,7 +122,6 @@ pub struct CallSettings {
 
 /// 送信先: an address and its 送信 check (R-N2).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Destination {
     pub address: DestinationAddress,
     /// Only checked addresses receive notifications.
@@ -129,7 +130,6 @@ pub struct Destination {
 
 /// お知らせ対象電話番号: a number and its 指定 check (R-N5).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Designated {
     pub number: PhoneNumber,
     /// Only checked entries count.

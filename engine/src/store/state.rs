@@ -25,18 +25,24 @@ use crate::phone::PhoneNumber;
 
 /// One write of subscriber state. Carries no password: credentials travel as argon2id
 /// hashes, login attempts as the verdict of the hash check the requesting node made.
+///
+/// Read strictly, records in it too: an op with a field this version does not know (a
+/// newer node's, while a cluster is upgraded) is refused, not carried out without it.
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
     /// Provisioning (R-L3, R-M3): see [`Store::upsert_line`].
     UpsertLine {
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         line: LineRecord,
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         numbers: Vec<(PhoneNumber, Services, Option<CallSettings>)>,
     },
     /// The site's save (R-S9): see [`Store::save_call_settings`].
     SaveCallSettings {
         number: PhoneNumber,
         expected: u64,
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         settings: CallSettings,
     },
     /// R-I7: see [`Store::set_line_unit`].
@@ -47,11 +53,13 @@ pub enum Op {
     /// A temporary password (R-I7) or a password (R-S4) replaces the number's credential.
     SetCredential {
         number: PhoneNumber,
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         record: CredentialRecord,
     },
     /// Provisioning restores an exported credential; refused for a number not provisioned.
     RestoreCredential {
         number: PhoneNumber,
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         record: CredentialRecord,
     },
     RemoveCredential {
@@ -67,6 +75,7 @@ pub enum Op {
     /// A site session starts, under `key` (a hash of the id its browser holds).
     PutSession {
         key: String,
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         session: SessionRecord,
     },
     /// A request of session `key` at `now`: its idle timeout restarts, unless it has
@@ -105,16 +114,19 @@ pub enum Op {
     /// Provisioning's fax settings: see [`Store::import_fax_settings_here`].
     ImportFaxSettings {
         number: PhoneNumber,
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         settings: FaxSettings,
     },
     /// The site's save of a number's fax settings (R-F1, R-S9).
     SaveFaxSettings {
         number: PhoneNumber,
         expected: u64,
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         settings: FaxSettings,
     },
     /// A received fax is kept, unless it is already (R-F1): see [`Store::keep_fax`].
     KeepFax {
+        #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         record: FaxRecord,
         document: DocumentBytes,
     },
@@ -690,17 +702,18 @@ impl Store {
             }
             let number =
                 PhoneNumber::parse(&key.id).map_err(|_| StoreError::State(format!("{} is no number", key.id)))?;
-            if listening {
-                let record: Option<super::NumberRecord> = value.as_deref().map(serde_json::from_slice).transpose()?;
-                return Ok(Some((number, record)));
-            }
-            // Only what the index of subscribed numbers needs.
+            // Only what the index of subscribed numbers and the listeners need: the
+            // rest is read when the number is looked up.
             #[derive(serde::Deserialize)]
             struct Contracted {
                 services: Services,
             }
             let contracted: Option<Contracted> = value.as_deref().map(serde_json::from_slice).transpose()?;
-            self.index_subscribed(&number, contracted.is_some_and(|c| c.services.call))?;
+            let services = contracted.map(|c| c.services);
+            if listening {
+                return Ok(Some((number, services)));
+            }
+            self.index_subscribed(&number, services.is_some_and(|s| s.call))?;
             Ok::<_, StoreError>(None)
         };
         // On several threads, each key's records on one, in their order: sled's work

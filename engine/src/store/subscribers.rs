@@ -29,25 +29,26 @@ pub struct Upserted {
     pub removed: Vec<PhoneNumber>,
 }
 
-/// Told of a number's new record (`None`: the number was removed).
-pub(super) type Listener = Arc<dyn Fn(&PhoneNumber, Option<&NumberRecord>) + Send + Sync>;
+/// Told of a number's new services (`None`: the number was removed).
+pub(super) type Listener = Arc<dyn Fn(&PhoneNumber, Option<Services>) + Send + Sync>;
 
 impl Store {
-    /// Registers `f` to be called with every number whose record changes and its new
-    /// record, right after the write.
-    pub fn on_number_change(&self, f: impl Fn(&PhoneNumber, Option<&NumberRecord>) + Send + Sync + 'static) {
+    /// Registers `f` to be called with every number whose record changes and the
+    /// services of its new record, right after the write. Services, not the record: a
+    /// view reads no more of a value it applies from the state topic than it needs.
+    pub fn on_number_change(&self, f: impl Fn(&PhoneNumber, Option<Services>) + Send + Sync + 'static) {
         self.listeners.write().expect("listener lock").push(Arc::new(f));
     }
 
     /// Keeps the index of subscribed numbers and tells the listeners, after writes of
     /// these numbers' records.
-    pub(super) fn changed(&self, records: &[(PhoneNumber, Option<NumberRecord>)]) -> Result<(), StoreError> {
-        for (number, record) in records {
-            self.index_subscribed(number, record.as_ref().is_some_and(|r| r.services.call))?;
+    pub(super) fn changed(&self, records: &[(PhoneNumber, Option<Services>)]) -> Result<(), StoreError> {
+        for (number, services) in records {
+            self.index_subscribed(number, services.is_some_and(|s| s.call))?;
         }
         let listeners = self.listeners.read().expect("listener lock").clone();
-        for (number, record) in records {
-            listeners.iter().for_each(|f| f(number, record.as_ref()));
+        for (number, services) in records {
+            listeners.iter().for_each(|f| f(number, *services));
         }
         Ok(())
     }
@@ -189,7 +190,7 @@ impl Store {
         numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
     ) -> Result<(Upserted, Written), StoreError> {
         // Kept over a start-over: what an earlier attempt wrote stays written.
-        let mut touched: Vec<(PhoneNumber, Option<NumberRecord>)> = Vec::new();
+        let mut touched: Vec<(PhoneNumber, Option<Services>)> = Vec::new();
         let mut upserted = Upserted::default();
         let mut written = Written::default();
         'again: loop {
@@ -262,7 +263,7 @@ impl Store {
                         continue 'again;
                     }
                     written.number(number, Some(new));
-                    touched.push((*number, Some(record)));
+                    touched.push((*number, Some(record.services)));
                 }
             }
             let new = sled::IVec::from(serde_json::to_vec(&stored)?);
@@ -396,7 +397,7 @@ impl Store {
             let answer = change(&mut record)?;
             let new = serde_json::to_vec(&record)?;
             if self.numbers.compare_and_swap(number.as_str(), Some(raw), Some(new))?.is_ok() {
-                self.changed(&[(*number, Some(record))])?;
+                self.changed(&[(*number, Some(record.services))])?;
                 return Ok(answer);
             }
         }
