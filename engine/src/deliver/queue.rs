@@ -751,4 +751,51 @@ mod tests {
             queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect();
         assert_eq!(due, ["old-queued", "new-aside"]);
     }
+
+    /// The engine's hourly task: entries set aside past their give-up age and a day are
+    /// forgotten an hour after the start (not before: the node's partitions, and their
+    /// entries, may still come back to it), then every hour; a newer one stays (R-M4).
+    #[tokio::test(start_paused = true)]
+    async fn r_m4_old_entries_set_aside_are_forgotten_from_an_hour_after_the_start_then_hourly() {
+        let (store, queue, node) = queue_of_a_node();
+        let give_up = std::time::Duration::from_secs(2 * 3600);
+        let now_ms = Utc::now().timestamp_millis();
+        let too_old_ms = now_ms - (give_up.as_millis() as i64 + 86_400_000 + 60_000);
+        let failed_at = |call_id: &str, ms| Queued { first_failed_ms: ms, ..of(call_id, 1) };
+        queue.push(&failed_at("old", too_old_ms), 5_000, 1).unwrap();
+        queue.push(&failed_at("recent", now_ms), 6_000, 1).unwrap();
+        *node.owned.lock().unwrap() = vec![0];
+        assert_eq!(queue.park().unwrap(), 2);
+        let aside = store.open_tree(PARKED_TREE).unwrap();
+        // The task's work runs on a blocking thread: wait for it in real time.
+        let settles_at = |want: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while aside.len() != want && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            aside.len()
+        };
+
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(crate::deliver::forget_old_aside_hourly(store.clone(), give_up, stop.clone()));
+        tokio::time::sleep(std::time::Duration::from_secs(59 * 60)).await;
+        assert_eq!(aside.len(), 2, "nothing forgotten within the first hour");
+        tokio::time::sleep(std::time::Duration::from_secs(2 * 60)).await;
+        assert_eq!(settles_at(1), 1, "the old entry forgotten an hour after the start");
+
+        // An hour later, another that grew old meanwhile (set aside at once: its
+        // partition is not read here now).
+        queue.push(&failed_at("old-too", too_old_ms), 7_000, 1).unwrap();
+        assert_eq!(aside.len(), 2);
+        tokio::time::sleep(std::time::Duration::from_secs(60 * 60)).await;
+        assert_eq!(settles_at(1), 1, "forgotten at the next hour");
+        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
+        queue.reconcile(&p1, &LoggedEntries::new(), &HashSet::new()).unwrap();
+        *node.owned.lock().unwrap() = vec![0, 1];
+        let due: Vec<String> =
+            queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect();
+        assert_eq!(due, ["recent"]);
+        stop.cancel();
+        task.await.unwrap();
+    }
 }
