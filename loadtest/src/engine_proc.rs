@@ -21,6 +21,8 @@ pub struct EngineConfig {
     pub format: &'static str,
     pub group: String,
     pub smtp: SocketAddr,
+    /// Where the engine serves `/metrics`; [`ANY_PORT`]: a port the engine picks (its
+    /// log names it), so no port picked here can be taken meanwhile.
     pub metrics: SocketAddr,
     pub cache_capacity: u64,
     pub pool_size: u32,
@@ -55,7 +57,9 @@ impl EngineConfig {
             // Warnings, and the one line that says how long catching up with the shared state took.
             .env(
                 "RUST_LOG",
-                std::env::var("CALLNOTIFY_ENGINE_LOG").unwrap_or_else(|_| "warn,engine::state=info".into()),
+                // The line naming the metrics endpoint's port, whatever else is asked for.
+                std::env::var("CALLNOTIFY_ENGINE_LOG").unwrap_or_else(|_| "warn,engine::state=info".into())
+                    + ",engine::startup=info",
             );
         cmd
     }
@@ -119,6 +123,7 @@ impl EngineConfig {
     /// directory (a run of several rounds keeps every round's).
     pub fn serve(&self) -> anyhow::Result<EngineProcess> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file())?;
+        let log_from = log.metadata()?.len();
         let fax = self.fax_topic.as_ref().map(|t| format!(r#",{{name="{t}",format="fax"}}"#)).unwrap_or_default();
         let topics = format!(r#"[{{name="{}",format="{}"}}{fax}]"#, self.topic, self.format);
         let [state, requests, sent, retry] = shared_topics(&self.topic);
@@ -137,8 +142,48 @@ impl EngineConfig {
             .stderr(log)
             .spawn()
             .context("starting serve")?;
-        Ok(EngineProcess { child, metrics: self.metrics })
+        Ok(EngineProcess { child, metrics: self.metrics, log: self.log_file(), log_from })
     }
+}
+
+/// `EngineConfig::metrics` for a port the engine picks.
+pub const ANY_PORT: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0));
+
+/// The metrics address the engine's log names ("metrics endpoint listening") after
+/// byte `from` of `log`, once it does.
+fn metrics_bound(log: &std::path::Path, from: u64) -> anyhow::Result<Option<SocketAddr>> {
+    use std::io::{Read as _, Seek as _};
+    let mut file = std::fs::File::open(log).with_context(|| format!("reading {}", log.display()))?;
+    file.seek(std::io::SeekFrom::Start(from))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    let Some(line) = text.lines().map(strip_colours).find(|l| l.contains("metrics endpoint listening")) else {
+        return Ok(None);
+    };
+    let addr = line
+        .split("url=http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .with_context(|| format!("no address in the engine's line {line:?}"))?;
+    Ok(Some(addr.parse().with_context(|| format!("the engine's metrics address {addr:?}"))?))
+}
+
+/// A log line without its terminal colours.
+pub fn strip_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The shared topics (`kafka.state_topic`, `state_requests_topic`, `sent_topic`,
@@ -149,7 +194,11 @@ pub fn shared_topics(topic: &str) -> [String; 4] {
 
 pub struct EngineProcess {
     child: Child,
+    /// Its port 0 until [`EngineProcess::wait_ready`] read the one the engine bound.
     metrics: SocketAddr,
+    /// The engine's log, and where this start's lines begin in it.
+    log: PathBuf,
+    log_from: u64,
 }
 
 /// One reading of the engine process.
@@ -202,7 +251,12 @@ impl EngineProcess {
             if let Some(status) = self.child.try_wait()? {
                 bail!("the engine exited during start-up ({status}); see engine.log");
             }
-            if self.metrics().await.is_ok() {
+            if self.metrics.port() == 0 {
+                if let Some(bound) = metrics_bound(&self.log, self.log_from)? {
+                    self.metrics = bound;
+                }
+            }
+            if self.metrics.port() != 0 && self.metrics().await.is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -251,4 +305,27 @@ pub async fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;
     Ok(Metrics(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The port an engine picked is read from its own start's line: a log kept over
+    /// several rounds names an earlier engine's port first.
+    #[test]
+    fn the_metrics_port_is_read_from_this_start_s_log_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("engine.log");
+        let line = |port: u16| {
+            format!(
+                "\u{1b}[2m2026-12-06T09:50:33Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \u{1b}[2mengine::startup\u{1b}[0m: metrics endpoint listening \u{1b}[3murl\u{1b}[0m\u{1b}[2m=\u{1b}[0mhttp://127.0.0.1:{port}/metrics\n"
+            )
+        };
+        std::fs::write(&log, line(40001)).unwrap();
+        let from = std::fs::metadata(&log).unwrap().len();
+        assert_eq!(metrics_bound(&log, from).unwrap(), None, "not yet listening");
+        std::fs::write(&log, line(40001) + "a warning\n" + &line(40002)).unwrap();
+        assert_eq!(metrics_bound(&log, from).unwrap(), Some("127.0.0.1:40002".parse().unwrap()));
+    }
 }

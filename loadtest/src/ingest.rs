@@ -15,7 +15,6 @@ use crate::compare::{self, Comparison, Round, Side};
 use crate::cpu::CpuSampler;
 use crate::traffic::{Generator, Mix};
 use crate::{Common, Setup};
-use testkit::free_port;
 
 #[derive(Args)]
 pub struct IngestArgs {
@@ -68,7 +67,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         let bare = bare_consumers(brokers, topic, &group, args.count, common.consumers)?;
         config.topic = topic.clone();
         config.group = format!("engine-{round}-{}", std::process::id());
-        config.metrics = free_port()?;
+        config.metrics = crate::engine_proc::ANY_PORT;
         let engine = compare::engine_rate(&config, "callnotify_cdrs_consumed_total", args.count).await?;
         let r = Round::measured(&cpu, bare, engine).await;
         r.say(round + 1, "bare consumer", "CDR/s");

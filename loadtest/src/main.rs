@@ -27,7 +27,6 @@ use engine::embedded::EmbeddedKafka;
 
 use crate::engine_proc::EngineConfig;
 use crate::population::Population;
-use testkit::free_port;
 
 #[derive(Parser)]
 #[command(name = "callnotify-loadtest", version, about = "Load tests for callnotify (loopback only)")]
@@ -91,8 +90,8 @@ pub struct Common {
     /// removed after a run that succeeds).
     #[arg(long)]
     workdir: Option<PathBuf>,
-    /// Where the engine serves `/metrics` (loopback only; default: a free port), for a
-    /// Prometheus to scrape during the run.
+    /// Where the engine serves `/metrics` (loopback only; default: a port the engine
+    /// picks), for a Prometheus to scrape during the run.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
 }
@@ -217,7 +216,7 @@ impl Common {
             smtp,
             metrics: match self.metrics_listen {
                 Some(addr) => addr,
-                None => free_port()?,
+                None => crate::engine_proc::ANY_PORT,
             },
             cache_capacity: self.cache_capacity,
             pool_size: self.pool_size,

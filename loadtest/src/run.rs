@@ -119,7 +119,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     engine.wait_ready(Duration::from_secs(60)).await?;
     let mut others = Vec::new();
     for i in 1..args.nodes.max(1) {
-        let node = EngineConfig { node: format!("n{i}"), metrics: testkit::free_port()?, ..config.clone() };
+        let node = EngineConfig { node: format!("n{i}"), metrics: crate::engine_proc::ANY_PORT, ..config.clone() };
         let _ = std::fs::remove_dir_all(node.store_dir());
         let mut process = node.serve()?;
         process.wait_ready(Duration::from_secs(600)).await?;

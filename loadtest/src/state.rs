@@ -12,6 +12,8 @@ use anyhow::Context as _;
 use clap::Args;
 use testkit::free_port;
 
+use crate::engine_proc::{strip_colours, ANY_PORT};
+
 use crate::Common;
 
 #[derive(Args)]
@@ -45,9 +47,12 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
     a.topic = setup.topics[0].clone();
     a.group = format!("state-{}", std::process::id());
     a.node = "a".into();
+    // Nodes B and C beside node A (`--metrics-listen` is node A's): ports of their own.
     let mut b = common.engine_config(&setup, a.smtp, "state.example.jp")?;
+    b.metrics = ANY_PORT;
     (b.topic, b.group, b.node) = (a.topic.clone(), a.group.clone(), "b".into());
     let mut c = common.engine_config(&setup, a.smtp, "state.example.jp")?;
+    c.metrics = ANY_PORT;
     (c.topic, c.group, c.node) = (setup.topics[1].clone(), format!("bulk-{}", std::process::id()), "c".into());
     for node in [&a, &b, &c] {
         let _ = std::fs::remove_dir_all(node.store_dir());
@@ -69,9 +74,6 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
         import.as_secs_f64()
     );
 
-    // A port picked while node A ran: picked before, its own listeners (on port 0)
-    // could take it, and node B's wait for its metrics was answered by node A.
-    b.metrics = free_port()?;
     let started = Instant::now();
     let mut second = b.serve()?;
     second.wait_ready(Duration::from_secs(1800)).await?;
@@ -96,7 +98,6 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
         std::fs::remove_file(file)?;
     }
     let offline = started.elapsed();
-    c.metrics = free_port()?;
     let mut third = c.serve()?;
     third.wait_ready(Duration::from_secs(1800)).await?;
     let bulk = started.elapsed();
@@ -133,22 +134,4 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
 
 fn setup_is_real(common: &Common) -> bool {
     !common.brokers.is_empty()
-}
-
-/// A log line without its terminal colours.
-fn strip_colours(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
