@@ -233,8 +233,8 @@ fn serve_takes_provisioning_answers_the_ivr_platform_and_stops_cleanly_on_sigter
 fn serve_stopped_while_it_starts_exits_at_once_and_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     // A port nothing listens on: the cluster check waits for an answer.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut serve = Running::start(serve_in(dir.path()).env("CALLNOTIFY__KAFKA__BROKERS", closed.to_string()));
+    let closed = testkit::closed_port().unwrap();
+    let mut serve = Running::start(serve_in(dir.path()).env("CALLNOTIFY__KAFKA__BROKERS", closed.addr.to_string()));
     serve.read_log_until(|l| l.contains("starting: checking the Kafka cluster"));
     let started = Instant::now();
     let (exit, rest) = serve.stop("TERM");

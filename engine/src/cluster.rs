@@ -275,8 +275,8 @@ mod tests {
 
     #[test]
     fn a_cluster_that_does_not_answer_is_an_error_within_the_wait_not_a_hang() {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        // Nothing listens there once the listener is dropped.
+        let port = testkit::closed_port().unwrap();
+        let closed = port.addr;
         let config = client_config(&closed.to_string(), &[], &BTreeMap::new());
         let started = std::time::Instant::now();
         let err = check_topics(&config, &[("cdr", "kafka.topics")]).expect_err("no cluster there");

@@ -22,3 +22,19 @@ use std::net::SocketAddr;
 pub fn free_port() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
+
+/// A loopback port where a connection is refused at once, for as long as this lives:
+/// a socket bound to it that never listens. A port merely freed ([`free_port`]) can be
+/// taken meanwhile by a listener of a test running beside, which then answers.
+pub struct ClosedPort {
+    _bound: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+/// See [`ClosedPort`].
+pub fn closed_port() -> std::io::Result<ClosedPort> {
+    let bound = tokio::net::TcpSocket::new_v4()?;
+    bound.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let addr = bound.local_addr()?;
+    Ok(ClosedPort { _bound: bound, addr })
+}
