@@ -112,6 +112,42 @@ async fn r_n1_a_settings_save_with_a_field_the_owner_does_not_know_is_refused_no
     a.stop().await;
 }
 
+/// A rolling upgrade once more: a newer node wrote a number record with fields this
+/// version does not know. This node applies it and notifies by the settings it knows,
+/// and its view goes on: a line provisioned after it is shown (read-your-writes) and
+/// notified. Such a record used to stop the serving node's view for good: the import
+/// after it waited out its answer time and failed (R-N1, R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_a_record_with_fields_of_a_newer_version_is_applied_and_the_view_goes_on() {
+    use engine::store::state::{StateKey, StateTree};
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let record = a.store.number(&n("0312345678")).unwrap().unwrap();
+    let mut newer = serde_json::to_value(&record).unwrap();
+    newer["nickname"] = "home".into();
+    newer["call"]["quiet_hours"] = serde_json::json!({"from": "22:00", "to": "07:00"});
+    newer["call"]["destinations"][0]["label"] = "mine".into();
+    let key = StateKey::number(StateTree::Numbers, &n("0312345678")).encode();
+    let [state, _] = engine::embedded::STATE_TOPICS;
+    h.produce_keyed(state, &[(key, newer.to_string())]).await;
+
+    a.provision(&[plain_subscriber("0312345679", "hanako@example.jp")]);
+    h.produce(
+        TOPIC,
+        &[
+            cdr("newer-fields", "0312345678", Some("09011112222"), "allowed", "no_answer"),
+            cdr("after-it", "0312345679", Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    let mails = h.mails(2).await;
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["hanako@example.jp", "taro@example.jp"]);
+    a.stop().await;
+}
+
 /// Sends the state owner a request of `ops` as node "newer" would, and waits for the
 /// owner's answer on the state topic.
 async fn answer_to_newer_node(h: &Harness, ops: serde_json::Value) -> serde_json::Value {

@@ -91,10 +91,16 @@ impl Harness {
 
     /// Produces `payloads` to `topic`, keyed by their index, in order.
     pub async fn produce(&self, topic: &str, payloads: &[String]) {
-        for (i, payload) in payloads.iter().enumerate() {
-            let key = i.to_string();
+        let keyed: Vec<(String, String)> =
+            payloads.iter().enumerate().map(|(i, p)| (i.to_string(), p.clone())).collect();
+        self.produce_keyed(topic, &keyed).await;
+    }
+
+    /// Produces each (key, payload) of `records` to `topic`, in order.
+    pub async fn produce_keyed(&self, topic: &str, records: &[(String, String)]) {
+        for (key, payload) in records {
             self.producer
-                .send(FutureRecord::to(topic).key(&key).payload(payload), Duration::from_secs(10))
+                .send(FutureRecord::to(topic).key(key).payload(payload), Duration::from_secs(10))
                 .await
                 .map_err(|(e, _)| e)
                 .expect("produce");
