@@ -72,9 +72,7 @@ async fn r_i1_a_node_s_view_once_synced_shows_a_line_provisioned_through_another
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_l3_a_request_with_an_op_the_owner_does_not_know_is_answered_with_errors() {
     use engine::store::state::Op;
-    let h = Harness::new(1).await;
-    let a = h.node("a").await;
-    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let (h, a) = one_node_with_a_subscriber().await;
     let known =
         serde_json::to_value(Op::SetLineUnit { contract: n("0312345678"), unit: engine::store::AuthUnit::Line })
             .unwrap();
@@ -96,9 +94,7 @@ async fn r_l3_a_request_with_an_op_the_owner_does_not_know_is_answered_with_erro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_n1_a_settings_save_with_a_field_the_owner_does_not_know_is_refused_not_half_carried_out() {
     use engine::store::state::Op;
-    let h = Harness::new(1).await;
-    let a = h.node("a").await;
-    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let (h, a) = one_node_with_a_subscriber().await;
     let before = a.store.number(&n("0312345678")).unwrap().unwrap().call;
     let settings = engine::store::CallSettings { enabled: !before.enabled, ..before.clone() };
     let mut save =
@@ -120,9 +116,7 @@ async fn r_n1_a_settings_save_with_a_field_the_owner_does_not_know_is_refused_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_n1_a_record_with_fields_of_a_newer_version_is_applied_and_the_view_goes_on() {
     use engine::store::state::{StateKey, StateTree};
-    let h = Harness::new(1).await;
-    let a = h.node("a").await;
-    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let (h, a) = one_node_with_a_subscriber().await;
     let record = a.store.number(&n("0312345678")).unwrap().unwrap();
     let mut newer = serde_json::to_value(&record).unwrap();
     newer["nickname"] = "home".into();
@@ -146,6 +140,14 @@ async fn r_n1_a_record_with_fields_of_a_newer_version_is_applied_and_the_view_go
     to.sort();
     assert_eq!(to, ["hanako@example.jp", "taro@example.jp"]);
     a.stop().await;
+}
+
+/// One node of a cluster, subscriber 0312345678 (taro@example.jp) provisioned through it.
+async fn one_node_with_a_subscriber() -> (Harness, TestEngine) {
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    (h, a)
 }
 
 /// Sends the state owner a request of `ops` as node "newer" would, and waits for the
@@ -412,9 +414,7 @@ async fn r_l3_a_store_started_again_on_an_empty_state_topic_keeps_its_subscriber
 /// restarted in a quiet hour looked as if it had applied nothing (R-L3).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_l3_a_node_started_again_reports_the_state_it_has_applied_from_its_start() {
-    let h = Harness::new(1).await;
-    let a = h.node("a").await;
-    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let (h, a) = one_node_with_a_subscriber().await;
     let applied = a.metric("callnotify_state_applied_offset");
     assert!(applied > 0.0, "the provisioning's records applied");
     a.stop().await;
@@ -574,9 +574,7 @@ async fn r_n1_a_node_reports_no_lag_for_a_partition_it_gave_up() {
 async fn r_l3_a_store_left_mid_batch_by_its_owner_is_rebuilt_from_the_state_topic() {
     use engine::store::state::Op;
     use engine::store::{LineRecord, Services};
-    let h = Harness::new(1).await;
-    let a = h.node("a").await;
-    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let (h, a) = one_node_with_a_subscriber().await;
     a.stop().await;
     {
         // What the owner does before it publishes: the mark, then the batch's writes;
@@ -710,9 +708,7 @@ async fn r_n2_a_replaced_owner_s_late_write_is_applied_by_no_node_and_written_ov
 /// store from the topic, without the write nobody else applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_l3_an_owner_that_finds_its_writes_fenced_stops_and_drops_them_at_its_next_start() {
-    let h = Harness::new(1).await;
-    let a = h.node("a").await;
-    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let (h, a) = one_node_with_a_subscriber().await;
     write_state(&h, "successor", "owner/successor/1", b"{}", None).await;
     let store = a.store.clone();
     let line = plain_subscriber("0612345678", "hanako@example.jp");
@@ -773,9 +769,7 @@ async fn r_l3_a_batch_of_requests_answered_before_leaves_the_store_unmarked() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::{Offset, TopicPartitionList};
     const REQUESTS: &str = engine::embedded::STATE_TOPICS[1];
-    let h = Harness::new(1).await;
-    let a = h.node("a").await;
-    a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let (h, a) = one_node_with_a_subscriber().await;
     testkit::wait::until(WAIT, || "the owner's write was never read back".into(), || !a.store.diverged().unwrap())
         .await;
 
