@@ -19,7 +19,7 @@ use crate::{Common, Setup};
 #[derive(Args)]
 pub struct IngestArgs {
     #[command(flatten)]
-    common: Common,
+    pub(crate) common: Common,
     /// CDRs in the topic. The mock cluster keeps at most 5 MB or 100 000 messages a
     /// partition: raise `--partitions` with it.
     #[arg(long, default_value_t = 100_000)]

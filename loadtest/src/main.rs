@@ -285,6 +285,15 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Given --workdir, the directory is the operator's: named on a failure, never removed.
+    let chosen = match &cli.command {
+        Command::Run(args) => &args.common,
+        Command::Ingest(args) => &args.common,
+        Command::Smtp(args) => &args.common,
+        Command::State(args) => &args.common,
+    }
+    .workdir
+    .clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         let work = async {
@@ -304,10 +313,10 @@ fn main() -> std::process::ExitCode {
             }
         }
     });
-    let workdir = default_workdir();
+    let workdir = chosen.clone().unwrap_or_else(default_workdir);
     match result {
         Ok(()) => {
-            if workdir.exists() {
+            if chosen.is_none() && workdir.exists() {
                 if let Err(e) = std::fs::remove_dir_all(&workdir) {
                     eprintln!("the run's work directory {} is left: {e}", workdir.display());
                 }

@@ -27,7 +27,7 @@ const DOMAIN: &str = "loadtest.example.jp";
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    common: Common,
+    pub(crate) common: Common,
     /// Target CDR/s; 0 = flat out.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,

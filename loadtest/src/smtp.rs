@@ -20,7 +20,7 @@ use testkit::free_port;
 #[derive(Args)]
 pub struct SmtpArgs {
     #[command(flatten)]
-    common: Common,
+    pub(crate) common: Common,
     /// Mails each side sends per round.
     #[arg(long, default_value_t = 20_000)]
     mails: u64,

@@ -19,7 +19,7 @@ use crate::Common;
 #[derive(Args)]
 pub struct StateArgs {
     #[command(flatten)]
-    common: Common,
+    pub(crate) common: Common,
 }
 
 pub async fn state(args: StateArgs) -> anyhow::Result<()> {

@@ -71,4 +71,8 @@ fn a_load_test_stopped_by_sigterm_stops_the_engine_it_started() {
     }
     assert!(left.is_empty(), "engines left running after the load test stopped: {left:?}; {stderr}");
     assert!(stderr.contains("stopped by SIGTERM"), "it says why it stopped: {stderr}");
+    // The --workdir given, where the engine's log is: named, and kept.
+    let work = dir.path().join("work");
+    assert!(stderr.contains(&format!("kept in {}", work.display())), "it names the work directory: {stderr}");
+    assert!(work.join("engine.log").exists());
 }
