@@ -8,12 +8,16 @@
 //! POST /ivr/calls/{id}/digits  {"digits":"1"}
 //!   200 {"call_id":"…","prompt":"ENTER_PASSWORD","text":"0312345678番の…","awaiting":"ENTER_PASSWORD","ends":false}
 //!   404 {"error":"unknown_call","message":"…"}     ended, idle too long, or never started
+//!   421 {"error":"other_node","message":"…"}       answered by another node (or by this
+//!                                                  one before a restart)
 //! ```
 //!
 //! `prompt` and `text` are `null` when the call ends without a word (R-I6); the platform
 //! hangs up whenever `ends` is true. `awaiting` names the entry the next digits answer.
 //! Calls live in memory; a call without a request for [`IDLE_TIMEOUT`] is forgotten
-//! (the platform has hung up), so a restart only drops calls in progress.
+//! (the platform has hung up), so a restart only drops calls in progress. A call id
+//! begins with the answering process's tag, so digits sent to another node (or to this
+//! one after a restart) are told so, not that the call ended.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,6 +45,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::minutes(5);
 #[derive(Clone)]
 pub struct ApiState {
     ivr: Ivr,
+    /// Begins every call id this process gives: random per process, so a call id tells
+    /// whether this process answered it.
+    tag: Arc<str>,
     /// Calls in progress by call id.
     calls: Arc<DashMap<String, Arc<LiveCall>>>,
     idle_timeout: Duration,
@@ -65,7 +72,8 @@ impl LiveCall {
 
 impl ApiState {
     pub fn new(ivr: Ivr) -> Self {
-        Self { ivr, calls: Arc::default(), idle_timeout: IDLE_TIMEOUT, metrics: Metrics::new() }
+        let tag = format!("{:08x}", rand::random::<u32>()).into();
+        Self { ivr, tag, calls: Arc::default(), idle_timeout: IDLE_TIMEOUT, metrics: Metrics::new() }
     }
 
     /// Counts calls and failed requests in the engine's `metrics`.
@@ -160,7 +168,7 @@ async fn start_call(
         state.metrics.ivr_call(IvrCall::Busy);
         return Err(ApiError::Busy);
     }
-    let call_id = format!("{:032x}", rand::random::<u128>());
+    let call_id = format!("{}-{:032x}", state.tag, rand::random::<u128>());
     let live = LiveCall { call: Mutex::new(call), caller, last_seen_ms: AtomicI64::new(now.timestamp_millis()) };
     state.calls.insert(call_id.clone(), Arc::new(live));
     Ok(Json(StepResponse::new(call_id, step)))
@@ -174,7 +182,12 @@ async fn digits(
     let Json(request) = body?;
     let now = state.ivr.clock.now();
     // Cloned out so no map guard is held across the await below.
-    let live = state.calls.get(&call_id).map(|entry| Arc::clone(entry.value())).ok_or(ApiError::UnknownCall)?;
+    let Some(live) = state.calls.get(&call_id).map(|entry| Arc::clone(entry.value())) else {
+        return Err(match call_id.split_once('-') {
+            Some((tag, _)) if tag != &*state.tag => ApiError::OtherNode,
+            _ => ApiError::UnknownCall,
+        });
+    };
     if live.idle(now) >= state.idle_timeout {
         if state.calls.remove(&call_id).is_some() {
             state.metrics.ivr_call(IvrCall::Abandoned);
@@ -208,6 +221,11 @@ pub enum ApiError {
     Refused(IvrError),
     #[error("no such call: it ended, was idle too long, or never started; start a new call")]
     UnknownCall,
+    #[error(
+        "this call was answered by another node, or by this one before a restart: a call's digits go to the node \
+         that answered it; start a new call if that node is gone"
+    )]
+    OtherNode,
     #[error("{message}")]
     BadRequest { status: StatusCode, message: String },
     #[error("internal error: {0}")]
@@ -242,6 +260,7 @@ impl IntoResponse for ApiError {
             Self::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
             Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
             Self::UnknownCall => (StatusCode::NOT_FOUND, "unknown_call"),
+            Self::OtherNode => (StatusCode::MISDIRECTED_REQUEST, "other_node"),
             Self::BadRequest { status, .. } => (*status, "bad_request"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

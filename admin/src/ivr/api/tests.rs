@@ -46,7 +46,8 @@ async fn r_i1_to_r_i7_a_whole_call_over_http() {
     );
     assert!(body["text"].as_str().unwrap().starts_with("仮パスワード設定をする単位を選択します。"));
     let call_id = body["call_id"].as_str().unwrap().to_owned();
-    assert_eq!(call_id.len(), 32);
+    let (tag, secret) = call_id.split_once('-').unwrap();
+    assert_eq!((tag.len(), secret.len()), (8, 32), "{call_id}: this process's tag, 128 random bits");
     assert_eq!(state.live_calls(), 1);
 
     let (_, body) = key(&app, &call_id, "1").await;
@@ -109,6 +110,22 @@ async fn an_unknown_call_id_is_a_json_404() {
     let (status, body) = key(&app, "0123456789abcdef0123456789abcdef", "1").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"], "unknown_call");
+}
+
+/// On several nodes (docs/ivr.md) a call's digits go to the node that answered it: sent
+/// to another (a platform spreading every request over the nodes, or the answering node
+/// restarted), they are told so, not that the call ended. The answering node goes on.
+#[tokio::test]
+async fn r_i1_digits_of_a_call_answered_by_another_node_are_told_where_it_lives() {
+    let f = fixture();
+    let ((_, a), (_, b)) = (app(&f), app(&f));
+    let (_, body) = start(&a, CONTRACT).await;
+    let call_id = body["call_id"].as_str().unwrap().to_owned();
+    let (status, body) = key(&b, &call_id, "1").await;
+    assert_eq!((status, &body["error"]), (StatusCode::MISDIRECTED_REQUEST, &json!("other_node")));
+    assert!(body["message"].as_str().unwrap().contains("the node that answered it"), "{body}");
+    let (status, body) = key(&a, &call_id, "1").await;
+    assert_eq!((status, &body["prompt"]), (StatusCode::OK, &json!("ENTER_PASSWORD")));
 }
 
 #[tokio::test]
