@@ -655,6 +655,19 @@ mod tests {
         Queued { source: Some(PartitionId { topic: "cdr".into(), partition }), ..queued(call_id, "a@example.jp").0 }
     }
 
+    /// The call ids of the mails due by 10 s, as the retry loop would take them.
+    fn due_call_ids(queue: &RetryQueue) -> Vec<String> {
+        queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect()
+    }
+
+    /// Partition 1 assigned to the node again, its changelog empty: what the store has
+    /// set aside of it comes back into the queue.
+    fn partition_1_back(queue: &RetryQueue, node: &Reads) {
+        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
+        queue.reconcile(&p1, &LoggedEntries::new(), &HashSet::new()).unwrap();
+        *node.owned.lock().unwrap() = vec![0, 1];
+    }
+
     /// R-M4, docs/cluster.md: a node sends the queued mails of the CDR partitions it
     /// reads now, however often it looked at the queue before a rebalance.
     #[test]
@@ -662,16 +675,12 @@ mod tests {
         let (_store, queue, node) = queue_of_a_node();
         queue.push(&of("c-0", 0), 1_000, 1).unwrap();
         queue.push(&of("c-1", 1), 2_000, 1).unwrap();
-        let due = |queue: &RetryQueue| -> Vec<String> {
-            queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect()
-        };
-
         *node.owned.lock().unwrap() = vec![0];
-        assert_eq!((due(&queue), queue.next_due_ms().unwrap()), (vec!["c-0".to_owned()], Some(1_000)));
+        assert_eq!((due_call_ids(&queue), queue.next_due_ms().unwrap()), (vec!["c-0".to_owned()], Some(1_000)));
         *node.owned.lock().unwrap() = vec![1];
-        assert_eq!((due(&queue), queue.next_due_ms().unwrap()), (vec!["c-1".to_owned()], Some(2_000)));
+        assert_eq!((due_call_ids(&queue), queue.next_due_ms().unwrap()), (vec!["c-1".to_owned()], Some(2_000)));
         *node.owned.lock().unwrap() = vec![];
-        assert_eq!((due(&queue), queue.next_due_ms().unwrap()), (Vec::<String>::new(), None));
+        assert_eq!((due_call_ids(&queue), queue.next_due_ms().unwrap()), (Vec::<String>::new(), None));
 
         // The entry at partition 0's slot taken out, and a mail of partition 1 queued at
         // the same due time and key (an entry written again otherwise).
@@ -680,7 +689,7 @@ mod tests {
         assert!(queue.remove(&slot).unwrap());
         queue.push(&of("c-0", 1), 1_000, 1).unwrap();
         *node.owned.lock().unwrap() = vec![1];
-        assert_eq!(due(&queue), ["c-0", "c-1"]);
+        assert_eq!(due_call_ids(&queue), ["c-0", "c-1"]);
     }
 
     /// R-M4, docs/cluster.md: the queued mails of a partition given up are set aside, out
@@ -690,9 +699,6 @@ mod tests {
     #[test]
     fn r_m4_the_mails_of_a_partition_given_up_are_set_aside_until_it_comes_back() {
         let (_store, queue, node) = queue_of_a_node();
-        let due = || -> Vec<String> {
-            queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect()
-        };
         queue.push(&of("c-0", 0), 1_000, 1).unwrap();
         let (tried, _) = queue.push(&of("c-1", 1), 2_000, 1).unwrap();
         let (aside, _) = queue.push(&of("c-2", 1), 3_000, 1).unwrap();
@@ -701,7 +707,7 @@ mod tests {
         // Partition 1 given up while c-1 was being tried: its attempt ends after.
         *node.owned.lock().unwrap() = vec![0];
         assert_eq!(queue.park().unwrap(), 2);
-        assert_eq!((queue.len(), due()), (1, vec!["c-0".to_owned()]));
+        assert_eq!((queue.len(), due_call_ids(&queue)), (1, vec!["c-0".to_owned()]));
         let tried = queue.reschedule(&tried, &of("c-1", 1), 2_500).unwrap();
         assert_eq!(queue.len(), 1, "rescheduled aside");
         let (_, added) = queue.push(&of("c-3", 1), 4_000, 1).unwrap();
@@ -721,7 +727,7 @@ mod tests {
         assert_eq!(unconfirmed, [of("c-3", 1).sent_key().unwrap().as_bytes().to_vec()], "c-3 is published again");
         assert!(!queue.remove(&tried).unwrap(), "the changelog's c-1 replaced this store's");
         assert_eq!((reconciled.queued_change, queue.len()), (2, 3));
-        assert_eq!(due(), ["c-0", "c-3", "c-1"]);
+        assert_eq!(due_call_ids(&queue), ["c-0", "c-3", "c-1"]);
         assert_eq!(queue.next_due_ms().unwrap(), Some(1_000));
         assert_eq!(queue.park().unwrap(), 0, "nothing of another partition left in the queue");
     }
@@ -743,13 +749,8 @@ mod tests {
         assert_eq!(queue.forget_parked_failed_before(5_000).unwrap(), 1);
         assert_eq!(queue.forget_parked_failed_before(5_000).unwrap(), 0, "forgotten once");
         assert_eq!(queue.len(), 1, "the queue untouched");
-        // Partition 1 back, its changelog empty: what the store still has comes back.
-        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
-        queue.reconcile(&p1, &LoggedEntries::new(), &HashSet::new()).unwrap();
-        *node.owned.lock().unwrap() = vec![0, 1];
-        let due: Vec<String> =
-            queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect();
-        assert_eq!(due, ["old-queued", "new-aside"]);
+        partition_1_back(&queue, &node);
+        assert_eq!(due_call_ids(&queue), ["old-queued", "new-aside"]);
     }
 
     /// The engine's hourly task: entries set aside past their give-up age and a day are
@@ -789,12 +790,8 @@ mod tests {
         assert_eq!(aside.len(), 2);
         tokio::time::sleep(std::time::Duration::from_secs(60 * 60)).await;
         assert_eq!(settles_at(1), 1, "forgotten at the next hour");
-        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
-        queue.reconcile(&p1, &LoggedEntries::new(), &HashSet::new()).unwrap();
-        *node.owned.lock().unwrap() = vec![0, 1];
-        let due: Vec<String> =
-            queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect();
-        assert_eq!(due, ["recent"]);
+        partition_1_back(&queue, &node);
+        assert_eq!(due_call_ids(&queue), ["recent"]);
         stop.cancel();
         task.await.unwrap();
     }

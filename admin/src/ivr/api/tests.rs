@@ -116,7 +116,7 @@ async fn an_unknown_call_id_is_a_json_404() {
 /// to another (a platform spreading every request over the nodes, or the answering node
 /// restarted), they are told so, not that the call ended. The answering node goes on.
 #[tokio::test]
-async fn r_i1_digits_of_a_call_answered_by_another_node_are_told_where_it_lives() {
+async fn digits_of_a_call_answered_by_another_node_are_told_where_it_lives() {
     let f = fixture();
     let ((_, a), (_, b)) = (app(&f), app(&f));
     let (_, body) = start(&a, CONTRACT).await;
