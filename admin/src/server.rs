@@ -101,17 +101,19 @@ pub async fn serve(
     Ok(Servers { site, ivr, site_url, tasks })
 }
 
-macro_rules! peer_of {
-    ($listener:ty) => {
-        impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, $listener>> for Peer {
-            fn connect_info(stream: axum::serve::IncomingStream<'_, $listener>) -> Self {
-                Peer(*stream.remote_addr())
-            }
-        }
-    };
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>) -> Self {
+        Peer { addr: *stream.remote_addr(), answering: stream.io().answering() }
+    }
 }
-peer_of!(Guarded<tokio::net::TcpListener>);
-peer_of!(TlsListener);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        Peer { addr: *stream.remote_addr(), answering: stream.io().get_ref().0.answering() }
+    }
+}
 
 /// A listener on `addr`, and the address it got (port 0 picks a free one).
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
@@ -135,7 +137,10 @@ fn spawn<L>(
 {
     let metrics = metrics.clone();
     tasks.spawn(async move {
-        // The peer's address reaches the handlers: the login throttle counts by it.
+        // The peer's address reaches the handlers: the login throttle counts by it. A
+        // request being answered (a save waiting for the state owner, a test mail for a
+        // slow mail server) holds its connection's idle limit off.
+        let app = app.layer(axum::middleware::from_fn(engine::http::keep_open_while_answering::<Peer>));
         let app = app.into_make_service_with_connect_info::<Peer>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
             engine::error_event!(metrics, ErrorEvent::AdminListener, error = %e, server = key, "admin server stopped");

@@ -7,6 +7,12 @@
 //! connection is a [`GuardedIo`], closed after `idle` without a byte either way (a
 //! half-sent request, an idle keep-alive) and, where `lifetime` is set, after that long
 //! whatever it does (a client trickling a byte now and then).
+//!
+//! A request being answered is not idleness: its handler may wait on the state owner
+//! or a mail server longer than `idle`. A server that wraps its router in
+//! [`keep_open_while_answering`] (with a connect-info type giving the connection's
+//! [`Answering`]) has the idle limit wait while a handler runs; hyper reads the socket
+//! meanwhile, and without it that read would end the connection mid-answer.
 
 use std::future::Future as _;
 use std::io;
@@ -17,6 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::connect_info::ConnectInfo;
 use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -126,12 +133,54 @@ impl Drop for Slot {
     }
 }
 
+/// The requests of one connection its server is answering now. Cheap to clone: every
+/// clone counts for the same connection.
+#[derive(Clone, Debug, Default)]
+pub struct Answering(Arc<AtomicUsize>);
+
+impl Answering {
+    /// Counts one request as being answered until the guard is dropped.
+    pub fn begin(&self) -> AnsweringGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        AnsweringGuard(self.clone())
+    }
+
+    fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One request being answered, from [`Answering::begin`].
+pub struct AnsweringGuard(Answering);
+
+impl Drop for AnsweringGuard {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Middleware: the request's connection is not closed as idle while its handler runs.
+/// `C` is the server's connect-info type (`into_make_service_with_connect_info::<C>`);
+/// a request without one (a test calling the router directly) is answered alike.
+pub async fn keep_open_while_answering<C>(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response
+where
+    C: AsRef<Answering> + Clone + Send + Sync + 'static,
+{
+    let _answering = request.extensions().get::<ConnectInfo<C>>().map(|info| info.0.as_ref().begin());
+    next.run(request).await
+}
+
 /// A connection that ends when idle too long or past its lifetime.
 pub struct GuardedIo<T> {
     inner: T,
     idle_for: Duration,
     idle: Pin<Box<Sleep>>,
     lifetime: Option<Pin<Box<Sleep>>>,
+    /// Requests its server is answering: no idleness meanwhile.
+    answering: Answering,
     _slot: Slot,
 }
 
@@ -143,14 +192,25 @@ impl<T> GuardedIo<T> {
             idle_for: limits.idle,
             idle: Box::pin(tokio::time::sleep_until(now + limits.idle)),
             lifetime: limits.lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
+            answering: Answering::default(),
             _slot: slot,
         }
+    }
+
+    /// The count of this connection's requests being answered, for the server's
+    /// connect-info type ([`keep_open_while_answering`]).
+    pub fn answering(&self) -> Answering {
+        self.answering.clone()
     }
 
     /// Whether the connection is to end now (registering for the wake-up otherwise).
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         if self.lifetime.as_mut().is_some_and(|l| l.as_mut().poll(cx).is_ready()) {
             return Some(io::Error::new(io::ErrorKind::TimedOut, "connection open past its lifetime"));
+        }
+        if self.answering.any() {
+            // Idleness starts again once the answer is out (its bytes reset it too).
+            self.progressed();
         }
         if self.idle.as_mut().poll(cx).is_ready() {
             return Some(io::Error::new(io::ErrorKind::TimedOut, "connection idle too long"));
@@ -263,6 +323,62 @@ mod tests {
         })
         .await;
         assert!(served.is_ok(), "127.0.0.1 is served again once its connections closed");
+    }
+
+    /// What a server gives its handlers about the connection: here its [`Answering`].
+    #[derive(Clone)]
+    struct Conn(Answering);
+
+    impl AsRef<Answering> for Conn {
+        fn as_ref(&self) -> &Answering {
+            &self.0
+        }
+    }
+
+    impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>>
+        for Conn
+    {
+        fn connect_info(stream: axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>) -> Self {
+            Conn(stream.io().answering())
+        }
+    }
+
+    /// A handler that takes longer than the idle limit (a site save waiting for the
+    /// state owner, a test mail waiting for a slow mail server) is answered, not cut off
+    /// with an empty reply; a connection that then says nothing is still closed.
+    #[tokio::test]
+    async fn a_request_answered_slower_than_the_idle_limit_gets_its_answer() {
+        let limits = Limits { max_connections: 10, per_client: 10, idle: Duration::from_millis(300), lifetime: None };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::get(|| async {
+                    tokio::time::sleep(Duration::from_millis(1_000)).await;
+                    "answered"
+                }),
+            )
+            .layer(axum::middleware::from_fn(keep_open_while_answering::<Conn>));
+        let _server = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<Conn>();
+            axum::serve(Guarded::new(listener, limits, "test"), app).await.unwrap();
+        });
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !answer.ends_with(b"answered") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("answered"), "got {answer:?}");
+        // Kept alive, then idle: closed after the idle limit.
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
     }
 
     /// A client that trickles a byte before each idle timeout is still closed at the

@@ -108,7 +108,7 @@ pub async fn submit(
         return Err(SiteError::Csrf);
     }
     let now = state.clock.now();
-    let client = state.client(peer.map(|p| (p.0).0 .0), &headers);
+    let client = state.client(peer.map(|p| p.0 .0.addr), &headers);
     if client.is_some_and(|client| !state.throttle.allows(client, now)) {
         tracing::info!(client = ?client, "site login not checked: too many wrong logins from this address");
         state.metrics.login(Login::Throttled);

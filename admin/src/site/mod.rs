@@ -68,11 +68,21 @@ use crate::credentials::{CredentialError, CredentialKind, Credentials, LoginOk};
 use crate::failure::{self, Failed, Reporter};
 use session::{Session, Sessions};
 
-/// The address a connection came from, handed to the handlers as
-/// `ConnectInfo<Peer>` by the server (axum gives `SocketAddr` only for a bare
-/// `TcpListener`).
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub std::net::SocketAddr);
+/// The connection a request came on, handed to the handlers as `ConnectInfo<Peer>` by
+/// the server (axum gives `SocketAddr` only for a bare `TcpListener`).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Where it came from: the login throttle counts by it.
+    pub addr: std::net::SocketAddr,
+    /// Its requests being answered: the listener's idle limit waits for them.
+    pub answering: engine::http::Answering,
+}
+
+impl AsRef<engine::http::Answering> for Peer {
+    fn as_ref(&self) -> &engine::http::Answering {
+        &self.answering
+    }
+}
 
 /// What the site's handlers share; cheap to clone.
 #[derive(Clone)]

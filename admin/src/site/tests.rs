@@ -570,7 +570,7 @@ async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_de
 /// A login form sent from `client` (the connection's address, as `serve` hands it on).
 async fn login_from(app: &App, client: &str, number: &str, password: &str) -> Reply {
     let token = login_token(app).await;
-    let peer = super::Peer(format!("{client}:40000").parse().unwrap());
+    let peer = super::Peer { addr: format!("{client}:40000").parse().unwrap(), answering: Default::default() };
     let request = Request::post("/login")
         .header("cookie", format!("{CSRF_COOKIE}={token}"))
         .header("content-type", "application/x-www-form-urlencoded")
