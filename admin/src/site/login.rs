@@ -109,12 +109,17 @@ pub async fn submit(
     }
     let now = state.clock.now();
     let client = state.client(peer.map(|p| p.0 .0.addr), &headers);
-    if client.is_some_and(|client| !state.throttle.allows(client, now)) {
-        tracing::info!(client = ?client, "site login not checked: too many wrong logins from this address");
-        state.metrics.login(Login::Throttled);
-        let page = login_page(&state, &form.csrf, None, Some(THROTTLED_MESSAGE));
-        return Ok((StatusCode::TOO_MANY_REQUESTS, Html(page)).into_response());
-    }
+    // Taken before the password is checked, so attempts sent at once cannot all pass.
+    let attempt = match client.map(|client| state.throttle.begin(client, now)) {
+        Some(None) => {
+            tracing::info!(client = ?client, "site login not checked: too many wrong logins from this address");
+            state.metrics.login(Login::Throttled);
+            let page = login_page(&state, &form.csrf, None, Some(THROTTLED_MESSAGE));
+            return Ok((StatusCode::TOO_MANY_REQUESTS, Html(page)).into_response());
+        }
+        Some(Some(attempt)) => Some(attempt),
+        None => None,
+    };
     let verdict = match PhoneNumber::parse(&form.number) {
         Ok(number) => {
             let verdict = state.credentials.verify_async(number, form.password, now).await?;
@@ -127,8 +132,8 @@ pub async fn submit(
         Ok(found) => found,
         // The token matched the cookie, so it is ours and safe to render again.
         Err(_) => {
-            if let Some(client) = client {
-                state.throttle.failed(client, now);
+            if let Some(attempt) = attempt {
+                attempt.failed();
             }
             let fax = super::fax::fax_to_show(&form.fax).unwrap_or("");
             let page = login_page_with(&state, &form.csrf, None, Some(FAILURE_MESSAGE), &form.number, fax);

@@ -602,6 +602,28 @@ async fn r_s3_wrong_logins_from_one_address_are_slowed_and_not_counted_against_t
     assert_eq!(login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await.location(), Some("/"), "after the window");
 }
 
+/// Wrong logins sent at once from one address do not pass the brake together: only
+/// [`throttle::MAX_FAILURES`] of them are checked while the others are answered 429, so
+/// ten sent at once cannot invalidate a password (R-S3) as ten in a row could not.
+#[tokio::test]
+async fn r_s3_wrong_logins_sent_at_once_from_one_address_are_braked_like_ones_in_a_row() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let attempts = (0..10).map(|_| login_from(&app, "192.0.2.1", CONTRACT, "wrong1234"));
+    let replies = futures_util::future::join_all(attempts).await;
+    let braked = replies.iter().filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!(
+        braked,
+        10 - throttle::MAX_FAILURES as usize,
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let record = app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap();
+    assert_eq!(record.failures, throttle::MAX_FAILURES, "only the checked ones count");
+    assert!(!record.invalidated, "the password still works");
+    assert_eq!(login_from(&app, "192.0.2.2", CONTRACT, PASSWORD).await.location(), Some("/"), "from another address");
+}
+
 /// Every page carries the site's header and its stylesheet (served by the site itself,
 /// so the strict CSP holds); unknown pages and methods answer in Japanese instead of an
 /// empty body the browser shows as its own English error; a session that ended sends

@@ -14,6 +14,7 @@
 //! address is not slowed by someone else's guessing.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use dashmap::DashMap;
@@ -25,32 +26,63 @@ pub const WINDOW: Duration = Duration::minutes(15);
 /// Addresses tracked at most; past it, windows that have passed are dropped.
 const MAX_TRACKED: usize = 100_000;
 
-/// Wrong logins by client address: (count, start of the window).
+/// Per client address: its wrong logins in the window, and attempts being checked now.
 #[derive(Default)]
 pub struct Throttle {
-    failures: DashMap<IpAddr, (u32, DateTime<Utc>)>,
+    tallies: DashMap<IpAddr, Tally>,
+}
+
+struct Tally {
+    /// Wrong logins since `since`.
+    failed: u32,
+    /// The start of the window.
+    since: DateTime<Utc>,
+    /// Attempts whose password is being checked: each may turn out wrong, so they count
+    /// against the allowance until it is known (attempts sent at once would otherwise
+    /// all pass before the first failure is counted).
+    checking: u32,
 }
 
 impl Throttle {
-    /// Whether `client` may try a login at `now`.
-    pub fn allows(&self, client: IpAddr, now: DateTime<Utc>) -> bool {
-        self.failures.get(&client).is_none_or(|entry| {
-            let (count, since) = *entry;
-            now - since >= WINDOW || count < MAX_FAILURES
-        })
+    /// Starts an attempt of `client` at `now`, if it may make one; `None` past its wrong
+    /// logins (those being checked included) within the window.
+    pub fn begin(self: &Arc<Self>, client: IpAddr, now: DateTime<Utc>) -> Option<Attempt> {
+        if self.tallies.len() >= MAX_TRACKED {
+            self.tallies.retain(|_, t| t.checking > 0 || now - t.since < WINDOW);
+        }
+        let mut tally = self.tallies.entry(client).or_insert(Tally { failed: 0, since: now, checking: 0 });
+        if now - tally.since >= WINDOW {
+            (tally.failed, tally.since) = (0, now);
+        }
+        if tally.failed + tally.checking >= MAX_FAILURES {
+            return None;
+        }
+        tally.checking += 1;
+        Some(Attempt { throttle: self.clone(), client, failed: false })
     }
+}
 
-    /// Counts a wrong login of `client` at `now`.
-    pub fn failed(&self, client: IpAddr, now: DateTime<Utc>) {
-        if self.failures.len() >= MAX_TRACKED {
-            self.failures.retain(|_, (_, since)| now - *since < WINDOW);
+/// A login attempt being checked, from [`Throttle::begin`]; dropped without
+/// [`Attempt::failed`], it was right (or not checked) and counts for nothing.
+pub struct Attempt {
+    throttle: Arc<Throttle>,
+    client: IpAddr,
+    failed: bool,
+}
+
+impl Attempt {
+    /// The attempt was wrong: it counts within the window.
+    pub fn failed(mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(mut tally) = self.throttle.tallies.get_mut(&self.client) {
+            tally.checking -= 1;
+            tally.failed += u32::from(self.failed);
         }
-        let mut entry = self.failures.entry(client).or_insert((0, now));
-        let (count, since) = &mut *entry;
-        if now - *since >= WINDOW {
-            (*count, *since) = (0, now);
-        }
-        *count += 1;
     }
 }
 
@@ -61,14 +93,28 @@ mod tests {
 
     #[test]
     fn a_client_past_its_wrong_logins_waits_out_the_window_and_others_do_not() {
-        let throttle = Throttle::default();
+        let throttle = Arc::new(Throttle::default());
         let (guesser, other): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         for i in 0..MAX_FAILURES {
-            assert!(throttle.allows(guesser, t0()), "attempt {i}");
-            throttle.failed(guesser, t0() + Duration::seconds(i.into()));
+            throttle.begin(guesser, t0() + Duration::seconds(i.into())).expect("within the allowance").failed();
         }
-        assert!(!throttle.allows(guesser, t0() + Duration::minutes(1)));
-        assert!(throttle.allows(other, t0() + Duration::minutes(1)), "another address is not slowed");
-        assert!(throttle.allows(guesser, t0() + WINDOW), "after the window");
+        assert!(throttle.begin(guesser, t0() + Duration::minutes(1)).is_none());
+        assert!(throttle.begin(other, t0() + Duration::minutes(1)).is_some(), "another address is not slowed");
+        assert!(throttle.begin(guesser, t0() + WINDOW).is_some(), "after the window");
+    }
+
+    /// Attempts being checked count until they are known: right ones then count for
+    /// nothing.
+    #[test]
+    fn attempts_being_checked_count_until_they_turn_out_right() {
+        let throttle = Arc::new(Throttle::default());
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut checking: Vec<Attempt> = (0..MAX_FAILURES).map(|_| throttle.begin(client, t0()).unwrap()).collect();
+        assert!(throttle.begin(client, t0()).is_none(), "all of the allowance is being checked");
+        drop(checking.pop());
+        let next = throttle.begin(client, t0()).expect("a right one gave its place back");
+        checking.into_iter().for_each(Attempt::failed);
+        next.failed();
+        assert!(throttle.begin(client, t0()).is_none());
     }
 }
