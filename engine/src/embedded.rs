@@ -49,7 +49,7 @@ pub struct SharedTopics<'a> {
 /// an operator to: the state topics one partition each, the state compacted, the
 /// requests kept a day, both taking records of faxes up to 16 MiB (docs/fax.md); the
 /// changelogs `partitions` each, the sent records kept 8 days, the retry entries
-/// compacted.
+/// compacted and taking a waiting fax mail's entry (its PDF attached) up to 32 MiB.
 pub async fn ensure_shared_topics(brokers: &str, topics: &SharedTopics<'_>, partitions: i32) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> =
         rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
@@ -61,7 +61,9 @@ pub async fn ensure_shared_topics(brokers: &str, topics: &SharedTopics<'_>, part
             .set("retention.ms", "86400000")
             .set("max.message.bytes", crate::fax::MESSAGE_MAX_BYTES),
         NewTopic::new(topics.sent, partitions, TopicReplication::Fixed(-1)).set("retention.ms", "691200000"),
-        NewTopic::new(topics.retry, partitions, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact"),
+        NewTopic::new(topics.retry, partitions, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact")
+            .set("max.message.bytes", crate::fax::MESSAGE_MAX_BYTES),
     ];
     for result in admin.create_topics(&new, &AdminOptions::new()).await? {
         match result {

@@ -72,6 +72,9 @@ pub enum ErrorEvent {
     /// A sent record or retry-queue change was not written to its partition's
     /// changelog: offsets are no longer committed.
     ChangelogWrite,
+    /// A retry entry larger than its changelog takes (a fax mail with a large PDF) was
+    /// kept in its node's queue only: sent from there, lost with the node.
+    ChangelogTooLarge,
     /// The partition changelogs have not confirmed their records within 10 s at a
     /// commit (a partition's leader lost): offsets are not committed this time (the CDRs
     /// stay uncommitted, nothing is lost); tried again at the next commit.
@@ -82,7 +85,7 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 28] = [
+    pub const ALL: [ErrorEvent; 29] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -109,6 +112,7 @@ impl ErrorEvent {
         ErrorEvent::StateStalled,
         ErrorEvent::StateFenced,
         ErrorEvent::ChangelogWrite,
+        ErrorEvent::ChangelogTooLarge,
         ErrorEvent::ChangelogUnconfirmed,
         ErrorEvent::ChangelogRestore,
     ];
@@ -127,8 +131,8 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
-            StateRead | StatePublish | StateStalled | StateFenced | ChangelogWrite | ChangelogUnconfirmed
-            | ChangelogRestore => "state",
+            StateRead | StatePublish | StateStalled | StateFenced | ChangelogWrite | ChangelogTooLarge
+            | ChangelogUnconfirmed | ChangelogRestore => "state",
         }
     }
 
@@ -161,6 +165,7 @@ impl ErrorEvent {
             StateStalled => "stalled",
             StateFenced => "fenced",
             ChangelogWrite => "changelog_write",
+            ChangelogTooLarge => "changelog_too_large",
             ChangelogUnconfirmed => "changelog_unconfirmed",
             ChangelogRestore => "changelog_restore",
         }

@@ -65,6 +65,11 @@ impl ProducerContext for Confirmations {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         let message = match result {
             Ok(message) => message,
+            Err((e, message)) if message.topic() != self.sent_topic && too_large(e) => {
+                // The topic's own max.message.bytes is below the producer's.
+                kept_here_only(&self.metrics, e, message.topic(), message.partition(), message.payload_len());
+                message
+            }
             Err((e, message)) => {
                 self.ledger.refused.fetch_add(1, Ordering::Relaxed);
                 crate::error_event!(self.metrics, ErrorEvent::ChangelogWrite, error = %e, topic = message.topic(),
@@ -75,6 +80,23 @@ impl ProducerContext for Confirmations {
         let retry = message.topic() != self.sent_topic;
         self.ledger.settled(retry, message.partition());
     }
+}
+
+/// Whether Kafka refused a record for its size (librdkafka before sending it, or the
+/// broker by the topic's `max.message.bytes`).
+fn too_large(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+}
+
+/// A retry entry too large for its changelog (a fax mail with a large PDF attached):
+/// the mail stays in this node's queue and is sent from there, and the CDR's offset is
+/// committed all the same. Stopping the commits for it would stop the engine, at every
+/// start, on the same entry; what is given up is the entry's move to another node (if
+/// this node is lost before the mail is sent, so is the mail).
+fn kept_here_only(metrics: &Metrics, e: &KafkaError, topic: &str, partition: i32, bytes: usize) {
+    crate::error_event!(*metrics, ErrorEvent::ChangelogTooLarge, error = %e, topic, partition, bytes,
+        "a retry entry is larger than its changelog takes: kept in this node's queue only (raise the retry topic's \
+         max.message.bytes, docs/fax.md)");
 }
 
 /// Per changelog partition, how many records were published and how many the cluster
@@ -175,7 +197,13 @@ impl PartitionLog {
         let ledger = Arc::new(Ledger::default());
         let producer = options
             .reach
-            .producer(&[("enable.idempotence", "true"), ("acks", "all"), ("linger.ms", "5")])
+            .producer(&[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "5"),
+                // A retry entry holds its whole mail, a fax's PDF included.
+                ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
+            ])
             .create_with_context(Confirmations {
                 ledger: ledger.clone(),
                 sent_topic: options.sent_topic.to_owned(),
@@ -225,6 +253,11 @@ impl PartitionLog {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     wait_for_room();
                     record = back;
+                }
+                Err((e, _)) if retry && too_large(&e) => {
+                    self.ledger.settled(retry, partition);
+                    kept_here_only(&self.metrics, &e, topic, partition, value.map_or(0, <[u8]>::len));
+                    return;
                 }
                 Err((e, _)) => {
                     self.ledger.refused.fetch_add(1, Ordering::Relaxed);
@@ -633,6 +666,50 @@ mod tests {
         let mut restored = queued(&later);
         restored.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         assert_eq!(restored, [still_due, replayed], "the partition's next reader");
+        reader.stop();
+    }
+
+    /// R-M4: a fax mail with its PDF attached waits in the queue like any other. Its
+    /// entry, past Kafka's 1 MB default, goes into the changelog and reaches the
+    /// partition's next reader (the changelog's producer refused it, and every commit
+    /// after it failed: the engine stopped, at every start). One past even the raised
+    /// limit stays in its node's queue, counted, and commits go on.
+    #[test]
+    fn r_m4_a_queued_mail_larger_than_a_megabyte_reaches_the_next_reader_and_a_larger_one_stays_queued() {
+        let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
+        let store = Store::temporary().unwrap();
+        let metrics = Metrics::new();
+        let properties = BTreeMap::new();
+        let reach =
+            crate::cluster::Reach { brokers: kafka.bootstrap_servers(), properties: &properties, group_id: "big" };
+        let options = PartitionLogOptions { reach, sent_topic: SENT, retry_topic: RETRY };
+        let written = Arc::new(PartitionLog::start(&options, metrics.clone()).expect("changelog clients"));
+        store.attach_partition_sink(written.clone());
+        written.restore(&store, &[partition()]).expect("the partition is this node's");
+        let (mut two_mb, mut too_large) = (deferred("call-pdf"), deferred("call-huge"));
+        two_mb.mail_base64 = "A".repeat(2 << 20);
+        too_large.mail_base64 = "A".repeat(40 << 20);
+        let queue = RetryQueue::open(&store).unwrap();
+        for entry in [&two_mb, &too_large] {
+            queue.push(entry, Utc::now().timestamp_millis(), 1).unwrap();
+        }
+        written.confirm(&written.mark(), Duration::from_secs(10)).expect("commits go on");
+        assert_eq!(queue.len(), 2, "both wait in this node's queue");
+        let rendered = metrics.render();
+        assert!(
+            rendered.contains(r#"callnotify_errors_total{stage="state",error="changelog_too_large"} 1"#),
+            "{rendered}"
+        );
+        written.stop();
+
+        let next = Store::temporary().unwrap();
+        let reader = log(&kafka, "next");
+        next.attach_partition_sink(reader.clone());
+        reader.restore(&next, &[partition()]).expect("restore");
+        let due = RetryQueue::open(&next).unwrap().due(i64::MAX, &HashSet::new(), 10).unwrap();
+        let restored: Vec<Queued> = due.into_iter().map(|(_, entry)| entry.expect("an entry")).collect();
+        assert_eq!(restored.len(), 1, "only the entry the changelog took");
+        assert_eq!((restored[0].call_id.as_str(), restored[0].mail_base64.len()), ("call-pdf", 2 << 20));
         reader.stop();
     }
 }
