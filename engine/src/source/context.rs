@@ -49,6 +49,11 @@ pub struct SourceContext {
     pub(super) pending: Mutex<Pending>,
     /// Cancelled when the engine stops reading: a revocation after it is the stop's.
     pub(super) reading: CancellationToken,
+    /// Whether the thread holds its partitions paused (backpressure, a low disk). A
+    /// partition assigned is given that state: librdkafka keeps a partition's pause
+    /// across its revocation, so one paused, moved to another member and given back
+    /// would otherwise stay paused for good, and one assigned during a pause be read.
+    pub(super) paused: std::sync::atomic::AtomicBool,
 }
 
 /// The thread's commit that waits for the partition changelogs, if any.
@@ -145,6 +150,11 @@ impl ConsumerContext for SourceContext {
             self.metrics.consumer_partitions(self.thread, assignment.count());
         }
         if let Rebalance::Assign(tpl) = rebalance {
+            let paused = self.paused.load(std::sync::atomic::Ordering::Relaxed);
+            let set = if paused { consumer.pause(tpl) } else { consumer.resume(tpl) };
+            if let Err(e) = set {
+                tracing::warn!(error = %e, paused, "the pause state of newly assigned partitions was not set");
+            }
             // What the partitions' previous readers sent and queued, before any CDR.
             if let Err(e) = self.changelog.restore(&self.store, &partitions(tpl)) {
                 crate::error_event!(self.metrics, ErrorEvent::ChangelogRestore, error = %e,

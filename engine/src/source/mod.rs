@@ -171,6 +171,7 @@ pub fn spawn(
             unread: crate::unread::Unread::default(),
             pending: Mutex::default(),
             reading: reading.clone(),
+            paused: Default::default(),
         };
         consumers.push((consumer(&options, context)?, tx));
     }
@@ -263,6 +264,7 @@ fn run(
         if !paused && (disk_low || in_flight >= max_in_flight) {
             consumer.pause(&consumer.assignment()?)?;
             paused = true;
+            ctx.paused.store(true, std::sync::atomic::Ordering::Relaxed);
             ctx.metrics.consumer_paused(ctx.thread, true);
             if disk_low {
                 tracing::warn!(in_flight, "consumer paused: the store's disk is low");
@@ -273,6 +275,7 @@ fn run(
         if paused && !disk_low && in_flight <= max_in_flight / 2 {
             consumer.resume(&consumer.assignment()?)?;
             paused = false;
+            ctx.paused.store(false, std::sync::atomic::Ordering::Relaxed);
             ctx.metrics.consumer_paused(ctx.thread, false);
             tracing::info!(in_flight, "consumer resumed");
         }

@@ -137,3 +137,56 @@ async fn r_n1_a_changelog_without_a_leader_does_not_hold_up_the_reading() {
     let stopped = engine.stop().await;
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), notified as f64);
 }
+
+/// A partition paused while the mail server held the engine's mails, moved to another
+/// member of the group and then given back, is read again (librdkafka keeps a
+/// partition's pause across its revocation, and the engine resumed only the partitions
+/// it still had: CDRs of one given back waited for a restart, unread and unnoticed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_moved_to_another_member_and_given_back_is_read_again() {
+    const LIMIT: usize = 2;
+    const LATER: usize = 12;
+    let h = Harness::new(2).await;
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", &LIMIT.to_string()),
+            // Long enough for the other member to join while the engine is paused.
+            ("CALLNOTIFY__SMTP__TIMEOUT_SECS", "8"),
+            ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "100"),
+        ])
+        .await;
+    let paused = "callnotify_consumer_paused{consumer=\"0\"}";
+    engine.wait_partitions_shared(1, 8).await; // four topics of two partitions
+    h.sink.after_data(testkit::smtp::DataFault::Hang, LIMIT);
+    h.produce(TOPIC, &missed_calls_to_ten(&engine, "03400000", "held", LIMIT)).await;
+    engine.wait_metric(paused, 1.0).await;
+
+    // Another member joins and takes a partition of the CDR topic while it is paused.
+    let member: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", h.kafka.bootstrap_servers())
+        .set("group.id", "test")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .expect("consumer");
+    rdkafka::consumer::Consumer::subscribe(&member, &[TOPIC]).expect("subscribe");
+    testkit::wait::until(
+        WAIT,
+        || "the other member never got a partition".into(),
+        || {
+            let _ = member.poll(std::time::Duration::from_millis(100));
+            rdkafka::consumer::Consumer::assignment(&member).is_ok_and(|a| a.count() > 0)
+        },
+    )
+    .await;
+    // The held mails time out into the retry queue: the engine reads on.
+    testkit::wait::until(WAIT, || "never resumed".into(), || engine.metric(paused) == 0.0).await;
+    // The member leaves: the engine has every partition again.
+    drop(member);
+    engine.wait_partitions_shared(1, 8).await;
+
+    h.produce(TOPIC, &missed_calls_to_ten(&engine, "03500000", "later", LATER)).await;
+    let mails = h.mails(LIMIT + LATER).await;
+    assert_each_call_once(&mails, LIMIT + LATER);
+    engine.stop().await;
+}
