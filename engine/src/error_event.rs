@@ -72,6 +72,9 @@ pub enum ErrorEvent {
     /// A sent record or retry-queue change was not written to its partition's
     /// changelog: offsets are no longer committed.
     ChangelogWrite,
+    /// A record of the state topic no version writes (its key or value unreadable) was
+    /// passed over by a node's view.
+    StateUnreadable,
     /// A retry entry larger than its changelog takes (a fax mail with a large PDF) was
     /// kept in its node's queue only: sent from there, lost with the node.
     ChangelogTooLarge,
@@ -85,7 +88,7 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 29] = [
+    pub const ALL: [ErrorEvent; 30] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -113,6 +116,7 @@ impl ErrorEvent {
         ErrorEvent::StateFenced,
         ErrorEvent::ChangelogWrite,
         ErrorEvent::ChangelogTooLarge,
+        ErrorEvent::StateUnreadable,
         ErrorEvent::ChangelogUnconfirmed,
         ErrorEvent::ChangelogRestore,
     ];
@@ -131,8 +135,8 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
-            StateRead | StatePublish | StateStalled | StateFenced | ChangelogWrite | ChangelogTooLarge
-            | ChangelogUnconfirmed | ChangelogRestore => "state",
+            StateRead | StatePublish | StateStalled | StateFenced | StateUnreadable | ChangelogWrite
+            | ChangelogTooLarge | ChangelogUnconfirmed | ChangelogRestore => "state",
         }
     }
 
@@ -164,6 +168,7 @@ impl ErrorEvent {
             StatePublish => "publish",
             StateStalled => "stalled",
             StateFenced => "fenced",
+            StateUnreadable => "unreadable_record",
             ChangelogWrite => "changelog_write",
             ChangelogTooLarge => "changelog_too_large",
             ChangelogUnconfirmed => "changelog_unconfirmed",

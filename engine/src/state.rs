@@ -57,7 +57,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::error_event::{ErrorEvent, RaiseEvery};
-use crate::store::state::{Changed, Op, OpError, Reply, StateKey, StateWriter};
+use crate::store::state::{Changed, Op, OpError, Reply, StateKey, StateWriter, Unreadable};
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -713,12 +713,26 @@ impl Applier {
             let Some(next) = next else { continue };
             // Before the position moves: an owner waiting for its records sees the stop.
             self.report(ignored);
-            while let Err(e) = self.store.apply_state(&values, next, self.epoch, &answered) {
-                crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
+            let unreadable = loop {
+                match self.store.apply_state(&values, next, self.epoch, &answered) {
+                    Ok(unreadable) => break unreadable,
+                    Err(e) => {
+                        crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
+                    }
+                }
                 if self.stop.load(Ordering::Relaxed) {
                     return;
                 }
                 std::thread::sleep(Duration::from_secs(1));
+            };
+            for Unreadable { key, why } in unreadable {
+                crate::error_event!(
+                    self.metrics,
+                    ErrorEvent::StateUnreadable,
+                    key,
+                    error = why,
+                    "a record of the state topic is not one any version writes: passed over"
+                );
             }
             values.clear();
             self.progress.set(next);

@@ -420,6 +420,13 @@ const DIVERGED: &[u8] = b"diverged";
 /// meanwhile (it found this owner's records fenced).
 const OWNER_BATCH: &[u8] = b"owner_batch";
 
+/// A record of the state topic [`Store::apply_state`] passed over: its key, and why.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub key: String,
+    pub why: String,
+}
+
 impl Store {
     /// Sends every write of subscriber state to `writer` from now on.
     pub fn attach_writer(&self, writer: Arc<dyn StateWriter>) {
@@ -683,7 +690,7 @@ impl Store {
         position: i64,
         epoch: Option<i64>,
         answered: &[(String, u64)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<Unreadable>, StoreError> {
         // Plain writes, each key's in order, not sled batches: at 10 000 000 numbers
         // batches of 20 000 records applied half as fast and held their records twice
         // in memory. The position is written after every value is (the threads below
@@ -691,24 +698,44 @@ impl Store {
         // the position claims.
         // Nobody listens while a node catches up at start: no record to decode.
         let listening = !self.listeners.read().expect("listener lock").is_empty();
+        // Records no version could read (written into the topic by mistake) are passed
+        // over: failing the batch would stop this view, and every node's, for good.
+        let unreadable = std::sync::Mutex::new(Vec::new());
+        let passed_over = |key: &StateKey, why: String| {
+            unreadable.lock().expect("unreadable lock").push(Unreadable { key: key.encode(), why });
+        };
         let apply = |(key, value): &(StateKey, Option<Vec<u8>>)| {
+            let number = match key.tree {
+                StateTree::Numbers => match PhoneNumber::parse(&key.id) {
+                    Ok(number) => Some(number),
+                    Err(e) => {
+                        passed_over(key, e.to_string());
+                        return Ok(None);
+                    }
+                },
+                _ => None,
+            };
             let tree = self.state_tree(key.tree);
             match value {
                 Some(raw) => tree.insert(key.id.as_bytes(), raw.as_slice())?,
                 None => tree.remove(key.id.as_bytes())?,
             };
-            if key.tree != StateTree::Numbers {
-                return Ok(None);
-            }
-            let number =
-                PhoneNumber::parse(&key.id).map_err(|_| StoreError::State(format!("{} is no number", key.id)))?;
+            let Some(number) = number else { return Ok(None) };
             // Only what the index of subscribed numbers and the listeners need: the
             // rest is read when the number is looked up.
             #[derive(serde::Deserialize)]
             struct Contracted {
                 services: Services,
             }
-            let contracted: Option<Contracted> = value.as_deref().map(serde_json::from_slice).transpose()?;
+            let contracted = match value.as_deref().map(serde_json::from_slice::<Contracted>).transpose() {
+                Ok(contracted) => contracted,
+                Err(e) => {
+                    // Kept as written: the number's lookups fail (and say so) until a
+                    // good record replaces it; its services count as none meanwhile.
+                    passed_over(key, e.to_string());
+                    None
+                }
+            };
             let services = contracted.map(|c| c.services);
             if listening {
                 return Ok(Some((number, services)));
@@ -735,7 +762,8 @@ impl Store {
         }
         at.insert(POSITION, &position.to_be_bytes());
         meta.apply_batch(at)?;
-        self.changed(&changed)
+        self.changed(&changed)?;
+        Ok(unreadable.into_inner().expect("unreadable lock"))
     }
 
     /// The owner epoch in force at [`Store::state_position`], once an owner announced.

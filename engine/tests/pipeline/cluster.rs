@@ -142,6 +142,41 @@ async fn r_n1_a_record_with_fields_of_a_newer_version_is_applied_and_the_view_go
     a.stop().await;
 }
 
+/// A record in the state topic no version could read (a key that is no number, a value
+/// that is no record: written there by mistake) is passed over, counted and named; it
+/// stopped every node's view for good (the applier tried the batch again every second,
+/// so no later write was applied anywhere and every start waited for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_a_record_no_version_could_read_is_passed_over_and_the_view_goes_on() {
+    let (h, a) = one_node_with_a_subscriber().await;
+    let [state, _] = engine::embedded::STATE_TOPICS;
+    let bad =
+        [("numbers/abc".to_owned(), "{}".to_owned()), ("numbers/0312345670".to_owned(), "not a record".to_owned())];
+    h.produce_keyed(state, &bad).await;
+
+    a.provision(&[plain_subscriber("0312345679", "hanako@example.jp")]);
+    h.produce(
+        TOPIC,
+        &[
+            cdr("before-them", "0312345678", Some("09011112222"), "allowed", "no_answer"),
+            cdr("after-them", "0312345679", Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    let mails = h.mails(2).await;
+    let mut to: Vec<String> = mails.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    to.sort();
+    assert_eq!(to, ["hanako@example.jp", "taro@example.jp"]);
+    let unreadable = "callnotify_errors_total{stage=\"state\",error=\"unreadable_record\"}";
+    assert_eq!(a.metric(unreadable), 2.0, "each counted");
+    a.stop().await;
+
+    // A node starting later reads past them too.
+    let b = h.node("b").await;
+    assert!(b.store.number(&n("0312345679")).unwrap().is_some());
+    b.stop().await;
+}
+
 /// One node of a cluster, subscriber 0312345678 (taro@example.jp) provisioned through it.
 async fn one_node_with_a_subscriber() -> (Harness, TestEngine) {
     let h = Harness::new(1).await;
