@@ -25,8 +25,14 @@ use rdkafka::{ClientConfig, ClientContext};
 /// is an error at start, not a consumer that waits for ever.
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
+/// Settings what the engine promises rests on: no offset committed or stored before its
+/// CDR is handled, no record confirmed before every in-sync replica has it, none
+/// written twice. Where a client sets one, `kafka.properties` does not change it.
+const KEPT: &[&str] = &["enable.auto.commit", "enable.auto.offset.store", "acks", "enable.idempotence"];
+
 /// A client configuration for `brokers`: the client's `defaults`, then the operator's
-/// `kafka.properties` (security settings among them) over them.
+/// `kafka.properties` (security settings among them) over them, but for the [`KEPT`]
+/// settings a client sets (a property that tries is warned about and left out).
 pub fn client_config(brokers: &str, defaults: &[(&str, &str)], properties: &BTreeMap<String, String>) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
@@ -34,7 +40,16 @@ pub fn client_config(brokers: &str, defaults: &[(&str, &str)], properties: &BTre
         config.set(key, value);
     }
     for (key, value) in properties {
-        config.set(key, value);
+        match defaults.iter().find(|(k, _)| k == key) {
+            Some((_, kept)) if KEPT.contains(&key.as_str()) => {
+                if kept != value {
+                    tracing::warn!(key = %key, property = %value, kept, "kafka.properties sets a setting the engine's guarantees rest on: not applied");
+                }
+            }
+            _ => {
+                config.set(key, value);
+            }
+        }
     }
     config
 }
@@ -259,6 +274,27 @@ mod tests {
         .collect();
         let given = producer_properties(&properties);
         assert_eq!(given.keys().map(String::as_str).collect::<Vec<_>>(), ["client.id", "security.protocol"]);
+    }
+
+    /// docs/kafka.md: `kafka.properties` tunes the clients, but does not undo what the
+    /// engine's guarantees rest on (a commit only after its mail, `acks=all`,
+    /// idempotence): `"acks" = "1"` made every client confirm what one broker had.
+    #[test]
+    fn the_operator_s_properties_do_not_undo_the_settings_the_guarantees_rest_on() {
+        let properties: BTreeMap<String, String> =
+            [("acks", "1"), ("enable.auto.commit", "true"), ("linger.ms", "50"), ("enable.idempotence", "false")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+        let config = client_config(
+            "localhost:9092",
+            &[("acks", "all"), ("enable.auto.commit", "false"), ("linger.ms", "5")],
+            &properties,
+        );
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("linger.ms"), Some("50"), "what only tunes is the operator's");
+        assert_eq!(config.get("enable.idempotence"), Some("false"), "a client that does not set it takes the property");
     }
 
     #[test]

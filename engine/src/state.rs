@@ -434,6 +434,9 @@ impl StateLog {
         ]);
         let poll_interval = owner_poll_interval(owner_config.get("max.poll.interval.ms"));
         owner_config.set("max.poll.interval.ms", poll_interval);
+        // Requests before its group's first commit are carried out, whatever the
+        // operator's CDR consumers start from.
+        owner_config.set("auto.offset.reset", "earliest");
         let owner = Owner {
             store: store.clone(),
             node: node.clone(),
@@ -455,8 +458,10 @@ impl StateLog {
                 // core from the owner. A batch's last records do not wait for it:
                 // `confirmed` sends them at once.
                 ("linger.ms", &OWNER_LINGER.as_millis().to_string()),
-                ("message.timeout.ms", &PUBLISH_WITHIN.as_millis().to_string()),
             ])
+            // Not the operator's (a short one for dead letters, docs/kafka.md): the owner
+            // waits out a broker's loss, it does not stop its node at the first seconds.
+            .set("message.timeout.ms", PUBLISH_WITHIN.as_millis().to_string())
             .create_with_context(Published::default())
             .context("creating the state owner's producer")?,
             progress: progress.clone(),
