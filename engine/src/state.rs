@@ -699,6 +699,7 @@ impl Applier {
                             ignored.note(key, message.offset(), written_in, own, &self.fenced);
                             continue;
                         }
+                        answered.extend(carried_out(&message));
                         if let Some(key) = StateKey::decode(key) {
                             // What this node wrote as the owner, its store has already.
                             if !own {
@@ -813,6 +814,19 @@ impl Applier {
 /// epoch (decimal) once it announced itself. One header, not two: a catch-up reads
 /// millions of records, and a second header cost it a sixth more time.
 const OWNER_HEADER: &str = "owner";
+/// Header of the last value record a request wrote: `NODE:ID`. A node applying it counts
+/// the request answered, as its reply would: an owner that stopped after a request's
+/// values and before its reply left a successor that would carry the request out again
+/// (a wrong password counted twice, R-S2/R-S3), had it gone by replies only.
+const REQUEST_HEADER: &str = "request";
+
+/// The request (node, id) whose last value `message` is, if it is one.
+fn carried_out(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<(String, u64)> {
+    use rdkafka::message::Headers as _;
+    let value = message.headers()?.iter().find(|h| h.key == REQUEST_HEADER)?.value?;
+    let (node, id) = std::str::from_utf8(value).ok()?.rsplit_once(':')?;
+    Some((node.to_owned(), id.parse().ok()?))
+}
 
 /// Who wrote `message` as the owner: its node id and epoch (`None` for a record
 /// written without one: carried over into an empty topic, or by an engine before
@@ -1130,6 +1144,9 @@ impl Owner {
                 continue; // Answered by an earlier owner that stopped before committing.
             }
             let mut results = Vec::with_capacity(request.ops.len());
+            // Published once the request is carried out, the last one marked as its
+            // ([`REQUEST_HEADER`]).
+            let mut records: Vec<(String, Option<Vec<u8>>)> = Vec::new();
             // One after another: an import's lines on several threads (`store::batch`)
             // made an import through a node no faster on two cores shared with the
             // broker, the importer and the applier (BENCHMARKS.md, "An import on
@@ -1144,13 +1161,13 @@ impl Owner {
                             if before.iter().any(|(k, v)| *k == key && *v == value) {
                                 continue;
                             }
-                            self.publish(&key.encode(), value.as_deref())?;
+                            records.push((key.encode(), value.map(|v| v.to_vec())));
                         }
                         results.push(Ok(reply));
                     }
                     Ok((reply, Changed::Values(written))) => {
                         for (key, value) in written.into_values() {
-                            self.publish(&key.encode(), value.as_deref())?;
+                            records.push((key.encode(), value.map(|v| v.to_vec())));
                         }
                         results.push(Ok(reply));
                     }
@@ -1159,6 +1176,11 @@ impl Owner {
                         results.push(Err(OpError::from(&e)));
                     }
                 }
+            }
+            let last = records.len().saturating_sub(1);
+            for (i, (key, value)) in records.iter().enumerate() {
+                let carried_out = (i == last).then_some((request.node.as_str(), request.id));
+                self.publish_for(key, value.as_deref(), carried_out)?;
             }
             let answer = Answer { node: request.node, id: request.id, results };
             let key = format!("reply/{}", answer.node);
@@ -1237,17 +1259,36 @@ impl Owner {
 
     /// Publishes a record of this owner's epoch.
     fn publish(&self, key: &str, value: Option<&[u8]>) -> anyhow::Result<()> {
+        self.publish_for(key, value, None)
+    }
+
+    /// [`Owner::publish`], the last value of request (node, id) marked as such.
+    fn publish_for(&self, key: &str, value: Option<&[u8]>, carried_out: Option<(&str, u64)>) -> anyhow::Result<()> {
         let epoch = self.epoch.get().context("the state owner writes before it announced itself")?;
-        self.send(key, value, Some(epoch))
+        self.send_marked(key, value, Some(epoch), carried_out)
     }
 
     fn send(&self, key: &str, value: Option<&[u8]>, epoch: Option<i64>) -> anyhow::Result<()> {
+        self.send_marked(key, value, epoch, None)
+    }
+
+    fn send_marked(
+        &self,
+        key: &str,
+        value: Option<&[u8]>,
+        epoch: Option<i64>,
+        carried_out: Option<(&str, u64)>,
+    ) -> anyhow::Result<()> {
         let owner = match epoch {
             Some(epoch) => format!("{}:{epoch}", self.node),
             None => self.node.clone(),
         };
-        let headers = rdkafka::message::OwnedHeaders::new()
+        let request = carried_out.map(|(node, id)| format!("{node}:{id}"));
+        let mut headers = rdkafka::message::OwnedHeaders::new()
             .insert(rdkafka::message::Header { key: OWNER_HEADER, value: Some(owner.as_bytes()) });
+        if let Some(request) = &request {
+            headers = headers.insert(rdkafka::message::Header { key: REQUEST_HEADER, value: Some(request.as_bytes()) });
+        }
         let mut record = BaseRecord::<str, [u8]>::to(&self.topic).key(key).headers(headers);
         if let Some(value) = value {
             record = record.payload(value);

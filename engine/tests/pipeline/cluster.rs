@@ -177,6 +177,44 @@ async fn r_n1_a_record_no_version_could_read_is_passed_over_and_the_view_goes_on
     b.stop().await;
 }
 
+/// R-S2, docs/cluster.md "Exactly once per request": an owner that stopped after a
+/// request's values were in the state topic and before its reply left its successor to
+/// carry the request out again: a wrong entry counted twice (a temporary password
+/// invalidated after two wrong entries instead of three). The successor now takes the
+/// request's last value as its answer and does not count it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_s2_a_wrong_entry_counted_by_an_owner_that_died_before_its_reply_is_not_counted_again() {
+    let (h, a) = one_node_with_a_subscriber().await;
+    let number = n("0312345678");
+    let set = CredentialRecord {
+        hash: "h1".into(),
+        kind: CredentialKind::Temporary,
+        set_at: Utc::now(),
+        failures: 0,
+        invalidated: false,
+    };
+    a.store.set_credential(&number, &set).unwrap();
+    a.stop().await;
+    let (_, _, ended) = state_records(&h, "credentials/0312345678").pop().expect("the credential's record");
+    assert!(ended.is_some(), "the owner marks a request's last value as such");
+
+    // An owner that took over, counted node x's wrong entry (its request 1), and died
+    // before writing the reply.
+    let epoch = write_state(&h, "dead", "owner/dead/1", b"{}", None).await;
+    let counted = serde_json::to_vec(&CredentialRecord { failures: 1, ..set.clone() }).unwrap();
+    write_state_of(&h, "dead", "credentials/0312345678", &counted, Some(epoch), Some("x:1")).await;
+    let wrong = serde_json::json!({"op": "login_attempt", "number": "0312345678", "hash": "h1", "matched": false, "now": Utc::now()});
+    let [_, requests] = engine::embedded::STATE_TOPICS;
+    h.produce(requests, &[serde_json::json!({"node": "x", "id": 1, "ops": [wrong]}).to_string()]).await;
+
+    // Its successor carries out what comes after it (so it got past request 1).
+    let b = h.node("b").await;
+    b.store.set_credential(&n("0312345679"), &set).unwrap_or_else(|e| panic!("a later write: {e}"));
+    let record = b.store.credential(&number).unwrap().expect("the credential");
+    assert_eq!((record.failures, record.invalidated), (1, false), "the wrong entry counted once");
+    b.stop().await;
+}
+
 /// One node of a cluster, subscriber 0312345678 (taro@example.jp) provisioned through it.
 async fn one_node_with_a_subscriber() -> (Harness, TestEngine) {
     let h = Harness::new(1).await;
@@ -644,12 +682,27 @@ const STATE_TOPIC: &str = engine::embedded::STATE_TOPICS[0];
 /// id and, after a `:`, its epoch, the offset of its announcement (docs/cluster.md, "A
 /// paused owner is fenced").
 async fn write_state(h: &Harness, node: &str, key: &str, payload: &[u8], epoch: Option<i64>) -> i64 {
+    write_state_of(h, node, key, payload, epoch, None).await
+}
+
+/// [`write_state`], the value marked as the last one request `request` (`NODE:ID`) wrote.
+async fn write_state_of(
+    h: &Harness,
+    node: &str,
+    key: &str,
+    payload: &[u8],
+    epoch: Option<i64>,
+    request: Option<&str>,
+) -> i64 {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer =
         rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
     let owner = epoch.map_or_else(|| node.to_owned(), |epoch| format!("{node}:{epoch}"));
-    let headers = OwnedHeaders::new().insert(Header { key: "owner", value: Some(&owner) });
+    let mut headers = OwnedHeaders::new().insert(Header { key: "owner", value: Some(&owner) });
+    if let Some(request) = request {
+        headers = headers.insert(Header { key: "request", value: Some(request) });
+    }
     let record = FutureRecord::to(STATE_TOPIC).key(key).payload(payload).headers(headers);
     producer.send(record, std::time::Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap().offset
 }
@@ -669,8 +722,9 @@ async fn late_write(h: &Harness, number: &str, old_epoch: i64) -> Vec<u8> {
     good
 }
 
-/// Every record of the state topic with `key`, in order: (payload, epoch header).
-fn state_records(h: &Harness, key: &str) -> Vec<(Vec<u8>, Option<i64>)> {
+/// Every record of the state topic with `key`, in order: (payload, epoch header, the
+/// request it ends if it is a request's last value).
+fn state_records(h: &Harness, key: &str) -> Vec<(Vec<u8>, Option<i64>, Option<String>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     let reader: BaseConsumer = rdkafka::ClientConfig::new()
@@ -689,9 +743,12 @@ fn state_records(h: &Harness, key: &str) -> Vec<(Vec<u8>, Option<i64>)> {
         if let Some(Ok(m)) = reader.poll(std::time::Duration::from_millis(100)) {
             next = m.offset() + 1;
             if m.key() == Some(key.as_bytes()) {
-                let owner = m.headers().and_then(|hs| hs.iter().find(|h| h.key == "owner").and_then(|h| h.value));
-                let epoch = owner.and_then(|o| std::str::from_utf8(o).ok()?.rsplit_once(':')?.1.parse().ok());
-                records.push((m.payload().unwrap_or_default().to_vec(), epoch));
+                let header = |name: &str| {
+                    let value = m.headers()?.iter().find(|h| h.key == name)?.value?;
+                    std::str::from_utf8(value).ok().map(str::to_owned)
+                };
+                let epoch = header("owner").and_then(|o| o.rsplit_once(':')?.1.parse().ok());
+                records.push((m.payload().unwrap_or_default().to_vec(), epoch, header("request")));
             }
         }
     }
@@ -720,7 +777,7 @@ async fn r_n2_a_replaced_owner_s_late_write_is_applied_by_no_node_and_written_ov
     assert_eq!(a.metric(FENCED), 1.0);
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let (last, epoch) = state_records(&h, &format!("numbers/{NUMBER}")).pop().unwrap();
+        let (last, epoch, _) = state_records(&h, &format!("numbers/{NUMBER}")).pop().unwrap();
         if last == good && epoch.is_some_and(|e| e > old_epoch) {
             break;
         }
