@@ -323,6 +323,9 @@ impl StateLog {
             .fetch_watermarks(options.topic, 0, crate::cluster::ANSWER_WITHIN)
             .with_context(|| format!("reading the end of state topic {:?}", options.topic))?;
 
+        // A carry-over into this topic that stopped part-way: the topic holds part of
+        // the store's values, which are still the truth.
+        let resumed = store.carrying_over()?.as_deref() == Some(options.topic);
         if store.diverged()? {
             tracing::warn!("this store may hold writes the state topic lacks: rebuilding it from the topic");
             store.forget_state()?;
@@ -335,7 +338,7 @@ impl StateLog {
         }
         // An empty topic takes the store's values below, whatever the store had read:
         // rebuilding from nothing would lose every subscriber.
-        if attached && end > 0 && store.state_position()? > end {
+        if attached && end > 0 && !resumed && store.state_position()? > end {
             tracing::warn!(
                 topic = options.topic,
                 end,
@@ -344,11 +347,17 @@ impl StateLog {
             );
             store.forget_state()?;
         }
-        if end == 0 && store.has_state()? {
+        if (end == 0 || resumed) && store.has_state()? {
             // A single-node store's first start in cluster mode, or a state topic that
             // was lost (the embedded cluster lives only as long as its process): the
             // store's values become the topic's.
-            if attached && store.state_position()? > 0 {
+            if resumed {
+                tracing::warn!(
+                    topic = options.topic,
+                    records = end,
+                    "this store's carry-over into the state topic stopped part-way: publishing its subscribers again"
+                );
+            } else if attached && store.state_position()? > 0 {
                 tracing::warn!(
                     topic = options.topic,
                     position = store.state_position()?,
@@ -356,6 +365,7 @@ impl StateLog {
                      publishing this store's subscribers into it"
                 );
             }
+            store.begin_carry_over(options.topic)?;
             carry_over(
                 store,
                 options,
@@ -380,6 +390,7 @@ impl StateLog {
             );
         }
         store.set_state_topic(options.topic, options.embedded)?;
+        store.end_carry_over()?;
 
         let progress = Arc::new(Progress::default());
         let waiters = Arc::new(Waiters::default());

@@ -414,6 +414,10 @@ const EPOCH: &[u8] = b"owner_epoch";
 /// Set when this store may hold writes the state topic lacks (an owner's publish
 /// failed): the view is rebuilt from the topic at the next start.
 const DIVERGED: &[u8] = b"diverged";
+/// The state topic this store's values are being carried into (it was empty): a start
+/// that finds it carries them over again, whatever part of them the topic holds, instead
+/// of taking that part for the truth.
+const CARRYING: &[u8] = b"carrying_over";
 /// Set while the state owner carries out writes the state topic has not confirmed: a
 /// crash before they are confirmed leaves the store to be rebuilt. A key of its own, so
 /// that the end of a batch never takes back [`DIVERGED`], which the applier may set
@@ -838,6 +842,25 @@ impl Store {
         } else {
             meta.remove(EMBEDDED)?;
         }
+        Ok(())
+    }
+
+    /// The state topic a carry-over of this store's values into it was started for and
+    /// not finished ([`Store::begin_carry_over`]).
+    pub fn carrying_over(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.meta()?.get(CARRYING)?.map(|raw| String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    /// Records, on disk, that this store's values are being carried into `topic`.
+    pub fn begin_carry_over(&self, topic: &str) -> Result<(), StoreError> {
+        self.meta()?.insert(CARRYING, topic.as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The carry-over is done: the topic has every value.
+    pub fn end_carry_over(&self) -> Result<(), StoreError> {
+        self.meta()?.remove(CARRYING)?;
         Ok(())
     }
 
