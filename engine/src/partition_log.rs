@@ -712,4 +712,49 @@ mod tests {
         assert_eq!((restored[0].call_id.as_str(), restored[0].mail_base64.len()), ("call-pdf", 2 << 20));
         reader.stop();
     }
+
+    /// R-M4, no mail twice (docs/delivery.md): node A was trying a queued mail when its
+    /// partition moved to node B, which restored the entry, sent the mail and took it out
+    /// of the changelog. A's attempt then failed and A rescheduled the entry: it
+    /// published it live again, after B's tombstone, so the partition's next reader
+    /// (days later, perhaps) sent the mail a second time. An entry set aside is not
+    /// published again.
+    #[test]
+    fn r_m4_an_entry_rescheduled_after_its_partition_moved_is_not_published_again() {
+        let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
+        let (a, b) = (Store::temporary().unwrap(), Store::temporary().unwrap());
+        let (log_a, log_b) = (log(&kafka, "a"), log(&kafka, "b"));
+        a.attach_partition_sink(log_a.clone());
+        b.attach_partition_sink(log_b.clone());
+        log_a.restore(&a, &[partition()]).expect("restore");
+        let entry = deferred("call-moved");
+        let queue_a = RetryQueue::open(&a).unwrap();
+        let (slot, _) = queue_a.push(&entry, Utc::now().timestamp_millis(), 1).unwrap();
+        log_a.confirm(&log_a.mark(), Duration::from_secs(10)).expect("queued in the changelog");
+
+        // The partition moves while A tries the mail.
+        log_a.disown(&[partition()]);
+        log_a.set_aside(&a);
+        log_b.restore(&b, &[partition()]).expect("restore");
+        let queue_b = RetryQueue::open(&b).unwrap();
+        let due = queue_b.due(i64::MAX, &HashSet::new(), 10).unwrap();
+        assert_eq!(due.len(), 1, "B has the entry");
+        assert!(queue_b.remove(&due[0].0).unwrap(), "B sent the mail");
+        log_b.confirm(&log_b.mark(), Duration::from_secs(10)).expect("B's records confirmed");
+
+        // A's attempt fails late: it reschedules the entry.
+        let tried = Queued { attempts: 2, ..entry.clone() };
+        queue_a.reschedule(&slot, &tried, Utc::now().timestamp_millis() + 60_000).unwrap();
+        log_a.confirm(&log_a.mark(), Duration::from_secs(10)).expect("A's records confirmed");
+
+        let c = Store::temporary().unwrap();
+        let log_c = log(&kafka, "c");
+        c.attach_partition_sink(log_c.clone());
+        log_c.restore(&c, &[partition()]).expect("restore");
+        let queued = RetryQueue::open(&c).unwrap().due(i64::MAX, &HashSet::new(), 10).unwrap();
+        assert!(queued.is_empty(), "the partition's next reader would send it again: {} entries", queued.len());
+        for log in [log_a, log_b, log_c] {
+            log.stop();
+        }
+    }
 }

@@ -340,26 +340,30 @@ impl RetryQueue {
 
     /// Moves `slot`'s entry to `due_ms` with its new state, in the queue or aside
     /// (its partition given up while it was being tried) as it was; atomic, so after a
-    /// crash the entry is at one place or the other, never lost.
+    /// crash the entry is at one place or the other, never lost. Published only while
+    /// this node reads its partition: the next reader has the entry from the changelog
+    /// and may have sent it and taken it out since, which a late republish would undo.
     pub fn reschedule(&self, slot: &Slot, entry: &Queued, due_ms: i64) -> Result<Slot, StoreError> {
         let key = entry.sent_key()?;
         let next = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry)?;
-        (&self.retry, &self.parked)
+        let aside = (&self.retry, &self.parked)
             .transaction(|(retry, parked)| {
-                let tree = match parked.remove(slot.0.as_slice())? {
-                    Some(_) => parked,
+                let (tree, aside) = match parked.remove(slot.0.as_slice())? {
+                    Some(_) => (parked, true),
                     None => {
                         retry.remove(slot.0.as_slice())?;
-                        retry
+                        (retry, false)
                     }
                 };
                 tree.insert(next.0.as_slice(), value.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
+                Ok::<_, ConflictableTransactionError<StoreError>>(aside)
             })
             .map_err(store_error)?;
         self.forget([slot.0.as_slice()]);
-        self.publish(entry, &key, due_ms, &value);
+        if !aside && self.sends(entry) {
+            self.publish(entry, &key, due_ms, &value);
+        }
         Ok(next)
     }
 
