@@ -82,8 +82,8 @@ pub enum ErrorEvent {
     /// commit (a partition's leader lost): offsets are not committed this time (the CDRs
     /// stay uncommitted, nothing is lost); tried again at the next commit.
     ChangelogUnconfirmed,
-    /// A newly assigned partition's changelogs could not be restored: its CDRs are read
-    /// without them (mails a dead node had sent may be sent again).
+    /// A newly assigned partition's changelogs could not be restored: it is not read
+    /// until they are (tried again every second).
     ChangelogRestore,
 }
 

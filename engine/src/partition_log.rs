@@ -452,8 +452,14 @@ fn read_to_end(
     let mut list = TopicPartitionList::new();
     let mut open = HashSet::new();
     for &(p, offset) in from {
-        let (low, high) = reader
-            .fetch_watermarks(topic, p, crate::cluster::ANSWER_WITHIN)
+        let watermarks = || reader.fetch_watermarks(topic, p, crate::cluster::ANSWER_WITHIN);
+        let (low, high) = watermarks()
+            .or_else(|_| {
+                // What the reader knows of the partition may predate a new leader (it
+                // refreshes its metadata every 5 minutes only): asked anew, then again.
+                reader.fetch_metadata(Some(topic), crate::cluster::ANSWER_WITHIN)?;
+                watermarks()
+            })
             .with_context(|| format!("reading the end of changelog {topic:?} partition {p}"))?;
         let start = match offset {
             Offset::Offset(o) => o.max(low),

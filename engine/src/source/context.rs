@@ -54,7 +54,14 @@ pub struct SourceContext {
     /// across its revocation, so one paused, moved to another member and given back
     /// would otherwise stay paused for good, and one assigned during a pause be read.
     pub(super) paused: std::sync::atomic::AtomicBool,
+    /// Assigned partitions whose changelogs could not be restored: not read until they
+    /// are (their previous reader's queued mails and sent records are not here yet, and
+    /// this node would set aside the mails it queued for them).
+    pub(super) unrestored: Mutex<Vec<crate::store::PartitionId>>,
 }
+
+/// How often the changelogs of partitions not restored are tried again.
+const RESTORE_AGAIN_EVERY: Duration = Duration::from_secs(1);
 
 /// The thread's commit that waits for the partition changelogs, if any.
 pub(super) struct Pending {
@@ -113,6 +120,8 @@ impl ConsumerContext for SourceContext {
             let revoked: HashSet<(usize, i32)> =
                 tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
+            let gone = partitions(tpl);
+            self.unrestored.lock().expect("unrestored lock").retain(|p| !gone.contains(p));
             // Their lag is their next reader's to report.
             for e in tpl.elements() {
                 self.metrics.consumer_lag(e.topic(), e.partition(), 0);
@@ -150,15 +159,22 @@ impl ConsumerContext for SourceContext {
             self.metrics.consumer_partitions(self.thread, assignment.count());
         }
         if let Rebalance::Assign(tpl) = rebalance {
-            let paused = self.paused.load(std::sync::atomic::Ordering::Relaxed);
+            // What the partitions' previous readers sent and queued, before any CDR.
+            let assigned = partitions(tpl);
+            let restored = match self.changelog.restore(&self.store, &assigned) {
+                Ok(()) => true,
+                Err(e) => {
+                    crate::error_event!(self.metrics, ErrorEvent::ChangelogRestore, error = %e,
+                        partitions = assigned.len(),
+                        "partition changelogs not restored: their partitions are not read until they are (tried again every second)");
+                    self.unrestored.lock().expect("unrestored lock").extend(assigned);
+                    false
+                }
+            };
+            let paused = self.paused.load(std::sync::atomic::Ordering::Relaxed) || !restored;
             let set = if paused { consumer.pause(tpl) } else { consumer.resume(tpl) };
             if let Err(e) = set {
                 tracing::warn!(error = %e, paused, "the pause state of newly assigned partitions was not set");
-            }
-            // What the partitions' previous readers sent and queued, before any CDR.
-            if let Err(e) = self.changelog.restore(&self.store, &partitions(tpl)) {
-                crate::error_event!(self.metrics, ErrorEvent::ChangelogRestore, error = %e,
-                    "partition changelogs not restored: mails their previous reader sent may be sent again");
             }
             self.note_starts(consumer, tpl);
         }
@@ -174,6 +190,52 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<crate::store::PartitionId> {
 }
 
 impl SourceContext {
+    /// Tries the changelogs of the partitions not restored again, every
+    /// [`RESTORE_AGAIN_EVERY`] at most; once restored they are read (unless the thread
+    /// holds its partitions paused).
+    pub(super) fn restore_again(&self, consumer: &BaseConsumer<Self>, last_try: &mut Instant) {
+        let waiting = self.unrestored.lock().expect("unrestored lock").clone();
+        if waiting.is_empty() || last_try.elapsed() < RESTORE_AGAIN_EVERY {
+            return;
+        }
+        *last_try = Instant::now();
+        if let Err(e) = self.changelog.restore(&self.store, &waiting) {
+            tracing::debug!(
+                error = format!("{e:#}"),
+                partitions = waiting.len(),
+                "partition changelogs still not restored"
+            );
+            return;
+        }
+        self.unrestored.lock().expect("unrestored lock").retain(|p| !waiting.contains(p));
+        tracing::info!(partitions = waiting.len(), "partition changelogs restored after all: reading their partitions");
+        if !self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut list = TopicPartitionList::new();
+            for p in &waiting {
+                list.add_partition(&p.topic, p.partition);
+            }
+            if let Err(e) = consumer.resume(&list) {
+                tracing::warn!(error = %e, "partitions restored after all were not resumed");
+            }
+        }
+    }
+
+    /// The assigned partitions the thread reads when not paused: all but those whose
+    /// changelogs wait to be restored.
+    pub(super) fn readable(&self, assignment: TopicPartitionList) -> TopicPartitionList {
+        let waiting = self.unrestored.lock().expect("unrestored lock");
+        if waiting.is_empty() {
+            return assignment;
+        }
+        let mut readable = TopicPartitionList::new();
+        for e in assignment.elements() {
+            if !waiting.iter().any(|p| p.topic == e.topic() && p.partition == e.partition()) {
+                readable.add_partition(e.topic(), e.partition());
+            }
+        }
+        readable
+    }
+
     pub(super) fn topic_index(&self, name: &str) -> Option<usize> {
         self.topics.iter().position(|(t, _)| t == name)
     }

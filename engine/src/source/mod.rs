@@ -172,6 +172,7 @@ pub fn spawn(
             pending: Mutex::default(),
             reading: reading.clone(),
             paused: Default::default(),
+            unrestored: Mutex::default(),
         };
         consumers.push((consumer(&options, context)?, tx));
     }
@@ -236,6 +237,7 @@ fn run(
     ctx.metrics.consumer_paused(ctx.thread, paused);
     let mut full_since: Option<Instant> = None;
     let mut last_commit = Instant::now();
+    let mut last_restore = Instant::now();
     while !reading.is_cancelled() {
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             ctx.take_commit()?;
@@ -273,7 +275,7 @@ fn run(
             }
         }
         if paused && !disk_low && in_flight <= max_in_flight / 2 {
-            consumer.resume(&consumer.assignment()?)?;
+            consumer.resume(&ctx.readable(consumer.assignment()?))?;
             paused = false;
             ctx.paused.store(false, std::sync::atomic::Ordering::Relaxed);
             ctx.metrics.consumer_paused(ctx.thread, false);
@@ -286,6 +288,7 @@ fn run(
         }
         ctx.drain();
         read_unread(&consumer, paused)?;
+        ctx.restore_again(&consumer, &mut last_restore);
     }
     if !ctx.finish_or_queue(None, grace) {
         let left = ctx.tracker.lock().expect("tracker lock").in_flight;

@@ -138,6 +138,29 @@ async fn r_n1_a_changelog_without_a_leader_does_not_hold_up_the_reading() {
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), notified as f64);
 }
 
+/// R-M4 (a delayed mail is never silently dropped), docs/cluster.md: a partition whose
+/// changelogs cannot be restored when it is assigned (its sent-records partition without
+/// a leader, a broker lost) is not read until they are, tried again every second. It
+/// used to be read at once, as a partition this node did not read: a mail deferred then
+/// was set aside, never tried again, and forgotten a day after its give-up age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_partition_whose_changelogs_are_not_restored_waits_for_them_and_its_mails_are_sent() {
+    let h = Harness::new(1).await;
+    let sent_topic = engine::embedded::CHANGELOG_TOPICS[0];
+    h.kafka.on_cluster(move |cluster| cluster.partition_leader(sent_topic, 0, None).expect("leaderless"));
+    let engine = h.engine().await;
+    let restore_failed = "callnotify_errors_total{stage=\"state\",error=\"changelog_restore\"}";
+    engine.wait_metric(restore_failed, 1.0).await;
+    h.sink.fail_next(testkit::smtp::SmtpStage::DataEnd, 451, 1);
+    h.produce(TOPIC, &missed_calls_to_ten(&engine, "03700000", "unrestored", 1)).await;
+
+    h.kafka.on_cluster(move |cluster| cluster.partition_leader(sent_topic, 0, Some(1)).expect("led again"));
+    let mails = h.mails(1).await;
+    assert_each_call_once(&mails, 1);
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_mails_retried_total"), 1.0, "deferred once, then sent");
+}
+
 /// A partition paused while the mail server held the engine's mails, moved to another
 /// member of the group and then given back, is read again (librdkafka keeps a
 /// partition's pause across its revocation, and the engine resumed only the partitions
