@@ -233,13 +233,14 @@ impl Call {
     }
 
     /// The number keyed at ENTER_NUMBER, if it ends with `#` and is a number of the
-    /// caller's line with call notification contracted (R-I3).
+    /// caller's line with a service contracted (R-I3): call or fax notification, whose
+    /// subscribers log in alike (R-F1).
     fn keyed_number(&self, keys: &str) -> Result<Option<PhoneNumber>, IvrError> {
         let Some(number) = keys.strip_suffix('#').and_then(|digits| PhoneNumber::parse(digits).ok()) else {
             return Ok(None);
         };
         let record = self.ivr.store.number(&number)?;
-        Ok(record.filter(|r| r.contract == self.contract && r.services.call).map(|r| r.number))
+        Ok(record.filter(|r| r.contract == self.contract && (r.services.call || r.services.fax)).map(|r| r.number))
     }
 
     fn invalid(&mut self, restart: Option<State>) -> Step {

@@ -151,8 +151,7 @@ fn r_i3_unit_2_asks_for_a_number_of_the_line_ending_with_hash() {
 fn r_i3_anything_else_is_invalid_and_asked_again() {
     let f = fixture();
     let other_line = format!("{OTHER_LINE}#");
-    let fax_only = format!("{FAX_ONLY}#");
-    for keys in ["0312345679", "03-1234-5679#", "#", "", "0312345679##", "*", &other_line, &fax_only, "0399999999#"] {
+    for keys in ["0312345679", "03-1234-5679#", "#", "", "0312345679##", "*", &other_line, "0399999999#"] {
         let mut call = start(&f, CONTRACT);
         call.input("2").unwrap();
         assert_invalid(&call.input(keys).unwrap(), PromptId::EnterNumber);
@@ -166,7 +165,7 @@ fn r_i4_unit_3_from_the_contract_number_asks_for_a_number_as_unit_2() {
     let f = fixture();
     let mut call = start(&f, CONTRACT);
     assert_eq!(id(&call.input("3").unwrap()), Some(PromptId::EnterNumber));
-    assert_invalid(&call.input(&format!("{FAX_ONLY}#")).unwrap(), PromptId::EnterNumber);
+    assert_invalid(&call.input(&format!("{OTHER_LINE}#")).unwrap(), PromptId::EnterNumber);
     let step = call.input(&format!("{CONTRACT}#")).unwrap();
     assert!(text(&step).starts_with("0312345678番の"), "the administrator's own number: {step:?}");
 }
@@ -278,6 +277,10 @@ fn r_i7_done_stores_the_password_hashed_for_the_target_and_sets_the_unit() {
         (CONTRACT, vec!["1"], CONTRACT, AuthUnit::Line),
         (ADDITIONAL, vec!["1"], CONTRACT, AuthUnit::Line),
         (CONTRACT, vec!["2", "0312345679#"], ADDITIONAL, AuthUnit::Number),
+        // R-F1 (same site and login), R-A2: a number with the fax service only gets a
+        // credential of its own too (it was INVALID: only the line unit let it log in).
+        (CONTRACT, vec!["2", "0312345670#"], FAX_ONLY, AuthUnit::Number),
+        (CONTRACT, vec!["3", "0312345670#"], FAX_ONLY, AuthUnit::AdminUser),
         (CONTRACT, vec!["3", "0312345678#"], CONTRACT, AuthUnit::AdminUser),
         (ADDITIONAL, vec!["3"], ADDITIONAL, AuthUnit::AdminUser),
     ];
