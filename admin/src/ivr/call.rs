@@ -23,6 +23,7 @@
 use std::fmt;
 
 use engine::phone::PhoneNumber;
+use engine::store::state::Op;
 use engine::store::{AuthUnit, Store, StoreError};
 
 use super::prompt::{Prompt, PromptId};
@@ -262,7 +263,9 @@ impl Call {
     /// line takes the chosen unit (R-I7); its 24 hours start now (R-I8). A change of
     /// unit removes the credentials the new unit does not use, as the site's change does
     /// (R-O2, R-O3): to `line`, every number's but the contract's; to `number`, every
-    /// additional number's but the target's. Their sessions end with them.
+    /// additional number's but the target's. Every session of the line ends, as at a unit
+    /// change on the site: one that went on would keep the old unit's reach and idle
+    /// timeout (R-S7; to `admin_user` no credential is removed).
     fn complete(&self, unit: AuthUnit, target: PhoneNumber, password: &TemporaryPassword) -> Result<(), IvrError> {
         let now = self.ivr.clock.now();
         let line = self.ivr.store.line(&self.contract)?;
@@ -276,6 +279,10 @@ impl Call {
             };
             for number in line.numbers.iter().filter(|n| !keep(n)) {
                 self.ivr.credentials.remove(number)?;
+            }
+            let ends = line.numbers.iter().map(|number| Op::RemoveSessions { number: *number, keep: None }).collect();
+            for ended in self.ivr.store.submit_all(ends) {
+                ended?;
             }
         }
         tracing::info!(caller = %self.caller, %target, ?unit, "temporary password set by phone");

@@ -508,6 +508,26 @@ async fn r_i7_r_o2_a_change_to_line_unit_by_phone_ends_the_other_numbers_passwor
     assert_eq!(login(&app, CONTRACT, TEMPORARY).await.location(), Some("/password"));
 }
 
+/// R-S7, R-A3, docs/site.md ("a unit change ends them"): on a number-unit line the
+/// contract holder is logged in (their number only, 30 minutes idle); an additional
+/// number keys 3 (admin/user). The contract number keeps its credential, but its
+/// session went on as it was, now the administrator's of every number, still with 30
+/// minutes idle instead of 10. Every session of the line ends, as a unit change on the
+/// site does.
+#[tokio::test]
+async fn r_s7_a_change_to_admin_user_unit_by_phone_ends_the_sessions_of_the_line() {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+
+    assert!(phone(&app, ADDITIONAL, &["3", TEMPORARY, TEMPORARY]).ends);
+    assert_eq!(app.f.store.line(&n(CONTRACT)).unwrap().unwrap().unit, Some(AuthUnit::AdminUser));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+    // The administrator logs in again, under the new unit's rules.
+    assert_eq!(login(&app, CONTRACT, PASSWORD).await.location(), Some("/"));
+}
+
 /// R-A3: on an admin_user line a user (an additional number) may set only their own
 /// password by phone. Keying 1 or 2 set the administrator's credential and gave the user
 /// every number of the line; now it is an invalid entry and nothing changes.
