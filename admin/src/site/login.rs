@@ -114,7 +114,9 @@ pub async fn submit(
         Some(None) => {
             tracing::info!(client = ?client, "site login not checked: too many wrong logins from this address");
             state.metrics.login(Login::Throttled);
-            let page = login_page(&state, &form.csrf, None, Some(THROTTLED_MESSAGE));
+            // What was typed stays, as after a wrong login: the number and the fax to show.
+            let fax = super::fax::fax_to_show(&form.fax).unwrap_or("");
+            let page = login_page_with(&state, &form.csrf, None, Some(THROTTLED_MESSAGE), &form.number, fax);
             return Ok((StatusCode::TOO_MANY_REQUESTS, Html(page)).into_response());
         }
         Some(Some(attempt)) => Some(attempt),

@@ -615,6 +615,7 @@ async fn r_s3_wrong_logins_from_one_address_are_slowed_and_not_counted_against_t
     let slowed = login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await;
     assert_eq!(slowed.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(slowed.body.contains(login::THROTTLED_MESSAGE), "{}", slowed.body);
+    assert!(slowed.body.contains(&format!("value=\"{CONTRACT}\"")), "the number typed is kept: {}", slowed.body);
     assert_eq!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures, throttle::MAX_FAILURES);
 
     assert_eq!(login_from(&app, "192.0.2.2", CONTRACT, PASSWORD).await.location(), Some("/"), "another address");
