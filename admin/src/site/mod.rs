@@ -385,8 +385,10 @@ pub async fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate)
     let session = touched.map_err(|e| Denied::Failed(e.into()))?.ok_or(Denied::Ended)?;
     // The credential it logged in with must still be the number's: a new temporary
     // password by phone, a unit change or the number leaving its line ends the session.
-    // (One sled read, from its cache.)
-    let current = state.credentials.stamp(&session.number).unwrap_or(None);
+    // A credential that cannot be read is an error, not a replaced one.
+    let (credentials, number) = (state.credentials.clone(), session.number);
+    let stamp = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await;
+    let current = stamp.map_err(|e| Denied::Failed(e.into()))?.map_err(|e| Denied::Failed(e.into()))?;
     if current != Some(session.credential) {
         tracing::info!(number = %session.number, "site session ended: its credential was replaced or removed");
         state.sessions.remove(id).await.map_err(|e| Denied::Failed(e.into()))?;

@@ -680,6 +680,23 @@ async fn pages_are_styled_errors_are_japanese_and_an_ended_session_says_so() {
     assert!(failed.body.contains(&format!("value=\"{CONTRACT}\"")), "the number is kept: {}", failed.body);
 }
 
+/// A session whose credential cannot be read (a damaged record) gets the site's error
+/// page and stays: it was taken for a replaced credential, the session removed and the
+/// subscriber told they had been idle or changed their password.
+#[tokio::test]
+async fn a_credential_that_cannot_be_read_is_an_error_page_not_an_ended_session() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let credentials = app.f.store.open_tree("credentials").unwrap();
+    let good = credentials.insert(CONTRACT, b"{not a record".as_slice()).unwrap().expect("the credential");
+    let failed = get(&app, "/", &cookies).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR, "{:?}", failed.location());
+    assert_eq!(app.state.sessions().len(), 1, "the session stays");
+    credentials.insert(CONTRACT, good).unwrap();
+    assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK, "and goes on once it reads");
+}
+
 /// A request that fails on our side answers the subscriber a Japanese 500 page without
 /// the cause, and the operator gets the cause logged and counted as a site error.
 #[tokio::test]
