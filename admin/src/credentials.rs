@@ -55,6 +55,10 @@ pub enum LoginFailure {
     Unknown,
     #[error("wrong password")]
     Wrong,
+    /// A wrong password that made the count of R-S2 or R-S3: the credential is invalid
+    /// from now on.
+    #[error("wrong password, which invalidated the credential")]
+    Invalidated,
     #[error("the credential was invalidated by consecutive wrong passwords")]
     Locked,
     #[error("the temporary password is older than 24 hours")]
@@ -204,7 +208,7 @@ impl Credentials {
                             CredentialKind::Password => Lockout::Password,
                         });
                     }
-                    fail(LoginFailure::Wrong)
+                    fail(if locked { LoginFailure::Invalidated } else { LoginFailure::Wrong })
                 }
             };
         }

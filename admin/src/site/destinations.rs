@@ -20,7 +20,7 @@ use engine::telemetry::TestMail;
 
 use super::form_parts::{address_message, Row};
 use super::session::Session;
-use super::{redirect, with_cookies, SiteError, SiteState};
+use super::{SiteError, SiteState};
 use crate::credentials::LoginFailure;
 
 pub(super) const SAVED: &str = "設定しました。";
@@ -84,8 +84,7 @@ pub(super) async fn confirm_change(
         // must be set by phone, so the session ends as after a failed login.
         Err(failure) => {
             tracing::info!(login = %session.number, outcome = ?failure, "{page}: credential unusable");
-            state.sessions.remove(id).await?;
-            Ok(Confirmed::Ended(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)])))
+            Ok(Confirmed::Ended(super::credential_died(state, id, failure).await?))
         }
     }
 }

@@ -54,7 +54,7 @@ impl LoginAttempt<'_> {
     fn emit(&self, metrics: &Metrics) {
         metrics.login(match self.outcome {
             Ok(_) => Login::Ok,
-            Err(Refusal::Credential(LoginFailure::Wrong)) => Login::Wrong,
+            Err(Refusal::Credential(LoginFailure::Wrong | LoginFailure::Invalidated)) => Login::Wrong,
             Err(Refusal::Credential(LoginFailure::Unknown)) => Login::Unknown,
             Err(Refusal::Credential(LoginFailure::Locked)) => Login::Locked,
             Err(Refusal::Credential(LoginFailure::Expired)) => Login::Expired,

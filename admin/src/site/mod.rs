@@ -64,7 +64,7 @@ use engine::store::{Store, StoreError};
 use engine::telemetry::Metrics;
 
 use crate::clock::SharedClock;
-use crate::credentials::{CredentialError, CredentialKind, Credentials, LoginOk};
+use crate::credentials::{CredentialError, CredentialKind, Credentials, LoginFailure, LoginOk};
 use crate::failure::{self, Failed, Reporter};
 use session::{Session, Sessions};
 
@@ -451,6 +451,18 @@ impl IntoResponse for SiteError {
 }
 
 /// Appends `Set-Cookie` headers to `response`.
+/// A session whose credential died under it (`failure`: invalidated by wrong entries
+/// on one of its pages, or its 24 hours over) ends, and the browser goes to the login
+/// page, told why when wrong entries invalidated it (R-S2, R-S3).
+async fn credential_died(state: &SiteState, id: &str, failure: LoginFailure) -> Result<Response, SiteError> {
+    state.sessions.remove(id).await?;
+    let location = match failure {
+        LoginFailure::Invalidated | LoginFailure::Locked => "/login?notice=invalidated",
+        LoginFailure::Wrong | LoginFailure::Unknown | LoginFailure::Expired => "/login",
+    };
+    Ok(with_cookies(redirect(location), [state.set_cookie(&state.session_cookie(), None)]))
+}
+
 fn with_cookies(mut response: Response, cookies: impl IntoIterator<Item = HeaderValue>) -> Response {
     for cookie in cookies {
         response.headers_mut().append(SET_COOKIE, cookie);

@@ -143,8 +143,7 @@ pub async fn submit(
         // the temporary password's 24 hours ran out): a new one must be set by phone.
         Err(failure) => {
             tracing::info!(number = %session.number, outcome = ?failure, "site password change: credential unusable");
-            state.sessions.remove(&id).await?;
-            return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
+            return super::credential_died(&state, &id, failure).await;
         }
     }
     state.credentials.set_password_async(session.number, form.new, now).await?;

@@ -508,6 +508,28 @@ async fn r_i7_r_o2_a_change_to_line_unit_by_phone_ends_the_other_numbers_passwor
     assert_eq!(login(&app, CONTRACT, TEMPORARY).await.location(), Some("/password"));
 }
 
+/// R-S2, R-S4: logged in with a temporary password, the subscriber types a wrong current
+/// password on the forced change three times. The third invalidates it: they were told
+/// only 「現在のパスワードが正しくありません」, and the next submit said they had been
+/// idle. Now the third ends the session and the login page says why and what to do.
+#[tokio::test]
+async fn r_s2_a_temporary_password_invalidated_on_the_password_page_is_said_so() {
+    let app = app();
+    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, TEMPORARY).await;
+    let mut last = None;
+    for _ in 0..3 {
+        let csrf = get(&app, "/password", &cookies).await.csrf();
+        let form = format!("current=87654321&new=wxyz9876&confirm=wxyz9876&csrf={csrf}");
+        last = Some(post(&app, "/password", &cookies, &form).await);
+    }
+    let invalidated = last.unwrap();
+    assert_eq!(invalidated.location(), Some("/login?notice=invalidated"));
+    let page = get(&app, "/login?notice=invalidated", "").await;
+    assert!(page.body.contains("無効になりました") && page.body.contains("仮パスワード設定ダイヤル"), "{}", page.body);
+    assert!(app.state.sessions().is_empty(), "the session ended");
+}
+
 /// R-S7, R-A3, docs/site.md ("a unit change ends them"): on a number-unit line the
 /// contract holder is logged in (their number only, 30 minutes idle); an additional
 /// number keys 3 (admin/user). The contract number keeps its credential, but its

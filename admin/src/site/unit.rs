@@ -48,6 +48,10 @@ pub fn login_notice(query: Option<&str>) -> Option<&'static str> {
         "notice=unit_line" => Some(
             "認証単位を回線単位に変更しました。契約番号と、そのパスワード（回線のパスワード）でログインしてください。",
         ),
+        "notice=invalidated" => Some(
+            "パスワードを続けて誤って入力されたため、パスワードが無効になりました。\
+             ご契約の回線の電話から仮パスワード設定ダイヤルで仮パスワードを設定してください。",
+        ),
         "notice=ended" => Some(
             "一定時間操作がなかったか、パスワードが変更されたため、ログアウトしました。もう一度ログインしてください。\
              （入力中の内容は保存されていません。）",
@@ -233,8 +237,7 @@ async fn credential_gone(
     failure: LoginFailure,
 ) -> Result<Response, SiteError> {
     tracing::info!(number = %contract, outcome = ?failure, "site unit change: credential unusable");
-    state.sessions.remove(id).await?;
-    Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
+    super::credential_died(state, id, failure).await
 }
 
 /// The page for `line`'s current unit, with `errors` above the form.
