@@ -181,6 +181,12 @@ pub(super) async fn submit<P: SettingsPage>(
         Ok(settings) => settings,
         Err(rows) => return Ok(Html(P::render(&view, "", &entered, &[FIX_ROWS.to_owned()], &rows)).into_response()),
     };
+    // A stale form first (R-S9): its rows differ from destinations saved since by
+    // another window, which is no change of this form's to ask a password for.
+    if P::version(&P::form_of(&current)) != Some(version) {
+        tracing::info!(page = P::NAME, login = %session.number, %number, version, "stale settings form refused");
+        return Ok(stale::<P>(&view, &entered));
+    }
     if P::destinations(&settings) != P::destinations(&current) {
         match confirm_change(&state, &id, &session, &fields, &number, P::NAME).await? {
             Confirmed::Yes => {}

@@ -267,6 +267,24 @@ async fn r_s9_a_save_from_a_stale_form_is_refused_with_409() {
     assert_eq!(s.version, 1);
 }
 
+/// R-S9: window B changed the destinations; window A, opened before, only switches
+/// 停止 and saves. A's form is stale: it is refused with 409 before anything else. It was
+/// taken for a change of destinations (A's rows differ from B's saved ones) and asked
+/// for the password, which A had no reason to give, and a wrong one counted (R-S3).
+#[tokio::test]
+async fn r_s9_a_stale_form_that_changes_no_destination_is_refused_with_409_not_asked_for_a_password() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let window_a = form(&app, &cookies, CONTRACT, "enabled=off").await;
+    let window_b =
+        form(&app, &cookies, CONTRACT, &format!("enabled=on&dest_0=b@example.jp&send_0=on&current={PASSWORD}")).await;
+    assert_eq!(post(&app, &path(CONTRACT), &cookies, &window_b).await.status, StatusCode::SEE_OTHER);
+    let refused = post(&app, &path(CONTRACT), &cookies, &window_a).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert!(refused.body.contains("別の画面で変更されています"), "{}", refused.body);
+    assert!(stored(&app, CONTRACT).enabled, "window B's save survives");
+}
+
 #[tokio::test]
 async fn another_subscribers_number_is_not_found_and_never_changed() {
     let app = app();
