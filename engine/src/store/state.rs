@@ -757,7 +757,15 @@ impl Store {
             changed.extend(applied?);
         }
         let meta = self.meta()?;
+        // A node's requests are answered in the order it numbered them: its last one
+        // in the batch stands for all (a batch names each request twice, by its last
+        // value and by its reply).
+        let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
         for (node, id) in answered {
+            let at = last.entry(node.as_str()).or_insert(*id);
+            *at = (*at).max(*id);
+        }
+        for (node, id) in last {
             meta.insert(format!("{ANSWERED}{node}").as_bytes(), &id.to_be_bytes())?;
         }
         let mut at = sled::Batch::default();
