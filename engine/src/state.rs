@@ -999,13 +999,16 @@ impl Owner {
                     }
                 }
             }
-            if !self.consumer.context().owning.load(Ordering::Relaxed) {
+            let owning = self.consumer.context().owning.load(Ordering::Relaxed);
+            if !owning {
                 // Revoked while gathering: the partition's next owner carries them out.
                 batch.clear();
                 self.epoch.set(None);
-                continue;
             }
-            if batch.is_empty() && self.fenced.is_empty() {
+            // Not owning, or nothing to do: its last batch's mark is taken back once the
+            // applier has read that batch (kept, the next start would rebuild the store
+            // for nothing).
+            if !owning || (batch.is_empty() && self.fenced.is_empty()) {
                 match self.settled() {
                     // Its records fenced: the applier stops the node.
                     Ok(true) => return,
