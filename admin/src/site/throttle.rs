@@ -35,7 +35,7 @@ pub struct Throttle {
 struct Tally {
     /// Wrong logins since `since`.
     failed: u32,
-    /// The start of the window.
+    /// The start of the window: the first wrong login in it.
     since: DateTime<Utc>,
     /// Attempts whose password is being checked: each may turn out wrong, so they count
     /// against the allowance until it is known (attempts sent at once would otherwise
@@ -48,17 +48,17 @@ impl Throttle {
     /// logins (those being checked included) within the window.
     pub fn begin(self: &Arc<Self>, client: IpAddr, now: DateTime<Utc>) -> Option<Attempt> {
         if self.tallies.len() >= MAX_TRACKED {
-            self.tallies.retain(|_, t| t.checking > 0 || now - t.since < WINDOW);
+            self.tallies.retain(|_, t| t.checking > 0 || (t.failed > 0 && now - t.since < WINDOW));
         }
         let mut tally = self.tallies.entry(client).or_insert(Tally { failed: 0, since: now, checking: 0 });
-        if now - tally.since >= WINDOW {
-            (tally.failed, tally.since) = (0, now);
+        if tally.failed > 0 && now - tally.since >= WINDOW {
+            tally.failed = 0;
         }
         if tally.failed + tally.checking >= MAX_FAILURES {
             return None;
         }
         tally.checking += 1;
-        Some(Attempt { throttle: self.clone(), client, failed: false })
+        Some(Attempt { throttle: self.clone(), client, at: now, failed: false })
     }
 }
 
@@ -67,6 +67,8 @@ impl Throttle {
 pub struct Attempt {
     throttle: Arc<Throttle>,
     client: IpAddr,
+    /// When it was made: the window starts at the first wrong one.
+    at: DateTime<Utc>,
     failed: bool,
 }
 
@@ -81,7 +83,12 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         if let Some(mut tally) = self.throttle.tallies.get_mut(&self.client) {
             tally.checking -= 1;
-            tally.failed += u32::from(self.failed);
+            if self.failed {
+                if tally.failed == 0 {
+                    tally.since = self.at;
+                }
+                tally.failed += 1;
+            }
         }
     }
 }
@@ -116,5 +123,19 @@ mod tests {
         checking.into_iter().for_each(Attempt::failed);
         next.failed();
         assert!(throttle.begin(client, t0()).is_none());
+    }
+
+    /// The window starts at the first wrong login, not at a right one before it.
+    #[test]
+    fn the_window_starts_at_the_first_wrong_login() {
+        let throttle = Arc::new(Throttle::default());
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        drop(throttle.begin(client, t0()).expect("a right login"));
+        for i in 0..MAX_FAILURES {
+            let at = t0() + Duration::minutes(14) + Duration::seconds(i.into());
+            throttle.begin(client, at).expect("within the allowance").failed();
+        }
+        assert!(throttle.begin(client, t0() + Duration::minutes(16)).is_none(), "15 minutes from the first wrong one");
+        assert!(throttle.begin(client, t0() + Duration::minutes(29)).is_some());
     }
 }
