@@ -83,7 +83,7 @@ pub enum ErrorEvent {
     /// stay uncommitted, nothing is lost); tried again at the next commit.
     ChangelogUnconfirmed,
     /// A newly assigned partition's changelogs could not be restored: it is not read
-    /// until they are (tried again every second).
+    /// until they are (tried again after 1 s, then at doubling intervals up to 30 s).
     ChangelogRestore,
 }
 

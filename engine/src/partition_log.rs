@@ -311,6 +311,13 @@ impl PartitionLog {
     /// Restores the changelogs of newly `assigned` partitions into `store`, then sends
     /// their retries from here on. Blocking: the consumer thread's assignment.
     pub fn restore(&self, store: &Store, assigned: &[PartitionId]) -> anyhow::Result<()> {
+        self.restore_within(store, assigned, crate::cluster::ANSWER_WITHIN)
+    }
+
+    /// [`PartitionLog::restore`], waiting up to `within` for the cluster's answers
+    /// about each partition's ends (a try again after a failed restore waits less: it
+    /// holds up the reading of the thread's other partitions).
+    pub fn restore_within(&self, store: &Store, assigned: &[PartitionId], within: Duration) -> anyhow::Result<()> {
         if assigned.is_empty() {
             return Ok(());
         }
@@ -339,7 +346,7 @@ impl PartitionLog {
         let mut handled = HashSet::new();
         let sent_from: Vec<(i32, Offset)> =
             numbers.iter().map(|&p| Ok((p, Offset::Offset(position(p)?)))).collect::<anyhow::Result<_>>()?;
-        read_to_end(reader, &self.sent_topic, &sent_from, |message| {
+        read_to_end(reader, &self.sent_topic, &sent_from, within, |message| {
             let key = message.key().unwrap_or_default();
             let at = message.payload().and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
             store.restore_sent(key, at)?;
@@ -351,7 +358,7 @@ impl PartitionLog {
             Ok(())
         })?;
         let retry_from: Vec<(i32, Offset)> = numbers.iter().map(|&p| (p, Offset::Beginning)).collect();
-        read_to_end(reader, &self.retry_topic, &retry_from, |message| {
+        read_to_end(reader, &self.retry_topic, &retry_from, within, |message| {
             let key = message.key().unwrap_or_default();
             let live = message.payload().filter(|v| v.len() > 8).map(|v| {
                 let due = i64::from_be_bytes(v[..8].try_into().expect("eight bytes"));
@@ -447,17 +454,18 @@ fn read_to_end(
     reader: &BaseConsumer<EndsExpected>,
     topic: &str,
     from: &[(i32, Offset)],
+    within: Duration,
     mut apply: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let mut list = TopicPartitionList::new();
     let mut open = HashSet::new();
     for &(p, offset) in from {
-        let watermarks = || reader.fetch_watermarks(topic, p, crate::cluster::ANSWER_WITHIN);
+        let watermarks = || reader.fetch_watermarks(topic, p, within);
         let (low, high) = watermarks()
             .or_else(|_| {
                 // What the reader knows of the partition may predate a new leader (it
                 // refreshes its metadata every 5 minutes only): asked anew, then again.
-                reader.fetch_metadata(Some(topic), crate::cluster::ANSWER_WITHIN)?;
+                reader.fetch_metadata(Some(topic), within)?;
                 watermarks()
             })
             .with_context(|| format!("reading the end of changelog {topic:?} partition {p}"))?;

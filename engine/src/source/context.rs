@@ -57,11 +57,24 @@ pub struct SourceContext {
     /// Assigned partitions whose changelogs could not be restored: not read until they
     /// are (their previous reader's queued mails and sent records are not here yet, and
     /// this node would set aside the mails it queued for them).
-    pub(super) unrestored: Mutex<Vec<crate::store::PartitionId>>,
+    pub(super) unrestored: Mutex<Unrestored>,
 }
 
-/// How often the changelogs of partitions not restored are tried again.
-const RESTORE_AGAIN_EVERY: Duration = Duration::from_secs(1);
+/// Partitions whose changelogs wait to be restored, and when to try again.
+#[derive(Default)]
+pub(super) struct Unrestored {
+    partitions: Vec<crate::store::PartitionId>,
+    next_try: Option<Instant>,
+    backoff: Duration,
+}
+
+/// How long after a failed restore the changelogs are tried again: doubled after each
+/// failure up to [`RESTORE_AGAIN_AT_MOST`]. A try blocks the thread's reading of its
+/// other partitions for up to twice [`RESTORE_AGAIN_WAITS`].
+const RESTORE_AGAIN_AFTER: Duration = Duration::from_secs(1);
+const RESTORE_AGAIN_AT_MOST: Duration = Duration::from_secs(30);
+/// How long a try again waits for each of the cluster's answers.
+const RESTORE_AGAIN_WAITS: Duration = Duration::from_secs(2);
 
 /// The thread's commit that waits for the partition changelogs, if any.
 pub(super) struct Pending {
@@ -121,7 +134,7 @@ impl ConsumerContext for SourceContext {
                 tpl.elements().iter().filter_map(|e| Some((self.topic_index(e.topic())?, e.partition()))).collect();
             tracing::info!(partitions = revoked.len(), "partitions revoked; finishing their in-flight CDRs");
             let gone = partitions(tpl);
-            self.unrestored.lock().expect("unrestored lock").retain(|p| !gone.contains(p));
+            self.unrestored.lock().expect("unrestored lock").partitions.retain(|p| !gone.contains(p));
             // Their lag is their next reader's to report.
             for e in tpl.elements() {
                 self.metrics.consumer_lag(e.topic(), e.partition(), 0);
@@ -166,8 +179,11 @@ impl ConsumerContext for SourceContext {
                 Err(e) => {
                     crate::error_event!(self.metrics, ErrorEvent::ChangelogRestore, error = %e,
                         partitions = assigned.len(),
-                        "partition changelogs not restored: their partitions are not read until they are (tried again every second)");
-                    self.unrestored.lock().expect("unrestored lock").extend(assigned);
+                        "partition changelogs not restored: their partitions are not read until they are (tried again after 1 s, then at doubling intervals up to 30 s)");
+                    let mut unrestored = self.unrestored.lock().expect("unrestored lock");
+                    unrestored.partitions.extend(assigned);
+                    unrestored.backoff = RESTORE_AGAIN_AFTER;
+                    unrestored.next_try = Some(Instant::now() + RESTORE_AGAIN_AFTER);
                     false
                 }
             };
@@ -190,24 +206,26 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<crate::store::PartitionId> {
 }
 
 impl SourceContext {
-    /// Tries the changelogs of the partitions not restored again, every
-    /// [`RESTORE_AGAIN_EVERY`] at most; once restored they are read (unless the thread
-    /// holds its partitions paused).
-    pub(super) fn restore_again(&self, consumer: &BaseConsumer<Self>, last_try: &mut Instant) {
-        let waiting = self.unrestored.lock().expect("unrestored lock").clone();
-        if waiting.is_empty() || last_try.elapsed() < RESTORE_AGAIN_EVERY {
+    /// Tries the changelogs of the partitions not restored again when it is time
+    /// ([`RESTORE_AGAIN_AFTER`], doubling); once restored they are read (unless the
+    /// thread holds its partitions paused).
+    pub(super) fn restore_again(&self, consumer: &BaseConsumer<Self>) {
+        let waiting = {
+            let unrestored = self.unrestored.lock().expect("unrestored lock");
+            if unrestored.partitions.is_empty() || unrestored.next_try.is_some_and(|at| Instant::now() < at) {
+                return;
+            }
+            unrestored.partitions.clone()
+        };
+        if let Err(e) = self.changelog.restore_within(&self.store, &waiting, RESTORE_AGAIN_WAITS) {
+            let mut unrestored = self.unrestored.lock().expect("unrestored lock");
+            unrestored.backoff = (unrestored.backoff * 2).min(RESTORE_AGAIN_AT_MOST);
+            unrestored.next_try = Some(Instant::now() + unrestored.backoff);
+            tracing::debug!(error = format!("{e:#}"), partitions = waiting.len(), next = ?unrestored.backoff,
+                "partition changelogs still not restored");
             return;
         }
-        *last_try = Instant::now();
-        if let Err(e) = self.changelog.restore(&self.store, &waiting) {
-            tracing::debug!(
-                error = format!("{e:#}"),
-                partitions = waiting.len(),
-                "partition changelogs still not restored"
-            );
-            return;
-        }
-        self.unrestored.lock().expect("unrestored lock").retain(|p| !waiting.contains(p));
+        self.unrestored.lock().expect("unrestored lock").partitions.retain(|p| !waiting.contains(p));
         tracing::info!(partitions = waiting.len(), "partition changelogs restored after all: reading their partitions");
         if !self.paused.load(std::sync::atomic::Ordering::Relaxed) {
             let mut list = TopicPartitionList::new();
@@ -223,7 +241,8 @@ impl SourceContext {
     /// The assigned partitions the thread reads when not paused: all but those whose
     /// changelogs wait to be restored.
     pub(super) fn readable(&self, assignment: TopicPartitionList) -> TopicPartitionList {
-        let waiting = self.unrestored.lock().expect("unrestored lock");
+        let unrestored = self.unrestored.lock().expect("unrestored lock");
+        let waiting = &unrestored.partitions;
         if waiting.is_empty() {
             return assignment;
         }

@@ -237,7 +237,6 @@ fn run(
     ctx.metrics.consumer_paused(ctx.thread, paused);
     let mut full_since: Option<Instant> = None;
     let mut last_commit = Instant::now();
-    let mut last_restore = Instant::now();
     while !reading.is_cancelled() {
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             ctx.take_commit()?;
@@ -288,7 +287,7 @@ fn run(
         }
         ctx.drain();
         read_unread(&consumer, paused)?;
-        ctx.restore_again(&consumer, &mut last_restore);
+        ctx.restore_again(&consumer);
     }
     if !ctx.finish_or_queue(None, grace) {
         let left = ctx.tracker.lock().expect("tracker lock").in_flight;
