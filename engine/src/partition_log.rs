@@ -462,9 +462,13 @@ fn read_to_end(
     for &(p, offset) in from {
         let watermarks = || reader.fetch_watermarks(topic, p, within);
         let (low, high) = watermarks()
-            .or_else(|_| {
+            .or_else(|e| {
                 // What the reader knows of the partition may predate a new leader (it
                 // refreshes its metadata every 5 minutes only): asked anew, then again.
+                // Not after a timeout: the cluster did not answer, asking more waits more.
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::OperationTimedOut) {
+                    return Err(e);
+                }
                 reader.fetch_metadata(Some(topic), within)?;
                 watermarks()
             })
