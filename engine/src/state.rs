@@ -85,6 +85,10 @@ const OWNER_LINGER: Duration = Duration::from_millis(20);
 /// How often a wait for the state topic is raised ([`ErrorEvent::StateStalled`]).
 const WAITING_NOTE_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a clean stop gives the owner to finish its batch and see it read back: past
+/// it, the owner stops where it is and the store keeps its batch mark.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
 /// Key prefix of an owner's announcement, one per takeover: `owner/NODE/MILLISECONDS`.
 /// Each key is unique, so compaction keeps every announcement and a node reading the
 /// topic from its start fences exactly the records a node reading it live fenced.
@@ -259,6 +263,11 @@ pub struct StateLog {
     waiters: Arc<Waiters>,
     progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
+    /// Set first at [`StateLog::stop`]: the owner takes no new batch and settles its last
+    /// one while the applier still reads.
+    closing: Arc<AtomicBool>,
+    /// Disconnected once the owner has ended (its sender drops with it).
+    owner_ended: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Set when the owner could not publish and stopped the engine.
     failure: Arc<Mutex<Option<String>>>,
@@ -395,6 +404,8 @@ impl StateLog {
         let progress = Arc::new(Progress::default());
         let waiters = Arc::new(Waiters::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let closing = Arc::new(AtomicBool::new(false));
+        let (owner_ends, owner_ended) = std::sync::mpsc::sync_channel(0);
         let failure = Arc::new(Mutex::new(None));
         let fenced = Arc::new(Fenced::default());
         let position = store.state_position()?;
@@ -485,6 +496,8 @@ impl StateLog {
             fenced,
             unsettled: std::cell::Cell::new(None),
             marked: std::cell::Cell::new(false),
+            closing: closing.clone(),
+            _ended: owner_ends,
         };
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
@@ -506,6 +519,8 @@ impl StateLog {
             waiters,
             progress,
             stop,
+            closing,
+            owner_ended: Mutex::new(Some(owner_ended)),
             threads: Mutex::new(threads),
             failure,
             metrics: metrics.clone(),
@@ -534,9 +549,15 @@ impl StateLog {
         self.progress.get()
     }
 
-    /// Stops the applier, the owner and the request producer (at the engine's stop);
-    /// writes after it fail.
+    /// Stops the owner, the applier and the request producer (at the engine's stop);
+    /// writes after it fail. The owner first, given up to [`CLOSE_WITHIN`]: it finishes
+    /// the batch under way and waits for the applier to read its records back, so that
+    /// a clean stop leaves no batch mark (which would rebuild the store at the next start).
     pub fn stop(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        if let Some(ended) = self.owner_ended.lock().expect("owner lock").take() {
+            let _ = ended.recv_timeout(CLOSE_WITHIN);
+        }
         self.stop.store(true, Ordering::Relaxed);
         self.progress.halt();
         drop(self.producer.lock().expect("producer lock").take());
@@ -959,6 +980,10 @@ struct Owner {
     /// A batch may publish nothing (its requests answered by an earlier owner): its mark
     /// is taken back with no record of its own to wait for.
     marked: std::cell::Cell<bool>,
+    /// [`StateLog::closing`]: no new batch, the last one settled, then return.
+    closing: Arc<AtomicBool>,
+    /// Dropped with the owner: tells [`StateLog::stop`] it has ended.
+    _ended: std::sync::mpsc::SyncSender<()>,
 }
 
 /// How the owner's turn at a batch of requests ended.
@@ -984,6 +1009,10 @@ impl Owner {
         let mut not_caught_up: Option<Instant> = None;
         let mut raise = RaiseEvery::new(WAITING_NOTE_EVERY);
         while !self.stop.load(Ordering::Relaxed) {
+            if self.closing.load(Ordering::Relaxed) {
+                self.close();
+                return;
+            }
             self.read_unread();
             let mut wait = Duration::from_millis(100);
             while batch.len() < REQUESTS_PER_BATCH {
@@ -1228,6 +1257,19 @@ impl Owner {
             tracing::warn!(error = %e, "committing state requests failed");
         }
         Ok(Turn::Done)
+    }
+
+    /// At a clean stop, between batches: waits (up to [`CLOSE_WITHIN`]) for the applier to
+    /// read back the last batch, and takes the store's batch mark back.
+    fn close(&self) {
+        if let Some(last) = self.unsettled.get() {
+            self.progress.wait_for(last + 1, CLOSE_WITHIN);
+        }
+        match self.settled() {
+            Ok(_) if !self.marked.get() => {}
+            Ok(_) => tracing::info!("the state owner's last batch was not read back in time: the store is rebuilt from the topic at the next start"),
+            Err(e) => tracing::warn!(error = %e, "taking back the state owner's batch mark failed"),
+        }
     }
 
     /// Takes the store's batch mark back once the applier has read every record this

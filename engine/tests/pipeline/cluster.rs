@@ -686,17 +686,7 @@ async fn r_l3_a_store_left_mid_batch_by_its_owner_is_rebuilt_from_the_state_topi
     {
         // What the owner does before it publishes: the mark, then the batch's writes;
         // then the process dies.
-        let path = h.dir.path().join("a");
-        let deadline = std::time::Instant::now() + WAIT;
-        let store = loop {
-            match Store::open(&path) {
-                Ok(store) => break store,
-                Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("the store opens again: {e}"),
-            }
-        };
+        let store = reopened(&h, "a").await;
         store.begin_owner_batch().unwrap();
         let line = LineRecord { contract: n("0612345678"), numbers: vec![n("0612345678")], unit: None };
         let numbers = vec![(n("0612345678"), Services { call: true, fax: false }, None)];
@@ -707,6 +697,70 @@ async fn r_l3_a_store_left_mid_batch_by_its_owner_is_rebuilt_from_the_state_topi
     assert!(a.store.number(&n("0612345678")).unwrap().is_none(), "the write the topic never got is gone");
     assert!(a.store.number(&n("0312345678")).unwrap().is_some(), "the topic's state is back");
     a.stop().await;
+}
+
+/// Node `name`'s store, opened again once its engine has let go of it.
+async fn reopened(h: &Harness, name: &str) -> Store {
+    let path = h.dir.path().join(name);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match Store::open(&path) {
+            Ok(store) => return store,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("could not acquire lock") => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the store opens again: {e}"),
+        }
+    }
+}
+
+/// A node stopped cleanly while it carries out other nodes' writes as the state owner
+/// leaves its store unmarked: the owner takes no new batch, finishes the one under way
+/// and waits for its applier to read it back. The defect: the owner stopped with its
+/// last batch unread, so its store kept the batch mark and every stop under load was
+/// followed by a rebuild from the state topic at the next start (minutes at carrier
+/// scale; R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_node_stopped_cleanly_while_owning_busy_state_is_not_rebuilt_at_its_next_start() {
+    use engine::store::state::Op;
+    use engine::store::{LineRecord, Services};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (h, a) = one_node_with_a_subscriber().await;
+    // Node "busy" provisions a line per request, without end, until told to stop.
+    let writing = tokio_util::sync::CancellationToken::new();
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
+    let writer = tokio::spawn({
+        let writing = writing.clone();
+        async move {
+            for id in 1u64.. {
+                let number = n(&format!("06{id:08}"));
+                let line = LineRecord { contract: number, numbers: vec![number], unit: None };
+                let op = Op::UpsertLine { line, numbers: vec![(number, Services { call: true, fax: false }, None)] };
+                let request = serde_json::json!({"node": "busy", "id": id, "ops": [op]}).to_string();
+                let record = FutureRecord::to(engine::embedded::STATE_TOPICS[1]).key("busy").payload(&request);
+                tokio::select! {
+                    () = writing.cancelled() => return id - 1,
+                    sent = producer.send(record, std::time::Duration::from_secs(10)) => { sent.map_err(|(e, _)| e).unwrap(); }
+                }
+            }
+            unreachable!()
+        }
+    });
+    testkit::wait::until(
+        WAIT,
+        || "node A never carried out node busy's writes".into(),
+        || a.store.number(&n("0600000050")).unwrap().is_some(),
+    )
+    .await;
+    a.stop().await;
+    writing.cancel();
+    let sent = writer.await.unwrap();
+    let store = reopened(&h, "a").await;
+    assert!(
+        !store.diverged().unwrap(),
+        "a clean stop amid {sent} writes left a batch mark: the next start rebuilds the store"
+    );
 }
 
 /// The state topic of the harness's nodes (`kafka.state_topic`'s default).
