@@ -187,7 +187,7 @@ impl ConsumerContext for SourceContext {
                     false
                 }
             };
-            let paused = self.paused.load(std::sync::atomic::Ordering::Relaxed) || !restored;
+            let paused = self.paused() || !restored;
             let set = if paused { consumer.pause(tpl) } else { consumer.resume(tpl) };
             if let Err(e) = set {
                 tracing::warn!(error = %e, paused, "the pause state of newly assigned partitions was not set");
@@ -206,6 +206,18 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<crate::store::PartitionId> {
 }
 
 impl SourceContext {
+    /// Whether the thread holds its partitions paused.
+    pub(super) fn paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records that the thread has paused (or resumed) its partitions, for partitions
+    /// assigned later and for the operator.
+    pub(super) fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.consumer_paused(self.thread, paused);
+    }
+
     /// Tries the changelogs of the partitions not restored again when it is time
     /// ([`RESTORE_AGAIN_AFTER`], doubling); once restored they are read (unless the
     /// thread holds its partitions paused).
@@ -227,7 +239,7 @@ impl SourceContext {
         }
         self.unrestored.lock().expect("unrestored lock").partitions.retain(|p| !waiting.contains(p));
         tracing::info!(partitions = waiting.len(), "partition changelogs restored after all: reading their partitions");
-        if !self.paused.load(std::sync::atomic::Ordering::Relaxed) {
+        if !self.paused() {
             let mut list = TopicPartitionList::new();
             for p in &waiting {
                 list.add_partition(&p.topic, p.partition);

@@ -233,8 +233,7 @@ fn run(
     grace: Duration,
 ) -> Result<(), SourceError> {
     let ctx = consumer.context();
-    let mut paused = false;
-    ctx.metrics.consumer_paused(ctx.thread, paused);
+    ctx.set_paused(false);
     let mut full_since: Option<Instant> = None;
     let mut last_commit = Instant::now();
     while !reading.is_cancelled() {
@@ -255,38 +254,34 @@ fn run(
         let disk_low = stages.disk.is_low();
         if in_flight < max_in_flight {
             full_since = None;
-        } else if !paused && !disk_low {
+        } else if !ctx.paused() && !disk_low {
             let since = *full_since.get_or_insert_with(Instant::now);
             if since.elapsed() < PAUSE_AFTER {
                 ctx.await_completion(Duration::from_millis(10));
                 continue;
             }
         }
-        if !paused && (disk_low || in_flight >= max_in_flight) {
+        if !ctx.paused() && (disk_low || in_flight >= max_in_flight) {
             consumer.pause(&consumer.assignment()?)?;
-            paused = true;
-            ctx.paused.store(true, std::sync::atomic::Ordering::Relaxed);
-            ctx.metrics.consumer_paused(ctx.thread, true);
+            ctx.set_paused(true);
             if disk_low {
                 tracing::warn!(in_flight, "consumer paused: the store's disk is low");
             } else {
                 tracing::info!(in_flight, "consumer paused until mails drain");
             }
         }
-        if paused && !disk_low && in_flight <= max_in_flight / 2 {
+        if ctx.paused() && !disk_low && in_flight <= max_in_flight / 2 {
             consumer.resume(&ctx.readable(consumer.assignment()?))?;
-            paused = false;
-            ctx.paused.store(false, std::sync::atomic::Ordering::Relaxed);
-            ctx.metrics.consumer_paused(ctx.thread, false);
+            ctx.set_paused(false);
             tracing::info!(in_flight, "consumer resumed");
         }
-        match consumer.poll(Duration::from_millis(if paused { 10 } else { 100 })) {
+        match consumer.poll(Duration::from_millis(if ctx.paused() { 10 } else { 100 })) {
             Some(Ok(message)) => handle(&consumer, stages, &tx, &message)?,
             Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
             None => {}
         }
         ctx.drain();
-        read_unread(&consumer, paused)?;
+        read_unread(&consumer, ctx.paused())?;
         ctx.restore_again(&consumer);
     }
     if !ctx.finish_or_queue(None, grace) {
