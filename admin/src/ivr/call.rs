@@ -23,7 +23,6 @@
 use std::fmt;
 
 use engine::phone::PhoneNumber;
-use engine::store::state::Op;
 use engine::store::{AuthUnit, Store, StoreError};
 
 use super::prompt::{Prompt, PromptId};
@@ -280,10 +279,7 @@ impl Call {
             for number in line.numbers.iter().filter(|n| !keep(n)) {
                 self.ivr.credentials.remove(number)?;
             }
-            let ends = line.numbers.iter().map(|number| Op::RemoveSessions { number: *number, keep: None }).collect();
-            for ended in self.ivr.store.submit_all(ends) {
-                ended?;
-            }
+            self.ivr.store.end_line_sessions(&line.numbers)?;
         }
         tracing::info!(caller = %self.caller, %target, ?unit, "temporary password set by phone");
         Ok(())

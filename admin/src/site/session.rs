@@ -129,6 +129,12 @@ impl Sessions {
         self.submit(Op::RemoveSessions { number: *number, keep }).await.map(drop)
     }
 
+    /// Ends every session of the line of `numbers` (its unit changed).
+    pub async fn remove_line(&self, numbers: &[PhoneNumber]) -> Result<(), StoreError> {
+        let (store, numbers) = (self.store.clone(), numbers.to_vec());
+        tokio::task::spawn_blocking(move || store.end_line_sessions(&numbers)).await?
+    }
+
     /// Forgets expired sessions, so abandoned ones do not accumulate.
     pub async fn sweep(&self, now: DateTime<Utc>) -> Result<(), StoreError> {
         self.submit(Op::SweepSessions { now }).await.map(drop)

@@ -221,10 +221,7 @@ async fn load(state: &SiteState, login: PhoneNumber) -> Result<Option<(LineRecor
 
 /// Ends every session of `line`'s numbers and sends the browser to `location`.
 async fn ended(state: &SiteState, line: &LineRecord, location: &'static str) -> Result<Response, SiteError> {
-    for number in &line.numbers {
-        // "" keeps none.
-        state.sessions.remove_number(number, "").await?;
-    }
+    state.sessions.remove_line(&line.numbers).await?;
     Ok(with_cookies(redirect(location), [state.set_cookie(&state.session_cookie(), None)]))
 }
 

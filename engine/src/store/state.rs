@@ -582,6 +582,14 @@ impl Store {
         self.sessions.get(key.as_bytes())?.map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from)).transpose()
     }
 
+    /// Ends every session of the line of `numbers` in one write, on every node (a unit
+    /// change, by phone or on the site: a session that went on would keep the old unit's
+    /// reach and idle timeout, R-S7).
+    pub fn end_line_sessions(&self, numbers: &[PhoneNumber]) -> Result<(), StoreError> {
+        let ends = numbers.iter().map(|number| Op::RemoveSessions { number: *number, keep: None }).collect();
+        self.submit_all(ends).into_iter().try_for_each(|ended| ended.map(drop))
+    }
+
     /// How many sessions this store holds.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
