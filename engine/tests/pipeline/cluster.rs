@@ -260,11 +260,21 @@ async fn one_node_with_a_subscriber() -> (Harness, TestEngine) {
 /// Sends the state owner a request of `ops` as node "newer" would, and waits for the
 /// owner's answer on the state topic.
 async fn answer_to_newer_node(h: &Harness, ops: serde_json::Value) -> serde_json::Value {
+    ask_as_newer_node(h, ops).await;
+    newer_node_s_answer(h).await
+}
+
+/// Sends the state owner a request of `ops` as node "newer" would.
+async fn ask_as_newer_node(h: &Harness, ops: serde_json::Value) {
+    let request = serde_json::json!({"node": "newer", "id": 7, "ops": ops});
+    h.produce(engine::embedded::STATE_TOPICS[1], &[request.to_string()]).await;
+}
+
+/// Waits for the owner's answer to node "newer" on the state topic.
+async fn newer_node_s_answer(h: &Harness) -> serde_json::Value {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::Message;
-    let request = serde_json::json!({"node": "newer", "id": 7, "ops": ops});
-    let [state, requests] = engine::embedded::STATE_TOPICS;
-    h.produce(requests, &[request.to_string()]).await;
+    let state = engine::embedded::STATE_TOPICS[0];
     let reader: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", h.kafka.bootstrap_servers())
         .set("group.id", "reply-reader")
@@ -286,6 +296,27 @@ async fn answer_to_newer_node(h: &Harness, ops: serde_json::Value) -> serde_json
     .await
     .unwrap()
     .expect("an answer to the newer node within the wait")
+}
+
+/// docs/configuration.md: `kafka.properties` tunes the clients but does not move where
+/// the state owner starts reading. An operator's `auto.offset.reset = "latest"` (for the
+/// CDR consumers) would make the cluster's first owner skip the writes sent before it
+/// joined, and their senders wait in vain (R-L3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_write_sent_before_the_first_owner_is_carried_out_whatever_the_operator_s_offset_reset() {
+    use engine::store::state::Op;
+    use engine::store::{LineRecord, Services};
+    let h = Harness::new(1).await;
+    let number = n("0612345678");
+    let line = LineRecord { contract: number, numbers: vec![number], unit: None };
+    let op = Op::UpsertLine { line, numbers: vec![(number, Services { call: true, fax: false }, None)] };
+    ask_as_newer_node(&h, serde_json::json!([op])).await;
+
+    let a = h.node_with("a", &[("CALLNOTIFY__KAFKA__PROPERTIES__AUTO_OFFSET_RESET", "latest")]).await;
+    let reply = newer_node_s_answer(&h).await;
+    assert!(reply["results"][0].get("Ok").is_some(), "{reply}");
+    assert!(a.store.number(&number).unwrap().is_some(), "the line written before node A started");
+    a.stop().await;
 }
 
 /// The defect of issue 18: two nodes in one group, subscribers provisioned through
