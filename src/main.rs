@@ -278,6 +278,23 @@ fn open_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
     })
 }
 
+/// The store, for a command that reads what it holds (an export, a replay of mails into
+/// its retry queue): one that is not there is an error, not a new empty store (a wrong
+/// `store.path`, or a relative one run from another directory, would otherwise back up
+/// nothing over the last backup, or queue mails where no engine reads them).
+fn open_existing_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
+    let path = &settings.store.path;
+    // sled keeps its log in `db`: a directory without it is not a store yet.
+    if !path.join("db").is_file() {
+        let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+        anyhow::bail!(
+            "no store at {}: check store.path (a relative one is taken from the working directory, here {cwd})",
+            path.display()
+        );
+    }
+    open_store(settings)
+}
+
 /// The store, for a command that writes to it while `serve` is stopped: refused, with
 /// `refusal(topic)`, if it is a node's view of a cluster's state topic. A store of its own
 /// or the embedded cluster's view is the truth between runs (the next `serve` publishes
@@ -359,7 +376,7 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
 }
 
 fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bool) -> anyhow::Result<ExitCode> {
-    let store = open_store(settings)?;
+    let store = open_existing_store(settings)?;
     let report = if file.as_os_str() == "-" {
         engine::provision::export(&store, credentials, std::io::BufWriter::new(std::io::stdout().lock()))?
     } else {
@@ -412,8 +429,9 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             eprintln!("{} dead letters on {topic}", letters.len());
         }
         DeadLetters::Replay { filter, dry_run } => {
-            let done =
-                engine::replay::replay(brokers, properties, topic, &filter.into(), dry_run, || open_store(settings))?;
+            let done = engine::replay::replay(brokers, properties, topic, &filter.into(), dry_run, || {
+                open_existing_store(settings)
+            })?;
             let verb = if dry_run { "would replay" } else { "replayed" };
             for (partition, offset) in &done.cdrs {
                 println!("{verb} {topic}/{partition}/{offset} (a CDR, into its topic)");

@@ -416,6 +416,24 @@ fn r_l3_r_s3_an_export_imported_elsewhere_keeps_settings_and_passwords() {
     assert_eq!(none.verify(&other, "betsu-no-2026", now).unwrap().err(), Some(LoginFailure::Unknown));
 }
 
+/// A backup taken from a store that is not there (a wrong `store.path`, or a relative
+/// one run from another directory) is an error naming the path, and the last backup
+/// stays. It used to create an empty store there and write an empty export over the
+/// last backup, exit 0 (R-L3).
+#[test]
+fn r_l3_an_export_from_a_store_that_is_not_there_is_refused_and_the_last_backup_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-store");
+    std::fs::write(dir.path().join("backup.jsonl"), line(0) + "\n").unwrap();
+    let out =
+        callnotify(&missing).args(["provision", "export", "backup.jsonl"]).current_dir(dir.path()).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("no store at") && said.contains("no-such-store"), "{said}");
+    assert!(!missing.exists(), "no empty store made in its place");
+    assert_eq!(std::fs::read_to_string(dir.path().join("backup.jsonl")).unwrap(), line(0) + "\n");
+}
+
 /// `log.format = "json"`: every line `serve` writes to standard error, up to its stop,
 /// is one JSON object a log shipper can read, with its level and message.
 #[test]
