@@ -29,7 +29,7 @@ fn documents(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         group.bench_function("page as PNG", |b| b.iter(|| page_png(black_box(&document), 0)));
         group.throughput(Throughput::Elements(u64::from(pages)));
-        group.bench_function("as PDF", |b| b.iter(|| to_pdf(black_box(&document))));
+        group.bench_function("as PDF", |b| b.iter(|| to_pdf(black_box(&document), usize::MAX)));
         group.finish();
     }
 }

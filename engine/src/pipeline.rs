@@ -10,9 +10,10 @@ use chrono::{DateTime, TimeDelta, Utc};
 use crate::address::DestinationAddress;
 use crate::decode::{check_times, decode, decode_fax, CallEvent, CdrFormat, DecodeError, FaxEvent};
 use crate::error_event::ErrorEvent;
+use crate::fax::document::{to_pdf, DocumentError};
 use crate::filter::{decide, Skip};
 use crate::phone::PhoneNumber;
-use crate::render::{Mail, Origin, RenderError, Renderer};
+use crate::render::{FaxPdf, Mail, Origin, RenderError, Renderer};
 use crate::resolve::{Resolver, Subscription};
 use crate::store::{Claims, FaxRecord, SentKey, StoreError};
 use crate::telemetry::{Failure, Metrics};
@@ -236,17 +237,20 @@ impl Pipeline {
             self.metrics.filtered(Skip::NoDestination);
         } else {
             self.metrics.notified();
-            let pdf = match number.fax.attach_pdf.then(|| crate::fax::document::to_pdf(&document)) {
+            let made = number.fax.attach_pdf.then(|| to_pdf(&document, crate::fax::ATTACHED_PDF_AT_MOST));
+            let pdf = match &made {
+                None => FaxPdf::NotAsked,
+                Some(Ok(pdf)) => FaxPdf::Attached(pdf),
+                Some(Err(DocumentError::TooLarge { .. })) => FaxPdf::TooLarge,
                 Some(Err(e)) => {
                     // Checked by decode, so not expected; the link still leads to the fax.
                     tracing::warn!(fax_id = %record.fax_id, error = %e, "no PDF of the fax: its mails go without it");
-                    None
+                    FaxPdf::Unavailable
                 }
-                made => made.and_then(Result::ok),
             };
             let recipients = number.fax.destinations.iter().filter(|d| d.send).map(|d| &d.address);
             mails = self.claim_and_render((received_at.timestamp(), &called, &notification), recipients, |to| {
-                self.renderer.render_fax(&record, to, pdf.as_deref())
+                self.renderer.render_fax(&record, to, pdf)
             })?;
         }
         let origin = Origin { call_id: notification, called, ended_at: received_at, source: None };

@@ -55,6 +55,19 @@ pub enum RenderError {
     Envelope(#[from] lettre::error::Error),
 }
 
+/// The fax's PDF in its mails (「FAXをPDFで添付する」, docs/fax.md).
+#[derive(Debug, Clone, Copy)]
+pub enum FaxPdf<'a> {
+    /// The number does not ask for it.
+    NotAsked,
+    Attached(&'a [u8]),
+    /// Larger than a mail carries ([`crate::fax::ATTACHED_PDF_AT_MOST`]): the mail says
+    /// so and has the link only.
+    TooLarge,
+    /// The document makes no PDF (not expected: decode checked it).
+    Unavailable,
+}
+
 /// Renders mails from a fixed no-reply sender (R-M1).
 #[derive(Debug, Clone)]
 pub struct Renderer {
@@ -144,13 +157,13 @@ impl Renderer {
     }
 
     /// The notification of a received fax for `recipient` (R-F1, R-M1): who sent it,
-    /// when, how many pages, and the link to it on the site; with `pdf`, the fax
-    /// attached as a PDF.
+    /// when, how many pages, and the link to it on the site; the fax attached as a PDF
+    /// when its number asks for it and it could be, else said why not.
     pub fn render_fax(
         &self,
         fax: &FaxRecord,
         recipient: &DestinationAddress,
-        pdf: Option<&[u8]>,
+        pdf: FaxPdf<'_>,
     ) -> Result<Mail, RenderError> {
         let subject = format!("【FAXお知らせ】{}から{}へのFAX（{}枚）", fax.sender, fax.number, fax.pages);
         let mut body = String::with_capacity(768);
@@ -169,8 +182,15 @@ impl Renderer {
             pages = fax.pages,
             link = self.fax_link(&fax.key()),
         );
-        if pdf.is_some() {
-            body.push_str("このメールにFAXをPDFで添付しています。\r\n");
+        match pdf {
+            FaxPdf::NotAsked => {}
+            FaxPdf::Attached(_) => body.push_str("このメールにFAXをPDFで添付しています。\r\n"),
+            FaxPdf::TooLarge => {
+                body.push_str("FAXのPDFは大きいため、このメールには添付していません。上のリンクからご覧ください。\r\n")
+            }
+            FaxPdf::Unavailable => body.push_str(
+                "このFAXはPDFにできないため、このメールには添付していません。上のリンクからご覧ください。\r\n",
+            ),
         }
         body.push_str(
             "このメールは送信専用のアドレスから送信しています。返信されてもお答えできません。\r\n\
@@ -178,6 +198,10 @@ impl Renderer {
         );
         let id = message_id(fax.number.as_str(), &format!("fax:{}", fax.fax_id), recipient, &self.domain);
         let name = format!("fax-{}-{}.pdf", fax.number, fax.received_at.with_timezone(&jst()).format("%Y%m%d-%H%M%S"));
+        let pdf = match pdf {
+            FaxPdf::Attached(bytes) => Some(bytes),
+            _ => None,
+        };
         self.build_with(recipient, subject, body, id, pdf.map(|bytes| (name.as_str(), bytes)))
     }
 

@@ -280,8 +280,11 @@ pub async fn pdf(
     };
     let Some(record) = fax_of(&state, authed.session.number, address).await? else { return Ok(fax_not_found()) };
     let key = record.key();
-    let Some(pdf) = state.read(move |store| Ok(store.fax_document(&key)?.map(|doc| to_pdf(&doc)))).await? else {
-        return Ok(fax_not_found());
+    let made = state.read(move |store| Ok(store.fax_document(&key)?.map(|doc| to_pdf(&doc, DOWNLOAD_PDF_AT_MOST))));
+    let pdf = match made.await? {
+        None => return Ok(fax_not_found()),
+        Some(Err(DocumentError::TooLarge { .. })) => return Ok(too_large_for_a_pdf(&record)),
+        Some(made) => made?,
     };
     let name = format!(
         "attachment; filename=\"fax-{}-{}.pdf\"",
@@ -289,8 +292,22 @@ pub async fn pdf(
         record.received_at.with_timezone(&jst()).format("%Y%m%d-%H%M%S")
     );
     let disposition = HeaderValue::from_str(&name).expect("digits and dashes are a valid header");
-    Ok(([(CONTENT_TYPE, HeaderValue::from_static("application/pdf")), (CONTENT_DISPOSITION, disposition)], pdf?)
+    Ok(([(CONTENT_TYPE, HeaderValue::from_static("application/pdf")), (CONTENT_DISPOSITION, disposition)], pdf)
         .into_response())
+}
+
+/// The largest PDF the site makes of a fax: a TIFF whose pages share their data can
+/// declare a PDF of gigabytes. Far above any real fax's (docs/fax.md: records up to 16 MiB).
+const DOWNLOAD_PDF_AT_MOST: usize = 64 << 20;
+
+/// A fax too large to download as one PDF: its pages still show one by one.
+fn too_large_for_a_pdf(record: &FaxRecord) -> Response {
+    let body = format!(
+        "<p>このFAXはPDFにするには大きすぎるため、ダウンロードできません。ページごとにご覧ください。</p>\n\
+         <p><a href=\"{}\">FAXへ戻る</a></p>\n",
+        html::escape(&fax_path(record))
+    );
+    (StatusCode::UNPROCESSABLE_ENTITY, Html(html::page("ダウンロードできません", &body))).into_response()
 }
 
 /// `POST /fax/{number}/{ms}/{fax_id}/delete`: deletes the fax (its document at once; the

@@ -180,17 +180,27 @@ pub fn page_png(bytes: &[u8], page: u32) -> Result<Vec<u8>, DocumentError> {
     raster::png(&raster, repeat)
 }
 
-/// The document as a PDF for download. A PDF is returned as it came (bytes unchanged:
-/// it is the fax server's, and [`inspect`] has loaded it). A TIFF becomes a PDF of its
-/// pages, each the size the fax's resolution gives it (an A4 fax about 595x842 pt),
-/// its picture re-encoded as T.6 whatever the TIFF's coding, bit order or polarity.
-pub fn to_pdf(bytes: &[u8]) -> Result<Vec<u8>, DocumentError> {
+/// The document as a PDF (for download, or attached to its mails) of at most `at_most`
+/// bytes. A PDF is returned as it came (bytes unchanged: it is the fax server's, and
+/// [`inspect`] has loaded it). A TIFF becomes a PDF of its pages, each the size the fax's
+/// resolution gives it (an A4 fax about 595x842 pt), its picture re-encoded as T.6
+/// whatever the TIFF's coding, bit order or polarity.
+///
+/// The bound matters for a TIFF: its pages may share their data, so a small file can
+/// make a PDF of gigabytes (a dense page takes about 3 bits a pixel in T.6). The PDF is
+/// given up once it passes `at_most`, a page after it at most.
+pub fn to_pdf(bytes: &[u8], at_most: usize) -> Result<Vec<u8>, DocumentError> {
+    let too_large = || DocumentError::TooLarge { detail: format!("its PDF is larger than {at_most} bytes") };
     match kind(bytes)? {
+        DocumentKind::Pdf if bytes.len() > at_most => Err(too_large()),
         DocumentKind::Pdf => Ok(bytes.to_vec()),
         DocumentKind::Tiff => {
             let mut pdf = pdf_out::PdfBuilder::new();
             for page in tiff_file::pages(bytes)? {
                 pdf.page(&tiff_file::bitmap(bytes, &page)?, page.resolution);
+                if pdf.len() > at_most {
+                    return Err(too_large());
+                }
             }
             Ok(pdf.finish())
         }

@@ -9,3 +9,9 @@ pub mod document;
 /// The topics they write need `max.message.bytes` at least as large for faxes that big
 /// (README, "Fax records").
 pub const MESSAGE_MAX_BYTES: &str = "33554432";
+
+/// The largest PDF a fax mail carries: 7 MiB, in base64 about 9.8 MB with the rest of
+/// the mail, under the 10 MB a relay commonly takes (Postfix's `message_size_limit`). A
+/// larger fax is mailed with its link only, and the mail says why: refused by the relay
+/// as too large (552), it would reach nobody.
+pub const ATTACHED_PDF_AT_MOST: usize = 7 << 20;

@@ -112,6 +112,27 @@ async fn r_f1_a_fax_can_come_attached_as_a_pdf() {
     engine.stop().await;
 }
 
+/// R-F1: a fax whose PDF would be larger than a mail carries (a relay commonly refuses
+/// a mail over 10 MB, and then nobody hears of the fax) is mailed with its link only, and
+/// the mail says why. Its pages share one dense strip: a record of half a megabyte whose
+/// PDF is about 12 MB. It used to be attached whatever its size (and such a TIFF of
+/// a thousand pages made a PDF of gigabytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_f1_a_fax_too_large_to_attach_is_mailed_with_its_link_and_says_why() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    fax_subscriber(&engine, FAX_NUMBER, true, &[("fax@example.jp", true)], true);
+    let dense = testkit::fax::checkered_tiff(8, 1728, 2296);
+    h.produce(FAX_TOPIC, &[fax_record("dense-1", FAX_NUMBER, &dense, 8)]).await;
+    let mails = h.mails(1).await;
+    let parsed = mail_parser::MessageParser::default().parse(&mails[0].data).unwrap();
+    assert!(parsed.attachment(0).is_none(), "no PDF attached");
+    let body = parsed.body_text(0).unwrap();
+    assert!(body.contains("大きいため") && body.contains("/fax/"), "{body}");
+    assert!(mails[0].data.len() < 64 << 10, "the mail is small: {} bytes", mails[0].data.len());
+    engine.stop().await;
+}
+
 /// R-M4: a fax record that is not one (its page count wrong, its document no fax, a
 /// time no fax can have, a field missing) goes to the dead letters with the reason, and nothing is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,6 +49,11 @@ impl PdfBuilder {
         xobject.decode_parms().k(-1).columns(columns).rows(rows).black_is_1(false);
     }
 
+    /// The bytes written so far.
+    pub fn len(&self) -> usize {
+        self.pdf.len()
+    }
+
     pub fn finish(mut self) -> Vec<u8> {
         self.pdf.catalog(CATALOG).pages(PAGE_TREE);
         let count = i32::try_from(self.pages.len()).unwrap_or(i32::MAX);

@@ -4,6 +4,11 @@
 
 use super::*;
 
+/// [`super::to_pdf`] without a bound on its size.
+fn to_pdf(bytes: &[u8]) -> Result<Vec<u8>, DocumentError> {
+    super::to_pdf(bytes, usize::MAX)
+}
+
 macro_rules! fixture {
     ($name:literal) => {
         include_bytes!(concat!("../../../tests/fixtures/fax/", $name)).as_slice()
@@ -634,6 +639,20 @@ fn r_f1_documents_beyond_the_limits_are_refused() {
     // A G4 page that claims fewer rows than its data holds shows those rows only.
     let short = patch(FINE_G4, 0, 257, 100);
     assert_same(&shown(&short, 0), &picture(PAGES[0]).band(0, 100), "the first 100 rows");
+}
+
+/// R-F1: a TIFF whose thousand pages share one dense strip (a record under 1 MB) would
+/// make a PDF of about 1.5 GB; it is given up once past its bound, a page after it.
+#[test]
+fn r_f1_a_pdf_is_given_up_past_its_bound_however_many_pages_share_their_data() {
+    let dense = testkit::fax::checkered_tiff(MAX_PAGES, 1728, 2296);
+    assert!(dense.len() < 1 << 20);
+    assert_eq!(inspect(&dense).unwrap().pages, MAX_PAGES);
+    let error = super::to_pdf(&dense, 4 << 20).unwrap_err();
+    assert_eq!(error.to_string(), "the document is too large to show: its PDF is larger than 4194304 bytes");
+    let one = testkit::fax::checkered_tiff(1, 1728, 2296);
+    assert!(super::to_pdf(&one, 4 << 20).is_ok(), "one such page fits");
+    assert!(matches!(super::to_pdf(FINE_G4_PDF, 100), Err(DocumentError::TooLarge { .. })), "a PDF as it came, too");
 }
 
 #[test]
