@@ -97,11 +97,35 @@ pub fn decode_fax(payload: &[u8]) -> Result<FaxEvent<'_>, DecodeError> {
     Ok(FaxEvent { fax_id, called, caller, received_at, pages, kind, document })
 }
 
-/// `fax_id`: 1 to [`MAX_FAX_ID`] of `A-Z a-z 0-9 . _ - : @`, as fax servers name jobs.
+/// `fax_id`: 1 to [`MAX_FAX_ID`] of `A-Z a-z 0-9 . _ - : @`, as fax servers name jobs,
+/// not `.` or `..`: the last segment of the fax's link, which a browser would resolve
+/// away, so the link would never lead to the fax.
 fn check_fax_id(id: &str) -> Result<(), DecodeError> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '@');
     if id.is_empty() || id.len() > MAX_FAX_ID || !id.chars().all(allowed) {
         return Err(DecodeError::invalid("fax_id", format!("{id:?}: 1 to {MAX_FAX_ID} of A-Z a-z 0-9 . _ - : @")));
     }
+    if id == "." || id == ".." {
+        return Err(DecodeError::invalid("fax_id", format!("{id:?}: not a name a link can end in")));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// R-F1: the fax's link (`…/fax/{number}/{ms}/{fax_id}`) must lead to it: a browser
+    /// resolves a last segment of `.` or `..` away, and the fax could be neither viewed
+    /// nor deleted. Such a record is refused (a dead letter) instead of kept unreachable.
+    #[test]
+    fn r_f1_a_fax_id_a_link_cannot_end_in_is_refused_and_others_pass() {
+        for id in [".", ".."] {
+            let error = check_fax_id(id).unwrap_err().to_string();
+            assert!(error.contains("fax_id"), "{id}: {error}");
+        }
+        for id in ["...", ".job", "hylafax-000123", "q1.2@host:5"] {
+            assert!(check_fax_id(id).is_ok(), "{id}");
+        }
+    }
 }
