@@ -361,6 +361,18 @@ impl Settings {
                 return Err(ConfigError::Invalid(format!("{key} must not be empty")));
             }
         }
+        // Each topic has one role: a CDR topic that is also the dead-letter topic reads
+        // its own refusals for ever; one listed twice takes its first format silently.
+        let mut roles: Vec<(&str, &String)> = names[1..].to_vec();
+        roles.extend(self.kafka.topics.iter().map(|t| ("kafka.topics", &t.name)));
+        for (i, (key, name)) in roles.iter().enumerate() {
+            if let Some((other, _)) = roles[..i].iter().find(|(_, earlier)| earlier == name) {
+                let (first, second) = if *other == *key { (*key, "again") } else { (*other, *key) };
+                return Err(ConfigError::Invalid(format!(
+                    "topic {name:?} is named in {first} and {second}: each topic has one role (and a CDR topic is listed once)"
+                )));
+            }
+        }
         let (max_age, give_up) = (self.engine.max_call_age_hours * 3_600, self.smtp.retry_give_up_secs);
         let (slack, retention) =
             (crate::decode::FUTURE_SLACK.num_seconds() as u64, self.store.sent_retention_days * 86_400);
@@ -375,6 +387,16 @@ impl Settings {
                  ({max_age} s) plus a day (how far ahead of this clock a call may be dated) plus \
                  smtp.retry_give_up_secs ({give_up} s): a CDR read again after its sent record is pruned \
                  would send its mail again"
+            )));
+        }
+        let fax_retention = self.store.fax_retention_days * 86_400;
+        if max_age + slack >= fax_retention {
+            // A deleted fax is remembered as deleted until its retention ends: a record
+            // read again after that must be stale, or the fax comes back on the site.
+            return Err(ConfigError::Invalid(format!(
+                "store.fax_retention_days ({fax_retention} s) must be longer than engine.max_call_age_hours \
+                 ({max_age} s) plus a day (how far ahead of this clock a fax may be dated): a fax record read \
+                 again after its fax was deleted and forgotten would keep it again"
             )));
         }
         let url = self.admin.public_url.as_str();
@@ -657,12 +679,37 @@ mod tests {
                 "store.sent_retention_days (604800 s) must be longer than engine.max_call_age_hours (435600 s) \
                  plus a day (how far ahead of this clock a call may be dated) plus smtp.retry_give_up_secs (86400 s)",
             ),
+            (
+                "CALLNOTIFY__STORE__FAX_RETENTION_DAYS",
+                "1",
+                "store.fax_retention_days (86400 s) must be longer than engine.max_call_age_hours (86400 s) plus a day",
+            ),
             ("CALLNOTIFY__SMTP__PORT", "abc", "smtp.port: invalid type: string \"abc\", expected u16"),
             ("CALLNOTIFY__METRICS__LISTEN", "nowhere", "metrics.listen: invalid socket address syntax"),
         ] {
             let err = Settings::load_from(None, env(&[(name, value)])).expect_err(name).to_string();
             assert!(err.contains(expected), "{name}={value}: {err}");
         }
+    }
+
+    /// A CDR topic that is also the dead-letter topic reads its own refusals for ever, and
+    /// a topic listed twice took its first format without a word: both are refused.
+    #[test]
+    fn a_topic_named_in_two_roles_or_listed_twice_is_refused_naming_both() {
+        let topics = |list: &str| Settings::load_from(None, env(&[("CALLNOTIFY__KAFKA__TOPICS", list)]));
+        let err = topics(r#"[{name="cdr-dead-letter",format="canonical"}]"#).unwrap_err().to_string();
+        assert!(
+            err.contains(r#"topic "cdr-dead-letter" is named in kafka.dead_letter_topic and kafka.topics"#),
+            "{err}"
+        );
+        let err =
+            topics(r#"[{name="cdr",format="canonical"},{name="cdr",format="asterisk"}]"#).unwrap_err().to_string();
+        assert!(err.contains(r#"topic "cdr" is named in kafka.topics and again"#), "{err}");
+        let err = Settings::load_from(None, env(&[("CALLNOTIFY__KAFKA__RETRY_TOPIC", "callnotify-state")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kafka.state_topic and kafka.retry_topic"), "{err}");
+        assert!(topics(r#"[{name="cdr",format="canonical"},{name="fax",format="fax"}]"#).is_ok());
     }
 
     #[test]
