@@ -326,7 +326,9 @@ impl Sent {
                     report.numbers += numbers.len();
                 }
                 Ok(other) => return Err(failed(StoreError::State(format!("an import was answered {other:?}")))),
-                Err(refused @ StoreError::TooMany { .. }) => report.reject(line, refused.to_string()),
+                Err(refused @ (StoreError::TooMany { .. } | StoreError::ContractInUse { .. })) => {
+                    report.reject(line, refused.to_string())
+                }
                 Err(source) => return Err(failed(source)),
             }
             for _ in &extras {
@@ -490,6 +492,50 @@ mod tests {
         // Importing it into the store it came from changes nothing.
         import(&store, exported.as_slice()).unwrap();
         assert_eq!(contents(&store), contents(&copy));
+    }
+
+    /// R-L1, R-L3: a line's contract number moves to another line only as its line's
+    /// last number, and the line then ends; while the line has other numbers, the line
+    /// taking it is rejected with why. An export after moves imports into an empty store
+    /// as the same store. The defect: the contract number left its line, which stayed
+    /// keyed by a number it no longer had (or with none), and the export of it was
+    /// rejected by import ("contract number … must be one of the line's numbers").
+    #[test]
+    fn r_l3_a_contract_number_moves_only_as_its_line_s_last_and_the_export_reads_back() {
+        let store = Store::temporary().unwrap();
+        let line = |contract: &str, numbers: &[&str]| {
+            let numbers: Vec<String> = numbers.iter().map(|x| format!(r#"{{"number":"{x}"}}"#)).collect();
+            format!(r#"{{"contract":"{contract}","numbers":[{}]}}"#, numbers.join(","))
+        };
+        let lines = [
+            line("0312340001", &["0312340001", "0312340002"]),
+            line("0312340003", &["0312340003"]),
+            // Takes line 0312340001's contract number while it has 0312340002 too.
+            line("0312340009", &["0312340009", "0312340001"]),
+            // Takes line 0312340003's only number: that line ends.
+            line("0312340008", &["0312340008", "0312340003"]),
+        ];
+        let report = import(&store, lines.join("\n").as_bytes()).unwrap();
+        assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+        let (at, why) = &report.rejected[0];
+        assert_eq!(*at, 3);
+        assert!(why.contains("0312340001") && why.contains("0312340002") && why.contains("last number"), "{why}");
+        assert_eq!(store.line(&n("0312340001")).unwrap().unwrap().numbers, vec![n("0312340001"), n("0312340002")]);
+        assert!(store.line(&n("0312340003")).unwrap().is_none(), "the line whose only number moved ends");
+        assert_eq!(store.number(&n("0312340003")).unwrap().unwrap().contract, n("0312340008"));
+
+        // 0312340002 on a line of its own first: then 0312340001 moves, and its line ends.
+        let report =
+            import(&store, [line("0312340002", &["0312340002"]), lines[2].clone()].join("\n").as_bytes()).unwrap();
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+        assert!(store.line(&n("0312340001")).unwrap().is_none());
+
+        let mut exported = Vec::new();
+        export(&store, true, &mut exported).unwrap();
+        let copy = Store::temporary().unwrap();
+        let imported = import(&copy, exported.as_slice()).unwrap();
+        assert!(imported.rejected.is_empty(), "{:?}\n{}", imported.rejected, String::from_utf8_lossy(&exported));
+        assert_eq!(contents(&copy), contents(&store));
     }
 
     #[test]

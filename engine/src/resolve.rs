@@ -227,11 +227,11 @@ mod tests {
         store
             .upsert_line(&line, &[(a, call, None), (b, call, None), (c, Services { call: false, fax: true }, None)])
             .unwrap();
-        // b leaves the line; c gains the service; a moves to a line of its own.
-        let line = LineRecord { contract: a, numbers: vec![c], unit: None };
-        store.upsert_line(&line, &[(c, call, None)]).unwrap();
-        let own = LineRecord { contract: number("0312345699"), numbers: vec![a], unit: None };
-        store.upsert_line(&own, &[(a, call, None)]).unwrap();
+        // b leaves the line; c gains the service, then moves to a line of its own.
+        let line = LineRecord { contract: a, numbers: vec![a, c], unit: None };
+        store.upsert_line(&line, &[(a, call, None), (c, call, None)]).unwrap();
+        let own = LineRecord { contract: c, numbers: vec![c], unit: None };
+        store.upsert_line(&own, &[(c, call, None)]).unwrap();
         let started = Resolver::new(store.clone(), 100).unwrap();
         assert_eq!(started.subscribed_numbers(), 2);
         assert!(started.resolve(&a).unwrap().is_some() && started.resolve(&c).unwrap().is_some());

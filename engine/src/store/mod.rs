@@ -74,6 +74,13 @@ pub enum StoreError {
     StaleVersion { current: u64 },
     #[error("no such number: {0}")]
     UnknownNumber(PhoneNumber),
+    /// R-L1: a line is keyed by its contract number, which must stay one of its numbers.
+    #[error(
+        "{number} is the contract number of a line that also has {}: it moves to another line only as its \
+         line's last number (provision those on a line of their own first)",
+        others.iter().map(PhoneNumber::as_str).collect::<Vec<_>>().join(", ")
+    )]
+    ContractInUse { number: PhoneNumber, others: Vec<PhoneNumber> },
     /// The shared state log could not carry out a write (see [`state`]).
     #[error("subscriber state: {0}")]
     State(String),

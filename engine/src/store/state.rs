@@ -257,6 +257,7 @@ pub enum Attempt {
 pub enum OpError {
     StaleVersion { current: u64 },
     UnknownNumber(PhoneNumber),
+    ContractInUse { number: PhoneNumber, others: Vec<PhoneNumber> },
     Failed(String),
 }
 
@@ -265,6 +266,9 @@ impl From<&StoreError> for OpError {
         match e {
             StoreError::StaleVersion { current } => OpError::StaleVersion { current: *current },
             StoreError::UnknownNumber(n) => OpError::UnknownNumber(*n),
+            StoreError::ContractInUse { number, others } => {
+                OpError::ContractInUse { number: *number, others: others.clone() }
+            }
             other => OpError::Failed(other.to_string()),
         }
     }
@@ -275,6 +279,7 @@ impl From<OpError> for StoreError {
         match e {
             OpError::StaleVersion { current } => StoreError::StaleVersion { current },
             OpError::UnknownNumber(n) => StoreError::UnknownNumber(n),
+            OpError::ContractInUse { number, others } => StoreError::ContractInUse { number, others },
             OpError::Failed(message) => StoreError::State(message),
         }
     }
@@ -310,6 +315,10 @@ pub struct Written(Vec<(StateKey, Option<sled::IVec>)>);
 impl Written {
     pub(super) fn line(&mut self, contract: &PhoneNumber, value: sled::IVec) {
         self.put(StateKey::number(StateTree::Lines, contract), Some(value));
+    }
+
+    pub(super) fn line_removed(&mut self, contract: &PhoneNumber) {
+        self.put(StateKey::number(StateTree::Lines, contract), None);
     }
 
     pub(super) fn number(&mut self, number: &PhoneNumber, value: Option<sled::IVec>) {

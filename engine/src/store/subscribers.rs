@@ -194,6 +194,7 @@ impl Store {
         let mut upserted = Upserted::default();
         let mut written = Written::default();
         'again: loop {
+            self.check_contracts_taken(line, numbers)?;
             let old_raw = self.lines.get(line.contract.as_str())?;
             let old_line: Option<LineRecord> = old_raw.as_deref().map(serde_json::from_slice).transpose()?;
             if let Some(old) = &old_line {
@@ -226,7 +227,12 @@ impl Store {
                     // The number moves between lines: the old line must not list it, and
                     // the new subscriber gets neither the old one's settings (their
                     // addresses would get the new one's calls) nor their password.
-                    if let Some(raw) =
+                    if *number == other {
+                        // Its line's last number (checked above): the line ends with it.
+                        if self.lines.remove(other.as_str())?.is_some() {
+                            written.line_removed(&other);
+                        }
+                    } else if let Some(raw) =
                         self.update_line(&other, |other_line| other_line.numbers.retain(|n| n != number))?
                     {
                         written.line(&other, raw);
@@ -279,6 +285,25 @@ impl Store {
         upserted.moved.dedup();
         upserted.removed.dedup();
         Ok((upserted, written))
+    }
+
+    /// Refuses `line` before it writes anything if it takes another line's contract number
+    /// while that line has other numbers (R-L1): the line would stay keyed by a number it
+    /// no longer has, and its export would not import.
+    fn check_contracts_taken(
+        &self,
+        line: &LineRecord,
+        numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
+    ) -> Result<(), StoreError> {
+        for (number, ..) in numbers.iter().filter(|(number, ..)| *number != line.contract) {
+            let Some(raw) = self.lines.get(number.as_str())? else { continue };
+            let taken: LineRecord = serde_json::from_slice(&raw)?;
+            let others: Vec<PhoneNumber> = taken.numbers.into_iter().filter(|n| n != number).collect();
+            if !others.is_empty() {
+                return Err(StoreError::ContractInUse { number: *number, others });
+            }
+        }
+        Ok(())
     }
 
     /// Changes the record of line `contract`, if there is one, by `change`; its new value.
