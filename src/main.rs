@@ -439,12 +439,21 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             for (partition, offset) in &done.mails {
                 println!("{verb} {topic}/{partition}/{offset} (a mail, into the retry queue)");
             }
+            for (partition, offset, why) in &done.unreadable {
+                eprintln!("left alone {topic}/{partition}/{offset}: it holds no mail to send again: {why}");
+            }
             eprintln!(
                 "{verb} {} CDRs and {} mails; {} replayed before, left alone",
                 done.cdrs.len(),
                 done.mails.len(),
                 done.already
             );
+            if let Some(failed) = &done.mails_failed {
+                eprintln!("error: the mails were not all replayed: {failed}");
+            }
+            if done.mails_failed.is_some() || !done.unreadable.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -18,8 +18,6 @@ use crate::store::{Store, StoreError};
 pub enum ReplayError {
     #[error(transparent)]
     Review(#[from] ReviewError),
-    #[error("dead letter {partition}/{offset} does not hold a mail to send again: {source}")]
-    Entry { partition: i32, offset: i64, source: EntryError },
     #[error("queuing the mails: {0}")]
     Store(#[from] StoreError),
     #[error("opening the store for the mails: {0}")]
@@ -33,10 +31,22 @@ pub struct Replayed {
     pub mails: Vec<(i32, i64)>,
     /// Records replayed before: left alone.
     pub already: usize,
+    /// Mail records that hold no mail to send again (partition, offset, why): left alone,
+    /// the others replayed.
+    pub unreadable: Vec<(i32, i64, String)>,
+    /// Why the mails' step stopped, after the CDRs above were replayed (the store could
+    /// not be opened, say): the mails not listed above were not.
+    pub mails_failed: Option<String>,
 }
 
+/// The store's tree of the dead letters whose mails it has queued (`topic/partition/offset`):
+/// a replay run again after one that queued them but did not mark them in the topic (it
+/// stopped, or the cluster did not answer) marks them without queuing them again.
+pub const QUEUED_LETTERS_TREE: &str = "replayed_letters";
+
 /// Replays the records of `topic` that `filter` lets through; `open_store` is called
-/// only if there are mails to queue.
+/// only if there are mails to queue. CDRs first: a failure in the mails' step is told in
+/// [`Replayed::mails_failed`] beside the CDRs already replayed.
 pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     brokers: &str,
     properties: &BTreeMap<String, String>,
@@ -46,38 +56,68 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     open_store: impl FnOnce() -> Result<Store, E>,
 ) -> Result<Replayed, ReplayError> {
     let done = review::replay(brokers, properties, topic, filter, dry_run)?;
-    let mut replayed = Replayed { cdrs: done.replayed, mails: Vec::new(), already: done.already };
-    let entries: Vec<(&Letter, Queued)> = done
-        .mails
-        .iter()
-        .map(|letter| {
-            let entry = serde_json::from_value::<Queued>(letter.record["entry"].clone())
-                .map_err(EntryError::from)
-                .and_then(|entry| entry.to_mail().map(|_| entry));
-            entry.map(|e| (letter, e)).map_err(|source| ReplayError::Entry {
-                partition: letter.partition,
-                offset: letter.offset,
-                source,
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    let mut replayed = Replayed { cdrs: done.replayed, already: done.already, ..Replayed::default() };
+    let mut entries: Vec<(&Letter, Queued)> = Vec::new();
+    for letter in &done.mails {
+        let entry = serde_json::from_value::<Queued>(letter.record["entry"].clone())
+            .map_err(EntryError::from)
+            .and_then(|entry| entry.to_mail().map(|_| entry));
+        match entry {
+            Ok(entry) => entries.push((letter, entry)),
+            Err(e) => replayed.unreadable.push((letter.partition, letter.offset, e.to_string())),
+        }
+    }
     if entries.is_empty() || dry_run {
         replayed.mails = entries.iter().map(|(l, _)| (l.partition, l.offset)).collect();
         return Ok(replayed);
     }
-    let store = open_store().map_err(|e| ReplayError::Open(e.into()))?;
-    let queue = RetryQueue::open(&store)?;
-    let now = Utc::now();
-    for (_, entry) in &entries {
-        queue.push(&fresh(entry, now), now.timestamp_millis(), now.timestamp().max(0) as u64)?;
+    let queued = open_store()
+        .map_err(|e| ReplayError::Open(e.into()))
+        .and_then(|store| Ok(queue_mails(&store, topic, &entries, Utc::now())?));
+    if let Err(e) = queued {
+        replayed.mails_failed = Some(e.to_string());
+        return Ok(replayed);
     }
-    // On disk before the records are marked: a crash between queues them once more.
-    store.flush_blocking()?;
     for (letter, _) in entries {
-        review::mark(brokers, properties, topic, letter)?;
+        if let Err(e) = review::mark(brokers, properties, topic, letter) {
+            // Queued all the same: the next replay marks it without queuing it again.
+            replayed.mails_failed =
+                Some(format!("marking dead letter {}/{} replayed: {e}", letter.partition, letter.offset));
+            break;
+        }
         replayed.mails.push((letter.partition, letter.offset));
     }
     Ok(replayed)
+}
+
+/// Queues the mails of `letters` (of dead-letter topic `topic`) in `store`'s retry
+/// queue, due `now`, each once: not a letter this store queued before (a replay that
+/// stopped before marking it), nor a mail the queue holds already (dead-lettered twice).
+/// On disk when it returns, before the letters are marked in the topic.
+pub fn queue_mails(
+    store: &Store,
+    topic: &str,
+    letters: &[(&Letter, Queued)],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let queue = RetryQueue::open(store)?;
+    let queued_letters = store.open_tree(QUEUED_LETTERS_TREE)?;
+    let mut in_queue = queue.queued_keys()?;
+    for (letter, entry) in letters {
+        let letter_key = format!("{topic}/{}/{}", letter.partition, letter.offset);
+        if queued_letters.contains_key(&letter_key)? {
+            continue;
+        }
+        let key = entry.sent_key()?;
+        if in_queue.insert(key.as_bytes().to_vec()) {
+            queue.push(&fresh(entry, now), now.timestamp_millis(), now.timestamp().max(0) as u64)?;
+        }
+        // After its entry: sled keeps writes in order, so a crash keeps this mark only
+        // with the entry.
+        queued_letters.insert(letter_key, &now.timestamp_millis().to_be_bytes())?;
+    }
+    store.flush_blocking()?;
+    Ok(())
 }
 
 /// `entry` as a first attempt made `now`, sent by the node it is replayed into: no
@@ -87,4 +127,50 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
 /// every mail of a single-node engine.
 fn fresh(entry: &Queued, now: DateTime<Utc>) -> Queued {
     Queued { attempts: 1, first_failed_ms: now.timestamp_millis(), source: None, ..entry.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::address::DestinationAddress;
+    use crate::phone::PhoneNumber;
+    use crate::render::{Origin, Renderer};
+
+    fn letter(offset: i64) -> (Letter, Queued) {
+        let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
+        let called = PhoneNumber::parse("0312345678").unwrap();
+        let to = DestinationAddress::parse("taro@example.jp").unwrap();
+        let mail = renderer.render_test(called.as_str(), &to, "n", crate::render::MailService::Call).unwrap();
+        let ended_at = DateTime::from_timestamp(1_764_000_000, 0).unwrap();
+        let origin = Origin { call_id: "refused-1".into(), called, ended_at, source: None };
+        let entry = Queued::new(&mail, &origin, "550 5.1.1 no such user", ended_at);
+        (Letter { partition: 0, offset, record: serde_json::Value::Null, replayed: false }, entry)
+    }
+
+    /// R-M4, docs/operating.md: a replay that queued a dead letter's mail and stopped
+    /// before marking the letter in the topic is run again: the mail is not queued a
+    /// second time, also after a `serve` in between sent it (and took it out of the
+    /// queue). Queued again under a new due time it was sent twice.
+    #[test]
+    fn r_m4_a_replay_run_again_before_its_letters_were_marked_queues_no_mail_twice() {
+        let store = Store::temporary().unwrap();
+        let queue = RetryQueue::open(&store).unwrap();
+        let (first, entry) = letter(7);
+        let t0 = DateTime::from_timestamp(1_765_000_000, 0).unwrap();
+        queue_mails(&store, "dl", &[(&first, entry.clone())], t0).unwrap();
+        assert_eq!(queue.len(), 1);
+
+        queue_mails(&store, "dl", &[(&first, entry.clone())], t0 + chrono::TimeDelta::minutes(5)).unwrap();
+        assert_eq!(queue.len(), 1, "queued once");
+        // A serve sent it meanwhile.
+        let (slot, _) = queue.due(i64::MAX, &Default::default(), 10).unwrap().pop().unwrap();
+        queue.remove(&slot).unwrap();
+        queue_mails(&store, "dl", &[(&first, entry.clone())], t0 + chrono::TimeDelta::hours(1)).unwrap();
+        assert!(queue.is_empty(), "not queued again once sent");
+
+        // Another letter of the same mail (it failed again after its replay) is queued.
+        let (later, _) = letter(9);
+        queue_mails(&store, "dl", &[(&later, entry)], t0 + chrono::TimeDelta::hours(2)).unwrap();
+        assert_eq!(queue.len(), 1, "a new dead letter of it is replayed");
+    }
 }

@@ -532,6 +532,15 @@ impl RetryQueue {
         self.retry.len()
     }
 
+    /// The sent keys of the mails queued (set aside or not): a mail is in the queue once.
+    pub fn queued_keys(&self) -> Result<HashSet<Vec<u8>>, StoreError> {
+        let mut keys = HashSet::new();
+        for slot in self.retry.iter().keys().chain(self.parked.iter().keys()) {
+            keys.insert(slot?.get(8..).unwrap_or_default().to_vec());
+        }
+        Ok(keys)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.retry.is_empty()
     }

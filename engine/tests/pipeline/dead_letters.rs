@@ -159,3 +159,34 @@ async fn r_m4_a_replayed_mail_is_sent_by_the_node_it_was_replayed_into_whatever_
     let stopped = second.stop().await;
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 1.0, "sent once, by the node it was replayed into");
 }
+
+/// R-M4: a mail record that holds no mail to send again (one written before records
+/// carried their mail) is left alone and named, and the other mails are replayed and
+/// sent. One such record used to make every replay of mails fail, dry runs too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_mail_record_without_its_mail_is_named_and_the_others_are_replayed() {
+    let h = Harness::new(1).await;
+    a_mail_refused_for_good(&h, "refused-2").await;
+    let brokers = h.kafka.bootstrap_servers().to_owned();
+    let letters = blocking({
+        let brokers = brokers.clone();
+        move || review::list(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &Filter::default()).unwrap()
+    })
+    .await;
+    let mut damaged = letters[0].record.clone();
+    damaged["entry"] = serde_json::Value::Null;
+    h.produce(DEAD_LETTER_TOPIC, &[damaged.to_string()]).await;
+
+    let mails = Filter { kind: Some("mail".into()), ..Filter::default() };
+    let dry = replay(&brokers, mails.clone(), true, None).await;
+    assert_eq!((dry.mails.len(), dry.unreadable.len()), (1, 1), "{dry:?}");
+    let done = replay(&brokers, mails, false, Some(h.settings(&[]).store.path)).await;
+    assert_eq!(done.mails, vec![(letters[0].partition, letters[0].offset)]);
+    let (_, offset, why) = &done.unreadable[0];
+    assert!(*offset > letters[0].offset && why.contains("not a retry queue entry"), "{done:?}");
+    assert_eq!(done.mails_failed, None);
+
+    let engine = h.engine().await;
+    h.mails(1).await;
+    engine.stop().await;
+}
