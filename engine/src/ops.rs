@@ -172,10 +172,21 @@ async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
 /// were rejected (the others are applied), 413 past [`MAX_UPLOAD`] bytes (the lines
 /// before applied), 500 if the store failed. Only for the operator's tools: a browser's
 /// request (one with `Origin` or `Sec-Fetch-Site`), or a body that is not JSON Lines, is
-/// refused before anything is read, so no web page open on the operator's machine can
-/// change subscribers' data; with `metrics.provision_token` set, the token is needed.
+/// refused before anything is imported, so no web page open on the operator's machine can
+/// change subscribers' data; with `metrics.provision_token` set, the token is needed. A
+/// refused upload is read and dropped (up to the limit) so its client gets the refusal.
 async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Response {
     if let Err((status, why)) = ops.admit(&headers) {
+        // Read and dropped, so the client gets the refusal instead of a reset (hyper
+        // closes a connection whose request body was left unread).
+        let mut stream = body.into_data_stream();
+        let mut dropped = 0usize;
+        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+            dropped += chunk.len();
+            if dropped > ops.max_upload {
+                break;
+            }
+        }
         return (status, Json(serde_json::json!({"error": why}))).into_response();
     }
     let (sender, incoming) = tokio::sync::mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
@@ -196,9 +207,10 @@ async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Re
             }
         };
         received += chunk.len();
-        if cut.is_some() {
-            // Past the limit the rest is read and dropped, so the client gets its 413
-            // instead of a reset; up to four times the limit, then the connection ends.
+        if cut.is_some() || chunks.is_none() {
+            // Past the limit, or once the import ended early (the store failed), the
+            // rest is read and dropped, so the client gets its answer instead of a
+            // reset; up to four times the limit, then the connection ends.
             if received > ops.max_upload.saturating_mul(5) {
                 break;
             }
@@ -218,7 +230,7 @@ async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Re
         }
         let Some(sender) = &chunks else { break };
         if sender.send(chunk).await.is_err() {
-            break; // the import ended early: the store failed
+            chunks = None; // the import ended early: the store failed
         }
     }
     drop(chunks);
@@ -403,6 +415,37 @@ mod tests {
         let said = error.to_string();
         assert!(said.contains("closed the connection without an answer"), "{said}");
         assert!(said.contains("importing the file again is safe"), "{said}");
+    }
+
+    /// docs/provisioning.md: an upload refused before it is read (here a wrong token) gets
+    /// its refusal whatever its size. The engine answered at once and closed the
+    /// connection while the client still sent, and `provision import --url` said it
+    /// could not reach the engine (connection reset by peer).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_upload_refused_before_it_is_read_gets_its_refusal_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let disk = DiskWatch::new(dir.path(), 1, metrics.clone());
+        let settings = crate::config::MetricsSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            provision_token: serde_json::from_str("\"right\"").unwrap(),
+        };
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let addr =
+            serve(&settings, metrics, Store::temporary().unwrap(), disk, &tasks, shutdown.clone()).await.unwrap();
+        let url = format!("http://{addr}");
+        let lines: String = (0..100_000)
+            .map(|i| format!(r#"{{"contract":"03{i:08}","numbers":[{{"number":"03{i:08}"}}]}}"#) + "\n")
+            .collect();
+        let refused =
+            tokio::task::spawn_blocking(move || post_provision(&url, lines.as_bytes(), "wrong")).await.unwrap();
+        match refused {
+            Err(ClientError::Answer { status: 401, body }) => assert!(body.contains("provision_token"), "{body}"),
+            other => panic!("not the refusal: {other:?}"),
+        }
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
     }
 
     async fn readiness(ops: &Ops) -> (StatusCode, String) {
