@@ -428,7 +428,7 @@ fn a_full_disk_pauses_reading_shows_why_and_every_mail_arrives_once_when_space_i
 
 /// A full disk during `provision import`: sled writes in the background, so the failure
 /// shows at a later line than the first one lost (a probe saw line 1495 named when
-/// 1494 was not stored either). The import flushes every 1 000 lines and its error
+/// 1494 was not stored either). The import flushes every 20 000 lines and its error
 /// names the first line not known to be on disk; given room again, the store opens and
 /// has every line before it, and importing the file again completes.
 #[test]

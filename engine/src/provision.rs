@@ -137,9 +137,6 @@ pub enum ImportError {
     },
 }
 
-/// Lines between two flushes of an import: a failure names the lines known stored.
-const CHECKPOINT_LINES: usize = 1_000;
-
 /// The UTF-8 byte order mark some editors put at the start of a file.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
@@ -212,9 +209,10 @@ pub fn import_in_writes_of(
     let mut report = ImportReport::default();
     let mut bytes = Vec::new();
     // sled writes in the background: a full disk shows at a later write than the one
-    // it lost. So the import flushes every CHECKPOINT_LINES lines, and an error names
-    // the first line after the last flush that succeeded.
-    let (mut durable_before, mut since_flush) = (1, 0);
+    // it lost. So an import into a store of its own flushes after each write (of
+    // `lines_per_write` lines), and an error names the first line after the last flush
+    // that succeeded.
+    let mut durable_before = 1;
     let mut last = 0;
     let mut pending = Vec::with_capacity(lines_per_write);
     // Shared state: the lines last sent are on their way while the next ones are read
@@ -256,19 +254,18 @@ pub fn import_in_writes_of(
             Err(reason) => report.reject(line, reason.to_string()),
         }
         if pending.len() >= lines_per_write {
-            since_flush += pending.len();
             let lines = std::mem::replace(&mut pending, Vec::with_capacity(lines_per_write));
             let sent = Sent::send(store, lines, durable_before);
             let answer_now = if shared { in_flight.replace(sent) } else { Some(sent) };
             if let Some(sent) = answer_now {
                 sent.answered(&mut report)?;
             }
-        }
-        // Shared state is durable once answered (the state topic has it, acks=all): the
-        // checkpoints are for a store of its own.
-        if since_flush >= CHECKPOINT_LINES && !shared {
-            store.flush_blocking().map_err(|source| ImportError::Store { line, from: durable_before, source })?;
-            (durable_before, since_flush) = (line + 1, 0);
+            // Shared state is durable once answered (the state topic has it, acks=all):
+            // the flushes are for a store of its own.
+            if !shared {
+                store.flush_blocking().map_err(|source| ImportError::Store { line, from: durable_before, source })?;
+                durable_before = line + 1;
+            }
         }
     }
     let rest = (!pending.is_empty()).then(|| Sent::send(store, pending, durable_before));
