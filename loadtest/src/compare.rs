@@ -112,9 +112,7 @@ pub struct Comparison<'a> {
 
 /// Writes `NAME.md` and `NAME.json` to `out` and returns the Markdown.
 pub fn write(out: &Path, c: &Comparison<'_>, rounds: &[Round]) -> anyhow::Result<String> {
-    let mut ratios: Vec<f64> = rounds.iter().map(|r| r.ratio).collect();
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
+    let median = median(rounds.iter().map(|r| r.ratio).collect());
     let machine = Machine::this();
     let rows: Vec<String> = rounds
         .iter()
@@ -152,4 +150,25 @@ pub fn write(out: &Path, c: &Comparison<'_>, rounds: &[Round]) -> anyhow::Result
     let json = serde_json::json!({"machine": machine, "setup": c.setup, "rounds": rounds, "median_ratio": median});
     std::fs::write(out.join(format!("{}.json", c.name)), serde_json::to_string_pretty(&json)?)?;
     Ok(markdown)
+}
+
+/// The median of `values` (the mean of the middle two of an even count); 0 if none.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An even number of rounds has the mean of its middle two as median: it took the
+    /// upper one, so four rounds' ratios 1, 2, 3, 4 were quoted as 3.
+    #[test]
+    fn the_median_of_an_even_number_of_rounds_is_the_mean_of_the_middle_two() {
+        assert_eq!(super::median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
 }

@@ -41,6 +41,14 @@ impl EngineConfig {
     /// chosen the topic and group it reads (and the engine refuses empty ones).
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
+        // Only the settings below: one inherited from the operator's environment (a
+        // `CALLNOTIFY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS`, say) could send the engine
+        // off this machine.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().to_ascii_uppercase().starts_with("CALLNOTIFY__") {
+                cmd.env_remove(key);
+            }
+        }
         cmd.current_dir(&self.workdir)
             .env("CALLNOTIFY__STORE__PATH", self.store_dir())
             .env("CALLNOTIFY__STORE__CACHE_CAPACITY", self.cache_capacity.to_string())
@@ -54,6 +62,8 @@ impl EngineConfig {
             .env("CALLNOTIFY__METRICS__LISTEN", self.metrics.to_string())
             .env("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0")
             .env("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:0")
+            // A stop waits for nothing a run measures: short, so `stop` can bound it.
+            .env("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", ENGINE_GRACE_SECS.to_string())
             // Warnings, and the one line that says how long catching up with the shared state took.
             .env(
                 "RUST_LOG",
@@ -266,10 +276,22 @@ impl EngineProcess {
         }
     }
 
-    /// SIGTERM, then wait for the drain and exit.
+    /// SIGTERM, then wait for the drain and exit: up to [`STOP_WITHIN`], after which the
+    /// engine is killed (it hangs, or it was stopped with SIGSTOP) and that is the error.
     pub fn stop(mut self) -> anyhow::Result<()> {
         Command::new("kill").args(["-TERM", &self.pid().to_string()]).status()?;
-        let status = self.child.wait()?;
+        let deadline = Instant::now() + STOP_WITHIN;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("the engine did not stop within {STOP_WITHIN:?} of SIGTERM: killed; see engine.log");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         if !status.success() {
             bail!("the engine exited with {status}; see engine.log");
         }
@@ -297,15 +319,31 @@ impl Metrics {
     }
 }
 
-/// One scrape of an engine's `/metrics`.
+/// One scrape of an engine's `/metrics`, given up after [`SCRAPE_WITHIN`]: an engine
+/// that hangs (or is stopped) still has its socket accept connections.
 pub async fn scrape(addr: SocketAddr) -> anyhow::Result<Metrics> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n").await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    Ok(Metrics(text))
+    let scraped = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: engine\r\nConnection: close\r\n\r\n").await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        anyhow::Ok(Metrics(text))
+    };
+    tokio::time::timeout(SCRAPE_WITHIN, scraped)
+        .await
+        .with_context(|| format!("the engine's /metrics at {addr} did not answer within {SCRAPE_WITHIN:?}"))?
 }
+
+/// How long a scrape of `/metrics` may take.
+const SCRAPE_WITHIN: Duration = Duration::from_secs(5);
+
+/// The engine's `engine.shutdown_grace_secs` in a load test.
+const ENGINE_GRACE_SECS: u64 = 10;
+
+/// How long [`EngineProcess::stop`] waits: past the engine's own deadline (its grace
+/// plus 15 s).
+const STOP_WITHIN: Duration = Duration::from_secs(ENGINE_GRACE_SECS + 25);
 
 #[cfg(test)]
 mod tests {

@@ -135,9 +135,29 @@ impl Common {
         }
         for broker in self.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
             let host = broker.rsplit_once(':').map_or(broker, |(h, _)| h).trim_matches(['[', ']']);
-            let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-            if !loopback {
+            if !is_loopback_host(host) {
                 bail!("broker {broker} is not a loopback address: load tests only send traffic to this machine");
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a cluster that advertises a broker off this machine: after the first
+    /// contact, clients connect where the cluster says its brokers are.
+    async fn check_advertised_loopback(&self) -> anyhow::Result<()> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let brokers = self.brokers.clone();
+        let advertised = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(String, i32)>> {
+            let client: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create()?;
+            let metadata = client
+                .fetch_metadata(None, Duration::from_secs(10))
+                .with_context(|| format!("asking {brokers} for its brokers"))?;
+            Ok(metadata.brokers().iter().map(|b| (b.host().to_owned(), b.port())).collect())
+        })
+        .await??;
+        for (host, port) in advertised {
+            if !is_loopback_host(&host) {
+                bail!("the cluster advertises broker {host}:{port}, not on this machine: load tests only send traffic to this machine");
             }
         }
         Ok(())
@@ -150,6 +170,9 @@ impl Common {
     /// from its start must hold only this run's CDRs.
     async fn prepare(&self, topics: &[&str]) -> anyhow::Result<Setup> {
         self.check_loopback()?;
+        if !self.brokers.is_empty() {
+            self.check_advertised_loopback().await?;
+        }
         let (binary, workdir) = (self.engine_binary()?, self.workdir()?);
         let external = !self.brokers.is_empty();
         let topics: Vec<String> = topics
@@ -333,8 +356,36 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Whether `host` (a name or an address) is on this machine: every address it resolves
+/// to is a loopback one (`localhost`, 127.0.0.0/8, ::1).
+fn is_loopback_host(host: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => (host, 0)
+            .to_socket_addrs()
+            .map(|addrs| {
+                let addrs: Vec<_> = addrs.collect();
+                !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+            })
+            .unwrap_or(false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// Load tests send traffic to this machine only: a broker named or advertised off it
+    /// is refused.
+    #[test]
+    fn only_hosts_on_this_machine_are_loopback() {
+        for host in ["127.0.0.1", "127.0.1.1", "::1", "localhost"] {
+            assert!(super::is_loopback_host(host), "{host}");
+        }
+        for host in ["10.0.0.5", "192.168.1.20", "kafka.example.jp.invalid"] {
+            assert!(!super::is_loopback_host(host), "{host}");
+        }
+    }
+
     use rdkafka::consumer::Consumer as _;
 
     use super::*;

@@ -179,7 +179,8 @@ impl Report {
                 0 => String::new(),
                 n => format!(
                     "| fax records among them (R-F1) | {n} ({:.1} faxes/s); the store grew {:.1} MB ({:.1} KB a fax) |\n",
-                    n as f64 / self.duration_s.max(1e-9),
+                    // Over the time CDRs were produced, not the drain after it.
+                    n as f64 * self.produced_per_s / self.cdrs_produced.max(1) as f64,
                     self.store_growth_mb,
                     self.store_growth_mb * 1e3 / n as f64,
                 ),

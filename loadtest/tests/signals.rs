@@ -76,3 +76,66 @@ fn a_load_test_stopped_by_sigterm_stops_the_engine_it_started() {
     assert!(stderr.contains(&format!("kept in {}", work.display())), "it names the work directory: {stderr}");
     assert!(work.join("engine.log").exists());
 }
+
+/// docs/load-testing.md: every run stops by itself. An engine that hangs (here stopped
+/// with SIGSTOP once it served) held the load test for ever: its `/metrics` accepted the
+/// connection and never answered, and its stop was waited for without end. Now the run
+/// ends with an error that says so, and the engine is killed.
+#[test]
+fn a_load_test_whose_engine_hangs_ends_by_itself_with_an_error() {
+    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
+    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    let mut run = Command::new(loadtest)
+        .args(["run", "--numbers", "2000", "--rate", "100", "--duration", "5s", "--drain", "3s", "--quiet"])
+        .arg("--workdir")
+        .arg(&work)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .arg("--engine")
+        .arg(&engine)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Serving: the engine's log names its metrics endpoint, and it answers there.
+    let serving = || {
+        let log = std::fs::read_to_string(work.join("engine.log")).unwrap_or_default();
+        let line = log.lines().find(|l| l.contains("metrics endpoint listening"))?;
+        let at = line.find("http://")? + "http://".len();
+        let addr: std::net::SocketAddr = line[at..].split('/').next()?.parse().ok()?;
+        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n").ok()?;
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut answer).ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    };
+    while serving().is_none() {
+        assert!(Instant::now() < deadline, "the engine never served");
+        assert!(run.try_wait().unwrap().is_none(), "the load test ended before its engine served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let engines = engines_of(run.id());
+    assert_eq!(engines.len(), 1);
+    assert!(Command::new("kill").args(["-STOP", &engines[0].to_string()]).status().unwrap().success());
+
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            let _ = Command::new("kill").args(["-KILL", &engines[0].to_string()]).status();
+            panic!("the load test did not end by itself with its engine hung");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "a run whose engine hung is no success: {stderr}");
+    assert!(stderr.contains("did not"), "it says what did not answer or stop: {stderr}");
+    assert!(!running(engines[0]), "the hung engine is killed: {stderr}");
+}
