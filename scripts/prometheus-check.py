@@ -103,6 +103,18 @@ def rule_expressions():
     return rules
 
 
+def rules_documented(rules):
+    """Every alert rule has its row in the operator guide's table and its section in the
+    runbook (docs/operating.md, docs/alerts.md): an operator paged by one finds it."""
+    operating = open(os.path.join(ROOT, "docs", "operating.md")).read()
+    runbook = open(os.path.join(ROOT, "docs", "alerts.md")).read()
+    for name, _ in rules:
+        if not re.search(rf"^\| {name} \|", operating, re.M):
+            fail(f"alert {name}: no row in docs/operating.md's alert table")
+        if not re.search(rf"^## {name}$", runbook, re.M):
+            fail(f"alert {name}: no section in docs/alerts.md")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,6 +194,7 @@ def main():
 
     queries = dashboard_queries(json.load(open(DASHBOARD)))
     rules = rule_expressions()
+    rules_documented(rules)
     print(f"prometheus-check: dashboard structure ok ({len(queries)} queries); {len(rules)} alert rules")
 
     work = tempfile.mkdtemp(prefix="prometheus-check.")

@@ -57,6 +57,9 @@ pub enum ErrorEvent {
     AdminListener,
     /// The state topic could not be read (tried again).
     StateRead,
+    /// Records read from the state topic could not be applied to this node's store (its
+    /// disk, usually; tried again every second).
+    StateApply,
     /// The state owner could not publish a write to the state topic: the node stops,
     /// and rebuilds its store from the topic at its next start.
     StatePublish,
@@ -88,7 +91,7 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 30] = [
+    pub const ALL: [ErrorEvent; 31] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -111,6 +114,7 @@ impl ErrorEvent {
         ErrorEvent::IvrRequest,
         ErrorEvent::AdminListener,
         ErrorEvent::StateRead,
+        ErrorEvent::StateApply,
         ErrorEvent::StatePublish,
         ErrorEvent::StateStalled,
         ErrorEvent::StateFenced,
@@ -135,7 +139,7 @@ impl ErrorEvent {
             OperatorEndpoint | Provision => "operator",
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
-            StateRead | StatePublish | StateStalled | StateFenced | StateUnreadable | ChangelogWrite
+            StateRead | StateApply | StatePublish | StateStalled | StateFenced | StateUnreadable | ChangelogWrite
             | ChangelogTooLarge | ChangelogUnconfirmed | ChangelogRestore => "state",
         }
     }
@@ -165,6 +169,7 @@ impl ErrorEvent {
             SiteRequest | IvrRequest => "request",
             AdminListener => "listener",
             StateRead => "read",
+            StateApply => "apply",
             StatePublish => "publish",
             StateStalled => "stalled",
             StateFenced => "fenced",

@@ -755,7 +755,7 @@ impl Applier {
                 match self.store.apply_state(&values, next, self.epoch, &answered) {
                     Ok(unreadable) => break unreadable,
                     Err(e) => {
-                        crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "applying the state topic failed; trying again");
+                        crate::error_event!(self.metrics, ErrorEvent::StateApply, error = %e, "applying the state topic to this node's store failed; trying again");
                     }
                 }
                 if self.stop.load(Ordering::Relaxed) {
