@@ -440,7 +440,7 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
                 println!("{verb} {topic}/{partition}/{offset} (a mail, into the retry queue)");
             }
             for (partition, offset, why) in &done.unreadable {
-                eprintln!("left alone {topic}/{partition}/{offset}: it holds no mail to send again: {why}");
+                eprintln!("left alone {topic}/{partition}/{offset}: {why}");
             }
             eprintln!(
                 "{verb} {} CDRs and {} mails; {} replayed before, left alone",

@@ -31,8 +31,8 @@ pub struct Replayed {
     pub mails: Vec<(i32, i64)>,
     /// Records replayed before: left alone.
     pub already: usize,
-    /// Mail records that hold no mail to send again (partition, offset, why): left alone,
-    /// the others replayed.
+    /// Records that cannot be replayed (partition, offset, why): a CDR record without its
+    /// CDR, a mail record without its mail. Left alone, the others replayed.
     pub unreadable: Vec<(i32, i64, String)>,
     /// Why the mails' step stopped, after the CDRs above were replayed (the store could
     /// not be opened, say): the mails not listed above were not.
@@ -56,7 +56,8 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     open_store: impl FnOnce() -> Result<Store, E>,
 ) -> Result<Replayed, ReplayError> {
     let done = review::replay(brokers, properties, topic, filter, dry_run)?;
-    let mut replayed = Replayed { cdrs: done.replayed, already: done.already, ..Replayed::default() };
+    let mut replayed =
+        Replayed { cdrs: done.replayed, already: done.already, unreadable: done.unreplayable, ..Replayed::default() };
     let mut entries: Vec<(&Letter, Queued)> = Vec::new();
     for letter in &done.mails {
         let entry = serde_json::from_value::<Queued>(letter.record["entry"].clone())
@@ -64,7 +65,9 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
             .and_then(|entry| entry.to_mail().map(|_| entry));
         match entry {
             Ok(entry) => entries.push((letter, entry)),
-            Err(e) => replayed.unreadable.push((letter.partition, letter.offset, e.to_string())),
+            Err(e) => {
+                replayed.unreadable.push((letter.partition, letter.offset, format!("no mail to send again: {e}")))
+            }
         }
     }
     if entries.is_empty() || dry_run {

@@ -110,6 +110,9 @@ pub struct Replay {
     pub already: usize,
     /// Mail records not replayed yet, for the caller to queue and [`mark`].
     pub mails: Vec<Letter>,
+    /// CDR records that cannot be replayed (partition, offset, why): left alone, the
+    /// others replayed.
+    pub unreplayable: Vec<(i32, i64, String)>,
 }
 
 /// Puts the CDRs of the records `filter` lets through back into the topics and
@@ -144,14 +147,13 @@ pub fn replay(
             done.mails.push(letter);
             continue;
         }
-        let bad =
-            |why: &str| ReviewError::Record { partition: letter.partition, offset: letter.offset, why: why.into() };
-        let source = letter.record["topic"].as_str().ok_or_else(|| bad("no source topic"))?;
-        let partition = letter.record["partition"].as_i64().ok_or_else(|| bad("no source partition"))? as i32;
-        let raw = letter.record["raw_base64"]
-            .as_str()
-            .and_then(|raw| base64::engine::general_purpose::STANDARD.decode(raw).ok())
-            .ok_or_else(|| bad("no raw CDR"))?;
+        let (source, partition, raw) = match replayable(&letter) {
+            Ok(found) => found,
+            Err(why) => {
+                done.unreplayable.push((letter.partition, letter.offset, why));
+                continue;
+            }
+        };
         if !dry_run {
             let from = format!("{topic}/{}/{}", letter.partition, letter.offset);
             let headers = OwnedHeaders::new().insert(Header { key: REPLAYED_FROM, value: Some(from.as_bytes()) });
@@ -161,6 +163,20 @@ pub fn replay(
         done.replayed.push((letter.partition, letter.offset));
     }
     Ok(done)
+}
+
+/// Where the CDR of `letter` goes back and its bytes; why it cannot be replayed.
+fn replayable(letter: &Letter) -> Result<(&str, i32, Vec<u8>), String> {
+    let source = letter.record["topic"].as_str().ok_or("no source topic")?;
+    let partition = letter.record["partition"].as_i64().ok_or("no source partition")? as i32;
+    if let Some(left_out) = letter.record["raw_left_out"].as_str() {
+        return Err(format!("its record was not kept: {left_out}"));
+    }
+    let raw = letter.record["raw_base64"]
+        .as_str()
+        .and_then(|raw| base64::engine::general_purpose::STANDARD.decode(raw).ok())
+        .ok_or("no raw CDR")?;
+    Ok((source, partition, raw))
 }
 
 /// Marks `letter` (a mail record the caller has queued again) as replayed.
