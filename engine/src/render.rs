@@ -196,7 +196,10 @@ impl Renderer {
             "このメールは送信専用のアドレスから送信しています。返信されてもお答えできません。\r\n\
              送信先の変更は設定サイトで行えます。\r\n",
         );
-        let id = message_id(fax.number.as_str(), &format!("fax:{}", fax.fax_id), recipient, &self.domain);
+        // The fax as the site names it (number, reception, id): two faxes that share a
+        // fax_id (a server's counter reset) get two Message-IDs, which mailboxes would
+        // otherwise take for one mail and drop the second.
+        let id = message_id(fax.number.as_str(), &format!("fax:{}", fax.key()), recipient, &self.domain);
         let name = format!("fax-{}-{}.pdf", fax.number, fax.received_at.with_timezone(&jst()).format("%Y%m%d-%H%M%S"));
         let pdf = match pdf {
             FaxPdf::Attached(bytes) => Some(bytes),
@@ -404,6 +407,28 @@ mod tests {
         assert_ne!(renderer().render(&call("c-2"), &a).unwrap().message_id, first);
         assert_ne!(renderer().render(&call("c-1"), &b).unwrap().message_id, first);
         assert!(first.ends_with("@notify.example.jp>"));
+    }
+
+    /// R-F1: a fax's mail has a Message-ID of that fax: the same again when rendered again,
+    /// another for another fax with the same fax_id (received at another time), which some
+    /// mailboxes dropped as a duplicate of the first.
+    #[test]
+    fn r_f1_a_fax_mail_s_message_id_is_the_fax_s_even_when_fax_ids_repeat() {
+        let to = DestinationAddress::parse("a@example.jp").unwrap();
+        let fax = |at: i64| FaxRecord {
+            number: PhoneNumber::parse("0312345678").unwrap(),
+            fax_id: "job-1".into(),
+            sender: "0612345678".into(),
+            received_at: DateTime::from_timestamp(at, 0).unwrap(),
+            pages: 1,
+            kind: crate::fax::document::DocumentKind::Tiff,
+            size: 10,
+            read: false,
+            deleted: false,
+        };
+        let id = |at| renderer().render_fax(&fax(at), &to, FaxPdf::NotAsked).unwrap().message_id;
+        assert_eq!(id(1_764_000_000), id(1_764_000_000), "rendered again: the same");
+        assert_ne!(id(1_764_000_000), id(1_764_086_400), "another fax with the same fax_id");
     }
 
     #[test]
