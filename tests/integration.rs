@@ -1462,7 +1462,8 @@ fn r_f1_a_fax_above_kafka_s_one_megabyte_default_is_kept_and_mailed_through_topi
     let engine = spec.start_with(&[("CALLNOTIFY__KAFKA__TOPICS", &topics)]);
 
     let document = uncompressed_fax(3);
-    let record = |fax_id: &str, pages: u32| testkit::fax::record(fax_id, NUMBER, &document, pages);
+    let received = chrono::Utc::now();
+    let record = |fax_id: &str, pages: u32| testkit::fax::record_at(fax_id, NUMBER, &document, pages, received);
     let (bad, good) = (record("big-0", 2), record("big-1", 3));
     assert!(good.len() > 1_900_000, "{} bytes", good.len());
     // The fax server's producer, allowed records that large.
@@ -1477,7 +1478,8 @@ fn r_f1_a_fax_above_kafka_s_one_megabyte_default_is_kept_and_mailed_through_topi
     producer.flush(Duration::from_secs(30)).unwrap();
 
     let to = engine::address::DestinationAddress::parse(TO).unwrap();
-    let expected = [engine::render::message_id(NUMBER, "fax:big-1", &to, FROM_DOMAIN)];
+    let number = engine::phone::PhoneNumber::parse(NUMBER).unwrap();
+    let expected = [engine::render::fax_message_id(&number, received, "big-1", &to, FROM_DOMAIN)];
     let arrived = sink.wait_for(&expected);
     assert_eq!(tally(&expected, &arrived), (0, 0, 0), "mailed once");
     let letters = read_all(&spec.brokers, &dead_letter_topic(&spec.topic), 1);

@@ -196,10 +196,7 @@ impl Renderer {
             "このメールは送信専用のアドレスから送信しています。返信されてもお答えできません。\r\n\
              送信先の変更は設定サイトで行えます。\r\n",
         );
-        // The fax as the site names it (number, reception, id): two faxes that share a
-        // fax_id (a server's counter reset) get two Message-IDs, which mailboxes would
-        // otherwise take for one mail and drop the second.
-        let id = message_id(fax.number.as_str(), &format!("fax:{}", fax.key()), recipient, &self.domain);
+        let id = fax_message_id(&fax.number, fax.received_at, &fax.fax_id, recipient, &self.domain);
         let name = format!("fax-{}-{}.pdf", fax.number, fax.received_at.with_timezone(&jst()).format("%Y%m%d-%H%M%S"));
         let pdf = match pdf {
             FaxPdf::Attached(bytes) => Some(bytes),
@@ -343,6 +340,22 @@ fn recipient_address(recipient: &DestinationAddress) -> Address {
 
 /// `<32 hex digits@domain>` from the call, number and recipient: the same inputs give
 /// the same id in every process (FNV-1a, 128 bit; not for security, only identity).
+/// The Message-ID of the mail of fax `fax_id` to `number`, received at `received_at`,
+/// for `recipient`: the fax as the site names it (number, reception, id), so two faxes
+/// that share a fax_id (a server's counter reset) get two, which mailboxes would
+/// otherwise take for one mail and drop the second. Tools that predict a fax's mails
+/// (the load tester) use it too.
+pub fn fax_message_id(
+    number: &crate::phone::PhoneNumber,
+    received_at: DateTime<Utc>,
+    fax_id: &str,
+    recipient: &DestinationAddress,
+    domain: &str,
+) -> String {
+    let fax = crate::store::fax_key(number, received_at, fax_id);
+    message_id(number.as_str(), &format!("fax:{fax}"), recipient, domain)
+}
+
 pub fn message_id(number: &str, call_id: &str, recipient: &DestinationAddress, domain: &str) -> String {
     const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
     const PRIME: u128 = 0x0000000001000000000000000000013b;

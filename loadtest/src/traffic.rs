@@ -105,13 +105,13 @@ impl Generator {
             self.fax_document,
         )
         .into_bytes();
-        let notification = format!("fax:{fax_id}");
+        let number = engine::phone::PhoneNumber::parse(&called).expect("the population's numbers are numbers");
         let expected = self
             .population
             .fax_recipients(index)
             .iter()
             .map(|r| {
-                let id = engine::render::message_id(&called, &notification, r, &self.domain);
+                let id = engine::render::fax_message_id(&number, now, &fax_id, r, &self.domain);
                 message_id_key(id.as_bytes()).expect("engine Message-IDs are hex")
             })
             .collect();
