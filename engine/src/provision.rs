@@ -527,6 +527,23 @@ mod tests {
         assert!(report.rejected.is_empty(), "{:?}", report.rejected);
         assert!(store.line(&n("0312340001")).unwrap().is_none());
 
+        // A line taken over whole, under another of its numbers as contract: not refused.
+        let takeover =
+            [line("0312340020", &["0312340020", "0312340021"]), line("0312340021", &["0312340021", "0312340020"])];
+        let report = import(&store, takeover.join("\n").as_bytes()).unwrap();
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+        assert!(store.line(&n("0312340020")).unwrap().is_none());
+        // A line left by an older version keyed by a number it no longer has does not
+        // keep that number's line from being imported again as it is.
+        let number = |x: &str| (n(x), crate::store::Services { call: true, fax: false }, None);
+        let stale = LineRecord { contract: n("0312340030"), numbers: vec![n("0312340031")], unit: None };
+        let owner =
+            LineRecord { contract: n("0312340032"), numbers: vec![n("0312340032"), n("0312340030")], unit: None };
+        store.upsert_line(&owner, &[number("0312340032"), number("0312340030")]).unwrap();
+        store.upsert_line(&stale, &[number("0312340031")]).unwrap();
+        store.upsert_line(&owner, &[number("0312340032"), number("0312340030")]).expect("imported again as it is");
+        store.upsert_line(&LineRecord { numbers: vec![n("0312340030")], ..stale }, &[number("0312340030")]).unwrap();
+
         let mut exported = Vec::new();
         export(&store, true, &mut exported).unwrap();
         let copy = Store::temporary().unwrap();

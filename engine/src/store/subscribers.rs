@@ -298,7 +298,14 @@ impl Store {
         for (number, ..) in numbers.iter().filter(|(number, ..)| *number != line.contract) {
             let Some(raw) = self.lines.get(number.as_str())? else { continue };
             let taken: LineRecord = serde_json::from_slice(&raw)?;
-            let others: Vec<PhoneNumber> = taken.numbers.into_iter().filter(|n| n != number).collect();
+            // A line that no longer has its contract number (left so by an older
+            // version) keys nothing this line takes; what this line takes too stays
+            // with it (a line taken over whole).
+            if !taken.numbers.contains(number) {
+                continue;
+            }
+            let others: Vec<PhoneNumber> =
+                taken.numbers.into_iter().filter(|n| n != number && !line.numbers.contains(n)).collect();
             if !others.is_empty() {
                 return Err(StoreError::ContractInUse { number: *number, others });
             }
