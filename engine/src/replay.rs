@@ -39,7 +39,8 @@ pub struct Replayed {
     pub mails_failed: Option<String>,
 }
 
-/// The store's tree of the dead letters whose mails it has queued (`topic/partition/offset`):
+/// The store's tree of the dead letters whose mails it has queued (`topic/partition/offset/at`,
+/// the letter's time too: a topic recreated numbers its records from 0 again):
 /// a replay run again after one that queued them but did not mark them in the topic (it
 /// stopped, or the cluster did not answer) marks them without queuing them again.
 pub const QUEUED_LETTERS_TREE: &str = "replayed_letters";
@@ -107,7 +108,8 @@ pub fn queue_mails(
     let queued_letters = store.open_tree(QUEUED_LETTERS_TREE)?;
     let mut in_queue = queue.queued_keys()?;
     for (letter, entry) in letters {
-        let letter_key = format!("{topic}/{}/{}", letter.partition, letter.offset);
+        let at = letter.record["at"].as_str().unwrap_or_default();
+        let letter_key = format!("{topic}/{}/{}/{at}", letter.partition, letter.offset);
         if queued_letters.contains_key(&letter_key)? {
             continue;
         }
@@ -173,7 +175,15 @@ mod tests {
 
         // Another letter of the same mail (it failed again after its replay) is queued.
         let (later, _) = letter(9);
-        queue_mails(&store, "dl", &[(&later, entry)], t0 + chrono::TimeDelta::hours(2)).unwrap();
+        queue_mails(&store, "dl", &[(&later, entry.clone())], t0 + chrono::TimeDelta::hours(2)).unwrap();
         assert_eq!(queue.len(), 1, "a new dead letter of it is replayed");
+
+        // The dead-letter topic recreated: a new letter at a number used before.
+        let (slot, _) = queue.due(i64::MAX, &Default::default(), 10).unwrap().pop().unwrap();
+        queue.remove(&slot).unwrap();
+        let (mut anew, _) = letter(7);
+        anew.record = serde_json::json!({"at": "2026-12-06T15:00:00Z"});
+        queue_mails(&store, "dl", &[(&anew, entry)], t0 + chrono::TimeDelta::hours(3)).unwrap();
+        assert_eq!(queue.len(), 1, "a letter of a recreated topic is not one replayed before");
     }
 }
