@@ -4,6 +4,7 @@
 //! changes subscribers' data without a login.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -178,15 +179,20 @@ async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
 async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Response {
     if let Err((status, why)) = ops.admit(&headers) {
         // Read and dropped, so the client gets the refusal instead of a reset (hyper
-        // closes a connection whose request body was left unread).
-        let mut stream = body.into_data_stream();
-        let mut dropped = 0usize;
-        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
-            dropped += chunk.len();
-            if dropped > ops.max_upload {
-                break;
+        // closes a connection whose request body was left unread): up to the upload
+        // limit and REFUSED_READ_WITHIN, so a client without the token holds nothing
+        // longer (a stop waits for requests under way).
+        let drop_upload = async {
+            let mut stream = body.into_data_stream();
+            let mut dropped = 0usize;
+            while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+                dropped += chunk.len();
+                if dropped > ops.max_upload {
+                    break;
+                }
             }
-        }
+        };
+        let _ = tokio::time::timeout(REFUSED_READ_WITHIN, drop_upload).await;
         return (status, Json(serde_json::json!({"error": why}))).into_response();
     }
     let (sender, incoming) = tokio::sync::mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
@@ -258,6 +264,9 @@ async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Re
         }
     }
 }
+
+/// How long a refused upload is read (and dropped) before its refusal is sent.
+const REFUSED_READ_WITHIN: Duration = Duration::from_secs(10);
 
 impl Ops {
     /// Refuses a request that is not from the operator's tools (see [`provision`]).
