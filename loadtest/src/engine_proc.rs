@@ -41,11 +41,12 @@ impl EngineConfig {
     /// chosen the topic and group it reads (and the engine refuses empty ones).
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
-        // Only the settings below: one inherited from the operator's environment (a
-        // `CALLNOTIFY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS`, say) could send the engine
-        // off this machine.
+        // Kafka settings only from the load tester: one inherited from the operator's
+        // environment (a `CALLNOTIFY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS`, say) could
+        // send the engine off this machine. Other settings pass (a measurement with
+        // `CALLNOTIFY__STORE__GROUP_COMMIT_MS=1`, say), but those set below.
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().to_ascii_uppercase().starts_with("CALLNOTIFY__") {
+            if key.to_string_lossy().to_ascii_uppercase().starts_with("CALLNOTIFY__KAFKA__") {
                 cmd.env_remove(key);
             }
         }

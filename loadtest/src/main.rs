@@ -357,16 +357,18 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Whether `host` (a name or an address) is on this machine: every address it resolves
-/// to is a loopback one (`localhost`, 127.0.0.0/8, ::1).
+/// to is a loopback one (`localhost`, 127.0.0.0/8, ::1) or one of this machine's own (a
+/// broker advertising the machine's hostname; traffic to it stays on the machine).
 fn is_loopback_host(host: &str) -> bool {
     use std::net::ToSocketAddrs;
+    let here = |ip: std::net::IpAddr| ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok();
     match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip.is_loopback(),
+        Ok(ip) => here(ip),
         Err(_) => (host, 0)
             .to_socket_addrs()
             .map(|addrs| {
                 let addrs: Vec<_> = addrs.collect();
-                !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+                !addrs.is_empty() && addrs.iter().all(|a| here(a.ip()))
             })
             .unwrap_or(false),
     }
@@ -381,7 +383,8 @@ mod tests {
         for host in ["127.0.0.1", "127.0.1.1", "::1", "localhost"] {
             assert!(super::is_loopback_host(host), "{host}");
         }
-        for host in ["10.0.0.5", "192.168.1.20", "kafka.example.jp.invalid"] {
+        // Documentation addresses (RFC 5737), never this machine's.
+        for host in ["192.0.2.1", "198.51.100.7", "kafka.example.jp.invalid"] {
             assert!(!super::is_loopback_host(host), "{host}");
         }
     }

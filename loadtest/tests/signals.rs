@@ -30,23 +30,31 @@ fn running(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-#[test]
-fn a_load_test_stopped_by_sigterm_stops_the_engine_it_started() {
+/// `callnotify-loadtest run` of 2 000 numbers at 100 CDR/s for `timing` (`--duration`,
+/// `--drain`), its work directory `dir/work`, its standard error piped.
+fn start_run(dir: &std::path::Path, timing: &[&str]) -> std::process::Child {
     let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
     let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
     assert!(engine.exists(), "{} is built by `cargo test --workspace` (or `cargo build`)", engine.display());
-    let dir = tempfile::tempdir().unwrap();
-    let mut run = Command::new(loadtest)
-        .args(["run", "--numbers", "2000", "--rate", "100", "--duration", "10m", "--quiet", "--workdir"])
-        .arg(dir.path().join("work"))
+    Command::new(loadtest)
+        .args(["run", "--numbers", "2000", "--rate", "100", "--quiet"])
+        .args(timing)
+        .arg("--workdir")
+        .arg(dir.join("work"))
         .arg("--out")
-        .arg(dir.path().join("out"))
+        .arg(dir.join("out"))
         .arg("--engine")
         .arg(&engine)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_load_test_stopped_by_sigterm_stops_the_engine_it_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = start_run(dir.path(), &["--duration", "10m"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     let engines = loop {
         let engines = engines_of(run.id());
@@ -83,22 +91,9 @@ fn a_load_test_stopped_by_sigterm_stops_the_engine_it_started() {
 /// ends with an error that says so, and the engine is killed.
 #[test]
 fn a_load_test_whose_engine_hangs_ends_by_itself_with_an_error() {
-    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
-    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
-    let mut run = Command::new(loadtest)
-        .args(["run", "--numbers", "2000", "--rate", "100", "--duration", "5s", "--drain", "3s", "--quiet"])
-        .arg("--workdir")
-        .arg(&work)
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .arg("--engine")
-        .arg(&engine)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = start_run(dir.path(), &["--duration", "5s", "--drain", "3s"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     // Serving: the engine's log names its metrics endpoint, and it answers there.
     let serving = || {
