@@ -1266,8 +1266,10 @@ impl Owner {
             self.progress.wait_for(last + 1, CLOSE_WITHIN);
         }
         match self.settled() {
-            Ok(_) if !self.marked.get() => {}
-            Ok(_) => tracing::info!("the state owner's last batch was not read back in time: the store is rebuilt from the topic at the next start"),
+            // Its records fenced: the applier has stopped the node, to be rebuilt.
+            Ok(true) => {}
+            Ok(false) if !self.marked.get() => {}
+            Ok(false) => tracing::info!("the state owner's last batch was not read back in time: the store is rebuilt from the topic at the next start"),
             Err(e) => tracing::warn!(error = %e, "taking back the state owner's batch mark failed"),
         }
     }
