@@ -23,6 +23,9 @@ pub enum ErrorEvent {
     PartitionUnread,
     /// A mail could not be rendered from its call.
     Render,
+    /// A received fax could not be kept for the site (the state owner did not answer,
+    /// the store failed): its mails wait, and it is tried again.
+    FaxKeep,
     /// A mail's sent record or retry-queue entry is not stored yet (tried again).
     DeliveryStore,
     /// The retry queue could not be read.
@@ -91,12 +94,13 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 31] = [
+    pub const ALL: [ErrorEvent; 32] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
         ErrorEvent::PartitionUnread,
         ErrorEvent::Render,
+        ErrorEvent::FaxKeep,
         ErrorEvent::DeliveryStore,
         ErrorEvent::RetryQueueRead,
         ErrorEvent::RetryQueueUnreadable,
@@ -130,7 +134,7 @@ impl ErrorEvent {
         use ErrorEvent::*;
         match self {
             RevokeFlush | OffsetOutOfRange | PartitionUnread => "source",
-            Render => "pipeline",
+            Render | FaxKeep => "pipeline",
             DeliveryStore => "deliver",
             RetryQueueRead | RetryQueueUnreadable | RetryQueueUnsendable | RetryQueueReschedule | RetryQueueFlush
             | RetryQueueRemove | RetryQueuePark => "retry_queue",
@@ -153,6 +157,7 @@ impl ErrorEvent {
             OffsetOutOfRange => "offset_out_of_range",
             PartitionUnread => "partition_unread",
             Render => "render",
+            FaxKeep => "fax_keep",
             DeliveryStore => "store_write",
             RetryQueueRead => "read",
             RetryQueueUnreadable => "unreadable_entry",

@@ -393,8 +393,15 @@ fn handle(
 }
 
 /// Has the state owner keep a received fax, trying again until it is kept or `sending`
-/// ends; whether it was kept. The store's error is logged each time: a fax whose mails
-/// wait on it is not silently dropped.
+/// ends; whether it was kept. Each failure is raised: a fax whose mails wait on it is
+/// not silently held up.
+///
+/// When `sending` ends (the partition goes, the engine stops) the fax is given up at
+/// once, even while a try is still waiting for the owner's answer (up to a minute): its
+/// caller then lets the mails' claims go before the partition's next reader, this node
+/// again perhaps, reads the record again. Given up only once that try had failed, the
+/// mails claimed here would have been passed over by that reader as being sent and
+/// then let go: never sent. A try that ends after the give-up still keeps the fax, once.
 async fn keep_fax(
     store: &crate::store::Store,
     fax: crate::pipeline::FaxToKeep,
@@ -404,18 +411,27 @@ async fn keep_fax(
     let mut delay = Duration::from_millis(200);
     let fax = Arc::new(fax);
     loop {
-        let (store, attempt) = (store.clone(), fax.clone());
-        let kept =
-            tokio::task::spawn_blocking(move || store.keep_fax(attempt.record.clone(), attempt.document.clone()));
-        match kept.await.map_err(StoreError::from).and_then(|r| r) {
-            Ok(kept) => {
-                if kept {
-                    metrics.fax_kept();
-                }
-                return true;
+        let (store, attempt, counted) = (store.clone(), fax.clone(), metrics.clone());
+        // Counted where it is carried out: a try given up below still ends, and says so.
+        let kept = tokio::task::spawn_blocking(move || {
+            let kept = store.keep_fax(attempt.record.clone(), attempt.document.clone());
+            match &kept {
+                Ok(true) => counted.fax_kept(),
+                Ok(false) => {}
+                Err(e) => crate::error_event!(counted, ErrorEvent::FaxKeep, fax_id = %attempt.record.fax_id,
+                    error = %e, retry_in = ?delay, "received fax not kept yet; its mails wait"),
             }
+            kept
+        });
+        let kept = tokio::select! {
+            kept = kept => kept,
+            () = sending.cancelled() => return false,
+        };
+        match kept {
+            Ok(Ok(_)) => return true,
+            Ok(Err(_)) => {}
             Err(e) => {
-                tracing::warn!(fax_id = %fax.record.fax_id, error = %e, retry_in = ?delay, "received fax not kept yet")
+                tracing::warn!(fax_id = %fax.record.fax_id, error = %e, retry_in = ?delay, "keeping a received fax failed")
             }
         }
         tokio::select! {

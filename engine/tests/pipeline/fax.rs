@@ -209,3 +209,70 @@ async fn r_f1_a_fax_read_by_one_node_is_kept_on_every_node_and_deleted_everywher
     assert_eq!(sent(&a) + sent(&b), 8.0, "each fax mailed once");
     assert!(sent(&a) > 0.0 && sent(&b) > 0.0, "both nodes read faxes: {} and {}", sent(&a), sent(&b));
 }
+
+/// R-F1, R-M4: a fax whose keeping waits on a state owner that does not answer while its
+/// partition is taken away and given back to the same node is mailed once the owner
+/// answers, and kept once. Before, the record read again found its mail claimed by the
+/// first read and passed it over as being sent; the first read, its try failed a
+/// minute later, then let the mail go: never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_f1_a_fax_read_again_while_its_first_read_waits_on_the_state_owner_is_mailed_once() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    const KEEP_FAILED: &str = r#"callnotify_errors_total{stage="pipeline",error="fax_keep"}"#;
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "4")]).await;
+    fax_subscriber(&engine, FAX_NUMBER, true, &[("fax@example.jp", true)], false);
+    h.produce(FAX_TOPIC, &[fax_record("owner-away-1", FAX_NUMBER, G4, 3)]).await;
+    // From now no state request reaches an owner: every write fails with a retriable
+    // error until the request's 30 s are up (the broker's replicas out of sync).
+    h.kafka.on_cluster(|c| {
+        c.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 100_000])
+    });
+    engine.wait_metric("callnotify_cdrs_consumed_total", 1.0).await;
+
+    let bootstrap = h.kafka.bootstrap_servers().to_owned();
+    tokio::task::spawn_blocking(move || join_and_leave(&bootstrap, FAX_TOPIC)).await.unwrap();
+    engine.wait_metric("callnotify_cdrs_consumed_total", 2.0).await;
+    // The first read's try has failed (its request not written within 30 s).
+    engine.wait_metric(KEEP_FAILED, 1.0).await;
+    h.kafka.on_cluster(|c| c.clear_request_errors(RDKafkaApiKey::Produce));
+
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["fax@example.jp"]);
+    let mails = h.mails_after_control_call(&engine, 2).await;
+    assert_eq!(mails.len(), 2, "the fax mailed once: {:?}", summary(&mails));
+    let number = engine::phone::PhoneNumber::parse(FAX_NUMBER).unwrap();
+    assert_eq!(engine.store.faxes_of(&number).unwrap().len(), 1);
+    assert_eq!(engine.metric("callnotify_faxes_kept_total"), 1.0, "kept once");
+    engine.stop().await;
+}
+
+/// A consumer joins the engines' group on `topic`, waits until the group has shared the
+/// partitions out again, and leaves: each of `topic`'s partitions is taken from the
+/// engine and, by the time it has left, given back.
+fn join_and_leave(bootstrap: &str, topic: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Member(AtomicBool);
+    impl rdkafka::ClientContext for Member {}
+    impl ConsumerContext for Member {
+        fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+            if matches!(rebalance, Rebalance::Assign(_)) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    let member: BaseConsumer<Member> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create_with_context(Member(AtomicBool::new(false)))
+        .expect("member");
+    member.subscribe(&[topic]).expect("subscribe");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !member.context().0.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the group never took the member in");
+        let _ = member.poll(std::time::Duration::from_millis(100));
+    }
+}
