@@ -207,6 +207,27 @@ async fn r_f1_a_pdf_page_without_a_fax_image_is_explained_and_offered_as_the_pdf
     assert_eq!((pdf.status, pdf.body), (StatusCode::OK, document));
 }
 
+/// R-F1: a fax whose PDF would pass what the site makes (its pages share one dense
+/// strip: a record of half a megabyte declaring a PDF of about 75 MB) is not downloaded
+/// as one; the answer says why and leads back to the fax, whose pages still show.
+#[tokio::test]
+async fn r_f1_a_fax_too_large_for_one_pdf_is_refused_with_why_and_its_pages_still_show() {
+    let app = app();
+    let cookies = fax_subscriber(&app).await;
+    let dense = testkit::fax::checkered_tiff(50, 1728, 2296);
+    assert!(dense.len() < 1 << 20, "a small record: {} bytes", dense.len());
+    let fax = keep(&app, FAX_ONLY, 5, "dense-50", &dense);
+
+    let pdf = fetch(&app, &format!("{}/pdf", fax_url(&fax)), &cookies).await;
+    assert_eq!(pdf.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let body = String::from_utf8(pdf.body).unwrap();
+    assert!(body.contains("PDFにするには大きすぎるため"), "{body}");
+    assert!(body.contains(&format!("<a href=\"{}\">FAXへ戻る</a>", fax_url(&fax))), "{body}");
+    let png = fetch(&app, &format!("{}/pages/50.png", fax_url(&fax)), &cookies).await;
+    assert_eq!(png.status, StatusCode::OK);
+    assert!(png.body.starts_with(PNG_SIGNATURE));
+}
+
 #[tokio::test]
 async fn r_f1_delete_needs_the_csrf_token_then_the_fax_and_its_urls_are_gone() {
     let app = app();
