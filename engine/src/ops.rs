@@ -457,6 +457,30 @@ mod tests {
         tasks.wait().await;
     }
 
+    /// A refused upload whose body never ends (a client that stopped sending, or sends a
+    /// byte a minute) is read for [`REFUSED_READ_WITHIN`] at most, then gets its refusal:
+    /// it holds neither its handler nor an engine's stop longer. On a paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_upload_that_never_ends_gets_its_refusal_after_a_bounded_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let ops = Ops {
+            disk: DiskWatch::new(dir.path(), 1, metrics.clone()),
+            metrics,
+            store: Store::temporary().unwrap(),
+            token: serde_json::from_str("\"right\"").unwrap(),
+            max_upload: MAX_UPLOAD,
+        };
+        let endless = Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
+        let started = tokio::time::Instant::now();
+        let answered =
+            tokio::time::timeout(Duration::from_secs(3600), provision(State(ops), HeaderMap::new(), endless))
+                .await
+                .expect("answered, not held for an hour");
+        assert_eq!(answered.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(started.elapsed(), REFUSED_READ_WITHIN);
+    }
+
     async fn readiness(ops: &Ops) -> (StatusCode, String) {
         let response = ready(State(ops.clone())).await;
         let status = response.status();
