@@ -17,7 +17,7 @@
 //! deliberately slow, so the functions here block: async code calls the `*_async`
 //! wrappers, which run them on tokio's blocking pool. No function logs a password.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -37,6 +37,11 @@ pub const ARGON2_M_COST_KIB: u32 = 19_456;
 pub const ARGON2_T_COST: u32 = 2;
 /// argon2id lanes: one, so a login occupies one blocking thread.
 pub const ARGON2_P_COST: u32 = 1;
+/// Password checks and hashes of the async calls carried out at once, at most (each
+/// holds 19 MiB); the others wait their turn. A check whose request went away (its
+/// client hung up) still runs to its end: without a cap, clients hanging up at once
+/// could pile hundreds of them up on tokio's blocking pool, gigabytes in all.
+pub const HASHING_AT_ONCE: usize = 8;
 
 /// A successful login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,13 +92,19 @@ pub struct Credentials {
     store: Store,
     /// Where lockouts are counted (`callnotify_site_lockouts_total`).
     metrics: Metrics,
+    /// [`HASHING_AT_ONCE`] permits, one held by each argon2 call until it ends.
+    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Credentials {
     /// The credentials of `store`; lockouts are counted in metrics of their own until
     /// [`Credentials::counting_in`].
     pub fn open(store: &Store) -> Result<Self, CredentialError> {
-        Ok(Self { store: store.clone(), metrics: Metrics::new() })
+        Ok(Self {
+            store: store.clone(),
+            metrics: Metrics::new(),
+            hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
+        })
     }
 
     /// Counts lockouts (R-S2, R-S3) in the engine's `metrics`.
@@ -244,13 +255,18 @@ impl Credentials {
         self.blocking(move |c| c.set_password(&number, &password, now)).await
     }
 
-    /// Runs `f` (argon2 hashing, sled I/O) off the async workers.
+    /// Runs `f` (argon2 hashing, sled I/O) off the async workers, [`HASHING_AT_ONCE`] at most.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Self) -> Result<T, CredentialError> + Send + 'static,
     ) -> Result<T, CredentialError> {
+        let permit = self.hashing.clone().acquire_owned().await.expect("the semaphore is never closed");
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this)).await?
+        tokio::task::spawn_blocking(move || {
+            let _held = permit;
+            f(&this)
+        })
+        .await?
     }
 }
 

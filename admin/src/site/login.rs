@@ -123,15 +123,25 @@ pub async fn submit(
         None => None,
     };
     let verdict = match PhoneNumber::parse(&form.number) {
-        Ok(number) => {
-            let verdict = state.credentials.verify_async(number, form.password, now).await?;
-            verdict.map(|ok| (number, ok)).map_err(Refusal::Credential)
-        }
+        Ok(number) => match state.credentials.verify_async(number, form.password, now).await {
+            Ok(verdict) => verdict.map(|ok| (number, ok)).map_err(Refusal::Credential),
+            Err(e) => {
+                if let Some(attempt) = attempt {
+                    attempt.unchecked();
+                }
+                return Err(e.into());
+            }
+        },
         Err(_) => Err(Refusal::Malformed),
     };
     LoginAttempt { number: &form.number, outcome: verdict.map(|(_, ok)| ok) }.emit(&state.metrics);
     let (number, ok) = match verdict {
-        Ok(found) => found,
+        Ok(found) => {
+            if let Some(attempt) = attempt {
+                attempt.right();
+            }
+            found
+        }
         // The token matched the cookie, so it is ours and safe to render again.
         Err(_) => {
             if let Some(attempt) = attempt {

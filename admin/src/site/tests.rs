@@ -611,15 +611,18 @@ async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_de
 
 /// A login form sent from `client` (the connection's address, as `serve` hands it on).
 async fn login_from(app: &App, client: &str, number: &str, password: &str) -> Reply {
+    send(app, login_request_from(app, client, number, password).await).await
+}
+
+async fn login_request_from(app: &App, client: &str, number: &str, password: &str) -> Request<Body> {
     let token = login_token(app).await;
     let peer = super::Peer { addr: format!("{client}:40000").parse().unwrap(), answering: Default::default() };
-    let request = Request::post("/login")
+    Request::post("/login")
         .header("cookie", format!("{CSRF_COOKIE}={token}"))
         .header("content-type", "application/x-www-form-urlencoded")
         .extension(axum::extract::ConnectInfo(peer))
         .body(Body::from(format!("number={number}&password={password}&csrf={token}")))
-        .unwrap();
-    send(app, request).await
+        .unwrap()
 }
 
 /// The login throttle (docs/site.md; the trade-off against R-S3 in `site::throttle`): past 5
@@ -643,6 +646,31 @@ async fn r_s3_wrong_logins_from_one_address_are_slowed_and_not_counted_against_t
     assert_eq!(login_from(&app, "192.0.2.2", CONTRACT, PASSWORD).await.location(), Some("/"), "another address");
     app.f.clock.advance(throttle::WINDOW);
     assert_eq!(login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await.location(), Some("/"), "after the window");
+}
+
+/// A client that hangs up while its password is being checked does not get past the
+/// brake: the check goes on (and counts against the number, R-S3), and so does the
+/// attempt against the address. Before, an attempt whose handler went away counted for
+/// nothing, so hanging up on every try invalidated a password at full speed.
+#[tokio::test]
+async fn r_s3_wrong_logins_whose_clients_hang_up_mid_check_are_braked_all_the_same() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    for _ in 0..throttle::MAX_FAILURES {
+        let request = login_request_from(&app, "192.0.2.1", CONTRACT, "wrong1234").await;
+        let mut answer = std::pin::pin!(app.router.clone().oneshot(request));
+        // Up to the password check, which then runs on a blocking thread: hung up on.
+        assert!(futures_util::poll!(answer.as_mut()).is_pending(), "answered before the check");
+    }
+    let failures = || app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures;
+    testkit::wait::until(
+        std::time::Duration::from_secs(60),
+        || format!("{} checks ended", failures()),
+        || failures() == throttle::MAX_FAILURES,
+    )
+    .await;
+    let braked = login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await;
+    assert_eq!(braked.status, StatusCode::TOO_MANY_REQUESTS);
 }
 
 /// Wrong logins sent at once from one address do not pass the brake together: only

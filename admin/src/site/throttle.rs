@@ -58,24 +58,35 @@ impl Throttle {
             return None;
         }
         tally.checking += 1;
-        Some(Attempt { throttle: self.clone(), client, at: now, failed: false })
+        Some(Attempt { throttle: self.clone(), client, at: now, wrong: true })
     }
 }
 
-/// A login attempt being checked, from [`Throttle::begin`]; dropped without
-/// [`Attempt::failed`], it was right (or not checked) and counts for nothing.
+/// A login attempt being checked, from [`Throttle::begin`]. Dropped before its verdict
+/// ([`Attempt::right`], [`Attempt::unchecked`]), it counts as wrong: a client that closes
+/// its connection mid-check drops its handler, while the check goes on and counts against
+/// the number's R-S2/R-S3 allowance all the same. Counted as right, a client could
+/// invalidate a password at full speed from one address by hanging up on every try.
 pub struct Attempt {
     throttle: Arc<Throttle>,
     client: IpAddr,
     /// When it was made: the window starts at the first wrong one.
     at: DateTime<Utc>,
-    failed: bool,
+    wrong: bool,
 }
 
 impl Attempt {
     /// The attempt was wrong: it counts within the window.
-    pub fn failed(mut self) {
-        self.failed = true;
+    pub fn failed(self) {}
+
+    /// The password was right: the attempt counts for nothing.
+    pub fn right(mut self) {
+        self.wrong = false;
+    }
+
+    /// The password could not be checked (the store failed): it counts for nothing.
+    pub fn unchecked(mut self) {
+        self.wrong = false;
     }
 }
 
@@ -83,7 +94,7 @@ impl Drop for Attempt {
     fn drop(&mut self) {
         if let Some(mut tally) = self.throttle.tallies.get_mut(&self.client) {
             tally.checking -= 1;
-            if self.failed {
+            if self.wrong {
                 if tally.failed == 0 {
                     tally.since = self.at;
                 }
@@ -118,7 +129,7 @@ mod tests {
         let client: IpAddr = "192.0.2.1".parse().unwrap();
         let mut checking: Vec<Attempt> = (0..MAX_FAILURES).map(|_| throttle.begin(client, t0()).unwrap()).collect();
         assert!(throttle.begin(client, t0()).is_none(), "all of the allowance is being checked");
-        drop(checking.pop());
+        checking.pop().unwrap().right();
         let next = throttle.begin(client, t0()).expect("a right one gave its place back");
         checking.into_iter().for_each(Attempt::failed);
         next.failed();
@@ -130,12 +141,26 @@ mod tests {
     fn the_window_starts_at_the_first_wrong_login() {
         let throttle = Arc::new(Throttle::default());
         let client: IpAddr = "192.0.2.1".parse().unwrap();
-        drop(throttle.begin(client, t0()).expect("a right login"));
+        throttle.begin(client, t0()).expect("a right login").right();
         for i in 0..MAX_FAILURES {
             let at = t0() + Duration::minutes(14) + Duration::seconds(i.into());
             throttle.begin(client, at).expect("within the allowance").failed();
         }
         assert!(throttle.begin(client, t0() + Duration::minutes(16)).is_none(), "15 minutes from the first wrong one");
         assert!(throttle.begin(client, t0() + Duration::minutes(29)).is_some());
+    }
+
+    /// An attempt whose handler went away before its verdict (the client closed its
+    /// connection mid-check, while the check went on) counts as wrong: hanging up on
+    /// every try does not get past the brake. One the store could not check does not.
+    #[test]
+    fn attempts_dropped_before_their_verdict_count_as_wrong() {
+        let throttle = Arc::new(Throttle::default());
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        throttle.begin(client, t0()).expect("first").unchecked();
+        for _ in 0..MAX_FAILURES {
+            drop(throttle.begin(client, t0()).expect("within the allowance"));
+        }
+        assert!(throttle.begin(client, t0()).is_none(), "braked after {MAX_FAILURES} abandoned attempts");
     }
 }
