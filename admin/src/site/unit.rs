@@ -70,11 +70,14 @@ pub fn contract_line(store: &Store, login: &PhoneNumber) -> Result<Option<LineRe
 }
 
 /// The numbers whose passwords R-O2 asks for: the contract number first (its password
-/// becomes the line's), then every additional number with call notification.
+/// becomes the line's), then every additional number that logs in (call or fax
+/// notification): after the change the line's login reaches its settings and faxes.
 pub fn numbers_to_confirm(store: &Store, line: &LineRecord) -> Result<Vec<PhoneNumber>, StoreError> {
     let mut numbers = vec![line.contract];
     for number in &line.numbers {
-        if *number != line.contract && store.number(number)?.is_some_and(|record| record.services.call) {
+        if *number != line.contract
+            && store.number(number)?.is_some_and(|record| record.services.call || record.services.fax)
+        {
             numbers.push(*number);
         }
     }

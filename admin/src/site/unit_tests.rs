@@ -32,8 +32,9 @@ async fn setup(unit: AuthUnit) -> (App, String) {
     (app, cookies)
 }
 
+/// The R-O2 form: the contract number's password, and `additional` for each other number.
 fn o2_form(csrf: &str, contract: &str, additional: &str) -> String {
-    format!("csrf={csrf}&from=number&pw_{CONTRACT}={contract}&pw_{ADDITIONAL}={additional}")
+    format!("csrf={csrf}&from=number&pw_{CONTRACT}={contract}&pw_{ADDITIONAL}={additional}&pw_{FAX_ONLY}={additional}")
 }
 
 #[tokio::test]
@@ -81,11 +82,17 @@ async fn r_o2_number_to_line_needs_every_password_and_then_the_contract_one_is_t
     let other = logged_in(&app, ADDITIONAL, OTHER_PASSWORD).await;
     let page = get(&app, "/unit", &cookies).await;
     assert_eq!(page.status, StatusCode::OK);
-    for number in [CONTRACT, ADDITIONAL] {
+    // The fax-only number's too: after the change the line's login reads its faxes.
+    for number in [CONTRACT, ADDITIONAL, FAX_ONLY] {
         assert!(page.body.contains(&format!("name=\"pw_{number}\"")), "{number}: {}", page.body);
     }
-    assert!(!page.body.contains(FAX_ONLY), "call notification numbers only");
     let csrf = page.csrf();
+    let without_fax_number =
+        format!("csrf={csrf}&from=number&pw_{CONTRACT}={PASSWORD}&pw_{ADDITIONAL}={OTHER_PASSWORD}");
+    let refused = post(&app, "/unit", &cookies, &without_fax_number).await;
+    assert!(refused.body.contains(&format!("{FAX_ONLY}番の")), "{}", refused.body);
+    assert_eq!(unit(&app), Some(AuthUnit::Number), "nothing changed");
+    assert!(record(&app, FAX_ONLY).is_some());
 
     let done = post(&app, "/unit", &cookies, &o2_form(&csrf, PASSWORD, OTHER_PASSWORD)).await;
     assert_eq!(done.location(), Some(DONE_LINE), "{}", done.body);
