@@ -484,11 +484,18 @@ impl RetryQueue {
         for (item, parked) in self.retry.iter().map(|i| (i, false)).chain(self.parked.iter().map(|i| (i, true))) {
             let (slot, value) = item?;
             let key = &slot[8..];
+            let head = Head::of(&value);
+            // An entry of no partition (a replayed dead letter) is this store's only: no
+            // changelog speaks for it, not even one holding its mail's key from before
+            // the mail was dead-lettered (a tombstone kept a day or more).
+            if matches!(head, Some(Head { source: None, .. })) {
+                continue;
+            }
             if log.contains_key(key) {
                 dropped.push(slot.to_vec());
                 continue;
             }
-            let Some(Head { source: Some(source), logged }) = Head::of(&value) else { continue };
+            let Some(Head { source: Some(source), logged }) = head else { continue };
             if source != *partition {
                 continue;
             }
@@ -743,6 +750,22 @@ mod tests {
         assert_eq!(due_call_ids(&queue), ["c-0", "c-3", "c-1"]);
         assert_eq!(queue.next_due_ms().unwrap(), Some(1_000));
         assert_eq!(queue.park().unwrap(), 0, "nothing of another partition left in the queue");
+    }
+
+    /// R-M4, `dead-letters replay`: a replayed mail, queued in this node's store only,
+    /// stays queued when a partition is assigned whose changelog still holds its key: the
+    /// tombstone of its entry from before it was dead-lettered. It was dropped as handled
+    /// there, and never sent.
+    #[test]
+    fn r_m4_a_replayed_mail_stays_queued_when_a_changelog_holds_its_old_tombstone() {
+        let (_store, queue, _node) = queue_of_a_node();
+        let (replayed, _) = queued("c-replayed", "a@example.jp");
+        queue.push(&replayed, 1_000, 1).unwrap();
+        let log: LoggedEntries = [(replayed.sent_key().unwrap().as_bytes().to_vec(), None)].into();
+        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
+        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
+        assert!(reconciled.unconfirmed.is_empty(), "not this partition's to publish");
+        assert_eq!((queue.len(), due_call_ids(&queue)), (1, vec!["c-replayed".to_owned()]));
     }
 
     /// R-M4, docs/cluster.md: entries set aside for a partition another node reads are
