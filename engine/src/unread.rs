@@ -97,7 +97,8 @@ impl Unread {
 /// partitions read so far go on from where the application read them (what librdkafka
 /// had fetched ahead is fetched again), the unread ones from their committed offsets.
 /// With a cooperative one, only the unread partitions are taken off and assigned again.
-/// A paused partition is assigned unpaused: the caller pauses it again.
+/// The caller pauses again what must stay paused: librdkafka kept a partition's pause
+/// across it where tried (an eager assignor, 2.12), which is not its documented behaviour.
 pub fn assign_again<C: ConsumerContext>(consumer: &BaseConsumer<C>, unread: &[Partition]) -> KafkaResult<()> {
     match consumer.rebalance_protocol() {
         RebalanceProtocol::Cooperative => {

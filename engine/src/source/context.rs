@@ -253,18 +253,28 @@ impl SourceContext {
     /// The assigned partitions the thread reads when not paused: all but those whose
     /// changelogs wait to be restored.
     pub(super) fn readable(&self, assignment: TopicPartitionList) -> TopicPartitionList {
-        let unrestored = self.unrestored.lock().expect("unrestored lock");
-        let waiting = &unrestored.partitions;
-        if waiting.is_empty() {
+        if self.unrestored.lock().expect("unrestored lock").partitions.is_empty() {
             return assignment;
         }
-        let mut readable = TopicPartitionList::new();
+        self.of_assignment(&assignment, false)
+    }
+
+    /// The partitions of `assignment` whose changelogs are not restored yet.
+    pub(super) fn unrestored_of(&self, assignment: &TopicPartitionList) -> TopicPartitionList {
+        self.of_assignment(assignment, true)
+    }
+
+    /// The partitions of `assignment` waiting for their changelogs (`waiting`), or the others.
+    fn of_assignment(&self, assignment: &TopicPartitionList, waiting: bool) -> TopicPartitionList {
+        let unrestored = self.unrestored.lock().expect("unrestored lock");
+        let mut list = TopicPartitionList::new();
         for e in assignment.elements() {
-            if !waiting.iter().any(|p| p.topic == e.topic() && p.partition == e.partition()) {
-                readable.add_partition(e.topic(), e.partition());
+            let unrestored = unrestored.partitions.iter().any(|p| p.topic == e.topic() && p.partition == e.partition());
+            if unrestored == waiting {
+                list.add_partition(e.topic(), e.partition());
             }
         }
-        readable
+        list
     }
 
     pub(super) fn topic_index(&self, name: &str) -> Option<usize> {

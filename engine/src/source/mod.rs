@@ -301,7 +301,8 @@ fn run(
 }
 
 /// Assigns again the partitions librdkafka left unread (see [`crate::unread`]): their
-/// calls would otherwise never be notified. Paused ones are paused again.
+/// calls would otherwise never be notified. Paused ones are paused again, and so are
+/// those waiting for their changelogs.
 fn read_unread(consumer: &BaseConsumer<SourceContext>, paused: bool) -> Result<(), SourceError> {
     let ctx = consumer.context();
     let unread = ctx.unread.take_due();
@@ -311,8 +312,15 @@ fn read_unread(consumer: &BaseConsumer<SourceContext>, paused: bool) -> Result<(
     crate::error_event!(ctx.metrics, ErrorEvent::PartitionUnread, partitions = ?unread, after = ?crate::unread::UNREAD_AFTER,
         "CDR partitions are assigned and not read (their committed offsets were not fetched); assigning them again");
     match crate::unread::assign_again(consumer, &unread) {
-        Ok(()) if paused => consumer.pause(&consumer.assignment()?)?,
-        Ok(()) => {}
+        // Paused again, all of them while the thread is, else those whose changelogs are
+        // not restored yet (read, they would send their last reader's mails again).
+        Ok(()) => {
+            let assignment = consumer.assignment()?;
+            let waiting = if paused { assignment } else { ctx.unrestored_of(&assignment) };
+            if waiting.count() > 0 {
+                consumer.pause(&waiting)?;
+            }
+        }
         Err(e) => tracing::warn!(error = %e, "assigning unread CDR partitions again failed; trying again later"),
     }
     Ok(())

@@ -161,6 +161,40 @@ async fn r_m4_a_partition_whose_changelogs_are_not_restored_waits_for_them_and_i
     assert_eq!(stopped.metric("callnotify_mails_retried_total"), 1.0, "deferred once, then sent");
 }
 
+/// R-M4, docs/cluster.md: a partition waiting for its changelogs stays unread when the
+/// unread partitions of its consumer are assigned again (librdkafka issue 5586,
+/// [`UNREAD`]): that assigns every partition unpaused, and the one waiting was read
+/// before its last reader's sent records were restored, so a CDR read again sent its
+/// mail a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_partition_waiting_for_its_changelogs_stays_unread_when_unread_ones_are_assigned_again() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = Harness::new(1).await;
+    let a = h.node("a").await;
+    let cdrs = missed_calls_to_ten(&a, "03800000", "restored", 1);
+    h.produce(TOPIC, &cdrs).await;
+    h.mails(1).await;
+    a.stop().await;
+
+    // Node b starts on a store of its own, its sent-records partition without a leader
+    // and its first committed-offset lookups failing.
+    let sent_topic = engine::embedded::CHANGELOG_TOPICS[0];
+    h.kafka.on_cluster(move |cluster| {
+        cluster.partition_leader(sent_topic, 0, None).expect("leaderless");
+        cluster.request_errors(RDKafkaApiKey::OffsetFetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 3]);
+    });
+    let b = h.node("b").await;
+    b.wait_metric("callnotify_errors_total{stage=\"state\",error=\"changelog_restore\"}", 1.0).await;
+    b.wait_metric(UNREAD, 1.0).await;
+    // The exchange sends the call's CDR again (read again, as after a crash).
+    h.produce(TOPIC, &cdrs).await;
+    h.kafka.on_cluster(move |cluster| cluster.partition_leader(sent_topic, 0, Some(1)).expect("led again"));
+
+    let mails = h.mails_after_control_call(&b, 2).await;
+    assert_each_call_once(&mails, 2);
+    b.stop().await;
+}
+
 /// A partition paused while the mail server held the engine's mails, moved to another
 /// member of the group and then given back, is read again (librdkafka keeps a
 /// partition's pause across its revocation, and the engine resumed only the partitions
