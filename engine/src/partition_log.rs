@@ -52,6 +52,8 @@ pub struct PartitionLogOptions<'a> {
 /// cluster has settled a record (written, or refused after librdkafka's own retries).
 struct Confirmations {
     ledger: Arc<Ledger>,
+    /// The keys of retry entries refused as too large, for the retry queue.
+    too_large: Arc<Mutex<Vec<Vec<u8>>>>,
     /// `kafka.sent_topic`, to tell the two changelogs' records apart.
     sent_topic: String,
     metrics: Metrics,
@@ -68,6 +70,8 @@ impl ProducerContext for Confirmations {
             Err((e, message)) if message.topic() != self.sent_topic && too_large(e) => {
                 // The topic's own max.message.bytes is below the producer's.
                 kept_here_only(&self.metrics, e, message.topic(), message.partition(), message.payload_len());
+                let key = message.key().unwrap_or_default().to_vec();
+                self.too_large.lock().expect("too large lock").push(key);
                 message
             }
             Err((e, message)) => {
@@ -89,10 +93,12 @@ fn too_large(e: &KafkaError) -> bool {
 }
 
 /// A retry entry too large for its changelog (a fax mail with a large PDF attached):
-/// the mail stays in this node's queue and is sent from there, and the CDR's offset is
-/// committed all the same. Stopping the commits for it would stop the engine, at every
-/// start, on the same entry; what is given up is the entry's move to another node (if
-/// this node is lost before the mail is sent, so is the mail).
+/// the mail stays in this node's queue, no partition's from now (the retry queue takes
+/// the key from [`PartitionSink::refused_as_too_large`]), and is sent from there whoever
+/// reads its partition; the CDR's offset is committed all the same. Stopping the commits
+/// for it would stop the engine, at every start, on the same entry; what is given up is
+/// the entry's move to another node (if this node is lost before the mail is sent, so
+/// is the mail).
 fn kept_here_only(metrics: &Metrics, e: &KafkaError, topic: &str, partition: i32, bytes: usize) {
     crate::error_event!(*metrics, ErrorEvent::ChangelogTooLarge, error = %e, topic, partition, bytes,
         "a retry entry is larger than its changelog takes: kept in this node's queue only (raise the retry topic's \
@@ -172,6 +178,8 @@ pub struct PartitionLog {
     metrics: Metrics,
     /// The CDR partitions this node reads: it sends their retries.
     owned: RwLock<HashSet<PartitionId>>,
+    /// [`PartitionSink::refused_as_too_large`]'s keys, from either side of the producer.
+    too_large: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 /// The store's tree of where each sent-topic partition was restored up to.
@@ -195,6 +203,7 @@ impl PartitionLog {
     /// Holds no handle on a store (a store holds it: [`Store::attach_partition_sink`]).
     pub fn start(options: &PartitionLogOptions<'_>, metrics: Metrics) -> anyhow::Result<Self> {
         let ledger = Arc::new(Ledger::default());
+        let too_large = Arc::new(Mutex::new(Vec::new()));
         let producer = options
             .reach
             .producer(&[
@@ -206,6 +215,7 @@ impl PartitionLog {
             ])
             .create_with_context(Confirmations {
                 ledger: ledger.clone(),
+                too_large: too_large.clone(),
                 sent_topic: options.sent_topic.to_owned(),
                 metrics: metrics.clone(),
             })
@@ -231,6 +241,7 @@ impl PartitionLog {
             ledger,
             metrics,
             owned: RwLock::default(),
+            too_large,
         })
     }
 
@@ -257,6 +268,7 @@ impl PartitionLog {
                 Err((e, _)) if retry && too_large(&e) => {
                     self.ledger.settled(retry, partition);
                     kept_here_only(&self.metrics, &e, topic, partition, value.map_or(0, <[u8]>::len));
+                    self.too_large.lock().expect("too large lock").push(key.to_vec());
                     return;
                 }
                 Err((e, _)) => {
@@ -419,8 +431,10 @@ impl PartitionLog {
     /// Sets the retry entries of the partitions this node no longer reads aside, out of
     /// its queue in `store` ([`RetryQueue::park`]). Blocking: a revocation's.
     pub fn set_aside(&self, store: &Store) {
-        match RetryQueue::open(store).and_then(|queue| queue.park()) {
-            Ok(parked) => self.metrics.retry_queue_changed(-(parked as i64)),
+        // Entries refused as too large first: this node's only, not set aside.
+        let parked = RetryQueue::open(store).and_then(|queue| Ok((queue.own_refused()?, queue.park()?)));
+        match parked {
+            Ok((back, parked)) => self.metrics.retry_queue_changed(back as i64 - parked as i64),
             Err(e) => crate::error_event!(self.metrics, ErrorEvent::RetryQueuePark, error = %e,
                 "retry entries of partitions given up not set aside: this node's queue passes them by at every turn"),
         }
@@ -445,6 +459,10 @@ impl PartitionSink for PartitionLog {
 
     fn owns(&self, partition: &PartitionId) -> bool {
         self.owned.read().expect("owned lock").contains(partition)
+    }
+
+    fn refused_as_too_large(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.too_large.lock().expect("too large lock"))
     }
 }
 

@@ -330,6 +330,9 @@ impl Deliverer {
             let now = Utc::now().timestamp_millis();
             let next_due = match blocking(move || queue.turn(now, &skip, room)).await {
                 Ok(turn) => {
+                    if turn.taken_back > 0 {
+                        inner.metrics.retry_queue_changed(turn.taken_back as i64);
+                    }
                     for (slot, entry) in turn.due {
                         trying.insert(slot.clone());
                         let this = self.clone();

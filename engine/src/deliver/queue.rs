@@ -170,6 +170,8 @@ pub struct Turn {
     pub due: Vec<(Slot, Entry)>,
     /// When the earliest entry this node sends is due (one being tried included).
     pub next_due_ms: Option<i64>,
+    /// Entries set aside that came back into the queue ([`RetryQueue::own_refused`]).
+    pub taken_back: usize,
 }
 
 /// What [`RetryQueue::reconcile`] did.
@@ -308,7 +310,7 @@ impl RetryQueue {
     /// due. An entry that does not parse is returned as `Err` with its slot, so the
     /// caller can record and remove it.
     pub fn turn(&self, now_ms: i64, skip: &HashSet<Slot>, limit: usize) -> Result<Turn, StoreError> {
-        let mut turn = Turn::default();
+        let mut turn = Turn { taken_back: self.own_refused()?, ..Turn::default() };
         let mut sources = self.sources.lock().expect("sources lock");
         for item in self.retry.iter() {
             let (key, value) = item?;
@@ -390,6 +392,41 @@ impl RetryQueue {
             }
         }
         Ok(queued)
+    }
+
+    /// Makes the entries whose changelog refused them as too large
+    /// ([`PartitionSink::refused_as_too_large`]) this store's only: no partition's, so
+    /// they are sent from here whichever node reads their partition, and never set aside
+    /// for a partition that may not come back to this node (no other node has them, and
+    /// their CDRs are committed). Those found set aside come back into the queue: says
+    /// how many.
+    pub fn own_refused(&self) -> Result<usize, StoreError> {
+        let Some(sink) = self.sink.get() else { return Ok(0) };
+        let refused: HashSet<Vec<u8>> = sink.refused_as_too_large().into_iter().collect();
+        if refused.is_empty() {
+            return Ok(0);
+        }
+        let mut back = 0;
+        for (tree, aside) in [(&self.retry, false), (&self.parked, true)] {
+            for item in tree.iter() {
+                let (slot, value) = item?;
+                if !slot.get(8..).is_some_and(|key| refused.contains(key)) {
+                    continue;
+                }
+                let Ok(entry) = serde_json::from_slice::<Queued>(&value) else { continue };
+                let own = serde_json::to_vec(&Queued { source: None, logged: false, ..entry })?;
+                (&self.retry, &self.parked)
+                    .transaction(|(retry, parked)| {
+                        parked.remove(&*slot)?;
+                        retry.insert(&*slot, own.as_slice())?;
+                        Ok::<_, ConflictableTransactionError<StoreError>>(())
+                    })
+                    .map_err(store_error)?;
+                self.forget([slot.as_ref()]);
+                back += usize::from(aside);
+            }
+        }
+        Ok(back)
     }
 
     /// Sets aside the entries this node does not send now (their partitions given up,
@@ -649,6 +686,8 @@ mod tests {
     /// A node that reads the partitions in `owned` (changed by a rebalance).
     struct Reads {
         owned: std::sync::Mutex<Vec<i32>>,
+        /// Keys of entries the changelog refused as too large, not yet taken.
+        refused: std::sync::Mutex<Vec<Vec<u8>>>,
     }
 
     impl PartitionSink for Reads {
@@ -658,13 +697,16 @@ mod tests {
         fn owns(&self, partition: &PartitionId) -> bool {
             self.owned.lock().unwrap().contains(&partition.partition)
         }
+        fn refused_as_too_large(&self) -> Vec<Vec<u8>> {
+            std::mem::take(&mut *self.refused.lock().unwrap())
+        }
     }
 
     /// The queue in the store of a node that reads partitions 0 and 1 of topic `cdr`
     /// for now.
     fn queue_of_a_node() -> (Store, RetryQueue, std::sync::Arc<Reads>) {
         let store = Store::temporary().unwrap();
-        let node = std::sync::Arc::new(Reads { owned: std::sync::Mutex::new(vec![0, 1]) });
+        let node = std::sync::Arc::new(Reads { owned: std::sync::Mutex::new(vec![0, 1]), refused: Default::default() });
         store.attach_partition_sink(node.clone());
         let queue = RetryQueue::open(&store).unwrap();
         (store, queue, node)
@@ -766,6 +808,34 @@ mod tests {
         let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
         assert!(reconciled.unconfirmed.is_empty(), "not this partition's to publish");
         assert_eq!((queue.len(), due_call_ids(&queue)), (1, vec!["c-replayed".to_owned()]));
+    }
+
+    /// R-M4, docs/cluster.md: a mail whose retry entry its changelog refused as too large
+    /// (a fax with a large PDF; its CDR is committed all the same) is this node's only:
+    /// when its partition goes, to a node that has neither the entry nor the CDR to read
+    /// again, it stays in this node's queue and is sent from here; one set aside before
+    /// the refusal was known comes back. It was set aside for a partition that might
+    /// never come back here, then forgotten a day past its give-up age: never sent.
+    #[test]
+    fn r_m4_a_mail_whose_entry_its_changelog_refused_is_sent_from_here_when_its_partition_goes() {
+        let (_store, queue, node) = queue_of_a_node();
+        let refused = |call_id: &str, partition| {
+            let key = of(call_id, partition).sent_key().unwrap().as_bytes().to_vec();
+            node.refused.lock().unwrap().push(key);
+        };
+        queue.push(&of("c-large", 1), 1_000, 1).unwrap();
+        queue.push(&of("c-logged", 1), 2_000, 1).unwrap();
+        refused("c-large", 1);
+        assert_eq!(due_call_ids(&queue), ["c-large", "c-logged"]);
+        *node.owned.lock().unwrap() = vec![0];
+        assert_eq!(queue.park().unwrap(), 1, "only the entry its changelog has is set aside");
+        assert_eq!(due_call_ids(&queue), ["c-large"]);
+
+        // Set aside (its partition went) before the refusal came.
+        queue.push(&of("c-aside", 1), 3_000, 1).unwrap();
+        refused("c-aside", 1);
+        assert_eq!(queue.own_refused().unwrap(), 1, "taken back into the queue");
+        assert_eq!((queue.len(), due_call_ids(&queue)), (2, vec!["c-large".to_owned(), "c-aside".to_owned()]));
     }
 
     /// R-M4, docs/cluster.md: entries set aside for a partition another node reads are
