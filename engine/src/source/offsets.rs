@@ -31,8 +31,10 @@ pub(super) struct Skipped {
 /// One partition's CDRs with work in flight and where reading should go on.
 #[derive(Default)]
 pub(super) struct Partition {
-    /// (offset, finished) in ascending offset order.
-    queue: VecDeque<(i64, bool)>,
+    /// (offset, its tasks not finished yet) in ascending offset order. Read again (an
+    /// offset reset rewinds the partition while CDRs after it are in flight), an offset
+    /// takes its place in the order, or counts one task more where it is already.
+    queue: VecDeque<(i64, u32)>,
     /// The offset expected next: the committed one at assignment, then the last read + 1.
     next: Option<i64>,
 }
@@ -44,6 +46,18 @@ impl Partition {
         let skipped = self.next.filter(|&next| offset > next).map(|from| Skipped { from, to: offset });
         self.next = Some(offset + 1);
         skipped
+    }
+
+    /// Adds `tasks` to `offset`'s entry, made in its place in the order if new.
+    fn note(&mut self, offset: i64, tasks: u32) {
+        if self.queue.back().is_none_or(|(last, _)| *last < offset) {
+            self.queue.push_back((offset, tasks));
+            return;
+        }
+        match self.queue.binary_search_by_key(&offset, |(o, _)| *o) {
+            Ok(i) => self.queue[i].1 += tasks,
+            Err(i) => self.queue.insert(i, (offset, tasks)),
+        }
     }
 }
 
@@ -95,7 +109,7 @@ impl Tracker {
         if p.queue.is_empty() {
             self.safe(tp, offset);
         } else {
-            p.queue.push_back((offset, true));
+            p.note(offset, 0);
         }
         skipped
     }
@@ -105,7 +119,7 @@ impl Tracker {
     pub(super) fn started(&mut self, tp: (usize, i32), offset: i64) -> Option<Skipped> {
         let p = self.partitions.entry(tp).or_default();
         let skipped = p.read(offset);
-        p.queue.push_back((offset, false));
+        p.note(offset, 1);
         self.add(1);
         skipped
     }
@@ -114,9 +128,10 @@ impl Tracker {
     pub(super) fn completed(&mut self, tp: (usize, i32), offset: i64) {
         let Some(Partition { queue: q, .. }) = self.partitions.get_mut(&tp) else { return };
         let Ok(i) = q.binary_search_by_key(&offset, |(o, _)| *o) else { return };
-        let newly = !std::mem::replace(&mut q[i].1, true);
+        let newly = q[i].1 > 0;
+        q[i].1 = q[i].1.saturating_sub(1);
         let mut safe = None;
-        while let Some(&(o, true)) = q.front() {
+        while let Some(&(o, 0)) = q.front() {
             safe = Some(o);
             q.pop_front();
         }
@@ -145,7 +160,7 @@ impl Tracker {
 
     pub(super) fn forget(&mut self, tp: &(usize, i32)) {
         if let Some(p) = self.partitions.remove(tp) {
-            self.sub(p.queue.iter().filter(|(_, done)| !done).count());
+            self.sub(p.queue.iter().map(|(_, tasks)| *tasks as usize).sum());
         }
     }
 
@@ -183,6 +198,28 @@ mod tests {
         let _ = (t.finished(tp, 4), t.finished(tp, 5));
         assert_eq!(t.take_to_store(), [(tp, 5)].into(), "only the highest safe offset is stored");
         assert!(t.take_to_store().is_empty());
+    }
+
+    /// An offset reset that rewinds a partition while CDRs after it are in flight (the
+    /// log truncated under a new leader; `auto.offset.reset` earliest) reads their
+    /// offsets again: each read is waited for, and the partition's offsets go on once
+    /// all are finished. The re-read offsets were queued out of order, their completions
+    /// not found: nothing of the partition was ever stored again, and its in-flight
+    /// count leaked (a revocation waited out its grace, the consumer paused for good).
+    #[test]
+    fn offsets_read_again_after_a_rewind_are_waited_for_and_then_stored() {
+        let mut t = Tracker::default();
+        let tp = (0, 0);
+        let _ = (t.started(tp, 100), t.started(tp, 101));
+        // Rewound to 50: 50 and 100 are read again while the first 100 and 101 are in flight.
+        let _ = (t.finished(tp, 50), t.started(tp, 100));
+        t.completed(tp, 100);
+        t.completed(tp, 101);
+        assert_eq!(t.take_to_store().get(&tp), Some(&50), "only 50 is safe: 100 is read again");
+        t.completed(tp, 100);
+        assert_eq!(t.take_to_store().get(&tp), Some(&101));
+        assert_eq!(t.in_flight, 0);
+        assert!(!t.busy(None));
     }
 
     #[test]
