@@ -780,7 +780,7 @@ mod tests {
 
         // A's attempt fails late: it reschedules the entry.
         let tried = Queued { attempts: 2, ..entry.clone() };
-        queue_a.reschedule(&slot, &tried, Utc::now().timestamp_millis() + 60_000).unwrap();
+        queue_a.reschedule(&slot, &tried, Utc::now().timestamp_millis() + 60_000).unwrap().expect("queued");
         log_a.confirm(&log_a.mark(), Duration::from_secs(10)).expect("A's records confirmed");
 
         let c = Store::temporary().unwrap();

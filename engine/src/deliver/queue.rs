@@ -345,28 +345,32 @@ impl RetryQueue {
     /// crash the entry is at one place or the other, never lost. Published only while
     /// this node reads its partition: the next reader has the entry from the changelog
     /// and may have sent it and taken it out since, which a late republish would undo.
-    pub fn reschedule(&self, slot: &Slot, entry: &Queued, due_ms: i64) -> Result<Slot, StoreError> {
+    /// `None` if the entry is no longer there: taken out while it was being tried (its
+    /// partition came back, and its changelog said another node had sent it or queued
+    /// it anew), so it is not put back.
+    pub fn reschedule(&self, slot: &Slot, entry: &Queued, due_ms: i64) -> Result<Option<Slot>, StoreError> {
         let key = entry.sent_key()?;
         let next = Slot::new(due_ms, &key);
         let value = serde_json::to_vec(entry)?;
-        let aside = (&self.retry, &self.parked)
+        let moved = (&self.retry, &self.parked)
             .transaction(|(retry, parked)| {
-                let (tree, aside) = match parked.remove(slot.0.as_slice())? {
-                    Some(_) => (parked, true),
-                    None => {
-                        retry.remove(slot.0.as_slice())?;
-                        (retry, false)
-                    }
+                let (tree, aside) = if parked.remove(slot.0.as_slice())?.is_some() {
+                    (parked, true)
+                } else if retry.remove(slot.0.as_slice())?.is_some() {
+                    (retry, false)
+                } else {
+                    return Ok(None);
                 };
                 tree.insert(next.0.as_slice(), value.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(aside)
+                Ok::<_, ConflictableTransactionError<StoreError>>(Some(aside))
             })
             .map_err(store_error)?;
         self.forget([slot.0.as_slice()]);
+        let Some(aside) = moved else { return Ok(None) };
         if !aside && self.sends(entry) {
             self.publish(entry, &key, due_ms, &value);
         }
-        Ok(next)
+        Ok(Some(next))
     }
 
     /// Takes `slot`'s entry out: sent, or given up and dead-lettered (also one set aside
@@ -645,7 +649,7 @@ mod tests {
         assert!(new);
         assert_eq!(queue.push(&entry, 1_000, 1).unwrap(), (slot.clone(), false), "a retried write is one entry");
         entry.attempts = 2;
-        let later = queue.reschedule(&slot, &entry, 5_000).unwrap();
+        let later = queue.reschedule(&slot, &entry, 5_000).unwrap().expect("queued");
 
         assert_eq!(queue.len(), 1);
         assert!(queue.due(4_999, &Default::default(), 10).unwrap().is_empty());
@@ -770,7 +774,7 @@ mod tests {
         *node.owned.lock().unwrap() = vec![0];
         assert_eq!(queue.park().unwrap(), 2);
         assert_eq!((queue.len(), due_call_ids(&queue)), (1, vec!["c-0".to_owned()]));
-        let tried = queue.reschedule(&tried, &of("c-1", 1), 2_500).unwrap();
+        let tried = queue.reschedule(&tried, &of("c-1", 1), 2_500).unwrap().expect("aside");
         assert_eq!(queue.len(), 1, "rescheduled aside");
         let (_, added) = queue.push(&of("c-3", 1), 4_000, 1).unwrap();
         assert!(!added, "a mail of partition 1 cut short by the revocation is queued aside");
@@ -836,6 +840,24 @@ mod tests {
         refused("c-aside", 1);
         assert_eq!(queue.own_refused().unwrap(), 1, "taken back into the queue");
         assert_eq!((queue.len(), due_call_ids(&queue)), (2, vec!["c-large".to_owned(), "c-aside".to_owned()]));
+    }
+
+    /// R-M4, docs/cluster.md: an entry taken out while it was being tried (its partition
+    /// went, came back, and its changelog said the node that read it meanwhile sent it)
+    /// is not put back when that attempt ends in a temporary failure. It was queued and
+    /// published again: sent a second time, after a clean delivery elsewhere.
+    #[test]
+    fn r_m4_an_entry_taken_out_while_being_tried_is_not_put_back_by_its_reschedule() {
+        let (_store, queue, _node) = queue_of_a_node();
+        let entry = of("c-sent-elsewhere", 1);
+        let (slot, _) = queue.push(&entry, 1_000, 1).unwrap();
+        let key = entry.sent_key().unwrap().as_bytes().to_vec();
+        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
+        queue.reconcile(&p1, &[(key, None)].into(), &HashSet::new()).unwrap();
+        assert!(queue.is_empty(), "taken out: handled by the partition's other reader");
+
+        assert_eq!(queue.reschedule(&slot, &entry, 5_000).unwrap(), None);
+        assert!(queue.is_empty() && due_call_ids(&queue).is_empty(), "not put back");
     }
 
     /// R-M4, docs/cluster.md: entries set aside for a partition another node reads are
