@@ -152,11 +152,19 @@ impl SiteState {
     }
 
     /// The client's address: the connection's, or behind the proxy the last address
-    /// it added to `X-Forwarded-For` (anything before it the client could have written).
+    /// it added to `X-Forwarded-For` (anything before it the client could have written),
+    /// with a port or without. A request without a usable one (no header, `unknown`)
+    /// goes under the proxy's own address: such requests share one brake rather than
+    /// go unbraked.
     pub(crate) fn client(&self, peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> Option<std::net::IpAddr> {
         if self.behind_proxy {
-            let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back()?;
-            return forwarded.rsplit(',').next()?.trim().parse().ok();
+            let last = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
+            let forwarded = last.and_then(|v| v.rsplit(',').next()).map(str::trim).and_then(|last| {
+                last.parse().ok().or_else(|| last.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+            });
+            if forwarded.is_some() {
+                return forwarded;
+            }
         }
         peer.map(|p| p.ip())
     }

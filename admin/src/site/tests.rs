@@ -609,6 +609,25 @@ async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_de
     assert!(app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap().call.destinations.is_empty());
 }
 
+/// Behind the TLS proxy the brake's address is the last one the proxy added to
+/// `X-Forwarded-For`, with a port or without; a request without a usable one is braked
+/// under the proxy's own address. Those had no address: their logins went unbraked.
+#[tokio::test]
+async fn behind_the_proxy_every_login_has_an_address_to_brake() {
+    let state = app().state.clone().with_proxy(true);
+    let proxy: std::net::SocketAddr = "10.0.0.1:5000".parse().unwrap();
+    let forwarded = |v: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-forwarded-for", v.parse().unwrap());
+        state.client(Some(proxy), &headers)
+    };
+    assert_eq!(forwarded("192.0.2.9, 198.51.100.7"), Some("198.51.100.7".parse().unwrap()));
+    assert_eq!(forwarded("198.51.100.7:41234"), Some("198.51.100.7".parse().unwrap()));
+    assert_eq!(forwarded("[2001:db8::7]:41234"), Some("2001:db8::7".parse().unwrap()));
+    assert_eq!(forwarded("unknown"), Some(proxy.ip()));
+    assert_eq!(state.client(Some(proxy), &axum::http::HeaderMap::new()), Some(proxy.ip()));
+}
+
 /// A login form sent from `client` (the connection's address, as `serve` hands it on).
 async fn login_from(app: &App, client: &str, number: &str, password: &str) -> Reply {
     send(app, login_request_from(app, client, number, password).await).await
