@@ -461,12 +461,14 @@ impl IntoResponse for SiteError {
 /// Appends `Set-Cookie` headers to `response`.
 /// A session whose credential died under it (`failure`: invalidated by wrong entries
 /// on one of its pages, or its 24 hours over) ends, and the browser goes to the login
-/// page, told why when wrong entries invalidated it (R-S2, R-S3).
+/// page, told why and that a new temporary password is set by phone (R-S2, R-S3): the
+/// session's holder knew the password, so saying so tells a guesser nothing.
 async fn credential_died(state: &SiteState, id: &str, failure: LoginFailure) -> Result<Response, SiteError> {
     state.sessions.remove(id).await?;
     let location = match failure {
         LoginFailure::Invalidated | LoginFailure::Locked => "/login?notice=invalidated",
-        LoginFailure::Wrong | LoginFailure::Unknown | LoginFailure::Expired => "/login",
+        LoginFailure::Expired => "/login?notice=expired",
+        LoginFailure::Wrong | LoginFailure::Unknown => "/login",
     };
     Ok(with_cookies(redirect(location), [state.set_cookie(&state.session_cookie(), None)]))
 }

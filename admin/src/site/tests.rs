@@ -530,6 +530,30 @@ async fn r_s2_a_temporary_password_invalidated_on_the_password_page_is_said_so()
     assert!(app.state.sessions().is_empty(), "the session ended");
 }
 
+/// R-S2, R-I8: a temporary password whose 24 hours run out while its session is on the
+/// password page ends the session, and the login page says why and that a new one is
+/// set by phone. It led to the login page with nothing said, where the next login was
+/// refused as a wrong number or password.
+#[tokio::test]
+async fn r_s2_a_temporary_password_expiring_on_the_password_page_is_said_so() {
+    let app = app();
+    let set_at = t0() - Duration::hours(24) + Duration::minutes(1);
+    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), set_at).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, TEMPORARY).await;
+    let csrf = get(&app, "/password", &cookies).await.csrf();
+    app.f.clock.advance(Duration::minutes(2));
+    let form = format!("current={TEMPORARY}&new=wxyz9876&confirm=wxyz9876&csrf={csrf}");
+    let expired = post(&app, "/password", &cookies, &form).await;
+    assert_eq!(expired.location(), Some("/login?notice=expired"));
+    let page = get(&app, "/login?notice=expired", "").await;
+    assert!(
+        page.body.contains("有効期限（24時間）") && page.body.contains("仮パスワード設定ダイヤル"),
+        "{}",
+        page.body
+    );
+    assert!(app.state.sessions().is_empty(), "the session ended");
+}
+
 /// R-S7, R-A3, docs/site.md ("a unit change ends them"): on a number-unit line the
 /// contract holder is logged in (their number only, 30 minutes idle); an additional
 /// number keys 3 (admin/user). The contract number keeps its credential, but its

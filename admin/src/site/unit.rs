@@ -38,7 +38,8 @@ const STALE: &str = "認証単位が別の画面で変更されています。�
 const WRONG: &str = "パスワードが正しくありません。";
 const EMPTY: &str = "パスワードを入力してください。";
 
-/// The login page's notice for the query `query` of [`DONE_NUMBER`] or [`DONE_LINE`].
+/// The login page's notice for the query `query` of [`DONE_NUMBER`] or [`DONE_LINE`], or of a
+/// session ended for a reason the subscriber must know.
 pub fn login_notice(query: Option<&str>) -> Option<&'static str> {
     match query? {
         "notice=unit_number" => Some(
@@ -51,6 +52,10 @@ pub fn login_notice(query: Option<&str>) -> Option<&'static str> {
         "notice=invalidated" => Some(
             "パスワードを続けて誤って入力されたため、パスワードが無効になりました。\
              ご契約の回線の電話から仮パスワード設定ダイヤルで仮パスワードを設定してください。",
+        ),
+        "notice=expired" => Some(
+            "仮パスワードの有効期限（24時間）が過ぎたため、仮パスワードが無効になりました。\
+             ご契約の回線の電話から仮パスワード設定ダイヤルで仮パスワードを設定し直してください。",
         ),
         "notice=ended" => Some(
             "一定時間操作がなかったか、パスワードが変更されたため、ログアウトしました。もう一度ログインしてください。\
