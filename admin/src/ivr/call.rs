@@ -269,17 +269,19 @@ impl Call {
         let now = self.ivr.clock.now();
         let line = self.ivr.store.line(&self.contract)?;
         self.ivr.credentials.set_temporary(&target, &password.0, now)?;
-        self.ivr.store.set_line_unit(&self.contract, unit)?;
-        if let Some(line) = line.filter(|line| line.unit != Some(unit)) {
-            let keep = |number: &PhoneNumber| match unit {
-                AuthUnit::Line => *number == line.contract,
-                AuthUnit::Number => *number == line.contract || *number == target,
-                AuthUnit::AdminUser => true,
-            };
-            for number in line.numbers.iter().filter(|n| !keep(n)) {
-                self.ivr.credentials.remove(number)?;
+        match line.filter(|line| line.unit != Some(unit)) {
+            Some(line) => {
+                let keep = |number: &PhoneNumber| match unit {
+                    AuthUnit::Line => *number == line.contract,
+                    AuthUnit::Number => *number == line.contract || *number == target,
+                    AuthUnit::AdminUser => true,
+                };
+                let removed: Vec<PhoneNumber> = line.numbers.iter().filter(|n| !keep(n)).copied().collect();
+                // The credentials first: see `Store::change_line_unit`.
+                self.ivr.store.change_line_unit(&self.contract, unit, &removed)?;
+                self.ivr.store.end_line_sessions(&line.numbers)?;
             }
-            self.ivr.store.end_line_sessions(&line.numbers)?;
+            None => self.ivr.store.set_line_unit(&self.contract, unit)?,
         }
         tracing::info!(caller = %self.caller, %target, ?unit, "temporary password set by phone");
         Ok(())

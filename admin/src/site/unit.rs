@@ -201,14 +201,14 @@ pub async fn submit(
 
 /// Sets `line`'s unit to `unit` and removes the credentials of its additional numbers:
 /// after R-O3 each needs a new temporary password by phone; after R-O2 the contract
-/// number's password is the only one the line logs in with.
+/// number's password is the only one the line logs in with. The credentials go first
+/// ([`Store::change_line_unit`]).
 async fn change(state: &SiteState, line: &LineRecord, unit: AuthUnit) -> Result<(), SiteError> {
-    let (store, credentials, line) = (state.store.clone(), state.credentials.clone(), line.clone());
+    let (store, line) = (state.store.clone(), line.clone());
     tokio::task::spawn_blocking(move || -> Result<(), SiteError> {
-        store.set_line_unit(&line.contract, unit)?;
-        for number in line.numbers.iter().filter(|number| **number != line.contract) {
-            credentials.remove(number)?;
-        }
+        let additional: Vec<PhoneNumber> =
+            line.numbers.iter().filter(|number| **number != line.contract).copied().collect();
+        store.change_line_unit(&line.contract, unit, &additional)?;
         tracing::info!(line = %line.contract, ?unit, "site unit changed");
         Ok(())
     })

@@ -212,3 +212,47 @@ async fn r_o3_a_form_made_for_another_unit_changes_nothing() {
     assert_eq!(unit(&app), Some(AuthUnit::Number));
     assert!(record(&app, ADDITIONAL).is_some());
 }
+
+/// The state owner stops answering from the first op named `at` on: it and every later
+/// write fail, as after a write the sender waited out (60 s).
+struct StopsAt {
+    store: engine::store::Store,
+    at: &'static str,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl engine::store::state::StateWriter for StopsAt {
+    fn send(self: std::sync::Arc<Self>, ops: Vec<engine::store::state::Op>) -> engine::store::state::Answers {
+        use std::sync::atomic::Ordering;
+        let answers: Vec<_> = ops
+            .iter()
+            .map(|op| {
+                if op.name() == self.at {
+                    self.stopped.store(true, Ordering::SeqCst);
+                }
+                if self.stopped.load(Ordering::SeqCst) {
+                    return Err(engine::store::StoreError::State("no state owner answered".into()));
+                }
+                self.store.execute(op).map(|(reply, _)| reply)
+            })
+            .collect();
+        Box::new(move || answers)
+    }
+}
+
+/// R-O2, R-A1: a change to the line unit whose writes fail part-way (the state owner
+/// stops answering) never leaves an additional number's password logging in with the
+/// line's reach. The unit was set first and the passwords removed after it: with the
+/// removals failed, each additional number logged in to every number of the line.
+#[tokio::test]
+async fn r_o2_a_change_failing_part_way_leaves_no_additional_password_with_the_line_s_reach() {
+    let (app, cookies) = setup(AuthUnit::Number).await;
+    let csrf = get(&app, "/unit", &cookies).await.csrf();
+    let owner = StopsAt { store: app.f.store.clone(), at: "remove_credential", stopped: Default::default() };
+    app.f.store.attach_writer(std::sync::Arc::new(owner));
+    let failed = post(&app, "/unit", &cookies, &o2_form(&csrf, PASSWORD, OTHER_PASSWORD)).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let reach_of_additional = unit(&app) == Some(AuthUnit::Line) && record(&app, ADDITIONAL).is_some();
+    assert!(!reach_of_additional, "the additional number's password logs in to the whole line");
+    assert_eq!(unit(&app), Some(AuthUnit::Number), "nothing changed");
+}

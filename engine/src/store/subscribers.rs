@@ -440,6 +440,24 @@ impl Store {
         expect_done(self.submit(Op::SetLineUnit { contract: *contract, unit })?)
     }
 
+    /// A change of the line's unit (R-O2, R-O3, R-I7): the credentials of `removed` go
+    /// first, then the unit changes, in one exchange with the state owner. Failing
+    /// part-way it leaves at worst numbers without a password (set again by phone),
+    /// never one whose password logs in with the new unit's reach.
+    pub fn change_line_unit(
+        &self,
+        contract: &PhoneNumber,
+        unit: AuthUnit,
+        removed: &[PhoneNumber],
+    ) -> Result<(), StoreError> {
+        let mut ops: Vec<Op> = removed.iter().map(|number| Op::RemoveCredential { number: *number }).collect();
+        ops.push(Op::SetLineUnit { contract: *contract, unit });
+        for answer in self.submit_all(ops) {
+            answer?;
+        }
+        Ok(())
+    }
+
     pub(super) fn set_line_unit_here(&self, contract: &PhoneNumber, unit: AuthUnit) -> Result<(), StoreError> {
         match self.update_line(contract, |line| line.unit = Some(unit))? {
             Some(_) => Ok(()),
