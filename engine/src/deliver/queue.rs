@@ -121,6 +121,11 @@ impl Head {
     fn of(value: &[u8]) -> Option<Self> {
         serde_json::from_slice(value).ok()
     }
+
+    /// Whether the entry is of a partition other than `partition`.
+    fn of_another(&self, partition: &PartitionId) -> bool {
+        self.source.as_ref().is_some_and(|source| source != partition)
+    }
 }
 
 /// Why a queue entry cannot be read back or sent: it is damaged, or was written by a
@@ -528,8 +533,10 @@ impl RetryQueue {
             let head = Head::of(&value);
             // An entry of no partition (a replayed dead letter) is this store's only: no
             // changelog speaks for it, not even one holding its mail's key from before
-            // the mail was dead-lettered (a tombstone kept a day or more).
-            if matches!(head, Some(Head { source: None, .. })) {
+            // the mail was dead-lettered (a tombstone kept a day or more). Another
+            // partition's is that partition's restore's.
+            if matches!(head, Some(Head { source: None, .. })) || head.as_ref().is_some_and(|h| h.of_another(partition))
+            {
                 continue;
             }
             if log.contains_key(key) {
@@ -553,7 +560,11 @@ impl RetryQueue {
         let mut restored: Vec<(Vec<u8>, &[u8])> =
             back.iter().map(|(slot, value)| (slot.clone(), value.as_ref())).collect();
         for (key, live) in log {
-            if let Some((due_ms, value)) = live {
+            // A changelog partition holds the entries of every CDR topic's partition of
+            // its number: another topic's are not this partition's to queue.
+            if let Some((due_ms, value)) =
+                live.as_ref().filter(|(_, v)| !Head::of(v).is_some_and(|h| h.of_another(partition)))
+            {
                 let mut slot = (due_ms.max(&0).to_owned() as u64).to_be_bytes().to_vec();
                 slot.extend_from_slice(key);
                 restored.push((slot, value.as_slice()));
@@ -858,6 +869,31 @@ mod tests {
 
         assert_eq!(queue.reschedule(&slot, &entry, 5_000).unwrap(), None);
         assert!(queue.is_empty() && due_call_ids(&queue).is_empty(), "not put back");
+    }
+
+    /// docs/cluster.md: a changelog partition holds the entries of every CDR topic's
+    /// partition of its number. Restoring `cdr/1` queues `cdr/1`'s entries only, and
+    /// leaves this store's `fax/1` entry as it was: `fax/1`'s restore's. Another topic's
+    /// live entries were put in the queue (counted in its length, walked at every turn,
+    /// never sent), and this store's own dropped.
+    #[test]
+    fn r_m4_a_restore_takes_only_its_own_topic_s_entries_from_a_shared_changelog_partition() {
+        let (_store, queue, _node) = queue_of_a_node();
+        let fax = |call_id: &str| Queued {
+            source: Some(PartitionId { topic: "fax".into(), partition: 1 }),
+            logged: true,
+            ..queued(call_id, "a@example.jp").0
+        };
+        queue.push(&fax("f-here"), 1_000, 1).unwrap();
+        let logged = |entry: &Queued| {
+            (entry.sent_key().unwrap().as_bytes().to_vec(), Some((2_000, serde_json::to_vec(entry).unwrap())))
+        };
+        let cdr = Queued { logged: true, ..of("c-1", 1) };
+        let log: LoggedEntries = [logged(&cdr), logged(&fax("f-other")), logged(&fax("f-here"))].into();
+        let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
+        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
+        assert_eq!((reconciled.queued_change, queue.len()), (1, 2));
+        assert_eq!(due_call_ids(&queue), ["f-here", "c-1"], "this store's fax entry as it was, due at 1 s");
     }
 
     /// R-M4, docs/cluster.md: entries set aside for a partition another node reads are
