@@ -180,6 +180,11 @@ pub struct PartitionLog {
     owned: RwLock<HashSet<PartitionId>>,
     /// [`PartitionSink::refused_as_too_large`]'s keys, from either side of the producer.
     too_large: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Held while entries move between the queue and aside with [`PartitionLog::owned`]:
+    /// a restore's (queued, then owned) on one consumer thread and a revocation's set-aside
+    /// on another. Between the two steps of the restore, the set-aside took the restored
+    /// entries for another node's and set them aside until the next reassignment.
+    moving: Mutex<()>,
 }
 
 /// The store's tree of where each sent-topic partition was restored up to.
@@ -242,6 +247,7 @@ impl PartitionLog {
             metrics,
             owned: RwLock::default(),
             too_large,
+            moving: Mutex::new(()),
         })
     }
 
@@ -389,6 +395,7 @@ impl PartitionLog {
         }
         let empty = HashMap::new();
         let mut republished = 0;
+        let moving = self.moving.lock().expect("moving lock");
         for partition in assigned {
             let log = retries.get(&partition.partition).unwrap_or(&empty);
             let reconciled = queue.reconcile(partition, log, &handled)?;
@@ -400,6 +407,7 @@ impl PartitionLog {
         }
         store.flush_blocking()?;
         self.owned.write().expect("owned lock").extend(assigned.iter().cloned());
+        drop(moving);
         // Dropped: those the retry changelog does not have (its version wins over the rest).
         let handled_elsewhere =
             handled.iter().filter(|key| !retries.values().any(|log| log.contains_key(*key))).count();
@@ -432,7 +440,9 @@ impl PartitionLog {
     /// its queue in `store` ([`RetryQueue::park`]). Blocking: a revocation's.
     pub fn set_aside(&self, store: &Store) {
         // Entries refused as too large first: this node's only, not set aside.
+        let moving = self.moving.lock().expect("moving lock");
         let parked = RetryQueue::open(store).and_then(|queue| Ok((queue.own_refused()?, queue.park()?)));
+        drop(moving);
         match parked {
             Ok((back, parked)) => self.metrics.retry_queue_changed(back as i64 - parked as i64),
             Err(e) => crate::error_event!(self.metrics, ErrorEvent::RetryQueuePark, error = %e,
