@@ -472,7 +472,11 @@ impl PartitionSink for PartitionLog {
     }
 
     fn refused_as_too_large(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut *self.too_large.lock().expect("too large lock"))
+        self.too_large.lock().expect("too large lock").clone()
+    }
+
+    fn forget_refused(&self, keys: &HashSet<Vec<u8>>) {
+        self.too_large.lock().expect("too large lock").retain(|key| !keys.contains(key));
     }
 }
 

@@ -328,11 +328,19 @@ impl Deliverer {
             let room = inner.concurrency.saturating_sub(tasks.len());
             let (queue, skip) = (inner.queue.clone(), trying.clone());
             let now = Utc::now().timestamp_millis();
-            let next_due = match blocking(move || queue.turn(now, &skip, room)).await {
+            // Entries refused by their changelog first: this node's only, back in the queue.
+            let (owned, turn) = match blocking(move || Ok((queue.own_refused(), queue.turn(now, &skip, room)))).await {
+                Ok(both) => both,
+                Err(e) => (Ok(0), Err(e)),
+            };
+            match owned {
+                Ok(back) if back > 0 => inner.metrics.retry_queue_changed(back as i64),
+                Ok(_) => {}
+                Err(e) => crate::error_event!(inner.metrics, ErrorEvent::RetryQueueRead, error = %e,
+                    "retry entries refused by their changelog not made this node's; tried again at the next turn"),
+            }
+            let next_due = match turn {
                 Ok(turn) => {
-                    if turn.taken_back > 0 {
-                        inner.metrics.retry_queue_changed(turn.taken_back as i64);
-                    }
                     for (slot, entry) in turn.due {
                         trying.insert(slot.clone());
                         let this = self.clone();

@@ -175,8 +175,6 @@ pub struct Turn {
     pub due: Vec<(Slot, Entry)>,
     /// When the earliest entry this node sends is due (one being tried included).
     pub next_due_ms: Option<i64>,
-    /// Entries set aside that came back into the queue ([`RetryQueue::own_refused`]).
-    pub taken_back: usize,
 }
 
 /// What [`RetryQueue::reconcile`] did.
@@ -315,7 +313,7 @@ impl RetryQueue {
     /// due. An entry that does not parse is returned as `Err` with its slot, so the
     /// caller can record and remove it.
     pub fn turn(&self, now_ms: i64, skip: &HashSet<Slot>, limit: usize) -> Result<Turn, StoreError> {
-        let mut turn = Turn { taken_back: self.own_refused()?, ..Turn::default() };
+        let mut turn = Turn::default();
         let mut sources = self.sources.lock().expect("sources lock");
         for item in self.retry.iter() {
             let (key, value) = item?;
@@ -415,26 +413,41 @@ impl RetryQueue {
         if refused.is_empty() {
             return Ok(0);
         }
-        let mut back = 0;
-        for (tree, aside) in [(&self.retry, false), (&self.parked, true)] {
-            for item in tree.iter() {
-                let (slot, value) = item?;
-                if !slot.get(8..).is_some_and(|key| refused.contains(key)) {
-                    continue;
-                }
-                let Ok(entry) = serde_json::from_slice::<Queued>(&value) else { continue };
-                let own = serde_json::to_vec(&Queued { source: None, logged: false, ..entry })?;
-                (&self.retry, &self.parked)
-                    .transaction(|(retry, parked)| {
-                        parked.remove(&*slot)?;
-                        retry.insert(&*slot, own.as_slice())?;
-                        Ok::<_, ConflictableTransactionError<StoreError>>(())
-                    })
-                    .map_err(store_error)?;
-                self.forget([slot.as_ref()]);
-                back += usize::from(aside);
+        let mut slots = Vec::new();
+        for item in self.retry.iter().keys().chain(self.parked.iter().keys()) {
+            let slot = item?;
+            if slot.get(8..).is_some_and(|key| refused.contains(key)) {
+                slots.push(slot);
             }
         }
+        let mut back = 0;
+        for slot in &slots {
+            // The entry as it is now: one sent, moved or set aside since the walk is
+            // taken as it is, or left alone if gone.
+            let moved = (&self.retry, &self.parked)
+                .transaction(|(retry, parked)| {
+                    let (value, aside) = match retry.remove(slot)? {
+                        Some(value) => (value, false),
+                        None => match parked.remove(slot)? {
+                            Some(value) => (value, true),
+                            None => return Ok(None),
+                        },
+                    };
+                    let own = match serde_json::from_slice::<Queued>(&value) {
+                        Ok(entry) => serde_json::to_vec(&Queued { source: None, logged: false, ..entry })
+                            .map_err(|e| ConflictableTransactionError::Abort(StoreError::from(e)))?,
+                        Err(_) => value.to_vec(),
+                    };
+                    retry.insert(slot, own)?;
+                    Ok::<_, ConflictableTransactionError<StoreError>>(Some(aside))
+                })
+                .map_err(store_error)?;
+            self.forget([slot.as_ref()]);
+            back += usize::from(moved == Some(true));
+        }
+        // Taken from the sink only once done: keys of an entry that failed to move stay
+        // for the next call.
+        sink.forget_refused(&refused);
         Ok(back)
     }
 
@@ -524,6 +537,9 @@ impl RetryQueue {
         handled: &HashSet<Vec<u8>>,
     ) -> Result<Reconciled, StoreError> {
         let mut unconfirmed = Vec::new();
+        // A changelog partition holds the entries of every CDR topic's partition of its
+        // number: another topic's are not this partition's to queue.
+        let restored_here = |value: &[u8]| !Head::of(value).is_some_and(|h| h.of_another(partition));
         // Out of either tree; set-aside entries back into the queue; the log's in.
         let mut dropped = Vec::new();
         let mut back = Vec::new();
@@ -531,12 +547,19 @@ impl RetryQueue {
             let (slot, value) = item?;
             let key = &slot[8..];
             let head = Head::of(&value);
-            // An entry of no partition (a replayed dead letter) is this store's only: no
-            // changelog speaks for it, not even one holding its mail's key from before
-            // the mail was dead-lettered (a tombstone kept a day or more). Another
-            // partition's is that partition's restore's.
-            if matches!(head, Some(Head { source: None, .. })) || head.as_ref().is_some_and(|h| h.of_another(partition))
-            {
+            // An entry of no partition (a replayed dead letter, one its changelog refused)
+            // is this store's only: a changelog's tombstone of its mail's key is from
+            // before (the mail dead-lettered; kept a day or more) and does not take it
+            // out. Only the mail queued live in this partition's changelog does (that
+            // version is queued below: one copy). Another partition's entry is that
+            // partition's restore's.
+            if matches!(head, Some(Head { source: None, .. })) {
+                if log.get(key).is_some_and(|live| live.as_ref().is_some_and(|(_, v)| restored_here(v))) {
+                    dropped.push(slot.to_vec());
+                }
+                continue;
+            }
+            if head.as_ref().is_some_and(|h| h.of_another(partition)) {
                 continue;
             }
             if log.contains_key(key) {
@@ -560,11 +583,7 @@ impl RetryQueue {
         let mut restored: Vec<(Vec<u8>, &[u8])> =
             back.iter().map(|(slot, value)| (slot.clone(), value.as_ref())).collect();
         for (key, live) in log {
-            // A changelog partition holds the entries of every CDR topic's partition of
-            // its number: another topic's are not this partition's to queue.
-            if let Some((due_ms, value)) =
-                live.as_ref().filter(|(_, v)| !Head::of(v).is_some_and(|h| h.of_another(partition)))
-            {
+            if let Some((due_ms, value)) = live.as_ref().filter(|(_, v)| restored_here(v)) {
                 let mut slot = (due_ms.max(&0).to_owned() as u64).to_be_bytes().to_vec();
                 slot.extend_from_slice(key);
                 restored.push((slot, value.as_slice()));
@@ -713,7 +732,10 @@ mod tests {
             self.owned.lock().unwrap().contains(&partition.partition)
         }
         fn refused_as_too_large(&self) -> Vec<Vec<u8>> {
-            std::mem::take(&mut *self.refused.lock().unwrap())
+            self.refused.lock().unwrap().clone()
+        }
+        fn forget_refused(&self, keys: &HashSet<Vec<u8>>) {
+            self.refused.lock().unwrap().retain(|key| !keys.contains(key));
         }
     }
 
@@ -823,6 +845,14 @@ mod tests {
         let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
         assert!(reconciled.unconfirmed.is_empty(), "not this partition's to publish");
         assert_eq!((queue.len(), due_call_ids(&queue)), (1, vec!["c-replayed".to_owned()]));
+
+        // The mail queued live in the partition's changelog: that copy alone.
+        let live = Queued { logged: true, ..of("c-replayed", 1) };
+        let log: LoggedEntries =
+            [(live.sent_key().unwrap().as_bytes().to_vec(), Some((2_000, serde_json::to_vec(&live).unwrap())))].into();
+        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
+        assert_eq!((reconciled.queued_change, queue.len()), (0, 1), "one copy");
+        assert_eq!(queue.next_due_ms().unwrap(), Some(2_000), "the changelog's");
     }
 
     /// R-M4, docs/cluster.md: a mail whose retry entry its changelog refused as too large
@@ -841,6 +871,7 @@ mod tests {
         queue.push(&of("c-large", 1), 1_000, 1).unwrap();
         queue.push(&of("c-logged", 1), 2_000, 1).unwrap();
         refused("c-large", 1);
+        assert_eq!(queue.own_refused().unwrap(), 0, "in the queue already");
         assert_eq!(due_call_ids(&queue), ["c-large", "c-logged"]);
         *node.owned.lock().unwrap() = vec![0];
         assert_eq!(queue.park().unwrap(), 1, "only the entry its changelog has is set aside");

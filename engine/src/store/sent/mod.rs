@@ -41,11 +41,14 @@ pub trait PartitionSink: Send + Sync {
     fn retry_removed(&self, partition: &PartitionId, key: &[u8]);
     /// Whether this node reads `partition` now: only then does it send its retries.
     fn owns(&self, partition: &PartitionId) -> bool;
-    /// The keys of the retry entries whose changelog refused them as too large since the
-    /// last call: they are this node's only from now ([`crate::deliver::queue::RetryQueue`]).
+    /// The keys of the retry entries whose changelog refused them as too large, not yet
+    /// [`PartitionSink::forget_refused`]: they are this node's only from now
+    /// ([`crate::deliver::queue::RetryQueue::own_refused`]).
     fn refused_as_too_large(&self) -> Vec<Vec<u8>> {
         Vec::new()
     }
+    /// `keys`' entries are this node's only now.
+    fn forget_refused(&self, _keys: &std::collections::HashSet<Vec<u8>>) {}
 }
 
 /// Key of one sent mail: when the call ended, called number, call id and recipient.
