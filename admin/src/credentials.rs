@@ -17,7 +17,7 @@
 //! deliberately slow, so the functions here block: async code calls the `*_async`
 //! wrappers, which run them on tokio's blocking pool. No function logs a password.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -37,11 +37,37 @@ pub const ARGON2_M_COST_KIB: u32 = 19_456;
 pub const ARGON2_T_COST: u32 = 2;
 /// argon2id lanes: one, so a login occupies one blocking thread.
 pub const ARGON2_P_COST: u32 = 1;
-/// Password checks and hashes of the async calls carried out at once, at most (each
-/// holds 19 MiB); the others wait their turn. A check whose request went away (its
+/// Argon2 computations (a check or a hash) carried out at once in the process, at most
+/// (each holds 19 MiB); the others wait their turn. A check whose request went away (its
 /// client hung up) still runs to its end: without a cap, clients hanging up at once
-/// could pile hundreds of them up on tokio's blocking pool, gigabytes in all.
+/// could pile hundreds of them up on tokio's blocking pool, gigabytes in all. Held for
+/// the computation only, not for the state owner's answer that follows it.
 pub const HASHING_AT_ONCE: usize = 8;
+
+/// The argon2 computations under way, up to [`HASHING_AT_ONCE`].
+static HASHING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// Runs `argon2` once fewer than [`HASHING_AT_ONCE`] computations are under way.
+/// Blocks: call it off the async workers.
+fn hashing<T>(argon2: impl FnOnce() -> T) -> T {
+    let (busy, freed) = &HASHING;
+    let mut now = freed
+        .wait_while(busy.lock().unwrap_or_else(|e| e.into_inner()), |n| *n >= HASHING_AT_ONCE)
+        .unwrap_or_else(|e| e.into_inner());
+    *now += 1;
+    drop(now);
+    // Given back even if `argon2` panics.
+    struct Done;
+    impl Drop for Done {
+        fn drop(&mut self) {
+            let (busy, freed) = &HASHING;
+            *busy.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            freed.notify_one();
+        }
+    }
+    let _done = Done;
+    argon2()
+}
 
 /// A successful login.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,19 +118,13 @@ pub struct Credentials {
     store: Store,
     /// Where lockouts are counted (`callnotify_site_lockouts_total`).
     metrics: Metrics,
-    /// [`HASHING_AT_ONCE`] permits, one held by each argon2 call until it ends.
-    hashing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Credentials {
     /// The credentials of `store`; lockouts are counted in metrics of their own until
     /// [`Credentials::counting_in`].
     pub fn open(store: &Store) -> Result<Self, CredentialError> {
-        Ok(Self {
-            store: store.clone(),
-            metrics: Metrics::new(),
-            hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
-        })
+        Ok(Self { store: store.clone(), metrics: Metrics::new() })
     }
 
     /// Counts lockouts (R-S2, R-S3) in the engine's `metrics`.
@@ -255,18 +275,13 @@ impl Credentials {
         self.blocking(move |c| c.set_password(&number, &password, now)).await
     }
 
-    /// Runs `f` (argon2 hashing, sled I/O) off the async workers, [`HASHING_AT_ONCE`] at most.
+    /// Runs `f` (argon2 hashing, sled I/O) off the async workers.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Self) -> Result<T, CredentialError> + Send + 'static,
     ) -> Result<T, CredentialError> {
-        let permit = self.hashing.clone().acquire_owned().await.expect("the semaphore is never closed");
         let this = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _held = permit;
-            f(&this)
-        })
-        .await?
+        tokio::task::spawn_blocking(move || f(&this)).await?
     }
 }
 
@@ -277,13 +292,14 @@ fn hasher() -> Argon2<'static> {
 
 fn hash_password(password: &str) -> Result<String, CredentialError> {
     let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>()).map_err(CredentialError::Hash)?;
-    Ok(hasher().hash_password(password.as_bytes(), &salt).map_err(CredentialError::Hash)?.to_string())
+    let hash = hashing(|| hasher().hash_password(password.as_bytes(), &salt).map(|hash| hash.to_string()));
+    hash.map_err(CredentialError::Hash)
 }
 
 /// Whether `password` matches the PHC string `phc`, with the parameters stored in it.
 fn password_matches(phc: &str, password: &str) -> Result<bool, CredentialError> {
     let parsed = PasswordHash::new(phc).map_err(CredentialError::Hash)?;
-    match hasher().verify_password(password.as_bytes(), &parsed) {
+    match hashing(|| hasher().verify_password(password.as_bytes(), &parsed)) {
         Ok(()) => Ok(true),
         Err(argon2::password_hash::Error::Password) => Ok(false),
         Err(e) => Err(CredentialError::Hash(e)),

@@ -268,3 +268,29 @@ fn r_s2_a_credential_restored_elsewhere_is_checked_against_its_password_not_coun
     assert_eq!(login(&here, TEMPORARY, t0()), Ok(LoginOk { kind: CredentialKind::Temporary, must_change: true }));
     assert_eq!(elsewhere.record(&n(NUMBER)).unwrap().unwrap().failures, 0);
 }
+
+/// No more than [`HASHING_AT_ONCE`] argon2 computations run at once, however many
+/// blocking threads ask (logins whose clients hung up go on; each holds 19 MiB): the
+/// others wait their turn, and every one runs.
+#[test]
+fn argon2_computations_run_at_most_hashing_at_once_at_a_time() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (running, most, ran) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        for _ in 0..3 * HASHING_AT_ONCE {
+            scope.spawn(|| {
+                hashing(|| {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    // Long enough for the others to pile up on the cap.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    ran.fetch_add(1, Ordering::SeqCst);
+                })
+            });
+        }
+    });
+    assert_eq!(ran.load(Ordering::SeqCst), 3 * HASHING_AT_ONCE);
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= HASHING_AT_ONCE, "{most} at once");
+}

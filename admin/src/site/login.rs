@@ -125,12 +125,9 @@ pub async fn submit(
     let verdict = match PhoneNumber::parse(&form.number) {
         Ok(number) => match state.credentials.verify_async(number, form.password, now).await {
             Ok(verdict) => verdict.map(|ok| (number, ok)).map_err(Refusal::Credential),
-            Err(e) => {
-                if let Some(attempt) = attempt {
-                    attempt.unchecked();
-                }
-                return Err(e.into());
-            }
+            // Counted as wrong (the attempt dropped): the owner may carry the attempt out
+            // after its answer was given up, counting it towards R-S2/R-S3.
+            Err(e) => return Err(e.into()),
         },
         Err(_) => Err(Refusal::Malformed),
     };

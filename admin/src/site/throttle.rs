@@ -63,10 +63,11 @@ impl Throttle {
 }
 
 /// A login attempt being checked, from [`Throttle::begin`]. Dropped before its verdict
-/// ([`Attempt::right`], [`Attempt::unchecked`]), it counts as wrong: a client that closes
-/// its connection mid-check drops its handler, while the check goes on and counts against
-/// the number's R-S2/R-S3 allowance all the same. Counted as right, a client could
-/// invalidate a password at full speed from one address by hanging up on every try.
+/// ([`Attempt::right`]), it counts as wrong: a client that closes its connection
+/// mid-check drops its handler, while the check goes on and counts against the number's
+/// R-S2/R-S3 allowance all the same (and an attempt whose state-owner answer was given up
+/// may still be counted there later). Counted as right, a client could invalidate a
+/// password at full speed from one address by hanging up on every try.
 pub struct Attempt {
     throttle: Arc<Throttle>,
     client: IpAddr,
@@ -81,11 +82,6 @@ impl Attempt {
 
     /// The password was right: the attempt counts for nothing.
     pub fn right(mut self) {
-        self.wrong = false;
-    }
-
-    /// The password could not be checked (the store failed): it counts for nothing.
-    pub fn unchecked(mut self) {
         self.wrong = false;
     }
 }
@@ -152,12 +148,11 @@ mod tests {
 
     /// An attempt whose handler went away before its verdict (the client closed its
     /// connection mid-check, while the check went on) counts as wrong: hanging up on
-    /// every try does not get past the brake. One the store could not check does not.
+    /// every try does not get past the brake.
     #[test]
     fn attempts_dropped_before_their_verdict_count_as_wrong() {
         let throttle = Arc::new(Throttle::default());
         let client: IpAddr = "192.0.2.1".parse().unwrap();
-        throttle.begin(client, t0()).expect("first").unchecked();
         for _ in 0..MAX_FAILURES {
             drop(throttle.begin(client, t0()).expect("within the allowance"));
         }

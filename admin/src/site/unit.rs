@@ -6,7 +6,8 @@
 //!   Afterwards the contract number keeps its credential and every additional number's
 //!   credential is removed, so each needs a new temporary password by phone.
 //! - Unit `number` → `line` (R-O2): the subscriber enters the password of the contract
-//!   number and of every additional number with call notification. Every one is checked
+//!   number and of every additional number that logs in (call or fax notification; one
+//!   without a password yet gets a temporary one by phone first). Every one is checked
 //!   (each wrong one counts as a failed attempt, R-S2/R-S3) and the page names each number
 //!   that failed; unless all are right nothing changes. Afterwards the contract number's
 //!   password is the line's, and the additional numbers' credentials are removed.

@@ -213,24 +213,31 @@ async fn r_o3_a_form_made_for_another_unit_changes_nothing() {
     assert!(record(&app, ADDITIONAL).is_some());
 }
 
-/// The state owner stops answering from the first op named `at` on: it and every later
-/// write fail, as after a write the sender waited out (60 s).
-struct StopsAt {
+/// A state owner that fails at the first op named `at`: from then on every write fails
+/// (it stopped answering, as after a write the sender waited out: 60 s), or, if it goes
+/// on, that op alone (its store refused it) and it carries out the rest.
+struct FailsAt {
     store: engine::store::Store,
     at: &'static str,
-    stopped: std::sync::atomic::AtomicBool,
+    goes_on: bool,
+    failed: std::sync::atomic::AtomicBool,
 }
 
-impl engine::store::state::StateWriter for StopsAt {
+impl FailsAt {
+    fn attached(app: &App, at: &'static str, goes_on: bool) {
+        let owner = FailsAt { store: app.f.store.clone(), at, goes_on, failed: Default::default() };
+        app.f.store.attach_writer(std::sync::Arc::new(owner));
+    }
+}
+
+impl engine::store::state::StateWriter for FailsAt {
     fn send(self: std::sync::Arc<Self>, ops: Vec<engine::store::state::Op>) -> engine::store::state::Answers {
         use std::sync::atomic::Ordering;
         let answers: Vec<_> = ops
             .iter()
             .map(|op| {
-                if op.name() == self.at {
-                    self.stopped.store(true, Ordering::SeqCst);
-                }
-                if self.stopped.load(Ordering::SeqCst) {
+                let first = op.name() == self.at && !self.failed.swap(true, Ordering::SeqCst);
+                if first || (!self.goes_on && self.failed.load(Ordering::SeqCst)) {
                     return Err(engine::store::StoreError::State("no state owner answered".into()));
                 }
                 self.store.execute(op).map(|(reply, _)| reply)
@@ -246,13 +253,16 @@ impl engine::store::state::StateWriter for StopsAt {
 /// removals failed, each additional number logged in to every number of the line.
 #[tokio::test]
 async fn r_o2_a_change_failing_part_way_leaves_no_additional_password_with_the_line_s_reach() {
-    let (app, cookies) = setup(AuthUnit::Number).await;
-    let csrf = get(&app, "/unit", &cookies).await.csrf();
-    let owner = StopsAt { store: app.f.store.clone(), at: "remove_credential", stopped: Default::default() };
-    app.f.store.attach_writer(std::sync::Arc::new(owner));
-    let failed = post(&app, "/unit", &cookies, &o2_form(&csrf, PASSWORD, OTHER_PASSWORD)).await;
-    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let reach_of_additional = unit(&app) == Some(AuthUnit::Line) && record(&app, ADDITIONAL).is_some();
-    assert!(!reach_of_additional, "the additional number's password logs in to the whole line");
-    assert_eq!(unit(&app), Some(AuthUnit::Number), "nothing changed");
+    // The owner stops answering at the first removal; or refuses it alone and goes on
+    // with the rest of the request (the unit, sent with the removals, was set).
+    for goes_on in [false, true] {
+        let (app, cookies) = setup(AuthUnit::Number).await;
+        let csrf = get(&app, "/unit", &cookies).await.csrf();
+        FailsAt::attached(&app, "remove_credential", goes_on);
+        let failed = post(&app, "/unit", &cookies, &o2_form(&csrf, PASSWORD, OTHER_PASSWORD)).await;
+        assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let reach_of_additional = unit(&app) == Some(AuthUnit::Line) && record(&app, ADDITIONAL).is_some();
+        assert!(!reach_of_additional, "the additional number's password logs in to the whole line ({goes_on})");
+        assert_eq!(unit(&app), Some(AuthUnit::Number), "the unit did not change ({goes_on})");
+    }
 }

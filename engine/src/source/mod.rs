@@ -314,11 +314,13 @@ fn read_unread(consumer: &BaseConsumer<SourceContext>, paused: bool) -> Result<(
     match crate::unread::assign_again(consumer, &unread) {
         // Paused again, all of them while the thread is, else those whose changelogs are
         // not restored yet (read, they would send their last reader's mails again).
+        Ok(()) if paused => consumer.pause(&consumer.assignment()?)?,
         Ok(()) => {
-            let assignment = consumer.assignment()?;
-            let waiting = if paused { assignment } else { ctx.unrestored_of(&assignment) };
+            let waiting = ctx.unrestored_of(&consumer.assignment()?);
             if waiting.count() > 0 {
-                consumer.pause(&waiting)?;
+                if let Err(e) = consumer.pause(&waiting) {
+                    tracing::warn!(error = %e, "partitions waiting for their changelogs not paused again");
+                }
             }
         }
         Err(e) => tracing::warn!(error = %e, "assigning unread CDR partitions again failed; trying again later"),

@@ -441,21 +441,22 @@ impl Store {
     }
 
     /// A change of the line's unit (R-O2, R-O3, R-I7): the credentials of `removed` go
-    /// first, then the unit changes, in one exchange with the state owner. Failing
-    /// part-way it leaves at worst numbers without a password (set again by phone),
-    /// never one whose password logs in with the new unit's reach.
+    /// first (one exchange with the state owner), and the unit changes only once every
+    /// one of them is gone. Failing part-way it leaves at worst numbers without a
+    /// password (set again by phone), never one whose password logs in with the new
+    /// unit's reach. (The owner carries out a request's ops one by one and goes on past
+    /// a failed one: the unit cannot go in the same request.)
     pub fn change_line_unit(
         &self,
         contract: &PhoneNumber,
         unit: AuthUnit,
         removed: &[PhoneNumber],
     ) -> Result<(), StoreError> {
-        let mut ops: Vec<Op> = removed.iter().map(|number| Op::RemoveCredential { number: *number }).collect();
-        ops.push(Op::SetLineUnit { contract: *contract, unit });
-        for answer in self.submit_all(ops) {
+        let removals = removed.iter().map(|number| Op::RemoveCredential { number: *number }).collect();
+        for answer in self.submit_all(removals) {
             answer?;
         }
-        Ok(())
+        self.set_line_unit(contract, unit)
     }
 
     pub(super) fn set_line_unit_here(&self, contract: &PhoneNumber, unit: AuthUnit) -> Result<(), StoreError> {

@@ -163,9 +163,9 @@ async fn r_m4_a_partition_whose_changelogs_are_not_restored_waits_for_them_and_i
 
 /// R-M4, docs/cluster.md: a partition waiting for its changelogs stays unread when the
 /// unread partitions of its consumer are assigned again (librdkafka issue 5586,
-/// [`UNREAD`]): that assigns every partition unpaused, and the one waiting was read
-/// before its last reader's sent records were restored, so a CDR read again sent its
-/// mail a second time.
+/// [`UNREAD`]); read before its last reader's sent records are restored, a CDR read again
+/// would send its mail a second time. (librdkafka kept the pause across that assign
+/// here; the engine pauses it again all the same.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_m4_a_partition_waiting_for_its_changelogs_stays_unread_when_unread_ones_are_assigned_again() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
