@@ -17,7 +17,7 @@
 //! deliberately slow, so the functions here block: async code calls the `*_async`
 //! wrappers, which run them on tokio's blocking pool. No function logs a password.
 
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -37,36 +37,31 @@ pub const ARGON2_M_COST_KIB: u32 = 19_456;
 pub const ARGON2_T_COST: u32 = 2;
 /// argon2id lanes: one, so a login occupies one blocking thread.
 pub const ARGON2_P_COST: u32 = 1;
-/// Argon2 computations (a check or a hash) carried out at once in the process, at most
-/// (each holds 19 MiB); the others wait their turn. A check whose request went away (its
-/// client hung up) still runs to its end: without a cap, clients hanging up at once
-/// could pile hundreds of them up on tokio's blocking pool, gigabytes in all. Held for
+/// Argon2 computations (a check or a hash) of the async calls carried out at once in the
+/// process, at most (each holds 19 MiB); the others wait their turn, on no thread. A
+/// check whose request went away (its client hung up) still runs to its end: without a
+/// cap, clients hanging up at once could pile hundreds of them up on tokio's blocking
+/// pool (shared with the engine's store work), gigabytes in all. A permit is held for
 /// the computation only, not for the state owner's answer that follows it.
 pub const HASHING_AT_ONCE: usize = 8;
 
-/// The argon2 computations under way, up to [`HASHING_AT_ONCE`].
-static HASHING: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+/// [`HASHING_AT_ONCE`] permits.
+static HASHING: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(HASHING_AT_ONCE));
 
-/// Runs `argon2` once fewer than [`HASHING_AT_ONCE`] computations are under way.
-/// Blocks: call it off the async workers.
+thread_local! {
+    /// The permit of the call running on this blocking thread ([`Credentials::blocking`]),
+    /// until its computation is over ([`hashing`]).
+    static PERMIT: std::cell::RefCell<Option<tokio::sync::SemaphorePermit<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `argon2`, then gives back the permit its call waited for (if it came through
+/// [`Credentials::blocking`]).
 fn hashing<T>(argon2: impl FnOnce() -> T) -> T {
-    let (busy, freed) = &HASHING;
-    let mut now = freed
-        .wait_while(busy.lock().unwrap_or_else(|e| e.into_inner()), |n| *n >= HASHING_AT_ONCE)
-        .unwrap_or_else(|e| e.into_inner());
-    *now += 1;
-    drop(now);
-    // Given back even if `argon2` panics.
-    struct Done;
-    impl Drop for Done {
-        fn drop(&mut self) {
-            let (busy, freed) = &HASHING;
-            *busy.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-            freed.notify_one();
-        }
-    }
-    let _done = Done;
-    argon2()
+    let done = argon2();
+    PERMIT.with_borrow_mut(|permit| permit.take());
+    done
 }
 
 /// A successful login.
@@ -275,13 +270,22 @@ impl Credentials {
         self.blocking(move |c| c.set_password(&number, &password, now)).await
     }
 
-    /// Runs `f` (argon2 hashing, sled I/O) off the async workers.
+    /// Runs `f` (argon2 hashing, sled I/O) off the async workers, once a permit of
+    /// [`HASHING_AT_ONCE`] is free.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Self) -> Result<T, CredentialError> + Send + 'static,
     ) -> Result<T, CredentialError> {
+        let permit = HASHING.acquire().await.expect("the semaphore is never closed");
         let this = self.clone();
-        tokio::task::spawn_blocking(move || f(&this)).await?
+        tokio::task::spawn_blocking(move || {
+            PERMIT.with_borrow_mut(|held| *held = Some(permit));
+            let done = f(&this);
+            // Not given back by a computation (the call failed before it): given back now.
+            PERMIT.with_borrow_mut(|held| held.take());
+            done
+        })
+        .await?
     }
 }
 

@@ -269,28 +269,37 @@ fn r_s2_a_credential_restored_elsewhere_is_checked_against_its_password_not_coun
     assert_eq!(elsewhere.record(&n(NUMBER)).unwrap().unwrap().failures, 0);
 }
 
-/// No more than [`HASHING_AT_ONCE`] argon2 computations run at once, however many
-/// blocking threads ask (logins whose clients hung up go on; each holds 19 MiB): the
-/// others wait their turn, and every one runs.
-#[test]
-fn argon2_computations_run_at_most_hashing_at_once_at_a_time() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let (running, most, ran) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
-    std::thread::scope(|scope| {
-        for _ in 0..3 * HASHING_AT_ONCE {
-            scope.spawn(|| {
-                hashing(|| {
-                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    // Long enough for the others to pile up on the cap.
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    running.fetch_sub(1, Ordering::SeqCst);
-                    ran.fetch_add(1, Ordering::SeqCst);
-                })
+/// No more than [`HASHING_AT_ONCE`] argon2 computations of the async calls run at once,
+/// however many are asked for (logins whose clients hung up go on; each holds 19 MiB):
+/// the others wait their turn, and every one runs. A permit goes back once its
+/// computation is over, before the rest of its call (the state owner's answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn argon2_computations_run_at_most_hashing_at_once_at_a_time() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let c = credentials();
+    let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let held_after = Arc::new(AtomicBool::new(false));
+    let calls = (0..3 * HASHING_AT_ONCE).map(|_| {
+        let (running, most, held_after) = (running.clone(), most.clone(), held_after.clone());
+        c.blocking(move |_| {
+            hashing(|| {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                // Long enough for the others to pile up on the cap.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                running.fetch_sub(1, Ordering::SeqCst);
             });
-        }
+            // The rest of the call runs without its permit.
+            if PERMIT.with_borrow(Option::is_some) {
+                held_after.store(true, Ordering::SeqCst);
+            }
+            Ok(())
+        })
     });
-    assert_eq!(ran.load(Ordering::SeqCst), 3 * HASHING_AT_ONCE);
+    let done = futures_util::future::join_all(calls).await;
+    assert!(done.iter().all(Result::is_ok));
     let most = most.load(Ordering::SeqCst);
     assert!(most <= HASHING_AT_ONCE, "{most} at once");
+    assert!(!held_after.load(Ordering::SeqCst), "a permit held past its computation");
 }

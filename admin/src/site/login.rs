@@ -125,9 +125,15 @@ pub async fn submit(
     let verdict = match PhoneNumber::parse(&form.number) {
         Ok(number) => match state.credentials.verify_async(number, form.password, now).await {
             Ok(verdict) => verdict.map(|ok| (number, ok)).map_err(Refusal::Credential),
-            // Counted as wrong (the attempt dropped): the owner may carry the attempt out
-            // after its answer was given up, counting it towards R-S2/R-S3.
-            Err(e) => return Err(e.into()),
+            // Not counted against the address: a state owner failing over (a minute
+            // without answers) would brake every address, and behind a proxy without
+            // `X-Forwarded-For` the whole site. R-S2/R-S3 count per number all the same.
+            Err(e) => {
+                if let Some(attempt) = attempt {
+                    attempt.unchecked();
+                }
+                return Err(e.into());
+            }
         },
         Err(_) => Err(Refusal::Malformed),
     };

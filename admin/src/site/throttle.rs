@@ -63,11 +63,10 @@ impl Throttle {
 }
 
 /// A login attempt being checked, from [`Throttle::begin`]. Dropped before its verdict
-/// ([`Attempt::right`]), it counts as wrong: a client that closes its connection
-/// mid-check drops its handler, while the check goes on and counts against the number's
-/// R-S2/R-S3 allowance all the same (and an attempt whose state-owner answer was given up
-/// may still be counted there later). Counted as right, a client could invalidate a
-/// password at full speed from one address by hanging up on every try.
+/// ([`Attempt::right`], [`Attempt::unchecked`]), it counts as wrong: a client that closes
+/// its connection mid-check drops its handler, while the check goes on and counts against
+/// the number's R-S2/R-S3 allowance all the same. Counted as right, a client could
+/// invalidate a password at full speed from one address by hanging up on every try.
 pub struct Attempt {
     throttle: Arc<Throttle>,
     client: IpAddr,
@@ -82,6 +81,11 @@ impl Attempt {
 
     /// The password was right: the attempt counts for nothing.
     pub fn right(mut self) {
+        self.wrong = false;
+    }
+
+    /// The password could not be checked (the store failed): it counts for nothing.
+    pub fn unchecked(mut self) {
         self.wrong = false;
     }
 }

@@ -351,26 +351,29 @@ impl RetryQueue {
     /// `None` if the entry is no longer there: taken out while it was being tried (its
     /// partition came back, and its changelog said another node had sent it or queued
     /// it anew), so it is not put back.
+    /// An entry made this node's only meanwhile ([`RetryQueue::own_refused`]) stays so.
     pub fn reschedule(&self, slot: &Slot, entry: &Queued, due_ms: i64) -> Result<Option<Slot>, StoreError> {
         let key = entry.sent_key()?;
         let next = Slot::new(due_ms, &key);
-        let value = serde_json::to_vec(entry)?;
+        let own = Queued { source: None, logged: false, ..entry.clone() };
+        let (value, own_value) = (serde_json::to_vec(entry)?, serde_json::to_vec(&own)?);
         let moved = (&self.retry, &self.parked)
             .transaction(|(retry, parked)| {
-                let (tree, aside) = if parked.remove(slot.0.as_slice())?.is_some() {
-                    (parked, true)
-                } else if retry.remove(slot.0.as_slice())?.is_some() {
-                    (retry, false)
+                let (tree, aside, before) = if let Some(before) = parked.remove(slot.0.as_slice())? {
+                    (parked, true, before)
+                } else if let Some(before) = retry.remove(slot.0.as_slice())? {
+                    (retry, false, before)
                 } else {
                     return Ok(None);
                 };
-                tree.insert(next.0.as_slice(), value.as_slice())?;
-                Ok::<_, ConflictableTransactionError<StoreError>>(Some(aside))
+                let local = matches!(Head::of(&before), Some(Head { source: None, .. }));
+                tree.insert(next.0.as_slice(), if local { own_value.as_slice() } else { value.as_slice() })?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(Some((aside, local)))
             })
             .map_err(store_error)?;
         self.forget([slot.0.as_slice()]);
-        let Some(aside) = moved else { return Ok(None) };
-        if !aside && self.sends(entry) {
+        let Some((aside, local)) = moved else { return Ok(None) };
+        if !aside && !local && self.sends(entry) {
             self.publish(entry, &key, due_ms, &value);
         }
         Ok(Some(next))
@@ -548,18 +551,11 @@ impl RetryQueue {
             let key = &slot[8..];
             let head = Head::of(&value);
             // An entry of no partition (a replayed dead letter, one its changelog refused)
-            // is this store's only: a changelog's tombstone of its mail's key is from
-            // before (the mail dead-lettered; kept a day or more) and does not take it
-            // out. Only the mail queued live in this partition's changelog does (that
-            // version is queued below: one copy). Another partition's entry is that
-            // partition's restore's.
-            if matches!(head, Some(Head { source: None, .. })) {
-                if log.get(key).is_some_and(|live| live.as_ref().is_some_and(|(_, v)| restored_here(v))) {
-                    dropped.push(slot.to_vec());
-                }
-                continue;
-            }
-            if head.as_ref().is_some_and(|h| h.of_another(partition)) {
+            // is this store's only: no changelog takes it out, not even one holding its
+            // mail's key from before (the mail dead-lettered: a tombstone kept a day or
+            // more). Another partition's entry is that partition's restore's.
+            if matches!(head, Some(Head { source: None, .. })) || head.as_ref().is_some_and(|h| h.of_another(partition))
+            {
                 continue;
             }
             if log.contains_key(key) {
@@ -845,14 +841,6 @@ mod tests {
         let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
         assert!(reconciled.unconfirmed.is_empty(), "not this partition's to publish");
         assert_eq!((queue.len(), due_call_ids(&queue)), (1, vec!["c-replayed".to_owned()]));
-
-        // The mail queued live in the partition's changelog: that copy alone.
-        let live = Queued { logged: true, ..of("c-replayed", 1) };
-        let log: LoggedEntries =
-            [(live.sent_key().unwrap().as_bytes().to_vec(), Some((2_000, serde_json::to_vec(&live).unwrap())))].into();
-        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
-        assert_eq!((reconciled.queued_change, queue.len()), (0, 1), "one copy");
-        assert_eq!(queue.next_due_ms().unwrap(), Some(2_000), "the changelog's");
     }
 
     /// R-M4, docs/cluster.md: a mail whose retry entry its changelog refused as too large
@@ -878,9 +866,14 @@ mod tests {
         assert_eq!(due_call_ids(&queue), ["c-large"]);
 
         // Set aside (its partition went) before the refusal came.
-        queue.push(&of("c-aside", 1), 3_000, 1).unwrap();
+        let (aside, _) = queue.push(&of("c-aside", 1), 3_000, 1).unwrap();
         refused("c-aside", 1);
         assert_eq!(queue.own_refused().unwrap(), 1, "taken back into the queue");
+        assert_eq!((queue.len(), due_call_ids(&queue)), (2, vec!["c-large".to_owned(), "c-aside".to_owned()]));
+
+        // An attempt under way meanwhile ends in a temporary failure: its copy of the
+        // entry still names partition 1, and the entry stays this node's all the same.
+        queue.reschedule(&aside, &of("c-aside", 1), 4_000).unwrap().expect("queued");
         assert_eq!((queue.len(), due_call_ids(&queue)), (2, vec!["c-large".to_owned(), "c-aside".to_owned()]));
     }
 

@@ -318,9 +318,7 @@ fn read_unread(consumer: &BaseConsumer<SourceContext>, paused: bool) -> Result<(
         Ok(()) => {
             let waiting = ctx.unrestored_of(&consumer.assignment()?);
             if waiting.count() > 0 {
-                if let Err(e) = consumer.pause(&waiting) {
-                    tracing::warn!(error = %e, "partitions waiting for their changelogs not paused again");
-                }
+                consumer.pause(&waiting)?;
             }
         }
         Err(e) => tracing::warn!(error = %e, "assigning unread CDR partitions again failed; trying again later"),
