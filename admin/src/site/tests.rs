@@ -691,10 +691,12 @@ async fn r_s3_wrong_logins_from_one_address_are_slowed_and_not_counted_against_t
     assert_eq!(login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await.location(), Some("/"), "after the window");
 }
 
-/// A client that hangs up while its password is being checked does not get past the
-/// brake: the check goes on (and counts against the number, R-S3), and so does the
-/// attempt against the address. Before, an attempt whose handler went away counted for
-/// nothing, so hanging up on every try invalidated a password at full speed.
+/// A client that hangs up while its password is being checked (or waits its turn for
+/// it) does not get past the brake: a check under way goes on and counts against the
+/// number (R-S3), and the attempt counts against the address. Before, an attempt whose
+/// handler went away counted for nothing, so hanging up on every try invalidated a
+/// password at full speed. (How far each got before the hang-up depends on the other
+/// tests' checks, which share the process's argon2 permits: not asserted.)
 #[tokio::test]
 async fn r_s3_wrong_logins_whose_clients_hang_up_mid_check_are_braked_all_the_same() {
     let app = app();
@@ -702,16 +704,9 @@ async fn r_s3_wrong_logins_whose_clients_hang_up_mid_check_are_braked_all_the_sa
     for _ in 0..throttle::MAX_FAILURES {
         let request = login_request_from(&app, "192.0.2.1", CONTRACT, "wrong1234").await;
         let mut answer = std::pin::pin!(app.router.clone().oneshot(request));
-        // Up to the password check, which then runs on a blocking thread: hung up on.
+        // Up to the password check (under way, or waiting for a permit): hung up on.
         assert!(futures_util::poll!(answer.as_mut()).is_pending(), "answered before the check");
     }
-    let failures = || app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures;
-    testkit::wait::until(
-        std::time::Duration::from_secs(60),
-        || format!("{} checks ended", failures()),
-        || failures() == throttle::MAX_FAILURES,
-    )
-    .await;
     let braked = login_from(&app, "192.0.2.1", CONTRACT, PASSWORD).await;
     assert_eq!(braked.status, StatusCode::TOO_MANY_REQUESTS);
 }
