@@ -117,6 +117,10 @@ pub struct Store {
     /// Where writes of subscriber state go when it is shared between nodes (`serve`);
     /// unset, they are carried out here ([`state`]).
     writer: Arc<std::sync::OnceLock<Arc<dyn state::StateWriter>>>,
+    /// Without a writer, ops are carried out here one call at a time, as the single
+    /// state owner carries them out: concurrent calls (two logins at once) read and
+    /// wrote a credential's count over each other.
+    carrying_out: Arc<std::sync::Mutex<()>>,
     /// Where sent records and retry-queue changes follow their CDR partition (`serve`).
     partition_sink: Arc<std::sync::OnceLock<Arc<dyn sent::PartitionSink>>>,
 }
@@ -254,6 +258,7 @@ impl Store {
             journal,
             errors,
             writer: Arc::default(),
+            carrying_out: Arc::default(),
             partition_sink: Arc::default(),
         };
         store.index_subscribed_once()?;

@@ -476,8 +476,10 @@ impl Store {
         match self.writer.get() {
             Some(writer) => writer.clone().send(ops),
             None => {
+                let one_at_a_time = self.carrying_out.lock().unwrap_or_else(|e| e.into_inner());
                 let answers =
                     self.execute_batch(&ops, super::batch::threads(), |op| self.execute(op).map(|(reply, _)| reply));
+                drop(one_at_a_time);
                 Box::new(move || answers)
             }
         }
@@ -959,6 +961,41 @@ mod tests {
 
     fn n(s: &str) -> PhoneNumber {
         PhoneNumber::parse(s).unwrap()
+    }
+
+    /// R-S3 without a state owner (a store of its own: tools, a single test): wrong
+    /// logins carried out at the same moment on several threads are each counted, as the
+    /// single owner counts them. Each read the count and wrote it back over the others'.
+    #[test]
+    fn r_s3_wrong_logins_carried_out_at_once_here_are_each_counted() {
+        const THREADS: u32 = 8;
+        let store = Store::temporary().unwrap();
+        let now = chrono::Utc::now();
+        let record = CredentialRecord {
+            hash: "h1".into(),
+            kind: CredentialKind::Password,
+            set_at: now,
+            failures: 0,
+            invalidated: false,
+        };
+        let numbers: Vec<PhoneNumber> = (0..5).map(|i| n(&format!("03123456{i:02}"))).collect();
+        for number in &numbers {
+            store.set_credential(number, &record).unwrap();
+        }
+        let at_once = std::sync::Barrier::new(THREADS as usize);
+        std::thread::scope(|scope| {
+            for _ in 0..THREADS {
+                scope.spawn(|| {
+                    for number in &numbers {
+                        at_once.wait();
+                        let wrong = Op::LoginAttempt { number: *number, hash: "h1".into(), matched: false, now };
+                        store.submit(wrong).unwrap();
+                    }
+                });
+            }
+        });
+        let counted: Vec<u32> = numbers.iter().map(|x| store.credential(x).unwrap().unwrap().failures).collect();
+        assert_eq!(counted, vec![THREADS; numbers.len()]);
     }
 
     #[test]
