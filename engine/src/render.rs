@@ -338,8 +338,6 @@ fn recipient_address(recipient: &DestinationAddress) -> Address {
     Address::new(user, domain).unwrap_or_else(|_| Address::new_dangerous(user, domain))
 }
 
-/// `<32 hex digits@domain>` from the call, number and recipient: the same inputs give
-/// the same id in every process (FNV-1a, 128 bit; not for security, only identity).
 /// The Message-ID of the mail of fax `fax_id` to `number`, received at `received_at`,
 /// for `recipient`: the fax as the site names it (number, reception, id), so two faxes
 /// that share a fax_id (a server's counter reset) get two, which mailboxes would
@@ -356,6 +354,8 @@ pub fn fax_message_id(
     message_id(number.as_str(), &format!("fax:{fax}"), recipient, domain)
 }
 
+/// `<32 hex digits@domain>` from the call, number and recipient: the same inputs give
+/// the same id in every process (FNV-1a, 128 bit; not for security, only identity).
 pub fn message_id(number: &str, call_id: &str, recipient: &DestinationAddress, domain: &str) -> String {
     const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
     const PRIME: u128 = 0x0000000001000000000000000000013b;

@@ -32,17 +32,9 @@ impl DeadLetters {
     }
 
     /// Records a CDR that did not decode, with its raw bytes (base64) and the reason.
-    pub async fn cdr_rejected(
-        &self,
-        source: &str,
-        partition: i32,
-        offset: i64,
-        format: CdrFormat,
-        error: &str,
-        raw: &[u8],
-    ) {
-        let record = cdr_record(source, partition, offset, format, error, raw);
-        self.publish(&format!("{source}/{partition}/{offset}"), record, false).await;
+    pub async fn cdr_rejected(&self, cdr: &RejectedCdr) {
+        let key = format!("{}/{}/{}", cdr.source, cdr.partition, cdr.offset);
+        self.publish(&key, cdr.record(), false).await;
     }
 
     /// Records a mail the server refused for good (R-M4); `entry`: the mail as a
@@ -107,35 +99,41 @@ impl DeadLetters {
 /// letter could never be written, and its partition would commit nothing again.
 pub const RAW_KEPT_AT_MOST: usize = 16 << 20;
 
-/// The dead letter of a record of `source` that did not decode.
-fn cdr_record(
-    source: &str,
-    partition: i32,
-    offset: i64,
-    format: CdrFormat,
-    error: &str,
-    raw: &[u8],
-) -> serde_json::Value {
-    let mut record = serde_json::json!({
-        "kind": "cdr",
-        "topic": source,
-        "partition": partition,
-        "offset": offset,
-        "format": format.as_str(),
-        "reason": error,
-        "at": chrono::Utc::now().to_rfc3339(),
-    });
-    if raw.len() <= RAW_KEPT_AT_MOST {
-        record["raw_base64"] = base64::engine::general_purpose::STANDARD.encode(raw).into();
-    } else {
-        record["raw_left_out"] = format!(
-            "{} bytes, more than a dead letter carries ({} MiB): read it at {source}/{partition}/{offset} while the topic keeps it",
-            raw.len(),
-            RAW_KEPT_AT_MOST >> 20
-        )
-        .into();
+/// A record of CDR topic `source` that did not decode, and why.
+pub struct RejectedCdr {
+    pub source: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub format: CdrFormat,
+    pub error: String,
+    pub raw: Vec<u8>,
+}
+
+impl RejectedCdr {
+    /// Its dead letter.
+    fn record(&self) -> serde_json::Value {
+        let RejectedCdr { source, partition, offset, format, error, raw } = self;
+        let mut record = serde_json::json!({
+            "kind": "cdr",
+            "topic": source,
+            "partition": partition,
+            "offset": offset,
+            "format": format.as_str(),
+            "reason": error,
+            "at": chrono::Utc::now().to_rfc3339(),
+        });
+        if raw.len() <= RAW_KEPT_AT_MOST {
+            record["raw_base64"] = base64::engine::general_purpose::STANDARD.encode(raw).into();
+        } else {
+            record["raw_left_out"] = format!(
+                "{} bytes, more than a dead letter carries ({} MiB): read it at {source}/{partition}/{offset} while the topic keeps it",
+                raw.len(),
+                RAW_KEPT_AT_MOST >> 20
+            )
+            .into();
+        }
+        record
     }
-    record
 }
 
 #[cfg(test)]
@@ -148,8 +146,10 @@ mod tests {
     /// nothing more. Past 16 MiB the raw record is left out, with its size and where it is.
     #[test]
     fn r_m4_a_dead_letter_of_a_record_too_large_to_carry_names_it_instead_and_fits() {
-        let raw = vec![b'x'; 25 << 20];
-        let record = cdr_record("fax", 2, 41, CdrFormat::Fax, "page 1 is damaged", &raw);
+        let rejected = |source: &str, partition, offset, format, error: &str, raw: Vec<u8>| {
+            RejectedCdr { source: source.into(), partition, offset, format, error: error.into(), raw }.record()
+        };
+        let record = rejected("fax", 2, 41, CdrFormat::Fax, "page 1 is damaged", vec![b'x'; 25 << 20]);
         let written = record.to_string().len();
         let limit: usize = crate::fax::MESSAGE_MAX_BYTES.parse().unwrap();
         assert!(written < limit, "{written} bytes");
@@ -159,7 +159,7 @@ mod tests {
                 && record["raw_left_out"].as_str().unwrap().contains("fax/2/41")
         );
 
-        let small = cdr_record("cdr", 0, 7, CdrFormat::Canonical, "not JSON", b"{oops");
+        let small = rejected("cdr", 0, 7, CdrFormat::Canonical, "not JSON", b"{oops".to_vec());
         assert_eq!(small["raw_base64"], "e29vcHM=", "a record within the bound is kept whole");
     }
 }

@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use self::context::Sending;
 pub use self::context::SourceContext;
 use self::offsets::{Completion, Tracker};
-use crate::dead_letter::DeadLetters;
+use crate::dead_letter::{DeadLetters, RejectedCdr};
 use crate::decode::CdrFormat;
 use crate::deliver::Deliverer;
 use crate::error_event::ErrorEvent;
@@ -355,12 +355,19 @@ fn handle(
             let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
             ctx.note_skipped(tp, skipped);
             let (dead_letters, tx) = (stages.dead_letters.clone(), tx.clone());
-            let (source, raw, error) = (message.topic().to_owned(), payload.to_vec(), e.to_string());
+            let rejected = RejectedCdr {
+                source: message.topic().to_owned(),
+                partition,
+                offset,
+                format,
+                error: e.to_string(),
+                raw: payload.to_vec(),
+            };
             let sending = ctx.sending(tp);
             stages.tasks.spawn_on(
                 async move {
                     tokio::select! {
-                        () = dead_letters.cdr_rejected(&source, partition, offset, format, &error, &raw) => {
+                        () = dead_letters.cdr_rejected(&rejected) => {
                             let _ = tx.send(Completion { topic, partition, offset, mails: Vec::new() });
                         }
                         () = sending.cancelled() => {}
