@@ -187,8 +187,29 @@ pub struct PartitionLog {
     moving: Mutex<()>,
 }
 
-/// The store's tree of where each sent-topic partition was restored up to.
+/// The store's tree of where each sent-topic partition was restored up to, per CDR
+/// topic ([`position_key`]).
 const POSITIONS_TREE: &str = "sent_log_positions";
+
+/// A CDR topic's key in [`POSITIONS_TREE`] for the sent-topic partition `partition`.
+fn position_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(topic.len() + 5);
+    key.extend_from_slice(topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// Where `topic`'s restore of the sent-topic partition `partition` starts: where it
+/// stopped last, else where a store written before positions were kept per topic
+/// stopped (the partition number alone: any topic's restore, as before), else the start.
+fn sent_position(positions: &sled::Tree, topic: &str, partition: i32) -> anyhow::Result<i64> {
+    let raw = match positions.get(position_key(topic, partition))? {
+        Some(raw) => Some(raw),
+        None => positions.get(partition.to_be_bytes())?,
+    };
+    Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map_or(0, i64::from_be_bytes))
+}
 
 /// Waits a moment for librdkafka's thread to empty the producer's full local queue. A
 /// delivery task publishes its sent record from a tokio worker: there the wait is
@@ -350,31 +371,38 @@ impl PartitionLog {
         };
         let positions = store.open_tree(POSITIONS_TREE)?;
         let queue = RetryQueue::open(store)?;
-        let position = |p: i32| -> anyhow::Result<i64> {
-            let raw = positions.get(p.to_be_bytes())?;
-            Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map_or(0, i64::from_be_bytes))
-        };
         let mut retries: HashMap<i32, LoggedEntries> = HashMap::new();
-        let mut next_sent: HashMap<i32, i64> = HashMap::new();
+        let mut next_sent: HashMap<Vec<u8>, i64> = HashMap::new();
         let (mut sent, mut entries) = (0u64, 0u64);
-        // This store's own entries of these partitions, from when it read them last (or
-        // died reading them): a sent record of one published since says another node
-        // took it out of its queue, or sent its mail afresh, meanwhile.
-        let local = queue.logged_keys_of(assigned)?;
         let mut handled = HashSet::new();
-        let sent_from: Vec<(i32, Offset)> =
-            numbers.iter().map(|&p| Ok((p, Offset::Offset(position(p)?)))).collect::<anyhow::Result<_>>()?;
-        read_to_end(reader, &self.sent_topic, &sent_from, within, |message| {
-            let key = message.key().unwrap_or_default();
-            let at = message.payload().and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
-            store.restore_sent(key, at)?;
-            if local.contains(key) {
-                handled.insert(key.to_vec());
-            }
-            next_sent.insert(message.partition(), message.offset() + 1);
-            sent += 1;
-            Ok(())
-        })?;
+        // The sent changelog's partition `n` holds the records of every CDR topic's
+        // partition `n`: each topic's partitions are read from where that topic's restore
+        // stopped, so that one topic's restore does not pass over the other's records.
+        let mut topics: Vec<&str> = assigned.iter().map(|p| p.topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        for topic in topics {
+            let of_topic: Vec<PartitionId> = assigned.iter().filter(|p| p.topic == topic).cloned().collect();
+            // This store's own entries of these partitions, from when it read them last (or
+            // died reading them): a sent record of one published since says another node
+            // took it out of its queue, or sent its mail afresh, meanwhile.
+            let local = queue.logged_keys_of(&of_topic)?;
+            let sent_from: Vec<(i32, Offset)> = of_topic
+                .iter()
+                .map(|p| Ok((p.partition, Offset::Offset(sent_position(&positions, topic, p.partition)?))))
+                .collect::<anyhow::Result<_>>()?;
+            read_to_end(reader, &self.sent_topic, &sent_from, within, |message| {
+                let key = message.key().unwrap_or_default();
+                let at = message.payload().and_then(|v| <[u8; 8]>::try_from(v).ok()).map_or(0, u64::from_be_bytes);
+                store.restore_sent(key, at)?;
+                if local.contains(key) {
+                    handled.insert(key.to_vec());
+                }
+                next_sent.insert(position_key(topic, message.partition()), message.offset() + 1);
+                sent += 1;
+                Ok(())
+            })?;
+        }
         let retry_from: Vec<(i32, Offset)> = numbers.iter().map(|&p| (p, Offset::Beginning)).collect();
         read_to_end(reader, &self.retry_topic, &retry_from, within, |message| {
             let key = message.key().unwrap_or_default();
@@ -390,8 +418,8 @@ impl PartitionLog {
             Ok(())
         })?;
         drop(guard);
-        for (p, next) in next_sent {
-            positions.insert(p.to_be_bytes(), &next.to_be_bytes())?;
+        for (key, next) in next_sent {
+            positions.insert(key, &next.to_be_bytes())?;
         }
         let empty = HashMap::new();
         let mut republished = 0;
@@ -564,12 +592,17 @@ mod tests {
 
     /// A mail whose first attempt was deferred, as the delivery stage queues it.
     fn deferred(call_id: &str) -> Queued {
+        deferred_from(call_id, partition())
+    }
+
+    /// [`deferred`], its CDR read from `source`.
+    fn deferred_from(call_id: &str, source: PartitionId) -> Queued {
         let renderer = Renderer::new("no-reply@notify.example.jp".parse().unwrap());
         let called = PhoneNumber::parse("0312345678").unwrap();
         let to = crate::address::DestinationAddress::parse("taro@example.jp").unwrap();
         let mail = renderer.render_test(called.as_str(), &to, "n", crate::render::MailService::Call).unwrap();
         let ended_at = DateTime::from_timestamp(1_764_000_000, 0).unwrap();
-        let origin = Origin { call_id: call_id.into(), called, ended_at, source: Some(partition()) };
+        let origin = Origin { call_id: call_id.into(), called, ended_at, source: Some(source) };
         Queued::new(&mail, &origin, "450 4.3.0 try later", Utc::now())
     }
 
@@ -806,5 +839,43 @@ mod tests {
         for log in [log_a, log_b, log_c] {
             log.stop();
         }
+    }
+    /// R-M4, no mail twice (docs/delivery.md): the sent changelog's partition 1 holds
+    /// the records of both CDR topics' partition 1 (`cdr/1`, `fax/1`). A node back on its
+    /// store with a fax mail of `fax/1` queued, whose mail another node sent meanwhile,
+    /// restored `cdr/1` first: that read the sent record, and where the store had read
+    /// the sent partition up to moved past it. The restore of `fax/1` then started after
+    /// it, took the entry for one never confirmed and published it again: sent twice.
+    #[test]
+    fn r_m4_a_mail_of_one_cdr_topic_sent_elsewhere_is_not_sent_again_after_the_other_topic_s_restore() {
+        let kafka = EmbeddedKafka::start(&["cdr", "fax", SENT, RETRY], 2).expect("mock cluster");
+        let fax = PartitionId { topic: "fax".into(), partition: 1 };
+        let store = Store::temporary().unwrap();
+        let died = log(&kafka, "died");
+        store.attach_partition_sink(Arc::new(KilledMidway { log: died.clone(), kept: SENT }));
+        let sent_meanwhile = deferred_from("fax-1", fax.clone());
+        RetryQueue::open(&store).unwrap().push(&sent_meanwhile, Utc::now().timestamp_millis(), 1).unwrap();
+        died.stop();
+
+        let next = log(&kafka, "next");
+        next.sent(&fax, sent_meanwhile.sent_key().unwrap().as_bytes(), 2);
+        next.confirm(&next.mark(), Duration::from_secs(10)).expect("the sent record confirmed");
+        next.stop();
+
+        let back = log(&kafka, "back");
+        back.restore(&store, &[partition()]).expect("restore of cdr/1");
+        back.restore(&store, &[fax]).expect("restore of fax/1");
+        back.confirm(&back.mark(), Duration::from_secs(10)).expect("what the restores published confirmed");
+        let queued = RetryQueue::open(&store).unwrap().due(i64::MAX, &HashSet::new(), 10).unwrap();
+        assert!(queued.is_empty(), "the fax mail sent meanwhile is queued again: {} entries", queued.len());
+        back.stop();
+
+        let later = Store::temporary().unwrap();
+        let reader = log(&kafka, "later");
+        later.attach_partition_sink(reader.clone());
+        reader.restore(&later, &[PartitionId { topic: "fax".into(), partition: 1 }]).expect("restore");
+        let republished = RetryQueue::open(&later).unwrap().len();
+        assert_eq!(republished, 0, "the partition's next reader sends it a second time");
+        reader.stop();
     }
 }
