@@ -6,7 +6,8 @@
 //! `per_client` from one IP address, a new connection is closed at once. Each accepted
 //! connection is a [`GuardedIo`], closed after `idle` without a byte either way (a
 //! half-sent request, an idle keep-alive) and, where `lifetime` is set, after that long
-//! whatever it does (a client trickling a byte now and then).
+//! whatever it does (a client trickling a byte now and then); a request being answered
+//! then gets its answer first, within [`LATE_ANSWER`].
 //!
 //! A request being answered is not idleness: its handler may wait on the state owner
 //! or a mail server longer than `idle`. A server that wraps its router in
@@ -37,7 +38,8 @@ pub struct Limits {
     pub per_client: usize,
     /// A connection with no byte read or written for this long is closed.
     pub idle: Duration,
-    /// A connection is closed this long after it opened, if set.
+    /// A connection is closed this long after it opened, if set (once the answer to a
+    /// request being answered then is out, within [`LATE_ANSWER`]).
     pub lifetime: Option<Duration>,
 }
 
@@ -173,12 +175,22 @@ where
     next.run(request).await
 }
 
+/// How long past its lifetime a connection may still be answering a request: longer
+/// than a handler waits for the state owner ([`crate::state::ANSWER_WITHIN`]).
+pub const LATE_ANSWER: Duration = Duration::from_secs(crate::state::ANSWER_WITHIN.as_secs() + 30);
+
+fn past_lifetime() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "connection open past its lifetime")
+}
+
 /// A connection that ends when idle too long or past its lifetime.
 pub struct GuardedIo<T> {
     inner: T,
     idle_for: Duration,
     idle: Pin<Box<Sleep>>,
     lifetime: Option<Pin<Box<Sleep>>>,
+    /// Past its lifetime with a request being answered: when it ends all the same.
+    cut: Option<Pin<Box<Sleep>>>,
     /// Requests its server is answering: no idleness meanwhile.
     answering: Answering,
     _slot: Slot,
@@ -192,6 +204,7 @@ impl<T> GuardedIo<T> {
             idle_for: limits.idle,
             idle: Box::pin(tokio::time::sleep_until(now + limits.idle)),
             lifetime: limits.lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
+            cut: None,
             answering: Answering::default(),
             _slot: slot,
         }
@@ -206,7 +219,13 @@ impl<T> GuardedIo<T> {
     /// Whether the connection is to end now (registering for the wake-up otherwise).
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         if self.lifetime.as_mut().is_some_and(|l| l.as_mut().poll(cx).is_ready()) {
-            return Some(io::Error::new(io::ErrorKind::TimedOut, "connection open past its lifetime"));
+            // A request being answered then gets its answer (its handler may have acted,
+            // a password set): the connection ends at its next read or write once the
+            // answer is out, or [`LATE_ANSWER`] past its lifetime whatever it does.
+            let cut = self.cut.get_or_insert_with(|| Box::pin(tokio::time::sleep(LATE_ANSWER)));
+            if !self.answering.any() || cut.as_mut().poll(cx).is_ready() {
+                return Some(past_lifetime());
+            }
         }
         if self.answering.any() {
             // Idleness starts again once the answer is out (its bytes reset it too).
@@ -231,6 +250,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         match Pin::new(&mut me.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() > before {
+                    // Past its lifetime, a connection takes no new request (a request's
+                    // body is read while it is being answered).
+                    if me.lifetime.as_ref().is_some_and(|l| Instant::now() >= l.deadline()) && !me.answering.any() {
+                        return Poll::Ready(Err(past_lifetime()));
+                    }
                     me.progressed();
                 }
                 Poll::Ready(Ok(()))
@@ -343,28 +367,29 @@ mod tests {
         }
     }
 
-    /// A handler that takes longer than the idle limit (a site save waiting for the
-    /// state owner, a test mail waiting for a slow mail server) is answered, not cut off
-    /// with an empty reply; a connection that then says nothing is still closed.
-    #[tokio::test]
-    async fn a_request_answered_slower_than_the_idle_limit_gets_its_answer() {
-        let limits = Limits { max_connections: 10, per_client: 10, idle: Duration::from_millis(300), lifetime: None };
+    /// A server whose one handler answers "answered" after `takes`.
+    async fn answering_after(limits: Limits, takes: Duration) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new()
             .route(
                 "/",
-                axum::routing::get(|| async {
-                    tokio::time::sleep(Duration::from_millis(1_000)).await;
+                axum::routing::get(move || async move {
+                    tokio::time::sleep(takes).await;
                     "answered"
                 }),
             )
             .layer(axum::middleware::from_fn(keep_open_while_answering::<Conn>));
-        let _server = tokio::spawn(async move {
+        tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Conn>();
             axum::serve(Guarded::new(listener, limits, "test"), app).await.unwrap();
         });
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        addr
+    }
+
+    /// Sends one keep-alive request on `stream` and reads its answer, or what came
+    /// before the connection closed.
+    async fn ask(stream: &mut tokio::net::TcpStream) -> String {
         stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
         let mut answer = Vec::new();
         let mut buf = [0u8; 1024];
@@ -374,11 +399,43 @@ mod tests {
                 Ok(n) => answer.extend_from_slice(&buf[..n]),
             }
         }
-        let answer = String::from_utf8_lossy(&answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// A handler that takes longer than the idle limit (a site save waiting for the
+    /// state owner, a test mail waiting for a slow mail server) is answered, not cut off
+    /// with an empty reply; a connection that then says nothing is still closed.
+    #[tokio::test]
+    async fn a_request_answered_slower_than_the_idle_limit_gets_its_answer() {
+        let limits = Limits { max_connections: 10, per_client: 10, idle: Duration::from_millis(300), lifetime: None };
+        let addr = answering_after(limits, Duration::from_millis(1_000)).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let answer = ask(&mut stream).await;
         assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("answered"), "got {answer:?}");
         // Kept alive, then idle: closed after the idle limit.
+        let mut buf = [0u8; 1];
         let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
         assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    }
+
+    /// A request being answered when its connection's lifetime ends (an IVR platform's
+    /// kept-alive connection: its password set, the platform told nothing, and the
+    /// call's retry answered `unknown_call`) gets its answer; the connection then
+    /// closes, not taking another request.
+    #[tokio::test]
+    async fn a_request_being_answered_when_its_connection_s_lifetime_ends_gets_its_answer() {
+        let limits = Limits {
+            max_connections: 10,
+            per_client: 10,
+            idle: Duration::from_secs(5),
+            lifetime: Some(Duration::from_millis(300)),
+        };
+        let addr = answering_after(limits, Duration::from_millis(1_000)).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let answer = ask(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("answered"), "got {answer:?}");
+        let next = ask(&mut stream).await;
+        assert!(next.is_empty(), "a connection past its lifetime took another request: {next:?}");
     }
 
     /// A client that trickles a byte before each idle timeout is still closed at the
