@@ -110,6 +110,21 @@ impl Store {
         Ok(true)
     }
 
+    /// Deletes every fax of `number` (a number leaving its line, R-M3): as the
+    /// subscriber's own delete does, so the next subscriber of the number finds none and
+    /// a record read again does not bring one back.
+    pub(super) fn forget_faxes_here(&self, number: &PhoneNumber, written: &mut Written) -> Result<(), StoreError> {
+        let prefix = format!("{number}/");
+        for item in self.faxes.scan_prefix(prefix.as_bytes()) {
+            let key = String::from_utf8_lossy(&item?.0).into_owned();
+            self.update_fax(&key, written, |r| r.deleted = true)?;
+            if self.fax_documents.remove(key.as_bytes())?.is_some() {
+                written.put(StateKey { tree: StateTree::FaxDocuments, id: key }, None);
+            }
+        }
+        Ok(())
+    }
+
     /// Changes the record under `key` by `change` (nothing if there is none, or it is
     /// deleted); whether it changed.
     fn update_fax(
@@ -324,5 +339,38 @@ mod tests {
         assert_eq!(store.fax(&n("0312345679"), &fax.key()).unwrap(), None);
         let forged = fax.key().replacen("0312345678", "0312345679", 1);
         assert_eq!(store.fax(&n("0312345679"), &forged).unwrap(), None);
+    }
+    /// R-M3 (nothing of a number's previous subscriber reaches the next one), R-F1: a
+    /// number that leaves its line, or moves to another line, takes none of its faxes
+    /// along: its next subscriber listed and read the old one's faxes, documents and
+    /// all, until they expired. A fax record read again then is not kept again.
+    #[test]
+    fn r_m3_a_number_leaving_its_line_leaves_its_faxes_behind_for_nobody() {
+        let store = Store::temporary().unwrap();
+        let fax_only = Services { call: false, fax: true };
+        let (a, b, moved, removed) = (n("0312345678"), n("0612345678"), n("0312345679"), n("0312345670"));
+        let line_a = LineRecord { contract: a, numbers: vec![a, moved, removed], unit: None };
+        store.upsert_line(&line_a, &[(a, fax_only, None), (moved, fax_only, None), (removed, fax_only, None)]).unwrap();
+        let (of_moved, of_removed) = (record("0312345679", "f-1", Utc::now()), record("0312345670", "f-2", Utc::now()));
+        for fax in [&of_moved, &of_removed] {
+            assert!(store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap());
+        }
+
+        // `removed` leaves line A; `moved` goes to line B.
+        let line_a = LineRecord { contract: a, numbers: vec![a], unit: None };
+        store.upsert_line(&line_a, &[(a, fax_only, None)]).unwrap();
+        let line_b = LineRecord { contract: b, numbers: vec![b, moved], unit: None };
+        store.upsert_line(&line_b, &[(b, fax_only, None), (moved, fax_only, None)]).unwrap();
+        // ... and `removed` is provisioned anew, on a line of its own.
+        let line_c = LineRecord { contract: removed, numbers: vec![removed], unit: None };
+        store.upsert_line(&line_c, &[(removed, fax_only, None)]).unwrap();
+
+        for fax in [&of_moved, &of_removed] {
+            let listed = store.faxes_of(&fax.number).unwrap();
+            assert!(listed.is_empty(), "{}'s next subscriber lists the old one's faxes: {listed:?}", fax.number);
+            assert_eq!(store.fax(&fax.number, &fax.key()).unwrap(), None);
+            assert_eq!(store.fax_document(&fax.key()).unwrap(), None, "the document stays");
+            assert!(!store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap(), "kept again when read again");
+        }
     }
 }

@@ -200,13 +200,15 @@ impl Store {
             if let Some(old) = &old_line {
                 for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
                     // A number that leaves the line takes nothing with it: not its
-                    // settings, not the password its old subscriber set (R-M3).
+                    // settings, not the password its old subscriber set, not the
+                    // faxes received for them (R-M3).
                     if self.numbers.remove(gone.as_str())?.is_some() {
                         written.number(gone, None);
                     }
                     if self.credentials.remove(gone.as_str())?.is_some() {
                         written.credential_removed(gone);
                     }
+                    self.forget_faxes_here(gone, &mut written)?;
                     touched.push((*gone, None));
                     upserted.removed.push(*gone);
                 }
@@ -226,7 +228,8 @@ impl Store {
                 if let Some(other) = old.as_ref().map(|o| o.contract).filter(|c| *c != line.contract) {
                     // The number moves between lines: the old line must not list it, and
                     // the new subscriber gets neither the old one's settings (their
-                    // addresses would get the new one's calls) nor their password.
+                    // addresses would get the new one's calls) nor their password nor
+                    // their faxes.
                     if *number == other {
                         // Its line's last number (checked above): the line ends with it.
                         if self.lines.remove(other.as_str())?.is_some() {
@@ -240,6 +243,7 @@ impl Store {
                     if self.credentials.remove(number.as_str())?.is_some() {
                         written.credential_removed(number);
                     }
+                    self.forget_faxes_here(number, &mut written)?;
                     upserted.moved.push((*number, other));
                     old = None;
                 }
