@@ -331,6 +331,29 @@ fn r_l3_r_i2_a_single_node_store_takes_the_offline_import_and_the_terminal_ivr_a
     assert!(store.credential(&number).unwrap().is_some(), "the temporary password set");
 }
 
+/// R-L3: a single-node engine on the embedded cluster that died while carrying out a
+/// write (a crash, a kill, a publish failure: its store marked mid-batch) keeps its
+/// subscribers at its next start. The embedded cluster's state topic is new at every
+/// start, so "rebuild the store from the topic" emptied the store: every line, setting
+/// and password was gone.
+#[test]
+fn r_l3_a_single_node_store_left_mid_batch_keeps_its_subscribers_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_line_0(dir.path());
+    // What the state owner leaves behind when the process dies mid-batch.
+    Store::open(&store).unwrap().begin_owner_batch().unwrap();
+
+    let mut serve = Running::start(&mut serve_in(dir.path()));
+    serve.read_log_until(|l| l.contains("IVR API listening"));
+    let (exit, rest) = serve.stop("TERM");
+    assert!(exit.success(), "{rest:#?}");
+
+    let store = Store::open(&store).unwrap();
+    let number = engine::phone::PhoneNumber::parse("0300000000").unwrap();
+    assert!(store.line(&number).unwrap().is_some(), "the line is gone after the restart");
+    assert!(!store.diverged().unwrap(), "the store is still marked: the next start would doubt it again");
+}
+
 /// R-L3, R-I2: a cluster node's store (a view of the state topic, with its node
 /// stopped) refuses the terminal IVR, as it refuses an import without `--url`: a
 /// temporary password set in it would reach no other node, and the view would differ

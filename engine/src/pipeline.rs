@@ -108,8 +108,11 @@ pub struct Pipeline {
     pub renderer: Renderer,
     pub claims: Arc<Claims>,
     pub metrics: Metrics,
-    /// `engine.max_call_age_hours`: older calls are stale.
+    /// `engine.max_call_age_hours`: older calls are stale, and so are older faxes' mails.
     pub max_call_age: TimeDelta,
+    /// `store.fax_retention_days`: a fax older than that is not kept (it would stay one
+    /// hour at most, and a deleted one's record read again would bring it back).
+    pub fax_retention: TimeDelta,
 }
 
 impl Pipeline {
@@ -205,12 +208,16 @@ impl Pipeline {
             }
         };
         self.metrics.decoded();
-        // A fax older than a call may be is stale as a call is: not mailed, not kept (it
-        // may have expired from the store already).
-        if now - fax.received_at > self.max_call_age {
+        // A fax past its retention may have expired from the store already: not kept
+        // again. One younger is kept for the site whenever it is read (an engine behind,
+        // a dead letter replayed once the fax server is mended), but mailed only while a
+        // call would be: older, its mail is stale.
+        let age = now - fax.received_at;
+        if age >= self.fax_retention {
             self.metrics.filtered(Skip::Stale);
             return Ok(Outcome::Nothing);
         }
+        let stale = age > self.max_call_age;
         let number = self.resolver.store().number(&fax.called)?;
         let Some(number) = number.filter(|n| n.services.fax) else {
             self.metrics.filtered(Skip::NotSubscribed);
@@ -231,7 +238,9 @@ impl Pipeline {
         // The mails' dedup keys and Message-IDs never meet a call's with the same id.
         let notification = format!("fax:{}", record.fax_id);
         let mut mails = Vec::new();
-        if !number.fax.enabled {
+        if stale {
+            self.metrics.filtered(Skip::Stale);
+        } else if !number.fax.enabled {
             self.metrics.filtered(Skip::Stopped);
         } else if !number.fax.destinations.iter().any(|d| d.send) {
             self.metrics.filtered(Skip::NoDestination);

@@ -256,6 +256,7 @@ impl Application {
             claims: Arc::new(Claims::new(store.clone())),
             metrics: metrics.clone(),
             max_call_age: chrono::TimeDelta::hours(settings.engine.max_call_age_hours as i64),
+            fax_retention: chrono::TimeDelta::days(settings.store.fax_retention_days as i64),
         };
         let stages = Stages {
             pipeline,

@@ -336,8 +336,19 @@ impl StateLog {
         // the store's values, which are still the truth.
         let resumed = store.carrying_over()?.as_deref() == Some(options.topic);
         if store.diverged()? {
-            tracing::warn!("this store may hold writes the state topic lacks: rebuilding it from the topic");
-            store.forget_state()?;
+            if end > 0 && !resumed {
+                tracing::warn!("this store may hold writes the state topic lacks: rebuilding it from the topic");
+                store.forget_state()?;
+            } else if store.has_state()? {
+                // Nothing to rebuild from (the embedded cluster's topic is new at every
+                // start, or the store's carry-over is not over): the store stays the
+                // truth, its last writes with it, and is published below.
+                tracing::warn!(
+                    topic = options.topic,
+                    "this store may hold writes its last run did not confirm, but the state topic holds nothing                      to rebuild it from: keeping it as it is"
+                );
+                store.trust_state()?;
+            }
         }
         let attached = store.viewing(options.topic, options.embedded)?;
         if !attached {

@@ -921,6 +921,15 @@ impl Store {
         Ok(meta.contains_key(DIVERGED)? || meta.contains_key(OWNER_BATCH)?)
     }
 
+    /// Takes back [`Store::diverged`]: the store is the truth as it is (there is no
+    /// topic to rebuild it from).
+    pub fn trust_state(&self) -> Result<(), StoreError> {
+        let meta = self.meta()?;
+        meta.remove(DIVERGED)?;
+        meta.remove(OWNER_BATCH)?;
+        Ok(())
+    }
+
     /// Empties the state trees and the position, so the view is rebuilt from the topic.
     pub fn forget_state(&self) -> Result<(), StoreError> {
         for tree in StateTree::ALL {
