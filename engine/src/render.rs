@@ -333,7 +333,7 @@ pub fn format_jst(t: DateTime<Utc>) -> String {
 
 /// R-N3 admits local parts that RFC 5322 does not (`a..b.@`, as some Japanese carriers
 /// issued); they are sent as typed, since the subscriber's mail server accepts them.
-fn recipient_address(recipient: &DestinationAddress) -> Address {
+pub(crate) fn recipient_address(recipient: &DestinationAddress) -> Address {
     let (user, domain) = recipient.as_str().split_once('@').expect("R-N3 addresses have one @");
     Address::new(user, domain).unwrap_or_else(|_| Address::new_dangerous(user, domain))
 }

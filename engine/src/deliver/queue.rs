@@ -87,7 +87,8 @@ impl Queued {
     pub fn to_mail(&self) -> Result<(Mail, Origin), EntryError> {
         let recipient = DestinationAddress::parse(&self.recipient)?;
         let from = self.envelope_from.as_deref().map(str::parse).transpose()?;
-        let to = self.recipient.parse()?;
+        // As the first attempt addressed it (R-N3 admits what RFC 5322 does not).
+        let to = crate::render::recipient_address(&recipient);
         let envelope = lettre::address::Envelope::new(from, vec![to])?;
         let bytes = base64::engine::general_purpose::STANDARD.decode(&self.mail_base64)?;
         let called = PhoneNumber::parse(&self.called)?;
@@ -643,6 +644,21 @@ mod tests {
             source: None,
         };
         (Queued::new(&mail, &origin, "451 4.3.0 try later", DateTime::from_timestamp(1_764_000_001, 0).unwrap()), mail)
+    }
+
+    /// R-N3, R-M4: an address R-N3 admits and RFC 5322 does not (`taro..@`, as some
+    /// Japanese carriers issued) is sent to as typed on the first attempt: read back from
+    /// the queue it is the same mail, not an unreadable entry removed without a dead
+    /// letter (every mail to such an address that waited in the queue was lost).
+    #[test]
+    fn r_n3_r_m4_a_queued_mail_to_an_address_rfc_5322_refuses_is_read_back_whole() {
+        for recipient in ["taro..@docomo.ne.jp", "a.b.@ezweb.ne.jp"] {
+            let (entry, mail) = queued("c-1", recipient);
+            let (again, _) = entry.to_mail().unwrap_or_else(|e| panic!("{recipient}: {e}"));
+            assert_eq!(again.recipient, mail.recipient);
+            assert_eq!(again.envelope.to(), mail.envelope.to(), "{recipient}");
+            assert_eq!(again.bytes, mail.bytes);
+        }
     }
 
     #[test]
