@@ -413,8 +413,14 @@ impl Deliverer {
         if !inner.queue.sends(&entry) {
             return;
         }
-        // While the server is not answering, only the breaker's probe tries.
-        if let Admit::Wait(until_ms) = inner.breaker.admit(Utc::now().timestamp_millis()) {
+        // While the server is not answering, only the breaker's probe tries; a mail
+        // failing longer than the give-up age is given up meanwhile (one probe per
+        // cool-down would reach each of thousands of mails days late).
+        let now_ms = Utc::now().timestamp_millis();
+        if let Admit::Wait(until_ms) = inner.breaker.admit(now_ms) {
+            if self.expired(slot, &entry, &mail, &origin, now_ms, &entry.last_reply).await {
+                return;
+            }
             self.reschedule(slot, entry, until_ms).await;
             return;
         }
@@ -443,11 +449,7 @@ impl Deliverer {
                 self.unqueue(slot).await;
             }
             Err(Attempt::Temporary(reply) | Attempt::Unanswered(reply)) => {
-                let age = Utc::now().timestamp_millis() - entry.first_failed_ms;
-                if age >= inner.give_up.as_millis() as i64 {
-                    let reply = format!("gave up after {} attempts over {} s: {reply}", entry.attempts, age / 1000);
-                    self.give_up(&mail, &origin, &reply, entry.attempts, Failure::Expired).await;
-                    self.unqueue(slot).await;
+                if self.expired(slot, &entry, &mail, &origin, Utc::now().timestamp_millis(), &reply).await {
                     return;
                 }
                 let delay = backoff(inner.first_delay, inner.max_delay, entry.attempts);
@@ -458,6 +460,27 @@ impl Deliverer {
                 self.reschedule(slot, entry, due_ms).await;
             }
         }
+    }
+
+    /// Gives `slot`'s mail up if it has been failing for the give-up age at `now_ms`
+    /// (dead letter, removed from the queue; `reply`: its last): whether it did.
+    async fn expired(
+        &self,
+        slot: &Slot,
+        entry: &Queued,
+        mail: &Mail,
+        origin: &Origin,
+        now_ms: i64,
+        reply: &str,
+    ) -> bool {
+        let age = now_ms - entry.first_failed_ms;
+        if age < self.inner.give_up.as_millis() as i64 {
+            return false;
+        }
+        let reply = format!("gave up after {} attempts over {} s: {reply}", entry.attempts, age / 1000);
+        self.give_up(mail, origin, &reply, entry.attempts, Failure::Expired).await;
+        self.unqueue(slot).await;
+        true
     }
 
     /// Moves `slot`'s entry to `due_ms`. On failure the entry stays where it was and is

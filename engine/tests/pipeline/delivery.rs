@@ -234,6 +234,33 @@ async fn r_m4_a_mail_still_deferred_at_the_give_up_age_is_dead_lettered() {
     assert_eq!(h.sink.count(), 0);
 }
 
+/// R-M4, `smtp.retry_give_up_secs`: mails that wait while the mail server is down (the
+/// circuit breaker open) are dead-lettered as expired once they have failed that long,
+/// each of them. The give-up age was checked only after an attempt, and while the
+/// breaker is open only one probe per cool-down (`smtp.timeout_secs`, 30 s) is tried:
+/// with 10 000 mails queued, most waited days past it, and all went out, stale, when the
+/// server came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_mails_waiting_behind_an_open_circuit_breaker_are_given_up_at_the_give_up_age() {
+    const MAILS: usize = 10;
+    let h = Harness::new(1).await;
+    // Nothing listens on the mail server's port: each attempt is refused at once.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__SMTP__PORT", &port.to_string()),
+            ("CALLNOTIFY__SMTP__TIMEOUT_SECS", "30"),
+            ("CALLNOTIFY__SMTP__RETRY_GIVE_UP_SECS", "2"),
+        ])
+        .await;
+    h.produce(TOPIC, &missed_calls_to_ten(&engine, "03500000", "down", MAILS)).await;
+    engine.wait_metric(r#"callnotify_mails_failed_total{reason="expired"}"#, MAILS as f64).await;
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_smtp_circuit_open"), 1.0, "the server stayed down throughout");
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
+    assert_eq!(stopped.metric(r#"callnotify_mails_failed_total{reason="expired"}"#), MAILS as f64);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_4xx_replies_are_retried_until_delivered_and_5xx_replies_dead_lettered_at_once() {
     let h = Harness::new(1).await;
