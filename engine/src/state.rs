@@ -351,6 +351,23 @@ impl StateLog {
             }
         }
         let attached = store.viewing(options.topic, options.embedded)?;
+        if attached && end > 0 && !resumed {
+            if let Some(at) = store.caught_up_at()? {
+                // Kafka drops a tombstone `delete.retention.ms` after compaction reached
+                // it: a store away longer may have missed deletions (a number removed,
+                // its old subscriber still mailed from here), and reading on from its
+                // position would never bring them.
+                // A store away less than the margin is in time for any topic kept as
+                // docs/cluster.md says (at least twice the margin): not asked then, a
+                // restart waits for nothing.
+                let away = Duration::from_secs(unix_now().saturating_sub(at));
+                if away >= AWAY_MARGIN && away + AWAY_MARGIN >= tombstones_kept_for(options) {
+                    tracing::warn!(topic = options.topic, ?away,
+                        "this store was away from the state topic longer than it keeps deletions: rebuilding it from the topic");
+                    store.forget_state()?;
+                }
+            }
+        }
         if !attached {
             // A single-node store, or one that served on the embedded cluster: where it
             // stood in that cluster's topic means nothing in this one.
@@ -426,6 +443,7 @@ impl StateLog {
         metrics.state_applied(position);
         let started = Instant::now();
         let applier = Applier {
+            caught_up_noted: None,
             store: store.clone(),
             node: node.clone(),
             consumer: reader,
@@ -660,6 +678,62 @@ impl Drop for StateLog {
     }
 }
 
+/// Kafka's default `delete.retention.ms`: what a start assumes when the state topic's
+/// own cannot be read (no `DescribeConfigs` right).
+const TOMBSTONES_KEPT_BY_DEFAULT: Duration = Duration::from_secs(86_400);
+
+/// How much sooner than the topic drops tombstones a store away is rebuilt: its last
+/// note of being caught up may be a minute old, and it may have lagged behind a little.
+const AWAY_MARGIN: Duration = Duration::from_secs(3_600);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// How long the state topic keeps a tombstone after compaction reaches it (its
+/// `delete.retention.ms`).
+fn tombstones_kept_for(options: &StateOptions<'_>) -> Duration {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let asked =
+        options.reach.producer(&[]).create::<AdminClient<rdkafka::client::DefaultClientContext>>().map(|admin| {
+            // A cluster answers at once; one that cannot (librdkafka's mock) is not waited
+            // for long.
+            let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+            let described = block_on(admin.describe_configs(&[ResourceSpecifier::Topic(options.topic)], &opts));
+            described.ok().and_then(|mut results| results.pop()).and_then(Result::ok).and_then(|resource| {
+                resource.get("delete.retention.ms").and_then(|e| e.value.as_deref()).and_then(|v| v.parse::<u64>().ok())
+            })
+        });
+    match asked {
+        Ok(Some(ms)) => Duration::from_millis(ms),
+        _ => {
+            tracing::warn!(topic = options.topic, assumed = ?TOMBSTONES_KEPT_BY_DEFAULT,
+                "the state topic's delete.retention.ms could not be read (DescribeConfigs): assuming Kafka's default");
+            TOMBSTONES_KEPT_BY_DEFAULT
+        }
+    }
+}
+
+/// Runs `future` to its end on this thread (an admin request: librdkafka's own thread
+/// completes it).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
 /// Publishes every value of `store` into the empty state topic: the one-time move of a
 /// single-node store into cluster mode.
 fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -> anyhow::Result<()> {
@@ -693,6 +767,8 @@ fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -
 
 /// Keeps the store a view of the state topic, from its position on.
 struct Applier {
+    /// When it last noted the store caught up ([`Applier::note_caught_up`]).
+    caught_up_noted: Option<Instant>,
     store: Store,
     node: String,
     consumer: BaseConsumer,
@@ -718,9 +794,13 @@ impl Applier {
             let mut answered: Vec<(String, u64)> = Vec::new();
             let mut ignored = Ignored::default();
             let mut wait = Duration::from_millis(100);
+            let mut at_end = false;
             for _ in 0..RECORDS_PER_APPLY {
                 match self.consumer.poll(wait) {
-                    None => break,
+                    None => {
+                        at_end = true;
+                        break;
+                    }
                     Some(Err(e)) => {
                         crate::error_event!(self.metrics, ErrorEvent::StateRead, error = %e, "reading the state topic failed; trying again");
                         break;
@@ -758,6 +838,9 @@ impl Applier {
                         }
                     }
                 }
+            }
+            if at_end {
+                self.note_caught_up();
             }
             let Some(next) = next else { continue };
             // Before the position moves: an owner waiting for its records sees the stop.
@@ -818,6 +901,18 @@ impl Ignored {
 }
 
 impl Applier {
+    /// Notes in the store, once a minute at most, that it has read the topic to its end
+    /// (what a start measures the store's time away by).
+    fn note_caught_up(&mut self) {
+        if self.caught_up_noted.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        match self.store.set_caught_up_at(unix_now()) {
+            Ok(()) => self.caught_up_noted = Some(Instant::now()),
+            Err(e) => tracing::warn!(error = %e, "noting the store caught up failed; trying again"),
+        }
+    }
+
     /// Records written in an epoch a later announcement ended were ignored. This
     /// node's own among them means it was that replaced owner, and its store holds
     /// writes nobody else applied: it stops, and rebuilds its store at its next start.

@@ -432,6 +432,10 @@ const CARRYING: &[u8] = b"carrying_over";
 /// that the end of a batch never takes back [`DIVERGED`], which the applier may set
 /// meanwhile (it found this owner's records fenced).
 const OWNER_BATCH: &[u8] = b"owner_batch";
+/// When this store's applier last found nothing more to read in the state topic (unix
+/// seconds, big-endian): a store away longer than the topic keeps tombstones may have
+/// missed deletions, and is rebuilt ([`crate::state`]).
+const CAUGHT_UP_AT: &[u8] = b"caught_up_at";
 
 /// A record of the state topic [`Store::apply_state`] passed over: its key, and why.
 #[derive(Debug)]
@@ -919,6 +923,18 @@ impl Store {
     pub fn diverged(&self) -> Result<bool, StoreError> {
         let meta = self.meta()?;
         Ok(meta.contains_key(DIVERGED)? || meta.contains_key(OWNER_BATCH)?)
+    }
+
+    /// When this store last had read the state topic to its end, if it noted it.
+    pub fn caught_up_at(&self) -> Result<Option<u64>, StoreError> {
+        let raw = self.meta()?.get(CAUGHT_UP_AT)?;
+        Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map(u64::from_be_bytes))
+    }
+
+    /// Notes that this store has read the state topic to its end at `unix_secs`.
+    pub fn set_caught_up_at(&self, unix_secs: u64) -> Result<(), StoreError> {
+        self.meta()?.insert(CAUGHT_UP_AT, &unix_secs.to_be_bytes())?;
+        Ok(())
     }
 
     /// Takes back [`Store::diverged`]: the store is the truth as it is (there is no

@@ -730,6 +730,39 @@ async fn r_l3_a_store_left_mid_batch_by_its_owner_is_rebuilt_from_the_state_topi
     a.stop().await;
 }
 
+/// R-M3, R-L3: a node away from the state topic longer than the topic keeps tombstones
+/// (`delete.retention.ms`, Kafka's default 1 day here: the mock cluster does not say)
+/// rebuilds its store from the topic at its start. Reading on from its position, it
+/// never met the deletions compaction had dropped meanwhile: a number removed from its
+/// line stayed in its view for good, and its calls were mailed to the old subscriber.
+/// A node back after a short stop reads on from its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_a_node_away_longer_than_the_state_topic_keeps_deletions_is_rebuilt_from_it() {
+    use engine::store::state::Op;
+    use engine::store::{LineRecord, Services};
+    let (h, a) = one_node_with_a_subscriber().await;
+    a.stop().await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    // A number the cluster removed while the node was away, its tombstone compacted
+    // away since: only the node's own store still has it.
+    let removed = n("0612345678");
+    for (away, rebuilt) in [(600, false), (2 * 86_400, true)] {
+        {
+            let store = reopened(&h, "a").await;
+            let line = LineRecord { contract: removed, numbers: vec![removed], unit: None };
+            store
+                .execute(&Op::UpsertLine { line, numbers: vec![(removed, Services { call: true, fax: false }, None)] })
+                .unwrap();
+            store.set_caught_up_at(now - away).unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let a = h.node("a").await;
+        assert_eq!(a.store.number(&removed).unwrap().is_none(), rebuilt, "away {away} s");
+        assert!(a.store.number(&n("0312345678")).unwrap().is_some(), "the topic's state is there");
+        a.stop().await;
+    }
+}
+
 /// Node `name`'s store, opened again once its engine has let go of it.
 async fn reopened(h: &Harness, name: &str) -> Store {
     let path = h.dir.path().join(name);
