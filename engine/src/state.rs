@@ -64,6 +64,12 @@ use crate::telemetry::Metrics;
 /// How long a write waits for the owner's answer: longer than a takeover takes (the
 /// owner group's session timeout, 45 s by default, less when configured).
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
+
+/// A request an owner reaches this long after it was sent (by the record's time) is
+/// refused, not carried out: its sender tells its user it failed after
+/// [`ANSWER_WITHIN`], and a write found done after that is worse than one not done.
+/// Shorter than that, so that nodes' clocks apart by up to the difference agree.
+const REQUEST_EXPIRES: Duration = Duration::from_secs(ANSWER_WITHIN.as_secs() - 10);
 /// Ops per request record (an import's batch), so a record stays far below 1 MB.
 const OPS_PER_REQUEST: usize = 200;
 /// Requests the owner takes in one batch: carried out, published, then confirmed.
@@ -651,7 +657,9 @@ impl StateLog {
                     "the engine stops before the state owner answered: the write may or may not be carried out".into()
                 }
                 _ => format!(
-                    "no state owner answered within {} s (is the Kafka cluster reachable, and topic {:?} readable?)",
+                    "no state owner answered within {} s (is the Kafka cluster reachable, and topic {:?} readable?): \
+                     not carried out, unless an owner took it up in time and waits for the state topic to confirm it \
+                     (it then shows in a while)",
                     ANSWER_WITHIN.as_secs(),
                     self.requests
                 ),
@@ -676,6 +684,15 @@ impl Drop for StateLog {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// How long after it was sent a request reached the owner, if past [`REQUEST_EXPIRES`]
+/// (by the record's creation time; a record without one is taken as in time).
+fn too_late(message: &OwnedMessage) -> Option<Duration> {
+    let rdkafka::Timestamp::CreateTime(sent_ms) = message.timestamp() else { return None };
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64;
+    let late = Duration::from_millis(now_ms.saturating_sub(sent_ms).max(0) as u64);
+    (late > REQUEST_EXPIRES).then_some(late)
 }
 
 /// Kafka's default `delete.retention.ms`: what a start assumes when the state topic's
@@ -1291,6 +1308,18 @@ impl Owner {
             };
             if self.store.answered(&request.node)?.is_some_and(|done| request.id <= done) {
                 continue; // Answered by an earlier owner that stopped before committing.
+            }
+            if let Some(late) = too_late(message) {
+                tracing::warn!(offset = message.offset(), node = %request.node, ?late,
+                    "a state request reached the owner after its sender stopped waiting: refused, not carried out");
+                let refusal = format!(
+                    "not carried out: the state owner took the write up {} s after it was sent, past its answer time",
+                    late.as_secs()
+                );
+                let results = request.ops.iter().map(|_| Err(OpError::Failed(refusal.clone()))).collect();
+                let answer = Answer { node: request.node, id: request.id, results };
+                self.publish(&format!("reply/{}", answer.node), Some(&serde_json::to_vec(&answer)?))?;
+                continue;
             }
             let mut results = Vec::with_capacity(request.ops.len());
             // Published once the request is carried out, the last one marked as its

@@ -249,6 +249,33 @@ async fn r_l3_a_carry_over_stopped_part_way_is_done_again_and_loses_no_subscribe
     a.stop().await;
 }
 
+/// A write whose sender was told it failed (no owner answered within its 60 s: a new
+/// owner took over late, the request partition unread meanwhile) is not carried out when
+/// an owner reaches it later: the subscriber told "failed" would find it done (a password
+/// changed after all, the old one tried and counted until the account locks, R-S3). The
+/// owner answers it with an error instead, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_write_older_than_its_sender_waits_is_refused_not_carried_out() {
+    use engine::store::state::Op;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (h, a) = one_node_with_a_subscriber().await;
+    let set_unit =
+        serde_json::to_value(Op::SetLineUnit { contract: n("0312345678"), unit: engine::store::AuthUnit::Line })
+            .unwrap();
+    let request = serde_json::json!({"node": "newer", "id": 7, "ops": [set_unit]}).to_string();
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
+    // Sent two minutes ago, by the record's own time.
+    let sent_ms = chrono::Utc::now().timestamp_millis() - 120_000;
+    let record = FutureRecord::to(engine::embedded::STATE_TOPICS[1]).key("newer").payload(&request).timestamp(sent_ms);
+    producer.send(record, std::time::Duration::from_secs(10)).await.expect("the request is in the topic");
+    let reply = newer_node_s_answer(&h).await;
+    let refusal = reply["results"][0]["Err"]["failed"].as_str().unwrap_or_default();
+    assert!(refusal.contains("not carried out"), "{reply}");
+    assert_eq!(a.store.line(&n("0312345678")).unwrap().unwrap().unit, None, "carried out all the same");
+    a.stop().await;
+}
+
 /// One node of a cluster, subscriber 0312345678 (taro@example.jp) provisioned through it.
 async fn one_node_with_a_subscriber() -> (Harness, TestEngine) {
     let h = Harness::new(1).await;
