@@ -600,6 +600,9 @@ impl StateLog {
         for thread in threads {
             let _ = thread.join();
         }
+        // No answer comes any more: the writes still waiting are told the node stops
+        // (instead of waiting out their answer time, and the process's exit with them).
+        self.waiters.forget_all();
     }
 
     /// Sends one request record.

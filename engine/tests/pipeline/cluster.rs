@@ -276,6 +276,30 @@ async fn r_l3_a_write_older_than_its_sender_waits_is_refused_not_carried_out() {
     a.stop().await;
 }
 
+/// A write waiting for the state owner when its node stops cleanly (SIGTERM) is told
+/// at once that the node stops and the write may or may not be done. It waited out
+/// the whole 60 s answer time and was then told no owner answered (and the process's
+/// exit waited with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_write_waiting_when_its_node_stops_is_told_so_at_the_stop() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let (h, a) = one_node_with_a_subscriber().await;
+    // Every fetch is refused for a while: the write's request is in the topic, but the
+    // owner does not get to read it.
+    h.kafka.on_cluster(|c| {
+        c.request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 100_000])
+    });
+    let store = a.store.clone();
+    let write = tokio::task::spawn_blocking(move || {
+        store.set_line_unit(&n("0312345678"), engine::store::AuthUnit::Line).map(drop)
+    });
+    // The write has waited 10 s for its answer when the node stops.
+    a.wait_metric(r#"callnotify_errors_total{stage="state",error="stalled"}"#, 1.0).await;
+    a.stop().await;
+    let error = write.await.unwrap().expect_err("the write cannot have been answered").to_string();
+    assert!(error.contains("stops"), "{error}");
+}
+
 /// One node of a cluster, subscriber 0312345678 (taro@example.jp) provisioned through it.
 async fn one_node_with_a_subscriber() -> (Harness, TestEngine) {
     let h = Harness::new(1).await;
