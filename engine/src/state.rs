@@ -629,7 +629,12 @@ impl StateLog {
         loop {
             match producer.send(record) {
                 Ok(()) => return Ok((id, answer)),
-                Err((e, back)) if Instant::now() < deadline => {
+                // A full local queue empties as librdkafka sends; anything else (a
+                // request past the producer's size) stays as it is.
+                Err((
+                    e @ rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    back,
+                )) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "state request queue full; waiting");
                     std::thread::sleep(Duration::from_millis(5));
                     record = back;

@@ -300,6 +300,39 @@ async fn r_l3_a_write_waiting_when_its_node_stops_is_told_so_at_the_stop() {
     assert!(error.contains("stops"), "{error}");
 }
 
+/// A write the request topic can never take (past the producer's 32 MiB: a fax of
+/// more than 24 MiB to keep) fails at once, and the node's other writes go on. It was
+/// tried again for the whole 60 s answer time while holding the node's request
+/// numbering, so every login and save on the node waited behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_write_too_large_for_the_request_topic_fails_at_once_and_holds_up_no_other() {
+    let (_h, a) = one_node_with_a_subscriber().await;
+    let record = engine::store::FaxRecord {
+        number: n("0312345678"),
+        fax_id: "huge".into(),
+        sender: "非通知".into(),
+        received_at: chrono::Utc::now(),
+        pages: 1,
+        kind: engine::fax::document::DocumentKind::Tiff,
+        size: 30 << 20,
+        read: false,
+        deleted: false,
+    };
+    let store = a.store.clone();
+    let started = std::time::Instant::now();
+    let kept = tokio::task::spawn_blocking(move || store.keep_fax(record, vec![0; 30 << 20])).await.unwrap();
+    let took = started.elapsed();
+    let error = kept.expect_err("no request topic takes it").to_string();
+    assert!(error.contains("could not be sent"), "{error}");
+    assert!(took < engine::state::ANSWER_WITHIN / 2, "refused after {took:?}: tried again as if the queue were full");
+    let store = a.store.clone();
+    tokio::task::spawn_blocking(move || store.set_line_unit(&n("0312345678"), engine::store::AuthUnit::Line))
+        .await
+        .unwrap()
+        .expect("the next write is carried out");
+    a.stop().await;
+}
+
 /// One node of a cluster, subscriber 0312345678 (taro@example.jp) provisioned through it.
 async fn one_node_with_a_subscriber() -> (Harness, TestEngine) {
     let h = Harness::new(1).await;
