@@ -641,6 +641,59 @@ fn r_f1_documents_beyond_the_limits_are_refused() {
     assert_same(&shown(&short, 0), &picture(PAGES[0]).band(0, 100), "the first 100 rows");
 }
 
+/// A little-endian TIFF of `pages` uncompressed pages 8 pixels wide and `rows` high,
+/// a strip per row, every page pointing at the same strip tables (one offset array, one
+/// count array) and the same byte of data.
+fn shared_strip_tables(pages: u32, rows: u32) -> Vec<u8> {
+    let entries = 8u32;
+    let ifd_len = 2 + 12 * entries + 4;
+    let offsets_at = 8 + ifd_len * pages;
+    let counts_at = offsets_at + 4 * rows;
+    let data_at = counts_at + 4 * rows;
+    let mut tiff = b"II*\0".to_vec();
+    tiff.extend(8u32.to_le_bytes());
+    for page in 0..pages {
+        tiff.extend((entries as u16).to_le_bytes());
+        let fields: [(u16, u32, u32); 8] = [
+            (256, 1, 8),
+            (257, 1, rows),
+            (258, 1, 1),
+            (259, 1, 1),
+            (262, 1, 0),
+            (273, rows, offsets_at),
+            (278, 1, 1),
+            (279, rows, counts_at),
+        ];
+        for (tag, count, value) in fields {
+            tiff.extend(tag.to_le_bytes());
+            tiff.extend(4u16.to_le_bytes());
+            tiff.extend(count.to_le_bytes());
+            tiff.extend(value.to_le_bytes());
+        }
+        let next = if page + 1 < pages { 8 + ifd_len * (page + 1) } else { 0 };
+        tiff.extend(next.to_le_bytes());
+    }
+    (0..rows).for_each(|_| tiff.extend(data_at.to_le_bytes()));
+    (0..rows).for_each(|_| tiff.extend(1u32.to_le_bytes()));
+    tiff.push(0);
+    tiff
+}
+
+/// R-F1, bounded work: a TIFF of a few hundred KB whose pages all point at one table of
+/// 30 000 strips held, for each reading of it (the intake's, every page image the site
+/// draws), 16 bytes per strip per page: 96 MB here, 480 MB for a thousand pages. Strip
+/// tables larger than the file could hold are refused; an honest file with a strip per
+/// row still reads.
+#[test]
+fn r_f1_pages_that_share_strip_tables_larger_than_the_file_are_refused() {
+    let crafted = shared_strip_tables(200, 30_000);
+    assert!(crafted.len() < 1 << 20);
+    let error = inspect(&crafted).unwrap_err();
+    assert!(error.to_string().contains("strips"), "{error}");
+    let honest = shared_strip_tables(1, 30_000);
+    assert_eq!(inspect(&honest).unwrap().pages, 1);
+}
+
 /// R-F1: a TIFF whose thousand pages share one dense strip (a record under 1 MB) would
 /// make a PDF of about 1.5 GB; it is given up once past its bound, a page after it.
 #[test]

@@ -43,9 +43,21 @@ pub(super) fn pages(bytes: &[u8]) -> Result<Vec<Page>, DocumentError> {
     let mut decoder = Decoder::new(Cursor::new(bytes)).map_err(|e| container(1, &e))?;
     let mut pages = Vec::new();
     let mut pixels = 0u64;
+    // A file holds each strip's offset and length, two bytes each at the least: pages
+    // that list more share their tables, and would be held once per page (a crafted
+    // file of a few hundred KB, hundreds of MB).
+    let (mut strips, strips_at_most) = (0usize, bytes.len() / 4);
     loop {
         let number = u32::try_from(pages.len()).unwrap_or(u32::MAX).saturating_add(1);
         let page = read_page(&mut decoder, number)?;
+        strips = strips.saturating_add(page.strips.len());
+        if strips > strips_at_most {
+            return Err(DocumentError::Tiff(format!(
+                "its pages up to page {number} list {strips} strips, more than a file of {} bytes can hold \
+                 (pages sharing their strip tables)",
+                bytes.len()
+            )));
+        }
         pixels = pixels.saturating_add(u64::from(page.width) * u64::from(page.height));
         if pixels > MAX_DOCUMENT_PIXELS {
             return Err(DocumentError::TooLarge {
