@@ -55,6 +55,26 @@ impl Subscription {
 /// What resolving a number gives: its subscription, or `None` for "no service".
 type Entry = Option<Arc<Subscription>>;
 
+/// Caches `subscription`, read when the invalidations stood at `read_at`, unless a
+/// write came since. A write bumps the generation before it invalidates: one whose
+/// invalidation came before this insert has bumped it before the second look, which
+/// takes the stale value out again.
+fn cache_unless_written(
+    cache: &Cache<PhoneNumber, Arc<Subscription>>,
+    generation: &AtomicU64,
+    read_at: u64,
+    number: PhoneNumber,
+    subscription: Arc<Subscription>,
+) {
+    if generation.load(Ordering::Acquire) != read_at {
+        return;
+    }
+    cache.insert(number, subscription);
+    if generation.load(Ordering::Acquire) != read_at {
+        cache.invalidate(&number);
+    }
+}
+
 /// Finds subscriptions; cheap to clone, one cache shared by all clones.
 #[derive(Clone)]
 pub struct Resolver {
@@ -98,7 +118,7 @@ impl Resolver {
                 let Some(subscription) = store.number(&number)?.as_ref().and_then(Subscription::from_record) else {
                     continue;
                 };
-                cache.insert(number, Arc::new(subscription));
+                cache_unless_written(&cache, &generation, scan_start, number, Arc::new(subscription));
                 warm += 1;
             }
         }
@@ -119,9 +139,7 @@ impl Resolver {
         let before = self.generation.load(Ordering::Acquire);
         let loaded = self.store.number(called)?.and_then(|r| Subscription::from_record(&r)).map(Arc::new);
         if let Some(sub) = &loaded {
-            if self.generation.load(Ordering::Acquire) == before {
-                self.cache.insert(*called, sub.clone());
-            }
+            cache_unless_written(&self.cache, &self.generation, before, *called, sub.clone());
         }
         Ok(loaded)
     }
