@@ -219,13 +219,23 @@ impl Deliverer {
             self.enqueue(Queued::new(mail, origin, reply, Utc::now()), until(until_ms)).await;
             return Fate::Queued;
         }
+        // Over its address's flood limit, the mail waits in the queue, not here: waiting
+        // here held its CDR in flight, and an address called more often than its limit
+        // filled the engine's in-flight CDRs and paused everyone's.
+        if let Err(not_until) = inner.per_recipient.check_key(&mail.recipient.as_str().to_owned()) {
+            inner.metrics.delayed_by_flood();
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            let reply = "not tried yet: its address is over smtp.per_recipient_per_minute";
+            self.enqueue(Queued::new(mail, origin, reply, Utc::now()), wait).await;
+            return Fate::Queued;
+        }
         let answer = tokio::select! {
             biased;
             () = stop => None,
             () = inner.breaker.opens() => {
                 Some(Err(Attempt::Temporary("given up while the mail server was not answering (circuit breaker open)".into())))
             }
-            answer = self.attempt_first(mail) => Some(answer),
+            answer = self.attempt(mail) => Some(answer),
         };
         match answer {
             Some(Ok(())) => {
@@ -251,17 +261,6 @@ impl Deliverer {
                 Fate::Queued
             }
         }
-    }
-
-    /// Waits out the per-recipient flood limit, then makes the first attempt.
-    async fn attempt_first(&self, mail: &Mail) -> Result<(), Attempt> {
-        let inner = &*self.inner;
-        let recipient = mail.recipient.as_str().to_owned();
-        if inner.per_recipient.check_key(&recipient).is_err() {
-            inner.metrics.delayed_by_flood();
-            inner.per_recipient.until_key_ready(&recipient).await;
-        }
-        self.attempt(mail).await
     }
 
     /// Writes `key`'s sent record and flushes it: the sooner it is on disk after the

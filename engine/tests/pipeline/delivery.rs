@@ -123,6 +123,38 @@ async fn r_m3_flooded_recipients_are_delayed_not_dropped() {
     engine.stop().await;
 }
 
+/// One address over its flood limit holds up nobody else: its mails wait in the retry
+/// queue, and their CDRs are done. First attempts over the limit used to wait inside
+/// their delivery tasks, each holding a CDR in flight: a shared mailbox called more
+/// often than its limit filled `engine.max_in_flight`, the consumer paused, and every
+/// other subscriber's calls waited with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_an_address_over_its_flood_limit_holds_up_no_other_subscriber() {
+    const HOT: usize = 10;
+    let h = Harness::new(1).await;
+    // 2 a minute: one at once, the next a minute later.
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "2"),
+            ("CALLNOTIFY__ENGINE__MAX_IN_FLIGHT", "5"),
+            ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2"),
+        ])
+        .await;
+    engine
+        .provision(&[plain_subscriber(CALLED, "office@example.jp"), plain_subscriber("0698765432", "jiro@example.jp")]);
+    let mut cdrs: Vec<String> =
+        (0..HOT).map(|i| cdr(&format!("hot-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    cdrs.push(cdr("other", "0698765432", Some("09011112222"), "allowed", "no_answer"));
+    h.produce(TOPIC, &cdrs).await;
+    let mails = h.mails(2).await;
+    let mut to: Vec<&str> = mails.iter().map(|m| m.rcpt_to[0].as_str()).collect();
+    to.sort_unstable();
+    assert_eq!(to, ["jiro@example.jp", "office@example.jp"], "the other subscriber's mail waited");
+    engine.wait_metric("callnotify_cdrs_consumed_total", (HOT + 1) as f64).await;
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), (HOT - 1) as f64, "the rest wait in the queue");
+}
+
 /// Flood control used to apply to first attempts only: mails deferred by a 451 came
 /// back from the retry queue all at once (57 to one address within 6 s after an
 /// outage). A retried mail over its recipient's limit goes back into the queue until
