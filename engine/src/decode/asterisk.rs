@@ -111,14 +111,23 @@ fn clid_number(clid: &str) -> &str {
 }
 
 /// A CDR time: `YYYY-MM-DD HH:MM:SS[.ffffff]` in the exchange's local time, RFC 3339, or
-/// Unix seconds as a number. Empty, `0` and the zero dates some modules write for
-/// "never" (an unanswered call's `answer`) are `None`.
+/// Unix seconds, as a number or as text, whole or with a fraction (`cdr_custom`'s
+/// `${CDR(start,u)}`: `1795482000.123456`). Empty, `0` and the zero dates some modules
+/// write for "never" (an unanswered call's `answer`) are `None`.
 fn time(value: &Scalar<'_>, field: &'static str) -> Result<Option<DateTime<Utc>>, DecodeError> {
-    if let Scalar::Int(secs) = value {
-        if *secs == 0 {
+    let unix = |secs: f64| -> Result<Option<DateTime<Utc>>, DecodeError> {
+        if secs == 0.0 {
             return Ok(None);
         }
-        return value.epoch_seconds(field)?.map(|s| unix_time(field, s)).transpose();
+        if !secs.is_finite() || secs < 0.0 {
+            return Err(DecodeError::invalid(field, format!("{secs} is not a time")));
+        }
+        unix_time(field, secs.floor() as i64).map(Some)
+    };
+    match value {
+        Scalar::Int(secs) => return unix(*secs as f64),
+        Scalar::Float(secs) => return unix(*secs),
+        _ => {}
     }
     let raw = match value.text(field)? {
         Some(raw) => raw.trim(),
@@ -126,6 +135,12 @@ fn time(value: &Scalar<'_>, field: &'static str) -> Result<Option<DateTime<Utc>>
     };
     if raw.is_empty() || raw.starts_with("0000-00-00") {
         return Ok(None);
+    }
+    let (whole, fraction) = raw.split_once('.').unwrap_or((raw, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if digits(whole) && digits(fraction) {
+        let secs: i64 = whole.parse().map_err(|_| DecodeError::invalid(field, format!("{raw:?} is out of range")))?;
+        return unix(secs as f64);
     }
     let local = NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S%.f")
         .or_else(|_| NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S%.f"));
@@ -186,6 +201,24 @@ mod tests {
         }
         assert_eq!(time(&Scalar::Absent, "answer"), Ok(None));
         assert!(time(&Scalar::Str("24/11/2026".into()), "start").is_err());
+    }
+
+    /// docs/cdr-formats.md promises Unix seconds: `cdr_custom`'s `${CDR(start,u)}`
+    /// writes them as a string with microseconds, and an unanswered call's answer as
+    /// `0.000000`. Such CDRs were all rejected (dead letters, no mail at all).
+    #[test]
+    fn unix_seconds_written_as_text_or_with_a_fraction_are_times() {
+        let want = DateTime::parse_from_rfc3339("2026-11-24T01:00:00Z").unwrap();
+        let secs = want.timestamp();
+        let at = |v: Scalar<'static>| time(&v, "start").unwrap();
+        assert_eq!(at(Scalar::Str(format!("{secs}.123456").into())).unwrap().timestamp(), secs);
+        assert_eq!(at(Scalar::Str(format!("{secs}").into())).unwrap().timestamp(), secs);
+        assert_eq!(at(Scalar::Float(secs as f64 + 0.5)).unwrap().timestamp(), secs);
+        for none in [Scalar::Str("0.000000".into()), Scalar::Str("0".into()), Scalar::Float(0.0)] {
+            assert_eq!(time(&none, "answer"), Ok(None));
+        }
+        assert!(time(&Scalar::Str("1795482000.12.3".into()), "start").is_err());
+        assert!(time(&Scalar::Float(-5.0), "start").is_err());
     }
 
     #[test]
