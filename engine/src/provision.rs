@@ -297,9 +297,16 @@ impl Sent {
         let mut ops = Vec::new();
         for (_, (record, numbers, extras)) in &lines {
             ops.push(Op::UpsertLine { line: record.clone(), numbers: numbers.clone() });
+            // Each on the line's own numbers only: a line the store refuses leaves its
+            // numbers where they were, another line's perhaps.
+            let line = Some(record.contract);
             ops.extend(extras.iter().map(|extra| match extra {
-                Extra::Credential(number, record) => Op::RestoreCredential { number: *number, record: record.clone() },
-                Extra::Fax(number, settings) => Op::ImportFaxSettings { number: *number, settings: settings.clone() },
+                Extra::Credential(number, record) => {
+                    Op::RestoreCredential { number: *number, record: record.clone(), line }
+                }
+                Extra::Fax(number, settings) => {
+                    Op::ImportFaxSettings { number: *number, settings: settings.clone(), line }
+                }
             }));
         }
         let from = match lines.first() {
@@ -315,21 +322,27 @@ impl Sent {
         let mut results = (self.answers)().into_iter();
         for (line, (_, numbers, extras)) in self.lines {
             let failed = |source| ImportError::Store { line, from, source };
-            match results.next().expect("an answer per op") {
+            let stored = match results.next().expect("an answer per op") {
                 Ok(Reply::Upserted(upserted)) => {
                     let room = MAX_LISTED.saturating_sub(report.moved.len());
                     report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
                     report.lines += 1;
                     report.numbers += numbers.len();
+                    true
                 }
                 Ok(other) => return Err(failed(StoreError::State(format!("an import was answered {other:?}")))),
                 Err(refused @ (StoreError::TooMany { .. } | StoreError::ContractInUse { .. })) => {
-                    report.reject(line, refused.to_string())
+                    report.reject(line, refused.to_string());
+                    false
                 }
                 Err(source) => return Err(failed(source)),
-            }
+            };
             for _ in &extras {
-                results.next().expect("an answer per op").map_err(failed)?;
+                match results.next().expect("an answer per op") {
+                    // A refused line's numbers are not its own: its extras are refused.
+                    Err(StoreError::UnknownNumber(_)) if !stored => {}
+                    answer => answer.map(drop).map_err(failed)?,
+                }
             }
         }
         Ok(())
@@ -489,6 +502,31 @@ mod tests {
         // Importing it into the store it came from changes nothing.
         import(&store, exported.as_slice()).unwrap();
         assert_eq!(contents(&store), contents(&copy));
+    }
+
+    /// R-M3, R-L1: a line refused for taking another line's contract number changes
+    /// nothing of that number: its credential and fax settings in the refused line were
+    /// restored all the same (the refused line's password logged in as the other line's
+    /// administrator, its fax addresses got the other line's faxes), and an extra for a
+    /// number of the refused line not yet provisioned stopped the whole import.
+    #[test]
+    fn r_m3_a_refused_line_restores_no_credential_or_fax_settings_of_another_line_s_number() {
+        let store = Store::temporary().unwrap();
+        let owner = r#"{"contract":"0312340001","numbers":[{"number":"0312340001","services":["call","fax"]},{"number":"0312340002"}]}"#;
+        import(&store, owner.as_bytes()).unwrap();
+        let before = (store.credential(&n("0312340001")).unwrap(), store.number(&n("0312340001")).unwrap());
+        let credential = r#""credential":{"hash":"$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNoaGFzaA","kind":"password","set_at":"2026-12-01T00:00:00Z","failures":0,"invalidated":false}"#;
+        let fax = r#""fax_settings":{"enabled":true,"attach_pdf":true,"destinations":[{"address":"intruder@example.jp","send":true}]}"#;
+        let refused = format!(
+            r#"{{"contract":"0312340009","numbers":[{{"number":"0312340009",{credential}}},{{"number":"0312340001","services":["call","fax"],{credential},{fax}}}]}}"#
+        );
+        let after_it = r#"{"contract":"0312340005","numbers":[{"number":"0312340005"}]}"#;
+        let report = import(&store, format!("{refused}\n{after_it}").as_bytes()).expect("the import goes on");
+        assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+        assert_eq!(report.lines, 1, "the line after it is imported");
+        let after = (store.credential(&n("0312340001")).unwrap(), store.number(&n("0312340001")).unwrap());
+        assert_eq!(after, before, "the refused line changed the other line's contract number");
+        assert!(store.number(&n("0312340009")).unwrap().is_none());
     }
 
     /// R-L1, R-L3: a line's contract number moves to another line only as its line's

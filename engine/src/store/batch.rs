@@ -267,7 +267,11 @@ mod tests {
                 _ => upsert(c, &[c, c + 1, c + 2]),            // the same again
             });
             if i % 5 == 0 {
-                ops.push(Op::RestoreCredential { number: n(c + 2), record: credential(&format!("restored{i}")) });
+                ops.push(Op::RestoreCredential {
+                    number: n(c + 2),
+                    record: credential(&format!("restored{i}")),
+                    line: None,
+                });
             }
             if i % 97 == 0 {
                 // Not an import's: carried out alone, between the others.

@@ -56,11 +56,15 @@ pub enum Op {
         #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         record: CredentialRecord,
     },
-    /// Provisioning restores an exported credential; refused for a number not provisioned.
+    /// Provisioning restores an exported credential; refused for a number not provisioned,
+    /// or not on line `line` where that is given (an import's line the store refused: its
+    /// number may be another line's).
     RestoreCredential {
         number: PhoneNumber,
         #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         record: CredentialRecord,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        line: Option<PhoneNumber>,
     },
     RemoveCredential {
         number: PhoneNumber,
@@ -111,11 +115,14 @@ pub enum Op {
     /// Writes nothing: its answer comes once the asking node's view shows every write
     /// carried out before it ([`Store::sync_view`]).
     Sync,
-    /// Provisioning's fax settings: see [`Store::import_fax_settings_here`].
+    /// Provisioning's fax settings: see [`Store::import_fax_settings_here`]; refused for a
+    /// number not on line `line` where that is given, as [`Op::RestoreCredential`].
     ImportFaxSettings {
         number: PhoneNumber,
         #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         settings: FaxSettings,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        line: Option<PhoneNumber>,
     },
     /// The site's save of a number's fax settings (R-F1, R-S9).
     SaveFaxSettings {
@@ -518,7 +525,8 @@ impl Store {
                 let version = self.save_fax_settings_here(number, *expected, settings.clone())?;
                 Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
             }
-            Op::ImportFaxSettings { number, settings } => {
+            Op::ImportFaxSettings { number, settings, line } => {
+                self.check_on_line(number, line.as_ref())?;
                 let version = self.import_fax_settings_here(number, settings)?;
                 Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
             }
@@ -534,10 +542,8 @@ impl Store {
                 self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
                 Ok((Reply::Done, vec![key(StateTree::Credentials, number)]))
             }
-            Op::RestoreCredential { number, record } => {
-                if !self.numbers.contains_key(number.as_str())? {
-                    return Err(StoreError::UnknownNumber(*number));
-                }
+            Op::RestoreCredential { number, record, line } => {
+                self.check_on_line(number, line.as_ref())?;
                 self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
                 Ok((Reply::Done, vec![key(StateTree::Credentials, number)]))
             }
@@ -923,6 +929,18 @@ impl Store {
     pub fn diverged(&self) -> Result<bool, StoreError> {
         let meta = self.meta()?;
         Ok(meta.contains_key(DIVERGED)? || meta.contains_key(OWNER_BATCH)?)
+    }
+
+    /// [`StoreError::UnknownNumber`] unless `number` is provisioned, on line `line` if
+    /// that is given.
+    fn check_on_line(&self, number: &PhoneNumber, line: Option<&PhoneNumber>) -> Result<(), StoreError> {
+        let Some(raw) = self.numbers.get(number.as_str())? else { return Err(StoreError::UnknownNumber(*number)) };
+        match line {
+            Some(line) if serde_json::from_slice::<super::NumberRecord>(&raw)?.contract != *line => {
+                Err(StoreError::UnknownNumber(*number))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// When this store last had read the state topic to its end, if it noted it.

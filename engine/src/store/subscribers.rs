@@ -128,7 +128,7 @@ impl Store {
     /// Restores `number`'s credential as exported (provisioning): it replaces the one
     /// the number has. Refused for a number not provisioned.
     pub fn restore_credential(&self, number: &PhoneNumber, record: &CredentialRecord) -> Result<(), StoreError> {
-        expect_done(self.submit(Op::RestoreCredential { number: *number, record: record.clone() })?)
+        expect_done(self.submit(Op::RestoreCredential { number: *number, record: record.clone(), line: None })?)
     }
 
     /// Sets `number`'s credential (a temporary password by phone, a password on the
