@@ -39,6 +39,8 @@ struct Ops {
     /// `metrics.provision_token`: when set, `POST /provision` wants it as a bearer token.
     token: Secret,
     max_upload: usize,
+    /// `metrics.listen` is reached from other machines: `POST /provision` wants the token.
+    beyond_loopback: bool,
 }
 
 /// What `POST /provision` answers, and what the CLI prints from it.
@@ -105,7 +107,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let errors = metrics.clone();
-    let ops = Ops { metrics, store, disk, token: settings.provision_token.clone(), max_upload: MAX_UPLOAD };
+    let beyond_loopback = !settings.listen.ip().is_loopback();
+    let ops =
+        Ops { metrics, store, disk, token: settings.provision_token.clone(), max_upload: MAX_UPLOAD, beyond_loopback };
     let listen = settings.listen;
     let app = Router::new()
         .route("/metrics", get(metrics_text))
@@ -279,6 +283,12 @@ impl Ops {
             );
         }
         let token = self.token.expose();
+        if token.is_empty() && self.beyond_loopback {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "metrics.listen is reachable from other machines: set metrics.provision_token to provision through it",
+            );
+        }
         if !token.is_empty() {
             let given = headers
                 .get(header::AUTHORIZATION)
@@ -470,6 +480,7 @@ mod tests {
             store: Store::temporary().unwrap(),
             token: serde_json::from_str("\"right\"").unwrap(),
             max_upload: MAX_UPLOAD,
+            beyond_loopback: false,
         };
         let endless = Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
         let started = tokio::time::Instant::now();
@@ -479,6 +490,34 @@ mod tests {
                 .expect("answered, not held for an hour");
         assert_eq!(answered.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(started.elapsed(), REFUSED_READ_WITHIN);
+    }
+
+    /// `POST /provision` writes subscribers, credentials included: on a listener other
+    /// machines reach (deploy/callnotify.toml's 0.0.0.0, for Prometheus) it is refused
+    /// until `metrics.provision_token` is set. A missing secrets file left it open to
+    /// anyone who reached the port.
+    #[tokio::test]
+    async fn provisioning_beyond_loopback_without_a_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new();
+        let open = Ops {
+            disk: DiskWatch::new(dir.path(), 1, metrics.clone()),
+            metrics,
+            store: Store::temporary().unwrap(),
+            token: Secret::default(),
+            max_upload: MAX_UPLOAD,
+            beyond_loopback: true,
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/x-ndjson".parse().unwrap());
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#;
+        let answered = provision(State(open.clone()), headers.clone(), Body::from(line)).await;
+        assert_eq!(answered.status(), StatusCode::FORBIDDEN);
+        assert!(open.store.line(&crate::phone::PhoneNumber::parse("0312345678").unwrap()).unwrap().is_none());
+        // On loopback, as the default configuration has it, no token is needed.
+        let local = Ops { beyond_loopback: false, ..open };
+        let answered = provision(State(local.clone()), headers, Body::from(line)).await;
+        assert_eq!(answered.status(), StatusCode::OK);
     }
 
     async fn readiness(ops: &Ops) -> (StatusCode, String) {
@@ -502,6 +541,7 @@ mod tests {
             disk: roomy,
             token: Secret::default(),
             max_upload: MAX_UPLOAD,
+            beyond_loopback: false,
         };
 
         let (status, body) = readiness(&ops).await;
