@@ -274,8 +274,9 @@ impl fmt::Debug for Secret {
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is not valid TOML: {source}")]
-    Syntax { path: PathBuf, source: toml::de::Error },
+    /// Without the line itself: it may hold a secret.
+    #[error("config file {path} is not valid TOML: line {line}, column {column}: {message}")]
+    Syntax { path: PathBuf, line: usize, column: usize, message: String },
     #[error("environment variable {name}: {reason}")]
     Env { name: String, reason: String },
     #[error("invalid configuration: {0}")]
@@ -306,8 +307,13 @@ impl Settings {
         if let Some(path) = file {
             let text =
                 std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-            let layer: toml::Table =
-                text.parse().map_err(|source| ConfigError::Syntax { path: path.into(), source })?;
+            let layer: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                let at = e.span().map_or(0, |span| span.start).min(text.len());
+                let before = &text[..at];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                ConfigError::Syntax { path: path.into(), line, column, message: e.message().to_owned() }
+            })?;
             merge(&mut table, layer);
         }
         for (name, value) in env {
@@ -318,6 +324,12 @@ impl Settings {
         // The error names the key: `smtp.port: invalid type: string "abc", expected u16`.
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
             let key = e.path().to_string();
+            if is_secret_key(&key) {
+                // serde's message quotes the value.
+                return ConfigError::Invalid(format!(
+                    "{key}: not a valid value (not shown: a secret; a quoted string)"
+                ));
+            }
             ConfigError::Invalid(format!("{key}: {}", e.into_inner().message()))
         })?;
         settings.check()?;
@@ -469,6 +481,12 @@ pub fn unread_env_vars(env: impl IntoIterator<Item = (String, String)>) -> Vec<(
         .collect()
 }
 
+/// Whether the setting at `key` (`section.key`, as serde names it) holds a secret.
+fn is_secret_key(key: &str) -> bool {
+    matches!(key, "smtp.password" | "metrics.provision_token")
+        || key.strip_prefix("kafka.properties.").is_some_and(is_secret_property)
+}
+
 /// `table` as TOML with every secret value masked: `smtp.password` and the secret
 /// librdkafka properties ([`is_secret_property`]).
 fn masked(mut table: toml::Table) -> String {
@@ -589,6 +607,31 @@ mod tests {
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[kafak]\nbrokers = \"x\"\n").unwrap();
         assert!(Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string().contains("kafak"));
+    }
+
+    /// Secrets never in logs: a configuration error about a secret setting does not
+    /// print its value, nor does a syntax error print the line it is on (it echoed
+    /// `password = "ab\qcd"` to stderr and the journal at every start).
+    #[test]
+    fn configuration_errors_do_not_print_secret_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let cases = [
+            ("[smtp]\nhost = \"mx\"\npassword = \"ab\\qcd-hunter2\"\n", "hunter2", "line 3"),
+            ("[smtp]\npassword = 86421357\n", "86421357", "smtp.password"),
+            ("[metrics]\nprovision_token = 86421357\n", "86421357", "metrics.provision_token"),
+            ("[kafka.properties]\n\"sasl.password\" = 86421357\n", "86421357", "sasl.password"),
+        ];
+        for (text, secret, named) in cases {
+            std::fs::write(&file, text).unwrap();
+            let e = Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string();
+            assert!(!e.contains(secret), "the secret is printed: {e}");
+            assert!(e.contains(named), "where the error is is not said: {e}");
+        }
+        // A setting that is no secret still shows what was wrong with it.
+        std::fs::write(&file, "[smtp]\nport = \"abc\"\n").unwrap();
+        let e = Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("smtp.port") && e.contains("abc"), "{e}");
     }
 
     #[test]
