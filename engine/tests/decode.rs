@@ -66,6 +66,12 @@ fn cases() -> Vec<Case> {
         c(F, "withheld.json", "a1b2c3d4-0005-4e5f-8a9b-0c1d2e3f4a55", "0312345678", Caller::Withheld, "01:15:00", None, "01:15:12", Cancelled),
         c(F, "withheld_privacy.json", "a1b2c3d4-0006-4e5f-8a9b-0c1d2e3f4a56", "0312345678", Caller::Withheld, "01:20:00", Some("01:20:05"), "01:21:00", Answered),
         c(F, "plus81_caller.json", "a1b2c3d4-0007-4e5f-8a9b-0c1d2e3f4a57", "0312345678", taro, "01:25:00", None, "01:25:30", NoAnswer),
+        // A call transferred by the dialplan (`transfer 1000 XML default`): the newest
+        // caller profile names the extension, the oldest the number that was called.
+        c(F, "transferred.json", "a1b2c3d4-0010-4e5f-8a9b-0c1d2e3f4a60", "0312345678", taro, "01:00:00", Some("01:00:07"), "01:03:12", Answered),
+        // A carrier's `Privacy: id` with the number in P-Asserted-Identity: FreeSWITCH
+        // records the number, and only `sip_Privacy` says it is withheld (R-N7).
+        c(F, "withheld_sip_privacy.json", "a1b2c3d4-0011-4e5f-8a9b-0c1d2e3f4a61", "0312345678", Caller::Withheld, "01:20:00", Some("01:20:05"), "01:21:00", Answered),
     ]
 }
 

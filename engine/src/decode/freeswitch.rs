@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::{called_number_in, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar};
@@ -39,6 +39,11 @@ struct Variables<'a> {
     hangup_cause: Scalar<'a>,
     privacy_hide_number: Scalar<'a>,
     privacy: Scalar<'a>,
+    /// The `Privacy` header of the INVITE (RFC 3323/3325), as sofia keeps it: a carrier
+    /// withholding the caller sends `id` with the number in P-Asserted-Identity, which
+    /// FreeSWITCH records as the caller's number all the same.
+    #[serde(rename = "sip_Privacy")]
+    sip_privacy: Scalar<'a>,
 }
 
 #[derive(Deserialize, Default)]
@@ -47,7 +52,8 @@ struct Flow<'a> {
     caller_profile: Option<Profile<'a>>,
 }
 
-/// `callflow[0].caller_profile`, the fallback for the numbers and the uuid.
+/// The oldest `callflow` entry's `caller_profile`, the fallback for the numbers and the
+/// uuid.
 #[derive(Deserialize, Default)]
 #[serde(default, bound(deserialize = "'de: 'a"))]
 struct Profile<'a> {
@@ -86,7 +92,9 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let destination = destination.required("destination_number")?;
     let called = called_number_in("destination_number", &unescape(destination))?;
 
-    let hidden = hides(&vars.privacy_hide_number, "privacy_hide_number")? || hides(&vars.privacy, "privacy")?;
+    let hidden = hides(&vars.privacy_hide_number, "privacy_hide_number")?
+        || hides(&vars.privacy, "privacy")?
+        || asks_privacy(vars.sip_privacy.text("sip_Privacy")?);
     let number = first(first(vars.caller_id_number, profile.caller_id_number), vars.sip_from_user);
     let caller = caller(hidden, number.text("caller_id_number")?.map(unescape).as_deref());
 
@@ -121,6 +129,14 @@ fn missed_outcome(cause: Option<&str>) -> Outcome {
         .iter()
         .find(|(name, _)| name.eq_ignore_ascii_case(cause))
         .map_or(Outcome::Failed, |&(_, outcome)| outcome)
+}
+
+/// Whether a SIP `Privacy` header asks for the caller's identity to be withheld: any of
+/// `id`, `user`, `header` among its values (`none`, `session`, `critical` alone do not).
+fn asks_privacy(header: Option<&str>) -> bool {
+    header.is_some_and(|h| {
+        h.split([';', ',']).map(str::trim).any(|v| ["id", "user", "header"].iter().any(|p| p.eq_ignore_ascii_case(v)))
+    })
 }
 
 /// Whether a privacy variable asks to hide the number.
@@ -170,7 +186,9 @@ fn hex(digit: u8) -> Option<u8> {
 }
 
 /// `callflow`: an array of flows (newest first) or, in old releases, one flow object.
-/// Only the first flow's caller profile is kept; anything else is skipped.
+/// Only the oldest flow's caller profile is kept, the one the call arrived with: a
+/// dialplan's `transfer` adds a newer one whose destination is the transfer's target
+/// (an extension, or another subscriber's number); anything else is skipped.
 struct Callflow<'a>(Option<Profile<'a>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Callflow<'a> {
@@ -188,9 +206,15 @@ impl<'de> Visitor<'de> for CallflowVisitor {
         f.write_str("a callflow array or object")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let head: Option<Callflow<'de>> = seq.next_element()?;
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(head.unwrap_or(Callflow(None)))
+        // Each flow is read as a `Callflow` borrowing from the input (nothing copied),
+        // the last one with a caller profile kept.
+        let mut oldest = Callflow(None);
+        while let Some(flow) = seq.next_element::<Callflow<'de>>()? {
+            if flow.0.is_some() {
+                oldest = flow;
+            }
+        }
+        Ok(oldest)
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
         let flow = Flow::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
@@ -281,7 +305,9 @@ mod tests {
             number.map(str::to_owned)
         };
         let flow = r#"{"dialplan":"XML","caller_profile":{"destination_number":"0312345678"}}"#;
-        assert_eq!(number(&format!(r#"{{"callflow":[{flow},{{}}]}}"#)).as_deref(), Some("0312345678"));
+        // Newest first: a transfer's flow, then the one the call arrived with.
+        let transfer = r#"{"dialplan":"XML","caller_profile":{"destination_number":"1000"}}"#;
+        assert_eq!(number(&format!(r#"{{"callflow":[{transfer},{flow},{{}}]}}"#)).as_deref(), Some("0312345678"));
         assert_eq!(number(&format!(r#"{{"callflow":{flow}}}"#)).as_deref(), Some("0312345678"));
         for junk in ["[]", "null", r#""x""#, "1", "[1]"] {
             assert_eq!(number(&format!(r#"{{"callflow":{junk}}}"#)), None, "{junk}");
