@@ -334,6 +334,18 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
             (report, r.error)
         }
         None => {
+            // An import into a new store is the bulk path's first step; into one made by
+            // mistake (a wrong or relative store.path, --config forgotten), the lines
+            // reach no engine: said, so that the operator sees it.
+            let path = &settings.store.path;
+            if !path.join("db").is_file() {
+                let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+                eprintln!(
+                    "note: no store at {}: a new one is made there (store.path; a relative one is taken from the \
+                     working directory, here {cwd})",
+                    path.display()
+                );
+            }
             let store = open_own_store(settings, |topic| {
                 format!(
                     "the store at {} is a node's view of state topic {topic:?}: a line imported here would reach no \

@@ -161,6 +161,9 @@ fn r_l3_provision_import_of_100k_numbers_is_idempotent_and_reports_bad_lines() {
         assert!(stdout.contains("imported 50000 lines (100000 numbers); rejected 2 lines"), "{stdout}");
         assert!(stderr.contains("lines.jsonl:10: rejected:") && stderr.contains("10 or 11 digits"), "{stderr}");
         assert!(stderr.contains("lines.jsonl:40000: rejected:") && stderr.contains("no-at-sign"), "{stderr}");
+        // An import into a store made just now says so (a wrong store.path would
+        // otherwise go unseen); into the existing one it does not.
+        assert_eq!(stderr.contains("note: no store at"), run == 0, "{stderr}");
         states.push(snapshot(&store));
     }
     let (lines, numbers) = &states[0];
