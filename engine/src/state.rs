@@ -351,7 +351,8 @@ impl StateLog {
                 // truth, its last writes with it, and is published below.
                 tracing::warn!(
                     topic = options.topic,
-                    "this store may hold writes its last run did not confirm, but the state topic holds nothing                      to rebuild it from: keeping it as it is"
+                    "this store may hold writes its last run did not confirm, but the state topic holds nothing \
+                     to rebuild it from: keeping it as it is"
                 );
                 store.trust_state()?;
             }
@@ -450,6 +451,7 @@ impl StateLog {
         let started = Instant::now();
         let applier = Applier {
             caught_up_noted: None,
+            topic: options.topic.to_owned(),
             store: store.clone(),
             node: node.clone(),
             consumer: reader,
@@ -794,6 +796,8 @@ fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -
 struct Applier {
     /// When it last noted the store caught up ([`Applier::note_caught_up`]).
     caught_up_noted: Option<Instant>,
+    /// The state topic.
+    topic: String,
     store: Store,
     node: String,
     consumer: BaseConsumer,
@@ -864,10 +868,12 @@ impl Applier {
                     }
                 }
             }
-            if at_end {
-                self.note_caught_up();
-            }
-            let Some(next) = next else { continue };
+            let Some(next) = next else {
+                if at_end {
+                    self.note_caught_up();
+                }
+                continue;
+            };
             // Before the position moves: an owner waiting for its records sees the stop.
             self.report(ignored);
             let unreadable = loop {
@@ -894,6 +900,9 @@ impl Applier {
             values.clear();
             self.progress.set(next);
             self.metrics.state_applied(next);
+            if at_end {
+                self.note_caught_up();
+            }
             for answer in answers.drain(..) {
                 self.waiters.answer(answer.id, answer.results);
             }
@@ -930,6 +939,13 @@ impl Applier {
     /// (what a start measures the store's time away by).
     fn note_caught_up(&mut self) {
         if self.caught_up_noted.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        // Nothing fetched is not the end: the local queue empties between fetches, and a
+        // node catching up after days away would note itself caught up at its first
+        // poll (then, killed midway, not rebuilt at its next start). Its applied
+        // position must have reached the end the cluster last told it of.
+        if cached_end(&self.consumer, &self.topic).is_none_or(|end| self.progress.get() < end) {
             return;
         }
         match self.store.set_caught_up_at(unix_now()) {
@@ -1011,6 +1027,26 @@ fn written_as<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<
 fn owner_poll_interval(configured: Option<&str>) -> String {
     let least = OWNER_POLL_INTERVAL.as_millis();
     configured.and_then(|v| v.trim().parse::<u128>().ok()).map_or(least, |v| v.max(least)).to_string()
+}
+
+/// The end of `topic`'s partition 0 as `consumer`'s last fetch answer gave it, without
+/// asking the cluster (`rd_kafka_get_watermark_offsets`); `None` before any answer.
+fn cached_end<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the pointer is the live handle `consumer` owns, for the whole call; the
+    // topic is a NUL-terminated string that outlives it; librdkafka writes the two
+    // offsets it is given and keeps no pointer to them.
+    let error = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            0,
+            &mut low,
+            &mut high,
+        )
+    };
+    (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 /// Has `producer` send what it holds at once, whatever its `linger.ms`, for up to
