@@ -94,7 +94,7 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
 
     let hidden = hides(&vars.privacy_hide_number, "privacy_hide_number")?
         || hides(&vars.privacy, "privacy")?
-        || asks_privacy(vars.sip_privacy.text("sip_Privacy")?);
+        || asks_privacy(vars.sip_privacy.text("sip_Privacy")?.map(unescape).as_deref());
     let number = first(first(vars.caller_id_number, profile.caller_id_number), vars.sip_from_user);
     let caller = caller(hidden, number.text("caller_id_number")?.map(unescape).as_deref());
 
@@ -284,6 +284,23 @@ mod tests {
         }
         assert!(hides(&Scalar::Bool(true), "privacy").unwrap());
         assert!(!hides(&Scalar::Absent, "privacy").unwrap());
+    }
+
+    /// R-N7: `mod_json_cdr` URL-encodes `sip_Privacy` as any value: `id;critical` comes
+    /// as `id%3Bcritical`, and was not taken for `id` (the number shown).
+    #[test]
+    fn r_n7_a_url_encoded_privacy_header_withholds_the_caller() {
+        let cdr = |privacy: &str| {
+            format!(
+                r#"{{"variables":{{"uuid":"u-1","sip_Privacy":"{privacy}","start_epoch":"1795482000","end_epoch":"1795482030"}},"callflow":[{{"caller_profile":{{"caller_id_number":"09011112222","destination_number":"0312345678"}}}}]}}"#
+            )
+        };
+        for privacy in ["id%3Bcritical", "user%3B%20id", "id", "header"] {
+            assert_eq!(decode(cdr(privacy).as_bytes()).unwrap().caller, Caller::Withheld, "{privacy}");
+        }
+        for shown in ["none", "critical%3Bsession"] {
+            assert!(matches!(decode(cdr(shown).as_bytes()).unwrap().caller, Caller::Number(_)), "{shown}");
+        }
     }
 
     #[test]
