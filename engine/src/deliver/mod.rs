@@ -79,6 +79,13 @@ struct Inner {
     transport: Transport,
     global: DefaultDirectRateLimiter,
     per_recipient: DefaultKeyedRateLimiter<String>,
+    /// Per address over its flood limit, when the next of its waiting mails is due (unix
+    /// ms): each one waiting is given its own slot, one flood period after the last, so
+    /// that a thousand mails waiting for one address do not all fall due at the next
+    /// slot and all but one go back into the queue (a write each, every slot).
+    flood_slots: dashmap::DashMap<String, i64>,
+    /// How often one address may be sent another mail past its burst.
+    flood_period: Duration,
     first_delay: Duration,
     max_delay: Duration,
     give_up: Duration,
@@ -169,6 +176,8 @@ impl Deliverer {
             transport,
             global: RateLimiter::direct(Quota::per_second(per_second)),
             per_recipient: RateLimiter::keyed(flood_quota(per_minute)),
+            flood_slots: dashmap::DashMap::new(),
+            flood_period: flood_period(per_minute),
             first_delay: Duration::from_millis(settings.retry_first_delay_ms.max(1)),
             max_delay: Duration::from_millis(settings.retry_max_delay_ms.max(settings.retry_first_delay_ms).max(1)),
             give_up: Duration::from_secs(settings.retry_give_up_secs),
@@ -222,11 +231,29 @@ impl Deliverer {
         // Over its address's flood limit, the mail waits in the queue, not here: waiting
         // here held its CDR in flight, and an address called more often than its limit
         // filled the engine's in-flight CDRs and paused everyone's.
-        if let Err(not_until) = inner.per_recipient.check_key(&mail.recipient.as_str().to_owned()) {
+        let (recipient, now_ms) = (mail.recipient.as_str(), Utc::now().timestamp_millis());
+        let over_limit = if self.flood_waiting(recipient, now_ms) {
+            Some(None)
+        } else {
+            inner.per_recipient.check_key(&recipient.to_owned()).err().map(Some)
+        };
+        if let Some(not_until) = over_limit {
             inner.metrics.delayed_by_flood();
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+            let due_ms = self.flood_slot(recipient, now_ms, not_until.as_ref());
+            if due_ms - now_ms >= inner.give_up.as_millis() as i64 {
+                // Its turn would come after the give-up age: given up now, as it would be then.
+                let reply = format!(
+                    "not tried: its address's mails over smtp.per_recipient_per_minute wait longer than \
+                     smtp.retry_give_up_secs ({} s)",
+                    inner.give_up.as_secs()
+                );
+                self.give_up(mail, origin, &reply, 0, Failure::Expired).await;
+                self.record(key, origin).await;
+                return Fate::Failed;
+            }
+            self.take_flood_slot(recipient, due_ms);
             let reply = "not tried yet: its address is over smtp.per_recipient_per_minute";
-            self.enqueue(Queued::new(mail, origin, reply, Utc::now()), wait).await;
+            self.enqueue(Queued::new(mail, origin, reply, Utc::now()), until(due_ms)).await;
             return Fate::Queued;
         }
         let answer = tokio::select! {
@@ -426,10 +453,15 @@ impl Deliverer {
         // Flood control holds for retries too: a recipient over its limit has the mail
         // put back until the limit allows it, without an attempt and without holding
         // one of the retry slots meanwhile.
+        // A mail waiting longer than the give-up age is given up here too: an address
+        // called more often than its limit for a day would otherwise queue without end.
         if let Err(not_until) = inner.per_recipient.check_key(&mail.recipient.as_str().to_owned()) {
+            let due_ms = self.flood_slot(mail.recipient.as_str(), now_ms, Some(&not_until));
+            if self.expired(slot, &entry, &mail, &origin, due_ms, &entry.last_reply).await {
+                return;
+            }
             inner.metrics.delayed_by_flood();
-            let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
-            let due_ms = Utc::now().timestamp_millis() + wait.as_millis() as i64;
+            self.take_flood_slot(mail.recipient.as_str(), due_ms);
             self.reschedule(slot, entry, due_ms).await;
             return;
         }
@@ -459,6 +491,34 @@ impl Deliverer {
                 self.reschedule(slot, entry, due_ms).await;
             }
         }
+    }
+
+    /// Whether mails to `recipient` wait for their flood slots at `now_ms`: a new one
+    /// waits behind them, instead of taking the slot the first of them waits for.
+    fn flood_waiting(&self, recipient: &str, now_ms: i64) -> bool {
+        self.inner.flood_slots.get(recipient).is_some_and(|next| *next > now_ms)
+    }
+
+    /// When a mail to `recipient`, over its flood limit at `now_ms` (until `not_until`,
+    /// if the limiter said), can be tried: the limit's next slot, or the one after the
+    /// last mail waiting for it. Not taken until [`Deliverer::take_flood_slot`].
+    fn flood_slot(
+        &self,
+        recipient: &str,
+        now_ms: i64,
+        not_until: Option<&governor::NotUntil<governor::clock::QuantaInstant>>,
+    ) -> i64 {
+        let clock = governor::clock::DefaultClock::default();
+        let wait = not_until.map_or(Duration::ZERO, |n| n.wait_time_from(governor::clock::Clock::now(&clock)));
+        let earliest = now_ms + wait.as_millis() as i64;
+        self.inner.flood_slots.get(recipient).map_or(earliest, |next| (*next).max(earliest))
+    }
+
+    /// Takes `recipient`'s flood slot `due`: the next mail waiting gets the one after.
+    fn take_flood_slot(&self, recipient: &str, due: i64) {
+        let after = due + self.inner.flood_period.as_millis() as i64;
+        let mut next = self.inner.flood_slots.entry(recipient.to_owned()).or_insert(after);
+        *next = (*next).max(after);
     }
 
     /// Gives `slot`'s mail up if it has been failing for the give-up age at `now_ms`
@@ -630,10 +690,15 @@ impl TestMailer {
 /// the first minute.)
 fn flood_quota(per_minute: NonZeroU32) -> Quota {
     let burst = (per_minute.get() / 2).max(1);
-    let refill = (per_minute.get() - burst).max(1);
-    Quota::with_period(Duration::from_secs(60) / refill)
+    Quota::with_period(flood_period(per_minute))
         .expect("a positive period")
         .allow_burst(NonZeroU32::new(burst).expect("at least 1"))
+}
+
+/// The interval [`flood_quota`] refills one mail in.
+fn flood_period(per_minute: NonZeroU32) -> Duration {
+    let burst = (per_minute.get() / 2).max(1);
+    Duration::from_secs(60) / (per_minute.get() - burst).max(1)
 }
 
 async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
@@ -644,6 +709,9 @@ async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
         let Some(inner) = inner.upgrade() else { return };
         inner.per_recipient.retain_recent();
         inner.per_recipient.shrink_to_fit();
+        // Slots handed out that are past: nobody waits for them any more.
+        let now_ms = Utc::now().timestamp_millis();
+        inner.flood_slots.retain(|_, next| *next > now_ms);
     }
 }
 

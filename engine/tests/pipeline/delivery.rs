@@ -155,6 +155,38 @@ async fn r_m3_an_address_over_its_flood_limit_holds_up_no_other_subscriber() {
     assert_eq!(stopped.metric("callnotify_retry_queue_mails"), (HOT - 1) as f64, "the rest wait in the queue");
 }
 
+/// R-M4, `smtp.retry_give_up_secs`: the mails waiting for an address over its flood
+/// limit each get a turn of their own, one flood period after the other; one whose turn
+/// would come after the give-up age is dead-lettered as expired at once, as it would be
+/// then. They queued without end (an address called more often than its limit for a
+/// day), all falling due at the next turn, and went out days late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_mails_whose_flood_turn_comes_after_the_give_up_age_are_given_up() {
+    let h = Harness::new(1).await;
+    // 2 a minute: one at once, then one a minute; given up after 90 s.
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "2"),
+            ("CALLNOTIFY__SMTP__RETRY_GIVE_UP_SECS", "90"),
+            ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2"),
+        ])
+        .await;
+    engine.provision(&[plain_subscriber(CALLED, "office@example.jp")]);
+    let cdrs: Vec<String> =
+        (0..5).map(|i| cdr(&format!("busy-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    h.produce(TOPIC, &cdrs).await;
+    // The first goes at once, the second waits its turn a minute on, the other three's
+    // turns would come after 90 s.
+    engine.wait_metric(r#"callnotify_mails_failed_total{reason="expired"}"#, 3.0).await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails.len(), 1);
+    let records = h.dead_letters(3);
+    assert!(records.iter().all(|r| r["smtp_reply"].as_str().unwrap().contains("retry_give_up_secs")), "{records:?}");
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 1.0, "the second waits its turn");
+    assert_eq!(stopped.metric(r#"callnotify_mails_failed_total{reason="expired"}"#), 3.0);
+}
+
 /// Flood control used to apply to first attempts only: mails deferred by a 451 came
 /// back from the retry queue all at once (57 to one address within 6 s after an
 /// outage). A retried mail over its recipient's limit goes back into the queue until
