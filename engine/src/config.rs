@@ -481,9 +481,15 @@ pub fn unread_env_vars(env: impl IntoIterator<Item = (String, String)>) -> Vec<(
         .collect()
 }
 
+/// The settings that hold a secret (section, key), beside the secret librdkafka
+/// properties ([`is_secret_property`]).
+const SECRET_SETTINGS: [(&str, &str); 2] = [("smtp", "password"), ("metrics", "provision_token")];
+
 /// Whether the setting at `key` (`section.key`, as serde names it) holds a secret.
 fn is_secret_key(key: &str) -> bool {
-    matches!(key, "smtp.password" | "metrics.provision_token")
+    SECRET_SETTINGS
+        .iter()
+        .any(|(section, name)| key.strip_prefix(section).and_then(|k| k.strip_prefix('.')) == Some(name))
         || key.strip_prefix("kafka.properties.").is_some_and(is_secret_property)
 }
 
@@ -495,7 +501,7 @@ fn masked(mut table: toml::Table) -> String {
             *v = toml::Value::String("***".into());
         }
     };
-    for (section, key) in [("smtp", "password"), ("metrics", "provision_token")] {
+    for (section, key) in SECRET_SETTINGS {
         if let Some(secret) = table.get_mut(section).and_then(|t| t.get_mut(key)) {
             mask(secret);
         }

@@ -700,8 +700,7 @@ impl Drop for StateLog {
 /// (by the record's creation time; a record without one is taken as in time).
 fn too_late(message: &OwnedMessage) -> Option<Duration> {
     let rdkafka::Timestamp::CreateTime(sent_ms) = message.timestamp() else { return None };
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64;
-    let late = Duration::from_millis(now_ms.saturating_sub(sent_ms).max(0) as u64);
+    let late = Duration::from_millis(chrono::Utc::now().timestamp_millis().saturating_sub(sent_ms).max(0) as u64);
     (late > REQUEST_EXPIRES).then_some(late)
 }
 
@@ -714,50 +713,30 @@ const TOMBSTONES_KEPT_BY_DEFAULT: Duration = Duration::from_secs(86_400);
 const AWAY_MARGIN: Duration = Duration::from_secs(3_600);
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    chrono::Utc::now().timestamp().max(0) as u64
 }
 
 /// How long the state topic keeps a tombstone after compaction reaches it (its
 /// `delete.retention.ms`).
 fn tombstones_kept_for(options: &StateOptions<'_>) -> Duration {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    let asked =
-        options.reach.producer(&[]).create::<AdminClient<rdkafka::client::DefaultClientContext>>().map(|admin| {
-            // A cluster answers at once; one that cannot (librdkafka's mock) is not waited
-            // for long.
-            let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
-            let described = block_on(admin.describe_configs(&[ResourceSpecifier::Topic(options.topic)], &opts));
-            described.ok().and_then(|mut results| results.pop()).and_then(Result::ok).and_then(|resource| {
-                resource.get("delete.retention.ms").and_then(|e| e.value.as_deref()).and_then(|v| v.parse::<u64>().ok())
-            })
-        });
+    // A start runs on tokio's blocking pool: the runtime waits for the admin answer.
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let admin = options.reach.producer(&[]).create::<AdminClient<rdkafka::client::DefaultClientContext>>().ok();
+    let asked = runtime.zip(admin).and_then(|(runtime, admin)| {
+        // A cluster answers at once; one that cannot (librdkafka's mock) is not waited
+        // for long.
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+        let described = runtime.block_on(admin.describe_configs(&[ResourceSpecifier::Topic(options.topic)], &opts));
+        described.ok()?.pop()?.ok()?.get("delete.retention.ms")?.value.as_deref()?.parse::<u64>().ok()
+    });
     match asked {
-        Ok(Some(ms)) => Duration::from_millis(ms),
+        Some(ms) => Duration::from_millis(ms),
         _ => {
             tracing::warn!(topic = options.topic, assumed = ?TOMBSTONES_KEPT_BY_DEFAULT,
                 "the state topic's delete.retention.ms could not be read (DescribeConfigs): assuming Kafka's default");
             TOMBSTONES_KEPT_BY_DEFAULT
         }
-    }
-}
-
-/// Runs `future` to its end on this thread (an admin request: librdkafka's own thread
-/// completes it).
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl std::task::Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = std::task::Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
-            return output;
-        }
-        std::thread::park();
     }
 }
 

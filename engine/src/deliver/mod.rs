@@ -19,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::clock::QuantaInstant;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, NotUntil, Quota, RateLimiter};
 
 use self::breaker::{Admit, Breaker};
 use self::client::ClientError;
@@ -231,15 +232,11 @@ impl Deliverer {
         // Over its address's flood limit, the mail waits in the queue, not here: waiting
         // here held its CDR in flight, and an address called more often than its limit
         // filled the engine's in-flight CDRs and paused everyone's.
-        let (recipient, now_ms) = (mail.recipient.as_str(), Utc::now().timestamp_millis());
-        let over_limit = if self.flood_waiting(recipient, now_ms) {
-            Some(None)
-        } else {
-            inner.per_recipient.check_key(&recipient.to_owned()).err().map(Some)
-        };
-        if let Some(not_until) = over_limit {
+        let recipient = mail.recipient.as_str();
+        if let Err(not_until) = inner.per_recipient.check_key(&recipient.to_owned()) {
             inner.metrics.delayed_by_flood();
-            let due_ms = self.flood_slot(recipient, now_ms, not_until.as_ref());
+            let now_ms = Utc::now().timestamp_millis();
+            let due_ms = self.flood_slot(recipient, now_ms, &not_until);
             if due_ms - now_ms >= inner.give_up.as_millis() as i64 {
                 // Its turn would come after the give-up age: given up now, as it would be then.
                 let reply = format!(
@@ -456,7 +453,7 @@ impl Deliverer {
         // A mail waiting longer than the give-up age is given up here too: an address
         // called more often than its limit for a day would otherwise queue without end.
         if let Err(not_until) = inner.per_recipient.check_key(&mail.recipient.as_str().to_owned()) {
-            let due_ms = self.flood_slot(mail.recipient.as_str(), now_ms, Some(&not_until));
+            let due_ms = self.flood_slot(mail.recipient.as_str(), now_ms, &not_until);
             if self.expired(slot, &entry, &mail, &origin, due_ms, &entry.last_reply).await {
                 return;
             }
@@ -493,23 +490,11 @@ impl Deliverer {
         }
     }
 
-    /// Whether mails to `recipient` wait for their flood slots at `now_ms`: a new one
-    /// waits behind them, instead of taking the slot the first of them waits for.
-    fn flood_waiting(&self, recipient: &str, now_ms: i64) -> bool {
-        self.inner.flood_slots.get(recipient).is_some_and(|next| *next > now_ms)
-    }
-
-    /// When a mail to `recipient`, over its flood limit at `now_ms` (until `not_until`,
-    /// if the limiter said), can be tried: the limit's next slot, or the one after the
-    /// last mail waiting for it. Not taken until [`Deliverer::take_flood_slot`].
-    fn flood_slot(
-        &self,
-        recipient: &str,
-        now_ms: i64,
-        not_until: Option<&governor::NotUntil<governor::clock::QuantaInstant>>,
-    ) -> i64 {
-        let clock = governor::clock::DefaultClock::default();
-        let wait = not_until.map_or(Duration::ZERO, |n| n.wait_time_from(governor::clock::Clock::now(&clock)));
+    /// When a mail to `recipient`, over its flood limit at `now_ms` until `not_until`, can
+    /// be tried: the limit's next slot, or the one after the last mail waiting for it.
+    /// Not taken until [`Deliverer::take_flood_slot`].
+    fn flood_slot(&self, recipient: &str, now_ms: i64, not_until: &NotUntil<QuantaInstant>) -> i64 {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
         let earliest = now_ms + wait.as_millis() as i64;
         self.inner.flood_slots.get(recipient).map_or(earliest, |next| (*next).max(earliest))
     }

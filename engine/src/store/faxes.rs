@@ -116,13 +116,19 @@ impl Store {
     pub(super) fn forget_faxes_here(&self, number: &PhoneNumber, written: &mut Written) -> Result<(), StoreError> {
         let prefix = format!("{number}/");
         for item in self.faxes.scan_prefix(prefix.as_bytes()) {
-            let key = String::from_utf8_lossy(&item?.0).into_owned();
-            self.update_fax(&key, written, |r| r.deleted = true)?;
-            if self.fax_documents.remove(key.as_bytes())?.is_some() {
-                written.put(StateKey { tree: StateTree::FaxDocuments, id: key }, None);
-            }
+            self.delete_fax_here(&String::from_utf8_lossy(&item?.0), written)?;
         }
         Ok(())
+    }
+
+    /// Marks the fax under `key` deleted and removes its document: whether there was one
+    /// to delete.
+    fn delete_fax_here(&self, key: &str, written: &mut Written) -> Result<bool, StoreError> {
+        let deleted = self.update_fax(key, written, |r| r.deleted = true)?;
+        if self.fax_documents.remove(key.as_bytes())?.is_some() {
+            written.put(StateKey { tree: StateTree::FaxDocuments, id: key.to_owned() }, None);
+        }
+        Ok(deleted)
     }
 
     /// Changes the record under `key` by `change` (nothing if there is none, or it is
@@ -160,13 +166,7 @@ impl Store {
                 self.update_fax(key, &mut written, |r| r.read = true)?;
                 Reply::Done
             }
-            Op::DeleteFax { key } => {
-                let deleted = self.update_fax(key, &mut written, |r| r.deleted = true)?;
-                if self.fax_documents.remove(key.as_bytes())?.is_some() {
-                    written.put(StateKey { tree: StateTree::FaxDocuments, id: key.clone() }, None);
-                }
-                Reply::Removed(deleted)
-            }
+            Op::DeleteFax { key } => Reply::Removed(self.delete_fax_here(key, &mut written)?),
             Op::ExpireFaxes { before } => {
                 for item in self.faxes.iter() {
                     let (key, raw) = item?;

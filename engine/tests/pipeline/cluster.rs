@@ -760,8 +760,7 @@ async fn r_n1_a_node_reports_no_lag_for_a_partition_it_gave_up() {
         )
         .await;
     a.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
-    let cdrs: Vec<String> =
-        (0..40).map(|i| cdr(&format!("lag-{i}"), "0312345678", Some("09011112222"), "allowed", "no_answer")).collect();
+    let cdrs: Vec<String> = missed_calls("0312345678", "lag", 40);
     h.produce(TOPIC, &cdrs).await;
     let series =
         |partition: i32| format!(r#"callnotify_consumer_lag_messages{{topic="{TOPIC}",partition="{partition}"}}"#);

@@ -114,8 +114,7 @@ async fn r_m3_flooded_recipients_are_delayed_not_dropped() {
     engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
 
     // 60 a minute is a burst of 30, then one every 2 s: the 31st to 34th wait.
-    let cdrs: Vec<String> =
-        (0..34).map(|i| cdr(&format!("flood-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    let cdrs: Vec<String> = missed_calls(CALLED, "flood", 34);
     h.produce(TOPIC, &cdrs).await;
     let mails = h.mails(34).await;
     assert_eq!(mails.len(), 34);
@@ -142,8 +141,7 @@ async fn r_m3_an_address_over_its_flood_limit_holds_up_no_other_subscriber() {
         .await;
     engine
         .provision(&[plain_subscriber(CALLED, "office@example.jp"), plain_subscriber("0698765432", "jiro@example.jp")]);
-    let mut cdrs: Vec<String> =
-        (0..HOT).map(|i| cdr(&format!("hot-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    let mut cdrs: Vec<String> = missed_calls(CALLED, "hot", HOT);
     cdrs.push(cdr("other", "0698765432", Some("09011112222"), "allowed", "no_answer"));
     h.produce(TOPIC, &cdrs).await;
     let mails = h.mails(2).await;
@@ -172,8 +170,7 @@ async fn r_m4_mails_whose_flood_turn_comes_after_the_give_up_age_are_given_up() 
         ])
         .await;
     engine.provision(&[plain_subscriber(CALLED, "office@example.jp")]);
-    let cdrs: Vec<String> =
-        (0..5).map(|i| cdr(&format!("busy-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    let cdrs: Vec<String> = missed_calls(CALLED, "busy", 5);
     h.produce(TOPIC, &cdrs).await;
     // The first goes at once, the second waits its turn a minute on, the other three's
     // turns would come after 90 s.
@@ -203,8 +200,7 @@ async fn r_m3_retried_mails_keep_to_the_flood_limit() {
         .await;
     engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
     h.sink.fail_next(SmtpStage::DataEnd, 451, 2);
-    let cdrs: Vec<String> =
-        (0..2).map(|i| cdr(&format!("deferred-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    let cdrs: Vec<String> = missed_calls(CALLED, "deferred", 2);
     h.produce(TOPIC, &cdrs).await;
     // Both first attempts took the burst and were deferred; their retries are over it.
     engine.wait_metric(r#"callnotify_mails_delayed_total{limit="flood"}"#, 1.0).await;

@@ -309,6 +309,11 @@ pub fn summary(mails: &[ReceivedMail]) -> Vec<(Vec<String>, String)> {
 /// Provisions ten plain subscribers, `{prefix}00` to `{prefix}09`, each mailed at
 /// `NUMBER@example.jp`, and returns `calls` CDRs of missed calls to them in turn, with
 /// call ids `{id}-0`, `{id}-1`…
+/// `calls` missed calls to `called` from 09011112222, ids `{id}-0`, `{id}-1`, …
+pub fn missed_calls(called: &str, id: &str, calls: usize) -> Vec<String> {
+    (0..calls).map(|i| cdr(&format!("{id}-{i}"), called, Some("09011112222"), "allowed", "no_answer")).collect()
+}
+
 pub fn missed_calls_to_ten(engine: &TestEngine, prefix: &str, id: &str, calls: usize) -> Vec<String> {
     let numbers: Vec<String> = (0..10).map(|i| format!("{prefix}{i:02}")).collect();
     engine.provision(&numbers.iter().map(|n| plain_subscriber(n, &format!("{n}@example.jp"))).collect::<Vec<_>>());
