@@ -38,6 +38,16 @@ pub enum PhoneNumberError {
     Length { len: usize, input: String },
 }
 
+/// `81` followed by a national number without its trunk `0` (nine or ten digits), or
+/// with it (the slip `+81 03…` is taken too).
+fn is_e164_japan(digits: &[u8]) -> bool {
+    match digits.strip_prefix(b"81".as_slice()) {
+        Some(national) if national.first() == Some(&b'0') => (10..=11).contains(&national.len()),
+        Some(national) => (9..=10).contains(&national.len()),
+        None => false,
+    }
+}
+
 impl PhoneNumber {
     /// Parses a subscriber's national number strictly: digits only, leading `0`, 10 or 11
     /// digits (R-L2). Used for provisioning, settings and called numbers.
@@ -62,7 +72,8 @@ impl PhoneNumber {
     }
 
     /// Normalises a number as exchanges send it (caller or called) to R-L2 form:
-    /// spaces, hyphens and parentheses are dropped, `+81`/`0081` become `0`, another
+    /// spaces, hyphens and parentheses are dropped, `+81`/`0081` (or `81` and a national
+    /// number, E.164 without its `+`) become `0`, another
     /// `+CC`/`00CC` becomes `010CC` (how Japan dials abroad). Returns `None` when no
     /// plausible number remains (empty, letters, too long).
     pub fn from_caller(input: &str) -> Option<Self> {
@@ -82,6 +93,10 @@ impl PhoneNumber {
         }
         let digits = &buf[..len];
         let international = if plus {
+            Some(digits)
+        } else if is_e164_japan(digits) {
+            // E.164 without its `+`, as SIP trunks often send it: no national number
+            // starts with 8, so `81` and nine or ten digits can only be Japan's code.
             Some(digits)
         } else {
             digits.strip_prefix(b"00".as_slice()).filter(|rest| rest.first().is_some_and(|&d| d != b'0'))
@@ -200,6 +215,19 @@ mod tests {
         assert_eq!(n("0001234567"), None);
         assert_eq!(n("0012345678").as_deref(), Some("01012345678"), "a call abroad (00 + country 1)");
         assert_eq!(n("1234567890123456789012345"), None);
+    }
+
+    #[test]
+    fn r_l2_r_n5_e164_numbers_sent_without_their_plus_are_japanese_numbers() {
+        // SIP trunks send `819011112222` for +81 90-1111-2222: a designated caller (R-N5)
+        // must match, and a called number must find its subscriber.
+        let n = |s| PhoneNumber::from_caller(s).map(|p| p.to_string());
+        assert_eq!(n("819011112222").as_deref(), Some("09011112222"));
+        assert_eq!(n("81312345678").as_deref(), Some("0312345678"));
+        assert_eq!(n("810312345678").as_deref(), Some("0312345678"));
+        // Too short or too long for a national number after 81: not taken for one.
+        assert_eq!(n("8112345"), None);
+        assert_eq!(n("81901111222233"), None);
     }
 
     #[test]
