@@ -633,6 +633,33 @@ async fn r_m3_a_number_moved_to_another_contract_keeps_no_password_session_or_de
     assert!(app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap().call.destinations.is_empty());
 }
 
+/// R-A1, R-A2, R-L3: a number-unit line's additional number has a password of its own;
+/// the operator imports the line with `"unit":"line"` (an older export, say). That
+/// password logged in and reached every number of the line, the contract number's
+/// destinations too. A unit changed by provisioning now removes the credentials the new
+/// unit does not use, as a change by phone or on the site does.
+#[tokio::test]
+async fn r_a1_a_line_provisioned_to_line_unit_keeps_no_additional_number_s_password() {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    app.f.credentials.set_password_async(n(ADDITIONAL), PASSWORD.into(), t0()).await.unwrap();
+    app.f.credentials.set_password_async(n(CONTRACT), "abcd5678".into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, ADDITIONAL, PASSWORD).await;
+
+    let line_unit = r#"{"contract":"0312345678","unit":"line","numbers":[{"number":"0312345678","services":["call"]},{"number":"0312345679","services":["call"]},{"number":"0312345670","services":["fax"]}]}"#;
+    let report = engine::provision::import(&app.f.store, line_unit.as_bytes()).unwrap();
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+    assert_eq!(app.f.store.line(&n(CONTRACT)).unwrap().unwrap().unit, Some(AuthUnit::Line));
+    assert!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().is_none());
+    assert_eq!(login(&app, ADDITIONAL, PASSWORD).await.status, StatusCode::OK, "the login page again: refused");
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+    // The line logs in with the contract number's password, which stays (R-A1).
+    assert_eq!(login(&app, CONTRACT, "abcd5678").await.location(), Some("/"));
+    // Imported again unchanged, nothing more is removed.
+    engine::provision::import(&app.f.store, line_unit.as_bytes()).unwrap();
+    assert!(app.f.credentials.record(&n(CONTRACT)).unwrap().is_some());
+}
+
 /// Behind the TLS proxy the brake's address is the last one the proxy added to
 /// `X-Forwarded-For`, with a port or without; a request without a usable one is braked
 /// under the proxy's own address. Those had no address: their logins went unbraked.

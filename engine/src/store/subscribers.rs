@@ -214,8 +214,25 @@ impl Store {
                 }
             }
             let mut stored = line.clone();
+            let old_unit = old_line.as_ref().and_then(|l| l.unit);
             if stored.unit.is_none() {
-                stored.unit = old_line.and_then(|l| l.unit);
+                stored.unit = old_unit;
+            }
+            // A unit the operator changes removes the credentials the new unit does not
+            // use, as a change by phone or on the site does (R-O2, R-O3): under `line`
+            // or `number` an additional number's password left from before would log
+            // in with the new unit's reach (R-A1, R-A2). Its sessions end with it.
+            // (No unit reads as `number`, as at login.)
+            let effective = |unit: Option<AuthUnit>| unit.unwrap_or(AuthUnit::Number);
+            if old_line.is_some()
+                && effective(stored.unit) != effective(old_unit)
+                && stored.unit != Some(AuthUnit::AdminUser)
+            {
+                for other in stored.numbers.iter().filter(|n| **n != stored.contract) {
+                    if self.credentials.remove(other.as_str())?.is_some() {
+                        written.credential_removed(other);
+                    }
+                }
             }
             for (number, services, settings) in numbers {
                 let raw = self.numbers.get(number.as_str())?;
