@@ -711,6 +711,31 @@ mod tests {
         assert!(report.rejected[0].1.contains("at most 5"), "{:?}", report.rejected);
     }
 
+    /// R-M3, R-S9: the old subscriber opened the settings form of a number (version 0,
+    /// never saved), and the operator moved the number to another line before the save
+    /// reached the state owner. The save went through (the moved number started again
+    /// at version 0) and put the old subscriber's address on the new subscriber's number.
+    #[test]
+    fn r_m3_a_save_from_before_a_number_moved_is_refused_as_stale() {
+        let store = Store::temporary().unwrap();
+        let old_line = r#"{"contract":"0312340001","numbers":[{"number":"0312340001"},{"number":"0312340002"}]}"#;
+        import(&store, old_line.as_bytes()).unwrap();
+        let form_version = store.number(&n("0312340002")).unwrap().unwrap().call.version;
+        let new_line = r#"{"contract":"0312340009","numbers":[{"number":"0312340009"},{"number":"0312340002"}]}"#;
+        import(&store, new_line.as_bytes()).unwrap();
+        let old_subscribers = crate::store::CallSettings {
+            enabled: true,
+            destinations: vec![crate::store::Destination {
+                address: crate::address::DestinationAddress::parse("old@example.jp").unwrap(),
+                send: true,
+            }],
+            ..Default::default()
+        };
+        let saved = store.save_call_settings(&n("0312340002"), form_version, old_subscribers);
+        assert!(matches!(saved, Err(StoreError::StaleVersion { .. })), "{saved:?}");
+        assert!(store.number(&n("0312340002")).unwrap().unwrap().call.destinations.is_empty());
+    }
+
     #[test]
     fn importing_twice_gives_the_same_state() {
         let store = Store::temporary().unwrap();

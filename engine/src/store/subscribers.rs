@@ -236,6 +236,7 @@ impl Store {
             }
             for (number, services, settings) in numbers {
                 let raw = self.numbers.get(number.as_str())?;
+                let mut past_versions = None;
                 let mut old: Option<NumberRecord> = raw.as_deref().map(serde_json::from_slice).transpose()?;
                 // A number new to the store has no credential: one left from before it
                 // was removed (by an older version) belongs to someone else.
@@ -262,6 +263,11 @@ impl Store {
                     }
                     self.forget_faxes_here(number, &mut written)?;
                     upserted.moved.push((*number, other));
+                    // Its settings start over past the old ones' versions: a save from
+                    // the old subscriber's form, checked before the move and carried out
+                    // after it, is then refused as stale instead of putting their
+                    // addresses on the new subscriber's number (R-S9).
+                    past_versions = old.as_ref().map(|o| (o.call.version + 1, o.fax.version + 1));
                     old = None;
                 }
                 let old_call = old.as_ref().map(|o| &o.call);
@@ -282,7 +288,12 @@ impl Store {
                 };
                 // Fax settings are the site's: an import keeps them (a moved number
                 // arrives without them, as without its call settings).
-                let fax = old.as_ref().map(|o| o.fax.clone()).unwrap_or_default();
+                let mut fax = old.as_ref().map(|o| o.fax.clone()).unwrap_or_default();
+                let mut call = call;
+                if let Some((call_version, fax_version)) = past_versions {
+                    call.version = call.version.max(call_version);
+                    fax.version = fax.version.max(fax_version);
+                }
                 let record = NumberRecord { number: *number, contract: line.contract, services: *services, call, fax };
                 if old.as_ref() != Some(&record) {
                     let new = sled::IVec::from(serde_json::to_vec(&record)?);
