@@ -3,7 +3,8 @@
 //! nothing cannot use up the file descriptors the mail pipeline shares with them.
 //!
 //! [`Guarded`] wraps an `axum::serve::Listener`: past `max_connections` open ones, or
-//! `per_client` from one IP address, a new connection is closed at once. Each accepted
+//! `per_client` from one client (an IP address, an IPv6 one by its /64), a new
+//! connection is closed at once. Each accepted
 //! connection is a [`GuardedIo`], closed after `idle` without a byte either way (a
 //! half-sent request, an idle keep-alive) and, where `lifetime` is set, after that long
 //! whatever it does (a client trickling a byte now and then); a request being answered
@@ -72,6 +73,19 @@ pub struct Guarded<L> {
     name: &'static str,
 }
 
+/// The address a client is counted under: an IPv6 address by its /64, the block one
+/// subscriber line or host is given (counted one by one, a client with a /64 had 2^64
+/// fresh addresses to spread over), an IPv4-mapped one as the IPv4 address it is.
+pub fn client_block(client: IpAddr) -> IpAddr {
+    match client {
+        IpAddr::V4(_) => client,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
 impl<L> Guarded<L> {
     pub fn new(inner: L, limits: Limits, name: &'static str) -> Self {
         Self { inner, limits, open: Arc::default(), name }
@@ -79,6 +93,7 @@ impl<L> Guarded<L> {
 
     /// A slot for a connection from `client`, if the limits allow one.
     fn admit(&self, client: IpAddr) -> Option<Slot> {
+        let client = client_block(client);
         let open = &self.open;
         if open.all.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
             open.all.fetch_sub(1, Ordering::AcqRel);
@@ -312,6 +327,16 @@ mod tests {
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await?;
         Ok(answer)
+    }
+
+    /// A client with an IPv6 /64 is one client: its 2^64 addresses are counted together.
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64_block() {
+        let block = |s: &str| client_block(s.parse().unwrap());
+        assert_eq!(block("2001:db8:1:2::1"), block("2001:db8:1:2:ffff:ffff:ffff:fffe"));
+        assert_ne!(block("2001:db8:1:2::1"), block("2001:db8:1:3::1"));
+        assert_eq!(block("::ffff:192.0.2.7"), block("192.0.2.7"));
+        assert_ne!(block("192.0.2.7"), block("192.0.2.8"));
     }
 
     /// A client holding its share of connections is refused more, and another client

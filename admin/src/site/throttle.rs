@@ -7,8 +7,9 @@
 //! R-S3.
 //!
 //! The trade-off: R-S3 stays as written, so a stranger can still invalidate a password,
-//! but no longer from one address in a burst: 10 wrong entries take at least two
-//! windows (30 minutes) from one address. An invalidated password is never a lock-out
+//! but no longer from one address in a burst: 10 wrong entries take more than a window
+//! (15 minutes) from one address. An IPv6 client is one address per /64
+//! ([`engine::http::client_block`]). An invalidated password is never a lock-out
 //! for good either: the subscriber sets a temporary password by phone from the line
 //! (R-I1), which no stranger can. The brake is per address, so a subscriber on another
 //! address is not slowed by someone else's guessing.
@@ -21,7 +22,7 @@ use dashmap::DashMap;
 
 /// Wrong logins one client address may make within [`WINDOW`].
 pub const MAX_FAILURES: u32 = 5;
-/// The window the failures are counted in, from the first of them.
+/// The window the failures are counted in: the last 15 minutes at each attempt.
 pub const WINDOW: Duration = Duration::minutes(15);
 /// Addresses tracked at most; past it, windows that have passed are dropped.
 const MAX_TRACKED: usize = 100_000;
@@ -33,10 +34,11 @@ pub struct Throttle {
 }
 
 struct Tally {
-    /// Wrong logins since `since`.
-    failed: u32,
-    /// The start of the window: the first wrong login in it.
-    since: DateTime<Utc>,
+    /// When the last wrong logins were, at most [`MAX_FAILURES`] of them, oldest first.
+    /// A window sliding over them, not one starting afresh at the first failure after
+    /// the last: that let 4 wrong logins just before a window's end and 5 just after
+    /// through in a second.
+    failed_at: Vec<DateTime<Utc>>,
     /// Attempts whose password is being checked: each may turn out wrong, so they count
     /// against the allowance until it is known (attempts sent at once would otherwise
     /// all pass before the first failure is counted).
@@ -47,14 +49,13 @@ impl Throttle {
     /// Starts an attempt of `client` at `now`, if it may make one; `None` past its wrong
     /// logins (those being checked included) within the window.
     pub fn begin(self: &Arc<Self>, client: IpAddr, now: DateTime<Utc>) -> Option<Attempt> {
+        let client = engine::http::client_block(client);
         if self.tallies.len() >= MAX_TRACKED {
-            self.tallies.retain(|_, t| t.checking > 0 || (t.failed > 0 && now - t.since < WINDOW));
+            self.tallies.retain(|_, t| t.checking > 0 || t.failed_at.iter().any(|at| now - *at < WINDOW));
         }
-        let mut tally = self.tallies.entry(client).or_insert(Tally { failed: 0, since: now, checking: 0 });
-        if tally.failed > 0 && now - tally.since >= WINDOW {
-            tally.failed = 0;
-        }
-        if tally.failed + tally.checking >= MAX_FAILURES {
+        let mut tally = self.tallies.entry(client).or_insert(Tally { failed_at: Vec::new(), checking: 0 });
+        tally.failed_at.retain(|at| now - *at < WINDOW);
+        if tally.failed_at.len() as u32 + tally.checking >= MAX_FAILURES {
             return None;
         }
         tally.checking += 1;
@@ -95,10 +96,10 @@ impl Drop for Attempt {
         if let Some(mut tally) = self.throttle.tallies.get_mut(&self.client) {
             tally.checking -= 1;
             if self.wrong {
-                if tally.failed == 0 {
-                    tally.since = self.at;
+                if tally.failed_at.len() >= MAX_FAILURES as usize {
+                    tally.failed_at.remove(0);
                 }
-                tally.failed += 1;
+                tally.failed_at.push(self.at);
             }
         }
     }
@@ -148,6 +149,36 @@ mod tests {
         }
         assert!(throttle.begin(client, t0() + Duration::minutes(16)).is_none(), "15 minutes from the first wrong one");
         assert!(throttle.begin(client, t0() + Duration::minutes(29)).is_some());
+    }
+
+    /// One wrong login, then four just before the 15 minutes from it are over: five more
+    /// came through just after (the window started afresh), nine wrong entries in a
+    /// second from one address. The window slides: one more, then braked.
+    #[test]
+    fn wrong_logins_at_a_window_s_end_do_not_get_a_fresh_allowance() {
+        let throttle = Arc::new(Throttle::default());
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        throttle.begin(client, t0()).expect("the first").failed();
+        let late = t0() + WINDOW - Duration::seconds(1);
+        for _ in 1..MAX_FAILURES {
+            throttle.begin(client, late).expect("within the allowance").failed();
+        }
+        let after = t0() + WINDOW;
+        throttle.begin(client, after).expect("the first one's place, freed").failed();
+        assert!(throttle.begin(client, after).is_none(), "the four of a second ago still count");
+        assert!(throttle.begin(client, late + WINDOW).is_some(), "once they are 15 minutes old");
+    }
+
+    /// A client with an IPv6 /64 has 2^64 addresses: braked as one.
+    #[test]
+    fn an_ipv6_client_is_braked_by_its_64_block() {
+        let throttle = Arc::new(Throttle::default());
+        for i in 0..MAX_FAILURES {
+            let client: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
+            throttle.begin(client, t0()).expect("within the allowance").failed();
+        }
+        assert!(throttle.begin("2001:db8:1:2:ffff::9".parse().unwrap(), t0()).is_none());
+        assert!(throttle.begin("2001:db8:1:3::1".parse().unwrap(), t0()).is_some(), "another /64");
     }
 
     /// An attempt whose handler went away before its verdict (the client closed its
