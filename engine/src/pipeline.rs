@@ -119,9 +119,22 @@ impl Pipeline {
     /// Runs one message through every stage at `now`, counting what becomes of it.
     /// Fails only if the store cannot be read: the CDR must then not be skipped.
     pub fn run(&self, format: CdrFormat, payload: &[u8], now: DateTime<Utc>) -> Result<Outcome, StoreError> {
-        if format == CdrFormat::Fax {
-            return self.run_fax(payload, now);
+        let outcome =
+            if format == CdrFormat::Fax { self.run_fax(payload, now) } else { self.run_call(format, payload, now) };
+        match outcome {
+            // One number's record this version cannot read stops neither this partition
+            // nor the node: its CDR goes to the dead letters, to be replayed once the
+            // line is provisioned again.
+            Err(StoreError::UnreadableNumber { number, why }) => {
+                let rejected = DecodeError::UnreadableSubscriber(format!("{number}: {why}"));
+                self.metrics.rejected(rejected.reason());
+                Ok(Outcome::Rejected(rejected))
+            }
+            outcome => outcome,
         }
+    }
+
+    fn run_call(&self, format: CdrFormat, payload: &[u8], now: DateTime<Utc>) -> Result<Outcome, StoreError> {
         let notify = match classify(format, payload, &self.resolver, Now { now, max_age: self.max_call_age })? {
             Verdict::Rejected(e) => {
                 self.metrics.rejected(e.reason());

@@ -115,7 +115,16 @@ impl Resolver {
             let number = number?;
             subscribed.insert(number);
             if warm < capacity && generation.load(Ordering::Acquire) == scan_start {
-                let Some(subscription) = store.number(&number)?.as_ref().and_then(Subscription::from_record) else {
+                let record = match store.number(&number) {
+                    Ok(record) => record,
+                    // Its calls are dead-lettered when they come; the others are served.
+                    Err(StoreError::UnreadableNumber { number, why }) => {
+                        tracing::error!(%number, error = %why, "a subscribed number's record cannot be read: its calls go to the dead letters");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let Some(subscription) = record.as_ref().and_then(Subscription::from_record) else {
                     continue;
                 };
                 cache_unless_written(&cache, &generation, scan_start, number, Arc::new(subscription));

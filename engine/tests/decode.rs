@@ -202,6 +202,7 @@ fn bad_fixtures_fail_with_the_reason_in_their_name() {
                     assert_eq!(*got, field, "{}/bad/{file}: {err}", format.as_str())
                 }
                 DecodeError::Syntax { format: got, .. } => assert_eq!(*got, format.as_str()),
+                DecodeError::UnreadableSubscriber(_) => panic!("decode reads no store: {file}"),
             }
         }
         let all = ["invalid_field", "missing_field", "syntax"].map(String::from);

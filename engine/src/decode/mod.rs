@@ -115,6 +115,10 @@ pub enum DecodeError {
     /// Times no call can have: an exchange's clock unset (1900, 1970) or far ahead.
     #[error("field {field} is not a time a call can have: {time} is {why}")]
     Implausible { field: &'static str, time: DateTime<Utc>, why: &'static str },
+    /// Not the CDR's fault: the called number's record cannot be read by this version
+    /// (it is dead-lettered to be replayed once the line is provisioned again).
+    #[error("the called number's subscriber record cannot be read: {0}")]
+    UnreadableSubscriber(String),
 }
 
 /// Why a CDR was rejected, as `callnotify_cdrs_rejected_total` labels it.
@@ -124,11 +128,17 @@ pub enum Rejection {
     MissingField,
     InvalidField,
     ImplausibleTime,
+    UnreadableSubscriber,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 4] =
-        [Rejection::Syntax, Rejection::MissingField, Rejection::InvalidField, Rejection::ImplausibleTime];
+    pub const ALL: [Rejection; 5] = [
+        Rejection::Syntax,
+        Rejection::MissingField,
+        Rejection::InvalidField,
+        Rejection::ImplausibleTime,
+        Rejection::UnreadableSubscriber,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -136,6 +146,7 @@ impl Rejection {
             Rejection::MissingField => "missing_field",
             Rejection::InvalidField => "invalid_field",
             Rejection::ImplausibleTime => "implausible_time",
+            Rejection::UnreadableSubscriber => "unreadable_subscriber",
         }
     }
 }
@@ -148,6 +159,7 @@ impl DecodeError {
             Self::Missing { .. } => Rejection::MissingField,
             Self::Invalid { .. } => Rejection::InvalidField,
             Self::Implausible { .. } => Rejection::ImplausibleTime,
+            Self::UnreadableSubscriber(_) => Rejection::UnreadableSubscriber,
         }
     }
 

@@ -74,6 +74,11 @@ pub enum StoreError {
     StaleVersion { current: u64 },
     #[error("no such number: {0}")]
     UnknownNumber(PhoneNumber),
+    /// A number's record this version cannot read (a newer version's value, a field a
+    /// stricter parser refuses): that number's calls and faxes are dead-lettered, the
+    /// others go on.
+    #[error("the record of {number} cannot be read: {why}")]
+    UnreadableNumber { number: PhoneNumber, why: String },
     /// R-L1: a line is keyed by its contract number, which must stay one of its numbers.
     #[error(
         "{number} is the contract number of a line that also has {}: it moves to another line only as its \

@@ -100,7 +100,8 @@ impl Store {
     }
 
     pub fn number(&self, number: &PhoneNumber) -> Result<Option<NumberRecord>, StoreError> {
-        self.numbers.get(number.as_str())?.map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from)).transpose()
+        let unreadable = |e: serde_json::Error| StoreError::UnreadableNumber { number: *number, why: e.to_string() };
+        self.numbers.get(number.as_str())?.map(|raw| serde_json::from_slice(&raw).map_err(unreadable)).transpose()
     }
 
     pub fn line(&self, contract: &PhoneNumber) -> Result<Option<LineRecord>, StoreError> {

@@ -172,6 +172,45 @@ async fn r_n1_a_record_no_version_could_read_is_passed_over_and_the_view_goes_on
     b.stop().await;
 }
 
+/// A subscriber's record this version cannot read in part (here a designated number
+/// its parser refuses; a newer version's value, a stricter parser) while its services
+/// read: the first CDR to that number ended the node's consumer thread, and with it the
+/// node, and every node that took the partition over, at each start too. Its CDRs now
+/// go to the dead letters (replayed once the line is provisioned again) and the others
+/// are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_subscriber_record_this_version_cannot_read_dead_letters_its_calls_only() {
+    use engine::store::state::{StateKey, StateTree};
+    let (h, a) = one_node_with_a_subscriber().await;
+    let record = a.store.number(&n("0312345678")).unwrap().unwrap();
+    let mut unreadable = serde_json::to_value(&record).unwrap();
+    unreadable["call"]["designated"] = serde_json::json!([{"number": "not a number", "designate": true}]);
+    let key = StateKey::number(StateTree::Numbers, &n("0312345678")).encode();
+    let [state, _] = engine::embedded::STATE_TOPICS;
+    h.produce_keyed(state, &[(key, unreadable.to_string())]).await;
+    // A write through the owner after it: once answered, node a has applied both.
+    a.provision(&[plain_subscriber("0312345679", "hanako@example.jp")]);
+
+    h.produce(
+        TOPIC,
+        &[
+            cdr("unreadable", "0312345678", Some("09011112222"), "allowed", "no_answer"),
+            cdr("later", "0312345679", Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["hanako@example.jp"]);
+    let letter = h.dead_letters(1).pop().unwrap();
+    assert!(letter["reason"].as_str().unwrap().contains("0312345678"), "{letter}");
+    assert_eq!(a.metric("callnotify_cdrs_rejected_total{reason=\"unreadable_subscriber\"}"), 1.0);
+    a.stop().await;
+
+    // A node starting on that store starts.
+    let b = h.node("b").await;
+    b.stop().await;
+}
+
 /// R-S2, docs/cluster.md "Exactly once per request": an owner that stopped after a
 /// request's values were in the state topic and before its reply left its successor to
 /// carry the request out again: a wrong entry counted twice (a temporary password
