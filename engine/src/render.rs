@@ -38,6 +38,10 @@ pub enum MailService {
     Fax,
 }
 
+/// What a fax's notification id ([`Origin::call_id`]) starts with: its dedup keys and
+/// Message-IDs never meet a call's with the same id.
+pub const FAX_NOTIFICATION: &str = "fax:";
+
 /// The call a mail is about, for the dead-letter record and the latency metric.
 #[derive(Debug, Clone)]
 pub struct Origin {
@@ -47,6 +51,17 @@ pub struct Origin {
     pub ended_at: DateTime<Utc>,
     /// The CDR partition it was read from (`None`: not read from Kafka, e.g. a replay).
     pub source: Option<crate::store::PartitionId>,
+}
+
+impl Origin {
+    /// The service its mails belong to.
+    pub fn service(&self) -> MailService {
+        if self.call_id.starts_with(FAX_NOTIFICATION) {
+            MailService::Fax
+        } else {
+            MailService::Call
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

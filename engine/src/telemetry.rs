@@ -26,6 +26,7 @@ pub const MAILS_SENT: &str = "callnotify_mails_sent_total";
 pub const MAILS_FAILED: &str = "callnotify_mails_failed_total";
 pub const MAILS_DELAYED: &str = "callnotify_mails_delayed_total";
 pub const MAILS_RETRIED: &str = "callnotify_mails_retried_total";
+pub const MAILS_WITHDRAWN: &str = "callnotify_mails_withdrawn_total";
 pub const MAILS_DUPLICATE: &str = "callnotify_mails_duplicate_total";
 pub const DEAD_LETTERS: &str = "callnotify_dead_letters_total";
 pub const DEAD_LETTER_WRITE_ERRORS: &str = "callnotify_dead_letter_write_errors_total";
@@ -170,6 +171,7 @@ struct Inner {
     delayed_rate: Counter,
     delayed_flood: Counter,
     retried: Counter,
+    withdrawn: Counter,
     duplicate: Counter,
     dead_letters_cdr: Counter,
     dead_letters_mail: Counter,
@@ -259,6 +261,11 @@ impl Metrics {
             "Mails put (back) into the retry queue: temporary failures, or unsent at shutdown or revocation",
         );
         describe(
+            MAILS_WITHDRAWN,
+            Some(Unit::Count),
+            "Queued mails not sent: the subscriber stopped the service or unchecked or removed the address meanwhile",
+        );
+        describe(
             MAILS_DUPLICATE,
             Some(Unit::Count),
             "Mails not sent again because a replayed CDR had already sent them",
@@ -346,6 +353,7 @@ impl Metrics {
             delayed_rate: counter(r, MAILS_DELAYED, &[("limit", "rate")]),
             delayed_flood: counter(r, MAILS_DELAYED, &[("limit", "flood")]),
             retried: counter(r, MAILS_RETRIED, &[]),
+            withdrawn: counter(r, MAILS_WITHDRAWN, &[]),
             duplicate: counter(r, MAILS_DUPLICATE, &[]),
             dead_letters_cdr: counter(r, DEAD_LETTERS, &[("kind", "cdr")]),
             dead_letters_mail: counter(r, DEAD_LETTERS, &[("kind", "mail")]),
@@ -424,6 +432,9 @@ impl Metrics {
     }
     pub fn retried(&self) {
         self.inner.retried.increment(1);
+    }
+    pub fn withdrawn(&self) {
+        self.inner.withdrawn.increment(1);
     }
     pub fn duplicate(&self) {
         self.inner.duplicate.increment(1);

@@ -30,7 +30,7 @@ use crate::config::SmtpSettings;
 use crate::dead_letter::DeadLetters;
 use crate::error_event::ErrorEvent;
 use crate::phone::PhoneNumber;
-use crate::render::{Mail, Origin};
+use crate::render::{Mail, MailService, Origin};
 use crate::store::{SentKey, Store, StoreError};
 use crate::telemetry::{Failure, Metrics};
 
@@ -436,6 +436,14 @@ impl Deliverer {
         if !inner.queue.sends(&entry) {
             return;
         }
+        // The subscriber may have stopped the service or unchecked the address (one
+        // typed wrong: a stranger's) since the mail was queued (R-N1, R-N2, R-M3).
+        if self.withdrawn(&mail, &origin).await {
+            tracing::info!(message_id = %mail.message_id, called = %origin.called, "queued mail withdrawn: its address no longer gets this number's mails");
+            inner.metrics.withdrawn();
+            self.unqueue(slot).await;
+            return;
+        }
         // While the server is not answering, only the breaker's probe tries; a mail
         // failing longer than the give-up age is given up meanwhile (one probe per
         // cool-down would reach each of thousands of mails days late).
@@ -460,6 +468,11 @@ impl Deliverer {
             inner.metrics.delayed_by_flood();
             self.take_flood_slot(mail.recipient.as_str(), due_ms);
             self.reschedule(slot, entry, due_ms).await;
+            return;
+        }
+        // Given up before an attempt too: mails queued before a stop of days (or restored
+        // with their partition) went out however old they were.
+        if self.expired(slot, &entry, &mail, &origin, now_ms, &entry.last_reply).await {
             return;
         }
         entry.attempts += 1;
@@ -488,6 +501,27 @@ impl Deliverer {
                 self.reschedule(slot, entry, due_ms).await;
             }
         }
+    }
+
+    /// Whether `mail`'s number no longer sends its notifications to `mail`'s recipient:
+    /// the service stopped, the address unchecked or gone, the number gone or moved to
+    /// another line (whose settings start empty). A record that cannot be read now
+    /// withdraws nothing: the mail goes as it was queued.
+    async fn withdrawn(&self, mail: &Mail, origin: &Origin) -> bool {
+        let (store, called) = (self.inner.store.clone(), origin.called);
+        let record = match blocking(move || store.number(&called)).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(%called, error = %e, "queued mail's settings not readable: sent as queued");
+                return false;
+            }
+        };
+        let Some(record) = record else { return true };
+        let (enabled, destinations) = match origin.service() {
+            MailService::Fax => (record.services.fax && record.fax.enabled, &record.fax.destinations),
+            MailService::Call => (record.services.call && record.call.enabled, &record.call.destinations),
+        };
+        !(enabled && destinations.iter().any(|d| d.send && d.address.as_str() == mail.recipient.as_str()))
     }
 
     /// When a mail to `recipient`, over its flood limit at `now_ms` until `not_until`, can

@@ -294,6 +294,53 @@ async fn r_m4_a_mail_still_deferred_at_the_give_up_age_is_dead_lettered() {
     assert_eq!(h.sink.count(), 0);
 }
 
+/// R-N2, R-M3: a mail waits in the retry queue (the server answers 451 for its
+/// address), and the subscriber unchecks the address meanwhile (typed wrong: a
+/// stranger's). The queued mail still went there once the server took it, for up to a
+/// day; it is now withdrawn at its next turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_a_queued_mail_to_an_address_unchecked_meanwhile_is_not_sent() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[plain_subscriber(CALLED, "stranger@example.jp")]);
+    h.sink.refuse_recipient("stranger@example.jp", Some(451));
+    h.produce(TOPIC, &[cdr("queued", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    engine.wait_metric("callnotify_mails_retried_total", 1.0).await;
+
+    let record = engine.store.number(&engine::phone::PhoneNumber::parse(CALLED).unwrap()).unwrap().unwrap();
+    let mut unchecked = record.call.clone();
+    unchecked.destinations[0].send = false;
+    engine.store.save_call_settings(&record.number, record.call.version, unchecked).unwrap();
+    h.sink.refuse_recipient("stranger@example.jp", None);
+    engine.wait_metric("callnotify_mails_withdrawn_total", 1.0).await;
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
+    assert_eq!(h.sink.count(), 0, "nothing reached the unchecked address");
+}
+
+/// R-M4, `smtp.retry_give_up_secs`: a mail whose next turn comes after the give-up age
+/// is given up at that turn, not tried: the age was checked only after a failed attempt,
+/// so mails queued before a stop of days went out, days late, when the server took them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_queued_mail_past_the_give_up_age_at_its_turn_is_not_sent_late() {
+    let h = Harness::new(1).await;
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__SMTP__RETRY_GIVE_UP_SECS", "1"),
+            ("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "2000"),
+            ("CALLNOTIFY__SMTP__RETRY_MAX_DELAY_MS", "2000"),
+        ])
+        .await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+    h.sink.fail_next(SmtpStage::DataEnd, 451, 1);
+    h.produce(TOPIC, &[cdr("late", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    let records = h.dead_letters(1);
+    assert_eq!((records[0]["kind"].as_str(), records[0]["call_id"].as_str()), (Some("mail"), Some("late")));
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric(r#"callnotify_mails_failed_total{reason="expired"}"#), 1.0);
+    assert_eq!(h.sink.count(), 0, "not sent past its give-up age");
+}
+
 /// R-M4, `smtp.retry_give_up_secs`: mails that wait while the mail server is down (the
 /// circuit breaker open) are dead-lettered as expired once they have failed that long,
 /// each of them. The give-up age was checked only after an attempt, and while the
