@@ -73,7 +73,7 @@ pub async fn serve(
         .with_test_mailer(test_mailer)
         .with_password_policy(admin.password_policy)
         .with_secure(admin.secure())
-        .with_proxy(admin.behind_tls_proxy)
+        .with_proxy(admin.behind_tls_proxy, &admin.proxy_addresses)
         .with_metrics(metrics.clone());
     let site_app = site::router(site_state);
     let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)).with_metrics(metrics.clone()));

@@ -27,6 +27,7 @@ fn admin_settings(extra: &[(&str, String)]) -> Result<AdminSettings, engine::con
     let mut env = vec![
         ("CALLNOTIFY__ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ("CALLNOTIFY__ADMIN__IVR_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+        ("CALLNOTIFY__ADMIN__PUBLIC_URL".to_owned(), "https://localhost".to_owned()),
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     Ok(Settings::load_from(None, env)?.admin)

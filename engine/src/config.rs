@@ -213,6 +213,11 @@ pub struct AdminSettings {
     /// R-S8): it speaks plain HTTP to the proxy but sets `Secure` cookies and HSTS.
     #[serde(default)]
     pub behind_tls_proxy: bool,
+    /// The proxies' addresses, whose `X-Forwarded-For` names the client (besides the
+    /// loopback addresses, always trusted): a client reaching the site directly cannot
+    /// name itself a fresh address per login and so slip the login brake.
+    #[serde(default)]
+    pub proxy_addresses: Vec<std::net::IpAddr>,
     /// Connections each listener (site, IVR API) holds open at once.
     pub max_connections: usize,
     /// Of those, from one IP address: one client cannot take them all.
@@ -425,6 +430,13 @@ impl Settings {
         }
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
+        }
+        if self.admin.secure() && !self.admin.public_url.starts_with("https://") {
+            // The site is served over TLS (R-S8): the fax mails' links would lead
+            // nowhere (the default is the loopback address of a demo).
+            return invalid(
+                "admin.public_url must be the site's https:// address as subscribers reach it: the site is served over TLS (admin.tls_cert or admin.behind_tls_proxy)",
+            );
         }
         if self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             return invalid("smtp.from must be an address, optionally with a name: `Name <no-reply@example.jp>`");
@@ -671,16 +683,42 @@ mod tests {
         }
     }
 
+    /// R-F1, R-S8: a site behind a TLS proxy kept the default public_url (the demo's
+    /// http://127.0.0.1:8080, as the example deployment did): every fax mail linked
+    /// there, where no subscriber can open it.
+    #[test]
+    fn r_f1_a_site_served_over_tls_needs_its_https_public_url() {
+        let proxied = |extra: &[(&str, &str)]| {
+            let mut vars = vec![("CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY", "true")];
+            vars.extend_from_slice(extra);
+            Settings::load_from(None, env(&vars))
+        };
+        let err = proxied(&[]).unwrap_err().to_string();
+        assert!(err.contains("admin.public_url") && err.contains("https://"), "{err}");
+        assert!(proxied(&[("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://notify.example.jp")]).is_ok());
+    }
+
     #[test]
     fn r_s8_the_site_is_secure_with_a_certificate_or_behind_a_tls_proxy() {
         assert!(!Settings::load_from(None, env(&[])).unwrap().admin.secure());
         let direct = Settings::load_from(
             None,
-            env(&[("CALLNOTIFY__ADMIN__TLS_CERT", "/etc/c.pem"), ("CALLNOTIFY__ADMIN__TLS_KEY", "/etc/k.pem")]),
+            env(&[
+                ("CALLNOTIFY__ADMIN__TLS_CERT", "/etc/c.pem"),
+                ("CALLNOTIFY__ADMIN__TLS_KEY", "/etc/k.pem"),
+                ("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://notify.example.jp"),
+            ]),
         )
         .unwrap();
         assert!(direct.admin.secure());
-        let proxied = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY", "true")])).unwrap();
+        let proxied = Settings::load_from(
+            None,
+            env(&[
+                ("CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY", "true"),
+                ("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://notify.example.jp"),
+            ]),
+        )
+        .unwrap();
         assert!(proxied.admin.secure());
         let half = Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__TLS_CERT", "/etc/c.pem")])).unwrap_err();
         assert!(half.to_string().contains("admin.tls_key"), "{half}");

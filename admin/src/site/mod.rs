@@ -108,6 +108,8 @@ pub struct SiteState {
     /// Behind a TLS-terminating proxy the client's address is the last one the proxy
     /// added to `X-Forwarded-For`, not the connection's.
     pub(crate) behind_proxy: bool,
+    /// `admin.proxy_addresses`: besides loopback, the peers whose `X-Forwarded-For` counts.
+    proxies: Arc<[std::net::IpAddr]>,
     /// Logins, saves and test mails counted, and failed requests with them.
     pub(crate) metrics: Metrics,
 }
@@ -134,6 +136,7 @@ impl SiteState {
             password_policy: PasswordPolicy::default(),
             throttle: Arc::default(),
             behind_proxy: false,
+            proxies: Arc::from([]),
             metrics: Metrics::new(),
         }
     }
@@ -145,9 +148,11 @@ impl SiteState {
     }
 
     /// Takes the client's address from the proxy's `X-Forwarded-For` (set with
-    /// `admin.behind_tls_proxy`), for the login throttle.
-    pub fn with_proxy(mut self, behind_proxy: bool) -> Self {
+    /// `admin.behind_tls_proxy`), for the login throttle, when the request comes from
+    /// loopback or one of `proxies` (`admin.proxy_addresses`).
+    pub fn with_proxy(mut self, behind_proxy: bool, proxies: &[std::net::IpAddr]) -> Self {
         self.behind_proxy = behind_proxy;
+        self.proxies = proxies.into();
         self
     }
 
@@ -156,8 +161,13 @@ impl SiteState {
     /// with a port or without. A request without a usable one (no header, `unknown`)
     /// goes under the proxy's own address: such requests share one brake rather than
     /// go unbraked.
+    ///
+    /// The header is read only from the proxy (loopback, or `admin.proxy_addresses`): a
+    /// client reaching the listener directly wrote a fresh one per login and was never
+    /// braked. (A request without a peer is a test calling the router directly.)
     pub(crate) fn client(&self, peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> Option<std::net::IpAddr> {
-        if self.behind_proxy {
+        let from_proxy = peer.is_none_or(|p| p.ip().is_loopback() || self.proxies.contains(&p.ip()));
+        if self.behind_proxy && from_proxy {
             let last = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
             let forwarded = last.and_then(|v| v.rsplit(',').next()).map(str::trim).and_then(|last| {
                 last.parse().ok().or_else(|| last.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))

@@ -665,7 +665,7 @@ async fn r_a1_a_line_provisioned_to_line_unit_keeps_no_additional_number_s_passw
 /// under the proxy's own address. Those had no address: their logins went unbraked.
 #[tokio::test]
 async fn behind_the_proxy_every_login_has_an_address_to_brake() {
-    let state = app().state.clone().with_proxy(true);
+    let state = app().state.clone().with_proxy(true, &["10.0.0.1".parse().unwrap()]);
     let proxy: std::net::SocketAddr = "10.0.0.1:5000".parse().unwrap();
     let forwarded = |v: &str| {
         let mut headers = axum::http::HeaderMap::new();
@@ -677,6 +677,20 @@ async fn behind_the_proxy_every_login_has_an_address_to_brake() {
     assert_eq!(forwarded("[2001:db8::7]:41234"), Some("2001:db8::7".parse().unwrap()));
     assert_eq!(forwarded("unknown"), Some(proxy.ip()));
     assert_eq!(state.client(Some(proxy), &axum::http::HeaderMap::new()), Some(proxy.ip()));
+}
+
+/// With `admin.behind_tls_proxy`, a client that reaches the site directly (not
+/// through the proxy) wrote itself a fresh `X-Forwarded-For` per login and was never
+/// braked: the header now counts only from loopback and `admin.proxy_addresses`.
+#[tokio::test]
+async fn behind_the_proxy_a_client_reaching_the_site_directly_cannot_name_its_address() {
+    let state = app().state.clone().with_proxy(true, &["10.0.0.1".parse().unwrap()]);
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("x-forwarded-for", "198.51.100.7".parse().unwrap());
+    let direct: std::net::SocketAddr = "203.0.113.5:5000".parse().unwrap();
+    assert_eq!(state.client(Some(direct), &headers), Some(direct.ip()));
+    let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    assert_eq!(state.client(Some(local), &headers), Some("198.51.100.7".parse().unwrap()), "a proxy on this host");
 }
 
 /// A login form sent from `client` (the connection's address, as `serve` hands it on).
