@@ -51,6 +51,11 @@ impl Skip {
 /// `Ok` carries the subscription whose recipients get the mail.
 pub fn decide<'s>(subscription: Option<&'s Subscription>, call: &CallEvent<'_>) -> Result<&'s Subscription, Skip> {
     let sub = subscription.ok_or(Skip::NotSubscribed)?;
+    // A call to the number before it moved to this line was its previous subscriber's,
+    // however late its CDR is read (R-M3).
+    if sub.moved_in_at.is_some_and(|moved| call.started_at.timestamp() < moved) {
+        return Err(Skip::NotSubscribed);
+    }
     if !sub.enabled {
         return Err(Skip::Stopped);
     }
@@ -91,6 +96,7 @@ mod tests {
             designated_only: false,
             missed_only: false,
             designated: vec![n("09011112222")],
+            moved_in_at: None,
         }
     }
 

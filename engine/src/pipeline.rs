@@ -232,7 +232,9 @@ impl Pipeline {
         }
         let stale = age > self.max_call_age;
         let number = self.resolver.store().number(&fax.called)?;
-        let Some(number) = number.filter(|n| n.services.fax) else {
+        // A fax received before the number moved to this line was its previous
+        // subscriber's: neither kept for this one nor mailed (R-M3).
+        let Some(number) = number.filter(|n| n.services.fax && !n.before_moving_in(fax.received_at)) else {
             self.metrics.filtered(Skip::NotSubscribed);
             return Ok(Outcome::Nothing);
         };

@@ -31,6 +31,8 @@ pub struct Subscription {
     pub missed_only: bool,
     /// Designated numbers whose 指定 check is on (R-N5).
     pub designated: Vec<PhoneNumber>,
+    /// [`NumberRecord::moved_in_at`]: calls before it were another subscriber's.
+    pub moved_in_at: Option<i64>,
 }
 
 impl Subscription {
@@ -48,6 +50,7 @@ impl Subscription {
             designated_only: call.designated_only,
             missed_only: call.missed_only,
             designated: call.designated.iter().filter(|d| d.designate).map(|d| d.number).collect(),
+            moved_in_at: record.moved_in_at,
         })
     }
 }

@@ -135,6 +135,8 @@ impl Population {
             designated_only: matches!(template, Template::DesignatedOnly | Template::DesignatedMissed),
             missed_only: matches!(template, Template::MissedOnly | Template::DesignatedMissed),
             designated: (0..2).map(|k| PhoneNumber::parse(&self.designated(i, k)).expect("valid")).collect(),
+            // The population is provisioned once: no number moves.
+            moved_in_at: None,
         })
     }
 

@@ -238,6 +238,7 @@ impl Store {
             for (number, services, settings) in numbers {
                 let raw = self.numbers.get(number.as_str())?;
                 let mut past_versions = None;
+                let mut moved_in_at = None;
                 let mut old: Option<NumberRecord> = raw.as_deref().map(serde_json::from_slice).transpose()?;
                 // A number new to the store has no credential: one left from before it
                 // was removed (by an older version) belongs to someone else.
@@ -269,6 +270,7 @@ impl Store {
                     // after it, is then refused as stale instead of putting their
                     // addresses on the new subscriber's number (R-S9).
                     past_versions = old.as_ref().map(|o| (o.call.version + 1, o.fax.version + 1));
+                    moved_in_at = Some(chrono::Utc::now().timestamp());
                     old = None;
                 }
                 let old_call = old.as_ref().map(|o| &o.call);
@@ -295,7 +297,15 @@ impl Store {
                     call.version = call.version.max(call_version);
                     fax.version = fax.version.max(fax_version);
                 }
-                let record = NumberRecord { number: *number, contract: line.contract, services: *services, call, fax };
+                let moved_in_at = moved_in_at.or(old.as_ref().and_then(|o| o.moved_in_at));
+                let record = NumberRecord {
+                    number: *number,
+                    contract: line.contract,
+                    services: *services,
+                    call,
+                    fax,
+                    moved_in_at,
+                };
                 if old.as_ref() != Some(&record) {
                     let new = sled::IVec::from(serde_json::to_vec(&record)?);
                     if self.numbers.compare_and_swap(number.as_str(), raw, Some(new.clone()))?.is_err() {

@@ -66,6 +66,58 @@ async fn r_f1_r_n2_a_received_fax_is_kept_and_mailed_to_checked_destinations_wit
     engine.stop().await;
 }
 
+/// R-M3: a number moves to another line. A call made to it and a fax received for it
+/// before the move, read after it (an engine behind, a dead letter replayed), went to
+/// the new subscriber: the call mailed to their addresses, the fax kept on their site
+/// and mailed. They were the previous subscriber's; now neither is sent nor kept, and
+/// what comes after the move is the new subscriber's as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_calls_and_faxes_from_before_a_number_moved_lines_stay_away_from_its_new_subscriber() {
+    const MOVED: &str = "0312345602";
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    let line = |contract: &str| {
+        serde_json::json!({"contract": contract, "numbers": [
+            {"number": contract, "services": ["call"]},
+            {"number": MOVED, "services": ["call", "fax"]},
+        ]})
+        .to_string()
+    };
+    engine.provision(&[line("0312345610")]);
+    engine.provision(&[line("0312345620")]);
+    let number = engine::phone::PhoneNumber::parse(MOVED).unwrap();
+    let record = engine.store.number(&number).unwrap().unwrap();
+    assert_eq!(record.contract.as_str(), "0312345620", "moved");
+    let to_new = || vec![Destination { address: DestinationAddress::parse("new@example.jp").unwrap(), send: true }];
+    let call = engine::store::CallSettings { enabled: true, destinations: to_new(), ..Default::default() };
+    engine.store.save_call_settings(&number, record.call.version, call).unwrap();
+    let fax = FaxSettings { enabled: true, destinations: to_new(), ..Default::default() };
+    engine.store.save_fax_settings(&number, record.fax.version, fax).unwrap();
+
+    let now = chrono::Utc::now();
+    h.produce(
+        FAX_TOPIC,
+        &[record_at("before", MOVED, G4, 3, now - chrono::TimeDelta::minutes(5)), fax_record("after", MOVED, G4, 3)],
+    )
+    .await;
+    let jst = now.with_timezone(&chrono::FixedOffset::east_opt(9 * 3600).unwrap());
+    h.produce(
+        TOPIC,
+        &[
+            cdr("call-before", MOVED, Some("09011112222"), "allowed", "no_answer"),
+            cdr_at(jst, "call-after", MOVED, Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    let mails = h.mails_after_control_call(&engine, 3).await;
+    let to_new = mails.iter().filter(|m| m.rcpt_to == ["new@example.jp"]).count();
+    assert_eq!(to_new, 2, "the call and the fax after the move: {:?}", summary(&mails));
+    let kept = engine.store.faxes_of(&number).unwrap();
+    assert_eq!(kept.iter().map(|f| f.fax_id.as_str()).collect::<Vec<_>>(), ["after"]);
+    assert_eq!(engine.metric("callnotify_cdrs_filtered_total{reason=\"not_subscribed\"}"), 2.0);
+    engine.stop().await;
+}
+
 /// R-F1, R-N1: with the fax service stopped the fax is still kept for the site, and no
 /// mail goes out; a fax to a number without the fax service is not kept at all. One
 /// older than `engine.max_call_age_hours` (its mail stale, as a call's would be) is kept
