@@ -241,6 +241,7 @@ impl AdminSettings {
             per_client: self.max_connections_per_client,
             idle: std::time::Duration::from_secs(self.idle_timeout_secs),
             lifetime: Some(std::time::Duration::from_secs(self.connection_lifetime_secs)),
+            head_within: crate::http::HEAD_WITHIN,
         }
     }
 }

@@ -9,6 +9,8 @@
 //! half-sent request, an idle keep-alive) and, where `lifetime` is set, after that long
 //! whatever it does (a client trickling a byte now and then); a request being answered
 //! then gets its answer first, within [`LATE_ANSWER`].
+//! A request's head must be in within `head_within` of its first byte, whatever the
+//! lifetime.
 //!
 //! A request being answered is not idleness: its handler may wait on the state owner
 //! or a mail server longer than `idle`. A server that wraps its router in
@@ -42,7 +44,15 @@ pub struct Limits {
     /// A connection is closed this long after it opened, if set (once the answer to a
     /// request being answered then is out, within [`LATE_ANSWER`]).
     pub lifetime: Option<Duration>,
+    /// A request's head (its line and headers) must be in within this long of its first
+    /// byte: a client trickling a byte now and then, each within `idle`, held its
+    /// connection for ever where no lifetime is set.
+    pub head_within: Duration,
 }
+
+/// [`Limits::head_within`] of every listener: far longer than any client sending a
+/// request at once needs.
+pub const HEAD_WITHIN: Duration = Duration::from_secs(30);
 
 impl Limits {
     /// The operator endpoint: scrapes and the operator's tools, from a few addresses;
@@ -54,6 +64,7 @@ impl Limits {
         per_client: 64,
         idle: Duration::from_secs(crate::state::ANSWER_WITHIN.as_secs() + 30),
         lifetime: None,
+        head_within: HEAD_WITHIN,
     };
 }
 
@@ -153,17 +164,30 @@ impl Drop for Slot {
 /// The requests of one connection its server is answering now. Cheap to clone: every
 /// clone counts for the same connection.
 #[derive(Clone, Debug, Default)]
-pub struct Answering(Arc<AtomicUsize>);
+pub struct Answering(Arc<Counts>);
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Requests being answered now.
+    now: AtomicUsize,
+    /// Requests begun on the connection so far: a head came in whole.
+    begun: AtomicUsize,
+}
 
 impl Answering {
     /// Counts one request as being answered until the guard is dropped.
     pub fn begin(&self) -> AnsweringGuard {
-        self.0.fetch_add(1, Ordering::AcqRel);
+        self.0.now.fetch_add(1, Ordering::AcqRel);
+        self.0.begun.fetch_add(1, Ordering::AcqRel);
         AnsweringGuard(self.clone())
     }
 
     fn any(&self) -> bool {
-        self.0.load(Ordering::Acquire) > 0
+        self.0.now.load(Ordering::Acquire) > 0
+    }
+
+    fn begun(&self) -> usize {
+        self.0.begun.load(Ordering::Acquire)
     }
 }
 
@@ -172,7 +196,7 @@ pub struct AnsweringGuard(Answering);
 
 impl Drop for AnsweringGuard {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+        self.0 .0.now.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -206,6 +230,10 @@ pub struct GuardedIo<T> {
     lifetime: Option<Pin<Box<Sleep>>>,
     /// Past its lifetime with a request being answered: when it ends all the same.
     cut: Option<Pin<Box<Sleep>>>,
+    head_within: Duration,
+    /// A request's first bytes came in (none being answered): by when its head must be
+    /// in, and the count of requests begun then (one more: it is in).
+    head: Option<(Pin<Box<Sleep>>, usize)>,
     /// Requests its server is answering: no idleness meanwhile.
     answering: Answering,
     _slot: Slot,
@@ -220,6 +248,8 @@ impl<T> GuardedIo<T> {
             idle: Box::pin(tokio::time::sleep_until(now + limits.idle)),
             lifetime: limits.lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
             cut: None,
+            head_within: limits.head_within,
+            head: None,
             answering: Answering::default(),
             _slot: slot,
         }
@@ -249,6 +279,13 @@ impl<T> GuardedIo<T> {
         if self.idle.as_mut().poll(cx).is_ready() {
             return Some(io::Error::new(io::ErrorKind::TimedOut, "connection idle too long"));
         }
+        if let Some((by, begun)) = &mut self.head {
+            if self.answering.begun() != *begun {
+                self.head = None;
+            } else if by.as_mut().poll(cx).is_ready() {
+                return Some(io::Error::new(io::ErrorKind::TimedOut, "request head not in within its time"));
+            }
+        }
         None
     }
 
@@ -269,6 +306,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                     // body is read while it is being answered).
                     if me.lifetime.as_ref().is_some_and(|l| Instant::now() >= l.deadline()) && !me.answering.any() {
                         return Poll::Ready(Err(past_lifetime()));
+                    }
+                    if me.head.is_none() && !me.answering.any() {
+                        let by = Box::pin(tokio::time::sleep(me.head_within));
+                        me.head = Some((by, me.answering.begun()));
                     }
                     me.progressed();
                 }
@@ -343,7 +384,13 @@ mod tests {
     /// is still served; a connection that says nothing is closed when idle too long.
     #[tokio::test]
     async fn one_client_cannot_take_every_connection_and_idle_ones_are_closed() {
-        let limits = Limits { max_connections: 100, per_client: 5, idle: Duration::from_millis(300), lifetime: None };
+        let limits = Limits {
+            max_connections: 100,
+            per_client: 5,
+            idle: Duration::from_millis(300),
+            lifetime: None,
+            head_within: HEAD_WITHIN,
+        };
         let (addr, _server) = guarded(limits).await;
         let mut held = Vec::new();
         for _ in 0..5 {
@@ -427,12 +474,61 @@ mod tests {
         String::from_utf8_lossy(&answer).into_owned()
     }
 
+    /// A client trickling a request's head a byte at a time, each within the idle limit
+    /// (the operator endpoint has no lifetime): its connection was held for ever, and a
+    /// few hundred such took every slot of the endpoint Prometheus scrapes. The head must
+    /// now be in within `head_within` of its first byte; a whole request still is
+    /// answered, and the connection kept alive.
+    #[tokio::test]
+    async fn a_request_head_trickled_in_is_cut_off_and_a_whole_one_is_answered() {
+        let limits = Limits {
+            max_connections: 10,
+            per_client: 10,
+            idle: Duration::from_millis(400),
+            lifetime: None,
+            head_within: Duration::from_millis(1_000),
+        };
+        let (addr, _server) = guarded(limits).await;
+        let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        trickle.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let mut cut = false;
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if trickle.write_all(b"X").await.is_err() {
+                cut = true;
+                break;
+            }
+            let mut buf = [0u8; 64];
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(1), trickle.read(&mut buf)).await {
+                cut = true;
+                break;
+            }
+        }
+        assert!(cut, "a head trickled in for 5 s was let go on");
+
+        let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for _ in 0..3 {
+            whole.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            let mut buf = [0u8; 1024];
+            let n = whole.read(&mut buf).await.unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).ends_with("ok"));
+            // Kept alive past `head_within`, quiet within the idle limit.
+            tokio::time::sleep(Duration::from_millis(350)).await;
+        }
+    }
+
     /// A handler that takes longer than the idle limit (a site save waiting for the
     /// state owner, a test mail waiting for a slow mail server) is answered, not cut off
     /// with an empty reply; a connection that then says nothing is still closed.
     #[tokio::test]
     async fn a_request_answered_slower_than_the_idle_limit_gets_its_answer() {
-        let limits = Limits { max_connections: 10, per_client: 10, idle: Duration::from_millis(300), lifetime: None };
+        let limits = Limits {
+            max_connections: 10,
+            per_client: 10,
+            idle: Duration::from_millis(300),
+            lifetime: None,
+            head_within: HEAD_WITHIN,
+        };
         let addr = answering_after(limits, Duration::from_millis(1_000)).await;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         let answer = ask(&mut stream).await;
@@ -454,6 +550,7 @@ mod tests {
             per_client: 10,
             idle: Duration::from_secs(5),
             lifetime: Some(Duration::from_millis(300)),
+            head_within: HEAD_WITHIN,
         };
         let addr = answering_after(limits, Duration::from_millis(1_000)).await;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -472,6 +569,7 @@ mod tests {
             per_client: 10,
             idle: Duration::from_millis(400),
             lifetime: Some(Duration::from_millis(1_000)),
+            head_within: HEAD_WITHIN,
         };
         let (addr, _server) = guarded(limits).await;
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
