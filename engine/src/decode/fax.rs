@@ -74,6 +74,16 @@ pub fn decode_fax(payload: &[u8]) -> Result<FaxEvent<'_>, DecodeError> {
         other => return Err(other.wrong_type("pages", "a whole number")),
     };
     let encoded = doc.document_base64.required("document_base64")?;
+    if encoded.len() > crate::fax::DOCUMENT_BASE64_AT_MOST {
+        return Err(DecodeError::invalid(
+            "document_base64",
+            format!(
+                "{} bytes: larger than the {} a fax record may carry (docs/fax.md)",
+                encoded.len(),
+                crate::fax::DOCUMENT_BASE64_AT_MOST
+            ),
+        ));
+    }
     let document = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .map_err(|e| DecodeError::invalid("document_base64", format!("not base64: {e}")))?;
@@ -127,5 +137,28 @@ mod tests {
         for id in ["...", ".job", "hylafax-000123", "q1.2@host:5"] {
             assert!(check_fax_id(id).is_ok(), "{id}");
         }
+    }
+
+    /// R-F1, R-M4: a fax record larger than docs/fax.md allows (a topic set up to take
+    /// more) decoded, and then its write to the state topics was refused at every try:
+    /// its mails never went, its partition's commits waited for good, and no dead
+    /// letter said why. It is now refused as it is decoded; one within the bound passes.
+    #[test]
+    fn r_m4_a_fax_document_larger_than_a_fax_record_may_carry_is_refused() {
+        use base64::Engine as _;
+        let g4 = include_bytes!("../../tests/fixtures/fax/fine-g4.tif");
+        let record = |document: &[u8]| {
+            serde_json::json!({
+                "fax_id": "big", "called": "0312345600", "caller": "0612345678", "presentation": "allowed",
+                "received_at": "2026-11-24T10:00:00+09:00", "pages": 3,
+                "document_base64": base64::engine::general_purpose::STANDARD.encode(document),
+            })
+            .to_string()
+        };
+        assert!(decode_fax(record(g4).as_bytes()).is_ok());
+        let mut padded = g4.to_vec();
+        padded.resize(crate::fax::DOCUMENT_BASE64_AT_MOST / 4 * 3 + 3, 0);
+        let error = decode_fax(record(&padded).as_bytes()).map(|_| ()).unwrap_err();
+        assert!(error.to_string().contains("document_base64"), "{error}");
     }
 }

@@ -10,6 +10,12 @@ pub mod document;
 /// (README, "Fax records").
 pub const MESSAGE_MAX_BYTES: &str = "33554432";
 
+/// The largest document a fax record may carry, in base64: what the state topics take
+/// once more besides the record (see [`MESSAGE_MAX_BYTES`]). A larger one is refused as
+/// the record is decoded (a dead letter): kept, its write to the state would be refused
+/// at every try, its mails never sent, and its partition's commits held for good.
+pub const DOCUMENT_BASE64_AT_MOST: usize = 16 << 20;
+
 /// The largest PDF a fax mail carries: 7 MiB, in base64 about 9.8 MB with the rest of
 /// the mail, under the 10 MB a relay commonly takes (Postfix's `message_size_limit`). A
 /// larger fax is mailed with its link only, and the mail says why: refused by the relay
