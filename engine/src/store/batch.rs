@@ -231,7 +231,9 @@ mod tests {
     /// `lines` lines of three numbers each (line i: numbers 4i, 4i+1, 4i+2, contract
     /// 4i), each with a credential on its second number.
     fn seeded(lines: usize) -> Store {
-        let store = Store::temporary().unwrap();
+        // One time for both stores: a move notes when it was carried out.
+        let at = chrono::DateTime::from_timestamp(1_796_000_000, 0).unwrap();
+        let store = Store::temporary().unwrap().with_clock(std::sync::Arc::new(move || at));
         for i in 0..lines {
             let c = 4 * i;
             store.execute(&upsert(c, &[c, c + 1, c + 2])).unwrap();

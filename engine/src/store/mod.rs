@@ -128,7 +128,13 @@ pub struct Store {
     carrying_out: Arc<std::sync::Mutex<()>>,
     /// Where sent records and retry-queue changes follow their CDR partition (`serve`).
     partition_sink: Arc<std::sync::OnceLock<Arc<dyn sent::PartitionSink>>>,
+    /// The clock the writes carried out here read (when a number moved lines): the
+    /// system's, or a test's fixed one ([`Store::with_clock`]).
+    clock: Clock,
 }
+
+/// A clock a store's writes read.
+pub type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
 
 /// One thread that writes sent records and makes them durable for every async caller,
 /// so a thousand mails finishing together cost one append to the sent journal (or one
@@ -241,6 +247,13 @@ impl Store {
         Self::from_db(sled::Config::new().temporary(true).open()?, None)
     }
 
+    /// The store with `clock` for the writes it carries out (tests that compare what
+    /// two stores wrote).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// `dir`: the store's directory, for the sent journal (`None`: a temporary store).
     fn from_db(db: sled::Db, dir: Option<&Path>) -> Result<Self, StoreError> {
         let sent = SentTrees::open(&db)?;
@@ -265,6 +278,7 @@ impl Store {
             writer: Arc::default(),
             carrying_out: Arc::default(),
             partition_sink: Arc::default(),
+            clock: Arc::new(chrono::Utc::now),
         };
         store.index_subscribed_once()?;
         Ok(store)

@@ -270,7 +270,7 @@ impl Store {
                     // after it, is then refused as stale instead of putting their
                     // addresses on the new subscriber's number (R-S9).
                     past_versions = old.as_ref().map(|o| (o.call.version + 1, o.fax.version + 1));
-                    moved_in_at = Some(chrono::Utc::now().timestamp());
+                    moved_in_at = Some((self.clock)().timestamp());
                     old = None;
                 }
                 let old_call = old.as_ref().map(|o| &o.call);
