@@ -31,6 +31,8 @@ struct Cdr<'a> {
     answer: Scalar<'a>,
     end: Scalar<'a>,
     disposition: Scalar<'a>,
+    /// The dialplan application the call ended in: `VoiceMail` answered it.
+    lastapp: Scalar<'a>,
 }
 
 /// `disposition` values, as Asterisk spells them (compared ignoring case). CONGESTION is
@@ -61,8 +63,13 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let answered_at = time(&cdr.answer, "answer")?;
     let ended_at = time(&cdr.end, "end")?.ok_or(DecodeError::Missing { field: "end" })?;
     let disposition = cdr.disposition.required("disposition")?;
+    let outcome = match outcome(disposition)? {
+        // Answered by voicemail, not by the subscriber: a missed call (R-N4 ※2).
+        Outcome::Answered if cdr.lastapp.text("lastapp")?.is_some_and(is_voicemail) => Outcome::Forwarded,
+        outcome => outcome,
+    };
 
-    Ok(CallEvent { call_id, called, caller, started_at, answered_at, ended_at, outcome: outcome(disposition)? })
+    Ok(CallEvent { call_id, called, caller, started_at, answered_at, ended_at, outcome })
 }
 
 /// `uniqueid` names the call (its first channel); `linkedid` stands in for modules that
@@ -81,6 +88,11 @@ fn call_id<'a>(uniqueid: Scalar<'a>, linkedid: Scalar<'a>) -> Result<std::borrow
     } else {
         DecodeError::Missing { field: "uniqueid" }
     })
+}
+
+/// Asterisk's voicemail application, as `lastapp` names it.
+fn is_voicemail(app: &str) -> bool {
+    app.trim().eq_ignore_ascii_case("VoiceMail")
 }
 
 fn outcome(disposition: &str) -> Result<Outcome, DecodeError> {
@@ -173,6 +185,20 @@ mod tests {
         }
         assert!(matches!(outcome("NOANSWER"), Err(DecodeError::Invalid { field: "disposition", .. })));
         assert!(outcome("").is_err());
+    }
+
+    /// R-N4 (※2 不在時の呼びきり、転送など): a call voicemail answered is ANSWERED to
+    /// Asterisk, and 応答できなかった着信のみ dropped it as answered; the subscriber
+    /// never picked up. It is a missed call; one the subscriber answered stays answered.
+    #[test]
+    fn r_n4_a_call_answered_by_voicemail_is_a_missed_call() {
+        let cdr = |lastapp: &str| {
+            format!(
+                r#"{{"uniqueid":"1.1","src":"09011112222","dst":"0312345678","start":"2026-11-24 10:00:00","answer":"2026-11-24 10:00:20","end":"2026-11-24 10:00:50","disposition":"ANSWERED","lastapp":"{lastapp}"}}"#
+            )
+        };
+        assert!(decode(cdr("VoiceMail").as_bytes()).unwrap().is_missed());
+        assert!(!decode(cdr("Dial").as_bytes()).unwrap().is_missed());
     }
 
     #[test]

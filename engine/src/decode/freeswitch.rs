@@ -37,6 +37,8 @@ struct Variables<'a> {
     answer_epoch: Scalar<'a>,
     end_epoch: Scalar<'a>,
     hangup_cause: Scalar<'a>,
+    /// The dialplan application the call ended in: `voicemail` answered it.
+    last_app: Scalar<'a>,
     privacy_hide_number: Scalar<'a>,
     privacy: Scalar<'a>,
     /// The `Privacy` header of the INVITE (RFC 3323/3325), as sofia keeps it: a carrier
@@ -106,6 +108,10 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let answered_at = epoch(&vars.answer_epoch, "answer_epoch")?;
     let ended_at = epoch(&vars.end_epoch, "end_epoch")?.ok_or(DecodeError::Missing { field: "end_epoch" })?;
     let outcome = match answered_at {
+        // Answered by voicemail, not by the subscriber: a missed call (R-N4 ※2).
+        Some(_) if vars.last_app.text("last_app")?.is_some_and(|app| app.trim().eq_ignore_ascii_case("voicemail")) => {
+            Outcome::Forwarded
+        }
         Some(_) => Outcome::Answered,
         None => missed_outcome(vars.hangup_cause.text("hangup_cause")?),
     };
@@ -284,6 +290,20 @@ mod tests {
         }
         assert!(hides(&Scalar::Bool(true), "privacy").unwrap());
         assert!(!hides(&Scalar::Absent, "privacy").unwrap());
+    }
+
+    /// R-N4 (※2 不在時の呼びきり、転送など): a call voicemail answered has an
+    /// `answer_epoch`, and 応答できなかった着信のみ dropped it as answered; the subscriber
+    /// never picked up. It is a missed call; one bridged to the subscriber stays answered.
+    #[test]
+    fn r_n4_a_call_answered_by_voicemail_is_a_missed_call() {
+        let cdr = |last_app: &str| {
+            format!(
+                r#"{{"variables":{{"uuid":"u-1","caller_id_number":"09011112222","destination_number":"0312345678","start_epoch":"1795482000","answer_epoch":"1795482020","end_epoch":"1795482050","last_app":"{last_app}"}}}}"#
+            )
+        };
+        assert!(decode(cdr("voicemail").as_bytes()).unwrap().is_missed());
+        assert!(!decode(cdr("bridge").as_bytes()).unwrap().is_missed());
     }
 
     /// R-N7: `mod_json_cdr` URL-encodes `sip_Privacy` as any value: `id;critical` comes
