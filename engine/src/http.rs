@@ -191,6 +191,22 @@ impl Answering {
     }
 }
 
+impl AsRef<Answering> for Answering {
+    fn as_ref(&self) -> &Answering {
+        self
+    }
+}
+
+/// For a server that needs nothing else of the connection: its [`Answering`] as its
+/// connect info ([`keep_open_while_answering`]`::<Answering>`).
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>>
+    for Answering
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>) -> Self {
+        stream.io().answering()
+    }
+}
+
 /// One request being answered, from [`Answering::begin`].
 pub struct AnsweringGuard(Answering);
 
@@ -328,6 +344,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     me.progressed();
+                    // An answer going out: the request's head was in (a server without
+                    // [`keep_open_while_answering`] counts no request begun).
+                    me.head = None;
                 }
                 Poll::Ready(Ok(n))
             }
@@ -421,24 +440,6 @@ mod tests {
         assert!(served.is_ok(), "127.0.0.1 is served again once its connections closed");
     }
 
-    /// What a server gives its handlers about the connection: here its [`Answering`].
-    #[derive(Clone)]
-    struct Conn(Answering);
-
-    impl AsRef<Answering> for Conn {
-        fn as_ref(&self) -> &Answering {
-            &self.0
-        }
-    }
-
-    impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>>
-        for Conn
-    {
-        fn connect_info(stream: axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>) -> Self {
-            Conn(stream.io().answering())
-        }
-    }
-
     /// A server whose one handler answers "answered" after `takes`.
     async fn answering_after(limits: Limits, takes: Duration) -> SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -451,9 +452,9 @@ mod tests {
                     "answered"
                 }),
             )
-            .layer(axum::middleware::from_fn(keep_open_while_answering::<Conn>));
+            .layer(axum::middleware::from_fn(keep_open_while_answering::<Answering>));
         tokio::spawn(async move {
-            let app = app.into_make_service_with_connect_info::<Conn>();
+            let app = app.into_make_service_with_connect_info::<Answering>();
             axum::serve(Guarded::new(listener, limits, "test"), app).await.unwrap();
         });
         addr
@@ -477,18 +478,30 @@ mod tests {
     /// A client trickling a request's head a byte at a time, each within the idle limit
     /// (the operator endpoint has no lifetime): its connection was held for ever, and a
     /// few hundred such took every slot of the endpoint Prometheus scrapes. The head must
-    /// now be in within `head_within` of its first byte; a whole request still is
-    /// answered, and the connection kept alive.
+    /// now be in within `head_within` of its first byte; a body may take longer (an
+    /// upload to `/provision`), and a kept-alive connection outlives it.
     #[tokio::test]
-    async fn a_request_head_trickled_in_is_cut_off_and_a_whole_one_is_answered() {
+    async fn a_request_head_trickled_in_is_cut_off_and_bodies_and_kept_alive_connections_are_not() {
         let limits = Limits {
             max_connections: 10,
             per_client: 10,
-            idle: Duration::from_millis(400),
+            idle: Duration::from_millis(1_500),
             lifetime: None,
-            head_within: Duration::from_millis(1_000),
+            head_within: Duration::from_millis(600),
         };
-        let (addr, _server) = guarded(limits).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::get(|| async { "ok" }).post(|body: String| async move { format!("got {}", body.len()) }),
+            )
+            .layer(axum::middleware::from_fn(keep_open_while_answering::<Answering>));
+        tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<Answering>();
+            axum::serve(Guarded::new(listener, limits, "test"), app).await.unwrap();
+        });
+
         let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
         trickle.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
         let mut cut = false;
@@ -506,14 +519,24 @@ mod tests {
         }
         assert!(cut, "a head trickled in for 5 s was let go on");
 
-        let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A body sent over twice `head_within`, its head at once.
+        let mut upload = tokio::net::TcpStream::connect(addr).await.unwrap();
+        upload.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 12\r\n\r\n").await.unwrap();
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            upload.write_all(b"x").await.unwrap();
+        }
+        let mut buf = [0u8; 1024];
+        let n = upload.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).ends_with("got 12"), "{}", String::from_utf8_lossy(&buf[..n]));
+
+        // Kept alive for three times `head_within`, quiet well within the idle limit.
+        let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
         for _ in 0..3 {
-            whole.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
-            let mut buf = [0u8; 1024];
-            let n = whole.read(&mut buf).await.unwrap();
+            kept.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+            let n = kept.read(&mut buf).await.unwrap();
             assert!(String::from_utf8_lossy(&buf[..n]).ends_with("ok"));
-            // Kept alive past `head_within`, quiet within the idle limit.
-            tokio::time::sleep(Duration::from_millis(350)).await;
+            tokio::time::sleep(Duration::from_millis(700)).await;
         }
     }
 

@@ -116,11 +116,15 @@ pub async fn serve(
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/provision", post(provision))
-        .with_state(ops);
+        .with_state(ops)
+        // An upload's lines and its wait for the state owner are not idleness, nor a
+        // request head late (crate::http::Limits::head_within).
+        .layer(axum::middleware::from_fn(crate::http::keep_open_while_answering::<crate::http::Answering>));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tasks.spawn(async move {
         let listener = crate::http::Guarded::new(listener, crate::http::Limits::OPERATOR, "metrics.listen");
+        let app = app.into_make_service_with_connect_info::<crate::http::Answering>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
             crate::error_event!(errors, ErrorEvent::OperatorEndpoint, error = %e, "operator endpoint stopped");
         }
