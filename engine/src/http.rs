@@ -182,6 +182,11 @@ impl Answering {
         AnsweringGuard(self.clone())
     }
 
+    /// Counts one request as begun (its head in) without holding off the idle limit.
+    fn head_in(&self) {
+        self.0.begun.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn any(&self) -> bool {
         self.0.now.load(Ordering::Acquire) > 0
     }
@@ -230,6 +235,23 @@ where
     next.run(request).await
 }
 
+/// Middleware for a server whose idle limit holds while it answers (the operator
+/// endpoint: a half-sent upload is closed when idle): the request's head is in, so its
+/// connection is not closed for a late head ([`Limits::head_within`]) while its body
+/// comes, however long it takes.
+pub async fn note_request_head<C>(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response
+where
+    C: AsRef<Answering> + Clone + Send + Sync + 'static,
+{
+    if let Some(info) = request.extensions().get::<ConnectInfo<C>>() {
+        info.0.as_ref().head_in();
+    }
+    next.run(request).await
+}
+
 /// How long past its lifetime a connection may still be answering a request: longer
 /// than a handler waits for the state owner ([`crate::state::ANSWER_WITHIN`]).
 pub const LATE_ANSWER: Duration = Duration::from_secs(crate::state::ANSWER_WITHIN.as_secs() + 30);
@@ -247,9 +269,12 @@ pub struct GuardedIo<T> {
     /// Past its lifetime with a request being answered: when it ends all the same.
     cut: Option<Pin<Box<Sleep>>>,
     head_within: Duration,
-    /// A request's first bytes came in (none being answered): by when its head must be
-    /// in, and the count of requests begun then (one more: it is in).
-    head: Option<(Pin<Box<Sleep>>, usize)>,
+    /// A request's first bytes came in: by when its head must be in.
+    head: Option<Pin<Box<Sleep>>>,
+    /// The requests begun ([`Answering`]) when last looked: one more, and a head is in.
+    begun: usize,
+    /// A request's head is in and its answer not yet going out: what is read is its body.
+    in_request: bool,
     /// Requests its server is answering: no idleness meanwhile.
     answering: Answering,
     _slot: Slot,
@@ -266,6 +291,8 @@ impl<T> GuardedIo<T> {
             cut: None,
             head_within: limits.head_within,
             head: None,
+            begun: 0,
+            in_request: false,
             answering: Answering::default(),
             _slot: slot,
         }
@@ -295,14 +322,21 @@ impl<T> GuardedIo<T> {
         if self.idle.as_mut().poll(cx).is_ready() {
             return Some(io::Error::new(io::ErrorKind::TimedOut, "connection idle too long"));
         }
-        if let Some((by, begun)) = &mut self.head {
-            if self.answering.begun() != *begun {
-                self.head = None;
-            } else if by.as_mut().poll(cx).is_ready() {
-                return Some(io::Error::new(io::ErrorKind::TimedOut, "request head not in within its time"));
-            }
+        self.note_heads();
+        if self.head.as_mut().is_some_and(|by| by.as_mut().poll(cx).is_ready()) {
+            return Some(io::Error::new(io::ErrorKind::TimedOut, "request head not in within its time"));
         }
         None
+    }
+
+    /// A request begun since last looked: its head is in, what comes is its body.
+    fn note_heads(&mut self) {
+        let begun = self.answering.begun();
+        if begun != self.begun {
+            self.begun = begun;
+            self.in_request = true;
+            self.head = None;
+        }
     }
 
     fn progressed(&mut self) {
@@ -323,9 +357,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
                     if me.lifetime.as_ref().is_some_and(|l| Instant::now() >= l.deadline()) && !me.answering.any() {
                         return Poll::Ready(Err(past_lifetime()));
                     }
-                    if me.head.is_none() && !me.answering.any() {
-                        let by = Box::pin(tokio::time::sleep(me.head_within));
-                        me.head = Some((by, me.answering.begun()));
+                    me.note_heads();
+                    if me.head.is_none() && !me.in_request && !me.answering.any() {
+                        me.head = Some(Box::pin(tokio::time::sleep(me.head_within)));
                     }
                     me.progressed();
                 }
@@ -345,8 +379,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
                 if n > 0 {
                     me.progressed();
                     // An answer going out: the request's head was in (a server without
-                    // [`keep_open_while_answering`] counts no request begun).
+                    // [`keep_open_while_answering`] counts no request begun), and what
+                    // is read next is the next request's.
+                    me.note_heads();
                     me.head = None;
+                    me.in_request = false;
                 }
                 Poll::Ready(Ok(n))
             }
@@ -482,6 +519,12 @@ mod tests {
     /// upload to `/provision`), and a kept-alive connection outlives it.
     #[tokio::test]
     async fn a_request_head_trickled_in_is_cut_off_and_bodies_and_kept_alive_connections_are_not() {
+        head_limit_on(true).await;
+        // The operator endpoint's way: the idle limit holds while answering, heads noted.
+        head_limit_on(false).await;
+    }
+
+    async fn head_limit_on(keep_open_while_answering_it: bool) {
         let limits = Limits {
             max_connections: 10,
             per_client: 10,
@@ -491,12 +534,15 @@ mod tests {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = axum::Router::new()
-            .route(
-                "/",
-                axum::routing::get(|| async { "ok" }).post(|body: String| async move { format!("got {}", body.len()) }),
-            )
-            .layer(axum::middleware::from_fn(keep_open_while_answering::<Answering>));
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(|| async { "ok" }).post(|body: String| async move { format!("got {}", body.len()) }),
+        );
+        let app = if keep_open_while_answering_it {
+            app.layer(axum::middleware::from_fn(keep_open_while_answering::<Answering>))
+        } else {
+            app.layer(axum::middleware::from_fn(note_request_head::<Answering>))
+        };
         tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<Answering>();
             axum::serve(Guarded::new(listener, limits, "test"), app).await.unwrap();

@@ -117,9 +117,9 @@ pub async fn serve(
         .route("/readyz", get(ready))
         .route("/provision", post(provision))
         .with_state(ops)
-        // An upload's lines and its wait for the state owner are not idleness, nor a
-        // request head late (crate::http::Limits::head_within).
-        .layer(axum::middleware::from_fn(crate::http::keep_open_while_answering::<crate::http::Answering>));
+        // An upload's body may take longer than a request head may (the idle limit,
+        // longer than the state owner's wait, still closes a half-sent one).
+        .layer(axum::middleware::from_fn(crate::http::note_request_head::<crate::http::Answering>));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tasks.spawn(async move {
