@@ -432,6 +432,16 @@ impl Settings {
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
         }
+        if self.admin.behind_tls_proxy
+            && !self.admin.listen.ip().to_canonical().is_loopback()
+            && self.admin.proxy_addresses.is_empty()
+        {
+            // X-Forwarded-For is read from loopback and these only: every login would be
+            // braked under the proxy's one address, one subscriber's typos braking all.
+            return invalid(
+                "admin.behind_tls_proxy with admin.listen beyond loopback needs admin.proxy_addresses: the proxy's addresses, whose X-Forwarded-For names each client",
+            );
+        }
         if self.admin.secure() && !self.admin.public_url.starts_with("https://") {
             // The site is served over TLS (R-S8): the fax mails' links would lead
             // nowhere (the default is the loopback address of a demo).
@@ -697,6 +707,26 @@ mod tests {
         let err = proxied(&[]).unwrap_err().to_string();
         assert!(err.contains("admin.public_url") && err.contains("https://"), "{err}");
         assert!(proxied(&[("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://notify.example.jp")]).is_ok());
+    }
+
+    /// With the proxy on another machine and no admin.proxy_addresses, every login was
+    /// braked under the proxy's one address (the header is read from loopback and those
+    /// only): one subscriber's wrong logins braked every other. Refused at start.
+    #[test]
+    fn a_site_behind_a_proxy_beyond_loopback_names_the_proxy() {
+        let vars = |extra: &[(&str, &str)]| {
+            let mut vars = vec![
+                ("CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY", "true"),
+                ("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://notify.example.jp"),
+                ("CALLNOTIFY__ADMIN__LISTEN", "0.0.0.0:8080"),
+            ];
+            vars.extend_from_slice(extra);
+            Settings::load_from(None, env(&vars))
+        };
+        let err = vars(&[]).unwrap_err().to_string();
+        assert!(err.contains("admin.proxy_addresses"), "{err}");
+        let named = vars(&[("CALLNOTIFY__ADMIN__PROXY_ADDRESSES", r#"["10.0.0.5"]"#)]).unwrap();
+        assert_eq!(named.admin.proxy_addresses, ["10.0.0.5".parse::<std::net::IpAddr>().unwrap()]);
     }
 
     #[test]

@@ -166,7 +166,9 @@ impl SiteState {
     /// client reaching the listener directly wrote a fresh one per login and was never
     /// braked. (A request without a peer is a test calling the router directly.)
     pub(crate) fn client(&self, peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> Option<std::net::IpAddr> {
-        let from_proxy = peer.is_none_or(|p| p.ip().is_loopback() || self.proxies.contains(&p.ip()));
+        // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
+        let from_proxy =
+            peer.map(|p| p.ip().to_canonical()).is_none_or(|ip| ip.is_loopback() || self.proxies.contains(&ip));
         if self.behind_proxy && from_proxy {
             let last = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
             let forwarded = last.and_then(|v| v.rsplit(',').next()).map(str::trim).and_then(|last| {

@@ -691,6 +691,9 @@ async fn behind_the_proxy_a_client_reaching_the_site_directly_cannot_name_its_ad
     assert_eq!(state.client(Some(direct), &headers), Some(direct.ip()));
     let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
     assert_eq!(state.client(Some(local), &headers), Some("198.51.100.7".parse().unwrap()), "a proxy on this host");
+    // A dual-stack listener sees the IPv4 proxy as ::ffff:10.0.0.1.
+    let mapped: std::net::SocketAddr = "[::ffff:10.0.0.1]:5000".parse().unwrap();
+    assert_eq!(state.client(Some(mapped), &headers), Some("198.51.100.7".parse().unwrap()), "the proxy, mapped");
 }
 
 /// A login form sent from `client` (the connection's address, as `serve` hands it on).
