@@ -220,6 +220,9 @@ impl Pipeline {
                 return Ok(Outcome::Rejected(e));
             }
         };
+        // Read before the fax counts as decoded: one whose record cannot be read is
+        // counted rejected instead ([`Pipeline::run`]), as a call is.
+        let number = self.resolver.store().number(&fax.called)?;
         self.metrics.decoded();
         // A fax past its retention may have expired from the store already: not kept
         // again. One younger is kept for the site whenever it is read (an engine behind,
@@ -231,7 +234,6 @@ impl Pipeline {
             return Ok(Outcome::Nothing);
         }
         let stale = age > self.max_call_age;
-        let number = self.resolver.store().number(&fax.called)?;
         // A fax received before the number moved to this line was its previous
         // subscriber's: neither kept for this one nor mailed (R-M3).
         let Some(number) = number.filter(|n| n.services.fax && !n.before_moving_in(fax.received_at)) else {

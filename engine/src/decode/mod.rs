@@ -116,7 +116,8 @@ pub enum DecodeError {
     #[error("field {field} is not a time a call can have: {time} is {why}")]
     Implausible { field: &'static str, time: DateTime<Utc>, why: &'static str },
     /// Not the CDR's fault: the called number's record cannot be read by this version
-    /// (it is dead-lettered to be replayed once the line is provisioned again).
+    /// (it is dead-lettered, to be replayed once the record is one this version reads:
+    /// docs/cluster.md).
     #[error("the called number's subscriber record cannot be read: {0}")]
     UnreadableSubscriber(String),
 }

@@ -521,7 +521,10 @@ impl Deliverer {
             MailService::Fax => (record.services.fax && record.fax.enabled, &record.fax.destinations),
             MailService::Call => (record.services.call && record.call.enabled, &record.call.destinations),
         };
-        !(enabled && destinations.iter().any(|d| d.send && d.address.as_str() == mail.recipient.as_str()))
+        // The same mailbox written in other case (re-saved as `taro@` for `Taro@`) still
+        // gets it.
+        let to = mail.recipient.as_str();
+        !(enabled && destinations.iter().any(|d| d.send && d.address.as_str().eq_ignore_ascii_case(to)))
     }
 
     /// When a mail to `recipient`, over its flood limit at `now_ms` until `not_until`, can

@@ -203,7 +203,11 @@ async fn r_m4_a_subscriber_record_this_version_cannot_read_dead_letters_its_call
     assert_eq!(mails[0].rcpt_to, ["hanako@example.jp"]);
     let letter = h.dead_letters(1).pop().unwrap();
     assert!(letter["reason"].as_str().unwrap().contains("0312345678"), "{letter}");
-    assert_eq!(a.metric("callnotify_cdrs_rejected_total{reason=\"unreadable_subscriber\"}"), 1.0);
+    // A fax to it likewise, counted once: rejected, not decoded too.
+    let fax = testkit::fax::record("unreadable", "0312345678", include_bytes!("../fixtures/fax/fine-g4.tif"), 3);
+    h.produce(FAX_TOPIC, &[fax]).await;
+    a.wait_metric("callnotify_cdrs_rejected_total{reason=\"unreadable_subscriber\"}", 2.0).await;
+    assert_eq!(a.metric("callnotify_cdrs_decoded_total"), 1.0, "the other subscriber's call only");
     a.stop().await;
 
     // A node starting on that store starts.
