@@ -418,9 +418,6 @@ impl PartitionLog {
             Ok(())
         })?;
         drop(guard);
-        for (key, next) in next_sent {
-            positions.insert(key, &next.to_be_bytes())?;
-        }
         let empty = HashMap::new();
         let mut republished = 0;
         let moving = self.moving.lock().expect("moving lock");
@@ -432,6 +429,12 @@ impl PartitionLog {
                 self.retry_put(partition, &key, due_ms, &entry);
                 republished += 1;
             }
+        }
+        // Only once the queue is reconciled: `handled` (the sent records found past the
+        // old positions) lives in memory, and a restore failing in between would start
+        // the next one past them, taking a mail sent elsewhere for one never confirmed.
+        for (key, next) in next_sent {
+            positions.insert(key, &next.to_be_bytes())?;
         }
         store.flush_blocking()?;
         self.owned.write().expect("owned lock").extend(assigned.iter().cloned());
