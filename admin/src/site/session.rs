@@ -64,11 +64,20 @@ pub fn idle_timeout_for(store: &Store, number: &PhoneNumber) -> Result<Duration,
     })
 }
 
+/// Lookups per second at the state owner of session ids this node's view does not hold.
+/// Such an id is nearly always made up (a session made on another node a moment ago
+/// reaches this one within a second): one per request, anyone could send the owner, and
+/// every node's logins and saves behind it, a request each and hold a blocking thread
+/// each, without logging in.
+pub const UNKNOWN_LOOKUPS_PER_SECOND: u32 = 20;
+
 /// The live sessions by id; cheap to clone. Every call is one op of the store's state,
 /// run on tokio's blocking pool.
 #[derive(Clone)]
 pub struct Sessions {
     store: Store,
+    /// [`UNKNOWN_LOOKUPS_PER_SECOND`], for this node.
+    unknown: std::sync::Arc<governor::DefaultDirectRateLimiter>,
 }
 
 /// Where session `id` is kept: its hash, not the id itself.
@@ -78,7 +87,8 @@ fn key(id: &str) -> String {
 
 impl Sessions {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        let rate = std::num::NonZeroU32::new(UNKNOWN_LOOKUPS_PER_SECOND).expect("not zero");
+        Self { store, unknown: std::sync::Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(rate))) }
     }
 
     async fn submit(&self, op: Op) -> Result<Reply, StoreError> {
@@ -97,8 +107,18 @@ impl Sessions {
 
     /// The session `id` at `now`, its idle timeout restarted; `None` if there is none or
     /// it has expired (and then it is forgotten).
+    ///
+    /// An id this node's view does not hold goes to the state owner only within
+    /// [`UNKNOWN_LOOKUPS_PER_SECOND`]; past it, it is taken for none.
     pub async fn touch(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Session>, StoreError> {
-        match self.submit(Op::TouchSession { key: key(id), now }).await? {
+        let key = key(id);
+        let (store, here) = (self.store.clone(), key.clone());
+        // One this node cannot read is the owner's to judge.
+        let held_here = tokio::task::spawn_blocking(move || store.session(&here)).await?.map_or(true, |s| s.is_some());
+        if !held_here && self.unknown.check().is_err() {
+            return Ok(None);
+        }
+        match self.submit(Op::TouchSession { key, now }).await? {
             Reply::Session(session) => Ok(session),
             other => Err(StoreError::State(format!("a session touch was answered {other:?}"))),
         }
@@ -185,6 +205,47 @@ mod tests {
         }
         assert!(sessions.touch(&id, t0() + ABSOLUTE_TIMEOUT).await.unwrap().is_none());
         assert!(sessions.is_empty(), "an expired session is forgotten");
+    }
+
+    /// Carries ops out on its store, as the state owner would, counting session touches.
+    struct CountingOwner {
+        store: Store,
+        touches: std::sync::atomic::AtomicUsize,
+    }
+
+    impl engine::store::state::StateWriter for CountingOwner {
+        fn send(self: std::sync::Arc<Self>, ops: Vec<Op>) -> engine::store::state::Answers {
+            let touches = ops.iter().filter(|op| matches!(op, Op::TouchSession { .. })).count();
+            self.touches.fetch_add(touches, std::sync::atomic::Ordering::Relaxed);
+            let answers: Vec<_> = ops.iter().map(|op| self.store.execute(op).map(|(reply, _)| reply)).collect();
+            Box::new(move || answers)
+        }
+    }
+
+    /// Requests with made-up session cookies (no login needed) each went to the state
+    /// owner, a request and a blocking thread each: enough of them held up every node's
+    /// logins and saves. Ids this node's view does not hold now go there at
+    /// UNKNOWN_LOOKUPS_PER_SECOND at most; a live session is looked up every time.
+    #[tokio::test]
+    async fn made_up_session_ids_reach_the_state_owner_at_a_bounded_rate() {
+        let store = Store::temporary().unwrap();
+        let owner = std::sync::Arc::new(CountingOwner { store: store.clone(), touches: Default::default() });
+        store.attach_writer(owner.clone());
+        let sessions = Sessions::new(store);
+        let count = || owner.touches.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..200u32 {
+            let made_up = format!("{:032x}", u128::from(i) << 64 | 0xfeed);
+            assert!(sessions.touch(&made_up, t0()).await.unwrap().is_none());
+        }
+        assert!(count() <= UNKNOWN_LOOKUPS_PER_SECOND as usize + 5, "{} of 200 reached the owner", count());
+
+        let session = new_session(n(CONTRACT), CredentialKind::Password, false, IDLE_TIMEOUT_NUMBER, t0(), 7);
+        let id = sessions.create(session).await.unwrap();
+        let before = count();
+        for _ in 0..50 {
+            assert!(sessions.touch(&id, t0()).await.unwrap().is_some());
+        }
+        assert_eq!(count() - before, 50, "a live session's idle time is the owner's to keep");
     }
 
     /// What is kept is keyed by a hash: the id a browser holds is stored nowhere.
