@@ -143,6 +143,24 @@ pub async fn list(
     Ok(Html(html::page("受信FAX一覧", &body)).into_response())
 }
 
+/// Fax renderings (a page as a PNG, the fax as a PDF, a PDF fax's pages tried) a node
+/// runs at once: each takes a core for up to seconds, and a subscriber's browser (or
+/// script) asking for hundreds at once took every blocking thread the node's mail
+/// delivery shares. The others wait their turn.
+pub const RENDERING_AT_ONCE: usize = 2;
+
+pub(crate) static RENDERING: std::sync::LazyLock<tokio::sync::Semaphore> =
+    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(RENDERING_AT_ONCE));
+
+/// [`SiteState::read`] for a rendering: once one of [`RENDERING_AT_ONCE`] is free.
+async fn rendering<T: Send + 'static>(
+    state: &SiteState,
+    render: impl FnOnce(&engine::store::Store) -> Result<T, engine::store::StoreError> + Send + 'static,
+) -> Result<T, SiteError> {
+    let _turn = RENDERING.acquire().await.expect("the rendering semaphore is never closed");
+    state.read(render).await
+}
+
 /// Which of the fax's pages can be shown as pictures. A TIFF's all: the engine decoded
 /// every page before keeping it. A PDF was only loaded, and a page of it may hold no fax
 /// image (text, a vector drawing): those are tried here, so the page can say so.
@@ -175,14 +193,14 @@ pub async fn show(
     };
     let Some(record) = fax_of(&state, authed.session.number, address).await? else { return Ok(fax_not_found()) };
     let (key, unread, kept) = (record.key(), !record.read, record.clone());
-    let shown = state
-        .read(move |store| {
-            if unread {
-                store.mark_fax_read(&key)?;
-            }
-            Ok(store.fax_document(&key)?.map(|document| pictures(&kept, &document)))
-        })
-        .await?;
+    if unread {
+        // Not under a rendering's turn: it waits on the state owner.
+        let key = key.clone();
+        state.read(move |store| store.mark_fax_read(&key)).await?;
+    }
+    let shown =
+        rendering(&state, move |store| Ok(store.fax_document(&key)?.map(|document| pictures(&kept, &document))))
+            .await?;
     let Some(shown) = shown else { return Ok(fax_not_found()) };
 
     let path = fax_path(&record);
@@ -245,7 +263,8 @@ pub async fn page(
     };
     let Some(n) = picture_number(&segment).filter(|n| *n <= record.pages) else { return Ok(fax_not_found()) };
     let key = record.key();
-    let picture = state.read(move |store| Ok(store.fax_document(&key)?.map(|doc| page_png(&doc, n - 1)))).await?;
+    let picture =
+        rendering(&state, move |store| Ok(store.fax_document(&key)?.map(|doc| page_png(&doc, n - 1)))).await?;
     match picture {
         Some(Ok(png)) => Ok(([(CONTENT_TYPE, "image/png")], png).into_response()),
         None => Ok(fax_not_found()),
@@ -280,7 +299,8 @@ pub async fn pdf(
     };
     let Some(record) = fax_of(&state, authed.session.number, address).await? else { return Ok(fax_not_found()) };
     let key = record.key();
-    let made = state.read(move |store| Ok(store.fax_document(&key)?.map(|doc| to_pdf(&doc, DOWNLOAD_PDF_AT_MOST))));
+    let made =
+        rendering(&state, move |store| Ok(store.fax_document(&key)?.map(|doc| to_pdf(&doc, DOWNLOAD_PDF_AT_MOST))));
     let pdf = match made.await? {
         None => return Ok(fax_not_found()),
         Some(Err(DocumentError::TooLarge { .. })) => return Ok(too_large_for_a_pdf(&record)),

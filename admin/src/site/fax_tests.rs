@@ -163,6 +163,26 @@ async fn r_f1_pages_are_served_as_pngs_and_the_fax_as_a_pdf_download() {
     assert!(pdf.body.starts_with(b"%PDF"));
 }
 
+/// R-F1: renderings of fax pages wait for one of RENDERING_AT_ONCE: any number asked
+/// at once took a core and a blocking thread each (a few hundred took every thread the
+/// node's mail delivery shares). A page asked while every turn is taken is served once
+/// one is free.
+#[tokio::test]
+async fn r_f1_fax_pages_are_rendered_a_few_at_a_time() {
+    let app = app();
+    let cookies = fax_subscriber(&app).await;
+    let fax = keep(&app, FAX_ONLY, 5, "hylafax-000123", FINE_G4);
+    let taken = super::fax::RENDERING.acquire_many(super::fax::RENDERING_AT_ONCE as u32).await.unwrap();
+    let page = format!("{}/pages/1.png", fax_url(&fax));
+    let waiting = fetch(&app, &page, &cookies);
+    tokio::pin!(waiting);
+    let early = tokio::time::timeout(StdDuration::from_millis(300), &mut waiting).await;
+    assert!(early.is_err(), "rendered while every turn was taken");
+    drop(taken);
+    let png = tokio::time::timeout(StdDuration::from_secs(10), waiting).await.unwrap();
+    assert_eq!(png.status, StatusCode::OK);
+}
+
 /// A minimal one-page PDF whose page is a vector drawing: no fax image to show.
 fn drawing_only_pdf() -> Vec<u8> {
     let content = "100 100 m 300 300 l S";
