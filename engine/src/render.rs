@@ -89,6 +89,9 @@ pub struct Renderer {
     from: Mailbox,
     /// The `From:` header line, encoded once.
     from_header: String,
+    /// The same for fax mails: the sender's name says FAXお知らせメール (R-C1), the
+    /// address is the same.
+    fax_from_header: String,
     /// Right-hand side of every Message-ID: the sender's domain.
     domain: String,
     /// The settings site as subscribers reach it (`admin.public_url`): fax mails link
@@ -104,7 +107,14 @@ pub fn jst() -> FixedOffset {
 impl Renderer {
     pub fn new(from: Mailbox) -> Self {
         let domain = from.email.domain().to_owned();
-        Self { from_header: from_header(&from), from, domain, site: "http://127.0.0.1:8080".into() }
+        let fax_from = Mailbox { name: from.name.as_deref().map(fax_sender_name), ..from.clone() };
+        Self {
+            from_header: from_header(&from),
+            fax_from_header: from_header(&fax_from),
+            from,
+            domain,
+            site: "http://127.0.0.1:8080".into(),
+        }
     }
 
     /// Fax mails link to the fax on the site at `url` (`admin.public_url`).
@@ -217,7 +227,7 @@ impl Renderer {
             FaxPdf::Attached(bytes) => Some(bytes),
             _ => None,
         };
-        self.build_with(recipient, subject, body, id, pdf.map(|bytes| (name.as_str(), bytes)))
+        self.build_with(&self.fax_from_header, recipient, subject, body, id, pdf.map(|bytes| (name.as_str(), bytes)))
     }
 
     /// Writes the message by hand: lettre's builder costs several times the rest of the
@@ -231,13 +241,14 @@ impl Renderer {
         body: String,
         message_id: String,
     ) -> Result<Mail, RenderError> {
-        self.build_with(recipient, subject, body, message_id, None)
+        self.build_with(&self.from_header, recipient, subject, body, message_id, None)
     }
 
     /// [`Renderer::build`], with a PDF `(file name, bytes)` attached when given: then
     /// multipart/mixed, the text first.
     fn build_with(
         &self,
+        from_header: &str,
         recipient: &DestinationAddress,
         subject: String,
         body: String,
@@ -246,7 +257,7 @@ impl Renderer {
     ) -> Result<Mail, RenderError> {
         let to = recipient_address(recipient);
         let mut text = String::with_capacity(512 + body.len() * 4 / 3);
-        text.push_str(&self.from_header);
+        text.push_str(from_header);
         text.push_str("To: ");
         text.push_str(recipient.as_str());
         text.push_str("\r\nSubject: ");
@@ -283,6 +294,12 @@ impl Renderer {
         let envelope = Envelope::new(Some(self.from.email.clone()), vec![to])?;
         Ok(Mail { message_id, recipient: recipient.clone(), envelope, bytes: text.into_bytes() })
     }
+}
+
+/// The sender's name of fax mails: `smtp.from`'s with 着信お知らせメール, where it says
+/// so, for FAXお知らせメール (`NTT 着信お知らせメール` → `NTT FAXお知らせメール`).
+fn fax_sender_name(call_name: &str) -> String {
+    call_name.replace("着信お知らせメール", "FAXお知らせメール")
 }
 
 /// `From: =?utf-8?b?…?= <addr>\r\n`, written once per renderer.
@@ -457,6 +474,28 @@ mod tests {
         let id = |at| renderer().render_fax(&fax(at), &to, FaxPdf::NotAsked).unwrap().message_id;
         assert_eq!(id(1_764_000_000), id(1_764_000_000), "rendered again: the same");
         assert_ne!(id(1_764_000_000), id(1_764_086_400), "another fax with the same fax_id");
+    }
+
+    /// R-C1, R-M1: a fax mail comes from the same no-reply address, named for the service
+    /// it is of: it said 着信お知らせメール.
+    #[test]
+    fn r_c1_r_m1_a_fax_mail_is_sent_in_the_fax_service_s_name() {
+        let to = DestinationAddress::parse("a@example.jp").unwrap();
+        let fax = FaxRecord {
+            number: PhoneNumber::parse("0312345678").unwrap(),
+            fax_id: "job-1".into(),
+            sender: "0612345678".into(),
+            received_at: DateTime::from_timestamp(1_764_000_000, 0).unwrap(),
+            pages: 1,
+            kind: crate::fax::document::DocumentKind::Tiff,
+            size: 10,
+            read: false,
+            deleted: false,
+        };
+        let mail = renderer().render_fax(&fax, &to, FaxPdf::NotAsked).unwrap();
+        let parsed = mail_parser::MessageParser::default().parse(&mail.bytes).unwrap();
+        let from = parsed.from().unwrap().first().unwrap();
+        assert_eq!((from.name(), from.address()), (Some("FAXお知らせメール"), Some("no-reply@notify.example.jp")));
     }
 
     #[test]
