@@ -380,10 +380,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
                     me.progressed();
                     // An answer going out: the request's head was in (a server without
                     // [`keep_open_while_answering`] counts no request begun), and what
-                    // is read next is the next request's.
+                    // is read next is the next request's; but after an interim answer
+                    // (`100 Continue`) the request's body comes.
                     me.note_heads();
                     me.head = None;
-                    me.in_request = false;
+                    if !data.starts_with(b"HTTP/1.1 1") {
+                        me.in_request = false;
+                    }
                 }
                 Poll::Ready(Ok(n))
             }
@@ -575,6 +578,25 @@ mod tests {
         let mut buf = [0u8; 1024];
         let n = upload.read(&mut buf).await.unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).ends_with("got 12"), "{}", String::from_utf8_lossy(&buf[..n]));
+
+        // The same asking `100 Continue` first, as curl does for a large upload.
+        let mut upload = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 12\r\nExpect: 100-continue\r\n\r\n";
+        upload.write_all(head).await.unwrap();
+        let n = upload.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 100"), "{}", String::from_utf8_lossy(&buf[..n]));
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            upload.write_all(b"x").await.unwrap();
+        }
+        let mut answer = Vec::new();
+        while !answer.ends_with(b"got 12") {
+            match upload.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        assert!(answer.ends_with(b"got 12"), "{}", String::from_utf8_lossy(&answer));
 
         // Kept alive for three times `head_within`, quiet well within the idle limit.
         let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -152,13 +152,20 @@ pub const RENDERING_AT_ONCE: usize = 2;
 pub(crate) static RENDERING: std::sync::LazyLock<tokio::sync::Semaphore> =
     std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(RENDERING_AT_ONCE));
 
-/// [`SiteState::read`] for a rendering: once one of [`RENDERING_AT_ONCE`] is free.
+/// [`SiteState::read`] for a rendering: once one of [`RENDERING_AT_ONCE`] is free. The
+/// turn goes with the rendering, not the request: a client hanging up does not end a
+/// rendering on the blocking pool, so it must not free its turn either.
 async fn rendering<T: Send + 'static>(
     state: &SiteState,
     render: impl FnOnce(&engine::store::Store) -> Result<T, engine::store::StoreError> + Send + 'static,
 ) -> Result<T, SiteError> {
-    let _turn = RENDERING.acquire().await.expect("the rendering semaphore is never closed");
-    state.read(render).await
+    let turn = RENDERING.acquire().await.expect("the rendering semaphore is never closed");
+    let store = state.store.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        render(&store)
+    })
+    .await??)
 }
 
 /// Which of the fax's pages can be shown as pictures. A TIFF's all: the engine decoded
@@ -198,9 +205,13 @@ pub async fn show(
         let key = key.clone();
         state.read(move |store| store.mark_fax_read(&key)).await?;
     }
-    let shown =
-        rendering(&state, move |store| Ok(store.fax_document(&key)?.map(|document| pictures(&kept, &document))))
-            .await?;
+    // A TIFF's pages are all shown (decoded before it was kept): only a PDF's are tried.
+    let document =
+        move |store: &engine::store::Store| Ok(store.fax_document(&key)?.map(|document| pictures(&kept, &document)));
+    let shown = match record.kind {
+        DocumentKind::Pdf => rendering(&state, document).await?,
+        DocumentKind::Tiff => state.read(document).await?,
+    };
     let Some(shown) = shown else { return Ok(fax_not_found()) };
 
     let path = fax_path(&record);
