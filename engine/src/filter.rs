@@ -53,7 +53,7 @@ pub fn decide<'s>(subscription: Option<&'s Subscription>, call: &CallEvent<'_>) 
     let sub = subscription.ok_or(Skip::NotSubscribed)?;
     // A call to the number before it moved to this line was its previous subscriber's,
     // however late its CDR is read (R-M3).
-    if sub.moved_in_at.is_some_and(|moved| call.started_at.timestamp() < moved) {
+    if crate::store::records::before_moving_in(sub.moved_in_at, call.started_at) {
         return Err(Skip::NotSubscribed);
     }
     if !sub.enabled {

@@ -12,11 +12,14 @@
 //! A request's head must be in within `head_within` of its first byte, whatever the
 //! lifetime.
 //!
-//! A request being answered is not idleness: its handler may wait on the state owner
-//! or a mail server longer than `idle`. A server that wraps its router in
-//! [`keep_open_while_answering`] (with a connect-info type giving the connection's
-//! [`Answering`]) has the idle limit wait while a handler runs; hyper reads the socket
-//! meanwhile, and without it that read would end the connection mid-answer.
+//! Every server on a [`Guarded`] listener layers one of two middlewares (with a
+//! connect-info type giving the connection's [`Answering`]), which tell the connection
+//! that a request's head is in, so that its body is not taken for a late head:
+//! [`keep_open_while_answering`] also has the idle limit wait while a handler runs (its
+//! handler may wait on the state owner or a mail server longer than `idle`; hyper reads
+//! the socket meanwhile, and that read would end the connection mid-answer);
+//! [`note_request_head`] keeps the idle limit (the operator endpoint: a half-sent upload
+//! is closed when idle).
 
 use std::future::Future as _;
 use std::io;
@@ -37,7 +40,8 @@ use tokio::time::{Instant, Sleep};
 pub struct Limits {
     /// Connections open at once; past it new ones are closed at once.
     pub max_connections: usize,
-    /// Connections open at once from one IP address: one client cannot take them all.
+    /// Connections open at once from one client ([`client_block`]: an IP address, an
+    /// IPv6 one by its /64): one client cannot take them all.
     pub per_client: usize,
     /// A connection with no byte read or written for this long is closed.
     pub idle: Duration,
@@ -45,14 +49,14 @@ pub struct Limits {
     /// request being answered then is out, within [`LATE_ANSWER`]).
     pub lifetime: Option<Duration>,
     /// A request's head (its line and headers) must be in within this long of its first
-    /// byte: a client trickling a byte now and then, each within `idle`, held its
-    /// connection for ever where no lifetime is set.
+    /// byte, however it trickles in: a byte now and then, each within `idle`, would hold
+    /// a connection without a lifetime for ever.
     pub head_within: Duration,
 }
 
 /// [`Limits::head_within`] of every listener: far longer than any client sending a
 /// request at once needs.
-pub const HEAD_WITHIN: Duration = Duration::from_secs(30);
+pub(crate) const HEAD_WITHIN: Duration = Duration::from_secs(30);
 
 impl Limits {
     /// The operator endpoint: scrapes and the operator's tools, from a few addresses;
@@ -85,8 +89,8 @@ pub struct Guarded<L> {
 }
 
 /// The address a client is counted under: an IPv6 address by its /64, the block one
-/// subscriber line or host is given (counted one by one, a client with a /64 had 2^64
-/// fresh addresses to spread over), an IPv4-mapped one as the IPv4 address it is.
+/// subscriber line or host is given (one client, 2^64 addresses), an IPv4-mapped one as
+/// the IPv4 address it is.
 pub fn client_block(client: IpAddr) -> IpAddr {
     match client {
         IpAddr::V4(_) => client,
@@ -260,7 +264,8 @@ fn past_lifetime() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "connection open past its lifetime")
 }
 
-/// A connection that ends when idle too long or past its lifetime.
+/// A connection that ends when idle too long, past its lifetime, or when a request's
+/// head is not in within its time.
 pub struct GuardedIo<T> {
     inner: T,
     idle_for: Duration,
@@ -268,6 +273,7 @@ pub struct GuardedIo<T> {
     lifetime: Option<Pin<Box<Sleep>>>,
     /// Past its lifetime with a request being answered: when it ends all the same.
     cut: Option<Pin<Box<Sleep>>>,
+    /// [`Limits::head_within`].
     head_within: Duration,
     /// A request's first bytes came in: by when its head must be in.
     head: Option<Pin<Box<Sleep>>>,
@@ -378,9 +384,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     me.progressed();
-                    // An answer going out: the request's head was in (a server without
-                    // [`keep_open_while_answering`] counts no request begun), and what
-                    // is read next is the next request's; but after an interim answer
+                    // An answer going out: the request's head was in, and what is read
+                    // next is the next request's; but after an interim answer
                     // (`100 Continue`) the request's body comes.
                     me.note_heads();
                     me.head = None;

@@ -253,7 +253,7 @@ impl Pipeline {
             deleted: false,
         };
         // The mails' dedup keys and Message-IDs never meet a call's with the same id.
-        let notification = format!("{}{}", crate::render::FAX_NOTIFICATION, record.fax_id);
+        let notification = format!("{}{}", crate::decode::FAX_NOTIFICATION, record.fax_id);
         let mut mails = Vec::new();
         if stale {
             self.metrics.filtered(Skip::Stale);

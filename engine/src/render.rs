@@ -38,11 +38,8 @@ pub enum MailService {
     Fax,
 }
 
-/// What a fax's notification id ([`Origin::call_id`]) starts with: its dedup keys and
-/// Message-IDs never meet a call's with the same id.
-pub const FAX_NOTIFICATION: &str = "fax:";
-
-/// The call a mail is about, for the dead-letter record and the latency metric.
+/// The call (or fax) a mail is about: for the dead-letter record, the latency metric,
+/// and a queued mail's check against its number's settings.
 #[derive(Debug, Clone)]
 pub struct Origin {
     pub call_id: String,
@@ -54,9 +51,10 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// The service its mails belong to.
-    pub fn service(&self) -> MailService {
-        if self.call_id.starts_with(FAX_NOTIFICATION) {
+    /// The service its mails belong to. (No CDR's call id starts with
+    /// [`crate::decode::FAX_NOTIFICATION`]: decode refuses one.)
+    pub(crate) fn service(&self) -> MailService {
+        if self.call_id.starts_with(crate::decode::FAX_NOTIFICATION) {
             MailService::Fax
         } else {
             MailService::Call
@@ -178,7 +176,16 @@ impl Renderer {
              設定サイトで「送信」にチェックを入れて設定すると、{what}のお知らせが届きます。\r\n\
              お心当たりのない場合は、このメールを破棄してください。\r\n"
         );
-        self.build(recipient, subject, body, message_id(number, nonce, recipient, &self.domain))
+        let id = message_id(number, nonce, recipient, &self.domain);
+        self.build_with(self.sender_header(service), recipient, subject, body, id, None)
+    }
+
+    /// The `From:` header of `service`'s mails: one address, named for the service.
+    fn sender_header(&self, service: MailService) -> &str {
+        match service {
+            MailService::Call => &self.from_header,
+            MailService::Fax => &self.fax_from_header,
+        }
     }
 
     /// The notification of a received fax for `recipient` (R-F1, R-M1): who sent it,
@@ -227,7 +234,8 @@ impl Renderer {
             FaxPdf::Attached(bytes) => Some(bytes),
             _ => None,
         };
-        self.build_with(&self.fax_from_header, recipient, subject, body, id, pdf.map(|bytes| (name.as_str(), bytes)))
+        let from = self.sender_header(MailService::Fax);
+        self.build_with(from, recipient, subject, body, id, pdf.map(|bytes| (name.as_str(), bytes)))
     }
 
     /// Writes the message by hand: lettre's builder costs several times the rest of the
@@ -241,7 +249,7 @@ impl Renderer {
         body: String,
         message_id: String,
     ) -> Result<Mail, RenderError> {
-        self.build_with(&self.from_header, recipient, subject, body, message_id, None)
+        self.build_with(self.sender_header(MailService::Call), recipient, subject, body, message_id, None)
     }
 
     /// [`Renderer::build`], with a PDF `(file name, bytes)` attached when given: then
@@ -492,10 +500,13 @@ mod tests {
             read: false,
             deleted: false,
         };
-        let mail = renderer().render_fax(&fax, &to, FaxPdf::NotAsked).unwrap();
-        let parsed = mail_parser::MessageParser::default().parse(&mail.bytes).unwrap();
-        let from = parsed.from().unwrap().first().unwrap();
-        assert_eq!((from.name(), from.address()), (Some("FAXお知らせメール"), Some("no-reply@notify.example.jp")));
+        let fax_mail = renderer().render_fax(&fax, &to, FaxPdf::NotAsked).unwrap();
+        let test_mail = renderer().render_test("0312345678", &to, "n-1", MailService::Fax).unwrap();
+        for mail in [fax_mail, test_mail] {
+            let parsed = mail_parser::MessageParser::default().parse(&mail.bytes).unwrap();
+            let from = parsed.from().unwrap().first().unwrap();
+            assert_eq!((from.name(), from.address()), (Some("FAXお知らせメール"), Some("no-reply@notify.example.jp")));
+        }
     }
 
     #[test]

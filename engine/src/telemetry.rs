@@ -263,7 +263,7 @@ impl Metrics {
         describe(
             MAILS_WITHDRAWN,
             Some(Unit::Count),
-            "Queued mails not sent: the subscriber stopped the service or unchecked or removed the address meanwhile",
+            "Queued mails not sent: the subscriber stopped the service, unchecked or removed the address, or the number left its line meanwhile",
         );
         describe(
             MAILS_DUPLICATE,

@@ -144,28 +144,24 @@ pub async fn list(
 }
 
 /// Fax renderings (a page as a PNG, the fax as a PDF, a PDF fax's pages tried) a node
-/// runs at once: each takes a core for up to seconds, and a subscriber's browser (or
-/// script) asking for hundreds at once took every blocking thread the node's mail
-/// delivery shares. The others wait their turn.
-pub const RENDERING_AT_ONCE: usize = 2;
+/// runs at once: each takes a core for up to seconds, on the blocking threads the node's
+/// mail delivery shares. The others wait their turn.
+pub(crate) const RENDERING_AT_ONCE: usize = 2;
 
-pub(crate) static RENDERING: std::sync::LazyLock<tokio::sync::Semaphore> =
-    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(RENDERING_AT_ONCE));
-
-/// [`SiteState::read`] for a rendering: once one of [`RENDERING_AT_ONCE`] is free. The
+/// [`SiteState::read`] for a rendering, once one of [`RENDERING_AT_ONCE`] is free. The
 /// turn goes with the rendering, not the request: a client hanging up does not end a
-/// rendering on the blocking pool, so it must not free its turn either.
+/// rendering on the blocking pool, so it does not free its turn either.
 async fn rendering<T: Send + 'static>(
     state: &SiteState,
     render: impl FnOnce(&engine::store::Store) -> Result<T, engine::store::StoreError> + Send + 'static,
 ) -> Result<T, SiteError> {
-    let turn = RENDERING.acquire().await.expect("the rendering semaphore is never closed");
-    let store = state.store.clone();
-    Ok(tokio::task::spawn_blocking(move || {
-        let _turn = turn;
-        render(&store)
-    })
-    .await??)
+    let turn = state.rendering.clone().acquire_owned().await.expect("the rendering semaphore is never closed");
+    state
+        .read(move |store| {
+            let _turn = turn;
+            render(store)
+        })
+        .await
 }
 
 /// Which of the fax's pages can be shown as pictures. A TIFF's all: the engine decoded

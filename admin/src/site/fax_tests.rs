@@ -172,7 +172,7 @@ async fn r_f1_fax_pages_are_rendered_a_few_at_a_time() {
     let app = app();
     let cookies = fax_subscriber(&app).await;
     let fax = keep(&app, FAX_ONLY, 5, "hylafax-000123", FINE_G4);
-    let taken = super::fax::RENDERING.acquire_many(super::fax::RENDERING_AT_ONCE as u32).await.unwrap();
+    let taken = app.state.rendering.acquire_many(super::fax::RENDERING_AT_ONCE as u32).await.unwrap();
     let page = format!("{}/pages/1.png", fax_url(&fax));
     let waiting = fetch(&app, &page, &cookies);
     tokio::pin!(waiting);

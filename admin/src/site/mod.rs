@@ -105,6 +105,8 @@ pub struct SiteState {
     pub(crate) password_policy: PasswordPolicy,
     /// Wrong logins per client address ([`throttle`]).
     pub(crate) throttle: Arc<throttle::Throttle>,
+    /// Turns for fax renderings ([`fax::RENDERING_AT_ONCE`]).
+    pub(crate) rendering: Arc<tokio::sync::Semaphore>,
     /// Behind a TLS-terminating proxy the client's address is the last one the proxy
     /// added to `X-Forwarded-For`, not the connection's.
     pub(crate) behind_proxy: bool,
@@ -135,6 +137,7 @@ impl SiteState {
             test_mailer: None,
             password_policy: PasswordPolicy::default(),
             throttle: Arc::default(),
+            rendering: Arc::new(tokio::sync::Semaphore::new(fax::RENDERING_AT_ONCE)),
             behind_proxy: false,
             proxies: Arc::from([]),
             metrics: Metrics::new(),
@@ -163,8 +166,8 @@ impl SiteState {
     /// go unbraked.
     ///
     /// The header is read only from the proxy (loopback, or `admin.proxy_addresses`): a
-    /// client reaching the listener directly wrote a fresh one per login and was never
-    /// braked. (A request without a peer is a test calling the router directly.)
+    /// client reaching the listener directly could write a fresh one per login. (A
+    /// request without a peer is a test calling the router directly.)
     pub(crate) fn client(&self, peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> Option<std::net::IpAddr> {
         // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
         let from_proxy =

@@ -69,12 +69,12 @@ pub fn idle_timeout_for(store: &Store, number: &PhoneNumber) -> Result<Duration,
 /// reaches this one within a second): one per request, anyone could send the owner, and
 /// every node's logins and saves behind it, a request each and hold a blocking thread
 /// each, without logging in.
-pub const UNKNOWN_LOOKUPS_PER_SECOND: u32 = 20;
+pub(crate) const UNKNOWN_LOOKUPS_PER_SECOND: u32 = 20;
 
 /// How long a request whose session id is past [`UNKNOWN_LOOKUPS_PER_SECOND`] waits for
 /// this node's view to show it: longer than a write takes to reach every node (p99 well
 /// under a second, BENCHMARKS.md).
-pub const VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const VIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The live sessions by id; cheap to clone. Every call is one op of the store's state,
 /// run on tokio's blocking pool.
@@ -97,7 +97,7 @@ impl Sessions {
     }
 
     /// With `quota` for the lookups of ids this node's view does not hold (tests).
-    pub fn with_unknown_lookups(store: Store, quota: governor::Quota) -> Self {
+    pub(crate) fn with_unknown_lookups(store: Store, quota: governor::Quota) -> Self {
         Self { store, unknown: std::sync::Arc::new(governor::RateLimiter::direct(quota)) }
     }
 

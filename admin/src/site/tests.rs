@@ -658,6 +658,17 @@ async fn r_a1_a_line_provisioned_to_line_unit_keeps_no_additional_number_s_passw
     // Imported again unchanged, nothing more is removed.
     engine::provision::import(&app.f.store, line_unit.as_bytes()).unwrap();
     assert!(app.f.credentials.record(&n(CONTRACT)).unwrap().is_some());
+
+    // To admin_user: the users' passwords reach their own numbers only, and stay; from
+    // there to number, the additional numbers' go (as on the site, R-O3).
+    let with_unit = |unit: &str| line_unit.replace(r#""unit":"line""#, &format!(r#""unit":"{unit}""#));
+    engine::provision::import(&app.f.store, with_unit("admin_user").as_bytes()).unwrap();
+    app.f.credentials.set_password_async(n(ADDITIONAL), PASSWORD.into(), t0()).await.unwrap();
+    engine::provision::import(&app.f.store, with_unit("admin_user").as_bytes()).unwrap();
+    assert!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().is_some(), "a user's password stays");
+    engine::provision::import(&app.f.store, with_unit("number").as_bytes()).unwrap();
+    assert!(app.f.credentials.record(&n(ADDITIONAL)).unwrap().is_none());
+    assert!(app.f.credentials.record(&n(CONTRACT)).unwrap().is_some(), "the contract number's stays");
 }
 
 /// Behind the TLS proxy the brake's address is the last one the proxy added to

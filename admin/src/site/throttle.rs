@@ -34,10 +34,8 @@ pub struct Throttle {
 }
 
 struct Tally {
-    /// When the last wrong logins were, at most [`MAX_FAILURES`] of them, oldest first.
-    /// A window sliding over them, not one starting afresh at the first failure after
-    /// the last: that let 4 wrong logins just before a window's end and 5 just after
-    /// through in a second.
+    /// When the wrong logins within the window were (at most [`MAX_FAILURES`]): the
+    /// window slides over them, so no burst gets a fresh allowance at a window's turn.
     failed_at: Vec<DateTime<Utc>>,
     /// Attempts whose password is being checked: each may turn out wrong, so they count
     /// against the allowance until it is known (attempts sent at once would otherwise
@@ -96,9 +94,7 @@ impl Drop for Attempt {
         if let Some(mut tally) = self.throttle.tallies.get_mut(&self.client) {
             tally.checking -= 1;
             if self.wrong {
-                if tally.failed_at.len() >= MAX_FAILURES as usize {
-                    tally.failed_at.remove(0);
-                }
+                // Within the allowance: `begin` counted this attempt in it.
                 tally.failed_at.push(self.at);
             }
         }

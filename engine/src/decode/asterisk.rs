@@ -14,7 +14,9 @@
 use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
 use serde::Deserialize;
 
-use super::{called_number_in, parse_object, rfc3339, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar};
+use super::{
+    called_number_in, is_voicemail, parse_object, rfc3339, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar,
+};
 use crate::phone::PhoneNumber;
 
 /// The columns this decoder reads; the others (`duration`, `billsec`, `lastapp`, …) are
@@ -88,11 +90,6 @@ fn call_id<'a>(uniqueid: Scalar<'a>, linkedid: Scalar<'a>) -> Result<std::borrow
     } else {
         DecodeError::Missing { field: "uniqueid" }
     })
-}
-
-/// Asterisk's voicemail application, as `lastapp` names it.
-fn is_voicemail(app: &str) -> bool {
-    app.trim().eq_ignore_ascii_case("VoiceMail")
 }
 
 fn outcome(disposition: &str) -> Result<Outcome, DecodeError> {

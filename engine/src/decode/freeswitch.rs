@@ -15,7 +15,7 @@ use std::fmt;
 use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{called_number_in, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar};
+use super::{called_number_in, is_voicemail, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar};
 use crate::phone::PhoneNumber;
 
 #[derive(Deserialize, Default)]
@@ -109,9 +109,7 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let ended_at = epoch(&vars.end_epoch, "end_epoch")?.ok_or(DecodeError::Missing { field: "end_epoch" })?;
     let outcome = match answered_at {
         // Answered by voicemail, not by the subscriber: a missed call (R-N4 ※2).
-        Some(_) if vars.last_app.text("last_app")?.is_some_and(|app| app.trim().eq_ignore_ascii_case("voicemail")) => {
-            Outcome::Forwarded
-        }
+        Some(_) if vars.last_app.text("last_app")?.is_some_and(is_voicemail) => Outcome::Forwarded,
         Some(_) => Outcome::Answered,
         None => missed_outcome(vars.hangup_cause.text("hangup_cause")?),
     };

@@ -89,7 +89,9 @@ pub enum Caller {
 }
 
 /// How a call ended. Everything but `Answered` is a missed call (R-N4): the caller hung
-/// up while it rang, the call was forwarded, and the like.
+/// up while it rang, the call was forwarded, and the like. `Forwarded` is any call the
+/// subscriber did not pick up that something else answered: forwarded elsewhere (where
+/// the CDR says so) or answered by voicemail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
@@ -169,15 +171,31 @@ impl DecodeError {
     }
 }
 
+/// What a fax's notification id ([`crate::render::Origin::call_id`]) starts with: its
+/// dedup keys and Message-IDs never meet a call's with the same id.
+pub(crate) const FAX_NOTIFICATION: &str = "fax:";
+
 /// Decodes one message of the given format.
 pub fn decode(format: CdrFormat, payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
-    match format {
+    let call = match format {
         CdrFormat::Canonical => canonical::decode(payload),
         CdrFormat::Asterisk => asterisk::decode(payload),
         CdrFormat::Freeswitch => freeswitch::decode(payload),
         // The pipeline hands fax records to decode_fax; this is for any other caller.
         CdrFormat::Fax => Err(DecodeError::Syntax { format: "fax", detail: "a fax record is not a CDR".into() }),
+    }?;
+    // A fax's mails are told from a call's by that prefix (their queued mails are checked
+    // against the fax settings, and their dedup keys must never meet a call's).
+    if call.call_id.starts_with(FAX_NOTIFICATION) {
+        return Err(DecodeError::invalid("call_id", format!("{:?}: `fax:` names faxes", call.call_id)));
     }
+    Ok(call)
+}
+
+/// Whether a dialplan application (Asterisk's `lastapp`, FreeSWITCH's `last_app`) is
+/// voicemail: a call it answered was not picked up by the subscriber (R-N4 ※2).
+fn is_voicemail(app: &str) -> bool {
+    app.trim().eq_ignore_ascii_case("voicemail")
 }
 
 /// The earliest time a call may have: before it, the exchange's clock was unset (CDRs
@@ -510,6 +528,21 @@ mod tests {
             ended_at: end.parse().unwrap(),
             outcome: Outcome::NoAnswer,
         }
+    }
+
+    /// A queued mail is told a fax's by its call id's `fax:` (its address checked against
+    /// the fax settings): a CDR whose call id starts so had its mails withdrawn when they
+    /// waited for a retry. Such a CDR is refused, naming the field.
+    #[test]
+    fn r_m4_a_call_id_naming_a_fax_is_refused() {
+        let cdr = |id: &str| {
+            format!(
+                r#"{{"call_id":"{id}","called":"0312345678","caller":null,"presentation":"withheld","started_at":"2026-11-24T10:00:00+09:00","ended_at":"2026-11-24T10:00:31+09:00","outcome":"no_answer"}}"#
+            )
+        };
+        assert!(decode(CdrFormat::Canonical, cdr("c-1").as_bytes()).is_ok());
+        let refused = decode(CdrFormat::Canonical, cdr("fax:job-1").as_bytes()).map(|_| ()).unwrap_err();
+        assert!(matches!(refused, DecodeError::Invalid { field: "call_id", .. }), "{refused}");
     }
 
     /// Times an unset or broken exchange clock writes are not calls: dated 1900 or 1970,

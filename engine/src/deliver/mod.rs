@@ -470,8 +470,8 @@ impl Deliverer {
             self.reschedule(slot, entry, due_ms).await;
             return;
         }
-        // Given up before an attempt too: mails queued before a stop of days (or restored
-        // with their partition) went out however old they were.
+        // Given up before an attempt too: a mail queued before a stop of days (or restored
+        // with its partition) is not sent days late.
         if self.expired(slot, &entry, &mail, &origin, now_ms, &entry.last_reply).await {
             return;
         }

@@ -76,8 +76,13 @@ impl NumberRecord {
     /// Whether something that happened at `at` (a call's start, a fax's reception) was
     /// for this number's previous subscriber, on the line it moved from.
     pub fn before_moving_in(&self, at: chrono::DateTime<chrono::Utc>) -> bool {
-        self.moved_in_at.is_some_and(|moved| at.timestamp() < moved)
+        before_moving_in(self.moved_in_at, at)
     }
+}
+
+/// Whether `at` came before `moved_in_at` ([`NumberRecord::moved_in_at`]).
+pub fn before_moving_in(moved_in_at: Option<i64>, at: chrono::DateTime<chrono::Utc>) -> bool {
+    moved_in_at.is_some_and(|moved| at.timestamp() < moved)
 }
 
 /// FAXお知らせメール settings of one number (R-F1): start/stop and destinations as for

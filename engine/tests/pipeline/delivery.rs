@@ -318,6 +318,47 @@ async fn r_m3_a_queued_mail_to_an_address_unchecked_meanwhile_is_not_sent() {
     assert_eq!(h.sink.count(), 0, "nothing reached the unchecked address");
 }
 
+/// R-M3, R-N2: a queued mail whose number moved to another line meanwhile (its new
+/// subscriber's settings start empty) is withdrawn; one whose address the subscriber
+/// saved again in other case still goes (the same mailbox).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_a_queued_mail_of_a_moved_number_is_withdrawn_and_one_re_saved_in_other_case_is_sent() {
+    const MOVED: &str = "0312345601";
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    engine.provision(&[plain_subscriber(MOVED, "old@example.jp"), plain_subscriber(CALLED, "Taro@Example.jp")]);
+    h.sink.refuse_recipient("old@example.jp", Some(451));
+    h.sink.refuse_recipient("Taro@Example.jp", Some(451));
+    h.produce(
+        TOPIC,
+        &[
+            cdr("moved", MOVED, Some("09011112222"), "allowed", "no_answer"),
+            cdr("re-saved", CALLED, Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    engine.wait_metric("callnotify_mails_retried_total", 2.0).await;
+
+    let other_line = serde_json::json!({"contract": "0398765432", "numbers": [
+        {"number": "0398765432", "services": ["call"]}, {"number": MOVED, "services": ["call"]},
+    ]});
+    engine.provision(&[other_line.to_string()]);
+    let number = engine::phone::PhoneNumber::parse(CALLED).unwrap();
+    let record = engine.store.number(&number).unwrap().unwrap();
+    let mut lower = record.call.clone();
+    lower.destinations[0].address = engine::address::DestinationAddress::parse("taro@example.jp").unwrap();
+    engine.store.save_call_settings(&number, record.call.version, lower).unwrap();
+    h.sink.refuse_recipient("old@example.jp", None);
+    h.sink.refuse_recipient("Taro@Example.jp", None);
+
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["Taro@Example.jp"]);
+    engine.wait_metric("callnotify_mails_withdrawn_total", 1.0).await;
+    let stopped = engine.stop().await;
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
+    assert_eq!(h.sink.count(), 1, "nothing to the moved number's old address");
+}
+
 /// R-M4, `smtp.retry_give_up_secs`: a mail whose next turn comes after the give-up age
 /// is given up at that turn, not tried: the age was checked only after a failed attempt,
 /// so mails queued before a stop of days went out, days late, when the server took them.
