@@ -15,7 +15,7 @@ use crate::filter::{decide, Skip};
 use crate::phone::PhoneNumber;
 use crate::render::{FaxPdf, Mail, Origin, RenderError, Renderer};
 use crate::resolve::{Resolver, Subscription};
-use crate::store::{Claims, FaxRecord, SentKey, StoreError};
+use crate::store::{Claimed, Claims, FaxRecord, SentKey, StoreError};
 use crate::telemetry::{Failure, Metrics};
 
 /// What filter hands render: a call to notify and the subscription whose checked
@@ -78,7 +78,11 @@ pub fn classify<'a>(
 /// are about: what the pipeline hands deliver.
 pub struct Mails {
     pub origin: Origin,
-    pub mails: Vec<(SentKey, Mail)>,
+    pub mails: KeyedMails,
+    /// Mails another reader of the same message holds the claim of
+    /// ([`crate::store::Claims::claim_once_let_go`]): the message is done only once that
+    /// reader lets them go, and they are sent if it let them go unsent.
+    pub contested: KeyedMails,
     /// A received fax to keep for the site before any of its mails goes out: they
     /// link to it (R-F1).
     pub keep: Option<Box<FaxToKeep>>,
@@ -90,12 +94,14 @@ pub struct FaxToKeep {
     pub document: Vec<u8>,
 }
 
+/// Rendered mails with their sent-record keys.
+pub type KeyedMails = Vec<(SentKey, Mail)>;
+
 /// What becomes of one message, every stage done.
 pub enum Outcome {
     /// Not a CDR: it goes to the dead letters.
     Rejected(DecodeError),
-    /// Nothing to send: the call was filtered, or each of its mails is sent or being
-    /// sent already.
+    /// Nothing to send: the call was filtered, or each of its mails is sent already.
     Nothing,
     /// Mails to send; each is claimed until [`Claims::release`].
     Send(Mails),
@@ -150,38 +156,40 @@ impl Pipeline {
         self.metrics.decoded();
         self.metrics.notified();
         let mails = self.render(notify)?;
-        Ok(if mails.mails.is_empty() { Outcome::Nothing } else { Outcome::Send(mails) })
+        Ok(if mails.mails.is_empty() && mails.contested.is_empty() { Outcome::Nothing } else { Outcome::Send(mails) })
     }
 
     /// Dedup and render: a mail per checked destination not sent or being sent already.
     fn render(&self, Notify { call, subscription }: Notify<'_>) -> Result<Mails, StoreError> {
         let at = (call.ended_at.timestamp(), &call.called, call.call_id.as_ref());
-        let mails =
+        let (mails, contested) =
             self.claim_and_render(at, &subscription.recipients, |recipient| self.renderer.render(&call, recipient))?;
         let origin =
             Origin { call_id: call.call_id.into_owned(), called: call.called, ended_at: call.ended_at, source: None };
-        Ok(Mails { origin, mails, keep: None })
+        Ok(Mails { origin, mails, contested, keep: None })
     }
 
     /// For each of `recipients` whose mail about notification `(at, called, id)` is not
-    /// sent or being sent already: its sent record claimed, its mail rendered by `render`.
-    /// A mail that does not render is counted and logged, and its claim let go.
+    /// sent already, its mail rendered by `render`: with its claim (the first list), or,
+    /// if another reader holds the claim, contested (the second). A mail that does not
+    /// render is counted and logged, and its claim let go.
     fn claim_and_render<'r>(
         &self,
         (at, called, id): (i64, &PhoneNumber, &str),
         recipients: impl IntoIterator<Item = &'r DestinationAddress>,
         render: impl Fn(&DestinationAddress) -> Result<Mail, RenderError>,
-    ) -> Result<Vec<(SentKey, Mail)>, StoreError> {
+    ) -> Result<(KeyedMails, KeyedMails), StoreError> {
         let recipients = recipients.into_iter();
         let mut mails = Vec::with_capacity(recipients.size_hint().0);
+        let mut contested = Vec::new();
         for recipient in recipients {
             let key = SentKey::new(at, called, id, recipient.as_str());
-            match self.claims.claim(&key) {
-                Ok(true) => {}
-                Ok(false) => {
+            let claimed = match self.claims.claim(&key) {
+                Ok(Claimed::Sent) => {
                     self.metrics.duplicate();
                     continue;
                 }
+                Ok(claimed) => claimed,
                 Err(e) => {
                     // The message will be read again: nothing of it stays claimed.
                     for (key, _) in &mails {
@@ -189,11 +197,14 @@ impl Pipeline {
                     }
                     return Err(e);
                 }
-            }
+            };
             match render(recipient) {
-                Ok(mail) => mails.push((key, mail)),
+                Ok(mail) if claimed == Claimed::Mine => mails.push((key, mail)),
+                Ok(mail) => contested.push((key, mail)),
                 Err(e) => {
-                    self.claims.release(&key);
+                    if claimed == Claimed::Mine {
+                        self.claims.release(&key);
+                    }
                     self.metrics.failed(Failure::Render);
                     crate::error_event!(
                         self.metrics,
@@ -206,7 +217,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(mails)
+        Ok((mails, contested))
     }
 
     /// A fax record (R-F1): decoded with its document checked, kept for the site if the
@@ -254,7 +265,7 @@ impl Pipeline {
         };
         // The mails' dedup keys and Message-IDs never meet a call's with the same id.
         let notification = format!("{}{}", crate::decode::FAX_NOTIFICATION, record.fax_id);
-        let mut mails = Vec::new();
+        let (mut mails, mut contested) = (Vec::new(), Vec::new());
         if stale {
             self.metrics.filtered(Skip::Stale);
         } else if !number.fax.enabled {
@@ -275,12 +286,13 @@ impl Pipeline {
                 }
             };
             let recipients = number.fax.destinations.iter().filter(|d| d.send).map(|d| &d.address);
-            mails = self.claim_and_render((received_at.timestamp(), &called, &notification), recipients, |to| {
-                self.renderer.render_fax(&record, to, pdf)
-            })?;
+            (mails, contested) =
+                self.claim_and_render((received_at.timestamp(), &called, &notification), recipients, |to| {
+                    self.renderer.render_fax(&record, to, pdf)
+                })?;
         }
         let origin = Origin { call_id: notification, called, ended_at: received_at, source: None };
-        Ok(Outcome::Send(Mails { origin, mails, keep: Some(Box::new(FaxToKeep { record, document })) }))
+        Ok(Outcome::Send(Mails { origin, mails, contested, keep: Some(Box::new(FaxToKeep { record, document })) }))
     }
 }
 

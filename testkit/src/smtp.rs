@@ -207,6 +207,11 @@ impl SmtpSink {
         *lock(&self.shared.after_data) = (times > 0).then_some((fault, times));
     }
 
+    /// How many of the ends of DATA scripted by [`SmtpSink::after_data`] are still to come.
+    pub fn data_faults_left(&self) -> usize {
+        lock(&self.shared.after_data).as_ref().map_or(0, |(_, left)| *left)
+    }
+
     /// Scripted replies for one address: every RCPT TO `address` answers `code` (a 4xx
     /// or 5xx) until called again with `None`. Other recipients are not affected.
     pub fn refuse_recipient(&self, address: &str, code: Option<u16>) {

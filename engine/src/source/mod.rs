@@ -43,7 +43,7 @@ use crate::decode::CdrFormat;
 use crate::deliver::Deliverer;
 use crate::error_event::ErrorEvent;
 use crate::pipeline::{Mails, Outcome, Pipeline};
-use crate::store::StoreError;
+use crate::store::{Claimed, Claims, SentKey, StoreError};
 use crate::telemetry::Metrics;
 
 /// What the consumer thread hands work to.
@@ -343,7 +343,11 @@ fn handle(
     let tp = (topic, partition);
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
-    let Mails { mut origin, mails, keep } = match stages.pipeline.run(format, payload, chrono::Utc::now())? {
+    let Mails { mut origin, mut mails, contested, keep } = match stages.pipeline.run(
+        format,
+        payload,
+        chrono::Utc::now(),
+    )? {
         Outcome::Send(mails) => mails,
         Outcome::Nothing => {
             let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
@@ -386,6 +390,20 @@ fn handle(
         (stages.pipeline.resolver.store().clone(), stages.pipeline.claims.clone(), stages.metrics.clone());
     stages.tasks.spawn_on(
         async move {
+            // Mails another reader holds (the same CDR read again while a revoked
+            // partition's task still writes their fate): this CDR is done only once
+            // they are let go, and sends those let go unsent.
+            for (key, mail) in contested {
+                match until_let_go(&claims, &key, &sending, &metrics).await {
+                    Some(Claimed::Mine) => mails.push((key, mail)),
+                    Some(_) => metrics.duplicate(),
+                    None => {
+                        // The partition goes: its next reader reads the CDR again.
+                        mails.iter().for_each(|(key, _)| claims.release(key));
+                        return;
+                    }
+                }
+            }
             if let Some(fax) = keep {
                 // Kept before any mail links to it. Not kept (the engine stops, the
                 // partition goes): the record is read again, so its mails are not
@@ -405,6 +423,29 @@ fn handle(
         &stages.runtime,
     );
     Ok(())
+}
+
+/// [`Claims::claim_once_let_go`], tried again while the store cannot be read: `None`
+/// if `sending` ends first.
+async fn until_let_go(
+    claims: &Arc<Claims>,
+    key: &SentKey,
+    sending: &CancellationToken,
+    metrics: &Metrics,
+) -> Option<Claimed> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match claims.claim_once_let_go(key, sending).await {
+            Ok(claimed) => return claimed,
+            Err(e) => crate::error_event!(*metrics, ErrorEvent::DeliveryStore, error = %e, retry_in = ?delay,
+                "sent record not read yet; a CDR read again waits on it"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = sending.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// Has the state owner keep a received fax, trying again until it is kept or `sending`

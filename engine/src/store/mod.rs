@@ -46,7 +46,7 @@ pub mod subscribers;
 
 pub use records::*;
 pub(crate) use sent::SentTrees;
-pub use sent::{Claims, PartitionId, PartitionSink, SentKey};
+pub use sent::{Claimed, Claims, PartitionId, PartitionSink, SentKey};
 pub use subscribers::{Upserted, CREDENTIALS_TREE};
 
 use sent::journal::{self, Commit, Journal};

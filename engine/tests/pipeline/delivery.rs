@@ -599,3 +599,44 @@ async fn r_m4_an_unreadable_retry_queue_entry_is_removed_and_counted_as_unreadab
         "the ERROR it logs is counted with it"
     );
 }
+
+/// R-M4 ("once", and never lost): a CDR read again while its mail is still on its way
+/// (the same call in two partitions here; in a cluster, a partition revoked while its
+/// task still writes the mail's fate and given back to this node) is done only once that
+/// mail is sent or queued. Before, the second reading found the mail claimed and was done
+/// at once: its offset could be committed while the mail was neither sent nor queued,
+/// and a node lost then lost the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_cdr_read_again_while_its_mail_is_on_its_way_is_done_only_with_that_mail() {
+    const OTHER: &str = "0311112222";
+    let h = Harness::new(2).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__SMTP__TIMEOUT_SECS", "3")]).await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp"), plain_subscriber(OTHER, "hanako@example.jp")]);
+    let twice = cdr("twice", CALLED, Some("09011112222"), "allowed", "no_answer");
+
+    // The first reading's mail: its server does not answer the end of DATA (3 s).
+    h.sink.after_data(DataFault::Hang, 1);
+    h.produce_to(TOPIC, 0, &twice).await;
+    testkit::wait::until(WAIT, || "the first mail never reached the server".into(), || h.sink.data_faults_left() == 0)
+        .await;
+    // The second reading, then another call behind it in its partition: once that call's
+    // mail is in, the second reading has been through the pipeline.
+    h.produce_to(TOPIC, 1, &twice).await;
+    h.produce_to(TOPIC, 1, &cdr("behind", OTHER, Some("09011112222"), "allowed", "no_answer")).await;
+    let mails = h.mails(1).await;
+    assert_eq!(mails[0].rcpt_to, vec!["hanako@example.jp".to_owned()]);
+    assert_eq!(
+        engine.metric("callnotify_mails_duplicate_total"),
+        0.0,
+        "the second reading is not done while the first one's mail is neither sent nor queued"
+    );
+
+    // The first mail times out into the retry queue and is sent from there; the second
+    // reading then finds it handled.
+    let mails = h.mails(2).await;
+    engine.wait_metric("callnotify_mails_duplicate_total", 1.0).await;
+    let stopped = engine.stop().await;
+    assert_each_call_once(&mails, 2);
+    assert_eq!(stopped.metric("callnotify_mails_sent_total"), 2.0);
+    assert_eq!(h.sink.count(), 2, "{:#?}", summary(&h.sink.mails()));
+}

@@ -107,6 +107,15 @@ impl Harness {
         }
     }
 
+    /// Produces `payload` to partition `partition` of `topic`.
+    pub async fn produce_to(&self, topic: &str, partition: i32, payload: &str) {
+        self.producer
+            .send(FutureRecord::<(), _>::to(topic).partition(partition).payload(payload), Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce");
+    }
+
     /// Waits for exactly `n` mails in all (panics with what arrived if fewer do).
     pub async fn mails(&self, n: usize) -> Vec<ReceivedMail> {
         let mails = self.sink.wait_for(n, WAIT).await;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashSet;
+use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError};
 use crate::phone::PhoneNumber;
@@ -84,26 +85,74 @@ impl SentKey {
 /// often its CDR is read: a thread that reads the same CDR while the mail is on its way
 /// finds the claim; one that reads it later finds the sent record, which is written
 /// before the claim is released.
+///
+/// A reader that finds the claim does not count its CDR done until the claim is let go
+/// ([`Claims::claim_once_let_go`]): the claim may be a revoked partition's, whose task
+/// is still writing the mail's fate (a queue entry, a dead letter) when this node reads
+/// the partition again. Done at once, its offset would be committed while the mail's
+/// fate is not yet written, and lost with the node.
 pub struct Claims {
     sending: DashSet<SentKey>,
+    /// Woken at every release, for readers waiting on a claim.
+    released: tokio::sync::Notify,
     store: Store,
+}
+
+/// What [`Claims::claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// Claimed by this caller: it sends the mail, then releases it.
+    Mine,
+    /// Its sent record is written: the mail was handled.
+    Sent,
+    /// Another reader of the same CDR holds the claim.
+    Sending,
 }
 
 impl Claims {
     pub fn new(store: Store) -> Self {
-        Self { sending: DashSet::new(), store }
+        Self { sending: DashSet::new(), released: tokio::sync::Notify::new(), store }
     }
 
-    /// Claims `key`'s mail for sending: `false` if it is being sent or was sent.
-    pub fn claim(&self, key: &SentKey) -> Result<bool, StoreError> {
+    /// Claims `key`'s mail for sending, if it is neither being sent nor sent.
+    pub fn claim(&self, key: &SentKey) -> Result<Claimed, StoreError> {
         if !self.sending.insert(key.clone()) {
-            return Ok(false);
+            return Ok(Claimed::Sending);
         }
         match self.store.was_sent(key) {
-            Ok(false) => Ok(true),
+            Ok(false) => Ok(Claimed::Mine),
             sent => {
-                self.sending.remove(key);
-                sent.map(|_| false)
+                self.release(key);
+                sent.map(|_| Claimed::Sent)
+            }
+        }
+    }
+
+    /// Waits until no other reader holds `key`, then claims it: [`Claimed::Mine`], or
+    /// [`Claimed::Sent`] if the other reader handled the mail. (A reader lets a claim go
+    /// without a record when its CDR will be read again: then the mail is this
+    /// caller's to send.) `None` if `stop` ends the wait first: nothing is claimed.
+    /// The store is read on a blocking thread, which `stop` does not interrupt.
+    pub async fn claim_once_let_go(
+        self: &Arc<Self>,
+        key: &SentKey,
+        stop: &CancellationToken,
+    ) -> Result<Option<Claimed>, StoreError> {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before the look, so a release between the two is not missed.
+            released.as_mut().enable();
+            if self.sending.contains(key) {
+                tokio::select! {
+                    () = released => continue,
+                    () = stop.cancelled() => return Ok(None),
+                }
+            }
+            let (claims, key) = (Arc::clone(self), key.clone());
+            let claimed = tokio::task::spawn_blocking(move || claims.claim(&key)).await??;
+            if claimed != Claimed::Sending {
+                return Ok(Some(claimed));
             }
         }
     }
@@ -111,6 +160,7 @@ impl Claims {
     /// Lets `key` go: its sent record is written, or its mail was given up.
     pub fn release(&self, key: &SentKey) {
         self.sending.remove(key);
+        self.released.notify_waiters();
     }
 }
 
@@ -387,13 +437,50 @@ mod tests {
         let claims = Claims::new(store.clone());
         let key = SentKey::new(1_764_000_000, &PhoneNumber::parse("0312345678").unwrap(), "c-1", "taro@example.jp");
 
-        assert!(claims.claim(&key).unwrap());
-        assert!(!claims.claim(&key).unwrap(), "a second reader while it is being sent");
+        assert_eq!(claims.claim(&key).unwrap(), Claimed::Mine);
+        assert_eq!(claims.claim(&key).unwrap(), Claimed::Sending, "a second reader while it is being sent");
         claims.release(&key);
-        assert!(claims.claim(&key).unwrap(), "let go without a record: it may still be sent");
+        assert_eq!(claims.claim(&key).unwrap(), Claimed::Mine, "let go without a record: it may still be sent");
         store.record_sent(&key, 1_764_000_100, None).await.unwrap();
         claims.release(&key);
-        assert!(!claims.claim(&key).unwrap(), "its record is written: never again");
+        assert_eq!(claims.claim(&key).unwrap(), Claimed::Sent, "its record is written: never again");
+    }
+
+    /// A reader finding a mail claimed waits for the claim to go: then the mail is its
+    /// own to send if it was let go unsent (its first reader gave the CDR up), handled if
+    /// its record was written; and it stops waiting, claiming nothing, when told to.
+    #[tokio::test]
+    async fn r_m4_a_reader_finding_a_mail_claimed_waits_for_its_fate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let claims = Arc::new(Claims::new(store.clone()));
+        let key = SentKey::new(1_764_000_000, &PhoneNumber::parse("0312345678").unwrap(), "c-1", "taro@example.jp");
+        let never = CancellationToken::new();
+
+        assert_eq!(claims.claim(&key).unwrap(), Claimed::Mine);
+        let waiting = tokio::spawn({
+            let (claims, key, never) = (claims.clone(), key.clone(), never.clone());
+            async move { claims.claim_once_let_go(&key, &never).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "it waits while the claim is held");
+        claims.release(&key);
+        assert_eq!(waiting.await.unwrap().unwrap(), Some(Claimed::Mine), "let go unsent: now this reader's");
+
+        let waiting = tokio::spawn({
+            let (claims, key, never) = (claims.clone(), key.clone(), never.clone());
+            async move { claims.claim_once_let_go(&key, &never).await }
+        });
+        store.record_sent(&key, 1_764_000_100, None).await.unwrap();
+        claims.release(&key);
+        assert_eq!(waiting.await.unwrap().unwrap(), Some(Claimed::Sent), "its record written: handled");
+
+        let other = SentKey::new(1_764_000_000, &PhoneNumber::parse("0312345678").unwrap(), "c-2", "taro@example.jp");
+        assert_eq!(claims.claim(&other).unwrap(), Claimed::Mine);
+        let stop = CancellationToken::new();
+        stop.cancel();
+        assert_eq!(claims.claim_once_let_go(&other, &stop).await.unwrap(), None);
+        assert_eq!(claims.claim(&other).unwrap(), Claimed::Sending, "the first reader still holds it");
     }
 
     /// The journal holds sent records only until a flush of the database covers them:
