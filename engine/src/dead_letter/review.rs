@@ -41,6 +41,10 @@ pub enum ReviewError {
     Slow { topic: String },
     #[error("dead letter {partition}/{offset}: {why}")]
     Record { partition: i32, offset: i64, why: String },
+    /// The cluster refused a record sent (no write permission, too large, no such
+    /// partition).
+    #[error("kafka refused the record: {0}")]
+    Refused(rdkafka::error::KafkaError),
 }
 
 /// Which records to look at.
@@ -127,17 +131,20 @@ pub fn replay(
 ) -> Result<Replay, ReviewError> {
     let letters = list(brokers, properties, topic, filter)?;
     let mut done = Replay::default();
-    let producer: BaseProducer = crate::cluster::client_config(
-        brokers,
-        &[
-            ("enable.idempotence", "true"),
-            ("allow.auto.create.topics", "false"),
-            // A fax record goes back as it came, up to the size docs/fax.md sets topics up for.
-            ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
-        ],
-        &crate::cluster::producer_properties(properties),
-    )
-    .create()?;
+    let new_producer = || -> Result<BaseProducer<Deliveries>, ReviewError> {
+        let config = crate::cluster::client_config(
+            brokers,
+            &[
+                ("enable.idempotence", "true"),
+                ("allow.auto.create.topics", "false"),
+                // A fax record goes back as it came, up to the size docs/fax.md sets topics up for.
+                ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
+            ],
+            &crate::cluster::producer_properties(properties),
+        );
+        Ok(config.create_with_context(Deliveries::default())?)
+    };
+    let mut producer = new_producer()?;
     for letter in letters {
         if letter.replayed {
             done.already += 1;
@@ -157,7 +164,17 @@ pub fn replay(
         if !dry_run {
             let from = format!("{topic}/{}/{}", letter.partition, letter.offset);
             let headers = OwnedHeaders::new().insert(Header { key: REPLAYED_FROM, value: Some(from.as_bytes()) });
-            send(&producer, BaseRecord::<(), [u8]>::to(source).partition(partition).payload(&raw).headers(headers))?;
+            let record = BaseRecord::<(), [u8]>::to(source).partition(partition).payload(&raw).headers(headers);
+            match send(&producer, record) {
+                Ok(()) => {}
+                Err(ReviewError::Refused(e)) => {
+                    done.unreplayable.push((letter.partition, letter.offset, format!("not put back: {e}")));
+                    // An idempotent producer refuses every record after a refusal.
+                    producer = new_producer()?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             write_marker(&producer, topic, &letter)?;
         }
         done.replayed.push((letter.partition, letter.offset));
@@ -186,12 +203,13 @@ pub fn mark(
     topic: &str,
     letter: &Letter,
 ) -> Result<(), ReviewError> {
-    let producer: BaseProducer =
-        crate::cluster::client_config(brokers, &[], &crate::cluster::producer_properties(properties)).create()?;
+    let producer: BaseProducer<Deliveries> =
+        crate::cluster::client_config(brokers, &[], &crate::cluster::producer_properties(properties))
+            .create_with_context(Deliveries::default())?;
     write_marker(&producer, topic, letter)
 }
 
-fn write_marker(producer: &BaseProducer, topic: &str, letter: &Letter) -> Result<(), ReviewError> {
+fn write_marker(producer: &BaseProducer<Deliveries>, topic: &str, letter: &Letter) -> Result<(), ReviewError> {
     let marker = serde_json::json!({
         "kind": "replayed",
         "partition": letter.partition,
@@ -203,14 +221,37 @@ fn write_marker(producer: &BaseProducer, topic: &str, letter: &Letter) -> Result
     send(producer, BaseRecord::<str, str>::to(topic).key(&key).payload(&marker))
 }
 
-/// Sends one record and waits until the cluster has it.
+/// Sends one record and waits until the cluster has it: [`ReviewError::Refused`] if
+/// it refused it.
 fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
-    producer: &BaseProducer,
+    producer: &BaseProducer<Deliveries>,
     record: BaseRecord<'_, K, P>,
 ) -> Result<(), ReviewError> {
     producer.send(record).map_err(|(e, _)| e)?;
     producer.flush(TIMEOUT)?;
-    Ok(())
+    match producer.context().refused.lock().expect("deliveries lock").take() {
+        Some(e) => Err(ReviewError::Refused(e)),
+        None => Ok(()),
+    }
+}
+
+/// The producer's delivery reports: a flush returns once every record is answered,
+/// refused ones too, so the refusal is kept for [`send`] to see.
+#[derive(Default)]
+struct Deliveries {
+    refused: std::sync::Mutex<Option<rdkafka::error::KafkaError>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            *self.refused.lock().expect("deliveries lock") = Some(e.clone());
+        }
+    }
 }
 
 /// The (partition, offset) of the records replayed, from their markers.

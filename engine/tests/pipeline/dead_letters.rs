@@ -190,3 +190,41 @@ async fn r_m4_a_mail_record_without_its_mail_is_named_and_the_others_are_replaye
     h.mails(1).await;
     engine.stop().await;
 }
+
+/// R-M4: a CDR the cluster refuses to take back (the tool's user may not write to its
+/// topic, say) is named and left unreplayed, the others replayed; a replay once the
+/// cause is fixed puts it back. Before, the refusal went unseen: the record was marked
+/// replayed, never to be replayed again, and its call never notified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_cdr_the_cluster_refuses_to_take_back_is_named_and_not_marked_replayed() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = Harness::new(1).await;
+    let first = h.engine().await;
+    first.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let cdrs: Vec<String> = (1..=2)
+        .map(|i| cdr(&format!("refused-{i}"), "0312345678", Some("09011112222"), "allowed", "no_answer"))
+        .collect();
+    h.produce(ASTERISK_TOPIC, &cdrs).await;
+    first.wait_metric(r#"callnotify_dead_letters_total{kind="cdr"}"#, 2.0).await;
+    first.stop().await;
+
+    let brokers = h.kafka.bootstrap_servers().to_owned();
+    let cdrs_only = || Filter { kind: Some("cdr".into()), ..Filter::default() };
+    h.kafka.on_cluster(|cluster| {
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED]);
+    });
+    let done = replay(&brokers, cdrs_only(), false, None).await;
+    assert_eq!(done.cdrs.len(), 1, "the other one is replayed: {done:?}");
+    let [(partition, offset, why)] = &done.unreadable[..] else { panic!("one named: {done:?}") };
+    assert!(why.contains("not put back") && why.contains("uthoriz"), "{why}");
+    let listed = blocking({
+        let brokers = brokers.clone();
+        move || review::list(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &Filter::default()).unwrap()
+    })
+    .await;
+    let refused = listed.iter().find(|l| (l.partition, l.offset) == (*partition, *offset)).expect("still listed");
+    assert!(!refused.replayed, "not marked replayed");
+
+    let again = replay(&brokers, cdrs_only(), false, None).await;
+    assert_eq!((again.cdrs, again.already), (vec![(*partition, *offset)], 1), "put back once the cluster takes it");
+}
