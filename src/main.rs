@@ -330,6 +330,11 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
                         Some((m.line, number, from))
                     })
                     .collect(),
+                removed: r
+                    .removed
+                    .into_iter()
+                    .filter_map(|m| Some((m.line, PhoneNumber::parse(&m.number).ok()?)))
+                    .collect(),
             };
             (report, r.error)
         }
@@ -373,6 +378,12 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
     for (line, number, from) in &report.moved {
         eprintln!(
             "{}:{line}: {number} moved from the line of {from}: its password and settings there were dropped",
+            file.display()
+        );
+    }
+    for (line, number) in &report.removed {
+        eprintln!(
+            "{}:{line}: {number} removed: its line no longer lists it; its password, settings and faxes were dropped",
             file.display()
         );
     }

@@ -58,6 +58,10 @@ pub struct ProvisionResponse {
     /// password and settings).
     #[serde(default)]
     pub moved: Vec<Moved>,
+    /// Numbers their line no longer lists: removed, with their password, settings and
+    /// faxes.
+    #[serde(default)]
+    pub removed: Vec<Removed>,
     /// Why the upload was cut short (413), if it was: the lines before the cut applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -79,6 +83,13 @@ pub struct Moved {
     pub from: String,
 }
 
+/// A number removed from its line: the line's input line no longer listed it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Removed {
+    pub line: usize,
+    pub number: String,
+}
+
 impl From<ImportReport> for ProvisionResponse {
     fn from(r: ImportReport) -> Self {
         let rejected = r.rejected.into_iter().map(|(line, reason)| Rejected { line, reason }).collect();
@@ -91,8 +102,10 @@ impl From<ImportReport> for ProvisionResponse {
                 from: from.as_str().to_owned(),
             })
             .collect();
+        let removed =
+            r.removed.into_iter().map(|(line, number)| Removed { line, number: number.as_str().to_owned() }).collect();
         let rejected_not_listed = r.rejected_not_listed;
-        Self { lines: r.lines, numbers: r.numbers, rejected, rejected_not_listed, moved, error: None }
+        Self { lines: r.lines, numbers: r.numbers, rejected, rejected_not_listed, moved, removed, error: None }
     }
 }
 

@@ -76,6 +76,9 @@ pub struct ImportReport {
     /// from another line, the first [`MAX_LISTED`]: it lost its old subscriber's password
     /// (and so their sessions) and settings (R-M3).
     pub moved: Vec<(usize, PhoneNumber, PhoneNumber)>,
+    /// (input line, number) of each number its line no longer lists, the first
+    /// [`MAX_LISTED`]: removed, with its password, settings and faxes.
+    pub removed: Vec<(usize, PhoneNumber)>,
 }
 
 /// Rejected lines listed with their reason; more are only counted, so a huge file of
@@ -326,6 +329,8 @@ impl Sent {
                 Ok(Reply::Upserted(upserted)) => {
                     let room = MAX_LISTED.saturating_sub(report.moved.len());
                     report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
+                    let room = MAX_LISTED.saturating_sub(report.removed.len());
+                    report.removed.extend(upserted.removed.into_iter().take(room).map(|n| (line, n)));
                     report.lines += 1;
                     report.numbers += numbers.len();
                     true
@@ -532,6 +537,24 @@ mod tests {
         let after = (store.credential(&n("0312340001")).unwrap(), store.number(&n("0312340001")).unwrap());
         assert_eq!(after, before, "the refused line changed the other line's contract number");
         assert!(store.number(&n("0312340009")).unwrap().is_none());
+    }
+
+    /// R-L1, R-M3: a line imported again without one of its numbers removes it, its
+    /// password, settings and faxes with it, and the report names it, as it names a
+    /// move (a file joined from an old and a new extract lists a contract twice). Before,
+    /// the report said only "imported 2 lines".
+    #[test]
+    fn r_m3_a_number_its_line_no_longer_lists_is_removed_and_named() {
+        let store = Store::temporary().unwrap();
+        let lines = [
+            r#"{"contract":"0312340001","numbers":[{"number":"0312340001"},{"number":"0312340002"}]}"#,
+            r#"{"contract":"0312340001","numbers":[{"number":"0312340001"}]}"#,
+        ];
+        let report = import(&store, lines.join("\n").as_bytes()).unwrap();
+        assert_eq!(report.removed, vec![(2, n("0312340002"))]);
+        assert!(report.moved.is_empty() && report.rejected.is_empty(), "{report:?}");
+        assert!(store.number(&n("0312340002")).unwrap().is_none());
+        assert_eq!(import(&store, lines[1].as_bytes()).unwrap().removed, vec![], "removed once");
     }
 
     /// R-L1, R-L3: a line's contract number moves to another line only as its line's
