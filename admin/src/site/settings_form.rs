@@ -44,13 +44,19 @@ pub struct Entered {
 pub struct RowErrors {
     pub destinations: HashMap<usize, String>,
     pub designated: HashMap<usize, String>,
+    /// The send conditions' error: "designated only" with no number designated.
+    pub conditions: Option<String>,
 }
 
 impl RowErrors {
     pub fn is_empty(&self) -> bool {
-        self.destinations.is_empty() && self.designated.is_empty()
+        self.destinations.is_empty() && self.designated.is_empty() && self.conditions.is_none()
     }
 }
+
+/// "Designated only" on with no number designated would filter every call (R-N5: only
+/// checked entries count): refused, in the subscriber's words.
+pub const NONE_DESIGNATED: &str = "「指定した電話番号からの着信のみ」にする場合は、お知らせ対象電話番号を入力し、     「指定」にチェックを入れてください（チェックのない番号からの着信はお知らせしません）。";
 
 /// The designated numbers in the rows they were entered in (R-N5's list keeps its
 /// order and its gaps); one without a row, or whose row is taken or out of range,
@@ -128,6 +134,9 @@ impl Entered {
                 }
             }
         }
+        if self.designated_only && errors.designated.is_empty() && !designated.iter().any(|d| d.designate) {
+            errors.conditions = Some(NONE_DESIGNATED.to_owned());
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -165,10 +174,11 @@ pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, p
     out += &format!(
         "<fieldset>\n<legend>メール送信条件設定</legend>\n\
          <p><label><input type=\"checkbox\" name=\"designated_only\" value=\"on\"{designated_only}> \
-         指定した電話番号からの着信のみ</label></p>\n\
+         指定した電話番号からの着信のみ</label>{conditions_error}</p>\n\
          <p><label><input type=\"checkbox\" name=\"missed_only\" value=\"on\"{missed_only}> \
          応答できなかった着信のみ</label></p>\n</fieldset>\n",
         designated_only = check_attr(entered.designated_only),
+        conditions_error = row_error(errors.conditions.as_ref()),
         missed_only = check_attr(entered.missed_only),
     );
 
@@ -217,6 +227,27 @@ mod tests {
         assert!(errors.destinations[&3].contains("「あ」"));
         assert_eq!(errors.designated.len(), 1);
         assert!(errors.designated[&1].contains("ハイフンなし"));
+    }
+
+    /// R-N4, R-N5: "designated only" with no number designated (none typed, or none
+    /// ticked 指定) would filter every call: refused, and the page says why. Before, it
+    /// was saved, 設定しました, and no mail ever came.
+    #[test]
+    fn r_n5_designated_only_with_no_number_designated_is_refused() {
+        for rows in [&[][..], &[("designated_0", "09011112222")][..]] {
+            let mut pairs = vec![("enabled", "on"), ("dest_0", "a@example.jp"), ("send_0", "on")];
+            pairs.push(("designated_only", "on"));
+            pairs.extend_from_slice(rows);
+            let entered = Entered::from_fields(&fields(&pairs));
+            let errors = entered.parse().unwrap_err();
+            assert_eq!(errors.conditions.as_deref(), Some(NONE_DESIGNATED), "{rows:?}");
+            let page = render("/settings", "t", &entered, &errors, 128);
+            assert!(page.contains("チェックのない番号からの着信はお知らせしません"), "{page}");
+        }
+        let designated = fields(&[("designated_only", "on"), ("designated_3", "09011112222"), ("designate_3", "on")]);
+        assert!(Entered::from_fields(&designated).parse().is_ok(), "one designated is enough");
+        let off = fields(&[("designated_3", "09011112222")]);
+        assert!(Entered::from_fields(&off).parse().is_ok(), "unticked numbers are kept while the condition is off");
     }
 
     #[test]
