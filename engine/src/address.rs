@@ -12,6 +12,10 @@ pub struct DestinationAddress(String);
 /// Why an address was refused; worded for the subscriber who typed it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
+    /// A character outside ASCII (R-N3 allows none): most often the input method left
+    /// in full-width mode, `＠` included.
+    #[error("the address may contain only half-width (ASCII) characters: {0:?}")]
+    NotHalfWidth(char),
     #[error("the address must contain exactly one @")]
     AtCount,
     #[error("@ must not be the first or last character")]
@@ -40,18 +44,22 @@ impl DestinationAddress {
     /// with `.`; and no longer than RFC 5321 lets a mail server take it: 254
     /// characters in all, 64 before the `@`.
     pub fn parse(input: &str) -> Result<Self, AddressError> {
+        // First: a full-width `＠` is no `@`, and the lengths below count bytes.
+        if let Some(c) = input.chars().find(|c| !c.is_ascii()) {
+            return Err(AddressError::NotHalfWidth(c));
+        }
         if input.matches('@').count() != 1 {
             return Err(AddressError::AtCount);
         }
         if input.len() > MAX_LEN {
-            return Err(AddressError::TooLong(input.chars().count()));
+            return Err(AddressError::TooLong(input.len()));
         }
         let (local, domain) = input.split_once('@').expect("one @ is present");
         if local.is_empty() || domain.is_empty() {
             return Err(AddressError::AtAtEdge);
         }
         if local.len() > MAX_LOCAL_LEN {
-            return Err(AddressError::LocalTooLong(local.chars().count()));
+            return Err(AddressError::LocalTooLong(local.len()));
         }
         if let Some(c) = local.chars().find(|&c| !is_local_char(c)) {
             return Err(AddressError::LocalChar(c));
@@ -103,6 +111,17 @@ impl<'de> serde::Deserialize<'de> for DestinationAddress {
 mod tests {
     use super::*;
 
+    /// R-N3 allows half-width characters only: an address typed in full width is refused
+    /// as such, not as one without an `@` (its `＠` is full-width) or as one too long
+    /// (the limit counted bytes, the message characters: "64 at most, it has 22").
+    #[test]
+    fn r_n3_an_address_typed_in_full_width_is_refused_as_full_width() {
+        assert_eq!(DestinationAddress::parse("ｔａｒｏ＠ｅｘａｍｐｌｅ．ｊｐ"), Err(AddressError::NotHalfWidth('ｔ')));
+        let wide = format!("{}@example.jp", "ａ".repeat(22));
+        assert_eq!(DestinationAddress::parse(&wide), Err(AddressError::NotHalfWidth('ａ')));
+        assert_eq!(DestinationAddress::parse("taro＠example.jp"), Err(AddressError::NotHalfWidth('＠')));
+    }
+
     #[test]
     fn r_n3_accepts_the_allowed_characters() {
         for ok in ["a@example.jp", "a.b_c-d!$%'*+/?^#@mail-1.example.jp", "0@0"] {
@@ -136,7 +155,8 @@ mod tests {
             ("@example.jp", AtAtEdge),
             ("a@", AtAtEdge),
             ("a b@example.jp", LocalChar(' ')),
-            ("あ@example.jp", LocalChar('あ')),
+            ("あ@example.jp", NotHalfWidth('あ')),
+            ("a@exämple.jp", NotHalfWidth('ä')),
             ("a@exa_mple.jp", DomainChar('_')),
             ("a@example.jp.", DomainEndsWithDot),
         ];

@@ -103,6 +103,9 @@ pub fn check_form_choices(
 /// R-N3's refusals, in the subscriber's words.
 pub fn address_message(error: &AddressError) -> String {
     match error {
+        AddressError::NotHalfWidth(c) => format!(
+            "全角文字など使えない文字「{c}」があります。メールアドレスは半角英数字と記号（@ を含む）で入力してください。"
+        ),
         AddressError::AtCount => "メールアドレスには「@」を1つだけ入力してください。".to_owned(),
         AddressError::AtAtEdge => "「@」の前と後ろの両方に文字を入力してください。".to_owned(),
         AddressError::LocalChar(c) => format!(

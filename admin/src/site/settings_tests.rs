@@ -218,13 +218,14 @@ async fn r_n3_an_address_longer_than_254_characters_is_refused_by_the_server() {
 async fn r_n4_the_two_send_conditions_are_saved() {
     let app = app();
     let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
-    save(&app, &cookies, CONTRACT, "designated_only=on").await;
+    const ONE: &str = "designated_0=09011112222&designate_0=on";
+    save(&app, &cookies, CONTRACT, &format!("designated_only=on&{ONE}")).await;
     let s = stored(&app, CONTRACT);
     assert!(s.designated_only && !s.missed_only);
-    save(&app, &cookies, CONTRACT, "missed_only=on").await;
+    save(&app, &cookies, CONTRACT, &format!("missed_only=on&{ONE}")).await;
     let s = stored(&app, CONTRACT);
     assert!(!s.designated_only && s.missed_only);
-    save(&app, &cookies, CONTRACT, "designated_only=on&missed_only=on").await;
+    save(&app, &cookies, CONTRACT, &format!("designated_only=on&missed_only=on&{ONE}")).await;
     let s = stored(&app, CONTRACT);
     assert!(s.designated_only && s.missed_only);
 }
@@ -257,7 +258,8 @@ async fn r_s9_a_save_from_a_stale_form_is_refused_with_409() {
     let app = app();
     let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
     let first = form(&app, &cookies, CONTRACT, "enabled=on&missed_only=on").await;
-    let second = form(&app, &cookies, CONTRACT, "enabled=off&designated_only=on").await;
+    let second =
+        form(&app, &cookies, CONTRACT, "enabled=off&designated_only=on&designated_0=09011112222&designate_0=on").await;
     assert_eq!(post(&app, &path(CONTRACT), &cookies, &first).await.status, StatusCode::SEE_OTHER);
     let refused = post(&app, &path(CONTRACT), &cookies, &second).await;
     assert_eq!(refused.status, StatusCode::CONFLICT);
