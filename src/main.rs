@@ -217,7 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::DeadLetters { action } => dead_letters(&Settings::load(file)?, action),
         Command::Config { action: ConfigAction::Check } => {
             let (_, effective) = Settings::effective(file, std::env::vars())?;
-            print!("{effective}");
+            print_out(format_args!("{effective}"))?;
             eprintln!("configuration OK");
             Ok(ExitCode::SUCCESS)
         }
@@ -339,6 +339,13 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
             (report, r.error)
         }
         None => {
+            // Opened first: a file that is not there makes no store.
+            let input: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
+                Box::new(std::io::stdin().lock())
+            } else {
+                let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+                Box::new(std::io::BufReader::new(input))
+            };
             // An import into a new store is the bulk path's first step; into one made by
             // mistake (a wrong or relative store.path, --config forgotten), the lines
             // reach no engine: said, so that the operator sees it.
@@ -362,12 +369,7 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
                 )
             })?;
             // Streamed: an import of millions of lines never sits in memory whole.
-            let report = if file.as_os_str() == "-" {
-                engine::provision::import(&store, std::io::stdin().lock())?
-            } else {
-                let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-                engine::provision::import(&store, std::io::BufReader::new(input))?
-            };
+            let report = engine::provision::import(&store, input)?;
             store.flush_blocking()?;
             (report, None)
         }
@@ -394,7 +396,10 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
         eprintln!("error: {error}");
     }
     let rejected = report.rejected.len() + report.rejected_not_listed;
-    println!("imported {} lines ({} numbers); rejected {rejected} lines", report.lines, report.numbers);
+    print_out(format_args!(
+        "imported {} lines ({} numbers); rejected {rejected} lines\n",
+        report.lines, report.numbers
+    ))?;
     Ok(if rejected == 0 && cut_short.is_none() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
@@ -431,6 +436,19 @@ fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bo
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes `text` to standard output: whether its reader is still there. One gone (the
+/// output piped into `head`) is no error: the rest is not wanted, and the command ends
+/// as it would have, its summary on standard error.
+fn print_out(text: std::fmt::Arguments<'_>) -> anyhow::Result<bool> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(text).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e).context("writing to standard output"),
+    }
+}
+
 fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<ExitCode> {
     use engine::dead_letter::review;
     let kafka = &settings.kafka;
@@ -439,14 +457,23 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
         DeadLetters::List { filter, json } => {
             let letters = review::list(brokers, properties, topic, &filter.into())?;
             for l in &letters {
-                if json {
+                let shown = if json {
                     let line = serde_json::json!({"partition": l.partition, "offset": l.offset,
                         "replayed": l.replayed, "record": l.record});
-                    println!("{line}");
+                    print_out(format_args!("{line}\n"))?
                 } else {
                     let at = l.record["at"].as_str().unwrap_or("");
                     let mark = if l.replayed { "replayed" } else { "" };
-                    println!("{}/{}\t{at}\t{}\t{mark}\t{}", l.partition, l.offset, l.kind(), l.reason());
+                    print_out(format_args!(
+                        "{}/{}\t{at}\t{}\t{mark}\t{}\n",
+                        l.partition,
+                        l.offset,
+                        l.kind(),
+                        l.reason()
+                    ))?
+                };
+                if !shown {
+                    break;
                 }
             }
             eprintln!("{} dead letters on {topic}", letters.len());
@@ -456,11 +483,13 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
                 open_existing_store(settings)
             })?;
             let verb = if dry_run { "would replay" } else { "replayed" };
-            for (partition, offset) in &done.cdrs {
-                println!("{verb} {topic}/{partition}/{offset} (a CDR, into its topic)");
-            }
-            for (partition, offset) in &done.mails {
-                println!("{verb} {topic}/{partition}/{offset} (a mail, into the retry queue)");
+            let cdrs = done.cdrs.iter().map(|(p, o)| format!("{verb} {topic}/{p}/{o} (a CDR, into its topic)\n"));
+            let mails =
+                done.mails.iter().map(|(p, o)| format!("{verb} {topic}/{p}/{o} (a mail, into the retry queue)\n"));
+            for line in cdrs.chain(mails) {
+                if !print_out(format_args!("{line}"))? {
+                    break;
+                }
             }
             for (partition, offset, why) in &done.unreadable {
                 eprintln!("left alone {topic}/{partition}/{offset}: {why}");

@@ -460,6 +460,39 @@ fn r_l3_an_export_from_a_store_that_is_not_there_is_refused_and_the_last_backup_
     assert_eq!(std::fs::read_to_string(dir.path().join("backup.jsonl")).unwrap(), line(0) + "\n");
 }
 
+/// An import of a file that is not there (a typo) makes no store: an empty one left
+/// behind would let a later `provision export` from there write an empty backup over
+/// the last one (R-L3).
+#[test]
+fn r_l3_an_import_of_a_file_that_is_not_there_makes_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-store");
+    let out =
+        callnotify(&missing).args(["provision", "import", "linse.jsonl"]).current_dir(dir.path()).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("opening linse.jsonl"), "{said}");
+    assert!(!missing.exists(), "no empty store made: {said}");
+}
+
+/// Output piped into a reader that has gone (`callnotify … | head`) ends the command
+/// as it would have ended, not in a panic with exit 101.
+#[test]
+fn a_command_whose_output_reader_has_gone_ends_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = callnotify(&dir.path().join("store"))
+        .args(["config", "check"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {said}", out.status);
+    assert!(!said.contains("panicked"), "{said}");
+}
+
 /// `log.format = "json"`: every line `serve` writes to standard error, up to its stop,
 /// is one JSON object a log shipper can read, with its level and message.
 #[test]
