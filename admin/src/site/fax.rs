@@ -184,9 +184,13 @@ pub async fn show(
     let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         // Not logged in (the fax mail's link): the login page shows this fax after.
-        Err(denied @ (Denied::Login | Denied::Ended)) => {
+        Err(denied @ (Denied::Login | Denied::Ended | Denied::Invalidated)) => {
             let key = format!("{}/{}/{}", address.0, address.1, address.2);
-            let ended = if matches!(denied, Denied::Ended) { "notice=ended&" } else { "" };
+            let ended = match denied {
+                Denied::Ended => "notice=ended&",
+                Denied::Invalidated => "notice=invalidated&",
+                _ => "",
+            };
             return Ok(match fax_to_show(&key) {
                 Some(key) => redirect_to(&format!("/login?{ended}fax={key}")),
                 None => denied.into_response(),

@@ -384,6 +384,9 @@ pub enum Denied {
     /// The browser's session ended (idle, or its credential replaced): to the login
     /// page, which says so.
     Ended,
+    /// The session's credential was invalidated by wrong entries made elsewhere (R-S2,
+    /// R-S3): to the login page, which says a new temporary password is set by phone.
+    Invalidated,
     /// The password must be changed first (R-S4).
     ChangePassword,
     /// The sessions could not be read: the site's error page.
@@ -395,6 +398,7 @@ impl IntoResponse for Denied {
         match self {
             Self::Login => redirect("/login"),
             Self::Ended => redirect("/login?notice=ended"),
+            Self::Invalidated => redirect("/login?notice=invalidated"),
             Self::ChangePassword => redirect("/password"),
             Self::Failed(e) => e.into_response(),
         }
@@ -409,13 +413,16 @@ pub async fn require_session(state: &SiteState, headers: &HeaderMap, gate: Gate)
     // The credential it logged in with must still be the number's: a new temporary
     // password by phone, a unit change or the number leaving its line ends the session.
     // A credential that cannot be read is an error, not a replaced one.
+    // One invalidated by wrong entries made elsewhere (another browser, a guesser) is
+    // said so: the subscriber is sent to the phone, not to a login that cannot work.
     let (credentials, number) = (state.credentials.clone(), session.number);
-    let stamp = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await;
-    let current = stamp.map_err(|e| Denied::Failed(e.into()))?.map_err(|e| Denied::Failed(e.into()))?;
-    if current != Some(session.credential) {
-        tracing::info!(number = %session.number, "site session ended: its credential was replaced or removed");
+    let record = tokio::task::spawn_blocking(move || credentials.record(&number)).await;
+    let current = record.map_err(|e| Denied::Failed(e.into()))?.map_err(|e| Denied::Failed(e.into()))?;
+    let ours = current.filter(|r| r.stamp() == session.credential);
+    if ours.as_ref().is_none_or(|r| r.invalidated) {
+        tracing::info!(number = %session.number, "site session ended: its credential was replaced, removed or invalidated");
         state.sessions.remove(id).await.map_err(|e| Denied::Failed(e.into()))?;
-        return Err(Denied::Ended);
+        return Err(if ours.is_some() { Denied::Invalidated } else { Denied::Ended });
     }
     if session.must_change && gate == Gate::PasswordChanged {
         return Err(Denied::ChangePassword);

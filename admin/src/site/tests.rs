@@ -508,6 +508,23 @@ async fn r_i7_r_o2_a_change_to_line_unit_by_phone_ends_the_other_numbers_passwor
     assert_eq!(login(&app, CONTRACT, TEMPORARY).await.location(), Some("/password"));
 }
 
+/// R-S3: a password invalidated by ten wrong logins made elsewhere (another browser, a
+/// guesser) while its subscriber is logged in ends their session, and the login page
+/// says it is invalidated and to set a temporary password by phone. It said they had
+/// been idle or the password changed, and to log in again, which could never work.
+#[tokio::test]
+async fn r_s3_a_password_invalidated_elsewhere_ends_the_session_saying_so() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    for i in 0..10 {
+        login_from(&app, &format!("198.51.100.{i}"), CONTRACT, "wrong-one-1").await;
+    }
+    assert!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().invalidated);
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=invalidated"));
+    assert!(app.state.sessions().is_empty(), "the session ended");
+}
+
 /// R-S2, R-S4: logged in with a temporary password, the subscriber types a wrong current
 /// password on the forced change three times. The third invalidates it: they were told
 /// only 「現在のパスワードが正しくありません」, and the next submit said they had been
