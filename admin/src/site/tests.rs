@@ -688,6 +688,28 @@ async fn r_a1_a_line_provisioned_to_line_unit_keeps_no_additional_number_s_passw
     assert!(app.f.credentials.record(&n(CONTRACT)).unwrap().is_some(), "the contract number's stays");
 }
 
+/// R-S7: a unit the operator changes by provisioning ends the line's open sessions, as a
+/// change by phone does. The contract number's session, logged in under the number unit,
+/// went on with the whole line in reach and the number unit's idle timeout.
+#[tokio::test]
+async fn r_s7_a_unit_changed_by_provisioning_ends_the_line_s_sessions() {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let line = |unit: &str| {
+        format!(
+            r#"{{"contract":"0312345678","unit":"{unit}","numbers":[{{"number":"0312345678","services":["call"]}},{{"number":"0312345679","services":["call"]}},{{"number":"0312345670","services":["fax"]}}]}}"#
+        )
+    };
+    engine::provision::import(&app.f.store, line("number").as_bytes()).unwrap();
+    assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK, "the same unit: the session goes on");
+    engine::provision::import(&app.f.store, line("line").as_bytes()).unwrap();
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+    assert!(app.state.sessions().is_empty());
+    assert_eq!(login(&app, CONTRACT, PASSWORD).await.location(), Some("/"), "the password stays (R-A1)");
+}
+
 /// Behind the TLS proxy the brake's address is the last one the proxy added to
 /// `X-Forwarded-For`, with a port or without; a request without a usable one is braked
 /// under the proxy's own address. Those had no address: their logins went unbraked.

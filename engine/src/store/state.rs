@@ -617,7 +617,10 @@ impl Store {
     }
 
     /// Removes the sessions for which `ends` holds; their keys.
-    fn ended_sessions(&self, ends: impl Fn(&str, &SessionRecord) -> bool) -> Result<Vec<String>, StoreError> {
+    pub(super) fn ended_sessions(
+        &self,
+        ends: impl Fn(&str, &SessionRecord) -> bool,
+    ) -> Result<Vec<String>, StoreError> {
         let mut ended = Vec::new();
         for item in self.sessions.iter() {
             let (key, raw) = item?;

@@ -235,6 +235,13 @@ impl Store {
                     }
                 }
             }
+            // And the line's sessions end, as they do on a change by phone: one that went
+            // on would keep the old unit's reach and idle timeout (R-S7).
+            if old_line.is_some() && effective(stored.unit) != effective(old_unit) {
+                for id in self.ended_sessions(|_, session| stored.numbers.contains(&session.number))? {
+                    written.put(super::state::StateKey { tree: super::state::StateTree::Sessions, id }, None);
+                }
+            }
             for (number, services, settings) in numbers {
                 let raw = self.numbers.get(number.as_str())?;
                 let mut past_versions = None;
