@@ -198,7 +198,14 @@ pub async fn logout(
         Err(denied) => return Ok(denied.into_response()),
     };
     if !csrf::matches(Some(&authed.session.csrf), &form.csrf) {
-        return Err(SiteError::Csrf);
+        // A tab left open from before a login in another tab carries an older token:
+        // the subscriber is asked once more, on a form of this session (R-S7, R-S9),
+        // rather than refused with the session left on.
+        let body = format!(
+            "<p>ログアウトするには、下のボタンを押してください。</p>\n{}",
+            super::html::logout_form(&authed.session.csrf)
+        );
+        return Ok((StatusCode::FORBIDDEN, Html(super::html::page("ログアウト", &body))).into_response());
     }
     state.sessions.remove(&authed.id).await?;
     tracing::info!(number = %authed.session.number, "site logout");

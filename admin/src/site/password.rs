@@ -158,8 +158,10 @@ pub async fn submit(
         state.sessions.remove(&id).await?;
         return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
     };
-    let renewed =
-        Session { kind: CredentialKind::Password, must_change: false, csrf: csrf::new_token(), credential, ..session };
+    // Its CSRF token stays: the subscriber's other tabs, opened before the change, can
+    // still save (a stale form there is told so and keeps what was typed, R-S9) and
+    // log out (R-S7). Only a login makes a new one.
+    let renewed = Session { kind: CredentialKind::Password, must_change: false, credential, ..session };
     let number = renewed.number;
     let new_id = state.sessions.create(renewed).await?;
     state.sessions.remove_number(&number, &new_id).await?;

@@ -458,6 +458,37 @@ async fn r_o1_a_password_change_needs_the_current_password_and_the_new_one_twice
     assert_eq!(login(&app, CONTRACT, NEW).await.location(), Some("/"));
 }
 
+/// R-S7, R-S9: ログアウト in a tab opened before a change of password in another tab
+/// logs out; in one opened before a new login in another tab, the subscriber is asked
+/// once more on a form of the current session, and that logs out. Both answered 403
+/// 「不正なリクエストです」 and left the new session logged in.
+#[tokio::test]
+async fn r_s7_logout_from_a_tab_opened_before_a_password_change_or_a_new_login_logs_out() {
+    const NEW: &str = "wxyz9876";
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let old_tab = get(&app, "/", &cookies).await.csrf();
+    let csrf = get(&app, "/password", &cookies).await.csrf();
+    let changed =
+        post(&app, "/password", &cookies, &format!("current={PASSWORD}&new={NEW}&confirm={NEW}&csrf={csrf}")).await;
+    let cookies = changed_cookies(&changed);
+    let out = post(&app, "/logout", &cookies, &format!("csrf={old_tab}")).await;
+    assert_eq!(out.location(), Some("/login"), "{}", out.body);
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+
+    let first = logged_in(&app, CONTRACT, NEW).await;
+    let old_tab = get(&app, "/", &first).await.csrf();
+    let cookies = logged_in(&app, CONTRACT, NEW).await;
+    let asked = post(&app, "/logout", &cookies, &format!("csrf={old_tab}")).await;
+    assert_eq!(asked.status, StatusCode::FORBIDDEN);
+    assert!(asked.body.contains("ログアウトするには"), "{}", asked.body);
+    assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK, "not logged out by a stale token");
+    let out = post(&app, "/logout", &cookies, &format!("csrf={}", asked.csrf())).await;
+    assert_eq!(out.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+}
+
 /// The `Cookie` header of the session a reply set.
 fn changed_cookies(reply: &Reply) -> String {
     format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap())
