@@ -2,7 +2,9 @@
 //! the double-submit pattern: a random token in a cookie and the same token in a hidden
 //! field (a cross-site page can make the browser send the cookie but cannot read it to
 //! fill the field). After login the token lives in the server-side session.
-//! `SameSite=Strict` on both cookies is a second line of defence, not the only one.
+//! `SameSite` is a second line of defence, not the only one: `Strict` on the session
+//! cookie, `Lax` on the token's (a cross-site form post goes without it, a link
+//! followed from a mail carries it: see `SiteState::set_cookie`).
 
 /// A fresh random token: 128 bits, hex.
 pub fn new_token() -> String {

@@ -175,7 +175,8 @@ pub async fn submit(
         Some(fax) => format!("/fax/{fax}"),
         None => "/".to_owned(),
     };
-    let cookies = [state.set_cookie(&state.session_cookie(), Some(&id)), state.set_cookie(&csrf_cookie, None)];
+    // The login form's token cookie stays: another login tab still submits (R-S9).
+    let cookies = [state.set_cookie(&state.session_cookie(), Some(&id))];
     Ok(with_cookies(super::destinations::redirect_to(&next), cookies))
 }
 

@@ -235,12 +235,17 @@ impl SiteState {
         self.cookie_name(CSRF_COOKIE)
     }
 
-    /// A `Set-Cookie` value for `name=value`; `None` deletes the cookie.
+    /// A `Set-Cookie` value for `name=value`; `None` deletes the cookie. The session
+    /// cookie is `SameSite=Strict`; the login form's token cookie `Lax`, so that a login
+    /// page opened from a link in a mail (a fax's) reuses the browser's token rather
+    /// than replace it under the login tabs already open (R-S9); a cross-site form
+    /// post still goes without it ([`csrf`]).
     fn set_cookie(&self, name: &str, value: Option<&str>) -> HeaderValue {
         let secure = if self.secure { "; Secure" } else { "" };
+        let same_site = if name == self.csrf_cookie() { "Lax" } else { "Strict" };
         let value = match value {
-            Some(value) => format!("{name}={value}; HttpOnly; SameSite=Strict; Path=/{secure}"),
-            None => format!("{name}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}"),
+            Some(value) => format!("{name}={value}; HttpOnly; SameSite={same_site}; Path=/{secure}"),
+            None => format!("{name}=; HttpOnly; SameSite={same_site}; Path=/; Max-Age=0{secure}"),
         };
         HeaderValue::from_str(&value).expect("cookie names and tokens are ASCII")
     }
