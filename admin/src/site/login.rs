@@ -245,7 +245,9 @@ fn login_page_with(
          <p><label for=\"number\">電話番号</label><br>\n\
          <input id=\"number\" name=\"number\" type=\"text\" inputmode=\"numeric\" autocomplete=\"username\" \
          pattern=\"0[0-9]{{9,10}}\" maxlength=\"11\" required value=\"{number}\" aria-describedby=\"number-help\"><br>\n\
-         <small id=\"number-help\">市外局番から、半角数字でハイフンなしで入力してください。</small></p>\n\
+         <small id=\"number-help\">本サービスを契約している電話番号を、市外局番から、半角数字でハイフンなしで\
+         入力してください。ログイン時の認証単位が「回線単位」で、追加番号に本サービスを契約されている場合は、\
+         お客さま電話番号（契約番号）を入力してください。</small></p>\n\
          <p><label for=\"password\">パスワード</label><br>\n\
          <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" \
          maxlength=\"{max}\" required></p>\n\

@@ -489,6 +489,17 @@ async fn r_s7_logout_from_a_tab_opened_before_a_password_change_or_a_new_login_l
     assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
 }
 
+/// R-A1 (the manual's ※1 on the login step): a line-unit subscriber whose service is on
+/// an additional number logs in with the contract number, and the login page says so.
+/// It did not: they typed the additional number, were refused as a wrong password, and
+/// braked after five tries.
+#[tokio::test]
+async fn r_a1_the_login_page_says_line_unit_subscribers_log_in_with_the_contract_number() {
+    let page = get(&app(), "/login", "").await;
+    assert!(page.body.contains("「回線単位」で、追加番号に本サービスを契約されている場合は"), "{}", page.body);
+    assert!(page.body.contains("お客さま電話番号（契約番号）を入力してください"), "{}", page.body);
+}
+
 /// R-S9: two login tabs (two fax mails' links opened, say): logged in with the first,
 /// the second still logs in; and the token's cookie goes with a link followed from a
 /// mail (`SameSite=Lax`), so a login page opened that way reuses it. The second tab's
