@@ -39,8 +39,8 @@ pub enum ReviewError {
     NoTopic { topic: String },
     #[error("the dead-letter topic {topic} was not read to its end: no record came for {TIMEOUT:?}")]
     Slow { topic: String },
-    #[error("dead letter {partition}/{offset}: {why}")]
-    Record { partition: i32, offset: i64, why: String },
+    #[error("kafka, for good: {0}")]
+    Fatal(String),
     /// The cluster refused a record sent (no write permission, too large, no such
     /// partition).
     #[error("kafka refused the record: {0}")]
@@ -312,7 +312,16 @@ fn read(
                 }
                 continue;
             }
-            other => other?,
+            Err(e) => {
+                // A broker restarting, a connection dropped: librdkafka reconnects and the
+                // reading goes on (the patience above bounds it). A fatal error ends it.
+                if let Some((code, why)) = consumer.client().fatal_error() {
+                    return Err(ReviewError::Fatal(format!("{code}: {why}")));
+                }
+                tracing::warn!(error = %e, "reading the dead letters: {e}; going on");
+                continue;
+            }
+            Ok(message) => message,
         };
         // Progress is a record of a partition not yet read to its end as it was: new dead
         // letters on one read already do not keep a stalled one waited for.
@@ -320,8 +329,10 @@ fn read(
             deadline = std::time::Instant::now() + patience;
         }
         let (partition, offset) = (message.partition(), message.offset());
+        // One that is no dead letter of ours (a test message produced by hand, an empty
+        // one) is listed as unreadable, and a replay names it and leaves it alone.
         let record: serde_json::Value = serde_json::from_slice(message.payload().unwrap_or_default())
-            .map_err(|e| ReviewError::Record { partition, offset, why: format!("not JSON: {e}") })?;
+            .unwrap_or_else(|e| serde_json::json!({"kind": "unreadable", "reason": format!("not JSON: {e}")}));
         if record["kind"] == "replayed" {
             if let (Some(p), Some(o)) = (record["partition"].as_i64(), record["offset"].as_i64()) {
                 replayed.insert((p as i32, o));

@@ -228,3 +228,37 @@ async fn r_m4_a_cdr_the_cluster_refuses_to_take_back_is_named_and_not_marked_rep
     let again = replay(&brokers, cdrs_only(), false, None).await;
     assert_eq!((again.cdrs, again.already), (vec![(*partition, *offset)], 1), "put back once the cluster takes it");
 }
+
+/// R-M4: the dead-letter tools read on through a broker that is down for a while (a
+/// restart) and list a record that is no dead letter of ours (a test message produced by
+/// hand) as unreadable; a replay names it and replays the others. Before, either ended
+/// the reading with an error, and nothing could be listed or replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_the_dead_letter_tools_read_through_a_broker_restart_and_a_record_not_theirs() {
+    let h = Harness::new(1).await;
+    let first = h.engine().await;
+    first.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    h.produce(ASTERISK_TOPIC, &[cdr("restart-1", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
+    first.wait_metric(r#"callnotify_dead_letters_total{kind="cdr"}"#, 1.0).await;
+    first.stop().await;
+    h.produce(DEAD_LETTER_TOPIC, &["test".to_owned()]).await;
+
+    let brokers = h.kafka.bootstrap_servers().to_owned();
+    h.kafka.on_cluster(|cluster| cluster.broker_down(1).unwrap());
+    let listing = tokio::task::spawn_blocking({
+        let brokers = brokers.clone();
+        move || review::list(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &Filter::default())
+    });
+    // The reader meets the broker down; then it comes back.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    h.kafka.on_cluster(|cluster| cluster.broker_up(1).unwrap());
+    let listed = listing.await.unwrap().unwrap();
+    let kinds: Vec<&str> = listed.iter().map(|l| l.kind()).collect();
+    assert_eq!(kinds, ["cdr", "unreadable"], "{listed:?}");
+    assert!(listed[1].reason().starts_with("not JSON"), "{listed:?}");
+
+    let done = replay(&brokers, Filter::default(), false, None).await;
+    assert_eq!(done.cdrs, vec![(listed[0].partition, listed[0].offset)]);
+    assert_eq!(done.unreadable.len(), 1, "{done:?}");
+    assert_eq!((done.unreadable[0].0, done.unreadable[0].1), (listed[1].partition, listed[1].offset));
+}
