@@ -371,7 +371,10 @@ pub enum ClientError {
          for longer than its operator endpoint waits): some lines may be imported; importing the file again is safe"
     )]
     Unanswered { url: String },
-    #[error("reading the lines to send: {0}")]
+    #[error(
+        "reading the lines to send: {0}; the lines sent before it may be imported: importing the file again is \
+         safe"
+    )]
     Input(std::io::Error),
 }
 
@@ -380,7 +383,7 @@ pub enum ClientError {
 /// go as they are read, in chunks (chunked transfer coding), so a file of any size
 /// takes a 64 KiB buffer here, as it takes bounded memory in the engine.
 pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> Result<ProvisionResponse, ClientError> {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let authority = url
         .strip_prefix("http://")
         .map(|rest| rest.trim_end_matches('/').trim_end_matches("/provision"))
@@ -388,28 +391,64 @@ pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> 
         .ok_or_else(|| ClientError::Url(url.to_owned()))?;
     let io = |source| ClientError::Io { url: url.to_owned(), source };
     let mut stream = std::net::TcpStream::connect(authority).map_err(io)?;
+    let mut upload = stream.try_clone().map_err(io)?;
+    match send_lines(&mut upload, authority, &mut jsonl, token) {
+        Ok(()) => {}
+        Err(Sending::Input(e)) => return Err(ClientError::Input(e)),
+        // The engine may have answered and closed before the upload ended (a wrong
+        // token, a file over the limit): its answer says why, not "cannot reach".
+        Err(Sending::Io(e)) => {
+            let mut response = Vec::new();
+            let _ = stream.read_to_end(&mut response);
+            if response.is_empty() {
+                return Err(io(e));
+            }
+            return answer(url, &String::from_utf8_lossy(&response));
+        }
+    }
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(io)?;
+    answer(url, &response)
+}
+
+/// Why an upload stopped: its input, or the connection.
+enum Sending {
+    Input(std::io::Error),
+    Io(std::io::Error),
+}
+
+/// The request head, then `jsonl` in chunks.
+fn send_lines(
+    stream: &mut std::net::TcpStream,
+    authority: &str,
+    jsonl: &mut impl std::io::Read,
+    token: &str,
+) -> Result<(), Sending> {
+    use std::io::Write;
     let authorization = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
     write!(
         stream,
         "POST /provision HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/x-ndjson\r\n\
          {authorization}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     )
-    .map_err(io)?;
+    .map_err(Sending::Io)?;
     let mut chunk = vec![0u8; 64 << 10];
     loop {
         let n = match jsonl.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ClientError::Input(e)),
+            Err(e) => return Err(Sending::Input(e)),
         };
-        write!(stream, "{n:x}\r\n").map_err(io)?;
-        stream.write_all(&chunk[..n]).map_err(io)?;
-        stream.write_all(b"\r\n").map_err(io)?;
+        write!(stream, "{n:x}\r\n").map_err(Sending::Io)?;
+        stream.write_all(&chunk[..n]).map_err(Sending::Io)?;
+        stream.write_all(b"\r\n").map_err(Sending::Io)?;
     }
-    stream.write_all(b"0\r\n\r\n").map_err(io)?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).map_err(io)?;
+    stream.write_all(b"0\r\n\r\n").map_err(Sending::Io)
+}
+
+/// The engine's answer to an upload, read whole.
+fn answer(url: &str, response: &str) -> Result<ProvisionResponse, ClientError> {
     if response.is_empty() {
         return Err(ClientError::Unanswered { url: url.to_owned() });
     }
@@ -426,6 +465,41 @@ pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An engine that answers before the upload is over and closes (a wrong token, a
+    /// file over the limit) is heard: the operator reads its answer, not "cannot reach
+    /// the engine", and chases the token rather than the network.
+    #[test]
+    fn an_answer_given_before_the_upload_ended_is_what_the_import_says() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let engine = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let body = r#"{"error":"a wrong or missing provisioning token"}"#;
+            let answer = format!(
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(answer.as_bytes()).unwrap();
+            // Closed with the upload unread: the client's next writes fail.
+        });
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#.to_owned() + "\n";
+        // 13 MB: more than the sockets' buffers take while nobody reads.
+        let lines = line.repeat(200_000);
+        let error = post_provision(&url, lines.as_bytes(), "wrong").expect_err("refused");
+        engine.join().unwrap();
+        match error {
+            ClientError::Answer { status: 401, body } => assert!(body.contains("token"), "{body}"),
+            other => panic!("not the engine's answer: {other}"),
+        }
+    }
 
     /// An engine that closes the connection without answering (it stopped, or its idle
     /// limit passed while the import waited for the state owner) is named as such, with
