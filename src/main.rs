@@ -369,9 +369,15 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
                 )
             })?;
             // Streamed: an import of millions of lines never sits in memory whole.
-            let report = engine::provision::import(&store, input)?;
-            store.flush_blocking()?;
-            (report, None)
+            match engine::provision::import(&store, input) {
+                Ok(report) => {
+                    store.flush_blocking()?;
+                    (report, None)
+                }
+                // What it did before it stopped is said too: the moves and removals
+                // happened, and an import again would not name them.
+                Err(e) => (*e.done, Some(e.failure.to_string())),
+            }
         }
     };
     for (line, reason) in &report.rejected {

@@ -62,7 +62,8 @@ pub struct ProvisionResponse {
     /// faxes.
     #[serde(default)]
     pub removed: Vec<Removed>,
-    /// Why the upload was cut short (413), if it was: the lines before the cut applied.
+    /// Why the upload was cut short (413) or the import stopped (500), if it was: the
+    /// lines reported applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -278,7 +279,11 @@ async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Re
         }
         Ok(Err(e)) => {
             crate::error_event!(ops.metrics, ErrorEvent::Provision, error = %e, "provisioning over HTTP failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"error": e.to_string()}))).into_response()
+            // With what it did before it stopped: its moves and removals happened.
+            let mut response = ProvisionResponse::from(*e.done);
+            response.error = Some(e.failure.to_string());
+            (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::to_value(response).expect("report serialises")))
+                .into_response()
         }
         Err(e) => {
             (StatusCode::INTERNAL_SERVER_ERROR, Json(serde_json::json!({"error": e.to_string()}))).into_response()
@@ -458,6 +463,11 @@ fn answer(url: &str, response: &str) -> Result<ProvisionResponse, ClientError> {
         200 | 413 | 422 => {
             serde_json::from_str(body).map_err(|_| ClientError::Answer { status, body: body.to_owned() })
         }
+        // The import stopped: what it did before is in the report, the error with it.
+        500 => match serde_json::from_str::<ProvisionResponse>(body) {
+            Ok(report) if report.error.is_some() => Ok(report),
+            _ => Err(ClientError::Answer { status, body: body.to_owned() }),
+        },
         _ => Err(ClientError::Answer { status, body: body.to_owned() }),
     }
 }

@@ -123,9 +123,19 @@ fn read_line(input: &mut impl BufRead, out: &mut Vec<u8>, max: usize) -> std::io
     }
 }
 
+/// An import stopped early, with what it did until then: the lines applied, and the
+/// moves and removals among them, are reported all the same (they happened).
+#[derive(Debug, thiserror::Error)]
+#[error("{failure}")]
+pub struct ImportError {
+    pub failure: ImportFailure,
+    /// What the import did before it stopped, as far as it knows.
+    pub done: Box<ImportReport>,
+}
+
 /// Why an import stopped early: only reading the input or writing the store can.
 #[derive(Debug, thiserror::Error)]
-pub enum ImportError {
+pub enum ImportFailure {
     #[error("cannot read the input at line {line}: {source}")]
     Read { line: usize, source: std::io::Error },
     #[error(
@@ -205,11 +215,27 @@ pub fn import(store: &Store, input: impl BufRead) -> Result<ImportReport, Import
 /// state (at least one).
 pub fn import_in_writes_of(
     store: &Store,
-    mut input: impl BufRead,
+    input: impl BufRead,
     lines_per_write: usize,
 ) -> Result<ImportReport, ImportError> {
-    let lines_per_write = lines_per_write.max(1);
     let mut report = ImportReport::default();
+    match import_into(store, input, lines_per_write, &mut report) {
+        Ok(()) => Ok(report),
+        Err(failure) => {
+            report.rejected.sort_by_key(|(line, _)| *line);
+            Err(ImportError { failure, done: Box::new(report) })
+        }
+    }
+}
+
+/// [`import_in_writes_of`], its report kept in `report` whatever becomes of it.
+fn import_into(
+    store: &Store,
+    mut input: impl BufRead,
+    lines_per_write: usize,
+    report: &mut ImportReport,
+) -> Result<(), ImportFailure> {
+    let lines_per_write = lines_per_write.max(1);
     let mut bytes = Vec::new();
     // sled writes in the background: a full disk shows at a later write than the one
     // it lost. So an import into a store of its own flushes after each write (of
@@ -226,7 +252,7 @@ pub fn import_in_writes_of(
     for line in 1.. {
         bytes.clear();
         let read =
-            read_line(&mut input, &mut bytes, MAX_LINE + 2).map_err(|source| ImportError::Read { line, source })?;
+            read_line(&mut input, &mut bytes, MAX_LINE + 2).map_err(|source| ImportFailure::Read { line, source })?;
         let Some(too_long) = read else { break };
         last = line;
         if too_long {
@@ -261,24 +287,37 @@ pub fn import_in_writes_of(
             let sent = Sent::send(store, lines, durable_before);
             let answer_now = if shared { in_flight.replace(sent) } else { Some(sent) };
             if let Some(sent) = answer_now {
-                sent.answered(&mut report)?;
+                if let Err(failure) = sent.answered(report) {
+                    // The lines sent after these may be applied: their answers still
+                    // count (a move among them is reported).
+                    if let Some(later) = in_flight.take() {
+                        let _ = later.answered(report);
+                    }
+                    return Err(failure);
+                }
             }
             // Shared state is durable once answered (the state topic has it, acks=all):
             // the flushes are for a store of its own.
             if !shared {
-                store.flush_blocking().map_err(|source| ImportError::Store { line, from: durable_before, source })?;
+                store.flush_blocking().map_err(|source| ImportFailure::Store { line, from: durable_before, source })?;
                 durable_before = line + 1;
             }
         }
     }
     let rest = (!pending.is_empty()).then(|| Sent::send(store, pending, durable_before));
+    let mut failed = None;
     for sent in in_flight.into_iter().chain(rest) {
-        sent.answered(&mut report)?;
+        if let Err(failure) = sent.answered(report) {
+            failed.get_or_insert(failure);
+        }
     }
-    store.flush_blocking().map_err(|source| ImportError::Store { line: last, from: durable_before, source })?;
+    if let Some(failure) = failed {
+        return Err(failure);
+    }
+    store.flush_blocking().map_err(|source| ImportFailure::Store { line: last, from: durable_before, source })?;
     // A line refused by the store is known after the parse errors of the lines read since.
     report.rejected.sort_by_key(|(line, _)| *line);
-    Ok(report)
+    Ok(())
 }
 
 /// Parsed lines written together: one exchange with the state owner for all of them
@@ -319,12 +358,16 @@ impl Sent {
         Self { lines, answers: store.send_all(ops), from }
     }
 
-    /// Waits for the answers and adds them to `report`.
-    fn answered(self, report: &mut ImportReport) -> Result<(), ImportError> {
+    /// Waits for the answers and adds them to `report`, every one: a failed op does not
+    /// hide what the others did. The first failure is returned.
+    fn answered(self, report: &mut ImportReport) -> Result<(), ImportFailure> {
         let from = self.from;
         let mut results = (self.answers)().into_iter();
+        let mut first = None;
         for (line, (_, numbers, extras)) in self.lines {
-            let failed = |source| ImportError::Store { line, from, source };
+            let mut failed = |source| {
+                first.get_or_insert(ImportFailure::Store { line, from, source });
+            };
             let stored = match results.next().expect("an answer per op") {
                 Ok(Reply::Upserted(upserted)) => {
                     let room = MAX_LISTED.saturating_sub(report.moved.len());
@@ -335,22 +378,29 @@ impl Sent {
                     report.numbers += numbers.len();
                     true
                 }
-                Ok(other) => return Err(failed(StoreError::State(format!("an import was answered {other:?}")))),
+                Ok(other) => {
+                    failed(StoreError::State(format!("an import was answered {other:?}")));
+                    false
+                }
                 Err(refused @ (StoreError::TooMany { .. } | StoreError::ContractInUse { .. })) => {
                     report.reject(line, refused.to_string());
                     false
                 }
-                Err(source) => return Err(failed(source)),
+                Err(source) => {
+                    failed(source);
+                    false
+                }
             };
             for _ in &extras {
                 match results.next().expect("an answer per op") {
                     // A refused line's numbers are not its own: its extras are refused.
                     Err(StoreError::UnknownNumber(_)) if !stored => {}
-                    answer => answer.map(drop).map_err(failed)?,
+                    Err(source) => failed(source),
+                    Ok(_) => {}
                 }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
@@ -537,6 +587,38 @@ mod tests {
         let after = (store.credential(&n("0312340001")).unwrap(), store.number(&n("0312340001")).unwrap());
         assert_eq!(after, before, "the refused line changed the other line's contract number");
         assert!(store.number(&n("0312340009")).unwrap().is_none());
+    }
+
+    /// R-M3: an import that stops part way (its input fails here; a store or a state
+    /// owner failing is the same) still reports what it did before: the move it made
+    /// happened, and an import again would not name it. Only the error was said.
+    #[test]
+    fn r_m3_an_import_that_stops_part_way_reports_the_moves_it_made() {
+        struct FailsAfter(&'static [u8]);
+        impl std::io::Read for FailsAfter {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(std::io::Error::other("the disk went away"));
+                }
+                let n = self.0.len().min(buf.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let store = Store::temporary().unwrap();
+        let lines = concat!(
+            r#"{"contract":"0312340001","numbers":[{"number":"0312340001"},{"number":"0312340002"}]}"#,
+            "\n",
+            r#"{"contract":"0312340009","numbers":[{"number":"0312340009"},{"number":"0312340002"}]}"#,
+            "\n",
+        );
+        let input = std::io::BufReader::new(FailsAfter(lines.as_bytes()));
+        let e = import_in_writes_of(&store, input, 1).unwrap_err();
+        assert!(matches!(e.failure, ImportFailure::Read { line: 3, .. }), "{e}");
+        assert_eq!(e.done.lines, 2);
+        assert_eq!(e.done.moved, vec![(2, n("0312340002"), n("0312340001"))]);
+        assert_eq!(store.number(&n("0312340002")).unwrap().unwrap().contract, n("0312340009"));
     }
 
     /// R-L1, R-M3: a line imported again without one of its numbers removes it, its
