@@ -184,6 +184,11 @@ impl Pipeline {
         let mut contested = Vec::new();
         for recipient in recipients {
             let key = SentKey::new(at, called, id, recipient.as_str());
+            // An address listed twice (an import does not refuse it) gets one mail: its
+            // second claim would wait on the first, held by this same reading.
+            if mails.iter().chain(&contested).any(|(claimed, _)| *claimed == key) {
+                continue;
+            }
             let claimed = match self.claims.claim(&key) {
                 Ok(Claimed::Sent) => {
                     self.metrics.duplicate();

@@ -15,7 +15,6 @@ use super::offsets::{Completion, Skipped, Tracker};
 use crate::decode::CdrFormat;
 use crate::error_event::{ErrorEvent, RaiseEvery};
 use crate::partition_log::{Mark, NotConfirmed};
-use crate::store::Claims;
 use crate::store::{Store, StoreError};
 use crate::telemetry::Metrics;
 
@@ -34,9 +33,6 @@ pub struct SourceContext {
     pub(super) store: Store,
     pub(super) grace: Duration,
     pub(super) tracker: Mutex<Tracker>,
-    /// The pipeline's claims on mails being sent, released once a mail's sent record is
-    /// written.
-    pub(super) claims: Arc<Claims>,
     pub(super) completions: Mutex<Receiver<Completion>>,
     /// The delivery tasks' time for sending: cancelled, they queue what they have not
     /// sent yet.
@@ -412,12 +408,9 @@ impl SourceContext {
         }
     }
 
-    /// Takes a finished CDR's mails off the in-flight list (the delivery task wrote
-    /// their sent records) and moves its partition's offset if it may.
+    /// Moves a finished CDR's partition offset if it may (its delivery task wrote its
+    /// mails' sent records and let their claims go).
     fn apply(&self, c: Completion) {
-        for key in &c.mails {
-            self.claims.release(key);
-        }
         self.tracker.lock().expect("tracker lock").completed((c.topic, c.partition), c.offset);
     }
 

@@ -164,7 +164,6 @@ pub fn spawn(
             store: stages.pipeline.resolver.store().clone(),
             grace: options.grace,
             tracker: Mutex::new(Tracker::new(total.clone())),
-            claims: stages.pipeline.claims.clone(),
             completions: Mutex::new(rx),
             sending: Mutex::new(Sending::new(shutdown.child_token())),
             changelog: stages.changelog.clone(),
@@ -343,11 +342,7 @@ fn handle(
     let tp = (topic, partition);
     let format = ctx.topics[topic].1;
     let payload = message.payload().unwrap_or_default();
-    let Mails { mut origin, mut mails, contested, keep } = match stages.pipeline.run(
-        format,
-        payload,
-        chrono::Utc::now(),
-    )? {
+    let Mails { mut origin, mails, contested, keep } = match stages.pipeline.run(format, payload, chrono::Utc::now())? {
         Outcome::Send(mails) => mails,
         Outcome::Nothing => {
             let skipped = ctx.tracker.lock().expect("tracker lock").finished(tp, offset);
@@ -372,7 +367,7 @@ fn handle(
                 async move {
                     tokio::select! {
                         () = dead_letters.cdr_rejected(&rejected) => {
-                            let _ = tx.send(Completion { topic, partition, offset, mails: Vec::new() });
+                            let _ = tx.send(Completion { topic, partition, offset });
                         }
                         () = sending.cancelled() => {}
                     }
@@ -390,20 +385,6 @@ fn handle(
         (stages.pipeline.resolver.store().clone(), stages.pipeline.claims.clone(), stages.metrics.clone());
     stages.tasks.spawn_on(
         async move {
-            // Mails another reader holds (the same CDR read again while a revoked
-            // partition's task still writes their fate): this CDR is done only once
-            // they are let go, and sends those let go unsent.
-            for (key, mail) in contested {
-                match until_let_go(&claims, &key, &sending, &metrics).await {
-                    Some(Claimed::Mine) => mails.push((key, mail)),
-                    Some(_) => metrics.duplicate(),
-                    None => {
-                        // The partition goes: its next reader reads the CDR again.
-                        mails.iter().for_each(|(key, _)| claims.release(key));
-                        return;
-                    }
-                }
-            }
             if let Some(fax) = keep {
                 // Kept before any mail links to it. Not kept (the engine stops, the
                 // partition goes): the record is read again, so its mails are not
@@ -413,12 +394,28 @@ fn handle(
                     return;
                 }
             }
-            let mut done = Vec::with_capacity(mails.len());
+            // Each claim goes as soon as its mail's record is written, so this task
+            // holds none while it waits on another reading's below (two readings of one
+            // CDR, each holding a mail the other waits on, would wait for ever).
             for (key, mail) in mails {
                 deliverer.deliver(&key, &mail, &origin, sending.cancelled()).await;
-                done.push(key);
+                claims.release(&key);
             }
-            let _ = tx.send(Completion { topic, partition, offset, mails: done });
+            // Mails another reading holds (the same CDR read again while a revoked
+            // partition's task still writes their fate): this CDR is done only once
+            // they are let go, and sends those let go unsent.
+            for (key, mail) in contested {
+                match until_let_go(&claims, &key, &sending, &metrics).await {
+                    Some(Claimed::Mine) => {
+                        deliverer.deliver(&key, &mail, &origin, sending.cancelled()).await;
+                        claims.release(&key);
+                    }
+                    Some(_) => metrics.duplicate(),
+                    // The partition goes: its next reader reads the CDR again.
+                    None => return,
+                }
+            }
+            let _ = tx.send(Completion { topic, partition, offset });
         },
         &stages.runtime,
     );

@@ -5,16 +5,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::store::SentKey;
-
 /// What a delivery task reports when a CDR's work is finished.
 pub struct Completion {
     pub topic: usize,
     pub partition: i32,
     pub offset: i64,
-    /// Each mail's dedup key, to take off the in-flight list: whatever its fate (sent,
-    /// queued for a retry, dead-lettered), its record is on disk already.
-    pub mails: Vec<SentKey>,
 }
 
 /// Offsets the broker passed over in a partition: `from..to` were never read. Kafka

@@ -640,3 +640,22 @@ async fn r_m4_a_cdr_read_again_while_its_mail_is_on_its_way_is_done_only_with_th
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 2.0);
     assert_eq!(h.sink.count(), 2, "{:#?}", summary(&h.sink.mails()));
 }
+
+/// R-N2, R-M4: an address listed twice on a number (an import does not refuse it) gets
+/// one mail per call, and the calls behind it are notified: its second listing's claim
+/// is not left waiting on the first, held by the same reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n2_an_address_listed_twice_gets_one_mail_and_holds_nothing_up() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    let twice = Subscriber::new(CALLED, &[("taro@example.jp", true), ("taro@example.jp", true)]);
+    engine.provision(&[twice.line()]);
+    let calls: Vec<String> =
+        (1..=2).map(|i| cdr(&format!("twice-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
+    h.produce(TOPIC, &calls).await;
+    let mails = h.mails_after_control_call(&engine, 3).await;
+    let stopped = engine.stop().await;
+    assert_eq!(mails.len(), 3, "{:#?}", summary(&mails));
+    assert_each_call_once(&mails, 3);
+    assert_eq!(stopped.metric("callnotify_mails_duplicate_total"), 0.0);
+}

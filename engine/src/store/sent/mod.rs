@@ -458,12 +458,12 @@ mod tests {
         let never = CancellationToken::new();
 
         assert_eq!(claims.claim(&key).unwrap(), Claimed::Mine);
-        let waiting = tokio::spawn({
+        let mut waiting = tokio::spawn({
             let (claims, key, never) = (claims.clone(), key.clone(), never.clone());
             async move { claims.claim_once_let_go(&key, &never).await }
         });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished(), "it waits while the claim is held");
+        let held = tokio::time::timeout(Duration::from_millis(200), &mut waiting).await;
+        assert!(held.is_err(), "it waits while the claim is held: {held:?}");
         claims.release(&key);
         assert_eq!(waiting.await.unwrap().unwrap(), Some(Claimed::Mine), "let go unsent: now this reader's");
 
