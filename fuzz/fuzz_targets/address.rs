@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(address.to_string(), input);
         }
         Err(e) => {
-            if input.bytes().filter(|&b| b == b'@').count() != 1 {
+            if let Some(wide) = input.chars().find(|c| !c.is_ascii()) {
+                // Told first: a full-width `＠` is no `@`, and the lengths count bytes.
+                assert_eq!(e, AddressError::NotHalfWidth(wide), "{input:?}");
+            } else if input.bytes().filter(|&b| b == b'@').count() != 1 {
                 assert_eq!(e, AddressError::AtCount, "{input:?}");
             }
             assert!(!e.to_string().is_empty());
