@@ -37,8 +37,8 @@ pub enum ReviewError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("the dead-letter topic {topic} does not exist (kafka.dead_letter_topic)")]
     NoTopic { topic: String },
-    #[error("the dead-letter topic {topic} was not read to its end: no record came for {TIMEOUT:?}")]
-    Slow { topic: String },
+    #[error("the dead-letter topic {topic} was not read to its end: no record came for {TIMEOUT:?}{last}")]
+    Slow { topic: String, last: String },
     #[error("kafka, for good: {0}")]
     Fatal(String),
     /// The cluster refused a record sent (no write permission, too large, no such
@@ -175,7 +175,18 @@ pub fn replay(
                 }
                 Err(e) => return Err(e),
             }
-            write_marker(&producer, topic, &letter)?;
+            match write_marker(&producer, topic, &letter) {
+                Ok(()) => {}
+                // Put back, but a next replay would put it back again (the sent records
+                // keep its mails to one each): said.
+                Err(ReviewError::Refused(e)) => {
+                    let why = format!("put back into {source}, but not marked replayed: {e}");
+                    done.unreplayable.push((letter.partition, letter.offset, why));
+                    producer = new_producer()?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
         done.replayed.push((letter.partition, letter.offset));
     }
@@ -254,6 +265,23 @@ impl rdkafka::producer::ProducerContext for Deliveries {
     }
 }
 
+/// Whether a reading error is one no retry mends: the tool's user may not read the
+/// topic, the topic went away.
+fn never_mends(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        code,
+        Code::TopicAuthorizationFailed
+            | Code::GroupAuthorizationFailed
+            | Code::ClusterAuthorizationFailed
+            | Code::SaslAuthenticationFailed
+            | Code::Authentication
+            | Code::UnknownTopicOrPartition
+            | Code::UnknownTopic
+            | Code::UnknownPartition
+    )
+}
+
 /// The (partition, offset) of the records replayed, from their markers.
 type Replayed = HashSet<(i32, i64)>;
 
@@ -297,9 +325,11 @@ fn read(
     let mut deadline = std::time::Instant::now() + patience;
     let mut left: usize = ends.len();
     let mut done = HashSet::new();
+    let mut last_error = None;
     while left > 0 {
         if std::time::Instant::now() > deadline {
-            return Err(ReviewError::Slow { topic: topic.to_owned() });
+            let last = last_error.map(|e| format!(" (the last error: {e})")).unwrap_or_default();
+            return Err(ReviewError::Slow { topic: topic.to_owned(), last });
         }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else { continue };
         let message = match message {
@@ -314,11 +344,16 @@ fn read(
             }
             Err(e) => {
                 // A broker restarting, a connection dropped: librdkafka reconnects and the
-                // reading goes on (the patience above bounds it). A fatal error ends it.
+                // reading goes on (the patience above bounds it). What no retry mends
+                // ends it at once.
                 if let Some((code, why)) = consumer.client().fatal_error() {
                     return Err(ReviewError::Fatal(format!("{code}: {why}")));
                 }
+                if e.rdkafka_error_code().is_some_and(never_mends) {
+                    return Err(ReviewError::Kafka(e));
+                }
                 tracing::warn!(error = %e, "reading the dead letters: {e}; going on");
+                last_error = Some(e.to_string());
                 continue;
             }
             Ok(message) => message,

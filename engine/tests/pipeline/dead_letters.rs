@@ -262,3 +262,53 @@ async fn r_m4_the_dead_letter_tools_read_through_a_broker_restart_and_a_record_n
     assert_eq!(done.unreadable.len(), 1, "{done:?}");
     assert_eq!((done.unreadable[0].0, done.unreadable[0].1), (listed[1].partition, listed[1].offset));
 }
+
+/// R-M4: a dead-letter topic the tool's user may not read is said so at once, not
+/// waited on as a broker restart is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_dead_letter_topic_the_tool_may_not_read_is_said_so_at_once() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = Harness::new(1).await;
+    let first = h.engine().await;
+    h.produce(ASTERISK_TOPIC, &[cdr("denied-1", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
+    first.wait_metric(r#"callnotify_dead_letters_total{kind="cdr"}"#, 1.0).await;
+    first.stop().await;
+
+    h.kafka.on_cluster(|cluster| {
+        cluster
+            .request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50]);
+    });
+    let brokers = h.kafka.bootstrap_servers().to_owned();
+    let error = blocking(move || review::list(&brokers, &BTreeMap::new(), DEAD_LETTER_TOPIC, &Filter::default()))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, review::ReviewError::Kafka(_)), "{error}");
+    assert!(error.to_string().contains("uthoriz"), "{error}");
+}
+
+/// R-M4: a CDR put back whose marker the cluster refuses (the tool's user may write the
+/// CDR topic, not the dead-letter topic) is named as put back but not marked, and the
+/// replay goes on with the others; it ended there, naming neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_cdr_put_back_whose_marker_is_refused_is_named_and_the_replay_goes_on() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = Harness::new(1).await;
+    let first = h.engine().await;
+    let cdrs: Vec<String> = (1..=2)
+        .map(|i| cdr(&format!("unmarked-{i}"), "0312345678", Some("09011112222"), "allowed", "no_answer"))
+        .collect();
+    h.produce(ASTERISK_TOPIC, &cdrs).await;
+    first.wait_metric(r#"callnotify_dead_letters_total{kind="cdr"}"#, 2.0).await;
+    first.stop().await;
+
+    h.kafka.on_cluster(|cluster| {
+        let (ok, refused) =
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR, RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED);
+        cluster.request_errors(RDKafkaApiKey::Produce, &[ok, refused]);
+    });
+    let brokers = h.kafka.bootstrap_servers().to_owned();
+    let done = replay(&brokers, Filter::default(), false, None).await;
+    assert_eq!(done.cdrs.len(), 1, "the other one replayed: {done:?}");
+    let [(_, _, why)] = &done.unreadable[..] else { panic!("one named: {done:?}") };
+    assert!(why.contains("put back into") && why.contains("not marked"), "{why}");
+}
