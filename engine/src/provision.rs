@@ -637,6 +637,17 @@ mod tests {
         assert!(report.moved.is_empty() && report.rejected.is_empty(), "{report:?}");
         assert!(store.number(&n("0312340002")).unwrap().is_none());
         assert_eq!(import(&store, lines[1].as_bytes()).unwrap().removed, vec![], "removed once");
+
+        // A line that also takes a number from another line is written over again
+        // after the move: its removals are still named once each.
+        let lines = [
+            r#"{"contract":"0312340001","numbers":[{"number":"0312340001"},{"number":"0312340002"},{"number":"0312340003"}]}"#,
+            r#"{"contract":"0312340009","numbers":[{"number":"0312340009"},{"number":"0312340008"}]}"#,
+            r#"{"contract":"0312340001","numbers":[{"number":"0312340001"},{"number":"0312340008"}]}"#,
+        ];
+        let report = import(&store, lines.join("\n").as_bytes()).unwrap();
+        assert_eq!(report.removed, vec![(3, n("0312340002")), (3, n("0312340003"))]);
+        assert_eq!(report.moved, vec![(3, n("0312340008"), n("0312340009"))]);
     }
 
     /// R-L1, R-L3: a line's contract number moves to another line only as its line's

@@ -332,8 +332,11 @@ impl Store {
             break;
         }
         self.changed(&touched)?;
-        upserted.moved.dedup();
-        upserted.removed.dedup();
+        // Each pass of 'again noted what it found: once each, in the order first found.
+        let mut seen = std::collections::HashSet::new();
+        upserted.moved.retain(|(number, _)| seen.insert(*number));
+        seen.clear();
+        upserted.removed.retain(|number| seen.insert(*number));
         Ok((upserted, written))
     }
 
