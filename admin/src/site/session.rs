@@ -124,20 +124,25 @@ impl Sessions {
     /// another node a moment ago, or a view behind).
     pub async fn touch(&self, id: &str, now: DateTime<Utc>) -> Result<Option<Session>, StoreError> {
         let key = key(id);
-        if !self.held_here(&key).await? && self.unknown.check().is_err() && !self.shown_within(&key, VIEW_WAIT).await? {
-            return Ok(None);
-        }
-        match self.submit(Op::TouchSession { key, now }).await? {
+        // A session this node's view holds, the common case, is looked at and touched
+        // in one trip to the blocking pool.
+        let (store, looked_at, touch) = (self.store.clone(), key.clone(), Op::TouchSession { key: key.clone(), now });
+        let here = tokio::task::spawn_blocking(move || held(&store, &looked_at).then(|| store.submit(touch))).await?;
+        let reply = match here {
+            Some(reply) => reply?,
+            None if self.unknown.check().is_err() && !self.shown_within(&key, VIEW_WAIT).await? => return Ok(None),
+            None => self.submit(Op::TouchSession { key, now }).await?,
+        };
+        match reply {
             Reply::Session(session) => Ok(session),
             other => Err(StoreError::State(format!("a session touch was answered {other:?}"))),
         }
     }
 
-    /// Whether this node's view holds the session under `key` (one it cannot read is the
-    /// owner's to judge: held).
+    /// Whether this node's view holds the session under `key`, on a blocking thread.
     async fn held_here(&self, key: &str) -> Result<bool, StoreError> {
         let (store, key) = (self.store.clone(), key.to_owned());
-        Ok(tokio::task::spawn_blocking(move || store.session(&key)).await?.map_or(true, |s| s.is_some()))
+        Ok(tokio::task::spawn_blocking(move || held(&store, &key)).await?)
     }
 
     /// Whether this node's view comes to hold the session under `key` within `wait`.
@@ -197,6 +202,12 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether `store`'s view holds the session under `key` (one it cannot read is the
+/// owner's to judge: held). Blocks.
+fn held(store: &Store, key: &str) -> bool {
+    store.session(key).map_or(true, |s| s.is_some())
 }
 
 #[cfg(test)]
