@@ -537,7 +537,9 @@ fn read_to_end(
             })
             .with_context(|| format!("reading the end of changelog {topic:?} partition {p}"))?;
         let start = match offset {
-            Offset::Offset(o) => o.max(low),
+            // A position past the partition's end is of a topic since recreated (its
+            // offsets start again from 0): read from its start.
+            Offset::Offset(o) if o <= high => o.max(low),
             _ => low,
         };
         if start < high {
@@ -752,6 +754,31 @@ mod tests {
         let mut restored = queued(&later);
         restored.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         assert_eq!(restored, [still_due, replayed], "the partition's next reader");
+        reader.stop();
+    }
+
+    /// R-M4, no mail twice: a sent changelog recreated by the operator numbers its
+    /// records from 0 again. A store that had restored the old one past where the new
+    /// one ends now reads the new one from its start: its sent records were not read, so
+    /// a CDR read again after its reader was killed sent their mails again.
+    #[test]
+    fn r_m4_a_recreated_sent_changelog_is_read_from_its_start_whatever_the_old_position() {
+        let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
+        let store = Store::temporary().unwrap();
+        store
+            .open_tree(POSITIONS_TREE)
+            .unwrap()
+            .insert(position_key("cdr", partition().partition), &1_000i64.to_be_bytes())
+            .unwrap();
+        let writer = log(&kafka, "writer");
+        let key = deferred("call-1").sent_key().unwrap();
+        writer.sent(&partition(), key.as_bytes(), 2);
+        writer.confirm(&writer.mark(), Duration::from_secs(10)).expect("the sent record confirmed");
+        writer.stop();
+
+        let reader = log(&kafka, "reader");
+        reader.restore(&store, &[partition()]).expect("restore");
+        assert!(store.was_sent(&key).unwrap(), "the recreated changelog's record is read");
         reader.stop();
     }
 
