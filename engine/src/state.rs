@@ -359,6 +359,15 @@ impl StateLog {
         }
         let attached = store.viewing(options.topic, options.embedded)?;
         if attached && end > 0 && !resumed {
+            // Read part way and never to the end (a first reading, or a rebuild, stopped
+            // by a kill), begun when nobody noted (an older version): reading on may
+            // miss deletions whose tombstones are gone since, so it starts over. (This
+            // version notes when such a reading began, below.)
+            if store.caught_up_at()?.is_none() && store.state_position()? > 0 {
+                tracing::warn!(topic = options.topic,
+                    "this store stopped reading the state topic part way, from a time not known: rebuilding it from the topic");
+                store.forget_state()?;
+            }
             if let Some(at) = store.caught_up_at()? {
                 // Kafka drops a tombstone `delete.retention.ms` after compaction reached
                 // it: a store away longer may have missed deletions (a number removed,
@@ -435,6 +444,12 @@ impl StateLog {
         }
         store.set_state_topic(options.topic, options.embedded)?;
         store.end_carry_over()?;
+        // A store about to read the topic from its start notes when: Kafka keeps a
+        // tombstone `delete.retention.ms`, the bound on a reading begun then, so one
+        // stopped part way and resumed is judged from it (above) as one away since.
+        if store.caught_up_at()?.is_none() {
+            store.set_caught_up_at(unix_now())?;
+        }
 
         let progress = Arc::new(Progress::default());
         let waiters = Arc::new(Waiters::default());

@@ -889,6 +889,33 @@ async fn r_m3_a_node_away_longer_than_the_state_topic_keeps_deletions_is_rebuilt
     }
 }
 
+/// R-M3, R-L3: a store that read the state topic part way and never to its end (its
+/// first reading or a rebuild stopped by a kill), from a time nobody noted, is rebuilt at
+/// its next start: how long it was away is not known. It read on from where it stopped,
+/// never to meet the deletions compacted away meanwhile, and (read up to the end here)
+/// missed what came before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_a_store_that_stopped_reading_part_way_at_a_time_not_known_is_rebuilt() {
+    let (h, a) = one_node_with_a_subscriber().await;
+    a.stop().await;
+    {
+        let store = reopened(&h, "a").await;
+        let reader: rdkafka::consumer::BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
+        let (_, end) =
+            rdkafka::consumer::Consumer::fetch_watermarks(&reader, STATE_TOPIC, 0, std::time::Duration::from_secs(10))
+                .unwrap();
+        store.forget_state().unwrap();
+        store.set_state_topic(STATE_TOPIC, false).unwrap();
+        store.set_state_position(end).unwrap();
+        store.flush_blocking().unwrap();
+    }
+    let a = h.node("a").await;
+    assert!(a.store.number(&n("0312345678")).unwrap().is_some(), "rebuilt from the topic");
+    assert!(a.store.caught_up_at().unwrap().is_some(), "a reading's start is noted");
+    a.stop().await;
+}
+
 /// Node `name`'s store, opened again once its engine has let go of it.
 async fn reopened(h: &Harness, name: &str) -> Store {
     let path = h.dir.path().join(name);
