@@ -179,6 +179,17 @@ pub fn replay(
                 Ok(()) => {}
                 // Put back, but a next replay would put it back again (the sent records
                 // keep its mails to one each): said.
+                // One refused for good (no write permission on the dead-letter topic)
+                // would be refused for every CDR: the replay stops, putting back no more
+                // CDRs that a replay after the fix would put back again.
+                Err(ReviewError::Refused(e)) if e.rdkafka_error_code().is_some_and(never_mends) => {
+                    let why = format!(
+                        "put back into {source}, but not marked replayed: {e}; the replay stopped here, the records \
+                         after it left as they are"
+                    );
+                    done.unreplayable.push((letter.partition, letter.offset, why));
+                    break;
+                }
                 Err(ReviewError::Refused(e)) => {
                     let why = format!("put back into {source}, but not marked replayed: {e}");
                     done.unreplayable.push((letter.partition, letter.offset, why));
