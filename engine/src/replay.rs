@@ -32,7 +32,10 @@ pub struct Replayed {
     /// Records replayed before: left alone.
     pub already: usize,
     /// Records that cannot be replayed (partition, offset, why): a CDR record without its
-    /// CDR, a mail record without its mail. Left alone, the others replayed.
+    /// CDR, a mail record without its mail, one that is no dead letter, a CDR the cluster
+    /// refused to take back. Left alone, the others replayed; but a marker the
+    /// dead-letter topic refuses for good stops the CDRs' step there (its why says so),
+    /// and the CDR records after it are left as they are.
     pub unreadable: Vec<(i32, i64, String)>,
     /// Why the mails' step stopped, after the CDRs above were replayed (the store could
     /// not be opened, say): the mails not listed above were not.

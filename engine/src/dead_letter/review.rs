@@ -114,8 +114,9 @@ pub struct Replay {
     pub already: usize,
     /// Mail records not replayed yet, for the caller to queue and [`mark`].
     pub mails: Vec<Letter>,
-    /// CDR records that cannot be replayed (partition, offset, why): left alone, the
-    /// others replayed.
+    /// Records that cannot be replayed (partition, offset, why): left alone, the others
+    /// replayed, but for a marker refused for good, after which no more CDRs are put
+    /// back (its why says so).
     pub unreplayable: Vec<(i32, i64, String)>,
 }
 
