@@ -289,6 +289,32 @@ mod tests {
         assert_eq!(count() - before, 50, "a live session's idle time is the owner's to keep");
     }
 
+    /// Past the quota (made-up ids flooding in have used it), a session made on another
+    /// node a moment ago is found once this node's view shows it, within [`VIEW_WAIT`];
+    /// an id the view never shows is taken for none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_the_quota_a_session_this_node_comes_to_show_within_the_wait_is_found() {
+        let store = Store::temporary().unwrap();
+        let one = governor::Quota::per_hour(std::num::NonZeroU32::new(1).unwrap());
+        let sessions = Sessions::with_unknown_lookups(store.clone(), one);
+        let made_up = |i: u128| format!("{:032x}", i << 64 | 0xfeed);
+        assert!(sessions.touch(&made_up(1), t0()).await.unwrap().is_none(), "the quota's one lookup");
+
+        let id = made_up(2);
+        let session = new_session(n(CONTRACT), CredentialKind::Password, false, IDLE_TIMEOUT_NUMBER, t0(), 7);
+        // This node's applier brings it a little later (a fifth of the wait).
+        let applier = tokio::spawn({
+            let (store, key) = (store.clone(), key(&id));
+            async move {
+                tokio::time::sleep(VIEW_WAIT / 5).await;
+                tokio::task::spawn_blocking(move || store.submit(Op::PutSession { key, session })).await
+            }
+        });
+        assert!(sessions.touch(&id, t0()).await.unwrap().is_some(), "shown within the wait");
+        applier.await.unwrap().unwrap().unwrap();
+        assert!(sessions.touch(&made_up(3), t0()).await.unwrap().is_none(), "never shown: none");
+    }
+
     /// What is kept is keyed by a hash: the id a browser holds is stored nowhere.
     #[tokio::test]
     async fn the_store_never_holds_a_session_id() {
