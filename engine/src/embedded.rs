@@ -116,6 +116,15 @@ impl EmbeddedKafka {
                         return;
                     }
                 };
+                // Produce v10+ replies to a partition without a leader carry its current
+                // leader (KIP-951), which librdkafka 2.12's mock reads through a null
+                // pointer: a client producing there as its leader goes away (a test's
+                // leaderless partition) crashed the process now and then. v9 has no such
+                // field, and the engine needs none.
+                if let Err(e) = cluster.apiversion(rdkafka::types::RDKafkaApiKey::Produce, Some(0), Some(9)) {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
                 for (topic, partitions) in &topics {
                     if let Err(e) = cluster.create_topic(topic, *partitions, 1) {
                         let _ = ready_tx.send(Err(e));
