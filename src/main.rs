@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use engine::config::{LogFormat, Settings};
-use engine::phone::PhoneNumber;
 use engine::startup::Application;
 use tokio_util::sync::CancellationToken;
 
@@ -308,44 +307,20 @@ fn open_own_store(settings: &Settings, refusal: impl FnOnce(&str) -> String) -> 
 }
 
 fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&str>) -> anyhow::Result<ExitCode> {
+    // Opened first: a file that is not there makes no store, and sends nothing.
+    let input: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        Box::new(std::io::BufReader::new(input))
+    };
     let (report, cut_short) = match url {
         Some(url) => {
-            let token = settings.metrics.provision_token.expose();
-            let r = if file.as_os_str() == "-" {
-                engine::ops::post_provision(url, std::io::stdin().lock(), token)?
-            } else {
-                let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-                engine::ops::post_provision(url, input, token)?
-            };
-            let report = engine::provision::ImportReport {
-                lines: r.lines,
-                numbers: r.numbers,
-                rejected: r.rejected.into_iter().map(|r| (r.line, r.reason)).collect(),
-                rejected_not_listed: r.rejected_not_listed,
-                moved: r
-                    .moved
-                    .into_iter()
-                    .filter_map(|m| {
-                        let (number, from) = (PhoneNumber::parse(&m.number).ok()?, PhoneNumber::parse(&m.from).ok()?);
-                        Some((m.line, number, from))
-                    })
-                    .collect(),
-                removed: r
-                    .removed
-                    .into_iter()
-                    .filter_map(|m| Some((m.line, PhoneNumber::parse(&m.number).ok()?)))
-                    .collect(),
-            };
-            (report, r.error)
+            let answer = engine::ops::post_provision(url, input, settings.metrics.provision_token.expose())?;
+            let cut_short = answer.error.clone();
+            (engine::provision::ImportReport::from(answer), cut_short)
         }
         None => {
-            // Opened first: a file that is not there makes no store.
-            let input: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
-                Box::new(std::io::stdin().lock())
-            } else {
-                let input = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-                Box::new(std::io::BufReader::new(input))
-            };
             // An import into a new store is the bulk path's first step; into one made by
             // mistake (a wrong or relative store.path, --config forgotten), the lines
             // reach no engine: said, so that the operator sees it.
@@ -500,6 +475,11 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             for (partition, offset, why) in &done.unreadable {
                 eprintln!("left alone {topic}/{partition}/{offset}: {why}");
             }
+            for (partition, offset, why) in &done.unmarked {
+                eprintln!(
+                    "put back {topic}/{partition}/{offset} (a CDR, into its topic), but not marked replayed: {why}"
+                );
+            }
             eprintln!(
                 "{verb} {} CDRs and {} mails; {} replayed before, left alone",
                 done.cdrs.len(),
@@ -509,7 +489,7 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             if let Some(failed) = &done.mails_failed {
                 eprintln!("error: the mails were not all replayed: {failed}");
             }
-            if done.mails_failed.is_some() || !done.unreadable.is_empty() {
+            if done.mails_failed.is_some() || !done.unreadable.is_empty() || !done.unmarked.is_empty() {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Secret;
 use crate::disk::DiskWatch;
 use crate::error_event::ErrorEvent;
+use crate::phone::PhoneNumber;
 use crate::provision::{import, ImportReport};
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -107,6 +108,22 @@ impl From<ImportReport> for ProvisionResponse {
             r.removed.into_iter().map(|(line, number)| Removed { line, number: number.as_str().to_owned() }).collect();
         let rejected_not_listed = r.rejected_not_listed;
         Self { lines: r.lines, numbers: r.numbers, rejected, rejected_not_listed, moved, removed, error: None }
+    }
+}
+
+/// What the CLI prints from an answer: the report it carries (numbers that do not
+/// parse, from an engine of another version, left out).
+impl From<ProvisionResponse> for ImportReport {
+    fn from(r: ProvisionResponse) -> Self {
+        let number = |n: &str| PhoneNumber::parse(n).ok();
+        Self {
+            lines: r.lines,
+            numbers: r.numbers,
+            rejected: r.rejected.into_iter().map(|r| (r.line, r.reason)).collect(),
+            rejected_not_listed: r.rejected_not_listed,
+            moved: r.moved.into_iter().filter_map(|m| Some((m.line, number(&m.number)?, number(&m.from)?))).collect(),
+            removed: r.removed.into_iter().filter_map(|m| Some((m.line, number(&m.number)?))).collect(),
+        }
     }
 }
 

@@ -103,7 +103,8 @@ pub enum Outcome {
     Rejected(DecodeError),
     /// Nothing to send: the call was filtered, or each of its mails is sent already.
     Nothing,
-    /// Mails to send; each is claimed until [`Claims::release`].
+    /// Mails to send: claimed by this reading until [`Claims::release`], or contested
+    /// ([`Mails::contested`]).
     Send(Mails),
 }
 
@@ -159,7 +160,8 @@ impl Pipeline {
         Ok(if mails.mails.is_empty() && mails.contested.is_empty() { Outcome::Nothing } else { Outcome::Send(mails) })
     }
 
-    /// Dedup and render: a mail per checked destination not sent or being sent already.
+    /// Dedup and render: a mail per checked destination not sent already, claimed here
+    /// or contested.
     fn render(&self, Notify { call, subscription }: Notify<'_>) -> Result<Mails, StoreError> {
         let at = (call.ended_at.timestamp(), &call.called, call.call_id.as_ref());
         let (mails, contested) =

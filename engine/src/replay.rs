@@ -33,10 +33,12 @@ pub struct Replayed {
     pub already: usize,
     /// Records that cannot be replayed (partition, offset, why): a CDR record without its
     /// CDR, a mail record without its mail, one that is no dead letter, a CDR the cluster
-    /// refused to take back. Left alone, the others replayed; but a marker the
-    /// dead-letter topic refuses for good stops the CDRs' step there (its why says so),
-    /// and the CDR records after it are left as they are.
+    /// refused to take back. Left alone, the others replayed.
     pub unreadable: Vec<(i32, i64, String)>,
+    /// CDRs put back whose marker the cluster refused (partition, offset, why): a next
+    /// replay puts them back again (the sent records keep their mails to one each). One
+    /// refused for good stops the CDRs' step there (its why says so).
+    pub unmarked: Vec<(i32, i64, String)>,
     /// Why the mails' step stopped, after the CDRs above were replayed (the store could
     /// not be opened, say): the mails not listed above were not.
     pub mails_failed: Option<String>,
@@ -60,8 +62,13 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     open_store: impl FnOnce() -> Result<Store, E>,
 ) -> Result<Replayed, ReplayError> {
     let done = review::replay(brokers, properties, topic, filter, dry_run)?;
-    let mut replayed =
-        Replayed { cdrs: done.replayed, already: done.already, unreadable: done.unreplayable, ..Replayed::default() };
+    let mut replayed = Replayed {
+        cdrs: done.replayed,
+        already: done.already,
+        unreadable: done.unreplayable,
+        unmarked: done.unmarked,
+        ..Replayed::default()
+    };
     let mut entries: Vec<(&Letter, Queued)> = Vec::new();
     for letter in &done.mails {
         let entry = serde_json::from_value::<Queued>(letter.record["entry"].clone())

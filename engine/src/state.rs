@@ -359,10 +359,9 @@ impl StateLog {
         }
         let attached = store.viewing(options.topic, options.embedded)?;
         if attached && end > 0 && !resumed {
-            // Read part way and never to the end (a first reading, or a rebuild, stopped
-            // by a kill), begun when nobody noted (an older version): reading on may
-            // miss deletions whose tombstones are gone since, so it starts over. (This
-            // version notes when such a reading began, below.)
+            // Read part way, never to the end, and with no time noted of when that
+            // reading began: how long it was away is not known, and reading on may miss
+            // deletions whose tombstones are gone since, so it starts over.
             if store.caught_up_at()?.is_none() && store.state_position()? > 0 {
                 tracing::warn!(topic = options.topic,
                     "this store stopped reading the state topic part way, from a time not known: rebuilding it from the topic");

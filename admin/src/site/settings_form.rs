@@ -56,7 +56,7 @@ impl RowErrors {
 
 /// "Designated only" on with no number designated would filter every call (R-N5: only
 /// checked entries count): refused, in the subscriber's words.
-pub const NONE_DESIGNATED: &str = "「指定した電話番号からの着信のみ」にする場合は、お知らせ対象電話番号を入力し、     「指定」にチェックを入れてください（チェックのない番号からの着信はお知らせしません）。";
+pub const NONE_DESIGNATED: &str = "「指定した電話番号からの着信のみ」にする場合は、お知らせ対象電話番号を入力し、「指定」にチェックを入れてください（チェックのない番号からの着信はお知らせしません）。";
 
 /// The designated numbers in the rows they were entered in (R-N5's list keeps its
 /// order and its gaps); one without a row, or whose row is taken or out of range,
@@ -242,7 +242,7 @@ mod tests {
             let errors = entered.parse().unwrap_err();
             assert_eq!(errors.conditions.as_deref(), Some(NONE_DESIGNATED), "{rows:?}");
             let page = render("/settings", "t", &entered, &errors, 128);
-            assert!(page.contains("チェックのない番号からの着信はお知らせしません"), "{page}");
+            assert!(page.contains("入力し、「指定」にチェックを入れてください"), "{page}");
         }
         let designated = fields(&[("designated_only", "on"), ("designated_3", "09011112222"), ("designate_3", "on")]);
         assert!(Entered::from_fields(&designated).parse().is_ok(), "one designated is enough");

@@ -115,9 +115,12 @@ pub struct Replay {
     /// Mail records not replayed yet, for the caller to queue and [`mark`].
     pub mails: Vec<Letter>,
     /// Records that cannot be replayed (partition, offset, why): left alone, the others
-    /// replayed, but for a marker refused for good, after which no more CDRs are put
-    /// back (its why says so).
+    /// replayed.
     pub unreplayable: Vec<(i32, i64, String)>,
+    /// CDRs put back whose marker the cluster refused (partition, offset, why): a next
+    /// replay puts them back again. A marker refused for good stops the CDRs' step after
+    /// it (its why says so).
+    pub unmarked: Vec<(i32, i64, String)>,
 }
 
 /// Puts the CDRs of the records `filter` lets through back into the topics and
@@ -184,16 +187,12 @@ pub fn replay(
                 // would be refused for every CDR: the replay stops, putting back no more
                 // CDRs that a replay after the fix would put back again.
                 Err(ReviewError::Refused(e)) if e.rdkafka_error_code().is_some_and(never_mends) => {
-                    let why = format!(
-                        "put back into {source}, but not marked replayed: {e}; the replay stopped here, the records \
-                         after it left as they are"
-                    );
-                    done.unreplayable.push((letter.partition, letter.offset, why));
+                    let why = format!("{e}; the replay stopped here, the CDR records after it left as they are");
+                    done.unmarked.push((letter.partition, letter.offset, why));
                     break;
                 }
                 Err(ReviewError::Refused(e)) => {
-                    let why = format!("put back into {source}, but not marked replayed: {e}");
-                    done.unreplayable.push((letter.partition, letter.offset, why));
+                    done.unmarked.push((letter.partition, letter.offset, e.to_string()));
                     producer = new_producer()?;
                     continue;
                 }
@@ -277,8 +276,8 @@ impl rdkafka::producer::ProducerContext for Deliveries {
     }
 }
 
-/// Whether a reading error is one no retry mends: the tool's user may not read the
-/// topic, the topic went away.
+/// Whether an error reading the dead letters, or refusing a replay's marker, is one no
+/// retry mends: the tool's user may not read or write the topic, the topic went away.
 fn never_mends(code: rdkafka::types::RDKafkaErrorCode) -> bool {
     use rdkafka::types::RDKafkaErrorCode as Code;
     matches!(

@@ -336,6 +336,11 @@ impl Written {
         self.put(StateKey::number(StateTree::Credentials, number), None);
     }
 
+    /// The session stored under `key` (a hash of its id) ended.
+    pub(super) fn session_removed(&mut self, key: String) {
+        self.put(StateKey { tree: StateTree::Sessions, id: key }, None);
+    }
+
     /// A key written again (an upsert that started over) keeps only its last value.
     pub(super) fn put(&mut self, key: StateKey, value: Option<sled::IVec>) {
         self.0.retain(|(k, _)| *k != key);
@@ -439,9 +444,10 @@ const CARRYING: &[u8] = b"carrying_over";
 /// that the end of a batch never takes back [`DIVERGED`], which the applier may set
 /// meanwhile (it found this owner's records fenced).
 const OWNER_BATCH: &[u8] = b"owner_batch";
-/// When this store's applier last found nothing more to read in the state topic (unix
-/// seconds, big-endian): a store away longer than the topic keeps tombstones may have
-/// missed deletions, and is rebuilt ([`crate::state`]).
+/// When this store's applier last found nothing more to read in the state topic, or
+/// when a reading from the topic's start began (unix seconds, big-endian): a store away
+/// longer than the topic keeps tombstones may have missed deletions, and is rebuilt
+/// ([`crate::state`]).
 const CAUGHT_UP_AT: &[u8] = b"caught_up_at";
 
 /// A record of the state topic [`Store::apply_state`] passed over: its key, and why.
@@ -946,13 +952,15 @@ impl Store {
         }
     }
 
-    /// When this store last had read the state topic to its end, if it noted it.
+    /// When this store last had read the state topic to its end, or began reading it
+    /// from its start, if it noted it.
     pub fn caught_up_at(&self) -> Result<Option<u64>, StoreError> {
         let raw = self.meta()?.get(CAUGHT_UP_AT)?;
         Ok(raw.and_then(|r| <[u8; 8]>::try_from(r.as_ref()).ok()).map(u64::from_be_bytes))
     }
 
-    /// Notes that this store has read the state topic to its end at `unix_secs`.
+    /// Notes that this store had read the state topic to its end, or began reading it
+    /// from its start, at `unix_secs`.
     pub fn set_caught_up_at(&self, unix_secs: u64) -> Result<(), StoreError> {
         self.meta()?.insert(CAUGHT_UP_AT, &unix_secs.to_be_bytes())?;
         Ok(())

@@ -225,10 +225,8 @@ impl Store {
             // in with the new unit's reach (R-A1, R-A2). Its sessions end with it.
             // (No unit reads as `number`, as at login.)
             let effective = |unit: Option<AuthUnit>| unit.unwrap_or(AuthUnit::Number);
-            if old_line.is_some()
-                && effective(stored.unit) != effective(old_unit)
-                && stored.unit != Some(AuthUnit::AdminUser)
-            {
+            let unit_changed = old_line.is_some() && effective(stored.unit) != effective(old_unit);
+            if unit_changed && stored.unit != Some(AuthUnit::AdminUser) {
                 for other in stored.numbers.iter().filter(|n| **n != stored.contract) {
                     if self.credentials.remove(other.as_str())?.is_some() {
                         written.credential_removed(other);
@@ -237,9 +235,9 @@ impl Store {
             }
             // And the line's sessions end, as they do on a change by phone: one that went
             // on would keep the old unit's reach and idle timeout (R-S7).
-            if old_line.is_some() && effective(stored.unit) != effective(old_unit) {
+            if unit_changed {
                 for id in self.ended_sessions(|_, session| stored.numbers.contains(&session.number))? {
-                    written.put(super::state::StateKey { tree: super::state::StateTree::Sessions, id }, None);
+                    written.session_removed(id);
                 }
             }
             for (number, services, settings) in numbers {
