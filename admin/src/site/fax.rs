@@ -186,13 +186,9 @@ pub async fn show(
         // Not logged in (the fax mail's link): the login page shows this fax after.
         Err(denied @ (Denied::Login | Denied::Ended | Denied::Invalidated)) => {
             let key = format!("{}/{}/{}", address.0, address.1, address.2);
-            let ended = match denied {
-                Denied::Ended => "notice=ended&",
-                Denied::Invalidated => "notice=invalidated&",
-                _ => "",
-            };
+            let notice = denied.login_notice().map(|n| format!("notice={n}&")).unwrap_or_default();
             return Ok(match fax_to_show(&key) {
-                Some(key) => redirect_to(&format!("/login?{ended}fax={key}")),
+                Some(key) => redirect_to(&format!("/login?{notice}fax={key}")),
                 None => denied.into_response(),
             });
         }

@@ -361,6 +361,22 @@ async fn r_f1_the_fax_pages_need_a_session_and_the_changed_password() {
     assert!(!stored_fax(&app, &fax).unwrap().read);
 }
 
+/// R-F1, R-S3: a fax mail's link opened in a browser whose session's password was
+/// invalidated meanwhile leads to the login page saying so, the fax shown after it.
+#[tokio::test]
+async fn r_f1_r_s3_a_fax_link_with_an_invalidated_password_says_so_and_keeps_the_fax() {
+    let app = app();
+    let fax = keep(&app, FAX_ONLY, 5, "hylafax-000123", FINE_G4);
+    let cookies = ready(&app, AuthUnit::Line, CONTRACT).await;
+    for _ in 0..10 {
+        let verdict = app.f.credentials.verify_async(n(CONTRACT), "wrong-one-1".into(), t0()).await.unwrap();
+        assert!(verdict.is_err(), "a wrong password is refused");
+    }
+    assert!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().invalidated);
+    let login = format!("/login?notice=invalidated&fax={}", fax.key());
+    assert_eq!(get(&app, &fax_url(&fax), &cookies).await.location(), Some(login.as_str()));
+}
+
 /// The settings page of `number` and a form body with its csrf and version plus `extra`.
 async fn form(app: &App, cookies: &str, number: &str, extra: &str) -> String {
     let page = get(app, &settings(number), cookies).await;

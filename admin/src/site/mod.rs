@@ -398,12 +398,25 @@ pub enum Denied {
     Failed(SiteError),
 }
 
+impl Denied {
+    /// What the login page is told of why the browser is there (`notice=…`), if
+    /// anything: for the redirect here and for a fax link's (its `fax=…` added).
+    pub fn login_notice(&self) -> Option<&'static str> {
+        match self {
+            Self::Ended => Some("ended"),
+            Self::Invalidated => Some("invalidated"),
+            Self::Login | Self::ChangePassword | Self::Failed(_) => None,
+        }
+    }
+}
+
 impl IntoResponse for Denied {
     fn into_response(self) -> Response {
         match self {
-            Self::Login => redirect("/login"),
-            Self::Ended => redirect("/login?notice=ended"),
-            Self::Invalidated => redirect("/login?notice=invalidated"),
+            Self::Login | Self::Ended | Self::Invalidated => match self.login_notice() {
+                Some(notice) => destinations::redirect_to(&format!("/login?notice={notice}")),
+                None => redirect("/login"),
+            },
             Self::ChangePassword => redirect("/password"),
             Self::Failed(e) => e.into_response(),
         }
