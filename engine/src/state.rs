@@ -1368,8 +1368,11 @@ impl Owner {
             // several threads").
             for op in &request.ops {
                 let before = self.store.values_before(op)?;
-                match self.store.execute(op) {
-                    Ok((reply, Changed::Keys(touched))) => {
+                // What an op refused or failed part way wrote is published too: this
+                // store holds it, and every other must.
+                let (reply, changed) = self.store.attempt(op);
+                match changed {
+                    Changed::Keys(touched) => {
                         // Only what changed: a login that counts nothing writes nothing.
                         for key in touched {
                             let value = self.store.state_value(&key)?;
@@ -1378,19 +1381,17 @@ impl Owner {
                             }
                             records.push((key.encode(), value.map(|v| v.to_vec())));
                         }
-                        results.push(Ok(reply));
                     }
-                    Ok((reply, Changed::Values(written))) => {
+                    Changed::Values(written) => {
                         for (key, value) in written.into_values() {
                             records.push((key.encode(), value.map(|v| v.to_vec())));
                         }
-                        results.push(Ok(reply));
-                    }
-                    Err(e) => {
-                        tracing::debug!(op = op.name(), error = %e, "a state write was refused");
-                        results.push(Err(OpError::from(&e)));
                     }
                 }
+                if let Err(e) = &reply {
+                    tracing::debug!(op = op.name(), error = %e, "a state write was refused");
+                }
+                results.push(reply.map_err(|e| OpError::from(&e)));
             }
             let last = records.len().saturating_sub(1);
             for (i, (key, value)) in records.iter().enumerate() {

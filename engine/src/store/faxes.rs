@@ -158,15 +158,15 @@ impl Store {
         }
     }
 
-    pub(super) fn execute_fax(&self, op: &Op) -> Result<(Reply, Written), StoreError> {
-        let mut written = Written::default();
+    /// Carries out a fax op, noting in `written` each value as it writes it.
+    pub(super) fn execute_fax(&self, op: &Op, written: &mut Written) -> Result<Reply, StoreError> {
         let reply = match op {
-            Op::KeepFax { record, document } => Reply::Removed(self.keep_fax_here(record, document, &mut written)?),
+            Op::KeepFax { record, document } => Reply::Removed(self.keep_fax_here(record, document, written)?),
             Op::MarkFaxRead { key } => {
-                self.update_fax(key, &mut written, |r| r.read = true)?;
+                self.update_fax(key, written, |r| r.read = true)?;
                 Reply::Done
             }
-            Op::DeleteFax { key } => Reply::Removed(self.delete_fax_here(key, &mut written)?),
+            Op::DeleteFax { key } => Reply::Removed(self.delete_fax_here(key, written)?),
             Op::ExpireFaxes { before } => {
                 for item in self.faxes.iter() {
                     let (key, raw) = item?;
@@ -186,7 +186,7 @@ impl Store {
             }
             _ => return Err(StoreError::State(format!("{} is not a fax op", op.name()))),
         };
-        Ok((reply, written))
+        Ok(reply)
     }
 }
 

@@ -338,7 +338,7 @@ impl Written {
 
     /// The session stored under `key` (a hash of its id) ended.
     pub(super) fn session_removed(&mut self, key: String) {
-        self.put(StateKey { tree: StateTree::Sessions, id: key }, None);
+        self.put(StateKey::session(&key), None);
     }
 
     /// A key written again (an upsert that started over) keeps only its last value.
@@ -402,6 +402,11 @@ impl StateKey {
     /// The key of `number` in `tree`.
     pub fn number(tree: StateTree, number: &PhoneNumber) -> Self {
         Self { tree, id: number.as_str().to_owned() }
+    }
+
+    /// The key of the session stored under `key` (a hash of its id).
+    pub fn session(key: &str) -> Self {
+        Self { tree: StateTree::Sessions, id: key.to_owned() }
     }
 
     pub fn encode(&self) -> String {
@@ -504,23 +509,38 @@ impl Store {
 
     /// Carries out `op` on this store (the owner's side); also returns what it changed.
     pub fn execute(&self, op: &Op) -> Result<(Reply, Changed), StoreError> {
-        let keys = |keys: Vec<StateKey>| Changed::Keys(keys);
+        let (reply, changed) = self.attempt(op);
+        reply.map(|reply| (reply, changed))
+    }
+
+    /// [`Store::execute`], with what the op changed also when it failed part way (a
+    /// record it could not read, a write sled refused after others went through): the
+    /// owner publishes those too, so that every node's store keeps holding what the
+    /// owner's holds.
+    pub fn attempt(&self, op: &Op) -> (Result<Reply, StoreError>, Changed) {
         match op {
             Op::UpsertLine { line, numbers } => {
-                let (upserted, written) = self.upsert_line_here(line, numbers)?;
-                Ok((Reply::Upserted(upserted), Changed::Values(written)))
+                let mut written = Written::default();
+                let reply = self.upsert_line_here(line, numbers, &mut written).map(Reply::Upserted);
+                (reply, Changed::Values(written))
             }
             Op::KeepFax { .. } | Op::MarkFaxRead { .. } | Op::DeleteFax { .. } | Op::ExpireFaxes { .. } => {
-                self.execute_fax(op).map(|(reply, written)| (reply, Changed::Values(written)))
+                let mut written = Written::default();
+                let reply = self.execute_fax(op, &mut written);
+                (reply, Changed::Values(written))
             }
-            other => self.execute_keyed(other).map(|(reply, touched)| (reply, keys(touched))),
+            other => {
+                let mut touched = Vec::new();
+                let reply = self.execute_keyed(other, &mut touched);
+                (reply, Changed::Keys(touched))
+            }
         }
     }
 
-    /// [`Store::execute`] of an op that names the keys it may have changed.
-    fn execute_keyed(&self, op: &Op) -> Result<(Reply, Vec<StateKey>), StoreError> {
-        let key = StateKey::number;
-        let session = |key: &str| StateKey { tree: StateTree::Sessions, id: key.to_owned() };
+    /// [`Store::attempt`] of an op that names the keys it may change, into `touched`
+    /// before it writes them.
+    fn execute_keyed(&self, op: &Op, touched: &mut Vec<StateKey>) -> Result<Reply, StoreError> {
+        let mut key = |tree: StateTree, number: &PhoneNumber| touched.push(StateKey::number(tree, number));
         match op {
             Op::UpsertLine { .. }
             | Op::KeepFax { .. }
@@ -528,79 +548,89 @@ impl Store {
             | Op::DeleteFax { .. }
             | Op::ExpireFaxes { .. } => Err(StoreError::State(format!("{} names what it wrote", op.name()))),
             Op::SaveFaxSettings { number, expected, settings } => {
-                let version = self.save_fax_settings_here(number, *expected, settings.clone())?;
-                Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
+                key(StateTree::Numbers, number);
+                Ok(Reply::Version(self.save_fax_settings_here(number, *expected, settings.clone())?))
             }
             Op::ImportFaxSettings { number, settings, line } => {
                 self.check_on_line(number, line.as_ref())?;
-                let version = self.import_fax_settings_here(number, settings)?;
-                Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
+                key(StateTree::Numbers, number);
+                Ok(Reply::Version(self.import_fax_settings_here(number, settings)?))
             }
             Op::SaveCallSettings { number, expected, settings } => {
-                let version = self.save_call_settings_here(number, *expected, settings.clone())?;
-                Ok((Reply::Version(version), vec![key(StateTree::Numbers, number)]))
+                key(StateTree::Numbers, number);
+                Ok(Reply::Version(self.save_call_settings_here(number, *expected, settings.clone())?))
             }
             Op::SetLineUnit { contract, unit } => {
+                key(StateTree::Lines, contract);
                 self.set_line_unit_here(contract, *unit)?;
-                Ok((Reply::Done, vec![key(StateTree::Lines, contract)]))
+                Ok(Reply::Done)
             }
             Op::SetCredential { number, record } => {
+                key(StateTree::Credentials, number);
                 self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
-                Ok((Reply::Done, vec![key(StateTree::Credentials, number)]))
+                Ok(Reply::Done)
             }
             Op::RestoreCredential { number, record, line } => {
                 self.check_on_line(number, line.as_ref())?;
+                key(StateTree::Credentials, number);
                 self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
-                Ok((Reply::Done, vec![key(StateTree::Credentials, number)]))
+                Ok(Reply::Done)
             }
             Op::RemoveCredential { number } => {
-                let removed = self.credentials.remove(number.as_str())?.is_some();
-                Ok((Reply::Removed(removed), vec![key(StateTree::Credentials, number)]))
+                key(StateTree::Credentials, number);
+                Ok(Reply::Removed(self.credentials.remove(number.as_str())?.is_some()))
             }
             Op::LoginAttempt { number, hash, matched, now } => {
-                let attempt = self.login_attempt_here(number, hash, *matched, *now)?;
-                Ok((Reply::Attempt(attempt), vec![key(StateTree::Credentials, number)]))
+                key(StateTree::Credentials, number);
+                Ok(Reply::Attempt(self.login_attempt_here(number, hash, *matched, *now)?))
             }
             Op::PutSession { key, session: record } => {
+                touched.push(StateKey::session(key));
                 self.sessions.insert(key.as_bytes(), serde_json::to_vec(record)?)?;
-                Ok((Reply::Done, vec![session(key)]))
+                Ok(Reply::Done)
             }
             Op::TouchSession { key, now } => {
-                let Some(mut record) = self.session(key)? else { return Ok((Reply::Session(None), Vec::new())) };
+                let Some(mut record) = self.session(key)? else { return Ok(Reply::Session(None)) };
+                touched.push(StateKey::session(key));
                 if record.expired(*now) {
                     self.sessions.remove(key.as_bytes())?;
-                    return Ok((Reply::Session(None), vec![session(key)]));
+                    return Ok(Reply::Session(None));
                 }
                 record.last_seen = *now;
                 self.sessions.insert(key.as_bytes(), serde_json::to_vec(&record)?)?;
-                Ok((Reply::Session(Some(record)), vec![session(key)]))
+                Ok(Reply::Session(Some(record)))
             }
             Op::SetFlash { key, path, html } => {
-                let Some(mut record) = self.session(key)? else { return Ok((Reply::Done, Vec::new())) };
+                let Some(mut record) = self.session(key)? else { return Ok(Reply::Done) };
+                touched.push(StateKey::session(key));
                 record.flash = Some((path.clone(), html.clone()));
                 self.sessions.insert(key.as_bytes(), serde_json::to_vec(&record)?)?;
-                Ok((Reply::Done, vec![session(key)]))
+                Ok(Reply::Done)
             }
             Op::TakeFlash { key, path } => {
-                let Some(mut record) = self.session(key)? else { return Ok((Reply::Flash(None), Vec::new())) };
-                let Some((kept, html)) = record.flash.take() else { return Ok((Reply::Flash(None), Vec::new())) };
+                let Some(mut record) = self.session(key)? else { return Ok(Reply::Flash(None)) };
+                let Some((kept, html)) = record.flash.take() else { return Ok(Reply::Flash(None)) };
+                touched.push(StateKey::session(key));
                 self.sessions.insert(key.as_bytes(), serde_json::to_vec(&record)?)?;
-                Ok((Reply::Flash((kept == *path).then_some(html)), vec![session(key)]))
+                Ok(Reply::Flash((kept == *path).then_some(html)))
             }
             Op::RemoveSession { key } => {
+                touched.push(StateKey::session(key));
                 self.sessions.remove(key.as_bytes())?;
-                Ok((Reply::Done, vec![session(key)]))
+                Ok(Reply::Done)
             }
             Op::RemoveSessions { number, keep } => {
-                let ended =
-                    self.ended_sessions(|id, record| record.number == *number && keep.as_deref() != Some(id))?;
-                Ok((Reply::Done, ended.iter().map(|id| session(id)).collect()))
+                self.end_sessions(
+                    |id, record| record.number == *number && keep.as_deref() != Some(id),
+                    |id| touched.push(StateKey::session(&id)),
+                )?;
+                Ok(Reply::Done)
             }
             Op::SweepSessions { now } => {
-                let ended = self.ended_sessions(|_, record| record.expired(*now))?;
-                Ok((Reply::Done, ended.iter().map(|id| session(id)).collect()))
+                self.end_sessions(|_, record| record.expired(*now), |id| touched.push(StateKey::session(&id)))?;
+                Ok(Reply::Done)
             }
-            Op::Sync => Ok((Reply::Done, Vec::new())),
+            Op::Sync => Ok(Reply::Done),
         }
     }
 
@@ -622,22 +652,23 @@ impl Store {
         self.sessions.len()
     }
 
-    /// Removes the sessions for which `ends` holds; their keys.
-    pub(super) fn ended_sessions(
+    /// Removes the sessions for which `ends` holds, telling `ended` each one's key as it
+    /// goes (those removed before a failure included).
+    pub(super) fn end_sessions(
         &self,
         ends: impl Fn(&str, &SessionRecord) -> bool,
-    ) -> Result<Vec<String>, StoreError> {
-        let mut ended = Vec::new();
+        mut ended: impl FnMut(String),
+    ) -> Result<(), StoreError> {
         for item in self.sessions.iter() {
             let (key, raw) = item?;
             let id = String::from_utf8_lossy(&key).into_owned();
             // A record that does not read back ends too.
             if serde_json::from_slice(&raw).map_or(true, |record| ends(&id, &record)) {
                 self.sessions.remove(&key)?;
-                ended.push(id);
+                ended(id);
             }
         }
-        Ok(ended)
+        Ok(())
     }
 
     /// The values before `op` of the keys it may change, known before it runs, for an
@@ -663,7 +694,7 @@ impl Store {
             | Op::TouchSession { key, .. }
             | Op::SetFlash { key, .. }
             | Op::TakeFlash { key, .. }
-            | Op::RemoveSession { key } => keys.push(StateKey { tree: StateTree::Sessions, id: key.clone() }),
+            | Op::RemoveSession { key } => keys.push(StateKey::session(key)),
             Op::RemoveSessions { .. } | Op::SweepSessions { .. } | Op::Sync => {}
         }
         keys.into_iter().map(|k| Ok((k.clone(), self.state_value(&k)?))).collect()
@@ -1086,16 +1117,8 @@ mod tests {
         let services = Services { call: true, fax: false };
         let mut position = 0;
         let mut apply = |op: Op| {
-            let values: Vec<_> = match owner.execute(&op).unwrap().1 {
-                Changed::Keys(touched) => {
-                    touched.iter().map(|k| (k.clone(), owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect()
-                }
-                Changed::Values(written) => {
-                    written.into_values().into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))).collect()
-                }
-            };
             position += 1;
-            view.apply_state(&values, position, None, &[]).unwrap();
+            view.apply_state(&published(&owner, owner.execute(&op).unwrap().1), position, None, &[]).unwrap();
         };
         let first =
             LineRecord { contract: n("0312345678"), numbers: vec![n("0312345678"), n("0312345679")], unit: None };
@@ -1124,6 +1147,62 @@ mod tests {
             assert_eq!(store.credential(&n("0312345679")).unwrap(), None);
         }
         assert_eq!(view.state_position().unwrap(), 3);
+    }
+
+    /// The values `owner` publishes for what an op `changed`.
+    fn published(owner: &Store, changed: Changed) -> Vec<(StateKey, Option<Vec<u8>>)> {
+        match changed {
+            Changed::Keys(touched) => {
+                touched.iter().map(|k| (k.clone(), owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect()
+            }
+            Changed::Values(written) => {
+                written.into_values().into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))).collect()
+            }
+        }
+    }
+
+    /// An upsert that fails part way (here a number record the owner cannot read) has
+    /// written what came before the failure into the owner's store: published all the
+    /// same, every other store holds it too, and no node mails or logs in by what the
+    /// owner removed (R-M3).
+    #[test]
+    fn r_m3_what_an_upsert_failing_part_way_wrote_reaches_the_other_stores() {
+        let (owner, view) = (Store::temporary().unwrap(), Store::temporary().unwrap());
+        let services = Services { call: true, fax: false };
+        let mut position = 0;
+        let mut apply = |op: Op| {
+            let (reply, changed) = owner.attempt(&op);
+            position += 1;
+            view.apply_state(&published(&owner, changed), position, None, &[]).unwrap();
+            reply
+        };
+        let line = |numbers: &[&str]| {
+            let numbers: Vec<PhoneNumber> = numbers.iter().map(|x| n(x)).collect();
+            Op::UpsertLine {
+                line: LineRecord { contract: numbers[0], numbers: numbers.clone(), unit: None },
+                numbers: numbers.iter().map(|x| (*x, services, None)).collect(),
+            }
+        };
+        apply(line(&["0312345678", "0312345679"])).unwrap();
+        let record = CredentialRecord {
+            hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+            kind: CredentialKind::Password,
+            set_at: Utc::now(),
+            failures: 0,
+            invalidated: false,
+        };
+        apply(Op::SetCredential { number: n("0312345679"), record }).unwrap();
+        owner.numbers.insert("0312345670", &b"{not a number record"[..]).unwrap();
+
+        let failed = apply(line(&["0312345678", "0312345670"]));
+        assert!(matches!(failed, Err(StoreError::Corrupt(_))), "{failed:?}");
+        // 0312345679 left the line before the failure.
+        for (name, store) in [("owner", &owner), ("view", &view)] {
+            assert_eq!(store.number(&n("0312345679")).unwrap(), None, "{name}");
+            assert_eq!(store.credential(&n("0312345679")).unwrap(), None, "{name}");
+            let subscribed: Vec<PhoneNumber> = store.subscribed_numbers().map(Result::unwrap).collect();
+            assert!(!subscribed.contains(&n("0312345679")), "{name}");
+        }
     }
 
     /// R-S3: the count is kept where the op runs; a check made against a credential set

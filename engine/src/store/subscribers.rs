@@ -185,15 +185,39 @@ impl Store {
     /// again and start over. A crash in between leaves a line half written: the state
     /// owner's batch mark rebuilds its store from the topic, and an import into a store
     /// of its own is run again (importing the same file twice gives the same state).
+    ///
+    /// `written` gets each value as it is written, so that what an upsert failing part
+    /// way wrote is published all the same; the cache and the subscribed index follow
+    /// those writes too.
     pub(super) fn upsert_line_here(
         &self,
         line: &LineRecord,
         numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
-    ) -> Result<(Upserted, Written), StoreError> {
+        written: &mut Written,
+    ) -> Result<Upserted, StoreError> {
+        let mut touched = Vec::new();
+        let upserted = self.upsert_line_writing(line, numbers, written, &mut touched);
+        self.changed(&touched)?;
+        let mut upserted = upserted?;
+        // Each pass of 'again noted what it found: once each, in the order first found.
+        let mut seen = std::collections::HashSet::new();
+        upserted.moved.retain(|(number, _)| seen.insert(*number));
+        seen.clear();
+        upserted.removed.retain(|number| seen.insert(*number));
+        Ok(upserted)
+    }
+
+    /// [`Store::upsert_line_here`]'s writes; `touched` gets the numbers whose services
+    /// changed.
+    fn upsert_line_writing(
+        &self,
+        line: &LineRecord,
+        numbers: &[(PhoneNumber, Services, Option<CallSettings>)],
+        written: &mut Written,
+        touched: &mut Vec<(PhoneNumber, Option<Services>)>,
+    ) -> Result<Upserted, StoreError> {
         // Kept over a start-over: what an earlier attempt wrote stays written.
-        let mut touched: Vec<(PhoneNumber, Option<Services>)> = Vec::new();
         let mut upserted = Upserted::default();
-        let mut written = Written::default();
         'again: loop {
             self.check_contracts_taken(line, numbers)?;
             let old_raw = self.lines.get(line.contract.as_str())?;
@@ -209,7 +233,7 @@ impl Store {
                     if self.credentials.remove(gone.as_str())?.is_some() {
                         written.credential_removed(gone);
                     }
-                    self.forget_faxes_here(gone, &mut written)?;
+                    self.forget_faxes_here(gone, written)?;
                     touched.push((*gone, None));
                     upserted.removed.push(*gone);
                 }
@@ -236,9 +260,10 @@ impl Store {
             // And the line's sessions end, as they do on a change by phone: one that went
             // on would keep the old unit's reach and idle timeout (R-S7).
             if unit_changed {
-                for id in self.ended_sessions(|_, session| stored.numbers.contains(&session.number))? {
-                    written.session_removed(id);
-                }
+                self.end_sessions(
+                    |_, session| stored.numbers.contains(&session.number),
+                    |id| written.session_removed(id),
+                )?;
             }
             for (number, services, settings) in numbers {
                 let raw = self.numbers.get(number.as_str())?;
@@ -268,7 +293,7 @@ impl Store {
                     if self.credentials.remove(number.as_str())?.is_some() {
                         written.credential_removed(number);
                     }
-                    self.forget_faxes_here(number, &mut written)?;
+                    self.forget_faxes_here(number, written)?;
                     upserted.moved.push((*number, other));
                     // Its settings start over past the old ones' versions: a save from
                     // the old subscriber's form, checked before the move and carried out
@@ -327,15 +352,8 @@ impl Store {
                 }
                 written.line(&line.contract, new);
             }
-            break;
+            return Ok(upserted);
         }
-        self.changed(&touched)?;
-        // Each pass of 'again noted what it found: once each, in the order first found.
-        let mut seen = std::collections::HashSet::new();
-        upserted.moved.retain(|(number, _)| seen.insert(*number));
-        seen.clear();
-        upserted.removed.retain(|number| seen.insert(*number));
-        Ok((upserted, written))
     }
 
     /// Refuses `line` before it writes anything if it takes another line's contract number
