@@ -68,10 +68,11 @@ pub struct KafkaSettings {
 }
 
 /// Whether librdkafka property `key` holds a secret (`sasl.password`,
-/// `sasl.jaas.config`, `ssl.key.password`, `ssl.key.pem`, ...), masked wherever settings
+/// `sasl.jaas.config`, `ssl.key.password`, `ssl.key.pem`,
+/// `sasl.oauthbearer.assertion.private.key.passphrase`, ...), masked wherever settings
 /// are shown.
 pub fn is_secret_property(key: &str) -> bool {
-    ["password", "secret", "jaas", "key.pem", "oauthbearer.config"].iter().any(|word| key.contains(word))
+    ["password", "passphrase", "secret", "jaas", "key.pem", "oauthbearer.config"].iter().any(|word| key.contains(word))
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -429,6 +430,16 @@ impl Settings {
                 "smtp.tls_ca_file is set but smtp.tls is \"none\": set smtp.tls to \"starttls\" or \"tls\"",
             );
         }
+        let on_this_machine = |host: &str| {
+            host.eq_ignore_ascii_case("localhost")
+                || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        };
+        if !self.smtp.username.is_empty() && self.smtp.tls == TlsMode::None && !on_this_machine(&self.smtp.host) {
+            // AUTH PLAIN and LOGIN send the password as it is.
+            return invalid(
+                "smtp.username is set but smtp.tls is \"none\": the password would cross the network in clear; set smtp.tls to \"starttls\" or \"tls\" (a relay on this machine, smtp.host = \"127.0.0.1\", needs neither)",
+            );
+        }
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
         }
@@ -682,6 +693,34 @@ mod tests {
         assert_eq!(s.smtp.tls_ca_file.as_deref(), Some(Path::new("/etc/callnotify/mail-ca.pem")));
     }
 
+    /// SMTP AUTH sends the password as it is (PLAIN, LOGIN): over a connection without
+    /// TLS to another machine anyone on the way reads it. A relay on this machine is
+    /// reached without crossing a network.
+    #[test]
+    fn smtp_credentials_without_tls_to_another_machine_are_refused_with_the_fix() {
+        let auth = |host: &str, tls: &str| {
+            Settings::load_from(
+                None,
+                env(&[
+                    ("CALLNOTIFY__SMTP__HOST", host),
+                    ("CALLNOTIFY__SMTP__TLS", tls),
+                    ("CALLNOTIFY__SMTP__USERNAME", "callnotify"),
+                    ("CALLNOTIFY__SMTP__PASSWORD", "smtp-secret"),
+                ]),
+            )
+        };
+        let err = auth("mx.example.jp", "none").unwrap_err().to_string();
+        assert!(err.contains("smtp.username") && err.contains("smtp.tls"), "{err}");
+        assert!(!err.contains("smtp-secret"), "{err}");
+        for host in ["127.0.0.1", "localhost", "::1"] {
+            assert!(auth(host, "none").is_ok(), "{host}");
+        }
+        for tls in ["starttls", "tls"] {
+            assert!(auth("mx.example.jp", tls).is_ok(), "{tls}");
+        }
+        assert!(Settings::load_from(None, env(&[("CALLNOTIFY__SMTP__HOST", "mx.example.jp")])).is_ok(), "no AUTH");
+    }
+
     /// R-F1: the fax mail links to the fax at `admin.public_url`: an address a mail
     /// program can open, without a trailing `/` (the link adds `/fax/…`).
     #[test]
@@ -856,11 +895,15 @@ mod tests {
                 ("CALLNOTIFY__SMTP__HOST", "mx.example.jp"),
                 ("CALLNOTIFY__SMTP__PASSWORD", "smtp-secret"),
                 ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "kafka-secret"),
+                // OIDC JWT-bearer assertions (librdkafka 2.10 and later).
+                ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_OAUTHBEARER_ASSERTION_PRIVATE_KEY_PASSPHRASE", "jwt-secret"),
             ]),
         )
         .unwrap();
         assert!(text.contains("host = \"mx.example.jp\""), "{text}");
-        assert!(!text.contains("smtp-secret") && !text.contains("kafka-secret"), "{text}");
+        for secret in ["smtp-secret", "kafka-secret", "jwt-secret"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
         assert!(text.contains("\"sasl.password\" = \"***\""), "{text}");
     }
 
