@@ -227,6 +227,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// while the engine starts (the cluster check, the catch-up with the state topic) stops
 /// it there: nothing has been read yet, so there is nothing to finish.
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    // What the site needs (its certificate, its addresses) before the engine joins its
+    // consumer groups: a node that failed after would leave them without a word.
+    let bound = admin::server::bind_all(&settings.admin).await?;
+    let test_mailer = engine::deliver::TestMailer::new(&settings.smtp)?;
     let mut signal = Box::pin(shutdown_signal());
     // Biased: the signal is polled first, which installs its handlers before the start
     // logs that it has begun.
@@ -250,16 +254,23 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     });
     let clock = admin::clock::SystemClock::shared();
-    let test_mailer = engine::deliver::TestMailer::new(&settings.smtp)?;
-    let servers = admin::server::serve(
+    let servers = bound.serve(
         &settings.admin,
         app.store().clone(),
         clock,
         Some(std::sync::Arc::new(test_mailer)),
         app.metrics().clone(),
         stop.clone(),
-    )
-    .await?;
+    );
+    let servers = match servers {
+        Ok(servers) => servers,
+        Err(e) => {
+            // The engine runs already: it stops as on a signal, leaving its groups.
+            stop.cancel();
+            app.run_until_stopped(stop.cancelled()).await?;
+            return Err(e.into());
+        }
+    };
     tracing::info!(url = %format!("{}/login", servers.site_url), "settings site listening");
     tracing::info!(url = %format!("http://{}/ivr/calls", servers.ivr), "IVR API listening");
     app.run_until_stopped(stop.cancelled()).await?;

@@ -79,6 +79,12 @@ impl Running {
     fn stop(&mut self, signal: &str) -> (ExitStatus, Vec<String>) {
         let sent = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().unwrap();
         assert!(sent.success(), "kill -{signal}");
+        self.exit(&format!("after SIG{signal}"))
+    }
+
+    /// Reads the rest of the log and waits for the exit, as [`Running::stop`] does;
+    /// `waited`: what for, said if it does not come.
+    fn exit(&mut self, waited: &str) -> (ExitStatus, Vec<String>) {
         let deadline = Instant::now() + EXIT_LIMIT;
         let mut rest = Vec::new();
         loop {
@@ -89,7 +95,7 @@ impl Running {
                     let stacks = stacks(self.child.id());
                     let _ = self.child.kill();
                     panic!(
-                        "still running {EXIT_LIMIT:?} after SIG{signal}, killed; the rest of its log:\n{}\n{stacks}",
+                        "still running {EXIT_LIMIT:?} {waited}, killed; the rest of its log:\n{}\n{stacks}",
                         rest.join("\n")
                     )
                 }
@@ -245,6 +251,38 @@ fn serve_stopped_while_it_starts_exits_at_once_and_cleanly() {
     assert!(rest.iter().any(|l| l.contains("stopped while starting")), "{rest:#?}");
     // Far inside the cluster check's own wait: the stop did not wait for it.
     assert!(started.elapsed() < engine::cluster::ANSWER_WITHIN, "took {:?}", started.elapsed());
+}
+
+/// A site certificate `serve` cannot read, or a listen address it cannot bind, is found
+/// before the node joins its consumer groups: it used to be found after the catch-up,
+/// with the CDR consumers and the state owner already in their groups, and the node then
+/// exited without leaving them (its partitions stalled for the session timeout, on every
+/// restart a service manager made).
+#[test]
+fn serve_with_a_site_it_cannot_serve_says_so_before_it_consumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let missing = dir.path().join("no-such-cert.pem");
+    let missing = missing.to_str().unwrap();
+    let cases: [(&str, &[(&str, &str)]); 2] = [
+        (
+            "admin.tls_cert",
+            &[
+                ("CALLNOTIFY__ADMIN__TLS_CERT", missing),
+                ("CALLNOTIFY__ADMIN__TLS_KEY", missing),
+                ("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://callnotify.example.jp"),
+            ],
+        ),
+        ("admin.ivr_listen", &[("CALLNOTIFY__ADMIN__IVR_LISTEN", &taken)]),
+    ];
+    for (named, env) in cases {
+        let mut serve = Running::start(serve_in(dir.path()).envs(env.iter().copied()));
+        let (exit, log) = serve.exit("with a site it cannot serve");
+        assert_eq!(exit.code(), Some(1), "{log:#?}");
+        assert!(log.iter().any(|l| l.contains(named)), "{named} named: {log:#?}");
+        assert!(!log.iter().any(|l| l.contains("consuming CDRs")), "{named}: {log:#?}");
+    }
 }
 
 /// Starts an IVR call from `caller`; the raw HTTP response.

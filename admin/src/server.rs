@@ -51,54 +51,75 @@ impl Servers {
     }
 }
 
-/// Binds the site on `admin.listen` (over TLS with `admin.tls_cert` and
-/// `admin.tls_key`) and the IVR API on `admin.ivr_listen`, and serves both until
-/// `shutdown` is cancelled. `test_mailer` sends the site's
-/// 送信テスト mails (R-N2); without one the site says they are not available.
-pub async fn serve(
-    admin: &AdminSettings,
-    store: Store,
-    clock: SharedClock,
-    test_mailer: Option<Arc<TestMailer>>,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) -> Result<Servers, ServerError> {
-    let tasks = TaskTracker::new();
-    let tls_config = match (&admin.tls_cert, &admin.tls_key) {
+/// The site's and the IVR API's listeners, bound, and the site's certificate read: all
+/// `serve` can fail on, found before the engine joins its consumer groups, which a node
+/// that then exited would leave without a word (its partitions stalled until the
+/// session timeout).
+pub struct Bound {
+    site: (tokio::net::TcpListener, SocketAddr),
+    ivr: (tokio::net::TcpListener, SocketAddr),
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+}
+
+/// Reads `admin.tls_cert` and `admin.tls_key` (if set) and binds `admin.listen` and
+/// `admin.ivr_listen`; [`Bound::serve`] serves them.
+pub async fn bind_all(admin: &AdminSettings) -> Result<Bound, ServerError> {
+    let tls = match (&admin.tls_cert, &admin.tls_key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key).await?),
         _ => None,
     };
-    let credentials = Credentials::open(&store)?.counting_in(metrics.clone());
-    let site_state = SiteState::new(store.clone(), credentials.clone(), clock.clone())
-        .with_test_mailer(test_mailer)
-        .with_password_policy(admin.password_policy)
-        .with_secure(admin.secure())
-        .with_proxy(admin.behind_tls_proxy, &admin.proxy_addresses)
-        .with_metrics(metrics.clone());
-    let site_app = site::router(site_state);
-    let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)).with_metrics(metrics.clone()));
+    let site = bind("admin.listen", admin.listen).await?;
+    let ivr = bind("admin.ivr_listen", admin.ivr_listen).await?;
+    Ok(Bound { site, ivr, tls })
+}
 
-    let (site_listener, site) = bind("admin.listen", admin.listen).await?;
-    let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen");
-    let site_url = match tls_config {
-        Some(config) => {
-            let listener = TlsListener::new(site_listener, config).map_err(|source| ServerError::Bind {
-                key: "admin.listen",
-                addr: admin.listen,
-                source,
-            })?;
-            spawn(&tasks, &metrics, "admin.listen", listener, site_app, shutdown.clone());
-            format!("https://{site}")
-        }
-        None => {
-            spawn(&tasks, &metrics, "admin.listen", site_listener, site_app, shutdown.clone());
-            format!("http://{site}")
-        }
-    };
-    let (ivr_listener, ivr) = bind("admin.ivr_listen", admin.ivr_listen).await?;
-    let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen");
-    spawn(&tasks, &metrics, "admin.ivr_listen", ivr_listener, ivr_app, shutdown);
-    Ok(Servers { site, ivr, site_url, tasks })
+impl Bound {
+    /// Serves the site on `admin.listen` (over TLS with `admin.tls_cert` and
+    /// `admin.tls_key`) and the IVR API on `admin.ivr_listen` until `shutdown` is
+    /// cancelled. `test_mailer` sends the site's 送信テスト mails (R-N2); without one the
+    /// site says they are not available.
+    pub fn serve(
+        self,
+        admin: &AdminSettings,
+        store: Store,
+        clock: SharedClock,
+        test_mailer: Option<Arc<TestMailer>>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Result<Servers, ServerError> {
+        let tasks = TaskTracker::new();
+        let credentials = Credentials::open(&store)?.counting_in(metrics.clone());
+        let site_state = SiteState::new(store.clone(), credentials.clone(), clock.clone())
+            .with_test_mailer(test_mailer)
+            .with_password_policy(admin.password_policy)
+            .with_secure(admin.secure())
+            .with_proxy(admin.behind_tls_proxy, &admin.proxy_addresses)
+            .with_metrics(metrics.clone());
+        let site_app = site::router(site_state);
+        let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)).with_metrics(metrics.clone()));
+
+        let (site_listener, site) = self.site;
+        let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen");
+        let site_url = match self.tls {
+            Some(config) => {
+                let listener = TlsListener::new(site_listener, config).map_err(|source| ServerError::Bind {
+                    key: "admin.listen",
+                    addr: admin.listen,
+                    source,
+                })?;
+                spawn(&tasks, &metrics, "admin.listen", listener, site_app, shutdown.clone());
+                format!("https://{site}")
+            }
+            None => {
+                spawn(&tasks, &metrics, "admin.listen", site_listener, site_app, shutdown.clone());
+                format!("http://{site}")
+            }
+        };
+        let (ivr_listener, ivr) = self.ivr;
+        let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen");
+        spawn(&tasks, &metrics, "admin.ivr_listen", ivr_listener, ivr_app, shutdown);
+        Ok(Servers { site, ivr, site_url, tasks })
+    }
 }
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Guarded<tokio::net::TcpListener>>>

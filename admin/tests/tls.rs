@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use admin::clock::SystemClock;
-use admin::server::{serve, ServerError, Servers};
+use admin::server::{bind_all, ServerError, Servers};
 use engine::config::{AdminSettings, Settings};
 use engine::store::Store;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,7 +42,7 @@ fn tls_settings() -> AdminSettings {
 }
 
 async fn start(admin: &AdminSettings) -> Result<Servers, ServerError> {
-    serve(
+    bind_all(admin).await?.serve(
         admin,
         Store::temporary().unwrap(),
         SystemClock::shared(),
@@ -50,7 +50,6 @@ async fn start(admin: &AdminSettings) -> Result<Servers, ServerError> {
         engine::telemetry::Metrics::new(),
         tokio_util::sync::CancellationToken::new(),
     )
-    .await
 }
 
 /// A TLS client that trusts only the test CA.
