@@ -244,7 +244,7 @@ impl Pipeline {
         self.metrics.decoded();
         // A fax past its retention may have expired from the store already: not kept
         // again. One younger is kept for the site whenever it is read (an engine behind,
-        // a dead letter replayed once the fax server is mended), but mailed only while a
+        // a dead letter replayed once the engine is mended), but mailed only while a
         // call would be: older, its mail is stale.
         let age = now - fax.received_at;
         if age >= self.fax_retention {

@@ -100,6 +100,20 @@ impl Store {
         if self.faxes.contains_key(key.as_bytes())? {
             return Ok(false);
         }
+        // Its number's subscriber was checked when the fax was read; the keep may come
+        // after the number left the line (it waited on this owner while an import moved
+        // or removed it), and the number's next subscriber must not find it (R-M3).
+        match self.number(&record.number) {
+            Ok(tenant) => {
+                if !tenant.is_some_and(|number| number.services.fax && !number.before_moving_in(record.received_at)) {
+                    return Ok(false);
+                }
+            }
+            // A record this owner cannot read (a newer version's, during an upgrade): the
+            // node that read the fax checked it, by a record it could read.
+            Err(StoreError::UnreadableNumber { .. }) => {}
+            Err(e) => return Err(e),
+        }
         let doc = sled::IVec::from(document.0.as_slice());
         self.fax_documents.insert(key.as_bytes(), doc.clone())?;
         written.put(StateKey { tree: StateTree::FaxDocuments, id: key.clone() }, Some(doc));
@@ -276,6 +290,37 @@ mod tests {
         assert!(store.faxes_of(&fax.number).unwrap().is_empty());
         assert_eq!(store.fax(&fax.number, &fax.key()).unwrap(), None);
         assert!(!store.delete_fax(&fax.key()).unwrap(), "nothing left to delete");
+    }
+
+    /// R-M3, R-F1: a fax read for a number's subscriber but kept only after the number
+    /// left the line (its keep waited on the state owner while an import moved or
+    /// removed the number) is not kept: the number's next subscriber would find the
+    /// previous one's fax on the site.
+    #[test]
+    fn r_m3_a_fax_kept_after_its_number_left_the_line_is_not_kept() {
+        let store = Store::temporary().unwrap();
+        let fax_only = Services { call: false, fax: true };
+        let line = |contract: &str, numbers: &[&str]| {
+            let numbers: Vec<PhoneNumber> = numbers.iter().map(|x| n(x)).collect();
+            let line = LineRecord { contract: n(contract), numbers: numbers.clone(), unit: None };
+            let numbers: Vec<_> = numbers.iter().map(|x| (*x, fax_only, None)).collect();
+            store.upsert_line(&line, &numbers).unwrap();
+        };
+        line("0312345678", &["0312345678", "0312345679", "0312345670"]);
+        let received = Utc::now() - TimeDelta::minutes(1);
+        let moved = record("0312345679", "f-moved", received);
+        let removed = record("0312345670", "f-removed", received);
+
+        line("0612345678", &["0612345678", "0312345679"]);
+        line("0312345678", &["0312345678"]);
+        assert!(!store.keep_fax(moved.clone(), b"II*\0".to_vec()).unwrap(), "moved to another line");
+        assert!(!store.keep_fax(removed.clone(), b"II*\0".to_vec()).unwrap(), "removed");
+        for fax in [&moved, &removed] {
+            assert!(store.faxes_of(&fax.number).unwrap().is_empty(), "{}", fax.fax_id);
+            assert_eq!(store.fax_document(&fax.key()).unwrap(), None, "{}", fax.fax_id);
+        }
+        let after = record("0312345679", "f-after", Utc::now() + TimeDelta::seconds(1));
+        assert!(store.keep_fax(after, b"II*\0".to_vec()).unwrap(), "its new subscriber's own fax");
     }
 
     /// What a node asks of the state owner, by op name.
