@@ -163,21 +163,22 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspected, DocumentError> {
 
 /// Page `page` (0-based) as a PNG, black on white, what the site shows. Fax pixels are not
 /// square at "normal" resolution (204x98 dpi): each row is written twice so the page does
-/// not look squashed; "fine" (204x196) rows are written once. A TIFF page's resolution is
+/// not look squashed; "fine" (204x196) rows are written once, "superfine" (204x391) two
+/// rows as one. A TIFF page's resolution is
 /// its XResolution/YResolution (fine if absent), a PDF page's follows from its size.
 pub fn page_png(bytes: &[u8], page: u32) -> Result<Vec<u8>, DocumentError> {
-    let (raster, repeat) = match kind(bytes)? {
+    let (raster, rows) = match kind(bytes)? {
         DocumentKind::Tiff => {
             let pages = tiff_file::pages(bytes)?;
             let count = u32::try_from(pages.len()).unwrap_or(MAX_PAGES);
             let tiff_page = pages
                 .get(page as usize)
                 .ok_or(DocumentError::PageOutOfRange { page: page.saturating_add(1), pages: count })?;
-            (Raster::Bilevel(tiff_file::bitmap(bytes, tiff_page)?), tiff_page.resolution.row_repeat())
+            (Raster::Bilevel(tiff_file::bitmap(bytes, tiff_page)?), tiff_page.resolution.rows())
         }
         DocumentKind::Pdf => Pdf::load(bytes)?.page(page)?,
     };
-    raster::png(&raster, repeat)
+    raster::png(&raster, rows)
 }
 
 /// The document as a PDF (for download, or attached to its mails) of at most `at_most`

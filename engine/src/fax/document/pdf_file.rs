@@ -8,7 +8,7 @@
 use lopdf::{Dictionary, Document, LoadOptions, Object, ObjectId, Stream};
 
 use super::ccitt::{self, Coding, TWO_DIMENSIONAL};
-use super::raster::{Bitmap, Gray, Raster, Resolution};
+use super::raster::{Bitmap, Gray, Raster, Resolution, Rows};
 use super::{DocumentError, MAX_GRAY_PIXELS, MAX_HEIGHT, MAX_PAGES, MAX_WIDTH};
 
 /// How far up the page tree an inherited attribute is looked for: real trees are a few
@@ -44,9 +44,8 @@ impl Pdf {
         u32::try_from(self.pages.len()).unwrap_or(MAX_PAGES)
     }
 
-    /// Page `index` (0-based) as a picture, and how often to repeat its rows for square
-    /// pixels.
-    pub fn page(&self, index: u32) -> Result<(Raster, u32), DocumentError> {
+    /// Page `index` (0-based) as a picture, and how its rows make square pixels.
+    pub fn page(&self, index: u32) -> Result<(Raster, Rows), DocumentError> {
         let number = index.saturating_add(1);
         let page = self
             .pages
@@ -63,7 +62,7 @@ impl Pdf {
         }
         let image = best.ok_or(DocumentError::NotAnImagePage { page: number })?;
         let raster = image.decode(number)?;
-        Ok((raster, self.row_repeat(page, &image)))
+        Ok((raster, self.rows(page, &image)))
     }
 
     /// The image XObjects of the page we can decode; an error for one too large to.
@@ -102,12 +101,12 @@ impl Pdf {
 
     /// Fax PDFs draw the image over the whole page, so the page's shape tells a "normal"
     /// fax (rows twice as tall as wide) from a "fine" one.
-    fn row_repeat(&self, page: &Dictionary, image: &Image<'_>) -> u32 {
+    fn rows(&self, page: &Dictionary, image: &Image<'_>) -> Rows {
         let media_box = self.inherited(page, b"MediaBox").and_then(|m| m.as_array().ok());
         let corners: Vec<f32> = media_box.into_iter().flatten().filter_map(|n| self.number(n)).collect();
-        let [x1, y1, x2, y2] = corners[..] else { return 1 };
+        let [x1, y1, x2, y2] = corners[..] else { return Rows { repeat: 1, merge: 1 } };
         let (width, height) = ((x2 - x1).abs(), (y2 - y1).abs());
-        Resolution { x: image.width as f32 / width, y: image.height as f32 / height }.row_repeat()
+        Resolution { x: image.width as f32 / width, y: image.height as f32 / height }.rows()
     }
 }
 

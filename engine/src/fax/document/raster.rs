@@ -18,7 +18,7 @@ impl Bitmap {
         Bitmap { width, height, data: vec![0; stride(width).saturating_mul(height as usize)] }
     }
 
-    fn stride(&self) -> usize {
+    pub fn stride(&self) -> usize {
         stride(self.width)
     }
 
@@ -104,16 +104,16 @@ pub(super) enum Raster {
     Gray(Gray),
 }
 
-/// The page as a PNG, each row written `repeat` times so the picture's pixels come out
-/// square (a "normal" fax row is twice as tall as it is wide).
-pub(super) fn png(raster: &Raster, repeat: u32) -> Result<Vec<u8>, DocumentError> {
+/// The page as a PNG whose pixels come out square ([`Rows`]).
+pub(super) fn png(raster: &Raster, rows: Rows) -> Result<Vec<u8>, DocumentError> {
     let (width, height, depth) = match raster {
         Raster::Bilevel(bitmap) => (bitmap.width, bitmap.height, png::BitDepth::One),
         Raster::Gray(gray) => (gray.width, gray.height, png::BitDepth::Eight),
     };
+    let merge = rows.merge.max(1);
     // Never taller than the tallest page we decode, whatever the resolution claims.
-    let repeat = repeat.clamp(1, (MAX_HEIGHT / height.max(1)).max(1));
-    let tall = height.checked_mul(repeat).ok_or_else(|| encode_error("the page is too tall"))?;
+    let repeat = if merge > 1 { 1 } else { rows.repeat.clamp(1, (MAX_HEIGHT / height.max(1)).max(1)) };
+    let tall = height.div_ceil(merge).checked_mul(repeat).ok_or_else(|| encode_error("the page is too tall"))?;
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, width, tall);
     encoder.set_color(png::ColorType::Grayscale);
@@ -126,12 +126,27 @@ pub(super) fn png(raster: &Raster, repeat: u32) -> Result<Vec<u8>, DocumentError
             .try_for_each(|_| std::io::Write::write_all(&mut stream, row))
             .map_err(|e| encode_error(&e.to_string()))
     };
+    let merge = merge as usize;
     match raster {
-        // PNG's 1-bit gray has 0 for black: the bitmap's bits, inverted.
+        // PNG's 1-bit gray has 0 for black: the bitmap's bits, inverted; rows merged
+        // are black where any of them is.
         Raster::Bilevel(bitmap) => {
-            bitmap.rows().try_for_each(|row| put(&row.iter().map(|b| !b).collect::<Vec<u8>>()))?
+            let stride = bitmap.stride().max(1);
+            bitmap.data.chunks(stride * merge).try_for_each(|group| {
+                let mut row = vec![0u8; stride];
+                group.chunks(stride).for_each(|one| row.iter_mut().zip(one).for_each(|(to, b)| *to |= b));
+                row.iter_mut().for_each(|b| *b = !*b);
+                put(&row)
+            })?
         }
-        Raster::Gray(gray) => gray.data.chunks((gray.width as usize).max(1)).try_for_each(put)?,
+        Raster::Gray(gray) => {
+            let stride = (gray.width as usize).max(1);
+            gray.data.chunks(stride * merge).try_for_each(|group| {
+                let mut row = vec![u8::MAX; stride];
+                group.chunks(stride).for_each(|one| row.iter_mut().zip(one).for_each(|(to, v)| *to = (*to).min(*v)));
+                put(&row)
+            })?
+        }
     }
     stream.finish().map_err(|e| encode_error(&e.to_string()))?;
     writer.finish().map_err(|e| encode_error(&e.to_string()))?;
@@ -140,6 +155,16 @@ pub(super) fn png(raster: &Raster, repeat: u32) -> Result<Vec<u8>, DocumentError
 
 fn encode_error(detail: &str) -> DocumentError {
     DocumentError::Encode(detail.to_owned())
+}
+
+/// How a page's rows become the picture's, so that its pixels come out square: each row
+/// written `repeat` times (2 for "normal", 204 x 98 dpi, whose rows are twice as tall as
+/// wide), or `merge` rows made one, black where any of them is (2 for "superfine", 204 x
+/// 391); 1 and 1 for "fine" (204 x 196) and anything near square.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Rows {
+    pub repeat: u32,
+    pub merge: u32,
 }
 
 /// A page's resolution in dots per inch, across and down.
@@ -153,16 +178,11 @@ impl Resolution {
     /// Fax "fine": what a page that does not say is taken to be.
     pub const FINE: Resolution = Resolution { x: 204.0, y: 196.0 };
 
-    /// How often each row is written so the pixels come out square: 2 for "normal"
-    /// (204x98), 1 for "fine" (204x196) and anything with rows no taller than wide.
-    pub fn row_repeat(self) -> u32 {
-        let ratio = self.x / self.y;
-        if ratio.is_finite() && ratio >= 1.5 {
-            // At most 4: no fax resolution is further from square.
-            ratio.round().min(4.0) as u32
-        } else {
-            1
-        }
+    /// How its rows become the picture's so the pixels come out square.
+    pub fn rows(self) -> Rows {
+        // At most 4: no fax resolution is further from square.
+        let steps = |ratio: f32| if ratio.is_finite() && ratio >= 1.5 { ratio.round().min(4.0) as u32 } else { 1 };
+        Rows { repeat: steps(self.x / self.y), merge: steps(self.y / self.x) }
     }
 
     /// The page's size in PDF points (1/72 inch) for an image of `width` x `height`.

@@ -495,27 +495,68 @@ fn bits(text: &str) -> Vec<u8> {
 
 /// A one-page TIFF of `strip` in `compression` (3: T.4, 4: T.6), 8 pixels wide.
 fn ccitt_tiff(compression: u32, height: u32, strip: &[u8]) -> Vec<u8> {
+    ccitt_tiff_at(compression, height, strip, None)
+}
+
+/// [`ccitt_tiff`] with XResolution and YResolution (dots per inch) when `resolution` says.
+fn ccitt_tiff_at(compression: u32, height: u32, strip: &[u8], resolution: Option<(u32, u32)>) -> Vec<u8> {
+    const LONG: u16 = 4;
+    const RATIONAL: u16 = 5;
+    let count = if resolution.is_some() { 9 } else { 7 };
+    let ifd_end = 8 + 2 + count * 12 + 4;
+    let (rationals, strip_at) = match resolution {
+        Some(_) => (ifd_end, ifd_end + 16),
+        None => (ifd_end, ifd_end),
+    };
+    let mut entries: Vec<(u16, u16, u32)> = vec![
+        (256, LONG, 8),
+        (257, LONG, height),
+        (258, LONG, 1),
+        (259, LONG, compression),
+        (262, LONG, 0),
+        (273, LONG, strip_at),
+        (279, LONG, strip.len() as u32),
+    ];
+    if resolution.is_some() {
+        entries.extend([(282, RATIONAL, rationals), (283, RATIONAL, rationals + 8)]);
+    }
     let mut tiff = b"II*\0".to_vec();
     tiff.extend(8u32.to_le_bytes());
-    let entries: [(u16, u32); 7] = [
-        (256, 8),
-        (257, height),
-        (258, 1),
-        (259, compression),
-        (262, 0),
-        (273, 8 + 2 + 7 * 12 + 4),
-        (279, strip.len() as u32),
-    ];
     tiff.extend((entries.len() as u16).to_le_bytes());
-    for (tag, value) in entries {
+    for (tag, kind, value) in entries {
         tiff.extend(tag.to_le_bytes());
-        tiff.extend(4u16.to_le_bytes());
+        tiff.extend(kind.to_le_bytes());
         tiff.extend(1u32.to_le_bytes());
         tiff.extend(value.to_le_bytes());
     }
     tiff.extend(0u32.to_le_bytes());
+    if let Some((x, y)) = resolution {
+        for dots in [x, y] {
+            tiff.extend(dots.to_le_bytes());
+            tiff.extend(1u32.to_le_bytes());
+        }
+    }
     tiff.extend(strip);
     tiff
+}
+
+/// R-F1: a "superfine" fax (204 x 391 dpi, a T.30 resolution many machines offer) has
+/// rows half as tall as wide: two rows make one of the picture, black where either is,
+/// so the page is not shown twice as tall as it is (its PDF already had its shape).
+#[test]
+fn r_f1_a_superfine_fax_shows_two_rows_as_one() {
+    const EOL: &str = "000000000001 ";
+    // White 2, black 4, white 2; all white; all white; all black.
+    let (drawn, white, black) = ("0111 011 0111 ", "10011 ", "00110101 000101 ");
+    let strip = bits(&[EOL, drawn, EOL, white, EOL, white, EOL, black].concat());
+    let superfine = ccitt_tiff_at(3, 4, &strip, Some((204, 391)));
+    let page = shown(&superfine, 0);
+    assert_eq!((page.width, page.height), (8, 2), "four rows shown as two");
+    let first = [false, false, true, true, true, true, false, false];
+    assert_eq!((page.row(0), page.row(1)), (&first[..], &[true; 8][..]));
+
+    let fine = shown(&ccitt_tiff_at(3, 4, &strip, Some((204, 196))), 0);
+    assert_eq!(fine.height, 4, "fine: each row once");
 }
 
 #[test]
