@@ -52,21 +52,27 @@ impl Pdf {
             .get(index as usize)
             .ok_or(DocumentError::PageOutOfRange { page: number, pages: self.page_count() })?;
         let page = self.doc.get_dictionary(*page).map_err(|e| DocumentError::Pdf(format!("page {number}: {e}")))?;
-        let mut best: Option<Image<'_>> = None;
-        for image in self.images(page) {
+        // The images its content draws: pages may share one resource dictionary listing
+        // every page's image (FPDF, TCPDF and jsPDF write them so). Any image it lists
+        // where the content draws none of them (through a form, or unreadable).
+        let drawn = self.drawn(page);
+        let mut best: Option<(bool, Image<'_>)> = None;
+        for (name, image) in self.images(page) {
             let image =
                 image.map_err(|detail| DocumentError::TooLarge { detail: format!("page {number}: {detail}") })?;
-            if best.as_ref().is_none_or(|b| image.area() > b.area()) {
-                best = Some(image);
+            let is_drawn = drawn.iter().any(|d| d.as_slice() == name);
+            if best.as_ref().is_none_or(|(was_drawn, b)| (is_drawn, image.area()) > (*was_drawn, b.area())) {
+                best = Some((is_drawn, image));
             }
         }
-        let image = best.ok_or(DocumentError::NotAnImagePage { page: number })?;
+        let (_, image) = best.ok_or(DocumentError::NotAnImagePage { page: number })?;
         let raster = image.decode(number)?;
         Ok((raster, self.rows(page, &image)))
     }
 
-    /// The image XObjects of the page we can decode; an error for one too large to.
-    fn images<'a>(&'a self, page: &'a Dictionary) -> impl Iterator<Item = Result<Image<'a>, String>> + 'a {
+    /// The image XObjects of the page we can decode, by name; an error for one too large
+    /// to.
+    fn images<'a>(&'a self, page: &'a Dictionary) -> impl Iterator<Item = (&'a [u8], Result<Image<'a>, String>)> + 'a {
         let xobjects = self
             .inherited(page, b"Resources")
             .and_then(|r| r.as_dict().ok())
@@ -75,8 +81,31 @@ impl Pdf {
         xobjects
             .into_iter()
             .flat_map(|x| x.iter())
-            .filter_map(|(_, object)| self.deref(object).as_stream().ok())
-            .filter_map(|stream| Image::read(self, stream).transpose())
+            .filter_map(|(name, object)| Some((name.as_slice(), self.deref(object).as_stream().ok()?)))
+            .filter_map(|(name, stream)| Some((name, Image::read(self, stream).transpose()?)))
+    }
+
+    /// The names of the XObjects the page's content draws (`/Name Do`), up to an operator
+    /// it cannot read; none if its content is larger than a fax page's (a few operators)
+    /// could be, or does not inflate.
+    fn drawn(&self, page: &Dictionary) -> Vec<Vec<u8>> {
+        const AT_MOST: usize = 1 << 20;
+        let contents: Vec<&Stream> = match page.get(b"Contents").map(|c| self.deref(c)) {
+            Ok(Object::Stream(stream)) => vec![stream],
+            Ok(Object::Array(parts)) => parts.iter().filter_map(|p| self.deref(p).as_stream().ok()).collect(),
+            _ => Vec::new(),
+        };
+        let mut drawn = Vec::new();
+        for stream in contents {
+            let Ok(content) = stream.decompressed_content_with_limit(AT_MOST) else { return Vec::new() };
+            for operation in lopdf::content::Content::decode_iter(&content) {
+                let Ok(operation) = operation else { return drawn };
+                if let ("Do", [Object::Name(name)]) = (operation.operator.as_str(), operation.operands.as_slice()) {
+                    drawn.push(name.clone());
+                }
+            }
+        }
+        drawn
     }
 
     /// A page attribute, from the page or the nearest ancestor that has it.

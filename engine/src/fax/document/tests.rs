@@ -210,6 +210,52 @@ fn image_pdf(width: u32, height: u32, image: lopdf::Stream) -> Vec<u8> {
     out
 }
 
+/// R-F1: a PDF whose pages share one resource dictionary listing every page's image (as
+/// FPDF, TCPDF and jsPDF write them) shows each page's own image, the one its content
+/// draws: every page used to show the first listed of those equal in size.
+#[test]
+fn r_f1_pdf_pages_sharing_their_resources_each_show_their_own_image() {
+    use lopdf::{dictionary, Object, Stream};
+    let (width, height) = (16u32, 4u32);
+    let row_bytes = (width as usize).div_ceil(8) * height as usize;
+    let mut doc = lopdf::Document::with_version("1.5");
+    let pages = doc.new_object_id();
+    // 1-bit gray, 0 black: one all black, one all white, one black but for a white row.
+    let black = doc.add_object(gray_image(width, height, 1, vec![0x00; row_bytes]));
+    let white = doc.add_object(gray_image(width, height, 1, vec![0xff; row_bytes]));
+    let mut banded = vec![0x00; row_bytes];
+    banded[..2].fill(0xff);
+    let banded = doc.add_object(gray_image(width, height, 1, banded));
+    let resources = doc.add_object(dictionary! {
+        "XObject" => dictionary! { "Im0" => black, "Im1" => white, "Im2" => banded },
+    });
+    let (w, h) = (width as f32 * 0.3, height as f32 * 0.3);
+    let kids: Vec<Object> = ["Im1", "Im2", "Im0"]
+        .iter()
+        .map(|name| {
+            let draw = format!("q {w} 0 0 {h} 0 0 cm /{name} Do Q");
+            let content = doc.add_object(Stream::new(dictionary! {}, draw.into_bytes()));
+            doc.add_object(dictionary! {
+                "Type" => "Page", "Parent" => pages, "Contents" => content, "Resources" => resources,
+                "MediaBox" => vec![0.into(), 0.into(), w.into(), h.into()],
+            })
+            .into()
+        })
+        .collect();
+    let tree = dictionary! { "Type" => "Pages", "Kids" => kids, "Count" => 3 };
+    doc.objects.insert(pages, Object::Dictionary(tree));
+    let catalog = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages });
+    doc.trailer.set("Root", catalog);
+    let mut pdf = Vec::new();
+    doc.save_to(&mut pdf).expect("saved");
+
+    let black_pixels = |page: u32| shown(&pdf, page).black.iter().filter(|&&b| b).count();
+    let all = (width * height) as usize;
+    assert_eq!(black_pixels(0), 0, "page 1 draws the white image");
+    assert_eq!(black_pixels(1), all - width as usize, "page 2 draws the banded one");
+    assert_eq!(black_pixels(2), all, "page 3 draws the black one");
+}
+
 #[test]
 fn r_f1_the_kind_of_a_document_is_known_by_its_first_bytes() {
     assert_eq!(DocumentKind::sniff(FINE_G4), Some(DocumentKind::Tiff));
