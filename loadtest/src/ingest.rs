@@ -22,11 +22,11 @@ pub struct IngestArgs {
     pub(crate) common: Common,
     /// CDRs in the topic. The mock cluster keeps at most 5 MB or 100 000 messages a
     /// partition: raise `--partitions` with it.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     count: u64,
     /// Rounds of (bare consumer, engine); the report quotes the median ratio.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
 }
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {

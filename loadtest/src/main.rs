@@ -58,10 +58,10 @@ pub struct Common {
     #[arg(long)]
     engine: Option<PathBuf>,
     /// Provisioned numbers.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     numbers: u64,
     /// Share of numbers with call notification (0..1).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = parse_share)]
     subscribed: f64,
     /// CDR format produced (and configured on the engine's topic).
     #[arg(long, value_enum, default_value_t = Format::Canonical)]
@@ -166,8 +166,9 @@ impl Common {
     /// What every mode starts with: checked arguments, the engine binary, a work
     /// directory, and Kafka with `topics`, each with its dead-letter topic. Kafka is a mock
     /// cluster in this process, or the given brokers, where the topics get names of this
-    /// run's own (`STEM-PID`) and are created: a broker outlives a run, and a topic read
-    /// from its start must hold only this run's CDRs.
+    /// run's own (`STEM-PID-RANDOM`) and are created: a broker outlives a run, and a topic
+    /// read from its start must hold only this run's CDRs (a process id alone repeats: a
+    /// load tester in a container is often process 1).
     async fn prepare(&self, topics: &[&str]) -> anyhow::Result<Setup> {
         self.check_loopback()?;
         if !self.brokers.is_empty() {
@@ -175,10 +176,9 @@ impl Common {
         }
         let (binary, workdir) = (self.engine_binary()?, self.workdir()?);
         let external = !self.brokers.is_empty();
-        let topics: Vec<String> = topics
-            .iter()
-            .map(|t| if external { format!("{t}-{}", std::process::id()) } else { (*t).to_owned() })
-            .collect();
+        let run = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+        let topics: Vec<String> =
+            topics.iter().map(|t| if external { format!("{t}-{run}") } else { (*t).to_owned() }).collect();
         let dead: Vec<String> = topics.iter().map(|t| format!("{t}-dead-letter")).collect();
         let embedded = if external {
             let all: Vec<(&str, i32)> = topics
@@ -273,7 +273,8 @@ pub struct Setup {
     pub embedded: Option<EmbeddedKafka>,
 }
 
-/// `10s`, `2m`, `1h` or plain seconds.
+/// `10s`, `2m`, `1h` or plain seconds; more than none, up to a week (a run that ends
+/// within the time anyone waits for it).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.find(|c: char| !c.is_ascii_digit() && c != '.').map_or((s, "s"), |i| s.split_at(i));
     let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 10s, 2m or 1h"))?;
@@ -283,7 +284,36 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         _ => return Err(format!("unknown unit in {s:?}: use s, m or h")),
     };
-    Ok(Duration::from_secs_f64(value * scale))
+    let seconds = value * scale;
+    if !(seconds > 0.0 && seconds <= 7.0 * 86_400.0) {
+        return Err(format!("{s:?}: a duration is more than 0 and at most a week (168h)"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// A share of calls or messages: 0 to 1.
+pub fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("{s:?} is not a share: a number from 0 to 1 (0.25 for a quarter)")),
+    }
+}
+
+/// A rate in CDR/s: 0 for flat out, or at least one CDR a minute (a slower one would
+/// keep the run going long past its --duration for its next CDR).
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(rate) if rate == 0.0 || (rate.is_finite() && rate >= 1.0 / 60.0) => Ok(rate),
+        _ => Err(format!("{s:?} is not a rate: 0 for flat out, or CDR/s from 1/60 (one a minute) up")),
+    }
+}
+
+/// A Zipf exponent: 0 (every number as likely) or more.
+pub fn parse_exponent(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(exponent) if exponent.is_finite() && exponent >= 0.0 => Ok(exponent),
+        _ => Err(format!("{s:?} is not a Zipf exponent: 0 or more (1 is typical)")),
+    }
 }
 
 /// Ctrl-C or SIGTERM; the signal's name.
@@ -401,6 +431,53 @@ mod tests {
         assert!(parse_duration("5d").is_err());
     }
 
+    /// Values that made a run that measured nothing and passed (a zero duration, count
+    /// or lead; no rounds), a rate that kept it going for hours past its duration, a
+    /// negative rate taken for flat out, or a share outside 0..1 that panicked after the
+    /// engine had started, leaving its work directory behind: refused before anything
+    /// starts, naming the flag.
+    #[test]
+    fn values_that_measure_nothing_or_crash_are_refused_naming_the_flag() {
+        let refused = [
+            ("run", &["--duration", "0s"][..]),
+            ("run", &["--drain", "0"]),
+            ("run", &["--count", "0"]),
+            ("run", &["--max-lead", "0"]),
+            ("run", &["--rate=-100"]),
+            ("run", &["--rate", "0.0001"]),
+            ("run", &["--rate", "NaN"]),
+            ("run", &["--missed", "1.5"]),
+            ("run", &["--withheld=-0.1"]),
+            ("run", &["--designated", "2"]),
+            ("run", &["--fax", "1.2"]),
+            ("run", &["--zipf=-1"]),
+            ("run", &["--numbers", "0"]),
+            ("run", &["--nodes", "0"]),
+            ("run", &["--subscribed", "1.01"]),
+            ("ingest", &["--rounds", "0"]),
+            ("ingest", &["--count", "0"]),
+            ("smtp", &["--rounds", "0"]),
+            ("smtp", &["--mails", "0"]),
+            ("smtp", &["--sessions", "0"]),
+            ("state", &["--numbers", "0"]),
+        ];
+        for (command, flags) in refused {
+            let error = match Cli::try_parse_from([&["callnotify-loadtest", command][..], flags].concat()) {
+                Ok(_) => panic!("{command} {flags:?} accepted"),
+                Err(e) => e.to_string(),
+            };
+            let flag = flags[0].split('=').next().unwrap();
+            assert!(error.contains(flag), "{command} {flags:?}: {error}");
+        }
+        for (command, flags) in [
+            ("run", &["--rate", "0", "--duration", "1.5s", "--missed", "0", "--zipf", "0"][..]),
+            ("run", &["--rate", "0.5", "--withheld", "1", "--count", "1", "--max-lead", "1"]),
+            ("ingest", &["--rounds", "1"]),
+        ] {
+            assert!(Cli::try_parse_from([&["callnotify-loadtest", command][..], flags].concat()).is_ok(), "{flags:?}");
+        }
+    }
+
     fn common(brokers: &str) -> Common {
         Common {
             engine: None,
@@ -464,9 +541,14 @@ mod tests {
             ..common(&brokers)
         };
         let setup = common.prepare(&["cdr-a", "cdr-b"]).await.unwrap();
-        let pid = std::process::id();
-        assert_eq!(setup.topics, [format!("cdr-a-{pid}"), format!("cdr-b-{pid}")]);
+        let run = setup.topics[0].strip_prefix("cdr-a-").expect("STEM-PID-RANDOM").to_owned();
+        assert!(run.starts_with(&format!("{}-", std::process::id())), "{run}");
+        assert_eq!(setup.topics, [format!("cdr-a-{run}"), format!("cdr-b-{run}")]);
         assert!(setup.embedded.is_none());
+        // A run of the same process id (a load tester in a container is often process 1)
+        // reads none of this one's CDRs.
+        let again = common.prepare(&["cdr-a"]).await.unwrap();
+        assert_ne!(again.topics[0], setup.topics[0]);
 
         let partitions = |topic: &str| {
             let consumer: rdkafka::consumer::BaseConsumer =

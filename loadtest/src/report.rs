@@ -122,6 +122,37 @@ pub struct Second {
 }
 
 impl Report {
+    /// Whether the run shows the engine right; if not, why. Mails the engine must not
+    /// have sent fail a run as lost ones do, and so does a collector that fell behind:
+    /// the mails it did not read may have been duplicates or unexpected ones, each
+    /// hiding a loss.
+    pub fn verdict(&self) -> Result<(), String> {
+        if self.lost > 0 || self.duplicates > 0 {
+            return Err(format!("{} mails lost and {} duplicated", self.lost, self.duplicates));
+        }
+        if self.unexpected > 0 {
+            return Err(format!(
+                "{} mails the engine must not have sent (to a number without the service or stopped, for a \
+                 caller its settings filter out, to an address not checked)",
+                self.unexpected
+            ));
+        }
+        if self.unobserved > 0 {
+            return Err(format!(
+                "{} mails went by unread (the run's mail collector fell behind): its lost and duplicate counts \
+                 are not exact; run at a lower --rate",
+                self.unobserved
+            ));
+        }
+        if self.backlog > 0 {
+            return Err(format!("the engine had not consumed {} CDRs when the drain time ran out", self.backlog));
+        }
+        if self.cdrs_produced == 0 {
+            return Err("no CDR reached the broker: the run measured nothing".into());
+        }
+        Ok(())
+    }
+
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
@@ -166,7 +197,7 @@ impl Report {
              | CDRs consumed by the engine | {consumed} ({cps:.0} CDR/s) |\n\
              | mails expected / received | {exp} / {rec} ({mps:.0} mails/s) |\n\
              | latency p50 / p90 / p99 / p99.9 / max | {p50:.1} / {p90:.1} / {p99:.1} / {p999:.1} / {max:.1} ms |\n\
-             | lost / duplicates / unexpected | {lost} / {dup} / {unexp} |\n\
+             | lost / duplicates / unexpected / unread by the collector | {lost} / {dup} / {unexp} / {unread} |\n\
              | backlog at the end | {backlog} CDRs |\n\
              | engine max RSS | {rss:.0} MB |\n\
              | engine CPU | {cpu:.0} % of one core |\n\
@@ -211,6 +242,7 @@ impl Report {
             lost = self.lost,
             dup = self.duplicates,
             unexp = self.unexpected,
+            unread = self.unobserved,
             backlog = self.backlog,
             rss = self.engine_max_rss_mb,
             cpu = self.engine_cpu_percent,
@@ -244,5 +276,65 @@ impl Report {
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
         root.present()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run of 1 000 CDRs with every expected mail received once.
+    fn clean() -> Report {
+        Report {
+            nodes: Vec::new(),
+            command: "callnotify-loadtest run".into(),
+            machine: Machine { cores: 2, memory_gib: 24.0 },
+            format: "canonical".into(),
+            numbers: 1000,
+            subscribed_share: 0.05,
+            mix: crate::traffic::Mix { missed: 0.6, withheld: 0.1, designated: 0.2, fax: 0.0 },
+            offered_rate: Some(100.0),
+            max_lead: 20_000,
+            duration_s: 10.0,
+            cdrs_produced: 1000,
+            produce_failed: 0,
+            produce_error: None,
+            produced_per_s: 100.0,
+            cdrs_consumed: 1000,
+            consumed_per_s: 100.0,
+            mails_expected: 40,
+            mails_received: 40,
+            mails_per_s: 4.0,
+            latency_ms: Percentiles::default(),
+            lost: 0,
+            backlog: 0,
+            duplicates: 0,
+            unexpected: 0,
+            unobserved: 0,
+            engine_max_rss_mb: 100.0,
+            engine_cpu_percent: 10.0,
+            smtp_sessions: 16,
+            faxes_produced: 0,
+            store_growth_mb: 0.0,
+            seed: "1".into(),
+            timeline: Vec::new(),
+        }
+    }
+
+    /// A run passes only when its mails are exactly the expected ones, all read: a mail
+    /// the engine must not have sent, or mails the collector did not read, used to pass.
+    #[test]
+    fn a_run_passes_only_with_every_mail_expected_and_read() {
+        assert_eq!(clean().verdict(), Ok(()));
+        let failed = |report: Report| report.verdict().expect_err("fails");
+        assert!(failed(Report { lost: 1, ..clean() }).contains("1 mails lost"));
+        assert!(failed(Report { duplicates: 2, ..clean() }).contains("2 duplicated"));
+        assert!(failed(Report { unexpected: 1, ..clean() }).contains("must not have sent"));
+        let unread = failed(Report { unobserved: 3, ..clean() });
+        assert!(unread.contains("3 mails went by unread"), "{unread}");
+        assert!(failed(Report { backlog: 5, ..clean() }).contains("5 CDRs"));
+        let nothing = Report { cdrs_produced: 0, cdrs_consumed: 0, mails_expected: 0, mails_received: 0, ..clean() };
+        assert!(failed(nothing).contains("measured nothing"));
+        assert!(Report { unobserved: 3, ..clean() }.markdown().contains("| 0 / 0 / 0 / 3 |"));
     }
 }

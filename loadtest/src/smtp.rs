@@ -22,14 +22,14 @@ pub struct SmtpArgs {
     #[command(flatten)]
     pub(crate) common: Common,
     /// Mails each side sends per round.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     mails: u64,
     /// SMTP sessions: smtp-source's `-s` and the engine's pool size.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
     sessions: u32,
     /// Rounds; the report quotes the median ratio.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Directory holding postfix's smtp-sink and smtp-source.
     #[arg(long, default_value = "/usr/sbin")]
     postfix_bin: std::path::PathBuf,
