@@ -471,7 +471,8 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             eprintln!("{} dead letters on {topic}", letters.len());
         }
         DeadLetters::Replay { filter, dry_run } => {
-            let done = engine::replay::replay(brokers, properties, topic, &filter.into(), dry_run, || {
+            let check = engine::replay::CdrCheck::new(settings);
+            let done = engine::replay::replay(brokers, properties, topic, &filter.into(), dry_run, &check, || {
                 open_existing_store(settings)
             })?;
             let verb = if dry_run { "would replay" } else { "replayed" };

@@ -6,11 +6,13 @@
 //! by the next `serve` on this store, whichever CDR partitions it reads. The store is
 //! the engine's, so mails are replayed with `serve` stopped; CDRs need only the cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
+use crate::config::Settings;
 use crate::dead_letter::review::{self, Filter, Letter, ReviewError};
+use crate::decode::CdrFormat;
 use crate::deliver::queue::{EntryError, Queued, RetryQueue};
 use crate::store::{Store, StoreError};
 
@@ -44,14 +46,63 @@ pub struct Replayed {
     pub mails_failed: Option<String>,
 }
 
+/// What the engines reading a CDR's topic would do with it, by the replaying tool's
+/// configuration (the engines': `callnotify.toml`): a CDR they would dead-letter again or
+/// filter as stale is not put back, and not marked replayed, so a replay after the fix
+/// (the topic's format, a raised `engine.max_call_age_hours`) still can.
+#[derive(Debug, Clone, Default)]
+pub struct CdrCheck {
+    /// `kafka.topics`' formats; a topic not listed is put back unjudged.
+    formats: HashMap<String, CdrFormat>,
+    /// `engine.max_call_age_hours`.
+    max_age: TimeDelta,
+}
+
+impl CdrCheck {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            formats: settings.kafka.topics.iter().map(|t| (t.name.clone(), t.format)).collect(),
+            max_age: TimeDelta::hours(settings.engine.max_call_age_hours as i64),
+        }
+    }
+
+    /// Why the CDR `raw` of `topic` should not be put back at `now`, if so.
+    pub fn why_not(&self, topic: &str, raw: &[u8], now: DateTime<Utc>) -> Option<String> {
+        // Faxes are kept for the site long after their mail would be stale.
+        let format = self.formats.get(topic).copied().filter(|f| *f != CdrFormat::Fax)?;
+        let named = format.as_str();
+        let call = match crate::decode::decode(format, raw) {
+            Ok(call) => call,
+            Err(e) => {
+                return Some(format!(
+                    "it does not decode as {named} (the format kafka.topics gives {topic}): {e}; put back, it would \
+                     be dead-lettered again"
+                ))
+            }
+        };
+        if let Err(e) = crate::decode::check_times(&call, now) {
+            return Some(format!("{e}; put back, it would be dead-lettered again"));
+        }
+        let age = now - call.ended_at;
+        (age > self.max_age).then(|| {
+            format!(
+                "its call ended {} h ago, past engine.max_call_age_hours ({}): put back, it would be filtered as \
+                 stale; raise that for the replay and for the engines that read {topic}, then lower it again",
+                age.num_hours(),
+                self.max_age.num_hours()
+            )
+        })
+    }
+}
+
 /// The store's tree of the dead letters whose mails it has queued (`topic/partition/offset/at`,
 /// the letter's time too: a topic recreated numbers its records from 0 again):
 /// a replay run again after one that queued them but did not mark them in the topic (it
 /// stopped, or the cluster did not answer) marks them without queuing them again.
 pub const QUEUED_LETTERS_TREE: &str = "replayed_letters";
 
-/// Replays the records of `topic` that `filter` lets through; `open_store` is called
-/// only if there are mails to queue. CDRs first: a failure in the mails' step is told in
+/// Replays the records of `topic` that `filter` lets through, the CDRs `check` passes;
+/// `open_store` is called only if there are mails to queue. CDRs first: a failure in the mails' step is told in
 /// [`Replayed::mails_failed`] beside the CDRs already replayed.
 pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     brokers: &str,
@@ -59,9 +110,11 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     topic: &str,
     filter: &Filter,
     dry_run: bool,
+    check: &CdrCheck,
     open_store: impl FnOnce() -> Result<Store, E>,
 ) -> Result<Replayed, ReplayError> {
-    let done = review::replay(brokers, properties, topic, filter, dry_run)?;
+    let judge = |source: &str, raw: &[u8]| check.why_not(source, raw, Utc::now());
+    let done = review::replay(brokers, properties, topic, filter, dry_run, &judge)?;
     let mut replayed = Replayed {
         cdrs: done.replayed,
         already: done.already,

@@ -127,13 +127,15 @@ pub struct Replay {
 
 /// Puts the CDRs of the records `filter` lets through back into the topics and
 /// partitions they were read from, each with a [`REPLAYED_FROM`] header, and marks each
-/// as replayed; with `dry_run`, only says which.
+/// as replayed; with `dry_run`, only says which. A CDR `judge` says why not to put back
+/// (its source topic, its bytes) is left alone, named.
 pub fn replay(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topic: &str,
     filter: &Filter,
     dry_run: bool,
+    judge: &dyn Fn(&str, &[u8]) -> Option<String>,
 ) -> Result<Replay, ReviewError> {
     let letters = list(brokers, properties, topic, filter)?;
     let mut done = Replay::default();
@@ -167,6 +169,10 @@ pub fn replay(
                 continue;
             }
         };
+        if let Some(why) = judge(source, &raw) {
+            done.unreplayable.push((letter.partition, letter.offset, why));
+            continue;
+        }
         if !dry_run {
             let from = format!("{topic}/{}/{}", letter.partition, letter.offset);
             let headers = OwnedHeaders::new().insert(Header { key: REPLAYED_FROM, value: Some(from.as_bytes()) });
