@@ -99,7 +99,7 @@ impl Bound {
         let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)).with_metrics(metrics.clone()));
 
         let (site_listener, site) = self.site;
-        let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen");
+        let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen").counting_in(metrics.clone());
         let site_url = match self.tls {
             Some(config) => {
                 let listener = TlsListener::new(site_listener, config).map_err(|source| ServerError::Bind {
@@ -116,7 +116,7 @@ impl Bound {
             }
         };
         let (ivr_listener, ivr) = self.ivr;
-        let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen");
+        let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen").counting_in(metrics.clone());
         spawn(&tasks, &metrics, "admin.ivr_listen", ivr_listener, ivr_app, shutdown);
         Ok(Servers { site, ivr, site_url, tasks })
     }

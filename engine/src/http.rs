@@ -35,6 +35,8 @@ use dashmap::DashMap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::telemetry::{ConnectionLimit, Metrics};
+
 /// What a listener allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -84,9 +86,18 @@ pub struct Guarded<L> {
     inner: L,
     limits: Limits,
     open: Arc<Open>,
-    /// For log lines: `admin.listen`, `metrics.listen`, ...
+    /// For log lines and the refusals' count: `admin.listen`, `metrics.listen`, ...
     name: &'static str,
+    /// Where refusals are counted (`callnotify_connections_refused_total`).
+    metrics: Option<Metrics>,
+    /// When a per-client refusal was last logged, and those since: one line every
+    /// [`REFUSALS_LOGGED_EVERY`] per listener, not one per connection of a flood.
+    refusals_logged: std::sync::Mutex<(Option<Instant>, u64)>,
 }
+
+/// How often a listener logs the connections it refused a client (behind a proxy, all
+/// of them).
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 
 /// The address a client is counted under: an IPv6 address by its /64, the block one
 /// subscriber line or host is given (one client, 2^64 addresses), an IPv4-mapped one as
@@ -103,7 +114,12 @@ pub fn client_block(client: IpAddr) -> IpAddr {
 
 impl<L> Guarded<L> {
     pub fn new(inner: L, limits: Limits, name: &'static str) -> Self {
-        Self { inner, limits, open: Arc::default(), name }
+        Self { inner, limits, open: Arc::default(), name, metrics: None, refusals_logged: Default::default() }
+    }
+
+    /// Counts its refusals in `metrics`.
+    pub fn counting_in(self, metrics: Metrics) -> Self {
+        Self { metrics: Some(metrics), ..self }
     }
 
     /// A slot for a connection from `client`, if the limits allow one.
@@ -112,6 +128,7 @@ impl<L> Guarded<L> {
         let open = &self.open;
         if open.all.fetch_add(1, Ordering::AcqRel) >= self.limits.max_connections {
             open.all.fetch_sub(1, Ordering::AcqRel);
+            self.refused(ConnectionLimit::ListenerFull);
             tracing::warn!(listener = self.name, %client, max = self.limits.max_connections, "connection refused: the listener is full");
             return None;
         }
@@ -119,11 +136,28 @@ impl<L> Guarded<L> {
         if *count >= self.limits.per_client {
             drop(count);
             open.all.fetch_sub(1, Ordering::AcqRel);
-            tracing::debug!(listener = self.name, %client, "connection refused: too many from this client");
+            self.refused(ConnectionLimit::PerClient);
+            // Behind a proxy every subscriber is this one client: said, but not once per
+            // connection of one client's flood.
+            let mut logged = self.refusals_logged.lock().unwrap_or_else(|e| e.into_inner());
+            logged.1 += 1;
+            if logged.0.is_none_or(|at| at.elapsed() >= REFUSALS_LOGGED_EVERY) {
+                tracing::warn!(listener = self.name, %client, max = self.limits.per_client, refused = logged.1,
+                    "connections refused: too many from this client (behind a proxy, raise admin.max_connections_per_client)");
+                *logged = (Some(Instant::now()), 0);
+            }
             return None;
         }
         *count += 1;
         Some(Slot { open: open.clone(), client })
+    }
+}
+
+impl<L> Guarded<L> {
+    fn refused(&self, limit: ConnectionLimit) {
+        if let Some(metrics) = &self.metrics {
+            metrics.connection_refused(self.name, limit);
+        }
     }
 }
 
@@ -432,6 +466,55 @@ mod tests {
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await?;
         Ok(answer)
+    }
+
+    /// Refused connections are counted by listener and limit: behind a proxy every
+    /// subscriber is one client, and its refusals (502s at the proxy) used to show
+    /// nowhere but a debug log line.
+    #[tokio::test]
+    async fn refused_connections_are_counted_by_listener_and_limit() {
+        let limits = Limits {
+            max_connections: 2,
+            per_client: 1,
+            idle: Duration::from_secs(5),
+            lifetime: None,
+            head_within: HEAD_WITHIN,
+        };
+        let metrics = Metrics::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let guarded = Guarded::new(listener, limits, "admin.listen").counting_in(metrics.clone());
+        let _server = tokio::spawn(async move { axum::serve(guarded, app).await.unwrap() });
+        let refused = |limit: &str| {
+            metrics
+                .value(&format!(r#"callnotify_connections_refused_total{{listener="admin.listen",limit="{limit}"}}"#))
+        };
+        assert_eq!((refused("per_client"), refused("listener_full")), (Some(0.0), Some(0.0)), "there from the start");
+
+        let _held = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(get(addr, "127.0.0.1").await.unwrap_or_default(), "", "a second from 127.0.0.1");
+        }
+        let _other = get_held(addr, "127.0.0.2").await;
+        assert_eq!(get(addr, "127.0.0.3").await.unwrap_or_default(), "", "a third in all");
+        assert_eq!((refused("per_client"), refused("listener_full")), (Some(2.0), Some(1.0)));
+        assert_eq!(
+            metrics.value(r#"callnotify_connections_refused_total{listener="admin.ivr_listen",limit="per_client"}"#),
+            Some(0.0)
+        );
+    }
+
+    /// A connection from `from` to `addr`, left open (once the listener took it).
+    async fn get_held(addr: SocketAddr, from: &str) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        // Answered: the listener counts it open.
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await.unwrap();
+        let mut answer = [0u8; 64];
+        assert!(stream.read(&mut answer).await.unwrap() > 0);
+        stream
     }
 
     /// A client with an IPv6 /64 is one client: its 2^64 addresses are counted together.

@@ -154,7 +154,8 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tasks.spawn(async move {
-        let listener = crate::http::Guarded::new(listener, crate::http::Limits::OPERATOR, "metrics.listen");
+        let listener = crate::http::Guarded::new(listener, crate::http::Limits::OPERATOR, "metrics.listen")
+            .counting_in(errors.clone());
         let app = app.into_make_service_with_connect_info::<crate::http::Answering>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
             crate::error_event!(errors, ErrorEvent::OperatorEndpoint, error = %e, "operator endpoint stopped");

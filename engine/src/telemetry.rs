@@ -50,6 +50,7 @@ pub const SETTINGS_SAVED: &str = "callnotify_settings_saved_total";
 pub const TEST_MAILS: &str = "callnotify_test_mails_total";
 pub const IVR_CALLS: &str = "callnotify_ivr_calls_total";
 pub const TEMPORARY_PASSWORDS: &str = "callnotify_temporary_passwords_total";
+pub const CONNECTIONS_REFUSED: &str = "callnotify_connections_refused_total";
 
 /// An enum of metric label values with `ALL` and `as_str`.
 macro_rules! labels {
@@ -132,6 +133,20 @@ labels! {
     }
 }
 
+labels! {
+    /// Which of a listener's limits closed a connection at once
+    /// (`callnotify_connections_refused_total{limit}`, [`crate::http::Limits`]).
+    ConnectionLimit {
+        /// The listener holds its most connections.
+        ListenerFull => "listener_full",
+        /// The client's address (a proxy's, behind one) holds its most.
+        PerClient => "per_client",
+    }
+}
+
+/// The listeners whose refusals are counted (`callnotify_connections_refused_total{listener}`).
+pub const LISTENERS: [&str; 3] = ["admin.listen", "admin.ivr_listen", "metrics.listen"];
+
 /// The value of one series in Prometheus text (what `/metrics` serves), e.g.
 /// `callnotify_cdrs_filtered_total{reason="stopped"}`; `None` if it is not there.
 pub fn series_value(text: &str, series: &str) -> Option<f64> {
@@ -198,6 +213,8 @@ struct Inner {
     ivr_calls: Vec<Counter>,
     settings_saved: Counter,
     temporary_passwords: Counter,
+    /// By listener ([`LISTENERS`]), then limit.
+    connections_refused: Vec<Counter>,
     /// Partitions per consumer thread, as last assigned: what `/readyz` sums.
     assigned: std::sync::Mutex<Vec<usize>>,
     /// What `smtp_circuit_open` shows, readable for `/readyz`.
@@ -282,6 +299,11 @@ impl Metrics {
         describe(TEST_MAILS, Some(Unit::Count), "Test mails (送信テスト) asked for on the site, by result");
         describe(IVR_CALLS, Some(Unit::Count), "Calls to the temporary-password line, by how they ended");
         describe(TEMPORARY_PASSWORDS, Some(Unit::Count), "Temporary passwords set by phone (R-I7)");
+        describe(
+            CONNECTIONS_REFUSED,
+            Some(Unit::Count),
+            "Connections the site's, the IVR API's and the operator endpoint's listeners closed at once, by listener and the limit reached",
+        );
         describe(
             DEAD_LETTER_WRITE_ERRORS,
             Some(Unit::Count),
@@ -377,6 +399,14 @@ impl Metrics {
             ivr_calls: IvrCall::ALL.iter().map(|v| counter(r, IVR_CALLS, &[("outcome", v.as_str())])).collect(),
             settings_saved: counter(r, SETTINGS_SAVED, &[]),
             temporary_passwords: counter(r, TEMPORARY_PASSWORDS, &[]),
+            connections_refused: LISTENERS
+                .iter()
+                .flat_map(|listener| {
+                    ConnectionLimit::ALL.iter().map(|limit| {
+                        counter(r, CONNECTIONS_REFUSED, &[("listener", listener), ("limit", limit.as_str())])
+                    })
+                })
+                .collect(),
             assigned: Default::default(),
             circuit_open: Default::default(),
             recorder,
@@ -494,6 +524,13 @@ impl Metrics {
     }
     pub fn temporary_password_set(&self) {
         self.inner.temporary_passwords.increment(1);
+    }
+    /// A connection `listener` (one of [`LISTENERS`]; another is not counted) closed at
+    /// once, at `limit`.
+    pub fn connection_refused(&self, listener: &str, limit: ConnectionLimit) {
+        if let Some(at) = LISTENERS.iter().position(|l| *l == listener) {
+            self.inner.connections_refused[at * ConnectionLimit::ALL.len() + limit.index()].increment(1);
+        }
     }
 
     /// Partitions assigned to the consumer threads of this engine, in all (`/readyz`).
