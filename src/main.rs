@@ -406,15 +406,20 @@ fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bo
         let mut partial = file.as_os_str().to_owned();
         partial.push(".partial");
         let partial = std::path::PathBuf::from(partial);
-        let written = std::fs::File::create(&partial)
-            .map_err(anyhow::Error::from)
-            .and_then(|out| {
-                let mut out = std::io::BufWriter::new(out);
-                let report = engine::provision::export(&store, credentials, &mut out)?;
-                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-                Ok(report)
-            })
-            .and_then(|report| Ok(std::fs::rename(&partial, file).map(|()| report)?));
+        // Password hashes and subscribers' addresses: the operator's only, whatever the
+        // umask (a file left from before keeps its mode: it is removed first).
+        let _ = std::fs::remove_file(&partial);
+        let written =
+            std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().write(true).create_new(true), 0o600)
+                .open(&partial)
+                .map_err(anyhow::Error::from)
+                .and_then(|out| {
+                    let mut out = std::io::BufWriter::new(out);
+                    let report = engine::provision::export(&store, credentials, &mut out)?;
+                    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                    Ok(report)
+                })
+                .and_then(|report| Ok(std::fs::rename(&partial, file).map(|()| report)?));
         match written {
             Ok(report) => report,
             Err(e) => {

@@ -459,6 +459,12 @@ fn r_l3_r_s3_an_export_imported_elsewhere_keeps_settings_and_passwords() {
     let said = run(&store, &["provision", "export", "all.jsonl"]).stderr;
     let said = String::from_utf8_lossy(&said);
     assert!(said.contains("exported 30 lines (60 numbers, 2 credentials) to all.jsonl"), "{said}");
+    // Password hashes and subscribers' addresses: the operator's to read, no one else's,
+    // whatever the shell's umask.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.path().join("all.jsonl")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "mode {mode:o}");
     run(&copy, &["provision", "import", "all.jsonl"]);
     let bare_lines = run(&store, &["provision", "export", "--without-credentials"]).stdout;
     assert!(!String::from_utf8_lossy(&bare_lines).contains("argon2"));
