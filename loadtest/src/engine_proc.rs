@@ -77,7 +77,7 @@ impl EngineConfig {
 
     /// Seeds the store with `population` through the operator's import path, unless
     /// this work directory already holds exactly that population (a reused `--workdir`).
-    pub fn seed(&self, population: &Population) -> anyhow::Result<String> {
+    pub async fn seed(&self, population: &Population) -> anyhow::Result<String> {
         let marker = self.workdir.join("seeded");
         let fax = if population.fax { ", with fax settings" } else { "" };
         let shape = format!("{} numbers, {} subscribed{fax}\n", population.numbers, population.subscribed);
@@ -93,7 +93,7 @@ impl EngineConfig {
         let started = Instant::now();
         let jsonl = self.workdir.join("population.jsonl");
         population.write_jsonl(std::fs::File::create(&jsonl)?)?;
-        let imported = self.provision(&jsonl, None)?;
+        let imported = self.provision(&jsonl, None).await?;
         std::fs::remove_file(&jsonl)?;
         std::fs::write(&marker, shape)?;
         Ok(format!("{imported} in {:.1} s", started.elapsed().as_secs_f64()))
@@ -117,13 +117,19 @@ impl EngineConfig {
 
     /// Runs `callnotify provision import` on a JSON Lines file: into this node's store,
     /// or with `--url` through the running node whose operator endpoint is `through`.
-    pub fn provision(&self, jsonl: &Path, through: Option<SocketAddr>) -> anyhow::Result<String> {
+    /// An import takes minutes at carrier scale: awaited, so a stop signal is seen
+    /// meanwhile, and the import is killed when the run is dropped.
+    pub async fn provision(&self, jsonl: &Path, through: Option<SocketAddr>) -> anyhow::Result<String> {
         let mut command = self.command();
         command.args(["provision", "import"]).arg(jsonl);
         if let Some(metrics) = through {
             command.args(["--url", &format!("http://{metrics}")]);
         }
-        let out = command.output().context("running provision import")?;
+        let out = tokio::process::Command::from(command)
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running provision import")?;
         if !out.status.success() {
             bail!("provision import failed: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -58,7 +58,7 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 
     let sink = SmtpSink::start_with(SinkOptions { port: 0, keep_mails: false }).await?;
     let mut config = common.engine_config(&setup, sink.addr(), "ingest.example.jp")?;
-    eprintln!("seeded: {}", config.seed(&population)?);
+    eprintln!("seeded: {}", config.seed(&population).await?);
 
     let cpu = CpuSampler::start();
     let mut rounds = Vec::new();

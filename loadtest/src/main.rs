@@ -520,7 +520,7 @@ mod tests {
         let config = common.engine_config(&setup, "127.0.0.1:25".parse().unwrap(), "seed.example.jp").unwrap();
         assert!(config.group.is_empty() && config.topic.is_empty());
         let population = Population { numbers: 50, subscribed: 0.5, fax: false };
-        let said = config.seed(&population).unwrap();
+        let said = config.seed(&population).await.unwrap();
         assert!(said.contains("imported"), "{said}");
         std::fs::remove_dir_all(workdir).unwrap();
     }

@@ -111,7 +111,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let topic = &topics[0];
     let mix = Mix { missed: args.missed, withheld: args.withheld, designated: args.designated, fax: args.fax };
 
-    let seed = config.seed(&population)?;
+    let seed = config.seed(&population).await?;
     eprintln!("seeded: {seed}");
 
     let mut engine = config.serve()?;

@@ -78,7 +78,7 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     let mut config =
         EngineConfig { pool_size: args.sessions, ..common.engine_config(&setup, sink_addr, "smtp.example.jp")? };
     let Setup { format, brokers, topics, embedded, .. } = setup;
-    eprintln!("seeded: {}", config.seed(&population)?);
+    eprintln!("seeded: {}", config.seed(&population).await?);
 
     let cpu = CpuSampler::start();
     let mut rounds = Vec::new();

@@ -63,7 +63,7 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
     first.wait_ready(Duration::from_secs(120)).await?;
     let started = Instant::now();
     for file in &files {
-        let said = a.provision(file, Some(first.metrics_addr()))?;
+        let said = a.provision(file, Some(first.metrics_addr())).await?;
         eprintln!("{}: {said} ({:.1} s so far)", file.display(), started.elapsed().as_secs_f64());
     }
     let import = started.elapsed();
@@ -93,7 +93,7 @@ pub async fn state(args: StateArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     for file in &files {
-        let said = c.provision(file, None)?;
+        let said = c.provision(file, None).await?;
         eprintln!("{}: {said} ({:.1} s so far)", file.display(), started.elapsed().as_secs_f64());
         std::fs::remove_file(file)?;
     }

@@ -7,6 +7,11 @@ use std::time::{Duration, Instant};
 
 /// The pids of the running `callnotify serve` processes whose parent is `parent`.
 fn engines_of(parent: u32) -> Vec<u32> {
+    children_running(parent, b"serve")
+}
+
+/// The pids of `parent`'s children with `arg` among their arguments.
+fn children_running(parent: u32, arg: &[u8]) -> Vec<u32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
@@ -14,8 +19,8 @@ fn engines_of(parent: u32) -> Vec<u32> {
         // pid (comm) state ppid ...: the comm may hold spaces, so read after its ')'.
         let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let serve = cmdline.split(|b| *b == 0).any(|arg| arg == b"serve");
-        if ppid == Some(parent) && serve {
+        let named = cmdline.split(|b| *b == 0).any(|given| given == arg);
+        if ppid == Some(parent) && named {
             found.push(pid);
         }
     }
@@ -33,11 +38,16 @@ fn running(pid: u32) -> bool {
 /// `callnotify-loadtest run` of 2 000 numbers at 100 CDR/s for `timing` (`--duration`,
 /// `--drain`), its work directory `dir/work`, its standard error piped.
 fn start_run(dir: &std::path::Path, timing: &[&str]) -> std::process::Child {
+    start_run_of(dir, 2000, timing)
+}
+
+/// [`start_run`] of `numbers` numbers.
+fn start_run_of(dir: &std::path::Path, numbers: u32, timing: &[&str]) -> std::process::Child {
     let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
     let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
     assert!(engine.exists(), "{} is built by `cargo test --workspace` (or `cargo build`)", engine.display());
     Command::new(loadtest)
-        .args(["run", "--numbers", "2000", "--rate", "100", "--quiet"])
+        .args(["run", "--numbers", &numbers.to_string(), "--rate", "100", "--quiet"])
         .args(timing)
         .arg("--workdir")
         .arg(dir.join("work"))
@@ -133,4 +143,40 @@ fn a_load_test_whose_engine_hangs_ends_by_itself_with_an_error() {
     assert!(!status.success(), "a run whose engine hung is no success: {stderr}");
     assert!(stderr.contains("did not"), "it says what did not answer or stop: {stderr}");
     assert!(!running(engines[0]), "the hung engine is killed: {stderr}");
+}
+
+/// A stop during an import (seeding here; `state`'s imports through a node take
+/// minutes at carrier scale) stops the load tester at once and the import with it: the
+/// signal was seen only once the import had ended, so a script's `timeout` killed the
+/// load tester and left what it had started running.
+#[test]
+fn a_load_test_stopped_during_an_import_stops_it_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Large enough that the seeding import (a debug build) is still under way when
+    // the signal comes.
+    let mut run = start_run_of(dir.path(), 400_000, &["--duration", "10s"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let import = loop {
+        if let Some(&pid) = children_running(run.id(), b"provision").first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the load test never started its import");
+        assert!(run.try_wait().unwrap().is_none(), "the load test ended before its import started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap().success());
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    let seeded = dir.path().join("work").join("seeded");
+    assert!(!seeded.exists(), "the load tester waited for the import to end before it stopped: {stderr}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(import) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = running(import);
+    if left {
+        let _ = Command::new("kill").args(["-KILL", &import.to_string()]).status();
+    }
+    assert!(!left, "the import was left running: {stderr}");
 }
