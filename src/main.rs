@@ -230,6 +230,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // What the site needs (its certificate, its addresses) before the engine joins its
     // consumer groups: a node that failed after would leave them without a word.
     let bound = admin::server::bind_all(&settings.admin).await?;
+    // The operator endpoint is bound once the engine has caught up: one taken is found
+    // now (a moment's bind, given back).
+    let metrics_listen = settings.metrics.listen;
+    std::net::TcpListener::bind(metrics_listen)
+        .with_context(|| format!("cannot listen on metrics.listen {metrics_listen}"))?;
     let test_mailer = engine::deliver::TestMailer::new(&settings.smtp)?;
     let mut signal = Box::pin(shutdown_signal());
     // Biased: the signal is polled first, which installs its handlers before the start
@@ -492,16 +497,21 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             for (partition, offset, why) in &done.unreadable {
                 eprintln!("left alone {topic}/{partition}/{offset}: {why}");
             }
+            // Not failures: the replay leaves them for one after the fix it names.
+            for (partition, offset, why) in &done.held_back {
+                eprintln!("held back {topic}/{partition}/{offset} (a CDR): {why}");
+            }
             for (partition, offset, why) in &done.unmarked {
                 eprintln!(
                     "put back {topic}/{partition}/{offset} (a CDR, into its topic), but not marked replayed: {why}"
                 );
             }
             eprintln!(
-                "{verb} {} CDRs and {} mails; {} replayed before, left alone",
+                "{verb} {} CDRs and {} mails; {} replayed before, left alone; {} CDRs held back",
                 done.cdrs.len(),
                 done.mails.len(),
-                done.already
+                done.already,
+                done.held_back.len()
             );
             if let Some(failed) = &done.mails_failed {
                 eprintln!("error: the mails were not all replayed: {failed}");

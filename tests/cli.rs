@@ -265,7 +265,7 @@ fn serve_with_a_site_it_cannot_serve_says_so_before_it_consumes() {
     let taken = taken.local_addr().unwrap().to_string();
     let missing = dir.path().join("no-such-cert.pem");
     let missing = missing.to_str().unwrap();
-    let cases: [(&str, &[(&str, &str)]); 2] = [
+    let cases: [(&str, &[(&str, &str)]); 3] = [
         (
             "admin.tls_cert",
             &[
@@ -275,6 +275,7 @@ fn serve_with_a_site_it_cannot_serve_says_so_before_it_consumes() {
             ],
         ),
         ("admin.ivr_listen", &[("CALLNOTIFY__ADMIN__IVR_LISTEN", &taken)]),
+        ("metrics.listen", &[("CALLNOTIFY__METRICS__LISTEN", &taken)]),
     ];
     for (named, env) in cases {
         let mut serve = Running::start(serve_in(dir.path()).envs(env.iter().copied()));

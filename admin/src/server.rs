@@ -51,13 +51,15 @@ impl Servers {
     }
 }
 
-/// The site's and the IVR API's listeners, bound, and the site's certificate read: all
+/// The site's and the IVR API's addresses, bound, and the site's certificate read: all
 /// `serve` can fail on, found before the engine joins its consumer groups, which a node
 /// that then exited would leave without a word (its partitions stalled until the
-/// session timeout).
+/// session timeout). Bound, not listening: until [`Bound::serve`] a connection is
+/// refused, so a proxy or the IVR platform turns to another node at once instead of
+/// waiting on this one through its catch-up.
 pub struct Bound {
-    site: (tokio::net::TcpListener, SocketAddr),
-    ivr: (tokio::net::TcpListener, SocketAddr),
+    site: (tokio::net::TcpSocket, SocketAddr),
+    ivr: (tokio::net::TcpSocket, SocketAddr),
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
@@ -68,12 +70,17 @@ pub async fn bind_all(admin: &AdminSettings) -> Result<Bound, ServerError> {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key).await?),
         _ => None,
     };
-    let site = bind("admin.listen", admin.listen).await?;
-    let ivr = bind("admin.ivr_listen", admin.ivr_listen).await?;
+    let site = bind("admin.listen", admin.listen)?;
+    let ivr = bind("admin.ivr_listen", admin.ivr_listen)?;
     Ok(Bound { site, ivr, tls })
 }
 
 impl Bound {
+    /// The site's and the IVR API's addresses (port 0 given: the ones picked).
+    pub fn addresses(&self) -> (SocketAddr, SocketAddr) {
+        (self.site.1, self.ivr.1)
+    }
+
     /// Serves the site on `admin.listen` (over TLS with `admin.tls_cert` and
     /// `admin.tls_key`) and the IVR API on `admin.ivr_listen` until `shutdown` is
     /// cancelled. `test_mailer` sends the site's 送信テスト mails (R-N2); without one the
@@ -98,7 +105,8 @@ impl Bound {
         let site_app = site::router(site_state);
         let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)).with_metrics(metrics.clone()));
 
-        let (site_listener, site) = self.site;
+        let (site_listener, site) = listen("admin.listen", self.site)?;
+        let (ivr_listener, ivr) = listen("admin.ivr_listen", self.ivr)?;
         let site_listener = Guarded::new(site_listener, admin.limits(), "admin.listen").counting_in(metrics.clone());
         let site_url = match self.tls {
             Some(config) => {
@@ -115,7 +123,6 @@ impl Bound {
                 format!("http://{site}")
             }
         };
-        let (ivr_listener, ivr) = self.ivr;
         let ivr_listener = Guarded::new(ivr_listener, admin.limits(), "admin.ivr_listen").counting_in(metrics.clone());
         spawn(&tasks, &metrics, "admin.ivr_listen", ivr_listener, ivr_app, shutdown);
         Ok(Servers { site, ivr, site_url, tasks })
@@ -136,12 +143,26 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
     }
 }
 
-/// A listener on `addr`, and the address it got (port 0 picks a free one).
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
+/// A socket bound to `addr`, not listening yet, and the address it got (port 0 picks a
+/// free one).
+fn bind(key: &'static str, addr: SocketAddr) -> Result<(tokio::net::TcpSocket, SocketAddr), ServerError> {
     let error = |source| ServerError::Bind { key, addr, source };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(error)?;
-    let local = listener.local_addr().map_err(error)?;
-    Ok((listener, local))
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+    let socket = socket.map_err(error)?;
+    // As `TcpListener::bind` does: a restart takes its port back at once.
+    socket.set_reuseaddr(true).map_err(error)?;
+    socket.bind(addr).map_err(error)?;
+    let local = socket.local_addr().map_err(error)?;
+    Ok((socket, local))
+}
+
+/// Starts listening on a socket of [`bind`].
+fn listen(
+    key: &'static str,
+    (socket, addr): (tokio::net::TcpSocket, SocketAddr),
+) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
+    let listener = socket.listen(1024).map_err(|source| ServerError::Bind { key, addr, source })?;
+    Ok((listener, addr))
 }
 
 /// Serves `app` on `listener`, on a task of `tasks`, until `shutdown` is cancelled.

@@ -116,6 +116,33 @@ async fn r_s8_a_silent_client_does_not_hold_up_the_next_one() {
     assert!(https_get(servers.site, "/login").await.starts_with("HTTP/1.1 200"));
 }
 
+/// The site's and the IVR API's addresses are taken before the engine starts (a taken
+/// one stops the node before it joins its consumer groups) but refuse connections until
+/// served: a proxy or the IVR platform turns to another node at once, instead of its
+/// requests waiting through this node's catch-up.
+#[tokio::test]
+async fn bound_addresses_refuse_connections_until_served() {
+    let admin = admin_settings(&[]).unwrap();
+    let bound = bind_all(&admin).await.unwrap();
+    let (site, ivr) = bound.addresses();
+    for addr in [site, ivr] {
+        let refused = TcpStream::connect(addr).await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{addr}");
+    }
+    let servers = bound
+        .serve(
+            &admin,
+            Store::temporary().unwrap(),
+            SystemClock::shared(),
+            None,
+            engine::telemetry::Metrics::new(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .unwrap();
+    assert_eq!((servers.site, servers.ivr), (site, ivr));
+    TcpStream::connect(site).await.unwrap();
+}
+
 #[tokio::test]
 async fn without_tls_the_site_is_plain_http_with_neither_secure_cookies_nor_hsts() {
     let servers = start(&admin_settings(&[]).unwrap()).await.unwrap();

@@ -431,10 +431,16 @@ impl Settings {
             );
         }
         let on_this_machine = |host: &str| {
+            let host = host.trim_end_matches('.');
             host.eq_ignore_ascii_case("localhost")
-                || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+                || host
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.to_canonical().is_loopback())
         };
-        if !self.smtp.username.is_empty() && self.smtp.tls == TlsMode::None && !on_this_machine(&self.smtp.host) {
+        // No smtp.host: mails go to the outbox, and nothing is sent anywhere.
+        let over_the_network = !self.smtp.host.is_empty() && !on_this_machine(&self.smtp.host);
+        if !self.smtp.username.is_empty() && self.smtp.tls == TlsMode::None && over_the_network {
             // AUTH PLAIN and LOGIN send the password as it is.
             return invalid(
                 "smtp.username is set but smtp.tls is \"none\": the password would cross the network in clear; set smtp.tls to \"starttls\" or \"tls\" (a relay on this machine, smtp.host = \"127.0.0.1\", needs neither)",
@@ -712,8 +718,9 @@ mod tests {
         let err = auth("mx.example.jp", "none").unwrap_err().to_string();
         assert!(err.contains("smtp.username") && err.contains("smtp.tls"), "{err}");
         assert!(!err.contains("smtp-secret"), "{err}");
-        for host in ["127.0.0.1", "localhost", "::1"] {
-            assert!(auth(host, "none").is_ok(), "{host}");
+        // This machine, and no host at all (the outbox).
+        for host in ["127.0.0.1", "localhost", "localhost.", "::1", "::ffff:127.0.0.1", ""] {
+            assert!(auth(host, "none").is_ok(), "{host:?}");
         }
         for tls in ["starttls", "tls"] {
             assert!(auth("mx.example.jp", tls).is_ok(), "{tls}");

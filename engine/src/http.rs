@@ -90,8 +90,9 @@ pub struct Guarded<L> {
     name: &'static str,
     /// Where refusals are counted (`callnotify_connections_refused_total`).
     metrics: Option<Metrics>,
-    /// When a per-client refusal was last logged, and those since: one line every
-    /// [`REFUSALS_LOGGED_EVERY`] per listener, not one per connection of a flood.
+    /// When a per-client refusal was last logged, and those since (of any client): one
+    /// line every [`REFUSALS_LOGGED_EVERY`] per listener, not one per connection of a
+    /// flood.
     refusals_logged: std::sync::Mutex<(Option<Instant>, u64)>,
 }
 

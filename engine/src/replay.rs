@@ -37,6 +37,9 @@ pub struct Replayed {
     /// CDR, a mail record without its mail, one that is no dead letter, a CDR the cluster
     /// refused to take back. Left alone, the others replayed.
     pub unreadable: Vec<(i32, i64, String)>,
+    /// CDRs [`CdrCheck`] held back (partition, offset, why): their engines would not
+    /// notify them now; not marked, so a replay after the fix puts them back.
+    pub held_back: Vec<(i32, i64, String)>,
     /// CDRs put back whose marker the cluster refused (partition, offset, why): a next
     /// replay puts them back again (the sent records keep their mails to one each). One
     /// refused for good stops the CDRs' step there (its why says so).
@@ -119,6 +122,7 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         cdrs: done.replayed,
         already: done.already,
         unreadable: done.unreplayable,
+        held_back: done.held_back,
         unmarked: done.unmarked,
         ..Replayed::default()
     };

@@ -119,6 +119,9 @@ pub struct Replay {
     /// Records that cannot be replayed (partition, offset, why): left alone, the others
     /// replayed.
     pub unreplayable: Vec<(i32, i64, String)>,
+    /// CDRs the judge held back (partition, offset, why): not put back, not marked, for
+    /// a replay once their engines would notify them.
+    pub held_back: Vec<(i32, i64, String)>,
     /// CDRs put back whose marker the cluster refused (partition, offset, why): a next
     /// replay puts them back again. A marker refused for good stops the CDRs' step after
     /// it (its why says so).
@@ -128,7 +131,7 @@ pub struct Replay {
 /// Puts the CDRs of the records `filter` lets through back into the topics and
 /// partitions they were read from, each with a [`REPLAYED_FROM`] header, and marks each
 /// as replayed; with `dry_run`, only says which. A CDR `judge` says why not to put back
-/// (its source topic, its bytes) is left alone, named.
+/// (its source topic, its bytes) is held back, named.
 pub fn replay(
     brokers: &str,
     properties: &BTreeMap<String, String>,
@@ -170,7 +173,7 @@ pub fn replay(
             }
         };
         if let Some(why) = judge(source, &raw) {
-            done.unreplayable.push((letter.partition, letter.offset, why));
+            done.held_back.push((letter.partition, letter.offset, why));
             continue;
         }
         if !dry_run {

@@ -106,6 +106,8 @@ impl Store {
         match self.number(&record.number) {
             Ok(tenant) => {
                 if !tenant.is_some_and(|number| number.services.fax && !number.before_moving_in(record.received_at)) {
+                    tracing::info!(number = %record.number, fax_id = %record.fax_id,
+                        "a fax read for its number's previous subscriber (the number left the line since): not kept");
                     return Ok(false);
                 }
             }

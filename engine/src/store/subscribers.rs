@@ -197,8 +197,10 @@ impl Store {
     ) -> Result<Upserted, StoreError> {
         let mut touched = Vec::new();
         let upserted = self.upsert_line_writing(line, numbers, written, &mut touched);
-        self.changed(&touched)?;
+        let told = self.changed(&touched);
+        // The upsert's own failure is the one to tell.
         let mut upserted = upserted?;
+        told?;
         // Each pass of 'again noted what it found: once each, in the order first found.
         let mut seen = std::collections::HashSet::new();
         upserted.moved.retain(|(number, _)| seen.insert(*number));
@@ -230,11 +232,12 @@ impl Store {
                     if self.numbers.remove(gone.as_str())?.is_some() {
                         written.number(gone, None);
                     }
+                    // Told as soon as it is gone, should what follows fail.
+                    touched.push((*gone, None));
                     if self.credentials.remove(gone.as_str())?.is_some() {
                         written.credential_removed(gone);
                     }
                     self.forget_faxes_here(gone, written)?;
-                    touched.push((*gone, None));
                     upserted.removed.push(*gone);
                 }
             }

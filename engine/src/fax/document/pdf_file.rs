@@ -86,22 +86,30 @@ impl Pdf {
     }
 
     /// The names of the XObjects the page's content draws (`/Name Do`), up to an operator
-    /// it cannot read; none if its content is larger than a fax page's (a few operators)
-    /// could be, or does not inflate.
+    /// it cannot read or the [`DRAWN_AT_MOST`]th; none if its content is larger than a
+    /// fax page's (a few operators) could be, in all its parts, or does not inflate.
     fn drawn(&self, page: &Dictionary) -> Vec<Vec<u8>> {
-        const AT_MOST: usize = 1 << 20;
+        // A part may be listed many times over: the bound is on them all.
+        const BYTES_AT_MOST: usize = 1 << 20;
+        const PARTS_AT_MOST: usize = 64;
         let contents: Vec<&Stream> = match page.get(b"Contents").map(|c| self.deref(c)) {
             Ok(Object::Stream(stream)) => vec![stream],
-            Ok(Object::Array(parts)) => parts.iter().filter_map(|p| self.deref(p).as_stream().ok()).collect(),
+            Ok(Object::Array(parts)) if parts.len() <= PARTS_AT_MOST => {
+                parts.iter().filter_map(|p| self.deref(p).as_stream().ok()).collect()
+            }
             _ => Vec::new(),
         };
-        let mut drawn = Vec::new();
+        let (mut drawn, mut left) = (Vec::new(), BYTES_AT_MOST);
         for stream in contents {
-            let Ok(content) = stream.decompressed_content_with_limit(AT_MOST) else { return Vec::new() };
+            let Ok(content) = stream.decompressed_content_with_limit(left) else { return Vec::new() };
+            left = left.saturating_sub(content.len());
             for operation in lopdf::content::Content::decode_iter(&content) {
                 let Ok(operation) = operation else { return drawn };
                 if let ("Do", [Object::Name(name)]) = (operation.operator.as_str(), operation.operands.as_slice()) {
                     drawn.push(name.clone());
+                    if drawn.len() == DRAWN_AT_MOST {
+                        return drawn;
+                    }
                 }
             }
         }
@@ -138,6 +146,9 @@ impl Pdf {
         Resolution { x: image.width as f32 / width, y: image.height as f32 / height }.rows()
     }
 }
+
+/// The XObjects of a page's content looked at, at most: a fax page draws one image.
+const DRAWN_AT_MOST: usize = 64;
 
 /// An image XObject we can decode.
 struct Image<'a> {

@@ -230,11 +230,17 @@ fn r_f1_pdf_pages_sharing_their_resources_each_show_their_own_image() {
         "XObject" => dictionary! { "Im0" => black, "Im1" => white, "Im2" => banded },
     });
     let (w, h) = (width as f32 * 0.3, height as f32 * 0.3);
-    let kids: Vec<Object> = ["Im1", "Im2", "Im0"]
-        .iter()
-        .map(|name| {
-            let draw = format!("q {w} 0 0 {h} 0 0 cm /{name} Do Q");
-            let content = doc.add_object(Stream::new(dictionary! {}, draw.into_bytes()));
+    let mut draws = |name: &str| {
+        let draw = format!("q {w} 0 0 {h} 0 0 cm /{name} Do Q");
+        Object::from(doc.add_object(Stream::new(dictionary! {}, draw.into_bytes())))
+    };
+    // Page 4 lists one part 65 times (a bomb of a million would take as many inflations):
+    // not read, so its largest image is shown, the first of those equal in size.
+    let white_again = draws("Im1");
+    let contents = [draws("Im1"), draws("Im2"), draws("Im0"), Object::Array(vec![white_again; 65])];
+    let kids: Vec<Object> = contents
+        .into_iter()
+        .map(|content| {
             doc.add_object(dictionary! {
                 "Type" => "Page", "Parent" => pages, "Contents" => content, "Resources" => resources,
                 "MediaBox" => vec![0.into(), 0.into(), w.into(), h.into()],
@@ -242,7 +248,7 @@ fn r_f1_pdf_pages_sharing_their_resources_each_show_their_own_image() {
             .into()
         })
         .collect();
-    let tree = dictionary! { "Type" => "Pages", "Kids" => kids, "Count" => 3 };
+    let tree = dictionary! { "Type" => "Pages", "Kids" => kids, "Count" => 4 };
     doc.objects.insert(pages, Object::Dictionary(tree));
     let catalog = doc.add_object(dictionary! { "Type" => "Catalog", "Pages" => pages });
     doc.trailer.set("Root", catalog);
@@ -254,6 +260,7 @@ fn r_f1_pdf_pages_sharing_their_resources_each_show_their_own_image() {
     assert_eq!(black_pixels(0), 0, "page 1 draws the white image");
     assert_eq!(black_pixels(1), all - width as usize, "page 2 draws the banded one");
     assert_eq!(black_pixels(2), all, "page 3 draws the black one");
+    assert_eq!(black_pixels(3), all, "page 4's content is not read");
 }
 
 #[test]
