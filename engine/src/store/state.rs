@@ -1109,56 +1109,71 @@ mod tests {
         assert!(!store.diverged().unwrap(), "a batch confirmed and read back");
     }
 
-    /// The owner publishes what an op touched; another store applying those values has
-    /// the same line, numbers and credentials (R-L3, R-M3: a moved number included).
-    #[test]
-    fn r_m3_values_an_op_touched_applied_elsewhere_give_the_same_state() {
-        let (owner, view) = (Store::temporary().unwrap(), Store::temporary().unwrap());
-        let services = Services { call: true, fax: false };
-        let mut position = 0;
-        let mut apply = |op: Op| {
-            position += 1;
-            view.apply_state(&published(&owner, owner.execute(&op).unwrap().1), position, None, &[]).unwrap();
-        };
-        let first =
-            LineRecord { contract: n("0312345678"), numbers: vec![n("0312345678"), n("0312345679")], unit: None };
-        apply(Op::UpsertLine {
-            line: first.clone(),
-            numbers: first.numbers.iter().map(|x| (*x, services, None)).collect(),
-        });
-        let record = CredentialRecord {
+    /// A state owner's store and a view that applies what the owner publishes, as
+    /// another node's store does.
+    struct Mirrored {
+        owner: Store,
+        view: Store,
+        position: i64,
+    }
+
+    impl Mirrored {
+        fn new() -> Self {
+            Self { owner: Store::temporary().unwrap(), view: Store::temporary().unwrap(), position: 0 }
+        }
+
+        /// Carries `op` out on the owner and applies what it published to the view.
+        fn apply(&mut self, op: Op) -> Result<Reply, StoreError> {
+            let (reply, changed) = self.owner.attempt(&op);
+            let published: Vec<(StateKey, Option<Vec<u8>>)> = match changed {
+                Changed::Keys(touched) => touched
+                    .iter()
+                    .map(|k| (k.clone(), self.owner.state_value(k).unwrap().map(|v| v.to_vec())))
+                    .collect(),
+                Changed::Values(written) => {
+                    written.into_values().into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))).collect()
+                }
+            };
+            self.position += 1;
+            self.view.apply_state(&published, self.position, None, &[]).unwrap();
+            reply
+        }
+    }
+
+    /// An upsert of line `numbers` (the first its contract), each with call notification.
+    fn upsert(numbers: &[&str]) -> Op {
+        let numbers: Vec<PhoneNumber> = numbers.iter().map(|x| n(x)).collect();
+        Op::UpsertLine {
+            line: LineRecord { contract: numbers[0], numbers: numbers.clone(), unit: None },
+            numbers: numbers.iter().map(|x| (*x, Services { call: true, fax: false }, None)).collect(),
+        }
+    }
+
+    fn password() -> CredentialRecord {
+        CredentialRecord {
             hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
             kind: CredentialKind::Password,
             set_at: Utc::now(),
             failures: 0,
             invalidated: false,
-        };
-        apply(Op::SetCredential { number: n("0312345679"), record: record.clone() });
+        }
+    }
+
+    /// The owner publishes what an op touched; another store applying those values has
+    /// the same line, numbers and credentials (R-L3, R-M3: a moved number included).
+    #[test]
+    fn r_m3_values_an_op_touched_applied_elsewhere_give_the_same_state() {
+        let mut mirrored = Mirrored::new();
+        mirrored.apply(upsert(&["0312345678", "0312345679"])).unwrap();
+        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password() }).unwrap();
         // 0312345679 moves to another line: it leaves the first, without its credential.
-        let second =
-            LineRecord { contract: n("0612345678"), numbers: vec![n("0612345678"), n("0312345679")], unit: None };
-        apply(Op::UpsertLine {
-            line: second.clone(),
-            numbers: second.numbers.iter().map(|x| (*x, services, None)).collect(),
-        });
-        for store in [&owner, &view] {
+        mirrored.apply(upsert(&["0612345678", "0312345679"])).unwrap();
+        for store in [&mirrored.owner, &mirrored.view] {
             assert_eq!(store.line(&n("0312345678")).unwrap().unwrap().numbers, vec![n("0312345678")]);
             assert_eq!(store.number(&n("0312345679")).unwrap().unwrap().contract, n("0612345678"));
             assert_eq!(store.credential(&n("0312345679")).unwrap(), None);
         }
-        assert_eq!(view.state_position().unwrap(), 3);
-    }
-
-    /// The values `owner` publishes for what an op `changed`.
-    fn published(owner: &Store, changed: Changed) -> Vec<(StateKey, Option<Vec<u8>>)> {
-        match changed {
-            Changed::Keys(touched) => {
-                touched.iter().map(|k| (k.clone(), owner.state_value(k).unwrap().map(|v| v.to_vec()))).collect()
-            }
-            Changed::Values(written) => {
-                written.into_values().into_iter().map(|(k, v)| (k, v.map(|v| v.to_vec()))).collect()
-            }
-        }
+        assert_eq!(mirrored.view.state_position().unwrap(), 3);
     }
 
     /// An upsert that fails part way (here a number record the owner cannot read) has
@@ -1167,37 +1182,15 @@ mod tests {
     /// owner removed (R-M3).
     #[test]
     fn r_m3_what_an_upsert_failing_part_way_wrote_reaches_the_other_stores() {
-        let (owner, view) = (Store::temporary().unwrap(), Store::temporary().unwrap());
-        let services = Services { call: true, fax: false };
-        let mut position = 0;
-        let mut apply = |op: Op| {
-            let (reply, changed) = owner.attempt(&op);
-            position += 1;
-            view.apply_state(&published(&owner, changed), position, None, &[]).unwrap();
-            reply
-        };
-        let line = |numbers: &[&str]| {
-            let numbers: Vec<PhoneNumber> = numbers.iter().map(|x| n(x)).collect();
-            Op::UpsertLine {
-                line: LineRecord { contract: numbers[0], numbers: numbers.clone(), unit: None },
-                numbers: numbers.iter().map(|x| (*x, services, None)).collect(),
-            }
-        };
-        apply(line(&["0312345678", "0312345679"])).unwrap();
-        let record = CredentialRecord {
-            hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
-            kind: CredentialKind::Password,
-            set_at: Utc::now(),
-            failures: 0,
-            invalidated: false,
-        };
-        apply(Op::SetCredential { number: n("0312345679"), record }).unwrap();
-        owner.numbers.insert("0312345670", &b"{not a number record"[..]).unwrap();
+        let mut mirrored = Mirrored::new();
+        mirrored.apply(upsert(&["0312345678", "0312345679"])).unwrap();
+        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password() }).unwrap();
+        mirrored.owner.numbers.insert("0312345670", &b"{not a number record"[..]).unwrap();
 
-        let failed = apply(line(&["0312345678", "0312345670"]));
+        let failed = mirrored.apply(upsert(&["0312345678", "0312345670"]));
         assert!(matches!(failed, Err(StoreError::Corrupt(_))), "{failed:?}");
         // 0312345679 left the line before the failure.
-        for (name, store) in [("owner", &owner), ("view", &view)] {
+        for (name, store) in [("owner", &mirrored.owner), ("view", &mirrored.view)] {
             assert_eq!(store.number(&n("0312345679")).unwrap(), None, "{name}");
             assert_eq!(store.credential(&n("0312345679")).unwrap(), None, "{name}");
             let subscribed: Vec<PhoneNumber> = store.subscribed_numbers().map(Result::unwrap).collect();
