@@ -134,7 +134,9 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
         match entry {
             Ok(entry) => entries.push((letter, entry)),
             Err(e) => {
-                replayed.unreadable.push((letter.partition, letter.offset, format!("no mail to send again: {e}")))
+                // Left out when the dead-letter topic refused the record with it.
+                let why = letter.record["entry"]["mail_left_out"].as_str().map_or(e.to_string(), str::to_owned);
+                replayed.unreadable.push((letter.partition, letter.offset, format!("no mail to send again: {why}")))
             }
         }
     }

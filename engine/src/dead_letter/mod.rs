@@ -62,8 +62,11 @@ impl DeadLetters {
     }
 
     /// Writes `record`, tried again until the broker takes it (its CDR's offset waits).
-    async fn publish(&self, key: &str, record: serde_json::Value, mail: bool) {
-        let payload = record.to_string();
+    /// One refused for its size (a topic of the broker's default 1 MB, a fax mail with
+    /// its PDF) is written without its bulk ([`leave_out_the_bulk`]): tried again as it
+    /// was, it would be refused for ever.
+    async fn publish(&self, key: &str, mut record: serde_json::Value, mail: bool) {
+        let mut payload = record.to_string();
         let mut delay = Duration::from_millis(200);
         loop {
             let sent = self
@@ -74,6 +77,14 @@ impl DeadLetters {
                 Ok(_) => {
                     self.metrics.dead_letter(mail);
                     return;
+                }
+                Err((e, _))
+                    if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+                        && leave_out_the_bulk(&mut record, payload.len(), &self.topic) =>
+                {
+                    tracing::warn!(topic = %self.topic, bytes = payload.len(), error = %e,
+                        "a dead letter too large for its topic: written without the record or mail it carried");
+                    payload = record.to_string();
                 }
                 Err((e, _)) => {
                     self.metrics.dead_letter_write_failed(mail);
@@ -90,6 +101,28 @@ impl DeadLetters {
                 }
             }
         }
+    }
+}
+
+/// Takes the raw record (a CDR's dead letter) or the mail (a mail's) out of `record`,
+/// a dead letter of `bytes` its topic refused, saying so in its place; whether there was
+/// one to take out. A mail record then has no mail for a replay to send again (it says
+/// so); its Message-ID, recipient and reply stay.
+fn leave_out_the_bulk(record: &mut serde_json::Value, bytes: usize, topic: &str) -> bool {
+    let why =
+        format!("{bytes} bytes with it: too large for {topic} (its max.message.bytes; docs/kafka.md), so left out");
+    if record.get("raw_base64").is_some() {
+        record.as_object_mut().map(|r| r.remove("raw_base64"));
+        record["raw_left_out"] = why.into();
+        return true;
+    }
+    match record.get_mut("entry").and_then(|entry| entry.as_object_mut()) {
+        Some(entry) if entry.contains_key("mail_base64") => {
+            entry.remove("mail_base64");
+            entry.insert("mail_left_out".into(), why.into());
+            true
+        }
+        _ => false,
     }
 }
 
@@ -161,5 +194,61 @@ mod tests {
 
         let small = rejected("cdr", 0, 7, CdrFormat::Canonical, "not JSON", b"{oops".to_vec());
         assert_eq!(small["raw_base64"], "e29vcHM=", "a record within the bound is kept whole");
+    }
+
+    /// R-M4, docs/kafka.md: a dead-letter topic keeps the broker's default record size
+    /// (1 MB). A fax mail with its PDF attached (about 600 KB) refused for good made a
+    /// dead letter of 1.1 MB, the mail base64 once more, which the broker refused again
+    /// and again: the mail's other recipients waited, and its partition committed nothing
+    /// more. Refused for its size, the dead letter is written without the mail, saying so.
+    #[tokio::test]
+    async fn r_m4_a_mail_dead_letter_too_large_for_its_topic_is_written_without_the_mail() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::Message;
+        let kafka = crate::embedded::EmbeddedKafka::start(&["dl"], 1).unwrap();
+        // A producer that takes records of 1 MB at most, as a topic of the default size.
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .set("message.max.bytes", "1000000")
+            .set("message.timeout.ms", "5000")
+            .create()
+            .unwrap();
+        let letters = DeadLetters::new(producer, "dl", Metrics::new());
+        let recipient = crate::address::DestinationAddress::parse("taro@example.jp").unwrap();
+        let to = crate::render::recipient_address(&recipient);
+        let envelope = lettre::address::Envelope::new(Some("no-reply@example.jp".parse().unwrap()), vec![to]).unwrap();
+        // A mail with a PDF of 600 KB attached, base64 in the mail.
+        let bytes = vec![b'x'; 800_000];
+        let mail = Mail { message_id: "<call-1.0@example.jp>".into(), recipient, envelope, bytes };
+        let called = crate::phone::PhoneNumber::parse("0312345678").unwrap();
+        let origin = Origin { call_id: "call-1".into(), called, ended_at: chrono::Utc::now(), source: None };
+        let mail_base64 = base64::engine::general_purpose::STANDARD.encode(&mail.bytes);
+        let entry = serde_json::json!({"mail_base64": mail_base64, "attempts": 1});
+        let written = tokio::time::timeout(
+            Duration::from_secs(60),
+            letters.mail_failed(&mail, &origin, "550 no such user", 1, entry),
+        )
+        .await;
+        assert!(written.is_ok(), "the dead letter was never written");
+
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka.bootstrap_servers())
+            .set("group.id", "read")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer.subscribe(&["dl"]).unwrap();
+        let record = loop {
+            if let Some(message) = consumer.poll(Duration::from_secs(10)) {
+                break serde_json::from_slice::<serde_json::Value>(message.unwrap().payload().unwrap()).unwrap();
+            }
+        };
+        assert_eq!(
+            (record["kind"].as_str(), record["message_id"].as_str()),
+            (Some("mail"), Some(mail.message_id.as_str()))
+        );
+        assert!(record["entry"].get("mail_base64").is_none(), "{record}");
+        let left_out = record["entry"]["mail_left_out"].as_str().unwrap();
+        assert!(left_out.contains("too large"), "{left_out}");
     }
 }
