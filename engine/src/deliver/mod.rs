@@ -739,11 +739,15 @@ async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
 
 /// Sorts a failure into retry or give up: a 5xx to the mail's own commands, or a mail
 /// the server can never take, is permanent; everything about the connection or the
-/// session (greeting, EHLO, STARTTLS, AUTH) may pass. A timeout after DATA is retried
-/// although the mail may have arrived: a possible duplicate beats a loss.
+/// session (greeting, EHLO, STARTTLS, AUTH) may pass, and so does 530, which a relay
+/// wanting a login or TLS first answers to any command (RFC 4954, RFC 3207). A timeout
+/// after DATA is retried although the mail may have arrived: a possible duplicate beats
+/// a loss.
 fn classify(e: SendError) -> Attempt {
     match &e {
-        SendError::Client(ClientError::Refused(reply)) if reply.code >= 500 => Attempt::Permanent(e.to_string()),
+        SendError::Client(ClientError::Refused(reply)) if reply.code >= 500 && reply.code != 530 => {
+            Attempt::Permanent(e.to_string())
+        }
         SendError::Client(ClientError::Unsendable(_)) => Attempt::Permanent(e.to_string()),
         SendError::Timeout | SendError::Connect(_) | SendError::Client(ClientError::Closed { .. }) => {
             Attempt::Unanswered(e.to_string())
@@ -859,6 +863,12 @@ pub(crate) mod tests {
         // Wrong credentials or a server refusing sessions are the operator's to fix: no
         // mail is given up for them.
         assert!(matches!(refused(ClientError::Session(reply(535))), Attempt::Temporary(_)));
+        // Nor for a relay that wants a login or TLS first (RFC 4954, RFC 3207): it answers
+        // any command so, MAIL FROM too, and every mail used to be dead-lettered at once.
+        for wants in ["5.7.0 Authentication required", "5.7.0 Must issue a STARTTLS command first"] {
+            let refusal = ClientError::Refused(Reply { code: 530, text: wants.into() });
+            assert!(matches!(refused(refusal), Attempt::Temporary(_)), "{wants}");
+        }
     }
 
     /// R-N2's button cannot spam: 5 test mails a minute per line, whichever of its
