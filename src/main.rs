@@ -270,10 +270,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let servers = match servers {
         Ok(servers) => servers,
         Err(e) => {
-            // The engine runs already: it stops as on a signal, leaving its groups.
+            // The engine runs already: it stops as on a signal, leaving its groups; the
+            // cause is said first, as the stop takes a while.
+            tracing::error!(error = %e, "the settings site cannot be served: stopping the engine");
             stop.cancel();
-            app.run_until_stopped(stop.cancelled()).await?;
-            return Err(e.into());
+            let stopped = app.run_until_stopped(stop.cancelled()).await;
+            return Err(anyhow::Error::from(e).context(match stopped {
+                Ok(()) => "the engine stopped".to_owned(),
+                Err(stop) => format!("the engine stopped with an error too: {stop:#}"),
+            }));
         }
     };
     tracing::info!(url = %format!("{}/login", servers.site_url), "settings site listening");
@@ -414,17 +419,20 @@ fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bo
         // Password hashes and subscribers' addresses: the operator's only, whatever the
         // umask (a file left from before keeps its mode: it is removed first).
         let _ = std::fs::remove_file(&partial);
-        let written =
-            std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().write(true).create_new(true), 0o600)
-                .open(&partial)
-                .map_err(anyhow::Error::from)
-                .and_then(|out| {
-                    let mut out = std::io::BufWriter::new(out);
-                    let report = engine::provision::export(&store, credentials, &mut out)?;
-                    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-                    Ok(report)
-                })
-                .and_then(|report| Ok(std::fs::rename(&partial, file).map(|()| report)?));
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let written = options
+            .open(&partial)
+            .map_err(anyhow::Error::from)
+            .and_then(|out| {
+                let mut out = std::io::BufWriter::new(out);
+                let report = engine::provision::export(&store, credentials, &mut out)?;
+                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                Ok(report)
+            })
+            .and_then(|report| Ok(std::fs::rename(&partial, file).map(|()| report)?));
         match written {
             Ok(report) => report,
             Err(e) => {
@@ -466,8 +474,13 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
                 } else {
                     let at = l.record["at"].as_str().unwrap_or("");
                     let mark = if l.replayed { "replayed" } else { "" };
+                    // A mail or record too large for the topic was written without it.
+                    let left_out = ["mail_left_out", "raw_left_out"]
+                        .iter()
+                        .find_map(|field| l.record["entry"][field].as_str().or(l.record[field].as_str()))
+                        .map_or(String::new(), |why| format!(" ({why})"));
                     print_out(format_args!(
-                        "{}/{}\t{at}\t{}\t{mark}\t{}\n",
+                        "{}/{}\t{at}\t{}\t{mark}\t{}{left_out}\n",
                         l.partition,
                         l.offset,
                         l.kind(),
@@ -499,7 +512,7 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             }
             // Not failures: the replay leaves them for one after the fix it names.
             for (partition, offset, why) in &done.held_back {
-                eprintln!("held back {topic}/{partition}/{offset} (a CDR): {why}");
+                eprintln!("held back {topic}/{partition}/{offset}: {why}");
             }
             for (partition, offset, why) in &done.unmarked {
                 eprintln!(

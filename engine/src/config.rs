@@ -449,6 +449,25 @@ impl Settings {
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
         }
+        // Each listener on an address of its own: two on one port, its addresses equal or
+        // either all of them (0.0.0.0, ::), could not both listen, and the second would
+        // find so only once the engine consumes (the site listens after the catch-up).
+        let listeners = [
+            ("metrics.listen", self.metrics.listen),
+            ("admin.listen", self.admin.listen),
+            ("admin.ivr_listen", self.admin.ivr_listen),
+        ];
+        let clash = |a: SocketAddr, b: SocketAddr| {
+            let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+            a.port() != 0 && a.port() == b.port() && (x == y || x.is_unspecified() || y.is_unspecified())
+        };
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[i + 1..].iter().find(|(_, other)| clash(*addr, *other)) {
+                return invalid(&format!(
+                    "{key} and {other} share an address ({addr}): give each listener its own port"
+                ));
+            }
+        }
         if self.admin.behind_tls_proxy
             && !self.admin.listen.ip().to_canonical().is_loopback()
             && self.admin.proxy_addresses.is_empty()
@@ -726,6 +745,38 @@ mod tests {
             assert!(auth("mx.example.jp", tls).is_ok(), "{tls}");
         }
         assert!(Settings::load_from(None, env(&[("CALLNOTIFY__SMTP__HOST", "mx.example.jp")])).is_ok(), "no AUTH");
+    }
+
+    /// The site, the IVR API and the operator endpoint each listen on an address of their
+    /// own: two on one port were found only once the second listened, after the engine
+    /// had joined its consumer groups.
+    #[test]
+    fn listeners_sharing_an_address_are_refused_naming_both() {
+        let load = |vars: &[(&str, &str)]| Settings::load_from(None, env(vars));
+        let err = load(&[
+            ("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:8080"),
+            ("CALLNOTIFY__ADMIN__IVR_LISTEN", "127.0.0.1:8080"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("admin.listen and admin.ivr_listen share an address (127.0.0.1:8080)"), "{err}");
+        let err =
+            load(&[("CALLNOTIFY__METRICS__LISTEN", "0.0.0.0:8080"), ("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:8080")])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("metrics.listen and admin.listen"), "{err}");
+        // Other ports, other addresses of one port, and ports the kernel picks are fine.
+        let fine = [
+            ("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0"),
+            ("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0"),
+            ("CALLNOTIFY__ADMIN__IVR_LISTEN", "10.0.0.10:8081"),
+        ];
+        assert!(load(&fine).is_ok());
+        assert!(load(&[
+            ("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:8081"),
+            ("CALLNOTIFY__ADMIN__IVR_LISTEN", "10.0.0.10:8081")
+        ])
+        .is_ok());
     }
 
     /// R-F1: the fax mail links to the fax at `admin.public_url`: an address a mail

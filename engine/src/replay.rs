@@ -38,7 +38,8 @@ pub struct Replayed {
     /// refused to take back. Left alone, the others replayed.
     pub unreadable: Vec<(i32, i64, String)>,
     /// CDRs [`CdrCheck`] held back (partition, offset, why): their engines would not
-    /// notify them now; not marked, so a replay after the fix puts them back.
+    /// notify them now; not marked, so a replay after the fix puts them back. And mail
+    /// records whose mail was left out (too large for the topic), which none can send.
     pub held_back: Vec<(i32, i64, String)>,
     /// CDRs put back whose marker the cluster refused (partition, offset, why): a next
     /// replay puts them back again (the sent records keep their mails to one each). One
@@ -133,10 +134,18 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
             .and_then(|entry| entry.to_mail().map(|_| entry));
         match entry {
             Ok(entry) => entries.push((letter, entry)),
+            // Left out when the dead-letter topic refused the record with it: said when it
+            // was written; no replay can send it, so it fails none.
+            Err(_) if letter.record["entry"]["mail_left_out"].is_string() => {
+                let why = letter.record["entry"]["mail_left_out"].as_str().unwrap_or_default();
+                replayed.held_back.push((
+                    letter.partition,
+                    letter.offset,
+                    format!("no mail to send again: the mail was {why}"),
+                ))
+            }
             Err(e) => {
-                // Left out when the dead-letter topic refused the record with it.
-                let why = letter.record["entry"]["mail_left_out"].as_str().map_or(e.to_string(), str::to_owned);
-                replayed.unreadable.push((letter.partition, letter.offset, format!("no mail to send again: {why}")))
+                replayed.unreadable.push((letter.partition, letter.offset, format!("no mail to send again: {e}")))
             }
         }
     }

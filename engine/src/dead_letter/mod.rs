@@ -109,11 +109,14 @@ impl DeadLetters {
 /// one to take out. A mail record then has no mail for a replay to send again (it says
 /// so); its Message-ID, recipient and reply stay.
 fn leave_out_the_bulk(record: &mut serde_json::Value, bytes: usize, topic: &str) -> bool {
-    let why =
-        format!("{bytes} bytes with it: too large for {topic} (its max.message.bytes; docs/kafka.md), so left out");
+    let why = format!(
+        "left out: the dead letter was {bytes} bytes with it, more than {topic} takes (its max.message.bytes, \
+         docs/kafka.md; 32 MiB at most)"
+    );
     if record.get("raw_base64").is_some() {
         record.as_object_mut().map(|r| r.remove("raw_base64"));
-        record["raw_left_out"] = why.into();
+        let at = format!("{}/{}/{}", record["topic"].as_str().unwrap_or("?"), record["partition"], record["offset"]);
+        record["raw_left_out"] = format!("{why}: read it at {at} while the topic keeps it").into();
         return true;
     }
     match record.get_mut("entry").and_then(|entry| entry.as_object_mut()) {
@@ -249,6 +252,6 @@ mod tests {
         );
         assert!(record["entry"].get("mail_base64").is_none(), "{record}");
         let left_out = record["entry"]["mail_left_out"].as_str().unwrap();
-        assert!(left_out.contains("too large"), "{left_out}");
+        assert!(left_out.starts_with("left out") && left_out.contains("more than dl takes"), "{left_out}");
     }
 }

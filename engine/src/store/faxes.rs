@@ -107,7 +107,7 @@ impl Store {
             Ok(tenant) => {
                 if !tenant.is_some_and(|number| number.services.fax && !number.before_moving_in(record.received_at)) {
                     tracing::info!(number = %record.number, fax_id = %record.fax_id,
-                        "a fax read for its number's previous subscriber (the number left the line since): not kept");
+                        "a fax read for its number's subscriber of then (the number moved or was removed since, or its fax service ended): not kept");
                     return Ok(false);
                 }
             }
