@@ -510,7 +510,8 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
             for (partition, offset, why) in &done.unreadable {
                 eprintln!("left alone {topic}/{partition}/{offset}: {why}");
             }
-            // Not failures: the replay leaves them for one after the fix it names.
+            // Not failures: left for a replay after the fix each names, or (a mail left
+            // out of its dead letter) for none.
             for (partition, offset, why) in &done.held_back {
                 eprintln!("held back {topic}/{partition}/{offset}: {why}");
             }
@@ -520,7 +521,7 @@ fn dead_letters(settings: &Settings, action: DeadLetters) -> anyhow::Result<Exit
                 );
             }
             eprintln!(
-                "{verb} {} CDRs and {} mails; {} replayed before, left alone; {} CDRs held back",
+                "{verb} {} CDRs and {} mails; {} replayed before, left alone; {} held back",
                 done.cdrs.len(),
                 done.mails.len(),
                 done.already,
