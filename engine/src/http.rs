@@ -123,6 +123,12 @@ impl<L> Guarded<L> {
         Self { metrics: Some(metrics), ..self }
     }
 
+    fn refused(&self, limit: ConnectionLimit) {
+        if let Some(metrics) = &self.metrics {
+            metrics.connection_refused(self.name, limit);
+        }
+    }
+
     /// A slot for a connection from `client`, if the limits allow one.
     fn admit(&self, client: IpAddr) -> Option<Slot> {
         let client = client_block(client);
@@ -151,14 +157,6 @@ impl<L> Guarded<L> {
         }
         *count += 1;
         Some(Slot { open: open.clone(), client })
-    }
-}
-
-impl<L> Guarded<L> {
-    fn refused(&self, limit: ConnectionLimit) {
-        if let Some(metrics) = &self.metrics {
-            metrics.connection_refused(self.name, limit);
-        }
     }
 }
 

@@ -106,8 +106,9 @@ impl CdrCheck {
 pub const QUEUED_LETTERS_TREE: &str = "replayed_letters";
 
 /// Replays the records of `topic` that `filter` lets through, the CDRs `check` passes;
-/// `open_store` is called only if there are mails to queue. CDRs first: a failure in the mails' step is told in
-/// [`Replayed::mails_failed`] beside the CDRs already replayed.
+/// `open_store` is called only if there are mails to queue. CDRs first: a failure in
+/// the mails' step is told in [`Replayed::mails_failed`] beside the CDRs already
+/// replayed.
 pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     brokers: &str,
     properties: &BTreeMap<String, String>,
