@@ -65,8 +65,8 @@ pub struct RunArgs {
     /// No progress bar (for logs and CI).
     #[arg(long)]
     quiet: bool,
-    /// Engine nodes in one consumer group, each with a store of its own: the first is
-    /// seeded, the others catch up from the shared state (docs/cluster.md).
+    /// Engine nodes in one consumer group (1 to 16), each with a store of its own: the
+    /// first is seeded, the others catch up from the shared state (docs/cluster.md).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     nodes: u16,
 }
