@@ -108,6 +108,12 @@ const CONSUMER_ONLY: &[&str] = &[
     "auto.offset.reset",
 ];
 
+/// Whether Kafka refused a record for its size (librdkafka before sending it, or the
+/// broker by the topic's `max.message.bytes`).
+pub fn too_large(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+}
+
 /// `properties` without the consumer-only ones: what a producer is given.
 pub fn producer_properties(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     properties

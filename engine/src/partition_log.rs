@@ -67,7 +67,7 @@ impl ProducerContext for Confirmations {
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         let message = match result {
             Ok(message) => message,
-            Err((e, message)) if message.topic() != self.sent_topic && too_large(e) => {
+            Err((e, message)) if message.topic() != self.sent_topic && crate::cluster::too_large(e) => {
                 // The topic's own max.message.bytes is below the producer's.
                 kept_here_only(&self.metrics, e, message.topic(), message.partition(), message.payload_len());
                 let key = message.key().unwrap_or_default().to_vec();
@@ -84,12 +84,6 @@ impl ProducerContext for Confirmations {
         let retry = message.topic() != self.sent_topic;
         self.ledger.settled(retry, message.partition());
     }
-}
-
-/// Whether Kafka refused a record for its size (librdkafka before sending it, or the
-/// broker by the topic's `max.message.bytes`).
-fn too_large(e: &KafkaError) -> bool {
-    e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
 }
 
 /// A retry entry too large for its changelog (a fax mail with a large PDF attached):
@@ -292,7 +286,7 @@ impl PartitionLog {
                     wait_for_room();
                     record = back;
                 }
-                Err((e, _)) if retry && too_large(&e) => {
+                Err((e, _)) if retry && crate::cluster::too_large(&e) => {
                     self.ledger.settled(retry, partition);
                     kept_here_only(&self.metrics, &e, topic, partition, value.map_or(0, <[u8]>::len));
                     self.too_large.lock().expect("too large lock").push(key.to_vec());

@@ -79,8 +79,7 @@ impl DeadLetters {
                     return;
                 }
                 Err((e, _))
-                    if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
-                        && leave_out_the_bulk(&mut record, payload.len(), &self.topic) =>
+                    if crate::cluster::too_large(&e) && leave_out_the_bulk(&mut record, payload.len(), &self.topic) =>
                 {
                     tracing::warn!(topic = %self.topic, bytes = payload.len(), error = %e,
                         "a dead letter too large for its topic: written without the record or mail it carried");
