@@ -197,7 +197,7 @@ impl Deliverer {
         let since = (Utc::now().timestamp() - 60).max(0) as u64;
         let recent = store.recipients_handled_since(since)?;
         for recipient in &recent {
-            let _ = inner.per_recipient.check_key(recipient);
+            let _ = inner.per_recipient.check_key(&mailbox(recipient));
         }
         if !recent.is_empty() {
             tracing::info!(mails = recent.len(), "flood control goes on from the mails of the last minute");
@@ -232,11 +232,11 @@ impl Deliverer {
         // Over its address's flood limit, the mail waits in the queue, not here: waiting
         // here held its CDR in flight, and an address called more often than its limit
         // filled the engine's in-flight CDRs and paused everyone's.
-        let recipient = mail.recipient.as_str();
-        if let Err(not_until) = inner.per_recipient.check_key(&recipient.to_owned()) {
+        let recipient = mailbox(mail.recipient.as_str());
+        if let Err(not_until) = inner.per_recipient.check_key(&recipient) {
             inner.metrics.delayed_by_flood();
             let now_ms = Utc::now().timestamp_millis();
-            let due_ms = self.flood_slot(recipient, now_ms, &not_until);
+            let due_ms = self.flood_slot(&recipient, now_ms, &not_until);
             if due_ms - now_ms >= inner.give_up.as_millis() as i64 {
                 // Its turn would come after the give-up age: given up now, as it would be then.
                 let reply = format!(
@@ -460,13 +460,14 @@ impl Deliverer {
         // one of the retry slots meanwhile.
         // A mail waiting longer than the give-up age is given up here too: an address
         // called more often than its limit for a day would otherwise queue without end.
-        if let Err(not_until) = inner.per_recipient.check_key(&mail.recipient.as_str().to_owned()) {
-            let due_ms = self.flood_slot(mail.recipient.as_str(), now_ms, &not_until);
+        let recipient = mailbox(mail.recipient.as_str());
+        if let Err(not_until) = inner.per_recipient.check_key(&recipient) {
+            let due_ms = self.flood_slot(&recipient, now_ms, &not_until);
             if self.expired(slot, &entry, &mail, &origin, due_ms, &entry.last_reply).await {
                 return;
             }
             inner.metrics.delayed_by_flood();
-            self.take_flood_slot(mail.recipient.as_str(), due_ms);
+            self.take_flood_slot(recipient, due_ms);
             self.reschedule(slot, entry, due_ms).await;
             return;
         }
@@ -537,9 +538,9 @@ impl Deliverer {
     }
 
     /// Takes `recipient`'s flood slot `due`: the next mail waiting gets the one after.
-    fn take_flood_slot(&self, recipient: &str, due: i64) {
+    fn take_flood_slot(&self, recipient: String, due: i64) {
         let after = due + self.inner.flood_period.as_millis() as i64;
-        let mut next = self.inner.flood_slots.entry(recipient.to_owned()).or_insert(after);
+        let mut next = self.inner.flood_slots.entry(recipient).or_insert(after);
         *next = (*next).max(after);
     }
 
@@ -700,6 +701,13 @@ impl TestMailer {
             Attempt::Temporary(reply) | Attempt::Unanswered(reply) => TestMailError::NotNow(reply),
         })
     }
+}
+
+/// The flood-control key of `recipient`: the mailbox, whatever the case it was written
+/// in (`Taro@` on one number and `taro@` on another reach one mailbox and share one
+/// allowance).
+fn mailbox(recipient: &str) -> String {
+    recipient.to_ascii_lowercase()
 }
 
 /// Flood-control state is kept per recipient; addresses whose limit has fully

@@ -153,6 +153,37 @@ async fn r_m3_an_address_over_its_flood_limit_holds_up_no_other_subscriber() {
     assert_eq!(stopped.metric("callnotify_retry_queue_mails"), (HOT - 1) as f64, "the rest wait in the queue");
 }
 
+/// R-M3 counts mails per mailbox: one address written in two cases (`Office@` on one
+/// number, `office@` on another) is one mailbox, and shares one allowance. Each spelling
+/// used to get an allowance of its own, so a shared mailbox got twice its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_an_address_written_in_another_case_shares_its_flood_limit() {
+    let h = Harness::new(1).await;
+    // 2 a minute: one at once, the next a minute later.
+    let engine = h
+        .engine_with(&[
+            ("CALLNOTIFY__SMTP__PER_RECIPIENT_PER_MINUTE", "2"),
+            ("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", "2"),
+        ])
+        .await;
+    engine.provision(&[
+        plain_subscriber(CALLED, "Office@example.jp"),
+        plain_subscriber("0698765432", "office@example.jp"),
+    ]);
+    h.produce(
+        TOPIC,
+        &[
+            cdr("upper", CALLED, Some("09011112222"), "allowed", "no_answer"),
+            cdr("lower", "0698765432", Some("09011112222"), "allowed", "no_answer"),
+        ],
+    )
+    .await;
+    engine.wait_metric(r#"callnotify_mails_delayed_total{limit="flood"}"#, 1.0).await;
+    let stopped = engine.stop().await;
+    assert_eq!(h.sink.count(), 1, "the mailbox got one mail at once, not one per spelling");
+    assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 1.0, "the other waits its turn");
+}
+
 /// R-M4, `smtp.retry_give_up_secs`: the mails waiting for an address over its flood
 /// limit each get a turn of their own, one flood period after the other; one whose turn
 /// would come after the give-up age is dead-lettered as expired at once, as it would be
