@@ -50,6 +50,9 @@ pub struct ApiState {
     tag: Arc<str>,
     /// Calls in progress by call id.
     calls: Arc<DashMap<String, Arc<LiveCall>>>,
+    /// Held while a new call's caller is counted and its call inserted, so two calls
+    /// starting at once cannot both see room under [`MAX_CALLS_PER_CALLER`].
+    admitting: Arc<std::sync::Mutex<()>>,
     idle_timeout: Duration,
     /// Calls counted by outcome, temporary passwords set, failed requests.
     metrics: Metrics,
@@ -73,7 +76,14 @@ impl LiveCall {
 impl ApiState {
     pub fn new(ivr: Ivr) -> Self {
         let tag = format!("{:08x}", rand::random::<u32>()).into();
-        Self { ivr, tag, calls: Arc::default(), idle_timeout: IDLE_TIMEOUT, metrics: Metrics::new() }
+        Self {
+            ivr,
+            tag,
+            calls: Arc::default(),
+            admitting: Arc::default(),
+            idle_timeout: IDLE_TIMEOUT,
+            metrics: Metrics::new(),
+        }
     }
 
     /// Counts calls and failed requests in the engine's `metrics`.
@@ -162,15 +172,19 @@ async fn start_call(
         }
     })?;
     let caller = call.caller();
-    let open = state.calls.iter().filter(|live| live.caller == caller).count();
-    if open >= MAX_CALLS_PER_CALLER {
-        tracing::info!(%caller, open, "temporary-password call refused: too many open from this number");
-        state.metrics.ivr_call(IvrCall::Busy);
-        return Err(ApiError::Busy);
-    }
     let call_id = format!("{}-{:032x}", state.tag, rand::random::<u128>());
     let live = LiveCall { call: Mutex::new(call), caller, last_seen_ms: AtomicI64::new(now.timestamp_millis()) };
-    state.calls.insert(call_id.clone(), Arc::new(live));
+    {
+        // The lock guards no data: a panic while it was held left nothing half done.
+        let _admitting = state.admitting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = state.calls.iter().filter(|live| live.caller == caller).count();
+        if open >= MAX_CALLS_PER_CALLER {
+            tracing::info!(%caller, open, "temporary-password call refused: too many open from this number");
+            state.metrics.ivr_call(IvrCall::Busy);
+            return Err(ApiError::Busy);
+        }
+        state.calls.insert(call_id.clone(), Arc::new(live));
+    }
     Ok(Json(StepResponse::new(call_id, step)))
 }
 

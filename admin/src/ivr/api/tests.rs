@@ -182,3 +182,31 @@ async fn a_number_has_at_most_three_calls_open_at_once() {
     assert_eq!(state.live_calls(), 4);
     assert_eq!(outcomes(&state, "busy"), 1.0);
 }
+
+/// The cap holds for calls started at the same moment on a multi-thread runtime: a
+/// platform retrying a caller's call many times at once got them all open (each request
+/// counted the open calls, then inserted its own, and two counting together both saw
+/// room).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_started_at_once_from_one_number_keep_to_the_cap() {
+    const AT_ONCE: usize = 64;
+    let f = fixture();
+    let (state, app) = app(&f);
+    for round in 0..200 {
+        let starts: Vec<_> = (0..AT_ONCE)
+            .map(|_| {
+                let app = app.clone();
+                tokio::spawn(async move { start(&app, CONTRACT).await.0 })
+            })
+            .collect();
+        let mut opened = 0;
+        for started in starts {
+            if started.await.unwrap() == StatusCode::OK {
+                opened += 1;
+            }
+        }
+        assert_eq!(opened, super::MAX_CALLS_PER_CALLER, "round {round}");
+        assert_eq!(state.live_calls(), super::MAX_CALLS_PER_CALLER, "round {round}");
+        state.calls.clear();
+    }
+}
