@@ -17,13 +17,15 @@
 //! deliberately slow, so the functions here block: async code calls the `*_async`
 //! wrappers, which run them on tokio's blocking pool. No function logs a password.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use chrono::{DateTime, Utc};
 use engine::phone::PhoneNumber;
 use engine::store::state::Attempt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 pub use engine::store::{
     CredentialKind, CredentialRecord, PASSWORD_LIFETIME, PASSWORD_MAX_FAILURES, TEMPORARY_MAX_FAILURES,
     TEMPORARY_VALIDITY,
@@ -45,19 +47,19 @@ pub const ARGON2_P_COST: u32 = 1;
 /// the computation only, not for the state owner's answer that follows it.
 pub const HASHING_AT_ONCE: usize = 8;
 
-/// [`HASHING_AT_ONCE`] permits.
-static HASHING: std::sync::LazyLock<tokio::sync::Semaphore> =
-    std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(HASHING_AT_ONCE));
+/// [`HASHING_AT_ONCE`] permits, shared by every [`Credentials`] of the process (the
+/// site's, the IVR's).
+static HASHING: std::sync::LazyLock<Arc<Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(Semaphore::new(HASHING_AT_ONCE)));
 
 thread_local! {
-    /// The permit of the call running on this blocking thread ([`Credentials::blocking`]),
+    /// The permit of the call running on this blocking thread ([`Credentials::spawn_hashing`]),
     /// until its computation is over ([`hashing`]).
-    static PERMIT: std::cell::RefCell<Option<tokio::sync::SemaphorePermit<'static>>> =
-        const { std::cell::RefCell::new(None) };
+    static PERMIT: std::cell::RefCell<Option<OwnedSemaphorePermit>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `argon2`, then gives back the permit its call waited for (if it came through
-/// [`Credentials::blocking`]).
+/// [`Credentials::spawn_hashing`]).
 fn hashing<T>(argon2: impl FnOnce() -> T) -> T {
     let done = argon2();
     PERMIT.with_borrow_mut(|permit| permit.take());
@@ -113,13 +115,15 @@ pub struct Credentials {
     store: Store,
     /// Where lockouts are counted (`callnotify_site_lockouts_total`).
     metrics: Metrics,
+    /// The permits of [`HASHING_AT_ONCE`] (a test's own, to hold them).
+    pub(crate) hashing: Arc<Semaphore>,
 }
 
 impl Credentials {
     /// The credentials of `store`; lockouts are counted in metrics of their own until
     /// [`Credentials::counting_in`].
     pub fn open(store: &Store) -> Result<Self, CredentialError> {
-        Ok(Self { store: store.clone(), metrics: Metrics::new() })
+        Ok(Self { store: store.clone(), metrics: Metrics::new(), hashing: Arc::clone(&HASHING) })
     }
 
     /// Counts lockouts (R-S2, R-S3) in the engine's `metrics`.
@@ -276,16 +280,26 @@ impl Credentials {
         &self,
         f: impl FnOnce(&Self) -> Result<T, CredentialError> + Send + 'static,
     ) -> Result<T, CredentialError> {
-        let permit = HASHING.acquire().await.expect("the semaphore is never closed");
         let this = self.clone();
+        self.spawn_hashing(move || f(&this)).await?
+    }
+
+    /// Runs `f`, which may hash or check a password with these credentials (an IVR
+    /// call's entry), on tokio's blocking pool once a permit of [`HASHING_AT_ONCE`] is
+    /// free. The permit is given back when the computation is over, or when `f` returns.
+    pub(crate) async fn spawn_hashing<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        let permit = Arc::clone(&self.hashing).acquire_owned().await.expect("the semaphore is never closed");
         tokio::task::spawn_blocking(move || {
             PERMIT.with_borrow_mut(|held| *held = Some(permit));
-            let done = f(&this);
+            let done = f();
             // Not given back by a computation (the call failed before it): given back now.
             PERMIT.with_borrow_mut(|held| held.take());
             done
         })
-        .await?
+        .await
     }
 }
 

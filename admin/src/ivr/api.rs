@@ -209,13 +209,17 @@ async fn digits(
         return Err(ApiError::UnknownCall);
     }
     live.last_seen_ms.store(now.timestamp_millis(), Ordering::Relaxed);
-    // The entry that completes the call hashes the password (argon2): off the workers.
-    let step = tokio::task::spawn_blocking(move || match live.call.lock() {
-        Ok(mut call) => call.input(&request.digits).map_err(ApiError::from),
-        Err(_) => Err(ApiError::Internal("a previous entry of this call panicked".into())),
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    // The entry that completes the call hashes the password (argon2): off the workers,
+    // and within the process's cap on hashes at once, as the site's logins.
+    let step = state
+        .ivr
+        .credentials
+        .spawn_hashing(move || match live.call.lock() {
+            Ok(mut call) => call.input(&request.digits).map_err(ApiError::from),
+            Err(_) => Err(ApiError::Internal("a previous entry of this call panicked".into())),
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     if step.ends {
         state.calls.remove(&call_id);
         if step.prompt.as_ref().is_some_and(|p| p.id == PromptId::Done) {

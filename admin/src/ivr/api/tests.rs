@@ -210,3 +210,37 @@ async fn calls_started_at_once_from_one_number_keep_to_the_cap() {
         state.calls.clear();
     }
 }
+
+/// R-I7's hash is one of the process's argon2 computations: the entry that completes a
+/// call waits for a permit of `HASHING_AT_ONCE`, as a login on the site does. It hashed
+/// outside the cap, so calls completing at once added 19 MiB each on the blocking pool
+/// beside the site's capped logins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_i7_the_hash_of_a_completed_call_waits_for_a_hashing_permit() {
+    let f = fixture();
+    let mut credentials = f.credentials.clone();
+    credentials.hashing = Arc::new(tokio::sync::Semaphore::new(1));
+    let (state, app) = {
+        let state = ApiState::new(crate::ivr::Ivr::new(f.store.clone(), credentials.clone(), f.clock.clone()));
+        (state.clone(), router(state))
+    };
+    let (_, body) = start(&app, CONTRACT).await;
+    let call_id = body["call_id"].as_str().unwrap().to_owned();
+    key(&app, &call_id, "1").await;
+    key(&app, &call_id, "12345678").await;
+
+    let held = Arc::clone(&credentials.hashing).acquire_owned().await.unwrap();
+    let confirm = tokio::spawn({
+        let (app, call_id) = (app.clone(), call_id.clone());
+        async move { key(&app, &call_id, "12345678").await }
+    });
+    // Longer than one hash takes in a test build (well under a second): no clock to move
+    // here, and without the permit the call would be done by then.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(!confirm.is_finished(), "the call hashed its password without a permit");
+    assert!(f.credentials.record(&n(CONTRACT)).unwrap().is_none(), "nothing set while it waits");
+    drop(held);
+    let (status, body) = confirm.await.unwrap();
+    assert_eq!((status, &body["prompt"]), (StatusCode::OK, &json!("DONE")));
+    assert_eq!(outcomes(&state, "done"), 1.0);
+}
