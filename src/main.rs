@@ -387,12 +387,18 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
     }
     for (line, number) in &report.removed {
         eprintln!(
-            "{}:{line}: {number} removed: its line no longer lists it; its password, settings and faxes were dropped",
+            "{}:{line}: {number} removed: no line lists it any more; its password, settings and faxes were dropped",
             file.display()
         );
     }
     if report.rejected_not_listed > 0 {
         eprintln!("{}: {} more lines rejected (not listed)", file.display(), report.rejected_not_listed);
+    }
+    if report.moved_not_listed > 0 {
+        eprintln!("{}: {} more numbers moved (not listed)", file.display(), report.moved_not_listed);
+    }
+    if report.removed_not_listed > 0 {
+        eprintln!("{}: {} more numbers removed (not listed)", file.display(), report.removed_not_listed);
     }
     if let Some(error) = &cut_short {
         eprintln!("error: {error}");

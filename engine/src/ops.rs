@@ -59,10 +59,16 @@ pub struct ProvisionResponse {
     /// password and settings).
     #[serde(default)]
     pub moved: Vec<Moved>,
+    /// Moves beyond those listed.
+    #[serde(default)]
+    pub moved_not_listed: usize,
     /// Numbers their line no longer lists: removed, with their password, settings and
     /// faxes.
     #[serde(default)]
     pub removed: Vec<Removed>,
+    /// Removals beyond those listed.
+    #[serde(default)]
+    pub removed_not_listed: usize,
     /// Why the upload was cut short (413) or the import stopped (500), if it was: the
     /// lines reported applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,8 +112,17 @@ impl From<ImportReport> for ProvisionResponse {
             .collect();
         let removed =
             r.removed.into_iter().map(|(line, number)| Removed { line, number: number.as_str().to_owned() }).collect();
-        let rejected_not_listed = r.rejected_not_listed;
-        Self { lines: r.lines, numbers: r.numbers, rejected, rejected_not_listed, moved, removed, error: None }
+        Self {
+            lines: r.lines,
+            numbers: r.numbers,
+            rejected,
+            rejected_not_listed: r.rejected_not_listed,
+            moved,
+            moved_not_listed: r.moved_not_listed,
+            removed,
+            removed_not_listed: r.removed_not_listed,
+            error: None,
+        }
     }
 }
 
@@ -123,6 +138,8 @@ impl From<ProvisionResponse> for ImportReport {
             rejected_not_listed: r.rejected_not_listed,
             moved: r.moved.into_iter().filter_map(|m| Some((m.line, number(&m.number)?, number(&m.from)?))).collect(),
             removed: r.removed.into_iter().filter_map(|m| Some((m.line, number(&m.number)?))).collect(),
+            moved_not_listed: r.moved_not_listed,
+            removed_not_listed: r.removed_not_listed,
         }
     }
 }

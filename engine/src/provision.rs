@@ -31,7 +31,11 @@ struct LineInput {
     contract: PhoneNumber,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     unit: Option<AuthUnit>,
+    #[serde(default)]
     numbers: Vec<NumberInput>,
+    /// The contract ended: the line goes, with all its numbers hold (`numbers` empty).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    remove: bool,
 }
 
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
@@ -76,9 +80,13 @@ pub struct ImportReport {
     /// from another line, the first [`MAX_LISTED`]: it lost its old subscriber's password
     /// (and so their sessions) and settings (R-M3).
     pub moved: Vec<(usize, PhoneNumber, PhoneNumber)>,
-    /// (input line, number) of each number its line no longer lists, the first
-    /// [`MAX_LISTED`]: removed, with its password, settings and faxes.
+    /// Moves beyond those listed.
+    pub moved_not_listed: usize,
+    /// (input line, number) of each number its line no longer lists, or whose line was
+    /// removed, the first [`MAX_LISTED`]: removed, with its password, settings and faxes.
     pub removed: Vec<(usize, PhoneNumber)>,
+    /// Removals beyond those listed.
+    pub removed_not_listed: usize,
 }
 
 /// Rejected lines listed with their reason; more are only counted, so a huge file of
@@ -196,7 +204,7 @@ pub fn export(store: &Store, credentials: bool, mut out: impl std::io::Write) ->
             });
         }
         report.numbers += numbers.len();
-        let output = LineInput { contract: line.contract, unit: line.unit, numbers };
+        let output = LineInput { contract: line.contract, unit: line.unit, numbers, remove: false };
         serde_json::to_writer(&mut out, &output).map_err(std::io::Error::from)?;
         out.write_all(b"\n")?;
         report.lines += 1;
@@ -337,7 +345,14 @@ struct Sent {
 impl Sent {
     fn send(store: &Store, lines: Vec<(usize, Parsed)>, durable_before: usize) -> Self {
         let mut ops = Vec::new();
-        for (_, (record, numbers, extras)) in &lines {
+        for (_, parsed) in &lines {
+            let (record, numbers, extras) = match parsed {
+                Parsed::Upsert(record, numbers, extras) => (record, numbers, extras),
+                Parsed::Remove(contract) => {
+                    ops.push(Op::RemoveLine { contract: *contract });
+                    continue;
+                }
+            };
             ops.push(Op::UpsertLine { line: record.clone(), numbers: numbers.clone() });
             // Each on the line's own numbers only: a line the store refuses leaves its
             // numbers where they were, another line's perhaps.
@@ -364,18 +379,24 @@ impl Sent {
         let from = self.from;
         let mut results = (self.answers)().into_iter();
         let mut first = None;
-        for (line, (_, numbers, extras)) in self.lines {
+        for (line, parsed) in self.lines {
+            let (numbers, extras) = match &parsed {
+                Parsed::Upsert(_, numbers, extras) => (numbers.len(), extras.len()),
+                Parsed::Remove(_) => (0, 0),
+            };
             let mut failed = |source| {
                 first.get_or_insert(ImportFailure::Store { line, from, source });
             };
             let stored = match results.next().expect("an answer per op") {
                 Ok(Reply::Upserted(upserted)) => {
                     let room = MAX_LISTED.saturating_sub(report.moved.len());
+                    report.moved_not_listed += upserted.moved.len().saturating_sub(room);
                     report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
                     let room = MAX_LISTED.saturating_sub(report.removed.len());
+                    report.removed_not_listed += upserted.removed.len().saturating_sub(room);
                     report.removed.extend(upserted.removed.into_iter().take(room).map(|n| (line, n)));
                     report.lines += 1;
-                    report.numbers += numbers.len();
+                    report.numbers += numbers;
                     true
                 }
                 Ok(other) => {
@@ -391,7 +412,7 @@ impl Sent {
                     false
                 }
             };
-            for _ in &extras {
+            for _ in 0..extras {
                 match results.next().expect("an answer per op") {
                     // A refused line's numbers are not its own: its extras are refused.
                     Err(StoreError::UnknownNumber(_)) if !stored => {}
@@ -413,8 +434,10 @@ pub enum LineError {
     /// would read as the file's line 1).
     #[error("{0}")]
     Json(String),
-    #[error("a line needs at least one number")]
+    #[error("a line needs at least one number (a line whose contract ended: {{\"contract\":\"…\",\"remove\":true}})")]
     NoNumbers,
+    #[error("a line to remove lists no numbers and sets nothing: only `contract` and `remove`")]
+    RemoveWithMore,
     #[error("number {0} is listed twice")]
     ListedTwice(PhoneNumber),
     #[error("number {number}: {source}")]
@@ -435,8 +458,13 @@ enum Extra {
     Fax(PhoneNumber, FaxSettings),
 }
 
-/// A parsed line: the line, its numbers, and what else it sets.
-type Parsed = (LineRecord, Numbers, Vec<Extra>);
+/// A parsed line.
+enum Parsed {
+    /// The line, its numbers, and what else it sets.
+    Upsert(LineRecord, Numbers, Vec<Extra>),
+    /// The contract number of a line to remove.
+    Remove(PhoneNumber),
+}
 
 fn parse_line(text: &str) -> Result<Parsed, LineError> {
     let input: LineInput = crate::strict_json::from_slice(text.as_bytes()).map_err(|e| match e {
@@ -449,6 +477,12 @@ fn parse_line(text: &str) -> Result<Parsed, LineError> {
         }
         unknown @ StrictError::UnknownField(_) => LineError::Json(unknown.to_string()),
     })?;
+    if input.remove {
+        if !input.numbers.is_empty() || input.unit.is_some() {
+            return Err(LineError::RemoveWithMore);
+        }
+        return Ok(Parsed::Remove(input.contract));
+    }
     if input.numbers.is_empty() {
         return Err(LineError::NoNumbers);
     }
@@ -480,7 +514,7 @@ fn parse_line(text: &str) -> Result<Parsed, LineError> {
     }
     let record =
         LineRecord { contract: input.contract, numbers: numbers.iter().map(|n| n.0).collect(), unit: input.unit };
-    Ok((record, numbers, extras))
+    Ok(Parsed::Upsert(record, numbers, extras))
 }
 
 #[cfg(test)]
@@ -724,6 +758,81 @@ mod tests {
         import(&copy, text.as_bytes()).unwrap();
         assert_eq!(copy.credential(&n("0312345678")).unwrap(), None);
         assert_eq!(copy.numbers().count(), 2);
+    }
+
+    /// R-L3, R-M3: a line whose contract ended is removed by `{"contract":…,"remove":true}`:
+    /// its numbers go with their passwords and settings, each named, and a number given
+    /// to a new subscriber later starts with nothing of the old one's. There was no way
+    /// to remove a line (`"numbers":[]` is refused): a number given out again kept its
+    /// old subscriber's addresses (their mails went on) and password (their login showed
+    /// the new subscriber's calls).
+    #[test]
+    fn r_m3_a_line_whose_contract_ended_is_removed_with_all_it_held() {
+        let store = Store::temporary().unwrap();
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"],"settings":{"enabled":true,"destinations":[{"address":"old@example.jp","send":true}],"designated_only":false,"missed_only":true,"designated":[]}},{"number":"0312345679","services":["call"]}]}"#;
+        import(&store, line.as_bytes()).unwrap();
+        store.restore_credential(&n("0312345678"), &credential(0)).unwrap();
+        let other = r#"{"contract":"0612345678","numbers":[{"number":"0612345678","services":["call"]}]}"#;
+
+        let removal = r#"{"contract":"0312345678","remove":true}"#;
+        let report = import(&store, format!("{other}\n{removal}\n").as_bytes()).unwrap();
+        assert_eq!(report.removed, vec![(2, n("0312345678")), (2, n("0312345679"))]);
+        assert_eq!((report.lines, report.numbers, report.rejected.len()), (2, 1, 0), "{report:?}");
+        assert_eq!(store.line(&n("0312345678")).unwrap(), None);
+        assert_eq!(store.number(&n("0312345678")).unwrap(), None);
+        assert_eq!(store.number(&n("0312345679")).unwrap(), None);
+        assert_eq!(store.credential(&n("0312345678")).unwrap(), None);
+        assert!(store.number(&n("0612345678")).unwrap().is_some(), "another line stays");
+        let subscribed: Vec<PhoneNumber> = store.subscribed_numbers().map(Result::unwrap).collect();
+        assert_eq!(subscribed, [n("0612345678")], "its calls are no one's to mail");
+
+        let again = import(&store, removal.as_bytes()).unwrap();
+        assert_eq!((again.lines, again.removed.len(), again.rejected.len()), (1, 0, 0), "run again: the same state");
+
+        // The number given to a new subscriber: none of the old one's addresses.
+        import(
+            &store,
+            r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["call"]}]}"#.as_bytes(),
+        )
+        .unwrap();
+        let record = store.number(&n("0312345678")).unwrap().unwrap();
+        assert!(record.call.destinations.is_empty(), "{:?}", record.call);
+        assert_eq!(store.credential(&n("0312345678")).unwrap(), None);
+    }
+
+    /// A removal that says more than which line, or a line with no numbers, is refused
+    /// with what to write instead (R-L3).
+    #[test]
+    fn r_l3_a_removal_naming_numbers_and_a_line_without_numbers_are_refused_saying_why() {
+        let store = Store::temporary().unwrap();
+        import(&store, EXAMPLE.as_bytes()).unwrap();
+        let lines = [
+            r#"{"contract":"0312345678","remove":true,"numbers":[{"number":"0312345678"}]}"#,
+            r#"{"contract":"0312345678","numbers":[]}"#,
+        ];
+        let report = import(&store, lines.join("\n").as_bytes()).unwrap();
+        let reasons: Vec<&str> = report.rejected.iter().map(|(_, r)| r.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "a line to remove lists no numbers and sets nothing: only `contract` and `remove`",
+                r#"a line needs at least one number (a line whose contract ended: {"contract":"…","remove":true})"#,
+            ]
+        );
+        assert!(store.line(&n("0312345678")).unwrap().is_some(), "nothing removed");
+    }
+
+    /// Past [`MAX_LISTED`], removals are counted: the report says how many more numbers
+    /// went. They were dropped from it without a word (10 000 named, 10 001 removed).
+    #[test]
+    fn removals_past_those_listed_are_counted() {
+        let store = Store::temporary().unwrap();
+        let numbers: Vec<String> =
+            (0..=MAX_LISTED).map(|i| format!(r#"{{"number":"03{:08}"}}"#, 10_000_000 + i)).collect();
+        let line = format!(r#"{{"contract":"0310000000","numbers":[{}]}}"#, numbers.join(","));
+        import(&store, line.as_bytes()).unwrap();
+        let report = import(&store, r#"{"contract":"0310000000","remove":true}"#.as_bytes()).unwrap();
+        assert_eq!((report.removed.len(), report.removed_not_listed), (MAX_LISTED, 1));
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub enum Op {
         #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         numbers: Vec<(PhoneNumber, Services, Option<CallSettings>)>,
     },
+    /// Provisioning: a line whose contract ended goes with all it holds (R-L3, R-M3): see
+    /// [`Store::remove_line`].
+    RemoveLine {
+        contract: PhoneNumber,
+    },
     /// The site's save (R-S9): see [`Store::save_call_settings`].
     SaveCallSettings {
         number: PhoneNumber,
@@ -156,6 +161,7 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::UpsertLine { .. } => "upsert_line",
+            Op::RemoveLine { .. } => "remove_line",
             Op::SaveCallSettings { .. } => "save_call_settings",
             Op::SetLineUnit { .. } => "set_line_unit",
             Op::SetCredential { .. } => "set_credential",
@@ -524,6 +530,11 @@ impl Store {
                 let reply = self.upsert_line_here(line, numbers, &mut written).map(Reply::Upserted);
                 (reply, Changed::Values(written))
             }
+            Op::RemoveLine { contract } => {
+                let mut written = Written::default();
+                let reply = self.remove_line_here(contract, &mut written).map(Reply::Upserted);
+                (reply, Changed::Values(written))
+            }
             Op::KeepFax { .. } | Op::MarkFaxRead { .. } | Op::DeleteFax { .. } | Op::ExpireFaxes { .. } => {
                 let mut written = Written::default();
                 let reply = self.execute_fax(op, &mut written);
@@ -543,6 +554,7 @@ impl Store {
         let mut key = |tree: StateTree, number: &PhoneNumber| touched.push(StateKey::number(tree, number));
         match op {
             Op::UpsertLine { .. }
+            | Op::RemoveLine { .. }
             | Op::KeepFax { .. }
             | Op::MarkFaxRead { .. }
             | Op::DeleteFax { .. }
@@ -678,6 +690,7 @@ impl Store {
         match op {
             // They name the values they wrote ([`Changed::Values`]).
             Op::UpsertLine { .. }
+            | Op::RemoveLine { .. }
             | Op::KeepFax { .. }
             | Op::MarkFaxRead { .. }
             | Op::DeleteFax { .. }
@@ -1195,6 +1208,42 @@ mod tests {
             assert_eq!(store.credential(&n("0312345679")).unwrap(), None, "{name}");
             let subscribed: Vec<PhoneNumber> = store.subscribed_numbers().map(Result::unwrap).collect();
             assert!(!subscribed.contains(&n("0312345679")), "{name}");
+        }
+    }
+
+    /// A line removed on the owner (its contract ended) is gone from every store: its
+    /// numbers, their credentials, the subscribed index and its open sessions (R-L3,
+    /// R-M3, R-S7).
+    #[test]
+    fn r_m3_a_removed_line_is_gone_from_every_store_with_its_sessions() {
+        let mut mirrored = Mirrored::new();
+        mirrored.apply(upsert(&["0312345678", "0312345679"])).unwrap();
+        mirrored.apply(upsert(&["0612345678"])).unwrap();
+        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password() }).unwrap();
+        let session = |number: &str| SessionRecord {
+            number: n(number),
+            kind: CredentialKind::Password,
+            must_change: false,
+            created_at: Utc::now(),
+            last_seen: Utc::now(),
+            idle_timeout_secs: 600,
+            csrf: "token".into(),
+            credential: 1,
+            flash: None,
+        };
+        mirrored.apply(Op::PutSession { key: "ended".into(), session: session("0312345679") }).unwrap();
+        mirrored.apply(Op::PutSession { key: "other".into(), session: session("0612345678") }).unwrap();
+
+        let reply = mirrored.apply(Op::RemoveLine { contract: n("0312345678") }).unwrap();
+        assert_eq!(reply, Reply::Upserted(Upserted { moved: vec![], removed: vec![n("0312345678"), n("0312345679")] }));
+        for (name, store) in [("owner", &mirrored.owner), ("view", &mirrored.view)] {
+            assert_eq!(store.line(&n("0312345678")).unwrap(), None, "{name}");
+            assert_eq!(store.number(&n("0312345679")).unwrap(), None, "{name}");
+            assert_eq!(store.credential(&n("0312345679")).unwrap(), None, "{name}");
+            let subscribed: Vec<PhoneNumber> = store.subscribed_numbers().map(Result::unwrap).collect();
+            assert_eq!(subscribed, [n("0612345678")], "{name}");
+            assert!(store.session("ended").unwrap().is_none(), "{name}");
+            assert!(store.session("other").unwrap().is_some(), "{name}: another line's session");
         }
     }
 

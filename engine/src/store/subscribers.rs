@@ -176,6 +176,71 @@ impl Store {
         }
     }
 
+    /// Removes the line of `contract` (provisioning: its contract ended, R-L3): its numbers
+    /// go with their passwords, settings, faxes and open site sessions, as a number its
+    /// line no longer lists does (R-M3), and the report names each. No such line: nothing
+    /// to remove (an import run again gives the same state).
+    pub fn remove_line(&self, contract: &PhoneNumber) -> Result<Upserted, StoreError> {
+        match self.submit(Op::RemoveLine { contract: *contract })? {
+            Reply::Upserted(removed) => Ok(removed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Carries out [`Store::remove_line`] on this store; `written` as for
+    /// [`Store::upsert_line_here`].
+    pub(super) fn remove_line_here(
+        &self,
+        contract: &PhoneNumber,
+        written: &mut Written,
+    ) -> Result<Upserted, StoreError> {
+        let mut touched = Vec::new();
+        let removed = self.remove_line_writing(contract, written, &mut touched);
+        let told = self.changed(&touched);
+        let removed = removed?;
+        told?;
+        Ok(removed)
+    }
+
+    fn remove_line_writing(
+        &self,
+        contract: &PhoneNumber,
+        written: &mut Written,
+        touched: &mut Vec<(PhoneNumber, Option<Services>)>,
+    ) -> Result<Upserted, StoreError> {
+        /// What of a stored number says whose it is.
+        #[derive(serde::Deserialize)]
+        struct OfLine {
+            contract: PhoneNumber,
+        }
+        let mut removed = Upserted::default();
+        let Some(raw) = self.lines.get(contract.as_str())? else { return Ok(removed) };
+        let line: LineRecord = serde_json::from_slice(&raw)?;
+        for number in &line.numbers {
+            // Only what is this line's: a number another line holds stays there.
+            let Some(raw) = self.numbers.get(number.as_str())? else { continue };
+            if serde_json::from_slice::<OfLine>(&raw)?.contract != *contract {
+                continue;
+            }
+            if self.numbers.remove(number.as_str())?.is_some() {
+                written.number(number, None);
+            }
+            // Told as soon as it is gone, should what follows fail.
+            touched.push((*number, None));
+            if self.credentials.remove(number.as_str())?.is_some() {
+                written.credential_removed(number);
+            }
+            self.forget_faxes_here(number, written)?;
+            removed.removed.push(*number);
+        }
+        // Its subscriber's open sessions end with it (R-S7), on every node.
+        self.end_sessions(|_, session| line.numbers.contains(&session.number), |id| written.session_removed(id))?;
+        if self.lines.remove(contract.as_str())?.is_some() {
+            written.line_removed(contract);
+        }
+        Ok(removed)
+    }
+
     /// Carries out [`Store::upsert_line`] on this store.
     ///
     /// Plain writes, not a sled transaction over the three trees: a transaction per
