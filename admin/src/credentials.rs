@@ -150,7 +150,20 @@ impl Credentials {
         password: &str,
         now: DateTime<Utc>,
     ) -> Result<(), CredentialError> {
-        self.set(number, CredentialKind::Temporary, password, now)
+        self.set(number, None, CredentialKind::Temporary, password, now)
+    }
+
+    /// [`Credentials::set_temporary`] while `number` is on the line of `contract` (the
+    /// caller's, R-I3): else `false`, nothing set. A number moved to another line, or whose
+    /// line was removed, during the call is someone else's now (R-M3).
+    pub fn set_temporary_on_line(
+        &self,
+        number: &PhoneNumber,
+        contract: &PhoneNumber,
+        password: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, CredentialError> {
+        on_line(self.set(number, Some(contract), CredentialKind::Temporary, password, now))
     }
 
     /// Stores a password chosen on the site for `number` (R-S4, R-O1), resetting the
@@ -162,19 +175,20 @@ impl Credentials {
         password: &str,
         now: DateTime<Utc>,
     ) -> Result<(), CredentialError> {
-        self.set(number, CredentialKind::Password, password, now)
+        self.set(number, None, CredentialKind::Password, password, now)
     }
 
     fn set(
         &self,
         number: &PhoneNumber,
+        line: Option<&PhoneNumber>,
         kind: CredentialKind,
         password: &str,
         now: DateTime<Utc>,
     ) -> Result<(), CredentialError> {
         let record =
             CredentialRecord { hash: hash_password(password)?, kind, set_at: now, failures: 0, invalidated: false };
-        self.store.set_credential(number, &record)?;
+        self.store.set_credential_on_line(number, line, &record)?;
         tracing::info!(%number, ?kind, "credential set");
         Ok(())
     }
@@ -264,6 +278,19 @@ impl Credentials {
         self.blocking(move |c| c.set_temporary(&number, &password, now)).await
     }
 
+    /// [`Credentials::set_password`] on tokio's blocking pool, while `number` is on the
+    /// line of `contract` (the line it was on when its subscriber was asked): else
+    /// `false`, nothing set (R-M3).
+    pub async fn set_password_on_line_async(
+        &self,
+        number: PhoneNumber,
+        contract: PhoneNumber,
+        password: String,
+        now: DateTime<Utc>,
+    ) -> Result<bool, CredentialError> {
+        self.blocking(move |c| on_line(c.set(&number, Some(&contract), CredentialKind::Password, &password, now))).await
+    }
+
     /// [`Credentials::set_password`] on tokio's blocking pool.
     pub async fn set_password_async(
         &self,
@@ -300,6 +327,18 @@ impl Credentials {
             done
         })
         .await
+    }
+}
+
+/// Whether a set on a line was carried out: refused, the number is not on it any more.
+fn on_line(set: Result<(), CredentialError>) -> Result<bool, CredentialError> {
+    match set {
+        Ok(()) => Ok(true),
+        Err(CredentialError::Store(StoreError::UnknownNumber(number))) => {
+            tracing::info!(%number, "credential not set: the number left its line meanwhile");
+            Ok(false)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -219,9 +219,11 @@ impl Call {
             }
             Transition::Invalid { restart } => Ok(self.invalid(restart)),
             Transition::Done { unit, target, password } => {
-                self.complete(unit, target, &password)?;
+                let done = self.complete(unit, target, &password)?;
                 self.state = State::Ended;
-                Ok(Step { prompt: Some(Prompt::for_number(PromptId::Done, &target)), awaiting: None, ends: true })
+                let prompt =
+                    if done { Prompt::for_number(PromptId::Done, &target) } else { Prompt::new(PromptId::Ended) };
+                Ok(Step { prompt: Some(prompt), awaiting: None, ends: true })
             }
         }
     }
@@ -265,10 +267,17 @@ impl Call {
     /// additional number's but the target's. Every session of the line ends, as at a unit
     /// change on the site: one that went on would keep the old unit's reach and idle
     /// timeout (R-S7; to `admin_user` no credential is removed).
-    fn complete(&self, unit: AuthUnit, target: PhoneNumber, password: &TemporaryPassword) -> Result<(), IvrError> {
+    ///
+    /// A target no longer on the caller's line (moved to another line, or its line
+    /// removed, while the caller keyed) gets nothing: `false`, and the call ends as after
+    /// a wrong number (ENDED, R-I3, R-M3).
+    fn complete(&self, unit: AuthUnit, target: PhoneNumber, password: &TemporaryPassword) -> Result<bool, IvrError> {
         let now = self.ivr.clock.now();
         let line = self.ivr.store.line(&self.contract)?;
-        self.ivr.credentials.set_temporary(&target, &password.0, now)?;
+        if !self.ivr.credentials.set_temporary_on_line(&target, &self.contract, &password.0, now)? {
+            tracing::info!(caller = %self.caller, %target, "temporary password not set: the number left the caller's line during the call");
+            return Ok(false);
+        }
         match line.filter(|line| line.unit != Some(unit)) {
             Some(line) => {
                 let keep = |number: &PhoneNumber| match unit {
@@ -284,6 +293,6 @@ impl Call {
             None => self.ivr.store.set_line_unit(&self.contract, unit)?,
         }
         tracing::info!(caller = %self.caller, %target, ?unit, "temporary password set by phone");
-        Ok(())
+        Ok(true)
     }
 }

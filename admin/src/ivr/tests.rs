@@ -327,3 +327,24 @@ fn r_i8_the_temporary_password_is_valid_for_24_hours_from_done() {
     assert_eq!(f.clock.now(), done + Duration::hours(24));
     assert_eq!(f.credentials.verify(&n(CONTRACT), PASSWORD, f.clock.now()).unwrap(), Err(LoginFailure::Expired));
 }
+
+/// R-I3, R-M3: a number moved to another line while its old line's caller keyed the
+/// password gets no temporary password from that call; the call ends as after a wrong
+/// number. It was set all the same: the old subscriber logged in on the number another
+/// subscriber now holds, and could put their own addresses on its calls.
+#[test]
+fn r_m3_a_number_moved_during_the_call_gets_no_temporary_password_from_it() {
+    let f = fixture();
+    let mut call = start(&f, CONTRACT);
+    call.input("2").unwrap();
+    call.input(&format!("{ADDITIONAL}#")).unwrap();
+    let moved = format!(
+        r#"{{"contract":"{OTHER_LINE}","numbers":[{{"number":"{OTHER_LINE}","services":["call"]}},{{"number":"{ADDITIONAL}","services":["call"]}}]}}"#
+    );
+    let report = engine::provision::import(&f.store, moved.as_bytes()).unwrap();
+    assert_eq!(report.moved.len(), 1, "{report:?}");
+    call.input(PASSWORD).unwrap();
+    let step = call.input(PASSWORD).unwrap();
+    assert_eq!((id(&step), step.ends), (Some(PromptId::Ended), true), "{step:?}");
+    assert_eq!(f.credentials.record(&n(ADDITIONAL)).unwrap(), None, "nothing set on the moved number");
+}

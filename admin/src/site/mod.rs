@@ -498,7 +498,6 @@ impl IntoResponse for SiteError {
     }
 }
 
-/// Appends `Set-Cookie` headers to `response`.
 /// A session whose credential died under it (`failure`: invalidated by wrong entries
 /// on one of its pages, or its 24 hours over) ends, and the browser goes to the login
 /// page, told why and that a new temporary password is set by phone (R-S2, R-S3): the
@@ -513,6 +512,7 @@ async fn credential_died(state: &SiteState, id: &str, failure: LoginFailure) -> 
     Ok(with_cookies(redirect(location), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
+/// Appends `Set-Cookie` headers to `response`.
 fn with_cookies(mut response: Response, cookies: impl IntoIterator<Item = HeaderValue>) -> Response {
     for cookie in cookies {
         response.headers_mut().append(SET_COOKIE, cookie);

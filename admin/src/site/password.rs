@@ -131,6 +131,14 @@ pub async fn submit(
         return Ok(Html(password_page(&session, state.password_policy, &errors)).into_response());
     }
 
+    // The line the number is on, read before the check: see the set below.
+    let contract = {
+        let (store, number) = (state.store.clone(), session.number);
+        match tokio::task::spawn_blocking(move || store.number(&number)).await?? {
+            Some(record) => record.contract,
+            None => return super::credential_died(&state, &id, LoginFailure::Unknown).await,
+        }
+    };
     let now = state.clock.now();
     match state.credentials.verify_async(session.number, form.current, now).await? {
         Ok(_) => {}
@@ -146,7 +154,11 @@ pub async fn submit(
             return super::credential_died(&state, &id, failure).await;
         }
     }
-    state.credentials.set_password_async(session.number, form.new, now).await?;
+    // Only while the number is on the line it was on before the check: one moved (or
+    // whose line was removed) meanwhile is someone else's (R-M3); its session ends.
+    if !state.credentials.set_password_on_line_async(session.number, contract, form.new, now).await? {
+        return super::credential_died(&state, &id, LoginFailure::Unknown).await;
+    }
     tracing::info!(number = %session.number, "site password changed");
 
     // A new session id for the new credential, and no other browser stays logged in with

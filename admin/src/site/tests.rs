@@ -964,3 +964,57 @@ async fn a_request_failing_on_our_side_is_a_500_page_and_a_counted_error() {
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     assert_eq!(metrics.value(r#"callnotify_errors_total{stage="site",error="request"}"#), Some(1.0), "ours only");
 }
+
+/// A state owner that, right after the first op named `at`, carries out `then` too (a
+/// write from elsewhere landing between two of a request's).
+struct ThenAlso {
+    store: engine::store::Store,
+    at: &'static str,
+    then: std::sync::Mutex<Option<engine::store::state::Op>>,
+}
+
+impl engine::store::state::StateWriter for ThenAlso {
+    fn send(self: Arc<Self>, ops: Vec<engine::store::state::Op>) -> engine::store::state::Answers {
+        let mut answers = Vec::new();
+        for op in &ops {
+            answers.push(self.store.execute(op).map(|(reply, _)| reply));
+            if op.name() == self.at {
+                if let Some(then) = self.then.lock().unwrap().take() {
+                    self.store.execute(&then).unwrap();
+                }
+            }
+        }
+        Box::new(move || answers)
+    }
+}
+
+/// R-M3: a number moved to another line while its subscriber changed its password (after
+/// the current one was checked) gets no password from it, and the session ends. The new
+/// password was set on the number all the same: its old subscriber logged in to the
+/// number another subscriber now holds.
+#[tokio::test]
+async fn r_m3_a_number_moved_during_a_password_change_gets_no_password_from_it() {
+    let app = app();
+    app.f.credentials.set_temporary_async(n(ADDITIONAL), TEMPORARY.into(), t0()).await.unwrap();
+    let reply = login(&app, ADDITIONAL, TEMPORARY).await;
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    let csrf = get(&app, "/password", &cookies).await.csrf();
+    let call = engine::store::Services { call: true, fax: false };
+    let moved = engine::store::state::Op::UpsertLine {
+        line: engine::store::LineRecord {
+            contract: n(OTHER_LINE),
+            numbers: vec![n(OTHER_LINE), n(ADDITIONAL)],
+            unit: None,
+        },
+        numbers: vec![(n(OTHER_LINE), call, None), (n(ADDITIONAL), call, None)],
+    };
+    let owner = ThenAlso { store: app.f.store.clone(), at: "login_attempt", then: std::sync::Mutex::new(Some(moved)) };
+    app.f.store.attach_writer(Arc::new(owner));
+
+    let form = format!("current={TEMPORARY}&new={PASSWORD}&confirm={PASSWORD}&csrf={csrf}");
+    let reply = post(&app, "/password", &cookies, &form).await;
+    assert_eq!(app.f.store.number(&n(ADDITIONAL)).unwrap().unwrap().contract, n(OTHER_LINE), "it moved");
+    assert_eq!(app.f.credentials.record(&n(ADDITIONAL)).unwrap(), None, "no password on the moved number");
+    assert_eq!(reply.location(), Some("/login"));
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"), "the session ended");
+}

@@ -55,11 +55,15 @@ pub enum Op {
         contract: PhoneNumber,
         unit: AuthUnit,
     },
-    /// A temporary password (R-I7) or a password (R-S4) replaces the number's credential.
+    /// A temporary password (R-I7) or a password (R-S4) replaces the number's credential;
+    /// refused for a number not on line `line` where that is given (it moved, or its line
+    /// was removed, while the password was asked for).
     SetCredential {
         number: PhoneNumber,
         #[serde(deserialize_with = "crate::strict_json::known_fields_only")]
         record: CredentialRecord,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        line: Option<PhoneNumber>,
     },
     /// Provisioning restores an exported credential; refused for a number not provisioned,
     /// or not on line `line` where that is given (an import's line the store refused: its
@@ -577,7 +581,10 @@ impl Store {
                 self.set_line_unit_here(contract, *unit)?;
                 Ok(Reply::Done)
             }
-            Op::SetCredential { number, record } => {
+            Op::SetCredential { number, record, line } => {
+                if line.is_some() {
+                    self.check_on_line(number, line.as_ref())?;
+                }
                 key(StateTree::Credentials, number);
                 self.credentials.insert(number.as_str(), serde_json::to_vec(record)?)?;
                 Ok(Reply::Done)
@@ -1178,7 +1185,7 @@ mod tests {
     fn r_m3_values_an_op_touched_applied_elsewhere_give_the_same_state() {
         let mut mirrored = Mirrored::new();
         mirrored.apply(upsert(&["0312345678", "0312345679"])).unwrap();
-        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password() }).unwrap();
+        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password(), line: None }).unwrap();
         // 0312345679 moves to another line: it leaves the first, without its credential.
         mirrored.apply(upsert(&["0612345678", "0312345679"])).unwrap();
         for store in [&mirrored.owner, &mirrored.view] {
@@ -1197,7 +1204,7 @@ mod tests {
     fn r_m3_what_an_upsert_failing_part_way_wrote_reaches_the_other_stores() {
         let mut mirrored = Mirrored::new();
         mirrored.apply(upsert(&["0312345678", "0312345679"])).unwrap();
-        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password() }).unwrap();
+        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password(), line: None }).unwrap();
         mirrored.owner.numbers.insert("0312345670", &b"{not a number record"[..]).unwrap();
 
         let failed = mirrored.apply(upsert(&["0312345678", "0312345670"]));
@@ -1219,7 +1226,7 @@ mod tests {
         let mut mirrored = Mirrored::new();
         mirrored.apply(upsert(&["0312345678", "0312345679"])).unwrap();
         mirrored.apply(upsert(&["0612345678"])).unwrap();
-        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password() }).unwrap();
+        mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password(), line: None }).unwrap();
         let session = |number: &str| SessionRecord {
             number: n(number),
             kind: CredentialKind::Password,
@@ -1261,7 +1268,7 @@ mod tests {
             failures: 0,
             invalidated: false,
         };
-        store.submit(Op::SetCredential { number: n("0312345678"), record: record("h1") }).unwrap();
+        store.submit(Op::SetCredential { number: n("0312345678"), record: record("h1"), line: None }).unwrap();
         let attempt = |hash: &str, matched| {
             store.submit(Op::LoginAttempt { number: n("0312345678"), hash: hash.into(), matched, now: Utc::now() })
         };

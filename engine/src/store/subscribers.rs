@@ -135,7 +135,19 @@ impl Store {
     /// Sets `number`'s credential (a temporary password by phone, a password on the
     /// site), replacing whatever it had.
     pub fn set_credential(&self, number: &PhoneNumber, record: &CredentialRecord) -> Result<(), StoreError> {
-        expect_done(self.submit(Op::SetCredential { number: *number, record: record.clone() })?)
+        self.set_credential_on_line(number, None, record)
+    }
+
+    /// [`Store::set_credential`] while `number` is on the line of `line`, where given:
+    /// else [`StoreError::UnknownNumber`], nothing set (it moved, or its line was removed,
+    /// since its subscriber was asked).
+    pub fn set_credential_on_line(
+        &self,
+        number: &PhoneNumber,
+        line: Option<&PhoneNumber>,
+        record: &CredentialRecord,
+    ) -> Result<(), StoreError> {
+        expect_done(self.submit(Op::SetCredential { number: *number, record: record.clone(), line: line.copied() })?)
     }
 
     /// Deletes `number`'s credential; whether there was one.
