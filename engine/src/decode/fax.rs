@@ -20,7 +20,7 @@ use base64::Engine as _;
 use chrono::{DateTime, Utc};
 
 use super::canonical::{caller, lookup, PRESENTATIONS};
-use super::{called_number, parse_object, rfc3339, Caller, DecodeError, Scalar};
+use super::{national_number, parse_object, rfc3339, Caller, DecodeError, Scalar};
 use crate::fax::document::{self, DocumentKind};
 use crate::phone::PhoneNumber;
 
@@ -63,7 +63,7 @@ pub fn decode_fax(payload: &[u8]) -> Result<FaxEvent<'_>, DecodeError> {
     let doc: Doc<'_> = parse_object("fax", payload)?;
     let fax_id = doc.fax_id.into_text("fax_id")?.ok_or(DecodeError::Missing { field: "fax_id" })?;
     check_fax_id(&fax_id)?;
-    let called = called_number(doc.called.required("called")?)?;
+    let called = national_number(doc.called.required("called")?)?;
     let presentation = lookup(PRESENTATIONS, "presentation", doc.presentation.required("presentation")?)?;
     let caller = caller(presentation, doc.caller.text("caller")?);
     let received_at = rfc3339("received_at", doc.received_at.required("received_at")?)?;

@@ -226,11 +226,34 @@ pub fn check_times(call: &CallEvent<'_>, now: DateTime<Utc>) -> Result<(), Decod
 }
 
 /// Parses the called number, which must be a subscriber's national number (R-L2); a
-/// `+81` form from the exchange is normalised first.
+/// `+81` form from the exchange is normalised first. A number no subscriber can hold,
+/// which an exchange's CDRs of its own calls out carry ([`dialled_out`]), is kept as it
+/// is: the call is then for no subscriber, not a broken CDR.
 fn called_number(raw: &str) -> Result<PhoneNumber, DecodeError> {
     let normal = PhoneNumber::from_caller(raw)
         .ok_or_else(|| DecodeError::invalid("called", format!("{raw:?} is not a phone number")))?;
+    if dialled_out(normal.as_str()) {
+        return Ok(normal);
+    }
     PhoneNumber::parse(normal.as_str()).map_err(|e| DecodeError::invalid("called", e))
+}
+
+/// [`called_number`] where only a subscriber's national number will do: a fax is
+/// received by a fax number, never sent to 117.
+fn national_number(raw: &str) -> Result<PhoneNumber, DecodeError> {
+    let normal = PhoneNumber::from_caller(raw)
+        .ok_or_else(|| DecodeError::invalid("called", format!("{raw:?} is not a phone number")))?;
+    PhoneNumber::parse(normal.as_str()).map_err(|e| DecodeError::invalid("called", e))
+}
+
+/// Whether a called number is one a subscriber dials, never one a subscriber has: a
+/// special number of three or four digits starting with 1 (110, 117, 119, 171, an
+/// extension of a PBX), or a number abroad (`010…`, as `+1…` normalises). Any other
+/// number that is not a national one (nine digits without the trunk 0: an exchange
+/// stripping it) stays a broken CDR, dead-lettered where the operator sees it.
+fn dialled_out(normal: &str) -> bool {
+    let special = matches!(normal.len(), 3 | 4) && normal.starts_with('1');
+    special || normal.starts_with("010")
 }
 
 // ---- Helpers shared by the three decoders ----------------------------------------------
@@ -543,6 +566,28 @@ mod tests {
         assert!(decode(CdrFormat::Canonical, cdr("c-1").as_bytes()).is_ok());
         let refused = decode(CdrFormat::Canonical, cdr("fax:job-1").as_bytes()).map(|_| ()).unwrap_err();
         assert!(matches!(refused, DecodeError::Invalid { field: "call_id", .. }), "{refused}");
+    }
+
+    /// An exchange's CDRs of its subscribers' own calls out (to 117, to a number abroad)
+    /// are for no subscriber: they decode, to be passed over as not subscribed, not
+    /// dead-lettered. They were, and fired the dead-letter alert that means "a changed
+    /// exchange format". A national number that lost its trunk 0 still is.
+    #[test]
+    fn r_m4_calls_out_to_special_and_foreign_numbers_are_for_no_subscriber_not_broken() {
+        let cdr = |called: &str| {
+            format!(
+                r#"{{"call_id":"c-1","called":"{called}","caller":"0312345678","presentation":"allowed","started_at":"2026-11-24T10:00:00+09:00","ended_at":"2026-11-24T10:00:31+09:00","outcome":"answered"}}"#
+            )
+        };
+        for (called, normal) in [("117", "117"), ("110", "110"), ("1001", "1001"), ("+14155550100", "01014155550100")] {
+            let payload = cdr(called);
+            let call = decode(CdrFormat::Canonical, payload.as_bytes()).unwrap_or_else(|e| panic!("{called}: {e}"));
+            assert_eq!(call.called.as_str(), normal);
+        }
+        for broken in ["312345678", "3123456789", "12345", "s"] {
+            let refused = decode(CdrFormat::Canonical, cdr(broken).as_bytes()).map(|_| ()).unwrap_err();
+            assert!(matches!(refused, DecodeError::Invalid { field: "called", .. }), "{broken}: {refused}");
+        }
     }
 
     /// Times an unset or broken exchange clock writes are not calls: dated 1900 or 1970,
