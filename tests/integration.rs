@@ -1070,7 +1070,7 @@ fn three_nodes_share_subscribers_changed_through_any_node_and_a_fourth_catches_u
     let cdrs = Cdrs::new(&a.brokers, &a.topic);
     let message_id = |s: &Subscriber, call_id: &str| {
         let to = engine::address::DestinationAddress::parse(&moved(s)).unwrap();
-        engine::render::message_id(&s.number, call_id, &to, FROM_DOMAIN)
+        engine::render::call_message_id(&s.number, call_id, testkit::cdr::call_end(), &to, FROM_DOMAIN)
     };
     let call = |round: &str, expected: &mut Vec<String>| {
         for (i, s) in subs.iter().enumerate() {

@@ -152,7 +152,7 @@ impl Renderer {
             recipient,
             subject,
             body,
-            message_id(&call.called.to_string(), &call.call_id, recipient, &self.domain),
+            call_message_id(call.called.as_str(), &call.call_id, call.ended_at, recipient, &self.domain),
         )
     }
 
@@ -394,13 +394,33 @@ pub fn fax_message_id(
     message_id(number.as_str(), &format!("fax:{fax}"), recipient, domain)
 }
 
+/// The Message-ID of the mail of a call record to `recipient`: one per record the
+/// engine's dedup tells apart (number, call id, when it ended, in unix seconds), so the
+/// CDRs of one call's ring-group legs, each mailed by its own outcome, are two mails to
+/// a mail store, not one it drops as a repeat.
+pub fn call_message_id(
+    number: &str,
+    call_id: &str,
+    ended_at: DateTime<Utc>,
+    recipient: &DestinationAddress,
+    domain: &str,
+) -> String {
+    let ended = ended_at.timestamp().to_be_bytes();
+    id_of([number.as_bytes(), call_id.as_bytes(), &ended, recipient.as_str().as_bytes()], domain)
+}
+
 /// `<32 hex digits@domain>` from the call, number and recipient: the same inputs give
 /// the same id in every process (FNV-1a, 128 bit; not for security, only identity).
 pub fn message_id(number: &str, call_id: &str, recipient: &DestinationAddress, domain: &str) -> String {
+    id_of([number.as_bytes(), call_id.as_bytes(), recipient.as_str().as_bytes()], domain)
+}
+
+/// `<32 hex digits@domain>` from `parts` (FNV-1a, 128 bit, each part ended by a 0).
+fn id_of<const N: usize>(parts: [&[u8]; N], domain: &str) -> String {
     const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
     const PRIME: u128 = 0x0000000001000000000000000000013b;
     let mut hash = OFFSET;
-    for part in [number.as_bytes(), call_id.as_bytes(), recipient.as_str().as_bytes()] {
+    for part in parts {
         for &b in part.iter().chain(&[0u8]) {
             hash ^= u128::from(b);
             hash = hash.wrapping_mul(PRIME);
@@ -451,8 +471,26 @@ mod tests {
         assert_eq!(parsed.message_id(), Some(mail.message_id.trim_matches(['<', '>'])));
     }
 
+    /// R-M2: the CDRs of one call's ring-group legs (one call id, each leg ending at its
+    /// own time, mailed by its own outcome) are two mails with two Message-IDs. They had
+    /// one: a mail store dropping repeated ids kept only the first ("応答できませんでした"
+    /// for a call the subscriber then answered on another phone).
     #[test]
-    fn the_message_id_depends_only_on_call_number_and_recipient() {
+    fn r_m2_two_records_of_one_call_ending_at_other_times_have_their_own_message_ids() {
+        let to = DestinationAddress::parse("a@example.jp").unwrap();
+        let leg = call("1795482000.18");
+        let answered = CallEvent {
+            answered_at: Some(leg.started_at),
+            ended_at: leg.ended_at + chrono::TimeDelta::seconds(185),
+            outcome: Outcome::Answered,
+            ..leg.clone()
+        };
+        let ids = [&leg, &answered].map(|c| renderer().render(c, &to).unwrap().message_id);
+        assert_ne!(ids[0], ids[1]);
+    }
+
+    #[test]
+    fn the_message_id_depends_only_on_the_call_record_and_recipient() {
         let a = DestinationAddress::parse("a@example.jp").unwrap();
         let b = DestinationAddress::parse("b@example.jp").unwrap();
         let first = renderer().render(&call("c-1"), &a).unwrap().message_id;

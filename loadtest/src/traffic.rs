@@ -144,7 +144,13 @@ impl Generator {
                 .recipients
                 .iter()
                 .map(|r| {
-                    let id = engine::render::message_id(call.called.as_str(), &call.call_id, r, &self.domain);
+                    let id = engine::render::call_message_id(
+                        call.called.as_str(),
+                        &call.call_id,
+                        call.ended_at,
+                        r,
+                        &self.domain,
+                    );
                     message_id_key(id.as_bytes()).expect("engine Message-IDs are hex")
                 })
                 .collect(),

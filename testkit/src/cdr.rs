@@ -16,6 +16,11 @@ pub fn call_start() -> DateTime<FixedOffset> {
     *START
 }
 
+/// When the calls of [`cdr`] ended: 31 s after [`call_start`].
+pub fn call_end() -> DateTime<Utc> {
+    (call_start() + TimeDelta::seconds(31)).to_utc()
+}
+
 /// A canonical CDR of a call at [`call_start`] lasting 31 s, answered after 5 s when
 /// `outcome` is `answered`; `presentation` and `outcome` as the format spells them.
 pub fn cdr(call_id: &str, called: &str, caller: Option<&str>, presentation: &str, outcome: &str) -> String {

@@ -823,7 +823,7 @@ impl Subscriber {
     /// The Message-ID of this subscriber's mail for `call_id`.
     pub fn message_id(&self, call_id: &str) -> String {
         let to = DestinationAddress::parse(&self.address()).unwrap();
-        engine::render::message_id(&self.number, call_id, &to, FROM_DOMAIN)
+        engine::render::call_message_id(&self.number, call_id, testkit::cdr::call_end(), &to, FROM_DOMAIN)
     }
 }
 
