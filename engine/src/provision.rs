@@ -444,8 +444,42 @@ pub enum LineError {
     Settings { number: PhoneNumber, source: StoreError },
     #[error("contract number {0} must be one of the line's numbers")]
     ContractNotListed(PhoneNumber),
-    #[error("number {0}: the credential's hash is not an argon2id PHC string")]
+    #[error(
+        "number {0}: the credential's hash is not an argon2id PHC string \
+         ($argon2id$v=19$m=…,t=…,p=…$salt$hash, m at most {MAX_M_COST_KIB}, t at most {MAX_T_COST}, p at most {MAX_P_COST})"
+    )]
     Credential(PhoneNumber),
+}
+
+/// The most memory (KiB), passes and lanes a restored hash may ask of a login: each
+/// login computes it (OWASP's 19 MiB, 2 passes, 1 lane here; 256 MiB allows their
+/// heavier settings), and a hash asking for gigabytes would take the site down with it.
+const MAX_M_COST_KIB: u32 = 262_144;
+const MAX_T_COST: u32 = 16;
+const MAX_P_COST: u32 = 16;
+
+/// Whether `hash` is an argon2id PHC string a login can check:
+/// `$argon2id$v=19$m=M,t=T,p=P$SALT$HASH`, the costs within the bounds above, the salt and
+/// the hash unpadded base64 of 8–64 and 16–64 bytes. Anything else logged in to a system
+/// error at every attempt, counting nothing.
+fn argon2id_phc(hash: &str) -> bool {
+    let b64 = |s: &str, bytes: std::ops::RangeInclusive<usize>| {
+        s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+            && s.len() % 4 != 1
+            && bytes.contains(&(s.len() * 3 / 4))
+    };
+    let parts: Vec<&str> = hash.split('$').collect();
+    let ["", "argon2id", "v=19", params, salt, digest] = parts[..] else { return false };
+    let costs: Vec<Option<(&str, &str)>> = params.split(',').map(|p| p.split_once('=')).collect();
+    let [m, t, p] = costs[..] else { return false };
+    let cost = |kv: Option<(&str, &str)>, key: &str, range: std::ops::RangeInclusive<u32>| {
+        kv.filter(|(k, _)| *k == key).and_then(|(_, v)| v.parse::<u32>().ok()).is_some_and(|v| range.contains(&v))
+    };
+    b64(salt, 8..=64)
+        && b64(digest, 16..=64)
+        && cost(m, "m", 8..=MAX_M_COST_KIB)
+        && cost(t, "t", 1..=MAX_T_COST)
+        && cost(p, "p", 1..=MAX_P_COST)
 }
 
 /// What a line sets besides the line and its numbers, each by an op of its own after
@@ -497,7 +531,7 @@ fn parse_line(text: &str) -> Result<Parsed, LineError> {
             settings.validate().map_err(|source| LineError::Settings { number: n.number, source })?;
         }
         if let Some(credential) = n.credential {
-            if !credential.hash.starts_with("$argon2id$") {
+            if !argon2id_phc(&credential.hash) {
                 return Err(LineError::Credential(n.number));
             }
             extras.push(Extra::Credential(n.number, credential));
@@ -835,16 +869,43 @@ mod tests {
         assert_eq!((report.removed.len(), report.removed_not_listed), (MAX_LISTED, 1));
     }
 
+    /// A credential is restored only with a hash a login can check: an argon2id PHC
+    /// string whose costs a login can afford. A truncated or hand-edited one (only its
+    /// `$argon2id$` start was checked) was restored, and every login of the number was a
+    /// system error, counting nothing; one asking for 4 GiB took that much per login.
     #[test]
     fn r_l3_a_credential_that_is_not_an_argon2id_hash_is_refused_with_its_line() {
+        let line = |hash: &str| {
+            format!(
+                r#"{{"contract":"0312345678","numbers":[{{"number":"0312345678","credential":{{"hash":"{hash}","kind":"password","set_at":"2026-12-01T00:00:00Z","failures":0,"invalidated":false}}}}]}}"#
+            )
+        };
+        let good = credential(0).hash;
+        for bad in [
+            "password1".to_owned(),
+            good.replace("aGFzaA", "aGFz!"),
+            good.replace("m=19456", "m=4194304"),
+            good.replace("t=2", "t=0"),
+            good.replace("v=19", "v=16"),
+            good.replace(",p=1", ""),
+            format!("{good}$more"),
+            "$argon2id$v=19$m=19456,t=2,p=1$$".to_owned(),
+        ] {
+            let store = Store::temporary().unwrap();
+            let report = import(&store, format!("{EXAMPLE}\n{}\n", line(&bad)).as_bytes()).unwrap();
+            assert_eq!(report.rejected.len(), 1, "{bad}: {report:?}");
+            assert!(
+                report.rejected[0]
+                    .1
+                    .starts_with("number 0312345678: the credential's hash is not an argon2id PHC string"),
+                "{bad}: {report:?}"
+            );
+            assert_eq!(store.credential(&n("0312345678")).unwrap(), None, "{bad}");
+        }
         let store = Store::temporary().unwrap();
-        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","credential":{"hash":"password1","kind":"password","set_at":"2026-12-01T00:00:00Z","failures":0,"invalidated":false}}]}"#;
-        let report = import(&store, format!("{EXAMPLE}\n{line}\n").as_bytes()).unwrap();
-        assert_eq!(
-            report.rejected,
-            vec![(2, "number 0312345678: the credential's hash is not an argon2id PHC string".into())]
-        );
-        assert_eq!(store.credential(&n("0312345678")).unwrap(), None);
+        let report = import(&store, line(&good).as_bytes()).unwrap();
+        assert!(report.rejected.is_empty(), "{report:?}");
+        assert_eq!(store.credential(&n("0312345678")).unwrap().unwrap().hash, good);
     }
 
     /// Stored records are read leniently (a newer version's fields passed over); an
