@@ -834,6 +834,23 @@ mod tests {
         assert_eq!(store.credential(&n("0312345678")).unwrap(), None);
     }
 
+    /// R-S9: fax settings imported onto a number that never saved any start past version
+    /// 0, so the site's form shown before the import (at 0) is refused as stale instead of
+    /// replacing them without a word. They kept the import's version 0.
+    #[test]
+    fn r_s9_imported_fax_settings_make_a_form_shown_before_them_stale() {
+        let store = Store::temporary().unwrap();
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["fax"]}]}"#;
+        import(&store, line.as_bytes()).unwrap();
+        let with_settings = r#"{"contract":"0312345678","numbers":[{"number":"0312345678","services":["fax"],"fax_settings":{"enabled":true,"destinations":[{"address":"ops@example.jp","send":true}],"attach_pdf":false}}]}"#;
+        let report = import(&store, with_settings.as_bytes()).unwrap();
+        assert!(report.rejected.is_empty(), "{report:?}");
+        let stale = store.save_fax_settings(&n("0312345678"), 0, FaxSettings::default());
+        assert!(matches!(stale, Err(StoreError::StaleVersion { current: 1 })), "{stale:?}");
+        let kept = store.number(&n("0312345678")).unwrap().unwrap().fax;
+        assert_eq!(kept.destinations.len(), 1);
+    }
+
     /// A removal that says more than which line, or a line with no numbers, is refused
     /// with what to write instead (R-L3).
     #[test]

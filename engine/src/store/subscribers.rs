@@ -554,7 +554,13 @@ impl Store {
         self.update_number(number, |record| {
             let old = &record.fax;
             record.fax = if old.is_default() {
-                settings.clone()
+                // Never saved: the import's, past version 0, so that a form the site showed
+                // before it (at 0) is refused as stale instead of overwriting it (R-S9);
+                // an export's own version is kept.
+                match settings.is_default() {
+                    true => old.clone(),
+                    false => FaxSettings { version: settings.version.max(1), ..settings.clone() },
+                }
             } else if (FaxSettings { version: old.version, ..settings.clone() }) == *old {
                 old.clone()
             } else {
