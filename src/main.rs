@@ -321,6 +321,16 @@ fn open_existing_store(settings: &Settings) -> anyhow::Result<engine::store::Sto
 /// it into the embedded cluster again).
 fn open_own_store(settings: &Settings, refusal: impl FnOnce(&str) -> String) -> anyhow::Result<engine::store::Store> {
     let store = open_store(settings)?;
+    // Part of it may be in that topic already: a number removed here would stay there,
+    // on every other node, as the carry-over resumed publishes only what is left.
+    if let Some(topic) = store.carrying_over()? {
+        anyhow::bail!(
+            "the store at {} was being carried into state topic {topic:?} when its `serve` stopped: a change made \
+             here would not reach the nodes reading that topic. Start `serve` on it to finish the carry-over, then \
+             make the change through a running node (docs/cluster.md)",
+            settings.store.path.display()
+        );
+    }
     match store.shared_view_of()? {
         Some(topic) => Err(anyhow::anyhow!(refusal(&topic))),
         None => Ok(store),

@@ -427,6 +427,25 @@ fn r_l3_r_i2_a_cluster_node_s_store_refuses_the_offline_import_and_the_terminal_
     assert!(store.line(&number("0300000002")).unwrap().is_none(), "no line imported");
 }
 
+/// R-L3, R-M3: a store whose carry-over into a cluster's state topic stopped part way
+/// (its first `serve` killed during it) refuses an import without `--url`, as a node's
+/// store does: part of it may be in the topic already, and a number the import removed
+/// would stay there, on every other node. It took the import.
+#[test]
+fn r_m3_a_store_whose_carry_over_stopped_part_way_refuses_the_offline_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_line_0(dir.path());
+    Store::open(&store).unwrap().begin_carry_over("callnotify-state").unwrap();
+    let again = dir.path().join("again.jsonl");
+    std::fs::write(&again, line(1)).unwrap();
+    let out = callnotify(&store).args(["provision", "import"]).arg(&again).output().unwrap();
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{errors}");
+    assert!(errors.contains(r#"was being carried into state topic "callnotify-state""#), "{errors}");
+    let number = engine::phone::PhoneNumber::parse("0300000002").unwrap();
+    assert!(Store::open(&store).unwrap().line(&number).unwrap().is_none(), "no line imported");
+}
+
 /// R-L3, R-S3: `provision export` then `provision import` into an empty store carries
 /// every line, setting and credential over: a subscriber's password still logs in on the
 /// copy, and a failure count carries on where it was. Without credentials, nobody can
