@@ -84,6 +84,7 @@ pub fn max_len(policy: PasswordPolicy) -> usize {
 
 const MISMATCH: &str = "新しいパスワードと確認用のパスワードが一致しません。";
 const WRONG_CURRENT: &str = "現在のパスワードが正しくありません。";
+const NO_CURRENT: &str = "現在のパスワードを入力してください。";
 
 /// The password form's fields; all default to empty so a missing CSRF field is a 403.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -121,6 +122,12 @@ pub async fn submit(
     // Cheap checks first: a typo in the new password should not cost an attempt at the
     // current one (R-S2, R-S3 count consecutive wrong entries).
     let mut errors = Vec::new();
+    // A blank current password is not a wrong one: a browser that ignores `required`
+    // (a フレッツフォン's, a 携帯電話's) sent it, and three of them invalidated a
+    // temporary password (R-S2).
+    if form.current.is_empty() {
+        errors.push(NO_CURRENT.to_owned());
+    }
     if let Err(violation) = check(state.password_policy, &form.current, &form.new) {
         errors.push(violation.to_string());
     }

@@ -1018,3 +1018,22 @@ async fn r_m3_a_number_moved_during_a_password_change_gets_no_password_from_it()
     assert_eq!(reply.location(), Some("/login"));
     assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"), "the session ended");
 }
+
+/// R-S2: a blank current password on the password page is asked for, not checked: a
+/// browser that ignores `required` (a フレッツフォン's) sent it, and each one counted as
+/// a wrong entry; three invalidated the temporary password.
+#[tokio::test]
+async fn r_s2_a_blank_current_password_is_asked_for_not_counted() {
+    let app = app();
+    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), t0()).await.unwrap();
+    let reply = login(&app, CONTRACT, TEMPORARY).await;
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    let csrf = get(&app, "/password", &cookies).await.csrf();
+    for _ in 0..3 {
+        let form = format!("current=&new={PASSWORD}&confirm={PASSWORD}&csrf={csrf}");
+        let reply = post(&app, "/password", &cookies, &form).await;
+        assert!(reply.body.contains("現在のパスワードを入力してください。"), "{}", reply.body);
+    }
+    assert_eq!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures, 0);
+    assert_eq!(get(&app, "/password", &cookies).await.status, StatusCode::OK, "still logged in");
+}
