@@ -83,7 +83,7 @@ pub async fn show(State(state): State<SiteState>, RawQuery(query): RawQuery, hea
     let notice = pairs.clone().find_map(|pair| super::unit::login_notice(Some(pair)));
     let fax = pairs.find_map(|pair| pair.strip_prefix("fax=")).and_then(super::fax::fax_to_show).unwrap_or("");
     let name = state.csrf_cookie();
-    let page = |token: &str| Html(login_page_with(&state, token, notice, None, "", fax)).into_response();
+    let page = |token: &str| Html(login_page_with(token, notice, None, "", fax)).into_response();
     match cookie(&headers, &name).filter(|token| csrf::well_formed(token)) {
         Some(token) => page(token),
         None => {
@@ -116,7 +116,7 @@ pub async fn submit(
             state.metrics.login(Login::Throttled);
             // What was typed stays, as after a wrong login: the number and the fax to show.
             let fax = super::fax::fax_to_show(&form.fax).unwrap_or("");
-            let page = login_page_with(&state, &form.csrf, None, Some(THROTTLED_MESSAGE), &form.number, fax);
+            let page = login_page_with(&form.csrf, None, Some(THROTTLED_MESSAGE), &form.number, fax);
             return Ok((StatusCode::TOO_MANY_REQUESTS, Html(page)).into_response());
         }
         Some(Some(attempt)) => Some(attempt),
@@ -151,7 +151,7 @@ pub async fn submit(
                 attempt.failed();
             }
             let fax = super::fax::fax_to_show(&form.fax).unwrap_or("");
-            let page = login_page_with(&state, &form.csrf, None, Some(FAILURE_MESSAGE), &form.number, fax);
+            let page = login_page_with(&form.csrf, None, Some(FAILURE_MESSAGE), &form.number, fax);
             return Ok(Html(page).into_response());
         }
     };
@@ -166,7 +166,7 @@ pub async fn submit(
     let credentials = state.credentials.clone();
     let Some(stamp) = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await?? else {
         // Replaced or removed between the check and now: as if the login had failed.
-        return Ok(Html(login_page(&state, &form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
+        return Ok(Html(login_page(&form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
     };
     let id = state.sessions.create(new_session(number, ok.kind, must_change, idle_timeout, now, stamp)).await?;
     // The fax the browser came for, unless the password must be changed first (R-S4).
@@ -213,20 +213,13 @@ pub async fn logout(
     Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
-fn login_page(state: &SiteState, csrf: &str, notice: Option<&str>, error: Option<&str>) -> String {
-    login_page_with(state, csrf, notice, error, "", "")
+fn login_page(csrf: &str, notice: Option<&str>, error: Option<&str>) -> String {
+    login_page_with(csrf, notice, error, "", "")
 }
 
 /// [`login_page`] with the number field filled in (a failed login keeps what was typed)
 /// and the fax to show after it, if any (checked by [`super::fax::fax_to_show`]).
-fn login_page_with(
-    state: &SiteState,
-    csrf: &str,
-    notice: Option<&str>,
-    error: Option<&str>,
-    number: &str,
-    fax: &str,
-) -> String {
+fn login_page_with(csrf: &str, notice: Option<&str>, error: Option<&str>, number: &str, fax: &str) -> String {
     let errors = html::errors(&error.map(str::to_owned).into_iter().collect::<Vec<_>>());
     let notice = notice
         .map_or(String::new(), |notice| format!("<p class=\"notice\" role=\"status\">{}</p>\n", html::escape(notice)));
@@ -255,7 +248,7 @@ fn login_page_with(
          <p>パスワードをお忘れの場合や、ロックされた場合は、ご契約の回線から仮パスワード設定ダイヤル\
          （06-6480-6430）に電話して仮パスワードを設定してください。</p>\n",
         csrf = html::csrf_field(csrf),
-        max = super::password::max_len(state.password_policy),
+        max = super::password::ENTERED_MAX_LEN,
         // Kept as typed, but never more of it than a mistyped number could be.
         number = html::escape(&number.chars().take(20).collect::<String>()),
     );

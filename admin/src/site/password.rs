@@ -74,7 +74,13 @@ pub fn check(policy: PasswordPolicy, current: &str, new: &str) -> Result<(), Pol
     }
 }
 
-/// The longest password `policy` allows: the `maxlength` of the site's password fields.
+/// The `maxlength` of the fields that take a password already set: any either policy
+/// allows (64 characters, up to two UTF-16 units each), whatever the policy now, so that
+/// a browser never cuts one set under the other policy (or restored from an export) and
+/// every try counts as wrong (R-S3).
+pub const ENTERED_MAX_LEN: usize = 2 * ASVS_MAX_LEN;
+
+/// The longest password `policy` allows: the `maxlength` of a new password's fields.
 pub fn max_len(policy: PasswordPolicy) -> usize {
     match policy {
         PasswordPolicy::Seed => MAX_LEN,
@@ -210,7 +216,7 @@ fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -
         "{notice}{errors}<form method=\"post\" action=\"/password\">\n{csrf}\
          <p><label for=\"current\">現在のパスワード</label><br>\n\
          <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
-         maxlength=\"{max}\" required></p>\n\
+         maxlength=\"{ENTERED_MAX_LEN}\" required></p>\n\
          <p><label for=\"new\">新しいパスワード</label><br>\n\
          <input id=\"new\" name=\"new\" type=\"password\" autocomplete=\"new-password\" \
          {rule} required><br>\n\

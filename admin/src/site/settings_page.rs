@@ -24,7 +24,7 @@ use super::destinations::{
 };
 use super::form_parts::{ChoiceError, Row};
 use super::numbers::not_found;
-use super::password::max_len;
+use super::password::ENTERED_MAX_LEN;
 use super::session::Session;
 use super::{csrf, require_session, Authed, Gate, SiteError, SiteState};
 
@@ -78,13 +78,13 @@ pub(super) trait SettingsPage: 'static {
 pub(super) struct View<'a> {
     pub number: &'a PhoneNumber,
     pub session: &'a Session,
-    /// The longest password the policy allows, for the 現在のパスワード field.
+    /// The `maxlength` of the 現在のパスワード field ([`ENTERED_MAX_LEN`]).
     pub password_max: usize,
 }
 
 impl<'a> View<'a> {
-    fn new(state: &SiteState, number: &'a PhoneNumber, session: &'a Session) -> Self {
-        Self { number, session, password_max: max_len(state.password_policy) }
+    fn new(number: &'a PhoneNumber, session: &'a Session) -> Self {
+        Self { number, session, password_max: ENTERED_MAX_LEN }
     }
 
     /// The form shown again with one error above it.
@@ -123,7 +123,7 @@ pub(super) async fn show<P: SettingsPage>(
         }
     }
     let notice = if query.as_deref() == Some(SAVED_QUERY) { SAVED } else { "" };
-    let view = View::new(&state, &number, &authed.session);
+    let view = View::new(&number, &authed.session);
     Ok(Html(P::render(&view, notice, &P::form_of(&settings), &[], &P::Rows::default())).into_response())
 }
 
@@ -175,7 +175,7 @@ pub(super) async fn submit<P: SettingsPage>(
     }
 
     let entered = P::form_from(&fields);
-    let view = View::new(&state, &number, &session);
+    let view = View::new(&number, &session);
     let Some(version) = P::version(&entered) else { return Ok(stale::<P>(&view, &entered)) };
     let settings = match P::parse(&entered) {
         Ok(settings) => settings,
@@ -239,7 +239,7 @@ pub(super) async fn test_mail<P: SettingsPage>(
     let tested = send_test(&state, &session, number, row, rows, P::NAME, P::SERVICE).await?;
     // Post/Redirect/Get: the page with the outcome is shown by the GET the browser is
     // sent to, once; a reload shows the saved settings and sends no second mail.
-    let view = View::new(&state, &number, &session);
+    let view = View::new(&number, &session);
     let page = P::render(&view, &tested.notice, &entered, &tested.errors, &P::destination_errors(tested.rows));
     let path = P::path(&number);
     state.sessions.set_flash(&id, path.clone(), page).await?;

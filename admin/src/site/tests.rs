@@ -420,7 +420,8 @@ async fn asvs_policy_accepts_a_40_character_passphrase_with_spaces() {
     let changed = post(&app, "/password", &cookies, &form).await;
     assert_eq!(changed.location(), Some("/?notice=password"), "{}", changed.body);
     let login_page = get(&app, "/login", "").await;
-    assert!(login_page.body.contains("maxlength=\"64\""), "the login form takes the passphrase");
+    let max = maxlength(&login_page.body, "password");
+    assert!(max.is_some_and(|max| max >= 64), "the login form takes the passphrase: {max:?}");
     assert_eq!(login(&app, CONTRACT, &encoded).await.location(), Some("/"));
     let record = app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap();
     assert_eq!(record.kind, crate::credentials::CredentialKind::Password);
@@ -1036,4 +1037,33 @@ async fn r_s2_a_blank_current_password_is_asked_for_not_counted() {
     }
     assert_eq!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures, 0);
     assert_eq!(get(&app, "/password", &cookies).await.status, StatusCode::OK, "still logged in");
+}
+
+/// The `maxlength` of the input `id` in `html`.
+fn maxlength(html: &str, id: &str) -> Option<usize> {
+    let input = &html[html.find(&format!("<input id=\"{id}\""))?..];
+    let input = &input[..input.find('>')?];
+    let at = input.find("maxlength=\"")? + "maxlength=\"".len();
+    input[at..].split('"').next()?.parse().ok()
+}
+
+/// R-S3: a field that takes a password already set takes any either policy allows: a
+/// passphrase set under `asvs` (or restored from an export) still logs in after the
+/// operator switched back to `seed`. Those fields had `seed`'s maxlength of 12: browsers
+/// cut the passphrase, every try was wrong, and ten invalidated the password.
+#[tokio::test]
+async fn r_s3_a_long_password_set_under_one_policy_is_typed_whole_under_the_other() {
+    use engine::config::PasswordPolicy;
+    let passphrase = "correct horse battery staple, twice over: correct horse battery!";
+    assert_eq!(passphrase.chars().count(), 64);
+    let app = app_with_policy(PasswordPolicy::Seed);
+    app.f.credentials.set_password_async(n(CONTRACT), passphrase.into(), t0()).await.unwrap();
+    let page = get(&app, "/login", "").await;
+    assert!(maxlength(&page.body, "password").is_some_and(|max| max >= 64), "{}", page.body);
+    let reply = login(&app, CONTRACT, passphrase).await;
+    assert_eq!(reply.location(), Some("/"), "it logs in");
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    let page = get(&app, "/password", &cookies).await;
+    assert!(maxlength(&page.body, "current").is_some_and(|max| max >= 64), "{}", page.body);
+    assert_eq!(maxlength(&page.body, "new"), Some(12), "a new one keeps to the policy");
 }

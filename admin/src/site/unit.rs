@@ -111,7 +111,7 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         Err(denied) => return Ok(denied.into_response()),
     };
     let Some((line, numbers)) = load(&state, authed.session.number).await? else { return Ok(contract_only()) };
-    page(&state, &authed.session, &line, &numbers, &[])
+    page(&authed.session, &line, &numbers, &[])
 }
 
 /// /unit for a login that is not the line's contract number (a number credential, an
@@ -140,7 +140,7 @@ pub async fn submit(
     // A form made for another unit (changed meanwhile in another window, R-S9) changes
     // nothing.
     if field("from") != unit_name(line.unit) {
-        return page(&state, &session, &line, &numbers, &[STALE.to_owned()]);
+        return page(&session, &line, &numbers, &[STALE.to_owned()]);
     }
     let now = state.clock.now();
     match line.unit {
@@ -148,13 +148,13 @@ pub async fn submit(
             // R-O3: the line's password, which is the contract number's.
             let password = field("password");
             if password.is_empty() {
-                return page(&state, &session, &line, &numbers, &[EMPTY.to_owned()]);
+                return page(&session, &line, &numbers, &[EMPTY.to_owned()]);
             }
             match state.credentials.verify_async(line.contract, password.to_owned(), now).await? {
                 Ok(_) => {}
                 Err(LoginFailure::Wrong) => {
                     tracing::info!(number = %line.contract, "site unit change to number: wrong password");
-                    return page(&state, &session, &line, &numbers, &[WRONG.to_owned()]);
+                    return page(&session, &line, &numbers, &[WRONG.to_owned()]);
                 }
                 Err(failure) => return credential_gone(&state, &id, &line.contract, failure).await,
             }
@@ -169,7 +169,7 @@ pub async fn submit(
                 .map(|number| format!("{}番の{EMPTY}", number.as_str()))
                 .collect();
             if !missing.is_empty() {
-                return page(&state, &session, &line, &numbers, &missing);
+                return page(&session, &line, &numbers, &missing);
             }
             let mut errors = Vec::new();
             let mut contract_gone = None;
@@ -191,12 +191,12 @@ pub async fn submit(
             }
             if !errors.is_empty() {
                 tracing::info!(line = %line.contract, failed = errors.len(), "site unit change to line refused");
-                return page(&state, &session, &line, &numbers, &errors);
+                return page(&session, &line, &numbers, &errors);
             }
             change(&state, &line, AuthUnit::Line).await?;
             ended(&state, &line, DONE_LINE).await
         }
-        Some(AuthUnit::AdminUser) | None => page(&state, &session, &line, &numbers, &[]),
+        Some(AuthUnit::AdminUser) | None => page(&session, &line, &numbers, &[]),
     }
 }
 
@@ -248,7 +248,6 @@ async fn credential_gone(
 
 /// The page for `line`'s current unit, with `errors` above the form.
 fn page(
-    state: &SiteState,
     session: &Session,
     line: &LineRecord,
     numbers: &[PhoneNumber],
@@ -257,7 +256,7 @@ fn page(
     let contract = html::escape(line.contract.as_str());
     let from = html::csrf_field(&session.csrf)
         + &format!("<input type=\"hidden\" name=\"from\" value=\"{}\">\n", unit_name(line.unit));
-    let max = super::password::max_len(state.password_policy);
+    let max = super::password::ENTERED_MAX_LEN;
     let additional: Vec<&PhoneNumber> = line.numbers.iter().filter(|number| **number != line.contract).collect();
     let body = match line.unit {
         Some(AuthUnit::Line) => {
