@@ -15,7 +15,8 @@ use chrono::{DateTime, FixedOffset, NaiveDateTime, Utc};
 use serde::Deserialize;
 
 use super::{
-    called_number_in, is_voicemail, parse_object, rfc3339, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar,
+    absence_reason, called_number_in, is_voicemail, parse_object, rfc3339, unix_time, CallEvent, Caller, DecodeError,
+    Outcome, Scalar,
 };
 use crate::phone::PhoneNumber;
 
@@ -57,9 +58,15 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let call_id = call_id(cdr.uniqueid, cdr.linkedid)?;
     let dst = cdr.dst.required("dst")?;
     let called = called_number_in("dst", dst)?;
+    let clid = cdr.clid.text("clid")?;
     let caller = match cdr.src.text("src")? {
         Some(src) => caller(src),
-        None => cdr.clid.text("clid")?.map_or(Caller::Unavailable, |clid| caller(clid_number(clid))),
+        None => clid.map_or(Caller::Unavailable, |clid| caller(clid_number(clid))),
+    };
+    // No number: the name NTT's network gave the caller says why (R-N7).
+    let caller = match (caller, clid) {
+        (Caller::Withheld, Some(clid)) => absence_reason(clid_name(clid)).unwrap_or(Caller::Withheld),
+        (caller, _) => caller,
     };
     let started_at = time(&cdr.start, "start")?.ok_or(DecodeError::Missing { field: "start" })?;
     let answered_at = time(&cdr.answer, "answer")?;
@@ -108,6 +115,12 @@ fn caller(number: &str) -> Caller {
         return Caller::Withheld;
     }
     PhoneNumber::from_caller(number).map_or(Caller::Unavailable, Caller::Number)
+}
+
+/// The name part of a caller id such as `"Coin line/payphone" <anonymous>` (empty when
+/// it has none).
+fn clid_name(clid: &str) -> &str {
+    clid.rfind('<').map_or("", |open| &clid[..open])
 }
 
 /// The number part of a caller id such as `"Taro" <09011112222>`; a clid without angle
@@ -166,6 +179,34 @@ fn time(value: &Scalar<'_>, field: &'static str) -> Result<Option<DateTime<Utc>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// R-N7: a call from NTT's network without a number says why in the caller's name
+    /// (`clid`): a payphone's is 公衆電話, one that cannot be sent 表示圏外, one withheld
+    /// 非通知. Every one of them was 非通知 (`src` `anonymous`), the name never read.
+    #[test]
+    fn r_n7_the_reason_in_the_caller_s_name_tells_payphone_and_unavailable_from_withheld() {
+        let cdr = |src: &str, clid: &str| {
+            format!(
+                r#"{{"uniqueid":"1.1","src":"{src}","clid":"{clid}","dst":"0312345678","start":"2026-11-24 10:00:00","answer":"","end":"2026-11-24 10:00:20","disposition":"NO ANSWER"}}"#
+            )
+        };
+        for (src, clid, want) in [
+            ("anonymous", r#"\"Coin line/payphone\" <anonymous>"#, Caller::Payphone),
+            ("anonymous", r#"\"Unavailable\" <anonymous>"#, Caller::Unavailable),
+            ("", r#"\"Interaction with other service\" <anonymous>"#, Caller::Unavailable),
+            ("anonymous", r#"\"Anonymous\" <anonymous>"#, Caller::Withheld),
+            ("anonymous", "anonymous", Caller::Withheld),
+            ("anonymous", r#"\"Taro\" <anonymous>"#, Caller::Withheld),
+        ] {
+            assert_eq!(decode(cdr(src, clid).as_bytes()).unwrap().caller, want, "{src:?} {clid}");
+        }
+        // A number is the number, whatever the name says.
+        let named = cdr("09011112222", r#"\"Unavailable\" <09011112222>"#);
+        assert_eq!(
+            decode(named.as_bytes()).unwrap().caller,
+            Caller::Number(PhoneNumber::parse("09011112222").unwrap())
+        );
+    }
 
     #[test]
     fn r_n4_disposition_table() {

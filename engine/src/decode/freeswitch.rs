@@ -15,7 +15,10 @@ use std::fmt;
 use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::{called_number_in, is_voicemail, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome, Scalar};
+use super::{
+    absence_reason, called_number_in, is_voicemail, parse_object, unix_time, CallEvent, Caller, DecodeError, Outcome,
+    Scalar,
+};
 use crate::phone::PhoneNumber;
 
 #[derive(Deserialize, Default)]
@@ -31,6 +34,8 @@ struct Cdr<'a> {
 struct Variables<'a> {
     uuid: Scalar<'a>,
     caller_id_number: Scalar<'a>,
+    /// The `From` display name: NTT's network says there why a call has no number.
+    caller_id_name: Scalar<'a>,
     sip_from_user: Scalar<'a>,
     destination_number: Scalar<'a>,
     start_epoch: Scalar<'a>,
@@ -61,6 +66,7 @@ struct Flow<'a> {
 struct Profile<'a> {
     uuid: Scalar<'a>,
     caller_id_number: Scalar<'a>,
+    caller_id_name: Scalar<'a>,
     destination_number: Scalar<'a>,
 }
 
@@ -99,6 +105,16 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
         || asks_privacy(vars.sip_privacy.text("sip_Privacy")?.map(unescape).as_deref());
     let number = first(first(vars.caller_id_number, profile.caller_id_number), vars.sip_from_user);
     let caller = caller(hidden, number.text("caller_id_number")?.map(unescape).as_deref());
+    // No number, not hidden by a privacy flag: the name NTT's network gave the caller
+    // says why (R-N7). (One hidden by a flag had a number: it was withheld.)
+    let caller = match caller {
+        Caller::Withheld if !hidden => {
+            let name = first(vars.caller_id_name, profile.caller_id_name);
+            let name = name.text("caller_id_name")?;
+            name.map(unescape).as_deref().and_then(absence_reason).unwrap_or(Caller::Withheld)
+        }
+        caller => caller,
+    };
 
     let epoch = |value: &Scalar<'_>, field| match value.epoch_seconds(field)? {
         Some(secs) if secs > 0 => unix_time(field, secs).map(Some),
@@ -267,6 +283,28 @@ mod tests {
             assert_eq!(missed_outcome(Some(cause)), want, "{cause}");
         }
         assert_eq!(missed_outcome(None), Outcome::Failed);
+    }
+
+    /// R-N7: a call from NTT's network without a number says why in the caller's name
+    /// (`caller_id_name`): a payphone's is 公衆電話, one that cannot be sent 表示圏外. They
+    /// were 非通知, the name never read. A number hidden by a privacy flag stays 非通知.
+    #[test]
+    fn r_n7_the_reason_in_the_caller_s_name_tells_payphone_and_unavailable_from_withheld() {
+        let cdr = |number: &str, name: &str, privacy: &str| {
+            format!(
+                r#"{{"variables":{{"uuid":"u-1","caller_id_number":"{number}","caller_id_name":"{name}","destination_number":"0312345678","start_epoch":"1795482000","answer_epoch":"0","end_epoch":"1795482020","hangup_cause":"NO_ANSWER","privacy":"{privacy}"}}}}"#
+            )
+        };
+        for (number, name, privacy, want) in [
+            ("anonymous", "Coin%20line%2Fpayphone", "", Caller::Payphone),
+            ("anonymous", "Unavailable", "", Caller::Unavailable),
+            ("", "Interaction with other service", "", Caller::Unavailable),
+            ("anonymous", "Anonymous", "", Caller::Withheld),
+            ("anonymous", "Taro", "", Caller::Withheld),
+            ("09011112222", "Coin line/payphone", "full", Caller::Withheld),
+        ] {
+            assert_eq!(decode(cdr(number, name, privacy).as_bytes()).unwrap().caller, want, "{number:?} {name}");
+        }
     }
 
     #[test]

@@ -192,6 +192,22 @@ pub fn decode(format: CdrFormat, payload: &[u8]) -> Result<CallEvent<'_>, Decode
     Ok(call)
 }
 
+/// Why a call from NTT's network came without a number, as its SIP `From` display name
+/// says when the number is `anonymous` (the reasons of TTC's interface: 「Anonymous」 the
+/// caller withheld it, 「Coin line/payphone」 a payphone, 「Unavailable」 and 「Interaction
+/// with other service」 none can be sent): 非通知, 公衆電話 or 表示圏外 as the subscriber
+/// sees it (R-N7). `None` for any other name (a person's, a company's).
+fn absence_reason(display_name: &str) -> Option<Caller> {
+    const REASONS: &[(&str, Caller)] = &[
+        ("Anonymous", Caller::Withheld),
+        ("Coin line/payphone", Caller::Payphone),
+        ("Unavailable", Caller::Unavailable),
+        ("Interaction with other service", Caller::Unavailable),
+    ];
+    let name = display_name.trim().trim_matches('"').trim();
+    REASONS.iter().find(|(reason, _)| reason.eq_ignore_ascii_case(name)).map(|(_, caller)| *caller)
+}
+
 /// Whether a dialplan application (Asterisk's `lastapp`, FreeSWITCH's `last_app`) is
 /// voicemail: a call it answered was not picked up by the subscriber (R-N4 ※2).
 fn is_voicemail(app: &str) -> bool {
