@@ -80,13 +80,14 @@ impl PhoneNumber {
         let mut buf = [0u8; MAX_DIGITS + 4];
         let mut len = 0;
         let mut plus = false;
-        for (i, &b) in input.as_bytes().iter().enumerate() {
+        for &b in input.as_bytes() {
             match b {
                 b'0'..=b'9' if len < buf.len() => {
                     buf[len] = b;
                     len += 1;
                 }
-                b'+' if i == 0 => plus = true,
+                // Before the first digit, after any space or parenthesis: `(+81) 90-…`.
+                b'+' if len == 0 && !plus => plus = true,
                 b' ' | b'-' | b'(' | b')' | b'.' => {}
                 _ => return None,
             }
@@ -215,6 +216,19 @@ mod tests {
         assert_eq!(n("0001234567"), None);
         assert_eq!(n("0012345678").as_deref(), Some("01012345678"), "a call abroad (00 + country 1)");
         assert_eq!(n("1234567890123456789012345"), None);
+    }
+
+    /// R-N5, R-M2: a `+` after a space or a parenthesis, before any digit, is the
+    /// international prefix too (`(+81) 90-1111-2222`, ` +819011112222`): such a caller
+    /// was 表示圏外, a designated caller written so never matched, and a called number
+    /// written so was dead-lettered. A `+` after a digit is still no number.
+    #[test]
+    fn r_n5_a_plus_after_a_space_or_parenthesis_is_the_international_prefix() {
+        let n = |s| PhoneNumber::from_caller(s).map(|p| p.to_string());
+        assert_eq!(n(" +819011112222").as_deref(), Some("09011112222"));
+        assert_eq!(n("(+81) 90-1111-2222").as_deref(), Some("09011112222"));
+        assert_eq!(n("81+9011112222"), None);
+        assert_eq!(n("++819011112222"), None);
     }
 
     #[test]

@@ -52,6 +52,9 @@ const DISPOSITIONS: &[(&str, Outcome)] = &[
 /// offset, and the exchanges this service reads are in Japan.
 const EXCHANGE_OFFSET_SECS: i32 = 9 * 3600;
 
+/// How far from 0 an `answer` may be and still be the Unix epoch written in some zone.
+const EPOCH_IN_ANY_ZONE_SECS: i64 = 14 * 3600;
+
 pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
     let cdr: Cdr<'_> = parse_object("asterisk", payload)?;
 
@@ -69,7 +72,10 @@ pub(super) fn decode(payload: &[u8]) -> Result<CallEvent<'_>, DecodeError> {
         (caller, _) => caller,
     };
     let started_at = time(&cdr.start, "start")?.ok_or(DecodeError::Missing { field: "start" })?;
-    let answered_at = time(&cdr.answer, "answer")?;
+    // The Unix epoch in any zone (`1970-01-01 09:00:00`, a template formatting an answer
+    // time of 0 in Japan time) is "never answered", as 0 itself is: the disposition, not
+    // `answer`, says how the call went.
+    let answered_at = time(&cdr.answer, "answer")?.filter(|t| t.timestamp().abs() > EPOCH_IN_ANY_ZONE_SECS);
     let ended_at = time(&cdr.end, "end")?.ok_or(DecodeError::Missing { field: "end" })?;
     let disposition = cdr.disposition.required("disposition")?;
     let outcome = match outcome(disposition)? {
@@ -206,6 +212,22 @@ mod tests {
             decode(named.as_bytes()).unwrap().caller,
             Caller::Number(PhoneNumber::parse("09011112222").unwrap())
         );
+    }
+
+    /// R-N4: an unanswered call whose `answer` is the Unix epoch written in Japan time
+    /// (`1970-01-01 09:00:00`, what a template formatting 0 writes) is a missed call. It
+    /// was refused as "answered_at before 2000" and never mailed.
+    #[test]
+    fn r_n4_an_answer_time_of_the_epoch_in_local_time_is_not_answered() {
+        for answer in ["1970-01-01 09:00:00", "1970-01-01 00:00:00", "0"] {
+            let cdr = format!(
+                r#"{{"uniqueid":"1.1","src":"09011112222","dst":"0312345678","start":"2026-11-24 10:00:00","answer":"{answer}","end":"2026-11-24 10:00:20","disposition":"NO ANSWER"}}"#
+            );
+            let call = decode(cdr.as_bytes()).unwrap();
+            assert_eq!(call.answered_at, None, "{answer}");
+            let now = DateTime::parse_from_rfc3339("2026-11-24T02:00:00Z").unwrap().to_utc();
+            assert_eq!(crate::decode::check_times(&call, now), Ok(()), "{answer}");
+        }
     }
 
     #[test]
