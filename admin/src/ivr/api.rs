@@ -12,8 +12,8 @@
 //!                                                  one before a restart)
 //! ```
 //!
-//! `prompt` and `text` are `null` when the call ends without a word (R-I6); the platform
-//! hangs up whenever `ends` is true. `awaiting` names the entry the next digits answer.
+//! A call that ends says why in `prompt` and `text` (DONE, or ENDED after the third
+//! invalid entry, R-I6); the platform hangs up whenever `ends` is true. `awaiting` names the entry the next digits answer.
 //! Calls live in memory; a call without a request for [`IDLE_TIMEOUT`] is forgotten
 //! (the platform has hung up), so a restart only drops calls in progress. A call id
 //! begins with the answering process's tag, so digits sent to another node (or to this

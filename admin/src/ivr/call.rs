@@ -12,13 +12,14 @@
 //! ([`Step::awaiting`]), except a confirmation that does not match the first entry: as
 //! either entry may be the mistyped one, password entry starts over at ENTER_PASSWORD.
 //! Invalid entries are counted per call, across steps ("three invalid entries at any
-//! step", R-I6); the third ends the call at once, with no prompt, because INVALID's
-//! 「もう一度押してください」 would invite keys that are no longer listened to.
+//! step", R-I6); the third ends the call at once with ENDED (「…もう一度おかけ直し
+//! ください。」), not INVALID, whose 「もう一度押してください」 would invite keys that are
+//! no longer listened to.
 //!
 //! Keys are taken as sent: only ENTER_NUMBER takes (and needs) a closing `#`; anywhere
 //! else a `#` makes the entry invalid. ENTER_NUMBER accepts a number of the caller's
-//! line with call notification (着信お知らせメール) contracted; a fax-only number is
-//! invalid there.
+//! line with a service contracted, call or fax notification (whose subscribers log in
+//! alike, R-F1).
 
 use std::fmt;
 
