@@ -407,6 +407,17 @@ impl Sent {
                     report.reject(line, refused.to_string());
                     false
                 }
+                // A record no owner can read stops this line, not the import.
+                Err(refused @ StoreError::UnreadableNumber { .. }) => {
+                    report.reject(
+                        line,
+                        format!(
+                            "{refused}; what the line changed before it stays changed: remove that number from its \
+                             line and provision it again (docs/cluster.md)"
+                        ),
+                    );
+                    false
+                }
                 Err(source) => {
                     failed(source);
                     false
@@ -849,6 +860,31 @@ mod tests {
         assert!(matches!(stale, Err(StoreError::StaleVersion { current: 1 })), "{stale:?}");
         let kept = store.number(&n("0312345678")).unwrap().unwrap().fax;
         assert_eq!(kept.destinations.len(), 1);
+    }
+
+    /// A stored record this version cannot read rejects the line that reaches it, naming
+    /// the number and what to do, and the import goes on. It stopped the whole import
+    /// ("store record is corrupt", no number), at the same line on every run.
+    #[test]
+    fn r_l3_a_line_reaching_an_unreadable_record_is_rejected_naming_it_and_the_rest_apply() {
+        let store = Store::temporary().unwrap();
+        let line = r#"{"contract":"0312340001","numbers":[{"number":"0312340001"},{"number":"0312340002"}]}"#;
+        import(&store, line.as_bytes()).unwrap();
+        store.open_tree("numbers").unwrap().insert("0312340002", &b"{x"[..]).unwrap();
+        let other = r#"{"contract":"0612340001","numbers":[{"number":"0612340001"}]}"#;
+        let report = import(&store, format!("{line}\n{other}\n").as_bytes()).unwrap();
+        assert_eq!(report.rejected.len(), 1, "{report:?}");
+        let (at, reason) = &report.rejected[0];
+        assert_eq!(*at, 1);
+        assert!(reason.starts_with("the record of 0312340002 cannot be read"), "{reason}");
+        assert!(reason.contains("remove that number from its line"), "{reason}");
+        assert!(store.line(&n("0612340001")).unwrap().is_some(), "the next line applied");
+
+        // As it says: off its line, then on it again, the number is readable.
+        import(&store, r#"{"contract":"0312340001","numbers":[{"number":"0312340001"}]}"#.as_bytes()).unwrap();
+        let report = import(&store, line.as_bytes()).unwrap();
+        assert!(report.rejected.is_empty(), "{report:?}");
+        assert!(store.number(&n("0312340002")).unwrap().is_some());
     }
 
     /// A removal that says more than which line, or a line with no numbers, is refused

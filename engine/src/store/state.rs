@@ -1208,7 +1208,7 @@ mod tests {
         mirrored.owner.numbers.insert("0312345670", &b"{not a number record"[..]).unwrap();
 
         let failed = mirrored.apply(upsert(&["0312345678", "0312345670"]));
-        assert!(matches!(failed, Err(StoreError::Corrupt(_))), "{failed:?}");
+        assert!(matches!(failed, Err(StoreError::UnreadableNumber { .. })), "{failed:?}");
         // 0312345679 left the line before the failure.
         for (name, store) in [("owner", &mirrored.owner), ("view", &mirrored.view)] {
             assert_eq!(store.number(&n("0312345679")).unwrap(), None, "{name}");

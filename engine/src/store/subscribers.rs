@@ -29,6 +29,11 @@ pub struct Upserted {
     pub removed: Vec<PhoneNumber>,
 }
 
+/// A stored record of `number` (or of its line) this version cannot read.
+fn unreadable(number: &PhoneNumber, e: serde_json::Error) -> StoreError {
+    StoreError::UnreadableNumber { number: *number, why: e.to_string() }
+}
+
 /// Told of a number's new services (`None`: the number was removed).
 pub(super) type Listener = Arc<dyn Fn(&PhoneNumber, Option<Services>) + Send + Sync>;
 
@@ -300,7 +305,11 @@ impl Store {
         'again: loop {
             self.check_contracts_taken(line, numbers)?;
             let old_raw = self.lines.get(line.contract.as_str())?;
-            let old_line: Option<LineRecord> = old_raw.as_deref().map(serde_json::from_slice).transpose()?;
+            let old_line: Option<LineRecord> = old_raw
+                .as_deref()
+                .map(serde_json::from_slice)
+                .transpose()
+                .map_err(|e| unreadable(&line.contract, e))?;
             if let Some(old) = &old_line {
                 for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
                     // A number that leaves the line takes nothing with it: not its
@@ -349,7 +358,8 @@ impl Store {
                 let raw = self.numbers.get(number.as_str())?;
                 let mut past_versions = None;
                 let mut moved_in_at = None;
-                let mut old: Option<NumberRecord> = raw.as_deref().map(serde_json::from_slice).transpose()?;
+                let mut old: Option<NumberRecord> =
+                    raw.as_deref().map(serde_json::from_slice).transpose().map_err(|e| unreadable(number, e))?;
                 // A number new to the store has no credential: one left from before it
                 // was removed (by an older version) belongs to someone else.
                 if old.is_none() && self.credentials.remove(number.as_str())?.is_some() {
