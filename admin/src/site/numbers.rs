@@ -37,9 +37,11 @@ fn reachable_numbers(
 ) -> Result<Vec<PhoneNumber>, StoreError> {
     let Some(record) = store.number(login)? else { return Ok(Vec::new()) };
     let line = store.line(&record.contract)?;
+    // Only the contract number's login reaches the whole line (R-A1, R-A3). Under `line`
+    // an additional number has no password; one it got anyway (a change of unit by phone
+    // that set it and then failed to set the unit) reaches that number only.
     let whole_line = match line.as_ref().and_then(|line| line.unit) {
-        Some(AuthUnit::Line) => true,
-        Some(AuthUnit::AdminUser) => *login == record.contract,
+        Some(AuthUnit::Line | AuthUnit::AdminUser) => *login == record.contract,
         Some(AuthUnit::Number) | None => false,
     };
     let candidates = match line {
@@ -228,6 +230,9 @@ mod tests {
     use super::*;
     use crate::testing::{fixture, n, ADDITIONAL, CONTRACT, FAX_ONLY, OTHER_LINE};
 
+    /// R-A1: under `line` only the contract number's login reaches the line. An
+    /// additional number's password under `line` (left by a change of unit by phone that
+    /// failed half way) reached every number of the line.
     #[test]
     fn r_c2_call_numbers_follow_the_unit_and_the_role() {
         let f = fixture();
@@ -235,7 +240,7 @@ mod tests {
         let cases: [(Option<AuthUnit>, &str, Vec<PhoneNumber>); 10] = [
             (None, CONTRACT, vec![n(CONTRACT)]),
             (Some(AuthUnit::Line), CONTRACT, both.clone()),
-            (Some(AuthUnit::Line), ADDITIONAL, both.clone()),
+            (Some(AuthUnit::Line), ADDITIONAL, vec![n(ADDITIONAL)]),
             (Some(AuthUnit::Number), CONTRACT, vec![n(CONTRACT)]),
             (Some(AuthUnit::Number), ADDITIONAL, vec![n(ADDITIONAL)]),
             (Some(AuthUnit::Number), FAX_ONLY, vec![]),
@@ -261,7 +266,7 @@ mod tests {
             (None, CONTRACT, vec![]),
             (None, FAX_ONLY, vec![n(FAX_ONLY)]),
             (Some(AuthUnit::Line), CONTRACT, vec![n(FAX_ONLY)]),
-            (Some(AuthUnit::Line), ADDITIONAL, vec![n(FAX_ONLY)]),
+            (Some(AuthUnit::Line), ADDITIONAL, vec![]),
             (Some(AuthUnit::Number), CONTRACT, vec![]),
             (Some(AuthUnit::Number), FAX_ONLY, vec![n(FAX_ONLY)]),
             (Some(AuthUnit::AdminUser), CONTRACT, vec![n(FAX_ONLY)]),

@@ -59,7 +59,7 @@ pub fn idle_timeout_for(store: &Store, number: &PhoneNumber) -> Result<Duration,
     let unit = store.line(&record.contract)?.and_then(|line| line.unit);
     Ok(match unit {
         Some(AuthUnit::Number) => IDLE_TIMEOUT_NUMBER,
-        Some(AuthUnit::AdminUser) if *number != record.contract => IDLE_TIMEOUT_NUMBER,
+        Some(AuthUnit::Line | AuthUnit::AdminUser) if *number != record.contract => IDLE_TIMEOUT_NUMBER,
         Some(AuthUnit::Line | AuthUnit::AdminUser) | None => IDLE_TIMEOUT_LINE,
     })
 }
