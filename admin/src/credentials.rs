@@ -150,7 +150,7 @@ impl Credentials {
         password: &str,
         now: DateTime<Utc>,
     ) -> Result<(), CredentialError> {
-        self.set(number, None, CredentialKind::Temporary, password, now)
+        self.set(number, None, CredentialKind::Temporary, password, now).map(drop)
     }
 
     /// [`Credentials::set_temporary`] while `number` is on the line of `contract` (the
@@ -163,7 +163,7 @@ impl Credentials {
         password: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, CredentialError> {
-        on_line(self.set(number, Some(contract), CredentialKind::Temporary, password, now))
+        on_line(self.set(number, Some(contract), CredentialKind::Temporary, password, now)).map(|set| set.is_some())
     }
 
     /// Stores a password chosen on the site for `number` (R-S4, R-O1), resetting the
@@ -175,7 +175,7 @@ impl Credentials {
         password: &str,
         now: DateTime<Utc>,
     ) -> Result<(), CredentialError> {
-        self.set(number, None, CredentialKind::Password, password, now)
+        self.set(number, None, CredentialKind::Password, password, now).map(drop)
     }
 
     fn set(
@@ -185,12 +185,12 @@ impl Credentials {
         kind: CredentialKind,
         password: &str,
         now: DateTime<Utc>,
-    ) -> Result<(), CredentialError> {
+    ) -> Result<u64, CredentialError> {
         let record =
             CredentialRecord { hash: hash_password(password)?, kind, set_at: now, failures: 0, invalidated: false };
         self.store.set_credential_on_line(number, line, &record)?;
         tracing::info!(%number, ?kind, "credential set");
-        Ok(())
+        Ok(record.stamp())
     }
 
     /// Deletes `number`'s credential, whatever its state; returns whether there was one.
@@ -210,6 +210,18 @@ impl Credentials {
     /// second one when the credential was set again during the check (the new hash is
     /// checked too).
     pub fn verify(&self, number: &PhoneNumber, password: &str, now: DateTime<Utc>) -> Result<Verdict, CredentialError> {
+        self.verify_stamped(number, password, now).map(|(verdict, _)| verdict)
+    }
+
+    /// [`Credentials::verify`], with the [`CredentialRecord::stamp`] of the credential
+    /// the verdict is about: the one checked, which a session keeps (a credential set
+    /// again after the check, by phone, is not the one the password proved).
+    pub fn verify_stamped(
+        &self,
+        number: &PhoneNumber,
+        password: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(Verdict, u64), CredentialError> {
         // The argon2 answer and the hash it was computed against, so that a retry after
         // the credential was set again meanwhile hashes only against the new one.
         let mut checked: Option<(String, bool)> = None;
@@ -234,7 +246,11 @@ impl Credentials {
             // At least one argon2 verification whichever way it ends, so the time taken
             // does not tell which failure it was.
             let hashed = checked.is_some();
-            let fail = |failure| if hashed { Ok(Err(failure)) } else { refuse(password, failure) };
+            let stamp = engine::store::stamp_of(&hash);
+            let fail = |failure| {
+                let verdict = if hashed { Ok(Err(failure)) } else { refuse(password, failure) };
+                verdict.map(|verdict| (verdict, stamp))
+            };
             // The attempt counts where the counts are kept, against the credential it
             // was checked with, one attempt after another (R-S2, R-S3): this node's
             // view may lag another node's attempts, the count never does.
@@ -243,7 +259,7 @@ impl Credentials {
                 Attempt::Unknown => fail(LoginFailure::Unknown),
                 Attempt::Locked => fail(LoginFailure::Locked),
                 Attempt::Expired => fail(LoginFailure::Expired),
-                Attempt::Accepted { kind, must_change } => Ok(Ok(LoginOk { kind, must_change })),
+                Attempt::Accepted { kind, must_change } => Ok((Ok(LoginOk { kind, must_change }), stamp)),
                 Attempt::Wrong { kind, locked } => {
                     if locked {
                         tracing::warn!(%number, ?kind, "credential invalidated by consecutive wrong passwords");
@@ -256,6 +272,16 @@ impl Credentials {
                 }
             };
         }
+    }
+
+    /// [`Credentials::verify_stamped`] on tokio's blocking pool.
+    pub async fn verify_stamped_async(
+        &self,
+        number: PhoneNumber,
+        password: String,
+        now: DateTime<Utc>,
+    ) -> Result<(Verdict, u64), CredentialError> {
+        self.blocking(move |c| c.verify_stamped(&number, &password, now)).await
     }
 
     /// [`Credentials::verify`] on tokio's blocking pool.
@@ -279,15 +305,15 @@ impl Credentials {
     }
 
     /// [`Credentials::set_password`] on tokio's blocking pool, while `number` is on the
-    /// line of `contract` (the line it was on when its subscriber was asked): else
-    /// `false`, nothing set (R-M3).
+    /// line of `contract` (the line it was on when its subscriber was asked): the new
+    /// credential's [`CredentialRecord::stamp`], or `None`, nothing set (R-M3).
     pub async fn set_password_on_line_async(
         &self,
         number: PhoneNumber,
         contract: PhoneNumber,
         password: String,
         now: DateTime<Utc>,
-    ) -> Result<bool, CredentialError> {
+    ) -> Result<Option<u64>, CredentialError> {
         self.blocking(move |c| on_line(c.set(&number, Some(&contract), CredentialKind::Password, &password, now))).await
     }
 
@@ -330,13 +356,14 @@ impl Credentials {
     }
 }
 
-/// Whether a set on a line was carried out: refused, the number is not on it any more.
-fn on_line(set: Result<(), CredentialError>) -> Result<bool, CredentialError> {
+/// The stamp of a set on a line, if carried out: `None`, refused, the number is not on
+/// it any more.
+fn on_line(set: Result<u64, CredentialError>) -> Result<Option<u64>, CredentialError> {
     match set {
-        Ok(()) => Ok(true),
+        Ok(stamp) => Ok(Some(stamp)),
         Err(CredentialError::Store(StoreError::UnknownNumber(number))) => {
             tracing::info!(%number, "credential not set: the number left its line meanwhile");
-            Ok(false)
+            Ok(None)
         }
         Err(e) => Err(e),
     }

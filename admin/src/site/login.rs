@@ -123,8 +123,8 @@ pub async fn submit(
         None => None,
     };
     let verdict = match PhoneNumber::parse(&form.number) {
-        Ok(number) => match state.credentials.verify_async(number, form.password, now).await {
-            Ok(verdict) => verdict.map(|ok| (number, ok)).map_err(Refusal::Credential),
+        Ok(number) => match state.credentials.verify_stamped_async(number, form.password, now).await {
+            Ok((verdict, stamp)) => verdict.map(|ok| (number, ok, stamp)).map_err(Refusal::Credential),
             // Not counted against the address: a state owner failing over (a minute
             // without answers) would brake every address, and behind a proxy without
             // `X-Forwarded-For` the whole site. R-S2/R-S3 count per number all the same.
@@ -137,8 +137,8 @@ pub async fn submit(
         },
         Err(_) => Err(Refusal::Malformed),
     };
-    LoginAttempt { number: &form.number, outcome: verdict.map(|(_, ok)| ok) }.emit(&state.metrics);
-    let (number, ok) = match verdict {
+    LoginAttempt { number: &form.number, outcome: verdict.map(|(_, ok, _)| ok) }.emit(&state.metrics);
+    let (number, ok, stamp) = match verdict {
         Ok(found) => {
             if let Some(attempt) = attempt {
                 attempt.right();
@@ -163,11 +163,8 @@ pub async fn submit(
     state.sessions.sweep(now).await?;
     let idle_timeout = state.read(move |store| idle_timeout_for(store, &number)).await?;
     let must_change = state.must_change(ok);
-    let credentials = state.credentials.clone();
-    let Some(stamp) = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await?? else {
-        // Replaced or removed between the check and now: as if the login had failed.
-        return Ok(Html(login_page(&form.csrf, None, Some(FAILURE_MESSAGE))).into_response());
-    };
+    // The session keeps the stamp of the credential the password was checked against: one
+    // set again since (a temporary password by phone) ends it at its next request.
     let id = state.sessions.create(new_session(number, ok.kind, must_change, idle_timeout, now, stamp)).await?;
     // The fax the browser came for, unless the password must be changed first (R-S4).
     let next = match super::fax::fax_to_show(&form.fax) {
@@ -213,12 +210,8 @@ pub async fn logout(
     Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
-fn login_page(csrf: &str, notice: Option<&str>, error: Option<&str>) -> String {
-    login_page_with(csrf, notice, error, "", "")
-}
-
-/// [`login_page`] with the number field filled in (a failed login keeps what was typed)
-/// and the fax to show after it, if any (checked by [`super::fax::fax_to_show`]).
+/// The login page, with the number field filled in (a failed login keeps what was
+/// typed) and the fax to show after it, if any (checked by [`super::fax::fax_to_show`]).
 fn login_page_with(csrf: &str, notice: Option<&str>, error: Option<&str>, number: &str, fax: &str) -> String {
     let errors = html::errors(&error.map(str::to_owned).into_iter().collect::<Vec<_>>());
     let notice = notice

@@ -169,20 +169,18 @@ pub async fn submit(
     }
     // Only while the number is on the line it was on before the check: one moved (or
     // whose line was removed) meanwhile is someone else's (R-M3); its session ends.
-    if !state.credentials.set_password_on_line_async(session.number, contract, form.new, now).await? {
+    let Some(credential) =
+        state.credentials.set_password_on_line_async(session.number, contract, form.new, now).await?
+    else {
         return super::credential_died(&state, &id, LoginFailure::Unknown).await;
-    }
+    };
     tracing::info!(number = %session.number, "site password changed");
 
     // A new session id for the new credential, and no other browser stays logged in with
     // the old password.
+    // The session keeps the stamp of the password it set: one set again after it (a
+    // temporary password by phone) ends it at its next request.
     state.sessions.remove(&id).await?;
-    let credentials = state.credentials.clone();
-    let number = session.number;
-    let Some(credential) = tokio::task::spawn_blocking(move || credentials.stamp(&number)).await?? else {
-        state.sessions.remove(&id).await?;
-        return Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]));
-    };
     // Its CSRF token stays: the subscriber's other tabs, opened before the change, can
     // still save (a stale form there is told so and keeps what was typed, R-S9) and
     // log out (R-S7). Only a login makes a new one.

@@ -1067,3 +1067,27 @@ async fn r_s3_a_long_password_set_under_one_policy_is_typed_whole_under_the_othe
     assert!(maxlength(&page.body, "current").is_some_and(|max| max >= 64), "{}", page.body);
     assert_eq!(maxlength(&page.body, "new"), Some(12), "a new one keeps to the policy");
 }
+
+/// R-I7: a temporary password set by phone while a login's password was being checked
+/// ends the session that login makes: the password proved the credential before it. The
+/// session took the new credential's stamp (read after the check) and went on.
+#[tokio::test]
+async fn r_i7_a_temporary_password_set_during_a_login_ends_the_session_it_makes() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let by_phone = engine::store::CredentialRecord {
+        hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$bmV3bmV3bmV3bmV3bmV3bg".into(),
+        kind: engine::store::CredentialKind::Temporary,
+        set_at: t0(),
+        failures: 0,
+        invalidated: false,
+    };
+    let then = engine::store::state::Op::SetCredential { number: n(CONTRACT), record: by_phone, line: None };
+    let owner = ThenAlso { store: app.f.store.clone(), at: "login_attempt", then: std::sync::Mutex::new(Some(then)) };
+    app.f.store.attach_writer(Arc::new(owner));
+
+    let reply = login(&app, CONTRACT, PASSWORD).await;
+    assert_eq!(reply.location(), Some("/"), "the password was right when checked");
+    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+}

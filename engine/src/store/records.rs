@@ -235,11 +235,16 @@ impl CredentialRecord {
     /// ends when the number's credential no longer has it (a new temporary password by
     /// phone, a unit change, the number removed or moved to another line).
     pub fn stamp(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.hash.hash(&mut hasher);
-        hasher.finish()
+        stamp_of(&self.hash)
     }
+}
+
+/// The [`CredentialRecord::stamp`] of a credential whose hash is `hash`.
+pub fn stamp_of(hash: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hash.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl fmt::Debug for CredentialRecord {
