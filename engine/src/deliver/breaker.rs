@@ -32,10 +32,21 @@ pub struct Breaker {
 /// What the breaker lets a mail do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
-    /// Closed, or this attempt is the probe: go ahead.
+    /// Closed: go ahead.
     Go,
+    /// Open, and this attempt is the cool-down's probe: go ahead, or give it back
+    /// ([`Breaker::give_back`]) if the mail is not tried after all.
+    Probe(Probe),
     /// Open: queue the mail, due at this time (unix ms).
     Wait(i64),
+}
+
+/// The probe of one cool-down: the cool-down's end it took (`was`) and the next one's it
+/// set (`next`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    was: i64,
+    next: i64,
 }
 
 impl Breaker {
@@ -62,10 +73,17 @@ impl Breaker {
         }
         let next = now_ms + self.cool_down.as_millis() as i64;
         match self.open_until_ms.compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => Admit::Go,
+            Ok(_) => Admit::Probe(Probe { was: until, next }),
             Err(0) => Admit::Go,
             Err(other) => Admit::Wait(other),
         }
+    }
+
+    /// A probe whose mail was not tried (flood control held it back): the next caller
+    /// may probe, instead of the server waiting a whole cool-down untried. Nothing, if
+    /// the breaker moved on meanwhile (closed, or opened again).
+    pub fn give_back(&self, probe: Probe) {
+        let _ = self.open_until_ms.compare_exchange(probe.next, probe.was, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// The server failed to answer, or could not be reached.
@@ -116,7 +134,11 @@ mod tests {
         assert_eq!(breaker.admit(1_500), Admit::Wait(3_000), "open for the cool-down");
         assert_eq!(metrics.value("callnotify_smtp_circuit_open"), Some(1.0));
 
-        assert_eq!(breaker.admit(3_000), Admit::Go, "the first caller past the cool-down is the probe");
+        assert_eq!(
+            breaker.admit(3_000),
+            Admit::Probe(Probe { was: 3_000, next: 5_000 }),
+            "the first caller past the cool-down is the probe"
+        );
         assert_eq!(breaker.admit(3_001), Admit::Wait(5_000), "the next waits for the next cool-down");
         breaker.failed(3_100);
         assert_eq!(breaker.admit(4_000), Admit::Wait(5_100), "a failed probe keeps it open");
@@ -126,5 +148,23 @@ mod tests {
         assert_eq!(metrics.value("callnotify_smtp_circuit_open"), Some(0.0));
         breaker.failed(4_000);
         assert_eq!(breaker.admit(4_000), Admit::Go, "an answer starts the count again");
+    }
+
+    /// A probe given back (its mail held back by flood control, never tried) goes to the
+    /// next caller: the server is tried in this cool-down, not a cool-down later. A
+    /// flood-held mail used to take the probe, and mails waited a whole cool-down more.
+    #[test]
+    fn a_probe_given_back_goes_to_the_next_caller() {
+        let breaker = Breaker::new(Duration::from_secs(2), Metrics::new());
+        for _ in 0..FAILURES_TO_OPEN {
+            breaker.failed(1_000);
+        }
+        let Admit::Probe(probe) = breaker.admit(3_000) else { panic!("the probe") };
+        breaker.give_back(probe);
+        assert_eq!(breaker.admit(3_001), Admit::Probe(Probe { was: 3_000, next: 5_001 }), "the next caller probes");
+        // Given back after the breaker closed: it stays closed.
+        breaker.answered();
+        breaker.give_back(probe);
+        assert_eq!(breaker.admit(3_002), Admit::Go);
     }
 }

@@ -224,7 +224,8 @@ impl Deliverer {
     /// neither the CDRs behind it nor more than a few mails.
     pub async fn deliver(&self, key: &SentKey, mail: &Mail, origin: &Origin, stop: impl Future<Output = ()>) -> Fate {
         let inner = &*self.inner;
-        if let Admit::Wait(until_ms) = inner.breaker.admit(Utc::now().timestamp_millis()) {
+        let admitted = inner.breaker.admit(Utc::now().timestamp_millis());
+        if let Admit::Wait(until_ms) = admitted {
             let reply = "not tried: the mail server is not answering (circuit breaker open)";
             self.enqueue(Queued::new(mail, origin, reply, Utc::now()), until(until_ms)).await;
             return Fate::Queued;
@@ -234,6 +235,7 @@ impl Deliverer {
         // filled the engine's in-flight CDRs and paused everyone's.
         let recipient = mailbox(mail.recipient.as_str());
         if let Err(not_until) = inner.per_recipient.check_key(&recipient) {
+            give_back_probe(&inner.breaker, admitted);
             inner.metrics.delayed_by_flood();
             let now_ms = Utc::now().timestamp_millis();
             let due_ms = self.flood_slot(&recipient, now_ms, &not_until);
@@ -448,7 +450,8 @@ impl Deliverer {
         // failing longer than the give-up age is given up meanwhile (one probe per
         // cool-down would reach each of thousands of mails days late).
         let now_ms = Utc::now().timestamp_millis();
-        if let Admit::Wait(until_ms) = inner.breaker.admit(now_ms) {
+        let admitted = inner.breaker.admit(now_ms);
+        if let Admit::Wait(until_ms) = admitted {
             if self.expired(slot, &entry, &mail, &origin, now_ms, &entry.last_reply).await {
                 return;
             }
@@ -462,6 +465,7 @@ impl Deliverer {
         // called more often than its limit for a day would otherwise queue without end.
         let recipient = mailbox(mail.recipient.as_str());
         if let Err(not_until) = inner.per_recipient.check_key(&recipient) {
+            give_back_probe(&inner.breaker, admitted);
             let due_ms = self.flood_slot(&recipient, now_ms, &not_until);
             if self.expired(slot, &entry, &mail, &origin, due_ms, &entry.last_reply).await {
                 return;
@@ -700,6 +704,14 @@ impl TestMailer {
             Attempt::Permanent(reply) => TestMailError::Refused(reply),
             Attempt::Temporary(reply) | Attempt::Unanswered(reply) => TestMailError::NotNow(reply),
         })
+    }
+}
+
+/// A mail flood control holds back is not tried: if it held the breaker's probe, the
+/// next mail probes.
+fn give_back_probe(breaker: &Breaker, admitted: Admit) {
+    if let Admit::Probe(probe) = admitted {
+        breaker.give_back(probe);
     }
 }
 
