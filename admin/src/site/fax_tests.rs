@@ -496,7 +496,8 @@ async fn r_n2_fax_send_test_mails_the_typed_address_once_and_saves_nothing() {
     let cookies = fax_subscriber(&app).await;
 
     let page = get(&app, &settings(FAX_ONLY), &cookies).await;
-    let button = format!("formaction=\"{}/test/1\">送信テスト</button>", settings(FAX_ONLY));
+    let button =
+        format!("formaction=\"{}/test/1\" aria-label=\"送信先2に送信テスト\">送信テスト</button>", settings(FAX_ONLY));
     assert!(page.body.contains(&button), "{}", page.body);
     let body = form(&app, &cookies, FAX_ONLY, "enabled=on&dest_1=fax@example.jp").await;
     let posted = post(&app, &format!("{}/test/1", settings(FAX_ONLY)), &cookies, &body).await;

@@ -182,15 +182,21 @@ pub fn destinations_fieldset(
 ) -> String {
     let mut out = "<fieldset>\n<legend>送信先メールアドレス設定</legend>\n\
             <p><small>最大5件。「送信」にチェックしたアドレスにのみお知らせします。\
-            「送信テスト」で、入力したアドレスにテストメールを送信できます（設定は保存されません）。</small></p>\n"
+            「送信テスト」で、入力したアドレスにテストメールを送信できます（設定は保存されません）。</small></p>\n\
+            <p><small>アドレスを登録するときは、必ず「送信テスト」でメールが届くことを確かめてください。\
+            誤ったアドレスを登録すると、第三者に着信情報が通知されるおそれがあります。\
+            携帯電話などで迷惑メールの受信拒否を設定している場合は、テストメールの差出人のアドレスからの\
+            メールを受信できるように設定してください。</small></p>\n"
         .to_owned();
     for (i, row) in rows.iter().enumerate() {
         out += &format!(
             "<p><label for=\"dest_{i}\">送信先{n}</label>\n\
              <input id=\"dest_{i}\" name=\"dest_{i}\" type=\"text\" inputmode=\"email\" \
              autocomplete=\"email\" value=\"{text}\" maxlength=\"256\">\n\
-             <label><input type=\"checkbox\" name=\"send_{i}\" value=\"on\"{checked}> 送信</label>\n\
-             <button type=\"submit\" formaction=\"{test}\">送信テスト</button>{error}</p>\n",
+             <label><input type=\"checkbox\" name=\"send_{i}\" value=\"on\"{checked} \
+             aria-label=\"送信先{n}に送信\"> 送信</label>\n\
+             <button type=\"submit\" formaction=\"{test}\" aria-label=\"送信先{n}に送信テスト\">送信テスト</button>\
+             {error}</p>\n",
             n = i + 1,
             text = html::escape(&row.text),
             checked = check_attr(row.checked),
@@ -202,7 +208,7 @@ pub fn destinations_fieldset(
         "<p><label for=\"current\">現在のパスワード</label><br>\n\
          <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
          maxlength=\"{password_max}\"><br>\n\
-         <small>送信先メールアドレスを変更するときだけ入力してください。</small></p>\n</fieldset>\n"
+         <small>送信先メールアドレスや「送信」のチェックを変更するときに入力してください。</small></p>\n</fieldset>\n"
     );
     out
 }

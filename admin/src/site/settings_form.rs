@@ -184,7 +184,8 @@ pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, p
 
     out += "<fieldset>\n<legend>お知らせ対象電話番号設定</legend>\n\
             <p><small>最大30件。半角数字（ハイフンなし）。「指定」にチェックした番号のみ対象になります。\
-            入力欄は、設定すると空欄が追加されます。</small></p>\n";
+            入力欄は、設定すると空欄が追加されます。\
+            指定した番号からの着信でも、発信者番号を非通知にしてかけてきた場合はお知らせしません。</small></p>\n";
     // The rows in use, in their places, and a few empty ones to add to (not all 30).
     let in_use = entered.designated.iter().rposition(|row| !row.text.is_empty()).map_or(0, |last| last + 1);
     let shown = (in_use + EMPTY_DESIGNATED_ROWS).min(entered.designated.len());
@@ -192,8 +193,9 @@ pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, p
         out += &format!(
             "<p><label for=\"designated_{i}\">{n}</label>\n\
              <input id=\"designated_{i}\" name=\"designated_{i}\" type=\"text\" inputmode=\"numeric\" \
-             value=\"{text}\" maxlength=\"11\">\n\
-             <label><input type=\"checkbox\" name=\"designate_{i}\" value=\"on\"{checked}> 指定</label>{error}</p>\n",
+             value=\"{text}\" maxlength=\"11\" aria-label=\"お知らせ対象電話番号{n}\">\n\
+             <label><input type=\"checkbox\" name=\"designate_{i}\" value=\"on\"{checked} \
+             aria-label=\"お知らせ対象電話番号{n}を指定\"> 指定</label>{error}</p>\n",
             n = i + 1,
             text = html::escape(&row.text),
             checked = check_attr(row.checked),

@@ -392,7 +392,11 @@ async fn r_n2_send_test_mails_the_address_as_typed_and_saves_nothing() {
 
     let page = get(&app, &path(CONTRACT), &cookies).await;
     for row in 0..5 {
-        let button = format!("<button type=\"submit\" formaction=\"{}\">送信テスト</button>", test_path(CONTRACT, row));
+        let button = format!(
+            "<button type=\"submit\" formaction=\"{}\" aria-label=\"送信先{}に送信テスト\">送信テスト</button>",
+            test_path(CONTRACT, row),
+            row + 1
+        );
         assert!(page.body.contains(&button), "row {row}: {}", page.body);
     }
     let first_button = page.body.find("<button").unwrap();
@@ -579,4 +583,31 @@ async fn r_n5_designated_numbers_keep_their_rows_across_blank_ones() {
         page.contains("name=\"designated_5\"") && !page.contains("name=\"designated_6\""),
         "three empty rows after"
     );
+}
+
+/// The call page says what the manual says beside its fields: 送信テスト is a must (a
+/// mistyped address mails a stranger), a phone's spam filter must let the sender
+/// through, and a designated caller who withholds their number gets no mail (R-N6).
+/// None of it was on the page; each field and button is told apart by its row.
+#[tokio::test]
+async fn r_n2_r_n6_the_call_page_warns_as_the_manual_does_and_names_each_row_s_controls() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let page = get(&app, &path(CONTRACT), &cookies).await;
+    for said in [
+        "必ず「送信テスト」でメールが届くことを確かめてください",
+        "第三者に着信情報が通知されるおそれがあります",
+        "受信拒否",
+        "発信者番号を非通知にしてかけてきた場合はお知らせしません",
+        "送信先メールアドレスや「送信」のチェックを変更するときに入力してください",
+    ] {
+        assert!(page.body.contains(said), "{said}");
+    }
+    for named in [
+        "aria-label=\"送信先2に送信\"",
+        "aria-label=\"送信先2に送信テスト\"",
+        "aria-label=\"お知らせ対象電話番号1を指定\"",
+    ] {
+        assert!(page.body.contains(named), "{named}");
+    }
 }
