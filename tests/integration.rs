@@ -1236,7 +1236,7 @@ fn three_nodes_a_destination_changed_on_b_s_site_governs_every_node_and_a_sessio
     let mut expected = Vec::new();
     for i in 0..30 {
         let call_id = format!("site-nodes-{i}");
-        expected.push(engine::render::message_id(NUMBER, &call_id, &to, FROM_DOMAIN));
+        expected.push(engine::render::call_message_id(NUMBER, &call_id, testkit::cdr::call_end(), &to, FROM_DOMAIN));
         cdrs.send(&format!("key-{i}"), &cdr(&call_id, NUMBER, Some("09011112222"), false));
     }
     cdrs.flush();

@@ -136,12 +136,6 @@ impl Credentials {
         Ok(self.store.credential(number)?)
     }
 
-    /// The [`CredentialRecord::stamp`] of `number`'s credential while it can be used
-    /// (`None`: none, or invalidated by wrong entries).
-    pub fn stamp(&self, number: &PhoneNumber) -> Result<Option<u64>, CredentialError> {
-        Ok(self.record(number)?.filter(|r| !r.invalidated).map(|r| r.stamp()))
-    }
-
     /// Stores a temporary password for `number`, replacing any earlier credential state,
     /// invalidated or not (R-I7). Blocks for one argon2 hash.
     pub fn set_temporary(
@@ -344,13 +338,20 @@ impl Credentials {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
+        /// Gives back the permit of this thread's call when dropped: not given back by a
+        /// computation (the call failed before it, or panicked), it is given back then,
+        /// not kept by a pooled thread until its next call.
+        struct GiveBack;
+        impl Drop for GiveBack {
+            fn drop(&mut self) {
+                PERMIT.with_borrow_mut(|held| held.take());
+            }
+        }
         let permit = Arc::clone(&self.hashing).acquire_owned().await.expect("the semaphore is never closed");
         tokio::task::spawn_blocking(move || {
             PERMIT.with_borrow_mut(|held| *held = Some(permit));
-            let done = f();
-            // Not given back by a computation (the call failed before it): given back now.
-            PERMIT.with_borrow_mut(|held| held.take());
-            done
+            let _give_back = GiveBack;
+            f()
         })
         .await
     }

@@ -33,7 +33,7 @@ struct LineInput {
     unit: Option<AuthUnit>,
     #[serde(default)]
     numbers: Vec<NumberInput>,
-    /// The contract ended: the line goes, with all its numbers hold (`numbers` empty).
+    /// The contract ended: the line goes, with all its numbers held (`numbers` empty).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     remove: bool,
 }
@@ -469,10 +469,11 @@ const MAX_M_COST_KIB: u32 = 262_144;
 const MAX_T_COST: u32 = 16;
 const MAX_P_COST: u32 = 16;
 
-/// Whether `hash` is an argon2id PHC string a login can check:
-/// `$argon2id$v=19$m=M,t=T,p=P$SALT$HASH`, the costs within the bounds above, the salt and
-/// the hash unpadded base64 of 8–64 and 16–64 bytes. Anything else logged in to a system
-/// error at every attempt, counting nothing.
+/// Whether `hash` is an argon2id PHC string a login can check, as the argon2 crate reads
+/// it: `$argon2id$v=19$m=M,t=T,p=P$SALT$HASH`, the costs plain decimals within the
+/// bounds above and m at least 8 a lane, the salt unpadded base64 of 8–48 bytes (at most
+/// 64 characters), the hash of 16–64. Anything else logged in to a system error at every
+/// attempt, counting nothing.
 fn argon2id_phc(hash: &str) -> bool {
     let b64 = |s: &str, bytes: std::ops::RangeInclusive<usize>| {
         s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
@@ -483,14 +484,18 @@ fn argon2id_phc(hash: &str) -> bool {
     let ["", "argon2id", "v=19", params, salt, digest] = parts[..] else { return false };
     let costs: Vec<Option<(&str, &str)>> = params.split(',').map(|p| p.split_once('=')).collect();
     let [m, t, p] = costs[..] else { return false };
+    // A decimal as PHC writes one: digits, no sign, no leading zero.
     let cost = |kv: Option<(&str, &str)>, key: &str, range: std::ops::RangeInclusive<u32>| {
-        kv.filter(|(k, _)| *k == key).and_then(|(_, v)| v.parse::<u32>().ok()).is_some_and(|v| range.contains(&v))
+        kv.filter(|(k, v)| *k == key && v.bytes().all(|b| b.is_ascii_digit()) && (v.len() == 1 || !v.starts_with('0')))
+            .and_then(|(_, v)| v.parse::<u32>().ok())
+            .filter(|v| range.contains(v))
     };
-    b64(salt, 8..=64)
-        && b64(digest, 16..=64)
-        && cost(m, "m", 8..=MAX_M_COST_KIB)
-        && cost(t, "t", 1..=MAX_T_COST)
-        && cost(p, "p", 1..=MAX_P_COST)
+    let (Some(m), Some(_), Some(p)) =
+        (cost(m, "m", 8..=MAX_M_COST_KIB), cost(t, "t", 1..=MAX_T_COST), cost(p, "p", 1..=MAX_P_COST))
+    else {
+        return false;
+    };
+    b64(salt, 8..=48) && b64(digest, 16..=64) && m >= 8 * p
 }
 
 /// What a line sets besides the line and its numbers, each by an op of its own after
@@ -941,6 +946,10 @@ mod tests {
             good.replace("t=2", "t=0"),
             good.replace("v=19", "v=16"),
             good.replace(",p=1", ""),
+            good.replace("m=19456", "m=019456"),
+            good.replace("m=19456", "m=+19456"),
+            good.replace("m=19456,t=2,p=1", "m=8,t=1,p=2"),
+            good.replace("c2FsdHNhbHQ", &"c2FsdHNhbHQ".repeat(6)),
             format!("{good}$more"),
             "$argon2id$v=19$m=19456,t=2,p=1$$".to_owned(),
         ] {

@@ -124,6 +124,8 @@ labels! {
         Done => "done",
         /// Ended after too many invalid entries (R-I6).
         InvalidEntries => "invalid_entries",
+        /// Ended because the number to set left the caller's line during the call (R-M3).
+        NumberLeft => "number_left",
         /// No caller ID, or not a number of a provisioned line (R-I1).
         Refused => "refused",
         /// Too many calls open from the caller.

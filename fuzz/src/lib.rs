@@ -30,9 +30,10 @@ pub fn decode_and_check(format: CdrFormat, data: &[u8]) {
     };
 
     // 着信番号: resolve looks the called number up as a subscriber's R-L2 number, or it
-    // is one only dialled (1XY(Z), abroad), which no subscriber holds.
+    // is one only dialled (1XY, abroad), which no subscriber holds.
     let called = event.called.as_str();
-    let dialled = (called.len() <= 4 && called.starts_with('1')) || called.starts_with("010");
+    let dialled =
+        (called.len() == 3 && called.starts_with('1')) || (called.starts_with("010") && !called.starts_with("01081"));
     assert!(
         PhoneNumber::parse(called) == Ok(event.called) || dialled,
         "called number {:?} is neither in R-L2 form nor one only dialled",

@@ -303,3 +303,15 @@ async fn argon2_computations_run_at_most_hashing_at_once_at_a_time() {
     assert!(most <= HASHING_AT_ONCE, "{most} at once");
     assert!(!held_after.load(Ordering::SeqCst), "a permit held past its computation");
 }
+
+/// A call that panics on its blocking thread gives its argon2 permit back: it stayed
+/// with the pooled thread until that thread's next call, and a few panics held every
+/// permit, every login waiting.
+#[tokio::test]
+async fn a_call_that_panics_gives_its_hashing_permit_back() {
+    let mut c = credentials();
+    c.hashing = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    let panicked = c.spawn_hashing(|| panic!("an entry that panics")).await;
+    assert!(panicked.is_err());
+    assert_eq!(c.hashing.available_permits(), 1);
+}

@@ -10,10 +10,13 @@
 //!   404 {"error":"unknown_call","message":"…"}     ended, idle too long, or never started
 //!   421 {"error":"other_node","message":"…"}       answered by another node (or by this
 //!                                                  one before a restart)
+//!   409 {"error":"entry_under_way","message":"…"}  the call's previous entry is still
+//!                                                  being handled (a retry sent early)
 //! ```
 //!
 //! A call that ends says why in `prompt` and `text` (DONE, or ENDED after the third
-//! invalid entry, R-I6); the platform hangs up whenever `ends` is true. `awaiting` names the entry the next digits answer.
+//! invalid entry, R-I6); the platform hangs up whenever `ends` is true. `awaiting` names
+//! the entry the next digits answer.
 //! Calls live in memory; a call without a request for [`IDLE_TIMEOUT`] is forgotten
 //! (the platform has hung up), so a restart only drops calls in progress. A call id
 //! begins with the answering process's tag, so digits sent to another node (or to this
@@ -214,17 +217,25 @@ async fn digits(
     let step = state
         .ivr
         .credentials
-        .spawn_hashing(move || match live.call.lock() {
-            Ok(mut call) => call.input(&request.digits).map_err(ApiError::from),
-            Err(_) => Err(ApiError::Internal("a previous entry of this call panicked".into())),
+        .spawn_hashing(move || match live.call.try_lock() {
+            Ok(mut call) => call.input(&request.digits).map(|step| (step, call.number_left())).map_err(ApiError::from),
+            // An entry of this call still handled (a platform retrying it) is refused,
+            // not waited for while holding a permit the site's logins need.
+            Err(std::sync::TryLockError::WouldBlock) => Err(ApiError::EntryUnderWay),
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                Err(ApiError::Internal("a previous entry of this call panicked".into()))
+            }
         })
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (step, number_left) = step;
     if step.ends {
         state.calls.remove(&call_id);
         if step.prompt.as_ref().is_some_and(|p| p.id == PromptId::Done) {
             state.metrics.ivr_call(IvrCall::Done);
             state.metrics.temporary_password_set();
+        } else if number_left {
+            state.metrics.ivr_call(IvrCall::NumberLeft);
         } else {
             state.metrics.ivr_call(IvrCall::InvalidEntries);
         }
@@ -250,6 +261,8 @@ pub enum ApiError {
     Internal(String),
     #[error("{MAX_CALLS_PER_CALLER} calls from this number are already open: end one first")]
     Busy,
+    #[error("this call's previous entry is still being handled: send the next once it is answered")]
+    EntryUnderWay,
 }
 
 /// Calls one number may have open at once: a phone has one line, and a few cover a
@@ -277,6 +290,7 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             Self::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
             Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
+            Self::EntryUnderWay => (StatusCode::CONFLICT, "entry_under_way"),
             Self::UnknownCall => (StatusCode::NOT_FOUND, "unknown_call"),
             Self::OtherNode => (StatusCode::MISDIRECTED_REQUEST, "other_node"),
             Self::BadRequest { status, .. } => (*status, "bad_request"),

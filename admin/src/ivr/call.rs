@@ -136,6 +136,8 @@ pub struct Call {
     state: State,
     /// Invalid entries so far, over all steps (R-I6).
     invalid_entries: u32,
+    /// The call ended because the number to set left the caller's line meanwhile.
+    number_left: bool,
 }
 
 /// The contract number of the provisioned line `caller` is a number of, as `store` shows
@@ -169,7 +171,14 @@ impl Call {
                 line_of(&ivr.store, &caller)?.ok_or(IvrError::NotProvisioned(caller))?
             }
         };
-        let call = Self { ivr: ivr.clone(), caller, contract, state: State::SelectUnit, invalid_entries: 0 };
+        let call = Self {
+            ivr: ivr.clone(),
+            caller,
+            contract,
+            state: State::SelectUnit,
+            invalid_entries: 0,
+            number_left: false,
+        };
         tracing::info!(%caller, contract = %call.contract, "temporary-password call answered");
         Ok((call, Step::ask(Prompt::new(PromptId::SelectUnit))))
     }
@@ -177,6 +186,12 @@ impl Call {
     /// The caller's number.
     pub fn caller(&self) -> PhoneNumber {
         self.caller
+    }
+
+    /// Whether the call ended because the number to set left the caller's line while
+    /// the caller keyed (R-M3), not after invalid entries.
+    pub fn number_left(&self) -> bool {
+        self.number_left
     }
 
     /// Feeds the keys of one entry: `"1"` at SELECT_UNIT, `"0312345679#"` at
@@ -221,6 +236,7 @@ impl Call {
             Transition::Invalid { restart } => Ok(self.invalid(restart)),
             Transition::Done { unit, target, password } => {
                 let done = self.complete(unit, target, &password)?;
+                self.number_left = !done;
                 self.state = State::Ended;
                 let prompt =
                     if done { Prompt::for_number(PromptId::Done, &target) } else { Prompt::new(PromptId::Ended) };

@@ -1082,7 +1082,7 @@ async fn r_i7_a_temporary_password_set_during_a_login_ends_the_session_it_makes(
         failures: 0,
         invalidated: false,
     };
-    let then = engine::store::state::Op::SetCredential { number: n(CONTRACT), record: by_phone, line: None };
+    let then = engine::store::state::Op::SetCredential { number: n(CONTRACT), record: by_phone };
     let owner = ThenAlso { store: app.f.store.clone(), at: "login_attempt", then: std::sync::Mutex::new(Some(then)) };
     app.f.store.attach_writer(Arc::new(owner));
 

@@ -263,13 +263,15 @@ fn national_number(raw: &str) -> Result<PhoneNumber, DecodeError> {
 }
 
 /// Whether a called number is one a subscriber dials, never one a subscriber has: a
-/// special number of three or four digits starting with 1 (110, 117, 119, 171, an
-/// extension of a PBX), or a number abroad (`010…`, as `+1…` normalises). Any other
-/// number that is not a national one (nine digits without the trunk 0: an exchange
-/// stripping it) stays a broken CDR, dead-lettered where the operator sees it.
+/// special number of three digits starting with 1 (110, 117, 119, 171), or a number
+/// abroad (`010…`, as `+1…` normalises; not `01081…`, Japan's own code, a national
+/// number written oddly). Any other number that is not a national one stays a broken
+/// CDR, dead-lettered where the operator sees it: nine digits without the trunk 0 (an
+/// exchange stripping it), a PBX extension (`1001`: a dialplan that put it in the
+/// called field of an incoming call).
 fn dialled_out(normal: &str) -> bool {
-    let special = matches!(normal.len(), 3 | 4) && normal.starts_with('1');
-    special || normal.starts_with("010")
+    let special = normal.len() == 3 && normal.starts_with('1');
+    special || (normal.starts_with("010") && !normal.starts_with("01081"))
 }
 
 // ---- Helpers shared by the three decoders ----------------------------------------------
@@ -595,12 +597,12 @@ mod tests {
                 r#"{{"call_id":"c-1","called":"{called}","caller":"0312345678","presentation":"allowed","started_at":"2026-11-24T10:00:00+09:00","ended_at":"2026-11-24T10:00:31+09:00","outcome":"answered"}}"#
             )
         };
-        for (called, normal) in [("117", "117"), ("110", "110"), ("1001", "1001"), ("+14155550100", "01014155550100")] {
+        for (called, normal) in [("117", "117"), ("110", "110"), ("+14155550100", "01014155550100")] {
             let payload = cdr(called);
             let call = decode(CdrFormat::Canonical, payload.as_bytes()).unwrap_or_else(|e| panic!("{called}: {e}"));
             assert_eq!(call.called.as_str(), normal);
         }
-        for broken in ["312345678", "3123456789", "12345", "s"] {
+        for broken in ["312345678", "3123456789", "1001", "12345", "01081312345678", "s"] {
             let refused = decode(CdrFormat::Canonical, cdr(broken).as_bytes()).map(|_| ()).unwrap_err();
             assert!(matches!(refused, DecodeError::Invalid { field: "called", .. }), "{broken}: {refused}");
         }

@@ -237,9 +237,7 @@ mod tests {
         for i in 0..lines {
             let c = 4 * i;
             store.execute(&upsert(c, &[c, c + 1, c + 2])).unwrap();
-            store
-                .execute(&Op::SetCredential { number: n(c + 1), record: credential(&format!("old{i}")), line: None })
-                .unwrap();
+            store.execute(&Op::SetCredential { number: n(c + 1), record: credential(&format!("old{i}")) }).unwrap();
         }
         store
     }
@@ -279,11 +277,7 @@ mod tests {
             }
             if i % 97 == 0 {
                 // Not an import's: carried out alone, between the others.
-                ops.push(Op::SetCredential {
-                    number: n(other + 1),
-                    record: credential(&format!("set{i}")),
-                    line: None,
-                });
+                ops.push(Op::SetCredential { number: n(other + 1), record: credential(&format!("set{i}")) });
             }
             if i % 13 == 0 {
                 ops.push(upsert(other, &[other, c + 2]));

@@ -152,7 +152,11 @@ impl Store {
         line: Option<&PhoneNumber>,
         record: &CredentialRecord,
     ) -> Result<(), StoreError> {
-        expect_done(self.submit(Op::SetCredential { number: *number, record: record.clone(), line: line.copied() })?)
+        let record = record.clone();
+        expect_done(self.submit(match line {
+            None => Op::SetCredential { number: *number, record },
+            Some(line) => Op::RestoreCredential { number: *number, record, line: Some(*line) },
+        })?)
     }
 
     /// Deletes `number`'s credential; whether there was one.
@@ -194,8 +198,8 @@ impl Store {
     }
 
     /// Removes the line of `contract` (provisioning: its contract ended, R-L3): its numbers
-    /// go with their passwords, settings, faxes and open site sessions, as a number its
-    /// line no longer lists does (R-M3), and the report names each. No such line: nothing
+    /// go with their passwords (and so their site sessions), settings and faxes, as a
+    /// number its line no longer lists does (R-M3), and the report names each. No such line: nothing
     /// to remove (an import run again gives the same state).
     pub fn remove_line(&self, contract: &PhoneNumber) -> Result<Upserted, StoreError> {
         match self.submit(Op::RemoveLine { contract: *contract })? {
@@ -232,11 +236,12 @@ impl Store {
         }
         let mut removed = Upserted::default();
         let Some(raw) = self.lines.get(contract.as_str())? else { return Ok(removed) };
-        let line: LineRecord = serde_json::from_slice(&raw)?;
+        let line: LineRecord = serde_json::from_slice(&raw).map_err(|e| unreadable(contract, e))?;
         for number in &line.numbers {
-            // Only what is this line's: a number another line holds stays there.
+            // Only what is this line's: a number another line holds stays there. One whose
+            // record cannot be read goes with the line that lists it.
             let Some(raw) = self.numbers.get(number.as_str())? else { continue };
-            if serde_json::from_slice::<OfLine>(&raw)?.contract != *contract {
+            if serde_json::from_slice::<OfLine>(&raw).is_ok_and(|record| record.contract != *contract) {
                 continue;
             }
             if self.numbers.remove(number.as_str())?.is_some() {
@@ -250,8 +255,9 @@ impl Store {
             self.forget_faxes_here(number, written)?;
             removed.removed.push(*number);
         }
-        // Its subscriber's open sessions end with it (R-S7), on every node.
-        self.end_sessions(|_, session| line.numbers.contains(&session.number), |id| written.session_removed(id))?;
+        // Its subscriber's open sessions end at their next request, as a number's that
+        // leaves its line: their credential is gone (not ended here, which would read
+        // every session of every subscriber for each line removed).
         if self.lines.remove(contract.as_str())?.is_some() {
             written.line_removed(contract);
         }
@@ -456,7 +462,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         for (number, ..) in numbers.iter().filter(|(number, ..)| *number != line.contract) {
             let Some(raw) = self.lines.get(number.as_str())? else { continue };
-            let taken: LineRecord = serde_json::from_slice(&raw)?;
+            let taken: LineRecord = serde_json::from_slice(&raw).map_err(|e| unreadable(number, e))?;
             // A line that no longer has its contract number (left so by an older
             // version) keys nothing this line takes; what this line takes too stays
             // with it (a line taken over whole).

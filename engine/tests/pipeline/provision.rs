@@ -81,3 +81,26 @@ async fn r_l3_provisioning_refuses_cross_site_requests_other_bodies_and_a_missin
     assert!(engine.store.number(&"0312345678".parse().unwrap()).unwrap().is_some());
     engine.stop().await;
 }
+
+/// R-L3 through a node: a line reaching a stored record the state owner cannot read is
+/// rejected naming the number, and the import goes on. The owner's refusal came back as
+/// a bare message, and the import stopped there (a 500), at the same line every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_line_reaching_a_record_the_owner_cannot_read_is_rejected_and_the_rest_apply() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    let url = format!("http://{}", engine.metrics_addr);
+    let line = r#"{"contract":"0312340001","numbers":[{"number":"0312340001"},{"number":"0312340002"}]}"#;
+    assert!(post(url.clone(), line.to_owned()).await.rejected.is_empty());
+    // The owner's own store (one node: it is the owner) holds a record it cannot read.
+    engine.store.open_tree("numbers").unwrap().insert("0312340002", &b"{x"[..]).unwrap();
+
+    let other = r#"{"contract":"0612340001","numbers":[{"number":"0612340001"}]}"#;
+    let report = post(url, format!("{line}\n{other}")).await;
+    assert_eq!(report.error, None, "the import went on");
+    assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+    assert_eq!(report.rejected[0].line, 1);
+    assert!(report.rejected[0].reason.starts_with("the record of 0312340002 cannot be read"), "{:?}", report.rejected);
+    assert_eq!(report.lines, 1, "the other line applied");
+    engine.stop().await;
+}

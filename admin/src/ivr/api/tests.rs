@@ -6,7 +6,7 @@ use tower::ServiceExt;
 use super::*;
 use crate::clock::Clock;
 use crate::credentials::CredentialKind;
-use crate::testing::{fixture, n, Fixture, ADDITIONAL, CONTRACT};
+use crate::testing::{fixture, n, Fixture, ADDITIONAL, CONTRACT, OTHER_LINE};
 
 fn app(f: &Fixture) -> (ApiState, Router) {
     let state = ApiState::new(f.ivr.clone());
@@ -243,4 +243,52 @@ async fn r_i7_the_hash_of_a_completed_call_waits_for_a_hashing_permit() {
     let (status, body) = confirm.await.unwrap();
     assert_eq!((status, &body["prompt"]), (StatusCode::OK, &json!("DONE")));
     assert_eq!(outcomes(&state, "done"), 1.0);
+}
+
+/// Digits sent while the call's previous entry is still handled (a platform retrying
+/// early) are refused with 409, not queued behind it holding one of the process's
+/// argon2 permits, which the site's logins wait for.
+#[tokio::test]
+async fn digits_sent_while_the_previous_entry_is_handled_are_refused_with_409() {
+    let f = fixture();
+    let (state, app) = app(&f);
+    let (_, body) = start(&app, CONTRACT).await;
+    let call_id = body["call_id"].as_str().unwrap().to_owned();
+    let live = state.calls.get(&call_id).map(|entry| Arc::clone(entry.value())).unwrap();
+    // Another thread handles an entry of the call meanwhile.
+    let (locked, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let handling = std::thread::spawn(move || {
+        let _entry = live.call.lock().unwrap();
+        locked.0.send(()).unwrap();
+        release.1.recv().unwrap();
+    });
+    locked.1.recv().unwrap();
+    let (status, body) = key(&app, &call_id, "1").await;
+    assert_eq!((status, &body["error"]), (StatusCode::CONFLICT, &json!("entry_under_way")));
+    release.0.send(()).unwrap();
+    handling.join().unwrap();
+    let (status, body) = key(&app, &call_id, "1").await;
+    assert_eq!((status, &body["prompt"]), (StatusCode::OK, &json!("ENTER_PASSWORD")));
+}
+
+/// R-M3 over the API: a call whose number to set moved to another line while the caller
+/// keyed ends with ENDED, sets nothing, and is counted as `number_left` (it was counted
+/// as ending after invalid entries, which the caller never made).
+#[tokio::test]
+async fn r_m3_a_call_whose_number_left_the_line_ends_and_is_counted_as_such() {
+    let f = fixture();
+    let (state, app) = app(&f);
+    let (_, body) = start(&app, CONTRACT).await;
+    let call_id = body["call_id"].as_str().unwrap().to_owned();
+    key(&app, &call_id, "2").await;
+    key(&app, &call_id, &format!("{ADDITIONAL}#")).await;
+    key(&app, &call_id, "12345678").await;
+    let moved = format!(
+        r#"{{"contract":"{OTHER_LINE}","numbers":[{{"number":"{OTHER_LINE}","services":["call"]}},{{"number":"{ADDITIONAL}","services":["call"]}}]}}"#
+    );
+    engine::provision::import(&f.store, moved.as_bytes()).unwrap();
+    let (status, body) = key(&app, &call_id, "12345678").await;
+    assert_eq!((status, &body["prompt"], &body["ends"]), (StatusCode::OK, &json!("ENDED"), &json!(true)));
+    assert_eq!(f.credentials.record(&n(ADDITIONAL)).unwrap(), None);
+    assert_eq!((outcomes(&state, "number_left"), outcomes(&state, "invalid_entries")), (1.0, 0.0));
 }
