@@ -122,7 +122,7 @@ pub async fn submit(
         Some(Some(attempt)) => Some(attempt),
         None => None,
     };
-    let verdict = match PhoneNumber::parse(&form.number) {
+    let verdict = match typed_number(&form.number) {
         Ok(number) => match state.credentials.verify_stamped_async(number, form.password, now).await {
             Ok((verdict, stamp)) => verdict.map(|ok| (number, ok, stamp)).map_err(Refusal::Credential),
             // Not counted against the address: a state owner failing over (a minute
@@ -207,7 +207,21 @@ pub async fn logout(
     }
     state.sessions.remove(&authed.id).await?;
     tracing::info!(number = %authed.session.number, "site logout");
-    Ok(with_cookies(redirect("/login"), [state.set_cookie(&state.session_cookie(), None)]))
+    Ok(with_cookies(redirect("/login?notice=logout"), [state.set_cookie(&state.session_cookie(), None)]))
+}
+
+/// The number typed at login, as R-L2 has it: hyphens, spaces and full-width digits (a
+/// Japanese input method's) are what people type, and were refused as a wrong login.
+fn typed_number(typed: &str) -> Result<PhoneNumber, engine::phone::PhoneNumberError> {
+    let digits: String = typed
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '\u{3000}' | '-' | '\u{2010}' | '\u{2212}' | '\u{30FC}' | '\u{FF0D}'))
+        .map(|c| match c {
+            '０'..='９' => char::from(b'0' + (c as u32 - '０' as u32) as u8),
+            c => c,
+        })
+        .collect();
+    PhoneNumber::parse(&digits)
 }
 
 /// The login page, with the number field filled in (a failed login keeps what was
@@ -230,7 +244,7 @@ fn login_page_with(csrf: &str, notice: Option<&str>, error: Option<&str>, number
          <form method=\"post\" action=\"/login\">\n{csrf}{fax}\
          <p><label for=\"number\">電話番号</label><br>\n\
          <input id=\"number\" name=\"number\" type=\"text\" inputmode=\"numeric\" autocomplete=\"username\" \
-         pattern=\"0[0-9]{{9,10}}\" maxlength=\"11\" required value=\"{number}\" aria-describedby=\"number-help\"><br>\n\
+         maxlength=\"20\" required value=\"{number}\" aria-describedby=\"number-help\"><br>\n\
          <small id=\"number-help\">本サービスを契約している電話番号を、市外局番から、半角数字でハイフンなしで\
          入力してください。ログイン時の認証単位が「回線単位」で、追加番号に本サービスを契約されている場合は、\
          お客さま電話番号（契約番号）を入力してください。</small></p>\n\

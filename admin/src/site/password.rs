@@ -222,10 +222,12 @@ fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -
          <p><label for=\"confirm\">新しいパスワード（確認）</label><br>\n\
          <input id=\"confirm\" name=\"confirm\" type=\"password\" autocomplete=\"new-password\" \
          maxlength=\"{max}\" required></p>\n\
-         <p><button type=\"submit\">変更する</button></p>\n</form>\n{logout}",
+         <p><button type=\"submit\">変更する</button></p>\n</form>\n{menu}{logout}",
         errors = html::errors(errors),
         csrf = html::csrf_field(&session.csrf),
         logout = html::logout_form(&session.csrf),
+        // Back to the menu, unless the change is what the menu waits for (R-S4).
+        menu = if session.must_change { "" } else { "<p><a href=\"/\">メニューへ戻る</a></p>\n" },
     );
     html::page("パスワード変更", &body)
 }

@@ -176,7 +176,7 @@ async fn r_s1_every_login_failure_gets_the_same_status_and_body() {
         (CONTRACT, "wrong123"),
         (ADDITIONAL, TEMPORARY),
         (FAX_ONLY, TEMPORARY),
-        ("03-1234-5678", PASSWORD),
+        ("03-1234", PASSWORD),
     ];
     let mut replies = Vec::new();
     for (number, password) in attempts {
@@ -300,7 +300,7 @@ async fn r_o4_r_s7_logout_ends_the_session_server_side() {
     assert_eq!(app.state.sessions().len(), 1, "no logout without the token");
 
     let reply = post(&app, "/logout", &cookies, &format!("csrf={csrf}")).await;
-    assert_eq!(reply.location(), Some("/login"));
+    assert_eq!(reply.location(), Some("/login?notice=logout"));
     assert!(reply.set_cookie(SESSION_COOKIE).unwrap().contains("Max-Age=0"));
     assert!(app.state.sessions().is_empty());
     // The browser might keep the cookie; the server no longer knows it.
@@ -475,7 +475,9 @@ async fn r_s7_logout_from_a_tab_opened_before_a_password_change_or_a_new_login_l
         post(&app, "/password", &cookies, &format!("current={PASSWORD}&new={NEW}&confirm={NEW}&csrf={csrf}")).await;
     let cookies = changed_cookies(&changed);
     let out = post(&app, "/logout", &cookies, &format!("csrf={old_tab}")).await;
-    assert_eq!(out.location(), Some("/login"), "{}", out.body);
+    assert_eq!(out.location(), Some("/login?notice=logout"), "{}", out.body);
+    let said = get(&app, "/login?notice=logout", "").await;
+    assert!(said.body.contains("ログアウトしました。"), "a subscriber on a shared PC is told: {}", said.body);
     assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
 
     let first = logged_in(&app, CONTRACT, NEW).await;
@@ -486,7 +488,7 @@ async fn r_s7_logout_from_a_tab_opened_before_a_password_change_or_a_new_login_l
     assert!(asked.body.contains("ログアウトするには"), "{}", asked.body);
     assert_eq!(get(&app, "/", &cookies).await.status, StatusCode::OK, "not logged out by a stale token");
     let out = post(&app, "/logout", &cookies, &format!("csrf={}", asked.csrf())).await;
-    assert_eq!(out.location(), Some("/login"));
+    assert_eq!(out.location(), Some("/login?notice=logout"));
     assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
 }
 
@@ -1090,4 +1092,32 @@ async fn r_i7_a_temporary_password_set_during_a_login_ends_the_session_it_makes(
     assert_eq!(reply.location(), Some("/"), "the password was right when checked");
     let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
     assert_eq!(get(&app, "/", &cookies).await.location(), Some("/login?notice=ended"));
+}
+
+/// The password page leads back to the menu once the change is not a must (R-S4): it had
+/// only the form and ログアウト, the one page without a way back.
+#[tokio::test]
+async fn the_password_page_leads_back_to_the_menu_unless_the_change_is_a_must() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    assert!(get(&app, "/password", &cookies).await.body.contains("<a href=\"/\">メニューへ戻る</a>"));
+    app.f.credentials.set_temporary_async(n(ADDITIONAL), TEMPORARY.into(), t0()).await.unwrap();
+    let reply = login(&app, ADDITIONAL, TEMPORARY).await;
+    let forced = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    assert!(!get(&app, "/password", &forced).await.body.contains("メニューへ戻る"), "the menu waits for the change");
+}
+
+/// R-S1: a number typed as people type it (hyphens, spaces, a Japanese input method's
+/// full-width digits) logs in: it was a wrong login, counted against the address, and
+/// the browser's `pattern` said nothing of why.
+#[tokio::test]
+async fn r_s1_a_number_typed_with_hyphens_spaces_or_full_width_digits_logs_in() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    for typed in ["03-1234-5678", " 0312345678 ", "０３１２３４５６７８", "03－1234－5678"] {
+        assert_eq!(login(&app, typed, PASSWORD).await.location(), Some("/"), "{typed}");
+    }
+    let page = get(&app, "/login", "").await;
+    assert!(!page.body.contains("pattern="), "the server says what is wrong: {}", page.body);
 }
