@@ -27,7 +27,12 @@ pub(super) const SAVED: &str = "設定しました。";
 pub(super) const FIX_ROWS: &str =
     "入力内容に誤りがあります。各欄のメッセージを確認してください。設定は保存されていません。";
 const NEED_PASSWORD: &str =
-    "送信先メールアドレスを変更するには、現在のパスワードを入力してください。設定は保存されていません。";
+    "送信先メールアドレスや「送信」のチェックを変更するには、現在のパスワードを入力してください。\
+                             設定は保存されていません。";
+/// A form of a session's page from before a login in another tab (its token is the old
+/// session's): shown again as typed, with this session's token.
+pub(super) const LOGGED_IN_AGAIN: &str = "別の画面でログインし直したため、この画面の内容はまだ保存されていません。\
+                                          内容を確かめて、もう一度ボタンを押してください。";
 const WRONG_PASSWORD: &str = "現在のパスワードが正しくありません。設定は保存されていません。";
 const TEST_UNAVAILABLE: &str = "現在、テストメールの送信はご利用いただけません。";
 const TEST_FIX_ROW: &str =

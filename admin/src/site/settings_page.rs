@@ -20,7 +20,8 @@ use engine::render::MailService;
 use engine::store::{Destination, Store, StoreError};
 
 use super::destinations::{
-    confirm_change, redirect_to, send_test, test_row, Confirmed, FIX_ROWS, SAVED, SAVED_QUERY, STALE, TESTED,
+    confirm_change, redirect_to, send_test, test_row, Confirmed, FIX_ROWS, LOGGED_IN_AGAIN, SAVED, SAVED_QUERY, STALE,
+    TESTED,
 };
 use super::form_parts::{ChoiceError, Row};
 use super::numbers::not_found;
@@ -148,12 +149,18 @@ async fn posted<P: SettingsPage>(
         Ok(authed) => authed,
         Err(denied) => return Ok(Err(denied.into_response())),
     };
-    if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
-        return Err(SiteError::Csrf);
-    }
     let Some((number, current)) = settings_of::<P>(state, session.number, raw).await? else {
         return Ok(Err(not_found()));
     };
+    if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
+        // A tab left open from before a login in another tab carries the old session's
+        // token: its form comes back as typed, with this session's, saving and sending
+        // nothing (R-S9). (The session cookie is SameSite=Strict: another site's form
+        // arrives without a session and goes to the login.)
+        tracing::info!(page = P::NAME, %number, "settings form from before a login again: shown again, not saved");
+        let page = View::new(&number, &session).refused::<P>(&P::form_from(fields), LOGGED_IN_AGAIN);
+        return Ok(Err((StatusCode::FORBIDDEN, Html(page)).into_response()));
+    }
     Ok(Ok(Posted { id, session, number, current }))
 }
 

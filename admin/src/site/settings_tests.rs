@@ -611,3 +611,27 @@ async fn r_n2_r_n6_the_call_page_warns_as_the_manual_does_and_names_each_row_s_c
         assert!(page.body.contains(named), "{named}");
     }
 }
+
+/// R-S9: a settings form left open in one tab, its session ended, the subscriber logged
+/// in again in another: its 設定 shows the form again as typed, with the new session's
+/// token, saving nothing; pressed again, it saves. It was a 403 「不正なリクエスト」 page,
+/// everything typed lost.
+#[tokio::test]
+async fn r_s9_a_form_from_before_a_login_in_another_tab_comes_back_as_typed() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let old_tab = form(&app, &cookies, CONTRACT, "enabled=on&missed_only=on").await;
+    let again = super::tests::logged_in(&app, CONTRACT, PASSWORD).await;
+
+    let reply = post(&app, &path(CONTRACT), &again, &old_tab).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert!(reply.body.contains("別の画面でログインし直したため"), "{}", reply.body);
+    assert!(!reply.body.contains("不正なリクエスト"));
+    assert!(reply.body.contains("name=\"missed_only\" value=\"on\" checked"), "kept as typed: {}", reply.body);
+    assert_eq!(stored(&app, CONTRACT), CallSettings::default(), "nothing saved");
+
+    let resubmitted = format!("csrf={}&version={}&enabled=on&missed_only=on", reply.csrf(), version(&reply));
+    let saved = post(&app, &path(CONTRACT), &again, &resubmitted).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    assert!(stored(&app, CONTRACT).missed_only);
+}
