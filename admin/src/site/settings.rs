@@ -85,7 +85,7 @@ impl SettingsPage for CallPage {
         let notice = if notice.is_empty() {
             String::new()
         } else {
-            format!("<p role=\"status\">{}</p>\n", html::escape(notice))
+            format!("<p class=\"notice\" role=\"status\">{}</p>\n", html::escape(notice))
         };
         let path = call_settings_path(view.number);
         let body = format!(
