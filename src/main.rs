@@ -230,8 +230,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // What the site needs (its certificate, its addresses) before the engine joins its
     // consumer groups: a node that failed after would leave them without a word.
     let bound = admin::server::bind_all(&settings.admin).await?;
-    // The operator endpoint is bound once the engine has caught up: one taken is found
-    // now (a moment's bind, given back).
+    // The operator endpoint is bound by the engine's start, after the cluster check: one
+    // taken is found now, before anything else (a moment's bind, given back).
     let metrics_listen = settings.metrics.listen;
     std::net::TcpListener::bind(metrics_listen)
         .with_context(|| format!("cannot listen on metrics.listen {metrics_listen}"))?;

@@ -2,8 +2,14 @@
 //! check, and provisioning into the running engine (the CLI's `provision import --url`),
 //! whose writes reach the resolve stage at once. Keep it off public networks: it
 //! changes subscribers' data without a login.
+//!
+//! It answers from the start of the engine, before the catch-up with the state topic
+//! (minutes at carrier scale): `/metrics` and `/healthz` then, `/readyz` saying it
+//! starts, `/provision` refused until the engine is built ([`Endpoint::serve`]). A node
+//! catching up is not "down" to Prometheus, and its catch-up can be watched.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -34,9 +40,8 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 #[derive(Clone)]
 struct Ops {
     metrics: Metrics,
-    store: Store,
-    /// Whether CDRs are being read, for `/healthz`.
-    disk: DiskWatch,
+    /// Set once the engine is built; until then it starts.
+    serving: Arc<OnceLock<Serving>>,
     /// `metrics.provision_token`: when set, `POST /provision` wants it as a bearer token.
     token: Secret,
     max_upload: usize,
@@ -144,20 +149,49 @@ impl From<ProvisionResponse> for ImportReport {
     }
 }
 
-/// Serves, on a task of `tasks`, until `shutdown` is cancelled; returns the bound address
-/// (useful with port 0).
-pub async fn serve(
+/// What the endpoint serves once the engine is built.
+struct Serving {
+    store: Store,
+    /// Whether the store's disk has room, for `/readyz`.
+    disk: DiskWatch,
+}
+
+/// The operator endpoint, answering from before the engine's catch-up ([`listen`]).
+pub struct Endpoint {
+    addr: SocketAddr,
+    serving: Arc<OnceLock<Serving>>,
+}
+
+impl Endpoint {
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The engine is built: `/readyz` reports on it, `/provision` writes to `store`.
+    pub fn serve(&self, store: Store, disk: DiskWatch) {
+        let _ = self.serving.set(Serving { store, disk });
+    }
+}
+
+/// Serves, on a task of `tasks`, until `shutdown` is cancelled: at once `/metrics` and
+/// `/healthz`, the rest once [`Endpoint::serve`] says the engine is built.
+pub async fn listen(
     settings: &crate::config::MetricsSettings,
     metrics: Metrics,
-    store: Store,
-    disk: DiskWatch,
     tasks: &TaskTracker,
     shutdown: CancellationToken,
-) -> std::io::Result<SocketAddr> {
+) -> std::io::Result<Endpoint> {
     let errors = metrics.clone();
     let beyond_loopback = !settings.listen.ip().is_loopback();
-    let ops =
-        Ops { metrics, store, disk, token: settings.provision_token.clone(), max_upload: MAX_UPLOAD, beyond_loopback };
+    let serving = Arc::new(OnceLock::new());
+    let ops = Ops {
+        metrics,
+        serving: Arc::clone(&serving),
+        token: settings.provision_token.clone(),
+        max_upload: MAX_UPLOAD,
+        beyond_loopback,
+    };
     let listen = settings.listen;
     let app = Router::new()
         .route("/metrics", get(metrics_text))
@@ -178,8 +212,12 @@ pub async fn serve(
             crate::error_event!(errors, ErrorEvent::OperatorEndpoint, error = %e, "operator endpoint stopped");
         }
     });
-    Ok(addr)
+    Ok(Endpoint { addr, serving })
 }
+
+/// `/readyz`'s answer while the engine starts.
+const STARTING: &str = "not ready\nstarting: catching up with the subscriber state topic, then indexing \
+                        subscriptions (callnotify_state_applied_offset shows how far)\n";
 
 /// `ok` while the process serves (a liveness probe): whatever keeps it from reading
 /// CDRs is for `/readyz`, and a restart would not mend it.
@@ -190,10 +228,13 @@ async fn health() -> &'static str {
 /// `ready` (200) or `not ready` (503), then one line per part with its state: the store
 /// (its disk has room, or why reading is paused), the consumers (partitions assigned)
 /// and the mail server (answering, or not and mails wait in the retry queue, which
-/// keeps the engine ready: nothing is lost).
+/// keeps the engine ready: nothing is lost). While the engine starts, that it does.
 async fn ready(State(ops): State<Ops>) -> Response {
+    let Some(serving) = ops.serving.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, STARTING).into_response();
+    };
     let mut ready = true;
-    let store = match ops.disk.reason() {
+    let store = match serving.disk.reason() {
         // Not the number count: sled counts a tree by walking it, and this runs on an
         // async worker at every probe.
         None => "ok".to_owned(),
@@ -234,28 +275,30 @@ async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
 /// change subscribers' data; with `metrics.provision_token` set, the token is needed. A
 /// refused upload is read and dropped (up to the limit) so its client gets the refusal.
 async fn provision(State(ops): State<Ops>, headers: HeaderMap, body: Body) -> Response {
-    if let Err((status, why)) = ops.admit(&headers) {
-        // Read and dropped, so the client gets the refusal instead of a reset (hyper
-        // closes a connection whose request body was left unread): up to the upload
-        // limit and REFUSED_READ_WITHIN, so a client without the token holds nothing
-        // longer (a stop waits for requests under way).
-        let drop_upload = async {
-            let mut stream = body.into_data_stream();
-            let mut dropped = 0usize;
-            while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
-                dropped += chunk.len();
-                if dropped > ops.max_upload {
-                    break;
+    let store = match ops.admit(&headers) {
+        Ok(store) => store,
+        Err((status, why)) => {
+            // Read and dropped, so the client gets the refusal instead of a reset (hyper
+            // closes a connection whose request body was left unread): up to the upload
+            // limit and REFUSED_READ_WITHIN, so a client without the token holds nothing
+            // longer (a stop waits for requests under way).
+            let drop_upload = async {
+                let mut stream = body.into_data_stream();
+                let mut dropped = 0usize;
+                while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut stream).await {
+                    dropped += chunk.len();
+                    if dropped > ops.max_upload {
+                        break;
+                    }
                 }
-            }
-        };
-        let _ = tokio::time::timeout(REFUSED_READ_WITHIN, drop_upload).await;
-        return (status, Json(serde_json::json!({"error": why}))).into_response();
-    }
+            };
+            let _ = tokio::time::timeout(REFUSED_READ_WITHIN, drop_upload).await;
+            return (status, Json(serde_json::json!({"error": why}))).into_response();
+        }
+    };
     let (sender, incoming) = tokio::sync::mpsc::channel::<Bytes>(CHUNKS_IN_FLIGHT);
     // Dropped when the upload ends or passes the limit: the import ends with what it has.
     let mut chunks = Some(sender);
-    let store = ops.store.clone();
     let importing = tokio::task::spawn_blocking(move || {
         import(&store, std::io::BufReader::new(ChunkReader { incoming, chunk: Bytes::new() }))
     });
@@ -331,7 +374,7 @@ const REFUSED_READ_WITHIN: Duration = Duration::from_secs(10);
 
 impl Ops {
     /// Refuses a request that is not from the operator's tools (see [`provision`]).
-    fn admit(&self, headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    fn admit(&self, headers: &HeaderMap) -> Result<Store, (StatusCode, &'static str)> {
         let refuse = |status: StatusCode, why: &'static str| Err((status, why));
         if headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site") {
             return refuse(
@@ -367,7 +410,13 @@ impl Ops {
                 "send JSON Lines as Content-Type: application/x-ndjson (or application/json)",
             );
         }
-        Ok(())
+        match self.serving.get() {
+            Some(serving) => Ok(serving.store.clone()),
+            None => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine is starting (catching up with the subscriber state): send again once /readyz answers ready",
+            ),
+        }
     }
 }
 
@@ -586,9 +635,9 @@ mod tests {
             provision_token: serde_json::from_str("\"right\"").unwrap(),
         };
         let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
-        let addr =
-            serve(&settings, metrics, Store::temporary().unwrap(), disk, &tasks, shutdown.clone()).await.unwrap();
-        let url = format!("http://{addr}");
+        let endpoint = listen(&settings, metrics, &tasks, shutdown.clone()).await.unwrap();
+        endpoint.serve(Store::temporary().unwrap(), disk);
+        let url = format!("http://{}", endpoint.addr());
         let lines: String = (0..100_000)
             .map(|i| format!(r#"{{"contract":"03{i:08}","numbers":[{{"number":"03{i:08}"}}]}}"#) + "\n")
             .collect();
@@ -611,9 +660,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new();
         let ops = Ops {
-            disk: DiskWatch::new(dir.path(), 1, metrics.clone()),
+            serving: serving(Store::temporary().unwrap(), DiskWatch::new(dir.path(), 1, metrics.clone())),
             metrics,
-            store: Store::temporary().unwrap(),
             token: serde_json::from_str("\"right\"").unwrap(),
             max_upload: MAX_UPLOAD,
             beyond_loopback: false,
@@ -636,10 +684,10 @@ mod tests {
     async fn provisioning_beyond_loopback_without_a_token_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new();
+        let store = Store::temporary().unwrap();
         let open = Ops {
-            disk: DiskWatch::new(dir.path(), 1, metrics.clone()),
+            serving: serving(store.clone(), DiskWatch::new(dir.path(), 1, metrics.clone())),
             metrics,
-            store: Store::temporary().unwrap(),
             token: Secret::default(),
             max_upload: MAX_UPLOAD,
             beyond_loopback: true,
@@ -649,11 +697,60 @@ mod tests {
         let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#;
         let answered = provision(State(open.clone()), headers.clone(), Body::from(line)).await;
         assert_eq!(answered.status(), StatusCode::FORBIDDEN);
-        assert!(open.store.line(&crate::phone::PhoneNumber::parse("0312345678").unwrap()).unwrap().is_none());
+        assert!(store.line(&crate::phone::PhoneNumber::parse("0312345678").unwrap()).unwrap().is_none());
         // On loopback, as the default configuration has it, no token is needed.
         let local = Ops { beyond_loopback: false, ..open };
         let answered = provision(State(local.clone()), headers, Body::from(line)).await;
         assert_eq!(answered.status(), StatusCode::OK);
+    }
+
+    /// While the engine starts (its catch-up with the state topic), the endpoint answers
+    /// `/metrics` and `/healthz`, and refuses `/provision` saying to wait for `/readyz`:
+    /// it was not bound until the catch-up was over (minutes at carrier scale), and
+    /// Prometheus took every starting node for a dead one.
+    #[tokio::test]
+    async fn a_starting_engine_answers_metrics_and_health_and_refuses_provisioning_until_built() {
+        let settings = crate::config::MetricsSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            provision_token: Secret::default(),
+        };
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
+        let metrics = Metrics::new();
+        let endpoint = listen(&settings, metrics.clone(), &tasks, shutdown.clone()).await.unwrap();
+        let (addr, url) = (endpoint.addr(), format!("http://{}", endpoint.addr()));
+        let get = |path: &'static str| async move {
+            let answer = testkit::http::request(addr, "GET", path, "", None).await;
+            (answer.status, answer.body)
+        };
+        assert_eq!(get("/healthz").await, (200, "ok\n".to_owned()));
+        let (status, text) = get("/metrics").await;
+        assert!(status == 200 && text.contains("callnotify_"), "{status}: {text}");
+        let (status, text) = get("/readyz").await;
+        assert_eq!((status, text.as_str()), (503, STARTING));
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#;
+        let posted = {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || post_provision(&url, line.as_bytes(), "")).await.unwrap()
+        };
+        match posted {
+            Err(ClientError::Answer { status: 503, body }) => assert!(body.contains("/readyz"), "{body}"),
+            other => panic!("not refused while starting: {other:?}"),
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::temporary().unwrap();
+        endpoint.serve(store.clone(), DiskWatch::new(dir.path(), 1, metrics));
+        let posted = tokio::task::spawn_blocking(move || post_provision(&url, line.as_bytes(), "")).await.unwrap();
+        assert!(posted.is_ok(), "{posted:?}");
+        assert!(store.line(&crate::phone::PhoneNumber::parse("0312345678").unwrap()).unwrap().is_some());
+        shutdown.cancel();
+        tasks.close();
+        tasks.wait().await;
+    }
+
+    /// What an engine built on `store` and `disk` serves.
+    fn serving(store: Store, disk: DiskWatch) -> Arc<OnceLock<Serving>> {
+        Arc::new(OnceLock::from(Serving { store, disk }))
     }
 
     async fn readiness(ops: &Ops) -> (StatusCode, String) {
@@ -673,12 +770,16 @@ mod tests {
         roomy.check();
         let ops = Ops {
             metrics: metrics.clone(),
-            store: Store::temporary().unwrap(),
-            disk: roomy,
+            serving: Arc::new(OnceLock::new()),
             token: Secret::default(),
             max_upload: MAX_UPLOAD,
             beyond_loopback: false,
         };
+        // Still catching up with the state topic: it says it starts.
+        let (status, body) = readiness(&ops).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.starts_with("not ready\nstarting: catching up"), "{body}");
+        let ops = Ops { serving: serving(Store::temporary().unwrap(), roomy), ..ops };
 
         let (status, body) = readiness(&ops).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -695,7 +796,8 @@ mod tests {
         // More room asked for than any disk here has.
         let full = DiskWatch::new(dir.path(), u64::MAX >> 21, metrics.clone());
         full.check();
-        let (status, body) = readiness(&Ops { disk: full, ..ops.clone() }).await;
+        let (status, body) =
+            readiness(&Ops { serving: serving(Store::temporary().unwrap(), full), ..ops.clone() }).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(body.contains("\nstore: ") && body.contains("CDRs are not read until there is room"), "{body}");
     }

@@ -56,6 +56,18 @@ async fn ended_by<T>(deadline: tokio::time::Instant, part: &str, what: impl Futu
     })
 }
 
+/// Cancels the engine's `shutdown` when dropped unless the build got to its end: what a
+/// failed build started (the operator endpoint) stops with it.
+struct Unbuilt(Option<CancellationToken>);
+
+impl Drop for Unbuilt {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.0.take() {
+            shutdown.cancel();
+        }
+    }
+}
+
 /// A running engine.
 pub struct Application {
     store: Store,
@@ -141,6 +153,18 @@ impl Application {
         let capacity = settings.store.cache_capacity;
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
+        // A build that fails ends what it started (the operator endpoint below).
+        let mut unbuilt = Unbuilt(Some(shutdown.clone()));
+        let tasks = TaskTracker::new();
+        // The operator endpoint answers from now: a node catching up (minutes at carrier
+        // scale) is scraped, not "down", and `/readyz` says it starts.
+        let endpoint = ops::listen(&settings.metrics, metrics.clone(), &tasks, shutdown.clone())
+            .await
+            .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+        tracing::info!(
+            url = %format!("http://{}/readyz", endpoint.addr()),
+            "operator endpoint answering: /metrics now, /readyz ready once CDRs are read"
+        );
         let state_options = (
             bootstrap.clone(),
             kafka.properties.clone(),
@@ -216,7 +240,6 @@ impl Application {
             tokio::task::spawn_blocking(move || Deliverer::new(&smtp, &store, metrics, dead_letters)).await??
         };
         let reading = shutdown.child_token();
-        let tasks = TaskTracker::new();
         // Retries under way at shutdown get the same time as first attempts.
         let finish = source::sending_time(grace);
         tasks.spawn(deliverer.clone().run_retries(reading.clone().cancelled_owned(), finish));
@@ -227,10 +250,8 @@ impl Application {
             tracing::info!(outbox = %settings.smtp.outbox_dir.display(), "no smtp.host: mails are written as .eml files");
         }
 
-        let metrics_addr =
-            ops::serve(&settings.metrics, metrics.clone(), store.clone(), disk.clone(), &tasks, shutdown.clone())
-                .await
-                .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+        endpoint.serve(store.clone(), disk.clone());
+        let metrics_addr = endpoint.addr();
         tracing::info!(url = %format!("http://{metrics_addr}/metrics"), "metrics endpoint listening");
 
         tasks.spawn(crate::store::sent::prune_hourly(
@@ -281,6 +302,7 @@ impl Application {
             source::spawn(options, stages, reading.clone(), &shutdown).context("starting the Kafka consumer")?;
         tracing::info!(group = %kafka.group_id, consumers = settings.engine.consumers, topics = ?kafka.topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "consuming CDRs");
 
+        unbuilt.0 = None;
         Ok(Self {
             store,
             resolver,

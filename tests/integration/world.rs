@@ -711,12 +711,13 @@ impl EngineProcess {
         engine::telemetry::series_value(&text, series).unwrap_or(0.0)
     }
 
-    /// Waits until the operator endpoint answers: the engine has caught up with the
-    /// shared subscriber state (a single-node store it started on is carried into the
-    /// state topic by then) and serves.
+    /// Waits until the engine has caught up with the shared subscriber state (a
+    /// single-node store it started on is carried into the state topic by then) and
+    /// serves: its operator endpoint answers from the start, `/readyz` saying `starting`
+    /// until then.
     pub fn wait_serving(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.get("/healthz").is_none() {
+        while self.get("/readyz").is_none_or(|(_, body)| body.contains("\nstarting:")) {
             assert!(Instant::now() < deadline, "the engine never served its operator endpoint");
             std::thread::sleep(Duration::from_millis(50));
         }
