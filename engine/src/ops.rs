@@ -160,6 +160,8 @@ struct Serving {
 pub struct Endpoint {
     addr: SocketAddr,
     serving: Arc<OnceLock<Serving>>,
+    /// Where `callnotify_starting` is shown.
+    metrics: Metrics,
 }
 
 impl Endpoint {
@@ -171,6 +173,7 @@ impl Endpoint {
     /// The engine is built: `/readyz` reports on it, `/provision` writes to `store`.
     pub fn serve(&self, store: Store, disk: DiskWatch) {
         let _ = self.serving.set(Serving { store, disk });
+        self.metrics.starting(false);
     }
 }
 
@@ -182,7 +185,8 @@ pub async fn listen(
     tasks: &TaskTracker,
     shutdown: CancellationToken,
 ) -> std::io::Result<Endpoint> {
-    let errors = metrics.clone();
+    let (errors, starting) = (metrics.clone(), metrics.clone());
+    starting.starting(true);
     let beyond_loopback = !settings.listen.ip().is_loopback();
     let serving = Arc::new(OnceLock::new());
     let ops = Ops {
@@ -212,7 +216,7 @@ pub async fn listen(
             crate::error_event!(errors, ErrorEvent::OperatorEndpoint, error = %e, "operator endpoint stopped");
         }
     });
-    Ok(Endpoint { addr, serving })
+    Ok(Endpoint { addr, serving, metrics: starting })
 }
 
 /// `/readyz`'s answer while the engine starts.

@@ -42,6 +42,7 @@ pub const SMTP_CIRCUIT_OPEN: &str = "callnotify_smtp_circuit_open";
 pub const STORE_FREE: &str = "callnotify_store_free_bytes";
 pub const STORE_DISK_LOW: &str = "callnotify_store_disk_low";
 pub const STATE_OWNER: &str = "callnotify_state_owner";
+pub const STARTING: &str = "callnotify_starting";
 pub const STATE_APPLIED: &str = "callnotify_state_applied_offset";
 pub const ERRORS: &str = "callnotify_errors_total";
 pub const SITE_LOGINS: &str = "callnotify_site_logins_total";
@@ -207,6 +208,7 @@ struct Inner {
     store_free: Gauge,
     store_disk_low: Gauge,
     state_owner: Gauge,
+    starting: Gauge,
     state_applied: Gauge,
     errors: [Counter; ErrorEvent::ALL.len()],
     logins: Vec<Counter>,
@@ -355,6 +357,13 @@ impl Metrics {
             "1 while this node carries out the writes of subscriber state (the state owner)".into(),
         );
         r.describe_gauge(
+            STARTING.into(),
+            None,
+            "1 while this node starts: its operator endpoint answers, it catches up with the subscriber state \
+             and reads no CDR yet"
+                .into(),
+        );
+        r.describe_gauge(
             STATE_APPLIED.into(),
             Some(Unit::Count),
             "Next offset of the state topic this node's store has not applied".into(),
@@ -393,6 +402,7 @@ impl Metrics {
             store_free: r.register_gauge(&Key::from_static_name(STORE_FREE), &METADATA),
             store_disk_low: r.register_gauge(&Key::from_static_name(STORE_DISK_LOW), &METADATA),
             state_owner: r.register_gauge(&Key::from_static_name(STATE_OWNER), &METADATA),
+            starting: r.register_gauge(&Key::from_static_name(STARTING), &METADATA),
             state_applied: r.register_gauge(&Key::from_static_name(STATE_APPLIED), &METADATA),
             errors: ErrorEvent::ALL.map(|e| counter(r, ERRORS, &[("stage", e.stage()), ("error", e.as_str())])),
             logins: Login::ALL.iter().map(|v| counter(r, SITE_LOGINS, &[("result", v.as_str())])).collect(),
@@ -555,6 +565,10 @@ impl Metrics {
     /// This node became the state owner (`true`) or stopped being it.
     pub fn state_owner(&self, owner: bool) {
         self.inner.state_owner.set(if owner { 1.0 } else { 0.0 });
+    }
+    /// The node starts (catching up with the subscriber state) until `false`.
+    pub fn starting(&self, starting: bool) {
+        self.inner.starting.set(if starting { 1.0 } else { 0.0 });
     }
     /// The store has applied the state topic up to (not including) `next`.
     pub fn state_applied(&self, next: i64) {

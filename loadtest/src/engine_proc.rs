@@ -261,20 +261,22 @@ impl EngineProcess {
         self.metrics
     }
 
-    /// Waits until `/metrics` answers.
+    /// Waits until the engine is built (its log says the metrics endpoint listens: the
+    /// endpoint answers `/metrics` from before its catch-up with the state topic) and
+    /// `/metrics` answers.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("the engine exited during start-up ({status}); see engine.log");
             }
-            if self.metrics.port() == 0 {
-                if let Some(bound) = metrics_bound(&self.log, self.log_from)? {
+            if let Some(bound) = metrics_bound(&self.log, self.log_from)? {
+                if self.metrics.port() == 0 {
                     self.metrics = bound;
                 }
-            }
-            if self.metrics.port() != 0 && self.metrics().await.is_ok() {
-                return Ok(());
+                if self.metrics().await.is_ok() {
+                    return Ok(());
+                }
             }
             if Instant::now() > deadline {
                 bail!("the engine did not start within {timeout:?}");

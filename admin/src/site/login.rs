@@ -122,7 +122,8 @@ pub async fn submit(
         Some(Some(attempt)) => Some(attempt),
         None => None,
     };
-    let verdict = match typed_number(&form.number) {
+    let typed = typed_number(&form.number);
+    let verdict = match typed {
         Ok(number) => match state.credentials.verify_stamped_async(number, form.password, now).await {
             Ok((verdict, stamp)) => verdict.map(|ok| (number, ok, stamp)).map_err(Refusal::Credential),
             // Not counted against the address: a state owner failing over (a minute
@@ -137,7 +138,9 @@ pub async fn submit(
         },
         Err(_) => Err(Refusal::Malformed),
     };
-    LoginAttempt { number: &form.number, outcome: verdict.map(|(_, ok, _)| ok) }.emit(&state.metrics);
+    // Logged as the number it is, however typed (a lockout is looked for by number).
+    let logged = typed.as_ref().map_or(form.number.as_str(), PhoneNumber::as_str);
+    LoginAttempt { number: logged, outcome: verdict.map(|(_, ok, _)| ok) }.emit(&state.metrics);
     let (number, ok, stamp) = match verdict {
         Ok(found) => {
             if let Some(attempt) = attempt {

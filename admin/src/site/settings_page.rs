@@ -121,12 +121,14 @@ pub(super) async fn show<P: SettingsPage>(
     // After a 送信テスト: its page, as typed, for every GET until the next save or test
     // (a phone that dropped the tab while its subscriber read the mail reloads it, and
     // the address typed but not saved is still there; a GET sends nothing).
-    if query.as_deref() == Some(TESTED) {
-        if let Some((path, page)) = &authed.session.flash {
-            if *path == P::path(&number) {
-                return Ok(Html(page.clone()).into_response());
-            }
+    let tested = authed.session.flash.as_ref().filter(|(path, _)| *path == P::path(&number));
+    if let Some((_, page)) = tested {
+        if query.as_deref() == Some(TESTED) {
+            return Ok(Html(page.clone()).into_response());
         }
+        // The saved settings opened instead: the tested page is not kept any longer (the
+        // session record, written at every request, carries it while it is).
+        state.sessions.take_flash(&authed.id, &P::path(&number)).await?;
     }
     let notice = if query.as_deref() == Some(SAVED_QUERY) { SAVED } else { "" };
     let view = View::new(&number, &authed.session);
@@ -158,10 +160,16 @@ async fn posted<P: SettingsPage>(
         return Ok(Err(not_found()));
     };
     if !csrf::matches(Some(&session.csrf), fields.get("csrf").map_or("", String::as_str)) {
-        // A tab left open from before a login in another tab carries the old session's
-        // token: its form comes back as typed, with this session's, saving and sending
-        // nothing (R-S9). (The session cookie is SameSite=Strict: another site's form
-        // arrives without a session and goes to the login.)
+        // A tab of this site left open from before a login in another tab carries the
+        // old session's token: its form comes back as typed, with this session's,
+        // saving and sending nothing (R-S9). Only when the browser says the form is this
+        // site's own (`Sec-Fetch-Site: same-origin`): a page of a sibling host (which
+        // SameSite lets send the session cookie) gets the refusal, not a form it filled
+        // in with a working token for the subscriber to press.
+        let same_origin = headers.get("sec-fetch-site").is_some_and(|site| site == "same-origin");
+        if !same_origin {
+            return Err(SiteError::Csrf);
+        }
         tracing::info!(page = P::NAME, %number, "settings form from before a login again: shown again, not saved");
         let page = View::new(&number, &session).refused::<P>(&P::form_from(fields), LOGGED_IN_AGAIN);
         return Ok(Err((StatusCode::FORBIDDEN, Html(page)).into_response()));
@@ -211,8 +219,9 @@ pub(super) async fn submit<P: SettingsPage>(
     match tokio::task::spawn_blocking(move || P::save(&store, &number, version, settings)).await? {
         Ok(saved) => {
             tracing::info!(page = P::NAME, login = %session.number, %number, version = saved, "settings saved");
-            // The page of an earlier 送信テスト is not shown again over what is saved.
-            if session.flash.is_some() {
+            // The page of an earlier 送信テスト of this page is not shown again over what
+            // is saved (another page's stays for it).
+            if session.flash.as_ref().is_some_and(|(path, _)| *path == P::path(&number)) {
                 state.sessions.take_flash(&id, &P::path(&number)).await?;
             }
             state.metrics.settings_saved();

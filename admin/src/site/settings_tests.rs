@@ -632,7 +632,20 @@ async fn r_s9_a_form_from_before_a_login_in_another_tab_comes_back_as_typed() {
     let old_tab = form(&app, &cookies, CONTRACT, "enabled=on&missed_only=on").await;
     let again = super::tests::logged_in(&app, CONTRACT, PASSWORD).await;
 
-    let reply = post(&app, &path(CONTRACT), &again, &old_tab).await;
+    // From another host of the site's domain (SameSite lets it send the cookie): the
+    // refusal, no form filled in by it.
+    let elsewhere = post(&app, &path(CONTRACT), &again, &old_tab).await;
+    assert_eq!(elsewhere.status, StatusCode::FORBIDDEN);
+    assert!(
+        elsewhere.body.contains("不正なリクエスト") && !elsewhere.body.contains("missed_only\" value=\"on\" checked")
+    );
+    // From the site's own page, as the browser says.
+    let request = axum::http::Request::post(path(CONTRACT))
+        .header("cookie", &again)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("sec-fetch-site", "same-origin")
+        .body(axum::body::Body::from(old_tab.clone()));
+    let reply = super::tests::send(&app, request.unwrap()).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert!(reply.body.contains("別の画面でログインし直したため"), "{}", reply.body);
     assert!(!reply.body.contains("不正なリクエスト"));
@@ -643,4 +656,23 @@ async fn r_s9_a_form_from_before_a_login_in_another_tab_comes_back_as_typed() {
     let saved = post(&app, &path(CONTRACT), &again, &resubmitted).await;
     assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
     assert!(stored(&app, CONTRACT).missed_only);
+}
+
+/// R-N2: a 送信テスト form stays for its own page's reloads when another page is saved
+/// meanwhile (another number's, in another tab), and goes once its page's saved
+/// settings are opened. A save anywhere dropped it.
+#[tokio::test]
+async fn r_n2_a_tested_form_stays_for_its_page_while_another_page_is_saved() {
+    let (app, _sink, cookies) = mail_app().await;
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Line).unwrap();
+    let body = form(&app, &cookies, ADDITIONAL, "dest_0=typed@example.jp").await;
+    let posted = post(&app, &test_path(ADDITIONAL, 0), &cookies, &body).await;
+    assert_eq!(posted.status, StatusCode::SEE_OTHER, "{}", posted.body);
+    let saved = save(&app, &cookies, CONTRACT, "enabled=on").await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let tested = format!("{}?tested=1", path(ADDITIONAL));
+    assert!(get(&app, &tested, &cookies).await.body.contains("value=\"typed@example.jp\""));
+
+    get(&app, &path(ADDITIONAL), &cookies).await;
+    assert!(!get(&app, &tested, &cookies).await.body.contains("typed@example.jp"), "let go once saved settings open");
 }

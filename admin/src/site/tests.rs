@@ -83,7 +83,7 @@ impl Reply {
     }
 }
 
-async fn send(app: &App, request: Request<Body>) -> Reply {
+pub(super) async fn send(app: &App, request: Request<Body>) -> Reply {
     let response = app.router.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
@@ -998,9 +998,7 @@ impl engine::store::state::StateWriter for ThenAlso {
 #[tokio::test]
 async fn r_m3_a_number_moved_during_a_password_change_gets_no_password_from_it() {
     let app = app();
-    app.f.credentials.set_temporary_async(n(ADDITIONAL), TEMPORARY.into(), t0()).await.unwrap();
-    let reply = login(&app, ADDITIONAL, TEMPORARY).await;
-    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    let cookies = temporary_session(&app, ADDITIONAL).await;
     let csrf = get(&app, "/password", &cookies).await.csrf();
     let call = engine::store::Services { call: true, fax: false };
     let moved = engine::store::state::Op::UpsertLine {
@@ -1028,9 +1026,7 @@ async fn r_m3_a_number_moved_during_a_password_change_gets_no_password_from_it()
 #[tokio::test]
 async fn r_s2_a_blank_current_password_is_asked_for_not_counted() {
     let app = app();
-    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), t0()).await.unwrap();
-    let reply = login(&app, CONTRACT, TEMPORARY).await;
-    let cookies = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    let cookies = temporary_session(&app, CONTRACT).await;
     let csrf = get(&app, "/password", &cookies).await.csrf();
     for _ in 0..3 {
         let form = format!("current=&new={PASSWORD}&confirm={PASSWORD}&csrf={csrf}");
@@ -1102,9 +1098,7 @@ async fn the_password_page_leads_back_to_the_menu_unless_the_change_is_a_must() 
     app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
     let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
     assert!(get(&app, "/password", &cookies).await.body.contains("<a href=\"/\">メニューへ戻る</a>"));
-    app.f.credentials.set_temporary_async(n(ADDITIONAL), TEMPORARY.into(), t0()).await.unwrap();
-    let reply = login(&app, ADDITIONAL, TEMPORARY).await;
-    let forced = format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap());
+    let forced = temporary_session(&app, ADDITIONAL).await;
     assert!(!get(&app, "/password", &forced).await.body.contains("メニューへ戻る"), "the menu waits for the change");
 }
 
@@ -1120,4 +1114,12 @@ async fn r_s1_a_number_typed_with_hyphens_spaces_or_full_width_digits_logs_in() 
     }
     let page = get(&app, "/login", "").await;
     assert!(!page.body.contains("pattern="), "the server says what is wrong: {}", page.body);
+}
+
+/// A session of `number` logged in with a temporary password, its change still due
+/// (R-S4): its `Cookie` header.
+async fn temporary_session(app: &App, number: &str) -> String {
+    app.f.credentials.set_temporary_async(n(number), TEMPORARY.into(), t0()).await.unwrap();
+    let reply = login(app, number, TEMPORARY).await;
+    format!("{SESSION_COOKIE}={}", reply.cookie_value(SESSION_COOKIE).unwrap())
 }

@@ -638,10 +638,14 @@ impl Store {
             }
             Op::TakeFlash { key, path } => {
                 let Some(mut record) = self.session(key)? else { return Ok(Reply::Flash(None)) };
-                let Some((kept, html)) = record.flash.take() else { return Ok(Reply::Flash(None)) };
+                // Another page's stays for that page.
+                if record.flash.as_ref().is_none_or(|(kept, _)| kept != path) {
+                    return Ok(Reply::Flash(None));
+                }
+                let Some((_, html)) = record.flash.take() else { return Ok(Reply::Flash(None)) };
                 touched.push(StateKey::session(key));
                 self.sessions.insert(key.as_bytes(), serde_json::to_vec(&record)?)?;
-                Ok(Reply::Flash((kept == *path).then_some(html)))
+                Ok(Reply::Flash(Some(html)))
             }
             Op::RemoveSession { key } => {
                 touched.push(StateKey::session(key));

@@ -244,15 +244,7 @@ impl Store {
             if serde_json::from_slice::<OfLine>(&raw).is_ok_and(|record| record.contract != *contract) {
                 continue;
             }
-            if self.numbers.remove(number.as_str())?.is_some() {
-                written.number(number, None);
-            }
-            // Told as soon as it is gone, should what follows fail.
-            touched.push((*number, None));
-            if self.credentials.remove(number.as_str())?.is_some() {
-                written.credential_removed(number);
-            }
-            self.forget_faxes_here(number, written)?;
+            self.take_off_line_here(number, written, touched)?;
             removed.removed.push(*number);
         }
         // Its subscriber's open sessions end at their next request, as a number's that
@@ -262,6 +254,26 @@ impl Store {
             written.line_removed(contract);
         }
         Ok(removed)
+    }
+
+    /// Removes `number`, which leaves its line: it takes nothing with it, not its
+    /// settings, not the password its old subscriber set (and so not their sessions), not
+    /// the faxes received for them (R-M3). `touched` is told at once, should what follows
+    /// fail.
+    fn take_off_line_here(
+        &self,
+        number: &PhoneNumber,
+        written: &mut Written,
+        touched: &mut Vec<(PhoneNumber, Option<Services>)>,
+    ) -> Result<(), StoreError> {
+        if self.numbers.remove(number.as_str())?.is_some() {
+            written.number(number, None);
+        }
+        touched.push((*number, None));
+        if self.credentials.remove(number.as_str())?.is_some() {
+            written.credential_removed(number);
+        }
+        self.forget_faxes_here(number, written)
     }
 
     /// Carries out [`Store::upsert_line`] on this store.
@@ -318,18 +330,7 @@ impl Store {
                 .map_err(|e| unreadable(&line.contract, e))?;
             if let Some(old) = &old_line {
                 for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
-                    // A number that leaves the line takes nothing with it: not its
-                    // settings, not the password its old subscriber set, not the
-                    // faxes received for them (R-M3).
-                    if self.numbers.remove(gone.as_str())?.is_some() {
-                        written.number(gone, None);
-                    }
-                    // Told as soon as it is gone, should what follows fail.
-                    touched.push((*gone, None));
-                    if self.credentials.remove(gone.as_str())?.is_some() {
-                        written.credential_removed(gone);
-                    }
-                    self.forget_faxes_here(gone, written)?;
+                    self.take_off_line_here(gone, written, touched)?;
                     upserted.removed.push(*gone);
                 }
             }
