@@ -592,9 +592,18 @@ async fn r_f1_r_s1_the_mail_s_link_logs_in_then_shows_the_fax() {
     let unknown = get(&app, "/login?fax=%2F%2Fevil.example", "").await;
     assert!(!unknown.body.contains("name=\"fax\""), "not carried: {}", unknown.body);
 
-    // A temporary password: the password change comes first (R-S4).
+    // A temporary password: the password change comes first (R-S4), then the fax (it
+    // was the menu, the fax the subscriber came for to be found again).
     app.f.credentials.set_temporary_async(n(FAX_ONLY), "20261204".into(), t0()).await.unwrap();
     let cookies = format!("{}={token}", super::CSRF_COOKIE);
     let form = format!("number={FAX_ONLY}&password=20261204&csrf={token}&fax={key}");
-    assert_eq!(post(&app, "/login", &cookies, &form).await.location(), Some("/password"));
+    let reply = post(&app, "/login", &cookies, &form).await;
+    let change = format!("/password?fax={key}");
+    assert_eq!(reply.location(), Some(change.as_str()));
+    let session = format!("{}={}", super::SESSION_COOKIE, reply.cookie_value(super::SESSION_COOKIE).unwrap());
+    let page = get(&app, &change, &session).await;
+    assert!(page.body.contains(&format!("<input type=\"hidden\" name=\"fax\" value=\"{key}\">")), "{}", page.body);
+    let form = format!("current=20261204&new={PASSWORD}x&confirm={PASSWORD}x&csrf={}&fax={key}", page.csrf());
+    let changed = post(&app, "/password", &session, &form).await;
+    assert_eq!(changed.location(), Some(fax_url(&fax).as_str()), "then the fax: {}", changed.body);
 }

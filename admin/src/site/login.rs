@@ -169,11 +169,13 @@ pub async fn submit(
     // The session keeps the stamp of the credential the password was checked against: one
     // set again since (a temporary password by phone) ends it at its next request.
     let id = state.sessions.create(new_session(number, ok.kind, must_change, idle_timeout, now, stamp)).await?;
-    // The fax the browser came for, unless the password must be changed first (R-S4).
-    let next = match super::fax::fax_to_show(&form.fax) {
-        _ if must_change => "/password".to_owned(),
-        Some(fax) => format!("/fax/{fax}"),
-        None => "/".to_owned(),
+    // The fax the browser came for, after the password change if it must come first
+    // (R-S4).
+    let next = match (super::fax::fax_to_show(&form.fax), must_change) {
+        (Some(fax), true) => format!("/password?fax={fax}"),
+        (None, true) => "/password".to_owned(),
+        (Some(fax), false) => format!("/fax/{fax}"),
+        (None, false) => "/".to_owned(),
     };
     // The login form's token cookie stays: another login tab still submits (R-S9).
     let cookies = [state.set_cookie(&state.session_cookie(), Some(&id))];

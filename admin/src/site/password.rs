@@ -3,13 +3,13 @@
 //! (R-S5), or with `admin.password_policy = "asvs"` [`check_asvs`] (OWASP ASVS 5.0).
 
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, State};
+use axum::extract::{Form, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Response};
 use engine::config::PasswordPolicy;
 
 use super::session::Session;
-use super::{csrf, html, redirect, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
+use super::{csrf, html, require_session, with_cookies, Authed, Gate, SiteError, SiteState};
 use crate::credentials::{CredentialKind, LoginFailure};
 
 /// Shortest new password (R-S5).
@@ -103,11 +103,14 @@ pub struct PasswordForm {
     /// 新しいパスワード（確認）.
     confirm: String,
     csrf: String,
+    /// The fax a mail's link brought the subscriber for, shown once the change is done.
+    fax: String,
 }
 
-pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Response {
+pub async fn show(State(state): State<SiteState>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    let fax = query.as_deref().and_then(|q| q.strip_prefix("fax=")).and_then(super::fax::fax_to_show).unwrap_or("");
     match require_session(&state, &headers, Gate::Any).await {
-        Ok(authed) => Html(password_page(&authed.session, state.password_policy, &[])).into_response(),
+        Ok(authed) => Html(password_page(&authed.session, state.password_policy, &[], fax)).into_response(),
         Err(denied) => denied.into_response(),
     }
 }
@@ -125,6 +128,8 @@ pub async fn submit(
     if !csrf::matches(Some(&session.csrf), &form.csrf) {
         return Err(SiteError::Csrf);
     }
+    let fax = super::fax::fax_to_show(&form.fax).unwrap_or("").to_owned();
+    let fax = fax.as_str();
     // Cheap checks first: a typo in the new password should not cost an attempt at the
     // current one (R-S2, R-S3 count consecutive wrong entries).
     let mut errors = Vec::new();
@@ -141,7 +146,7 @@ pub async fn submit(
         errors.push(MISMATCH.to_owned());
     }
     if !errors.is_empty() {
-        return Ok(Html(password_page(&session, state.password_policy, &errors)).into_response());
+        return Ok(Html(password_page(&session, state.password_policy, &errors, fax)).into_response());
     }
 
     // The line the number is on, read before the check: see the set below.
@@ -158,7 +163,7 @@ pub async fn submit(
         Err(LoginFailure::Wrong) => {
             tracing::info!(number = %session.number, "site password change: wrong current password");
             let errors = [WRONG_CURRENT.to_owned()];
-            return Ok(Html(password_page(&session, state.password_policy, &errors)).into_response());
+            return Ok(Html(password_page(&session, state.password_policy, &errors, fax)).into_response());
         }
         // The credential died under the session (locked by the wrong entries above, or
         // the temporary password's 24 hours ran out): a new one must be set by phone.
@@ -188,10 +193,15 @@ pub async fn submit(
     let number = renewed.number;
     let new_id = state.sessions.create(renewed).await?;
     state.sessions.remove_number(&number, &new_id).await?;
-    Ok(with_cookies(redirect("/?notice=password"), [state.set_cookie(&state.session_cookie(), Some(&new_id))]))
+    // The fax a mail's link brought the subscriber for, once the change is done.
+    let next = if fax.is_empty() { "/?notice=password".to_owned() } else { format!("/fax/{fax}") };
+    Ok(with_cookies(
+        super::destinations::redirect_to(&next),
+        [state.set_cookie(&state.session_cookie(), Some(&new_id))],
+    ))
 }
 
-fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -> String {
+fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String], fax: &str) -> String {
     let max = max_len(policy);
     let (rule, hint) = match policy {
         PasswordPolicy::Seed => (
@@ -211,7 +221,7 @@ fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -
         ""
     };
     let body = format!(
-        "{notice}{errors}<form method=\"post\" action=\"/password\">\n{csrf}\
+        "{notice}{errors}<form method=\"post\" action=\"/password\">\n{csrf}{fax}\
          <p><label for=\"current\">現在のパスワード</label><br>\n\
          <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
          maxlength=\"{ENTERED_MAX_LEN}\" required></p>\n\
@@ -225,6 +235,11 @@ fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String]) -
          <p><button type=\"submit\">変更する</button></p>\n</form>\n{menu}{logout}",
         errors = html::errors(errors),
         csrf = html::csrf_field(&session.csrf),
+        fax = if fax.is_empty() {
+            String::new()
+        } else {
+            format!("<input type=\"hidden\" name=\"fax\" value=\"{}\">\n", html::escape(fax))
+        },
         logout = html::logout_form(&session.csrf),
         // Back to the menu, unless the change is what the menu waits for (R-S4).
         menu = if session.must_change { "" } else { "<p><a href=\"/\">メニューへ戻る</a></p>\n" },
