@@ -728,7 +728,7 @@ mod tests {
         };
         assert_eq!(get("/healthz").await, (200, "ok\n".to_owned()));
         let (status, text) = get("/metrics").await;
-        assert!(status == 200 && text.contains("callnotify_"), "{status}: {text}");
+        assert!(status == 200 && text.contains("\ncallnotify_starting 1\n"), "{status}: {text}");
         let (status, text) = get("/readyz").await;
         assert_eq!((status, text.as_str()), (503, STARTING));
         let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#;
@@ -744,6 +744,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::temporary().unwrap();
         endpoint.serve(store.clone(), DiskWatch::new(dir.path(), 1, metrics));
+        assert!(get("/metrics").await.1.contains("\ncallnotify_starting 0\n"));
         let posted = tokio::task::spawn_blocking(move || post_provision(&url, line.as_bytes(), "")).await.unwrap();
         assert!(posted.is_ok(), "{posted:?}");
         assert!(store.line(&crate::phone::PhoneNumber::parse("0312345678").unwrap()).unwrap().is_some());

@@ -192,6 +192,14 @@ pub async fn show(
                 None => denied.into_response(),
             });
         }
+        // Logged in with a password to change first (R-S4): the change, then this fax.
+        Err(Denied::ChangePassword) => {
+            let key = format!("{}/{}/{}", address.0, address.1, address.2);
+            return Ok(match fax_to_show(&key) {
+                Some(key) => redirect_to(&format!("/password?fax={key}")),
+                None => Denied::ChangePassword.into_response(),
+            });
+        }
         Err(denied) => return Ok(denied.into_response()),
     };
     let Some(record) = fax_of(&state, authed.session.number, address).await? else { return Ok(fax_not_found()) };

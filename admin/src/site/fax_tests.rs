@@ -357,7 +357,8 @@ async fn r_f1_the_fax_pages_need_a_session_and_the_changed_password() {
     app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
     app.f.credentials.set_temporary_async(n(FAX_ONLY), "12345678".into(), t0()).await.unwrap();
     let cookies = logged_in(&app, FAX_ONLY, "12345678").await;
-    assert_eq!(get(&app, &fax_url(&fax), &cookies).await.location(), Some("/password"));
+    let change = format!("/password?fax={}", fax.key());
+    assert_eq!(get(&app, &fax_url(&fax), &cookies).await.location(), Some(change.as_str()), "the change, then the fax");
     assert!(!stored_fax(&app, &fax).unwrap().read);
 }
 
@@ -606,4 +607,16 @@ async fn r_f1_r_s1_the_mail_s_link_logs_in_then_shows_the_fax() {
     let form = format!("current=20261204&new={PASSWORD}x&confirm={PASSWORD}x&csrf={}&fax={key}", page.csrf());
     let changed = post(&app, "/password", &session, &form).await;
     assert_eq!(changed.location(), Some(fax_url(&fax).as_str()), "then the fax: {}", changed.body);
+
+    // Already logged in with the change still due, the link goes the same way.
+    app.f.credentials.set_temporary_async(n(FAX_ONLY), "20261205".into(), t0()).await.unwrap();
+    let form = format!("number={FAX_ONLY}&password=20261205&csrf={token}");
+    let reply = post(&app, "/login", &cookies, &form).await;
+    let due = format!("{}={}", super::SESSION_COOKIE, reply.cookie_value(super::SESSION_COOKIE).unwrap());
+    assert_eq!(get(&app, &fax_url(&fax), &due).await.location(), Some(change.as_str()));
+    // A fax key the site does not make is carried nowhere.
+    for bad in ["%2F%2Fevil.example", "%22%3E%3Cscript%3E"] {
+        let page = get(&app, &format!("/password?fax={bad}"), &due).await;
+        assert!(!page.body.contains("name=\"fax\""), "{bad}: {}", page.body);
+    }
 }

@@ -118,9 +118,10 @@ pub(super) async fn show<P: SettingsPage>(
     let Some((number, settings)) = settings_of::<P>(&state, authed.session.number, raw).await? else {
         return Ok(not_found());
     };
-    // After a 送信テスト: its page, as typed, for every GET until the next save or test
-    // (a phone that dropped the tab while its subscriber read the mail reloads it, and
-    // the address typed but not saved is still there; a GET sends nothing).
+    // After a 送信テスト: its page, as typed, for the GETs of `?tested=1` until this page
+    // is saved, tested again, or opened without it (a phone that dropped the tab while
+    // its subscriber read the mail reloads it, and the address typed but not saved is
+    // still there; a GET sends nothing).
     let tested = authed.session.flash.as_ref().filter(|(path, _)| *path == P::path(&number));
     if let Some((_, page)) = tested {
         if query.as_deref() == Some(TESTED) {
@@ -163,11 +164,10 @@ async fn posted<P: SettingsPage>(
         // A tab of this site left open from before a login in another tab carries the
         // old session's token: its form comes back as typed, with this session's,
         // saving and sending nothing (R-S9). Only when the browser says the form is this
-        // site's own (`Sec-Fetch-Site: same-origin`): a page of a sibling host (which
-        // SameSite lets send the session cookie) gets the refusal, not a form it filled
-        // in with a working token for the subscriber to press.
-        let same_origin = headers.get("sec-fetch-site").is_some_and(|site| site == "same-origin");
-        if !same_origin {
+        // site's own: a page of a sibling host (which SameSite lets send the session
+        // cookie) gets the refusal, not a form it filled in with a working token for the
+        // subscriber to press.
+        if !own_page(headers) {
             return Err(SiteError::Csrf);
         }
         tracing::info!(page = P::NAME, %number, "settings form from before a login again: shown again, not saved");
@@ -175,6 +175,19 @@ async fn posted<P: SettingsPage>(
         return Ok(Err((StatusCode::FORBIDDEN, Html(page)).into_response()));
     }
     Ok(Ok(Posted { id, session, number, current }))
+}
+
+/// Whether the browser says a request comes from a page of this site: `Sec-Fetch-Site:
+/// same-origin`, or, from a browser too old to send that (an old iPhone's, a phone's),
+/// an `Origin` naming the host the request was sent to.
+fn own_page(headers: &HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match header("sec-fetch-site") {
+        Some(site) => site == "same-origin",
+        None => header("origin")
+            .and_then(|origin| origin.split_once("://"))
+            .is_some_and(|(_, host)| header("host") == Some(host)),
+    }
 }
 
 /// `POST`: saves the form, or shows it again with why not.

@@ -639,15 +639,32 @@ async fn r_s9_a_form_from_before_a_login_in_another_tab_comes_back_as_typed() {
     assert!(
         elsewhere.body.contains("不正なリクエスト") && !elsewhere.body.contains("missed_only\" value=\"on\" checked")
     );
-    // From the site's own page, as the browser says.
-    let request = axum::http::Request::post(path(CONTRACT))
-        .header("cookie", &again)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("sec-fetch-site", "same-origin")
-        .body(axum::body::Body::from(old_tab.clone()));
-    let reply = super::tests::send(&app, request.unwrap()).await;
-    assert_eq!(reply.status, StatusCode::FORBIDDEN);
-    assert!(reply.body.contains("別の画面でログインし直したため"), "{}", reply.body);
+    let posted = |headers: &'static [(&'static str, &'static str)]| {
+        let mut request = axum::http::Request::post(path(CONTRACT))
+            .header("cookie", &again)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("host", "site.example.jp");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        super::tests::send(&app, request.body(axum::body::Body::from(old_tab.clone())).unwrap())
+    };
+    for elsewhere in [
+        &[("sec-fetch-site", "same-site")][..],
+        &[("sec-fetch-site", "cross-site")],
+        &[("origin", "https://other.example.jp")],
+    ] {
+        let refused = posted(elsewhere).await;
+        assert!(refused.body.contains("不正なリクエスト"), "{elsewhere:?}: {}", refused.body);
+    }
+    // From the site's own page, as the browser says; or as its Origin says, from a
+    // browser that sends no Sec-Fetch-Site.
+    for own in [&[("sec-fetch-site", "same-origin")][..], &[("origin", "https://site.example.jp")]] {
+        let reply = posted(own).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN);
+        assert!(reply.body.contains("別の画面でログインし直したため"), "{own:?}: {}", reply.body);
+    }
+    let reply = posted(&[("sec-fetch-site", "same-origin")]).await;
     assert!(!reply.body.contains("不正なリクエスト"));
     assert!(reply.body.contains("name=\"missed_only\" value=\"on\" checked"), "kept as typed: {}", reply.body);
     assert_eq!(stored(&app, CONTRACT), CallSettings::default(), "nothing saved");
