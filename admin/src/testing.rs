@@ -52,3 +52,12 @@ pub fn fixture() -> Fixture {
     let ivr = Ivr::new(store.clone(), credentials.clone(), clock.clone());
     Fixture { store, credentials, clock, ivr }
 }
+
+/// Provisioning moves [`ADDITIONAL`] from the test line to [`OTHER_LINE`]'s (R-M3).
+pub fn move_additional_to_other_line(f: &Fixture) {
+    let moved = format!(
+        r#"{{"contract":"{OTHER_LINE}","numbers":[{{"number":"{OTHER_LINE}","services":["call"]}},{{"number":"{ADDITIONAL}","services":["call"]}}]}}"#
+    );
+    let report = engine::provision::import(&f.store, moved.as_bytes()).unwrap();
+    assert_eq!(report.moved.len(), 1, "{report:?}");
+}

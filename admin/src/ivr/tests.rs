@@ -338,11 +338,7 @@ fn r_m3_a_number_moved_during_the_call_gets_no_temporary_password_from_it() {
     let mut call = start(&f, CONTRACT);
     call.input("2").unwrap();
     call.input(&format!("{ADDITIONAL}#")).unwrap();
-    let moved = format!(
-        r#"{{"contract":"{OTHER_LINE}","numbers":[{{"number":"{OTHER_LINE}","services":["call"]}},{{"number":"{ADDITIONAL}","services":["call"]}}]}}"#
-    );
-    let report = engine::provision::import(&f.store, moved.as_bytes()).unwrap();
-    assert_eq!(report.moved.len(), 1, "{report:?}");
+    crate::testing::move_additional_to_other_line(&f);
     call.input(PASSWORD).unwrap();
     let step = call.input(PASSWORD).unwrap();
     assert_eq!((id(&step), step.ends), (Some(PromptId::Ended), true), "{step:?}");

@@ -183,24 +183,20 @@ pub async fn show(
 ) -> Result<Response, SiteError> {
     let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
-        // Not logged in (the fax mail's link): the login page shows this fax after.
-        Err(denied @ (Denied::Login | Denied::Ended | Denied::Invalidated)) => {
+        Err(denied) => {
             let key = format!("{}/{}/{}", address.0, address.1, address.2);
-            let notice = denied.login_notice().map(|n| format!("notice={n}&")).unwrap_or_default();
-            return Ok(match fax_to_show(&key) {
-                Some(key) => redirect_to(&format!("/login?{notice}fax={key}")),
-                None => denied.into_response(),
-            });
+            // The fax mail's link: the login page (not logged in) or the password change
+            // first due (R-S4), then this fax.
+            let next = match (&denied, fax_to_show(&key)) {
+                (Denied::Login | Denied::Ended | Denied::Invalidated, Some(key)) => {
+                    let notice = denied.login_notice().map(|n| format!("notice={n}&")).unwrap_or_default();
+                    format!("/login?{notice}fax={key}")
+                }
+                (Denied::ChangePassword, Some(key)) => format!("/password?fax={key}"),
+                _ => return Ok(denied.into_response()),
+            };
+            return Ok(redirect_to(&next));
         }
-        // Logged in with a password to change first (R-S4): the change, then this fax.
-        Err(Denied::ChangePassword) => {
-            let key = format!("{}/{}/{}", address.0, address.1, address.2);
-            return Ok(match fax_to_show(&key) {
-                Some(key) => redirect_to(&format!("/password?fax={key}")),
-                None => Denied::ChangePassword.into_response(),
-            });
-        }
-        Err(denied) => return Ok(denied.into_response()),
     };
     let Some(record) = fax_of(&state, authed.session.number, address).await? else { return Ok(fax_not_found()) };
     let (key, unread, kept) = (record.key(), !record.read, record.clone());

@@ -200,12 +200,9 @@ impl super::batch::Reach for Op {
         struct Listed {
             numbers: Vec<PhoneNumber>,
         }
-        /// What of a stored number says where an upsert listing it reaches: the line it
-        /// may take the number from.
-        #[derive(serde::Deserialize)]
-        struct OfLine {
-            contract: PhoneNumber,
-        }
+        // A stored number's line (`OfLine`) says where an upsert listing it reaches: the
+        // line it may take the number from.
+        use super::subscribers::OfLine;
         match self {
             Op::UpsertLine { line, numbers } => {
                 let mut reach = vec![line.contract];

@@ -29,6 +29,13 @@ pub struct Upserted {
     pub removed: Vec<PhoneNumber>,
 }
 
+/// What of a stored number record says whose it is: its line's contract number, read
+/// without the rest of the record.
+#[derive(serde::Deserialize)]
+pub(super) struct OfLine {
+    pub(super) contract: PhoneNumber,
+}
+
 /// A stored record of `number` (or of its line) this version cannot read.
 fn unreadable(number: &PhoneNumber, e: serde_json::Error) -> StoreError {
     StoreError::UnreadableNumber { number: *number, why: e.to_string() }
@@ -229,11 +236,6 @@ impl Store {
         written: &mut Written,
         touched: &mut Vec<(PhoneNumber, Option<Services>)>,
     ) -> Result<Upserted, StoreError> {
-        /// What of a stored number says whose it is.
-        #[derive(serde::Deserialize)]
-        struct OfLine {
-            contract: PhoneNumber,
-        }
         let mut removed = Upserted::default();
         let Some(raw) = self.lines.get(contract.as_str())? else { return Ok(removed) };
         let line: LineRecord = serde_json::from_slice(&raw).map_err(|e| unreadable(contract, e))?;

@@ -6,7 +6,7 @@ use tower::ServiceExt;
 use super::*;
 use crate::clock::Clock;
 use crate::credentials::CredentialKind;
-use crate::testing::{fixture, n, Fixture, ADDITIONAL, CONTRACT, OTHER_LINE};
+use crate::testing::{fixture, n, Fixture, ADDITIONAL, CONTRACT};
 
 fn app(f: &Fixture) -> (ApiState, Router) {
     let state = ApiState::new(f.ivr.clone());
@@ -283,10 +283,7 @@ async fn r_m3_a_call_whose_number_left_the_line_ends_and_is_counted_as_such() {
     key(&app, &call_id, "2").await;
     key(&app, &call_id, &format!("{ADDITIONAL}#")).await;
     key(&app, &call_id, "12345678").await;
-    let moved = format!(
-        r#"{{"contract":"{OTHER_LINE}","numbers":[{{"number":"{OTHER_LINE}","services":["call"]}},{{"number":"{ADDITIONAL}","services":["call"]}}]}}"#
-    );
-    engine::provision::import(&f.store, moved.as_bytes()).unwrap();
+    crate::testing::move_additional_to_other_line(&f);
     let (status, body) = key(&app, &call_id, "12345678").await;
     assert_eq!((status, &body["prompt"], &body["ends"]), (StatusCode::OK, &json!("ENDED"), &json!(true)));
     assert_eq!(f.credentials.record(&n(ADDITIONAL)).unwrap(), None);
