@@ -360,3 +360,10 @@ impl<'de> serde::Deserialize<'de> for DocumentBytes {
         base64::engine::general_purpose::STANDARD.decode(text.as_bytes()).map(Self).map_err(serde::de::Error::custom)
     }
 }
+
+/// What of a stored number record says whose it is: its line's contract number, read
+/// without the rest of the record.
+#[derive(serde::Deserialize)]
+pub(super) struct OfLine {
+    pub(super) contract: PhoneNumber,
+}

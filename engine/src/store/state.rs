@@ -202,7 +202,7 @@ impl super::batch::Reach for Op {
         }
         // A stored number's line (`OfLine`) says where an upsert listing it reaches: the
         // line it may take the number from.
-        use super::subscribers::OfLine;
+        use super::records::OfLine;
         match self {
             Op::UpsertLine { line, numbers } => {
                 let mut reach = vec![line.contract];

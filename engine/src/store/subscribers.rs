@@ -29,13 +29,6 @@ pub struct Upserted {
     pub removed: Vec<PhoneNumber>,
 }
 
-/// What of a stored number record says whose it is: its line's contract number, read
-/// without the rest of the record.
-#[derive(serde::Deserialize)]
-pub(super) struct OfLine {
-    pub(super) contract: PhoneNumber,
-}
-
 /// A stored record of `number` (or of its line) this version cannot read.
 fn unreadable(number: &PhoneNumber, e: serde_json::Error) -> StoreError {
     StoreError::UnreadableNumber { number: *number, why: e.to_string() }
@@ -243,7 +236,7 @@ impl Store {
             // Only what is this line's: a number another line holds stays there. One whose
             // record cannot be read goes with the line that lists it.
             let Some(raw) = self.numbers.get(number.as_str())? else { continue };
-            if serde_json::from_slice::<OfLine>(&raw).is_ok_and(|record| record.contract != *contract) {
+            if serde_json::from_slice::<super::records::OfLine>(&raw).is_ok_and(|record| record.contract != *contract) {
                 continue;
             }
             self.take_off_line_here(number, written, touched)?;
