@@ -70,8 +70,13 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(60);
 /// [`ANSWER_WITHIN`], and a write found done after that is worse than one not done.
 /// Shorter than that, so that nodes' clocks apart by up to the difference agree.
 const REQUEST_EXPIRES: Duration = Duration::from_secs(ANSWER_WITHIN.as_secs() - 10);
-/// Ops per request record (an import's batch), so a record stays far below 1 MB.
+/// Ops per request record at most (an import's batch).
 const OPS_PER_REQUEST: usize = 200;
+/// A request record's ops take at most this many bytes (but for one op larger alone):
+/// below the 1 MB a topic and a broker take by default (`max.message.bytes`,
+/// `message.max.bytes`), so an import of lines of many numbers through a node needs
+/// neither raised.
+const REQUEST_BYTES: usize = 512 << 10;
 /// Requests the owner takes in one batch: carried out, published, then confirmed.
 const REQUESTS_PER_BATCH: usize = 500;
 /// Records the applier reads before it applies them and records its position.
@@ -113,8 +118,8 @@ pub struct StateOptions<'a> {
     pub embedded: bool,
 }
 
-/// A request record: the ops of one caller, in order.
-#[derive(serde::Serialize, serde::Deserialize)]
+/// A request record: the ops of one caller, in order (written by [`request_payload`]).
+#[derive(serde::Deserialize)]
 struct Request {
     node: String,
     id: u64,
@@ -154,6 +159,40 @@ impl Read {
             },
         }
     }
+}
+
+/// `encoded` ops (each one's JSON) in requests of at most [`OPS_PER_REQUEST`] ops and
+/// [`REQUEST_BYTES`] bytes, in order; an op larger than that alone.
+fn requests(encoded: &[Vec<u8>]) -> impl Iterator<Item = &[Vec<u8>]> {
+    let mut rest = encoded;
+    std::iter::from_fn(move || {
+        let (mut ops, mut bytes) = (0, 0);
+        while let Some(op) = rest.get(ops) {
+            if ops == OPS_PER_REQUEST || (ops > 0 && bytes + op.len() + 1 > REQUEST_BYTES) {
+                break;
+            }
+            (ops, bytes) = (ops + 1, bytes + op.len() + 1);
+        }
+        let (request, after) = rest.split_at(ops);
+        rest = after;
+        (!request.is_empty()).then_some(request)
+    })
+}
+
+/// A [`Request`] record of `ops` already encoded: each op is encoded once, to size the
+/// requests by ([`requests`]).
+fn request_payload(node: &str, id: u64, ops: &[Vec<u8>]) -> Vec<u8> {
+    let node = serde_json::Value::from(node);
+    let mut payload = format!(r#"{{"node":{node},"id":{id},"ops":["#).into_bytes();
+    payload.reserve(ops.iter().map(|op| op.len() + 1).sum::<usize>() + 2);
+    for (i, op) in ops.iter().enumerate() {
+        if i > 0 {
+            payload.push(b',');
+        }
+        payload.extend_from_slice(op);
+    }
+    payload.extend_from_slice(b"]}");
+    payload
 }
 
 /// The owner's answer to one request, published after the request's values.
@@ -285,9 +324,11 @@ pub struct StateLog {
 
 impl StateWriter for StateLog {
     fn send(self: Arc<Self>, ops: Vec<Op>) -> crate::store::state::Answers {
-        let pending: Vec<_> =
-            ops.chunks(OPS_PER_REQUEST).map(|chunk| (chunk.len(), self.request(chunk.to_vec()))).collect();
         let count = ops.len();
+        let pending: Vec<_> = match ops.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>() {
+            Ok(encoded) => requests(&encoded).map(|chunk| (chunk.len(), self.request(chunk))).collect(),
+            Err(e) => vec![(count, Err(format!("encoding a state request: {e}")))],
+        };
         Box::new(move || {
             let mut results = Vec::with_capacity(count);
             for (count, request) in pending {
@@ -622,15 +663,15 @@ impl StateLog {
     }
 
     /// Sends one request record.
-    fn request(&self, ops: Vec<Op>) -> Result<(u64, std::sync::mpsc::Receiver<Results>), String> {
+    /// Sends a request of `ops` (each one's JSON).
+    fn request(&self, ops: &[Vec<u8>]) -> Result<(u64, std::sync::mpsc::Receiver<Results>), String> {
         // Ids reach the topic in the order they are given (an owner taking over skips
         // every id up to the last answered): one sender at a time.
         let mut next_id = self.next_id.lock().expect("request id lock");
         let id = *next_id;
         *next_id += 1;
         let count = ops.len();
-        let payload = serde_json::to_vec(&Request { node: self.node.clone(), id, ops })
-            .map_err(|e| format!("encoding a state request: {e}"))?;
+        let payload = request_payload(&self.node, id, ops);
         let (answer_tx, answer) = std::sync::mpsc::sync_channel(1);
         self.waiters.0.lock().expect("waiters lock").insert(id, answer_tx);
         let mut record = BaseRecord::with_opaque_to(&self.requests, Box::new((id, count)))
@@ -1562,6 +1603,33 @@ mod tests {
         raise.reset();
         assert!(raise.due(at(26)), "a new wait right after one ended is raised at once");
         assert!(!raise.due(at(27)));
+    }
+
+    /// R-L3: an import's ops reach the owner as they were sent, in order, in records
+    /// below 1 MB (Kafka's default) however large its lines, at most 200 ops each; an
+    /// op larger than that alone, not refused here.
+    #[test]
+    fn requests_stay_below_a_megabyte_and_read_back_as_sent() {
+        let flash = |bytes: usize| Op::SetFlash { key: "k".into(), path: "/settings".into(), html: "x".repeat(bytes) };
+        let ops: Vec<Op> = [10, 300_000, 300_000, 10, 2_000_000, 10]
+            .into_iter()
+            .map(flash)
+            .chain((0..450).map(|_| flash(10)))
+            .collect();
+        let encoded: Vec<Vec<u8>> = ops.iter().map(|op| serde_json::to_vec(op).unwrap()).collect();
+        let mut read_back = Vec::new();
+        let mut sizes = Vec::new();
+        for (id, chunk) in requests(&encoded).enumerate() {
+            let payload = request_payload("node-a", id as u64, chunk);
+            let Read::Request(request) = Read::of(Some(&payload)) else { panic!("the owner reads request {id}") };
+            assert_eq!((request.node.as_str(), request.id), ("node-a", id as u64));
+            sizes.push((request.ops.len(), payload.len()));
+            read_back.extend(request.ops.iter().map(|op| serde_json::to_vec(op).unwrap()));
+        }
+        assert_eq!(read_back, encoded, "every op once, in order");
+        let counts: Vec<usize> = sizes.iter().map(|(ops, _)| *ops).collect();
+        assert_eq!(counts, [2, 2, 1, 200, 200, 51]);
+        assert!(sizes.iter().all(|&(ops, bytes)| bytes < 1_000_000 || ops == 1), "{sizes:?}");
     }
 
     /// docs/cluster.md, a broker's loss: an operator's shorter `max.poll.interval.ms`

@@ -104,3 +104,29 @@ async fn r_l3_a_line_reaching_a_record_the_owner_cannot_read_is_rejected_and_the
     assert_eq!(report.lines, 1, "the other line applied");
     engine.stop().await;
 }
+
+/// R-L3 through a node: an import's lines travel to the state owner in request records
+/// of 200 lines, whatever their size. Lines of a few hundred numbers each made records
+/// of megabytes, past the 1 MB that Kafka takes by default (here the operator's
+/// `message.max.bytes`, as a broker left at its default would refuse them): every line
+/// of such a record was rejected with "Message size too large", though each was valid
+/// and small enough alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_lines_of_many_numbers_are_imported_through_a_node_whose_records_take_1_mb() {
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__KAFKA__PROPERTIES__MESSAGE_MAX_BYTES", "1000000")]).await;
+    let url = format!("http://{}", engine.metrics_addr);
+    // 220 lines of 300 numbers: about 10 KB each as an op, 2 MB for 200 of them.
+    let lines: Vec<String> = (0..220u64)
+        .map(|l| {
+            let numbers: Vec<String> =
+                (0..300u64).map(|n| format!(r#"{{"number":"06{:08}","services":["call"]}}"#, l * 1000 + n)).collect();
+            format!(r#"{{"contract":"06{:08}","numbers":[{}]}}"#, l * 1000, numbers.join(","))
+        })
+        .collect();
+    let report = post(url, lines.join("\n")).await;
+    assert_eq!(report.error, None);
+    assert!(report.rejected.is_empty(), "{:?}", report.rejected.first());
+    assert_eq!((report.lines, report.numbers), (220, 66_000));
+    engine.stop().await;
+}
