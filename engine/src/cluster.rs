@@ -27,8 +27,10 @@ pub const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 /// Settings what the engine promises rests on: no offset committed or stored before its
 /// CDR is handled, no record confirmed before every in-sync replica has it, none
-/// written twice. Where a client sets one, `kafka.properties` does not change it.
-const KEPT: &[&str] = &["enable.auto.commit", "enable.auto.offset.store", "acks", "enable.idempotence"];
+/// written twice, none skipped by a group new to its partition. Where a client sets
+/// one, `kafka.properties` does not change it.
+const KEPT: &[&str] =
+    &["enable.auto.commit", "enable.auto.offset.store", "acks", "enable.idempotence", "auto.offset.reset"];
 
 /// A client configuration for `brokers`: the client's `defaults`, then the operator's
 /// `kafka.properties` (security settings among them) over them, but for the [`KEPT`]

@@ -446,6 +446,20 @@ async fn r_l3_a_write_sent_before_the_first_owner_is_carried_out_whatever_the_op
     a.stop().await;
 }
 
+/// README, delivery guarantees (every CDR is read): an operator's
+/// `auto.offset.reset = "latest"` in `kafka.properties` reached the CDR consumers, and
+/// a new group (or a partition whose committed offset expired) skipped the CDRs
+/// written before it joined, their calls never notified and nothing said. Kept at
+/// `earliest`, as `enable.auto.commit` is, and warned about.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_cdrs_written_before_a_new_group_joins_are_read_whatever_the_operator_s_offset_reset() {
+    let h = Harness::new(1).await;
+    h.produce(TOPIC, &[cdr("early-1", "0312345678", Some("09011112222"), "allowed", "no_answer")]).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__KAFKA__PROPERTIES__AUTO_OFFSET_RESET", "latest")]).await;
+    engine.wait_metric("callnotify_cdrs_consumed_total", 1.0).await;
+    engine.stop().await;
+}
+
 /// The defect of issue 18: two nodes in one group, subscribers provisioned through
 /// node A, a missed call to each on every partition: node B's CDRs found no subscriber
 /// and 20 of 40 mails never went. Now every call is notified, once (R-L3, R-N1).
