@@ -24,6 +24,7 @@ if [ -n "$complaints" ]; then
 fi
 echo "deploy/systemd/callnotify.service: systemd-analyze verify finds nothing"
 
-"$bin/callnotify" --config deploy/callnotify.toml config check >/dev/null
+# With the secret that /etc/callnotify/secrets.env gives it (the SMTP username wants it).
+CALLNOTIFY__SMTP__PASSWORD=from-secrets-env "$bin/callnotify" --config deploy/callnotify.toml config check >/dev/null
 
 python3 scripts/prometheus-check.py --loadtest "$bin/callnotify-loadtest"

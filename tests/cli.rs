@@ -643,6 +643,8 @@ fn config_check_prints_the_effective_configuration_masked_or_names_the_bad_setti
     let out = callnotify(&dir.path().join("store"))
         .args(["config", "check"])
         .env("CALLNOTIFY__SMTP__HOST", "mx.example.jp")
+        .env("CALLNOTIFY__SMTP__TLS", "starttls")
+        .env("CALLNOTIFY__SMTP__USERNAME", "callnotify")
         .env("CALLNOTIFY__SMTP__PASSWORD", "pw-in-env-1")
         .env("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "pw-in-env-2")
         .env("callnotify__smtp__port", "2525")

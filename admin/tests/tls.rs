@@ -24,10 +24,14 @@ fn fixture(name: &str) -> String {
 
 /// `[admin]` on free loopback ports, with `extra` environment overrides.
 fn admin_settings(extra: &[(&str, String)]) -> Result<AdminSettings, engine::config::ConfigError> {
+    // An https:// address for a site served over TLS, as the configuration asks.
+    let secure =
+        extra.iter().any(|(k, _)| *k == "CALLNOTIFY__ADMIN__TLS_CERT" || *k == "CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY");
+    let scheme = if secure { "https" } else { "http" };
     let mut env = vec![
         ("CALLNOTIFY__ADMIN__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ("CALLNOTIFY__ADMIN__IVR_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
-        ("CALLNOTIFY__ADMIN__PUBLIC_URL".to_owned(), "https://localhost".to_owned()),
+        ("CALLNOTIFY__ADMIN__PUBLIC_URL".to_owned(), format!("{scheme}://localhost")),
     ];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
     Ok(Settings::load_from(None, env)?.admin)

@@ -446,6 +446,15 @@ impl Settings {
                 "smtp.username is set but smtp.tls is \"none\": the password would cross the network in clear; set smtp.tls to \"starttls\" or \"tls\" (a relay on this machine, smtp.host = \"127.0.0.1\", needs neither)",
             );
         }
+        if self.smtp.username.is_empty() != self.smtp.password.expose().is_empty() {
+            // A password left out (its environment file missing) sent AUTH with an empty
+            // one, and every mail waited in the retry queue for a day; a username left
+            // out sent no AUTH at all.
+            return invalid(
+                "smtp.username and smtp.password go together: set both for a relay that wants AUTH (the password \
+                 in the environment, CALLNOTIFY__SMTP__PASSWORD), or neither",
+            );
+        }
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
         }
@@ -476,6 +485,21 @@ impl Settings {
             // braked under the proxy's one address, one subscriber's typos braking all.
             return invalid(
                 "admin.behind_tls_proxy with admin.listen beyond loopback needs admin.proxy_addresses: the proxy's addresses, whose X-Forwarded-For names each client",
+            );
+        }
+        if !self.admin.behind_tls_proxy && !self.admin.proxy_addresses.is_empty() {
+            // Read only behind a proxy: every login was braked under the proxy's address.
+            return invalid(
+                "admin.proxy_addresses is set but admin.behind_tls_proxy is false: set admin.behind_tls_proxy = true \
+                 for a site behind that proxy, or leave admin.proxy_addresses out",
+            );
+        }
+        if !self.admin.secure() && self.admin.public_url.starts_with("https://") {
+            // Subscribers reach an https:// site, which this one is not told it is: its
+            // cookies would go without `Secure` and it would send no HSTS (R-S8).
+            return invalid(
+                "admin.public_url is https:// but the site is served over plain HTTP: set admin.tls_cert and \
+                 admin.tls_key, or admin.behind_tls_proxy = true for a site behind a TLS proxy (R-S8)",
             );
         }
         if self.admin.secure() && !self.admin.public_url.starts_with("https://") {
@@ -783,7 +807,12 @@ mod tests {
     /// program can open, without a trailing `/` (the link adds `/fax/…`).
     #[test]
     fn r_f1_admin_public_url_must_be_an_http_address_without_a_trailing_slash() {
-        let url = |u: &str| Settings::load_from(None, env(&[("CALLNOTIFY__ADMIN__PUBLIC_URL", u)]));
+        let url = |u: &str| {
+            Settings::load_from(
+                None,
+                env(&[("CALLNOTIFY__ADMIN__PUBLIC_URL", u), ("CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY", "true")]),
+            )
+        };
         assert_eq!(url("https://notify.example.jp").unwrap().admin.public_url, "https://notify.example.jp");
         for bad in ["https://notify.example.jp/", "notify.example.jp", "ftp://notify.example.jp", "https://a b"] {
             let err = url(bad).expect_err(bad);
@@ -804,6 +833,40 @@ mod tests {
         let err = proxied(&[]).unwrap_err().to_string();
         assert!(err.contains("admin.public_url") && err.contains("https://"), "{err}");
         assert!(proxied(&[("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://notify.example.jp")]).is_ok());
+    }
+
+    /// R-S8: a site whose subscribers reach it at an https:// address but that was not
+    /// told it is served over TLS (no certificate, no `behind_tls_proxy`) started, and
+    /// gave its session cookies without `Secure` and no HSTS. Refused at start, naming
+    /// both ways to say so; and proxy addresses without a proxy (ignored, every login
+    /// braked under the proxy's address) too.
+    #[test]
+    fn r_s8_an_https_site_not_told_it_is_served_over_tls_is_refused() {
+        let load = |pairs: &[(&str, &str)]| Settings::load_from(None, env(pairs)).map(|s| s.admin.secure());
+        let https = ("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://notify.example.jp");
+        let err = load(&[https]).unwrap_err().to_string();
+        assert!(err.contains("admin.tls_cert") && err.contains("admin.behind_tls_proxy"), "{err}");
+        assert!(load(&[https, ("CALLNOTIFY__ADMIN__BEHIND_TLS_PROXY", "true")]).unwrap());
+        assert!(!load(&[("CALLNOTIFY__ADMIN__PUBLIC_URL", "http://notify.example.jp")]).unwrap());
+        let err = load(&[("CALLNOTIFY__ADMIN__PROXY_ADDRESSES", r#"["10.0.0.5"]"#)]).unwrap_err().to_string();
+        assert!(err.contains("admin.proxy_addresses") && err.contains("admin.behind_tls_proxy"), "{err}");
+    }
+
+    /// An SMTP username without its password (the environment file that holds it
+    /// missing) passed: every mail was sent with an empty password, refused, and waited
+    /// in the retry queue for a day before its dead letter. Refused at start, as is a
+    /// password without a username (no AUTH sent at all).
+    #[test]
+    fn smtp_username_and_password_go_together() {
+        let load = |pairs: &[(&str, &str)]| Settings::load_from(None, env(pairs));
+        let host = ("CALLNOTIFY__SMTP__HOST", "127.0.0.1");
+        for half in [("CALLNOTIFY__SMTP__USERNAME", "callnotify"), ("CALLNOTIFY__SMTP__PASSWORD", "s3cret-pw")] {
+            let err = load(&[host, half]).unwrap_err().to_string();
+            assert!(err.contains("smtp.username and smtp.password"), "{err}");
+            assert!(!err.contains("s3cret-pw"), "the password is not printed: {err}");
+        }
+        let both = load(&[host, ("CALLNOTIFY__SMTP__USERNAME", "callnotify"), ("CALLNOTIFY__SMTP__PASSWORD", "pw")]);
+        assert_eq!(both.unwrap().smtp.username, "callnotify");
     }
 
     /// With the proxy on another machine and no admin.proxy_addresses, every login was
@@ -951,6 +1014,8 @@ mod tests {
             None,
             env(&[
                 ("CALLNOTIFY__SMTP__HOST", "mx.example.jp"),
+                ("CALLNOTIFY__SMTP__TLS", "starttls"),
+                ("CALLNOTIFY__SMTP__USERNAME", "callnotify"),
                 ("CALLNOTIFY__SMTP__PASSWORD", "smtp-secret"),
                 ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "kafka-secret"),
                 // OIDC JWT-bearer assertions (librdkafka 2.10 and later).
@@ -970,6 +1035,7 @@ mod tests {
         let s = Settings::load_from(
             None,
             env(&[
+                ("CALLNOTIFY__SMTP__USERNAME", "callnotify"),
                 ("CALLNOTIFY__SMTP__PASSWORD", "12345678"),
                 ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "kafka-secret-1"),
                 ("CALLNOTIFY__KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "kafka-secret-2"),
