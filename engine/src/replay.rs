@@ -176,6 +176,7 @@ pub fn replay<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
 /// Queues the mails of `letters` (of dead-letter topic `topic`) in `store`'s retry
 /// queue, due `now`, each once: not a letter this store queued before (a replay that
 /// stopped before marking it), nor a mail the queue holds already (dead-lettered twice).
+/// A copy of one set aside here (its partition moved away) goes: this node sends it.
 /// On disk when it returns, before the letters are marked in the topic.
 pub fn queue_mails(
     store: &Store,
@@ -185,7 +186,7 @@ pub fn queue_mails(
 ) -> Result<(), StoreError> {
     let queue = RetryQueue::open(store)?;
     let queued_letters = store.open_tree(QUEUED_LETTERS_TREE)?;
-    let mut in_queue = queue.queued_keys()?;
+    let mut in_queue = queue.sent_keys()?;
     for (letter, entry) in letters {
         let at = letter.record["at"].as_str().unwrap_or_default();
         let letter_key = format!("{topic}/{}/{}/{at}", letter.partition, letter.offset);
@@ -195,6 +196,7 @@ pub fn queue_mails(
         let key = entry.sent_key()?;
         if in_queue.insert(key.as_bytes().to_vec()) {
             queue.push(&fresh(entry, now), now.timestamp_millis(), now.timestamp().max(0) as u64)?;
+            queue.drop_set_aside(key.as_bytes())?;
         }
         // After its entry: sled keeps writes in order, so a crash keeps this mark only
         // with the entry.
@@ -264,5 +266,29 @@ mod tests {
         anew.record = serde_json::json!({"at": "2026-12-06T15:00:00Z"});
         queue_mails(&store, "dl", &[(&anew, entry)], t0 + chrono::TimeDelta::hours(3)).unwrap();
         assert_eq!(queue.len(), 1, "a letter of a recreated topic is not one replayed before");
+    }
+
+    /// R-M4, docs/cluster.md: a node set a mail aside when its partition moved away; the
+    /// next owner was refused for good and dead-lettered it. Replayed into the first
+    /// node's store, the letter was marked replayed but its mail was not queued: its
+    /// set-aside copy counted as in the queue, and it waited for a partition that
+    /// dropped it as dead-lettered. Now it is queued to be sent, its set-aside copy gone.
+    #[test]
+    fn r_m4_a_replayed_mail_set_aside_here_is_queued_to_be_sent() {
+        let store = Store::temporary().unwrap();
+        let queue = RetryQueue::open(&store).unwrap();
+        let (letter, entry) = letter(7);
+        let source = crate::store::PartitionId { topic: "cdr".into(), partition: 3 };
+        let set_aside = Queued { source: Some(source), ..entry.clone() };
+        let parked = store.open_tree(crate::deliver::queue::PARKED_TREE).unwrap();
+        // Its slot: when it is due, then its mail's sent key.
+        let mut slot = 1_764_000_060_000u64.to_be_bytes().to_vec();
+        slot.extend_from_slice(set_aside.sent_key().unwrap().as_bytes());
+        parked.insert(slot, serde_json::to_vec(&set_aside).unwrap()).unwrap();
+
+        let now = DateTime::from_timestamp(1_765_000_000, 0).unwrap();
+        queue_mails(&store, "dl", &[(&letter, entry)], now).unwrap();
+        assert_eq!(queue.len(), 1, "queued to be sent by this node");
+        assert!(parked.is_empty(), "the set-aside copy is gone: it would be sent again");
     }
 }

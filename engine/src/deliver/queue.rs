@@ -607,13 +607,29 @@ impl RetryQueue {
         self.retry.len()
     }
 
-    /// The sent keys of the mails queued (set aside or not): a mail is in the queue once.
-    pub fn queued_keys(&self) -> Result<HashSet<Vec<u8>>, StoreError> {
+    /// The sent keys of the mails this node sends from its queue (not those set aside).
+    pub fn sent_keys(&self) -> Result<HashSet<Vec<u8>>, StoreError> {
         let mut keys = HashSet::new();
-        for slot in self.retry.iter().keys().chain(self.parked.iter().keys()) {
+        for slot in self.retry.iter().keys() {
             keys.insert(slot?.get(8..).unwrap_or_default().to_vec());
         }
         Ok(keys)
+    }
+
+    /// Removes the set-aside entries of the mail whose sent key is `key`: a replay
+    /// queued it to be sent here, and a copy set aside would wait for its partition, to
+    /// be sent again or dropped there.
+    pub fn drop_set_aside(&self, key: &[u8]) -> Result<(), StoreError> {
+        let mut dropped = Vec::new();
+        for slot in self.parked.iter().keys() {
+            let slot = slot?;
+            if slot.get(8..) == Some(key) {
+                self.parked.remove(&slot)?;
+                dropped.push(slot);
+            }
+        }
+        self.forget(dropped.iter().map(|slot| slot.as_ref()));
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {
