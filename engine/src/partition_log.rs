@@ -246,6 +246,11 @@ impl PartitionLog {
                 ("group.id", &format!("{}-changelog-reader", options.reach.group_id)),
                 ("enable.auto.commit", "false"),
                 ("enable.partition.eof", "true"),
+                // A start that retention deleted between the reader's look at the
+                // partition's first offset and its fetch: read from the new first one.
+                // librdkafka's default (`latest`) jumped to the end, and the restore
+                // ended without the records in between (their mails sent again).
+                ("auto.offset.reset", "earliest"),
                 ("fetch.wait.max.ms", "10"),
                 // librdkafka waits 1 s before fetching again once its queue is full: a
                 // restore of millions of records would spend most of its time there.
