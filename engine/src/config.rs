@@ -419,11 +419,14 @@ impl Settings {
             )));
         }
         let url = self.admin.public_url.as_str();
-        if !(url.starts_with("https://") || url.starts_with("http://"))
-            || url.ends_with('/')
+        // Only a name and a port after the scheme: the site's pages link to absolute
+        // paths (`/login?fax=…`), so a path of a proxy's lost its prefix at the first
+        // link, and a query broke the fax link itself (R-F1).
+        let name = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+        if name.is_none_or(|name| name.is_empty() || name.contains(['/', '?', '#', '@']))
             || url.contains(char::is_whitespace)
         {
-            return invalid("admin.public_url must be the site's address as subscribers reach it, https://name[:port] without a trailing /");
+            return invalid("admin.public_url must be the site's address as subscribers reach it, https://name[:port] and nothing after it (no path, query or trailing /)");
         }
         if self.smtp.tls_ca_file.is_some() && self.smtp.tls == TlsMode::None {
             return invalid(
@@ -814,7 +817,16 @@ mod tests {
             )
         };
         assert_eq!(url("https://notify.example.jp").unwrap().admin.public_url, "https://notify.example.jp");
-        for bad in ["https://notify.example.jp/", "notify.example.jp", "ftp://notify.example.jp", "https://a b"] {
+        for bad in [
+            "https://notify.example.jp/",
+            "notify.example.jp",
+            "ftp://notify.example.jp",
+            "https://a b",
+            "https://notify.example.jp/callnotify",
+            "https://notify.example.jp?x",
+            "https://notify.example.jp#top",
+            "https://",
+        ] {
             let err = url(bad).expect_err(bad);
             assert!(err.to_string().contains("admin.public_url"), "{bad}: {err}");
         }

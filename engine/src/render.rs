@@ -547,6 +547,29 @@ mod tests {
         }
     }
 
+    /// R-F1: a fax mail carrying the largest PDF it may stays under 10 000 000 bytes, the
+    /// "10 MB" of relays (Postfix's default is 10 240 000). At 7 MiB the mail was
+    /// 10 044 000 bytes (base64 in lines of 76 with their line ends): such a relay
+    /// refused it as too large (552), and the subscriber heard of the fax nowhere.
+    #[test]
+    fn r_f1_a_fax_mail_with_the_largest_attached_pdf_stays_under_ten_million_bytes() {
+        let to = DestinationAddress::parse("a@example.jp").unwrap();
+        let fax = FaxRecord {
+            number: PhoneNumber::parse("0312345678").unwrap(),
+            fax_id: "job-1".into(),
+            sender: "0612345678".into(),
+            received_at: DateTime::from_timestamp(1_764_000_000, 0).unwrap(),
+            pages: 1,
+            kind: crate::fax::document::DocumentKind::Tiff,
+            size: 10,
+            read: false,
+            deleted: false,
+        };
+        let pdf = vec![0xA5; crate::fax::ATTACHED_PDF_AT_MOST];
+        let mail = renderer().render_fax(&fax, &to, FaxPdf::Attached(&pdf)).unwrap();
+        assert!(mail.bytes.len() < 10_000_000, "{} bytes", mail.bytes.len());
+    }
+
     #[test]
     fn encoded_words_never_split_a_character() {
         for text in ["あ".repeat(40), format!("a{}", "あ".repeat(40)), "ab".repeat(50)] {
