@@ -458,6 +458,20 @@ impl PartitionLog {
         drop(self.reader.lock().expect("changelog reader lock").take());
     }
 
+    /// After [`PartitionLog::stop`]: the retry entries the changelog refused as too
+    /// large (all known once the producer has flushed; one queued during the stop, after
+    /// the retry loop ended) become `store`'s own queue's, as the retry loop makes them
+    /// while it runs. Left their partition's, they would be set aside at the next start
+    /// if the partition went to another node, which never had them.
+    pub fn keep_refused_here(&self, store: &Store) {
+        match RetryQueue::open(store).and_then(|queue| queue.own_refused()).and_then(|_| store.flush_blocking()) {
+            Ok(()) => {}
+            Err(e) => crate::error_event!(self.metrics, ErrorEvent::RetryQueuePark, error = %e,
+                "retry entries too large for their changelog not made this node's at its stop: set aside at the \
+                 next start if their partition goes to another node"),
+        }
+    }
+
     /// Stops sending the retries of `revoked` partitions (their next reader will).
     pub fn disown(&self, revoked: &[PartitionId]) {
         let mut owned = self.owned.write().expect("owned lock");
@@ -823,6 +837,33 @@ mod tests {
         assert_eq!(restored.len(), 1, "only the entry the changelog took");
         assert_eq!((restored[0].call_id.as_str(), restored[0].mail_base64.len()), ("call-pdf", 2 << 20));
         reader.stop();
+    }
+
+    /// R-M4, docs/cluster.md (a queued mail is sent by its node): an entry too large for
+    /// its changelog, queued during a stop (a fax mail cut short by it), stayed its
+    /// partition's in the store: only the retry loop, stopped first, made it this
+    /// node's own. At the next start its partition went to another node, which never had
+    /// it, and it waited set aside until it was forgotten: the fax mail never sent.
+    #[test]
+    fn r_m4_an_entry_too_large_for_its_changelog_queued_during_a_stop_stays_this_node_s() {
+        let kafka = EmbeddedKafka::start(&["cdr", SENT, RETRY], 2).expect("mock cluster");
+        let store = Store::temporary().unwrap();
+        let written = log(&kafka, "stopping");
+        store.attach_partition_sink(written.clone());
+        written.restore(&store, &[partition()]).expect("the partition is this node's");
+        let mut too_large = deferred("call-huge");
+        too_large.mail_base64 = "A".repeat(40 << 20);
+        let queue = RetryQueue::open(&store).unwrap();
+        queue.push(&too_large, Utc::now().timestamp_millis(), 1).unwrap();
+
+        written.stop();
+        written.keep_refused_here(&store);
+        // The partition is another node's now: what is left in the queue is this node's.
+        written.disown(&[partition()]);
+        let due = queue.due(i64::MAX, &HashSet::new(), 10).unwrap();
+        let left: Vec<Queued> = due.into_iter().map(|(_, entry)| entry.expect("an entry")).collect();
+        assert_eq!(left.len(), 1, "sent by this node");
+        assert_eq!((left[0].call_id.as_str(), &left[0].source), ("call-huge", &None));
     }
 
     /// R-M4, no mail twice (docs/delivery.md): node A was trying a queued mail when its

@@ -383,9 +383,10 @@ impl Application {
                 ended_by(deadline, "the engine's tasks (retry queue, delivery, metrics endpoint)", tasks).await?;
             }
         }
-        let (state, changelog) = (self.state.clone(), self.changelog.clone());
+        let (state, changelog, store) = (self.state.clone(), self.changelog.clone(), self.store.clone());
         let stop = move || {
             changelog.stop();
+            changelog.keep_refused_here(&store);
             state.stop();
         };
         ended_by(deadline, "the subscriber state's threads", tokio::task::spawn_blocking(stop)).await??;
