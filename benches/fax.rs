@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use engine::fax::document::{inspect, page_png, to_pdf};
+use engine::fax::document::{inspect, page_png, pdf_pictures, to_pdf};
 
 /// The allocator the `callnotify` binary runs with.
 #[global_allocator]
@@ -34,5 +34,20 @@ fn documents(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, documents);
+/// The site's page of a PDF fax asks which of its pages show as pictures: each page
+/// made as a PNG (the PDF loaded again for each), against the PDF loaded once and each
+/// page's image decoded.
+fn pdf_pages(c: &mut Criterion) {
+    let document = fixture("fine-g4.pdf");
+    let pages = inspect(&document).expect("a fixture inspects").pages;
+    let mut group = c.benchmark_group("fax/pdf pages that show");
+    group.throughput(Throughput::Elements(u64::from(pages)));
+    group.bench_function("a PNG of each", |b| {
+        b.iter(|| (0..pages).map(|page| page_png(black_box(&document), page).is_ok()).collect::<Vec<_>>())
+    });
+    group.bench_function("pdf_pictures", |b| b.iter(|| pdf_pictures(black_box(&document))));
+    group.finish();
+}
+
+criterion_group!(benches, documents, pdf_pages);
 criterion_main!(benches);

@@ -23,7 +23,7 @@ use axum::extract::{Form, Path, RawQuery, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use engine::fax::document::{page_png, to_pdf, DocumentError, DocumentKind};
+use engine::fax::document::{page_png, pdf_pictures, to_pdf, DocumentError, DocumentKind};
 use engine::phone::PhoneNumber;
 use engine::render::{format_jst, jst};
 use engine::store::FaxRecord;
@@ -78,6 +78,25 @@ fn fax_not_found() -> Response {
     let body = "<p>指定されたFAXは表示できません。</p>\n\
                 <p><a href=\"/\">メニューへ戻る</a></p>\n";
     (StatusCode::NOT_FOUND, Html(html::page("ページが見つかりません", body))).into_response()
+}
+
+/// [`fax_not_found`] for the page of a fax (`key`, well-formed) that the session may not
+/// see: the fax mail's link of another number of the line (under the `number` unit)
+/// shows once logged in with that number, so the page says so and its logout leads to
+/// that login, the fax carried. Said for any such link whether or not the fax is there:
+/// nothing is told of another number's faxes.
+fn fax_of_another_login(key: &str, csrf: &str) -> Response {
+    let body = format!(
+        "<p>指定されたFAXは表示できません（削除されたFAXか、ログイン中の電話番号では見られないFAXです）。</p>\n\
+         <p>同じ回線の別の電話番号に届いたFAXのお知らせメールからお越しの場合は、FAXが届いた電話番号でログインし直してください。\
+         下のボタンでログアウトすると、ログイン後にこのFAXを表示します。</p>\n\
+         <form method=\"post\" action=\"/logout\">\n{}<input type=\"hidden\" name=\"fax\" value=\"{}\">\n\
+         <p><button type=\"submit\">ログアウトして別の番号でログイン</button></p>\n</form>\n\
+         <p><a href=\"/\">メニューへ戻る</a></p>\n",
+        html::csrf_field(csrf),
+        html::escape(key)
+    );
+    (StatusCode::NOT_FOUND, Html(html::page("ページが見つかりません", &body))).into_response()
 }
 
 /// A fax's page on the site.
@@ -170,7 +189,11 @@ async fn rendering<T: Send + 'static>(
 fn pictures(record: &FaxRecord, document: &[u8]) -> Vec<bool> {
     match record.kind {
         DocumentKind::Tiff => vec![true; record.pages as usize],
-        DocumentKind::Pdf => (0..record.pages).map(|page| page_png(document, page).is_ok()).collect(),
+        DocumentKind::Pdf => {
+            let mut shown = pdf_pictures(document);
+            shown.resize(record.pages as usize, false);
+            shown
+        }
     }
 }
 
@@ -198,7 +221,13 @@ pub async fn show(
             return Ok(redirect_to(&next));
         }
     };
-    let Some(record) = fax_of(&state, authed.session.number, address).await? else { return Ok(fax_not_found()) };
+    let asked = format!("{}/{}/{}", address.0, address.1, address.2);
+    let Some(record) = fax_of(&state, authed.session.number, address).await? else {
+        return Ok(match fax_to_show(&asked) {
+            Some(key) => fax_of_another_login(key, &authed.session.csrf),
+            None => fax_not_found(),
+        });
+    };
     let (key, unread, kept) = (record.key(), !record.read, record.clone());
     if unread {
         // Not under a rendering's turn: it waits on the state owner.

@@ -305,18 +305,29 @@ async fn r_f1_another_subscriber_gets_the_same_404_for_every_fax_url() {
     ];
     for cookies in [&stranger, &neighbour] {
         let csrf = get(&app, "/", cookies).await.csrf();
-        let mut pages = Vec::new();
-        for url in &guesses {
+        // The page of a fax address the site makes (the first three) says to log in with
+        // the fax's number, naming the address it was given; every other answer is one
+        // page. Neither tells whether there is such a fax.
+        let (mut shown, mut pages) = (Vec::new(), Vec::new());
+        for (i, url) in guesses.iter().enumerate() {
             for path in [url.clone(), format!("{url}/pages/1.png"), format!("{url}/pdf")] {
                 let reply = fetch(&app, &path, cookies).await;
                 assert_eq!(reply.status, StatusCode::NOT_FOUND, "{path}");
-                pages.push(reply.body);
+                match (i < 3, &path == url) {
+                    (true, true) => {
+                        let key = url.strip_prefix("/fax/").unwrap();
+                        shown.push(String::from_utf8(reply.body).unwrap().replace(key, "KEY"));
+                    }
+                    _ => pages.push(reply.body),
+                }
             }
             let deleted = post(&app, &format!("{url}/delete"), cookies, &format!("csrf={csrf}")).await;
             assert_eq!(deleted.status, StatusCode::NOT_FOUND, "{url}");
             pages.push(deleted.body.into_bytes());
         }
         assert!(pages.windows(2).all(|w| w[0] == w[1]), "one page for every reason");
+        assert!(shown.windows(2).all(|w| w[0] == w[1]), "one page for every fax address: {shown:?}");
+        assert!(shown[0].contains("FAXが届いた電話番号でログインし直してください"), "{}", shown[0]);
         for path in [faxes(FAX_ONLY), settings(FAX_ONLY)] {
             assert_eq!(get(&app, &path, cookies).await.status, StatusCode::NOT_FOUND, "{path}");
         }
@@ -619,4 +630,36 @@ async fn r_f1_r_s1_the_mail_s_link_logs_in_then_shows_the_fax() {
         let page = get(&app, &format!("/password?fax={bad}"), &due).await;
         assert!(!page.body.contains("name=\"fax\""), "{bad}: {}", page.body);
     }
+}
+
+/// R-F1, R-A2: under the `number` unit, a subscriber logged in with one number of the
+/// line follows the fax mail's link of another (a fax-only number): the page said only
+/// 「指定されたFAXは表示できません」, as for a fax that is gone, and the fax's address
+/// was lost. Now it says to log in with the number the fax came to, and its logout
+/// leads to the login that shows the fax. It says so for any well-formed link, whether
+/// or not there is such a fax: nothing is told of another number's faxes.
+#[tokio::test]
+async fn r_f1_r_a2_a_fax_link_of_another_number_of_the_line_leads_to_its_login() {
+    let app = app();
+    app.f.store.set_line_unit(&n(CONTRACT), AuthUnit::Number).unwrap();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let fax = keep(&app, FAX_ONLY, 5, "hylafax-000124", FINE_G4);
+    let key = fax.key();
+    let session = logged_in(&app, CONTRACT, PASSWORD).await;
+
+    let page = get(&app, &fax_url(&fax), &session).await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+    assert!(page.body.contains("FAXが届いた電話番号でログインし直してください"), "{}", page.body);
+    assert!(page.body.contains(&format!("<input type=\"hidden\" name=\"fax\" value=\"{key}\">")), "{}", page.body);
+    let form = format!("csrf={}&fax={key}", page.csrf());
+    let out = post(&app, "/logout", &session, &form).await;
+    let login = format!("/login?notice=logout&fax={key}");
+    assert_eq!(out.location(), Some(login.as_str()));
+    assert!(get(&app, "/", &session).await.location().is_some_and(|to| to.starts_with("/login")), "logged out");
+
+    // A key the site does not make is not carried through the logout.
+    let session = logged_in(&app, CONTRACT, PASSWORD).await;
+    let page = get(&app, "/", &session).await;
+    let form = format!("csrf={}&fax=%2F%2Fevil.example", page.csrf());
+    assert_eq!(post(&app, "/logout", &session, &form).await.location(), Some("/login?notice=logout"));
 }

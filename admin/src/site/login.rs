@@ -13,7 +13,7 @@ use engine::phone::PhoneNumber;
 use engine::telemetry::{Login, Metrics};
 
 use super::session::{idle_timeout_for, new_session};
-use super::{cookie, csrf, html, redirect, require_session, with_cookies, Gate, SiteError, SiteState};
+use super::{cookie, csrf, html, require_session, with_cookies, Gate, SiteError, SiteState};
 use crate::credentials::{LoginFailure, LoginOk};
 
 /// The one answer to every failed login.
@@ -187,6 +187,9 @@ pub async fn submit(
 #[serde(default)]
 pub struct LogoutForm {
     csrf: String,
+    /// A fax to show after the next login (a fax link of another number of the line).
+    #[serde(default)]
+    fax: Option<String>,
 }
 
 /// Ends the session server-side at once (R-S7) and drops the cookie.
@@ -212,7 +215,11 @@ pub async fn logout(
     }
     state.sessions.remove(&authed.id).await?;
     tracing::info!(number = %authed.session.number, "site logout");
-    Ok(with_cookies(redirect("/login?notice=logout"), [state.set_cookie(&state.session_cookie(), None)]))
+    let next = match form.fax.as_deref().and_then(super::fax::fax_to_show) {
+        Some(key) => format!("/login?notice=logout&fax={key}"),
+        None => "/login?notice=logout".to_owned(),
+    };
+    Ok(with_cookies(super::destinations::redirect_to(&next), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
 /// The number typed at login, as R-L2 has it: hyphens, spaces and full-width digits (a

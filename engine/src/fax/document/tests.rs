@@ -409,6 +409,10 @@ fn r_f1_a_pdf_page_without_a_fax_image_is_kept_but_not_shown() {
     assert!(matches!(error, DocumentError::NotAnImagePage { page: 2 }), "{error:?}");
     assert_eq!(error.to_string(), "page 2 has no fax image to show (no image, or only one of a kind not supported)");
     assert_eq!(to_pdf(&pdf).unwrap(), pdf, "still offered for download");
+    // What the site's page of the fax asks (once for all its pages): the same.
+    assert_eq!(pdf_pictures(&pdf), [false, false]);
+    assert_eq!(pdf_pictures(FINE_G4_PDF), [true, true, true]);
+    assert_eq!(pdf_pictures(b"%PDF-1.4 not one"), [] as [bool; 0]);
 }
 
 #[test]
