@@ -254,7 +254,11 @@ impl Metrics {
             "CDRs that did not decode, by reason (sent to the dead-letter topic)",
         );
         describe(CDRS_FILTERED, Some(Unit::Count), "Calls that send no mail, by reason");
-        describe(CDRS_NOTIFIED, Some(Unit::Count), "Calls that caused at least one mail");
+        describe(
+            CDRS_NOTIFIED,
+            Some(Unit::Count),
+            "Calls whose settings call for mails, as read (a CDR read again counts again; its mails are not sent twice)",
+        );
         describe(
             FAXES_KEPT,
             Some(Unit::Count),
@@ -269,7 +273,7 @@ impl Metrics {
         describe(
             MAILS_FAILED,
             Some(Unit::Count),
-            "Mails that failed for good, by reason (sent to the dead-letter topic)",
+            "Mails that failed for good, by reason (permanent and expired ones go to the dead-letter topic)",
         );
         describe(
             MAILS_DELAYED,
