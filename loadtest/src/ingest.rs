@@ -31,6 +31,10 @@ pub struct IngestArgs {
 
 pub async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let common = &args.common;
+    anyhow::ensure!(
+        common.metrics_listen.is_none(),
+        "--metrics-listen is for run and state: ingest starts an engine for each round, each on a port of its own"
+    );
     // A topic per round, each with CDRs of its own: a round's engine sends the mails its
     // CDRs call for, where it would find them all sent already on a topic read before.
     let stems: Vec<String> = (0..args.rounds).map(|r| format!("cdr-ingest-{r}")).collect();

@@ -44,7 +44,8 @@ enum Command {
     /// topic from the same broker, side by side.
     Ingest(ingest::IngestArgs),
     /// SMTP delivery: the engine against postfix's `smtp-source`, both sending to one
-    /// postfix `smtp-sink`, side by side.
+    /// postfix `smtp-sink`, side by side. Every number is subscribed here (`--subscribed`
+    /// is not used) and the engine keeps `--sessions` connections (not `--pool-size`).
     Smtp(smtp::SmtpArgs),
     /// Shared subscriber state at carrier scale: the import rate through a node, then an
     /// empty node's catch-up time and memory (needs `--brokers`: Apache Kafka).
@@ -71,7 +72,7 @@ pub struct Common {
     #[arg(long, default_value = "")]
     brokers: String,
     /// Partitions of each load topic (on `--brokers`, of the topics this run creates).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=1000))]
     partitions: i32,
     /// The engine's subscription cache capacity.
     #[arg(long, default_value_t = 200_000)]
@@ -91,7 +92,8 @@ pub struct Common {
     #[arg(long)]
     workdir: Option<PathBuf>,
     /// Where the engine serves `/metrics` (loopback only; default: a port the engine
-    /// picks), for a Prometheus to scrape during the run.
+    /// picks), for a Prometheus to scrape during the run (`run` and `state`; refused by
+    /// `ingest` and `smtp`, whose engines each take a port of their own).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
 }
@@ -177,6 +179,9 @@ impl Common {
         let (binary, workdir) = (self.engine_binary()?, self.workdir()?);
         let external = !self.brokers.is_empty();
         let run = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+        if external {
+            CREATED_RUNS.lock().expect("runs lock").push(run.clone());
+        }
         let topics: Vec<String> =
             topics.iter().map(|t| if external { format!("{t}-{run}") } else { (*t).to_owned() }).collect();
         let dead: Vec<String> = topics.iter().map(|t| format!("{t}-dead-letter")).collect();
@@ -260,6 +265,45 @@ impl Common {
     }
 }
 
+/// The run names ([`Common::prepare`]) whose topics this process created on `--brokers`:
+/// removed when it ends, whichever way ([`remove_run_topics`]).
+static CREATED_RUNS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Deletes the topics of run `run` on `brokers` (its CDR, dead-letter and shared
+/// topics: every name with `-RUN` at its end or before a `-`): a broker outlives the
+/// run, and each run left six topics there, a `state` run its 10 000 000 records in a
+/// compacted topic that retention never removes. The names deleted.
+pub async fn remove_run_topics(brokers: &str, run: &str) -> anyhow::Result<Vec<String>> {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (end, within) = (format!("-{run}"), format!("-{run}-"));
+    let asked = brokers.to_owned();
+    let names = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
+        let client: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &asked).create()?;
+        let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .filter(|name| name.ends_with(&end) || name.contains(&within))
+            .collect())
+    });
+    let names = names.await??;
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let admin: AdminClient<DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    for result in admin.delete_topics(&refs, &AdminOptions::new()).await? {
+        if let Err((name, code)) = result {
+            bail!("deleting topic {name}: {code}");
+        }
+    }
+    Ok(names)
+}
+
 /// The prepared ground of a run.
 pub struct Setup {
     pub binary: PathBuf,
@@ -327,9 +371,15 @@ async fn stop_signal() -> &'static str {
 }
 
 /// The work directory of a run not given `--workdir`: removed once the run succeeds,
-/// kept (and named) when it fails, for the engine's log.
+/// kept (and named) when it fails, for the engine's log. Of this run only: named by the
+/// process id alone, a run after a failed one of the same id (a load tester in a
+/// container is often process 1) measured on the store the failed run left.
 fn default_workdir() -> PathBuf {
-    std::env::temp_dir().join(format!("callnotify-loadtest-{}", std::process::id()))
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        std::env::temp_dir().join(format!("callnotify-loadtest-{}-{:08x}", std::process::id(), rand::random::<u32>()))
+    })
+    .clone()
 }
 
 fn main() -> std::process::ExitCode {
@@ -338,15 +388,14 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    // Given --workdir, the directory is the operator's: named on a failure, never removed.
-    let chosen = match &cli.command {
+    let common = match &cli.command {
         Command::Run(args) => &args.common,
         Command::Ingest(args) => &args.common,
         Command::Smtp(args) => &args.common,
         Command::State(args) => &args.common,
-    }
-    .workdir
-    .clone();
+    };
+    // Given --workdir, the directory is the operator's: named on a failure, never removed.
+    let (chosen, brokers) = (common.workdir.clone(), common.brokers.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         let work = async {
@@ -366,6 +415,17 @@ fn main() -> std::process::ExitCode {
             }
         }
     });
+    // The topics this run made on the user's brokers go, whichever way it ended.
+    let runs = std::mem::take(&mut *CREATED_RUNS.lock().expect("runs lock"));
+    for run in runs {
+        let removed = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), remove_run_topics(&brokers, &run)).await });
+        match removed {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("the topics of run {run} are left on {brokers}: {e:#}"),
+            Err(_) => eprintln!("the topics of run {run} are left on {brokers}: deleting them took over 60 s"),
+        }
+    }
     let workdir = chosen.clone().unwrap_or_else(default_workdir);
     match result {
         Ok(()) => {

@@ -127,6 +127,16 @@ impl Report {
     /// the mails it did not read may have been duplicates or unexpected ones, each
     /// hiding a loss.
     pub fn verdict(&self) -> Result<(), String> {
+        if self.produce_failed > 0 {
+            // Their mails are still expected, so they would count as the engine's losses.
+            return Err(format!(
+                "the broker refused {} CDRs (last error: {}): the mails they would have made are not the engine's \
+                 losses, so the lost count ({}) does not say what the engine lost; see the broker",
+                self.produce_failed,
+                self.produce_error.as_deref().unwrap_or("none given"),
+                self.lost
+            ));
+        }
         if self.lost > 0 || self.duplicates > 0 {
             return Err(format!("{} mails lost and {} duplicated", self.lost, self.duplicates));
         }
@@ -328,6 +338,9 @@ mod tests {
         assert_eq!(clean().verdict(), Ok(()));
         let failed = |report: Report| report.verdict().expect_err("fails");
         assert!(failed(Report { lost: 1, ..clean() }).contains("1 mails lost"));
+        // Mails of CDRs the broker refused are not the engine's to lose.
+        let refused = failed(Report { lost: 4, produce_failed: 2, ..clean() });
+        assert!(refused.contains("the broker refused 2 CDRs") && !refused.contains("4 mails lost"), "{refused}");
         assert!(failed(Report { duplicates: 2, ..clean() }).contains("2 duplicated"));
         assert!(failed(Report { unexpected: 1, ..clean() }).contains("must not have sent"));
         let unread = failed(Report { unobserved: 3, ..clean() });

@@ -277,10 +277,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     drop(engines);
+    // A stop that fails (an engine exiting non-zero at SIGTERM) is said after the
+    // report is written: the run's measurement is whole by then.
+    let mut stopped = Ok(());
     for other in others {
-        tokio::task::spawn_blocking(move || other.stop()).await??;
+        let result = tokio::task::spawn_blocking(move || other.stop()).await.map_err(anyhow::Error::from);
+        stopped = stopped.and(result.and_then(|r| r));
     }
-    tokio::task::spawn_blocking(move || engine.stop()).await??;
+    let result = tokio::task::spawn_blocking(move || engine.stop()).await.map_err(anyhow::Error::from);
+    stopped = stopped.and(result.and_then(|r| r));
     sink.shutdown().await;
     // The sink's end closes the mail stream; the collector has seen everything by then.
     let _ = tokio::time::timeout(Duration::from_secs(5), collector).await;
@@ -339,6 +344,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("{}", report.markdown());
     println!("report: {}/report.{{json,md}}, plot: {}/latency.svg", common.out.display(), common.out.display());
     drop(embedded);
+    stopped.context("stopping the engines after the run (its report is written)")?;
     report.verdict().map_err(anyhow::Error::msg)
 }
 

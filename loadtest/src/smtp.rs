@@ -47,6 +47,10 @@ impl Drop for Sink {
 
 pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
     let common = &args.common;
+    anyhow::ensure!(
+        common.metrics_listen.is_none(),
+        "--metrics-listen is for run and state: smtp starts an engine for each round, each on a port of its own"
+    );
     let stems: Vec<String> = (0..args.rounds).map(|r| format!("cdr-smtp-{r}")).collect();
     let stems: Vec<&str> = stems.iter().map(String::as_str).collect();
     let setup = common.prepare(&stems).await?;
