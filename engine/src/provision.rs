@@ -390,10 +390,11 @@ impl Sent {
             let stored = match results.next().expect("an answer per op") {
                 Ok(Reply::Upserted(upserted)) => {
                     let room = MAX_LISTED.saturating_sub(report.moved.len());
-                    report.moved_not_listed += upserted.moved.len().saturating_sub(room);
+                    report.moved_not_listed += upserted.moved.len().saturating_sub(room) + upserted.moved_not_listed;
                     report.moved.extend(upserted.moved.into_iter().take(room).map(|(n, from)| (line, n, from)));
                     let room = MAX_LISTED.saturating_sub(report.removed.len());
-                    report.removed_not_listed += upserted.removed.len().saturating_sub(room);
+                    report.removed_not_listed +=
+                        upserted.removed.len().saturating_sub(room) + upserted.removed_not_listed;
                     report.removed.extend(upserted.removed.into_iter().take(room).map(|n| (line, n)));
                     report.lines += 1;
                     report.numbers += numbers;

@@ -1434,6 +1434,15 @@ impl Owner {
                 }
                 results.push(reply.map_err(|e| OpError::from(&e)));
             }
+            // The numbers an import moved or removed, listed up to a bound: lines of
+            // many numbers made answers past what a record takes, which stopped every
+            // owner in turn on the same request.
+            let mut room = crate::provision::MAX_LISTED;
+            for result in &mut results {
+                if let Ok(Reply::Upserted(upserted)) = result {
+                    room -= upserted.list_at_most(room);
+                }
+            }
             let last = records.len().saturating_sub(1);
             for (i, (key, value)) in records.iter().enumerate() {
                 let carried_out = (i == last).then_some((request.node.as_str(), request.id));

@@ -1240,7 +1240,14 @@ mod tests {
         mirrored.apply(Op::SetCredential { number: n("0312345679"), record: password() }).unwrap();
 
         let reply = mirrored.apply(Op::RemoveLine { contract: n("0312345678") }).unwrap();
-        assert_eq!(reply, Reply::Upserted(Upserted { moved: vec![], removed: vec![n("0312345678"), n("0312345679")] }));
+        assert_eq!(
+            reply,
+            Reply::Upserted(Upserted {
+                moved: vec![],
+                removed: vec![n("0312345678"), n("0312345679")],
+                ..Upserted::default()
+            })
+        );
         for (name, store) in [("owner", &mirrored.owner), ("view", &mirrored.view)] {
             assert_eq!(store.line(&n("0312345678")).unwrap(), None, "{name}");
             assert_eq!(store.number(&n("0312345679")).unwrap(), None, "{name}");
@@ -1248,6 +1255,24 @@ mod tests {
             let subscribed: Vec<PhoneNumber> = store.subscribed_numbers().map(Result::unwrap).collect();
             assert_eq!(subscribed, [n("0612345678")], "{name}");
         }
+    }
+
+    /// R-L3: an owner's answer lists at most so many moved and removed numbers (the moved
+    /// first, in order) and counts the rest, so that it fits in a record; read by a node
+    /// of a version before the counts, it is the same answer with fewer numbers.
+    #[test]
+    fn r_l3_an_answer_lists_numbers_up_to_a_bound_and_counts_the_rest() {
+        let numbers = |from: u64, count: u64| (from..from + count).map(|i| n(&format!("03{i:08}"))).collect::<Vec<_>>();
+        let moved: Vec<_> = numbers(0, 3).into_iter().map(|x| (x, n("0612345678"))).collect();
+        let mut upserted = Upserted { moved: moved.clone(), removed: numbers(10, 4), ..Upserted::default() };
+        assert_eq!(upserted.list_at_most(5), 5);
+        assert_eq!((upserted.moved, upserted.removed.len()), (moved, 2));
+        assert_eq!((upserted.moved_not_listed, upserted.removed_not_listed), (0, 2));
+        let mut upserted = Upserted { removed: numbers(10, 4), ..Upserted::default() };
+        assert_eq!(upserted.list_at_most(0), 0);
+        assert_eq!((upserted.removed.len(), upserted.removed_not_listed), (0, 4));
+        let plain = serde_json::to_string(&Upserted { removed: numbers(10, 1), ..Upserted::default() }).unwrap();
+        assert_eq!(plain, r#"{"moved":[],"removed":["0300000010"]}"#, "no counts written when none left out");
     }
 
     /// R-S3: the count is kept where the op runs; a check made against a credential set

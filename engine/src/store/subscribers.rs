@@ -27,6 +27,31 @@ pub struct Upserted {
     pub moved: Vec<(PhoneNumber, PhoneNumber)>,
     /// Numbers no longer listed: removed, credential and settings with them.
     pub removed: Vec<PhoneNumber>,
+    /// Moved numbers past those in `moved`, left out of a state owner's answer so that
+    /// it fits in a record ([`Upserted::list_at_most`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub moved_not_listed: usize,
+    /// Removed numbers past those in `removed`, as `moved_not_listed`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub removed_not_listed: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+impl Upserted {
+    /// Keeps the first `at_most` numbers listed, the moved ones first, and counts the
+    /// rest; how many it still lists.
+    pub fn list_at_most(&mut self, at_most: usize) -> usize {
+        let moved = self.moved.len().min(at_most);
+        self.moved_not_listed += self.moved.len() - moved;
+        self.moved.truncate(moved);
+        let removed = self.removed.len().min(at_most - moved);
+        self.removed_not_listed += self.removed.len() - removed;
+        self.removed.truncate(removed);
+        moved + removed
+    }
 }
 
 /// A stored record of `number` (or of its line) this version cannot read.

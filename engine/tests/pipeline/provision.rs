@@ -130,3 +130,41 @@ async fn r_l3_lines_of_many_numbers_are_imported_through_a_node_whose_records_ta
     assert_eq!((report.lines, report.numbers), (220, 66_000));
     engine.stop().await;
 }
+
+/// R-L3 through a node: the state owner's answer lists the numbers an import removed or
+/// moved, every one. Lines of many numbers removed in one request made an answer of
+/// megabytes, past what the owner's producer takes (here the operator's
+/// `message.max.bytes` of 1 MB, as a state topic left at Kafka's default would refuse
+/// it): the owner could not publish it and stopped its node, and every next owner took
+/// the same request and stopped too. The answer lists the first numbers and counts the
+/// rest, as the import's report does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_removing_lines_of_many_numbers_through_a_node_answers_within_a_record() {
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__KAFKA__PROPERTIES__MESSAGE_MAX_BYTES", "1000000")]).await;
+    let url = format!("http://{}", engine.metrics_addr);
+    let contract = |l: u64| format!("06{:08}", l * 1000);
+    // 90 lines of 1 000 numbers: their removal lists 90 000 numbers, about 1.2 MB.
+    let lines: Vec<String> = (0..90u64)
+        .map(|l| {
+            let numbers: Vec<String> =
+                (0..1000u64).map(|n| format!(r#"{{"number":"06{:08}"}}"#, l * 1000 + n)).collect();
+            format!(r#"{{"contract":"{}","numbers":[{}]}}"#, contract(l), numbers.join(","))
+        })
+        .collect();
+    // A first line once the node owns the requests: the mock cluster keeps 5 MB of a
+    // partition, and requests waiting for an owner still joining would pass out of it.
+    let first = r#"{"contract":"0699999999","numbers":[{"number":"0699999999"}]}"#;
+    assert_eq!(post(url.clone(), first.to_owned()).await.lines, 1);
+    let report = post(url.clone(), lines.join("\n")).await;
+    assert_eq!((report.error, report.lines), (None, 90));
+
+    let removals: Vec<String> =
+        (0..90u64).map(|l| format!(r#"{{"contract":"{}","remove":true}}"#, contract(l))).collect();
+    let report = post(url, removals.join("\n")).await;
+    assert_eq!(report.error, None);
+    assert_eq!(report.removed.len() + report.removed_not_listed, 90_000, "every removed number counted");
+    let first = engine::phone::PhoneNumber::parse("0600000001").unwrap();
+    assert!(engine.store.number(&first).unwrap().is_none(), "removed");
+    engine.stop().await;
+}
