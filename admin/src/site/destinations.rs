@@ -55,8 +55,9 @@ pub(super) fn redirect_to(location: &str) -> Response {
 pub(super) enum Confirmed {
     /// The current password was given and is right.
     Yes,
-    /// Not saved: the message to show above the form.
-    Refused(&'static str),
+    /// Not saved: the message to show above the form (`why`), and beside the password
+    /// field (`beside`).
+    Refused { why: &'static str, beside: &'static str },
     /// The credential became unusable (locked by wrong entries): the session has ended
     /// and the browser goes to the login page.
     Ended(Response),
@@ -75,7 +76,9 @@ pub(super) async fn confirm_change(
 ) -> Result<Confirmed, SiteError> {
     let password = fields.get("current").cloned().unwrap_or_default();
     if password.is_empty() {
-        return Ok(Confirmed::Refused(NEED_PASSWORD));
+        return Ok(Confirmed::Refused {
+            why: NEED_PASSWORD, beside: "現在のパスワードを入力してください。"
+        });
     }
     // A wrong entry here counts towards the credential's lock like one at login
     // (R-S3), so this field cannot be used to guess the password without limit.
@@ -83,7 +86,9 @@ pub(super) async fn confirm_change(
         Ok(_) => Ok(Confirmed::Yes),
         Err(LoginFailure::Wrong) => {
             tracing::info!(login = %session.number, %number, "{page}: wrong current password");
-            Ok(Confirmed::Refused(WRONG_PASSWORD))
+            Ok(Confirmed::Refused {
+                why: WRONG_PASSWORD, beside: "現在のパスワードが正しくありません。"
+            })
         }
         // The credential died under the session (locked by wrong entries): a new one
         // must be set by phone, so the session ends as after a failed login.

@@ -21,7 +21,7 @@ use engine::store::{Destination, FaxSettings, Store, StoreError};
 
 use super::form_parts::{
     check_attr, check_form_choices, destination_rows, destination_rows_from_fields, destinations_fieldset,
-    enabled_fieldset, form_start, parse_destinations, ChoiceError, Row,
+    enabled_fieldset, form_start, parse_destinations, ChoiceError, CurrentPassword, Row,
 };
 use super::html;
 use super::numbers::{allowed_fax_number, fax_settings_path, faxes_path};
@@ -85,11 +85,11 @@ fn render(
     csrf: &str,
     entered: &FaxEntered,
     rows: &HashMap<usize, String>,
-    password_max: usize,
+    password: CurrentPassword,
 ) -> String {
     let mut out = form_start(action, csrf, entered.version);
     out += &enabled_fieldset(entered.enabled);
-    out += &destinations_fieldset(action, &entered.destinations, rows, password_max);
+    out += &destinations_fieldset(action, &entered.destinations, rows, password);
     out += &format!(
         "<fieldset>\n<legend>添付ファイル設定</legend>\n\
          <p><label><input type=\"checkbox\" name=\"attach_pdf\" value=\"on\"{checked}> FAXをPDFで添付する</label></p>\n\
@@ -178,7 +178,7 @@ impl SettingsPage for FaxPage {
             number = html::escape(view.number.as_str()),
             faxes = html::escape(&faxes_path(view.number)),
             errors = html::errors(errors),
-            form = render(&path, &view.session.csrf, entered, rows, view.password_max),
+            form = render(&path, &view.session.csrf, entered, rows, view.password),
             path = html::escape(&path),
             logout = html::logout_form(&view.session.csrf),
         );

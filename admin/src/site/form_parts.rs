@@ -171,6 +171,14 @@ pub fn enabled_fieldset(enabled: bool) -> String {
     )
 }
 
+/// The 現在のパスワード field of a settings form: its `maxlength`, and why the password
+/// given was refused, said beside it.
+#[derive(Debug, Clone, Copy)]
+pub struct CurrentPassword {
+    pub max: usize,
+    pub refused: Option<&'static str>,
+}
+
 /// 送信先メールアドレス設定 (R-N2, R-N3): the rows, each with its 送信 check, its
 /// 送信テスト button posting the same form to [`test_mail_path`] (`formaction` works
 /// without JavaScript) and its error, then the current password a change needs.
@@ -178,7 +186,7 @@ pub fn destinations_fieldset(
     action: &str,
     rows: &[Row],
     errors: &HashMap<usize, String>,
-    password_max: usize,
+    password: CurrentPassword,
 ) -> String {
     let mut out = "<fieldset>\n<legend>送信先メールアドレス設定</legend>\n\
             <p><small>最大5件。「送信」にチェックしたアドレスにのみお知らせします。\
@@ -204,11 +212,21 @@ pub fn destinations_fieldset(
             error = row_error(errors.get(&i)),
         );
     }
+    // Said beside the field (the form's end, far from the page's top on a phone), the
+    // field marked and described by it for a screen reader; the page's top says it too.
+    let (marked, refused) = match password.refused {
+        Some(why) => (
+            " aria-invalid=\"true\" aria-describedby=\"current-error\"",
+            format!("<strong class=\"error\" id=\"current-error\">{}</strong><br>\n", html::escape(why)),
+        ),
+        None => ("", String::new()),
+    };
     out += &format!(
         "<p><label for=\"current\">現在のパスワード</label><br>\n\
          <input id=\"current\" name=\"current\" type=\"password\" autocomplete=\"current-password\" \
-         maxlength=\"{password_max}\"><br>\n\
-         <small>送信先メールアドレスや「送信」のチェックを変更するときに入力してください。</small></p>\n</fieldset>\n"
+         maxlength=\"{max}\"{marked}><br>\n{refused}\
+         <small>送信先メールアドレスや「送信」のチェックを変更するときに入力してください。</small></p>\n</fieldset>\n",
+        max = password.max,
     );
     out
 }

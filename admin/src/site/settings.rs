@@ -93,7 +93,7 @@ impl SettingsPage for CallPage {
              <p><a href=\"/\">メニューへ戻る</a></p>\n{logout}",
             number = html::escape(view.number.as_str()),
             errors = html::errors(errors),
-            form = render(&path, &view.session.csrf, entered, rows, view.password_max),
+            form = render(&path, &view.session.csrf, entered, rows, view.password),
             path = html::escape(&path),
             logout = html::logout_form(&view.session.csrf),
         );

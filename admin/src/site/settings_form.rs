@@ -13,7 +13,8 @@ use engine::store::{CallSettings, Designated, MAX_DESIGNATED};
 
 use super::form_parts::{
     check_attr, check_form_choices, destination_rows, destination_rows_from_fields, destinations_fieldset,
-    enabled_fieldset, field_checked, field_text, form_start, parse_destinations, row_error, ChoiceError, Row,
+    enabled_fieldset, field_checked, field_text, form_start, parse_destinations, row_error, ChoiceError,
+    CurrentPassword, Row,
 };
 use super::html;
 
@@ -166,10 +167,10 @@ pub fn number_message(error: &PhoneNumberError) -> String {
 }
 
 /// The form's HTML: four sections and one 設定 button.
-pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, password_max: usize) -> String {
+pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, password: CurrentPassword) -> String {
     let mut out = form_start(action, csrf, entered.version);
     out += &enabled_fieldset(entered.enabled);
-    out += &destinations_fieldset(action, &entered.destinations, &errors.destinations, password_max);
+    out += &destinations_fieldset(action, &entered.destinations, &errors.destinations, password);
 
     out += &format!(
         "<fieldset>\n<legend>メール送信条件設定</legend>\n\
@@ -243,7 +244,7 @@ mod tests {
             let entered = Entered::from_fields(&fields(&pairs));
             let errors = entered.parse().unwrap_err();
             assert_eq!(errors.conditions.as_deref(), Some(NONE_DESIGNATED), "{rows:?}");
-            let page = render("/settings", "t", &entered, &errors, 128);
+            let page = render("/settings", "t", &entered, &errors, CurrentPassword { max: 128, refused: None });
             assert!(page.contains("入力し、「指定」にチェックを入れてください"), "{page}");
         }
         let designated = fields(&[("designated_only", "on"), ("designated_3", "09011112222"), ("designate_3", "on")]);

@@ -23,7 +23,7 @@ use super::destinations::{
     confirm_change, redirect_to, send_test, test_row, Confirmed, FIX_ROWS, LOGGED_IN_AGAIN, SAVED, SAVED_QUERY, STALE,
     TESTED,
 };
-use super::form_parts::{ChoiceError, Row};
+use super::form_parts::{ChoiceError, CurrentPassword, Row};
 use super::numbers::not_found;
 use super::password::ENTERED_MAX_LEN;
 use super::session::Session;
@@ -79,18 +79,26 @@ pub(super) trait SettingsPage: 'static {
 pub(super) struct View<'a> {
     pub number: &'a PhoneNumber,
     pub session: &'a Session,
-    /// The `maxlength` of the 現在のパスワード field ([`ENTERED_MAX_LEN`]).
-    pub password_max: usize,
+    /// The 現在のパスワード field: its `maxlength` ([`ENTERED_MAX_LEN`]), and why the
+    /// password given was refused.
+    pub password: CurrentPassword,
 }
 
 impl<'a> View<'a> {
     fn new(number: &'a PhoneNumber, session: &'a Session) -> Self {
-        Self { number, session, password_max: ENTERED_MAX_LEN }
+        Self { number, session, password: CurrentPassword { max: ENTERED_MAX_LEN, refused: None } }
     }
 
     /// The form shown again with one error above it.
     fn refused<P: SettingsPage>(&self, form: &P::Form, error: &str) -> String {
         P::render(self, "", form, &[error.to_owned()], &P::Rows::default())
+    }
+
+    /// The form shown again with its current password refused: said above the form
+    /// (`error`) and beside the field (`beside`).
+    fn password_refused<P: SettingsPage>(&self, form: &P::Form, error: &str, beside: &'static str) -> String {
+        let view = View { password: CurrentPassword { refused: Some(beside), ..self.password }, ..*self };
+        view.refused::<P>(form, error)
     }
 }
 
@@ -223,7 +231,9 @@ pub(super) async fn submit<P: SettingsPage>(
     if P::destinations(&settings) != P::destinations(&current) {
         match confirm_change(&state, &id, &session, &fields, &number, P::NAME).await? {
             Confirmed::Yes => {}
-            Confirmed::Refused(why) => return Ok(Html(view.refused::<P>(&entered, why)).into_response()),
+            Confirmed::Refused { why, beside } => {
+                return Ok(Html(view.password_refused::<P>(&entered, why, beside)).into_response())
+            }
             Confirmed::Ended(response) => return Ok(response),
         }
     }

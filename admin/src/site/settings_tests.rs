@@ -329,6 +329,47 @@ async fn destination_changes_need_the_current_password() {
     assert!(stored(&app, CONTRACT).destinations[0].send);
 }
 
+/// R-S2, R-S3: a missing or wrong current password was said only above the form, far
+/// from the field at the form's end on a phone, and the field itself was not marked: a
+/// screen reader on it heard nothing wrong. It is said beside the field now, the field
+/// marked invalid and described by it, on both settings pages.
+#[tokio::test]
+async fn a_refused_current_password_is_said_beside_its_field() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let rows = "dest_0=a@example.jp&send_0=on";
+    let field = |body: &str| {
+        let start = body.find("<input id=\"current\"").expect("the current-password field");
+        body[start..].split("</p>").next().unwrap().to_owned()
+    };
+    for (given, said) in
+        [("", "現在のパスワードを入力してください。"), ("&current=wrong123", "現在のパスワードが正しくありません。")]
+    {
+        let page = save(&app, &cookies, CONTRACT, &format!("{rows}{given}")).await;
+        let beside = field(&page.body);
+        assert!(
+            beside.contains("aria-invalid=\"true\"") && beside.contains("aria-describedby=\"current-error\""),
+            "{beside}"
+        );
+        assert!(beside.contains(&format!("<strong class=\"error\" id=\"current-error\">{said}</strong>")), "{beside}");
+    }
+    // Not marked when nothing was wrong with it.
+    let fine = save(&app, &cookies, CONTRACT, "dest_0=not-an-address&send_0=on&current=x").await;
+    assert!(!field(&fine.body).contains("aria-invalid"), "{}", fine.body);
+    // The fax settings page, the same.
+    let app = super::tests::app();
+    let cookies = ready(&app, AuthUnit::Line, CONTRACT).await;
+    let fax = format!("/numbers/{}/fax", crate::testing::FAX_ONLY);
+    let page = get(&app, &fax, &cookies).await;
+    let body = format!("version=0&enabled=on&{rows}&csrf={}", page.csrf());
+    let refused = post(&app, &fax, &cookies, &body).await;
+    assert!(
+        field(&refused.body).contains("id=\"current-error\">現在のパスワードを入力してください。"),
+        "{}",
+        refused.body
+    );
+}
+
 #[tokio::test]
 async fn csrf_missing_or_wrong_is_403_on_the_settings_form() {
     let app = app();
