@@ -35,6 +35,9 @@ pub struct SmtpArgs {
     postfix_bin: std::path::PathBuf,
 }
 
+/// How long a round's smtp-source may take (it sends 20 000 mails in seconds).
+const SOURCE_WITHIN: Duration = Duration::from_secs(600);
+
 /// postfix's smtp-sink, stopped when dropped.
 struct Sink(Child);
 
@@ -92,12 +95,18 @@ pub async fn smtp(args: SmtpArgs) -> anyhow::Result<()> {
             crate::producer::ensure_retained(&brokers, topic, produced)?;
         }
         let started = Instant::now();
-        let status = Command::new(&source_bin)
+        // Awaited, not waited for on the runtime's thread: a stop signal is acted on
+        // while it runs (it is killed with the run), and one that hangs ends the run.
+        let source = tokio::process::Command::new(&source_bin)
             // -d: keep each session open for its next message, as the engine's pool does.
             .args(["-d", "-s", &args.sessions.to_string(), "-m", &args.mails.to_string(), "-l", "1000"])
             .args(["-f", "no-reply@smtp.example.jp", "-t", "u@load.example.jp", &sink_addr.to_string()])
             .stdout(Stdio::null())
-            .status()
+            .kill_on_drop(true)
+            .status();
+        let status = tokio::time::timeout(SOURCE_WITHIN, source)
+            .await
+            .map_err(|_| anyhow::anyhow!("smtp-source had not sent {} mails after {SOURCE_WITHIN:?}", args.mails))?
             .context("running smtp-source")?;
         anyhow::ensure!(status.success(), "smtp-source failed: {status}");
         let source = Side::over(args.mails, started, Instant::now(), None);

@@ -180,3 +180,67 @@ fn a_load_test_stopped_during_an_import_stops_it_at_once() {
     }
     assert!(!left, "the import was left running: {stderr}");
 }
+
+/// `smtp`: smtp-source was waited for on the runtime's thread, so a SIGTERM during it
+/// was not acted on until it ended, and one that hung kept the load test (and its
+/// smtp-sink and engine) running for good. Here postfix's tools are stand-ins: a sink
+/// that only accepts connections, and a source that never ends.
+#[test]
+fn a_load_test_stopped_while_smtp_source_runs_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("postfix");
+    std::fs::create_dir_all(&bin).unwrap();
+    let sink = "#!/usr/bin/env python3\n\
+                import socket, sys\n\
+                host, port = [a for a in sys.argv[1:] if ':' in a][0].rsplit(':', 1)\n\
+                s = socket.socket()\n\
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                s.bind((host, int(port)))\n\
+                s.listen(64)\n\
+                held = []\n\
+                while True:\n    held.append(s.accept()[0])\n";
+    let source = "#!/bin/sh\nexec sleep 3600\n";
+    for (name, script) in [("smtp-sink", sink), ("smtp-source", source)] {
+        let path = bin.join(name);
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
+    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
+    let mut run = Command::new(loadtest)
+        .args(["smtp", "--numbers", "1000", "--mails", "100", "--rounds", "1", "--postfix-bin"])
+        .arg(&bin)
+        .arg("--workdir")
+        .arg(dir.path().join("work"))
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .arg("--engine")
+        .arg(&engine)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let source = loop {
+        if let Some(&pid) = children_running(run.id(), b"3600").first() {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the load test never started smtp-source");
+        assert!(run.try_wait().unwrap().is_none(), "the load test ended before smtp-source started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while run.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = run.try_wait().unwrap().is_some();
+    if !ended {
+        let _ = run.kill();
+    }
+    let _ = Command::new("kill").args(["-KILL", &source.to_string()]).status();
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(ended, "the load test did not stop within 20 s of its SIGTERM: {stderr}");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+}
