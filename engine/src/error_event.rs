@@ -91,10 +91,14 @@ pub enum ErrorEvent {
     /// A newly assigned partition's changelogs could not be restored: it is not read
     /// until they are (tried again after 1 s, then at doubling intervals up to 30 s).
     ChangelogRestore,
+    /// At the engine's stop, changelog records were still unconfirmed when the
+    /// producer was closed (a changelog partition's leader lost then): the mails they
+    /// record as sent may be sent again by the partition's next reader.
+    ChangelogUnflushed,
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 32] = [
+    pub const ALL: [ErrorEvent; 33] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
@@ -127,6 +131,7 @@ impl ErrorEvent {
         ErrorEvent::StateUnreadable,
         ErrorEvent::ChangelogUnconfirmed,
         ErrorEvent::ChangelogRestore,
+        ErrorEvent::ChangelogUnflushed,
     ];
 
     /// The `stage` label: the part of the engine it happened in.
@@ -144,7 +149,7 @@ impl ErrorEvent {
             SiteRequest | AdminListener => "site",
             IvrRequest => "ivr",
             StateRead | StateApply | StatePublish | StateStalled | StateFenced | StateUnreadable | ChangelogWrite
-            | ChangelogTooLarge | ChangelogUnconfirmed | ChangelogRestore => "state",
+            | ChangelogTooLarge | ChangelogUnconfirmed | ChangelogRestore | ChangelogUnflushed => "state",
         }
     }
 
@@ -183,6 +188,7 @@ impl ErrorEvent {
             ChangelogTooLarge => "changelog_too_large",
             ChangelogUnconfirmed => "changelog_unconfirmed",
             ChangelogRestore => "changelog_restore",
+            ChangelogUnflushed => "changelog_unflushed",
         }
     }
 }

@@ -38,6 +38,9 @@ use crate::error_event::ErrorEvent;
 use crate::store::{PartitionId, PartitionSink, Store};
 use crate::telemetry::Metrics;
 
+/// How long the engine's stop waits for the changelog records still on their way.
+const STOP_FLUSH_WITHIN: Duration = Duration::from_secs(5);
+
 /// Where the changelogs are, from `kafka.*`.
 pub struct PartitionLogOptions<'a> {
     /// The restoring reader's (uncommitted) group is `<group_id>-changelog-reader`.
@@ -452,7 +455,15 @@ impl PartitionLog {
     pub fn stop(&self) {
         let producer = self.producer.write().expect("producer lock").take();
         if let Some(producer) = &producer {
-            let _ = producer.flush(Duration::from_secs(5));
+            // Said, not passed over: a sent record lost here is a mail the partition's
+            // next reader may send again (the retry loop's last sends come after the
+            // consumers' last commit, so no commit waited for them).
+            if let Err(e) = producer.flush(STOP_FLUSH_WITHIN) {
+                let unconfirmed = producer.in_flight_count();
+                crate::error_event!(self.metrics, ErrorEvent::ChangelogUnflushed, error = %e, unconfirmed,
+                    "changelog records unconfirmed at the stop: the mails they record as sent may be sent again by \
+                     their partition's next reader");
+            }
         }
         drop(producer);
         drop(self.reader.lock().expect("changelog reader lock").take());

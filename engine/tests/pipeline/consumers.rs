@@ -111,6 +111,24 @@ async fn r_n1_a_changelog_without_a_leader_holds_back_commits_not_the_engine() {
     assert_eq!(stopped.metric("callnotify_mails_sent_total"), 2.0);
 }
 
+/// docs/delivery.md: a stop while a changelog partition has no leader closed the
+/// producer with the sent records of mails just sent unconfirmed, and said nothing: the
+/// partition's next reader, without them, may send those mails again. It is said now,
+/// as an ERROR and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_sent_records_unconfirmed_at_a_stop_are_said() {
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    let cdrs = missed_calls_to_ten(&engine, "03700000", "unflushed", 1);
+    let sent_topic = engine::embedded::CHANGELOG_TOPICS[0];
+    h.kafka.on_cluster(move |cluster| cluster.partition_leader(sent_topic, 0, None).expect("leaderless"));
+    h.produce(TOPIC, &cdrs).await;
+    h.mails(1).await;
+    let stopped = engine.stop().await;
+    let unflushed = r#"callnotify_errors_total{stage="state",error="changelog_unflushed"}"#;
+    assert_eq!(stopped.metric(unflushed), 1.0);
+}
+
 /// docs/cluster.md ("A CDR partition's sent records and retries"): while a changelog
 /// partition has no leader, the node goes on reading between its commits: the calls of
 /// the first seconds (three commits' time, one call after the other) are all notified
