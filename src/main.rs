@@ -215,8 +215,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::DeadLetters { action } => dead_letters(&Settings::load(file)?, action),
         Command::Config { action: ConfigAction::Check } => {
-            let (_, effective) = Settings::effective(file, std::env::vars())?;
+            let (settings, effective) = Settings::effective(file, std::env::vars())?;
             print_out(format_args!("{effective}"))?;
+            // Said, not refused: this shell may lack the secrets the service is given.
+            if let Some(problem) = settings.smtp_credentials_problem() {
+                eprintln!("note: {problem}; serve refuses to start without them");
+            }
             eprintln!("configuration OK");
             Ok(ExitCode::SUCCESS)
         }

@@ -265,7 +265,9 @@ fn serve_with_a_site_it_cannot_serve_says_so_before_it_consumes() {
     let taken = taken.local_addr().unwrap().to_string();
     let missing = dir.path().join("no-such-cert.pem");
     let missing = missing.to_str().unwrap();
-    let cases: [(&str, &[(&str, &str)]); 3] = [
+    let cases: [(&str, &[(&str, &str)]); 4] = [
+        // A username whose password (from the service's environment file) is missing.
+        ("smtp.password", &[("CALLNOTIFY__SMTP__USERNAME", "callnotify")]),
         (
             "admin.tls_cert",
             &[
@@ -664,6 +666,19 @@ fn config_check_prints_the_effective_configuration_masked_or_names_the_bad_setti
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("smtp.timeout_secs must be between 1 and 3600 s (it is 0)"), "{stderr}");
+
+    // Run from a shell without the service's secrets: said, not refused (serve refuses).
+    let out = callnotify(&dir.path().join("store"))
+        .args(["config", "check"])
+        .env("CALLNOTIFY__SMTP__USERNAME", "callnotify")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("smtp.username and smtp.password go together") && stderr.contains("serve refuses"),
+        "{stderr}"
+    );
 }
 
 /// Peak resident memory of process `pid` so far (VmHWM), in bytes.

@@ -449,15 +449,6 @@ impl Settings {
                 "smtp.username is set but smtp.tls is \"none\": the password would cross the network in clear; set smtp.tls to \"starttls\" or \"tls\" (a relay on this machine, smtp.host = \"127.0.0.1\", needs neither)",
             );
         }
-        if self.smtp.username.is_empty() != self.smtp.password.expose().is_empty() {
-            // A password left out (its environment file missing) sent AUTH with an empty
-            // one, and every mail waited in the retry queue for a day; a username left
-            // out sent no AUTH at all.
-            return invalid(
-                "smtp.username and smtp.password go together: set both for a relay that wants AUTH (the password \
-                 in the environment, CALLNOTIFY__SMTP__PASSWORD), or neither",
-            );
-        }
         if self.admin.tls_cert.is_some() != self.admin.tls_key.is_some() {
             return invalid("admin.tls_cert and admin.tls_key go together: set both to serve HTTPS, or neither");
         }
@@ -520,6 +511,18 @@ impl Settings {
 }
 
 impl Settings {
+    /// What is wrong with the SMTP credentials for sending: a username without a
+    /// password (its environment file missing: AUTH went with an empty one, and every
+    /// mail waited in the retry queue for a day) or a password without a username (no
+    /// AUTH sent at all). Refused by an engine's start, not by every command: a shell's
+    /// `config check` or `provision export` runs without the secrets the service has.
+    pub fn smtp_credentials_problem(&self) -> Option<&'static str> {
+        (self.smtp.username.is_empty() != self.smtp.password.expose().is_empty()).then_some(
+            "smtp.username and smtp.password go together: set both for a relay that wants AUTH (the password in \
+             the environment, CALLNOTIFY__SMTP__PASSWORD), or neither",
+        )
+    }
+
     /// Every numeric setting with the values it may take and their unit.
     fn ranges(&self) -> [(&'static str, u64, std::ops::RangeInclusive<u64>, &'static str); 22] {
         let (k, st, sm, e, a) = (&self.kafka, &self.store, &self.smtp, &self.engine, &self.admin);
@@ -873,12 +876,13 @@ mod tests {
         let load = |pairs: &[(&str, &str)]| Settings::load_from(None, env(pairs));
         let host = ("CALLNOTIFY__SMTP__HOST", "127.0.0.1");
         for half in [("CALLNOTIFY__SMTP__USERNAME", "callnotify"), ("CALLNOTIFY__SMTP__PASSWORD", "s3cret-pw")] {
-            let err = load(&[host, half]).unwrap_err().to_string();
-            assert!(err.contains("smtp.username and smtp.password"), "{err}");
-            assert!(!err.contains("s3cret-pw"), "the password is not printed: {err}");
+            let problem = load(&[host, half]).unwrap().smtp_credentials_problem().expect("a problem");
+            assert!(problem.contains("smtp.username and smtp.password"), "{problem}");
+            assert!(!problem.contains("s3cret-pw"), "the password is not printed: {problem}");
         }
         let both = load(&[host, ("CALLNOTIFY__SMTP__USERNAME", "callnotify"), ("CALLNOTIFY__SMTP__PASSWORD", "pw")]);
-        assert_eq!(both.unwrap().smtp.username, "callnotify");
+        assert_eq!(both.unwrap().smtp_credentials_problem(), None);
+        assert_eq!(load(&[host]).unwrap().smtp_credentials_problem(), None, "no AUTH");
     }
 
     /// With the proxy on another machine and no admin.proxy_addresses, every login was

@@ -97,6 +97,9 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        if let Some(problem) = settings.smtp_credentials_problem() {
+            anyhow::bail!(problem);
+        }
         let group_commit = Duration::from_millis(settings.store.group_commit_ms);
         let grace = Duration::from_secs(settings.engine.shutdown_grace_secs);
         let kafka = &settings.kafka;

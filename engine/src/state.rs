@@ -1437,10 +1437,12 @@ impl Owner {
             // The numbers an import moved or removed, listed up to a bound: lines of
             // many numbers made answers past what a record takes, which stopped every
             // owner in turn on the same request.
-            let mut room = crate::provision::MAX_LISTED;
+            // As many of each as an import's report lists.
+            let (mut moved, mut removed) = (crate::provision::MAX_LISTED, crate::provision::MAX_LISTED);
             for result in &mut results {
                 if let Ok(Reply::Upserted(upserted)) = result {
-                    room -= upserted.list_at_most(room);
+                    let listed = upserted.list_at_most(moved, removed);
+                    (moved, removed) = (moved - listed.0, removed - listed.1);
                 }
             }
             let last = records.len().saturating_sub(1);

@@ -42,6 +42,11 @@ fn a_run_on_given_brokers_removes_the_topics_it_created() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("out/report.json")).unwrap()).unwrap();
     assert!(report["cdrs_produced"].as_u64() > Some(0), "the run used the broker's topics: {report}");
-    let left: Vec<String> = topics(&brokers).into_iter().filter(|t| t.contains(&run)).collect();
-    assert!(left.is_empty(), "topics of the run left on the broker: {left:?}\n{stderr}");
+    // The broker's metadata may trail a deletion it has confirmed by a moment.
+    let left = || topics(&brokers).into_iter().filter(|t| t.contains(&run)).collect::<Vec<_>>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !left().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(left().is_empty(), "topics of the run left on the broker: {:?}\n{stderr}", left());
 }

@@ -229,8 +229,11 @@ impl SourceContext {
             let mut unrestored = self.unrestored.lock().expect("unrestored lock");
             unrestored.backoff = (unrestored.backoff * 2).min(RESTORE_AGAIN_AT_MOST);
             unrestored.next_try = Some(Instant::now() + unrestored.backoff);
-            tracing::debug!(error = format!("{e:#}"), partitions = waiting.len(), next = ?unrestored.backoff,
-                "partition changelogs still not restored");
+            // Counted at each try: a partition left unread for good pages
+            // (CallnotifyChangelogRestoreFailing), not one count at its assignment.
+            crate::error_event!(self.metrics, ErrorEvent::ChangelogRestore, error = format!("{e:#}"),
+                partitions = waiting.len(), next = ?unrestored.backoff,
+                "partition changelogs still not restored: their partitions are still not read");
             return;
         }
         self.unrestored.lock().expect("unrestored lock").partitions.retain(|p| !waiting.contains(p));

@@ -1257,19 +1257,19 @@ mod tests {
         }
     }
 
-    /// R-L3: an owner's answer lists at most so many moved and removed numbers (the moved
-    /// first, in order) and counts the rest, so that it fits in a record; read by a node
-    /// of a version before the counts, it is the same answer with fewer numbers.
+    /// R-L3: an owner's answer lists at most so many moved and so many removed numbers
+    /// (the first, in order) and counts the rest, so that it fits in a record; read by a
+    /// node of a version before the counts, it is the same answer with fewer numbers.
     #[test]
     fn r_l3_an_answer_lists_numbers_up_to_a_bound_and_counts_the_rest() {
         let numbers = |from: u64, count: u64| (from..from + count).map(|i| n(&format!("03{i:08}"))).collect::<Vec<_>>();
         let moved: Vec<_> = numbers(0, 3).into_iter().map(|x| (x, n("0612345678"))).collect();
         let mut upserted = Upserted { moved: moved.clone(), removed: numbers(10, 4), ..Upserted::default() };
-        assert_eq!(upserted.list_at_most(5), 5);
+        assert_eq!(upserted.list_at_most(5, 2), (3, 2));
         assert_eq!((upserted.moved, upserted.removed.len()), (moved, 2));
         assert_eq!((upserted.moved_not_listed, upserted.removed_not_listed), (0, 2));
         let mut upserted = Upserted { removed: numbers(10, 4), ..Upserted::default() };
-        assert_eq!(upserted.list_at_most(0), 0);
+        assert_eq!(upserted.list_at_most(10, 0), (0, 0));
         assert_eq!((upserted.removed.len(), upserted.removed_not_listed), (0, 4));
         let plain = serde_json::to_string(&Upserted { removed: numbers(10, 1), ..Upserted::default() }).unwrap();
         assert_eq!(plain, r#"{"moved":[],"removed":["0300000010"]}"#, "no counts written when none left out");

@@ -41,16 +41,16 @@ fn is_zero(n: &usize) -> bool {
 }
 
 impl Upserted {
-    /// Keeps the first `at_most` numbers listed, the moved ones first, and counts the
-    /// rest; how many it still lists.
-    pub fn list_at_most(&mut self, at_most: usize) -> usize {
-        let moved = self.moved.len().min(at_most);
+    /// Keeps the first `moved` moved numbers and `removed` removed ones listed, and
+    /// counts the rest; how many of each it still lists.
+    pub fn list_at_most(&mut self, moved: usize, removed: usize) -> (usize, usize) {
+        let moved = self.moved.len().min(moved);
         self.moved_not_listed += self.moved.len() - moved;
         self.moved.truncate(moved);
-        let removed = self.removed.len().min(at_most - moved);
+        let removed = self.removed.len().min(removed);
         self.removed_not_listed += self.removed.len() - removed;
         self.removed.truncate(removed);
-        moved + removed
+        (moved, removed)
     }
 }
 

@@ -169,6 +169,9 @@ async fn r_m4_a_partition_whose_changelogs_are_not_restored_waits_for_them_and_i
     let engine = h.engine().await;
     let restore_failed = "callnotify_errors_total{stage=\"state\",error=\"changelog_restore\"}";
     engine.wait_metric(restore_failed, 1.0).await;
+    // Each try that fails again counts too: counted once, the partition left unread
+    // for good let CallnotifyChangelogRestoreFailing go quiet after two minutes.
+    engine.wait_metric(restore_failed, 2.0).await;
     h.sink.fail_next(testkit::smtp::SmtpStage::DataEnd, 451, 1);
     h.produce(TOPIC, &missed_calls_to_ten(&engine, "03700000", "unrestored", 1)).await;
 
