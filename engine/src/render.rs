@@ -500,13 +500,9 @@ mod tests {
         assert!(first.ends_with("@notify.example.jp>"));
     }
 
-    /// R-F1: a fax's mail has a Message-ID of that fax: the same again when rendered again,
-    /// another for another fax with the same fax_id (received at another time), which some
-    /// mailboxes dropped as a duplicate of the first.
-    #[test]
-    fn r_f1_a_fax_mail_s_message_id_is_the_fax_s_even_when_fax_ids_repeat() {
-        let to = DestinationAddress::parse("a@example.jp").unwrap();
-        let fax = |at: i64| FaxRecord {
+    /// A one-page fax `job-1` to 0312345678, received at `at` (seconds since the epoch).
+    fn fax_received_at(at: i64) -> FaxRecord {
+        FaxRecord {
             number: PhoneNumber::parse("0312345678").unwrap(),
             fax_id: "job-1".into(),
             sender: "0612345678".into(),
@@ -516,8 +512,16 @@ mod tests {
             size: 10,
             read: false,
             deleted: false,
-        };
-        let id = |at| renderer().render_fax(&fax(at), &to, FaxPdf::NotAsked).unwrap().message_id;
+        }
+    }
+
+    /// R-F1: a fax's mail has a Message-ID of that fax: the same again when rendered again,
+    /// another for another fax with the same fax_id (received at another time), which some
+    /// mailboxes dropped as a duplicate of the first.
+    #[test]
+    fn r_f1_a_fax_mail_s_message_id_is_the_fax_s_even_when_fax_ids_repeat() {
+        let to = DestinationAddress::parse("a@example.jp").unwrap();
+        let id = |at| renderer().render_fax(&fax_received_at(at), &to, FaxPdf::NotAsked).unwrap().message_id;
         assert_eq!(id(1_764_000_000), id(1_764_000_000), "rendered again: the same");
         assert_ne!(id(1_764_000_000), id(1_764_086_400), "another fax with the same fax_id");
     }
@@ -527,17 +531,7 @@ mod tests {
     #[test]
     fn r_c1_r_m1_a_fax_mail_is_sent_in_the_fax_service_s_name() {
         let to = DestinationAddress::parse("a@example.jp").unwrap();
-        let fax = FaxRecord {
-            number: PhoneNumber::parse("0312345678").unwrap(),
-            fax_id: "job-1".into(),
-            sender: "0612345678".into(),
-            received_at: DateTime::from_timestamp(1_764_000_000, 0).unwrap(),
-            pages: 1,
-            kind: crate::fax::document::DocumentKind::Tiff,
-            size: 10,
-            read: false,
-            deleted: false,
-        };
+        let fax = fax_received_at(1_764_000_000);
         let fax_mail = renderer().render_fax(&fax, &to, FaxPdf::NotAsked).unwrap();
         let test_mail = renderer().render_test("0312345678", &to, "n-1", MailService::Fax).unwrap();
         for mail in [fax_mail, test_mail] {
@@ -554,17 +548,7 @@ mod tests {
     #[test]
     fn r_f1_a_fax_mail_with_the_largest_attached_pdf_stays_under_ten_million_bytes() {
         let to = DestinationAddress::parse("a@example.jp").unwrap();
-        let fax = FaxRecord {
-            number: PhoneNumber::parse("0312345678").unwrap(),
-            fax_id: "job-1".into(),
-            sender: "0612345678".into(),
-            received_at: DateTime::from_timestamp(1_764_000_000, 0).unwrap(),
-            pages: 1,
-            kind: crate::fax::document::DocumentKind::Tiff,
-            size: 10,
-            read: false,
-            deleted: false,
-        };
+        let fax = fax_received_at(1_764_000_000);
         let pdf = vec![0xA5; crate::fax::ATTACHED_PDF_AT_MOST];
         let mail = renderer().render_fax(&fax, &to, FaxPdf::Attached(&pdf)).unwrap();
         assert!(mail.bytes.len() < 10_000_000, "{} bytes", mail.bytes.len());

@@ -75,7 +75,8 @@ const OPS_PER_REQUEST: usize = 200;
 /// A request record's ops take at most this many bytes (but for one op larger alone):
 /// below the 1 MB a topic and a broker take by default (`max.message.bytes`,
 /// `message.max.bytes`), so an import of lines of many numbers through a node needs
-/// neither raised.
+/// neither raised. Less where the operator's `message.max.bytes` is less
+/// ([`request_bytes`]).
 const REQUEST_BYTES: usize = 512 << 10;
 /// Requests the owner takes in one batch: carried out, published, then confirmed.
 const REQUESTS_PER_BATCH: usize = 500;
@@ -161,14 +162,22 @@ impl Read {
     }
 }
 
+/// The bytes a request's ops may take with the request producer's `message.max.bytes`
+/// at `max` (the operator's, if set): [`REQUEST_BYTES`], or less, room left for the
+/// record's envelope.
+fn request_bytes(max: Option<&str>) -> usize {
+    let max = max.and_then(|m| m.parse::<usize>().ok()).unwrap_or(usize::MAX);
+    REQUEST_BYTES.min(max.saturating_sub(4096) / 2).max(1)
+}
+
 /// `encoded` ops (each one's JSON) in requests of at most [`OPS_PER_REQUEST`] ops and
-/// [`REQUEST_BYTES`] bytes, in order; an op larger than that alone.
-fn requests(encoded: &[Vec<u8>]) -> impl Iterator<Item = &[Vec<u8>]> {
+/// `budget` bytes, in order; an op larger than that alone.
+fn requests(encoded: &[Vec<u8>], budget: usize) -> impl Iterator<Item = &[Vec<u8>]> {
     let mut rest = encoded;
     std::iter::from_fn(move || {
         let (mut ops, mut bytes) = (0, 0);
         while let Some(op) = rest.get(ops) {
-            if ops == OPS_PER_REQUEST || (ops > 0 && bytes + op.len() + 1 > REQUEST_BYTES) {
+            if ops == OPS_PER_REQUEST || (ops > 0 && bytes + op.len() + 1 > budget) {
                 break;
             }
             (ops, bytes) = (ops + 1, bytes + op.len() + 1);
@@ -303,6 +312,8 @@ pub struct StateLog {
     node: String,
     next_id: Mutex<u64>,
     requests: String,
+    /// What a request's ops may take ([`request_bytes`]).
+    request_bytes: usize,
     /// Taken at [`StateLog::stop`]: its thread would otherwise outlive the cluster.
     producer: Mutex<Option<ThreadedProducer<RequestDeliveries>>>,
     waiters: Arc<Waiters>,
@@ -326,7 +337,9 @@ impl StateWriter for StateLog {
     fn send(self: Arc<Self>, ops: Vec<Op>) -> crate::store::state::Answers {
         let count = ops.len();
         let pending: Vec<_> = match ops.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>() {
-            Ok(encoded) => requests(&encoded).map(|chunk| (chunk.len(), self.request(chunk))).collect(),
+            Ok(encoded) => {
+                requests(&encoded, self.request_bytes).map(|chunk| (chunk.len(), self.request(chunk))).collect()
+            }
             Err(e) => vec![(count, Err(format!("encoding a state request: {e}")))],
         };
         Box::new(move || {
@@ -594,19 +607,22 @@ impl StateLog {
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
 
-        let producer: ThreadedProducer<RequestDeliveries> = producer_config(&[
+        let producer_config = producer_config(&[
             ("enable.idempotence", "true"),
             ("acks", "all"),
             ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
             ("linger.ms", "1"),
             ("message.timeout.ms", "30000"),
-        ])
-        .create_with_context(RequestDeliveries { waiters: waiters.clone() })
-        .context("creating the state request producer")?;
+        ]);
+        let request_bytes = request_bytes(producer_config.get("message.max.bytes"));
+        let producer: ThreadedProducer<RequestDeliveries> = producer_config
+            .create_with_context(RequestDeliveries { waiters: waiters.clone() })
+            .context("creating the state request producer")?;
         let log = Arc::new(Self {
             node,
             next_id: Mutex::new(1),
             requests: options.requests.to_owned(),
+            request_bytes,
             producer: Mutex::new(Some(producer)),
             waiters,
             progress,
@@ -1630,7 +1646,7 @@ mod tests {
         let encoded: Vec<Vec<u8>> = ops.iter().map(|op| serde_json::to_vec(op).unwrap()).collect();
         let mut read_back = Vec::new();
         let mut sizes = Vec::new();
-        for (id, chunk) in requests(&encoded).enumerate() {
+        for (id, chunk) in requests(&encoded, REQUEST_BYTES).enumerate() {
             let payload = request_payload("node-a", id as u64, chunk);
             let Read::Request(request) = Read::of(Some(&payload)) else { panic!("the owner reads request {id}") };
             assert_eq!((request.node.as_str(), request.id), ("node-a", id as u64));
@@ -1641,6 +1657,10 @@ mod tests {
         let counts: Vec<usize> = sizes.iter().map(|(ops, _)| *ops).collect();
         assert_eq!(counts, [2, 2, 1, 200, 200, 51]);
         assert!(sizes.iter().all(|&(ops, bytes)| bytes < 1_000_000 || ops == 1), "{sizes:?}");
+        // An operator's smaller `message.max.bytes` makes smaller requests.
+        assert_eq!(request_bytes(None), REQUEST_BYTES);
+        assert_eq!(request_bytes(Some("33554432")), REQUEST_BYTES);
+        assert_eq!(request_bytes(Some("150000")), 72_952);
     }
 
     /// docs/cluster.md, a broker's loss: an operator's shorter `max.poll.interval.ms`

@@ -1,23 +1,13 @@
 //! `run --fax` (docs/load-testing.md): the load tester predicts each fax mail by the
 //! Message-ID the engine gives it, so every fax mail is matched, none lost or unexpected.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn a_run_with_faxes_matches_every_fax_mail_it_expects() {
-    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
-    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(loadtest)
-        .args(["run", "--numbers", "2000", "--rate", "200", "--fax", "0.2", "--duration", "3s", "--quiet"])
-        .arg("--workdir")
-        .arg(dir.path().join("work"))
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .arg("--engine")
-        .arg(&engine)
-        .output()
-        .unwrap();
+    let args = ["run", "--numbers", "2000", "--rate", "200", "--fax", "0.2", "--duration", "3s", "--quiet"];
+    let out = common::loadtest(dir.path(), &args).output().unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
     let report: serde_json::Value =

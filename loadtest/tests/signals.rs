@@ -5,6 +5,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 /// The pids of the running `callnotify serve` processes whose parent is `parent`.
 fn engines_of(parent: u32) -> Vec<u32> {
     children_running(parent, b"serve")
@@ -43,18 +45,8 @@ fn start_run(dir: &std::path::Path, timing: &[&str]) -> std::process::Child {
 
 /// [`start_run`] of `numbers` numbers.
 fn start_run_of(dir: &std::path::Path, numbers: u32, timing: &[&str]) -> std::process::Child {
-    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
-    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
-    assert!(engine.exists(), "{} is built by `cargo test --workspace` (or `cargo build`)", engine.display());
-    Command::new(loadtest)
-        .args(["run", "--numbers", &numbers.to_string(), "--rate", "100", "--quiet"])
+    common::loadtest(dir, &["run", "--numbers", &numbers.to_string(), "--rate", "100", "--quiet"])
         .args(timing)
-        .arg("--workdir")
-        .arg(dir.join("work"))
-        .arg("--out")
-        .arg(dir.join("out"))
-        .arg("--engine")
-        .arg(&engine)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -205,21 +197,9 @@ fn a_load_test_stopped_while_smtp_source_runs_stops_it() {
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
-    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
-    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
-    let mut run = Command::new(loadtest)
-        .args(["smtp", "--numbers", "1000", "--mails", "100", "--rounds", "1", "--postfix-bin"])
-        .arg(&bin)
-        .arg("--workdir")
-        .arg(dir.path().join("work"))
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .arg("--engine")
-        .arg(&engine)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let postfix = bin.to_str().unwrap();
+    let args = ["smtp", "--numbers", "1000", "--mails", "100", "--rounds", "1", "--postfix-bin", postfix];
+    let mut run = common::loadtest(dir.path(), &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let source = loop {
         if let Some(&pid) = children_running(run.id(), b"3600").first() {

@@ -2,10 +2,12 @@
 //! when it ends. A broker outlives the run, and each run left six topics behind (a
 //! `state` run 10 000 000 records in a compacted one, which retention never removes).
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
+mod common;
 
 /// The topic names on `brokers`.
 fn topics(brokers: &str) -> Vec<String> {
@@ -19,21 +21,8 @@ fn topics(brokers: &str) -> Vec<String> {
 fn a_run_on_given_brokers_removes_the_topics_it_created() {
     let brokers = std::env::var("CALLNOTIFY_IT_BROKERS").expect("CALLNOTIFY_IT_BROKERS (scripts/integration.sh)");
     let dir = tempfile::tempdir().unwrap();
-    let loadtest = env!("CARGO_BIN_EXE_callnotify-loadtest");
-    let engine = std::path::Path::new(loadtest).with_file_name("callnotify");
-    assert!(engine.exists(), "{} is built by `cargo test --workspace` (or `cargo build`)", engine.display());
-    let child = Command::new(loadtest)
-        .args(["run", "--brokers", &brokers, "--numbers", "200", "--rate", "50", "--duration", "2s", "--quiet"])
-        .arg("--workdir")
-        .arg(dir.path().join("work"))
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .arg("--engine")
-        .arg(&engine)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let args = ["run", "--brokers", &brokers, "--numbers", "200", "--rate", "50", "--duration", "2s", "--quiet"];
+    let child = common::loadtest(dir.path(), &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     // Its topics are named STEM-PID-RANDOM.
     let run = format!("-{}-", child.id());
     let output = child.wait_with_output().unwrap();
