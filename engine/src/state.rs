@@ -678,8 +678,7 @@ impl StateLog {
         self.waiters.forget_all();
     }
 
-    /// Sends one request record.
-    /// Sends a request of `ops` (each one's JSON).
+    /// Sends one request record, of `ops` (each one's JSON).
     fn request(&self, ops: &[Vec<u8>]) -> Result<(u64, std::sync::mpsc::Receiver<Results>), String> {
         // Ids reach the topic in the order they are given (an owner taking over skips
         // every id up to the last answered): one sender at a time.
