@@ -8,9 +8,7 @@
 
 use std::collections::HashMap;
 
-use axum::http::header::LOCATION;
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use engine::address::DestinationAddress;
 use engine::deliver::{TestMailError, TEST_MAILS_PER_MINUTE};
 use engine::phone::PhoneNumber;
@@ -44,12 +42,6 @@ pub(super) const STALE: &str = "この設定は、別の画面で変更されて
 pub(super) const TESTED: &str = "tested=1";
 /// The query of the GET after a save.
 pub(super) const SAVED_QUERY: &str = "saved=1";
-
-/// `303 See Other` to a path of the site's own.
-pub(super) fn redirect_to(location: &str) -> Response {
-    let location = HeaderValue::from_str(location).expect("a path of the site's is a valid header");
-    (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
-}
 
 /// Whether a change of the destinations may be saved.
 pub(super) enum Confirmed {

@@ -28,7 +28,6 @@ use engine::phone::PhoneNumber;
 use engine::render::{format_jst, jst};
 use engine::store::FaxRecord;
 
-use super::destinations::redirect_to;
 use super::numbers::{allowed_fax_number, fax_settings_path, faxes_path, not_found};
 use super::{csrf, html, require_session, Authed, Denied, Gate, SiteError, SiteState};
 
@@ -204,13 +203,13 @@ pub async fn show(
     headers: HeaderMap,
     Path(address): Path<FaxAddress>,
 ) -> Result<Response, SiteError> {
+    let asked = format!("{}/{}/{}", address.0, address.1, address.2);
     let authed = match require_session(&state, &headers, Gate::PasswordChanged).await {
         Ok(authed) => authed,
         Err(denied) => {
-            let key = format!("{}/{}/{}", address.0, address.1, address.2);
             // The fax mail's link: the login page (not logged in) or the password change
             // first due (R-S4), then this fax.
-            let next = match (&denied, fax_to_show(&key)) {
+            let next = match (&denied, fax_to_show(&asked)) {
                 (Denied::Login | Denied::Ended | Denied::Invalidated, Some(key)) => {
                     let notice = denied.login_notice().map(|n| format!("notice={n}&")).unwrap_or_default();
                     format!("/login?{notice}fax={key}")
@@ -218,10 +217,9 @@ pub async fn show(
                 (Denied::ChangePassword, Some(key)) => format!("/password?fax={key}"),
                 _ => return Ok(denied.into_response()),
             };
-            return Ok(redirect_to(&next));
+            return Ok(super::redirect(&next));
         }
     };
-    let asked = format!("{}/{}/{}", address.0, address.1, address.2);
     let Some(record) = fax_of(&state, authed.session.number, address).await? else {
         return Ok(match fax_to_show(&asked) {
             Some(key) => fax_of_another_login(key, &authed.session.csrf),
@@ -390,7 +388,7 @@ pub async fn delete(
     let key = record.key();
     let deleted = state.read(move |store| store.delete_fax(&key)).await?;
     tracing::info!(login = %session.number, fax = %record.key(), deleted, "fax deleted");
-    Ok(redirect_to(&format!("{}?{DELETED_QUERY}", faxes_path(&record.number))))
+    Ok(super::redirect(&format!("{}?{DELETED_QUERY}", faxes_path(&record.number))))
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ pub async fn submit(
     };
     // The login form's token cookie stays: another login tab still submits (R-S9).
     let cookies = [state.set_cookie(&state.session_cookie(), Some(&id))];
-    Ok(with_cookies(super::destinations::redirect_to(&next), cookies))
+    Ok(with_cookies(super::redirect(&next), cookies))
 }
 
 /// The logout form's one field.
@@ -219,7 +219,7 @@ pub async fn logout(
         Some(key) => format!("/login?notice=logout&fax={key}"),
         None => "/login?notice=logout".to_owned(),
     };
-    Ok(with_cookies(super::destinations::redirect_to(&next), [state.set_cookie(&state.session_cookie(), None)]))
+    Ok(with_cookies(super::redirect(&next), [state.set_cookie(&state.session_cookie(), None)]))
 }
 
 /// The number typed at login, as R-L2 has it: hyphens, spaces and full-width digits (a

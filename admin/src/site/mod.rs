@@ -361,8 +361,9 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// `303 See Other` to `location`: after a POST, the browser GETs the next page, so a
 /// reload does not resubmit the form.
-pub fn redirect(location: &'static str) -> Response {
-    (StatusCode::SEE_OTHER, [(LOCATION, HeaderValue::from_static(location))]).into_response()
+pub fn redirect(location: &str) -> Response {
+    let location = HeaderValue::from_str(location).expect("a path of the site's is a valid header");
+    (StatusCode::SEE_OTHER, [(LOCATION, location)]).into_response()
 }
 
 /// A logged-in request: the session id and a snapshot of the session.
@@ -414,7 +415,7 @@ impl IntoResponse for Denied {
     fn into_response(self) -> Response {
         match self {
             Self::Login | Self::Ended | Self::Invalidated => match self.login_notice() {
-                Some(notice) => destinations::redirect_to(&format!("/login?notice={notice}")),
+                Some(notice) => redirect(&format!("/login?notice={notice}")),
                 None => redirect("/login"),
             },
             Self::ChangePassword => redirect("/password"),

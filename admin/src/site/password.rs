@@ -195,10 +195,7 @@ pub async fn submit(
     state.sessions.remove_number(&number, &new_id).await?;
     // The fax a mail's link brought the subscriber for, once the change is done.
     let next = if fax.is_empty() { "/?notice=password".to_owned() } else { format!("/fax/{fax}") };
-    Ok(with_cookies(
-        super::destinations::redirect_to(&next),
-        [state.set_cookie(&state.session_cookie(), Some(&new_id))],
-    ))
+    Ok(with_cookies(super::redirect(&next), [state.set_cookie(&state.session_cookie(), Some(&new_id))]))
 }
 
 fn password_page(session: &Session, policy: PasswordPolicy, errors: &[String], fax: &str) -> String {

@@ -20,8 +20,7 @@ use engine::render::MailService;
 use engine::store::{Destination, Store, StoreError};
 
 use super::destinations::{
-    confirm_change, redirect_to, send_test, test_row, Confirmed, FIX_ROWS, LOGGED_IN_AGAIN, SAVED, SAVED_QUERY, STALE,
-    TESTED,
+    confirm_change, send_test, test_row, Confirmed, FIX_ROWS, LOGGED_IN_AGAIN, SAVED, SAVED_QUERY, STALE, TESTED,
 };
 use super::form_parts::{ChoiceError, CurrentPassword, Row};
 use super::numbers::not_found;
@@ -248,7 +247,7 @@ pub(super) async fn submit<P: SettingsPage>(
                 state.sessions.take_flash(&id, &P::path(&number)).await?;
             }
             state.metrics.settings_saved();
-            Ok(redirect_to(&format!("{}?{SAVED_QUERY}", P::path(&number))))
+            Ok(super::redirect(&format!("{}?{SAVED_QUERY}", P::path(&number))))
         }
         Err(StoreError::StaleVersion { current }) => {
             tracing::info!(page = P::NAME, login = %session.number, %number, version, current, "stale settings form refused");
@@ -291,5 +290,5 @@ pub(super) async fn test_mail<P: SettingsPage>(
     let page = P::render(&view, &tested.notice, &entered, &tested.errors, &P::destination_errors(tested.rows));
     let path = P::path(&number);
     state.sessions.set_flash(&id, path.clone(), page).await?;
-    Ok(redirect_to(&format!("{path}?{TESTED}")))
+    Ok(super::redirect(&format!("{path}?{TESTED}")))
 }
