@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use crate::decode::CdrFormat;
 
+mod ip_range;
+pub use ip_range::IpRange;
+
 /// The defaults, documented key by key.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
@@ -214,11 +217,11 @@ pub struct AdminSettings {
     /// R-S8): it speaks plain HTTP to the proxy but sets `Secure` cookies and HSTS.
     #[serde(default)]
     pub behind_tls_proxy: bool,
-    /// The proxies' addresses, whose `X-Forwarded-For` names the client (besides the
-    /// loopback addresses, always trusted): a client reaching the site directly cannot
-    /// name itself a fresh address per login and so slip the login brake.
+    /// The proxies' addresses or subnets, whose `X-Forwarded-For` names the client
+    /// (besides the loopback addresses, always trusted): a client reaching the site
+    /// directly cannot name itself a fresh address per login and so slip the login brake.
     #[serde(default)]
-    pub proxy_addresses: Vec<std::net::IpAddr>,
+    pub proxy_addresses: Vec<IpRange>,
     /// Connections each listener (site, IVR API) holds open at once.
     pub max_connections: usize,
     /// Of those, from one IP address: one client cannot take them all.
@@ -902,7 +905,12 @@ mod tests {
         let err = vars(&[]).unwrap_err().to_string();
         assert!(err.contains("admin.proxy_addresses"), "{err}");
         let named = vars(&[("CALLNOTIFY__ADMIN__PROXY_ADDRESSES", r#"["10.0.0.5"]"#)]).unwrap();
-        assert_eq!(named.admin.proxy_addresses, ["10.0.0.5".parse::<std::net::IpAddr>().unwrap()]);
+        assert_eq!(named.admin.proxy_addresses, ["10.0.0.5".parse::<IpRange>().unwrap()]);
+        let subnet = vars(&[("CALLNOTIFY__ADMIN__PROXY_ADDRESSES", r#"["10.0.4.0/24", "fd00:1::/64"]"#)]).unwrap();
+        assert_eq!(subnet.admin.proxy_addresses.len(), 2);
+        assert!(subnet.admin.proxy_addresses[0].contains("10.0.4.77".parse().unwrap()));
+        let typo = vars(&[("CALLNOTIFY__ADMIN__PROXY_ADDRESSES", r#"["10.0.4.1/24"]"#)]).unwrap_err().to_string();
+        assert!(typo.contains("10.0.4.0/24"), "{typo}");
     }
 
     #[test]

@@ -57,7 +57,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use engine::config::PasswordPolicy;
+use engine::config::{IpRange, PasswordPolicy};
 use engine::deliver::TestMailer;
 use engine::error_event::ErrorEvent;
 use engine::store::{Store, StoreError};
@@ -111,7 +111,7 @@ pub struct SiteState {
     /// added to `X-Forwarded-For`, not the connection's.
     pub(crate) behind_proxy: bool,
     /// `admin.proxy_addresses`: besides loopback, the peers whose `X-Forwarded-For` counts.
-    proxies: Arc<[std::net::IpAddr]>,
+    proxies: Arc<[IpRange]>,
     /// Logins, saves and test mails counted, and failed requests with them.
     pub(crate) metrics: Metrics,
 }
@@ -153,7 +153,7 @@ impl SiteState {
     /// Takes the client's address from the proxy's `X-Forwarded-For` (set with
     /// `admin.behind_tls_proxy`), for the login throttle, when the request comes from
     /// loopback or one of `proxies` (`admin.proxy_addresses`).
-    pub fn with_proxy(mut self, behind_proxy: bool, proxies: &[std::net::IpAddr]) -> Self {
+    pub fn with_proxy(mut self, behind_proxy: bool, proxies: &[IpRange]) -> Self {
         self.behind_proxy = behind_proxy;
         self.proxies = proxies.into();
         self
@@ -170,8 +170,9 @@ impl SiteState {
     /// request without a peer is a test calling the router directly.)
     pub(crate) fn client(&self, peer: Option<std::net::SocketAddr>, headers: &HeaderMap) -> Option<std::net::IpAddr> {
         // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
-        let from_proxy =
-            peer.map(|p| p.ip().to_canonical()).is_none_or(|ip| ip.is_loopback() || self.proxies.contains(&ip));
+        let from_proxy = peer
+            .map(|p| p.ip().to_canonical())
+            .is_none_or(|ip| ip.is_loopback() || self.proxies.iter().any(|range| range.contains(ip)));
         if self.behind_proxy && from_proxy {
             let last = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).next_back();
             let forwarded = last.and_then(|v| v.rsplit(',').next()).map(str::trim).and_then(|last| {

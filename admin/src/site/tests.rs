@@ -816,6 +816,22 @@ async fn behind_the_proxy_a_client_reaching_the_site_directly_cannot_name_its_ad
     assert_eq!(state.client(Some(mapped), &headers), Some("198.51.100.7".parse().unwrap()), "the proxy, mapped");
 }
 
+/// A load balancer whose machines come and go is named by its subnet
+/// (`admin.proxy_addresses = ["10.0.4.0/24"]`): each of its machines is a proxy, and a
+/// client outside it still cannot name its address.
+#[tokio::test]
+async fn behind_the_proxy_its_machines_are_named_by_their_subnet() {
+    let state = app().state.clone().with_proxy(true, &["10.0.4.0/24".parse().unwrap()]);
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("x-forwarded-for", "198.51.100.7".parse().unwrap());
+    for proxy in ["10.0.4.1:5000", "10.0.4.200:5000", "[::ffff:10.0.4.9]:5000"] {
+        let proxy: std::net::SocketAddr = proxy.parse().unwrap();
+        assert_eq!(state.client(Some(proxy), &headers), Some("198.51.100.7".parse().unwrap()), "{proxy}");
+    }
+    let outside: std::net::SocketAddr = "10.0.5.1:5000".parse().unwrap();
+    assert_eq!(state.client(Some(outside), &headers), Some(outside.ip()));
+}
+
 /// A login form sent from `client` (the connection's address, as `serve` hands it on).
 async fn login_from(app: &App, client: &str, number: &str, password: &str) -> Reply {
     send(app, login_request_from(app, client, number, password).await).await
