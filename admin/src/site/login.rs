@@ -18,6 +18,9 @@ use crate::credentials::{LoginFailure, LoginOk};
 
 /// The one answer to every failed login.
 pub const FAILURE_MESSAGE: &str = "電話番号またはパスワードが正しくありません。";
+/// A login sent with a field blank (a browser that ignores `required`).
+const NUMBER_MISSING: &str = "電話番号を入力してください。";
+const PASSWORD_MISSING: &str = "パスワードを入力してください。";
 /// Past the login throttle ([`super::throttle`]).
 pub const THROTTLED_MESSAGE: &str =
     "ログインの失敗が続いたため、しばらくログインできません。15分ほどたってからもう一度お試しください。";
@@ -106,6 +109,17 @@ pub async fn submit(
     if !csrf::matches(token, &form.csrf) {
         tracing::info!("site login refused: CSRF token missing or wrong");
         return Err(SiteError::Csrf);
+    }
+    // A blank field is asked for, neither checked nor counted (R-S2/R-S3 count wrong
+    // passwords): phones that ignore `required` invalidated temporary passwords.
+    let blank = match (form.number.trim().is_empty(), form.password.is_empty()) {
+        (true, _) => Some(NUMBER_MISSING),
+        (false, true) => Some(PASSWORD_MISSING),
+        (false, false) => None,
+    };
+    if let Some(missing) = blank {
+        let fax = super::fax::fax_to_show(&form.fax).unwrap_or("");
+        return Ok(Html(login_page_with(&form.csrf, None, Some(missing), &form.number, fax)).into_response());
     }
     let now = state.clock.now();
     let client = state.client(peer.map(|p| p.0 .0.addr), &headers);

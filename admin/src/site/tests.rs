@@ -1053,6 +1053,26 @@ async fn r_s2_a_blank_current_password_is_asked_for_not_counted() {
     assert_eq!(get(&app, "/password", &cookies).await.status, StatusCode::OK, "still logged in");
 }
 
+/// R-S2/R-S3 count wrong passwords: a blank one is not a try. A phone that ignores
+/// `required` sent three blank logins and invalidated a new temporary password (and
+/// five braked its address); the other password fields already asked instead.
+#[tokio::test]
+async fn r_s2_a_blank_login_is_asked_for_not_counted() {
+    let app = app();
+    app.f.credentials.set_temporary_async(n(CONTRACT), TEMPORARY.into(), t0()).await.unwrap();
+    for _ in 0..6 {
+        let blank = login_from(&app, "198.51.100.7", CONTRACT, "").await;
+        assert_eq!(blank.status, StatusCode::OK, "asked again, not braked");
+        assert!(blank.body.contains("パスワードを入力してください。"), "{}", blank.body);
+        assert!(blank.body.contains(&format!("value=\"{CONTRACT}\"")), "the number stays");
+        let no_number = login_from(&app, "198.51.100.7", "", TEMPORARY).await;
+        assert!(no_number.body.contains("電話番号を入力してください。"), "{}", no_number.body);
+    }
+    assert_eq!(app.f.credentials.record(&n(CONTRACT)).unwrap().unwrap().failures, 0);
+    let reply = login_from(&app, "198.51.100.7", CONTRACT, TEMPORARY).await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER, "the temporary password still logs in: {}", reply.body);
+}
+
 /// The `maxlength` of the input `id` in `html`.
 fn maxlength(html: &str, id: &str) -> Option<usize> {
     let input = &html[html.find(&format!("<input id=\"{id}\""))?..];
