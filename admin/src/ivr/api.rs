@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -118,12 +118,16 @@ impl ApiState {
     }
 }
 
+/// The largest request body the IVR API reads: a caller id or a few digits.
+pub const BODY_LIMIT: usize = 4 * 1024;
+
 /// The IVR API's routes, ready to be merged into the admin app or served alone.
 pub fn router(state: ApiState) -> Router {
     let failures = Reporter { metrics: state.metrics.clone(), event: ErrorEvent::IvrRequest };
     Router::new()
         .route("/ivr/calls", post(start_call))
         .route("/ivr/calls/{id}/digits", post(digits))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response_with_state(failures, failure::report))
         .with_state(state)
 }

@@ -50,6 +50,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::rejection::FormRejection;
+use axum::extract::DefaultBodyLimit;
 use axum::http::header::{
     CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE, STRICT_TRANSPORT_SECURITY,
 };
@@ -268,6 +269,12 @@ pub const SESSION_COOKIE: &str = "callnotify_session";
 /// Base name of the pre-session CSRF cookie.
 pub const CSRF_COOKIE: &str = "callnotify_csrf";
 
+/// The largest form body the site reads: its forms are a few fields (five addresses
+/// and a list of callers at most), and a body is held in memory until it is whole.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// `/unit`'s: it carries the password of every number of a line that logs in (R-O2).
+pub const UNIT_BODY_LIMIT: usize = 1024 * 1024;
+
 /// The site's routes, ready to be merged into the admin app or served alone.
 pub fn router(state: SiteState) -> Router {
     use fax_settings::FaxPage;
@@ -277,7 +284,7 @@ pub fn router(state: SiteState) -> Router {
         .route("/login", get(login::show).post(login::submit))
         .route("/logout", post(login::logout))
         .route("/password", get(password::show).post(password::submit))
-        .route("/unit", get(unit::show).post(unit::submit))
+        .route("/unit", get(unit::show).post(unit::submit).layer(DefaultBodyLimit::max(UNIT_BODY_LIMIT)))
         .route("/numbers", get(numbers::show))
         .route("/numbers/{number}/call", get(settings_page::show::<CallPage>).post(settings_page::submit::<CallPage>))
         .route("/numbers/{number}/call/test/{row}", post(settings_page::test_mail::<CallPage>))
@@ -296,6 +303,7 @@ pub fn router(state: SiteState) -> Router {
         if state.secure { routes.layer(axum::middleware::map_response(strict_transport_security)) } else { routes };
     let failures = Reporter { metrics: state.metrics.clone(), event: ErrorEvent::SiteRequest };
     routes
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::map_response_with_state(failures, failure::report))
         .with_state(state)
@@ -478,6 +486,11 @@ impl IntoResponse for SiteError {
                 StatusCode::FORBIDDEN,
                 "エラー",
                 "不正なリクエストです。ページを開き直してから、もう一度操作してください。",
+            ),
+            Self::Form(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "エラー",
+                "送信された内容が大きすぎます。ページを開き直してから、もう一度操作してください。",
             ),
             Self::Form(_) | Self::BadForm(_) => {
                 (StatusCode::BAD_REQUEST, "エラー", "入力内容を読み取れませんでした。もう一度操作してください。")

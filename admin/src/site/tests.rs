@@ -1073,6 +1073,28 @@ async fn r_s2_a_blank_login_is_asked_for_not_counted() {
     assert_eq!(reply.status, StatusCode::SEE_OTHER, "the temporary password still logs in: {}", reply.body);
 }
 
+/// The site's forms are a few fields: a body past the limit is refused, in Japanese,
+/// before it is read whole (axum read up to 2 MiB, and a connection sending one slowly
+/// held that much for minutes). `/unit` carries a password per number of a line and
+/// takes more.
+#[tokio::test]
+async fn a_form_past_the_limit_is_refused_before_it_is_read() {
+    let app = app();
+    let token = login_token(&app).await;
+    let padded = format!("number={CONTRACT}&password={PASSWORD}&csrf={token}&pad={}", "x".repeat(super::BODY_LIMIT));
+    let reply = post(&app, "/login", &format!("{CSRF_COOKIE}={token}"), &padded).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(reply.body.contains("送信された内容が大きすぎます。"), "{}", reply.body);
+    app.f.store.set_line_unit(&n(CONTRACT), engine::store::AuthUnit::Number).unwrap();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    let csrf = get(&app, "/unit", &cookies).await.csrf();
+    let large = format!("csrf={csrf}&pad={}", "x".repeat(2 * super::BODY_LIMIT));
+    assert_ne!(post(&app, "/unit", &cookies, &large).await.status, StatusCode::PAYLOAD_TOO_LARGE, "/unit takes more");
+    let huge = format!("csrf={csrf}&pad={}", "x".repeat(super::UNIT_BODY_LIMIT));
+    assert_eq!(post(&app, "/unit", &cookies, &huge).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
 /// The `maxlength` of the input `id` in `html`.
 fn maxlength(html: &str, id: &str) -> Option<usize> {
     let input = &html[html.find(&format!("<input id=\"{id}\""))?..];

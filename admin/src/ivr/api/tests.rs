@@ -289,3 +289,18 @@ async fn r_m3_a_call_whose_number_left_the_line_ends_and_is_counted_as_such() {
     assert_eq!(f.credentials.record(&n(ADDITIONAL)).unwrap(), None);
     assert_eq!((outcomes(&state, "number_left"), outcomes(&state, "invalid_entries")), (1.0, 0.0));
 }
+
+/// A request is a caller id or a few digits: a body past [`BODY_LIMIT`] is refused
+/// before it is read whole (it was read up to axum's 2 MiB, and a connection sending one
+/// slowly held that much for minutes).
+#[tokio::test]
+async fn a_body_past_the_limit_is_refused_before_it_is_read() {
+    let f = fixture();
+    let (_, app) = app(&f);
+    let padded = json!({ "caller": CONTRACT, "pad": "x".repeat(BODY_LIMIT) }).to_string();
+    let (status, body) = post(&app, "/ivr/calls", &padded).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["error"], "bad_request");
+    let (status, _) = start(&app, CONTRACT).await;
+    assert_eq!(status, StatusCode::OK, "a request of its size is answered");
+}
