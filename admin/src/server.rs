@@ -103,7 +103,8 @@ impl Bound {
             .with_proxy(admin.behind_tls_proxy, &admin.proxy_addresses)
             .with_metrics(metrics.clone());
         let site_app = site::router(site_state);
-        let ivr_app = router(ApiState::new(Ivr::new(store, credentials, clock)).with_metrics(metrics.clone()));
+        let ivr_state = ApiState::new(Ivr::new(store, credentials, clock)).with_platforms(&admin.ivr_addresses);
+        let ivr_app = router(ivr_state.with_metrics(metrics.clone()));
 
         let (site_listener, site) = listen("admin.listen", self.site)?;
         let (ivr_listener, ivr) = listen("admin.ivr_listen", self.ivr)?;

@@ -204,6 +204,10 @@ pub struct AdminSettings {
     /// The IVR platform's API. It trusts the caller ID it is sent, so only the IVR
     /// platform may reach it: never the address subscribers reach.
     pub ivr_listen: SocketAddr,
+    /// The IVR platform's addresses or subnets: besides loopback, the only peers the IVR
+    /// API answers. Whoever reaches it can set a temporary password for any number.
+    #[serde(default)]
+    pub ivr_addresses: Vec<IpRange>,
     /// Which rule a new password on the settings site follows.
     #[serde(default)]
     pub password_policy: PasswordPolicy,
@@ -482,6 +486,14 @@ impl Settings {
             // braked under the proxy's one address, one subscriber's typos braking all.
             return invalid(
                 "admin.behind_tls_proxy with admin.listen beyond loopback needs admin.proxy_addresses: the proxy's addresses, whose X-Forwarded-For names each client",
+            );
+        }
+        if !self.admin.ivr_listen.ip().to_canonical().is_loopback() && self.admin.ivr_addresses.is_empty() {
+            // The API takes the caller ID it is sent: anyone reaching it could set a
+            // temporary password for any number and log in as its subscriber.
+            return invalid(
+                "admin.ivr_listen beyond loopback needs admin.ivr_addresses: the IVR platform's addresses, the only \
+                 ones the API answers (it trusts the caller ID it is sent)",
             );
         }
         if !self.admin.behind_tls_proxy && !self.admin.proxy_addresses.is_empty() {
@@ -803,13 +815,32 @@ mod tests {
             ("CALLNOTIFY__METRICS__LISTEN", "127.0.0.1:0"),
             ("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:0"),
             ("CALLNOTIFY__ADMIN__IVR_LISTEN", "10.0.0.10:8081"),
+            ("CALLNOTIFY__ADMIN__IVR_ADDRESSES", r#"["10.0.0.20"]"#),
         ];
         assert!(load(&fine).is_ok());
         assert!(load(&[
             ("CALLNOTIFY__ADMIN__LISTEN", "127.0.0.1:8081"),
-            ("CALLNOTIFY__ADMIN__IVR_LISTEN", "10.0.0.10:8081")
+            ("CALLNOTIFY__ADMIN__IVR_LISTEN", "10.0.0.10:8081"),
+            ("CALLNOTIFY__ADMIN__IVR_ADDRESSES", r#"["10.0.0.20"]"#),
         ])
         .is_ok());
+    }
+
+    /// The IVR API trusts the caller ID it is sent: listening beyond loopback, it answered
+    /// anyone who reached it, who could set a temporary password for any number (R-I1)
+    /// and log in as its subscriber. It now needs the platform's addresses.
+    #[test]
+    fn an_ivr_api_beyond_loopback_names_the_platform() {
+        let load = |vars: &[(&str, &str)]| Settings::load_from(None, env(vars));
+        let err = load(&[("CALLNOTIFY__ADMIN__IVR_LISTEN", "0.0.0.0:8081")]).unwrap_err().to_string();
+        assert!(err.contains("admin.ivr_addresses"), "{err}");
+        let named = load(&[
+            ("CALLNOTIFY__ADMIN__IVR_LISTEN", "0.0.0.0:8081"),
+            ("CALLNOTIFY__ADMIN__IVR_ADDRESSES", r#"["10.0.7.0/24"]"#),
+        ])
+        .unwrap();
+        assert!(named.admin.ivr_addresses[0].contains("10.0.7.3".parse().unwrap()));
+        assert!(load(&[("CALLNOTIFY__ADMIN__IVR_LISTEN", "[::1]:8081")]).is_ok(), "loopback needs none");
     }
 
     /// R-F1: the fax mail links to the fax at `admin.public_url`: an address a mail

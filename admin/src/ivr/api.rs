@@ -33,6 +33,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use chrono::{DateTime, Duration, Utc};
 use dashmap::DashMap;
+use engine::config::IpRange;
 use engine::error_event::ErrorEvent;
 use engine::telemetry::{IvrCall, Metrics};
 
@@ -57,6 +58,9 @@ pub struct ApiState {
     /// starting at once cannot both see room under [`MAX_CALLS_PER_CALLER`].
     admitting: Arc<std::sync::Mutex<()>>,
     idle_timeout: Duration,
+    /// `admin.ivr_addresses`: besides loopback, the peers answered. The API trusts the
+    /// caller ID it is sent, so anyone else could set a temporary password for any number.
+    platforms: Arc<[IpRange]>,
     /// Calls counted by outcome, temporary passwords set, failed requests.
     metrics: Metrics,
 }
@@ -85,6 +89,7 @@ impl ApiState {
             calls: Arc::default(),
             admitting: Arc::default(),
             idle_timeout: IDLE_TIMEOUT,
+            platforms: Arc::from([]),
             metrics: Metrics::new(),
         }
     }
@@ -92,6 +97,12 @@ impl ApiState {
     /// Counts calls and failed requests in the engine's `metrics`.
     pub fn with_metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = metrics;
+        self
+    }
+
+    /// Answers `platforms` (`admin.ivr_addresses`) besides loopback.
+    pub fn with_platforms(mut self, platforms: &[IpRange]) -> Self {
+        self.platforms = platforms.into();
         self
     }
 
@@ -128,6 +139,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/ivr/calls", post(start_call))
         .route("/ivr/calls/{id}/digits", post(digits))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), from_platform))
         .layer(axum::middleware::map_response_with_state(failures, failure::report))
         .with_state(state)
 }
@@ -158,6 +170,23 @@ impl StepResponse {
         let (prompt, text) = step.prompt.map(|p| (p.id, p.text)).unzip();
         Self { call_id, prompt, text, awaiting: step.awaiting, ends: step.ends }
     }
+}
+
+/// Answers only loopback and `admin.ivr_addresses`: 403 `not_platform` to anyone else.
+/// (A request without a peer is a test calling the router directly.)
+async fn from_platform(
+    State(state): State<ApiState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<crate::site::Peer>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(peer) = peer.map(|p| p.0 .0.addr.ip().to_canonical()) {
+        if !peer.is_loopback() && !state.platforms.iter().any(|range| range.contains(peer)) {
+            tracing::warn!(%peer, "IVR API request refused: not from admin.ivr_addresses");
+            return ApiError::NotPlatform.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 async fn start_call(
@@ -267,6 +296,8 @@ pub enum ApiError {
     Busy,
     #[error("this call's previous entry is still being handled: send the next once it is answered")]
     EntryUnderWay,
+    #[error("this address is not the IVR platform's (admin.ivr_addresses)")]
+    NotPlatform,
 }
 
 /// Calls one number may have open at once: a phone has one line, and a few cover a
@@ -295,6 +326,7 @@ impl IntoResponse for ApiError {
             Self::Refused(_) => (StatusCode::FORBIDDEN, "refused"),
             Self::Busy => (StatusCode::TOO_MANY_REQUESTS, "busy"),
             Self::EntryUnderWay => (StatusCode::CONFLICT, "entry_under_way"),
+            Self::NotPlatform => (StatusCode::FORBIDDEN, "not_platform"),
             Self::UnknownCall => (StatusCode::NOT_FOUND, "unknown_call"),
             Self::OtherNode => (StatusCode::MISDIRECTED_REQUEST, "other_node"),
             Self::BadRequest { status, .. } => (*status, "bad_request"),

@@ -304,3 +304,30 @@ async fn a_body_past_the_limit_is_refused_before_it_is_read() {
     let (status, _) = start(&app, CONTRACT).await;
     assert_eq!(status, StatusCode::OK, "a request of its size is answered");
 }
+
+/// The API trusts the caller ID it is sent: anyone reaching it could set a temporary
+/// password for any number and log in as its subscriber. Only loopback and
+/// `admin.ivr_addresses` are answered.
+#[tokio::test]
+async fn only_the_ivr_platform_is_answered() {
+    let f = fixture();
+    let state = ApiState::new(f.ivr.clone()).with_platforms(&["10.0.7.0/24".parse().unwrap()]);
+    let app = router(state.clone());
+    let from = |peer: &str| {
+        let peer = crate::site::Peer { addr: peer.parse().unwrap(), answering: Default::default() };
+        let body = json!({ "caller": CONTRACT }).to_string();
+        let request = Request::post("/ivr/calls")
+            .header("content-type", "application/json")
+            .extension(axum::extract::ConnectInfo(peer))
+            .body(Body::from(body));
+        let app = app.clone();
+        async move { app.oneshot(request.unwrap()).await.unwrap().status() }
+    };
+    assert_eq!(from("203.0.113.5:40000").await, StatusCode::FORBIDDEN);
+    assert_eq!(from("10.0.8.1:40000").await, StatusCode::FORBIDDEN);
+    assert_eq!(state.live_calls(), 0, "no call started for a stranger");
+    assert_eq!(from("10.0.7.9:40000").await, StatusCode::OK);
+    assert_eq!(from("[::ffff:10.0.7.10]:40000").await, StatusCode::OK, "as a dual-stack listener sees it");
+    assert_eq!(from("127.0.0.1:40000").await, StatusCode::OK, "a platform on this host");
+    assert_eq!(state.live_calls(), 3);
+}
