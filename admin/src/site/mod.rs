@@ -303,6 +303,7 @@ pub fn router(state: SiteState) -> Router {
         if state.secure { routes.layer(axum::middleware::map_response(strict_transport_security)) } else { routes };
     let failures = Reporter { metrics: state.metrics.clone(), event: ErrorEvent::SiteRequest };
     routes
+        .layer(axum::middleware::map_response(unreadable_address))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::map_response_with_state(failures, failure::report))
@@ -325,6 +326,17 @@ async fn page_not_found() -> Response {
         "ページが見つかりません",
         "お探しのページは見つかりませんでした。アドレスをご確認ください。",
     )
+}
+
+/// axum's own answer to an address whose parts do not decode (`/numbers/%FF/call`):
+/// English plain text naming the route's parameter. The page was not found.
+async fn unreadable_address(response: Response) -> Response {
+    let plain =
+        response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/plain"));
+    if response.status() == StatusCode::BAD_REQUEST && plain {
+        return page_not_found().await;
+    }
+    response
 }
 
 async fn method_not_allowed() -> Response {
@@ -351,6 +363,8 @@ pub async fn security_headers(mut response: Response) -> Response {
         CONTENT_SECURITY_POLICY,
         HeaderValue::from_static("default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"),
     );
+    // frame-ancestors' forerunner, for the old phones' browsers that know only it.
+    headers.insert(HeaderName::from_static("x-frame-options"), HeaderValue::from_static("DENY"));
     headers.insert(HeaderName::from_static("x-content-type-options"), HeaderValue::from_static("nosniff"));
     headers.insert(HeaderName::from_static("referrer-policy"), HeaderValue::from_static("no-referrer"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -354,9 +354,27 @@ async fn security_headers_are_on_every_site_response() {
             "{}",
             reply.status
         );
+        assert_eq!(h["x-frame-options"], "DENY", "browsers without frame-ancestors");
         assert_eq!(h["x-content-type-options"], "nosniff");
         assert_eq!(h["referrer-policy"], "no-referrer");
         assert_eq!(h["cache-control"], "no-store");
+    }
+}
+
+/// An address whose parts do not decode got axum's English plain text naming the
+/// route's parameter ("Invalid URL: Invalid UTF-8 in `number`"): it is a page not found.
+#[tokio::test]
+async fn an_address_that_does_not_decode_is_a_page_not_found() {
+    let app = app();
+    app.f.credentials.set_password_async(n(CONTRACT), PASSWORD.into(), t0()).await.unwrap();
+    let cookies = logged_in(&app, CONTRACT, PASSWORD).await;
+    for path in ["/numbers/%FF/call", "/fax/%FF/1/2", "/numbers/%C3%28/faxes"] {
+        for session in ["", cookies.as_str()] {
+            let reply = get(&app, path, session).await;
+            assert_eq!(reply.status, StatusCode::NOT_FOUND, "{path}");
+            assert!(reply.body.contains("お探しのページは見つかりませんでした。"), "{path}: {}", reply.body);
+            assert!(!reply.body.contains("Invalid"), "{path}");
+        }
     }
 }
 
