@@ -18,6 +18,8 @@ pub enum ErrorEvent {
     RevokeFlush,
     /// A committed offset is out of the partition's range.
     OffsetOutOfRange,
+    /// The broker refused a commit of CDR offsets (tried again at the next commit).
+    OffsetCommit,
     /// A partition assigned to a CDR consumer or to the state owner was not read for
     /// 15 s (its committed offset not fetched: librdkafka issue 5586): assigned again.
     PartitionUnread,
@@ -98,10 +100,11 @@ pub enum ErrorEvent {
 }
 
 impl ErrorEvent {
-    pub const ALL: [ErrorEvent; 33] = [
+    pub const ALL: [ErrorEvent; 34] = [
         ErrorEvent::DiskLow,
         ErrorEvent::RevokeFlush,
         ErrorEvent::OffsetOutOfRange,
+        ErrorEvent::OffsetCommit,
         ErrorEvent::PartitionUnread,
         ErrorEvent::Render,
         ErrorEvent::FaxKeep,
@@ -138,7 +141,7 @@ impl ErrorEvent {
     pub fn stage(self) -> &'static str {
         use ErrorEvent::*;
         match self {
-            RevokeFlush | OffsetOutOfRange | PartitionUnread => "source",
+            RevokeFlush | OffsetOutOfRange | OffsetCommit | PartitionUnread => "source",
             Render | FaxKeep => "pipeline",
             DeliveryStore => "deliver",
             RetryQueueRead | RetryQueueUnreadable | RetryQueueUnsendable | RetryQueueReschedule | RetryQueueFlush
@@ -160,6 +163,7 @@ impl ErrorEvent {
             DiskLow => "disk_low",
             RevokeFlush => "revoke_flush",
             OffsetOutOfRange => "offset_out_of_range",
+            OffsetCommit => "offset_commit",
             PartitionUnread => "partition_unread",
             Render => "render",
             FaxKeep => "fax_keep",

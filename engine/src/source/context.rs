@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -123,7 +124,48 @@ impl ClientContext for SourceContext {
     }
 }
 
+/// Commits the stored offsets without waiting, its answer coming back as an event on the
+/// consumer's queue, which `poll` hands to `commit_callback`. rdkafka's
+/// `commit_consumer_state` asks for no answer (fede1024/rust-rdkafka#856): a refused
+/// commit went unseen.
+fn commit_async(consumer: &BaseConsumer<SourceContext>) -> KafkaResult<()> {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is the live handle `consumer` owns, for the whole call. The queue is a
+    // new reference to the consumer's queue, which the commit takes a reference of its
+    // own to (librdkafka's `RD_KAFKA_REPLYQ`), so it is released here; no offsets list
+    // (the stored ones) and no callback (the answer is an event).
+    let error = unsafe {
+        let queue = rd::rd_kafka_queue_get_consumer(rk);
+        if queue.is_null() {
+            return Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup));
+        }
+        let error = rd::rd_kafka_commit_queue(rk, std::ptr::null(), queue, None, std::ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        error
+    };
+    match error {
+        rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+        error => Err(KafkaError::ConsumerCommit(error.into())),
+    }
+}
+
+/// Whether a commit went through: nothing to commit is nothing left undone.
+fn committed(result: &KafkaResult<()>) -> bool {
+    matches!(result, Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)))
+}
+
 impl ConsumerContext for SourceContext {
+    /// The broker's answer to an asynchronous commit ([`commit_async`]). A refusal (the group rebalancing, its coordinator moving, the principal's rights)
+    /// loses nothing: the offsets stay stored and go with the next commit, a second
+    /// later; until one goes through, a partition moving elsewhere is read again from
+    /// its last commit, its mails deduplicated by the changelogs.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        if !committed(&result) || offsets.elements().iter().any(|e| e.error().is_err()) {
+            self.commit_refused(&result, offsets);
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: HashSet<(usize, i32)> =
@@ -157,7 +199,7 @@ impl ConsumerContext for SourceContext {
                     self.metrics,
                     ErrorEvent::RevokeFlush,
                     error = %e,
-                    "store flush failed; offsets of revoked partitions not committed"
+                    "store flush or changelog write failed; offsets of revoked partitions not committed"
                 );
             }
         }
@@ -372,9 +414,8 @@ impl SourceContext {
         let records = self.changelog.mark();
         match self.changelog.confirm(&records, CONFIRM_WITHIN) {
             Ok(()) => {
-                self.commit_offsets(consumer, &offsets, CommitMode::Sync);
                 pending.raise.reset();
-                Ok(true)
+                Ok(self.commit_offsets(consumer, &offsets, CommitMode::Sync))
             }
             Err(late @ NotConfirmed::Late(_)) => {
                 self.raise_unconfirmed(&late);
@@ -391,8 +432,15 @@ impl SourceContext {
             "offsets not committed: the partition changelogs have not confirmed their records (a broker lost?); they wait on");
     }
 
-    /// Hands librdkafka `offsets` in one call, then commits.
-    fn commit_offsets(&self, consumer: &BaseConsumer<Self>, offsets: &HashMap<(usize, i32), i64>, mode: CommitMode) {
+    /// Hands librdkafka `offsets` in one call, then commits. Says whether the commit
+    /// went through; a refusal is raised, and the offsets stay stored for the next
+    /// commit. (An asynchronous one is answered later, in `commit_callback`.)
+    fn commit_offsets(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        offsets: &HashMap<(usize, i32), i64>,
+        mode: CommitMode,
+    ) -> bool {
         if !offsets.is_empty() {
             let mut list = TopicPartitionList::with_capacity(offsets.len());
             for (&(topic, partition), &offset) in offsets {
@@ -406,9 +454,33 @@ impl SourceContext {
                 tracing::debug!(error = %e, "offsets not stored (partitions no longer ours)");
             }
         }
-        if let Err(e) = consumer.commit_consumer_state(mode) {
-            tracing::debug!(error = %e, "commit: nothing to commit, or failed (retried at the next one)");
+        let result = match mode {
+            CommitMode::Sync => consumer.commit_consumer_state(mode),
+            CommitMode::Async => commit_async(consumer),
+        };
+        if committed(&result) {
+            return true;
         }
+        self.commit_refused(&result, &TopicPartitionList::new());
+        false
+    }
+
+    /// Raises a commit the broker refused, with the partitions it names.
+    fn commit_refused(&self, result: &KafkaResult<()>, offsets: &TopicPartitionList) {
+        let refused: Vec<String> = offsets
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_err())
+            .map(|e| format!("{}/{}@{:?}", e.topic(), e.partition(), e.offset()))
+            .collect();
+        let error = match result {
+            Err(e) => e.to_string(),
+            Ok(()) => {
+                offsets.elements().iter().find_map(|e| e.error().err()).map_or_else(String::new, |e| e.to_string())
+            }
+        };
+        crate::error_event!(self.metrics, ErrorEvent::OffsetCommit, error = %error, partitions = ?refused,
+            "offsets not committed (tried again at the next commit, every second)");
     }
 
     /// Moves a finished CDR's partition offset if it may (its delivery task wrote its

@@ -268,3 +268,30 @@ async fn a_partition_paused_moved_to_another_member_and_given_back_is_read_again
     assert_each_call_once(&mails, LIMIT + LATER);
     engine.stop().await;
 }
+
+/// A commit the broker refuses (here the group's rights; as well a group rebalancing or
+/// its coordinator moving) was logged at debug only and counted nowhere: an operator saw
+/// only the lag grow. It is raised (stage source, error `offset_commit`), and the
+/// engine goes on notifying (R-N1); the offsets go with the next commit once the broker
+/// takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n1_a_refused_commit_is_raised_and_the_engine_goes_on() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    const REFUSED: &str = "callnotify_errors_total{stage=\"source\",error=\"offset_commit\"}";
+    let h = Harness::new(1).await;
+    let engine = h.engine().await;
+    let cdrs = missed_calls_to_ten(&engine, "03500000", "refused", 2);
+    h.kafka.on_cluster(|cluster| {
+        let refusals = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED; 50];
+        cluster.request_errors(RDKafkaApiKey::OffsetCommit, &refusals);
+    });
+    h.produce(TOPIC, &cdrs[..1]).await;
+    h.mails(1).await;
+    engine.wait_metric(REFUSED, 1.0).await;
+    h.produce(TOPIC, &cdrs[1..]).await;
+    h.mails(2).await;
+    h.kafka.on_cluster(|cluster| cluster.clear_request_errors(RDKafkaApiKey::OffsetCommit));
+    let all = h.mails_after_control_call(&engine, 3).await;
+    assert_each_call_once(&all, 3);
+    engine.stop().await;
+}
