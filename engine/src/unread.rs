@@ -32,6 +32,9 @@ pub const UNREAD_AFTER: Duration = Duration::from_secs(15);
 /// most this passes before an unread partition is assigned again.
 pub const STATISTICS_INTERVAL_MS: &str = "5000";
 
+/// Tries at giving back partitions a cooperative assignor's consumer took off.
+const ASSIGN_TRIES: u32 = 5;
+
 /// A partition: topic and number.
 pub type Partition = (String, i32);
 
@@ -107,7 +110,19 @@ pub fn assign_again<C: ConsumerContext>(consumer: &BaseConsumer<C>, unread: &[Pa
                 list.add_partition(topic, *partition);
             }
             consumer.incremental_unassign(&list)?;
-            consumer.incremental_assign(&list)
+            // Taken off, they are read by nobody until they are given back: the group
+            // still counts them this member's. A refusal (a rebalance starting) is tried
+            // again for a second before it is given up.
+            let mut tries = 0;
+            loop {
+                match consumer.incremental_assign(&list) {
+                    Err(_) if tries < ASSIGN_TRIES => {
+                        tries += 1;
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    done => return done,
+                }
+            }
         }
         RebalanceProtocol::Eager | RebalanceProtocol::None => {
             // Every assigned partition, at the offset after the last message the

@@ -320,7 +320,9 @@ fn read_unread(consumer: &BaseConsumer<SourceContext>, paused: bool) -> Result<(
                 consumer.pause(&waiting)?;
             }
         }
-        Err(e) => tracing::warn!(error = %e, "assigning unread CDR partitions again failed; trying again later"),
+        Err(e) => tracing::warn!(error = %e, partitions = ?unread,
+            "assigning unread CDR partitions again failed; tried again while they stay unread (with a cooperative \
+             assignor, if they were taken off, at the next rebalance)"),
     }
     Ok(())
 }
