@@ -44,8 +44,16 @@ pub struct Report {
     pub mails_expected: u64,
     pub mails_received: u64,
     pub mails_per_s: f64,
+    /// From each CDR's sending to its mail's arrival.
     pub latency_ms: Percentiles,
-    pub lost: u64,
+    /// A paced run's CDRs sent more than 10 ms after their due time (the producer behind
+    /// its schedule): their latency does not count that wait (coordinated omission).
+    pub sent_late: u64,
+    /// The most a CDR was sent after its due time, ms.
+    pub sent_late_max_ms: f64,
+    /// Expected mails not received; `None` with a backlog, when the mails of CDRs the
+    /// engine never read cannot be told from lost ones.
+    pub lost: Option<u64>,
     /// CDRs produced but not consumed when the run ended (the engine fell behind).
     pub backlog: u64,
     pub duplicates: u64,
@@ -116,8 +124,9 @@ pub struct Second {
     pub produced: u64,
     pub consumed: u64,
     pub mails: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
+    /// `None` in a second without mails.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
     pub rss_mb: f64,
 }
 
@@ -134,11 +143,12 @@ impl Report {
                  losses, so the lost count ({}) does not say what the engine lost; see the broker",
                 self.produce_failed,
                 self.produce_error.as_deref().unwrap_or("none given"),
-                self.lost
+                self.lost.map_or("not counted".into(), |n| n.to_string())
             ));
         }
-        if self.lost > 0 || self.duplicates > 0 {
-            return Err(format!("{} mails lost and {} duplicated", self.lost, self.duplicates));
+        let lost = self.lost.unwrap_or(0);
+        if lost > 0 || self.duplicates > 0 {
+            return Err(format!("{lost} mails lost and {} duplicated", self.duplicates));
         }
         if self.unexpected > 0 {
             return Err(format!(
@@ -190,11 +200,24 @@ impl Report {
     }
 
     pub fn markdown(&self) -> String {
-        let offered =
-            self.offered_rate.map_or(format!("flat out (at most {} CDRs ahead of the engine)", self.max_lead), |r| {
-                format!("{r:.0} CDR/s")
-            });
+        let offered = self.offered_rate.map_or(
+            format!("flat out (at most {} CDRs ahead of the engine)", self.max_lead),
+            // As given: 0.25 is not "0".
+            |r| format!("{r} CDR/s"),
+        );
         let l = &self.latency_ms;
+        let latency = match l.count {
+            0 => "– (no mail matched)".to_owned(),
+            _ => format!("{:.1} / {:.1} / {:.1} / {:.1} / {:.1} ms", l.p50, l.p90, l.p99, l.p99_9, l.max),
+        };
+        let late = match self.offered_rate {
+            Some(_) => format!(
+                "| CDRs sent > 10 ms past their due time (their wait not in the latency) | {} (at most {:.1} ms late) |\n",
+                self.sent_late, self.sent_late_max_ms
+            ),
+            None => String::new(),
+        };
+        let lost = self.lost.map_or_else(|| "not counted (backlog)".to_owned(), |n| n.to_string());
         format!(
             "# callnotify load test\n\n\
              `{cmd}`\n\n\
@@ -206,7 +229,8 @@ impl Report {
              | CDRs produced (acknowledged by the broker) | {produced} ({pps:.0} CDR/s); {failed} failed |\n\
              | CDRs consumed by the engine | {consumed} ({cps:.0} CDR/s) |\n\
              | mails expected / received | {exp} / {rec} ({mps:.0} mails/s) |\n\
-             | latency p50 / p90 / p99 / p99.9 / max | {p50:.1} / {p90:.1} / {p99:.1} / {p999:.1} / {max:.1} ms |\n\
+             | latency p50 / p90 / p99 / p99.9 / max | {latency} |\n\
+             {late}\
              | lost / duplicates / unexpected / unread by the collector | {lost} / {dup} / {unexp} / {unread} |\n\
              | backlog at the end | {backlog} CDRs |\n\
              | engine max RSS | {rss:.0} MB |\n\
@@ -244,12 +268,6 @@ impl Report {
             exp = self.mails_expected,
             rec = self.mails_received,
             mps = self.mails_per_s,
-            p50 = l.p50,
-            p90 = l.p90,
-            p99 = l.p99,
-            p999 = l.p99_9,
-            max = l.max,
-            lost = self.lost,
             dup = self.duplicates,
             unexp = self.unexpected,
             unread = self.unobserved,
@@ -264,7 +282,7 @@ impl Report {
         let root = SVGBackend::new(path, (900, 480)).into_drawing_area();
         root.fill(&WHITE)?;
         let seconds = self.timeline.len().max(1) as u64;
-        let top = self.timeline.iter().map(|s| s.p99_ms).fold(1.0, f64::max) * 1.1;
+        let top = self.timeline.iter().filter_map(|s| s.p99_ms).fold(1.0, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(&root)
             .caption("end-to-end latency (CDR produced → mail received)", ("sans-serif", 18))
             .margin(12)
@@ -273,11 +291,9 @@ impl Report {
             .build_cartesian_2d(0..seconds, 0.0..top)?;
         chart.configure_mesh().x_desc("seconds into the run").y_desc("ms").draw()?;
         for (name, color, pick) in [("p50", BLUE, 0usize), ("p99", RED, 1)] {
-            let points = self
-                .timeline
-                .iter()
-                .filter(|s| s.mails > 0)
-                .map(|s| (s.t, if pick == 0 { s.p50_ms } else { s.p99_ms }));
+            // Seconds without mails have no point (the line joins its neighbours).
+            let points =
+                self.timeline.iter().filter_map(|s| Some((s.t, if pick == 0 { s.p50_ms? } else { s.p99_ms? })));
             chart
                 .draw_series(LineSeries::new(points, color.stroke_width(2)))?
                 .label(name)
@@ -316,7 +332,9 @@ mod tests {
             mails_received: 40,
             mails_per_s: 4.0,
             latency_ms: Percentiles::default(),
-            lost: 0,
+            sent_late: 0,
+            sent_late_max_ms: 0.0,
+            lost: Some(0),
             backlog: 0,
             duplicates: 0,
             unexpected: 0,
@@ -337,9 +355,9 @@ mod tests {
     fn a_run_passes_only_with_every_mail_expected_and_read() {
         assert_eq!(clean().verdict(), Ok(()));
         let failed = |report: Report| report.verdict().expect_err("fails");
-        assert!(failed(Report { lost: 1, ..clean() }).contains("1 mails lost"));
+        assert!(failed(Report { lost: Some(1), ..clean() }).contains("1 mails lost"));
         // Mails of CDRs the broker refused are not the engine's to lose.
-        let refused = failed(Report { lost: 4, produce_failed: 2, ..clean() });
+        let refused = failed(Report { lost: Some(4), produce_failed: 2, ..clean() });
         assert!(refused.contains("the broker refused 2 CDRs") && !refused.contains("4 mails lost"), "{refused}");
         assert!(failed(Report { duplicates: 2, ..clean() }).contains("2 duplicated"));
         assert!(failed(Report { unexpected: 1, ..clean() }).contains("must not have sent"));
@@ -349,5 +367,26 @@ mod tests {
         let nothing = Report { cdrs_produced: 0, cdrs_consumed: 0, mails_expected: 0, mails_received: 0, ..clean() };
         assert!(failed(nothing).contains("measured nothing"));
         assert!(Report { unobserved: 3, ..clean() }.markdown().contains("| 0 / 0 / 0 / 3 |"));
+    }
+
+    /// What the report says is what was measured. With a backlog the lost count read 0
+    /// whatever the engine lost; a run without mails read "p99 0.0 ms"; a second without
+    /// mails was a 0 ms point of the plot; --rate 0.25 read "offered 0 CDR/s" (as if flat
+    /// out); a producer behind its schedule was not said.
+    #[test]
+    fn the_report_says_what_it_did_not_measure() {
+        let behind = Report { lost: None, backlog: 7, cdrs_consumed: 993, ..clean() };
+        assert!(behind.markdown().contains("| not counted (backlog) / 0 / 0 / 0 |"), "{}", behind.markdown());
+        assert!(behind.verdict().unwrap_err().contains("7 CDRs"));
+        assert!(clean().markdown().contains("| latency p50 / p90 / p99 / p99.9 / max | – (no mail matched) |"));
+        let slow = Report { offered_rate: Some(0.25), sent_late: 3, sent_late_max_ms: 41.5, ..clean() };
+        let markdown = slow.markdown();
+        assert!(markdown.contains("| offered | 0.25 CDR/s |"), "{markdown}");
+        assert!(markdown.contains("| 3 (at most 41.5 ms late) |"), "{markdown}");
+        let flat_out = Report { offered_rate: None, ..clean() }.markdown();
+        assert!(!flat_out.contains("due time"), "a flat-out run has no schedule");
+        let quiet = Second { t: 4, produced: 10, consumed: 10, mails: 2, p50_ms: None, p99_ms: None, rss_mb: 90.0 };
+        let json = serde_json::to_value(&quiet).unwrap();
+        assert!(json["p50_ms"].is_null() && json["p99_ms"].is_null(), "{json}");
     }
 }

@@ -86,6 +86,9 @@ struct Collected {
     unexpected: u64,
     unobserved: u64,
     seen: HashSet<u128>,
+    /// When the first and the last mail came (µs since the epoch), for the mail rate.
+    first_mail: Option<u64>,
+    last_mail: Option<u64>,
     latency: Option<Histogram<u64>>,
     per_second: Vec<Histogram<u64>>,
 }
@@ -171,9 +174,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let done = done.clone();
         std::thread::spawn(move || {
-            let took = produce(producer, generator, pacing);
+            let produced = produce(producer, generator, pacing);
             done.store(true, Ordering::Release);
-            took
+            produced
         })
     };
 
@@ -218,8 +221,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let (mails, second) = {
             let c = collected.lock().expect("collector lock");
             let second = timeline.len();
-            let (p50, p99) = c.per_second.get(second).map_or((0.0, 0.0), |h| {
-                (h.value_at_quantile(0.5) as f64 / 1000.0, h.value_at_quantile(0.99) as f64 / 1000.0)
+            // A second without mails has no latency (it was drawn as 0 ms).
+            let (p50, p99) = c.per_second.get(second).filter(|h| !h.is_empty()).map_or((None, None), |h| {
+                (Some(h.value_at_quantile(0.5) as f64 / 1000.0), Some(h.value_at_quantile(0.99) as f64 / 1000.0))
             });
             (c.received, (p50, p99))
         };
@@ -252,7 +256,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     progress.finish_and_clear();
-    let produce_took = producer_thread.join().expect("producer thread");
+    let producing = producer_thread.join().expect("producer thread");
     let cpus: Vec<f64> = engines.iter().zip(&cpu_starts).map(|(e, start)| e.usage().cpu_seconds - start).collect();
     // The kernel's high-water mark: a peak between two samples, or at start-up, counts.
     for (peak, engine) in node_rss.iter_mut().zip(&engines) {
@@ -303,8 +307,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
         _ => elapsed,
     };
-    // From the first CDR sent to the broker's acknowledgement of the last.
-    let produce_span = produce_took.as_secs_f64();
+    // From the first CDR sent to the broker's acknowledgement of the last; a paced run's
+    // n CDRs span n / rate at least (the last one's own interval included: a span from the
+    // first to the last send made --rate 1 --duration 10s 1.11 CDR/s).
+    let produce_span = match args.rate {
+        rate if rate > 0.0 => producing.took.as_secs_f64().max(sent as f64 / rate),
+        _ => producing.took.as_secs_f64(),
+    };
+    // From the first mail received to the last: mails trail the CDRs consumed by up to
+    // `engine.max_in_flight`, and a slow mail server's tail was divided by the shorter
+    // consumption span.
+    let mail_span = match (c.first_mail, c.last_mail) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e6,
+        _ => consume_span,
+    };
     let report = Report {
         nodes,
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -324,10 +340,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         consumed_per_s: consumed as f64 / consume_span,
         mails_expected: expected_total.load(Ordering::Acquire),
         mails_received: c.received,
-        mails_per_s: c.received as f64 / consume_span,
+        mails_per_s: c.received as f64 / mail_span,
         latency_ms: Percentiles::of(latency),
-        // Mails of CDRs the engine never got to are a backlog, not a loss.
-        lost: if consumed >= sent { still_expected.saturating_sub(c.unobserved) } else { 0 },
+        sent_late: producing.late,
+        sent_late_max_ms: producing.late_max.as_secs_f64() * 1e3,
+        // With a backlog, which mails are lost and which belong to CDRs the engine never
+        // got to cannot be told apart: not counted.
+        lost: (consumed >= sent).then(|| still_expected.saturating_sub(c.unobserved)),
         backlog: sent.saturating_sub(consumed),
         duplicates: c.duplicates,
         unexpected: c.unexpected,
@@ -414,11 +433,26 @@ struct Pacing {
 /// How long past the run's duration the producer waits for room in its queue.
 const PRODUCE_WAITS_AT_MOST: Duration = Duration::from_secs(30);
 
-/// The producer thread: paced to the rate (or flat out), until the duration or count;
-/// how long it took, up to the broker's acknowledgement of the last CDR.
-fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing) -> Duration {
+/// What the producer thread did: how long it took, up to the broker's acknowledgement
+/// of the last CDR, and how far a paced run fell behind its schedule.
+#[derive(Debug, Default)]
+struct Produced {
+    took: Duration,
+    /// CDRs sent more than [`LATE`] after they were due.
+    late: u64,
+    /// The most any CDR was sent after it was due.
+    late_max: Duration,
+}
+
+/// A paced CDR sent this long after its due time counts as late: its latency, measured
+/// from its sending, hides that wait (coordinated omission).
+pub const LATE: Duration = Duration::from_millis(10);
+
+/// The producer thread: paced to the rate (or flat out), until the duration or count.
+fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing) -> Produced {
     let start = Instant::now();
     let mut n = 0u64;
+    let mut produced = Produced::default();
     while n < pacing.count && start.elapsed() < pacing.duration {
         if pacing.rate > 0.0 {
             // Due past the run's end (a slow rate): the run ends then, without it.
@@ -426,9 +460,17 @@ fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing)
             if due >= pacing.duration {
                 break;
             }
-            if let Some(ahead) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(ahead);
+            match due.checked_sub(start.elapsed()) {
+                Some(ahead) => std::thread::sleep(ahead),
+                None => {
+                    let behind = start.elapsed() - due;
+                    produced.late += u64::from(behind > LATE);
+                    produced.late_max = produced.late_max.max(behind);
+                }
             }
+            // Acknowledgements are counted as they are served: at a slow rate, the
+            // timeline's "produced" lagged by up to 1 024 CDRs.
+            producer.poll(Duration::ZERO);
         } else if n.saturating_sub(pacing.consumed.load(Ordering::Acquire)) >= pacing.max_lead {
             std::thread::sleep(Duration::from_millis(10));
             continue;
@@ -455,7 +497,8 @@ fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing)
                     eprintln!(
                         "the broker took no CDR for {PRODUCE_WAITS_AT_MOST:?} past the run's duration: producing stops"
                     );
-                    return start.elapsed();
+                    produced.took = start.elapsed();
+                    return produced;
                 }
                 Err((_, back)) => {
                     // Queue full: let librdkafka deliver, then try again.
@@ -471,7 +514,8 @@ fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing)
         }
     }
     let _ = producer.flush(Duration::from_secs(60));
-    start.elapsed()
+    produced.took = start.elapsed();
+    produced
 }
 
 /// Matches each received mail to its CDR by Message-ID and records the latency.
@@ -496,6 +540,8 @@ async fn collect(
         let produced_at = key.and_then(|k| expected.lock().expect("expected lock").remove(&k));
         let mut c = collected.lock().expect("collector lock");
         c.received += 1;
+        c.first_mail.get_or_insert(received);
+        c.last_mail = Some(received);
         match (key, produced_at) {
             (Some(k), Some(at)) => {
                 let latency = received.saturating_sub(at).max(1);
@@ -555,7 +601,7 @@ mod tests {
             expected: Arc::default(),
             expected_total: Arc::default(),
         };
-        produce(producer, generator, pacing);
+        let _ = produce(producer, generator, pacing);
         assert_eq!(produced.load(Ordering::Acquire), 1, "the CDR due at 0 s only");
         assert_eq!(acks.delivered.load(Ordering::Acquire), 1);
     }
