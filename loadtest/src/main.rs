@@ -451,7 +451,8 @@ fn main() -> std::process::ExitCode {
 /// broker advertising the machine's hostname; traffic to it stays on the machine).
 fn is_loopback_host(host: &str) -> bool {
     use std::net::ToSocketAddrs;
-    let here = |ip: std::net::IpAddr| ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok();
+    let binds_anywhere = nonlocal_bind();
+    let here = |ip: std::net::IpAddr| is_here(ip, binds_anywhere);
     match host.parse::<std::net::IpAddr>() {
         Ok(ip) => here(ip),
         Err(_) => (host, 0)
@@ -464,8 +465,33 @@ fn is_loopback_host(host: &str) -> bool {
     }
 }
 
+/// Whether this machine lets a socket bind an address it does not have
+/// (`net.ipv4.ip_nonlocal_bind`, as on keepalived or HAProxy hosts): then a bind tells
+/// nothing about where an address is.
+fn nonlocal_bind() -> bool {
+    ["/proc/sys/net/ipv4/ip_nonlocal_bind", "/proc/sys/net/ipv6/ip_nonlocal_bind"]
+        .iter()
+        .any(|path| std::fs::read_to_string(path).is_ok_and(|v| v.trim() != "0"))
+}
+
+/// Whether `ip` is loopback or, where a bind proves it (not `binds_anywhere`), one of
+/// this machine's addresses.
+fn is_here(ip: std::net::IpAddr, binds_anywhere: bool) -> bool {
+    ip.is_loopback() || (!binds_anywhere && std::net::UdpSocket::bind((ip, 0)).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
+    /// Where any address can be bound (`ip_nonlocal_bind`), a bind accepted an address
+    /// off the machine as its own: only loopback counts there.
+    #[test]
+    fn where_any_address_binds_only_loopback_is_here() {
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        assert!(super::is_here(ip("127.0.0.1"), true) && super::is_here(ip("::1"), true));
+        assert!(!super::is_here(ip("10.255.255.7"), true));
+        assert!(!super::is_here(ip("203.0.113.9"), false), "not this machine's: the bind is refused");
+    }
+
     /// Load tests send traffic to this machine only: a broker named or advertised off it
     /// is refused.
     #[test]
