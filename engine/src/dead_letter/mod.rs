@@ -81,7 +81,7 @@ impl DeadLetters {
                 Err((e, _))
                     if crate::cluster::too_large(&e) && leave_out_the_bulk(&mut record, payload.len(), &self.topic) =>
                 {
-                    tracing::warn!(topic = %self.topic, bytes = payload.len(), error = %e,
+                    tracing::warn!(topic = %self.topic, key, bytes = payload.len(), error = %e,
                         "a dead letter too large for its topic: written without the record or mail it carried");
                     payload = record.to_string();
                 }
@@ -91,6 +91,7 @@ impl DeadLetters {
                         self.metrics,
                         ErrorEvent::DeadLetterWrite,
                         topic = %self.topic,
+                        key,
                         error = %e,
                         retry_in = ?delay,
                         "dead-letter record not written yet; its CDR stays uncommitted until it is"

@@ -474,6 +474,7 @@ async fn keep_fax(
                 Ok(true) => counted.fax_kept(),
                 Ok(false) => {}
                 Err(e) => crate::error_event!(counted, ErrorEvent::FaxKeep, fax_id = %attempt.record.fax_id,
+                    number = %attempt.record.number,
                     error = %e, retry_in = ?delay, "received fax not kept yet; its mails wait"),
             }
             kept
