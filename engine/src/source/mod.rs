@@ -266,7 +266,7 @@ fn run(
             if disk_low {
                 tracing::warn!(in_flight, "consumer paused: the store's disk is low");
             } else {
-                tracing::info!(in_flight, "consumer paused until mails drain");
+                tracing::info!(in_flight, "consumer paused until CDRs in flight finish (mails sent or queued, dead letters written, faxes kept)");
             }
         }
         if ctx.paused() && !disk_low && in_flight <= max_in_flight / 2 {
