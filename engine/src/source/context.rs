@@ -333,7 +333,10 @@ impl SourceContext {
         let committed = match consumer.committed_offsets(assigned.clone(), COMMITTED_TIMEOUT) {
             Ok(committed) => committed,
             Err(e) => {
-                tracing::debug!(error = %e, "committed offsets not fetched; skipped CDRs are caught from the first one read");
+                // Seen by the operator: a start past the committed offset (retention
+                // deleted CDRs not read yet) is not caught for these partitions.
+                tracing::warn!(error = %e, partitions = assigned.count(),
+                    "committed offsets not fetched at assignment: offsets a broker passes over before the first CDR read are not counted (later gaps are)");
                 return;
             }
         };
