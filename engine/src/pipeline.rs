@@ -184,13 +184,16 @@ impl Pipeline {
         let recipients = recipients.into_iter();
         let mut mails = Vec::with_capacity(recipients.size_hint().0);
         let mut contested = Vec::new();
+        let mut listed: Vec<&str> = Vec::with_capacity(recipients.size_hint().0);
         for recipient in recipients {
-            let key = SentKey::new(at, called, id, recipient.as_str());
-            // An address listed twice (an import does not refuse it) gets one mail: its
-            // second claim would wait on the first, held by this same reading.
-            if mails.iter().chain(&contested).any(|(claimed, _)| *claimed == key) {
+            // An address listed twice (an import does not refuse it), or in other cases
+            // of its letters (one mailbox), gets one mail: a second claim of one key
+            // would wait on the first, held by this same reading.
+            if listed.iter().any(|earlier| earlier.eq_ignore_ascii_case(recipient.as_str())) {
                 continue;
             }
+            listed.push(recipient.as_str());
+            let key = SentKey::new(at, called, id, recipient.as_str());
             let claimed = match self.claims.claim(&key) {
                 Ok(Claimed::Sent) => {
                     self.metrics.duplicate();

@@ -67,7 +67,12 @@ pub fn parse_destinations(rows: &[Row], errors: &mut HashMap<usize, String>) -> 
     let mut destinations = Vec::new();
     for (i, row) in rows.iter().enumerate().filter(|(_, row)| !row.text.is_empty()) {
         match DestinationAddress::parse(&row.text) {
-            Ok(address) if destinations.iter().any(|d: &Destination| d.address == address) => {
+            // One mailbox however its letters are cased (as the engine counts it).
+            Ok(address)
+                if destinations
+                    .iter()
+                    .any(|d: &Destination| d.address.as_str().eq_ignore_ascii_case(address.as_str())) =>
+            {
                 errors.insert(i, "同じメールアドレスがすでに入力されています。".to_owned());
             }
             Ok(address) => destinations.push(Destination { address, send: row.checked }),

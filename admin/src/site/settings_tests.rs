@@ -155,6 +155,9 @@ async fn r_n5_r_n2_a_number_or_address_entered_twice_is_refused_beside_the_repea
     assert!(twice.body.contains("同じ電話番号がすでに入力されています。"), "{}", twice.body);
     let twice = save(&app, &cookies, CONTRACT, "dest_0=a@example.jp&dest_1=a@example.jp").await;
     assert!(twice.body.contains("同じメールアドレスがすでに入力されています。"), "{}", twice.body);
+    // One mailbox however its letters are cased: saved, it got two mails a call.
+    let cased = save(&app, &cookies, CONTRACT, "dest_0=Taro@Example.jp&dest_1=taro@example.JP").await;
+    assert!(cased.body.contains("同じメールアドレスがすでに入力されています。"), "{}", cased.body);
     let kept = stored(&app, CONTRACT);
     assert!(kept.designated.is_empty() && kept.destinations.is_empty(), "nothing saved: {kept:?}");
 }

@@ -672,14 +672,16 @@ async fn r_m4_a_cdr_read_again_while_its_mail_is_on_its_way_is_done_only_with_th
     assert_eq!(h.sink.count(), 2, "{:#?}", summary(&h.sink.mails()));
 }
 
-/// R-N2, R-M4: an address listed twice on a number (an import does not refuse it) gets
-/// one mail per call, and the calls behind it are notified: its second listing's claim
-/// is not left waiting on the first, held by the same reading.
+/// R-N2, R-M4: an address listed twice on a number (an import does not refuse it), or
+/// in other cases of its letters (one mailbox: it got a mail per spelling), gets one
+/// mail per call, and the calls behind it are notified: its second listing's claim is
+/// not left waiting on the first, held by the same reading.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_n2_an_address_listed_twice_gets_one_mail_and_holds_nothing_up() {
     let h = Harness::new(1).await;
     let engine = h.engine().await;
-    let twice = Subscriber::new(CALLED, &[("taro@example.jp", true), ("taro@example.jp", true)]);
+    let listed = [("taro@example.jp", true), ("taro@example.jp", true), ("Taro@Example.JP", true)];
+    let twice = Subscriber::new(CALLED, &listed);
     engine.provision(&[twice.line()]);
     let calls: Vec<String> =
         (1..=2).map(|i| cdr(&format!("twice-{i}"), CALLED, Some("09011112222"), "allowed", "no_answer")).collect();
