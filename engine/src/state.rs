@@ -249,6 +249,23 @@ impl Progress {
 
 type Results = Vec<Result<Reply, OpError>>;
 
+/// `answer`, waited for until `deadline`; `waiting` is called once it has waited
+/// [`WAITING_NOTE_EVERY`] (not when it is answered sooner, or the deadline comes first).
+fn answer_by(
+    answer: &std::sync::mpsc::Receiver<Results>,
+    deadline: Instant,
+    waiting: impl FnOnce(),
+) -> Result<Results, std::sync::mpsc::RecvTimeoutError> {
+    let left = || deadline.saturating_duration_since(Instant::now());
+    match answer.recv_timeout(left().min(WAITING_NOTE_EVERY)) {
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left().is_zero() => {
+            waiting();
+            answer.recv_timeout(left())
+        }
+        answered => answered,
+    }
+}
+
 /// Keys whose last record a replaced owner wrote (ignored everywhere): the current
 /// owner writes them again from its store.
 #[derive(Default)]
@@ -336,6 +353,10 @@ pub struct StateLog {
 impl StateWriter for StateLog {
     fn send(self: Arc<Self>, ops: Vec<Op>) -> crate::store::state::Answers {
         let count = ops.len();
+        // One wait for all the requests of these writes, from their sending: waited in
+        // turn, each its own 60 s, an import's batch of 100 requests without an owner
+        // waited 100 minutes, and its caller had long given up.
+        let deadline = Instant::now() + ANSWER_WITHIN;
         let pending: Vec<_> = match ops.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>() {
             Ok(encoded) => {
                 requests(&encoded, self.request_bytes).map(|chunk| (chunk.len(), self.request(chunk))).collect()
@@ -345,7 +366,7 @@ impl StateWriter for StateLog {
         Box::new(move || {
             let mut results = Vec::with_capacity(count);
             for (count, request) in pending {
-                match request.and_then(|(id, answer)| self.wait(id, answer)) {
+                match request.and_then(|(id, answer)| self.wait(id, answer, deadline)) {
                     Ok(answers) => results.extend(answers.into_iter().map(|r| r.map_err(StoreError::from))),
                     Err(e) => results.extend((0..count).map(|_| Err(StoreError::State(e.clone())))),
                 }
@@ -719,15 +740,8 @@ impl StateLog {
         }
     }
 
-    fn wait(&self, id: u64, answer: std::sync::mpsc::Receiver<Results>) -> Result<Results, String> {
-        let result = match answer.recv_timeout(WAITING_NOTE_EVERY) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                self.raise_waiting();
-                answer.recv_timeout(ANSWER_WITHIN.saturating_sub(WAITING_NOTE_EVERY))
-            }
-            answered => answered,
-        };
-        result.map_err(|e| {
+    fn wait(&self, id: u64, answer: std::sync::mpsc::Receiver<Results>, deadline: Instant) -> Result<Results, String> {
+        answer_by(&answer, deadline, || self.raise_waiting()).map_err(|e| {
             self.waiters.0.lock().expect("waiters lock").remove(&id);
             match (e, self.failure()) {
                 (std::sync::mpsc::RecvTimeoutError::Disconnected, Some(failure)) => format!(
@@ -1613,6 +1627,24 @@ impl Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The requests of one write (an import's batch: up to 100 of them) share one wait
+    /// from their sending: once it is over, a request not answered is not waited for
+    /// again (each waited 60 s in turn, and an import's caller gave up long before its
+    /// report); one answered by then is still taken.
+    #[test]
+    fn the_requests_of_one_write_share_one_wait() {
+        let passed = Instant::now();
+        let (_silent_tx, silent) = std::sync::mpsc::sync_channel::<Results>(1);
+        let mut noted = false;
+        let unanswered = answer_by(&silent, passed, || noted = true);
+        assert!(matches!(unanswered, Err(std::sync::mpsc::RecvTimeoutError::Timeout)));
+        assert!(!noted, "nothing waited for: no stall raised");
+        let (answered_tx, answered) = std::sync::mpsc::sync_channel::<Results>(1);
+        answered_tx.send(Vec::new()).unwrap();
+        assert!(answer_by(&answered, passed, || noted = true).is_ok_and(|r| r.is_empty()), "answered in time, taken");
+        assert!(!noted);
+    }
 
     /// [`ErrorEvent::StateStalled`] (`callnotify_errors_total{stage="state",
     /// error="stalled"}`): a wait for the state topic shorter than the period counts once (an owner that took over
