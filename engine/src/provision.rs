@@ -426,8 +426,9 @@ impl Sent {
             };
             for _ in 0..extras {
                 match results.next().expect("an answer per op") {
-                    // A refused line's numbers are not its own: its extras are refused.
-                    Err(StoreError::UnknownNumber(_)) if !stored => {}
+                    // A refused line's extras are refused with it, for its reason: its
+                    // numbers are not its own, or one's record cannot be read.
+                    Err(_) if !stored => {}
                     Err(source) => failed(source),
                     Ok(_) => {}
                 }
@@ -901,6 +902,16 @@ mod tests {
         assert!(reason.starts_with("the record of 0312340002 cannot be read"), "{reason}");
         assert!(reason.contains("remove that number from its line"), "{reason}");
         assert!(store.line(&n("0612340001")).unwrap().is_some(), "the next line applied");
+        // With a credential and fax settings on the unreadable number (an export's line
+        // carries them): rejected alike, not the import stopped at it, every run.
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$aGFzaGhhc2hoYXNoaGFzaA";
+        let extras = format!(
+            r#"{{"contract":"0312340001","numbers":[{{"number":"0312340001"}},{{"number":"0312340002","credential":{{"hash":"{hash}","kind":"password","set_at":"2026-12-01T00:00:00Z","failures":0,"invalidated":false}},"fax_settings":{{"enabled":true,"destinations":[]}}}}]}}"#
+        );
+        let third = r#"{"contract":"0612340003","numbers":[{"number":"0612340003"}]}"#;
+        let report = import(&store, format!("{extras}\n{third}\n").as_bytes()).expect("the import goes on");
+        assert_eq!(report.rejected.len(), 1, "{report:?}");
+        assert!(store.line(&n("0612340003")).unwrap().is_some(), "the next line applied");
 
         // As it says: off its line, then on it again, the number is readable.
         import(&store, r#"{"contract":"0312340001","numbers":[{"number":"0312340001"}]}"#.as_bytes()).unwrap();
