@@ -46,6 +46,10 @@ pub enum ClientError {
     /// The server refused a command of a mail transaction; the connection stays in step
     /// and may carry the next mail.
     Refused(Reply),
+    /// The server refused MAIL FROM: the sender, `smtp.from`, the same for every mail (a
+    /// relay not taking it from this account or this address), so not the mail's fault.
+    /// In step as after [`ClientError::Refused`].
+    SenderRefused(Reply),
     /// The server refused the session: greeting, EHLO, STARTTLS or AUTH. Not the mail's
     /// fault, so never a reason to give the mail up.
     Session(Reply),
@@ -63,10 +67,27 @@ pub enum ClientError {
     Unsendable(String),
 }
 
+impl ClientError {
+    /// A refusal of MAIL FROM, told as the sender's (421, the server closing, stays one).
+    fn of_sender(self) -> Self {
+        match self {
+            Self::Refused(reply) if reply.code != 421 => Self::SenderRefused(reply),
+            other => other,
+        }
+    }
+
+    /// Whether the transaction was answered with a refusal and the connection stays in
+    /// step with the server.
+    pub fn refused_in_step(&self) -> bool {
+        matches!(self, Self::Refused(_) | Self::SenderRefused(_))
+    }
+}
+
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Refused(r) => write!(f, "the mail server refused: {r}"),
+            Self::SenderRefused(r) => write!(f, "the mail server refused the sender (smtp.from): {r}"),
             Self::Session(r) => write!(f, "the mail server refused the session: {r}"),
             Self::Closed { source, .. } => write!(f, "the connection to the mail server failed: {source}"),
             Self::Tls(e) => write!(f, "TLS with the mail server failed: {e}"),
@@ -237,7 +258,7 @@ impl Connection {
         self.reset = true;
         self.push_mail_from(envelope, eight_bit, utf8);
         self.flush().await.map_err(closed(false))?;
-        self.expect(250, false).await?;
+        self.expect(250, false).await.map_err(ClientError::of_sender)?;
         for rcpt in envelope.to() {
             push_command(&mut self.output, b"RCPT TO:<", rcpt.as_ref(), b">");
             self.flush().await.map_err(closed(true))?;
@@ -288,32 +309,35 @@ impl Connection {
         if std::mem::take(&mut self.reset) {
             self.expect_reset().await?;
         }
-        // MAIL, then each RCPT.
+        // MAIL, then each RCPT. The first refusal is the answer (after a refused MAIL,
+        // the RCPTs' are of course refused too).
         let mut refused = None;
         for answered in std::iter::once(false).chain(envelope.to().iter().map(|_| true)) {
-            match self.expect(250, answered).await {
+            let reply = self.expect(250, answered).await;
+            let reply = if answered { reply } else { reply.map_err(ClientError::of_sender) };
+            match reply {
                 Ok(()) => {}
                 // The server closes the connection after 421: no more replies come.
                 Err(ClientError::Refused(reply)) if reply.code == 421 => return Err(ClientError::Refused(reply)),
-                Err(ClientError::Refused(reply)) => refused = refused.or(Some(reply)),
+                Err(e @ (ClientError::Refused(_) | ClientError::SenderRefused(_))) => refused = refused.or(Some(e)),
                 // A refusal stays the mail's answer should the connection fail after it
                 // (the connection is then no longer usable).
-                Err(e) => return Err(refused.map_or(e, ClientError::Refused)),
+                Err(e) => return Err(refused.unwrap_or(e)),
             }
         }
         match (self.expect(354, true).await, refused) {
             (Ok(()), None) => Ok(()),
-            (Ok(()), Some(reply)) => {
+            (Ok(()), Some(refusal)) => {
                 self.broken = true;
                 Err(ClientError::Protocol(format!(
-                    "the mail server asked for the message after refusing its envelope ({reply})"
+                    "the mail server asked for the message after refusing its envelope ({refusal})"
                 )))
             }
             (Err(ClientError::Refused(data)), refused) => {
                 self.reset = true;
-                Err(ClientError::Refused(refused.unwrap_or(data)))
+                Err(refused.unwrap_or(ClientError::Refused(data)))
             }
-            (Err(_), Some(reply)) => Err(ClientError::Refused(reply)),
+            (Err(_), Some(refusal)) => Err(refusal),
             (Err(e), None) => Err(e),
         }
     }

@@ -759,7 +759,8 @@ async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
 
 /// Sorts a failure into retry or give up: a 5xx to the mail's own commands, or a mail
 /// the server can never take, is permanent; everything about the connection or the
-/// session (greeting, EHLO, STARTTLS, AUTH) may pass, and so does 530, which a relay
+/// session (greeting, EHLO, STARTTLS, AUTH) may pass, and so do a refused sender (the
+/// same `smtp.from` for every mail: the operator's to mend) and 530, which a relay
 /// wanting a login or TLS first answers to any command (RFC 4954, RFC 3207). A timeout
 /// after DATA is retried although the mail may have arrived: a possible duplicate beats
 /// a loss.
@@ -883,6 +884,7 @@ pub(crate) mod tests {
         // Wrong credentials or a server refusing sessions are the operator's to fix: no
         // mail is given up for them.
         assert!(matches!(refused(ClientError::Session(reply(535))), Attempt::Temporary(_)));
+        assert!(matches!(refused(ClientError::SenderRefused(reply(553))), Attempt::Temporary(_)), "smtp.from's");
         // Nor for a relay that wants a login or TLS first (RFC 4954, RFC 3207): it answers
         // any command so, MAIL FROM too, and every mail used to be dead-lettered at once.
         for wants in ["5.7.0 Authentication required", "5.7.0 Must issue a STARTTLS command first"] {

@@ -165,7 +165,11 @@ fn release(slots: &Arc<Mutex<Slots>>, mut conn: Option<Connection>) {
 /// Any other failure leaves the connection to be closed; after these, the connection
 /// itself says whether it is still usable ([`Connection::usable`]).
 fn in_step(outcome: &Result<(), SendError>) -> bool {
-    matches!(outcome, Ok(()) | Err(SendError::Client(ClientError::Refused(_))))
+    match outcome {
+        Ok(()) => true,
+        Err(SendError::Client(e)) => e.refused_in_step(),
+        Err(_) => false,
+    }
 }
 
 impl SmtpPool {
@@ -279,7 +283,7 @@ impl SmtpPool {
         let sent = self.within(conn.message_reply()).await;
         // A refused message ends its transaction in step with the server: the next
         // mail's envelope is answered all the same.
-        if matches!(sent, Err(ref e) if !matches!(e, SendError::Client(ClientError::Refused(_)))) {
+        if matches!(sent, Err(ref e) if !matches!(e, SendError::Client(refused) if refused.refused_in_step())) {
             return sent;
         }
         if let Some(next) = next {
@@ -287,7 +291,7 @@ impl SmtpPool {
             // envelope's fate.
             let handed = match self.within(conn.envelope_replies(&next.envelope)).await {
                 Ok(()) => Handed::Accepted,
-                Err(SendError::Client(refused @ ClientError::Refused(_))) => Handed::Refused(refused),
+                Err(SendError::Client(refused)) if refused.refused_in_step() => Handed::Refused(refused),
                 // Nothing of that mail was accepted: it queues again (its sender is
                 // dropped here) and this connection, out of step, is closed.
                 Err(_) => {

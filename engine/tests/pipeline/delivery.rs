@@ -692,3 +692,22 @@ async fn r_n2_an_address_listed_twice_gets_one_mail_and_holds_nothing_up() {
     assert_each_call_once(&mails, 3);
     assert_eq!(stopped.metric("callnotify_mails_duplicate_total"), 0.0);
 }
+
+/// R-M4: a relay refusing the sender (`smtp.from` not an address its account may use,
+/// the engine's address dropped: 553, 554 5.7.1) refuses every mail alike: the
+/// operator's to fix, not the mails'. They were dead-lettered at once, each (and
+/// `dead-letters replay` wants the engine stopped); they wait in the retry queue and go
+/// once the relay takes the sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m4_a_refused_sender_keeps_the_mails_for_a_retry() {
+    let h = Harness::new(1).await;
+    let engine = h.engine_with(&[("CALLNOTIFY__SMTP__RETRY_FIRST_DELAY_MS", "100")]).await;
+    engine.provision(&[plain_subscriber(CALLED, "taro@example.jp")]);
+    h.sink.fail_next(testkit::smtp::SmtpStage::MailFrom, 553, 3);
+    h.produce(TOPIC, &[cdr("sender-refused", CALLED, Some("09011112222"), "allowed", "no_answer")]).await;
+    let mails = h.mails_after_control_call(&engine, 2).await;
+    let stopped = engine.stop().await;
+    assert_each_call_once(&mails, 2);
+    assert_eq!(stopped.metric(r#"callnotify_dead_letters_total{kind="mail"}"#), 0.0, "none given up");
+    assert!(stopped.metric("callnotify_mails_retried_total") >= 1.0);
+}
