@@ -660,6 +660,9 @@ pub struct TestMailer {
 /// Test mails one line (all its numbers together) may send per minute.
 pub const TEST_MAILS_PER_MINUTE: u32 = 5;
 
+/// Lines the test mails' limiter holds before it forgets those whose minute has passed.
+const TEST_LINES_KEPT: usize = 1024;
+
 /// Why a test mail was not sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TestMailError {
@@ -697,6 +700,11 @@ impl TestMailer {
     ) -> Result<(), TestMailError> {
         if self.per_line.check_key(line).is_err() {
             return Err(TestMailError::TooMany);
+        }
+        // Lines whose minute has passed are forgotten, once there are a few: each line
+        // that ever pressed the button was kept until a restart.
+        if self.per_line.len() > TEST_LINES_KEPT {
+            self.per_line.retain_recent();
         }
         let nonce = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default().to_string();
         let mail = self

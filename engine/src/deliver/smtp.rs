@@ -302,6 +302,13 @@ impl SmtpPool {
             // The slot and the connection go with the handoff (and on to the next mail
             // should that one have stopped waiting).
             let conn = lease.conn.take().filter(Connection::usable);
+            if conn.is_none() && matches!(handed, Handed::Accepted) {
+                // Its envelope was taken on a connection no longer usable (a 421 to this
+                // message, and a server answering on all the same): it goes with the
+                // connection, and that mail starts over (its sender is dropped here).
+                // Handed on, it went as a message on a new connection without one.
+                return sent;
+            }
             lease.armed = false;
             let handoff = Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: handed };
             let _ = next.handoff.send(handoff);
