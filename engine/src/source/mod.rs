@@ -353,7 +353,8 @@ fn handle(
         }
         Outcome::Rejected(e) => {
             tracing::warn!(topic = message.topic(), partition, offset, error = %e, "CDR rejected; sent to dead letters");
-            let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
+            let weight = offsets::weight(payload.len());
+            let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset, weight);
             ctx.note_skipped(tp, skipped);
             let (dead_letters, tx) = (stages.dead_letters.clone(), tx.clone());
             let rejected = RejectedCdr {
@@ -379,7 +380,8 @@ fn handle(
             return Ok(());
         }
     };
-    let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset);
+    let weight = offsets::weight(payload.len());
+    let skipped = ctx.tracker.lock().expect("tracker lock").started(tp, offset, weight);
     ctx.note_skipped(tp, skipped);
     origin.source = Some(crate::store::PartitionId { topic: message.topic().to_owned(), partition });
     let (deliverer, tx, sending) = (stages.deliverer.clone(), tx.clone(), ctx.sending(tp));

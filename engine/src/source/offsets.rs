@@ -29,7 +29,7 @@ pub(super) struct Partition {
     /// (offset, its tasks not finished yet) in ascending offset order. Read again (an
     /// offset reset rewinds the partition while CDRs after it are in flight), an offset
     /// takes its place in the order, or counts one task more where it is already.
-    queue: VecDeque<(i64, u32)>,
+    queue: VecDeque<(i64, u32, u32)>,
     /// The offset expected next: the committed one at assignment, then the last read + 1.
     next: Option<i64>,
 }
@@ -44,24 +44,38 @@ impl Partition {
     }
 
     /// Adds `tasks` to `offset`'s entry, made in its place in the order if new.
-    fn note(&mut self, offset: i64, tasks: u32) {
-        if self.queue.back().is_none_or(|(last, _)| *last < offset) {
-            self.queue.push_back((offset, tasks));
+    fn note(&mut self, offset: i64, tasks: u32, weight: u32) {
+        if self.queue.back().is_none_or(|(last, _, _)| *last < offset) {
+            self.queue.push_back((offset, tasks, weight));
             return;
         }
-        match self.queue.binary_search_by_key(&offset, |(o, _)| *o) {
-            Ok(i) => self.queue[i].1 += tasks,
-            Err(i) => self.queue.insert(i, (offset, tasks)),
+        match self.queue.binary_search_by_key(&offset, |(o, _, _)| *o) {
+            Ok(i) => {
+                self.queue[i].1 += tasks;
+                self.queue[i].2 = self.queue[i].2.max(weight);
+            }
+            Err(i) => self.queue.insert(i, (offset, tasks, weight)),
         }
     }
 }
 
 /// Offsets with work in flight, per partition, in consumption order.
+/// Bytes of a record that count as one more CDR in flight (`engine.max_in_flight`): a
+/// fax in flight holds its document, its rendered mails and their PDF, megabytes where a
+/// CDR holds a few hundred bytes, and a backlog of faxes counted one each filled memory
+/// long before the count paused the consumers.
+pub(super) const WEIGHT_BYTES: usize = 16 * 1024;
+
+/// What a record of `bytes` counts for in flight: 1, and 1 more per [`WEIGHT_BYTES`].
+pub(super) fn weight(bytes: usize) -> u32 {
+    u32::try_from(1 + bytes / WEIGHT_BYTES).unwrap_or(u32::MAX)
+}
+
 #[derive(Default)]
 pub(super) struct Tracker {
     /// (topic index, partition) → its CDRs in flight and next offset.
     partitions: HashMap<(usize, i32), Partition>,
-    /// Entries not yet finished, over all partitions.
+    /// Entries not yet finished, over all partitions, each by its [`weight`].
     pub(super) in_flight: usize,
     /// The same over every consumer thread of the engine, which share it.
     total: Arc<AtomicUsize>,
@@ -104,34 +118,34 @@ impl Tracker {
         if p.queue.is_empty() {
             self.safe(tp, offset);
         } else {
-            p.note(offset, 0);
+            p.note(offset, 0, 0);
         }
         skipped
     }
 
     /// A CDR read whose work goes on; the offsets skipped before it.
     #[must_use]
-    pub(super) fn started(&mut self, tp: (usize, i32), offset: i64) -> Option<Skipped> {
+    pub(super) fn started(&mut self, tp: (usize, i32), offset: i64, weight: u32) -> Option<Skipped> {
         let p = self.partitions.entry(tp).or_default();
         let skipped = p.read(offset);
-        p.note(offset, 1);
-        self.add(1);
+        p.note(offset, 1, weight);
+        self.add(weight as usize);
         skipped
     }
 
     /// Marks `offset` finished; the offsets before it that are all finished become safe.
     pub(super) fn completed(&mut self, tp: (usize, i32), offset: i64) {
         let Some(Partition { queue: q, .. }) = self.partitions.get_mut(&tp) else { return };
-        let Ok(i) = q.binary_search_by_key(&offset, |(o, _)| *o) else { return };
-        let newly = q[i].1 > 0;
+        let Ok(i) = q.binary_search_by_key(&offset, |(o, _, _)| *o) else { return };
+        let (newly, weight) = (q[i].1 > 0, q[i].2);
         q[i].1 = q[i].1.saturating_sub(1);
         let mut safe = None;
-        while let Some(&(o, 0)) = q.front() {
+        while let Some(&(o, 0, _)) = q.front() {
             safe = Some(o);
             q.pop_front();
         }
         if newly {
-            self.sub(1);
+            self.sub(weight as usize);
         }
         if let Some(offset) = safe {
             self.safe(tp, offset);
@@ -155,7 +169,7 @@ impl Tracker {
 
     pub(super) fn forget(&mut self, tp: &(usize, i32)) {
         if let Some(p) = self.partitions.remove(tp) {
-            self.sub(p.queue.iter().map(|(_, tasks)| *tasks as usize).sum());
+            self.sub(p.queue.iter().map(|(_, tasks, weight)| (*tasks * *weight) as usize).sum());
         }
     }
 
@@ -179,8 +193,8 @@ mod tests {
         let safe = |t: &mut Tracker| t.take_to_store().get(&tp).copied();
         assert_eq!(t.finished(tp, 0), None);
         assert_eq!(safe(&mut t), Some(0), "nothing in flight: store at once");
-        assert_eq!(t.started(tp, 1), None);
-        assert_eq!(t.started(tp, 2), None);
+        assert_eq!(t.started(tp, 1, 1), None);
+        assert_eq!(t.started(tp, 2, 1), None);
         assert_eq!(t.finished(tp, 3), None, "offsets read in order skip nothing");
         assert_eq!(safe(&mut t), None, "must wait for 1 and 2");
         t.completed(tp, 2);
@@ -205,9 +219,9 @@ mod tests {
     fn offsets_read_again_after_a_rewind_are_waited_for_and_then_stored() {
         let mut t = Tracker::default();
         let tp = (0, 0);
-        let _ = (t.started(tp, 100), t.started(tp, 101));
+        let _ = (t.started(tp, 100, 1), t.started(tp, 101, 1));
         // Rewound to 50: 50 and 100 are read again while the first 100 and 101 are in flight.
-        let _ = (t.finished(tp, 50), t.started(tp, 100));
+        let _ = (t.finished(tp, 50), t.started(tp, 100, 1));
         t.completed(tp, 100);
         t.completed(tp, 101);
         assert_eq!(t.take_to_store().get(&tp), Some(&50), "only 50 is safe: 100 is read again");
@@ -217,10 +231,28 @@ mod tests {
         assert!(!t.busy(None));
     }
 
+    /// A fax of 10 MB counts as 611 CDRs in flight, so a backlog of faxes pauses the
+    /// consumers before their documents fill memory; a CDR counts as one.
+    #[test]
+    fn a_large_record_counts_for_its_size_in_flight() {
+        assert_eq!((weight(0), weight(400), weight(WEIGHT_BYTES)), (1, 1, 2));
+        let fax = weight(10_000_000);
+        assert_eq!(fax, 611);
+        let mut t = Tracker::default();
+        let tp = (0, 0);
+        let _ = (t.started(tp, 1, fax), t.started(tp, 2, 1));
+        assert_eq!(t.in_flight, 612);
+        t.completed(tp, 1);
+        assert_eq!(t.in_flight, 1, "its whole weight goes with it");
+        let _ = t.started(tp, 3, fax);
+        t.forget(&tp);
+        assert_eq!(t.in_flight, 0);
+    }
+
     #[test]
     fn forgetting_a_revoked_partition_drops_its_in_flight_count() {
         let mut t = Tracker::default();
-        let _ = (t.started((0, 1), 10), t.started((0, 2), 10));
+        let _ = (t.started((0, 1), 10, 1), t.started((0, 2), 10, 1));
         t.forget(&(0, 1));
         assert_eq!(t.in_flight, 1);
         assert!(t.busy(None));
@@ -234,7 +266,7 @@ mod tests {
     fn consumer_threads_count_their_work_in_flight_together() {
         let total = Arc::new(AtomicUsize::new(0));
         let (mut a, mut b) = (Tracker::new(total.clone()), Tracker::new(total));
-        let _ = (a.started((0, 0), 1), a.started((0, 0), 2), b.started((0, 1), 7));
+        let _ = (a.started((0, 0), 1, 1), a.started((0, 0), 2, 1), b.started((0, 1), 7, 1));
         assert_eq!((a.in_flight, b.in_flight, a.in_flight_total()), (2, 1, 3));
         a.completed((0, 0), 1);
         b.forget(&(0, 1));
@@ -252,7 +284,7 @@ mod tests {
         let tp = (0, 3);
         t.starts_at(tp, 5);
         assert_eq!(t.finished(tp, 10), Some(Skipped { from: 5, to: 10 }), "resumed past the committed offset");
-        assert_eq!(t.started(tp, 11), None);
+        assert_eq!(t.started(tp, 11, 1), None);
         assert_eq!(t.finished(tp, 14), Some(Skipped { from: 12, to: 14 }), "a gap between two CDRs");
         assert_eq!(t.finished(tp, 2), None, "read again after an offset reset");
         assert_eq!(t.finished(tp, 3), None);
