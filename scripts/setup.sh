@@ -17,9 +17,10 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install o
 installed libssl-dev || need+=(libssl-dev)
 # The integration suite's SASL_SSL test makes its own CA with the openssl command.
 command -v openssl >/dev/null || need+=(openssl)
-# Apache Kafka for the integration suite (scripts/kafka.sh): a Java 17 runtime, and
-# Maven to fetch the broker from Maven Central.
-command -v java >/dev/null || need+=(openjdk-17-jre-headless)
+# Apache Kafka for the integration suite (scripts/kafka.sh): a Java 17+ runtime (the
+# distribution's default: 17 on Debian 12, 21 on Debian 13, which has no 17), and Maven
+# to fetch the broker from Maven Central.
+command -v java >/dev/null || need+=(default-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 
 # tests/browser.rs: headless Chromium through chromedriver, and a Japanese font so its

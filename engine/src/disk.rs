@@ -3,7 +3,7 @@
 //! free its consumers stop reading CDRs, so the room left goes to the sent records and
 //! retry-queue entries of the mails already on their way, and sled never meets a full
 //! disk (an I/O error there poisons the open database until a restart). Everything else
-//! stays up: the site, the IVR, `/metrics` and `/healthz`, which says why. Once there is
+//! stays up: the site, the IVR, `/metrics` and `/readyz`, which says why. Once there is
 //! room again the consumers read on by themselves.
 
 use std::path::{Path, PathBuf};
@@ -30,7 +30,7 @@ struct Inner {
     min_free: u64,
     /// Below `min_free` at the last look: the consumers pause while it is set.
     low: AtomicBool,
-    /// What `/healthz` says while `low` (or while the space cannot be read).
+    /// What `/readyz` says while `low` (or while the space cannot be read).
     reason: Mutex<Option<String>>,
     metrics: Metrics,
 }
