@@ -800,8 +800,6 @@ impl Store {
         // in memory. The position is written after every value is (the threads below
         // are done), and sled keeps writes in order, so a crash between loses no value
         // the position claims.
-        // Nobody listens while a node catches up at start: no record to decode.
-        let listening = !self.listeners.read().expect("listener lock").is_empty();
         // Records no version could read (written into the topic by mistake) are passed
         // over: failing the batch would stop this view, and every node's, for good.
         let unreadable = std::sync::Mutex::new(Vec::new());
@@ -841,11 +839,16 @@ impl Store {
                 }
             };
             let services = contracted.map(|c| c.services);
-            if listening {
-                return Ok(Some((number, services)));
-            }
+            // The index before the position (sled keeps writes in order): written after
+            // it, a node killed between the two had the number out of its index for good.
             self.index_subscribed(&number, services.is_some_and(|s| s.call))?;
-            Ok::<_, StoreError>(None)
+            // Whether anyone listens is looked at after the write, record by record: a
+            // listener registered while this batch is applied (the resolver, at start)
+            // either reads this write in its first scan or is told of it.
+            if self.listeners.read().expect("listener lock").is_empty() {
+                return Ok(None);
+            }
+            Ok::<_, StoreError>(Some((number, services)))
         };
         // On several threads, each key's records on one, in their order: sled's work
         // limits a catch-up (the applier's thread had three quarters of a node's CPU
@@ -874,7 +877,7 @@ impl Store {
         }
         at.insert(POSITION, &position.to_be_bytes());
         meta.apply_batch(at)?;
-        self.changed(&changed)?;
+        self.tell_listeners(&changed);
         Ok(unreadable.into_inner().expect("unreadable lock"))
     }
 

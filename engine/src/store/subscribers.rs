@@ -76,11 +76,19 @@ impl Store {
         for (number, services) in records {
             self.index_subscribed(number, services.is_some_and(|s| s.call))?;
         }
+        self.tell_listeners(records);
+        Ok(())
+    }
+
+    /// Tells the listeners of each of `records`, its index written already.
+    pub(super) fn tell_listeners(&self, records: &[(PhoneNumber, Option<Services>)]) {
+        if records.is_empty() {
+            return;
+        }
         let listeners = self.listeners.read().expect("listener lock").clone();
         for (number, services) in records {
             listeners.iter().for_each(|f| f(number, *services));
         }
-        Ok(())
     }
 
     /// Records whether `number` has call notification in [`SUBSCRIBED_TREE`].
