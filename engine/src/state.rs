@@ -304,7 +304,11 @@ impl Waiters {
     }
 }
 
-/// Fails a request whose record the broker did not take.
+/// Fails a request whose record the broker did not take. One that timed out on its way
+/// may have been written all the same (librdkafka's "possibly persisted"): its writer
+/// waits on for the owner's answer, as for any request, rather than hear "not written"
+/// of a write an owner then carries out (a password changed that its user was told was
+/// not, and their logins with the old one counted towards R-S3).
 struct RequestDeliveries {
     waiters: Arc<Waiters>,
 }
@@ -315,7 +319,14 @@ impl ProducerContext for RequestDeliveries {
     type DeliveryOpaque = Box<(u64, usize)>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
-        if let Err((e, _)) = result {
+        if let Err((e, message)) = result {
+            // SAFETY: the message is the delivery report's, alive for this call;
+            // librdkafka only reads its status.
+            let status = unsafe { rdkafka::bindings::rd_kafka_message_status(message.ptr()) };
+            if status != rdkafka::bindings::rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED {
+                tracing::warn!(error = %e, "a state request's delivery failed after it may have been written: its answer is waited for");
+                return;
+            }
             let (id, ops) = *opaque;
             let failed = (0..ops).map(|_| Err(OpError::Failed(format!("the state request was not written: {e}"))));
             self.waiters.answer(id, failed.collect());
@@ -628,13 +639,16 @@ impl StateLog {
         owner.consumer.subscribe(&[options.requests]).context("subscribing to the state requests")?;
         threads.push(std::thread::Builder::new().name("state-owner".into()).spawn(move || owner.run())?);
 
-        let producer_config = producer_config(&[
+        let mut producer_config = producer_config(&[
             ("enable.idempotence", "true"),
             ("acks", "all"),
             ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
             ("linger.ms", "1"),
-            ("message.timeout.ms", "30000"),
         ]);
+        // Pinned, whatever `kafka.properties` says: a request the broker may still take
+        // after this is still carried out by an owner for [`REQUEST_EXPIRES`], and its
+        // writer waits [`ANSWER_WITHIN`] for the answer.
+        producer_config.set("message.timeout.ms", "30000");
         let request_bytes = request_bytes(producer_config.get("message.max.bytes"));
         let producer: ThreadedProducer<RequestDeliveries> = producer_config
             .create_with_context(RequestDeliveries { waiters: waiters.clone() })
