@@ -156,10 +156,11 @@ fn committed(result: &KafkaResult<()>) -> bool {
 }
 
 impl ConsumerContext for SourceContext {
-    /// The broker's answer to an asynchronous commit ([`commit_async`]). A refusal (the group rebalancing, its coordinator moving, the principal's rights)
-    /// loses nothing: the offsets stay stored and go with the next commit, a second
-    /// later; until one goes through, a partition moving elsewhere is read again from
-    /// its last commit, its mails deduplicated by the changelogs.
+    /// The broker's answer to an asynchronous commit ([`commit_async`]). A refusal (the
+    /// group rebalancing, its coordinator moving, the principal's rights) loses nothing:
+    /// the offsets stay stored and go with the next commit, a second later; until one
+    /// goes through, a partition moving elsewhere is read again from its last commit,
+    /// its mails deduplicated by the changelogs.
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         if !committed(&result) || offsets.elements().iter().any(|e| e.error().is_err()) {
             self.commit_refused(&result, offsets);
