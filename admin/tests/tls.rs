@@ -172,6 +172,13 @@ async fn behind_a_tls_proxy_the_site_speaks_http_but_sets_secure_cookies_and_hst
     assert!(header_lines(&response, "set-cookie")
         .iter()
         .any(|c| c.starts_with("set-cookie: __Host-") && c.contains("; Secure")));
+    // The page not found that answers an address which does not decode, too.
+    let mut tcp = TcpStream::connect(servers.site).await.unwrap();
+    tcp.write_all(b"GET /numbers/%FF/call HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
+    assert_eq!(header_lines(&response, "strict-transport-security").len(), 1, "{response}");
 }
 
 #[tokio::test]

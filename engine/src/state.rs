@@ -364,16 +364,17 @@ pub struct StateLog {
 impl StateWriter for StateLog {
     fn send(self: Arc<Self>, ops: Vec<Op>) -> crate::store::state::Answers {
         let count = ops.len();
-        // One wait for all the requests of these writes, from their sending: waited in
-        // turn, each its own 60 s, an import's batch of 100 requests without an owner
-        // waited 100 minutes, and its caller had long given up.
-        let deadline = Instant::now() + ANSWER_WITHIN;
         let pending: Vec<_> = match ops.iter().map(serde_json::to_vec).collect::<Result<Vec<_>, _>>() {
             Ok(encoded) => {
                 requests(&encoded, self.request_bytes).map(|chunk| (chunk.len(), self.request(chunk))).collect()
             }
             Err(e) => vec![(count, Err(format!("encoding a state request: {e}")))],
         };
+        // One wait for all the requests of these writes, from the last one's sending (an
+        // owner carries each out up to 50 s after its own): waited in turn, each its own
+        // 60 s, an import's batch of 100 requests without an owner waited 100 minutes,
+        // and its caller had long given up.
+        let deadline = Instant::now() + ANSWER_WITHIN;
         Box::new(move || {
             let mut results = Vec::with_capacity(count);
             for (count, request) in pending {

@@ -489,7 +489,9 @@ mod tests {
         let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
         assert!(super::is_here(ip("127.0.0.1"), true) && super::is_here(ip("::1"), true));
         assert!(!super::is_here(ip("10.255.255.7"), true));
-        assert!(!super::is_here(ip("203.0.113.9"), false), "not this machine's: the bind is refused");
+        if !super::nonlocal_bind() {
+            assert!(!super::is_here(ip("203.0.113.9"), false), "not this machine's: the bind is refused");
+        }
     }
 
     /// Load tests send traffic to this machine only: a broker named or advertised off it

@@ -299,11 +299,12 @@ pub fn router(state: SiteState) -> Router {
         .route("/style.css", get(stylesheet))
         .fallback(page_not_found)
         .method_not_allowed_fallback(method_not_allowed);
+    // Inside HSTS: the page it answers instead goes with the site's headers.
+    let routes = routes.layer(axum::middleware::map_response(unreadable_address));
     let routes =
         if state.secure { routes.layer(axum::middleware::map_response(strict_transport_security)) } else { routes };
     let failures = Reporter { metrics: state.metrics.clone(), event: ErrorEvent::SiteRequest };
     routes
-        .layer(axum::middleware::map_response(unreadable_address))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::map_response_with_state(failures, failure::report))

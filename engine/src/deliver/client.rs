@@ -68,10 +68,11 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// A refusal of MAIL FROM, told as the sender's (421, the server closing, stays one).
+    /// A refusal of MAIL FROM, told as the sender's (421, the server closing, and 530, a
+    /// relay wanting a login or TLS first, stay what they are).
     fn of_sender(self) -> Self {
         match self {
-            Self::Refused(reply) if reply.code != 421 => Self::SenderRefused(reply),
+            Self::Refused(reply) if reply.code != 421 && reply.code != 530 => Self::SenderRefused(reply),
             other => other,
         }
     }
@@ -608,6 +609,18 @@ pub(crate) mod tests {
     use tokio_rustls::TlsAcceptor;
 
     use super::*;
+
+    /// A refusal of MAIL FROM is the sender's (`smtp.from`), but for 421 (the server
+    /// closing) and 530 (a relay wanting a login or TLS first: `smtp.username`,
+    /// `smtp.tls`), which its log line would have blamed on `smtp.from`.
+    #[test]
+    fn a_refused_mail_from_is_the_sender_s_but_for_a_close_or_a_login_wanted() {
+        let refused = |code| ClientError::Refused(Reply { code, text: "no".into() }).of_sender();
+        assert!(matches!(refused(553), ClientError::SenderRefused(Reply { code: 553, .. })));
+        assert!(matches!(refused(554), ClientError::SenderRefused(_)));
+        assert!(matches!(refused(530), ClientError::Refused(_)));
+        assert!(matches!(refused(421), ClientError::Refused(_)));
+    }
 
     const USER: &str = "callnotify";
     const PASSWORD: &str = "s3cret";

@@ -26,7 +26,8 @@ pub(super) struct Skipped {
 /// One partition's CDRs with work in flight and where reading should go on.
 #[derive(Default)]
 pub(super) struct Partition {
-    /// (offset, its tasks not finished yet) in ascending offset order. Read again (an
+    /// (offset, its tasks not finished yet, its record's [`weight`]) in ascending offset
+    /// order. Read again (an
     /// offset reset rewinds the partition while CDRs after it are in flight), an offset
     /// takes its place in the order, or counts one task more where it is already.
     queue: VecDeque<(i64, u32, u32)>,
@@ -59,7 +60,6 @@ impl Partition {
     }
 }
 
-/// Offsets with work in flight, per partition, in consumption order.
 /// Bytes of a record that count as one more CDR in flight (`engine.max_in_flight`): a
 /// fax in flight holds its document, its rendered mails and their PDF, megabytes where a
 /// CDR holds a few hundred bytes, and a backlog of faxes counted one each filled memory
@@ -71,6 +71,7 @@ pub(super) fn weight(bytes: usize) -> u32 {
     u32::try_from(1 + bytes / WEIGHT_BYTES).unwrap_or(u32::MAX)
 }
 
+/// Offsets with work in flight, per partition, in consumption order.
 #[derive(Default)]
 pub(super) struct Tracker {
     /// (topic index, partition) → its CDRs in flight and next offset.
