@@ -305,11 +305,11 @@ async fn a_body_past_the_limit_is_refused_before_it_is_read() {
     assert_eq!(status, StatusCode::OK, "a request of its size is answered");
 }
 
-/// The API trusts the caller ID it is sent: anyone reaching it could set a temporary
-/// password for any number and log in as its subscriber. Only loopback and
+/// R-I1: the API trusts the caller ID it is sent, so anyone reaching it could set a
+/// temporary password for any number and log in as its subscriber. Only loopback and
 /// `admin.ivr_addresses` are answered.
 #[tokio::test]
-async fn only_the_ivr_platform_is_answered() {
+async fn r_i1_only_the_ivr_platform_is_answered() {
     let f = fixture();
     let state = ApiState::new(f.ivr.clone()).with_platforms(&["10.0.7.0/24".parse().unwrap()]);
     let app = router(state.clone());
