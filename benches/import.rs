@@ -1,0 +1,87 @@
+//! An import's writes against sled's own floor (issue 18's import goal). Each iteration
+//! imports the next 10 000 lines of a growing population (one number a line, its own
+//! contract, the fax service only: 95 % of `loadtest state`'s lines) into one store,
+//! through `engine::provision::import`: parsing, the upsert's reads and writes, the
+//! index and the listeners. Beside it, the floor: the same keys written as two plain
+//! sled inserts (the line's and the number's record, of the sizes the store writes)
+//! into a database of their own, one thread, no reads, no parsing.
+//!
+//! `cargo bench --bench import` measures; `-- --test` runs each once (CI smoke).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use engine::phone::PhoneNumber;
+use engine::store::Store;
+
+/// The allocator the `callnotify` binary runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const LINES: u64 = 10_000;
+
+fn number(i: u64) -> String {
+    format!("03{i:08}")
+}
+
+/// Lines `from..from + LINES` in `provision import` format.
+fn batch(from: u64) -> String {
+    (from..from + LINES)
+        .map(|i| {
+            let n = number(i);
+            format!("{{\"contract\":\"{n}\",\"numbers\":[{{\"number\":\"{n}\",\"services\":[\"fax\"]}}]}}\n")
+        })
+        .collect()
+}
+
+fn import_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("import");
+    group.throughput(Throughput::Elements(LINES));
+    group.sample_size(10);
+
+    let store = Store::temporary().unwrap();
+    let mut next = 0u64;
+    group.bench_function("store_10k_lines", |b| {
+        b.iter_custom(|iters| {
+            let mut took = Duration::ZERO;
+            for _ in 0..iters {
+                let text = batch(next);
+                next += LINES;
+                let started = Instant::now();
+                let report = engine::provision::import(&store, text.as_bytes()).unwrap();
+                took += started.elapsed();
+                assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+            }
+            took
+        })
+    });
+
+    // The sizes of what the store wrote for a line of the batch.
+    let first = PhoneNumber::parse(&number(0)).unwrap();
+    let line = serde_json::to_vec(&store.line(&first).unwrap().unwrap()).unwrap();
+    let record = serde_json::to_vec(&store.number(&first).unwrap().unwrap()).unwrap();
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let (lines, numbers) = (db.open_tree("lines").unwrap(), db.open_tree("numbers").unwrap());
+    let mut next = 0u64;
+    group.bench_function("sled_two_inserts_10k", |b| {
+        b.iter_custom(|iters| {
+            let mut took = Duration::ZERO;
+            for _ in 0..iters {
+                let keys: Vec<String> = (next..next + LINES).map(number).collect();
+                next += LINES;
+                let started = Instant::now();
+                for key in &keys {
+                    black_box(lines.insert(key.as_bytes(), line.as_slice()).unwrap());
+                    black_box(numbers.insert(key.as_bytes(), record.as_slice()).unwrap());
+                }
+                took += started.elapsed();
+            }
+            took
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, import_benches);
+criterion_main!(benches);
