@@ -623,6 +623,26 @@ fn demo_writes_real_mails_on_embedded_defaults() {
     assert!(texts.iter().all(|t| t.contains("To: taro@example.jp") && t.contains("Auto-Submitted: auto-generated")));
 }
 
+/// `demo` given a node's configuration (its `kafka.brokers`) is refused before it
+/// touches anything: its sample line would replace a real subscriber's line 0312345678
+/// in the shared state, and its sample calls would go into the exchanges' topic.
+#[test]
+fn demo_with_a_cluster_configured_is_refused_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let out = callnotify(&store)
+        .arg("demo")
+        .current_dir(dir.path())
+        .env("CALLNOTIFY__KAFKA__BROKERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("kafka.brokers") && said.contains("callnotify serve"), "{said}");
+    assert!(!store.exists(), "no store made: {said}");
+    assert!(!dir.path().join("outbox").exists(), "{said}");
+}
+
 /// A newcomer's Ctrl-C while the demo is still starting (its mock cluster up, nothing
 /// produced yet) stops it at once and cleanly: exit 0, no errors. Before, a Ctrl-C in
 /// set-up killed the process, or was lost where SIGINT was inherited as ignored.

@@ -24,6 +24,14 @@ const SAMPLE_CALLS: [(Option<&str>, &str, &str, &str, &str); 4] = [
 ];
 
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // A node's configuration: its sample line would replace a real line 0312345678 in the
+    // shared state, its sample calls would go to the exchanges' topic.
+    anyhow::ensure!(
+        settings.kafka.brokers.is_empty(),
+        "the demo runs on the embedded mock cluster only, and kafka.brokers is set ({}): run it without this \
+         configuration (it needs none), or `callnotify serve` to run a node",
+        settings.kafka.brokers
+    );
     let topic = settings
         .kafka
         .topics
