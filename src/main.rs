@@ -217,6 +217,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config { action: ConfigAction::Check } => {
             let (settings, effective) = Settings::effective(file, std::env::vars())?;
             print_out(format_args!("{effective}"))?;
+            // The files serve reads (as the service's user: run it as that user).
+            engine::deliver::check_smtp_files(&settings.smtp)?;
+            if let (Some(cert), Some(key)) = (&settings.admin.tls_cert, &settings.admin.tls_key) {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(admin::tls::server_config(cert, key))?;
+            }
             // Said, not refused: this shell may lack the secrets the service is given.
             if let Some(problem) = settings.smtp_credentials_problem() {
                 eprintln!("note: {problem}; serve refuses to start without them");

@@ -701,6 +701,39 @@ fn config_check_prints_the_effective_configuration_masked_or_names_the_bad_setti
     );
 }
 
+/// `config check` reads the files `serve` reads (the site's certificate and key, the
+/// mail server's CA): a path mistyped at a certificate's renewal fails the check before
+/// the restart, not the restart itself, every 10 s under systemd.
+#[test]
+fn config_check_reads_the_certificate_files_serve_would_fail_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |envs: &[(&str, &str)]| {
+        let out = callnotify(&dir.path().join("store")).args(["config", "check"]).envs(envs.iter().copied()).output();
+        let out = out.unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let site = [
+        ("CALLNOTIFY__ADMIN__TLS_CERT", "/nonexistent/site.crt"),
+        ("CALLNOTIFY__ADMIN__TLS_KEY", "/nonexistent/site.key"),
+        ("CALLNOTIFY__ADMIN__PUBLIC_URL", "https://callnotify.example.jp"),
+    ];
+    let (code, said) = check(&site);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("admin.tls_cert") && said.contains("/nonexistent/site.crt"), "{said}");
+
+    let ca = dir.path().join("relay-ca.pem");
+    std::fs::write(&ca, "not a certificate\n").unwrap();
+    let relay = [
+        ("CALLNOTIFY__SMTP__HOST", "mx.example.jp"),
+        ("CALLNOTIFY__SMTP__TLS", "starttls"),
+        ("CALLNOTIFY__SMTP__TLS_CA_FILE", ca.to_str().unwrap()),
+    ];
+    let (code, said) = check(&relay);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("smtp.tls_ca_file") && said.contains("relay-ca.pem"), "{said}");
+    assert!(!said.contains("configuration OK"), "{said}");
+}
+
 /// Peak resident memory of process `pid` so far (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -678,6 +678,18 @@ pub enum TestMailError {
     Render(String),
 }
 
+/// Reads the files of `settings` that sending mail reads (`smtp.tls_ca_file`), without
+/// connecting: what `config check` finds before a restart would.
+pub fn check_smtp_files(settings: &SmtpSettings) -> Result<(), DeliverError> {
+    use crate::config::TlsMode;
+    match (&settings.tls_ca_file, settings.tls) {
+        (Some(path), TlsMode::Starttls | TlsMode::Tls) if !settings.host.is_empty() => {
+            smtp::private_roots(path).map(drop)
+        }
+        _ => Ok(()),
+    }
+}
+
 impl TestMailer {
     pub fn new(settings: &SmtpSettings) -> Result<Self, DeliverError> {
         let from = settings.from.parse().map_err(|_| DeliverError::From(settings.from.clone()))?;
