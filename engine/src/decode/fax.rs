@@ -89,8 +89,11 @@ pub fn decode_fax(payload: &[u8]) -> Result<FaxEvent<'_>, DecodeError> {
         .map_err(|e| DecodeError::invalid("document_base64", format!("not base64: {e}")))?;
     let kind = DocumentKind::sniff(&document)
         .ok_or_else(|| DecodeError::invalid("document_base64", "neither a TIFF nor a PDF document"))?;
-    if let Some(declared) = doc.content_type.text("content_type")? {
-        if !declared.trim().eq_ignore_ascii_case(kind.content_type()) {
+    // Its media type (RFC 3302's `image/tiff; application=faxbw` is a fax TIFF); an empty
+    // value is none given.
+    if let Some(declared) = doc.content_type.text("content_type")?.filter(|d| !d.trim().is_empty()) {
+        let media_type = declared.split(';').next().unwrap_or_default().trim();
+        if !media_type.eq_ignore_ascii_case(kind.content_type()) {
             return Err(DecodeError::invalid(
                 "content_type",
                 format!("{declared:?}, but the document is {}", kind.content_type()),
@@ -136,6 +139,31 @@ mod tests {
         }
         for id in ["...", ".job", "hylafax-000123", "q1.2@host:5"] {
             assert!(check_fax_id(id).is_ok(), "{id}");
+        }
+    }
+
+    /// R-F1: a fax server bridging Internet fax (T.37) declares a fax TIFF as RFC 3302
+    /// registers it, `image/tiff; application=faxbw`; it was refused whole and the fax
+    /// never kept or mailed (a dead letter, refused again at a replay). Parameters after
+    /// `;` are not the media type; an empty value is none given; another type still fails.
+    #[test]
+    fn r_f1_a_content_type_with_parameters_or_empty_is_read_by_its_media_type() {
+        use base64::Engine as _;
+        let g4 = include_bytes!("../../tests/fixtures/fax/fine-g4.tif");
+        let record = |content_type: &str| {
+            serde_json::json!({
+                "fax_id": "t37", "called": "0312345600", "caller": "0612345678", "presentation": "allowed",
+                "received_at": "2026-11-24T10:00:00+09:00", "pages": 3, "content_type": content_type,
+                "document_base64": base64::engine::general_purpose::STANDARD.encode(g4),
+            })
+            .to_string()
+        };
+        for declared in ["image/tiff; application=faxbw", "Image/TIFF;application=faxbw", "", " image/tiff "] {
+            assert!(decode_fax(record(declared).as_bytes()).is_ok(), "{declared:?}");
+        }
+        for declared in ["application/pdf", "image/tiff-fx", "; application=faxbw"] {
+            let error = decode_fax(record(declared).as_bytes()).map(|_| ()).unwrap_err().to_string();
+            assert!(error.contains("content_type") && error.contains("image/tiff"), "{declared:?}: {error}");
         }
     }
 
