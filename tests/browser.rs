@@ -47,7 +47,7 @@ const NOT_DESIGNATED: &str = "09055556666";
 /// Added from a second window (R-S9); 指定 checked.
 const EXTRA_DESIGNATED: &str = "0612340000";
 
-/// The settings form's visible 設定 button (a hidden one comes first, for Enter; the
+/// The settings form's visible 設定 button (an off-screen one comes first, for Enter; the
 /// 送信テスト buttons carry a `formaction`).
 const SAVE: &str = "form[action$=\"/call\"] p > button:not([formaction])";
 
@@ -160,7 +160,7 @@ async fn set_conditions_and_save(browser: &mut Browser, world: &World) {
     browser.fill("designated_2", NOT_DESIGNATED).await;
     browser.check("designate_2", false).await;
     // Typed, then Enter, as most people save: the form's first submit button is a
-    // hidden 設定, so Enter saves rather than sending destination 1 a test mail.
+    // 設定 laid out off-screen, so Enter saves rather than sending destination 1 a test mail.
     browser.fill("current", &format!("{PASSWORD}{}", char::from(Key::Enter))).await;
     browser.wait_text("p[role=\"status\"]", "設定しました。").await;
     browser.expect_page("着信お知らせメール設定").await;

@@ -151,13 +151,15 @@ pub fn test_mail_path(action: &str, row: usize) -> String {
 /// A settings form's opening: the form, its CSRF token, and the version it is rendered
 /// from (R-S9).
 ///
-/// A hidden copy of the 設定 button comes first: pressing Enter in a field activates the
-/// form's first submit button, which must save, not send a test mail.
+/// A copy of the 設定 button comes first: pressing Enter in a field activates the form's
+/// first submit button, which must save, not send a test mail. It is laid out off-screen
+/// (`default-submit`), not `hidden`: WebKit before 2022 (an older iPhone's browsers)
+/// passes over a button that is not rendered, to 送信テスト of destination 1.
 pub fn form_start(action: &str, csrf: &str, version: Option<u64>) -> String {
     let version = version.map(|v| v.to_string()).unwrap_or_default();
     format!(
         "<form method=\"post\" action=\"{}\">\n{}\
-         <button type=\"submit\" hidden tabindex=\"-1\" aria-hidden=\"true\">設定</button>\n\
+         <button type=\"submit\" class=\"default-submit\" tabindex=\"-1\" aria-hidden=\"true\">設定</button>\n\
          <input type=\"hidden\" name=\"version\" value=\"{}\">\n",
         html::escape(action),
         html::csrf_field(csrf),
