@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use engine::address::{AddressError, DestinationAddress};
+use engine::phone::PhoneNumber;
 use engine::store::{Destination, MAX_DESTINATIONS};
 
 use super::html;
@@ -136,6 +137,21 @@ pub fn check_attr(checked: bool) -> &'static str {
     } else {
         ""
     }
+}
+
+/// A phone number as typed (at login, in the designated numbers), read as R-L2 has it:
+/// hyphens, spaces and full-width digits (a Japanese input method's) are what people type,
+/// and were refused.
+pub fn typed_number(typed: &str) -> Result<PhoneNumber, engine::phone::PhoneNumberError> {
+    let digits: String = typed
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '\u{3000}' | '-' | '\u{2010}' | '\u{2212}' | '\u{30FC}' | '\u{FF0D}'))
+        .map(|c| match c {
+            '０'..='９' => char::from(b'0' + (c as u32 - '０' as u32) as u8),
+            c => c,
+        })
+        .collect();
+    PhoneNumber::parse(&digits)
 }
 
 /// A row's error beside it, announced to screen readers.

@@ -12,6 +12,7 @@ use axum::response::{Html, IntoResponse, Response};
 use engine::phone::PhoneNumber;
 use engine::telemetry::{Login, Metrics};
 
+use super::form_parts::typed_number;
 use super::session::{idle_timeout_for, new_session};
 use super::{cookie, csrf, html, require_session, with_cookies, Gate, SiteError, SiteState};
 use crate::credentials::{LoginFailure, LoginOk};
@@ -234,20 +235,6 @@ pub async fn logout(
         None => "/login?notice=logout".to_owned(),
     };
     Ok(with_cookies(super::redirect(&next), [state.set_cookie(&state.session_cookie(), None)]))
-}
-
-/// The number typed at login, as R-L2 has it: hyphens, spaces and full-width digits (a
-/// Japanese input method's) are what people type, and were refused as a wrong login.
-fn typed_number(typed: &str) -> Result<PhoneNumber, engine::phone::PhoneNumberError> {
-    let digits: String = typed
-        .chars()
-        .filter(|c| !matches!(c, ' ' | '\u{3000}' | '-' | '\u{2010}' | '\u{2212}' | '\u{30FC}' | '\u{FF0D}'))
-        .map(|c| match c {
-            '０'..='９' => char::from(b'0' + (c as u32 - '０' as u32) as u8),
-            c => c,
-        })
-        .collect();
-    PhoneNumber::parse(&digits)
 }
 
 /// The login page, with the number field filled in (a failed login keeps what was

@@ -8,12 +8,12 @@
 
 use std::collections::HashMap;
 
-use engine::phone::{PhoneNumber, PhoneNumberError};
+use engine::phone::PhoneNumberError;
 use engine::store::{CallSettings, Designated, MAX_DESIGNATED};
 
 use super::form_parts::{
     check_attr, check_form_choices, destination_rows, destination_rows_from_fields, destinations_fieldset,
-    enabled_fieldset, field_checked, field_text, form_start, parse_destinations, row_error, ChoiceError,
+    enabled_fieldset, field_checked, field_text, form_start, parse_destinations, row_error, typed_number, ChoiceError,
     CurrentPassword, Row,
 };
 use super::html;
@@ -125,7 +125,7 @@ impl Entered {
         let destinations = parse_destinations(&self.destinations, &mut errors.destinations);
         let mut designated = Vec::new();
         for (i, row) in self.designated.iter().enumerate().filter(|(_, row)| !row.text.is_empty()) {
-            match PhoneNumber::parse(&row.text) {
+            match typed_number(&row.text) {
                 Ok(number) if designated.iter().any(|d: &Designated| d.number == number) => {
                     errors.designated.insert(i, "同じ電話番号がすでに入力されています。".to_owned());
                 }
@@ -194,7 +194,7 @@ pub fn render(action: &str, csrf: &str, entered: &Entered, errors: &RowErrors, p
         out += &format!(
             "<p><label for=\"designated_{i}\">{n}</label>\n\
              <input id=\"designated_{i}\" name=\"designated_{i}\" type=\"text\" inputmode=\"numeric\" \
-             value=\"{text}\" maxlength=\"11\" aria-label=\"お知らせ対象電話番号{n}\">\n\
+             value=\"{text}\" maxlength=\"20\" aria-label=\"お知らせ対象電話番号{n}\">\n\
              <label><input type=\"checkbox\" name=\"designate_{i}\" value=\"on\"{checked} \
              aria-label=\"お知らせ対象電話番号{n}を指定\"> 指定</label>{error}</p>\n",
             n = i + 1,
@@ -221,7 +221,7 @@ mod tests {
             ("dest_0", "a@example.jp"),
             ("dest_2", "a@@example.jp"),
             ("dest_3", "あ@example.jp"),
-            ("designated_1", "03-1234-5678"),
+            ("designated_1", "03-1234-567x"),
             ("designated_4", "0312345678"),
         ]));
         let errors = entered.parse().unwrap_err();

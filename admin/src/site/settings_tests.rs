@@ -251,9 +251,31 @@ async fn r_n5_thirty_rows_unchecked_ones_kept_but_not_designated() {
         assert_eq!(entry.number, n(&format!("090000000{i:02}")));
         assert_eq!(entry.designate, i % 2 == 0, "{i}");
     }
-    let bad = save(&app, &cookies, CONTRACT, "designated_0=03-1234-5678").await;
+    let bad = save(&app, &cookies, CONTRACT, "designated_0=03-1234-56x8").await;
     assert!(bad.body.contains("ハイフンなし"), "{}", bad.body);
     assert_eq!(stored(&app, CONTRACT).designated.len(), 30, "nothing saved");
+}
+
+/// R-N5, R-L2: a number typed or pasted as people write it, `090-1234-5678`, was cut
+/// by the field's `maxlength="11"` to `090-1234-56` and refused beside what was left;
+/// full-width digits (an input method's) were refused. Both are read as the login reads
+/// a number, and stored as digits.
+#[tokio::test]
+async fn r_n5_a_designated_number_typed_with_hyphens_or_full_width_digits_is_saved_as_digits() {
+    let app = app();
+    let cookies = ready(&app, AuthUnit::Number, CONTRACT).await;
+    let page = get(&app, &path(CONTRACT), &cookies).await;
+    let field = &page.body[page.body.find("id=\"designated_0\"").unwrap()..];
+    let field = &field[..field.find('>').unwrap()];
+    let at_most: usize = field.split("maxlength=\"").nth(1).and_then(|v| v.split('"').next()).unwrap().parse().unwrap();
+    assert!(at_most >= "090-1234-5678".len(), "{field}");
+
+    let typed = "designated_0=090-1234-5678&designate_0=on&designated_1=%EF%BC%90%EF%BC%93%EF%BC%91%EF%BC%92%EF%BC%93%EF%BC%94%EF%BC%95%EF%BC%96%EF%BC%97%EF%BC%98";
+    let saved = save(&app, &cookies, CONTRACT, typed).await;
+    assert_eq!(saved.status, StatusCode::SEE_OTHER, "{}", saved.body);
+    let designated = stored(&app, CONTRACT).designated;
+    let numbers: Vec<_> = designated.iter().map(|d| (d.number.as_str().to_owned(), d.designate)).collect();
+    assert_eq!(numbers, [("09012345678".to_owned(), true), ("0312345678".to_owned(), false)]);
 }
 
 #[tokio::test]
