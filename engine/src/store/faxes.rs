@@ -12,7 +12,7 @@
 //! - `faxes`: key → [`FaxRecord`] (JSON).
 //! - `fax_documents`: key → the document as the fax server sent it.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 
 use std::time::Duration;
 
@@ -32,27 +32,39 @@ impl Store {
         }
     }
 
-    /// `number`'s faxes not deleted, newest first.
+    /// Faxes are kept for `retention` (`store.fax_retention_days`): one older is not
+    /// listed or shown from now on, though [`expire_hourly`] has not removed it yet.
+    pub fn keep_faxes_for(&self, retention: TimeDelta) {
+        self.fax_retention_secs.store(retention.num_seconds(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `record` is one to show: not deleted, and within the retention.
+    fn shown(&self, record: &FaxRecord) -> bool {
+        let retention = self.fax_retention_secs.load(std::sync::atomic::Ordering::Relaxed);
+        !record.deleted && (retention == 0 || record.received_at > (self.clock)() - TimeDelta::seconds(retention))
+    }
+
+    /// `number`'s faxes not deleted nor past their retention, newest first.
     pub fn faxes_of(&self, number: &PhoneNumber) -> Result<Vec<FaxRecord>, StoreError> {
         let prefix = format!("{number}/");
         let mut faxes = Vec::new();
         for item in self.faxes.scan_prefix(prefix.as_bytes()).rev() {
             let record: FaxRecord = serde_json::from_slice(&item?.1)?;
-            if !record.deleted {
+            if self.shown(&record) {
                 faxes.push(record);
             }
         }
         Ok(faxes)
     }
 
-    /// The fax under `key` if it belongs to `number` and is not deleted.
+    /// The fax under `key` if it belongs to `number`, is not deleted nor past its retention.
     pub fn fax(&self, number: &PhoneNumber, key: &str) -> Result<Option<FaxRecord>, StoreError> {
         if !key.starts_with(&format!("{number}/")) {
             return Ok(None);
         }
         let Some(raw) = self.faxes.get(key.as_bytes())? else { return Ok(None) };
         let record: FaxRecord = serde_json::from_slice(&raw)?;
-        Ok((!record.deleted).then_some(record))
+        Ok(self.shown(&record).then_some(record))
     }
 
     /// The document of the fax under `key`, if it is kept.
@@ -224,6 +236,7 @@ impl Store {
 /// (`store.fax_retention_days`): on every node, so the expiry does not wait for any one
 /// of them; the state owner carries out each request, and a second finds nothing left.
 pub async fn expire_hourly(store: Store, retention_days: u64, stop: tokio_util::sync::CancellationToken) {
+    store.keep_faxes_for(TimeDelta::days(retention_days as i64));
     let mut every = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tokio::select! {
@@ -247,7 +260,6 @@ pub async fn expire_hourly(store: Store, retention_days: u64, stop: tokio_util::
 
 #[cfg(test)]
 mod tests {
-    use chrono::TimeDelta;
 
     use super::*;
     use crate::fax::document::DocumentKind;
@@ -374,6 +386,25 @@ mod tests {
         assert_eq!(store.fax_usage().unwrap(), (2, 8), "two records, two documents of 4 bytes");
         // An expired fax's record read again is a new fax: but the pipeline does not keep
         // faxes older than engine.max_call_age_hours, far inside the retention.
+    }
+
+    /// R-F1, `store.fax_retention_days`: the expiry runs hourly (and only where the state
+    /// owner is reached), and until it did, a fax past its retention was still listed,
+    /// shown and linked from its mail. A node's store now passes over it as it reads.
+    #[test]
+    fn r_f1_a_fax_past_its_retention_is_not_listed_or_shown_before_the_expiry_runs() {
+        let store = store();
+        store.keep_faxes_for(TimeDelta::days(30));
+        let now = Utc::now();
+        let past = record("0312345678", "past", now - TimeDelta::days(30) - TimeDelta::minutes(1));
+        let within = record("0312345678", "within", now - TimeDelta::days(30) + TimeDelta::minutes(1));
+        for fax in [&past, &within] {
+            assert!(store.keep_fax(fax.clone(), b"II*\0".to_vec()).unwrap());
+        }
+        let listed: Vec<String> = store.faxes_of(&n("0312345678")).unwrap().into_iter().map(|f| f.fax_id).collect();
+        assert_eq!(listed, ["within"]);
+        assert_eq!(store.fax(&n("0312345678"), &past.key()).unwrap(), None);
+        assert!(store.fax(&n("0312345678"), &within.key()).unwrap().is_some());
     }
 
     /// A fax's key names its number: another number's key finds nothing.

@@ -131,6 +131,9 @@ pub struct Store {
     /// The clock the writes carried out here read (when a number moved lines): the
     /// system's, or a test's fixed one ([`Store::with_clock`]).
     clock: Clock,
+    /// `store.fax_retention_days` in seconds, 0 until set ([`Store::keep_faxes_for`]): a
+    /// fax older is not shown, though the hourly expiry has not removed it yet.
+    fax_retention_secs: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A clock a store's writes read.
@@ -279,6 +282,7 @@ impl Store {
             carrying_out: Arc::default(),
             partition_sink: Arc::default(),
             clock: Arc::new(chrono::Utc::now),
+            fax_retention_secs: Arc::default(),
         };
         store.index_subscribed_once()?;
         Ok(store)
