@@ -189,6 +189,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ivr { caller } => {
             let settings = Settings::load(file)?;
+            // A new empty store would tell every caller they are on no line.
+            store_is_there(&settings)?;
             let store = open_own_store(&settings, |topic| {
                 format!(
                     "the store at {} is a node's view of state topic {topic:?}: a temporary password set here would \
@@ -313,6 +315,12 @@ fn open_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
 /// `store.path`, or a relative one run from another directory, would otherwise back up
 /// nothing over the last backup, or queue mails where no engine reads them).
 fn open_existing_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
+    store_is_there(settings)?;
+    open_store(settings)
+}
+
+/// An error naming `store.path` unless a store is there.
+fn store_is_there(settings: &Settings) -> anyhow::Result<()> {
     let path = &settings.store.path;
     // sled keeps its log in `db`: a directory without it is not a store yet.
     if !path.join("db").is_file() {
@@ -322,7 +330,7 @@ fn open_existing_store(settings: &Settings) -> anyhow::Result<engine::store::Sto
             path.display()
         );
     }
-    open_store(settings)
+    Ok(())
 }
 
 /// The store, for a command that writes to it while `serve` is stopped: refused, with

@@ -347,6 +347,19 @@ fn terminal_ivr(store: &Path, caller: &str) -> (ExitStatus, String, String) {
     (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// R-I2: the terminal IVR run where its store is not (no `--config`, another
+/// directory) made an empty store there and told every caller they are on no line;
+/// it now says where it looked, and makes nothing.
+#[test]
+fn r_i2_the_terminal_ivr_without_a_store_says_so_and_makes_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-store");
+    let (exit, prompts, errors) = terminal_ivr(&missing, "0300000000");
+    assert_eq!(exit.code(), Some(1), "{prompts}{errors}");
+    assert!(errors.contains("no store at") && errors.contains("no-such-store"), "{errors}");
+    assert!(!missing.exists(), "no empty store made: {errors}");
+}
+
 /// R-L3, R-I2: a single-node engine on the embedded cluster (the default) keeps its
 /// store as the truth between runs, so after a `serve` the bulk import and the terminal
 /// IVR, both run with `serve` stopped, still write it (the next `serve` publishes it into
