@@ -120,9 +120,10 @@ impl Resolver {
             if warm < capacity && generation.load(Ordering::Acquire) == scan_start {
                 let record = match store.number(&number) {
                     Ok(record) => record,
-                    // Its calls are dead-lettered when they come; the others are served.
+                    // Its calls are dead-lettered when they come (an ERROR each, counted);
+                    // the others are served.
                     Err(StoreError::UnreadableNumber { number, why }) => {
-                        tracing::error!(%number, error = %why, "a subscribed number's record cannot be read: its calls go to the dead letters");
+                        tracing::warn!(%number, error = %why, "a subscribed number's record cannot be read: its calls go to the dead letters");
                         continue;
                     }
                     Err(e) => return Err(e),
