@@ -23,6 +23,14 @@ if [ -n "$complaints" ]; then
   exit 1
 fi
 echo "deploy/systemd/callnotify.service: systemd-analyze verify finds nothing"
+# `config check` compares a configuration's stop with the unit's TimeoutStopSec, as
+# src/main.rs knows it: the two must agree.
+in_unit=$(sed -n 's/^TimeoutStopSec=//p' deploy/systemd/callnotify.service)
+in_code=$(sed -n 's/^const UNIT_TIMEOUT_STOP_SECS: u64 = \([0-9]*\);$/\1/p' src/main.rs)
+if [ "$in_unit" != "$in_code" ]; then
+  echo "deploy/systemd/callnotify.service: TimeoutStopSec=$in_unit, but src/main.rs's UNIT_TIMEOUT_STOP_SECS is '$in_code'" >&2
+  exit 1
+fi
 
 # With the secret that /etc/callnotify/secrets.env gives it (the SMTP username wants it).
 CALLNOTIFY__SMTP__PASSWORD=from-secrets-env "$bin/callnotify" --config deploy/callnotify.toml config check >/dev/null

@@ -177,6 +177,10 @@ fn causes(e: &anyhow::Error) -> String {
     text
 }
 
+/// deploy/systemd/callnotify.service's `TimeoutStopSec`: a stop that may take longer is
+/// killed by systemd mid-drain.
+const UNIT_TIMEOUT_STOP_SECS: u64 = 60;
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     for (name, meant) in engine::config::unread_env_vars(std::env::vars()) {
         tracing::warn!(variable = %name, "an environment variable that looks like a setting is not read: call it {meant}");
@@ -224,6 +228,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let (Some(cert), Some(key)) = (&settings.admin.tls_cert, &settings.admin.tls_key) {
                 let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 runtime.block_on(admin::tls::server_config(cert, key))?;
+            }
+            let stop = settings.engine.shutdown_grace_secs + engine::startup::STOP_MARGIN.as_secs();
+            if stop >= UNIT_TIMEOUT_STOP_SECS {
+                eprintln!(
+                    "note: a stop may take {stop} s (engine.shutdown_grace_secs and {} s): deploy/'s systemd unit kills \
+                     the engine at TimeoutStopSec={UNIT_TIMEOUT_STOP_SECS}, mid-drain; raise it above {stop}",
+                    engine::startup::STOP_MARGIN.as_secs()
+                );
             }
             // Said, not refused: this shell may lack the secrets the service is given.
             if let Some(problem) = settings.smtp_credentials_problem() {

@@ -747,6 +747,27 @@ fn config_check_reads_the_certificate_files_serve_would_fail_on() {
     assert!(!said.contains("configuration OK"), "{said}");
 }
 
+/// A grace longer than the systemd unit of deploy/ waits (its TimeoutStopSec, 60 s) had
+/// systemd kill the engine mid-drain at every restart, its mails neither sent nor
+/// queued; `config check` now says so, and passes the unit's own grace quietly.
+#[test]
+fn config_check_notes_a_stop_longer_than_the_unit_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |grace: &str| {
+        let out = callnotify(&dir.path().join("store"))
+            .args(["config", "check"])
+            .env("CALLNOTIFY__ENGINE__SHUTDOWN_GRACE_SECS", grace)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = check("120");
+    assert!(said.contains("TimeoutStopSec") && said.contains("135"), "{said}");
+    let said = check("30");
+    assert!(!said.contains("TimeoutStopSec"), "{said}");
+}
+
 /// Peak resident memory of process `pid` so far (VmHWM), in bytes.
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -42,7 +42,7 @@ const DEAD_LETTER_TIMEOUT_MS: &str = "5000";
 
 /// How long a stop may take beyond `engine.shutdown_grace_secs` before the engine stops
 /// waiting for what has not ended.
-const STOP_MARGIN: Duration = Duration::from_secs(15);
+pub const STOP_MARGIN: Duration = Duration::from_secs(15);
 
 /// `what`'s output, or past `deadline` an error naming `part` of the engine that had not
 /// ended.
