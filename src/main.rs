@@ -453,6 +453,22 @@ fn provision_import(settings: &Settings, file: &std::path::Path, url: Option<&st
 
 fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bool) -> anyhow::Result<ExitCode> {
     let store = open_existing_store(settings)?;
+    // A cluster node's store is a view of the state topic: a backup of it is whole only
+    // once it had read the topic to its end, and true only without writes unconfirmed.
+    if let Some(topic) = store.shared_view_of()? {
+        let path = settings.store.path.display();
+        anyhow::ensure!(
+            store.has_read_to_end()?,
+            "the store at {path} is a node's view that had not read state topic {topic:?} to its end when its node \
+             stopped (it was catching up): a backup of it would lack subscribers. Back up from a node that logged \
+             \"subscriber state caught up\" before it stopped, or start this one until it does (docs/operating.md)"
+        );
+        anyhow::ensure!(
+            !store.diverged()?,
+            "the store at {path} is a node's view that may hold writes state topic {topic:?} lacks (its node \
+             stopped with writes unconfirmed; its next start rebuilds it): back up from another node (docs/operating.md)"
+        );
+    }
     let report = if file.as_os_str() == "-" {
         engine::provision::export(&store, credentials, std::io::BufWriter::new(std::io::stdout().lock()))?
     } else {

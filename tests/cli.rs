@@ -539,6 +539,48 @@ fn r_l3_an_export_from_a_store_that_is_not_there_is_refused_and_the_last_backup_
     assert_eq!(std::fs::read_to_string(dir.path().join("backup.jsonl")).unwrap(), line(0) + "\n");
 }
 
+/// R-L3: a cluster node's store is a view of the state topic; a backup taken from one
+/// stopped while it caught up held part of the subscribers (and said "exported"), and
+/// one stopped with writes unconfirmed held writes the cluster refused. Both are
+/// refused, saying where to back up from; a view that had read the topic to its end
+/// exports.
+#[test]
+fn r_l3_an_export_from_a_node_s_view_not_caught_up_or_diverged_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let view = |name: &str, read_to_end: bool, diverged: bool| {
+        let path = dir.path().join(name);
+        let store = Store::open(&path).unwrap();
+        let numbers = [(engine::phone::PhoneNumber::parse("0300000000").unwrap(), Default::default(), None)];
+        let line = LineRecord { contract: numbers[0].0, numbers: vec![numbers[0].0], unit: None };
+        store.upsert_line(&line, &numbers).unwrap();
+        store.set_state_topic("cdr-state", false).unwrap();
+        if read_to_end {
+            store.note_read_to_end().unwrap();
+        }
+        if diverged {
+            store.mark_diverged().unwrap();
+        }
+        path
+    };
+    let export = |store: &Path| {
+        let out = callnotify(store).args(["provision", "export", "-"]).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, said) = export(&view("catching-up", false, false));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("not read state topic \"cdr-state\" to its end") && out.is_empty(), "{said}");
+    let (code, out, said) = export(&view("diverged", true, true));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("may hold writes") && out.is_empty(), "{said}");
+    let (code, out, said) = export(&view("caught-up", true, false));
+    assert_eq!(code, Some(0), "{said}");
+    assert!(out.contains("0300000000"), "{out}");
+}
+
 /// An import of a file that is not there (a typo) makes no store: an empty one left
 /// behind would let a later `provision export` from there write an empty backup over
 /// the last one (R-L3).

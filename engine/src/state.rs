@@ -1026,7 +1026,7 @@ impl Applier {
         if cached_end(&self.consumer, &self.topic).is_none_or(|end| self.progress.get() < end) {
             return;
         }
-        match self.store.set_caught_up_at(unix_now()) {
+        match self.store.set_caught_up_at(unix_now()).and_then(|()| self.store.note_read_to_end()) {
             Ok(()) => self.caught_up_noted = Some(Instant::now()),
             Err(e) => tracing::warn!(error = %e, "noting the store caught up failed; trying again"),
         }

@@ -474,6 +474,9 @@ const OWNER_BATCH: &[u8] = b"owner_batch";
 /// longer than the topic keeps tombstones may have missed deletions, and is rebuilt
 /// ([`crate::state`]).
 const CAUGHT_UP_AT: &[u8] = b"caught_up_at";
+/// Set once the store, a view, has read the state topic to its end (cleared with the
+/// rest of the view by a rebuild): a backup of it holds every subscriber.
+const READ_TO_END: &[u8] = b"read_to_end";
 
 /// A record of the state topic [`Store::apply_state`] passed over: its key, and why.
 #[derive(Debug)]
@@ -1029,6 +1032,21 @@ impl Store {
     pub fn set_caught_up_at(&self, unix_secs: u64) -> Result<(), StoreError> {
         self.meta()?.insert(CAUGHT_UP_AT, &unix_secs.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Notes that this store, a view, has read the state topic to its end.
+    pub fn note_read_to_end(&self) -> Result<(), StoreError> {
+        let meta = self.meta()?;
+        if !meta.contains_key(READ_TO_END)? {
+            meta.insert(READ_TO_END, &[1])?;
+        }
+        Ok(())
+    }
+
+    /// Whether this store has read its state topic to its end since it was last rebuilt
+    /// ([`Store::note_read_to_end`]).
+    pub fn has_read_to_end(&self) -> Result<bool, StoreError> {
+        Ok(self.meta()?.contains_key(READ_TO_END)?)
     }
 
     /// Takes back [`Store::diverged`]: the store is the truth as it is (there is no

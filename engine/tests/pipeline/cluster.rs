@@ -930,6 +930,25 @@ async fn r_m3_a_store_that_stopped_reading_part_way_at_a_time_not_known_is_rebui
     a.stop().await;
 }
 
+/// R-L3: `provision export` takes a backup of a node's view only once it had read the
+/// state topic to its end: a node that caught up leaves its store so marked, a rebuild
+/// takes the mark back until it has read to the end again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_l3_a_node_that_caught_up_marks_its_view_whole_for_a_backup() {
+    let (h, a) = one_node_with_a_subscriber().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !a.store.has_read_to_end().unwrap() {
+        assert!(std::time::Instant::now() < deadline, "a node caught up notes it");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    a.stop().await;
+    let store = reopened(&h, "a").await;
+    assert_eq!(store.shared_view_of().unwrap().as_deref(), Some(STATE_TOPIC));
+    assert!(store.has_read_to_end().unwrap());
+    store.forget_state().unwrap();
+    assert!(!store.has_read_to_end().unwrap(), "a view rebuilt from nothing is not whole");
+}
+
 /// Node `name`'s store, opened again once its engine has let go of it.
 async fn reopened(h: &Harness, name: &str) -> Store {
     let path = h.dir.path().join(name);
