@@ -118,8 +118,13 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
 /// /unit for a login that is not the line's contract number (a number credential, an
 /// admin_user user): what it is for and who can do it, not "not found".
 fn contract_only() -> Response {
+    // A line whose contract number has no service has no password for it under `number`
+    // (R-I3): the phone is its way to the line unit (R-I2, R-I7).
     let body = "<p>認証単位の変更は、回線の契約番号でログインしたときにできます。\
-                この電話番号のログインでは変更できません。</p>\n<p><a href=\"/\">メニューへ戻る</a></p>\n";
+                この電話番号のログインでは変更できません。</p>\n\
+                <p>ご契約の回線の電話から仮パスワード設定ダイヤル（06-6480-6430）に電話し、「1」（回線単位）を選んで\
+                仮パスワードを設定すると、回線単位に変更できます（回線の契約番号と仮パスワードでログインします）。</p>\n\
+                <p><a href=\"/\">メニューへ戻る</a></p>\n";
     (StatusCode::FORBIDDEN, Html(html::page("認証単位変更", body))).into_response()
 }
 

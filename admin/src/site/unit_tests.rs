@@ -161,6 +161,13 @@ async fn r_o2_r_o3_a_login_other_than_the_contract_number_cannot_reach_unit() {
     let page = get(&app, "/unit", &cookies).await;
     assert_eq!(page.status, StatusCode::FORBIDDEN);
     assert!(page.body.contains("認証単位の変更は、回線の契約番号でログインしたときにできます。"), "{}", page.body);
+    // R-O2, R-I2: a line whose contract number has no service (and so no password under
+    // `number`) cannot log in with it: the page names the way that is left, by phone.
+    assert!(
+        page.body.contains("仮パスワード設定ダイヤル（06-6480-6430）") && page.body.contains("「1」"),
+        "{}",
+        page.body
+    );
     let csrf = menu.csrf();
     let form = format!("csrf={csrf}&from=number&pw_{CONTRACT}={PASSWORD}&pw_{ADDITIONAL}={OTHER_PASSWORD}");
     assert_eq!(post(&app, "/unit", &cookies, &form).await.status, StatusCode::FORBIDDEN);
