@@ -267,21 +267,62 @@ fn answer_by(
 }
 
 /// Keys whose last record a replaced owner wrote (ignored everywhere): the current
-/// owner writes them again from its store.
+/// owner writes them again from its store. Every node's applier keeps them, in its
+/// store too ([`Store::change_fenced`]), until it reads a record of the key written in
+/// the epoch in force: an owner killed before its rewrite reached the topic leaves them
+/// to the next owner, on this node after a restart or on another.
 #[derive(Default)]
-struct Fenced(Mutex<HashSet<String>>);
+struct Fenced {
+    /// Each key, and whether this node's owner has written it again since it was noted.
+    keys: Mutex<HashMap<String, bool>>,
+    /// Whether `keys` has any: the applier asks per record, without the lock.
+    any: AtomicBool,
+}
 
 impl Fenced {
-    fn add(&self, key: String) {
-        self.0.lock().expect("fenced lock").insert(key);
+    /// The keys a store kept, none written again here yet.
+    fn of(store: &Store) -> Result<Self, StoreError> {
+        let keys: HashMap<String, bool> = store.fenced_keys()?.into_iter().map(|key| (key, false)).collect();
+        Ok(Self { any: AtomicBool::new(!keys.is_empty()), keys: Mutex::new(keys) })
     }
 
-    fn take(&self) -> Vec<String> {
-        self.0.lock().expect("fenced lock").drain().collect()
+    /// `noted` were fenced (again: to be written again), `cleared` read as written in
+    /// the epoch in force.
+    fn change(&self, noted: &HashSet<String>, cleared: &HashSet<String>) {
+        let mut keys = self.keys.lock().expect("fenced lock");
+        keys.extend(noted.iter().map(|key| (key.clone(), false)));
+        keys.retain(|key, _| !cleared.contains(key));
+        self.any.store(!keys.is_empty(), Ordering::Relaxed);
     }
 
-    fn is_empty(&self) -> bool {
-        self.0.lock().expect("fenced lock").is_empty()
+    /// Whether there are keys kept (read by the applier, which alone changes them).
+    fn any(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.keys.lock().expect("fenced lock").contains_key(key)
+    }
+
+    /// The keys this node's owner has not written again since they were noted, marked
+    /// written.
+    fn to_write(&self) -> Vec<String> {
+        let mut keys = self.keys.lock().expect("fenced lock");
+        keys.iter_mut()
+            .filter(|(_, written)| !**written)
+            .map(|(key, written)| (*written = true, key.clone()).1)
+            .collect()
+    }
+
+    /// Whether some key waits for this node's owner to write it again.
+    fn any_to_write(&self) -> bool {
+        self.keys.lock().expect("fenced lock").values().any(|written| !written)
+    }
+
+    /// This node no longer owns: what it wrote again and is still noted waits for the
+    /// next owner, this node's included.
+    fn none_written(&self) {
+        self.keys.lock().expect("fenced lock").values_mut().for_each(|written| *written = false);
     }
 }
 
@@ -543,7 +584,7 @@ impl StateLog {
         let closing = Arc::new(AtomicBool::new(false));
         let (owner_ends, owner_ended) = std::sync::mpsc::sync_channel(0);
         let failure = Arc::new(Mutex::new(None));
-        let fenced = Arc::new(Fenced::default());
+        let fenced = Arc::new(Fenced::of(store)?);
         let position = store.state_position()?;
         let end = end.max(position);
         progress.set(position);
@@ -900,6 +941,8 @@ impl Applier {
             let mut next = None;
             let mut answered: Vec<(String, u64)> = Vec::new();
             let mut ignored = Ignored::default();
+            // Keys read fenced, and read written in the epoch in force, in this batch.
+            let (mut fenced_now, mut cleared) = (HashSet::new(), HashSet::new());
             let mut wait = Duration::from_millis(100);
             let mut at_end = false;
             for _ in 0..RECORDS_PER_APPLY {
@@ -926,11 +969,22 @@ impl Applier {
                         // takes the first one it meets.
                         self.epoch = self.epoch.or(written_in);
                         if written_in.is_some() && written_in != self.epoch {
-                            ignored.note(key, message.offset(), written_in, own, &self.fenced);
+                            if let Some(fenced) = ignored.note(key, message.offset(), written_in, own) {
+                                cleared.remove(&fenced);
+                                fenced_now.insert(fenced);
+                            }
                             continue;
                         }
                         answered.extend(carried_out(&message));
                         if let Some(key) = StateKey::decode(key) {
+                            // The owner's, or another node's, writing again of a fenced key.
+                            if !fenced_now.is_empty() || self.fenced.any() {
+                                let encoded =
+                                    std::str::from_utf8(message.key().unwrap_or_default()).unwrap_or_default();
+                                if fenced_now.remove(encoded) || self.fenced.contains(encoded) {
+                                    cleared.insert(encoded.to_owned());
+                                }
+                            }
                             // What this node wrote as the owner, its store has already.
                             if !own {
                                 values.push((key, message.payload().map(<[u8]>::to_vec)));
@@ -954,6 +1008,17 @@ impl Applier {
             };
             // Before the position moves: an owner waiting for its records sees the stop.
             self.report(ignored);
+            // And the fenced keys are kept before it: a restart reads this batch again.
+            if !fenced_now.is_empty() || !cleared.is_empty() {
+                while let Err(e) = self.store.change_fenced(&fenced_now, &cleared) {
+                    crate::error_event!(self.metrics, ErrorEvent::StateApply, error = %e, "keeping fenced keys in this node's store failed; trying again");
+                    if self.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                self.fenced.change(&fenced_now, &cleared);
+            }
             let unreadable = loop {
                 match self.store.apply_state(&values, next, self.epoch, &answered) {
                     Ok(unreadable) => break unreadable,
@@ -1000,15 +1065,14 @@ struct Ignored {
 }
 
 impl Ignored {
-    /// Another node's key goes to the owner, to be written again.
-    fn note(&mut self, key: &[u8], offset: i64, written_in: Option<i64>, own: bool, fenced: &Fenced) {
+    /// Another node's key (returned) goes to the owner, to be written again.
+    fn note(&mut self, key: &[u8], offset: i64, written_in: Option<i64>, own: bool) -> Option<String> {
         let key = String::from_utf8_lossy(key).into_owned();
         self.records += 1;
         self.own |= own;
-        if !own && StateKey::decode(key.as_bytes()).is_some() {
-            fenced.add(key.clone());
-        }
+        let fenced = (!own && StateKey::decode(key.as_bytes()).is_some()).then(|| key.clone());
         self.first.get_or_insert((key, offset, written_in));
+        fenced
     }
 }
 
@@ -1278,11 +1342,12 @@ impl Owner {
                 // Revoked while gathering: the partition's next owner carries them out.
                 batch.clear();
                 self.epoch.set(None);
+                self.fenced.none_written();
             }
             // Not owning, or nothing to do: its last batch's mark is taken back once the
             // applier has read that batch (kept, the next start would rebuild the store
             // for nothing).
-            if !owning || (batch.is_empty() && self.fenced.is_empty()) {
+            if !owning || (batch.is_empty() && !self.fenced.any_to_write()) {
                 match self.settled() {
                     // Its records fenced: the applier stops the node.
                     Ok(true) => return,
@@ -1401,7 +1466,7 @@ impl Owner {
             self.store.begin_owner_batch()?;
             self.marked.set(true);
         }
-        for key in self.fenced.take() {
+        for key in self.fenced.to_write() {
             if let Some(state_key) = StateKey::decode(key.as_bytes()) {
                 let value = self.store.state_value(&state_key)?;
                 self.publish(&key, value.as_deref())?;

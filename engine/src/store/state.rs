@@ -477,6 +477,10 @@ const CAUGHT_UP_AT: &[u8] = b"caught_up_at";
 /// Set once the store, a view, has read the state topic to its end (cleared with the
 /// rest of the view by a rebuild): a backup of it holds every subscriber.
 const READ_TO_END: &[u8] = b"read_to_end";
+/// Before a state key: a replaced owner's record is its last in the topic, and the owner
+/// writes it again (cleared with the rest of the view by a rebuild, which reads them
+/// again).
+const FENCED: &str = "fenced/";
 
 /// A record of the state topic [`Store::apply_state`] passed over: its key, and why.
 #[derive(Debug)]
@@ -1032,6 +1036,33 @@ impl Store {
     pub fn set_caught_up_at(&self, unix_secs: u64) -> Result<(), StoreError> {
         self.meta()?.insert(CAUGHT_UP_AT, &unix_secs.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Keeps the keys `noted` as fenced (a replaced owner's record last read of them),
+    /// and forgets `cleared`.
+    pub fn change_fenced(
+        &self,
+        noted: &std::collections::HashSet<String>,
+        cleared: &std::collections::HashSet<String>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in noted {
+            batch.insert(format!("{FENCED}{key}").as_bytes(), &[]);
+        }
+        for key in cleared {
+            batch.remove(format!("{FENCED}{key}").as_bytes());
+        }
+        self.meta()?.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The keys [`Store::change_fenced`] keeps.
+    pub fn fenced_keys(&self) -> Result<Vec<String>, StoreError> {
+        self.meta()?
+            .scan_prefix(FENCED.as_bytes())
+            .keys()
+            .map(|key| Ok(String::from_utf8_lossy(&key?[FENCED.len()..]).into_owned()))
+            .collect()
     }
 
     /// Notes that this store, a view, has read the state topic to its end.

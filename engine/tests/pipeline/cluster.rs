@@ -1132,6 +1132,58 @@ async fn r_n2_a_replaced_owner_s_late_write_is_applied_by_no_node_and_written_ov
     a.stop().await;
 }
 
+/// A fenced key is kept in the store of the node that read it: an owner killed after
+/// its applier had read a replaced owner's late write, and before it wrote the key
+/// again, left that record the key's last in the topic for good (kept in memory only,
+/// the key was gone at the restart, read past), and compaction would then leave every
+/// node starting later without the subscriber's record. Simulated: the late write read
+/// (the store's position past it, the key kept as fenced) and the node stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_n2_a_fenced_key_not_yet_written_again_is_written_again_after_a_restart() {
+    const NUMBER: &str = "0312345678";
+    let key = format!("numbers/{NUMBER}");
+    let h = Harness::new(1).await;
+    let old_epoch = write_state(&h, "zombie", "owner/zombie/1", b"{}", None).await;
+    let a = h.node("a").await;
+    a.provision(&[plain_subscriber(NUMBER, "taro@example.jp")]);
+    a.stop().await;
+    let good = late_write(&h, NUMBER, old_epoch).await;
+    {
+        let store = reopened(&h, "a").await;
+        let reader: rdkafka::consumer::BaseConsumer =
+            rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
+        let (_, end) =
+            rdkafka::consumer::Consumer::fetch_watermarks(&reader, STATE_TOPIC, 0, std::time::Duration::from_secs(10))
+                .unwrap();
+        store.change_fenced(&[key.clone()].into(), &Default::default()).unwrap();
+        store.set_state_position(end).unwrap();
+        store.flush_blocking().unwrap();
+    }
+
+    let a = h.node("a").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (last, epoch, _) = state_records(&h, &key).pop().unwrap();
+        if last == good && epoch.is_some_and(|e| e > old_epoch) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the key was never written again: the late write stays last");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Read back as written in the epoch in force: no longer kept as fenced.
+    let deadline = std::time::Instant::now() + WAIT;
+    while !a.store.fenced_keys().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{:?}", a.store.fenced_keys());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let b = h.node("b").await;
+    let shows = |store: &Store| store.number(&n(NUMBER)).unwrap().unwrap().call.destinations[0].address.to_string();
+    assert_eq!(shows(&b.store), "taro@example.jp");
+    assert_eq!(b.store.fenced_keys().unwrap(), Vec::<String>::new(), "written again after the late write");
+    b.stop().await;
+    a.stop().await;
+}
+
 /// The other side: node A is the owner, then another owner announces itself (A was
 /// thought dead). A's next write carries A's ended epoch: A finds its own record
 /// ignored, tells the waiting import why, stops, and at its next start rebuilds its
