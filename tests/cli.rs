@@ -360,6 +360,29 @@ fn r_i2_the_terminal_ivr_without_a_store_says_so_and_makes_none() {
     assert!(!missing.exists(), "no empty store made: {errors}");
 }
 
+/// R-L3: "carried this store's subscribers into the empty state topic" is the
+/// operator's cue to start the other nodes (docs/cluster.md). It was logged before the
+/// store's carry-over mark was taken off, and that removal waited for sled's next flush:
+/// a node killed at the cue kept the mark, and its next start published its old values
+/// again over what the other nodes had written meanwhile. Killed at the cue, the store is
+/// now unmarked.
+#[test]
+fn r_l3_a_store_killed_once_its_carry_over_is_said_done_is_not_carried_over_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let file = dir.path().join("line.jsonl");
+    std::fs::write(&file, line(0)).unwrap();
+    let out = callnotify(&store).args(["provision", "import"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut serve = Running::start(&mut serve_in(dir.path()));
+    serve.read_log_until(|l| l.contains("carried this store's subscribers into the empty state topic"));
+    let (exit, _) = serve.stop("KILL");
+    assert!(!exit.success());
+    let store = Store::open(&store).unwrap();
+    assert_eq!(store.carrying_over().unwrap(), None, "still marked as carried over part-way");
+}
+
 /// R-L3, R-I2: a single-node engine on the embedded cluster (the default) keeps its
 /// store as the truth between runs, so after a `serve` the bulk import and the terminal
 /// IVR, both run with `serve` stopped, still write it (the next `serve` publishes it into

@@ -469,6 +469,8 @@ impl StateLog {
         // A carry-over into this topic that stopped part-way: the topic holds part of
         // the store's values, which are still the truth.
         let resumed = store.carrying_over()?.as_deref() == Some(options.topic);
+        // Records published and the time it took, when this start carried the store over.
+        let mut carried = None;
         if store.diverged()? {
             if end > 0 && !resumed {
                 tracing::warn!("this store may hold writes the state topic lacks: rebuilding it from the topic");
@@ -546,7 +548,7 @@ impl StateLog {
                 );
             }
             store.begin_carry_over(options.topic)?;
-            carry_over(
+            carried = Some(carry_over(
                 store,
                 options,
                 producer_config(&[
@@ -554,7 +556,7 @@ impl StateLog {
                     ("acks", "all"),
                     ("message.max.bytes", crate::fax::MESSAGE_MAX_BYTES),
                 ]),
-            )?;
+            )?);
             // The store holds what it just published: reading it back would write every
             // value again.
             let (_, published) = reader
@@ -571,6 +573,17 @@ impl StateLog {
         }
         store.set_state_topic(options.topic, options.embedded)?;
         store.end_carry_over()?;
+        // Said once the store no longer holds the carry-over's mark on disk: the operator
+        // starts the other nodes then, and a start of this one on a store still marked
+        // would publish its old values again over what they wrote.
+        if let Some((records, took)) = carried {
+            tracing::info!(
+                records,
+                ?took,
+                topic = options.topic,
+                "carried this store's subscribers into the empty state topic"
+            );
+        }
         // A store about to read the topic from its start notes when: Kafka keeps a
         // tombstone `delete.retention.ms`, the bound on a reading begun then, so one
         // stopped part way and resumed is judged from it (above) as one away since.
@@ -882,7 +895,8 @@ fn tombstones_kept_for(options: &StateOptions<'_>) -> Duration {
 
 /// Publishes every value of `store` into the empty state topic: the one-time move of a
 /// single-node store into cluster mode.
-fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -> anyhow::Result<()> {
+/// Publishes every value of `store` into the state topic: how many, in how long.
+fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -> anyhow::Result<(u64, Duration)> {
     let started = Instant::now();
     let producer: BaseProducer<Published> =
         config.create_with_context(Published::default()).context("creating the carry-over producer")?;
@@ -906,9 +920,7 @@ fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -
     if let (_, Some(failure)) = &*producer.context().last.lock().expect("published lock") {
         anyhow::bail!("carrying the store over into the state topic: a record was not written: {failure}");
     }
-    tracing::info!(records = count, took = ?started.elapsed(), topic = options.topic,
-        "carried this store's subscribers into the empty state topic");
-    Ok(())
+    Ok((count, started.elapsed()))
 }
 
 /// Keeps the store a view of the state topic, from its position on.

@@ -976,9 +976,13 @@ impl Store {
         Ok(())
     }
 
-    /// The carry-over is done: the topic has every value.
+    /// The carry-over is done: the topic has every value. On disk before it returns: a
+    /// store killed a moment later and still marked would publish its values again at
+    /// its next start, over what other nodes wrote meanwhile.
     pub fn end_carry_over(&self) -> Result<(), StoreError> {
-        self.meta()?.remove(CARRYING)?;
+        if self.meta()?.remove(CARRYING)?.is_some() {
+            self.db.flush()?;
+        }
         Ok(())
     }
 
