@@ -105,7 +105,18 @@ pub enum CredentialError {
     Hash(argon2::password_hash::Error),
     #[error("password hashing task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(
+        "the state owner answered {CHANGED_AT_MOST} times that {0}'s credential is not the one this node shows: \
+         this node's view does not follow the state topic"
+    )]
+    KeptChanging(PhoneNumber),
 }
+
+/// How many times a login asks the state owner again after its answer that the
+/// credential changed: each answer comes once this node's view shows the owner's
+/// credential, so more than a few means the view does not follow (a request each
+/// time, without end, before).
+const CHANGED_AT_MOST: usize = 5;
 
 /// Handle to the credentials of the store; cheap to clone. Reads are the node's view;
 /// every write (a set, a removal, a counted attempt) is an op of the store's state
@@ -219,7 +230,7 @@ impl Credentials {
         // The argon2 answer and the hash it was computed against, so that a retry after
         // the credential was set again meanwhile hashes only against the new one.
         let mut checked: Option<(String, bool)> = None;
-        loop {
+        for _ in 0..=CHANGED_AT_MOST {
             // The owner's store decides, whatever this view shows: a credential it
             // lacks, or shows locked or expired, may have been set a moment ago through
             // another node (R-I7 by phone on one, the login on the next), and the
@@ -266,6 +277,7 @@ impl Credentials {
                 }
             };
         }
+        Err(CredentialError::KeptChanging(*number))
     }
 
     /// [`Credentials::verify_stamped`] on tokio's blocking pool.

@@ -315,3 +315,31 @@ async fn a_call_that_panics_gives_its_hashing_permit_back() {
     assert!(panicked.is_err());
     assert_eq!(c.hashing.available_permits(), 1);
 }
+
+/// A state owner that answers every login attempt "changed" (the credential it holds is
+/// not the one this view shows), as it does for a view that never comes to show it.
+struct NeverShown;
+
+impl engine::store::state::StateWriter for NeverShown {
+    fn send(self: std::sync::Arc<Self>, ops: Vec<engine::store::state::Op>) -> engine::store::state::Answers {
+        let answers = ops.iter().map(|_| Ok(engine::store::state::Reply::Attempt(Attempt::Changed))).collect();
+        Box::new(move || answers)
+    }
+}
+
+/// R-S2, R-S3: a view that never shows the owner's credential (a store restored from a
+/// copy taken mid-carry-over, say) had a login ask the owner again and again, without
+/// end: the site's request hung and the state topic filled with requests. It now gives
+/// up after a few answers, with an error that says why.
+#[test]
+fn r_s2_a_login_the_owner_keeps_answering_changed_ends_with_an_error() {
+    let store = Store::temporary().unwrap();
+    let c = Credentials::open(&store).unwrap();
+    c.set_temporary(&n(NUMBER), TEMPORARY, t0()).unwrap();
+    store.attach_writer(std::sync::Arc::new(NeverShown));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(c.verify(&n(NUMBER), TEMPORARY, t0()).map(|_| ()).map_err(|e| e.to_string())));
+    let ended = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the login ends");
+    let error = ended.unwrap_err();
+    assert!(error.contains("state owner"), "{error}");
+}
