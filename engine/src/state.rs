@@ -488,6 +488,14 @@ impl StateLog {
             }
         }
         let attached = store.viewing(options.topic, options.embedded)?;
+        // Asked of the cluster once, when first needed: a cluster that cannot answer
+        // (librdkafka's mock) is waited for seconds.
+        let deletions_kept = DeletionsKept {
+            admin: options.reach.producer(&[]),
+            topic: options.topic.to_owned(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+            known: std::sync::OnceLock::new(),
+        };
         if attached && end > 0 && !resumed {
             // Read part way, never to the end, and with no time noted of when that
             // reading began: how long it was away is not known, and reading on may miss
@@ -506,7 +514,7 @@ impl StateLog {
                 // docs/cluster.md says (at least twice the margin): not asked then, a
                 // restart waits for nothing.
                 let away = Duration::from_secs(unix_now().saturating_sub(at));
-                if away >= AWAY_MARGIN && away + AWAY_MARGIN >= tombstones_kept_for(options) {
+                if away >= AWAY_MARGIN && missed_deletions(away, deletions_kept.get()) {
                     tracing::warn!(topic = options.topic, ?away,
                         "this store was away from the state topic longer than it keeps deletions: rebuilding it from the topic");
                     store.forget_state()?;
@@ -606,6 +614,9 @@ impl StateLog {
         let started = Instant::now();
         let applier = Applier {
             caught_up_noted: None,
+            end_asked: None,
+            caught_up_at: store.caught_up_at()?,
+            deletions_kept,
             topic: options.topic.to_owned(),
             store: store.clone(),
             node: node.clone(),
@@ -869,28 +880,57 @@ fn unix_now() -> u64 {
     chrono::Utc::now().timestamp().max(0) as u64
 }
 
+/// Whether a store away from the state topic for `away` may have missed deletions that
+/// it keeps for `kept` (its `delete.retention.ms`): reading on would never bring them.
+fn missed_deletions(away: Duration, kept: Duration) -> bool {
+    away + AWAY_MARGIN >= kept
+}
+
 /// How long the state topic keeps a tombstone after compaction reaches it (its
-/// `delete.retention.ms`).
-fn tombstones_kept_for(options: &StateOptions<'_>) -> Duration {
-    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    // A start runs on tokio's blocking pool: the runtime waits for the admin answer.
-    let runtime = tokio::runtime::Handle::try_current().ok();
-    let admin = options.reach.producer(&[]).create::<AdminClient<rdkafka::client::DefaultClientContext>>().ok();
-    let asked = runtime.zip(admin).and_then(|(runtime, admin)| {
-        // A cluster answers at once; one that cannot (librdkafka's mock) is not waited
-        // for long.
-        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
-        let described = runtime.block_on(admin.describe_configs(&[ResourceSpecifier::Topic(options.topic)], &opts));
-        described.ok()?.pop()?.ok()?.get("delete.retention.ms")?.value.as_deref()?.parse::<u64>().ok()
-    });
-    match asked {
-        Some(ms) => Duration::from_millis(ms),
-        _ => {
-            tracing::warn!(topic = options.topic, assumed = ?TOMBSTONES_KEPT_BY_DEFAULT,
-                "the state topic's delete.retention.ms could not be read (DescribeConfigs): assuming Kafka's default");
-            TOMBSTONES_KEPT_BY_DEFAULT
-        }
+/// `delete.retention.ms`), asked of the cluster when first needed.
+struct DeletionsKept {
+    /// A client configuration reaching the cluster.
+    admin: ClientConfig,
+    topic: String,
+    /// Where the admin answer is awaited: the start runs on tokio's blocking pool, the
+    /// applier on a thread of its own.
+    runtime: Option<tokio::runtime::Handle>,
+    known: std::sync::OnceLock<Duration>,
+}
+
+impl DeletionsKept {
+    fn get(&self) -> Duration {
+        *self.known.get_or_init(|| {
+            use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+            let admin = self.admin.create::<AdminClient<rdkafka::client::DefaultClientContext>>().ok();
+            let asked = self.runtime.as_ref().zip(admin).and_then(|(runtime, admin)| {
+                // A cluster answers at once; one that cannot (librdkafka's mock) is not
+                // waited for long.
+                let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+                let described =
+                    runtime.block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&self.topic)], &opts));
+                described.ok()?.pop()?.ok()?.get("delete.retention.ms")?.value.as_deref()?.parse::<u64>().ok()
+            });
+            match asked {
+                Some(ms) => Duration::from_millis(ms),
+                _ => {
+                    tracing::warn!(topic = self.topic, assumed = ?TOMBSTONES_KEPT_BY_DEFAULT,
+                        "the state topic's delete.retention.ms could not be read (DescribeConfigs): assuming Kafka's default");
+                    TOMBSTONES_KEPT_BY_DEFAULT
+                }
+            }
+        })
     }
+}
+
+/// How long the applier waits for the broker's answer to where the state topic ends.
+const END_ASKED_WITHIN: Duration = Duration::from_secs(5);
+
+/// The end of the state topic as its broker says it now, if it answers in time. The end
+/// librdkafka last fetched is no evidence: a node cut off from its brokers keeps it, and
+/// noted itself caught up with it every minute while deletions passed it by.
+fn end_now<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> Option<i64> {
+    consumer.fetch_watermarks(topic, 0, END_ASKED_WITHIN).ok().map(|(_, high)| high)
 }
 
 /// Publishes every value of `store` into the empty state topic: the one-time move of a
@@ -943,6 +983,12 @@ struct Applier {
     /// Cancelled, with `failure` set, when this node finds its own records fenced.
     failed: CancellationToken,
     failure: Arc<Mutex<Option<String>>>,
+    /// When it last asked the broker where the topic ends ([`Applier::note_caught_up`]).
+    end_asked: Option<Instant>,
+    /// When the store last noted itself caught up (unix seconds).
+    caught_up_at: Option<u64>,
+    /// The topic's `delete.retention.ms`, for [`Applier::away_too_long`].
+    deletions_kept: DeletionsKept,
 }
 
 impl Applier {
@@ -968,6 +1014,12 @@ impl Applier {
                         break;
                     }
                     Some(Ok(message)) => {
+                        // Back after being cut off (the store not noted caught up since):
+                        // judged before anything read is applied.
+                        if next.is_none() && self.away_too_long() {
+                            self.stop_away();
+                            return;
+                        }
                         wait = Duration::ZERO;
                         next = Some(message.offset() + 1);
                         let key = message.key().unwrap_or_default();
@@ -1098,14 +1150,56 @@ impl Applier {
         // Nothing fetched is not the end: the local queue empties between fetches, and a
         // node catching up after days away would note itself caught up at its first
         // poll (then, killed midway, not rebuilt at its next start). Its applied
-        // position must have reached the end the cluster last told it of.
-        if cached_end(&self.consumer, &self.topic).is_none_or(|end| self.progress.get() < end) {
+        // position must have reached the end the cluster last told it of, and the end
+        // its broker tells it now (asked every 10 s at most: unanswered, it takes seconds).
+        if cached_end(&self.consumer, &self.topic).is_none_or(|end| self.progress.get() < end)
+            || self.end_asked.is_some_and(|at| at.elapsed() < Duration::from_secs(10))
+        {
             return;
         }
-        match self.store.set_caught_up_at(unix_now()).and_then(|()| self.store.note_read_to_end()) {
-            Ok(()) => self.caught_up_noted = Some(Instant::now()),
+        self.end_asked = Some(Instant::now());
+        if end_now(&self.consumer, &self.topic).is_none_or(|end| self.progress.get() < end) {
+            return;
+        }
+        let now = unix_now();
+        match self.store.set_caught_up_at(now).and_then(|()| self.store.note_read_to_end()) {
+            Ok(()) => (self.caught_up_noted, self.caught_up_at) = (Some(Instant::now()), Some(now)),
             Err(e) => tracing::warn!(error = %e, "noting the store caught up failed; trying again"),
         }
+    }
+
+    /// Whether this node, reading again after being cut off from the state topic, was
+    /// away longer than the topic keeps deletions (as a start judges it): it stops, and
+    /// its next start rebuilds its store (reading on, it would mail a removed number's
+    /// old subscriber for good).
+    fn away_too_long(&self) -> bool {
+        let Some(at) = self.caught_up_at else { return false };
+        let away = Duration::from_secs(unix_now().saturating_sub(at));
+        away >= AWAY_MARGIN && missed_deletions(away, self.deletions_kept.get())
+    }
+
+    /// Stops the node after [`Applier::away_too_long`]: its store keeps the time it last
+    /// noted itself caught up, and its next start rebuilds it.
+    fn stop_away(&self) {
+        let mut failure = self.failure.lock().expect("failure lock");
+        if failure.is_some() {
+            return;
+        }
+        let kept = self.deletions_kept.get();
+        crate::error_event!(
+            self.metrics,
+            ErrorEvent::StateRead,
+            caught_up_at = self.caught_up_at,
+            ?kept,
+            "this node was cut off from the state topic longer than the topic keeps deletions: it may have missed \
+             some; it stops and rebuilds its store from the topic at its next start"
+        );
+        *failure = Some(format!(
+            "cut off from the state topic longer than it keeps deletions ({kept:?}): this node's store is rebuilt at its next start"
+        ));
+        drop(failure);
+        self.waiters.forget_all();
+        self.failed.cancel();
     }
 
     /// Records written in an epoch a later announcement ended were ignored. This
@@ -1719,6 +1813,32 @@ impl Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// R-M3, docs/cluster.md: a node noted itself caught up once a minute by the end
+    /// librdkafka had last fetched, also while cut off from its brokers: after a day so,
+    /// the deletions compacted away meanwhile were missed for good (its next start saw
+    /// it never away). The end is now asked of the broker: none while it does not answer.
+    #[test]
+    fn r_m3_the_end_a_node_notes_itself_caught_up_by_is_the_broker_s_answer() {
+        let kafka = crate::embedded::EmbeddedKafka::start(&["state"], 1).expect("mock cluster");
+        let reader: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", kafka.bootstrap_servers()).create().expect("reader");
+        assert_eq!(end_now(&reader, "state"), Some(0));
+        kafka.on_cluster(|cluster| cluster.partition_leader("state", 0, None).expect("leaderless"));
+        assert_eq!(end_now(&reader, "state"), None, "no answer, no end");
+        kafka.on_cluster(|cluster| cluster.partition_leader("state", 0, Some(1)).expect("led again"));
+        assert_eq!(end_now(&reader, "state"), Some(0));
+    }
+
+    /// The same bound at a start and on a running node reading again after being cut
+    /// off: away within the topic's `delete.retention.ms` less the margin, it reads on.
+    #[test]
+    fn r_m3_a_store_away_nearly_as_long_as_deletions_are_kept_may_have_missed_some() {
+        let day = Duration::from_secs(86_400);
+        assert!(!missed_deletions(day - 2 * AWAY_MARGIN, day));
+        assert!(missed_deletions(day - AWAY_MARGIN, day));
+        assert!(missed_deletions(3 * day, day));
+    }
 
     /// The requests of one write (an import's batch: up to 100 of them) share one wait
     /// from their sending: once it is over, a request not answered is not waited for
