@@ -210,6 +210,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
+            // A node's file: a single-node engine's store is the truth between runs, and
+            // the demo's sample line would replace a real line 0312345678 in it.
+            if let Some(file) = file {
+                anyhow::bail!(
+                    "the demo runs on embedded defaults and takes no --config ({}): run it without one, or \
+                     `callnotify serve` to run a node",
+                    file.display()
+                );
+            }
             run_to_end(engine::demo::run(Settings::load(file)?, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -459,8 +468,9 @@ fn provision_export(settings: &Settings, file: &std::path::Path, credentials: bo
         let path = settings.store.path.display();
         anyhow::ensure!(
             store.has_read_to_end()?,
-            "the store at {path} is a node's view that had not read state topic {topic:?} to its end when its node \
-             stopped (it was catching up): a backup of it would lack subscribers. Back up from a node that logged \
+            "the store at {path} is a node's view not known to be whole: its node stopped while catching up with \
+             state topic {topic:?}, stopped after being cut off from it, or last ran a version that did not note it. \
+             A backup of it could lack subscribers or hold removed ones: back up from a node that logged \
              \"subscriber state caught up\" before it stopped, or start this one until it does (docs/operating.md)"
         );
         anyhow::ensure!(

@@ -615,7 +615,10 @@ impl StateLog {
         let applier = Applier {
             caught_up_noted: None,
             end_asked: None,
-            caught_up_at: store.caught_up_at()?,
+            // The start judged the time away the store noted; what this run notes is
+            // judged from here on (a store carried over, or caught up after a day
+            // away within the bound, is not stopped as soon as it reads).
+            caught_up_at: None,
             deletions_kept,
             topic: options.topic.to_owned(),
             store: store.clone(),
@@ -637,6 +640,9 @@ impl StateLog {
             vec![std::thread::Builder::new().name("state-applier".into()).spawn(move || applier.run())?];
         let mut waited = Duration::ZERO;
         while !progress.wait_for(end, Duration::from_secs(10)) {
+            if let Some(failure) = failure.lock().expect("failure lock").clone() {
+                anyhow::bail!("catching up with the state topic: {failure}");
+            }
             waited += Duration::from_secs(10);
             tracing::info!(applied = progress.get(), end, waited = ?waited, "catching up with the state topic");
         }
@@ -1186,6 +1192,10 @@ impl Applier {
             return;
         }
         let kept = self.deletions_kept.get();
+        // A backup of this store would hold what it missed (`provision export` refuses).
+        if let Err(e) = self.store.forget_read_to_end() {
+            tracing::warn!(error = %e, "taking back the store's mark of a view read to its end failed");
+        }
         crate::error_event!(
             self.metrics,
             ErrorEvent::StateRead,
@@ -1199,6 +1209,7 @@ impl Applier {
         ));
         drop(failure);
         self.waiters.forget_all();
+        self.progress.halt();
         self.failed.cancel();
     }
 

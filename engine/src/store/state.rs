@@ -1078,6 +1078,14 @@ impl Store {
         Ok(())
     }
 
+    /// Takes back [`Store::note_read_to_end`]: the view may have missed records since.
+    pub fn forget_read_to_end(&self) -> Result<(), StoreError> {
+        if self.meta()?.remove(READ_TO_END)?.is_some() {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
     /// Whether this store has read its state topic to its end since it was last rebuilt
     /// ([`Store::note_read_to_end`]).
     pub fn has_read_to_end(&self) -> Result<bool, StoreError> {
