@@ -111,21 +111,42 @@ pub async fn show(State(state): State<SiteState>, headers: HeaderMap) -> Result<
         Ok(authed) => authed,
         Err(denied) => return Ok(denied.into_response()),
     };
-    let Some((line, numbers)) = load(&state, authed.session.number).await? else { return Ok(contract_only()) };
+    let Some((line, numbers)) = load(&state, authed.session.number).await? else {
+        return contract_only(&state, authed.session.number).await;
+    };
     page(&authed.session, &line, &numbers, &[])
 }
 
 /// /unit for a login that is not the line's contract number (a number credential, an
 /// admin_user user): what it is for and who can do it, not "not found".
-fn contract_only() -> Response {
-    // A line whose contract number has no service has no password for it under `number`
-    // (R-I3): the phone is its way to the line unit (R-I2, R-I7).
-    let body = "<p>認証単位の変更は、回線の契約番号でログインしたときにできます。\
-                この電話番号のログインでは変更できません。</p>\n\
-                <p>ご契約の回線の電話から仮パスワード設定ダイヤル（06-6480-6430）に電話し、「1」（回線単位）を選んで\
-                仮パスワードを設定すると、回線単位に変更できます（回線の契約番号と仮パスワードでログインします）。</p>\n\
-                <p><a href=\"/\">メニューへ戻る</a></p>\n";
-    (StatusCode::FORBIDDEN, Html(html::page("認証単位変更", body))).into_response()
+async fn contract_only(state: &SiteState, login: PhoneNumber) -> Result<Response, SiteError> {
+    let by_phone = state.read(move |store| phone_route(store, &login)).await?;
+    // A line under `number` whose contract number has no service has no password for it
+    // (R-I3): the phone is its way to the line unit (R-I2, R-I7). Not said to others: an
+    // admin_user user is refused unit 1 by phone, and a line whose contract number logs
+    // in changes here, with every number's password (R-O2).
+    let by_phone = if by_phone {
+        "<p>ご契約の回線の電話から仮パスワード設定ダイヤル（06-6480-6430）に電話し、「1」（回線単位）を選んで\
+         仮パスワードを設定すると、回線単位に変更できます。変更後は回線の契約番号と仮パスワードでログインし、\
+         この電話番号のパスワードは使えなくなります。</p>\n"
+    } else {
+        ""
+    };
+    let body = format!(
+        "<p>認証単位の変更は、回線の契約番号でログインしたときにできます。\
+         この電話番号のログインでは変更できません。</p>\n{by_phone}<p><a href=\"/\">メニューへ戻る</a></p>\n"
+    );
+    Ok((StatusCode::FORBIDDEN, Html(html::page("認証単位変更", &body))).into_response())
+}
+
+/// Whether `login`'s line is under `number` and its contract number has no service, so
+/// no password to log in with and change the unit here.
+fn phone_route(store: &Store, login: &PhoneNumber) -> Result<bool, StoreError> {
+    let Some(record) = store.number(login)? else { return Ok(false) };
+    let Some(line) = store.line(&record.contract)? else { return Ok(false) };
+    let contract_has_service =
+        store.number(&line.contract)?.is_some_and(|contract| contract.services.call || contract.services.fax);
+    Ok(line.unit == Some(AuthUnit::Number) && !contract_has_service)
 }
 
 pub async fn submit(
@@ -142,7 +163,9 @@ pub async fn submit(
     if !csrf::matches(Some(&session.csrf), field("csrf")) {
         return Err(SiteError::Csrf);
     }
-    let Some((line, numbers)) = load(&state, session.number).await? else { return Ok(contract_only()) };
+    let Some((line, numbers)) = load(&state, session.number).await? else {
+        return contract_only(&state, session.number).await;
+    };
     // A form made for another unit (changed meanwhile in another window, R-S9) changes
     // nothing.
     if field("from") != unit_name(line.unit) {

@@ -161,13 +161,7 @@ async fn r_o2_r_o3_a_login_other_than_the_contract_number_cannot_reach_unit() {
     let page = get(&app, "/unit", &cookies).await;
     assert_eq!(page.status, StatusCode::FORBIDDEN);
     assert!(page.body.contains("認証単位の変更は、回線の契約番号でログインしたときにできます。"), "{}", page.body);
-    // R-O2, R-I2: a line whose contract number has no service (and so no password under
-    // `number`) cannot log in with it: the page names the way that is left, by phone.
-    assert!(
-        page.body.contains("仮パスワード設定ダイヤル（06-6480-6430）") && page.body.contains("「1」"),
-        "{}",
-        page.body
-    );
+    assert!(!page.body.contains("06-6480-6430"), "its contract number logs in: no phone route: {}", page.body);
     let csrf = menu.csrf();
     let form = format!("csrf={csrf}&from=number&pw_{CONTRACT}={PASSWORD}&pw_{ADDITIONAL}={OTHER_PASSWORD}");
     assert_eq!(post(&app, "/unit", &cookies, &form).await.status, StatusCode::FORBIDDEN);
@@ -272,4 +266,30 @@ async fn r_o2_a_change_failing_part_way_leaves_no_additional_password_with_the_l
         assert!(!reach_of_additional, "the additional number's password logs in to the whole line ({goes_on})");
         assert_eq!(unit(&app), Some(AuthUnit::Number), "the unit did not change ({goes_on})");
     }
+}
+
+/// R-O2, R-I2, R-I3: a line under `number` whose contract number has no service has no
+/// password for it, so nobody can log in with it and change the unit here: the page
+/// said only to log in with it. It names the way that is left, by phone, and what it
+/// takes away.
+#[tokio::test]
+async fn r_o2_a_line_whose_contract_number_has_no_service_is_shown_the_phone_route() {
+    let (app, _) = setup(AuthUnit::Number).await;
+    let line = app.f.store.line(&n(CONTRACT)).unwrap().unwrap();
+    let services = |number: &str| app.f.store.number(&n(number)).unwrap().unwrap().services;
+    let numbers = [
+        (n(CONTRACT), engine::store::Services::default(), None),
+        (n(ADDITIONAL), services(ADDITIONAL), None),
+        (n(FAX_ONLY), services(FAX_ONLY), None),
+    ];
+    app.f.store.upsert_line(&line, &numbers).unwrap();
+    let cookies = logged_in(&app, ADDITIONAL, OTHER_PASSWORD).await;
+    let page = get(&app, "/unit", &cookies).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert!(
+        page.body.contains("仮パスワード設定ダイヤル（06-6480-6430）") && page.body.contains("「1」"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("この電話番号のパスワードは使えなくなります"), "{}", page.body);
 }
