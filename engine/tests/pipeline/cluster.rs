@@ -914,11 +914,7 @@ async fn r_m3_a_store_that_stopped_reading_part_way_at_a_time_not_known_is_rebui
     a.stop().await;
     {
         let store = reopened(&h, "a").await;
-        let reader: rdkafka::consumer::BaseConsumer =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
-        let (_, end) =
-            rdkafka::consumer::Consumer::fetch_watermarks(&reader, STATE_TOPIC, 0, std::time::Duration::from_secs(10))
-                .unwrap();
+        let end = state_topic_end(&h);
         store.forget_state().unwrap();
         store.set_state_topic(STATE_TOPIC, false).unwrap();
         store.set_state_position(end).unwrap();
@@ -947,6 +943,16 @@ async fn r_l3_a_node_that_caught_up_marks_its_view_whole_for_a_backup() {
     assert!(store.has_read_to_end().unwrap());
     store.forget_state().unwrap();
     assert!(!store.has_read_to_end().unwrap(), "a view rebuilt from nothing is not whole");
+}
+
+/// Where the state topic ends now.
+fn state_topic_end(h: &Harness) -> i64 {
+    let reader: rdkafka::consumer::BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
+    let (_, end) =
+        rdkafka::consumer::Consumer::fetch_watermarks(&reader, STATE_TOPIC, 0, std::time::Duration::from_secs(10))
+            .unwrap();
+    end
 }
 
 /// Node `name`'s store, opened again once its engine has let go of it.
@@ -1150,11 +1156,7 @@ async fn r_n2_a_fenced_key_not_yet_written_again_is_written_again_after_a_restar
     let good = late_write(&h, NUMBER, old_epoch).await;
     {
         let store = reopened(&h, "a").await;
-        let reader: rdkafka::consumer::BaseConsumer =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", h.kafka.bootstrap_servers()).create().unwrap();
-        let (_, end) =
-            rdkafka::consumer::Consumer::fetch_watermarks(&reader, STATE_TOPIC, 0, std::time::Duration::from_secs(10))
-                .unwrap();
+        let end = state_topic_end(&h);
         store.change_fenced(&[key.clone()].into(), &Default::default()).unwrap();
         store.set_state_position(end).unwrap();
         store.flush_blocking().unwrap();
