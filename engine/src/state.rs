@@ -929,6 +929,31 @@ impl DeletionsKept {
     }
 }
 
+/// [`Applier::note_caught_up`]'s judgement: the unix time as of which a store applied
+/// up to `progress` is caught up, if it is. `asked` keeps the end `ask` (the broker) told
+/// and when, until `progress` reaches it; `now` is (the instant, unix seconds).
+fn caught_up_as_of(
+    asked: &mut Option<(Instant, i64, u64)>,
+    progress: i64,
+    now: (Instant, u64),
+    ask: impl FnOnce() -> Option<i64>,
+) -> Option<u64> {
+    let as_of = match *asked {
+        Some((_, end, at)) if progress >= end => Some(at),
+        Some((when, ..)) if now.0.saturating_duration_since(when) < Duration::from_secs(10) => return None,
+        _ => match ask() {
+            Some(end) if progress >= end => Some(now.1),
+            // Unanswered: asked again in 10 s.
+            end => {
+                *asked = Some((now.0, end.unwrap_or(i64::MAX), now.1));
+                return None;
+            }
+        },
+    };
+    *asked = None;
+    as_of
+}
+
 /// How long the applier waits for the broker's answer to where the state topic ends.
 const END_ASKED_WITHIN: Duration = Duration::from_secs(5);
 
@@ -989,8 +1014,9 @@ struct Applier {
     /// Cancelled, with `failure` set, when this node finds its own records fenced.
     failed: CancellationToken,
     failure: Arc<Mutex<Option<String>>>,
-    /// When it last asked the broker where the topic ends ([`Applier::note_caught_up`]).
-    end_asked: Option<Instant>,
+    /// When it last asked the broker where the topic ends, the end told (`i64::MAX`
+    /// unanswered) and the unix time it was asked at ([`Applier::note_caught_up`]).
+    end_asked: Option<(Instant, i64, u64)>,
     /// When the store last noted itself caught up (unix seconds).
     caught_up_at: Option<u64>,
     /// The topic's `delete.retention.ms`, for [`Applier::away_too_long`].
@@ -1113,9 +1139,7 @@ impl Applier {
             values.clear();
             self.progress.set(next);
             self.metrics.state_applied(next);
-            if at_end {
-                self.note_caught_up();
-            }
+            self.note_caught_up();
             for answer in answers.drain(..) {
                 self.waiters.answer(answer.id, answer.results);
             }
@@ -1153,23 +1177,20 @@ impl Applier {
         if self.caught_up_noted.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
             return;
         }
-        // Nothing fetched is not the end: the local queue empties between fetches, and a
-        // node catching up after days away would note itself caught up at its first
-        // poll (then, killed midway, not rebuilt at its next start). Its applied
-        // position must have reached the end the cluster last told it of, and the end
-        // its broker tells it now (asked every 10 s at most: unanswered, it takes seconds).
-        if cached_end(&self.consumer, &self.topic).is_none_or(|end| self.progress.get() < end)
-            || self.end_asked.is_some_and(|at| at.elapsed() < Duration::from_secs(10))
-        {
-            return;
-        }
-        self.end_asked = Some(Instant::now());
-        if end_now(&self.consumer, &self.topic).is_none_or(|end| self.progress.get() < end) {
-            return;
-        }
-        let now = unix_now();
-        match self.store.set_caught_up_at(now).and_then(|()| self.store.note_read_to_end()) {
-            Ok(()) => (self.caught_up_noted, self.caught_up_at) = (Some(Instant::now()), Some(now)),
+        // Caught up as of a time T: every record the topic held at T applied, by the end
+        // its broker told at T (asked every 10 s at most; reached later, the note is of
+        // T). Not by what was fetched: the local queue empties between fetches (a node
+        // catching up after days away noted itself caught up at its first poll, then,
+        // killed midway, was not rebuilt at its next start), and a node cut off from its
+        // brokers keeps the end it last fetched. Nor only when idle: a node reading state
+        // writes without a pause for a day would never have noted itself caught up.
+        let (consumer, topic) = (&self.consumer, &self.topic);
+        let asked = &mut self.end_asked;
+        let as_of =
+            caught_up_as_of(asked, self.progress.get(), (Instant::now(), unix_now()), || end_now(consumer, topic));
+        let Some(at) = as_of else { return };
+        match self.store.set_caught_up_at(at).and_then(|()| self.store.note_read_to_end()) {
+            Ok(()) => (self.caught_up_noted, self.caught_up_at) = (Some(Instant::now()), Some(at)),
             Err(e) => tracing::warn!(error = %e, "noting the store caught up failed; trying again"),
         }
     }
@@ -1286,26 +1307,6 @@ fn written_as<'m>(message: &'m rdkafka::message::BorrowedMessage<'_>) -> Option<
 fn owner_poll_interval(configured: Option<&str>) -> String {
     let least = OWNER_POLL_INTERVAL.as_millis();
     configured.and_then(|v| v.trim().parse::<u128>().ok()).map_or(least, |v| v.max(least)).to_string()
-}
-
-/// The end of `topic`'s partition 0 as `consumer`'s last fetch answer gave it, without
-/// asking the cluster (`rd_kafka_get_watermark_offsets`); `None` before any answer.
-fn cached_end<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> Option<i64> {
-    let topic = std::ffi::CString::new(topic).ok()?;
-    let (mut low, mut high) = (-1i64, -1i64);
-    // SAFETY: the pointer is the live handle `consumer` owns, for the whole call; the
-    // topic is a NUL-terminated string that outlives it; librdkafka writes the two
-    // offsets it is given and keeps no pointer to them.
-    let error = unsafe {
-        rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
-            topic.as_ptr(),
-            0,
-            &mut low,
-            &mut high,
-        )
-    };
-    (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 /// Has `producer` send what it holds at once, whatever its `linger.ms`, for up to
@@ -1839,6 +1840,27 @@ mod tests {
         assert_eq!(end_now(&reader, "state"), None, "no answer, no end");
         kafka.on_cluster(|cluster| cluster.partition_leader("state", 0, Some(1)).expect("led again"));
         assert_eq!(end_now(&reader, "state"), Some(0));
+    }
+
+    /// R-M3: a node notes itself caught up as of the time it asked its broker where the
+    /// topic ends, once it has applied up to that end: also while state writes keep
+    /// coming (it noted only when idle, and a node busy for a day stopped itself as one
+    /// cut off), and never while the broker does not answer.
+    #[test]
+    fn r_m3_a_node_is_caught_up_as_of_when_it_asked_the_end_it_has_since_reached() {
+        let t0 = Instant::now();
+        let never = || -> Option<i64> { panic!("asked again too soon") };
+        let mut asked = None;
+        // Idle at the end: caught up now.
+        assert_eq!(caught_up_as_of(&mut asked, 50, (t0, 1_000), || Some(50)), Some(1_000));
+        // Writes keep coming: behind the end told at 2 000, then past it at 2 003.
+        assert_eq!(caught_up_as_of(&mut asked, 60, (t0, 2_000), || Some(64)), None);
+        assert_eq!(caught_up_as_of(&mut asked, 62, (t0 + Duration::from_secs(1), 2_001), never), None);
+        assert_eq!(caught_up_as_of(&mut asked, 70, (t0 + Duration::from_secs(3), 2_003), never), Some(2_000));
+        // Cut off: nothing, and not asked again for 10 s.
+        assert_eq!(caught_up_as_of(&mut asked, 70, (t0, 3_000), || None), None);
+        assert_eq!(caught_up_as_of(&mut asked, 70, (t0 + Duration::from_secs(9), 3_009), never), None);
+        assert_eq!(caught_up_as_of(&mut asked, 70, (t0 + Duration::from_secs(10), 3_010), || Some(70)), Some(3_010));
     }
 
     /// The same bound at a start and on a running node reading again after being cut
