@@ -566,7 +566,8 @@ impl StateLog {
                 ]),
             )?);
             // The store holds what it just published: reading it back would write every
-            // value again.
+            // value again. It is the topic's whole content, as of now.
+            store.set_caught_up_at(unix_now())?;
             let (_, published) = reader
                 .fetch_watermarks(options.topic, 0, crate::cluster::ANSWER_WITHIN)
                 .with_context(|| format!("reading the end of state topic {:?}", options.topic))?;
@@ -615,10 +616,9 @@ impl StateLog {
         let applier = Applier {
             caught_up_noted: None,
             end_asked: None,
-            // The start judged the time away the store noted; what this run notes is
-            // judged from here on (a store carried over, or caught up after a day
-            // away within the bound, is not stopped as soon as it reads).
-            caught_up_at: None,
+            // As the start left it: a store carried over is caught up as of then, one
+            // away within the bound is judged on through its catch-up.
+            caught_up_at: store.caught_up_at()?,
             deletions_kept,
             topic: options.topic.to_owned(),
             store: store.clone(),
@@ -940,10 +940,13 @@ fn caught_up_as_of(
 ) -> Option<u64> {
     let as_of = match *asked {
         Some((_, end, at)) if progress >= end => Some(at),
-        Some((when, ..)) if now.0.saturating_duration_since(when) < Duration::from_secs(10) => return None,
+        // An end told is kept until reached (asked again, a lag of more than the time
+        // between asks would never reach it); an unanswered ask is tried again in 10 s.
+        Some((when, end, _)) if end != i64::MAX || now.0.saturating_duration_since(when) < Duration::from_secs(10) => {
+            return None
+        }
         _ => match ask() {
             Some(end) if progress >= end => Some(now.1),
-            // Unanswered: asked again in 10 s.
             end => {
                 *asked = Some((now.0, end.unwrap_or(i64::MAX), now.1));
                 return None;
@@ -1139,10 +1142,11 @@ impl Applier {
             values.clear();
             self.progress.set(next);
             self.metrics.state_applied(next);
-            self.note_caught_up();
             for answer in answers.drain(..) {
                 self.waiters.answer(answer.id, answer.results);
             }
+            // After the answers: it may wait seconds for the broker.
+            self.note_caught_up();
         }
     }
 }
@@ -1230,7 +1234,6 @@ impl Applier {
         ));
         drop(failure);
         self.waiters.forget_all();
-        self.progress.halt();
         self.failed.cancel();
     }
 
@@ -1853,10 +1856,11 @@ mod tests {
         let mut asked = None;
         // Idle at the end: caught up now.
         assert_eq!(caught_up_as_of(&mut asked, 50, (t0, 1_000), || Some(50)), Some(1_000));
-        // Writes keep coming: behind the end told at 2 000, then past it at 2 003.
+        // Writes keep coming: behind the end told at 2 000 (for longer than the 10 s
+        // between asks: the end told is kept, not moved on), then past it at 2 030.
         assert_eq!(caught_up_as_of(&mut asked, 60, (t0, 2_000), || Some(64)), None);
-        assert_eq!(caught_up_as_of(&mut asked, 62, (t0 + Duration::from_secs(1), 2_001), never), None);
-        assert_eq!(caught_up_as_of(&mut asked, 70, (t0 + Duration::from_secs(3), 2_003), never), Some(2_000));
+        assert_eq!(caught_up_as_of(&mut asked, 62, (t0 + Duration::from_secs(20), 2_020), never), None);
+        assert_eq!(caught_up_as_of(&mut asked, 70, (t0 + Duration::from_secs(30), 2_030), never), Some(2_000));
         // Cut off: nothing, and not asked again for 10 s.
         assert_eq!(caught_up_as_of(&mut asked, 70, (t0, 3_000), || None), None);
         assert_eq!(caught_up_as_of(&mut asked, 70, (t0 + Duration::from_secs(9), 3_009), never), None);
