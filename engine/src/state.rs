@@ -308,10 +308,12 @@ impl Fenced {
     /// written.
     fn to_write(&self) -> Vec<String> {
         let mut keys = self.keys.lock().expect("fenced lock");
-        keys.iter_mut()
-            .filter(|(_, written)| !**written)
-            .map(|(key, written)| (*written = true, key.clone()).1)
-            .collect()
+        let mut to_write = Vec::new();
+        for (key, written) in keys.iter_mut().filter(|(_, written)| !**written) {
+            *written = true;
+            to_write.push(key.clone());
+        }
+        to_write
     }
 
     /// Whether some key waits for this node's owner to write it again.
@@ -930,25 +932,26 @@ impl DeletionsKept {
 }
 
 /// [`Applier::note_caught_up`]'s judgement: the unix time as of which a store applied
-/// up to `progress` is caught up, if it is. `asked` keeps the end `ask` (the broker) told
-/// and when, until `progress` reaches it; `now` is (the instant, unix seconds).
+/// up to `progress` is caught up, if it is. `asked` keeps when `ask` (the broker) was
+/// asked, the end it told (none: unanswered) and the unix time, until `progress`
+/// reaches that end; `now` is (the instant, unix seconds).
 fn caught_up_as_of(
-    asked: &mut Option<(Instant, i64, u64)>,
+    asked: &mut Option<(Instant, Option<i64>, u64)>,
     progress: i64,
     now: (Instant, u64),
     ask: impl FnOnce() -> Option<i64>,
 ) -> Option<u64> {
     let as_of = match *asked {
-        Some((_, end, at)) if progress >= end => Some(at),
+        Some((_, Some(end), at)) if progress >= end => Some(at),
         // An end told is kept until reached (asked again, a lag of more than the time
-        // between asks would never reach it); an unanswered ask is tried again in 10 s.
-        Some((when, end, _)) if end != i64::MAX || now.0.saturating_duration_since(when) < Duration::from_secs(10) => {
-            return None
-        }
+        // between asks would never reach it).
+        Some((_, Some(_), _)) => return None,
+        // Unanswered: asked again in 10 s.
+        Some((when, None, _)) if now.0.saturating_duration_since(when) < Duration::from_secs(10) => return None,
         _ => match ask() {
             Some(end) if progress >= end => Some(now.1),
             end => {
-                *asked = Some((now.0, end.unwrap_or(i64::MAX), now.1));
+                *asked = Some((now.0, end, now.1));
                 return None;
             }
         },
@@ -967,9 +970,8 @@ fn end_now<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str) -> Optio
     consumer.fetch_watermarks(topic, 0, END_ASKED_WITHIN).ok().map(|(_, high)| high)
 }
 
-/// Publishes every value of `store` into the empty state topic: the one-time move of a
-/// single-node store into cluster mode.
-/// Publishes every value of `store` into the state topic: how many, in how long.
+/// Publishes every value of `store` into the empty state topic (the one-time move of a
+/// single-node store into cluster mode): how many, in how long.
 fn carry_over(store: &Store, options: &StateOptions<'_>, config: ClientConfig) -> anyhow::Result<(u64, Duration)> {
     let started = Instant::now();
     let producer: BaseProducer<Published> =
@@ -1017,9 +1019,9 @@ struct Applier {
     /// Cancelled, with `failure` set, when this node finds its own records fenced.
     failed: CancellationToken,
     failure: Arc<Mutex<Option<String>>>,
-    /// When it last asked the broker where the topic ends, the end told (`i64::MAX`
+    /// When it last asked the broker where the topic ends, the end told (none:
     /// unanswered) and the unix time it was asked at ([`Applier::note_caught_up`]).
-    end_asked: Option<(Instant, i64, u64)>,
+    end_asked: Option<(Instant, Option<i64>, u64)>,
     /// When the store last noted itself caught up (unix seconds).
     caught_up_at: Option<u64>,
     /// The topic's `delete.retention.ms`, for [`Applier::away_too_long`].
@@ -1075,11 +1077,11 @@ impl Applier {
                             continue;
                         }
                         answered.extend(carried_out(&message));
-                        if let Some(key) = StateKey::decode(key) {
+                        let encoded = key;
+                        if let Some(key) = StateKey::decode(encoded) {
                             // The owner's, or another node's, writing again of a fenced key.
                             if !fenced_now.is_empty() || self.fenced.any() {
-                                let encoded =
-                                    std::str::from_utf8(message.key().unwrap_or_default()).unwrap_or_default();
+                                let encoded = std::str::from_utf8(encoded).unwrap_or_default();
                                 if fenced_now.remove(encoded) || self.fenced.contains(encoded) {
                                     cleared.insert(encoded.to_owned());
                                 }

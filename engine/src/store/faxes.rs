@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(store.fax_document(&old.key()).unwrap(), None);
         assert_eq!(store.fax_usage().unwrap(), (2, 8), "two records, two documents of 4 bytes");
         // An expired fax's record read again is a new fax: but the pipeline does not keep
-        // faxes older than engine.max_call_age_hours, far inside the retention.
+        // a fax older than store.fax_retention_days, and only such a fax has expired.
     }
 
     /// R-F1, `store.fax_retention_days`: the expiry runs hourly (and only where the state
