@@ -75,7 +75,39 @@ pub struct KafkaSettings {
 /// `sasl.oauthbearer.assertion.private.key.passphrase`, ...), masked wherever settings
 /// are shown.
 pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
     ["password", "passphrase", "secret", "jaas", "key.pem", "oauthbearer.config"].iter().any(|word| key.contains(word))
+}
+
+/// Refuses a `kafka.properties` entry librdkafka does not take (an unknown key, a
+/// value it does not read, Java's `sasl.jaas.config`) when the settings are read: refused
+/// by the first Kafka client instead, its error carried the value (the password in a
+/// JAAS line) into the log at every restart, after `config check` had said OK. The
+/// error names the key and librdkafka's reason; the value only where it is no secret
+/// and the key is one librdkafka knows (a mistyped key may be a secret's).
+fn check_kafka_properties(properties: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaConfRes;
+    for (key, value) in properties {
+        let mut one = rdkafka::ClientConfig::new();
+        one.set(key, value);
+        let Err(e) = one.create_native_config() else { continue };
+        let why = match e {
+            KafkaError::ClientConfig(code, why, _, _) => {
+                let hidden = is_secret_property(key) || code == RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN;
+                if hidden && !value.is_empty() {
+                    why.replace(value.as_str(), "***")
+                } else {
+                    why
+                }
+            }
+            other => format!("{other}").replace(value.as_str(), "***"),
+        };
+        return Err(ConfigError::Invalid(format!(
+            "kafka.properties \"{key}\": librdkafka does not take it: {why} (docs/kafka.md)"
+        )));
+    }
+    Ok(())
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -370,6 +402,7 @@ impl Settings {
                 )));
             }
         }
+        check_kafka_properties(&self.kafka.properties)?;
         if self.smtp.retry_max_delay_ms < self.smtp.retry_first_delay_ms {
             return invalid("smtp.retry_max_delay_ms must be at least smtp.retry_first_delay_ms (the backoff starts at the first and doubles up to the max)");
         }
@@ -744,6 +777,37 @@ mod tests {
         assert!(e.contains("smtp.port") && e.contains("abc"), "{e}");
     }
 
+    /// Secrets never in logs: a `kafka.properties` entry librdkafka refuses (Java's
+    /// `sasl.jaas.config`, a key in capitals) was taken by `config check` and refused by
+    /// `serve`'s first Kafka client, whose error (printed at every restart) carried the
+    /// value: the password in the JAAS line. Refused when the settings are read now,
+    /// naming the key and why, never the value.
+    #[test]
+    fn a_kafka_property_librdkafka_refuses_is_refused_without_its_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        let load = |key: &str, value: &str| {
+            std::fs::write(&file, format!("[kafka.properties]\n\"{key}\" = '{value}'\n")).unwrap();
+            Settings::load_from(Some(&file), env(&[]))
+        };
+        let jaas =
+            r#"org.apache.kafka.common.security.scram.ScramLoginModule required username="cn" password="hunter2";"#;
+        for (key, value) in [
+            ("sasl.jaas.config", jaas),
+            ("SASL.PASSWORD", "hunter2"),
+            ("sasl.pasword", "hunter2"),
+            ("ssl.truststore.password", "hunter2"),
+        ] {
+            let e = load(key, value).unwrap_err().to_string();
+            assert!(!e.contains("hunter2"), "the secret is printed: {e}");
+            assert!(e.contains(key), "the key is not named: {e}");
+        }
+        // One that is no secret is named with its value; one librdkafka takes is taken.
+        let e = load("security.protocol", "SASL-SSL").unwrap_err().to_string();
+        assert!(e.contains("security.protocol") && e.contains("SASL-SSL"), "{e}");
+        assert_eq!(load("security.protocol", "sasl_ssl").unwrap().kafka.properties["security.protocol"], "sasl_ssl");
+    }
+
     #[test]
     fn the_password_policy_is_seed_unless_asvs_is_chosen() {
         assert_eq!(Settings::load_from(None, env(&[])).unwrap().admin.password_policy, PasswordPolicy::Seed);
@@ -1073,13 +1137,12 @@ mod tests {
                 ("CALLNOTIFY__SMTP__USERNAME", "callnotify"),
                 ("CALLNOTIFY__SMTP__PASSWORD", "smtp-secret"),
                 ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_PASSWORD", "kafka-secret"),
-                // OIDC JWT-bearer assertions (librdkafka 2.10 and later).
-                ("CALLNOTIFY__KAFKA__PROPERTIES__SASL_OAUTHBEARER_ASSERTION_PRIVATE_KEY_PASSPHRASE", "jwt-secret"),
+                ("CALLNOTIFY__KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "key-secret"),
             ]),
         )
         .unwrap();
         assert!(text.contains("host = \"mx.example.jp\""), "{text}");
-        for secret in ["smtp-secret", "kafka-secret", "jwt-secret"] {
+        for secret in ["smtp-secret", "kafka-secret", "key-secret"] {
             assert!(!text.contains(secret), "{secret} shown: {text}");
         }
         assert!(text.contains("\"sasl.password\" = \"***\""), "{text}");
