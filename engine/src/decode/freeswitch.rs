@@ -3,7 +3,7 @@
 //! A document is large (hundreds of channel variables, the SDP, the dialplan trace); the
 //! few fields a notification needs are in `variables`, with the caller profile under
 //! `callflow` as a fallback for the numbers. `callflow` is an array in current
-//! FreeSWITCH and an object in old releases; both are read. Everything else is skipped
+//! FreeSWITCH and, in old releases, an object, one `callflow` key per flow; all are read. Everything else is skipped
 //! without being buffered.
 //!
 //! `mod_json_cdr` URL-encodes variable values by default (`encode-values`), so a `+81`
@@ -21,11 +21,59 @@ use super::{
 };
 use crate::phone::PhoneNumber;
 
-#[derive(Deserialize, Default)]
-#[serde(default, bound(deserialize = "'de: 'a"))]
+#[derive(Default)]
 struct Cdr<'a> {
     variables: Option<Variables<'a>>,
     callflow: Option<Callflow<'a>>,
+}
+
+/// The keys of a document this decoder reads.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum CdrKey {
+    Variables,
+    Callflow,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Cdr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(CdrVisitor)
+    }
+}
+
+struct CdrVisitor;
+
+impl<'de> Visitor<'de> for CdrVisitor {
+    type Value = Cdr<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a mod_json_cdr document")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut cdr = Cdr::default();
+        while let Some(key) = map.next_key::<CdrKey>()? {
+            match key {
+                CdrKey::Variables if cdr.variables.is_some() => {
+                    return Err(serde::de::Error::duplicate_field("variables"));
+                }
+                CdrKey::Variables => cdr.variables = map.next_value()?,
+                // Old releases write one `callflow` key per flow, newest first: the last
+                // with a caller profile is the oldest, as in an array.
+                CdrKey::Callflow => {
+                    let flow: Callflow<'de> = map.next_value()?;
+                    if flow.0.is_some() || cdr.callflow.is_none() {
+                        cdr.callflow = Some(flow);
+                    }
+                }
+                CdrKey::Other => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(cdr)
+    }
 }
 
 /// The channel variables this decoder reads.
@@ -385,5 +433,25 @@ mod tests {
         for junk in ["[]", "null", r#""x""#, "1", "[1]"] {
             assert_eq!(number(&format!(r#"{{"callflow":{junk}}}"#)), None, "{junk}");
         }
+    }
+
+    /// R-N4, R-M4: releases before the array write one `callflow` key per flow, newest
+    /// first, in one object (their JSON CDR adds the key in its loop over the caller
+    /// profiles). Every CDR of a transferred call, which the stock public dialplan makes
+    /// of every inbound call, was dead-lettered as a syntax error ("duplicate field"),
+    /// and its missed call never mailed.
+    #[test]
+    fn r_n4_an_old_release_s_repeated_callflow_keys_are_read_oldest_last() {
+        let cdr = r#"{"variables":{"uuid":"u1","start_epoch":"1795482000","answer_epoch":"0","end_epoch":"1795482020","hangup_cause":"NO_ANSWER"},
+            "callflow":{"caller_profile":{"caller_id_number":"09011112222","destination_number":"1000"}},
+            "callflow":{"caller_profile":{"caller_id_number":"09011112222","destination_number":"0312345678"}},
+            "callflow":{}}"#;
+        let call = decode(cdr.as_bytes()).expect("read");
+        assert_eq!(call.called.as_str(), "0312345678");
+        assert_eq!(call.outcome, Outcome::NoAnswer);
+        assert_eq!(call.caller, Caller::Number(PhoneNumber::parse("09011112222").unwrap()));
+        // Two `variables` are still no CDR to guess from.
+        let twice = r#"{"variables":{"uuid":"u1"},"variables":{"uuid":"u2"}}"#;
+        assert!(matches!(decode(twice.as_bytes()), Err(DecodeError::Syntax { .. })));
     }
 }
