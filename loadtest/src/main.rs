@@ -74,15 +74,15 @@ pub struct Common {
     /// Partitions of each load topic (on `--brokers`, of the topics this run creates).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=1000))]
     partitions: i32,
-    /// The engine's subscription cache capacity.
-    #[arg(long, default_value_t = 200_000)]
+    /// The engine's subscription cache capacity (`store.cache_capacity`).
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
     cache_capacity: u64,
-    /// SMTP connections the engine keeps.
-    #[arg(long, default_value_t = 16)]
+    /// SMTP connections the engine keeps (`smtp.pool_size`).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000))]
     pool_size: u32,
     /// The engine's consumer threads (`engine.consumers`); `ingest` reads with as many
     /// bare consumers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = consumers)]
     consumers: usize,
     /// Where the report (JSON, Markdown, SVG) is written.
     #[arg(long, default_value = "loadtest-report")]
@@ -127,7 +127,9 @@ impl Common {
                 path.display()
             );
         }
-        Ok(path)
+        // The engine runs in the work directory: a path relative to here would not be
+        // found from there.
+        Ok(std::path::absolute(path)?)
     }
 
     /// Refuses any broker, or a metrics address, that is not on this machine.
@@ -261,7 +263,8 @@ impl Common {
             None => default_workdir(),
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(dir)
+        // The engine runs in it and is handed paths inside it (its store, the import).
+        Ok(std::path::absolute(dir)?)
     }
 }
 
@@ -374,6 +377,13 @@ async fn stop_signal() -> &'static str {
 /// kept (and named) when it fails, for the engine's log. Of this run only: named by the
 /// process id alone, a run after a failed one of the same id (a load tester in a
 /// container is often process 1) measured on the store the failed run left.
+/// `--consumers`: what the engine takes (`engine.consumers`), refused before anything
+/// starts instead of by the engine once the store is seeded.
+fn consumers(value: &str) -> Result<usize, String> {
+    let max = engine::config::MAX_CONSUMERS;
+    value.parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| format!("a number from 1 to {max}"))
+}
+
 fn default_workdir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {

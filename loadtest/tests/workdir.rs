@@ -45,3 +45,24 @@ fn a_run_without_workdir_keeps_its_directory_only_when_it_fails() {
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert_eq!(left(tmp.path()), kept, "only the failed run's directory is left");
 }
+
+/// A `--workdir` and an `--engine` given relative to where the load tester runs: the
+/// engine runs in the work directory, and was handed both paths as typed (its store and
+/// the import file under `lt/lt/…`, itself not found there): every mode failed.
+#[test]
+fn a_relative_workdir_and_engine_are_read_from_where_the_run_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Path::new(env!("CARGO_BIN_EXE_callnotify-loadtest")).with_file_name("callnotify");
+    std::fs::create_dir(dir.path().join("bin")).unwrap();
+    std::os::unix::fs::symlink(&engine, dir.path().join("bin/callnotify")).unwrap();
+    let args = ["run", "--numbers", "200", "--rate", "50", "--duration", "1s", "--quiet"];
+    let run = Command::new(env!("CARGO_BIN_EXE_callnotify-loadtest"))
+        .args(args)
+        .args(["--workdir", "lt", "--engine", "bin/callnotify", "--out", "out"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(dir.path().join("lt/seeded").exists(), "the store is in the work directory given");
+    assert!(dir.path().join("out").exists(), "the report is where it was asked for");
+}
