@@ -2,6 +2,8 @@
 //! own counters, and a report of rounds with the median ratio.
 
 use std::path::Path;
+
+use anyhow::Context as _;
 use std::time::{Duration, Instant};
 
 use crate::cpu::{Busy, CpuSampler};
@@ -74,8 +76,12 @@ impl Round {
     }
 }
 
+/// How often [`engine_rate`] reads the engine's counter.
+const POLL: Duration = Duration::from_millis(20);
+
 /// Starts the engine and measures how fast its counter `metric` reaches `count`: per
-/// second, from its first increment to the last (the counter polled every 20 ms).
+/// second, from the first reading that saw it count to the one that saw it reach
+/// `count` (the counter read every 20 ms), over what it counted in between.
 pub async fn engine_rate(config: &EngineConfig, metric: &str, count: u64) -> anyhow::Result<Side> {
     let mut engine = config.serve()?;
     engine.wait_ready(Duration::from_secs(60)).await?;
@@ -84,19 +90,35 @@ pub async fn engine_rate(config: &EngineConfig, metric: &str, count: u64) -> any
     loop {
         let n = engine.metrics().await?.get(metric) as u64;
         if n > 0 {
-            first.get_or_insert_with(|| (Instant::now(), engine.usage().cpu_seconds));
+            first.get_or_insert_with(|| (Instant::now(), n, engine.usage().cpu_seconds));
         }
         if n >= count {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "the engine's {metric} reached only {n} of {count}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(POLL).await;
     }
     let (to, cpu_seconds) = (Instant::now(), engine.usage().cpu_seconds);
-    let (from, cpu_from) = first.unwrap_or((to, cpu_seconds));
+    let (from, seen_first, cpu_from) = first.expect("a count reached is seen counting");
     tokio::task::spawn_blocking(move || engine.stop()).await??;
+    let counted = timed_count(count, seen_first, to - from)
+        .with_context(|| format!("the engine's {metric} cannot be timed: raise the count this mode sends"))?;
     let cores = (cpu_seconds - cpu_from) / (to - from).as_secs_f64();
-    Ok(Side::over(count, from, to, cores.is_finite().then_some(cores)))
+    Ok(Side::over(counted, from, to, cores.is_finite().then_some(cores)))
+}
+
+/// What of `count` the engine counted between the first reading that saw it counting
+/// (`seen_first` by then) and the last, `span` later: what it counted before the first
+/// reading took time not in the span (counted in, a round of 0.4 s read 5 % fast).
+/// Refused when less than two polls lay between the readings: every item counted within
+/// one poll was divided by a second.
+fn timed_count(count: u64, seen_first: u64, span: Duration) -> anyhow::Result<u64> {
+    let counted = count.saturating_sub(seen_first);
+    anyhow::ensure!(
+        span >= 2 * POLL && counted > 0,
+        "{count} counted within {span:?}, {seen_first} of them by the first reading {POLL:?} apart: too few to time"
+    );
+    Ok(counted)
 }
 
 /// What a comparison report says about itself.
@@ -170,5 +192,18 @@ mod tests {
     fn the_median_of_an_even_number_of_rounds_is_the_mean_of_the_middle_two() {
         assert_eq!(super::median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
         assert_eq!(super::median(vec![3.0, 1.0, 2.0]), 2.0);
+    }
+
+    /// `ingest --count 2000` reported "engine 2000 CDR/s" (all counted within one poll,
+    /// divided by a second) beside a baseline timed exactly; a longer round counted the
+    /// items done before its first reading over a span without their time.
+    #[test]
+    fn an_engine_rate_is_timed_over_what_it_counted_between_the_readings() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        assert_eq!(super::timed_count(100_000, 6_000, ms(400)).unwrap(), 94_000);
+        let e = super::timed_count(2_000, 2_000, ms(0)).unwrap_err().to_string();
+        assert!(e.contains("too few to time"), "{e}");
+        assert!(super::timed_count(2_000, 500, ms(20)).is_err(), "one poll apart is no measurement");
     }
 }
