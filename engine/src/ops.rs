@@ -465,6 +465,11 @@ pub enum ClientError {
     )]
     Unanswered { url: String },
     #[error(
+        "the engine at {url} did not answer for {idle:?} (hung or stopped): some lines may be imported; importing \
+         the file again is safe"
+    )]
+    Silent { url: String, idle: Duration },
+    #[error(
         "reading the lines to send: {0}; the lines sent before it may be imported: importing the file again is \
          safe"
     )]
@@ -475,15 +480,37 @@ pub enum ClientError {
 /// `token` (`metrics.provision_token`) as a bearer token if it is not empty. The lines
 /// go as they are read, in chunks (chunked transfer coding), so a file of any size
 /// takes a 64 KiB buffer here, as it takes bounded memory in the engine.
-pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> Result<ProvisionResponse, ClientError> {
+pub fn post_provision(url: &str, jsonl: impl std::io::Read, token: &str) -> Result<ProvisionResponse, ClientError> {
+    post_provision_within(url, jsonl, token, SILENT_AT_MOST)
+}
+
+/// How long `provision import --url` waits on an engine that neither takes the next
+/// lines nor answers. The engine answers within seconds of the last line, and waits
+/// for a state owner up to its own limit, well below this.
+const SILENT_AT_MOST: Duration = Duration::from_secs(300);
+
+/// [`post_provision`], giving up once the engine has been silent for `idle` (connecting,
+/// taking lines, answering).
+fn post_provision_within(
+    url: &str,
+    mut jsonl: impl std::io::Read,
+    token: &str,
+    idle: Duration,
+) -> Result<ProvisionResponse, ClientError> {
     use std::io::Read;
     let authority = url
         .strip_prefix("http://")
         .map(|rest| rest.trim_end_matches('/').trim_end_matches("/provision"))
         .filter(|a| !a.is_empty() && !a.contains('/'))
         .ok_or_else(|| ClientError::Url(url.to_owned()))?;
-    let io = |source| ClientError::Io { url: url.to_owned(), source };
-    let mut stream = std::net::TcpStream::connect(authority).map_err(io)?;
+    let io = |source: std::io::Error| match source.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ClientError::Silent { url: url.to_owned(), idle }
+        }
+        _ => ClientError::Io { url: url.to_owned(), source },
+    };
+    let mut stream = connect(authority, idle).map_err(io)?;
+    stream.set_read_timeout(Some(idle)).and_then(|()| stream.set_write_timeout(Some(idle))).map_err(io)?;
     let mut upload = stream.try_clone().map_err(io)?;
     match send_lines(&mut upload, authority, &mut jsonl, token) {
         Ok(()) => {}
@@ -502,6 +529,19 @@ pub fn post_provision(url: &str, mut jsonl: impl std::io::Read, token: &str) -> 
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(io)?;
     answer(url, &response)
+}
+
+/// A connection to `authority` (`host:port`), each of its addresses tried for `within`.
+fn connect(authority: &str, within: Duration) -> std::io::Result<std::net::TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for addr in authority.to_socket_addrs()? {
+        match std::net::TcpStream::connect_timeout(&addr, within) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
 }
 
 /// Why an upload stopped: its input, or the connection.
@@ -623,6 +663,39 @@ mod tests {
         let said = error.to_string();
         assert!(said.contains("closed the connection without an answer"), "{said}");
         assert!(said.contains("importing the file again is safe"), "{said}");
+    }
+
+    /// An engine that takes the upload and never answers (stopped with SIGSTOP, hung)
+    /// left `provision import --url`, and the load tester's `state` waiting on it, for
+    /// good: it gives up once the engine has been silent for its idle limit, saying so.
+    #[test]
+    fn an_import_the_engine_never_answers_gives_up_after_its_idle_limit() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (held, hold) = std::sync::mpsc::channel::<()>();
+        let engine = std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.ends_with(b"0\r\n\r\n") {
+                let n = stream.read(&mut buf).unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            // Silent, the connection open, until the test ends.
+            let _ = hold.recv();
+        });
+        let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#;
+        let (done, outcome) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(post_provision_within(&url, line.as_bytes(), "", Duration::from_millis(300)));
+        });
+        let error = outcome.recv_timeout(Duration::from_secs(20)).expect("gave up").expect_err("no answer");
+        let said = error.to_string();
+        assert!(said.contains("did not answer"), "{said}");
+        assert!(said.contains("importing the file again is safe"), "{said}");
+        drop(held);
+        engine.join().unwrap();
     }
 
     /// docs/provisioning.md: an upload refused before it is read (here a wrong token) gets
