@@ -97,6 +97,12 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with_clock(settings, None).await
+    }
+
+    /// [`Application::build`], its store reading `clock` (a test moving a node's time
+    /// on) instead of the system's.
+    pub async fn build_with_clock(settings: Settings, clock: Option<crate::store::Clock>) -> anyhow::Result<Self> {
         if let Some(problem) = settings.smtp_credentials_problem() {
             anyhow::bail!(problem);
         }
@@ -186,6 +192,10 @@ impl Application {
                     path.display()
                 )
             })?;
+            let store = match clock {
+                Some(clock) => store.with_clock(clock),
+                None => store,
+            };
             store.set_group_commit(group_commit);
             store.report_errors_to(errors.clone());
             let (brokers, properties, topic, requests, group_id) = &state_options;

@@ -515,7 +515,7 @@ impl StateLog {
                 // A store away less than the margin is in time for any topic kept as
                 // docs/cluster.md says (at least twice the margin): not asked then, a
                 // restart waits for nothing.
-                let away = Duration::from_secs(unix_now().saturating_sub(at));
+                let away = Duration::from_secs(unix_now(store).saturating_sub(at));
                 if away >= AWAY_MARGIN && missed_deletions(away, deletions_kept.get()) {
                     tracing::warn!(topic = options.topic, ?away,
                         "this store was away from the state topic longer than it keeps deletions: rebuilding it from the topic");
@@ -569,7 +569,7 @@ impl StateLog {
             )?);
             // The store holds what it just published: reading it back would write every
             // value again. It is the topic's whole content, as of now.
-            store.set_caught_up_at(unix_now())?;
+            store.set_caught_up_at(unix_now(store))?;
             let (_, published) = reader
                 .fetch_watermarks(options.topic, 0, crate::cluster::ANSWER_WITHIN)
                 .with_context(|| format!("reading the end of state topic {:?}", options.topic))?;
@@ -599,7 +599,7 @@ impl StateLog {
         // tombstone `delete.retention.ms`, the bound on a reading begun then, so one
         // stopped part way and resumed is judged from it (above) as one away since.
         if store.caught_up_at()?.is_none() {
-            store.set_caught_up_at(unix_now())?;
+            store.set_caught_up_at(unix_now(store))?;
         }
 
         let progress = Arc::new(Progress::default());
@@ -884,8 +884,10 @@ const TOMBSTONES_KEPT_BY_DEFAULT: Duration = Duration::from_secs(86_400);
 /// note of being caught up may be a minute old, and it may have lagged behind a little.
 const AWAY_MARGIN: Duration = Duration::from_secs(3_600);
 
-fn unix_now() -> u64 {
-    chrono::Utc::now().timestamp().max(0) as u64
+/// Unix seconds by `store`'s clock: when a view noted itself caught up, and how long
+/// since.
+fn unix_now(store: &Store) -> u64 {
+    store.now().timestamp().max(0) as u64
 }
 
 /// Whether a store away from the state topic for `away` may have missed deletions that
@@ -1192,8 +1194,9 @@ impl Applier {
         // writes without a pause for a day would never have noted itself caught up.
         let (consumer, topic) = (&self.consumer, &self.topic);
         let asked = &mut self.end_asked;
-        let as_of =
-            caught_up_as_of(asked, self.progress.get(), (Instant::now(), unix_now()), || end_now(consumer, topic));
+        let as_of = caught_up_as_of(asked, self.progress.get(), (Instant::now(), unix_now(&self.store)), || {
+            end_now(consumer, topic)
+        });
         let Some(at) = as_of else { return };
         match self.store.set_caught_up_at(at).and_then(|()| self.store.note_read_to_end()) {
             Ok(()) => (self.caught_up_noted, self.caught_up_at) = (Some(Instant::now()), Some(at)),
@@ -1207,7 +1210,7 @@ impl Applier {
     /// old subscriber for good).
     fn away_too_long(&self) -> bool {
         let Some(at) = self.caught_up_at else { return false };
-        let away = Duration::from_secs(unix_now().saturating_sub(at));
+        let away = Duration::from_secs(unix_now(&self.store).saturating_sub(at));
         away >= AWAY_MARGIN && missed_deletions(away, self.deletions_kept.get())
     }
 

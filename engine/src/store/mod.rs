@@ -250,11 +250,17 @@ impl Store {
         Self::from_db(sled::Config::new().temporary(true).open()?, None)
     }
 
-    /// The store with `clock` for the writes it carries out (tests that compare what
-    /// two stores wrote).
+    /// The store with `clock` for the writes it carries out and the times its view of
+    /// the state topic notes (tests that compare what two stores wrote, or move a
+    /// node's time on).
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self
+    }
+
+    /// The time by this store's clock: the system's, or a test's.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        (self.clock)()
     }
 
     /// `dir`: the store's directory, for the sent journal (`None`: a temporary store).

@@ -25,6 +25,12 @@ impl Harness {
         env.extend_from_slice(extra);
         self.engine_with(&env).await
     }
+
+    /// A node of the cluster whose store reads `clock`.
+    pub async fn node_at(&self, name: &str, clock: engine::store::Clock) -> TestEngine {
+        let path = self.dir.path().join(name).display().to_string();
+        TestEngine::start_with_clock(self.settings(&[("CALLNOTIFY__STORE__PATH", path.as_str())]), Some(clock)).await
+    }
 }
 
 /// Waits until `store` shows `number` with settings for which `ok` holds: another
@@ -901,6 +907,37 @@ async fn r_m3_a_node_away_longer_than_the_state_topic_keeps_deletions_is_rebuilt
         assert!(a.store.number(&n("0312345678")).unwrap().is_some(), "the topic's state is there");
         a.stop().await;
     }
+}
+
+/// R-M3, R-L3: a running node back on the state topic after longer than the topic keeps
+/// tombstones (cut off from its brokers; here its clock moved on two days, the mock
+/// cluster's topic keeping them Kafka's default day) stops at the first record it reads
+/// again, before applying it: reading on, it would never meet the deletions compacted
+/// away meanwhile and would mail a removed number's old subscriber. Its view is no
+/// longer one to back up, and its next start rebuilds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r_m3_a_running_node_back_after_longer_than_deletions_are_kept_stops_before_applying() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    let h = Harness::new(1).await;
+    let ahead = std::sync::Arc::new(AtomicI64::new(0));
+    let clock: engine::store::Clock = {
+        let ahead = std::sync::Arc::clone(&ahead);
+        std::sync::Arc::new(move || Utc::now() + chrono::TimeDelta::seconds(ahead.load(Ordering::SeqCst)))
+    };
+    let a = h.node_at("a", clock).await;
+    let b = h.node("b").await;
+    testkit::wait::until(WAIT, || "node A never noted itself caught up".into(), || a.store.has_read_to_end().unwrap())
+        .await;
+    ahead.store(2 * 86_400, Ordering::SeqCst);
+    let before = a.store.state_position().unwrap();
+    b.provision(&[plain_subscriber("0312345678", "taro@example.jp")]);
+    let store = a.store.clone();
+    let why = a.failed().await;
+    assert!(why.contains("cut off from the state topic longer than it keeps deletions"), "{why}");
+    assert_eq!(store.state_position().unwrap(), before, "what it read after is not applied");
+    assert!(!store.has_read_to_end().unwrap(), "its view is not one to back up");
+    drop(store);
+    b.stop().await;
 }
 
 /// R-M3, R-L3: a store that read the state topic part way and never to its end (its

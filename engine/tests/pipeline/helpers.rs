@@ -164,7 +164,12 @@ pub struct TestEngine {
 
 impl TestEngine {
     pub async fn start(settings: Settings) -> Self {
-        let app = Application::build(settings).await.expect("engine starts");
+        Self::start_with_clock(settings, None).await
+    }
+
+    /// An engine whose store reads `clock`.
+    pub async fn start_with_clock(settings: Settings, clock: Option<engine::store::Clock>) -> Self {
+        let app = Application::build_with_clock(settings, clock).await.expect("engine starts");
         let store = app.store().clone();
         let metrics = app.metrics().clone();
         let metrics_addr = app.metrics_addr();
