@@ -22,7 +22,8 @@ echo "integration: Apache Kafka on $(cat "$dir/bootstrap") (logs in $dir)"
 
 export CALLNOTIFY_IT_BROKERS=$(cat "$dir/bootstrap")
 # Under the watchdog: a hung test is killed with its stacks printed (scripts/watchdog.sh).
-# The suite runs its tests one at a time: 40 minutes each at most.
+# The suite runs its tests one at a time in one binary: 40 minutes for them all at most
+# (about 10 on CI).
 export WATCHDOG_SECS=${WATCHDOG_SECS:-2400}
 # --nocapture: what the tests measure (takeover times, duplicates, pauses) shows in the log.
 bash scripts/watchdog.sh cargo test --test integration -- --ignored --test-threads 1 --nocapture "$@"

@@ -5,6 +5,15 @@ set -euo pipefail
 
 need=()
 
+# Rust itself is not a Debian package new enough: the locked dependencies need rustc
+# 1.89 or later (Cargo.toml's rust-version), from rustup (https://rustup.rs).
+rust_ok() {
+  local version
+  version=$(rustc --version 2>/dev/null | awk '{print $2}')
+  [ -n "$version" ] && [ "$(printf '%s\n1.89.0\n' "$version" | sort -V | head -n1)" = 1.89.0 ]
+}
+rust_ok || echo "setup: Rust 1.89 or later is needed to build (found: $(rustc --version 2>/dev/null || echo none)); install it with rustup (https://rustup.rs)" >&2
+
 # librdkafka (bundled by rdkafka-sys) builds with the C toolchain, make, perl and zlib,
 # and links OpenSSL for TLS and SASL (SCRAM) to secured Kafka clusters.
 build_tools=0
@@ -20,7 +29,8 @@ command -v openssl >/dev/null || need+=(openssl)
 # Apache Kafka for the integration suite (scripts/kafka.sh): a Java 17+ runtime (the
 # distribution's default: 17 on Debian 12, 21 on Debian 13, which has no 17), and Maven
 # to fetch the broker from Maven Central.
-command -v java >/dev/null || need+=(default-jre-headless)
+java_major=$(java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print v[1]; exit}')
+[ "${java_major:-0}" -ge 17 ] 2>/dev/null || need+=(default-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 
 # tests/browser.rs: headless Chromium through chromedriver, and a Japanese font so its
@@ -31,6 +41,9 @@ done
 
 # tests/browser.rs also runs axe-core (npm, pinned in tests/browser/axe) in every page.
 command -v npm >/dev/null || need+=(nodejs npm)
+
+# scripts/kafka.sh, scripts/module-cycles.py and scripts/prometheus-check.py.
+command -v python3 >/dev/null || need+=(python3)
 
 # A test process that hangs has its threads' stacks printed before it is killed
 # (scripts/watchdog.sh, tests/cli.rs).
@@ -73,4 +86,9 @@ if [ "$daemons" = 1 ]; then
 fi
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 apt-get clean   # the downloaded packages: disk the builds need
+if [ "$daemons" = 1 ] && command -v systemctl >/dev/null; then
+  # Nor started at the next boot: Prometheus (:9090) and its node exporter (:9100) would
+  # listen on every interface of a developer's machine.
+  systemctl disable prometheus prometheus-node-exporter postfix >/dev/null 2>&1 || true
+fi
 axe

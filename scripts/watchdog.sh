@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Runs a command (the test suite) and watches its test binaries: one that has run for
 # WATCHDOG_SECS (default 900) has its threads' stacks, and its children's, printed by
-# gdb and is killed. A hung test then fails the run and shows where it hung, instead of
-# running into CI's time limit with nothing to show.
+# gdb and is killed with every process under it (the engines and Kafka brokers a test
+# started among them). A hung test then fails the run and shows where it hung, instead
+# of running into CI's time limit with nothing to show. Ctrl-C (or SIGTERM) stops the
+# command and everything under it: a background command of a script ignores SIGINT, so
+# the tests ran on without it.
 #   bash scripts/watchdog.sh cargo test --workspace
 set -uo pipefail
 limit=${WATCHDOG_SECS:-900}
 target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
+
+# PID and every process under it, the deepest first.
+tree() {
+  local child
+  for child in $(pgrep -P "$1"); do tree "$child"; done
+  echo "$1"
+}
 
 "$@" &
 run=$!
@@ -22,13 +32,14 @@ watch() {
         echo "--- process $p: $(ps -o args= -p "$p")" >&2
         timeout 60 gdb -batch -p "$p" -ex "thread apply all bt" 2>&1 | grep -E '^(Thread|#)' >&2
       done
-      pkill -KILL -P "$pid"
-      kill -KILL "$pid"
+      # All at once: a child whose parent died first is no longer found under it.
+      kill -KILL $(tree "$pid") 2>/dev/null
     done
   done
 }
 watch &
 watcher=$!
+trap '{ kill -KILL "$watcher"; wait "$watcher"; } 2>/dev/null; kill -TERM $(tree "$run") 2>/dev/null; wait "$run"; exit 130' INT TERM
 wait "$run"
 status=$?
 kill "$watcher" 2>/dev/null
