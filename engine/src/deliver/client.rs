@@ -771,6 +771,14 @@ pub(crate) mod tests {
                         rd.get_mut().flush().await.unwrap();
                         return false;
                     }
+                    "RCPT" if line.contains("<slow@") => {
+                        // A recipient check that never ends: nothing more is answered.
+                        let mut rest = String::new();
+                        while rd.read_line(&mut rest).await.unwrap_or(0) > 0 {
+                            rest.clear();
+                        }
+                        return false;
+                    }
                     "RCPT" if line.contains("<closing@") => {
                         rd.get_mut().write_all(b"421 4.3.2 shutting down\r\n").await.unwrap();
                         rd.get_mut().flush().await.unwrap();

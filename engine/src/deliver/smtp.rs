@@ -287,31 +287,15 @@ impl SmtpPool {
             return sent;
         }
         if let Some(next) = next {
-            // This mail is answered; the connection goes to the next one, whatever its
-            // envelope's fate.
-            let handed = match self.within(conn.envelope_replies(&next.envelope)).await {
-                Ok(()) => Handed::Accepted,
-                Err(SendError::Client(refused)) if refused.refused_in_step() => Handed::Refused(refused),
-                // Nothing of that mail was accepted: it queues again (its sender is
-                // dropped here) and this connection, out of step, is closed.
-                Err(_) => {
-                    lease.conn = None;
-                    return sent;
-                }
-            };
-            // The slot and the connection go with the handoff (and on to the next mail
-            // should that one have stopped waiting).
-            let conn = lease.conn.take().filter(Connection::usable);
-            if conn.is_none() && matches!(handed, Handed::Accepted) {
-                // Its envelope was taken on a connection no longer usable (a 421 to this
-                // message, and a server answering on all the same): it goes with the
-                // connection, and that mail starts over (its sender is dropped here).
-                // Handed on, it went as a message on a new connection without one.
-                return sent;
-            }
+            // This mail is answered, and returns now; the connection and the slot go to
+            // the next one, whose envelope's replies are read on a task of their own.
+            // Read here, a mail the server had accepted waited for them (up to the step
+            // timeout), and a stop or the breaker opening meanwhile dropped it as
+            // unanswered, to be sent again.
+            let conn = lease.conn.take().expect("a leased connection is open");
             lease.armed = false;
-            let handoff = Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: handed };
-            let _ = next.handoff.send(handoff);
+            let handing = Lease { slots: self.slots.clone(), conn: Some(conn), armed: true };
+            tokio::spawn(hand_on(handing, next, self.timeout));
         }
         sent
     }
@@ -371,6 +355,33 @@ impl SmtpPool {
         }
         Ok(conn)
     }
+}
+
+/// Reads the replies to `next`'s envelope, sent behind the message before it on
+/// `lease`'s connection, and hands `next` the connection, whatever its envelope's fate.
+/// Dropped (the slot released, the connection closed), `lease` leaves `next` to queue
+/// again: its sender is dropped with it.
+async fn hand_on(mut lease: Lease, next: Waiter, timeout: Duration) {
+    let conn = lease.conn.as_mut().expect("a leased connection is open");
+    let handed = match tokio::time::timeout(timeout, conn.envelope_replies(&next.envelope)).await {
+        Ok(Ok(())) => Handed::Accepted,
+        Ok(Err(refused)) if refused.refused_in_step() => Handed::Refused(refused),
+        // Nothing of that mail was accepted, and this connection, out of step, closes.
+        _ => return,
+    };
+    // The slot and the connection go with the handoff (and on to the next mail should
+    // that one have stopped waiting).
+    let conn = lease.conn.take().filter(Connection::usable);
+    if conn.is_none() && matches!(handed, Handed::Accepted) {
+        // Its envelope was taken on a connection no longer usable (a 421 to the message
+        // before, and a server answering on all the same): it goes with the connection,
+        // and that mail starts over. Handed on, it went as a message on a new connection
+        // without one.
+        return;
+    }
+    lease.armed = false;
+    let handoff = Handoff { lease: Lease { slots: lease.slots.clone(), conn, armed: true }, state: handed };
+    let _ = next.handoff.send(handoff);
 }
 
 /// The CA certificates in the PEM file at `path` (read once, at start).
@@ -466,6 +477,31 @@ mod tests {
             ["(more in the same write)", "MAIL FROM:<no-reply@example.jp>", "RCPT TO:<c@example.jp>"]
         );
         assert!(after("three").is_empty(), "nothing was waiting behind the last: {seen:?}");
+    }
+
+    /// A mail the server accepted is answered at once, though the envelope of the mail
+    /// behind it, sent with its message, is not answered yet: it waited for those
+    /// replies (up to `smtp.timeout_secs`), and a stop or the breaker opening meanwhile
+    /// dropped it as unanswered, to be sent again.
+    #[tokio::test]
+    async fn a_mail_accepted_is_answered_without_waiting_for_the_next_one_s_envelope() {
+        use crate::deliver::client::tests::server_for;
+        let (port, _server) = server_for(&["PIPELINING"], 1).await;
+        let mut settings = crate::deliver::tests::smtp_to(port);
+        (settings.pool_size, settings.timeout_secs) = (1, 600);
+        let pool = SmtpPool::new(&settings, None).unwrap();
+        let (a, slow) = (to("a@example.jp"), to("slow@example.jp"));
+        let sent = together(async {
+            let behind = pool.send(&slow, b"Subject: 2\r\n\ntwo");
+            tokio::pin!(behind);
+            tokio::select! {
+                biased;
+                sent = pool.send(&a, b"Subject: 1\r\n\none") => sent,
+                _ = &mut behind => panic!("the mail behind was answered first"),
+            }
+        })
+        .await;
+        assert!(sent.is_ok(), "{sent:?}");
     }
 
     /// A mail whose envelope went out behind another's message fails or succeeds on its
