@@ -404,7 +404,11 @@ impl Connection {
         if ehlo.code / 100 == 2 {
             return Ok(());
         }
-        // A server without ESMTP: plain HELO, no extensions.
+        // A server not taking mail now (421: it closes): its answer, for a retry later.
+        if ehlo.code / 100 == 4 {
+            return Err(ClientError::Session(ehlo));
+        }
+        // A server without ESMTP (500, 502): plain HELO, no extensions.
         self.ext = Extensions::default();
         push_command(&mut self.output, b"HELO ", name, b"");
         self.flush().await.map_err(closed(true))?;
@@ -740,6 +744,11 @@ pub(crate) mod tests {
             } else {
                 match verb.as_str() {
                     "EHLO" if extensions.contains(&"NO-EHLO") => "500 5.5.1 what?".to_owned(),
+                    "EHLO" if extensions.contains(&"BUSY") => {
+                        rd.get_mut().write_all(b"421 4.7.0 too busy, try later\r\n").await.unwrap();
+                        rd.get_mut().flush().await.unwrap();
+                        return false;
+                    }
                     "EHLO" => {
                         let offered = extensions.iter().fold("250-scripted".to_owned(), |r, e| r + "\r\n250-" + e);
                         offered + if starttls { "\r\n250-STARTTLS" } else { "" } + "\r\n250 SIZE 1000000"
@@ -898,6 +907,19 @@ pub(crate) mod tests {
         let seen = send(server(&["NO-EHLO"], false).await, None, b"Subject: hi\r\n\r\nbody").await.unwrap();
         assert_eq!(&seen[..2], ["EHLO client.test", "HELO client.test"]);
         assert_eq!(seen[5], "Subject: hi\r\n\r\nbody\r\n.\r\n", "the last line is ended before the dot");
+    }
+
+    /// A server too busy answers EHLO with 421 and closes: that is its answer (the
+    /// session refused, for a retry later), not a HELO sent to a closed connection and
+    /// counted as a server not answering, three of which opened the breaker.
+    #[tokio::test]
+    async fn an_ehlo_answered_421_is_the_server_s_refusal_not_a_reason_to_try_helo() {
+        let (port, server) = server(&["BUSY"], false).await;
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let opened = Connection::open(tcp, &Session { tls: None, hello: "client.test", credentials: None }).await;
+        let refused = opened.err().expect("refused");
+        assert!(matches!(&refused, ClientError::Session(Reply { code: 421, .. })), "{refused}");
+        assert_eq!(server.await.unwrap(), ["EHLO client.test"]);
     }
 
     #[tokio::test]
