@@ -346,6 +346,11 @@ impl Connection {
     /// Reads the reply to RSET.
     async fn expect_reset(&mut self) -> Result<(), ClientError> {
         match self.expect(250, false).await {
+            // The server closing (it timed the connection out): a refusal like any 421.
+            Err(ClientError::Refused(reply)) if reply.code == 421 => {
+                self.broken = true;
+                Err(ClientError::Refused(reply))
+            }
             Err(ClientError::Refused(reply)) => {
                 self.broken = true;
                 Err(ClientError::Protocol(format!("the mail server refused RSET after a refusal: {reply}")))

@@ -233,9 +233,11 @@ impl SmtpPool {
             lease.conn = Some(self.connect().await?);
         }
         let result = match self.transact(&mut lease, envelope, message, accepted).await {
-            // A pooled connection the server closed meanwhile fails before any reply: try
-            // once more at once on a new connection rather than after a retry delay.
-            Err(SendError::Client(ClientError::Closed { answered: false, .. })) if !fresh && !accepted => {
+            // A pooled connection the server closed meanwhile fails before any reply, or
+            // answers with the 421 it sent as it timed the connection out (postfix's
+            // `smtpd_timeout`): try once more at once on a new connection rather than
+            // after a retry delay.
+            Err(SendError::Client(ref gone)) if !fresh && !accepted && closed_meanwhile(gone) => {
                 lease.conn = Some(self.connect().await?);
                 self.transact(&mut lease, envelope, message, false).await
             }
@@ -357,6 +359,16 @@ impl SmtpPool {
     }
 }
 
+/// Whether a pooled connection failed as one the server closed while it was idle: no
+/// reply at all, or the 421 the server sent as it closed.
+fn closed_meanwhile(e: &ClientError) -> bool {
+    match e {
+        ClientError::Closed { answered, .. } => !answered,
+        ClientError::Refused(reply) => reply.code == 421,
+        _ => false,
+    }
+}
+
 /// Reads the replies to `next`'s envelope, sent behind the message before it on
 /// `lease`'s connection, and hands `next` the connection, whatever its envelope's fate.
 /// Dropped (the slot released, the connection closed), `lease` leaves `next` to queue
@@ -425,6 +437,75 @@ mod tests {
         let sink = SmtpSink::start(port).await.unwrap();
         pool.send(&envelope(), b"Subject: 3\r\n\r\nthree").await.expect("sent on a new connection, no retry needed");
         assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    }
+
+    /// A pooled connection the server timed out meanwhile (postfix's `smtpd_timeout`:
+    /// 421, then it closes) answers the next mail's first command with that 421: the
+    /// mail goes at once on a new connection, as on one closed silently, not after a
+    /// retry delay (nearly every mail after a pause, on a relay under stress).
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_timed_out_is_replaced_at_once() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        for pipelining in [false, true] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (time_out, timed_out) = (tokio::sync::oneshot::channel::<()>(), tokio::sync::oneshot::channel::<()>());
+            let server = tokio::spawn(async move {
+                let (mut time_out, mut timed_out) = (Some(time_out.1), Some(timed_out.0));
+                let mut messages = Vec::new();
+                loop {
+                    let (socket, _) = listener.accept().await.unwrap();
+                    let mut rd = BufReader::new(socket);
+                    rd.get_mut().write_all(b"220 scripted ESMTP\r\n").await.unwrap();
+                    let mut line = String::new();
+                    while {
+                        line.clear();
+                        rd.read_line(&mut line).await.unwrap_or(0) > 0
+                    } {
+                        let reply: &[u8] = match &line[..4] {
+                            "EHLO" if pipelining => b"250-scripted\r\n250 PIPELINING\r\n",
+                            "EHLO" => b"250 scripted\r\n",
+                            "DATA" => {
+                                rd.get_mut().write_all(b"354 go ahead\r\n").await.unwrap();
+                                let mut message = String::new();
+                                while !message.ends_with("\r\n.\r\n") {
+                                    rd.read_line(&mut message).await.unwrap();
+                                }
+                                messages.push(message);
+                                b"250 2.0.0 queued\r\n"
+                            }
+                            "QUIT" => break,
+                            _ => b"250 ok\r\n",
+                        };
+                        rd.get_mut().write_all(reply).await.unwrap();
+                        // Idle past its limit once the first mail is in: 421, and it closes.
+                        if line.starts_with("DATA") {
+                            if let (Some(time_out), Some(timed_out)) = (time_out.take(), timed_out.take()) {
+                                time_out.await.unwrap();
+                                rd.get_mut().write_all(b"421 4.4.2 Error: timeout exceeded\r\n").await.unwrap();
+                                rd.get_mut().shutdown().await.unwrap();
+                                timed_out.send(()).unwrap();
+                                break;
+                            }
+                        }
+                    }
+                    if messages.len() == 2 {
+                        return messages;
+                    }
+                }
+            });
+            let metrics = Metrics::new();
+            let pool = one_connection(port, &metrics);
+            pool.send(&envelope(), b"Subject: 1\r\n\none").await.unwrap();
+            time_out.0.send(()).unwrap();
+            timed_out.1.await.unwrap();
+            let sent = together(pool.send(&envelope(), b"Subject: 2\r\n\ntwo")).await;
+            assert!(sent.is_ok(), "pipelining {pipelining}: {sent:?}");
+            assert_eq!(opened(&metrics), 2.0);
+            drop(pool);
+            let messages = together(server).await.unwrap();
+            assert!(messages[1].starts_with("Subject: 2"), "{messages:?}");
+        }
     }
 
     /// A pool of one connection, counting the sessions it opens in `metrics`.
