@@ -25,7 +25,7 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, NotUntil, Quot
 use self::breaker::{Admit, Breaker};
 use self::client::ClientError;
 use self::queue::{Entry, Queued, RetryQueue, Slot};
-use self::smtp::{SendError, SmtpPool};
+use self::smtp::{Ours, SendError, SmtpPool};
 use crate::config::SmtpSettings;
 use crate::dead_letter::DeadLetters;
 use crate::error_event::ErrorEvent;
@@ -57,6 +57,9 @@ enum Attempt {
     Unanswered(String),
     /// 5xx or a mail the server can never take: record and give up.
     Permanent(String),
+    /// Not tried: its CDR partition went to another reader while it waited for its
+    /// turn (the rate, a connection), and that one sends it.
+    Passed,
 }
 
 /// The final fate of one mail.
@@ -261,7 +264,8 @@ impl Deliverer {
             () = inner.breaker.opens() => {
                 Some(Err(Attempt::Temporary("given up while the mail server was not answering (circuit breaker open)".into())))
             }
-            answer = self.attempt(mail) => Some(answer),
+            // Its CDR is in flight here: a revocation waits for it (`stop`).
+            answer = self.attempt(mail, &|| true) => Some(answer),
         };
         match answer {
             Some(Ok(())) => {
@@ -280,7 +284,7 @@ impl Deliverer {
                 self.enqueue(Queued::new(mail, origin, &reply, Utc::now()), due).await;
                 Fate::Queued
             }
-            None => {
+            None | Some(Err(Attempt::Passed)) => {
                 tracing::info!(message_id = %mail.message_id, "time for sending is over (shutdown or revocation); mail queued");
                 let reply = "not sent yet when the engine stopped sending (shutdown or revocation)";
                 self.enqueue(Queued::new(mail, origin, reply, Utc::now()), Duration::ZERO).await;
@@ -484,7 +488,12 @@ impl Deliverer {
             return;
         }
         entry.attempts += 1;
-        match self.attempt(&mail).await {
+        // Asked again once its turn comes: the rate and a free connection may take long
+        // on a slow relay, and a partition revoked meanwhile is its new reader's to send.
+        match self.attempt(&mail, &|| inner.queue.sends(&entry)).await {
+            Err(Attempt::Passed) => {
+                give_back_probe(&inner.breaker, admitted);
+            }
             Ok(()) => {
                 inner.metrics.sent(latency(&origin));
                 self.unqueue(slot).await;
@@ -612,16 +621,18 @@ impl Deliverer {
 
     /// One send under the global rate limit; its outcome tells the circuit breaker
     /// whether the server answers.
-    async fn attempt(&self, mail: &Mail) -> Result<(), Attempt> {
+    /// One attempt at `mail`, if `ours` still holds when it is about to go out.
+    async fn attempt(&self, mail: &Mail, ours: &Ours<'_>) -> Result<(), Attempt> {
         let inner = &*self.inner;
         if inner.global.check().is_err() {
             inner.metrics.delayed_by_rate();
             inner.global.until_ready().await;
         }
-        let result = inner.transport.send(mail).await;
+        let result = inner.transport.send(mail, ours).await;
         match &result {
             Err(Attempt::Unanswered(_)) => inner.breaker.failed(Utc::now().timestamp_millis()),
             Ok(()) | Err(Attempt::Permanent(_) | Attempt::Temporary(_)) => inner.breaker.answered(),
+            Err(Attempt::Passed) => {}
         }
         result
     }
@@ -638,9 +649,10 @@ impl Transport {
         }
     }
 
-    async fn send(&self, mail: &Mail) -> Result<(), Attempt> {
+    async fn send(&self, mail: &Mail, ours: &Ours<'_>) -> Result<(), Attempt> {
         match self {
-            Transport::Smtp(smtp) => smtp.send(&mail.envelope, &mail.bytes).await.map_err(classify),
+            Transport::Smtp(smtp) => smtp.send(&mail.envelope, &mail.bytes, ours).await.map_err(classify),
+            Transport::Outbox(_) if !ours() => Err(Attempt::Passed),
             Transport::Outbox(dir) => write_eml(dir, mail).await.map_err(|e| Attempt::Temporary(e.to_string())),
         }
     }
@@ -723,9 +735,11 @@ impl TestMailer {
             .renderer
             .render_test(number.as_str(), address, &nonce, service)
             .map_err(|e| TestMailError::Render(e.to_string()))?;
-        self.transport.send(&mail).await.map_err(|failed| match failed {
+        self.transport.send(&mail, &|| true).await.map_err(|failed| match failed {
             Attempt::Permanent(reply) => TestMailError::Refused(reply),
             Attempt::Temporary(reply) | Attempt::Unanswered(reply) => TestMailError::NotNow(reply),
+            // Not asked: a test mail is always this node's.
+            Attempt::Passed => TestMailError::NotNow(SendError::Passed.to_string()),
         })
     }
 }
@@ -809,6 +823,7 @@ fn classify(e: SendError) -> Attempt {
         SendError::Timeout | SendError::Connect(_) | SendError::Client(ClientError::Closed { .. }) => {
             Attempt::Unanswered(e.to_string())
         }
+        SendError::Passed => Attempt::Passed,
         _ => Attempt::Temporary(e.to_string()),
     }
 }

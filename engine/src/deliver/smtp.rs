@@ -36,6 +36,9 @@ pub enum SendError {
     /// No answer within `smtp.timeout_secs` (after DATA the mail may have arrived).
     Timeout,
     Connect(std::io::Error),
+    /// Not sent: by the time a connection was free, the mail was no longer this node's
+    /// to send (its CDR partition went to another reader, which sends it).
+    Passed,
 }
 
 impl std::fmt::Display for SendError {
@@ -44,6 +47,7 @@ impl std::fmt::Display for SendError {
             Self::Client(e) => write!(f, "{e}"),
             Self::Timeout => f.write_str("the mail server did not answer in time"),
             Self::Connect(e) => write!(f, "cannot connect to the mail server: {e}"),
+            Self::Passed => f.write_str("not sent: its partition went to another reader"),
         }
     }
 }
@@ -203,9 +207,10 @@ impl SmtpPool {
         })
     }
 
-    /// Sends one message on a pooled connection. A connection that failed is dropped,
-    /// not returned to the pool.
-    pub async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<(), SendError> {
+    /// Sends one message on a pooled connection, if `ours` still holds once one is free
+    /// (a queued mail's partition may move to another reader while it waits, and that
+    /// one sends it). A connection that failed is dropped, not returned to the pool.
+    pub async fn send(&self, envelope: &Envelope, message: &[u8], ours: &Ours<'_>) -> Result<(), SendError> {
         let (mut lease, accepted) = loop {
             let Handoff { lease, state } = match self.acquire(envelope, message) {
                 Ok(handoff) => handoff,
@@ -217,6 +222,10 @@ impl SmtpPool {
                 },
             };
             match state {
+                Handed::Connection if !ours() => {
+                    lease.give_back();
+                    return Err(SendError::Passed);
+                }
                 Handed::Connection => break (lease, false),
                 Handed::Accepted => break (lease, true),
                 Handed::Refused(e) => {
@@ -359,6 +368,9 @@ impl SmtpPool {
     }
 }
 
+/// Whether a mail is still this node's to send, asked when it is about to go out.
+pub type Ours<'a> = dyn Fn() -> bool + Sync + 'a;
+
 /// Whether a pooled connection failed as one the server closed while it was idle: no
 /// reply at all, or the 421 the server sent as it closed.
 fn closed_meanwhile(e: &ClientError) -> bool {
@@ -428,14 +440,16 @@ mod tests {
         let sink = SmtpSink::start(0).await.unwrap();
         let port = sink.port();
         let pool = pool_for(port);
-        pool.send(&envelope(), b"Subject: 1\r\n\r\none").await.unwrap();
-        pool.send(&envelope(), b"Subject: 2\r\n\r\ntwo").await.unwrap();
+        pool.send(&envelope(), b"Subject: 1\r\n\r\none", &|| true).await.unwrap();
+        pool.send(&envelope(), b"Subject: 2\r\n\r\ntwo", &|| true).await.unwrap();
         assert_eq!(pool.slots.lock().unwrap().idle.len(), 1, "one connection served both mails");
 
         // The server goes away and comes back: the pooled connection is dead.
         sink.shutdown().await;
         let sink = SmtpSink::start(port).await.unwrap();
-        pool.send(&envelope(), b"Subject: 3\r\n\r\nthree").await.expect("sent on a new connection, no retry needed");
+        pool.send(&envelope(), b"Subject: 3\r\n\r\nthree", &|| true)
+            .await
+            .expect("sent on a new connection, no retry needed");
         assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
     }
 
@@ -496,10 +510,10 @@ mod tests {
             });
             let metrics = Metrics::new();
             let pool = one_connection(port, &metrics);
-            pool.send(&envelope(), b"Subject: 1\r\n\none").await.unwrap();
+            pool.send(&envelope(), b"Subject: 1\r\n\none", &|| true).await.unwrap();
             time_out.0.send(()).unwrap();
             timed_out.1.await.unwrap();
-            let sent = together(pool.send(&envelope(), b"Subject: 2\r\n\ntwo")).await;
+            let sent = together(pool.send(&envelope(), b"Subject: 2\r\n\ntwo", &|| true)).await;
             assert!(sent.is_ok(), "pipelining {pipelining}: {sent:?}");
             assert_eq!(opened(&metrics), 2.0);
             drop(pool);
@@ -540,9 +554,9 @@ mod tests {
         let (a, b, c) = (to("a@example.jp"), to("b@example.jp"), to("c@example.jp"));
         let sent = together(async {
             tokio::join!(
-                pool.send(&a, b"Subject: 1\r\n\none"),
-                pool.send(&b, b"Subject: 2\r\n\ntwo"),
-                pool.send(&c, b"Subject: 3\r\n\nthree"),
+                pool.send(&a, b"Subject: 1\r\n\none", &|| true),
+                pool.send(&b, b"Subject: 2\r\n\ntwo", &|| true),
+                pool.send(&c, b"Subject: 3\r\n\nthree", &|| true),
             )
         })
         .await;
@@ -573,16 +587,48 @@ mod tests {
         let pool = SmtpPool::new(&settings, None).unwrap();
         let (a, slow) = (to("a@example.jp"), to("slow@example.jp"));
         let sent = together(async {
-            let behind = pool.send(&slow, b"Subject: 2\r\n\ntwo");
+            let behind = pool.send(&slow, b"Subject: 2\r\n\ntwo", &|| true);
             tokio::pin!(behind);
             tokio::select! {
                 biased;
-                sent = pool.send(&a, b"Subject: 1\r\n\none") => sent,
+                sent = pool.send(&a, b"Subject: 1\r\n\none", &|| true) => sent,
                 _ = &mut behind => panic!("the mail behind was answered first"),
             }
         })
         .await;
         assert!(sent.is_ok(), "{sent:?}");
+    }
+
+    /// A mail that waited for a connection goes out only if it is still this node's
+    /// when one is free: a queued mail's CDR partition that moved to another reader
+    /// meanwhile (a rebalance while the relay was slow) is that reader's to send, and
+    /// sending it here too made it twice.
+    #[tokio::test]
+    async fn a_mail_no_longer_this_node_s_when_a_connection_is_free_is_not_sent() {
+        use crate::deliver::client::tests::server_for;
+        let (port, server) = server_for(&[], 1).await;
+        let metrics = Metrics::new();
+        let pool = one_connection(port, &metrics);
+        let ours = std::sync::atomic::AtomicBool::new(true);
+        let still_ours = || ours.load(std::sync::atomic::Ordering::SeqCst);
+        let (a, b) = (to("a@example.jp"), to("b@example.jp"));
+        let sent = together(async {
+            tokio::join!(
+                async {
+                    let sent = pool.send(&a, b"Subject: 1\r\n\none", &|| true).await;
+                    // While the second mail waited for this connection, its partition moved.
+                    ours.store(false, std::sync::atomic::Ordering::SeqCst);
+                    sent
+                },
+                pool.send(&b, b"Subject: 2\r\n\ntwo", &still_ours),
+            )
+        })
+        .await;
+        assert!(sent.0.is_ok(), "{sent:?}");
+        assert!(matches!(sent.1, Err(SendError::Passed)), "{sent:?}");
+        drop(pool);
+        let seen = server.await.unwrap();
+        assert!(!seen.iter().any(|l| l.contains("b@example.jp")), "{seen:?}");
     }
 
     /// A mail whose envelope went out behind another's message fails or succeeds on its
@@ -598,10 +644,10 @@ mod tests {
         let (c, d) = (to("c@example.jp"), to("d@example.jp"));
         let results = together(async {
             tokio::join!(
-                pool.send(&a, b"Subject: 1\r\n\none"),
-                pool.send(&b, b"Subject: 2\r\n\ntwo"),
-                pool.send(&c, b"Subject: 3\r\n\nREJECT ME"),
-                pool.send(&d, b"Subject: 4\r\n\nfour"),
+                pool.send(&a, b"Subject: 1\r\n\none", &|| true),
+                pool.send(&b, b"Subject: 2\r\n\ntwo", &|| true),
+                pool.send(&c, b"Subject: 3\r\n\nREJECT ME", &|| true),
+                pool.send(&d, b"Subject: 4\r\n\nfour", &|| true),
             )
         })
         .await;
@@ -638,11 +684,11 @@ mod tests {
                 Err(SendError::Client(ClientError::Refused(reply))) => reply.code,
                 other => panic!("not refused: {other:?}"),
             };
-            let first = together(pool.send(&to("refused@example.jp"), b"Subject: 1\r\n\r\none")).await;
+            let first = together(pool.send(&to("refused@example.jp"), b"Subject: 1\r\n\r\none", &|| true)).await;
             assert_eq!(refused(first), 550);
-            let second = together(pool.send(&to("c@example.jp"), b"Subject: 2\r\n\r\nREJECT ME")).await;
+            let second = together(pool.send(&to("c@example.jp"), b"Subject: 2\r\n\r\nREJECT ME", &|| true)).await;
             assert_eq!(refused(second), 554);
-            together(pool.send(&to("d@example.jp"), b"Subject: 3\r\n\r\nthree"))
+            together(pool.send(&to("d@example.jp"), b"Subject: 3\r\n\r\nthree", &|| true))
                 .await
                 .expect("sent after two refusals");
             assert_eq!(opened(&metrics), 1.0, "{extensions:?}: refusals do not cost a new session");
@@ -666,13 +712,15 @@ mod tests {
             let (port, server) = server_for(&["PIPELINING"], 2).await;
             let metrics = Metrics::new();
             let pool = one_connection(port, &metrics);
-            let refused = together(pool.send(&to(address), b"Subject: 1\r\n\r\none")).await;
+            let refused = together(pool.send(&to(address), b"Subject: 1\r\n\r\none", &|| true)).await;
             assert!(
                 matches!(refused, Err(SendError::Client(ClientError::Refused(ref r))) if r.code == code),
                 "{address}: {refused:?}"
             );
             assert!(pool.slots.lock().unwrap().idle.is_empty(), "{address}: the closed connection is not pooled");
-            together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo")).await.expect("sent on a new connection");
+            together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo", &|| true))
+                .await
+                .expect("sent on a new connection");
             assert_eq!(opened(&metrics), 2.0, "{address}");
             drop(pool);
             let seen = server.await.unwrap();
@@ -690,7 +738,7 @@ mod tests {
         (settings.host, settings.tls, settings.tls_ca_file) = ("localhost".into(), TlsMode::Starttls, Some(ca_file));
 
         let pool = SmtpPool::new(&settings, None).unwrap();
-        pool.send(&envelope(), b"Subject: 1\r\n\r\nprivate CA").await.expect("sent over TLS");
+        pool.send(&envelope(), b"Subject: 1\r\n\r\nprivate CA", &|| true).await.expect("sent over TLS");
         drop(pool);
         let seen = server.await.unwrap();
         assert!(seen.contains(&"(TLS)".to_owned()) && seen.last().unwrap().contains("private CA"), "{seen:?}");
@@ -699,7 +747,7 @@ mod tests {
         settings.tls_ca_file = None;
         let (port, _server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor()))).await;
         settings.port = port;
-        let refused = SmtpPool::new(&settings, None).unwrap().send(&envelope(), b"x").await.unwrap_err();
+        let refused = SmtpPool::new(&settings, None).unwrap().send(&envelope(), b"x", &|| true).await.unwrap_err();
         assert!(refused.to_string().contains("TLS"), "{refused}");
     }
 
