@@ -364,19 +364,36 @@ pub fn parse_exponent(s: &str) -> Result<f64, String> {
 }
 
 /// Ctrl-C or SIGTERM; the signal's name.
-async fn stop_signal() -> &'static str {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
-    }
+/// Set once the run is stopped from outside: a stretch of it that blocks its thread
+/// (filling a topic, writing the population) ends at its next look, so that the stop is
+/// acted on at once, not after it.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the run is being stopped ([`STOPPING`]).
+pub(crate) fn stopping() -> bool {
+    STOPPING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The work directory of a run not given `--workdir`: removed once the run succeeds,
-/// kept (and named) when it fails, for the engine's log. Of this run only: named by the
-/// process id alone, a run after a failed one of the same id (a load tester in a
-/// container is often process 1) measured on the store the failed run left.
+/// The stop signals, caught from now on (before anything of the run has started: one
+/// on the mock cluster fills its topics before its first wait), and a task that sets
+/// [`STOPPING`] at the first and names it.
+fn stop_signal() -> tokio::sync::oneshot::Receiver<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).expect("a SIGINT handler");
+    let mut terminate = signal(SignalKind::terminate()).expect("a SIGTERM handler");
+    let (stopped, signalled) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let signal = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        // Named first: a run that ends for the stop is said to be stopped by it.
+        let _ = stopped.send(signal);
+        STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    signalled
+}
+
 /// `--consumers`: what the engine takes (`engine.consumers`), refused before anything
 /// starts instead of by the engine once the store is seeded.
 fn consumers(value: &str) -> Result<usize, String> {
@@ -384,6 +401,10 @@ fn consumers(value: &str) -> Result<usize, String> {
     value.parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| format!("a number from 1 to {max}"))
 }
 
+/// The work directory of a run not given `--workdir`: removed once the run succeeds,
+/// kept (and named) when it fails, for the engine's log. Of this run only: named by the
+/// process id alone, a run after a failed one of the same id (a load tester in a
+/// container is often process 1) measured on the store the failed run left.
 fn default_workdir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
@@ -408,6 +429,7 @@ fn main() -> std::process::ExitCode {
     let (chosen, brokers) = (common.workdir.clone(), common.brokers.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
+        let mut signalled = stop_signal();
         let work = async {
             match cli.command {
                 Command::Run(args) => run::run(args).await,
@@ -418,11 +440,15 @@ fn main() -> std::process::ExitCode {
         };
         // Stopped from outside, the run is dropped where it is: every engine process it
         // started is killed as its handle drops, instead of outliving the load tester.
+        let stopped =
+            |signal| anyhow::anyhow!("stopped by {signal}: the engines it started are stopped, no report is written");
         tokio::select! {
-            result = work => result,
-            signal = stop_signal() => {
-                Err(anyhow::anyhow!("stopped by {signal}: the engines it started are stopped, no report is written"))
-            }
+            result = work => match signalled.try_recv() {
+                // A stretch that blocked ended early for the stop.
+                Ok(signal) => Err(stopped(signal)),
+                Err(_) => result,
+            },
+            Ok(signal) = &mut signalled => Err(stopped(signal)),
         }
     });
     // The topics this run made on the user's brokers go, whichever way it ended.

@@ -158,6 +158,9 @@ impl Population {
     pub fn write_jsonl_range(&self, out: impl Write, range: std::ops::Range<u64>) -> std::io::Result<()> {
         let mut out = std::io::BufWriter::new(out);
         for i in range {
+            if crate::stopping() {
+                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "stopped"));
+            }
             writeln!(out, "{}", self.line(i))?;
         }
         out.flush()

@@ -62,6 +62,7 @@ pub fn fill(brokers: &str, topic: &str, cdrs: impl Iterator<Item = Cdr>) -> anyh
     let (producer, acks) = create(brokers)?;
     let mut sent = 0u64;
     for cdr in cdrs {
+        anyhow::ensure!(!crate::stopping(), "stopped while filling {topic}");
         let mut record = BaseRecord::to(topic).key(&cdr.key).payload(&cdr.payload);
         while let Err((_, back)) = producer.send(record) {
             // Queue full: let librdkafka deliver, then try again.

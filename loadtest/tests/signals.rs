@@ -224,3 +224,34 @@ fn a_load_test_stopped_while_smtp_source_runs_stops_it() {
     assert!(ended, "the load test did not stop within 20 s of its SIGTERM: {stderr}");
     assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
 }
+
+/// A stop while the load tester fills a topic before the engine starts (`ingest`'s
+/// CDRs, on the mock cluster before its first wait) is acted on at once: the filling
+/// blocked the thread that watches for the stop, and went on to its end (minutes for
+/// a large `--count`) before the run stopped.
+#[test]
+fn a_load_test_stopped_while_it_fills_a_topic_stops_at_once() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["ingest", "--numbers", "1000", "--count", "20000000", "--partitions", "1", "--rounds", "1"];
+    let mut run = common::loadtest(dir.path(), &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut said = BufReader::new(run.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("producing") {
+        line.clear();
+        assert!(said.read_line(&mut line).unwrap() > 0, "the load test ended before it filled its topic");
+    }
+    assert!(Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while run.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = run.try_wait().unwrap().is_some();
+    if !ended {
+        let _ = run.kill();
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
+    assert!(ended, "the load test did not stop within 20 s of its SIGTERM");
+    assert!(rest.contains("stopped by SIGTERM"), "{rest}");
+}
