@@ -52,6 +52,9 @@ pub fn create(brokers: &str) -> anyhow::Result<(CountingProducer, Arc<Acks>)> {
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
+        // A run's topics are made, and removed at its end, by the run: never again by a
+        // record still on its way (auto-creation on a broker that allows it).
+        .set("allow.auto.create.topics", "false")
         .create_with_context(context)?;
     Ok((producer, acks))
 }

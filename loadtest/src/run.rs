@@ -482,7 +482,8 @@ fn produce(producer: CountingProducer, mut generator: Generator, pacing: Pacing)
     let start = Instant::now();
     let mut n = 0u64;
     let mut produced = Produced::default();
-    while n < pacing.count && start.elapsed() < pacing.duration {
+    // A stopped run's topics are removed: this thread (detached) stops producing first.
+    while n < pacing.count && start.elapsed() < pacing.duration && !crate::stopping() {
         if pacing.rate > 0.0 {
             // Due past the run's end (a slow rate): the run ends then, without it.
             let due = Duration::from_secs_f64(n as f64 / pacing.rate);
