@@ -29,7 +29,10 @@ command -v openssl >/dev/null || need+=(openssl)
 # Apache Kafka for the integration suite (scripts/kafka.sh): a Java 17+ runtime (the
 # distribution's default: 17 on Debian 12, 21 on Debian 13, which has no 17), and Maven
 # to fetch the broker from Maven Central.
-java_major=$(java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print v[1]; exit}')
+java_major=0
+if command -v java >/dev/null; then
+  java_major=$(java -version 2>&1 | awk -F'"' '/version/ {split($2, v, "."); print v[1]; exit}' || true)
+fi
 [ "${java_major:-0}" -ge 17 ] 2>/dev/null || need+=(default-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 

@@ -39,7 +39,23 @@ watch() {
 }
 watch &
 watcher=$!
-trap '{ kill -KILL "$watcher"; wait "$watcher"; } 2>/dev/null; kill -TERM $(tree "$run") 2>/dev/null; wait "$run"; exit 130' INT TERM
+# TERM first (the tests' own clean-up runs), KILL for what is left after 10 s; the exit
+# status says which signal stopped it.
+stop() {
+  { kill -KILL $(tree "$watcher"); wait "$watcher"; } 2>/dev/null
+  local left
+  left=$(tree "$run")
+  kill -TERM $left 2>/dev/null
+  for _ in $(seq 100); do
+    kill -0 $left 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL $(tree "$run") $left 2>/dev/null
+  wait "$run" 2>/dev/null
+  exit "$1"
+}
+trap 'stop 130' INT
+trap 'stop 143' TERM
 wait "$run"
 status=$?
 kill "$watcher" 2>/dev/null
