@@ -278,6 +278,23 @@ impl Connection {
         !self.broken
     }
 
+    /// Whether the server has said nothing since the last reply: an idle connection it
+    /// timed out (postfix's `smtpd_timeout`: 421, then it closes), or closed, has that
+    /// 421 or its end waiting to be read, and the next mail's first command would be
+    /// answered by it (a retry later for nothing). Reads without waiting; what it reads
+    /// ends the connection anyway.
+    pub fn quiet(&self) -> bool {
+        if self.parsed < self.input.len() {
+            return false;
+        }
+        let tcp = match &self.stream {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref().0,
+            Stream::Gone => return false,
+        };
+        matches!(tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
     /// Whether the server offers PIPELINING: then the envelope of another mail may
     /// follow a message in the same write ([`Connection::push_envelope`]).
     pub fn pipelining(&self) -> bool {

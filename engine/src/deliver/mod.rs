@@ -265,7 +265,7 @@ impl Deliverer {
                 Some(Err(Attempt::Temporary("given up while the mail server was not answering (circuit breaker open)".into())))
             }
             // Its CDR is in flight here: a revocation waits for it (`stop`).
-            answer = self.attempt(mail, &|| true) => Some(answer),
+            answer = self.attempt(mail, None) => Some(answer),
         };
         match answer {
             Some(Ok(())) => {
@@ -490,7 +490,7 @@ impl Deliverer {
         entry.attempts += 1;
         // Asked again once its turn comes: the rate and a free connection may take long
         // on a slow relay, and a partition revoked meanwhile is its new reader's to send.
-        match self.attempt(&mail, &|| inner.queue.sends(&entry)).await {
+        match self.attempt(&mail, Some(&|| inner.queue.sends(&entry))).await {
             Err(Attempt::Passed) => {
                 give_back_probe(&inner.breaker, admitted);
             }
@@ -621,8 +621,9 @@ impl Deliverer {
 
     /// One send under the global rate limit; its outcome tells the circuit breaker
     /// whether the server answers.
-    /// One attempt at `mail`, if `ours` still holds when it is about to go out.
-    async fn attempt(&self, mail: &Mail, ours: &Ours<'_>) -> Result<(), Attempt> {
+    /// One attempt at `mail`, if `ours` (when given) still holds when it is about to go
+    /// out.
+    async fn attempt(&self, mail: &Mail, ours: Option<&Ours<'_>>) -> Result<(), Attempt> {
         let inner = &*self.inner;
         if inner.global.check().is_err() {
             inner.metrics.delayed_by_rate();
@@ -649,10 +650,10 @@ impl Transport {
         }
     }
 
-    async fn send(&self, mail: &Mail, ours: &Ours<'_>) -> Result<(), Attempt> {
+    async fn send(&self, mail: &Mail, ours: Option<&Ours<'_>>) -> Result<(), Attempt> {
         match self {
             Transport::Smtp(smtp) => smtp.send(&mail.envelope, &mail.bytes, ours).await.map_err(classify),
-            Transport::Outbox(_) if !ours() => Err(Attempt::Passed),
+            Transport::Outbox(_) if ours.is_some_and(|ours| !ours()) => Err(Attempt::Passed),
             Transport::Outbox(dir) => write_eml(dir, mail).await.map_err(|e| Attempt::Temporary(e.to_string())),
         }
     }
@@ -735,7 +736,7 @@ impl TestMailer {
             .renderer
             .render_test(number.as_str(), address, &nonce, service)
             .map_err(|e| TestMailError::Render(e.to_string()))?;
-        self.transport.send(&mail, &|| true).await.map_err(|failed| match failed {
+        self.transport.send(&mail, None).await.map_err(|failed| match failed {
             Attempt::Permanent(reply) => TestMailError::Refused(reply),
             Attempt::Temporary(reply) | Attempt::Unanswered(reply) => TestMailError::NotNow(reply),
             // Not asked: a test mail is always this node's.

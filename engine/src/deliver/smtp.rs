@@ -87,6 +87,9 @@ struct Slots {
 struct Waiter {
     envelope: Envelope,
     eight_bit: bool,
+    /// Whether its mail is asked, when its turn comes, if it is still this node's: then
+    /// it is never sent behind another's message (its envelope would be out before).
+    asks: bool,
     handoff: oneshot::Sender<Handoff>,
 }
 
@@ -207,12 +210,13 @@ impl SmtpPool {
         })
     }
 
-    /// Sends one message on a pooled connection, if `ours` still holds once one is free
-    /// (a queued mail's partition may move to another reader while it waits, and that
-    /// one sends it). A connection that failed is dropped, not returned to the pool.
-    pub async fn send(&self, envelope: &Envelope, message: &[u8], ours: &Ours<'_>) -> Result<(), SendError> {
+    /// Sends one message on a pooled connection, if `ours` (when given) still holds once
+    /// one is free (a queued mail's partition may move to another reader while it waits,
+    /// and that one sends it). A connection that failed is dropped, not returned to the
+    /// pool.
+    pub async fn send(&self, envelope: &Envelope, message: &[u8], ours: Option<&Ours<'_>>) -> Result<(), SendError> {
         let (mut lease, accepted) = loop {
-            let Handoff { lease, state } = match self.acquire(envelope, message) {
+            let Handoff { lease, state } = match self.acquire(envelope, message, ours.is_some()) {
                 Ok(handoff) => handoff,
                 Err(handed) => match handed.await {
                     Ok(handoff) => handoff,
@@ -222,7 +226,7 @@ impl SmtpPool {
                 },
             };
             match state {
-                Handed::Connection if !ours() => {
+                Handed::Connection if ours.is_some_and(|ours| !ours()) => {
                     lease.give_back();
                     return Err(SendError::Passed);
                 }
@@ -242,11 +246,9 @@ impl SmtpPool {
             lease.conn = Some(self.connect().await?);
         }
         let result = match self.transact(&mut lease, envelope, message, accepted).await {
-            // A pooled connection the server closed meanwhile fails before any reply, or
-            // answers with the 421 it sent as it timed the connection out (postfix's
-            // `smtpd_timeout`): try once more at once on a new connection rather than
-            // after a retry delay.
-            Err(SendError::Client(ref gone)) if !fresh && !accepted && closed_meanwhile(gone) => {
+            // A pooled connection the server closed meanwhile fails before any reply: try
+            // once more at once on a new connection rather than after a retry delay.
+            Err(SendError::Client(ClientError::Closed { answered: false, .. })) if !fresh && !accepted => {
                 lease.conn = Some(self.connect().await?);
                 self.transact(&mut lease, envelope, message, false).await
             }
@@ -260,16 +262,17 @@ impl SmtpPool {
 
     /// A connection for this mail at once (idle, or one to open), or a place in the
     /// queue of mails waiting for one.
-    fn acquire(&self, envelope: &Envelope, message: &[u8]) -> Result<Handoff, oneshot::Receiver<Handoff>> {
+    fn acquire(&self, envelope: &Envelope, message: &[u8], asks: bool) -> Result<Handoff, oneshot::Receiver<Handoff>> {
         let mut slots = self.slots.lock().expect("slots lock");
         if slots.free == 0 {
             let (handoff, handed) = oneshot::channel();
-            let waiter = Waiter { envelope: envelope.clone(), eight_bit: !message.is_ascii(), handoff };
+            let waiter = Waiter { envelope: envelope.clone(), eight_bit: !message.is_ascii(), asks, handoff };
             slots.waiting.push_back(waiter);
             return Err(handed);
         }
         slots.free -= 1;
-        slots.idle.retain(|(_, used)| used.elapsed() < MAX_IDLE);
+        // One the server spoke on since (a 421 as it timed it out, its end) is done with.
+        slots.idle.retain(|(conn, used)| used.elapsed() < MAX_IDLE && conn.quiet());
         let conn = slots.idle.pop().map(|(conn, _)| conn);
         Ok(Handoff { lease: Lease { slots: self.slots.clone(), conn, armed: true }, state: Handed::Connection })
     }
@@ -322,10 +325,11 @@ impl SmtpPool {
             if waiter.handoff.is_closed() {
                 continue;
             }
-            if conn.push_envelope(&waiter.envelope, waiter.eight_bit).is_ok() {
+            if !waiter.asks && conn.push_envelope(&waiter.envelope, waiter.eight_bit).is_ok() {
                 return Some(waiter);
             }
-            // It will find out itself, on the connection it is handed next.
+            // It will find out itself, on the connection it is handed next (or be asked
+            // then if it is still this node's).
             slots.waiting.push_front(waiter);
             return None;
         }
@@ -370,16 +374,6 @@ impl SmtpPool {
 
 /// Whether a mail is still this node's to send, asked when it is about to go out.
 pub type Ours<'a> = dyn Fn() -> bool + Sync + 'a;
-
-/// Whether a pooled connection failed as one the server closed while it was idle: no
-/// reply at all, or the 421 the server sent as it closed.
-fn closed_meanwhile(e: &ClientError) -> bool {
-    match e {
-        ClientError::Closed { answered, .. } => !answered,
-        ClientError::Refused(reply) => reply.code == 421,
-        _ => false,
-    }
-}
 
 /// Reads the replies to `next`'s envelope, sent behind the message before it on
 /// `lease`'s connection, and hands `next` the connection, whatever its envelope's fate.
@@ -440,14 +434,14 @@ mod tests {
         let sink = SmtpSink::start(0).await.unwrap();
         let port = sink.port();
         let pool = pool_for(port);
-        pool.send(&envelope(), b"Subject: 1\r\n\r\none", &|| true).await.unwrap();
-        pool.send(&envelope(), b"Subject: 2\r\n\r\ntwo", &|| true).await.unwrap();
+        pool.send(&envelope(), b"Subject: 1\r\n\r\none", None).await.unwrap();
+        pool.send(&envelope(), b"Subject: 2\r\n\r\ntwo", None).await.unwrap();
         assert_eq!(pool.slots.lock().unwrap().idle.len(), 1, "one connection served both mails");
 
         // The server goes away and comes back: the pooled connection is dead.
         sink.shutdown().await;
         let sink = SmtpSink::start(port).await.unwrap();
-        pool.send(&envelope(), b"Subject: 3\r\n\r\nthree", &|| true)
+        pool.send(&envelope(), b"Subject: 3\r\n\r\nthree", None)
             .await
             .expect("sent on a new connection, no retry needed");
         assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
@@ -510,10 +504,10 @@ mod tests {
             });
             let metrics = Metrics::new();
             let pool = one_connection(port, &metrics);
-            pool.send(&envelope(), b"Subject: 1\r\n\none", &|| true).await.unwrap();
+            pool.send(&envelope(), b"Subject: 1\r\n\none", None).await.unwrap();
             time_out.0.send(()).unwrap();
             timed_out.1.await.unwrap();
-            let sent = together(pool.send(&envelope(), b"Subject: 2\r\n\ntwo", &|| true)).await;
+            let sent = together(pool.send(&envelope(), b"Subject: 2\r\n\ntwo", None)).await;
             assert!(sent.is_ok(), "pipelining {pipelining}: {sent:?}");
             assert_eq!(opened(&metrics), 2.0);
             drop(pool);
@@ -554,9 +548,9 @@ mod tests {
         let (a, b, c) = (to("a@example.jp"), to("b@example.jp"), to("c@example.jp"));
         let sent = together(async {
             tokio::join!(
-                pool.send(&a, b"Subject: 1\r\n\none", &|| true),
-                pool.send(&b, b"Subject: 2\r\n\ntwo", &|| true),
-                pool.send(&c, b"Subject: 3\r\n\nthree", &|| true),
+                pool.send(&a, b"Subject: 1\r\n\none", None),
+                pool.send(&b, b"Subject: 2\r\n\ntwo", None),
+                pool.send(&c, b"Subject: 3\r\n\nthree", None),
             )
         })
         .await;
@@ -587,11 +581,11 @@ mod tests {
         let pool = SmtpPool::new(&settings, None).unwrap();
         let (a, slow) = (to("a@example.jp"), to("slow@example.jp"));
         let sent = together(async {
-            let behind = pool.send(&slow, b"Subject: 2\r\n\ntwo", &|| true);
+            let behind = pool.send(&slow, b"Subject: 2\r\n\ntwo", None);
             tokio::pin!(behind);
             tokio::select! {
                 biased;
-                sent = pool.send(&a, b"Subject: 1\r\n\none", &|| true) => sent,
+                sent = pool.send(&a, b"Subject: 1\r\n\none", None) => sent,
                 _ = &mut behind => panic!("the mail behind was answered first"),
             }
         })
@@ -606,29 +600,34 @@ mod tests {
     #[tokio::test]
     async fn a_mail_no_longer_this_node_s_when_a_connection_is_free_is_not_sent() {
         use crate::deliver::client::tests::server_for;
-        let (port, server) = server_for(&[], 1).await;
-        let metrics = Metrics::new();
-        let pool = one_connection(port, &metrics);
-        let ours = std::sync::atomic::AtomicBool::new(true);
-        let still_ours = || ours.load(std::sync::atomic::Ordering::SeqCst);
-        let (a, b) = (to("a@example.jp"), to("b@example.jp"));
-        let sent = together(async {
-            tokio::join!(
-                async {
-                    let sent = pool.send(&a, b"Subject: 1\r\n\none", &|| true).await;
-                    // While the second mail waited for this connection, its partition moved.
-                    ours.store(false, std::sync::atomic::Ordering::SeqCst);
-                    sent
-                },
-                pool.send(&b, b"Subject: 2\r\n\ntwo", &still_ours),
-            )
-        })
-        .await;
-        assert!(sent.0.is_ok(), "{sent:?}");
-        assert!(matches!(sent.1, Err(SendError::Passed)), "{sent:?}");
-        drop(pool);
-        let seen = server.await.unwrap();
-        assert!(!seen.iter().any(|l| l.contains("b@example.jp")), "{seen:?}");
+        // With PIPELINING, a waiting mail's envelope went out behind the message before
+        // it, unasked.
+        for extensions in [&[][..], &["PIPELINING"]] {
+            let extensions: &'static [&'static str] = if extensions.is_empty() { &[] } else { &["PIPELINING"] };
+            let (port, server) = server_for(extensions, 1).await;
+            let metrics = Metrics::new();
+            let pool = one_connection(port, &metrics);
+            let ours = std::sync::atomic::AtomicBool::new(true);
+            let still_ours = || ours.load(std::sync::atomic::Ordering::SeqCst);
+            let (a, b) = (to("a@example.jp"), to("b@example.jp"));
+            let sent = together(async {
+                tokio::join!(
+                    async {
+                        let sent = pool.send(&a, b"Subject: 1\r\n\none", None).await;
+                        // While the second mail waited for this connection, its partition moved.
+                        ours.store(false, std::sync::atomic::Ordering::SeqCst);
+                        sent
+                    },
+                    pool.send(&b, b"Subject: 2\r\n\ntwo", Some(&still_ours)),
+                )
+            })
+            .await;
+            assert!(sent.0.is_ok(), "{extensions:?}: {sent:?}");
+            assert!(matches!(sent.1, Err(SendError::Passed)), "{extensions:?}: {sent:?}");
+            drop(pool);
+            let seen = server.await.unwrap();
+            assert!(!seen.iter().any(|l| l.contains("b@example.jp")), "{extensions:?}: {seen:?}");
+        }
     }
 
     /// A mail whose envelope went out behind another's message fails or succeeds on its
@@ -644,10 +643,10 @@ mod tests {
         let (c, d) = (to("c@example.jp"), to("d@example.jp"));
         let results = together(async {
             tokio::join!(
-                pool.send(&a, b"Subject: 1\r\n\none", &|| true),
-                pool.send(&b, b"Subject: 2\r\n\ntwo", &|| true),
-                pool.send(&c, b"Subject: 3\r\n\nREJECT ME", &|| true),
-                pool.send(&d, b"Subject: 4\r\n\nfour", &|| true),
+                pool.send(&a, b"Subject: 1\r\n\none", None),
+                pool.send(&b, b"Subject: 2\r\n\ntwo", None),
+                pool.send(&c, b"Subject: 3\r\n\nREJECT ME", None),
+                pool.send(&d, b"Subject: 4\r\n\nfour", None),
             )
         })
         .await;
@@ -684,11 +683,11 @@ mod tests {
                 Err(SendError::Client(ClientError::Refused(reply))) => reply.code,
                 other => panic!("not refused: {other:?}"),
             };
-            let first = together(pool.send(&to("refused@example.jp"), b"Subject: 1\r\n\r\none", &|| true)).await;
+            let first = together(pool.send(&to("refused@example.jp"), b"Subject: 1\r\n\r\none", None)).await;
             assert_eq!(refused(first), 550);
-            let second = together(pool.send(&to("c@example.jp"), b"Subject: 2\r\n\r\nREJECT ME", &|| true)).await;
+            let second = together(pool.send(&to("c@example.jp"), b"Subject: 2\r\n\r\nREJECT ME", None)).await;
             assert_eq!(refused(second), 554);
-            together(pool.send(&to("d@example.jp"), b"Subject: 3\r\n\r\nthree", &|| true))
+            together(pool.send(&to("d@example.jp"), b"Subject: 3\r\n\r\nthree", None))
                 .await
                 .expect("sent after two refusals");
             assert_eq!(opened(&metrics), 1.0, "{extensions:?}: refusals do not cost a new session");
@@ -712,13 +711,13 @@ mod tests {
             let (port, server) = server_for(&["PIPELINING"], 2).await;
             let metrics = Metrics::new();
             let pool = one_connection(port, &metrics);
-            let refused = together(pool.send(&to(address), b"Subject: 1\r\n\r\none", &|| true)).await;
+            let refused = together(pool.send(&to(address), b"Subject: 1\r\n\r\none", None)).await;
             assert!(
                 matches!(refused, Err(SendError::Client(ClientError::Refused(ref r))) if r.code == code),
                 "{address}: {refused:?}"
             );
             assert!(pool.slots.lock().unwrap().idle.is_empty(), "{address}: the closed connection is not pooled");
-            together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo", &|| true))
+            together(pool.send(&to("d@example.jp"), b"Subject: 2\r\n\r\ntwo", None))
                 .await
                 .expect("sent on a new connection");
             assert_eq!(opened(&metrics), 2.0, "{address}");
@@ -738,7 +737,7 @@ mod tests {
         (settings.host, settings.tls, settings.tls_ca_file) = ("localhost".into(), TlsMode::Starttls, Some(ca_file));
 
         let pool = SmtpPool::new(&settings, None).unwrap();
-        pool.send(&envelope(), b"Subject: 1\r\n\r\nprivate CA", &|| true).await.expect("sent over TLS");
+        pool.send(&envelope(), b"Subject: 1\r\n\r\nprivate CA", None).await.expect("sent over TLS");
         drop(pool);
         let seen = server.await.unwrap();
         assert!(seen.contains(&"(TLS)".to_owned()) && seen.last().unwrap().contains("private CA"), "{seen:?}");
@@ -747,7 +746,7 @@ mod tests {
         settings.tls_ca_file = None;
         let (port, _server) = server_with(&["PIPELINING"], false, Some((TlsStart::Starttls, acceptor()))).await;
         settings.port = port;
-        let refused = SmtpPool::new(&settings, None).unwrap().send(&envelope(), b"x", &|| true).await.unwrap_err();
+        let refused = SmtpPool::new(&settings, None).unwrap().send(&envelope(), b"x", None).await.unwrap_err();
         assert!(refused.to_string().contains("TLS"), "{refused}");
     }
 
