@@ -88,26 +88,37 @@ pub fn is_secret_property(key: &str) -> bool {
 fn check_kafka_properties(properties: &BTreeMap<String, String>) -> Result<(), ConfigError> {
     use rdkafka::error::KafkaError;
     use rdkafka::types::RDKafkaConfRes;
-    for (key, value) in properties {
+    // A plugin's own properties exist only once it is loaded, which the check does not do.
+    let plugins = properties.contains_key("plugin.library.paths");
+    for (key, value) in properties.iter().filter(|(key, _)| *key != "plugin.library.paths") {
         let mut one = rdkafka::ClientConfig::new();
         one.set(key, value);
         let Err(e) = one.create_native_config() else { continue };
-        let why = match e {
-            KafkaError::ClientConfig(code, why, _, _) => {
-                let hidden = is_secret_property(key) || code == RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN;
-                if hidden && !value.is_empty() {
-                    why.replace(value.as_str(), "***")
-                } else {
-                    why
-                }
-            }
-            other => format!("{other}").replace(value.as_str(), "***"),
-        };
+        let KafkaError::ClientConfig(code, why, _, _) = e else { continue };
+        if plugins && code == RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN {
+            continue;
+        }
+        let hidden = is_secret_property(key) || code == RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN;
+        let why = if hidden { quoted_but(&why, key) } else { why };
         return Err(ConfigError::Invalid(format!(
             "kafka.properties \"{key}\": librdkafka does not take it: {why} (docs/kafka.md)"
         )));
     }
     Ok(())
+}
+
+/// `text` with every quoted part but `key` masked: librdkafka quotes a value it does not
+/// take, or the part of it it stopped at.
+fn quoted_but(text: &str, key: &str) -> String {
+    let mut masked = String::with_capacity(text.len());
+    for (i, part) in text.split('"').enumerate() {
+        match i % 2 {
+            0 => masked.push_str(part),
+            _ if part == key => masked.push_str(&format!("\"{part}\"")),
+            _ => masked.push_str("\"***\""),
+        }
+    }
+    masked
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -802,6 +813,18 @@ mod tests {
             assert!(!e.contains("hunter2"), "the secret is printed: {e}");
             assert!(e.contains(key), "the key is not named: {e}");
         }
+        // What librdkafka quotes back of a value (all of it, or the part it stopped at).
+        assert_eq!(
+            quoted_but(r#"Invalid value "x1" for configuration property "sasl.password""#, "sasl.password"),
+            r#"Invalid value "***" for configuration property "sasl.password""#
+        );
+        // A plugin's properties exist once it is loaded: not refused as unknown.
+        std::fs::write(
+            &file,
+            "[kafka.properties]\n\"plugin.library.paths\" = \"monitoring-interceptor\"\n\"confluent.monitoring.interceptor.topic\" = \"m\"\n",
+        )
+        .unwrap();
+        Settings::load_from(Some(&file), env(&[])).expect("a plugin's property is taken");
         // One that is no secret is named with its value; one librdkafka takes is taken.
         let e = load("security.protocol", "SASL-SSL").unwrap_err().to_string();
         assert!(e.contains("security.protocol") && e.contains("SASL-SSL"), "{e}");
