@@ -509,7 +509,8 @@ fn post_provision_within(
         }
         _ => ClientError::Io { url: url.to_owned(), source },
     };
-    let mut stream = connect(authority, idle).map_err(io)?;
+    // Not reached: nothing was sent.
+    let mut stream = connect(authority, idle).map_err(|source| ClientError::Io { url: url.to_owned(), source })?;
     stream.set_read_timeout(Some(idle)).and_then(|()| stream.set_write_timeout(Some(idle))).map_err(io)?;
     let mut upload = stream.try_clone().map_err(io)?;
     match send_lines(&mut upload, authority, &mut jsonl, token) {
