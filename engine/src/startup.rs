@@ -250,14 +250,22 @@ impl Application {
         let deliverer = {
             let (smtp, store, metrics, dead_letters) =
                 (settings.smtp.clone(), store.clone(), metrics.clone(), dead_letters.clone());
-            tokio::task::spawn_blocking(move || Deliverer::new(&smtp, &store, metrics, dead_letters)).await??
+            // The queue counted there too: a walk of the store, not for a tokio worker.
+            tokio::task::spawn_blocking(move || {
+                Deliverer::new(&smtp, &store, metrics, dead_letters).map(|deliverer| {
+                    let queued = deliverer.queued();
+                    (deliverer, queued)
+                })
+            })
+            .await??
         };
+        let (deliverer, queued) = deliverer;
         let reading = shutdown.child_token();
         // Retries under way at shutdown get the same time as first attempts.
         let finish = source::sending_time(grace);
         tasks.spawn(deliverer.clone().run_retries(reading.clone().cancelled_owned(), finish));
-        if deliverer.queued() > 0 {
-            tracing::info!(mails = deliverer.queued(), "mails waiting in the retry queue from before");
+        if queued > 0 {
+            tracing::info!(mails = queued, "mails waiting in the retry queue from before");
         }
         if settings.smtp.host.is_empty() {
             tracing::info!(outbox = %settings.smtp.outbox_dir.display(), "no smtp.host: mails are written as .eml files");
