@@ -640,6 +640,18 @@ mod tests {
         }
     }
 
+    /// Reads an upload's request to its last chunk, as an engine would before answering.
+    fn read_upload(stream: &mut std::net::TcpStream) {
+        use std::io::Read;
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.ends_with(b"0\r\n\r\n") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended early");
+            request.extend_from_slice(&buf[..n]);
+        }
+    }
+
     /// An engine that closes the connection without answering (it stopped, or its idle
     /// limit passed while the import waited for the state owner) is named as such, with
     /// what to do: not "the engine answered 0".
@@ -648,15 +660,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let engine = std::thread::spawn(move || {
-            use std::io::Read;
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.ends_with(b"0\r\n\r\n") {
-                let n = stream.read(&mut buf).unwrap();
-                assert!(n > 0, "the request ended early");
-                request.extend_from_slice(&buf[..n]);
-            }
+            read_upload(&mut listener.accept().unwrap().0);
         });
         let line = r#"{"contract":"0312345678","numbers":[{"number":"0312345678"}]}"#;
         let error = post_provision(&url, line.as_bytes(), "").expect_err("no answer");
@@ -675,14 +679,8 @@ mod tests {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (held, hold) = std::sync::mpsc::channel::<()>();
         let engine = std::thread::spawn(move || {
-            use std::io::Read;
             let (mut stream, _) = listener.accept().unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.ends_with(b"0\r\n\r\n") {
-                let n = stream.read(&mut buf).unwrap();
-                request.extend_from_slice(&buf[..n]);
-            }
+            read_upload(&mut stream);
             // Silent, the connection open, until the test ends.
             let _ = hold.recv();
         });

@@ -29,6 +29,21 @@ fn children_running(parent: u32, arg: &[u8]) -> Vec<u32> {
     found
 }
 
+/// Sends `run` SIGTERM and waits up to 20 s for it to end (killed if it has not):
+/// whether it ended by itself.
+fn terminate(run: &mut std::process::Child) -> bool {
+    assert!(Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while run.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = run.try_wait().unwrap().is_some();
+    if !ended {
+        let _ = run.kill();
+    }
+    ended
+}
+
 /// Whether `pid` still runs (a zombie has ended).
 fn running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -209,15 +224,7 @@ fn a_load_test_stopped_while_smtp_source_runs_stops_it() {
         assert!(run.try_wait().unwrap().is_none(), "the load test ended before smtp-source started");
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while run.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let ended = run.try_wait().unwrap().is_some();
-    if !ended {
-        let _ = run.kill();
-    }
+    let ended = terminate(&mut run);
     let _ = Command::new("kill").args(["-KILL", &source.to_string()]).status();
     let out = run.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -241,15 +248,7 @@ fn a_load_test_stopped_while_it_fills_a_topic_stops_at_once() {
         line.clear();
         assert!(said.read_line(&mut line).unwrap() > 0, "the load test ended before it filled its topic");
     }
-    assert!(Command::new("kill").args(["-TERM", &run.id().to_string()]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while run.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let ended = run.try_wait().unwrap().is_some();
-    if !ended {
-        let _ = run.kill();
-    }
+    let ended = terminate(&mut run);
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut said, &mut rest).unwrap();
     assert!(ended, "the load test did not stop within 20 s of its SIGTERM");
