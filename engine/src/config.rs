@@ -211,6 +211,12 @@ pub struct SmtpSettings {
 /// The most consumer threads `engine.consumers` may ask for.
 pub const MAX_CONSUMERS: usize = 64;
 
+/// What `store.cache_capacity` may be (entries).
+pub const CACHE_CAPACITIES: std::ops::RangeInclusive<u64> = 0..=100_000_000;
+
+/// What `smtp.pool_size` may be (connections).
+pub const POOL_SIZES: std::ops::RangeInclusive<u64> = 1..=1_000;
+
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSettings {
@@ -587,14 +593,14 @@ impl Settings {
         let (k, st, sm, e, a) = (&self.kafka, &self.store, &self.smtp, &self.engine, &self.admin);
         [
             ("kafka.embedded_partitions", k.embedded_partitions.max(0) as u64, 1..=1_000, "partitions"),
-            ("store.cache_capacity", st.cache_capacity, 0..=100_000_000, "entries"),
+            ("store.cache_capacity", st.cache_capacity, CACHE_CAPACITIES, "entries"),
             ("store.sled_cache_mb", st.sled_cache_mb, 1..=65_536, "MiB"),
             ("store.sent_retention_days", st.sent_retention_days, 1..=3_650, "days"),
             ("store.fax_retention_days", st.fax_retention_days, 1..=3_650, "days"),
             ("store.group_commit_ms", st.group_commit_ms, 0..=1_000, "ms"),
             ("store.min_free_mb", st.min_free_mb, 0..=1_048_576, "MiB"),
             ("smtp.port", u64::from(sm.port), 1..=65_535, ""),
-            ("smtp.pool_size", u64::from(sm.pool_size), 1..=1_000, "connections"),
+            ("smtp.pool_size", u64::from(sm.pool_size), POOL_SIZES, "connections"),
             ("smtp.rate_per_second", u64::from(sm.rate_per_second), 1..=10_000_000, "mails a second"),
             ("smtp.per_recipient_per_minute", u64::from(sm.per_recipient_per_minute), 1..=10_000_000, "mails a minute"),
             ("smtp.timeout_secs", sm.timeout_secs, 1..=3_600, "s"),

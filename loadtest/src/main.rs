@@ -75,10 +75,10 @@ pub struct Common {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=1000))]
     partitions: i32,
     /// The engine's subscription cache capacity (`store.cache_capacity`).
-    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    #[arg(long, default_value_t = 200_000, value_parser = cache_capacity)]
     cache_capacity: u64,
     /// SMTP connections the engine keeps (`smtp.pool_size`).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    #[arg(long, default_value_t = 16, value_parser = pool_size)]
     pool_size: u32,
     /// The engine's consumer threads (`engine.consumers`); `ingest` reads with as many
     /// bare consumers.
@@ -397,8 +397,30 @@ fn stop_signal() -> tokio::sync::oneshot::Receiver<&'static str> {
 /// `--consumers`: what the engine takes (`engine.consumers`), refused before anything
 /// starts instead of by the engine once the store is seeded.
 fn consumers(value: &str) -> Result<usize, String> {
-    let max = engine::config::MAX_CONSUMERS;
-    value.parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| format!("a number from 1 to {max}"))
+    within(value, 1..=engine::config::MAX_CONSUMERS)
+}
+
+/// `--pool-size` and `smtp --sessions`: what the engine takes (`smtp.pool_size`).
+pub(crate) fn pool_size(value: &str) -> Result<u32, String> {
+    let sizes = engine::config::POOL_SIZES;
+    within(value, *sizes.start() as u32..=*sizes.end() as u32)
+}
+
+/// `--cache-capacity`: what the engine takes (`store.cache_capacity`).
+fn cache_capacity(value: &str) -> Result<u64, String> {
+    within(value, engine::config::CACHE_CAPACITIES)
+}
+
+/// `value` as a number within `range`.
+fn within<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+    value: &str,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, String> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| format!("a number from {} to {}", range.start(), range.end()))
 }
 
 /// The work directory of a run not given `--workdir`: removed once the run succeeds,

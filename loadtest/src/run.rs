@@ -301,7 +301,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // it no longer holds is the broker's, not the engine's. The CDRs not read yet are
     // each partition's newest: those the broker no longer holds were dropped unread
     // (older ones it dropped after the engine read them).
-    let backlog = (acks.delivered.load(Ordering::Acquire) - warmup_acks).saturating_sub(consumed);
+    let sent = acks.delivered.load(Ordering::Acquire) - warmup_acks;
+    let backlog = sent.saturating_sub(consumed);
     let dropped = match &embedded {
         Some(_) if backlog > 0 => {
             let (brokers, topics) = (brokers.clone(), topics.clone());
@@ -316,7 +317,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let c = collected.lock().expect("collector lock");
     let latency = c.latency.as_ref().expect("histogram");
     follower.abort();
-    let sent = acks.delivered.load(Ordering::Acquire) - warmup_acks;
     let produce_failed = acks.failed.load(Ordering::Acquire);
     let still_expected = expected.lock().expect("expected lock").len() as u64;
     // Seen on ticks a second apart: the first and the last increase are each seen up to a
@@ -376,7 +376,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // With a backlog, which mails are lost and which belong to CDRs the engine never
         // got to cannot be told apart: not counted.
         lost: (consumed >= sent).then(|| still_expected.saturating_sub(c.unobserved)),
-        backlog: sent.saturating_sub(consumed),
+        backlog,
         duplicates: c.duplicates,
         unexpected: c.unexpected,
         unobserved: c.unobserved,
@@ -392,7 +392,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("{}", report.markdown());
     println!("report: {}/report.{{json,md}}, plot: {}/latency.svg", common.out.display(), common.out.display());
     if dropped > 0 {
-        anyhow::bail!(            "the mock cluster dropped at least {dropped} of the {sent} CDRs produced before the engine read them (it keeps \
+        anyhow::bail!(
+            "the mock cluster dropped at least {dropped} of the {sent} CDRs produced before the engine read them (it keeps \
              5 MB or 100 000 messages a partition): lower --max-lead or --rate (a fax is 14 KB), use more \
              --partitions, or run on --brokers (the report is written)"
         );

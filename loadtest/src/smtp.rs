@@ -25,7 +25,7 @@ pub struct SmtpArgs {
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     mails: u64,
     /// SMTP sessions: smtp-source's `-s` and the engine's pool size (`smtp.pool_size`).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    #[arg(long, default_value_t = 16, value_parser = crate::pool_size)]
     sessions: u32,
     /// Rounds; the report quotes the median ratio.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]

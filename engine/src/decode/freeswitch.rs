@@ -3,8 +3,8 @@
 //! A document is large (hundreds of channel variables, the SDP, the dialplan trace); the
 //! few fields a notification needs are in `variables`, with the caller profile under
 //! `callflow` as a fallback for the numbers. `callflow` is an array in current
-//! FreeSWITCH and, in old releases, an object, one `callflow` key per flow; all are read. Everything else is skipped
-//! without being buffered.
+//! FreeSWITCH and, in old releases, an object, one `callflow` key per flow; all are read.
+//! Everything else is skipped without being buffered.
 //!
 //! `mod_json_cdr` URL-encodes variable values by default (`encode-values`), so a `+81`
 //! caller arrives as `%2B81…`; the number fields are percent-decoded before use.

@@ -760,9 +760,6 @@ fn mailbox(recipient: &str) -> String {
     recipient.to_ascii_lowercase()
 }
 
-/// Flood-control state is kept per recipient; addresses whose limit has fully
-/// recovered are dropped every minute so the map does not grow with every address
-/// ever seen. Ends when the deliverer is gone.
 /// `smtp.per_recipient_per_minute` as a limit that holds in every minute, not only on
 /// average: half of it (rounded down, at least one) may go at once, the rest is spread
 /// over the minute. In any 60 s a recipient gets at most the burst and what refills in
@@ -773,6 +770,12 @@ fn flood_quota(per_minute: NonZeroU32) -> Quota {
     Quota::with_period(flood_period(per_minute))
         .expect("a positive period")
         .allow_burst(NonZeroU32::new(burst).expect("at least 1"))
+}
+
+/// The interval [`flood_quota`] refills one mail in.
+fn flood_period(per_minute: NonZeroU32) -> Duration {
+    let burst = (per_minute.get() / 2).max(1);
+    Duration::from_secs(60) / (per_minute.get() - burst).max(1)
 }
 
 /// `smtp.rate_per_second` as a limit that holds in every second, not only on average
@@ -788,12 +791,9 @@ fn rate_quota(per_second: NonZeroU32) -> Quota {
         .allow_burst(NonZeroU32::new(burst).expect("at least 1"))
 }
 
-/// The interval [`flood_quota`] refills one mail in.
-fn flood_period(per_minute: NonZeroU32) -> Duration {
-    let burst = (per_minute.get() / 2).max(1);
-    Duration::from_secs(60) / (per_minute.get() - burst).max(1)
-}
-
+/// Flood-control state is kept per recipient; addresses whose limit has fully
+/// recovered are dropped every minute so the map does not grow with every address
+/// ever seen. Ends when the deliverer is gone.
 async fn forget_idle_recipients(inner: std::sync::Weak<Inner>) {
     let mut every = tokio::time::interval(Duration::from_secs(60));
     every.tick().await;
