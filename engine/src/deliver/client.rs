@@ -931,7 +931,7 @@ pub(crate) mod tests {
         assert_eq!(seen[5], "Subject: hi\r\n\r\nbody\r\n.\r\n", "the last line is ended before the dot");
     }
 
-    /// A server too busy answers EHLO with 421 and closes: that is its answer (the
+    /// R-M4: a server too busy answers EHLO with 421 and closes: that is its answer (the
     /// session refused, for a retry later), not a HELO sent to a closed connection and
     /// counted as a server not answering, three of which opened the breaker.
     #[tokio::test]

@@ -917,7 +917,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// `smtp.rate_per_second` on a clock the test moves: sent to as fast as the limiter
+    /// R-M4, `smtp.rate_per_second` on a clock the test moves: sent to as fast as the limiter
     /// allows for ten seconds, never more than the setting go in any second (after a
     /// quiet spell the plain quota let nearly twice through), and 95 % of it on the whole.
     #[test]

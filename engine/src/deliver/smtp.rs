@@ -447,7 +447,7 @@ mod tests {
         assert_eq!(sink.wait_for(1, Duration::from_secs(10)).await.len(), 1);
     }
 
-    /// A pooled connection the server timed out meanwhile (postfix's `smtpd_timeout`:
+    /// R-M4: a pooled connection the server timed out meanwhile (postfix's `smtpd_timeout`:
     /// 421, then it closes) answers the next mail's first command with that 421: the
     /// mail goes at once on a new connection, as on one closed silently, not after a
     /// retry delay (nearly every mail after a pause, on a relay under stress).
@@ -568,7 +568,7 @@ mod tests {
         assert!(after("three").is_empty(), "nothing was waiting behind the last: {seen:?}");
     }
 
-    /// A mail the server accepted is answered at once, though the envelope of the mail
+    /// R-M4: a mail the server accepted is answered at once, though the envelope of the mail
     /// behind it, sent with its message, is not answered yet: it waited for those
     /// replies (up to `smtp.timeout_secs`), and a stop or the breaker opening meanwhile
     /// dropped it as unanswered, to be sent again.
@@ -593,7 +593,7 @@ mod tests {
         assert!(sent.is_ok(), "{sent:?}");
     }
 
-    /// A mail that waited for a connection goes out only if it is still this node's
+    /// R-M4: a mail that waited for a connection goes out only if it is still this node's
     /// when one is free: a queued mail's CDR partition that moved to another reader
     /// meanwhile (a rebalance while the relay was slow) is that reader's to send, and
     /// sending it here too made it twice.
