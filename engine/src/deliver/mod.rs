@@ -230,7 +230,7 @@ impl Deliverer {
         let admitted = inner.breaker.admit(Utc::now().timestamp_millis());
         if let Admit::Wait(until_ms) = admitted {
             let reply = "not tried: the mail server is not answering (circuit breaker open)";
-            self.enqueue(Queued::new(mail, origin, reply, Utc::now()), until(until_ms)).await;
+            self.enqueue(Queued::untried(mail, origin, reply, Utc::now()), until(until_ms)).await;
             return Fate::Queued;
         }
         // Over its address's flood limit, the mail waits in the queue, not here: waiting
@@ -255,7 +255,7 @@ impl Deliverer {
             }
             self.take_flood_slot(recipient, due_ms);
             let reply = "not tried yet: its address is over smtp.per_recipient_per_minute";
-            self.enqueue(Queued::new(mail, origin, reply, Utc::now()), until(due_ms)).await;
+            self.enqueue(Queued::untried(mail, origin, reply, Utc::now()), until(due_ms)).await;
             return Fate::Queued;
         }
         let answer = tokio::select! {
@@ -284,10 +284,13 @@ impl Deliverer {
                 self.enqueue(Queued::new(mail, origin, &reply, Utc::now()), due).await;
                 Fate::Queued
             }
-            None | Some(Err(Attempt::Passed)) => {
+            // Stopped while the server had it: an attempt, maybe delivered. Passed: its
+            // partition moved before it was handed to a connection.
+            stopped @ (None | Some(Err(Attempt::Passed))) => {
                 tracing::info!(message_id = %mail.message_id, "time for sending is over (shutdown or revocation); mail queued");
                 let reply = "not sent yet when the engine stopped sending (shutdown or revocation)";
-                self.enqueue(Queued::new(mail, origin, reply, Utc::now()), Duration::ZERO).await;
+                let queued = if stopped.is_none() { Queued::new } else { Queued::untried };
+                self.enqueue(queued(mail, origin, reply, Utc::now()), Duration::ZERO).await;
                 Fate::Queued
             }
         }

@@ -42,7 +42,7 @@ pub struct Queued {
     pub recipient: String,
     /// The whole message as on the wire, base64.
     pub mail_base64: String,
-    /// Attempts so far, the first included.
+    /// Attempts so far, the first included (0: queued without one).
     pub attempts: u32,
     /// When the first attempt failed, milliseconds since the epoch: the give-up age
     /// counts from here.
@@ -81,6 +81,13 @@ impl Queued {
             source: origin.source.clone(),
             logged: false,
         }
+    }
+
+    /// [`Queued::new`] for a mail queued without an attempt (the mail server not
+    /// answering, its address over its flood limit, its partition moved): its first
+    /// failure waits the first delay, and a dead letter counts only the attempts made.
+    pub fn untried(mail: &Mail, origin: &Origin, reply: &str, queued_at: DateTime<Utc>) -> Self {
+        Self { attempts: 0, ..Self::new(mail, origin, reply, queued_at) }
     }
 
     /// The mail and its call again; `Err` if the stored entry no longer makes sense.

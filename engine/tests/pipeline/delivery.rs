@@ -434,6 +434,15 @@ async fn r_m4_mails_waiting_behind_an_open_circuit_breaker_are_given_up_at_the_g
         .await;
     h.produce(TOPIC, &missed_calls_to_ten(&engine, "03500000", "down", MAILS)).await;
     engine.wait_metric(r#"callnotify_mails_failed_total{reason="expired"}"#, MAILS as f64).await;
+    // A mail queued behind the open breaker and never tried says so: it was said to have
+    // had an attempt ("gave up after 1 attempts … not tried").
+    let records = h.dead_letters(MAILS);
+    let untried: Vec<_> = records.iter().filter(|r| r["smtp_reply"].as_str().unwrap().contains("not tried")).collect();
+    assert!(!untried.is_empty(), "the breaker held mails untried: {records:?}");
+    for r in untried {
+        assert_eq!(r["attempts"], 0, "{r}");
+        assert!(r["smtp_reply"].as_str().unwrap().starts_with("gave up after 0 attempts"), "{r}");
+    }
     let stopped = engine.stop().await;
     assert_eq!(stopped.metric("callnotify_smtp_circuit_open"), 1.0, "the server stayed down throughout");
     assert_eq!(stopped.metric("callnotify_retry_queue_mails"), 0.0);
