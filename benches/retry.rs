@@ -5,6 +5,12 @@
 //! (`RetryQueue::park`); every turn of the retry loop (one per finished attempt) reads
 //! the queue.
 //!
+//!
+//! And the restore of a rebalance's newly assigned partitions (`RetryQueue::reconcile`):
+//! 30 partitions, each with its share of `CALLNOTIFY_BENCH_FOREIGN` queued entries, made
+//! their changelogs' in one call, beside one call a partition (as the restore did before:
+//! a walk of the whole queue each).
+//!
 //! `cargo bench --bench retry` measures; `-- --test` runs each once (CI smoke).
 
 use std::collections::HashSet;
@@ -83,6 +89,54 @@ fn retry_benches(c: &mut Criterion) {
             let turn = queue.turn(black_box(now_ms), &none, OWN).unwrap();
             assert_eq!((turn.due.len(), turn.next_due_ms), (OWN, Some(1_000 + foreign as i64)), "this node's own");
         })
+    });
+    group.finish();
+    reconcile_benches(c, foreign, &renderer);
+}
+
+/// A node that reads every partition and publishes nowhere.
+struct ReadsAll;
+
+impl PartitionSink for ReadsAll {
+    fn sent(&self, _: &PartitionId, _: &[u8], _: u64) {}
+    fn retry_put(&self, _: &PartitionId, _: &[u8], _: i64, _: &[u8]) {}
+    fn retry_removed(&self, _: &PartitionId, _: &[u8]) {}
+    fn owns(&self, _: &PartitionId) -> bool {
+        true
+    }
+}
+
+/// The partitions a rebalance assigns the node at once (30 partitions on one node).
+const ASSIGNED: i32 = 30;
+
+fn reconcile_benches(c: &mut Criterion, entries: usize, renderer: &Renderer) {
+    let store = Store::temporary().unwrap();
+    store.attach_partition_sink(Arc::new(ReadsAll));
+    let queue = RetryQueue::open(&store).unwrap();
+    let now_secs = Utc::now().timestamp() as u64;
+    for i in 0..entries {
+        queue.push(&queued(renderer, i, i as i32 % ASSIGNED), 1_000 + i as i64, now_secs).unwrap();
+    }
+    let partitions: Vec<PartitionId> =
+        (0..ASSIGNED).map(|partition| PartitionId { topic: "cdr".into(), partition }).collect();
+    // Changelogs that confirmed none of them: each entry is published again, the queue
+    // unchanged (so every iteration finds the same).
+    let empty = Default::default();
+    let logs: Vec<_> = partitions.iter().map(|p| (p, &empty)).collect();
+    let none = HashSet::new();
+    let republished = |logs: &[_]| {
+        let mut republished = 0;
+        queue.reconcile(logs, &none, |_, r| republished += r.unconfirmed.len()).unwrap();
+        republished
+    };
+
+    let mut group = c.benchmark_group("retry_queue_restore");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("reconcile_30_partitions_at_once", |b| {
+        b.iter(|| assert_eq!(republished(black_box(&logs)), entries))
+    });
+    group.bench_function("reconcile_30_partitions_one_at_a_time", |b| {
+        b.iter(|| assert_eq!(logs.chunks(1).map(|one| republished(black_box(one))).sum::<usize>(), entries))
     });
     group.finish();
 }

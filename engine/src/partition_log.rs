@@ -423,15 +423,15 @@ impl PartitionLog {
         let empty = HashMap::new();
         let mut republished = 0;
         let moving = self.moving.lock().expect("moving lock");
-        for partition in assigned {
-            let log = retries.get(&partition.partition).unwrap_or(&empty);
-            let reconciled = queue.reconcile(partition, log, &handled)?;
+        let logs: Vec<(&PartitionId, &LoggedEntries)> =
+            assigned.iter().map(|p| (p, retries.get(&p.partition).unwrap_or(&empty))).collect();
+        queue.reconcile(&logs, &handled, |partition, reconciled| {
             self.metrics.retry_queue_changed(reconciled.queued_change);
             for Unconfirmed { key, due_ms, entry } in reconciled.unconfirmed {
                 self.retry_put(partition, &key, due_ms, &entry);
                 republished += 1;
             }
-        }
+        })?;
         // Only once the queue is reconciled: `handled` (the sent records found past the
         // old positions) lives in memory, and a restore failing in between would start
         // the next one past them, taking a mail sent elsewhere for one never confirmed.

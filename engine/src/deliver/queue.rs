@@ -529,9 +529,9 @@ impl RetryQueue {
         Ok(keys)
     }
 
-    /// Makes this store's entries of `partition` the changelog's, in the queue (set
-    /// aside ones included): `log` holds the live entries there (key → due and JSON;
-    /// `None`: removed), and `handled` the keys of this store's [`Queued::logged`]
+    /// Makes this store's entries of each of `partitions` the changelog's, in the queue
+    /// (set aside ones included): its log holds the live entries there (key → due and
+    /// JSON; `None`: removed), and `handled` the keys of this store's [`Queued::logged`]
     /// entries that have a sent record in the sent changelog after where this store last
     /// read it. A logged entry the changelog does not have was either never confirmed
     /// there (written just before a crash), or handled by another node since: taken out
@@ -539,75 +539,90 @@ impl RetryQueue {
     /// there and its mail sent. A sent record tells the last two apart: their entries
     /// are dropped (sending them would be sending twice). The others, and entries queued
     /// unlogged (a replayed dead letter, whose sent record is its refusal's), are
-    /// queued and returned, to be published again. One transaction. Blocking; call it
-    /// before the partition is read.
+    /// queued and returned, to be published again. One walk of the queue for all the
+    /// partitions (a walk each, of a queue of 180 000 mails, held a rebalance's
+    /// revocations for as many walks as partitions assigned), one transaction each.
+    /// Blocking; call it before the partitions are read. `done` is told what was done
+    /// for each partition once it is (those before a failure count).
     pub fn reconcile(
         &self,
-        partition: &PartitionId,
-        log: &LoggedEntries,
+        partitions: &[(&PartitionId, &LoggedEntries)],
         handled: &HashSet<Vec<u8>>,
-    ) -> Result<Reconciled, StoreError> {
-        let mut unconfirmed = Vec::new();
-        // A changelog partition holds the entries of every CDR topic's partition of its
-        // number: another topic's are not this partition's to queue.
-        let restored_here = |value: &[u8]| !Head::of(value).is_some_and(|h| h.of_another(partition));
-        // Out of either tree; set-aside entries back into the queue; the log's in.
-        let mut dropped = Vec::new();
-        let mut back = Vec::new();
+        mut done: impl FnMut(&PartitionId, Reconciled),
+    ) -> Result<(), StoreError> {
+        /// What the walk found for one partition.
+        #[derive(Default)]
+        struct Found {
+            /// Out of either tree.
+            dropped: Vec<Vec<u8>>,
+            /// Set-aside entries back into the queue.
+            back: Vec<(Vec<u8>, sled::IVec)>,
+            unconfirmed: Vec<Unconfirmed>,
+        }
+        let mut found: Vec<Found> = partitions.iter().map(|_| Found::default()).collect();
         for (item, parked) in self.retry.iter().map(|i| (i, false)).chain(self.parked.iter().map(|i| (i, true))) {
             let (slot, value) = item?;
             let key = &slot[8..];
             let head = Head::of(&value);
-            // An entry of no partition (a replayed dead letter, one its changelog refused)
-            // is this store's only: no changelog takes it out, not even one holding its
-            // mail's key from before (the mail dead-lettered: a tombstone kept a day or
-            // more). Another partition's entry is that partition's restore's.
-            if matches!(head, Some(Head { source: None, .. })) || head.as_ref().is_some_and(|h| h.of_another(partition))
-            {
-                continue;
-            }
-            if log.contains_key(key) {
-                dropped.push(slot.to_vec());
-                continue;
-            }
-            let Some(Head { source: Some(source), logged }) = head else { continue };
-            if source != *partition {
-                continue;
-            }
-            if logged && handled.contains(key) {
-                dropped.push(slot.to_vec());
-            } else {
-                let due_ms = Slot(slot.to_vec()).due_ms();
-                unconfirmed.push(Unconfirmed { key: key.to_vec(), due_ms, entry: value.to_vec() });
-                if parked {
-                    back.push((slot.to_vec(), value));
+            for ((partition, log), found) in partitions.iter().zip(&mut found) {
+                // An entry of no partition (a replayed dead letter, one its changelog
+                // refused) is this store's only: no changelog takes it out, not even one
+                // holding its mail's key from before (the mail dead-lettered: a tombstone
+                // kept a day or more). Another partition's entry is that partition's.
+                if matches!(head, Some(Head { source: None, .. }))
+                    || head.as_ref().is_some_and(|h| h.of_another(partition))
+                {
+                    continue;
+                }
+                if log.contains_key(key) {
+                    found.dropped.push(slot.to_vec());
+                    continue;
+                }
+                let Some(Head { source: Some(source), logged }) = &head else { continue };
+                if source != *partition {
+                    continue;
+                }
+                if *logged && handled.contains(key) {
+                    found.dropped.push(slot.to_vec());
+                } else {
+                    let due_ms = Slot(slot.to_vec()).due_ms();
+                    found.unconfirmed.push(Unconfirmed { key: key.to_vec(), due_ms, entry: value.to_vec() });
+                    if parked {
+                        found.back.push((slot.to_vec(), value.clone()));
+                    }
                 }
             }
         }
-        let mut restored: Vec<(Vec<u8>, &[u8])> =
-            back.iter().map(|(slot, value)| (slot.clone(), value.as_ref())).collect();
-        for (key, live) in log {
-            if let Some((due_ms, value)) = live.as_ref().filter(|(_, v)| restored_here(v)) {
-                let mut slot = (due_ms.max(&0).to_owned() as u64).to_be_bytes().to_vec();
-                slot.extend_from_slice(key);
-                restored.push((slot, value.as_slice()));
+        for ((partition, log), Found { dropped, back, unconfirmed }) in partitions.iter().zip(found) {
+            // A changelog partition holds the entries of every CDR topic's partition of
+            // its number: another topic's are not this partition's to queue.
+            let restored_here = |value: &[u8]| !Head::of(value).is_some_and(|h| h.of_another(partition));
+            let mut restored: Vec<(Vec<u8>, &[u8])> =
+                back.iter().map(|(slot, value)| (slot.clone(), value.as_ref())).collect();
+            for (key, live) in log.iter() {
+                if let Some((due_ms, value)) = live.as_ref().filter(|(_, v)| restored_here(v)) {
+                    let mut slot = (due_ms.max(&0).to_owned() as u64).to_be_bytes().to_vec();
+                    slot.extend_from_slice(key);
+                    restored.push((slot, value.as_slice()));
+                }
             }
+            let queued_change = (&self.retry, &self.parked)
+                .transaction(|(retry, parked)| {
+                    let mut change = 0i64;
+                    for slot in dropped.iter().chain(back.iter().map(|(slot, _)| slot)) {
+                        change -= i64::from(retry.remove(slot.as_slice())?.is_some());
+                        parked.remove(slot.as_slice())?;
+                    }
+                    for (slot, value) in &restored {
+                        change += i64::from(retry.insert(slot.as_slice(), *value)?.is_none());
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(change)
+                })
+                .map_err(store_error)?;
+            self.forget(dropped.iter().chain(restored.iter().map(|(slot, _)| slot)).map(Vec::as_slice));
+            done(partition, Reconciled { unconfirmed, queued_change });
         }
-        let queued_change = (&self.retry, &self.parked)
-            .transaction(|(retry, parked)| {
-                let mut change = 0i64;
-                for slot in dropped.iter().chain(back.iter().map(|(slot, _)| slot)) {
-                    change -= i64::from(retry.remove(slot.as_slice())?.is_some());
-                    parked.remove(slot.as_slice())?;
-                }
-                for (slot, value) in &restored {
-                    change += i64::from(retry.insert(slot.as_slice(), *value)?.is_none());
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(change)
-            })
-            .map_err(store_error)?;
-        self.forget(dropped.iter().chain(restored.iter().map(|(slot, _)| slot)).map(Vec::as_slice));
-        Ok(Reconciled { unconfirmed, queued_change })
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -789,6 +804,13 @@ mod tests {
         Queued { source: Some(PartitionId { topic: "cdr".into(), partition }), ..queued(call_id, "a@example.jp").0 }
     }
 
+    /// [`RetryQueue::reconcile`] of `partition` alone, nothing handled elsewhere.
+    fn reconcile(queue: &RetryQueue, partition: &PartitionId, log: &LoggedEntries) -> Reconciled {
+        let mut reconciled = None;
+        queue.reconcile(&[(partition, log)], &HashSet::new(), |_, r| reconciled = Some(r)).unwrap();
+        reconciled.expect("reconciled")
+    }
+
     /// The call ids of the mails due by 10 s, as the retry loop would take them.
     fn due_call_ids(queue: &RetryQueue) -> Vec<String> {
         queue.due(10_000, &Default::default(), 10).unwrap().into_iter().map(|(_, e)| e.unwrap().call_id).collect()
@@ -798,7 +820,7 @@ mod tests {
     /// set aside of it comes back into the queue.
     fn partition_1_back(queue: &RetryQueue, node: &Reads) {
         let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
-        queue.reconcile(&p1, &LoggedEntries::new(), &HashSet::new()).unwrap();
+        reconcile(queue, &p1, &LoggedEntries::new());
         *node.owned.lock().unwrap() = vec![0, 1];
     }
 
@@ -855,7 +877,7 @@ mod tests {
         let log: LoggedEntries =
             [(c1.sent_key().unwrap().as_bytes().to_vec(), Some((5_000, serde_json::to_vec(&c1).unwrap())))].into();
         let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
-        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
+        let reconciled = reconcile(&queue, &p1, &log);
         *node.owned.lock().unwrap() = vec![0, 1];
         let unconfirmed: Vec<Vec<u8>> = reconciled.unconfirmed.into_iter().map(|u| u.key).collect();
         assert_eq!(unconfirmed, [of("c-3", 1).sent_key().unwrap().as_bytes().to_vec()], "c-3 is published again");
@@ -864,6 +886,42 @@ mod tests {
         assert_eq!(due_call_ids(&queue), ["c-0", "c-3", "c-1"]);
         assert_eq!(queue.next_due_ms().unwrap(), Some(1_000));
         assert_eq!(queue.park().unwrap(), 0, "nothing of another partition left in the queue");
+    }
+
+    /// R-M4, docs/cluster.md: a rebalance assigning several partitions at once restores
+    /// them in one walk of the queue: each partition's set-aside entries come back as its
+    /// changelog has them, and those it never confirmed are published again to their own
+    /// partition's changelog, not another's.
+    #[test]
+    fn r_m4_partitions_assigned_together_each_get_their_own_entries_back() {
+        let (_store, queue, node) = queue_of_a_node();
+        queue.push(&of("c-0", 0), 1_000, 1).unwrap();
+        queue.push(&of("c-1", 1), 2_000, 1).unwrap();
+        queue.push(&of("c-1-sent", 1), 3_000, 1).unwrap();
+        *node.owned.lock().unwrap() = vec![];
+        assert_eq!(queue.park().unwrap(), 3);
+
+        let c0 = Queued { logged: true, ..of("c-0", 0) };
+        let key = |entry: &Queued| entry.sent_key().unwrap().as_bytes().to_vec();
+        let log_0: LoggedEntries = [(key(&c0), Some((4_000, serde_json::to_vec(&c0).unwrap())))].into();
+        let log_1: LoggedEntries = [(key(&of("c-1-sent", 1)), None)].into();
+        let (p0, p1) =
+            (PartitionId { topic: "cdr".into(), partition: 0 }, PartitionId { topic: "cdr".into(), partition: 1 });
+        let mut done = Vec::new();
+        queue
+            .reconcile(&[(&p0, &log_0), (&p1, &log_1)], &HashSet::new(), |p, r| {
+                let keys: Vec<Vec<u8>> = r.unconfirmed.into_iter().map(|u| u.key).collect();
+                done.push((p.clone(), keys, r.queued_change));
+            })
+            .unwrap();
+        *node.owned.lock().unwrap() = vec![0, 1];
+        assert_eq!(
+            done,
+            [(p0, vec![], 1), (p1, vec![key(&of("c-1", 1))], 1)],
+            "c-1 alone is published again, to cdr/1"
+        );
+        assert_eq!(due_call_ids(&queue), ["c-1", "c-0"], "c-0 due when its changelog says, c-1-sent taken out");
+        assert_eq!(queue.len(), 2);
     }
 
     /// R-M4, `dead-letters replay`: a replayed mail, queued in this node's store only,
@@ -877,7 +935,7 @@ mod tests {
         queue.push(&replayed, 1_000, 1).unwrap();
         let log: LoggedEntries = [(replayed.sent_key().unwrap().as_bytes().to_vec(), None)].into();
         let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
-        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
+        let reconciled = reconcile(&queue, &p1, &log);
         assert!(reconciled.unconfirmed.is_empty(), "not this partition's to publish");
         assert_eq!((queue.len(), due_call_ids(&queue)), (1, vec!["c-replayed".to_owned()]));
     }
@@ -927,7 +985,7 @@ mod tests {
         let (slot, _) = queue.push(&entry, 1_000, 1).unwrap();
         let key = entry.sent_key().unwrap().as_bytes().to_vec();
         let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
-        queue.reconcile(&p1, &[(key, None)].into(), &HashSet::new()).unwrap();
+        reconcile(&queue, &p1, &[(key, None)].into());
         assert!(queue.is_empty(), "taken out: handled by the partition's other reader");
 
         assert_eq!(queue.reschedule(&slot, &entry, 5_000).unwrap(), None);
@@ -954,7 +1012,7 @@ mod tests {
         let cdr = Queued { logged: true, ..of("c-1", 1) };
         let log: LoggedEntries = [logged(&cdr), logged(&fax("f-other")), logged(&fax("f-here"))].into();
         let p1 = PartitionId { topic: "cdr".into(), partition: 1 };
-        let reconciled = queue.reconcile(&p1, &log, &HashSet::new()).unwrap();
+        let reconciled = reconcile(&queue, &p1, &log);
         assert_eq!((reconciled.queued_change, queue.len()), (1, 2));
         assert_eq!(due_call_ids(&queue), ["f-here", "c-1"], "this store's fax entry as it was, due at 1 s");
     }
