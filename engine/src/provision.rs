@@ -752,6 +752,61 @@ mod tests {
         assert_eq!(report.moved, vec![(3, n("0312340008"), n("0312340009"))]);
     }
 
+    /// R-L3, issue 18's import rate: a line of its contract number alone is kept as its
+    /// number's record only (two records a line before: the goal of 100 000 lines a
+    /// second needs the one write). It reads back as its line, its unit set by phone
+    /// gives it a record, it grows into a line of two numbers and back, it is removed
+    /// with its number, and the export lists every line, with and without a record, in
+    /// contract-number order, and reads back into an empty store as the same lines.
+    #[test]
+    fn r_l3_a_line_of_one_number_is_one_record_and_reads_back_as_its_line() {
+        let store = Store::temporary().unwrap();
+        let line = |contract: &str, numbers: &[&str]| {
+            let numbers: Vec<String> = numbers.iter().map(|x| format!(r#"{{"number":"{x}"}}"#)).collect();
+            format!(r#"{{"contract":"{contract}","numbers":[{}]}}"#, numbers.join(","))
+        };
+        let lines = [
+            line("0312340001", &["0312340001"]),
+            line("0312340002", &["0312340002", "0312340003"]),
+            line("0312340004", &["0312340004"]),
+        ];
+        let report = import(&store, lines.join("\n").as_bytes()).unwrap();
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+        let records = |store: &Store| store.state_entries().count();
+        assert_eq!(records(&store), 5, "three numbers' records, one line's: the two one-number lines have none");
+        let one = store.line(&n("0312340001")).unwrap().expect("its line");
+        assert_eq!((one.numbers, one.unit), (vec![n("0312340001")], None));
+        assert!(store.line(&n("0312340003")).unwrap().is_none(), "an additional number is no line");
+        let contracts = |store: &Store| store.lines().map(|l| l.unwrap().contract).collect::<Vec<_>>();
+        assert_eq!(contracts(&store), [n("0312340001"), n("0312340002"), n("0312340004")]);
+
+        // Its unit set by phone (R-I7): the line gets a record.
+        store.set_line_unit(&n("0312340004"), AuthUnit::Line).unwrap();
+        assert_eq!(store.line(&n("0312340004")).unwrap().unwrap().unit, Some(AuthUnit::Line));
+        assert_eq!(records(&store), 6);
+        // Two numbers, then one again: it keeps the record it has.
+        import(&store, line("0312340001", &["0312340001", "0312340009"]).as_bytes()).unwrap();
+        assert_eq!(store.line(&n("0312340001")).unwrap().unwrap().numbers.len(), 2);
+        let report = import(&store, line("0312340001", &["0312340001"]).as_bytes()).unwrap();
+        assert_eq!(report.removed, [(1, n("0312340009"))]);
+        assert_eq!(store.line(&n("0312340001")).unwrap().unwrap().numbers, [n("0312340001")]);
+
+        let mut exported = Vec::new();
+        export(&store, false, &mut exported).unwrap();
+        let copy = Store::temporary().unwrap();
+        assert!(import(&copy, exported.as_slice()).unwrap().rejected.is_empty());
+        assert_eq!(
+            copy.lines().map(Result::unwrap).collect::<Vec<_>>(),
+            store.lines().map(Result::unwrap).collect::<Vec<_>>()
+        );
+
+        // Removed, with its number; the other lines stay.
+        let report = import(&store, r#"{"contract":"0312340001","remove":true}"#.as_bytes()).unwrap();
+        assert_eq!(report.removed, [(1, n("0312340001"))]);
+        assert!(store.line(&n("0312340001")).unwrap().is_none() && store.number(&n("0312340001")).unwrap().is_none());
+        assert_eq!(contracts(&store), [n("0312340002"), n("0312340004")]);
+    }
+
     /// R-L1, R-L3: a line's contract number moves to another line only as its line's
     /// last number, and the line then ends; while the line has other numbers, the line
     /// taking it is rejected with why. An export after moves imports into an empty store

@@ -44,6 +44,14 @@ pub struct LineRecord {
     pub unit: Option<AuthUnit>,
 }
 
+impl LineRecord {
+    /// Whether the line needs no record of its own: its contract number alone, no
+    /// unit set ([`crate::store::Store::line`]).
+    pub fn implicit(&self) -> bool {
+        self.numbers == [self.contract] && self.unit.is_none()
+    }
+}
+
 /// Which notification services a number has contracted (R-C1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Services {

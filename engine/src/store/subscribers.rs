@@ -142,8 +142,25 @@ impl Store {
         self.numbers.get(number.as_str())?.map(|raw| serde_json::from_slice(&raw).map_err(unreadable)).transpose()
     }
 
+    /// The line of contract number `contract`: its record, or the line of that number
+    /// alone ([`Store::implicit_line`]).
     pub fn line(&self, contract: &PhoneNumber) -> Result<Option<LineRecord>, StoreError> {
-        self.lines.get(contract.as_str())?.map(|raw| serde_json::from_slice(&raw).map_err(StoreError::from)).transpose()
+        match self.lines.get(contract.as_str())? {
+            Some(raw) => Ok(Some(serde_json::from_slice(&raw)?)),
+            None => self.implicit_line(contract),
+        }
+    }
+
+    /// A line of its contract number alone, with no unit set, has no record of its own:
+    /// its number's record, whose line is its own number, stands for it. Most lines are
+    /// such (a home line), and a record less a line is a write less at an import, a
+    /// record less in the state topic and in a catch-up. Any other line has its record
+    /// ([`LineRecord::implicit`]). A number record this version cannot read stands for
+    /// no line.
+    pub(super) fn implicit_line(&self, contract: &PhoneNumber) -> Result<Option<LineRecord>, StoreError> {
+        let Some(raw) = self.numbers.get(contract.as_str())? else { return Ok(None) };
+        let own = serde_json::from_slice::<super::records::OfLine>(&raw).is_ok_and(|of| of.contract == *contract);
+        Ok(own.then(|| LineRecord { contract: *contract, numbers: vec![*contract], unit: None }))
     }
 
     /// Every number's record, in number order (exports, audits, tests).
@@ -151,9 +168,40 @@ impl Store {
         self.numbers.iter().map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
     }
 
-    /// Every line's record, in contract-number order.
+    /// Every line, in contract-number order: the lines' records and the lines without
+    /// one ([`Store::implicit_line`]), one walk of each tree.
     pub fn lines(&self) -> impl Iterator<Item = Result<LineRecord, StoreError>> + '_ {
-        self.lines.iter().map(|kv| Ok(serde_json::from_slice(&kv?.1)?))
+        let mut recorded = self.lines.iter().peekable();
+        let mut numbers = self.numbers.iter().peekable();
+        std::iter::from_fn(move || loop {
+            // The next line with a record comes first unless a number's key sorts before it.
+            let number_first = match (recorded.peek(), numbers.peek()) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(Ok((line, _))), Some(Ok((number, _)))) => number < line,
+                (Some(Err(_)), _) => false,
+                (_, Some(Err(_))) => true,
+            };
+            if !number_first {
+                let (key, raw) = match recorded.next()? {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(e.into())),
+                };
+                // Its contract number's record is the line's, not a line of its own.
+                if numbers.peek().is_some_and(|n| n.as_ref().is_ok_and(|(number, _)| *number == key)) {
+                    numbers.next();
+                }
+                return Some(serde_json::from_slice(&raw).map_err(StoreError::from));
+            }
+            let (key, raw) = match numbers.next()? {
+                Ok(kv) => kv,
+                Err(e) => return Some(Err(e.into())),
+            };
+            let Ok(of) = serde_json::from_slice::<super::records::OfLine>(&raw) else { continue };
+            if of.contract.as_str().as_bytes() == key.as_ref() {
+                return Some(Ok(LineRecord { contract: of.contract, numbers: vec![of.contract], unit: None }));
+            }
+        })
     }
 
     /// The settings site's credential of login number `number`, if it has one.
@@ -263,8 +311,13 @@ impl Store {
         touched: &mut Vec<(PhoneNumber, Option<Services>)>,
     ) -> Result<Upserted, StoreError> {
         let mut removed = Upserted::default();
-        let Some(raw) = self.lines.get(contract.as_str())? else { return Ok(removed) };
-        let line: LineRecord = serde_json::from_slice(&raw).map_err(|e| unreadable(contract, e))?;
+        let line: LineRecord = match self.lines.get(contract.as_str())? {
+            Some(raw) => serde_json::from_slice(&raw).map_err(|e| unreadable(contract, e))?,
+            None => match self.implicit_line(contract)? {
+                Some(line) => line,
+                None => return Ok(removed),
+            },
+        };
         for number in &line.numbers {
             // Only what is this line's: a number another line holds stays there. One whose
             // record cannot be read goes with the line that lists it.
@@ -351,11 +404,18 @@ impl Store {
         'again: loop {
             self.check_contracts_taken(line, numbers)?;
             let old_raw = self.lines.get(line.contract.as_str())?;
-            let old_line: Option<LineRecord> = old_raw
-                .as_deref()
-                .map(serde_json::from_slice)
-                .transpose()
-                .map_err(|e| unreadable(&line.contract, e))?;
+            let old_line: Option<LineRecord> = match old_raw.as_deref() {
+                Some(raw) => Some(serde_json::from_slice(raw).map_err(|e| unreadable(&line.contract, e))?),
+                // A line without a record ([`Store::implicit_line`]) matters here only
+                // where it would differ from none: a unit other than `number` set, or its
+                // number not listed. Else a read less a line.
+                None if line.unit.is_some_and(|unit| unit != AuthUnit::Number)
+                    || !line.numbers.contains(&line.contract) =>
+                {
+                    self.implicit_line(&line.contract)?
+                }
+                None => None,
+            };
             if let Some(old) = &old_line {
                 for gone in old.numbers.iter().filter(|n| !line.numbers.contains(n)) {
                     self.take_off_line_here(gone, written, touched)?;
@@ -470,6 +530,9 @@ impl Store {
                     touched.push((*number, Some(record.services)));
                 }
             }
+            if old_raw.is_none() && stored.implicit() {
+                return Ok(upserted);
+            }
             let new = sled::IVec::from(serde_json::to_vec(&stored)?);
             if old_raw.as_ref() != Some(&new) {
                 if self.lines.compare_and_swap(line.contract.as_str(), old_raw, Some(new.clone()))?.is_err() {
@@ -514,11 +577,18 @@ impl Store {
         change: impl Fn(&mut LineRecord),
     ) -> Result<Option<sled::IVec>, StoreError> {
         loop {
-            let Some(raw) = self.lines.get(contract.as_str())? else { return Ok(None) };
-            let mut line: LineRecord = serde_json::from_slice(&raw)?;
+            let raw = self.lines.get(contract.as_str())?;
+            let mut line: LineRecord = match &raw {
+                Some(raw) => serde_json::from_slice(raw)?,
+                // Changed, a line without a record gets one.
+                None => match self.implicit_line(contract)? {
+                    Some(line) => line,
+                    None => return Ok(None),
+                },
+            };
             change(&mut line);
             let new = sled::IVec::from(serde_json::to_vec(&line)?);
-            if self.lines.compare_and_swap(contract.as_str(), Some(raw), Some(new.clone()))?.is_ok() {
+            if self.lines.compare_and_swap(contract.as_str(), raw, Some(new.clone()))?.is_ok() {
                 return Ok(Some(new));
             }
         }
