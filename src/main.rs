@@ -323,12 +323,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 
 /// The store, for commands that run while `serve` does not (sled allows one process).
 fn open_store(settings: &Settings) -> anyhow::Result<engine::store::Store> {
-    engine::store::Store::open_with_cache(&settings.store.path, settings.store.sled_cache_mb << 20).with_context(|| {
-        format!(
-            "opening the store at {} (is `callnotify serve` running on it? stop it first)",
-            settings.store.path.display()
-        )
-    })
+    engine::store::Store::open_with_cache(&settings.store.path, settings.store.sled_cache_mb << 20)
+        .map(|store| store.with_one_record_lines(settings.store.one_record_lines))
+        .with_context(|| {
+            format!(
+                "opening the store at {} (is `callnotify serve` running on it? stop it first)",
+                settings.store.path.display()
+            )
+        })
 }
 
 /// The store, for a command that reads what it holds (an export, a replay of mails into

@@ -169,6 +169,11 @@ pub struct StoreSettings {
     /// Below this much free space (MiB) on the store's file system no CDR is read, so the
     /// mails on their way have room for their records ([`crate::disk`]); 0: no check.
     pub min_free_mb: u64,
+    /// A line of its contract number alone (no unit set) written as its number's record
+    /// only: half the writes of an import and the records of a catch-up. Off by default:
+    /// a node of an older version does not see such a line (docs/cluster.md, upgrading).
+    #[serde(default)]
+    pub one_record_lines: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

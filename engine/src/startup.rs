@@ -160,6 +160,7 @@ impl Application {
         // subscriptions the resolver indexes from it.
         let (path, cache) = (settings.store.path.clone(), settings.store.sled_cache_mb << 20);
         let capacity = settings.store.cache_capacity;
+        let one_record_lines = settings.store.one_record_lines;
         let metrics = Metrics::new();
         let shutdown = CancellationToken::new();
         // A build that fails ends what it started (the operator endpoint below).
@@ -195,7 +196,8 @@ impl Application {
             let store = match clock {
                 Some(clock) => store.with_clock(clock),
                 None => store,
-            };
+            }
+            .with_one_record_lines(one_record_lines);
             store.set_group_commit(group_commit);
             store.report_errors_to(errors.clone());
             let (brokers, properties, topic, requests, group_id) = &state_options;

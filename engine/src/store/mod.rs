@@ -134,6 +134,11 @@ pub struct Store {
     /// `store.fax_retention_days` in seconds, 0 until set ([`Store::keep_faxes_for`]): a
     /// fax older is not shown, though the hourly expiry has not removed it yet.
     fax_retention_secs: Arc<std::sync::atomic::AtomicI64>,
+    /// `store.one_record_lines`: a line of its contract number alone is written as its
+    /// number's record only ([`Store::implicit_line`]). Off, every line gets a record as
+    /// older versions wrote them, which older nodes of a cluster read; this version
+    /// reads both ways whatever the setting.
+    one_record_lines: bool,
 }
 
 /// A clock a store's writes read.
@@ -258,6 +263,13 @@ impl Store {
         self
     }
 
+    /// The store writing a line of its contract number alone as its number's record only
+    /// (`store.one_record_lines`), or every line's record.
+    pub fn with_one_record_lines(mut self, on: bool) -> Self {
+        self.one_record_lines = on;
+        self
+    }
+
     /// The time by this store's clock: the system's, or a test's.
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
         (self.clock)()
@@ -289,6 +301,7 @@ impl Store {
             partition_sink: Arc::default(),
             clock: Arc::new(chrono::Utc::now),
             fax_retention_secs: Arc::default(),
+            one_record_lines: false,
         };
         store.index_subscribed_once()?;
         Ok(store)

@@ -151,12 +151,13 @@ impl Store {
         }
     }
 
-    /// A line of its contract number alone, with no unit set, has no record of its own:
-    /// its number's record, whose line is its own number, stands for it. Most lines are
-    /// such (a home line), and a record less a line is a write less at an import, a
-    /// record less in the state topic and in a catch-up. Any other line has its record
-    /// ([`LineRecord::implicit`]). A number record this version cannot read stands for
-    /// no line.
+    /// A line of its contract number alone, with no unit set, may have no record of its
+    /// own (written so with `store.one_record_lines`): its number's record, whose line is
+    /// its own number, stands for it. Most lines are such (a home line), and a record
+    /// less a line is a write less at an import, a record less in the state topic and in
+    /// a catch-up. Any other line has its record ([`LineRecord::implicit`]). A number
+    /// record this version cannot read stands for no line here ([`Store::line`]); a
+    /// removal of the line takes it all the same.
     pub(super) fn implicit_line(&self, contract: &PhoneNumber) -> Result<Option<LineRecord>, StoreError> {
         let Some(raw) = self.numbers.get(contract.as_str())? else { return Ok(None) };
         let own = serde_json::from_slice::<super::records::OfLine>(&raw).is_ok_and(|of| of.contract == *contract);
@@ -197,7 +198,17 @@ impl Store {
                 Ok(kv) => kv,
                 Err(e) => return Some(Err(e.into())),
             };
-            let Ok(of) = serde_json::from_slice::<super::records::OfLine>(&raw) else { continue };
+            let of = match serde_json::from_slice::<super::records::OfLine>(&raw) {
+                Ok(of) => of,
+                // Said, not passed over: it may be a line with no record of its own, and
+                // an export would leave it out without a word.
+                Err(e) => {
+                    return Some(Err(match std::str::from_utf8(&key).ok().and_then(|k| PhoneNumber::parse(k).ok()) {
+                        Some(number) => unreadable(&number, e),
+                        None => StoreError::State(format!("the numbers tree holds {key:?}")),
+                    }))
+                }
+            };
             if of.contract.as_str().as_bytes() == key.as_ref() {
                 return Some(Ok(LineRecord { contract: of.contract, numbers: vec![of.contract], unit: None }));
             }
@@ -315,6 +326,16 @@ impl Store {
             Some(raw) => serde_json::from_slice(&raw).map_err(|e| unreadable(contract, e))?,
             None => match self.implicit_line(contract)? {
                 Some(line) => line,
+                // A number's record this version cannot read, with no line's record: it
+                // may stand for its line ([`Store::implicit_line`]), and goes as its line,
+                // as the operator's way out of a damaged record is to remove it.
+                None if self
+                    .numbers
+                    .get(contract.as_str())?
+                    .is_some_and(|raw| serde_json::from_slice::<super::records::OfLine>(&raw).is_err()) =>
+                {
+                    LineRecord { contract: *contract, numbers: vec![*contract], unit: None }
+                }
                 None => return Ok(removed),
             },
         };
@@ -530,7 +551,7 @@ impl Store {
                     touched.push((*number, Some(record.services)));
                 }
             }
-            if old_raw.is_none() && stored.implicit() {
+            if self.one_record_lines && old_raw.is_none() && stored.implicit() {
                 return Ok(upserted);
             }
             let new = sled::IVec::from(serde_json::to_vec(&stored)?);

@@ -468,11 +468,14 @@ async fn r_n1_cdrs_written_before_a_new_group_joins_are_read_whatever_the_operat
 
 /// The defect of issue 18: two nodes in one group, subscribers provisioned through
 /// node A, a missed call to each on every partition: node B's CDRs found no subscriber
-/// and 20 of 40 mails never went. Now every call is notified, once (R-L3, R-N1).
+/// and 20 of 40 mails never went. Now every call is notified, once (R-L3, R-N1). With
+/// `store.one_record_lines`, as here, the lines (one number each) are their numbers'
+/// records only, and node B's view shows each as its line all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r_l3_subscribers_provisioned_through_one_node_are_notified_by_every_node() {
     let h = Harness::new(4).await;
-    let (a, b) = (h.node("a").await, h.node("b").await);
+    let one_record = [("CALLNOTIFY__STORE__ONE_RECORD_LINES", "true")];
+    let (a, b) = (h.node_with("a", &one_record).await, h.node_with("b", &one_record).await);
     // Three CDR topics and the fax topic, of four partitions: eight each.
     a.wait_partitions_shared(1, 8).await;
     b.wait_partitions_shared(1, 8).await;
@@ -488,6 +491,13 @@ async fn r_l3_subscribers_provisioned_through_one_node_are_notified_by_every_nod
         .collect();
     h.produce(TOPIC, &cdrs).await;
     let mails = h.mails(40).await;
+    for x in &numbers {
+        let line = b.store.line(&n(x)).unwrap().expect("node B shows the line");
+        assert_eq!(line.numbers, [n(x)]);
+    }
+    let line_records =
+        |store: &Store| store.state_entries().filter(|e| e.as_ref().unwrap().0.encode().starts_with("lines/")).count();
+    assert_eq!((line_records(&a.store), line_records(&b.store)), (0, 0), "the numbers' records stand for their lines");
     let (a, b) = (a.stop().await, b.stop().await);
     let sent = |s: &Stopped| s.metric("callnotify_mails_sent_total");
     assert_eq!(sent(&a) + sent(&b), 40.0, "every call notified once");
