@@ -904,25 +904,33 @@ pub(crate) mod tests {
         Settings::load_from(None, env.map(|(k, v)| (k.to_owned(), v))).unwrap().smtp
     }
 
+    /// When a limiter of `quota` on a clock the test moves lets a sender through, asked
+    /// every 100 ms for five minutes (ms from the start); and the most of those in any
+    /// 60 s.
+    fn asked_every_100_ms_for_five_minutes(quota: Quota) -> (Vec<u64>, usize) {
+        use governor::clock::FakeRelativeClock;
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::direct_with_clock(quota, clock.clone());
+        let mut sent: Vec<u64> = Vec::new();
+        for tick in 0..3_000u64 {
+            if limiter.check().is_ok() {
+                sent.push(tick * 100);
+            }
+            clock.advance(Duration::from_millis(100));
+        }
+        let most = sent.iter().map(|&from| sent.iter().filter(|&&t| t >= from && t < from + 60_000).count()).max();
+        (sent, most.unwrap_or(0))
+    }
+
     /// R-M3's flood control on a clock the test moves: a recipient sent to as often as
     /// the limiter allows, every 100 ms for five minutes, never gets more than
     /// `per_recipient_per_minute` mails in any 60 s (the plain quota let twice that
     /// through the first minute), and still gets the limit's worth per minute on the whole.
     #[test]
     fn r_m3_the_flood_limit_holds_in_every_minute_not_only_on_average() {
-        use governor::clock::FakeRelativeClock;
         for limit in [1u32, 2, 5, 30, 60] {
-            let clock = FakeRelativeClock::default();
-            let limiter = RateLimiter::direct_with_clock(flood_quota(NonZeroU32::new(limit).unwrap()), clock.clone());
-            let mut sent: Vec<u64> = Vec::new();
-            for tick in 0..3_000u64 {
-                if limiter.check().is_ok() {
-                    sent.push(tick * 100);
-                }
-                clock.advance(Duration::from_millis(100));
-            }
-            let most = sent.iter().map(|&from| sent.iter().filter(|&&t| t >= from && t < from + 60_000).count()).max();
-            assert!(most.unwrap() <= limit as usize, "limit {limit}: {most:?} in one minute");
+            let (sent, most) = asked_every_100_ms_for_five_minutes(flood_quota(NonZeroU32::new(limit).unwrap()));
+            assert!(most <= limit as usize, "limit {limit}: {most} in one minute");
             let per_minute = sent.len() as f64 / 5.0;
             assert!(per_minute >= f64::from(limit) / 2.0, "limit {limit}: {per_minute} a minute on the whole");
         }
@@ -933,18 +941,8 @@ pub(crate) mod tests {
     /// 60 s (9 before), and the first five presses all send.
     #[test]
     fn r_n2_the_test_mail_limit_holds_in_every_minute() {
-        use governor::clock::FakeRelativeClock;
-        let clock = FakeRelativeClock::default();
-        let limiter = RateLimiter::direct_with_clock(test_mail_quota(), clock.clone());
-        let mut sent: Vec<u64> = Vec::new();
-        for tick in 0..3_000u64 {
-            if limiter.check().is_ok() {
-                sent.push(tick * 100);
-            }
-            clock.advance(Duration::from_millis(100));
-        }
-        let most = sent.iter().map(|&from| sent.iter().filter(|&&t| t >= from && t < from + 60_000).count()).max();
-        assert_eq!(most, Some(TEST_MAILS_PER_MINUTE as usize), "{sent:?}");
+        let (sent, most) = asked_every_100_ms_for_five_minutes(test_mail_quota());
+        assert_eq!(most, TEST_MAILS_PER_MINUTE as usize, "{sent:?}");
         assert_eq!(sent[..TEST_MAILS_PER_MINUTE as usize], [0, 100, 200, 300, 400], "the first five presses");
     }
 
