@@ -284,13 +284,13 @@ impl Deliverer {
                 self.enqueue(Queued::new(mail, origin, &reply, Utc::now()), due).await;
                 Fate::Queued
             }
-            // Stopped while the server had it: an attempt, maybe delivered. Passed: its
-            // partition moved before it was handed to a connection.
-            stopped @ (None | Some(Err(Attempt::Passed))) => {
+            // Stopped while the server had it: an attempt, maybe delivered. (`Passed`
+            // comes only from an attempt that asks whether the mail is still this node's:
+            // a first attempt does not.)
+            None | Some(Err(Attempt::Passed)) => {
                 tracing::info!(message_id = %mail.message_id, "time for sending is over (shutdown or revocation); mail queued");
                 let reply = "not sent yet when the engine stopped sending (shutdown or revocation)";
-                let queued = if stopped.is_none() { Queued::new } else { Queued::untried };
-                self.enqueue(queued(mail, origin, reply, Utc::now()), Duration::ZERO).await;
+                self.enqueue(Queued::new(mail, origin, reply, Utc::now()), Duration::ZERO).await;
                 Fate::Queued
             }
         }

@@ -84,7 +84,7 @@ impl Queued {
     }
 
     /// [`Queued::new`] for a mail queued without an attempt (the mail server not
-    /// answering, its address over its flood limit, its partition moved): its first
+    /// answering, its address over its flood limit): its first
     /// failure waits the first delay, and a dead letter counts only the attempts made.
     pub fn untried(mail: &Mail, origin: &Origin, reply: &str, queued_at: DateTime<Utc>) -> Self {
         Self { attempts: 0, ..Self::new(mail, origin, reply, queued_at) }
